@@ -1,0 +1,146 @@
+//! The admin protocol: one JSON request line, one JSON response line, over the Unix socket
+//! `DATA_DIR/admin.sock` (mode 0600; the server also checks the peer's uid).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// Longest request line the server reads.
+pub const MAX_ADMIN_LINE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum AdminRequest {
+    Status,
+    UserAdd { name: String, groups: Vec<String> },
+    UserLs,
+    UserDisable { name: String },
+    UserEnable { name: String },
+    TokenCreate {
+        user: Option<String>,
+        tags: Vec<String>,
+        ttl_secs: u64,
+        uses: i64,
+    },
+    TokenLs,
+    TokenRevoke { id: String },
+    DeviceLs,
+    DeviceShow { name: String },
+    DeviceRevoke { name: String },
+    Audit { limit: i64 },
+    AuditVerify,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdminResponse {
+    pub ok: bool,
+    #[serde(default)]
+    pub data: serde_json::Value,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl AdminResponse {
+    pub fn ok(data: impl Serialize) -> Self {
+        Self {
+            ok: true,
+            data: serde_json::to_value(data).unwrap_or(serde_json::Value::Null),
+            error: None,
+        }
+    }
+    pub fn err(msg: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            data: serde_json::Value::Null,
+            error: Some(msg.into()),
+        }
+    }
+}
+
+/// Sends one request to the running coordinator.
+pub async fn call(socket: &Path, req: &AdminRequest) -> Result<serde_json::Value> {
+    let stream = match tokio::net::UnixStream::connect(socket).await {
+        Ok(s) => s,
+        Err(e) => bail!(
+            "cannot reach the coordinator's admin socket {} ({e}); is `ward-coordinator serve` running with this --data-dir?",
+            socket.display()
+        ),
+    };
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    w.shutdown().await.ok();
+    let mut resp = String::new();
+    BufReader::new(r)
+        .take(64 * 1024 * 1024)
+        .read_line(&mut resp)
+        .await
+        .context("reading the coordinator's answer")?;
+    if resp.is_empty() {
+        bail!("the coordinator closed the admin connection without an answer");
+    }
+    let resp: AdminResponse =
+        serde_json::from_str(&resp).context("the coordinator's answer is not valid")?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_else(|| "request failed".into()));
+    }
+    Ok(resp.data)
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// Parses `90s`, `15m`, `1h`, `7d` (and plain seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a duration like 90s, 15m, 1h or 7d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("{s:?} is not a duration like 90s, 15m, 1h or 7d"),
+    };
+    let secs = n
+        .checked_mul(mult)
+        .with_context(|| format!("duration {s:?} is too long"))?;
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("15m").unwrap().as_secs(), 900);
+        assert_eq!(parse_duration("1h").unwrap().as_secs(), 3600);
+        assert_eq!(parse_duration("7d").unwrap().as_secs(), 7 * 86400);
+        assert_eq!(parse_duration("42").unwrap().as_secs(), 42);
+        assert!(parse_duration("1y").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let r = AdminRequest::TokenCreate {
+            user: Some("alice".into()),
+            tags: vec![],
+            ttl_secs: 3600,
+            uses: 1,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains("\"cmd\":\"token_create\""));
+        assert!(serde_json::from_str::<AdminRequest>(&s).is_ok());
+        assert!(serde_json::from_str::<AdminRequest>("{\"cmd\":\"drop_db\"}").is_err());
+    }
+}

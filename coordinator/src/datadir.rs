@@ -1,0 +1,179 @@
+//! The coordinator's data directory: created once by `init`, read by everything else.
+//!
+//! ```text
+//! DIR/ (0700)
+//!   config.json      public address, overlay pools            (0600)
+//!   ca.der           control-channel CA certificate            (0644 inside a 0700 dir)
+//!   ca.key           CA private key, PEM                       (0600)
+//!   lease.key        Ed25519 lease-signing key seed, hex       (0600)
+//!   ward.db          SQLite (WAL) database                     (0600)
+//!   admin.sock       admin socket of the running coordinator   (0600)
+//! ```
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ward_shared::addr::AddressPools;
+
+use crate::pki::Ca;
+use crate::store::SqliteStore;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// HOST:PORT devices dial; carried in every enrollment token.
+    pub public_addr: String,
+    pub pools: AddressPools,
+    pub created_ms: i64,
+}
+
+pub struct DataDir {
+    pub path: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path.join("config.json")
+    }
+    pub fn db_path(&self) -> PathBuf {
+        self.path.join("ward.db")
+    }
+    pub fn admin_socket(&self) -> PathBuf {
+        self.path.join("admin.sock")
+    }
+
+    /// Creates a new instance; refuses to touch an existing one.
+    pub fn init(&self, public_addr: &str, now_ms: i64) -> Result<Config> {
+        validate_public_addr(public_addr)?;
+        if self.config_path().exists() || self.db_path().exists() {
+            bail!(
+                "{} already holds a Ward coordinator; refusing to overwrite it",
+                self.path.display()
+            );
+        }
+        if self.path.exists()
+            && fs::read_dir(&self.path)
+                .with_context(|| format!("reading {}", self.path.display()))?
+                .next()
+                .is_some()
+        {
+            bail!(
+                "{} exists and is not empty; refusing to initialise a coordinator there",
+                self.path.display()
+            );
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.path)
+            .with_context(|| format!("creating {}", self.path.display()))?;
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))?;
+
+        let ca = Ca::generate(now_ms)?;
+        write_private(&self.path.join("ca.key"), ca.key_pem().as_bytes())?;
+        write_private(&self.path.join("ca.der"), &ca.cert_der)?;
+        let lease_key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        write_private(
+            &self.path.join("lease.key"),
+            hex::encode(lease_key.to_bytes()).as_bytes(),
+        )?;
+        let mut gid = [0u8; 5];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut gid);
+        let config = Config {
+            public_addr: public_addr.to_string(),
+            pools: AddressPools::from_random(gid),
+            created_ms: now_ms,
+        };
+        write_private(
+            &self.config_path(),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        drop(SqliteStore::open(&self.db_path())?);
+        for f in ["ward.db", "ward.db-wal", "ward.db-shm"] {
+            let p = self.path.join(f);
+            if p.exists() {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o600))?;
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn load_config(&self) -> Result<Config> {
+        let p = self.config_path();
+        let raw = fs::read(&p).with_context(|| {
+            format!(
+                "no coordinator at {} (run `ward-coordinator init` first)",
+                self.path.display()
+            )
+        })?;
+        serde_json::from_slice(&raw).with_context(|| format!("{} is corrupt", p.display()))
+    }
+
+    pub fn load_ca(&self) -> Result<Ca> {
+        let der = fs::read(self.path.join("ca.der")).context("reading ca.der")?;
+        let key = fs::read_to_string(self.path.join("ca.key")).context("reading ca.key")?;
+        Ca::load(der, &key)
+    }
+}
+
+fn validate_public_addr(s: &str) -> Result<()> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        bail!("--public-addr must be HOST:PORT, got {s:?}");
+    };
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("--public-addr port {port:?} is not a number"))?;
+    if port == 0 || host.is_empty() || s.len() > ward_shared::token::MAX_ADDR_LEN {
+        bail!("--public-addr must be HOST:PORT with a non-zero port, got {s:?}");
+    }
+    Ok(())
+}
+
+/// Writes a file only the owner can read, durably.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_refuses_existing_instance() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("c"));
+        dd.init("10.0.0.1:7443", 1_800_000_000_000).unwrap();
+        let mode = fs::metadata(&dd.path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let key_mode = fs::metadata(dd.path.join("ca.key")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(key_mode, 0o600);
+        let err = dd.init("10.0.0.1:7443", 1).unwrap_err().to_string();
+        assert!(err.contains("refusing to overwrite"), "{err}");
+        assert!(dd.load_config().is_ok());
+        assert!(dd.load_ca().is_ok());
+    }
+
+    #[test]
+    fn public_addr_is_validated() {
+        assert!(validate_public_addr("coord.example:7443").is_ok());
+        assert!(validate_public_addr("[::1]:7443").is_ok());
+        assert!(validate_public_addr("nope").is_err());
+        assert!(validate_public_addr("host:0").is_err());
+        assert!(validate_public_addr("host:99999").is_err());
+    }
+}

@@ -1,0 +1,333 @@
+//! `ward-coordinator`: the control plane and its admin CLI.
+//!
+//! `init` and `serve` work on the data dir directly; every other subcommand talks to the
+//! running coordinator through its admin socket (`DATA_DIR/admin.sock`).
+
+mod admin;
+mod core;
+mod datadir;
+mod pki;
+mod server;
+mod store;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use admin::AdminRequest;
+use datadir::DataDir;
+
+#[derive(Parser)]
+#[command(name = "ward-coordinator", version, about = "Ward control plane and admin CLI")]
+struct Cli {
+    /// The coordinator instance (data directory).
+    #[arg(long, env = "WARD_DATA_DIR", global = true, default_value = "/var/lib/ward-coordinator")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new coordinator instance: CA, lease-signing key, address pools, database.
+    Init {
+        /// HOST:PORT devices will dial (carried in every enrollment token).
+        #[arg(long, env = "WARD_PUBLIC_ADDR")]
+        public_addr: String,
+    },
+    /// Run the coordinator.
+    Serve {
+        /// Local address for the QUIC listener (default: 0.0.0.0 and the public address's port).
+        #[arg(long, env = "WARD_LISTEN")]
+        listen: Option<SocketAddr>,
+    },
+    /// Show the running coordinator's state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    #[command(subcommand)]
+    User(UserCmd),
+    #[command(subcommand)]
+    Token(TokenCmd),
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Show the audit log, or verify its hash chain.
+    Audit {
+        #[command(subcommand)]
+        cmd: Option<AuditCmd>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user, optionally in groups.
+    Add {
+        name: String,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// List users.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a user: their devices lose access at once.
+    Disable { name: String },
+    /// Re-enable a disabled user.
+    Enable { name: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create an enrollment token; prints the token alone on stdout.
+    Create {
+        #[arg(long, conflicts_with = "tags", required_unless_present = "tags")]
+        user: Option<String>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Lifetime: 90s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many devices may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: i64,
+    },
+    /// List tokens (never their secrets).
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// List devices.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a device: its session closes at once and it is refused from then on.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Recompute the hash chain; fails if any row was edited, removed or inserted.
+    Verify,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let dd = DataDir::new(&cli.data_dir);
+    let sock = dd.admin_socket();
+    match cli.cmd {
+        Cmd::Init { public_addr } => {
+            let cfg = dd.init(&public_addr, server::now_ms())?;
+            let ca = dd.load_ca()?;
+            println!("initialised coordinator in {}", dd.path.display());
+            println!("  public address : {}", cfg.public_addr);
+            println!("  CA sha256      : {}", hex::encode(ca.fingerprint()));
+            println!("  overlay        : 100.64.0.0/10, {}/48", cfg.pools.v6_prefix);
+            println!("next: ward-coordinator --data-dir {} serve", dd.path.display());
+            Ok(())
+        }
+        Cmd::Serve { listen } => server::serve(dd, listen).await,
+        Cmd::Status { json } => {
+            let v = admin::call(&sock, &AdminRequest::Status).await?;
+            if json {
+                print_json(&v)
+            } else {
+                for (k, val) in v.as_object().into_iter().flatten() {
+                    println!("{k:<12} {}", plain(val));
+                }
+                Ok(())
+            }
+        }
+        Cmd::User(c) => match c {
+            UserCmd::Add { name, groups } => {
+                admin::call(&sock, &AdminRequest::UserAdd { name: name.clone(), groups }).await?;
+                eprintln!("user {name} added");
+                Ok(())
+            }
+            UserCmd::Ls { json } => {
+                let v = admin::call(&sock, &AdminRequest::UserLs).await?;
+                if json {
+                    return print_json(&v);
+                }
+                table(&v, &[("NAME", "name"), ("GROUPS", "groups"), ("DISABLED", "disabled")]);
+                Ok(())
+            }
+            UserCmd::Disable { name } => {
+                let v = admin::call(&sock, &AdminRequest::UserDisable { name: name.clone() }).await?;
+                eprintln!("user {name} disabled; {} device(s) lost access", plain(&v["devices"]));
+                Ok(())
+            }
+            UserCmd::Enable { name } => {
+                admin::call(&sock, &AdminRequest::UserEnable { name: name.clone() }).await?;
+                eprintln!("user {name} enabled");
+                Ok(())
+            }
+        },
+        Cmd::Token(c) => match c {
+            TokenCmd::Create { user, tags, ttl, uses } => {
+                let ttl = admin::parse_duration(&ttl)?;
+                let v = admin::call(&sock, &AdminRequest::TokenCreate { user, tags, ttl_secs: ttl.as_secs(), uses }).await?;
+                let tok = v["token"].as_str().context("the coordinator returned no token")?;
+                println!("{tok}");
+                Ok(())
+            }
+            TokenCmd::Ls { json } => {
+                let v = admin::call(&sock, &AdminRequest::TokenLs).await?;
+                if json {
+                    return print_json(&v);
+                }
+                table(&v, &[("ID", "id"), ("USER", "user"), ("TAGS", "tags"), ("USES LEFT", "uses_left"), ("EXPIRES", "expires_ms"), ("REVOKED", "revoked")]);
+                Ok(())
+            }
+            TokenCmd::Revoke { id } => {
+                admin::call(&sock, &AdminRequest::TokenRevoke { id: id.clone() }).await?;
+                eprintln!("token {id} revoked");
+                Ok(())
+            }
+        },
+        Cmd::Device(c) => match c {
+            DeviceCmd::Ls { json } => {
+                let v = admin::call(&sock, &AdminRequest::DeviceLs).await?;
+                if json {
+                    return print_json(&v);
+                }
+                table(&v, &[("ID", "id"), ("HOSTNAME", "hostname"), ("USER", "user"), ("TAGS", "tags"), ("IPV4", "ipv4"), ("IPV6", "ipv6"), ("STATE", "state"), ("ONLINE", "online"), ("LAST SEEN", "last_seen_ms")]);
+                Ok(())
+            }
+            DeviceCmd::Show { name, json } => {
+                let v = admin::call(&sock, &AdminRequest::DeviceShow { name }).await?;
+                if json {
+                    return print_json(&v);
+                }
+                for (k, val) in v.as_object().into_iter().flatten() {
+                    println!("{k:<18} {}", plain(val));
+                }
+                Ok(())
+            }
+            DeviceCmd::Revoke { name } => {
+                admin::call(&sock, &AdminRequest::DeviceRevoke { name: name.clone() }).await?;
+                eprintln!("device {name} revoked");
+                Ok(())
+            }
+        },
+        Cmd::Audit { cmd: Some(AuditCmd::Verify), json, .. } => {
+            let v = admin::call(&sock, &AdminRequest::AuditVerify).await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("{}", plain(&v["message"]));
+            }
+            if v["ok"].as_bool() != Some(true) {
+                anyhow::bail!("audit log verification FAILED: {}", plain(&v["message"]));
+            }
+            Ok(())
+        }
+        Cmd::Audit { cmd: None, limit, json } => {
+            let v = admin::call(&sock, &AdminRequest::Audit { limit }).await?;
+            if json {
+                return print_json(&v);
+            }
+            table(&v, &[("SEQ", "seq"), ("TIME", "ts_ms"), ("ACTOR", "actor"), ("ACTION", "action"), ("TARGET", "target"), ("DETAIL", "detail")]);
+            Ok(())
+        }
+    }
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// A value for a human table cell.
+fn plain(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(a) if a.is_empty() => "-".into(),
+        serde_json::Value::Array(a) => a.iter().map(plain).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn table(v: &serde_json::Value, cols: &[(&str, &str)]) {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            cols.iter()
+                .map(|(_, k)| {
+                    let cell = &r[*k];
+                    if k.ends_with("_ms") {
+                        cell.as_i64().map(fmt_time).unwrap_or_else(|| plain(cell))
+                    } else {
+                        plain(cell)
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let mut widths: Vec<usize> = cols.iter().map(|(h, _)| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count()).min(60);
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<w$}", c.chars().take(60).collect::<String>(), w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(cols.iter().map(|(h, _)| h.to_string()).collect()));
+    for r in rows {
+        println!("{}", line(r));
+    }
+}
+
+fn fmt_time(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}

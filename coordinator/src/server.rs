@@ -1,0 +1,678 @@
+//! `ward-coordinator serve`: the tokio driver around [`crate::core::Registry`] and the store.
+//!
+//! Tasks: a QUIC accept loop (one task per device connection), the registry actor (owns the
+//! core, fans its outputs out to connection tasks), and the admin socket.
+
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use ward_shared::names::{Hostname, Name};
+use ward_shared::token::{hash_secret, EnrollToken};
+use ward_shared::wire::{
+    self, Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, Enrolled, ErrorCode,
+    FrameDecoder, MAX_DEVICE_FRAME, PROTOCOL_VERSION,
+};
+
+use crate::admin::{AdminRequest, AdminResponse, MAX_ADMIN_LINE};
+use crate::core::{ConnId, Output, Registry};
+use crate::datadir::{Config, DataDir};
+use crate::pki::{cert_identity, Ca};
+use crate::store::{Audit, Device, EnrollSpec, SqliteStore, Store, StoreError};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Frames queued for one slow connection before it is dropped.
+const CONN_QUEUE: usize = 256;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+enum ConnCmd {
+    Send(Vec<u8>),
+    Close(ErrorCode, String),
+}
+
+enum Event {
+    Opened {
+        id: DeviceId,
+        conn: ConnId,
+        observed: SocketAddr,
+        update: DeviceUpdate,
+        tx: mpsc::Sender<ConnCmd>,
+        reply: oneshot::Sender<Result<(), ErrorCode>>,
+    },
+    Update {
+        id: DeviceId,
+        conn: ConnId,
+        update: DeviceUpdate,
+    },
+    Closed {
+        id: DeviceId,
+        conn: ConnId,
+    },
+    Upserted(Device),
+    Removed(DeviceId, String),
+    Online(oneshot::Sender<Vec<DeviceId>>),
+}
+
+struct Ctx {
+    config: Config,
+    ca: Ca,
+    store: Arc<dyn Store>,
+    events: mpsc::UnboundedSender<Event>,
+    next_conn: AtomicU64,
+    started: Instant,
+}
+
+pub async fn serve(dd: DataDir, listen: Option<SocketAddr>) -> Result<()> {
+    let config = dd.load_config()?;
+    let ca = dd.load_ca()?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dd.db_path())
+            .with_context(|| format!("opening {}", dd.db_path().display()))?,
+    );
+    let listen = match listen {
+        Some(l) => l,
+        None => {
+            let port = config
+                .public_addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .context("public address has no port")?;
+            SocketAddr::from(([0, 0, 0, 0], port))
+        }
+    };
+    let devices = store.list_devices()?;
+    let registry = Registry::new(config.pools, devices);
+    let (events, rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(Ctx {
+        config,
+        ca,
+        store,
+        events,
+        next_conn: AtomicU64::new(1),
+        started: Instant::now(),
+    });
+
+    let endpoint = quinn::Endpoint::server(server_config(&ctx.ca)?, listen)
+        .with_context(|| format!("binding the QUIC control listener on {listen}"))?;
+    let admin = bind_admin(&dd).await?;
+    info!(%listen, public_addr = %ctx.config.public_addr, "coordinator serving");
+    ctx.store.append_audit(
+        Audit {
+            actor: "coordinator",
+            action: "coordinator.start",
+            target: &ctx.config.public_addr,
+            detail: serde_json::json!({ "listen": listen.to_string() }),
+        },
+        now_ms(),
+    )?;
+
+    tokio::spawn(registry_actor(registry, rx));
+    tokio::spawn(admin_loop(admin, ctx.clone()));
+
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        anyhow::Ok(())
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            r = &mut shutdown => { r?; break; }
+            inc = endpoint.accept() => {
+                let Some(inc) = inc else { break };
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let remote = inc.remote_address();
+                    if let Err(e) = handle_connection(inc, ctx).await {
+                        debug!(%remote, error = %format!("{e:#}"), "control connection ended");
+                    }
+                });
+            }
+        }
+    }
+    info!("coordinator shutting down");
+    endpoint.close(0u32.into(), b"coordinator shutting down");
+    let _ = std::fs::remove_file(dd.admin_socket());
+    Ok(())
+}
+
+fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (cert, key) = ca.server_cert(now_ms())?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from(ca.cert_der.clone()))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![cert.into(), ca.cert_der.clone().into()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.into()),
+        )?;
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let qsc = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qsc));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into()?));
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    sc.transport_config(Arc::new(transport));
+    Ok(sc)
+}
+
+async fn registry_actor(mut reg: Registry, mut rx: mpsc::UnboundedReceiver<Event>) {
+    let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Opened { id, conn, observed, update, tx, reply } => {
+                let r = reg.handle_session_opened(id, conn, observed, update);
+                if r.is_ok() {
+                    conns.insert(conn, tx);
+                }
+                let _ = reply.send(r);
+            }
+            Event::Update { id, conn, update } => reg.handle_session_update(id, conn, update),
+            Event::Closed { id, conn } => {
+                conns.remove(&conn);
+                reg.handle_session_closed(id, conn);
+            }
+            Event::Upserted(d) => reg.handle_device_upserted(d),
+            Event::Removed(id, why) => reg.handle_device_removed(id, &why),
+            Event::Online(reply) => {
+                let ids = conns_online(&reg);
+                let _ = reply.send(ids);
+            }
+        }
+        while let Some(out) = reg.poll_output() {
+            match out {
+                Output::Send { conn, msg } => {
+                    let Some(tx) = conns.get(&conn) else { continue };
+                    if tx.try_send(ConnCmd::Send(wire::encode(&msg))).is_err() {
+                        warn!(conn, "control connection is not keeping up; closing it");
+                        let _ = tx.try_send(ConnCmd::Close(ErrorCode::Internal, "too slow".into()));
+                        conns.remove(&conn);
+                    }
+                }
+                Output::Close { conn, code, reason } => {
+                    if let Some(tx) = conns.remove(&conn) {
+                        let _ = tx.try_send(ConnCmd::Close(code, reason));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn conns_online(reg: &Registry) -> Vec<DeviceId> {
+    reg.online_ids()
+}
+
+
+/// Reads the next frame; `Ok(None)` at a clean end of stream.
+async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Result<Option<Vec<u8>>> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(f) = dec.next_frame()? {
+            return Ok(Some(f));
+        }
+        let want = dec.wanted().min(buf.len());
+        match recv.read(&mut buf[..want]).await? {
+            Some(n) => dec.push(&buf[..n]),
+            None => {
+                dec.finish()?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+async fn send_msg(send: &mut quinn::SendStream, msg: &CoordinatorMsg) -> Result<()> {
+    send.write_all(&wire::encode(msg)).await?;
+    Ok(())
+}
+
+async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, code: ErrorCode, message: String) {
+    let _ = send_msg(send, &CoordinatorMsg::Error { code, message: message.clone() }).await;
+    let _ = send.finish();
+    // Give the frame a moment to leave before the close discards it.
+    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    conn.close(1u32.into(), message.as_bytes());
+}
+
+async fn handle_connection(inc: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, inc).await.context("handshake timed out")??;
+    let remote = conn.remote_address();
+    let certs = conn
+        .peer_identity()
+        .and_then(|a| a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
+    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
+        .await
+        .context("device opened no control stream")??;
+    let mut dec = FrameDecoder::new(MAX_DEVICE_FRAME);
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut recv, &mut dec)).await {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => {
+            warn!(%remote, error = %format!("{e:#}"), "bad frame on control stream");
+            refuse(&conn, &mut send, ErrorCode::Protocol, format!("bad frame: {e:#}")).await;
+            return Ok(());
+        }
+        Err(_) => {
+            refuse(&conn, &mut send, ErrorCode::Protocol, "no message within 10 s".into()).await;
+            return Ok(());
+        }
+    };
+    let msg = match wire::decode::<DeviceMsg>(&first) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(%remote, error = %e, "undecodable first message");
+            refuse(&conn, &mut send, ErrorCode::Protocol, e.to_string()).await;
+            return Ok(());
+        }
+    };
+    match (certs.as_ref().and_then(|c| c.first()), msg) {
+        (None, DeviceMsg::Enroll(req)) => {
+            let reply = enroll(&ctx, req, remote).await;
+            match reply {
+                Ok(enrolled) => {
+                    send_msg(&mut send, &CoordinatorMsg::Enrolled(enrolled)).await?;
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                }
+                Err((code, message)) => refuse(&conn, &mut send, code, message).await,
+            }
+            Ok(())
+        }
+        (Some(cert), DeviceMsg::Hello(hello)) => {
+            let cert = cert.to_vec();
+            session(ctx, conn, send, recv, dec, &cert, hello).await
+        }
+        (None, _) => {
+            refuse(&conn, &mut send, ErrorCode::Unauthorized, "this connection has no device certificate; only enrollment is possible".into()).await;
+            Ok(())
+        }
+        (Some(_), _) => {
+            refuse(&conn, &mut send, ErrorCode::Protocol, "the first message must be hello".into()).await;
+            Ok(())
+        }
+    }
+}
+
+async fn enroll(ctx: &Arc<Ctx>, req: wire::EnrollRequest, remote: SocketAddr) -> Result<Enrolled, (ErrorCode, String)> {
+    let audit_refusal = |code: ErrorCode, message: &str| {
+        let _ = ctx.store.append_audit(
+            Audit {
+                actor: "device",
+                action: "enroll.refused",
+                target: &req.token_id.chars().take(32).collect::<String>(),
+                detail: serde_json::json!({ "code": code, "reason": message, "remote": remote.to_string() }),
+            },
+            now_ms(),
+        );
+        warn!(%remote, ?code, reason = message, "enrollment refused");
+        (code, message.to_string())
+    };
+    if req.protocol != PROTOCOL_VERSION {
+        return Err(audit_refusal(ErrorCode::Protocol, &format!("protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})", req.protocol)));
+    }
+    if req.token_id.len() != 16 || !req.token_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(audit_refusal(ErrorCode::TokenInvalid, "token is not valid (malformed id)"));
+    }
+    let hostname = match Hostname::sanitize(&req.hostname) {
+        Ok(h) => h,
+        Err(e) => return Err(audit_refusal(ErrorCode::BadRequest, &format!("hostname refused: {e}"))),
+    };
+    let identity_hash = match Ca::csr_identity(&req.csr_der.0) {
+        Ok(h) => h,
+        Err(e) => return Err(audit_refusal(ErrorCode::BadRequest, &e.to_string())),
+    };
+    let os: String = req.os.chars().filter(|c| !c.is_control()).take(128).collect();
+    let ctx2 = ctx.clone();
+    let csr = req.csr_der.0.clone();
+    let token_id = req.token_id.clone();
+    let secret = req.token_secret.0 .0.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let now = now_ms();
+        let spec = EnrollSpec { token_id: &token_id, token_secret: &secret, hostname, os, identity_hash };
+        let mut issue = |id: DeviceId| ctx2.ca.issue_device_cert(&csr, &id.to_string(), now);
+        ctx2.store.enroll(spec, &ctx2.config.pools, &mut issue, now)
+    })
+    .await;
+    let (dev, cert) = match res {
+        Ok(Ok(x)) => x,
+        Ok(Err(StoreError::Refused { code, message })) => {
+            warn!(%remote, ?code, reason = %message, "enrollment refused");
+            return Err((code, message));
+        }
+        Ok(Err(e)) => {
+            error!(%remote, error = %e, "enrollment failed");
+            return Err((ErrorCode::Internal, "the coordinator could not complete enrollment".into()));
+        }
+        Err(e) => {
+            error!(%remote, error = %e, "enrollment task failed");
+            return Err((ErrorCode::Internal, "the coordinator could not complete enrollment".into()));
+        }
+    };
+    info!(device = %dev.id, hostname = %dev.hostname, ipv4 = %dev.ipv4, "device enrolled");
+    let _ = ctx.events.send(Event::Upserted(dev.clone()));
+    Ok(Enrolled {
+        device_id: dev.id,
+        hostname: dev.hostname,
+        ipv4: dev.ipv4,
+        ipv6: dev.ipv6,
+        cert_der: Bytes(cert),
+        cert_not_after_ms: dev.cert_not_after_ms,
+        ca_der: Bytes(ctx.ca.cert_der.clone()),
+    })
+}
+
+async fn session(
+    ctx: Arc<Ctx>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut dec: FrameDecoder,
+    cert: &[u8],
+    hello: wire::Hello,
+) -> Result<()> {
+    let remote = conn.remote_address();
+    let Some(identity) = cert_identity(cert) else {
+        refuse(&conn, &mut send, ErrorCode::Unauthorized, "unreadable certificate".into()).await;
+        return Ok(());
+    };
+    let store = ctx.store.clone();
+    let dev = tokio::task::spawn_blocking(move || store.device_by_identity(&identity)).await?;
+    let dev = match dev {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            warn!(%remote, "certificate of an unknown device");
+            refuse(&conn, &mut send, ErrorCode::Unauthorized, "this certificate belongs to no enrolled device".into()).await;
+            return Ok(());
+        }
+        Err(e) => {
+            error!(%remote, error = %e, "device lookup failed; refusing");
+            refuse(&conn, &mut send, ErrorCode::Internal, "the coordinator could not check this device".into()).await;
+            return Ok(());
+        }
+    };
+    if !dev.is_live() {
+        let why = if dev.user_disabled { "the device's user is disabled" } else { "the device has been revoked" };
+        let _ = ctx.store.append_audit(
+            Audit { actor: "device", action: "connect.refused", target: dev.hostname.as_str(), detail: serde_json::json!({ "reason": why, "remote": remote.to_string() }) },
+            now_ms(),
+        );
+        info!(device = %dev.id, %remote, reason = why, "refused connection");
+        refuse(&conn, &mut send, ErrorCode::DeviceRevoked, why.to_string()).await;
+        return Ok(());
+    }
+    if hello.protocol != PROTOCOL_VERSION {
+        refuse(&conn, &mut send, ErrorCode::Protocol, format!("protocol version {} is not supported", hello.protocol)).await;
+        return Ok(());
+    }
+    let id = dev.id;
+    let conn_id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel(CONN_QUEUE);
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let update = hello.update.clone();
+    touch(&ctx, id, &update);
+    let _ = ctx.events.send(Event::Opened { id, conn: conn_id, observed: remote, update, tx, reply: reply_tx });
+    match reply_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(code)) => {
+            refuse(&conn, &mut send, code, "the device is not allowed on the network".into()).await;
+            return Ok(());
+        }
+        Err(_) => return Ok(()),
+    }
+    info!(device = %id, hostname = %dev.hostname, %remote, "device connected");
+    let result: Result<()> = async {
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(ConnCmd::Send(bytes)) => send.write_all(&bytes).await?,
+                    Some(ConnCmd::Close(code, reason)) => {
+                        info!(device = %id, ?code, %reason, "closing device session");
+                        refuse(&conn, &mut send, code, reason).await;
+                        return Ok(());
+                    }
+                    None => return Ok(()),
+                },
+                frame = read_frame(&mut recv, &mut dec) => {
+                    let Some(frame) = (match frame {
+                        Ok(f) => f,
+                        Err(e) => {
+                            warn!(device = %id, error = %format!("{e:#}"), "bad frame from device");
+                            refuse(&conn, &mut send, ErrorCode::Protocol, format!("bad frame: {e:#}")).await;
+                            return Ok(());
+                        }
+                    }) else { return Ok(()) };
+                    let msg = match wire::decode::<DeviceMsg>(&frame) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            warn!(device = %id, error = %e, "undecodable message from device");
+                            refuse(&conn, &mut send, ErrorCode::Protocol, e.to_string()).await;
+                            return Ok(());
+                        }
+                    };
+                    match msg {
+                        DeviceMsg::Update(u) => {
+                            touch(&ctx, id, &u);
+                            let _ = ctx.events.send(Event::Update { id, conn: conn_id, update: u });
+                        }
+                        DeviceMsg::Ping { nonce } => {
+                            send_msg(&mut send, &CoordinatorMsg::Pong { nonce, coordinator_time_ms: now_ms() }).await?;
+                        }
+                        DeviceMsg::RenewCert { csr_der } => {
+                            match renew(&ctx, id, identity, &csr_der.0).await {
+                                Ok((cert_der, not_after_ms)) => send_msg(&mut send, &CoordinatorMsg::CertRenewed { cert_der: Bytes(cert_der), not_after_ms }).await?,
+                                Err(e) => {
+                                    warn!(device = %id, error = %format!("{e:#}"), "certificate renewal refused");
+                                    send_msg(&mut send, &CoordinatorMsg::Error { code: ErrorCode::BadRequest, message: format!("renewal refused: {e:#}") }).await?;
+                                }
+                            }
+                        }
+                        DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => {
+                            refuse(&conn, &mut send, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
+                            return Ok(());
+                        }
+                    }
+                }
+                _ = conn.closed() => return Ok(()),
+            }
+        }
+    }
+    .await;
+    let _ = ctx.events.send(Event::Closed { id, conn: conn_id });
+    info!(device = %id, "device disconnected");
+    result
+}
+
+fn touch(ctx: &Arc<Ctx>, id: DeviceId, u: &DeviceUpdate) {
+    let store = ctx.store.clone();
+    let wg = u.wg_public_key;
+    let eps = u.local_endpoints.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.touch_device(id, wg, &eps, now_ms()) {
+            warn!(device = %id, error = %e, "recording device contact failed");
+        }
+    });
+}
+
+async fn renew(ctx: &Arc<Ctx>, id: DeviceId, identity: [u8; 32], csr: &[u8]) -> Result<(Vec<u8>, i64)> {
+    let csr_identity = Ca::csr_identity(csr)?;
+    anyhow::ensure!(csr_identity == identity, "the request is for a different key than this device's identity");
+    let now = now_ms();
+    let (cert, not_after) = ctx.ca.issue_device_cert(csr, &id.to_string(), now)?;
+    let store = ctx.store.clone();
+    tokio::task::spawn_blocking(move || store.set_device_cert(id, not_after, now)).await??;
+    info!(device = %id, "device certificate renewed");
+    Ok((cert, not_after))
+}
+
+async fn bind_admin(dd: &DataDir) -> Result<tokio::net::UnixListener> {
+    let path = dd.admin_socket();
+    if path.exists() {
+        // A live coordinator answers; a dead one left a stale socket behind.
+        if tokio::net::UnixStream::connect(&path).await.is_ok() {
+            anyhow::bail!("another coordinator is already serving {}", dd.path.display());
+        }
+        std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+async fn admin_loop(l: tokio::net::UnixListener, ctx: Arc<Ctx>) {
+    loop {
+        let Ok((stream, _)) = l.accept().await else { continue };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            // Only the coordinator's own user (or root) may administer it.
+            let me = unsafe_free_geteuid();
+            match stream.peer_cred() {
+                Ok(c) if c.uid() == me || c.uid() == 0 => {}
+                _ => {
+                    warn!("admin connection from another user refused");
+                    return;
+                }
+            }
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let resp = match BufReader::new(r).take(MAX_ADMIN_LINE as u64).read_line(&mut line).await {
+                Ok(_) => match serde_json::from_str::<AdminRequest>(&line) {
+                    Ok(req) => admin_handle(&ctx, req).await,
+                    Err(e) => AdminResponse::err(format!("bad admin request: {e}")),
+                },
+                Err(e) => AdminResponse::err(format!("reading admin request: {e}")),
+            };
+            let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+            out.push(b'\n');
+            let _ = w.write_all(&out).await;
+        });
+    }
+}
+
+fn unsafe_free_geteuid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // The process's own /proc entry is owned by its effective uid.
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+}
+
+async fn admin_handle(ctx: &Arc<Ctx>, req: AdminRequest) -> AdminResponse {
+    let ctx2 = ctx.clone();
+    let online = {
+        let (tx, rx) = oneshot::channel();
+        let _ = ctx.events.send(Event::Online(tx));
+        rx.await.unwrap_or_default()
+    };
+    let res = tokio::task::spawn_blocking(move || admin_blocking(&ctx2, req, &online)).await;
+    match res {
+        Ok(Ok(v)) => AdminResponse::ok(v),
+        Ok(Err(e)) => AdminResponse::err(format!("{e:#}")),
+        Err(e) => AdminResponse::err(format!("internal error: {e}")),
+    }
+}
+
+fn name(kind: &'static str, s: &str) -> Result<Name> {
+    Ok(Name::parse(kind, s)?)
+}
+
+fn device_json(d: &Device, online: &[DeviceId]) -> serde_json::Value {
+    let mut v = serde_json::to_value(d).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("online".into(), online.contains(&d.id).into());
+        o.insert("id".into(), d.id.to_string().into());
+        o.insert("state".into(), (if d.is_live() { "active" } else if d.user_disabled && d.status == crate::store::DeviceStatus::Active { "user-disabled" } else { "revoked" }).into());
+    }
+    v
+}
+
+fn admin_blocking(ctx: &Arc<Ctx>, req: AdminRequest, online: &[DeviceId]) -> Result<serde_json::Value> {
+    let now = now_ms();
+    let store = &ctx.store;
+    let actor = "admin";
+    Ok(match req {
+        AdminRequest::Status => serde_json::json!({
+            "public_addr": ctx.config.public_addr,
+            "ca_sha256": hex::encode(ctx.ca.fingerprint()),
+            "ipv6_prefix": format!("{}/48", ctx.config.pools.v6_prefix),
+            "devices": store.list_devices()?.len(),
+            "online": online.len(),
+            "users": store.list_users()?.len(),
+            "uptime_secs": ctx.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocol": PROTOCOL_VERSION,
+        }),
+        AdminRequest::UserAdd { name: n, groups } => {
+            let n = name("user name", &n)?;
+            let groups = groups.iter().map(|g| name("group name", g)).collect::<Result<Vec<_>>>()?;
+            serde_json::to_value(store.add_user(&n, &groups, actor, now)?)?
+        }
+        AdminRequest::UserLs => serde_json::to_value(store.list_users()?)?,
+        AdminRequest::UserDisable { name: n } => set_user(ctx, &n, true, now)?,
+        AdminRequest::UserEnable { name: n } => set_user(ctx, &n, false, now)?,
+        AdminRequest::TokenCreate { user, tags, ttl_secs, uses } => {
+            if ttl_secs == 0 || ttl_secs > 90 * 86400 {
+                anyhow::bail!("--ttl must be between 1s and 90d");
+            }
+            let user = user.map(|u| name("user name", &u)).transpose()?;
+            let tags = tags.iter().map(|t| name("tag", t)).collect::<Result<Vec<_>>>()?;
+            let mut id = [0u8; 8];
+            let mut secret = vec![0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+            let tok = EnrollToken {
+                coordinator: ctx.config.public_addr.clone(),
+                ca_sha256: ctx.ca.fingerprint(),
+                id,
+                secret: ward_shared::secret::Secret::new(secret.clone()),
+            };
+            let info = store.create_token(&tok.id_hex(), hash_secret(&secret), user.as_ref(), &tags, now + ttl_secs as i64 * 1000, uses, actor, now)?;
+            serde_json::json!({ "token": tok.encode(), "info": info })
+        }
+        AdminRequest::TokenLs => serde_json::to_value(store.list_tokens()?)?,
+        AdminRequest::TokenRevoke { id } => serde_json::to_value(store.revoke_token(&id, actor, now)?)?,
+        AdminRequest::DeviceLs => serde_json::Value::Array(store.list_devices()?.iter().map(|d| device_json(d, online)).collect()),
+        AdminRequest::DeviceShow { name: n } => device_json(&store.device_by_name(&n)?, online),
+        AdminRequest::DeviceRevoke { name: n } => {
+            let d = store.revoke_device(&n, actor, now)?;
+            let _ = ctx.events.send(Event::Removed(d.id, "the device has been revoked by an administrator".into()));
+            info!(device = %d.id, hostname = %d.hostname, "device revoked");
+            device_json(&d, &[])
+        }
+        AdminRequest::Audit { limit } => serde_json::to_value(store.audit_log(limit.clamp(1, 100_000))?)?,
+        AdminRequest::AuditVerify => serde_json::to_value(store.verify_audit()?)?,
+    })
+}
+
+fn set_user(ctx: &Arc<Ctx>, n: &str, disabled: bool, now: i64) -> Result<serde_json::Value> {
+    let n = name("user name", n)?;
+    let ids = ctx.store.set_user_disabled(&n, disabled, "admin", now)?;
+    for id in &ids {
+        if let Ok(d) = ctx.store.device(*id) {
+            let _ = ctx.events.send(Event::Upserted(d));
+        }
+    }
+    Ok(serde_json::json!({ "user": n.as_str(), "disabled": disabled, "devices": ids.len() }))
+}

@@ -1,0 +1,548 @@
+//! The control protocol between a device (`ward daemon`) and `ward-coordinator`.
+//!
+//! Transport: one QUIC connection (TLS 1.3) per device; the device opens one bidirectional
+//! stream and both sides exchange frames on it: a 4-byte big-endian length, then that many
+//! bytes of JSON encoding one message. Frames are bounded: [`MAX_DEVICE_FRAME`] from a device,
+//! [`MAX_COORDINATOR_FRAME`] from the coordinator. Anything else is a protocol error that closes
+//! the stream; it never panics and never allocates more than the bound.
+//!
+//! ## Versions
+//! - 1: first version: enroll, hello, netmap full/delta, certificate renewal, time ping.
+//!
+//! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
+//! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
+//! Fields added later must be `#[serde(default)]` so older messages keep decoding (see the
+//! golden tests at the bottom).
+
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::names::Hostname;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Devices send small messages only.
+pub const MAX_DEVICE_FRAME: usize = 64 * 1024;
+/// Netmaps for ten thousand peers fit (about 300 bytes each).
+pub const MAX_COORDINATOR_FRAME: usize = 8 * 1024 * 1024;
+/// The SNI name the coordinator's server certificate carries; devices dial it whatever the address.
+pub const COORDINATOR_SERVER_NAME: &str = "coordinator.ward.internal";
+/// ALPN protocol id on the QUIC control channel.
+pub const ALPN: &[u8] = b"ward-control/1";
+
+/// A stable device number, given by the coordinator at enrollment.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct DeviceId(pub u64);
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "d{}", self.0)
+    }
+}
+
+/// A WireGuard public key (x25519), base64 in JSON like `wg` prints it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WgPublicKey(pub [u8; 32]);
+
+impl WgPublicKey {
+    pub fn to_base64(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(self.0)
+    }
+}
+impl std::fmt::Debug for WgPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WgPublicKey({})", self.to_base64())
+    }
+}
+impl TryFrom<String> for WgPublicKey {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        use base64::Engine;
+        let v = base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(|_| "WireGuard key is not base64".to_string())?;
+        let arr: [u8; 32] = v
+            .try_into()
+            .map_err(|_| "WireGuard key is not 32 bytes".to_string())?;
+        Ok(Self(arr))
+    }
+}
+impl From<WgPublicKey> for String {
+    fn from(k: WgPublicKey) -> String {
+        k.to_base64()
+    }
+}
+
+/// Bytes carried as base64 in JSON (certificates, CSRs).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Bytes(pub Vec<u8>);
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({} bytes)", self.0.len())
+    }
+}
+impl TryFrom<String> for Bytes {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map(Bytes)
+            .map_err(|_| "field is not base64".to_string())
+    }
+}
+impl From<Bytes> for String {
+    fn from(b: Bytes) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(b.0)
+    }
+}
+
+/// Messages a device sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeviceMsg {
+    /// First and only message on a connection without a client certificate.
+    Enroll(EnrollRequest),
+    /// First message on an authenticated connection.
+    Hello(Hello),
+    /// The device's WireGuard key or endpoints changed.
+    Update(DeviceUpdate),
+    /// Ask for a new device certificate for the same identity key.
+    RenewCert { csr_der: Bytes },
+    /// Clock offset measurement.
+    Ping { nonce: u64 },
+}
+
+/// Messages the coordinator sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CoordinatorMsg {
+    Enrolled(Enrolled),
+    /// The full netmap; replaces whatever the device had.
+    Netmap(Netmap),
+    /// Changes since netmap `base_seq`.
+    NetmapDelta(NetmapDelta),
+    CertRenewed {
+        cert_der: Bytes,
+        not_after_ms: i64,
+    },
+    Pong {
+        nonce: u64,
+        coordinator_time_ms: i64,
+    },
+    /// The request was refused; on `Enroll`/`Hello` the coordinator then closes the connection.
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Unknown message type, bad frame, wrong order.
+    Protocol,
+    /// The token is unknown or its secret is wrong.
+    TokenInvalid,
+    TokenExpired,
+    TokenUsed,
+    TokenRevoked,
+    /// The token's user is disabled.
+    UserDisabled,
+    /// Hostname or another field was refused.
+    BadRequest,
+    /// The device has been revoked.
+    DeviceRevoked,
+    /// The certificate is not a known device.
+    Unauthorized,
+    /// The coordinator failed; nothing was granted.
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub protocol: u32,
+    /// Hex token id (public part).
+    pub token_id: String,
+    /// The token secret. Never logged: see the `Debug` impl.
+    pub token_secret: TokenSecret,
+    /// As the device calls itself; sanitized by the coordinator.
+    pub hostname: String,
+    pub os: String,
+    /// PKCS#10 request signed by the device's identity key (which never leaves the device).
+    pub csr_der: Bytes,
+}
+
+/// A token secret in transit: base64, redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TokenSecret(pub Bytes);
+impl std::fmt::Debug for TokenSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSecret(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub device_id: DeviceId,
+    pub hostname: Hostname,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub cert_der: Bytes,
+    pub cert_not_after_ms: i64,
+    pub ca_der: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub os: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(flatten)]
+    pub update: DeviceUpdate,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DeviceUpdate {
+    /// Absent until the data plane is up.
+    #[serde(default)]
+    pub wg_public_key: Option<WgPublicKey>,
+    /// UDP port the WireGuard socket listens on.
+    #[serde(default)]
+    pub wg_port: u16,
+    /// Local interface addresses with `wg_port`, as candidates for peers.
+    #[serde(default)]
+    pub local_endpoints: Vec<SocketAddr>,
+}
+
+/// Most endpoints a device may announce; the rest are ignored.
+pub const MAX_ENDPOINTS: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SelfInfo {
+    pub device_id: DeviceId,
+    pub hostname: Hostname,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    /// The overlay prefixes to route into the TUN.
+    pub v6_prefix: Ipv6Addr,
+    /// The source address the coordinator saw this device's control connection come from.
+    pub observed_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub device_id: DeviceId,
+    pub hostname: Hostname,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    /// `None` while the peer has not brought its data plane up.
+    #[serde(default)]
+    pub wg_public_key: Option<WgPublicKey>,
+    /// Candidate underlay endpoints, best first (observed public address first).
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    /// Whether the peer holds a live control session right now.
+    #[serde(default)]
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Netmap {
+    pub seq: u64,
+    pub me: SelfInfo,
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetmapDelta {
+    pub base_seq: u64,
+    pub seq: u64,
+    #[serde(default)]
+    pub upsert: Vec<Peer>,
+    #[serde(default)]
+    pub remove: Vec<DeviceId>,
+}
+
+impl Netmap {
+    /// Applies a delta. A delta for another base means the device missed one: the caller must
+    /// ask for (or wait for) a full netmap, never guess.
+    pub fn apply(&mut self, d: &NetmapDelta) -> Result<(), WireError> {
+        if d.base_seq != self.seq {
+            return Err(WireError::DeltaGap {
+                have: self.seq,
+                base: d.base_seq,
+            });
+        }
+        self.peers.retain(|p| !d.remove.contains(&p.device_id));
+        for u in &d.upsert {
+            match self.peers.iter_mut().find(|p| p.device_id == u.device_id) {
+                Some(p) => *p = u.clone(),
+                None => self.peers.push(u.clone()),
+            }
+        }
+        self.peers.sort_by_key(|p| p.device_id);
+        self.seq = d.seq;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("stream ended in the middle of a frame ({have} of {want} bytes)")]
+    Truncated { have: usize, want: usize },
+    #[error("undecodable message: {0}")]
+    Decode(String),
+    #[error("netmap delta for base {base} but the device has {have}")]
+    DeltaGap { have: u64, base: u64 },
+}
+
+/// Encodes one message as a frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing our own plain structs to JSON cannot fail (no maps with non-string keys).
+    let body = serde_json::to_vec(msg).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes one frame body.
+pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, WireError> {
+    serde_json::from_slice(body).map_err(|e| WireError::Decode(short_err(&e.to_string())))
+}
+
+fn short_err(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+/// Incremental frame splitter: push bytes as they arrive, pull whole frames out.
+/// Never buffers more than `max + 4` bytes of one frame.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl FrameDecoder {
+    pub fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// Bytes the decoder wants before it can make progress (for bounded reads).
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Next complete frame body, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, WireError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > self.max {
+            return Err(WireError::TooLarge { len, max: self.max });
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let body = self.buf[4..4 + len].to_vec();
+        self.buf.drain(..4 + len);
+        Ok(Some(body))
+    }
+
+    /// Call at end of stream: leftover bytes mean a truncated frame.
+    pub fn finish(&self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let want = if self.buf.len() >= 4 {
+            u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize + 4
+        } else {
+            4
+        };
+        Err(WireError::Truncated {
+            have: self.buf.len(),
+            want,
+        })
+    }
+
+    /// How many more bytes are needed for the current frame (at least 1).
+    pub fn wanted(&self) -> usize {
+        if self.buf.len() < 4 {
+            return 4 - self.buf.len();
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        (4 + len.min(self.max)).saturating_sub(self.buf.len()).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: u64) -> Peer {
+        Peer {
+            device_id: DeviceId(id),
+            hostname: Hostname::parse(&format!("h{id}")).unwrap(),
+            user: Some("alice".into()),
+            tags: vec![],
+            ipv4: Ipv4Addr::new(100, 64, 0, id as u8),
+            ipv6: "fd00::1".parse().unwrap(),
+            wg_public_key: Some(WgPublicKey([id as u8; 32])),
+            endpoints: vec!["10.0.0.1:51820".parse().unwrap()],
+            online: true,
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_in_pieces() {
+        let msgs = vec![
+            DeviceMsg::Ping { nonce: 7 },
+            DeviceMsg::Update(DeviceUpdate {
+                wg_public_key: Some(WgPublicKey([3; 32])),
+                wg_port: 51820,
+                local_endpoints: vec!["192.168.1.2:51820".parse().unwrap()],
+            }),
+        ];
+        let mut bytes = Vec::new();
+        for m in &msgs {
+            bytes.extend(encode(m));
+        }
+        let mut dec = FrameDecoder::new(MAX_DEVICE_FRAME);
+        let mut got = Vec::new();
+        for b in bytes.chunks(3) {
+            dec.push(b);
+            while let Some(f) = dec.next_frame().unwrap() {
+                got.push(decode::<DeviceMsg>(&f).unwrap());
+            }
+        }
+        assert_eq!(got, msgs);
+        dec.finish().unwrap();
+    }
+
+    #[test]
+    fn oversized_and_truncated_frames_are_errors() {
+        let mut dec = FrameDecoder::new(16);
+        dec.push(&1000u32.to_be_bytes());
+        assert_eq!(
+            dec.next_frame(),
+            Err(WireError::TooLarge { len: 1000, max: 16 })
+        );
+        let mut dec = FrameDecoder::new(16);
+        dec.push(&[0, 0, 0, 10, b'{']);
+        assert_eq!(dec.next_frame(), Ok(None));
+        assert!(matches!(dec.finish(), Err(WireError::Truncated { have: 5, want: 14 })));
+        assert_eq!(dec.wanted(), 9);
+    }
+
+    #[test]
+    fn garbage_and_unknown_types_are_errors() {
+        assert!(decode::<DeviceMsg>(b"\xff\xfe garbage").is_err());
+        assert!(decode::<DeviceMsg>(br#"{"type":"format_disk"}"#).is_err());
+        assert!(decode::<DeviceMsg>(br#"{"type":"ping"}"#).is_err());
+        let deep = "[".repeat(100_000);
+        assert!(decode::<DeviceMsg>(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let m = DeviceMsg::Enroll(EnrollRequest {
+            protocol: 1,
+            token_id: "0102".into(),
+            token_secret: TokenSecret(Bytes(b"supersecret".to_vec())),
+            hostname: "x".into(),
+            os: "linux".into(),
+            csr_der: Bytes(vec![1, 2, 3]),
+        });
+        let d = format!("{m:?}");
+        assert!(!d.contains("supersecret") && !d.contains("c3VwZXJzZWNyZXQ"), "{d}");
+    }
+
+    #[test]
+    fn delta_apply() {
+        let me = SelfInfo {
+            device_id: DeviceId(1),
+            hostname: Hostname::parse("me").unwrap(),
+            ipv4: Ipv4Addr::new(100, 64, 0, 1),
+            ipv6: "fd00::1".parse().unwrap(),
+            v6_prefix: "fd00::".parse().unwrap(),
+            observed_addr: None,
+        };
+        let mut nm = Netmap {
+            seq: 1,
+            me,
+            peers: vec![peer(2), peer(3)],
+        };
+        let mut p3 = peer(3);
+        p3.online = false;
+        let d = NetmapDelta {
+            base_seq: 1,
+            seq: 2,
+            upsert: vec![p3.clone(), peer(4)],
+            remove: vec![DeviceId(2)],
+        };
+        nm.apply(&d).unwrap();
+        assert_eq!(nm.peers, vec![p3, peer(4)]);
+        assert_eq!(nm.seq, 2);
+        assert_eq!(
+            nm.apply(&d),
+            Err(WireError::DeltaGap { have: 2, base: 1 })
+        );
+    }
+
+    /// Version-1 messages as they were first written; they must keep decoding.
+    #[test]
+    fn golden_v1_messages_decode() {
+        let hello = r#"{"type":"hello","protocol":1,"os":"debian 12","wg_public_key":"AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=","wg_port":51820,"local_endpoints":["192.168.1.2:51820"]}"#;
+        let m: DeviceMsg = decode(hello.as_bytes()).unwrap();
+        let DeviceMsg::Hello(h) = m else {
+            panic!("not hello")
+        };
+        assert_eq!(h.update.wg_public_key, Some(WgPublicKey([3; 32])));
+        assert_eq!(h.version, "");
+
+        let minimal_hello = r#"{"type":"hello","protocol":1,"os":"x"}"#;
+        assert!(decode::<DeviceMsg>(minimal_hello.as_bytes()).is_ok());
+
+        let enroll = r#"{"type":"enroll","protocol":1,"token_id":"0102030405060708","token_secret":"CQkJ","hostname":"laptop","os":"debian","csr_der":"AQID"}"#;
+        assert!(matches!(
+            decode::<DeviceMsg>(enroll.as_bytes()).unwrap(),
+            DeviceMsg::Enroll(_)
+        ));
+
+        let delta = r#"{"type":"netmap_delta","base_seq":4,"seq":5,"remove":[7]}"#;
+        let CoordinatorMsg::NetmapDelta(d) = decode(delta.as_bytes()).unwrap() else {
+            panic!("not delta")
+        };
+        assert_eq!(d.remove, vec![DeviceId(7)]);
+        assert!(d.upsert.is_empty());
+
+        let err = r#"{"type":"error","code":"token_used","message":"token already used"}"#;
+        assert_eq!(
+            decode::<CoordinatorMsg>(err.as_bytes()).unwrap(),
+            CoordinatorMsg::Error {
+                code: ErrorCode::TokenUsed,
+                message: "token already used".into()
+            }
+        );
+    }
+}
