@@ -1,0 +1,629 @@
+//! `ward daemon`: holds the device's identity, its control session and its data plane, and
+//! answers the local API.
+//!
+//! Tasks: the API listener, one control task (connect → hello → netmap → deltas; reconnect
+//! with backoff and jitter), and the data plane (its own threads). Shared state sits behind
+//! one mutex that is never held across an `.await`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use rand::Rng;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use ward_shared::token::EnrollToken;
+use ward_shared::wire::{
+    Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello, Netmap,
+    WgPublicKey, MAX_ENDPOINTS, PROTOCOL_VERSION,
+};
+
+use crate::api::{Request, Response, MAX_API_LINE};
+use crate::control::{self, Channel, Refused};
+use crate::dataplane::{self, DataPlane, DataPlaneConfig, PeerConfig};
+use crate::state::{State, StateFile, STATE_VERSION};
+
+/// A peer with no handshake this long after it was configured is reported unreachable.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(15);
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Renew the device certificate when less than this fraction of its life is left.
+const CERT_RENEW_FRACTION: f64 = 1.0 / 3.0;
+
+#[derive(Debug, Clone)]
+pub struct DaemonOpts {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// `None`: control plane only (no TUN, no tunnels).
+    pub tun: Option<String>,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Phase {
+    NeedsLogin,
+    Stopped,
+    Connecting,
+    Connected,
+    Revoked,
+}
+
+struct Shared {
+    state: Option<State>,
+    phase: Phase,
+    last_error: Option<String>,
+    netmap: Option<Netmap>,
+    dataplane: Option<Arc<DataPlane>>,
+    control: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    configured_at: BTreeMap<DeviceId, Instant>,
+    connected_since: Option<Instant>,
+    clock_offset_ms: Option<i64>,
+}
+
+pub struct Daemon {
+    opts: DaemonOpts,
+    state_file: StateFile,
+    shared: Mutex<Shared>,
+}
+
+fn lock(d: &Daemon) -> std::sync::MutexGuard<'_, Shared> {
+    // A panic while holding the lock leaves consistent-enough status data; keep serving.
+    d.shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub async fn run(opts: DaemonOpts) -> Result<()> {
+    let state_file = StateFile::new(&opts.state_dir);
+    let state = state_file.load()?;
+    let listener = bind_socket(&opts.socket).await?;
+    let phase = match &state {
+        None => Phase::NeedsLogin,
+        Some(s) if s.enabled => Phase::Connecting,
+        Some(_) => Phase::Stopped,
+    };
+    let d = Arc::new(Daemon {
+        opts: opts.clone(),
+        state_file,
+        shared: Mutex::new(Shared {
+            state,
+            phase,
+            last_error: None,
+            netmap: None,
+            dataplane: None,
+            control: None,
+            configured_at: BTreeMap::new(),
+            connected_since: None,
+            clock_offset_ms: None,
+        }),
+    });
+    info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "ward daemon started");
+    if phase == Phase::Connecting {
+        d.clone().start().await?;
+    } else if phase == Phase::NeedsLogin {
+        info!("not enrolled yet: run `ward up --token TOKEN`");
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            acc = listener.accept() => {
+                let Ok((stream, _)) = acc else { continue };
+                let d = d.clone();
+                tokio::spawn(async move { d.serve_api(stream).await });
+            }
+        }
+    }
+    info!("ward daemon stopping");
+    d.stop().await;
+    let _ = std::fs::remove_file(&opts.socket);
+    Ok(())
+}
+
+async fn bind_socket(path: &PathBuf) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("another ward daemon is already listening on {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+impl Daemon {
+    async fn serve_api(self: Arc<Self>, stream: tokio::net::UnixStream) {
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        let resp = match BufReader::new(r).take(MAX_API_LINE).read_line(&mut line).await {
+            Ok(_) => match serde_json::from_str::<Request>(&line) {
+                Ok(req) => match self.clone().handle(req).await {
+                    Ok(v) => Response { ok: true, data: v, error: None },
+                    Err(e) => Response { ok: false, data: serde_json::Value::Null, error: Some(format!("{e:#}")) },
+                },
+                Err(e) => Response { ok: false, data: serde_json::Value::Null, error: Some(format!("bad request: {e}")) },
+            },
+            Err(e) => Response { ok: false, data: serde_json::Value::Null, error: Some(format!("reading request: {e}")) },
+        };
+        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+        out.push(b'\n');
+        let _ = w.write_all(&out).await;
+    }
+
+    async fn handle(self: Arc<Self>, req: Request) -> Result<serde_json::Value> {
+        match req {
+            Request::Status => Ok(self.status()),
+            Request::Down => {
+                self.stop().await;
+                let mut g = lock(&self);
+                if let Some(st) = g.state.as_mut() {
+                    st.enabled = false;
+                    let st = st.clone();
+                    g.phase = Phase::Stopped;
+                    drop(g);
+                    self.state_file.save(&st)?;
+                }
+                Ok(json!({ "state": "stopped" }))
+            }
+            Request::Up { token, hostname } => self.up(token, hostname).await,
+        }
+    }
+
+    async fn up(self: Arc<Self>, token: Option<String>, hostname: Option<String>) -> Result<serde_json::Value> {
+        let existing = lock(&self).state.clone();
+        match (existing, token) {
+            (Some(st), Some(_)) => bail!(
+                "this device is already enrolled as {} ({}); run `ward up` without --token to connect. \
+                 To enroll it again, stop the daemon and remove {}",
+                st.hostname,
+                st.device_id,
+                self.state_file.path.display()
+            ),
+            (Some(mut st), None) => {
+                if !st.enabled {
+                    st.enabled = true;
+                    self.state_file.save(&st)?;
+                    lock(&self).state = Some(st.clone());
+                }
+                self.clone().start().await?;
+                Ok(json!({ "hostname": st.hostname, "ipv4": st.ipv4, "ipv6": st.ipv6, "device_id": st.device_id.0 }))
+            }
+            (None, None) => bail!("this device is not enrolled yet: run `ward up --token TOKEN` with a token from your administrator"),
+            (None, Some(tok)) => {
+                let tok = EnrollToken::parse(&tok).map_err(|e| anyhow!("{e}"))?;
+                let hostname = hostname.unwrap_or_else(system_hostname);
+                info!(coordinator = %tok.coordinator, %hostname, "enrolling");
+                let (enrolled, key_pem) = match control::enroll(&tok, &hostname, &os_name()).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let msg = match e.downcast_ref::<Refused>() {
+                            Some(r) => format!("enrollment refused by the coordinator: {}", r.message),
+                            None => format!("enrollment failed: {e:#}"),
+                        };
+                        warn!(error = %msg, "enrollment failed");
+                        bail!("{msg}");
+                    }
+                };
+                let mut wg = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut wg);
+                let st = State {
+                    version: STATE_VERSION,
+                    coordinator: tok.coordinator.clone(),
+                    ca_der: enrolled.ca_der,
+                    device_id: enrolled.device_id,
+                    hostname: enrolled.hostname.to_string(),
+                    ipv4: enrolled.ipv4,
+                    ipv6: enrolled.ipv6,
+                    identity_key_pem: key_pem,
+                    cert_der: enrolled.cert_der,
+                    cert_not_after_ms: enrolled.cert_not_after_ms,
+                    wg_private_key: Bytes(wg.to_vec()),
+                    enabled: true,
+                };
+                self.state_file.save(&st)?;
+                info!(device = %st.device_id, hostname = %st.hostname, ipv4 = %st.ipv4, "enrolled");
+                {
+                    let mut g = lock(&self);
+                    g.state = Some(st.clone());
+                    g.phase = Phase::Connecting;
+                }
+                self.clone().start().await?;
+                Ok(json!({ "hostname": st.hostname, "ipv4": st.ipv4, "ipv6": st.ipv6, "device_id": st.device_id.0 }))
+            }
+        }
+    }
+
+    /// Brings the data plane up (if configured) and starts the control task, once.
+    async fn start(self: Arc<Self>) -> Result<()> {
+        let (st, has_dp, running) = {
+            let g = lock(&self);
+            (g.state.clone(), g.dataplane.is_some(), g.control.is_some())
+        };
+        let Some(st) = st else { bail!("not enrolled") };
+        if running {
+            return Ok(());
+        }
+        if let (Some(tun), false) = (&self.opts.tun, has_dp) {
+            let v6_prefix = {
+                let mut b = st.ipv6.octets();
+                b[6..].fill(0);
+                std::net::Ipv6Addr::from(b)
+            };
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&st.wg_private_key.0);
+            let dp = DataPlane::start(DataPlaneConfig {
+                tun_name: tun.clone(),
+                port: self.opts.port,
+                private_key: key,
+                ipv4: st.ipv4,
+                ipv6: st.ipv6,
+                v6_prefix,
+            })
+            .await
+            .context("starting the data plane")?;
+            info!(tun = %tun, port = dp.local_port(), "data plane up");
+            lock(&self).dataplane = Some(Arc::new(dp));
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let me = self.clone();
+        let task = tokio::spawn(async move { me.control_loop(stop_rx).await });
+        let mut g = lock(&self);
+        g.control = Some((stop_tx, task));
+        g.phase = Phase::Connecting;
+        Ok(())
+    }
+
+    async fn stop(&self) {
+        let (control, dp) = {
+            let mut g = lock(self);
+            g.netmap = None;
+            g.connected_since = None;
+            (g.control.take(), g.dataplane.take())
+        };
+        if let Some((tx, task)) = control {
+            let _ = tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
+        if let Some(dp) = dp {
+            match Arc::try_unwrap(dp) {
+                Ok(dp) => dp.shutdown().await,
+                Err(_) => warn!("data plane still in use at shutdown; it stops when released"),
+            }
+        }
+    }
+
+    async fn control_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let endpoint = match control::client_endpoint() {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "control channel unavailable");
+                lock(&self).last_error = Some(format!("{e:#}"));
+                return;
+            }
+        };
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = Instant::now();
+            let res = tokio::select! {
+                r = self.session(&endpoint) => r,
+                _ = stop.changed() => break,
+            };
+            let revoked = {
+                let mut g = lock(&self);
+                g.connected_since = None;
+                match &res {
+                    Ok(()) => g.last_error = Some("the coordinator closed the session".into()),
+                    Err(e) => g.last_error = Some(format!("{e:#}")),
+                }
+                let revoked = matches!(res.as_ref().err().and_then(|e| e.downcast_ref::<Refused>()), Some(r) if r.code == ErrorCode::DeviceRevoked || r.code == ErrorCode::Unauthorized);
+                g.phase = if revoked { Phase::Revoked } else { Phase::Connecting };
+                if revoked {
+                    // Leave the network: no peers, no tunnels.
+                    g.netmap = None;
+                    g.configured_at.clear();
+                    if let Some(dp) = &g.dataplane {
+                        dp.set_peers(Vec::new());
+                    }
+                }
+                revoked
+            };
+            if let Err(e) = &res {
+                warn!(error = %format!("{e:#}"), "control session ended");
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = BACKOFF_MIN;
+            }
+            let floor = if revoked { Duration::from_secs(30) } else { Duration::ZERO };
+            let jitter = rand::thread_rng().gen_range(0.8..1.2);
+            let wait = backoff.mul_f64(jitter).max(floor);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {},
+                _ = stop.changed() => break,
+            }
+        }
+        endpoint.close(0u32.into(), b"stopping");
+    }
+
+    fn hello_update(&self) -> DeviceUpdate {
+        let g = lock(self);
+        let Some(dp) = &g.dataplane else {
+            return DeviceUpdate::default();
+        };
+        let port = dp.local_port();
+        DeviceUpdate {
+            wg_public_key: Some(WgPublicKey(dp.public_key())),
+            wg_port: port,
+            local_endpoints: local_addresses()
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .take(MAX_ENDPOINTS)
+                .collect(),
+        }
+    }
+
+    async fn session(&self, endpoint: &quinn::Endpoint) -> Result<()> {
+        let st = lock(self).state.clone().ok_or_else(|| anyhow!("not enrolled"))?;
+        let addr = control::resolve(&st.coordinator).await?;
+        let cfg = control::session_config(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
+        let mut ch = Channel::open(endpoint, cfg, addr).await?;
+        let mut update = self.hello_update();
+        ch.send(&DeviceMsg::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            os: os_name(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            update: update.clone(),
+        }))
+        .await?;
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut ping_sent: Option<(u64, Instant, i64)> = None;
+        loop {
+            tokio::select! {
+                msg = ch.recv() => {
+                    let Some(msg) = msg? else { return Ok(()) };
+                    match msg {
+                        CoordinatorMsg::Netmap(nm) => {
+                            debug!(seq = nm.seq, peers = nm.peers.len(), "netmap");
+                            let mut g = lock(self);
+                            if g.connected_since.is_none() {
+                                g.connected_since = Some(Instant::now());
+                                info!(coordinator = %st.coordinator, peers = nm.peers.len(), "connected to coordinator");
+                            }
+                            g.phase = Phase::Connected;
+                            g.last_error = None;
+                            g.netmap = Some(nm);
+                            apply_peers(&mut g);
+                        }
+                        CoordinatorMsg::NetmapDelta(d) => {
+                            let mut g = lock(self);
+                            let Some(nm) = g.netmap.as_mut() else {
+                                bail!("netmap delta before a netmap");
+                            };
+                            // A gap means a lost update: reconnect for a fresh full netmap.
+                            nm.apply(&d)?;
+                            debug!(seq = d.seq, upsert = d.upsert.len(), remove = d.remove.len(), "netmap delta");
+                            apply_peers(&mut g);
+                        }
+                        CoordinatorMsg::Error { code, message } => {
+                            return Err(Refused { code, message }.into());
+                        }
+                        CoordinatorMsg::CertRenewed { cert_der, not_after_ms } => {
+                            let mut st2 = lock(self).state.clone().ok_or_else(|| anyhow!("not enrolled"))?;
+                            st2.cert_der = cert_der;
+                            st2.cert_not_after_ms = not_after_ms;
+                            self.state_file.save(&st2)?;
+                            lock(self).state = Some(st2);
+                            info!("device certificate renewed");
+                        }
+                        CoordinatorMsg::Pong { nonce, coordinator_time_ms } => {
+                            if let Some((n, sent, sent_ms)) = ping_sent.take() {
+                                if n == nonce {
+                                    let rtt = sent.elapsed().as_millis() as i64;
+                                    let offset = coordinator_time_ms - (sent_ms + rtt / 2);
+                                    lock(self).clock_offset_ms = Some(offset);
+                                }
+                            }
+                        }
+                        CoordinatorMsg::Enrolled(_) => bail!("unexpected enrolled message on a session"),
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = update_if_changed(&mut update, self.hello_update());
+                    if let Some(u) = now {
+                        ch.send(&DeviceMsg::Update(u)).await?;
+                    }
+                    let nonce = rand::random::<u64>();
+                    ping_sent = Some((nonce, Instant::now(), now_ms()));
+                    ch.send(&DeviceMsg::Ping { nonce }).await?;
+                    let st = lock(self).state.clone();
+                    if let Some(st) = st {
+                        let left = st.cert_not_after_ms - now_ms();
+                        if (left as f64) < crate::CERT_LIFETIME_MS as f64 * CERT_RENEW_FRACTION {
+                            let key = rcgen::KeyPair::from_pem(&st.identity_key_pem)?;
+                            let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
+                            ch.send(&DeviceMsg::RenewCert { csr_der: Bytes(csr.der().to_vec()) }).await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let g = lock(self);
+        let Some(st) = &g.state else {
+            return json!({ "state": Phase::NeedsLogin, "peers": [] });
+        };
+        let dp_status: BTreeMap<u64, dataplane::PeerStatus> = g
+            .dataplane
+            .as_ref()
+            .map(|dp| dp.status().into_iter().map(|p| (p.device_id, p)).collect())
+            .unwrap_or_default();
+        let peers: Vec<serde_json::Value> = g
+            .netmap
+            .as_ref()
+            .map(|nm| nm.peers.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                let s = dp_status.get(&p.device_id.0);
+                let since = g.configured_at.get(&p.device_id).map(|t| t.elapsed());
+                let hs = s.and_then(|s| s.last_handshake);
+                let (path, reachable) = match (&g.dataplane, p.wg_public_key, hs) {
+                    (None, _, _) => ("control-plane only (no data plane)".to_string(), false),
+                    (_, None, _) => ("peer has no data plane up".to_string(), false),
+                    (_, _, Some(_)) => (format!("direct {}", s.and_then(|s| s.endpoint).map(|e| e.to_string()).unwrap_or_default()), true),
+                    (_, _, None) if since.is_some_and(|t| t > UNREACHABLE_AFTER) => (
+                        "unreachable: no direct path answered (both sides may be behind NAT; relays are not available yet)".to_string(),
+                        false,
+                    ),
+                    _ => ("connecting".to_string(), false),
+                };
+                json!({
+                    "device_id": p.device_id.0,
+                    "hostname": p.hostname,
+                    "user": p.user,
+                    "tags": p.tags,
+                    "ipv4": p.ipv4,
+                    "ipv6": p.ipv6,
+                    "online": p.online,
+                    "public_key": p.wg_public_key.map(|k| k.to_base64()),
+                    "endpoints": p.endpoints,
+                    "endpoint": s.and_then(|s| s.endpoint),
+                    "reachable": reachable,
+                    "path": path,
+                    "last_handshake_secs": hs.map(|d| d.as_secs()),
+                    "rx_bytes": s.map(|s| s.rx_bytes).unwrap_or(0),
+                    "tx_bytes": s.map(|s| s.tx_bytes).unwrap_or(0),
+                    "dropped_bad_source": s.map(|s| s.dropped_bad_source).unwrap_or(0),
+                })
+            })
+            .collect();
+        let counters = g.dataplane.as_ref().map(|dp| {
+            let c = dp.counters();
+            json!({
+                "tx_packets": c.tx_packets, "tx_bytes": c.tx_bytes, "rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
+                "dropped_no_route": c.dropped_no_route, "dropped_no_endpoint": c.dropped_no_endpoint,
+                "dropped_bad_source": c.dropped_bad_source, "dropped_garbage": c.dropped_garbage,
+                "dropped_bad_tun_packet": c.dropped_bad_tun_packet,
+            })
+        });
+        json!({
+            "state": g.phase,
+            "device_id": st.device_id.0,
+            "hostname": st.hostname,
+            "ipv4": st.ipv4,
+            "ipv6": st.ipv6,
+            "coordinator": st.coordinator,
+            "connected_secs": g.connected_since.map(|t| t.elapsed().as_secs()),
+            "last_error": g.last_error,
+            "clock_offset_ms": g.clock_offset_ms,
+            "tun": g.dataplane.as_ref().and(self.opts.tun.clone()),
+            "port": g.dataplane.as_ref().map(|d| d.local_port()),
+            "public_key": g.dataplane.as_ref().map(|d| WgPublicKey(d.public_key()).to_base64()),
+            "peers": peers,
+            "counters": counters,
+        })
+    }
+}
+
+fn update_if_changed(current: &mut DeviceUpdate, fresh: DeviceUpdate) -> Option<DeviceUpdate> {
+    if *current == fresh {
+        return None;
+    }
+    *current = fresh.clone();
+    Some(fresh)
+}
+
+/// Pushes the netmap's peers into the data plane (peers without a key are skipped).
+fn apply_peers(g: &mut Shared) {
+    let Some(nm) = &g.netmap else { return };
+    let now = Instant::now();
+    let ids: Vec<DeviceId> = nm.peers.iter().map(|p| p.device_id).collect();
+    g.configured_at.retain(|k, _| ids.contains(k));
+    for id in &ids {
+        g.configured_at.entry(*id).or_insert(now);
+    }
+    let peers: Vec<PeerConfig> = nm
+        .peers
+        .iter()
+        .filter_map(|p| {
+            Some(PeerConfig {
+                device_id: p.device_id.0,
+                hostname: p.hostname.to_string(),
+                public_key: p.wg_public_key?.0,
+                ipv4: p.ipv4,
+                ipv6: p.ipv6,
+                endpoints: p.endpoints.clone(),
+            })
+        })
+        .collect();
+    if let Some(dp) = &g.dataplane {
+        dp.set_peers(peers);
+    }
+}
+
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "device".into())
+}
+
+pub fn os_name() -> String {
+    let raw = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    raw.lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_else(|| std::env::consts::OS.to_string())
+}
+
+/// Non-loopback, non-overlay addresses of this host's interfaces: candidate endpoints.
+fn local_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we only read and then free exactly once.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list returned above, valid until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null and points at a sockaddr of the family it names.
+        let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+        if family == libc::AF_INET {
+            // SAFETY: family AF_INET means the storage is a sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            if !ip.is_loopback() && !ward_shared::addr::AddressPools::contains_v4(ip) && !ip.is_link_local() {
+                out.push(IpAddr::V4(ip));
+            }
+        }
+    }
+    // SAFETY: freeing the list getifaddrs allocated, once.
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}

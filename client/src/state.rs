@@ -1,0 +1,145 @@
+//! The device's durable identity: `STATE_DIR/state.json`, mode 0600, written atomically.
+//!
+//! A missing file means "not enrolled yet". A file that exists but cannot be read is an error
+//! that stops the daemon: silently enrolling again would make a second device with the same
+//! name and leave the first one's access in place.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ward_shared::wire::{Bytes, DeviceId};
+
+pub const STATE_VERSION: u32 = 1;
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub coordinator: String,
+    pub ca_der: Bytes,
+    pub device_id: DeviceId,
+    pub hostname: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    /// PKCS#8 PEM of the device identity key (never leaves this file).
+    pub identity_key_pem: String,
+    pub cert_der: Bytes,
+    pub cert_not_after_ms: i64,
+    /// WireGuard private key (never leaves this file).
+    pub wg_private_key: Bytes,
+    /// `ward down` clears this; the daemon then stays off the network across restarts.
+    pub enabled: bool,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("device_id", &self.device_id)
+            .field("hostname", &self.hostname)
+            .field("coordinator", &self.coordinator)
+            .field("keys", &"<redacted>")
+            .finish()
+    }
+}
+
+pub struct StateFile {
+    pub path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            path: dir.join("state.json"),
+        }
+    }
+
+    /// `Ok(None)` if the device has never enrolled.
+    pub fn load(&self) -> Result<Option<State>> {
+        let raw = match fs::read(&self.path) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => bail!("cannot read state file {}: {e}", self.path.display()),
+        };
+        let st: State = serde_json::from_slice(&raw).map_err(|e| {
+            anyhow::anyhow!(
+                "state file {} is corrupt ({e}); refusing to start rather than enroll as a new device. \
+                 Restore it from backup, or move it away and enroll again with `ward up --token`",
+                self.path.display()
+            )
+        })?;
+        if st.version != STATE_VERSION {
+            bail!(
+                "state file {} has version {}, this ward understands {STATE_VERSION}",
+                self.path.display(),
+                st.version
+            );
+        }
+        if st.wg_private_key.0.len() != 32 {
+            bail!("state file {} is corrupt (bad WireGuard key)", self.path.display());
+        }
+        Ok(Some(st))
+    }
+
+    /// Atomic replace: write a 0600 temp file, fsync, rename, fsync the directory.
+    pub fn save(&self, st: &State) -> Result<()> {
+        let dir = self.path.parent().context("state path has no directory")?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        let tmp = dir.join(".state.json.tmp");
+        let _ = fs::remove_file(&tmp);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec_pretty(st)?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &self.path)?;
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o600))?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> State {
+        State {
+            version: STATE_VERSION,
+            coordinator: "10.0.0.1:7443".into(),
+            ca_der: Bytes(vec![1]),
+            device_id: DeviceId(3),
+            hostname: "alice".into(),
+            ipv4: Ipv4Addr::new(100, 64, 0, 3),
+            ipv6: "fd00::3".parse().unwrap(),
+            identity_key_pem: "PEM".into(),
+            cert_der: Bytes(vec![2]),
+            cert_not_after_ms: 5,
+            wg_private_key: Bytes(vec![7; 32]),
+            enabled: true,
+        }
+    }
+
+    #[test]
+    fn save_load_and_corruption() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sf = StateFile::new(&tmp.path().join("s"));
+        assert!(sf.load().unwrap().is_none());
+        sf.save(&sample()).unwrap();
+        let mode = fs::metadata(&sf.path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(sf.load().unwrap().unwrap().hostname, "alice");
+        fs::write(&sf.path, b"{ not json").unwrap();
+        let err = sf.load().unwrap_err().to_string();
+        assert!(err.contains("corrupt") && err.contains("refusing"), "{err}");
+        assert!(!format!("{:?}", sample()).contains("PEM"));
+    }
+}
