@@ -120,7 +120,7 @@ fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig> {
     Ok(cc)
 }
 
-fn enroll_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig> {
+pub fn enroll_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig> {
     let provider = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -258,4 +258,12 @@ pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
         CoordinatorMsg::Pong { .. } => "pong",
         CoordinatorMsg::Error { .. } => "error",
     }
+}
+
+/// A fresh identity key's CSR, for tests that speak the protocol by hand.
+pub fn test_csr() -> Vec<u8> {
+    rcgen::KeyPair::generate()
+        .and_then(|k| rcgen::CertificateParams::default().serialize_request(&k))
+        .map(|c| c.der().to_vec())
+        .unwrap_or_default()
 }
