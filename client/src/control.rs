@@ -135,7 +135,11 @@ pub fn enroll_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig> {
 }
 
 /// Mutual-TLS config for an enrolled device.
-pub fn session_config(ca_der: &[u8], cert_der: &[u8], key_pem: &str) -> Result<quinn::ClientConfig> {
+pub fn session_config(
+    ca_der: &[u8],
+    cert_der: &[u8],
+    key_pem: &str,
+) -> Result<quinn::ClientConfig> {
     let provider = provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca_der.to_vec()))?;
@@ -160,7 +164,8 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr> {
 }
 
 pub fn client_endpoint() -> Result<quinn::Endpoint> {
-    quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).context("opening a UDP socket for the control channel")
+    quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
+        .context("opening a UDP socket for the control channel")
 }
 
 /// A control-stream connection: frames in, frames out.
@@ -173,11 +178,17 @@ pub struct Channel {
 }
 
 impl Channel {
-    pub async fn open(endpoint: &quinn::Endpoint, cfg: quinn::ClientConfig, addr: SocketAddr) -> Result<Self> {
+    pub async fn open(
+        endpoint: &quinn::Endpoint,
+        cfg: quinn::ClientConfig,
+        addr: SocketAddr,
+    ) -> Result<Self> {
         let connecting = endpoint.connect_with(cfg, addr, COORDINATOR_SERVER_NAME)?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(|_| anyhow!("no answer from the coordinator at {addr} within {CONNECT_TIMEOUT:?}"))?
+            .map_err(|_| {
+                anyhow!("no answer from the coordinator at {addr} within {CONNECT_TIMEOUT:?}")
+            })?
             .map_err(|e| anyhow!("cannot connect to the coordinator at {addr}: {e}"))?;
         let (send, recv) = conn.open_bi().await?;
         Ok(Self {

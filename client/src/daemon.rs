@@ -139,11 +139,15 @@ async fn bind_socket(path: &PathBuf) -> Result<tokio::net::UnixListener> {
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!("another ward daemon is already listening on {}", path.display());
+            bail!(
+                "another ward daemon is already listening on {}",
+                path.display()
+            );
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
 }
@@ -152,15 +156,35 @@ impl Daemon {
     async fn serve_api(self: Arc<Self>, stream: tokio::net::UnixStream) {
         let (r, mut w) = stream.into_split();
         let mut line = String::new();
-        let resp = match BufReader::new(r).take(MAX_API_LINE).read_line(&mut line).await {
+        let resp = match BufReader::new(r)
+            .take(MAX_API_LINE)
+            .read_line(&mut line)
+            .await
+        {
             Ok(_) => match serde_json::from_str::<Request>(&line) {
                 Ok(req) => match self.clone().handle(req).await {
-                    Ok(v) => Response { ok: true, data: v, error: None },
-                    Err(e) => Response { ok: false, data: serde_json::Value::Null, error: Some(format!("{e:#}")) },
+                    Ok(v) => Response {
+                        ok: true,
+                        data: v,
+                        error: None,
+                    },
+                    Err(e) => Response {
+                        ok: false,
+                        data: serde_json::Value::Null,
+                        error: Some(format!("{e:#}")),
+                    },
                 },
-                Err(e) => Response { ok: false, data: serde_json::Value::Null, error: Some(format!("bad request: {e}")) },
+                Err(e) => Response {
+                    ok: false,
+                    data: serde_json::Value::Null,
+                    error: Some(format!("bad request: {e}")),
+                },
             },
-            Err(e) => Response { ok: false, data: serde_json::Value::Null, error: Some(format!("reading request: {e}")) },
+            Err(e) => Response {
+                ok: false,
+                data: serde_json::Value::Null,
+                error: Some(format!("reading request: {e}")),
+            },
         };
         let mut out = serde_json::to_vec(&resp).unwrap_or_default();
         out.push(b'\n');
@@ -186,7 +210,11 @@ impl Daemon {
         }
     }
 
-    async fn up(self: Arc<Self>, token: Option<String>, hostname: Option<String>) -> Result<serde_json::Value> {
+    async fn up(
+        self: Arc<Self>,
+        token: Option<String>,
+        hostname: Option<String>,
+    ) -> Result<serde_json::Value> {
         let existing = lock(&self).state.clone();
         match (existing, token) {
             (Some(st), Some(_)) => bail!(
@@ -333,7 +361,11 @@ impl Daemon {
                     Err(e) => g.last_error = Some(format!("{e:#}")),
                 }
                 let revoked = matches!(res.as_ref().err().and_then(|e| e.downcast_ref::<Refused>()), Some(r) if r.code == ErrorCode::DeviceRevoked || r.code == ErrorCode::Unauthorized);
-                g.phase = if revoked { Phase::Revoked } else { Phase::Connecting };
+                g.phase = if revoked {
+                    Phase::Revoked
+                } else {
+                    Phase::Connecting
+                };
                 if revoked {
                     // Leave the network: no peers, no tunnels.
                     g.netmap = None;
@@ -350,7 +382,11 @@ impl Daemon {
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = BACKOFF_MIN;
             }
-            let floor = if revoked { Duration::from_secs(30) } else { Duration::ZERO };
+            let floor = if revoked {
+                Duration::from_secs(30)
+            } else {
+                Duration::ZERO
+            };
             let jitter = rand::thread_rng().gen_range(0.8..1.2);
             let wait = backoff.mul_f64(jitter).max(floor);
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -380,7 +416,10 @@ impl Daemon {
     }
 
     async fn session(&self, endpoint: &quinn::Endpoint) -> Result<()> {
-        let st = lock(self).state.clone().ok_or_else(|| anyhow!("not enrolled"))?;
+        let st = lock(self)
+            .state
+            .clone()
+            .ok_or_else(|| anyhow!("not enrolled"))?;
         let addr = control::resolve(&st.coordinator).await?;
         let cfg = control::session_config(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
         let mut ch = Channel::open(endpoint, cfg, addr).await?;
@@ -618,7 +657,10 @@ fn local_addresses() -> Vec<IpAddr> {
             // SAFETY: family AF_INET means the storage is a sockaddr_in.
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
             let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            if !ip.is_loopback() && !ward_shared::addr::AddressPools::contains_v4(ip) && !ip.is_link_local() {
+            if !ip.is_loopback()
+                && !ward_shared::addr::AddressPools::contains_v4(ip)
+                && !ip.is_link_local()
+            {
                 out.push(IpAddr::V4(ip));
             }
         }

@@ -11,7 +11,12 @@ use ward_client::daemon::{self, DaemonOpts};
 #[command(name = "ward", version, about = "Ward device agent")]
 struct Cli {
     /// The agent's local API socket.
-    #[arg(long, env = "WARD_SOCKET", global = true, default_value = "/run/ward/ward.sock")]
+    #[arg(
+        long,
+        env = "WARD_SOCKET",
+        global = true,
+        default_value = "/run/ward/ward.sock"
+    )]
     socket: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -49,9 +54,15 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("WARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,boringtun=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting runtime: {e}");
@@ -66,9 +77,19 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Daemon { state_dir, tun, port } => {
+        Cmd::Daemon {
+            state_dir,
+            tun,
+            port,
+        } => {
             let tun = (tun != "off").then_some(tun);
-            daemon::run(DaemonOpts { state_dir, socket: cli.socket, tun, port }).await
+            daemon::run(DaemonOpts {
+                state_dir,
+                socket: cli.socket,
+                tun,
+                port,
+            })
+            .await
         }
         Cmd::Up { token, hostname } => {
             let v = api::call(&cli.socket, &Request::Up { token, hostname }).await?;
@@ -82,7 +103,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Down => {
             api::call(&cli.socket, &Request::Down).await?;
-            println!("down: this device has left the network (still enrolled; `ward up` to return)");
+            println!(
+                "down: this device has left the network (still enrolled; `ward up` to return)"
+            );
             Ok(())
         }
         Cmd::Status { json } => {
@@ -111,13 +134,23 @@ fn print_status(v: &serde_json::Value) {
         println!("this device is not enrolled: run `ward up --token TOKEN`");
         return;
     }
-    println!("device:      {} ({}, {})", s(&v["hostname"]), s(&v["ipv4"]), s(&v["ipv6"]));
+    println!(
+        "device:      {} ({}, {})",
+        s(&v["hostname"]),
+        s(&v["ipv4"]),
+        s(&v["ipv6"])
+    );
     println!("coordinator: {}", s(&v["coordinator"]));
     if !v["last_error"].is_null() {
         println!("last error:  {}", s(&v["last_error"]));
     }
     if !v["tun"].is_null() {
-        println!("tunnel:      {} udp/{}  key {}", s(&v["tun"]), s(&v["port"]), s(&v["public_key"]));
+        println!(
+            "tunnel:      {} udp/{}  key {}",
+            s(&v["tun"]),
+            s(&v["port"]),
+            s(&v["public_key"])
+        );
     }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     println!("peers:       {}", peers.len());
@@ -130,7 +163,11 @@ fn print_status(v: &serde_json::Value) {
             "  {:<20} {:<15} {:<8} {}  rx {} tx {}  {}",
             s(&p["hostname"]),
             s(&p["ipv4"]),
-            if p["online"].as_bool() == Some(true) { "online" } else { "offline" },
+            if p["online"].as_bool() == Some(true) {
+                "online"
+            } else {
+                "offline"
+            },
             s(&p["path"]),
             s(&p["rx_bytes"]),
             s(&p["tx_bytes"]),

@@ -79,7 +79,10 @@ impl StateFile {
             );
         }
         if st.wg_private_key.0.len() != 32 {
-            bail!("state file {} is corrupt (bad WireGuard key)", self.path.display());
+            bail!(
+                "state file {} is corrupt (bad WireGuard key)",
+                self.path.display()
+            );
         }
         Ok(Some(st))
     }
@@ -87,7 +90,10 @@ impl StateFile {
     /// Atomic replace: write a 0600 temp file, fsync, rename, fsync the directory.
     pub fn save(&self, st: &State) -> Result<()> {
         let dir = self.path.parent().context("state path has no directory")?;
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         let tmp = dir.join(".state.json.tmp");
         let _ = fs::remove_file(&tmp);
         let mut f = fs::OpenOptions::new()

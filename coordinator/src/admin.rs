@@ -13,10 +13,17 @@ pub const MAX_ADMIN_LINE: usize = 64 * 1024;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum AdminRequest {
     Status,
-    UserAdd { name: String, groups: Vec<String> },
+    UserAdd {
+        name: String,
+        groups: Vec<String>,
+    },
     UserLs,
-    UserDisable { name: String },
-    UserEnable { name: String },
+    UserDisable {
+        name: String,
+    },
+    UserEnable {
+        name: String,
+    },
     TokenCreate {
         user: Option<String>,
         tags: Vec<String>,
@@ -24,11 +31,19 @@ pub enum AdminRequest {
         uses: i64,
     },
     TokenLs,
-    TokenRevoke { id: String },
+    TokenRevoke {
+        id: String,
+    },
     DeviceLs,
-    DeviceShow { name: String },
-    DeviceRevoke { name: String },
-    Audit { limit: i64 },
+    DeviceShow {
+        name: String,
+    },
+    DeviceRevoke {
+        name: String,
+    },
+    Audit {
+        limit: i64,
+    },
     AuditVerify,
 }
 

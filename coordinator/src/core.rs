@@ -249,8 +249,11 @@ impl Registry {
                         .filter(|(k, v)| sent.get(k) != Some(v))
                         .map(|(_, v)| v.clone())
                         .collect();
-                    let remove: Vec<DeviceId> =
-                        sent.keys().filter(|k| !want.contains_key(k)).copied().collect();
+                    let remove: Vec<DeviceId> = sent
+                        .keys()
+                        .filter(|k| !want.contains_key(k))
+                        .copied()
+                        .collect();
                     if upsert.is_empty() && remove.is_empty() {
                         continue;
                     }
@@ -309,41 +312,95 @@ mod tests {
     #[test]
     fn full_netmap_then_deltas() {
         let mut r = Registry::new(AddressPools::from_random([0; 5]), [dev(1), dev(2), dev(3)]);
-        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:4000"), DeviceUpdate { wg_port: 51820, ..Default::default() }).unwrap();
+        r.handle_session_opened(
+            DeviceId(1),
+            10,
+            addr("10.0.0.1:4000"),
+            DeviceUpdate {
+                wg_port: 51820,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let out = drain(&mut r);
         assert_eq!(out.len(), 1);
-        let Output::Send { conn: 10, msg: CoordinatorMsg::Netmap(nm) } = &out[0] else { panic!("{out:?}") };
-        assert_eq!(nm.peers.iter().map(|p| p.device_id.0).collect::<Vec<_>>(), vec![2, 3]);
+        let Output::Send {
+            conn: 10,
+            msg: CoordinatorMsg::Netmap(nm),
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            nm.peers.iter().map(|p| p.device_id.0).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
         assert!(nm.peers.iter().all(|p| !p.online));
 
         // Device 2 comes online: device 1 gets a delta with 2 online and its endpoint.
-        r.handle_session_opened(DeviceId(2), 11, addr("10.0.0.2:5000"), DeviceUpdate { wg_port: 51820, local_endpoints: vec![addr("192.168.1.5:51820"), addr("0.0.0.0:1")], ..Default::default() }).unwrap();
+        r.handle_session_opened(
+            DeviceId(2),
+            11,
+            addr("10.0.0.2:5000"),
+            DeviceUpdate {
+                wg_port: 51820,
+                local_endpoints: vec![addr("192.168.1.5:51820"), addr("0.0.0.0:1")],
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let out = drain(&mut r);
-        let delta = out.iter().find_map(|o| match o {
-            Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) } => Some(d.clone()),
-            _ => None,
-        }).unwrap();
+        let delta = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    conn: 10,
+                    msg: CoordinatorMsg::NetmapDelta(d),
+                } => Some(d.clone()),
+                _ => None,
+            })
+            .unwrap();
         assert_eq!(delta.base_seq, 1);
         assert_eq!(delta.upsert.len(), 1);
         assert!(delta.upsert[0].online);
-        assert_eq!(delta.upsert[0].endpoints, vec![addr("10.0.0.2:51820"), addr("192.168.1.5:51820")]);
+        assert_eq!(
+            delta.upsert[0].endpoints,
+            vec![addr("10.0.0.2:51820"), addr("192.168.1.5:51820")]
+        );
         // Nothing changed: nothing sent.
-        r.handle_session_update(DeviceId(2), 11, DeviceUpdate { wg_port: 51820, local_endpoints: vec![addr("192.168.1.5:51820")], ..Default::default() });
+        r.handle_session_update(
+            DeviceId(2),
+            11,
+            DeviceUpdate {
+                wg_port: 51820,
+                local_endpoints: vec![addr("192.168.1.5:51820")],
+                ..Default::default()
+            },
+        );
         assert!(drain(&mut r).is_empty());
     }
 
     #[test]
     fn revocation_closes_session_and_removes_from_peers() {
         let mut r = Registry::new(AddressPools::from_random([0; 5]), [dev(1), dev(2)]);
-        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default()).unwrap();
-        r.handle_session_opened(DeviceId(2), 11, addr("10.0.0.2:1"), DeviceUpdate::default()).unwrap();
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        r.handle_session_opened(DeviceId(2), 11, addr("10.0.0.2:1"), DeviceUpdate::default())
+            .unwrap();
         drain(&mut r);
         r.handle_device_removed(DeviceId(2), "the device has been revoked");
         let out = drain(&mut r);
-        assert!(out.contains(&Output::Close { conn: 11, code: ErrorCode::DeviceRevoked, reason: "the device has been revoked".into() }));
+        assert!(out.contains(&Output::Close {
+            conn: 11,
+            code: ErrorCode::DeviceRevoked,
+            reason: "the device has been revoked".into()
+        }));
         assert!(out.iter().any(|o| matches!(o, Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) } if d.remove == vec![DeviceId(2)])));
         // A revoked device cannot open a session.
-        assert_eq!(r.handle_session_opened(DeviceId(2), 12, addr("10.0.0.2:1"), DeviceUpdate::default()), Err(ErrorCode::DeviceRevoked));
+        assert_eq!(
+            r.handle_session_opened(DeviceId(2), 12, addr("10.0.0.2:1"), DeviceUpdate::default()),
+            Err(ErrorCode::DeviceRevoked)
+        );
         // A disabled user's device is removed too.
         let mut d1 = dev(1);
         d1.user_disabled = true;
@@ -355,11 +412,19 @@ mod tests {
     #[test]
     fn newer_session_replaces_older() {
         let mut r = Registry::new(AddressPools::from_random([0; 5]), [dev(1)]);
-        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default()).unwrap();
-        r.handle_session_opened(DeviceId(1), 11, addr("10.0.0.1:2"), DeviceUpdate::default()).unwrap();
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        r.handle_session_opened(DeviceId(1), 11, addr("10.0.0.1:2"), DeviceUpdate::default())
+            .unwrap();
         let out = drain(&mut r);
         assert!(matches!(&out[0], Output::Close { conn: 10, .. }));
-        assert!(matches!(&out[1], Output::Send { conn: 11, msg: CoordinatorMsg::Netmap(_) }));
+        assert!(matches!(
+            &out[1],
+            Output::Send {
+                conn: 11,
+                msg: CoordinatorMsg::Netmap(_)
+            }
+        ));
         // The stale connection closing does not end the new session.
         r.handle_session_closed(DeviceId(1), 10);
         assert!(r.is_online(DeviceId(1)));

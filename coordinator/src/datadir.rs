@@ -160,7 +160,11 @@ mod tests {
         dd.init("10.0.0.1:7443", 1_800_000_000_000).unwrap();
         let mode = fs::metadata(&dd.path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
-        let key_mode = fs::metadata(dd.path.join("ca.key")).unwrap().permissions().mode() & 0o777;
+        let key_mode = fs::metadata(dd.path.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(key_mode, 0o600);
         let err = dd.init("10.0.0.1:7443", 1).unwrap_err().to_string();
         assert!(err.contains("refusing to overwrite"), "{err}");

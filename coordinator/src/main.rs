@@ -19,10 +19,19 @@ use admin::AdminRequest;
 use datadir::DataDir;
 
 #[derive(Parser)]
-#[command(name = "ward-coordinator", version, about = "Ward control plane and admin CLI")]
+#[command(
+    name = "ward-coordinator",
+    version,
+    about = "Ward control plane and admin CLI"
+)]
 struct Cli {
     /// The coordinator instance (data directory).
-    #[arg(long, env = "WARD_DATA_DIR", global = true, default_value = "/var/lib/ward-coordinator")]
+    #[arg(
+        long,
+        env = "WARD_DATA_DIR",
+        global = true,
+        default_value = "/var/lib/ward-coordinator"
+    )]
     data_dir: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -134,8 +143,14 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("WARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting runtime: {e}");
@@ -158,8 +173,14 @@ async fn run(cli: Cli) -> Result<()> {
             println!("initialised coordinator in {}", dd.path.display());
             println!("  public address : {}", cfg.public_addr);
             println!("  CA sha256      : {}", hex::encode(ca.fingerprint()));
-            println!("  overlay        : 100.64.0.0/10, {}/48", cfg.pools.v6_prefix);
-            println!("next: ward-coordinator --data-dir {} serve", dd.path.display());
+            println!(
+                "  overlay        : 100.64.0.0/10, {}/48",
+                cfg.pools.v6_prefix
+            );
+            println!(
+                "next: ward-coordinator --data-dir {} serve",
+                dd.path.display()
+            );
             Ok(())
         }
         Cmd::Serve { listen } => server::serve(dd, listen).await,
@@ -176,7 +197,14 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::User(c) => match c {
             UserCmd::Add { name, groups } => {
-                admin::call(&sock, &AdminRequest::UserAdd { name: name.clone(), groups }).await?;
+                admin::call(
+                    &sock,
+                    &AdminRequest::UserAdd {
+                        name: name.clone(),
+                        groups,
+                    },
+                )
+                .await?;
                 eprintln!("user {name} added");
                 Ok(())
             }
@@ -185,12 +213,23 @@ async fn run(cli: Cli) -> Result<()> {
                 if json {
                     return print_json(&v);
                 }
-                table(&v, &[("NAME", "name"), ("GROUPS", "groups"), ("DISABLED", "disabled")]);
+                table(
+                    &v,
+                    &[
+                        ("NAME", "name"),
+                        ("GROUPS", "groups"),
+                        ("DISABLED", "disabled"),
+                    ],
+                );
                 Ok(())
             }
             UserCmd::Disable { name } => {
-                let v = admin::call(&sock, &AdminRequest::UserDisable { name: name.clone() }).await?;
-                eprintln!("user {name} disabled; {} device(s) lost access", plain(&v["devices"]));
+                let v =
+                    admin::call(&sock, &AdminRequest::UserDisable { name: name.clone() }).await?;
+                eprintln!(
+                    "user {name} disabled; {} device(s) lost access",
+                    plain(&v["devices"])
+                );
                 Ok(())
             }
             UserCmd::Enable { name } => {
@@ -200,10 +239,26 @@ async fn run(cli: Cli) -> Result<()> {
             }
         },
         Cmd::Token(c) => match c {
-            TokenCmd::Create { user, tags, ttl, uses } => {
+            TokenCmd::Create {
+                user,
+                tags,
+                ttl,
+                uses,
+            } => {
                 let ttl = admin::parse_duration(&ttl)?;
-                let v = admin::call(&sock, &AdminRequest::TokenCreate { user, tags, ttl_secs: ttl.as_secs(), uses }).await?;
-                let tok = v["token"].as_str().context("the coordinator returned no token")?;
+                let v = admin::call(
+                    &sock,
+                    &AdminRequest::TokenCreate {
+                        user,
+                        tags,
+                        ttl_secs: ttl.as_secs(),
+                        uses,
+                    },
+                )
+                .await?;
+                let tok = v["token"]
+                    .as_str()
+                    .context("the coordinator returned no token")?;
                 println!("{tok}");
                 Ok(())
             }
@@ -212,7 +267,17 @@ async fn run(cli: Cli) -> Result<()> {
                 if json {
                     return print_json(&v);
                 }
-                table(&v, &[("ID", "id"), ("USER", "user"), ("TAGS", "tags"), ("USES LEFT", "uses_left"), ("EXPIRES", "expires_ms"), ("REVOKED", "revoked")]);
+                table(
+                    &v,
+                    &[
+                        ("ID", "id"),
+                        ("USER", "user"),
+                        ("TAGS", "tags"),
+                        ("USES LEFT", "uses_left"),
+                        ("EXPIRES", "expires_ms"),
+                        ("REVOKED", "revoked"),
+                    ],
+                );
                 Ok(())
             }
             TokenCmd::Revoke { id } => {
@@ -227,7 +292,20 @@ async fn run(cli: Cli) -> Result<()> {
                 if json {
                     return print_json(&v);
                 }
-                table(&v, &[("ID", "id"), ("HOSTNAME", "hostname"), ("USER", "user"), ("TAGS", "tags"), ("IPV4", "ipv4"), ("IPV6", "ipv6"), ("STATE", "state"), ("ONLINE", "online"), ("LAST SEEN", "last_seen_ms")]);
+                table(
+                    &v,
+                    &[
+                        ("ID", "id"),
+                        ("HOSTNAME", "hostname"),
+                        ("USER", "user"),
+                        ("TAGS", "tags"),
+                        ("IPV4", "ipv4"),
+                        ("IPV6", "ipv6"),
+                        ("STATE", "state"),
+                        ("ONLINE", "online"),
+                        ("LAST SEEN", "last_seen_ms"),
+                    ],
+                );
                 Ok(())
             }
             DeviceCmd::Show { name, json } => {
@@ -246,7 +324,11 @@ async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
-        Cmd::Audit { cmd: Some(AuditCmd::Verify), json, .. } => {
+        Cmd::Audit {
+            cmd: Some(AuditCmd::Verify),
+            json,
+            ..
+        } => {
             let v = admin::call(&sock, &AdminRequest::AuditVerify).await?;
             if json {
                 print_json(&v)?;
@@ -258,12 +340,26 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Audit { cmd: None, limit, json } => {
+        Cmd::Audit {
+            cmd: None,
+            limit,
+            json,
+        } => {
             let v = admin::call(&sock, &AdminRequest::Audit { limit }).await?;
             if json {
                 return print_json(&v);
             }
-            table(&v, &[("SEQ", "seq"), ("TIME", "ts_ms"), ("ACTOR", "actor"), ("ACTION", "action"), ("TARGET", "target"), ("DETAIL", "detail")]);
+            table(
+                &v,
+                &[
+                    ("SEQ", "seq"),
+                    ("TIME", "ts_ms"),
+                    ("ACTOR", "actor"),
+                    ("ACTION", "action"),
+                    ("TARGET", "target"),
+                    ("DETAIL", "detail"),
+                ],
+            );
             Ok(())
         }
     }
@@ -313,13 +409,22 @@ fn table(v: &serde_json::Value, cols: &[(&str, &str)]) {
         cells
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{:<w$}", c.chars().take(60).collect::<String>(), w = widths[i]))
+            .map(|(i, c)| {
+                format!(
+                    "{:<w$}",
+                    c.chars().take(60).collect::<String>(),
+                    w = widths[i]
+                )
+            })
             .collect::<Vec<_>>()
             .join("  ")
             .trim_end()
             .to_string()
     };
-    println!("{}", line(cols.iter().map(|(h, _)| h.to_string()).collect()));
+    println!(
+        "{}",
+        line(cols.iter().map(|(h, _)| h.to_string()).collect())
+    );
     for r in rows {
         println!("{}", line(r));
     }
@@ -328,6 +433,9 @@ fn table(v: &serde_json::Value, cols: &[(&str, &str)]) {
 fn fmt_time(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms / 1000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| ms.to_string())
 }

@@ -170,6 +170,9 @@ mod tests {
         let n = der.len();
         der[n - 5] ^= 0xff; // corrupt the signature
         assert_eq!(Ca::csr_identity(&der), Err(CsrError::Invalid));
-        assert_eq!(Ca::csr_identity(&vec![0x30; 100_000]), Err(CsrError::Invalid));
+        assert_eq!(
+            Ca::csr_identity(&vec![0x30; 100_000]),
+            Err(CsrError::Invalid)
+        );
     }
 }

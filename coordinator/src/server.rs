@@ -158,10 +158,12 @@ fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
     let (cert, key) = ca.server_cert(now_ms())?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(rustls_pki_types::CertificateDer::from(ca.cert_der.clone()))?;
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -184,7 +186,14 @@ async fn registry_actor(mut reg: Registry, mut rx: mpsc::UnboundedReceiver<Event
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Opened { id, conn, observed, update, tx, reply } => {
+            Event::Opened {
+                id,
+                conn,
+                observed,
+                update,
+                tx,
+                reply,
+            } => {
                 let r = reg.handle_session_opened(id, conn, observed, update);
                 if r.is_ok() {
                     conns.insert(conn, tx);
@@ -227,9 +236,11 @@ fn conns_online(reg: &Registry) -> Vec<DeviceId> {
     reg.online_ids()
 }
 
-
 /// Reads the next frame; `Ok(None)` at a clean end of stream.
-async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Result<Option<Vec<u8>>> {
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    dec: &mut FrameDecoder,
+) -> Result<Option<Vec<u8>>> {
     let mut buf = [0u8; 16 * 1024];
     loop {
         if let Some(f) = dec.next_frame()? {
@@ -251,8 +262,20 @@ async fn send_msg(send: &mut quinn::SendStream, msg: &CoordinatorMsg) -> Result<
     Ok(())
 }
 
-async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, code: ErrorCode, message: String) {
-    let _ = send_msg(send, &CoordinatorMsg::Error { code, message: message.clone() }).await;
+async fn refuse(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    message: String,
+) {
+    let _ = send_msg(
+        send,
+        &CoordinatorMsg::Error {
+            code,
+            message: message.clone(),
+        },
+    )
+    .await;
     let _ = send.finish();
     // Give the frame a moment to leave before the close discards it.
     let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
@@ -260,25 +283,41 @@ async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, code: Er
 }
 
 async fn handle_connection(inc: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
-    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, inc).await.context("handshake timed out")??;
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, inc)
+        .await
+        .context("handshake timed out")??;
     let remote = conn.remote_address();
-    let certs = conn
-        .peer_identity()
-        .and_then(|a| a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
+    let certs = conn.peer_identity().and_then(|a| {
+        a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .ok()
+    });
     let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
         .await
         .context("device opened no control stream")??;
     let mut dec = FrameDecoder::new(MAX_DEVICE_FRAME);
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut recv, &mut dec)).await {
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut recv, &mut dec)).await
+    {
         Ok(Ok(Some(f))) => f,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => {
             warn!(%remote, error = %format!("{e:#}"), "bad frame on control stream");
-            refuse(&conn, &mut send, ErrorCode::Protocol, format!("bad frame: {e:#}")).await;
+            refuse(
+                &conn,
+                &mut send,
+                ErrorCode::Protocol,
+                format!("bad frame: {e:#}"),
+            )
+            .await;
             return Ok(());
         }
         Err(_) => {
-            refuse(&conn, &mut send, ErrorCode::Protocol, "no message within 10 s".into()).await;
+            refuse(
+                &conn,
+                &mut send,
+                ErrorCode::Protocol,
+                "no message within 10 s".into(),
+            )
+            .await;
             return Ok(());
         }
     };
@@ -308,17 +347,33 @@ async fn handle_connection(inc: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
             session(ctx, conn, send, recv, dec, &cert, hello).await
         }
         (None, _) => {
-            refuse(&conn, &mut send, ErrorCode::Unauthorized, "this connection has no device certificate; only enrollment is possible".into()).await;
+            refuse(
+                &conn,
+                &mut send,
+                ErrorCode::Unauthorized,
+                "this connection has no device certificate; only enrollment is possible".into(),
+            )
+            .await;
             Ok(())
         }
         (Some(_), _) => {
-            refuse(&conn, &mut send, ErrorCode::Protocol, "the first message must be hello".into()).await;
+            refuse(
+                &conn,
+                &mut send,
+                ErrorCode::Protocol,
+                "the first message must be hello".into(),
+            )
+            .await;
             Ok(())
         }
     }
 }
 
-async fn enroll(ctx: &Arc<Ctx>, req: wire::EnrollRequest, remote: SocketAddr) -> Result<Enrolled, (ErrorCode, String)> {
+async fn enroll(
+    ctx: &Arc<Ctx>,
+    req: wire::EnrollRequest,
+    remote: SocketAddr,
+) -> Result<Enrolled, (ErrorCode, String)> {
     let audit_refusal = |code: ErrorCode, message: &str| {
         let _ = ctx.store.append_audit(
             Audit {
@@ -333,27 +388,52 @@ async fn enroll(ctx: &Arc<Ctx>, req: wire::EnrollRequest, remote: SocketAddr) ->
         (code, message.to_string())
     };
     if req.protocol != PROTOCOL_VERSION {
-        return Err(audit_refusal(ErrorCode::Protocol, &format!("protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})", req.protocol)));
+        return Err(audit_refusal(
+            ErrorCode::Protocol,
+            &format!(
+                "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})",
+                req.protocol
+            ),
+        ));
     }
     if req.token_id.len() != 16 || !req.token_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(audit_refusal(ErrorCode::TokenInvalid, "token is not valid (malformed id)"));
+        return Err(audit_refusal(
+            ErrorCode::TokenInvalid,
+            "token is not valid (malformed id)",
+        ));
     }
     let hostname = match Hostname::sanitize(&req.hostname) {
         Ok(h) => h,
-        Err(e) => return Err(audit_refusal(ErrorCode::BadRequest, &format!("hostname refused: {e}"))),
+        Err(e) => {
+            return Err(audit_refusal(
+                ErrorCode::BadRequest,
+                &format!("hostname refused: {e}"),
+            ))
+        }
     };
     let identity_hash = match Ca::csr_identity(&req.csr_der.0) {
         Ok(h) => h,
         Err(e) => return Err(audit_refusal(ErrorCode::BadRequest, &e.to_string())),
     };
-    let os: String = req.os.chars().filter(|c| !c.is_control()).take(128).collect();
+    let os: String = req
+        .os
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(128)
+        .collect();
     let ctx2 = ctx.clone();
     let csr = req.csr_der.0.clone();
     let token_id = req.token_id.clone();
     let secret = req.token_secret.0 .0.clone();
     let res = tokio::task::spawn_blocking(move || {
         let now = now_ms();
-        let spec = EnrollSpec { token_id: &token_id, token_secret: &secret, hostname, os, identity_hash };
+        let spec = EnrollSpec {
+            token_id: &token_id,
+            token_secret: &secret,
+            hostname,
+            os,
+            identity_hash,
+        };
         let mut issue = |id: DeviceId| ctx2.ca.issue_device_cert(&csr, &id.to_string(), now);
         ctx2.store.enroll(spec, &ctx2.config.pools, &mut issue, now)
     })
@@ -366,11 +446,17 @@ async fn enroll(ctx: &Arc<Ctx>, req: wire::EnrollRequest, remote: SocketAddr) ->
         }
         Ok(Err(e)) => {
             error!(%remote, error = %e, "enrollment failed");
-            return Err((ErrorCode::Internal, "the coordinator could not complete enrollment".into()));
+            return Err((
+                ErrorCode::Internal,
+                "the coordinator could not complete enrollment".into(),
+            ));
         }
         Err(e) => {
             error!(%remote, error = %e, "enrollment task failed");
-            return Err((ErrorCode::Internal, "the coordinator could not complete enrollment".into()));
+            return Err((
+                ErrorCode::Internal,
+                "the coordinator could not complete enrollment".into(),
+            ));
         }
     };
     info!(device = %dev.id, hostname = %dev.hostname, ipv4 = %dev.ipv4, "device enrolled");
@@ -397,7 +483,13 @@ async fn session(
 ) -> Result<()> {
     let remote = conn.remote_address();
     let Some(identity) = cert_identity(cert) else {
-        refuse(&conn, &mut send, ErrorCode::Unauthorized, "unreadable certificate".into()).await;
+        refuse(
+            &conn,
+            &mut send,
+            ErrorCode::Unauthorized,
+            "unreadable certificate".into(),
+        )
+        .await;
         return Ok(());
     };
     let store = ctx.store.clone();
@@ -406,19 +498,40 @@ async fn session(
         Ok(Some(d)) => d,
         Ok(None) => {
             warn!(%remote, "certificate of an unknown device");
-            refuse(&conn, &mut send, ErrorCode::Unauthorized, "this certificate belongs to no enrolled device".into()).await;
+            refuse(
+                &conn,
+                &mut send,
+                ErrorCode::Unauthorized,
+                "this certificate belongs to no enrolled device".into(),
+            )
+            .await;
             return Ok(());
         }
         Err(e) => {
             error!(%remote, error = %e, "device lookup failed; refusing");
-            refuse(&conn, &mut send, ErrorCode::Internal, "the coordinator could not check this device".into()).await;
+            refuse(
+                &conn,
+                &mut send,
+                ErrorCode::Internal,
+                "the coordinator could not check this device".into(),
+            )
+            .await;
             return Ok(());
         }
     };
     if !dev.is_live() {
-        let why = if dev.user_disabled { "the device's user is disabled" } else { "the device has been revoked" };
+        let why = if dev.user_disabled {
+            "the device's user is disabled"
+        } else {
+            "the device has been revoked"
+        };
         let _ = ctx.store.append_audit(
-            Audit { actor: "device", action: "connect.refused", target: dev.hostname.as_str(), detail: serde_json::json!({ "reason": why, "remote": remote.to_string() }) },
+            Audit {
+                actor: "device",
+                action: "connect.refused",
+                target: dev.hostname.as_str(),
+                detail: serde_json::json!({ "reason": why, "remote": remote.to_string() }),
+            },
             now_ms(),
         );
         info!(device = %dev.id, %remote, reason = why, "refused connection");
@@ -426,7 +539,13 @@ async fn session(
         return Ok(());
     }
     if hello.protocol != PROTOCOL_VERSION {
-        refuse(&conn, &mut send, ErrorCode::Protocol, format!("protocol version {} is not supported", hello.protocol)).await;
+        refuse(
+            &conn,
+            &mut send,
+            ErrorCode::Protocol,
+            format!("protocol version {} is not supported", hello.protocol),
+        )
+        .await;
         return Ok(());
     }
     let id = dev.id;
@@ -435,11 +554,24 @@ async fn session(
     let (reply_tx, reply_rx) = oneshot::channel();
     let update = hello.update.clone();
     touch(&ctx, id, &update);
-    let _ = ctx.events.send(Event::Opened { id, conn: conn_id, observed: remote, update, tx, reply: reply_tx });
+    let _ = ctx.events.send(Event::Opened {
+        id,
+        conn: conn_id,
+        observed: remote,
+        update,
+        tx,
+        reply: reply_tx,
+    });
     match reply_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(code)) => {
-            refuse(&conn, &mut send, code, "the device is not allowed on the network".into()).await;
+            refuse(
+                &conn,
+                &mut send,
+                code,
+                "the device is not allowed on the network".into(),
+            )
+            .await;
             return Ok(());
         }
         Err(_) => return Ok(()),
@@ -518,9 +650,17 @@ fn touch(ctx: &Arc<Ctx>, id: DeviceId, u: &DeviceUpdate) {
     });
 }
 
-async fn renew(ctx: &Arc<Ctx>, id: DeviceId, identity: [u8; 32], csr: &[u8]) -> Result<(Vec<u8>, i64)> {
+async fn renew(
+    ctx: &Arc<Ctx>,
+    id: DeviceId,
+    identity: [u8; 32],
+    csr: &[u8],
+) -> Result<(Vec<u8>, i64)> {
     let csr_identity = Ca::csr_identity(csr)?;
-    anyhow::ensure!(csr_identity == identity, "the request is for a different key than this device's identity");
+    anyhow::ensure!(
+        csr_identity == identity,
+        "the request is for a different key than this device's identity"
+    );
     let now = now_ms();
     let (cert, not_after) = ctx.ca.issue_device_cert(csr, &id.to_string(), now)?;
     let store = ctx.store.clone();
@@ -534,18 +674,25 @@ async fn bind_admin(dd: &DataDir) -> Result<tokio::net::UnixListener> {
     if path.exists() {
         // A live coordinator answers; a dead one left a stale socket behind.
         if tokio::net::UnixStream::connect(&path).await.is_ok() {
-            anyhow::bail!("another coordinator is already serving {}", dd.path.display());
+            anyhow::bail!(
+                "another coordinator is already serving {}",
+                dd.path.display()
+            );
         }
-        std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let l = tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    let l = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
 }
 
 async fn admin_loop(l: tokio::net::UnixListener, ctx: Arc<Ctx>) {
     loop {
-        let Ok((stream, _)) = l.accept().await else { continue };
+        let Ok((stream, _)) = l.accept().await else {
+            continue;
+        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
             // Only the coordinator's own user (or root) may administer it.
@@ -559,7 +706,11 @@ async fn admin_loop(l: tokio::net::UnixListener, ctx: Arc<Ctx>) {
             }
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
-            let resp = match BufReader::new(r).take(MAX_ADMIN_LINE as u64).read_line(&mut line).await {
+            let resp = match BufReader::new(r)
+                .take(MAX_ADMIN_LINE as u64)
+                .read_line(&mut line)
+                .await
+            {
                 Ok(_) => match serde_json::from_str::<AdminRequest>(&line) {
                     Ok(req) => admin_handle(&ctx, req).await,
                     Err(e) => AdminResponse::err(format!("bad admin request: {e}")),
@@ -576,7 +727,9 @@ async fn admin_loop(l: tokio::net::UnixListener, ctx: Arc<Ctx>) {
 fn unsafe_free_geteuid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     // The process's own /proc entry is owned by its effective uid.
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }
 
 async fn admin_handle(ctx: &Arc<Ctx>, req: AdminRequest) -> AdminResponse {
@@ -603,12 +756,26 @@ fn device_json(d: &Device, online: &[DeviceId]) -> serde_json::Value {
     if let Some(o) = v.as_object_mut() {
         o.insert("online".into(), online.contains(&d.id).into());
         o.insert("id".into(), d.id.to_string().into());
-        o.insert("state".into(), (if d.is_live() { "active" } else if d.user_disabled && d.status == crate::store::DeviceStatus::Active { "user-disabled" } else { "revoked" }).into());
+        o.insert(
+            "state".into(),
+            (if d.is_live() {
+                "active"
+            } else if d.user_disabled && d.status == crate::store::DeviceStatus::Active {
+                "user-disabled"
+            } else {
+                "revoked"
+            })
+            .into(),
+        );
     }
     v
 }
 
-fn admin_blocking(ctx: &Arc<Ctx>, req: AdminRequest, online: &[DeviceId]) -> Result<serde_json::Value> {
+fn admin_blocking(
+    ctx: &Arc<Ctx>,
+    req: AdminRequest,
+    online: &[DeviceId],
+) -> Result<serde_json::Value> {
     let now = now_ms();
     let store = &ctx.store;
     let actor = "admin";
@@ -626,18 +793,29 @@ fn admin_blocking(ctx: &Arc<Ctx>, req: AdminRequest, online: &[DeviceId]) -> Res
         }),
         AdminRequest::UserAdd { name: n, groups } => {
             let n = name("user name", &n)?;
-            let groups = groups.iter().map(|g| name("group name", g)).collect::<Result<Vec<_>>>()?;
+            let groups = groups
+                .iter()
+                .map(|g| name("group name", g))
+                .collect::<Result<Vec<_>>>()?;
             serde_json::to_value(store.add_user(&n, &groups, actor, now)?)?
         }
         AdminRequest::UserLs => serde_json::to_value(store.list_users()?)?,
         AdminRequest::UserDisable { name: n } => set_user(ctx, &n, true, now)?,
         AdminRequest::UserEnable { name: n } => set_user(ctx, &n, false, now)?,
-        AdminRequest::TokenCreate { user, tags, ttl_secs, uses } => {
+        AdminRequest::TokenCreate {
+            user,
+            tags,
+            ttl_secs,
+            uses,
+        } => {
             if ttl_secs == 0 || ttl_secs > 90 * 86400 {
                 anyhow::bail!("--ttl must be between 1s and 90d");
             }
             let user = user.map(|u| name("user name", &u)).transpose()?;
-            let tags = tags.iter().map(|t| name("tag", t)).collect::<Result<Vec<_>>>()?;
+            let tags = tags
+                .iter()
+                .map(|t| name("tag", t))
+                .collect::<Result<Vec<_>>>()?;
             let mut id = [0u8; 8];
             let mut secret = vec![0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
@@ -648,20 +826,42 @@ fn admin_blocking(ctx: &Arc<Ctx>, req: AdminRequest, online: &[DeviceId]) -> Res
                 id,
                 secret: ward_shared::secret::Secret::new(secret.clone()),
             };
-            let info = store.create_token(&tok.id_hex(), hash_secret(&secret), user.as_ref(), &tags, now + ttl_secs as i64 * 1000, uses, actor, now)?;
+            let info = store.create_token(
+                &tok.id_hex(),
+                hash_secret(&secret),
+                user.as_ref(),
+                &tags,
+                now + ttl_secs as i64 * 1000,
+                uses,
+                actor,
+                now,
+            )?;
             serde_json::json!({ "token": tok.encode(), "info": info })
         }
         AdminRequest::TokenLs => serde_json::to_value(store.list_tokens()?)?,
-        AdminRequest::TokenRevoke { id } => serde_json::to_value(store.revoke_token(&id, actor, now)?)?,
-        AdminRequest::DeviceLs => serde_json::Value::Array(store.list_devices()?.iter().map(|d| device_json(d, online)).collect()),
+        AdminRequest::TokenRevoke { id } => {
+            serde_json::to_value(store.revoke_token(&id, actor, now)?)?
+        }
+        AdminRequest::DeviceLs => serde_json::Value::Array(
+            store
+                .list_devices()?
+                .iter()
+                .map(|d| device_json(d, online))
+                .collect(),
+        ),
         AdminRequest::DeviceShow { name: n } => device_json(&store.device_by_name(&n)?, online),
         AdminRequest::DeviceRevoke { name: n } => {
             let d = store.revoke_device(&n, actor, now)?;
-            let _ = ctx.events.send(Event::Removed(d.id, "the device has been revoked by an administrator".into()));
+            let _ = ctx.events.send(Event::Removed(
+                d.id,
+                "the device has been revoked by an administrator".into(),
+            ));
             info!(device = %d.id, hostname = %d.hostname, "device revoked");
             device_json(&d, &[])
         }
-        AdminRequest::Audit { limit } => serde_json::to_value(store.audit_log(limit.clamp(1, 100_000))?)?,
+        AdminRequest::Audit { limit } => {
+            serde_json::to_value(store.audit_log(limit.clamp(1, 100_000))?)?
+        }
         AdminRequest::AuditVerify => serde_json::to_value(store.verify_audit()?)?,
     })
 }

@@ -293,7 +293,15 @@ impl SqliteStore {
     }
 }
 
-fn audit_hash(prev: &[u8], seq: i64, ts_ms: i64, actor: &str, action: &str, target: &str, detail: &str) -> Vec<u8> {
+fn audit_hash(
+    prev: &[u8],
+    seq: i64,
+    ts_ms: i64,
+    actor: &str,
+    action: &str,
+    target: &str,
+    detail: &str,
+) -> Vec<u8> {
     let mut h = Sha256::new();
     h.update(prev);
     for part in [
@@ -336,7 +344,8 @@ fn json_list(s: &str) -> Vec<String> {
 }
 
 fn names_json(n: &[Name]) -> String {
-    serde_json::to_string(&n.iter().map(|x| x.as_str()).collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into())
+    serde_json::to_string(&n.iter().map(|x| x.as_str()).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".into())
 }
 
 const DEVICE_COLS: &str = "d.id, d.hostname, u.name, COALESCE(u.disabled, 0), d.tags, d.ipv4, d.ipv6, d.os, d.status, d.created_ms, d.last_seen_ms, d.cert_not_after_ms, d.revoked_ms, d.wg_key, d.endpoints";
@@ -382,7 +391,11 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<std::result::Result<Dev
     Ok(parsed)
 }
 
-fn query_devices(tx: &rusqlite::Transaction<'_>, cond: &str, p: impl rusqlite::Params) -> Result<Vec<Device>> {
+fn query_devices(
+    tx: &rusqlite::Transaction<'_>,
+    cond: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<Device>> {
     let sql = format!("SELECT {DEVICE_COLS} FROM devices d LEFT JOIN users u ON u.id = d.user_id {cond} ORDER BY d.id");
     let mut stmt = tx.prepare(&sql)?;
     let rows = stmt.query_map(p, device_row)?;
@@ -408,7 +421,8 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
     })
 }
 
-const TOKEN_COLS: &str = "t.id, u.name, t.tags, t.created_ms, t.expires_ms, t.uses_total, t.uses_left, t.revoked_ms";
+const TOKEN_COLS: &str =
+    "t.id, u.name, t.tags, t.created_ms, t.expires_ms, t.uses_total, t.uses_left, t.revoked_ms";
 
 fn user_id(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<(i64, bool)> {
     tx.query_row(
@@ -424,11 +438,17 @@ impl Store for SqliteStore {
     fn add_user(&self, name: &Name, groups: &[Name], actor: &str, now_ms: i64) -> Result<User> {
         self.with_tx(|tx| {
             let exists: bool = tx
-                .query_row("SELECT 1 FROM users WHERE name = ?1", [name.as_str()], |_| Ok(true))
+                .query_row(
+                    "SELECT 1 FROM users WHERE name = ?1",
+                    [name.as_str()],
+                    |_| Ok(true),
+                )
                 .optional()?
                 .unwrap_or(false);
             if exists {
-                return Err(StoreError::Conflict(format!("user {name:?} already exists")));
+                return Err(StoreError::Conflict(format!(
+                    "user {name:?} already exists"
+                )));
             }
             tx.execute(
                 "INSERT INTO users(name, disabled, created_ms) VALUES (?1, 0, ?2)",
@@ -479,7 +499,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_user_disabled(&self, name: &Name, disabled: bool, actor: &str, now_ms: i64) -> Result<Vec<DeviceId>> {
+    fn set_user_disabled(
+        &self,
+        name: &Name,
+        disabled: bool,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Vec<DeviceId>> {
         self.with_tx(|tx| {
             let (uid, _) = user_id(tx, name.as_str())?;
             tx.execute(
@@ -497,7 +523,11 @@ impl Store for SqliteStore {
                 tx,
                 Audit {
                     actor,
-                    action: if disabled { "user.disable" } else { "user.enable" },
+                    action: if disabled {
+                        "user.disable"
+                    } else {
+                        "user.enable"
+                    },
                     target: name.as_str(),
                     detail: serde_json::json!({ "devices": ids }),
                 },
@@ -518,11 +548,15 @@ impl Store for SqliteStore {
         actor: &str,
         now_ms: i64,
     ) -> Result<TokenInfo> {
-        if uses < 1 || uses > 10_000 {
-            return Err(StoreError::Invalid(format!("--uses must be between 1 and 10000, not {uses}")));
+        if !(1..=10_000).contains(&uses) {
+            return Err(StoreError::Invalid(format!(
+                "--uses must be between 1 and 10000, not {uses}"
+            )));
         }
         if user.is_none() && tags.is_empty() {
-            return Err(StoreError::Invalid("a token needs --user NAME or at least one --tag".into()));
+            return Err(StoreError::Invalid(
+                "a token needs --user NAME or at least one --tag".into(),
+            ));
         }
         self.with_tx(|tx| {
             let uid = match user {
@@ -635,9 +669,11 @@ impl Store for SqliteStore {
 
     fn device_by_identity(&self, identity_hash: &[u8; 32]) -> Result<Option<Device>> {
         self.with_tx(|tx| {
-            Ok(query_devices(tx, "WHERE d.identity_hash = ?1", [identity_hash.to_vec()])?
-                .into_iter()
-                .next())
+            Ok(
+                query_devices(tx, "WHERE d.identity_hash = ?1", [identity_hash.to_vec()])?
+                    .into_iter()
+                    .next(),
+            )
         })
     }
 
@@ -690,7 +726,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn touch_device(&self, id: DeviceId, wg: Option<WgPublicKey>, endpoints: &[SocketAddr], now_ms: i64) -> Result<()> {
+    fn touch_device(
+        &self,
+        id: DeviceId,
+        wg: Option<WgPublicKey>,
+        endpoints: &[SocketAddr],
+        now_ms: i64,
+    ) -> Result<()> {
         self.with_tx(|tx| {
             tx.execute(
                 "UPDATE devices SET last_seen_ms = ?2, wg_key = COALESCE(?3, wg_key), endpoints = ?4 WHERE id = ?1",
@@ -798,6 +840,9 @@ impl Store for SqliteStore {
     }
 }
 
+/// secret_hash, user_id, tags, expires_ms, uses_left, revoked_ms
+type TokenRow = (Vec<u8>, Option<i64>, String, i64, i64, Option<i64>);
+
 fn enroll_tx(
     tx: &rusqlite::Transaction<'_>,
     spec: &EnrollSpec<'_>,
@@ -805,8 +850,11 @@ fn enroll_tx(
     issue: &mut dyn FnMut(DeviceId) -> anyhow::Result<(Vec<u8>, i64)>,
     now_ms: i64,
 ) -> Result<(Device, Vec<u8>)> {
-    let refuse = |code, message: &str| StoreError::Refused { code, message: message.to_string() };
-    let row: Option<(Vec<u8>, Option<i64>, String, i64, i64, Option<i64>)> = tx
+    let refuse = |code, message: &str| StoreError::Refused {
+        code,
+        message: message.to_string(),
+    };
+    let row: Option<TokenRow> = tx
         .query_row(
             "SELECT secret_hash, user_id, tags, expires_ms, uses_left, revoked_ms FROM tokens WHERE id = ?1",
             [spec.token_id],
@@ -814,11 +862,17 @@ fn enroll_tx(
         )
         .optional()?;
     let Some((hash, uid, tags, expires_ms, uses_left, revoked)) = row else {
-        return Err(refuse(ErrorCode::TokenInvalid, "token is not valid (unknown token)"));
+        return Err(refuse(
+            ErrorCode::TokenInvalid,
+            "token is not valid (unknown token)",
+        ));
     };
     let given = ward_shared::token::hash_secret(spec.token_secret);
     if !ct_eq(&hash, &given) {
-        return Err(refuse(ErrorCode::TokenInvalid, "token is not valid (wrong secret)"));
+        return Err(refuse(
+            ErrorCode::TokenInvalid,
+            "token is not valid (wrong secret)",
+        ));
     }
     if revoked.is_some() {
         return Err(refuse(ErrorCode::TokenRevoked, "token has been revoked"));
@@ -830,17 +884,30 @@ fn enroll_tx(
         return Err(refuse(ErrorCode::TokenUsed, "token has already been used"));
     }
     if let Some(uid) = uid {
-        let disabled: i64 = tx.query_row("SELECT disabled FROM users WHERE id = ?1", [uid], |r| r.get(0))?;
+        let disabled: i64 =
+            tx.query_row("SELECT disabled FROM users WHERE id = ?1", [uid], |r| {
+                r.get(0)
+            })?;
         if disabled != 0 {
-            return Err(refuse(ErrorCode::UserDisabled, "the token's user is disabled"));
+            return Err(refuse(
+                ErrorCode::UserDisabled,
+                "the token's user is disabled",
+            ));
         }
     }
     let known: bool = tx
-        .query_row("SELECT 1 FROM devices WHERE identity_hash = ?1", [spec.identity_hash.to_vec()], |_| Ok(true))
+        .query_row(
+            "SELECT 1 FROM devices WHERE identity_hash = ?1",
+            [spec.identity_hash.to_vec()],
+            |_| Ok(true),
+        )
         .optional()?
         .unwrap_or(false);
     if known {
-        return Err(refuse(ErrorCode::BadRequest, "this identity key is already enrolled"));
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "this identity key is already enrolled",
+        ));
     }
     // Redeem: the WHERE clause makes the decrement atomic even under concurrent writers
     // (PostgreSQL included); zero rows changed means another enrollment won the race.
@@ -855,7 +922,11 @@ fn enroll_tx(
     let mut hostname = spec.hostname.clone();
     let mut k = 2;
     while tx
-        .query_row("SELECT 1 FROM devices WHERE hostname = ?1", [hostname.as_str()], |_| Ok(()))
+        .query_row(
+            "SELECT 1 FROM devices WHERE hostname = ?1",
+            [hostname.as_str()],
+            |_| Ok(()),
+        )
         .optional()?
         .is_some()
     {
@@ -865,7 +936,11 @@ fn enroll_tx(
             return Err(refuse(ErrorCode::BadRequest, "no free hostname"));
         }
     }
-    let next_index: i64 = tx.query_row("SELECT COALESCE(MAX(addr_index), 0) + 1 FROM devices", [], |r| r.get(0))?;
+    let next_index: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(addr_index), 0) + 1 FROM devices",
+        [],
+        |r| r.get(0),
+    )?;
     let (ipv4, ipv6) = pools
         .addresses(next_index as u64)
         .ok_or_else(|| refuse(ErrorCode::Internal, "the overlay address pool is full"))?;
@@ -874,8 +949,12 @@ fn enroll_tx(
         params![hostname.as_str(), uid, tags, next_index, ipv4.to_string(), ipv6.to_string(), spec.identity_hash.to_vec(), spec.os, spec.token_id, now_ms],
     )?;
     let id = DeviceId(tx.last_insert_rowid() as u64);
-    let (cert, not_after) = issue(id).map_err(|e| StoreError::Invalid(format!("issuing certificate: {e:#}")))?;
-    tx.execute("UPDATE devices SET cert_not_after_ms = ?2 WHERE id = ?1", params![id.0 as i64, not_after])?;
+    let (cert, not_after) =
+        issue(id).map_err(|e| StoreError::Invalid(format!("issuing certificate: {e:#}")))?;
+    tx.execute(
+        "UPDATE devices SET cert_not_after_ms = ?2 WHERE id = ?1",
+        params![id.0 as i64, not_after],
+    )?;
     append_audit_tx(
         tx,
         Audit {
@@ -910,7 +989,15 @@ mod tests {
         (s, AddressPools::from_random([1, 2, 3, 4, 5]))
     }
 
-    fn enroll(s: &SqliteStore, pools: &AddressPools, token: &str, secret: &[u8], host: &str, key: u8, now: i64) -> Result<Device> {
+    fn enroll(
+        s: &SqliteStore,
+        pools: &AddressPools,
+        token: &str,
+        secret: &[u8],
+        host: &str,
+        key: u8,
+        now: i64,
+    ) -> Result<Device> {
         s.enroll(
             EnrollSpec {
                 token_id: token,
@@ -930,43 +1017,106 @@ mod tests {
     fn token_lifecycle_and_refusals() {
         let (s, pools) = setup();
         let h = ward_shared::token::hash_secret(b"s1");
-        s.create_token("t1", h, Some(&n("alice")), &[], 5000, 1, "admin", 1000).unwrap();
+        s.create_token("t1", h, Some(&n("alice")), &[], 5000, 1, "admin", 1000)
+            .unwrap();
         let d = enroll(&s, &pools, "t1", b"s1", "laptop", 1, 2000).unwrap();
         assert_eq!(d.hostname.as_str(), "laptop");
         assert_eq!(d.user.as_deref(), Some("alice"));
         assert_eq!(d.ipv4, Ipv4Addr::new(100, 64, 0, 1));
         let used = enroll(&s, &pools, "t1", b"s1", "laptop", 2, 2000).unwrap_err();
-        assert!(matches!(used, StoreError::Refused { code: ErrorCode::TokenUsed, .. }), "{used}");
+        assert!(
+            matches!(
+                used,
+                StoreError::Refused {
+                    code: ErrorCode::TokenUsed,
+                    ..
+                }
+            ),
+            "{used}"
+        );
         let wrong = enroll(&s, &pools, "t1", b"nope", "laptop", 2, 2000).unwrap_err();
-        assert!(matches!(wrong, StoreError::Refused { code: ErrorCode::TokenInvalid, .. }));
+        assert!(matches!(
+            wrong,
+            StoreError::Refused {
+                code: ErrorCode::TokenInvalid,
+                ..
+            }
+        ));
         let unknown = enroll(&s, &pools, "zz", b"s1", "x", 2, 2000).unwrap_err();
-        assert!(matches!(unknown, StoreError::Refused { code: ErrorCode::TokenInvalid, .. }));
+        assert!(matches!(
+            unknown,
+            StoreError::Refused {
+                code: ErrorCode::TokenInvalid,
+                ..
+            }
+        ));
 
-        s.create_token("t2", ward_shared::token::hash_secret(b"s2"), None, &[n("server")], 5000, 3, "admin", 1000).unwrap();
+        s.create_token(
+            "t2",
+            ward_shared::token::hash_secret(b"s2"),
+            None,
+            &[n("server")],
+            5000,
+            3,
+            "admin",
+            1000,
+        )
+        .unwrap();
         let expired = enroll(&s, &pools, "t2", b"s2", "db", 3, 5000).unwrap_err();
-        assert!(matches!(expired, StoreError::Refused { code: ErrorCode::TokenExpired, .. }));
+        assert!(matches!(
+            expired,
+            StoreError::Refused {
+                code: ErrorCode::TokenExpired,
+                ..
+            }
+        ));
         let d2 = enroll(&s, &pools, "t2", b"s2", "laptop", 3, 4000).unwrap();
         assert_eq!(d2.hostname.as_str(), "laptop-2");
         assert_eq!(d2.tags, vec!["server".to_string()]);
         s.revoke_token("t2", "admin", 4100).unwrap();
         let revoked = enroll(&s, &pools, "t2", b"s2", "db", 4, 4200).unwrap_err();
-        assert!(matches!(revoked, StoreError::Refused { code: ErrorCode::TokenRevoked, .. }));
+        assert!(matches!(
+            revoked,
+            StoreError::Refused {
+                code: ErrorCode::TokenRevoked,
+                ..
+            }
+        ));
         let toks = s.list_tokens().unwrap();
         assert_eq!(toks.len(), 2);
         assert_eq!(toks[0].uses_left, 0);
         // Every refusal is audited, and the chain verifies.
         let log = s.audit_log(100).unwrap();
-        assert_eq!(log.iter().filter(|e| e.action == "enroll.refused").count(), 5);
+        assert_eq!(
+            log.iter().filter(|e| e.action == "enroll.refused").count(),
+            5
+        );
         assert!(s.verify_audit().unwrap().ok);
     }
 
     #[test]
     fn same_identity_cannot_enroll_twice() {
         let (s, pools) = setup();
-        s.create_token("t", ward_shared::token::hash_secret(b"s"), Some(&n("alice")), &[], 5000, 5, "admin", 1000).unwrap();
+        s.create_token(
+            "t",
+            ward_shared::token::hash_secret(b"s"),
+            Some(&n("alice")),
+            &[],
+            5000,
+            5,
+            "admin",
+            1000,
+        )
+        .unwrap();
         enroll(&s, &pools, "t", b"s", "a", 7, 2000).unwrap();
         let e = enroll(&s, &pools, "t", b"s", "b", 7, 2000).unwrap_err();
-        assert!(matches!(e, StoreError::Refused { code: ErrorCode::BadRequest, .. }));
+        assert!(matches!(
+            e,
+            StoreError::Refused {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ));
         // The refused attempt did not spend a use.
         assert_eq!(s.list_tokens().unwrap()[0].uses_left, 4);
     }
@@ -974,30 +1124,63 @@ mod tests {
     #[test]
     fn revoke_and_disable() {
         let (s, pools) = setup();
-        s.create_token("t", ward_shared::token::hash_secret(b"s"), Some(&n("alice")), &[], 5000, 2, "admin", 1000).unwrap();
+        s.create_token(
+            "t",
+            ward_shared::token::hash_secret(b"s"),
+            Some(&n("alice")),
+            &[],
+            5000,
+            2,
+            "admin",
+            1000,
+        )
+        .unwrap();
         let d = enroll(&s, &pools, "t", b"s", "a", 1, 2000).unwrap();
         assert!(d.is_live());
-        let ids = s.set_user_disabled(&n("alice"), true, "admin", 2100).unwrap();
+        let ids = s
+            .set_user_disabled(&n("alice"), true, "admin", 2100)
+            .unwrap();
         assert_eq!(ids, vec![d.id]);
         assert!(!s.device(d.id).unwrap().is_live());
-        s.set_user_disabled(&n("alice"), false, "admin", 2200).unwrap();
+        s.set_user_disabled(&n("alice"), false, "admin", 2200)
+            .unwrap();
         let r = s.revoke_device("a", "admin", 2300).unwrap();
         assert_eq!(r.status, DeviceStatus::Revoked);
-        assert!(matches!(s.revoke_device("a", "admin", 2400), Err(StoreError::Conflict(_))));
-        assert!(matches!(s.revoke_device("nope", "admin", 2400), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.revoke_device("a", "admin", 2400),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.revoke_device("nope", "admin", 2400),
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[test]
     fn audit_chain_detects_edits() {
         let (s, _) = setup();
-        s.append_audit(Audit { actor: "a", action: "x", target: "t", detail: serde_json::json!({"k": 1}) }, 5).unwrap();
+        s.append_audit(
+            Audit {
+                actor: "a",
+                action: "x",
+                target: "t",
+                detail: serde_json::json!({"k": 1}),
+            },
+            5,
+        )
+        .unwrap();
         assert!(s.verify_audit().unwrap().ok);
         {
             let c = s.conn.lock().unwrap();
             // Updates are blocked by a trigger...
-            assert!(c.execute("UPDATE audit SET actor = 'mallory' WHERE seq = 1", []).is_err());
+            assert!(c
+                .execute("UPDATE audit SET actor = 'mallory' WHERE seq = 1", [])
+                .is_err());
             // ...an attacker with the file drops it, and verification still catches the edit.
-            c.execute_batch("DROP TRIGGER audit_no_update; UPDATE audit SET actor = 'mallory' WHERE seq = 1;").unwrap();
+            c.execute_batch(
+                "DROP TRIGGER audit_no_update; UPDATE audit SET actor = 'mallory' WHERE seq = 1;",
+            )
+            .unwrap();
         }
         let v = s.verify_audit().unwrap();
         assert!(!v.ok);
@@ -1007,7 +1190,10 @@ mod tests {
     #[test]
     fn users_are_unique() {
         let (s, _) = setup();
-        assert!(matches!(s.add_user(&n("alice"), &[], "admin", 1), Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.add_user(&n("alice"), &[], "admin", 1),
+            Err(StoreError::Conflict(_))
+        ));
         let users = s.list_users().unwrap();
         assert_eq!(users[0].groups, vec!["eng".to_string()]);
     }

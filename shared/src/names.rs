@@ -137,9 +137,7 @@ impl Name {
             });
         }
         if let Some(bad) = s.chars().find(|c| {
-            !(c.is_ascii_lowercase()
-                || c.is_ascii_digit()
-                || matches!(c, '-' | '_' | '.' | '@'))
+            !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.' | '@'))
         }) {
             return Err(NameError::BadChar {
                 kind,
@@ -186,15 +184,41 @@ mod tests {
 
     #[test]
     fn sanitizes_hostnames() {
-        assert_eq!(Hostname::sanitize("Alice's MacBook").unwrap().as_str(), "alice-s-macbook");
-        assert_eq!(Hostname::sanitize("db1.corp.example").unwrap().as_str(), "db1");
-        assert_eq!(Hostname::sanitize("a\"; DROP TABLE devices;--").unwrap().as_str(), "a-drop-table-devices");
-        assert_eq!(Hostname::sanitize("line\nbreak").unwrap().as_str(), "line-break");
-        assert!(matches!(Hostname::sanitize("'\"\n"), Err(NameError::Empty { .. })));
-        assert!(matches!(Hostname::sanitize(""), Err(NameError::Empty { .. })));
+        assert_eq!(
+            Hostname::sanitize("Alice's MacBook").unwrap().as_str(),
+            "alice-s-macbook"
+        );
+        assert_eq!(
+            Hostname::sanitize("db1.corp.example").unwrap().as_str(),
+            "db1"
+        );
+        assert_eq!(
+            Hostname::sanitize("a\"; DROP TABLE devices;--")
+                .unwrap()
+                .as_str(),
+            "a-drop-table-devices"
+        );
+        assert_eq!(
+            Hostname::sanitize("line\nbreak").unwrap().as_str(),
+            "line-break"
+        );
+        assert!(matches!(
+            Hostname::sanitize("'\"\n"),
+            Err(NameError::Empty { .. })
+        ));
+        assert!(matches!(
+            Hostname::sanitize(""),
+            Err(NameError::Empty { .. })
+        ));
         let long = "x".repeat(10_000);
-        assert!(matches!(Hostname::sanitize(&long), Err(NameError::TooLong { len: 10_000, .. })));
-        assert_eq!(Hostname::sanitize(&"y".repeat(200)).unwrap().as_str().len(), MAX_HOSTNAME);
+        assert!(matches!(
+            Hostname::sanitize(&long),
+            Err(NameError::TooLong { len: 10_000, .. })
+        ));
+        assert_eq!(
+            Hostname::sanitize(&"y".repeat(200)).unwrap().as_str().len(),
+            MAX_HOSTNAME
+        );
     }
 
     #[test]
@@ -203,7 +227,10 @@ mod tests {
         let s = h.with_suffix(12);
         assert_eq!(s.as_str().len(), 63);
         assert!(s.as_str().ends_with("-12"));
-        assert_eq!(Hostname::parse("web").unwrap().with_suffix(2).as_str(), "web-2");
+        assert_eq!(
+            Hostname::parse("web").unwrap().with_suffix(2).as_str(),
+            "web-2"
+        );
     }
 
     #[test]
@@ -217,10 +244,25 @@ mod tests {
     fn names_are_strict() {
         assert!(Name::parse("user", "alice").is_ok());
         assert!(Name::parse("user", "alice@corp.example").is_ok());
-        assert!(matches!(Name::parse("user", "Alice"), Err(NameError::BadChar { bad: 'A', .. })));
-        assert!(matches!(Name::parse("user", "a'b"), Err(NameError::BadChar { bad: '\'', .. })));
-        assert!(matches!(Name::parse("user", "a\nb"), Err(NameError::BadChar { .. })));
-        assert!(matches!(Name::parse("user", ""), Err(NameError::Empty { .. })));
-        assert!(matches!(Name::parse("user", &"a".repeat(65)), Err(NameError::TooLong { .. })));
+        assert!(matches!(
+            Name::parse("user", "Alice"),
+            Err(NameError::BadChar { bad: 'A', .. })
+        ));
+        assert!(matches!(
+            Name::parse("user", "a'b"),
+            Err(NameError::BadChar { bad: '\'', .. })
+        ));
+        assert!(matches!(
+            Name::parse("user", "a\nb"),
+            Err(NameError::BadChar { .. })
+        ));
+        assert!(matches!(
+            Name::parse("user", ""),
+            Err(NameError::Empty { .. })
+        ));
+        assert!(matches!(
+            Name::parse("user", &"a".repeat(65)),
+            Err(NameError::TooLong { .. })
+        ));
     }
 }

@@ -148,7 +148,10 @@ mod tests {
         assert_eq!(EnrollToken::parse("ward1-!!!"), Err(TokenError::Encoding));
         assert_eq!(EnrollToken::parse("ward1-"), Err(TokenError::Length));
         let s = sample().encode();
-        assert_eq!(EnrollToken::parse(&s[..s.len() - 4]), Err(TokenError::Length));
+        assert_eq!(
+            EnrollToken::parse(&s[..s.len() - 4]),
+            Err(TokenError::Length)
+        );
         let long = format!("ward1-{}", "A".repeat(5000));
         assert_eq!(EnrollToken::parse(&long), Err(TokenError::Length));
         // Every truncation is an error, never a panic.

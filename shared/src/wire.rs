@@ -30,9 +30,7 @@ pub const COORDINATOR_SERVER_NAME: &str = "coordinator.ward.internal";
 pub const ALPN: &[u8] = b"ward-control/1";
 
 /// A stable device number, given by the coordinator at enrollment.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct DeviceId(pub u64);
 
@@ -391,7 +389,9 @@ impl FrameDecoder {
             return 4 - self.buf.len();
         }
         let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        (4 + len.min(self.max)).saturating_sub(self.buf.len()).max(1)
+        (4 + len.min(self.max))
+            .saturating_sub(self.buf.len())
+            .max(1)
     }
 }
 
@@ -450,7 +450,10 @@ mod tests {
         let mut dec = FrameDecoder::new(16);
         dec.push(&[0, 0, 0, 10, b'{']);
         assert_eq!(dec.next_frame(), Ok(None));
-        assert!(matches!(dec.finish(), Err(WireError::Truncated { have: 5, want: 14 })));
+        assert!(matches!(
+            dec.finish(),
+            Err(WireError::Truncated { have: 5, want: 14 })
+        ));
         assert_eq!(dec.wanted(), 9);
     }
 
@@ -474,7 +477,10 @@ mod tests {
             csr_der: Bytes(vec![1, 2, 3]),
         });
         let d = format!("{m:?}");
-        assert!(!d.contains("supersecret") && !d.contains("c3VwZXJzZWNyZXQ"), "{d}");
+        assert!(
+            !d.contains("supersecret") && !d.contains("c3VwZXJzZWNyZXQ"),
+            "{d}"
+        );
     }
 
     #[test]
@@ -503,10 +509,7 @@ mod tests {
         nm.apply(&d).unwrap();
         assert_eq!(nm.peers, vec![p3, peer(4)]);
         assert_eq!(nm.seq, 2);
-        assert_eq!(
-            nm.apply(&d),
-            Err(WireError::DeltaGap { have: 2, base: 1 })
-        );
+        assert_eq!(nm.apply(&d), Err(WireError::DeltaGap { have: 2, base: 1 }));
     }
 
     /// Version-1 messages as they were first written; they must keep decoding.

@@ -1,5 +1,6 @@
 //! Issue 2: enrollment, tokens, revocation, bad input, durability and the audit chain, with
 //! the real `ward-coordinator` and `ward` binaries over QUIC on loopback.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
 
@@ -18,7 +19,9 @@ fn three_devices_enroll_and_see_each_other() {
     let tmp = tempfile::tempdir().unwrap();
     let c = Coordinator::init(tmp.path());
     c.admin(&["user", "add", "alice", "--group", "eng"]);
-    let agents: Vec<Agent> = (1..=3).map(|i| Agent::start(tmp.path(), &format!("a{i}"))).collect();
+    let agents: Vec<Agent> = (1..=3)
+        .map(|i| Agent::start(tmp.path(), &format!("a{i}")))
+        .collect();
     for (i, a) in agents.iter().enumerate() {
         let tok = c.token(&["--user", "alice"]);
         let out = a.up(&tok, &format!("laptop{}", i + 1));
@@ -33,13 +36,21 @@ fn three_devices_enroll_and_see_each_other() {
     assert_eq!(v6.len(), 3);
     for (i, a) in agents.iter().enumerate() {
         let me = format!("laptop{}", i + 1);
-        let want: Vec<String> = (1..=3).map(|j| format!("laptop{j}")).filter(|n| *n != me).collect();
-        wait_until("peers in status", Duration::from_secs(5), || a.peer_names() == want);
+        let want: Vec<String> = (1..=3)
+            .map(|j| format!("laptop{j}"))
+            .filter(|n| *n != me)
+            .collect();
+        wait_until("peers in status", Duration::from_secs(5), || {
+            a.peer_names() == want
+        });
         assert_eq!(a.status()["state"], "connected");
     }
     // Human output too.
     let table = c.admin(&["device", "ls"]);
-    assert!(table.contains("laptop2") && table.contains("HOSTNAME"), "{table}");
+    assert!(
+        table.contains("laptop2") && table.contains("HOSTNAME"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -54,27 +65,43 @@ fn token_edge_cases_are_refused_with_reasons() {
     std::thread::sleep(Duration::from_millis(1300));
     let out = a.up(&tok, "x");
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("token has expired"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("token has expired"),
+        "{}",
+        stderr(&out)
+    );
 
     // Revoked.
     let tok = c.token(&["--user", "bob"]);
     let id = EnrollToken::parse(&tok).unwrap().id_hex();
     c.admin(&["token", "revoke", &id]);
     let out = a.up(&tok, "x");
-    assert!(stderr(&out).contains("token has been revoked"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("token has been revoked"),
+        "{}",
+        stderr(&out)
+    );
 
     // Forged secret.
     let mut t = EnrollToken::parse(&c.token(&["--user", "bob"])).unwrap();
     t.secret = ward_shared::secret::Secret::new(vec![0x42; 32]);
     let out = a.up(&t.encode(), "x");
-    assert!(stderr(&out).contains("token is not valid"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("token is not valid"),
+        "{}",
+        stderr(&out)
+    );
 
     // Forged CA fingerprint: the device refuses the coordinator before sending the secret.
     let good = c.token(&["--user", "bob"]);
     let mut t = EnrollToken::parse(&good).unwrap();
     t.ca_sha256[0] ^= 1;
     let out = a.up(&t.encode(), "x");
-    assert!(stderr(&out).contains("CA fingerprint mismatch"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("CA fingerprint mismatch"),
+        "{}",
+        stderr(&out)
+    );
 
     // Garbage token string.
     let out = a.up("ward1-AAAA", "x");
@@ -85,10 +112,18 @@ fn token_edge_cases_are_refused_with_reasons() {
     assert!(out.status.success(), "{}", stderr(&out));
     let b = Agent::start(tmp.path(), "b");
     let out = b.up(&good, "other");
-    assert!(stderr(&out).contains("token has already been used"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("token has already been used"),
+        "{}",
+        stderr(&out)
+    );
     // Already enrolled: a second token is refused locally with a clear message.
     let out = a.up(&c.token(&["--user", "bob"]), "again");
-    assert!(stderr(&out).contains("already enrolled"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already enrolled"),
+        "{}",
+        stderr(&out)
+    );
 
     let refused: Vec<String> = c
         .audit()
@@ -96,8 +131,16 @@ fn token_edge_cases_are_refused_with_reasons() {
         .filter(|e| e["action"] == "enroll.refused")
         .map(|e| e["detail"]["reason"].as_str().unwrap_or("").to_string())
         .collect();
-    for why in ["token has expired", "token has been revoked", "token is not valid (wrong secret)", "token has already been used"] {
-        assert!(refused.iter().any(|r| r == why), "audit lacks {why:?}: {refused:?}");
+    for why in [
+        "token has expired",
+        "token has been revoked",
+        "token is not valid (wrong secret)",
+        "token has already been used",
+    ] {
+        assert!(
+            refused.iter().any(|r| r == why),
+            "audit lacks {why:?}: {refused:?}"
+        );
     }
     assert_eq!(c.admin_json(&["device", "ls"]).as_array().unwrap().len(), 1);
 }
@@ -129,15 +172,28 @@ fn hundred_way_race_on_single_use_token() {
     let ok: Vec<&String> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     let errs: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert_eq!(ok.len(), 1, "exactly one enrollment must win: {results:?}");
-    assert!(errs.iter().all(|e| e.contains("token has already been used")), "{errs:?}");
+    assert!(
+        errs.iter()
+            .all(|e| e.contains("token has already been used")),
+        "{errs:?}"
+    );
     assert_eq!(c.admin_json(&["device", "ls"]).as_array().unwrap().len(), 1);
     let audit = c.audit();
     let used = audit
         .iter()
-        .filter(|e| e["action"] == "enroll.refused" && e["detail"]["reason"] == "token has already been used")
+        .filter(|e| {
+            e["action"] == "enroll.refused"
+                && e["detail"]["reason"] == "token has already been used"
+        })
         .count();
     assert_eq!(used, 99, "every losing attempt is audited with its reason");
-    assert_eq!(audit.iter().filter(|e| e["action"] == "device.enroll").count(), 1);
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e["action"] == "device.enroll")
+            .count(),
+        1
+    );
     c.admin(&["audit", "verify"]);
 }
 
@@ -146,23 +202,37 @@ fn revocation_closes_session_and_drops_device_everywhere() {
     let tmp = tempfile::tempdir().unwrap();
     let c = Coordinator::init(tmp.path());
     c.admin(&["user", "add", "dave"]);
-    let mut agents: Vec<Agent> = (1..=3).map(|i| Agent::start(tmp.path(), &format!("r{i}"))).collect();
+    let mut agents: Vec<Agent> = (1..=3)
+        .map(|i| Agent::start(tmp.path(), &format!("r{i}")))
+        .collect();
     for (i, a) in agents.iter().enumerate() {
-        assert!(a.up(&c.token(&["--user", "dave"]), &format!("r{}", i + 1)).status.success());
+        assert!(a
+            .up(&c.token(&["--user", "dave"]), &format!("r{}", i + 1))
+            .status
+            .success());
     }
     for a in &agents {
-        wait_until("two peers", Duration::from_secs(5), || a.peer_names().len() == 2);
+        wait_until("two peers", Duration::from_secs(5), || {
+            a.peer_names().len() == 2
+        });
     }
     let t0 = Instant::now();
     c.admin(&["device", "revoke", "r2"]);
-    let closed = wait_until("revoked device's session closed", Duration::from_secs(5), || {
-        agents[1].status()["state"] == "revoked"
-    });
+    let closed = wait_until(
+        "revoked device's session closed",
+        Duration::from_secs(5),
+        || agents[1].status()["state"] == "revoked",
+    );
     let total = t0.elapsed();
-    assert!(total <= Duration::from_secs(1), "session closed after {total:?} (> 1 s)");
+    assert!(
+        total <= Duration::from_secs(1),
+        "session closed after {total:?} (> 1 s)"
+    );
     eprintln!("revocation: session closed {closed:?} after the command returned ({total:?} total)");
     for i in [0, 2] {
-        wait_until("others drop r2", Duration::from_secs(2), || !agents[i].peer_names().contains(&"r2".to_string()));
+        wait_until("others drop r2", Duration::from_secs(2), || {
+            !agents[i].peer_names().contains(&"r2".to_string())
+        });
     }
     // It reconnects and is refused, also after a daemon restart.
     if let Some(p) = agents[1].proc.as_mut() {
@@ -173,26 +243,41 @@ fn revocation_closes_session_and_drops_device_everywhere() {
         let s = agents[1].status();
         s["state"] == "revoked" && s["last_error"].as_str().unwrap_or("").contains("revoked")
     });
-    assert!(c.audit().iter().any(|e| e["action"] == "connect.refused" && e["target"] == "r2"));
+    assert!(c
+        .audit()
+        .iter()
+        .any(|e| e["action"] == "connect.refused" && e["target"] == "r2"));
     let show = c.admin_json(&["device", "show", "r2"]);
     assert_eq!(show["state"], "revoked");
 
     // Disabling a user cuts all of that user's devices.
     c.admin(&["user", "disable", "dave"]);
-    wait_until("user disabled", Duration::from_secs(2), || agents[0].status()["state"] == "revoked");
+    wait_until("user disabled", Duration::from_secs(2), || {
+        agents[0].status()["state"] == "revoked"
+    });
 }
 
 /// Talks raw QUIC to the coordinator without a device certificate (as an attacker could).
-async fn raw_exchange(c: &Coordinator, tok: &EnrollToken, payload: Vec<u8>, finish: bool) -> Option<CoordinatorMsg> {
+async fn raw_exchange(
+    c: &Coordinator,
+    tok: &EnrollToken,
+    payload: Vec<u8>,
+    finish: bool,
+) -> Option<CoordinatorMsg> {
     let endpoint = ward_client::control::client_endpoint().unwrap();
     let cfg = ward_client::control::enroll_config(tok.ca_sha256).unwrap();
     let addr = format!("127.0.0.1:{}", c.port).parse().unwrap();
-    let mut ch = ward_client::control::Channel::open(&endpoint, cfg, addr).await.unwrap();
+    let mut ch = ward_client::control::Channel::open(&endpoint, cfg, addr)
+        .await
+        .unwrap();
     ch.send.write_all(&payload).await.unwrap();
     if finish {
         let _ = ch.send.finish();
     }
-    let r = tokio::time::timeout(Duration::from_secs(12), ch.recv()).await.ok()?.ok()?;
+    let r = tokio::time::timeout(Duration::from_secs(12), ch.recv())
+        .await
+        .ok()?
+        .ok()?;
     endpoint.close(0u32.into(), b"");
     r
 }
@@ -225,7 +310,10 @@ fn bad_input_gets_clear_errors_and_coordinator_keeps_serving() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let protocol_err = |m: Option<CoordinatorMsg>| match m {
-            Some(CoordinatorMsg::Error { code: ErrorCode::Protocol, message }) => message,
+            Some(CoordinatorMsg::Error {
+                code: ErrorCode::Protocol,
+                message,
+            }) => message,
             other => panic!("expected a protocol error, got {other:?}"),
         };
         // Garbage bytes in a valid frame.
@@ -234,7 +322,8 @@ fn bad_input_gets_clear_errors_and_coordinator_keeps_serving() {
         let m = protocol_err(raw_exchange(&c, &tok, g, true).await);
         assert!(m.contains("undecodable"), "{m}");
         // Oversized frame.
-        let m = protocol_err(raw_exchange(&c, &tok, (u32::MAX).to_be_bytes().to_vec(), false).await);
+        let m =
+            protocol_err(raw_exchange(&c, &tok, (u32::MAX).to_be_bytes().to_vec(), false).await);
         assert!(m.contains("exceeds the maximum"), "{m}");
         // Truncated frame, then end of stream.
         let mut t = (100u32).to_be_bytes().to_vec();
@@ -242,12 +331,23 @@ fn bad_input_gets_clear_errors_and_coordinator_keeps_serving() {
         let m = protocol_err(raw_exchange(&c, &tok, t, true).await);
         assert!(m.contains("middle of a frame"), "{m}");
         // Unknown message type.
-        let m = protocol_err(raw_exchange(&c, &tok, wire::encode(&serde_json::json!({"type": "format_disk"})), true).await);
+        let m = protocol_err(
+            raw_exchange(
+                &c,
+                &tok,
+                wire::encode(&serde_json::json!({"type": "format_disk"})),
+                true,
+            )
+            .await,
+        );
         assert!(m.contains("unknown variant"), "{m}");
         // Hello without a certificate.
         let hello = wire::encode(&serde_json::json!({"type": "hello", "protocol": 1, "os": "x"}));
         match raw_exchange(&c, &tok, hello, true).await {
-            Some(CoordinatorMsg::Error { code: ErrorCode::Unauthorized, .. }) => {}
+            Some(CoordinatorMsg::Error {
+                code: ErrorCode::Unauthorized,
+                ..
+            }) => {}
             other => panic!("expected unauthorized, got {other:?}"),
         }
         // Hostile names: sanitized, stored verbatim-safe.
@@ -262,7 +362,10 @@ fn bad_input_gets_clear_errors_and_coordinator_keeps_serving() {
         }
         // A 10 000-character hostname is refused, not truncated.
         match raw_exchange(&c, &tok, enroll_frame(&tok, &"h".repeat(10_000)), true).await {
-            Some(CoordinatorMsg::Error { code: ErrorCode::BadRequest, message }) => {
+            Some(CoordinatorMsg::Error {
+                code: ErrorCode::BadRequest,
+                message,
+            }) => {
                 assert!(message.contains("too long"), "{message}")
             }
             other => panic!("expected bad request, got {other:?}"),
@@ -274,14 +377,20 @@ fn bad_input_gets_clear_errors_and_coordinator_keeps_serving() {
         body["csr_der"] = "AAAA".into();
         f = wire::encode(&body);
         match raw_exchange(&c, &tok, f, true).await {
-            Some(CoordinatorMsg::Error { code: ErrorCode::BadRequest, .. }) => {}
+            Some(CoordinatorMsg::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            }) => {}
             other => panic!("expected bad request, got {other:?}"),
         }
     });
     // Still serving: the good device is connected, a new one can enroll, the database is intact.
     assert_eq!(a.status()["state"], "connected");
     let b = Agent::start(tmp.path(), "after");
-    assert!(b.up(&c.token(&["--user", "erin"]), "after").status.success());
+    assert!(b
+        .up(&c.token(&["--user", "erin"]), "after")
+        .status
+        .success());
     let names: BTreeSet<String> = c
         .admin_json(&["device", "ls"])
         .as_array()
@@ -289,7 +398,10 @@ fn bad_input_gets_clear_errors_and_coordinator_keeps_serving() {
         .iter()
         .map(|d| d["hostname"].as_str().unwrap().to_string())
         .collect();
-    let want: BTreeSet<String> = ["good", "x-drop-table-devices", "new-line-quote", "after"].iter().map(|s| s.to_string()).collect();
+    let want: BTreeSet<String> = ["good", "x-drop-table-devices", "new-line-quote", "after"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     assert_eq!(names, want);
     c.admin(&["audit", "verify"]);
     assert!(c.log().contains("bad frame"), "bad input must be logged");
@@ -312,11 +424,15 @@ fn kill_9_after_enrollment_loses_nothing() {
     c.start();
     let devs = c.admin_json(&["device", "ls"]);
     assert_eq!(devs[0]["hostname"], "survivor");
-    assert!(c.audit().iter().any(|e| e["action"] == "device.enroll" && e["target"] == "survivor"));
+    assert!(c
+        .audit()
+        .iter()
+        .any(|e| e["action"] == "device.enroll" && e["target"] == "survivor"));
     c.admin(&["audit", "verify"]);
     // The device resumes on its own.
     wait_until("device reconnects", Duration::from_secs(40), || {
-        a.status()["state"] == "connected" && c.admin_json(&["device", "show", "survivor"])["online"] == true
+        a.status()["state"] == "connected"
+            && c.admin_json(&["device", "show", "survivor"])["online"] == true
     });
 }
 
@@ -348,9 +464,16 @@ fn corrupt_state_is_an_error_not_a_reenrollment() {
     let c = Coordinator::init(tmp.path());
     c.admin(&["user", "add", "ivy"]);
     let mut a = Agent::start(tmp.path(), "s");
-    assert!(a.up(&c.token(&["--user", "ivy"]), "stateful").status.success());
+    assert!(a
+        .up(&c.token(&["--user", "ivy"]), "stateful")
+        .status
+        .success());
     a.proc.as_mut().unwrap().term();
-    std::fs::write(a.state_dir.join("state.json"), b"{\"version\": 1, \"garbage").unwrap();
+    std::fs::write(
+        a.state_dir.join("state.json"),
+        b"{\"version\": 1, \"garbage",
+    )
+    .unwrap();
     let out = common::run(
         std::process::Command::new(common::bin("ward"))
             .arg("--socket")
@@ -366,6 +489,10 @@ fn corrupt_state_is_an_error_not_a_reenrollment() {
     assert_eq!(c.admin_json(&["device", "ls"]).as_array().unwrap().len(), 1);
     // Both the state file and the socket are private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(c.dir.join("admin.sock")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(c.dir.join("admin.sock"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
 }

@@ -102,14 +102,25 @@ impl Coordinator {
             .args(["--data-dir"])
             .arg(&dir)
             .args(["init", "--public-addr", &format!("127.0.0.1:{port}")]));
-        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut c = Self { dir, port, proc: None };
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut c = Self {
+            dir,
+            port,
+            proc: None,
+        };
         c.start();
         c
     }
 
     pub fn start(&mut self) {
-        let log = self.dir.with_file_name(format!("coord-{}.log", Instant::now().elapsed().as_nanos() % 100000 + std::process::id() as u128));
+        let log = self.dir.with_file_name(format!(
+            "coord-{}.log",
+            Instant::now().elapsed().as_nanos() % 100000 + std::process::id() as u128
+        ));
         let p = Proc::spawn(
             Command::new(bin("ward-coordinator"))
                 .arg("--data-dir")
@@ -126,7 +137,10 @@ impl Coordinator {
     }
 
     pub fn try_admin(&self, args: &[&str]) -> Output {
-        run(Command::new(bin("ward-coordinator")).arg("--data-dir").arg(&self.dir).args(args))
+        run(Command::new(bin("ward-coordinator"))
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(args))
     }
 
     /// Runs an admin command that must succeed; returns stdout.
@@ -185,7 +199,13 @@ impl Agent {
     }
 
     pub fn restart(&mut self) {
-        let log = self.state_dir.with_extension(format!("log{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0)));
+        let log = self.state_dir.with_extension(format!(
+            "log{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros())
+                .unwrap_or(0)
+        ));
         let p = Proc::spawn(
             Command::new(bin("ward"))
                 .arg("--socket")
@@ -204,7 +224,10 @@ impl Agent {
     }
 
     pub fn try_cli(&self, args: &[&str]) -> Output {
-        run(Command::new(bin("ward")).arg("--socket").arg(&self.socket).args(args))
+        run(Command::new(bin("ward"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args))
     }
 
     pub fn up(&self, token: &str, hostname: &str) -> Output {
@@ -213,7 +236,11 @@ impl Agent {
 
     pub fn status(&self) -> serde_json::Value {
         let out = self.try_cli(&["status", "--json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status json")
     }
 

@@ -1,0 +1,679 @@
+//! Pair and triple tests: cores joined by a simulated network with seeded loss and reordering,
+//! on virtual time (boringtun's own timers see real time, which barely moves during a test).
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use super::*;
+use rand::RngCore;
+
+const TICK: Duration = Duration::from_millis(10);
+
+struct Node {
+    core: Core,
+    /// Underlay addresses that deliver to this node.
+    addrs: Vec<SocketAddr>,
+    /// Source address its datagrams appear from (changes on a simulated NAT rebinding).
+    src: SocketAddr,
+    private: [u8; 32],
+    ipv4: Ipv4Addr,
+    ipv6: Ipv6Addr,
+    /// IP packets this node's core handed to its TUN.
+    delivered: Vec<Vec<u8>>,
+    /// Every datagram this node sent: (destination, bytes).
+    sent: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+impl Node {
+    fn public(&self) -> [u8; 32] {
+        self.core.public_key()
+    }
+
+    fn peer_config(&self) -> PeerConfig {
+        PeerConfig {
+            device_id: u64::from(self.ipv4.octets()[3]),
+            hostname: format!("node{}", self.ipv4.octets()[3]),
+            public_key: self.public(),
+            ipv4: self.ipv4,
+            ipv6: self.ipv6,
+            endpoints: vec![self.addrs[0]],
+        }
+    }
+}
+
+struct InFlight {
+    at: Instant,
+    from: SocketAddr,
+    to: SocketAddr,
+    data: Vec<u8>,
+}
+
+struct Net {
+    nodes: Vec<Node>,
+    in_flight: Vec<InFlight>,
+    rng: StdRng,
+    loss: f64,
+    max_delay_ticks: u32,
+    now: Instant,
+    next_timers: Instant,
+}
+
+impl Net {
+    fn new(n: usize, seed: u64) -> Net {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let nodes = (1..=n as u8)
+            .map(|i| {
+                let mut private = [0u8; 32];
+                rng.fill_bytes(&mut private);
+                let addr: SocketAddr = format!("10.203.0.{i}:51820").parse().unwrap();
+                Node {
+                    core: Core::new(
+                        CoreConfig {
+                            private_key: private,
+                            persistent_keepalive: Some(25),
+                        },
+                        rng.next_u64(),
+                    ),
+                    addrs: vec![addr],
+                    src: addr,
+                    private,
+                    ipv4: Ipv4Addr::new(100, 64, 0, i),
+                    ipv6: format!("fd00:1:2::{i}").parse().unwrap(),
+                    delivered: Vec::new(),
+                    sent: Vec::new(),
+                }
+            })
+            .collect();
+        let now = Instant::now();
+        Net {
+            nodes,
+            in_flight: Vec::new(),
+            rng,
+            loss: 0.0,
+            max_delay_ticks: 0,
+            now,
+            next_timers: now,
+        }
+    }
+
+    /// Gives every node every other node as a peer.
+    fn full_mesh(&mut self) {
+        let configs: Vec<PeerConfig> = self.nodes.iter().map(Node::peer_config).collect();
+        for i in 0..self.nodes.len() {
+            let peers = configs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, c)| c.clone())
+                .collect();
+            self.set_peers(i, peers);
+        }
+    }
+
+    fn set_peers(&mut self, i: usize, peers: Vec<PeerConfig>) {
+        let mut out = Outbox::new();
+        self.nodes[i].core.set_peers(peers, self.now, &mut out);
+        self.transmit(i, &out);
+    }
+
+    fn send_ip(&mut self, i: usize, packet: &[u8]) {
+        let mut out = Outbox::new();
+        self.nodes[i]
+            .core
+            .handle_tun_packet(packet, self.now, &mut out);
+        self.transmit(i, &out);
+    }
+
+    fn transmit(&mut self, i: usize, out: &Outbox) {
+        let from = self.nodes[i].src;
+        for (dst, data) in out.iter() {
+            self.nodes[i].sent.push((dst, data.to_vec()));
+            if self.rng.gen_bool(self.loss) {
+                continue;
+            }
+            let delay = self.rng.gen_range(0..=self.max_delay_ticks);
+            self.in_flight.push(InFlight {
+                at: self.now + TICK * delay,
+                from,
+                to: dst,
+                data: data.to_vec(),
+            });
+        }
+    }
+
+    /// Injects a datagram as if it arrived from `from`; returns what the node did with it.
+    fn inject(&mut self, i: usize, from: SocketAddr, data: &[u8]) -> (Option<Vec<u8>>, Outbox) {
+        let mut buf = vec![0u8; 65536];
+        let mut out = Outbox::new();
+        let got = self.nodes[i]
+            .core
+            .handle_datagram(from, data, self.now, &mut buf, &mut out)
+            .map(|n| buf[..n].to_vec());
+        (got, out)
+    }
+
+    fn step(&mut self) {
+        self.now += TICK;
+        let mut due = Vec::new();
+        let mut k = 0;
+        while k < self.in_flight.len() {
+            if self.in_flight[k].at <= self.now {
+                due.push(self.in_flight.swap_remove(k));
+            } else {
+                k += 1;
+            }
+        }
+        // swap_remove already scrambles the order; shuffle further for reordering.
+        for k in (1..due.len()).rev() {
+            let j = self.rng.gen_range(0..=k);
+            due.swap(k, j);
+        }
+        for d in due {
+            let Some(i) = self.nodes.iter().position(|n| n.addrs.contains(&d.to)) else {
+                continue; // nobody there: a dead candidate
+            };
+            let (got, out) = self.inject(i, d.from, &d.data);
+            if let Some(p) = got {
+                self.nodes[i].delivered.push(p);
+            }
+            self.transmit(i, &out);
+        }
+        if self.now >= self.next_timers {
+            self.next_timers = self.now + TIMER_INTERVAL;
+            for i in 0..self.nodes.len() {
+                let mut out = Outbox::new();
+                self.nodes[i].core.handle_timers(self.now, &mut out);
+                self.transmit(i, &out);
+            }
+        }
+    }
+
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.step();
+        }
+    }
+
+    /// Runs until every node has a session with every peer (or panics after `limit`).
+    fn run_until_established(&mut self, limit: Duration) {
+        let end = self.now + limit;
+        while self.now < end {
+            self.step();
+            let all = self.nodes.iter().all(|n| {
+                n.core
+                    .status()
+                    .iter()
+                    .all(|s| s.last_handshake.is_some() && s.endpoint.is_some())
+            });
+            if all && self.in_flight.is_empty() {
+                return;
+            }
+        }
+        panic!("sessions not established within {limit:?}");
+    }
+
+    fn status_of(&self, i: usize, device_id: u64) -> PeerStatus {
+        self.nodes[i]
+            .core
+            .status()
+            .into_iter()
+            .find(|s| s.device_id == device_id)
+            .expect("peer present")
+    }
+}
+
+fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17; // UDP
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let mut sum = 0u32;
+    for c in p[..20].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&1000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&2000u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    p
+}
+
+fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 40 + payload.len()];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    p[6] = 59; // no next header
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p[40..].copy_from_slice(payload);
+    p
+}
+
+fn is_handshake_init(d: &[u8]) -> bool {
+    d.len() == HANDSHAKE_INIT_LEN && d[0] == MSG_HANDSHAKE_INIT
+}
+
+fn established_pair(seed: u64) -> Net {
+    let mut net = Net::new(2, seed);
+    net.full_mesh();
+    net.run_until_established(Duration::from_secs(5));
+    net
+}
+
+#[test]
+fn pair_delivers_both_ways_under_loss_and_reordering() {
+    for seed in 0..4 {
+        let mut net = Net::new(2, seed);
+        net.loss = 0.1;
+        net.max_delay_ticks = 3;
+        net.full_mesh();
+        net.run_until_established(Duration::from_secs(60));
+        let (a4, b4) = (net.nodes[0].ipv4, net.nodes[1].ipv4);
+        let mut sent_ab = Vec::new();
+        let mut sent_ba = Vec::new();
+        for k in 0..200u32 {
+            let p = ipv4_packet(a4, b4, &k.to_be_bytes());
+            net.send_ip(0, &p);
+            sent_ab.push(p);
+            let p = ipv4_packet(b4, a4, &(k + 1_000_000).to_be_bytes());
+            net.send_ip(1, &p);
+            sent_ba.push(p);
+            net.step();
+        }
+        net.run(Duration::from_secs(1));
+        for (node, sent) in [(1, &sent_ab), (0, &sent_ba)] {
+            let got = &net.nodes[node].delivered;
+            assert!(
+                got.len() >= 150,
+                "seed {seed}: only {} of 200 delivered",
+                got.len()
+            );
+            assert!(
+                got.iter().all(|p| sent.contains(p)),
+                "seed {seed}: corrupted packet"
+            );
+            let mut uniq = got.clone();
+            uniq.sort();
+            uniq.dedup();
+            assert_eq!(uniq.len(), got.len(), "seed {seed}: duplicate delivery");
+        }
+        let c = net.nodes[1].core.counters();
+        assert_eq!(c.dropped_bad_source, 0);
+        assert!(c.rx_packets >= 150);
+    }
+}
+
+#[test]
+fn ipv6_packets_are_routed_and_delivered() {
+    let mut net = established_pair(1);
+    let p = ipv6_packet(net.nodes[0].ipv6, net.nodes[1].ipv6, b"hello over v6");
+    net.send_ip(0, &p);
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.nodes[1].delivered, vec![p]);
+}
+
+#[test]
+fn first_packet_is_queued_behind_the_handshake_and_delivered() {
+    let mut net = Net::new(2, 7);
+    net.full_mesh();
+    // Before any datagram moved: the packet waits for the session.
+    let p = ipv4_packet(net.nodes[0].ipv4, net.nodes[1].ipv4, b"early");
+    net.send_ip(0, &p);
+    net.run(Duration::from_millis(200));
+    assert_eq!(net.nodes[1].delivered, vec![p]);
+}
+
+#[test]
+fn spoofed_inner_source_is_dropped_and_counted() {
+    let mut net = established_pair(2);
+    let spoofed = ipv4_packet(Ipv4Addr::new(100, 64, 0, 99), net.nodes[1].ipv4, b"spoof");
+    net.send_ip(0, &spoofed);
+    let spoofed6 = ipv6_packet("fd00:1:2::99".parse().unwrap(), net.nodes[1].ipv6, b"spoof");
+    net.send_ip(0, &spoofed6);
+    net.run(Duration::from_millis(50));
+    assert!(net.nodes[1].delivered.is_empty());
+    assert_eq!(net.nodes[1].core.counters().dropped_bad_source, 2);
+    assert_eq!(net.status_of(1, 1).dropped_bad_source, 2);
+}
+
+#[test]
+fn removed_peer_is_refused_at_once() {
+    let mut net = established_pair(3);
+    // Capture a valid data datagram from A to B before B removes A.
+    let p = ipv4_packet(net.nodes[0].ipv4, net.nodes[1].ipv4, b"before");
+    let mut out = Outbox::new();
+    net.nodes[0].core.handle_tun_packet(&p, net.now, &mut out);
+    let (dst, datagram) = out.iter().next().map(|(d, b)| (d, b.to_vec())).unwrap();
+    assert_eq!(dst, net.nodes[1].addrs[0]);
+
+    net.set_peers(1, Vec::new());
+    let from = net.nodes[0].src;
+    let (got, reply) = net.inject(1, from, &datagram);
+    assert!(got.is_none(), "packet under a removed key accepted");
+    assert!(reply.is_empty());
+    assert!(net.nodes[1].core.status().is_empty());
+
+    // A's new handshake initiations get no answer either.
+    let before = net.nodes[1].sent.len();
+    net.send_ip(0, &p);
+    net.run(Duration::from_secs(30));
+    assert!(net.nodes[1].delivered.is_empty());
+    assert_eq!(net.nodes[1].sent.len(), before, "B answered a removed peer");
+    assert!(net.nodes[1].core.counters().dropped_garbage > 0);
+}
+
+#[test]
+fn garbage_datagrams_are_ignored_without_output() {
+    let mut net = established_pair(4);
+    // A real data datagram and a real handshake initiation, to mutate.
+    let p = ipv4_packet(net.nodes[0].ipv4, net.nodes[1].ipv4, b"x");
+    let mut out = Outbox::new();
+    net.nodes[0].core.handle_tun_packet(&p, net.now, &mut out);
+    let data = out.iter().next().unwrap().1.to_vec();
+    let a = Core::new(
+        CoreConfig {
+            private_key: net.nodes[0].private,
+            persistent_keepalive: None,
+        },
+        9,
+    );
+    let mut init_out = Outbox::new();
+    a.set_peers(vec![net.nodes[1].peer_config()], net.now, &mut init_out);
+    let init = init_out.iter().next().unwrap().1.to_vec();
+    assert!(is_handshake_init(&init));
+
+    let mut rng = StdRng::seed_from_u64(44);
+    let mut samples: Vec<Vec<u8>> = Vec::new();
+    for len in [
+        0usize, 1, 3, 4, 5, 16, 31, 32, 33, 63, 64, 65, 91, 92, 93, 147, 148, 149, 1500,
+    ] {
+        for ty in [0u8, 1, 2, 3, 4, 5, 255] {
+            let mut d = vec![0u8; len];
+            rng.fill_bytes(&mut d);
+            if len >= 4 {
+                d[..4].copy_from_slice(&[ty, 0, 0, 0]);
+            }
+            samples.push(d);
+        }
+    }
+    // Truncated and bit-flipped real messages.
+    for cut in [1, 4, 16, 32, 100, 147] {
+        samples.push(init[..cut].to_vec());
+    }
+    for cut in [4, 16, 31] {
+        samples.push(data[..cut].to_vec());
+    }
+    // (mac2, bytes 132.., is only checked under load, so flipping it keeps a valid message.)
+    for pos in [5, 20, 40, 100, 120, 131] {
+        let mut m = init.clone();
+        m[pos] ^= 0x55;
+        samples.push(m);
+    }
+    for pos in [8, 16, data.len() - 1] {
+        let mut m = data.clone();
+        m[pos] ^= 0x01;
+        samples.push(m);
+    }
+    // A replay of an already-delivered data packet.
+    let from = net.nodes[0].src;
+    let (got, _) = net.inject(1, from, &data);
+    assert!(got.is_some());
+    samples.push(data.clone());
+
+    let before = net.nodes[1].core.counters();
+    let endpoint_before = net.status_of(1, 1).endpoint;
+    let attacker: SocketAddr = "192.0.2.66:6666".parse().unwrap();
+    for s in &samples {
+        let (got, reply) = net.inject(1, attacker, s);
+        assert!(
+            got.is_none(),
+            "garbage delivered: {:?}",
+            &s[..s.len().min(8)]
+        );
+        assert!(
+            reply.is_empty(),
+            "garbage answered: {:?}",
+            &s[..s.len().min(8)]
+        );
+    }
+    let after = net.nodes[1].core.counters();
+    assert_eq!(
+        after.dropped_garbage - before.dropped_garbage,
+        samples.len() as u64
+    );
+    assert_eq!(after.rx_packets, before.rx_packets);
+    assert_eq!(
+        net.status_of(1, 1).endpoint,
+        endpoint_before,
+        "garbage moved the endpoint"
+    );
+}
+
+#[test]
+fn datagram_larger_than_output_buffer_is_dropped_not_panicking() {
+    let net = established_pair(5);
+    let p = ipv4_packet(net.nodes[0].ipv4, net.nodes[1].ipv4, &[7u8; 1000]);
+    let mut out = Outbox::new();
+    net.nodes[0].core.handle_tun_packet(&p, net.now, &mut out);
+    let data = out.iter().next().unwrap().1.to_vec();
+    let mut small = [0u8; 100];
+    let mut reply = Outbox::new();
+    let got =
+        net.nodes[1]
+            .core
+            .handle_datagram(net.nodes[0].src, &data, net.now, &mut small, &mut reply);
+    assert!(got.is_none());
+    assert!(reply.is_empty());
+}
+
+#[test]
+fn unchanged_peer_keeps_its_session() {
+    let mut net = established_pair(6);
+    let before = net.nodes[0].core.counters().handshake_initiations_sent;
+    let sent_before = net.nodes[0].sent.len();
+    // Same key and addresses; new hostname and an extra candidate.
+    let mut b = net.nodes[1].peer_config();
+    b.hostname = "renamed".into();
+    b.endpoints.push("198.51.100.9:9".parse().unwrap());
+    net.set_peers(0, vec![b]);
+    assert_eq!(
+        net.nodes[0].sent.len(),
+        sent_before,
+        "set_peers sent something"
+    );
+    let p = ipv4_packet(net.nodes[0].ipv4, net.nodes[1].ipv4, b"same session");
+    net.send_ip(0, &p);
+    // The data datagram is the only thing sent, straight away.
+    let new_sent = &net.nodes[0].sent[sent_before..];
+    assert_eq!(new_sent.len(), 1);
+    assert!(!is_handshake_init(&new_sent[0].1));
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.nodes[1].delivered, vec![p]);
+    assert_eq!(
+        net.nodes[0].core.counters().handshake_initiations_sent,
+        before
+    );
+}
+
+#[test]
+fn changed_key_gets_a_new_session_and_the_old_key_is_refused() {
+    let mut net = established_pair(7);
+    // Capture a datagram under A's old key.
+    let p = ipv4_packet(net.nodes[0].ipv4, net.nodes[1].ipv4, b"old key");
+    let mut out = Outbox::new();
+    net.nodes[0].core.handle_tun_packet(&p, net.now, &mut out);
+    let old_datagram = out.iter().next().unwrap().1.to_vec();
+
+    // A restarts with a new key; B learns it.
+    let mut private = [0u8; 32];
+    net.rng.fill_bytes(&mut private);
+    net.nodes[0].core = Core::new(
+        CoreConfig {
+            private_key: private,
+            persistent_keepalive: Some(25),
+        },
+        77,
+    );
+    net.nodes[0].private = private;
+    let (a, b) = (net.nodes[0].peer_config(), net.nodes[1].peer_config());
+    net.set_peers(1, vec![a]);
+    assert!(
+        net.status_of(1, 1).last_handshake.is_none(),
+        "old session kept"
+    );
+    let from = net.nodes[0].src;
+    let (got, _) = net.inject(1, from, &old_datagram);
+    assert!(got.is_none(), "old key accepted");
+
+    net.set_peers(0, vec![b]);
+    net.run_until_established(Duration::from_secs(5));
+    let p = ipv4_packet(net.nodes[0].ipv4, net.nodes[1].ipv4, b"new key");
+    net.send_ip(0, &p);
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.nodes[1].delivered, vec![p]);
+}
+
+#[test]
+fn triple_routes_by_destination_and_binds_sources_to_keys() {
+    let mut net = Net::new(3, 8);
+    net.loss = 0.05;
+    net.max_delay_ticks = 2;
+    net.full_mesh();
+    net.run_until_established(Duration::from_secs(60));
+    let ips: Vec<Ipv4Addr> = net.nodes.iter().map(|n| n.ipv4).collect();
+    for k in 0..50u32 {
+        net.send_ip(0, &ipv4_packet(ips[0], ips[1], &k.to_be_bytes()));
+        net.send_ip(0, &ipv4_packet(ips[0], ips[2], &(k + 1000).to_be_bytes()));
+        net.step();
+    }
+    net.run(Duration::from_millis(100));
+    let to = |n: &Node| -> Vec<Ipv4Addr> {
+        n.delivered
+            .iter()
+            .map(|p| Ipv4Addr::new(p[16], p[17], p[18], p[19]))
+            .collect()
+    };
+    assert!(net.nodes[1].delivered.len() >= 40);
+    assert!(net.nodes[2].delivered.len() >= 40);
+    assert!(to(&net.nodes[1]).iter().all(|d| *d == ips[1]));
+    assert!(to(&net.nodes[2]).iter().all(|d| *d == ips[2]));
+    // B claims C's address towards A: refused, even though B is a valid peer of A.
+    let before = net.nodes[0].delivered.len();
+    net.loss = 0.0;
+    net.send_ip(1, &ipv4_packet(ips[2], ips[0], b"i am C"));
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.nodes[0].delivered.len(), before);
+    assert_eq!(net.status_of(0, 2).dropped_bad_source, 1);
+    assert_eq!(net.status_of(0, 3).dropped_bad_source, 0);
+}
+
+#[test]
+fn endpoint_roams_to_the_source_of_authenticated_packets() {
+    let mut net = established_pair(9);
+    assert_eq!(net.status_of(1, 1).endpoint, Some(net.nodes[0].addrs[0]));
+    // A's NAT rebinds: its packets now come from a new address, which also reaches it.
+    let new: SocketAddr = "203.0.113.5:40000".parse().unwrap();
+    net.nodes[0].addrs.push(new);
+    net.nodes[0].src = new;
+    let p = ipv4_packet(net.nodes[0].ipv4, net.nodes[1].ipv4, b"from new place");
+    net.send_ip(0, &p);
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.status_of(1, 1).endpoint, Some(new));
+    let sent_before = net.nodes[1].sent.len();
+    let reply = ipv4_packet(net.nodes[1].ipv4, net.nodes[0].ipv4, b"reply");
+    net.send_ip(1, &reply);
+    assert_eq!(net.nodes[1].sent[sent_before].0, new);
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.nodes[0].delivered, vec![reply]);
+}
+
+#[test]
+fn candidates_are_probed_until_one_answers() {
+    let mut net = Net::new(2, 10);
+    let dead1: SocketAddr = "198.51.100.1:1".parse().unwrap();
+    let dead2: SocketAddr = "198.51.100.2:2".parse().unwrap();
+    let mut a = net.nodes[0].peer_config();
+    a.endpoints = vec![dead1, net.nodes[0].addrs[0], dead2, dead1];
+    // Only B knows where A might be; A has no endpoint for B (B is behind NAT, say).
+    let mut b = net.nodes[1].peer_config();
+    b.endpoints.clear();
+    net.set_peers(0, vec![b]);
+    net.set_peers(1, vec![a]);
+    let inits: Vec<SocketAddr> = net.nodes[1]
+        .sent
+        .iter()
+        .filter(|(_, d)| is_handshake_init(d))
+        .map(|(dst, _)| *dst)
+        .collect();
+    assert_eq!(inits, vec![dead1, net.nodes[0].addrs[0], dead2]);
+    net.run_until_established(Duration::from_secs(5));
+    assert_eq!(net.status_of(1, 1).endpoint, Some(net.nodes[0].addrs[0]));
+    assert_eq!(net.status_of(0, 2).endpoint, Some(net.nodes[1].addrs[0]));
+    let sent_before = net.nodes[1].sent.len();
+    net.send_ip(1, &ipv4_packet(net.nodes[1].ipv4, net.nodes[0].ipv4, b"x"));
+    let new_sent = &net.nodes[1].sent[sent_before..];
+    assert_eq!(new_sent.len(), 1);
+    assert_eq!(new_sent[0].0, net.nodes[0].addrs[0]);
+}
+
+#[test]
+fn probing_an_unreachable_peer_is_bounded() {
+    let mut net = Net::new(2, 11);
+    let mut b = net.nodes[1].peer_config();
+    b.endpoints = vec![
+        "198.51.100.1:1".parse().unwrap(),
+        "198.51.100.2:2".parse().unwrap(),
+    ];
+    net.set_peers(0, vec![b]);
+    net.run(Duration::from_secs(600));
+    let inits = net.nodes[0]
+        .sent
+        .iter()
+        .filter(|(_, d)| is_handshake_init(d))
+        .count();
+    // 2 candidates; every 5 s for 2 minutes, then every 25 s.
+    assert!(
+        (20..=110).contains(&inits),
+        "{inits} initiations in 10 minutes"
+    );
+    assert!(net.nodes[0].sent.iter().all(|(_, d)| is_handshake_init(d)));
+}
+
+#[test]
+fn packets_without_a_route_are_counted() {
+    let mut net = established_pair(12);
+    let sent_before = net.nodes[0].sent.len();
+    net.send_ip(
+        0,
+        &ipv4_packet(net.nodes[0].ipv4, Ipv4Addr::new(100, 64, 9, 9), b"?"),
+    );
+    net.send_ip(0, &[0x45, 0, 0]);
+    net.send_ip(0, &[]);
+    assert_eq!(net.nodes[0].sent.len(), sent_before);
+    let c = net.nodes[0].core.counters();
+    assert_eq!(c.dropped_no_route, 1);
+    assert_eq!(c.dropped_bad_tun_packet, 2);
+}
+
+#[test]
+fn outbox_runs_are_contiguous() {
+    let mut out = Outbox::new();
+    let d: SocketAddr = "10.0.0.1:1".parse().unwrap();
+    out.push(d, &[1; 10]);
+    out.push(d, &[2; 10]);
+    let t = out.transmits();
+    assert_eq!(t[0].start + t[0].len, t[1].start);
+    assert_eq!(out.bytes().len(), 20);
+    out.clear();
+    assert!(out.is_empty());
+    assert_eq!(out.used_bytes(), 0);
+}

@@ -1,0 +1,280 @@
+//! The thin driver: owns the TUN and the UDP socket and runs three OS threads around the core.
+//!
+//! - `ward-dp-tx`: TUN → [`Batch::handle_tun_packet`] → UDP (GSO super-packets from the TUN are
+//!   split by tun-rs, the encrypted datagrams leave as UDP GSO messages).
+//! - `ward-dp-rx`: UDP (GRO) → [`Batch::handle_datagram`] → TUN (TCP/UDP segments coalesced by
+//!   tun-rs's GRO table into one write per flow).
+//! - `ward-dp-timer`: [`Core::handle_timers`] every [`TIMER_INTERVAL`].
+//!
+//! Blocking threads rather than tokio tasks: the hot paths are syscall loops that gain nothing
+//! from an executor, and two threads use the machine's two cores. Reads are non-blocking with a
+//! `poll` timeout so the threads notice the stop flag.
+//!
+//! [`Batch::handle_tun_packet`]: super::core::Batch::handle_tun_packet
+//! [`Batch::handle_datagram`]: super::core::Batch::handle_datagram
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use super::core::{Core, Outbox, TIMER_INTERVAL};
+use super::tun::{TunDevice, TunParams};
+use super::udp::{poll_fd, RecvBatch, SendScratch, UdpSocket};
+use super::{DataPlaneConfig, TUN_MTU};
+
+/// How long a blocked read waits before re-checking the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+/// Output buffer per segment read from the TUN (the MTU is 1420; leave room for a larger one).
+const TUN_SEGMENT_BUF: usize = 4096;
+/// TUN reads (each possibly a 64 KiB super-packet) gathered before one UDP flush.
+const TUN_READS_PER_FLUSH: usize = 4;
+/// UDP messages per recvmmsg (each up to 64 KiB with GRO).
+const UDP_RECV_SLOTS: usize = 16;
+/// Decrypted packets gathered before one GRO-coalesced TUN write.
+const TUN_WRITE_BATCH: usize = 256;
+
+pub(crate) struct Driver {
+    core: Arc<Core>,
+    udp: Arc<UdpSocket>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    tun_name: String,
+    local_port: u16,
+}
+
+impl Driver {
+    /// Creates the TUN and socket and starts the threads. Blocking (runs `ip`).
+    pub(crate) fn start(cfg: &DataPlaneConfig, core: Arc<Core>) -> anyhow::Result<Driver> {
+        let udp = Arc::new(
+            UdpSocket::bind(cfg.port).with_context(|| format!("binding UDP port {}", cfg.port))?,
+        );
+        let local_port = udp.local_port().context("reading UDP port")?;
+        let tun = Arc::new(TunDevice::create(&TunParams {
+            name: &cfg.tun_name,
+            mtu: TUN_MTU,
+            ipv4: cfg.ipv4,
+            ipv6: cfg.ipv6,
+            v6_prefix: cfg.v6_prefix,
+        })?);
+        tracing::info!(
+            port = local_port,
+            udp_gro = udp.gro_enabled(),
+            udp_gso = udp.gso_enabled(),
+            tun_offload = tun.offload,
+            "data plane started"
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(f)
+                .with_context(|| format!("spawning {name}"))
+        };
+        let result = (|| {
+            threads.push(spawn("ward-dp-tx", {
+                let (core, tun, udp, stop) = (core.clone(), tun.clone(), udp.clone(), stop.clone());
+                Box::new(move || tx_loop(&core, &tun, &udp, &stop))
+            })?);
+            threads.push(spawn("ward-dp-rx", {
+                let (core, tun, udp, stop) = (core.clone(), tun.clone(), udp.clone(), stop.clone());
+                Box::new(move || rx_loop(&core, &tun, &udp, &stop))
+            })?);
+            threads.push(spawn("ward-dp-timer", {
+                let (core, udp, stop) = (core.clone(), udp.clone(), stop.clone());
+                Box::new(move || timer_loop(&core, &udp, &stop))
+            })?);
+            anyhow::Ok(())
+        })();
+        let driver = Driver {
+            core,
+            udp,
+            stop,
+            threads,
+            tun_name: cfg.tun_name.clone(),
+            local_port,
+        };
+        if let Err(e) = result {
+            driver.shutdown();
+            return Err(e);
+        }
+        Ok(driver)
+    }
+
+    pub(crate) fn local_port(&self) -> u16 {
+        self.local_port
+    }
+
+    /// Sends datagrams produced outside the threads (by `set_peers`).
+    pub(crate) fn send(&self, out: &Outbox) {
+        self.udp.send_outbox(out, &mut SendScratch::default());
+    }
+
+    pub(crate) fn signal_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops and joins the threads (they hold the last TUN descriptor), then makes sure the
+    /// interface is gone.
+    pub(crate) fn shutdown(mut self) {
+        self.signal_stop();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::warn!("a data plane thread panicked");
+            }
+        }
+        TunDevice::remove(&self.tun_name);
+        tracing::info!(tun = %self.tun_name, counters = ?self.core.counters(), "data plane stopped");
+    }
+}
+
+fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65536];
+    let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; TUN_SEGMENT_BUF]; IDEAL_BATCH_SIZE];
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    let mut out = Outbox::new();
+    let mut scratch = SendScratch::default();
+    let mut errors = LogLimiter::default();
+    while !stop.load(Ordering::Relaxed) {
+        let mut reads = 0;
+        while reads < TUN_READS_PER_FLUSH {
+            match tun
+                .dev
+                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+            {
+                Ok(n) => {
+                    reads += 1;
+                    let now = Instant::now();
+                    let mut batch = core.batch();
+                    for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+                        batch.handle_tun_packet(&buf[..size], now, &mut out);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    errors.log(&e, "TUN read failed");
+                    if e.raw_os_error() == Some(libc::EBADFD) {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        if !out.is_empty() {
+            udp.send_outbox(&out, &mut scratch);
+            out.clear();
+        }
+        if reads == 0 {
+            poll_fd(tun.dev.as_raw_fd(), libc::POLLIN, STOP_CHECK);
+        }
+    }
+}
+
+fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
+    let mut batch_in = RecvBatch::new(UDP_RECV_SLOTS);
+    let mut bufs: Vec<Vec<u8>> = (0..TUN_WRITE_BATCH)
+        .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65536))
+        .collect();
+    let mut gro = GROTable::default();
+    let mut out = Outbox::new();
+    let mut scratch = SendScratch::default();
+    let mut errors = LogLimiter::default();
+    while !stop.load(Ordering::Relaxed) {
+        match udp.recv(&mut batch_in) {
+            Ok(_) => {
+                let now = Instant::now();
+                let mut filled = 0;
+                let mut batch = core.batch();
+                for (from, datagram) in batch_in.datagrams() {
+                    let buf = &mut bufs[filled];
+                    buf.clear();
+                    buf.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
+                    let tun_out = &mut buf[VIRTIO_NET_HDR_LEN..];
+                    if let Some(n) = batch.handle_datagram(from, datagram, now, tun_out, &mut out) {
+                        buf.truncate(VIRTIO_NET_HDR_LEN + n);
+                        filled += 1;
+                        if filled == bufs.len() {
+                            write_tun(tun, &mut gro, &mut bufs[..filled], &mut errors);
+                            filled = 0;
+                        }
+                    }
+                }
+                drop(batch);
+                write_tun(tun, &mut gro, &mut bufs[..filled], &mut errors);
+                if !out.is_empty() {
+                    udp.send_outbox(&out, &mut scratch);
+                    out.clear();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => udp.wait_readable(STOP_CHECK),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // E.g. ECONNREFUSED from an ICMP error for an earlier send: nothing to do.
+                errors.log(&e, "UDP receive failed");
+            }
+        }
+    }
+}
+
+fn write_tun(tun: &TunDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>], errors: &mut LogLimiter) {
+    if bufs.is_empty() {
+        return;
+    }
+    if let Err(e) = tun.dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
+        errors.log(&e, "TUN write failed");
+    }
+}
+
+fn timer_loop(core: &Core, udp: &UdpSocket, stop: &AtomicBool) {
+    let mut out = Outbox::new();
+    let mut scratch = SendScratch::default();
+    let mut last_report = Instant::now();
+    let mut last_counters = core.counters();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(TIMER_INTERVAL);
+        let now = Instant::now();
+        core.handle_timers(now, &mut out);
+        if !out.is_empty() {
+            udp.send_outbox(&out, &mut scratch);
+            out.clear();
+        }
+        if now.duration_since(last_report) >= Duration::from_secs(30) {
+            let c = core.counters();
+            if c != last_counters {
+                tracing::debug!(counters = ?c, "data plane counters");
+                last_counters = c;
+            }
+            last_report = now;
+        }
+    }
+}
+
+/// Logs an I/O error at most every 10 s, with the number suppressed since.
+#[derive(Default)]
+struct LogLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn log(&mut self, e: &io::Error, what: &'static str) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::debug!(error = %e, suppressed = self.suppressed, "{what}");
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}

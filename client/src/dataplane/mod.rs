@@ -1,0 +1,215 @@
+//! The device's data plane: TUN ⇄ cryptokey routing ⇄ WireGuard (boringtun `noise::Tunn`) ⇄ UDP.
+//!
+//! Layout (I/O-free core, thin driver):
+//!
+//! - [`core`]: [`core::Core`], the protocol logic. No sockets, no clock reads of its own (time is
+//!   passed in as `now`), no threads. It owns the peer table (one `Tunn` per peer), does the
+//!   cryptokey routing, the inner-source check, endpoint selection (candidates, roaming) and the
+//!   handshake probing. Its outputs go into caller-provided buffers ([`core::Outbox`] for UDP
+//!   datagrams, a `&mut [u8]` for a decrypted IP packet). It is `Sync`: the peer table sits behind
+//!   an `RwLock`, each peer's `Tunn` behind its own `Mutex`, so the two hot paths run in parallel.
+//! - `udp`: one UDP socket with batched I/O (UDP GSO via `sendmmsg` + `UDP_SEGMENT`, UDP GRO via
+//!   `recvmmsg` + `UDP_GRO`, with fallbacks).
+//! - `tun`: TUN creation with virtio-net offload (TSO in, GRO-coalesced writes out), addresses,
+//!   routes, and their removal.
+//! - `driver`: three OS threads: TUN → encrypt → UDP, UDP → decrypt → TUN, and timers.
+//!
+//! This module must not depend on the agent's control plane (quinn, the coordinator protocol):
+//! the agent tells it who the peers are through [`DataPlane::set_peers`].
+
+pub mod core;
+mod driver;
+mod tun;
+mod udp;
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+pub use self::core::{Core, CoreConfig, Outbox};
+
+/// TUN MTU: a 1500-byte underlay minus the worst-case WireGuard overhead (IPv6 40 + UDP 8 +
+/// WireGuard data header 16 + tag 16).
+pub const TUN_MTU: u16 = 1420;
+
+/// Default TUN interface name.
+pub const DEFAULT_TUN_NAME: &str = "ward0";
+
+/// Persistent keepalive interval, so a device behind NAT keeps its mapping open.
+pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+
+/// What the data plane needs to start.
+#[derive(Clone)]
+pub struct DataPlaneConfig {
+    /// TUN interface name (e.g. [`DEFAULT_TUN_NAME`]).
+    pub tun_name: String,
+    /// UDP port to listen on; 0 picks any free port.
+    pub port: u16,
+    /// This device's WireGuard (x25519) private key.
+    pub private_key: [u8; 32],
+    /// This device's overlay IPv4 address (assigned as a /32).
+    pub ipv4: Ipv4Addr,
+    /// This device's overlay IPv6 address (assigned as a /128).
+    pub ipv6: Ipv6Addr,
+    /// The coordinator's IPv6 ULA /48, routed into the TUN.
+    pub v6_prefix: Ipv6Addr,
+}
+
+impl fmt::Debug for DataPlaneConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DataPlaneConfig")
+            .field("tun_name", &self.tun_name)
+            .field("port", &self.port)
+            .field("private_key", &"<redacted>")
+            .field("ipv4", &self.ipv4)
+            .field("ipv6", &self.ipv6)
+            .field("v6_prefix", &self.v6_prefix)
+            .finish()
+    }
+}
+
+/// One peer this device may exchange packets with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub device_id: u64,
+    pub hostname: String,
+    /// The peer's WireGuard public key.
+    pub public_key: [u8; 32],
+    /// The peer's overlay IPv4 address (/32): the only IPv4 source it may use inside the tunnel.
+    pub ipv4: Ipv4Addr,
+    /// The peer's overlay IPv6 address (/128): the only IPv6 source it may use inside the tunnel.
+    pub ipv6: Ipv6Addr,
+    /// Candidate underlay endpoints, probed with handshake initiations until one answers.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// Per-peer state for `ward status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub device_id: u64,
+    /// The endpoint the last authenticated packet came from, if any.
+    pub endpoint: Option<SocketAddr>,
+    /// Age of the current session's handshake, if there is a session.
+    pub last_handshake: Option<Duration>,
+    /// Plaintext bytes received from / sent to this peer by the current `Tunn`.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Authenticated packets whose inner source address was not this peer's.
+    pub dropped_bad_source: u64,
+}
+
+/// Data-plane wide counters (monotonic since start).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataPlaneCounters {
+    /// IP packets encrypted and sent to a peer.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// IP packets decrypted, checked and handed to the TUN.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Packets from the TUN whose destination no peer owns.
+    pub dropped_no_route: u64,
+    /// Packets from the TUN for a peer with no known or candidate endpoint.
+    pub dropped_no_endpoint: u64,
+    /// Authenticated packets whose inner source was not the sending peer's address.
+    pub dropped_bad_source: u64,
+    /// Datagrams that were not valid WireGuard for a configured peer (garbage, truncated,
+    /// unknown key or index, failed authentication, replays).
+    pub dropped_garbage: u64,
+    /// Malformed packets read from the TUN (not IPv4/IPv6).
+    pub dropped_bad_tun_packet: u64,
+    /// Handshake initiations sent (all candidates counted).
+    pub handshake_initiations_sent: u64,
+}
+
+/// A running data plane: the TUN interface, the UDP socket and the threads that move packets.
+///
+/// Dropping it without [`DataPlane::shutdown`] stops the threads too; the kernel removes the
+/// TUN (with its addresses and routes) when the last descriptor closes.
+pub struct DataPlane {
+    core: Arc<Core>,
+    driver: Option<driver::Driver>,
+    local_port: u16,
+}
+
+impl DataPlane {
+    /// Creates the TUN (replacing a leftover one with the same name), binds the UDP socket and
+    /// starts the packet threads. Must be called inside a tokio runtime.
+    pub async fn start(cfg: DataPlaneConfig) -> anyhow::Result<DataPlane> {
+        let core = Arc::new(Core::new(
+            CoreConfig {
+                private_key: cfg.private_key,
+                persistent_keepalive: Some(PERSISTENT_KEEPALIVE_SECS),
+            },
+            rand::random(),
+        ));
+        let driver = tokio::task::spawn_blocking({
+            let core = core.clone();
+            move || driver::Driver::start(&cfg, core)
+        })
+        .await
+        .context("data plane start task")??;
+        let local_port = driver.local_port();
+        Ok(DataPlane {
+            core,
+            driver: Some(driver),
+            local_port,
+        })
+    }
+
+    /// The UDP port peers should send to.
+    pub fn local_port(&self) -> u16 {
+        self.local_port
+    }
+
+    /// This device's WireGuard public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.core.public_key()
+    }
+
+    /// Replaces the peer set. Unchanged peers (same key and addresses) keep their sessions;
+    /// removed peers are refused from the moment this returns; new peers are handshaken at once.
+    pub fn set_peers(&self, peers: Vec<PeerConfig>) {
+        let mut out = Outbox::new();
+        self.core.set_peers(peers, Instant::now(), &mut out);
+        if let Some(driver) = &self.driver {
+            driver.send(&out);
+        }
+    }
+
+    /// Per-peer status, ordered by public key.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.core.status()
+    }
+
+    pub fn counters(&self) -> DataPlaneCounters {
+        self.core.counters()
+    }
+
+    /// Stops the threads and removes the TUN with its addresses and routes.
+    pub async fn shutdown(mut self) {
+        if let Some(driver) = self.driver.take() {
+            let res = tokio::task::spawn_blocking(move || driver.shutdown()).await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "data plane shutdown task failed");
+            }
+        }
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        if let Some(driver) = &self.driver {
+            driver.signal_stop();
+        }
+    }
+}
+
+/// The x25519 public key for a private key.
+pub fn public_key_for(private_key: &[u8; 32]) -> [u8; 32] {
+    let secret = boringtun::x25519::StaticSecret::from(*private_key);
+    boringtun::x25519::PublicKey::from(&secret).to_bytes()
+}

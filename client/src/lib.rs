@@ -1,0 +1,17 @@
+//! `ward-client` library: the `ward` agent's parts, shared by the binary, the examples and the
+//! whole-system tests.
+//!
+//! - [`dataplane`]: TUN + WireGuard (boringtun) + UDP, with an I/O-free core.
+//! - [`control`]: the QUIC control channel (enrollment with a pinned CA, mutual-TLS sessions).
+//! - [`daemon`]: `ward daemon` (identity, control loop, local API).
+//! - [`state`]: the device's durable identity file.
+//! - [`api`]: the local Unix-socket API between the CLI and the daemon.
+
+pub mod api;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
+pub mod state;
+
+/// Device certificates live this long (the coordinator decides; this is for renewal timing).
+pub const CERT_LIFETIME_MS: i64 = 30 * 24 * 3600 * 1000;

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Ward's whole test suite: formatting, lints, unit/golden/pair/property tests, whole-system
+# tests on loopback, and (as root) the end-to-end tests in network namespaces.
+# Usage: sudo ./scripts/test.sh     (without root the namespace tests are reported SKIPPED)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== building binaries (debug for system tests, release for namespace tests)"
+cargo build --workspace --bins
+cargo build --release --workspace --bins
+echo "== cargo test"
+cargo test --workspace
+echo "== end-to-end tests in network namespaces"
+if [[ $EUID -ne 0 ]]; then
+    echo "SKIPPED: tests/e2e/*.sh need root (network namespaces, TUN); they were NOT run"
+    exit 0
+fi
+pass=0
+failed=()
+for t in tests/lab/selftest.sh tests/e2e/*.sh; do
+    echo "-- $t"
+    if bash "$t"; then pass=$((pass + 1)); else failed+=("$t"); fi
+done
+echo "end-to-end scripts: $pass passed, ${#failed[@]} failed ${failed[*]:-}"
+((${#failed[@]} == 0))
