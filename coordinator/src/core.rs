@@ -236,6 +236,8 @@ impl Registry {
                             observed_addr: Some(session.observed),
                         },
                         peers: want.values().cloned().collect(),
+                        inbound: Vec::new(),
+                        reach: Vec::new(),
                     });
                     session.sent = Some((1, want));
                     self.outputs.push_back(Output::Send {
@@ -267,6 +269,8 @@ impl Registry {
                             seq: base + 1,
                             upsert,
                             remove,
+                            inbound: None,
+                            reach: None,
                         }),
                     });
                 }

@@ -5,12 +5,14 @@
 //! - [`token`]: the enrollment token format (coordinator address + CA fingerprint + secret).
 //! - [`names`]: newtypes for hostnames and user names, parsed and sanitized once.
 //! - [`addr`]: overlay address pools (IPv4 from 100.64.0.0/10, an IPv6 ULA /48).
+//! - [`filter`]: inbound filter rules compiled from the policy.
 //! - [`secret`]: a byte-string type that redacts itself in `Debug`.
 //!
 //! This crate must not depend on tokio, quinn, clap, a database or anything that touches the
 //! operating system: no sockets, no clock, no OS randomness. Time and random bytes are passed in.
 
 pub mod addr;
+pub mod filter;
 pub mod names;
 pub mod secret;
 pub mod token;

@@ -7,7 +7,8 @@
 //! the stream; it never panics and never allocates more than the bound.
 //!
 //! ## Versions
-//! - 1: first version: enroll, hello, netmap full/delta, certificate renewal, time ping.
+//! - 1: first version: enroll, hello, netmap full/delta, certificate renewal, time ping;
+//!   netmaps carry the inbound filter (`inbound`) and the reach list (`reach`).
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -17,6 +18,7 @@
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::filter::{FilterRule, PortRange, Proto};
 use crate::names::Hostname;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -263,6 +265,26 @@ pub struct Netmap {
     pub seq: u64,
     pub me: SelfInfo,
     pub peers: Vec<Peer>,
+    /// Inbound filter: who may open what on this device. Empty means nothing may.
+    #[serde(default)]
+    pub inbound: Vec<FilterRule>,
+    /// What this device may reach (for `ward status`; enforcement is at the destination).
+    #[serde(default)]
+    pub reach: Vec<Reach>,
+}
+
+/// A service this device may reach on one destination device.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Reach {
+    pub service: String,
+    pub device_id: DeviceId,
+    pub hostname: Hostname,
+    pub proto: Proto,
+    #[serde(default)]
+    pub ports: Vec<PortRange>,
+    pub rule: String,
+    #[serde(default)]
+    pub not_after_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,6 +295,12 @@ pub struct NetmapDelta {
     pub upsert: Vec<Peer>,
     #[serde(default)]
     pub remove: Vec<DeviceId>,
+    /// Replaces the inbound filter when present.
+    #[serde(default)]
+    pub inbound: Option<Vec<FilterRule>>,
+    /// Replaces the reach list when present.
+    #[serde(default)]
+    pub reach: Option<Vec<Reach>>,
 }
 
 impl Netmap {
@@ -293,6 +321,12 @@ impl Netmap {
             }
         }
         self.peers.sort_by_key(|p| p.device_id);
+        if let Some(i) = &d.inbound {
+            self.inbound = i.clone();
+        }
+        if let Some(r) = &d.reach {
+            self.reach = r.clone();
+        }
         self.seq = d.seq;
         Ok(())
     }
@@ -497,6 +531,8 @@ mod tests {
             seq: 1,
             me,
             peers: vec![peer(2), peer(3)],
+            inbound: vec![],
+            reach: vec![],
         };
         let mut p3 = peer(3);
         p3.online = false;
@@ -505,6 +541,8 @@ mod tests {
             seq: 2,
             upsert: vec![p3.clone(), peer(4)],
             remove: vec![DeviceId(2)],
+            inbound: None,
+            reach: None,
         };
         nm.apply(&d).unwrap();
         assert_eq!(nm.peers, vec![p3, peer(4)]);
