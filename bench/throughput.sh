@@ -368,7 +368,7 @@ setup_ward() {
 # ward bench: the two bench devices may reach each other on every port
 [services.bench]
 devices = ["tag:bench"]
-ports = ["any"]
+ports = ["tcp/*", "udp/*", "icmp"]
 
 [[rules]]
 from = ["tag:bench"]

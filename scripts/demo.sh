@@ -35,19 +35,29 @@ lab_coord user add alice --group eng
 lab_coord user add bob --group ops
 for h in db alice bob; do lab_start_device "$h"; done
 run "ward-coordinator token create --tag server    # on db: ward up --token …"
-lab_device_up db "$(lab_token --tag server)" | sed 's/^/  /'
+lab_device_up db "$(lab_token --tag db --tag server)" | sed 's/^/  /'
 lab_device_up alice "$(lab_token --user alice)" | sed 's/^/  /'
 lab_device_up bob "$(lab_token --user bob --ttl 10m)" | sed 's/^/  /'
 run "ward-coordinator device ls"
 lab_coord device ls | sed 's/^/  /'
 
 DB4=$(lab_ward_ipv4 db); DB6=$(lab_ward_json_get db 's["ipv6"]')
+step "Default deny: with no policy, nobody reaches anybody"
+run "alice$ ping $DB4"
+if lab_exec alice ping -c1 -W1 "$DB4" >/dev/null 2>&1; then echo "  !! alice reached db without a policy"; exit 1; else echo "  no answer: no policy, no access"; fi
+
+step "Applying a policy: eng may reach db (tcp/5432, ping); ops may reach servers' SSH"
+sed 's/^/    /' examples/policy.toml | grep -v '^    #' | grep -v '^    $' | head -n 30
+run "ward-coordinator policy apply examples/policy.toml"
+lab_coord policy apply examples/policy.toml | sed 's/^/  /'
+sleep 1
+
 step "alice reaches db over the overlay, through her NAT, by overlay address"
 lab_wait_for -t 15 lab_exec alice ping -c1 -W1 "$DB4"
 run "alice$ ping $DB4"; lab_exec alice ping -c3 -i0.2 "$DB4" | sed 's/^/  /' | tail -n 2
 run "alice$ ping -6 $DB6"; lab_exec alice ping -6 -c3 -i0.2 "$DB6" | sed 's/^/  /' | tail -n 2
 
-step "A 20 MB TCP transfer alice → db, checked end to end"
+step "A 20 MB TCP transfer alice → db:5432, checked end to end"
 head -c 20M /dev/urandom >"$LAB_DIR/blob"
 lab_spawn db nc.log sh -c "nc -l -p 5432 | sha256sum > $LAB_DIR/got"
 sleep 0.5
@@ -56,6 +66,18 @@ lab_exec alice nc -N "$DB4" 5432 <"$LAB_DIR/blob"
 lab_wait_for -t 10 test -s "$LAB_DIR/got"
 MS=$(( ($(date +%s%N) - START) / 1000000 ))
 echo "  sent sha256 $(sha256sum <"$LAB_DIR/blob" | cut -c1-16)…  received $(cut -c1-16 "$LAB_DIR/got")…  in ${MS} ms"
+
+step "One allowed and one denied connection, and why"
+for p in 5432 22; do lab_spawn db "listen-$p.log" sh -c "while true; do echo hello-from-db-port-$p | nc -l -p $p -q 1; done"; done
+sleep 0.5
+run "alice$ nc $DB4 5432"
+lab_exec alice timeout 3 nc -w 2 "$DB4" 5432 </dev/null | sed 's/^/  /' || true
+run "ward-coordinator policy explain alice db:5432"
+lab_coord policy explain alice db:5432 | sed 's/^/  /'
+run "alice$ nc $DB4 22"
+if lab_exec alice timeout 3 nc -z -w 2 "$DB4" 22; then echo "  !! alice reached ssh"; exit 1; else echo "  connection timed out: db's own filter dropped it"; fi
+run "ward-coordinator policy explain alice db:22"
+lab_coord policy explain alice db:22 | sed 's/^/  /'
 
 step "What each device sees (ward status)"
 for h in db alice bob; do run "$h$ ward status"; lab_ward "$h" status | sed 's/^/    /'; done

@@ -10,12 +10,13 @@
 //! `run` stays up until SIGINT/SIGTERM, then prints the peer status and counters and removes the
 //! TUN. See `dp_pair.sh` for a two-namespace setup with ping and iperf3.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use ward_client::dataplane::{public_key_for, DataPlane, DataPlaneConfig, PeerConfig};
+use ward_shared::filter::{FilterRule, PortRange, Proto};
 
 #[derive(Parser)]
 struct Cli {
@@ -105,6 +106,24 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         dp.local_port(),
         hex::encode(dp.public_key())
     );
+    // The benchmark peer may open anything here (the filter still runs on every packet).
+    let all = |proto, ports: Vec<PortRange>| FilterRule {
+        rule: "dp-pair-allow-all".into(),
+        service: "all".into(),
+        sources: vec![IpAddr::V4(a.peer_ipv4), IpAddr::V6(a.peer_ipv6)],
+        proto,
+        ports,
+        not_after_ms: None,
+    };
+    let every_port = vec![PortRange {
+        lo: 0,
+        hi: u16::MAX,
+    }];
+    dp.set_filter(vec![
+        all(Proto::Tcp, every_port.clone()),
+        all(Proto::Udp, every_port),
+        all(Proto::Icmp, Vec::new()),
+    ]);
     dp.set_peers(vec![PeerConfig {
         device_id: 2,
         hostname: "peer".into(),
@@ -124,6 +143,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     println!("status: {:?}", dp.status());
     println!("counters: {:?}", dp.counters());
+    println!("filter: {:?}", dp.filter_counters());
     dp.shutdown().await;
     Ok(())
 }

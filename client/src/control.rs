@@ -268,6 +268,8 @@ pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
         CoordinatorMsg::CertRenewed { .. } => "cert_renewed",
         CoordinatorMsg::Pong { .. } => "pong",
         CoordinatorMsg::Error { .. } => "error",
+        CoordinatorMsg::Lease { .. } => "lease",
+        CoordinatorMsg::RotateNow { .. } => "rotate_now",
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use ward_shared::lease::{self, SignedLease};
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{
     Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello, Netmap,
@@ -32,7 +33,10 @@ use crate::state::{State, StateFile, STATE_VERSION};
 /// A peer with no handshake this long after it was configured is reported unreachable.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Short enough that devices are back within seconds of a coordinator restart.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Between receiving the lease for a new key and switching to it: time for peers' deltas.
+const ROTATION_SETTLE: Duration = Duration::from_millis(750);
 /// Renew the device certificate when less than this fraction of its life is left.
 const CERT_RENEW_FRACTION: f64 = 1.0 / 3.0;
 
@@ -63,8 +67,14 @@ struct Shared {
     dataplane: Option<Arc<DataPlane>>,
     control: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
     configured_at: BTreeMap<DeviceId, Instant>,
+    /// The peer configuration last pushed into the data plane.
+    applied: Option<Vec<PeerConfig>>,
     connected_since: Option<Instant>,
     clock_offset_ms: Option<i64>,
+    /// This device's lease on its current key.
+    own_lease: Option<SignedLease>,
+    key_since: Option<Instant>,
+    rotations: u64,
 }
 
 pub struct Daemon {
@@ -105,8 +115,12 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
             dataplane: None,
             control: None,
             configured_at: BTreeMap::new(),
+            applied: None,
             connected_since: None,
             clock_offset_ms: None,
+            own_lease: None,
+            key_since: Some(Instant::now()),
+            rotations: 0,
         }),
     });
     info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "ward daemon started");
@@ -264,6 +278,7 @@ impl Daemon {
                     cert_not_after_ms: enrolled.cert_not_after_ms,
                     wg_private_key: Bytes(wg.to_vec()),
                     enabled: true,
+                    lease_key: enrolled.lease_key,
                 };
                 self.state_file.save(&st)?;
                 info!(device = %st.device_id, hostname = %st.hostname, ipv4 = %st.ipv4, "enrolled");
@@ -307,7 +322,14 @@ impl Daemon {
             .await
             .context("starting the data plane")?;
             info!(tun = %tun, port = dp.local_port(), "data plane up");
-            lock(&self).dataplane = Some(Arc::new(dp));
+            let mut g = lock(&self);
+            if let Some(o) = g.clock_offset_ms {
+                dp.set_clock_offset_ms(o);
+            }
+            g.dataplane = Some(Arc::new(dp));
+            g.applied = None;
+            drop(g);
+            tokio::spawn(enforce_expiry(Arc::downgrade(&self)));
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let me = self.clone();
@@ -370,8 +392,11 @@ impl Daemon {
                     // Leave the network: no peers, no tunnels.
                     g.netmap = None;
                     g.configured_at.clear();
+                    g.own_lease = None;
+                    g.applied = Some(Vec::new());
                     if let Some(dp) = &g.dataplane {
                         dp.set_peers(Vec::new());
+                        dp.set_filter(Vec::new());
                     }
                 }
                 revoked
@@ -431,8 +456,18 @@ impl Daemon {
             update: update.clone(),
         }))
         .await?;
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
-        let mut ping_sent: Option<(u64, Instant, i64)> = None;
+        // Measure the clock offset first: leases are judged in coordinator time.
+        let mut ping_sent: Option<(u64, Instant, i64)> =
+            Some((rand::random::<u64>(), Instant::now(), now_ms()));
+        if let Some((nonce, _, _)) = ping_sent {
+            ch.send(&DeviceMsg::Ping { nonce }).await?;
+        }
+        let mut lease_requested = false;
+        // A rotation in flight: the new private key, and when to switch to it.
+        let mut pending: Option<[u8; 32]> = None;
+        let mut switch: Option<(Instant, [u8; 32], SignedLease)> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 msg = ch.recv() => {
@@ -476,16 +511,81 @@ impl Daemon {
                                 if n == nonce {
                                     let rtt = sent.elapsed().as_millis() as i64;
                                     let offset = coordinator_time_ms - (sent_ms + rtt / 2);
-                                    lock(self).clock_offset_ms = Some(offset);
+                                    let mut g = lock(self);
+                                    if g.clock_offset_ms.is_none_or(|o| (o - offset).abs() > 1000) && offset.abs() > 2000 {
+                                        warn!(offset_ms = offset, "this device's clock differs from the coordinator's; correcting for it");
+                                    }
+                                    g.clock_offset_ms = Some(offset);
+                                    if let Some(dp) = &g.dataplane {
+                                        dp.set_clock_offset_ms(offset);
+                                    }
+                                    apply_peers(&mut g);
                                 }
+                            }
+                            if !lease_requested {
+                                // First lease of this session, for the key in use.
+                                lease_requested = true;
+                                let key = current_public_key(&lock(self));
+                                ch.send(&DeviceMsg::LeaseRequest { wg_public_key: key }).await?;
+                            }
+                        }
+                        CoordinatorMsg::Lease { lease } => {
+                            let (issuer, offset, st_now) = {
+                                let g = lock(self);
+                                (g.state.as_ref().and_then(lease_issuer), g.clock_offset_ms.unwrap_or(0), g.state.clone())
+                            };
+                            let Some(issuer) = issuer else { bail!("no pinned lease key; enroll again") };
+                            let Some(st_now) = st_now else { bail!("not enrolled") };
+                            let coord_now = now_ms() + offset;
+                            lease
+                                .verify_for(&issuer, coord_now, st_now.device_id, st_now.ipv4, st_now.ipv6)
+                                .map_err(|e| anyhow!("the coordinator sent a lease that does not verify: {e}"))?;
+                            let current = current_public_key(&lock(self));
+                            if lease.lease.wg_public_key == current {
+                                info!(serial = lease.lease.serial, expires_in_s = (lease.lease.not_after_ms - coord_now) / 1000, "lease granted");
+                                lock(self).own_lease = Some(lease.clone());
+                                ch.send(&DeviceMsg::LeaseActive { serial: lease.lease.serial }).await?;
+                            } else if let Some(k) = pending.take().filter(|k| WgPublicKey(dataplane::public_key_for(k)) == lease.lease.wg_public_key) {
+                                // Peers already have the new key (the coordinator pushed it before
+                                // answering); give the deltas a moment to land, then switch.
+                                switch = Some((Instant::now() + ROTATION_SETTLE, k, lease));
+                            } else {
+                                warn!(serial = lease.lease.serial, "ignoring a lease for a key this device does not hold");
+                            }
+                        }
+                        CoordinatorMsg::RotateNow { reason } => {
+                            info!(%reason, "coordinator asked for a key rotation");
+                            if pending.is_none() && switch.is_none() {
+                                pending = Some(self.start_rotation(&mut ch).await?);
                             }
                         }
                         CoordinatorMsg::Enrolled(_) => bail!("unexpected enrolled message on a session"),
                     }
                 }
                 _ = tick.tick() => {
-                    let now = update_if_changed(&mut update, self.hello_update());
-                    if let Some(u) = now {
+                    ticks += 1;
+                    if let Some((at, key, lease)) = switch.take() {
+                        if Instant::now() >= at {
+                            self.switch_key(key, &lease)?;
+                            ch.send(&DeviceMsg::LeaseActive { serial: lease.lease.serial }).await?;
+                        } else {
+                            switch = Some((at, key, lease));
+                        }
+                    }
+                    // Rotate when half of the lease is spent.
+                    let due = {
+                        let g = lock(self);
+                        let now = now_ms() + g.clock_offset_ms.unwrap_or(0);
+                        g.own_lease.as_ref().is_some_and(|l| now >= l.lease.not_before_ms + (l.lease.not_after_ms - l.lease.not_before_ms) / 2)
+                    };
+                    if due && pending.is_none() && switch.is_none() {
+                        pending = Some(self.start_rotation(&mut ch).await?);
+                    }
+                    if !ticks.is_multiple_of(40) {
+                        continue;
+                    }
+                    // Every 10 s: endpoints, clock, certificate.
+                    if let Some(u) = update_if_changed(&mut update, self.hello_update()) {
                         ch.send(&DeviceMsg::Update(u)).await?;
                     }
                     let nonce = rand::random::<u64>();
@@ -503,6 +603,38 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Makes a new WireGuard key and asks for a lease on it.
+    async fn start_rotation(&self, ch: &mut Channel) -> Result<[u8; 32]> {
+        let mut k = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
+        let public = WgPublicKey(dataplane::public_key_for(&k));
+        debug!(key = %public.to_base64(), "rotating: asking for a lease on a new key");
+        ch.send(&DeviceMsg::LeaseRequest {
+            wg_public_key: public,
+        })
+        .await?;
+        Ok(k)
+    }
+
+    /// Moves the data plane and the state file to the new key.
+    fn switch_key(&self, key: [u8; 32], lease: &SignedLease) -> Result<()> {
+        let mut g = lock(self);
+        let Some(mut st) = g.state.clone() else {
+            bail!("not enrolled")
+        };
+        st.wg_private_key = Bytes(key.to_vec());
+        self.state_file.save(&st)?;
+        if let Some(dp) = &g.dataplane {
+            dp.rotate_key(key);
+        }
+        g.state = Some(st);
+        g.own_lease = Some(lease.clone());
+        g.key_since = Some(Instant::now());
+        g.rotations += 1;
+        info!(serial = lease.lease.serial, key = %lease.lease.wg_public_key.to_base64(), "rotated to a new WireGuard key");
+        Ok(())
     }
 
     fn status(&self) -> serde_json::Value {
@@ -535,7 +667,12 @@ impl Daemon {
                     ),
                     _ => ("connecting".to_string(), false),
                 };
+                let coord_now = now_ms() + g.clock_offset_ms.unwrap_or(0);
+                let newest = p.leases.iter().max_by_key(|l| l.lease.serial);
                 json!({
+                    "lease_expires_in_secs": newest.map(|l| (l.lease.not_after_ms - coord_now) / 1000),
+                    "key_age_secs": newest.map(|l| (coord_now - l.lease.not_before_ms).max(0) / 1000),
+                    "lease_serial": newest.map(|l| l.lease.serial),
                     "device_id": p.device_id.0,
                     "hostname": p.hostname,
                     "user": p.user,
@@ -562,10 +699,110 @@ impl Daemon {
                 "dropped_no_route": c.dropped_no_route, "dropped_no_endpoint": c.dropped_no_endpoint,
                 "dropped_bad_source": c.dropped_bad_source, "dropped_garbage": c.dropped_garbage,
                 "dropped_bad_tun_packet": c.dropped_bad_tun_packet,
+                "dropped_filter_no_rule": c.dropped_filter_no_rule,
+                "dropped_filter_expired": c.dropped_filter_expired,
+                "dropped_filter_other": c.dropped_filter_other,
+                "icmp_unreachable_sent": c.icmp_unreachable_sent,
             })
+        });
+        let fmt_ports = |proto: &ward_shared::filter::Proto,
+                         ports: &[ward_shared::filter::PortRange]| {
+            let p = serde_json::to_value(proto)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            if ports.is_empty() {
+                return p;
+            }
+            let list: Vec<String> = ports
+                .iter()
+                .map(|r| {
+                    if r.lo == r.hi {
+                        r.lo.to_string()
+                    } else if r.lo == 0 && r.hi == u16::MAX {
+                        "*".into()
+                    } else {
+                        format!("{}-{}", r.lo, r.hi)
+                    }
+                })
+                .collect();
+            format!("{p}/{}", list.join(","))
+        };
+        let now = now_ms() + g.clock_offset_ms.unwrap_or(0);
+        let reach: Vec<serde_json::Value> = g
+            .netmap
+            .as_ref()
+            .map(|nm| nm.reach.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.not_after_ms.is_none_or(|t| t > now))
+            .map(|r| {
+                json!({
+                    "service": r.service, "hostname": r.hostname, "device_id": r.device_id.0,
+                    "ports": fmt_ports(&r.proto, &r.ports), "rule": r.rule,
+                    "expires_in_secs": r.not_after_ms.map(|t| (t - now) / 1000),
+                })
+            })
+            .collect();
+        let names: BTreeMap<std::net::IpAddr, String> = g
+            .netmap
+            .as_ref()
+            .map(|nm| {
+                nm.peers
+                    .iter()
+                    .flat_map(|p| {
+                        [
+                            (IpAddr::V4(p.ipv4), p.hostname.to_string()),
+                            (IpAddr::V6(p.ipv6), p.hostname.to_string()),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let inbound: Vec<serde_json::Value> = g
+            .netmap
+            .as_ref()
+            .map(|nm| nm.inbound.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.not_after_ms.is_none_or(|t| t > now))
+            .map(|r| {
+                let mut from: Vec<String> = r.sources.iter().map(|ip| names.get(ip).cloned().unwrap_or_else(|| ip.to_string())).collect();
+                from.sort();
+                from.dedup();
+                json!({
+                    "service": r.service, "from": from, "ports": fmt_ports(&r.proto, &r.ports), "rule": r.rule,
+                    "expires_in_secs": r.not_after_ms.map(|t| (t - now) / 1000),
+                })
+            })
+            .collect();
+        let own = g.own_lease.as_ref().map(|l| {
+            json!({
+                "serial": l.lease.serial,
+                "expires_in_secs": (l.lease.not_after_ms - now) / 1000,
+                "ttl_secs": (l.lease.not_after_ms - l.lease.not_before_ms) / 1000,
+            })
+        });
+        let clock_warning = g.clock_offset_ms.filter(|o| o.abs() > 30_000).map(|o| {
+            format!(
+                "this device's clock is {:.1} s {} the coordinator's (corrected for)",
+                o.abs() as f64 / 1000.0,
+                if o > 0 { "behind" } else { "ahead of" }
+            )
         });
         json!({
             "state": g.phase,
+            "lease": own,
+            "key": WgPublicKey(dataplane::public_key_for(&{
+                let mut k = [0u8; 32];
+                k.copy_from_slice(&st.wg_private_key.0);
+                k
+            })).to_base64(),
+            "key_age_secs": g.key_since.map(|t| t.elapsed().as_secs()),
+            "rotations": g.rotations,
+            "clock_warning": clock_warning,
+            "reach": reach,
+            "inbound": inbound,
             "device_id": st.device_id.0,
             "hostname": st.hostname,
             "ipv4": st.ipv4,
@@ -583,6 +820,18 @@ impl Daemon {
     }
 }
 
+fn current_public_key(g: &Shared) -> WgPublicKey {
+    let mut k = [0u8; 32];
+    if let Some(st) = &g.state {
+        k.copy_from_slice(&st.wg_private_key.0);
+    }
+    WgPublicKey(dataplane::public_key_for(&k))
+}
+
+fn lease_issuer(st: &State) -> Option<ed25519_dalek::VerifyingKey> {
+    lease::issuer_key(&st.lease_key.0)
+}
+
 fn update_if_changed(current: &mut DeviceUpdate, fresh: DeviceUpdate) -> Option<DeviceUpdate> {
     if *current == fresh {
         return None;
@@ -591,31 +840,58 @@ fn update_if_changed(current: &mut DeviceUpdate, fresh: DeviceUpdate) -> Option<
     Some(fresh)
 }
 
-/// Pushes the netmap's peers into the data plane (peers without a key are skipped).
+/// Pushes the netmap's peers into the data plane: one entry per peer key that holds a valid
+/// lease (signature from the pinned coordinator key, for that peer's addresses, unexpired in
+/// coordinator time). A key without a valid lease is never configured.
 fn apply_peers(g: &mut Shared) {
     let Some(nm) = &g.netmap else { return };
     let now = Instant::now();
+    let coord_now = now_ms() + g.clock_offset_ms.unwrap_or(0);
+    let issuer = g.state.as_ref().and_then(lease_issuer);
     let ids: Vec<DeviceId> = nm.peers.iter().map(|p| p.device_id).collect();
     g.configured_at.retain(|k, _| ids.contains(k));
     for id in &ids {
         g.configured_at.entry(*id).or_insert(now);
     }
-    let peers: Vec<PeerConfig> = nm
-        .peers
-        .iter()
-        .filter_map(|p| {
-            Some(PeerConfig {
-                device_id: p.device_id.0,
-                hostname: p.hostname.to_string(),
-                public_key: p.wg_public_key?.0,
-                ipv4: p.ipv4,
-                ipv6: p.ipv6,
-                endpoints: p.endpoints.clone(),
-            })
-        })
-        .collect();
+    let mut peers: Vec<PeerConfig> = Vec::new();
+    for p in &nm.peers {
+        let Some(issuer) = &issuer else { break };
+        for l in &p.leases {
+            match l.verify_for(issuer, coord_now, p.device_id, p.ipv4, p.ipv6) {
+                Ok(lease) => peers.push(PeerConfig {
+                    device_id: p.device_id.0,
+                    hostname: p.hostname.to_string(),
+                    public_key: lease.wg_public_key.0,
+                    ipv4: p.ipv4,
+                    ipv6: p.ipv6,
+                    endpoints: p.endpoints.clone(),
+                }),
+                Err(e) => debug!(peer = %p.hostname, error = %e, "peer lease not usable"),
+            }
+        }
+    }
+    let changed = g.applied.as_ref() != Some(&peers);
     if let Some(dp) = &g.dataplane {
-        dp.set_peers(peers);
+        if changed {
+            dp.set_peers(peers.clone());
+        }
+        dp.set_filter(nm.inbound.clone());
+    }
+    g.applied = Some(peers);
+}
+
+/// Drops peers whose leases ran out, on this device's own clock (corrected to coordinator
+/// time), whether or not the coordinator can be reached.
+async fn enforce_expiry(d: std::sync::Weak<Daemon>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let Some(d) = d.upgrade() else { return };
+        let mut g = lock(&d);
+        if g.dataplane.is_none() {
+            continue;
+        }
+        apply_peers(&mut g);
     }
 }
 

@@ -152,6 +152,53 @@ fn print_status(v: &serde_json::Value) {
             s(&v["public_key"])
         );
     }
+    let reach = v["reach"].as_array().cloned().unwrap_or_default();
+    println!(
+        "can reach:   {}",
+        if reach.is_empty() {
+            "nothing (no rule allows this device anything)"
+        } else {
+            ""
+        }
+    );
+    for r in &reach {
+        let exp = r["expires_in_secs"]
+            .as_i64()
+            .map(|s| format!("  (expires in {s}s)"))
+            .unwrap_or_default();
+        println!(
+            "  {:<14} on {:<16} {:<16} rule {}{}",
+            s(&r["service"]),
+            s(&r["hostname"]),
+            s(&r["ports"]),
+            s(&r["rule"]),
+            exp
+        );
+    }
+    let inbound = v["inbound"].as_array().cloned().unwrap_or_default();
+    println!(
+        "reachable by: {}",
+        if inbound.is_empty() {
+            "nobody (default deny)"
+        } else {
+            ""
+        }
+    );
+    for r in &inbound {
+        let from: Vec<String> = r["from"].as_array().into_iter().flatten().map(s).collect();
+        let exp = r["expires_in_secs"]
+            .as_i64()
+            .map(|s| format!("  (expires in {s}s)"))
+            .unwrap_or_default();
+        println!(
+            "  {:<14} {:<16} from {}  rule {}{}",
+            s(&r["service"]),
+            s(&r["ports"]),
+            from.join(","),
+            s(&r["rule"]),
+            exp
+        );
+    }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     println!("peers:       {}", peers.len());
     for p in peers {

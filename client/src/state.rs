@@ -33,6 +33,9 @@ pub struct State {
     pub wg_private_key: Bytes,
     /// `ward down` clears this; the daemon then stays off the network across restarts.
     pub enabled: bool,
+    /// The coordinator's Ed25519 lease-signing key, pinned at enrollment.
+    #[serde(default)]
+    pub lease_key: Bytes,
 }
 
 impl std::fmt::Debug for State {
@@ -131,6 +134,7 @@ mod tests {
             cert_not_after_ms: 5,
             wg_private_key: Bytes(vec![7; 32]),
             enabled: true,
+            lease_key: Bytes(vec![3; 32]),
         }
     }
 

@@ -7,7 +7,8 @@ use std::path::Path;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// Longest request line the server reads.
-pub const MAX_ADMIN_LINE: usize = 64 * 1024;
+/// Longest request line the server reads (a 1 MiB policy, base64-encoded, fits).
+pub const MAX_ADMIN_LINE: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -40,6 +41,45 @@ pub enum AdminRequest {
     },
     DeviceRevoke {
         name: String,
+    },
+    DeviceRotate {
+        name: String,
+    },
+    DeviceTag {
+        name: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
+    UserGroups {
+        name: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
+    /// Parse, compile against the live directory, run the policy's tests; change nothing.
+    PolicyCheck {
+        file_name: String,
+        content_b64: String,
+    },
+    /// The same, then store a new version and push it, if every test passes.
+    PolicyApply {
+        file_name: String,
+        content_b64: String,
+    },
+    PolicyShow,
+    PolicyHistory,
+    PolicyExplain {
+        src: String,
+        dst: String,
+    },
+    GrantAdd {
+        from: String,
+        to: String,
+        for_secs: u64,
+        reason: Option<String>,
+    },
+    GrantLs,
+    GrantRm {
+        id: String,
     },
     Audit {
         limit: i64,

@@ -9,19 +9,28 @@
 //! ```
 //!
 //! Netmaps are computed lazily in `poll_output` after any change, and each session gets only
-//! the difference from what it was last sent (a full netmap the first time). For now every
-//! live device may see every other live device; the policy issue narrows that.
+//! the difference from what it was last sent (a full netmap the first time); a device whose
+//! access did not change receives nothing. Who may see whom comes from the compiled policy
+//! (`ward_shared::policy`): no policy, or an empty one, means no peers at all (default deny).
+//! Time-bound rules and grants make the core ask to be woken at their expiry
+//! (`poll_timeout`); the driver then calls `handle_time`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 
 use ward_shared::addr::AddressPools;
+use ward_shared::filter::FilterRule;
+use ward_shared::lease::SignedLease;
+use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
 use ward_shared::wire::{
-    CoordinatorMsg, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer, SelfInfo,
+    CoordinatorMsg, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer, Reach, SelfInfo,
     MAX_ENDPOINTS,
 };
 
-use crate::store::Device;
+use crate::store::{Device, User};
+
+/// Leases kept per device: the current one and the one it is rotating to.
+pub const MAX_LEASES: usize = 2;
 
 /// A control connection, numbered by the driver.
 pub type ConnId = u64;
@@ -45,8 +54,16 @@ pub enum Output {
 struct Session {
     conn: ConnId,
     observed: SocketAddr,
-    /// What this session was last sent: seq and the peers by id.
-    sent: Option<(u64, BTreeMap<DeviceId, Peer>)>,
+    /// What this session was last sent.
+    sent: Option<Sent>,
+}
+
+#[derive(Debug)]
+struct Sent {
+    seq: u64,
+    peers: BTreeMap<DeviceId, Peer>,
+    inbound: Vec<FilterRule>,
+    reach: Vec<Reach>,
 }
 
 #[derive(Debug)]
@@ -54,14 +71,40 @@ pub struct Registry {
     pools: AddressPools,
     devices: BTreeMap<DeviceId, Device>,
     sessions: BTreeMap<DeviceId, Session>,
+    users: BTreeMap<String, User>,
+    grants: Vec<Grant>,
+    /// Each live device's valid leases, oldest first (two while it rotates).
+    leases: BTreeMap<DeviceId, Vec<SignedLease>>,
+    /// `None`: no policy applied yet, which allows nothing.
+    policy: Option<Policy>,
+    compiled: Compiled,
+    now_ms: i64,
     outputs: VecDeque<Output>,
     dirty: bool,
 }
 
 impl Registry {
-    /// Starts from the live devices in the store.
-    pub fn new(pools: AddressPools, devices: impl IntoIterator<Item = Device>) -> Self {
+    /// Starts from the store's devices and users, the current policy and grants.
+    pub fn new(
+        pools: AddressPools,
+        devices: impl IntoIterator<Item = Device>,
+        users: impl IntoIterator<Item = User>,
+        policy: Option<Policy>,
+        grants: Vec<Grant>,
+        leases: Vec<SignedLease>,
+        now_ms: i64,
+    ) -> Self {
+        let mut by_device: BTreeMap<DeviceId, Vec<SignedLease>> = BTreeMap::new();
+        for l in leases {
+            by_device.entry(l.lease.device_id).or_default().push(l);
+        }
+        for v in by_device.values_mut() {
+            v.sort_by_key(|l| l.lease.serial);
+            let extra = v.len().saturating_sub(MAX_LEASES);
+            v.drain(..extra);
+        }
         Self {
+            leases: by_device,
             pools,
             devices: devices
                 .into_iter()
@@ -69,9 +112,113 @@ impl Registry {
                 .map(|d| (d.id, d))
                 .collect(),
             sessions: BTreeMap::new(),
+            users: users.into_iter().map(|u| (u.name.clone(), u)).collect(),
+            grants,
+            policy,
+            compiled: Compiled::default(),
+            now_ms,
             outputs: VecDeque::new(),
-            dirty: false,
+            dirty: true,
         }
+    }
+
+    /// A new policy was applied.
+    pub fn handle_policy(&mut self, policy: Policy) {
+        self.policy = Some(policy);
+        self.dirty = true;
+    }
+
+    /// The set of active just-in-time grants changed.
+    pub fn handle_grants(&mut self, grants: Vec<Grant>) {
+        self.grants = grants;
+        self.dirty = true;
+    }
+
+    /// A user was added or changed (groups, disabled).
+    pub fn handle_user(&mut self, user: User) {
+        self.users.insert(user.name.clone(), user);
+        self.dirty = true;
+    }
+
+    /// Time passes; at a rule's, grant's or lease's expiry the netmaps are recomputed.
+    pub fn handle_time(&mut self, now_ms: i64) {
+        if let Some(t) = self.compiled.next_expiry_ms {
+            if now_ms >= t {
+                self.dirty = true;
+            }
+        }
+        for v in self.leases.values_mut() {
+            let before = v.len();
+            v.retain(|l| l.lease.not_after_ms > now_ms);
+            if v.len() != before {
+                self.dirty = true;
+            }
+        }
+        self.leases.retain(|_, v| !v.is_empty());
+        self.now_ms = now_ms;
+    }
+
+    /// When the driver must call `handle_time` next (coordinator wall clock, ms).
+    pub fn poll_timeout(&self) -> Option<i64> {
+        let lease = self
+            .leases
+            .values()
+            .flatten()
+            .map(|l| l.lease.not_after_ms)
+            .min();
+        match (self.compiled.next_expiry_ms, lease) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A lease was issued: peers learn the new key (alongside the old one) at once.
+    pub fn handle_lease(&mut self, lease: SignedLease) {
+        let id = lease.lease.device_id;
+        if !self.devices.contains_key(&id) {
+            return;
+        }
+        let v = self.leases.entry(id).or_default();
+        v.push(lease);
+        v.sort_by_key(|l| l.lease.serial);
+        let extra = v.len().saturating_sub(MAX_LEASES);
+        v.drain(..extra);
+        self.dirty = true;
+    }
+
+    /// Leases were revoked (rotation finished, or trust withdrawn).
+    pub fn handle_leases_revoked(&mut self, id: DeviceId, serials: &[u64]) {
+        if let Some(v) = self.leases.get_mut(&id) {
+            v.retain(|l| !serials.contains(&l.lease.serial));
+            self.dirty = true;
+        }
+    }
+
+    /// Ask a device to rotate its key now (trust changed).
+    pub fn handle_rotate(&mut self, id: DeviceId, reason: &str) -> bool {
+        let Some(s) = self.sessions.get(&id) else {
+            return false;
+        };
+        self.outputs.push_back(Output::Send {
+            conn: s.conn,
+            msg: CoordinatorMsg::RotateNow {
+                reason: reason.to_string(),
+            },
+        });
+        true
+    }
+
+    /// The directory the policy compiles against.
+    pub fn directory(&self) -> Directory {
+        directory(&self.devices, &self.users, &self.grants)
+    }
+
+    pub fn policy(&self) -> Option<&Policy> {
+        self.policy.as_ref()
+    }
+
+    pub fn compiled(&self) -> &Compiled {
+        &self.compiled
     }
 
     /// A device was enrolled or changed. A device that is no longer live is removed.
@@ -93,6 +240,7 @@ impl Registry {
     /// disappears from every other netmap.
     pub fn handle_device_removed(&mut self, id: DeviceId, reason: &str) {
         self.devices.remove(&id);
+        self.leases.remove(&id);
         if let Some(s) = self.sessions.remove(&id) {
             self.outputs.push_back(Output::Close {
                 conn: s.conn,
@@ -194,6 +342,7 @@ impl Registry {
     }
 
     fn peer_view(&self, d: &Device) -> Peer {
+        let leases = self.leases.get(&d.id).cloned().unwrap_or_default();
         Peer {
             device_id: d.id,
             hostname: d.hostname.clone(),
@@ -201,13 +350,20 @@ impl Registry {
             tags: d.tags.clone(),
             ipv4: d.ipv4,
             ipv6: d.ipv6,
-            wg_public_key: d.wg_public_key,
+            // Peers only ever configure leased keys; the newest is the one to prefer.
+            wg_public_key: leases.last().map(|l| l.lease.wg_public_key),
             endpoints: d.endpoints.clone(),
             online: self.sessions.contains_key(&d.id),
+            leases,
         }
     }
 
     fn recompute(&mut self) {
+        let dir = self.directory();
+        self.compiled = match &self.policy {
+            Some(p) => policy::compile(p, &dir, self.now_ms),
+            None => Compiled::default(),
+        };
         let views: BTreeMap<DeviceId, Peer> = self
             .devices
             .values()
@@ -218,11 +374,21 @@ impl Registry {
             let Some(me) = self.devices.get(&id) else {
                 continue;
             };
+            let access = self.compiled.devices.get(&id);
+            let want: BTreeMap<DeviceId, Peer> = access
+                .map(|a| {
+                    a.peers
+                        .iter()
+                        .filter(|p| **p != id)
+                        .filter_map(|p| views.get(p).map(|v| (*p, v.clone())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let inbound = access.map(|a| a.inbound.clone()).unwrap_or_default();
+            let reach = access.map(|a| a.reach.clone()).unwrap_or_default();
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
-            let mut want = views.clone();
-            want.remove(&id);
             match &mut session.sent {
                 None => {
                     let msg = CoordinatorMsg::Netmap(Netmap {
@@ -236,46 +402,91 @@ impl Registry {
                             observed_addr: Some(session.observed),
                         },
                         peers: want.values().cloned().collect(),
-                        inbound: Vec::new(),
-                        reach: Vec::new(),
+                        inbound: inbound.clone(),
+                        reach: reach.clone(),
                     });
-                    session.sent = Some((1, want));
+                    session.sent = Some(Sent {
+                        seq: 1,
+                        peers: want,
+                        inbound,
+                        reach,
+                    });
                     self.outputs.push_back(Output::Send {
                         conn: session.conn,
                         msg,
                     });
                 }
-                Some((seq, sent)) => {
+                Some(sent) => {
                     let upsert: Vec<Peer> = want
                         .iter()
-                        .filter(|(k, v)| sent.get(k) != Some(v))
+                        .filter(|(k, v)| sent.peers.get(k) != Some(v))
                         .map(|(_, v)| v.clone())
                         .collect();
                     let remove: Vec<DeviceId> = sent
+                        .peers
                         .keys()
                         .filter(|k| !want.contains_key(k))
                         .copied()
                         .collect();
-                    if upsert.is_empty() && remove.is_empty() {
+                    let inbound_changed = sent.inbound != inbound;
+                    let reach_changed = sent.reach != reach;
+                    if upsert.is_empty() && remove.is_empty() && !inbound_changed && !reach_changed
+                    {
                         continue;
                     }
-                    let base = *seq;
-                    *seq += 1;
-                    *sent = want;
+                    let base = sent.seq;
+                    sent.seq += 1;
+                    sent.peers = want;
+                    let msg = CoordinatorMsg::NetmapDelta(NetmapDelta {
+                        base_seq: base,
+                        seq: base + 1,
+                        upsert,
+                        remove,
+                        inbound: inbound_changed.then(|| inbound.clone()),
+                        reach: reach_changed.then(|| reach.clone()),
+                    });
+                    sent.inbound = inbound;
+                    sent.reach = reach;
                     self.outputs.push_back(Output::Send {
                         conn: session.conn,
-                        msg: CoordinatorMsg::NetmapDelta(NetmapDelta {
-                            base_seq: base,
-                            seq: base + 1,
-                            upsert,
-                            remove,
-                            inbound: None,
-                            reach: None,
-                        }),
+                        msg,
                     });
                 }
             }
         }
+    }
+}
+
+/// The policy's view of users, devices and grants.
+pub fn directory(
+    devices: &BTreeMap<DeviceId, Device>,
+    users: &BTreeMap<String, User>,
+    grants: &[Grant],
+) -> Directory {
+    Directory {
+        users: users
+            .values()
+            .map(|u| DirUser {
+                name: u.name.clone(),
+                groups: u.groups.clone(),
+                disabled: u.disabled,
+            })
+            .collect(),
+        devices: devices
+            .values()
+            .map(|d| DirDevice {
+                id: d.id,
+                hostname: d.hostname.to_string(),
+                user: d.user.clone(),
+                tags: d.tags.clone(),
+                ipv4: d.ipv4,
+                ipv6: d.ipv6,
+                live: d.is_live(),
+                posture_passed: Default::default(),
+                quarantined: false,
+            })
+            .collect(),
+        grants: grants.to_vec(),
     }
 }
 
@@ -305,6 +516,36 @@ mod tests {
         }
     }
 
+    /// Everyone in group eng may reach every eng device on any port.
+    fn open_policy() -> Policy {
+        policy::parse(
+            br#"
+[groups]
+eng = ["alice"]
+[services.all]
+devices = ["group:eng"]
+ports = ["tcp/*", "udp/*", "icmp"]
+[[rules]]
+from = ["group:eng"]
+to = ["all"]
+"#,
+            "test.toml",
+        )
+        .unwrap()
+    }
+
+    fn reg(ids: &[u64]) -> Registry {
+        Registry::new(
+            AddressPools::from_random([0; 5]),
+            ids.iter().map(|i| dev(*i)),
+            [],
+            Some(open_policy()),
+            vec![],
+            vec![],
+            0,
+        )
+    }
+
     fn drain(r: &mut Registry) -> Vec<Output> {
         std::iter::from_fn(|| r.poll_output()).collect()
     }
@@ -315,7 +556,7 @@ mod tests {
 
     #[test]
     fn full_netmap_then_deltas() {
-        let mut r = Registry::new(AddressPools::from_random([0; 5]), [dev(1), dev(2), dev(3)]);
+        let mut r = reg(&[1, 2, 3]);
         r.handle_session_opened(
             DeviceId(1),
             10,
@@ -386,7 +627,7 @@ mod tests {
 
     #[test]
     fn revocation_closes_session_and_removes_from_peers() {
-        let mut r = Registry::new(AddressPools::from_random([0; 5]), [dev(1), dev(2)]);
+        let mut r = reg(&[1, 2]);
         r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
             .unwrap();
         r.handle_session_opened(DeviceId(2), 11, addr("10.0.0.2:1"), DeviceUpdate::default())
@@ -414,8 +655,48 @@ mod tests {
     }
 
     #[test]
+    fn no_policy_means_no_peers_and_no_inbound() {
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), dev(2)],
+            [],
+            None,
+            vec![],
+            vec![],
+            0,
+        );
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let out = drain(&mut r);
+        let Output::Send {
+            msg: CoordinatorMsg::Netmap(nm),
+            ..
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert!(nm.peers.is_empty());
+        assert!(nm.inbound.is_empty());
+        // An empty policy is no different.
+        r.handle_policy(policy::parse(b"", "empty.toml").unwrap());
+        assert!(drain(&mut r).is_empty(), "nothing changed, nothing sent");
+        // The open policy gives a delta with the peer and the inbound rules.
+        r.handle_policy(open_policy());
+        let out = drain(&mut r);
+        let Output::Send {
+            msg: CoordinatorMsg::NetmapDelta(d),
+            ..
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(d.upsert.len(), 1);
+        assert!(d.inbound.as_ref().is_some_and(|i| !i.is_empty()));
+    }
+
+    #[test]
     fn newer_session_replaces_older() {
-        let mut r = Registry::new(AddressPools::from_random([0; 5]), [dev(1)]);
+        let mut r = reg(&[1]);
         r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
             .unwrap();
         r.handle_session_opened(DeviceId(1), 11, addr("10.0.0.1:2"), DeviceUpdate::default())

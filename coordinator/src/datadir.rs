@@ -116,6 +116,15 @@ impl DataDir {
         serde_json::from_slice(&raw).with_context(|| format!("{} is corrupt", p.display()))
     }
 
+    pub fn load_lease_key(&self) -> Result<ed25519_dalek::SigningKey> {
+        let raw = fs::read_to_string(self.path.join("lease.key")).context("reading lease.key")?;
+        let bytes = hex::decode(raw.trim()).context("lease.key is corrupt")?;
+        let seed: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("lease.key is corrupt (not 32 bytes)"))?;
+        Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
+    }
+
     pub fn load_ca(&self) -> Result<Ca> {
         let der = fs::read(self.path.join("ca.der")).context("reading ca.der")?;
         let key = fs::read_to_string(self.path.join("ca.key")).context("reading ca.key")?;
@@ -170,6 +179,7 @@ mod tests {
         assert!(err.contains("refusing to overwrite"), "{err}");
         assert!(dd.load_config().is_ok());
         assert!(dd.load_ca().is_ok());
+        assert!(dd.load_lease_key().is_ok());
     }
 
     #[test]

@@ -3,20 +3,14 @@
 //! `init` and `serve` work on the data dir directly; every other subcommand talks to the
 //! running coordinator through its admin socket (`DATA_DIR/admin.sock`).
 
-mod admin;
-mod core;
-mod datadir;
-mod pki;
-mod server;
-mod store;
-
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use admin::AdminRequest;
-use datadir::DataDir;
+use ward_coordinator::admin::{self, AdminRequest};
+use ward_coordinator::datadir::DataDir;
+use ward_coordinator::server;
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +44,19 @@ enum Cmd {
         /// Local address for the QUIC listener (default: 0.0.0.0 and the public address's port).
         #[arg(long, env = "WARD_LISTEN")]
         listen: Option<SocketAddr>,
+        /// Default lease lifetime of a device key.
+        #[arg(long, env = "WARD_LEASE_TTL", default_value = "10m")]
+        lease_ttl: String,
+        /// Lease lifetime for devices with a tag, e.g. `server=1h` (repeatable; the shortest wins).
+        #[arg(
+            long = "lease-ttl-tag",
+            env = "WARD_LEASE_TTL_TAG",
+            value_delimiter = ','
+        )]
+        lease_ttl_tag: Vec<String>,
+        /// No lease lives longer than this, whatever else is configured.
+        #[arg(long, env = "WARD_LEASE_MAX_TTL", default_value = "1h")]
+        lease_max_ttl: String,
     },
     /// Show the running coordinator's state.
     Status {
@@ -62,6 +69,11 @@ enum Cmd {
     Token(TokenCmd),
     #[command(subcommand)]
     Device(DeviceCmd),
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Just-in-time access: time-bound grants that expire on their own.
+    #[command(subcommand)]
+    Grant(GrantCmd),
     /// Show the audit log, or verify its hash chain.
     Audit {
         #[command(subcommand)]
@@ -90,6 +102,67 @@ enum UserCmd {
     Disable { name: String },
     /// Re-enable a disabled user.
     Enable { name: String },
+    /// Add a user to groups or remove them.
+    Groups {
+        name: String,
+        #[arg(long)]
+        add: Vec<String>,
+        #[arg(long)]
+        remove: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Parse, compile against the current users and devices, run the tests. Changes nothing.
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check, show what access changes, store a new version and push it.
+    Apply {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the policy in force.
+    Show,
+    /// List applied versions.
+    History {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allowed or denied, and why: SRC is a user or device, DST is SERVICE|DEVICE[:PORT[/PROTO]].
+    Explain {
+        src: String,
+        dst: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantCmd {
+    /// Grant USER or device:NAME access to SERVICE for a while.
+    Add {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// How long: 90s, 15m, 1h (at most 7d).
+        #[arg(long = "for")]
+        duration: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List active grants.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a grant before it expires.
+    Rm { id: String },
 }
 
 #[derive(Subcommand)]
@@ -131,6 +204,16 @@ enum DeviceCmd {
     },
     /// Revoke a device: its session closes at once and it is refused from then on.
     Revoke { name: String },
+    /// Make the device rotate its WireGuard key now (new key, new lease, old one revoked).
+    Rotate { name: String },
+    /// Change a device's tags.
+    Tag {
+        name: String,
+        #[arg(long)]
+        add: Vec<String>,
+        #[arg(long)]
+        remove: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -183,7 +266,28 @@ async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Serve { listen } => server::serve(dd, listen).await,
+        Cmd::Serve {
+            listen,
+            lease_ttl,
+            lease_ttl_tag,
+            lease_max_ttl,
+        } => {
+            let ms = |s: &str| -> Result<i64> { Ok(admin::parse_duration(s)?.as_millis() as i64) };
+            let mut per_tag_ms = std::collections::BTreeMap::new();
+            for spec in &lease_ttl_tag {
+                let (tag, d) = spec
+                    .split_once('=')
+                    .with_context(|| format!("--lease-ttl-tag wants TAG=DURATION, got {spec:?}"))?;
+                per_tag_ms.insert(tag.to_string(), ms(d)?);
+            }
+            let ttl = server::LeaseTtl {
+                default_ms: ms(&lease_ttl)?,
+                per_tag_ms,
+                max_ms: ms(&lease_max_ttl)?,
+            };
+            anyhow::ensure!(ttl.default_ms >= 1000, "--lease-ttl must be at least 1s");
+            server::serve(dd, listen, ttl).await
+        }
         Cmd::Status { json } => {
             let v = admin::call(&sock, &AdminRequest::Status).await?;
             if json {
@@ -235,6 +339,19 @@ async fn run(cli: Cli) -> Result<()> {
             UserCmd::Enable { name } => {
                 admin::call(&sock, &AdminRequest::UserEnable { name: name.clone() }).await?;
                 eprintln!("user {name} enabled");
+                Ok(())
+            }
+            UserCmd::Groups { name, add, remove } => {
+                let v = admin::call(
+                    &sock,
+                    &AdminRequest::UserGroups {
+                        name: name.clone(),
+                        add,
+                        remove,
+                    },
+                )
+                .await?;
+                eprintln!("user {name} groups: {}", plain(&v["groups"]));
                 Ok(())
             }
         },
@@ -300,9 +417,10 @@ async fn run(cli: Cli) -> Result<()> {
                         ("USER", "user"),
                         ("TAGS", "tags"),
                         ("IPV4", "ipv4"),
-                        ("IPV6", "ipv6"),
                         ("STATE", "state"),
                         ("ONLINE", "online"),
+                        ("LEASE EXPIRES", "lease_expires_ms"),
+                        ("ROTATIONS", "rotations"),
                         ("LAST SEEN", "last_seen_ms"),
                     ],
                 );
@@ -321,6 +439,75 @@ async fn run(cli: Cli) -> Result<()> {
             DeviceCmd::Revoke { name } => {
                 admin::call(&sock, &AdminRequest::DeviceRevoke { name: name.clone() }).await?;
                 eprintln!("device {name} revoked");
+                Ok(())
+            }
+            DeviceCmd::Rotate { name } => {
+                admin::call(&sock, &AdminRequest::DeviceRotate { name: name.clone() }).await?;
+                eprintln!("device {name} is rotating its key");
+                Ok(())
+            }
+            DeviceCmd::Tag { name, add, remove } => {
+                let v = admin::call(
+                    &sock,
+                    &AdminRequest::DeviceTag {
+                        name: name.clone(),
+                        add,
+                        remove,
+                    },
+                )
+                .await?;
+                eprintln!("device {name} tags: {}", plain(&v["tags"]));
+                Ok(())
+            }
+        },
+        Cmd::Policy(c) => policy_cmd(&sock, c).await,
+        Cmd::Grant(c) => match c {
+            GrantCmd::Add {
+                from,
+                to,
+                duration,
+                reason,
+            } => {
+                let d = admin::parse_duration(&duration)?;
+                let v = admin::call(
+                    &sock,
+                    &AdminRequest::GrantAdd {
+                        from,
+                        to,
+                        for_secs: d.as_secs(),
+                        reason,
+                    },
+                )
+                .await?;
+                println!("{}", plain(&v["id"]));
+                eprintln!(
+                    "grant {} expires {}",
+                    plain(&v["id"]),
+                    v["not_after_ms"].as_i64().map(fmt_time).unwrap_or_default()
+                );
+                Ok(())
+            }
+            GrantCmd::Ls { json } => {
+                let v = admin::call(&sock, &AdminRequest::GrantLs).await?;
+                if json {
+                    return print_json(&v);
+                }
+                table(
+                    &v,
+                    &[
+                        ("ID", "id"),
+                        ("FROM", "principal"),
+                        ("TO", "service"),
+                        ("EXPIRES", "not_after_ms"),
+                        ("REASON", "reason"),
+                        ("BY", "actor"),
+                    ],
+                );
+                Ok(())
+            }
+            GrantCmd::Rm { id } => {
+                admin::call(&sock, &AdminRequest::GrantRm { id: id.clone() }).await?;
+                eprintln!("grant {id} removed");
                 Ok(())
             }
         },
@@ -363,6 +550,135 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn policy_cmd(sock: &std::path::Path, c: PolicyCmd) -> Result<()> {
+    use base64::Engine;
+    let read = |file: &PathBuf| -> Result<(String, String)> {
+        let meta =
+            std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
+        anyhow::ensure!(
+            meta.len() <= 1024 * 1024,
+            "{}: policy files are at most 1 MiB ({} bytes)",
+            file.display(),
+            meta.len()
+        );
+        let bytes =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "policy".into());
+        Ok((
+            name,
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+        ))
+    };
+    match c {
+        PolicyCmd::Check { file, json } => {
+            let (file_name, content_b64) = read(&file)?;
+            let v = admin::call(
+                sock,
+                &AdminRequest::PolicyCheck {
+                    file_name,
+                    content_b64,
+                },
+            )
+            .await?;
+            report_policy(&v, json, false)
+        }
+        PolicyCmd::Apply { file, json } => {
+            let (file_name, content_b64) = read(&file)?;
+            let v = admin::call(
+                sock,
+                &AdminRequest::PolicyApply {
+                    file_name,
+                    content_b64,
+                },
+            )
+            .await?;
+            report_policy(&v, json, true)
+        }
+        PolicyCmd::Show => {
+            let v = admin::call(sock, &AdminRequest::PolicyShow).await?;
+            match v["text"].as_str() {
+                Some(t) => {
+                    eprintln!(
+                        "# policy version {} ({})",
+                        plain(&v["version"]),
+                        v["created_ms"].as_i64().map(fmt_time).unwrap_or_default()
+                    );
+                    print!("{t}");
+                }
+                None => eprintln!("no policy applied: everything is denied"),
+            }
+            Ok(())
+        }
+        PolicyCmd::History { json } => {
+            let v = admin::call(sock, &AdminRequest::PolicyHistory).await?;
+            if json {
+                return print_json(&v);
+            }
+            table(
+                &v,
+                &[
+                    ("VERSION", "version"),
+                    ("APPLIED", "created_ms"),
+                    ("BY", "actor"),
+                    ("SHA256", "sha256"),
+                    ("CHANGES", "summary"),
+                ],
+            );
+            Ok(())
+        }
+        PolicyCmd::Explain { src, dst, json } => {
+            let v = admin::call(sock, &AdminRequest::PolicyExplain { src, dst }).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!("{}", plain(&v["text"]));
+            Ok(())
+        }
+    }
+}
+
+/// Prints a check/apply result; fails (exit 1) when the policy was refused.
+fn report_policy(v: &serde_json::Value, json: bool, apply: bool) -> Result<()> {
+    if json {
+        print_json(v)?;
+    } else {
+        for w in v["warnings"].as_array().into_iter().flatten() {
+            println!("warning: {}", plain(w));
+        }
+        for t in v["tests"].as_array().into_iter().flatten() {
+            println!(
+                "{} {}",
+                if t["pass"].as_bool() == Some(true) {
+                    "ok  "
+                } else {
+                    "FAIL"
+                },
+                plain(&t["text"])
+            );
+        }
+        for c in v["changes"].as_array().into_iter().flatten() {
+            println!("{}", plain(c));
+        }
+        if v["ok"].as_bool() == Some(true) && v["changes"].as_array().is_some_and(|c| c.is_empty())
+        {
+            println!("no access changes");
+        }
+        if let Some(ver) = v["version"].as_i64() {
+            println!("applied as version {ver}");
+        }
+    }
+    if v["ok"].as_bool() != Some(true) {
+        anyhow::bail!("{}", plain(&v["message"]));
+    }
+    if !apply && !json {
+        eprintln!("policy is valid; its tests pass");
+    }
+    Ok(())
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {

@@ -4,6 +4,7 @@
 //! core, fans its outputs out to connection tasks), and the admin socket.
 
 use anyhow::{Context, Result};
+use sha2::Digest;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -25,7 +26,9 @@ use crate::admin::{AdminRequest, AdminResponse, MAX_ADMIN_LINE};
 use crate::core::{ConnId, Output, Registry};
 use crate::datadir::{Config, DataDir};
 use crate::pki::{cert_identity, Ca};
-use crate::store::{Audit, Device, EnrollSpec, SqliteStore, Store, StoreError};
+use crate::store::{Audit, Device, EnrollSpec, GrantRow, LeaseRow, SqliteStore, Store, StoreError};
+use ward_shared::lease::{Lease, SignedLease};
+use ward_shared::policy::{self, Compiled, Directory, Grant, Policy};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -64,21 +67,58 @@ enum Event {
     },
     Upserted(Device),
     Removed(DeviceId, String),
-    Online(oneshot::Sender<Vec<DeviceId>>),
+    User(crate::store::User),
+    Lease(SignedLease, oneshot::Sender<()>),
+    LeasesRevoked(DeviceId, Vec<u64>),
+    Rotate(DeviceId, String, oneshot::Sender<bool>),
+    Policy(Policy),
+    Grants(Vec<Grant>),
+    /// What the registry holds now (for admin listings, check, apply and explain).
+    Snapshot(oneshot::Sender<Snap>),
+}
+
+struct Snap {
+    online: Vec<DeviceId>,
+    directory: Directory,
+    compiled: Compiled,
+    policy: Option<Policy>,
+}
+
+/// Lease lifetimes: a coordinator default, per-tag overrides, and a hard maximum.
+#[derive(Debug, Clone)]
+pub struct LeaseTtl {
+    pub default_ms: i64,
+    pub per_tag_ms: std::collections::BTreeMap<String, i64>,
+    pub max_ms: i64,
+}
+
+impl LeaseTtl {
+    /// The shortest TTL among the device's tags (or the default), never above the maximum.
+    pub fn for_tags(&self, tags: &[String]) -> i64 {
+        tags.iter()
+            .filter_map(|t| self.per_tag_ms.get(t).copied())
+            .min()
+            .unwrap_or(self.default_ms)
+            .min(self.max_ms)
+            .max(1_000)
+    }
 }
 
 struct Ctx {
     config: Config,
     ca: Ca,
+    lease_key: ed25519_dalek::SigningKey,
+    lease_ttl: LeaseTtl,
     store: Arc<dyn Store>,
     events: mpsc::UnboundedSender<Event>,
     next_conn: AtomicU64,
     started: Instant,
 }
 
-pub async fn serve(dd: DataDir, listen: Option<SocketAddr>) -> Result<()> {
+pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl) -> Result<()> {
     let config = dd.load_config()?;
     let ca = dd.load_ca()?;
+    let lease_key = dd.load_lease_key()?;
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&dd.db_path())
             .with_context(|| format!("opening {}", dd.db_path().display()))?,
@@ -95,11 +135,35 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>) -> Result<()> {
         }
     };
     let devices = store.list_devices()?;
-    let registry = Registry::new(config.pools, devices);
+    let users = store.list_users()?;
+    let now = now_ms();
+    let current = match store.current_policy()? {
+        None => {
+            info!("no policy applied yet: everything is denied until `policy apply`");
+            None
+        }
+        Some(v) => match policy::parse(v.text.as_bytes(), &format!("policy v{}", v.version)) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                // Fail closed: a stored policy that no longer parses allows nothing.
+                error!(version = v.version, error = %e, "stored policy does not parse; denying everything until a valid policy is applied");
+                None
+            }
+        },
+    };
+    let grants = store.active_grants(now)?.iter().map(grant_of).collect();
+    let leases = store
+        .active_leases(now)?
+        .into_iter()
+        .filter_map(|row| sign_row(&lease_key, &devices, row))
+        .collect();
+    let registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
     let (events, rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(Ctx {
         config,
         ca,
+        lease_key,
+        lease_ttl,
         store,
         events,
         next_conn: AtomicU64::new(1),
@@ -182,9 +246,54 @@ fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
     Ok(sc)
 }
 
+/// Signs a stored lease for the device it belongs to (its addresses come from the registry).
+fn sign_row(
+    key: &ed25519_dalek::SigningKey,
+    devices: &[Device],
+    row: LeaseRow,
+) -> Option<SignedLease> {
+    let d = devices.iter().find(|d| d.id == row.device_id)?;
+    Some(
+        Lease {
+            device_id: d.id,
+            wg_public_key: row.wg_public_key,
+            ipv4: d.ipv4,
+            ipv6: d.ipv6,
+            not_before_ms: row.not_before_ms,
+            not_after_ms: row.not_after_ms,
+            serial: row.serial,
+        }
+        .sign(key),
+    )
+}
+
+fn grant_of(g: &GrantRow) -> Grant {
+    Grant {
+        id: g.id.clone(),
+        from: g.principal.clone(),
+        to: g.service.clone(),
+        not_after_ms: g.not_after_ms,
+        reason: g.reason.clone(),
+    }
+}
+
 async fn registry_actor(mut reg: Registry, mut rx: mpsc::UnboundedReceiver<Event>) {
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
-    while let Some(ev) = rx.recv().await {
+    loop {
+        // Wake for the next rule or grant expiry, or at least every second.
+        let wait = reg
+            .poll_timeout()
+            .map(|t| (t - now_ms()).clamp(50, 1000) as u64)
+            .unwrap_or(1000);
+        let ev = tokio::select! {
+            ev = rx.recv() => match ev { Some(ev) => Some(ev), None => break },
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => None,
+        };
+        reg.handle_time(now_ms());
+        let Some(ev) = ev else {
+            flush(&mut reg, &mut conns);
+            continue;
+        };
         match ev {
             Event::Opened {
                 id,
@@ -207,11 +316,35 @@ async fn registry_actor(mut reg: Registry, mut rx: mpsc::UnboundedReceiver<Event
             }
             Event::Upserted(d) => reg.handle_device_upserted(d),
             Event::Removed(id, why) => reg.handle_device_removed(id, &why),
-            Event::Online(reply) => {
-                let ids = conns_online(&reg);
-                let _ = reply.send(ids);
+            Event::User(u) => reg.handle_user(u),
+            Event::Lease(l, done) => {
+                reg.handle_lease(l);
+                // Peers get the new key before the device hears its lease was granted.
+                flush(&mut reg, &mut conns);
+                let _ = done.send(());
+            }
+            Event::LeasesRevoked(id, serials) => reg.handle_leases_revoked(id, &serials),
+            Event::Rotate(id, why, done) => {
+                let _ = done.send(reg.handle_rotate(id, &why));
+            }
+            Event::Policy(p) => reg.handle_policy(p),
+            Event::Grants(g) => reg.handle_grants(g),
+            Event::Snapshot(reply) => {
+                flush(&mut reg, &mut conns);
+                let _ = reply.send(Snap {
+                    online: conns_online(&reg),
+                    directory: reg.directory(),
+                    compiled: reg.compiled().clone(),
+                    policy: reg.policy().cloned(),
+                });
             }
         }
+        flush(&mut reg, &mut conns);
+    }
+}
+
+fn flush(reg: &mut Registry, conns: &mut HashMap<ConnId, mpsc::Sender<ConnCmd>>) {
+    {
         while let Some(out) = reg.poll_output() {
             match out {
                 Output::Send { conn, msg } => {
@@ -469,6 +602,7 @@ async fn enroll(
         cert_der: Bytes(cert),
         cert_not_after_ms: dev.cert_not_after_ms,
         ca_der: Bytes(ctx.ca.cert_der.clone()),
+        lease_key: Bytes(ctx.lease_key.verifying_key().to_bytes().to_vec()),
     })
 }
 
@@ -623,6 +757,28 @@ async fn session(
                                 }
                             }
                         }
+                        DeviceMsg::LeaseRequest { wg_public_key } => {
+                            match issue_lease(&ctx, &dev, wg_public_key).await {
+                                Ok(lease) => send_msg(&mut send, &CoordinatorMsg::Lease { lease }).await?,
+                                Err((code, message)) => {
+                                    warn!(device = %id, ?code, %message, "lease refused");
+                                    refuse(&conn, &mut send, code, message).await;
+                                    return Ok(());
+                                }
+                            }
+                        }
+                        DeviceMsg::LeaseActive { serial } => {
+                            let store = ctx.store.clone();
+                            let revoked = tokio::task::spawn_blocking(move || store.revoke_leases(id, Some(serial), "rotated", now_ms())).await?;
+                            match revoked {
+                                Ok(serials) if !serials.is_empty() => {
+                                    debug!(device = %id, ?serials, "old leases revoked after rotation");
+                                    let _ = ctx.events.send(Event::LeasesRevoked(id, serials));
+                                }
+                                Ok(_) => {}
+                                Err(e) => warn!(device = %id, error = %e, "revoking old leases failed"),
+                            }
+                        }
                         DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => {
                             refuse(&conn, &mut send, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
                             return Ok(());
@@ -637,6 +793,50 @@ async fn session(
     let _ = ctx.events.send(Event::Closed { id, conn: conn_id });
     info!(device = %id, "device disconnected");
     result
+}
+
+/// Issues, records and signs a lease, and has the registry push it to peers first.
+async fn issue_lease(
+    ctx: &Arc<Ctx>,
+    dev: &Device,
+    key: wire::WgPublicKey,
+) -> Result<SignedLease, (ErrorCode, String)> {
+    let store = ctx.store.clone();
+    let id = dev.id;
+    // Tags can change while connected: read the device afresh.
+    let fresh = tokio::task::spawn_blocking(move || store.device(id))
+        .await
+        .map_err(|e| (ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+    if !fresh.is_live() {
+        return Err((
+            ErrorCode::DeviceRevoked,
+            "the device is not allowed on the network".into(),
+        ));
+    }
+    let ttl = ctx.lease_ttl.for_tags(&fresh.tags);
+    let store = ctx.store.clone();
+    let row = tokio::task::spawn_blocking(move || store.issue_lease(id, key, ttl, now_ms()))
+        .await
+        .map_err(|e| (ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| match e {
+            StoreError::Refused { code, message } => (code, message),
+            other => {
+                error!(device = %id, error = %other, "lease issue failed");
+                (
+                    ErrorCode::Internal,
+                    "the coordinator could not issue a lease".into(),
+                )
+            }
+        })?;
+    let Some(lease) = sign_row(&ctx.lease_key, std::slice::from_ref(&fresh), row) else {
+        return Err((ErrorCode::Internal, "lease for an unknown device".into()));
+    };
+    info!(device = %id, serial = lease.lease.serial, ttl_ms = ttl, "lease issued");
+    let (tx, rx) = oneshot::channel();
+    let _ = ctx.events.send(Event::Lease(lease.clone(), tx));
+    let _ = rx.await;
+    Ok(lease)
 }
 
 fn touch(ctx: &Arc<Ctx>, id: DeviceId, u: &DeviceUpdate) {
@@ -734,12 +934,21 @@ fn unsafe_free_geteuid() -> u32 {
 
 async fn admin_handle(ctx: &Arc<Ctx>, req: AdminRequest) -> AdminResponse {
     let ctx2 = ctx.clone();
-    let online = {
+    let snap = {
         let (tx, rx) = oneshot::channel();
-        let _ = ctx.events.send(Event::Online(tx));
-        rx.await.unwrap_or_default()
+        let _ = ctx.events.send(Event::Snapshot(tx));
+        match rx.await {
+            Ok(s) => s,
+            Err(_) => return AdminResponse::err("the coordinator is shutting down"),
+        }
     };
-    let res = tokio::task::spawn_blocking(move || admin_blocking(&ctx2, req, &online)).await;
+    if let AdminRequest::DeviceRotate { name: n } = &req {
+        return match rotate_device(ctx, n).await {
+            Ok(v) => AdminResponse::ok(v),
+            Err(e) => AdminResponse::err(format!("{e:#}")),
+        };
+    }
+    let res = tokio::task::spawn_blocking(move || admin_blocking(&ctx2, req, &snap)).await;
     match res {
         Ok(Ok(v)) => AdminResponse::ok(v),
         Ok(Err(e)) => AdminResponse::err(format!("{e:#}")),
@@ -747,13 +956,77 @@ async fn admin_handle(ctx: &Arc<Ctx>, req: AdminRequest) -> AdminResponse {
     }
 }
 
+/// `device rotate`: the device makes a new key now; its current leases stop being renewed.
+async fn rotate_device(ctx: &Arc<Ctx>, n: &str) -> Result<serde_json::Value> {
+    let store = ctx.store.clone();
+    let name = n.to_string();
+    let d = tokio::task::spawn_blocking(move || store.device_by_name(&name)).await??;
+    anyhow::ensure!(d.is_live(), "device {n:?} is not active");
+    let (tx, rx) = oneshot::channel();
+    let _ = ctx.events.send(Event::Rotate(
+        d.id,
+        "rotation requested by an administrator".into(),
+        tx,
+    ));
+    let online = rx.await.unwrap_or(false);
+    let store = ctx.store.clone();
+    let hostname = d.hostname.to_string();
+    tokio::task::spawn_blocking(move || {
+        store.append_audit(
+            Audit {
+                actor: "admin",
+                action: "device.rotate",
+                target: &hostname,
+                detail: serde_json::json!({ "online": online }),
+            },
+            now_ms(),
+        )
+    })
+    .await??;
+    if !online {
+        anyhow::bail!(
+            "device {n:?} is not connected; it will get a fresh key and lease when it reconnects"
+        );
+    }
+    Ok(serde_json::json!({ "device": n, "rotating": true }))
+}
+
 fn name(kind: &'static str, s: &str) -> Result<Name> {
     Ok(Name::parse(kind, s)?)
 }
 
-fn device_json(d: &Device, online: &[DeviceId]) -> serde_json::Value {
+fn device_json(d: &Device, online: &[DeviceId], leases: &LeaseInfo) -> serde_json::Value {
     let mut v = serde_json::to_value(d).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
+        let mine: Vec<&LeaseRow> = leases
+            .active
+            .iter()
+            .filter(|l| l.device_id == d.id)
+            .collect();
+        o.insert(
+            "lease_expires_ms".into(),
+            mine.iter().map(|l| l.not_after_ms).max().into(),
+        );
+        o.insert(
+            "lease_serial".into(),
+            mine.iter().map(|l| l.serial).max().into(),
+        );
+        o.insert(
+            "lease_key".into(),
+            mine.iter()
+                .max_by_key(|l| l.serial)
+                .map(|l| l.wg_public_key.to_base64())
+                .into(),
+        );
+        o.insert(
+            "rotations".into(),
+            leases
+                .counts
+                .get(&d.id)
+                .map(|c| (c - 1).max(0))
+                .unwrap_or(0)
+                .into(),
+        );
         o.insert("online".into(), online.contains(&d.id).into());
         o.insert("id".into(), d.id.to_string().into());
         o.insert(
@@ -771,13 +1044,21 @@ fn device_json(d: &Device, online: &[DeviceId]) -> serde_json::Value {
     v
 }
 
-fn admin_blocking(
-    ctx: &Arc<Ctx>,
-    req: AdminRequest,
-    online: &[DeviceId],
-) -> Result<serde_json::Value> {
+struct LeaseInfo {
+    active: Vec<LeaseRow>,
+    counts: std::collections::BTreeMap<DeviceId, i64>,
+}
+
+fn admin_blocking(ctx: &Arc<Ctx>, req: AdminRequest, snap: &Snap) -> Result<serde_json::Value> {
     let now = now_ms();
     let store = &ctx.store;
+    let online = snap.online.as_slice();
+    let leases = || -> Result<LeaseInfo> {
+        Ok(LeaseInfo {
+            active: store.active_leases(now)?,
+            counts: store.lease_counts()?,
+        })
+    };
     let actor = "admin";
     Ok(match req {
         AdminRequest::Status => serde_json::json!({
@@ -797,7 +1078,9 @@ fn admin_blocking(
                 .iter()
                 .map(|g| name("group name", g))
                 .collect::<Result<Vec<_>>>()?;
-            serde_json::to_value(store.add_user(&n, &groups, actor, now)?)?
+            let u = store.add_user(&n, &groups, actor, now)?;
+            let _ = ctx.events.send(Event::User(u.clone()));
+            serde_json::to_value(u)?
         }
         AdminRequest::UserLs => serde_json::to_value(store.list_users()?)?,
         AdminRequest::UserDisable { name: n } => set_user(ctx, &n, true, now)?,
@@ -842,14 +1125,11 @@ fn admin_blocking(
         AdminRequest::TokenRevoke { id } => {
             serde_json::to_value(store.revoke_token(&id, actor, now)?)?
         }
-        AdminRequest::DeviceLs => serde_json::Value::Array(
-            store
-                .list_devices()?
-                .iter()
-                .map(|d| device_json(d, online))
-                .collect(),
-        ),
-        AdminRequest::DeviceShow { name: n } => device_json(&store.device_by_name(&n)?, online),
+        AdminRequest::DeviceLs => {
+            let li = leases()?;
+            serde_json::Value::Array(store.list_devices()?.iter().map(|d| device_json(d, online, &li)).collect())
+        }
+        AdminRequest::DeviceShow { name: n } => device_json(&store.device_by_name(&n)?, online, &leases()?),
         AdminRequest::DeviceRevoke { name: n } => {
             let d = store.revoke_device(&n, actor, now)?;
             let _ = ctx.events.send(Event::Removed(
@@ -857,8 +1137,119 @@ fn admin_blocking(
                 "the device has been revoked by an administrator".into(),
             ));
             info!(device = %d.id, hostname = %d.hostname, "device revoked");
-            device_json(&d, &[])
+            device_json(&d, &[], &leases()?)
         }
+        AdminRequest::DeviceTag { name: n, add, remove } => {
+            let d = store.device_by_name(&n)?;
+            let mut tags: Vec<String> = d.tags.clone();
+            for t in &add {
+                name("tag", t)?;
+                if !tags.contains(t) {
+                    tags.push(t.clone());
+                }
+            }
+            tags.retain(|t| !remove.contains(t));
+            let tags = tags.iter().map(|t| name("tag", t)).collect::<Result<Vec<_>>>()?;
+            let d = store.set_device_tags(&n, &tags, actor, now)?;
+            let _ = ctx.events.send(Event::Upserted(d.clone()));
+            serde_json::json!({ "device": n, "tags": d.tags })
+        }
+        AdminRequest::UserGroups { name: n, add, remove } => {
+            let user = name("user name", &n)?;
+            let cur = store
+                .list_users()?
+                .into_iter()
+                .find(|u| u.name == n)
+                .ok_or_else(|| anyhow::anyhow!("no user named {n:?}"))?;
+            let mut groups = cur.groups.clone();
+            for g in &add {
+                name("group name", g)?;
+                if !groups.contains(g) {
+                    groups.push(g.clone());
+                }
+            }
+            groups.retain(|g| !remove.contains(g));
+            let groups = groups.iter().map(|g| name("group name", g)).collect::<Result<Vec<_>>>()?;
+            let u = store.set_user_groups(&user, &groups, actor, now)?;
+            let _ = ctx.events.send(Event::User(u.clone()));
+            serde_json::json!({ "user": n, "groups": u.groups })
+        }
+        AdminRequest::PolicyCheck { file_name, content_b64 } => policy_check(ctx, snap, &file_name, &content_b64, false, now)?,
+        AdminRequest::PolicyApply { file_name, content_b64 } => policy_check(ctx, snap, &file_name, &content_b64, true, now)?,
+        AdminRequest::PolicyShow => match store.current_policy()? {
+            Some(v) => serde_json::json!({ "version": v.version, "text": v.text, "created_ms": v.created_ms, "sha256": v.sha256 }),
+            None => serde_json::json!({ "version": null, "text": null }),
+        },
+        AdminRequest::PolicyHistory => serde_json::Value::Array(
+            store
+                .policy_history()?
+                .into_iter()
+                .map(|v| serde_json::json!({ "version": v.version, "created_ms": v.created_ms, "actor": v.actor, "sha256": v.sha256, "summary": v.summary }))
+                .collect(),
+        ),
+        AdminRequest::PolicyExplain { src, dst } => {
+            let empty;
+            let p = match &snap.policy {
+                Some(p) => p,
+                None => {
+                    empty = policy::parse(b"", "no policy").map_err(|e| anyhow::anyhow!("{e}"))?;
+                    &empty
+                }
+            };
+            let e = policy::explain(p, &snap.directory, &src, &dst, now).map_err(|e| anyhow::anyhow!("{e}"))?;
+            serde_json::json!({
+                "allowed": e.allowed,
+                "src": e.src,
+                "dst": e.dst,
+                "target": e.target,
+                "devices": e.devices.iter().map(|d| serde_json::json!({
+                    "src": d.src_hostname, "dst": d.dst_hostname, "allowed": d.allowed,
+                    "allowed_by": d.allowed_by.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>(),
+                    "misses": d.misses.iter().map(|m| serde_json::json!({ "rule": m.rule, "reasons": m.reasons })).collect::<Vec<_>>(),
+                    "blocked": d.blocked,
+                })).collect::<Vec<_>>(),
+                "notes": e.notes,
+                "text": e.to_string(),
+            })
+        }
+        AdminRequest::GrantAdd { from, to, for_secs, reason } => {
+            anyhow::ensure!((1..=7 * 86400).contains(&for_secs), "--for must be between 1s and 7d");
+            let p = snap.policy.as_ref().ok_or_else(|| anyhow::anyhow!("no policy is applied, so there is no service {to:?} to grant"))?;
+            anyhow::ensure!(p.services.contains_key(&to), "the policy has no service named {to:?}");
+            let principal = match from.strip_prefix("device:") {
+                Some(host) => {
+                    store.device_by_name(host)?;
+                    from.clone()
+                }
+                None => {
+                    let n = name("user name", &from)?;
+                    anyhow::ensure!(store.list_users()?.iter().any(|u| u.name == n.as_str()), "no user named {from:?} (use device:NAME for a device)");
+                    from.clone()
+                }
+            };
+            let reason = reason.map(|r| r.chars().filter(|c| !c.is_control()).take(200).collect::<String>());
+            let mut idb = [0u8; 6];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut idb);
+            let g = GrantRow {
+                id: format!("g{}", hex::encode(idb)),
+                principal,
+                service: to,
+                not_after_ms: now + for_secs as i64 * 1000,
+                reason,
+                actor: actor.to_string(),
+                created_ms: now,
+            };
+            store.add_grant(&g, now)?;
+            let _ = ctx.events.send(Event::Grants(store.active_grants(now)?.iter().map(grant_of).collect()));
+            serde_json::to_value(&g)?
+        }
+        AdminRequest::GrantLs => serde_json::to_value(store.active_grants(now)?)?,
+        AdminRequest::GrantRm { id } => {
+            let g = store.remove_grant(&id, actor, now)?;
+            let _ = ctx.events.send(Event::Grants(store.active_grants(now)?.iter().map(grant_of).collect()));
+            serde_json::to_value(&g)?
+        }
+        AdminRequest::DeviceRotate { .. } => anyhow::bail!("device rotate is handled asynchronously"),
         AdminRequest::Audit { limit } => {
             serde_json::to_value(store.audit_log(limit.clamp(1, 100_000))?)?
         }
@@ -866,9 +1257,106 @@ fn admin_blocking(
     })
 }
 
+/// `policy check` / `policy apply`: parse, compile against the live directory, run the tests;
+/// on apply (and only if all of that passes) store a new version and push it.
+fn policy_check(
+    ctx: &Arc<Ctx>,
+    snap: &Snap,
+    file_name: &str,
+    content_b64: &str,
+    apply: bool,
+    now: i64,
+) -> Result<serde_json::Value> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(content_b64)
+        .map_err(|_| anyhow::anyhow!("policy content is not valid base64"))?;
+    let refuse = |msg: String, tests: serde_json::Value| -> Result<serde_json::Value> {
+        if apply {
+            ctx.store.append_audit(
+                Audit {
+                    actor: "admin",
+                    action: "policy.refused",
+                    target: file_name,
+                    detail: serde_json::json!({ "reason": msg }),
+                },
+                now,
+            )?;
+            warn!(file = file_name, reason = %msg, "policy refused");
+        }
+        Ok(
+            serde_json::json!({ "ok": false, "message": msg, "tests": tests, "warnings": [], "changes": [] }),
+        )
+    };
+    let p = match policy::parse(&bytes, file_name) {
+        Ok(p) => p,
+        Err(e) => return refuse(e.to_string(), serde_json::json!([])),
+    };
+    let warnings: Vec<String> = policy::warnings(&p, &snap.directory)
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    let compiled = policy::compile(&p, &snap.directory, now);
+    let outcomes = policy::run_tests(&p, &snap.directory, now);
+    let failed = outcomes.iter().filter(|t| !t.pass).count();
+    let tests: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "pass": t.pass,
+                "text": format!("{}: {} -> {} expected {}, got {}: {}", t.pos, t.from, t.target,
+                    if t.expect_allow { "allow" } else { "deny" }, if t.allowed { "allow" } else { "deny" }, t.why),
+            })
+        })
+        .collect();
+    if failed > 0 {
+        return refuse(
+            format!(
+                "{failed} of {} policy tests failed; nothing was applied",
+                outcomes.len()
+            ),
+            serde_json::Value::Array(tests),
+        );
+    }
+    let changes: Vec<String> = policy::diff(&snap.compiled, &compiled, &snap.directory)
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let mut out = serde_json::json!({
+        "ok": true,
+        "message": "policy is valid and its tests pass",
+        "tests": tests,
+        "warnings": warnings,
+        "changes": changes,
+        "devices": compiled.devices.len(),
+    });
+    if apply {
+        let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("policy is not UTF-8"))?;
+        let sha = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+        let summary = if changes.is_empty() {
+            "no access changes".to_string()
+        } else {
+            changes.join("; ")
+        };
+        let version = ctx.store.save_policy(&text, &sha, &summary, "admin", now)?;
+        let _ = ctx.events.send(Event::Policy(p));
+        info!(version, changes = changes.len(), "policy applied");
+        out["version"] = version.into();
+    }
+    Ok(out)
+}
+
 fn set_user(ctx: &Arc<Ctx>, n: &str, disabled: bool, now: i64) -> Result<serde_json::Value> {
     let n = name("user name", n)?;
     let ids = ctx.store.set_user_disabled(&n, disabled, "admin", now)?;
+    if let Some(u) = ctx
+        .store
+        .list_users()?
+        .into_iter()
+        .find(|u| u.name == n.as_str())
+    {
+        let _ = ctx.events.send(Event::User(u));
+    }
     for id in &ids {
         if let Ok(d) = ctx.store.device(*id) {
             let _ = ctx.events.send(Event::Upserted(d));

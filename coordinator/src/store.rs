@@ -10,6 +10,7 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Mutex;
@@ -120,6 +121,39 @@ pub struct AuditVerdict {
     pub message: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    pub version: i64,
+    pub text: String,
+    pub sha256: String,
+    pub actor: String,
+    pub created_ms: i64,
+    /// What the apply changed, as printed to the admin.
+    pub summary: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRow {
+    pub id: String,
+    /// A user name or `device:HOSTNAME`.
+    pub principal: String,
+    pub service: String,
+    pub not_after_ms: i64,
+    pub reason: Option<String>,
+    pub actor: String,
+    pub created_ms: i64,
+}
+
+/// A lease as stored (unsigned; the coordinator signs on the way out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRow {
+    pub serial: u64,
+    pub device_id: DeviceId,
+    pub wg_public_key: WgPublicKey,
+    pub not_before_ms: i64,
+    pub not_after_ms: i64,
+}
+
 /// One audit event to append (in the same transaction as the change it describes).
 pub struct Audit<'a> {
     pub actor: &'a str,
@@ -178,6 +212,55 @@ pub trait Store: Send + Sync {
         now_ms: i64,
     ) -> Result<()>;
     fn set_device_cert(&self, id: DeviceId, not_after_ms: i64, now_ms: i64) -> Result<()>;
+    fn set_device_tags(
+        &self,
+        name: &str,
+        tags: &[Name],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Device>;
+    fn set_user_groups(
+        &self,
+        name: &Name,
+        groups: &[Name],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<User>;
+    /// Stores a new policy version (the caller has checked it) and audits it.
+    fn save_policy(
+        &self,
+        text: &str,
+        sha256: &str,
+        summary: &str,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<i64>;
+    fn current_policy(&self) -> Result<Option<PolicyVersion>>;
+    fn policy_history(&self) -> Result<Vec<PolicyVersion>>;
+    fn add_grant(&self, g: &GrantRow, now_ms: i64) -> Result<()>;
+    /// Grants not removed and not yet expired at `now_ms`.
+    fn active_grants(&self, now_ms: i64) -> Result<Vec<GrantRow>>;
+    fn remove_grant(&self, id: &str, actor: &str, now_ms: i64) -> Result<GrantRow>;
+    /// Records a new lease for a live device's WireGuard key.
+    fn issue_lease(
+        &self,
+        device: DeviceId,
+        key: WgPublicKey,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> Result<LeaseRow>;
+    /// Revokes the device's leases older than `keep_serial` (all of them if `None`).
+    fn revoke_leases(
+        &self,
+        device: DeviceId,
+        keep_serial: Option<u64>,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Vec<u64>>;
+    /// Leases neither revoked nor expired at `now_ms`.
+    fn active_leases(&self, now_ms: i64) -> Result<Vec<LeaseRow>>;
+    /// How many leases each device has been issued (rotation count + 1).
+    fn lease_counts(&self) -> Result<BTreeMap<DeviceId, i64>>;
     fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()>;
     fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
     fn verify_audit(&self) -> Result<AuditVerdict>;
@@ -243,6 +326,41 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
     "#,
+    // 2: policy versions and just-in-time grants.
+    r#"
+    CREATE TABLE policies(
+        version INTEGER PRIMARY KEY,
+        text TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        summary TEXT NOT NULL
+    );
+    CREATE TABLE grants(
+        id TEXT PRIMARY KEY,
+        principal TEXT NOT NULL,
+        service TEXT NOT NULL,
+        not_after_ms INTEGER NOT NULL,
+        reason TEXT,
+        actor TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        removed_ms INTEGER
+    );
+    "#,
+    // 3: leases.
+    r#"
+    CREATE TABLE leases(
+        serial INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id INTEGER NOT NULL REFERENCES devices(id),
+        wg_key TEXT NOT NULL,
+        not_before_ms INTEGER NOT NULL,
+        not_after_ms INTEGER NOT NULL,
+        issued_ms INTEGER NOT NULL,
+        revoked_ms INTEGER,
+        revoke_reason TEXT
+    );
+    CREATE INDEX leases_device ON leases(device_id, serial);
+    "#,
 ];
 
 pub struct SqliteStore {
@@ -290,6 +408,39 @@ impl SqliteStore {
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)
+    }
+}
+
+fn grant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRow> {
+    Ok(GrantRow {
+        id: r.get(0)?,
+        principal: r.get(1)?,
+        service: r.get(2)?,
+        not_after_ms: r.get(3)?,
+        reason: r.get(4)?,
+        actor: r.get(5)?,
+        created_ms: r.get(6)?,
+    })
+}
+
+impl SqliteStore {
+    fn policy_history_limit(&self, limit: i64) -> Result<Vec<PolicyVersion>> {
+        self.with_tx(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT version, text, sha256, actor, created_ms, summary FROM policies ORDER BY version DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit], |r| {
+                Ok(PolicyVersion {
+                    version: r.get(0)?,
+                    text: r.get(1)?,
+                    sha256: r.get(2)?,
+                    actor: r.get(3)?,
+                    created_ms: r.get(4)?,
+                    summary: r.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 }
 
@@ -712,6 +863,10 @@ impl Store for SqliteStore {
             if n == 0 {
                 return Err(StoreError::Conflict(format!("device {name:?} is already revoked")));
             }
+            tx.execute(
+                "UPDATE leases SET revoked_ms = ?2, revoke_reason = 'device revoked' WHERE device_id = ?1 AND revoked_ms IS NULL",
+                params![dev.id.0 as i64, now_ms],
+            )?;
             append_audit_tx(
                 tx,
                 Audit {
@@ -768,6 +923,265 @@ impl Store for SqliteStore {
 
     fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()> {
         self.with_tx(|tx| append_audit_tx(tx, a, now_ms))
+    }
+
+    fn set_device_tags(
+        &self,
+        name: &str,
+        tags: &[Name],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Device> {
+        self.with_tx(|tx| {
+            let n = tx.execute(
+                "UPDATE devices SET tags = ?2 WHERE hostname = ?1",
+                params![name, names_json(tags)],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("no device named {name:?}")));
+            }
+            append_audit_tx(
+                tx,
+                Audit {
+                    actor,
+                    action: "device.tag",
+                    target: name,
+                    detail: serde_json::json!({ "tags": tags.iter().map(|t| t.as_str()).collect::<Vec<_>>() }),
+                },
+                now_ms,
+            )?;
+            query_devices(tx, "WHERE d.hostname = ?1", [name])?
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::NotFound(format!("no device named {name:?}")))
+        })
+    }
+
+    fn set_user_groups(
+        &self,
+        name: &Name,
+        groups: &[Name],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<User> {
+        self.with_tx(|tx| {
+            let (uid, disabled) = user_id(tx, name.as_str())?;
+            tx.execute("DELETE FROM user_groups WHERE user_id = ?1", [uid])?;
+            for g in groups {
+                tx.execute(
+                    "INSERT OR IGNORE INTO user_groups(user_id, grp) VALUES (?1, ?2)",
+                    params![uid, g.as_str()],
+                )?;
+            }
+            let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+            append_audit_tx(
+                tx,
+                Audit {
+                    actor,
+                    action: "user.groups",
+                    target: name.as_str(),
+                    detail: serde_json::json!({ "groups": groups }),
+                },
+                now_ms,
+            )?;
+            let created_ms: i64 =
+                tx.query_row("SELECT created_ms FROM users WHERE id = ?1", [uid], |r| {
+                    r.get(0)
+                })?;
+            Ok(User {
+                name: name.to_string(),
+                groups,
+                disabled,
+                created_ms,
+            })
+        })
+    }
+
+    fn save_policy(
+        &self,
+        text: &str,
+        sha256: &str,
+        summary: &str,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<i64> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO policies(text, sha256, actor, created_ms, summary) VALUES (?1,?2,?3,?4,?5)",
+                params![text, sha256, actor, now_ms, summary],
+            )?;
+            let v = tx.last_insert_rowid();
+            append_audit_tx(
+                tx,
+                Audit {
+                    actor,
+                    action: "policy.apply",
+                    target: &format!("v{v}"),
+                    detail: serde_json::json!({ "sha256": sha256, "changes": summary }),
+                },
+                now_ms,
+            )?;
+            Ok(v)
+        })
+    }
+
+    fn current_policy(&self) -> Result<Option<PolicyVersion>> {
+        Ok(self.policy_history_limit(1)?.into_iter().next())
+    }
+
+    fn policy_history(&self) -> Result<Vec<PolicyVersion>> {
+        self.policy_history_limit(10_000)
+    }
+
+    fn add_grant(&self, g: &GrantRow, now_ms: i64) -> Result<()> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO grants(id, principal, service, not_after_ms, reason, actor, created_ms) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+                params![g.id, g.principal, g.service, g.not_after_ms, g.reason, g.actor, g.created_ms],
+            )?;
+            append_audit_tx(
+                tx,
+                Audit {
+                    actor: &g.actor,
+                    action: "grant.add",
+                    target: &g.id,
+                    detail: serde_json::json!({ "from": g.principal, "to": g.service, "not_after_ms": g.not_after_ms, "reason": g.reason }),
+                },
+                now_ms,
+            )
+        })
+    }
+
+    fn active_grants(&self, now_ms: i64) -> Result<Vec<GrantRow>> {
+        self.with_tx(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT id, principal, service, not_after_ms, reason, actor, created_ms FROM grants WHERE removed_ms IS NULL AND not_after_ms > ?1 ORDER BY created_ms, id",
+            )?;
+            let rows = stmt.query_map([now_ms], grant_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    fn issue_lease(
+        &self,
+        device: DeviceId,
+        key: WgPublicKey,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> Result<LeaseRow> {
+        self.with_tx(|tx| {
+            let dev = query_devices(tx, "WHERE d.id = ?1", [device.0 as i64])?
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::NotFound(format!("no device {device}")))?;
+            if !dev.is_live() {
+                return Err(StoreError::Refused { code: ErrorCode::DeviceRevoked, message: "the device is not allowed on the network".into() });
+            }
+            let not_after = now_ms + ttl_ms;
+            tx.execute(
+                "INSERT INTO leases(device_id, wg_key, not_before_ms, not_after_ms, issued_ms) VALUES (?1,?2,?3,?4,?3)",
+                params![device.0 as i64, key.to_base64(), now_ms, not_after],
+            )?;
+            let serial = tx.last_insert_rowid() as u64;
+            append_audit_tx(
+                tx,
+                Audit {
+                    actor: "device",
+                    action: "lease.issue",
+                    target: dev.hostname.as_str(),
+                    detail: serde_json::json!({ "serial": serial, "wg_key": key.to_base64(), "not_after_ms": not_after, "ttl_ms": ttl_ms }),
+                },
+                now_ms,
+            )?;
+            Ok(LeaseRow { serial, device_id: device, wg_public_key: key, not_before_ms: now_ms, not_after_ms: not_after })
+        })
+    }
+
+    fn revoke_leases(
+        &self,
+        device: DeviceId,
+        keep_serial: Option<u64>,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Vec<u64>> {
+        self.with_tx(|tx| {
+            let keep = keep_serial.map(|k| k as i64).unwrap_or(i64::MAX);
+            let mut stmt = tx.prepare(
+                "SELECT serial FROM leases WHERE device_id = ?1 AND serial < ?2 AND revoked_ms IS NULL AND not_after_ms > ?3 ORDER BY serial",
+            )?;
+            let serials = stmt
+                .query_map(params![device.0 as i64, keep, now_ms], |r| r.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(stmt);
+            if serials.is_empty() {
+                return Ok(vec![]);
+            }
+            tx.execute(
+                "UPDATE leases SET revoked_ms = ?3, revoke_reason = ?4 WHERE device_id = ?1 AND serial < ?2 AND revoked_ms IS NULL AND not_after_ms > ?3",
+                params![device.0 as i64, keep, now_ms, reason],
+            )?;
+            append_audit_tx(
+                tx,
+                Audit {
+                    actor: "coordinator",
+                    action: "lease.revoke",
+                    target: &device.to_string(),
+                    detail: serde_json::json!({ "serials": serials, "reason": reason }),
+                },
+                now_ms,
+            )?;
+            Ok(serials.into_iter().map(|s| s as u64).collect())
+        })
+    }
+
+    fn active_leases(&self, now_ms: i64) -> Result<Vec<LeaseRow>> {
+        self.with_tx(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT serial, device_id, wg_key, not_before_ms, not_after_ms FROM leases WHERE revoked_ms IS NULL AND not_after_ms > ?1 ORDER BY serial",
+            )?;
+            let rows = stmt.query_map([now_ms], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (serial, dev, key, nb, na) = row?;
+                out.push(LeaseRow {
+                    serial: serial as u64,
+                    device_id: DeviceId(dev as u64),
+                    wg_public_key: WgPublicKey::try_from(key).map_err(StoreError::Corrupt)?,
+                    not_before_ms: nb,
+                    not_after_ms: na,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn lease_counts(&self) -> Result<BTreeMap<DeviceId, i64>> {
+        self.with_tx(|tx| {
+            let mut stmt =
+                tx.prepare("SELECT device_id, COUNT(*) FROM leases GROUP BY device_id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((DeviceId(r.get::<_, i64>(0)? as u64), r.get::<_, i64>(1)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<BTreeMap<_, _>>>()?)
+        })
+    }
+
+    fn remove_grant(&self, id: &str, actor: &str, now_ms: i64) -> Result<GrantRow> {
+        self.with_tx(|tx| {
+            let g = tx
+                .query_row(
+                    "SELECT id, principal, service, not_after_ms, reason, actor, created_ms FROM grants WHERE id = ?1 AND removed_ms IS NULL",
+                    [id],
+                    grant_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("no active grant with id {id:?}")))?;
+            tx.execute("UPDATE grants SET removed_ms = ?2 WHERE id = ?1", params![id, now_ms])?;
+            append_audit_tx(tx, Audit { actor, action: "grant.remove", target: id, detail: serde_json::json!({}) }, now_ms)?;
+            Ok(g)
+        })
     }
 
     fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>> {
@@ -1185,6 +1599,79 @@ mod tests {
         let v = s.verify_audit().unwrap();
         assert!(!v.ok);
         assert_eq!(v.first_bad_seq, Some(1));
+    }
+
+    #[test]
+    fn policies_and_grants() {
+        let (s, _) = setup();
+        assert!(s.current_policy().unwrap().is_none());
+        assert_eq!(s.save_policy("a", "h1", "+x", "admin", 10).unwrap(), 1);
+        assert_eq!(s.save_policy("b", "h2", "-x", "admin", 20).unwrap(), 2);
+        assert_eq!(s.current_policy().unwrap().unwrap().text, "b");
+        assert_eq!(s.policy_history().unwrap().len(), 2);
+        let g = GrantRow {
+            id: "g1".into(),
+            principal: "alice".into(),
+            service: "db".into(),
+            not_after_ms: 100,
+            reason: None,
+            actor: "admin".into(),
+            created_ms: 10,
+        };
+        s.add_grant(&g, 10).unwrap();
+        assert_eq!(s.active_grants(50).unwrap(), vec![g.clone()]);
+        assert!(s.active_grants(100).unwrap().is_empty());
+        s.remove_grant("g1", "admin", 60).unwrap();
+        assert!(s.active_grants(50).unwrap().is_empty());
+        assert!(matches!(
+            s.remove_grant("g1", "admin", 70),
+            Err(StoreError::NotFound(_))
+        ));
+        let u = s
+            .set_user_groups(&n("alice"), &[n("ops"), n("eng")], "admin", 80)
+            .unwrap();
+        assert_eq!(u.groups, vec!["ops".to_string(), "eng".to_string()]);
+        assert!(s.verify_audit().unwrap().ok);
+    }
+
+    #[test]
+    fn leases_issue_rotate_revoke() {
+        let (s, pools) = setup();
+        s.create_token(
+            "t",
+            ward_shared::token::hash_secret(b"s"),
+            Some(&n("alice")),
+            &[],
+            5000,
+            1,
+            "admin",
+            1000,
+        )
+        .unwrap();
+        let d = enroll(&s, &pools, "t", b"s", "a", 1, 2000).unwrap();
+        let l1 = s
+            .issue_lease(d.id, WgPublicKey([1; 32]), 10_000, 3000)
+            .unwrap();
+        let l2 = s
+            .issue_lease(d.id, WgPublicKey([2; 32]), 10_000, 4000)
+            .unwrap();
+        assert!(l2.serial > l1.serial);
+        assert_eq!(s.active_leases(5000).unwrap().len(), 2);
+        assert_eq!(
+            s.revoke_leases(d.id, Some(l2.serial), "rotated", 5000)
+                .unwrap(),
+            vec![l1.serial]
+        );
+        assert_eq!(s.active_leases(5000).unwrap(), vec![l2.clone()]);
+        assert!(s.active_leases(14_000).unwrap().is_empty(), "expired");
+        assert_eq!(s.lease_counts().unwrap().get(&d.id), Some(&2));
+        s.revoke_device("a", "admin", 6000).unwrap();
+        assert!(s.active_leases(6000).unwrap().is_empty());
+        assert!(matches!(
+            s.issue_lease(d.id, WgPublicKey([3; 32]), 10_000, 7000),
+            Err(StoreError::Refused { .. })
+        ));
+        assert!(s.verify_audit().unwrap().ok);
     }
 
     #[test]

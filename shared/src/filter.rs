@@ -1,11 +1,16 @@
-//! The inbound packet filter's rule types (the stateful filter itself lives beside them).
+//! The inbound packet filter: its rule types and the stateful [`Filter`] that enforces them.
 //!
 //! The coordinator compiles the policy into, for each device, the rules that say which source
 //! overlay addresses may open which protocol/ports on it; the device enforces them on every
 //! decrypted packet, plus replies to flows it opened itself. What no rule allows is dropped.
 
 use serde::{Deserialize, Serialize};
-use std::net::IpAddr;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,3 +51,686 @@ pub struct FilterRule {
     #[serde(default)]
     pub not_after_ms: Option<i64>,
 }
+
+/// How many flows [`Filter::new`] callers usually allow.
+pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+
+/// Idle timeout of an established TCP flow.
+pub const TCP_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(300);
+/// Idle timeout of a TCP flow seen in one direction only (a SYN without an answer).
+pub const TCP_HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle timeout of a TCP flow after a FIN or RST.
+pub const TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
+pub const UDP_TIMEOUT: Duration = Duration::from_secs(30);
+pub const ICMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// When the table is full of live flows, expired ones are swept at most this often.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Most IPv6 extension headers walked before a packet is refused.
+const MAX_EXT_HEADERS: usize = 8;
+
+/// The filter's decision on an inbound packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allow,
+    Deny(DenyReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, thiserror::Error)]
+pub enum DenyReason {
+    /// No rule allows it and it is not a reply to a flow this device opened.
+    #[error("no rule allows it")]
+    NoRule,
+    /// A rule matched but is past its `not_after_ms`.
+    #[error("the rule that allowed it has expired")]
+    Expired,
+    /// Truncated or inconsistent IP/TCP/UDP/ICMP headers.
+    #[error("malformed packet")]
+    Malformed,
+    /// A non-first fragment (its ports cannot be checked).
+    #[error("non-first fragment")]
+    Fragment,
+    /// A protocol other than TCP, UDP and ICMP echo (and ICMP errors about tracked flows).
+    #[error("unsupported protocol")]
+    UnsupportedProtocol,
+    /// A new flow while the connection table is full of live flows.
+    #[error("connection table full")]
+    TableFull,
+}
+
+/// Counters since the filter was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FilterCounters {
+    /// Inbound packets that opened a flow under a rule.
+    pub allowed_new: u64,
+    /// Inbound packets of a tracked flow (replies to our flows, later packets of allowed ones).
+    pub allowed_tracked: u64,
+    pub denied_no_rule: u64,
+    pub denied_expired: u64,
+    pub denied_malformed: u64,
+    pub denied_fragment: u64,
+    pub denied_unsupported: u64,
+    pub denied_table_full: u64,
+    /// Outbound flows that could not be recorded because the table was full (their replies
+    /// will be denied).
+    pub outbound_untracked: u64,
+    /// Tracked flows cut because no rule allows them any more.
+    pub flows_revoked: u64,
+}
+
+/// The stateful inbound packet filter of one device.
+///
+/// Drive it with every IP packet this device sends ([`Filter::handle_outbound`], which records
+/// the flow so replies pass) and every decrypted packet from a peer
+/// ([`Filter::check_inbound`]); replace the rules with [`Filter::set_rules`] whenever the
+/// netmap changes. Time comes in as `now` (for idle timeouts) and as coordinator time in ms (for
+/// rule expiry); the filter reads no clock and draws no random numbers (the hash seed is passed
+/// to [`Filter::with_seed`]).
+///
+/// An inbound packet passes iff a rule allows it right now (source address, protocol,
+/// destination port; ICMP: echo requests) — the flow is then tracked — or it belongs to a
+/// tracked flow: a reply to one this device opened (TCP/UDP reversed 5-tuple, ICMP echo id), a
+/// later packet of a flow a still-valid rule allowed, or an ICMP error about a tracked flow.
+/// Non-first fragments, other protocols and malformed headers are denied. The table holds at
+/// most `max_flows` flows; expired ones are evicted first, and when it is full of live flows new
+/// flows are denied (fail closed).
+pub struct Filter {
+    rules: Vec<FilterRule>,
+    by_source: HashMap<IpAddr, Vec<u32>, Seeded>,
+    flows: HashMap<FlowKey, Flow, Seeded>,
+    max_flows: usize,
+    last_sweep: Option<Instant>,
+    counters: FilterCounters,
+}
+
+impl Filter {
+    /// A filter with no rules (default deny) and room for `max_flows` tracked flows.
+    pub fn new(max_flows: usize) -> Self {
+        Self::with_seed(max_flows, 0)
+    }
+
+    /// Like [`Filter::new`], with a seed for the table's hash (pass a random one so remote
+    /// parties cannot aim for hash collisions).
+    pub fn with_seed(max_flows: usize, seed: u64) -> Self {
+        Filter {
+            rules: Vec::new(),
+            by_source: HashMap::with_hasher(Seeded(seed)),
+            flows: HashMap::with_hasher(Seeded(seed ^ 0x9e37_79b9_7f4a_7c15)),
+            max_flows: max_flows.max(1),
+            last_sweep: None,
+            counters: FilterCounters::default(),
+        }
+    }
+
+    /// Replaces the rules. Tracked flows that peers opened and that no rule allows any more are
+    /// cut (a revoked grant ends established connections too); flows this device opened stay.
+    pub fn set_rules(&mut self, rules: Vec<FilterRule>) {
+        let mut by_source: HashMap<IpAddr, Vec<u32>, Seeded> =
+            HashMap::with_hasher(self.by_source.hasher().clone());
+        for (i, r) in rules.iter().enumerate() {
+            let Ok(i) = u32::try_from(i) else { break };
+            for s in &r.sources {
+                let v = by_source.entry(canonical_ip(*s)).or_default();
+                if v.last() != Some(&i) {
+                    v.push(i);
+                }
+            }
+        }
+        self.rules = rules;
+        self.by_source = by_source;
+        let mut revoked = 0;
+        let keys: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| matches!(f.origin, Origin::Remote { .. }))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            let m = self.match_rules(k.remote, k.proto, k.local_port, None);
+            let Some(f) = self.flows.get_mut(&k) else {
+                continue;
+            };
+            match m {
+                RuleMatch::Allowed { not_after_ms } | RuleMatch::ExpiredOnly { not_after_ms } => {
+                    f.origin = Origin::Remote { not_after_ms };
+                }
+                RuleMatch::None => {
+                    f.origin = Origin::Revoked;
+                    revoked += 1;
+                }
+            }
+        }
+        self.counters.flows_revoked += revoked;
+    }
+
+    /// The current rules.
+    pub fn rules(&self) -> &[FilterRule] {
+        &self.rules
+    }
+
+    /// An IP packet this device is sending: records its flow so the replies pass.
+    pub fn handle_outbound(&mut self, packet: &[u8], now: Instant) {
+        let Ok(p) = parse_packet(packet, true) else {
+            return;
+        };
+        let (key, tcp_flags, may_open) = match p.l4 {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+            } => {
+                let syn_only = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                (key(Proto::Tcp, p.src, sport, p.dst, dport), flags, syn_only)
+            }
+            L4::Udp { sport, dport } => (key(Proto::Udp, p.src, sport, p.dst, dport), 0, true),
+            L4::Echo { request, id } => (
+                key(Proto::Icmp, p.src, id, p.dst, echo_dir(!request)),
+                0,
+                request,
+            ),
+            L4::IcmpError { .. } => return,
+        };
+        if let Some(f) = self.flows.get_mut(&key) {
+            if f.expires > now {
+                if !matches!(f.origin, Origin::Revoked) {
+                    f.seen_out = true;
+                    f.touch(key.proto, tcp_flags, now);
+                }
+                return;
+            }
+        }
+        if !may_open {
+            return;
+        }
+        let flow = Flow {
+            origin: Origin::Local,
+            expires: now,
+            seen_in: false,
+            seen_out: true,
+            closing: false,
+        };
+        if !self.insert(key, flow, tcp_flags, now) {
+            self.counters.outbound_untracked += 1;
+        }
+    }
+
+    /// A decrypted packet from a peer (its inner source already checked against the peer).
+    pub fn check_inbound(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+        coordinator_now_ms: i64,
+    ) -> Verdict {
+        let v = self.decide(packet, now, coordinator_now_ms);
+        let c = &mut self.counters;
+        match v {
+            Verdict::Allow => {}
+            Verdict::Deny(DenyReason::NoRule) => c.denied_no_rule += 1,
+            Verdict::Deny(DenyReason::Expired) => c.denied_expired += 1,
+            Verdict::Deny(DenyReason::Malformed) => c.denied_malformed += 1,
+            Verdict::Deny(DenyReason::Fragment) => c.denied_fragment += 1,
+            Verdict::Deny(DenyReason::UnsupportedProtocol) => c.denied_unsupported += 1,
+            Verdict::Deny(DenyReason::TableFull) => c.denied_table_full += 1,
+        }
+        v
+    }
+
+    /// Drops every flow idle past its timeout. Optional: lookups ignore expired flows and a full
+    /// table sweeps itself, but a periodic call keeps memory low.
+    pub fn expire(&mut self, now: Instant) {
+        self.flows.retain(|_, f| f.expires > now);
+        self.last_sweep = Some(now);
+    }
+
+    /// Tracked flows (including expired ones not yet swept, and cut flows remembered so that
+    /// this device's own packets cannot reopen them).
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn counters(&self) -> FilterCounters {
+        self.counters
+    }
+
+    fn decide(&mut self, packet: &[u8], now: Instant, coord_ms: i64) -> Verdict {
+        let p = match parse_packet(packet, false) {
+            Ok(p) => p,
+            Err(r) => return Verdict::Deny(r),
+        };
+        let (key, tcp_flags, rule_port, may_open) = match p.l4 {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+            } => (
+                key(Proto::Tcp, p.dst, dport, p.src, sport),
+                flags,
+                dport,
+                true,
+            ),
+            L4::Udp { sport, dport } => {
+                (key(Proto::Udp, p.dst, dport, p.src, sport), 0, dport, true)
+            }
+            L4::Echo { request, id } => (
+                key(Proto::Icmp, p.dst, id, p.src, echo_dir(request)),
+                0,
+                0,
+                request,
+            ),
+            L4::IcmpError { inner } => {
+                // About a packet this device sent: the embedded header is ours, outbound.
+                let ok = self
+                    .flows
+                    .get(&inner)
+                    .is_some_and(|f| f.expires > now && !matches!(f.origin, Origin::Revoked))
+                    && inner.remote == canonical_ip(p.src);
+                if ok {
+                    self.counters.allowed_tracked += 1;
+                    return Verdict::Allow;
+                }
+                return Verdict::Deny(DenyReason::NoRule);
+            }
+        };
+        let mut tombstone = false;
+        if let Some(f) = self.flows.get_mut(&key) {
+            if f.expires > now {
+                let valid = match f.origin {
+                    Origin::Local => true,
+                    Origin::Remote { not_after_ms } => match not_after_ms {
+                        Some(t) => coord_ms < t,
+                        None => true,
+                    },
+                    Origin::Revoked => false,
+                };
+                if valid && (may_open || matches!(f.origin, Origin::Local)) {
+                    f.seen_in = true;
+                    f.touch(key.proto, tcp_flags, now);
+                    self.counters.allowed_tracked += 1;
+                    return Verdict::Allow;
+                }
+                tombstone = true;
+            }
+        }
+        if !may_open {
+            return Verdict::Deny(DenyReason::NoRule);
+        }
+        match self.match_rules(key.remote, key.proto, rule_port, Some(coord_ms)) {
+            RuleMatch::Allowed { not_after_ms } => {
+                let flow = Flow {
+                    origin: Origin::Remote { not_after_ms },
+                    expires: now,
+                    seen_in: true,
+                    seen_out: false,
+                    closing: false,
+                };
+                if self.insert(key, flow, tcp_flags, now) {
+                    self.counters.allowed_new += 1;
+                    Verdict::Allow
+                } else {
+                    Verdict::Deny(DenyReason::TableFull)
+                }
+            }
+            m @ (RuleMatch::ExpiredOnly { .. } | RuleMatch::None) => {
+                let expired = matches!(m, RuleMatch::ExpiredOnly { .. });
+                if let Some(f) = self.flows.get_mut(&key) {
+                    if tombstone || matches!(f.origin, Origin::Remote { .. }) {
+                        // Keep the cut flow remembered while the peer keeps trying.
+                        f.origin = Origin::Revoked;
+                        f.touch(key.proto, tcp_flags, now);
+                    }
+                }
+                Verdict::Deny(if expired {
+                    DenyReason::Expired
+                } else {
+                    DenyReason::NoRule
+                })
+            }
+        }
+    }
+
+    /// Which rules allow `src` to open `proto`/`port` here. With `coord_ms`, expired rules do
+    /// not allow; without, expiry is ignored. `not_after_ms` is the latest of the matching
+    /// rules (`None` if one never expires).
+    fn match_rules(
+        &self,
+        src: IpAddr,
+        proto: Proto,
+        port: u16,
+        coord_ms: Option<i64>,
+    ) -> RuleMatch {
+        let Some(idx) = self.by_source.get(&src) else {
+            return RuleMatch::None;
+        };
+        let mut best: Option<Option<i64>> = None;
+        let mut expired: Option<Option<i64>> = None;
+        for i in idx {
+            let Some(r) = self.rules.get(*i as usize) else {
+                continue;
+            };
+            if r.proto != proto
+                || (proto != Proto::Icmp && !r.ports.iter().any(|x| x.contains(port)))
+            {
+                continue;
+            }
+            let live = match (r.not_after_ms, coord_ms) {
+                (Some(t), Some(now)) => now < t,
+                _ => true,
+            };
+            let slot = if live { &mut best } else { &mut expired };
+            *slot = Some(match (*slot, r.not_after_ms) {
+                (None, n) => n,
+                (Some(None), _) | (Some(_), None) => None,
+                (Some(Some(a)), Some(b)) => Some(a.max(b)),
+            });
+        }
+        match (best, expired) {
+            (Some(not_after_ms), _) => RuleMatch::Allowed { not_after_ms },
+            (None, Some(not_after_ms)) => RuleMatch::ExpiredOnly { not_after_ms },
+            (None, None) => RuleMatch::None,
+        }
+    }
+
+    /// Inserts (or replaces) a flow; false if the table is full of live flows.
+    fn insert(&mut self, key: FlowKey, mut flow: Flow, tcp_flags: u8, now: Instant) -> bool {
+        if !self.flows.contains_key(&key) && self.flows.len() >= self.max_flows {
+            let due = match self.last_sweep {
+                Some(t) => now.saturating_duration_since(t) >= SWEEP_INTERVAL,
+                None => true,
+            };
+            if due {
+                self.expire(now);
+            }
+            if self.flows.len() >= self.max_flows {
+                return false;
+            }
+        }
+        flow.touch(key.proto, tcp_flags, now);
+        self.flows.insert(key, flow);
+        true
+    }
+}
+
+impl fmt::Debug for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Filter")
+            .field("rules", &self.rules.len())
+            .field("flows", &self.flows.len())
+            .field("max_flows", &self.max_flows)
+            .field("counters", &self.counters)
+            .finish()
+    }
+}
+
+enum RuleMatch {
+    Allowed { not_after_ms: Option<i64> },
+    ExpiredOnly { not_after_ms: Option<i64> },
+    None,
+}
+
+/// A flow from this device's point of view (the same key for both directions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FlowKey {
+    proto: Proto,
+    local: IpAddr,
+    remote: IpAddr,
+    /// TCP/UDP local port; ICMP echo identifier.
+    local_port: u16,
+    remote_port: u16,
+}
+
+fn key(proto: Proto, local: IpAddr, local_port: u16, remote: IpAddr, remote_port: u16) -> FlowKey {
+    FlowKey {
+        proto,
+        local: canonical_ip(local),
+        remote: canonical_ip(remote),
+        local_port,
+        remote_port,
+    }
+}
+
+/// ICMP echo flows carry who sent the request in the key's remote port: 0 for this device's
+/// requests, 1 for a peer's (so a peer cannot ride on an echo id this device used).
+fn echo_dir(peer_requested: bool) -> u16 {
+    u16::from(peer_requested)
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// This device opened it: replies pass.
+    Local,
+    /// A peer opened it under a rule valid until `not_after_ms`.
+    Remote { not_after_ms: Option<i64> },
+    /// A peer's flow that no rule allows any more: remembered so this device's own packets on
+    /// it do not reopen it as a local flow.
+    Revoked,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    origin: Origin,
+    expires: Instant,
+    seen_in: bool,
+    seen_out: bool,
+    closing: bool,
+}
+
+impl Flow {
+    fn touch(&mut self, proto: Proto, tcp_flags: u8, now: Instant) {
+        let timeout = match proto {
+            Proto::Tcp => {
+                if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                    self.closing = true;
+                }
+                if self.closing {
+                    TCP_CLOSING_TIMEOUT
+                } else if self.seen_in && self.seen_out {
+                    TCP_ESTABLISHED_TIMEOUT
+                } else {
+                    TCP_HALF_OPEN_TIMEOUT
+                }
+            }
+            Proto::Udp => UDP_TIMEOUT,
+            Proto::Icmp => ICMP_TIMEOUT,
+        };
+        self.expires = now + timeout;
+    }
+}
+
+/// SipHash keyed by a seed: deterministic for a given seed, no OS randomness.
+#[derive(Debug, Clone)]
+struct Seeded(u64);
+
+impl BuildHasher for Seeded {
+    type Hasher = DefaultHasher;
+    fn build_hasher(&self) -> DefaultHasher {
+        let mut h = DefaultHasher::new();
+        h.write_u64(self.0);
+        h
+    }
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+struct Parsed {
+    src: IpAddr,
+    dst: IpAddr,
+    l4: L4,
+}
+
+enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Echo {
+        request: bool,
+        id: u16,
+    },
+    /// An ICMP error; `inner` is the flow of the packet it is about, as this device sent it.
+    IcmpError {
+        inner: FlowKey,
+    },
+}
+
+/// Parses the headers the filter needs. `embedded_ok`: whether ICMP errors are parsed (not for
+/// packets embedded in an ICMP error, and not needed outbound).
+fn parse_packet(p: &[u8], outbound: bool) -> Result<Parsed, DenyReason> {
+    let (src, dst, proto, l4) = ip_header(p, false)?;
+    let l4 = match proto {
+        6 => {
+            if l4.len() < 20 {
+                return Err(DenyReason::Malformed);
+            }
+            L4::Tcp {
+                sport: be16(l4, 0),
+                dport: be16(l4, 2),
+                flags: l4[13],
+            }
+        }
+        17 => {
+            if l4.len() < 8 {
+                return Err(DenyReason::Malformed);
+            }
+            L4::Udp {
+                sport: be16(l4, 0),
+                dport: be16(l4, 2),
+            }
+        }
+        1 | 58 => {
+            if l4.len() < 8 {
+                return Err(DenyReason::Malformed);
+            }
+            let v6 = proto == 58;
+            let ty = l4[0];
+            match (v6, ty) {
+                (false, 8) | (true, 128) => L4::Echo {
+                    request: true,
+                    id: be16(l4, 4),
+                },
+                (false, 0) | (true, 129) => L4::Echo {
+                    request: false,
+                    id: be16(l4, 4),
+                },
+                (false, 3 | 11 | 12) | (true, 1..=4) if !outbound => L4::IcmpError {
+                    inner: embedded_flow(&l4[8..], v6)?,
+                },
+                _ => return Err(DenyReason::UnsupportedProtocol),
+            }
+        }
+        _ => return Err(DenyReason::UnsupportedProtocol),
+    };
+    Ok(Parsed { src, dst, l4 })
+}
+
+/// The flow of the (truncated) packet inside an ICMP error, keyed as this device sent it.
+fn embedded_flow(p: &[u8], v6: bool) -> Result<FlowKey, DenyReason> {
+    if (p.first().map(|b| b >> 4) == Some(6)) != v6 {
+        return Err(DenyReason::Malformed);
+    }
+    let (src, dst, proto, l4) = ip_header(p, true)?;
+    if l4.len() < 8 {
+        return Err(DenyReason::Malformed);
+    }
+    match proto {
+        6 => Ok(key(Proto::Tcp, src, be16(l4, 0), dst, be16(l4, 2))),
+        17 => Ok(key(Proto::Udp, src, be16(l4, 0), dst, be16(l4, 2))),
+        1 | 58 if l4[0] == 8 || l4[0] == 128 => Ok(key(Proto::Icmp, src, be16(l4, 4), dst, 0)),
+        _ => Err(DenyReason::UnsupportedProtocol),
+    }
+}
+
+/// (source, destination, protocol, transport bytes). `truncated_ok`: the packet may be cut
+/// short of its total length (as inside ICMP errors).
+fn ip_header(p: &[u8], truncated_ok: bool) -> Result<(IpAddr, IpAddr, u8, &[u8]), DenyReason> {
+    match p.first().map(|b| b >> 4) {
+        Some(4) => {
+            if p.len() < 20 {
+                return Err(DenyReason::Malformed);
+            }
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            let total = usize::from(be16(p, 2));
+            if ihl < 20 || ihl > p.len() || total < ihl || (total > p.len() && !truncated_ok) {
+                return Err(DenyReason::Malformed);
+            }
+            let frag = be16(p, 6);
+            if frag & 0x1fff != 0 {
+                return Err(DenyReason::Fragment);
+            }
+            let src = IpAddr::V4(Ipv4Addr::new(p[12], p[13], p[14], p[15]));
+            let dst = IpAddr::V4(Ipv4Addr::new(p[16], p[17], p[18], p[19]));
+            let end = total.min(p.len());
+            Ok((src, dst, p[9], &p[ihl..end]))
+        }
+        Some(6) => {
+            if p.len() < 40 {
+                return Err(DenyReason::Malformed);
+            }
+            let total = 40 + usize::from(be16(p, 4));
+            if total > p.len() && !truncated_ok {
+                return Err(DenyReason::Malformed);
+            }
+            let end = total.min(p.len());
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&p[8..24]);
+            let mut dst = [0u8; 16];
+            dst.copy_from_slice(&p[24..40]);
+            let mut next = p[6];
+            let mut off = 40;
+            for _ in 0..MAX_EXT_HEADERS {
+                match next {
+                    0 | 43 | 60 => {
+                        if off + 8 > end {
+                            return Err(DenyReason::Malformed);
+                        }
+                        next = p[off];
+                        off += (usize::from(p[off + 1]) + 1) * 8;
+                    }
+                    44 => {
+                        if off + 8 > end {
+                            return Err(DenyReason::Malformed);
+                        }
+                        if be16(p, off + 2) >> 3 != 0 {
+                            return Err(DenyReason::Fragment);
+                        }
+                        next = p[off];
+                        off += 8;
+                    }
+                    _ => {
+                        if off > end {
+                            return Err(DenyReason::Malformed);
+                        }
+                        return Ok((
+                            IpAddr::V6(Ipv6Addr::from(src)),
+                            IpAddr::V6(Ipv6Addr::from(dst)),
+                            next,
+                            &p[off..end],
+                        ));
+                    }
+                }
+            }
+            Err(DenyReason::UnsupportedProtocol)
+        }
+        _ => Err(DenyReason::Malformed),
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

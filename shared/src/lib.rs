@@ -5,7 +5,11 @@
 //! - [`token`]: the enrollment token format (coordinator address + CA fingerprint + secret).
 //! - [`names`]: newtypes for hostnames and user names, parsed and sanitized once.
 //! - [`addr`]: overlay address pools (IPv4 from 100.64.0.0/10, an IPv6 ULA /48).
-//! - [`filter`]: inbound filter rules compiled from the policy.
+//! - [`filter`]: inbound filter rules compiled from the policy, and the stateful packet filter
+//!   that enforces them on every decrypted packet.
+//! - [`policy`]: the policy language (TOML), its compiler to per-device access, its tests,
+//!   `explain` and `diff`.
+//! - [`lease`]: coordinator-signed, expiring leases binding a WireGuard key to a device.
 //! - [`secret`]: a byte-string type that redacts itself in `Debug`.
 //!
 //! This crate must not depend on tokio, quinn, clap, a database or anything that touches the
@@ -13,7 +17,9 @@
 
 pub mod addr;
 pub mod filter;
+pub mod lease;
 pub mod names;
+pub mod policy;
 pub mod secret;
 pub mod token;
 pub mod wire;

@@ -8,7 +8,9 @@
 //!
 //! ## Versions
 //! - 1: first version: enroll, hello, netmap full/delta, certificate renewal, time ping;
-//!   netmaps carry the inbound filter (`inbound`) and the reach list (`reach`).
+//!   netmaps carry the inbound filter (`inbound`) and the reach list (`reach`); leases
+//!   (`lease_request`, `lease`, `lease_active`, `rotate_now`, `Peer.leases`,
+//!   `Enrolled.lease_key`).
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::filter::{FilterRule, PortRange, Proto};
+use crate::lease::SignedLease;
 use crate::names::Hostname;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -78,7 +81,7 @@ impl From<WgPublicKey> for String {
 }
 
 /// Bytes carried as base64 in JSON (certificates, CSRs).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Bytes(pub Vec<u8>);
 
@@ -118,6 +121,10 @@ pub enum DeviceMsg {
     RenewCert { csr_der: Bytes },
     /// Clock offset measurement.
     Ping { nonce: u64 },
+    /// Ask for a lease on a WireGuard public key this device just generated.
+    LeaseRequest { wg_public_key: WgPublicKey },
+    /// The device now uses the key of lease `serial`; older leases may be revoked.
+    LeaseActive { serial: u64 },
 }
 
 /// Messages the coordinator sends.
@@ -136,6 +143,14 @@ pub enum CoordinatorMsg {
     Pong {
         nonce: u64,
         coordinator_time_ms: i64,
+    },
+    /// The lease asked for with `lease_request`.
+    Lease {
+        lease: SignedLease,
+    },
+    /// Trust changed: make a new key and get a new lease now.
+    RotateNow {
+        reason: String,
     },
     /// The request was refused; on `Enroll`/`Hello` the coordinator then closes the connection.
     Error {
@@ -199,6 +214,9 @@ pub struct Enrolled {
     pub cert_der: Bytes,
     pub cert_not_after_ms: i64,
     pub ca_der: Bytes,
+    /// The coordinator's Ed25519 lease-signing public key, pinned by the device.
+    #[serde(default)]
+    pub lease_key: Bytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,6 +276,10 @@ pub struct Peer {
     /// Whether the peer holds a live control session right now.
     #[serde(default)]
     pub online: bool,
+    /// The peer's current leases (two during a key rotation); a key without a valid lease is
+    /// never configured.
+    #[serde(default)]
+    pub leases: Vec<SignedLease>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -444,6 +466,7 @@ mod tests {
             wg_public_key: Some(WgPublicKey([id as u8; 32])),
             endpoints: vec!["10.0.0.1:51820".parse().unwrap()],
             online: true,
+            leases: vec![],
         }
     }
 

@@ -20,6 +20,7 @@ lab_coord user add bob >/dev/null
 lab_device_up db "$(lab_token --tag server)" >/dev/null
 lab_device_up alice "$(lab_token --user alice)" >/dev/null
 lab_device_up bob "$(lab_token --user bob)" >/dev/null
+lab_coord policy apply "$E2E_DIR/policies/open-lab.toml" >/dev/null
 DB4=$(lab_ward_ipv4 db); DB6=$(lab_ward_json_get db 's["ipv6"]')
 AL4=$(lab_ward_ipv4 alice); AL6=$(lab_ward_json_get alice 's["ipv6"]')
 BO4=$(lab_ward_ipv4 bob); BO6=$(lab_ward_json_get bob 's["ipv6"]')

@@ -440,7 +440,8 @@ lab_have_ward() {
     [[ -x "$(lab_ward_bin ward)" && -x "$(lab_ward_bin ward-coordinator)" ]]
 }
 
-# lab_start_coordinator [HOST=wan] [PORT=7443]: init a coordinator data dir
+# lab_start_coordinator [HOST=wan] [PORT=7443]: (extra `serve` flags in
+# $LAB_COORD_SERVE_ARGS) init a coordinator data dir
 # ($LAB_DIR/coordinator) with --public-addr $(lab_public_ip HOST):PORT and
 # start `serve` in HOST. Waits until the admin CLI answers. Prints nothing.
 lab_start_coordinator() {
@@ -453,7 +454,8 @@ lab_start_coordinator() {
     lab_exec "$host" "$bin" init --data-dir "$dir" --public-addr "$addr" \
         >>"$LAB_DIR/logs/coordinator-init.log" 2>&1 ||
         { tail -n 20 "$LAB_DIR/logs/coordinator-init.log" >&2; _lab_die "coordinator init failed"; return 1; }
-    lab_spawn "$host" coordinator.log "$bin" serve --data-dir "$dir"
+    # shellcheck disable=SC2086 # LAB_COORD_SERVE_ARGS is a list of extra flags
+    lab_spawn "$host" coordinator.log "$bin" serve --data-dir "$dir" ${LAB_COORD_SERVE_ARGS:-}
     echo "$host" >"$LAB_DIR/coord_host"
     echo "$addr" >"$LAB_DIR/coord_addr"
     lab_wait_for lab_coord device ls --json ||
@@ -476,6 +478,7 @@ lab_coord_addr() { _lab_need_init || return 1; cat "$LAB_DIR/coord_addr"; }
 lab_ward_socket() { _lab_need_init || return 1; echo "$LAB_DIR/dev-${1:?usage: lab_ward_socket HOST}/ward.sock"; }
 
 # lab_start_device HOST [PORT=51820] [TUN=ward0]: start `ward daemon` in HOST
+# (prefixed by $LAB_WARD_WRAPPER if set, e.g. LAB_WARD_WRAPPER="faketime +10m")
 # (state dir $LAB_DIR/dev-HOST, socket $LAB_DIR/dev-HOST/ward.sock) and wait
 # for its socket. Prints nothing.
 lab_start_device() {
@@ -488,7 +491,8 @@ lab_start_device() {
     sock="$state/ward.sock"
     mkdir -p "$state/state"
     chmod 700 "$state" "$state/state"
-    lab_spawn "$host" "ward-$host.log" "$bin" daemon --state-dir "$state/state" \
+    # shellcheck disable=SC2086 # LAB_WARD_WRAPPER is a command prefix, e.g. "faketime +10m"
+    lab_spawn "$host" "ward-$host.log" ${LAB_WARD_WRAPPER:-} "$bin" daemon --state-dir "$state/state" \
         --socket "$sock" --tun "$tun" --port "$port"
     lab_wait_for test -S "$sock" ||
         { tail -n 20 "$LAB_DIR/logs/ward-$host.log" >&2; _lab_die "ward daemon in $host did not come up"; return 1; }

@@ -19,6 +19,7 @@ fn three_devices_enroll_and_see_each_other() {
     let tmp = tempfile::tempdir().unwrap();
     let c = Coordinator::init(tmp.path());
     c.admin(&["user", "add", "alice", "--group", "eng"]);
+    c.allow_user_devices("alice");
     let agents: Vec<Agent> = (1..=3)
         .map(|i| Agent::start(tmp.path(), &format!("a{i}")))
         .collect();
@@ -51,6 +52,40 @@ fn three_devices_enroll_and_see_each_other() {
         table.contains("laptop2") && table.contains("HOSTNAME"),
         "{table}"
     );
+}
+
+#[test]
+fn default_deny_without_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Coordinator::init(tmp.path());
+    c.admin(&["user", "add", "zed"]);
+    let agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::start(tmp.path(), &format!("z{i}")))
+        .collect();
+    for (i, a) in agents.iter().enumerate() {
+        assert!(a
+            .up(&c.token(&["--user", "zed"]), &format!("z{}", i + 1))
+            .status
+            .success());
+    }
+    wait_until("connected", Duration::from_secs(5), || {
+        agents[0].status()["state"] == "connected"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agents[0].peer_names().is_empty(),
+        "no policy must mean no peers"
+    );
+    assert!(agents[0].status()["inbound"].as_array().unwrap().is_empty());
+    c.allow_user_devices("zed");
+    wait_until("policy reaches the devices", Duration::from_secs(1), || {
+        agents[0].peer_names() == vec!["z2".to_string()]
+    });
+    // An empty policy takes it all away again.
+    c.apply_policy("# nothing is allowed\n");
+    wait_until("empty policy removes peers", Duration::from_secs(1), || {
+        agents[0].peer_names().is_empty()
+    });
 }
 
 #[test]
@@ -202,6 +237,7 @@ fn revocation_closes_session_and_drops_device_everywhere() {
     let tmp = tempfile::tempdir().unwrap();
     let c = Coordinator::init(tmp.path());
     c.admin(&["user", "add", "dave"]);
+    c.allow_user_devices("dave");
     let mut agents: Vec<Agent> = (1..=3)
         .map(|i| Agent::start(tmp.path(), &format!("r{i}")))
         .collect();

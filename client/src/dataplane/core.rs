@@ -35,7 +35,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,8 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use ward_shared::addr::AddressPools;
+use ward_shared::filter::{DenyReason, Filter, FilterCounters, FilterRule, Verdict};
 
 use super::{DataPlaneCounters, PeerConfig, PeerStatus};
 
@@ -73,45 +75,112 @@ const DATA_OVERHEAD: usize = 32;
 const MSG_HANDSHAKE_INIT: u8 = 1;
 const MSG_COOKIE_REPLY: u8 = 3;
 
+/// Most connections the inbound filter tracks.
+pub const MAX_FLOWS: usize = ward_shared::filter::DEFAULT_MAX_FLOWS;
+/// Most ICMP "administratively prohibited" errors written back to the TUN per second.
+const UNREACHABLE_PER_SEC: u32 = 100;
+/// The IPv4 minimum reassembly size (RFC 1812: an ICMP error quotes as much as fits in it) and
+/// the IPv6 minimum MTU (RFC 4443).
+const ICMP4_ERROR_MAX: usize = 576;
+const ICMP6_ERROR_MAX: usize = 1280;
+
 /// Static configuration of a [`Core`].
 #[derive(Clone)]
 pub struct CoreConfig {
     pub private_key: [u8; 32],
     /// Persistent keepalive interval in seconds (`None`: off).
     pub persistent_keepalive: Option<u16>,
+    /// The overlay's IPv6 /48 (with 100.64.0.0/10, where a packet without a peer gets an ICMP
+    /// "administratively prohibited" back instead of silence).
+    pub v6_prefix: Option<Ipv6Addr>,
 }
 
 /// The data-plane protocol core. See the module documentation for the loop that drives it.
 pub struct Core {
-    private: StaticSecret,
-    public: PublicKey,
+    /// This device's static key and what depends on it; replaced by [`Core::rotate_key`].
+    keys: RwLock<Arc<Keys>>,
     persistent_keepalive: Option<u16>,
     table: RwLock<Table>,
     index_rng: Mutex<StdRng>,
-    /// Verifies mac1 and rate-limits handshake initiations before the (expensive) anonymous
-    /// parse that finds the initiating peer.
-    handshake_limiter: RateLimiter,
+    /// The inbound filter. Locked per packet, never across encryption, so the TX and RX paths
+    /// still run in parallel.
+    filter: Mutex<Filter>,
+    /// Coordinator time minus local wall-clock time, ms (kept here for the driver).
+    clock_offset_ms: AtomicI64,
+    v6_prefix: Option<Ipv6Addr>,
+    unreachable_limit: Mutex<WindowLimit>,
     counters: Counters,
 }
 
 impl Core {
     /// A core with no peers. `seed` seeds receiver-index allocation.
     pub fn new(cfg: CoreConfig, seed: u64) -> Core {
-        let private = StaticSecret::from(cfg.private_key);
-        let public = PublicKey::from(&private);
         Core {
-            handshake_limiter: RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT),
-            private,
-            public,
+            keys: RwLock::new(Arc::new(Keys::new(cfg.private_key))),
             persistent_keepalive: cfg.persistent_keepalive,
             table: RwLock::new(Table::default()),
             index_rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            filter: Mutex::new(Filter::with_seed(MAX_FLOWS, seed.rotate_left(17) ^ 0x5eed)),
+            clock_offset_ms: AtomicI64::new(0),
+            v6_prefix: cfg.v6_prefix,
+            unreachable_limit: Mutex::new(WindowLimit::default()),
             counters: Counters::default(),
         }
     }
 
+    /// Replaces the inbound filter rules. With none, no peer may open anything here (replies
+    /// to this device's own flows still pass). Flows that no rule allows any more are cut.
+    pub fn set_filter(&self, rules: Vec<FilterRule>) {
+        lock(&self.filter).set_rules(rules);
+    }
+
+    /// Records coordinator time minus local wall-clock time; see [`Core::clock_offset_ms`].
+    pub fn set_clock_offset_ms(&self, offset: i64) {
+        self.clock_offset_ms.store(offset, Ordering::Relaxed);
+    }
+
+    /// What the driver adds to its wall clock (ms since the epoch) to get the coordinator time
+    /// it passes to [`Batch::handle_datagram`].
+    pub fn clock_offset_ms(&self) -> i64 {
+        self.clock_offset_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn filter_counters(&self) -> FilterCounters {
+        lock(&self.filter).counters()
+    }
+
+    /// Drops idle flows from the filter's table; call now and then (a full table also sweeps
+    /// itself).
+    pub fn expire_flows(&self, now: Instant) {
+        lock(&self.filter).expire(now);
+    }
+
     pub fn public_key(&self) -> [u8; 32] {
-        self.public.to_bytes()
+        read(&self.keys).public.to_bytes()
+    }
+
+    /// Switches this device to a new static key. Every peer's sessions under the old key end
+    /// and a handshake under the new key starts at once (written to `out`); packets sent
+    /// meanwhile wait behind it, so TCP connections survive (at most a round trip's loss of
+    /// packets the peer sent under the old session). Peers must already know the new key (the
+    /// coordinator pushes it before the device switches).
+    pub fn rotate_key(&self, private_key: [u8; 32], now: Instant, out: &mut Outbox) {
+        let table = write(&self.table);
+        let keys = Arc::new(Keys::new(private_key));
+        *write(&self.keys) = keys.clone();
+        let mut sent = 0;
+        for peer in table.peers.values() {
+            let mut s = lock(&peer.session);
+            s.tunn
+                .set_static_private(keys.private.clone(), keys.public, None);
+            s.next_probe = now;
+            s.fast_probe_until = now + FAST_PROBE_PERIOD;
+            sent += self.probe(&mut s, now, out);
+        }
+        drop(table);
+        self.counters
+            .handshake_initiations_sent
+            .fetch_add(sent, Ordering::Relaxed);
     }
 
     /// Replaces the peer set.
@@ -122,10 +191,11 @@ impl Core {
     /// every candidate endpoint, written to `out`.
     pub fn set_peers(&self, peers: Vec<PeerConfig>, now: Instant, out: &mut Outbox) {
         let mut table = write(&self.table);
+        let keys = read(&self.keys).clone();
         let mut next = Table::default();
         let mut used_indices: HashSet<u32> = table.by_index.keys().copied().collect();
         for cfg in peers {
-            if cfg.public_key == self.public.to_bytes() {
+            if cfg.public_key == keys.public.to_bytes() {
                 tracing::debug!(device_id = cfg.device_id, "peer with our own key ignored");
                 continue;
             }
@@ -159,7 +229,7 @@ impl Core {
                     let index = self.alloc_index(&used_indices, &next);
                     used_indices.insert(index);
                     let tunn = Tunn::new(
-                        self.private.clone(),
+                        keys.private.clone(),
                         PublicKey::from(cfg.public_key),
                         None,
                         self.persistent_keepalive,
@@ -227,17 +297,18 @@ impl Core {
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
+        coordinator_now_ms: i64,
         tun_out: &mut [u8],
         out: &mut Outbox,
     ) -> Option<usize> {
         self.batch()
-            .handle_datagram(from, datagram, now, tun_out, out)
+            .handle_datagram(from, datagram, now, coordinator_now_ms, tun_out, out)
     }
 
     /// Runs WireGuard timers (keepalives, rekeying, handshake retransmission) and the
     /// candidate probing for every peer. Call every [`TIMER_INTERVAL`].
     pub fn handle_timers(&self, now: Instant, out: &mut Outbox) {
-        self.handshake_limiter.reset_count();
+        read(&self.keys).limiter.reset_count();
         let table = read(&self.table);
         let mut local = LocalCounters::default();
         for peer in table.peers.values() {
@@ -333,7 +404,10 @@ pub struct Batch<'a> {
 impl Batch<'_> {
     /// One IP packet read from the TUN: route it by destination to the peer that owns the
     /// address, encrypt it, and write the datagram (or, with no session yet, a handshake
-    /// initiation to the candidates) to `out`. Packets with no owner are dropped and counted.
+    /// initiation to the candidates) to `out`, and record its flow in the filter so replies
+    /// pass. Packets with no owner are dropped and counted; if the destination is inside the
+    /// overlay, an ICMP "administratively prohibited" goes back to the TUN (rate-limited) so the
+    /// application fails fast.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant, out: &mut Outbox) {
         let Some(dst) = Tunn::dst_address(packet) else {
             self.local.dropped_bad_tun_packet += 1;
@@ -342,8 +416,15 @@ impl Batch<'_> {
         let Some(peer) = self.table.route(dst) else {
             tracing::trace!(%dst, "no peer owns destination");
             self.local.dropped_no_route += 1;
+            if self.core.in_overlay(dst) && lock(&self.core.unreachable_limit).allow(now) {
+                if let Some(reply) = icmp_prohibited(packet) {
+                    out.tun.push(reply);
+                    self.local.icmp_unreachable_sent += 1;
+                }
+            }
             return;
         };
+        lock(&self.core.filter).handle_outbound(packet, now);
         let mut s = lock(&peer.session);
         let buf = out.reserve(packet.len().max(HANDSHAKE_INIT_LEN) + DATA_OVERHEAD);
         match s.tunn.encapsulate(packet, buf) {
@@ -374,7 +455,8 @@ impl Batch<'_> {
     }
 
     /// One UDP datagram from `from`. Returns `Some(n)` when `tun_out[..n]` holds a decrypted IP
-    /// packet whose inner source is the sending peer's own address, ready for the TUN. Replies
+    /// packet whose inner source is the sending peer's own address and that the inbound filter
+    /// allows (at `coordinator_now_ms`, for rule expiry), ready for the TUN. Replies
     /// (handshake responses, cookies, flushed queued packets) go to `out`. Anything that is not
     /// valid WireGuard from a configured peer is dropped, counted, and never answered.
     ///
@@ -385,6 +467,7 @@ impl Batch<'_> {
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
+        coordinator_now_ms: i64,
         tun_out: &mut [u8],
         out: &mut Outbox,
     ) -> Option<usize> {
@@ -398,11 +481,11 @@ impl Batch<'_> {
         let peer = match &packet {
             Packet::HandshakeInit(init) => {
                 let mut cookie = [0u8; 64];
-                match self.core.handshake_limiter.verify_packet(
-                    Some(from.ip()),
-                    datagram,
-                    &mut cookie,
-                ) {
+                let keys = read(&self.core.keys).clone();
+                match keys
+                    .limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
+                {
                     Ok(_) => {}
                     Err(TunnResult::WriteToNetwork(reply)) => {
                         // Under load: answer a mac1-valid initiation with a cookie only.
@@ -411,8 +494,7 @@ impl Batch<'_> {
                     }
                     Err(_) => return self.garbage(from, "handshake initiation with bad mac1"),
                 }
-                let Ok(half) = parse_handshake_anon(&self.core.private, &self.core.public, init)
-                else {
+                let Ok(half) = parse_handshake_anon(&keys.private, &keys.public, init) else {
                     return self.garbage(from, "handshake initiation does not decrypt");
                 };
                 self.table.peers.get(&half.peer_static_public)
@@ -464,6 +546,24 @@ impl Batch<'_> {
         }
         match tunnel {
             Some(n) => {
+                drop(s);
+                let verdict =
+                    lock(&self.core.filter).check_inbound(&tun_out[..n], now, coordinator_now_ms);
+                match verdict {
+                    Verdict::Allow => {}
+                    Verdict::Deny(reason) => {
+                        tracing::trace!(%from, ?reason, "inbound packet denied by the filter");
+                        match reason {
+                            DenyReason::NoRule => self.local.dropped_filter_no_rule += 1,
+                            DenyReason::Expired => self.local.dropped_filter_expired += 1,
+                            DenyReason::Malformed
+                            | DenyReason::Fragment
+                            | DenyReason::UnsupportedProtocol
+                            | DenyReason::TableFull => self.local.dropped_filter_other += 1,
+                        }
+                        return None;
+                    }
+                }
                 self.local.rx_packets += 1;
                 self.local.rx_bytes += n as u64;
                 Some(n)
@@ -517,6 +617,8 @@ pub struct Outbox {
     buf: Vec<u8>,
     used: usize,
     items: Vec<Transmit>,
+    /// IP packets for the local TUN (ICMP errors for destinations without a peer).
+    tun: Vec<Vec<u8>>,
 }
 
 /// One datagram in an [`Outbox`]: `bytes()[start..start + len]` goes to `dst`.
@@ -535,6 +637,12 @@ impl Outbox {
     pub fn clear(&mut self) {
         self.used = 0;
         self.items.clear();
+        self.tun.clear();
+    }
+
+    /// IP packets to write to the local TUN (not counted by [`Outbox::is_empty`]).
+    pub fn tun_packets(&self) -> &[Vec<u8>] {
+        &self.tun
     }
 
     pub fn is_empty(&self) -> bool {
@@ -634,6 +742,28 @@ fn route(s: &mut Session, out: &mut Outbox, len: usize, is_init: bool, now: Inst
     n
 }
 
+/// This device's static key pair and the handshake rate limiter keyed by it (mac1 depends on
+/// the public key).
+struct Keys {
+    private: StaticSecret,
+    public: PublicKey,
+    /// Verifies mac1 and rate-limits handshake initiations before the (expensive) anonymous
+    /// parse that finds the initiating peer.
+    limiter: RateLimiter,
+}
+
+impl Keys {
+    fn new(private_key: [u8; 32]) -> Keys {
+        let private = StaticSecret::from(private_key);
+        let public = PublicKey::from(&private);
+        Keys {
+            limiter: RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT),
+            private,
+            public,
+        }
+    }
+}
+
 /// A configured peer. Its key and addresses are fixed; changing them makes a new `Peer`.
 struct Peer {
     public_key: [u8; 32],
@@ -721,6 +851,10 @@ struct Counters {
     dropped_garbage: AtomicU64,
     dropped_bad_tun_packet: AtomicU64,
     handshake_initiations_sent: AtomicU64,
+    dropped_filter_no_rule: AtomicU64,
+    dropped_filter_expired: AtomicU64,
+    dropped_filter_other: AtomicU64,
+    icmp_unreachable_sent: AtomicU64,
 }
 
 impl Counters {
@@ -737,6 +871,10 @@ impl Counters {
             dropped_garbage: g(&self.dropped_garbage),
             dropped_bad_tun_packet: g(&self.dropped_bad_tun_packet),
             handshake_initiations_sent: g(&self.handshake_initiations_sent),
+            dropped_filter_no_rule: g(&self.dropped_filter_no_rule),
+            dropped_filter_expired: g(&self.dropped_filter_expired),
+            dropped_filter_other: g(&self.dropped_filter_other),
+            icmp_unreachable_sent: g(&self.icmp_unreachable_sent),
         }
     }
 }
@@ -753,6 +891,10 @@ struct LocalCounters {
     dropped_garbage: u64,
     dropped_bad_tun_packet: u64,
     handshake_initiations_sent: u64,
+    dropped_filter_no_rule: u64,
+    dropped_filter_expired: u64,
+    dropped_filter_other: u64,
+    icmp_unreachable_sent: u64,
 }
 
 impl LocalCounters {
@@ -776,7 +918,148 @@ impl LocalCounters {
             &c.handshake_initiations_sent,
             &mut self.handshake_initiations_sent,
         );
+        add(&c.dropped_filter_no_rule, &mut self.dropped_filter_no_rule);
+        add(&c.dropped_filter_expired, &mut self.dropped_filter_expired);
+        add(&c.dropped_filter_other, &mut self.dropped_filter_other);
+        add(&c.icmp_unreachable_sent, &mut self.icmp_unreachable_sent);
     }
+}
+
+impl Core {
+    /// Inside 100.64.0.0/10 or this overlay's IPv6 /48.
+    fn in_overlay(&self, dst: IpAddr) -> bool {
+        match dst {
+            IpAddr::V4(a) => AddressPools::contains_v4(a),
+            IpAddr::V6(a) => self
+                .v6_prefix
+                .is_some_and(|p| a.octets()[..6] == p.octets()[..6]),
+        }
+    }
+}
+
+/// At most [`UNREACHABLE_PER_SEC`] events per one-second window.
+#[derive(Default)]
+struct WindowLimit {
+    start: Option<Instant>,
+    count: u32,
+}
+
+impl WindowLimit {
+    fn allow(&mut self, now: Instant) -> bool {
+        match self.start {
+            Some(t) if now.saturating_duration_since(t) < Duration::from_secs(1) => {}
+            _ => {
+                self.start = Some(now);
+                self.count = 0;
+            }
+        }
+        if self.count >= UNREACHABLE_PER_SEC {
+            return false;
+        }
+        self.count += 1;
+        true
+    }
+}
+
+/// An ICMP "communication administratively prohibited" (IPv4 type 3 code 13, IPv6 type 1
+/// code 1) answering `packet`, from its destination to its source, quoting as much of it as
+/// the minimum MTU allows. `None` for packets that must not be answered: ICMP errors
+/// themselves, non-first fragments, unspecified or multicast sources, malformed headers.
+pub(crate) fn icmp_prohibited(packet: &[u8]) -> Option<Vec<u8>> {
+    match packet.first()? >> 4 {
+        4 => {
+            if packet.len() < 20 {
+                return None;
+            }
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            if ihl < 20 || packet.len() < ihl {
+                return None;
+            }
+            let frag = u16::from_be_bytes([packet[6], packet[7]]);
+            let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+            if frag & 0x1fff != 0
+                || src.is_unspecified()
+                || src.is_multicast()
+                || src.is_broadcast()
+            {
+                return None;
+            }
+            // Do not answer ICMP errors (only echo requests/replies).
+            if packet[9] == 1 && !matches!(packet.get(ihl), Some(0 | 8)) {
+                return None;
+            }
+            let quoted = &packet[..packet.len().min(ICMP4_ERROR_MAX - 28)];
+            let total = 28 + quoted.len();
+            let mut p = vec![0u8; total];
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            p[8] = 64;
+            p[9] = 1;
+            p[12..16].copy_from_slice(&packet[16..20]);
+            p[16..20].copy_from_slice(&packet[12..16]);
+            let c = checksum(&[&p[..20]]);
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+            p[20] = 3;
+            p[21] = 13;
+            p[28..].copy_from_slice(quoted);
+            let c = checksum(&[&p[20..]]);
+            p[22..24].copy_from_slice(&c.to_be_bytes());
+            Some(p)
+        }
+        6 => {
+            if packet.len() < 40 {
+                return None;
+            }
+            let src = Ipv6Addr::from(<[u8; 16]>::try_from(&packet[8..24]).ok()?);
+            if src.is_unspecified() || src.is_multicast() {
+                return None;
+            }
+            // Do not answer ICMPv6 errors (types below 128); other extension headers are
+            // quoted as they are.
+            if packet[6] == 58 && packet.get(40).is_none_or(|t| *t < 128) {
+                return None;
+            }
+            let quoted = &packet[..packet.len().min(ICMP6_ERROR_MAX - 48)];
+            let plen = 8 + quoted.len();
+            let mut p = vec![0u8; 40 + plen];
+            p[0] = 0x60;
+            p[4..6].copy_from_slice(&(plen as u16).to_be_bytes());
+            p[6] = 58;
+            p[7] = 64;
+            p[8..24].copy_from_slice(&packet[24..40]);
+            p[24..40].copy_from_slice(&packet[8..24]);
+            p[40] = 1;
+            p[41] = 1;
+            p[48..].copy_from_slice(quoted);
+            let mut pseudo = [0u8; 40];
+            pseudo[..32].copy_from_slice(&p[8..40]);
+            pseudo[32..36].copy_from_slice(&(plen as u32).to_be_bytes());
+            pseudo[39] = 58;
+            let c = checksum(&[&pseudo, &p[40..]]);
+            p[42..44].copy_from_slice(&c.to_be_bytes());
+            Some(p)
+        }
+        _ => None,
+    }
+}
+
+/// The Internet checksum (RFC 1071) over the concatenation of `parts` (each of even length
+/// except possibly the last).
+pub(crate) fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for part in parts {
+        let mut chunks = part.chunks_exact(2);
+        for c in &mut chunks {
+            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        if let [last] = chunks.remainder() {
+            sum += u32::from(*last) << 8;
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// IPv4-mapped IPv6 source addresses (from a dual-stack socket) become plain IPv4.

@@ -1,10 +1,13 @@
 //! The thin driver: owns the TUN and the UDP socket and runs three OS threads around the core.
 //!
 //! - `ward-dp-tx`: TUN → [`Batch::handle_tun_packet`] → UDP (GSO super-packets from the TUN are
-//!   split by tun-rs, the encrypted datagrams leave as UDP GSO messages).
-//! - `ward-dp-rx`: UDP (GRO) → [`Batch::handle_datagram`] → TUN (TCP/UDP segments coalesced by
-//!   tun-rs's GRO table into one write per flow).
-//! - `ward-dp-timer`: [`Core::handle_timers`] every [`TIMER_INTERVAL`].
+//!   split by tun-rs, the encrypted datagrams leave as UDP GSO messages); ICMP errors for
+//!   destinations without a peer go back into the TUN.
+//! - `ward-dp-rx`: UDP (GRO) → [`Batch::handle_datagram`] (decrypt, source check, inbound
+//!   filter at coordinator time = wall clock + [`Core::clock_offset_ms`]) → TUN (TCP/UDP segments
+//!   coalesced by tun-rs's GRO table into one write per flow).
+//! - `ward-dp-timer`: [`Core::handle_timers`] every [`TIMER_INTERVAL`], idle flows swept now and
+//!   then.
 //!
 //! Blocking threads rather than tokio tasks: the hot paths are syscall loops that gain nothing
 //! from an executor, and two threads use the machine's two cores. Reads are non-blocking with a
@@ -18,7 +21,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -141,6 +144,8 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
     let mut out = Outbox::new();
     let mut scratch = SendScratch::default();
     let mut errors = LogLimiter::default();
+    let mut icmp_gro = GROTable::default();
+    let mut icmp_bufs: Vec<Vec<u8>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let mut reads = 0;
         while reads < TUN_READS_PER_FLUSH {
@@ -167,10 +172,19 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
                 }
             }
         }
+        if !out.tun_packets().is_empty() {
+            icmp_bufs.clear();
+            for p in out.tun_packets() {
+                let mut b = vec![0u8; VIRTIO_NET_HDR_LEN];
+                b.extend_from_slice(p);
+                icmp_bufs.push(b);
+            }
+            write_tun(tun, &mut icmp_gro, &mut icmp_bufs, &mut errors);
+        }
         if !out.is_empty() {
             udp.send_outbox(&out, &mut scratch);
-            out.clear();
         }
+        out.clear();
         if reads == 0 {
             poll_fd(tun.dev.as_raw_fd(), libc::POLLIN, STOP_CHECK);
         }
@@ -190,6 +204,7 @@ fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
         match udp.recv(&mut batch_in) {
             Ok(_) => {
                 let now = Instant::now();
+                let coordinator_now_ms = wall_ms().saturating_add(core.clock_offset_ms());
                 let mut filled = 0;
                 let mut batch = core.batch();
                 for (from, datagram) in batch_in.datagrams() {
@@ -197,7 +212,14 @@ fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
                     buf.clear();
                     buf.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
                     let tun_out = &mut buf[VIRTIO_NET_HDR_LEN..];
-                    if let Some(n) = batch.handle_datagram(from, datagram, now, tun_out, &mut out) {
+                    if let Some(n) = batch.handle_datagram(
+                        from,
+                        datagram,
+                        now,
+                        coordinator_now_ms,
+                        tun_out,
+                        &mut out,
+                    ) {
                         buf.truncate(VIRTIO_NET_HDR_LEN + n);
                         filled += 1;
                         if filled == bufs.len() {
@@ -246,6 +268,7 @@ fn timer_loop(core: &Core, udp: &UdpSocket, stop: &AtomicBool) {
             out.clear();
         }
         if now.duration_since(last_report) >= Duration::from_secs(30) {
+            core.expire_flows(now);
             let c = core.counters();
             if c != last_counters {
                 tracing::debug!(counters = ?c, "data plane counters");
@@ -254,6 +277,13 @@ fn timer_loop(core: &Core, udp: &UdpSocket, stop: &AtomicBool) {
             last_report = now;
         }
     }
+}
+
+/// Local wall-clock time, ms since the Unix epoch (0 if the clock is before it).
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Logs an I/O error at most every 10 s, with the number suppressed since.

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use ward_shared::filter::{FilterCounters, FilterRule};
 
 pub use self::core::{Core, CoreConfig, Outbox};
 
@@ -123,6 +124,17 @@ pub struct DataPlaneCounters {
     pub dropped_bad_tun_packet: u64,
     /// Handshake initiations sent (all candidates counted).
     pub handshake_initiations_sent: u64,
+    /// Decrypted packets the inbound filter refused: no rule allows them (and they are not
+    /// replies to this device's flows).
+    pub dropped_filter_no_rule: u64,
+    /// Decrypted packets whose only matching rule (or grant) has expired.
+    pub dropped_filter_expired: u64,
+    /// Decrypted packets refused as malformed, non-first fragments, unsupported protocols, or
+    /// because the connection table was full.
+    pub dropped_filter_other: u64,
+    /// ICMP "administratively prohibited" errors written back to the TUN for overlay
+    /// destinations without a peer.
+    pub icmp_unreachable_sent: u64,
 }
 
 /// A running data plane: the TUN interface, the UDP socket and the threads that move packets.
@@ -143,6 +155,7 @@ impl DataPlane {
             CoreConfig {
                 private_key: cfg.private_key,
                 persistent_keepalive: Some(PERSISTENT_KEEPALIVE_SECS),
+                v6_prefix: Some(cfg.v6_prefix),
             },
             rand::random(),
         ));
@@ -178,6 +191,34 @@ impl DataPlane {
         if let Some(driver) = &self.driver {
             driver.send(&out);
         }
+    }
+
+    /// Switches to a new WireGuard private key (after a lease for its public key arrived):
+    /// sessions re-handshake under the new key at once. See [`Core::rotate_key`].
+    pub fn rotate_key(&self, private_key: [u8; 32]) {
+        let mut out = Outbox::new();
+        self.core.rotate_key(private_key, Instant::now(), &mut out);
+        if let Some(driver) = &self.driver {
+            driver.send(&out);
+        }
+    }
+
+    /// Replaces the inbound filter (the netmap's `inbound`). Until it is first called, and
+    /// whenever it is empty, peers cannot open anything on this device; replies to flows this
+    /// device opened still pass. Established flows that no rule allows any more are cut.
+    pub fn set_filter(&self, rules: Vec<FilterRule>) {
+        self.core.set_filter(rules);
+    }
+
+    /// Sets coordinator time minus local wall-clock time (ms), measured by the control
+    /// channel; rule expiry is judged on local wall clock + this offset.
+    pub fn set_clock_offset_ms(&self, offset: i64) {
+        self.core.set_clock_offset_ms(offset);
+    }
+
+    /// The inbound filter's own counters (allowed new/tracked, denied by reason, revoked flows).
+    pub fn filter_counters(&self) -> FilterCounters {
+        self.core.filter_counters()
     }
 
     /// Per-peer status, ordered by public key.

@@ -166,6 +166,23 @@ impl Coordinator {
         self.admin(&a).trim().to_string()
     }
 
+    /// Applies a policy (must succeed).
+    pub fn apply_policy(&self, text: &str) {
+        let f = self
+            .dir
+            .with_file_name(format!("policy-{}.toml", std::process::id()));
+        std::fs::write(&f, text).expect("write policy");
+        let path = f.to_string_lossy().to_string();
+        self.admin(&["policy", "apply", &path]);
+    }
+
+    /// A policy under which every device of `user` may reach every other on any port.
+    pub fn allow_user_devices(&self, user: &str) {
+        self.apply_policy(&format!(
+            "[services.mine]\ndevices = [\"user:{user}\"]\nports = [\"tcp/*\", \"udp/*\", \"icmp\"]\n\n[[rules]]\nname = \"{user}-mesh\"\nfrom = [\"user:{user}\"]\nto = [\"mine\"]\n"
+        ));
+    }
+
     pub fn audit(&self) -> Vec<serde_json::Value> {
         self.admin_json(&["audit", "--limit", "100000"])
             .as_array()

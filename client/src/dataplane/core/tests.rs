@@ -5,8 +5,41 @@
 
 use super::*;
 use rand::RngCore;
+use ward_shared::filter::{PortRange, Proto};
 
 const TICK: Duration = Duration::from_millis(10);
+const V6_PREFIX: &str = "fd00:1:2::";
+/// Coordinator time the tests run at.
+const COORD_MS: i64 = 1_800_000_000_000;
+
+/// Filter rules letting nodes `ids` open anything (tcp, udp, icmp) on a node.
+fn allow_all(ids: impl Iterator<Item = u8>) -> Vec<FilterRule> {
+    let sources: Vec<IpAddr> = ids
+        .flat_map(|i| {
+            [
+                IpAddr::V4(Ipv4Addr::new(100, 64, 0, i)),
+                IpAddr::V6(format!("fd00:1:2::{i}").parse().unwrap()),
+            ]
+        })
+        .collect();
+    let rule = |proto, ports| FilterRule {
+        rule: "allow-all".into(),
+        service: "all".into(),
+        sources: sources.clone(),
+        proto,
+        ports,
+        not_after_ms: None,
+    };
+    let every = vec![PortRange {
+        lo: 0,
+        hi: u16::MAX,
+    }];
+    vec![
+        rule(Proto::Tcp, every.clone()),
+        rule(Proto::Udp, every),
+        rule(Proto::Icmp, Vec::new()),
+    ]
+}
 
 struct Node {
     core: Core,
@@ -65,14 +98,17 @@ impl Net {
                 let mut private = [0u8; 32];
                 rng.fill_bytes(&mut private);
                 let addr: SocketAddr = format!("10.203.0.{i}:51820").parse().unwrap();
+                let core = Core::new(
+                    CoreConfig {
+                        private_key: private,
+                        persistent_keepalive: Some(25),
+                        v6_prefix: Some(V6_PREFIX.parse().unwrap()),
+                    },
+                    rng.next_u64(),
+                );
+                core.set_filter(allow_all((1..=n as u8).filter(|j| *j != i)));
                 Node {
-                    core: Core::new(
-                        CoreConfig {
-                            private_key: private,
-                            persistent_keepalive: Some(25),
-                        },
-                        rng.next_u64(),
-                    ),
+                    core,
                     addrs: vec![addr],
                     src: addr,
                     private,
@@ -146,7 +182,7 @@ impl Net {
         let mut out = Outbox::new();
         let got = self.nodes[i]
             .core
-            .handle_datagram(from, data, self.now, &mut buf, &mut out)
+            .handle_datagram(from, data, self.now, COORD_MS, &mut buf, &mut out)
             .map(|n| buf[..n].to_vec());
         (got, out)
     }
@@ -246,15 +282,28 @@ fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     p
 }
 
+/// An IPv6 UDP packet (1000 → 2000; the checksum is not filled in).
 fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0u8; 40 + payload.len()];
+    let len = 8 + payload.len();
+    let mut p = vec![0u8; 40 + len];
     p[0] = 0x60;
-    p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-    p[6] = 59; // no next header
+    p[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+    p[6] = 17; // UDP
     p[7] = 64;
     p[8..24].copy_from_slice(&src.octets());
     p[24..40].copy_from_slice(&dst.octets());
-    p[40..].copy_from_slice(payload);
+    p[40..42].copy_from_slice(&1000u16.to_be_bytes());
+    p[42..44].copy_from_slice(&2000u16.to_be_bytes());
+    p[44..46].copy_from_slice(&(len as u16).to_be_bytes());
+    p[48..].copy_from_slice(payload);
+    p
+}
+
+/// An IPv4 UDP packet with the given ports.
+fn udp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = ipv4_packet(src, dst, payload);
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
     p
 }
 
@@ -383,6 +432,7 @@ fn garbage_datagrams_are_ignored_without_output() {
         CoreConfig {
             private_key: net.nodes[0].private,
             persistent_keepalive: None,
+            v6_prefix: None,
         },
         9,
     );
@@ -467,10 +517,14 @@ fn datagram_larger_than_output_buffer_is_dropped_not_panicking() {
     let data = out.iter().next().unwrap().1.to_vec();
     let mut small = [0u8; 100];
     let mut reply = Outbox::new();
-    let got =
-        net.nodes[1]
-            .core
-            .handle_datagram(net.nodes[0].src, &data, net.now, &mut small, &mut reply);
+    let got = net.nodes[1].core.handle_datagram(
+        net.nodes[0].src,
+        &data,
+        net.now,
+        COORD_MS,
+        &mut small,
+        &mut reply,
+    );
     assert!(got.is_none());
     assert!(reply.is_empty());
 }
@@ -520,6 +574,7 @@ fn changed_key_gets_a_new_session_and_the_old_key_is_refused() {
         CoreConfig {
             private_key: private,
             persistent_keepalive: Some(25),
+            v6_prefix: None,
         },
         77,
     );
@@ -676,4 +731,157 @@ fn outbox_runs_are_contiguous() {
     out.clear();
     assert!(out.is_empty());
     assert_eq!(out.used_bytes(), 0);
+}
+
+#[test]
+fn filter_default_deny_allows_replies_and_counts_denials() {
+    let mut net = established_pair(20);
+    let (a4, b4) = (net.nodes[0].ipv4, net.nodes[1].ipv4);
+    // B has no rules: A cannot open anything on B...
+    net.nodes[1].core.set_filter(Vec::new());
+    net.send_ip(0, &udp4(a4, 5000, b4, 53, b"query"));
+    net.run(Duration::from_millis(50));
+    assert!(net.nodes[1].delivered.is_empty());
+    assert_eq!(net.nodes[1].core.counters().dropped_filter_no_rule, 1);
+    // ...but B's own flows to A get their replies.
+    let reply = udp4(a4, 53, b4, 6000, b"answer");
+    net.send_ip(1, &udp4(b4, 6000, a4, 53, b"question"));
+    net.send_ip(0, &reply);
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.nodes[1].delivered, vec![reply]);
+    assert_eq!(net.nodes[1].core.filter_counters().allowed_tracked, 1);
+}
+
+#[test]
+fn filter_rules_allow_by_port_and_expire_on_coordinator_time() {
+    let mut net = established_pair(21);
+    let (a4, b4) = (net.nodes[0].ipv4, net.nodes[1].ipv4);
+    net.nodes[1].core.set_filter(vec![FilterRule {
+        rule: "grant:1".into(),
+        service: "dns".into(),
+        sources: vec![IpAddr::V4(a4)],
+        proto: Proto::Udp,
+        ports: vec![PortRange { lo: 53, hi: 53 }],
+        not_after_ms: Some(COORD_MS + 1),
+    }]);
+    let ok = udp4(a4, 5000, b4, 53, b"ok");
+    net.send_ip(0, &ok);
+    net.send_ip(0, &udp4(a4, 5000, b4, 54, b"wrong port"));
+    net.run(Duration::from_millis(50));
+    assert_eq!(net.nodes[1].delivered, vec![ok]);
+    // The same flow after the grant's end, on coordinator time: cut.
+    let mut out = Outbox::new();
+    net.nodes[0]
+        .core
+        .handle_tun_packet(&udp4(a4, 5000, b4, 53, b"late"), net.now, &mut out);
+    let (_, datagram) = out.iter().next().unwrap();
+    let mut buf = vec![0u8; 2048];
+    let mut replies = Outbox::new();
+    let got = net.nodes[1].core.handle_datagram(
+        net.nodes[0].src,
+        datagram,
+        net.now,
+        COORD_MS + 1,
+        &mut buf,
+        &mut replies,
+    );
+    assert!(got.is_none());
+    let c = net.nodes[1].core.counters();
+    assert_eq!(c.dropped_filter_expired, 1);
+    assert_eq!(c.dropped_filter_no_rule, 1);
+}
+
+#[test]
+fn no_route_in_overlay_gets_icmp_prohibited_with_valid_checksums() {
+    let net = established_pair(22);
+    let a4 = net.nodes[0].ipv4;
+    let nowhere = Ipv4Addr::new(100, 64, 9, 9);
+    let p = udp4(a4, 5000, nowhere, 53, b"anyone?");
+    let mut out = Outbox::new();
+    net.nodes[0].core.handle_tun_packet(&p, net.now, &mut out);
+    assert!(out.is_empty());
+    let [icmp] = out.tun_packets() else {
+        panic!("expected one ICMP error, got {:?}", out.tun_packets().len())
+    };
+    assert_eq!(icmp[9], 1);
+    assert_eq!(&icmp[12..16], &nowhere.octets());
+    assert_eq!(&icmp[16..20], &a4.octets());
+    assert_eq!((icmp[20], icmp[21]), (3, 13));
+    assert_eq!(checksum(&[&icmp[..20]]), 0, "IPv4 header checksum");
+    assert_eq!(checksum(&[&icmp[20..]]), 0, "ICMP checksum");
+    assert_eq!(&icmp[28..], &p[..]);
+
+    // IPv6 inside the /48.
+    let a6 = net.nodes[0].ipv6;
+    let nowhere6: Ipv6Addr = "fd00:1:2::99".parse().unwrap();
+    let p6 = ipv6_packet(a6, nowhere6, b"anyone?");
+    let mut out = Outbox::new();
+    net.nodes[0].core.handle_tun_packet(&p6, net.now, &mut out);
+    let [icmp6] = out.tun_packets() else {
+        panic!("expected one ICMPv6 error")
+    };
+    assert_eq!(icmp6[6], 58);
+    assert_eq!((icmp6[40], icmp6[41]), (1, 1));
+    assert_eq!(&icmp6[8..24], &nowhere6.octets());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&icmp6[8..40]);
+    pseudo.extend_from_slice(&((icmp6.len() - 40) as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    assert_eq!(checksum(&[&pseudo, &icmp6[40..]]), 0, "ICMPv6 checksum");
+
+    // Outside the overlay, and ICMP errors themselves: silence.
+    let mut out = Outbox::new();
+    let outside = udp4(a4, 5000, Ipv4Addr::new(192, 0, 2, 1), 53, b"x");
+    net.nodes[0]
+        .core
+        .handle_tun_packet(&outside, net.now, &mut out);
+    net.nodes[0].core.handle_tun_packet(icmp, net.now, &mut out);
+    let outside6 = ipv6_packet(a6, "fd99::1".parse().unwrap(), b"x");
+    net.nodes[0]
+        .core
+        .handle_tun_packet(&outside6, net.now, &mut out);
+    assert!(out.tun_packets().is_empty());
+    assert_eq!(net.nodes[0].core.counters().icmp_unreachable_sent, 2);
+}
+
+#[test]
+fn icmp_prohibited_is_rate_limited() {
+    let net = established_pair(23);
+    let p = udp4(net.nodes[0].ipv4, 1, Ipv4Addr::new(100, 64, 9, 9), 2, b"");
+    let mut out = Outbox::new();
+    for _ in 0..500 {
+        net.nodes[0].core.handle_tun_packet(&p, net.now, &mut out);
+    }
+    assert_eq!(out.tun_packets().len(), UNREACHABLE_PER_SEC as usize);
+    out.clear();
+    net.nodes[0]
+        .core
+        .handle_tun_packet(&p, net.now + Duration::from_secs(1), &mut out);
+    assert_eq!(out.tun_packets().len(), 1);
+    assert_eq!(net.nodes[0].core.counters().dropped_no_route, 501);
+}
+
+#[test]
+fn rotated_key_re_handshakes_and_traffic_continues() {
+    let mut net = established_pair(24);
+    let mut private = [0u8; 32];
+    net.rng.fill_bytes(&mut private);
+    // B learns A's next key first (as during a lease rotation: both keys, the new one last).
+    let old_a = net.nodes[0].peer_config();
+    let mut new_a = old_a.clone();
+    new_a.public_key = crate::dataplane::public_key_for(&private);
+    net.set_peers(1, vec![old_a, new_a]);
+    let mut out = Outbox::new();
+    net.nodes[0].core.rotate_key(private, net.now, &mut out);
+    net.nodes[0].private = private;
+    assert!(out.iter().any(|(_, d)| is_handshake_init(d)));
+    net.transmit(0, &out);
+    let p = ipv4_packet(net.nodes[0].ipv4, net.nodes[1].ipv4, b"after rotation");
+    net.send_ip(0, &p);
+    net.run(Duration::from_millis(200));
+    assert_eq!(net.nodes[1].delivered, vec![p]);
+    assert_eq!(
+        net.nodes[0].public(),
+        crate::dataplane::public_key_for(&private)
+    );
 }

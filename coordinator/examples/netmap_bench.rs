@@ -1,0 +1,135 @@
+//! Time to compile a policy change and produce every affected device's netmap delta, for 1 000
+//! and 10 000 simulated devices with live sessions (the coordinator's I/O-free core, no network).
+//!
+//! `cargo run --release -p ward-coordinator --example netmap_bench [-- 1000 10000]`
+
+use std::time::Instant;
+
+use ward_coordinator::core::{Output, Registry};
+use ward_coordinator::store::{Device, DeviceStatus, User};
+use ward_shared::addr::AddressPools;
+use ward_shared::names::Hostname;
+use ward_shared::policy;
+use ward_shared::wire::{DeviceId, DeviceUpdate};
+
+/// 20 teams of users, each team's laptops reach their team's servers; ops reach every server.
+fn policy_text(extra_port: bool) -> String {
+    let mut s = String::from("[groups]\nops = [\"u0\"]\n");
+    for t in 0..20 {
+        // Members come from the directory (users' groups); the policy declares the names.
+        s += &format!("team{t} = []\n");
+    }
+    for t in 0..20 {
+        s += &format!("\n[services.team{t}]\ndevices = [\"tag:team{t}\"]\nports = [\"tcp/443\", \"tcp/5432\"{}]\n", if extra_port && t == 0 { ", \"tcp/8080\"" } else { "" });
+        s += &format!(
+            "\n[[rules]]\nname = \"team{t}\"\nfrom = [\"group:team{t}\"]\nto = [\"team{t}\"]\n"
+        );
+    }
+    s += "\n[services.ssh]\ndevices = [\"tag:server\"]\nports = [\"tcp/22\"]\n\n[[rules]]\nname = \"ops-ssh\"\nfrom = [\"group:ops\"]\nto = [\"ssh\"]\n";
+    s
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![1000, 10_000]
+    } else {
+        sizes
+    };
+    let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
+    println!(
+        "{:>8} {:>12} {:>14} {:>12} {:>12}",
+        "devices", "first push", "policy change", "messages", "bytes"
+    );
+    for &n in &sizes {
+        // One in ten devices is a server; users own the rest, two laptops each.
+        let mut devices = Vec::new();
+        let mut users = Vec::new();
+        for i in 0..n {
+            let (v4, v6) = pools.addresses(i as u64 + 1).expect("pool");
+            let server = i % 10 == 0;
+            let team = if server { (i / 10) % 20 } else { (i / 2) % 20 };
+            let user = (!server).then(|| format!("u{}", i / 2));
+            if let Some(u) = &user {
+                if i % 2 == 1 || users.iter().all(|x: &User| &x.name != u) {
+                    users.push(User {
+                        name: u.clone(),
+                        groups: vec![format!("team{team}")],
+                        disabled: false,
+                        created_ms: 0,
+                    });
+                }
+            }
+            devices.push(Device {
+                id: DeviceId(i as u64 + 1),
+                hostname: Hostname::parse(&format!("h{i}")).expect("hostname"),
+                user,
+                user_disabled: false,
+                tags: if server {
+                    vec![format!("team{team}"), "server".into()]
+                } else {
+                    vec![]
+                },
+                ipv4: v4,
+                ipv6: v6,
+                os: "linux".into(),
+                status: DeviceStatus::Active,
+                created_ms: 0,
+                last_seen_ms: 0,
+                cert_not_after_ms: 0,
+                revoked_ms: None,
+                wg_public_key: None,
+                endpoints: vec![],
+            });
+        }
+        users.dedup_by(|a, b| a.name == b.name);
+        let p1 = policy::parse(policy_text(false).as_bytes(), "bench.toml").expect("policy");
+        let p2 = policy::parse(policy_text(true).as_bytes(), "bench.toml").expect("policy");
+        let mut reg = Registry::new(pools, devices, users, Some(p1), vec![], vec![], 0);
+        for i in 0..n {
+            let addr = format!(
+                "10.{}.{}.{}:51820",
+                (i >> 16) & 255,
+                (i >> 8) & 255,
+                i & 255
+            )
+            .parse()
+            .expect("addr");
+            reg.handle_session_opened(
+                DeviceId(i as u64 + 1),
+                i as u64,
+                addr,
+                DeviceUpdate::default(),
+            )
+            .expect("session");
+        }
+        let t0 = Instant::now();
+        let (mut first, mut first_peers) = (0, 0usize);
+        while let Some(o) = reg.poll_output() {
+            first += 1;
+            if let Output::Send {
+                msg: ward_shared::wire::CoordinatorMsg::Netmap(nm),
+                ..
+            } = o
+            {
+                first_peers += nm.peers.len();
+            }
+        }
+        let first_push = t0.elapsed();
+        assert_eq!(first, n);
+        let t1 = Instant::now();
+        reg.handle_policy(p2);
+        let (mut msgs, mut bytes) = (0usize, 0usize);
+        while let Some(o) = reg.poll_output() {
+            if let Output::Send { msg, .. } = o {
+                msgs += 1;
+                bytes += ward_shared::wire::encode(&msg).len();
+            }
+        }
+        let change = t1.elapsed();
+        println!("{n:>8} {:>10.1}ms {:>12.1}ms {msgs:>12} {bytes:>12}   ({first_peers} peer entries in the first netmaps)", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3);
+    }
+}

@@ -1,0 +1,16 @@
+//! `ward-coordinator`: Ward's control plane, as a library the binary (and benchmarks) use.
+//!
+//! - [`core`]: the I/O-free registry (sessions, compiled policy, netmap deltas).
+//! - [`store`]: the storage interface and its SQLite implementation.
+//! - [`pki`]: control-channel CA and certificates.
+//! - [`server`]: the tokio driver (QUIC listener, registry actor, admin socket).
+//! - [`admin`]: the admin protocol; [`datadir`]: the data directory.
+//!
+//! Must not depend on `ward-client`.
+
+pub mod admin;
+pub mod core;
+pub mod datadir;
+pub mod pki;
+pub mod server;
+pub mod store;

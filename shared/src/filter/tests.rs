@@ -1,0 +1,627 @@
+//! Filter tests: hand-written cases and a property test against a reference model.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use super::*;
+use proptest::prelude::*;
+
+/// Test packet builders (also used by the policy tests).
+pub(crate) mod pkt {
+    use std::net::IpAddr;
+
+    pub const SYN: u8 = 0x02;
+    pub const ACK: u8 = 0x10;
+    pub const FIN: u8 = 0x01;
+
+    /// An IP packet with `proto` and transport bytes `l4`, from `src` to `dst` (same family).
+    pub fn ip(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let total = 20 + l4.len();
+                let mut p = vec![0u8; 20];
+                p[0] = 0x45;
+                p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+                p[8] = 64;
+                p[9] = proto;
+                p[12..16].copy_from_slice(&s.octets());
+                p[16..20].copy_from_slice(&d.octets());
+                p.extend_from_slice(l4);
+                p
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let mut p = vec![0u8; 40];
+                p[0] = 0x60;
+                p[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+                p[6] = proto;
+                p[7] = 64;
+                p[8..24].copy_from_slice(&s.octets());
+                p[24..40].copy_from_slice(&d.octets());
+                p.extend_from_slice(l4);
+                p
+            }
+            _ => panic!("mixed address families"),
+        }
+    }
+
+    pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        ip(src, dst, 6, &t)
+    }
+
+    pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+        let mut u = vec![0u8; 12];
+        u[0..2].copy_from_slice(&sport.to_be_bytes());
+        u[2..4].copy_from_slice(&dport.to_be_bytes());
+        u[4..6].copy_from_slice(&12u16.to_be_bytes());
+        ip(src, dst, 17, &u)
+    }
+
+    /// ICMP(v6) echo request or reply with identifier `id`.
+    pub fn echo(src: IpAddr, dst: IpAddr, request: bool, id: u16) -> Vec<u8> {
+        let v6 = src.is_ipv6();
+        let ty = match (v6, request) {
+            (false, true) => 8,
+            (false, false) => 0,
+            (true, true) => 128,
+            (true, false) => 129,
+        };
+        let mut m = vec![0u8; 16];
+        m[0] = ty;
+        m[4..6].copy_from_slice(&id.to_be_bytes());
+        ip(src, dst, if v6 { 58 } else { 1 }, &m)
+    }
+
+    /// An ICMP error (v4 type 3 / v6 type 1) from `src` to `dst` about `about`.
+    pub fn icmp_error(src: IpAddr, dst: IpAddr, about: &[u8]) -> Vec<u8> {
+        let v6 = src.is_ipv6();
+        let mut m = vec![0u8; 8];
+        m[0] = if v6 { 1 } else { 3 };
+        m.extend_from_slice(&about[..about.len().min(if v6 { 48 } else { 28 })]);
+        ip(src, dst, if v6 { 58 } else { 1 }, &m)
+    }
+}
+
+use pkt::*;
+
+const NOW_MS: i64 = 1_800_000_000_000;
+
+fn a(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn rule(
+    name: &str,
+    sources: &[&str],
+    proto: Proto,
+    ports: &[(u16, u16)],
+    not_after_ms: Option<i64>,
+) -> FilterRule {
+    FilterRule {
+        rule: name.into(),
+        service: "svc".into(),
+        sources: sources.iter().map(|s| a(s)).collect(),
+        proto,
+        ports: ports
+            .iter()
+            .map(|(lo, hi)| PortRange { lo: *lo, hi: *hi })
+            .collect(),
+        not_after_ms,
+    }
+}
+
+const ME: &str = "100.64.0.1";
+const PEER: &str = "100.64.0.2";
+const OTHER: &str = "100.64.0.3";
+
+#[test]
+fn default_deny_without_rules() {
+    let mut f = Filter::new(16);
+    let now = Instant::now();
+    for p in [
+        tcp(a(PEER), 4000, a(ME), 22, SYN),
+        udp(a(PEER), 4000, a(ME), 53),
+        echo(a(PEER), a(ME), true, 7),
+    ] {
+        assert_eq!(
+            f.check_inbound(&p, now, NOW_MS),
+            Verdict::Deny(DenyReason::NoRule)
+        );
+    }
+    assert_eq!(f.counters().denied_no_rule, 3);
+    assert_eq!(f.flow_count(), 0);
+}
+
+#[test]
+fn rule_allows_source_proto_and_port_only() {
+    let mut f = Filter::new(16);
+    f.set_rules(vec![rule(
+        "r",
+        &[PEER, "fd00::2"],
+        Proto::Tcp,
+        &[(22, 22), (8000, 8080)],
+        None,
+    )]);
+    let now = Instant::now();
+    let ok = [
+        tcp(a(PEER), 4000, a(ME), 22, SYN),
+        tcp(a(PEER), 4001, a(ME), 8080, SYN),
+        tcp(a("fd00::2"), 4000, a("fd00::1"), 8000, SYN),
+    ];
+    for p in &ok {
+        assert_eq!(f.check_inbound(p, now, NOW_MS), Verdict::Allow);
+    }
+    let denied = [
+        tcp(a(OTHER), 4000, a(ME), 22, SYN),
+        tcp(a(PEER), 4000, a(ME), 23, SYN),
+        tcp(a(PEER), 4000, a(ME), 8081, SYN),
+        udp(a(PEER), 4000, a(ME), 22),
+        echo(a(PEER), a(ME), true, 1),
+    ];
+    for p in &denied {
+        assert_eq!(
+            f.check_inbound(p, now, NOW_MS),
+            Verdict::Deny(DenyReason::NoRule)
+        );
+    }
+}
+
+#[test]
+fn replies_to_own_flows_pass_and_nothing_else() {
+    let mut f = Filter::new(16);
+    let now = Instant::now();
+    f.handle_outbound(&tcp(a(ME), 5000, a(PEER), 443, SYN), now);
+    f.handle_outbound(&udp(a(ME), 5001, a(PEER), 53), now);
+    f.handle_outbound(&echo(a(ME), a(PEER), true, 9), now);
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 443, a(ME), 5000, SYN | ACK), now, NOW_MS),
+        Verdict::Allow
+    );
+    assert_eq!(
+        f.check_inbound(&udp(a(PEER), 53, a(ME), 5001), now, NOW_MS),
+        Verdict::Allow
+    );
+    assert_eq!(
+        f.check_inbound(&echo(a(PEER), a(ME), false, 9), now, NOW_MS),
+        Verdict::Allow
+    );
+    // Wrong port, wrong peer, wrong id, a request riding on our echo id.
+    for p in [
+        tcp(a(PEER), 443, a(ME), 5002, ACK),
+        tcp(a(OTHER), 443, a(ME), 5000, ACK),
+        udp(a(PEER), 54, a(ME), 5001),
+        echo(a(PEER), a(ME), false, 10),
+        echo(a(PEER), a(ME), true, 9),
+    ] {
+        assert_eq!(
+            f.check_inbound(&p, now, NOW_MS),
+            Verdict::Deny(DenyReason::NoRule)
+        );
+    }
+    // An outbound TCP packet that is not a SYN opens nothing.
+    f.handle_outbound(&tcp(a(ME), 5003, a(PEER), 443, ACK), now);
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 443, a(ME), 5003, ACK), now, NOW_MS),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+}
+
+#[test]
+fn flows_time_out() {
+    let mut f = Filter::new(16);
+    let t0 = Instant::now();
+    f.handle_outbound(&udp(a(ME), 5001, a(PEER), 53), t0);
+    f.handle_outbound(&tcp(a(ME), 5000, a(PEER), 443, SYN), t0);
+    let reply_tcp = tcp(a(PEER), 443, a(ME), 5000, SYN | ACK);
+    assert_eq!(
+        f.check_inbound(&reply_tcp, t0 + Duration::from_secs(29), NOW_MS),
+        Verdict::Allow
+    );
+    // Established now: survives minutes of idleness but not more than the timeout.
+    f.handle_outbound(
+        &tcp(a(ME), 5000, a(PEER), 443, ACK),
+        t0 + Duration::from_secs(29),
+    );
+    let t1 = t0 + Duration::from_secs(29) + TCP_ESTABLISHED_TIMEOUT - Duration::from_secs(1);
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 443, a(ME), 5000, ACK), t1, NOW_MS),
+        Verdict::Allow
+    );
+    let t2 = t1 + TCP_ESTABLISHED_TIMEOUT + Duration::from_secs(1);
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 443, a(ME), 5000, ACK), t2, NOW_MS),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+    assert_eq!(
+        f.check_inbound(
+            &udp(a(PEER), 53, a(ME), 5001),
+            t0 + UDP_TIMEOUT + Duration::from_secs(1),
+            NOW_MS
+        ),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+    // Half-open flows die sooner.
+    f.handle_outbound(&tcp(a(ME), 6000, a(PEER), 443, SYN), t0);
+    assert_eq!(
+        f.check_inbound(
+            &tcp(a(PEER), 443, a(ME), 6000, SYN | ACK),
+            t0 + TCP_HALF_OPEN_TIMEOUT + Duration::from_secs(1),
+            NOW_MS
+        ),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+}
+
+#[test]
+fn expired_rules_deny_new_and_established_flows() {
+    let mut f = Filter::new(16);
+    let t = Instant::now();
+    f.set_rules(vec![rule(
+        "grant:1",
+        &[PEER],
+        Proto::Tcp,
+        &[(22, 22)],
+        Some(NOW_MS + 1000),
+    )]);
+    let syn = tcp(a(PEER), 4000, a(ME), 22, SYN);
+    assert_eq!(f.check_inbound(&syn, t, NOW_MS), Verdict::Allow);
+    f.handle_outbound(&tcp(a(ME), 22, a(PEER), 4000, SYN | ACK), t);
+    let data = tcp(a(PEER), 4000, a(ME), 22, ACK);
+    assert_eq!(f.check_inbound(&data, t, NOW_MS + 999), Verdict::Allow);
+    assert_eq!(
+        f.check_inbound(&data, t, NOW_MS + 1000),
+        Verdict::Deny(DenyReason::Expired)
+    );
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 4001, a(ME), 22, SYN), t, NOW_MS + 5000),
+        Verdict::Deny(DenyReason::Expired)
+    );
+    // The server's own packets on the cut flow do not reopen it.
+    f.handle_outbound(&tcp(a(ME), 22, a(PEER), 4000, ACK), t);
+    assert_eq!(
+        f.check_inbound(&data, t, NOW_MS + 1000),
+        Verdict::Deny(DenyReason::Expired)
+    );
+    assert_eq!(f.counters().denied_expired, 3);
+}
+
+#[test]
+fn set_rules_cuts_revoked_flows_but_keeps_own() {
+    let mut f = Filter::new(64);
+    let t = Instant::now();
+    f.set_rules(vec![
+        rule("a", &[PEER], Proto::Udp, &[(53, 53)], None),
+        rule("b", &[OTHER], Proto::Udp, &[(53, 53)], None),
+    ]);
+    let from_peer = udp(a(PEER), 4000, a(ME), 53);
+    let from_other = udp(a(OTHER), 4000, a(ME), 53);
+    assert_eq!(f.check_inbound(&from_peer, t, NOW_MS), Verdict::Allow);
+    assert_eq!(f.check_inbound(&from_other, t, NOW_MS), Verdict::Allow);
+    f.handle_outbound(&udp(a(ME), 7000, a(PEER), 9999), t);
+    f.set_rules(vec![rule("b", &[OTHER], Proto::Udp, &[(53, 53)], None)]);
+    assert_eq!(
+        f.check_inbound(&from_peer, t, NOW_MS),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+    assert_eq!(f.check_inbound(&from_other, t, NOW_MS), Verdict::Allow);
+    assert_eq!(
+        f.check_inbound(&udp(a(PEER), 9999, a(ME), 7000), t, NOW_MS),
+        Verdict::Allow
+    );
+    // The server answering the revoked client does not reopen the flow.
+    f.handle_outbound(&udp(a(ME), 53, a(PEER), 4000), t);
+    assert_eq!(
+        f.check_inbound(&from_peer, t, NOW_MS),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+    assert_eq!(f.counters().flows_revoked, 1);
+    // Granted again: passes again.
+    f.set_rules(vec![rule("a2", &[PEER], Proto::Udp, &[(53, 53)], None)]);
+    assert_eq!(f.check_inbound(&from_peer, t, NOW_MS), Verdict::Allow);
+}
+
+#[test]
+fn icmp_echo_and_errors() {
+    let mut f = Filter::new(16);
+    let t = Instant::now();
+    f.set_rules(vec![rule("ping", &[PEER], Proto::Icmp, &[], None)]);
+    assert_eq!(
+        f.check_inbound(&echo(a(PEER), a(ME), true, 1), t, NOW_MS),
+        Verdict::Allow
+    );
+    assert_eq!(
+        f.check_inbound(&echo(a(OTHER), a(ME), true, 1), t, NOW_MS),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+    // An unreachable error about a flow we opened passes; about anything else it does not.
+    let ours = udp(a(ME), 5000, a(OTHER), 53);
+    f.handle_outbound(&ours, t);
+    assert_eq!(
+        f.check_inbound(&icmp_error(a(OTHER), a(ME), &ours), t, NOW_MS),
+        Verdict::Allow
+    );
+    let not_ours = udp(a(ME), 5001, a(OTHER), 53);
+    assert_eq!(
+        f.check_inbound(&icmp_error(a(OTHER), a(ME), &not_ours), t, NOW_MS),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+    // v6 too.
+    let ours6 = tcp(a("fd00::1"), 5000, a("fd00::3"), 80, SYN);
+    f.handle_outbound(&ours6, t);
+    assert_eq!(
+        f.check_inbound(&icmp_error(a("fd00::3"), a("fd00::1"), &ours6), t, NOW_MS),
+        Verdict::Allow
+    );
+    // Other ICMP types are refused.
+    let mut redirect = echo(a(PEER), a(ME), true, 1);
+    redirect[20] = 5;
+    assert_eq!(
+        f.check_inbound(&redirect, t, NOW_MS),
+        Verdict::Deny(DenyReason::UnsupportedProtocol)
+    );
+}
+
+#[test]
+fn fragments_unknown_protocols_and_garbage_are_denied() {
+    let mut f = Filter::new(16);
+    let t = Instant::now();
+    f.set_rules(vec![rule(
+        "all",
+        &[PEER, "fd00::2"],
+        Proto::Udp,
+        &[(0, u16::MAX)],
+        None,
+    )]);
+    let mut frag = udp(a(PEER), 1, a(ME), 2);
+    frag[6..8].copy_from_slice(&100u16.to_be_bytes());
+    assert_eq!(
+        f.check_inbound(&frag, t, NOW_MS),
+        Verdict::Deny(DenyReason::Fragment)
+    );
+    // First fragment (MF set, offset 0) is judged on its ports.
+    let mut first = udp(a(PEER), 1, a(ME), 2);
+    first[6] = 0x20;
+    assert_eq!(f.check_inbound(&first, t, NOW_MS), Verdict::Allow);
+    // IPv6 fragment header with a non-zero offset.
+    let mut l4 = vec![17u8, 0, 0, 0x10, 0, 0, 0, 1];
+    l4.extend_from_slice(&[0u8; 8]);
+    let frag6 = ip(a("fd00::2"), a("fd00::1"), 44, &l4);
+    assert_eq!(
+        f.check_inbound(&frag6, t, NOW_MS),
+        Verdict::Deny(DenyReason::Fragment)
+    );
+    let gre = ip(a(PEER), a(ME), 47, &[0u8; 8]);
+    assert_eq!(
+        f.check_inbound(&gre, t, NOW_MS),
+        Verdict::Deny(DenyReason::UnsupportedProtocol)
+    );
+    for bad in [
+        vec![],
+        vec![0x45],
+        vec![0x45; 19],
+        vec![0x00; 40],
+        udp(a(PEER), 1, a(ME), 2)[..24].to_vec(),
+        tcp(a(PEER), 1, a(ME), 2, SYN)[..30].to_vec(),
+    ] {
+        assert_eq!(
+            f.check_inbound(&bad, t, NOW_MS),
+            Verdict::Deny(DenyReason::Malformed),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn full_table_evicts_expired_first_then_fails_closed() {
+    let mut f = Filter::new(4);
+    let t = Instant::now();
+    f.set_rules(vec![rule("r", &[PEER], Proto::Udp, &[(53, 53)], None)]);
+    for port in 0..4 {
+        assert_eq!(
+            f.check_inbound(&udp(a(PEER), 1000 + port, a(ME), 53), t, NOW_MS),
+            Verdict::Allow
+        );
+    }
+    assert_eq!(
+        f.check_inbound(&udp(a(PEER), 2000, a(ME), 53), t, NOW_MS),
+        Verdict::Deny(DenyReason::TableFull)
+    );
+    assert_eq!(f.counters().denied_table_full, 1);
+    // Tracked flows keep passing.
+    assert_eq!(
+        f.check_inbound(&udp(a(PEER), 1000, a(ME), 53), t, NOW_MS),
+        Verdict::Allow
+    );
+    // Once the others expired there is room again.
+    let later = t + UDP_TIMEOUT + Duration::from_secs(1);
+    assert_eq!(
+        f.check_inbound(&udp(a(PEER), 2000, a(ME), 53), later, NOW_MS),
+        Verdict::Allow
+    );
+    assert!(f.flow_count() <= 4);
+}
+
+/// A reference model of the filter's decision: rules plus the set of flows.
+#[derive(Debug, Clone)]
+enum Op {
+    Out {
+        proto: u8,
+        me: u8,
+        peer: u8,
+        lport: u16,
+        rport: u16,
+        syn: bool,
+    },
+    In {
+        proto: u8,
+        me: u8,
+        peer: u8,
+        lport: u16,
+        rport: u16,
+        syn: bool,
+    },
+}
+
+fn addr(i: u8, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(i) + 1))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(100, 64, 0, i + 1))
+    }
+}
+
+fn packet(
+    proto: u8,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    syn: bool,
+    request: bool,
+) -> Vec<u8> {
+    match proto {
+        0 => tcp(src, sport, dst, dport, if syn { SYN } else { ACK }),
+        1 => udp(src, sport, dst, dport),
+        _ => echo(src, dst, request, sport),
+    }
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let port = prop_oneof![Just(22u16), Just(53), Just(80), 1000u16..1004];
+    (
+        any::<bool>(),
+        0u8..3,
+        0u8..2,
+        1u8..4,
+        port.clone(),
+        port,
+        any::<bool>(),
+    )
+        .prop_map(|(out, proto, me, peer, lport, rport, syn)| {
+            if out {
+                Op::Out {
+                    proto,
+                    me,
+                    peer,
+                    lport,
+                    rport,
+                    syn,
+                }
+            } else {
+                Op::In {
+                    proto,
+                    me,
+                    peer,
+                    lport,
+                    rport,
+                    syn,
+                }
+            }
+        })
+}
+
+fn rules_strategy() -> impl Strategy<Value = Vec<FilterRule>> {
+    let r = (
+        proptest::collection::vec(1u8..4, 0..3),
+        0u8..3,
+        proptest::collection::vec((0u16..100, 0u16..1100), 0..3),
+        any::<bool>(),
+    )
+        .prop_map(|(srcs, proto, ports, v6)| FilterRule {
+            rule: "r".into(),
+            service: "s".into(),
+            sources: srcs.iter().map(|i| addr(*i, v6)).collect(),
+            proto: [Proto::Tcp, Proto::Udp, Proto::Icmp][proto as usize],
+            ports: ports
+                .iter()
+                .map(|(a, b)| PortRange {
+                    lo: (*a).min(*b),
+                    hi: (*a).max(*b),
+                })
+                .collect(),
+            not_after_ms: None,
+        });
+    proptest::collection::vec(r, 0..4)
+}
+
+proptest! {
+    /// Within timeouts and with room in the table, a packet is delivered iff a rule allows it or
+    /// it belongs to a flow this device opened or a rule allowed.
+    #[test]
+    fn filter_matches_reference_model(
+        rules in rules_strategy(),
+        ops in proptest::collection::vec(op_strategy(), 1..60),
+        v6 in any::<bool>(),
+    ) {
+        let mut f = Filter::new(10_000);
+        f.set_rules(rules.clone());
+        let now = Instant::now();
+        // (proto, local, remote, lport, rport, opened locally) of tracked flows.
+        let mut flows: std::collections::BTreeSet<(u8, IpAddr, IpAddr, u16, u16, bool)> = Default::default();
+        for op in ops {
+            match op {
+                Op::Out { proto, me, peer, lport, rport, syn } => {
+                    let (l, r) = (addr(me, v6), addr(peer + 10, v6));
+                    let p = packet(proto, l, lport, r, rport, syn, true);
+                    f.handle_outbound(&p, now);
+                    let (lp, rp) = if proto == 2 { (lport, 0) } else { (lport, rport) };
+                    let opens = proto != 0 || syn;
+                    let exists = flows.iter().any(|x| (x.0, x.1, x.2, x.3, x.4) == (proto, l, r, lp, rp));
+                    if opens && !exists {
+                        flows.insert((proto, l, r, lp, rp, true));
+                    }
+                }
+                Op::In { proto, me, peer, lport, rport, syn } => {
+                    // Peers are 11..13 for replies and 1..3 for rule sources: use both.
+                    let r = addr(if syn { peer } else { peer + 10 }, v6);
+                    let l = addr(me, v6);
+                    let request = syn;
+                    let p = packet(proto, r, rport, l, lport, syn, request);
+                    let v = f.check_inbound(&p, now, NOW_MS);
+                    let (lp, rp) = if proto == 2 { (rport, 0) } else { (lport, rport) };
+                    let tracked = flows.iter().any(|x| (x.0, x.1, x.2, x.3, x.4) == (proto, l, r, lp, rp) && (proto != 2 || (x.5 && !request) || (!x.5 && request)));
+                    let want_proto = [Proto::Tcp, Proto::Udp, Proto::Icmp][proto as usize];
+                    let by_rule = (proto != 2 || request) && rules.iter().any(|ru| {
+                        ru.proto == want_proto
+                            && ru.sources.contains(&r)
+                            && (want_proto == Proto::Icmp || ru.ports.iter().any(|x| x.contains(lport)))
+                    });
+                    let expect = tracked || by_rule;
+                    prop_assert_eq!(v == Verdict::Allow, expect, "op {:?} verdict {:?}", (proto, l, r, lport, rport, syn), v);
+                    if by_rule && !tracked {
+                        flows.insert((proto, l, r, lp, rp, false));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Arbitrary bytes never panic the filter, and never open a flow.
+    #[test]
+    fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+        let mut f = Filter::new(16);
+        let now = Instant::now();
+        let _ = f.check_inbound(&bytes, now, NOW_MS);
+        f.handle_outbound(&bytes, now);
+    }
+}
+
+#[test]
+fn closed_tcp_flows_linger_only_briefly() {
+    let mut f = Filter::new(16);
+    let t = Instant::now();
+    f.handle_outbound(&tcp(a(ME), 5000, a(PEER), 443, SYN), t);
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 443, a(ME), 5000, SYN | ACK), t, NOW_MS),
+        Verdict::Allow
+    );
+    f.handle_outbound(&tcp(a(ME), 5000, a(PEER), 443, FIN | ACK), t);
+    let late = t + TCP_CLOSING_TIMEOUT + Duration::from_secs(1);
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 443, a(ME), 5000, ACK), late, NOW_MS),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+}

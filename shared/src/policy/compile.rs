@@ -1,0 +1,414 @@
+//! Policy + directory → per-device access, and the policy's own tests.
+//!
+//! Cost: resolving selectors is O(devices) per rule; emitting is O(sources × destinations) per
+//! rule and service, which is the size of the output itself. Nothing recurses or backtracks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use super::{
+    proto_name, Compiled, DeviceAccess, DirDevice, Directory, Policy, Pos, Selector, TestSource,
+};
+use crate::filter::{FilterRule, Proto};
+use crate::names::Hostname;
+use crate::wire::{DeviceId, Reach};
+
+/// The outcome of one expectation of a `[[tests]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestOutcome {
+    /// Where the expectation is written.
+    pub pos: Pos,
+    /// The test's source, as written (`alice`, `device:laptop`).
+    pub from: String,
+    /// `db:5432/tcp`.
+    pub target: String,
+    /// Whether the test expects the access to be allowed.
+    pub expect_allow: bool,
+    /// Whether the policy allows it.
+    pub allowed: bool,
+    pub pass: bool,
+    /// Which rule allowed it, or why nothing did.
+    pub why: String,
+}
+
+/// Compiles `p` against `d` at coordinator time `now_ms`. Only live devices appear; every live
+/// device has an entry (possibly empty). See the module documentation for the rules.
+pub fn compile(p: &Policy, d: &Directory, now_ms: i64) -> Compiled {
+    let ix = Index::new(p, d);
+    let mut devices: BTreeMap<DeviceId, DeviceAccess> = d
+        .devices
+        .iter()
+        .filter(|x| x.live)
+        .map(|x| (x.id, DeviceAccess::default()))
+        .collect();
+    let hostnames: Vec<Option<Hostname>> = d
+        .devices
+        .iter()
+        .map(|x| {
+            Hostname::parse(&x.hostname)
+                .or_else(|_| Hostname::sanitize(&x.hostname))
+                .ok()
+        })
+        .collect();
+    // Live destination devices of each service.
+    let svc_devices: BTreeMap<&str, Vec<usize>> = p
+        .services
+        .iter()
+        .map(|(name, s)| {
+            let mut v: Vec<usize> = s
+                .devices
+                .iter()
+                .flat_map(|sel| ix.resolve(&sel.value))
+                .filter(|i| d.devices[*i].live)
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            (name.as_str(), v)
+        })
+        .collect();
+    let mut next_expiry_ms: Option<i64> = None;
+    for rule in effective_rules(p, d) {
+        if let Some(t) = rule.expires_ms {
+            if t <= now_ms {
+                continue;
+            }
+            next_expiry_ms = Some(next_expiry_ms.map_or(t, |n| n.min(t)));
+        }
+        let mut sources: Vec<usize> = rule
+            .from
+            .iter()
+            .flat_map(|sel| ix.resolve(sel))
+            .filter(|i| {
+                let dev = &d.devices[*i];
+                dev.live && rule.posture.iter().all(|q| dev.posture_passed.contains(*q))
+            })
+            .collect();
+        sources.sort_unstable();
+        sources.dedup();
+        if sources.is_empty() {
+            continue;
+        }
+        for svc_name in &rule.to {
+            let Some(svc) = p.services.get(*svc_name) else {
+                continue;
+            };
+            let srcs: Vec<usize> = sources
+                .iter()
+                .copied()
+                .filter(|i| svc.remediation || !d.devices[*i].quarantined)
+                .collect();
+            if srcs.is_empty() {
+                continue;
+            }
+            let mut addrs: Vec<(IpAddr, usize)> = srcs
+                .iter()
+                .flat_map(|i| {
+                    let dev = &d.devices[*i];
+                    [(IpAddr::V4(dev.ipv4), *i), (IpAddr::V6(dev.ipv6), *i)]
+                })
+                .collect();
+            addrs.sort_unstable();
+            let by_proto = svc.ports.by_proto();
+            let dsts = svc_devices.get(*svc_name).map_or(&[][..], Vec::as_slice);
+            for &dst in dsts {
+                let dst_dev = &d.devices[dst];
+                let sources: Vec<IpAddr> = addrs
+                    .iter()
+                    .filter(|(_, i)| *i != dst)
+                    .map(|(a, _)| *a)
+                    .collect();
+                if sources.is_empty() {
+                    continue;
+                }
+                let mut dst_peers = Vec::with_capacity(srcs.len());
+                for &src in &srcs {
+                    if src == dst {
+                        continue;
+                    }
+                    let src_id = d.devices[src].id;
+                    dst_peers.push(src_id);
+                    if let Some(acc) = devices.get_mut(&src_id) {
+                        acc.peers.insert(dst_dev.id);
+                        if let Some(h) = &hostnames[dst] {
+                            for (proto, ports) in &by_proto {
+                                acc.reach.push(Reach {
+                                    service: svc.name.clone(),
+                                    device_id: dst_dev.id,
+                                    hostname: h.clone(),
+                                    proto: *proto,
+                                    ports: ports.clone(),
+                                    rule: rule.name.clone(),
+                                    not_after_ms: rule.expires_ms,
+                                });
+                            }
+                        }
+                    }
+                }
+                if let Some(acc) = devices.get_mut(&dst_dev.id) {
+                    acc.peers.extend(dst_peers);
+                    for (proto, ports) in &by_proto {
+                        acc.inbound.push(FilterRule {
+                            rule: rule.name.clone(),
+                            service: svc.name.clone(),
+                            sources: sources.clone(),
+                            proto: *proto,
+                            ports: ports.clone(),
+                            not_after_ms: rule.expires_ms,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for acc in devices.values_mut() {
+        acc.inbound.sort();
+        acc.inbound.dedup();
+        acc.reach.sort();
+        acc.reach.dedup();
+    }
+    Compiled {
+        devices,
+        next_expiry_ms,
+    }
+}
+
+/// Runs the policy's `[[tests]]` at `now_ms`. Tests are about the policy's intent: they judge
+/// identities (a user by name and groups; a device by hostname, tags and owner), assume a
+/// compliant, non-quarantined device, and ignore just-in-time grants. Rules expired at `now_ms`
+/// do not count.
+pub fn run_tests(p: &Policy, d: &Directory, now_ms: i64) -> Vec<TestOutcome> {
+    let ix = Index::new(p, d);
+    let mut out = Vec::new();
+    for t in &p.tests {
+        let from = t.from.to_string();
+        let expectations = t
+            .allow
+            .iter()
+            .map(|x| (x, true))
+            .chain(t.deny.iter().map(|x| (x, false)));
+        for (target, expect_allow) in expectations {
+            let tg = &target.value;
+            let mut by = Vec::new();
+            let mut expired = Vec::new();
+            let port_open = p
+                .services
+                .get(&tg.service)
+                .is_some_and(|s| s.ports.allows(tg.proto, tg.port));
+            for rule in &p.rules {
+                if !rule.to.iter().any(|s| s.value == tg.service) {
+                    continue;
+                }
+                if !rule
+                    .from
+                    .iter()
+                    .any(|s| ix.identity_matches(&s.value, &t.from))
+                {
+                    continue;
+                }
+                match rule.expires_ms {
+                    Some(x) if x <= now_ms => expired.push(format!(
+                        "rule {:?} (line {}) expired at {}",
+                        rule.name,
+                        rule.pos.line,
+                        format_ms(x)
+                    )),
+                    _ => by.push(format!("rule {:?} (line {})", rule.name, rule.pos.line)),
+                }
+            }
+            let allowed = port_open && !by.is_empty();
+            let target_s = match tg.proto {
+                Proto::Icmp => format!("{} (icmp)", tg.service),
+                pr => format!("{}:{}/{}", tg.service, tg.port, proto_name(pr)),
+            };
+            let why = if allowed {
+                format!("allowed by {}", by.join(", "))
+            } else if !by.is_empty() {
+                format!(
+                    "denied: {} is not open in service {:?} (default deny)",
+                    match tg.proto {
+                        Proto::Icmp => "icmp".to_string(),
+                        pr => format!("{}/{}", tg.port, proto_name(pr)),
+                    },
+                    tg.service
+                )
+            } else {
+                let mut s =
+                    format!("denied: no rule allows {from} to reach {target_s} (default deny)");
+                if !expired.is_empty() {
+                    s.push_str("; ");
+                    s.push_str(&expired.join("; "));
+                }
+                s
+            };
+            out.push(TestOutcome {
+                pos: target.pos,
+                from: from.clone(),
+                target: target_s,
+                expect_allow,
+                allowed,
+                pass: allowed == expect_allow,
+                why,
+            });
+        }
+    }
+    out
+}
+
+/// A policy rule or a just-in-time grant, in one shape.
+pub(crate) struct EffRule<'a> {
+    pub name: String,
+    /// `None` for grants.
+    pub pos: Option<Pos>,
+    pub from: Vec<Selector>,
+    pub to: Vec<&'a str>,
+    pub posture: Vec<&'a str>,
+    pub expires_ms: Option<i64>,
+}
+
+/// The policy's rules followed by the directory's grants (grants naming an unknown service or a
+/// malformed source are skipped).
+pub(crate) fn effective_rules<'a>(p: &'a Policy, d: &'a Directory) -> Vec<EffRule<'a>> {
+    let mut v: Vec<EffRule<'a>> = p
+        .rules
+        .iter()
+        .map(|r| EffRule {
+            name: r.name.clone(),
+            pos: Some(r.pos),
+            from: r.from.iter().map(|s| s.value.clone()).collect(),
+            to: r.to.iter().map(|s| s.value.as_str()).collect(),
+            posture: r.posture.iter().map(|s| s.value.as_str()).collect(),
+            expires_ms: r.expires_ms,
+        })
+        .collect();
+    for g in &d.grants {
+        let Some(svc) = p
+            .services
+            .get_key_value(g.to.as_str())
+            .map(|(k, _)| k.as_str())
+        else {
+            continue;
+        };
+        let from = match g.from.strip_prefix("device:") {
+            Some(h) => Selector::Device(h.to_string()),
+            None => Selector::User(g.from.strip_prefix("user:").unwrap_or(&g.from).to_string()),
+        };
+        v.push(EffRule {
+            name: format!("grant:{}", g.id),
+            pos: None,
+            from: vec![from],
+            to: vec![svc],
+            posture: Vec::new(),
+            expires_ms: Some(g.not_after_ms),
+        });
+    }
+    v
+}
+
+/// Lookups over the directory, with group membership from the policy and the directory.
+pub(crate) struct Index<'a> {
+    pub d: &'a Directory,
+    pub by_host: BTreeMap<&'a str, Vec<usize>>,
+    pub by_user: BTreeMap<&'a str, Vec<usize>>,
+    pub by_tag: BTreeMap<&'a str, Vec<usize>>,
+    /// Group → member user names.
+    pub groups: BTreeMap<&'a str, BTreeSet<&'a str>>,
+}
+
+impl<'a> Index<'a> {
+    pub fn new(p: &'a Policy, d: &'a Directory) -> Index<'a> {
+        let mut ix = Index {
+            d,
+            by_host: BTreeMap::new(),
+            by_user: BTreeMap::new(),
+            by_tag: BTreeMap::new(),
+            groups: BTreeMap::new(),
+        };
+        for (i, dev) in d.devices.iter().enumerate() {
+            ix.by_host.entry(dev.hostname.as_str()).or_default().push(i);
+            if let Some(u) = &dev.user {
+                ix.by_user.entry(u.as_str()).or_default().push(i);
+            }
+            for t in &dev.tags {
+                ix.by_tag.entry(t.as_str()).or_default().push(i);
+            }
+        }
+        for (g, members) in &p.groups {
+            ix.groups
+                .entry(g.as_str())
+                .or_default()
+                .extend(members.members.iter().map(|m| m.value.as_str()));
+        }
+        for u in &d.users {
+            for g in &u.groups {
+                ix.groups
+                    .entry(g.as_str())
+                    .or_default()
+                    .insert(u.name.as_str());
+            }
+        }
+        ix
+    }
+
+    /// Every device (live or not) a selector names, as indices into `d.devices`.
+    pub fn resolve(&self, sel: &Selector) -> Vec<usize> {
+        let get = |m: &BTreeMap<&str, Vec<usize>>, k: &str| m.get(k).cloned().unwrap_or_default();
+        match sel {
+            Selector::User(u) => get(&self.by_user, u),
+            Selector::Tag(t) => get(&self.by_tag, t),
+            Selector::Device(h) => get(&self.by_host, h),
+            Selector::Group(g) => self
+                .groups
+                .get(g.as_str())
+                .map(|users| users.iter().flat_map(|u| get(&self.by_user, u)).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Whether a selector names this device.
+    pub fn matches_device(&self, sel: &Selector, dev: &DirDevice) -> bool {
+        match sel {
+            Selector::User(u) => dev.user.as_deref() == Some(u.as_str()),
+            Selector::Tag(t) => dev.tags.iter().any(|x| x == t),
+            Selector::Device(h) => dev.hostname == *h,
+            Selector::Group(g) => dev
+                .user
+                .as_deref()
+                .is_some_and(|u| self.groups.get(g.as_str()).is_some_and(|m| m.contains(u))),
+        }
+    }
+
+    /// Whether a selector names a test's source identity.
+    fn identity_matches(&self, sel: &Selector, src: &TestSource) -> bool {
+        match src {
+            TestSource::User(u) => match sel {
+                Selector::User(x) => x == u,
+                Selector::Group(g) => self
+                    .groups
+                    .get(g.as_str())
+                    .is_some_and(|m| m.contains(u.as_str())),
+                Selector::Tag(_) | Selector::Device(_) => false,
+            },
+            TestSource::Device(h) => {
+                if let Selector::Device(x) = sel {
+                    return x == h;
+                }
+                self.by_host.get(h.as_str()).is_some_and(|devs| {
+                    devs.iter()
+                        .any(|i| self.matches_device(sel, &self.d.devices[*i]))
+                })
+            }
+        }
+    }
+}
+
+/// ms since the epoch as RFC 3339 (UTC), for messages.
+pub(crate) fn format_ms(ms: i64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
+}

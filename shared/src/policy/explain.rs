@@ -1,0 +1,455 @@
+//! Why a source may or may not reach a destination, and what changes between compilations.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use super::compile::{effective_rules, format_ms, Index};
+use super::parse::parse_port_proto;
+use super::{format_ports, proto_name, Compiled, DirDevice, Directory, Policy, Pos, Service};
+use crate::filter::{PortRange, Proto};
+use crate::wire::DeviceId;
+
+/// The answer of [`explain`]: one entry per (source device, destination device).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    pub src: String,
+    pub dst: String,
+    /// `db1:5432/tcp`, `db:icmp`, `db (any port)`.
+    pub target: String,
+    /// True if at least one source device may reach at least one destination device.
+    pub allowed: bool,
+    pub devices: Vec<DeviceExplanation>,
+    /// Things that are not per device (`alice has no devices`).
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceExplanation {
+    pub src_id: DeviceId,
+    pub src_hostname: String,
+    pub dst_id: DeviceId,
+    pub dst_hostname: String,
+    pub allowed: bool,
+    /// Rules (name, line; grants have no line) that allow it.
+    pub allowed_by: Vec<(String, Option<Pos>)>,
+    /// Rules that name this source and destination but did not apply, with why.
+    pub misses: Vec<Miss>,
+    /// Why nothing could apply at all (device not live, same device).
+    pub blocked: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Miss {
+    pub rule: String,
+    pub pos: Option<Pos>,
+    pub reasons: Vec<String>,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} → {}: {}",
+            self.src,
+            self.target,
+            if self.allowed { "allowed" } else { "denied" }
+        )?;
+        for n in &self.notes {
+            writeln!(f, "  {n}")?;
+        }
+        for d in &self.devices {
+            write!(f, "  {} → {}: ", d.src_hostname, d.dst_hostname)?;
+            if d.allowed {
+                let by: Vec<String> = d.allowed_by.iter().map(|(n, p)| rule_ref(n, *p)).collect();
+                writeln!(f, "allowed by {}", by.join(", "))?;
+            } else {
+                writeln!(
+                    f,
+                    "denied: no rule allows {} to reach {} (default deny)",
+                    d.src_hostname,
+                    self.target_on(&d.dst_hostname)
+                )?;
+                for b in &d.blocked {
+                    writeln!(f, "    {b}")?;
+                }
+            }
+            for m in &d.misses {
+                writeln!(
+                    f,
+                    "    {} did not apply: {}",
+                    rule_ref(&m.rule, m.pos),
+                    m.reasons.join("; ")
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Explanation {
+    fn target_on(&self, host: &str) -> String {
+        match self.target.split_once(':') {
+            Some((_, rest)) => format!("{host}:{rest}"),
+            None => host.to_string(),
+        }
+    }
+}
+
+fn rule_ref(name: &str, pos: Option<Pos>) -> String {
+    match pos {
+        Some(p) => format!("rule {name:?} (line {})", p.line),
+        None => format!("{name:?}"),
+    }
+}
+
+/// Explains whether `src` may reach `dst` at `now_ms`, with the same logic as
+/// [`compile`](super::compile) (so the answer matches what the filters enforce).
+///
+/// `src`: a device hostname, a user name (explained per device), or `user:U` / `device:H`.
+/// `dst`: `SERVICE` or `HOSTNAME` (or `device:HOSTNAME`), optionally `:PORT[/PROTO]` (protocol
+/// tcp by default) or `:icmp`; without a port, any port the services open counts.
+pub fn explain(
+    p: &Policy,
+    d: &Directory,
+    src: &str,
+    dst: &str,
+    now_ms: i64,
+) -> Result<Explanation, String> {
+    let ix = Index::new(p, d);
+    let mut notes = Vec::new();
+    // Source devices.
+    let (src_kind, src_name) = match src.split_once(':') {
+        Some(("user", u)) => ("user", u),
+        Some(("device", h)) => ("device", h),
+        Some(_) => {
+            return Err(format!(
+                "bad source {src:?}: use a hostname, a user, user:U or device:H"
+            ))
+        }
+        None if ix.by_host.contains_key(src) => ("device", src),
+        None => ("user", src),
+    };
+    let src_devs: Vec<usize> = if src_kind == "device" {
+        ix.by_host
+            .get(src_name)
+            .cloned()
+            .ok_or_else(|| format!("unknown device {src_name:?}"))?
+    } else {
+        let known = d.users.iter().any(|u| u.name == src_name) || ix.by_user.contains_key(src_name);
+        if !known {
+            return Err(format!(
+                "unknown source {src_name:?}: not a device hostname or a user"
+            ));
+        }
+        let v = ix.by_user.get(src_name).cloned().unwrap_or_default();
+        if v.is_empty() {
+            notes.push(format!("user {src_name:?} has no devices"));
+        }
+        v
+    };
+    // Destination: a service or a device.
+    let (name_part, rest) = {
+        let s = dst.strip_prefix("device:").unwrap_or(dst);
+        let s = s.strip_prefix("service:").unwrap_or(s);
+        match s.split_once(':') {
+            Some((a, b)) => (a, Some(b)),
+            None => (s, None),
+        }
+    };
+    let want = parse_port_proto(rest).map_err(|e| format!("bad destination {dst:?}: {e}"))?;
+    let only_service: Option<&Service> = if dst.starts_with("device:") {
+        None
+    } else if dst.starts_with("service:") {
+        Some(
+            p.services
+                .get(name_part)
+                .ok_or_else(|| format!("no service named {name_part:?}"))?,
+        )
+    } else if p.services.contains_key(name_part) && ix.by_host.contains_key(name_part) {
+        // A name that is both: the question is about the host (every service on it).
+        notes.push(format!(
+            "{name_part:?} is both a device and a service; explained for the device (ask for service:{name_part} to see only that service)"
+        ));
+        None
+    } else {
+        p.services.get(name_part)
+    };
+    let dst_devs: Vec<usize> = match only_service {
+        Some(s) => {
+            let mut v: Vec<usize> = s
+                .devices
+                .iter()
+                .flat_map(|x| ix.resolve(&x.value))
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            if v.is_empty() {
+                notes.push(format!("service {:?} has no devices", s.name));
+            }
+            v
+        }
+        None => ix.by_host.get(name_part).cloned().ok_or_else(|| {
+            format!("unknown destination {name_part:?}: not a service or a device hostname")
+        })?,
+    };
+    let target = match want {
+        Some((Proto::Icmp, _)) => format!("{name_part}:icmp"),
+        Some((pr, port)) => format!("{name_part}:{port}/{}", proto_name(pr)),
+        None => format!("{name_part} (any port)"),
+    };
+    let rules = effective_rules(p, d);
+    let mut devices = Vec::new();
+    for &si in &src_devs {
+        for &di in &dst_devs {
+            let (s, t) = (&d.devices[si], &d.devices[di]);
+            devices.push(explain_pair(
+                p,
+                &ix,
+                &rules,
+                s,
+                t,
+                only_service,
+                want,
+                now_ms,
+            ));
+        }
+    }
+    let allowed = devices.iter().any(|x| x.allowed);
+    Ok(Explanation {
+        src: src.to_string(),
+        dst: dst.to_string(),
+        target,
+        allowed,
+        devices,
+        notes,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn explain_pair(
+    p: &Policy,
+    ix: &Index<'_>,
+    rules: &[super::compile::EffRule<'_>],
+    s: &DirDevice,
+    t: &DirDevice,
+    only_service: Option<&Service>,
+    want: Option<(Proto, u16)>,
+    now_ms: i64,
+) -> DeviceExplanation {
+    let mut blocked = Vec::new();
+    if s.id == t.id {
+        blocked.push(
+            "source and destination are the same device (local traffic, not via the overlay)"
+                .to_string(),
+        );
+    }
+    if !s.live {
+        blocked.push(format!(
+            "source device {} is not live (inactive, revoked or its user disabled)",
+            s.hostname
+        ));
+    }
+    if !t.live {
+        blocked.push(format!(
+            "destination device {} is not live (inactive, revoked or its user disabled)",
+            t.hostname
+        ));
+    }
+    let mut allowed_by = Vec::new();
+    let mut misses = Vec::new();
+    for r in rules {
+        if !r.from.iter().any(|sel| ix.matches_device(sel, s)) {
+            continue;
+        }
+        let mut reasons: Vec<String> = Vec::new();
+        let mut any_service = false;
+        let mut ok_somewhere = false;
+        for svc_name in &r.to {
+            let Some(svc) = p.services.get(*svc_name) else {
+                continue;
+            };
+            if only_service.is_some_and(|o| o.name != svc.name) {
+                continue;
+            }
+            let on_dst = svc
+                .devices
+                .iter()
+                .any(|sel| ix.matches_device(&sel.value, t));
+            if !on_dst {
+                continue;
+            }
+            any_service = true;
+            let mut why = Vec::new();
+            let port_ok = match want {
+                Some((pr, port)) => svc.ports.allows(pr, port),
+                None => true,
+            };
+            if !port_ok {
+                let shown = match want {
+                    Some((Proto::Icmp, _)) => "icmp".to_string(),
+                    Some((pr, port)) => format!("{port}/{}", proto_name(pr)),
+                    None => String::new(),
+                };
+                let open: Vec<String> = svc
+                    .ports
+                    .by_proto()
+                    .iter()
+                    .map(|(pr, ports)| format_ports(*pr, ports))
+                    .collect();
+                why.push(format!(
+                    "{shown} is not in service {} ({})",
+                    svc.name,
+                    open.join(", ")
+                ));
+            }
+            if s.quarantined && !svc.remediation {
+                why.push(format!(
+                    "source device {} is quarantined (service {} is not a remediation service)",
+                    s.hostname, svc.name
+                ));
+            }
+            if why.is_empty() {
+                ok_somewhere = true;
+            } else {
+                reasons.extend(why);
+            }
+        }
+        if !any_service {
+            continue;
+        }
+        if let Some(x) = r.expires_ms {
+            if x <= now_ms {
+                reasons.insert(0, format!("expired at {}", format_ms(x)));
+                ok_somewhere = false;
+            }
+        }
+        for q in &r.posture {
+            if !s.posture_passed.contains(*q) {
+                reasons.push(format!("posture {q:?} not met by {}", s.hostname));
+                ok_somewhere = false;
+            }
+        }
+        if ok_somewhere && blocked.is_empty() {
+            allowed_by.push((r.name.clone(), r.pos));
+        } else {
+            if reasons.is_empty() {
+                reasons.extend(blocked.iter().cloned());
+            }
+            reasons.dedup();
+            misses.push(Miss {
+                rule: r.name.clone(),
+                pos: r.pos,
+                reasons,
+            });
+        }
+    }
+    DeviceExplanation {
+        src_id: s.id,
+        src_hostname: s.hostname.clone(),
+        dst_id: t.id,
+        dst_hostname: t.hostname.clone(),
+        allowed: !allowed_by.is_empty(),
+        allowed_by,
+        misses,
+        blocked,
+    }
+}
+
+/// Whether access was gained or lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ChangeKind {
+    Gained,
+    Lost,
+}
+
+/// One source device gaining or losing one (destination, service, protocol/ports).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AccessChange {
+    pub kind: ChangeKind,
+    pub src: DeviceId,
+    pub src_hostname: String,
+    pub dst: DeviceId,
+    pub dst_hostname: String,
+    pub service: String,
+    pub proto: Proto,
+    pub ports: Vec<PortRange>,
+}
+
+impl fmt::Display for AccessChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (sign, verb) = match self.kind {
+            ChangeKind::Gained => ('+', "can now reach"),
+            ChangeKind::Lost => ('-', "can no longer reach"),
+        };
+        write!(
+            f,
+            "{sign} {} {verb} {} {} {}",
+            self.src_hostname,
+            self.dst_hostname,
+            self.service,
+            format_ports(self.proto, &self.ports)
+        )
+    }
+}
+
+/// What access changes from `old` to `new`, per source device, ignoring which rule grants it
+/// and its expiry. Sorted: losses and gains by source.
+pub fn diff(old: &Compiled, new: &Compiled, d: &Directory) -> Vec<AccessChange> {
+    type Key = (DeviceId, String, String, Proto, Vec<PortRange>);
+    let hosts: BTreeMap<DeviceId, &str> = d
+        .devices
+        .iter()
+        .map(|x| (x.id, x.hostname.as_str()))
+        .collect();
+    let keys = |c: &Compiled, id: &DeviceId| -> BTreeSet<Key> {
+        c.devices
+            .get(id)
+            .map(|a| {
+                a.reach
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.device_id,
+                            r.hostname.as_str().to_string(),
+                            r.service.clone(),
+                            r.proto,
+                            r.ports.clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ids: BTreeSet<DeviceId> = old
+        .devices
+        .keys()
+        .chain(new.devices.keys())
+        .copied()
+        .collect();
+    let mut out = Vec::new();
+    for id in ids {
+        let (a, b) = (keys(old, &id), keys(new, &id));
+        let src_hostname = hosts
+            .get(&id)
+            .map_or_else(|| id.to_string(), |h| h.to_string());
+        for (kind, set) in [
+            (ChangeKind::Gained, b.difference(&a)),
+            (ChangeKind::Lost, a.difference(&b)),
+        ] {
+            for (dst, dst_hostname, service, proto, ports) in set {
+                out.push(AccessChange {
+                    kind,
+                    src: id,
+                    src_hostname: src_hostname.clone(),
+                    dst: *dst,
+                    dst_hostname: dst_hostname.clone(),
+                    service: service.clone(),
+                    proto: *proto,
+                    ports: ports.clone(),
+                });
+            }
+        }
+    }
+    out.sort();
+    out
+}

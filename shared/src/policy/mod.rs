@@ -1,0 +1,434 @@
+//! The policy language and its compiler (I/O-free).
+//!
+//! A policy is a human-written TOML file (see `docs/policy.md`): groups of users, named posture
+//! requirements, services (ports on sets of devices), rules (who may reach which services) and
+//! tests (what must be allowed or denied). Nothing is allowed that no rule allows; an empty file
+//! allows nothing.
+//!
+//! - [`parse`] turns bytes into a validated [`Policy`] or a [`PolicyError`] naming file, line and
+//!   column. Input is bounded (size, counts, nesting) before the TOML parser sees it.
+//! - [`warnings`] lists references to users, tags and devices the directory does not know (they
+//!   may enroll later, so they are not errors).
+//! - [`compile`] turns a policy plus the [`Directory`] (users, live devices, just-in-time grants)
+//!   into per-device access: peers, inbound filter rules and the reach list.
+//! - [`run_tests`] checks the policy's `[[tests]]`; a policy is applicable only if all pass.
+//! - [`explain`] says why a source may or may not reach a destination; [`diff`] says what access
+//!   changes between two compilations.
+//!
+//! Time is passed in as `now_ms` (coordinator time, ms since the Unix epoch). A rule or grant with
+//! an expiry `T` applies while `now_ms < T`.
+
+mod compile;
+mod explain;
+mod parse;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use crate::filter::{FilterRule, PortRange, Proto};
+use crate::wire::{DeviceId, Reach};
+
+pub use compile::{compile, run_tests, TestOutcome};
+pub use explain::{diff, explain, AccessChange, ChangeKind, DeviceExplanation, Explanation, Miss};
+pub use parse::parse;
+
+/// Largest policy file accepted.
+pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+/// Most rules, services, tests, groups or posture requirements in one policy (each).
+pub const MAX_ITEMS: usize = 10_000;
+/// Deepest nesting of arrays, tables and dotted keys.
+pub const MAX_NESTING: usize = 32;
+
+/// A position in the policy file (1-based line and column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Pos {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// A policy that cannot be used, with where and why: `policy.toml:12:5: group "eng" is not
+/// defined`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyError {
+    pub file: String,
+    /// `None` when the error is about the whole file (too large, too many rules).
+    pub pos: Option<Pos>,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pos {
+            Some(p) => write!(f, "{}:{}:{}: {}", self.file, p.line, p.column, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// Something worth telling the admin that does not make the policy unusable.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PolicyWarning {
+    pub file: String,
+    pub pos: Pos,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: warning: {}",
+            self.file, self.pos.line, self.pos.column, self.message
+        )
+    }
+}
+
+/// A parsed, validated policy. Every name a rule refers to (group, service, posture) exists.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// The file name used in messages.
+    pub file: String,
+    /// Group name → member user names (the directory's groups are added at compile time).
+    pub groups: BTreeMap<String, Group>,
+    pub postures: BTreeMap<String, Posture>,
+    pub services: BTreeMap<String, Service>,
+    pub rules: Vec<Rule>,
+    pub tests: Vec<PolicyTest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub pos: Pos,
+    pub members: Vec<Located<String>>,
+}
+
+/// A value with the position it was written at.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Located<T> {
+    pub value: T,
+    pub pos: Pos,
+}
+
+/// Who or what a rule's `from` or a service's `devices` names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Selector {
+    /// `user:U` or a bare `U`: every device of the user.
+    User(String),
+    /// `group:G`: every device of every user in the group.
+    Group(String),
+    /// `tag:T`: every device carrying the tag.
+    Tag(String),
+    /// `device:HOSTNAME`: one device.
+    Device(String),
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::User(u) => write!(f, "user:{u}"),
+            Selector::Group(g) => write!(f, "group:{g}"),
+            Selector::Tag(t) => write!(f, "tag:{t}"),
+            Selector::Device(d) => write!(f, "device:{d}"),
+        }
+    }
+}
+
+/// What a service opens, per protocol. Port ranges are sorted and do not overlap.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServicePorts {
+    pub tcp: Vec<PortRange>,
+    pub udp: Vec<PortRange>,
+    /// ICMP echo (v4 and v6).
+    pub icmp: bool,
+}
+
+impl ServicePorts {
+    /// Whether `proto`/`port` is open (`port` is ignored for ICMP).
+    pub fn allows(&self, proto: Proto, port: u16) -> bool {
+        match proto {
+            Proto::Tcp => self.tcp.iter().any(|r| r.contains(port)),
+            Proto::Udp => self.udp.iter().any(|r| r.contains(port)),
+            Proto::Icmp => self.icmp,
+        }
+    }
+
+    /// (proto, ranges) pairs for the protocols this service opens, in a fixed order.
+    pub fn by_proto(&self) -> Vec<(Proto, Vec<PortRange>)> {
+        let mut v = Vec::new();
+        if !self.tcp.is_empty() {
+            v.push((Proto::Tcp, self.tcp.clone()));
+        }
+        if !self.udp.is_empty() {
+            v.push((Proto::Udp, self.udp.clone()));
+        }
+        if self.icmp {
+            v.push((Proto::Icmp, Vec::new()));
+        }
+        v
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub pos: Pos,
+    pub devices: Vec<Located<Selector>>,
+    pub ports: ServicePorts,
+    /// Reachable by quarantined devices.
+    pub remediation: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Given, or `rule #N (line L)`.
+    pub name: String,
+    pub pos: Pos,
+    pub from: Vec<Located<Selector>>,
+    pub to: Vec<Located<String>>,
+    pub posture: Vec<Located<String>>,
+    /// Coordinator time (ms) from which the rule no longer applies.
+    pub expires_ms: Option<i64>,
+}
+
+/// A named posture requirement (`[posture.NAME]`). Parsed and validated; evaluated elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Posture {
+    pub name: String,
+    pub pos: Pos,
+    /// `debian>=12`, `macos`, `windows>=10.0.19045`.
+    pub os: Vec<OsRequirement>,
+    pub firewall: Option<bool>,
+    pub disk_encryption: Option<bool>,
+    /// Process names that must be running.
+    pub processes: Vec<String>,
+    pub files: Vec<FileRequirement>,
+    pub min_ward_version: Option<String>,
+    /// Reports older than this do not count.
+    pub max_report_age_ms: Option<u64>,
+    /// Free-form checks for integrations, kept as JSON values.
+    pub custom: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OsRequirement {
+    pub name: String,
+    /// `None`: any version.
+    pub version: Option<(VersionOp, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionOp {
+    Ge,
+    Gt,
+    Le,
+    Lt,
+    Eq,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRequirement {
+    pub path: String,
+    pub sha256: [u8; 32],
+}
+
+/// One `[[tests]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyTest {
+    pub pos: Pos,
+    pub from: TestSource,
+    pub allow: Vec<Located<Target>>,
+    pub deny: Vec<Located<Target>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestSource {
+    User(String),
+    Device(String),
+}
+
+impl fmt::Display for TestSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TestSource::User(u) => f.write_str(u),
+            TestSource::Device(d) => write!(f, "device:{d}"),
+        }
+    }
+}
+
+/// `SERVICE:PORT[/PROTO]`, or `SERVICE` for ICMP echo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub service: String,
+    pub proto: Proto,
+    /// 0 for ICMP.
+    pub port: u16,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.proto {
+            Proto::Icmp => write!(f, "{} (icmp)", self.service),
+            p => write!(f, "{}:{}/{}", self.service, self.port, proto_name(p)),
+        }
+    }
+}
+
+/// Who exists, as the coordinator knows it; input to [`compile`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Directory {
+    pub users: Vec<DirUser>,
+    pub devices: Vec<DirDevice>,
+    pub grants: Vec<Grant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirUser {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirDevice {
+    pub id: DeviceId,
+    pub hostname: String,
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    /// Active and its user enabled. Devices that are not live appear nowhere in the output.
+    pub live: bool,
+    /// Names of the posture requirements this device currently meets.
+    pub posture_passed: BTreeSet<String>,
+    pub quarantined: bool,
+}
+
+/// Just-in-time access: compiled like a rule named `grant:<id>` that expires at `not_after_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub id: String,
+    /// A user name or `device:HOST`.
+    pub from: String,
+    /// A service name.
+    pub to: String,
+    pub not_after_ms: i64,
+    pub reason: Option<String>,
+}
+
+/// The result of [`compile`]: what each live device may do.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Compiled {
+    pub devices: BTreeMap<DeviceId, DeviceAccess>,
+    /// The earliest rule or grant expiry after `now_ms`: compile again then.
+    pub next_expiry_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceAccess {
+    /// Devices it may exchange packets with, in either direction.
+    pub peers: BTreeSet<DeviceId>,
+    /// Who may open what on it (sorted, deduplicated).
+    pub inbound: Vec<FilterRule>,
+    /// What it may open elsewhere (sorted, deduplicated).
+    pub reach: Vec<Reach>,
+}
+
+/// References to users, tags and devices that the directory does not know: not errors (they may
+/// enroll later), but likely typos.
+pub fn warnings(p: &Policy, d: &Directory) -> Vec<PolicyWarning> {
+    let users: BTreeSet<&str> = d.users.iter().map(|u| u.name.as_str()).collect();
+    let tags: BTreeSet<&str> = d
+        .devices
+        .iter()
+        .flat_map(|x| x.tags.iter().map(String::as_str))
+        .collect();
+    let hosts: BTreeSet<&str> = d.devices.iter().map(|x| x.hostname.as_str()).collect();
+    let mut out = Vec::new();
+    let check = |sel: &Located<Selector>, out: &mut Vec<PolicyWarning>| {
+        let msg = match &sel.value {
+            Selector::User(u) if !users.contains(u.as_str()) => format!("unknown user {u:?}"),
+            Selector::Tag(t) if !tags.contains(t.as_str()) => {
+                format!("no device carries tag {t:?}")
+            }
+            Selector::Device(h) if !hosts.contains(h.as_str()) => {
+                format!("unknown device {h:?}")
+            }
+            _ => return,
+        };
+        out.push(PolicyWarning {
+            file: p.file.clone(),
+            pos: sel.pos,
+            message: msg,
+        });
+    };
+    for g in p.groups.values() {
+        for m in &g.members {
+            let sel = Located {
+                value: Selector::User(m.value.clone()),
+                pos: m.pos,
+            };
+            check(&sel, &mut out);
+        }
+    }
+    for s in p.services.values() {
+        for sel in &s.devices {
+            check(sel, &mut out);
+        }
+    }
+    for r in &p.rules {
+        for sel in &r.from {
+            check(sel, &mut out);
+        }
+    }
+    for t in &p.tests {
+        let sel = match &t.from {
+            TestSource::User(u) => Selector::User(u.clone()),
+            TestSource::Device(h) => Selector::Device(h.clone()),
+        };
+        check(
+            &Located {
+                value: sel,
+                pos: t.pos,
+            },
+            &mut out,
+        );
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+pub(crate) fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Icmp => "icmp",
+    }
+}
+
+/// `tcp/22`, `tcp/8000-8080`, `udp/*`, `icmp`.
+pub fn format_ports(proto: Proto, ports: &[PortRange]) -> String {
+    if proto == Proto::Icmp {
+        return "icmp".into();
+    }
+    let name = proto_name(proto);
+    let parts: Vec<String> = ports
+        .iter()
+        .map(|r| match (r.lo, r.hi) {
+            (0, u16::MAX) | (1, u16::MAX) => format!("{name}/*"),
+            (lo, hi) if lo == hi => format!("{name}/{lo}"),
+            (lo, hi) => format!("{name}/{lo}-{hi}"),
+        })
+        .collect();
+    parts.join(",")
+}

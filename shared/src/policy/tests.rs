@@ -1,0 +1,753 @@
+//! Policy tests: parsing (with positions), bounds, compilation, tests, explain, diff, and the
+//! property that compile + filter agree with explain.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use super::*;
+use crate::filter::tests::pkt;
+use crate::filter::{Filter, Verdict};
+use proptest::prelude::*;
+use std::net::IpAddr;
+use std::time::Instant;
+
+const NOW: i64 = 1_800_000_000_000; // 2027-01-15T08:00:00Z
+
+pub(crate) const EXAMPLE: &str = r#"# Example policy
+[groups]
+eng = ["alice"]
+ops = ["bob"]
+
+[posture.baseline]
+os = ["debian>=12", "macos"]
+firewall = true
+disk_encryption = true
+processes = ["osqueryd"]
+files = [{ path = "/etc/ward/marker", sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855" }]
+min_ward_version = "0.2.0"
+max_report_age = "60s"
+custom = { edr = "crowdstrike", score = 80 }
+
+[services.db]
+devices = ["tag:db"]
+ports = ["tcp/5432"]
+
+[services.ssh]
+devices = ["tag:server", "tag:db"]
+ports = ["tcp/22"]
+
+[services.web]
+devices = ["device:web1"]
+ports = ["tcp/80", "tcp/443", "udp/443", "icmp"]
+
+[services.patch]
+devices = ["tag:server"]
+ports = ["tcp/8443"]
+remediation = true
+
+[[rules]]
+name = "eng-to-db"
+from = ["group:eng"]
+to = ["db"]
+posture = ["baseline"]
+expires = "2027-01-31T00:00:00Z"
+
+[[rules]]
+from = ["group:ops", "tag:ci"]
+to = ["ssh", "web"]
+
+[[rules]]
+name = "everyone-patches"
+from = ["group:eng", "group:ops"]
+to = ["patch", "web"]
+
+[[tests]]
+from = "alice"
+allow = ["db:5432", "web:443", "web"]
+deny = ["db:22", "ssh:22"]
+
+[[tests]]
+from = "bob"
+allow = ["ssh:22", "web:443/udp"]
+deny = ["db:5432"]
+"#;
+
+fn dev(id: u64, host: &str, user: Option<&str>, tags: &[&str]) -> DirDevice {
+    DirDevice {
+        id: DeviceId(id),
+        hostname: host.into(),
+        user: user.map(str::to_string),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ipv4: Ipv4Addr::new(100, 64, 0, id as u8),
+        ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, id as u16),
+        live: true,
+        posture_passed: ["baseline".to_string()].into_iter().collect(),
+        quarantined: false,
+    }
+}
+
+fn user(name: &str, groups: &[&str]) -> DirUser {
+    DirUser {
+        name: name.into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        disabled: false,
+    }
+}
+
+fn directory() -> Directory {
+    Directory {
+        users: vec![
+            user("alice", &[]),
+            user("bob", &[]),
+            user("carol", &["eng"]),
+        ],
+        devices: vec![
+            dev(1, "alice-laptop", Some("alice"), &[]),
+            dev(2, "bob-laptop", Some("bob"), &[]),
+            dev(3, "db1", None, &["db"]),
+            dev(4, "srv1", None, &["server"]),
+            dev(5, "web1", None, &[]),
+            dev(6, "carol-pc", Some("carol"), &[]),
+            dev(7, "alice-phone", Some("alice"), &[]),
+        ],
+        grants: vec![],
+    }
+}
+
+fn err(src: &str) -> String {
+    parse(src.as_bytes(), "policy.toml")
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn example_parses_with_everything_typed() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    assert_eq!(p.groups["eng"].members[0].value, "alice");
+    let b = &p.postures["baseline"];
+    assert_eq!(b.os.len(), 2);
+    assert_eq!(b.os[0].version, Some((VersionOp::Ge, "12".into())));
+    assert_eq!(b.os[1].version, None);
+    assert_eq!(b.firewall, Some(true));
+    assert_eq!(b.max_report_age_ms, Some(60_000));
+    assert_eq!(b.files[0].sha256[0], 0xe3);
+    assert_eq!(b.custom["score"], serde_json::json!(80));
+    let web = &p.services["web"];
+    assert!(web.ports.icmp);
+    assert_eq!(
+        web.ports.tcp,
+        vec![PortRange { lo: 80, hi: 80 }, PortRange { lo: 443, hi: 443 }]
+    );
+    assert!(p.services["patch"].remediation);
+    assert_eq!(p.rules.len(), 3);
+    assert_eq!(p.rules[0].name, "eng-to-db");
+    assert_eq!(p.rules[0].expires_ms, Some(1_801_353_600_000));
+    assert_eq!(
+        p.rules[1].name,
+        format!("rule #2 (line {})", p.rules[1].pos.line)
+    );
+    assert_eq!(p.rules[1].pos.line, 40, "{:?}", p.rules[1].pos);
+    assert_eq!(p.tests.len(), 2);
+    assert_eq!(p.tests[0].allow[2].value.proto, Proto::Icmp);
+    assert_eq!(p.tests[1].allow[1].value.proto, Proto::Udp);
+}
+
+#[test]
+fn empty_policy_is_valid_and_allows_nothing() {
+    let p = parse(b"", "p.toml").unwrap();
+    let c = compile(&p, &directory(), NOW);
+    assert_eq!(c.devices.len(), 7);
+    assert!(c
+        .devices
+        .values()
+        .all(|a| a.peers.is_empty() && a.inbound.is_empty() && a.reach.is_empty()));
+    assert_eq!(c.next_expiry_ms, None);
+}
+
+#[test]
+fn semantic_errors_name_line_and_column() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/5432\"]\n\n[[rules]]\nfrom = [\"group:eng\"]\nto = [\"db\"]\n",
+            "policy.toml:6:9: group \"eng\" is not defined",
+        ),
+        ("[[rules]]\nfrom = [\"alice\"]\nto = [\"nope\"]\n", "policy.toml:3:7: service \"nope\" is not defined"),
+        (
+            "[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/5432\"]\n[[rules]]\nfrom = [\"alice\"]\nto = [\"db\"]\nposture = [\"x\"]\n",
+            "policy.toml:7:12: posture requirement \"x\" is not defined",
+        ),
+        ("[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/99999\"]\n", "policy.toml:3:10: bad port in \"tcp/99999\": ports are 1 to 65535"),
+        ("[services.db]\ndevices = [\"tag:db\"]\nports = [\"sctp/1\"]\n", "policy.toml:3:10: bad port spec"),
+        ("[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/10-20\", \"tcp/15\"]\n", "policy.toml:3:23: overlapping port range in service \"db\": tcp/10-20 and tcp/15"),
+        ("[services.db]\ndevices = [\"tag:db\"]\nports = [\"udp/53\", \"udp/53\"]\n", "policy.toml:3:20: duplicate port range"),
+        ("[services.db]\ndevices = [\"rack:1\"]\nports = [\"tcp/1\"]\n", "policy.toml:2:12: bad selector \"rack:1\""),
+        ("[services.db]\ndevices = [\"db\"]\nports = [\"tcp/1\"]\n", "policy.toml:2:12: bad selector \"db\""),
+        (
+            "[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/1\"]\n[[rules]]\nfrom = [\"alice\"]\nto = [\"db\"]\nexpires = \"tomorrow\"\n",
+            "policy.toml:7:11: expires \"tomorrow\" is not an RFC 3339 date-time",
+        ),
+        ("[groups]\neng = [\"alice\"]\ncolour = \"blue\"\n", "policy.toml:3:10: invalid type"),
+        ("[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/1\"]\nowner = \"x\"\n", "policy.toml:4:1: unknown field `owner`"),
+        ("frobnicate = 1\n", "policy.toml:1:1: unknown field `frobnicate`"),
+        ("[groups]\neng = [\"alice\"\n", "policy.toml:2:"),
+        ("[groups]\nEng = []\n", "policy.toml:2:1: group \"Eng\" has a character that is not allowed"),
+        ("[[tests]]\nfrom = \"group:eng\"\n", "policy.toml:2:8: a test's `from` is a user or device:HOSTNAME"),
+        (
+            "[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/1\"]\n[[tests]]\nfrom = \"alice\"\nallow = [\"db:x\"]\n",
+            "policy.toml:6:10: bad port \"x\"",
+        ),
+    ];
+    for (src, want) in cases {
+        let got = err(src);
+        assert!(
+            got.starts_with(want),
+            "for\n{src}\ngot:  {got}\nwant: {want}"
+        );
+    }
+}
+
+#[test]
+fn bounds_are_checked_before_parsing() {
+    let big = vec![b'#'; MAX_POLICY_BYTES + 1];
+    assert!(parse(&big, "p.toml")
+        .unwrap_err()
+        .to_string()
+        .contains("too large"));
+    let deep = "[".repeat(MAX_POLICY_BYTES / 2);
+    let e = err(&format!("x = {deep}"));
+    assert!(e.contains("nested deeper than 32 levels"), "{e}");
+    let deep_tables = format!("x = {}", "{a = ".repeat(100_000));
+    assert!(err(&deep_tables).contains("nested deeper"));
+    let dotted = format!("{} = 1", vec!["a"; 1000].join("."));
+    assert!(err(&dotted).contains("nested deeper"));
+    let header = format!("[{}]", vec!["a"; 1000].join("."));
+    assert!(err(&header).contains("nested deeper"));
+    // Brackets inside strings and comments do not count.
+    let ok = format!(
+        "# {}\n[groups]\neng = [\"{}\"] # ]]]\n",
+        "[".repeat(100),
+        "x"
+    );
+    assert!(parse(ok.as_bytes(), "p.toml").is_ok());
+    let s = format!(
+        "[groups]\neng = []\n[[tests]]\nfrom = \"a{}\"\n",
+        "[".repeat(40)
+    );
+    assert!(!err(&s).contains("nested"));
+    // Non-UTF-8: line and byte column of the first bad byte.
+    let mut bad = b"[groups]\neng = [\"al".to_vec();
+    bad.push(0xff);
+    bad.extend_from_slice(b"\"]\n");
+    let e = parse(&bad, "p.toml").unwrap_err();
+    assert_eq!(
+        e.pos,
+        Some(Pos {
+            line: 2,
+            column: 11
+        })
+    );
+    assert!(e.to_string().contains("not valid UTF-8"), "{e}");
+    // Too many rules.
+    let mut many = String::from("[services.s]\ndevices = [\"tag:t\"]\nports = [\"tcp/1\"]\n");
+    for _ in 0..10_001 {
+        many.push_str("[[rules]]\nfrom=[\"a\"]\nto=[\"s\"]\n");
+    }
+    let e = err(&many);
+    assert!(e.ends_with("too many rules (10001, at most 10000)"), "{e}");
+}
+
+#[test]
+fn unknown_users_tags_and_devices_are_warnings() {
+    let p = parse(
+        b"[groups]\neng = [\"alice\", \"zed\"]\n[services.s]\ndevices = [\"tag:nope\", \"device:ghost\"]\nports = [\"tcp/1\"]\n[[rules]]\nfrom = [\"user:yves\", \"group:eng\"]\nto = [\"s\"]\n",
+        "p.toml",
+    )
+    .unwrap();
+    let w: Vec<String> = warnings(&p, &directory())
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    assert_eq!(
+        w,
+        vec![
+            "p.toml:2:17: warning: unknown user \"zed\"",
+            "p.toml:4:12: warning: no device carries tag \"nope\"",
+            "p.toml:4:24: warning: unknown device \"ghost\"",
+            "p.toml:7:9: warning: unknown user \"yves\"",
+        ]
+    );
+}
+
+fn access(c: &Compiled, id: u64) -> &DeviceAccess {
+    &c.devices[&DeviceId(id)]
+}
+
+#[test]
+fn compile_produces_peers_rules_and_reach() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let d = directory();
+    let c = compile(&p, &d, NOW);
+    // alice's laptop: db (posture met), patch+web.
+    let alice = access(&c, 1);
+    assert_eq!(alice.peers, [3, 4, 5].map(DeviceId).into_iter().collect());
+    assert!(alice.reach.iter().any(|r| r.service == "db"
+        && r.device_id == DeviceId(3)
+        && r.not_after_ms == Some(1_801_353_600_000)));
+    assert!(alice.inbound.is_empty());
+    // db1 accepts 5432 from alice's two devices and carol's (carol is in eng by the directory).
+    let db = access(&c, 3);
+    let r = db.inbound.iter().find(|r| r.service == "db").unwrap();
+    assert_eq!(r.rule, "eng-to-db");
+    assert_eq!(r.ports, vec![PortRange { lo: 5432, hi: 5432 }]);
+    assert_eq!(r.not_after_ms, Some(1_801_353_600_000));
+    let want: Vec<IpAddr> = [1u64, 6, 7]
+        .iter()
+        .flat_map(|i| {
+            let x = &d.devices.iter().find(|x| x.id == DeviceId(*i)).unwrap();
+            [IpAddr::V4(x.ipv4), IpAddr::V6(x.ipv6)]
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(r.sources, want);
+    // ssh on db1 from bob only.
+    let ssh = db.inbound.iter().find(|r| r.service == "ssh").unwrap();
+    assert_eq!(ssh.sources.len(), 2);
+    // web1: tcp, udp and icmp rules.
+    let web = access(&c, 5);
+    let protos: std::collections::BTreeSet<Proto> = web.inbound.iter().map(|r| r.proto).collect();
+    assert_eq!(protos.len(), 3);
+    assert_eq!(c.next_expiry_ms, Some(1_801_353_600_000));
+    // Peers are symmetric.
+    for (id, a) in &c.devices {
+        for peer in &a.peers {
+            assert!(c.devices[peer].peers.contains(id), "{id} -> {peer}");
+        }
+    }
+}
+
+#[test]
+fn expiry_posture_quarantine_and_liveness_narrow_access() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let mut d = directory();
+    // After expiry: no db.
+    let c = compile(&p, &d, 1_801_353_600_000);
+    assert!(!access(&c, 3).inbound.iter().any(|r| r.service == "db"));
+    assert_eq!(c.next_expiry_ms, None);
+    // Posture failed on the phone: the laptop keeps db, the phone loses it.
+    d.devices[6].posture_passed.clear();
+    // Quarantined carol-pc: only the remediation service.
+    d.devices[5].quarantined = true;
+    // bob's laptop not live: gone everywhere.
+    d.devices[1].live = false;
+    let c = compile(&p, &d, NOW);
+    assert!(!c.devices.contains_key(&DeviceId(2)));
+    assert!(c.devices.values().all(|a| !a.peers.contains(&DeviceId(2))));
+    let db = access(&c, 3);
+    let r = db.inbound.iter().find(|r| r.service == "db").unwrap();
+    assert_eq!(r.sources.len(), 2, "only alice-laptop: {:?}", r.sources);
+    let carol = access(&c, 6);
+    assert!(
+        carol.reach.iter().all(|r| r.service == "patch"),
+        "{:?}",
+        carol.reach
+    );
+    assert!(!carol.reach.is_empty());
+}
+
+#[test]
+fn devices_never_reach_themselves() {
+    let p = parse(
+        b"[services.all]\ndevices = [\"tag:x\"]\nports = [\"tcp/*\"]\n[[rules]]\nfrom = [\"tag:x\"]\nto = [\"all\"]\n",
+        "p.toml",
+    )
+    .unwrap();
+    let d = Directory {
+        devices: vec![dev(1, "a", None, &["x"]), dev(2, "b", None, &["x"])],
+        ..Directory::default()
+    };
+    let c = compile(&p, &d, NOW);
+    let a = access(&c, 1);
+    assert_eq!(a.peers, [DeviceId(2)].into_iter().collect());
+    assert_eq!(a.inbound.len(), 1);
+    assert_eq!(
+        a.inbound[0].sources,
+        vec![IpAddr::V4(d.devices[1].ipv4), IpAddr::V6(d.devices[1].ipv6)]
+    );
+    assert_eq!(a.reach.len(), 1);
+    assert_eq!(a.reach[0].device_id, DeviceId(2));
+}
+
+#[test]
+fn grants_compile_like_expiring_rules() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let mut d = directory();
+    d.grants = vec![
+        Grant {
+            id: "g1".into(),
+            from: "bob".into(),
+            to: "db".into(),
+            not_after_ms: NOW + 3_600_000,
+            reason: Some("incident 42".into()),
+        },
+        Grant {
+            id: "old".into(),
+            from: "device:carol-pc".into(),
+            to: "ssh".into(),
+            not_after_ms: NOW - 1,
+            reason: None,
+        },
+        Grant {
+            id: "bad".into(),
+            from: "bob".into(),
+            to: "nosuch".into(),
+            not_after_ms: NOW + 1,
+            reason: None,
+        },
+    ];
+    let c = compile(&p, &d, NOW);
+    let db = access(&c, 3);
+    let g = db.inbound.iter().find(|r| r.rule == "grant:g1").unwrap();
+    assert_eq!(g.not_after_ms, Some(NOW + 3_600_000));
+    assert_eq!(g.sources.len(), 2);
+    assert!(!db.inbound.iter().any(|r| r.rule == "grant:old"));
+    assert_eq!(c.next_expiry_ms, Some(NOW + 3_600_000));
+    let e = explain(&p, &d, "bob-laptop", "db1:5432", NOW).unwrap();
+    assert!(e.allowed);
+    assert!(e.to_string().contains("\"grant:g1\""), "{e}");
+}
+
+#[test]
+fn policy_tests_pass_and_fail_with_reasons() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let out = run_tests(&p, &directory(), NOW);
+    assert_eq!(out.len(), 8);
+    assert!(out.iter().all(|o| o.pass), "{out:#?}");
+    assert!(
+        out[0].why.contains("allowed by rule \"eng-to-db\""),
+        "{}",
+        out[0].why
+    );
+    // After the grant expired, alice's db test fails, saying why.
+    let out = run_tests(&p, &directory(), 1_801_353_600_000);
+    let o = &out[0];
+    assert!(!o.pass);
+    assert!(
+        o.why
+            .contains("no rule allows alice to reach db:5432/tcp (default deny)"),
+        "{}",
+        o.why
+    );
+    assert!(
+        o.why.contains("expired at 2027-01-31T00:00:00Z"),
+        "{}",
+        o.why
+    );
+    assert_eq!(o.pos.line, 51);
+}
+
+#[test]
+fn explain_says_which_rule_and_why_not() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let mut d = directory();
+    d.devices[6].posture_passed.clear();
+    // alice has two devices: explained per device.
+    let e = explain(&p, &d, "alice", "db:5432", NOW).unwrap();
+    assert!(e.allowed);
+    assert_eq!(e.devices.len(), 2);
+    let s = e.to_string();
+    assert!(
+        s.contains("alice-laptop → db1: allowed by rule \"eng-to-db\" (line 33)"),
+        "{s}"
+    );
+    assert!(s.contains("alice-phone → db1: denied"), "{s}");
+    assert!(
+        s.contains("posture \"baseline\" not met by alice-phone"),
+        "{s}"
+    );
+    // Port not in service.
+    let e = explain(&p, &d, "alice-laptop", "db:22", NOW).unwrap();
+    assert!(!e.allowed);
+    let s = e.to_string();
+    assert!(
+        s.contains("denied: no rule allows alice-laptop to reach db1:22/tcp (default deny)"),
+        "{s}"
+    );
+    assert!(s.contains("22/tcp is not in service db (tcp/5432)"), "{s}");
+    // Expired.
+    let e = explain(&p, &d, "alice-laptop", "db1:5432", 1_801_353_700_000).unwrap();
+    assert!(!e.allowed);
+    assert!(
+        e.to_string().contains("expired at 2027-01-31T00:00:00Z"),
+        "{e}"
+    );
+    // Quarantined.
+    d.devices[5].quarantined = true;
+    let e = explain(&p, &d, "carol-pc", "web1:443", NOW).unwrap();
+    assert!(!e.allowed);
+    assert!(e.to_string().contains("quarantined"), "{e}");
+    let e = explain(&p, &d, "carol-pc", "srv1:8443", NOW).unwrap();
+    assert!(e.allowed, "{e}");
+    // No rule at all.
+    let e = explain(&p, &d, "bob-laptop", "db1:5432/udp", NOW).unwrap();
+    assert!(
+        e.to_string()
+            .contains("no rule allows bob-laptop to reach db1:5432/udp (default deny)"),
+        "{e}"
+    );
+    // ICMP and any-port forms; errors for unknown names.
+    assert!(
+        explain(&p, &d, "bob-laptop", "web1:icmp", NOW)
+            .unwrap()
+            .allowed
+    );
+    assert!(explain(&p, &d, "bob-laptop", "web", NOW).unwrap().allowed);
+    assert!(explain(&p, &d, "nobody", "web", NOW).is_err());
+    assert!(explain(&p, &d, "bob", "nowhere:1", NOW).is_err());
+    assert!(explain(&p, &d, "bob", "web:1/sctp", NOW).is_err());
+}
+
+#[test]
+fn diff_lists_gains_and_losses() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let d = directory();
+    let old = compile(&p, &d, NOW);
+    let p2 = parse(
+        EXAMPLE
+            .replace("to = [\"ssh\", \"web\"]", "to = [\"ssh\", \"db\"]")
+            .as_bytes(),
+        "p",
+    )
+    .unwrap();
+    let new = compile(&p2, &d, NOW);
+    let changes: Vec<String> = diff(&old, &new, &d).iter().map(|c| c.to_string()).collect();
+    assert!(
+        changes.contains(&"+ bob-laptop can now reach db1 db tcp/5432".to_string()),
+        "{changes:#?}"
+    );
+    assert!(
+        !changes.iter().any(|c| c.contains("web1")),
+        "web stays via everyone-patches: {changes:#?}"
+    );
+    assert!(diff(&old, &old, &d).is_empty());
+    let none = compile(&parse(b"", "p").unwrap(), &d, NOW);
+    let lost = diff(&old, &none, &d);
+    assert!(!lost.is_empty() && lost.iter().all(|c| c.kind == ChangeKind::Lost));
+}
+
+/// A random world: devices with users/tags/posture/quarantine/liveness, and a random policy
+/// over them.
+fn world() -> impl Strategy<Value = (String, Directory)> {
+    let device = (0u8..3, 0u8..3, any::<bool>(), any::<bool>(), 0u8..8);
+    let rule = (
+        proptest::collection::vec((0u8..4, 0u8..3), 1..3),
+        proptest::collection::vec(0u8..3, 1..3),
+        any::<bool>(),
+        0u8..3,
+    );
+    (
+        proptest::collection::vec(device, 1..8),
+        proptest::collection::vec(rule, 0..5),
+        proptest::collection::vec(any::<bool>(), 3),
+    )
+        .prop_map(|(devs, rules, remediation)| {
+            let users = ["u0", "u1", "u2"];
+            let mut d = Directory {
+                users: users
+                    .iter()
+                    .map(|u| user(u, if *u == "u1" { &["g1"] } else { &[] }))
+                    .collect(),
+                ..Directory::default()
+            };
+            for (i, (u, t, q, post, live)) in devs.iter().enumerate() {
+                let mut x = dev(
+                    i as u64 + 1,
+                    &format!("h{i}"),
+                    Some(users[*u as usize]),
+                    &[["t0", "t1", "t2"][*t as usize]],
+                );
+                x.quarantined = *q;
+                if !*post {
+                    x.posture_passed.clear();
+                }
+                x.live = *live != 0;
+                d.devices.push(x);
+            }
+            let mut src =
+                String::from("[groups]\ng0 = [\"u0\"]\ng1 = []\n[posture.p]\nfirewall = true\n");
+            let ports = [
+                "\"tcp/22\", \"udp/53\"",
+                "\"tcp/80-90\", \"icmp\"",
+                "\"tcp/*\"",
+            ];
+            for s in 0..3 {
+                src.push_str(&format!(
+                    "[services.s{s}]\ndevices = [\"tag:t{s}\"]\nports = [{}]\nremediation = {}\n",
+                    ports[s], remediation[s]
+                ));
+            }
+            for (from, to, posture, exp) in rules {
+                let from: Vec<String> = from
+                    .iter()
+                    .map(|(k, n)| match k {
+                        0 => format!("\"u{n}\""),
+                        1 => format!("\"group:g{}\"", n % 2),
+                        2 => format!("\"tag:t{n}\""),
+                        _ => format!("\"device:h{n}\""),
+                    })
+                    .collect();
+                let to: Vec<String> = to.iter().map(|s| format!("\"s{s}\"")).collect();
+                src.push_str(&format!(
+                    "[[rules]]\nfrom = [{}]\nto = [{}]\n",
+                    from.join(","),
+                    to.join(",")
+                ));
+                if posture {
+                    src.push_str("posture = [\"p\"]\n");
+                }
+                match exp {
+                    1 => src.push_str("expires = \"2020-01-01T00:00:00Z\"\n"),
+                    2 => src.push_str("expires = \"2030-01-01T00:00:00Z\"\n"),
+                    _ => {}
+                }
+            }
+            (src, d)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// compile + filter agree with explain: explain says allowed for src → dst:port/proto iff a
+    /// packet from src's overlay address to dst's passes dst's filter as a new flow.
+    #[test]
+    fn compile_and_filter_agree_with_explain(
+        (src, d) in world(),
+        probes in proptest::collection::vec((0usize..8, 0usize..8, 0u8..3, prop_oneof![Just(22u16), Just(53), Just(85), Just(443)], any::<bool>()), 1..12),
+    ) {
+        let p = parse(src.as_bytes(), "p.toml").unwrap();
+        let c = compile(&p, &d, NOW);
+        for (si, di, proto, port, v6) in probes {
+            let (Some(s), Some(t)) = (d.devices.get(si), d.devices.get(di)) else { continue };
+            let (proto, spec) = match proto {
+                0 => (Proto::Tcp, format!("{}:{port}", t.hostname)),
+                1 => (Proto::Udp, format!("{}:{port}/udp", t.hostname)),
+                _ => (Proto::Icmp, format!("{}:icmp", t.hostname)),
+            };
+            let e = explain(&p, &d, &s.hostname, &spec, NOW).unwrap();
+            let (sa, ta) = if v6 { (IpAddr::V6(s.ipv6), IpAddr::V6(t.ipv6)) } else { (IpAddr::V4(s.ipv4), IpAddr::V4(t.ipv4)) };
+            let packet = match proto {
+                Proto::Tcp => pkt::tcp(sa, 40000, ta, port, pkt::SYN),
+                Proto::Udp => pkt::udp(sa, 40000, ta, port),
+                Proto::Icmp => pkt::echo(sa, ta, true, 1),
+            };
+            let passes = match c.devices.get(&t.id) {
+                Some(acc) => {
+                    let mut f = Filter::new(64);
+                    f.set_rules(acc.inbound.clone());
+                    f.check_inbound(&packet, Instant::now(), NOW) == Verdict::Allow
+                }
+                None => false,
+            };
+            // A peer relationship is needed for the packet to arrive at all.
+            let peers = c.devices.get(&s.id).is_some_and(|a| a.peers.contains(&t.id));
+            prop_assert_eq!(e.allowed, passes, "{}\n{}", src, e);
+            if e.allowed {
+                prop_assert!(peers);
+            }
+        }
+    }
+
+    /// Arbitrary bytes never panic the parser.
+    #[test]
+    fn parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = parse(&bytes, "p.toml");
+    }
+
+    #[test]
+    fn parser_never_panics_on_tomlish_text(s in "[\\[\\]{}=\"',.a-z0-9 \\n#:/*-]{0,200}") {
+        let _ = parse(s.as_bytes(), "p.toml");
+    }
+}
+
+/// Compile time for 1 000 and 10 000 devices (run with `--ignored --nocapture`, in release).
+#[test]
+#[ignore]
+fn compile_speed() {
+    for n in [1_000usize, 10_000] {
+        let (p, d) = bench_world(n);
+        let t = Instant::now();
+        let c = compile(&p, &d, NOW);
+        let took = t.elapsed();
+        let rules: usize = c.devices.values().map(|a| a.inbound.len()).sum();
+        println!("{n} devices: compile {took:?} ({rules} filter rules)");
+    }
+}
+
+/// A realistic world: 20 services, 50 rules, `n` devices (70% user devices in 10 groups, 30%
+/// servers with 10 tags).
+pub(crate) fn bench_world(n: usize) -> (Policy, Directory) {
+    let mut src = String::from("[groups]\n");
+    for g in 0..10 {
+        src.push_str(&format!("g{g} = []\n"));
+    }
+    for s in 0..20 {
+        src.push_str(&format!(
+            "[services.s{s}]\ndevices = [\"tag:t{}\"]\nports = [\"tcp/{}\", \"udp/{}\"]\n",
+            s % 10,
+            1000 + s,
+            2000 + s
+        ));
+    }
+    for r in 0..50 {
+        src.push_str(&format!(
+            "[[rules]]\nfrom = [\"group:g{}\"]\nto = [\"s{}\", \"s{}\"]\n",
+            r % 10,
+            r % 20,
+            (r * 7) % 20
+        ));
+    }
+    let p = parse(src.as_bytes(), "bench.toml").unwrap();
+    let users: Vec<DirUser> = (0..n / 3 + 1)
+        .map(|u| user(&format!("u{u}"), &[&format!("g{}", u % 10)]))
+        .collect();
+    let devices = (0..n)
+        .map(|i| {
+            let id = i as u64 + 1;
+            let mut x = dev(id, &format!("h{i}"), None, &[]);
+            x.ipv4 = Ipv4Addr::from(0x6440_0000 + id as u32);
+            x.ipv6 = Ipv6Addr::from((0xfd00u128 << 112) + u128::from(id));
+            if i % 10 < 7 {
+                x.user = Some(format!("u{}", i / 3));
+            } else {
+                x.tags = vec![format!("t{}", i % 10)];
+            }
+            x
+        })
+        .collect();
+    (
+        p,
+        Directory {
+            users,
+            devices,
+            grants: vec![],
+        },
+    )
+}
+
+/// The complete example in docs/policy.md parses, its tests pass, and its messages are true.
+#[test]
+fn documented_example_is_valid() {
+    let doc = include_str!("../../../docs/policy.md");
+    let start = doc.find("```toml\n").unwrap() + 8;
+    let end = start + doc[start..].find("```").unwrap();
+    let p = parse(&doc.as_bytes()[start..end], "policy.toml").unwrap();
+    let mut d = directory();
+    d.devices.push(dev(8, "ci-runner-1", None, &["ci"]));
+    assert!(
+        run_tests(&p, &d, NOW).iter().all(|o| o.pass),
+        "{:#?}",
+        run_tests(&p, &d, NOW)
+    );
+    let unnamed = &p.rules[1].name;
+    assert!(doc.contains(&format!("called \"{unnamed}\"")), "{unnamed}");
+}
