@@ -69,6 +69,8 @@ struct Shared {
     configured_at: BTreeMap<DeviceId, Instant>,
     /// The peer configuration last pushed into the data plane.
     applied: Option<Vec<PeerConfig>>,
+    /// The inbound filter last pushed into the data plane.
+    applied_filter: Option<Vec<ward_shared::filter::FilterRule>>,
     connected_since: Option<Instant>,
     clock_offset_ms: Option<i64>,
     /// This device's lease on its current key.
@@ -116,6 +118,7 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
             control: None,
             configured_at: BTreeMap::new(),
             applied: None,
+            applied_filter: None,
             connected_since: None,
             clock_offset_ms: None,
             own_lease: None,
@@ -328,6 +331,7 @@ impl Daemon {
             }
             g.dataplane = Some(Arc::new(dp));
             g.applied = None;
+            g.applied_filter = None;
             drop(g);
             tokio::spawn(enforce_expiry(Arc::downgrade(&self)));
         }
@@ -394,6 +398,7 @@ impl Daemon {
                     g.configured_at.clear();
                     g.own_lease = None;
                     g.applied = Some(Vec::new());
+                    g.applied_filter = Some(Vec::new());
                     if let Some(dp) = &g.dataplane {
                         dp.set_peers(Vec::new());
                         dp.set_filter(Vec::new());
@@ -576,7 +581,7 @@ impl Daemon {
                     let due = {
                         let g = lock(self);
                         let now = now_ms() + g.clock_offset_ms.unwrap_or(0);
-                        g.own_lease.as_ref().is_some_and(|l| now >= l.lease.not_before_ms + (l.lease.not_after_ms - l.lease.not_before_ms) / 2)
+                        g.own_lease.as_ref().is_some_and(|l| crate::agent::rotation_due(l, now))
                     };
                     if due && pending.is_none() && switch.is_none() {
                         pending = Some(self.start_rotation(&mut ch).await?);
@@ -853,31 +858,24 @@ fn apply_peers(g: &mut Shared) {
     for id in &ids {
         g.configured_at.entry(*id).or_insert(now);
     }
-    let mut peers: Vec<PeerConfig> = Vec::new();
-    for p in &nm.peers {
-        let Some(issuer) = &issuer else { break };
-        for l in &p.leases {
-            match l.verify_for(issuer, coord_now, p.device_id, p.ipv4, p.ipv6) {
-                Ok(lease) => peers.push(PeerConfig {
-                    device_id: p.device_id.0,
-                    hostname: p.hostname.to_string(),
-                    public_key: lease.wg_public_key.0,
-                    ipv4: p.ipv4,
-                    ipv6: p.ipv6,
-                    endpoints: p.endpoints.clone(),
-                }),
-                Err(e) => debug!(peer = %p.hostname, error = %e, "peer lease not usable"),
-            }
-        }
+    let Some(issuer) = issuer else { return };
+    let (peers, refused) = crate::agent::leased_peers(nm, &issuer, coord_now);
+    for (peer, why) in refused {
+        debug!(%peer, error = %why, "peer lease not usable");
     }
     let changed = g.applied.as_ref() != Some(&peers);
+    let filter_changed = g.applied_filter.as_ref() != Some(&nm.inbound);
+    let inbound = nm.inbound.clone();
     if let Some(dp) = &g.dataplane {
         if changed {
             dp.set_peers(peers.clone());
         }
-        dp.set_filter(nm.inbound.clone());
+        if filter_changed {
+            dp.set_filter(inbound.clone());
+        }
     }
     g.applied = Some(peers);
+    g.applied_filter = Some(inbound);
 }
 
 /// Drops peers whose leases ran out, on this device's own clock (corrected to coordinator

@@ -1,12 +1,14 @@
 //! `ward-client` library: the `ward` agent's parts, shared by the binary, the examples and the
 //! whole-system tests.
 //!
+//! - [`agent`]: I/O-free trust decisions (which peer keys are leased, when to rotate).
 //! - [`dataplane`]: TUN + WireGuard (boringtun) + UDP, with an I/O-free core.
 //! - [`control`]: the QUIC control channel (enrollment with a pinned CA, mutual-TLS sessions).
 //! - [`daemon`]: `ward daemon` (identity, control loop, local API).
 //! - [`state`]: the device's durable identity file.
 //! - [`api`]: the local Unix-socket API between the CLI and the daemon.
 
+pub mod agent;
 pub mod api;
 pub mod control;
 pub mod daemon;

@@ -129,38 +129,48 @@ fn s(v: &serde_json::Value) -> String {
 }
 
 fn print_status(v: &serde_json::Value) {
-    println!("state:       {}", s(&v["state"]));
+    println!("state:        {}", s(&v["state"]));
     if v["hostname"].is_null() {
         println!("this device is not enrolled: run `ward up --token TOKEN`");
         return;
     }
     println!(
-        "device:      {} ({}, {})",
+        "device:       {} ({}, {})",
         s(&v["hostname"]),
         s(&v["ipv4"]),
         s(&v["ipv6"])
     );
-    println!("coordinator: {}", s(&v["coordinator"]));
+    println!("coordinator:  {}", s(&v["coordinator"]));
     if !v["last_error"].is_null() {
-        println!("last error:  {}", s(&v["last_error"]));
+        println!("last error:   {}", s(&v["last_error"]));
+    }
+    if !v["clock_warning"].is_null() {
+        println!("clock:        {}", s(&v["clock_warning"]));
     }
     if !v["tun"].is_null() {
-        println!(
-            "tunnel:      {} udp/{}  key {}",
-            s(&v["tun"]),
-            s(&v["port"]),
-            s(&v["public_key"])
-        );
+        println!("tunnel:       {} udp/{}", s(&v["tun"]), s(&v["port"]));
     }
-    let reach = v["reach"].as_array().cloned().unwrap_or_default();
+    let lease = match v["lease"]["serial"].as_u64() {
+        Some(n) => format!(
+            "lease #{n} ends in {}s (ttl {}s)",
+            s(&v["lease"]["expires_in_secs"]),
+            s(&v["lease"]["ttl_secs"])
+        ),
+        None => "no lease yet: peers will not accept this device until the coordinator grants one"
+            .into(),
+    };
     println!(
-        "can reach:   {}",
-        if reach.is_empty() {
-            "nothing (no rule allows this device anything)"
-        } else {
-            ""
-        }
+        "key:          {}  age {}s, {} rotations, {lease}",
+        s(&v["key"]),
+        s(&v["key_age_secs"]),
+        s(&v["rotations"])
     );
+    let reach = v["reach"].as_array().cloned().unwrap_or_default();
+    if reach.is_empty() {
+        println!("can reach:    nothing (no rule allows this device anything)");
+    } else {
+        println!("can reach:");
+    }
     for r in &reach {
         let exp = r["expires_in_secs"]
             .as_i64()
@@ -176,14 +186,11 @@ fn print_status(v: &serde_json::Value) {
         );
     }
     let inbound = v["inbound"].as_array().cloned().unwrap_or_default();
-    println!(
-        "reachable by: {}",
-        if inbound.is_empty() {
-            "nobody (default deny)"
-        } else {
-            ""
-        }
-    );
+    if inbound.is_empty() {
+        println!("reachable by: nobody (default deny)");
+    } else {
+        println!("reachable by:");
+    }
     for r in &inbound {
         let from: Vec<String> = r["from"].as_array().into_iter().flatten().map(s).collect();
         let exp = r["expires_in_secs"]
@@ -200,14 +207,14 @@ fn print_status(v: &serde_json::Value) {
         );
     }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
-    println!("peers:       {}", peers.len());
+    println!("peers:        {}", peers.len());
     for p in peers {
         let hs = match p["last_handshake_secs"].as_u64() {
             Some(n) => format!("handshake {n}s ago"),
             None => "no handshake".into(),
         };
         println!(
-            "  {:<20} {:<15} {:<8} {}  rx {} tx {}  {}",
+            "  {:<16} {:<15} {:<7} {}  rx {} tx {}  {}",
             s(&p["hostname"]),
             s(&p["ipv4"]),
             if p["online"].as_bool() == Some(true) {
@@ -219,6 +226,14 @@ fn print_status(v: &serde_json::Value) {
             s(&p["rx_bytes"]),
             s(&p["tx_bytes"]),
             hs
+        );
+        println!(
+            "  {:<16} key {}  age {}s, lease #{} ends in {}s",
+            "",
+            s(&p["public_key"]),
+            s(&p["key_age_secs"]),
+            s(&p["lease_serial"]),
+            s(&p["lease_expires_in_secs"])
         );
     }
 }

@@ -16,7 +16,7 @@ lab_add_natted_host skewed
 LAB_COORD_SERVE_ARGS="--lease-ttl 20s" lab_start_coordinator
 lab_start_device db
 lab_start_device alice
-LAB_WARD_WRAPPER="faketime +10m" lab_start_device skewed
+LAB_WARD_WRAPPER="faketime -f +10m" lab_start_device skewed
 lab_coord user add alice >/dev/null 2>&1
 lab_coord user add bob >/dev/null 2>&1
 lab_device_up db "$(lab_token --tag server)" >/dev/null
