@@ -21,9 +21,24 @@
 //! ```
 //!
 //! `Core` is `Sync`: the TUN path and the UDP path may run on different threads at once. The peer
-//! table is behind an `RwLock` (writers: [`Core::set_peers`] only), each peer's `Tunn` behind a
-//! `Mutex`. A [`Batch`] holds the table's read lock for its lifetime, so once `set_peers` returns,
-//! no packet under a removed key is accepted any more.
+//! table is behind an `RwLock` (writers: [`Core::set_peers`] and [`Core::rotate_key`]), each
+//! peer's session state behind a `Mutex`. A [`Batch`] holds the table's read lock for its
+//! lifetime, so once `set_peers` returns, no packet under a removed key is accepted any more.
+//! Lock order: table, then the local key ring, then one peer session at a time.
+//!
+//! # Key rotation without loss
+//!
+//! A rotating device appears to its peers as two peer entries with the same addresses (old key,
+//! new key) until the coordinator revokes the old one. Outbound traffic to an address goes to
+//! the entry whose session is usable and was established most recently; an entry without a
+//! session is used only when no entry has one (see [`Table::route`]). So a new, not yet used key
+//! costs nothing: it is probed in the background and takes over once its handshake completes.
+//!
+//! On the rotating device, [`Core::rotate_key`] gives every peer a new `Tunn` under the new key
+//! (the *current* link, handshaking at once) and keeps the old one as the *previous* link: it
+//! still decrypts what the peer sends under the old session, answers the peer's handshakes to
+//! the old key, and carries outbound traffic until the current link has a session. Then it stops
+//! sending and is dropped [`PREVIOUS_GRACE`] later (or when `set_peers` removes the peer).
 //!
 //! Time: every method takes `now`; the core never reads the clock for its own decisions
 //! (endpoint probing). boringtun's `Tunn` reads the system clock inside `update_timers`,
@@ -66,6 +81,9 @@ const FAST_PROBE_PERIOD: Duration = Duration::from_secs(120);
 /// If nothing authenticated came from the endpoint for this long, handshake initiations go to
 /// the endpoint and every candidate (the path may have died).
 const PATH_STALE_AFTER: Duration = Duration::from_secs(15);
+/// How long a previous link (a peer's session under this device's old key) keeps decrypting
+/// after the new key's session with that peer is up, for packets still in flight.
+pub const PREVIOUS_GRACE: Duration = Duration::from_secs(10);
 /// Handshake initiations per second accepted before cookies are demanded (all peers together).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
@@ -97,8 +115,9 @@ pub struct CoreConfig {
 
 /// The data-plane protocol core. See the module documentation for the loop that drives it.
 pub struct Core {
-    /// This device's static key and what depends on it; replaced by [`Core::rotate_key`].
-    keys: RwLock<Arc<Keys>>,
+    /// This device's static key (and older ones previous links still use); replaced by
+    /// [`Core::rotate_key`].
+    keys: RwLock<Arc<KeyRing>>,
     persistent_keepalive: Option<u16>,
     table: RwLock<Table>,
     index_rng: Mutex<StdRng>,
@@ -116,7 +135,10 @@ impl Core {
     /// A core with no peers. `seed` seeds receiver-index allocation.
     pub fn new(cfg: CoreConfig, seed: u64) -> Core {
         Core {
-            keys: RwLock::new(Arc::new(Keys::new(cfg.private_key))),
+            keys: RwLock::new(Arc::new(KeyRing {
+                current: Arc::new(Keys::new(cfg.private_key)),
+                older: Vec::new(),
+            })),
             persistent_keepalive: cfg.persistent_keepalive,
             table: RwLock::new(Table::default()),
             index_rng: Mutex::new(StdRng::seed_from_u64(seed)),
@@ -156,27 +178,65 @@ impl Core {
     }
 
     pub fn public_key(&self) -> [u8; 32] {
-        read(&self.keys).public.to_bytes()
+        read(&self.keys).current.public.to_bytes()
     }
 
-    /// Switches this device to a new static key. Every peer's sessions under the old key end
-    /// and a handshake under the new key starts at once (written to `out`); packets sent
-    /// meanwhile wait behind it, so TCP connections survive (at most a round trip's loss of
-    /// packets the peer sent under the old session). Peers must already know the new key (the
-    /// coordinator pushes it before the device switches).
+    /// Switches this device to a new static key without interrupting traffic. Peers must
+    /// already know the new key (the coordinator pushes it before the device switches).
+    ///
+    /// Every peer gets a new `Tunn` under the new key and a handshake initiation at once
+    /// (written to `out`). Its old `Tunn`, if it has a session, becomes the previous link: it
+    /// keeps carrying outbound packets until the new handshake completes, decrypts what the peer
+    /// still sends under the old session, and is dropped [`PREVIOUS_GRACE`] after the new
+    /// session is up. A rotation while an earlier one is still pending keeps whichever old link
+    /// carries traffic.
     pub fn rotate_key(&self, private_key: [u8; 32], now: Instant, out: &mut Outbox) {
-        let table = write(&self.table);
+        let mut table = write(&self.table);
+        let mut ring = write(&self.keys);
         let keys = Arc::new(Keys::new(private_key));
-        *write(&self.keys) = keys.clone();
+        if keys.public == ring.current.public {
+            return;
+        }
+        let mut used: HashSet<u32> = table.by_index.keys().copied().collect();
         let mut sent = 0;
         for peer in table.peers.values() {
+            let index = self.alloc_index(&used);
+            used.insert(index);
+            let link = Link::new(&keys, peer.public_key, self.persistent_keepalive, index);
             let mut s = lock(&peer.session);
-            s.tunn
-                .set_static_private(keys.private.clone(), keys.public, None);
-            s.next_probe = now;
+            let old = std::mem::replace(&mut s.link, link);
+            // The old link stays as the previous one: it carries traffic if it has a session,
+            // and it answers handshakes to the old key from a peer that has not learned the new
+            // one. But an earlier previous link that carries traffic (the last rotation's new
+            // link never came up) is worth more than an old link without a session.
+            let earlier_works = s
+                .previous
+                .as_ref()
+                .is_some_and(|p| p.outbound && p.link.has_session());
+            if old.has_session() || !earlier_works {
+                s.previous = Some(Previous {
+                    link: old,
+                    outbound: true,
+                    retire_at: None,
+                });
+            }
+            tracing::debug!(
+                host = %s.hostname,
+                kept_previous = s.previous.is_some(),
+                "local key rotated for peer"
+            );
             s.fast_probe_until = now + FAST_PROBE_PERIOD;
             sent += self.probe(&mut s, now, out);
         }
+        let mut older = vec![ring.current.clone()];
+        older.extend(ring.older.iter().cloned());
+        older.retain(|k| table.uses_local_key(k));
+        *ring = Arc::new(KeyRing {
+            current: keys,
+            older,
+        });
+        drop(ring);
+        table.reindex();
         drop(table);
         self.counters
             .handshake_initiations_sent
@@ -185,15 +245,18 @@ impl Core {
 
     /// Replaces the peer set.
     ///
-    /// A peer whose key and addresses are unchanged keeps its `Tunn` (no re-handshake); only its
-    /// metadata and candidate endpoints are updated. A removed peer's sessions are dropped before
-    /// this returns. A new or changed peer gets a fresh `Tunn` and a handshake initiation to
-    /// every candidate endpoint, written to `out`.
+    /// A peer whose key and addresses are unchanged keeps its `Tunn`s (no re-handshake); only
+    /// its metadata and candidate endpoints are updated. A removed peer's sessions (under the
+    /// current and any previous local key) are dropped before this returns. A new or changed
+    /// peer gets a fresh `Tunn` and a handshake initiation to every candidate endpoint, written
+    /// to `out`. Several peers may claim the same addresses (a peer's old and new key during its
+    /// rotation); see [`Table::route`] for which one gets the traffic.
     pub fn set_peers(&self, peers: Vec<PeerConfig>, now: Instant, out: &mut Outbox) {
         let mut table = write(&self.table);
-        let keys = read(&self.keys).clone();
+        let ring = read(&self.keys).clone();
+        let keys = &ring.current;
         let mut next = Table::default();
-        let mut used_indices: HashSet<u32> = table.by_index.keys().copied().collect();
+        let mut used: HashSet<u32> = table.by_index.keys().copied().collect();
         for cfg in peers {
             if cfg.public_key == keys.public.to_bytes() {
                 tracing::debug!(device_id = cfg.device_id, "peer with our own key ignored");
@@ -214,9 +277,9 @@ impl Core {
                     let mut s = lock(&peer.session);
                     s.device_id = cfg.device_id;
                     s.hostname = cfg.hostname;
-                    if s.candidates != candidates {
-                        s.candidates = candidates;
-                        if !s.has_session() {
+                    if s.path.candidates != candidates {
+                        s.path.candidates = candidates;
+                        if !s.link.has_session() {
                             // New places to look: probe them now.
                             s.next_probe = now;
                             s.fast_probe_until = now + FAST_PROBE_PERIOD;
@@ -226,28 +289,23 @@ impl Core {
                     peer
                 }
                 None => {
-                    let index = self.alloc_index(&used_indices, &next);
-                    used_indices.insert(index);
-                    let tunn = Tunn::new(
-                        keys.private.clone(),
-                        PublicKey::from(cfg.public_key),
-                        None,
-                        self.persistent_keepalive,
-                        index,
-                        None,
-                    );
+                    let index = self.alloc_index(&used);
+                    used.insert(index);
+                    let link = Link::new(keys, cfg.public_key, self.persistent_keepalive, index);
                     let peer = Arc::new(Peer {
                         public_key: cfg.public_key,
                         ipv4: cfg.ipv4,
                         ipv6: cfg.ipv6,
-                        index,
                         session: Mutex::new(Session {
-                            tunn,
+                            link,
+                            previous: None,
                             device_id: cfg.device_id,
                             hostname: cfg.hostname,
-                            endpoint: None,
-                            candidates,
-                            last_rx: None,
+                            path: Path {
+                                endpoint: None,
+                                candidates,
+                                last_rx: None,
+                            },
                             next_probe: now,
                             fast_probe_until: now + FAST_PROBE_PERIOD,
                         }),
@@ -269,9 +327,11 @@ impl Core {
             .keys()
             .filter(|k| !next.peers.contains_key(*k))
             .count();
-        if removed > 0 {
-            tracing::debug!(removed, "peers removed, their sessions dropped");
-        }
+        tracing::debug!(
+            peers = next.peers.len(),
+            removed,
+            "peer set replaced (removed peers' sessions dropped)"
+        );
         *table = next;
     }
 
@@ -306,54 +366,110 @@ impl Core {
     }
 
     /// Runs WireGuard timers (keepalives, rekeying, handshake retransmission) and the
-    /// candidate probing for every peer. Call every [`TIMER_INTERVAL`].
+    /// candidate probing for every peer, and drops previous links whose grace period is over.
+    /// Call every [`TIMER_INTERVAL`].
     pub fn handle_timers(&self, now: Instant, out: &mut Outbox) {
-        read(&self.keys).limiter.reset_count();
         let table = read(&self.table);
+        let ring = read(&self.keys).clone();
+        for keys in ring.iter() {
+            keys.limiter.reset_count();
+        }
         let mut local = LocalCounters::default();
+        let mut retired = false;
         for peer in table.peers.values() {
             let mut s = lock(&peer.session);
-            let had_session = s.has_session();
-            let start = out.reserve(HANDSHAKE_INIT_LEN + DATA_OVERHEAD);
-            match s.tunn.update_timers(start) {
-                TunnResult::WriteToNetwork(p) => {
-                    let len = p.len();
-                    let is_init = p.first() == Some(&MSG_HANDSHAKE_INIT);
-                    // Without a session, the core's own probing decides when initiations go
-                    // out (on `now`, to every candidate); boringtun's retransmission is dropped.
-                    if !is_init || had_session {
-                        local.handshake_initiations_sent += route(&mut s, out, len, is_init, now);
-                    }
+            if let Some(p) = &s.previous {
+                if p.retire_at.is_some_and(|t| now >= t) {
+                    tracing::debug!(host = %s.hostname, "previous key's session dropped");
+                    s.previous = None;
+                    retired = true;
                 }
-                TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
-                TunnResult::Err(e) => tracing::trace!(?e, "update_timers"),
-                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
             }
-            if !s.has_session() && now >= s.next_probe {
+            let Session {
+                link,
+                previous,
+                path,
+                ..
+            } = &mut *s;
+            if let Some(p) = previous {
+                // Its timers run (session expiry), but only while it carries the outbound
+                // traffic does anything it wants to send (keepalives, a rekey) go out.
+                let had_session = p.link.has_session();
+                let start = out.reserve(HANDSHAKE_INIT_LEN + DATA_OVERHEAD);
+                let res = timer_output(&mut p.link.tunn, start, had_session);
+                if let (Some((len, is_init)), true) = (res, p.outbound) {
+                    local.handshake_initiations_sent += route(path, out, len, is_init, now);
+                }
+            }
+            let had_session = link.has_session();
+            let start = out.reserve(HANDSHAKE_INIT_LEN + DATA_OVERHEAD);
+            if let Some((len, is_init)) = timer_output(&mut link.tunn, start, had_session) {
+                local.handshake_initiations_sent += route(path, out, len, is_init, now);
+            }
+            if !s.link.has_session() && now >= s.next_probe {
                 local.handshake_initiations_sent += self.probe(&mut s, now, out);
+            }
+        }
+        if retired && !ring.older.is_empty() {
+            let older: Vec<Arc<Keys>> = ring
+                .older
+                .iter()
+                .filter(|k| table.uses_local_key(k))
+                .cloned()
+                .collect();
+            if older.len() != ring.older.len() {
+                let mut w = write(&self.keys);
+                // Only if no rotation replaced the ring meanwhile (it cannot: rotate_key takes
+                // the table's write lock, which this holds for reading).
+                if Arc::ptr_eq(&w, &ring) {
+                    *w = Arc::new(KeyRing {
+                        current: ring.current.clone(),
+                        older,
+                    });
+                }
             }
         }
         drop(table);
         local.flush(&self.counters);
     }
 
-    /// Per-peer status, ordered by public key.
+    /// Per-peer status, one per device (ordered by device id): the peer entry and link that
+    /// carry outbound traffic, with bytes summed over all of the device's entries and links.
     pub fn status(&self) -> Vec<PeerStatus> {
         let table = read(&self.table);
-        table
-            .peers
-            .values()
-            .map(|peer| {
-                let s = lock(&peer.session);
-                let (last_handshake, tx, rx, _, _) = s.tunn.stats();
-                PeerStatus {
-                    device_id: s.device_id,
-                    endpoint: s.endpoint,
+        let mut by_device: BTreeMap<u64, Vec<&Arc<Peer>>> = BTreeMap::new();
+        for peer in table.peers.values() {
+            let id = lock(&peer.session).device_id;
+            by_device.entry(id).or_default().push(peer);
+        }
+        by_device
+            .into_iter()
+            .filter_map(|(device_id, entries)| {
+                let chosen = entries
+                    .iter()
+                    .max_by_key(|p| lock(&p.session).outbound_rank())?;
+                let s = lock(&chosen.session);
+                let (last_handshake, ..) = s.outbound_link().tunn.stats();
+                let endpoint = s.path.endpoint;
+                drop(s);
+                let mut status = PeerStatus {
+                    device_id,
+                    endpoint,
                     last_handshake,
-                    rx_bytes: rx as u64,
-                    tx_bytes: tx as u64,
-                    dropped_bad_source: peer.dropped_bad_source.load(Ordering::Relaxed),
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    dropped_bad_source: 0,
+                };
+                for peer in entries {
+                    let s = lock(&peer.session);
+                    for link in s.links() {
+                        let (_, tx, rx, _, _) = link.tunn.stats();
+                        status.tx_bytes += tx as u64;
+                        status.rx_bytes += rx as u64;
+                    }
+                    status.dropped_bad_source += peer.dropped_bad_source.load(Ordering::Relaxed);
                 }
+                Some(status)
             })
             .collect()
     }
@@ -362,8 +478,8 @@ impl Core {
         self.counters.snapshot()
     }
 
-    /// Sends a fresh handshake initiation to the endpoint and candidates; schedules the next.
-    /// Returns the number of datagrams written.
+    /// Sends a fresh handshake initiation on the current link to the endpoint and candidates;
+    /// schedules the next. Returns the number of datagrams written.
     fn probe(&self, s: &mut Session, now: Instant, out: &mut Outbox) -> u64 {
         let interval = if now < s.fast_probe_until {
             PROBE_INTERVAL_FAST
@@ -372,24 +488,43 @@ impl Core {
         };
         s.next_probe = now + interval;
         let buf = out.reserve(HANDSHAKE_INIT_LEN);
-        match s.tunn.format_handshake_initiation(buf, true) {
+        match s.link.tunn.format_handshake_initiation(buf, true) {
             TunnResult::WriteToNetwork(p) => {
                 let len = p.len();
-                route(s, out, len, true, now)
+                route(&s.path, out, len, true, now)
             }
             _ => 0,
         }
     }
 
-    fn alloc_index(&self, used: &HashSet<u32>, next: &Table) -> u32 {
+    fn alloc_index(&self, used: &HashSet<u32>) -> u32 {
         let mut rng = lock(&self.index_rng);
         loop {
             // boringtun puts the index in the upper 24 bits of the receiver index.
             let index = rng.gen_range(1..(1u32 << 24));
-            if !used.contains(&index) && !next.by_index.contains_key(&index) {
+            if !used.contains(&index) {
                 return index;
             }
         }
+    }
+}
+
+/// Runs a `Tunn`'s timers; returns the datagram it wants sent (length, is a handshake
+/// initiation), already written at the start of `buf`. Without a session, the core's own
+/// probing decides when initiations go out (on `now`, to every candidate), so boringtun's
+/// retransmissions are dropped.
+fn timer_output(tunn: &mut Tunn, buf: &mut [u8], had_session: bool) -> Option<(usize, bool)> {
+    match tunn.update_timers(buf) {
+        TunnResult::WriteToNetwork(p) => {
+            let is_init = p.first() == Some(&MSG_HANDSHAKE_INIT);
+            (!is_init || had_session).then_some((p.len(), is_init))
+        }
+        TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => None,
+        TunnResult::Err(e) => {
+            tracing::trace!(?e, "update_timers");
+            None
+        }
+        TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => None,
     }
 }
 
@@ -426,16 +561,21 @@ impl Batch<'_> {
         };
         lock(&self.core.filter).handle_outbound(packet, now);
         let mut s = lock(&peer.session);
+        let s = &mut *s;
         let buf = out.reserve(packet.len().max(HANDSHAKE_INIT_LEN) + DATA_OVERHEAD);
-        match s.tunn.encapsulate(packet, buf) {
+        let link = match &mut s.previous {
+            Some(p) if p.outbound && p.link.has_session() => &mut p.link,
+            _ => &mut s.link,
+        };
+        match link.tunn.encapsulate(packet, buf) {
             TunnResult::WriteToNetwork(p) => {
                 let len = p.len();
                 if p.first() == Some(&MSG_HANDSHAKE_INIT) {
                     // No session: the packet was queued and a handshake started.
                     s.want_peer(now);
                     s.next_probe = now + PROBE_INTERVAL_FAST;
-                    self.local.handshake_initiations_sent += route(&mut s, out, len, true, now);
-                } else if route(&mut s, out, len, false, now) > 0 {
+                    self.local.handshake_initiations_sent += route(&s.path, out, len, true, now);
+                } else if route(&s.path, out, len, false, now) > 0 {
                     self.local.tx_packets += 1;
                     self.local.tx_bytes += packet.len() as u64;
                 } else {
@@ -446,7 +586,7 @@ impl Batch<'_> {
                 // Queued behind a handshake in progress.
                 s.want_peer(now);
                 if now >= s.next_probe {
-                    self.local.handshake_initiations_sent += self.core.probe(&mut s, now, out);
+                    self.local.handshake_initiations_sent += self.core.probe(s, now, out);
                 }
             }
             TunnResult::Err(e) => tracing::trace!(?e, "encapsulate failed"),
@@ -459,6 +599,10 @@ impl Batch<'_> {
     /// allows (at `coordinator_now_ms`, for rule expiry), ready for the TUN. Replies
     /// (handshake responses, cookies, flushed queued packets) go to `out`. Anything that is not
     /// valid WireGuard from a configured peer is dropped, counted, and never answered.
+    ///
+    /// Handshake initiations are accepted for this device's current key and, while a peer's
+    /// previous link still carries traffic, for the older key that link uses. Data for a
+    /// previous link's receiver index is accepted until that link is dropped.
     ///
     /// `tun_out` must be at least as long as `datagram`, else the datagram is dropped.
     #[must_use]
@@ -478,60 +622,98 @@ impl Batch<'_> {
         if tun_out.len() < datagram.len() {
             return self.garbage(from, "datagram larger than output buffer");
         }
-        let peer = match &packet {
+        let (peer, to) = match &packet {
             Packet::HandshakeInit(init) => {
+                let ring = read(&self.core.keys).clone();
                 let mut cookie = [0u8; 64];
-                let keys = read(&self.core.keys).clone();
-                match keys
-                    .limiter
-                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
-                {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(reply)) => {
-                        // Under load: answer a mac1-valid initiation with a cookie only.
-                        out.push(from, reply);
-                        return None;
+                let mut matched = None;
+                // mac1 is keyed by the receiver's public key: it tells which local key the
+                // initiation is for.
+                for keys in ring.iter() {
+                    match keys
+                        .limiter
+                        .verify_packet(Some(from.ip()), datagram, &mut cookie)
+                    {
+                        Ok(_) => {
+                            matched = Some(keys);
+                            break;
+                        }
+                        Err(TunnResult::WriteToNetwork(reply)) => {
+                            // Under load: answer a mac1-valid initiation with a cookie only.
+                            out.push(from, reply);
+                            return None;
+                        }
+                        Err(_) => {}
                     }
-                    Err(_) => return self.garbage(from, "handshake initiation with bad mac1"),
                 }
+                let Some(keys) = matched else {
+                    return self.garbage(from, "handshake initiation with bad mac1");
+                };
                 let Ok(half) = parse_handshake_anon(&keys.private, &keys.public, init) else {
                     return self.garbage(from, "handshake initiation does not decrypt");
                 };
-                self.table.peers.get(&half.peer_static_public)
+                let to = LinkSelector::LocalKey(keys.clone());
+                (self.table.peers.get(&half.peer_static_public), to)
             }
-            Packet::HandshakeResponse(p) => self.table.by_index.get(&(p.receiver_idx >> 8)),
-            Packet::PacketCookieReply(p) => self.table.by_index.get(&(p.receiver_idx >> 8)),
-            Packet::PacketData(p) => self.table.by_index.get(&(p.receiver_idx >> 8)),
+            Packet::HandshakeResponse(p) => (
+                self.table.by_index.get(&(p.receiver_idx >> 8)),
+                LinkSelector::Index(p.receiver_idx >> 8),
+            ),
+            Packet::PacketCookieReply(p) => (
+                self.table.by_index.get(&(p.receiver_idx >> 8)),
+                LinkSelector::Index(p.receiver_idx >> 8),
+            ),
+            Packet::PacketData(p) => (
+                self.table.by_index.get(&(p.receiver_idx >> 8)),
+                LinkSelector::Index(p.receiver_idx >> 8),
+            ),
         };
         let Some(peer) = peer else {
             return self.garbage(from, "unknown peer");
         };
+        let is_handshake = matches!(
+            packet,
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+        );
         let authenticated_if_ok = !matches!(packet, Packet::PacketCookieReply(_));
         let peer = Arc::clone(peer);
-        let mut s = lock(&peer.session);
-        let (reply_len, tunnel) = match s.tunn.decapsulate(Some(from.ip()), datagram, tun_out) {
+        let mut guard = lock(&peer.session);
+        let s = &mut *guard;
+        let Some(slot) = s.select(&to) else {
+            drop(guard);
+            return self.garbage(from, "no link for this key or index (retired)");
+        };
+        let link = match (slot, &mut s.previous) {
+            (Slot::Previous, Some(p)) => &mut p.link,
+            _ => &mut s.link,
+        };
+        let (reply, tunnel) = match link.tunn.decapsulate(Some(from.ip()), datagram, tun_out) {
             TunnResult::WriteToNetwork(p) => {
                 let cookie = p.first() == Some(&MSG_COOKIE_REPLY);
                 if !cookie {
-                    s.authenticated_from(from, now);
+                    s.path.authenticated_from(from, now);
+                    if is_handshake {
+                        tracing::debug!(host = %s.hostname, ?slot, "handshake completed");
+                        link.established_at = Some(now);
+                    }
                 }
                 out.push(from, p);
                 (true, None)
             }
             TunnResult::WriteToTunnelV4(p, src) => {
-                s.authenticated_from(from, now);
-                (false, (src == peer.ipv4).then_some(p.len()))
+                s.path.authenticated_from(from, now);
+                (false, Some((src == peer.ipv4).then_some(p.len())))
             }
             TunnResult::WriteToTunnelV6(p, src) => {
-                s.authenticated_from(from, now);
-                (false, (src == peer.ipv6).then_some(p.len()))
+                s.path.authenticated_from(from, now);
+                (false, Some((src == peer.ipv6).then_some(p.len())))
             }
             TunnResult::Done => {
                 // A keepalive (authenticated) or a cookie reply (not).
                 if authenticated_if_ok {
-                    s.authenticated_from(from, now);
+                    s.path.authenticated_from(from, now);
                 }
-                return None;
+                (false, None)
             }
             TunnResult::Err(e) => {
                 tracing::trace!(%from, ?e, "datagram refused");
@@ -539,14 +721,17 @@ impl Batch<'_> {
                 return None;
             }
         };
-        if reply_len {
+        if reply {
             // A handshake completed or was answered: flush packets queued behind it.
-            self.flush_queue(&mut s, now, out);
-            return None;
+            self.flush_queue(link, &s.path, now, out);
         }
+        if slot == Slot::Current && authenticated_if_ok {
+            s.promote_if_ready(now);
+        }
+        drop(guard);
         match tunnel {
-            Some(n) => {
-                drop(s);
+            None => None,
+            Some(Some(n)) => {
                 let verdict =
                     lock(&self.core.filter).check_inbound(&tun_out[..n], now, coordinator_now_ms);
                 match verdict {
@@ -568,7 +753,7 @@ impl Batch<'_> {
                 self.local.rx_bytes += n as u64;
                 Some(n)
             }
-            None => {
+            Some(None) => {
                 tracing::trace!(%from, "inner source is not the peer's address");
                 peer.dropped_bad_source.fetch_add(1, Ordering::Relaxed);
                 self.local.dropped_bad_source += 1;
@@ -577,17 +762,17 @@ impl Batch<'_> {
         }
     }
 
-    fn flush_queue(&mut self, s: &mut Session, now: Instant, out: &mut Outbox) {
+    fn flush_queue(&mut self, link: &mut Link, path: &Path, now: Instant, out: &mut Outbox) {
         loop {
             // Queued packets came from the TUN, so they are at most 64 KiB.
             let buf = out.reserve(u16::MAX as usize + DATA_OVERHEAD);
-            match s.tunn.decapsulate(None, &[], buf) {
+            match link.tunn.decapsulate(None, &[], buf) {
                 TunnResult::WriteToNetwork(p) => {
                     let len = p.len();
                     let is_init = p.first() == Some(&MSG_HANDSHAKE_INIT);
                     if is_init {
-                        self.local.handshake_initiations_sent += route(s, out, len, true, now);
-                    } else if route(s, out, len, false, now) > 0 {
+                        self.local.handshake_initiations_sent += route(path, out, len, true, now);
+                    } else if route(path, out, len, false, now) > 0 {
                         self.local.tx_packets += 1;
                         self.local.tx_bytes += len.saturating_sub(DATA_OVERHEAD) as u64;
                     }
@@ -713,22 +898,22 @@ impl Outbox {
 /// Commits the datagram of `len` bytes at the reserved position of `out` to the peer's
 /// endpoint; handshake initiations also go to every candidate when the path is unknown or
 /// stale. Returns how many datagrams were written.
-fn route(s: &mut Session, out: &mut Outbox, len: usize, is_init: bool, now: Instant) -> u64 {
-    let fresh = s
+fn route(path: &Path, out: &mut Outbox, len: usize, is_init: bool, now: Instant) -> u64 {
+    let fresh = path
         .last_rx
         .is_some_and(|t| now.saturating_duration_since(t) < PATH_STALE_AFTER);
-    if !is_init || (fresh && s.endpoint.is_some()) {
-        let Some(dst) = s.endpoint.or_else(|| s.candidates.first().copied()) else {
+    if !is_init || (fresh && path.endpoint.is_some()) {
+        let Some(dst) = path.endpoint.or_else(|| path.candidates.first().copied()) else {
             return 0;
         };
         out.commit(dst, len);
         return 1;
     }
-    let mut targets = s.endpoint.into_iter().chain(
-        s.candidates
+    let mut targets = path.endpoint.into_iter().chain(
+        path.candidates
             .iter()
             .copied()
-            .filter(|c| Some(*c) != s.endpoint),
+            .filter(|c| Some(*c) != path.endpoint),
     );
     let Some(first) = targets.next() else {
         return 0;
@@ -742,8 +927,8 @@ fn route(s: &mut Session, out: &mut Outbox, len: usize, is_init: bool, now: Inst
     n
 }
 
-/// This device's static key pair and the handshake rate limiter keyed by it (mac1 depends on
-/// the public key).
+/// A static key pair of this device and the handshake rate limiter keyed by it (mac1 depends
+/// on the public key).
 struct Keys {
     private: StaticSecret,
     public: PublicKey,
@@ -764,40 +949,178 @@ impl Keys {
     }
 }
 
+/// This device's current key and the older ones that some peer's previous link still uses.
+struct KeyRing {
+    current: Arc<Keys>,
+    /// Newest first.
+    older: Vec<Arc<Keys>>,
+}
+
+impl KeyRing {
+    /// The current key first.
+    fn iter(&self) -> impl Iterator<Item = &Arc<Keys>> + '_ {
+        std::iter::once(&self.current).chain(self.older.iter())
+    }
+}
+
 /// A configured peer. Its key and addresses are fixed; changing them makes a new `Peer`.
 struct Peer {
     public_key: [u8; 32],
     ipv4: Ipv4Addr,
     ipv6: Ipv6Addr,
-    /// 24-bit receiver index given to its `Tunn`.
-    index: u32,
     session: Mutex<Session>,
     dropped_bad_source: AtomicU64,
 }
 
-struct Session {
+/// One `Tunn` with a peer under one of this device's local keys.
+struct Link {
     tunn: Tunn,
+    /// 24-bit receiver index given to the `Tunn`.
+    index: u32,
+    /// The local key the `Tunn` uses.
+    keys: Arc<Keys>,
+    /// When (on the core's clock) this link last completed a handshake.
+    established_at: Option<Instant>,
+}
+
+impl Link {
+    fn new(
+        keys: &Arc<Keys>,
+        peer_public: [u8; 32],
+        persistent_keepalive: Option<u16>,
+        index: u32,
+    ) -> Link {
+        Link {
+            tunn: Tunn::new(
+                keys.private.clone(),
+                PublicKey::from(peer_public),
+                None,
+                persistent_keepalive,
+                index,
+                None,
+            ),
+            index,
+            keys: keys.clone(),
+            established_at: None,
+        }
+    }
+
+    /// Has a session packets can be sent on.
+    fn has_session(&self) -> bool {
+        self.tunn.time_since_last_handshake().is_some()
+    }
+}
+
+/// The link under this device's previous key, kept across a rotation.
+struct Previous {
+    link: Link,
+    /// Carries outbound traffic while it has a session and the current link has none yet;
+    /// answers the peer's handshakes to the old key. Once false, it only decrypts.
+    outbound: bool,
+    /// When it is dropped; set once the current link has a session.
+    retire_at: Option<Instant>,
+}
+
+/// Which link of a peer a datagram is for.
+enum LinkSelector {
+    /// A handshake initiation to this local key.
+    LocalKey(Arc<Keys>),
+    /// A message carrying this receiver index.
+    Index(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Current,
+    Previous,
+}
+
+struct Session {
+    /// The link under this device's current key.
+    link: Link,
+    previous: Option<Previous>,
     device_id: u64,
     hostname: String,
-    /// Where the last authenticated packet came from (WireGuard roaming).
-    endpoint: Option<SocketAddr>,
-    candidates: Vec<SocketAddr>,
-    last_rx: Option<Instant>,
+    path: Path,
     next_probe: Instant,
     fast_probe_until: Instant,
 }
 
-impl Session {
-    fn has_session(&self) -> bool {
-        self.tunn.time_since_last_handshake().is_some()
-    }
+/// Where a peer is on the underlay.
+struct Path {
+    /// Where the last authenticated packet came from (WireGuard roaming).
+    endpoint: Option<SocketAddr>,
+    candidates: Vec<SocketAddr>,
+    last_rx: Option<Instant>,
+}
 
+impl Path {
     fn authenticated_from(&mut self, from: SocketAddr, now: Instant) {
         if self.endpoint != Some(from) {
-            tracing::debug!(host = %self.hostname, endpoint = %from, "peer endpoint changed");
+            tracing::debug!(endpoint = %from, "peer endpoint changed");
             self.endpoint = Some(from);
         }
         self.last_rx = Some(now);
+    }
+}
+
+impl Session {
+    /// The link outbound packets are encrypted on: the previous one while it carries traffic
+    /// and has a session, else the current one.
+    fn outbound_link(&self) -> &Link {
+        match &self.previous {
+            Some(p) if p.outbound && p.link.has_session() => &p.link,
+            _ => &self.link,
+        }
+    }
+
+    /// How good this entry is for outbound traffic: a usable session first, then the most
+    /// recent handshake.
+    fn outbound_rank(&self) -> (bool, Option<Instant>) {
+        let link = self.outbound_link();
+        (link.has_session(), link.established_at)
+    }
+
+    fn links(&self) -> impl Iterator<Item = &Link> + '_ {
+        std::iter::once(&self.link).chain(self.previous.as_ref().map(|p| &p.link))
+    }
+
+    /// The link a datagram is for, if it still exists. A previous link answers handshakes only
+    /// while it carries the outbound traffic, so a peer never moves back to it.
+    fn select(&self, to: &LinkSelector) -> Option<Slot> {
+        match to {
+            LinkSelector::LocalKey(k) => {
+                if Arc::ptr_eq(&self.link.keys, k) {
+                    Some(Slot::Current)
+                } else {
+                    self.previous
+                        .as_ref()
+                        .filter(|p| p.outbound && Arc::ptr_eq(&p.link.keys, k))
+                        .map(|_| Slot::Previous)
+                }
+            }
+            LinkSelector::Index(i) => {
+                if self.link.index == *i {
+                    Some(Slot::Current)
+                } else {
+                    self.previous
+                        .as_ref()
+                        .filter(|p| p.link.index == *i)
+                        .map(|_| Slot::Previous)
+                }
+            }
+        }
+    }
+
+    /// After an authenticated packet on the current link: once it has a session, outbound
+    /// moves to it and the previous link's grace period starts.
+    fn promote_if_ready(&mut self, now: Instant) {
+        let Some(p) = &mut self.previous else { return };
+        if p.outbound && self.link.has_session() {
+            tracing::debug!(host = %self.hostname, "outbound moved to the new key's session");
+            p.outbound = false;
+            p.retire_at = Some(now + PREVIOUS_GRACE);
+        }
     }
 
     /// Outgoing traffic wants this peer: probe it at the fast rate for a while.
@@ -813,27 +1136,62 @@ impl Session {
     }
 }
 
+/// The peer table. Every index maps to the peer owning it; addresses map to every peer
+/// claiming them, in configuration order.
 #[derive(Default)]
 struct Table {
     peers: BTreeMap<[u8; 32], Arc<Peer>>,
-    by_v4: HashMap<Ipv4Addr, Arc<Peer>>,
-    by_v6: HashMap<Ipv6Addr, Arc<Peer>>,
+    by_v4: HashMap<Ipv4Addr, Vec<Arc<Peer>>>,
+    by_v6: HashMap<Ipv6Addr, Vec<Arc<Peer>>>,
     by_index: HashMap<u32, Arc<Peer>>,
 }
 
 impl Table {
-    /// Later peers win an address claimed twice (e.g. old and new key during a rotation).
     fn insert(&mut self, peer: Arc<Peer>) {
-        self.by_v4.insert(peer.ipv4, peer.clone());
-        self.by_v6.insert(peer.ipv6, peer.clone());
-        self.by_index.insert(peer.index, peer.clone());
+        self.by_v4.entry(peer.ipv4).or_default().push(peer.clone());
+        self.by_v6.entry(peer.ipv6).or_default().push(peer.clone());
+        for link in lock(&peer.session).links() {
+            self.by_index.insert(link.index, peer.clone());
+        }
         self.peers.insert(peer.public_key, peer);
     }
 
+    /// Rebuilds the index map from the peers' links (after a rotation).
+    fn reindex(&mut self) {
+        self.by_index.clear();
+        for peer in self.peers.values() {
+            for link in lock(&peer.session).links() {
+                self.by_index.insert(link.index, peer.clone());
+            }
+        }
+    }
+
+    /// Whether some peer's previous link uses this local key.
+    fn uses_local_key(&self, keys: &Arc<Keys>) -> bool {
+        self.peers.values().any(|peer| {
+            lock(&peer.session)
+                .previous
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(&p.link.keys, keys))
+        })
+    }
+
+    /// The peer that gets packets for `dst`. With several peers claiming it (a peer's old and
+    /// new key during its rotation): the one with a usable session whose handshake is the most
+    /// recent; if none has a session, the last configured (it gets the handshake). So traffic
+    /// never leaves a working session for one that is not up yet.
     fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
-        match dst {
+        let entries = match dst {
             IpAddr::V4(a) => self.by_v4.get(&a),
             IpAddr::V6(a) => self.by_v6.get(&a),
+        }?;
+        match entries.as_slice() {
+            [one] => Some(one),
+            many => many
+                .iter()
+                .enumerate()
+                .max_by_key(|(i, p)| (lock(&p.session).outbound_rank(), *i))
+                .map(|(_, p)| p),
         }
     }
 }

@@ -3,9 +3,10 @@
 //! Layout (I/O-free core, thin driver):
 //!
 //! - [`core`]: [`core::Core`], the protocol logic. No sockets, no clock reads of its own (time is
-//!   passed in as `now`), no threads. It owns the peer table (one `Tunn` per peer), does the
-//!   cryptokey routing, the inner-source check, endpoint selection (candidates, roaming) and the
-//!   handshake probing. Its outputs go into caller-provided buffers ([`core::Outbox`] for UDP
+//!   passed in as `now`), no threads. It owns the peer table (one `Tunn` per peer key, two
+//!   while this device's own key rotates), does the cryptokey routing, the inner-source check,
+//!   endpoint selection (candidates, roaming), the handshake probing and the loss-free key
+//!   rotation. Its outputs go into caller-provided buffers ([`core::Outbox`] for UDP
 //!   datagrams, a `&mut [u8]` for a decrypted IP packet). It is `Sync`: the peer table sits behind
 //!   an `RwLock`, each peer's `Tunn` behind its own `Mutex`, so the two hot paths run in parallel.
 //! - `udp`: one UDP socket with batched I/O (UDP GSO via `sendmmsg` + `UDP_SEGMENT`, UDP GRO via
@@ -93,9 +94,10 @@ pub struct PeerStatus {
     pub device_id: u64,
     /// The endpoint the last authenticated packet came from, if any.
     pub endpoint: Option<SocketAddr>,
-    /// Age of the current session's handshake, if there is a session.
+    /// Age of the handshake of the session outbound traffic uses, if there is one.
     pub last_handshake: Option<Duration>,
-    /// Plaintext bytes received from / sent to this peer by the current `Tunn`.
+    /// Plaintext bytes received from / sent to this device, summed over its keys' `Tunn`s
+    /// (those still present: a dropped key's bytes leave the sum).
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     /// Authenticated packets whose inner source address was not this peer's.
@@ -193,8 +195,9 @@ impl DataPlane {
         }
     }
 
-    /// Switches to a new WireGuard private key (after a lease for its public key arrived):
-    /// sessions re-handshake under the new key at once. See [`Core::rotate_key`].
+    /// Switches to a new WireGuard private key (after a lease for its public key arrived and
+    /// peers were told about it): every peer is handshaken under the new key at once, while
+    /// the old sessions keep carrying traffic until then (no loss). See [`Core::rotate_key`].
     pub fn rotate_key(&self, private_key: [u8; 32]) {
         let mut out = Outbox::new();
         self.core.rotate_key(private_key, Instant::now(), &mut out);
@@ -221,7 +224,7 @@ impl DataPlane {
         self.core.filter_counters()
     }
 
-    /// Per-peer status, ordered by public key.
+    /// Per-peer status, one per device (a rotating peer has two keys), ordered by device id.
     pub fn status(&self) -> Vec<PeerStatus> {
         self.core.status()
     }
