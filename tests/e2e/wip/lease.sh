@@ -3,7 +3,7 @@
 # enforced at the peers with the coordinator dead, clock skew. Needs root; prints
 # `N passed, N failed`.
 set -uo pipefail
-source "$(dirname "$0")/common.sh"
+source "$(dirname "$0")/../common.sh"
 need_root
 lab_have_ward || { echo "build first: cargo build --release --workspace --bins"; exit 1; }
 command -v iperf3 >/dev/null || { echo "iperf3 missing"; exit 1; }
