@@ -59,6 +59,9 @@ enum Phase {
     Revoked,
 }
 
+/// (netmap seq, clock offset) the check was for, valid-until (coordinator ms), the peers.
+type Verified = ((u64, Option<i64>), i64, Vec<PeerConfig>);
+
 struct Shared {
     state: Option<State>,
     phase: Phase,
@@ -69,6 +72,9 @@ struct Shared {
     configured_at: BTreeMap<DeviceId, Instant>,
     /// The peer configuration last pushed into the data plane.
     applied: Option<Vec<PeerConfig>>,
+    /// Peers whose leases verified for (netmap seq, clock offset), valid until the earliest of
+    /// their leases ends.
+    verified: Option<Verified>,
     /// The inbound filter last pushed into the data plane.
     applied_filter: Option<Vec<ward_shared::filter::FilterRule>>,
     connected_since: Option<Instant>,
@@ -119,6 +125,7 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
             configured_at: BTreeMap::new(),
             applied: None,
             applied_filter: None,
+            verified: None,
             connected_since: None,
             clock_offset_ms: None,
             own_lease: None,
@@ -395,6 +402,7 @@ impl Daemon {
                 if revoked {
                     // Leave the network: no peers, no tunnels.
                     g.netmap = None;
+                    g.verified = None;
                     g.configured_at.clear();
                     g.own_lease = None;
                     g.applied = Some(Vec::new());
@@ -488,6 +496,7 @@ impl Daemon {
                             g.phase = Phase::Connected;
                             g.last_error = None;
                             g.netmap = Some(nm);
+                            g.verified = None;
                             apply_peers(&mut g);
                         }
                         CoordinatorMsg::NetmapDelta(d) => {
@@ -858,11 +867,36 @@ fn apply_peers(g: &mut Shared) {
     for id in &ids {
         g.configured_at.entry(*id).or_insert(now);
     }
-    let Some(issuer) = issuer else { return };
-    let (peers, refused) = crate::agent::leased_peers(nm, &issuer, coord_now);
-    for (peer, why) in refused {
-        debug!(%peer, error = %why, "peer lease not usable");
-    }
+    // Signatures are checked once per netmap (and clock offset); the 200 ms expiry tick only
+    // compares timestamps until the earliest configured lease ends.
+    let key = (nm.seq, g.clock_offset_ms);
+    let peers = match &g.verified {
+        Some((k, until, peers)) if *k == key && coord_now < *until => peers.clone(),
+        _ => {
+            // No pinned lease key means no peer can be trusted: configure none (fail closed).
+            let (peers, refused) = match &issuer {
+                Some(issuer) => crate::agent::leased_peers(nm, issuer, coord_now),
+                None => (Vec::new(), Vec::new()),
+            };
+            for (peer, why) in refused {
+                debug!(%peer, error = %why, "peer lease not usable");
+            }
+            let until = nm
+                .peers
+                .iter()
+                .flat_map(|p| &p.leases)
+                .filter(|l| {
+                    peers
+                        .iter()
+                        .any(|c| c.public_key == l.lease.wg_public_key.0)
+                })
+                .map(|l| l.lease.not_after_ms)
+                .min()
+                .unwrap_or(i64::MAX);
+            g.verified = Some((key, until, peers.clone()));
+            peers
+        }
+    };
     let changed = g.applied.as_ref() != Some(&peers);
     let filter_changed = g.applied_filter.as_ref() != Some(&nm.inbound);
     let inbound = nm.inbound.clone();
