@@ -483,6 +483,7 @@ pub fn directory(
                 ipv6: d.ipv6,
                 live: d.is_live(),
                 posture_passed: Default::default(),
+                posture_failures: Default::default(),
                 quarantined: false,
             })
             .collect(),

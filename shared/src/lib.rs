@@ -10,6 +10,7 @@
 //! - [`policy`]: the policy language (TOML), its compiler to per-device access, its tests,
 //!   `explain` and `diff`.
 //! - [`lease`]: coordinator-signed, expiring leases binding a WireGuard key to a device.
+//! - [`posture`]: device posture reports, what to collect, and evaluation against requirements.
 //! - [`secret`]: a byte-string type that redacts itself in `Debug`.
 //!
 //! This crate must not depend on tokio, quinn, clap, a database or anything that touches the
@@ -20,6 +21,7 @@ pub mod filter;
 pub mod lease;
 pub mod names;
 pub mod policy;
+pub mod posture;
 pub mod secret;
 pub mod token;
 pub mod wire;

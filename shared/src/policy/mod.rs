@@ -310,6 +310,9 @@ pub struct DirDevice {
     pub live: bool,
     /// Names of the posture requirements this device currently meets.
     pub posture_passed: BTreeSet<String>,
+    /// For requirements this device does not meet: the failed checks, one line each
+    /// ("disk_encryption: root filesystem is not on dm-crypt"), for explanations.
+    pub posture_failures: BTreeMap<String, Vec<String>>,
     pub quarantined: bool,
 }
 

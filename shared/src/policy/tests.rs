@@ -81,6 +81,7 @@ fn dev(id: u64, host: &str, user: Option<&str>, tags: &[&str]) -> DirDevice {
         ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, id as u16),
         live: true,
         posture_passed: ["baseline".to_string()].into_iter().collect(),
+        posture_failures: Default::default(),
         quarantined: false,
     }
 }
