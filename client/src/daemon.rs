@@ -37,6 +37,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Between receiving the lease for a new key and switching to it: time for peers' deltas.
 const ROTATION_SETTLE: Duration = Duration::from_millis(750);
+/// After switching keys, the old lease is given up (`lease_active`) once every peer that had a
+/// session has a session under the new key, or after this long at most.
+const ROTATION_CONFIRM_MAX: Duration = Duration::from_secs(5);
 /// Renew the device certificate when less than this fraction of its life is left.
 const CERT_RENEW_FRACTION: f64 = 1.0 / 3.0;
 
@@ -476,9 +479,15 @@ impl Daemon {
             ch.send(&DeviceMsg::Ping { nonce }).await?;
         }
         let mut lease_requested = false;
+        // Rotation waits until this session holds a lease for the key in use: after a
+        // reconnect the old lease may be stale, and a rotation must not race the first lease.
+        let mut session_leased = false;
+        let mut rotate_when_leased: Option<String> = None;
         // A rotation in flight: the new private key, and when to switch to it.
         let mut pending: Option<[u8; 32]> = None;
         let mut switch: Option<(Instant, [u8; 32], SignedLease)> = None;
+        // Switched to the key of lease `serial` at `since`; waiting for peers to move to it.
+        let mut confirm: Option<(Instant, u64)> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut ticks: u64 = 0;
         loop {
@@ -559,6 +568,13 @@ impl Daemon {
                                 info!(serial = lease.lease.serial, expires_in_s = (lease.lease.not_after_ms - coord_now) / 1000, "lease granted");
                                 lock(self).own_lease = Some(lease.clone());
                                 ch.send(&DeviceMsg::LeaseActive { serial: lease.lease.serial }).await?;
+                                session_leased = true;
+                                if let Some(reason) = rotate_when_leased.take() {
+                                    info!(%reason, "rotating now that the current key holds a lease");
+                                    if pending.is_none() && switch.is_none() && confirm.is_none() {
+                                        pending = Some(self.start_rotation(&mut ch).await?);
+                                    }
+                                }
                             } else if let Some(k) = pending.take().filter(|k| WgPublicKey(dataplane::public_key_for(k)) == lease.lease.wg_public_key) {
                                 // Peers already have the new key (the coordinator pushed it before
                                 // answering); give the deltas a moment to land, then switch.
@@ -569,7 +585,9 @@ impl Daemon {
                         }
                         CoordinatorMsg::RotateNow { reason } => {
                             info!(%reason, "coordinator asked for a key rotation");
-                            if pending.is_none() && switch.is_none() {
+                            if !session_leased {
+                                rotate_when_leased = Some(reason);
+                            } else if pending.is_none() && switch.is_none() && confirm.is_none() {
                                 pending = Some(self.start_rotation(&mut ch).await?);
                             }
                         }
@@ -581,9 +599,20 @@ impl Daemon {
                     if let Some((at, key, lease)) = switch.take() {
                         if Instant::now() >= at {
                             self.switch_key(key, &lease)?;
-                            ch.send(&DeviceMsg::LeaseActive { serial: lease.lease.serial }).await?;
+                            confirm = Some((Instant::now(), lease.lease.serial));
                         } else {
                             switch = Some((at, key, lease));
+                        }
+                    }
+                    if let Some((since, serial)) = confirm {
+                        let on_old = lock(self).dataplane.as_ref().map_or(0, |dp| dp.peers_on_old_key());
+                        if on_old == 0 || since.elapsed() >= ROTATION_CONFIRM_MAX {
+                            if on_old > 0 {
+                                warn!(peers = on_old, "peers did not complete a handshake under the new key in time; giving up the old lease anyway");
+                            }
+                            debug!(serial, after_ms = since.elapsed().as_millis() as u64, "rotation confirmed");
+                            ch.send(&DeviceMsg::LeaseActive { serial }).await?;
+                            confirm = None;
                         }
                     }
                     // Rotate when half of the lease is spent.
@@ -592,7 +621,7 @@ impl Daemon {
                         let now = now_ms() + g.clock_offset_ms.unwrap_or(0);
                         g.own_lease.as_ref().is_some_and(|l| crate::agent::rotation_due(l, now))
                     };
-                    if due && pending.is_none() && switch.is_none() {
+                    if due && session_leased && pending.is_none() && switch.is_none() && confirm.is_none() {
                         pending = Some(self.start_rotation(&mut ch).await?);
                     }
                     if !ticks.is_multiple_of(40) {

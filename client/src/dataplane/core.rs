@@ -478,6 +478,23 @@ impl Core {
         self.counters.snapshot()
     }
 
+    /// How many peers still carry outbound traffic on a session under an older local key (a
+    /// rotation whose new handshake has not completed yet). Zero means every peer that had a
+    /// session has moved to the current key, so the old key's lease can be given up.
+    pub fn peers_on_old_key(&self) -> usize {
+        let table = read(&self.table);
+        table
+            .peers
+            .values()
+            .filter(|p| {
+                let s = lock(&p.session);
+                s.previous
+                    .as_ref()
+                    .is_some_and(|prev| prev.outbound && prev.link.has_session())
+            })
+            .count()
+    }
+
     /// Sends a fresh handshake initiation on the current link to the endpoint and candidates;
     /// schedules the next. Returns the number of datagrams written.
     fn probe(&self, s: &mut Session, now: Instant, out: &mut Outbox) -> u64 {

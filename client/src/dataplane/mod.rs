@@ -229,6 +229,11 @@ impl DataPlane {
         self.core.status()
     }
 
+    /// Peers still on a session under the previous local key (see [`Core::peers_on_old_key`]).
+    pub fn peers_on_old_key(&self) -> usize {
+        self.core.peers_on_old_key()
+    }
+
     pub fn counters(&self) -> DataPlaneCounters {
         self.core.counters()
     }

@@ -3,7 +3,7 @@
 # enforced at the peers with the coordinator dead, clock skew. Needs root; prints
 # `N passed, N failed`.
 set -uo pipefail
-source "$(dirname "$0")/../common.sh"
+source "$(dirname "$0")/common.sh"
 need_root
 lab_have_ward || { echo "build first: cargo build --release --workspace --bins"; exit 1; }
 command -v iperf3 >/dev/null || { echo "iperf3 missing"; exit 1; }
@@ -13,15 +13,18 @@ lab_init
 lab_add_wan_host db
 lab_add_natted_host alice
 lab_add_natted_host skewed
+lab_add_natted_host behind
 LAB_COORD_SERVE_ARGS="--lease-ttl 20s" lab_start_coordinator
 lab_start_device db
 lab_start_device alice
 LAB_WARD_WRAPPER="faketime -f +10m" lab_start_device skewed
+LAB_WARD_WRAPPER="faketime -f -10m" lab_start_device behind
 lab_coord user add alice >/dev/null 2>&1
 lab_coord user add bob >/dev/null 2>&1
 lab_device_up db "$(lab_token --tag server)" >/dev/null
 lab_device_up alice "$(lab_token --user alice)" >/dev/null
 lab_device_up skewed "$(lab_token --user bob)" >/dev/null
+lab_device_up behind "$(lab_token --user bob)" >/dev/null
 cat >"$LAB_DIR/policy.toml" <<'TOML'
 [groups]
 people = ["alice", "bob"]
@@ -50,6 +53,13 @@ check "offset is about -10 min" python3 -c "import sys; o=int(sys.argv[1]); asse
 check "skewed device holds a lease" test -n "$(lab_ward_json_get skewed 's["lease"]["serial"]')"
 check "skewed <-> db traffic flows" lab_wait_for -t 15 lab_exec skewed ping -c1 -W1 "$DB4"
 check "db -> skewed traffic flows" lab_wait_for -t 15 lab_exec db ping -c1 -W1 "$SK4"
+OFF2=$(lab_ward_json_get behind 's["clock_offset_ms"]')
+echo "  device 10 minutes behind: measured offset ${OFF2} ms"
+check "offset is about +10 min" python3 -c "import sys; o=int(sys.argv[1]); assert 590000 < o < 610000, o" "${OFF2:-0}"
+BH4=$(lab_ward_ipv4 behind)
+check "behind -> db" lab_wait_for -t 15 lab_exec behind ping -c1 -W1 "$DB4"
+check "db -> behind" lab_wait_for -t 15 lab_exec db ping -c1 -W1 "$BH4"
+check "skewed <-> behind (20 minutes apart) traffic flows" lab_wait_for -t 15 lab_exec skewed ping -c1 -W1 "$BH4"
 
 say "rotation every ~10 s under live traffic for ${ROT_SECS} s: TCP and 1000 pps UDP"
 lab_spawn db iperf-tcp-server.log iperf3 -s -p 5201
