@@ -100,6 +100,25 @@ if lab_exec alice timeout 3 nc -z -w 2 "$DB4" 22; then echo "  !! alice reached 
 run "ward-coordinator policy explain alice db:22"
 lab_coord policy explain alice db:22 | sed 's/^/  /'
 
+step "Posture: db access now requires a marker file on the laptop"
+MARK="$LAB_DIR/alice-compliant"
+touch "$MARK"
+{ cat examples/policy.toml; printf '\n[posture.compliant]\nfiles = [{ path = "%s" }]\nos = ["debian>=12"]\n' "$MARK"; } \
+    | sed 's/^to = \["db"\]$/to = ["db"]\nposture = ["compliant"]/' >"$LAB_DIR/policy-posture.toml"
+run "ward-coordinator policy apply policy-posture.toml   # rule eng-db now needs posture \"compliant\""
+lab_coord policy apply "$LAB_DIR/policy-posture.toml" | sed 's/^/  /'
+lab_wait_for -t 15 lab_exec alice ping -c1 -W1 "$DB4"
+echo "  alice → db: answers (alice has the file and runs Debian 12)"
+run "alice$ rm $MARK      # the device falls out of compliance"
+T0=$(date +%s%N); rm -f "$MARK"
+lab_wait_for -t 10 -i 0.1 bash -c "! ip netns exec $(lab_ns alice) ping -c1 -W0.3 $DB4"
+echo "  alice → db: no answer $(( ($(date +%s%N) - T0) / 1000000 )) ms later (enforced by db itself)"
+run "alice$ ward posture"; lab_ward alice posture | sed 's/^/    /'
+run "alice$ touch $MARK   # fixed"
+T0=$(date +%s%N); touch "$MARK"
+lab_wait_for -t 10 -i 0.1 lab_exec alice ping -c1 -W0.3 "$DB4"
+echo "  alice → db: answers again $(( ($(date +%s%N) - T0) / 1000000 )) ms later"
+
 step "What each device sees (ward status)"
 for h in db alice bob; do run "$h$ ward status"; lab_ward "$h" status | sed 's/^/    /'; done
 

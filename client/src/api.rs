@@ -20,6 +20,8 @@ pub enum Request {
     },
     Down,
     Status,
+    /// This device's posture signals and the coordinator's verdict.
+    Posture,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -270,6 +270,8 @@ pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
         CoordinatorMsg::Error { .. } => "error",
         CoordinatorMsg::Lease { .. } => "lease",
         CoordinatorMsg::RotateNow { .. } => "rotate_now",
+        CoordinatorMsg::PostureWants(_) => "posture_wants",
+        CoordinatorMsg::PostureVerdict(_) => "posture_verdict",
     }
 }
 

@@ -15,19 +15,21 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use ward_shared::lease::{self, SignedLease};
+use ward_shared::posture::{Measured, PostureReport, PostureWants};
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{
-    Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello, Netmap,
-    WgPublicKey, MAX_ENDPOINTS, PROTOCOL_VERSION,
+    self, Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello, Netmap,
+    PostureVerdict, WgPublicKey, MAX_ENDPOINTS, PROTOCOL_VERSION,
 };
 
 use crate::api::{Request, Response, MAX_API_LINE};
 use crate::control::{self, Channel, Refused};
 use crate::dataplane::{self, DataPlane, DataPlaneConfig, PeerConfig};
+use crate::posture::Collector;
 use crate::state::{State, StateFile, STATE_VERSION};
 
 /// A peer with no handshake this long after it was configured is reported unreachable.
@@ -50,6 +52,10 @@ pub struct DaemonOpts {
     /// `None`: control plane only (no TUN, no tunnels).
     pub tun: Option<String>,
     pub port: u16,
+    /// Posture collection: custom checks configured on this device, timeouts, intervals.
+    pub posture: crate::posture::CollectorConfig,
+    /// A report is sent at least this often, and at once when a value changes.
+    pub posture_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -86,12 +92,24 @@ struct Shared {
     own_lease: Option<SignedLease>,
     key_since: Option<Instant>,
     rotations: u64,
+    /// What the coordinator's policy needs collected.
+    posture_wants: PostureWants,
+    /// The latest collection, and the coordinator's latest verdict on this device.
+    posture_report: Option<PostureReport>,
+    posture_verdict: Option<PostureVerdict>,
+    posture_seq: u64,
 }
 
 pub struct Daemon {
     opts: DaemonOpts,
     state_file: StateFile,
     shared: Mutex<Shared>,
+    /// Only the blocking collection task takes this lock.
+    collector: Arc<Mutex<Collector>>,
+    /// Custom checks run on their own blocking task (a slow one must not delay the cheap
+    /// signals); their latest results are merged into every report.
+    custom: Arc<Mutex<Collector>>,
+    custom_results: Arc<Mutex<BTreeMap<String, Measured<serde_json::Value>>>>,
 }
 
 fn lock(d: &Daemon) -> std::sync::MutexGuard<'_, Shared> {
@@ -134,7 +152,14 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
             own_lease: None,
             key_since: Some(Instant::now()),
             rotations: 0,
+            posture_wants: PostureWants::default(),
+            posture_report: None,
+            posture_verdict: None,
+            posture_seq: 0,
         }),
+        collector: Arc::new(Mutex::new(Collector::new(opts.posture.clone()))),
+        custom: Arc::new(Mutex::new(Collector::new(opts.posture.clone()))),
+        custom_results: Arc::new(Mutex::new(BTreeMap::new())),
     });
     info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "ward daemon started");
     if phase == Phase::Connecting {
@@ -221,6 +246,7 @@ impl Daemon {
     async fn handle(self: Arc<Self>, req: Request) -> Result<serde_json::Value> {
         match req {
             Request::Status => Ok(self.status()),
+            Request::Posture => Ok(self.posture()),
             Request::Down => {
                 self.stop().await;
                 let mut g = lock(&self);
@@ -490,8 +516,39 @@ impl Daemon {
         let mut confirm: Option<(Instant, u64)> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut ticks: u64 = 0;
+        // Posture: collected every second off the async threads; reported at once when a
+        // value changes, else every `posture_interval`.
+        let (posture_tx, mut posture_rx) = mpsc::channel::<PostureReport>(1);
+        let mut posture_busy = false;
+        let custom_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut posture_sent: Option<(Instant, PostureReport)> = None;
+        let mut posture_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
+                _ = posture_tick.tick() => {
+                    let flows = lock(self).dataplane.as_ref().map(|dp| dp.take_denied_flows()).unwrap_or_default();
+                    for chunk in flows.chunks(wire::MAX_DENIED_FLOWS) {
+                        ch.send(&DeviceMsg::DeniedFlows { flows: chunk.to_vec() }).await?;
+                    }
+                    if !posture_busy {
+                        posture_busy = self.start_collection(posture_tx.clone());
+                    }
+                    self.start_custom_checks(&custom_busy);
+                }
+                Some(report) = posture_rx.recv() => {
+                    posture_busy = false;
+                    let due = match &posture_sent {
+                        None => true,
+                        Some((at, prev)) => crate::posture::values_differ(prev, &report) || at.elapsed() >= self.opts.posture_interval,
+                    };
+                    lock(self).posture_report = Some(report.clone());
+                    if due {
+                        let msg = fit_report(report.clone());
+                        debug!(seq = report.seq, "sending posture report");
+                        ch.send(&msg).await?;
+                        posture_sent = Some((Instant::now(), report));
+                    }
+                }
                 msg = ch.recv() => {
                     let Some(msg) = msg? else { return Ok(()) };
                     match msg {
@@ -591,6 +648,21 @@ impl Daemon {
                                 pending = Some(self.start_rotation(&mut ch).await?);
                             }
                         }
+                        CoordinatorMsg::PostureWants(w) => {
+                            debug!(processes = w.processes.len(), files = w.files.len(), custom = w.custom.len(), "posture wants");
+                            lock(self).posture_wants = w;
+                            // Collect and report now rather than at the next periodic report.
+                            posture_sent = None;
+                        }
+                        CoordinatorMsg::PostureVerdict(v) => {
+                            let failing: Vec<&str> = v.results.iter().filter(|r| !r.passed).map(|r| r.requirement.as_str()).collect();
+                            if !failing.is_empty() || v.quarantine.is_some() {
+                                info!(?failing, quarantine = ?v.quarantine, unavailable = v.unavailable.len(), "posture verdict: access restricted");
+                            } else {
+                                info!(requirements = v.results.len(), "posture verdict: all requirements met");
+                            }
+                            lock(self).posture_verdict = Some(v);
+                        }
                         CoordinatorMsg::Enrolled(_) => bail!("unexpected enrolled message on a session"),
                     }
                 }
@@ -646,6 +718,84 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Starts one posture collection on a blocking thread, once the clock offset is known
+    /// (reports carry coordinator time). Returns whether one was started.
+    fn start_collection(&self, tx: mpsc::Sender<PostureReport>) -> bool {
+        let (wants, device_id, offset, seq) = {
+            let mut g = lock(self);
+            let (Some(st), Some(offset)) = (&g.state, g.clock_offset_ms) else {
+                return false;
+            };
+            let device_id = st.device_id;
+            let seq = (g.posture_seq + 1).max((now_ms() + offset).max(0) as u64);
+            g.posture_seq = seq;
+            (g.posture_wants.clone(), device_id, offset, seq)
+        };
+        let collector = self.collector.clone();
+        let results = self.custom_results.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = collector.lock().unwrap_or_else(|p| p.into_inner());
+            let now = now_ms() + offset;
+            let cheap = PostureWants {
+                custom: Vec::new(),
+                ..wants.clone()
+            };
+            let mut report = c.collect(&cheap, device_id, seq, now);
+            let done = results.lock().unwrap_or_else(|p| p.into_inner());
+            report.custom = wants
+                .custom
+                .iter()
+                .map(|n| {
+                    let m = done
+                        .get(n)
+                        .cloned()
+                        .unwrap_or_else(|| Measured::error(now, "not run yet"));
+                    (n.clone(), m)
+                })
+                .collect();
+            drop(done);
+            let _ = tx.blocking_send(report);
+        });
+        true
+    }
+
+    /// Runs the custom checks that are due on their own blocking thread, one run at a time.
+    fn start_custom_checks(&self, busy: &Arc<std::sync::atomic::AtomicBool>) {
+        use std::sync::atomic::Ordering;
+        let (wanted, offset) = {
+            let g = lock(self);
+            let Some(offset) = g.clock_offset_ms else {
+                return;
+            };
+            (g.posture_wants.custom.clone(), offset)
+        };
+        if wanted.is_empty() || busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let custom = self.custom.clone();
+        let results = self.custom_results.clone();
+        let busy = busy.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = custom
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .custom_only(&wanted, now_ms() + offset);
+            *results.lock().unwrap_or_else(|p| p.into_inner()) = r;
+            busy.store(false, Ordering::Release);
+        });
+    }
+
+    /// The latest posture report and the coordinator's verdict (for `ward posture`).
+    fn posture(&self) -> serde_json::Value {
+        let g = lock(self);
+        json!({
+            "report": g.posture_report,
+            "verdict": g.posture_verdict,
+            "wants": g.posture_wants,
+            "custom_checks": self.opts.posture.custom_checks.keys().collect::<Vec<_>>(),
+        })
     }
 
     /// Makes a new WireGuard key and asks for a lease on it.
@@ -844,6 +994,8 @@ impl Daemon {
             "key_age_secs": g.key_since.map(|t| t.elapsed().as_secs()),
             "rotations": g.rotations,
             "clock_warning": clock_warning,
+            "quarantine": g.posture_verdict.as_ref().and_then(|v| v.quarantine.clone()),
+            "unavailable": g.posture_verdict.as_ref().map(|v| v.unavailable.clone()).unwrap_or_default(),
             "reach": reach,
             "inbound": inbound,
             "device_id": st.device_id.0,
@@ -1005,4 +1157,35 @@ fn local_addresses() -> Vec<IpAddr> {
     // SAFETY: freeing the list getifaddrs allocated, once.
     unsafe { libc::freeifaddrs(ifap) };
     out
+}
+
+/// A posture report as a message that fits in one device frame: custom check outputs are
+/// replaced by an error reading, largest first, until it does.
+fn fit_report(mut report: PostureReport) -> DeviceMsg {
+    loop {
+        let msg = DeviceMsg::Posture(Box::new(report.clone()));
+        if wire::encode(&msg).len() <= wire::MAX_DEVICE_FRAME {
+            return msg;
+        }
+        let biggest = report
+            .custom
+            .iter()
+            .filter(|(_, m)| m.get().is_ok())
+            .max_by_key(|(_, m)| serde_json::to_vec(m).map(|v| v.len()).unwrap_or(0))
+            .map(|(k, _)| k.clone());
+        match biggest {
+            Some(k) => {
+                if let Some(m) = report.custom.get_mut(&k) {
+                    *m = Measured::error(m.at_ms, "output too large to report");
+                }
+            }
+            None => {
+                // Nothing left to shrink: report the essentials only.
+                report.processes.clear();
+                report.files.clear();
+                report.custom.clear();
+                return DeviceMsg::Posture(Box::new(report));
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! - [`control`]: the QUIC control channel (enrollment with a pinned CA, mutual-TLS sessions).
 //! - [`daemon`]: `ward daemon` (identity, control loop, local API).
 //! - [`state`]: the device's durable identity file.
+//! - [`posture`]: posture collection (OS, firewall, disk encryption, processes, files, custom checks).
 //! - [`api`]: the local Unix-socket API between the CLI and the daemon.
 
 pub mod agent;
@@ -13,6 +14,7 @@ pub mod api;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod posture;
 pub mod state;
 
 /// Device certificates live this long (the coordinator decides; this is for renewal timing).

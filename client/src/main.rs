@@ -2,10 +2,13 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ward_client::api::{self, Request};
 use ward_client::daemon::{self, DaemonOpts};
+use ward_client::posture;
 
 #[derive(Parser)]
 #[command(name = "ward", version, about = "Ward device agent")]
@@ -34,6 +37,23 @@ enum Cmd {
         /// UDP port for WireGuard (0: any free port).
         #[arg(long, env = "WARD_PORT", default_value_t = 51820)]
         port: u16,
+        /// A custom posture check: NAME=PATH of an executable that prints a JSON object
+        /// (repeatable). Only checks configured here ever run; the coordinator only names them.
+        #[arg(
+            long = "posture-check",
+            env = "WARD_POSTURE_CHECKS",
+            value_delimiter = ','
+        )]
+        posture_checks: Vec<String>,
+        /// Every executable file in this directory is a custom check named after the file.
+        #[arg(long, env = "WARD_POSTURE_CHECKS_DIR")]
+        posture_checks_dir: Option<PathBuf>,
+        /// Longest a custom check may run before it is killed and counted as failing.
+        #[arg(long, env = "WARD_POSTURE_CHECK_TIMEOUT", default_value = "5s", value_parser = parse_secs)]
+        posture_check_timeout: Duration,
+        /// Posture is reported at once on change, and at least this often.
+        #[arg(long, env = "WARD_POSTURE_INTERVAL", default_value = "30s", value_parser = parse_secs)]
+        posture_interval: Duration,
     },
     /// Join the network: enroll with a token the first time, reconnect afterwards.
     Up {
@@ -49,6 +69,33 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show this device's posture signals and, for each requirement, pass or fail and why.
+    Posture {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `30s`, `5m`, `1h`, `500ms`, or plain seconds.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (s, 1000)
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: use 500ms, 30s, 5m or 1h"))?;
+    if n == 0 || n > 1_000_000 {
+        return Err(format!("duration {s:?} is out of range"));
+    }
+    Ok(Duration::from_millis(n * mul))
 }
 
 fn main() {
@@ -81,13 +128,32 @@ async fn run(cli: Cli) -> Result<()> {
             state_dir,
             tun,
             port,
+            posture_checks,
+            posture_checks_dir,
+            posture_check_timeout,
+            posture_interval,
         } => {
             let tun = (tun != "off").then_some(tun);
+            let mut custom_checks = BTreeMap::new();
+            if let Some(dir) = &posture_checks_dir {
+                custom_checks = posture::checks_from_dir(dir).map_err(anyhow::Error::msg)?;
+            }
+            for c in posture_checks.iter().filter(|c| !c.is_empty()) {
+                let (name, path) = posture::parse_check_arg(c).map_err(anyhow::Error::msg)?;
+                custom_checks.insert(name, path);
+            }
             daemon::run(DaemonOpts {
                 state_dir,
                 socket: cli.socket,
                 tun,
                 port,
+                posture: posture::CollectorConfig {
+                    root: PathBuf::from("/"),
+                    custom_checks,
+                    custom_timeout: posture_check_timeout,
+                    full_interval: posture_interval,
+                },
+                posture_interval,
             })
             .await
         }
@@ -114,6 +180,15 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_status(&v);
+            }
+            Ok(())
+        }
+        Cmd::Posture { json } => {
+            let v = api::call(&cli.socket, &Request::Posture).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_posture(&v);
             }
             Ok(())
         }
@@ -206,6 +281,24 @@ fn print_status(v: &serde_json::Value) {
             exp
         );
     }
+    if let Some(q) = v["quarantine"].as_str() {
+        println!("QUARANTINED:  {q} (only remediation services are reachable)");
+    }
+    for u in v["unavailable"].as_array().into_iter().flatten() {
+        let reasons: Vec<String> = u["reasons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        println!(
+            "unavailable:  {} on {} (rule {}): {}",
+            s(&u["service"]),
+            s(&u["hostname"]),
+            s(&u["rule"]),
+            reasons.join("; ")
+        );
+    }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     println!("peers:        {}", peers.len());
     for p in peers {
@@ -234,6 +327,107 @@ fn print_status(v: &serde_json::Value) {
             s(&p["key_age_secs"]),
             s(&p["lease_serial"]),
             s(&p["lease_expires_in_secs"])
+        );
+    }
+}
+
+/// One signal's reading for people: the value, or why it could not be read.
+fn reading(m: &serde_json::Value) -> String {
+    match (&m["reading"]["value"], &m["reading"]["error"]) {
+        (serde_json::Value::Null, serde_json::Value::Null) => "-".into(),
+        (v, serde_json::Value::Null) => s(v),
+        (_, e) => format!("unreadable: {}", s(e)),
+    }
+}
+
+fn print_posture(v: &serde_json::Value) {
+    let r = &v["report"];
+    if r.is_null() {
+        println!("no posture collected yet (it starts once the device is connected)");
+    } else {
+        println!("signals (report #{}):", s(&r["seq"]));
+        let os = &r["os"]["reading"]["value"];
+        let os = if os.is_null() {
+            reading(&r["os"])
+        } else {
+            format!(
+                "{} {} ({})",
+                s(&os["id"]),
+                s(&os["version"]),
+                s(&os["pretty"])
+            )
+        };
+        println!("  {:<22} {os}", "os");
+        for k in [
+            "kernel",
+            "firewall",
+            "disk_encryption",
+            "screen_lock",
+            "last_package_update_ms",
+        ] {
+            let mut val = reading(&r[k]);
+            if k == "screen_lock" && val == "-" {
+                val = "no desktop session".into();
+            }
+            println!("  {k:<22} {val}");
+        }
+        println!("  {:<22} {}", "ward_version", s(&r["ward_version"]));
+        for (name, m) in r["processes"].as_object().into_iter().flatten() {
+            println!("  {:<22} {}", format!("process {name}"), reading(m));
+        }
+        for (path, m) in r["files"].as_object().into_iter().flatten() {
+            let val = match &m["reading"]["value"] {
+                serde_json::Value::Null => reading(m),
+                f if f["present"].as_bool() == Some(true) => match f["sha256"].as_str() {
+                    Some(h) => format!("present, sha256 {h}"),
+                    None => "present".into(),
+                },
+                _ => "missing".into(),
+            };
+            println!("  {:<22} {val}", format!("file {path}"));
+        }
+        for (name, m) in r["custom"].as_object().into_iter().flatten() {
+            println!("  {:<22} {}", format!("check {name}"), reading(m));
+        }
+    }
+    let verdict = &v["verdict"];
+    if verdict.is_null() {
+        println!("requirements: no verdict from the coordinator yet");
+        return;
+    }
+    let results = verdict["results"].as_array().cloned().unwrap_or_default();
+    if results.is_empty() {
+        println!("requirements: the policy has no posture requirements");
+    } else {
+        println!("requirements:");
+    }
+    for e in &results {
+        let name = s(&e["requirement"]);
+        if e["passed"].as_bool() == Some(true) {
+            println!("  {name:<20} pass");
+        } else {
+            println!("  {name:<20} FAIL");
+            for f in e["failures"].as_array().into_iter().flatten() {
+                println!("    {}", s(f));
+            }
+        }
+    }
+    if let Some(q) = verdict["quarantine"].as_str() {
+        println!("QUARANTINED: {q}");
+    }
+    for u in verdict["unavailable"].as_array().into_iter().flatten() {
+        let reasons: Vec<String> = u["reasons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        println!(
+            "unavailable: {} on {} (rule {}): {}",
+            s(&u["service"]),
+            s(&u["hostname"]),
+            s(&u["rule"]),
+            reasons.join("; ")
         );
     }
 }

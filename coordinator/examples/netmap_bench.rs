@@ -83,6 +83,7 @@ fn main() {
                 revoked_ms: None,
                 wg_public_key: None,
                 endpoints: vec![],
+                quarantine: None,
             });
         }
         users.dedup_by(|a, b| a.name == b.name);

@@ -45,6 +45,14 @@ pub enum AdminRequest {
     DeviceRotate {
         name: String,
     },
+    /// Only remediation services stay reachable until `device release`.
+    DeviceQuarantine {
+        name: String,
+        reason: Option<String>,
+    },
+    DeviceRelease {
+        name: String,
+    },
     DeviceTag {
         name: String,
         add: Vec<String>,

@@ -15,19 +15,24 @@
 //! Time-bound rules and grants make the core ask to be woken at their expiry
 //! (`poll_timeout`); the driver then calls `handle_time`.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 
 use ward_shared::addr::AddressPools;
 use ward_shared::filter::FilterRule;
 use ward_shared::lease::SignedLease;
 use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
+use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::wire::{
-    CoordinatorMsg, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer, Reach, SelfInfo,
-    MAX_ENDPOINTS,
+    CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
+    PostureVerdict, Reach, SelfInfo, Unavailable, MAX_DENIED_FLOWS, MAX_ENDPOINTS,
 };
 
 use crate::store::{Device, User};
+use crate::trust::{Change, ReportError, TrustBook};
+
+/// How often reports are re-judged for age and overdue failures (ms).
+pub const TRUST_TICK_MS: i64 = 1000;
 
 /// Leases kept per device: the current one and the one it is rotating to.
 pub const MAX_LEASES: usize = 2;
@@ -48,6 +53,18 @@ pub enum Output {
         code: ErrorCode,
         reason: String,
     },
+    /// A device's posture results changed (audit it, keep it).
+    PostureChanged {
+        device: DeviceId,
+        change: Change,
+        report: Option<Box<PostureReport>>,
+    },
+    /// A trust rule wants the device quarantined (store it, audit it, then call
+    /// `handle_device_upserted` with the quarantined device).
+    Quarantine {
+        device: DeviceId,
+        reason: String,
+    },
 }
 
 #[derive(Debug)]
@@ -56,6 +73,8 @@ struct Session {
     observed: SocketAddr,
     /// What this session was last sent.
     sent: Option<Sent>,
+    wants_sent: Option<PostureWants>,
+    verdict_sent: Option<PostureVerdict>,
 }
 
 #[derive(Debug)]
@@ -81,6 +100,10 @@ pub struct Registry {
     now_ms: i64,
     outputs: VecDeque<Output>,
     dirty: bool,
+    trust: TrustBook,
+    trust_tick_ms: i64,
+    /// Devices whose verdict must be recomputed and, if different, sent.
+    verdict_dirty: BTreeSet<DeviceId>,
 }
 
 impl Registry {
@@ -119,13 +142,198 @@ impl Registry {
             now_ms,
             outputs: VecDeque::new(),
             dirty: true,
+            trust: TrustBook::default(),
+            trust_tick_ms: now_ms,
+            verdict_dirty: BTreeSet::new(),
         }
     }
 
-    /// A new policy was applied.
+    /// A new policy was applied: every device is judged against its requirements.
     pub fn handle_policy(&mut self, policy: Policy) {
         self.policy = Some(policy);
         self.dirty = true;
+        let ids: Vec<DeviceId> = self.devices.keys().copied().collect();
+        for id in ids {
+            self.reevaluate(id);
+        }
+    }
+
+    /// A device's posture report, from its own session `conn`. Refused reports change nothing.
+    pub fn handle_posture(
+        &mut self,
+        id: DeviceId,
+        conn: ConnId,
+        report: PostureReport,
+        now_ms: i64,
+    ) -> Result<(), ReportError> {
+        self.now_ms = self.now_ms.max(now_ms);
+        if self.sessions.get(&id).map(|s| s.conn) != Some(conn) {
+            return Ok(());
+        }
+        let change = self
+            .trust
+            .handle_report(id, report, self.policy.as_ref(), self.now_ms)?;
+        if let Some(c) = change {
+            self.trust_changed(id, c);
+        }
+        Ok(())
+    }
+
+    /// `reporter`'s inbound filter refused these flows. Sources are matched to devices by
+    /// overlay address; unknown sources are ignored.
+    pub fn handle_denied_flows(&mut self, reporter: DeviceId, flows: &[DeniedFlow], now_ms: i64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let Some(p) = &self.policy else { return };
+        let by_addr: BTreeMap<IpAddr, DeviceId> = self
+            .devices
+            .values()
+            .flat_map(|d| [(IpAddr::V4(d.ipv4), d.id), (IpAddr::V6(d.ipv6), d.id)])
+            .collect();
+        let mut by_src: BTreeMap<DeviceId, Vec<_>> = BTreeMap::new();
+        // Only a device that may receive from the source can have refused its packets: a
+        // device cannot get a stranger quarantined by naming it.
+        let peers: BTreeSet<DeviceId> = self
+            .compiled
+            .devices
+            .get(&reporter)
+            .map(|a| a.peers.iter().copied().collect())
+            .unwrap_or_default();
+        for f in flows.iter().take(MAX_DENIED_FLOWS) {
+            if let Some(src) = by_addr.get(&f.src) {
+                if *src != reporter && peers.contains(src) {
+                    by_src.entry(*src).or_default().push((f.proto, f.port));
+                }
+            }
+        }
+        for (src, v) in by_src {
+            let quarantined = self
+                .devices
+                .get(&src)
+                .is_some_and(|d| d.quarantine.is_some());
+            if let Some(reason) =
+                self.trust
+                    .handle_denied(src, reporter, v, &p.trust, quarantined, self.now_ms)
+            {
+                self.outputs.push_back(Output::Quarantine {
+                    device: src,
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// Whether the device gets the policy's shorter lease TTL, and that TTL.
+    pub fn risky_lease_ttl_ms(&self, id: DeviceId) -> Option<u64> {
+        let p = self.policy.as_ref()?;
+        let ttl = p.trust.risky_lease_ttl_ms?;
+        let quarantined = self
+            .devices
+            .get(&id)
+            .is_some_and(|d| d.quarantine.is_some());
+        self.trust
+            .risky(id, &p.trust, quarantined, self.now_ms)
+            .then_some(ttl)
+    }
+
+    /// The device's latest report, its evaluation and what trust withholds (for admins).
+    pub fn trust_view(&self, id: DeviceId) -> PostureVerdict {
+        self.verdict(id)
+    }
+
+    pub fn posture_report(&self, id: DeviceId) -> Option<&PostureReport> {
+        self.trust.report(id)
+    }
+
+    fn reevaluate(&mut self, id: DeviceId) {
+        if let Some(c) = self.trust.reevaluate(id, self.policy.as_ref(), self.now_ms) {
+            self.trust_changed(id, c);
+        }
+    }
+
+    fn trust_changed(&mut self, id: DeviceId, change: Change) {
+        self.dirty = true;
+        self.verdict_dirty.insert(id);
+        if change.narrowed() {
+            // Nothing authorized under the old trust state may survive: a new key.
+            self.handle_rotate(
+                id,
+                &format!(
+                    "posture changed: {} now failing",
+                    change.withdrawn.join(", ")
+                ),
+            );
+        }
+        self.outputs.push_back(Output::PostureChanged {
+            device: id,
+            report: self.trust.report(id).cloned().map(Box::new),
+            change,
+        });
+    }
+
+    /// What this device's trust currently withholds, and why.
+    fn verdict(&self, id: DeviceId) -> PostureVerdict {
+        let quarantine = self
+            .devices
+            .get(&id)
+            .and_then(|d| d.quarantine.as_ref())
+            .map(|q| q.reason.clone());
+        let failures = self.trust.failures(id);
+        let mut unavailable = Vec::new();
+        if let (Some(p), true) = (&self.policy, !failures.is_empty() || quarantine.is_some()) {
+            // What the device would reach if it met every requirement and were not
+            // quarantined, minus what it reaches now.
+            let mut dir = self.directory();
+            for d in dir.devices.iter_mut().filter(|d| d.id == id) {
+                d.posture_passed = p.postures.keys().cloned().collect();
+                d.quarantined = false;
+            }
+            let ideal = policy::compile(p, &dir, self.now_ms);
+            let have: BTreeSet<(&str, DeviceId, &str)> = self
+                .compiled
+                .devices
+                .get(&id)
+                .map(|a| {
+                    a.reach
+                        .iter()
+                        .map(|r| (r.service.as_str(), r.device_id, r.rule.as_str()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for r in ideal.devices.get(&id).map(|a| &a.reach[..]).unwrap_or(&[]) {
+                if have.contains(&(r.service.as_str(), r.device_id, r.rule.as_str())) {
+                    continue;
+                }
+                let mut reasons = Vec::new();
+                if let Some(rule) = p.rules.iter().find(|x| x.name == r.rule) {
+                    for q in &rule.posture {
+                        if let Some(f) = failures.get(&q.value) {
+                            reasons.push(format!("posture {:?}: {}", q.value, f.join("; ")));
+                        }
+                    }
+                }
+                let remediation = p.services.get(&r.service).is_some_and(|s| s.remediation);
+                if let (Some(q), false) = (&quarantine, remediation) {
+                    reasons.push(format!("quarantined: {q}"));
+                }
+                let u = Unavailable {
+                    service: r.service.clone(),
+                    hostname: r.hostname.clone(),
+                    rule: r.rule.clone(),
+                    reasons,
+                };
+                if !unavailable.contains(&u) {
+                    unavailable.push(u);
+                }
+            }
+            unavailable.sort();
+        }
+        PostureVerdict {
+            report_seq: self.trust.report(id).map(|r| r.seq),
+            evaluated_at_ms: self.now_ms,
+            results: self.trust.evaluations(id).to_vec(),
+            quarantine,
+            unavailable,
+        }
     }
 
     /// The set of active just-in-time grants changed.
@@ -140,8 +348,29 @@ impl Registry {
         self.dirty = true;
     }
 
-    /// Time passes; at a rule's, grant's or lease's expiry the netmaps are recomputed.
+    /// Time passes; at a rule's, grant's or lease's expiry the netmaps are recomputed; every
+    /// second, reports are re-judged (they age out) and overdue failures quarantine.
     pub fn handle_time(&mut self, now_ms: i64) {
+        if now_ms - self.trust_tick_ms >= TRUST_TICK_MS && self.trust_matters() {
+            self.trust_tick_ms = now_ms;
+            self.now_ms = self.now_ms.max(now_ms);
+            let ids: Vec<DeviceId> = self.devices.keys().copied().collect();
+            for id in ids {
+                self.reevaluate(id);
+                let quarantined = self
+                    .devices
+                    .get(&id)
+                    .is_some_and(|d| d.quarantine.is_some());
+                let reason = match &self.policy {
+                    Some(p) => self.trust.overdue_failure(id, p, quarantined, now_ms),
+                    None => None,
+                };
+                if let Some(reason) = reason {
+                    self.outputs
+                        .push_back(Output::Quarantine { device: id, reason });
+                }
+            }
+        }
         if let Some(t) = self.compiled.next_expiry_ms {
             if now_ms >= t {
                 self.dirty = true;
@@ -166,10 +395,18 @@ impl Registry {
             .flatten()
             .map(|l| l.lease.not_after_ms)
             .min();
-        match (self.compiled.next_expiry_ms, lease) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let trust = self
+            .trust_matters()
+            .then_some(self.trust_tick_ms + TRUST_TICK_MS);
+        [self.compiled.next_expiry_ms, lease, trust]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Whether the policy has posture requirements to re-judge as time passes.
+    fn trust_matters(&self) -> bool {
+        self.policy.as_ref().is_some_and(|p| !p.postures.is_empty())
     }
 
     /// A lease was issued: peers learn the new key (alongside the old one) at once.
@@ -210,7 +447,12 @@ impl Registry {
 
     /// The directory the policy compiles against.
     pub fn directory(&self) -> Directory {
-        directory(&self.devices, &self.users, &self.grants)
+        let mut d = directory(&self.devices, &self.users, &self.grants);
+        for dev in &mut d.devices {
+            dev.posture_passed = self.trust.passed(dev.id);
+            dev.posture_failures = self.trust.failures(dev.id);
+        }
+        d
     }
 
     pub fn policy(&self) -> Option<&Policy> {
@@ -232,8 +474,23 @@ impl Registry {
             self.handle_device_removed(dev.id, why);
             return;
         }
-        self.devices.insert(dev.id, dev);
+        let was = self.devices.get(&dev.id).map(|d| d.quarantine.is_some());
+        let now = dev.quarantine.is_some();
+        let id = dev.id;
+        self.devices.insert(id, dev);
         self.dirty = true;
+        if was != Some(now) {
+            self.verdict_dirty.insert(id);
+        }
+        if was.is_some() && was != Some(now) {
+            self.trust.handle_quarantine_changed(id, self.now_ms);
+            if now {
+                self.handle_rotate(id, "quarantined");
+            }
+        }
+        if was.is_none() {
+            self.reevaluate(id);
+        }
     }
 
     /// A device lost its right to be on the network: its session is closed at once and it
@@ -241,6 +498,7 @@ impl Registry {
     pub fn handle_device_removed(&mut self, id: DeviceId, reason: &str) {
         self.devices.remove(&id);
         self.leases.remove(&id);
+        self.trust.remove(id);
         if let Some(s) = self.sessions.remove(&id) {
             self.outputs.push_back(Output::Close {
                 conn: s.conn,
@@ -269,6 +527,8 @@ impl Registry {
                 conn,
                 observed,
                 sent: None,
+                wants_sent: None,
+                verdict_sent: None,
             },
         ) {
             if old.conn != conn {
@@ -359,6 +619,46 @@ impl Registry {
     }
 
     fn recompute(&mut self) {
+        self.recompute_netmaps();
+        // Posture: what to collect, and each device's verdict when it changed.
+        let wants = self.policy.as_ref().map(posture::wants).unwrap_or_default();
+        let ids: Vec<DeviceId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            let fresh = self
+                .sessions
+                .get(&id)
+                .is_some_and(|s| s.verdict_sent.is_none());
+            let verdict = (fresh || self.verdict_dirty.contains(&id)).then(|| self.verdict(id));
+            let Some(s) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            if s.wants_sent.as_ref() != Some(&wants) {
+                s.wants_sent = Some(wants.clone());
+                self.outputs.push_back(Output::Send {
+                    conn: s.conn,
+                    msg: CoordinatorMsg::PostureWants(wants.clone()),
+                });
+            }
+            if let Some(v) = verdict {
+                let same = s.verdict_sent.as_ref().is_some_and(|o| {
+                    o.results == v.results
+                        && o.quarantine == v.quarantine
+                        && o.unavailable == v.unavailable
+                        && o.report_seq == v.report_seq
+                });
+                if !same {
+                    s.verdict_sent = Some(v.clone());
+                    self.outputs.push_back(Output::Send {
+                        conn: s.conn,
+                        msg: CoordinatorMsg::PostureVerdict(v),
+                    });
+                }
+            }
+        }
+        self.verdict_dirty.clear();
+    }
+
+    fn recompute_netmaps(&mut self) {
         let dir = self.directory();
         self.compiled = match &self.policy {
             Some(p) => policy::compile(p, &dir, self.now_ms),
@@ -484,7 +784,7 @@ pub fn directory(
                 live: d.is_live(),
                 posture_passed: Default::default(),
                 posture_failures: Default::default(),
-                quarantined: false,
+                quarantined: d.quarantine.is_some(),
             })
             .collect(),
         grants: grants.to_vec(),
@@ -514,6 +814,7 @@ mod tests {
             revoked_ms: None,
             wg_public_key: None,
             endpoints: vec![],
+            quarantine: None,
         }
     }
 
@@ -547,8 +848,19 @@ to = ["all"]
         )
     }
 
+    /// Netmap traffic only (posture wants and verdicts have their own tests).
     fn drain(r: &mut Registry) -> Vec<Output> {
-        std::iter::from_fn(|| r.poll_output()).collect()
+        std::iter::from_fn(|| r.poll_output())
+            .filter(|o| {
+                !matches!(
+                    o,
+                    Output::Send {
+                        msg: CoordinatorMsg::PostureWants(_) | CoordinatorMsg::PostureVerdict(_),
+                        ..
+                    }
+                )
+            })
+            .collect()
     }
 
     fn addr(s: &str) -> SocketAddr {
@@ -693,6 +1005,196 @@ to = ["all"]
         };
         assert_eq!(d.upsert.len(), 1);
         assert!(d.inbound.as_ref().is_some_and(|i| !i.is_empty()));
+    }
+
+    fn report(dev: u64, seq: u64, at: i64, marker: bool) -> PostureReport {
+        use ward_shared::posture::{FileState, Measured, OsInfo};
+        PostureReport {
+            device_id: DeviceId(dev),
+            seq,
+            collected_at_ms: at,
+            os: Measured::value(
+                at,
+                OsInfo {
+                    id: "debian".into(),
+                    version: "12".into(),
+                    pretty: "Debian".into(),
+                },
+            ),
+            kernel: Measured::value(at, "6.1.0".into()),
+            ward_version: "0.1.0".into(),
+            firewall: Measured::error(at, "nft: not found"),
+            disk_encryption: Measured::value(at, false),
+            screen_lock: Measured::value(at, None),
+            last_package_update_ms: Measured::value(at, at),
+            processes: BTreeMap::new(),
+            files: [(
+                "/m".to_string(),
+                Measured::value(
+                    at,
+                    FileState {
+                        present: marker,
+                        sha256: None,
+                    },
+                ),
+            )]
+            .into_iter()
+            .collect(),
+            custom: BTreeMap::new(),
+        }
+    }
+
+    /// alice (1) may reach db (2) on 5432 only while she has /m, and on 80 always.
+    #[test]
+    fn posture_change_narrows_access_rotates_and_explains() {
+        let t0 = 1_800_000_000_000;
+        let mut db = dev(2);
+        db.user = None;
+        db.tags = vec!["db".into()];
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), db],
+            [],
+            Some(
+                policy::parse(
+                    br#"
+[posture.marker]
+files = [{ path = "/m" }]
+[services.db]
+devices = ["tag:db"]
+ports = ["tcp/5432"]
+[services.web]
+devices = ["tag:db"]
+ports = ["tcp/80"]
+[[rules]]
+name = "gated"
+from = ["alice"]
+to = ["db"]
+posture = ["marker"]
+[[rules]]
+name = "open"
+from = ["alice"]
+to = ["web"]
+"#,
+                    "t.toml",
+                )
+                .unwrap(),
+            ),
+            vec![],
+            vec![],
+            t0,
+        );
+        for (id, conn) in [(1, 10), (2, 20)] {
+            r.handle_session_opened(
+                DeviceId(id),
+                conn,
+                addr("10.0.0.1:1"),
+                DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+        let all: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+        let wants = all.iter().find_map(|o| match o {
+            Output::Send {
+                conn: 10,
+                msg: CoordinatorMsg::PostureWants(w),
+            } => Some(w.clone()),
+            _ => None,
+        });
+        assert_eq!(wants.unwrap().files, vec![("/m".to_string(), false)]);
+        let ports = |r: &Registry| -> Vec<u16> {
+            let mut v: Vec<u16> = r.compiled().devices[&DeviceId(2)]
+                .inbound
+                .iter()
+                .flat_map(|f| f.ports.iter().map(|p| p.lo))
+                .collect();
+            v.sort();
+            v
+        };
+        // No report yet: only the posture-free service.
+        assert_eq!(ports(&r), vec![80]);
+        // A report from another device's session, and a replay, are refused.
+        assert!(r
+            .handle_posture(DeviceId(1), 10, report(2, 1, t0, true), t0)
+            .is_err());
+        r.handle_posture(DeviceId(1), 10, report(1, 5, t0, true), t0)
+            .unwrap();
+        assert!(r
+            .handle_posture(DeviceId(1), 10, report(1, 5, t0, true), t0)
+            .is_err());
+        let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+        assert_eq!(ports(&r), vec![80, 5432]);
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                conn: 20,
+                msg: CoordinatorMsg::NetmapDelta(_)
+            }
+        )));
+        // The file disappears: db's filter loses 5432, alice rotates and is told why.
+        r.handle_posture(DeviceId(1), 10, report(1, 6, t0 + 1000, false), t0 + 1000)
+            .unwrap();
+        let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+        assert_eq!(ports(&r), vec![80]);
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                conn: 10,
+                msg: CoordinatorMsg::RotateNow { .. }
+            }
+        )));
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::PostureChanged {
+                device: DeviceId(1),
+                ..
+            }
+        )));
+        let verdict = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    conn: 10,
+                    msg: CoordinatorMsg::PostureVerdict(v),
+                } => Some(v.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(verdict.unavailable.len(), 1);
+        assert_eq!(verdict.unavailable[0].service, "db");
+        assert!(
+            verdict.unavailable[0].reasons[0].contains("/m"),
+            "{:?}",
+            verdict.unavailable
+        );
+        // Quarantine: web goes too; release brings it back.
+        let mut q = dev(1);
+        q.quarantine = Some(crate::store::Quarantine {
+            since_ms: t0,
+            reason: "test".into(),
+            automatic: false,
+        });
+        r.handle_device_upserted(q);
+        let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+        assert!(ports(&r).is_empty());
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                conn: 10,
+                msg: CoordinatorMsg::RotateNow { .. }
+            }
+        )));
+        r.handle_device_upserted(dev(1));
+        let _ = drain(&mut r);
+        assert_eq!(ports(&r), vec![80]);
+        // Reports age out: a fresh passing report, then silence past the maximum age.
+        r.handle_posture(DeviceId(1), 10, report(1, 7, t0 + 2000, true), t0 + 2000)
+            .unwrap();
+        let _ = drain(&mut r);
+        assert_eq!(ports(&r), vec![80, 5432]);
+        r.handle_time(t0 + 2000 + ward_shared::posture::DEFAULT_MAX_REPORT_AGE_MS as i64 + 1);
+        let _ = drain(&mut r);
+        assert_eq!(ports(&r), vec![80]);
     }
 
     #[test]

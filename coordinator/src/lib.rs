@@ -1,6 +1,7 @@
 //! `ward-coordinator`: Ward's control plane, as a library the binary (and benchmarks) use.
 //!
 //! - [`core`]: the I/O-free registry (sessions, compiled policy, netmap deltas).
+//! - [`trust`]: the I/O-free trust book (posture evaluation, automatic quarantine, risk).
 //! - [`store`]: the storage interface and its SQLite implementation.
 //! - [`pki`]: control-channel CA and certificates.
 //! - [`server`]: the tokio driver (QUIC listener, registry actor, admin socket).
@@ -14,3 +15,4 @@ pub mod datadir;
 pub mod pki;
 pub mod server;
 pub mod store;
+pub mod trust;

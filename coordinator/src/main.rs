@@ -206,6 +206,14 @@ enum DeviceCmd {
     Revoke { name: String },
     /// Make the device rotate its WireGuard key now (new key, new lease, old one revoked).
     Rotate { name: String },
+    /// Quarantine a device: only services the policy marks `remediation` stay reachable.
+    Quarantine {
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a device's quarantine (manual or automatic).
+    Release { name: String },
     /// Change a device's tags.
     Tag {
         name: String,
@@ -432,8 +440,11 @@ async fn run(cli: Cli) -> Result<()> {
                     return print_json(&v);
                 }
                 for (k, val) in v.as_object().into_iter().flatten() {
-                    println!("{k:<18} {}", plain(val));
+                    if !k.starts_with("posture") && k != "stored_posture" {
+                        println!("{k:<18} {}", plain(val));
+                    }
                 }
+                print_trust(&v["posture"]);
                 Ok(())
             }
             DeviceCmd::Revoke { name } => {
@@ -444,6 +455,23 @@ async fn run(cli: Cli) -> Result<()> {
             DeviceCmd::Rotate { name } => {
                 admin::call(&sock, &AdminRequest::DeviceRotate { name: name.clone() }).await?;
                 eprintln!("device {name} is rotating its key");
+                Ok(())
+            }
+            DeviceCmd::Quarantine { name, reason } => {
+                admin::call(
+                    &sock,
+                    &AdminRequest::DeviceQuarantine {
+                        name: name.clone(),
+                        reason,
+                    },
+                )
+                .await?;
+                eprintln!("device {name} quarantined");
+                Ok(())
+            }
+            DeviceCmd::Release { name } => {
+                admin::call(&sock, &AdminRequest::DeviceRelease { name: name.clone() }).await?;
+                eprintln!("device {name} released from quarantine");
                 Ok(())
             }
             DeviceCmd::Tag { name, add, remove } => {
@@ -687,6 +715,44 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 }
 
 /// A value for a human table cell.
+/// A device's posture verdict for people: each requirement, quarantine, withheld access.
+fn print_trust(v: &serde_json::Value) {
+    let results = v["results"].as_array().cloned().unwrap_or_default();
+    if results.is_empty() && v["quarantine"].is_null() {
+        println!("{:<18} no posture requirements apply", "posture");
+        return;
+    }
+    for r in &results {
+        let name = r["requirement"].as_str().unwrap_or("?");
+        if r["passed"].as_bool() == Some(true) {
+            println!("posture {name:<10} pass");
+        } else {
+            println!("posture {name:<10} FAIL");
+            for f in r["failures"].as_array().into_iter().flatten() {
+                println!("    {}", plain(f));
+            }
+        }
+    }
+    if let Some(q) = v["quarantine"].as_str() {
+        println!("{:<18} {q}", "quarantined");
+    }
+    for u in v["unavailable"].as_array().into_iter().flatten() {
+        println!(
+            "unavailable        {} on {} (rule {}): {}",
+            plain(&u["service"]),
+            plain(&u["hostname"]),
+            plain(&u["rule"]),
+            u["reasons"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(plain)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+}
+
 fn plain(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::Null => "-".into(),

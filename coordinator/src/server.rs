@@ -4,8 +4,9 @@
 //! core, fans its outputs out to connection tasks), and the admin socket.
 
 use anyhow::{Context, Result};
+use serde_json::json;
 use sha2::Digest;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,17 +19,21 @@ use tracing::{debug, error, info, warn};
 use ward_shared::names::{Hostname, Name};
 use ward_shared::token::{hash_secret, EnrollToken};
 use ward_shared::wire::{
-    self, Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, Enrolled, ErrorCode,
-    FrameDecoder, MAX_DEVICE_FRAME, PROTOCOL_VERSION,
+    self, Bytes, CoordinatorMsg, DeniedFlow, DeviceId, DeviceMsg, DeviceUpdate, Enrolled,
+    ErrorCode, FrameDecoder, PostureVerdict, MAX_DEVICE_FRAME, PROTOCOL_VERSION,
 };
 
 use crate::admin::{AdminRequest, AdminResponse, MAX_ADMIN_LINE};
 use crate::core::{ConnId, Output, Registry};
 use crate::datadir::{Config, DataDir};
 use crate::pki::{cert_identity, Ca};
-use crate::store::{Audit, Device, EnrollSpec, GrantRow, LeaseRow, SqliteStore, Store, StoreError};
+use crate::store::{
+    Audit, Device, EnrollSpec, GrantRow, LeaseRow, Quarantine, SqliteStore, Store, StoreError,
+};
+use crate::trust::Change;
 use ward_shared::lease::{Lease, SignedLease};
 use ward_shared::policy::{self, Compiled, Directory, Grant, Policy};
+use ward_shared::posture::PostureReport;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -73,6 +78,20 @@ enum Event {
     Rotate(DeviceId, String, oneshot::Sender<bool>),
     Policy(Policy),
     Grants(Vec<Grant>),
+    Posture {
+        id: DeviceId,
+        conn: ConnId,
+        report: Box<PostureReport>,
+        received: Instant,
+    },
+    DeniedFlows(DeviceId, Vec<DeniedFlow>),
+    /// The policy's shorter lease TTL, if this device is risky now.
+    RiskyTtl(DeviceId, oneshot::Sender<Option<u64>>),
+    /// A device's latest report and verdict (for `device show`).
+    TrustView(
+        DeviceId,
+        oneshot::Sender<(Option<PostureReport>, PostureVerdict)>,
+    ),
     /// What the registry holds now (for admin listings, check, apply and explain).
     Snapshot(oneshot::Sender<Snap>),
 }
@@ -82,6 +101,36 @@ struct Snap {
     directory: Directory,
     compiled: Compiled,
     policy: Option<Policy>,
+    trust: TrustStats,
+}
+
+/// Posture report → enforcement latency, as the coordinator sees it: from a report's arrival
+/// to the updated netmaps handed to every peer's connection (the last 1 000 changes).
+#[derive(Debug, Clone, Default)]
+struct TrustStats {
+    enforce_us: VecDeque<u64>,
+    reports: u64,
+    refused: u64,
+    changes: u64,
+}
+
+impl TrustStats {
+    fn json(&self) -> serde_json::Value {
+        let mut v: Vec<u64> = self.enforce_us.iter().copied().collect();
+        v.sort_unstable();
+        let pct = |q: f64| -> Option<f64> {
+            let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+            v.get(i).map(|us| *us as f64 / 1000.0)
+        };
+        json!({
+            "reports": self.reports,
+            "refused": self.refused,
+            "changes": self.changes,
+            "enforce_ms_p50": pct(0.5),
+            "enforce_ms_p99": pct(0.99),
+            "enforce_ms_last": self.enforce_us.back().map(|us| *us as f64 / 1000.0),
+        })
+    }
 }
 
 /// Lease lifetimes: a coordinator default, per-tag overrides, and a hard maximum.
@@ -184,7 +233,12 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         now_ms(),
     )?;
 
-    tokio::spawn(registry_actor(registry, rx));
+    tokio::spawn(registry_actor(
+        registry,
+        rx,
+        ctx.store.clone(),
+        ctx.events.clone(),
+    ));
     tokio::spawn(admin_loop(admin, ctx.clone()));
 
     let shutdown = async {
@@ -277,8 +331,20 @@ fn grant_of(g: &GrantRow) -> Grant {
     }
 }
 
-async fn registry_actor(mut reg: Registry, mut rx: mpsc::UnboundedReceiver<Event>) {
+async fn registry_actor(
+    mut reg: Registry,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    store: Arc<dyn Store>,
+    events: mpsc::UnboundedSender<Event>,
+) {
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
+    let mut stats = TrustStats::default();
+    let mut sink = TrustSink {
+        store,
+        events,
+        stats: &mut stats,
+        received: None,
+    };
     loop {
         // Wake for the next rule or grant expiry, or at least every second.
         let wait = reg
@@ -291,7 +357,7 @@ async fn registry_actor(mut reg: Registry, mut rx: mpsc::UnboundedReceiver<Event
         };
         reg.handle_time(now_ms());
         let Some(ev) = ev else {
-            flush(&mut reg, &mut conns);
+            flush(&mut reg, &mut conns, &mut sink);
             continue;
         };
         match ev {
@@ -320,7 +386,7 @@ async fn registry_actor(mut reg: Registry, mut rx: mpsc::UnboundedReceiver<Event
             Event::Lease(l, done) => {
                 reg.handle_lease(l);
                 // Peers get the new key before the device hears its lease was granted.
-                flush(&mut reg, &mut conns);
+                flush(&mut reg, &mut conns, &mut sink);
                 let _ = done.send(());
             }
             Event::LeasesRevoked(id, serials) => reg.handle_leases_revoked(id, &serials),
@@ -329,21 +395,154 @@ async fn registry_actor(mut reg: Registry, mut rx: mpsc::UnboundedReceiver<Event
             }
             Event::Policy(p) => reg.handle_policy(p),
             Event::Grants(g) => reg.handle_grants(g),
+            Event::Posture {
+                id,
+                conn,
+                report,
+                received,
+            } => {
+                sink.stats.reports += 1;
+                let (seq, age) = (report.seq, now_ms() - report.collected_at_ms);
+                match reg.handle_posture(id, conn, *report, now_ms()) {
+                    Ok(()) => {
+                        debug!(device = %id, seq, age_ms = age, "posture report");
+                        sink.received = Some(received);
+                    }
+                    Err(e) => {
+                        sink.stats.refused += 1;
+                        warn!(device = %id, seq, error = %e, "posture report refused");
+                        sink.audit(id, "posture.refused", json!({ "error": e.to_string() }));
+                    }
+                }
+            }
+            Event::DeniedFlows(id, flows) => reg.handle_denied_flows(id, &flows, now_ms()),
+            Event::RiskyTtl(id, reply) => {
+                let _ = reply.send(reg.risky_lease_ttl_ms(id));
+            }
+            Event::TrustView(id, reply) => {
+                flush(&mut reg, &mut conns, &mut sink);
+                let _ = reply.send((reg.posture_report(id).cloned(), reg.trust_view(id)));
+            }
             Event::Snapshot(reply) => {
-                flush(&mut reg, &mut conns);
+                flush(&mut reg, &mut conns, &mut sink);
                 let _ = reply.send(Snap {
                     online: conns_online(&reg),
                     directory: reg.directory(),
                     compiled: reg.compiled().clone(),
                     policy: reg.policy().cloned(),
+                    trust: sink.stats.clone(),
                 });
             }
         }
-        flush(&mut reg, &mut conns);
+        flush(&mut reg, &mut conns, &mut sink);
     }
 }
 
-fn flush(reg: &mut Registry, conns: &mut HashMap<ConnId, mpsc::Sender<ConnCmd>>) {
+/// Where the registry's trust decisions go: the audit log, the posture table, and (for an
+/// automatic quarantine) the device row, which then comes back as `Event::Upserted`.
+struct TrustSink<'a> {
+    store: Arc<dyn Store>,
+    events: mpsc::UnboundedSender<Event>,
+    stats: &'a mut TrustStats,
+    /// When the report being handled arrived.
+    received: Option<Instant>,
+}
+
+impl TrustSink<'_> {
+    fn audit(&self, id: DeviceId, action: &'static str, detail: serde_json::Value) {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let target = store
+                .device(id)
+                .map(|d| d.hostname.to_string())
+                .unwrap_or_else(|_| id.to_string());
+            let a = Audit {
+                actor: "coordinator",
+                action,
+                target: &target,
+                detail,
+            };
+            if let Err(e) = store.append_audit(a, now_ms()) {
+                error!(device = %id, action, error = %e, "audit append failed");
+            }
+        });
+    }
+
+    fn posture_changed(
+        &mut self,
+        id: DeviceId,
+        change: Change,
+        report: Option<Box<PostureReport>>,
+    ) {
+        self.stats.changes += 1;
+        let failures: BTreeMap<&str, &[String]> = change
+            .evaluations
+            .iter()
+            .filter(|e| !e.passed)
+            .map(|e| (e.requirement.as_str(), &e.failures[..]))
+            .collect();
+        info!(device = %id, failed = ?change.newly_failed, passed = ?change.newly_passed, "posture changed");
+        // A device that never reported failing at first contact is not news.
+        if report.is_some() || !change.newly_passed.is_empty() {
+            for (action, names) in [
+                ("posture.fail", &change.newly_failed),
+                ("posture.pass", &change.newly_passed),
+            ] {
+                if names.is_empty() {
+                    continue;
+                }
+                let reasons: BTreeMap<&str, &[String]> = names
+                    .iter()
+                    .map(|n| (n.as_str(), failures.get(n.as_str()).copied().unwrap_or(&[])))
+                    .collect();
+                self.audit(
+                    id,
+                    action,
+                    json!({ "requirements": names, "reasons": reasons, "report_seq": report.as_ref().map(|r| r.seq) }),
+                );
+            }
+        }
+        // No report (first judged after a restart): keep the last stored evaluation.
+        if report.is_none() {
+            return;
+        }
+        let store = self.store.clone();
+        let report = serde_json::to_value(&report).unwrap_or(serde_json::Value::Null);
+        let evaluation =
+            serde_json::to_value(&change.evaluations).unwrap_or(serde_json::Value::Null);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.save_posture(id, &report, &evaluation, now_ms()) {
+                error!(device = %id, error = %e, "saving posture failed");
+            }
+        });
+    }
+
+    fn quarantine(&self, id: DeviceId, reason: String) {
+        warn!(device = %id, %reason, "quarantining device automatically");
+        let store = self.store.clone();
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let q = Quarantine {
+                since_ms: now_ms(),
+                reason,
+                automatic: true,
+            };
+            match store.set_quarantine(id, Some(&q), "coordinator", now_ms()) {
+                Ok(dev) => {
+                    let _ = events.send(Event::Upserted(dev));
+                }
+                Err(e) => error!(device = %id, error = %e, "storing a quarantine failed"),
+            }
+        });
+    }
+}
+
+fn flush(
+    reg: &mut Registry,
+    conns: &mut HashMap<ConnId, mpsc::Sender<ConnCmd>>,
+    sink: &mut TrustSink<'_>,
+) {
+    let mut changed = false;
     {
         while let Some(out) = reg.poll_output() {
             match out {
@@ -360,7 +559,27 @@ fn flush(reg: &mut Registry, conns: &mut HashMap<ConnId, mpsc::Sender<ConnCmd>>)
                         let _ = tx.try_send(ConnCmd::Close(code, reason));
                     }
                 }
+                Output::PostureChanged {
+                    device,
+                    change,
+                    report,
+                } => {
+                    changed = true;
+                    sink.posture_changed(device, change, report);
+                }
+                Output::Quarantine { device, reason } => sink.quarantine(device, reason),
             }
+        }
+    }
+    // Every peer's netmap change is queued on its connection now.
+    if let Some(t) = sink.received.take() {
+        if changed {
+            if sink.stats.enforce_us.len() >= 1000 {
+                sink.stats.enforce_us.pop_front();
+            }
+            sink.stats
+                .enforce_us
+                .push_back(t.elapsed().as_micros() as u64);
         }
     }
 }
@@ -779,6 +998,13 @@ async fn session(
                                 Err(e) => warn!(device = %id, error = %e, "revoking old leases failed"),
                             }
                         }
+                        DeviceMsg::Posture(report) => {
+                            let _ = ctx.events.send(Event::Posture { id, conn: conn_id, report, received: Instant::now() });
+                        }
+                        DeviceMsg::DeniedFlows { mut flows } => {
+                            flows.truncate(wire::MAX_DENIED_FLOWS);
+                            let _ = ctx.events.send(Event::DeniedFlows(id, flows));
+                        }
                         DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => {
                             refuse(&conn, &mut send, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
                             return Ok(());
@@ -814,7 +1040,13 @@ async fn issue_lease(
             "the device is not allowed on the network".into(),
         ));
     }
-    let ttl = ctx.lease_ttl.for_tags(&fresh.tags);
+    let mut ttl = ctx.lease_ttl.for_tags(&fresh.tags);
+    // A recent trust failure shortens the lease (the policy's `risky_lease_ttl`).
+    let (tx, rx) = oneshot::channel();
+    let _ = ctx.events.send(Event::RiskyTtl(id, tx));
+    if let Ok(Some(risky)) = rx.await {
+        ttl = ttl.min(risky as i64).max(1_000);
+    }
     let store = ctx.store.clone();
     let row = tokio::task::spawn_blocking(move || store.issue_lease(id, key, ttl, now_ms()))
         .await
@@ -1031,7 +1263,9 @@ fn device_json(d: &Device, online: &[DeviceId], leases: &LeaseInfo) -> serde_jso
         o.insert("id".into(), d.id.to_string().into());
         o.insert(
             "state".into(),
-            (if d.is_live() {
+            (if d.is_live() && d.quarantine.is_some() {
+                "quarantined"
+            } else if d.is_live() {
                 "active"
             } else if d.user_disabled && d.status == crate::store::DeviceStatus::Active {
                 "user-disabled"
@@ -1071,6 +1305,7 @@ fn admin_blocking(ctx: &Arc<Ctx>, req: AdminRequest, snap: &Snap) -> Result<serd
             "uptime_secs": ctx.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
             "protocol": PROTOCOL_VERSION,
+            "posture": snap.trust.json(),
         }),
         AdminRequest::UserAdd { name: n, groups } => {
             let n = name("user name", &n)?;
@@ -1129,7 +1364,45 @@ fn admin_blocking(ctx: &Arc<Ctx>, req: AdminRequest, snap: &Snap) -> Result<serd
             let li = leases()?;
             serde_json::Value::Array(store.list_devices()?.iter().map(|d| device_json(d, online, &li)).collect())
         }
-        AdminRequest::DeviceShow { name: n } => device_json(&store.device_by_name(&n)?, online, &leases()?),
+        AdminRequest::DeviceShow { name: n } => {
+            let d = store.device_by_name(&n)?;
+            let mut v = device_json(&d, online, &leases()?);
+            let (tx, rx) = oneshot::channel();
+            let _ = ctx.events.send(Event::TrustView(d.id, tx));
+            let (report, verdict) = rx
+                .blocking_recv()
+                .map_err(|_| anyhow::anyhow!("the coordinator is shutting down"))?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("posture".into(), serde_json::to_value(&verdict)?);
+                o.insert("posture_report".into(), serde_json::to_value(&report)?);
+                if report.is_none() {
+                    // After a restart, the last stored evaluation until the device reports.
+                    if let Some((r, e, at)) = store.posture(d.id)? {
+                        o.insert("stored_posture".into(), json!({ "report": r, "evaluation": e, "at_ms": at }));
+                    }
+                }
+            }
+            v
+        }
+        AdminRequest::DeviceQuarantine { name: n, reason } => {
+            let d = store.device_by_name(&n)?;
+            anyhow::ensure!(d.is_live(), "device {n:?} is not active");
+            let q = Quarantine {
+                since_ms: now,
+                reason: reason.unwrap_or_else(|| "quarantined by an administrator".into()),
+                automatic: false,
+            };
+            let d = store.set_quarantine(d.id, Some(&q), actor, now)?;
+            let _ = ctx.events.send(Event::Upserted(d.clone()));
+            device_json(&d, online, &leases()?)
+        }
+        AdminRequest::DeviceRelease { name: n } => {
+            let d = store.device_by_name(&n)?;
+            anyhow::ensure!(d.quarantine.is_some(), "device {n:?} is not quarantined");
+            let d = store.set_quarantine(d.id, None, actor, now)?;
+            let _ = ctx.events.send(Event::Upserted(d.clone()));
+            device_json(&d, online, &leases()?)
+        }
         AdminRequest::DeviceRevoke { name: n } => {
             let d = store.revoke_device(&n, actor, now)?;
             let _ = ctx.events.send(Event::Removed(

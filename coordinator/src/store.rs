@@ -83,6 +83,17 @@ pub struct Device {
     pub revoked_ms: Option<i64>,
     pub wg_public_key: Option<WgPublicKey>,
     pub endpoints: Vec<SocketAddr>,
+    /// Set while the device is quarantined (only remediation services stay reachable).
+    pub quarantine: Option<Quarantine>,
+}
+
+/// Why and since when a device is quarantined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    pub since_ms: i64,
+    pub reason: String,
+    /// Decided by a policy trust rule, not by an admin.
+    pub automatic: bool,
 }
 
 impl Device {
@@ -261,6 +272,24 @@ pub trait Store: Send + Sync {
     fn active_leases(&self, now_ms: i64) -> Result<Vec<LeaseRow>>;
     /// How many leases each device has been issued (rotation count + 1).
     fn lease_counts(&self) -> Result<BTreeMap<DeviceId, i64>>;
+    /// Quarantines (`Some`) or releases (`None`) a device, audited with the reason.
+    fn set_quarantine(
+        &self,
+        id: DeviceId,
+        quarantine: Option<&Quarantine>,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Device>;
+    /// Keeps a device's latest posture report and evaluation (JSON).
+    fn save_posture(
+        &self,
+        id: DeviceId,
+        report: &serde_json::Value,
+        evaluation: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<()>;
+    /// A device's latest posture report and evaluation, and when they were stored.
+    fn posture(&self, id: DeviceId) -> Result<Option<(serde_json::Value, serde_json::Value, i64)>>;
     fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()>;
     fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
     fn verify_audit(&self) -> Result<AuditVerdict>;
@@ -360,6 +389,16 @@ const MIGRATIONS: &[&str] = &[
         revoke_reason TEXT
     );
     CREATE INDEX leases_device ON leases(device_id, serial);
+    "#,
+    // 4: quarantine and posture.
+    r#"
+    ALTER TABLE devices ADD COLUMN quarantine TEXT;
+    CREATE TABLE posture(
+        device_id INTEGER PRIMARY KEY REFERENCES devices(id),
+        report TEXT NOT NULL,
+        evaluation TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
     "#,
 ];
 
@@ -499,7 +538,7 @@ fn names_json(n: &[Name]) -> String {
         .unwrap_or_else(|_| "[]".into())
 }
 
-const DEVICE_COLS: &str = "d.id, d.hostname, u.name, COALESCE(u.disabled, 0), d.tags, d.ipv4, d.ipv6, d.os, d.status, d.created_ms, d.last_seen_ms, d.cert_not_after_ms, d.revoked_ms, d.wg_key, d.endpoints";
+const DEVICE_COLS: &str = "d.id, d.hostname, u.name, COALESCE(u.disabled, 0), d.tags, d.ipv4, d.ipv6, d.os, d.status, d.created_ms, d.last_seen_ms, d.cert_not_after_ms, d.revoked_ms, d.wg_key, d.endpoints, d.quarantine";
 
 fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<std::result::Result<Device, String>> {
     let id: i64 = r.get(0)?;
@@ -513,6 +552,7 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<std::result::Result<Dev
     let status: String = r.get(8)?;
     let wg: Option<String> = r.get(13)?;
     let endpoints: String = r.get(14)?;
+    let quarantine: Option<String> = r.get(15)?;
     let parsed = (|| -> std::result::Result<Device, String> {
         Ok(Device {
             id: DeviceId(id as u64),
@@ -537,6 +577,14 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<std::result::Result<Dev
                 None => None,
             },
             endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
+            // An unreadable quarantine stays a quarantine (fail closed).
+            quarantine: quarantine.map(|q| {
+                serde_json::from_str(&q).unwrap_or_else(|_| Quarantine {
+                    since_ms: 0,
+                    reason: format!("unreadable quarantine record {q:?}"),
+                    automatic: false,
+                })
+            }),
         })
     })();
     Ok(parsed)
@@ -923,6 +971,84 @@ impl Store for SqliteStore {
 
     fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()> {
         self.with_tx(|tx| append_audit_tx(tx, a, now_ms))
+    }
+
+    fn set_quarantine(
+        &self,
+        id: DeviceId,
+        quarantine: Option<&Quarantine>,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Device> {
+        self.with_tx(|tx| {
+            let json = quarantine
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let n = tx.execute(
+                "UPDATE devices SET quarantine = ?2 WHERE id = ?1",
+                params![id.0 as i64, json],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("no device {id}")));
+            }
+            let dev = query_devices(tx, "WHERE d.id = ?1", [id.0 as i64])?
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::NotFound(format!("no device {id}")))?;
+            append_audit_tx(
+                tx,
+                Audit {
+                    actor,
+                    action: if quarantine.is_some() {
+                        "device.quarantine"
+                    } else {
+                        "device.release"
+                    },
+                    target: dev.hostname.as_str(),
+                    detail: serde_json::json!({ "quarantine": quarantine }),
+                },
+                now_ms,
+            )?;
+            Ok(dev)
+        })
+    }
+
+    fn save_posture(
+        &self,
+        id: DeviceId,
+        report: &serde_json::Value,
+        evaluation: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO posture(device_id, report, evaluation, updated_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(device_id) DO UPDATE SET report = ?2, evaluation = ?3, updated_ms = ?4",
+                params![id.0 as i64, report.to_string(), evaluation.to_string(), now_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn posture(&self, id: DeviceId) -> Result<Option<(serde_json::Value, serde_json::Value, i64)>> {
+        self.with_tx(|tx| {
+            let row: Option<(String, String, i64)> = tx
+                .query_row(
+                    "SELECT report, evaluation, updated_ms FROM posture WHERE device_id = ?1",
+                    [id.0 as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((r, e, t)) = row else {
+                return Ok(None);
+            };
+            let parse = |s: &str| {
+                serde_json::from_str(s)
+                    .map_err(|e| StoreError::Corrupt(format!("posture row: {e}")))
+            };
+            Ok(Some((parse(&r)?, parse(&e)?, t)))
+        })
     }
 
     fn set_device_tags(

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -140,7 +140,13 @@ pub struct Filter {
     max_flows: usize,
     last_sweep: Option<Instant>,
     counters: FilterCounters,
+    /// New flows refused since the last [`Filter::take_denied`], by (source, proto, port);
+    /// at most [`MAX_DENIED_LOG`] entries (a flood only bumps counts of known entries).
+    denied: BTreeMap<(IpAddr, Proto, u16), u32>,
 }
+
+/// Most distinct refused flows remembered between two [`Filter::take_denied`] calls.
+pub const MAX_DENIED_LOG: usize = 1024;
 
 impl Filter {
     /// A filter with no rules (default deny) and room for `max_flows` tracked flows.
@@ -158,6 +164,7 @@ impl Filter {
             max_flows: max_flows.max(1),
             last_sweep: None,
             counters: FilterCounters::default(),
+            denied: BTreeMap::new(),
         }
     }
 
@@ -261,6 +268,9 @@ impl Filter {
         coordinator_now_ms: i64,
     ) -> Verdict {
         let v = self.decide(packet, now, coordinator_now_ms);
+        if let Verdict::Deny(DenyReason::NoRule | DenyReason::Expired) = v {
+            self.log_denied(packet);
+        }
         let c = &mut self.counters;
         match v {
             Verdict::Allow => {}
@@ -272,6 +282,37 @@ impl Filter {
             Verdict::Deny(DenyReason::TableFull) => c.denied_table_full += 1,
         }
         v
+    }
+
+    /// The refused new flows since the last call (for scan detection at the coordinator).
+    pub fn take_denied(&mut self) -> Vec<crate::wire::DeniedFlow> {
+        std::mem::take(&mut self.denied)
+            .into_iter()
+            .map(|((src, proto, port), count)| crate::wire::DeniedFlow {
+                src,
+                proto,
+                port,
+                count,
+            })
+            .collect()
+    }
+
+    fn log_denied(&mut self, packet: &[u8]) {
+        let Ok(p) = parse_packet(packet, false) else {
+            return;
+        };
+        let (proto, port) = match p.l4 {
+            L4::Tcp { dport, .. } => (Proto::Tcp, dport),
+            L4::Udp { dport, .. } => (Proto::Udp, dport),
+            L4::Echo { .. } => (Proto::Icmp, 0),
+            L4::IcmpError { .. } => return,
+        };
+        let key = (p.src, proto, port);
+        if let Some(n) = self.denied.get_mut(&key) {
+            *n = n.saturating_add(1);
+        } else if self.denied.len() < MAX_DENIED_LOG {
+            self.denied.insert(key, 1);
+        }
     }
 
     /// Drops every flow idle past its timeout. Optional: lookups ignore expired flows and a full

@@ -10,7 +10,8 @@
 //! - 1: first version: enroll, hello, netmap full/delta, certificate renewal, time ping;
 //!   netmaps carry the inbound filter (`inbound`) and the reach list (`reach`); leases
 //!   (`lease_request`, `lease`, `lease_active`, `rotate_now`, `Peer.leases`,
-//!   `Enrolled.lease_key`).
+//!   `Enrolled.lease_key`); posture (`posture`, `denied_flows`, `posture_wants`,
+//!   `posture_verdict`).
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -18,11 +19,12 @@
 //! golden tests at the bottom).
 
 use serde::{Deserialize, Serialize};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::filter::{FilterRule, PortRange, Proto};
 use crate::lease::SignedLease;
 use crate::names::Hostname;
+use crate::posture::{Evaluation, PostureReport, PostureWants};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Devices send small messages only.
@@ -125,6 +127,51 @@ pub enum DeviceMsg {
     LeaseRequest { wg_public_key: WgPublicKey },
     /// The device now uses the key of lease `serial`; older leases may be revoked.
     LeaseActive { serial: u64 },
+    /// A posture report (on change, and periodically).
+    Posture(Box<PostureReport>),
+    /// Inbound packets this device's filter refused since the last report, by source.
+    DeniedFlows { flows: Vec<DeniedFlow> },
+}
+
+/// Most entries in one `denied_flows` message.
+pub const MAX_DENIED_FLOWS: usize = 256;
+
+/// New flows from `src` to this device's `proto`/`port` that the inbound filter refused.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DeniedFlow {
+    pub src: IpAddr,
+    pub proto: Proto,
+    pub port: u16,
+    pub count: u32,
+}
+
+/// The coordinator's judgement of a device's trust, sent to that device (for `ward posture`
+/// and `ward status`) whenever it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PostureVerdict {
+    /// The report judged; `None` before the first one.
+    #[serde(default)]
+    pub report_seq: Option<u64>,
+    pub evaluated_at_ms: i64,
+    /// One entry per requirement in the policy, in name order.
+    #[serde(default)]
+    pub results: Vec<Evaluation>,
+    /// Set while the device is quarantined: why.
+    #[serde(default)]
+    pub quarantine: Option<String>,
+    /// Access the policy would give this device but trust currently withholds.
+    #[serde(default)]
+    pub unavailable: Vec<Unavailable>,
+}
+
+/// A service on a device that is out of reach because of trust, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Unavailable {
+    pub service: String,
+    pub hostname: Hostname,
+    pub rule: String,
+    /// `posture "baseline": process osqueryd: not running`, or `quarantined: …`.
+    pub reasons: Vec<String>,
 }
 
 /// Messages the coordinator sends.
@@ -152,6 +199,10 @@ pub enum CoordinatorMsg {
     RotateNow {
         reason: String,
     },
+    /// What the policy's posture requirements need this device to collect.
+    PostureWants(PostureWants),
+    /// The device's trust as judged now.
+    PostureVerdict(PostureVerdict),
     /// The request was refused; on `Enroll`/`Hello` the coordinator then closes the connection.
     Error {
         code: ErrorCode,
@@ -599,6 +650,39 @@ mod tests {
         };
         assert_eq!(d.remove, vec![DeviceId(7)]);
         assert!(d.upsert.is_empty());
+
+        // Posture messages as first written.
+        let flows = r#"{"type":"denied_flows","flows":[{"src":"100.64.0.9","proto":"tcp","port":22,"count":3}]}"#;
+        let DeviceMsg::DeniedFlows { flows } = decode(flows.as_bytes()).unwrap() else {
+            panic!("not denied_flows")
+        };
+        assert_eq!(flows[0].port, 22);
+        let report = r#"{"type":"posture","device_id":7,"seq":1800000000000,"collected_at_ms":1800000000000,
+            "os":{"at_ms":1,"reading":{"value":{"id":"debian","version":"12","pretty":"Debian GNU/Linux 12"}}},
+            "kernel":{"at_ms":1,"reading":{"value":"6.1.0-18-amd64"}},"ward_version":"0.1.0",
+            "firewall":{"at_ms":1,"reading":{"error":"nft: not found"}},
+            "disk_encryption":{"at_ms":1,"reading":{"value":false}},
+            "screen_lock":{"at_ms":1,"reading":{"value":null}},
+            "last_package_update_ms":{"at_ms":1,"reading":{"value":1700000000000}},
+            "files":{"/etc/ward/ok":{"at_ms":1,"reading":{"value":{"present":true}}}}}"#;
+        let DeviceMsg::Posture(r) = decode(report.as_bytes()).unwrap() else {
+            panic!("not posture")
+        };
+        assert_eq!(r.device_id, DeviceId(7));
+        assert!(r.firewall.get().is_err());
+        assert_eq!(r.screen_lock.get(), Ok(&None));
+        assert!(r.processes.is_empty() && r.files["/etc/ward/ok"].get().unwrap().present);
+        let verdict = r#"{"type":"posture_verdict","evaluated_at_ms":5,"results":[{"requirement":"baseline","passed":false,"failures":["file /x: missing"]}],"quarantine":null}"#;
+        let CoordinatorMsg::PostureVerdict(v) = decode(verdict.as_bytes()).unwrap() else {
+            panic!("not verdict")
+        };
+        assert!(!v.results[0].passed && v.unavailable.is_empty() && v.report_seq.is_none());
+        let wants = r#"{"type":"posture_wants","processes":["osqueryd"],"files":[["/x",true]]}"#;
+        let CoordinatorMsg::PostureWants(w) = decode(wants.as_bytes()).unwrap() else {
+            panic!("not wants")
+        };
+        assert_eq!(w.files, vec![("/x".to_string(), true)]);
+        assert!(w.custom.is_empty());
 
         let err = r#"{"type":"error","code":"token_used","message":"token already used"}"#;
         assert_eq!(

@@ -5,12 +5,22 @@
                                          messages (types 1-4), and MARKER never appears
   tools.py garbage HOST PORT COUNT       send COUNT junk datagrams (random, truncated WireGuard)
   tools.py rss PID                       print VmRSS of PID in KiB
+  tools.py serve PORT...                 TCP echo servers on PORTs (until killed)
+  tools.py await HOST PORT open|closed T0_MS TIMEOUT_S
+                                         probe HOST:PORT every 50 ms until a connection
+                                         succeeds (open) or fails (closed); print the ms
+                                         from T0_MS (epoch ms) to the start of that probe
+  tools.py stream HOST PORT SECONDS      one TCP connection, a line every 50 ms; print the
+                                         epoch ms of every echo received, one per line
+  tools.py scan HOST FIRST LAST          try to connect to every port in FIRST..LAST
 """
 import os
 import random
 import socket
 import struct
 import sys
+import threading
+import time
 
 
 def pcap_packets(path):
@@ -125,6 +135,97 @@ def rss(pid):
     raise SystemExit("no VmRSS")
 
 
+def _echo(conn):
+    with conn:
+        while True:
+            try:
+                b = conn.recv(4096)
+            except OSError:
+                return
+            if not b:
+                return
+            try:
+                conn.sendall(b)
+            except OSError:
+                return
+
+
+def _listen(port):
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", int(port)))
+    srv.listen(128)
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=_echo, args=(c,), daemon=True).start()
+
+
+def serve(*ports):
+    for p in ports:
+        threading.Thread(target=_listen, args=(p,), daemon=True).start()
+    while True:
+        time.sleep(3600)
+
+
+def _probe(host, port, timeout=0.3):
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as c:
+            c.sendall(b"x")
+            c.settimeout(timeout)
+            return c.recv(1) == b"x"
+    except OSError:
+        return False
+
+
+def await_state(host, port, want, t0_ms, timeout_s):
+    want_open = want == "open"
+    deadline = time.time() + float(timeout_s)
+    while time.time() < deadline:
+        start = time.time()
+        if _probe(host, port) == want_open:
+            print(int(start * 1000) - int(t0_ms))
+            return
+        time.sleep(max(0.0, 0.05 - (time.time() - start)))
+    raise SystemExit(f"{host}:{port} never became {want} within {timeout_s} s")
+
+
+def stream(host, port, seconds):
+    c = socket.create_connection((host, int(port)), timeout=2)
+    c.settimeout(0.05)
+    end = time.time() + float(seconds)
+    buf = b""
+    while time.time() < end:
+        try:
+            c.sendall(b"ping\n")
+        except OSError:
+            pass
+        try:
+            buf += c.recv(4096)
+        except socket.timeout:
+            pass
+        except OSError:
+            break
+        while b"\n" in buf:
+            _, buf = buf.split(b"\n", 1)
+            print(int(time.time() * 1000), flush=True)
+        time.sleep(0.05)
+
+
+def scan(host, first, last):
+    refused = 0
+    for port in range(int(first), int(last) + 1):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(0.05)
+        try:
+            s.connect((host, port))
+        except OSError:
+            refused += 1
+        finally:
+            s.close()
+    print(f"scanned {host} ports {first}-{last}: {refused} not open")
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"pcap-check": pcap_check, "garbage": garbage, "rss": rss}[cmd](*args)
+    {"pcap-check": pcap_check, "garbage": garbage, "rss": rss, "serve": serve,
+     "await": await_state, "stream": stream, "scan": scan}[cmd](*args)

@@ -493,7 +493,7 @@ lab_start_device() {
     chmod 700 "$state" "$state/state"
     # shellcheck disable=SC2086 # LAB_WARD_WRAPPER is a command prefix, e.g. "faketime +10m"
     lab_spawn "$host" "ward-$host.log" ${LAB_WARD_WRAPPER:-} "$bin" daemon --state-dir "$state/state" \
-        --socket "$sock" --tun "$tun" --port "$port"
+        --socket "$sock" --tun "$tun" --port "$port" ${LAB_WARD_ARGS:-}
     lab_wait_for test -S "$sock" ||
         { tail -n 20 "$LAB_DIR/logs/ward-$host.log" >&2; _lab_die "ward daemon in $host did not come up"; return 1; }
 }

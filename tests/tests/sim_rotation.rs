@@ -162,6 +162,7 @@ fn thousand_rotations_keep_every_invariant() {
             revoked_ms: None,
             wg_public_key: None,
             endpoints: vec![],
+            quarantine: None,
         })
         .collect();
     let pol = policy::parse(

@@ -167,6 +167,12 @@ impl Core {
         self.clock_offset_ms.load(Ordering::Relaxed)
     }
 
+    /// New inbound flows the filter refused since the last call, by source (for the
+    /// coordinator's scan detection).
+    pub fn take_denied_flows(&self) -> Vec<ward_shared::wire::DeniedFlow> {
+        lock(&self.filter).take_denied()
+    }
+
     pub fn filter_counters(&self) -> FilterCounters {
         lock(&self.filter).counters()
     }

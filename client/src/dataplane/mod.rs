@@ -219,6 +219,11 @@ impl DataPlane {
         self.core.set_clock_offset_ms(offset);
     }
 
+    /// Refused new inbound flows since the last call.
+    pub fn take_denied_flows(&self) -> Vec<ward_shared::wire::DeniedFlow> {
+        self.core.take_denied_flows()
+    }
+
     /// The inbound filter's own counters (allowed new/tracked, denied by reason, revoked flows).
     pub fn filter_counters(&self) -> FilterCounters {
         self.core.filter_counters()

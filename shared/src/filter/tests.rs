@@ -625,3 +625,30 @@ fn closed_tcp_flows_linger_only_briefly() {
         Verdict::Deny(DenyReason::NoRule)
     );
 }
+
+#[test]
+fn refused_new_flows_are_logged_for_scan_detection_and_bounded() {
+    let mut f = Filter::new(1024);
+    let now = Instant::now();
+    let src = Ipv4Addr::new(100, 64, 0, 9);
+    let dst = Ipv4Addr::new(100, 64, 0, 1);
+    for port in 1..=20u16 {
+        for _ in 0..3 {
+            let p = tcp(src.into(), 40000, dst.into(), port, SYN);
+            assert_eq!(
+                f.check_inbound(&p, now, 0),
+                Verdict::Deny(DenyReason::NoRule)
+            );
+        }
+    }
+    let d = f.take_denied();
+    assert_eq!(d.len(), 20);
+    assert!(d.iter().all(|x| x.count == 3 && x.proto == Proto::Tcp));
+    assert!(f.take_denied().is_empty(), "taking empties the log");
+    // A flood of distinct flows stays bounded.
+    for i in 0..5000u32 {
+        let s = Ipv4Addr::from(0x6440_0000 + i);
+        let _ = f.check_inbound(&tcp(s.into(), 40000, dst.into(), 22, SYN), now, 0);
+    }
+    assert_eq!(f.take_denied().len(), MAX_DENIED_LOG);
+}

@@ -325,7 +325,7 @@ fn explain_pair(
         }
         for q in &r.posture {
             if !s.posture_passed.contains(*q) {
-                reasons.push(format!("posture {q:?} not met by {}", s.hostname));
+                reasons.push(posture_miss(q, s));
                 ok_somewhere = false;
             }
         }
@@ -352,6 +352,18 @@ fn explain_pair(
         allowed_by,
         misses,
         blocked,
+    }
+}
+
+/// `posture "baseline" not met by alice-phone (disk_encryption: …; process osqueryd: not
+/// running)`: the failed checks are what the admin (or the device's user) has to fix, so they
+/// belong in the answer, not in a second lookup. Without recorded failures (no evaluation yet)
+/// the reason is the bare fact.
+fn posture_miss(requirement: &str, s: &DirDevice) -> String {
+    let base = format!("posture {requirement:?} not met by {}", s.hostname);
+    match s.posture_failures.get(requirement) {
+        Some(f) if !f.is_empty() => format!("{base} ({})", f.join("; ")),
+        _ => base,
     }
 }
 

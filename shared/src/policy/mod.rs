@@ -104,6 +104,52 @@ pub struct Policy {
     pub services: BTreeMap<String, Service>,
     pub rules: Vec<Rule>,
     pub tests: Vec<PolicyTest>,
+    /// `[trust]`: automatic quarantine and risk-adapted lease lifetimes.
+    pub trust: Trust,
+}
+
+/// `[trust]`: how the coordinator reacts to risk on its own, without an admin. Every automatic
+/// reaction is off unless its key is set; the section only ever narrows access (quarantine,
+/// shorter leases), never widens it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trust {
+    /// A device failing a posture requirement that some rule needs for longer than this is
+    /// quarantined automatically (`quarantine_after_failing`). `None`: never automatically.
+    pub quarantine_after_failing_ms: Option<u64>,
+    /// A source device whose denied flows (distinct destination device + protocol + port) within
+    /// `scan_window_ms` reach this count is quarantined automatically: it is probing the network
+    /// (`scan_denied_flows`). `None`: never automatically.
+    pub scan_denied_flows: Option<u32>,
+    /// The sliding window for `scan_denied_flows` (`scan_window`, default 60 s).
+    pub scan_window_ms: u64,
+    /// Lease TTL for a device that failed a posture check or was quarantined recently
+    /// (`risky_lease_ttl`): a risky device has to come back for a fresh decision sooner.
+    /// `None`: the normal TTL.
+    pub risky_lease_ttl_ms: Option<u64>,
+    /// …until it has been clean (all posture checks passing, not quarantined) this long
+    /// (`clean_after`, default 30 min).
+    pub clean_after_ms: u64,
+}
+
+impl Trust {
+    /// `scan_window` when the policy does not set it.
+    pub const DEFAULT_SCAN_WINDOW_MS: u64 = 60_000;
+    /// `clean_after` when the policy does not set it.
+    pub const DEFAULT_CLEAN_AFTER_MS: u64 = 30 * 60_000;
+}
+
+/// Not derived: the windows have non-zero defaults, so `Policy::default()` (no policy) gets the
+/// same values as a policy file without a `[trust]` section.
+impl Default for Trust {
+    fn default() -> Self {
+        Self {
+            quarantine_after_failing_ms: None,
+            scan_denied_flows: None,
+            scan_window_ms: Self::DEFAULT_SCAN_WINDOW_MS,
+            risky_lease_ttl_ms: None,
+            clean_after_ms: Self::DEFAULT_CLEAN_AFTER_MS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,12 +246,14 @@ pub struct Rule {
     pub expires_ms: Option<i64>,
 }
 
-/// A named posture requirement (`[posture.NAME]`). Parsed and validated; evaluated elsewhere.
+/// A named posture requirement (`[posture.NAME]`). Parsed and validated here; evaluated by
+/// [`crate::posture::evaluate`]. A device meets it only if every check set here passes on a fresh
+/// report; a check that is not set is not looked at.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Posture {
     pub name: String,
     pub pos: Pos,
-    /// `debian>=12`, `macos`, `windows>=10.0.19045`.
+    /// `debian>=12`, `macos`, `windows>=10.0.19045`: alternatives, any one suffices.
     pub os: Vec<OsRequirement>,
     pub firewall: Option<bool>,
     pub disk_encryption: Option<bool>,
@@ -213,10 +261,22 @@ pub struct Posture {
     pub processes: Vec<String>,
     pub files: Vec<FileRequirement>,
     pub min_ward_version: Option<String>,
-    /// Reports older than this do not count.
+    /// Reports (and each signal in them) older than this do not count;
+    /// `None`: [`crate::posture::DEFAULT_MAX_REPORT_AGE_MS`].
     pub max_report_age_ms: Option<u64>,
-    /// Free-form checks for integrations, kept as JSON values.
+    /// Custom check name → what its JSON output must satisfy: `true` (its `"pass"` is `true`)
+    /// or an object (per key: numbers are minimums, anything else must be equal, objects
+    /// recurse). The parser accepts nothing else at the top level.
     pub custom: BTreeMap<String, serde_json::Value>,
+    /// The screen locks itself (`screen_lock`). A device without a desktop session has nothing
+    /// to lock and passes either way.
+    pub screen_lock: Option<bool>,
+    /// The package database changed at most this long ago (`max_package_age`): a proxy for
+    /// "security updates are being installed".
+    pub max_package_age_ms: Option<u64>,
+    /// Kernel version bound (`kernel = ">=6.1"`; a bare version means `>=`), compared against the
+    /// numeric prefix of `uname -r`.
+    pub kernel: Option<(VersionOp, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +284,16 @@ pub struct OsRequirement {
     pub name: String,
     /// `None`: any version.
     pub version: Option<(VersionOp, String)>,
+}
+
+/// As written in the policy: `debian>=12`, `macos`.
+impl fmt::Display for OsRequirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.version {
+            Some((op, v)) => write!(f, "{}{op}{v}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,10 +305,38 @@ pub enum VersionOp {
     Eq,
 }
 
+impl VersionOp {
+    /// Whether `have` compared with the required version (`have.cmp(required)`) satisfies it.
+    pub fn holds(self, have_vs_required: std::cmp::Ordering) -> bool {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        match self {
+            VersionOp::Ge => have_vs_required != Less,
+            VersionOp::Gt => have_vs_required == Greater,
+            VersionOp::Le => have_vs_required != Greater,
+            VersionOp::Lt => have_vs_required == Less,
+            VersionOp::Eq => have_vs_required == Equal,
+        }
+    }
+}
+
+impl fmt::Display for VersionOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VersionOp::Ge => ">=",
+            VersionOp::Gt => ">",
+            VersionOp::Le => "<=",
+            VersionOp::Lt => "<",
+            VersionOp::Eq => "=",
+        })
+    }
+}
+
+/// A file that must exist, optionally with exact contents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileRequirement {
     pub path: String,
-    pub sha256: [u8; 32],
+    /// `None`: presence is enough (and the device is not asked to hash it).
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// One `[[tests]]` entry.

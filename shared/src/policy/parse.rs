@@ -7,18 +7,21 @@ use toml::Spanned;
 
 use super::{
     FileRequirement, Group, Located, OsRequirement, Policy, PolicyError, PolicyTest, Pos, Posture,
-    Rule, Selector, Service, ServicePorts, Target, TestSource, VersionOp, MAX_ITEMS, MAX_NESTING,
-    MAX_POLICY_BYTES,
+    Rule, Selector, Service, ServicePorts, Target, TestSource, Trust, VersionOp, MAX_ITEMS,
+    MAX_NESTING, MAX_POLICY_BYTES,
 };
 use crate::filter::{PortRange, Proto};
 use crate::names::{Hostname, Name};
+use crate::posture::MAX_WANTS;
 
 /// Parses and validates a policy. `file_name` is only used in messages.
 ///
 /// Refuses, before the TOML parser sees the text: more than [`MAX_POLICY_BYTES`], invalid
 /// UTF-8, nesting deeper than [`MAX_NESTING`]. Then refuses TOML errors, unknown keys, more than
-/// [`MAX_ITEMS`] rules/services/tests/groups/postures, and references to groups, services or
-/// posture requirements the file does not define. Every error names a line and column.
+/// [`MAX_ITEMS`] rules/services/tests/groups/postures, more than [`MAX_WANTS`] distinct processes,
+/// files or custom checks over all posture requirements (a device reports no more), values out of
+/// bounds, and references to groups, services or posture requirements the file does not define.
+/// Every error names a line and column.
 pub fn parse(src: &[u8], file_name: &str) -> Result<Policy, PolicyError> {
     let whole = |message: String| PolicyError {
         file: file_name.to_string(),
@@ -96,6 +99,17 @@ struct RawPolicy {
     rules: Vec<Spanned<RawRule>>,
     #[serde(default)]
     tests: Vec<Spanned<RawTest>>,
+    trust: Option<RawTrust>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrust {
+    quarantine_after_failing: Option<Spanned<String>>,
+    scan_denied_flows: Option<Spanned<i64>>,
+    scan_window: Option<Spanned<String>>,
+    risky_lease_ttl: Option<Spanned<String>>,
+    clean_after: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -112,14 +126,17 @@ struct RawPosture {
     min_ward_version: Option<Spanned<String>>,
     max_report_age: Option<Spanned<String>>,
     #[serde(default)]
-    custom: BTreeMap<String, toml::Value>,
+    custom: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    screen_lock: Option<bool>,
+    max_package_age: Option<Spanned<String>>,
+    kernel: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     path: Spanned<String>,
-    sha256: Spanned<String>,
+    sha256: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -208,10 +225,35 @@ impl Cx<'_> {
                 },
             );
         }
+        // What devices will be asked to report, over every requirement: refused here rather
+        // than silently cut off by `posture::wants`, where the cut checks would fail forever.
+        let mut processes = BTreeSet::new();
+        let mut paths = BTreeSet::new();
+        let mut customs = BTreeSet::new();
         for (name, raw) in raw.posture {
             let n = self.name("posture requirement", &name)?;
             let posture = self.posture(n.clone(), self.at(&name), raw)?;
+            processes.extend(posture.processes.iter().cloned());
+            paths.extend(posture.files.iter().map(|f| f.path.clone()));
+            customs.extend(posture.custom.keys().cloned());
+            for (what, count) in [
+                ("processes", processes.len()),
+                ("files", paths.len()),
+                ("custom checks", customs.len()),
+            ] {
+                if count > MAX_WANTS {
+                    return Err(self.err(
+                        name.span().start,
+                        format!(
+                            "posture requirements name more than {MAX_WANTS} distinct {what} in all (a device reports at most {MAX_WANTS})"
+                        ),
+                    ));
+                }
+            }
             p.postures.insert(n, posture);
+        }
+        if let Some(t) = raw.trust {
+            p.trust = self.trust(t)?;
         }
         for (name, raw) in raw.services {
             let n = self.name("service", &name)?;
@@ -527,7 +569,9 @@ impl Cx<'_> {
             }
             processes.push(s.clone());
         }
-        let mut files = Vec::new();
+        let mut processes_seen = BTreeSet::new();
+        processes.retain(|p| processes_seen.insert(p.clone()));
+        let mut files: Vec<FileRequirement> = Vec::new();
         for f in &raw.files {
             let f = f.get_ref();
             let path = f.path.get_ref();
@@ -537,13 +581,25 @@ impl Cx<'_> {
                     format!("file path {path:?} must be absolute"),
                 ));
             }
-            let mut sha256 = [0u8; 32];
-            hex::decode_to_slice(f.sha256.get_ref(), &mut sha256).map_err(|_| {
-                self.err(
-                    f.sha256.span().start,
-                    "sha256 must be 64 hexadecimal digits".into(),
-                )
-            })?;
+            if files.iter().any(|x| x.path == *path) {
+                return Err(self.err(
+                    f.path.span().start,
+                    format!("file {path:?} is listed twice in posture requirement {name:?}"),
+                ));
+            }
+            let sha256 = match &f.sha256 {
+                None => None,
+                Some(h) => {
+                    let mut sha256 = [0u8; 32];
+                    hex::decode_to_slice(h.get_ref(), &mut sha256).map_err(|_| {
+                        self.err(
+                            h.span().start,
+                            "sha256 must be 64 hexadecimal digits".into(),
+                        )
+                    })?;
+                    Some(sha256)
+                }
+            };
             files.push(FileRequirement {
                 path: path.clone(),
                 sha256,
@@ -566,20 +622,39 @@ impl Cx<'_> {
                 Some(s.clone())
             }
         };
-        let max_report_age_ms = match &raw.max_report_age {
-            None => None,
-            Some(v) => {
-                Some(parse_duration_ms(v.get_ref()).map_err(|m| self.err(v.span().start, m))?)
+        let duration = |v: &Option<Spanned<String>>| -> Result<Option<u64>, PolicyError> {
+            match v {
+                None => Ok(None),
+                Some(v) => parse_duration_ms(v.get_ref())
+                    .map(Some)
+                    .map_err(|m| self.err(v.span().start, m)),
             }
+        };
+        let max_report_age_ms = duration(&raw.max_report_age)?;
+        let max_package_age_ms = duration(&raw.max_package_age)?;
+        let kernel = match &raw.kernel {
+            None => None,
+            Some(k) => Some(parse_kernel(k.get_ref()).map_err(|m| self.err(k.span().start, m))?),
         };
         let mut custom = BTreeMap::new();
         for (k, v) in raw.custom {
-            // A TOML value always has a JSON form (dates become strings).
-            let j = match v {
-                toml::Value::Datetime(d) => serde_json::Value::String(d.to_string()),
-                other => serde_json::to_value(other).unwrap_or(serde_json::Value::Null),
+            let check = self.name("custom check", &k)?;
+            let at = v.span().start;
+            let v = v.into_inner();
+            let shape_ok = match &v {
+                toml::Value::Boolean(b) => *b,
+                toml::Value::Table(_) => true,
+                _ => false,
             };
-            custom.insert(k, j);
+            if !shape_ok {
+                return Err(self.err(
+                    at,
+                    format!(
+                        "custom.{check} must be true (its output's \"pass\" is true) or a table of expected values"
+                    ),
+                ));
+            }
+            custom.insert(check, toml_to_json(v).map_err(|m| self.err(at, m))?);
         }
         Ok(Posture {
             name,
@@ -592,8 +667,101 @@ impl Cx<'_> {
             min_ward_version,
             max_report_age_ms,
             custom,
+            screen_lock: raw.screen_lock,
+            max_package_age_ms,
+            kernel,
         })
     }
+
+    fn trust(&self, raw: RawTrust) -> Result<Trust, PolicyError> {
+        const S: u64 = 1000;
+        const M: u64 = 60 * S;
+        const H: u64 = 60 * M;
+        const D: u64 = 24 * H;
+        // Bounds keep a typo from making the reaction useless (a 0 s window never sees a scan)
+        // or a lease lifetime the coordinator cannot keep up with (a 1 ms TTL).
+        let bounded = |key: &str,
+                       v: &Option<Spanned<String>>,
+                       (lo, lo_s): (u64, &str),
+                       (hi, hi_s): (u64, &str)|
+         -> Result<Option<u64>, PolicyError> {
+            let Some(v) = v else {
+                return Ok(None);
+            };
+            let at = v.span().start;
+            let ms = parse_duration_ms(v.get_ref()).map_err(|m| self.err(at, m))?;
+            if ms < lo || ms > hi {
+                return Err(self.err(
+                    at,
+                    format!("{key} {:?} is out of range ({lo_s} to {hi_s})", v.get_ref()),
+                ));
+            }
+            Ok(Some(ms))
+        };
+        let scan_denied_flows = match &raw.scan_denied_flows {
+            None => None,
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(x @ 1..=100_000) => Some(x),
+                _ => {
+                    return Err(self.err(
+                        n.span().start,
+                        format!(
+                            "scan_denied_flows {} is out of range (1 to 100000)",
+                            n.get_ref()
+                        ),
+                    ))
+                }
+            },
+        };
+        let defaults = Trust::default();
+        Ok(Trust {
+            quarantine_after_failing_ms: bounded(
+                "quarantine_after_failing",
+                &raw.quarantine_after_failing,
+                (S, "1s"),
+                (30 * D, "30d"),
+            )?,
+            scan_denied_flows,
+            scan_window_ms: bounded("scan_window", &raw.scan_window, (S, "1s"), (H, "1h"))?
+                .unwrap_or(defaults.scan_window_ms),
+            risky_lease_ttl_ms: bounded(
+                "risky_lease_ttl",
+                &raw.risky_lease_ttl,
+                (10 * S, "10s"),
+                (D, "1d"),
+            )?,
+            clean_after_ms: bounded("clean_after", &raw.clean_after, (M, "1m"), (30 * D, "30d"))?
+                .unwrap_or(defaults.clean_after_ms),
+        })
+    }
+}
+
+/// TOML → JSON for custom-check expectations. Dates become their RFC 3339 text (what a check
+/// would print); non-finite floats have no JSON form and are refused rather than turned into
+/// `null`, which would then match nothing a check can print.
+fn toml_to_json(v: toml::Value) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    Ok(match v {
+        toml::Value::String(s) => J::String(s),
+        toml::Value::Integer(i) => J::from(i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(f)
+            .map(J::Number)
+            .ok_or_else(|| format!("{f} has no JSON form; use a finite number"))?,
+        toml::Value::Boolean(b) => J::Bool(b),
+        toml::Value::Datetime(d) => J::String(d.to_string()),
+        toml::Value::Array(a) => J::Array(
+            a.into_iter()
+                .map(toml_to_json)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        toml::Value::Table(t) => {
+            let mut m = serde_json::Map::new();
+            for (k, v) in t {
+                m.insert(k, toml_to_json(v)?);
+            }
+            J::Object(m)
+        }
+    })
 }
 
 /// `tcp/22`, `tcp/8000-8080`, `udp/53`, `tcp/*`, `udp/*`, `icmp`.
@@ -695,31 +863,7 @@ fn parse_os(s: &str) -> Result<OsRequirement, String> {
     let split = s.find(['<', '>', '=']);
     let (name, version) = match split {
         None => (s, None),
-        Some(i) => {
-            let rest = &s[i..];
-            let (op, v) = if let Some(v) = rest.strip_prefix(">=") {
-                (VersionOp::Ge, v)
-            } else if let Some(v) = rest.strip_prefix("<=") {
-                (VersionOp::Le, v)
-            } else if let Some(v) = rest.strip_prefix("==") {
-                (VersionOp::Eq, v)
-            } else if let Some(v) = rest.strip_prefix('>') {
-                (VersionOp::Gt, v)
-            } else if let Some(v) = rest.strip_prefix('<') {
-                (VersionOp::Lt, v)
-            } else if let Some(v) = rest.strip_prefix('=') {
-                (VersionOp::Eq, v)
-            } else {
-                return Err(bad());
-            };
-            let ok = !v.is_empty()
-                && v.len() <= 32
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.');
-            if !ok {
-                return Err(bad());
-            }
-            (&s[..i], Some((op, v.to_string())))
-        }
+        Some(i) => (&s[..i], Some(parse_version_bound(&s[i..]).ok_or_else(bad)?)),
     };
     let ok = !name.is_empty()
         && name.len() <= 32
@@ -733,6 +877,49 @@ fn parse_os(s: &str) -> Result<OsRequirement, String> {
         name: name.to_string(),
         version,
     })
+}
+
+/// `>=6.1`, `<7`, `=6.1.0`, or a bare `6.1` (a minimum, the usual wish for a kernel).
+fn parse_kernel(s: &str) -> Result<(VersionOp, String), String> {
+    let bad = || {
+        format!("bad kernel requirement {s:?}: use VERSION or >=VERSION (>=, >, <=, <, =), like \">=6.1\"")
+    };
+    let bound = if s.starts_with(['<', '>', '=']) {
+        parse_version_bound(s)
+    } else {
+        parse_version_bound(&format!(">={s}"))
+    };
+    let (op, v) = bound.ok_or_else(bad)?;
+    // Compared against the numeric prefix of `uname -r`, so only digits and dots can match.
+    if !v
+        .split('.')
+        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(bad());
+    }
+    Ok((op, v))
+}
+
+/// `>=V`, `<=V`, `==V`, `>V`, `<V`, `=V` with `V` 1 to 32 of `[A-Za-z0-9.]`.
+fn parse_version_bound(rest: &str) -> Option<(VersionOp, String)> {
+    let (op, v) = if let Some(v) = rest.strip_prefix(">=") {
+        (VersionOp::Ge, v)
+    } else if let Some(v) = rest.strip_prefix("<=") {
+        (VersionOp::Le, v)
+    } else if let Some(v) = rest.strip_prefix("==") {
+        (VersionOp::Eq, v)
+    } else if let Some(v) = rest.strip_prefix('>') {
+        (VersionOp::Gt, v)
+    } else if let Some(v) = rest.strip_prefix('<') {
+        (VersionOp::Lt, v)
+    } else if let Some(v) = rest.strip_prefix('=') {
+        (VersionOp::Eq, v)
+    } else {
+        return None;
+    };
+    let ok =
+        !v.is_empty() && v.len() <= 32 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.');
+    ok.then(|| (op, v.to_string()))
 }
 
 /// `500ms`, `60s`, `5m`, `1h`, `2d`.

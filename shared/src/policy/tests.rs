@@ -25,7 +25,7 @@ processes = ["osqueryd"]
 files = [{ path = "/etc/ward/marker", sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855" }]
 min_ward_version = "0.2.0"
 max_report_age = "60s"
-custom = { edr = "crowdstrike", score = 80 }
+custom = { edr = { vendor = "crowdstrike", score = 80 } }
 
 [services.db]
 devices = ["tag:db"]
@@ -130,8 +130,12 @@ fn example_parses_with_everything_typed() {
     assert_eq!(b.os[1].version, None);
     assert_eq!(b.firewall, Some(true));
     assert_eq!(b.max_report_age_ms, Some(60_000));
-    assert_eq!(b.files[0].sha256[0], 0xe3);
-    assert_eq!(b.custom["score"], serde_json::json!(80));
+    assert_eq!(b.files[0].sha256.unwrap()[0], 0xe3);
+    assert_eq!(
+        b.custom["edr"],
+        serde_json::json!({"vendor": "crowdstrike", "score": 80})
+    );
+    assert_eq!(p.trust, Trust::default());
     let web = &p.services["web"];
     assert!(web.ports.icmp);
     assert_eq!(
@@ -465,6 +469,8 @@ fn explain_says_which_rule_and_why_not() {
         s.contains("posture \"baseline\" not met by alice-phone"),
         "{s}"
     );
+    // No evaluation recorded: the bare fact, no empty parentheses.
+    assert!(!s.contains("alice-phone ("), "{s}");
     // Port not in service.
     let e = explain(&p, &d, "alice-laptop", "db:22", NOW).unwrap();
     assert!(!e.allowed);
@@ -751,4 +757,334 @@ fn documented_example_is_valid() {
     );
     let unnamed = &p.rules[1].name;
     assert!(doc.contains(&format!("called \"{unnamed}\"")), "{unnamed}");
+}
+
+#[test]
+fn explain_lists_the_failed_posture_checks() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let mut d = directory();
+    d.devices[6].posture_passed.clear();
+    d.devices[6].posture_failures.insert(
+        "baseline".into(),
+        vec![
+            "disk_encryption: root filesystem is not on dm-crypt".into(),
+            "process osqueryd: not running".into(),
+        ],
+    );
+    let e = explain(&p, &d, "alice-phone", "db:5432", NOW).unwrap();
+    assert!(!e.allowed);
+    assert_eq!(
+        e.devices[0].misses[0].reasons,
+        ["posture \"baseline\" not met by alice-phone (disk_encryption: root filesystem is not on dm-crypt; process osqueryd: not running)"]
+    );
+    let s = e.to_string();
+    assert!(
+        s.contains("rule \"eng-to-db\" (line 33) did not apply: posture \"baseline\" not met by alice-phone (disk_encryption: root filesystem is not on dm-crypt; process osqueryd: not running)"),
+        "{s}"
+    );
+    // Failures recorded for a requirement the rule does not need are not mentioned.
+    d.devices[6].posture_passed.insert("baseline".into());
+    d.devices[6].posture_failures.clear();
+    d.devices[6]
+        .posture_failures
+        .insert("other".into(), vec!["firewall: off".into()]);
+    let s = explain(&p, &d, "alice-phone", "db:5432", NOW)
+        .unwrap()
+        .to_string();
+    assert!(!s.contains("firewall"), "{s}");
+}
+
+#[test]
+fn posture_checks_parse_with_new_keys() {
+    let p = parse(
+        br#"
+[posture.desk]
+screen_lock = true
+max_package_age = "30d"
+kernel = ">=6.1"
+files = [{ path = "/etc/ward/marker" }, { path = "/etc/x", sha256 = "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855" }]
+processes = ["osqueryd", "osqueryd"]
+custom.mdm = true
+custom.edr = { vendor = "crowdstrike", score = 80, status = { realtime = true, since = 2024-01-01T00:00:00Z }, tags = ["a", 1.5] }
+[posture.k]
+kernel = "5.15"
+[posture.k2]
+kernel = "<7"
+"#,
+        "p.toml",
+    )
+    .unwrap();
+    let d = &p.postures["desk"];
+    assert_eq!(d.screen_lock, Some(true));
+    assert_eq!(d.max_package_age_ms, Some(30 * 86_400_000));
+    assert_eq!(d.kernel, Some((VersionOp::Ge, "6.1".into())));
+    assert_eq!(d.files[0].sha256, None);
+    assert_eq!(d.files[1].sha256.unwrap()[31], 0x55);
+    assert_eq!(d.processes, ["osqueryd"]);
+    assert_eq!(d.custom["mdm"], serde_json::json!(true));
+    assert_eq!(
+        d.custom["edr"],
+        serde_json::json!({"vendor": "crowdstrike", "score": 80, "status": {"realtime": true, "since": "2024-01-01T00:00:00Z"}, "tags": ["a", 1.5]})
+    );
+    assert_eq!(p.postures["k"].kernel, Some((VersionOp::Ge, "5.15".into())));
+    assert_eq!(p.postures["k2"].kernel, Some((VersionOp::Lt, "7".into())));
+    assert_eq!(d.os.len(), 0);
+    let os = parse(b"[posture.o]\nos = [\"debian>=12\", \"macos\"]\n", "p.toml").unwrap();
+    let shown: Vec<String> = os.postures["o"].os.iter().map(|o| o.to_string()).collect();
+    assert_eq!(shown, ["debian>=12", "macos"]);
+}
+
+#[test]
+fn posture_errors_name_line_and_column() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[posture.p]\nkernel = \"6.1-rc1\"\n",
+            "p.toml:2:10: bad kernel requirement \"6.1-rc1\"",
+        ),
+        (
+            "[posture.p]\nkernel = \">=\"\n",
+            "p.toml:2:10: bad kernel requirement",
+        ),
+        (
+            "[posture.p]\nkernel = \">=6.x\"\n",
+            "p.toml:2:10: bad kernel requirement",
+        ),
+        (
+            "[posture.p]\nmax_package_age = \"a month\"\n",
+            "p.toml:2:19: bad duration \"a month\"",
+        ),
+        (
+            "[posture.p]\nscreen_lock = \"yes\"\n",
+            "p.toml:2:15: invalid type",
+        ),
+        (
+            "[posture.p]\nfiles = [{ path = \"/x\", sha256 = \"abc\" }]\n",
+            "p.toml:2:34: sha256 must be 64 hexadecimal digits",
+        ),
+        (
+            "[posture.p]\nfiles = [{ path = \"x\" }]\n",
+            "p.toml:2:19: file path \"x\" must be absolute",
+        ),
+        (
+            "[posture.p]\nfiles = [{ path = \"/x\" }, { path = \"/x\" }]\n",
+            "p.toml:2:36: file \"/x\" is listed twice in posture requirement \"p\"",
+        ),
+        (
+            "[posture.p]\nfiles = [{ sha256 = \"00\" }]\n",
+            "p.toml:2:10: missing field `path`",
+        ),
+        (
+            "[posture.p]\ncustom = { edr = \"crowdstrike\" }\n",
+            "p.toml:2:18: custom.edr must be true (its output's \"pass\" is true) or a table of expected values",
+        ),
+        (
+            "[posture.p]\ncustom.edr = false\n",
+            "p.toml:2:14: custom.edr must be true",
+        ),
+        (
+            "[posture.p]\ncustom.edr = 80\n",
+            "p.toml:2:14: custom.edr must be true",
+        ),
+        (
+            "[posture.p]\ncustom.edr = { score = nan }\n",
+            "p.toml:2:14: NaN has no JSON form",
+        ),
+        (
+            "[posture.p]\ncustom.EDR = true\n",
+            "p.toml:2:8: custom check \"EDR\" has a character that is not allowed",
+        ),
+        (
+            "[posture.p]\nscreenlock = true\n",
+            "p.toml:2:1: unknown field `screenlock`",
+        ),
+    ];
+    for (src, want) in cases {
+        let got = parse(src.as_bytes(), "p.toml").unwrap_err().to_string();
+        assert!(
+            got.starts_with(want),
+            "for\n{src}\ngot:  {got}\nwant: {want}"
+        );
+    }
+}
+
+#[test]
+fn posture_wants_over_the_cap_are_refused() {
+    use crate::posture::MAX_WANTS;
+    let list = |prefix: &str, n: usize| -> String {
+        (0..n)
+            .map(|i| format!("\"{prefix}{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // Exactly the cap, spread over two requirements, is fine.
+    let ok = format!(
+        "[posture.a]\nprocesses = [{}]\n[posture.b]\nprocesses = [{}]\n",
+        list("p", MAX_WANTS / 2),
+        list("p", MAX_WANTS)
+    );
+    assert!(parse(ok.as_bytes(), "p.toml").is_ok());
+    let too_many = format!(
+        "[posture.a]\nprocesses = [{}]\n[posture.b]\nprocesses = [{}]\n",
+        list("p", MAX_WANTS),
+        list("q", 1)
+    );
+    let e = err(&too_many);
+    assert!(
+        e.starts_with(
+            "policy.toml:3:10: posture requirements name more than 64 distinct processes in all"
+        ),
+        "{e}"
+    );
+    let files: String = (0..=MAX_WANTS)
+        .map(|i| format!("{{ path = \"/f{i}\" }}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let e = err(&format!("[posture.a]\nfiles = [{files}]\n"));
+    assert!(e.contains("more than 64 distinct files"), "{e}");
+    let custom: String = (0..=MAX_WANTS)
+        .map(|i| format!("custom.c{i} = true\n"))
+        .collect();
+    let e = err(&format!("[posture.a]\n{custom}"));
+    assert!(e.contains("more than 64 distinct custom checks"), "{e}");
+}
+
+#[test]
+fn trust_section_parses_with_defaults() {
+    let p = parse(
+        br#"
+[trust]
+quarantine_after_failing = "10m"
+scan_denied_flows = 20
+scan_window = "60s"
+risky_lease_ttl = "2m"
+clean_after = "1h"
+"#,
+        "p.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        p.trust,
+        Trust {
+            quarantine_after_failing_ms: Some(600_000),
+            scan_denied_flows: Some(20),
+            scan_window_ms: 60_000,
+            risky_lease_ttl_ms: Some(120_000),
+            clean_after_ms: 3_600_000,
+        }
+    );
+    // An empty section and no section mean the same: every reaction off, default windows.
+    let empty = parse(b"[trust]\n", "p.toml").unwrap();
+    assert_eq!(empty.trust, Trust::default());
+    assert_eq!(
+        Trust::default(),
+        Trust {
+            quarantine_after_failing_ms: None,
+            scan_denied_flows: None,
+            scan_window_ms: 60_000,
+            risky_lease_ttl_ms: None,
+            clean_after_ms: 1_800_000,
+        }
+    );
+    assert_eq!(Policy::default().trust, Trust::default());
+    let only = parse(b"[trust]\nscan_denied_flows = 1\n", "p.toml").unwrap();
+    assert_eq!(only.trust.scan_denied_flows, Some(1));
+    assert_eq!(only.trust.scan_window_ms, 60_000);
+    let max = parse(
+        b"[trust]\nscan_denied_flows = 100000\nscan_window = \"1h\"\nquarantine_after_failing = \"30d\"\nrisky_lease_ttl = \"10s\"\nclean_after = \"1m\"\n",
+        "p.toml",
+    )
+    .unwrap();
+    assert_eq!(max.trust.scan_denied_flows, Some(100_000));
+    assert_eq!(max.trust.risky_lease_ttl_ms, Some(10_000));
+}
+
+#[test]
+fn trust_errors_name_line_and_column() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[trust]\nscan_denied_flows = 0\n",
+            "p.toml:2:21: scan_denied_flows 0 is out of range (1 to 100000)",
+        ),
+        (
+            "[trust]\nscan_denied_flows = 100001\n",
+            "p.toml:2:21: scan_denied_flows 100001 is out of range (1 to 100000)",
+        ),
+        (
+            "[trust]\nscan_denied_flows = -5\n",
+            "p.toml:2:21: scan_denied_flows -5 is out of range",
+        ),
+        (
+            "[trust]\nscan_denied_flows = \"20\"\n",
+            "p.toml:2:21: invalid type",
+        ),
+        (
+            "[trust]\nscan_window = \"0s\"\n",
+            "p.toml:2:15: scan_window \"0s\" is out of range (1s to 1h)",
+        ),
+        (
+            "[trust]\nscan_window = \"2h\"\n",
+            "p.toml:2:15: scan_window \"2h\" is out of range (1s to 1h)",
+        ),
+        (
+            "[trust]\nquarantine_after_failing = \"31d\"\n",
+            "p.toml:2:28: quarantine_after_failing \"31d\" is out of range (1s to 30d)",
+        ),
+        (
+            "[trust]\nquarantine_after_failing = \"500ms\"\n",
+            "p.toml:2:28: quarantine_after_failing \"500ms\" is out of range",
+        ),
+        (
+            "[trust]\nrisky_lease_ttl = \"5s\"\n",
+            "p.toml:2:19: risky_lease_ttl \"5s\" is out of range (10s to 1d)",
+        ),
+        (
+            "[trust]\nclean_after = \"30s\"\n",
+            "p.toml:2:15: clean_after \"30s\" is out of range (1m to 30d)",
+        ),
+        (
+            "[trust]\nclean_after = \"soon\"\n",
+            "p.toml:2:15: bad duration \"soon\"",
+        ),
+        ("[trust]\nclean_after = 30\n", "p.toml:2:15: invalid type"),
+        (
+            "[trust]\nquarantine = true\n",
+            "p.toml:2:1: unknown field `quarantine`",
+        ),
+        ("trust = 1\n", "p.toml:1:9: invalid type"),
+    ];
+    for (src, want) in cases {
+        let got = parse(src.as_bytes(), "p.toml").unwrap_err().to_string();
+        assert!(
+            got.starts_with(want),
+            "for\n{src}\ngot:  {got}\nwant: {want}"
+        );
+    }
+}
+
+#[test]
+fn example_file_is_valid_with_and_without_its_commented_sections() {
+    let text = include_str!("../../../examples/policy.toml");
+    let p = parse(text.as_bytes(), "examples/policy.toml").unwrap();
+    assert!(p.postures.is_empty());
+    // The commented-out posture and trust sections are valid too once uncommented.
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.starts_with('[')
+                    || (rest.starts_with(|c: char| c.is_ascii_lowercase())
+                        && rest.contains(" = ")) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    let p = parse(uncommented.as_bytes(), "examples/policy.toml").unwrap();
+    let b = &p.postures["baseline"];
+    assert_eq!(b.screen_lock, Some(true));
+    assert_eq!(b.files[0].sha256, None);
+    assert_eq!(p.trust.scan_denied_flows, Some(20));
+    assert_eq!(p.trust.risky_lease_ttl_ms, Some(120_000));
 }

@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::DeviceId;
 
-pub use eval::{evaluate, evaluate_all, wants, Evaluation, DEFAULT_MAX_REPORT_AGE_MS};
+pub use eval::{
+    compare_versions, evaluate, evaluate_all, wants, Evaluation, DEFAULT_MAX_REPORT_AGE_MS,
+    MAX_FUTURE_SKEW_MS,
+};
 
 /// Most processes, files or custom checks a coordinator asks for, or a report carries (each).
 pub const MAX_WANTS: usize = 64;

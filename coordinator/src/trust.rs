@@ -1,0 +1,541 @@
+//! Continuous trust, free of I/O: each device's latest posture report and its evaluation
+//! against the policy's requirements, automatic quarantine (a requirement failing for too long,
+//! or a port scan seen as denied flows at the peers), and risk (a recent failure shortens the
+//! device's leases).
+//!
+//! ```text
+//! registry (core.rs) drives it:
+//!   report from a device      -> handle_report(id, report, policy, now)  -> Option<Change>
+//!   denied flows from a peer  -> handle_denied(src, reporter, flows, ..) -> Option<String> (quarantine reason)
+//!   every second              -> reevaluate(id, policy, now)             -> Option<Change> (reports age out)
+//!                                overdue_failure(id, policy, now)        -> Option<String> (quarantine reason)
+//!   policy compile reads      -> passed(id), failures(id)
+//!   lease issuance reads      -> risky(id, ..)
+//! ```
+//!
+//! Time is coordinator time in ms, passed in. A device with no report, a stale report or an
+//! unreadable signal fails every requirement that needs it (fail closed).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use ward_shared::filter::Proto;
+use ward_shared::policy::{Policy, Trust};
+use ward_shared::posture::{self, Evaluation, PostureReport};
+use ward_shared::wire::DeviceId;
+
+/// A report collected further in the future than this (coordinator time) is refused: the
+/// agent corrects its clock, so only a forged or broken report is that far ahead.
+pub const MAX_REPORT_AHEAD_MS: i64 = 10_000;
+/// A report collected longer ago than this when it arrives is refused as stale or replayed.
+pub const MAX_REPORT_DELAY_MS: i64 = 60_000;
+/// Denied flows remembered per source device (bounds memory under a flood).
+const MAX_DENIED_REMEMBERED: usize = 4096;
+
+/// Why a posture report was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("the report is for device {claimed}, but this session is device {session}")]
+    WrongDevice {
+        claimed: DeviceId,
+        session: DeviceId,
+    },
+    #[error("report {seq} replays or predates report {last} already accepted")]
+    Replay { seq: u64, last: u64 },
+    #[error("report collected {age_ms} ms ago: stale or replayed")]
+    Stale { age_ms: i64 },
+    #[error("report collected {ahead_ms} ms in the future")]
+    Future { ahead_ms: i64 },
+}
+
+/// A device's requirement results changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub evaluations: Vec<Evaluation>,
+    /// Requirements that went from passing (or unknown) to failing.
+    pub newly_failed: Vec<String>,
+    /// Requirements that went from failing to passing.
+    pub newly_passed: Vec<String>,
+    /// Requirements that were met and no longer are (a subset of `newly_failed`, which also
+    /// holds requirements judged for the first time).
+    pub withdrawn: Vec<String>,
+}
+
+impl Change {
+    /// Whether trust that had been granted was withdrawn.
+    pub fn narrowed(&self) -> bool {
+        !self.withdrawn.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+struct DeviceTrust {
+    report: Option<PostureReport>,
+    last_seq: u64,
+    /// `None` until first evaluated.
+    evaluations: Option<Vec<Evaluation>>,
+    failing_since: BTreeMap<String, i64>,
+    last_failure_ms: Option<i64>,
+    /// Denied flows with this device as the source: (when, reporting device, proto, port).
+    denied: VecDeque<(i64, DeviceId, Proto, u16)>,
+    /// An automatic quarantine was asked for and not yet applied or released.
+    quarantine_asked: bool,
+}
+
+/// Trust state of every device.
+#[derive(Debug, Default)]
+pub struct TrustBook {
+    devices: BTreeMap<DeviceId, DeviceTrust>,
+}
+
+impl TrustBook {
+    /// A device sent a report over its own session (`session` is the authenticated device).
+    /// Refuses reports for another device, replays and stale or future reports; otherwise
+    /// keeps it and re-evaluates.
+    pub fn handle_report(
+        &mut self,
+        session: DeviceId,
+        report: PostureReport,
+        policy: Option<&Policy>,
+        now_ms: i64,
+    ) -> Result<Option<Change>, ReportError> {
+        if report.device_id != session {
+            return Err(ReportError::WrongDevice {
+                claimed: report.device_id,
+                session,
+            });
+        }
+        let t = self.devices.entry(session).or_default();
+        if report.seq <= t.last_seq {
+            return Err(ReportError::Replay {
+                seq: report.seq,
+                last: t.last_seq,
+            });
+        }
+        let age = now_ms - report.collected_at_ms;
+        if age > MAX_REPORT_DELAY_MS {
+            return Err(ReportError::Stale { age_ms: age });
+        }
+        if -age > MAX_REPORT_AHEAD_MS {
+            return Err(ReportError::Future { ahead_ms: -age });
+        }
+        t.last_seq = report.seq;
+        t.report = Some(report);
+        Ok(self.reevaluate(session, policy, now_ms))
+    }
+
+    /// Evaluates the device's latest report (or its absence) against the policy now; returns
+    /// what changed, if anything. Reports age out this way.
+    pub fn reevaluate(
+        &mut self,
+        id: DeviceId,
+        policy: Option<&Policy>,
+        now_ms: i64,
+    ) -> Option<Change> {
+        let t = self.devices.entry(id).or_default();
+        let evaluations = match policy {
+            Some(p) => posture::evaluate_all(p, t.report.as_ref(), now_ms),
+            None => Vec::new(),
+        };
+        let before: BTreeMap<&str, bool> = t
+            .evaluations
+            .iter()
+            .flatten()
+            .map(|e| (e.requirement.as_str(), e.passed))
+            .collect();
+        let mut newly_failed = Vec::new();
+        let mut newly_passed = Vec::new();
+        let mut withdrawn = Vec::new();
+        for e in &evaluations {
+            match (before.get(e.requirement.as_str()), e.passed) {
+                (Some(true), false) => {
+                    newly_failed.push(e.requirement.clone());
+                    withdrawn.push(e.requirement.clone());
+                }
+                (None, false) => newly_failed.push(e.requirement.clone()),
+                (Some(false), true) => newly_passed.push(e.requirement.clone()),
+                _ => {}
+            }
+        }
+        for e in &evaluations {
+            if e.passed {
+                t.failing_since.remove(&e.requirement);
+            } else {
+                t.failing_since
+                    .entry(e.requirement.clone())
+                    .or_insert(now_ms);
+                t.last_failure_ms = Some(now_ms);
+            }
+        }
+        t.failing_since
+            .retain(|k, _| evaluations.iter().any(|e| &e.requirement == k));
+        // First judged with no requirements at all: nothing to tell anyone.
+        let same = t.evaluations.as_deref().unwrap_or(&[]) == &evaluations[..];
+        t.evaluations = Some(evaluations.clone());
+        (!same).then_some(Change {
+            evaluations,
+            newly_failed,
+            newly_passed,
+            withdrawn,
+        })
+    }
+
+    /// A requirement some rule needs has been failing for longer than the policy's
+    /// `quarantine_after_failing`: the reason to quarantine, once.
+    pub fn overdue_failure(
+        &mut self,
+        id: DeviceId,
+        policy: &Policy,
+        quarantined: bool,
+        now_ms: i64,
+    ) -> Option<String> {
+        let after = policy.trust.quarantine_after_failing_ms? as i64;
+        let t = self.devices.get_mut(&id)?;
+        if quarantined || t.quarantine_asked {
+            return None;
+        }
+        let needed: BTreeSet<&str> = policy
+            .rules
+            .iter()
+            .flat_map(|r| r.posture.iter().map(|p| p.value.as_str()))
+            .collect();
+        let (name, since) = t
+            .failing_since
+            .iter()
+            .filter(|(n, _)| needed.contains(n.as_str()))
+            .min_by_key(|(_, s)| **s)?;
+        if now_ms - since < after {
+            return None;
+        }
+        let why = t
+            .evaluations
+            .iter()
+            .flatten()
+            .find(|e| &e.requirement == name)
+            .map(|e| e.failures.join("; "))
+            .unwrap_or_default();
+        t.quarantine_asked = true;
+        Some(format!(
+            "posture {name:?} failing for {} s (more than {} s): {why}",
+            (now_ms - since) / 1000,
+            after / 1000
+        ))
+    }
+
+    /// `reporter`'s inbound filter refused new flows from `src`. Counts distinct
+    /// (reporter, proto, port) within the policy's scan window; at the threshold, the reason
+    /// to quarantine `src`, once.
+    pub fn handle_denied(
+        &mut self,
+        src: DeviceId,
+        reporter: DeviceId,
+        flows: impl IntoIterator<Item = (Proto, u16)>,
+        trust: &Trust,
+        quarantined: bool,
+        now_ms: i64,
+    ) -> Option<String> {
+        let t = self.devices.entry(src).or_default();
+        for (proto, port) in flows {
+            if t.denied.len() >= MAX_DENIED_REMEMBERED {
+                t.denied.pop_front();
+            }
+            t.denied.push_back((now_ms, reporter, proto, port));
+        }
+        let window = trust.scan_window_ms as i64;
+        while t.denied.front().is_some_and(|d| now_ms - d.0 > window) {
+            t.denied.pop_front();
+        }
+        let threshold = trust.scan_denied_flows?;
+        if quarantined || t.quarantine_asked {
+            return None;
+        }
+        let distinct: BTreeSet<(DeviceId, Proto, u16)> =
+            t.denied.iter().map(|d| (d.1, d.2, d.3)).collect();
+        if distinct.len() < threshold as usize {
+            return None;
+        }
+        let targets: BTreeSet<DeviceId> = distinct.iter().map(|d| d.0).collect();
+        t.quarantine_asked = true;
+        Some(format!(
+            "scan: {} denied flows to {} device(s) within {} s (threshold {threshold})",
+            distinct.len(),
+            targets.len(),
+            window / 1000
+        ))
+    }
+
+    /// The quarantine was applied or lifted: timers restart, so a released device gets the
+    /// full `quarantine_after_failing` again before another automatic quarantine.
+    pub fn handle_quarantine_changed(&mut self, id: DeviceId, now_ms: i64) {
+        let t = self.devices.entry(id).or_default();
+        t.quarantine_asked = false;
+        t.denied.clear();
+        for since in t.failing_since.values_mut() {
+            *since = now_ms;
+        }
+        t.last_failure_ms = Some(now_ms);
+    }
+
+    pub fn remove(&mut self, id: DeviceId) {
+        self.devices.remove(&id);
+    }
+
+    /// Requirements the device currently meets.
+    pub fn passed(&self, id: DeviceId) -> BTreeSet<String> {
+        self.evaluations(id)
+            .iter()
+            .filter(|e| e.passed)
+            .map(|e| e.requirement.clone())
+            .collect()
+    }
+
+    /// Failed checks of each requirement the device does not meet.
+    pub fn failures(&self, id: DeviceId) -> BTreeMap<String, Vec<String>> {
+        self.evaluations(id)
+            .iter()
+            .filter(|e| !e.passed)
+            .map(|e| (e.requirement.clone(), e.failures.clone()))
+            .collect()
+    }
+
+    pub fn evaluations(&self, id: DeviceId) -> &[Evaluation] {
+        self.devices
+            .get(&id)
+            .and_then(|t| t.evaluations.as_deref())
+            .unwrap_or(&[])
+    }
+
+    pub fn report(&self, id: DeviceId) -> Option<&PostureReport> {
+        self.devices.get(&id).and_then(|t| t.report.as_ref())
+    }
+
+    /// A device that failed a check (or was quarantined) within the policy's `clean_after`
+    /// gets the shorter `risky_lease_ttl`.
+    pub fn risky(&self, id: DeviceId, trust: &Trust, quarantined: bool, now_ms: i64) -> bool {
+        if trust.risky_lease_ttl_ms.is_none() {
+            return false;
+        }
+        if quarantined {
+            return true;
+        }
+        self.devices
+            .get(&id)
+            .and_then(|t| t.last_failure_ms)
+            .is_some_and(|f| now_ms - f < trust.clean_after_ms as i64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ward_shared::policy;
+    use ward_shared::posture::{FileState, Measured, OsInfo};
+
+    const T: i64 = 1_800_000_000_000;
+
+    fn pol(trust: &str) -> Policy {
+        let src = format!(
+            "[posture.marker]\nfiles = [{{ path = \"/etc/ward/ok\" }}]\n[posture.unused]\nfirewall = true\n[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/5432\"]\n[[rules]]\nfrom = [\"alice\"]\nto = [\"db\"]\nposture = [\"marker\"]\n{trust}"
+        );
+        policy::parse(src.as_bytes(), "t.toml").unwrap()
+    }
+
+    fn report(dev: u64, seq: u64, at: i64, file: bool) -> PostureReport {
+        PostureReport {
+            device_id: DeviceId(dev),
+            seq,
+            collected_at_ms: at,
+            os: Measured::value(
+                at,
+                OsInfo {
+                    id: "debian".into(),
+                    version: "12".into(),
+                    pretty: "Debian 12".into(),
+                },
+            ),
+            kernel: Measured::value(at, "6.1.0".into()),
+            ward_version: "0.1.0".into(),
+            firewall: Measured::value(at, false),
+            disk_encryption: Measured::value(at, false),
+            screen_lock: Measured::value(at, None),
+            last_package_update_ms: Measured::value(at, at),
+            processes: BTreeMap::new(),
+            files: [(
+                "/etc/ward/ok".to_string(),
+                Measured::value(
+                    at,
+                    FileState {
+                        present: file,
+                        sha256: None,
+                    },
+                ),
+            )]
+            .into_iter()
+            .collect(),
+            custom: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn reports_bound_to_device_fresh_and_in_order() {
+        let p = pol("");
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        assert!(matches!(
+            b.handle_report(d, report(2, 1, T, true), Some(&p), T),
+            Err(ReportError::WrongDevice { .. })
+        ));
+        let c = b
+            .handle_report(d, report(1, 5, T, true), Some(&p), T)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.newly_failed, vec!["unused".to_string()]);
+        assert!(b.passed(d).contains("marker"));
+        // Replays and older sequence numbers are refused.
+        assert!(matches!(
+            b.handle_report(d, report(1, 5, T, true), Some(&p), T + 1),
+            Err(ReportError::Replay { .. })
+        ));
+        assert!(matches!(
+            b.handle_report(d, report(1, 4, T, false), Some(&p), T + 1),
+            Err(ReportError::Replay { .. })
+        ));
+        // Stale and future reports are refused, and nothing changes.
+        assert!(matches!(
+            b.handle_report(d, report(1, 6, T - 61_000, false), Some(&p), T),
+            Err(ReportError::Stale { .. })
+        ));
+        assert!(matches!(
+            b.handle_report(d, report(1, 7, T + 11_000, false), Some(&p), T),
+            Err(ReportError::Future { .. })
+        ));
+        assert!(b.passed(d).contains("marker"));
+        // The file goes away: marker fails, with the reason kept.
+        let c = b
+            .handle_report(d, report(1, 8, T + 1000, false), Some(&p), T + 1000)
+            .unwrap()
+            .unwrap();
+        assert!(c.narrowed());
+        assert_eq!(c.newly_failed, vec!["marker".to_string()]);
+        assert!(!b.passed(d).contains("marker"));
+        assert!(!b.failures(d)["marker"].is_empty());
+        // Back: passes again; an identical report changes nothing.
+        let c = b
+            .handle_report(d, report(1, 9, T + 2000, true), Some(&p), T + 2000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.newly_passed, vec!["marker".to_string()]);
+        assert!(b
+            .handle_report(d, report(1, 10, T + 3000, true), Some(&p), T + 3000)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn no_report_and_old_reports_fail_closed() {
+        let p = pol("");
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        b.reevaluate(d, Some(&p), T);
+        assert!(b.passed(d).is_empty());
+        b.handle_report(d, report(1, 1, T, true), Some(&p), T)
+            .unwrap();
+        assert!(b.passed(d).contains("marker"));
+        // Nobody reports for longer than the default maximum age: it fails.
+        let c = b
+            .reevaluate(
+                d,
+                Some(&p),
+                T + posture::DEFAULT_MAX_REPORT_AGE_MS as i64 + 1,
+            )
+            .unwrap();
+        assert_eq!(c.newly_failed, vec!["marker".to_string()]);
+    }
+
+    #[test]
+    fn failing_too_long_quarantines_once() {
+        let p = pol("[trust]\nquarantine_after_failing = \"60s\"\n");
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        b.handle_report(d, report(1, 1, T, false), Some(&p), T)
+            .unwrap();
+        assert_eq!(b.overdue_failure(d, &p, false, T + 59_000), None);
+        let why = b.overdue_failure(d, &p, false, T + 60_000).unwrap();
+        assert!(
+            why.contains("marker") && why.contains("/etc/ward/ok"),
+            "{why}"
+        );
+        // Asked once; after a release the clock restarts.
+        assert_eq!(b.overdue_failure(d, &p, false, T + 61_000), None);
+        b.handle_quarantine_changed(d, T + 70_000);
+        assert_eq!(b.overdue_failure(d, &p, false, T + 100_000), None);
+        assert!(b.overdue_failure(d, &p, false, T + 130_000).is_some());
+        // A requirement no rule uses never quarantines.
+        let p2 = pol("[trust]\nquarantine_after_failing = \"1s\"\n");
+        let mut b2 = TrustBook::default();
+        b2.handle_report(d, report(1, 1, T, true), Some(&p2), T)
+            .unwrap();
+        assert_eq!(b2.overdue_failure(d, &p2, false, T + 10_000), None);
+    }
+
+    #[test]
+    fn scans_quarantine_at_the_threshold_within_the_window() {
+        let p = pol("[trust]\nscan_denied_flows = 10\nscan_window = \"10s\"\n");
+        let mut b = TrustBook::default();
+        let (src, peer) = (DeviceId(1), DeviceId(2));
+        // The same port again and again is one flow, not a scan.
+        for i in 0..50 {
+            assert_eq!(
+                b.handle_denied(src, peer, [(Proto::Tcp, 22)], &p.trust, false, T + i),
+                None
+            );
+        }
+        // Nine more ports, spread beyond the window: no.
+        for port in 1..10u16 {
+            let at = T + 20_000 + port as i64 * 2_000;
+            assert_eq!(
+                b.handle_denied(src, peer, [(Proto::Tcp, port)], &p.trust, false, at),
+                None
+            );
+        }
+        // Ten distinct ports at once: quarantine, asked once.
+        let flows: Vec<(Proto, u16)> = (100..110).map(|p| (Proto::Tcp, p)).collect();
+        let why = b
+            .handle_denied(src, peer, flows.clone(), &p.trust, false, T + 60_000)
+            .unwrap();
+        assert!(why.starts_with("scan:"), "{why}");
+        assert_eq!(
+            b.handle_denied(src, peer, flows, &p.trust, false, T + 60_001),
+            None
+        );
+        // No threshold in the policy: never.
+        let q = pol("");
+        let mut b2 = TrustBook::default();
+        let many: Vec<(Proto, u16)> = (1..1000).map(|p| (Proto::Tcp, p)).collect();
+        assert_eq!(b2.handle_denied(src, peer, many, &q.trust, false, T), None);
+    }
+
+    #[test]
+    fn risk_shortens_leases_until_clean() {
+        let p = pol("[trust]\nrisky_lease_ttl = \"1m\"\nclean_after = \"10m\"\n");
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        b.handle_report(d, report(1, 1, T, true), Some(&p), T)
+            .unwrap();
+        // "unused" (firewall) fails: a failure is a failure, even of an unused requirement.
+        assert!(b.risky(d, &p.trust, false, T + 1));
+        let q = policy::parse(
+            b"[posture.x]\nfirewall = false\n[trust]\nrisky_lease_ttl = \"1m\"\nclean_after = \"10m\"\n",
+            "q.toml",
+        )
+        .unwrap();
+        let mut b2 = TrustBook::default();
+        b2.handle_report(d, report(1, 1, T, true), Some(&q), T)
+            .unwrap();
+        assert!(!b2.risky(d, &q.trust, false, T + 1));
+        assert!(b2.risky(d, &q.trust, true, T + 1));
+        // Clean for longer than clean_after: normal leases again.
+        b2.handle_quarantine_changed(d, T);
+        assert!(b2.risky(d, &q.trust, false, T + 599_999));
+        assert!(!b2.risky(d, &q.trust, false, T + 600_001));
+    }
+}
