@@ -104,6 +104,8 @@ pub struct Registry {
     trust_tick_ms: i64,
     /// Devices whose verdict must be recomputed and, if different, sent.
     verdict_dirty: BTreeSet<DeviceId>,
+    /// Per device, the posture requirements that rules applying to it name.
+    needed: BTreeMap<DeviceId, BTreeSet<String>>,
 }
 
 impl Registry {
@@ -145,6 +147,7 @@ impl Registry {
             trust: TrustBook::default(),
             trust_tick_ms: now_ms,
             verdict_dirty: BTreeSet::new(),
+            needed: BTreeMap::new(),
         }
     }
 
@@ -152,6 +155,7 @@ impl Registry {
     pub fn handle_policy(&mut self, policy: Policy) {
         self.policy = Some(policy);
         self.dirty = true;
+        self.refresh_needed();
         let ids: Vec<DeviceId> = self.devices.keys().copied().collect();
         for id in ids {
             self.reevaluate(id);
@@ -170,9 +174,10 @@ impl Registry {
         if self.sessions.get(&id).map(|s| s.conn) != Some(conn) {
             return Ok(());
         }
-        let change = self
-            .trust
-            .handle_report(id, report, self.policy.as_ref(), self.now_ms)?;
+        let needed = self.needed.get(&id).cloned().unwrap_or_default();
+        let change =
+            self.trust
+                .handle_report(id, report, self.policy.as_ref(), &needed, self.now_ms)?;
         if let Some(c) = change {
             self.trust_changed(id, c);
         }
@@ -245,9 +250,24 @@ impl Registry {
     }
 
     fn reevaluate(&mut self, id: DeviceId) {
-        if let Some(c) = self.trust.reevaluate(id, self.policy.as_ref(), self.now_ms) {
+        let needed = self.needed.get(&id).cloned().unwrap_or_default();
+        if let Some(c) = self
+            .trust
+            .reevaluate(id, self.policy.as_ref(), &needed, self.now_ms)
+        {
             self.trust_changed(id, c);
         }
+    }
+
+    /// Which requirements matter to which device (depends on the policy and the directory,
+    /// not on posture).
+    fn refresh_needed(&mut self) {
+        self.needed = match &self.policy {
+            Some(p) if !p.postures.is_empty() => {
+                policy::requirements_by_device(p, &self.directory())
+            }
+            _ => BTreeMap::new(),
+        };
     }
 
     fn trust_changed(&mut self, id: DeviceId, change: Change) {
@@ -361,8 +381,11 @@ impl Registry {
                     .devices
                     .get(&id)
                     .is_some_and(|d| d.quarantine.is_some());
+                let needed = self.needed.get(&id).cloned().unwrap_or_default();
                 let reason = match &self.policy {
-                    Some(p) => self.trust.overdue_failure(id, p, quarantined, now_ms),
+                    Some(p) => self
+                        .trust
+                        .overdue_failure(id, p, &needed, quarantined, now_ms),
                     None => None,
                 };
                 if let Some(reason) = reason {
@@ -659,6 +682,7 @@ impl Registry {
     }
 
     fn recompute_netmaps(&mut self) {
+        self.refresh_needed();
         let dir = self.directory();
         self.compiled = match &self.policy {
             Some(p) => policy::compile(p, &dir, self.now_ms),

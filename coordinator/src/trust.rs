@@ -5,10 +5,11 @@
 //!
 //! ```text
 //! registry (core.rs) drives it:
-//!   report from a device      -> handle_report(id, report, policy, now)  -> Option<Change>
-//!   denied flows from a peer  -> handle_denied(src, reporter, flows, ..) -> Option<String> (quarantine reason)
-//!   every second              -> reevaluate(id, policy, now)             -> Option<Change> (reports age out)
-//!                                overdue_failure(id, policy, now)        -> Option<String> (quarantine reason)
+//!   report from a device      -> handle_report(id, report, policy, needed, now) -> Option<Change>
+//!   denied flows from a peer  -> handle_denied(src, reporter, flows, ..)        -> Option<String> (quarantine reason)
+//!   every second              -> reevaluate(id, policy, needed, now)            -> Option<Change> (reports age out)
+//!                                overdue_failure(id, policy, needed, ..)       -> Option<String> (quarantine reason)
+//!   (`needed`: the requirements named by rules whose sources include the device)
 //!   policy compile reads      -> passed(id), failures(id)
 //!   lease issuance reads      -> risky(id, ..)
 //! ```
@@ -96,6 +97,7 @@ impl TrustBook {
         session: DeviceId,
         report: PostureReport,
         policy: Option<&Policy>,
+        needed: &BTreeSet<String>,
         now_ms: i64,
     ) -> Result<Option<Change>, ReportError> {
         if report.device_id != session {
@@ -120,15 +122,17 @@ impl TrustBook {
         }
         t.last_seq = report.seq;
         t.report = Some(report);
-        Ok(self.reevaluate(session, policy, now_ms))
+        Ok(self.reevaluate(session, policy, needed, now_ms))
     }
 
     /// Evaluates the device's latest report (or its absence) against the policy now; returns
-    /// what changed, if anything. Reports age out this way.
+    /// what changed, if anything. Reports age out this way. `needed`: the requirements rules
+    /// that apply to this device name; only their failures make the device risky.
     pub fn reevaluate(
         &mut self,
         id: DeviceId,
         policy: Option<&Policy>,
+        needed: &BTreeSet<String>,
         now_ms: i64,
     ) -> Option<Change> {
         let t = self.devices.entry(id).or_default();
@@ -163,7 +167,9 @@ impl TrustBook {
                 t.failing_since
                     .entry(e.requirement.clone())
                     .or_insert(now_ms);
-                t.last_failure_ms = Some(now_ms);
+                if needed.contains(&e.requirement) {
+                    t.last_failure_ms = Some(now_ms);
+                }
             }
         }
         t.failing_since
@@ -179,12 +185,13 @@ impl TrustBook {
         })
     }
 
-    /// A requirement some rule needs has been failing for longer than the policy's
-    /// `quarantine_after_failing`: the reason to quarantine, once.
+    /// A requirement that a rule applying to this device needs (`needed`) has been failing for
+    /// longer than the policy's `quarantine_after_failing`: the reason to quarantine, once.
     pub fn overdue_failure(
         &mut self,
         id: DeviceId,
         policy: &Policy,
+        needed: &BTreeSet<String>,
         quarantined: bool,
         now_ms: i64,
     ) -> Option<String> {
@@ -193,11 +200,6 @@ impl TrustBook {
         if quarantined || t.quarantine_asked {
             return None;
         }
-        let needed: BTreeSet<&str> = policy
-            .rules
-            .iter()
-            .flat_map(|r| r.posture.iter().map(|p| p.value.as_str()))
-            .collect();
         let (name, since) = t
             .failing_since
             .iter()
@@ -339,6 +341,14 @@ mod tests {
         policy::parse(src.as_bytes(), "t.toml").unwrap()
     }
 
+    /// What the test policies' rules need (every device matches `alice` here).
+    fn needed(p: &Policy) -> BTreeSet<String> {
+        p.rules
+            .iter()
+            .flat_map(|r| r.posture.iter().map(|q| q.value.clone()))
+            .collect()
+    }
+
     fn report(dev: u64, seq: u64, at: i64, file: bool) -> PostureReport {
         PostureReport {
             device_id: DeviceId(dev),
@@ -381,37 +391,43 @@ mod tests {
         let mut b = TrustBook::default();
         let d = DeviceId(1);
         assert!(matches!(
-            b.handle_report(d, report(2, 1, T, true), Some(&p), T),
+            b.handle_report(d, report(2, 1, T, true), Some(&p), &needed(&p), T),
             Err(ReportError::WrongDevice { .. })
         ));
         let c = b
-            .handle_report(d, report(1, 5, T, true), Some(&p), T)
+            .handle_report(d, report(1, 5, T, true), Some(&p), &needed(&p), T)
             .unwrap()
             .unwrap();
         assert_eq!(c.newly_failed, vec!["unused".to_string()]);
         assert!(b.passed(d).contains("marker"));
         // Replays and older sequence numbers are refused.
         assert!(matches!(
-            b.handle_report(d, report(1, 5, T, true), Some(&p), T + 1),
+            b.handle_report(d, report(1, 5, T, true), Some(&p), &needed(&p), T + 1),
             Err(ReportError::Replay { .. })
         ));
         assert!(matches!(
-            b.handle_report(d, report(1, 4, T, false), Some(&p), T + 1),
+            b.handle_report(d, report(1, 4, T, false), Some(&p), &needed(&p), T + 1),
             Err(ReportError::Replay { .. })
         ));
         // Stale and future reports are refused, and nothing changes.
         assert!(matches!(
-            b.handle_report(d, report(1, 6, T - 61_000, false), Some(&p), T),
+            b.handle_report(d, report(1, 6, T - 61_000, false), Some(&p), &needed(&p), T),
             Err(ReportError::Stale { .. })
         ));
         assert!(matches!(
-            b.handle_report(d, report(1, 7, T + 11_000, false), Some(&p), T),
+            b.handle_report(d, report(1, 7, T + 11_000, false), Some(&p), &needed(&p), T),
             Err(ReportError::Future { .. })
         ));
         assert!(b.passed(d).contains("marker"));
         // The file goes away: marker fails, with the reason kept.
         let c = b
-            .handle_report(d, report(1, 8, T + 1000, false), Some(&p), T + 1000)
+            .handle_report(
+                d,
+                report(1, 8, T + 1000, false),
+                Some(&p),
+                &needed(&p),
+                T + 1000,
+            )
             .unwrap()
             .unwrap();
         assert!(c.narrowed());
@@ -420,12 +436,24 @@ mod tests {
         assert!(!b.failures(d)["marker"].is_empty());
         // Back: passes again; an identical report changes nothing.
         let c = b
-            .handle_report(d, report(1, 9, T + 2000, true), Some(&p), T + 2000)
+            .handle_report(
+                d,
+                report(1, 9, T + 2000, true),
+                Some(&p),
+                &needed(&p),
+                T + 2000,
+            )
             .unwrap()
             .unwrap();
         assert_eq!(c.newly_passed, vec!["marker".to_string()]);
         assert!(b
-            .handle_report(d, report(1, 10, T + 3000, true), Some(&p), T + 3000)
+            .handle_report(
+                d,
+                report(1, 10, T + 3000, true),
+                Some(&p),
+                &needed(&p),
+                T + 3000
+            )
             .unwrap()
             .is_none());
     }
@@ -435,9 +463,9 @@ mod tests {
         let p = pol("");
         let mut b = TrustBook::default();
         let d = DeviceId(1);
-        b.reevaluate(d, Some(&p), T);
+        b.reevaluate(d, Some(&p), &needed(&p), T);
         assert!(b.passed(d).is_empty());
-        b.handle_report(d, report(1, 1, T, true), Some(&p), T)
+        b.handle_report(d, report(1, 1, T, true), Some(&p), &needed(&p), T)
             .unwrap();
         assert!(b.passed(d).contains("marker"));
         // Nobody reports for longer than the default maximum age: it fails.
@@ -445,6 +473,7 @@ mod tests {
             .reevaluate(
                 d,
                 Some(&p),
+                &needed(&p),
                 T + posture::DEFAULT_MAX_REPORT_AGE_MS as i64 + 1,
             )
             .unwrap();
@@ -456,25 +485,41 @@ mod tests {
         let p = pol("[trust]\nquarantine_after_failing = \"60s\"\n");
         let mut b = TrustBook::default();
         let d = DeviceId(1);
-        b.handle_report(d, report(1, 1, T, false), Some(&p), T)
+        b.handle_report(d, report(1, 1, T, false), Some(&p), &needed(&p), T)
             .unwrap();
-        assert_eq!(b.overdue_failure(d, &p, false, T + 59_000), None);
-        let why = b.overdue_failure(d, &p, false, T + 60_000).unwrap();
+        assert_eq!(
+            b.overdue_failure(d, &p, &needed(&p), false, T + 59_000),
+            None
+        );
+        let why = b
+            .overdue_failure(d, &p, &needed(&p), false, T + 60_000)
+            .unwrap();
         assert!(
             why.contains("marker") && why.contains("/etc/ward/ok"),
             "{why}"
         );
         // Asked once; after a release the clock restarts.
-        assert_eq!(b.overdue_failure(d, &p, false, T + 61_000), None);
+        assert_eq!(
+            b.overdue_failure(d, &p, &needed(&p), false, T + 61_000),
+            None
+        );
         b.handle_quarantine_changed(d, T + 70_000);
-        assert_eq!(b.overdue_failure(d, &p, false, T + 100_000), None);
-        assert!(b.overdue_failure(d, &p, false, T + 130_000).is_some());
+        assert_eq!(
+            b.overdue_failure(d, &p, &needed(&p), false, T + 100_000),
+            None
+        );
+        assert!(b
+            .overdue_failure(d, &p, &needed(&p), false, T + 130_000)
+            .is_some());
         // A requirement no rule uses never quarantines.
         let p2 = pol("[trust]\nquarantine_after_failing = \"1s\"\n");
         let mut b2 = TrustBook::default();
-        b2.handle_report(d, report(1, 1, T, true), Some(&p2), T)
+        b2.handle_report(d, report(1, 1, T, true), Some(&p2), &needed(&p2), T)
             .unwrap();
-        assert_eq!(b2.overdue_failure(d, &p2, false, T + 10_000), None);
+        assert_eq!(
+            b2.overdue_failure(d, &p2, &needed(&p2), false, T + 10_000),
+            None
+        );
     }
 
     #[test]
@@ -519,17 +564,21 @@ mod tests {
         let p = pol("[trust]\nrisky_lease_ttl = \"1m\"\nclean_after = \"10m\"\n");
         let mut b = TrustBook::default();
         let d = DeviceId(1);
-        b.handle_report(d, report(1, 1, T, true), Some(&p), T)
+        b.handle_report(d, report(1, 1, T, true), Some(&p), &needed(&p), T)
             .unwrap();
-        // "unused" (firewall) fails: a failure is a failure, even of an unused requirement.
-        assert!(b.risky(d, &p.trust, false, T + 1));
+        // "unused" (firewall) fails, but no rule needs it: not risky.
+        assert!(!b.risky(d, &p.trust, false, T + 1));
+        // "marker" (which a rule needs) fails: risky.
+        b.handle_report(d, report(1, 2, T + 1, false), Some(&p), &needed(&p), T + 1)
+            .unwrap();
+        assert!(b.risky(d, &p.trust, false, T + 2));
         let q = policy::parse(
             b"[posture.x]\nfirewall = false\n[trust]\nrisky_lease_ttl = \"1m\"\nclean_after = \"10m\"\n",
             "q.toml",
         )
         .unwrap();
         let mut b2 = TrustBook::default();
-        b2.handle_report(d, report(1, 1, T, true), Some(&q), T)
+        b2.handle_report(d, report(1, 1, T, true), Some(&q), &needed(&q), T)
             .unwrap();
         assert!(!b2.risky(d, &q.trust, false, T + 1));
         assert!(b2.risky(d, &q.trust, true, T + 1));

@@ -254,6 +254,24 @@ pub fn run_tests(p: &Policy, d: &Directory, now_ms: i64) -> Vec<TestOutcome> {
     out
 }
 
+/// For each device, the posture requirements named by the rules whose sources include it:
+/// the only requirements whose failure costs that device access (for automatic quarantine and
+/// risk, which must not punish a device for a requirement no rule of its needs).
+pub fn requirements_by_device(p: &Policy, d: &Directory) -> BTreeMap<DeviceId, BTreeSet<String>> {
+    let ix = Index::new(p, d);
+    let mut out: BTreeMap<DeviceId, BTreeSet<String>> = BTreeMap::new();
+    for rule in p.rules.iter().filter(|r| !r.posture.is_empty()) {
+        for sel in &rule.from {
+            for i in ix.resolve(&sel.value) {
+                out.entry(d.devices[i].id)
+                    .or_default()
+                    .extend(rule.posture.iter().map(|q| q.value.clone()));
+            }
+        }
+    }
+    out
+}
+
 /// A policy rule or a just-in-time grant, in one shape.
 pub(crate) struct EffRule<'a> {
     pub name: String,

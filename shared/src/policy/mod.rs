@@ -32,7 +32,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use crate::filter::{FilterRule, PortRange, Proto};
 use crate::wire::{DeviceId, Reach};
 
-pub use compile::{compile, run_tests, TestOutcome};
+pub use compile::{compile, requirements_by_device, run_tests, TestOutcome};
 pub use explain::{diff, explain, AccessChange, ChangeKind, DeviceExplanation, Explanation, Miss};
 pub use parse::parse;
 
