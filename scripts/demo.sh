@@ -107,6 +107,8 @@ touch "$MARK"
     | sed 's/^to = \["db"\]$/to = ["db"]\nposture = ["compliant"]/' >"$LAB_DIR/policy-posture.toml"
 run "ward-coordinator policy apply policy-posture.toml   # rule eng-db now needs posture \"compliant\""
 lab_coord policy apply "$LAB_DIR/policy-posture.toml" | sed 's/^/  /'
+echo "  (the diff judges alice's last report, which could not include a file no policy asked about yet;"
+echo "   the coordinator now asks her agent for it, and her next report, within a second, restores db)"
 lab_wait_for -t 15 lab_exec alice ping -c1 -W1 "$DB4"
 echo "  alice → db: answers (alice has the file and runs Debian 12)"
 run "alice$ rm $MARK      # the device falls out of compliance"

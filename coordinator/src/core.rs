@@ -245,6 +245,26 @@ impl Registry {
         self.verdict(id)
     }
 
+    /// The directory as a candidate policy would see it: each device's latest report judged
+    /// against the candidate's requirements (for `policy check`/`apply` diffs).
+    pub fn directory_for(&self, candidate: &Policy) -> Directory {
+        let mut d = self.directory();
+        for dev in &mut d.devices {
+            let evals = posture::evaluate_all(candidate, self.trust.report(dev.id), self.now_ms);
+            dev.posture_passed = evals
+                .iter()
+                .filter(|e| e.passed)
+                .map(|e| e.requirement.clone())
+                .collect();
+            dev.posture_failures = evals
+                .into_iter()
+                .filter(|e| !e.passed)
+                .map(|e| (e.requirement, e.failures))
+                .collect();
+        }
+        d
+    }
+
     pub fn posture_report(&self, id: DeviceId) -> Option<&PostureReport> {
         self.trust.report(id)
     }

@@ -87,6 +87,8 @@ enum Event {
     DeniedFlows(DeviceId, Vec<DeniedFlow>),
     /// The policy's shorter lease TTL, if this device is risky now.
     RiskyTtl(DeviceId, oneshot::Sender<Option<u64>>),
+    /// The directory judged under a candidate policy's posture requirements.
+    DirectoryFor(Box<Policy>, oneshot::Sender<Directory>),
     /// A device's latest report and verdict (for `device show`).
     TrustView(
         DeviceId,
@@ -416,6 +418,9 @@ async fn registry_actor(
                 }
             }
             Event::DeniedFlows(id, flows) => reg.handle_denied_flows(id, &flows, now_ms()),
+            Event::DirectoryFor(p, reply) => {
+                let _ = reply.send(reg.directory_for(&p));
+            }
             Event::RiskyTtl(id, reply) => {
                 let _ = reply.send(reg.risky_lease_ttl_ms(id));
             }
@@ -1569,8 +1574,17 @@ fn policy_check(
         .iter()
         .map(|w| w.to_string())
         .collect();
-    let compiled = policy::compile(&p, &snap.directory, now);
-    let outcomes = policy::run_tests(&p, &snap.directory, now);
+    // Access as it would be: every device's latest posture judged by this policy's requirements.
+    let dir = {
+        let (tx, rx) = oneshot::channel();
+        let _ = ctx
+            .events
+            .send(Event::DirectoryFor(Box::new(p.clone()), tx));
+        rx.blocking_recv()
+            .map_err(|_| anyhow::anyhow!("the coordinator is shutting down"))?
+    };
+    let compiled = policy::compile(&p, &dir, now);
+    let outcomes = policy::run_tests(&p, &dir, now);
     let failed = outcomes.iter().filter(|t| !t.pass).count();
     let tests: Vec<serde_json::Value> = outcomes
         .iter()
@@ -1591,7 +1605,7 @@ fn policy_check(
             serde_json::Value::Array(tests),
         );
     }
-    let changes: Vec<String> = policy::diff(&snap.compiled, &compiled, &snap.directory)
+    let changes: Vec<String> = policy::diff(&snap.compiled, &compiled, &dir)
         .iter()
         .map(|c| c.to_string())
         .collect();
