@@ -346,6 +346,7 @@ async fn registry_actor(
         events,
         stats: &mut stats,
         received: None,
+        refused: HashMap::new(),
     };
     loop {
         // Wake for the next rule or grant expiry, or at least every second.
@@ -412,8 +413,21 @@ async fn registry_actor(
                     }
                     Err(e) => {
                         sink.stats.refused += 1;
-                        warn!(device = %id, seq, error = %e, "posture report refused");
-                        sink.audit(id, "posture.refused", json!({ "error": e.to_string() }));
+                        // A device sending garbage must not turn into an fsync per message:
+                        // at most one audit row per device per 10 s, with the count.
+                        let (last, n) = sink.refused.entry(id).or_insert((None, 0));
+                        *n += 1;
+                        if last.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                            warn!(device = %id, seq, error = %e, refused = *n, "posture report refused");
+                            let count = *n;
+                            *last = Some(Instant::now());
+                            *n = 0;
+                            sink.audit(
+                                id,
+                                "posture.refused",
+                                json!({ "error": e.to_string(), "count": count }),
+                            );
+                        }
                     }
                 }
             }
@@ -451,6 +465,8 @@ struct TrustSink<'a> {
     stats: &'a mut TrustStats,
     /// When the report being handled arrived.
     received: Option<Instant>,
+    /// Per device: when a refusal was last audited, and refusals since.
+    refused: HashMap<DeviceId, (Option<Instant>, u64)>,
 }
 
 impl TrustSink<'_> {
