@@ -508,7 +508,10 @@ impl Daemon {
         // Rotation waits until this session holds a lease for the key in use: after a
         // reconnect the old lease may be stale, and a rotation must not race the first lease.
         let mut session_leased = false;
-        let mut rotate_when_leased: Option<String> = None;
+        // A trust change asked for a rotation while one could not start (no lease yet in this
+        // session, or a rotation already in flight, whose key predates the change): start one
+        // as soon as possible.
+        let mut rotate_asked: Option<String> = None;
         // A rotation in flight: the new private key, and when to switch to it.
         let mut pending: Option<[u8; 32]> = None;
         let mut switch: Option<(Instant, [u8; 32], SignedLease)> = None;
@@ -626,12 +629,6 @@ impl Daemon {
                                 lock(self).own_lease = Some(lease.clone());
                                 ch.send(&DeviceMsg::LeaseActive { serial: lease.lease.serial }).await?;
                                 session_leased = true;
-                                if let Some(reason) = rotate_when_leased.take() {
-                                    info!(%reason, "rotating now that the current key holds a lease");
-                                    if pending.is_none() && switch.is_none() && confirm.is_none() {
-                                        pending = Some(self.start_rotation(&mut ch).await?);
-                                    }
-                                }
                             } else if let Some(k) = pending.take().filter(|k| WgPublicKey(dataplane::public_key_for(k)) == lease.lease.wg_public_key) {
                                 // Peers already have the new key (the coordinator pushed it before
                                 // answering); give the deltas a moment to land, then switch.
@@ -642,10 +639,10 @@ impl Daemon {
                         }
                         CoordinatorMsg::RotateNow { reason } => {
                             info!(%reason, "coordinator asked for a key rotation");
-                            if !session_leased {
-                                rotate_when_leased = Some(reason);
-                            } else if pending.is_none() && switch.is_none() && confirm.is_none() {
+                            if session_leased && pending.is_none() && switch.is_none() && confirm.is_none() {
                                 pending = Some(self.start_rotation(&mut ch).await?);
+                            } else {
+                                rotate_asked = Some(reason);
                             }
                         }
                         CoordinatorMsg::PostureWants(w) => {
@@ -693,7 +690,11 @@ impl Daemon {
                         let now = now_ms() + g.clock_offset_ms.unwrap_or(0);
                         g.own_lease.as_ref().is_some_and(|l| crate::agent::rotation_due(l, now))
                     };
-                    if due && session_leased && pending.is_none() && switch.is_none() && confirm.is_none() {
+                    let free = session_leased && pending.is_none() && switch.is_none() && confirm.is_none();
+                    if free && (due || rotate_asked.is_some()) {
+                        if let Some(reason) = rotate_asked.take() {
+                            info!(%reason, "rotating for a trust change asked for earlier");
+                        }
                         pending = Some(self.start_rotation(&mut ch).await?);
                     }
                     if !ticks.is_multiple_of(40) {

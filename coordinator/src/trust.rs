@@ -174,8 +174,10 @@ impl TrustBook {
         }
         t.failing_since
             .retain(|k, _| evaluations.iter().any(|e| &e.requirement == k));
-        // First judged with no requirements at all: nothing to tell anyone.
-        let same = t.evaluations.as_deref().unwrap_or(&[]) == &evaluations[..];
+        // First judged with no requirements at all: nothing to tell anyone. Numbers in the
+        // reasons ("report: 185 s old") move every second; only a change in what passes or
+        // in which checks fail is news (else an offline device would be news every second).
+        let same = signature(t.evaluations.as_deref().unwrap_or(&[])) == signature(&evaluations);
         t.evaluations = Some(evaluations.clone());
         (!same).then_some(Change {
             evaluations,
@@ -324,6 +326,31 @@ impl TrustBook {
             .and_then(|t| t.last_failure_ms)
             .is_some_and(|f| now_ms - f < trust.clean_after_ms as i64)
     }
+}
+
+/// What an evaluation says, without the numbers in its reasons.
+fn signature(evals: &[Evaluation]) -> Vec<(&str, bool, Vec<String>)> {
+    evals
+        .iter()
+        .map(|e| {
+            let reasons = e.failures.iter().map(|f| without_numbers(f)).collect();
+            (e.requirement.as_str(), e.passed, reasons)
+        })
+        .collect()
+}
+
+/// `report: 120.5 s old` → `report:  s old`.
+fn without_numbers(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut prev_digit = false;
+    for c in s.chars() {
+        let digit = c.is_ascii_digit() || (c == '.' && prev_digit);
+        if !digit {
+            out.push(c);
+        }
+        prev_digit = c.is_ascii_digit();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -478,6 +505,12 @@ mod tests {
             )
             .unwrap();
         assert_eq!(c.newly_failed, vec!["marker".to_string()]);
+        // Getting older every second is not a change worth telling anyone about.
+        let later = T + posture::DEFAULT_MAX_REPORT_AGE_MS as i64 + 5_000;
+        assert!(b.reevaluate(d, Some(&p), &needed(&p), later).is_none());
+        assert!(b
+            .reevaluate(d, Some(&p), &needed(&p), later + 1_000)
+            .is_none());
     }
 
     #[test]
