@@ -478,7 +478,8 @@ lab_coord_addr() { _lab_need_init || return 1; cat "$LAB_DIR/coord_addr"; }
 lab_ward_socket() { _lab_need_init || return 1; echo "$LAB_DIR/dev-${1:?usage: lab_ward_socket HOST}/ward.sock"; }
 
 # lab_start_device HOST [PORT=51820] [TUN=ward0]: start `ward daemon` in HOST
-# (prefixed by $LAB_WARD_WRAPPER if set, e.g. LAB_WARD_WRAPPER="faketime -f +10m")
+# (prefixed by $LAB_WARD_WRAPPER if set, e.g. LAB_WARD_WRAPPER="faketime -f +10m";
+# extra daemon flags from $LAB_WARD_ARGS, e.g. LAB_WARD_ARGS="--posture-checks-dir DIR")
 # (state dir $LAB_DIR/dev-HOST, socket $LAB_DIR/dev-HOST/ward.sock) and wait
 # for its socket. Prints nothing.
 lab_start_device() {
