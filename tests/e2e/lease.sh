@@ -66,6 +66,9 @@ lab_spawn db iperf-tcp-server.log iperf3 -s -p 5201
 lab_spawn db iperf-udp-server.log iperf3 -s -p 5202
 sleep 1
 K0_SELF=$(lab_ward_json_get alice 's["key"]')
+counters() { lab_ward_json_get "$1" '"%d %d %d" % (s["counters"]["tx_packets"], s["counters"]["rx_packets"], s["counters"]["dropped_no_route"])'; }
+read -r A_TX0 A_RX0 A_NR0 <<<"$(counters alice)"
+read -r D_TX0 D_RX0 D_NR0 <<<"$(counters db)"
 lab_spawn alice iperf-tcp.log iperf3 -c "$DB4" -p 5201 -t "$ROT_SECS" -J -b 200M
 TCPPID=$(lab_last_pid)
 lab_spawn alice iperf-udp.log iperf3 -c "$DB4" -p 5202 -u -b 8M -l 1000 -t "$ROT_SECS" -J
@@ -78,6 +81,9 @@ while ((SECONDS < END)); do
     sleep 1
 done
 while kill -0 "$TCPPID" 2>/dev/null || kill -0 "$UDPPID" 2>/dev/null; do sleep 0.5; done
+sleep 1
+read -r A_TX1 A_RX1 A_NR1 <<<"$(counters alice)"
+read -r D_TX1 D_RX1 D_NR1 <<<"$(counters db)"
 SELF_KEYS=$(awk '{print $1}' "$LAB_DIR/keys" | sort -u | grep -c .)
 DB_KEYS=$(awk '{print $2}' "$LAB_DIR/keys" | sort -u | grep -c .)
 TCP=$(python3 -c '
@@ -100,6 +106,12 @@ MIN_KEYS=$((ROT_SECS / 10 - 2))
 check "alice's own key changed at every rotation (>= $MIN_KEYS keys)" test "$SELF_KEYS" -ge "$MIN_KEYS"
 check "db's key, as alice sees it, changed too (>= $MIN_KEYS keys)" test "$DB_KEYS" -ge "$MIN_KEYS"
 check "TCP stream survived every rotation (no reset, no error)" bash -c "[[ '$TCP' != ERROR* && -n '$TCP' ]]"
+echo "  tunnel: alice encrypted $((A_TX1 - A_TX0)) packets for db, db delivered $((D_RX1 - D_RX0)); db encrypted $((D_TX1 - D_TX0)), alice delivered $((A_RX1 - A_RX0)); no-route drops $((A_NR1 - A_NR0))/$((D_NR1 - D_NR0))"
+for h in alice db; do
+    echo "  $h ward0 kernel counters: $(lab_exec "$h" ip -s -o link show ward0 | grep -oE 'TX: .*' | tr -s ' ' | cut -c1-120)"
+done
+check "no packet lost in the tunnel across the rotations (alice -> db)" test $((A_TX1 - A_TX0)) -eq $((D_RX1 - D_RX0))
+check "no packet lost in the tunnel across the rotations (db -> alice)" test $((D_TX1 - D_TX0)) -eq $((A_RX1 - A_RX0))
 check "UDP loss <= 0.1 %" python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['end']['sum']; assert s['lost_percent'] <= 0.1, s['lost_percent']" "$LAB_DIR/logs/iperf-udp.log"
 check "audit records lease issue and revoke" bash -c "[[ \$(ip netns exec $(lab_ns wan) $(lab_ward_bin ward-coordinator) --data-dir $LAB_DIR/coordinator audit --limit 100000 --json | python3 -c 'import json,sys; a=json.load(sys.stdin); print(sum(1 for e in a if e[\"action\"]==\"lease.issue\")>5 and sum(1 for e in a if e[\"action\"]==\"lease.revoke\")>5)') == True ]]"
 
