@@ -110,8 +110,8 @@ echo "  tunnel: alice encrypted $((A_TX1 - A_TX0)) packets for db, db delivered 
 for h in alice db; do
     echo "  $h ward0 kernel counters: $(lab_exec "$h" ip -s -o link show ward0 | grep -oE 'TX: .*' | tr -s ' ' | cut -c1-120)"
 done
-check "no packet lost in the tunnel across the rotations (alice -> db)" test $((A_TX1 - A_TX0)) -eq $((D_RX1 - D_RX0))
-check "no packet lost in the tunnel across the rotations (db -> alice)" test $((D_TX1 - D_TX0)) -eq $((A_RX1 - A_RX0))
+check "no packet lost in the tunnel across the rotations (alice -> db)" test $((A_TX1 - A_TX0)) -gt 10000 -a $((A_TX1 - A_TX0)) -eq $((D_RX1 - D_RX0))
+check "no packet lost in the tunnel across the rotations (db -> alice)" test $((D_TX1 - D_TX0)) -gt 1000 -a $((D_TX1 - D_TX0)) -eq $((A_RX1 - A_RX0))
 check "UDP loss <= 0.1 %" python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['end']['sum']; assert s['lost_percent'] <= 0.1, s['lost_percent']" "$LAB_DIR/logs/iperf-udp.log"
 check "audit records lease issue and revoke" bash -c "[[ \$(ip netns exec $(lab_ns wan) $(lab_ward_bin ward-coordinator) --data-dir $LAB_DIR/coordinator audit --limit 100000 --json | python3 -c 'import json,sys; a=json.load(sys.stdin); print(sum(1 for e in a if e[\"action\"]==\"lease.issue\")>5 and sum(1 for e in a if e[\"action\"]==\"lease.revoke\")>5)') == True ]]"
 
