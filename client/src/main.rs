@@ -9,6 +9,7 @@ use std::time::Duration;
 use ward_client::api::{self, Request};
 use ward_client::daemon::{self, DaemonOpts};
 use ward_client::posture;
+use ward_shared::wire::{PostureVerdict, Unavailable};
 
 #[derive(Parser)]
 #[command(name = "ward", version, about = "Ward device agent")]
@@ -284,20 +285,10 @@ fn print_status(v: &serde_json::Value) {
     if let Some(q) = v["quarantine"].as_str() {
         println!("QUARANTINED:  {q} (only remediation services are reachable)");
     }
-    for u in v["unavailable"].as_array().into_iter().flatten() {
-        let reasons: Vec<String> = u["reasons"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
-        println!(
-            "unavailable:  {} on {} (rule {}): {}",
-            s(&u["service"]),
-            s(&u["hostname"]),
-            s(&u["rule"]),
-            reasons.join("; ")
-        );
+    let unavailable: Vec<Unavailable> =
+        serde_json::from_value(v["unavailable"].clone()).unwrap_or_default();
+    for u in unavailable {
+        println!("unavailable:  {u}");
     }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     println!("peers:        {}", peers.len());
@@ -390,44 +381,9 @@ fn print_posture(v: &serde_json::Value) {
             println!("  {:<22} {}", format!("check {name}"), reading(m));
         }
     }
-    let verdict = &v["verdict"];
-    if verdict.is_null() {
-        println!("requirements: no verdict from the coordinator yet");
-        return;
-    }
-    let results = verdict["results"].as_array().cloned().unwrap_or_default();
-    if results.is_empty() {
-        println!("requirements: the policy has no posture requirements");
-    } else {
-        println!("requirements:");
-    }
-    for e in &results {
-        let name = s(&e["requirement"]);
-        if e["passed"].as_bool() == Some(true) {
-            println!("  {name:<20} pass");
-        } else {
-            println!("  {name:<20} FAIL");
-            for f in e["failures"].as_array().into_iter().flatten() {
-                println!("    {}", s(f));
-            }
-        }
-    }
-    if let Some(q) = verdict["quarantine"].as_str() {
-        println!("QUARANTINED: {q}");
-    }
-    for u in verdict["unavailable"].as_array().into_iter().flatten() {
-        let reasons: Vec<String> = u["reasons"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
-        println!(
-            "unavailable: {} on {} (rule {}): {}",
-            s(&u["service"]),
-            s(&u["hostname"]),
-            s(&u["rule"]),
-            reasons.join("; ")
-        );
+    match serde_json::from_value::<Option<PostureVerdict>>(v["verdict"].clone()) {
+        Ok(Some(verdict)) => verdict.lines().iter().for_each(|l| println!("{l}")),
+        Ok(None) => println!("requirements: no verdict from the coordinator yet"),
+        Err(e) => println!("requirements: the daemon's verdict is unreadable ({e})"),
     }
 }

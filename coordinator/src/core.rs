@@ -1052,40 +1052,7 @@ to = ["all"]
     }
 
     fn report(dev: u64, seq: u64, at: i64, marker: bool) -> PostureReport {
-        use ward_shared::posture::{FileState, Measured, OsInfo};
-        PostureReport {
-            device_id: DeviceId(dev),
-            seq,
-            collected_at_ms: at,
-            os: Measured::value(
-                at,
-                OsInfo {
-                    id: "debian".into(),
-                    version: "12".into(),
-                    pretty: "Debian".into(),
-                },
-            ),
-            kernel: Measured::value(at, "6.1.0".into()),
-            ward_version: "0.1.0".into(),
-            firewall: Measured::error(at, "nft: not found"),
-            disk_encryption: Measured::value(at, false),
-            screen_lock: Measured::value(at, None),
-            last_package_update_ms: Measured::value(at, at),
-            processes: BTreeMap::new(),
-            files: [(
-                "/m".to_string(),
-                Measured::value(
-                    at,
-                    FileState {
-                        present: marker,
-                        sha256: None,
-                    },
-                ),
-            )]
-            .into_iter()
-            .collect(),
-            custom: BTreeMap::new(),
-        }
+        PostureReport::unknown(DeviceId(dev), seq, at).with_file("/m", marker)
     }
 
     /// alice (1) may reach db (2) on 5432 only while she has /m, and on 80 always.

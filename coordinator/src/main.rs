@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use ward_coordinator::admin::{self, AdminRequest};
 use ward_coordinator::datadir::DataDir;
 use ward_coordinator::server;
+use ward_shared::wire::PostureVerdict;
 
 #[derive(Parser)]
 #[command(
@@ -715,41 +716,11 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 }
 
 /// A value for a human table cell.
-/// A device's posture verdict for people: each requirement, quarantine, withheld access.
+/// A device's posture verdict for people (see [`PostureVerdict::lines`]).
 fn print_trust(v: &serde_json::Value) {
-    let results = v["results"].as_array().cloned().unwrap_or_default();
-    if results.is_empty() && v["quarantine"].is_null() {
-        println!("{:<18} no posture requirements apply", "posture");
-        return;
-    }
-    for r in &results {
-        let name = r["requirement"].as_str().unwrap_or("?");
-        if r["passed"].as_bool() == Some(true) {
-            println!("posture {name:<10} pass");
-        } else {
-            println!("posture {name:<10} FAIL");
-            for f in r["failures"].as_array().into_iter().flatten() {
-                println!("    {}", plain(f));
-            }
-        }
-    }
-    if let Some(q) = v["quarantine"].as_str() {
-        println!("{:<18} {q}", "quarantined");
-    }
-    for u in v["unavailable"].as_array().into_iter().flatten() {
-        println!(
-            "unavailable        {} on {} (rule {}): {}",
-            plain(&u["service"]),
-            plain(&u["hostname"]),
-            plain(&u["rule"]),
-            u["reasons"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(plain)
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
+    match serde_json::from_value::<PostureVerdict>(v.clone()) {
+        Ok(verdict) => verdict.lines().iter().for_each(|l| println!("{l}")),
+        Err(e) => println!("posture            unreadable ({e})"),
     }
 }
 

@@ -405,7 +405,7 @@ async fn registry_actor(
                 received,
             } => {
                 sink.stats.reports += 1;
-                let (seq, age) = (report.seq, now_ms() - report.collected_at_ms);
+                let (seq, age) = (report.seq, now_ms().saturating_sub(report.collected_at_ms));
                 match reg.handle_posture(id, conn, *report, now_ms()) {
                     Ok(()) => {
                         debug!(device = %id, seq, age_ms = age, "posture report");

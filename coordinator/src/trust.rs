@@ -113,12 +113,15 @@ impl TrustBook {
                 last: t.last_seq,
             });
         }
-        let age = now_ms - report.collected_at_ms;
+        // The stamp is the device's word: no arithmetic on it may overflow.
+        let age = now_ms.saturating_sub(report.collected_at_ms);
         if age > MAX_REPORT_DELAY_MS {
             return Err(ReportError::Stale { age_ms: age });
         }
-        if -age > MAX_REPORT_AHEAD_MS {
-            return Err(ReportError::Future { ahead_ms: -age });
+        if age < -MAX_REPORT_AHEAD_MS {
+            return Err(ReportError::Future {
+                ahead_ms: age.saturating_neg(),
+            });
         }
         t.last_seq = report.seq;
         t.report = Some(report);
@@ -357,7 +360,7 @@ fn without_numbers(s: &str) -> String {
 mod tests {
     use super::*;
     use ward_shared::policy;
-    use ward_shared::posture::{FileState, Measured, OsInfo};
+    use ward_shared::posture::Measured;
 
     const T: i64 = 1_800_000_000_000;
 
@@ -377,39 +380,9 @@ mod tests {
     }
 
     fn report(dev: u64, seq: u64, at: i64, file: bool) -> PostureReport {
-        PostureReport {
-            device_id: DeviceId(dev),
-            seq,
-            collected_at_ms: at,
-            os: Measured::value(
-                at,
-                OsInfo {
-                    id: "debian".into(),
-                    version: "12".into(),
-                    pretty: "Debian 12".into(),
-                },
-            ),
-            kernel: Measured::value(at, "6.1.0".into()),
-            ward_version: "0.1.0".into(),
-            firewall: Measured::value(at, false),
-            disk_encryption: Measured::value(at, false),
-            screen_lock: Measured::value(at, None),
-            last_package_update_ms: Measured::value(at, at),
-            processes: BTreeMap::new(),
-            files: [(
-                "/etc/ward/ok".to_string(),
-                Measured::value(
-                    at,
-                    FileState {
-                        present: file,
-                        sha256: None,
-                    },
-                ),
-            )]
-            .into_iter()
-            .collect(),
-            custom: BTreeMap::new(),
-        }
+        let mut r = PostureReport::unknown(DeviceId(dev), seq, at).with_file("/etc/ward/ok", file);
+        r.firewall = Measured::value(at, false);
+        r
     }
 
     #[test]
@@ -483,6 +456,19 @@ mod tests {
             )
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn extreme_stamps_are_refused_without_overflow() {
+        let p = pol("");
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        for (seq, at) in [(1, i64::MIN), (2, i64::MAX), (3, i64::MIN + 1)] {
+            assert!(b
+                .handle_report(d, report(1, seq, at, true), Some(&p), &needed(&p), T)
+                .is_err());
+        }
+        assert!(b.passed(d).is_empty());
     }
 
     #[test]

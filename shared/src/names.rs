@@ -170,7 +170,7 @@ impl fmt::Display for Name {
 }
 
 /// At most 40 characters of untrusted input, for error messages.
-fn shorten(s: &str) -> String {
+pub fn shorten(s: &str) -> String {
     let mut out: String = s.chars().take(40).collect();
     if s.chars().count() > 40 {
         out.push('…');

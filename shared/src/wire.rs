@@ -164,6 +164,44 @@ pub struct PostureVerdict {
     pub unavailable: Vec<Unavailable>,
 }
 
+impl PostureVerdict {
+    /// The verdict for people, a line each: every requirement (`pass`, or `FAIL` followed by
+    /// its failed checks, indented), the quarantine, and what is unavailable and why. Both
+    /// CLIs (`ward posture`, `ward-coordinator device show`) print this.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.results.is_empty() {
+            out.push("requirements: the policy has no posture requirements".to_string());
+        }
+        for e in &self.results {
+            let verdict = if e.passed { "pass" } else { "FAIL" };
+            out.push(format!("requirement {:<20} {verdict}", e.requirement));
+            out.extend(e.failures.iter().map(|f| format!("    {f}")));
+        }
+        if let Some(q) = &self.quarantine {
+            out.push(format!(
+                "QUARANTINED: {q} (only remediation services are reachable)"
+            ));
+        }
+        out.extend(self.unavailable.iter().map(|u| format!("unavailable: {u}")));
+        out
+    }
+}
+
+impl std::fmt::Display for Unavailable {
+    /// `db on db1 (rule eng-db): posture "baseline": file /x: missing`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} on {} (rule {}): {}",
+            self.service,
+            self.hostname,
+            self.rule,
+            self.reasons.join("; ")
+        )
+    }
+}
+
 /// A service on a device that is out of reach because of trust, and why.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Unavailable {

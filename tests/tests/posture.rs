@@ -9,7 +9,7 @@ mod common;
 use common::{wait_until, Agent, Coordinator};
 use std::time::{Duration, Instant};
 use ward_client::state::StateFile;
-use ward_shared::posture::{Measured, OsInfo, PostureReport};
+use ward_shared::posture::PostureReport;
 use ward_shared::wire::{self, DeviceId, DeviceMsg, DeviceUpdate, Hello};
 
 /// Whether `peer`'s inbound filter lets `from_ip` open `service`.
@@ -36,31 +36,6 @@ fn requirement(a: &Agent, name: &str) -> Option<(bool, String)> {
         .iter()
         .find(|e| e["requirement"] == name)
         .map(|e| (e["passed"] == true, e["failures"].to_string()))
-}
-
-fn report(dev: DeviceId, seq: u64, at: i64) -> PostureReport {
-    PostureReport {
-        device_id: dev,
-        seq,
-        collected_at_ms: at,
-        os: Measured::value(
-            at,
-            OsInfo {
-                id: "debian".into(),
-                version: "12".into(),
-                pretty: "forged".into(),
-            },
-        ),
-        kernel: Measured::value(at, "6.1.0".into()),
-        ward_version: "0.1.0".into(),
-        firewall: Measured::value(at, true),
-        disk_encryption: Measured::value(at, true),
-        screen_lock: Measured::value(at, None),
-        last_package_update_ms: Measured::value(at, at),
-        processes: Default::default(),
-        files: Default::default(),
-        custom: Default::default(),
-    }
 }
 
 fn now_ms() -> i64 {
@@ -184,7 +159,7 @@ to = ["open"]
         let _ = tokio::time::timeout(Duration::from_secs(5), ch.recv()).await;
         let now = now_ms();
         // For another device.
-        ch.send(&DeviceMsg::Posture(Box::new(report(
+        ch.send(&DeviceMsg::Posture(Box::new(PostureReport::unknown(
             pb_id,
             now as u64 + 10_000,
             now,
@@ -192,11 +167,15 @@ to = ["open"]
         .await
         .unwrap();
         // A replay: an old sequence number.
-        ch.send(&DeviceMsg::Posture(Box::new(report(st.device_id, 1, now))))
-            .await
-            .unwrap();
+        ch.send(&DeviceMsg::Posture(Box::new(PostureReport::unknown(
+            st.device_id,
+            1,
+            now,
+        ))))
+        .await
+        .unwrap();
         // Collected long ago.
-        ch.send(&DeviceMsg::Posture(Box::new(report(
+        ch.send(&DeviceMsg::Posture(Box::new(PostureReport::unknown(
             st.device_id,
             now as u64 + 20_000,
             now - 3_600_000,

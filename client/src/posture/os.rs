@@ -3,6 +3,7 @@
 use std::io;
 use std::path::Path;
 
+use ward_shared::names::shorten;
 use ward_shared::posture::OsInfo;
 
 use super::read_text;
@@ -53,12 +54,15 @@ pub fn parse_os_release(text: &str) -> Result<OsInfo, String> {
     {
         return Err(format!(
             "ID {:?} is not a valid operating system id",
-            short(&id)
+            shorten(&id)
         ));
     }
     let version = version.unwrap_or_default();
     if version.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("VERSION_ID {:?} contains spaces", short(&version)));
+        return Err(format!(
+            "VERSION_ID {:?} contains spaces",
+            shorten(&version)
+        ));
     }
     Ok(OsInfo {
         id,
@@ -76,7 +80,7 @@ pub fn parse_kernel_release(text: &str) -> Result<String, String> {
     if release.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(format!(
             "kernel release {:?} is not one word",
-            short(release)
+            shorten(release)
         ));
     }
     Ok(release.to_string())
@@ -144,15 +148,6 @@ fn unquote(raw: &str) -> Result<String, &'static str> {
         }
     }
     Ok(out)
-}
-
-/// At most 40 characters of file content, for error messages.
-fn short(s: &str) -> String {
-    let mut out: String = s.chars().take(40).collect();
-    if s.chars().count() > 40 {
-        out.push('…');
-    }
-    out
 }
 
 #[cfg(test)]

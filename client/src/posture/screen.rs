@@ -24,6 +24,8 @@
 use std::io;
 use std::path::Path;
 
+use ward_shared::names::shorten;
+
 use super::read_text;
 use super::run::{Limits, RunError, Runner, User};
 use super::COMMAND_TIMEOUT;
@@ -111,7 +113,7 @@ pub fn parse_gsettings_bool(out: &str) -> Result<bool, String> {
     match out.trim() {
         "true" => Ok(true),
         "false" => Ok(false),
-        other => Err(format!("expected true or false, got {:?}", short(other))),
+        other => Err(format!("expected true or false, got {:?}", shorten(other))),
     }
 }
 
@@ -121,7 +123,7 @@ pub fn parse_gsettings_uint(out: &str) -> Result<u32, String> {
     let n = t.strip_prefix("uint32 ").unwrap_or(t);
     n.trim()
         .parse()
-        .map_err(|_| format!("expected a number, got {:?}", short(t)))
+        .map_err(|_| format!("expected a number, got {:?}", shorten(t)))
 }
 
 /// KDE's screen locker settings.
@@ -176,7 +178,7 @@ pub fn parse_kscreenlockerrc(text: &str, base: KdeLock) -> Result<KdeLock, Strin
             "Timeout" => {
                 out.timeout_min = v
                     .parse()
-                    .map_err(|_| at(format!("Timeout {:?} is not a number", short(v))))?
+                    .map_err(|_| at(format!("Timeout {:?} is not a number", shorten(v))))?
             }
             _ => {}
         }
@@ -291,7 +293,7 @@ fn session_locks(root: &Path, runner: &Runner, s: &Session) -> Result<bool, Stri
         let shown = if s.desktop.is_empty() {
             "(none)".to_string()
         } else {
-            format!("{:?}", short(&s.desktop))
+            format!("{:?}", shorten(&s.desktop))
         };
         return Err(format!(
             "cannot tell whether desktop {shown} locks the screen by itself"
@@ -363,16 +365,8 @@ fn kde_bool(v: &str) -> Result<bool, String> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "on" | "yes" | "1" => Ok(true),
         "false" | "off" | "no" | "0" => Ok(false),
-        _ => Err(format!("{:?} is not a boolean", short(v))),
+        _ => Err(format!("{:?} is not a boolean", shorten(v))),
     }
-}
-
-fn short(s: &str) -> String {
-    let mut out: String = s.chars().take(40).collect();
-    if s.chars().count() > 40 {
-        out.push('…');
-    }
-    out
 }
 
 #[cfg(test)]

@@ -168,6 +168,17 @@ fn empty_policy_is_valid_and_allows_nothing() {
     assert_eq!(c.next_expiry_ms, None);
 }
 
+/// Each source, parsed as `file`, fails with an error that starts with its expected text.
+fn expect_errors(file: &str, cases: &[(&str, &str)]) {
+    for (src, want) in cases {
+        let got = parse(src.as_bytes(), file).unwrap_err().to_string();
+        assert!(
+            got.starts_with(want),
+            "for\n{src}\ngot:  {got}\nwant: {want}"
+        );
+    }
+}
+
 #[test]
 fn semantic_errors_name_line_and_column() {
     let cases: &[(&str, &str)] = &[
@@ -201,13 +212,7 @@ fn semantic_errors_name_line_and_column() {
             "policy.toml:6:10: bad port \"x\"",
         ),
     ];
-    for (src, want) in cases {
-        let got = err(src);
-        assert!(
-            got.starts_with(want),
-            "for\n{src}\ngot:  {got}\nwant: {want}"
-        );
-    }
+    expect_errors("policy.toml", cases);
 }
 
 #[test]
@@ -898,13 +903,7 @@ fn posture_errors_name_line_and_column() {
             "p.toml:2:1: unknown field `screenlock`",
         ),
     ];
-    for (src, want) in cases {
-        let got = parse(src.as_bytes(), "p.toml").unwrap_err().to_string();
-        assert!(
-            got.starts_with(want),
-            "for\n{src}\ngot:  {got}\nwant: {want}"
-        );
-    }
+    expect_errors("p.toml", cases);
 }
 
 #[test]
@@ -1052,13 +1051,7 @@ fn trust_errors_name_line_and_column() {
         ),
         ("trust = 1\n", "p.toml:1:9: invalid type"),
     ];
-    for (src, want) in cases {
-        let got = parse(src.as_bytes(), "p.toml").unwrap_err().to_string();
-        assert!(
-            got.starts_with(want),
-            "for\n{src}\ngot:  {got}\nwant: {want}"
-        );
-    }
+    expect_errors("p.toml", cases);
 }
 
 #[test]

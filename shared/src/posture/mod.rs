@@ -118,6 +118,46 @@ pub struct PostureReport {
     pub custom: BTreeMap<String, Measured<serde_json::Value>>,
 }
 
+impl PostureReport {
+    /// A report that knows nothing: every signal unreadable ("not collected"), no processes,
+    /// files or custom checks. It fails every check that needs a signal (fail closed); tests
+    /// start from it and fill in what they need.
+    pub fn unknown(device_id: DeviceId, seq: u64, at_ms: i64) -> Self {
+        const NONE: &str = "not collected";
+        PostureReport {
+            device_id,
+            seq,
+            collected_at_ms: at_ms,
+            os: Measured::error(at_ms, NONE),
+            kernel: Measured::error(at_ms, NONE),
+            ward_version: String::new(),
+            firewall: Measured::error(at_ms, NONE),
+            disk_encryption: Measured::error(at_ms, NONE),
+            screen_lock: Measured::error(at_ms, NONE),
+            last_package_update_ms: Measured::error(at_ms, NONE),
+            processes: BTreeMap::new(),
+            files: BTreeMap::new(),
+            custom: BTreeMap::new(),
+        }
+    }
+
+    /// This report with one file reading (`present`, no digest).
+    pub fn with_file(mut self, path: &str, present: bool) -> Self {
+        let at = self.collected_at_ms;
+        self.files.insert(
+            path.to_string(),
+            Measured::value(
+                at,
+                FileState {
+                    present,
+                    sha256: None,
+                },
+            ),
+        );
+        self
+    }
+}
+
 /// What the coordinator asks a device to look at, derived from the requirements of the policy
 /// in force. Custom checks run only if the device's own configuration lists an executable for
 /// that name: the coordinator never makes a device run something it names.
