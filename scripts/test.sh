@@ -6,13 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== dependency rules (ARCHITECTURE.md)"
+./scripts/check-deps.sh
 echo "== cargo clippy -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== building binaries (debug for system tests, release for namespace tests)"
-cargo build --workspace --bins
-cargo build --release --workspace --bins
+cargo build --locked --workspace --bins
+cargo build --locked --release --workspace --bins
 echo "== cargo test"
-cargo test --workspace
+cargo test --locked --workspace
 echo "== end-to-end tests in network namespaces"
 if [[ $EUID -ne 0 ]]; then
     echo "SKIPPED: tests/e2e/*.sh need root (network namespaces, TUN); they were NOT run"

@@ -2,10 +2,9 @@
 //! response line, over a Unix socket (mode 0600). Never a TCP listener: a web page must not be
 //! able to reach it.
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 pub const MAX_API_LINE: u64 = 64 * 1024;
 
@@ -33,29 +32,15 @@ pub struct Response {
     pub error: Option<String>,
 }
 
+/// Sends one request to the local agent.
 pub async fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the ward daemon at {} ({e}); is `ward daemon` running?",
-            socket.display()
-        )
-    })?;
-    let (r, mut w) = stream.into_split();
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    w.write_all(&line).await?;
-    let mut resp = String::new();
-    BufReader::new(r)
-        .take(64 * 1024 * 1024)
-        .read_line(&mut resp)
-        .await
-        .context("reading the daemon's answer")?;
-    if resp.is_empty() {
-        bail!("the daemon closed the connection without an answer");
-    }
-    let resp: Response = serde_json::from_str(&resp).context("the daemon's answer is not valid")?;
-    if !resp.ok {
-        bail!("{}", resp.error.unwrap_or_else(|| "request failed".into()));
-    }
-    Ok(resp.data)
+    ward_runtime::rpc::call(
+        socket,
+        ward_runtime::rpc::Peer {
+            name: "the ward daemon",
+            hint: "is `ward daemon` running?",
+        },
+        req,
+    )
+    .await
 }

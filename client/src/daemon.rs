@@ -117,12 +117,7 @@ fn lock(d: &Daemon) -> std::sync::MutexGuard<'_, Shared> {
     d.shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use ward_runtime::now_ms;
 
 pub async fn run(opts: DaemonOpts) -> Result<()> {
     let state_file = StateFile::new(&opts.state_dir);

@@ -77,50 +77,22 @@ enum Cmd {
     },
 }
 
-/// `30s`, `5m`, `1h`, `500ms`, or plain seconds.
+/// A positive duration in the one grammar (`500ms`, `30s`, `5m`, `1h`; a bare number is seconds).
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60_000)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3_600_000)
-    } else {
-        (s, 1000)
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: use 500ms, 30s, 5m or 1h"))?;
-    if n == 0 || n > 1_000_000 {
+    let d = ward_shared::duration::parse(s).map_err(|e| e.to_string())?;
+    if d.is_zero() || d > Duration::from_secs(1_000_000) {
         return Err(format!("duration {s:?} is out of range"));
     }
-    Ok(Duration::from_millis(n * mul))
+    Ok(d)
 }
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,boringtun=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting runtime: {e}");
-            std::process::exit(1);
-        }
+    let mode = match cli.cmd {
+        Cmd::Daemon { .. } => ward_runtime::Mode::Service,
+        _ => ward_runtime::Mode::Cli,
     };
-    if let Err(e) = rt.block_on(run(cli)) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    ward_runtime::main("info,boringtun=error", mode, run(cli))
 }
 
 async fn run(cli: Cli) -> Result<()> {

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use ward_coordinator::core::{Output, Registry};
+use ward_coordinator::registry::{Output, Registry};
 use ward_coordinator::store::{Device, DeviceStatus, User};
 use ward_shared::addr::AddressPools;
 use ward_shared::names::Hostname;

@@ -1,12 +1,10 @@
 //! The admin protocol: one JSON request line, one JSON response line, over the Unix socket
 //! `DATA_DIR/admin.sock` (mode 0600; the server also checks the peer's uid).
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-/// Longest request line the server reads.
 /// Longest request line the server reads (a 1 MiB policy, base64-encoded, fits).
 pub const MAX_ADMIN_LINE: usize = 4 * 1024 * 1024;
 
@@ -123,58 +121,20 @@ impl AdminResponse {
 
 /// Sends one request to the running coordinator.
 pub async fn call(socket: &Path, req: &AdminRequest) -> Result<serde_json::Value> {
-    let stream = match tokio::net::UnixStream::connect(socket).await {
-        Ok(s) => s,
-        Err(e) => bail!(
-            "cannot reach the coordinator's admin socket {} ({e}); is `ward-coordinator serve` running with this --data-dir?",
-            socket.display()
-        ),
-    };
-    let (r, mut w) = stream.into_split();
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    w.write_all(&line).await?;
-    w.shutdown().await.ok();
-    let mut resp = String::new();
-    BufReader::new(r)
-        .take(64 * 1024 * 1024)
-        .read_line(&mut resp)
-        .await
-        .context("reading the coordinator's answer")?;
-    if resp.is_empty() {
-        bail!("the coordinator closed the admin connection without an answer");
-    }
-    let resp: AdminResponse =
-        serde_json::from_str(&resp).context("the coordinator's answer is not valid")?;
-    if !resp.ok {
-        bail!("{}", resp.error.unwrap_or_else(|| "request failed".into()));
-    }
-    Ok(resp.data)
+    ward_runtime::rpc::call(
+        socket,
+        ward_runtime::rpc::Peer {
+            name: "the coordinator's admin socket",
+            hint: "is `ward-coordinator serve` running with this --data-dir?",
+        },
+        req,
+    )
+    .await
 }
 
-use tokio::io::AsyncReadExt as _;
-
-/// Parses `90s`, `15m`, `1h`, `7d` (and plain seconds).
+/// A duration in the one grammar (`90s`, `15m`, `1h`, `7d`; a bare number is seconds).
 pub fn parse_duration(s: &str) -> Result<std::time::Duration> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a duration like 90s, 15m, 1h or 7d"))?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => bail!("{s:?} is not a duration like 90s, 15m, 1h or 7d"),
-    };
-    let secs = n
-        .checked_mul(mult)
-        .with_context(|| format!("duration {s:?} is too long"))?;
-    Ok(std::time::Duration::from_secs(secs))
+    Ok(ward_shared::duration::parse(s)?)
 }
 
 #[cfg(test)]

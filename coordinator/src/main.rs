@@ -233,26 +233,11 @@ enum AuditCmd {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting runtime: {e}");
-            std::process::exit(1);
-        }
+    let mode = match cli.cmd {
+        Cmd::Serve { .. } => ward_runtime::Mode::Service,
+        _ => ward_runtime::Mode::Cli,
     };
-    if let Err(e) = rt.block_on(run(cli)) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    ward_runtime::main("info", mode, run(cli))
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -260,7 +245,7 @@ async fn run(cli: Cli) -> Result<()> {
     let sock = dd.admin_socket();
     match cli.cmd {
         Cmd::Init { public_addr } => {
-            let cfg = dd.init(&public_addr, server::now_ms())?;
+            let cfg = dd.init(&public_addr, ward_runtime::now_ms())?;
             let ca = dd.load_ca()?;
             println!("initialised coordinator in {}", dd.path.display());
             println!("  public address : {}", cfg.public_addr);
@@ -281,7 +266,8 @@ async fn run(cli: Cli) -> Result<()> {
             lease_ttl_tag,
             lease_max_ttl,
         } => {
-            let ms = |s: &str| -> Result<i64> { Ok(admin::parse_duration(s)?.as_millis() as i64) };
+            let ms =
+                |s: &str| -> Result<i64> { Ok(admin::parse_duration(s)?.as_millis().try_into()?) };
             let mut per_tag_ms = std::collections::BTreeMap::new();
             for spec in &lease_ttl_tag {
                 let (tag, d) = spec

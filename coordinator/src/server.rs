@@ -1,4 +1,4 @@
-//! `ward-coordinator serve`: the tokio driver around [`crate::core::Registry`] and the store.
+//! `ward-coordinator serve`: the tokio driver around [`crate::registry::Registry`] and the store.
 //!
 //! Tasks: a QUIC accept loop (one task per device connection), the registry actor (owns the
 //! core, fans its outputs out to connection tasks), and the admin socket.
@@ -24,14 +24,14 @@ use ward_shared::wire::{
 };
 
 use crate::admin::{AdminRequest, AdminResponse, MAX_ADMIN_LINE};
-use crate::core::{ConnId, Output, Registry};
 use crate::datadir::{Config, DataDir};
 use crate::pki::{cert_identity, Ca};
+use crate::registry::{ConnId, Output, Registry};
 use crate::store::{
     Audit, Device, EnrollSpec, GrantRow, LeaseRow, Quarantine, SqliteStore, Store, StoreError,
 };
 use crate::trust::Change;
-use ward_shared::lease::{Lease, SignedLease};
+use ward_shared::lease::SignedLease;
 use ward_shared::policy::{self, Compiled, Directory, Grant, Policy};
 use ward_shared::posture::PostureReport;
 
@@ -40,12 +40,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Frames queued for one slow connection before it is dropped.
 const CONN_QUEUE: usize = 256;
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use ward_runtime::now_ms;
 
 enum ConnCmd {
     Send(Vec<u8>),
@@ -135,25 +130,7 @@ impl TrustStats {
     }
 }
 
-/// Lease lifetimes: a coordinator default, per-tag overrides, and a hard maximum.
-#[derive(Debug, Clone)]
-pub struct LeaseTtl {
-    pub default_ms: i64,
-    pub per_tag_ms: std::collections::BTreeMap<String, i64>,
-    pub max_ms: i64,
-}
-
-impl LeaseTtl {
-    /// The shortest TTL among the device's tags (or the default), never above the maximum.
-    pub fn for_tags(&self, tags: &[String]) -> i64 {
-        tags.iter()
-            .filter_map(|t| self.per_tag_ms.get(t).copied())
-            .min()
-            .unwrap_or(self.default_ms)
-            .min(self.max_ms)
-            .max(1_000)
-    }
-}
+pub use crate::leases::LeaseTtl;
 
 struct Ctx {
     config: Config,
@@ -206,7 +183,7 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
     let leases = store
         .active_leases(now)?
         .into_iter()
-        .filter_map(|row| sign_row(&lease_key, &devices, row))
+        .filter_map(|row| crate::leases::sign_row(&lease_key, &devices, row))
         .collect();
     let registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
     let (events, rx) = mpsc::unbounded_channel();
@@ -300,27 +277,6 @@ fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
     transport.max_concurrent_uni_streams(0u32.into());
     sc.transport_config(Arc::new(transport));
     Ok(sc)
-}
-
-/// Signs a stored lease for the device it belongs to (its addresses come from the registry).
-fn sign_row(
-    key: &ed25519_dalek::SigningKey,
-    devices: &[Device],
-    row: LeaseRow,
-) -> Option<SignedLease> {
-    let d = devices.iter().find(|d| d.id == row.device_id)?;
-    Some(
-        Lease {
-            device_id: d.id,
-            wg_public_key: row.wg_public_key,
-            ipv4: d.ipv4,
-            ipv6: d.ipv6,
-            not_before_ms: row.not_before_ms,
-            not_after_ms: row.not_after_ms,
-            serial: row.serial,
-        }
-        .sign(key),
-    )
 }
 
 fn grant_of(g: &GrantRow) -> Grant {
@@ -998,7 +954,7 @@ async fn session(
                             }
                         }
                         DeviceMsg::LeaseRequest { wg_public_key } => {
-                            match issue_lease(&ctx, &dev, wg_public_key).await {
+                            match issue_lease(&ctx, dev.id, wg_public_key).await {
                                 Ok(lease) => send_msg(&mut send, &CoordinatorMsg::Lease { lease }).await?,
                                 Err((code, message)) => {
                                     warn!(device = %id, ?code, %message, "lease refused");
@@ -1045,47 +1001,27 @@ async fn session(
 /// Issues, records and signs a lease, and has the registry push it to peers first.
 async fn issue_lease(
     ctx: &Arc<Ctx>,
-    dev: &Device,
+    id: DeviceId,
     key: wire::WgPublicKey,
 ) -> Result<SignedLease, (ErrorCode, String)> {
-    let store = ctx.store.clone();
-    let id = dev.id;
-    // Tags can change while connected: read the device afresh.
-    let fresh = tokio::task::spawn_blocking(move || store.device(id))
-        .await
-        .map_err(|e| (ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
-    if !fresh.is_live() {
-        return Err((
-            ErrorCode::DeviceRevoked,
-            "the device is not allowed on the network".into(),
-        ));
-    }
-    let mut ttl = ctx.lease_ttl.for_tags(&fresh.tags);
     // A recent trust failure shortens the lease (the policy's `risky_lease_ttl`).
     let (tx, rx) = oneshot::channel();
     let _ = ctx.events.send(Event::RiskyTtl(id, tx));
-    if let Ok(Some(risky)) = rx.await {
-        ttl = ttl.min(risky as i64).max(1_000);
-    }
-    let store = ctx.store.clone();
-    let row = tokio::task::spawn_blocking(move || store.issue_lease(id, key, ttl, now_ms()))
-        .await
-        .map_err(|e| (ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| match e {
-            StoreError::Refused { code, message } => (code, message),
-            other => {
-                error!(device = %id, error = %other, "lease issue failed");
-                (
-                    ErrorCode::Internal,
-                    "the coordinator could not issue a lease".into(),
-                )
-            }
-        })?;
-    let Some(lease) = sign_row(&ctx.lease_key, std::slice::from_ref(&fresh), row) else {
-        return Err((ErrorCode::Internal, "lease for an unknown device".into()));
-    };
-    info!(device = %id, serial = lease.lease.serial, ttl_ms = ttl, "lease issued");
+    let risky = rx.await.ok().flatten();
+    let ctx2 = ctx.clone();
+    let lease = tokio::task::spawn_blocking(move || {
+        crate::leases::issue(
+            ctx2.store.as_ref(),
+            &ctx2.lease_key,
+            &ctx2.lease_ttl,
+            risky,
+            id,
+            key,
+            now_ms(),
+        )
+    })
+    .await
+    .map_err(|e| (ErrorCode::Internal, e.to_string()))??;
     let (tx, rx) = oneshot::channel();
     let _ = ctx.events.send(Event::Lease(lease.clone(), tx));
     let _ = rx.await;

@@ -11,12 +11,14 @@
 //!   `explain` and `diff`.
 //! - [`lease`]: coordinator-signed, expiring leases binding a WireGuard key to a device.
 //! - [`posture`]: device posture reports, what to collect, and evaluation against requirements.
+//! - [`duration`]: the one duration grammar (`500ms`, `90s`, `15m`, `1h`, `7d`).
 //! - [`secret`]: a byte-string type that redacts itself in `Debug`.
 //!
 //! This crate must not depend on tokio, quinn, clap, a database or anything that touches the
 //! operating system: no sockets, no clock, no OS randomness. Time and random bytes are passed in.
 
 pub mod addr;
+pub mod duration;
 pub mod filter;
 pub mod lease;
 pub mod names;

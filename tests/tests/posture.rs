@@ -38,12 +38,7 @@ fn requirement(a: &Agent, name: &str) -> Option<(bool, String)> {
         .map(|e| (e["passed"] == true, e["failures"].to_string()))
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
+use ward_runtime::now_ms;
 
 #[test]
 fn posture_gates_rules_within_seconds_and_forged_reports_are_refused() {

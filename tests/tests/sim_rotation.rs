@@ -15,7 +15,7 @@ use ed25519_dalek::SigningKey;
 use rand::{Rng, SeedableRng};
 use ward_client::agent::{leased_peers, rotation_due};
 use ward_client::dataplane::{public_key_for, Core, CoreConfig, Outbox, PeerConfig};
-use ward_coordinator::core::{Output, Registry};
+use ward_coordinator::registry::{Output, Registry};
 use ward_coordinator::store::{Device, DeviceStatus, User};
 use ward_shared::addr::AddressPools;
 use ward_shared::lease::{Lease, SignedLease};

@@ -922,23 +922,9 @@ fn parse_version_bound(rest: &str) -> Option<(VersionOp, String)> {
     ok.then(|| (op, v.to_string()))
 }
 
-/// `500ms`, `60s`, `5m`, `1h`, `2d`.
+/// A duration in the one grammar of [`crate::duration`].
 pub(crate) fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let bad = || format!("bad duration {s:?}: use a number and ms, s, m, h or d (\"60s\")");
-    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
-    if digits == 0 || digits > 12 {
-        return Err(bad());
-    }
-    let n: u64 = s[..digits].parse().map_err(|_| bad())?;
-    let unit: u64 = match &s[digits..] {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(unit).ok_or_else(bad)
+    crate::duration::parse_ms(s).map_err(|e| e.to_string())
 }
 
 /// RFC 3339 date-time (with `Z` or an offset) → ms since the Unix epoch.

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Proves the dependency rules of ARCHITECTURE.md:
+#  1. crates: ward-shared depends on no async runtime, QUIC, CLI, database or OS-randomness crate;
+#     ward-coordinator does not depend on ward-client, nor ward-client on ward-coordinator or rusqlite;
+#  2. I/O-free cores (listed below) open no sockets, read no clock, spawn no threads and draw no
+#     OS randomness: time and random values are passed in.
+# Exits non-zero naming every violation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fail=0
+bad() { echo "dependency rule broken: $*" >&2; fail=1; }
+
+deps_of() { # normal (non-dev) dependencies of a package, one crate name per line
+    cargo tree --locked -p "$1" -e normal --prefix none --format '{p}' 2>/dev/null |
+        awk '{print $1}' | sort -u
+}
+
+shared_deps="$(deps_of ward-shared)"
+[[ -n "$shared_deps" ]] || bad "cargo tree printed nothing for ward-shared"
+for forbidden in tokio quinn clap rusqlite mio socket2 tun-rs rand getrandom ward-runtime; do
+    grep -qx "$forbidden" <<<"$shared_deps" && bad "ward-shared depends on $forbidden"
+done
+grep -qx ward-client <<<"$(deps_of ward-coordinator)" && bad "ward-coordinator depends on ward-client"
+client_deps="$(deps_of ward-client)"
+for forbidden in ward-coordinator rusqlite; do
+    grep -qx "$forbidden" <<<"$client_deps" && bad "ward-client depends on $forbidden"
+done
+
+# I/O-free cores: every file here must exist (a renamed core must be renamed here too).
+cores=(
+    shared/src
+    coordinator/src/registry.rs
+    coordinator/src/trust.rs
+)
+forbidden_re='tokio::|quinn::|std::net::(UdpSocket|TcpStream|TcpListener)|UnixStream|SystemTime::now|Instant::now|thread_rng|OsRng|std::thread::spawn|std::fs::|std::process::|ward_runtime'
+for c in "${cores[@]}"; do
+    [[ -e "$c" ]] || { bad "core path $c does not exist (update scripts/check-deps.sh)"; continue; }
+    # Test modules may use the clock; they are cut off at `mod tests` / in tests.rs files.
+    while IFS= read -r f; do
+        [[ "$f" == */tests.rs || "$f" == */tests/* ]] && continue
+        hits="$(awk '/^#\[cfg\(test\)\]/{exit} {print FILENAME":"FNR": "$0}' "$f" | grep -E "$forbidden_re" | grep -vE '^\S+:[0-9]+: *//' || true)"
+        [[ -n "$hits" ]] && bad "I/O in a core:"$'\n'"$hits"
+    done < <(find "$c" -name '*.rs' | sort)
+done
+
+if ((fail)); then exit 1; fi
+echo "dependency rules hold: ward-shared free of runtime/QUIC/CLI/DB/OS-randomness crates; ${#cores[@]} core paths free of sockets, clocks, threads and OS randomness"

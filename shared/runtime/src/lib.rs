@@ -1,0 +1,92 @@
+//! `ward-runtime`: the operating-system edge that Ward's programs share, so each exists once:
+//! the wall clock ([`now_ms`]), logging and runtime start-up ([`main`]), command-line tools that
+//! stop quietly on a closed pipe ([`Mode::Cli`]), and the JSON-lines RPC client for local
+//! sockets ([`rpc`]).
+//!
+//! I/O-free cores (`ward-shared`, the agent and registry cores) must not depend on this crate:
+//! they take time as an argument. Only drivers and binaries use it.
+
+pub mod rpc;
+
+use std::future::Future;
+
+/// Milliseconds since the Unix epoch by this machine's clock (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// How a program run behaves on a closed standard output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A long-running service (`ward daemon`, `ward-coordinator serve`): a peer that closes a
+    /// socket must never kill it, so `SIGPIPE` stays ignored and writes fail with `EPIPE`.
+    Service,
+    /// A command that prints and exits: when the reader of its output goes away
+    /// (`ward status | head -1`) it stops quietly, like other command-line tools, instead of
+    /// panicking in `println!`.
+    Cli,
+}
+
+/// The shared `main` of every Ward binary: logging to stderr filtered by `WARD_LOG` (else
+/// `default_filter`), a multi-threaded tokio runtime, and one `error: …` line on stderr with
+/// exit status 1 when `run` fails.
+pub fn main<F>(default_filter: &str, mode: Mode, run: F) -> !
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    if mode == Mode::Cli {
+        restore_default_sigpipe();
+    }
+    init_logging(default_filter);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    match rt.block_on(run) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Logging to stderr, filtered by `WARD_LOG` (tracing's `EnvFilter` syntax) or `default_filter`.
+pub fn init_logging(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // A second call (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Rust ignores `SIGPIPE`, so `println!` to a closed pipe panics. A command-line tool should
+/// instead end silently, which the default disposition does.
+fn restore_default_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL has no memory-safety requirements; it
+    // runs before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_is_after_2020() {
+        assert!(now_ms() > 1_577_836_800_000);
+    }
+}
