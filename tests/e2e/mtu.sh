@@ -88,6 +88,8 @@ say "5. send failures are counted by reason, not silent"
 FAILED=$(lab_ward_json_get alice 's["counters"]["path"]')
 echo "  alice counters.path: $FAILED"
 check "5. path counters are in ward status --json" test -n "$FAILED"
+check "5. alice logged the path MTU change" grep -q "path MTU to peer endpoint changed" "$LAB_DIR/logs/ward-alice.log"
+check "5. srv logged the path MTU change" grep -q "path MTU to peer endpoint changed" "$LAB_DIR/logs/ward-srv.log"
 
 say "throughput, 50 MB single TCP stream (Mbit/s; 1500-byte links = 1.00)"
 for dir in up down; do
