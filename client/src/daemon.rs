@@ -872,6 +872,7 @@ impl Daemon {
                     "public_key": p.wg_public_key.map(|k| k.to_base64()),
                     "endpoints": p.endpoints,
                     "endpoint": s.and_then(|s| s.endpoint),
+                    "path_mtu": s.and_then(|s| s.path_mtu),
                     "reachable": reachable,
                     "path": path,
                     "last_handshake_secs": hs.map(|d| d.as_secs()),
@@ -892,6 +893,7 @@ impl Daemon {
                 "dropped_filter_expired": c.dropped_filter_expired,
                 "dropped_filter_other": c.dropped_filter_other,
                 "icmp_unreachable_sent": c.icmp_unreachable_sent,
+                "path": dp.path_counters(),
             })
         });
         let fmt_ports = |proto: &ward_shared::filter::Proto,

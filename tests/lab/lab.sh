@@ -237,6 +237,56 @@ EOF
     _lab_log "natted host $name = ${lan_net}.2 behind $wan_ip ($hns, $rns)"
 }
 
+# lab_set_link_mtu NAME MTU: set the MTU of NAME's upstream link, both ends:
+# for a wan host or a router, its eth0 and its port on br0; for a natted host,
+# its eth0 and the router's lan0. Prints nothing.
+lab_set_link_mtu() {
+    _lab_need_init || return 1
+    local name="${1:?usage: lab_set_link_mtu NAME MTU}" mtu="${2:?usage: lab_set_link_mtu NAME MTU}"
+    local kind ns
+    kind=$(_lab_get "$name" kind) || return 1
+    ns=$(_lab_get "$name" ns)
+    case "$kind" in
+        wan | router)
+            [[ "$name" != wan ]] || _lab_die "lab_set_link_mtu: the wan bridge has no upstream (lab_set_all_mtu)" || return 1
+            ip -n "$ns" link set eth0 mtu "$mtu"
+            ip -n "$(_lab_get wan ns)" link set "p$(_lab_get "$name" index)" mtu "$mtu"
+            ;;
+        natted)
+            ip -n "$ns" link set eth0 mtu "$mtu"
+            ip -n "$(_lab_get "$(_lab_get "$name" router)" ns)" link set lan0 mtu "$mtu"
+            ;;
+        *) _lab_die "lab_set_link_mtu: unknown host kind '$kind'" || return 1 ;;
+    esac
+}
+
+# lab_set_all_mtu MTU: set the MTU of every link in the lab (br0, every wan
+# and LAN link, both ends), and forget the path MTUs every namespace learned
+# (route exceptions), so the next packets see the new links. Prints nothing.
+lab_set_all_mtu() {
+    _lab_need_init || return 1
+    local mtu="${1:?usage: lab_set_all_mtu MTU}" h kind
+    ip -n "$(_lab_get wan ns)" link set br0 mtu "$mtu"
+    for h in $(lab_hosts); do
+        kind=$(_lab_get "$h" kind)
+        [[ "$kind" == wan && "$h" == wan ]] && continue
+        lab_set_link_mtu "$h" "$mtu" || return 1
+    done
+    lab_flush_pmtu
+}
+
+# lab_flush_pmtu: forget every learned path MTU (IPv4 and IPv6 route
+# exceptions) in every namespace of the lab. Prints nothing.
+lab_flush_pmtu() {
+    _lab_need_init || return 1
+    local ns
+    while read -r ns; do
+        [[ -n "$ns" ]] || continue
+        ip -n "$ns" route flush cache 2>/dev/null || true
+        ip -n "$ns" -6 route flush cache 2>/dev/null || true
+    done <"$LAB_DIR/namespaces"
+}
+
 # lab_ns NAME: print the real namespace name of host NAME.
 lab_ns() { _lab_need_init || return 1; _lab_get "${1:?usage: lab_ns NAME}" ns; }
 

@@ -64,6 +64,7 @@ use rand::{Rng, SeedableRng};
 use ward_shared::addr::AddressPools;
 use ward_shared::filter::{DenyReason, Filter, FilterCounters, FilterRule, Verdict};
 
+use super::pmtu::PathMtus;
 use super::{DataPlaneCounters, PeerConfig, PeerStatus};
 
 /// How often the driver should call [`Core::handle_timers`].
@@ -129,6 +130,8 @@ pub struct Core {
     v6_prefix: Option<Ipv6Addr>,
     unreachable_limit: Mutex<WindowLimit>,
     counters: Counters,
+    /// Path MTU per destination (see `pmtu`), learned by the driver.
+    pmtu: Arc<PathMtus>,
 }
 
 impl Core {
@@ -147,7 +150,13 @@ impl Core {
             v6_prefix: cfg.v6_prefix,
             unreachable_limit: Mutex::new(WindowLimit::default()),
             counters: Counters::default(),
+            pmtu: Arc::default(),
         }
+    }
+
+    /// The path MTUs the core checks TUN packets against; the driver keeps them current.
+    pub fn path_mtus(&self) -> &Arc<PathMtus> {
+        &self.pmtu
     }
 
     /// Replaces the inbound filter rules. With none, no peer may open anything here (replies
@@ -465,6 +474,7 @@ impl Core {
                     rx_bytes: 0,
                     tx_bytes: 0,
                     dropped_bad_source: 0,
+                    path_mtu: endpoint.and_then(|e| self.pmtu.path_mtu(e.ip())),
                 };
                 for peer in entries {
                     let s = lock(&peer.session);
@@ -585,6 +595,13 @@ impl Batch<'_> {
         lock(&self.core.filter).handle_outbound(packet, now);
         let mut s = lock(&peer.session);
         let s = &mut *s;
+        let dst = s
+            .path
+            .endpoint
+            .or_else(|| s.path.candidates.first().copied());
+        if !self.core.pmtu.admit(packet, dst, now, &mut out.tun) {
+            return; // too big for the path: dropped, ICMP too-big queued for the TUN
+        }
         let buf = out.reserve(packet.len().max(HANDSHAKE_INIT_LEN) + DATA_OVERHEAD);
         let link = match &mut s.previous {
             Some(p) if p.outbound && p.link.has_session() => &mut p.link,

@@ -6,8 +6,9 @@
 //! - `ward-dp-rx`: UDP (GRO) → [`Batch::handle_datagram`] (decrypt, source check, inbound
 //!   filter at coordinator time = wall clock + [`Core::clock_offset_ms`]) → TUN (TCP/UDP segments
 //!   coalesced by tun-rs's GRO table into one write per flow).
-//! - `ward-dp-timer`: [`Core::handle_timers`] every [`TIMER_INTERVAL`], idle flows swept now and
-//!   then.
+//! - `ward-dp-timer`: [`Core::handle_timers`] every [`TIMER_INTERVAL`], the path MTUs of the
+//!   destinations in use re-read from the kernel every [`REFRESH_INTERVAL`], idle flows swept
+//!   now and then.
 //!
 //! Blocking threads rather than tokio tasks: the hot paths are syscall loops that gain nothing
 //! from an executor, and two threads use the machine's two cores. Reads are non-blocking with a
@@ -27,6 +28,7 @@ use anyhow::Context as _;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::core::{Core, Outbox, TIMER_INTERVAL};
+use super::pmtu::REFRESH_INTERVAL;
 use super::tun::{TunDevice, TunParams};
 use super::udp::{poll_fd, RecvBatch, SendScratch, UdpSocket};
 use super::{DataPlaneConfig, TUN_MTU};
@@ -55,7 +57,8 @@ impl Driver {
     /// Creates the TUN and socket and starts the threads. Blocking (runs `ip`).
     pub(crate) fn start(cfg: &DataPlaneConfig, core: Arc<Core>) -> anyhow::Result<Driver> {
         let udp = Arc::new(
-            UdpSocket::bind(cfg.port).with_context(|| format!("binding UDP port {}", cfg.port))?,
+            UdpSocket::bind(cfg.port, core.path_mtus().clone())
+                .with_context(|| format!("binding UDP port {}", cfg.port))?,
         );
         let local_port = udp.local_port().context("reading UDP port")?;
         let tun = Arc::new(TunDevice::create(&TunParams {
@@ -258,6 +261,7 @@ fn timer_loop(core: &Core, udp: &UdpSocket, stop: &AtomicBool) {
     let mut out = Outbox::new();
     let mut scratch = SendScratch::default();
     let mut last_report = Instant::now();
+    let mut last_refresh = Instant::now();
     let mut last_counters = core.counters();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(TIMER_INTERVAL);
@@ -266,6 +270,10 @@ fn timer_loop(core: &Core, udp: &UdpSocket, stop: &AtomicBool) {
         if !out.is_empty() {
             udp.send_outbox(&out, &mut scratch);
             out.clear();
+        }
+        if now.duration_since(last_refresh) >= REFRESH_INTERVAL {
+            udp.refresh_path_mtus();
+            last_refresh = now;
         }
         if now.duration_since(last_report) >= Duration::from_secs(30) {
             core.expire_flows(now);

@@ -9,8 +9,12 @@
 //!   rotation. Its outputs go into caller-provided buffers ([`core::Outbox`] for UDP
 //!   datagrams, a `&mut [u8]` for a decrypted IP packet). It is `Sync`: the peer table sits behind
 //!   an `RwLock`, each peer's `Tunn` behind its own `Mutex`, so the two hot paths run in parallel.
+//! - [`pmtu`]: I/O-free path MTU per destination (learned from the kernel by the driver), the
+//!   check that an inner packet fits its peer's path, and the ICMP too-big errors that tell the
+//!   inner stack when it does not.
 //! - `udp`: one UDP socket with batched I/O (UDP GSO via `sendmmsg` + `UDP_SEGMENT`, UDP GRO via
-//!   `recvmmsg` + `UDP_GRO`, with fallbacks).
+//!   `recvmmsg` + `UDP_GRO`, with fallbacks). Every datagram has DF set; GSO segments are sized
+//!   to the destination's path MTU; refused sends are counted by reason.
 //! - `tun`: TUN creation with virtio-net offload (TSO in, GRO-coalesced writes out), addresses,
 //!   routes, and their removal.
 //! - `driver`: three OS threads: TUN → encrypt → UDP, UDP → decrypt → TUN, and timers.
@@ -20,6 +24,7 @@
 
 pub mod core;
 mod driver;
+pub mod pmtu;
 mod tun;
 mod udp;
 
@@ -32,6 +37,7 @@ use anyhow::Context as _;
 use ward_shared::filter::{FilterCounters, FilterRule};
 
 pub use self::core::{Core, CoreConfig, Outbox};
+pub use self::pmtu::PathMtuCounters;
 
 /// TUN MTU: a 1500-byte underlay minus the worst-case WireGuard overhead (IPv6 40 + UDP 8 +
 /// WireGuard data header 16 + tag 16).
@@ -102,6 +108,8 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Authenticated packets whose inner source address was not this peer's.
     pub dropped_bad_source: u64,
+    /// The path MTU to the endpoint (outer IP packet size), once learned.
+    pub path_mtu: Option<u16>,
 }
 
 /// Data-plane wide counters (monotonic since start).
@@ -241,6 +249,11 @@ impl DataPlane {
 
     pub fn counters(&self) -> DataPlaneCounters {
         self.core.counters()
+    }
+
+    /// Packets dropped for not fitting their path, ICMP too-big sent, refused sends by reason.
+    pub fn path_counters(&self) -> PathMtuCounters {
+        self.core.path_mtus().counters()
     }
 
     /// Stops the threads and removes the TUN with its addresses and routes.

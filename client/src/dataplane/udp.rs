@@ -4,15 +4,29 @@
 //! message (`UDP_SEGMENT`), several messages per `sendmmsg`. Receive: `recvmmsg` into large
 //! buffers with `UDP_GRO`, so one syscall returns many coalesced datagrams. Both fall back to
 //! one datagram per message when the kernel refuses the offload.
+//!
+//! Path MTU: every datagram leaves with DF set (`IP_PMTUDISC_DO` / `IPV6_PMTUDISC_DO`), so the
+//! kernel never fragments outer packets, refuses a datagram larger than the path with
+//! `EMSGSIZE` (a GSO message whose segments are too large with `EINVAL`), and lowers a
+//! destination's path MTU when an ICMP fragmentation-needed / packet-too-big arrives for it.
+//! The socket learns each destination's path MTU from the kernel ([`kernel_path_mtu`]) on the
+//! first send to it, after a too-big refusal and every [`pmtu::REFRESH_INTERVAL`] (driven by
+//! the timer thread), into the shared [`PathMtus`]; GSO runs are only formed of segments that
+//! fit the destination's path. Refused datagrams are counted by reason; the first refusal of each
+//! kind is logged once (WARN, or INFO for too-big ones, which path MTU discovery expects),
+//! later ones at DEBUG, at most one line a second.
 
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::core::Outbox;
+use super::pmtu::{self, PathMtus, SendFailure};
+use super::TUN_MTU;
 
 /// Largest UDP payload over IPv4.
 const MAX_UDP_PAYLOAD: usize = 65507;
@@ -29,11 +43,18 @@ pub(crate) struct UdpSocket {
     v6: bool,
     gso: AtomicBool,
     gro: bool,
+    pmtu: Arc<PathMtus>,
+    /// Per [`SendFailure`] kind: already logged once above DEBUG.
+    warned: [AtomicBool; 5],
+    /// Seconds since `created` of the last DEBUG line about a failed send.
+    last_debug: AtomicU64,
+    created: Instant,
 }
 
 impl UdpSocket {
-    /// Binds `[::]:port` dual-stack, or `0.0.0.0:port` where IPv6 is unavailable.
-    pub(crate) fn bind(port: u16) -> io::Result<UdpSocket> {
+    /// Binds `[::]:port` dual-stack, or `0.0.0.0:port` where IPv6 is unavailable, with DF on
+    /// every datagram; learned path MTUs go to `pmtu`.
+    pub(crate) fn bind(port: u16, pmtu: Arc<PathMtus>) -> io::Result<UdpSocket> {
         let (fd, v6) = match bind_v6(port) {
             Ok(fd) => (fd, true),
             Err(e) => {
@@ -51,12 +72,93 @@ impl UdpSocket {
             }
         }
         let gro = setsockopt_int(raw, libc::SOL_UDP, libc::UDP_GRO, 1).is_ok();
+        // Never fragment outer packets: the IPv4 option covers IPv4 (also v4-mapped on the
+        // dual-stack socket), the IPv6 one native IPv6.
+        setsockopt_int(
+            raw,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )?;
+        if v6 {
+            setsockopt_int(
+                raw,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_DO,
+            )?;
+        }
         Ok(UdpSocket {
             fd,
             v6,
             gso: AtomicBool::new(true),
             gro,
+            pmtu,
+            warned: Default::default(),
+            last_debug: AtomicU64::new(0),
+            created: Instant::now(),
         })
+    }
+
+    /// Asks the kernel again for the path MTU of every destination in use (forgetting idle
+    /// ones). Call every [`pmtu::REFRESH_INTERVAL`].
+    pub(crate) fn refresh_path_mtus(&self) {
+        for ip in self.pmtu.poll_refresh() {
+            self.learn(SocketAddr::new(ip, PROBE_PORT));
+        }
+    }
+
+    /// Records the kernel's current path MTU to `dst`, logging a change.
+    fn learn(&self, dst: SocketAddr) {
+        let mtu = match kernel_path_mtu(dst) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::trace!(%dst, error = %e, "cannot read the path MTU");
+                return;
+            }
+        };
+        let Some(change) = self.pmtu.handle_learned(dst.ip(), mtu) else {
+            return;
+        };
+        let inner = pmtu::inner_mtu(change.new, dst.ip());
+        if inner < TUN_MTU || change.old.is_some() {
+            tracing::info!(
+                dst = %dst.ip(),
+                path_mtu = change.new,
+                previous = ?change.old,
+                inner_mtu = inner,
+                tun_mtu = TUN_MTU,
+                "path MTU to peer endpoint changed; inner packets above inner_mtu get ICMP too-big"
+            );
+        } else {
+            tracing::debug!(dst = %dst.ip(), path_mtu = change.new, "path MTU learned");
+        }
+    }
+
+    fn send_failed(&self, why: SendFailure, g: &Group, e: &io::Error) {
+        self.pmtu.record_send_failure(why, g.segments as u64);
+        let first = !self.warned[why as usize].swap(true, Ordering::Relaxed);
+        let fields = (g.dst, g.segments, g.segment_size);
+        if first && why == SendFailure::TooBig {
+            tracing::info!(
+                reason = why.as_str(), error = %e, dst = %fields.0, datagrams = fields.1,
+                size = fields.2,
+                "datagrams larger than the path MTU refused, path MTU re-learned; later ones at DEBUG"
+            );
+        } else if first {
+            tracing::warn!(
+                reason = why.as_str(), error = %e, dst = %fields.0, datagrams = fields.1,
+                "UDP send to a peer failed; later failures counted (counters.path), at DEBUG"
+            );
+        } else {
+            let now = self.created.elapsed().as_secs();
+            if self.last_debug.swap(now, Ordering::Relaxed) != now {
+                tracing::debug!(
+                    reason = why.as_str(), error = %e, dst = %fields.0, datagrams = fields.1,
+                    size = fields.2, counters = ?self.pmtu.counters(), "UDP send failed"
+                );
+            }
+        }
     }
 
     pub(crate) fn local_port(&self) -> io::Result<u16> {
@@ -92,29 +194,67 @@ impl UdpSocket {
     }
 
     /// Sends every datagram in `out` (blocking when the socket buffer is full). Datagrams the
-    /// kernel refuses (unreachable destination, …) are skipped.
+    /// kernel refuses (too big for the path, unreachable destination, …) are counted by
+    /// reason and skipped; a too-big refusal re-learns the destination's path MTU first.
     pub(crate) fn send_outbox(&self, out: &Outbox, scratch: &mut SendScratch) {
         if out.is_empty() {
             return;
         }
-        let gso = self.gso.load(Ordering::Relaxed);
-        scratch.plan(out, gso, self.v6);
+        let mut gso = self.gso.load(Ordering::Relaxed);
+        self.plan(out, scratch, gso);
         let mut i = 0;
         while i < scratch.groups.len() {
             match self.sendmmsg(out.bytes(), &mut scratch.groups[i..]) {
                 Ok(n) => i += n.max(1),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if gso && scratch.groups[i].segments > 1 && is_gso_error(&e) => {
-                    tracing::debug!(error = %e, "UDP GSO refused, falling back to one datagram per send");
-                    self.gso.store(false, Ordering::Relaxed);
-                    return self.send_outbox(out, scratch);
-                }
                 Err(e) => {
-                    tracing::trace!(error = %e, dst = ?scratch.groups[i].dst, "send failed");
-                    i += 1;
+                    let g = &scratch.groups[i];
+                    let gso_error = g.segments > 1 && is_gso_error(&e);
+                    let too_big = e.raw_os_error() == Some(libc::EMSGSIZE)
+                        || (gso_error && self.exceeds_path(g));
+                    if too_big {
+                        if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                            self.learn(g.dst);
+                        }
+                        self.send_failed(SendFailure::TooBig, g, &e);
+                        i += 1;
+                    } else if gso && gso_error {
+                        tracing::debug!(error = %e, "UDP GSO refused, falling back to one datagram per send");
+                        self.gso.store(false, Ordering::Relaxed);
+                        gso = false;
+                        // Re-plan without GSO; what went out already is not sent again.
+                        let sent_up_to = g.start;
+                        self.plan(out, scratch, false);
+                        i = scratch.groups.partition_point(|g| g.start < sent_up_to);
+                    } else {
+                        self.send_failed(SendFailure::from_errno(e.raw_os_error()), g, &e);
+                        i += 1;
+                    }
                 }
             }
         }
+    }
+
+    /// Plans `out` into messages, GSO runs sized to each destination's path; learns the path
+    /// MTU of destinations not seen before.
+    fn plan(&self, out: &Outbox, scratch: &mut SendScratch, gso: bool) {
+        {
+            let mut view = self.pmtu.view();
+            scratch.plan(out, gso, self.v6, |dst| view.max_payload(dst));
+        }
+        let unknown = std::mem::take(&mut scratch.unknown);
+        for dst in &unknown {
+            self.learn(*dst);
+        }
+        scratch.unknown = unknown;
+    }
+
+    /// A GSO group's segments are larger than the path to its destination (re-learned now).
+    fn exceeds_path(&self, g: &Group) -> bool {
+        self.learn(g.dst);
+        self.pmtu
+            .path_mtu(g.dst.ip())
+            .is_some_and(|m| usize::from(g.segment_size) > pmtu::max_udp_payload(m, g.dst.ip()))
     }
 
     /// Sends as many of `groups` as one `sendmmsg` takes; returns how many went out.
@@ -315,6 +455,8 @@ unsafe fn gro_segment_size(hdr: &libc::msghdr) -> Option<usize> {
 #[derive(Default)]
 pub(crate) struct SendScratch {
     groups: Vec<Group>,
+    /// Destinations of the last plan whose path MTU is not known yet.
+    unknown: Vec<SocketAddr>,
 }
 
 struct Group {
@@ -325,14 +467,25 @@ struct Group {
     len: usize,
     segments: usize,
     segment_size: u16,
+    /// The segment fits the destination's path (or the path is unknown): more may join.
+    fits: bool,
     cmsg: Cmsg,
 }
 
 impl SendScratch {
     /// Groups consecutive, contiguous datagrams of equal size (the last may be shorter) to the
-    /// same destination into GSO messages.
-    fn plan(&mut self, out: &Outbox, gso: bool, v6: bool) {
+    /// same destination into GSO messages, as long as that size fits the destination's path
+    /// (`max_payload`: the largest UDP payload it carries, `None` if unknown). A datagram
+    /// larger than its path goes alone, for the kernel to refuse and count.
+    fn plan(
+        &mut self,
+        out: &Outbox,
+        gso: bool,
+        v6: bool,
+        mut max_payload: impl FnMut(SocketAddr) -> Option<usize>,
+    ) {
         self.groups.clear();
+        self.unknown.clear();
         let mut cur: Option<Group> = None;
         for t in out.transmits() {
             if let Some(g) = cur.as_mut() {
@@ -340,6 +493,7 @@ impl SendScratch {
                 let contiguous = g.start + g.len == t.start;
                 let last_was_short = g.len % seg != 0;
                 if gso
+                    && g.fits
                     && g.dst == t.dst
                     && contiguous
                     && !last_was_short
@@ -356,6 +510,10 @@ impl SendScratch {
                 self.groups.push(g);
             }
             let (addr, addr_len) = to_sockaddr(t.dst, v6);
+            let limit = max_payload(t.dst);
+            if limit.is_none() && !self.unknown.contains(&t.dst) {
+                self.unknown.push(t.dst);
+            }
             cur = Some(Group {
                 dst: t.dst,
                 addr,
@@ -364,6 +522,7 @@ impl SendScratch {
                 len: t.len,
                 segments: 1,
                 segment_size: u16::try_from(t.len.max(1)).unwrap_or(u16::MAX),
+                fits: limit.is_none_or(|l| t.len <= l),
                 cmsg: Cmsg::new(),
             });
         }
@@ -378,6 +537,49 @@ fn is_gso_error(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)
     )
+}
+
+/// The port [`UdpSocket::refresh_path_mtus`] connects its throw-away sockets to (nothing is
+/// ever sent; the path MTU depends on the address only).
+const PROBE_PORT: u16 = 9;
+
+/// The kernel's current path MTU to `dst`: the egress route's MTU, lowered by what ICMP
+/// fragmentation-needed / packet-too-big taught it. Asked through a connected UDP socket that
+/// never sends (a fresh one each time, so the route lookup is fresh too).
+pub(crate) fn kernel_path_mtu(dst: SocketAddr) -> io::Result<u16> {
+    let (family, level, name) = match dst {
+        SocketAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_IP, libc::IP_MTU),
+        SocketAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_IPV6, libc::IPV6_MTU),
+    };
+    let fd = socket(family)?;
+    let (ss, len) = to_sockaddr(dst, family == libc::AF_INET6);
+    // SAFETY: ss/len describe a valid socket address.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut v: libc::c_int = 0;
+    let mut vlen = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v/vlen describe a writable c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut vlen,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u16::try_from(v).map_err(|_| io::Error::other(format!("path MTU out of range: {v}")))
 }
 
 fn bind_v6(port: u16) -> io::Result<OwnedFd> {
@@ -533,7 +735,7 @@ fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use std::time::Instant;
+    use std::collections::BTreeMap;
 
     #[test]
     fn sockaddr_round_trip() {
@@ -551,10 +753,51 @@ mod tests {
         }
     }
 
+    /// GSO runs are cut to the path: segments larger than the destination's path MTU allows go
+    /// alone; ones that fit are coalesced up to the segment limit; unknown paths are reported.
+    #[test]
+    fn plan_sizes_gso_runs_to_the_path() {
+        let near: SocketAddr = "10.99.0.11:51820".parse().unwrap();
+        let far: SocketAddr = "10.99.0.12:51820".parse().unwrap();
+        let new: SocketAddr = "10.99.0.13:51820".parse().unwrap();
+        let mut out = Outbox::new();
+        for _ in 0..100 {
+            out.push(near, &[1; 1452]);
+        }
+        for _ in 0..5 {
+            out.push(far, &[2; 1452]);
+        }
+        for _ in 0..3 {
+            out.push(far, &[3; 1000]);
+        }
+        out.push(new, &[4; 1452]);
+        let mut limits = BTreeMap::new();
+        limits.insert(near, pmtu::max_udp_payload(1500, near.ip()));
+        limits.insert(far, pmtu::max_udp_payload(1280, far.ip()));
+        let mut scratch = SendScratch::default();
+        scratch.plan(&out, true, true, |d| limits.get(&d).copied());
+        let shape: Vec<(SocketAddr, usize, u16)> = scratch
+            .groups
+            .iter()
+            .map(|g| (g.dst, g.segments, g.segment_size))
+            .collect();
+        // 45 × 1452 bytes is the most one UDP message holds.
+        let mut want = vec![(near, 45, 1452), (near, 45, 1452), (near, 10, 1452)];
+        want.extend(std::iter::repeat_n((far, 1, 1452), 5));
+        want.push((far, 3, 1000));
+        want.push((new, 1, 1452));
+        assert_eq!(shape, want);
+        assert!(scratch.groups.iter().all(|g| g.len <= MAX_UDP_PAYLOAD));
+        assert_eq!(scratch.unknown, vec![new]);
+        // Without GSO every datagram goes alone.
+        scratch.plan(&out, false, true, |d| limits.get(&d).copied());
+        assert_eq!(scratch.groups.len(), out.len());
+    }
+
     #[test]
     fn loopback_batch_send_and_receive() {
-        let a = UdpSocket::bind(0).unwrap();
-        let b = UdpSocket::bind(0).unwrap();
+        let a = UdpSocket::bind(0, Arc::default()).unwrap();
+        let b = UdpSocket::bind(0, Arc::default()).unwrap();
         let dst: SocketAddr = format!("127.0.0.1:{}", b.local_port().unwrap())
             .parse()
             .unwrap();
