@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::core::Outbox;
+use super::engine::Outbox;
 
 /// Largest UDP payload over IPv4.
 const MAX_UDP_PAYLOAD: usize = 65507;
