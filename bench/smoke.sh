@@ -11,9 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== building (release): ward, ward-coordinator, examples dp_pair and netmap_bench"
-cargo build --locked --release -p ward-client -p ward-coordinator --bins
-cargo build --locked --release -p ward-client --example dp_pair
-cargo build --locked --release -p ward-coordinator --example netmap_bench
+# One invocation, so the bins and the examples share one feature resolution (one build).
+cargo build --locked --release --workspace --bins --example dp_pair --example netmap_bench
 
 echo "== netmap_bench, 200 devices"
 target/release/examples/netmap_bench 200
