@@ -4,7 +4,11 @@
 # A benchmark script, never a test. Run as root; see bench/README.md.
 #
 #   bench/throughput.sh [--rounds 3] [--duration 10] [--only a,b] [--out FILE]
-#                       [--bt-threads 1] [--keep-logs]
+#                       [--bt-threads 1] [--keep-logs] [--smoke]
+#
+# --smoke: a rot check for CI, not a measurement: one round, 2 s iperf3 runs,
+#   ward and veth required (fails if Ward's binaries are missing), peers run if
+#   installed; exits non-zero if the Ward tunnel or the raw veth carries nothing.
 #
 # Figures per implementation (median over rounds):
 #   tcp1   iperf3 TCP, 1 stream, Gbit/s (receiver side)
@@ -25,11 +29,12 @@ ONLY=""
 OUT=""
 BT_THREADS=1
 KEEP_LOGS=0
+SMOKE=0
 ALL_IMPLS=(veth wireguard-go boringtun-cli nebula ward)
 PEERS=(wireguard-go boringtun-cli nebula)
 
 usage() {
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
     echo "implementations: ${ALL_IMPLS[*]}"
 }
 
@@ -41,10 +46,16 @@ while (($# > 0)); do
         --out) OUT="$2"; shift 2 ;;
         --bt-threads) BT_THREADS="$2"; shift 2 ;;
         --keep-logs) KEEP_LOGS=1; shift ;;
+        --smoke) SMOKE=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
 done
+if ((SMOKE)); then
+    ROUNDS=1
+    DURATION=2
+    [[ -n "$OUT" ]] || OUT="${TMPDIR:-/tmp}/ward-bench-smoke-$$.json"
+fi
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a positive integer" >&2; exit 2; }
 [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || { echo "--duration must be a positive integer (seconds)" >&2; exit 2; }
 [[ $EUID -eq 0 ]] || { echo "throughput.sh: run as root (it creates network namespaces)" >&2; exit 1; }
@@ -108,6 +119,9 @@ for i in "${ALL_IMPLS[@]}"; do
     selected "$i" || continue
     if why=$(available "$i"); then
         IMPLS+=("$i")
+    elif ((SMOKE)) && [[ "$i" == ward || "$i" == veth ]]; then
+        echo "$i: $why; --smoke needs it" >&2
+        exit 1
     else
         echo "$i: $why" >&2
     fi
@@ -703,3 +717,23 @@ with open(out_f, "w") as f:
     json.dump(doc, f, indent=2)
 print(f"\nresults written to {out_f}")
 EOF
+if ((SMOKE)); then
+    # Every selected run of ward and veth must have carried bytes; peers only warn.
+    python3 - "$RESULTS" "${IMPLS[*]}" <<'EOF'
+import json, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+bad = []
+for impl in sys.argv[2].split():
+    ok = [r for r in runs if r["impl"] == impl and (r.get("tcp1_bytes") or 0) > 0 and not r.get("errors")]
+    if ok:
+        continue
+    if impl in ("ward", "veth"):
+        bad.append(impl)
+    else:
+        print(f"smoke: warning: {impl} carried nothing (see the errors above)", file=sys.stderr)
+if bad:
+    print(f"smoke: FAILED: {', '.join(bad)} carried nothing", file=sys.stderr)
+    sys.exit(1)
+print("smoke: ok (ward and veth carried traffic)", file=sys.stderr)
+EOF
+fi

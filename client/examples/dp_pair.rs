@@ -4,10 +4,12 @@
 //! dp_pair genkey                      # prints "<private-hex> <public-hex>"
 //! dp_pair run --private-key HEX --ipv4 100.64.0.1 --ipv6 fd00:77::1 \
 //!             --peer-key HEX --peer-ipv4 100.64.0.2 --peer-ipv6 fd00:77::2 \
-//!             --endpoint 10.203.0.2:51820 [--endpoint …] [--port 51820] [--tun ward0]
+//!             --endpoint 10.203.0.2:51820 [--endpoint …] [--port 51820] [--tun ward0] \
+//!             [--exit-after SECS]
 //! ```
 //!
-//! `run` stays up until SIGINT/SIGTERM, then prints the peer status and counters and removes the
+//! `run` stays up until SIGINT/SIGTERM (or `--exit-after` seconds, env `DP_EXIT_AFTER`: the
+//! quick mode for smoke runs), then prints the peer status and counters and removes the
 //! TUN. See `dp_pair.sh` for a two-namespace setup with ping and iperf3.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -57,6 +59,9 @@ struct RunArgs {
     /// Candidate endpoint of the peer (repeatable; none: wait for the peer to reach us).
     #[arg(long)]
     endpoint: Vec<SocketAddr>,
+    /// Stop by itself after this many seconds (default: run until SIGINT/SIGTERM).
+    #[arg(long, env = "DP_EXIT_AFTER")]
+    exit_after: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -134,10 +139,18 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     }]);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(30));
+    let deadline = async {
+        match a.exit_after {
+            Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = &mut deadline => break,
             _ = tick.tick() => eprintln!("status: {:?}", dp.status()),
         }
     }

@@ -14,8 +14,8 @@
 //! from an executor, and two threads use the machine's two cores. Reads are non-blocking with a
 //! `poll` timeout so the threads notice the stop flag.
 //!
-//! [`Batch::handle_tun_packet`]: super::core::Batch::handle_tun_packet
-//! [`Batch::handle_datagram`]: super::core::Batch::handle_datagram
+//! [`Batch::handle_tun_packet`]: super::engine::Batch::handle_tun_packet
+//! [`Batch::handle_datagram`]: super::engine::Batch::handle_datagram
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-use super::core::{Core, Outbox, TIMER_INTERVAL};
+use super::engine::{Core, Outbox, TIMER_INTERVAL};
 use super::pmtu::REFRESH_INTERVAL;
 use super::tun::{TunDevice, TunParams};
 use super::udp::{poll_fd, RecvBatch, SendScratch, UdpSocket};

@@ -2,13 +2,14 @@
 //!
 //! Layout (I/O-free core, thin driver):
 //!
-//! - [`core`]: [`core::Core`], the protocol logic. No sockets, no clock reads of its own (time is
-//!   passed in as `now`), no threads. It owns the peer table (one `Tunn` per peer key, two
-//!   while this device's own key rotates), does the cryptokey routing, the inner-source check,
-//!   endpoint selection (candidates, roaming), the handshake probing and the loss-free key
-//!   rotation. Its outputs go into caller-provided buffers ([`core::Outbox`] for UDP
-//!   datagrams, a `&mut [u8]` for a decrypted IP packet). It is `Sync`: the peer table sits behind
-//!   an `RwLock`, each peer's `Tunn` behind its own `Mutex`, so the two hot paths run in parallel.
+//! - [`engine`]: [`Core`], the protocol logic, with its drive loop documented on the type. No
+//!   sockets, no clock reads of its own (time is passed in as `now`), no threads. It owns the
+//!   peer table (one `Tunn` per peer key, two while this device's own key rotates), does the
+//!   cryptokey routing, the inner-source check, the inbound filter, endpoint selection
+//!   (candidates, roaming), the handshake probing and the loss-free key rotation. Its outputs go
+//!   into caller-provided buffers ([`Outbox`] for UDP datagrams, a `&mut [u8]` for a decrypted
+//!   IP packet). It is `Sync`, and nothing the two hot paths share is locked per packet (only a
+//!   peer's own `Tunn`), so they run in parallel on the machine's two cores.
 //! - [`pmtu`]: I/O-free path MTU per destination (learned from the kernel by the driver), the
 //!   check that an inner packet fits its peer's path, and the ICMP too-big errors that tell the
 //!   inner stack when it does not.
@@ -22,8 +23,8 @@
 //! This module must not depend on the agent's control plane (quinn, the coordinator protocol):
 //! the agent tells it who the peers are through [`DataPlane::set_peers`].
 
-pub mod core;
 mod driver;
+pub mod engine;
 pub mod pmtu;
 mod tun;
 mod udp;
@@ -36,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use ward_shared::filter::{FilterCounters, FilterRule};
 
-pub use self::core::{Core, CoreConfig, Outbox};
+pub use self::engine::{Batch, Core, CoreConfig, Outbox, Transmit};
 pub use self::pmtu::PathMtuCounters;
 
 /// TUN MTU: a 1500-byte underlay minus the worst-case WireGuard overhead (IPv6 40 + UDP 8 +

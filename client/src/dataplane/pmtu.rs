@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use super::core::checksum;
+use super::engine::icmp::checksum;
 
 /// Outer overhead per inner packet over IPv4: IPv4 header 20 + UDP 8 + WireGuard data
 /// header 16 + tag 16.

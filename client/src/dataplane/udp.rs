@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::core::Outbox;
+use super::engine::Outbox;
 use super::pmtu::{self, PathMtus, SendFailure};
 use super::TUN_MTU;
 

@@ -1,0 +1,527 @@
+//! The I/O-free data-plane engine: peer table, cryptokey routing, WireGuard sessions, the
+//! inbound filter. [`Core`] is the type to drive; its documentation spells out the loop.
+//!
+//! | module | concern |
+//! |---|---|
+//! | this one | [`Core`]: configuration, peer set, timers and probing, status |
+//! | `batch` | [`Batch`]: the two packet paths (TUN → peer, peer → TUN) |
+//! | `peers` | the peer table, cryptokey routing, where each peer is on the underlay |
+//! | `session` | a peer's WireGuard links and the loss-free rotation of this device's key |
+//! | `filter` | the inbound filter shared by both paths without a per-packet lock |
+//! | `icmp` | ICMP "administratively prohibited" replies and their rate limit |
+//! | `outbox` | [`Outbox`]: datagrams (and TUN packets) for the driver to send |
+//! | `counters` | data-plane counters, merged once per batch |
+//!
+//! # Key rotation without loss
+//!
+//! A rotating device appears to its peers as two peer entries with the same addresses (old key,
+//! new key) until the coordinator revokes the old one. Outbound traffic to an address goes to
+//! the entry whose session is usable and was established most recently; an entry without a
+//! session is used only when no entry has one (see `Table::route`). So a new, not yet used key
+//! costs nothing: it is probed in the background and takes over once its handshake completes.
+//!
+//! On the rotating device, [`Core::rotate_key`] gives every peer a new `Tunn` under the new key
+//! (the *current* link, handshaking at once) and keeps the old one as the *previous* link: it
+//! still decrypts what the peer sends under the old session, answers the peer's handshakes to
+//! the old key, and carries outbound traffic until the current link has a session. Then it stops
+//! sending and is dropped [`PREVIOUS_GRACE`] later (or when `set_peers` removes the peer).
+//!
+//! # Time and randomness
+//!
+//! Every method takes `now`; the engine never reads the clock for its own decisions
+//! (endpoint probing). boringtun's `Tunn` reads the system clock inside `update_timers`,
+//! `time_since_last_handshake` and its rate limiter; that is accepted (tests run in real time,
+//! which is fast because the engine's own probing runs on the passed-in `now`).
+//!
+//! Receiver indices come from a seeded RNG; boringtun draws its ephemeral keys and cookie
+//! secrets from the OS.
+
+mod batch;
+mod counters;
+mod filter;
+pub(super) mod icmp;
+mod outbox;
+mod peers;
+mod session;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::TunnResult;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ward_shared::filter::{Filter, FilterCounters, FilterRule};
+
+use self::counters::{Counters, LocalCounters};
+use self::filter::SharedFilter;
+use self::icmp::WindowLimit;
+use self::peers::{route, sanitize_candidates, Path, Peer, Table};
+use self::session::{timer_output, KeyRing, Keys, Link, Session};
+use super::pmtu::PathMtus;
+use super::{DataPlaneCounters, PeerConfig, PeerStatus};
+
+pub use self::batch::Batch;
+pub use self::outbox::{Outbox, Transmit};
+
+/// How often the driver should call [`Core::handle_timers`].
+pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Most candidate endpoints kept per peer (bounds the handshake fan-out).
+pub const MAX_CANDIDATES: usize = 8;
+
+/// Handshake probe interval while a peer has no session and we recently wanted it.
+const PROBE_INTERVAL_FAST: Duration = Duration::from_secs(5);
+/// Handshake probe interval for a peer that has been unreachable for a while.
+const PROBE_INTERVAL_SLOW: Duration = Duration::from_secs(25);
+/// How long after (re)configuration or outgoing traffic a session-less peer is probed fast.
+const FAST_PROBE_PERIOD: Duration = Duration::from_secs(120);
+/// How long a previous link (a peer's session under this device's old key) keeps decrypting
+/// after the new key's session with that peer is up, for packets still in flight.
+pub const PREVIOUS_GRACE: Duration = Duration::from_secs(10);
+
+/// WireGuard message sizes and overhead.
+const HANDSHAKE_INIT_LEN: usize = 148;
+const DATA_OVERHEAD: usize = 32;
+const MSG_HANDSHAKE_INIT: u8 = 1;
+const MSG_COOKIE_REPLY: u8 = 3;
+
+/// Most connections the inbound filter tracks.
+pub const MAX_FLOWS: usize = ward_shared::filter::DEFAULT_MAX_FLOWS;
+
+/// Static configuration of a [`Core`].
+#[derive(Clone)]
+pub struct CoreConfig {
+    pub private_key: [u8; 32],
+    /// Persistent keepalive interval in seconds (`None`: off).
+    pub persistent_keepalive: Option<u16>,
+    /// The overlay's IPv6 /48 (with 100.64.0.0/10, where a packet without a peer gets an ICMP
+    /// "administratively prohibited" back instead of silence).
+    pub v6_prefix: Option<Ipv6Addr>,
+}
+
+/// The data-plane protocol core: WireGuard sessions with every peer, cryptokey routing, the
+/// inner-source check, the inbound filter and loss-free key rotation. No I/O: the driver owns
+/// the TUN, the socket, the threads and the clock.
+///
+/// # Drive loop
+///
+/// Inputs are `handle_*` calls (a [`Batch`] for packets) with the time passed in; outputs go to
+/// the caller's [`Outbox`] (datagrams for the network, ICMP errors for the TUN) and, for a
+/// decrypted packet, the caller's buffer.
+///
+/// ```text
+/// core = Core::new(cfg, seed)
+/// core.set_peers(peers, now, &mut outbox)            -> send outbox (proactive handshakes)
+/// core.set_filter(rules)                             (the netmap's inbound rules)
+/// loop {
+///     TUN packets:   let mut b = core.batch();
+///                    for p in packets { b.handle_tun_packet(p, now, &mut outbox) }
+///                    drop(b); send outbox; write outbox.tun_packets() to the TUN; outbox.clear()
+///     UDP datagrams: let mut b = core.batch();
+///                    for (from, d) in datagrams {
+///                        if let Some(n) = b.handle_datagram(from, d, now, coord_ms, &mut buf, &mut outbox) {
+///                            write buf[..n] to the TUN
+///                        }
+///                    }
+///                    drop(b); send outbox; outbox.clear()
+///     every TIMER_INTERVAL: core.handle_timers(now, &mut outbox); send outbox
+///     now and then:  core.expire_flows(now); core.take_denied_flows() -> the coordinator
+/// }
+/// ```
+///
+/// A batch must be dropped before its outbox is sent: dropping it hands the packets it sent to
+/// the inbound filter, so their replies pass.
+///
+/// # Threads and locks
+///
+/// `Core` is `Sync`: the TUN path and the UDP path run on different threads at once. The peer
+/// table is behind an `RwLock` (writers: [`Core::set_peers`] and [`Core::rotate_key`]), each
+/// peer's session state behind a `Mutex` (taken per packet, per peer: a `Tunn` encrypts and
+/// decrypts through `&mut`). A [`Batch`] holds the table's read lock for its lifetime, so once
+/// `set_peers` returns, no packet under a removed key is accepted any more. Nothing both paths
+/// share is locked per packet: the filter is locked once per receive batch and the send path
+/// hands it its packets once per batch (see the `filter` module), the ICMP limiter is locked
+/// once per batch, counters are merged once per batch. Lock order: table, then the local key
+/// ring, then one peer session at a time; the filter, then its pending outbound records.
+pub struct Core {
+    /// This device's static key (and older ones previous links still use); replaced by
+    /// [`Core::rotate_key`].
+    keys: RwLock<Arc<KeyRing>>,
+    persistent_keepalive: Option<u16>,
+    table: RwLock<Table>,
+    index_rng: Mutex<StdRng>,
+    /// The inbound filter: locked once per receive batch, fed by the send path once per batch.
+    filter: SharedFilter,
+    /// Coordinator time minus local wall-clock time, ms (kept here for the driver).
+    clock_offset_ms: AtomicI64,
+    v6_prefix: Option<Ipv6Addr>,
+    unreachable_limit: Mutex<WindowLimit>,
+    counters: Counters,
+    /// Path MTU per destination (see `pmtu`), learned by the driver.
+    pmtu: Arc<PathMtus>,
+}
+
+impl Core {
+    /// A core with no peers. `seed` seeds receiver-index allocation.
+    pub fn new(cfg: CoreConfig, seed: u64) -> Core {
+        Core {
+            keys: RwLock::new(Arc::new(KeyRing {
+                current: Arc::new(Keys::new(cfg.private_key)),
+                older: Vec::new(),
+            })),
+            persistent_keepalive: cfg.persistent_keepalive,
+            table: RwLock::new(Table::default()),
+            index_rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            filter: SharedFilter::new(Filter::with_seed(MAX_FLOWS, seed.rotate_left(17) ^ 0x5eed)),
+            clock_offset_ms: AtomicI64::new(0),
+            v6_prefix: cfg.v6_prefix,
+            unreachable_limit: Mutex::new(WindowLimit::default()),
+            counters: Counters::default(),
+            pmtu: Arc::default(),
+        }
+    }
+
+    /// The path MTUs the core checks TUN packets against; the driver keeps them current.
+    pub fn path_mtus(&self) -> &Arc<PathMtus> {
+        &self.pmtu
+    }
+
+    /// Replaces the inbound filter rules. With none, no peer may open anything here (replies
+    /// to this device's own flows still pass). Flows that no rule allows any more are cut.
+    pub fn set_filter(&self, rules: Vec<FilterRule>) {
+        self.filter.set_rules(rules);
+    }
+
+    /// Records coordinator time minus local wall-clock time; see [`Core::clock_offset_ms`].
+    pub fn set_clock_offset_ms(&self, offset: i64) {
+        self.clock_offset_ms.store(offset, Ordering::Relaxed);
+    }
+
+    /// What the driver adds to its wall clock (ms since the epoch) to get the coordinator time
+    /// it passes to [`Batch::handle_datagram`].
+    pub fn clock_offset_ms(&self) -> i64 {
+        self.clock_offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// New inbound flows the filter refused since the last call, by source (for the
+    /// coordinator's scan detection).
+    pub fn take_denied_flows(&self) -> Vec<ward_shared::wire::DeniedFlow> {
+        self.filter.take_denied()
+    }
+
+    pub fn filter_counters(&self) -> FilterCounters {
+        self.filter.counters()
+    }
+
+    /// Drops idle flows from the filter's table; call now and then (a full table also sweeps
+    /// itself).
+    pub fn expire_flows(&self, now: Instant) {
+        self.filter.expire(now);
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        read(&self.keys).current.public.to_bytes()
+    }
+
+    /// Replaces the peer set.
+    ///
+    /// A peer whose key and addresses are unchanged keeps its `Tunn`s (no re-handshake); only
+    /// its metadata and candidate endpoints are updated. A removed peer's sessions (under the
+    /// current and any previous local key) are dropped before this returns. A new or changed
+    /// peer gets a fresh `Tunn` and a handshake initiation to every candidate endpoint, written
+    /// to `out`. Several peers may claim the same addresses (a peer's old and new key during its
+    /// rotation); see [`Table::route`] for which one gets the traffic.
+    pub fn set_peers(&self, peers: Vec<PeerConfig>, now: Instant, out: &mut Outbox) {
+        let mut table = write(&self.table);
+        let ring = read(&self.keys).clone();
+        let keys = &ring.current;
+        let mut next = Table::default();
+        let mut used: HashSet<u32> = table.by_index.keys().copied().collect();
+        for cfg in peers {
+            if cfg.public_key == keys.public.to_bytes() {
+                tracing::debug!(device_id = cfg.device_id, "peer with our own key ignored");
+                continue;
+            }
+            if next.peers.contains_key(&cfg.public_key) {
+                tracing::debug!(device_id = cfg.device_id, "duplicate peer key ignored");
+                continue;
+            }
+            let candidates = sanitize_candidates(&cfg.endpoints);
+            let reuse = table
+                .peers
+                .get(&cfg.public_key)
+                .filter(|old| old.ipv4 == cfg.ipv4 && old.ipv6 == cfg.ipv6)
+                .cloned();
+            let peer = match reuse {
+                Some(peer) => {
+                    let mut s = lock(&peer.session);
+                    s.device_id = cfg.device_id;
+                    s.hostname = cfg.hostname;
+                    if s.path.candidates != candidates {
+                        s.path.candidates = candidates;
+                        if !s.link.has_session() {
+                            // New places to look: probe them now.
+                            s.next_probe = now;
+                            s.fast_probe_until = now + FAST_PROBE_PERIOD;
+                        }
+                    }
+                    drop(s);
+                    peer
+                }
+                None => {
+                    let index = self.alloc_index(&used);
+                    used.insert(index);
+                    let link = Link::new(keys, cfg.public_key, self.persistent_keepalive, index);
+                    let peer = Arc::new(Peer {
+                        public_key: cfg.public_key,
+                        ipv4: cfg.ipv4,
+                        ipv6: cfg.ipv6,
+                        session: Mutex::new(Session {
+                            link,
+                            previous: None,
+                            device_id: cfg.device_id,
+                            hostname: cfg.hostname,
+                            path: Path {
+                                endpoint: None,
+                                candidates,
+                                last_rx: None,
+                            },
+                            next_probe: now,
+                            fast_probe_until: now + FAST_PROBE_PERIOD,
+                        }),
+                        dropped_bad_source: AtomicU64::new(0),
+                    });
+                    let mut s = lock(&peer.session);
+                    let sent = self.probe(&mut s, now, out);
+                    drop(s);
+                    self.counters
+                        .handshake_initiations_sent
+                        .fetch_add(sent, Ordering::Relaxed);
+                    peer
+                }
+            };
+            next.insert(peer);
+        }
+        let removed = table
+            .peers
+            .keys()
+            .filter(|k| !next.peers.contains_key(*k))
+            .count();
+        tracing::debug!(
+            peers = next.peers.len(),
+            removed,
+            "peer set replaced (removed peers' sessions dropped)"
+        );
+        *table = next;
+    }
+
+    /// Starts a batch: holds the peer table's read lock until dropped. Keep batches short
+    /// (one syscall's worth of packets): `set_peers` waits for them.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch::new(self)
+    }
+
+    /// One packet read from the TUN. See [`Batch::handle_tun_packet`].
+    pub fn handle_tun_packet(&self, packet: &[u8], now: Instant, out: &mut Outbox) {
+        self.batch().handle_tun_packet(packet, now, out)
+    }
+
+    /// One datagram received from the network. See [`Batch::handle_datagram`].
+    #[must_use]
+    pub fn handle_datagram(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        coordinator_now_ms: i64,
+        tun_out: &mut [u8],
+        out: &mut Outbox,
+    ) -> Option<usize> {
+        self.batch()
+            .handle_datagram(from, datagram, now, coordinator_now_ms, tun_out, out)
+    }
+
+    /// Runs WireGuard timers (keepalives, rekeying, handshake retransmission) and the
+    /// candidate probing for every peer, and drops previous links whose grace period is over.
+    /// Call every [`TIMER_INTERVAL`].
+    pub fn handle_timers(&self, now: Instant, out: &mut Outbox) {
+        let table = read(&self.table);
+        let ring = read(&self.keys).clone();
+        for keys in ring.iter() {
+            keys.limiter.reset_count();
+        }
+        let mut local = LocalCounters::default();
+        let mut retired = false;
+        for peer in table.peers.values() {
+            let mut s = lock(&peer.session);
+            if let Some(p) = &s.previous {
+                if p.retire_at.is_some_and(|t| now >= t) {
+                    tracing::debug!(host = %s.hostname, "previous key's session dropped");
+                    s.previous = None;
+                    retired = true;
+                }
+            }
+            let Session {
+                link,
+                previous,
+                path,
+                ..
+            } = &mut *s;
+            if let Some(p) = previous {
+                // Its timers run (session expiry), but only while it carries the outbound
+                // traffic does anything it wants to send (keepalives, a rekey) go out.
+                let had_session = p.link.has_session();
+                let start = out.reserve(HANDSHAKE_INIT_LEN + DATA_OVERHEAD);
+                let res = timer_output(&mut p.link.tunn, start, had_session);
+                if let (Some((len, is_init)), true) = (res, p.outbound) {
+                    local.handshake_initiations_sent += route(path, out, len, is_init, now);
+                }
+            }
+            let had_session = link.has_session();
+            let start = out.reserve(HANDSHAKE_INIT_LEN + DATA_OVERHEAD);
+            if let Some((len, is_init)) = timer_output(&mut link.tunn, start, had_session) {
+                local.handshake_initiations_sent += route(path, out, len, is_init, now);
+            }
+            if !s.link.has_session() && now >= s.next_probe {
+                local.handshake_initiations_sent += self.probe(&mut s, now, out);
+            }
+        }
+        if retired && !ring.older.is_empty() {
+            let older: Vec<Arc<Keys>> = ring
+                .older
+                .iter()
+                .filter(|k| table.uses_local_key(k))
+                .cloned()
+                .collect();
+            if older.len() != ring.older.len() {
+                let mut w = write(&self.keys);
+                // Only if no rotation replaced the ring meanwhile (it cannot: rotate_key takes
+                // the table's write lock, which this holds for reading).
+                if Arc::ptr_eq(&w, &ring) {
+                    *w = Arc::new(KeyRing {
+                        current: ring.current.clone(),
+                        older,
+                    });
+                }
+            }
+        }
+        drop(table);
+        local.flush(&self.counters);
+        // Apply the send path's outbound records, so they do not wait for the next received
+        // packet (a device that only sends).
+        self.filter.apply_pending();
+    }
+
+    /// Per-peer status, one per device (ordered by device id): the peer entry and link that
+    /// carry outbound traffic, with bytes summed over all of the device's entries and links.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let table = read(&self.table);
+        let mut by_device: BTreeMap<u64, Vec<&Arc<Peer>>> = BTreeMap::new();
+        for peer in table.peers.values() {
+            let id = lock(&peer.session).device_id;
+            by_device.entry(id).or_default().push(peer);
+        }
+        by_device
+            .into_iter()
+            .filter_map(|(device_id, entries)| {
+                let chosen = entries
+                    .iter()
+                    .max_by_key(|p| lock(&p.session).outbound_rank())?;
+                let s = lock(&chosen.session);
+                let (last_handshake, ..) = s.outbound_link().tunn.stats();
+                let endpoint = s.path.endpoint;
+                drop(s);
+                let mut status = PeerStatus {
+                    device_id,
+                    endpoint,
+                    last_handshake,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    dropped_bad_source: 0,
+                    path_mtu: endpoint.and_then(|e| self.pmtu.path_mtu(e.ip())),
+                };
+                for peer in entries {
+                    let s = lock(&peer.session);
+                    for link in s.links() {
+                        let (_, tx, rx, _, _) = link.tunn.stats();
+                        status.tx_bytes += tx as u64;
+                        status.rx_bytes += rx as u64;
+                    }
+                    status.dropped_bad_source += peer.dropped_bad_source.load(Ordering::Relaxed);
+                }
+                Some(status)
+            })
+            .collect()
+    }
+
+    pub fn counters(&self) -> DataPlaneCounters {
+        self.counters.snapshot()
+    }
+
+    /// How many peers still carry outbound traffic on a session under an older local key (a
+    /// rotation whose new handshake has not completed yet). Zero means every peer that had a
+    /// session has moved to the current key, so the old key's lease can be given up.
+    pub fn peers_on_old_key(&self) -> usize {
+        let table = read(&self.table);
+        table
+            .peers
+            .values()
+            .filter(|p| {
+                let s = lock(&p.session);
+                s.previous
+                    .as_ref()
+                    .is_some_and(|prev| prev.outbound && prev.link.has_session())
+            })
+            .count()
+    }
+
+    /// Sends a fresh handshake initiation on the current link to the endpoint and candidates;
+    /// schedules the next. Returns the number of datagrams written.
+    fn probe(&self, s: &mut Session, now: Instant, out: &mut Outbox) -> u64 {
+        let interval = if now < s.fast_probe_until {
+            PROBE_INTERVAL_FAST
+        } else {
+            PROBE_INTERVAL_SLOW
+        };
+        s.next_probe = now + interval;
+        let buf = out.reserve(HANDSHAKE_INIT_LEN);
+        match s.link.tunn.format_handshake_initiation(buf, true) {
+            TunnResult::WriteToNetwork(p) => {
+                let len = p.len();
+                route(&s.path, out, len, true, now)
+            }
+            _ => 0,
+        }
+    }
+
+    fn alloc_index(&self, used: &HashSet<u32>) -> u32 {
+        let mut rng = lock(&self.index_rng);
+        loop {
+            // boringtun puts the index in the upper 24 bits of the receiver index.
+            let index = rng.gen_range(1..(1u32 << 24));
+            if !used.contains(&index) {
+                return index;
+            }
+        }
+    }
+}
+
+// A poisoned lock only means another thread panicked mid-update; the data it guards (a `Tunn`,
+// a peer table) stays structurally valid, so keep going rather than take the data plane down.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests;

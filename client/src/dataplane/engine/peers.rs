@@ -1,0 +1,160 @@
+//! The peer table: configured peers, where each is on the underlay, and cryptokey routing
+//! (destination overlay address → peer; receiver index → peer).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::outbox::Outbox;
+use super::session::{Keys, Session};
+use super::{lock, MAX_CANDIDATES};
+
+/// If nothing authenticated came from the endpoint for this long, handshake initiations go to
+/// the endpoint and every candidate (the path may have died).
+const PATH_STALE_AFTER: Duration = Duration::from_secs(15);
+
+/// A configured peer. Its key and addresses are fixed; changing them makes a new `Peer`.
+pub(super) struct Peer {
+    pub(super) public_key: [u8; 32],
+    pub(super) ipv4: Ipv4Addr,
+    pub(super) ipv6: Ipv6Addr,
+    pub(super) session: Mutex<Session>,
+    pub(super) dropped_bad_source: AtomicU64,
+}
+
+/// Where a peer is on the underlay.
+pub(super) struct Path {
+    /// Where the last authenticated packet came from (WireGuard roaming).
+    pub(super) endpoint: Option<SocketAddr>,
+    pub(super) candidates: Vec<SocketAddr>,
+    pub(super) last_rx: Option<Instant>,
+}
+
+impl Path {
+    pub(super) fn authenticated_from(&mut self, from: SocketAddr, now: Instant) {
+        if self.endpoint != Some(from) {
+            tracing::debug!(endpoint = %from, "peer endpoint changed");
+            self.endpoint = Some(from);
+        }
+        self.last_rx = Some(now);
+    }
+}
+
+/// The peer table. Every index maps to the peer owning it; addresses map to every peer
+/// claiming them, in configuration order.
+#[derive(Default)]
+pub(super) struct Table {
+    pub(super) peers: BTreeMap<[u8; 32], Arc<Peer>>,
+    pub(super) by_v4: HashMap<Ipv4Addr, Vec<Arc<Peer>>>,
+    pub(super) by_v6: HashMap<Ipv6Addr, Vec<Arc<Peer>>>,
+    pub(super) by_index: HashMap<u32, Arc<Peer>>,
+}
+
+impl Table {
+    pub(super) fn insert(&mut self, peer: Arc<Peer>) {
+        self.by_v4.entry(peer.ipv4).or_default().push(peer.clone());
+        self.by_v6.entry(peer.ipv6).or_default().push(peer.clone());
+        for link in lock(&peer.session).links() {
+            self.by_index.insert(link.index, peer.clone());
+        }
+        self.peers.insert(peer.public_key, peer);
+    }
+
+    /// Rebuilds the index map from the peers' links (after a rotation).
+    pub(super) fn reindex(&mut self) {
+        self.by_index.clear();
+        for peer in self.peers.values() {
+            for link in lock(&peer.session).links() {
+                self.by_index.insert(link.index, peer.clone());
+            }
+        }
+    }
+
+    /// Whether some peer's previous link uses this local key.
+    pub(super) fn uses_local_key(&self, keys: &Arc<Keys>) -> bool {
+        self.peers.values().any(|peer| {
+            lock(&peer.session)
+                .previous
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(&p.link.keys, keys))
+        })
+    }
+
+    /// The peer that gets packets for `dst`. With several peers claiming it (a peer's old and
+    /// new key during its rotation): the one with a usable session whose handshake is the most
+    /// recent; if none has a session, the last configured (it gets the handshake). So traffic
+    /// never leaves a working session for one that is not up yet.
+    pub(super) fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        let entries = match dst {
+            IpAddr::V4(a) => self.by_v4.get(&a),
+            IpAddr::V6(a) => self.by_v6.get(&a),
+        }?;
+        match entries.as_slice() {
+            [one] => Some(one),
+            many => many
+                .iter()
+                .enumerate()
+                .max_by_key(|(i, p)| (lock(&p.session).outbound_rank(), *i))
+                .map(|(_, p)| p),
+        }
+    }
+}
+
+/// Commits the datagram of `len` bytes at the reserved position of `out` to the peer's
+/// endpoint; handshake initiations also go to every candidate when the path is unknown or
+/// stale. Returns how many datagrams were written.
+pub(super) fn route(path: &Path, out: &mut Outbox, len: usize, is_init: bool, now: Instant) -> u64 {
+    let fresh = path
+        .last_rx
+        .is_some_and(|t| now.saturating_duration_since(t) < PATH_STALE_AFTER);
+    if !is_init || (fresh && path.endpoint.is_some()) {
+        let Some(dst) = path.endpoint.or_else(|| path.candidates.first().copied()) else {
+            return 0;
+        };
+        out.commit(dst, len);
+        return 1;
+    }
+    let mut targets = path.endpoint.into_iter().chain(
+        path.candidates
+            .iter()
+            .copied()
+            .filter(|c| Some(*c) != path.endpoint),
+    );
+    let Some(first) = targets.next() else {
+        return 0;
+    };
+    out.commit(first, len);
+    let mut n = 1;
+    for dst in targets {
+        out.repeat_last(dst);
+        n += 1;
+    }
+    n
+}
+
+/// IPv4-mapped IPv6 source addresses (from a dual-stack socket) become plain IPv4.
+pub(super) fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+pub(super) fn sanitize_candidates(endpoints: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(endpoints.len().min(MAX_CANDIDATES));
+    for e in endpoints.iter().map(|e| canonical(*e)) {
+        if e.port() == 0 || e.ip().is_unspecified() || out.contains(&e) {
+            continue;
+        }
+        if out.len() == MAX_CANDIDATES {
+            break;
+        }
+        out.push(e);
+    }
+    out
+}
