@@ -15,6 +15,8 @@ cargo build --locked --workspace --bins
 cargo build --locked --release --workspace --bins
 echo "== cargo test"
 cargo test --locked --workspace
+echo "== benchmarks and examples in smoke mode (a rot check, never a timed test)"
+./bench/smoke.sh
 echo "== end-to-end tests in network namespaces"
 if [[ $EUID -ne 0 ]]; then
     echo "SKIPPED: tests/e2e/*.sh need root (network namespaces, TUN); they were NOT run"
