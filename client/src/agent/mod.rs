@@ -785,7 +785,6 @@ impl Agent {
 
     /// The coordinator broke the protocol: end the session; the next one starts afresh.
     fn protocol_error(&mut self, error: String, now: Now) {
-        warn!(%error, "control session ended");
         self.events.push_back(Event::CloseSession);
         self.end_session(error, false, now);
     }

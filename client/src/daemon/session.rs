@@ -107,10 +107,7 @@ impl Daemon {
                             link.channel = Some(ch);
                             a.handle_connected(hello_update(dp.as_deref()), now());
                         }
-                        Err(e) => {
-                            warn!(error = %format!("{e:#}"), "control session ended");
-                            a.handle_disconnected(Some(format!("{e:#}")), now());
-                        }
+                        Err(e) => a.handle_disconnected(Some(format!("{e:#}")), now()),
                     }
                 }
                 msg = async { channel.as_mut().expect("guarded by the branch condition").recv().await }, if channel.is_some() => {
@@ -123,7 +120,6 @@ impl Daemon {
                         }
                         Err(e) => {
                             link.channel = None;
-                            warn!(error = %format!("{e:#}"), "control session ended");
                             a.handle_disconnected(Some(format!("{e:#}")), now());
                         }
                     }
