@@ -47,10 +47,10 @@ const ALICE: usize = 0;
 const BOB: usize = 1;
 const DB: usize = 2;
 
-/// Phases of the run (simulated seconds from the start).
-const FAIL_AT_S: i64 = 20;
-const RESTORE_AT_S: i64 = 40;
-const END_S: i64 = 60;
+/// Phases of the run (simulated ms from the start), off the agents' 1 s posture cadence.
+const FAIL_AT_MS: i64 = 20_400;
+const RESTORE_AT_MS: i64 = 40_700;
+const END_MS: i64 = 60_000;
 
 #[test]
 fn failing_posture_removes_gated_access_rotates_and_restores() {
@@ -75,13 +75,13 @@ fn failing_posture_removes_gated_access_rotates_and_restores() {
     let mut restored_at: Option<i64> = None;
     let mut rotations_at_fail = 0;
 
-    while w.t < T0 + END_S * 1000 {
-        let s = (w.t - T0) / 1000;
-        if w.t == T0 + FAIL_AT_S * 1000 {
+    while w.t < T0 + END_MS {
+        let ms = w.t - T0;
+        if ms == FAIL_AT_MS {
             w.devs[ALICE].firewall = false;
             rotations_at_fail = w.devs[ALICE].agent.rotations();
         }
-        if w.t == T0 + RESTORE_AT_S * 1000 {
+        if ms == RESTORE_AT_MS {
             w.devs[ALICE].firewall = true;
         }
         w.step();
@@ -101,9 +101,9 @@ fn failing_posture_removes_gated_access_rotates_and_restores() {
             .results
             .iter()
             .any(|r| r.requirement == "fw" && !r.passed);
-        let phase = match s {
-            _ if s < FAIL_AT_S => "healthy",
-            _ if s < RESTORE_AT_S => "failing",
+        let phase = match ms {
+            _ if ms < FAIL_AT_MS => "healthy",
+            _ if ms < RESTORE_AT_MS => "failing",
             _ => "restored",
         };
         // alice → db:5432 (gated, a new flow each time) and alice, bob → db:8080 (free).
@@ -159,7 +159,7 @@ fn failing_posture_removes_gated_access_rotates_and_restores() {
             restored_at = Some(w.t);
         }
         // Once access is established in a phase it holds for the rest of it.
-        if phase == "healthy" && s >= 5 {
+        if phase == "healthy" && ms >= 5_000 {
             assert!(gated_now, "t={} alice lost db:5432 while healthy", w.t - T0);
         }
         if phase == "failing" && denied_at.is_some() {
@@ -179,8 +179,8 @@ fn failing_posture_removes_gated_access_rotates_and_restores() {
             true
         });
     }
-    let fail_ms = T0 + FAIL_AT_S * 1000;
-    let restore_ms = T0 + RESTORE_AT_S * 1000;
+    let fail_ms = T0 + FAIL_AT_MS;
+    let restore_ms = T0 + RESTORE_AT_MS;
     let denied_after = denied_at.unwrap() - fail_ms;
     let restored_after = restored_at.unwrap() - restore_ms;
     let rotated = w.devs[ALICE].agent.rotations() - rotations_at_fail;
