@@ -4,10 +4,12 @@
 //! the old lease is revoked.
 
 use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
 
 use ward_shared::lease::SignedLease;
+use ward_shared::wire::DeviceMsg;
 
-use super::PrivateKey;
+use super::{Agent, Event, Now, PrivateKey};
 
 /// Between receiving the lease for a new key and switching to it: time for peers' deltas.
 pub const ROTATION_SETTLE: Duration = Duration::from_millis(750);
@@ -44,6 +46,129 @@ impl Rotation {
             Rotation::Confirming { since, .. } => Some(*since + ROTATION_CONFIRM_MAX),
             Rotation::Unleased { .. } | Rotation::Idle | Rotation::Requested { .. } => None,
         }
+    }
+}
+
+/// The rotation transitions of [`Agent`].
+impl Agent {
+    /// A lease from the coordinator: for the key in use (`Unleased` → `Idle`), or for the key
+    /// being rotated to (`Requested` → `Settling`). One that does not verify ends the session.
+    pub(super) fn handle_lease(&mut self, lease: SignedLease, now: Now) {
+        let Some(issuer) = self.cfg.lease_key else {
+            return self.protocol_error("no pinned lease key; enroll again".into(), now);
+        };
+        let coord_now = self.coordinator_ms(now.unix_ms);
+        if let Err(e) = lease.verify_for(
+            &issuer,
+            coord_now,
+            self.cfg.device_id,
+            self.cfg.ipv4,
+            self.cfg.ipv6,
+        ) {
+            return self.protocol_error(
+                format!("the coordinator sent a lease that does not verify: {e}"),
+                now,
+            );
+        }
+        let serial = lease.lease.serial;
+        if lease.lease.wg_public_key == self.key.public() {
+            info!(
+                serial,
+                expires_in_s = (lease.lease.not_after_ms - coord_now) / 1000,
+                "lease granted"
+            );
+            self.own_lease = Some(lease);
+            self.transmits.push_back(DeviceMsg::LeaseActive { serial });
+            if let Rotation::Unleased { .. } = self.rotation {
+                self.rotation = Rotation::Idle;
+            }
+            return;
+        }
+        match &self.rotation {
+            Rotation::Requested { key } if key.public() == lease.lease.wg_public_key => {
+                // Peers already have the new key (the coordinator pushed it before answering);
+                // give the deltas a moment to land, then switch.
+                self.rotation = Rotation::Settling {
+                    key: *key,
+                    lease: Box::new(lease),
+                    switch_at: now.instant + ROTATION_SETTLE,
+                };
+            }
+            _ => warn!(
+                serial,
+                "ignoring a lease for a key this device does not hold"
+            ),
+        }
+    }
+
+    /// One look at the rotation: switch when settled, confirm when peers moved, start one when
+    /// due (half-life) or asked for.
+    pub(super) fn rotation_step(&mut self, now: Now) {
+        if let Rotation::Settling {
+            key,
+            lease,
+            switch_at,
+        } = &self.rotation
+        {
+            if now.instant >= *switch_at {
+                let (key, lease) = (*key, lease.clone());
+                let serial = lease.lease.serial;
+                info!(serial, key = %lease.lease.wg_public_key.to_base64(), "rotated to a new WireGuard key");
+                self.key = key;
+                self.own_lease = Some((*lease).clone());
+                self.key_since = now.instant;
+                self.rotations += 1;
+                self.old_key_peers = None;
+                self.events.push_back(Event::SwitchKey { key, lease });
+                self.rotation = Rotation::Confirming {
+                    serial,
+                    since: now.instant,
+                };
+            }
+        }
+        if let Rotation::Confirming { serial, since } = self.rotation {
+            let waited = now.instant.saturating_duration_since(since);
+            let timed_out = waited >= ROTATION_CONFIRM_MAX;
+            if self.old_key_peers == Some(0) || timed_out {
+                if let Some(n) = self.old_key_peers.filter(|n| *n > 0) {
+                    warn!(peers = n, "peers did not complete a handshake under the new key in time; giving up the old lease anyway");
+                }
+                debug!(
+                    serial,
+                    after_ms = waited.as_millis() as u64,
+                    "rotation confirmed"
+                );
+                self.transmits.push_back(DeviceMsg::LeaseActive { serial });
+                self.rotation = Rotation::Idle;
+            }
+        }
+        let due = self
+            .own_lease
+            .as_ref()
+            .is_some_and(|l| rotation_due(l, self.coordinator_ms(now.unix_ms)));
+        if self.rotation == Rotation::Idle && (due || self.queued.is_some()) {
+            if let Some(reason) = &self.queued {
+                info!(%reason, "rotating for a trust change asked for earlier");
+            }
+            self.start_rotation(now);
+        }
+    }
+
+    /// Asks for a lease on the spare key. Without a spare key (the driver has not refilled it
+    /// yet) the rotation waits for the next tick.
+    pub(super) fn start_rotation(&mut self, _now: Now) {
+        let Some(key) = self.spare.take() else {
+            self.events.push_back(Event::NeedKey);
+            return;
+        };
+        self.queued = None;
+        let public = key.public();
+        debug!(key = %public.to_base64(), "rotating: asking for a lease on a new key");
+        self.transmits.push_back(DeviceMsg::LeaseRequest {
+            wg_public_key: public,
+        });
+        self.rotation = Rotation::Requested { key };
+        self.events.push_back(Event::NeedKey);
     }
 }
 
