@@ -37,7 +37,8 @@ impl ClockOffset {
         }
         let rtt =
             i64::try_from(now.saturating_duration_since(sent).as_millis()).unwrap_or(i64::MAX);
-        let offset = coordinator_time_ms - (sent_ms + rtt / 2);
+        // The coordinator's stamp is remote input: saturate rather than overflow.
+        let offset = coordinator_time_ms.saturating_sub(sent_ms.saturating_add(rtt / 2));
         self.offset_ms = Some(offset);
         Some(offset)
     }
@@ -74,5 +75,15 @@ mod tests {
         // A second pong for the same ping changes nothing.
         assert_eq!(c.handle_pong(9, 0, t0 + Duration::from_millis(200)), None);
         assert_eq!(c.offset_ms(), Some(60_000));
+    }
+
+    #[test]
+    fn extreme_coordinator_stamps_saturate() {
+        let t0 = Instant::now();
+        let mut c = ClockOffset::default();
+        c.ping_sent(1, t0, i64::MAX - 5);
+        assert_eq!(c.handle_pong(1, i64::MIN, t0), Some(i64::MIN));
+        c.ping_sent(2, t0, i64::MIN + 5);
+        assert_eq!(c.handle_pong(2, i64::MAX, t0), Some(i64::MAX));
     }
 }

@@ -434,7 +434,7 @@ impl Agent {
                     self.events.push_back(Event::TakeDeniedFlows);
                     // Reports carry coordinator time: collect once the offset is known.
                     if let Some(offset) = self.clock.offset_ms() {
-                        let seq = self.posture.next_seq(now.unix_ms + offset);
+                        let seq = self.posture.next_seq(now.unix_ms.saturating_add(offset));
                         self.events.push_back(Event::CollectPosture {
                             wants: self.posture.wants.clone(),
                             seq,
@@ -597,7 +597,7 @@ impl Agent {
     }
     /// Coordinator time at `now` (device time if no offset was measured yet).
     pub fn coordinator_ms(&self, unix_ms: i64) -> i64 {
-        unix_ms + self.clock.offset_ms().unwrap_or(0)
+        unix_ms.saturating_add(self.clock.offset_ms().unwrap_or(0))
     }
 
     // ---- helpers ------------------------------------------------------------------------
@@ -623,7 +623,9 @@ impl Agent {
             .clock
             .handle_pong(nonce, coordinator_time_ms, now.instant)
         {
-            if before.is_none_or(|o| (o - offset).abs() > 1000) && offset.abs() > 2000 {
+            if before.is_none_or(|o| o.saturating_sub(offset).saturating_abs() > 1000)
+                && offset.saturating_abs() > 2000
+            {
                 warn!(
                     offset_ms = offset,
                     "this device's clock differs from the coordinator's; correcting for it"
@@ -647,7 +649,7 @@ impl Agent {
     fn apply_peers(&mut self, now: Now) {
         let Some(nm) = &self.netmap else { return };
         let offset = self.clock.offset_ms();
-        let coord_now = now.unix_ms + offset.unwrap_or(0);
+        let coord_now = now.unix_ms.saturating_add(offset.unwrap_or(0));
         let peers = self.leases.peers(
             nm,
             self.cfg.lease_key.as_ref(),

@@ -74,7 +74,7 @@ impl Agent {
         if lease.lease.wg_public_key == self.key.public() {
             info!(
                 serial,
-                expires_in_s = (lease.lease.not_after_ms - coord_now) / 1000,
+                expires_in_s = lease.lease.not_after_ms.saturating_sub(coord_now) / 1000,
                 "lease granted"
             );
             self.own_lease = Some(lease);
@@ -175,7 +175,9 @@ impl Agent {
 /// A device rotates its key once half of its lease is spent.
 pub fn rotation_due(own: &SignedLease, coordinator_now_ms: i64) -> bool {
     let l = &own.lease;
-    coordinator_now_ms >= l.not_before_ms + (l.not_after_ms - l.not_before_ms) / 2
+    coordinator_now_ms
+        >= l.not_before_ms
+            .saturating_add(l.not_after_ms.saturating_sub(l.not_before_ms) / 2)
 }
 
 #[cfg(test)]

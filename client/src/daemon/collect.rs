@@ -53,7 +53,7 @@ impl Collectors {
         let busy = self.busy.clone();
         tokio::task::spawn_blocking(move || {
             let mut c = collector.lock().unwrap_or_else(|p| p.into_inner());
-            let now = now_ms() + offset;
+            let now = now_ms().saturating_add(offset);
             let cheap = PostureWants {
                 custom: Vec::new(),
                 ..wants.clone()
@@ -90,7 +90,7 @@ impl Collectors {
             let r = custom
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .custom_only(&wanted, now_ms() + offset);
+                .custom_only(&wanted, now_ms().saturating_add(offset));
             *results.lock().unwrap_or_else(|p| p.into_inner()) = r;
             busy.store(false, Ordering::Release);
         });

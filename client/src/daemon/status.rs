@@ -44,7 +44,8 @@ pub fn status(s: Sources<'_>) -> StatusView {
         Some(Phase::Revoked) => State::Revoked,
     };
     let offset = s.agent.and_then(|a| a.clock_offset_ms());
-    let now = now_ms() + offset.unwrap_or(0);
+    // Peers' lease stamps come unverified from the netmap: arithmetic on them saturates.
+    let now = now_ms().saturating_add(offset.unwrap_or(0));
     let netmap = s.agent.and_then(|a| a.netmap());
     let dp_status: BTreeMap<u64, dataplane::PeerStatus> = s
         .dataplane
@@ -81,8 +82,8 @@ pub fn status(s: Sources<'_>) -> StatusView {
             };
             let newest = p.leases.iter().max_by_key(|l| l.lease.serial);
             PeerView {
-                lease_expires_in_secs: newest.map(|l| (l.lease.not_after_ms - now) / 1000),
-                key_age_secs: newest.map(|l| (now - l.lease.not_before_ms).max(0) / 1000),
+                lease_expires_in_secs: newest.map(|l| l.lease.not_after_ms.saturating_sub(now) / 1000),
+                key_age_secs: newest.map(|l| now.saturating_sub(l.lease.not_before_ms).max(0) / 1000),
                 lease_serial: newest.map(|l| l.lease.serial),
                 device_id: p.device_id.0,
                 hostname: p.hostname.to_string(),
@@ -132,7 +133,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
             device_id: r.device_id.0,
             ports: fmt_ports(&r.proto, &r.ports),
             rule: r.rule.clone(),
-            expires_in_secs: r.not_after_ms.map(|t| (t - now) / 1000),
+            expires_in_secs: r.not_after_ms.map(|t| t.saturating_sub(now) / 1000),
         })
         .collect();
     let names: BTreeMap<IpAddr, String> = netmap
@@ -166,19 +167,19 @@ pub fn status(s: Sources<'_>) -> StatusView {
                 from,
                 ports: fmt_ports(&r.proto, &r.ports),
                 rule: r.rule.clone(),
-                expires_in_secs: r.not_after_ms.map(|t| (t - now) / 1000),
+                expires_in_secs: r.not_after_ms.map(|t| t.saturating_sub(now) / 1000),
             }
         })
         .collect();
     let lease = s.agent.and_then(|a| a.own_lease()).map(|l| OwnLeaseView {
         serial: l.lease.serial,
-        expires_in_secs: (l.lease.not_after_ms - now) / 1000,
-        ttl_secs: (l.lease.not_after_ms - l.lease.not_before_ms) / 1000,
+        expires_in_secs: l.lease.not_after_ms.saturating_sub(now) / 1000,
+        ttl_secs: l.lease.not_after_ms.saturating_sub(l.lease.not_before_ms) / 1000,
     });
-    let clock_warning = offset.filter(|o| o.abs() > 30_000).map(|o| {
+    let clock_warning = offset.filter(|o| o.saturating_abs() > 30_000).map(|o| {
         format!(
             "this device's clock is {:.1} s {} the coordinator's (corrected for)",
-            o.abs() as f64 / 1000.0,
+            o.saturating_abs() as f64 / 1000.0,
             if o > 0 { "behind" } else { "ahead of" }
         )
     });
