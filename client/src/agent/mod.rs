@@ -270,7 +270,7 @@ impl Agent {
         self.link = Link::Session {
             since: match self.link {
                 Link::Opening { since } => since,
-                _ => now.instant,
+                Link::Waiting { .. } | Link::Session { .. } => now.instant,
             },
             next_rotation: now.instant + ROTATION_TICK,
             next_refresh: now.instant + REFRESH_INTERVAL,

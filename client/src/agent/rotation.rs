@@ -94,7 +94,11 @@ impl Agent {
                     switch_at: now.instant + ROTATION_SETTLE,
                 };
             }
-            _ => warn!(
+            Rotation::Requested { .. }
+            | Rotation::Unleased { .. }
+            | Rotation::Idle
+            | Rotation::Settling { .. }
+            | Rotation::Confirming { .. } => warn!(
                 serial,
                 "ignoring a lease for a key this device does not hold"
             ),
