@@ -33,6 +33,7 @@ cores=(
     coordinator/src/trust.rs
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
+    client/src/agent
 )
 forbidden_re='tokio::|quinn::|std::net::(UdpSocket|TcpStream|TcpListener)|UnixStream|SystemTime::now|Instant::now|thread_rng|OsRng|std::thread::spawn|std::fs::|std::process::|ward_runtime'
 for c in "${cores[@]}"; do

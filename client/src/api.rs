@@ -1,10 +1,17 @@
 //! The local API between `ward` (the CLI) and `ward daemon`: one JSON request line, one JSON
-//! response line, over a Unix socket (mode 0600). Never a TCP listener: a web page must not be
-//! able to reach it.
+//! response line (`ward_runtime::rpc::Envelope`), over a Unix socket (mode 0600). Never a TCP
+//! listener: a web page must not be able to reach it.
+//!
+//! The views below are what `ward status --json` and `ward posture --json` print: their field
+//! names are an interface (scripts parse them) and must not change.
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+
+use ward_shared::posture::{PostureReport, PostureWants};
+use ward_shared::wire::{PostureVerdict, Unavailable};
 
 pub const MAX_API_LINE: u64 = 64 * 1024;
 
@@ -23,17 +30,182 @@ pub enum Request {
     Posture,
 }
 
+/// The daemon's answer to any request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default)]
-    pub data: serde_json::Value,
-    #[serde(default)]
-    pub error: Option<String>,
+#[serde(untagged)]
+pub enum Response {
+    Up(UpView),
+    Down(DownView),
+    Status(Box<StatusView>),
+    Posture(Box<PostureView>),
+}
+
+/// `ward up`: the device as enrolled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpView {
+    pub hostname: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub device_id: u64,
+}
+
+/// `ward down`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DownView {
+    pub state: State,
+}
+
+/// The daemon's state as people see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    NeedsLogin,
+    Stopped,
+    Connecting,
+    Connected,
+    Revoked,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::NeedsLogin => "needs-login",
+            State::Stopped => "stopped",
+            State::Connecting => "connecting",
+            State::Connected => "connected",
+            State::Revoked => "revoked",
+        })
+    }
+}
+
+/// `ward status`: before enrollment only `state` and `peers` (empty) are present.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub state: State,
+    pub peers: Vec<PeerView>,
+    #[serde(flatten)]
+    pub device: Option<DeviceView>,
+}
+
+/// This device, once enrolled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub device_id: u64,
+    pub hostname: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub coordinator: String,
+    /// This device's lease on its current key.
+    pub lease: Option<OwnLeaseView>,
+    /// The current WireGuard public key (base64).
+    pub key: String,
+    pub key_age_secs: Option<u64>,
+    pub rotations: u64,
+    pub clock_warning: Option<String>,
+    pub clock_offset_ms: Option<i64>,
+    pub quarantine: Option<String>,
+    pub unavailable: Vec<Unavailable>,
+    /// What this device may reach.
+    pub reach: Vec<ReachView>,
+    /// Who may reach this device.
+    pub inbound: Vec<InboundView>,
+    pub connected_secs: Option<u64>,
+    pub last_error: Option<String>,
+    /// The TUN interface, UDP port and data-plane public key; `None` without a data plane.
+    pub tun: Option<String>,
+    pub port: Option<u16>,
+    pub public_key: Option<String>,
+    pub counters: Option<CountersView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnLeaseView {
+    pub serial: u64,
+    pub expires_in_secs: i64,
+    pub ttl_secs: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReachView {
+    pub service: String,
+    pub hostname: String,
+    pub device_id: u64,
+    /// `tcp/22`, `udp/*`, `icmp`.
+    pub ports: String,
+    pub rule: String,
+    pub expires_in_secs: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InboundView {
+    pub service: String,
+    /// Peer hostnames (or addresses of unknown sources).
+    pub from: Vec<String>,
+    pub ports: String,
+    pub rule: String,
+    pub expires_in_secs: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub device_id: u64,
+    pub hostname: String,
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub online: bool,
+    pub public_key: Option<String>,
+    pub endpoints: Vec<SocketAddr>,
+    /// Where the last authenticated packet came from.
+    pub endpoint: Option<SocketAddr>,
+    /// The path MTU to that endpoint, as the kernel knows it (ICMP too-big included).
+    pub path_mtu: Option<u16>,
+    pub reachable: bool,
+    /// `direct 1.2.3.4:51820`, `connecting`, `unreachable: …`.
+    pub path: String,
+    pub last_handshake_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub dropped_bad_source: u64,
+    /// The peer's newest lease.
+    pub lease_serial: Option<u64>,
+    pub lease_expires_in_secs: Option<i64>,
+    pub key_age_secs: Option<i64>,
+}
+
+/// Data-plane counters (monotonic since start).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CountersView {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub dropped_no_route: u64,
+    pub dropped_no_endpoint: u64,
+    pub dropped_bad_source: u64,
+    pub dropped_garbage: u64,
+    pub dropped_bad_tun_packet: u64,
+    pub dropped_filter_no_rule: u64,
+    pub dropped_filter_expired: u64,
+    pub dropped_filter_other: u64,
+    pub icmp_unreachable_sent: u64,
+    /// Path MTU: packets too big for their path, ICMP too-big sent, MTU changes, failed sends.
+    pub path: crate::dataplane::PathMtuCounters,
+}
+
+/// `ward posture`: the latest collection, the coordinator's verdict and what it asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PostureView {
+    pub report: Option<PostureReport>,
+    pub verdict: Option<PostureVerdict>,
+    pub wants: PostureWants,
+    /// Custom checks configured on this device.
+    pub custom_checks: Vec<String>,
 }
 
 /// Sends one request to the local agent.
-pub async fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
+pub async fn call<T: serde::de::DeserializeOwned>(socket: &Path, req: &Request) -> Result<T> {
     ward_runtime::rpc::call(
         socket,
         ward_runtime::rpc::Peer {
@@ -43,4 +215,92 @@ pub async fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
         req,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_before_enrollment_has_only_state_and_peers() {
+        let v = StatusView {
+            state: State::NeedsLogin,
+            peers: vec![],
+            device: None,
+        };
+        let j = serde_json::to_value(&v).unwrap();
+        assert_eq!(j, serde_json::json!({"state": "needs-login", "peers": []}));
+        let back: StatusView = serde_json::from_value(j).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn status_fields_keep_their_names() {
+        let v = StatusView {
+            state: State::Connected,
+            peers: vec![],
+            device: Some(DeviceView {
+                device_id: 3,
+                hostname: "alice".into(),
+                ipv4: Ipv4Addr::new(100, 64, 0, 3),
+                ipv6: "fd00::3".parse().unwrap(),
+                coordinator: "c:7443".into(),
+                lease: Some(OwnLeaseView {
+                    serial: 4,
+                    expires_in_secs: 10,
+                    ttl_secs: 20,
+                }),
+                key: "k".into(),
+                key_age_secs: Some(1),
+                rotations: 2,
+                clock_warning: None,
+                clock_offset_ms: Some(5),
+                quarantine: None,
+                unavailable: vec![],
+                reach: vec![],
+                inbound: vec![],
+                connected_secs: None,
+                last_error: None,
+                tun: None,
+                port: None,
+                public_key: None,
+                counters: None,
+            }),
+        };
+        let j = serde_json::to_value(&v).unwrap();
+        let mut keys: Vec<&str> = j.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "clock_offset_ms",
+                "clock_warning",
+                "connected_secs",
+                "coordinator",
+                "counters",
+                "device_id",
+                "hostname",
+                "inbound",
+                "ipv4",
+                "ipv6",
+                "key",
+                "key_age_secs",
+                "last_error",
+                "lease",
+                "peers",
+                "port",
+                "public_key",
+                "quarantine",
+                "reach",
+                "rotations",
+                "state",
+                "tun",
+                "unavailable",
+            ]
+        );
+        assert_eq!(j["state"], "connected");
+        assert_eq!(j["lease"]["ttl_secs"], 20);
+        let back: StatusView = serde_json::from_value(j).unwrap();
+        assert_eq!(back, v);
+    }
 }

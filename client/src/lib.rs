@@ -1,7 +1,8 @@
 //! `ward-client` library: the `ward` agent's parts, shared by the binary, the examples and the
 //! whole-system tests.
 //!
-//! - [`agent`]: I/O-free trust decisions (which peer keys are leased, when to rotate).
+//! - [`agent`]: the device's I/O-free protocol core (session, leases, key rotation, posture
+//!   cadence, certificate renewal, reconnect backoff), driven by [`daemon`] and by simulations.
 //! - [`dataplane`]: TUN + WireGuard (boringtun) + UDP, with an I/O-free core.
 //! - [`control`]: the QUIC control channel (enrollment with a pinned CA, mutual-TLS sessions).
 //! - [`daemon`]: `ward daemon` (identity, control loop, local API).

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ward_client::api::{self, Request};
+use ward_client::api::{self, DownView, PostureView, Request, StatusView, UpView};
 use ward_client::daemon::{self, DaemonOpts};
 use ward_client::posture;
-use ward_shared::wire::{PostureVerdict, Unavailable};
+use ward_shared::posture::Measured;
 
 #[derive(Parser)]
 #[command(name = "ward", version, about = "Ward device agent")]
@@ -131,24 +131,19 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Cmd::Up { token, hostname } => {
-            let v = api::call(&cli.socket, &Request::Up { token, hostname }).await?;
-            println!(
-                "up: {} ({} {})",
-                v["hostname"].as_str().unwrap_or("?"),
-                v["ipv4"].as_str().unwrap_or("?"),
-                v["ipv6"].as_str().unwrap_or("?")
-            );
+            let v: UpView = api::call(&cli.socket, &Request::Up { token, hostname }).await?;
+            println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6);
             Ok(())
         }
         Cmd::Down => {
-            api::call(&cli.socket, &Request::Down).await?;
+            let _: DownView = api::call(&cli.socket, &Request::Down).await?;
             println!(
                 "down: this device has left the network (still enrolled; `ward up` to return)"
             );
             Ok(())
         }
         Cmd::Status { json } => {
-            let v = api::call(&cli.socket, &Request::Status).await?;
+            let v: StatusView = api::call(&cli.socket, &Request::Status).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -157,7 +152,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Posture { json } => {
-            let v = api::call(&cli.socket, &Request::Posture).await?;
+            let v: PostureView = api::call(&cli.socket, &Request::Posture).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -168,7 +163,119 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn s(v: &serde_json::Value) -> String {
+/// An optional value for people: `-` when absent.
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn print_status(v: &StatusView) {
+    println!("state:        {}", v.state);
+    let Some(d) = &v.device else {
+        println!("this device is not enrolled: run `ward up --token TOKEN`");
+        return;
+    };
+    println!("device:       {} ({}, {})", d.hostname, d.ipv4, d.ipv6);
+    println!("coordinator:  {}", d.coordinator);
+    if let Some(e) = &d.last_error {
+        println!("last error:   {e}");
+    }
+    if let Some(w) = &d.clock_warning {
+        println!("clock:        {w}");
+    }
+    if let Some(tun) = &d.tun {
+        println!("tunnel:       {tun} udp/{}", opt(&d.port));
+    }
+    let lease = match &d.lease {
+        Some(l) => format!(
+            "lease #{} ends in {}s (ttl {}s)",
+            l.serial, l.expires_in_secs, l.ttl_secs
+        ),
+        None => "no lease yet: peers will not accept this device until the coordinator grants one"
+            .into(),
+    };
+    println!(
+        "key:          {}  age {}s, {} rotations, {lease}",
+        d.key,
+        opt(&d.key_age_secs),
+        d.rotations
+    );
+    if d.reach.is_empty() {
+        println!("can reach:    nothing (no rule allows this device anything)");
+    } else {
+        println!("can reach:");
+    }
+    for r in &d.reach {
+        let exp = r
+            .expires_in_secs
+            .map(|s| format!("  (expires in {s}s)"))
+            .unwrap_or_default();
+        println!(
+            "  {:<14} on {:<16} {:<16} rule {}{}",
+            r.service, r.hostname, r.ports, r.rule, exp
+        );
+    }
+    if d.inbound.is_empty() {
+        println!("reachable by: nobody (default deny)");
+    } else {
+        println!("reachable by:");
+    }
+    for r in &d.inbound {
+        let exp = r
+            .expires_in_secs
+            .map(|s| format!("  (expires in {s}s)"))
+            .unwrap_or_default();
+        println!(
+            "  {:<14} {:<16} from {}  rule {}{}",
+            r.service,
+            r.ports,
+            r.from.join(","),
+            r.rule,
+            exp
+        );
+    }
+    if let Some(q) = &d.quarantine {
+        println!("QUARANTINED:  {q} (only remediation services are reachable)");
+    }
+    for u in &d.unavailable {
+        println!("unavailable:  {u}");
+    }
+    println!("peers:        {}", v.peers.len());
+    for p in &v.peers {
+        let hs = match p.last_handshake_secs {
+            Some(n) => format!("handshake {n}s ago"),
+            None => "no handshake".into(),
+        };
+        println!(
+            "  {:<16} {:<15} {:<7} {}  rx {} tx {}  {}",
+            p.hostname,
+            p.ipv4.to_string(),
+            if p.online { "online" } else { "offline" },
+            p.path,
+            p.rx_bytes,
+            p.tx_bytes,
+            hs
+        );
+        println!(
+            "  {:<16} key {}  age {}s, lease #{} ends in {}s",
+            "",
+            opt(&p.public_key),
+            opt(&p.key_age_secs),
+            opt(&p.lease_serial),
+            opt(&p.lease_expires_in_secs)
+        );
+    }
+}
+
+/// One signal's reading for people: the value, or why it could not be read.
+fn reading<T>(m: &Measured<T>, show: impl Fn(&T) -> String) -> String {
+    match m.get() {
+        Ok(v) => show(v),
+        Err(e) => format!("unreadable: {e}"),
+    }
+}
+
+/// A JSON value for people: strings without quotes.
+fn json_text(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::Null => "-".into(),
         serde_json::Value::String(s) => s.clone(),
@@ -176,186 +283,61 @@ fn s(v: &serde_json::Value) -> String {
     }
 }
 
-fn print_status(v: &serde_json::Value) {
-    println!("state:        {}", s(&v["state"]));
-    if v["hostname"].is_null() {
-        println!("this device is not enrolled: run `ward up --token TOKEN`");
-        return;
-    }
-    println!(
-        "device:       {} ({}, {})",
-        s(&v["hostname"]),
-        s(&v["ipv4"]),
-        s(&v["ipv6"])
-    );
-    println!("coordinator:  {}", s(&v["coordinator"]));
-    if !v["last_error"].is_null() {
-        println!("last error:   {}", s(&v["last_error"]));
-    }
-    if !v["clock_warning"].is_null() {
-        println!("clock:        {}", s(&v["clock_warning"]));
-    }
-    if !v["tun"].is_null() {
-        println!("tunnel:       {} udp/{}", s(&v["tun"]), s(&v["port"]));
-    }
-    let lease = match v["lease"]["serial"].as_u64() {
-        Some(n) => format!(
-            "lease #{n} ends in {}s (ttl {}s)",
-            s(&v["lease"]["expires_in_secs"]),
-            s(&v["lease"]["ttl_secs"])
-        ),
-        None => "no lease yet: peers will not accept this device until the coordinator grants one"
-            .into(),
-    };
-    println!(
-        "key:          {}  age {}s, {} rotations, {lease}",
-        s(&v["key"]),
-        s(&v["key_age_secs"]),
-        s(&v["rotations"])
-    );
-    let reach = v["reach"].as_array().cloned().unwrap_or_default();
-    if reach.is_empty() {
-        println!("can reach:    nothing (no rule allows this device anything)");
-    } else {
-        println!("can reach:");
-    }
-    for r in &reach {
-        let exp = r["expires_in_secs"]
-            .as_i64()
-            .map(|s| format!("  (expires in {s}s)"))
-            .unwrap_or_default();
-        println!(
-            "  {:<14} on {:<16} {:<16} rule {}{}",
-            s(&r["service"]),
-            s(&r["hostname"]),
-            s(&r["ports"]),
-            s(&r["rule"]),
-            exp
-        );
-    }
-    let inbound = v["inbound"].as_array().cloned().unwrap_or_default();
-    if inbound.is_empty() {
-        println!("reachable by: nobody (default deny)");
-    } else {
-        println!("reachable by:");
-    }
-    for r in &inbound {
-        let from: Vec<String> = r["from"].as_array().into_iter().flatten().map(s).collect();
-        let exp = r["expires_in_secs"]
-            .as_i64()
-            .map(|s| format!("  (expires in {s}s)"))
-            .unwrap_or_default();
-        println!(
-            "  {:<14} {:<16} from {}  rule {}{}",
-            s(&r["service"]),
-            s(&r["ports"]),
-            from.join(","),
-            s(&r["rule"]),
-            exp
-        );
-    }
-    if let Some(q) = v["quarantine"].as_str() {
-        println!("QUARANTINED:  {q} (only remediation services are reachable)");
-    }
-    let unavailable: Vec<Unavailable> =
-        serde_json::from_value(v["unavailable"].clone()).unwrap_or_default();
-    for u in unavailable {
-        println!("unavailable:  {u}");
-    }
-    let peers = v["peers"].as_array().cloned().unwrap_or_default();
-    println!("peers:        {}", peers.len());
-    for p in peers {
-        let hs = match p["last_handshake_secs"].as_u64() {
-            Some(n) => format!("handshake {n}s ago"),
-            None => "no handshake".into(),
-        };
-        println!(
-            "  {:<16} {:<15} {:<7} {}  rx {} tx {}  {}",
-            s(&p["hostname"]),
-            s(&p["ipv4"]),
-            if p["online"].as_bool() == Some(true) {
-                "online"
-            } else {
-                "offline"
-            },
-            s(&p["path"]),
-            s(&p["rx_bytes"]),
-            s(&p["tx_bytes"]),
-            hs
-        );
-        println!(
-            "  {:<16} key {}  age {}s, lease #{} ends in {}s",
-            "",
-            s(&p["public_key"]),
-            s(&p["key_age_secs"]),
-            s(&p["lease_serial"]),
-            s(&p["lease_expires_in_secs"])
-        );
-    }
-}
-
-/// One signal's reading for people: the value, or why it could not be read.
-fn reading(m: &serde_json::Value) -> String {
-    match (&m["reading"]["value"], &m["reading"]["error"]) {
-        (serde_json::Value::Null, serde_json::Value::Null) => "-".into(),
-        (v, serde_json::Value::Null) => s(v),
-        (_, e) => format!("unreadable: {}", s(e)),
-    }
-}
-
-fn print_posture(v: &serde_json::Value) {
-    let r = &v["report"];
-    if r.is_null() {
-        println!("no posture collected yet (it starts once the device is connected)");
-    } else {
-        println!("signals (report #{}):", s(&r["seq"]));
-        let os = &r["os"]["reading"]["value"];
-        let os = if os.is_null() {
-            reading(&r["os"])
-        } else {
-            format!(
-                "{} {} ({})",
-                s(&os["id"]),
-                s(&os["version"]),
-                s(&os["pretty"])
-            )
-        };
-        println!("  {:<22} {os}", "os");
-        for k in [
-            "kernel",
-            "firewall",
-            "disk_encryption",
-            "screen_lock",
-            "last_package_update_ms",
-        ] {
-            let mut val = reading(&r[k]);
-            if k == "screen_lock" && val == "-" {
-                val = "no desktop session".into();
+fn print_posture(v: &PostureView) {
+    match &v.report {
+        None => println!("no posture collected yet (it starts once the device is connected)"),
+        Some(r) => {
+            println!("signals (report #{}):", r.seq);
+            let os = reading(&r.os, |o| format!("{} {} ({})", o.id, o.version, o.pretty));
+            println!("  {:<22} {os}", "os");
+            println!("  {:<22} {}", "kernel", reading(&r.kernel, |k| k.clone()));
+            println!(
+                "  {:<22} {}",
+                "firewall",
+                reading(&r.firewall, bool::to_string)
+            );
+            println!(
+                "  {:<22} {}",
+                "disk_encryption",
+                reading(&r.disk_encryption, bool::to_string)
+            );
+            let lock = reading(&r.screen_lock, |l| match l {
+                Some(b) => b.to_string(),
+                None => "no desktop session".into(),
+            });
+            println!("  {:<22} {lock}", "screen_lock");
+            println!(
+                "  {:<22} {}",
+                "last_package_update_ms",
+                reading(&r.last_package_update_ms, i64::to_string)
+            );
+            println!("  {:<22} {}", "ward_version", r.ward_version);
+            for (name, m) in &r.processes {
+                println!(
+                    "  {:<22} {}",
+                    format!("process {name}"),
+                    reading(m, bool::to_string)
+                );
             }
-            println!("  {k:<22} {val}");
-        }
-        println!("  {:<22} {}", "ward_version", s(&r["ward_version"]));
-        for (name, m) in r["processes"].as_object().into_iter().flatten() {
-            println!("  {:<22} {}", format!("process {name}"), reading(m));
-        }
-        for (path, m) in r["files"].as_object().into_iter().flatten() {
-            let val = match &m["reading"]["value"] {
-                serde_json::Value::Null => reading(m),
-                f if f["present"].as_bool() == Some(true) => match f["sha256"].as_str() {
-                    Some(h) => format!("present, sha256 {h}"),
-                    None => "present".into(),
-                },
-                _ => "missing".into(),
-            };
-            println!("  {:<22} {val}", format!("file {path}"));
-        }
-        for (name, m) in r["custom"].as_object().into_iter().flatten() {
-            println!("  {:<22} {}", format!("check {name}"), reading(m));
+            for (path, m) in &r.files {
+                let val = reading(m, |f| match (f.present, &f.sha256) {
+                    (true, Some(h)) => format!("present, sha256 {h}"),
+                    (true, None) => "present".into(),
+                    (false, _) => "missing".into(),
+                });
+                println!("  {:<22} {val}", format!("file {path}"));
+            }
+            for (name, m) in &r.custom {
+                println!(
+                    "  {:<22} {}",
+                    format!("check {name}"),
+                    reading(m, json_text)
+                );
+            }
         }
     }
-    match serde_json::from_value::<Option<PostureVerdict>>(v["verdict"].clone()) {
-        Ok(Some(verdict)) => verdict.lines().iter().for_each(|l| println!("{l}")),
-        Ok(None) => println!("requirements: no verdict from the coordinator yet"),
-        Err(e) => println!("requirements: the daemon's verdict is unreadable ({e})"),
+    match &v.verdict {
+        Some(verdict) => verdict.lines().iter().for_each(|l| println!("{l}")),
+        None => println!("requirements: no verdict from the coordinator yet"),
     }
 }

@@ -99,7 +99,7 @@ impl SendFailure {
 }
 
 /// Path-MTU counters (monotonic since start).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PathMtuCounters {
     /// Packets from the TUN dropped because they do not fit their peer's path.
     pub dropped_too_big: u64,

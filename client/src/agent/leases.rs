@@ -1,0 +1,221 @@
+//! Which peer keys may be configured: only keys under a valid lease from the pinned coordinator
+//! key, for that peer's addresses, unexpired in coordinator time. Signatures are checked once
+//! per netmap (and clock offset); between netmaps only timestamps are compared, until the
+//! earliest configured lease ends.
+
+use ed25519_dalek::VerifyingKey;
+use std::collections::BTreeMap;
+use std::time::Instant;
+use tracing::debug;
+
+use ward_shared::lease::LeaseError;
+use ward_shared::wire::{DeviceId, Netmap};
+
+use crate::dataplane::PeerConfig;
+
+/// The result of the last full check: valid for one netmap and clock offset, until the
+/// earliest configured lease ends.
+#[derive(Debug, Clone)]
+struct Verified {
+    netmap_seq: u64,
+    clock_offset_ms: Option<i64>,
+    valid_until_ms: i64,
+    peers: Vec<PeerConfig>,
+}
+
+/// Verified peers, and when each peer of the netmap was first seen (for "unreachable" in the
+/// status view).
+#[derive(Debug, Default)]
+pub struct LeaseCache {
+    verified: Option<Verified>,
+    first_seen: BTreeMap<DeviceId, Instant>,
+}
+
+impl LeaseCache {
+    /// The peers to configure for `nm` at `coordinator_now_ms`. No pinned lease key means no
+    /// peer can be trusted: none is configured (fail closed).
+    pub fn peers(
+        &mut self,
+        nm: &Netmap,
+        issuer: Option<&VerifyingKey>,
+        clock_offset_ms: Option<i64>,
+        coordinator_now_ms: i64,
+        now: Instant,
+    ) -> Vec<PeerConfig> {
+        self.first_seen
+            .retain(|id, _| nm.peers.iter().any(|p| p.device_id == *id));
+        for p in &nm.peers {
+            self.first_seen.entry(p.device_id).or_insert(now);
+        }
+        if let Some(v) = &self.verified {
+            if v.netmap_seq == nm.seq
+                && v.clock_offset_ms == clock_offset_ms
+                && coordinator_now_ms < v.valid_until_ms
+            {
+                return v.peers.clone();
+            }
+        }
+        let (peers, refused) = match issuer {
+            Some(issuer) => leased_peers(nm, issuer, coordinator_now_ms),
+            None => (Vec::new(), Vec::new()),
+        };
+        for (peer, why) in refused {
+            debug!(%peer, error = %why, "peer lease not usable");
+        }
+        let valid_until_ms = nm
+            .peers
+            .iter()
+            .flat_map(|p| &p.leases)
+            .filter(|l| {
+                peers
+                    .iter()
+                    .any(|c| c.public_key == l.lease.wg_public_key.0)
+            })
+            .map(|l| l.lease.not_after_ms)
+            .min()
+            .unwrap_or(i64::MAX);
+        self.verified = Some(Verified {
+            netmap_seq: nm.seq,
+            clock_offset_ms,
+            valid_until_ms,
+            peers: peers.clone(),
+        });
+        peers
+    }
+
+    /// A new full netmap arrived: check every signature again.
+    pub fn invalidate(&mut self) {
+        self.verified = None;
+    }
+
+    /// The device left the network.
+    pub fn clear(&mut self) {
+        self.verified = None;
+        self.first_seen.clear();
+    }
+
+    /// When the peer first appeared in a netmap.
+    pub fn first_seen(&self, id: DeviceId) -> Option<Instant> {
+        self.first_seen.get(&id).copied()
+    }
+}
+
+/// One data-plane entry per peer key that holds a valid lease: signed by `issuer`, for that
+/// peer's device id and addresses, and unexpired at `coordinator_now_ms`. Everything else is
+/// returned as a refusal (peer hostname, why), never configured.
+pub fn leased_peers(
+    nm: &Netmap,
+    issuer: &VerifyingKey,
+    coordinator_now_ms: i64,
+) -> (Vec<PeerConfig>, Vec<(String, LeaseError)>) {
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for p in &nm.peers {
+        for l in &p.leases {
+            match l.verify_for(issuer, coordinator_now_ms, p.device_id, p.ipv4, p.ipv6) {
+                Ok(lease) => ok.push(PeerConfig {
+                    device_id: p.device_id.0,
+                    hostname: p.hostname.to_string(),
+                    public_key: lease.wg_public_key.0,
+                    ipv4: p.ipv4,
+                    ipv6: p.ipv6,
+                    endpoints: p.endpoints.clone(),
+                }),
+                Err(e) => refused.push((p.hostname.to_string(), e)),
+            }
+        }
+    }
+    (ok, refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use std::net::Ipv4Addr;
+    use ward_shared::lease::{Lease, SignedLease};
+    use ward_shared::names::Hostname;
+    use ward_shared::wire::{DeviceId, Peer, SelfInfo, WgPublicKey};
+
+    fn lease(dev: u64, key: u8, nb: i64, na: i64, ip: u8) -> Lease {
+        Lease {
+            device_id: DeviceId(dev),
+            wg_public_key: WgPublicKey([key; 32]),
+            ipv4: Ipv4Addr::new(100, 64, 0, ip),
+            ipv6: format!("fd00::{ip}").parse().unwrap(),
+            not_before_ms: nb,
+            not_after_ms: na,
+            serial: key as u64,
+        }
+    }
+
+    fn netmap(leases: Vec<SignedLease>) -> Netmap {
+        Netmap {
+            seq: 1,
+            me: SelfInfo {
+                device_id: DeviceId(1),
+                hostname: Hostname::parse("me").unwrap(),
+                ipv4: Ipv4Addr::new(100, 64, 0, 1),
+                ipv6: "fd00::1".parse().unwrap(),
+                v6_prefix: "fd00::".parse().unwrap(),
+                observed_addr: None,
+            },
+            peers: vec![Peer {
+                device_id: DeviceId(2),
+                hostname: Hostname::parse("peer").unwrap(),
+                user: None,
+                tags: vec![],
+                ipv4: Ipv4Addr::new(100, 64, 0, 2),
+                ipv6: "fd00::2".parse().unwrap(),
+                wg_public_key: None,
+                endpoints: vec![],
+                online: true,
+                leases,
+            }],
+            inbound: vec![],
+            reach: vec![],
+        }
+    }
+
+    #[test]
+    fn only_valid_leases_become_peers() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let other = SigningKey::from_bytes(&[2; 32]);
+        let nm = netmap(vec![
+            lease(2, 10, 0, 1000, 2).sign(&k),     // valid
+            lease(2, 11, 0, 1000, 2).sign(&other), // another coordinator
+            lease(2, 12, 0, 400, 2).sign(&k),      // expired at 500
+            lease(2, 13, 0, 1000, 9).sign(&k),     // someone else's address
+            lease(3, 14, 0, 1000, 2).sign(&k),     // another device's lease
+        ]);
+        let (ok, refused) = leased_peers(&nm, &k.verifying_key(), 500);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].public_key, [10; 32]);
+        assert_eq!(refused.len(), 4);
+        // At 1000 the last valid lease ends too: nothing is configured.
+        assert!(leased_peers(&nm, &k.verifying_key(), 1000).0.is_empty());
+    }
+
+    #[test]
+    fn cache_checks_again_when_the_earliest_lease_ends() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let nm = netmap(vec![
+            lease(2, 10, 0, 1000, 2).sign(&k),
+            lease(2, 11, 0, 2000, 2).sign(&k),
+        ]);
+        let now = Instant::now();
+        let mut c = LeaseCache::default();
+        assert_eq!(
+            c.peers(&nm, Some(&k.verifying_key()), None, 500, now).len(),
+            2
+        );
+        assert!(c.first_seen(DeviceId(2)).is_some());
+        // Past the first lease's end the cache is not used: one key is left.
+        let left = c.peers(&nm, Some(&k.verifying_key()), None, 1500, now);
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].public_key, [11; 32]);
+        // Without a pinned issuer nothing is trusted.
+        c.invalidate();
+        assert!(c.peers(&nm, None, None, 500, now).is_empty());
+    }
+}

@@ -1,0 +1,716 @@
+//! The device's protocol core, free of I/O: the control session's state (netmap, clock offset,
+//! leases), which peer keys may be configured, continuous key rotation, posture reporting
+//! cadence, certificate renewal timing and reconnect backoff.
+//!
+//! It opens no socket, reads no clock, spawns nothing and draws no OS randomness: time is
+//! passed in as [`Now`], fresh WireGuard keys through [`Agent::provide_key`], and the few random
+//! values it needs (ping nonces, backoff jitter) come from a seeded generator. `ward daemon`
+//! drives it with tokio and quinn; the whole-system simulations drive it on a fake clock.
+//!
+//! Sub-modules: [`rotation`] (the rotation states), [`leases`] (peer lease verification and its
+//! cache), [`clock`] (offset from ping/pong), [`posture`] (report cadence, one-frame reports),
+//! [`cert`] (renewal timing), [`backoff`] (reconnect waits).
+
+pub mod backoff;
+pub mod cert;
+pub mod clock;
+pub mod leases;
+pub mod posture;
+pub mod rotation;
+
+use ed25519_dalek::VerifyingKey;
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+use ward_shared::filter::FilterRule;
+use ward_shared::lease::SignedLease;
+use ward_shared::posture::{PostureReport, PostureWants};
+use ward_shared::wire::{
+    self, Bytes, CoordinatorMsg, DeniedFlow, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello,
+    Netmap, PostureVerdict, WgPublicKey, PROTOCOL_VERSION,
+};
+
+use crate::dataplane::{public_key_for, PeerConfig};
+
+pub use backoff::Backoff;
+pub use clock::ClockOffset;
+pub use leases::{leased_peers, LeaseCache};
+pub use posture::{fit_report, PostureCadence};
+pub use rotation::{rotation_due, Rotation, ROTATION_CONFIRM_MAX, ROTATION_SETTLE};
+
+/// Peer lease expiry is re-checked this often, with or without a coordinator.
+pub const EXPIRY_CHECK: Duration = Duration::from_millis(200);
+/// Rotation steps (due, switch, confirm) are looked at this often during a session.
+pub const ROTATION_TICK: Duration = Duration::from_millis(250);
+/// Endpoints, clock offset and certificate are refreshed this often during a session.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// Posture is collected (and denied flows are reported) this often during a session.
+pub const POSTURE_TICK: Duration = Duration::from_secs(1);
+
+/// The time of one input: a monotonic instant for timers, and this device's wall clock (ms
+/// since the Unix epoch) from which coordinator time is derived with the measured offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub instant: Instant,
+    pub unix_ms: i64,
+}
+
+/// A WireGuard private key; redacted in `Debug`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PrivateKey(pub [u8; 32]);
+
+impl PrivateKey {
+    pub fn public(&self) -> WgPublicKey {
+        WgPublicKey(public_key_for(&self.0))
+    }
+}
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PrivateKey({})", self.public().to_base64())
+    }
+}
+
+/// What the agent is started with (from the device's state file and options).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub device_id: DeviceId,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    /// The coordinator's lease-signing key pinned at enrollment; `None` trusts no peer.
+    pub lease_key: Option<VerifyingKey>,
+    /// The WireGuard key in use.
+    pub private_key: PrivateKey,
+    pub cert_not_after_ms: i64,
+    /// A posture report is sent at least this often.
+    pub posture_interval: Duration,
+    /// Sent in `Hello`.
+    pub os: String,
+    pub version: String,
+    /// Seeds ping nonces and backoff jitter.
+    pub seed: u64,
+}
+
+/// The connection state shown to people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Connecting,
+    Connected,
+    Revoked,
+}
+
+/// What the driver reports from the data plane.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataPlaneEvent {
+    /// Peers that had a session and have none under the current key yet (0 without a data
+    /// plane). Reported before every [`Agent::handle_tick`].
+    PeersOnOldKey(usize),
+    /// Flows the inbound filter refused since the last report.
+    DeniedFlows(Vec<DeniedFlow>),
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub enum Event {
+    /// Open a control session, then call [`Agent::handle_connected`] (or
+    /// [`Agent::handle_disconnected`] if that fails).
+    Connect,
+    /// Drop the control session: the agent already counted it as ended.
+    CloseSession,
+    /// The first netmap of this session arrived.
+    Connected { peers: usize },
+    /// The session ended; the agent asks for the next one by itself.
+    Disconnected { revoked: bool, retry_in: Duration },
+    /// Configure exactly these peers in the data plane.
+    SetPeers(Vec<PeerConfig>),
+    /// Install this inbound filter in the data plane.
+    SetFilter(Vec<FilterRule>),
+    /// Coordinator time minus device time, for the data plane's filter expiry.
+    SetClockOffset(i64),
+    /// Save the new key in the state file, then move the data plane to it.
+    SwitchKey {
+        key: PrivateKey,
+        lease: Box<SignedLease>,
+    },
+    /// Save the renewed certificate in the state file.
+    SaveCert { cert_der: Bytes, not_after_ms: i64 },
+    /// Draw a fresh WireGuard key and hand it to [`Agent::provide_key`].
+    NeedKey,
+    /// Make a certificate request with the identity key and hand it to [`Agent::handle_csr`].
+    NeedCsr,
+    /// Gather this device's endpoints and hand them to [`Agent::handle_local_update`].
+    NeedUpdate,
+    /// Take the data plane's denied flows and report them ([`DataPlaneEvent::DeniedFlows`]).
+    TakeDeniedFlows,
+    /// Collect posture (off the async threads) and hand the report to
+    /// [`Agent::handle_posture`]; skip it if a collection is still running.
+    CollectPosture {
+        wants: PostureWants,
+        seq: u64,
+        clock_offset_ms: i64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Link {
+    /// Waiting to reconnect.
+    Waiting { retry_at: Instant },
+    /// `Event::Connect` was given; the driver is opening the session.
+    Opening { since: Instant },
+    /// In a session.
+    Session {
+        since: Instant,
+        next_rotation: Instant,
+        next_refresh: Instant,
+        next_posture: Instant,
+    },
+}
+
+/// The device's protocol state machine. Drive it like this:
+///
+/// ```text
+/// let mut agent = Agent::new(cfg, now);
+/// loop {
+///     while let Some(ev) = agent.poll_event() { execute(ev) }      // Connect, SetPeers, SwitchKey…
+///     while let Some(msg) = agent.poll_transmit() { session.send(msg) }
+///     select! {
+///         session opened         => agent.handle_connected(update, now),
+///         session failed/closed  => agent.handle_disconnected(error, now),
+///         msg = session.recv()   => agent.handle_coordinator_msg(msg, now),
+///         report = posture done  => agent.handle_posture(report, now),
+///         sleep_until(agent.poll_timeout()) => {
+///             agent.handle_dataplane_event(PeersOnOldKey(dp.peers_on_old_key()), now);
+///             agent.handle_tick(now);
+///         }
+///     }
+/// }
+/// ```
+///
+/// Events the driver answers with an input: `NeedKey` → [`Agent::provide_key`], `NeedCsr` →
+/// [`Agent::handle_csr`], `NeedUpdate` → [`Agent::handle_local_update`], `TakeDeniedFlows` and
+/// `CollectPosture` → [`Agent::handle_dataplane_event`] / [`Agent::handle_posture`].
+#[derive(Debug)]
+pub struct Agent {
+    cfg: AgentConfig,
+    key: PrivateKey,
+    /// The key the next rotation uses; the driver refills it on `Event::NeedKey`.
+    spare: Option<PrivateKey>,
+    rng: u64,
+    link: Link,
+    phase: Phase,
+    last_error: Option<String>,
+    connected_since: Option<Instant>,
+    backoff: Backoff,
+    netmap: Option<Netmap>,
+    leases: LeaseCache,
+    clock: ClockOffset,
+    own_lease: Option<SignedLease>,
+    key_since: Instant,
+    rotations: u64,
+    rotation: Rotation,
+    /// A trust change asked for a rotation while one could not start (no lease yet in this
+    /// session, or a rotation already in flight whose key predates the change).
+    queued: Option<String>,
+    /// `None` until the data plane reported after the last switch.
+    old_key_peers: Option<usize>,
+    posture: PostureCadence,
+    /// The endpoints last sent.
+    update: DeviceUpdate,
+    applied_peers: Option<Vec<PeerConfig>>,
+    applied_filter: Option<Vec<FilterRule>>,
+    next_expiry: Instant,
+    transmits: VecDeque<DeviceMsg>,
+    events: VecDeque<Event>,
+}
+
+impl Agent {
+    /// A started agent: it asks for a session at once and for a spare key.
+    pub fn new(cfg: AgentConfig, now: Now) -> Self {
+        let mut events = VecDeque::new();
+        events.push_back(Event::NeedKey);
+        events.push_back(Event::Connect);
+        Self {
+            key: cfg.private_key,
+            spare: None,
+            rng: cfg.seed,
+            link: Link::Opening { since: now.instant },
+            phase: Phase::Connecting,
+            last_error: None,
+            connected_since: None,
+            backoff: Backoff::default(),
+            netmap: None,
+            leases: LeaseCache::default(),
+            clock: ClockOffset::default(),
+            own_lease: None,
+            key_since: now.instant,
+            rotations: 0,
+            rotation: Rotation::Unleased { requested: false },
+            queued: None,
+            old_key_peers: None,
+            posture: PostureCadence::new(cfg.posture_interval),
+            update: DeviceUpdate::default(),
+            applied_peers: None,
+            applied_filter: None,
+            next_expiry: now.instant + EXPIRY_CHECK,
+            transmits: VecDeque::new(),
+            events,
+            cfg,
+        }
+    }
+
+    // ---- inputs -------------------------------------------------------------------------
+
+    /// The session the agent asked for is open: say hello with `update` (this device's key,
+    /// port and endpoints) and measure the clock offset first (leases are judged in
+    /// coordinator time).
+    pub fn handle_connected(&mut self, update: DeviceUpdate, now: Now) {
+        self.link = Link::Session {
+            since: match self.link {
+                Link::Opening { since } => since,
+                Link::Waiting { .. } | Link::Session { .. } => now.instant,
+            },
+            next_rotation: now.instant + ROTATION_TICK,
+            next_refresh: now.instant + REFRESH_INTERVAL,
+            next_posture: now.instant,
+        };
+        self.rotation = Rotation::Unleased { requested: false };
+        self.queued = None;
+        self.posture.session_started();
+        self.update = update.clone();
+        self.transmits.push_back(DeviceMsg::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            os: self.cfg.os.clone(),
+            version: self.cfg.version.clone(),
+            update,
+        }));
+        self.ping(now);
+    }
+
+    /// The session failed to open, broke, or was closed by the coordinator (`error: None`).
+    pub fn handle_disconnected(&mut self, error: Option<String>, now: Now) {
+        if matches!(self.link, Link::Waiting { .. }) {
+            return;
+        }
+        let error = error.unwrap_or_else(|| "the coordinator closed the session".into());
+        self.end_session(error, false, now);
+    }
+
+    /// One message from the coordinator.
+    pub fn handle_coordinator_msg(&mut self, msg: CoordinatorMsg, now: Now) {
+        if !matches!(self.link, Link::Session { .. }) {
+            return;
+        }
+        match msg {
+            CoordinatorMsg::Netmap(nm) => {
+                debug!(seq = nm.seq, peers = nm.peers.len(), "netmap");
+                if self.connected_since.is_none() {
+                    self.connected_since = Some(now.instant);
+                    info!(peers = nm.peers.len(), "connected to coordinator");
+                    self.events.push_back(Event::Connected {
+                        peers: nm.peers.len(),
+                    });
+                }
+                self.phase = Phase::Connected;
+                self.last_error = None;
+                self.netmap = Some(nm);
+                self.leases.invalidate();
+                self.apply_peers(now);
+            }
+            CoordinatorMsg::NetmapDelta(d) => {
+                let Some(nm) = self.netmap.as_mut() else {
+                    return self.protocol_error("netmap delta before a netmap".into(), now);
+                };
+                // A gap means a lost update: reconnect for a fresh full netmap.
+                if let Err(e) = nm.apply(&d) {
+                    return self.protocol_error(e.to_string(), now);
+                }
+                debug!(
+                    seq = d.seq,
+                    upsert = d.upsert.len(),
+                    remove = d.remove.len(),
+                    "netmap delta"
+                );
+                self.apply_peers(now);
+            }
+            CoordinatorMsg::Error { code, message } => {
+                let revoked = code == ErrorCode::DeviceRevoked || code == ErrorCode::Unauthorized;
+                self.events.push_back(Event::CloseSession);
+                self.end_session(message, revoked, now);
+            }
+            CoordinatorMsg::CertRenewed {
+                cert_der,
+                not_after_ms,
+            } => {
+                self.cfg.cert_not_after_ms = not_after_ms;
+                info!("device certificate renewed");
+                self.events.push_back(Event::SaveCert {
+                    cert_der,
+                    not_after_ms,
+                });
+            }
+            CoordinatorMsg::Pong {
+                nonce,
+                coordinator_time_ms,
+            } => self.handle_pong(nonce, coordinator_time_ms, now),
+            CoordinatorMsg::Lease { lease } => self.handle_lease(lease, now),
+            CoordinatorMsg::RotateNow { reason } => {
+                info!(%reason, "coordinator asked for a key rotation");
+                if self.rotation == Rotation::Idle && self.spare.is_some() {
+                    self.start_rotation(now);
+                } else {
+                    self.queued = Some(reason);
+                }
+            }
+            CoordinatorMsg::PostureWants(w) => {
+                debug!(
+                    processes = w.processes.len(),
+                    files = w.files.len(),
+                    custom = w.custom.len(),
+                    "posture wants"
+                );
+                // Collect and report now rather than at the next periodic report.
+                self.posture.set_wants(w);
+            }
+            CoordinatorMsg::PostureVerdict(v) => {
+                let failing: Vec<&str> = v
+                    .results
+                    .iter()
+                    .filter(|r| !r.passed)
+                    .map(|r| r.requirement.as_str())
+                    .collect();
+                if !failing.is_empty() || v.quarantine.is_some() {
+                    info!(?failing, quarantine = ?v.quarantine, unavailable = v.unavailable.len(), "posture verdict: access restricted");
+                } else {
+                    info!(
+                        requirements = v.results.len(),
+                        "posture verdict: all requirements met"
+                    );
+                }
+                self.posture.verdict = Some(v);
+            }
+            CoordinatorMsg::Enrolled(_) => {
+                self.protocol_error("unexpected enrolled message on a session".into(), now)
+            }
+        }
+    }
+
+    /// Timers: lease expiry (always), reconnecting, and during a session the rotation steps,
+    /// the 10 s refresh (endpoints, clock, certificate) and posture collection.
+    pub fn handle_tick(&mut self, now: Now) {
+        if now.instant >= self.next_expiry {
+            self.apply_peers(now);
+            self.next_expiry = now.instant + EXPIRY_CHECK;
+        }
+        match self.link {
+            Link::Waiting { retry_at } if now.instant >= retry_at => {
+                self.link = Link::Opening { since: now.instant };
+                self.events.push_back(Event::Connect);
+            }
+            Link::Waiting { .. } | Link::Opening { .. } => {}
+            Link::Session {
+                since,
+                mut next_rotation,
+                mut next_refresh,
+                mut next_posture,
+            } => {
+                if now.instant >= next_rotation
+                    || self.rotation.deadline().is_some_and(|d| now.instant >= d)
+                {
+                    self.rotation_step(now);
+                    next_rotation = now.instant + ROTATION_TICK;
+                }
+                if now.instant >= next_refresh {
+                    self.events.push_back(Event::NeedUpdate);
+                    self.ping(now);
+                    if cert::renewal_due(self.cfg.cert_not_after_ms, now.unix_ms) {
+                        self.events.push_back(Event::NeedCsr);
+                    }
+                    next_refresh = now.instant + REFRESH_INTERVAL;
+                }
+                if now.instant >= next_posture {
+                    self.events.push_back(Event::TakeDeniedFlows);
+                    // Reports carry coordinator time: collect once the offset is known.
+                    if let Some(offset) = self.clock.offset_ms() {
+                        let seq = self.posture.next_seq(now.unix_ms.saturating_add(offset));
+                        self.events.push_back(Event::CollectPosture {
+                            wants: self.posture.wants.clone(),
+                            seq,
+                            clock_offset_ms: offset,
+                        });
+                    }
+                    next_posture = now.instant + POSTURE_TICK;
+                }
+                // A rotation step may have ended the session.
+                if let Link::Session { .. } = self.link {
+                    self.link = Link::Session {
+                        since,
+                        next_rotation,
+                        next_refresh,
+                        next_posture,
+                    };
+                }
+            }
+        }
+    }
+
+    /// A posture collection finished: reported at once if a value changed, else every
+    /// interval.
+    pub fn handle_posture(&mut self, report: PostureReport, now: Now) {
+        let in_session = matches!(self.link, Link::Session { .. });
+        if !in_session {
+            self.posture.report = Some(report);
+            return;
+        }
+        let seq = report.seq;
+        if let Some(msg) = self.posture.handle_report(report, now.instant) {
+            debug!(seq, "sending posture report");
+            self.transmits.push_back(msg);
+        }
+    }
+
+    pub fn handle_dataplane_event(&mut self, ev: DataPlaneEvent, _now: Now) {
+        match ev {
+            DataPlaneEvent::PeersOnOldKey(n) => self.old_key_peers = Some(n),
+            DataPlaneEvent::DeniedFlows(flows) => {
+                if !matches!(self.link, Link::Session { .. }) {
+                    return;
+                }
+                for chunk in flows.chunks(wire::MAX_DENIED_FLOWS) {
+                    self.transmits.push_back(DeviceMsg::DeniedFlows {
+                        flows: chunk.to_vec(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// A fresh key for the next rotation (answer to `Event::NeedKey`).
+    pub fn provide_key(&mut self, key: PrivateKey) {
+        self.spare = Some(key);
+    }
+
+    /// This device's key, port and endpoints now: sent if they changed.
+    pub fn handle_local_update(&mut self, update: DeviceUpdate) {
+        if !matches!(self.link, Link::Session { .. }) || update == self.update {
+            return;
+        }
+        self.update = update.clone();
+        self.transmits.push_back(DeviceMsg::Update(update));
+    }
+
+    /// A certificate request made with the identity key (answer to `Event::NeedCsr`).
+    pub fn handle_csr(&mut self, csr_der: Vec<u8>) {
+        if matches!(self.link, Link::Session { .. }) {
+            self.transmits.push_back(DeviceMsg::RenewCert {
+                csr_der: Bytes(csr_der),
+            });
+        }
+    }
+
+    // ---- outputs ------------------------------------------------------------------------
+
+    /// The next message for the coordinator (only while in a session).
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<DeviceMsg> {
+        self.transmits.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Agent::handle_tick`] must be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Instant {
+        let mut t = self.next_expiry;
+        match self.link {
+            Link::Waiting { retry_at } => t = t.min(retry_at),
+            Link::Opening { .. } => {}
+            Link::Session {
+                next_rotation,
+                next_refresh,
+                next_posture,
+                ..
+            } => {
+                t = t.min(next_rotation).min(next_refresh).min(next_posture);
+                if let Some(d) = self.rotation.deadline() {
+                    t = t.min(d);
+                }
+            }
+        }
+        t
+    }
+
+    // ---- views --------------------------------------------------------------------------
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+    pub fn connected_since(&self) -> Option<Instant> {
+        self.connected_since
+    }
+    pub fn netmap(&self) -> Option<&Netmap> {
+        self.netmap.as_ref()
+    }
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        self.clock.offset_ms()
+    }
+    /// This device's lease on the key in use.
+    pub fn own_lease(&self) -> Option<&SignedLease> {
+        self.own_lease.as_ref()
+    }
+    pub fn public_key(&self) -> WgPublicKey {
+        self.key.public()
+    }
+    pub fn key_since(&self) -> Instant {
+        self.key_since
+    }
+    pub fn rotations(&self) -> u64 {
+        self.rotations
+    }
+    pub fn rotation(&self) -> &Rotation {
+        &self.rotation
+    }
+    /// The peers last configured (the data plane's view).
+    pub fn configured_peers(&self) -> &[PeerConfig] {
+        self.applied_peers.as_deref().unwrap_or_default()
+    }
+    /// When a peer first appeared in the netmap.
+    pub fn peer_first_seen(&self, id: DeviceId) -> Option<Instant> {
+        self.leases.first_seen(id)
+    }
+    pub fn posture_wants(&self) -> &PostureWants {
+        &self.posture.wants
+    }
+    pub fn posture_report(&self) -> Option<&PostureReport> {
+        self.posture.report.as_ref()
+    }
+    pub fn posture_verdict(&self) -> Option<&PostureVerdict> {
+        self.posture.verdict.as_ref()
+    }
+    /// Coordinator time at `now` (device time if no offset was measured yet).
+    pub fn coordinator_ms(&self, unix_ms: i64) -> i64 {
+        unix_ms.saturating_add(self.clock.offset_ms().unwrap_or(0))
+    }
+
+    // ---- helpers ------------------------------------------------------------------------
+
+    fn random(&mut self) -> u64 {
+        // splitmix64: enough for nonces and jitter, reproducible from the seed.
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn ping(&mut self, now: Now) {
+        let nonce = self.random();
+        self.clock.ping_sent(nonce, now.instant, now.unix_ms);
+        self.transmits.push_back(DeviceMsg::Ping { nonce });
+    }
+
+    fn handle_pong(&mut self, nonce: u64, coordinator_time_ms: i64, now: Now) {
+        let before = self.clock.offset_ms();
+        if let Some(offset) = self
+            .clock
+            .handle_pong(nonce, coordinator_time_ms, now.instant)
+        {
+            if before.is_none_or(|o| o.saturating_sub(offset).saturating_abs() > 1000)
+                && offset.saturating_abs() > 2000
+            {
+                warn!(
+                    offset_ms = offset,
+                    "this device's clock differs from the coordinator's; correcting for it"
+                );
+            }
+            self.events.push_back(Event::SetClockOffset(offset));
+            self.apply_peers(now);
+        }
+        if self.rotation == (Rotation::Unleased { requested: false }) {
+            // First lease of this session, for the key in use.
+            self.rotation = Rotation::Unleased { requested: true };
+            self.transmits.push_back(DeviceMsg::LeaseRequest {
+                wg_public_key: self.key.public(),
+            });
+        }
+    }
+
+    /// Pushes the netmap's peers into the data plane: one entry per peer key that holds a
+    /// valid lease (signature from the pinned coordinator key, for that peer's addresses,
+    /// unexpired in coordinator time). A key without a valid lease is never configured.
+    fn apply_peers(&mut self, now: Now) {
+        let Some(nm) = &self.netmap else { return };
+        let offset = self.clock.offset_ms();
+        let coord_now = now.unix_ms.saturating_add(offset.unwrap_or(0));
+        let peers = self.leases.peers(
+            nm,
+            self.cfg.lease_key.as_ref(),
+            offset,
+            coord_now,
+            now.instant,
+        );
+        if self.applied_peers.as_ref() != Some(&peers) {
+            self.events.push_back(Event::SetPeers(peers.clone()));
+            self.applied_peers = Some(peers);
+        }
+        if self.applied_filter.as_ref() != Some(&nm.inbound) {
+            self.events.push_back(Event::SetFilter(nm.inbound.clone()));
+            self.applied_filter = Some(nm.inbound.clone());
+        }
+    }
+
+    /// The coordinator broke the protocol: end the session; the next one starts afresh.
+    fn protocol_error(&mut self, error: String, now: Now) {
+        self.events.push_back(Event::CloseSession);
+        self.end_session(error, false, now);
+    }
+
+    fn end_session(&mut self, error: String, revoked: bool, now: Now) {
+        let started = match self.link {
+            Link::Opening { since } | Link::Session { since, .. } => since,
+            Link::Waiting { .. } => now.instant,
+        };
+        self.connected_since = None;
+        self.last_error = Some(error);
+        self.clock.forget_ping();
+        self.transmits.clear();
+        self.rotation = Rotation::Unleased { requested: false };
+        self.queued = None;
+        if revoked {
+            // Leave the network: no peers, no tunnels.
+            self.phase = Phase::Revoked;
+            self.netmap = None;
+            self.leases.clear();
+            self.own_lease = None;
+            self.applied_peers = Some(Vec::new());
+            self.applied_filter = Some(Vec::new());
+            self.events.push_back(Event::SetPeers(Vec::new()));
+            self.events.push_back(Event::SetFilter(Vec::new()));
+        } else {
+            self.phase = Phase::Connecting;
+        }
+        // Jitter in [0.8, 1.2).
+        let jitter = 0.8 + (self.random() >> 11) as f64 / (1u64 << 53) as f64 * 0.4;
+        let retry_in = self.backoff.next_wait(
+            now.instant.saturating_duration_since(started),
+            revoked,
+            jitter,
+        );
+        self.link = Link::Waiting {
+            retry_at: now.instant + retry_in,
+        };
+        self.events
+            .push_back(Event::Disconnected { revoked, retry_in });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,584 @@
+//! The agent driven by hand: one test per rotation transition, lease verification, revocation,
+//! expiry without a coordinator, clock offset and posture cadence through the agent.
+
+use super::*;
+use ed25519_dalek::SigningKey;
+use ward_shared::lease::Lease;
+use ward_shared::names::Hostname;
+use ward_shared::wire::{Peer, SelfInfo};
+
+const T0: i64 = 1_800_000_000_000;
+const TTL: i64 = 20_000;
+
+struct H {
+    agent: Agent,
+    coord: SigningKey,
+    base: Instant,
+    t: i64,
+    serial: u64,
+    events: Vec<Event>,
+    sent: Vec<DeviceMsg>,
+    next_key: u8,
+}
+
+fn ip4(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(100, 64, 0, n)
+}
+fn ip6(n: u8) -> Ipv6Addr {
+    format!("fd00::{n}").parse().unwrap()
+}
+
+impl H {
+    fn new() -> H {
+        let coord = SigningKey::from_bytes(&[9; 32]);
+        let base = Instant::now();
+        let cfg = AgentConfig {
+            device_id: DeviceId(1),
+            ipv4: ip4(1),
+            ipv6: ip6(1),
+            lease_key: Some(coord.verifying_key()),
+            private_key: PrivateKey([1; 32]),
+            cert_not_after_ms: T0 + crate::CERT_LIFETIME_MS,
+            posture_interval: Duration::from_secs(30),
+            os: "test".into(),
+            version: "0".into(),
+            seed: 7,
+        };
+        let agent = Agent::new(
+            cfg,
+            Now {
+                instant: base,
+                unix_ms: T0,
+            },
+        );
+        let mut h = H {
+            agent,
+            coord,
+            base,
+            t: T0,
+            serial: 0,
+            events: vec![],
+            sent: vec![],
+            next_key: 100,
+        };
+        h.drain();
+        h
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            instant: self.base + Duration::from_millis((self.t - T0) as u64),
+            unix_ms: self.t,
+        }
+    }
+
+    /// Collects outputs; answers `NeedKey` like a driver would.
+    fn drain(&mut self) {
+        while let Some(ev) = self.agent.poll_event() {
+            if ev == Event::NeedKey {
+                self.next_key += 1;
+                self.agent.provide_key(PrivateKey([self.next_key; 32]));
+            }
+            self.events.push(ev);
+        }
+        while let Some(m) = self.agent.poll_transmit() {
+            self.sent.push(m);
+        }
+    }
+
+    fn take_sent(&mut self) -> Vec<DeviceMsg> {
+        std::mem::take(&mut self.sent)
+    }
+    fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn msg(&mut self, m: CoordinatorMsg) {
+        let now = self.now();
+        self.agent.handle_coordinator_msg(m, now);
+        self.drain();
+    }
+
+    /// Advances time in 50 ms steps, reporting `on_old` peers on the old key before each tick.
+    fn advance(&mut self, ms: i64, on_old: usize) {
+        let end = self.t + ms;
+        while self.t < end {
+            self.t = (self.t + 50).min(end);
+            let now = self.now();
+            self.agent
+                .handle_dataplane_event(DataPlaneEvent::PeersOnOldKey(on_old), now);
+            if self.agent.poll_timeout() <= now.instant {
+                self.agent.handle_tick(now);
+            }
+            self.drain();
+        }
+    }
+
+    fn lease(&mut self, dev: u64, key: WgPublicKey, ttl: i64) -> SignedLease {
+        self.serial += 1;
+        Lease {
+            device_id: DeviceId(dev),
+            wg_public_key: key,
+            ipv4: ip4(dev as u8),
+            ipv6: ip6(dev as u8),
+            not_before_ms: self.t,
+            not_after_ms: self.t + ttl,
+            serial: self.serial,
+        }
+        .sign(&self.coord)
+    }
+
+    /// Opens a session and answers the first ping: the agent asks for its first lease.
+    fn connect(&mut self) {
+        let now = self.now();
+        self.agent.handle_connected(DeviceUpdate::default(), now);
+        self.drain();
+        let nonce = self
+            .take_sent()
+            .into_iter()
+            .find_map(|m| match m {
+                DeviceMsg::Ping { nonce } => Some(nonce),
+                _ => None,
+            })
+            .expect("a ping on connect");
+        self.msg(CoordinatorMsg::Pong {
+            nonce,
+            coordinator_time_ms: self.t,
+        });
+    }
+
+    /// Connects and grants the first lease (as the coordinator does).
+    fn leased(&mut self) {
+        self.connect();
+        let sent = self.take_sent();
+        assert_eq!(
+            sent,
+            vec![DeviceMsg::LeaseRequest {
+                wg_public_key: self.agent.public_key()
+            }]
+        );
+        let l = self.lease(1, self.agent.public_key(), TTL);
+        self.msg(CoordinatorMsg::Lease { lease: l });
+        assert_eq!(self.agent.rotation(), &Rotation::Idle);
+        self.take_sent();
+    }
+
+    fn lease_requests(sent: &[DeviceMsg]) -> Vec<WgPublicKey> {
+        sent.iter()
+            .filter_map(|m| match m {
+                DeviceMsg::LeaseRequest { wg_public_key } => Some(*wg_public_key),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
+    Netmap {
+        seq,
+        me: SelfInfo {
+            device_id: DeviceId(1),
+            hostname: Hostname::parse("me").unwrap(),
+            ipv4: ip4(1),
+            ipv6: ip6(1),
+            v6_prefix: "fd00::".parse().unwrap(),
+            observed_addr: None,
+        },
+        peers: vec![Peer {
+            device_id: DeviceId(2),
+            hostname: Hostname::parse("peer").unwrap(),
+            user: None,
+            tags: vec![],
+            ipv4: ip4(2),
+            ipv6: ip6(2),
+            wg_public_key: None,
+            endpoints: vec![],
+            online: true,
+            leases,
+        }],
+        inbound: vec![],
+        reach: vec![],
+    }
+}
+
+/// Runs a rotation up to `Settling` and returns the new key.
+fn to_settling(h: &mut H) -> WgPublicKey {
+    h.advance(TTL / 2, 0);
+    let reqs = H::lease_requests(&h.take_sent());
+    assert_eq!(reqs.len(), 1, "one lease request for the new key");
+    let l = h.lease(1, reqs[0], TTL);
+    h.msg(CoordinatorMsg::Lease { lease: l });
+    assert!(matches!(h.agent.rotation(), Rotation::Settling { .. }));
+    reqs[0]
+}
+
+#[test]
+fn unleased_session_never_rotates_even_when_asked_or_due() {
+    let mut h = H::new();
+    h.leased();
+    // Half the lease passes while disconnected: the next session must not rotate on the old,
+    // possibly stale lease before it holds one of its own (the reconnect race).
+    let now = h.now();
+    h.agent
+        .handle_disconnected(Some("network down".into()), now);
+    h.drain();
+    h.advance(TTL / 2 + 1000, 0);
+    assert!(h.take_events().contains(&Event::Connect));
+    let now = h.now();
+    h.agent.handle_connected(DeviceUpdate::default(), now);
+    h.drain();
+    let nonce = h
+        .take_sent()
+        .into_iter()
+        .find_map(|m| match m {
+            DeviceMsg::Ping { nonce } => Some(nonce),
+            _ => None,
+        })
+        .unwrap();
+    h.msg(CoordinatorMsg::RotateNow {
+        reason: "posture".into(),
+    });
+    h.advance(2000, 0);
+    let reqs = H::lease_requests(&h.take_sent());
+    assert!(
+        reqs.is_empty(),
+        "no lease request before the pong: {reqs:?}"
+    );
+    assert_eq!(h.agent.rotation(), &Rotation::Unleased { requested: false });
+    // The pong arrives late.
+    h.msg(CoordinatorMsg::RotateNow {
+        reason: "posture".into(),
+    });
+    h.msg(CoordinatorMsg::Pong {
+        nonce,
+        coordinator_time_ms: h.t,
+    });
+    // Only the lease for the key in use is asked for; the rotation waits for it.
+    let reqs = H::lease_requests(&h.take_sent());
+    assert_eq!(reqs, vec![h.agent.public_key()]);
+    h.advance(1000, 0);
+    assert!(H::lease_requests(&h.take_sent()).is_empty());
+    let l = h.lease(1, h.agent.public_key(), TTL);
+    h.msg(CoordinatorMsg::Lease { lease: l });
+    assert_eq!(h.agent.rotation(), &Rotation::Idle);
+    // The queued trust change runs at the next tick.
+    h.advance(300, 0);
+    let reqs = H::lease_requests(&h.take_sent());
+    assert_eq!(reqs.len(), 1);
+    assert_ne!(reqs[0], h.agent.public_key());
+    assert!(matches!(h.agent.rotation(), Rotation::Requested { .. }));
+}
+
+#[test]
+fn idle_to_requested_at_half_life() {
+    let mut h = H::new();
+    h.leased();
+    h.advance(TTL / 2 - 300, 0);
+    assert!(
+        H::lease_requests(&h.take_sent()).is_empty(),
+        "not before half-life"
+    );
+    h.advance(300, 0);
+    let reqs = H::lease_requests(&h.take_sent());
+    assert_eq!(reqs.len(), 1);
+    assert_ne!(reqs[0], h.agent.public_key());
+    let Rotation::Requested { key } = h.agent.rotation() else {
+        panic!("not requested: {:?}", h.agent.rotation())
+    };
+    assert_eq!(key.public(), reqs[0]);
+    // The spare key was used: the agent asked for another.
+    assert!(h.take_events().contains(&Event::NeedKey));
+}
+
+#[test]
+fn requested_to_settling_only_on_the_lease_for_the_new_key() {
+    let mut h = H::new();
+    h.leased();
+    h.advance(TTL / 2, 0);
+    let reqs = H::lease_requests(&h.take_sent());
+    // A valid lease for a key the device does not hold is ignored.
+    let stranger = h.lease(1, WgPublicKey([77; 32]), TTL);
+    h.msg(CoordinatorMsg::Lease { lease: stranger });
+    assert!(matches!(h.agent.rotation(), Rotation::Requested { .. }));
+    let l = h.lease(1, reqs[0], TTL);
+    h.msg(CoordinatorMsg::Lease { lease: l });
+    let Rotation::Settling { key, .. } = h.agent.rotation() else {
+        panic!("not settling")
+    };
+    assert_eq!(key.public(), reqs[0]);
+    assert_ne!(h.agent.public_key(), reqs[0], "not switched yet");
+}
+
+#[test]
+fn settling_to_confirming_after_the_settle_time() {
+    let mut h = H::new();
+    h.leased();
+    let new = to_settling(&mut h);
+    h.take_events();
+    h.advance(ROTATION_SETTLE.as_millis() as i64 - 100, 0);
+    assert_ne!(h.agent.public_key(), new);
+    assert!(!h
+        .take_events()
+        .iter()
+        .any(|e| matches!(e, Event::SwitchKey { .. })));
+    h.advance(100, 3);
+    assert_eq!(h.agent.public_key(), new);
+    let evs = h.take_events();
+    let Some(Event::SwitchKey { key, lease }) =
+        evs.iter().find(|e| matches!(e, Event::SwitchKey { .. }))
+    else {
+        panic!("no switch: {evs:?}")
+    };
+    assert_eq!(key.public(), new);
+    assert_eq!(lease.lease.wg_public_key, new);
+    assert_eq!(h.agent.rotations(), 1);
+    assert!(matches!(h.agent.rotation(), Rotation::Confirming { .. }));
+    assert!(
+        !h.take_sent()
+            .iter()
+            .any(|m| matches!(m, DeviceMsg::LeaseActive { .. })),
+        "peers still on the old key: no confirmation"
+    );
+}
+
+#[test]
+fn confirming_to_idle_once_peers_moved() {
+    let mut h = H::new();
+    h.leased();
+    to_settling(&mut h);
+    h.advance(ROTATION_SETTLE.as_millis() as i64, 2);
+    let Rotation::Confirming { serial, .. } = *h.agent.rotation() else {
+        panic!("not confirming")
+    };
+    h.advance(1000, 2);
+    assert!(matches!(h.agent.rotation(), Rotation::Confirming { .. }));
+    h.take_sent();
+    h.advance(300, 0);
+    assert_eq!(h.take_sent(), vec![DeviceMsg::LeaseActive { serial }]);
+    assert_eq!(h.agent.rotation(), &Rotation::Idle);
+}
+
+#[test]
+fn confirming_to_idle_after_the_maximum_wait() {
+    let mut h = H::new();
+    h.leased();
+    to_settling(&mut h);
+    h.advance(ROTATION_SETTLE.as_millis() as i64, 1);
+    let Rotation::Confirming { serial, .. } = *h.agent.rotation() else {
+        panic!("not confirming")
+    };
+    h.take_sent();
+    h.advance(ROTATION_CONFIRM_MAX.as_millis() as i64 - 300, 1);
+    assert!(h.take_sent().is_empty());
+    h.advance(300, 1);
+    assert_eq!(h.take_sent(), vec![DeviceMsg::LeaseActive { serial }]);
+    assert_eq!(h.agent.rotation(), &Rotation::Idle);
+}
+
+#[test]
+fn rotate_now_during_a_rotation_runs_right_after_it() {
+    let mut h = H::new();
+    h.leased();
+    to_settling(&mut h);
+    h.msg(CoordinatorMsg::RotateNow {
+        reason: "quarantined".into(),
+    });
+    assert!(H::lease_requests(&h.take_sent()).is_empty());
+    h.advance(ROTATION_SETTLE.as_millis() as i64 + 300, 0);
+    // Confirmed, and at the same tick the queued rotation started with yet another key.
+    let sent = h.take_sent();
+    assert!(sent
+        .iter()
+        .any(|m| matches!(m, DeviceMsg::LeaseActive { .. })));
+    let reqs = H::lease_requests(&sent);
+    assert_eq!(reqs.len(), 1);
+    assert_ne!(reqs[0], h.agent.public_key());
+    assert!(matches!(h.agent.rotation(), Rotation::Requested { .. }));
+}
+
+#[test]
+fn rotate_now_when_idle_starts_at_once() {
+    let mut h = H::new();
+    h.leased();
+    h.msg(CoordinatorMsg::RotateNow {
+        reason: "posture".into(),
+    });
+    assert_eq!(H::lease_requests(&h.take_sent()).len(), 1);
+    assert!(matches!(h.agent.rotation(), Rotation::Requested { .. }));
+}
+
+#[test]
+fn a_lease_that_does_not_verify_ends_the_session() {
+    let mut h = H::new();
+    h.connect();
+    h.take_sent();
+    h.take_events();
+    let forged = Lease {
+        device_id: DeviceId(1),
+        wg_public_key: h.agent.public_key(),
+        ipv4: ip4(1),
+        ipv6: ip6(1),
+        not_before_ms: h.t,
+        not_after_ms: h.t + TTL,
+        serial: 1,
+    }
+    .sign(&SigningKey::from_bytes(&[3; 32]));
+    h.msg(CoordinatorMsg::Lease { lease: forged });
+    assert!(h.agent.own_lease().is_none());
+    let evs = h.take_events();
+    assert_eq!(evs[0], Event::CloseSession);
+    assert!(matches!(evs[1], Event::Disconnected { revoked: false, .. }));
+    assert!(h.agent.last_error().unwrap().contains("does not verify"));
+    assert!(!h
+        .take_sent()
+        .iter()
+        .any(|m| matches!(m, DeviceMsg::LeaseActive { .. })));
+    // A lease for another device's addresses is refused the same way.
+    h.advance(6000, 0);
+    assert!(h.take_events().contains(&Event::Connect));
+    h.connect();
+    let mut other = h.lease(1, h.agent.public_key(), TTL);
+    other.lease.ipv4 = ip4(9);
+    let other = other.lease.sign(&h.coord);
+    h.msg(CoordinatorMsg::Lease { lease: other });
+    assert!(h.agent.own_lease().is_none());
+    assert_eq!(h.agent.phase(), Phase::Connecting);
+}
+
+#[test]
+fn peers_without_valid_leases_are_never_configured_and_expire_offline() {
+    let mut h = H::new();
+    h.leased();
+    let good = h.lease(2, WgPublicKey([20; 32]), 3000);
+    let mut bad = h.lease(2, WgPublicKey([21; 32]), TTL);
+    bad.lease.serial += 100; // altered after signing
+    h.take_events();
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![good, bad])));
+    let evs = h.take_events();
+    let peers: Vec<[u8; 32]> = evs
+        .iter()
+        .find_map(|e| match e {
+            Event::SetPeers(p) => Some(p.iter().map(|p| p.public_key).collect()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(peers, vec![[20; 32]]);
+    assert!(evs.contains(&Event::Connected { peers: 1 }));
+    assert_eq!(h.agent.phase(), Phase::Connected);
+    // The coordinator goes away; the lease still ends on time, within one expiry check.
+    let now = h.now();
+    h.agent.handle_disconnected(None, now);
+    h.drain();
+    h.advance(2900, 0);
+    assert!(!h.take_events().contains(&Event::SetPeers(vec![])));
+    h.advance(100 + EXPIRY_CHECK.as_millis() as i64, 0);
+    assert!(h.take_events().contains(&Event::SetPeers(vec![])));
+    assert!(h.agent.configured_peers().is_empty());
+    assert_eq!(
+        h.agent.last_error(),
+        Some("the coordinator closed the session")
+    );
+}
+
+#[test]
+fn revoked_device_leaves_the_network_and_waits_long() {
+    let mut h = H::new();
+    h.leased();
+    let l = h.lease(2, WgPublicKey([20; 32]), TTL);
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![l])));
+    h.take_events();
+    h.msg(CoordinatorMsg::Error {
+        code: ErrorCode::DeviceRevoked,
+        message: "revoked".into(),
+    });
+    let evs = h.take_events();
+    assert!(evs.contains(&Event::CloseSession));
+    assert!(evs.contains(&Event::SetPeers(vec![])));
+    assert!(evs.contains(&Event::SetFilter(vec![])));
+    assert!(evs.iter().any(|e| matches!(e, Event::Disconnected { revoked: true, retry_in } if *retry_in >= Duration::from_secs(30))));
+    assert_eq!(h.agent.phase(), Phase::Revoked);
+    assert!(h.agent.netmap().is_none() && h.agent.own_lease().is_none());
+    h.advance(29_000, 0);
+    assert!(!h.take_events().contains(&Event::Connect));
+}
+
+#[test]
+fn clock_offset_is_applied_to_lease_checks() {
+    let mut h = H::new();
+    let now = h.now();
+    h.agent.handle_connected(DeviceUpdate::default(), now);
+    h.drain();
+    let nonce = h
+        .take_sent()
+        .into_iter()
+        .find_map(|m| match m {
+            DeviceMsg::Ping { nonce } => Some(nonce),
+            _ => None,
+        })
+        .unwrap();
+    // The coordinator is 60 s ahead: a lease that this device's clock thinks has not started
+    // yet is judged in coordinator time.
+    h.msg(CoordinatorMsg::Pong {
+        nonce,
+        coordinator_time_ms: h.t + 60_000,
+    });
+    assert!(h.take_events().contains(&Event::SetClockOffset(60_000)));
+    assert_eq!(h.agent.clock_offset_ms(), Some(60_000));
+    h.t += 60_000;
+    let l = h.lease(1, h.agent.public_key(), TTL);
+    h.t -= 60_000;
+    h.msg(CoordinatorMsg::Lease { lease: l });
+    assert!(h.agent.own_lease().is_some(), "{:?}", h.agent.last_error());
+}
+
+#[test]
+fn posture_is_collected_once_the_offset_is_known_and_reported_on_change() {
+    let mut h = H::new();
+    h.leased();
+    h.take_events();
+    h.advance(1000, 0);
+    let evs = h.take_events();
+    let seq = evs
+        .iter()
+        .find_map(|e| match e {
+            Event::CollectPosture { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .expect("a collection");
+    assert!(evs.contains(&Event::TakeDeniedFlows));
+    let report = PostureReport::unknown(DeviceId(1), seq, h.t);
+    let now = h.now();
+    h.agent.handle_posture(report.clone(), now);
+    h.drain();
+    assert!(matches!(h.take_sent()[..], [DeviceMsg::Posture(_)]));
+    let mut same = report.clone();
+    same.seq += 1;
+    h.agent.handle_posture(same, now);
+    h.drain();
+    assert!(h.take_sent().is_empty(), "unchanged: not sent again");
+    let mut changed = report;
+    changed.seq += 2;
+    changed.firewall = ward_shared::posture::Measured::value(h.t, true);
+    h.agent.handle_posture(changed, now);
+    h.drain();
+    assert_eq!(h.take_sent().len(), 1);
+}
+
+#[test]
+fn denied_flows_are_chunked_to_the_wire_limit() {
+    let mut h = H::new();
+    h.leased();
+    let flow = DeniedFlow {
+        src: "100.64.0.2".parse().unwrap(),
+        proto: ward_shared::filter::Proto::Tcp,
+        port: 22,
+        count: 1,
+    };
+    let now = h.now();
+    h.agent.handle_dataplane_event(
+        DataPlaneEvent::DeniedFlows(vec![flow; wire::MAX_DENIED_FLOWS + 1]),
+        now,
+    );
+    h.drain();
+    assert_eq!(h.take_sent().len(), 2);
+}

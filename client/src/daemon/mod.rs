@@ -1,0 +1,347 @@
+//! `ward daemon`: holds the device's identity, runs the agent core with its control session
+//! and data plane, and answers the local API.
+//!
+//! Lifecycle only lives here (run, up/down/enroll, the API server); the protocol is the I/O-free
+//! [`crate::agent::Agent`], driven by the session loop in [`session`]; the views `ward status`
+//! and `ward posture` print are built in [`status`].
+
+mod collect;
+mod host;
+mod session;
+mod status;
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use ward_runtime::rpc::Envelope;
+use ward_shared::token::EnrollToken;
+use ward_shared::wire::Bytes;
+
+use crate::agent::Agent;
+use crate::api::{DownView, Request, Response, UpView, MAX_API_LINE};
+use crate::control::{self, Refused};
+use crate::dataplane::{DataPlane, DataPlaneConfig};
+use crate::state::{State, StateFile, STATE_VERSION};
+
+pub use host::{os_name, system_hostname};
+pub use ward_runtime::now_ms;
+
+#[derive(Debug, Clone)]
+pub struct DaemonOpts {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// `None`: control plane only (no TUN, no tunnels).
+    pub tun: Option<String>,
+    pub port: u16,
+    /// Posture collection: custom checks configured on this device, timeouts, intervals.
+    pub posture: crate::posture::CollectorConfig,
+    /// A report is sent at least this often, and at once when a value changes.
+    pub posture_interval: Duration,
+}
+
+/// While the device is up: its agent core, data plane and session task.
+struct Running {
+    agent: Arc<Mutex<Agent>>,
+    dataplane: Option<Arc<DataPlane>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct Daemon {
+    opts: DaemonOpts,
+    state_file: StateFile,
+    /// The device's identity; `None` before enrollment.
+    identity: Mutex<Option<State>>,
+    /// `None` while stopped.
+    running: Mutex<Option<Running>>,
+    /// The agent of the last run, for `ward posture` after `ward down`.
+    last_agent: Mutex<Option<Arc<Mutex<Agent>>>>,
+    collectors: collect::Collectors,
+}
+
+/// A panic while holding a lock leaves consistent-enough data for status; keep serving.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub async fn run(opts: DaemonOpts) -> Result<()> {
+    let state_file = StateFile::new(&opts.state_dir);
+    let state = state_file.load()?;
+    let listener = bind_socket(&opts.socket).await?;
+    let start = match &state {
+        None => {
+            info!("not enrolled yet: run `ward up --token TOKEN`");
+            false
+        }
+        Some(s) => s.enabled,
+    };
+    let d = Arc::new(Daemon {
+        collectors: collect::Collectors::new(&opts.posture),
+        opts: opts.clone(),
+        state_file,
+        identity: Mutex::new(state),
+        running: Mutex::new(None),
+        last_agent: Mutex::new(None),
+    });
+    info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "ward daemon started");
+    if start {
+        d.clone().start().await?;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            acc = listener.accept() => {
+                let Ok((stream, _)) = acc else { continue };
+                let d = d.clone();
+                tokio::spawn(async move { d.serve_api(stream).await });
+            }
+        }
+    }
+    info!("ward daemon stopping");
+    d.stop().await;
+    let _ = std::fs::remove_file(&opts.socket);
+    Ok(())
+}
+
+async fn bind_socket(path: &PathBuf) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "another ward daemon is already listening on {}",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+impl Daemon {
+    async fn serve_api(self: Arc<Self>, stream: tokio::net::UnixStream) {
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        let resp: Envelope<Response> = match BufReader::new(r)
+            .take(MAX_API_LINE)
+            .read_line(&mut line)
+            .await
+        {
+            Ok(_) => match serde_json::from_str::<Request>(&line) {
+                Ok(req) => match self.clone().handle(req).await {
+                    Ok(v) => Envelope::ok(v),
+                    Err(e) => Envelope::err(format!("{e:#}")),
+                },
+                Err(e) => Envelope::err(format!("bad request: {e}")),
+            },
+            Err(e) => Envelope::err(format!("reading request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+        out.push(b'\n');
+        let _ = w.write_all(&out).await;
+    }
+
+    async fn handle(self: Arc<Self>, req: Request) -> Result<Response> {
+        match req {
+            Request::Status => Ok(Response::Status(Box::new(self.status()))),
+            Request::Posture => Ok(Response::Posture(Box::new(self.posture()))),
+            Request::Down => {
+                self.stop().await;
+                let saved = {
+                    let mut g = lock(&self.identity);
+                    g.as_mut().map(|st| {
+                        st.enabled = false;
+                        st.clone()
+                    })
+                };
+                if let Some(st) = saved {
+                    self.state_file.save(&st)?;
+                }
+                Ok(Response::Down(DownView {
+                    state: crate::api::State::Stopped,
+                }))
+            }
+            Request::Up { token, hostname } => self.up(token, hostname).await.map(Response::Up),
+        }
+    }
+
+    async fn up(
+        self: Arc<Self>,
+        token: Option<String>,
+        hostname: Option<String>,
+    ) -> Result<UpView> {
+        let existing = lock(&self.identity).clone();
+        let view = |st: &State| UpView {
+            hostname: st.hostname.clone(),
+            ipv4: st.ipv4,
+            ipv6: st.ipv6,
+            device_id: st.device_id.0,
+        };
+        match (existing, token) {
+            (Some(st), Some(_)) => bail!(
+                "this device is already enrolled as {} ({}); run `ward up` without --token to connect. \
+                 To enroll it again, stop the daemon and remove {}",
+                st.hostname,
+                st.device_id,
+                self.state_file.path.display()
+            ),
+            (Some(mut st), None) => {
+                if !st.enabled {
+                    st.enabled = true;
+                    self.state_file.save(&st)?;
+                    *lock(&self.identity) = Some(st.clone());
+                }
+                self.clone().start().await?;
+                Ok(view(&st))
+            }
+            (None, None) => bail!("this device is not enrolled yet: run `ward up --token TOKEN` with a token from your administrator"),
+            (None, Some(tok)) => {
+                let tok = EnrollToken::parse(&tok).map_err(|e| anyhow!("{e}"))?;
+                let hostname = hostname.unwrap_or_else(system_hostname);
+                info!(coordinator = %tok.coordinator, %hostname, "enrolling");
+                let (enrolled, key_pem) = match control::enroll(&tok, &hostname, &os_name()).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let msg = match e.downcast_ref::<Refused>() {
+                            Some(r) => format!("enrollment refused by the coordinator: {}", r.message),
+                            None => format!("enrollment failed: {e:#}"),
+                        };
+                        warn!(error = %msg, "enrollment failed");
+                        bail!("{msg}");
+                    }
+                };
+                let mut wg = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut wg);
+                let st = State {
+                    version: STATE_VERSION,
+                    coordinator: tok.coordinator.clone(),
+                    ca_der: enrolled.ca_der,
+                    device_id: enrolled.device_id,
+                    hostname: enrolled.hostname.to_string(),
+                    ipv4: enrolled.ipv4,
+                    ipv6: enrolled.ipv6,
+                    identity_key_pem: key_pem,
+                    cert_der: enrolled.cert_der,
+                    cert_not_after_ms: enrolled.cert_not_after_ms,
+                    wg_private_key: Bytes(wg.to_vec()),
+                    enabled: true,
+                    lease_key: enrolled.lease_key,
+                };
+                self.state_file.save(&st)?;
+                info!(device = %st.device_id, hostname = %st.hostname, ipv4 = %st.ipv4, "enrolled");
+                *lock(&self.identity) = Some(st.clone());
+                self.clone().start().await?;
+                Ok(view(&st))
+            }
+        }
+    }
+
+    /// Brings the data plane up (if configured), creates the agent core and starts the
+    /// session loop, once.
+    async fn start(self: Arc<Self>) -> Result<()> {
+        if lock(&self.running).is_some() {
+            return Ok(());
+        }
+        let Some(st) = lock(&self.identity).clone() else {
+            bail!("not enrolled")
+        };
+        let mut key = [0u8; 32];
+        if st.wg_private_key.0.len() != 32 {
+            bail!("the WireGuard key in the state file is unusable");
+        }
+        key.copy_from_slice(&st.wg_private_key.0);
+        let dataplane = match &self.opts.tun {
+            Some(tun) => {
+                let v6_prefix = {
+                    let mut b = st.ipv6.octets();
+                    b[6..].fill(0);
+                    std::net::Ipv6Addr::from(b)
+                };
+                let dp = DataPlane::start(DataPlaneConfig {
+                    tun_name: tun.clone(),
+                    port: self.opts.port,
+                    private_key: key,
+                    ipv4: st.ipv4,
+                    ipv6: st.ipv6,
+                    v6_prefix,
+                })
+                .await
+                .context("starting the data plane")?;
+                info!(tun = %tun, port = dp.local_port(), "data plane up");
+                Some(Arc::new(dp))
+            }
+            None => None,
+        };
+        let agent = Arc::new(Mutex::new(session::new_agent(
+            &st,
+            key,
+            self.opts.posture_interval,
+        )));
+        let (stop, stop_rx) = watch::channel(false);
+        let me = self.clone();
+        let (a, dp) = (agent.clone(), dataplane.clone());
+        let task = tokio::spawn(async move { me.drive(a, dp, stop_rx).await });
+        *lock(&self.last_agent) = Some(agent.clone());
+        let mut g = lock(&self.running);
+        if g.is_some() {
+            // Another `up` won the race; this run is not needed.
+            let _ = stop.send(true);
+            return Ok(());
+        }
+        *g = Some(Running {
+            agent,
+            dataplane,
+            stop,
+            task,
+        });
+        Ok(())
+    }
+
+    async fn stop(&self) {
+        let Some(r) = lock(&self.running).take() else {
+            return;
+        };
+        let _ = r.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(3), r.task).await;
+        if let Some(dp) = r.dataplane {
+            match Arc::try_unwrap(dp) {
+                Ok(dp) => dp.shutdown().await,
+                Err(_) => warn!("data plane still in use at shutdown; it stops when released"),
+            }
+        }
+    }
+
+    fn status(&self) -> crate::api::StatusView {
+        let identity = lock(&self.identity).clone();
+        let running = lock(&self.running);
+        let agent = running.as_ref().map(|r| lock(&r.agent));
+        status::status(status::Sources {
+            identity: identity.as_ref(),
+            agent: agent.as_deref(),
+            dataplane: running.as_ref().and_then(|r| r.dataplane.as_deref()),
+            tun: self.opts.tun.as_deref(),
+        })
+    }
+
+    /// The latest posture report and the coordinator's verdict (for `ward posture`).
+    fn posture(&self) -> crate::api::PostureView {
+        let agent = lock(&self.last_agent).clone();
+        let g = agent.as_ref().map(|a| lock(a));
+        status::posture(
+            g.as_deref(),
+            self.opts.posture.custom_checks.keys().cloned().collect(),
+        )
+    }
+}

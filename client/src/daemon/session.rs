@@ -1,0 +1,297 @@
+//! The session loop: turns socket, timer, data-plane and posture-thread events into the agent
+//! core's `handle_*` calls and carries out what it polls out (open or drop the QUIC session,
+//! send its messages, configure the data plane, save the state file, draw keys, make CSRs).
+
+use anyhow::Result;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use ward_shared::lease;
+use ward_shared::posture::PostureReport;
+use ward_shared::wire::{Bytes, DeviceUpdate, WgPublicKey, MAX_ENDPOINTS};
+
+use super::{host, lock, Daemon};
+use crate::agent::{Agent, AgentConfig, DataPlaneEvent, Event, Now, PrivateKey};
+use crate::control::{self, Channel};
+use crate::dataplane::DataPlane;
+use crate::state::State;
+use ward_runtime::now_ms;
+
+type Opening = Pin<Box<dyn Future<Output = Result<Channel>> + Send>>;
+
+pub(super) fn new_agent(st: &State, key: [u8; 32], posture_interval: Duration) -> Agent {
+    let now = now();
+    Agent::new(
+        AgentConfig {
+            device_id: st.device_id,
+            ipv4: st.ipv4,
+            ipv6: st.ipv6,
+            lease_key: lease::issuer_key(&st.lease_key.0),
+            private_key: PrivateKey(key),
+            cert_not_after_ms: st.cert_not_after_ms,
+            posture_interval,
+            os: host::os_name(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            seed: rand::random(),
+        },
+        now,
+    )
+}
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix_ms: now_ms(),
+    }
+}
+
+/// What the loop owns besides the agent.
+struct Link {
+    endpoint: Option<quinn::Endpoint>,
+    channel: Option<Channel>,
+    opening: Option<Opening>,
+    posture_tx: mpsc::Sender<PostureReport>,
+}
+
+impl Daemon {
+    /// Runs until `stop` changes.
+    pub(super) async fn drive(
+        self: Arc<Self>,
+        agent: Arc<Mutex<Agent>>,
+        dp: Option<Arc<DataPlane>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let endpoint = control::client_endpoint()
+            .inspect_err(|e| warn!(error = %format!("{e:#}"), "control channel unavailable"))
+            .ok();
+        let (posture_tx, mut posture_rx) = mpsc::channel::<PostureReport>(1);
+        let mut link = Link {
+            endpoint,
+            channel: None,
+            opening: None,
+            posture_tx,
+        };
+        loop {
+            self.execute(&agent, dp.as_deref(), &mut link);
+            // Send what the agent queued; a failed send ends the session.
+            loop {
+                let Some(msg) = lock(&agent).poll_transmit() else {
+                    break;
+                };
+                let Some(ch) = link.channel.as_mut() else {
+                    continue;
+                };
+                if let Err(e) = ch.send(&msg).await {
+                    link.channel = None;
+                    lock(&agent).handle_disconnected(Some(format!("{e:#}")), now());
+                    self.execute(&agent, dp.as_deref(), &mut link);
+                }
+            }
+            let deadline = lock(&agent).poll_timeout();
+            let channel = &mut link.channel;
+            let opening = &mut link.opening;
+            // The two `expect`s below cannot fire: each branch runs only when its option is
+            // `Some` (the branch condition), and nothing else touches it while select! polls.
+            tokio::select! {
+                _ = stop.changed() => break,
+                res = async { opening.as_mut().expect("guarded by the branch condition").await }, if opening.is_some() => {
+                    link.opening = None;
+                    let mut a = lock(&agent);
+                    match res {
+                        Ok(ch) => {
+                            link.channel = Some(ch);
+                            a.handle_connected(hello_update(dp.as_deref()), now());
+                        }
+                        Err(e) => a.handle_disconnected(Some(format!("{e:#}")), now()),
+                    }
+                }
+                msg = async { channel.as_mut().expect("guarded by the branch condition").recv().await }, if channel.is_some() => {
+                    let mut a = lock(&agent);
+                    match msg {
+                        Ok(Some(m)) => a.handle_coordinator_msg(m, now()),
+                        Ok(None) => {
+                            link.channel = None;
+                            a.handle_disconnected(None, now());
+                        }
+                        Err(e) => {
+                            link.channel = None;
+                            a.handle_disconnected(Some(format!("{e:#}")), now());
+                        }
+                    }
+                }
+                Some(report) = posture_rx.recv() => lock(&agent).handle_posture(report, now()),
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let on_old = dp.as_ref().map_or(0, |d| d.peers_on_old_key());
+                    let mut a = lock(&agent);
+                    let now = now();
+                    a.handle_dataplane_event(DataPlaneEvent::PeersOnOldKey(on_old), now);
+                    a.handle_tick(now);
+                }
+            }
+        }
+        if let Some(ch) = link.channel.take() {
+            ch.conn.close(0u32.into(), b"stopping");
+        }
+        if let Some(e) = link.endpoint {
+            e.close(0u32.into(), b"stopping");
+        }
+    }
+
+    /// Carries out the agent's events until it has none left (some of them feed it inputs).
+    fn execute(&self, agent: &Mutex<Agent>, dp: Option<&DataPlane>, link: &mut Link) {
+        loop {
+            let Some(ev) = lock(agent).poll_event() else {
+                return;
+            };
+            match ev {
+                Event::Connect => {
+                    link.channel = None;
+                    let st = lock(&self.identity).clone();
+                    match (st, link.endpoint.clone()) {
+                        (Some(st), Some(endpoint)) => {
+                            link.opening = Some(Box::pin(open(endpoint, st)));
+                        }
+                        _ => lock(agent).handle_disconnected(
+                            Some("the control channel is unavailable".into()),
+                            now(),
+                        ),
+                    }
+                }
+                Event::CloseSession => {
+                    if let Some(ch) = link.channel.take() {
+                        ch.conn.close(0u32.into(), b"closing");
+                    }
+                }
+                Event::Connected { .. } => {}
+                Event::Disconnected { revoked, retry_in } => {
+                    let a = lock(agent);
+                    if revoked {
+                        warn!(
+                            error = a.last_error().unwrap_or_default(),
+                            "the coordinator revoked this device; left the network"
+                        );
+                    }
+                    tracing::debug!(
+                        retry_in_ms = retry_in.as_millis() as u64,
+                        "reconnecting later"
+                    );
+                }
+                Event::SetPeers(peers) => {
+                    if let Some(dp) = dp {
+                        dp.set_peers(peers);
+                    }
+                }
+                Event::SetFilter(rules) => {
+                    if let Some(dp) = dp {
+                        dp.set_filter(rules);
+                    }
+                }
+                Event::SetClockOffset(o) => {
+                    if let Some(dp) = dp {
+                        dp.set_clock_offset_ms(o);
+                    }
+                }
+                Event::SwitchKey { key, lease } => {
+                    // Saved first: after a crash the device must come back with the key its
+                    // peers now hold.
+                    if let Err(e) = self.save(|st| st.wg_private_key = Bytes(key.0.to_vec())) {
+                        error!(error = %format!("{e:#}"), serial = lease.lease.serial, "saving the new WireGuard key failed");
+                    }
+                    if let Some(dp) = dp {
+                        dp.rotate_key(key.0);
+                    }
+                }
+                Event::SaveCert {
+                    cert_der,
+                    not_after_ms,
+                } => {
+                    if let Err(e) = self.save(|st| {
+                        st.cert_der = cert_der;
+                        st.cert_not_after_ms = not_after_ms;
+                    }) {
+                        error!(error = %format!("{e:#}"), "saving the renewed certificate failed");
+                    }
+                }
+                Event::NeedKey => {
+                    let mut k = [0u8; 32];
+                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
+                    lock(agent).provide_key(PrivateKey(k));
+                }
+                Event::NeedCsr => match self.csr() {
+                    Ok(der) => lock(agent).handle_csr(der),
+                    Err(e) => warn!(error = %format!("{e:#}"), "cannot make a certificate request"),
+                },
+                Event::NeedUpdate => lock(agent).handle_local_update(hello_update(dp)),
+                Event::TakeDeniedFlows => {
+                    let flows = dp.map(|d| d.take_denied_flows()).unwrap_or_default();
+                    if !flows.is_empty() {
+                        lock(agent)
+                            .handle_dataplane_event(DataPlaneEvent::DeniedFlows(flows), now());
+                    }
+                }
+                Event::CollectPosture {
+                    wants,
+                    seq,
+                    clock_offset_ms,
+                } => {
+                    let Some(id) = lock(&self.identity).as_ref().map(|s| s.device_id) else {
+                        continue;
+                    };
+                    self.collectors
+                        .start(wants, id, seq, clock_offset_ms, link.posture_tx.clone());
+                }
+            }
+        }
+    }
+
+    /// Changes the identity and saves it.
+    fn save(&self, change: impl FnOnce(&mut State)) -> Result<()> {
+        let mut g = lock(&self.identity);
+        let Some(st) = g.as_mut() else {
+            anyhow::bail!("not enrolled")
+        };
+        change(st);
+        self.state_file.save(st)
+    }
+
+    fn csr(&self) -> Result<Vec<u8>> {
+        let pem = lock(&self.identity)
+            .as_ref()
+            .map(|s| s.identity_key_pem.clone())
+            .ok_or_else(|| anyhow::anyhow!("not enrolled"))?;
+        let key = rcgen::KeyPair::from_pem(&pem)?;
+        let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
+        Ok(csr.der().to_vec())
+    }
+}
+
+/// Opens a mutual-TLS control session to the coordinator.
+async fn open(endpoint: quinn::Endpoint, st: State) -> Result<Channel> {
+    let addr = control::resolve(&st.coordinator).await?;
+    let cfg = control::session_config(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
+    let ch = Channel::open(&endpoint, cfg, addr).await?;
+    info!(coordinator = %st.coordinator, "control session open");
+    Ok(ch)
+}
+
+/// This device's data-plane key, port and candidate endpoints.
+fn hello_update(dp: Option<&DataPlane>) -> DeviceUpdate {
+    let Some(dp) = dp else {
+        return DeviceUpdate::default();
+    };
+    let port = dp.local_port();
+    DeviceUpdate {
+        wg_public_key: Some(WgPublicKey(dp.public_key())),
+        wg_port: port,
+        local_endpoints: host::local_addresses()
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .take(MAX_ENDPOINTS)
+            .collect(),
+    }
+}
