@@ -11,8 +11,10 @@
 //! Must not depend on `ward-client`.
 
 pub mod admin;
+pub mod audit;
 pub mod datadir;
 pub mod leases;
+pub mod model;
 pub mod pki;
 pub mod registry;
 pub mod server;

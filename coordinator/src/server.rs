@@ -24,11 +24,13 @@ use ward_shared::wire::{
 };
 
 use crate::admin::{AdminRequest, AdminResponse, MAX_ADMIN_LINE};
+use crate::audit::Action;
 use crate::datadir::{Config, DataDir};
 use crate::pki::{cert_identity, Ca};
 use crate::registry::{ConnId, Output, Registry};
 use crate::store::{
     Audit, Device, EnrollSpec, GrantRow, LeaseRow, Quarantine, SqliteStore, Store, StoreError,
+    TokenSpec,
 };
 use crate::trust::Change;
 use ward_shared::lease::SignedLease;
@@ -205,7 +207,7 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
     ctx.store.append_audit(
         Audit {
             actor: "coordinator",
-            action: "coordinator.start",
+            action: Action::CoordinatorStart,
             target: &ctx.config.public_addr,
             detail: serde_json::json!({ "listen": listen.to_string() }),
         },
@@ -380,7 +382,7 @@ async fn registry_actor(
                             *n = 0;
                             sink.audit(
                                 id,
-                                "posture.refused",
+                                Action::PostureRefused,
                                 json!({ "error": e.to_string(), "count": count }),
                             );
                         }
@@ -426,7 +428,7 @@ struct TrustSink<'a> {
 }
 
 impl TrustSink<'_> {
-    fn audit(&self, id: DeviceId, action: &'static str, detail: serde_json::Value) {
+    fn audit(&self, id: DeviceId, action: Action, detail: serde_json::Value) {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let target = store
@@ -440,7 +442,7 @@ impl TrustSink<'_> {
                 detail,
             };
             if let Err(e) = store.append_audit(a, now_ms()) {
-                error!(device = %id, action, error = %e, "audit append failed");
+                error!(device = %id, %action, error = %e, "audit append failed");
             }
         });
     }
@@ -462,8 +464,8 @@ impl TrustSink<'_> {
         // A device that never reported failing at first contact is not news.
         if report.is_some() || !change.newly_passed.is_empty() {
             for (action, names) in [
-                ("posture.fail", &change.newly_failed),
-                ("posture.pass", &change.newly_passed),
+                (Action::PostureFail, &change.newly_failed),
+                (Action::PosturePass, &change.newly_passed),
             ] {
                 if names.is_empty() {
                     continue;
@@ -707,7 +709,7 @@ async fn enroll(
         let _ = ctx.store.append_audit(
             Audit {
                 actor: "device",
-                action: "enroll.refused",
+                action: Action::EnrollRefused,
                 target: &req.token_id.chars().take(32).collect::<String>(),
                 detail: serde_json::json!({ "code": code, "reason": message, "remote": remote.to_string() }),
             },
@@ -858,7 +860,7 @@ async fn session(
         let _ = ctx.store.append_audit(
             Audit {
                 actor: "device",
-                action: "connect.refused",
+                action: Action::ConnectRefused,
                 target: dev.hostname.as_str(),
                 detail: serde_json::json!({ "reason": why, "remote": remote.to_string() }),
             },
@@ -1164,7 +1166,7 @@ async fn rotate_device(ctx: &Arc<Ctx>, n: &str) -> Result<serde_json::Value> {
         store.append_audit(
             Audit {
                 actor: "admin",
-                action: "device.rotate",
+                action: Action::DeviceRotate,
                 target: &hostname,
                 detail: serde_json::json!({ "online": online }),
             },
@@ -1182,6 +1184,10 @@ async fn rotate_device(ctx: &Arc<Ctx>, n: &str) -> Result<serde_json::Value> {
 
 fn name(kind: &'static str, s: &str) -> Result<Name> {
     Ok(Name::parse(kind, s)?)
+}
+
+fn names(kind: &'static str, s: &[String]) -> Result<Vec<Name>> {
+    s.iter().map(|x| name(kind, x)).collect()
 }
 
 fn device_json(d: &Device, online: &[DeviceId], leases: &LeaseInfo) -> serde_json::Value {
@@ -1218,19 +1224,7 @@ fn device_json(d: &Device, online: &[DeviceId], leases: &LeaseInfo) -> serde_jso
         );
         o.insert("online".into(), online.contains(&d.id).into());
         o.insert("id".into(), d.id.to_string().into());
-        o.insert(
-            "state".into(),
-            (if d.is_live() && d.quarantine.is_some() {
-                "quarantined"
-            } else if d.is_live() {
-                "active"
-            } else if d.user_disabled && d.status == crate::store::DeviceStatus::Active {
-                "user-disabled"
-            } else {
-                "revoked"
-            })
-            .into(),
-        );
+        o.insert("state".into(), d.state().as_str().into());
     }
     v
 }
@@ -1302,12 +1296,14 @@ fn admin_blocking(ctx: &Arc<Ctx>, req: AdminRequest, snap: &Snap) -> Result<serd
                 secret: ward_shared::secret::Secret::new(secret.clone()),
             };
             let info = store.create_token(
-                &tok.id_hex(),
-                hash_secret(&secret),
-                user.as_ref(),
-                &tags,
-                now + ttl_secs as i64 * 1000,
-                uses,
+                TokenSpec {
+                    id: &tok.id_hex(),
+                    secret_hash: hash_secret(&secret),
+                    user: user.as_ref(),
+                    tags: &tags,
+                    expires_ms: now + ttl_secs as i64 * 1000,
+                    uses,
+                },
                 actor,
                 now,
             )?;
@@ -1370,37 +1366,17 @@ fn admin_blocking(ctx: &Arc<Ctx>, req: AdminRequest, snap: &Snap) -> Result<serd
             device_json(&d, &[], &leases()?)
         }
         AdminRequest::DeviceTag { name: n, add, remove } => {
-            let d = store.device_by_name(&n)?;
-            let mut tags: Vec<String> = d.tags.clone();
-            for t in &add {
-                name("tag", t)?;
-                if !tags.contains(t) {
-                    tags.push(t.clone());
-                }
-            }
-            tags.retain(|t| !remove.contains(t));
-            let tags = tags.iter().map(|t| name("tag", t)).collect::<Result<Vec<_>>>()?;
-            let d = store.set_device_tags(&n, &tags, actor, now)?;
+            let add = names("tag", &add)?;
+            let remove = names("tag", &remove)?;
+            let d = store.edit_device_tags(&n, &add, &remove, actor, now)?;
             let _ = ctx.events.send(Event::Upserted(d.clone()));
             serde_json::json!({ "device": n, "tags": d.tags })
         }
         AdminRequest::UserGroups { name: n, add, remove } => {
             let user = name("user name", &n)?;
-            let cur = store
-                .list_users()?
-                .into_iter()
-                .find(|u| u.name == n)
-                .ok_or_else(|| anyhow::anyhow!("no user named {n:?}"))?;
-            let mut groups = cur.groups.clone();
-            for g in &add {
-                name("group name", g)?;
-                if !groups.contains(g) {
-                    groups.push(g.clone());
-                }
-            }
-            groups.retain(|g| !remove.contains(g));
-            let groups = groups.iter().map(|g| name("group name", g)).collect::<Result<Vec<_>>>()?;
-            let u = store.set_user_groups(&user, &groups, actor, now)?;
+            let add = names("group name", &add)?;
+            let remove = names("group name", &remove)?;
+            let u = store.edit_user_groups(&user, &add, &remove, actor, now)?;
             let _ = ctx.events.send(Event::User(u.clone()));
             serde_json::json!({ "user": n, "groups": u.groups })
         }
@@ -1506,7 +1482,7 @@ fn policy_check(
             ctx.store.append_audit(
                 Audit {
                     actor: "admin",
-                    action: "policy.refused",
+                    action: Action::PolicyRefused,
                     target: file_name,
                     detail: serde_json::json!({ "reason": msg }),
                 },
