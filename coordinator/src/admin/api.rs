@@ -1,0 +1,709 @@
+//! The admin protocol's typed responses, shared by the server and the CLI.
+//!
+//! Each request has one response type; its JSON field names are the CLI's `--json` output and
+//! scripts read them, so they never change (README.md, "JSON output"). Listings declare their
+//! table columns once ([`Table`]); times are typed `i64` milliseconds, formatted here.
+
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ward_shared::names::Hostname;
+use ward_shared::posture::PostureReport;
+use ward_shared::wire::{PostureVerdict, WgPublicKey};
+
+use crate::model::{DeviceState, DeviceStatus, Quarantine, User};
+use crate::store::{AuditEntry, AuditVerdict, GrantRow, PolicyVersion, TokenInfo};
+
+/// `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub public_addr: String,
+    pub ca_sha256: String,
+    pub ipv6_prefix: String,
+    pub devices: usize,
+    pub online: usize,
+    pub users: usize,
+    pub uptime_secs: u64,
+    pub version: String,
+    pub protocol: u32,
+    pub posture: TrustStatsView,
+}
+
+/// Posture report → enforcement latency as the coordinator sees it (fields in name order: the
+/// human `status` prints this object as JSON).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrustStatsView {
+    pub changes: u64,
+    pub enforce_ms_last: Option<f64>,
+    pub enforce_ms_p50: Option<f64>,
+    pub enforce_ms_p99: Option<f64>,
+    pub refused: u64,
+    pub reports: u64,
+}
+
+impl StatusView {
+    /// `status` for people: one `key value` line per field, in name order.
+    pub fn lines(&self) -> Vec<String> {
+        let posture = serde_json::to_string(&self.posture).unwrap_or_else(|_| "-".into());
+        [
+            ("ca_sha256", self.ca_sha256.clone()),
+            ("devices", self.devices.to_string()),
+            ("ipv6_prefix", self.ipv6_prefix.clone()),
+            ("online", self.online.to_string()),
+            ("posture", posture),
+            ("protocol", self.protocol.to_string()),
+            ("public_addr", self.public_addr.clone()),
+            ("uptime_secs", self.uptime_secs.to_string()),
+            ("users", self.users.to_string()),
+            ("version", self.version.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| format!("{k:<12} {v}"))
+        .collect()
+    }
+}
+
+/// `user add`, `user ls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserView {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub disabled: bool,
+    pub created_ms: i64,
+}
+
+impl From<User> for UserView {
+    fn from(u: User) -> Self {
+        Self {
+            name: u.name,
+            groups: u.groups,
+            disabled: u.disabled,
+            created_ms: u.created_ms,
+        }
+    }
+}
+
+/// `user disable`, `user enable`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserAccess {
+    pub user: String,
+    pub disabled: bool,
+    /// How many devices the user has (they all gained or lost access).
+    pub devices: usize,
+}
+
+/// `user groups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserGroupsView {
+    pub user: String,
+    pub groups: Vec<String>,
+}
+
+/// `token ls`, `token revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub uses_total: i64,
+    pub uses_left: i64,
+    pub revoked: bool,
+}
+
+impl From<TokenInfo> for TokenView {
+    fn from(t: TokenInfo) -> Self {
+        Self {
+            id: t.id,
+            user: t.user,
+            tags: t.tags,
+            created_ms: t.created_ms,
+            expires_ms: t.expires_ms,
+            uses_total: t.uses_total,
+            uses_left: t.uses_left,
+            revoked: t.revoked,
+        }
+    }
+}
+
+/// `token create`: the token (shown once) and what was stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub token: String,
+    pub info: TokenView,
+}
+
+/// `device ls`, `device quarantine/release/revoke`: the stored device plus what the
+/// coordinator knows about it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// `d7`.
+    pub id: String,
+    pub hostname: Hostname,
+    pub user: Option<String>,
+    pub user_disabled: bool,
+    pub tags: Vec<String>,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub os: String,
+    /// As stored (`active`, `revoked`); `state` is the one answer to "is it on the network".
+    pub status: DeviceStatus,
+    pub created_ms: i64,
+    pub last_seen_ms: i64,
+    pub cert_not_after_ms: i64,
+    pub revoked_ms: Option<i64>,
+    pub wg_public_key: Option<WgPublicKey>,
+    pub endpoints: Vec<SocketAddr>,
+    pub quarantine: Option<Quarantine>,
+    pub lease_expires_ms: Option<i64>,
+    pub lease_serial: Option<u64>,
+    /// The WireGuard key of the newest active lease (base64).
+    pub lease_key: Option<String>,
+    pub rotations: i64,
+    pub online: bool,
+    pub state: DeviceState,
+}
+
+impl DeviceView {
+    /// `device show` for people: `key value` lines in name order.
+    pub fn lines(&self) -> Vec<String> {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let list = |v: Vec<String>| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                v.join(",")
+            }
+        };
+        [
+            ("cert_not_after_ms", self.cert_not_after_ms.to_string()),
+            ("created_ms", self.created_ms.to_string()),
+            (
+                "endpoints",
+                list(self.endpoints.iter().map(|e| e.to_string()).collect()),
+            ),
+            ("hostname", self.hostname.to_string()),
+            ("id", self.id.clone()),
+            ("ipv4", self.ipv4.to_string()),
+            ("ipv6", self.ipv6.to_string()),
+            ("last_seen_ms", self.last_seen_ms.to_string()),
+            (
+                "lease_expires_ms",
+                opt(self.lease_expires_ms.map(|v| v.to_string())),
+            ),
+            ("lease_key", opt(self.lease_key.clone())),
+            (
+                "lease_serial",
+                opt(self.lease_serial.map(|v| v.to_string())),
+            ),
+            ("online", self.online.to_string()),
+            ("os", self.os.clone()),
+            (
+                "quarantine",
+                opt(self
+                    .quarantine
+                    .as_ref()
+                    .and_then(|q| serde_json::to_string(q).ok())),
+            ),
+            ("revoked_ms", opt(self.revoked_ms.map(|v| v.to_string()))),
+            ("rotations", self.rotations.to_string()),
+            ("state", self.state.to_string()),
+            (
+                "status",
+                match self.status {
+                    DeviceStatus::Active => "active".into(),
+                    DeviceStatus::Revoked => "revoked".into(),
+                },
+            ),
+            ("tags", list(self.tags.clone())),
+            ("user", opt(self.user.clone())),
+            ("user_disabled", self.user_disabled.to_string()),
+            (
+                "wg_public_key",
+                opt(self.wg_public_key.map(|k| k.to_base64())),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| format!("{k:<18} {v}"))
+        .collect()
+    }
+}
+
+/// `device show`: the device, its latest posture verdict and report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceDetail {
+    #[serde(flatten)]
+    pub device: DeviceView,
+    pub posture: PostureVerdict,
+    pub posture_report: Option<PostureReport>,
+    /// After a restart, the last stored evaluation until the device reports again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_posture: Option<StoredPosture>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredPosture {
+    pub report: serde_json::Value,
+    pub evaluation: serde_json::Value,
+    pub at_ms: i64,
+}
+
+/// `device rotate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotating {
+    pub device: String,
+    pub rotating: bool,
+}
+
+/// `device tag`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceTagsView {
+    pub device: String,
+    pub tags: Vec<String>,
+}
+
+/// `policy check`, `policy apply`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyOutcome {
+    pub ok: bool,
+    pub message: String,
+    pub tests: Vec<PolicyTestView>,
+    pub warnings: Vec<String>,
+    pub changes: Vec<String>,
+    /// Devices in the compiled policy (only when it is valid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<usize>,
+    /// The stored version (only after a successful apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyTestView {
+    pub pass: bool,
+    pub text: String,
+}
+
+/// `policy show`: all `None` (`version`, `text` as `null`) when no policy was applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyShowView {
+    pub version: Option<i64>,
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// `policy history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersionView {
+    pub version: i64,
+    pub created_ms: i64,
+    pub actor: String,
+    pub sha256: String,
+    pub summary: String,
+}
+
+impl From<PolicyVersion> for PolicyVersionView {
+    fn from(v: PolicyVersion) -> Self {
+        Self {
+            version: v.version,
+            created_ms: v.created_ms,
+            actor: v.actor,
+            sha256: v.sha256,
+            summary: v.summary,
+        }
+    }
+}
+
+/// `policy explain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainView {
+    pub allowed: bool,
+    pub src: String,
+    pub dst: String,
+    pub target: String,
+    pub devices: Vec<ExplainDeviceView>,
+    pub notes: Vec<String>,
+    /// The whole explanation for people.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainDeviceView {
+    /// Source hostname.
+    pub src: String,
+    /// Destination hostname.
+    pub dst: String,
+    pub allowed: bool,
+    pub allowed_by: Vec<String>,
+    pub misses: Vec<ExplainMissView>,
+    pub blocked: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainMissView {
+    pub rule: String,
+    pub reasons: Vec<String>,
+}
+
+/// `grant add`, `grant ls`, `grant rm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantView {
+    pub id: String,
+    /// A user name or `device:HOSTNAME`.
+    pub principal: String,
+    pub service: String,
+    pub not_after_ms: i64,
+    pub reason: Option<String>,
+    pub actor: String,
+    pub created_ms: i64,
+}
+
+impl From<GrantRow> for GrantView {
+    fn from(g: GrantRow) -> Self {
+        Self {
+            id: g.id,
+            principal: g.principal,
+            service: g.service,
+            not_after_ms: g.not_after_ms,
+            reason: g.reason,
+            actor: g.actor,
+            created_ms: g.created_ms,
+        }
+    }
+}
+
+/// `audit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditView {
+    pub seq: i64,
+    pub ts_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: serde_json::Value,
+    pub hash: String,
+}
+
+impl From<AuditEntry> for AuditView {
+    fn from(e: AuditEntry) -> Self {
+        Self {
+            seq: e.seq,
+            ts_ms: e.ts_ms,
+            actor: e.actor,
+            action: e.action,
+            target: e.target,
+            detail: e.detail,
+            hash: e.hash,
+        }
+    }
+}
+
+/// `audit verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerifyView {
+    pub ok: bool,
+    pub rows: i64,
+    pub first_bad_seq: Option<i64>,
+    pub message: String,
+}
+
+impl From<AuditVerdict> for AuditVerifyView {
+    fn from(v: AuditVerdict) -> Self {
+        Self {
+            ok: v.ok,
+            rows: v.rows,
+            first_bad_seq: v.first_bad_seq,
+            message: v.message,
+        }
+    }
+}
+
+/// One table column: its header and how a row shows in it.
+pub struct Column<T> {
+    pub header: &'static str,
+    pub cell: fn(&T) -> String,
+}
+
+/// A listing printed as a table; each declares its columns once.
+pub trait Table: Sized + 'static {
+    const COLUMNS: &'static [Column<Self>];
+}
+
+/// A millisecond timestamp as RFC 3339 (UTC), or the number if it is out of range.
+pub fn fmt_time(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn time_or_dash(ms: Option<i64>) -> String {
+    ms.map(fmt_time).unwrap_or_else(|| "-".into())
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+fn or_dash(v: Option<&str>) -> String {
+    v.unwrap_or("-").to_string()
+}
+
+/// A JSON value as a table cell: strings bare, `null` and `[]` as `-`, lists joined by `,`.
+fn plain(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(a) if a.is_empty() => "-".into(),
+        serde_json::Value::Array(a) => a.iter().map(plain).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// Renders rows under their columns' headers (cells cut at 60 characters).
+pub fn render_table<T: Table>(rows: &[T]) -> Vec<String> {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| T::COLUMNS.iter().map(|c| (c.cell)(r)).collect())
+        .collect();
+    let mut widths: Vec<usize> = T::COLUMNS.iter().map(|c| c.header.len()).collect();
+    for r in &cells {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count()).min(60);
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "{:<w$}",
+                    c.chars().take(60).collect::<String>(),
+                    w = widths[i]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(
+        T::COLUMNS.iter().map(|c| c.header.to_string()).collect(),
+    )];
+    out.extend(cells.into_iter().map(line));
+    out
+}
+
+impl Table for UserView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        Column {
+            header: "NAME",
+            cell: |u| u.name.clone(),
+        },
+        Column {
+            header: "GROUPS",
+            cell: |u| list(&u.groups),
+        },
+        Column {
+            header: "DISABLED",
+            cell: |u| u.disabled.to_string(),
+        },
+    ];
+}
+
+impl Table for TokenView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        Column {
+            header: "ID",
+            cell: |t| t.id.clone(),
+        },
+        Column {
+            header: "USER",
+            cell: |t| or_dash(t.user.as_deref()),
+        },
+        Column {
+            header: "TAGS",
+            cell: |t| list(&t.tags),
+        },
+        Column {
+            header: "USES LEFT",
+            cell: |t| t.uses_left.to_string(),
+        },
+        Column {
+            header: "EXPIRES",
+            cell: |t| fmt_time(t.expires_ms),
+        },
+        Column {
+            header: "REVOKED",
+            cell: |t| t.revoked.to_string(),
+        },
+    ];
+}
+
+impl Table for DeviceView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        Column {
+            header: "ID",
+            cell: |d| d.id.clone(),
+        },
+        Column {
+            header: "HOSTNAME",
+            cell: |d| d.hostname.to_string(),
+        },
+        Column {
+            header: "USER",
+            cell: |d| or_dash(d.user.as_deref()),
+        },
+        Column {
+            header: "TAGS",
+            cell: |d| list(&d.tags),
+        },
+        Column {
+            header: "IPV4",
+            cell: |d| d.ipv4.to_string(),
+        },
+        Column {
+            header: "STATE",
+            cell: |d| d.state.to_string(),
+        },
+        Column {
+            header: "ONLINE",
+            cell: |d| d.online.to_string(),
+        },
+        Column {
+            header: "LEASE EXPIRES",
+            cell: |d| time_or_dash(d.lease_expires_ms),
+        },
+        Column {
+            header: "ROTATIONS",
+            cell: |d| d.rotations.to_string(),
+        },
+        Column {
+            header: "LAST SEEN",
+            cell: |d| fmt_time(d.last_seen_ms),
+        },
+    ];
+}
+
+impl Table for GrantView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        Column {
+            header: "ID",
+            cell: |g| g.id.clone(),
+        },
+        Column {
+            header: "FROM",
+            cell: |g| g.principal.clone(),
+        },
+        Column {
+            header: "TO",
+            cell: |g| g.service.clone(),
+        },
+        Column {
+            header: "EXPIRES",
+            cell: |g| fmt_time(g.not_after_ms),
+        },
+        Column {
+            header: "REASON",
+            cell: |g| or_dash(g.reason.as_deref()),
+        },
+        Column {
+            header: "BY",
+            cell: |g| g.actor.clone(),
+        },
+    ];
+}
+
+impl Table for PolicyVersionView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        Column {
+            header: "VERSION",
+            cell: |v| v.version.to_string(),
+        },
+        Column {
+            header: "APPLIED",
+            cell: |v| fmt_time(v.created_ms),
+        },
+        Column {
+            header: "BY",
+            cell: |v| v.actor.clone(),
+        },
+        Column {
+            header: "SHA256",
+            cell: |v| v.sha256.clone(),
+        },
+        Column {
+            header: "CHANGES",
+            cell: |v| v.summary.clone(),
+        },
+    ];
+}
+
+impl Table for AuditView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        Column {
+            header: "SEQ",
+            cell: |a| a.seq.to_string(),
+        },
+        Column {
+            header: "TIME",
+            cell: |a| fmt_time(a.ts_ms),
+        },
+        Column {
+            header: "ACTOR",
+            cell: |a| a.actor.clone(),
+        },
+        Column {
+            header: "ACTION",
+            cell: |a| a.action.clone(),
+        },
+        Column {
+            header: "TARGET",
+            cell: |a| a.target.clone(),
+        },
+        Column {
+            header: "DETAIL",
+            cell: |a| plain(&a.detail),
+        },
+    ];
+}
+
+/// Any admin response, as the server sends it. Untagged: each variant serializes exactly as
+/// its view, and the CLI reads the one type its request returns.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum AdminReply {
+    Status(StatusView),
+    User(UserView),
+    Users(Vec<UserView>),
+    UserAccess(UserAccess),
+    UserGroups(UserGroupsView),
+    TokenCreated(TokenCreated),
+    Token(TokenView),
+    Tokens(Vec<TokenView>),
+    Device(DeviceView),
+    Devices(Vec<DeviceView>),
+    DeviceDetail(Box<DeviceDetail>),
+    Rotating(Rotating),
+    DeviceTags(DeviceTagsView),
+    Policy(PolicyOutcome),
+    PolicyShow(PolicyShowView),
+    PolicyHistory(Vec<PolicyVersionView>),
+    Explain(Box<ExplainView>),
+    Grant(GrantView),
+    Grants(Vec<GrantView>),
+    Audit(Vec<AuditView>),
+    AuditVerify(AuditVerifyView),
+}

@@ -1,0 +1,554 @@
+//! The admin requests' business rules: one synchronous function per request over the
+//! [`Store`], with what the registry must hear about as [`Notice`]s and the registry's live view
+//! behind the [`Live`] trait, so every rule is testable with a temporary database.
+
+use anyhow::{anyhow, bail, ensure, Result};
+use rand::RngCore;
+
+use ward_shared::names::Name;
+use ward_shared::policy::{Compiled, Directory, Grant, Policy};
+use ward_shared::posture::PostureReport;
+use ward_shared::token::{hash_secret, EnrollToken};
+use ward_shared::wire::{DeviceId, PostureVerdict};
+
+use super::api::{
+    AdminReply, AuditVerifyView, DeviceDetail, DeviceTagsView, DeviceView, GrantView,
+    PolicyShowView, PolicyVersionView, Rotating, StatusView, StoredPosture, TokenCreated,
+    TokenView, TrustStatsView, UserAccess, UserGroupsView, UserView,
+};
+use super::AdminRequest;
+use crate::audit::Action;
+use crate::model::{Device, User};
+use crate::store::{Audit, GrantRow, LeaseRow, Quarantine, Store, TokenSpec};
+
+/// What the registry holds now (for listings, check, apply and explain).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub online: Vec<DeviceId>,
+    pub directory: Directory,
+    pub compiled: Compiled,
+    pub policy: Option<Policy>,
+    pub trust: TrustStatsView,
+}
+
+/// A change the registry must apply after a request succeeded.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    Device(Device),
+    Removed(DeviceId, String),
+    User(User),
+    Grants(Vec<Grant>),
+    Policy(Policy),
+}
+
+/// The running registry, as the admin requests see it.
+pub trait Live {
+    fn snapshot(&self) -> Result<Snapshot>;
+    /// The directory judged under a candidate policy's posture requirements.
+    fn directory_for(&self, p: &Policy) -> Result<Directory>;
+    /// A device's latest report and verdict.
+    fn trust_view(&self, id: DeviceId) -> Result<(Option<PostureReport>, PostureVerdict)>;
+    /// Asks a device to rotate its key now; whether it is connected.
+    fn rotate(&self, id: DeviceId, why: &str) -> Result<bool>;
+    fn notify(&self, n: Notice);
+}
+
+/// Who this coordinator is, for `status` and for the tokens it mints.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub public_addr: String,
+    pub ca_sha256: [u8; 32],
+    /// `fd7a:…::/48`.
+    pub ipv6_prefix: String,
+    pub uptime_secs: u64,
+}
+
+/// Every admin request's actor.
+const ACTOR: &str = "admin";
+
+/// Handles one admin request.
+pub fn handle(
+    store: &dyn Store,
+    live: &dyn Live,
+    me: &Identity,
+    rng: &mut dyn RngCore,
+    req: AdminRequest,
+    now: i64,
+) -> Result<AdminReply> {
+    let snap = live.snapshot()?;
+    let online = snap.online.as_slice();
+    Ok(match req {
+        AdminRequest::Status => AdminReply::Status(StatusView {
+            public_addr: me.public_addr.clone(),
+            ca_sha256: hex::encode(me.ca_sha256),
+            ipv6_prefix: me.ipv6_prefix.clone(),
+            devices: store.list_devices()?.len(),
+            online: online.len(),
+            users: store.list_users()?.len(),
+            uptime_secs: me.uptime_secs,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: ward_shared::wire::PROTOCOL_VERSION,
+            posture: snap.trust.clone(),
+        }),
+        AdminRequest::UserAdd { name: n, groups } => {
+            let n = name("user name", &n)?;
+            let groups = names("group name", &groups)?;
+            let u = store.add_user(&n, &groups, ACTOR, now)?;
+            live.notify(Notice::User(u.clone()));
+            AdminReply::User(u.into())
+        }
+        AdminRequest::UserLs => AdminReply::Users(
+            store
+                .list_users()?
+                .into_iter()
+                .map(UserView::from)
+                .collect(),
+        ),
+        AdminRequest::UserDisable { name: n } => {
+            AdminReply::UserAccess(set_user_disabled(store, live, &n, true, now)?)
+        }
+        AdminRequest::UserEnable { name: n } => {
+            AdminReply::UserAccess(set_user_disabled(store, live, &n, false, now)?)
+        }
+        AdminRequest::UserGroups {
+            name: n,
+            add,
+            remove,
+        } => {
+            let user = name("user name", &n)?;
+            let add = names("group name", &add)?;
+            let remove = names("group name", &remove)?;
+            let u = store.edit_user_groups(&user, &add, &remove, ACTOR, now)?;
+            live.notify(Notice::User(u.clone()));
+            AdminReply::UserGroups(UserGroupsView {
+                user: n,
+                groups: u.groups,
+            })
+        }
+        AdminRequest::TokenCreate {
+            user,
+            tags,
+            ttl_secs,
+            uses,
+        } => AdminReply::TokenCreated(token_create(
+            store, me, rng, user, tags, ttl_secs, uses, now,
+        )?),
+        AdminRequest::TokenLs => AdminReply::Tokens(
+            store
+                .list_tokens()?
+                .into_iter()
+                .map(TokenView::from)
+                .collect(),
+        ),
+        AdminRequest::TokenRevoke { id } => {
+            AdminReply::Token(store.revoke_token(&id, ACTOR, now)?.into())
+        }
+        AdminRequest::DeviceLs => {
+            let leases = LeaseInfo::load(store, now)?;
+            AdminReply::Devices(
+                store
+                    .list_devices()?
+                    .iter()
+                    .map(|d| device_view(d, online, &leases))
+                    .collect(),
+            )
+        }
+        AdminRequest::DeviceShow { name: n } => {
+            let d = store.device_by_name(&n)?;
+            let device = device_view(&d, online, &LeaseInfo::load(store, now)?);
+            let (report, posture) = live.trust_view(d.id)?;
+            let stored_posture = match report {
+                Some(_) => None,
+                None => store
+                    .posture(d.id)?
+                    .map(|(report, evaluation, at_ms)| StoredPosture {
+                        report,
+                        evaluation,
+                        at_ms,
+                    }),
+            };
+            AdminReply::DeviceDetail(Box::new(DeviceDetail {
+                device,
+                posture,
+                posture_report: report,
+                stored_posture,
+            }))
+        }
+        AdminRequest::DeviceQuarantine { name: n, reason } => {
+            let d = store.device_by_name(&n)?;
+            ensure!(d.is_live(), "device {n:?} is not active");
+            let q = Quarantine {
+                since_ms: now,
+                reason: reason.unwrap_or_else(|| "quarantined by an administrator".into()),
+                automatic: false,
+            };
+            let d = store.set_quarantine(d.id, Some(&q), ACTOR, now)?;
+            live.notify(Notice::Device(d.clone()));
+            AdminReply::Device(device_view(&d, online, &LeaseInfo::load(store, now)?))
+        }
+        AdminRequest::DeviceRelease { name: n } => {
+            let d = store.device_by_name(&n)?;
+            ensure!(d.quarantine.is_some(), "device {n:?} is not quarantined");
+            let d = store.set_quarantine(d.id, None, ACTOR, now)?;
+            live.notify(Notice::Device(d.clone()));
+            AdminReply::Device(device_view(&d, online, &LeaseInfo::load(store, now)?))
+        }
+        AdminRequest::DeviceRevoke { name: n } => {
+            let d = store.revoke_device(&n, ACTOR, now)?;
+            live.notify(Notice::Removed(
+                d.id,
+                "the device has been revoked by an administrator".into(),
+            ));
+            tracing::info!(device = %d.id, hostname = %d.hostname, "device revoked");
+            AdminReply::Device(device_view(&d, &[], &LeaseInfo::load(store, now)?))
+        }
+        AdminRequest::DeviceRotate { name: n } => {
+            AdminReply::Rotating(device_rotate(store, live, &n, now)?)
+        }
+        AdminRequest::DeviceTag {
+            name: n,
+            add,
+            remove,
+        } => {
+            let add = names("tag", &add)?;
+            let remove = names("tag", &remove)?;
+            let d = store.edit_device_tags(&n, &add, &remove, ACTOR, now)?;
+            live.notify(Notice::Device(d.clone()));
+            AdminReply::DeviceTags(DeviceTagsView {
+                device: n,
+                tags: d.tags,
+            })
+        }
+        AdminRequest::PolicyCheck {
+            file_name,
+            content_b64,
+        } => AdminReply::Policy(super::policy::check(
+            store,
+            live,
+            &snap,
+            &file_name,
+            &content_b64,
+            false,
+            now,
+        )?),
+        AdminRequest::PolicyApply {
+            file_name,
+            content_b64,
+        } => AdminReply::Policy(super::policy::check(
+            store,
+            live,
+            &snap,
+            &file_name,
+            &content_b64,
+            true,
+            now,
+        )?),
+        AdminRequest::PolicyShow => AdminReply::PolicyShow(match store.current_policy()? {
+            Some(v) => PolicyShowView {
+                version: Some(v.version),
+                text: Some(v.text),
+                created_ms: Some(v.created_ms),
+                sha256: Some(v.sha256),
+            },
+            None => PolicyShowView {
+                version: None,
+                text: None,
+                created_ms: None,
+                sha256: None,
+            },
+        }),
+        AdminRequest::PolicyHistory => AdminReply::PolicyHistory(
+            store
+                .policy_history()?
+                .into_iter()
+                .map(PolicyVersionView::from)
+                .collect(),
+        ),
+        AdminRequest::PolicyExplain { src, dst } => AdminReply::Explain(Box::new(
+            super::policy::explain(snap.policy.as_ref(), &snap.directory, &src, &dst, now)?,
+        )),
+        AdminRequest::GrantAdd {
+            from,
+            to,
+            for_secs,
+            reason,
+        } => AdminReply::Grant(grant_add(
+            store,
+            live,
+            snap.policy.as_ref(),
+            rng,
+            GrantAsk {
+                from,
+                to,
+                for_secs,
+                reason,
+            },
+            now,
+        )?),
+        AdminRequest::GrantLs => AdminReply::Grants(
+            store
+                .active_grants(now)?
+                .into_iter()
+                .map(GrantView::from)
+                .collect(),
+        ),
+        AdminRequest::GrantRm { id } => {
+            let g = store.remove_grant(&id, ACTOR, now)?;
+            live.notify(Notice::Grants(active_grants(store, now)?));
+            AdminReply::Grant(g.into())
+        }
+        AdminRequest::Audit { limit } => AdminReply::Audit(
+            store
+                .audit_log(limit.clamp(1, 100_000))?
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+        ),
+        AdminRequest::AuditVerify => {
+            AdminReply::AuditVerify(AuditVerifyView::from(store.verify_audit()?))
+        }
+    })
+}
+
+/// `token create`: a user's token or a tag-owned one, 1 s to 90 d, secret from `rng`.
+#[allow(clippy::too_many_arguments)]
+fn token_create(
+    store: &dyn Store,
+    me: &Identity,
+    rng: &mut dyn RngCore,
+    user: Option<String>,
+    tags: Vec<String>,
+    ttl_secs: u64,
+    uses: i64,
+    now: i64,
+) -> Result<TokenCreated> {
+    if ttl_secs == 0 || ttl_secs > 90 * 86400 {
+        bail!("--ttl must be between 1s and 90d");
+    }
+    let user = user.map(|u| name("user name", &u)).transpose()?;
+    let tags = names("tag", &tags)?;
+    let mut id = [0u8; 8];
+    let mut secret = vec![0u8; 32];
+    rng.fill_bytes(&mut id);
+    rng.fill_bytes(&mut secret);
+    let tok = EnrollToken {
+        coordinator: me.public_addr.clone(),
+        ca_sha256: me.ca_sha256,
+        id,
+        secret: ward_shared::secret::Secret::new(secret.clone()),
+    };
+    let info = store.create_token(
+        TokenSpec {
+            id: &tok.id_hex(),
+            secret_hash: hash_secret(&secret),
+            user: user.as_ref(),
+            tags: &tags,
+            expires_ms: now + ttl_secs as i64 * 1000,
+            uses,
+        },
+        ACTOR,
+        now,
+    )?;
+    Ok(TokenCreated {
+        token: tok.encode(),
+        info: info.into(),
+    })
+}
+
+fn set_user_disabled(
+    store: &dyn Store,
+    live: &dyn Live,
+    n: &str,
+    disabled: bool,
+    now: i64,
+) -> Result<UserAccess> {
+    let n = name("user name", n)?;
+    let ids = store.set_user_disabled(&n, disabled, ACTOR, now)?;
+    if let Some(u) = store
+        .list_users()?
+        .into_iter()
+        .find(|u| u.name == n.as_str())
+    {
+        live.notify(Notice::User(u));
+    }
+    for id in &ids {
+        if let Ok(d) = store.device(*id) {
+            live.notify(Notice::Device(d));
+        }
+    }
+    Ok(UserAccess {
+        user: n.to_string(),
+        disabled,
+        devices: ids.len(),
+    })
+}
+
+/// `device rotate`: the device makes a new key now; its current leases stop being renewed.
+/// Audited whether or not the device is connected; an offline device is an error.
+fn device_rotate(store: &dyn Store, live: &dyn Live, n: &str, now: i64) -> Result<Rotating> {
+    let d = store.device_by_name(n)?;
+    ensure!(d.is_live(), "device {n:?} is not active");
+    let online = live.rotate(d.id, "rotation requested by an administrator")?;
+    store.append_audit(
+        Audit {
+            actor: ACTOR,
+            action: Action::DeviceRotate,
+            target: d.hostname.as_str(),
+            detail: serde_json::json!({ "online": online }),
+        },
+        now,
+    )?;
+    if !online {
+        bail!(
+            "device {n:?} is not connected; it will get a fresh key and lease when it reconnects"
+        );
+    }
+    Ok(Rotating {
+        device: n.to_string(),
+        rotating: true,
+    })
+}
+
+/// What `grant add` asks for.
+struct GrantAsk {
+    from: String,
+    to: String,
+    for_secs: u64,
+    reason: Option<String>,
+}
+
+/// `grant add`: 1 s to 7 d, to a service the applied policy has, for a known user or device.
+fn grant_add(
+    store: &dyn Store,
+    live: &dyn Live,
+    policy: Option<&Policy>,
+    rng: &mut dyn RngCore,
+    ask: GrantAsk,
+    now: i64,
+) -> Result<GrantView> {
+    let GrantAsk {
+        from,
+        to,
+        for_secs,
+        reason,
+    } = ask;
+    ensure!(
+        (1..=7 * 86400).contains(&for_secs),
+        "--for must be between 1s and 7d"
+    );
+    let p = policy
+        .ok_or_else(|| anyhow!("no policy is applied, so there is no service {to:?} to grant"))?;
+    ensure!(
+        p.services.contains_key(&to),
+        "the policy has no service named {to:?}"
+    );
+    match from.strip_prefix("device:") {
+        Some(host) => {
+            store.device_by_name(host)?;
+        }
+        None => {
+            let n = name("user name", &from)?;
+            ensure!(
+                store.list_users()?.iter().any(|u| u.name == n.as_str()),
+                "no user named {from:?} (use device:NAME for a device)"
+            );
+        }
+    }
+    let reason = reason.map(|r| {
+        r.chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect::<String>()
+    });
+    let mut idb = [0u8; 6];
+    rng.fill_bytes(&mut idb);
+    let g = GrantRow {
+        id: format!("g{}", hex::encode(idb)),
+        principal: from,
+        service: to,
+        not_after_ms: now + for_secs as i64 * 1000,
+        reason,
+        actor: ACTOR.to_string(),
+        created_ms: now,
+    };
+    store.add_grant(&g, now)?;
+    live.notify(Notice::Grants(active_grants(store, now)?));
+    Ok(g.into())
+}
+
+/// The active grants as the registry takes them.
+pub fn active_grants(store: &dyn Store, now: i64) -> Result<Vec<Grant>> {
+    Ok(store.active_grants(now)?.iter().map(grant_of).collect())
+}
+
+pub fn grant_of(g: &GrantRow) -> Grant {
+    Grant {
+        id: g.id.clone(),
+        from: g.principal.clone(),
+        to: g.service.clone(),
+        not_after_ms: g.not_after_ms,
+        reason: g.reason.clone(),
+    }
+}
+
+fn name(kind: &'static str, s: &str) -> Result<Name> {
+    Ok(Name::parse(kind, s)?)
+}
+
+fn names(kind: &'static str, s: &[String]) -> Result<Vec<Name>> {
+    s.iter().map(|x| name(kind, x)).collect()
+}
+
+/// Active leases and how many each device was ever issued.
+struct LeaseInfo {
+    active: Vec<LeaseRow>,
+    counts: std::collections::BTreeMap<DeviceId, i64>,
+}
+
+impl LeaseInfo {
+    fn load(store: &dyn Store, now: i64) -> Result<Self> {
+        Ok(Self {
+            active: store.active_leases(now)?,
+            counts: store.lease_counts()?,
+        })
+    }
+}
+
+fn device_view(d: &Device, online: &[DeviceId], leases: &LeaseInfo) -> DeviceView {
+    let mine: Vec<&LeaseRow> = leases
+        .active
+        .iter()
+        .filter(|l| l.device_id == d.id)
+        .collect();
+    DeviceView {
+        id: d.id.to_string(),
+        hostname: d.hostname.clone(),
+        user: d.user.clone(),
+        user_disabled: d.user_disabled,
+        tags: d.tags.clone(),
+        ipv4: d.ipv4,
+        ipv6: d.ipv6,
+        os: d.os.clone(),
+        status: d.status,
+        created_ms: d.created_ms,
+        last_seen_ms: d.last_seen_ms,
+        cert_not_after_ms: d.cert_not_after_ms,
+        revoked_ms: d.revoked_ms,
+        wg_public_key: d.wg_public_key,
+        endpoints: d.endpoints.clone(),
+        quarantine: d.quarantine.clone(),
+        lease_expires_ms: mine.iter().map(|l| l.not_after_ms).max(),
+        lease_serial: mine.iter().map(|l| l.serial).max(),
+        lease_key: mine
+            .iter()
+            .max_by_key(|l| l.serial)
+            .map(|l| l.wg_public_key.to_base64()),
+        rotations: leases
+            .counts
+            .get(&d.id)
+            .map(|c| (c - 1).max(0))
+            .unwrap_or(0),
+        online: online.contains(&d.id),
+        state: d.state(),
+    }
+}
