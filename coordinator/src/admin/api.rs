@@ -707,3 +707,186 @@ pub enum AdminReply {
     Audit(Vec<AuditView>),
     AuditVerify(AuditVerifyView),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn keys(v: &impl Serialize) -> BTreeSet<String> {
+        match serde_json::to_value(v).unwrap() {
+            serde_json::Value::Object(m) => m.keys().cloned().collect(),
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn device() -> DeviceView {
+        DeviceView {
+            id: "d1".into(),
+            hostname: Hostname::parse("box").unwrap(),
+            user: None,
+            user_disabled: false,
+            tags: vec!["web".into(), "db".into()],
+            ipv4: Ipv4Addr::new(100, 64, 0, 1),
+            ipv6: Ipv6Addr::LOCALHOST,
+            os: "linux".into(),
+            status: DeviceStatus::Active,
+            created_ms: 1_700_000_000_000,
+            last_seen_ms: 1_700_000_000_000,
+            cert_not_after_ms: 0,
+            revoked_ms: None,
+            wg_public_key: None,
+            endpoints: vec![],
+            quarantine: None,
+            lease_expires_ms: None,
+            lease_serial: None,
+            lease_key: None,
+            rotations: 0,
+            online: true,
+            state: DeviceState::Active,
+        }
+    }
+
+    /// The `--json` field names scripts read (README.md, "JSON output"): a rename fails here.
+    #[test]
+    fn json_field_names_are_stable() {
+        assert_eq!(
+            keys(&device()),
+            set(&[
+                "id",
+                "hostname",
+                "user",
+                "user_disabled",
+                "tags",
+                "ipv4",
+                "ipv6",
+                "os",
+                "status",
+                "created_ms",
+                "last_seen_ms",
+                "cert_not_after_ms",
+                "revoked_ms",
+                "wg_public_key",
+                "endpoints",
+                "quarantine",
+                "lease_expires_ms",
+                "lease_serial",
+                "lease_key",
+                "rotations",
+                "online",
+                "state",
+            ])
+        );
+        let detail = DeviceDetail {
+            device: device(),
+            posture: PostureVerdict::default(),
+            posture_report: None,
+            stored_posture: None,
+        };
+        let mut want = keys(&device());
+        want.extend(set(&["posture", "posture_report"]));
+        assert_eq!(keys(&detail), want);
+        let back: DeviceDetail =
+            serde_json::from_str(&serde_json::to_string(&detail).unwrap()).unwrap();
+        assert_eq!(back, detail);
+
+        let status = StatusView {
+            public_addr: "a:1".into(),
+            ca_sha256: "00".into(),
+            ipv6_prefix: "fd::/48".into(),
+            devices: 1,
+            online: 0,
+            users: 1,
+            uptime_secs: 3,
+            version: "0".into(),
+            protocol: 1,
+            posture: TrustStatsView::default(),
+        };
+        assert_eq!(
+            keys(&status),
+            set(&[
+                "public_addr",
+                "ca_sha256",
+                "ipv6_prefix",
+                "devices",
+                "online",
+                "users",
+                "uptime_secs",
+                "version",
+                "protocol",
+                "posture",
+            ])
+        );
+        assert_eq!(
+            keys(&status.posture),
+            set(&[
+                "reports",
+                "refused",
+                "changes",
+                "enforce_ms_p50",
+                "enforce_ms_p99",
+                "enforce_ms_last",
+            ])
+        );
+        assert_eq!(
+            serde_json::to_string(&PolicyShowView {
+                version: None,
+                text: None,
+                created_ms: None,
+                sha256: None
+            })
+            .unwrap(),
+            r#"{"version":null,"text":null}"#
+        );
+        let refused = PolicyOutcome {
+            ok: false,
+            message: "m".into(),
+            tests: vec![],
+            warnings: vec![],
+            changes: vec![],
+            devices: None,
+            version: None,
+        };
+        assert_eq!(
+            keys(&refused),
+            set(&["ok", "message", "tests", "warnings", "changes"])
+        );
+        assert_eq!(
+            keys(&AuditView {
+                seq: 1,
+                ts_ms: 2,
+                actor: "a".into(),
+                action: "user.add".into(),
+                target: "t".into(),
+                detail: serde_json::json!({}),
+                hash: "h".into(),
+            }),
+            set(&["seq", "ts_ms", "actor", "action", "target", "detail", "hash"])
+        );
+        // The server's untagged reply is exactly the view.
+        assert_eq!(
+            serde_json::to_value(AdminReply::Device(device())).unwrap(),
+            serde_json::to_value(device()).unwrap()
+        );
+    }
+
+    #[test]
+    fn tables_format_typed_times_and_lists() {
+        let lines = render_table(&[device()]);
+        assert!(
+            lines[0].starts_with("ID  HOSTNAME  USER  TAGS"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[0].ends_with("LAST SEEN"), "{}", lines[0]);
+        assert!(lines[1].contains("web,db"), "{}", lines[1]);
+        // `user: None` and no lease print as `-`; `last_seen_ms` as a time.
+        assert!(lines[1].contains("  -  "), "{}", lines[1]);
+        assert!(lines[1].ends_with("2023-11-14T22:13:20Z"), "{}", lines[1]);
+        assert_eq!(render_table::<UserView>(&[]).len(), 1);
+    }
+}

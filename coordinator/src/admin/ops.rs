@@ -552,3 +552,370 @@ fn device_view(d: &Device, online: &[DeviceId], leases: &LeaseInfo) -> DeviceVie
         state: d.state(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{EnrollSpec, SqliteStore};
+    use rand::SeedableRng;
+    use std::cell::{Cell, RefCell};
+    use ward_shared::addr::AddressPools;
+    use ward_shared::names::Hostname;
+
+    struct FakeLive {
+        policy: Option<Policy>,
+        online: bool,
+        notices: RefCell<Vec<Notice>>,
+        rotations: Cell<usize>,
+    }
+
+    impl FakeLive {
+        fn new(policy: Option<&str>) -> Self {
+            Self {
+                policy: policy.map(|p| ward_shared::policy::parse(p.as_bytes(), "t.toml").unwrap()),
+                online: false,
+                notices: RefCell::new(vec![]),
+                rotations: Cell::new(0),
+            }
+        }
+        fn take(&self) -> Vec<Notice> {
+            std::mem::take(&mut self.notices.borrow_mut())
+        }
+    }
+
+    impl Live for FakeLive {
+        fn snapshot(&self) -> Result<Snapshot> {
+            Ok(Snapshot {
+                policy: self.policy.clone(),
+                ..Snapshot::default()
+            })
+        }
+        fn directory_for(&self, _: &Policy) -> Result<Directory> {
+            Ok(Directory::default())
+        }
+        fn trust_view(&self, _: DeviceId) -> Result<(Option<PostureReport>, PostureVerdict)> {
+            Ok((None, PostureVerdict::default()))
+        }
+        fn rotate(&self, _: DeviceId, _: &str) -> Result<bool> {
+            self.rotations.set(self.rotations.get() + 1);
+            Ok(self.online)
+        }
+        fn notify(&self, n: Notice) {
+            self.notices.borrow_mut().push(n);
+        }
+    }
+
+    const POLICY: &str = "[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/5432\"]\n";
+
+    struct World {
+        store: SqliteStore,
+        me: Identity,
+        rng: rand::rngs::StdRng,
+    }
+
+    impl World {
+        fn new() -> Self {
+            let store = SqliteStore::open_in_memory().unwrap();
+            Self {
+                store,
+                me: Identity {
+                    public_addr: "coord.example:7443".into(),
+                    ca_sha256: [7; 32],
+                    ipv6_prefix: "fd7a::/48".into(),
+                    uptime_secs: 5,
+                },
+                rng: rand::rngs::StdRng::seed_from_u64(1),
+            }
+        }
+        fn run(&mut self, live: &FakeLive, req: AdminRequest) -> Result<AdminReply> {
+            handle(&self.store, live, &self.me, &mut self.rng, req, 1_000_000)
+        }
+        fn user(&mut self, live: &FakeLive, n: &str) {
+            self.run(
+                live,
+                AdminRequest::UserAdd {
+                    name: n.into(),
+                    groups: vec!["eng".into()],
+                },
+            )
+            .unwrap();
+        }
+        /// A device enrolled with a fresh token of `user` or `tags`.
+        fn device(&mut self, live: &FakeLive, host: &str, user: Option<&str>, tags: &[&str]) {
+            let AdminReply::TokenCreated(t) = self.run(live, token(user, tags, 3600)).unwrap()
+            else {
+                panic!("not a token")
+            };
+            let tok = EnrollToken::parse(&t.token).unwrap();
+            self.store
+                .enroll(
+                    EnrollSpec {
+                        token_id: &tok.id_hex(),
+                        token_secret: tok.secret.expose(),
+                        hostname: Hostname::sanitize(host).unwrap(),
+                        os: "linux".into(),
+                        identity_hash: [host.len() as u8; 32],
+                    },
+                    &AddressPools::from_random([1, 2, 3, 4, 5]),
+                    &mut |_| Ok((vec![1], 99)),
+                    1_000_001,
+                )
+                .unwrap();
+        }
+    }
+
+    fn token(user: Option<&str>, tags: &[&str], ttl_secs: u64) -> AdminRequest {
+        AdminRequest::TokenCreate {
+            user: user.map(Into::into),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ttl_secs,
+            uses: 1,
+        }
+    }
+
+    fn err(r: Result<AdminReply>) -> String {
+        match r {
+            Ok(v) => panic!("expected a refusal, got {v:?}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn token_minting_with_user_or_tags() {
+        let (mut w, live) = (World::new(), FakeLive::new(None));
+        w.user(&live, "alice");
+        let AdminReply::TokenCreated(t) = w.run(&live, token(Some("alice"), &[], 60)).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(t.info.user.as_deref(), Some("alice"));
+        assert!(t.info.tags.is_empty());
+        assert_eq!(t.info.expires_ms, 1_000_000 + 60_000);
+        let parsed = EnrollToken::parse(&t.token).unwrap();
+        assert_eq!(parsed.coordinator, "coord.example:7443");
+        assert_eq!(parsed.ca_sha256, [7; 32]);
+        assert_eq!(parsed.id_hex(), t.info.id);
+
+        let AdminReply::TokenCreated(t) = w.run(&live, token(None, &["server"], 60)).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(t.info.user, None);
+        assert_eq!(t.info.tags, vec!["server".to_string()]);
+
+        assert!(
+            err(w.run(&live, token(None, &[], 60))).contains("--user NAME or at least one --tag")
+        );
+        assert!(err(w.run(&live, token(Some("alice"), &[], 0))).contains("between 1s and 90d"));
+        assert!(err(w.run(&live, token(Some("alice"), &[], 90 * 86400 + 1))).contains("90d"));
+        assert!(err(w.run(&live, token(Some("nobody"), &[], 60))).contains("no user"));
+        err(w.run(&live, token(None, &["Not A Tag"], 60)));
+        w.run(
+            &live,
+            AdminRequest::UserDisable {
+                name: "alice".into(),
+            },
+        )
+        .unwrap();
+        assert!(err(w.run(&live, token(Some("alice"), &[], 60))).contains("disabled"));
+        let AdminReply::Tokens(all) = w.run(&live, AdminRequest::TokenLs).unwrap() else {
+            panic!()
+        };
+        assert_eq!(all.len(), 2);
+    }
+
+    #[test]
+    fn tag_edits_merge_and_notify() {
+        let (mut w, live) = (World::new(), FakeLive::new(None));
+        w.device(&live, "web1", None, &["web"]);
+        live.take();
+        let tag = |add: &[&str], remove: &[&str]| AdminRequest::DeviceTag {
+            name: "web1".into(),
+            add: add.iter().map(|s| s.to_string()).collect(),
+            remove: remove.iter().map(|s| s.to_string()).collect(),
+        };
+        let AdminReply::DeviceTags(v) = w.run(&live, tag(&["db", "web"], &[])).unwrap() else {
+            panic!()
+        };
+        assert_eq!(v.tags, vec!["web".to_string(), "db".to_string()]);
+        assert!(matches!(&live.take()[..], [Notice::Device(d)] if d.tags.len() == 2));
+        let AdminReply::DeviceTags(v) = w.run(&live, tag(&["x"], &["web"])).unwrap() else {
+            panic!()
+        };
+        assert_eq!(v.tags, vec!["db".to_string(), "x".to_string()]);
+        assert_eq!(live.take().len(), 1);
+        err(w.run(&live, tag(&["Bad Tag"], &[])));
+        assert!(err(w.run(
+            &live,
+            AdminRequest::DeviceTag {
+                name: "nope".into(),
+                add: vec!["a".into()],
+                remove: vec![]
+            }
+        ))
+        .contains("no device"));
+        assert!(
+            live.take().is_empty(),
+            "a refusal tells the registry nothing"
+        );
+    }
+
+    #[test]
+    fn grant_checks() {
+        let (mut w, live) = (World::new(), FakeLive::new(Some(POLICY)));
+        w.user(&live, "alice");
+        w.device(&live, "db1", None, &["db"]);
+        live.take();
+        let grant = |from: &str, to: &str, for_secs: u64| AdminRequest::GrantAdd {
+            from: from.into(),
+            to: to.into(),
+            for_secs,
+            reason: Some("on call\u{7}\n".into()),
+        };
+        let AdminReply::Grant(g) = w.run(&live, grant("alice", "db", 3600)).unwrap() else {
+            panic!()
+        };
+        assert_eq!((g.principal.as_str(), g.service.as_str()), ("alice", "db"));
+        assert_eq!(g.not_after_ms, 1_000_000 + 3_600_000);
+        assert_eq!(g.reason.as_deref(), Some("on call"));
+        assert!(g.id.starts_with('g') && g.id.len() == 13);
+        assert!(matches!(&live.take()[..], [Notice::Grants(gs)] if gs.len() == 1));
+        w.run(&live, grant("device:db1", "db", 60)).unwrap();
+
+        assert!(err(w.run(&live, grant("alice", "db", 0))).contains("between 1s and 7d"));
+        assert!(err(w.run(&live, grant("alice", "db", 7 * 86400 + 1))).contains("7d"));
+        assert!(err(w.run(&live, grant("alice", "ssh", 60))).contains("no service named"));
+        assert!(err(w.run(&live, grant("bob", "db", 60))).contains("no user named"));
+        assert!(err(w.run(&live, grant("device:nope", "db", 60))).contains("no device"));
+        let no_policy = FakeLive::new(None);
+        assert!(err(w.run(&no_policy, grant("alice", "db", 60))).contains("no policy is applied"));
+
+        let AdminReply::Grants(all) = w.run(&live, AdminRequest::GrantLs).unwrap() else {
+            panic!()
+        };
+        assert_eq!(all.len(), 2);
+        w.run(&live, AdminRequest::GrantRm { id: g.id.clone() })
+            .unwrap();
+        assert!(err(w.run(&live, AdminRequest::GrantRm { id: g.id })).contains("no active grant"));
+    }
+
+    #[test]
+    fn device_refusals() {
+        let (mut w, mut live) = (World::new(), FakeLive::new(None));
+        w.user(&live, "alice");
+        w.device(&live, "lap", Some("alice"), &[]);
+        let name = || "lap".to_string();
+        assert!(
+            err(w.run(&live, AdminRequest::DeviceRelease { name: name() }))
+                .contains("not quarantined")
+        );
+        // Rotating an offline device is refused but audited.
+        assert!(
+            err(w.run(&live, AdminRequest::DeviceRotate { name: name() }))
+                .contains("not connected")
+        );
+        assert_eq!(live.rotations.get(), 1);
+        live.online = true;
+        assert!(matches!(
+            w.run(&live, AdminRequest::DeviceRotate { name: name() })
+                .unwrap(),
+            AdminReply::Rotating(Rotating { rotating: true, .. })
+        ));
+        let rotations = w
+            .store
+            .audit_log(100)
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == Action::DeviceRotate.as_str())
+            .count();
+        assert_eq!(rotations, 2);
+
+        let AdminReply::Device(d) = w
+            .run(
+                &live,
+                AdminRequest::DeviceQuarantine {
+                    name: name(),
+                    reason: None,
+                },
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(d.state, crate::model::DeviceState::Quarantined);
+        w.run(&live, AdminRequest::DeviceRelease { name: name() })
+            .unwrap();
+
+        w.run(
+            &live,
+            AdminRequest::UserDisable {
+                name: "alice".into(),
+            },
+        )
+        .unwrap();
+        assert!(err(w.run(
+            &live,
+            AdminRequest::DeviceQuarantine {
+                name: name(),
+                reason: None
+            }
+        ))
+        .contains("not active"));
+        assert!(
+            err(w.run(&live, AdminRequest::DeviceRotate { name: name() })).contains("not active")
+        );
+        let AdminReply::Devices(ds) = w.run(&live, AdminRequest::DeviceLs).unwrap() else {
+            panic!()
+        };
+        assert_eq!(ds[0].state, crate::model::DeviceState::UserDisabled);
+
+        let AdminReply::Device(d) = w
+            .run(&live, AdminRequest::DeviceRevoke { name: name() })
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(d.state, crate::model::DeviceState::Revoked);
+        assert!(
+            err(w.run(&live, AdminRequest::DeviceRevoke { name: name() }))
+                .contains("already revoked")
+        );
+    }
+
+    #[test]
+    fn group_edits_and_users() {
+        let (mut w, live) = (World::new(), FakeLive::new(None));
+        w.user(&live, "alice");
+        assert!(err(w.run(
+            &live,
+            AdminRequest::UserAdd {
+                name: "alice".into(),
+                groups: vec![]
+            }
+        ))
+        .contains("already exists"));
+        let AdminReply::UserGroups(v) = w
+            .run(
+                &live,
+                AdminRequest::UserGroups {
+                    name: "alice".into(),
+                    add: vec!["ops".into()],
+                    remove: vec!["eng".into()],
+                },
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(v.groups, vec!["ops".to_string()]);
+        assert!(err(w.run(
+            &live,
+            AdminRequest::UserGroups {
+                name: "bob".into(),
+                add: vec!["ops".into()],
+                remove: vec![],
+            }
+        ))
+        .contains("no user"));
+    }
+}
