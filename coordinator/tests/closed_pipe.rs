@@ -1,6 +1,8 @@
 //! Listings stop quietly when their reader goes away (`ward-coordinator audit | head -1`): no
 //! panic, no exit status 101. Runs the built binary against a coordinator on loopback.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
