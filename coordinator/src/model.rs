@@ -4,13 +4,13 @@
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ward_shared::names::Hostname;
+use ward_shared::names::{Hostname, Name};
 use ward_shared::wire::{DeviceId, WgPublicKey};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
     pub name: String,
-    pub groups: Vec<String>,
+    pub groups: Vec<Name>,
     pub disabled: bool,
     pub created_ms: i64,
 }
@@ -29,7 +29,7 @@ pub struct Device {
     pub user: Option<String>,
     /// Whether the owning user is disabled (a disabled user's devices get no access).
     pub user_disabled: bool,
-    pub tags: Vec<String>,
+    pub tags: Vec<Name>,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     pub os: String,

@@ -76,7 +76,7 @@ impl From<User> for UserView {
     fn from(u: User) -> Self {
         Self {
             name: u.name,
-            groups: u.groups,
+            groups: u.groups.iter().map(|g| g.to_string()).collect(),
             disabled: u.disabled,
             created_ms: u.created_ms,
         }

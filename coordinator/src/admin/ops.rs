@@ -122,7 +122,7 @@ pub fn handle(
             live.notify(Notice::User(u.clone()));
             AdminReply::UserGroups(UserGroupsView {
                 user: n,
-                groups: u.groups,
+                groups: strings(&u.groups),
             })
         }
         AdminRequest::TokenCreate {
@@ -216,7 +216,7 @@ pub fn handle(
             live.notify(Notice::Device(d.clone()));
             AdminReply::DeviceTags(DeviceTagsView {
                 device: n,
-                tags: d.tags,
+                tags: strings(&d.tags),
             })
         }
         AdminRequest::PolicyCheck {
@@ -499,6 +499,10 @@ fn names(kind: &'static str, s: &[String]) -> Result<Vec<Name>> {
     s.iter().map(|x| name(kind, x)).collect()
 }
 
+fn strings(names: &[Name]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
 /// Active leases and how many each device was ever issued.
 struct LeaseInfo {
     active: Vec<LeaseRow>,
@@ -525,7 +529,7 @@ fn device_view(d: &Device, online: &[DeviceId], leases: &LeaseInfo) -> DeviceVie
         hostname: d.hostname.clone(),
         user: d.user.clone(),
         user_disabled: d.user_disabled,
-        tags: d.tags.clone(),
+        tags: strings(&d.tags),
         ipv4: d.ipv4,
         ipv6: d.ipv6,
         os: d.os.clone(),

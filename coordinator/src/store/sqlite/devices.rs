@@ -27,7 +27,7 @@ fn device_row(r: &rusqlite::Row<'_>) -> Result<Device> {
         hostname: Hostname::parse(&hostname).map_err(|e| bad("hostname", e.to_string()))?,
         user,
         user_disabled: disabled != 0,
-        tags: json_list("devices", "tags", id, &tags)?,
+        tags: json_names("devices", "tags", id, &tags)?,
         ipv4: ipv4
             .parse()
             .map_err(|_| bad("ipv4", format!("{ipv4:?} is not an address")))?,
@@ -293,11 +293,11 @@ pub(super) fn edit_device_tags(
             .ok_or_else(not_found)?;
         let mut tags = dev.tags;
         for t in add {
-            if !tags.iter().any(|x| x == t.as_str()) {
-                tags.push(t.to_string());
+            if !tags.contains(t) {
+                tags.push(t.clone());
             }
         }
-        tags.retain(|t| !remove.iter().any(|r| r.as_str() == t));
+        tags.retain(|t| !remove.contains(t));
         let json =
             serde_json::to_string(&tags).map_err(|e| StoreError::Invalid(format!("tags: {e}")))?;
         tx.execute(

@@ -94,6 +94,17 @@ fn corrupt(
     }
 }
 
+/// A JSON list of names column (device `tags`, user `groups`): every member must be a valid
+/// name.
+fn json_names(
+    table: &'static str,
+    column: &'static str,
+    row: impl std::fmt::Display,
+    s: &str,
+) -> Result<Vec<Name>> {
+    serde_json::from_str(s).map_err(|e| corrupt(table, column, row, e))
+}
+
 /// A JSON list of strings column (`tags`, `groups`).
 fn json_list(
     table: &'static str,

@@ -112,7 +112,7 @@ fn token_lifecycle_and_refusals() {
     ));
     let d2 = enroll(&s, &pools, "t2", b"s2", "laptop", 3, 4000).unwrap();
     assert_eq!(d2.hostname.as_str(), "laptop-2");
-    assert_eq!(d2.tags, vec!["server".to_string()]);
+    assert_eq!(d2.tags, vec![n("server")]);
     s.revoke_token("t2", "admin", 4100).unwrap();
     let revoked = enroll(&s, &pools, "t2", b"s2", "db", 4, 4200).unwrap_err();
     assert!(matches!(
@@ -260,11 +260,11 @@ fn policies_and_grants() {
     let u = s
         .edit_user_groups(&n("alice"), &[n("ops"), n("eng")], &[], "admin", 80)
         .unwrap();
-    assert_eq!(u.groups, vec!["eng".to_string(), "ops".to_string()]);
+    assert_eq!(u.groups, vec![n("eng"), n("ops")]);
     let u = s
         .edit_user_groups(&n("alice"), &[], &[n("eng"), n("nope")], "admin", 81)
         .unwrap();
-    assert_eq!(u.groups, vec!["ops".to_string()]);
+    assert_eq!(u.groups, vec![n("ops")]);
     assert!(s.verify_audit().unwrap().ok);
 }
 
@@ -318,7 +318,7 @@ fn users_are_unique() {
         Err(StoreError::Conflict(_))
     ));
     let users = s.list_users().unwrap();
-    assert_eq!(users[0].groups, vec!["eng".to_string()]);
+    assert_eq!(users[0].groups, vec![n("eng")]);
 }
 
 /// Two handles on one database file, as two admin requests (or two coordinators) would have.
@@ -362,8 +362,8 @@ fn concurrent_tag_edits_both_survive() {
             });
         });
         let tags = a.device_by_name("box").unwrap().tags;
-        assert!(tags.contains(&ta.to_string()), "round {i}: {tags:?}");
-        assert!(tags.contains(&tb.to_string()), "round {i}: {tags:?}");
+        assert!(tags.contains(&ta), "round {i}: {tags:?}");
+        assert!(tags.contains(&tb), "round {i}: {tags:?}");
     }
     assert_eq!(a.device_by_name("box").unwrap().tags.len(), 80);
     // Removing is also merged, not overwritten.
@@ -399,8 +399,8 @@ fn concurrent_group_edits_both_survive() {
             });
         });
         let groups = &b.list_users().unwrap()[0].groups;
-        assert!(groups.contains(&ga.to_string()), "round {i}: {groups:?}");
-        assert!(groups.contains(&gb.to_string()), "round {i}: {groups:?}");
+        assert!(groups.contains(&ga), "round {i}: {groups:?}");
+        assert!(groups.contains(&gb), "round {i}: {groups:?}");
     }
     assert_eq!(a.list_users().unwrap()[0].groups.len(), 80);
     assert!(a.verify_audit().unwrap().ok);
@@ -423,7 +423,7 @@ fn corrupt_columns_are_errors_not_empty() {
     )
     .unwrap();
     let d = enroll(&s, &pools, "t", b"s", "box", 1, 2000).unwrap();
-    assert_eq!(d.tags, vec!["web".to_string()]);
+    assert_eq!(d.tags, vec![n("web")]);
     let raw = |sql: &str| {
         s.conn.lock().unwrap().execute(sql, []).unwrap();
     };

@@ -44,7 +44,7 @@ pub(super) fn add_user(
                 params![uid, g.as_str()],
             )?;
         }
-        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let groups = groups.to_vec();
         append_audit_tx(
             tx,
             Audit {
@@ -79,7 +79,7 @@ fn query_users(
         let name: String = r.get(0)?;
         let groups: String = r.get(3)?;
         out.push(User {
-            groups: json_list("users", "groups", &name, &groups)?,
+            groups: json_names("users", "groups", &name, &groups)?,
             name,
             disabled: r.get::<_, i64>(1)? != 0,
             created_ms: r.get(2)?,
