@@ -428,6 +428,10 @@ pub struct Column<T> {
     pub cell: fn(&T) -> String,
 }
 
+const fn col<T>(header: &'static str, cell: fn(&T) -> String) -> Column<T> {
+    Column { header, cell }
+}
+
 /// A listing printed as a table; each declares its columns once.
 pub trait Table: Sized + 'static {
     const COLUMNS: &'static [Column<Self>];
@@ -508,175 +512,67 @@ pub fn render_table<T: Table>(rows: &[T]) -> Vec<String> {
 
 impl Table for UserView {
     const COLUMNS: &'static [Column<Self>] = &[
-        Column {
-            header: "NAME",
-            cell: |u| u.name.clone(),
-        },
-        Column {
-            header: "GROUPS",
-            cell: |u| list(&u.groups),
-        },
-        Column {
-            header: "DISABLED",
-            cell: |u| u.disabled.to_string(),
-        },
+        col("NAME", |u| u.name.clone()),
+        col("GROUPS", |u| list(&u.groups)),
+        col("DISABLED", |u| u.disabled.to_string()),
     ];
 }
 
 impl Table for TokenView {
     const COLUMNS: &'static [Column<Self>] = &[
-        Column {
-            header: "ID",
-            cell: |t| t.id.clone(),
-        },
-        Column {
-            header: "USER",
-            cell: |t| or_dash(t.user.as_deref()),
-        },
-        Column {
-            header: "TAGS",
-            cell: |t| list(&t.tags),
-        },
-        Column {
-            header: "USES LEFT",
-            cell: |t| t.uses_left.to_string(),
-        },
-        Column {
-            header: "EXPIRES",
-            cell: |t| fmt_time(t.expires_ms),
-        },
-        Column {
-            header: "REVOKED",
-            cell: |t| t.revoked.to_string(),
-        },
+        col("ID", |t| t.id.clone()),
+        col("USER", |t| or_dash(t.user.as_deref())),
+        col("TAGS", |t| list(&t.tags)),
+        col("USES LEFT", |t| t.uses_left.to_string()),
+        col("EXPIRES", |t| fmt_time(t.expires_ms)),
+        col("REVOKED", |t| t.revoked.to_string()),
     ];
 }
 
 impl Table for DeviceView {
     const COLUMNS: &'static [Column<Self>] = &[
-        Column {
-            header: "ID",
-            cell: |d| d.id.clone(),
-        },
-        Column {
-            header: "HOSTNAME",
-            cell: |d| d.hostname.to_string(),
-        },
-        Column {
-            header: "USER",
-            cell: |d| or_dash(d.user.as_deref()),
-        },
-        Column {
-            header: "TAGS",
-            cell: |d| list(&d.tags),
-        },
-        Column {
-            header: "IPV4",
-            cell: |d| d.ipv4.to_string(),
-        },
-        Column {
-            header: "STATE",
-            cell: |d| d.state.to_string(),
-        },
-        Column {
-            header: "ONLINE",
-            cell: |d| d.online.to_string(),
-        },
-        Column {
-            header: "LEASE EXPIRES",
-            cell: |d| time_or_dash(d.lease_expires_ms),
-        },
-        Column {
-            header: "ROTATIONS",
-            cell: |d| d.rotations.to_string(),
-        },
-        Column {
-            header: "LAST SEEN",
-            cell: |d| fmt_time(d.last_seen_ms),
-        },
+        col("ID", |d| d.id.clone()),
+        col("HOSTNAME", |d| d.hostname.to_string()),
+        col("USER", |d| or_dash(d.user.as_deref())),
+        col("TAGS", |d| list(&d.tags)),
+        col("IPV4", |d| d.ipv4.to_string()),
+        col("STATE", |d| d.state.to_string()),
+        col("ONLINE", |d| d.online.to_string()),
+        col("LEASE EXPIRES", |d| time_or_dash(d.lease_expires_ms)),
+        col("ROTATIONS", |d| d.rotations.to_string()),
+        col("LAST SEEN", |d| fmt_time(d.last_seen_ms)),
     ];
 }
 
 impl Table for GrantView {
     const COLUMNS: &'static [Column<Self>] = &[
-        Column {
-            header: "ID",
-            cell: |g| g.id.clone(),
-        },
-        Column {
-            header: "FROM",
-            cell: |g| g.principal.clone(),
-        },
-        Column {
-            header: "TO",
-            cell: |g| g.service.clone(),
-        },
-        Column {
-            header: "EXPIRES",
-            cell: |g| fmt_time(g.not_after_ms),
-        },
-        Column {
-            header: "REASON",
-            cell: |g| or_dash(g.reason.as_deref()),
-        },
-        Column {
-            header: "BY",
-            cell: |g| g.actor.clone(),
-        },
+        col("ID", |g| g.id.clone()),
+        col("FROM", |g| g.principal.clone()),
+        col("TO", |g| g.service.clone()),
+        col("EXPIRES", |g| fmt_time(g.not_after_ms)),
+        col("REASON", |g| or_dash(g.reason.as_deref())),
+        col("BY", |g| g.actor.clone()),
     ];
 }
 
 impl Table for PolicyVersionView {
     const COLUMNS: &'static [Column<Self>] = &[
-        Column {
-            header: "VERSION",
-            cell: |v| v.version.to_string(),
-        },
-        Column {
-            header: "APPLIED",
-            cell: |v| fmt_time(v.created_ms),
-        },
-        Column {
-            header: "BY",
-            cell: |v| v.actor.clone(),
-        },
-        Column {
-            header: "SHA256",
-            cell: |v| v.sha256.clone(),
-        },
-        Column {
-            header: "CHANGES",
-            cell: |v| v.summary.clone(),
-        },
+        col("VERSION", |v| v.version.to_string()),
+        col("APPLIED", |v| fmt_time(v.created_ms)),
+        col("BY", |v| v.actor.clone()),
+        col("SHA256", |v| v.sha256.clone()),
+        col("CHANGES", |v| v.summary.clone()),
     ];
 }
 
 impl Table for AuditView {
     const COLUMNS: &'static [Column<Self>] = &[
-        Column {
-            header: "SEQ",
-            cell: |a| a.seq.to_string(),
-        },
-        Column {
-            header: "TIME",
-            cell: |a| fmt_time(a.ts_ms),
-        },
-        Column {
-            header: "ACTOR",
-            cell: |a| a.actor.clone(),
-        },
-        Column {
-            header: "ACTION",
-            cell: |a| a.action.clone(),
-        },
-        Column {
-            header: "TARGET",
-            cell: |a| a.target.clone(),
-        },
-        Column {
-            header: "DETAIL",
-            cell: |a| plain(&a.detail),
-        },
+        col("SEQ", |a| a.seq.to_string()),
+        col("TIME", |a| fmt_time(a.ts_ms)),
+        col("ACTOR", |a| a.actor.clone()),
+        col("ACTION", |a| a.action.clone()),
+        col("TARGET", |a| a.target.clone()),
+        col("DETAIL", |a| plain(&a.detail)),
     ];
 }
 
