@@ -204,7 +204,9 @@ impl DeviceView {
                 opt(self
                     .quarantine
                     .as_ref()
-                    .and_then(|q| serde_json::to_string(q).ok())),
+                    // Through a JSON value: keys in name order, as before.
+                    .and_then(|q| serde_json::to_value(q).ok())
+                    .map(|v| v.to_string())),
             ),
             ("revoked_ms", opt(self.revoked_ms.map(|v| v.to_string()))),
             ("rotations", self.rotations.to_string()),
@@ -768,6 +770,29 @@ mod tests {
             serde_json::to_value(AdminReply::Device(device())).unwrap(),
             serde_json::to_value(device()).unwrap()
         );
+    }
+
+    /// `device show` and `status` for people: every field once, in name order (as before).
+    #[test]
+    fn show_lines_cover_every_field_in_name_order() {
+        let mut d = device();
+        d.quarantine = Some(Quarantine {
+            since_ms: 1,
+            reason: "r".into(),
+            automatic: true,
+        });
+        let lines = d.lines();
+        let shown: Vec<String> = lines
+            .iter()
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect();
+        let mut sorted = shown.clone();
+        sorted.sort();
+        assert_eq!(shown, sorted);
+        assert_eq!(shown.iter().cloned().collect::<BTreeSet<_>>(), keys(&d));
+        assert!(lines.contains(
+            &"quarantine         {\"automatic\":true,\"reason\":\"r\",\"since_ms\":1}".to_string()
+        ));
     }
 
     #[test]
