@@ -9,7 +9,7 @@ use std::time::Instant;
 use ward_coordinator::registry::{Output, Registry};
 use ward_coordinator::store::{Device, DeviceStatus, User};
 use ward_shared::addr::AddressPools;
-use ward_shared::names::Hostname;
+use ward_shared::names::{Hostname, Name};
 use ward_shared::policy;
 use ward_shared::wire::{DeviceId, DeviceUpdate};
 
@@ -58,7 +58,7 @@ fn main() {
                 if i % 2 == 1 || users.iter().all(|x: &User| &x.name != u) {
                     users.push(User {
                         name: u.clone(),
-                        groups: vec![format!("team{team}")],
+                        groups: vec![Name::parse("group", &format!("team{team}")).expect("group")],
                         disabled: false,
                         created_ms: 0,
                     });
@@ -70,7 +70,10 @@ fn main() {
                 user,
                 user_disabled: false,
                 tags: if server {
-                    vec![format!("team{team}"), "server".into()]
+                    vec![
+                        Name::parse("tag", &format!("team{team}")).expect("tag"),
+                        Name::parse("tag", "server").expect("tag"),
+                    ]
                 } else {
                     vec![]
                 },

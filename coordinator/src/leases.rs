@@ -56,7 +56,8 @@ pub fn issue(
             "the device is not allowed on the network".into(),
         ));
     }
-    let mut ttl_ms = ttl.for_tags(&fresh.tags);
+    let tags: Vec<String> = fresh.tags.iter().map(|t| t.to_string()).collect();
+    let mut ttl_ms = ttl.for_tags(&tags);
     if let Some(risky) = risky_ttl_ms {
         ttl_ms = ttl_ms
             .min(i64::try_from(risky).unwrap_or(i64::MAX))

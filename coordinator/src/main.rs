@@ -8,10 +8,15 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use ward_coordinator::admin::api::fmt_time;
+use ward_coordinator::admin::api::{
+    render_table, AuditVerifyView, AuditView, DeviceDetail, DeviceTagsView, DeviceView,
+    ExplainView, GrantView, PolicyOutcome, PolicyShowView, PolicyVersionView, Rotating, StatusView,
+    Table, TokenCreated, TokenView, UserAccess, UserGroupsView, UserView,
+};
 use ward_coordinator::admin::{self, AdminRequest};
 use ward_coordinator::datadir::DataDir;
 use ward_coordinator::server;
-use ward_shared::wire::PostureVerdict;
 
 #[derive(Parser)]
 #[command(
@@ -284,19 +289,17 @@ async fn run(cli: Cli) -> Result<()> {
             server::serve(dd, listen, ttl).await
         }
         Cmd::Status { json } => {
-            let v = admin::call(&sock, &AdminRequest::Status).await?;
+            let v: StatusView = admin::call(&sock, &AdminRequest::Status).await?;
             if json {
                 print_json(&v)
             } else {
-                for (k, val) in v.as_object().into_iter().flatten() {
-                    println!("{k:<12} {}", plain(val));
-                }
+                v.lines().iter().for_each(|l| println!("{l}"));
                 Ok(())
             }
         }
         Cmd::User(c) => match c {
             UserCmd::Add { name, groups } => {
-                admin::call(
+                let _: UserView = admin::call(
                     &sock,
                     &AdminRequest::UserAdd {
                         name: name.clone(),
@@ -308,36 +311,27 @@ async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
             UserCmd::Ls { json } => {
-                let v = admin::call(&sock, &AdminRequest::UserLs).await?;
+                let v: Vec<UserView> = admin::call(&sock, &AdminRequest::UserLs).await?;
                 if json {
                     return print_json(&v);
                 }
-                table(
-                    &v,
-                    &[
-                        ("NAME", "name"),
-                        ("GROUPS", "groups"),
-                        ("DISABLED", "disabled"),
-                    ],
-                );
+                print_table(&v);
                 Ok(())
             }
             UserCmd::Disable { name } => {
-                let v =
+                let v: UserAccess =
                     admin::call(&sock, &AdminRequest::UserDisable { name: name.clone() }).await?;
-                eprintln!(
-                    "user {name} disabled; {} device(s) lost access",
-                    plain(&v["devices"])
-                );
+                eprintln!("user {name} disabled; {} device(s) lost access", v.devices);
                 Ok(())
             }
             UserCmd::Enable { name } => {
-                admin::call(&sock, &AdminRequest::UserEnable { name: name.clone() }).await?;
+                let _: UserAccess =
+                    admin::call(&sock, &AdminRequest::UserEnable { name: name.clone() }).await?;
                 eprintln!("user {name} enabled");
                 Ok(())
             }
             UserCmd::Groups { name, add, remove } => {
-                let v = admin::call(
+                let v: UserGroupsView = admin::call(
                     &sock,
                     &AdminRequest::UserGroups {
                         name: name.clone(),
@@ -346,7 +340,7 @@ async fn run(cli: Cli) -> Result<()> {
                     },
                 )
                 .await?;
-                eprintln!("user {name} groups: {}", plain(&v["groups"]));
+                eprintln!("user {name} groups: {}", list(&v.groups));
                 Ok(())
             }
         },
@@ -358,7 +352,7 @@ async fn run(cli: Cli) -> Result<()> {
                 uses,
             } => {
                 let ttl = admin::parse_duration(&ttl)?;
-                let v = admin::call(
+                let v: TokenCreated = admin::call(
                     &sock,
                     &AdminRequest::TokenCreate {
                         user,
@@ -368,84 +362,57 @@ async fn run(cli: Cli) -> Result<()> {
                     },
                 )
                 .await?;
-                let tok = v["token"]
-                    .as_str()
-                    .context("the coordinator returned no token")?;
-                println!("{tok}");
+                println!("{}", v.token);
                 Ok(())
             }
             TokenCmd::Ls { json } => {
-                let v = admin::call(&sock, &AdminRequest::TokenLs).await?;
+                let v: Vec<TokenView> = admin::call(&sock, &AdminRequest::TokenLs).await?;
                 if json {
                     return print_json(&v);
                 }
-                table(
-                    &v,
-                    &[
-                        ("ID", "id"),
-                        ("USER", "user"),
-                        ("TAGS", "tags"),
-                        ("USES LEFT", "uses_left"),
-                        ("EXPIRES", "expires_ms"),
-                        ("REVOKED", "revoked"),
-                    ],
-                );
+                print_table(&v);
                 Ok(())
             }
             TokenCmd::Revoke { id } => {
-                admin::call(&sock, &AdminRequest::TokenRevoke { id: id.clone() }).await?;
+                let _: TokenView =
+                    admin::call(&sock, &AdminRequest::TokenRevoke { id: id.clone() }).await?;
                 eprintln!("token {id} revoked");
                 Ok(())
             }
         },
         Cmd::Device(c) => match c {
             DeviceCmd::Ls { json } => {
-                let v = admin::call(&sock, &AdminRequest::DeviceLs).await?;
+                let v: Vec<DeviceView> = admin::call(&sock, &AdminRequest::DeviceLs).await?;
                 if json {
                     return print_json(&v);
                 }
-                table(
-                    &v,
-                    &[
-                        ("ID", "id"),
-                        ("HOSTNAME", "hostname"),
-                        ("USER", "user"),
-                        ("TAGS", "tags"),
-                        ("IPV4", "ipv4"),
-                        ("STATE", "state"),
-                        ("ONLINE", "online"),
-                        ("LEASE EXPIRES", "lease_expires_ms"),
-                        ("ROTATIONS", "rotations"),
-                        ("LAST SEEN", "last_seen_ms"),
-                    ],
-                );
+                print_table(&v);
                 Ok(())
             }
             DeviceCmd::Show { name, json } => {
-                let v = admin::call(&sock, &AdminRequest::DeviceShow { name }).await?;
+                let v: DeviceDetail =
+                    admin::call(&sock, &AdminRequest::DeviceShow { name }).await?;
                 if json {
                     return print_json(&v);
                 }
-                for (k, val) in v.as_object().into_iter().flatten() {
-                    if !k.starts_with("posture") && k != "stored_posture" {
-                        println!("{k:<18} {}", plain(val));
-                    }
-                }
-                print_trust(&v["posture"]);
+                v.device.lines().iter().for_each(|l| println!("{l}"));
+                v.posture.lines().iter().for_each(|l| println!("{l}"));
                 Ok(())
             }
             DeviceCmd::Revoke { name } => {
-                admin::call(&sock, &AdminRequest::DeviceRevoke { name: name.clone() }).await?;
+                let _: DeviceView =
+                    admin::call(&sock, &AdminRequest::DeviceRevoke { name: name.clone() }).await?;
                 eprintln!("device {name} revoked");
                 Ok(())
             }
             DeviceCmd::Rotate { name } => {
-                admin::call(&sock, &AdminRequest::DeviceRotate { name: name.clone() }).await?;
+                let _: Rotating =
+                    admin::call(&sock, &AdminRequest::DeviceRotate { name: name.clone() }).await?;
                 eprintln!("device {name} is rotating its key");
                 Ok(())
             }
             DeviceCmd::Quarantine { name, reason } => {
-                admin::call(
+                let _: DeviceView = admin::call(
                     &sock,
                     &AdminRequest::DeviceQuarantine {
                         name: name.clone(),
@@ -457,12 +424,13 @@ async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
             DeviceCmd::Release { name } => {
-                admin::call(&sock, &AdminRequest::DeviceRelease { name: name.clone() }).await?;
+                let _: DeviceView =
+                    admin::call(&sock, &AdminRequest::DeviceRelease { name: name.clone() }).await?;
                 eprintln!("device {name} released from quarantine");
                 Ok(())
             }
             DeviceCmd::Tag { name, add, remove } => {
-                let v = admin::call(
+                let v: DeviceTagsView = admin::call(
                     &sock,
                     &AdminRequest::DeviceTag {
                         name: name.clone(),
@@ -471,7 +439,7 @@ async fn run(cli: Cli) -> Result<()> {
                     },
                 )
                 .await?;
-                eprintln!("device {name} tags: {}", plain(&v["tags"]));
+                eprintln!("device {name} tags: {}", list(&v.tags));
                 Ok(())
             }
         },
@@ -484,7 +452,7 @@ async fn run(cli: Cli) -> Result<()> {
                 reason,
             } => {
                 let d = admin::parse_duration(&duration)?;
-                let v = admin::call(
+                let v: GrantView = admin::call(
                     &sock,
                     &AdminRequest::GrantAdd {
                         from,
@@ -494,34 +462,21 @@ async fn run(cli: Cli) -> Result<()> {
                     },
                 )
                 .await?;
-                println!("{}", plain(&v["id"]));
-                eprintln!(
-                    "grant {} expires {}",
-                    plain(&v["id"]),
-                    v["not_after_ms"].as_i64().map(fmt_time).unwrap_or_default()
-                );
+                println!("{}", v.id);
+                eprintln!("grant {} expires {}", v.id, fmt_time(v.not_after_ms));
                 Ok(())
             }
             GrantCmd::Ls { json } => {
-                let v = admin::call(&sock, &AdminRequest::GrantLs).await?;
+                let v: Vec<GrantView> = admin::call(&sock, &AdminRequest::GrantLs).await?;
                 if json {
                     return print_json(&v);
                 }
-                table(
-                    &v,
-                    &[
-                        ("ID", "id"),
-                        ("FROM", "principal"),
-                        ("TO", "service"),
-                        ("EXPIRES", "not_after_ms"),
-                        ("REASON", "reason"),
-                        ("BY", "actor"),
-                    ],
-                );
+                print_table(&v);
                 Ok(())
             }
             GrantCmd::Rm { id } => {
-                admin::call(&sock, &AdminRequest::GrantRm { id: id.clone() }).await?;
+                let _: GrantView =
+                    admin::call(&sock, &AdminRequest::GrantRm { id: id.clone() }).await?;
                 eprintln!("grant {id} removed");
                 Ok(())
             }
@@ -531,14 +486,14 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             ..
         } => {
-            let v = admin::call(&sock, &AdminRequest::AuditVerify).await?;
+            let v: AuditVerifyView = admin::call(&sock, &AdminRequest::AuditVerify).await?;
             if json {
                 print_json(&v)?;
             } else {
-                println!("{}", plain(&v["message"]));
+                println!("{}", v.message);
             }
-            if v["ok"].as_bool() != Some(true) {
-                anyhow::bail!("audit log verification FAILED: {}", plain(&v["message"]));
+            if !v.ok {
+                anyhow::bail!("audit log verification FAILED: {}", v.message);
             }
             Ok(())
         }
@@ -547,21 +502,11 @@ async fn run(cli: Cli) -> Result<()> {
             limit,
             json,
         } => {
-            let v = admin::call(&sock, &AdminRequest::Audit { limit }).await?;
+            let v: Vec<AuditView> = admin::call(&sock, &AdminRequest::Audit { limit }).await?;
             if json {
                 return print_json(&v);
             }
-            table(
-                &v,
-                &[
-                    ("SEQ", "seq"),
-                    ("TIME", "ts_ms"),
-                    ("ACTOR", "actor"),
-                    ("ACTION", "action"),
-                    ("TARGET", "target"),
-                    ("DETAIL", "detail"),
-                ],
-            );
+            print_table(&v);
             Ok(())
         }
     }
@@ -592,7 +537,7 @@ async fn policy_cmd(sock: &std::path::Path, c: PolicyCmd) -> Result<()> {
     match c {
         PolicyCmd::Check { file, json } => {
             let (file_name, content_b64) = read(&file)?;
-            let v = admin::call(
+            let v: PolicyOutcome = admin::call(
                 sock,
                 &AdminRequest::PolicyCheck {
                     file_name,
@@ -604,7 +549,7 @@ async fn policy_cmd(sock: &std::path::Path, c: PolicyCmd) -> Result<()> {
         }
         PolicyCmd::Apply { file, json } => {
             let (file_name, content_b64) = read(&file)?;
-            let v = admin::call(
+            let v: PolicyOutcome = admin::call(
                 sock,
                 &AdminRequest::PolicyApply {
                     file_name,
@@ -615,13 +560,15 @@ async fn policy_cmd(sock: &std::path::Path, c: PolicyCmd) -> Result<()> {
             report_policy(&v, json, true)
         }
         PolicyCmd::Show => {
-            let v = admin::call(sock, &AdminRequest::PolicyShow).await?;
-            match v["text"].as_str() {
+            let v: PolicyShowView = admin::call(sock, &AdminRequest::PolicyShow).await?;
+            match &v.text {
                 Some(t) => {
                     eprintln!(
                         "# policy version {} ({})",
-                        plain(&v["version"]),
-                        v["created_ms"].as_i64().map(fmt_time).unwrap_or_default()
+                        v.version
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        v.created_ms.map(fmt_time).unwrap_or_default()
                     );
                     print!("{t}");
                 }
@@ -630,65 +577,48 @@ async fn policy_cmd(sock: &std::path::Path, c: PolicyCmd) -> Result<()> {
             Ok(())
         }
         PolicyCmd::History { json } => {
-            let v = admin::call(sock, &AdminRequest::PolicyHistory).await?;
+            let v: Vec<PolicyVersionView> = admin::call(sock, &AdminRequest::PolicyHistory).await?;
             if json {
                 return print_json(&v);
             }
-            table(
-                &v,
-                &[
-                    ("VERSION", "version"),
-                    ("APPLIED", "created_ms"),
-                    ("BY", "actor"),
-                    ("SHA256", "sha256"),
-                    ("CHANGES", "summary"),
-                ],
-            );
+            print_table(&v);
             Ok(())
         }
         PolicyCmd::Explain { src, dst, json } => {
-            let v = admin::call(sock, &AdminRequest::PolicyExplain { src, dst }).await?;
+            let v: ExplainView =
+                admin::call(sock, &AdminRequest::PolicyExplain { src, dst }).await?;
             if json {
                 return print_json(&v);
             }
-            println!("{}", plain(&v["text"]));
+            println!("{}", v.text);
             Ok(())
         }
     }
 }
 
 /// Prints a check/apply result; fails (exit 1) when the policy was refused.
-fn report_policy(v: &serde_json::Value, json: bool, apply: bool) -> Result<()> {
+fn report_policy(v: &PolicyOutcome, json: bool, apply: bool) -> Result<()> {
     if json {
         print_json(v)?;
     } else {
-        for w in v["warnings"].as_array().into_iter().flatten() {
-            println!("warning: {}", plain(w));
+        for w in &v.warnings {
+            println!("warning: {w}");
         }
-        for t in v["tests"].as_array().into_iter().flatten() {
-            println!(
-                "{} {}",
-                if t["pass"].as_bool() == Some(true) {
-                    "ok  "
-                } else {
-                    "FAIL"
-                },
-                plain(&t["text"])
-            );
+        for t in &v.tests {
+            println!("{} {}", if t.pass { "ok  " } else { "FAIL" }, t.text);
         }
-        for c in v["changes"].as_array().into_iter().flatten() {
-            println!("{}", plain(c));
+        for c in &v.changes {
+            println!("{c}");
         }
-        if v["ok"].as_bool() == Some(true) && v["changes"].as_array().is_some_and(|c| c.is_empty())
-        {
+        if v.ok && v.changes.is_empty() {
             println!("no access changes");
         }
-        if let Some(ver) = v["version"].as_i64() {
+        if let Some(ver) = v.version {
             println!("applied as version {ver}");
         }
     }
-    if v["ok"].as_bool() != Some(true) {
-        anyhow::bail!("{}", plain(&v["message"]));
+    if !v.ok {
+        anyhow::bail!("{}", v.message);
     }
     if !apply && !json {
         eprintln!("policy is valid; its tests pass");
@@ -696,85 +626,20 @@ fn report_policy(v: &serde_json::Value, json: bool, apply: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_json(v: &serde_json::Value) -> Result<()> {
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-/// A value for a human table cell.
-/// A device's posture verdict for people (see [`PostureVerdict::lines`]).
-fn print_trust(v: &serde_json::Value) {
-    match serde_json::from_value::<PostureVerdict>(v.clone()) {
-        Ok(verdict) => verdict.lines().iter().for_each(|l| println!("{l}")),
-        Err(e) => println!("posture            unreadable ({e})"),
-    }
+fn print_table<T: Table>(rows: &[T]) {
+    render_table(rows).iter().for_each(|l| println!("{l}"));
 }
 
-fn plain(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::Null => "-".into(),
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Array(a) if a.is_empty() => "-".into(),
-        serde_json::Value::Array(a) => a.iter().map(plain).collect::<Vec<_>>().join(","),
-        other => other.to_string(),
+/// A list for people: `a,b`, or `-` when empty.
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
     }
-}
-
-fn table(v: &serde_json::Value, cols: &[(&str, &str)]) {
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            cols.iter()
-                .map(|(_, k)| {
-                    let cell = &r[*k];
-                    if k.ends_with("_ms") {
-                        cell.as_i64().map(fmt_time).unwrap_or_else(|| plain(cell))
-                    } else {
-                        plain(cell)
-                    }
-                })
-                .collect()
-        })
-        .collect();
-    let mut widths: Vec<usize> = cols.iter().map(|(h, _)| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count()).min(60);
-        }
-    }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                format!(
-                    "{:<w$}",
-                    c.chars().take(60).collect::<String>(),
-                    w = widths[i]
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    println!(
-        "{}",
-        line(cols.iter().map(|(h, _)| h.to_string()).collect())
-    );
-    for r in rows {
-        println!("{}", line(r));
-    }
-}
-
-fn fmt_time(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
 }

@@ -21,6 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use ward_shared::addr::AddressPools;
 use ward_shared::filter::FilterRule;
 use ward_shared::lease::SignedLease;
+use ward_shared::names::Name;
 use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
 use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::wire::{
@@ -28,7 +29,7 @@ use ward_shared::wire::{
     PostureVerdict, Reach, SelfInfo, Unavailable, MAX_DENIED_FLOWS, MAX_ENDPOINTS,
 };
 
-use crate::store::{Device, User};
+use crate::model::{Device, User};
 use crate::trust::{Change, ReportError, TrustBook};
 
 /// How often reports are re-judged for age and overdue failures (ms).
@@ -650,7 +651,7 @@ impl Registry {
             device_id: d.id,
             hostname: d.hostname.clone(),
             user: d.user.clone(),
-            tags: d.tags.clone(),
+            tags: names(&d.tags),
             ipv4: d.ipv4,
             ipv6: d.ipv6,
             // Peers only ever configure leased keys; the newest is the one to prefer.
@@ -812,7 +813,7 @@ pub fn directory(
             .values()
             .map(|u| DirUser {
                 name: u.name.clone(),
-                groups: u.groups.clone(),
+                groups: names(&u.groups),
                 disabled: u.disabled,
             })
             .collect(),
@@ -822,7 +823,7 @@ pub fn directory(
                 id: d.id,
                 hostname: d.hostname.to_string(),
                 user: d.user.clone(),
-                tags: d.tags.clone(),
+                tags: names(&d.tags),
                 ipv4: d.ipv4,
                 ipv6: d.ipv6,
                 live: d.is_live(),
@@ -833,6 +834,11 @@ pub fn directory(
             .collect(),
         grants: grants.to_vec(),
     }
+}
+
+/// Names as the policy compiler and the wire take them.
+fn names(n: &[Name]) -> Vec<String> {
+    n.iter().map(|x| x.to_string()).collect()
 }
 
 #[cfg(test)]
@@ -1061,7 +1067,7 @@ to = ["all"]
         let t0 = 1_800_000_000_000;
         let mut db = dev(2);
         db.user = None;
-        db.tags = vec!["db".into()];
+        db.tags = vec![Name::parse("tag", "db").unwrap()];
         let mut r = Registry::new(
             AddressPools::from_random([0; 5]),
             [dev(1), db],

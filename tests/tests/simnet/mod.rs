@@ -20,7 +20,7 @@ use ward_client::agent::{Agent, AgentConfig, DataPlaneEvent, Event, Now, Private
 use ward_client::dataplane::{Core, CoreConfig, Outbox};
 use ward_coordinator::leases::{self, LeaseTtl};
 use ward_coordinator::registry::{ConnId, Output, Registry};
-use ward_coordinator::store::{EnrollSpec, SqliteStore, Store};
+use ward_coordinator::store::{EnrollSpec, SqliteStore, Store, TokenSpec};
 use ward_shared::addr::AddressPools;
 use ward_shared::names::{Hostname, Name};
 use ward_shared::posture::{Measured, PostureReport};
@@ -104,12 +104,14 @@ impl World {
             let tags: Vec<Name> = tags.iter().map(|t| name(t)).collect();
             store
                 .create_token(
-                    &token,
-                    ward_shared::token::hash_secret(&secret),
-                    user.map(name).as_ref(),
-                    &tags,
-                    T0 + 3_600_000,
-                    1,
+                    TokenSpec {
+                        id: &token,
+                        secret_hash: ward_shared::token::hash_secret(&secret),
+                        user: user.map(name).as_ref(),
+                        tags: &tags,
+                        expires_ms: T0 + 3_600_000,
+                        uses: 1,
+                    },
                     "sim",
                     T0,
                 )

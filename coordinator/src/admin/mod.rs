@@ -1,9 +1,19 @@
 //! The admin protocol: one JSON request line, one JSON response line, over the Unix socket
 //! `DATA_DIR/admin.sock` (mode 0600; the server also checks the peer's uid).
+//!
+//! - [`api`]: the typed responses (one per request), shared by the server and the CLI.
+//! - [`ops`]: the requests' business rules over the store, synchronous and testable.
+//! - [`policy`]: policy check, apply and explain.
+//! - [`socket`]: the socket itself (bind, peer credentials, line I/O).
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+pub mod api;
+pub mod ops;
+pub mod policy;
+pub mod socket;
 
 /// Longest request line the server reads (a 1 MiB policy, base64-encoded, fits).
 pub const MAX_ADMIN_LINE: usize = 4 * 1024 * 1024;
@@ -93,34 +103,8 @@ pub enum AdminRequest {
     AuditVerify,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AdminResponse {
-    pub ok: bool,
-    #[serde(default)]
-    pub data: serde_json::Value,
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
-impl AdminResponse {
-    pub fn ok(data: impl Serialize) -> Self {
-        Self {
-            ok: true,
-            data: serde_json::to_value(data).unwrap_or(serde_json::Value::Null),
-            error: None,
-        }
-    }
-    pub fn err(msg: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            data: serde_json::Value::Null,
-            error: Some(msg.into()),
-        }
-    }
-}
-
-/// Sends one request to the running coordinator.
-pub async fn call(socket: &Path, req: &AdminRequest) -> Result<serde_json::Value> {
+/// Sends one request to the running coordinator and reads its typed answer.
+pub async fn call<R: serde::de::DeserializeOwned>(socket: &Path, req: &AdminRequest) -> Result<R> {
     ward_runtime::rpc::call(
         socket,
         ward_runtime::rpc::Peer {

@@ -1,0 +1,813 @@
+//! The admin protocol's typed responses, shared by the server and the CLI.
+//!
+//! Each request has one response type; its JSON field names are the CLI's `--json` output and
+//! scripts read them, so they never change (README.md, "JSON output"). Listings declare their
+//! table columns once ([`Table`]); times are typed `i64` milliseconds, formatted here.
+
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ward_shared::names::Hostname;
+use ward_shared::posture::PostureReport;
+use ward_shared::wire::{PostureVerdict, WgPublicKey};
+
+use crate::model::{DeviceState, DeviceStatus, Quarantine, User};
+use crate::store::{AuditEntry, AuditVerdict, GrantRow, PolicyVersion, TokenInfo};
+
+/// `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub public_addr: String,
+    pub ca_sha256: String,
+    pub ipv6_prefix: String,
+    pub devices: usize,
+    pub online: usize,
+    pub users: usize,
+    pub uptime_secs: u64,
+    pub version: String,
+    pub protocol: u32,
+    pub posture: TrustStatsView,
+}
+
+/// Posture report → enforcement latency as the coordinator sees it (fields in name order: the
+/// human `status` prints this object as JSON).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrustStatsView {
+    pub changes: u64,
+    pub enforce_ms_last: Option<f64>,
+    pub enforce_ms_p50: Option<f64>,
+    pub enforce_ms_p99: Option<f64>,
+    pub refused: u64,
+    pub reports: u64,
+}
+
+impl StatusView {
+    /// `status` for people: one `key value` line per field, in name order.
+    pub fn lines(&self) -> Vec<String> {
+        let posture = serde_json::to_string(&self.posture).unwrap_or_else(|_| "-".into());
+        [
+            ("ca_sha256", self.ca_sha256.clone()),
+            ("devices", self.devices.to_string()),
+            ("ipv6_prefix", self.ipv6_prefix.clone()),
+            ("online", self.online.to_string()),
+            ("posture", posture),
+            ("protocol", self.protocol.to_string()),
+            ("public_addr", self.public_addr.clone()),
+            ("uptime_secs", self.uptime_secs.to_string()),
+            ("users", self.users.to_string()),
+            ("version", self.version.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| format!("{k:<12} {v}"))
+        .collect()
+    }
+}
+
+/// `user add`, `user ls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserView {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub disabled: bool,
+    pub created_ms: i64,
+}
+
+impl From<User> for UserView {
+    fn from(u: User) -> Self {
+        Self {
+            name: u.name,
+            groups: u.groups.iter().map(|g| g.to_string()).collect(),
+            disabled: u.disabled,
+            created_ms: u.created_ms,
+        }
+    }
+}
+
+/// `user disable`, `user enable`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserAccess {
+    pub user: String,
+    pub disabled: bool,
+    /// How many devices the user has (they all gained or lost access).
+    pub devices: usize,
+}
+
+/// `user groups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserGroupsView {
+    pub user: String,
+    pub groups: Vec<String>,
+}
+
+/// `token ls`, `token revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub uses_total: i64,
+    pub uses_left: i64,
+    pub revoked: bool,
+}
+
+impl From<TokenInfo> for TokenView {
+    fn from(t: TokenInfo) -> Self {
+        Self {
+            id: t.id,
+            user: t.user,
+            tags: t.tags,
+            created_ms: t.created_ms,
+            expires_ms: t.expires_ms,
+            uses_total: t.uses_total,
+            uses_left: t.uses_left,
+            revoked: t.revoked,
+        }
+    }
+}
+
+/// `token create`: the token (shown once) and what was stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub token: String,
+    pub info: TokenView,
+}
+
+/// `device ls`, `device quarantine/release/revoke`: the stored device plus what the
+/// coordinator knows about it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// `d7`.
+    pub id: String,
+    pub hostname: Hostname,
+    pub user: Option<String>,
+    pub user_disabled: bool,
+    pub tags: Vec<String>,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub os: String,
+    /// As stored (`active`, `revoked`); `state` is the one answer to "is it on the network".
+    pub status: DeviceStatus,
+    pub created_ms: i64,
+    pub last_seen_ms: i64,
+    pub cert_not_after_ms: i64,
+    pub revoked_ms: Option<i64>,
+    pub wg_public_key: Option<WgPublicKey>,
+    pub endpoints: Vec<SocketAddr>,
+    pub quarantine: Option<Quarantine>,
+    pub lease_expires_ms: Option<i64>,
+    pub lease_serial: Option<u64>,
+    /// The WireGuard key of the newest active lease (base64).
+    pub lease_key: Option<String>,
+    pub rotations: i64,
+    pub online: bool,
+    pub state: DeviceState,
+}
+
+impl DeviceView {
+    /// `device show` for people: `key value` lines in name order.
+    pub fn lines(&self) -> Vec<String> {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let list = |v: Vec<String>| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                v.join(",")
+            }
+        };
+        [
+            ("cert_not_after_ms", self.cert_not_after_ms.to_string()),
+            ("created_ms", self.created_ms.to_string()),
+            (
+                "endpoints",
+                list(self.endpoints.iter().map(|e| e.to_string()).collect()),
+            ),
+            ("hostname", self.hostname.to_string()),
+            ("id", self.id.clone()),
+            ("ipv4", self.ipv4.to_string()),
+            ("ipv6", self.ipv6.to_string()),
+            ("last_seen_ms", self.last_seen_ms.to_string()),
+            (
+                "lease_expires_ms",
+                opt(self.lease_expires_ms.map(|v| v.to_string())),
+            ),
+            ("lease_key", opt(self.lease_key.clone())),
+            (
+                "lease_serial",
+                opt(self.lease_serial.map(|v| v.to_string())),
+            ),
+            ("online", self.online.to_string()),
+            ("os", self.os.clone()),
+            (
+                "quarantine",
+                opt(self
+                    .quarantine
+                    .as_ref()
+                    // Through a JSON value: keys in name order, as before.
+                    .and_then(|q| serde_json::to_value(q).ok())
+                    .map(|v| v.to_string())),
+            ),
+            ("revoked_ms", opt(self.revoked_ms.map(|v| v.to_string()))),
+            ("rotations", self.rotations.to_string()),
+            ("state", self.state.to_string()),
+            (
+                "status",
+                match self.status {
+                    DeviceStatus::Active => "active".into(),
+                    DeviceStatus::Revoked => "revoked".into(),
+                },
+            ),
+            ("tags", list(self.tags.clone())),
+            ("user", opt(self.user.clone())),
+            ("user_disabled", self.user_disabled.to_string()),
+            (
+                "wg_public_key",
+                opt(self.wg_public_key.map(|k| k.to_base64())),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| format!("{k:<18} {v}"))
+        .collect()
+    }
+}
+
+/// `device show`: the device, its latest posture verdict and report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceDetail {
+    #[serde(flatten)]
+    pub device: DeviceView,
+    pub posture: PostureVerdict,
+    pub posture_report: Option<PostureReport>,
+    /// After a restart, the last stored evaluation until the device reports again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_posture: Option<StoredPosture>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredPosture {
+    pub report: serde_json::Value,
+    pub evaluation: serde_json::Value,
+    pub at_ms: i64,
+}
+
+/// `device rotate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotating {
+    pub device: String,
+    pub rotating: bool,
+}
+
+/// `device tag`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceTagsView {
+    pub device: String,
+    pub tags: Vec<String>,
+}
+
+/// `policy check`, `policy apply`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyOutcome {
+    pub ok: bool,
+    pub message: String,
+    pub tests: Vec<PolicyTestView>,
+    pub warnings: Vec<String>,
+    pub changes: Vec<String>,
+    /// Devices in the compiled policy (only when it is valid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<usize>,
+    /// The stored version (only after a successful apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyTestView {
+    pub pass: bool,
+    pub text: String,
+}
+
+/// `policy show`: all `None` (`version`, `text` as `null`) when no policy was applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyShowView {
+    pub version: Option<i64>,
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// `policy history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersionView {
+    pub version: i64,
+    pub created_ms: i64,
+    pub actor: String,
+    pub sha256: String,
+    pub summary: String,
+}
+
+impl From<PolicyVersion> for PolicyVersionView {
+    fn from(v: PolicyVersion) -> Self {
+        Self {
+            version: v.version,
+            created_ms: v.created_ms,
+            actor: v.actor,
+            sha256: v.sha256,
+            summary: v.summary,
+        }
+    }
+}
+
+/// `policy explain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainView {
+    pub allowed: bool,
+    pub src: String,
+    pub dst: String,
+    pub target: String,
+    pub devices: Vec<ExplainDeviceView>,
+    pub notes: Vec<String>,
+    /// The whole explanation for people.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainDeviceView {
+    /// Source hostname.
+    pub src: String,
+    /// Destination hostname.
+    pub dst: String,
+    pub allowed: bool,
+    pub allowed_by: Vec<String>,
+    pub misses: Vec<ExplainMissView>,
+    pub blocked: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainMissView {
+    pub rule: String,
+    pub reasons: Vec<String>,
+}
+
+/// `grant add`, `grant ls`, `grant rm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantView {
+    pub id: String,
+    /// A user name or `device:HOSTNAME`.
+    pub principal: String,
+    pub service: String,
+    pub not_after_ms: i64,
+    pub reason: Option<String>,
+    pub actor: String,
+    pub created_ms: i64,
+}
+
+impl From<GrantRow> for GrantView {
+    fn from(g: GrantRow) -> Self {
+        Self {
+            id: g.id,
+            principal: g.principal,
+            service: g.service,
+            not_after_ms: g.not_after_ms,
+            reason: g.reason,
+            actor: g.actor,
+            created_ms: g.created_ms,
+        }
+    }
+}
+
+/// `audit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditView {
+    pub seq: i64,
+    pub ts_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: serde_json::Value,
+    pub hash: String,
+}
+
+impl From<AuditEntry> for AuditView {
+    fn from(e: AuditEntry) -> Self {
+        Self {
+            seq: e.seq,
+            ts_ms: e.ts_ms,
+            actor: e.actor,
+            action: e.action,
+            target: e.target,
+            detail: e.detail,
+            hash: e.hash,
+        }
+    }
+}
+
+/// `audit verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerifyView {
+    pub ok: bool,
+    pub rows: i64,
+    pub first_bad_seq: Option<i64>,
+    pub message: String,
+}
+
+impl From<AuditVerdict> for AuditVerifyView {
+    fn from(v: AuditVerdict) -> Self {
+        Self {
+            ok: v.ok,
+            rows: v.rows,
+            first_bad_seq: v.first_bad_seq,
+            message: v.message,
+        }
+    }
+}
+
+/// One table column: its header and how a row shows in it.
+pub struct Column<T> {
+    pub header: &'static str,
+    pub cell: fn(&T) -> String,
+}
+
+const fn col<T>(header: &'static str, cell: fn(&T) -> String) -> Column<T> {
+    Column { header, cell }
+}
+
+/// A listing printed as a table; each declares its columns once.
+pub trait Table: Sized + 'static {
+    const COLUMNS: &'static [Column<Self>];
+}
+
+/// A millisecond timestamp as RFC 3339 (UTC), or the number if it is out of range.
+pub fn fmt_time(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn time_or_dash(ms: Option<i64>) -> String {
+    ms.map(fmt_time).unwrap_or_else(|| "-".into())
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+fn or_dash(v: Option<&str>) -> String {
+    v.unwrap_or("-").to_string()
+}
+
+/// A JSON value as a table cell: strings bare, `null` and `[]` as `-`, lists joined by `,`.
+fn plain(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(a) if a.is_empty() => "-".into(),
+        serde_json::Value::Array(a) => a.iter().map(plain).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// Renders rows under their columns' headers (cells cut at 60 characters).
+pub fn render_table<T: Table>(rows: &[T]) -> Vec<String> {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| T::COLUMNS.iter().map(|c| (c.cell)(r)).collect())
+        .collect();
+    let mut widths: Vec<usize> = T::COLUMNS.iter().map(|c| c.header.len()).collect();
+    for r in &cells {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count()).min(60);
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "{:<w$}",
+                    c.chars().take(60).collect::<String>(),
+                    w = widths[i]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(
+        T::COLUMNS.iter().map(|c| c.header.to_string()).collect(),
+    )];
+    out.extend(cells.into_iter().map(line));
+    out
+}
+
+impl Table for UserView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("NAME", |u| u.name.clone()),
+        col("GROUPS", |u| list(&u.groups)),
+        col("DISABLED", |u| u.disabled.to_string()),
+    ];
+}
+
+impl Table for TokenView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("ID", |t| t.id.clone()),
+        col("USER", |t| or_dash(t.user.as_deref())),
+        col("TAGS", |t| list(&t.tags)),
+        col("USES LEFT", |t| t.uses_left.to_string()),
+        col("EXPIRES", |t| fmt_time(t.expires_ms)),
+        col("REVOKED", |t| t.revoked.to_string()),
+    ];
+}
+
+impl Table for DeviceView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("ID", |d| d.id.clone()),
+        col("HOSTNAME", |d| d.hostname.to_string()),
+        col("USER", |d| or_dash(d.user.as_deref())),
+        col("TAGS", |d| list(&d.tags)),
+        col("IPV4", |d| d.ipv4.to_string()),
+        col("STATE", |d| d.state.to_string()),
+        col("ONLINE", |d| d.online.to_string()),
+        col("LEASE EXPIRES", |d| time_or_dash(d.lease_expires_ms)),
+        col("ROTATIONS", |d| d.rotations.to_string()),
+        col("LAST SEEN", |d| fmt_time(d.last_seen_ms)),
+    ];
+}
+
+impl Table for GrantView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("ID", |g| g.id.clone()),
+        col("FROM", |g| g.principal.clone()),
+        col("TO", |g| g.service.clone()),
+        col("EXPIRES", |g| fmt_time(g.not_after_ms)),
+        col("REASON", |g| or_dash(g.reason.as_deref())),
+        col("BY", |g| g.actor.clone()),
+    ];
+}
+
+impl Table for PolicyVersionView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("VERSION", |v| v.version.to_string()),
+        col("APPLIED", |v| fmt_time(v.created_ms)),
+        col("BY", |v| v.actor.clone()),
+        col("SHA256", |v| v.sha256.clone()),
+        col("CHANGES", |v| v.summary.clone()),
+    ];
+}
+
+impl Table for AuditView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("SEQ", |a| a.seq.to_string()),
+        col("TIME", |a| fmt_time(a.ts_ms)),
+        col("ACTOR", |a| a.actor.clone()),
+        col("ACTION", |a| a.action.clone()),
+        col("TARGET", |a| a.target.clone()),
+        col("DETAIL", |a| plain(&a.detail)),
+    ];
+}
+
+/// Any admin response, as the server sends it. Untagged: each variant serializes exactly as
+/// its view, and the CLI reads the one type its request returns.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum AdminReply {
+    Status(StatusView),
+    User(UserView),
+    Users(Vec<UserView>),
+    UserAccess(UserAccess),
+    UserGroups(UserGroupsView),
+    TokenCreated(TokenCreated),
+    Token(TokenView),
+    Tokens(Vec<TokenView>),
+    Device(DeviceView),
+    Devices(Vec<DeviceView>),
+    DeviceDetail(Box<DeviceDetail>),
+    Rotating(Rotating),
+    DeviceTags(DeviceTagsView),
+    Policy(PolicyOutcome),
+    PolicyShow(PolicyShowView),
+    PolicyHistory(Vec<PolicyVersionView>),
+    Explain(Box<ExplainView>),
+    Grant(GrantView),
+    Grants(Vec<GrantView>),
+    Audit(Vec<AuditView>),
+    AuditVerify(AuditVerifyView),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn keys(v: &impl Serialize) -> BTreeSet<String> {
+        match serde_json::to_value(v).unwrap() {
+            serde_json::Value::Object(m) => m.keys().cloned().collect(),
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn device() -> DeviceView {
+        DeviceView {
+            id: "d1".into(),
+            hostname: Hostname::parse("box").unwrap(),
+            user: None,
+            user_disabled: false,
+            tags: vec!["web".into(), "db".into()],
+            ipv4: Ipv4Addr::new(100, 64, 0, 1),
+            ipv6: Ipv6Addr::LOCALHOST,
+            os: "linux".into(),
+            status: DeviceStatus::Active,
+            created_ms: 1_700_000_000_000,
+            last_seen_ms: 1_700_000_000_000,
+            cert_not_after_ms: 0,
+            revoked_ms: None,
+            wg_public_key: None,
+            endpoints: vec![],
+            quarantine: None,
+            lease_expires_ms: None,
+            lease_serial: None,
+            lease_key: None,
+            rotations: 0,
+            online: true,
+            state: DeviceState::Active,
+        }
+    }
+
+    /// The `--json` field names scripts read (README.md, "JSON output"): a rename fails here.
+    #[test]
+    fn json_field_names_are_stable() {
+        assert_eq!(
+            keys(&device()),
+            set(&[
+                "id",
+                "hostname",
+                "user",
+                "user_disabled",
+                "tags",
+                "ipv4",
+                "ipv6",
+                "os",
+                "status",
+                "created_ms",
+                "last_seen_ms",
+                "cert_not_after_ms",
+                "revoked_ms",
+                "wg_public_key",
+                "endpoints",
+                "quarantine",
+                "lease_expires_ms",
+                "lease_serial",
+                "lease_key",
+                "rotations",
+                "online",
+                "state",
+            ])
+        );
+        let detail = DeviceDetail {
+            device: device(),
+            posture: PostureVerdict::default(),
+            posture_report: None,
+            stored_posture: None,
+        };
+        let mut want = keys(&device());
+        want.extend(set(&["posture", "posture_report"]));
+        assert_eq!(keys(&detail), want);
+        let back: DeviceDetail =
+            serde_json::from_str(&serde_json::to_string(&detail).unwrap()).unwrap();
+        assert_eq!(back, detail);
+
+        let status = StatusView {
+            public_addr: "a:1".into(),
+            ca_sha256: "00".into(),
+            ipv6_prefix: "fd::/48".into(),
+            devices: 1,
+            online: 0,
+            users: 1,
+            uptime_secs: 3,
+            version: "0".into(),
+            protocol: 1,
+            posture: TrustStatsView::default(),
+        };
+        assert_eq!(
+            keys(&status),
+            set(&[
+                "public_addr",
+                "ca_sha256",
+                "ipv6_prefix",
+                "devices",
+                "online",
+                "users",
+                "uptime_secs",
+                "version",
+                "protocol",
+                "posture",
+            ])
+        );
+        assert_eq!(
+            keys(&status.posture),
+            set(&[
+                "reports",
+                "refused",
+                "changes",
+                "enforce_ms_p50",
+                "enforce_ms_p99",
+                "enforce_ms_last",
+            ])
+        );
+        assert_eq!(
+            serde_json::to_string(&PolicyShowView {
+                version: None,
+                text: None,
+                created_ms: None,
+                sha256: None
+            })
+            .unwrap(),
+            r#"{"version":null,"text":null}"#
+        );
+        let refused = PolicyOutcome {
+            ok: false,
+            message: "m".into(),
+            tests: vec![],
+            warnings: vec![],
+            changes: vec![],
+            devices: None,
+            version: None,
+        };
+        assert_eq!(
+            keys(&refused),
+            set(&["ok", "message", "tests", "warnings", "changes"])
+        );
+        assert_eq!(
+            keys(&AuditView {
+                seq: 1,
+                ts_ms: 2,
+                actor: "a".into(),
+                action: "user.add".into(),
+                target: "t".into(),
+                detail: serde_json::json!({}),
+                hash: "h".into(),
+            }),
+            set(&["seq", "ts_ms", "actor", "action", "target", "detail", "hash"])
+        );
+        // The server's untagged reply is exactly the view.
+        assert_eq!(
+            serde_json::to_value(AdminReply::Device(device())).unwrap(),
+            serde_json::to_value(device()).unwrap()
+        );
+    }
+
+    /// `device show` and `status` for people: every field once, in name order (as before).
+    #[test]
+    fn show_lines_cover_every_field_in_name_order() {
+        let mut d = device();
+        d.quarantine = Some(Quarantine {
+            since_ms: 1,
+            reason: "r".into(),
+            automatic: true,
+        });
+        let lines = d.lines();
+        let shown: Vec<String> = lines
+            .iter()
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect();
+        let mut sorted = shown.clone();
+        sorted.sort();
+        assert_eq!(shown, sorted);
+        assert_eq!(shown.iter().cloned().collect::<BTreeSet<_>>(), keys(&d));
+        assert!(lines.contains(
+            &"quarantine         {\"automatic\":true,\"reason\":\"r\",\"since_ms\":1}".to_string()
+        ));
+    }
+
+    #[test]
+    fn tables_format_typed_times_and_lists() {
+        let lines = render_table(&[device()]);
+        assert!(
+            lines[0].starts_with("ID  HOSTNAME  USER  TAGS"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[0].ends_with("LAST SEEN"), "{}", lines[0]);
+        assert!(lines[1].contains("web,db"), "{}", lines[1]);
+        // `user: None` and no lease print as `-`; `last_seen_ms` as a time.
+        assert!(lines[1].contains("  -  "), "{}", lines[1]);
+        assert!(lines[1].ends_with("2023-11-14T22:13:20Z"), "{}", lines[1]);
+        assert_eq!(render_table::<UserView>(&[]).len(), 1);
+    }
+}

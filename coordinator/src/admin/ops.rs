@@ -1,0 +1,925 @@
+//! The admin requests' business rules: one synchronous function per request over the
+//! [`Store`], with what the registry must hear about as [`Notice`]s and the registry's live view
+//! behind the [`Live`] trait, so every rule is testable with a temporary database.
+
+use anyhow::{anyhow, bail, ensure, Result};
+use rand::RngCore;
+
+use ward_shared::names::Name;
+use ward_shared::policy::{Compiled, Directory, Grant, Policy};
+use ward_shared::posture::PostureReport;
+use ward_shared::token::{hash_secret, EnrollToken};
+use ward_shared::wire::{DeviceId, PostureVerdict};
+
+use super::api::{
+    AdminReply, AuditVerifyView, DeviceDetail, DeviceTagsView, DeviceView, GrantView,
+    PolicyShowView, PolicyVersionView, Rotating, StatusView, StoredPosture, TokenCreated,
+    TokenView, TrustStatsView, UserAccess, UserGroupsView, UserView,
+};
+use super::AdminRequest;
+use crate::audit::Action;
+use crate::model::{Device, User};
+use crate::store::{Audit, GrantRow, LeaseRow, Quarantine, Store, TokenSpec};
+
+/// What the registry holds now (for listings, check, apply and explain).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub online: Vec<DeviceId>,
+    pub directory: Directory,
+    pub compiled: Compiled,
+    pub policy: Option<Policy>,
+    pub trust: TrustStatsView,
+}
+
+/// A change the registry must apply after a request succeeded.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    Device(Device),
+    Removed(DeviceId, String),
+    User(User),
+    Grants(Vec<Grant>),
+    Policy(Policy),
+}
+
+/// The running registry, as the admin requests see it.
+pub trait Live {
+    fn snapshot(&self) -> Result<Snapshot>;
+    /// The directory judged under a candidate policy's posture requirements.
+    fn directory_for(&self, p: &Policy) -> Result<Directory>;
+    /// A device's latest report and verdict.
+    fn trust_view(&self, id: DeviceId) -> Result<(Option<PostureReport>, PostureVerdict)>;
+    /// Asks a device to rotate its key now; whether it is connected.
+    fn rotate(&self, id: DeviceId, why: &str) -> Result<bool>;
+    fn notify(&self, n: Notice);
+}
+
+/// Who this coordinator is, for `status` and for the tokens it mints.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub public_addr: String,
+    pub ca_sha256: [u8; 32],
+    /// `fd7a:…::/48`.
+    pub ipv6_prefix: String,
+    pub uptime_secs: u64,
+}
+
+/// Every admin request's actor.
+const ACTOR: &str = "admin";
+
+/// Handles one admin request.
+pub fn handle(
+    store: &dyn Store,
+    live: &dyn Live,
+    me: &Identity,
+    rng: &mut dyn RngCore,
+    req: AdminRequest,
+    now: i64,
+) -> Result<AdminReply> {
+    let snap = live.snapshot()?;
+    let online = snap.online.as_slice();
+    Ok(match req {
+        AdminRequest::Status => AdminReply::Status(StatusView {
+            public_addr: me.public_addr.clone(),
+            ca_sha256: hex::encode(me.ca_sha256),
+            ipv6_prefix: me.ipv6_prefix.clone(),
+            devices: store.list_devices()?.len(),
+            online: online.len(),
+            users: store.list_users()?.len(),
+            uptime_secs: me.uptime_secs,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: ward_shared::wire::PROTOCOL_VERSION,
+            posture: snap.trust.clone(),
+        }),
+        AdminRequest::UserAdd { name: n, groups } => {
+            let n = name("user name", &n)?;
+            let groups = names("group name", &groups)?;
+            let u = store.add_user(&n, &groups, ACTOR, now)?;
+            live.notify(Notice::User(u.clone()));
+            AdminReply::User(u.into())
+        }
+        AdminRequest::UserLs => AdminReply::Users(
+            store
+                .list_users()?
+                .into_iter()
+                .map(UserView::from)
+                .collect(),
+        ),
+        AdminRequest::UserDisable { name: n } => {
+            AdminReply::UserAccess(set_user_disabled(store, live, &n, true, now)?)
+        }
+        AdminRequest::UserEnable { name: n } => {
+            AdminReply::UserAccess(set_user_disabled(store, live, &n, false, now)?)
+        }
+        AdminRequest::UserGroups {
+            name: n,
+            add,
+            remove,
+        } => {
+            let user = name("user name", &n)?;
+            let add = names("group name", &add)?;
+            let remove = names("group name", &remove)?;
+            let u = store.edit_user_groups(&user, &add, &remove, ACTOR, now)?;
+            live.notify(Notice::User(u.clone()));
+            AdminReply::UserGroups(UserGroupsView {
+                user: n,
+                groups: strings(&u.groups),
+            })
+        }
+        AdminRequest::TokenCreate {
+            user,
+            tags,
+            ttl_secs,
+            uses,
+        } => AdminReply::TokenCreated(token_create(
+            store, me, rng, user, tags, ttl_secs, uses, now,
+        )?),
+        AdminRequest::TokenLs => AdminReply::Tokens(
+            store
+                .list_tokens()?
+                .into_iter()
+                .map(TokenView::from)
+                .collect(),
+        ),
+        AdminRequest::TokenRevoke { id } => {
+            AdminReply::Token(store.revoke_token(&id, ACTOR, now)?.into())
+        }
+        AdminRequest::DeviceLs => {
+            let leases = LeaseInfo::load(store, now)?;
+            AdminReply::Devices(
+                store
+                    .list_devices()?
+                    .iter()
+                    .map(|d| device_view(d, online, &leases))
+                    .collect(),
+            )
+        }
+        AdminRequest::DeviceShow { name: n } => {
+            let d = store.device_by_name(&n)?;
+            let device = device_view(&d, online, &LeaseInfo::load(store, now)?);
+            let (report, posture) = live.trust_view(d.id)?;
+            let stored_posture = match report {
+                Some(_) => None,
+                None => store
+                    .posture(d.id)?
+                    .map(|(report, evaluation, at_ms)| StoredPosture {
+                        report,
+                        evaluation,
+                        at_ms,
+                    }),
+            };
+            AdminReply::DeviceDetail(Box::new(DeviceDetail {
+                device,
+                posture,
+                posture_report: report,
+                stored_posture,
+            }))
+        }
+        AdminRequest::DeviceQuarantine { name: n, reason } => {
+            let d = store.device_by_name(&n)?;
+            ensure!(d.is_live(), "device {n:?} is not active");
+            let q = Quarantine {
+                since_ms: now,
+                reason: reason.unwrap_or_else(|| "quarantined by an administrator".into()),
+                automatic: false,
+            };
+            let d = store.set_quarantine(d.id, Some(&q), ACTOR, now)?;
+            live.notify(Notice::Device(d.clone()));
+            AdminReply::Device(device_view(&d, online, &LeaseInfo::load(store, now)?))
+        }
+        AdminRequest::DeviceRelease { name: n } => {
+            let d = store.device_by_name(&n)?;
+            ensure!(d.quarantine.is_some(), "device {n:?} is not quarantined");
+            let d = store.set_quarantine(d.id, None, ACTOR, now)?;
+            live.notify(Notice::Device(d.clone()));
+            AdminReply::Device(device_view(&d, online, &LeaseInfo::load(store, now)?))
+        }
+        AdminRequest::DeviceRevoke { name: n } => {
+            let d = store.revoke_device(&n, ACTOR, now)?;
+            live.notify(Notice::Removed(
+                d.id,
+                "the device has been revoked by an administrator".into(),
+            ));
+            tracing::info!(device = %d.id, hostname = %d.hostname, "device revoked");
+            AdminReply::Device(device_view(&d, &[], &LeaseInfo::load(store, now)?))
+        }
+        AdminRequest::DeviceRotate { name: n } => {
+            AdminReply::Rotating(device_rotate(store, live, &n, now)?)
+        }
+        AdminRequest::DeviceTag {
+            name: n,
+            add,
+            remove,
+        } => {
+            let add = names("tag", &add)?;
+            let remove = names("tag", &remove)?;
+            let d = store.edit_device_tags(&n, &add, &remove, ACTOR, now)?;
+            live.notify(Notice::Device(d.clone()));
+            AdminReply::DeviceTags(DeviceTagsView {
+                device: n,
+                tags: strings(&d.tags),
+            })
+        }
+        AdminRequest::PolicyCheck {
+            file_name,
+            content_b64,
+        } => AdminReply::Policy(super::policy::check(
+            store,
+            live,
+            &snap,
+            &file_name,
+            &content_b64,
+            false,
+            now,
+        )?),
+        AdminRequest::PolicyApply {
+            file_name,
+            content_b64,
+        } => AdminReply::Policy(super::policy::check(
+            store,
+            live,
+            &snap,
+            &file_name,
+            &content_b64,
+            true,
+            now,
+        )?),
+        AdminRequest::PolicyShow => AdminReply::PolicyShow(match store.current_policy()? {
+            Some(v) => PolicyShowView {
+                version: Some(v.version),
+                text: Some(v.text),
+                created_ms: Some(v.created_ms),
+                sha256: Some(v.sha256),
+            },
+            None => PolicyShowView {
+                version: None,
+                text: None,
+                created_ms: None,
+                sha256: None,
+            },
+        }),
+        AdminRequest::PolicyHistory => AdminReply::PolicyHistory(
+            store
+                .policy_history()?
+                .into_iter()
+                .map(PolicyVersionView::from)
+                .collect(),
+        ),
+        AdminRequest::PolicyExplain { src, dst } => AdminReply::Explain(Box::new(
+            super::policy::explain(snap.policy.as_ref(), &snap.directory, &src, &dst, now)?,
+        )),
+        AdminRequest::GrantAdd {
+            from,
+            to,
+            for_secs,
+            reason,
+        } => AdminReply::Grant(grant_add(
+            store,
+            live,
+            snap.policy.as_ref(),
+            rng,
+            GrantAsk {
+                from,
+                to,
+                for_secs,
+                reason,
+            },
+            now,
+        )?),
+        AdminRequest::GrantLs => AdminReply::Grants(
+            store
+                .active_grants(now)?
+                .into_iter()
+                .map(GrantView::from)
+                .collect(),
+        ),
+        AdminRequest::GrantRm { id } => {
+            let g = store.remove_grant(&id, ACTOR, now)?;
+            live.notify(Notice::Grants(active_grants(store, now)?));
+            AdminReply::Grant(g.into())
+        }
+        AdminRequest::Audit { limit } => AdminReply::Audit(
+            store
+                .audit_log(limit.clamp(1, 100_000))?
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+        ),
+        AdminRequest::AuditVerify => {
+            AdminReply::AuditVerify(AuditVerifyView::from(store.verify_audit()?))
+        }
+    })
+}
+
+/// `token create`: a user's token or a tag-owned one, 1 s to 90 d, secret from `rng`.
+#[allow(clippy::too_many_arguments)]
+fn token_create(
+    store: &dyn Store,
+    me: &Identity,
+    rng: &mut dyn RngCore,
+    user: Option<String>,
+    tags: Vec<String>,
+    ttl_secs: u64,
+    uses: i64,
+    now: i64,
+) -> Result<TokenCreated> {
+    if ttl_secs == 0 || ttl_secs > 90 * 86400 {
+        bail!("--ttl must be between 1s and 90d");
+    }
+    let user = user.map(|u| name("user name", &u)).transpose()?;
+    let tags = names("tag", &tags)?;
+    let mut id = [0u8; 8];
+    let mut secret = vec![0u8; 32];
+    rng.fill_bytes(&mut id);
+    rng.fill_bytes(&mut secret);
+    let tok = EnrollToken {
+        coordinator: me.public_addr.clone(),
+        ca_sha256: me.ca_sha256,
+        id,
+        secret: ward_shared::secret::Secret::new(secret.clone()),
+    };
+    let info = store.create_token(
+        TokenSpec {
+            id: &tok.id_hex(),
+            secret_hash: hash_secret(&secret),
+            user: user.as_ref(),
+            tags: &tags,
+            expires_ms: now + ttl_secs as i64 * 1000,
+            uses,
+        },
+        ACTOR,
+        now,
+    )?;
+    Ok(TokenCreated {
+        token: tok.encode(),
+        info: info.into(),
+    })
+}
+
+fn set_user_disabled(
+    store: &dyn Store,
+    live: &dyn Live,
+    n: &str,
+    disabled: bool,
+    now: i64,
+) -> Result<UserAccess> {
+    let n = name("user name", n)?;
+    let ids = store.set_user_disabled(&n, disabled, ACTOR, now)?;
+    if let Some(u) = store
+        .list_users()?
+        .into_iter()
+        .find(|u| u.name == n.as_str())
+    {
+        live.notify(Notice::User(u));
+    }
+    for id in &ids {
+        if let Ok(d) = store.device(*id) {
+            live.notify(Notice::Device(d));
+        }
+    }
+    Ok(UserAccess {
+        user: n.to_string(),
+        disabled,
+        devices: ids.len(),
+    })
+}
+
+/// `device rotate`: the device makes a new key now; its current leases stop being renewed.
+/// Audited whether or not the device is connected; an offline device is an error.
+fn device_rotate(store: &dyn Store, live: &dyn Live, n: &str, now: i64) -> Result<Rotating> {
+    let d = store.device_by_name(n)?;
+    ensure!(d.is_live(), "device {n:?} is not active");
+    let online = live.rotate(d.id, "rotation requested by an administrator")?;
+    store.append_audit(
+        Audit {
+            actor: ACTOR,
+            action: Action::DeviceRotate,
+            target: d.hostname.as_str(),
+            detail: serde_json::json!({ "online": online }),
+        },
+        now,
+    )?;
+    if !online {
+        bail!(
+            "device {n:?} is not connected; it will get a fresh key and lease when it reconnects"
+        );
+    }
+    Ok(Rotating {
+        device: n.to_string(),
+        rotating: true,
+    })
+}
+
+/// What `grant add` asks for.
+struct GrantAsk {
+    from: String,
+    to: String,
+    for_secs: u64,
+    reason: Option<String>,
+}
+
+/// `grant add`: 1 s to 7 d, to a service the applied policy has, for a known user or device.
+fn grant_add(
+    store: &dyn Store,
+    live: &dyn Live,
+    policy: Option<&Policy>,
+    rng: &mut dyn RngCore,
+    ask: GrantAsk,
+    now: i64,
+) -> Result<GrantView> {
+    let GrantAsk {
+        from,
+        to,
+        for_secs,
+        reason,
+    } = ask;
+    ensure!(
+        (1..=7 * 86400).contains(&for_secs),
+        "--for must be between 1s and 7d"
+    );
+    let p = policy
+        .ok_or_else(|| anyhow!("no policy is applied, so there is no service {to:?} to grant"))?;
+    ensure!(
+        p.services.contains_key(&to),
+        "the policy has no service named {to:?}"
+    );
+    match from.strip_prefix("device:") {
+        Some(host) => {
+            store.device_by_name(host)?;
+        }
+        None => {
+            let n = name("user name", &from)?;
+            ensure!(
+                store.list_users()?.iter().any(|u| u.name == n.as_str()),
+                "no user named {from:?} (use device:NAME for a device)"
+            );
+        }
+    }
+    let reason = reason.map(|r| {
+        r.chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect::<String>()
+    });
+    let mut idb = [0u8; 6];
+    rng.fill_bytes(&mut idb);
+    let g = GrantRow {
+        id: format!("g{}", hex::encode(idb)),
+        principal: from,
+        service: to,
+        not_after_ms: now + for_secs as i64 * 1000,
+        reason,
+        actor: ACTOR.to_string(),
+        created_ms: now,
+    };
+    store.add_grant(&g, now)?;
+    live.notify(Notice::Grants(active_grants(store, now)?));
+    Ok(g.into())
+}
+
+/// The active grants as the registry takes them.
+pub fn active_grants(store: &dyn Store, now: i64) -> Result<Vec<Grant>> {
+    Ok(store.active_grants(now)?.iter().map(grant_of).collect())
+}
+
+pub fn grant_of(g: &GrantRow) -> Grant {
+    Grant {
+        id: g.id.clone(),
+        from: g.principal.clone(),
+        to: g.service.clone(),
+        not_after_ms: g.not_after_ms,
+        reason: g.reason.clone(),
+    }
+}
+
+fn name(kind: &'static str, s: &str) -> Result<Name> {
+    Ok(Name::parse(kind, s)?)
+}
+
+fn names(kind: &'static str, s: &[String]) -> Result<Vec<Name>> {
+    s.iter().map(|x| name(kind, x)).collect()
+}
+
+fn strings(names: &[Name]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// Active leases and how many each device was ever issued.
+struct LeaseInfo {
+    active: Vec<LeaseRow>,
+    counts: std::collections::BTreeMap<DeviceId, i64>,
+}
+
+impl LeaseInfo {
+    fn load(store: &dyn Store, now: i64) -> Result<Self> {
+        Ok(Self {
+            active: store.active_leases(now)?,
+            counts: store.lease_counts()?,
+        })
+    }
+}
+
+fn device_view(d: &Device, online: &[DeviceId], leases: &LeaseInfo) -> DeviceView {
+    let mine: Vec<&LeaseRow> = leases
+        .active
+        .iter()
+        .filter(|l| l.device_id == d.id)
+        .collect();
+    DeviceView {
+        id: d.id.to_string(),
+        hostname: d.hostname.clone(),
+        user: d.user.clone(),
+        user_disabled: d.user_disabled,
+        tags: strings(&d.tags),
+        ipv4: d.ipv4,
+        ipv6: d.ipv6,
+        os: d.os.clone(),
+        status: d.status,
+        created_ms: d.created_ms,
+        last_seen_ms: d.last_seen_ms,
+        cert_not_after_ms: d.cert_not_after_ms,
+        revoked_ms: d.revoked_ms,
+        wg_public_key: d.wg_public_key,
+        endpoints: d.endpoints.clone(),
+        quarantine: d.quarantine.clone(),
+        lease_expires_ms: mine.iter().map(|l| l.not_after_ms).max(),
+        lease_serial: mine.iter().map(|l| l.serial).max(),
+        lease_key: mine
+            .iter()
+            .max_by_key(|l| l.serial)
+            .map(|l| l.wg_public_key.to_base64()),
+        rotations: leases
+            .counts
+            .get(&d.id)
+            .map(|c| (c - 1).max(0))
+            .unwrap_or(0),
+        online: online.contains(&d.id),
+        state: d.state(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{EnrollSpec, SqliteStore};
+    use rand::SeedableRng;
+    use std::cell::{Cell, RefCell};
+    use ward_shared::addr::AddressPools;
+    use ward_shared::names::Hostname;
+
+    struct FakeLive {
+        policy: Option<Policy>,
+        online: bool,
+        notices: RefCell<Vec<Notice>>,
+        rotations: Cell<usize>,
+    }
+
+    impl FakeLive {
+        fn new(policy: Option<&str>) -> Self {
+            Self {
+                policy: policy.map(|p| ward_shared::policy::parse(p.as_bytes(), "t.toml").unwrap()),
+                online: false,
+                notices: RefCell::new(vec![]),
+                rotations: Cell::new(0),
+            }
+        }
+        fn take(&self) -> Vec<Notice> {
+            std::mem::take(&mut self.notices.borrow_mut())
+        }
+    }
+
+    impl Live for FakeLive {
+        fn snapshot(&self) -> Result<Snapshot> {
+            Ok(Snapshot {
+                policy: self.policy.clone(),
+                ..Snapshot::default()
+            })
+        }
+        fn directory_for(&self, _: &Policy) -> Result<Directory> {
+            Ok(Directory::default())
+        }
+        fn trust_view(&self, _: DeviceId) -> Result<(Option<PostureReport>, PostureVerdict)> {
+            Ok((None, PostureVerdict::default()))
+        }
+        fn rotate(&self, _: DeviceId, _: &str) -> Result<bool> {
+            self.rotations.set(self.rotations.get() + 1);
+            Ok(self.online)
+        }
+        fn notify(&self, n: Notice) {
+            self.notices.borrow_mut().push(n);
+        }
+    }
+
+    const POLICY: &str = "[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/5432\"]\n";
+
+    struct World {
+        store: SqliteStore,
+        me: Identity,
+        rng: rand::rngs::StdRng,
+    }
+
+    impl World {
+        fn new() -> Self {
+            let store = SqliteStore::open_in_memory().unwrap();
+            Self {
+                store,
+                me: Identity {
+                    public_addr: "coord.example:7443".into(),
+                    ca_sha256: [7; 32],
+                    ipv6_prefix: "fd7a::/48".into(),
+                    uptime_secs: 5,
+                },
+                rng: rand::rngs::StdRng::seed_from_u64(1),
+            }
+        }
+        fn run(&mut self, live: &FakeLive, req: AdminRequest) -> Result<AdminReply> {
+            handle(&self.store, live, &self.me, &mut self.rng, req, 1_000_000)
+        }
+        fn user(&mut self, live: &FakeLive, n: &str) {
+            self.run(
+                live,
+                AdminRequest::UserAdd {
+                    name: n.into(),
+                    groups: vec!["eng".into()],
+                },
+            )
+            .unwrap();
+        }
+        /// A device enrolled with a fresh token of `user` or `tags`.
+        fn device(&mut self, live: &FakeLive, host: &str, user: Option<&str>, tags: &[&str]) {
+            let AdminReply::TokenCreated(t) = self.run(live, token(user, tags, 3600)).unwrap()
+            else {
+                panic!("not a token")
+            };
+            let tok = EnrollToken::parse(&t.token).unwrap();
+            self.store
+                .enroll(
+                    EnrollSpec {
+                        token_id: &tok.id_hex(),
+                        token_secret: tok.secret.expose(),
+                        hostname: Hostname::sanitize(host).unwrap(),
+                        os: "linux".into(),
+                        identity_hash: [host.len() as u8; 32],
+                    },
+                    &AddressPools::from_random([1, 2, 3, 4, 5]),
+                    &mut |_| Ok((vec![1], 99)),
+                    1_000_001,
+                )
+                .unwrap();
+        }
+    }
+
+    fn token(user: Option<&str>, tags: &[&str], ttl_secs: u64) -> AdminRequest {
+        AdminRequest::TokenCreate {
+            user: user.map(Into::into),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ttl_secs,
+            uses: 1,
+        }
+    }
+
+    fn err(r: Result<AdminReply>) -> String {
+        match r {
+            Ok(v) => panic!("expected a refusal, got {v:?}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn token_minting_with_user_or_tags() {
+        let (mut w, live) = (World::new(), FakeLive::new(None));
+        w.user(&live, "alice");
+        let AdminReply::TokenCreated(t) = w.run(&live, token(Some("alice"), &[], 60)).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(t.info.user.as_deref(), Some("alice"));
+        assert!(t.info.tags.is_empty());
+        assert_eq!(t.info.expires_ms, 1_000_000 + 60_000);
+        let parsed = EnrollToken::parse(&t.token).unwrap();
+        assert_eq!(parsed.coordinator, "coord.example:7443");
+        assert_eq!(parsed.ca_sha256, [7; 32]);
+        assert_eq!(parsed.id_hex(), t.info.id);
+
+        let AdminReply::TokenCreated(t) = w.run(&live, token(None, &["server"], 60)).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(t.info.user, None);
+        assert_eq!(t.info.tags, vec!["server".to_string()]);
+
+        assert!(
+            err(w.run(&live, token(None, &[], 60))).contains("--user NAME or at least one --tag")
+        );
+        assert!(err(w.run(&live, token(Some("alice"), &[], 0))).contains("between 1s and 90d"));
+        assert!(err(w.run(&live, token(Some("alice"), &[], 90 * 86400 + 1))).contains("90d"));
+        assert!(err(w.run(&live, token(Some("nobody"), &[], 60))).contains("no user"));
+        err(w.run(&live, token(None, &["Not A Tag"], 60)));
+        w.run(
+            &live,
+            AdminRequest::UserDisable {
+                name: "alice".into(),
+            },
+        )
+        .unwrap();
+        assert!(err(w.run(&live, token(Some("alice"), &[], 60))).contains("disabled"));
+        let AdminReply::Tokens(all) = w.run(&live, AdminRequest::TokenLs).unwrap() else {
+            panic!()
+        };
+        assert_eq!(all.len(), 2);
+    }
+
+    #[test]
+    fn tag_edits_merge_and_notify() {
+        let (mut w, live) = (World::new(), FakeLive::new(None));
+        w.device(&live, "web1", None, &["web"]);
+        live.take();
+        let tag = |add: &[&str], remove: &[&str]| AdminRequest::DeviceTag {
+            name: "web1".into(),
+            add: add.iter().map(|s| s.to_string()).collect(),
+            remove: remove.iter().map(|s| s.to_string()).collect(),
+        };
+        let AdminReply::DeviceTags(v) = w.run(&live, tag(&["db", "web"], &[])).unwrap() else {
+            panic!()
+        };
+        assert_eq!(v.tags, vec!["web".to_string(), "db".to_string()]);
+        assert!(matches!(&live.take()[..], [Notice::Device(d)] if d.tags.len() == 2));
+        let AdminReply::DeviceTags(v) = w.run(&live, tag(&["x"], &["web"])).unwrap() else {
+            panic!()
+        };
+        assert_eq!(v.tags, vec!["db".to_string(), "x".to_string()]);
+        assert_eq!(live.take().len(), 1);
+        err(w.run(&live, tag(&["Bad Tag"], &[])));
+        assert!(err(w.run(
+            &live,
+            AdminRequest::DeviceTag {
+                name: "nope".into(),
+                add: vec!["a".into()],
+                remove: vec![]
+            }
+        ))
+        .contains("no device"));
+        assert!(
+            live.take().is_empty(),
+            "a refusal tells the registry nothing"
+        );
+    }
+
+    #[test]
+    fn grant_checks() {
+        let (mut w, live) = (World::new(), FakeLive::new(Some(POLICY)));
+        w.user(&live, "alice");
+        w.device(&live, "db1", None, &["db"]);
+        live.take();
+        let grant = |from: &str, to: &str, for_secs: u64| AdminRequest::GrantAdd {
+            from: from.into(),
+            to: to.into(),
+            for_secs,
+            reason: Some("on call\u{7}\n".into()),
+        };
+        let AdminReply::Grant(g) = w.run(&live, grant("alice", "db", 3600)).unwrap() else {
+            panic!()
+        };
+        assert_eq!((g.principal.as_str(), g.service.as_str()), ("alice", "db"));
+        assert_eq!(g.not_after_ms, 1_000_000 + 3_600_000);
+        assert_eq!(g.reason.as_deref(), Some("on call"));
+        assert!(g.id.starts_with('g') && g.id.len() == 13);
+        assert!(matches!(&live.take()[..], [Notice::Grants(gs)] if gs.len() == 1));
+        w.run(&live, grant("device:db1", "db", 60)).unwrap();
+
+        assert!(err(w.run(&live, grant("alice", "db", 0))).contains("between 1s and 7d"));
+        assert!(err(w.run(&live, grant("alice", "db", 7 * 86400 + 1))).contains("7d"));
+        assert!(err(w.run(&live, grant("alice", "ssh", 60))).contains("no service named"));
+        assert!(err(w.run(&live, grant("bob", "db", 60))).contains("no user named"));
+        assert!(err(w.run(&live, grant("device:nope", "db", 60))).contains("no device"));
+        let no_policy = FakeLive::new(None);
+        assert!(err(w.run(&no_policy, grant("alice", "db", 60))).contains("no policy is applied"));
+
+        let AdminReply::Grants(all) = w.run(&live, AdminRequest::GrantLs).unwrap() else {
+            panic!()
+        };
+        assert_eq!(all.len(), 2);
+        w.run(&live, AdminRequest::GrantRm { id: g.id.clone() })
+            .unwrap();
+        assert!(err(w.run(&live, AdminRequest::GrantRm { id: g.id })).contains("no active grant"));
+    }
+
+    #[test]
+    fn device_refusals() {
+        let (mut w, mut live) = (World::new(), FakeLive::new(None));
+        w.user(&live, "alice");
+        w.device(&live, "lap", Some("alice"), &[]);
+        let name = || "lap".to_string();
+        assert!(
+            err(w.run(&live, AdminRequest::DeviceRelease { name: name() }))
+                .contains("not quarantined")
+        );
+        // Rotating an offline device is refused but audited.
+        assert!(
+            err(w.run(&live, AdminRequest::DeviceRotate { name: name() }))
+                .contains("not connected")
+        );
+        assert_eq!(live.rotations.get(), 1);
+        live.online = true;
+        assert!(matches!(
+            w.run(&live, AdminRequest::DeviceRotate { name: name() })
+                .unwrap(),
+            AdminReply::Rotating(Rotating { rotating: true, .. })
+        ));
+        let rotations = w
+            .store
+            .audit_log(100)
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == Action::DeviceRotate.as_str())
+            .count();
+        assert_eq!(rotations, 2);
+
+        let AdminReply::Device(d) = w
+            .run(
+                &live,
+                AdminRequest::DeviceQuarantine {
+                    name: name(),
+                    reason: None,
+                },
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(d.state, crate::model::DeviceState::Quarantined);
+        w.run(&live, AdminRequest::DeviceRelease { name: name() })
+            .unwrap();
+
+        w.run(
+            &live,
+            AdminRequest::UserDisable {
+                name: "alice".into(),
+            },
+        )
+        .unwrap();
+        assert!(err(w.run(
+            &live,
+            AdminRequest::DeviceQuarantine {
+                name: name(),
+                reason: None
+            }
+        ))
+        .contains("not active"));
+        assert!(
+            err(w.run(&live, AdminRequest::DeviceRotate { name: name() })).contains("not active")
+        );
+        let AdminReply::Devices(ds) = w.run(&live, AdminRequest::DeviceLs).unwrap() else {
+            panic!()
+        };
+        assert_eq!(ds[0].state, crate::model::DeviceState::UserDisabled);
+
+        let AdminReply::Device(d) = w
+            .run(&live, AdminRequest::DeviceRevoke { name: name() })
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(d.state, crate::model::DeviceState::Revoked);
+        assert!(
+            err(w.run(&live, AdminRequest::DeviceRevoke { name: name() }))
+                .contains("already revoked")
+        );
+    }
+
+    #[test]
+    fn group_edits_and_users() {
+        let (mut w, live) = (World::new(), FakeLive::new(None));
+        w.user(&live, "alice");
+        assert!(err(w.run(
+            &live,
+            AdminRequest::UserAdd {
+                name: "alice".into(),
+                groups: vec![]
+            }
+        ))
+        .contains("already exists"));
+        let AdminReply::UserGroups(v) = w
+            .run(
+                &live,
+                AdminRequest::UserGroups {
+                    name: "alice".into(),
+                    add: vec!["ops".into()],
+                    remove: vec!["eng".into()],
+                },
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(v.groups, vec!["ops".to_string()]);
+        assert!(err(w.run(
+            &live,
+            AdminRequest::UserGroups {
+                name: "bob".into(),
+                add: vec!["ops".into()],
+                remove: vec![],
+            }
+        ))
+        .contains("no user"));
+    }
+}

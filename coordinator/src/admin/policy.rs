@@ -1,0 +1,162 @@
+//! `policy check`, `policy apply` and `policy explain`: parse, compile against the live
+//! directory, run the policy's tests; apply stores a version and pushes it only if all pass.
+
+use anyhow::{anyhow, Result};
+use sha2::Digest;
+
+use ward_shared::policy::{self, Directory, Policy};
+
+use super::api::{ExplainDeviceView, ExplainMissView, ExplainView, PolicyOutcome, PolicyTestView};
+use super::ops::{Live, Notice, Snapshot};
+use crate::audit::Action;
+use crate::store::{Audit, Store};
+
+/// Checks (and with `apply`, stores and pushes) a policy file sent base64-encoded. A refusal is
+/// an `ok: false` outcome, audited as `policy.refused` when applying; the previous policy stays.
+pub fn check(
+    store: &dyn Store,
+    live: &dyn Live,
+    snap: &Snapshot,
+    file_name: &str,
+    content_b64: &str,
+    apply: bool,
+    now: i64,
+) -> Result<PolicyOutcome> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(content_b64)
+        .map_err(|_| anyhow!("policy content is not valid base64"))?;
+    let refuse = |msg: String, tests: Vec<PolicyTestView>| -> Result<PolicyOutcome> {
+        if apply {
+            store.append_audit(
+                Audit {
+                    actor: "admin",
+                    action: Action::PolicyRefused,
+                    target: file_name,
+                    detail: serde_json::json!({ "reason": msg }),
+                },
+                now,
+            )?;
+            tracing::warn!(file = file_name, reason = %msg, "policy refused");
+        }
+        Ok(PolicyOutcome {
+            ok: false,
+            message: msg,
+            tests,
+            warnings: vec![],
+            changes: vec![],
+            devices: None,
+            version: None,
+        })
+    };
+    let p = match policy::parse(&bytes, file_name) {
+        Ok(p) => p,
+        Err(e) => return refuse(e.to_string(), vec![]),
+    };
+    let warnings: Vec<String> = policy::warnings(&p, &snap.directory)
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    // Access as it would be: every device's latest posture judged by this policy's requirements.
+    let dir = live.directory_for(&p)?;
+    let compiled = policy::compile(&p, &dir, now);
+    let outcomes = policy::run_tests(&p, &dir, now);
+    let failed = outcomes.iter().filter(|t| !t.pass).count();
+    let tests: Vec<PolicyTestView> = outcomes
+        .iter()
+        .map(|t| PolicyTestView {
+            pass: t.pass,
+            text: format!(
+                "{}: {} -> {} expected {}, got {}: {}",
+                t.pos,
+                t.from,
+                t.target,
+                if t.expect_allow { "allow" } else { "deny" },
+                if t.allowed { "allow" } else { "deny" },
+                t.why
+            ),
+        })
+        .collect();
+    if failed > 0 {
+        return refuse(
+            format!(
+                "{failed} of {} policy tests failed; nothing was applied",
+                outcomes.len()
+            ),
+            tests,
+        );
+    }
+    let changes: Vec<String> = policy::diff(&snap.compiled, &compiled, &dir)
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let mut out = PolicyOutcome {
+        ok: true,
+        message: "policy is valid and its tests pass".into(),
+        tests,
+        warnings,
+        changes,
+        devices: Some(compiled.devices.len()),
+        version: None,
+    };
+    if apply {
+        let text = String::from_utf8(bytes).map_err(|_| anyhow!("policy is not UTF-8"))?;
+        let sha = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+        let summary = if out.changes.is_empty() {
+            "no access changes".to_string()
+        } else {
+            out.changes.join("; ")
+        };
+        let version = store.save_policy(&text, &sha, &summary, "admin", now)?;
+        live.notify(Notice::Policy(p));
+        tracing::info!(version, changes = out.changes.len(), "policy applied");
+        out.version = Some(version);
+    }
+    Ok(out)
+}
+
+/// `policy explain SRC DST` under the applied policy (an empty one denies everything).
+pub fn explain(
+    applied: Option<&Policy>,
+    dir: &Directory,
+    src: &str,
+    dst: &str,
+    now: i64,
+) -> Result<ExplainView> {
+    let empty;
+    let p = match applied {
+        Some(p) => p,
+        None => {
+            empty = policy::parse(b"", "no policy").map_err(|e| anyhow!("{e}"))?;
+            &empty
+        }
+    };
+    let e = policy::explain(p, dir, src, dst, now).map_err(|e| anyhow!("{e}"))?;
+    Ok(ExplainView {
+        allowed: e.allowed,
+        src: e.src.clone(),
+        dst: e.dst.clone(),
+        target: e.target.clone(),
+        devices: e
+            .devices
+            .iter()
+            .map(|d| ExplainDeviceView {
+                src: d.src_hostname.clone(),
+                dst: d.dst_hostname.clone(),
+                allowed: d.allowed,
+                allowed_by: d.allowed_by.iter().map(|(r, _)| r.clone()).collect(),
+                misses: d
+                    .misses
+                    .iter()
+                    .map(|m| ExplainMissView {
+                        rule: m.rule.clone(),
+                        reasons: m.reasons.clone(),
+                    })
+                    .collect(),
+                blocked: d.blocked.clone(),
+            })
+            .collect(),
+        notes: e.notes.clone(),
+        text: e.to_string(),
+    })
+}

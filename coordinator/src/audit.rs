@@ -1,0 +1,124 @@
+//! Audit actions: every action name the coordinator writes, once.
+//!
+//! The names are stored in the hash-chained `audit` table and printed by `audit --json`, so
+//! [`Action::as_str`] must keep returning exactly these strings: old rows and scripts depend on
+//! them. Rows read back stay strings (`AuditEntry::action`), so a name this build no longer
+//! writes still lists and verifies.
+
+use std::fmt;
+
+/// What an audit row records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    CoordinatorStart,
+    ConnectRefused,
+    EnrollRefused,
+    DeviceEnroll,
+    DeviceCertRenewed,
+    DeviceRevoke,
+    DeviceRotate,
+    DeviceQuarantine,
+    DeviceRelease,
+    DeviceTag,
+    UserAdd,
+    UserDisable,
+    UserEnable,
+    UserGroups,
+    TokenCreate,
+    TokenRevoke,
+    PolicyApply,
+    PolicyRefused,
+    GrantAdd,
+    GrantRemove,
+    LeaseIssue,
+    LeaseRevoke,
+    PostureFail,
+    PosturePass,
+    PostureRefused,
+}
+
+impl Action {
+    /// Every action, in declaration order.
+    pub const ALL: [Action; 25] = [
+        Action::CoordinatorStart,
+        Action::ConnectRefused,
+        Action::EnrollRefused,
+        Action::DeviceEnroll,
+        Action::DeviceCertRenewed,
+        Action::DeviceRevoke,
+        Action::DeviceRotate,
+        Action::DeviceQuarantine,
+        Action::DeviceRelease,
+        Action::DeviceTag,
+        Action::UserAdd,
+        Action::UserDisable,
+        Action::UserEnable,
+        Action::UserGroups,
+        Action::TokenCreate,
+        Action::TokenRevoke,
+        Action::PolicyApply,
+        Action::PolicyRefused,
+        Action::GrantAdd,
+        Action::GrantRemove,
+        Action::LeaseIssue,
+        Action::LeaseRevoke,
+        Action::PostureFail,
+        Action::PosturePass,
+        Action::PostureRefused,
+    ];
+
+    /// The stored name (stable: it is part of every hash-chained row).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Action::CoordinatorStart => "coordinator.start",
+            Action::ConnectRefused => "connect.refused",
+            Action::EnrollRefused => "enroll.refused",
+            Action::DeviceEnroll => "device.enroll",
+            Action::DeviceCertRenewed => "device.cert_renewed",
+            Action::DeviceRevoke => "device.revoke",
+            Action::DeviceRotate => "device.rotate",
+            Action::DeviceQuarantine => "device.quarantine",
+            Action::DeviceRelease => "device.release",
+            Action::DeviceTag => "device.tag",
+            Action::UserAdd => "user.add",
+            Action::UserDisable => "user.disable",
+            Action::UserEnable => "user.enable",
+            Action::UserGroups => "user.groups",
+            Action::TokenCreate => "token.create",
+            Action::TokenRevoke => "token.revoke",
+            Action::PolicyApply => "policy.apply",
+            Action::PolicyRefused => "policy.refused",
+            Action::GrantAdd => "grant.add",
+            Action::GrantRemove => "grant.remove",
+            Action::LeaseIssue => "lease.issue",
+            Action::LeaseRevoke => "lease.revoke",
+            Action::PostureFail => "posture.fail",
+            Action::PosturePass => "posture.pass",
+            Action::PostureRefused => "posture.refused",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn names_are_unique_and_stable() {
+        let names: BTreeSet<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(names.len(), Action::ALL.len());
+        assert_eq!(Action::DeviceCertRenewed.as_str(), "device.cert_renewed");
+        assert_eq!(Action::EnrollRefused.to_string(), "enroll.refused");
+        for n in names {
+            let (area, verb) = n.split_once('.').unwrap();
+            assert!(!area.is_empty() && !verb.is_empty(), "{n}");
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The registry actor: owns [`Registry`], turns [`Event`]s into `handle_*` calls and fans its
+//! outputs out to the connection tasks; trust decisions go to [`TrustSink`].
+
+use serde_json::json;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use ward_shared::lease::SignedLease;
+use ward_shared::policy::{Directory, Grant, Policy};
+use ward_shared::posture::PostureReport;
+use ward_shared::wire::{self, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, PostureVerdict};
+
+use super::effects::TrustSink;
+use super::now_ms;
+use crate::admin::api::TrustStatsView;
+use crate::admin::ops::Snapshot;
+use crate::audit::Action;
+use crate::model::{Device, User};
+use crate::registry::{ConnId, Output, Registry};
+use crate::store::Store;
+
+pub(super) enum ConnCmd {
+    Send(Vec<u8>),
+    Close(ErrorCode, String),
+}
+
+pub(super) enum Event {
+    Opened {
+        id: DeviceId,
+        conn: ConnId,
+        observed: SocketAddr,
+        update: DeviceUpdate,
+        tx: mpsc::Sender<ConnCmd>,
+        reply: oneshot::Sender<Result<(), ErrorCode>>,
+    },
+    Update {
+        id: DeviceId,
+        conn: ConnId,
+        update: DeviceUpdate,
+    },
+    Closed {
+        id: DeviceId,
+        conn: ConnId,
+    },
+    Upserted(Device),
+    Removed(DeviceId, String),
+    User(User),
+    Lease(SignedLease, oneshot::Sender<()>),
+    LeasesRevoked(DeviceId, Vec<u64>),
+    Rotate(DeviceId, String, oneshot::Sender<bool>),
+    Policy(Policy),
+    Grants(Vec<Grant>),
+    Posture {
+        id: DeviceId,
+        conn: ConnId,
+        report: Box<PostureReport>,
+        received: Instant,
+    },
+    DeniedFlows(DeviceId, Vec<DeniedFlow>),
+    /// The policy's shorter lease TTL, if this device is risky now.
+    RiskyTtl(DeviceId, oneshot::Sender<Option<u64>>),
+    /// The directory judged under a candidate policy's posture requirements.
+    DirectoryFor(Box<Policy>, oneshot::Sender<Directory>),
+    /// A device's latest report and verdict (for `device show`).
+    TrustView(
+        DeviceId,
+        oneshot::Sender<(Option<PostureReport>, PostureVerdict)>,
+    ),
+    /// What the registry holds now (for admin listings, check, apply and explain).
+    Snapshot(oneshot::Sender<Snapshot>),
+}
+
+/// Posture report → enforcement latency, as the coordinator sees it: from a report's arrival
+/// to the updated netmaps handed to every peer's connection (the last 1 000 changes).
+#[derive(Debug, Clone, Default)]
+pub(super) struct TrustStats {
+    pub(super) enforce_us: VecDeque<u64>,
+    pub(super) reports: u64,
+    pub(super) refused: u64,
+    pub(super) changes: u64,
+}
+
+impl TrustStats {
+    pub(super) fn view(&self) -> TrustStatsView {
+        let mut v: Vec<u64> = self.enforce_us.iter().copied().collect();
+        v.sort_unstable();
+        let pct = |q: f64| -> Option<f64> {
+            let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+            v.get(i).map(|us| *us as f64 / 1000.0)
+        };
+        TrustStatsView {
+            reports: self.reports,
+            refused: self.refused,
+            changes: self.changes,
+            enforce_ms_p50: pct(0.5),
+            enforce_ms_p99: pct(0.99),
+            enforce_ms_last: self.enforce_us.back().map(|us| *us as f64 / 1000.0),
+        }
+    }
+}
+
+pub(super) async fn registry_actor(
+    mut reg: Registry,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    store: Arc<dyn Store>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
+    let mut stats = TrustStats::default();
+    let mut sink = TrustSink {
+        store,
+        events,
+        stats: &mut stats,
+        received: None,
+        refused: HashMap::new(),
+    };
+    loop {
+        // Wake for the next rule or grant expiry, or at least every second.
+        let wait = reg
+            .poll_timeout()
+            .map(|t| (t - now_ms()).clamp(50, 1000) as u64)
+            .unwrap_or(1000);
+        let ev = tokio::select! {
+            ev = rx.recv() => match ev { Some(ev) => Some(ev), None => break },
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => None,
+        };
+        reg.handle_time(now_ms());
+        let Some(ev) = ev else {
+            flush(&mut reg, &mut conns, &mut sink);
+            continue;
+        };
+        match ev {
+            Event::Opened {
+                id,
+                conn,
+                observed,
+                update,
+                tx,
+                reply,
+            } => {
+                let r = reg.handle_session_opened(id, conn, observed, update);
+                if r.is_ok() {
+                    conns.insert(conn, tx);
+                }
+                let _ = reply.send(r);
+            }
+            Event::Update { id, conn, update } => reg.handle_session_update(id, conn, update),
+            Event::Closed { id, conn } => {
+                conns.remove(&conn);
+                reg.handle_session_closed(id, conn);
+            }
+            Event::Upserted(d) => reg.handle_device_upserted(d),
+            Event::Removed(id, why) => reg.handle_device_removed(id, &why),
+            Event::User(u) => reg.handle_user(u),
+            Event::Lease(l, done) => {
+                reg.handle_lease(l);
+                // Peers get the new key before the device hears its lease was granted.
+                flush(&mut reg, &mut conns, &mut sink);
+                let _ = done.send(());
+            }
+            Event::LeasesRevoked(id, serials) => reg.handle_leases_revoked(id, &serials),
+            Event::Rotate(id, why, done) => {
+                let _ = done.send(reg.handle_rotate(id, &why));
+            }
+            Event::Policy(p) => reg.handle_policy(p),
+            Event::Grants(g) => reg.handle_grants(g),
+            Event::Posture {
+                id,
+                conn,
+                report,
+                received,
+            } => {
+                sink.stats.reports += 1;
+                let (seq, age) = (report.seq, now_ms().saturating_sub(report.collected_at_ms));
+                match reg.handle_posture(id, conn, *report, now_ms()) {
+                    Ok(()) => {
+                        debug!(device = %id, seq, age_ms = age, "posture report");
+                        sink.received = Some(received);
+                    }
+                    Err(e) => {
+                        sink.stats.refused += 1;
+                        // A device sending garbage must not turn into an fsync per message:
+                        // at most one audit row per device per 10 s, with the count.
+                        let (last, n) = sink.refused.entry(id).or_insert((None, 0));
+                        *n += 1;
+                        if last.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                            warn!(device = %id, seq, error = %e, refused = *n, "posture report refused");
+                            let count = *n;
+                            *last = Some(Instant::now());
+                            *n = 0;
+                            sink.audit(
+                                id,
+                                Action::PostureRefused,
+                                json!({ "error": e.to_string(), "count": count }),
+                            );
+                        }
+                    }
+                }
+            }
+            Event::DeniedFlows(id, flows) => reg.handle_denied_flows(id, &flows, now_ms()),
+            Event::DirectoryFor(p, reply) => {
+                let _ = reply.send(reg.directory_for(&p));
+            }
+            Event::RiskyTtl(id, reply) => {
+                let _ = reply.send(reg.risky_lease_ttl_ms(id));
+            }
+            Event::TrustView(id, reply) => {
+                flush(&mut reg, &mut conns, &mut sink);
+                let _ = reply.send((reg.posture_report(id).cloned(), reg.trust_view(id)));
+            }
+            Event::Snapshot(reply) => {
+                flush(&mut reg, &mut conns, &mut sink);
+                let _ = reply.send(Snapshot {
+                    online: conns_online(&reg),
+                    directory: reg.directory(),
+                    compiled: reg.compiled().clone(),
+                    policy: reg.policy().cloned(),
+                    trust: sink.stats.view(),
+                });
+            }
+        }
+        flush(&mut reg, &mut conns, &mut sink);
+    }
+}
+
+pub(super) fn flush(
+    reg: &mut Registry,
+    conns: &mut HashMap<ConnId, mpsc::Sender<ConnCmd>>,
+    sink: &mut TrustSink<'_>,
+) {
+    let mut changed = false;
+    {
+        while let Some(out) = reg.poll_output() {
+            match out {
+                Output::Send { conn, msg } => {
+                    let Some(tx) = conns.get(&conn) else { continue };
+                    if tx.try_send(ConnCmd::Send(wire::encode(&msg))).is_err() {
+                        warn!(conn, "control connection is not keeping up; closing it");
+                        let _ = tx.try_send(ConnCmd::Close(ErrorCode::Internal, "too slow".into()));
+                        conns.remove(&conn);
+                    }
+                }
+                Output::Close { conn, code, reason } => {
+                    if let Some(tx) = conns.remove(&conn) {
+                        let _ = tx.try_send(ConnCmd::Close(code, reason));
+                    }
+                }
+                Output::PostureChanged {
+                    device,
+                    change,
+                    report,
+                } => {
+                    changed = true;
+                    sink.posture_changed(device, change, report);
+                }
+                Output::Quarantine { device, reason } => sink.quarantine(device, reason),
+            }
+        }
+    }
+    // Every peer's netmap change is queued on its connection now.
+    if let Some(t) = sink.received.take() {
+        if changed {
+            if sink.stats.enforce_us.len() >= 1000 {
+                sink.stats.enforce_us.pop_front();
+            }
+            sink.stats
+                .enforce_us
+                .push_back(t.elapsed().as_micros() as u64);
+        }
+    }
+}
+
+pub(super) fn conns_online(reg: &Registry) -> Vec<DeviceId> {
+    reg.online_ids()
+}

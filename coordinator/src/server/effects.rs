@@ -1,0 +1,119 @@
+//! The registry's trust decisions, carried out: audit rows, the posture table, and automatic
+//! quarantines (stored, then fed back to the registry as `Event::Upserted`).
+
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use ward_shared::posture::PostureReport;
+use ward_shared::wire::DeviceId;
+
+use super::actor::{Event, TrustStats};
+use super::now_ms;
+use crate::audit::Action;
+use crate::store::{Audit, Quarantine, Store};
+use crate::trust::Change;
+
+/// Where the registry's trust decisions go: the audit log, the posture table, and (for an
+/// automatic quarantine) the device row, which then comes back as `Event::Upserted`.
+pub(super) struct TrustSink<'a> {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) events: mpsc::UnboundedSender<Event>,
+    pub(super) stats: &'a mut TrustStats,
+    /// When the report being handled arrived.
+    pub(super) received: Option<Instant>,
+    /// Per device: when a refusal was last audited, and refusals since.
+    pub(super) refused: HashMap<DeviceId, (Option<Instant>, u64)>,
+}
+
+impl TrustSink<'_> {
+    pub(super) fn audit(&self, id: DeviceId, action: Action, detail: serde_json::Value) {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let target = store
+                .device(id)
+                .map(|d| d.hostname.to_string())
+                .unwrap_or_else(|_| id.to_string());
+            let a = Audit {
+                actor: "coordinator",
+                action,
+                target: &target,
+                detail,
+            };
+            if let Err(e) = store.append_audit(a, now_ms()) {
+                error!(device = %id, %action, error = %e, "audit append failed");
+            }
+        });
+    }
+
+    pub(super) fn posture_changed(
+        &mut self,
+        id: DeviceId,
+        change: Change,
+        report: Option<Box<PostureReport>>,
+    ) {
+        self.stats.changes += 1;
+        let failures: BTreeMap<&str, &[String]> = change
+            .evaluations
+            .iter()
+            .filter(|e| !e.passed)
+            .map(|e| (e.requirement.as_str(), &e.failures[..]))
+            .collect();
+        info!(device = %id, failed = ?change.newly_failed, passed = ?change.newly_passed, "posture changed");
+        // A device that never reported failing at first contact is not news.
+        if report.is_some() || !change.newly_passed.is_empty() {
+            for (action, names) in [
+                (Action::PostureFail, &change.newly_failed),
+                (Action::PosturePass, &change.newly_passed),
+            ] {
+                if names.is_empty() {
+                    continue;
+                }
+                let reasons: BTreeMap<&str, &[String]> = names
+                    .iter()
+                    .map(|n| (n.as_str(), failures.get(n.as_str()).copied().unwrap_or(&[])))
+                    .collect();
+                self.audit(
+                    id,
+                    action,
+                    json!({ "requirements": names, "reasons": reasons, "report_seq": report.as_ref().map(|r| r.seq) }),
+                );
+            }
+        }
+        // No report (first judged after a restart): keep the last stored evaluation.
+        if report.is_none() {
+            return;
+        }
+        let store = self.store.clone();
+        let report = serde_json::to_value(&report).unwrap_or(serde_json::Value::Null);
+        let evaluation =
+            serde_json::to_value(&change.evaluations).unwrap_or(serde_json::Value::Null);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.save_posture(id, &report, &evaluation, now_ms()) {
+                error!(device = %id, error = %e, "saving posture failed");
+            }
+        });
+    }
+
+    pub(super) fn quarantine(&self, id: DeviceId, reason: String) {
+        warn!(device = %id, %reason, "quarantining device automatically");
+        let store = self.store.clone();
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let q = Quarantine {
+                since_ms: now_ms(),
+                reason,
+                automatic: true,
+            };
+            match store.set_quarantine(id, Some(&q), "coordinator", now_ms()) {
+                Ok(dev) => {
+                    let _ = events.send(Event::Upserted(dev));
+                }
+                Err(e) => error!(device = %id, error = %e, "storing a quarantine failed"),
+            }
+        });
+    }
+}

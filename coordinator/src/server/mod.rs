@@ -1,0 +1,271 @@
+//! `ward-coordinator serve`: the tokio driver around [`crate::registry::Registry`] and the store.
+//!
+//! Tasks: a QUIC accept loop (one task per device connection), the registry actor (owns the
+//! core, fans its outputs out to connection tasks), and the admin socket.
+//!
+//! - [`session`]: the QUIC device protocol (enrollment and the session loop).
+//! - [`actor`]: the registry actor; [`effects`]: its trust and audit side effects.
+//! - The admin socket is [`crate::admin::socket`]; its requests run [`crate::admin::ops`] here
+//!   through [`LiveRegistry`].
+
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info};
+
+use ward_runtime::rpc::Envelope;
+use ward_shared::policy::{self, Directory, Policy};
+use ward_shared::posture::PostureReport;
+use ward_shared::wire::{self, DeviceId, PostureVerdict};
+
+use crate::admin::api::AdminReply;
+use crate::admin::ops::{self, Identity, Live, Notice, Snapshot};
+use crate::admin::{socket, AdminRequest};
+use crate::audit::Action;
+use crate::datadir::{Config, DataDir};
+use crate::pki::Ca;
+use crate::registry::Registry;
+use crate::store::{Audit, SqliteStore, Store};
+use actor::Event;
+
+mod actor;
+mod effects;
+mod session;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Frames queued for one slow connection before it is dropped.
+const CONN_QUEUE: usize = 256;
+
+pub use ward_runtime::now_ms;
+
+pub use crate::leases::LeaseTtl;
+
+struct Ctx {
+    config: Config,
+    ca: Ca,
+    lease_key: ed25519_dalek::SigningKey,
+    lease_ttl: LeaseTtl,
+    store: Arc<dyn Store>,
+    events: mpsc::UnboundedSender<Event>,
+    next_conn: AtomicU64,
+    started: Instant,
+}
+pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl) -> Result<()> {
+    let config = dd.load_config()?;
+    let ca = dd.load_ca()?;
+    let lease_key = dd.load_lease_key()?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dd.db_path())
+            .with_context(|| format!("opening {}", dd.db_path().display()))?,
+    );
+    let listen = match listen {
+        Some(l) => l,
+        None => {
+            let port = config
+                .public_addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .context("public address has no port")?;
+            SocketAddr::from(([0, 0, 0, 0], port))
+        }
+    };
+    let devices = store.list_devices()?;
+    let users = store.list_users()?;
+    let now = now_ms();
+    let current = match store.current_policy()? {
+        None => {
+            info!("no policy applied yet: everything is denied until `policy apply`");
+            None
+        }
+        Some(v) => match policy::parse(v.text.as_bytes(), &format!("policy v{}", v.version)) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                // Fail closed: a stored policy that no longer parses allows nothing.
+                error!(version = v.version, error = %e, "stored policy does not parse; denying everything until a valid policy is applied");
+                None
+            }
+        },
+    };
+    let grants = ops::active_grants(store.as_ref(), now)?;
+    let leases = store
+        .active_leases(now)?
+        .into_iter()
+        .filter_map(|row| crate::leases::sign_row(&lease_key, &devices, row))
+        .collect();
+    let registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
+    let (events, rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(Ctx {
+        config,
+        ca,
+        lease_key,
+        lease_ttl,
+        store,
+        events,
+        next_conn: AtomicU64::new(1),
+        started: Instant::now(),
+    });
+
+    let endpoint = quinn::Endpoint::server(server_config(&ctx.ca)?, listen)
+        .with_context(|| format!("binding the QUIC control listener on {listen}"))?;
+    let admin = socket::bind(&dd).await?;
+    info!(%listen, public_addr = %ctx.config.public_addr, "coordinator serving");
+    ctx.store.append_audit(
+        Audit {
+            actor: "coordinator",
+            action: Action::CoordinatorStart,
+            target: &ctx.config.public_addr,
+            detail: serde_json::json!({ "listen": listen.to_string() }),
+        },
+        now_ms(),
+    )?;
+
+    tokio::spawn(actor::registry_actor(
+        registry,
+        rx,
+        ctx.store.clone(),
+        ctx.events.clone(),
+    ));
+    let admin_ctx = ctx.clone();
+    tokio::spawn(socket::serve(admin, move |req| {
+        let ctx = admin_ctx.clone();
+        async move { admin_handle(ctx, req).await }
+    }));
+
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        anyhow::Ok(())
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            r = &mut shutdown => { r?; break; }
+            inc = endpoint.accept() => {
+                let Some(inc) = inc else { break };
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let remote = inc.remote_address();
+                    if let Err(e) = session::handle_connection(inc, ctx).await {
+                        debug!(%remote, error = %format!("{e:#}"), "control connection ended");
+                    }
+                });
+            }
+        }
+    }
+    info!("coordinator shutting down");
+    endpoint.close(0u32.into(), b"coordinator shutting down");
+    let _ = std::fs::remove_file(dd.admin_socket());
+    Ok(())
+}
+
+fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (cert, key) = ca.server_cert(now_ms())?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from(ca.cert_der.clone()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![cert.into(), ca.cert_der.clone().into()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.into()),
+        )?;
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let qsc = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qsc));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into()?));
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    sc.transport_config(Arc::new(transport));
+    Ok(sc)
+}
+
+/// Runs one admin request on a blocking thread (the store is synchronous).
+async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> {
+    let res = tokio::task::spawn_blocking(move || {
+        let me = Identity {
+            public_addr: ctx.config.public_addr.clone(),
+            ca_sha256: ctx.ca.fingerprint(),
+            ipv6_prefix: format!("{}/48", ctx.config.pools.v6_prefix),
+            uptime_secs: ctx.started.elapsed().as_secs(),
+        };
+        let live = LiveRegistry {
+            events: ctx.events.clone(),
+        };
+        ops::handle(
+            ctx.store.as_ref(),
+            &live,
+            &me,
+            &mut rand::rngs::OsRng,
+            req,
+            now_ms(),
+        )
+    })
+    .await;
+    match res {
+        Ok(Ok(v)) => Envelope::ok(v),
+        Ok(Err(e)) => Envelope::err(format!("{e:#}")),
+        Err(e) => Envelope::err(format!("internal error: {e}")),
+    }
+}
+
+/// The registry actor as the admin requests see it (blocking calls: they run on a blocking
+/// thread, never on the runtime).
+struct LiveRegistry {
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl LiveRegistry {
+    fn ask<T>(&self, ev: impl FnOnce(oneshot::Sender<T>) -> Event) -> anyhow::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.events.send(ev(tx));
+        rx.blocking_recv()
+            .map_err(|_| anyhow::anyhow!("the coordinator is shutting down"))
+    }
+}
+
+impl Live for LiveRegistry {
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        self.ask(Event::Snapshot)
+    }
+
+    fn directory_for(&self, p: &Policy) -> anyhow::Result<Directory> {
+        self.ask(|tx| Event::DirectoryFor(Box::new(p.clone()), tx))
+    }
+
+    fn trust_view(&self, id: DeviceId) -> anyhow::Result<(Option<PostureReport>, PostureVerdict)> {
+        self.ask(|tx| Event::TrustView(id, tx))
+    }
+
+    fn rotate(&self, id: DeviceId, why: &str) -> anyhow::Result<bool> {
+        // A closed channel means the actor is gone: the device is not connected.
+        Ok(self
+            .ask(|tx| Event::Rotate(id, why.to_string(), tx))
+            .unwrap_or(false))
+    }
+
+    fn notify(&self, n: Notice) {
+        let ev = match n {
+            Notice::Device(d) => Event::Upserted(d),
+            Notice::Removed(id, why) => Event::Removed(id, why),
+            Notice::User(u) => Event::User(u),
+            Notice::Grants(g) => Event::Grants(g),
+            Notice::Policy(p) => Event::Policy(p),
+        };
+        let _ = self.events.send(ev);
+    }
+}

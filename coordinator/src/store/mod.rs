@@ -1,0 +1,261 @@
+//! The coordinator's durable state behind a narrow interface ([`Store`]).
+//!
+//! SQLite (WAL, `synchronous=FULL`, so an acknowledged write survives `kill -9` and power loss)
+//! is the default; the interface is shaped so that a PostgreSQL implementation can back several
+//! coordinator replicas later: every method is one transaction, and nothing above it caches rows
+//! it did not get from a method's return value.
+//!
+//! Time is passed in (`now_ms`), so the same calls replay identically in tests.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use ward_shared::addr::AddressPools;
+use ward_shared::names::{Hostname, Name};
+use ward_shared::wire::{DeviceId, ErrorCode, WgPublicKey};
+
+pub use crate::audit::Action;
+
+mod schema;
+mod sqlite;
+
+pub use crate::model::{Device, DeviceStatus, Quarantine, User};
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("enrollment refused: {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// A stored value does not parse; it is never read as empty or default.
+    #[error("database is corrupt: {table}.{column} of row {row}: {detail}")]
+    Corrupt {
+        table: &'static str,
+        column: &'static str,
+        row: String,
+        detail: String,
+    },
+    #[error("database schema: {0}")]
+    Schema(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub uses_total: i64,
+    pub uses_left: i64,
+    pub revoked: bool,
+}
+
+/// A new enrollment token, as stored (the secret only as its hash).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenSpec<'a> {
+    pub id: &'a str,
+    pub secret_hash: [u8; 32],
+    /// The user the enrolled device belongs to; `None` for a tag-owned device.
+    pub user: Option<&'a Name>,
+    pub tags: &'a [Name],
+    pub expires_ms: i64,
+    /// How many enrollments the token allows (1..=10 000).
+    pub uses: i64,
+}
+
+/// What a new device asks for; the store decides the rest atomically with the token redemption.
+pub struct EnrollSpec<'a> {
+    pub token_id: &'a str,
+    pub token_secret: &'a [u8],
+    pub hostname: Hostname,
+    pub os: String,
+    pub identity_hash: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub ts_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: serde_json::Value,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerdict {
+    pub ok: bool,
+    pub rows: i64,
+    /// First row whose hash does not match, if any.
+    pub first_bad_seq: Option<i64>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    pub version: i64,
+    pub text: String,
+    pub sha256: String,
+    pub actor: String,
+    pub created_ms: i64,
+    /// What the apply changed, as printed to the admin.
+    pub summary: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRow {
+    pub id: String,
+    /// A user name or `device:HOSTNAME`.
+    pub principal: String,
+    pub service: String,
+    pub not_after_ms: i64,
+    pub reason: Option<String>,
+    pub actor: String,
+    pub created_ms: i64,
+}
+
+/// A lease as stored (unsigned; the coordinator signs on the way out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRow {
+    pub serial: u64,
+    pub device_id: DeviceId,
+    pub wg_public_key: WgPublicKey,
+    pub not_before_ms: i64,
+    pub not_after_ms: i64,
+}
+
+/// One audit event to append (in the same transaction as the change it describes).
+pub struct Audit<'a> {
+    pub actor: &'a str,
+    pub action: Action,
+    pub target: &'a str,
+    pub detail: serde_json::Value,
+}
+
+/// The narrow interface the coordinator uses. Every method is one transaction.
+pub trait Store: Send + Sync {
+    fn add_user(&self, name: &Name, groups: &[Name], actor: &str, now_ms: i64) -> Result<User>;
+    fn list_users(&self) -> Result<Vec<User>>;
+    /// Disables (or re-enables) a user; returns the user's device ids.
+    fn set_user_disabled(
+        &self,
+        name: &Name,
+        disabled: bool,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Vec<DeviceId>>;
+    fn create_token(&self, spec: TokenSpec<'_>, actor: &str, now_ms: i64) -> Result<TokenInfo>;
+    fn list_tokens(&self) -> Result<Vec<TokenInfo>>;
+    fn revoke_token(&self, id: &str, actor: &str, now_ms: i64) -> Result<TokenInfo>;
+    /// Redeems the token and creates the device in one transaction; `issue` signs the
+    /// certificate for the new device id (cert DER, not_after). On refusal nothing changes
+    /// except an audit entry saying why.
+    fn enroll(
+        &self,
+        spec: EnrollSpec<'_>,
+        pools: &AddressPools,
+        issue: &mut dyn FnMut(DeviceId) -> anyhow::Result<(Vec<u8>, i64)>,
+        now_ms: i64,
+    ) -> Result<(Device, Vec<u8>)>;
+    fn device_by_identity(&self, identity_hash: &[u8; 32]) -> Result<Option<Device>>;
+    fn device_by_name(&self, name: &str) -> Result<Device>;
+    fn device(&self, id: DeviceId) -> Result<Device>;
+    fn list_devices(&self) -> Result<Vec<Device>>;
+    fn revoke_device(&self, name: &str, actor: &str, now_ms: i64) -> Result<Device>;
+    /// Records a device's latest contact, WireGuard key and endpoints.
+    fn touch_device(
+        &self,
+        id: DeviceId,
+        wg: Option<WgPublicKey>,
+        endpoints: &[SocketAddr],
+        now_ms: i64,
+    ) -> Result<()>;
+    fn set_device_cert(&self, id: DeviceId, not_after_ms: i64, now_ms: i64) -> Result<()>;
+    /// Adds and removes device tags in one transaction (read, merge, write), so concurrent
+    /// edits of different tags all survive. New tags keep their order after the existing ones.
+    fn edit_device_tags(
+        &self,
+        name: &str,
+        add: &[Name],
+        remove: &[Name],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Device>;
+    /// Adds and removes a user's groups in one transaction (set-based), so concurrent edits
+    /// of different groups all survive.
+    fn edit_user_groups(
+        &self,
+        name: &Name,
+        add: &[Name],
+        remove: &[Name],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<User>;
+    /// Stores a new policy version (the caller has checked it) and audits it.
+    fn save_policy(
+        &self,
+        text: &str,
+        sha256: &str,
+        summary: &str,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<i64>;
+    fn current_policy(&self) -> Result<Option<PolicyVersion>>;
+    fn policy_history(&self) -> Result<Vec<PolicyVersion>>;
+    fn add_grant(&self, g: &GrantRow, now_ms: i64) -> Result<()>;
+    /// Grants not removed and not yet expired at `now_ms`.
+    fn active_grants(&self, now_ms: i64) -> Result<Vec<GrantRow>>;
+    fn remove_grant(&self, id: &str, actor: &str, now_ms: i64) -> Result<GrantRow>;
+    /// Records a new lease for a live device's WireGuard key.
+    fn issue_lease(
+        &self,
+        device: DeviceId,
+        key: WgPublicKey,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> Result<LeaseRow>;
+    /// Revokes the device's leases older than `keep_serial` (all of them if `None`).
+    fn revoke_leases(
+        &self,
+        device: DeviceId,
+        keep_serial: Option<u64>,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Vec<u64>>;
+    /// Leases neither revoked nor expired at `now_ms`.
+    fn active_leases(&self, now_ms: i64) -> Result<Vec<LeaseRow>>;
+    /// How many leases each device has been issued (rotation count + 1).
+    fn lease_counts(&self) -> Result<BTreeMap<DeviceId, i64>>;
+    /// Quarantines (`Some`) or releases (`None`) a device, audited with the reason.
+    fn set_quarantine(
+        &self,
+        id: DeviceId,
+        quarantine: Option<&Quarantine>,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Device>;
+    /// Keeps a device's latest posture report and evaluation (JSON).
+    fn save_posture(
+        &self,
+        id: DeviceId,
+        report: &serde_json::Value,
+        evaluation: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<()>;
+    /// A device's latest posture report and evaluation, and when they were stored.
+    fn posture(&self, id: DeviceId) -> Result<Option<(serde_json::Value, serde_json::Value, i64)>>;
+    fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()>;
+    fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+    fn verify_audit(&self) -> Result<AuditVerdict>;
+}

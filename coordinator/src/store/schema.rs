@@ -1,0 +1,108 @@
+//! The SQLite schema, as migrations applied in order.
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: first schema.
+    r#"
+    CREATE TABLE users(
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE user_groups(
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        grp TEXT NOT NULL,
+        PRIMARY KEY(user_id, grp)
+    );
+    CREATE TABLE tokens(
+        id TEXT PRIMARY KEY,
+        secret_hash BLOB NOT NULL,
+        user_id INTEGER REFERENCES users(id),
+        tags TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        uses_total INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL,
+        revoked_ms INTEGER
+    );
+    CREATE TABLE devices(
+        id INTEGER PRIMARY KEY,
+        hostname TEXT NOT NULL UNIQUE,
+        user_id INTEGER REFERENCES users(id),
+        tags TEXT NOT NULL,
+        addr_index INTEGER NOT NULL UNIQUE,
+        ipv4 TEXT NOT NULL UNIQUE,
+        ipv6 TEXT NOT NULL UNIQUE,
+        identity_hash BLOB NOT NULL UNIQUE,
+        os TEXT NOT NULL,
+        status TEXT NOT NULL,
+        token_id TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        cert_not_after_ms INTEGER NOT NULL,
+        revoked_ms INTEGER,
+        wg_key TEXT,
+        endpoints TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE TABLE audit(
+        seq INTEGER PRIMARY KEY,
+        ts_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+    "#,
+    // 2: policy versions and just-in-time grants.
+    r#"
+    CREATE TABLE policies(
+        version INTEGER PRIMARY KEY,
+        text TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        summary TEXT NOT NULL
+    );
+    CREATE TABLE grants(
+        id TEXT PRIMARY KEY,
+        principal TEXT NOT NULL,
+        service TEXT NOT NULL,
+        not_after_ms INTEGER NOT NULL,
+        reason TEXT,
+        actor TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        removed_ms INTEGER
+    );
+    "#,
+    // 3: leases.
+    r#"
+    CREATE TABLE leases(
+        serial INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id INTEGER NOT NULL REFERENCES devices(id),
+        wg_key TEXT NOT NULL,
+        not_before_ms INTEGER NOT NULL,
+        not_after_ms INTEGER NOT NULL,
+        issued_ms INTEGER NOT NULL,
+        revoked_ms INTEGER,
+        revoke_reason TEXT
+    );
+    CREATE INDEX leases_device ON leases(device_id, serial);
+    "#,
+    // 4: quarantine and posture.
+    r#"
+    ALTER TABLE devices ADD COLUMN quarantine TEXT;
+    CREATE TABLE posture(
+        device_id INTEGER PRIMARY KEY REFERENCES devices(id),
+        report TEXT NOT NULL,
+        evaluation TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    "#,
+];

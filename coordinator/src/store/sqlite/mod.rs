@@ -1,0 +1,314 @@
+//! The SQLite implementation of [`Store`], one file per table group. Every trait method is one
+//! `BEGIN IMMEDIATE` transaction ([`SqliteStore::with_tx`]).
+
+use rusqlite::{Connection, TransactionBehavior};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Mutex;
+
+use ward_shared::addr::AddressPools;
+use ward_shared::names::Name;
+use ward_shared::wire::{DeviceId, WgPublicKey};
+
+use super::schema::MIGRATIONS;
+use super::{
+    Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, GrantRow, LeaseRow, PolicyVersion,
+    Quarantine, Result, Store, StoreError, TokenInfo, TokenSpec, User,
+};
+
+mod audit;
+use audit::append_audit_tx;
+use devices::query_devices;
+use users::user_id;
+mod devices;
+mod leases;
+mod policy;
+#[cfg(test)]
+mod tests;
+mod tokens;
+mod users;
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    #[cfg(test)]
+    pub fn open_in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version as usize > MIGRATIONS.len() {
+            return Err(StoreError::Schema(format!(
+                "database schema version {version} is newer than this coordinator ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with_tx<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        // A poisoned lock means a panic mid-transaction; SQLite rolled it back, so go on.
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// The error for a stored value that does not parse, logged once where it is found.
+fn corrupt(
+    table: &'static str,
+    column: &'static str,
+    row: impl std::fmt::Display,
+    detail: impl std::fmt::Display,
+) -> StoreError {
+    let (row, detail) = (row.to_string(), detail.to_string());
+    tracing::error!(table, column, %row, %detail, "corrupt value in the database");
+    StoreError::Corrupt {
+        table,
+        column,
+        row,
+        detail,
+    }
+}
+
+/// A JSON list of names column (device `tags`, user `groups`): every member must be a valid
+/// name.
+fn json_names(
+    table: &'static str,
+    column: &'static str,
+    row: impl std::fmt::Display,
+    s: &str,
+) -> Result<Vec<Name>> {
+    serde_json::from_str(s).map_err(|e| corrupt(table, column, row, e))
+}
+
+/// A JSON list of strings column (`tags`, `groups`).
+fn json_list(
+    table: &'static str,
+    column: &'static str,
+    row: impl std::fmt::Display,
+    s: &str,
+) -> Result<Vec<String>> {
+    serde_json::from_str(s).map_err(|e| corrupt(table, column, row, e))
+}
+
+fn names_json(n: &[Name]) -> String {
+    serde_json::to_string(&n.iter().map(|x| x.as_str()).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".into())
+}
+
+impl Store for SqliteStore {
+    fn add_user(&self, name: &Name, groups: &[Name], actor: &str, now_ms: i64) -> Result<User> {
+        users::add_user(self, name, groups, actor, now_ms)
+    }
+
+    fn list_users(&self) -> Result<Vec<User>> {
+        users::list_users(self)
+    }
+
+    fn set_user_disabled(
+        &self,
+        name: &Name,
+        disabled: bool,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Vec<DeviceId>> {
+        users::set_user_disabled(self, name, disabled, actor, now_ms)
+    }
+
+    fn edit_user_groups(
+        &self,
+        name: &Name,
+        add: &[Name],
+        remove: &[Name],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<User> {
+        users::edit_user_groups(self, name, add, remove, actor, now_ms)
+    }
+
+    fn create_token(&self, spec: TokenSpec<'_>, actor: &str, now_ms: i64) -> Result<TokenInfo> {
+        tokens::create_token(self, spec, actor, now_ms)
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        tokens::list_tokens(self)
+    }
+
+    fn revoke_token(&self, id: &str, actor: &str, now_ms: i64) -> Result<TokenInfo> {
+        tokens::revoke_token(self, id, actor, now_ms)
+    }
+
+    fn enroll(
+        &self,
+        spec: EnrollSpec<'_>,
+        pools: &AddressPools,
+        issue: &mut dyn FnMut(DeviceId) -> anyhow::Result<(Vec<u8>, i64)>,
+        now_ms: i64,
+    ) -> Result<(Device, Vec<u8>)> {
+        tokens::enroll(self, spec, pools, issue, now_ms)
+    }
+
+    fn device_by_identity(&self, identity_hash: &[u8; 32]) -> Result<Option<Device>> {
+        devices::device_by_identity(self, identity_hash)
+    }
+
+    fn device_by_name(&self, name: &str) -> Result<Device> {
+        devices::device_by_name(self, name)
+    }
+
+    fn device(&self, id: DeviceId) -> Result<Device> {
+        devices::device(self, id)
+    }
+
+    fn list_devices(&self) -> Result<Vec<Device>> {
+        devices::list_devices(self)
+    }
+
+    fn revoke_device(&self, name: &str, actor: &str, now_ms: i64) -> Result<Device> {
+        devices::revoke_device(self, name, actor, now_ms)
+    }
+
+    fn touch_device(
+        &self,
+        id: DeviceId,
+        wg: Option<WgPublicKey>,
+        endpoints: &[SocketAddr],
+        now_ms: i64,
+    ) -> Result<()> {
+        devices::touch_device(self, id, wg, endpoints, now_ms)
+    }
+
+    fn set_device_cert(&self, id: DeviceId, not_after_ms: i64, now_ms: i64) -> Result<()> {
+        devices::set_device_cert(self, id, not_after_ms, now_ms)
+    }
+
+    fn set_quarantine(
+        &self,
+        id: DeviceId,
+        quarantine: Option<&Quarantine>,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Device> {
+        devices::set_quarantine(self, id, quarantine, actor, now_ms)
+    }
+
+    fn save_posture(
+        &self,
+        id: DeviceId,
+        report: &serde_json::Value,
+        evaluation: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<()> {
+        devices::save_posture(self, id, report, evaluation, now_ms)
+    }
+
+    fn posture(&self, id: DeviceId) -> Result<Option<(serde_json::Value, serde_json::Value, i64)>> {
+        devices::posture(self, id)
+    }
+
+    fn edit_device_tags(
+        &self,
+        name: &str,
+        add: &[Name],
+        remove: &[Name],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Device> {
+        devices::edit_device_tags(self, name, add, remove, actor, now_ms)
+    }
+
+    fn save_policy(
+        &self,
+        text: &str,
+        sha256: &str,
+        summary: &str,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<i64> {
+        policy::save_policy(self, text, sha256, summary, actor, now_ms)
+    }
+
+    fn current_policy(&self) -> Result<Option<PolicyVersion>> {
+        policy::current_policy(self)
+    }
+
+    fn policy_history(&self) -> Result<Vec<PolicyVersion>> {
+        policy::policy_history(self)
+    }
+
+    fn add_grant(&self, g: &GrantRow, now_ms: i64) -> Result<()> {
+        policy::add_grant(self, g, now_ms)
+    }
+
+    fn active_grants(&self, now_ms: i64) -> Result<Vec<GrantRow>> {
+        policy::active_grants(self, now_ms)
+    }
+
+    fn remove_grant(&self, id: &str, actor: &str, now_ms: i64) -> Result<GrantRow> {
+        policy::remove_grant(self, id, actor, now_ms)
+    }
+
+    fn issue_lease(
+        &self,
+        device: DeviceId,
+        key: WgPublicKey,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> Result<LeaseRow> {
+        leases::issue_lease(self, device, key, ttl_ms, now_ms)
+    }
+
+    fn revoke_leases(
+        &self,
+        device: DeviceId,
+        keep_serial: Option<u64>,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Vec<u64>> {
+        leases::revoke_leases(self, device, keep_serial, reason, now_ms)
+    }
+
+    fn active_leases(&self, now_ms: i64) -> Result<Vec<LeaseRow>> {
+        leases::active_leases(self, now_ms)
+    }
+
+    fn lease_counts(&self) -> Result<BTreeMap<DeviceId, i64>> {
+        leases::lease_counts(self)
+    }
+
+    fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()> {
+        audit::append_audit(self, a, now_ms)
+    }
+
+    fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+        audit::audit_log(self, limit)
+    }
+
+    fn verify_audit(&self) -> Result<AuditVerdict> {
+        audit::verify_audit(self)
+    }
+}

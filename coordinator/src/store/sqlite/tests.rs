@@ -1,0 +1,463 @@
+use super::*;
+use crate::audit::Action;
+use crate::model::DeviceStatus;
+use crate::store::TokenSpec;
+use std::net::Ipv4Addr;
+use ward_shared::names::Hostname;
+use ward_shared::wire::ErrorCode;
+
+fn n(s: &str) -> Name {
+    Name::parse("name", s).unwrap()
+}
+
+fn setup() -> (SqliteStore, AddressPools) {
+    let s = SqliteStore::open_in_memory().unwrap();
+    s.add_user(&n("alice"), &[n("eng")], "admin", 1000).unwrap();
+    (s, AddressPools::from_random([1, 2, 3, 4, 5]))
+}
+
+fn enroll(
+    s: &SqliteStore,
+    pools: &AddressPools,
+    token: &str,
+    secret: &[u8],
+    host: &str,
+    key: u8,
+    now: i64,
+) -> Result<Device> {
+    s.enroll(
+        EnrollSpec {
+            token_id: token,
+            token_secret: secret,
+            hostname: Hostname::sanitize(host).unwrap(),
+            os: "linux".into(),
+            identity_hash: [key; 32],
+        },
+        pools,
+        &mut |_| Ok((vec![1, 2, 3], 99)),
+        now,
+    )
+    .map(|(d, _)| d)
+}
+
+#[test]
+fn token_lifecycle_and_refusals() {
+    let (s, pools) = setup();
+    let h = ward_shared::token::hash_secret(b"s1");
+    s.create_token(
+        TokenSpec {
+            id: "t1",
+            secret_hash: h,
+            user: Some(&n("alice")),
+            tags: &[],
+            expires_ms: 5000,
+            uses: 1,
+        },
+        "admin",
+        1000,
+    )
+    .unwrap();
+    let d = enroll(&s, &pools, "t1", b"s1", "laptop", 1, 2000).unwrap();
+    assert_eq!(d.hostname.as_str(), "laptop");
+    assert_eq!(d.user.as_deref(), Some("alice"));
+    assert_eq!(d.ipv4, Ipv4Addr::new(100, 64, 0, 1));
+    let used = enroll(&s, &pools, "t1", b"s1", "laptop", 2, 2000).unwrap_err();
+    assert!(
+        matches!(
+            used,
+            StoreError::Refused {
+                code: ErrorCode::TokenUsed,
+                ..
+            }
+        ),
+        "{used}"
+    );
+    let wrong = enroll(&s, &pools, "t1", b"nope", "laptop", 2, 2000).unwrap_err();
+    assert!(matches!(
+        wrong,
+        StoreError::Refused {
+            code: ErrorCode::TokenInvalid,
+            ..
+        }
+    ));
+    let unknown = enroll(&s, &pools, "zz", b"s1", "x", 2, 2000).unwrap_err();
+    assert!(matches!(
+        unknown,
+        StoreError::Refused {
+            code: ErrorCode::TokenInvalid,
+            ..
+        }
+    ));
+
+    s.create_token(
+        TokenSpec {
+            id: "t2",
+            secret_hash: ward_shared::token::hash_secret(b"s2"),
+            user: None,
+            tags: &[n("server")],
+            expires_ms: 5000,
+            uses: 3,
+        },
+        "admin",
+        1000,
+    )
+    .unwrap();
+    let expired = enroll(&s, &pools, "t2", b"s2", "db", 3, 5000).unwrap_err();
+    assert!(matches!(
+        expired,
+        StoreError::Refused {
+            code: ErrorCode::TokenExpired,
+            ..
+        }
+    ));
+    let d2 = enroll(&s, &pools, "t2", b"s2", "laptop", 3, 4000).unwrap();
+    assert_eq!(d2.hostname.as_str(), "laptop-2");
+    assert_eq!(d2.tags, vec![n("server")]);
+    s.revoke_token("t2", "admin", 4100).unwrap();
+    let revoked = enroll(&s, &pools, "t2", b"s2", "db", 4, 4200).unwrap_err();
+    assert!(matches!(
+        revoked,
+        StoreError::Refused {
+            code: ErrorCode::TokenRevoked,
+            ..
+        }
+    ));
+    let toks = s.list_tokens().unwrap();
+    assert_eq!(toks.len(), 2);
+    assert_eq!(toks[0].uses_left, 0);
+    // Every refusal is audited, and the chain verifies.
+    let log = s.audit_log(100).unwrap();
+    assert_eq!(
+        log.iter().filter(|e| e.action == "enroll.refused").count(),
+        5
+    );
+    assert!(s.verify_audit().unwrap().ok);
+}
+
+#[test]
+fn same_identity_cannot_enroll_twice() {
+    let (s, pools) = setup();
+    s.create_token(
+        TokenSpec {
+            id: "t",
+            secret_hash: ward_shared::token::hash_secret(b"s"),
+            user: Some(&n("alice")),
+            tags: &[],
+            expires_ms: 5000,
+            uses: 5,
+        },
+        "admin",
+        1000,
+    )
+    .unwrap();
+    enroll(&s, &pools, "t", b"s", "a", 7, 2000).unwrap();
+    let e = enroll(&s, &pools, "t", b"s", "b", 7, 2000).unwrap_err();
+    assert!(matches!(
+        e,
+        StoreError::Refused {
+            code: ErrorCode::BadRequest,
+            ..
+        }
+    ));
+    // The refused attempt did not spend a use.
+    assert_eq!(s.list_tokens().unwrap()[0].uses_left, 4);
+}
+
+#[test]
+fn revoke_and_disable() {
+    let (s, pools) = setup();
+    s.create_token(
+        TokenSpec {
+            id: "t",
+            secret_hash: ward_shared::token::hash_secret(b"s"),
+            user: Some(&n("alice")),
+            tags: &[],
+            expires_ms: 5000,
+            uses: 2,
+        },
+        "admin",
+        1000,
+    )
+    .unwrap();
+    let d = enroll(&s, &pools, "t", b"s", "a", 1, 2000).unwrap();
+    assert!(d.is_live());
+    let ids = s
+        .set_user_disabled(&n("alice"), true, "admin", 2100)
+        .unwrap();
+    assert_eq!(ids, vec![d.id]);
+    assert!(!s.device(d.id).unwrap().is_live());
+    s.set_user_disabled(&n("alice"), false, "admin", 2200)
+        .unwrap();
+    let r = s.revoke_device("a", "admin", 2300).unwrap();
+    assert_eq!(r.status, DeviceStatus::Revoked);
+    assert!(matches!(
+        s.revoke_device("a", "admin", 2400),
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.revoke_device("nope", "admin", 2400),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn audit_chain_detects_edits() {
+    let (s, _) = setup();
+    s.append_audit(
+        Audit {
+            actor: "a",
+            action: Action::UserAdd,
+            target: "t",
+            detail: serde_json::json!({"k": 1}),
+        },
+        5,
+    )
+    .unwrap();
+    assert!(s.verify_audit().unwrap().ok);
+    {
+        let c = s.conn.lock().unwrap();
+        // Updates are blocked by a trigger...
+        assert!(c
+            .execute("UPDATE audit SET actor = 'mallory' WHERE seq = 1", [])
+            .is_err());
+        // ...an attacker with the file drops it, and verification still catches the edit.
+        c.execute_batch(
+            "DROP TRIGGER audit_no_update; UPDATE audit SET actor = 'mallory' WHERE seq = 1;",
+        )
+        .unwrap();
+    }
+    let v = s.verify_audit().unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, Some(1));
+}
+
+#[test]
+fn policies_and_grants() {
+    let (s, _) = setup();
+    assert!(s.current_policy().unwrap().is_none());
+    assert_eq!(s.save_policy("a", "h1", "+x", "admin", 10).unwrap(), 1);
+    assert_eq!(s.save_policy("b", "h2", "-x", "admin", 20).unwrap(), 2);
+    assert_eq!(s.current_policy().unwrap().unwrap().text, "b");
+    assert_eq!(s.policy_history().unwrap().len(), 2);
+    let g = GrantRow {
+        id: "g1".into(),
+        principal: "alice".into(),
+        service: "db".into(),
+        not_after_ms: 100,
+        reason: None,
+        actor: "admin".into(),
+        created_ms: 10,
+    };
+    s.add_grant(&g, 10).unwrap();
+    assert_eq!(s.active_grants(50).unwrap(), vec![g.clone()]);
+    assert!(s.active_grants(100).unwrap().is_empty());
+    s.remove_grant("g1", "admin", 60).unwrap();
+    assert!(s.active_grants(50).unwrap().is_empty());
+    assert!(matches!(
+        s.remove_grant("g1", "admin", 70),
+        Err(StoreError::NotFound(_))
+    ));
+    let u = s
+        .edit_user_groups(&n("alice"), &[n("ops"), n("eng")], &[], "admin", 80)
+        .unwrap();
+    assert_eq!(u.groups, vec![n("eng"), n("ops")]);
+    let u = s
+        .edit_user_groups(&n("alice"), &[], &[n("eng"), n("nope")], "admin", 81)
+        .unwrap();
+    assert_eq!(u.groups, vec![n("ops")]);
+    assert!(s.verify_audit().unwrap().ok);
+}
+
+#[test]
+fn leases_issue_rotate_revoke() {
+    let (s, pools) = setup();
+    s.create_token(
+        TokenSpec {
+            id: "t",
+            secret_hash: ward_shared::token::hash_secret(b"s"),
+            user: Some(&n("alice")),
+            tags: &[],
+            expires_ms: 5000,
+            uses: 1,
+        },
+        "admin",
+        1000,
+    )
+    .unwrap();
+    let d = enroll(&s, &pools, "t", b"s", "a", 1, 2000).unwrap();
+    let l1 = s
+        .issue_lease(d.id, WgPublicKey([1; 32]), 10_000, 3000)
+        .unwrap();
+    let l2 = s
+        .issue_lease(d.id, WgPublicKey([2; 32]), 10_000, 4000)
+        .unwrap();
+    assert!(l2.serial > l1.serial);
+    assert_eq!(s.active_leases(5000).unwrap().len(), 2);
+    assert_eq!(
+        s.revoke_leases(d.id, Some(l2.serial), "rotated", 5000)
+            .unwrap(),
+        vec![l1.serial]
+    );
+    assert_eq!(s.active_leases(5000).unwrap(), vec![l2.clone()]);
+    assert!(s.active_leases(14_000).unwrap().is_empty(), "expired");
+    assert_eq!(s.lease_counts().unwrap().get(&d.id), Some(&2));
+    s.revoke_device("a", "admin", 6000).unwrap();
+    assert!(s.active_leases(6000).unwrap().is_empty());
+    assert!(matches!(
+        s.issue_lease(d.id, WgPublicKey([3; 32]), 10_000, 7000),
+        Err(StoreError::Refused { .. })
+    ));
+    assert!(s.verify_audit().unwrap().ok);
+}
+
+#[test]
+fn users_are_unique() {
+    let (s, _) = setup();
+    assert!(matches!(
+        s.add_user(&n("alice"), &[], "admin", 1),
+        Err(StoreError::Conflict(_))
+    ));
+    let users = s.list_users().unwrap();
+    assert_eq!(users[0].groups, vec![n("eng")]);
+}
+
+/// Two handles on one database file, as two admin requests (or two coordinators) would have.
+fn two_handles() -> (tempfile::TempDir, SqliteStore, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ward.db");
+    let a = SqliteStore::open(&path).unwrap();
+    let b = SqliteStore::open(&path).unwrap();
+    (dir, a, b)
+}
+
+#[test]
+fn concurrent_tag_edits_both_survive() {
+    let (_dir, a, b) = two_handles();
+    let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
+    a.add_user(&n("alice"), &[], "admin", 1).unwrap();
+    a.create_token(
+        TokenSpec {
+            id: "t",
+            secret_hash: ward_shared::token::hash_secret(b"s"),
+            user: Some(&n("alice")),
+            tags: &[],
+            expires_ms: 5000,
+            uses: 1,
+        },
+        "admin",
+        1,
+    )
+    .unwrap();
+    enroll(&a, &pools, "t", b"s", "box", 1, 2).unwrap();
+    for i in 0..40 {
+        let (ta, tb) = (n(&format!("a{i}")), n(&format!("b{i}")));
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                a.edit_device_tags("box", std::slice::from_ref(&ta), &[], "admin", 10)
+                    .unwrap()
+            });
+            sc.spawn(|| {
+                b.edit_device_tags("box", std::slice::from_ref(&tb), &[], "admin", 10)
+                    .unwrap()
+            });
+        });
+        let tags = a.device_by_name("box").unwrap().tags;
+        assert!(tags.contains(&ta), "round {i}: {tags:?}");
+        assert!(tags.contains(&tb), "round {i}: {tags:?}");
+    }
+    assert_eq!(a.device_by_name("box").unwrap().tags.len(), 80);
+    // Removing is also merged, not overwritten.
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            a.edit_device_tags("box", &[], &[n("a0")], "admin", 11)
+                .unwrap()
+        });
+        sc.spawn(|| {
+            b.edit_device_tags("box", &[], &[n("b0")], "admin", 11)
+                .unwrap()
+        });
+    });
+    let tags = a.device_by_name("box").unwrap().tags;
+    assert_eq!(tags.len(), 78);
+    assert!(a.verify_audit().unwrap().ok);
+}
+
+#[test]
+fn concurrent_group_edits_both_survive() {
+    let (_dir, a, b) = two_handles();
+    a.add_user(&n("alice"), &[], "admin", 1).unwrap();
+    for i in 0..40 {
+        let (ga, gb) = (n(&format!("a{i}")), n(&format!("b{i}")));
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                a.edit_user_groups(&n("alice"), std::slice::from_ref(&ga), &[], "admin", 10)
+                    .unwrap()
+            });
+            sc.spawn(|| {
+                b.edit_user_groups(&n("alice"), std::slice::from_ref(&gb), &[], "admin", 10)
+                    .unwrap()
+            });
+        });
+        let groups = &b.list_users().unwrap()[0].groups;
+        assert!(groups.contains(&ga), "round {i}: {groups:?}");
+        assert!(groups.contains(&gb), "round {i}: {groups:?}");
+    }
+    assert_eq!(a.list_users().unwrap()[0].groups.len(), 80);
+    assert!(a.verify_audit().unwrap().ok);
+}
+
+#[test]
+fn corrupt_columns_are_errors_not_empty() {
+    let (s, pools) = setup();
+    s.create_token(
+        TokenSpec {
+            id: "t",
+            secret_hash: ward_shared::token::hash_secret(b"s"),
+            user: Some(&n("alice")),
+            tags: &[n("web")],
+            expires_ms: 5000,
+            uses: 2,
+        },
+        "admin",
+        1000,
+    )
+    .unwrap();
+    let d = enroll(&s, &pools, "t", b"s", "box", 1, 2000).unwrap();
+    assert_eq!(d.tags, vec![n("web")]);
+    let raw = |sql: &str| {
+        s.conn.lock().unwrap().execute(sql, []).unwrap();
+    };
+    let is_corrupt = |r: Result<Device>, col: &str| match r {
+        Err(StoreError::Corrupt {
+            table, column, row, ..
+        }) => {
+            assert_eq!((table, column, row.as_str()), ("devices", col, "1"));
+        }
+        other => panic!("expected a corrupt {col}, got {other:?}"),
+    };
+
+    raw("UPDATE devices SET tags = 'not json' WHERE id = 1");
+    is_corrupt(s.device_by_name("box"), "tags");
+    assert!(matches!(s.list_devices(), Err(StoreError::Corrupt { .. })));
+    // A tag edit must not "repair" an unreadable set into just the new tag.
+    assert!(matches!(
+        s.edit_device_tags("box", &[n("db")], &[], "admin", 3000),
+        Err(StoreError::Corrupt { .. })
+    ));
+    raw("UPDATE devices SET tags = '[]', endpoints = '[\"nope\"]' WHERE id = 1");
+    is_corrupt(s.device(d.id), "endpoints");
+    raw("UPDATE devices SET endpoints = '[]' WHERE id = 1");
+    assert!(s.device(d.id).unwrap().tags.is_empty());
+
+    raw("UPDATE tokens SET tags = '{' WHERE id = 't'");
+    assert!(matches!(
+        s.list_tokens(),
+        Err(StoreError::Corrupt {
+            table: "tokens",
+            column: "tags",
+            ..
+        })
+    ));
+    // Enrolling with a token whose tags cannot be read refuses rather than dropping them.
+    assert!(enroll(&s, &pools, "t", b"s", "box2", 2, 2000).is_err());
+}
