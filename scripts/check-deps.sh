@@ -31,6 +31,8 @@ cores=(
     shared/src
     coordinator/src/registry.rs
     coordinator/src/trust.rs
+    coordinator/src/model.rs
+    coordinator/src/audit.rs
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
     client/src/agent
