@@ -749,6 +749,7 @@ impl Registry {
                         peers: want.values().cloned().collect(),
                         inbound: inbound.clone(),
                         reach: reach.clone(),
+                        relays: Vec::new(),
                     });
                     session.sent = Some(Sent {
                         seq: 1,
@@ -789,6 +790,7 @@ impl Registry {
                         remove,
                         inbound: inbound_changed.then(|| inbound.clone()),
                         reach: reach_changed.then(|| reach.clone()),
+                        relays: None,
                     });
                     sent.inbound = inbound;
                     sent.reach = reach;

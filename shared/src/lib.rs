@@ -11,6 +11,7 @@
 //!   `explain` and `diff`.
 //! - [`lease`]: coordinator-signed, expiring leases binding a WireGuard key to a device.
 //! - [`posture`]: device posture reports, what to collect, and evaluation against requirements.
+//! - [`discovery`]: the address-discovery messages (what ip:port a relay sees a device at).
 //! - [`duration`]: the one duration grammar (`500ms`, `90s`, `15m`, `1h`, `7d`).
 //! - [`secret`]: a byte-string type that redacts itself in `Debug`.
 //!
@@ -18,6 +19,7 @@
 //! operating system: no sockets, no clock, no OS randomness. Time and random bytes are passed in.
 
 pub mod addr;
+pub mod discovery;
 pub mod duration;
 pub mod filter;
 pub mod lease;

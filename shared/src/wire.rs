@@ -11,7 +11,8 @@
 //!   netmaps carry the inbound filter (`inbound`) and the reach list (`reach`); leases
 //!   (`lease_request`, `lease`, `lease_active`, `rotate_now`, `Peer.leases`,
 //!   `Enrolled.lease_key`); posture (`posture`, `denied_flows`, `posture_wants`,
-//!   `posture_verdict`).
+//!   `posture_verdict`); relays in netmaps (`Netmap.relays`, `NetmapDelta.relays`, both
+//!   optional, so a device that predates them keeps decoding).
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -382,6 +383,17 @@ pub struct Netmap {
     /// What this device may reach (for `ward status`; enforcement is at the destination).
     #[serde(default)]
     pub reach: Vec<Reach>,
+    /// The relays this device may use (address discovery now; forwarding later).
+    #[serde(default)]
+    pub relays: Vec<RelayInfo>,
+}
+
+/// A relay registered with the coordinator (`ward-coordinator relay add`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RelayInfo {
+    pub name: String,
+    /// `HOST:PORT` (a name, an IPv4 or a bracketed IPv6 literal) of its UDP listener.
+    pub addr: String,
 }
 
 /// A service this device may reach on one destination device.
@@ -412,6 +424,9 @@ pub struct NetmapDelta {
     /// Replaces the reach list when present.
     #[serde(default)]
     pub reach: Option<Vec<Reach>>,
+    /// Replaces the relay list when present.
+    #[serde(default)]
+    pub relays: Option<Vec<RelayInfo>>,
 }
 
 impl Netmap {
@@ -437,6 +452,9 @@ impl Netmap {
         }
         if let Some(r) = &d.reach {
             self.reach = r.clone();
+        }
+        if let Some(r) = &d.relays {
+            self.relays = r.clone();
         }
         self.seq = d.seq;
         Ok(())
@@ -645,6 +663,7 @@ mod tests {
             peers: vec![peer(2), peer(3)],
             inbound: vec![],
             reach: vec![],
+            relays: vec![],
         };
         let mut p3 = peer(3);
         p3.online = false;
@@ -655,9 +674,14 @@ mod tests {
             remove: vec![DeviceId(2)],
             inbound: None,
             reach: None,
+            relays: Some(vec![RelayInfo {
+                name: "r1".into(),
+                addr: "[2001:db8::7]:3478".into(),
+            }]),
         };
         nm.apply(&d).unwrap();
         assert_eq!(nm.peers, vec![p3, peer(4)]);
+        assert_eq!(nm.relays[0].name, "r1");
         assert_eq!(nm.seq, 2);
         assert_eq!(nm.apply(&d), Err(WireError::DeltaGap { have: 2, base: 1 }));
     }

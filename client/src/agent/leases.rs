@@ -174,6 +174,7 @@ mod tests {
             }],
             inbound: vec![],
             reach: vec![],
+            relays: vec![],
         }
     }
 

@@ -198,6 +198,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         }],
         inbound: vec![],
         reach: vec![],
+        relays: vec![],
     }
 }
 
