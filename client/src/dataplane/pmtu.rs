@@ -37,7 +37,9 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
 use super::engine::icmp::checksum;
+use super::engine::icmp::{icmp_error, IcmpError};
 
 /// Outer overhead per inner packet over IPv4: IPv4 header 20 + UDP 8 + WireGuard data
 /// header 16 + tag 16.
@@ -55,8 +57,6 @@ const IDLE_REFRESHES: u8 = 60;
 const MAX_PATHS: usize = 4096;
 /// Most ICMP too-big errors written back to the TUN per second.
 const TOO_BIG_PER_SEC: u32 = 100;
-const ICMP4_ERROR_MAX: usize = 576;
-const ICMP6_ERROR_MAX: usize = 1280;
 
 /// Why a UDP send failed, as counted in [`PathMtuCounters`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,92 +364,10 @@ fn is_v4(ip: IpAddr) -> bool {
 
 /// The ICMP error telling the sender of `packet` that `mtu` is the most its path carries:
 /// fragmentation needed (IPv4 with DF) or packet too big (IPv6), from the packet's
-/// destination to its source, quoting as much of the packet as the minimum MTU allows (RFC
-/// 1812 §4.3.2.3, RFC 4443 §2.4). `None` when nothing may be sent: IPv4 without DF, ICMP
-/// errors, non-first fragments, unspecified, multicast or broadcast sources, malformed
-/// headers.
+/// destination to its source. `None` when nothing may be sent (IPv4 without DF, ICMP errors,
+/// non-first fragments, unspecified, multicast or broadcast sources, malformed headers).
 pub fn too_big_reply(packet: &[u8], mtu: u16) -> Option<Vec<u8>> {
-    match packet.first()? >> 4 {
-        4 => icmp4_frag_needed(packet, mtu),
-        6 => icmp6_packet_too_big(packet, u32::from(mtu)),
-        _ => None,
-    }
-}
-
-/// ICMPv4 type 3 code 4 with the next-hop MTU (RFC 1191) for an IPv4 packet with DF set.
-pub fn icmp4_frag_needed(packet: &[u8], mtu: u16) -> Option<Vec<u8>> {
-    let ihl = usize::from(packet.first()? & 0x0f) * 4;
-    if packet.first()? >> 4 != 4 || ihl < 20 || packet.len() < ihl {
-        return None;
-    }
-    let frag = u16::from_be_bytes([packet[6], packet[7]]);
-    let dont_fragment = frag & 0x4000 != 0;
-    let src = std::net::Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
-    if !dont_fragment
-        || frag & 0x1fff != 0
-        || src.is_unspecified()
-        || src.is_multicast()
-        || src.is_broadcast()
-    {
-        return None;
-    }
-    // Only ICMP queries (echo, timestamp, …) are answered; never an ICMP error.
-    if packet[9] == 1 && !matches!(packet.get(ihl), Some(0 | 8 | 13 | 14)) {
-        return None;
-    }
-    let quoted = &packet[..packet.len().min(ICMP4_ERROR_MAX - 28)];
-    let total = 28 + quoted.len();
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&u16::try_from(total).ok()?.to_be_bytes());
-    p[8] = 64;
-    p[9] = 1;
-    p[12..16].copy_from_slice(&packet[16..20]);
-    p[16..20].copy_from_slice(&packet[12..16]);
-    let c = checksum(&[&p[..20]]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p[20] = 3;
-    p[21] = 4;
-    p[26..28].copy_from_slice(&mtu.to_be_bytes());
-    p[28..].copy_from_slice(quoted);
-    let c = checksum(&[&p[20..]]);
-    p[22..24].copy_from_slice(&c.to_be_bytes());
-    Some(p)
-}
-
-/// ICMPv6 type 2 code 0 (RFC 4443 §3.2) with the MTU.
-pub fn icmp6_packet_too_big(packet: &[u8], mtu: u32) -> Option<Vec<u8>> {
-    if packet.len() < 40 || packet[0] >> 4 != 6 {
-        return None;
-    }
-    let src = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&packet[8..24]).ok()?);
-    if src.is_unspecified() || src.is_multicast() {
-        return None;
-    }
-    // Never answer an ICMPv6 error (types below 128).
-    if packet[6] == 58 && packet.get(40).is_none_or(|t| *t < 128) {
-        return None;
-    }
-    let quoted = &packet[..packet.len().min(ICMP6_ERROR_MAX - 48)];
-    let plen = 8 + quoted.len();
-    let mut p = vec![0u8; 40 + plen];
-    p[0] = 0x60;
-    p[4..6].copy_from_slice(&u16::try_from(plen).ok()?.to_be_bytes());
-    p[6] = 58;
-    p[7] = 64;
-    p[8..24].copy_from_slice(&packet[24..40]);
-    p[24..40].copy_from_slice(&packet[8..24]);
-    p[40] = 2;
-    p[41] = 0;
-    p[44..48].copy_from_slice(&mtu.to_be_bytes());
-    p[48..].copy_from_slice(quoted);
-    let mut pseudo = [0u8; 40];
-    pseudo[..32].copy_from_slice(&p[8..40]);
-    pseudo[32..36].copy_from_slice(&u32::try_from(plen).ok()?.to_be_bytes());
-    pseudo[39] = 58;
-    let c = checksum(&[&pseudo, &p[40..]]);
-    p[42..44].copy_from_slice(&c.to_be_bytes());
-    Some(p)
+    icmp_error(packet, IcmpError::TooBig { mtu })
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -619,7 +537,7 @@ mod tests {
     #[test]
     fn frag_needed_quotes_and_checksums() {
         let pkt = v4_tcp(1420, true);
-        let r = icmp4_frag_needed(&pkt, 1400).unwrap();
+        let r = too_big_reply(&pkt, 1400).unwrap();
         assert_eq!(r.len(), 576);
         assert_eq!(r[0], 0x45);
         assert_eq!(u16::from_be_bytes([r[2], r[3]]) as usize, r.len());
@@ -636,45 +554,39 @@ mod tests {
         assert_eq!(&r[28..], &pkt[..548]);
         // A short packet is quoted whole.
         let small = v4_tcp(60, true);
-        let r = icmp4_frag_needed(&small, 1400).unwrap();
+        let r = too_big_reply(&small, 1400).unwrap();
         assert_eq!(&r[28..], &small[..]);
         assert_eq!(checksum(&[&r[20..]]), 0);
     }
 
     #[test]
     fn frag_needed_refusals() {
-        assert!(
-            icmp4_frag_needed(&v4_tcp(1420, false), 1400).is_none(),
-            "no DF"
-        );
+        assert!(too_big_reply(&v4_tcp(1420, false), 1400).is_none(), "no DF");
         let mut frag = v4_tcp(1420, true);
         frag[7] = 1;
-        assert!(
-            icmp4_frag_needed(&frag, 1400).is_none(),
-            "non-first fragment"
-        );
+        assert!(too_big_reply(&frag, 1400).is_none(), "non-first fragment");
         let mut err = v4_tcp(1420, true);
         err[9] = 1;
         err[20] = 3;
-        assert!(icmp4_frag_needed(&err, 1400).is_none(), "ICMP error");
+        assert!(too_big_reply(&err, 1400).is_none(), "ICMP error");
         let mut echo = err.clone();
         echo[20] = 8;
-        assert!(icmp4_frag_needed(&echo, 1400).is_some(), "echo request");
+        assert!(too_big_reply(&echo, 1400).is_some(), "echo request");
         let mut mc = v4_tcp(1420, true);
         mc[12] = 224;
-        assert!(icmp4_frag_needed(&mc, 1400).is_none(), "multicast source");
-        assert!(icmp4_frag_needed(&v4_tcp(1420, true)[..19], 1400).is_none());
-        assert!(icmp4_frag_needed(&[], 1400).is_none());
+        assert!(too_big_reply(&mc, 1400).is_none(), "multicast source");
+        assert!(too_big_reply(&v4_tcp(1420, true)[..19], 1400).is_none());
+        assert!(too_big_reply(&[], 1400).is_none());
         let mut bad_ihl = v4_tcp(40, true);
         bad_ihl[0] = 0x4f;
-        assert!(icmp4_frag_needed(&bad_ihl, 1400).is_none());
+        assert!(too_big_reply(&bad_ihl, 1400).is_none());
         assert!(too_big_reply(&[0x10; 64], 1400).is_none());
     }
 
     #[test]
     fn packet_too_big_quotes_and_checksums() {
         let pkt = v6_tcp(1420);
-        let r = icmp6_packet_too_big(&pkt, 1380).unwrap();
+        let r = too_big_reply(&pkt, 1380).unwrap();
         assert_eq!(r.len(), 1280);
         assert_eq!(r[0] >> 4, 6);
         assert_eq!(u16::from_be_bytes([r[4], r[5]]) as usize, r.len() - 40);
@@ -691,7 +603,7 @@ mod tests {
         assert_eq!(checksum(&[&pseudo, &r[40..]]), 0, "ICMPv6 checksum");
         // Odd-length packets checksum too.
         let odd = v6_tcp(101);
-        let r = icmp6_packet_too_big(&odd, 1380).unwrap();
+        let r = too_big_reply(&odd, 1380).unwrap();
         pseudo[..32].copy_from_slice(&r[8..40]);
         pseudo[32..36].copy_from_slice(&((r.len() - 40) as u32).to_be_bytes());
         assert_eq!(checksum(&[&pseudo, &r[40..]]), 0);
@@ -703,16 +615,13 @@ mod tests {
         let mut err = v6_tcp(200);
         err[6] = 58;
         err[40] = 1;
-        assert!(icmp6_packet_too_big(&err, 1280).is_none(), "ICMPv6 error");
+        assert!(too_big_reply(&err, 1280).is_none(), "ICMPv6 error");
         err[40] = 128;
-        assert!(icmp6_packet_too_big(&err, 1280).is_some(), "echo request");
+        assert!(too_big_reply(&err, 1280).is_some(), "echo request");
         let mut mc = v6_tcp(200);
         mc[8] = 0xff;
-        assert!(
-            icmp6_packet_too_big(&mc, 1280).is_none(),
-            "multicast source"
-        );
-        assert!(icmp6_packet_too_big(&v6_tcp(200)[..39], 1280).is_none());
+        assert!(too_big_reply(&mc, 1280).is_none(), "multicast source");
+        assert!(too_big_reply(&v6_tcp(200)[..39], 1280).is_none());
     }
 
     /// Through the core: once the path to a peer is known to be 1280, a 1300-byte inner packet
