@@ -794,6 +794,20 @@ mod tests {
             }),
             set(&["seq", "ts_ms", "actor", "action", "target", "detail", "hash"])
         );
+        let relay = RelayView {
+            name: "r1".into(),
+            addr: "[2001:db8::1]:3478".into(),
+            created_ms: 1_700_000_000_000,
+        };
+        assert_eq!(keys(&relay), set(&["name", "addr", "created_ms"]));
+        let lines = render_table(std::slice::from_ref(&relay));
+        assert_eq!(
+            lines,
+            [
+                "NAME  ADDR                ADDED",
+                "r1    [2001:db8::1]:3478  2023-11-14T22:13:20Z"
+            ]
+        );
         // The server's untagged reply is exactly the view.
         assert_eq!(
             serde_json::to_value(AdminReply::Device(device())).unwrap(),
