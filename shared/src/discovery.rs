@@ -8,10 +8,13 @@
 //! message, every malformed input an error.
 //!
 //! ```text
-//! request : MAGIC(4) version(1)=1 kind(1)=1 txid(12)                          = 18 bytes
+//! request : MAGIC(4) version(1)=1 kind(1)=1 txid(12) zero padding(19)         = 37 bytes
 //! response: MAGIC(4) version(1)=1 kind(1)=2 txid(12) family(1)=4|6 port(2, BE)
 //!           address(4 | 16)                                              = 25 | 37 bytes
 //! ```
+//!
+//! A request is padded to the longest response, so a relay never answers with more bytes than
+//! it received: a forged source address cannot turn a relay into an amplifier.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -22,10 +25,10 @@ pub const VERSION: u8 = 1;
 const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
 const HEADER: usize = 4 + 1 + 1 + 12;
-/// Length of an encoded [`BindingRequest`].
-pub const REQUEST_LEN: usize = HEADER;
 /// Longest encoded [`BindingResponse`] (IPv6).
 pub const MAX_RESPONSE_LEN: usize = HEADER + 1 + 2 + 16;
+/// Length of an encoded [`BindingRequest`]: padded to [`MAX_RESPONSE_LEN`] (no amplification).
+pub const REQUEST_LEN: usize = MAX_RESPONSE_LEN;
 
 /// A transaction id: random, chosen by the device, echoed by the relay.
 pub type TxId = [u8; 12];
@@ -75,7 +78,7 @@ impl BindingRequest {
 
     pub fn decode(b: &[u8]) -> Result<Self, DiscoveryError> {
         let txid = header(b, KIND_REQUEST)?;
-        if b.len() != REQUEST_LEN {
+        if b.len() != REQUEST_LEN || b[HEADER..].iter().any(|&p| p != 0) {
             return Err(DiscoveryError::Length { len: b.len() });
         }
         Ok(BindingRequest { txid })
@@ -168,7 +171,12 @@ mod tests {
         let b = req.encode();
         assert_eq!(
             b.to_vec(),
-            [&[0xff, b'W', b'R', b'D', 1, 1][..], &[7; 12][..],].concat()
+            [
+                &[0xff, b'W', b'R', b'D', 1, 1][..],
+                &[7; 12][..],
+                &[0; 19][..]
+            ]
+            .concat()
         );
         assert_eq!(BindingRequest::decode(&b), Ok(req));
 
@@ -188,6 +196,15 @@ mod tests {
         let b = v6.encode();
         assert_eq!(b.len(), MAX_RESPONSE_LEN);
         assert_eq!(BindingResponse::decode(&b), Ok(v6));
+    }
+
+    #[test]
+    fn a_response_is_never_longer_than_its_request() {
+        let v6 = BindingResponse {
+            txid: [0; 12],
+            observed: "[2001:db8::1]:1".parse().unwrap(),
+        };
+        assert!(v6.encode().len() <= BindingRequest { txid: [0; 12] }.encode().len());
     }
 
     #[test]
@@ -231,7 +248,12 @@ mod tests {
         b[18] = 5;
         assert_eq!(BindingResponse::decode(&b), Err(DiscoveryError::Family(5)));
         let req = BindingRequest { txid: [0; 12] }.encode();
-        assert!(BindingRequest::decode(&req[..17]).is_err());
+        for n in 0..REQUEST_LEN {
+            assert!(BindingRequest::decode(&req[..n]).is_err(), "{n}");
+        }
+        let mut dirty = req;
+        dirty[REQUEST_LEN - 1] = 1;
+        assert!(BindingRequest::decode(&dirty).is_err(), "non-zero padding");
         assert!(BindingRequest::decode(&[req.as_slice(), &[0]].concat()).is_err());
         assert!(!is_discovery(&[1, 0, 0, 0]));
     }

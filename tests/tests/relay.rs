@@ -70,21 +70,25 @@ impl Relay {
     }
 }
 
-/// Sends a binding request from `sock` and waits for the matching answer.
+/// Sends a binding request from `sock` and waits for the matching answer, retrying like a real
+/// client does (a flood can fill the relay's socket buffer, and the kernel then drops datagrams
+/// before the relay sees them).
 fn ask(sock: &UdpSocket, relay: SocketAddr, txid: u8) -> Option<BindingResponse> {
     sock.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
-    sock.send_to(&BindingRequest { txid: [txid; 12] }.encode(), relay)
-        .unwrap();
     let mut buf = [0u8; 128];
-    loop {
-        let (n, from) = sock.recv_from(&mut buf).ok()?;
-        assert_eq!(from, relay);
-        let resp = BindingResponse::decode(&buf[..n]).unwrap();
-        if resp.txid == [txid; 12] {
-            return Some(resp);
+    for _attempt in 0..5 {
+        sock.send_to(&BindingRequest { txid: [txid; 12] }.encode(), relay)
+            .unwrap();
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            assert_eq!(from, relay);
+            let resp = BindingResponse::decode(&buf[..n]).unwrap();
+            if resp.txid == [txid; 12] {
+                return Some(resp);
+            }
         }
     }
+    None
 }
 
 #[test]
