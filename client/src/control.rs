@@ -21,6 +21,8 @@ use ward_shared::wire::{
 };
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long enrollment waits for its connection's close to be sent.
+const CLOSE_GRACE: Duration = Duration::from_millis(300);
 /// Head start of one coordinator address over the next (RFC 8305's connection attempt delay).
 pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
@@ -358,7 +360,9 @@ pub async fn enroll(token: &EnrollToken, hostname: &str, os: &str) -> Result<(En
         .await
         .map_err(|_| anyhow!("the coordinator did not answer the enrollment"))??;
     ch.conn.close(0u32.into(), b"enrolled");
-    endpoint.wait_idle().await;
+    // Long enough for the close to go out; a losing happy-eyeballs attempt to an address that
+    // never answered would otherwise hold the endpoint for its whole drain period (seconds).
+    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
     match reply {
         Some(CoordinatorMsg::Enrolled(e)) => {
             if Sha256::digest(&e.ca_der.0).as_slice() != token.ca_sha256 {

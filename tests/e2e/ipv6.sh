@@ -4,8 +4,9 @@
 # literal, three devices enroll over IPv6, publish IPv6 candidates, reach each other directly
 # over IPv6 endpoints, and carry ping and TCP over the overlay's IPv4 and IPv6. Part 2, a
 # dual-stack underlay: a device reaches a coordinator given by an IPv4 literal through its
-# dual-stack endpoint, and a coordinator name with both an IPv6 and an IPv4 address is reached
-# over IPv4 within the happy-eyeballs delay when IPv6 to it is dropped.
+# dual-stack endpoint. Part 3, happy eyeballs: a coordinator name with both an IPv6 and an IPv4
+# address is reached over IPv6 first, and over IPv4 within the happy-eyeballs delay when IPv6
+# to it is dropped.
 # Needs root; prints `N passed, N failed` and exits non-zero on any failure.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
@@ -102,5 +103,44 @@ check "d -> e overlay IPv4 ping" lab_exec d ping -c3 -i0.2 -W2 "$E4"
 check "e -> d overlay IPv4 ping" lab_exec e ping -c3 -i0.2 -W2 "$D4"
 P2=$((SECONDS - T1))
 
-echo "timing: IPv6-only part ${P1}s, dual-stack part ${P2}s"
+lab_cleanup
+T2=$SECONDS
+say "4. happy eyeballs: a coordinator name with an IPv6 and an IPv4 address"
+lab_init --dual-stack
+for h in f g; do lab_add_wan_host "$h"; done
+# `ip netns exec` bind-mounts /etc/netns/NS/hosts over /etc/hosts: the name resolves to both
+# families inside f and g only.
+NETNS_ETC=()
+for h in f g; do
+    NETNS_ETC+=("/etc/netns/$(lab_ns "$h")")
+    mkdir -p "/etc/netns/$(lab_ns "$h")"
+    printf '10.99.0.1 coord.ward-lab.test\nfd00:99::1 coord.ward-lab.test\n' >"/etc/netns/$(lab_ns "$h")/hosts"
+done
+cleanup_etc() { local rc=$?; rm -rf "${NETNS_ETC[@]}"; (exit "$rc"); lab_cleanup; }
+trap cleanup_etc EXIT
+LAB_COORD_PUBLIC_ADDR="coord.ward-lab.test:7443" lab_start_coordinator
+# g's IPv6 route to the coordinator silently drops everything.
+lab_exec g ip -6 route add blackhole fd00:99::1/128
+for h in f g; do lab_start_device "$h"; done
+lab_coord user add alice >/dev/null
+check "f enrolls at the name" enroll f
+t0=$(now_ms)
+check "g enrolls at the name with IPv6 to it dropped" enroll g
+EG=$(($(now_ms) - t0))
+check "g's enrollment fell back to IPv4 quickly (${EG} ms < 3000 ms)" test "$EG" -lt 3000
+# remote_of HOST: the remote address the coordinator logged for HOST's control session.
+remote_of() {
+    sed 's/\x1b\[[0-9;]*m//g' "$LAB_DIR/logs/coordinator.log" |
+        sed -n "s/.*device connected .*hostname=$1 remote=\(.*\)$/\1/p" | tail -n1
+}
+# remote_is HOST PREFIX: that address starts with PREFIX.
+remote_is() { [[ "$(remote_of "$1")" == "$2"* ]]; }
+lab_wait_for -t 5 test -s "$LAB_DIR/logs/coordinator.log"
+lab_wait_for -t 5 remote_is g "["
+check "f's control session came over IPv6, tried first ($(remote_of f))" remote_is f "[fd00:99::11]:"
+check "g's control session came over IPv4 ($(remote_of g))" remote_is g "[::ffff:10.99.0.12]:"
+rm -rf "${NETNS_ETC[@]}"
+P3=$((SECONDS - T2))
+
+echo "timing: IPv6-only part ${P1}s, dual-stack part ${P2}s, happy-eyeballs part ${P3}s"
 finish
