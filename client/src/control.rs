@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::{debug, info};
 
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{
@@ -20,6 +21,10 @@ use ward_shared::wire::{
 };
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long enrollment waits for its connection's close to be sent.
+const CLOSE_GRACE: Duration = Duration::from_millis(300);
+/// Head start of one coordinator address over the next (RFC 8305's connection attempt delay).
+pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
 /// A refusal the coordinator gave in words, as opposed to a network failure.
 #[derive(Debug, thiserror::Error)]
@@ -155,17 +160,123 @@ pub fn session_config(
     client_config(tls)
 }
 
-pub async fn resolve(addr: &str) -> Result<SocketAddr> {
-    tokio::net::lookup_host(addr)
-        .await
-        .with_context(|| format!("cannot resolve coordinator address {addr:?}"))?
-        .next()
-        .ok_or_else(|| anyhow!("coordinator address {addr:?} resolves to nothing"))
+/// Every address the coordinator's `HOST:PORT` names, in the order to try them
+/// ([`eyeballs_order`]). A literal address is used as is, without a lookup.
+pub async fn resolve(addr: &str) -> Result<Vec<SocketAddr>> {
+    if let Ok(literal) = addr.parse::<SocketAddr>() {
+        return Ok(vec![literal]);
+    }
+    let found = eyeballs_order(
+        tokio::net::lookup_host(addr)
+            .await
+            .with_context(|| format!("cannot resolve coordinator address {addr:?}"))?,
+    );
+    if found.is_empty() {
+        bail!("coordinator address {addr:?} resolves to nothing");
+    }
+    Ok(found)
 }
 
+/// Orders resolved addresses for happy eyeballs (RFC 8305 section 4): IPv6 first, then the
+/// families alternate, each keeping the resolver's order; repeats are dropped.
+pub fn eyeballs_order(addrs: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr> {
+    let mut v6 = Vec::new();
+    let mut v4 = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for a in addrs {
+        if !seen.insert(a) {
+            continue;
+        }
+        match a {
+            SocketAddr::V6(_) => v6.push(a),
+            SocketAddr::V4(_) => v4.push(a),
+        }
+    }
+    let mut out = Vec::with_capacity(v6.len() + v4.len());
+    let (mut i6, mut i4) = (v6.into_iter(), v4.into_iter());
+    loop {
+        match (i6.next(), i4.next()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
+/// A QUIC client endpoint on `[::]:0` with `IPV6_V6ONLY` off, so it reaches IPv4 and IPv6
+/// coordinators alike; `0.0.0.0:0` where the host has no IPv6.
 pub fn client_endpoint() -> Result<quinn::Endpoint> {
-    quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
-        .context("opening a UDP socket for the control channel")
+    let bound = ward_runtime::net::bind_udp_dual_stack(0)
+        .context("opening a UDP socket for the control channel")?;
+    if let Some(e) = &bound.ipv4_only_because {
+        info!(error = %e, "IPv6 unavailable: the control channel uses IPv4 only");
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| anyhow!("the control channel needs a tokio runtime"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        bound.socket,
+        runtime,
+    )
+    .context("opening the control channel's QUIC endpoint")
+}
+
+/// Connects to the first of `addrs` to finish the QUIC handshake (RFC 8305 style): an attempt
+/// starts every [`ATTEMPT_DELAY`], or at once when the previous one failed, and the rest are
+/// dropped when one completes. IPv6 addresses are skipped on an IPv4-only endpoint.
+pub async fn connect_first(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addrs: &[SocketAddr],
+) -> Result<quinn::Connection> {
+    let ipv6_ok = endpoint.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+    let usable: Vec<SocketAddr> = addrs
+        .iter()
+        .copied()
+        .filter(|a| ipv6_ok || a.is_ipv4())
+        .collect();
+    let [first, ..] = usable[..] else {
+        bail!("no usable coordinator address in {addrs:?} (IPv6 addresses need IPv6 on this host)");
+    };
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut pending = tokio::task::JoinSet::new();
+    let mut next = usable.iter().copied();
+    loop {
+        if let Some(addr) = next.next() {
+            debug!(%addr, "connecting to the coordinator");
+            let connecting = endpoint.connect_with(cfg.clone(), addr, COORDINATOR_SERVER_NAME)?;
+            pending.spawn(async move { (addr, connecting.await) });
+        }
+        let more = next.len() > 0;
+        tokio::select! {
+            joined = pending.join_next(), if !pending.is_empty() => match joined {
+                Some(Ok((addr, Ok(conn)))) => {
+                    pending.abort_all();
+                    debug!(%addr, "connected to the coordinator");
+                    return Ok(conn);
+                }
+                Some(Ok((addr, Err(e)))) => {
+                    debug!(%addr, error = %e, "coordinator connection attempt failed");
+                    if pending.is_empty() && !more {
+                        bail!("cannot connect to the coordinator at {addr}: {e}");
+                    }
+                }
+                // A task only ends without a result when aborted, and we abort only on return.
+                Some(Err(e)) if pending.is_empty() && !more => {
+                    bail!("coordinator connection attempt ended: {e}");
+                }
+                Some(Err(_)) | None => {}
+            },
+            _ = tokio::time::sleep(ATTEMPT_DELAY), if more => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                pending.abort_all();
+                if usable.len() == 1 {
+                    bail!("no answer from the coordinator at {first} within {CONNECT_TIMEOUT:?}");
+                }
+                bail!("no answer from the coordinator at any of {usable:?} within {CONNECT_TIMEOUT:?}");
+            }
+        }
+    }
 }
 
 /// A control-stream connection: frames in, frames out.
@@ -183,13 +294,16 @@ impl Channel {
         cfg: quinn::ClientConfig,
         addr: SocketAddr,
     ) -> Result<Self> {
-        let connecting = endpoint.connect_with(cfg, addr, COORDINATOR_SERVER_NAME)?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| {
-                anyhow!("no answer from the coordinator at {addr} within {CONNECT_TIMEOUT:?}")
-            })?
-            .map_err(|e| anyhow!("cannot connect to the coordinator at {addr}: {e}"))?;
+        Self::open_any(endpoint, cfg, &[addr]).await
+    }
+
+    /// Opens the control stream on the first of `addrs` to answer ([`connect_first`]).
+    pub async fn open_any(
+        endpoint: &quinn::Endpoint,
+        cfg: quinn::ClientConfig,
+        addrs: &[SocketAddr],
+    ) -> Result<Self> {
+        let conn = connect_first(endpoint, cfg, addrs).await?;
         let (send, recv) = conn.open_bi().await?;
         Ok(Self {
             conn,
@@ -230,9 +344,9 @@ pub async fn enroll(token: &EnrollToken, hostname: &str, os: &str) -> Result<(En
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .context("making certificate request")?;
-    let addr = resolve(&token.coordinator).await?;
+    let addrs = resolve(&token.coordinator).await?;
     let endpoint = client_endpoint()?;
-    let mut ch = Channel::open(&endpoint, enroll_config(token.ca_sha256)?, addr).await?;
+    let mut ch = Channel::open_any(&endpoint, enroll_config(token.ca_sha256)?, &addrs).await?;
     ch.send(&DeviceMsg::Enroll(EnrollRequest {
         protocol: PROTOCOL_VERSION,
         token_id: token.id_hex(),
@@ -246,7 +360,9 @@ pub async fn enroll(token: &EnrollToken, hostname: &str, os: &str) -> Result<(En
         .await
         .map_err(|_| anyhow!("the coordinator did not answer the enrollment"))??;
     ch.conn.close(0u32.into(), b"enrolled");
-    endpoint.wait_idle().await;
+    // Long enough for the close to go out; a losing happy-eyeballs attempt to an address that
+    // never answered would otherwise hold the endpoint for its whole drain period (seconds).
+    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
     match reply {
         Some(CoordinatorMsg::Enrolled(e)) => {
             if Sha256::digest(&e.ca_der.0).as_slice() != token.ca_sha256 {
@@ -281,4 +397,134 @@ pub fn test_csr() -> Vec<u8> {
         .and_then(|k| rcgen::CertificateParams::default().serialize_request(&k))
         .map(|c| c.der().to_vec())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn eyeballs_puts_ipv6_first_and_interleaves() {
+        let got = eyeballs_order([
+            a("10.0.0.1:7443"),
+            a("10.0.0.2:7443"),
+            a("10.0.0.3:7443"),
+            a("[fd00::1]:7443"),
+            a("[fd00::2]:7443"),
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                a("[fd00::1]:7443"),
+                a("10.0.0.1:7443"),
+                a("[fd00::2]:7443"),
+                a("10.0.0.2:7443"),
+                a("10.0.0.3:7443"),
+            ]
+        );
+    }
+
+    #[test]
+    fn eyeballs_keeps_one_family_in_resolver_order_and_drops_repeats() {
+        assert_eq!(
+            eyeballs_order([a("10.0.0.2:1"), a("10.0.0.1:1"), a("10.0.0.2:1")]),
+            vec![a("10.0.0.2:1"), a("10.0.0.1:1")]
+        );
+        assert_eq!(
+            eyeballs_order([a("[::2]:1"), a("[::1]:1")]),
+            vec![a("[::2]:1"), a("[::1]:1")]
+        );
+        assert!(eyeballs_order([]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn literal_addresses_are_used_as_is() {
+        assert_eq!(
+            resolve("[fd00:77::1]:7443").await.unwrap(),
+            vec![a("[fd00:77::1]:7443")]
+        );
+        assert_eq!(
+            resolve("10.99.0.1:7443").await.unwrap(),
+            vec![a("10.99.0.1:7443")]
+        );
+    }
+
+    #[tokio::test]
+    async fn client_endpoint_is_dual_stack_where_the_host_has_ipv6() {
+        let ep = client_endpoint().unwrap();
+        if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+            assert!(ep.local_addr().unwrap().is_ipv6());
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_first_moves_on_from_a_silent_address() {
+        // A silent IPv6 address first, then a QUIC server on IPv4: the second attempt starts
+        // after the attempt delay and wins.
+        if std::net::UdpSocket::bind("[::1]:0").is_err() {
+            return;
+        }
+        let silent = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![COORDINATOR_SERVER_NAME.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_der = cert.der().to_vec();
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(cert_der.clone())],
+                PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+        let server_cfg = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+        ));
+        let server = quinn::Endpoint::server(server_cfg, a("127.0.0.1:0")).unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let inc = server.accept().await.unwrap();
+            let conn = inc.await.unwrap();
+            let remote = conn.remote_address();
+            conn.closed().await;
+            remote
+        });
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(cert_der)).unwrap();
+        let mut ctls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        ctls.alpn_protocols = vec![wire::ALPN.to_vec()];
+        let ep = client_endpoint().unwrap();
+        let started = std::time::Instant::now();
+        let conn = connect_first(
+            &ep,
+            client_config(ctls).unwrap(),
+            &[silent.local_addr().unwrap(), server_addr],
+        )
+        .await
+        .unwrap();
+        let took = started.elapsed();
+        // The dual-stack endpoint reached the IPv4 server (it sees a v4-mapped address).
+        assert_eq!(conn.remote_address().port(), server_addr.port());
+        assert!(
+            took >= ATTEMPT_DELAY,
+            "second attempt started early: {took:?}"
+        );
+        assert!(took < CONNECT_TIMEOUT / 2, "took {took:?}");
+        conn.close(0u32.into(), b"done");
+        let remote = accept.await.unwrap();
+        assert!(remote.ip().is_loopback() || remote.ip().to_string().contains("127.0.0.1"));
+    }
 }

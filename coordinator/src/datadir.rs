@@ -132,6 +132,8 @@ impl DataDir {
     }
 }
 
+/// `--public-addr` is `HOST:PORT` with a DNS name or IPv4 literal, or `[IPV6]:PORT`; an IPv6
+/// literal must be bracketed, since its colons would otherwise run into the port.
 fn validate_public_addr(s: &str) -> Result<()> {
     let Some((host, port)) = s.rsplit_once(':') else {
         bail!("--public-addr must be HOST:PORT, got {s:?}");
@@ -141,6 +143,16 @@ fn validate_public_addr(s: &str) -> Result<()> {
         .with_context(|| format!("--public-addr port {port:?} is not a number"))?;
     if port == 0 || host.is_empty() || s.len() > ward_shared::token::MAX_ADDR_LEN {
         bail!("--public-addr must be HOST:PORT with a non-zero port, got {s:?}");
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let Some(ip) = inner.strip_suffix(']') else {
+            bail!("--public-addr has an unclosed '[' in {s:?}");
+        };
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            bail!("--public-addr [{ip}] is not an IPv6 address");
+        }
+    } else if host.contains(':') || host.contains(']') {
+        bail!("--public-addr: write an IPv6 address in brackets, as [ADDR]:PORT, got {s:?}");
     }
     Ok(())
 }
@@ -189,5 +201,13 @@ mod tests {
         assert!(validate_public_addr("nope").is_err());
         assert!(validate_public_addr("host:0").is_err());
         assert!(validate_public_addr("host:99999").is_err());
+        assert!(validate_public_addr("10.99.0.1:7443").is_ok());
+        assert!(validate_public_addr("[fd00:77::1]:7443").is_ok());
+        // An IPv6 literal without brackets, or with broken ones, is refused.
+        assert!(validate_public_addr("fd00:77::1:7443").is_err());
+        assert!(validate_public_addr("[fd00:77::1:7443").is_err());
+        assert!(validate_public_addr("fd00:77::1]:7443").is_err());
+        assert!(validate_public_addr("[not-v6]:7443").is_err());
+        assert!(validate_public_addr("[10.0.0.1]:7443").is_err());
     }
 }

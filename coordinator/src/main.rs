@@ -47,7 +47,8 @@ enum Cmd {
     },
     /// Run the coordinator.
     Serve {
-        /// Local address for the QUIC listener (default: 0.0.0.0 and the public address's port).
+        /// Local address for the QUIC listener (default: `[::]` dual-stack, or 0.0.0.0 where the
+        /// host has no IPv6, and the public address's port).
         #[arg(long, env = "WARD_LISTEN")]
         listen: Option<SocketAddr>,
         /// Default lease lifetime of a device key.

@@ -109,6 +109,27 @@ pub fn hash_secret(secret: &[u8]) -> [u8; 32] {
 mod tests {
     use super::*;
 
+    #[test]
+    fn ipv6_literal_address_round_trips() {
+        for coordinator in [
+            "[fd00:77::1]:7443",
+            "[2001:db8::1]:443",
+            "coord.example:7443",
+        ] {
+            let t = EnrollToken {
+                coordinator: coordinator.into(),
+                ..sample()
+            };
+            let back = EnrollToken::parse(&t.encode()).unwrap();
+            assert_eq!(back, t);
+            assert_eq!(back.coordinator, coordinator);
+            assert!(
+                back.coordinator.parse::<std::net::SocketAddr>().is_ok()
+                    || !coordinator.starts_with('[')
+            );
+        }
+    }
+
     fn sample() -> EnrollToken {
         EnrollToken {
             coordinator: "10.99.0.1:7443".into(),

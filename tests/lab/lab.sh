@@ -31,6 +31,15 @@
 #   * Everything uses private addresses inside namespaces this library
 #     created; no interface is created in the root namespace.
 #
+# Underlay families: `lab_init` alone builds the IPv4 lab above. `lab_init
+# --ipv6-only` builds the same wan with IPv6 only: br0 has fd00:99::1/64 and
+# wan host N gets fd00:99::(10+N)/64 (the digits of 10+N, e.g. fd00:99::11);
+# no underlay interface has an IPv4 address, and natted hosts are refused (the
+# lab has no IPv6 NAT). `lab_init --dual-stack` gives the wan namespace and
+# every wan host both addresses (natted hosts and routers stay IPv4-only);
+# lab_ip and lab_public_ip keep printing IPv4 there, lab_ip6 prints the IPv6.
+# IPv6 addresses are added with nodad, so they are usable at once.
+#
 # Cleanup: lab_init installs `trap lab_cleanup EXIT` (and makes INT/TERM exit).
 # If your script sets its own EXIT trap, call lab_cleanup from it. lab_cleanup
 # stops every process started by lab_spawn (by PID, after checking that the PID
@@ -46,6 +55,7 @@ if [[ -n "${_WARD_LAB_SOURCED:-}" ]]; then return 0; fi
 _WARD_LAB_SOURCED=1
 
 LAB_WAN_SUBNET_PREFIX="10.99.0"
+LAB_WAN6_PREFIX="fd00:99:"
 LAB_WAIT_TIMEOUT="${LAB_WAIT_TIMEOUT:-20}"
 
 _lab_self="${BASH_SOURCE[0]}"
@@ -97,10 +107,18 @@ _lab_new_ns() { # NSNAME: create, remember, bring lo up
 }
 
 # ------------------------------------------------------------------- lab_init
-# lab_init: create the lab (temp dir, unique prefix, wan namespace with br0 at
-# 10.99.0.1/24, host "wan") and register the cleanup trap. Prints nothing.
-# Sets LAB_ID, LAB_PREFIX (namespace name prefix) and LAB_DIR.
+# lab_init [--ipv6-only | --dual-stack]: create the lab (temp dir, unique
+# prefix, wan namespace with br0 at 10.99.0.1/24 and/or fd00:99::1/64, host
+# "wan") and register the cleanup trap. Prints nothing. Sets LAB_ID,
+# LAB_PREFIX (namespace name prefix) and LAB_DIR.
 lab_init() {
+    local underlay=ipv4
+    case "${1:-}" in
+        "") ;;
+        --ipv6-only) underlay=ipv6 ;;
+        --dual-stack) underlay=dual ;;
+        *) _lab_die "usage: lab_init [--ipv6-only | --dual-stack]" || return 1 ;;
+    esac
     [[ $EUID -eq 0 ]] || _lab_die "must run as root" || return 1
     [[ -z "${LAB_DIR:-}" ]] || _lab_die "lab_init called twice" || return 1
     command -v ip >/dev/null || _lab_die "iproute2 (ip) is not installed" || return 1
@@ -119,15 +137,23 @@ lab_init() {
 
     local ns="${LAB_PREFIX}-wan"
     _lab_new_ns "$ns"
+    echo "$underlay" >"$LAB_DIR/underlay"
     ip -n "$ns" link add br0 type bridge forward_delay 0 stp_state 0
-    ip -n "$ns" addr add "${LAB_WAN_SUBNET_PREFIX}.1/24" dev br0
+    [[ "$underlay" == ipv6 ]] || ip -n "$ns" addr add "${LAB_WAN_SUBNET_PREFIX}.1/24" dev br0
+    [[ "$underlay" == ipv4 ]] || ip -n "$ns" addr add "${LAB_WAN6_PREFIX}:1/64" dev br0 nodad
     ip -n "$ns" link set br0 up
     ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=0
     : >"$LAB_DIR/hosts/wan"
     _lab_set wan ns "$ns"
     _lab_set wan kind wan
-    _lab_set wan ip "${LAB_WAN_SUBNET_PREFIX}.1"
-    _lab_set wan public_ip "${LAB_WAN_SUBNET_PREFIX}.1"
+    if [[ "$underlay" == ipv6 ]]; then
+        _lab_set wan ip "${LAB_WAN6_PREFIX}:1"
+        _lab_set wan public_ip "${LAB_WAN6_PREFIX}:1"
+    else
+        _lab_set wan ip "${LAB_WAN_SUBNET_PREFIX}.1"
+        _lab_set wan public_ip "${LAB_WAN_SUBNET_PREFIX}.1"
+    fi
+    [[ "$underlay" == ipv4 ]] || _lab_set wan ip6 "${LAB_WAN6_PREFIX}:1"
     _lab_log "initialised $LAB_PREFIX in $LAB_DIR"
 }
 
@@ -142,8 +168,9 @@ _lab_wan_port() {
     ip -n "$ns" link set "$ifname" up
 }
 
-# lab_add_wan_host NAME: a namespace on the wan with address 10.99.0.(10+N)/24.
-# Prints nothing; lab_ip NAME gives the address.
+# lab_add_wan_host NAME: a namespace on the wan with address 10.99.0.(10+N)/24
+# (and/or fd00:99::(10+N)/64, see lab_init). Prints nothing; lab_ip NAME gives
+# the address.
 lab_add_wan_host() {
     _lab_need_init || return 1
     local name="${1:?usage: lab_add_wan_host NAME}"
@@ -153,11 +180,21 @@ lab_add_wan_host() {
     ((idx <= 240)) || _lab_die "too many hosts" || return 1
     ns="${LAB_PREFIX}-${name}"
     ip="${LAB_WAN_SUBNET_PREFIX}.$((10 + idx))"
+    local ip6="${LAB_WAN6_PREFIX}:$((10 + idx))" underlay
+    underlay=$(_lab_underlay)
     _lab_new_ns "$ns"
     _lab_wan_port "$ns" eth0 "$idx"
-    ip -n "$ns" addr add "$ip/24" dev eth0
-    ip -n "$ns" route add default via "${LAB_WAN_SUBNET_PREFIX}.1"
+    if [[ "$underlay" != ipv6 ]]; then
+        ip -n "$ns" addr add "$ip/24" dev eth0
+        ip -n "$ns" route add default via "${LAB_WAN_SUBNET_PREFIX}.1"
+    fi
+    if [[ "$underlay" != ipv4 ]]; then
+        ip -n "$ns" addr add "$ip6/64" dev eth0 nodad
+        ip -n "$ns" -6 route add default via "${LAB_WAN6_PREFIX}:1"
+    fi
+    [[ "$underlay" != ipv6 ]] || ip="$ip6"
     : >"$LAB_DIR/hosts/$name"
+    [[ "$underlay" == ipv4 ]] || _lab_set "$name" ip6 "$ip6"
     _lab_set "$name" ns "$ns"
     _lab_set "$name" kind wan
     _lab_set "$name" index "$idx"
@@ -176,6 +213,7 @@ lab_add_natted_host() {
     [[ "${2:-}" == "--symmetric" ]] && symmetric=1
     _lab_valid_name "$name" || return 1
     _lab_valid_name "$name-nat" || return 1
+    [[ "$(_lab_underlay)" != ipv6 ]] || _lab_die "lab_add_natted_host: an --ipv6-only lab has no NAT routers" || return 1
     local idx rns hns wan_ip lan_net
     idx=$(_lab_next_index)
     ((idx <= 240)) || _lab_die "too many hosts" || return 1
@@ -297,6 +335,20 @@ lab_ip() { _lab_need_init || return 1; _lab_get "${1:?usage: lab_ip NAME}" ip; }
 # lab_public_ip NAME: print the address the wan sees for NAME (the router's
 # wan address for a natted host).
 lab_public_ip() { _lab_need_init || return 1; _lab_get "${1:?usage: lab_public_ip NAME}" public_ip; }
+
+# lab_ip6 NAME: print the host's IPv6 underlay address (empty in an IPv4 lab
+# and for natted hosts and routers).
+lab_ip6() { _lab_need_init || return 1; _lab_get "${1:?usage: lab_ip6 NAME}" ip6; }
+
+# lab_underlay: print the lab's underlay: ipv4, ipv6 (--ipv6-only) or dual.
+lab_underlay() { _lab_need_init || return 1; _lab_underlay; }
+_lab_underlay() { cat "$LAB_DIR/underlay" 2>/dev/null || echo ipv4; }
+
+# lab_hostport IP PORT: print IP:PORT, with an IPv6 address in brackets.
+lab_hostport() {
+    local ip="${1:?usage: lab_hostport IP PORT}" port="${2:?usage: lab_hostport IP PORT}"
+    if [[ "$ip" == *:* ]]; then echo "[$ip]:$port"; else echo "$ip:$port"; fi
+}
 
 # lab_hosts: print the names of all hosts, one a line.
 lab_hosts() { _lab_need_init || return 1; ls "$LAB_DIR/hosts"; }
@@ -492,7 +544,8 @@ lab_have_ward() {
 
 # lab_start_coordinator [HOST=wan] [PORT=7443]: (extra `serve` flags in
 # $LAB_COORD_SERVE_ARGS) init a coordinator data dir
-# ($LAB_DIR/coordinator) with --public-addr $(lab_public_ip HOST):PORT and
+# ($LAB_DIR/coordinator) with --public-addr $(lab_public_ip HOST):PORT (an
+# IPv6 address in brackets; $LAB_COORD_PUBLIC_ADDR replaces it whole) and
 # start `serve` in HOST. Waits until the admin CLI answers. Prints nothing.
 lab_start_coordinator() {
     _lab_need_init || return 1
@@ -500,7 +553,7 @@ lab_start_coordinator() {
     bin=$(lab_ward_bin ward-coordinator)
     [[ -x "$bin" ]] || _lab_die "$bin not built" || return 1
     dir="$LAB_DIR/coordinator"
-    addr="$(lab_public_ip "$host"):$port"
+    addr="${LAB_COORD_PUBLIC_ADDR:-$(lab_hostport "$(lab_public_ip "$host")" "$port")}"
     lab_exec "$host" "$bin" init --data-dir "$dir" --public-addr "$addr" \
         >>"$LAB_DIR/logs/coordinator-init.log" 2>&1 ||
         { tail -n 20 "$LAB_DIR/logs/coordinator-init.log" >&2; _lab_die "coordinator init failed"; return 1; }

@@ -272,9 +272,9 @@ impl Daemon {
 
 /// Opens a mutual-TLS control session to the coordinator.
 async fn open(endpoint: quinn::Endpoint, st: State) -> Result<Channel> {
-    let addr = control::resolve(&st.coordinator).await?;
+    let addrs = control::resolve(&st.coordinator).await?;
     let cfg = control::session_config(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
-    let ch = Channel::open(&endpoint, cfg, addr).await?;
+    let ch = Channel::open_any(&endpoint, cfg, &addrs).await?;
     info!(coordinator = %st.coordinator, "control session open");
     Ok(ch)
 }

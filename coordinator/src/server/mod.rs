@@ -62,17 +62,20 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         SqliteStore::open(&dd.db_path())
             .with_context(|| format!("opening {}", dd.db_path().display()))?,
     );
-    let listen = match listen {
-        Some(l) => l,
+    let socket = match listen {
+        Some(l) => ward_runtime::net::bind_udp(l)
+            .with_context(|| format!("binding the QUIC control listener on {l}"))?,
         None => {
-            let port = config
-                .public_addr
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .context("public address has no port")?;
-            SocketAddr::from(([0, 0, 0, 0], port))
+            let port = public_port(&config.public_addr)?;
+            let bound = ward_runtime::net::bind_udp_dual_stack(port)
+                .with_context(|| format!("binding the QUIC control listener on port {port}"))?;
+            if let Some(e) = &bound.ipv4_only_because {
+                info!(error = %e, "IPv6 unavailable on this host: listening on IPv4 only");
+            }
+            bound.socket
         }
     };
+    let listen = socket.local_addr()?;
     let devices = store.list_devices()?;
     let users = store.list_users()?;
     let now = now_ms();
@@ -110,8 +113,14 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         started: Instant::now(),
     });
 
-    let endpoint = quinn::Endpoint::server(server_config(&ctx.ca)?, listen)
-        .with_context(|| format!("binding the QUIC control listener on {listen}"))?;
+    let runtime = quinn::default_runtime().context("the QUIC listener needs a tokio runtime")?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config(&ctx.ca)?),
+        socket,
+        runtime,
+    )
+    .with_context(|| format!("starting the QUIC control listener on {listen}"))?;
     let admin = socket::bind(&dd).await?;
     info!(%listen, public_addr = %ctx.config.public_addr, "coordinator serving");
     ctx.store.append_audit(
@@ -164,6 +173,14 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
     endpoint.close(0u32.into(), b"coordinator shutting down");
     let _ = std::fs::remove_file(dd.admin_socket());
     Ok(())
+}
+
+/// The port of the public `HOST:PORT` (`[v6]:PORT` included): the default listener's port.
+fn public_port(public_addr: &str) -> Result<u16> {
+    public_addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .context("public address has no port")
 }
 
 fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {

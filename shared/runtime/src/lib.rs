@@ -1,11 +1,12 @@
 //! `ward-runtime`: the operating-system edge that Ward's programs share, so each exists once:
 //! the wall clock ([`now_ms`]), logging and runtime start-up ([`main`]), command-line tools that
 //! stop quietly on a closed pipe ([`Mode::Cli`]), and the JSON-lines RPC client for local
-//! sockets ([`rpc`]).
+//! sockets ([`rpc`]), and dual-stack UDP sockets for the QUIC endpoints ([`net`]).
 //!
 //! I/O-free cores (`ward-shared`, the agent and registry cores) must not depend on this crate:
 //! they take time as an argument. Only drivers and binaries use it.
 
+pub mod net;
 pub mod rpc;
 
 use std::future::Future;

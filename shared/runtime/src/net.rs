@@ -1,0 +1,128 @@
+//! UDP sockets for Ward's QUIC endpoints: dual-stack by default.
+//!
+//! A socket bound to `[::]:PORT` with `IPV6_V6ONLY` off receives IPv4 too (as v4-mapped
+//! addresses), so one listener or client endpoint serves both families. Where the host has no
+//! IPv6 (the socket family is unsupported or `[::]` cannot be bound), [`bind_udp_dual_stack`]
+//! falls back to `0.0.0.0:PORT` and tells the caller why, for its log line.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// A socket from [`bind_udp_dual_stack`].
+#[derive(Debug)]
+pub struct Bound {
+    pub socket: UdpSocket,
+    /// Why the socket is IPv4-only (`None`: it is dual-stack).
+    pub ipv4_only_because: Option<io::Error>,
+}
+
+/// Binds `[::]:port` dual-stack, or `0.0.0.0:port` where IPv6 is unavailable.
+pub fn bind_udp_dual_stack(port: u16) -> io::Result<Bound> {
+    match bind_v6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)) {
+        Ok(socket) => Ok(Bound {
+            socket,
+            ipv4_only_because: None,
+        }),
+        Err(e) => Ok(Bound {
+            socket: UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?,
+            ipv4_only_because: Some(e),
+        }),
+    }
+}
+
+/// Binds exactly `addr`; an IPv6 wildcard (`[::]:PORT`) is bound with `IPV6_V6ONLY` off so it
+/// accepts IPv4 as well, whatever the host's `bindv6only` default is.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    match addr {
+        SocketAddr::V6(a) if a.ip().is_unspecified() => bind_v6(a),
+        _ => UdpSocket::bind(addr),
+    }
+}
+
+fn bind_v6(addr: SocketAddrV6) -> io::Result<UdpSocket> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_UDP,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns; OwnedFd closes it on error.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = UdpSocket::from(fd);
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: sockaddr_in6 is plain data; all-zero is a valid starting value.
+    let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    sa.sin6_port = addr.port().to_be();
+    sa.sin6_addr.s6_addr = addr.ip().octets();
+    sa.sin6_flowinfo = addr.flowinfo();
+    sa.sin6_scope_id = addr.scope_id();
+    // SAFETY: bind with a pointer to a live sockaddr_in6 and its exact size.
+    let rc = unsafe {
+        libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            (&sa as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v6_available() -> bool {
+        UdpSocket::bind("[::1]:0").is_ok()
+    }
+
+    #[test]
+    fn dual_stack_socket_receives_ipv4_and_ipv6() {
+        let s = bind_udp_dual_stack(0).unwrap().socket;
+        let port = s.local_addr().unwrap().port();
+        if !s.local_addr().unwrap().is_ipv6() || !v6_available() {
+            eprintln!("no IPv6 on this host; dual-stack check skipped");
+            return;
+        }
+        let c4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c4.send_to(b"four", ("127.0.0.1", port)).unwrap();
+        let c6 = UdpSocket::bind("[::1]:0").unwrap();
+        c6.send_to(b"six", ("::1", port)).unwrap();
+        let mut buf = [0u8; 16];
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let (n, _) = s.recv_from(&mut buf).unwrap();
+            got.push(buf[..n].to_vec());
+        }
+        got.sort();
+        assert_eq!(got, vec![b"four".to_vec(), b"six".to_vec()]);
+    }
+
+    #[test]
+    fn explicit_ipv4_address_binds_as_given() {
+        let s = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(s.local_addr().unwrap().is_ipv4());
+    }
+}
