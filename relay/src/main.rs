@@ -3,8 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use socket2::{Domain, Protocol, Socket, Type};
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::net::{TcpListener, UdpSocket};
@@ -103,28 +102,22 @@ async fn serve(socket: &UdpSocket, stats: &metrics::Shared) -> anyhow::Result<()
 
 /// `[::]:3478` dual-stack, else `0.0.0.0:3478`.
 fn bind_default() -> anyhow::Result<UdpSocket> {
-    let v6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), DEFAULT_PORT);
-    match bind(v6) {
-        Ok(s) => Ok(s),
-        Err(e) => {
-            tracing::info!(error = %e, "no IPv6 socket; listening on IPv4 only");
-            let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), DEFAULT_PORT);
-            bind(v4).with_context(|| format!("binding UDP {v4}"))
-        }
+    let b = ward_runtime::net::bind_udp_dual_stack(DEFAULT_PORT)
+        .with_context(|| format!("binding UDP port {DEFAULT_PORT}"))?;
+    if let Some(e) = &b.ipv4_only_because {
+        tracing::info!(error = %e, "no IPv6 socket; listening on IPv4 only");
     }
+    tokio_socket(b.socket).with_context(|| format!("binding UDP port {DEFAULT_PORT}"))
 }
 
 /// A UDP socket on `addr`; an IPv6 wildcard is made dual-stack whatever the host's default.
 fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if let SocketAddr::V6(v6) = addr {
-        if v6.ip().is_unspecified() {
-            sock.set_only_v6(false)?;
-        }
-    }
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
+    tokio_socket(ward_runtime::net::bind_udp(addr)?)
+}
+
+fn tokio_socket(s: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s)
 }
 
 async fn shutdown() -> anyhow::Result<()> {
