@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves the dependency rules of ARCHITECTURE.md:
 #  1. crates: ward-shared depends on no async runtime, QUIC, CLI, database or OS-randomness crate;
-#     ward-coordinator does not depend on ward-client, nor ward-client on ward-coordinator or rusqlite;
+#     ward-coordinator does not depend on ward-client, nor ward-client on ward-coordinator or rusqlite,
+#     nor ward-relay on ward-client or ward-coordinator;
 #  2. I/O-free cores (listed below) open no sockets, read no clock, spawn no threads and draw no
 #     OS randomness: time and random values are passed in.
 # Exits non-zero naming every violation.
@@ -25,6 +26,11 @@ client_deps="$(deps_of ward-client)"
 for forbidden in ward-coordinator rusqlite; do
     grep -qx "$forbidden" <<<"$client_deps" && bad "ward-client depends on $forbidden"
 done
+relay_deps="$(deps_of ward-relay)"
+[[ -n "$relay_deps" ]] || bad "cargo tree printed nothing for ward-relay"
+for forbidden in ward-client ward-coordinator; do
+    grep -qx "$forbidden" <<<"$relay_deps" && bad "ward-relay depends on $forbidden"
+done
 
 # I/O-free cores: every file here must exist (a renamed core must be renamed here too).
 cores=(
@@ -36,6 +42,7 @@ cores=(
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
     client/src/agent
+    relay/src/core.rs
 )
 forbidden_re='tokio::|quinn::|std::net::(UdpSocket|TcpStream|TcpListener)|UnixStream|SystemTime::now|Instant::now|thread_rng|OsRng|std::thread::spawn|std::fs::|std::process::|ward_runtime'
 for c in "${cores[@]}"; do
