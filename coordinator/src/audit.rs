@@ -35,11 +35,13 @@ pub enum Action {
     PostureFail,
     PosturePass,
     PostureRefused,
+    RelayAdd,
+    RelayRemove,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 25] = [
+    pub const ALL: [Action; 27] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -65,6 +67,8 @@ impl Action {
         Action::PostureFail,
         Action::PosturePass,
         Action::PostureRefused,
+        Action::RelayAdd,
+        Action::RelayRemove,
     ];
 
     /// The stored name (stable: it is part of every hash-chained row).
@@ -95,6 +99,8 @@ impl Action {
             Action::PostureFail => "posture.fail",
             Action::PosturePass => "posture.pass",
             Action::PostureRefused => "posture.refused",
+            Action::RelayAdd => "relay.add",
+            Action::RelayRemove => "relay.remove",
         }
     }
 }

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use ward_coordinator::admin::api::fmt_time;
 use ward_coordinator::admin::api::{
     render_table, AuditVerifyView, AuditView, DeviceDetail, DeviceTagsView, DeviceView,
-    ExplainView, GrantView, PolicyOutcome, PolicyShowView, PolicyVersionView, Rotating, StatusView,
-    Table, TokenCreated, TokenView, UserAccess, UserGroupsView, UserView,
+    ExplainView, GrantView, PolicyOutcome, PolicyShowView, PolicyVersionView, RelayView, Rotating,
+    StatusView, Table, TokenCreated, TokenView, UserAccess, UserGroupsView, UserView,
 };
 use ward_coordinator::admin::{self, AdminRequest};
 use ward_coordinator::datadir::DataDir;
@@ -80,6 +80,9 @@ enum Cmd {
     /// Just-in-time access: time-bound grants that expire on their own.
     #[command(subcommand)]
     Grant(GrantCmd),
+    /// Relays every device is told about (address discovery now; forwarding later).
+    #[command(subcommand)]
+    Relay(RelayCmd),
     /// Show the audit log, or verify its hash chain.
     Audit {
         #[command(subcommand)]
@@ -169,6 +172,25 @@ enum GrantCmd {
     },
     /// Remove a grant before it expires.
     Rm { id: String },
+}
+
+#[derive(Subcommand)]
+enum RelayCmd {
+    /// Register a relay; every connected device receives it in its netmap.
+    Add {
+        /// A name like a tag: [a-z0-9._@-], at most 64 characters.
+        name: String,
+        /// Where devices reach the relay's UDP socket: HOST:PORT, IPv6 as [ADDR]:PORT.
+        #[arg(long)]
+        addr: String,
+    },
+    /// List relays.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a relay; devices stop using it.
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -478,6 +500,27 @@ async fn run(cli: Cli) -> Result<()> {
                 let _: GrantView =
                     admin::call(&sock, &AdminRequest::GrantRm { id: id.clone() }).await?;
                 eprintln!("grant {id} removed");
+                Ok(())
+            }
+        },
+        Cmd::Relay(c) => match c {
+            RelayCmd::Add { name, addr } => {
+                let v: RelayView =
+                    admin::call(&sock, &AdminRequest::RelayAdd { name, addr }).await?;
+                println!("{} {}", v.name, v.addr);
+                Ok(())
+            }
+            RelayCmd::Ls { json } => {
+                let v: Vec<RelayView> = admin::call(&sock, &AdminRequest::RelayLs).await?;
+                if json {
+                    return print_json(&v);
+                }
+                print_table(&v);
+                Ok(())
+            }
+            RelayCmd::Rm { name } => {
+                let v: RelayView = admin::call(&sock, &AdminRequest::RelayRm { name }).await?;
+                eprintln!("relay {} ({}) removed", v.name, v.addr);
                 Ok(())
             }
         },

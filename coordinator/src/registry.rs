@@ -4,6 +4,7 @@
 //! ```text
 //! driver loop:
 //!   on store change      -> registry.handle_device_upserted(dev) / handle_device_removed(id, why)
+//!                           / handle_relays(list)
 //!   on session events    -> handle_session_opened / handle_session_update / handle_session_closed
 //!   then, until None     -> registry.poll_output() -> Send{conn, msg} | Close{conn, ..}
 //! ```
@@ -26,7 +27,7 @@ use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, 
 use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
-    PostureVerdict, Reach, SelfInfo, Unavailable, MAX_DENIED_FLOWS, MAX_ENDPOINTS,
+    PostureVerdict, Reach, RelayInfo, SelfInfo, Unavailable, MAX_DENIED_FLOWS, MAX_ENDPOINTS,
 };
 
 use crate::model::{Device, User};
@@ -84,6 +85,7 @@ struct Sent {
     peers: BTreeMap<DeviceId, Peer>,
     inbound: Vec<FilterRule>,
     reach: Vec<Reach>,
+    relays: Vec<RelayInfo>,
 }
 
 #[derive(Debug)]
@@ -93,6 +95,8 @@ pub struct Registry {
     sessions: BTreeMap<DeviceId, Session>,
     users: BTreeMap<String, User>,
     grants: Vec<Grant>,
+    /// The relays every device is told about, in the store's order.
+    relays: Vec<RelayInfo>,
     /// Each live device's valid leases, oldest first (two while it rotates).
     leases: BTreeMap<DeviceId, Vec<SignedLease>>,
     /// `None`: no policy applied yet, which allows nothing.
@@ -140,6 +144,7 @@ impl Registry {
             sessions: BTreeMap::new(),
             users: users.into_iter().map(|u| (u.name.clone(), u)).collect(),
             grants,
+            relays: Vec::new(),
             policy,
             compiled: Compiled::default(),
             now_ms,
@@ -381,6 +386,15 @@ impl Registry {
     pub fn handle_grants(&mut self, grants: Vec<Grant>) {
         self.grants = grants;
         self.dirty = true;
+    }
+
+    /// The registered relays (all of them, as stored). Every session's netmap carries the list;
+    /// a different list is pushed to every session as a delta, the same list sends nothing.
+    pub fn handle_relays(&mut self, relays: Vec<RelayInfo>) {
+        if relays != self.relays {
+            self.relays = relays;
+            self.dirty = true;
+        }
     }
 
     /// A user was added or changed (groups, disabled).
@@ -714,6 +728,7 @@ impl Registry {
             .values()
             .map(|d| (d.id, self.peer_view(d)))
             .collect();
+        let relays = self.relays.clone();
         let ids: Vec<DeviceId> = self.sessions.keys().copied().collect();
         for id in ids {
             let Some(me) = self.devices.get(&id) else {
@@ -749,13 +764,14 @@ impl Registry {
                         peers: want.values().cloned().collect(),
                         inbound: inbound.clone(),
                         reach: reach.clone(),
-                        relays: Vec::new(),
+                        relays: relays.clone(),
                     });
                     session.sent = Some(Sent {
                         seq: 1,
                         peers: want,
                         inbound,
                         reach,
+                        relays: relays.clone(),
                     });
                     self.outputs.push_back(Output::Send {
                         conn: session.conn,
@@ -776,7 +792,12 @@ impl Registry {
                         .collect();
                     let inbound_changed = sent.inbound != inbound;
                     let reach_changed = sent.reach != reach;
-                    if upsert.is_empty() && remove.is_empty() && !inbound_changed && !reach_changed
+                    let relays_changed = sent.relays != relays;
+                    if upsert.is_empty()
+                        && remove.is_empty()
+                        && !inbound_changed
+                        && !reach_changed
+                        && !relays_changed
                     {
                         continue;
                     }
@@ -790,10 +811,13 @@ impl Registry {
                         remove,
                         inbound: inbound_changed.then(|| inbound.clone()),
                         reach: reach_changed.then(|| reach.clone()),
-                        relays: None,
+                        relays: relays_changed.then(|| relays.clone()),
                     });
                     sent.inbound = inbound;
                     sent.reach = reach;
+                    if relays_changed {
+                        sent.relays = relays.clone();
+                    }
                     self.outputs.push_back(Output::Send {
                         conn: session.conn,
                         msg,
@@ -988,6 +1012,78 @@ to = ["all"]
             },
         );
         assert!(drain(&mut r).is_empty());
+    }
+
+    #[test]
+    fn relays_reach_every_session_once() {
+        let mut r = reg(&[1, 2, 3]);
+        for (id, conn) in [(1, 10), (2, 11)] {
+            r.handle_session_opened(
+                DeviceId(id),
+                conn,
+                addr("10.0.0.1:1"),
+                DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+        drain(&mut r);
+        let relays = vec![RelayInfo {
+            name: "r1".into(),
+            addr: "relay.example.com:3478".into(),
+        }];
+        r.handle_relays(relays.clone());
+        let out = drain(&mut r);
+        let mut got: Vec<ConnId> = out
+            .iter()
+            .map(|o| match o {
+                Output::Send {
+                    conn,
+                    msg: CoordinatorMsg::NetmapDelta(d),
+                } => {
+                    assert_eq!(d.relays.as_ref(), Some(&relays), "{d:?}");
+                    assert!(d.upsert.is_empty() && d.remove.is_empty());
+                    assert!(d.inbound.is_none() && d.reach.is_none());
+                    *conn
+                }
+                o => panic!("{o:?}"),
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![10, 11]);
+        // The same list again: nothing to send.
+        r.handle_relays(relays.clone());
+        assert!(drain(&mut r).is_empty());
+        // A device connecting later gets the list in its full netmap.
+        r.handle_session_opened(DeviceId(3), 12, addr("10.0.0.3:1"), DeviceUpdate::default())
+            .unwrap();
+        let out = drain(&mut r);
+        let full = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    conn: 12,
+                    msg: CoordinatorMsg::Netmap(nm),
+                } => Some(nm.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(full.relays, relays);
+        // Other devices' deltas about device 3 do not repeat the relay list.
+        for o in &out {
+            if let Output::Send {
+                msg: CoordinatorMsg::NetmapDelta(d),
+                ..
+            } = o
+            {
+                assert!(d.relays.is_none(), "{d:?}");
+            }
+        }
+        // Removing the last relay sends the empty list.
+        r.handle_relays(vec![]);
+        let out = drain(&mut r);
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|o| matches!(o,
+            Output::Send { msg: CoordinatorMsg::NetmapDelta(d), .. } if d.relays == Some(vec![]))));
     }
 
     #[test]

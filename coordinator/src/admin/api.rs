@@ -12,7 +12,7 @@ use ward_shared::posture::PostureReport;
 use ward_shared::wire::{PostureVerdict, WgPublicKey};
 
 use crate::model::{DeviceState, DeviceStatus, Quarantine, User};
-use crate::store::{AuditEntry, AuditVerdict, GrantRow, PolicyVersion, TokenInfo};
+use crate::store::{AuditEntry, AuditVerdict, GrantRow, PolicyVersion, RelayRow, TokenInfo};
 
 /// `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -351,6 +351,25 @@ pub struct ExplainMissView {
     pub reasons: Vec<String>,
 }
 
+/// `relay add`, `relay ls`, `relay rm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayView {
+    pub name: String,
+    /// `HOST:PORT`, IPv6 in brackets.
+    pub addr: String,
+    pub created_ms: i64,
+}
+
+impl From<RelayRow> for RelayView {
+    fn from(r: RelayRow) -> Self {
+        Self {
+            name: r.name,
+            addr: r.addr,
+            created_ms: r.created_ms,
+        }
+    }
+}
+
 /// `grant add`, `grant ls`, `grant rm`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantView {
@@ -557,6 +576,14 @@ impl Table for GrantView {
     ];
 }
 
+impl Table for RelayView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("NAME", |r| r.name.clone()),
+        col("ADDR", |r| r.addr.clone()),
+        col("ADDED", |r| fmt_time(r.created_ms)),
+    ];
+}
+
 impl Table for PolicyVersionView {
     const COLUMNS: &'static [Column<Self>] = &[
         col("VERSION", |v| v.version.to_string()),
@@ -602,6 +629,8 @@ pub enum AdminReply {
     Explain(Box<ExplainView>),
     Grant(GrantView),
     Grants(Vec<GrantView>),
+    Relay(RelayView),
+    Relays(Vec<RelayView>),
     Audit(Vec<AuditView>),
     AuditVerify(AuditVerifyView),
 }

@@ -97,6 +97,15 @@ pub enum AdminRequest {
     GrantRm {
         id: String,
     },
+    RelayAdd {
+        name: String,
+        /// `HOST:PORT`, IPv6 in brackets.
+        addr: String,
+    },
+    RelayLs,
+    RelayRm {
+        name: String,
+    },
     Audit {
         limit: i64,
     },

@@ -9,12 +9,12 @@ use ward_shared::names::Name;
 use ward_shared::policy::{Compiled, Directory, Grant, Policy};
 use ward_shared::posture::PostureReport;
 use ward_shared::token::{hash_secret, EnrollToken};
-use ward_shared::wire::{DeviceId, PostureVerdict};
+use ward_shared::wire::{DeviceId, PostureVerdict, RelayInfo};
 
 use super::api::{
     AdminReply, AuditVerifyView, DeviceDetail, DeviceTagsView, DeviceView, GrantView,
-    PolicyShowView, PolicyVersionView, Rotating, StatusView, StoredPosture, TokenCreated,
-    TokenView, TrustStatsView, UserAccess, UserGroupsView, UserView,
+    PolicyShowView, PolicyVersionView, RelayView, Rotating, StatusView, StoredPosture,
+    TokenCreated, TokenView, TrustStatsView, UserAccess, UserGroupsView, UserView,
 };
 use super::AdminRequest;
 use crate::audit::Action;
@@ -39,6 +39,8 @@ pub enum Notice {
     User(User),
     Grants(Vec<Grant>),
     Policy(Policy),
+    /// Every registered relay, after one was added or removed.
+    Relays(Vec<RelayInfo>),
 }
 
 /// The running registry, as the admin requests see it.
@@ -297,6 +299,22 @@ pub fn handle(
             live.notify(Notice::Grants(active_grants(store, now)?));
             AdminReply::Grant(g.into())
         }
+        AdminRequest::RelayAdd { name, addr } => {
+            let name = Name::parse("relay name", &name)?;
+            let addr = relay_addr(&addr)?;
+            let r = store.add_relay(&name, &addr, ACTOR, now)?;
+            live.notify(Notice::Relays(relays(store)?));
+            AdminReply::Relay(r.into())
+        }
+        AdminRequest::RelayLs => {
+            AdminReply::Relays(store.relays()?.into_iter().map(RelayView::from).collect())
+        }
+        AdminRequest::RelayRm { name } => {
+            let name = Name::parse("relay name", &name)?;
+            let r = store.remove_relay(&name, ACTOR, now)?;
+            live.notify(Notice::Relays(relays(store)?));
+            AdminReply::Relay(r.into())
+        }
         AdminRequest::Audit { limit } => AdminReply::Audit(
             store
                 .audit_log(limit.clamp(1, 100_000))?
@@ -474,6 +492,66 @@ fn grant_add(
     store.add_grant(&g, now)?;
     live.notify(Notice::Grants(active_grants(store, now)?));
     Ok(g.into())
+}
+
+/// Every registered relay, as netmaps carry them.
+pub fn relays(store: &dyn Store) -> Result<Vec<RelayInfo>> {
+    Ok(store
+        .relays()?
+        .into_iter()
+        .map(|r| RelayInfo {
+            name: r.name,
+            addr: r.addr,
+        })
+        .collect())
+}
+
+/// A relay's `HOST:PORT`: an IPv4 address, a bracketed IPv6 address or a DNS name, and a port
+/// from 1 to 65535. Returned as given (a DNS name lowercased), since devices resolve it.
+fn relay_addr(s: &str) -> Result<String> {
+    let bad = |why: &str| {
+        anyhow!(
+            "relay address {:?}: {why} (want HOST:PORT, IPv6 as [ADDR]:PORT)",
+            ward_shared::names::shorten(s)
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| bad("the port is not a number from 1 to 65535"))?;
+    ensure!(port != 0, bad("the port is not a number from 1 to 65535"));
+    if let Some(inner) = host.strip_prefix('[') {
+        let v6 = inner
+            .strip_suffix(']')
+            .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+            .ok_or_else(|| bad("not an IPv6 address in brackets"))?;
+        return Ok(format!("[{v6}]:{port}"));
+    }
+    if host.contains(':') {
+        bail!(bad("an IPv6 address needs brackets"));
+    }
+    if let Ok(v4) = host.parse::<std::net::Ipv4Addr>() {
+        return Ok(format!("{v4}:{port}"));
+    }
+    let host = host.to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(&host);
+    ensure!(
+        !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok),
+        bad("not an IP address or DNS name")
+    );
+    // A name of digits and dots only is a malformed IPv4 address, not a DNS name.
+    ensure!(
+        !name.bytes().all(|b| b.is_ascii_digit() || b == b'.'),
+        bad("not an IPv4 address")
+    );
+    Ok(format!("{host}:{port}"))
 }
 
 /// The active grants as the registry takes them.
@@ -762,6 +840,108 @@ mod tests {
             live.take().is_empty(),
             "a refusal tells the registry nothing"
         );
+    }
+
+    #[test]
+    fn relay_add_ls_rm() {
+        let mut w = World::new();
+        let live = FakeLive::new(None);
+        let add = |name: &str, addr: &str| AdminRequest::RelayAdd {
+            name: name.into(),
+            addr: addr.into(),
+        };
+        let AdminReply::Relay(r) = w.run(&live, add("r1", "relay.Example.com:3478")).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (r.name.as_str(), r.addr.as_str()),
+            ("r1", "relay.example.com:3478")
+        );
+        assert_eq!(r.created_ms, 1_000_000);
+        let [Notice::Relays(list)] = &live.take()[..] else {
+            panic!("one relay notice")
+        };
+        assert_eq!(list.len(), 1);
+        let AdminReply::Relay(r6) = w.run(&live, add("r2", "[2001:DB8::1]:3478")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r6.addr, "[2001:db8::1]:3478");
+        w.run(&live, add("r0", "192.0.2.7:1")).unwrap();
+        assert!(
+            matches!(&live.take()[..], [Notice::Relays(l1), Notice::Relays(l2)]
+            if l1.len() == 2 && l2.len() == 3)
+        );
+
+        // Refusals change nothing and tell nobody.
+        assert!(err(w.run(&live, add("r1", "192.0.2.1:3478"))).contains("already exists"));
+        for bad_name in ["", "R1", "has space", &"x".repeat(65)] {
+            assert!(err(w.run(&live, add(bad_name, "192.0.2.1:3478"))).contains("relay name"));
+        }
+        for bad_addr in [
+            "relay.example.com",
+            "relay.example.com:",
+            "relay.example.com:0",
+            "relay.example.com:65536",
+            "relay.example.com:x",
+            "2001:db8::1:3478",
+            "[2001:db8::1]",
+            "[192.0.2.1]:3478",
+            "[nope]:1",
+            "256.1.1.1:3478",
+            "-bad.example:1",
+            "a..b:1",
+            ":3478",
+            "under_score.example:1",
+        ] {
+            assert!(
+                err(w.run(&live, add("r9", bad_addr))).contains("relay address"),
+                "{bad_addr}"
+            );
+        }
+        assert!(live.take().is_empty());
+
+        let AdminReply::Relays(all) = w.run(&live, AdminRequest::RelayLs).unwrap() else {
+            panic!()
+        };
+        let names: Vec<&str> = all.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["r0", "r1", "r2"]);
+
+        let AdminReply::Relay(gone) = w
+            .run(&live, AdminRequest::RelayRm { name: "r1".into() })
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(gone.addr, "relay.example.com:3478");
+        assert!(
+            matches!(&live.take()[..], [Notice::Relays(l)] if l.len() == 2
+            && l.iter().all(|r| r.name != "r1"))
+        );
+        assert!(
+            err(w.run(&live, AdminRequest::RelayRm { name: "r1".into() })).contains("no relay")
+        );
+        let actions: Vec<String> = w
+            .store
+            .audit_log(100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action.starts_with("relay."))
+            .map(|e| format!("{} {}", e.action, e.target))
+            .collect();
+        assert_eq!(
+            actions
+                .iter()
+                .filter(|a| a.starts_with("relay.add"))
+                .count(),
+            3,
+            "{actions:?}"
+        );
+        assert!(
+            actions.contains(&"relay.remove r1".to_string()),
+            "{actions:?}"
+        );
+        assert!(w.store.verify_audit().unwrap().ok);
     }
 
     #[test]

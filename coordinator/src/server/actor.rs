@@ -12,7 +12,9 @@ use tracing::{debug, warn};
 use ward_shared::lease::SignedLease;
 use ward_shared::policy::{Directory, Grant, Policy};
 use ward_shared::posture::PostureReport;
-use ward_shared::wire::{self, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, PostureVerdict};
+use ward_shared::wire::{
+    self, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, PostureVerdict, RelayInfo,
+};
 
 use super::effects::TrustSink;
 use super::now_ms;
@@ -54,6 +56,8 @@ pub(super) enum Event {
     Rotate(DeviceId, String, oneshot::Sender<bool>),
     Policy(Policy),
     Grants(Vec<Grant>),
+    /// Every registered relay, after an add or remove.
+    Relays(Vec<RelayInfo>),
     Posture {
         id: DeviceId,
         conn: ConnId,
@@ -168,6 +172,7 @@ pub(super) async fn registry_actor(
             }
             Event::Policy(p) => reg.handle_policy(p),
             Event::Grants(g) => reg.handle_grants(g),
+            Event::Relays(r) => reg.handle_relays(r),
             Event::Posture {
                 id,
                 conn,

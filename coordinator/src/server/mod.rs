@@ -96,7 +96,8 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         .into_iter()
         .filter_map(|row| crate::leases::sign_row(&lease_key, &devices, row))
         .collect();
-    let registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
+    let mut registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
+    registry.handle_relays(ops::relays(store.as_ref())?);
     let (events, rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(Ctx {
         config,
@@ -265,6 +266,7 @@ impl Live for LiveRegistry {
             Notice::User(u) => Event::User(u),
             Notice::Grants(g) => Event::Grants(g),
             Notice::Policy(p) => Event::Policy(p),
+            Notice::Relays(r) => Event::Relays(r),
         };
         let _ = self.events.send(ev);
     }

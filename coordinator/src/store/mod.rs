@@ -125,6 +125,15 @@ pub struct GrantRow {
     pub created_ms: i64,
 }
 
+/// A registered relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayRow {
+    pub name: String,
+    /// `HOST:PORT` (IPv6 bracketed), as the admin gave it after validation.
+    pub addr: String,
+    pub created_ms: i64,
+}
+
 /// A lease as stored (unsigned; the coordinator signs on the way out).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRow {
@@ -217,6 +226,12 @@ pub trait Store: Send + Sync {
     /// Grants not removed and not yet expired at `now_ms`.
     fn active_grants(&self, now_ms: i64) -> Result<Vec<GrantRow>>;
     fn remove_grant(&self, id: &str, actor: &str, now_ms: i64) -> Result<GrantRow>;
+    /// Registers a relay, audited; a name already registered is a `Conflict`.
+    fn add_relay(&self, name: &Name, addr: &str, actor: &str, now_ms: i64) -> Result<RelayRow>;
+    /// Every registered relay, by name.
+    fn relays(&self) -> Result<Vec<RelayRow>>;
+    /// Removes a relay, audited; an unknown name is `NotFound`.
+    fn remove_relay(&self, name: &Name, actor: &str, now_ms: i64) -> Result<RelayRow>;
     /// Records a new lease for a live device's WireGuard key.
     fn issue_lease(
         &self,

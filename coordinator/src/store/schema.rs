@@ -105,4 +105,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
         updated_ms INTEGER NOT NULL
     );
     "#,
+    // 5: relays (address discovery now; forwarding later).
+    r#"
+    CREATE TABLE relays(
+        name TEXT PRIMARY KEY,
+        addr TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    "#,
 ];

@@ -14,7 +14,7 @@ use ward_shared::wire::{DeviceId, WgPublicKey};
 use super::schema::MIGRATIONS;
 use super::{
     Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, GrantRow, LeaseRow, PolicyVersion,
-    Quarantine, Result, Store, StoreError, TokenInfo, TokenSpec, User,
+    Quarantine, RelayRow, Result, Store, StoreError, TokenInfo, TokenSpec, User,
 };
 
 mod audit;
@@ -24,6 +24,7 @@ use users::user_id;
 mod devices;
 mod leases;
 mod policy;
+mod relays;
 #[cfg(test)]
 mod tests;
 mod tokens;
@@ -270,6 +271,18 @@ impl Store for SqliteStore {
 
     fn remove_grant(&self, id: &str, actor: &str, now_ms: i64) -> Result<GrantRow> {
         policy::remove_grant(self, id, actor, now_ms)
+    }
+
+    fn add_relay(&self, name: &Name, addr: &str, actor: &str, now_ms: i64) -> Result<RelayRow> {
+        relays::add_relay(self, name, addr, actor, now_ms)
+    }
+
+    fn relays(&self) -> Result<Vec<RelayRow>> {
+        relays::relays(self)
+    }
+
+    fn remove_relay(&self, name: &Name, actor: &str, now_ms: i64) -> Result<RelayRow> {
+        relays::remove_relay(self, name, actor, now_ms)
     }
 
     fn issue_lease(
