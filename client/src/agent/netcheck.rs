@@ -83,21 +83,36 @@ impl Netcheck {
         if same {
             return;
         }
+        let old = std::mem::take(&mut self.relays);
         self.relays = relays
             .iter()
-            .map(|r| Relay {
-                report: RelayReport {
-                    name: r.name.clone(),
-                    addr: r.addr.clone(),
-                    observed: None,
-                    latency: None,
-                    last_success: None,
-                    error: None,
-                },
-                resolved: literal(&r.addr),
-                resolving: false,
-                pending: None,
-                want_send: false,
+            .map(|r| {
+                // A relay still listed keeps what it found (no flapping of the candidates).
+                if let Some(kept) = old
+                    .iter()
+                    .find(|o| o.report.name == r.name && o.report.addr == r.addr)
+                {
+                    return Relay {
+                        pending: None,
+                        want_send: false,
+                        resolving: false,
+                        ..kept.clone()
+                    };
+                }
+                Relay {
+                    report: RelayReport {
+                        name: r.name.clone(),
+                        addr: r.addr.clone(),
+                        observed: None,
+                        latency: None,
+                        last_success: None,
+                        error: None,
+                    },
+                    resolved: literal(&r.addr),
+                    resolving: false,
+                    pending: None,
+                    want_send: false,
+                }
             })
             .collect();
         self.deadline = None;
@@ -536,6 +551,27 @@ mod tests {
         // The same relay list again changes nothing.
         nc.set_relays(&[relay("r1", "198.51.100.1:3478")], t1);
         assert_eq!(nc.poll_timeout(), Some(t1 + PROBE_TIMEOUT));
+        // A relay added keeps the others' findings until the run answers.
+        nc.handle_timeout(t1 + PROBE_TIMEOUT, &mut rng);
+        let (dst, dg) = {
+            nc.handle_timeout(t1 + RUN_INTERVAL, &mut rng);
+            nc.poll_send().unwrap()
+        };
+        let txid = BindingRequest::decode(&dg).unwrap().txid;
+        let me = sa("203.0.113.7:1");
+        assert!(nc.handle_response(
+            dst,
+            &BindingResponse { txid, observed: me },
+            t1 + RUN_INTERVAL
+        ));
+        nc.set_relays(
+            &[
+                relay("r1", "198.51.100.1:3478"),
+                relay("r2", "198.51.100.2:3478"),
+            ],
+            t1 + RUN_INTERVAL,
+        );
+        assert_eq!(nc.reflexive(), vec![me]);
         // No relays: no runs.
         nc.set_relays(&[], t1);
         assert_eq!(nc.poll_timeout(), None);
