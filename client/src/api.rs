@@ -195,6 +195,10 @@ pub struct CountersView {
     pub icmp_unreachable_sent: u64,
     /// Path MTU: packets too big for their path, ICMP too-big sent, MTU changes, failed sends.
     pub path: crate::dataplane::PathMtuCounters,
+    /// Address discovery on the WireGuard socket: requests sent, responses received,
+    /// malformed and dropped (inbox full) responses.
+    #[serde(default)]
+    pub discovery: crate::dataplane::DiscoveryCounters,
 }
 
 /// `ward posture`: the latest collection, the coordinator's verdict and what it asked for.

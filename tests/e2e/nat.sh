@@ -74,6 +74,8 @@ for h in alice bob; do
         test "$(lab_netcheck_get "$h" 'n["mapping_varies_by_dest"]')" = False
     check "1. $h: both relays report a latency" \
         test "$(lab_netcheck_get "$h" 'len([r for r in n["relays"] if r["latency_ms"] is not None])')" = 2
+    check "1. $h: discovery counters show answers and nothing malformed" \
+        test "$(lab_ward_json_get "$h" 'int(s["counters"]["discovery"]["responses_received"] >= 2 and s["counters"]["discovery"]["malformed"] == 0)')" = 1
 done
 lab_ward alice netcheck | sed 's/^/    /'
 

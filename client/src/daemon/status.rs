@@ -131,6 +131,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
             dropped_filter_other: c.dropped_filter_other,
             icmp_unreachable_sent: c.icmp_unreachable_sent,
             path: dp.path_counters(),
+            discovery: dp.discovery_counters(),
         }
     });
     let reach = netmap

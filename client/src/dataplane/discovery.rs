@@ -12,7 +12,7 @@ use ward_shared::discovery::{BindingResponse, MAGIC};
 pub const INBOX_CAPACITY: usize = 64;
 
 /// Discovery traffic on the data plane's socket (monotonic since start).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiscoveryCounters {
     /// Binding requests sent.
     pub requests_sent: u64,
