@@ -28,6 +28,8 @@ pub enum Request {
     Status,
     /// This device's posture signals and the coordinator's verdict.
     Posture,
+    /// What address discovery through the relays found.
+    Netcheck,
 }
 
 /// The daemon's answer to any request.
@@ -38,6 +40,7 @@ pub enum Response {
     Down(DownView),
     Status(Box<StatusView>),
     Posture(Box<PostureView>),
+    Netcheck(NetcheckView),
 }
 
 /// `ward up`: the device as enrolled.
@@ -192,6 +195,10 @@ pub struct CountersView {
     pub icmp_unreachable_sent: u64,
     /// Path MTU: packets too big for their path, ICMP too-big sent, MTU changes, failed sends.
     pub path: crate::dataplane::PathMtuCounters,
+    /// Address discovery on the WireGuard socket: requests sent, responses received,
+    /// malformed and dropped (inbox full) responses.
+    #[serde(default)]
+    pub discovery: crate::dataplane::DiscoveryCounters,
 }
 
 /// `ward posture`: the latest collection, the coordinator's verdict and what it asked for.
@@ -202,6 +209,32 @@ pub struct PostureView {
     pub wants: PostureWants,
     /// Custom checks configured on this device.
     pub custom_checks: Vec<String>,
+}
+
+/// `ward netcheck`: what address discovery through the netmap's relays found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetcheckView {
+    /// Some relay answered a binding request from the WireGuard socket.
+    pub udp: bool,
+    /// Distinct public addresses the relays saw this device at (published to peers first).
+    pub reflexive: Vec<SocketAddr>,
+    /// Two relays saw the same socket at different addresses (the NAT maps by destination, so
+    /// a direct path needs a relay); `None` until two relays answered.
+    pub mapping_varies_by_dest: Option<bool>,
+    pub relays: Vec<RelayCheckView>,
+}
+
+/// One relay's last discovery exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayCheckView {
+    pub name: String,
+    /// `HOST:PORT` as the netmap names it.
+    pub addr: String,
+    pub latency_ms: Option<u64>,
+    /// This device's address as the relay saw it.
+    pub observed: Option<SocketAddr>,
+    /// Why the last attempt got no answer.
+    pub error: Option<String>,
 }
 
 /// Sends one request to the local agent.

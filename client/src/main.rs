@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ward_client::api::{self, DownView, PostureView, Request, StatusView, UpView};
+use ward_client::api::{self, DownView, NetcheckView, PostureView, Request, StatusView, UpView};
 use ward_client::daemon::{self, DaemonOpts};
 use ward_client::posture;
 use ward_shared::posture::Measured;
@@ -72,6 +72,11 @@ enum Cmd {
     },
     /// Show this device's posture signals and, for each requirement, pass or fail and why.
     Posture {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what address discovery through the relays found: UDP, public address, NAT mapping.
+    Netcheck {
         #[arg(long)]
         json: bool,
     },
@@ -160,6 +165,50 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Netcheck { json } => {
+            let v: NetcheckView = api::call(&cli.socket, &Request::Netcheck).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_netcheck(&v);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_netcheck(v: &NetcheckView) {
+    if v.relays.is_empty() {
+        println!("no relays in the netmap: address discovery has nothing to ask");
+        return;
+    }
+    println!(
+        "udp:          {}",
+        if v.udp { "yes" } else { "no relay answered" }
+    );
+    let refl: Vec<String> = v.reflexive.iter().map(|a| a.to_string()).collect();
+    println!(
+        "public addr:  {}",
+        if refl.is_empty() {
+            "-".into()
+        } else {
+            refl.join(", ")
+        }
+    );
+    let mapping = match v.mapping_varies_by_dest {
+        None => "unknown (needs answers from two relays)",
+        Some(false) => "same for every destination (direct paths can be punched)",
+        Some(true) => "varies by destination (direct paths need a relay)",
+    };
+    println!("nat mapping:  {mapping}");
+    println!("relays:");
+    for r in &v.relays {
+        let result = match (&r.observed, &r.error) {
+            (Some(o), _) => format!("saw {o} in {}ms", opt(&r.latency_ms)),
+            (None, Some(e)) => e.clone(),
+            (None, None) => "waiting".into(),
+        };
+        println!("  {:<14} {:<24} {result}", r.name, r.addr);
     }
 }
 

@@ -663,3 +663,39 @@ lab_ward_has_peer() {
 lab_ward_wait_peer() {
     lab_wait_for -t "${3:-$LAB_WAIT_TIMEOUT}" lab_ward_has_peer "${1:?}" "${2:?}"
 }
+
+# ---- relays (address discovery) --------------------------------------------
+
+# lab_have_relay: succeed if the ward-relay binary is built.
+lab_have_relay() { [[ -x "$(lab_ward_bin ward-relay)" ]]; }
+
+# lab_start_relay HOST [PORT=3478]: start `ward-relay serve --listen IP:PORT`
+# in HOST (a wan host; IP is its public address) and wait until the UDP port is
+# bound. Prints the relay's HOST:PORT.
+lab_start_relay() {
+    _lab_need_init || return 1
+    local host="${1:?usage: lab_start_relay HOST [PORT]}" port="${2:-3478}" bin addr
+    bin=$(lab_ward_bin ward-relay)
+    [[ -x "$bin" ]] || _lab_die "$bin not built" || return 1
+    addr="$(lab_public_ip "$host"):$port"
+    lab_spawn "$host" "relay-$host.log" "$bin" serve --listen "$addr"
+    lab_wait_for -t 10 sh -c "ip netns exec $(lab_ns "$host") ss -lun | grep -qF ' $addr '" ||
+        { tail -n 20 "$LAB_DIR/logs/relay-$host.log" >&2; _lab_die "ward-relay in $host did not come up"; return 1; }
+    echo "$addr"
+}
+
+# lab_netcheck_get HOST PYEXPR: evaluate PYEXPR on `ward netcheck --json`
+# (bound to `n`) and print the result (lists one item a line; None prints nothing).
+lab_netcheck_get() {
+    local host="${1:?}" expr="${2:?}" json
+    json=$(lab_ward "$host" netcheck --json) || return 1
+    printf '%s' "$json" | python3 -c '
+import json, sys
+n = json.load(sys.stdin)
+v = eval(sys.argv[1], {"n": n})
+if isinstance(v, list):
+    print("\n".join(str(x) for x in v))
+elif v is not None:
+    print(v)
+' "$expr"
+}

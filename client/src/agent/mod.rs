@@ -9,21 +9,24 @@
 //!
 //! Sub-modules: [`rotation`] (the rotation states), [`leases`] (peer lease verification and its
 //! cache), [`clock`] (offset from ping/pong), [`posture`] (report cadence, one-frame reports),
-//! [`cert`] (renewal timing), [`backoff`] (reconnect waits).
+//! [`cert`] (renewal timing), [`backoff`] (reconnect waits), [`netcheck`] (address discovery
+//! through relays, reflexive candidates).
 
 pub mod backoff;
 pub mod cert;
 pub mod clock;
 pub mod leases;
+pub mod netcheck;
 pub mod posture;
 pub mod rotation;
 
 use ed25519_dalek::VerifyingKey;
 use std::collections::VecDeque;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
+use ward_shared::discovery::BindingResponse;
 use ward_shared::filter::FilterRule;
 use ward_shared::lease::SignedLease;
 use ward_shared::posture::{PostureReport, PostureWants};
@@ -37,6 +40,7 @@ use crate::dataplane::{public_key_for, PeerConfig};
 pub use backoff::Backoff;
 pub use clock::ClockOffset;
 pub use leases::{leased_peers, LeaseCache};
+pub use netcheck::{Netcheck, RelayReport};
 pub use posture::{fit_report, PostureCadence};
 pub use rotation::{rotation_due, Rotation, ROTATION_CONFIRM_MAX, ROTATION_SETTLE};
 
@@ -145,6 +149,12 @@ pub enum Event {
     NeedUpdate,
     /// Take the data plane's denied flows and report them ([`DataPlaneEvent::DeniedFlows`]).
     TakeDeniedFlows,
+    /// Resolve a relay's `HOST:PORT` and hand the result to [`Agent::handle_relay_resolved`].
+    ResolveRelay(String),
+    /// Send this address-discovery datagram to `dst` from the data plane's UDP socket (the one
+    /// the tunnels use, so the mapping learned is theirs); answers come back through
+    /// [`Agent::handle_discovery`].
+    SendDiscovery { dst: SocketAddr, datagram: Vec<u8> },
     /// Collect posture (off the async threads) and hand the report to
     /// [`Agent::handle_posture`]; skip it if a collection is still running.
     CollectPosture {
@@ -219,6 +229,10 @@ pub struct Agent {
     posture: PostureCadence,
     /// The endpoints last sent.
     update: DeviceUpdate,
+    /// The driver's last view of this device (key, port, interface addresses), before the
+    /// reflexive candidates are added.
+    local_update: Option<DeviceUpdate>,
+    netcheck: Netcheck,
     applied_peers: Option<Vec<PeerConfig>>,
     applied_filter: Option<Vec<FilterRule>>,
     next_expiry: Instant,
@@ -252,6 +266,8 @@ impl Agent {
             old_key_peers: None,
             posture: PostureCadence::new(cfg.posture_interval),
             update: DeviceUpdate::default(),
+            local_update: None,
+            netcheck: Netcheck::default(),
             applied_peers: None,
             applied_filter: None,
             next_expiry: now.instant + EXPIRY_CHECK,
@@ -279,6 +295,8 @@ impl Agent {
         self.rotation = Rotation::Unleased { requested: false };
         self.queued = None;
         self.posture.session_started();
+        self.local_update = Some(update.clone());
+        let update = self.with_candidates(update);
         self.update = update.clone();
         self.transmits.push_back(DeviceMsg::Hello(Hello {
             protocol: PROTOCOL_VERSION,
@@ -318,6 +336,7 @@ impl Agent {
                 self.netmap = Some(nm);
                 self.leases.invalidate();
                 self.apply_peers(now);
+                self.set_relays(now);
             }
             CoordinatorMsg::NetmapDelta(d) => {
                 let Some(nm) = self.netmap.as_mut() else {
@@ -334,6 +353,7 @@ impl Agent {
                     "netmap delta"
                 );
                 self.apply_peers(now);
+                self.set_relays(now);
             }
             CoordinatorMsg::Error { code, message } => {
                 let revoked = code == ErrorCode::DeviceRevoked || code == ErrorCode::Unauthorized;
@@ -400,6 +420,18 @@ impl Agent {
     /// Timers: lease expiry (always), reconnecting, and during a session the rotation steps,
     /// the 10 s refresh (endpoints, clock, certificate) and posture collection.
     pub fn handle_tick(&mut self, now: Now) {
+        if self
+            .netcheck
+            .poll_timeout()
+            .is_some_and(|t| now.instant >= t)
+        {
+            let mut rng = self.rng;
+            self.netcheck
+                .handle_timeout(now.instant, || next_random(&mut rng));
+            self.rng = rng;
+            self.drain_netcheck();
+            self.publish();
+        }
         if now.instant >= self.next_expiry {
             self.apply_peers(now);
             self.next_expiry = now.instant + EXPIRY_CHECK;
@@ -492,13 +524,43 @@ impl Agent {
         self.spare = Some(key);
     }
 
-    /// This device's key, port and endpoints now: sent if they changed.
+    /// This device's key, port and interface endpoints now: sent (with the reflexive
+    /// candidates first) if the result changed. Changed interface addresses mean a network
+    /// change: address discovery runs again at once.
     pub fn handle_local_update(&mut self, update: DeviceUpdate) {
-        if !matches!(self.link, Link::Session { .. }) || update == self.update {
-            return;
+        if self
+            .local_update
+            .as_ref()
+            .is_some_and(|u| u.local_endpoints != update.local_endpoints)
+        {
+            debug!("local addresses changed: discovering this device's public address again");
+            self.netcheck.network_changed();
         }
-        self.update = update.clone();
-        self.transmits.push_back(DeviceMsg::Update(update));
+        self.local_update = Some(update);
+        self.publish();
+    }
+
+    /// The driver resolved a relay address asked for by [`Event::ResolveRelay`].
+    pub fn handle_relay_resolved(
+        &mut self,
+        addr: &str,
+        result: Result<SocketAddr, String>,
+        now: Now,
+    ) {
+        self.netcheck.handle_resolved(addr, result, now.instant);
+        self.drain_netcheck();
+    }
+
+    /// A binding response read from the data plane's UDP socket.
+    pub fn handle_discovery(&mut self, from: SocketAddr, resp: BindingResponse, now: Now) {
+        if self.netcheck.handle_response(from, &resp, now.instant) {
+            info!(
+                reflexive = ?self.netcheck.reflexive(),
+                mapping_varies = ?self.netcheck.mapping_varies(),
+                "public address discovered"
+            );
+            self.publish();
+        }
     }
 
     /// A certificate request made with the identity key (answer to `Event::NeedCsr`).
@@ -537,6 +599,9 @@ impl Agent {
                 ..
             } => {
                 t = t.min(next_rotation).min(next_refresh).min(next_posture);
+                if let Some(n) = self.netcheck.poll_timeout() {
+                    t = t.min(n);
+                }
                 if let Some(d) = self.rotation.deadline() {
                     t = t.min(d);
                 }
@@ -586,6 +651,10 @@ impl Agent {
     pub fn peer_first_seen(&self, id: DeviceId) -> Option<Instant> {
         self.leases.first_seen(id)
     }
+    /// Address discovery: relays, reflexive addresses, whether the mapping varies.
+    pub fn netcheck(&self) -> &Netcheck {
+        &self.netcheck
+    }
     pub fn posture_wants(&self) -> &PostureWants {
         &self.posture.wants
     }
@@ -603,12 +672,48 @@ impl Agent {
     // ---- helpers ------------------------------------------------------------------------
 
     fn random(&mut self) -> u64 {
-        // splitmix64: enough for nonces and jitter, reproducible from the seed.
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        next_random(&mut self.rng)
+    }
+
+    /// The netmap's relay list to address discovery (a changed list starts a run).
+    fn set_relays(&mut self, now: Now) {
+        if let Some(nm) = &self.netmap {
+            self.netcheck.set_relays(&nm.relays, now.instant);
+        }
+    }
+
+    /// Address discovery's requests and resolutions become driver events.
+    fn drain_netcheck(&mut self) {
+        while let Some(addr) = self.netcheck.poll_resolve() {
+            self.events.push_back(Event::ResolveRelay(addr));
+        }
+        while let Some((dst, datagram)) = self.netcheck.poll_send() {
+            self.events
+                .push_back(Event::SendDiscovery { dst, datagram });
+        }
+    }
+
+    /// `update` with the candidate endpoints: reflexive addresses first, then local ones.
+    fn with_candidates(&self, mut update: DeviceUpdate) -> DeviceUpdate {
+        update.local_endpoints =
+            netcheck::candidates(&self.netcheck.reflexive(), &update.local_endpoints);
+        update
+    }
+
+    /// Sends this device's update if it changed (only in a session).
+    fn publish(&mut self) {
+        if !matches!(self.link, Link::Session { .. }) {
+            return;
+        }
+        let Some(local) = self.local_update.clone() else {
+            return;
+        };
+        let update = self.with_candidates(local);
+        if update == self.update {
+            return;
+        }
+        self.update = update.clone();
+        self.transmits.push_back(DeviceMsg::Update(update));
     }
 
     fn ping(&mut self, now: Now) {
@@ -710,6 +815,15 @@ impl Agent {
         self.events
             .push_back(Event::Disconnected { revoked, retry_in });
     }
+}
+
+/// splitmix64: enough for nonces, txids and jitter, reproducible from the seed.
+fn next_random(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

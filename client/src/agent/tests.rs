@@ -583,3 +583,114 @@ fn denied_flows_are_chunked_to_the_wire_limit() {
     h.drain();
     assert_eq!(h.take_sent().len(), 2);
 }
+
+fn discovery_sends(events: &[Event]) -> Vec<(SocketAddr, ward_shared::discovery::TxId)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SendDiscovery { dst, datagram } => Some((
+                *dst,
+                ward_shared::discovery::BindingRequest::decode(datagram)
+                    .unwrap()
+                    .txid,
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn updates(sent: &[DeviceMsg]) -> Vec<Vec<SocketAddr>> {
+    sent.iter()
+        .filter_map(|m| match m {
+            DeviceMsg::Update(u) => Some(u.local_endpoints.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn relays_in_the_netmap_give_reflexive_candidates_published_once() {
+    let mut h = H::new();
+    let local: SocketAddr = "192.168.1.2:51820".parse().unwrap();
+    let now = h.now();
+    h.agent.handle_connected(
+        DeviceUpdate {
+            wg_port: 51820,
+            local_endpoints: vec![local],
+            ..DeviceUpdate::default()
+        },
+        now,
+    );
+    h.drain();
+    h.take_events();
+    let mut nm = netmap(1, vec![]);
+    nm.relays = vec![
+        ward_shared::wire::RelayInfo {
+            name: "r1".into(),
+            addr: "198.51.100.1:3478".into(),
+        },
+        ward_shared::wire::RelayInfo {
+            name: "r2".into(),
+            addr: "198.51.100.2:3478".into(),
+        },
+    ];
+    h.msg(CoordinatorMsg::Netmap(nm));
+    h.advance(50, 0);
+    let sends = discovery_sends(&h.take_events());
+    assert_eq!(sends.len(), 2, "one binding request per relay");
+    assert_ne!(sends[0].1, sends[1].1, "random txids");
+    h.take_sent();
+    let public: SocketAddr = "203.0.113.7:51820".parse().unwrap();
+    for (dst, txid) in &sends {
+        let now = h.now();
+        h.agent.handle_discovery(
+            *dst,
+            BindingResponse {
+                txid: *txid,
+                observed: public,
+            },
+            now,
+        );
+        h.drain();
+    }
+    assert_eq!(
+        updates(&h.take_sent()),
+        vec![vec![public, local]],
+        "reflexive first, sent once"
+    );
+    assert_eq!(h.agent.netcheck().mapping_varies(), Some(false));
+
+    // The next periodic run finds the same: nothing is sent to the coordinator.
+    h.advance(netcheck::RUN_INTERVAL.as_millis() as i64, 0);
+    let sends = discovery_sends(&h.take_events());
+    assert_eq!(sends.len(), 2);
+    for (dst, txid) in &sends {
+        let now = h.now();
+        h.agent.handle_discovery(
+            *dst,
+            BindingResponse {
+                txid: *txid,
+                observed: public,
+            },
+            now,
+        );
+        h.drain();
+    }
+    assert!(updates(&h.take_sent()).is_empty());
+
+    // Interface addresses change: published at once, and discovery runs again at once.
+    let moved: SocketAddr = "10.1.1.9:51820".parse().unwrap();
+    h.agent.handle_local_update(DeviceUpdate {
+        wg_port: 51820,
+        local_endpoints: vec![moved],
+        ..DeviceUpdate::default()
+    });
+    h.drain();
+    assert_eq!(updates(&h.take_sent()), vec![vec![public, moved]]);
+    h.advance(50, 0);
+    assert_eq!(discovery_sends(&h.take_events()).len(), 2);
+    // No answers this time: the reflexive address is withdrawn after the timeout.
+    h.advance(netcheck::PROBE_TIMEOUT.as_millis() as i64, 0);
+    assert_eq!(updates(&h.take_sent()), vec![vec![moved]]);
+    assert!(!h.agent.netcheck().udp());
+}

@@ -157,6 +157,7 @@ impl Daemon {
         match req {
             Request::Status => Ok(Response::Status(Box::new(self.status()))),
             Request::Posture => Ok(Response::Posture(Box::new(self.posture()))),
+            Request::Netcheck => Ok(Response::Netcheck(self.netcheck())),
             Request::Down => {
                 self.stop().await;
                 let saved = {
@@ -333,6 +334,13 @@ impl Daemon {
             dataplane: running.as_ref().and_then(|r| r.dataplane.as_deref()),
             tun: self.opts.tun.as_deref(),
         })
+    }
+
+    /// What address discovery found (empty while stopped).
+    fn netcheck(&self) -> crate::api::NetcheckView {
+        let running = lock(&self.running);
+        let agent = running.as_ref().map(|r| lock(&r.agent));
+        status::netcheck(agent.as_deref())
     }
 
     /// The latest posture report and the coordinator's verdict (for `ward posture`).

@@ -56,7 +56,14 @@ struct Link {
     channel: Option<Channel>,
     opening: Option<Opening>,
     posture_tx: mpsc::Sender<PostureReport>,
+    /// Relay names resolved off the loop: (`HOST:PORT`, address or error).
+    resolved_tx: mpsc::Sender<Resolved>,
 }
+
+type Resolved = (String, Result<SocketAddr, String>);
+
+/// A relay name that does not resolve within this long counts as failed.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// Runs until `stop` changes.
@@ -70,12 +77,15 @@ impl Daemon {
             .inspect_err(|e| warn!(error = %format!("{e:#}"), "control channel unavailable"))
             .ok();
         let (posture_tx, mut posture_rx) = mpsc::channel::<PostureReport>(1);
+        let (resolved_tx, mut resolved_rx) = mpsc::channel::<Resolved>(16);
         let mut link = Link {
             endpoint,
             channel: None,
             opening: None,
             posture_tx,
+            resolved_tx,
         };
+
         loop {
             self.execute(&agent, dp.as_deref(), &mut link);
             // Send what the agent queued; a failed send ends the session.
@@ -125,6 +135,22 @@ impl Daemon {
                     }
                 }
                 Some(report) = posture_rx.recv() => lock(&agent).handle_posture(report, now()),
+                Some((addr, result)) = resolved_rx.recv() => {
+                    lock(&agent).handle_relay_resolved(&addr, result, now());
+                }
+                // A fresh wait each turn loses nothing: the data plane's notification is kept
+                // until someone waits.
+                _ = async { match &dp {
+                    Some(d) => d.discovery_ready().await,
+                    None => std::future::pending().await,
+                } } => {
+                    if let Some(d) = &dp {
+                        let mut a = lock(&agent);
+                        for (from, resp) in d.take_discovery() {
+                            a.handle_discovery(from, resp, now());
+                        }
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let on_old = dp.as_ref().map_or(0, |d| d.peers_on_old_key());
                     let mut a = lock(&agent);
@@ -227,6 +253,29 @@ impl Daemon {
                     Err(e) => warn!(error = %format!("{e:#}"), "cannot make a certificate request"),
                 },
                 Event::NeedUpdate => lock(agent).handle_local_update(hello_update(dp)),
+                Event::ResolveRelay(addr) => {
+                    let tx = link.resolved_tx.clone();
+                    tokio::spawn(async move {
+                        let res = tokio::time::timeout(
+                            RESOLVE_TIMEOUT,
+                            tokio::net::lookup_host(addr.clone()),
+                        )
+                        .await;
+                        let result = match res {
+                            Ok(Ok(mut addrs)) => {
+                                addrs.next().ok_or_else(|| "no address".to_string())
+                            }
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err("timed out".to_string()),
+                        };
+                        let _ = tx.send((addr, result)).await;
+                    });
+                }
+                Event::SendDiscovery { dst, datagram } => {
+                    if let Some(dp) = dp {
+                        dp.send_discovery(dst, &datagram);
+                    }
+                }
                 Event::TakeDeniedFlows => {
                     let flows = dp.map(|d| d.take_denied_flows()).unwrap_or_default();
                     if !flows.is_empty() {

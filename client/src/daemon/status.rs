@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use ward_shared::filter::{PortRange, Proto};
 use ward_shared::wire::WgPublicKey;
 
+use crate::agent::Netcheck;
 use crate::agent::{Agent, Phase};
 use crate::api::{
-    CountersView, DeviceView, InboundView, OwnLeaseView, PeerView, PostureView, ReachView, State,
-    StatusView,
+    CountersView, DeviceView, InboundView, NetcheckView, OwnLeaseView, PeerView, PostureView,
+    ReachView, RelayCheckView, State, StatusView,
 };
 use crate::dataplane::{self, DataPlane};
 use crate::state::State as Identity;
@@ -75,15 +76,23 @@ pub fn status(s: Sources<'_>) -> StatusView {
                     true,
                 ),
                 (_, _, None) if since.is_some_and(|t| t > UNREACHABLE_AFTER) => (
-                    "unreachable: no direct path answered (both sides may be behind NAT; relays are not available yet)".to_string(),
+                    format!(
+                        "unreachable: no direct path answered ({})",
+                        s.agent.map_or_else(
+                            || unreachable_reason(&Netcheck::default()),
+                            |a| unreachable_reason(a.netcheck())
+                        )
+                    ),
                     false,
                 ),
                 _ => ("connecting".to_string(), false),
             };
             let newest = p.leases.iter().max_by_key(|l| l.lease.serial);
             PeerView {
-                lease_expires_in_secs: newest.map(|l| l.lease.not_after_ms.saturating_sub(now) / 1000),
-                key_age_secs: newest.map(|l| now.saturating_sub(l.lease.not_before_ms).max(0) / 1000),
+                lease_expires_in_secs: newest
+                    .map(|l| l.lease.not_after_ms.saturating_sub(now) / 1000),
+                key_age_secs: newest
+                    .map(|l| now.saturating_sub(l.lease.not_before_ms).max(0) / 1000),
                 lease_serial: newest.map(|l| l.lease.serial),
                 device_id: p.device_id.0,
                 hostname: p.hostname.to_string(),
@@ -122,6 +131,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
             dropped_filter_other: c.dropped_filter_other,
             icmp_unreachable_sent: c.icmp_unreachable_sent,
             path: dp.path_counters(),
+            discovery: dp.discovery_counters(),
         }
     });
     let reach = netmap
@@ -229,6 +239,54 @@ pub fn status(s: Sources<'_>) -> StatusView {
             public_key: s.dataplane.map(|d| WgPublicKey(d.public_key()).to_base64()),
             counters,
         }),
+    }
+}
+
+/// Why no direct path answered, from what address discovery found.
+pub(super) fn unreachable_reason(nc: &Netcheck) -> String {
+    if nc.relays().next().is_none() {
+        return "both sides may be behind NAT; relays are not available yet".into();
+    }
+    if !nc.udp() {
+        return "no relay answered address discovery: UDP may be blocked here; relays cannot carry traffic yet".into();
+    }
+    if nc.mapping_varies() == Some(true) {
+        return "this device's NAT maps by destination: a relay is needed, not available yet"
+            .into();
+    }
+    let refl: Vec<String> = nc.reflexive().iter().map(|a| a.to_string()).collect();
+    format!(
+        "this device is reachable at {}; the peer's NAT may map by destination: a relay is needed, not available yet",
+        refl.join(", ")
+    )
+}
+
+/// `ward netcheck`.
+pub fn netcheck(agent: Option<&Agent>) -> NetcheckView {
+    let Some(nc) = agent.map(|a| a.netcheck()) else {
+        return NetcheckView {
+            udp: false,
+            reflexive: Vec::new(),
+            mapping_varies_by_dest: None,
+            relays: Vec::new(),
+        };
+    };
+    NetcheckView {
+        udp: nc.udp(),
+        reflexive: nc.reflexive(),
+        mapping_varies_by_dest: nc.mapping_varies(),
+        relays: nc
+            .relays()
+            .map(|r| RelayCheckView {
+                name: r.name.clone(),
+                addr: r.addr.clone(),
+                latency_ms: r
+                    .latency
+                    .map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
+                observed: r.observed,
+                error: r.error.clone(),
+            })
+            .collect(),
     }
 }
 

@@ -3,7 +3,8 @@
 //! - `ward-dp-tx`: TUN → [`Batch::handle_tun_packet`] → UDP (GSO super-packets from the TUN are
 //!   split by tun-rs, the encrypted datagrams leave as UDP GSO messages); ICMP errors for
 //!   destinations without a peer go back into the TUN.
-//! - `ward-dp-rx`: UDP (GRO) → [`Batch::handle_datagram`] (decrypt, source check, inbound
+//! - `ward-dp-rx`: UDP (GRO) → address-discovery answers set aside by their first byte, the rest
+//!   → [`Batch::handle_datagram`] (decrypt, source check, inbound
 //!   filter at coordinator time = wall clock + [`Core::clock_offset_ms`]) → TUN (TCP/UDP segments
 //!   coalesced by tun-rs's GRO table into one write per flow).
 //! - `ward-dp-timer`: [`Core::handle_timers`] every [`TIMER_INTERVAL`], the path MTUs of the
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+use super::discovery::{is_discovery_byte, Inbox};
 use super::engine::{Core, Outbox, TIMER_INTERVAL};
 use super::pmtu::REFRESH_INTERVAL;
 use super::tun::{TunDevice, TunParams};
@@ -55,7 +57,11 @@ pub(crate) struct Driver {
 
 impl Driver {
     /// Creates the TUN and socket and starts the threads. Blocking (runs `ip`).
-    pub(crate) fn start(cfg: &DataPlaneConfig, core: Arc<Core>) -> anyhow::Result<Driver> {
+    pub(crate) fn start(
+        cfg: &DataPlaneConfig,
+        core: Arc<Core>,
+        discovery: Arc<Inbox>,
+    ) -> anyhow::Result<Driver> {
         let udp = Arc::new(
             UdpSocket::bind(cfg.port, core.path_mtus().clone())
                 .with_context(|| format!("binding UDP port {}", cfg.port))?,
@@ -90,7 +96,8 @@ impl Driver {
             })?);
             threads.push(spawn("ward-dp-rx", {
                 let (core, tun, udp, stop) = (core.clone(), tun.clone(), udp.clone(), stop.clone());
-                Box::new(move || rx_loop(&core, &tun, &udp, &stop))
+                let discovery = discovery.clone();
+                Box::new(move || rx_loop(&core, &tun, &udp, &discovery, &stop))
             })?);
             threads.push(spawn("ward-dp-timer", {
                 let (core, udp, stop) = (core.clone(), udp.clone(), stop.clone());
@@ -194,7 +201,7 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
     }
 }
 
-fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
+fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, discovery: &Inbox, stop: &AtomicBool) {
     let mut batch_in = RecvBatch::new(UDP_RECV_SLOTS);
     let mut bufs: Vec<Vec<u8>> = (0..TUN_WRITE_BATCH)
         .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65536))
@@ -211,6 +218,11 @@ fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
                 let mut filled = 0;
                 let mut batch = core.batch();
                 for (from, datagram) in batch_in.datagrams() {
+                    // Address discovery shares the socket; it never reaches WireGuard.
+                    if is_discovery_byte(datagram) {
+                        discovery.handle(from, datagram);
+                        continue;
+                    }
                     let buf = &mut bufs[filled];
                     buf.clear();
                     buf.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);

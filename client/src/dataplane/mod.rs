@@ -18,11 +18,15 @@
 //!   to the destination's path MTU; refused sends are counted by reason.
 //! - `tun`: TUN creation with virtio-net offload (TSO in, GRO-coalesced writes out), addresses,
 //!   routes, and their removal.
+//! - [`discovery`]: address-discovery answers (binding responses from relays) share the UDP
+//!   socket; the receive path sets them aside by their first byte, before WireGuard, into a
+//!   bounded inbox the agent drains; requests leave from the same socket.
 //! - `driver`: three OS threads: TUN → encrypt → UDP, UDP → decrypt → TUN, and timers.
 //!
 //! This module must not depend on the agent's control plane (quinn, the coordinator protocol):
 //! the agent tells it who the peers are through [`DataPlane::set_peers`].
 
+pub mod discovery;
 mod driver;
 pub mod engine;
 pub mod pmtu;
@@ -37,8 +41,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use ward_shared::filter::{FilterCounters, FilterRule};
 
+pub use self::discovery::DiscoveryCounters;
 pub use self::engine::{Batch, Core, CoreConfig, Outbox, Transmit};
 pub use self::pmtu::PathMtuCounters;
+use ward_shared::discovery::BindingResponse;
 
 /// TUN MTU: a 1500-byte underlay minus the worst-case WireGuard overhead (IPv6 40 + UDP 8 +
 /// WireGuard data header 16 + tag 16).
@@ -156,6 +162,7 @@ pub struct DataPlane {
     core: Arc<Core>,
     driver: Option<driver::Driver>,
     local_port: u16,
+    discovery: Arc<discovery::Inbox>,
 }
 
 impl DataPlane {
@@ -170,9 +177,10 @@ impl DataPlane {
             },
             rand::random(),
         ));
+        let discovery = Arc::new(discovery::Inbox::default());
         let driver = tokio::task::spawn_blocking({
-            let core = core.clone();
-            move || driver::Driver::start(&cfg, core)
+            let (core, discovery) = (core.clone(), discovery.clone());
+            move || driver::Driver::start(&cfg, core, discovery)
         })
         .await
         .context("data plane start task")??;
@@ -181,6 +189,7 @@ impl DataPlane {
             core,
             driver: Some(driver),
             local_port,
+            discovery,
         })
     }
 
@@ -255,6 +264,31 @@ impl DataPlane {
     /// Packets dropped for not fitting their path, ICMP too-big sent, refused sends by reason.
     pub fn path_counters(&self) -> PathMtuCounters {
         self.core.path_mtus().counters()
+    }
+
+    /// Sends an address-discovery datagram from the tunnels' UDP socket (so the NAT mapping a
+    /// relay reports is the one peers reach).
+    pub fn send_discovery(&self, dst: SocketAddr, datagram: &[u8]) {
+        let mut out = Outbox::new();
+        out.push(dst, datagram);
+        if let Some(driver) = &self.driver {
+            driver.send(&out);
+            self.discovery.sent();
+        }
+    }
+
+    /// Binding responses received since the last call (bounded; see [`discovery`]).
+    pub fn take_discovery(&self) -> Vec<(SocketAddr, BindingResponse)> {
+        self.discovery.take()
+    }
+
+    /// Resolves when a binding response may be waiting in [`DataPlane::take_discovery`].
+    pub async fn discovery_ready(&self) {
+        self.discovery.ready.notified().await
+    }
+
+    pub fn discovery_counters(&self) -> DiscoveryCounters {
+        self.discovery.counters()
     }
 
     /// Stops the threads and removes the TUN with its addresses and routes.

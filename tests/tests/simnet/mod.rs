@@ -383,6 +383,7 @@ impl World {
                 self.emit(i, &out);
             }
             Event::SaveCert { .. } | Event::NeedCsr => {}
+            Event::ResolveRelay(_) | Event::SendDiscovery { .. } => {}
             Event::NeedKey => {
                 let k = PrivateKey(self.rng.gen());
                 self.devs[i].agent.provide_key(k);

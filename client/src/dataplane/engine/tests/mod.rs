@@ -56,6 +56,9 @@ struct Node {
     delivered: Vec<Vec<u8>>,
     /// Every datagram this node sent: (destination, bytes).
     sent: Vec<(SocketAddr, Vec<u8>)>,
+    /// Behind a simulated NAT (endpoint-independent mapping, port kept, filtering by remote
+    /// address): datagrams get in only from addresses the node has sent to.
+    nat: Option<std::collections::HashSet<SocketAddr>>,
 }
 
 impl Node {
@@ -118,6 +121,7 @@ impl Net {
                     ipv6: format!("fd00:1:2::{i}").parse().unwrap(),
                     delivered: Vec::new(),
                     sent: Vec::new(),
+                    nat: None,
                 }
             })
             .collect();
@@ -165,6 +169,9 @@ impl Net {
         let from = self.nodes[i].src;
         for (dst, data) in out.iter() {
             self.nodes[i].sent.push((dst, data.to_vec()));
+            if let Some(opened) = &mut self.nodes[i].nat {
+                opened.insert(dst);
+            }
             if self.rng.gen_bool(self.loss) {
                 continue;
             }
@@ -209,6 +216,13 @@ impl Net {
             let Some(i) = self.nodes.iter().position(|n| n.addrs.contains(&d.to)) else {
                 continue; // nobody there: a dead candidate
             };
+            if self.nodes[i]
+                .nat
+                .as_ref()
+                .is_some_and(|opened| !opened.contains(&d.from))
+            {
+                continue; // the NAT has no mapping this datagram matches
+            }
             let (got, out) = self.inject(i, d.from, &d.data);
             if let Some(p) = got {
                 self.nodes[i].delivered.push(p);
@@ -320,5 +334,6 @@ fn established_pair(seed: u64) -> Net {
     net
 }
 
+mod nat;
 mod paths;
 mod rotation;
