@@ -23,7 +23,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -214,7 +214,8 @@ fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, discovery: &Inbox, sto
         match udp.recv(&mut batch_in) {
             Ok(_) => {
                 let now = Instant::now();
-                let coordinator_now_ms = wall_ms().saturating_add(core.clock_offset_ms());
+                let coordinator_now_ms =
+                    ward_runtime::now_ms().saturating_add(core.clock_offset_ms());
                 let mut filled = 0;
                 let mut batch = core.batch();
                 for (from, datagram) in batch_in.datagrams() {
@@ -297,13 +298,6 @@ fn timer_loop(core: &Core, udp: &UdpSocket, stop: &AtomicBool) {
             last_report = now;
         }
     }
-}
-
-/// Local wall-clock time, ms since the Unix epoch (0 if the clock is before it).
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Logs an I/O error at most every 10 s, with the number suppressed since.

@@ -258,7 +258,7 @@ impl Collector {
     /// the offset moves less than a second, so the report's value (and [`values_differ`]) is
     /// stable.
     fn coordinator_time(&mut self, local_ms: i64, now: i64) -> i64 {
-        let mut offset = now.saturating_sub(local_now_ms());
+        let mut offset = now.saturating_sub(ward_runtime::now_ms());
         if let Some((was_local, was_offset)) = self.package_time {
             if was_local == local_ms && offset.abs_diff(was_offset) < 1_000 {
                 offset = was_offset;
@@ -535,10 +535,6 @@ fn measure<T>(now: i64, r: Result<T, String>, what: &str) -> Measured<T> {
             Measured::error(now, e)
         }
     }
-}
-
-fn local_now_ms() -> i64 {
-    system_time_ms(SystemTime::now())
 }
 
 fn system_time_ms(t: SystemTime) -> i64 {
