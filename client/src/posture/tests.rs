@@ -218,7 +218,7 @@ fn package_time_is_converted_to_coordinator_time() {
     );
     // The coordinator's clock is one hour ahead of this machine's.
     let offset = 3_600_000;
-    let now = local_now_ms() + offset;
+    let now = ward_runtime::now_ms() + offset;
     let r = f
         .collector(&[])
         .collect(&PostureWants::default(), DeviceId(1), 1, now);
@@ -255,18 +255,18 @@ fn package_time_is_stable_while_the_offset_jitters() {
     });
     let offset = -42_123;
     let w = PostureWants::default();
-    let a = c.collect(&w, DeviceId(1), 1, local_now_ms() + offset);
+    let a = c.collect(&w, DeviceId(1), 1, ward_runtime::now_ms() + offset);
     std::thread::sleep(Duration::from_millis(30));
     // The daemon's idea of coordinator time, taken a few ms before the collector's own clock
     // reading: the offset seen here moves by a few ms.
-    let b = c.collect(&w, DeviceId(1), 2, local_now_ms() + offset - 7);
+    let b = c.collect(&w, DeviceId(1), 2, ward_runtime::now_ms() + offset - 7);
     assert_eq!(
         a.last_package_update_ms.get(),
         b.last_package_update_ms.get()
     );
     assert!(!values_differ(&a, &b));
     // A real change of offset (the clock was corrected) moves it.
-    let c2 = c.collect(&w, DeviceId(1), 3, local_now_ms() + offset + 60_000);
+    let c2 = c.collect(&w, DeviceId(1), 3, ward_runtime::now_ms() + offset + 60_000);
     assert_ne!(
         a.last_package_update_ms.get(),
         c2.last_package_update_ms.get()
@@ -614,7 +614,7 @@ fn real_machine() {
         &[("/etc/os-release", true), ("/no/such/file", false)],
         &[],
     );
-    let r = c.collect(&w, DeviceId(1), 1, local_now_ms());
+    let r = c.collect(&w, DeviceId(1), 1, ward_runtime::now_ms());
     let os = r.os.get().unwrap();
     assert!(!os.id.is_empty());
     let text = fs::read_to_string("/etc/os-release").unwrap();
