@@ -29,6 +29,12 @@ step "Starting the coordinator (ward-coordinator init + serve)"
 lab_start_coordinator
 lab_coord status | sed 's/^/  /'
 
+step "Starting a relay (ward-relay serve) and registering it: devices learn their public address from it"
+lab_add_wan_host relay1
+R1=$(lab_start_relay relay1)
+run "ward-coordinator relay add r1 --addr $R1"
+lab_coord relay add r1 --addr "$R1" | sed 's/^/  /'
+
 step "Adding users and enrolling three devices with single-use tokens"
 run "ward-coordinator user add alice --group eng"
 lab_coord user add alice --group eng
@@ -56,6 +62,13 @@ step "alice reaches db over the overlay, through her NAT, by overlay address"
 lab_wait_for -t 15 lab_exec alice ping -c1 -W1 "$DB4"
 run "alice$ ping $DB4"; lab_exec alice ping -c3 -i0.2 "$DB4" | sed 's/^/  /' | tail -n 2
 run "alice$ ping -6 $DB6"; lab_exec alice ping -6 -c3 -i0.2 "$DB6" | sed 's/^/  /' | tail -n 2
+
+step "Behind her home router, alice asked the relay what address it sees her at (ward netcheck)"
+alice_found_udp() { [[ "$(lab_netcheck_get alice 'n["udp"]')" == True ]]; }
+lab_wait_for -t 15 alice_found_udp
+run "alice$ ward netcheck"; lab_ward alice netcheck | sed 's/^/    /'
+echo "  (her router's public address; she publishes it as a candidate endpoint, and peers behind"
+echo "   ordinary NATs reach her directly; relayed forwarding for NATs that change ports comes next)"
 
 step "A 20 MB TCP transfer alice → db:5432, checked end to end"
 head -c 20M /dev/urandom >"$LAB_DIR/blob"
