@@ -579,6 +579,9 @@ impl Registry {
         if !self.devices.contains_key(&id) {
             return Err(ErrorCode::DeviceRevoked);
         }
+        // A dual-stack listener sees IPv4 devices as IPv4-mapped IPv6 (`[::ffff:a.b.c.d]`);
+        // peers must get the plain IPv4 address, the same one relays report.
+        let observed = SocketAddr::new(observed.ip().to_canonical(), observed.port());
         if let Some(old) = self.sessions.insert(
             id,
             Session {
@@ -1012,6 +1015,37 @@ to = ["all"]
             },
         );
         assert!(drain(&mut r).is_empty());
+    }
+
+    #[test]
+    fn a_mapped_observed_address_is_given_to_peers_as_ipv4() {
+        let mut r = reg(&[1, 2]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        drain(&mut r);
+        r.handle_session_opened(
+            DeviceId(2),
+            11,
+            addr("[::ffff:10.0.0.2]:5000"),
+            DeviceUpdate {
+                wg_port: 51820,
+                // The reflexive address a relay reported: the same endpoint, not a second one.
+                local_endpoints: vec![addr("10.0.0.2:51820"), addr("192.168.1.5:51820")],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let eps = drain(&mut r)
+            .iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    conn: 10,
+                    msg: CoordinatorMsg::NetmapDelta(d),
+                } => Some(d.upsert[0].endpoints.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(eps, vec![addr("10.0.0.2:51820"), addr("192.168.1.5:51820")]);
     }
 
     #[test]
