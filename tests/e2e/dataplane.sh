@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3, end to end: real binaries, real TUN devices, real WireGuard over a namespace
+# Data plane, end to end: real binaries, real TUN devices, real WireGuard over a namespace
 # "internet" with NAT routers. Needs root; prints `N passed, N failed` and exits non-zero on
 # any failure.
 set -uo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5, end to end: short-lived leases, continuous rotation under live traffic, expiry
+# Leases, end to end: short-lived leases, continuous rotation under live traffic, expiry
 # enforced at the peers with the coordinator dead, clock skew. Needs root; prints
 # `N passed, N failed`.
 set -uo pipefail

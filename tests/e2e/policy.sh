@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4, end to end: default deny, services and port-level rules enforced at the peers with
+# Policy, end to end: default deny, services and port-level rules enforced at the peers with
 # real traffic, policy tests gating apply, explain, time-bound grants that expire at the peers
 # even with the coordinator dead. Needs root; prints `N passed, N failed`.
 set -uo pipefail

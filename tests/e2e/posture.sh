@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6, end to end: a rule gated on posture (a required file and a required process) is
+# Posture, end to end: a rule gated on posture (a required file and a required process) is
 # enforced at the peer within seconds of a change, in both directions, measured over 20
 # trials; posture-free access is untouched; `ward posture` names the failing check; custom
 # checks that hang, crash, print garbage or 10 MB are bounded; a port scan quarantines the

@@ -1,4 +1,4 @@
-//! Issue 2: enrollment, tokens, revocation, bad input, durability and the audit chain, with
+//! Enrollment, tokens, revocation, bad input, durability and the audit chain, with
 //! the real `ward-coordinator` and `ward` binaries over QUIC on loopback.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 

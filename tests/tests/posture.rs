@@ -1,4 +1,4 @@
-//! Issue 6 over real QUIC on loopback, with the real binaries: a posture-gated rule follows
+//! Posture over real QUIC on loopback, with the real binaries: a posture-gated rule follows
 //! a device's posture at its peer within seconds (both ways), the agent and the coordinator
 //! explain why, and forged or replayed reports sent with the device's own credentials are
 //! refused and audited.

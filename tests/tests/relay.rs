@@ -1,4 +1,4 @@
-//! Issue 11, first slice: the real `ward-relay` answers address discovery on loopback and keeps
+//! The real `ward-relay` answers address discovery on loopback and keeps
 //! answering under garbage and a flood; the coordinator's relay registry reaches a device's
 //! control session (full netmap, then deltas).
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
