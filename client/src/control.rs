@@ -388,6 +388,7 @@ pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
         CoordinatorMsg::RotateNow { .. } => "rotate_now",
         CoordinatorMsg::PostureWants(_) => "posture_wants",
         CoordinatorMsg::PostureVerdict(_) => "posture_verdict",
+        CoordinatorMsg::RelayTicket { .. } => "relay_ticket",
     }
 }
 

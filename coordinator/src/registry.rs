@@ -676,6 +676,7 @@ impl Registry {
             endpoints: d.endpoints.clone(),
             online: self.sessions.contains_key(&d.id),
             leases,
+            relay: None,
         }
     }
 

@@ -11,6 +11,7 @@
 //!   `explain` and `diff`.
 //! - [`lease`]: coordinator-signed, expiring leases binding a WireGuard key to a device.
 //! - [`posture`]: device posture reports, what to collect, and evaluation against requirements.
+//! - [`relay`]: relay credentials, tickets, and the relay control and forwarding protocols.
 //! - [`discovery`]: the address-discovery messages (what ip:port a relay sees a device at).
 //! - [`duration`]: the one duration grammar (`500ms`, `90s`, `15m`, `1h`, `7d`).
 //! - [`secret`]: a byte-string type that redacts itself in `Debug`.
@@ -26,6 +27,7 @@ pub mod lease;
 pub mod names;
 pub mod policy;
 pub mod posture;
+pub mod relay;
 pub mod secret;
 pub mod token;
 pub mod wire;

@@ -12,7 +12,9 @@
 //!   (`lease_request`, `lease`, `lease_active`, `rotate_now`, `Peer.leases`,
 //!   `Enrolled.lease_key`); posture (`posture`, `denied_flows`, `posture_wants`,
 //!   `posture_verdict`); relays in netmaps (`Netmap.relays`, `NetmapDelta.relays`, both
-//!   optional, so a device that predates them keeps decoding).
+//!   optional, so a device that predates them keeps decoding); relayed paths
+//!   (`DeviceUpdate.home_relay`, `Peer.relay`, `relay_ticket_request`, `relay_ticket`; see
+//!   [`crate::relay`]), all optional on the wire.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -26,6 +28,7 @@ use crate::filter::{FilterRule, PortRange, Proto};
 use crate::lease::SignedLease;
 use crate::names::Hostname;
 use crate::posture::{Evaluation, PostureReport, PostureWants};
+use crate::relay::SignedTicket;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Devices send small messages only.
@@ -132,6 +135,8 @@ pub enum DeviceMsg {
     Posture(Box<PostureReport>),
     /// Inbound packets this device's filter refused since the last report, by source.
     DeniedFlows { flows: Vec<DeniedFlow> },
+    /// Ask for a relay ticket (answered with `relay_ticket`, or `error`).
+    RelayTicketRequest,
 }
 
 /// Most entries in one `denied_flows` message.
@@ -242,6 +247,10 @@ pub enum CoordinatorMsg {
     PostureWants(PostureWants),
     /// The device's trust as judged now.
     PostureVerdict(PostureVerdict),
+    /// The ticket asked for with `relay_ticket_request`: presented to relays.
+    RelayTicket {
+        ticket: SignedTicket,
+    },
     /// The request was refused; on `Enroll`/`Hello` the coordinator then closes the connection.
     Error {
         code: ErrorCode,
@@ -330,6 +339,10 @@ pub struct DeviceUpdate {
     /// Local interface addresses with `wg_port`, as candidates for peers.
     #[serde(default)]
     pub local_endpoints: Vec<SocketAddr>,
+    /// The relay (by name) this device is connected to and receives relayed traffic through;
+    /// peers send to it there. `None`: none (yet).
+    #[serde(default)]
+    pub home_relay: Option<String>,
 }
 
 /// Most endpoints a device may announce; the rest are ignored.
@@ -370,6 +383,10 @@ pub struct Peer {
     /// never configured.
     #[serde(default)]
     pub leases: Vec<SignedLease>,
+    /// The relay (by name, one of the netmap's `relays`) where the peer receives relayed
+    /// traffic, if it is connected to one.
+    #[serde(default)]
+    pub relay: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -383,7 +400,7 @@ pub struct Netmap {
     /// What this device may reach (for `ward status`; enforcement is at the destination).
     #[serde(default)]
     pub reach: Vec<Reach>,
-    /// The relays this device may use (address discovery now; forwarding later).
+    /// The relays this device may use (address discovery and forwarding).
     #[serde(default)]
     pub relays: Vec<RelayInfo>,
 }
@@ -392,7 +409,8 @@ pub struct Netmap {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RelayInfo {
     pub name: String,
-    /// `HOST:PORT` (a name, an IPv4 or a bracketed IPv6 literal) of its UDP listener.
+    /// `HOST:PORT` (a name, an IPv4 or a bracketed IPv6 literal) of its UDP port: address
+    /// discovery and QUIC (forwarding) on the one port.
     pub addr: String,
 }
 
@@ -574,6 +592,7 @@ mod tests {
             endpoints: vec!["10.0.0.1:51820".parse().unwrap()],
             online: true,
             leases: vec![],
+            relay: None,
         }
     }
 
@@ -585,7 +604,9 @@ mod tests {
                 wg_public_key: Some(WgPublicKey([3; 32])),
                 wg_port: 51820,
                 local_endpoints: vec!["192.168.1.2:51820".parse().unwrap()],
+                home_relay: Some("r1".into()),
             }),
+            DeviceMsg::RelayTicketRequest,
         ];
         let mut bytes = Vec::new();
         for m in &msgs {
@@ -745,6 +766,26 @@ mod tests {
         };
         assert_eq!(w.files, vec![("/x".to_string(), true)]);
         assert!(w.custom.is_empty());
+
+        // Relayed paths: a hello and a peer without them still decode (no relay), and the
+        // new messages as first written.
+        assert_eq!(h.update.home_relay, None);
+        let CoordinatorMsg::NetmapDelta(d) = decode(
+            br#"{"type":"netmap_delta","base_seq":1,"seq":2,"upsert":[{"device_id":3,"hostname":"h3","ipv4":"100.64.0.3","ipv6":"fd00::3","relay":"r1"}]}"#,
+        )
+        .unwrap() else {
+            panic!("not delta")
+        };
+        assert_eq!(d.upsert[0].relay.as_deref(), Some("r1"));
+        assert_eq!(
+            decode::<DeviceMsg>(br#"{"type":"relay_ticket_request"}"#).unwrap(),
+            DeviceMsg::RelayTicketRequest
+        );
+        let update = r#"{"type":"update","wg_port":1,"home_relay":"r2"}"#;
+        let DeviceMsg::Update(u) = decode(update.as_bytes()).unwrap() else {
+            panic!("not update")
+        };
+        assert_eq!(u.home_relay.as_deref(), Some("r2"));
 
         let err = r#"{"type":"error","code":"token_used","message":"token already used"}"#;
         assert_eq!(

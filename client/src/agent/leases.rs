@@ -171,6 +171,7 @@ mod tests {
                 endpoints: vec![],
                 online: true,
                 leases,
+                relay: None,
             }],
             inbound: vec![],
             reach: vec![],

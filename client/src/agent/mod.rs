@@ -360,6 +360,9 @@ impl Agent {
                 self.events.push_back(Event::CloseSession);
                 self.end_session(message, revoked, now);
             }
+            CoordinatorMsg::RelayTicket { ticket } => {
+                debug!(serial = ticket.ticket.serial, "relay ticket (not used yet)");
+            }
             CoordinatorMsg::CertRenewed {
                 cert_der,
                 not_after_ms,

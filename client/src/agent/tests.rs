@@ -195,6 +195,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
             endpoints: vec![],
             online: true,
             leases,
+            relay: None,
         }],
         inbound: vec![],
         reach: vec![],

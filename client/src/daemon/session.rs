@@ -342,5 +342,6 @@ fn hello_update(dp: Option<&DataPlane>) -> DeviceUpdate {
             .map(|ip| SocketAddr::new(ip, port))
             .take(MAX_ENDPOINTS)
             .collect(),
+        home_relay: None,
     }
 }

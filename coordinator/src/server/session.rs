@@ -435,6 +435,9 @@ async fn session(
                         DeviceMsg::Posture(report) => {
                             let _ = ctx.events.send(Event::Posture { id, conn: conn_id, report, received: Instant::now() });
                         }
+                        DeviceMsg::RelayTicketRequest => {
+                            send_msg(&mut send, &CoordinatorMsg::Error { code: ErrorCode::BadRequest, message: "relay tickets are not issued by this coordinator".into() }).await?;
+                        }
                         DeviceMsg::DeniedFlows { mut flows } => {
                             flows.truncate(wire::MAX_DENIED_FLOWS);
                             let _ = ctx.events.send(Event::DeniedFlows(id, flows));

@@ -333,6 +333,7 @@ impl World {
             wg_public_key: Some(d.agent.public_key()),
             wg_port: d.endpoint.port(),
             local_endpoints: vec![d.endpoint],
+            home_relay: None,
         }
     }
 
@@ -475,7 +476,7 @@ impl World {
             },
             DeviceMsg::DeniedFlows { flows } => self.reg.handle_denied_flows(id, &flows, t),
             DeviceMsg::Update(u) => self.reg.handle_session_update(id, conn, u),
-            DeviceMsg::RenewCert { .. } | DeviceMsg::Enroll(_) => {}
+            DeviceMsg::RenewCert { .. } | DeviceMsg::Enroll(_) | DeviceMsg::RelayTicketRequest => {}
         }
     }
 

@@ -1,0 +1,613 @@
+//! Relays: the credential a relay runs with, the tickets devices present to it, and the two
+//! protocols around it.
+//!
+//! ```text
+//!   ward-coordinator ◀── control (QUIC, ALPN ward-relay-control/1) ── ward-relay
+//!          │  Welcome{ticket key, relay cert, CA}, Revoked, Cert           ▲
+//!          │  (relay: Hello{name, secret, CSR}, Load, RenewCert)           │ QUIC, ALPN ward-relay/1,
+//!          │                                                               │ mTLS with the device cert,
+//!          └─ netmap (relays, peers' home relay), RelayTicket ─▶ device ───┘ Hello{ticket}, datagrams
+//! ```
+//!
+//! **Credential.** `ward-coordinator relay add NAME --addr HOST:PORT` prints `wardrelay1-`
+//! followed by base64url of
+//! `len(coordinator) u8 | coordinator | ca_sha256 [32] | len(name) u8 | name | secret [32]`.
+//! The coordinator stores only the secret's SHA-256 ([`crate::token::hash_secret`]).
+//!
+//! **Control session (relay ↔ coordinator).** The relay dials the coordinator's QUIC port with
+//! ALPN [`RELAY_CONTROL_ALPN`], pins the CA by the credential's fingerprint (no client
+//! certificate), opens one bidirectional stream and exchanges frames in the codec of
+//! [`crate::wire`] (4-byte length, JSON), at most [`MAX_RELAY_CONTROL_FRAME`] bytes each way.
+//! First frame: [`RelayToCoordinator::Hello`] with its name, secret and a CSR for a key it made
+//! at start; the coordinator answers [`CoordinatorToRelay::Welcome`] (the key tickets are
+//! signed with, a server certificate for [`relay_server_name`] signed by the CA, the CA
+//! certificate, and the devices whose tickets must be refused) or `Error` and closes. Then the
+//! relay reports [`RelayLoad`] every few seconds; the coordinator pushes `Revoked` when a device
+//! loses access.
+//!
+//! **Tickets.** A device asks its coordinator (`DeviceMsg::RelayTicketRequest`) and gets a
+//! [`SignedTicket`] (`CoordinatorMsg::RelayTicket`): the coordinator's Ed25519 signature (the
+//! lease key, domain-separated) over
+//! `"ward-relay-ticket-v1\0" | device_id u64 | cert_identity [32] | not_before_ms i64 |
+//!  not_after_ms i64 | serial u64 | issuer [32]` (integers big-endian). `cert_identity` is the
+//! SHA-256 of the public key in the device's client certificate (the same hash the coordinator
+//! keys devices by), so a ticket is useless without that certificate's private key.
+//!
+//! **Forwarding (device ↔ relay).** The device dials the relay with ALPN [`RELAY_ALPN`] and
+//! server name [`relay_server_name`] (verified against the coordinator's CA), presenting its
+//! device certificate. It opens one bidirectional stream and sends
+//! [`DeviceToRelay::Hello`] with its ticket; the relay verifies the ticket offline (signature,
+//! issuer, time, not revoked, `cert_identity` equal to the presented certificate's) and answers
+//! [`RelayToDevice::Welcome`] or `Error` and closes. Fresh tickets follow as
+//! [`DeviceToRelay::Ticket`] before the current one expires. WireGuard datagrams travel as QUIC
+//! datagrams: [`RELAY_HEADER_LEN`] bytes of device id (big-endian u64: the destination from a
+//! device, the source from the relay), then the datagram, unchanged. The relay sees only
+//! ciphertext.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+use crate::wire::{Bytes, DeviceId, ErrorCode};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+/// Version of both relay protocols (control and forwarding).
+///
+/// - 1: first version: control Hello/Welcome/Load/Revoked/RenewCert/Cert; forwarding
+///   Hello/Ticket/Welcome/Error and datagrams with an 8-byte device id header.
+pub const RELAY_PROTOCOL_VERSION: u32 = 1;
+/// ALPN of the device ↔ relay forwarding connection.
+pub const RELAY_ALPN: &[u8] = b"ward-relay/1";
+/// ALPN of the relay ↔ coordinator control connection (on the coordinator's QUIC port).
+pub const RELAY_CONTROL_ALPN: &[u8] = b"ward-relay-control/1";
+/// Largest control frame either way.
+pub const MAX_RELAY_CONTROL_FRAME: usize = 1024 * 1024;
+/// Largest frame on a device's relay stream either way (a ticket is about 300 bytes).
+pub const MAX_RELAY_STREAM_FRAME: usize = 8 * 1024;
+/// Bytes before the WireGuard datagram in every relayed QUIC datagram.
+pub const RELAY_HEADER_LEN: usize = 8;
+/// Largest WireGuard datagram a relay forwards (a full 64 KiB TUN packet cannot be relayed:
+/// relayed paths have an MTU, see the device's path MTU handling).
+pub const MAX_RELAYED_DATAGRAM: usize = 2048;
+/// How long a ticket the coordinator issues is valid. Short, because a relay can only refuse a
+/// revoked device's ticket while it is connected to the coordinator or still remembers the
+/// revocation; expiry bounds both.
+pub const TICKET_TTL_MS: i64 = 10 * 60 * 1000;
+/// Clock skew tolerated at the start of a ticket.
+pub const TICKET_NOT_BEFORE_SKEW_MS: i64 = 5_000;
+/// Longest relay name (it is a DNS label in [`relay_server_name`]).
+pub const MAX_RELAY_NAME_LEN: usize = 63;
+
+pub const RELAY_CREDENTIAL_PREFIX: &str = "wardrelay1-";
+const MAX_CREDENTIAL_LEN: usize = 1024;
+const TICKET_DOMAIN: &[u8] = b"ward-relay-ticket-v1\0";
+
+/// The TLS server name a relay's certificate carries and devices dial.
+pub fn relay_server_name(name: &str) -> String {
+    format!("{name}.relay.ward.internal")
+}
+
+/// Whether `name` can name a relay: 1 to 63 of `a-z 0-9 -`, not starting or ending with `-`.
+pub fn valid_relay_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_RELAY_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credential
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("not a Ward relay credential (it should start with {RELAY_CREDENTIAL_PREFIX:?})")]
+    Prefix,
+    #[error("relay credential is not valid base64url")]
+    Encoding,
+    #[error("relay credential is truncated or has trailing bytes")]
+    Length,
+    #[error("relay credential's coordinator address or name is not valid")]
+    Field,
+}
+
+/// What a relay needs to join: where the coordinator is, which CA to pin, its name and secret.
+/// `Debug` never shows the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayCredential {
+    /// `HOST:PORT` of the coordinator's QUIC listener.
+    pub coordinator: String,
+    pub ca_sha256: [u8; 32],
+    pub name: String,
+    /// 32 random bytes.
+    pub secret: Secret,
+}
+
+impl RelayCredential {
+    pub fn encode(&self) -> String {
+        let addr = self.coordinator.as_bytes();
+        let addr = &addr[..addr.len().min(255)];
+        let name = self.name.as_bytes();
+        let name = &name[..name.len().min(MAX_RELAY_NAME_LEN)];
+        let mut raw = Vec::with_capacity(2 + addr.len() + 32 + name.len() + 32);
+        raw.push(addr.len() as u8);
+        raw.extend_from_slice(addr);
+        raw.extend_from_slice(&self.ca_sha256);
+        raw.push(name.len() as u8);
+        raw.extend_from_slice(name);
+        raw.extend_from_slice(self.secret.expose());
+        format!("{RELAY_CREDENTIAL_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, CredentialError> {
+        let body = s
+            .trim()
+            .strip_prefix(RELAY_CREDENTIAL_PREFIX)
+            .ok_or(CredentialError::Prefix)?;
+        if body.len() > MAX_CREDENTIAL_LEN {
+            return Err(CredentialError::Length);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| CredentialError::Encoding)?;
+        let (&alen, rest) = raw.split_first().ok_or(CredentialError::Length)?;
+        let addr = rest.get(..alen as usize).ok_or(CredentialError::Length)?;
+        let rest = &rest[alen as usize..];
+        let ca = rest.get(..32).ok_or(CredentialError::Length)?;
+        let rest = &rest[32..];
+        let (&nlen, rest) = rest.split_first().ok_or(CredentialError::Length)?;
+        let name = rest.get(..nlen as usize).ok_or(CredentialError::Length)?;
+        let secret = &rest[nlen as usize..];
+        if secret.len() != 32 {
+            return Err(CredentialError::Length);
+        }
+        let coordinator = std::str::from_utf8(addr)
+            .map_err(|_| CredentialError::Field)?
+            .to_string();
+        let name = std::str::from_utf8(name)
+            .map_err(|_| CredentialError::Field)?
+            .to_string();
+        if coordinator.is_empty() || !valid_relay_name(&name) {
+            return Err(CredentialError::Field);
+        }
+        let mut ca_sha256 = [0u8; 32];
+        ca_sha256.copy_from_slice(ca);
+        Ok(RelayCredential {
+            coordinator,
+            ca_sha256,
+            name,
+            secret: Secret::new(secret.to_vec()),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tickets
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub device_id: DeviceId,
+    /// SHA-256 of the public key in the device's client certificate (hex in JSON).
+    #[serde(with = "hex32")]
+    pub cert_identity: [u8; 32],
+    pub not_before_ms: i64,
+    pub not_after_ms: i64,
+    pub serial: u64,
+}
+
+/// A ticket with the coordinator's signature (base64 in JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedTicket {
+    #[serde(flatten)]
+    pub ticket: Ticket,
+    pub signature: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TicketError {
+    #[error("ticket signature does not verify (forged, altered, or from another coordinator)")]
+    BadSignature,
+    #[error("ticket {serial} expired {ago_ms} ms ago")]
+    Expired { serial: u64, ago_ms: i64 },
+    #[error("ticket {serial} is not valid for another {in_ms} ms")]
+    NotYetValid { serial: u64, in_ms: i64 },
+    #[error("ticket validity is inverted (not_after before not_before)")]
+    Inverted,
+    #[error("ticket {serial} is for another certificate than the one presented")]
+    WrongCertificate { serial: u64 },
+}
+
+impl Ticket {
+    fn signed_bytes(&self, issuer: &VerifyingKey) -> Vec<u8> {
+        let mut b = Vec::with_capacity(TICKET_DOMAIN.len() + 8 + 32 + 8 + 8 + 8 + 32);
+        b.extend_from_slice(TICKET_DOMAIN);
+        b.extend_from_slice(&self.device_id.0.to_be_bytes());
+        b.extend_from_slice(&self.cert_identity);
+        b.extend_from_slice(&self.not_before_ms.to_be_bytes());
+        b.extend_from_slice(&self.not_after_ms.to_be_bytes());
+        b.extend_from_slice(&self.serial.to_be_bytes());
+        b.extend_from_slice(issuer.as_bytes());
+        b
+    }
+
+    /// Signs with the coordinator's key.
+    pub fn sign(self, key: &SigningKey) -> SignedTicket {
+        let sig = key.sign(&self.signed_bytes(&key.verifying_key()));
+        SignedTicket {
+            ticket: self,
+            signature: Bytes(sig.to_bytes().to_vec()),
+        }
+    }
+}
+
+impl SignedTicket {
+    /// Signature, issuer and time window, against the coordinator's key and `now_ms` (the
+    /// verifier's wall clock, ms since the epoch).
+    pub fn verify(&self, issuer: &VerifyingKey, now_ms: i64) -> Result<&Ticket, TicketError> {
+        let t = &self.ticket;
+        let sig: [u8; 64] = self
+            .signature
+            .0
+            .as_slice()
+            .try_into()
+            .map_err(|_| TicketError::BadSignature)?;
+        issuer
+            .verify(&t.signed_bytes(issuer), &Signature::from_bytes(&sig))
+            .map_err(|_| TicketError::BadSignature)?;
+        if t.not_after_ms <= t.not_before_ms {
+            return Err(TicketError::Inverted);
+        }
+        if now_ms >= t.not_after_ms {
+            return Err(TicketError::Expired {
+                serial: t.serial,
+                ago_ms: now_ms - t.not_after_ms,
+            });
+        }
+        if now_ms + TICKET_NOT_BEFORE_SKEW_MS < t.not_before_ms {
+            return Err(TicketError::NotYetValid {
+                serial: t.serial,
+                in_ms: t.not_before_ms - now_ms,
+            });
+        }
+        Ok(t)
+    }
+
+    /// `verify`, and the ticket must name the certificate the device presented.
+    pub fn verify_for(
+        &self,
+        issuer: &VerifyingKey,
+        now_ms: i64,
+        cert_identity: &[u8; 32],
+    ) -> Result<&Ticket, TicketError> {
+        let t = self.verify(issuer, now_ms)?;
+        if !crate::secret::ct_eq(&t.cert_identity, cert_identity) {
+            return Err(TicketError::WrongCertificate { serial: t.serial });
+        }
+        Ok(t)
+    }
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control protocol (relay ↔ coordinator)
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RelayToCoordinator {
+    /// First frame.
+    Hello(RelayHello),
+    /// Every few seconds.
+    Load(RelayLoad),
+    /// A new server certificate for a key the relay just made (before the current one ends).
+    RenewCert { csr_der: Bytes },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayHello {
+    pub protocol: u32,
+    pub name: String,
+    /// The credential's secret (the coordinator compares its SHA-256 in constant time).
+    pub secret: Bytes,
+    /// A CSR (DER) for the key the relay serves devices with.
+    pub csr_der: Bytes,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// What a relay carries, for `relay ls` and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayLoad {
+    /// Devices with a live, ticketed connection.
+    pub devices: u32,
+    /// WireGuard bytes forwarded since the relay started.
+    pub bytes_relayed: u64,
+    /// Datagrams forwarded since the relay started.
+    pub datagrams_relayed: u64,
+    /// Datagrams dropped since the relay started (any reason).
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CoordinatorToRelay {
+    Welcome(RelayWelcome),
+    /// Refuse these devices' tickets from now on, and drop their connections.
+    Revoked {
+        devices: Vec<DeviceId>,
+    },
+    /// The certificate asked for with `RenewCert`.
+    Cert {
+        cert_der: Bytes,
+        not_after_ms: i64,
+    },
+    /// The request was refused; after `Hello` the coordinator closes the connection.
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayWelcome {
+    pub protocol: u32,
+    /// The Ed25519 public key tickets are signed with (32 bytes).
+    pub ticket_key: Bytes,
+    /// The relay's server certificate (DER) for [`relay_server_name`], signed by the CA.
+    pub cert_der: Bytes,
+    pub cert_not_after_ms: i64,
+    /// The CA certificate (DER): devices' client certificates chain to it.
+    pub ca_der: Bytes,
+    /// Devices whose tickets must be refused (revoked or without access).
+    #[serde(default)]
+    pub revoked: Vec<DeviceId>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding protocol (device ↔ relay), on the stream
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeviceToRelay {
+    /// First frame.
+    Hello { protocol: u32, ticket: SignedTicket },
+    /// A fresh ticket, before the current one expires.
+    Ticket { ticket: SignedTicket },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RelayToDevice {
+    Welcome {
+        device_id: DeviceId,
+        /// Largest WireGuard datagram this connection carries now (QUIC's datagram size
+        /// minus [`RELAY_HEADER_LEN`]); it may grow as QUIC discovers the path MTU.
+        max_datagram: u16,
+    },
+    /// The ticket or request was refused; the relay then closes the connection.
+    Error { code: ErrorCode, message: String },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Datagrams
+
+/// Writes the relay header for `device` followed by `datagram`.
+pub fn encode_datagram(device: DeviceId, datagram: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(RELAY_HEADER_LEN + datagram.len());
+    out.extend_from_slice(&device.0.to_be_bytes());
+    out.extend_from_slice(datagram);
+    out
+}
+
+/// Splits a relayed QUIC datagram into its device id and WireGuard datagram. `None` if it is
+/// shorter than the header, carries nothing, or is larger than [`MAX_RELAYED_DATAGRAM`].
+pub fn split_datagram(d: &[u8]) -> Option<(DeviceId, &[u8])> {
+    let (head, body) = d.split_at_checked(RELAY_HEADER_LEN)?;
+    if body.is_empty() || body.len() > MAX_RELAYED_DATAGRAM {
+        return None;
+    }
+    let id = u64::from_be_bytes(head.try_into().ok()?);
+    Some((DeviceId(id), body))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+    use super::*;
+
+    fn key(b: u8) -> SigningKey {
+        SigningKey::from_bytes(&[b; 32])
+    }
+
+    fn ticket() -> Ticket {
+        Ticket {
+            device_id: DeviceId(7),
+            cert_identity: [9; 32],
+            not_before_ms: 1_000,
+            not_after_ms: 601_000,
+            serial: 3,
+        }
+    }
+
+    #[test]
+    fn credential_round_trips_and_hides_its_secret() {
+        let c = RelayCredential {
+            coordinator: "[fd00::1]:7443".into(),
+            ca_sha256: [5; 32],
+            name: "r1".into(),
+            secret: Secret::new(vec![0xab; 32]),
+        };
+        let s = c.encode();
+        assert!(s.starts_with(RELAY_CREDENTIAL_PREFIX));
+        assert_eq!(RelayCredential::parse(&format!(" {s}\n")).unwrap(), c);
+        assert!(!format!("{c:?}").contains("abab"));
+    }
+
+    #[test]
+    fn bad_credentials_are_refused() {
+        assert_eq!(
+            RelayCredential::parse("ward1-AAAA"),
+            Err(CredentialError::Prefix)
+        );
+        assert_eq!(
+            RelayCredential::parse("wardrelay1-!!!"),
+            Err(CredentialError::Encoding)
+        );
+        let good = RelayCredential {
+            coordinator: "c:1".into(),
+            ca_sha256: [5; 32],
+            name: "r1".into(),
+            secret: Secret::new(vec![1; 32]),
+        }
+        .encode();
+        let raw = URL_SAFE_NO_PAD
+            .decode(good.strip_prefix(RELAY_CREDENTIAL_PREFIX).unwrap())
+            .unwrap();
+        for cut in 0..raw.len() {
+            let s = format!(
+                "{RELAY_CREDENTIAL_PREFIX}{}",
+                URL_SAFE_NO_PAD.encode(&raw[..cut])
+            );
+            assert!(RelayCredential::parse(&s).is_err(), "cut at {cut}");
+        }
+        let mut long = raw.clone();
+        long.push(0);
+        let s = format!("{RELAY_CREDENTIAL_PREFIX}{}", URL_SAFE_NO_PAD.encode(long));
+        assert_eq!(RelayCredential::parse(&s), Err(CredentialError::Length));
+        let huge = format!("{RELAY_CREDENTIAL_PREFIX}{}", "A".repeat(5000));
+        assert_eq!(RelayCredential::parse(&huge), Err(CredentialError::Length));
+    }
+
+    #[test]
+    fn relay_names() {
+        assert!(valid_relay_name("r1"));
+        assert!(valid_relay_name("eu-west-2"));
+        for bad in ["", "-a", "a-", "A", "a.b", "a b", &"a".repeat(64)] {
+            assert!(!valid_relay_name(bad), "{bad:?}");
+        }
+        assert_eq!(relay_server_name("r1"), "r1.relay.ward.internal");
+    }
+
+    #[test]
+    fn ticket_verifies_only_for_its_issuer_time_and_certificate() {
+        let k = key(1);
+        let t = ticket().sign(&k);
+        let pk = k.verifying_key();
+        assert_eq!(t.verify_for(&pk, 2_000, &[9; 32]).unwrap(), &ticket());
+        assert_eq!(
+            t.verify_for(&pk, 2_000, &[8; 32]),
+            Err(TicketError::WrongCertificate { serial: 3 })
+        );
+        assert_eq!(
+            t.verify(&key(2).verifying_key(), 2_000),
+            Err(TicketError::BadSignature)
+        );
+        assert_eq!(
+            t.verify(&pk, 601_000),
+            Err(TicketError::Expired {
+                serial: 3,
+                ago_ms: 0
+            })
+        );
+        assert!(matches!(
+            t.verify(&pk, -10_000),
+            Err(TicketError::NotYetValid { .. })
+        ));
+        let mut altered = t.clone();
+        altered.ticket.device_id = DeviceId(8);
+        assert_eq!(altered.verify(&pk, 2_000), Err(TicketError::BadSignature));
+        let mut short = t.clone();
+        short.signature.0.pop();
+        assert_eq!(short.verify(&pk, 2_000), Err(TicketError::BadSignature));
+        let inverted = Ticket {
+            not_after_ms: 1_000,
+            ..ticket()
+        }
+        .sign(&k);
+        assert_eq!(inverted.verify(&pk, 900), Err(TicketError::Inverted));
+    }
+
+    #[test]
+    fn ticket_json_golden() {
+        let t = ticket().sign(&key(1));
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(json.starts_with(
+            r#"{"device_id":7,"cert_identity":"0909090909090909090909090909090909090909090909090909090909090909","not_before_ms":1000,"not_after_ms":601000,"serial":3,"signature":""#
+        ), "{json}");
+        let back: SignedTicket = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, t);
+        let hello = DeviceToRelay::Hello {
+            protocol: RELAY_PROTOCOL_VERSION,
+            ticket: t,
+        };
+        let json = serde_json::to_string(&hello).unwrap();
+        assert!(json.starts_with(r#"{"type":"hello","protocol":1,"ticket":{"device_id":7"#));
+        assert_eq!(serde_json::from_str::<DeviceToRelay>(&json).unwrap(), hello);
+    }
+
+    #[test]
+    fn control_messages_golden() {
+        let m: RelayToCoordinator = serde_json::from_str(
+            r#"{"type":"load","devices":2,"bytes_relayed":10,"datagrams_relayed":1,"dropped":0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            RelayToCoordinator::Load(RelayLoad {
+                devices: 2,
+                bytes_relayed: 10,
+                datagrams_relayed: 1,
+                dropped: 0
+            })
+        );
+        let r: CoordinatorToRelay =
+            serde_json::from_str(r#"{"type":"revoked","devices":[3,4]}"#).unwrap();
+        assert_eq!(
+            r,
+            CoordinatorToRelay::Revoked {
+                devices: vec![DeviceId(3), DeviceId(4)]
+            }
+        );
+        let w: RelayToDevice =
+            serde_json::from_str(r#"{"type":"welcome","device_id":5,"max_datagram":1400}"#)
+                .unwrap();
+        assert_eq!(
+            w,
+            RelayToDevice::Welcome {
+                device_id: DeviceId(5),
+                max_datagram: 1400
+            }
+        );
+    }
+
+    #[test]
+    fn datagram_header() {
+        let d = encode_datagram(DeviceId(0x0102), b"wg");
+        assert_eq!(&d[..8], &[0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(split_datagram(&d), Some((DeviceId(0x0102), &b"wg"[..])));
+        assert_eq!(split_datagram(&d[..8]), None);
+        assert_eq!(split_datagram(&d[..3]), None);
+        assert_eq!(split_datagram(&[]), None);
+        let big = encode_datagram(DeviceId(1), &[0; MAX_RELAYED_DATAGRAM + 1]);
+        assert_eq!(split_datagram(&big), None);
+        let max = encode_datagram(DeviceId(1), &[0; MAX_RELAYED_DATAGRAM]);
+        assert!(split_datagram(&max).is_some());
+    }
+}
