@@ -1,7 +1,6 @@
 //! [`Batch`]: the two packet paths. TUN packet → route → encrypt → [`Outbox`]; datagram →
 //! decrypt → source check → inbound filter → TUN.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, RwLockReadGuard};
 use std::time::Instant;
@@ -13,8 +12,8 @@ use ward_shared::filter::{DenyReason, Verdict};
 use super::counters::LocalCounters;
 use super::filter::{FilterGuard, OutboundLog};
 use super::icmp::{icmp_prohibited, in_overlay, WindowLimit};
-use super::outbox::Outbox;
-use super::peers::{canonical, route, Path, Table};
+use super::outbox::{Outbox, Source};
+use super::peers::{canonical_source, route, Path, Table};
 use super::session::{Link, LinkSelector, Slot};
 use super::{
     lock, read, Core, DATA_OVERHEAD, HANDSHAKE_INIT_LEN, MSG_COOKIE_REPLY, MSG_HANDSHAKE_INIT,
@@ -84,11 +83,7 @@ impl<'a> Batch<'a> {
         self.outbound.record(packet, now);
         let mut s = lock(&peer.session);
         let s = &mut *s;
-        let dst = s
-            .path
-            .endpoint
-            .or_else(|| s.path.candidates.first().copied());
-        if !self.core.pmtu.admit(packet, dst, now, &mut out.tun) {
+        if !s.path.admit(&self.core.pmtu, packet, now, &mut out.tun) {
             return; // too big for the path: dropped, ICMP too-big queued for the TUN
         }
         let buf = out.reserve(packet.len().max(HANDSHAKE_INIT_LEN) + DATA_OVERHEAD);
@@ -134,17 +129,22 @@ impl<'a> Batch<'a> {
     /// previous link's receiver index is accepted until that link is dropped.
     ///
     /// `tun_out` must be at least as long as `datagram`, else the datagram is dropped.
+    ///
+    /// `from` may also be a device through a relay ([`Source::Relay`]): the same checks apply,
+    /// and replies go back through that relay.
     #[must_use]
     pub fn handle_datagram(
         &mut self,
-        from: SocketAddr,
+        from: impl Into<Source>,
         datagram: &[u8],
         now: Instant,
         coordinator_now_ms: i64,
         tun_out: &mut [u8],
         out: &mut Outbox,
     ) -> Option<usize> {
-        let from = canonical(from);
+        let from = canonical_source(from.into());
+        // What WireGuard binds handshake cookies to (see `Source::cookie_addr`).
+        let addr = from.cookie_addr();
         let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
             return self.garbage(from, "unparseable");
         };
@@ -161,7 +161,7 @@ impl<'a> Batch<'a> {
                 for keys in ring.iter() {
                     match keys
                         .limiter
-                        .verify_packet(Some(from.ip()), datagram, &mut cookie)
+                        .verify_packet(Some(addr), datagram, &mut cookie)
                     {
                         Ok(_) => {
                             matched = Some(keys);
@@ -169,7 +169,7 @@ impl<'a> Batch<'a> {
                         }
                         Err(TunnResult::WriteToNetwork(reply)) => {
                             // Under load: answer a mac1-valid initiation with a cookie only.
-                            out.push(from, reply);
+                            out.push(from.reply_to(), reply);
                             return None;
                         }
                         Err(_) => {}
@@ -216,7 +216,7 @@ impl<'a> Batch<'a> {
             (Slot::Previous, Some(p)) => &mut p.link,
             _ => &mut s.link,
         };
-        let (reply, tunnel) = match link.tunn.decapsulate(Some(from.ip()), datagram, tun_out) {
+        let (reply, tunnel) = match link.tunn.decapsulate(Some(addr), datagram, tun_out) {
             TunnResult::WriteToNetwork(p) => {
                 let cookie = p.first() == Some(&MSG_COOKIE_REPLY);
                 if !cookie {
@@ -226,7 +226,7 @@ impl<'a> Batch<'a> {
                         link.established_at = Some(now);
                     }
                 }
-                out.push(from, p);
+                out.push(from.reply_to(), p);
                 (true, None)
             }
             TunnResult::WriteToTunnelV4(p, src) => {
@@ -314,7 +314,7 @@ impl<'a> Batch<'a> {
         }
     }
 
-    fn garbage(&mut self, from: SocketAddr, why: &'static str) -> Option<usize> {
+    fn garbage(&mut self, from: Source, why: &'static str) -> Option<usize> {
         tracing::trace!(%from, why, "datagram dropped");
         self.local.dropped_garbage += 1;
         None
