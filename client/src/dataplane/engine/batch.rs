@@ -23,7 +23,7 @@ use super::{
 
 /// A group of packets processed under one read lock of the peer table, made by
 /// [`Core::batch`]. Per batch, not per packet: the inbound filter is locked once (at the first
-/// data message from a known peer, held to the end), the packets sent are handed to the filter
+/// datagram from a known peer, held to the end), the packets sent are handed to the filter
 /// once (when the batch ends, before the driver sends its datagrams), the ICMP limiter is locked
 /// once, and the counters are merged into the core's once. Per run of packets for one peer: its
 /// session lock, when the packets go through [`Batch::runs`] (the driver's way); the per-packet

@@ -146,7 +146,7 @@ pub struct CoreConfig {
 ///
 /// - per batch: the table's read lock (a [`Batch`] holds it for its lifetime, so once
 ///   `set_peers` returns, no packet under a removed key is accepted any more); the filter,
-///   locked by the receive path at the first message from a known peer and held to the end of
+///   locked by the receive path at the first datagram from a known peer and held to the end of
 ///   the batch (the send path never locks it per packet: it hands its packets over once per
 ///   batch, see the `filter` module); the ICMP limiter, at the first packet without a route;
 ///   the counters, merged once.
@@ -154,8 +154,9 @@ pub struct CoreConfig {
 ///   following packets are for the same peer (on either path), so a run of consecutive packets
 ///   for one peer (a bulk stream: the whole batch) locks it once. The run ends at a packet for
 ///   another peer, at a lock that ranks before sessions (below), at [`Runs::release`] or when
-///   the `Runs` is dropped. The other path waits for the end of the run, not of the batch; the
-///   driver releases the run before blocking I/O. [`Batch`]'s own per-packet methods are runs
+///   the `Runs` is dropped. The other path, when it needs the same peer, waits for the run to
+///   end (for a bulk stream, the batch's packet processing), so the driver releases the run
+///   before blocking I/O in the middle of a batch. [`Batch`]'s own per-packet methods are runs
 ///   of one.
 /// - only where a packet needs it: the key ring (read, for a handshake initiation) and, when
 ///   several entries claim a destination (a peer's rotation), each of their sessions in turn to
