@@ -395,3 +395,4 @@ mod nat;
 mod paths;
 mod relayed;
 mod rotation;
+mod runs;
