@@ -368,3 +368,57 @@ fn relay_sources_bind_cookies_to_the_device_and_are_answered_through_the_relay()
         }
     );
 }
+
+#[test]
+fn relayed_path_delivers_under_loss_and_reordering() {
+    for seed in 0..3 {
+        let mut net = relayed_pair(70 + seed, true);
+        net.relay_loss = 0.1;
+        net.max_delay_ticks = 3;
+        let end = net.now + Duration::from_secs(30);
+        while net
+            .nodes
+            .iter()
+            .any(|n| n.core.status()[0].last_handshake.is_none())
+        {
+            assert!(
+                net.now < end,
+                "seed {seed}: no session through a lossy relay"
+            );
+            net.step();
+        }
+        for n in &mut net.nodes {
+            n.delivered.clear();
+        }
+        let (_, n) = stream_until(&mut net, 0, Duration::from_secs(2), |_| false);
+        net.run(Duration::from_millis(200));
+        for i in 0..2 {
+            let got = numbers(&net, i);
+            assert!(
+                got.len() * 100 >= n as usize * 80,
+                "seed {seed}: node {i} got {} of {n}",
+                got.len()
+            );
+            assert_eq!(got.len(), net.nodes[i].delivered.len(), "duplicates");
+        }
+        assert!(both_relayed(&net));
+    }
+}
+
+#[test]
+fn lossy_direct_path_does_not_fall_back() {
+    let mut net = relayed_pair(75, false);
+    establish(&mut net);
+    let (took, n) = stream_until(&mut net, 0, Duration::from_secs(2), both_direct);
+    assert!(took.is_some());
+    let switches: Vec<u64> = (0..2)
+        .map(|i| net.nodes[i].core.counters().path_switches)
+        .collect();
+    net.loss = 0.2;
+    net.max_delay_ticks = 3;
+    let _ = stream_until(&mut net, n, Duration::from_secs(20), |_| false);
+    assert!(both_direct(&net), "a lossy but live direct path is kept");
+    for (i, before) in switches.iter().enumerate() {
+        assert_eq!(net.nodes[i].core.counters().path_switches, *before);
+    }
+}
