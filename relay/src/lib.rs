@@ -7,4 +7,5 @@
 //! `ward-coordinator`: a relay knows the wire format and nothing of either program.
 
 pub mod core;
+pub mod forward;
 pub mod metrics;
