@@ -11,7 +11,8 @@
 //! later stream frames       → handle_ticket(conn, ticket, clock)
 //! each QUIC datagram        → handle_datagram(conn, &mut bytes, clock)
 //!                                                             → Ok(dst conn): send the rewritten bytes to it
-//!                                                               (buffer full: count_drop(QueueFull))
+//!                                                               (buffer full: handle_undelivered(QueueFull, len))
+//! an undecodable frame      → handle_garbage(conn)
 //! coordinator's Welcome     → handle_welcome(ticket_key, revoked, clock)
 //! coordinator's Revoked     → handle_revoked(devices, clock)
 //! a connection ended        → handle_closed(conn)
@@ -511,14 +512,24 @@ impl Forwarder {
         r
     }
 
-    /// Counts a drop the driver decided (a full send buffer).
-    pub fn count_drop(&mut self, d: Drop) {
+    fn count_drop(&mut self, d: Drop) {
         let i = d.index();
         self.stats.dropped[i] = self.stats.dropped[i].saturating_add(1);
-        if d == Drop::QueueFull {
-            // Counted as relayed by handle_datagram; it was not.
-            self.stats.datagrams_relayed = self.stats.datagrams_relayed.saturating_sub(1);
-        }
+    }
+
+    /// A datagram [`Forwarder::handle_datagram`] routed (and counted as relayed) of `body_len`
+    /// WireGuard bytes that the driver could not hand to the destination (its send buffer was
+    /// full, or its connection just went).
+    pub fn handle_undelivered(&mut self, d: Drop, body_len: usize) {
+        self.count_drop(d);
+        self.stats.datagrams_relayed = self.stats.datagrams_relayed.saturating_sub(1);
+        self.stats.bytes_relayed = self.stats.bytes_relayed.saturating_sub(body_len as u64);
+    }
+
+    /// A stream frame that does not decode (or a stream that ended early) on `conn`: refused
+    /// as a protocol error, the connection queued for closing.
+    pub fn handle_garbage(&mut self, conn: ConnId) -> Refusal {
+        self.refuse(conn, Refusal::Protocol)
     }
 
     /// Devices the coordinator revoked: their connections close and their tickets are refused
@@ -580,6 +591,11 @@ impl Forwarder {
     #[must_use]
     pub fn poll_close(&mut self) -> Option<(ConnId, Close)> {
         self.closes.pop_front()
+    }
+
+    /// Whether `conn` is known and still waiting for its `Hello`.
+    pub fn is_pending(&self, conn: ConnId) -> bool {
+        matches!(self.conns.get(&conn), Some(Conn::Pending { .. }))
     }
 
     /// The device a connection carries, once its `Hello` was accepted.
@@ -656,9 +672,9 @@ impl Forwarder {
 
     /// Counts the refusal and queues `conn` for closing.
     fn refuse(&mut self, conn: ConnId, r: Refusal) -> Refusal {
-        self.count_refusal(r);
         tracing::debug!(%conn, reason = r.as_str(), "relay connection refused");
         if self.conns.contains_key(&conn) {
+            self.count_refusal(r);
             self.handle_closed(conn);
             self.closes.push_back((conn, Close::Refused(r)));
         }
@@ -919,8 +935,11 @@ mod tests {
         // The largest allowed passes.
         let mut max = encode_datagram(DeviceId(2), &[1; MAX_RELAYED_DATAGRAM]);
         assert!(h.f.handle_datagram(a, &mut max, now).is_ok());
-        h.f.count_drop(Drop::QueueFull);
+        h.f.handle_undelivered(Drop::QueueFull, MAX_RELAYED_DATAGRAM);
         assert_eq!(h.f.stats().datagrams_relayed, 0);
+        assert_eq!(h.f.stats().bytes_relayed, 0);
+        assert_eq!(h.f.handle_garbage(p), Refusal::Protocol);
+        assert_eq!(h.closes(), vec![(p, Close::Refused(Refusal::Protocol))]);
         assert_eq!(h.f.stats().dropped(Drop::QueueFull), 1);
     }
 
