@@ -20,10 +20,8 @@ lab_add_natted_host bob                # plain masquerade
 lab_add_natted_host carol --symmetric  # masquerade fully-random
 lab_add_natted_host dave --symmetric
 lab_start_coordinator
-R1=$(lab_start_relay relay1)
-R2=$(lab_start_relay relay2)
-lab_coord relay add r1 --addr "$R1" >/dev/null
-lab_coord relay add r2 --addr "$R2" >/dev/null
+R1=$(lab_start_relay relay1 r1)
+R2=$(lab_start_relay relay2 r2)
 for h in alice bob carol dave; do
     lab_start_device "$h"
     lab_coord user add "$h" >/dev/null
