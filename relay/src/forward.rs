@@ -593,6 +593,12 @@ impl Forwarder {
         self.closes.pop_front()
     }
 
+    /// Whether a quarter of the pending slots are taken: the driver then asks new sources to
+    /// prove their address before a connection is counted.
+    pub fn under_load(&self) -> bool {
+        self.pending.saturating_mul(4) >= self.limits.max_pending
+    }
+
     /// Whether `conn` is known and still waiting for its `Hello`.
     pub fn is_pending(&self, conn: ConnId) -> bool {
         matches!(self.conns.get(&conn), Some(Conn::Pending { .. }))

@@ -91,6 +91,14 @@ impl Shared {
 /// Accepts device connections until the endpoint closes.
 pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
+        // Under a flood of handshakes, make sources prove their address first (a stateless
+        // retry), so spoofed ones cannot hold connection slots.
+        if !incoming.remote_address_validated() && shared.lock().core.under_load() {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
         let admitted = shared.with_core(|c| c.handle_connect(clock()));
         match admitted {
             Ok(id) => {

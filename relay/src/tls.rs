@@ -19,6 +19,8 @@ const DEVICE_KEEPALIVE: Duration = Duration::from_secs(1);
 const DEVICE_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// QUIC datagrams queued per device connection, each way: a burst of about 8 ms at 1 Gbit/s.
 const DATAGRAM_BUFFER: usize = 1024 * 1024;
+/// Largest UDP payload path MTU discovery tries: a 1500-byte IPv4 packet.
+const MTU_PROBE_UPPER_BOUND: u16 = 1500 - 20 - 8;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -82,6 +84,11 @@ pub fn device_server_config(
     t.stream_receive_window((64u32 * 1024).into());
     t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
     t.datagram_send_buffer_size(DATAGRAM_BUFFER);
+    // Probe up to what a 1500-byte IPv4 path carries (quinn's default stops at IPv6's 1452),
+    // so a full-size WireGuard datagram fits where the path allows.
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(MTU_PROBE_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtud));
     sc.transport_config(Arc::new(t));
     Ok(sc)
 }
