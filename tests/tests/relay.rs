@@ -420,8 +420,9 @@ fn relay_forwards_between_ticketed_devices_and_refuses_the_rest() {
                 panic!("{:?}", s.answer)
             };
             assert_eq!(device_id, DeviceId(id));
+            // QUIC's datagram room on a fresh 1200-byte path, or more after MTU discovery.
             assert!(
-                (1200..=2048).contains(&max_datagram),
+                (1100..=2048).contains(&max_datagram),
                 "max_datagram {max_datagram}"
             );
         }
