@@ -213,7 +213,9 @@ fn registered_relays_reach_a_device_session() {
     let c = Coordinator::init(tmp.path());
     c.admin(&["user", "add", "rita"]);
     let out = c.admin(&["relay", "add", "r1", "--addr", "127.0.0.1:3478"]);
-    assert_eq!(out.trim(), "r1 127.0.0.1:3478");
+    // The relay's credential, alone on stdout.
+    let cred = ward_shared::relay::RelayCredential::parse(&out).unwrap();
+    assert_eq!(cred.name, "r1");
     let dup = c.try_admin(&["relay", "add", "r1", "--addr", "127.0.0.1:1"]);
     assert!(!dup.status.success());
     assert!(String::from_utf8_lossy(&dup.stderr).contains("already exists"));

@@ -1,22 +1,28 @@
 //! The thin driver: owns the TUN and the UDP socket and runs three OS threads around the core.
 //!
-//! - `ward-dp-tx`: TUN → [`Batch::handle_tun_packet`] → UDP (GSO super-packets from the TUN are
+//! - `ward-dp-tx`: TUN → [`Runs::handle_tun_packet`] → UDP (GSO super-packets from the TUN are
 //!   split by tun-rs, the encrypted datagrams leave as UDP GSO messages); ICMP errors for
 //!   destinations without a peer go back into the TUN.
 //! - `ward-dp-rx`: UDP (GRO) → address-discovery answers set aside by their first byte, the rest
-//!   → [`Batch::handle_datagram`] (decrypt, source check, inbound
+//!   → [`Runs::handle_datagram`] (decrypt, source check, inbound
 //!   filter at coordinator time = wall clock + [`Core::clock_offset_ms`]) → TUN (TCP/UDP segments
 //!   coalesced by tun-rs's GRO table into one write per flow).
 //! - `ward-dp-timer`: [`Core::handle_timers`] every [`TIMER_INTERVAL`], the path MTUs of the
 //!   destinations in use re-read from the kernel every [`REFRESH_INTERVAL`], idle flows swept
 //!   now and then.
 //!
+//! Each read is one [`Batch`], handled in [`Runs`]: a peer's session is locked once per run of
+//! its packets (the whole read for a single bulk stream), not per packet. The receive thread
+//! releases the run before it writes to the TUN in the middle of a batch.
+//!
 //! Blocking threads rather than tokio tasks: the hot paths are syscall loops that gain nothing
 //! from an executor, and two threads use the machine's two cores. Reads are non-blocking with a
 //! `poll` timeout so the threads notice the stop flag.
 //!
-//! [`Batch::handle_tun_packet`]: super::engine::Batch::handle_tun_packet
-//! [`Batch::handle_datagram`]: super::engine::Batch::handle_datagram
+//! [`Batch`]: super::engine::Batch
+//! [`Runs`]: super::engine::Runs
+//! [`Runs::handle_tun_packet`]: super::engine::Runs::handle_tun_packet
+//! [`Runs::handle_datagram`]: super::engine::Runs::handle_datagram
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -167,8 +173,9 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
                     reads += 1;
                     let now = Instant::now();
                     let mut batch = core.batch();
+                    let mut runs = batch.runs();
                     for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
-                        batch.handle_tun_packet(&buf[..size], now, &mut out);
+                        runs.handle_tun_packet(&buf[..size], now, &mut out);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -218,6 +225,7 @@ fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, discovery: &Inbox, sto
                     ward_runtime::now_ms().saturating_add(core.clock_offset_ms());
                 let mut filled = 0;
                 let mut batch = core.batch();
+                let mut runs = batch.runs();
                 for (from, datagram) in batch_in.datagrams() {
                     // Address discovery shares the socket; it never reaches WireGuard.
                     if is_discovery_byte(datagram) {
@@ -228,7 +236,7 @@ fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, discovery: &Inbox, sto
                     buf.clear();
                     buf.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
                     let tun_out = &mut buf[VIRTIO_NET_HDR_LEN..];
-                    if let Some(n) = batch.handle_datagram(
+                    if let Some(n) = runs.handle_datagram(
                         from,
                         datagram,
                         now,
@@ -239,11 +247,13 @@ fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, discovery: &Inbox, sto
                         buf.truncate(VIRTIO_NET_HDR_LEN + n);
                         filled += 1;
                         if filled == bufs.len() {
+                            runs.release();
                             write_tun(tun, &mut gro, &mut bufs[..filled], &mut errors);
                             filled = 0;
                         }
                     }
                 }
+                drop(runs);
                 drop(batch);
                 write_tun(tun, &mut gro, &mut bufs[..filled], &mut errors);
                 if !out.is_empty() {

@@ -8,8 +8,9 @@
 //!   cryptokey routing, the inner-source check, the inbound filter, endpoint selection
 //!   (candidates, roaming), the handshake probing and the loss-free key rotation. Its outputs go
 //!   into caller-provided buffers ([`Outbox`] for UDP datagrams, a `&mut [u8]` for a decrypted
-//!   IP packet). It is `Sync`, and nothing the two hot paths share is locked per packet (only a
-//!   peer's own `Tunn`), so they run in parallel on the machine's two cores.
+//!   IP packet). It is `Sync`, and nothing the two hot paths share is locked per packet (a
+//!   peer's own `Tunn` is locked once per run of its packets in a batch), so they run in
+//!   parallel on the machine's two cores.
 //! - [`pmtu`]: I/O-free path MTU per destination (learned from the kernel by the driver), the
 //!   check that an inner packet fits its peer's path, and the ICMP too-big errors that tell the
 //!   inner stack when it does not.

@@ -498,7 +498,10 @@ impl World {
                     .agent
                     .handle_coordinator_msg(m, now);
             }
-            Output::PostureChanged { .. } | Output::Quarantine { .. } => {}
+            // No relays in this network: revocations for relays have no one to reach.
+            Output::PostureChanged { .. }
+            | Output::Quarantine { .. }
+            | Output::DeviceRevoked { .. } => {}
         }
     }
 

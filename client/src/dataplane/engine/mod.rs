@@ -63,7 +63,7 @@ use self::session::{timer_output, KeyRing, Keys, Link, Session};
 use super::pmtu::PathMtus;
 use super::{DataPlaneCounters, PeerConfig, PeerStatus};
 
-pub use self::batch::Batch;
+pub use self::batch::{Batch, Runs};
 pub use self::outbox::{Outbox, Transmit};
 
 /// How often the driver should call [`Core::handle_timers`].
@@ -108,7 +108,8 @@ pub struct CoreConfig {
 ///
 /// # Drive loop
 ///
-/// Inputs are `handle_*` calls (a [`Batch`] for packets) with the time passed in; outputs go to
+/// Inputs are `handle_*` calls (a [`Batch`], through its [`Runs`], for packets) with the time
+/// passed in; outputs go to
 /// the caller's [`Outbox`] (datagrams for the network, ICMP errors for the TUN) and, for a
 /// decrypted packet, the caller's buffer.
 ///
@@ -117,16 +118,17 @@ pub struct CoreConfig {
 /// core.set_peers(peers, now, &mut outbox)            -> send outbox (proactive handshakes)
 /// core.set_filter(rules)                             (the netmap's inbound rules)
 /// loop {
-///     TUN packets:   let mut b = core.batch();
-///                    for p in packets { b.handle_tun_packet(p, now, &mut outbox) }
-///                    drop(b); send outbox; write outbox.tun_packets() to the TUN; outbox.clear()
-///     UDP datagrams: let mut b = core.batch();
+///     TUN packets:   let mut b = core.batch(); let mut r = b.runs();
+///                    for p in packets { r.handle_tun_packet(p, now, &mut outbox) }
+///                    drop(r); drop(b); send outbox; write outbox.tun_packets() to the TUN;
+///                    outbox.clear()
+///     UDP datagrams: let mut b = core.batch(); let mut r = b.runs();
 ///                    for (from, d) in datagrams {
-///                        if let Some(n) = b.handle_datagram(from, d, now, coord_ms, &mut buf, &mut outbox) {
-///                            write buf[..n] to the TUN
+///                        if let Some(n) = r.handle_datagram(from, d, now, coord_ms, &mut buf, &mut outbox) {
+///                            collect buf[..n] for the TUN (r.release() before writing mid-batch)
 ///                        }
 ///                    }
-///                    drop(b); send outbox; outbox.clear()
+///                    drop(r); drop(b); write to the TUN; send outbox; outbox.clear()
 ///     every TIMER_INTERVAL: core.handle_timers(now, &mut outbox); send outbox
 ///     now and then:  core.expire_flows(now); core.take_denied_flows() -> the coordinator
 /// }
@@ -139,13 +141,30 @@ pub struct CoreConfig {
 ///
 /// `Core` is `Sync`: the TUN path and the UDP path run on different threads at once. The peer
 /// table is behind an `RwLock` (writers: [`Core::set_peers`] and [`Core::rotate_key`]), each
-/// peer's session state behind a `Mutex` (taken per packet, per peer: a `Tunn` encrypts and
-/// decrypts through `&mut`). A [`Batch`] holds the table's read lock for its lifetime, so once
-/// `set_peers` returns, no packet under a removed key is accepted any more. Nothing both paths
-/// share is locked per packet: the filter is locked once per receive batch and the send path
-/// hands it its packets once per batch (see the `filter` module), the ICMP limiter is locked
-/// once per batch, counters are merged once per batch. Lock order: table, then the local key
-/// ring, then one peer session at a time; the filter, then its pending outbound records.
+/// peer's session state behind a `Mutex` (a `Tunn` encrypts and decrypts through `&mut`).
+/// Nothing both paths share is locked per packet:
+///
+/// - per batch: the table's read lock (a [`Batch`] holds it for its lifetime, so once
+///   `set_peers` returns, no packet under a removed key is accepted any more); the filter,
+///   locked by the receive path at the first datagram from a known peer and held to the end of
+///   the batch (the send path never locks it per packet: it hands its packets over once per
+///   batch, see the `filter` module); the ICMP limiter, at the first packet without a route;
+///   the counters, merged once.
+/// - per run: a peer's session. [`Runs`] keeps the last peer's session locked while the
+///   following packets are for the same peer (on either path), so a run of consecutive packets
+///   for one peer (a bulk stream: the whole batch) locks it once. The run ends at a packet for
+///   another peer, at a lock that ranks before sessions (below), at [`Runs::release`] or when
+///   the `Runs` is dropped. The other path, when it needs the same peer, waits for the run to
+///   end (for a bulk stream, the batch's packet processing), so the driver releases the run
+///   before blocking I/O in the middle of a batch. [`Batch`]'s own per-packet methods are runs
+///   of one.
+/// - only where a packet needs it: the key ring (read, for a handshake initiation) and, when
+///   several entries claim a destination (a peer's rotation), each of their sessions in turn to
+///   rank them (`Table::route`); the run is released first.
+///
+/// Lock order: the table, then the ICMP limiter or the filter (then its pending outbound
+/// records), then the local key ring, then one peer session at a time. A run that needs a lock
+/// earlier in this order releases its session first.
 pub struct Core {
     /// This device's static key (and older ones previous links still use); replaced by
     /// [`Core::rotate_key`].

@@ -87,11 +87,8 @@ impl Table {
     /// recent; if none has a session, the last configured (it gets the handshake). So traffic
     /// never leaves a working session for one that is not up yet.
     pub(super) fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
-        let entries = match dst {
-            IpAddr::V4(a) => self.by_v4.get(&a),
-            IpAddr::V6(a) => self.by_v6.get(&a),
-        }?;
-        match entries.as_slice() {
+        match self.claimants(dst) {
+            [] => None,
             [one] => Some(one),
             many => many
                 .iter()
@@ -99,6 +96,16 @@ impl Table {
                 .max_by_key(|(i, p)| (lock(&p.session).outbound_rank(), *i))
                 .map(|(_, p)| p),
         }
+    }
+
+    /// Every peer claiming `dst`, in configuration order (more than one only during a peer's
+    /// rotation). Locks nothing.
+    pub(super) fn claimants(&self, dst: IpAddr) -> &[Arc<Peer>] {
+        match dst {
+            IpAddr::V4(a) => self.by_v4.get(&a),
+            IpAddr::V6(a) => self.by_v6.get(&a),
+        }
+        .map_or(&[], Vec::as_slice)
     }
 }
 

@@ -337,3 +337,4 @@ fn established_pair(seed: u64) -> Net {
 mod nat;
 mod paths;
 mod rotation;
+mod runs;
