@@ -2,8 +2,9 @@
 //! garbage and a flood; it joins its coordinator (the control protocol's other end, run here
 //! with the coordinator's own CA code) and forwards QUIC datagrams between devices holding
 //! CA-signed certificates and tickets, refusing forged, foreign, expired and absent tickets
-//! while legitimate devices keep relaying; the coordinator's relay registry reaches a device's
-//! control session (full netmap, then deltas).
+//! while legitimate devices keep relaying; with the real `ward-coordinator`, enrolled devices'
+//! tickets open the relay, its load reaches `relay ls` and a revocation disconnects at once; the
+//! coordinator's relay registry reaches a device's control session (full netmap, then deltas).
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
@@ -30,7 +31,11 @@ struct Relay {
 impl Relay {
     /// Starts `ward-relay serve` with `token` (its credential) and waits for its metrics.
     fn start(tmp: &std::path::Path, token: &str) -> Self {
-        let udp: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        Self::start_on(tmp, token, free_udp_port())
+    }
+
+    fn start_on(tmp: &std::path::Path, token: &str, port: u16) -> Self {
+        let udp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -681,4 +686,129 @@ fn relay_forwards_between_ticketed_devices_and_refuses_the_rest() {
         ep.close(0u32.into(), b"");
     });
     assert!(!relay.proc.log_text().contains(&control.credential("r1")));
+}
+
+/// An enrolled device's control session, after `Hello`, with a relay ticket.
+struct Enrolled {
+    ch: ward_client::control::Channel,
+    device: relay_control::Device,
+    ticket: ward_shared::relay::SignedTicket,
+}
+
+/// Enrolls `name` with `token`, opens its session and asks for a relay ticket.
+async fn enroll_with_ticket(c: &Coordinator, token: &str, name: &str) -> Enrolled {
+    let tok = EnrollToken::parse(token).unwrap();
+    let (enrolled, key) = ward_client::control::enroll(&tok, name, "test")
+        .await
+        .unwrap();
+    let endpoint = ward_client::control::client_endpoint().unwrap();
+    let cfg = ward_client::control::session_config(&enrolled.ca_der.0, &enrolled.cert_der.0, &key)
+        .unwrap();
+    let addr = format!("127.0.0.1:{}", c.port).parse().unwrap();
+    let mut ch = ward_client::control::Channel::open(&endpoint, cfg, addr)
+        .await
+        .unwrap();
+    ch.send(&DeviceMsg::Hello(Hello {
+        protocol: wire::PROTOCOL_VERSION,
+        os: "test".into(),
+        version: "0".into(),
+        update: DeviceUpdate::default(),
+    }))
+    .await
+    .unwrap();
+    ch.send(&DeviceMsg::RelayTicketRequest).await.unwrap();
+    let ticket = loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ch.recv())
+            .await
+            .expect("a message within 5 s")
+            .unwrap()
+            .expect("the session stays open");
+        if let CoordinatorMsg::RelayTicket { ticket } = m {
+            break ticket;
+        }
+    };
+    let device =
+        relay_control::Device::enrolled(enrolled.cert_der.0, &key, enrolled.ca_der.0.clone());
+    assert_eq!(ticket.ticket.cert_identity, device.identity);
+    Enrolled { ch, device, ticket }
+}
+
+#[test]
+fn relay_serves_devices_of_a_real_coordinator() {
+    use ward_shared::relay::RelayToDevice;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Coordinator::init(tmp.path());
+    c.admin(&["user", "add", "rita"]);
+    let port = free_udp_port();
+    let cred = c.admin(&["relay", "add", "r1", "--addr", &format!("127.0.0.1:{port}")]);
+    let relay = Relay::start_on(tmp.path(), cred.trim(), port);
+    wait_until("control session up", Duration::from_secs(10), || {
+        relay.metric("ward_relay_control_up") == 1
+    });
+    let online = || c.admin_json(&["relay", "ls"])[0]["online"] == true;
+    wait_until("relay ls says online", Duration::from_secs(5), online);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = enroll_with_ticket(&c, &c.token(&["--user", "rita"]), "rita1").await;
+        let b = enroll_with_ticket(&c, &c.token(&["--user", "rita"]), "rita2").await;
+        let (ida, idb) = (a.ticket.ticket.device_id.0, b.ticket.ticket.device_id.0);
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sa = relay_control::connect(
+            &ep,
+            relay.udp,
+            "r1",
+            a.device.client_config(),
+            a.ticket.clone(),
+        )
+        .await
+        .unwrap();
+        let sb = relay_control::connect(
+            &ep,
+            relay.udp,
+            "r1",
+            b.device.client_config(),
+            b.ticket.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(sa.answer, RelayToDevice::Welcome { device_id, .. } if device_id.0 == ida)
+        );
+        assert!(
+            matches!(sb.answer, RelayToDevice::Welcome { device_id, .. } if device_id.0 == idb)
+        );
+        assert_eq!(relay_some(&sa.conn, &sb.conn, idb, ida, 100).await, 100);
+        assert_eq!(relay_some(&sb.conn, &sa.conn, ida, idb, 100).await, 100);
+
+        // The relay's load reaches `relay ls`.
+        eventually("relay ls shows the load", Duration::from_secs(8), || {
+            let ls = c.admin_json(&["relay", "ls"]);
+            ls[0]["devices"] == 2 && ls[0]["bytes_relayed"].as_u64().unwrap_or(0) > 0
+        })
+        .await;
+
+        // A revoked device is disconnected from the relay at once.
+        c.admin(&["device", "revoke", "rita2"]);
+        tokio::time::timeout(Duration::from_secs(5), sb.conn.closed())
+            .await
+            .expect("the revoked device's relay connection closes");
+        let again = relay_control::connect(
+            &ep,
+            relay.udp,
+            "r1",
+            b.device.client_config(),
+            b.ticket.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(again.answer, RelayToDevice::Error { .. }),
+            "{:?}",
+            again.answer
+        );
+        drop((a.ch, b.ch));
+        ep.close(0u32.into(), b"");
+    });
 }

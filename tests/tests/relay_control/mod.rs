@@ -265,6 +265,16 @@ pub struct Device {
 }
 
 impl Device {
+    /// An enrolled device's identity (its certificate, key PEM and CA).
+    pub fn enrolled(cert_der: Vec<u8>, key_pem: &str, ca_der: Vec<u8>) -> Self {
+        Device {
+            key: KeyPair::from_pem(key_pem).unwrap(),
+            identity: ward_coordinator::pki::cert_identity(&cert_der).unwrap(),
+            cert_der,
+            ca_der,
+        }
+    }
+
     /// The client config a device dials a relay with (mTLS, ALPN `ward-relay/1`).
     pub fn client_config(&self) -> quinn::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
