@@ -42,9 +42,11 @@ pub fn control_client_config(ca_sha256: [u8; 32]) -> Result<quinn::ClientConfig>
     tls.alpn_protocols = vec![RELAY_CONTROL_ALPN.to_vec()];
     let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut cc = quinn::ClientConfig::new(Arc::new(qc));
+    // A coordinator that vanished without closing is noticed within ten seconds, and the
+    // relay starts redialling.
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(Duration::from_secs(20).try_into()?));
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(Some(Duration::from_secs(10).try_into()?));
     cc.transport_config(Arc::new(t));
     Ok(cc)
 }

@@ -3,7 +3,8 @@
 //! with the coordinator's own CA code) and forwards QUIC datagrams between devices holding
 //! CA-signed certificates and tickets, refusing forged, foreign, expired and absent tickets
 //! while legitimate devices keep relaying; with the real `ward-coordinator`, enrolled devices'
-//! tickets open the relay, its load reaches `relay ls` and a revocation disconnects at once; the
+//! tickets open the relay, its load reaches `relay ls`, it forwards on while the coordinator is
+//! down and rejoins on its own, and a revocation disconnects at once; the
 //! coordinator's relay registry reaches a device's control session (full netmap, then deltas).
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
@@ -317,8 +318,8 @@ async fn next_relays(ch: &mut ward_client::control::Channel) -> Vec<RelayInfo> {
     }
 }
 
-/// Waits (async) until `f` holds, polling every 20 ms.
-async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+/// Waits (async) until `f` holds, polling every 20 ms; how long that took.
+async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let start = std::time::Instant::now();
     while !f() {
         assert!(
@@ -327,6 +328,7 @@ async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) 
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    start.elapsed()
 }
 
 /// Sends `n` datagrams from `from` to device `to` and counts how many `at` receives from
@@ -738,7 +740,7 @@ fn relay_serves_devices_of_a_real_coordinator() {
     use ward_shared::relay::RelayToDevice;
 
     let tmp = tempfile::tempdir().unwrap();
-    let c = Coordinator::init(tmp.path());
+    let mut c = Coordinator::init(tmp.path());
     c.admin(&["user", "add", "rita"]);
     let port = free_udp_port();
     let cred = c.admin(&["relay", "add", "r1", "--addr", &format!("127.0.0.1:{port}")]);
@@ -788,6 +790,22 @@ fn relay_serves_devices_of_a_real_coordinator() {
             ls[0]["devices"] == 2 && ls[0]["bytes_relayed"].as_u64().unwrap_or(0) > 0
         })
         .await;
+
+        // The coordinator goes away: the relay keeps forwarding with what it has, and joins
+        // again on its own when the coordinator is back.
+        c.proc.as_mut().unwrap().term();
+        let down = eventually("control session down", Duration::from_secs(40), || {
+            relay.metric("ward_relay_control_up") == 0
+        })
+        .await;
+        assert_eq!(relay_some(&sa.conn, &sb.conn, idb, ida, 50).await, 50);
+        c.start();
+        let up = eventually("control session up again", Duration::from_secs(35), || {
+            relay.metric("ward_relay_control_up") == 1
+        })
+        .await;
+        eprintln!("control session seen down {down:?} after the coordinator stopped, up {up:?} after it restarted");
+        assert_eq!(relay_some(&sb.conn, &sa.conn, ida, idb, 50).await, 50);
 
         // A revoked device is disconnected from the relay at once.
         c.admin(&["device", "revoke", "rita2"]);
