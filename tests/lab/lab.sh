@@ -688,7 +688,8 @@ lab_start_relay() {
         { _lab_die "relay add $name --addr $addr failed"; return 1; }
     [[ "$(head -c 11 "$cred")" == wardrelay1- ]] ||
         { _lab_die "relay add $name printed no relay credential"; return 1; }
-    lab_spawn "$host" "relay-$host.log" "$bin" serve --token-file "$cred" --listen "$addr"
+    lab_spawn "$host" "relay-$host.log" "$bin" serve --token-file "$cred" --listen "$addr" \
+        --metrics-listen "$(lab_hostport "$(lab_public_ip "$host")" 9464)"
     lab_wait_for -t 10 sh -c "ip netns exec $(lab_ns "$host") ss -lun | grep -qF ' $addr '" ||
         { tail -n 20 "$LAB_DIR/logs/relay-$host.log" >&2; _lab_die "ward-relay in $host did not come up"; return 1; }
     echo "$addr"
@@ -699,6 +700,27 @@ lab_start_relay() {
 lab_relay_wait_welcomed() {
     local host="${1:?usage: lab_relay_wait_welcomed HOST [SECONDS]}"
     lab_wait_for -t "${2:-$LAB_WAIT_TIMEOUT}" grep -q "control session up" "$LAB_DIR/logs/relay-$host.log"
+}
+
+# lab_relay_metric HOST METRIC: the value of METRIC (a Prometheus sample name
+# with its labels, e.g. ward_relay_relayed_bytes_total) on the relay in HOST,
+# summed over matching series; prints 0 if it has none.
+lab_relay_metric() {
+    local host="${1:?usage: lab_relay_metric HOST METRIC}" metric="${2:?usage: lab_relay_metric HOST METRIC}"
+    local url
+    url="http://$(lab_hostport "$(lab_public_ip "$host")" 9464)/metrics"
+    ip netns exec "$(lab_ns "$host")" python3 -c '
+import sys, urllib.request
+body = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+total = 0
+for line in body.splitlines():
+    if line.startswith("#") or not line.strip():
+        continue
+    name, _, value = line.rpartition(" ")
+    if name == sys.argv[2] or name.split("{", 1)[0] == sys.argv[2]:
+        total += float(value)
+print(int(total))
+' "$url" "$metric"
 }
 
 # lab_netcheck_get HOST PYEXPR: evaluate PYEXPR on `ward netcheck --json`
