@@ -78,7 +78,7 @@ check "real traffic from alice still passes" lab_exec alice ping -c2 -i0.2 -W2 "
 
 say "two devices both behind NAT (one symmetric): status says unreachable, does not pretend"
 sleep 16
-PATH_AB=$(peer_field alice bob path)
+PATH_AB=$(peer_field alice bob path_text)
 echo "  alice sees bob: $PATH_AB"
 check "alice reports bob unreachable" grep -q "unreachable" <<<"$PATH_AB"
 check "alice marks bob not reachable" test "$(peer_field alice bob reachable)" = "False"

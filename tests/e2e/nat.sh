@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Direct paths through home NATs, end to end: a coordinator and two relays on the wan, two
-# laptops each behind a plain masquerading NAT (port kept, endpoint-independent mapping). Both
-# learn their public address from the relays (`ward netcheck`), publish it, and end up on a
-# direct path to each other (hole punching): ping and a 20 MB TCP transfer. Then two laptops
-# behind port-randomizing NATs: netcheck says the mapping varies by destination, and
-# `ward status` says no direct path answered (relays will carry this later), without hanging.
+# Reaching peers through home NATs, end to end: a coordinator and two relays on the wan, two
+# laptops each behind a plain masquerading NAT (port kept, endpoint-independent mapping) and two
+# behind port-randomizing NATs. The plain pair learns its public addresses from the relays
+# (`ward netcheck`), publishes them and goes direct (hole punching): ping and a 20 MB TCP
+# transfer, with nothing carried by the relays. The port-randomizing pair cannot go direct and
+# talks through a relay: `ward status` names it, ping and a 50 MB TCP transfer arrive intact, and
+# a capture at the relays never shows the plaintext. Blocking the plain pair's direct path in the
+# middle of a TCP transfer moves it to a relay without a reset; unblocking it brings it back to
+# direct.
 # Needs root; prints `N passed, N failed` and exits non-zero on any failure.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
@@ -96,7 +99,9 @@ check "2. alice: bob's endpoint is bob's router ($BOB_PUB)" lab_wait_for -t 30 -
 check "2. bob: alice's endpoint is alice's router ($ALICE_PUB)" lab_wait_for -t 10 -i 0.2 endpoint_is bob alice "$ALICE_PUB"
 echo "  direct path seen $(($(now_ms) - t0)) ms after the netcheck checks"
 check "2. alice's path to bob says direct" \
-    test "$(peer_field alice bob path)" = "direct $BOB_PUB"
+    test "$(peer_field alice bob path_text)" = "direct $BOB_PUB"
+check "2. alice's path to bob is direct in --json" \
+    test "$(lab_ward_json_get alice "[p['path']['kind'] + ' ' + p['path'].get('addr', '') for p in s['peers'] if p['hostname']=='bob'][0]")" = "direct $BOB_PUB"
 check "2. bob published its public address first among its candidates" \
     test "$(lab_ward_json_get alice "[p['endpoints'][0] for p in s['peers'] if p['hostname']=='bob'][0]")" = "$BOB_PUB"
 check "2. alice -> bob ping" lab_exec alice ping -q -c3 -i0.2 -W2 "$BO4"
@@ -106,14 +111,20 @@ head -c 20M /dev/urandom >"$LAB_DIR/blob"
 WANT=$(sha256sum <"$LAB_DIR/blob" | cut -d' ' -f1)
 lab_spawn bob nc-bob.log sh -c "nc -l -p 5001 | sha256sum > $LAB_DIR/got.tmp && mv $LAB_DIR/got.tmp $LAB_DIR/got"
 lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns bob) ss -ltn | grep -q ':5001 '"
+# relay_bytes: WireGuard bytes both relays have forwarded so far.
+relay_bytes() { echo $(($(lab_relay_metric relay1 ward_relay_relayed_bytes_total) + $(lab_relay_metric relay2 ward_relay_relayed_bytes_total))); }
+RB0=$(relay_bytes)
 t0=$(now_ms)
 check "2. alice -> bob 20 MB TCP sent" lab_exec alice timeout 60 nc -N -w 10 "$BO4" 5001 <"$LAB_DIR/blob"
 lab_wait_for -t 15 test -s "$LAB_DIR/got"
 echo "  20 MB in $(($(now_ms) - t0)) ms"
 check "2. alice -> bob checksum matches" test "$(cut -d' ' -f1 "$LAB_DIR/got" 2>/dev/null)" = "$WANT"
 check "2. the transfer stayed on the direct path" endpoint_is alice bob "$BOB_PUB"
+RB1=$(relay_bytes)
+echo "    the relays forwarded $((RB1 - RB0)) bytes during the direct transfer"
+check "2. the relays carried (almost) nothing of it (< 1 MB)" test $((RB1 - RB0)) -lt 1000000
 
-say "3. port-randomizing NATs: the mapping varies, no direct path, nothing hangs"
+say "3. port-randomizing NATs: no direct path, so traffic goes through a relay"
 for h in carol dave; do
     lab_wait_for -t 15 netcheck_done "$h"
     check "3. $h: netcheck udp is true" test "$(lab_netcheck_get "$h" 'n["udp"]')" = True
@@ -123,17 +134,108 @@ for h in carol dave; do
         test "$(lab_netcheck_get "$h" 'sorted(set(a.rsplit(":", 1)[0] for a in n["reflexive"]))')" = "$(lab_public_ip "$h")"
 done
 lab_ward carol netcheck | sed 's/^/    /'
-# unreachable_said HOST PEER: HOST's status says no direct path answered to PEER, and why.
-unreachable_said() {
-    local path
-    path=$(peer_field "$1" "$2" path 2>/dev/null) || return 1
-    [[ "$path" == "unreachable: no direct path answered"* && "$path" == *"maps by destination"* ]]
+CA4=$(lab_ward_ipv4 carol)
+# path_kind HOST PEER: the kind of HOST's path to PEER (direct, relay, none).
+path_kind() { lab_ward_json_get "$1" "[p['path']['kind'] for p in s['peers'] if p['hostname']=='$2'][0]"; }
+relayed() { test "$(path_kind "$1" "$2" 2>/dev/null)" = relay; }
+direct() { test "$(path_kind "$1" "$2" 2>/dev/null)" = direct; }
+t0=$(now_ms)
+check "3. carol's path to dave goes through a relay" lab_wait_for -t 30 -i 0.2 relayed carol dave
+check "3. dave's path to carol goes through a relay" lab_wait_for -t 10 -i 0.2 relayed dave carol
+echo "    relayed path seen $(($(now_ms) - t0)) ms after the netcheck checks; carol -> dave: $(peer_field carol dave path_text)"
+RELAY_CD=$(lab_ward_json_get carol "[p['path'].get('relay') for p in s['peers'] if p['hostname']=='dave'][0]")
+check "3. ward status names the relay (relay $RELAY_CD)" \
+    sh -c "'$(lab_ward_bin ward)' --socket '$(lab_ward_socket carol)' status | grep -w dave | grep -q 'relay $RELAY_CD'"
+check "3. carol -> dave ping through the relay" lab_exec carol ping -q -c3 -i0.2 -W2 "$DA4"
+check "3. dave -> carol ping through the relay" lab_exec dave ping -q -c3 -i0.2 -W2 "$CA4"
+
+head -c 50M /dev/urandom >"$LAB_DIR/blob50"
+WANT50=$(sha256sum <"$LAB_DIR/blob50" | cut -d' ' -f1)
+lab_spawn dave nc-dave.log sh -c "nc -l -p 5002 | sha256sum > $LAB_DIR/got50.tmp && mv $LAB_DIR/got50.tmp $LAB_DIR/got50"
+lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns dave) ss -ltn | grep -q ':5002 '"
+RB0=$(relay_bytes)
+t0=$(now_ms)
+check "3. carol -> dave 50 MB TCP sent through the relay" lab_exec carol timeout 120 nc -N -w 10 "$DA4" 5002 <"$LAB_DIR/blob50"
+lab_wait_for -t 30 test -s "$LAB_DIR/got50"
+ms=$(($(now_ms) - t0))
+echo "    50 MB relayed in $ms ms ($((50 * 8 * 1000 / (ms > 0 ? ms : 1))) Mbit/s)"
+check "3. carol -> dave checksum matches" test "$(cut -d' ' -f1 "$LAB_DIR/got50" 2>/dev/null)" = "$WANT50"
+check "3. the transfer stayed on the relay" relayed carol dave
+RB1=$(relay_bytes)
+check "3. the relays forwarded at least 50 MB ($((RB1 - RB0)) bytes)" test $((RB1 - RB0)) -ge 52428800
+
+say "4. the relays see only ciphertext"
+for h in relay1 relay2; do
+    lab_spawn "$h" "tcpdump-$h.log" tcpdump -i eth0 -U -n -s 0 -w "$LAB_DIR/$h.pcap" udp port 3478
+    eval "DUMP_$h=$(lab_last_pid)"
+done
+for h in relay1 relay2; do
+    lab_wait_for -t 5 grep -q "listening on" "$LAB_DIR/logs/tcpdump-$h.log"
+done
+python3 -c 'import sys; sys.stdout.write("WARD-PLAINTEXT-MARKER-0123456789\n" * 200000)' >"$LAB_DIR/marker"
+lab_spawn dave nc-marker.log sh -c "nc -l -p 5003 | wc -c > $LAB_DIR/marker.got.tmp && mv $LAB_DIR/marker.got.tmp $LAB_DIR/marker.got"
+lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns dave) ss -ltn | grep -q ':5003 '"
+check "4. carol -> dave 6.6 MB of a known plaintext sent through the relay" \
+    lab_exec carol timeout 60 nc -N -w 10 "$DA4" 5003 <"$LAB_DIR/marker"
+lab_wait_for -t 15 test -s "$LAB_DIR/marker.got"
+check "4. dave received all of it" test "$(cat "$LAB_DIR/marker.got" 2>/dev/null)" = "$(stat -c %s "$LAB_DIR/marker")"
+sleep 0.5
+for h in relay1 relay2; do
+    pid_var="DUMP_$h"
+    kill -INT "${!pid_var}" 2>/dev/null
+done
+for h in relay1 relay2; do
+    pid_var="DUMP_$h"
+    lab_wait_for -t 5 sh -c "! kill -0 ${!pid_var} 2>/dev/null"
+done
+CAPTURED=$(($(stat -c %s "$LAB_DIR/relay1.pcap") + $(stat -c %s "$LAB_DIR/relay2.pcap")))
+echo "    captured $CAPTURED bytes at the relays"
+check "4. the capture holds the relayed transfer (> 6 MB)" test "$CAPTURED" -gt 6000000
+check "4. the capture never contains the plaintext marker" \
+    sh -c "! grep -qa 'WARD-PLAINTEXT-MARKER' '$LAB_DIR/relay1.pcap' '$LAB_DIR/relay2.pcap'"
+
+say "5. blocking a direct path mid-transfer moves it to a relay without a reset; unblocking brings it back"
+BOB_IP=$(lab_public_ip bob)
+block() {
+    ip netns exec "$(lab_ns alice-nat)" nft -f - <<NFT
+table ip wardblock {
+    chain forward {
+        type filter hook forward priority -10; policy accept;
+        ip daddr $BOB_IP udp dport 51820 drop
+        ip saddr $BOB_IP udp sport 51820 drop
+    }
 }
-check "3. carol's status says no direct path answered to dave (NAT maps by destination)" \
-    lab_wait_for -t 40 -i 0.5 unreachable_said carol dave
-echo "    carol -> dave: $(peer_field carol dave path)"
-check "3. carol -> dave ping fails fast (no hang)" sh -c "! ip netns exec $(lab_ns carol) timeout 10 ping -c1 -W2 $DA4 >/dev/null"
-check "3. ward status and ward netcheck answer at once" \
+NFT
+}
+unblock() { ip netns exec "$(lab_ns alice-nat)" nft delete table ip wardblock; }
+lab_spawn bob iperf3-bob.log iperf3 -s -1 -B "$BO4" -p 5201
+lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns bob) ss -ltn | grep -q ':5201 '"
+lab_spawn alice iperf3-alice.log iperf3 -c "$BO4" -p 5201 -t 12 -b 200M -J
+IPERF=$(lab_last_pid)
+sleep 2
+check "5. alice -> bob is direct before the block" direct alice bob
+block
+t0=$(now_ms)
+check "5. with the direct path blocked, alice's path to bob moves to a relay" lab_wait_for -t 10 -i 0.2 relayed alice bob
+echo "    relayed $(($(now_ms) - t0)) ms after the block"
+check "5. the transfer finishes without a reset" lab_wait_for -t 30 sh -c "! kill -0 $IPERF 2>/dev/null"
+IPERF_OK=$(python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(int("error" not in r and r["end"]["sum_received"]["bytes"] > 0))
+print(r["end"]["sum_received"]["bytes"], r["end"]["sum_sent"].get("retransmits", 0))
+' "$LAB_DIR/logs/iperf3-alice.log" 2>/dev/null)
+echo "    iperf3 (ok, bytes received, retransmits): $(echo $IPERF_OK)"
+check "5. iperf3 reports no error and the bytes arrived" test "$(head -n1 <<<"$IPERF_OK")" = 1
+check "5. at 200 Mbit/s for 12 s, at least 200 MB arrived" test "$(sed -n 2p <<<"$IPERF_OK" | cut -d' ' -f1)" -ge 200000000
+unblock
+t0=$(now_ms)
+check "5. unblocked, alice's path to bob returns to direct within 30 s" lab_wait_for -t 30 -i 0.5 direct alice bob
+echo "    direct again $(($(now_ms) - t0)) ms after the unblock"
+check "5. and bob's path to alice too" lab_wait_for -t 10 -i 0.5 direct bob alice
+
+say "6. nothing hangs"
+check "6. ward status and ward netcheck answer at once" \
     lab_exec carol timeout 5 sh -c "'$(lab_ward_bin ward)' --socket '$(lab_ward_socket carol)' status >/dev/null && '$(lab_ward_bin ward)' --socket '$(lab_ward_socket carol)' netcheck >/dev/null"
 
 finish
