@@ -136,6 +136,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         ipv4: a.peer_ipv4,
         ipv6: a.peer_ipv6,
         endpoints: a.endpoint,
+        relay: None,
     }]);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(30));

@@ -120,6 +120,7 @@ pub fn leased_peers(
                     ipv4: p.ipv4,
                     ipv6: p.ipv6,
                     endpoints: p.endpoints.clone(),
+                    relay: None,
                 }),
                 Err(e) => refused.push((p.hostname.to_string(), e)),
             }

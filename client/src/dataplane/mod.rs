@@ -99,6 +99,25 @@ pub struct PeerConfig {
     pub ipv6: Ipv6Addr,
     /// Candidate underlay endpoints, probed with handshake initiations until one answers.
     pub endpoints: Vec<SocketAddr>,
+    /// The peer's home relay (netmap `Peer.relay`).
+    pub relay: Option<String>,
+}
+
+/// A datagram to send through a relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTransmit {
+    pub relay: Arc<str>,
+    /// Destination device id.
+    pub to: u64,
+    pub datagram: Vec<u8>,
+}
+
+/// The path a peer's traffic takes now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathStatus {
+    None,
+    Direct(SocketAddr),
+    Relay(String),
 }
 
 /// Per-peer state for `ward status`.
@@ -117,6 +136,7 @@ pub struct PeerStatus {
     pub dropped_bad_source: u64,
     /// The path MTU to the endpoint (outer IP packet size), once learned.
     pub path_mtu: Option<u16>,
+    pub path: PathStatus,
 }
 
 /// Data-plane wide counters (monotonic since start).
@@ -163,6 +183,8 @@ pub struct DataPlane {
     driver: Option<driver::Driver>,
     local_port: u16,
     discovery: Arc<discovery::Inbox>,
+    relay_outbound: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<RelayTransmit>>>,
+    _relay_tx: tokio::sync::mpsc::Sender<RelayTransmit>,
 }
 
 impl DataPlane {
@@ -185,11 +207,14 @@ impl DataPlane {
         .await
         .context("data plane start task")??;
         let local_port = driver.local_port();
+        let (relay_tx, relay_rx) = tokio::sync::mpsc::channel(1024);
         Ok(DataPlane {
             core,
             driver: Some(driver),
             local_port,
             discovery,
+            relay_outbound: std::sync::Mutex::new(Some(relay_rx)),
+            _relay_tx: relay_tx,
         })
     }
 
@@ -289,6 +314,25 @@ impl DataPlane {
 
     pub fn discovery_counters(&self) -> DiscoveryCounters {
         self.discovery.counters()
+    }
+
+    /// Relays this device has a live, welcomed connection to, with the largest WireGuard
+    /// datagram each carries now. Only these are used to send. (Stub.)
+    pub fn set_relays(&self, relays: Vec<(String, u16)>) {
+        tracing::debug!(relays = relays.len(), "relays (stub)");
+    }
+
+    /// The queue of datagrams to send through relays; taken once by the daemon. (Stub.)
+    pub fn take_relay_outbound(&self) -> Option<tokio::sync::mpsc::Receiver<RelayTransmit>> {
+        self.relay_outbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// A WireGuard datagram that arrived through relay `relay` from device `from`. (Stub.)
+    pub fn handle_relayed(&self, relay: &str, from: u64, datagram: &[u8]) {
+        tracing::trace!(relay, from, len = datagram.len(), "relayed datagram (stub)");
     }
 
     /// Stops the threads and removes the TUN with its addresses and routes.

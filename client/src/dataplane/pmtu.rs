@@ -650,6 +650,7 @@ mod tests {
             ipv4: Ipv4Addr::new(100, 64, 0, id),
             ipv6: format!("fd00::{id}").parse().unwrap(),
             endpoints: vec![endpoint],
+            relay: None,
         };
         let now = Instant::now();
         let (mut to_b, mut to_a) = (Outbox::new(), Outbox::new());

@@ -442,6 +442,10 @@ impl Core {
                     tx_bytes: 0,
                     dropped_bad_source: 0,
                     path_mtu: endpoint.and_then(|e| self.pmtu.path_mtu(e.ip())),
+                    path: endpoint.map_or(
+                        crate::dataplane::PathStatus::None,
+                        crate::dataplane::PathStatus::Direct,
+                    ),
                 };
                 for peer in entries {
                     let s = lock(&peer.session);

@@ -74,6 +74,7 @@ impl Node {
             ipv4: self.ipv4,
             ipv6: self.ipv6,
             endpoints: vec![self.addrs[0]],
+            relay: None,
         }
     }
 }
