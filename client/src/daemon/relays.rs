@@ -60,6 +60,17 @@ pub(super) struct PumpCounters {
 
 type Live = Arc<Mutex<BTreeMap<Arc<str>, quinn::Connection>>>;
 
+/// Where relayed datagrams go: the data plane (or a test's collector).
+pub(super) trait RelaySink: Send + Sync + 'static {
+    fn relayed(&self, relay: &str, from: u64, datagram: &[u8]);
+}
+
+impl RelaySink for DataPlane {
+    fn relayed(&self, relay: &str, from: u64, datagram: &[u8]) {
+        self.handle_relayed(relay, from, datagram);
+    }
+}
+
 struct Task {
     creds: watch::Sender<Credentials>,
     handle: tokio::task::JoinHandle<()>,
@@ -68,7 +79,7 @@ struct Task {
 /// The relay tasks and the outbound pump; owned by the session loop.
 pub(super) struct RelayClients {
     endpoint: Option<quinn::Endpoint>,
-    dp: Option<Arc<DataPlane>>,
+    sink: Option<Arc<dyn RelaySink>>,
     live: Live,
     tasks: BTreeMap<String, Task>,
     events: mpsc::Sender<RelayConnEvent>,
@@ -83,15 +94,24 @@ impl RelayClients {
         dp: Option<Arc<DataPlane>>,
         events: mpsc::Sender<RelayConnEvent>,
     ) -> Self {
+        let outbound = dp.as_ref().and_then(|d| d.take_relay_outbound());
+        let sink = dp.map(|d| d as Arc<dyn RelaySink>);
+        Self::with(endpoint, sink, outbound, events)
+    }
+
+    /// Received datagrams go to `sink`, `outbound` is pumped to the relays.
+    fn with(
+        endpoint: Option<quinn::Endpoint>,
+        sink: Option<Arc<dyn RelaySink>>,
+        outbound: Option<mpsc::Receiver<RelayTransmit>>,
+        events: mpsc::Sender<RelayConnEvent>,
+    ) -> Self {
         let live: Live = Arc::default();
         let counters = Arc::new(PumpCounters::default());
-        let pump = dp
-            .as_ref()
-            .and_then(|d| d.take_relay_outbound())
-            .map(|rx| tokio::spawn(pump(rx, live.clone(), counters.clone())));
+        let pump = outbound.map(|rx| tokio::spawn(pump(rx, live.clone(), counters.clone())));
         Self {
             endpoint,
-            dp,
+            sink,
             live,
             tasks: BTreeMap::new(),
             events,
@@ -123,7 +143,7 @@ impl RelayClients {
             endpoint,
             creds: rx,
             live: self.live.clone(),
-            dp: self.dp.clone(),
+            sink: self.sink.clone(),
             events: self.events.clone(),
             counters: self.counters.clone(),
         }));
@@ -192,7 +212,7 @@ struct RelayTask {
     endpoint: quinn::Endpoint,
     creds: watch::Receiver<Credentials>,
     live: Live,
-    dp: Option<Arc<DataPlane>>,
+    sink: Option<Arc<dyn RelaySink>>,
     events: mpsc::Sender<RelayConnEvent>,
     counters: Arc<PumpCounters>,
 }
@@ -254,8 +274,8 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
                 let d = d.map_err(|e| anyhow!("relay connection: {e}"))?;
                 match split_datagram(&d) {
                     Some((from, body)) => {
-                        if let Some(dp) = &t.dp {
-                            dp.handle_relayed(&t.name, from.0, body);
+                        if let Some(sink) = &t.sink {
+                            sink.relayed(&t.name, from.0, body);
                         }
                     }
                     None => {
@@ -357,5 +377,347 @@ async fn read_frame(
             }
             Err(e) => return Err(anyhow!("relay stream: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The relay client against a small in-test relay: real QUIC (quinn), mutual TLS under an
+    //! rcgen CA, the committed forwarding protocol.
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::net::SocketAddr;
+    use ward_shared::relay::{Ticket, RELAY_ALPN};
+
+    struct Pki {
+        ca_der: Vec<u8>,
+        server: (Vec<u8>, Vec<u8>),
+        client: (Vec<u8>, String),
+    }
+
+    fn pki(server_name: &str) -> Pki {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name.push(DnType::CommonName, "test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_ca_cert_der(ca_cert.der(), &ca_key).unwrap();
+        let skey = KeyPair::generate().unwrap();
+        let mut sp = CertificateParams::new(vec![server_name.to_string()]).unwrap();
+        sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let scert = sp.signed_by(&skey, &issuer).unwrap();
+        let ckey = KeyPair::generate().unwrap();
+        let mut cp = CertificateParams::new(vec!["d.device.ward.internal".to_string()]).unwrap();
+        cp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let ccert = cp.signed_by(&ckey, &issuer).unwrap();
+        Pki {
+            ca_der: ca_cert.der().to_vec(),
+            server: (scert.der().to_vec(), skey.serialize_der()),
+            client: (ccert.der().to_vec(), ckey.serialize_pem()),
+        }
+    }
+
+    /// A relay endpoint requiring a client certificate under the CA.
+    fn relay_endpoint(p: &Pki) -> quinn::Endpoint {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(p.ca_der.clone())).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![CertificateDer::from(p.server.0.clone())],
+                PrivateKeyDer::Pkcs8(p.server.1.clone().into()),
+            )
+            .unwrap();
+        tls.alpn_protocols = vec![RELAY_ALPN.to_vec()];
+        let sc = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+        ));
+        quinn::Endpoint::server(sc, "127.0.0.1:0".parse().unwrap()).unwrap()
+    }
+
+    fn ticket(serial: u64) -> SignedTicket {
+        Ticket {
+            device_id: DeviceId(7),
+            cert_identity: [1; 32],
+            not_before_ms: 0,
+            not_after_ms: i64::MAX,
+            serial,
+        }
+        .sign(&ed25519_dalek::SigningKey::from_bytes(&[4; 32]))
+    }
+
+    /// One accepted device connection on the relay side.
+    struct Served {
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        dec: FrameDecoder,
+        buf: Vec<u8>,
+    }
+
+    impl Served {
+        async fn accept(ep: &quinn::Endpoint) -> Served {
+            let conn = ep.accept().await.unwrap().await.unwrap();
+            let (send, recv) = conn.accept_bi().await.unwrap();
+            Served {
+                conn,
+                send,
+                recv,
+                dec: FrameDecoder::new(MAX_RELAY_STREAM_FRAME),
+                buf: vec![0; 4096],
+            }
+        }
+
+        async fn frame(&mut self) -> DeviceToRelay {
+            loop {
+                if let Some(f) = self.dec.next_frame().unwrap() {
+                    return wire::decode(&f).unwrap();
+                }
+                let n = self.recv.read(&mut self.buf).await.unwrap().unwrap();
+                self.dec.push(&self.buf[..n]);
+            }
+        }
+
+        async fn reply(&mut self, m: &RelayToDevice) {
+            self.send.write_all(&wire::encode(m)).await.unwrap();
+        }
+    }
+
+    struct Collect(mpsc::UnboundedSender<(String, u64, Vec<u8>)>);
+
+    impl RelaySink for Collect {
+        fn relayed(&self, relay: &str, from: u64, datagram: &[u8]) {
+            let _ = self.0.send((relay.to_string(), from, datagram.to_vec()));
+        }
+    }
+
+    async fn next_event(rx: &mut mpsc::Receiver<RelayConnEvent>) -> RelayConnEvent {
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an event within 10 s")
+                .expect("events open");
+            if !matches!(ev, RelayConnEvent::Rtt { .. }) {
+                return ev;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn relay_client_handshakes_forwards_both_ways_presents_tickets_and_reconnects() {
+        let p = pki(&relay_server_name("r1"));
+        let relay = relay_endpoint(&p);
+        let addr: SocketAddr = relay.local_addr().unwrap();
+        let (ev_tx, mut ev_rx) = mpsc::channel(64);
+        let (out_tx, out_rx) = mpsc::channel(16);
+        let (in_tx, mut in_rx) = mpsc::unbounded_channel();
+        let mut clients = RelayClients::with(
+            Some(control::client_endpoint().unwrap()),
+            Some(Arc::new(Collect(in_tx))),
+            Some(out_rx),
+            ev_tx,
+        );
+        let config = control::relay_config(&p.ca_der, &p.client.0, &p.client.1).unwrap();
+        clients.connect(
+            "r1".into(),
+            addr.to_string(),
+            Credentials {
+                ticket: ticket(1),
+                config: config.clone(),
+            },
+        );
+
+        // Hello with the ticket, then Welcome: up.
+        let mut s = Served::accept(&relay).await;
+        assert!(
+            s.conn.peer_identity().is_some(),
+            "client certificate presented"
+        );
+        match s.frame().await {
+            DeviceToRelay::Hello { protocol, ticket } => {
+                assert_eq!(protocol, RELAY_PROTOCOL_VERSION);
+                assert_eq!(ticket.ticket.serial, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        s.reply(&RelayToDevice::Welcome {
+            device_id: DeviceId(7),
+            max_datagram: 1200,
+        })
+        .await;
+        match next_event(&mut ev_rx).await {
+            RelayConnEvent::Up {
+                relay,
+                max_datagram,
+                ..
+            } => {
+                assert_eq!(relay, "r1");
+                assert!((1000..=1200).contains(&max_datagram), "{max_datagram}");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Device → relay: the data plane's datagram, addressed by device id.
+        out_tx
+            .send(RelayTransmit {
+                relay: Arc::from("r1"),
+                to: 9,
+                datagram: b"to nine".to_vec(),
+            })
+            .await
+            .unwrap();
+        // A datagram for a relay with no connection is dropped, not sent elsewhere.
+        out_tx
+            .send(RelayTransmit {
+                relay: Arc::from("r2"),
+                to: 9,
+                datagram: b"nowhere".to_vec(),
+            })
+            .await
+            .unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(5), s.conn.read_datagram())
+            .await
+            .unwrap()
+            .unwrap();
+        let (to, body) = split_datagram(&d).unwrap();
+        assert_eq!((to, body), (DeviceId(9), &b"to nine"[..]));
+
+        // Relay → device: to the sink, with the source device id; garbage is counted.
+        s.conn.send_datagram(vec![1, 2, 3].into()).unwrap();
+        s.conn
+            .send_datagram(encode_datagram(DeviceId(5), b"from five").into())
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), in_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, ("r1".to_string(), 5, b"from five".to_vec()));
+        assert_eq!(clients.counters.malformed_in.load(Ordering::Relaxed), 1);
+        assert_eq!(clients.counters.no_connection.load(Ordering::Relaxed), 1);
+        assert_eq!(clients.counters.sent.load(Ordering::Relaxed), 1);
+
+        // A fresh ticket is presented on the live connection.
+        clients.update(
+            "r1",
+            Credentials {
+                ticket: ticket(2),
+                config: config.clone(),
+            },
+        );
+        match s.frame().await {
+            DeviceToRelay::Ticket { ticket } => assert_eq!(ticket.ticket.serial, 2),
+            other => panic!("{other:?}"),
+        }
+
+        // The relay drops the connection: down, then a reconnect with the newest ticket,
+        // which this time the relay refuses: down again, with its reason.
+        s.conn.close(0u32.into(), b"restart");
+        assert!(matches!(
+            next_event(&mut ev_rx).await,
+            RelayConnEvent::Down { .. }
+        ));
+        let mut s2 = Served::accept(&relay).await;
+        match s2.frame().await {
+            DeviceToRelay::Hello { ticket, .. } => assert_eq!(ticket.ticket.serial, 2),
+            other => panic!("{other:?}"),
+        }
+        s2.reply(&RelayToDevice::Error {
+            code: ward_shared::wire::ErrorCode::Unauthorized,
+            message: "ticket expired".into(),
+        })
+        .await;
+        match next_event(&mut ev_rx).await {
+            RelayConnEvent::Down { error, .. } => {
+                assert!(error.contains("ticket expired"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // And again, welcomed this time.
+        let mut s3 = Served::accept(&relay).await;
+        assert!(matches!(s3.frame().await, DeviceToRelay::Hello { .. }));
+        s3.reply(&RelayToDevice::Welcome {
+            device_id: DeviceId(7),
+            max_datagram: 1200,
+        })
+        .await;
+        assert!(matches!(
+            next_event(&mut ev_rx).await,
+            RelayConnEvent::Up { .. }
+        ));
+
+        // Disconnect: the connection closes and no reconnect follows.
+        clients.disconnect("r1");
+        let closed = tokio::time::timeout(Duration::from_secs(5), s3.conn.closed()).await;
+        assert!(closed.is_ok(), "connection closed after disconnect");
+        let again = tokio::time::timeout(Duration::from_millis(1500), relay.accept()).await;
+        assert!(again.is_err(), "no reconnect after disconnect");
+    }
+
+    #[tokio::test]
+    async fn a_relay_with_the_wrong_name_is_refused_and_a_silent_one_times_out() {
+        // The certificate names another relay: the TLS check fails, reported as down.
+        let p = pki(&relay_server_name("other"));
+        let relay = relay_endpoint(&p);
+        let (ev_tx, mut ev_rx) = mpsc::channel(64);
+        let mut clients =
+            RelayClients::with(Some(control::client_endpoint().unwrap()), None, None, ev_tx);
+        let config = control::relay_config(&p.ca_der, &p.client.0, &p.client.1).unwrap();
+        clients.connect(
+            "r1".into(),
+            relay.local_addr().unwrap().to_string(),
+            Credentials {
+                ticket: ticket(1),
+                config: config.clone(),
+            },
+        );
+        let accept = tokio::spawn(async move {
+            // Drive the server side of the handshake.
+            if let Some(inc) = relay.accept().await {
+                let _ = inc.await;
+            }
+            relay
+        });
+        match next_event(&mut ev_rx).await {
+            RelayConnEvent::Down { relay, error } => {
+                assert_eq!(relay, "r1");
+                assert!(!error.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        clients.disconnect("r1");
+        let _ = accept.await;
+
+        // A relay that accepts but never welcomes: down after the handshake timeout.
+        let p = pki(&relay_server_name("r1"));
+        let relay = relay_endpoint(&p);
+        let config = control::relay_config(&p.ca_der, &p.client.0, &p.client.1).unwrap();
+        clients.connect(
+            "r1".into(),
+            relay.local_addr().unwrap().to_string(),
+            Credentials {
+                ticket: ticket(1),
+                config,
+            },
+        );
+        let s = Served::accept(&relay).await;
+        let started = Instant::now();
+        match next_event(&mut ev_rx).await {
+            RelayConnEvent::Down { error, .. } => assert!(error.contains("no welcome"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() >= HANDSHAKE_TIMEOUT / 2);
+        drop(s);
     }
 }

@@ -266,7 +266,9 @@ pub(super) fn unreachable_reason(
         return "both sides may be behind NAT; no relay is configured".into();
     }
     if !nc.udp() {
-        return format!("no relay answered address discovery: UDP may be blocked here; {relay_note}");
+        return format!(
+            "no relay answered address discovery: UDP may be blocked here; {relay_note}"
+        );
     }
     if nc.mapping_varies() == Some(true) {
         return format!("this device's NAT maps by destination: a relay is needed; {relay_note}");
