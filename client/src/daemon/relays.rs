@@ -250,7 +250,7 @@ async fn run(mut t: RelayTask) {
 /// One connection: handshake, then datagrams both ways until it fails.
 async fn serve(t: &mut RelayTask) -> Result<()> {
     let creds = t.creds.borrow_and_update().clone();
-    let (conn, mut send, mut recv, max_datagram) =
+    let (conn, mut send, mut recv, mut dec, max_datagram) =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(t, &creds))
             .await
             .map_err(|_| anyhow!("no welcome from the relay within {HANDSHAKE_TIMEOUT:?}"))??;
@@ -264,7 +264,6 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
         })
         .await
         .map_err(|_| anyhow!("session loop gone"))?;
-    let mut dec = FrameDecoder::new(MAX_RELAY_STREAM_FRAME);
     let mut buf = vec![0u8; 4096];
     let mut tick = tokio::time::interval(RTT_INTERVAL);
     tick.tick().await;
@@ -313,7 +312,15 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
     }
 }
 
-type Opened = (quinn::Connection, quinn::SendStream, quinn::RecvStream, u16);
+/// The connection, its stream (with the decoder holding any bytes after `Welcome`) and the
+/// largest datagram it carries.
+type Opened = (
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+    FrameDecoder,
+    u16,
+);
 
 async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
     let what = format!("relay {}", t.name);
@@ -338,7 +345,7 @@ async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
     match read_frame(&mut recv, &mut dec, &mut buf).await? {
         Some(RelayToDevice::Welcome { max_datagram, .. }) => {
             let max = datagram_limit(&conn, max_datagram);
-            Ok((conn, send, recv, max))
+            Ok((conn, send, recv, dec, max))
         }
         Some(RelayToDevice::Error { code, message }) => {
             bail!("the relay refused: {message} ({code:?})")
