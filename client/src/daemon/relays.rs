@@ -250,10 +250,11 @@ async fn run(mut t: RelayTask) {
 /// One connection: handshake, then datagrams both ways until it fails.
 async fn serve(t: &mut RelayTask) -> Result<()> {
     let creds = t.creds.borrow_and_update().clone();
-    let (conn, mut send, mut recv, mut dec, max_datagram) =
+    let (conn, mut send, mut recv, mut dec, relay_says) =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(t, &creds))
             .await
             .map_err(|_| anyhow!("no welcome from the relay within {HANDSHAKE_TIMEOUT:?}"))??;
+    let max_datagram = datagram_limit(&conn, relay_says);
     lock(&t.live).insert(t.name.clone(), conn.clone());
     info!(relay = %t.name, addr = %conn.remote_address(), max_datagram, "relay connection up");
     t.events
@@ -305,7 +306,7 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
                 let _ = t.events.try_send(RelayConnEvent::Rtt {
                     relay: t.name.to_string(),
                     rtt: conn.rtt(),
-                    max_datagram: datagram_limit(&conn, u16::MAX),
+                    max_datagram: datagram_limit(&conn, relay_says),
                 });
             }
         }
@@ -313,7 +314,7 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
 }
 
 /// The connection, its stream (with the decoder holding any bytes after `Welcome`) and the
-/// largest datagram it carries.
+/// largest WireGuard datagram the relay's `Welcome` offered.
 type Opened = (
     quinn::Connection,
     quinn::SendStream,
@@ -344,8 +345,7 @@ async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
     let mut buf = vec![0u8; 4096];
     match read_frame(&mut recv, &mut dec, &mut buf).await? {
         Some(RelayToDevice::Welcome { max_datagram, .. }) => {
-            let max = datagram_limit(&conn, max_datagram);
-            Ok((conn, send, recv, dec, max))
+            Ok((conn, send, recv, dec, max_datagram))
         }
         Some(RelayToDevice::Error { code, message }) => {
             bail!("the relay refused: {message} ({code:?})")
