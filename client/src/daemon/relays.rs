@@ -306,7 +306,9 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
                 let _ = t.events.try_send(RelayConnEvent::Rtt {
                     relay: t.name.to_string(),
                     rtt: conn.rtt(),
-                    max_datagram: datagram_limit(&conn, relay_says),
+                    // The welcome's figure is a snapshot: the room grows as QUIC
+                    // discovers the path MTU, so later samples are this connection's own.
+                    max_datagram: datagram_limit(&conn, u16::MAX),
                 });
             }
         }
