@@ -37,12 +37,14 @@ cores=(
     shared/src
     coordinator/src/registry.rs
     coordinator/src/trust.rs
+    coordinator/src/tickets.rs
     coordinator/src/model.rs
     coordinator/src/audit.rs
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
     client/src/agent
     relay/src/core.rs
+    relay/src/forward.rs
 )
 forbidden_re='tokio::|quinn::|std::net::(UdpSocket|TcpStream|TcpListener)|UnixStream|SystemTime::now|Instant::now|thread_rng|OsRng|std::thread::spawn|std::fs::|std::process::|ward_runtime'
 for c in "${cores[@]}"; do

@@ -29,11 +29,13 @@ step "Starting the coordinator (ward-coordinator init + serve)"
 lab_start_coordinator
 lab_coord status | sed 's/^/  /'
 
-step "Starting a relay (ward-relay serve) and registering it: devices learn their public address from it"
+step "Registering a relay and starting it with the credential that prints: devices learn their public address from it"
 lab_add_wan_host relay1
-R1=$(lab_start_relay relay1)
-run "ward-coordinator relay add r1 --addr $R1"
-lab_coord relay add r1 --addr "$R1" | sed 's/^/  /'
+run "ward-coordinator relay add r1 --addr $(lab_hostport "$(lab_public_ip relay1)" 3478) > r1.token"
+R1=$(lab_start_relay relay1 r1)
+run "ward-relay serve --token-file r1.token --listen $R1"
+lab_relay_wait_welcomed relay1 15
+lab_coord relay ls | sed 's/^/  /'
 
 step "Adding users and enrolling three devices with single-use tokens"
 run "ward-coordinator user add alice --group eng"

@@ -6,8 +6,10 @@
 //!   action names.
 //! - [`store`]: the storage interface and its SQLite implementation.
 //! - [`leases`]: lease TTLs, issuing and signing (synchronous, over the store).
-//! - [`pki`]: control-channel CA and certificates.
-//! - [`server`]: the tokio driver (QUIC device sessions, registry actor, its side effects).
+//! - [`tickets`]: the I/O-free relay ticket issuer (live devices only, rate-limited).
+//! - [`pki`]: control-channel CA and certificates (devices', the listener's, relays').
+//! - [`server`]: the tokio driver (QUIC device sessions, relay control sessions, registry actor,
+//!   its side effects).
 //! - [`admin`]: the admin protocol (typed API, business rules, policy, socket); [`datadir`]: the
 //!   data directory.
 //!
@@ -22,4 +24,5 @@ pub mod pki;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod tickets;
 pub mod trust;

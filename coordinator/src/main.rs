@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use ward_coordinator::admin::api::fmt_time;
 use ward_coordinator::admin::api::{
     render_table, AuditVerifyView, AuditView, DeviceDetail, DeviceTagsView, DeviceView,
-    ExplainView, GrantView, PolicyOutcome, PolicyShowView, PolicyVersionView, RelayView, Rotating,
-    StatusView, Table, TokenCreated, TokenView, UserAccess, UserGroupsView, UserView,
+    ExplainView, GrantView, PolicyOutcome, PolicyShowView, PolicyVersionView, RelayAdded,
+    RelayView, Rotating, StatusView, Table, TokenCreated, TokenView, UserAccess, UserGroupsView,
+    UserView,
 };
 use ward_coordinator::admin::{self, AdminRequest};
 use ward_coordinator::datadir::DataDir;
@@ -81,7 +82,8 @@ enum Cmd {
     /// Just-in-time access: time-bound grants that expire on their own.
     #[command(subcommand)]
     Grant(GrantCmd),
-    /// Relays every device is told about (address discovery now; forwarding later).
+    /// Relays: address discovery and forwarding for devices that cannot reach each other
+    /// directly.
     #[command(subcommand)]
     Relay(RelayCmd),
     /// Show the audit log, or verify its hash chain.
@@ -177,20 +179,23 @@ enum GrantCmd {
 
 #[derive(Subcommand)]
 enum RelayCmd {
-    /// Register a relay; every connected device receives it in its netmap.
+    /// Register a relay; every connected device receives it in its netmap. Prints the relay's
+    /// credential (`wardrelay1-…`, for `ward-relay serve --token`) alone on stdout; only its
+    /// secret's hash is kept.
     Add {
-        /// A name like a tag: [a-z0-9._@-], at most 64 characters.
+        /// 1 to 63 of a-z 0-9 - (not starting or ending with -): it names the relay's TLS
+        /// certificate, NAME.relay.ward.internal.
         name: String,
         /// Where devices reach the relay's UDP socket: HOST:PORT, IPv6 as [ADDR]:PORT.
         #[arg(long)]
         addr: String,
     },
-    /// List relays.
+    /// List relays: whether each holds a control session now, devices connected, bytes relayed.
     Ls {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a relay; devices stop using it.
+    /// Remove a relay: devices stop using it and its control session ends.
     Rm { name: String },
 }
 
@@ -506,9 +511,13 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Cmd::Relay(c) => match c {
             RelayCmd::Add { name, addr } => {
-                let v: RelayView =
+                let v: RelayAdded =
                     admin::call(&sock, &AdminRequest::RelayAdd { name, addr }).await?;
-                println!("{} {}", v.name, v.addr);
+                eprintln!(
+                    "relay {} ({}) added; run it with: ward-relay serve --token CREDENTIAL --listen ADDR",
+                    v.relay.name, v.relay.addr
+                );
+                println!("{}", v.credential);
                 Ok(())
             }
             RelayCmd::Ls { json } => {

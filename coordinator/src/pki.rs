@@ -16,6 +16,8 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 pub const DEVICE_CERT_LIFETIME_MS: i64 = 30 * 24 * 3600 * 1000;
+/// A relay's server certificate: short, since a relay renews it over its control session.
+pub const RELAY_CERT_LIFETIME_MS: i64 = 7 * 24 * 3600 * 1000;
 const SERVER_CERT_LIFETIME_MS: i64 = 90 * 24 * 3600 * 1000;
 const CA_LIFETIME_MS: i64 = 10 * 365 * 24 * 3600 * 1000;
 /// Allowed clock skew between devices and coordinator when a certificate starts.
@@ -119,6 +121,39 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// Issues a server certificate for relay `name` (`NAME.relay.ward.internal`, server auth
+    /// only) for the CSR's key. Returns (cert DER, not_after ms).
+    pub fn issue_relay_cert(
+        &self,
+        csr_der: &[u8],
+        name: &str,
+        now_ms: i64,
+    ) -> Result<(Vec<u8>, i64)> {
+        anyhow::ensure!(
+            ward_shared::relay::valid_relay_name(name),
+            "not a relay name"
+        );
+        let csr = parse_csr(csr_der)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("Ward relay {name}"));
+        params.subject_alt_names = vec![SanType::DnsName(
+            ward_shared::relay::relay_server_name(name).try_into()?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.is_ca = IsCa::ExplicitNoCa;
+        let not_after = now_ms + RELAY_CERT_LIFETIME_MS;
+        params.not_before = to_time(now_ms - BACKDATE_MS)?;
+        params.not_after = to_time(not_after)?;
+        let cert = params.signed_by(&csr.public_key, &self.issuer()?)?;
+        Ok((cert.der().to_vec(), not_after))
+    }
+}
+
 /// Identity hash of the public key inside a (verified) device certificate.
 pub fn cert_identity(cert_der: &[u8]) -> Option<[u8; 32]> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
@@ -157,6 +192,42 @@ mod tests {
         // The CA key round-trips through PEM.
         let again = Ca::load(ca.cert_der.clone(), &ca.key_pem()).unwrap();
         assert_eq!(again.fingerprint(), ca.fingerprint());
+    }
+
+    #[test]
+    fn relay_cert_verifies_for_its_server_name() {
+        let now = ward_runtime::now_ms();
+        let ca = Ca::generate(now).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap();
+        let (der, not_after) = ca.issue_relay_cert(csr.der(), "r1", now).unwrap();
+        assert_eq!(not_after, now + RELAY_CERT_LIFETIME_MS);
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca.cert_der.clone()))
+            .unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .unwrap();
+        let verify = |name: &str| {
+            use rustls::client::danger::ServerCertVerifier;
+            verifier.verify_server_cert(
+                &CertificateDer::from(der.clone()),
+                &[],
+                &rustls_pki_types::ServerName::try_from(name.to_string()).unwrap(),
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+        };
+        verify("r1.relay.ward.internal").unwrap();
+        assert!(verify("r2.relay.ward.internal").is_err());
+        assert!(verify(ward_shared::wire::COORDINATOR_SERVER_NAME).is_err());
+        assert!(ca.issue_relay_cert(csr.der(), "Bad.Name", now).is_err());
+        assert!(ca.issue_relay_cert(b"garbage", "r1", now).is_err());
     }
 
     #[test]

@@ -67,6 +67,11 @@ pub enum Output {
         device: DeviceId,
         reason: String,
     },
+    /// The device lost its access (revoked, its user disabled): relays must refuse its tickets
+    /// and drop its connections.
+    DeviceRevoked {
+        device: DeviceId,
+    },
 }
 
 #[derive(Debug)]
@@ -77,6 +82,9 @@ struct Session {
     sent: Option<Sent>,
     wants_sent: Option<PostureWants>,
     verdict_sent: Option<PostureVerdict>,
+    /// The registered relay this device last said it receives relayed traffic through (kept
+    /// only while the session lasts; peers see it as `Peer.relay`).
+    home_relay: Option<String>,
 }
 
 #[derive(Debug)]
@@ -390,11 +398,24 @@ impl Registry {
 
     /// The registered relays (all of them, as stored). Every session's netmap carries the list;
     /// a different list is pushed to every session as a delta, the same list sends nothing.
+    /// A removed relay is no device's home relay any more.
     pub fn handle_relays(&mut self, relays: Vec<RelayInfo>) {
         if relays != self.relays {
+            for s in self.sessions.values_mut() {
+                if let Some(h) = &s.home_relay {
+                    if !relays.iter().any(|r| &r.name == h) {
+                        s.home_relay = None;
+                    }
+                }
+            }
             self.relays = relays;
             self.dirty = true;
         }
+    }
+
+    /// Whether a relay of this name is registered.
+    pub fn has_relay(&self, name: &str) -> bool {
+        self.relays.iter().any(|r| r.name == name)
     }
 
     /// A user was added or changed (groups, disabled).
@@ -554,7 +575,7 @@ impl Registry {
     /// A device lost its right to be on the network: its session is closed at once and it
     /// disappears from every other netmap.
     pub fn handle_device_removed(&mut self, id: DeviceId, reason: &str) {
-        self.devices.remove(&id);
+        let was_live = self.devices.remove(&id).is_some();
         self.leases.remove(&id);
         self.trust.remove(id);
         if let Some(s) = self.sessions.remove(&id) {
@@ -563,6 +584,9 @@ impl Registry {
                 code: ErrorCode::DeviceRevoked,
                 reason: reason.to_string(),
             });
+        }
+        if was_live {
+            self.outputs.push_back(Output::DeviceRevoked { device: id });
         }
         self.dirty = true;
     }
@@ -590,6 +614,7 @@ impl Registry {
                 sent: None,
                 wants_sent: None,
                 verdict_sent: None,
+                home_relay: None,
             },
         ) {
             if old.conn != conn {
@@ -646,6 +671,14 @@ impl Registry {
         if update.wg_public_key.is_some() {
             dev.wg_public_key = update.wg_public_key;
         }
+        // Every update carries the device's full state: no home relay named means none. A
+        // name that is not registered is ignored (peers could not reach it there).
+        let home = update
+            .home_relay
+            .filter(|h| self.relays.iter().any(|r| &r.name == h));
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.home_relay = home;
+        }
         let observed = self.sessions.get(&id).map(|s| s.observed);
         let mut eps = Vec::new();
         // The address the coordinator saw, with the WireGuard port: right for devices on the
@@ -676,7 +709,7 @@ impl Registry {
             endpoints: d.endpoints.clone(),
             online: self.sessions.contains_key(&d.id),
             leases,
-            relay: None,
+            relay: self.sessions.get(&d.id).and_then(|s| s.home_relay.clone()),
         }
     }
 
@@ -1345,6 +1378,186 @@ to = ["web"]
         r.handle_time(t0 + 2000 + ward_shared::posture::DEFAULT_MAX_REPORT_AGE_MS as i64 + 1);
         let _ = drain(&mut r);
         assert_eq!(ports(&r), vec![80]);
+    }
+
+    /// Device 1's view of device 2 from the latest netmap or delta sent to conn 10.
+    fn peer2_relay(out: &[Output]) -> Option<Option<String>> {
+        out.iter().rev().find_map(|o| match o {
+            Output::Send {
+                conn: 10,
+                msg: CoordinatorMsg::NetmapDelta(d),
+            } => d
+                .upsert
+                .iter()
+                .find(|p| p.device_id == DeviceId(2))
+                .map(|p| p.relay.clone()),
+            Output::Send {
+                conn: 10,
+                msg: CoordinatorMsg::Netmap(nm),
+            } => nm
+                .peers
+                .iter()
+                .find(|p| p.device_id == DeviceId(2))
+                .map(|p| p.relay.clone()),
+            _ => None,
+        })
+    }
+
+    fn with_relays(ids: &[u64], names: &[&str]) -> Registry {
+        let mut r = reg(ids);
+        r.handle_relays(
+            names
+                .iter()
+                .map(|n| RelayInfo {
+                    name: n.to_string(),
+                    addr: format!("{n}.example:3478"),
+                })
+                .collect(),
+        );
+        r
+    }
+
+    fn home(name: Option<&str>) -> DeviceUpdate {
+        DeviceUpdate {
+            wg_port: 51820,
+            home_relay: name.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn published_home_relay_reaches_peers_as_a_delta() {
+        let mut r = with_relays(&[1, 2], &["r1", "r2"]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), home(None))
+            .unwrap();
+        drain(&mut r);
+        // In the hello: peers see it with the device online.
+        r.handle_session_opened(DeviceId(2), 11, addr("10.0.0.2:1"), home(Some("r1")))
+            .unwrap();
+        assert_eq!(peer2_relay(&drain(&mut r)), Some(Some("r1".into())));
+        // A change in an update is a delta; the same one again sends nothing.
+        r.handle_session_update(DeviceId(2), 11, home(Some("r2")));
+        assert_eq!(peer2_relay(&drain(&mut r)), Some(Some("r2".into())));
+        r.handle_session_update(DeviceId(2), 11, home(Some("r2")));
+        assert!(drain(&mut r).is_empty());
+        // An update without one (updates are always complete) clears it.
+        r.handle_session_update(DeviceId(2), 11, home(None));
+        assert_eq!(peer2_relay(&drain(&mut r)), Some(None));
+        // An update from a stale connection changes nothing.
+        r.handle_session_update(DeviceId(2), 99, home(Some("r1")));
+        assert!(drain(&mut r).is_empty());
+        // A device connecting later sees it in its full netmap.
+        r.handle_session_update(DeviceId(2), 11, home(Some("r1")));
+        drain(&mut r);
+        r.handle_session_opened(DeviceId(1), 12, addr("10.0.0.1:1"), home(None))
+            .unwrap();
+        let out = drain(&mut r);
+        let full = out.iter().find_map(|o| match o {
+            Output::Send {
+                conn: 12,
+                msg: CoordinatorMsg::Netmap(nm),
+            } => Some(nm.peers[0].relay.clone()),
+            _ => None,
+        });
+        assert_eq!(full, Some(Some("r1".into())));
+    }
+
+    #[test]
+    fn unknown_home_relays_are_ignored() {
+        let mut r = with_relays(&[1, 2], &["r1"]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), home(None))
+            .unwrap();
+        drain(&mut r);
+        r.handle_session_opened(DeviceId(2), 11, addr("10.0.0.2:1"), home(Some("nope")))
+            .unwrap();
+        assert_eq!(peer2_relay(&drain(&mut r)), Some(None));
+        let long = "x".repeat(10_000);
+        r.handle_session_update(DeviceId(2), 11, home(Some(&long)));
+        assert!(drain(&mut r).is_empty(), "still none: nothing to send");
+        r.handle_session_update(DeviceId(2), 11, home(Some("r1")));
+        assert_eq!(peer2_relay(&drain(&mut r)), Some(Some("r1".into())));
+        // Switching to an unknown one is the same as naming none.
+        r.handle_session_update(DeviceId(2), 11, home(Some("R1")));
+        assert_eq!(peer2_relay(&drain(&mut r)), Some(None));
+    }
+
+    #[test]
+    fn session_end_clears_the_home_relay() {
+        let mut r = with_relays(&[1, 2], &["r1"]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), home(None))
+            .unwrap();
+        r.handle_session_opened(DeviceId(2), 11, addr("10.0.0.2:1"), home(Some("r1")))
+            .unwrap();
+        drain(&mut r);
+        r.handle_session_closed(DeviceId(2), 11);
+        let out = drain(&mut r);
+        assert_eq!(peer2_relay(&out), Some(None));
+        // Reconnecting without one: still none (it is not remembered across sessions).
+        r.handle_session_opened(DeviceId(2), 13, addr("10.0.0.2:1"), home(None))
+            .unwrap();
+        assert_eq!(peer2_relay(&drain(&mut r)), Some(None));
+    }
+
+    #[test]
+    fn relay_removal_clears_home_relays_naming_it() {
+        let mut r = with_relays(&[1, 2, 3], &["r1", "r2"]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), home(None))
+            .unwrap();
+        r.handle_session_opened(DeviceId(2), 11, addr("10.0.0.2:1"), home(Some("r1")))
+            .unwrap();
+        r.handle_session_opened(DeviceId(3), 12, addr("10.0.0.3:1"), home(Some("r2")))
+            .unwrap();
+        drain(&mut r);
+        r.handle_relays(vec![RelayInfo {
+            name: "r2".into(),
+            addr: "r2.example:3478".into(),
+        }]);
+        let out = drain(&mut r);
+        assert_eq!(peer2_relay(&out), Some(None));
+        // Device 3's home relay is still registered: peers are not told anything about it.
+        let d3_changed = out.iter().any(|o| {
+            matches!(o, Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) }
+                if d.upsert.iter().any(|p| p.device_id == DeviceId(3)))
+        });
+        assert!(!d3_changed);
+        // Adding r1 back does not restore it: the device publishes it again if it is still
+        // connected there.
+        r.handle_relays(vec![
+            RelayInfo {
+                name: "r1".into(),
+                addr: "r1.example:3478".into(),
+            },
+            RelayInfo {
+                name: "r2".into(),
+                addr: "r2.example:3478".into(),
+            },
+        ]);
+        assert_eq!(peer2_relay(&drain(&mut r)), None);
+    }
+
+    #[test]
+    fn a_device_losing_access_is_announced_for_relays() {
+        let mut r = reg(&[1, 2]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        drain(&mut r);
+        r.handle_device_removed(DeviceId(2), "the device has been revoked");
+        let out = drain(&mut r);
+        assert!(out.contains(&Output::DeviceRevoked {
+            device: DeviceId(2)
+        }));
+        // Once is enough: removing it again announces nothing.
+        r.handle_device_removed(DeviceId(2), "the device has been revoked");
+        assert!(!drain(&mut r).contains(&Output::DeviceRevoked {
+            device: DeviceId(2)
+        }));
+        // A disabled user's device, too.
+        let mut d1 = dev(1);
+        d1.user_disabled = true;
+        r.handle_device_upserted(d1);
+        assert!(drain(&mut r).contains(&Output::DeviceRevoked {
+            device: DeviceId(1)
+        }));
     }
 
     #[test]

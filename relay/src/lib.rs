@@ -1,10 +1,19 @@
-//! `ward-relay`: a public UDP service that devices reach from their WireGuard socket. Today it
-//! answers address discovery ([`ward_shared::discovery`]); forwarding WireGuard datagrams between
-//! devices that cannot reach each other directly comes later and slots into the same core.
+//! `ward-relay`: a public UDP service devices reach from anywhere. On one UDP port it answers
+//! address discovery ([`ward_shared::discovery`]) and serves QUIC: devices holding a
+//! coordinator-signed ticket connect with their device certificate, and the relay forwards
+//! their WireGuard datagrams (ciphertext only) to each other by device id. A control session
+//! to the coordinator brings the ticket key, the relay's certificate and revocations.
 //!
-//! [`core`] is I/O-free (no sockets, no clock, no threads: time is passed in); the binary in
-//! `main.rs` is its thin tokio driver. This crate must not depend on `ward-client` or
-//! `ward-coordinator`: a relay knows the wire format and nothing of either program.
+//! [`core`] (discovery) and [`forward`] (connections, tickets, routing, limits) are I/O-free:
+//! no sockets, no clock, no threads; time is passed in. [`socket`], [`server`], [`control`],
+//! [`tls`] and [`metrics`] are their thin tokio/quinn drivers, wired together in `main.rs`.
+//! This crate must not depend on `ward-client` or `ward-coordinator`: a relay knows the wire
+//! format and nothing of either program.
 
+pub mod control;
 pub mod core;
+pub mod forward;
 pub mod metrics;
+pub mod server;
+pub mod socket;
+pub mod tls;

@@ -1,20 +1,27 @@
-//! `ward-relay`: the thin tokio driver of [`ward_relay::core::Relay`]. It owns the UDP socket,
-//! the clock and the optional metrics listener; every decision is the core's.
+//! `ward-relay`: wires the relay together. One UDP socket carries address discovery (answered
+//! in [`ward_relay::socket`]) and QUIC (device connections in [`ward_relay::server`], the
+//! control session in [`ward_relay::control`]); every decision is the cores'.
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-use tokio::net::{TcpListener, UdpSocket};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use ward_relay::control::Control;
 use ward_relay::core::{Config, Relay};
-use ward_relay::metrics;
+use ward_relay::forward::{Forwarder, Limits};
+use ward_relay::metrics::{self, Snapshot};
+use ward_relay::server::{self, Shared};
+use ward_relay::socket::DemuxSocket;
+use ward_shared::relay::{RelayCredential, RelayLoad};
 
 #[derive(Parser)]
 #[command(
     name = "ward-relay",
     version,
-    about = "Ward relay: answers address discovery"
+    about = "Ward relay: forwards WireGuard ciphertext between ticketed devices, answers address discovery"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,22 +30,44 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Answer binding requests on a UDP socket.
-    Serve {
-        /// UDP address to listen on. The default is every address, IPv6 and IPv4 on one
-        /// dual-stack socket (plain IPv4 where the host has no IPv6).
-        #[arg(long, env = "WARD_RELAY_LISTEN")]
-        listen: Option<SocketAddr>,
-        /// TCP address serving Prometheus metrics at `GET /metrics` (off unless given).
-        #[arg(long, env = "WARD_RELAY_METRICS_LISTEN")]
-        metrics_listen: Option<SocketAddr>,
-    },
+    /// Join the coordinator named in the credential and serve devices on one UDP port.
+    Serve(Serve),
+}
+
+#[derive(clap::Args)]
+struct Serve {
+    /// The relay credential `ward-coordinator relay add` printed (`wardrelay1-…`). Prefer
+    /// `--token-file` or the environment: a command line is visible to every local user.
+    #[arg(
+        long,
+        env = "WARD_RELAY_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    token: Option<String>,
+    /// A file holding the relay credential.
+    #[arg(long, env = "WARD_RELAY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// UDP address to listen on (discovery and QUIC). The default is every address, IPv6 and
+    /// IPv4 on one dual-stack socket (plain IPv4 where the host has no IPv6).
+    #[arg(long, env = "WARD_RELAY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// TCP address serving Prometheus metrics at `GET /metrics` (off unless given).
+    #[arg(long, env = "WARD_RELAY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Device connections at once (pending or ticketed).
+    #[arg(long, env = "WARD_RELAY_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Datagrams per second one device may send through the relay, sustained.
+    #[arg(long, env = "WARD_RELAY_RATE_PPS", default_value_t = Limits::default().rate_packets)]
+    rate_pps: u64,
+    /// Bytes per second one device may send through the relay, sustained.
+    #[arg(long, env = "WARD_RELAY_RATE_BYTES", default_value_t = Limits::default().rate_bytes)]
+    rate_bytes: u64,
 }
 
 /// The default UDP port (that of STUN).
 const DEFAULT_PORT: u16 = 3478;
-/// Larger than any datagram the relay answers, so an oversized one is seen as oversized.
-const RECV_BUF: usize = 2048;
 
 fn main() {
     let cli = Cli::parse();
@@ -46,78 +75,118 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let Cmd::Serve {
-        listen,
-        metrics_listen,
-    } = cli.cmd;
-    let socket = match listen {
-        Some(addr) => bind(addr).with_context(|| format!("binding UDP {addr}"))?,
+    let Cmd::Serve(args) = cli.cmd;
+    let credential = credential(&args)?;
+    let socket = match args.listen {
+        Some(addr) => {
+            ward_runtime::net::bind_udp(addr).with_context(|| format!("binding UDP {addr}"))?
+        }
         None => bind_default()?,
     };
+    socket
+        .set_nonblocking(true)
+        .context("making the UDP socket non-blocking")?;
     let local = socket
         .local_addr()
         .context("reading the UDP socket's address")?;
-    let stats: metrics::Shared = Arc::new(Mutex::new(Default::default()));
-    if let Some(addr) = metrics_listen {
+
+    let discovery = Arc::new(Mutex::new(Relay::new(Config::default(), Instant::now())));
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no tokio runtime"))?;
+    let inner = runtime
+        .wrap_udp_socket(socket)
+        .context("preparing the UDP socket for QUIC")?;
+    let demux = Arc::new(DemuxSocket::new(inner, discovery.clone()));
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        demux,
+        runtime,
+    )
+    .context("opening the QUIC endpoint")?;
+
+    let limits = Limits {
+        max_connections: args.max_connections.max(1),
+        rate_packets: args.rate_pps.max(1),
+        rate_bytes: args.rate_bytes.max(1),
+        ..Limits::default()
+    };
+    let shared = Shared::new(Forwarder::new(limits), limits.hello_timeout);
+    let snapshot: metrics::Shared = {
+        let (discovery, shared) = (discovery.clone(), shared.clone());
+        Arc::new(move || Snapshot {
+            discovery: discovery.lock().unwrap_or_else(|p| p.into_inner()).stats(),
+            forward: shared.lock().core.stats(),
+            control_up: shared.is_control_up(),
+        })
+    };
+    let load = {
+        let snapshot = snapshot.clone();
+        Arc::new(move || {
+            let f = snapshot().forward;
+            RelayLoad {
+                devices: u32::try_from(f.devices).unwrap_or(u32::MAX),
+                bytes_relayed: f.bytes_relayed,
+                datagrams_relayed: f.datagrams_relayed,
+                dropped: f.dropped_total(),
+            }
+        })
+    };
+
+    if let Some(addr) = args.metrics_listen {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding metrics listener {addr}"))?;
         let maddr = l.local_addr().context("reading the metrics address")?;
         tracing::info!(addr = %maddr, "metrics listening");
-        tokio::spawn(metrics::serve(l, stats.clone()));
+        tokio::spawn(metrics::serve(l, snapshot.clone()));
     }
-    tracing::info!(addr = %local, "relay listening");
-    tokio::select! {
-        r = serve(&socket, &stats) => r,
-        r = shutdown() => {
-            tracing::info!("relay stopping");
-            r
-        }
+    tracing::info!(
+        addr = %local,
+        name = %credential.name,
+        coordinator = %credential.coordinator,
+        "relay listening: address discovery now, device connections once the coordinator welcomes it"
+    );
+    let control = Control::new(credential, endpoint.clone(), shared.clone(), load)?;
+    let tasks = [
+        tokio::spawn(server::accept_loop(endpoint.clone(), shared.clone())),
+        tokio::spawn(server::timer_loop(shared.clone())),
+        tokio::spawn(control.run()),
+    ];
+    let r = shutdown().await;
+    tracing::info!("relay stopping");
+    endpoint.close(0u32.into(), b"relay stopping");
+    let _ = tokio::time::timeout(Duration::from_millis(300), endpoint.wait_idle()).await;
+    for t in tasks {
+        t.abort();
     }
+    r
 }
 
-async fn serve(socket: &UdpSocket, stats: &metrics::Shared) -> anyhow::Result<()> {
-    let mut relay = Relay::new(Config::default(), Instant::now());
-    let mut buf = vec![0u8; RECV_BUF];
-    loop {
-        let (len, src) = match socket.recv_from(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                // Errors on an unconnected UDP socket are about one datagram; keep serving.
-                tracing::debug!(error = %e, "UDP receive failed");
-                continue;
-            }
-        };
-        let Some(datagram) = buf.get(..len) else {
-            continue; // recv_from never reports more than the buffer holds
-        };
-        if let Some(t) = relay.handle_datagram(src, datagram, Instant::now()) {
-            if let Err(e) = socket.send_to(&t.payload, t.dst).await {
-                tracing::debug!(dst = %t.dst, error = %e, "UDP send failed");
-            }
+/// The credential from `--token`, `--token-file` or the environment; a bad one is one clear
+/// error (that never repeats the credential).
+fn credential(args: &Serve) -> anyhow::Result<RelayCredential> {
+    let text = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the relay credential from {}", f.display()))?,
+        (None, None) => {
+            return Err(anyhow!(
+                "a relay credential is required: --token, --token-file or WARD_RELAY_TOKEN \
+                 (`ward-coordinator relay add NAME --addr HOST:PORT` prints one)"
+            ))
         }
-        *stats.lock().unwrap_or_else(|p| p.into_inner()) = relay.stats();
-    }
+    };
+    RelayCredential::parse(&text).map_err(|e| anyhow!("invalid relay credential: {e}"))
 }
 
 /// `[::]:3478` dual-stack, else `0.0.0.0:3478`.
-fn bind_default() -> anyhow::Result<UdpSocket> {
+fn bind_default() -> anyhow::Result<std::net::UdpSocket> {
     let b = ward_runtime::net::bind_udp_dual_stack(DEFAULT_PORT)
         .with_context(|| format!("binding UDP port {DEFAULT_PORT}"))?;
     if let Some(e) = &b.ipv4_only_because {
         tracing::info!(error = %e, "no IPv6 socket; listening on IPv4 only");
     }
-    tokio_socket(b.socket).with_context(|| format!("binding UDP port {DEFAULT_PORT}"))
-}
-
-/// A UDP socket on `addr`; an IPv6 wildcard is made dual-stack whatever the host's default.
-fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    tokio_socket(ward_runtime::net::bind_udp(addr)?)
-}
-
-fn tokio_socket(s: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
-    s.set_nonblocking(true)?;
-    UdpSocket::from_std(s)
+    Ok(b.socket)
 }
 
 async fn shutdown() -> anyhow::Result<()> {

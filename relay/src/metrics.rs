@@ -3,21 +3,31 @@
 //! connection count).
 
 use crate::core::{Refusal, Stats};
+use crate::forward::{self, Drop};
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The latest counters, published by the datagram loop.
-pub type Shared = Arc<Mutex<Stats>>;
+/// Everything the relay counts, at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    pub discovery: Stats,
+    pub forward: forward::Stats,
+    pub control_up: bool,
+}
+
+/// Takes a [`Snapshot`] of the live counters.
+pub type Shared = Arc<dyn Fn() -> Snapshot + Send + Sync>;
 
 /// The counters as Prometheus text.
-pub fn render(s: &Stats) -> String {
+pub fn render(snap: &Snapshot) -> String {
+    let s = &snap.discovery;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# HELP ward_relay_requests_total Datagrams received on the relay's UDP socket.\n\
+        "# HELP ward_relay_requests_total Address-discovery datagrams received.\n\
          # TYPE ward_relay_requests_total counter\n\
          ward_relay_requests_total {}",
         s.datagrams
@@ -56,7 +66,75 @@ pub fn render(s: &Stats) -> String {
          ward_relay_sources_evicted_total {}",
         s.evicted
     );
+    render_forwarding(&mut out, &snap.forward, snap.control_up);
     out
+}
+
+fn render_forwarding(out: &mut String, f: &forward::Stats, control_up: bool) {
+    let gauges = [
+        (
+            "ward_relay_devices",
+            "Devices connected with an accepted ticket.",
+            f.devices as u64,
+        ),
+        (
+            "ward_relay_pending_connections",
+            "Connections still waiting for their Hello.",
+            f.pending as u64,
+        ),
+        (
+            "ward_relay_control_up",
+            "1 while the control session with the coordinator is up.",
+            u64::from(control_up),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    let counters = [
+        (
+            "ward_relay_relayed_bytes_total",
+            "WireGuard bytes forwarded between devices.",
+            f.bytes_relayed,
+        ),
+        (
+            "ward_relay_relayed_datagrams_total",
+            "Datagrams forwarded between devices.",
+            f.datagrams_relayed,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ward_relay_dropped_total Datagrams from devices not forwarded, by reason.\n\
+         # TYPE ward_relay_dropped_total counter"
+    );
+    for d in Drop::ALL {
+        let _ = writeln!(
+            out,
+            "ward_relay_dropped_total{{reason=\"{}\"}} {}",
+            d.as_str(),
+            f.dropped(d)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ward_relay_ticket_refusals_total Device connections refused, by reason.\n\
+         # TYPE ward_relay_ticket_refusals_total counter"
+    );
+    for r in forward::Refusal::ALL {
+        let _ = writeln!(
+            out,
+            "ward_relay_ticket_refusals_total{{reason=\"{}\"}} {}",
+            r.as_str(),
+            f.refused(r)
+        );
+    }
 }
 
 const MAX_REQUEST: usize = 4096;
@@ -106,10 +184,7 @@ async fn respond(mut conn: TcpStream, stats: &Shared) {
     let mut parts = line.split(|&b| b == b' ');
     let (method, path) = (parts.next(), parts.next());
     let (status, body) = match (method, path) {
-        (Some(b"GET"), Some(b"/metrics")) => {
-            let s = *stats.lock().unwrap_or_else(|p| p.into_inner());
-            ("200 OK", render(&s))
-        }
+        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", render(&stats())),
         (Some(b"GET"), _) => ("404 Not Found", "not found\n".to_string()),
         _ => ("405 Method Not Allowed", "only GET\n".to_string()),
     };
@@ -133,8 +208,13 @@ mod tests {
 
     #[test]
     fn renders_every_counter() {
-        let text = render(&Stats::default());
+        let text = render(&Snapshot::default());
         for want in [
+            "ward_relay_devices 0",
+            "ward_relay_control_up 0",
+            "ward_relay_relayed_bytes_total 0",
+            "ward_relay_dropped_total{reason=\"queue_full\"} 0",
+            "ward_relay_ticket_refusals_total{reason=\"bad_signature\"} 0",
             "ward_relay_requests_total 0",
             "ward_relay_refused_total{reason=\"malformed\"} 0",
             "ward_relay_refused_total{reason=\"wrong_kind\"} 0",

@@ -20,10 +20,17 @@ lab_add_natted_host bob                # plain masquerade
 lab_add_natted_host carol --symmetric  # masquerade fully-random
 lab_add_natted_host dave --symmetric
 lab_start_coordinator
-R1=$(lab_start_relay relay1)
-R2=$(lab_start_relay relay2)
-lab_coord relay add r1 --addr "$R1" >/dev/null
-lab_coord relay add r2 --addr "$R2" >/dev/null
+R1=$(lab_start_relay relay1 r1)
+R2=$(lab_start_relay relay2 r2)
+
+say "0. both relays join the coordinator with the credentials relay add printed"
+for h in relay1 relay2; do
+    check "0. $h: control session up" lab_relay_wait_welcomed "$h" 15
+done
+relays_online() {
+    test "$(lab_coord relay ls --json | python3 -c 'import json, sys; print(sum(bool(r["online"]) for r in json.load(sys.stdin)))')" = 2
+}
+check "0. relay ls shows both online" lab_wait_for -t 5 relays_online
 for h in alice bob carol dave; do
     lab_start_device "$h"
     lab_coord user add "$h" >/dev/null

@@ -664,24 +664,63 @@ lab_ward_wait_peer() {
     lab_wait_for -t "${3:-$LAB_WAIT_TIMEOUT}" lab_ward_has_peer "${1:?}" "${2:?}"
 }
 
-# ---- relays (address discovery) --------------------------------------------
+# ---- relays (forwarding and address discovery) -----------------------------
 
 # lab_have_relay: succeed if the ward-relay binary is built.
 lab_have_relay() { [[ -x "$(lab_ward_bin ward-relay)" ]]; }
 
-# lab_start_relay HOST [PORT=3478]: start `ward-relay serve --listen IP:PORT`
-# in HOST (a wan host; IP is its public address) and wait until the UDP port is
-# bound. Prints the relay's HOST:PORT.
+# lab_start_relay HOST NAME [PORT=3478]: register relay NAME with the coordinator
+# (`ward-coordinator relay add NAME --addr IP:PORT`, IP being HOST's public
+# address), keep the credential it prints in a 0600 file, start
+# `ward-relay serve --token-file FILE --listen IP:PORT` in HOST (a wan host) and
+# wait until the UDP port is bound. Needs a running coordinator. Prints the
+# relay's HOST:PORT. The relay answers address discovery at once and takes
+# device connections once the coordinator welcomes it (lab_relay_wait_welcomed).
 lab_start_relay() {
     _lab_need_init || return 1
-    local host="${1:?usage: lab_start_relay HOST [PORT]}" port="${2:-3478}" bin addr
+    local host="${1:?usage: lab_start_relay HOST NAME [PORT]}" name="${2:?usage: lab_start_relay HOST NAME [PORT]}"
+    local port="${3:-3478}" bin addr cred
     bin=$(lab_ward_bin ward-relay)
     [[ -x "$bin" ]] || _lab_die "$bin not built" || return 1
-    addr="$(lab_public_ip "$host"):$port"
-    lab_spawn "$host" "relay-$host.log" "$bin" serve --listen "$addr"
+    addr=$(lab_hostport "$(lab_public_ip "$host")" "$port")
+    cred="$LAB_DIR/relay-$name.token"
+    (umask 077 && lab_coord relay add "$name" --addr "$addr" >"$cred") ||
+        { _lab_die "relay add $name --addr $addr failed"; return 1; }
+    [[ "$(head -c 11 "$cred")" == wardrelay1- ]] ||
+        { _lab_die "relay add $name printed no relay credential"; return 1; }
+    lab_spawn "$host" "relay-$host.log" "$bin" serve --token-file "$cred" --listen "$addr" \
+        --metrics-listen "$(lab_hostport "$(lab_public_ip "$host")" 9464)"
     lab_wait_for -t 10 sh -c "ip netns exec $(lab_ns "$host") ss -lun | grep -qF ' $addr '" ||
         { tail -n 20 "$LAB_DIR/logs/relay-$host.log" >&2; _lab_die "ward-relay in $host did not come up"; return 1; }
     echo "$addr"
+}
+
+# lab_relay_wait_welcomed HOST [SECONDS=LAB_WAIT_TIMEOUT]: wait until the relay
+# in HOST has its control session up (it then accepts device connections).
+lab_relay_wait_welcomed() {
+    local host="${1:?usage: lab_relay_wait_welcomed HOST [SECONDS]}"
+    lab_wait_for -t "${2:-$LAB_WAIT_TIMEOUT}" grep -q "control session up" "$LAB_DIR/logs/relay-$host.log"
+}
+
+# lab_relay_metric HOST METRIC: the value of METRIC (a Prometheus sample name
+# with its labels, e.g. ward_relay_relayed_bytes_total) on the relay in HOST,
+# summed over matching series; prints 0 if it has none.
+lab_relay_metric() {
+    local host="${1:?usage: lab_relay_metric HOST METRIC}" metric="${2:?usage: lab_relay_metric HOST METRIC}"
+    local url
+    url="http://$(lab_hostport "$(lab_public_ip "$host")" 9464)/metrics"
+    ip netns exec "$(lab_ns "$host")" python3 -c '
+import sys, urllib.request
+body = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+total = 0
+for line in body.splitlines():
+    if line.startswith("#") or not line.strip():
+        continue
+    name, _, value = line.rpartition(" ")
+    if name == sys.argv[2] or name.split("{", 1)[0] == sys.argv[2]:
+        total += float(value)
+print(int(total))
+' "$url" "$metric"
 }
 
 # lab_netcheck_get HOST PYEXPR: evaluate PYEXPR on `ward netcheck --json`

@@ -1,9 +1,15 @@
-//! The real `ward-relay` answers address discovery on loopback and keeps
-//! answering under garbage and a flood; the coordinator's relay registry reaches a device's
-//! control session (full netmap, then deltas).
+//! The real `ward-relay` on loopback: it answers address discovery and keeps answering under
+//! garbage and a flood; it joins its coordinator (the control protocol's other end, run here
+//! with the coordinator's own CA code) and forwards QUIC datagrams between devices holding
+//! CA-signed certificates and tickets, refusing forged, foreign, expired and absent tickets
+//! while legitimate devices keep relaying; with the real `ward-coordinator`, enrolled devices'
+//! tickets open the relay, its load reaches `relay ls`, it forwards on while the coordinator is
+//! down and rejoins on its own, and a revocation disconnects at once; the
+//! coordinator's relay registry reaches a device's control session (full netmap, then deltas).
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
+mod relay_control;
 
 use common::{bin, free_udp_port, wait_until, Coordinator, Proc};
 use std::io::{Read, Write};
@@ -11,8 +17,11 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 use ward_shared::discovery::{BindingRequest, BindingResponse};
+use ward_shared::relay::{encode_datagram, split_datagram};
 use ward_shared::token::EnrollToken;
-use ward_shared::wire::{self, CoordinatorMsg, DeviceMsg, DeviceUpdate, Hello, RelayInfo};
+use ward_shared::wire::{
+    self, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, Hello, RelayInfo,
+};
 
 struct Relay {
     proc: Proc,
@@ -21,8 +30,13 @@ struct Relay {
 }
 
 impl Relay {
-    fn start(tmp: &std::path::Path) -> Self {
-        let udp: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    /// Starts `ward-relay serve` with `token` (its credential) and waits for its metrics.
+    fn start(tmp: &std::path::Path, token: &str) -> Self {
+        Self::start_on(tmp, token, free_udp_port())
+    }
+
+    fn start_on(tmp: &std::path::Path, token: &str, port: u16) -> Self {
+        let udp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -31,6 +45,7 @@ impl Relay {
             Command::new(bin("ward-relay"))
                 .args(["serve", "--listen", &udp.to_string()])
                 .args(["--metrics-listen", &metrics.to_string()])
+                .env("WARD_RELAY_TOKEN", token)
                 .env("WARD_LOG", "info"),
             tmp.join("relay.log"),
         );
@@ -94,7 +109,13 @@ fn ask(sock: &UdpSocket, relay: SocketAddr, txid: u8) -> Option<BindingResponse>
 #[test]
 fn relay_answers_discovery_and_survives_garbage_and_a_flood() {
     let tmp = tempfile::tempdir().unwrap();
-    let relay = Relay::start(tmp.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let control = rt.block_on(async { relay_control::ControlServer::start() });
+    let relay = Relay::start(tmp.path(), &control.credential("r1"));
+    // Welcomed: QUIC is served on the same port from now on.
+    wait_until("control session up", Duration::from_secs(10), || {
+        relay.metric("ward_relay_control_up") == 1
+    });
 
     // 1. A binding request is answered with the address the request came from.
     let a = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -102,15 +123,27 @@ fn relay_answers_discovery_and_survives_garbage_and_a_flood() {
     assert_eq!(resp.observed, a.local_addr().unwrap());
 
     // 2. Garbage, a response sent to the relay, and oversized datagrams get no answer and are
-    // counted by reason.
+    // counted by reason. Datagrams with the discovery magic are discovery's to refuse; the rest
+    // belong to QUIC on the same port, which answers nothing shorter than an Initial.
     let g = UdpSocket::bind("127.0.0.1:0").unwrap();
     let resp_msg = BindingResponse {
         txid: [0; 12],
         observed: g.local_addr().unwrap(),
     }
     .encode();
-    let garbage: [&[u8]; 5] = [b"", b"hello", &[0xff; 17], &[0xff; 1400], &[1, 0, 0, 0]];
-    for d in garbage {
+    let magic = ward_shared::discovery::MAGIC;
+    let with_magic = |rest: &[u8]| [&magic[..], rest].concat();
+    let garbage: [Vec<u8>; 5] = [
+        magic.to_vec(),
+        with_magic(b"hello"),
+        with_magic(&[0xff; 13]),
+        with_magic(&[0xff; 1396]),
+        with_magic(&[1, 0, 0, 0]),
+    ];
+    for d in &garbage {
+        g.send_to(d, relay.udp).unwrap();
+    }
+    for d in [&b""[..], b"hello", &[0xff; 17], &[1, 0, 0, 0]] {
         g.send_to(d, relay.udp).unwrap();
     }
     g.send_to(&resp_msg, relay.udp).unwrap();
@@ -186,7 +219,9 @@ fn registered_relays_reach_a_device_session() {
     let c = Coordinator::init(tmp.path());
     c.admin(&["user", "add", "rita"]);
     let out = c.admin(&["relay", "add", "r1", "--addr", "127.0.0.1:3478"]);
-    assert_eq!(out.trim(), "r1 127.0.0.1:3478");
+    // The relay's credential, alone on stdout.
+    let cred = ward_shared::relay::RelayCredential::parse(&out).unwrap();
+    assert_eq!(cred.name, "r1");
     let dup = c.try_admin(&["relay", "add", "r1", "--addr", "127.0.0.1:1"]);
     assert!(!dup.status.success());
     assert!(String::from_utf8_lossy(&dup.stderr).contains("already exists"));
@@ -281,4 +316,517 @@ async fn next_relays(ch: &mut ward_client::control::Channel) -> Vec<RelayInfo> {
             }
         }
     }
+}
+
+/// Waits (async) until `f` holds, polling every 20 ms; how long that took.
+async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+/// Sends `n` datagrams from `from` to device `to` and counts how many `at` receives from
+/// device `source` within a second of the last, each with the body it was sent with.
+async fn relay_some(
+    from: &quinn::Connection,
+    at: &quinn::Connection,
+    to: u64,
+    source: u64,
+    n: u32,
+) -> u32 {
+    let mut got = 0;
+    for i in 0..n {
+        let body = format!("wireguard-ciphertext-{i:06}").repeat(8);
+        from.send_datagram(encode_datagram(DeviceId(to), body.as_bytes()).into())
+            .unwrap();
+        // Keep the sender within the path: a few datagrams in flight at a time.
+        while let Ok(Ok(d)) = tokio::time::timeout(
+            Duration::from_millis(if i + 1 == n { 1000 } else { 0 }),
+            at.read_datagram(),
+        )
+        .await
+        {
+            let (id, b) = split_datagram(&d).expect("a well-formed relayed datagram");
+            assert_eq!(id, DeviceId(source), "the header names the source device");
+            assert!(b.starts_with(b"wireguard-ciphertext-"), "body intact");
+            got += 1;
+        }
+    }
+    got
+}
+
+#[test]
+fn relay_forwards_between_ticketed_devices_and_refuses_the_rest() {
+    use relay_control::{anonymous_client_config, connect, ticket_signed_by, ControlServer};
+    use ward_shared::relay::{RelayToDevice, TICKET_TTL_MS};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let control = ControlServer::start();
+
+    // 0. A relay whose secret is wrong is refused by the coordinator and serves no devices
+    // (address discovery still works).
+    let bad = Relay::start(tmp.path(), &control.credential_with("r0", vec![7; 32]));
+    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert!(
+        ask(&b, bad.udp, 1).is_some(),
+        "discovery answers before any welcome"
+    );
+    wait_until(
+        "the wrong secret is refused",
+        Duration::from_secs(10),
+        || control.refused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+    );
+    assert_eq!(bad.metric("ward_relay_control_up"), 0);
+    drop(bad);
+
+    let relay = Relay::start(tmp.path(), &control.credential("r1"));
+    wait_until("control session up", Duration::from_secs(10), || {
+        relay.metric("ward_relay_control_up") == 1
+    });
+    let log = relay.proc.log_text();
+    assert!(
+        !log.contains(&control.credential("r1")),
+        "the credential is never logged"
+    );
+
+    rt.block_on(async {
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (alice, bob) = (control.device("alice"), control.device("bob"));
+
+        // 1. Two devices with CA-signed certificates and tickets are welcomed.
+        let a = connect(
+            &ep,
+            relay.udp,
+            "r1",
+            alice.client_config(),
+            control.ticket(1, alice.identity, TICKET_TTL_MS),
+        )
+        .await
+        .unwrap();
+        let b = connect(
+            &ep,
+            relay.udp,
+            "r1",
+            bob.client_config(),
+            control.ticket(2, bob.identity, TICKET_TTL_MS),
+        )
+        .await
+        .unwrap();
+        for (s, id) in [(&a, 1), (&b, 2)] {
+            let RelayToDevice::Welcome {
+                device_id,
+                max_datagram,
+            } = s.answer
+            else {
+                panic!("{:?}", s.answer)
+            };
+            assert_eq!(device_id, DeviceId(id));
+            // QUIC's datagram room on a fresh 1200-byte path, or more after MTU discovery.
+            assert!(
+                (1100..=2048).contains(&max_datagram),
+                "max_datagram {max_datagram}"
+            );
+        }
+        assert_eq!(relay.metric("ward_relay_devices"), 2);
+
+        // 2. Datagrams cross the relay both ways, the header naming the source.
+        assert_eq!(relay_some(&a.conn, &b.conn, 2, 1, 200).await, 200);
+        assert_eq!(relay_some(&b.conn, &a.conn, 1, 2, 200).await, 200);
+        assert_eq!(relay.metric("ward_relay_relayed_datagrams_total"), 400);
+
+        // 3. Bad tickets are refused with an Error and a closed connection.
+        let carol = control.device("carol");
+        let mut forged = control.ticket(3, carol.identity, TICKET_TTL_MS);
+        forged.ticket.device_id = DeviceId(2); // claim to be bob
+        let mut garbage = control.ticket(3, carol.identity, TICKET_TTL_MS);
+        garbage.signature.0 = vec![0xAB; 64];
+        let foreign_key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let cases = [
+            ("forged", forged, "bad_signature"),
+            ("garbage signature", garbage, "bad_signature"),
+            (
+                "foreign issuer",
+                ticket_signed_by(&foreign_key, 3, carol.identity, TICKET_TTL_MS),
+                "bad_signature",
+            ),
+            ("expired", control.ticket(3, carol.identity, -10), "expired"),
+            (
+                "another certificate's (alice's)",
+                control.ticket(1, alice.identity, TICKET_TTL_MS),
+                "wrong_certificate",
+            ),
+        ];
+        for (what, ticket, reason) in cases {
+            let s = connect(&ep, relay.udp, "r1", carol.client_config(), ticket)
+                .await
+                .unwrap();
+            let RelayToDevice::Error { message, .. } = &s.answer else {
+                panic!("{what}: {:?}", s.answer)
+            };
+            assert!(message.contains(reason), "{what}: {message}");
+            let closed = tokio::time::timeout(Duration::from_secs(2), s.conn.closed()).await;
+            assert!(closed.is_ok(), "{what}: connection closed");
+        }
+        assert_eq!(
+            relay.metric("ward_relay_ticket_refusals_total{reason=\"bad_signature\"}"),
+            3
+        );
+        assert_eq!(
+            relay.metric("ward_relay_ticket_refusals_total{reason=\"expired\"}"),
+            1
+        );
+        assert_eq!(
+            relay.metric("ward_relay_ticket_refusals_total{reason=\"wrong_certificate\"}"),
+            1
+        );
+        // No client certificate, or one from another CA: TLS refuses the handshake.
+        let anon = ep
+            .connect_with(
+                anonymous_client_config(&control.ca_der),
+                relay.udp,
+                "r1.relay.ward.internal",
+            )
+            .unwrap();
+        let anon_ok = match anon.await {
+            Ok(c) => tokio::time::timeout(Duration::from_secs(2), c.closed())
+                .await
+                .is_ok(),
+            Err(_) => true,
+        };
+        assert!(anon_ok, "a device without a certificate is refused");
+        let other = ControlServer::start();
+        let mallory = other.device("mallory");
+        let r = connect(
+            &ep,
+            relay.udp,
+            "r1",
+            mallory.client_config(),
+            other.ticket(3, mallory.identity, TICKET_TTL_MS),
+        )
+        .await;
+        assert!(
+            r.is_err(),
+            "a certificate from another CA is refused: {:?}",
+            r.map(|s| s.answer)
+        );
+
+        // 4. 1 000 connection attempts without tickets (half send garbage, half nothing and
+        // leave) while alice and bob keep relaying; memory stays bounded.
+        let rss_before = relay.rss_kib();
+        let cfg = carol.client_config();
+        let flood = {
+            let (ep, cfg, addr) = (ep.clone(), cfg.clone(), relay.udp);
+            tokio::spawn(async move {
+                let mut refused_or_closed = 0;
+                for batch in 0..20 {
+                    let mut set = tokio::task::JoinSet::new();
+                    for i in 0..50 {
+                        let (ep, cfg) = (ep.clone(), cfg.clone());
+                        set.spawn(async move {
+                            let Ok(connecting) =
+                                ep.connect_with(cfg, addr, "r1.relay.ward.internal")
+                            else {
+                                return true;
+                            };
+                            let Ok(conn) = connecting.await else {
+                                return true;
+                            };
+                            if (batch + i) % 2 == 0 {
+                                let Ok((mut send, _recv)) = conn.open_bi().await else {
+                                    return true;
+                                };
+                                let _ = send.write_all(b"\x00\x00\x00\x05hello").await;
+                                tokio::time::timeout(Duration::from_secs(3), conn.closed())
+                                    .await
+                                    .is_ok()
+                            } else {
+                                conn.close(0u32.into(), b"bye");
+                                true
+                            }
+                        });
+                    }
+                    while let Some(r) = set.join_next().await {
+                        if r.unwrap_or(false) {
+                            refused_or_closed += 1;
+                        }
+                    }
+                }
+                refused_or_closed
+            })
+        };
+        let mut relayed_during = 0;
+        while !flood.is_finished() {
+            relayed_during += relay_some(&a.conn, &b.conn, 2, 1, 20).await;
+        }
+        let refused = flood.await.unwrap();
+        assert_eq!(
+            refused, 1000,
+            "every ticketless attempt was refused or left"
+        );
+        assert!(
+            relayed_during > 0,
+            "alice and bob kept relaying during the flood"
+        );
+        eprintln!(
+            "relayed {relayed_during} datagrams alice -> bob during 1 000 ticketless attempts"
+        );
+        assert_eq!(relay_some(&a.conn, &b.conn, 2, 1, 100).await, 100);
+        eventually(
+            "ticketless connections gone",
+            Duration::from_secs(10),
+            || relay.metric("ward_relay_pending_connections") == 0,
+        )
+        .await;
+        assert_eq!(relay.metric("ward_relay_devices"), 2);
+        let rss_after = relay.rss_kib();
+        eprintln!("relay RSS: {rss_before} KiB before 1 000 attempts, {rss_after} KiB after");
+        assert!(
+            rss_after < rss_before + 32 * 1024,
+            "RSS grew from {rss_before} to {rss_after} KiB"
+        );
+        assert!(relay.metric("ward_relay_ticket_refusals_total{reason=\"protocol\"}") >= 400);
+
+        // 5. Datagrams to nobody, garbage and oversized ones are dropped by reason.
+        a.conn
+            .send_datagram(encode_datagram(DeviceId(77), b"x").into())
+            .unwrap();
+        a.conn.send_datagram(vec![1, 2, 3].into()).unwrap();
+        eventually("drops counted", Duration::from_secs(5), || {
+            relay.metric("ward_relay_dropped_total{reason=\"unknown_destination\"}") == 1
+                && relay.metric("ward_relay_dropped_total{reason=\"malformed\"}") == 1
+        })
+        .await;
+
+        // 6. A newer connection of the same device replaces the older one.
+        let b2 = connect(
+            &ep,
+            relay.udp,
+            "r1",
+            bob.client_config(),
+            control.ticket(2, bob.identity, TICKET_TTL_MS),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(b2.answer, RelayToDevice::Welcome { .. }));
+        tokio::time::timeout(Duration::from_secs(2), b.conn.closed())
+            .await
+            .expect("the older connection closes");
+        assert_eq!(relay_some(&a.conn, &b2.conn, 2, 1, 50).await, 50);
+
+        // 7. Discovery keeps working on the same port.
+        let d = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(
+            ask(&d, relay.udp, 4).unwrap().observed,
+            d.local_addr().unwrap()
+        );
+
+        // 8. The relay reports its load from the same counters.
+        eventually("a load report with traffic", Duration::from_secs(8), || {
+            control
+                .loads
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.devices == 2 && l.datagrams_relayed >= 550)
+        })
+        .await;
+
+        // 9. A revoked device is disconnected and its ticket refused.
+        control.revoke(&[2]);
+        tokio::time::timeout(Duration::from_secs(3), b2.conn.closed())
+            .await
+            .expect("revoked device disconnected");
+        let r = connect(
+            &ep,
+            relay.udp,
+            "r1",
+            bob.client_config(),
+            control.ticket(2, bob.identity, TICKET_TTL_MS),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(r.answer, RelayToDevice::Error { .. }),
+            "{:?}",
+            r.answer
+        );
+        assert_eq!(
+            relay.metric("ward_relay_ticket_refusals_total{reason=\"revoked\"}"),
+            1
+        );
+
+        // 10. The certificate is renewed at half its life, and new devices are served with it.
+        eventually("certificate renewed", Duration::from_secs(25), || {
+            control.renewals.load(std::sync::atomic::Ordering::SeqCst) >= 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let dave = control.device("dave");
+        let d = connect(
+            &ep,
+            relay.udp,
+            "r1",
+            dave.client_config(),
+            control.ticket(4, dave.identity, TICKET_TTL_MS),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(d.answer, RelayToDevice::Welcome { .. }),
+            "{:?}",
+            d.answer
+        );
+        assert_eq!(relay_some(&a.conn, &d.conn, 4, 1, 20).await, 20);
+        ep.close(0u32.into(), b"");
+    });
+    assert!(!relay.proc.log_text().contains(&control.credential("r1")));
+}
+
+/// An enrolled device's control session, after `Hello`, with a relay ticket.
+struct Enrolled {
+    ch: ward_client::control::Channel,
+    device: relay_control::Device,
+    ticket: ward_shared::relay::SignedTicket,
+}
+
+/// Enrolls `name` with `token`, opens its session and asks for a relay ticket.
+async fn enroll_with_ticket(c: &Coordinator, token: &str, name: &str) -> Enrolled {
+    let tok = EnrollToken::parse(token).unwrap();
+    let (enrolled, key) = ward_client::control::enroll(&tok, name, "test")
+        .await
+        .unwrap();
+    let endpoint = ward_client::control::client_endpoint().unwrap();
+    let cfg = ward_client::control::session_config(&enrolled.ca_der.0, &enrolled.cert_der.0, &key)
+        .unwrap();
+    let addr = format!("127.0.0.1:{}", c.port).parse().unwrap();
+    let mut ch = ward_client::control::Channel::open(&endpoint, cfg, addr)
+        .await
+        .unwrap();
+    ch.send(&DeviceMsg::Hello(Hello {
+        protocol: wire::PROTOCOL_VERSION,
+        os: "test".into(),
+        version: "0".into(),
+        update: DeviceUpdate::default(),
+    }))
+    .await
+    .unwrap();
+    ch.send(&DeviceMsg::RelayTicketRequest).await.unwrap();
+    let ticket = loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ch.recv())
+            .await
+            .expect("a message within 5 s")
+            .unwrap()
+            .expect("the session stays open");
+        if let CoordinatorMsg::RelayTicket { ticket } = m {
+            break ticket;
+        }
+    };
+    let device =
+        relay_control::Device::enrolled(enrolled.cert_der.0, &key, enrolled.ca_der.0.clone());
+    assert_eq!(ticket.ticket.cert_identity, device.identity);
+    Enrolled { ch, device, ticket }
+}
+
+#[test]
+fn relay_serves_devices_of_a_real_coordinator() {
+    use ward_shared::relay::RelayToDevice;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::init(tmp.path());
+    c.admin(&["user", "add", "rita"]);
+    let port = free_udp_port();
+    let cred = c.admin(&["relay", "add", "r1", "--addr", &format!("127.0.0.1:{port}")]);
+    let relay = Relay::start_on(tmp.path(), cred.trim(), port);
+    wait_until("control session up", Duration::from_secs(10), || {
+        relay.metric("ward_relay_control_up") == 1
+    });
+    let online = || c.admin_json(&["relay", "ls"])[0]["online"] == true;
+    wait_until("relay ls says online", Duration::from_secs(5), online);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = enroll_with_ticket(&c, &c.token(&["--user", "rita"]), "rita1").await;
+        let b = enroll_with_ticket(&c, &c.token(&["--user", "rita"]), "rita2").await;
+        let (ida, idb) = (a.ticket.ticket.device_id.0, b.ticket.ticket.device_id.0);
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sa = relay_control::connect(
+            &ep,
+            relay.udp,
+            "r1",
+            a.device.client_config(),
+            a.ticket.clone(),
+        )
+        .await
+        .unwrap();
+        let sb = relay_control::connect(
+            &ep,
+            relay.udp,
+            "r1",
+            b.device.client_config(),
+            b.ticket.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(sa.answer, RelayToDevice::Welcome { device_id, .. } if device_id.0 == ida)
+        );
+        assert!(
+            matches!(sb.answer, RelayToDevice::Welcome { device_id, .. } if device_id.0 == idb)
+        );
+        assert_eq!(relay_some(&sa.conn, &sb.conn, idb, ida, 100).await, 100);
+        assert_eq!(relay_some(&sb.conn, &sa.conn, ida, idb, 100).await, 100);
+
+        // The relay's load reaches `relay ls`.
+        eventually("relay ls shows the load", Duration::from_secs(8), || {
+            let ls = c.admin_json(&["relay", "ls"]);
+            ls[0]["devices"] == 2 && ls[0]["bytes_relayed"].as_u64().unwrap_or(0) > 0
+        })
+        .await;
+
+        // The coordinator goes away: the relay keeps forwarding with what it has, and joins
+        // again on its own when the coordinator is back.
+        c.proc.as_mut().unwrap().term();
+        let down = eventually("control session down", Duration::from_secs(40), || {
+            relay.metric("ward_relay_control_up") == 0
+        })
+        .await;
+        assert_eq!(relay_some(&sa.conn, &sb.conn, idb, ida, 50).await, 50);
+        c.start();
+        let up = eventually("control session up again", Duration::from_secs(35), || {
+            relay.metric("ward_relay_control_up") == 1
+        })
+        .await;
+        eprintln!("control session seen down {down:?} after the coordinator stopped, up {up:?} after it restarted");
+        assert_eq!(relay_some(&sb.conn, &sa.conn, ida, idb, 50).await, 50);
+
+        // A revoked device is disconnected from the relay at once.
+        c.admin(&["device", "revoke", "rita2"]);
+        tokio::time::timeout(Duration::from_secs(5), sb.conn.closed())
+            .await
+            .expect("the revoked device's relay connection closes");
+        let again = relay_control::connect(
+            &ep,
+            relay.udp,
+            "r1",
+            b.device.client_config(),
+            b.ticket.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(again.answer, RelayToDevice::Error { .. }),
+            "{:?}",
+            again.answer
+        );
+        drop((a.ch, b.ch));
+        ep.close(0u32.into(), b"");
+    });
 }

@@ -1,27 +1,41 @@
 //! The thin driver: owns the TUN and the UDP socket and runs three OS threads around the core.
 //!
-//! - `ward-dp-tx`: TUN → [`Batch::handle_tun_packet`] → UDP (GSO super-packets from the TUN are
+//! - `ward-dp-tx`: TUN → [`Runs::handle_tun_packet`] → UDP (GSO super-packets from the TUN are
 //!   split by tun-rs, the encrypted datagrams leave as UDP GSO messages); ICMP errors for
 //!   destinations without a peer go back into the TUN.
 //! - `ward-dp-rx`: UDP (GRO) → address-discovery answers set aside by their first byte, the rest
-//!   → [`Batch::handle_datagram`] (decrypt, source check, inbound
+//!   → [`Runs::handle_datagram`] (decrypt, source check, inbound
 //!   filter at coordinator time = wall clock + [`Core::clock_offset_ms`]) → TUN (TCP/UDP segments
 //!   coalesced by tun-rs's GRO table into one write per flow).
 //! - `ward-dp-timer`: [`Core::handle_timers`] every [`TIMER_INTERVAL`], the path MTUs of the
 //!   destinations in use re-read from the kernel every [`REFRESH_INTERVAL`], idle flows swept
 //!   now and then.
 //!
+//! Each read is one [`Batch`], handled in [`Runs`]: a peer's session is locked once per run of
+//! its packets (the whole read for a single bulk stream), not per packet. The receive thread
+//! releases the run before it writes to the TUN in the middle of a batch.
+//!
+//! Datagrams the engine routes through a relay are split off every outbox after the UDP send
+//! (which skips them) into the bounded relay queue (`relay`). Datagrams that arrive through a
+//! relay come in on the daemon's tokio thread ([`Driver::handle_relayed`]), which decrypts them
+//! under its own batch and writes each packet to the TUN itself (one write per packet): the
+//! TUN descriptor takes concurrent writes, and handing packets to the receive thread would
+//! need a wake-up channel into its `poll` for no gain (relayed traffic is bounded by the
+//! relay's QUIC connection, far below what one write per packet costs).
+//!
 //! Blocking threads rather than tokio tasks: the hot paths are syscall loops that gain nothing
 //! from an executor, and two threads use the machine's two cores. Reads are non-blocking with a
 //! `poll` timeout so the threads notice the stop flag.
 //!
-//! [`Batch::handle_tun_packet`]: super::engine::Batch::handle_tun_packet
-//! [`Batch::handle_datagram`]: super::engine::Batch::handle_datagram
+//! [`Batch`]: super::engine::Batch
+//! [`Runs`]: super::engine::Runs
+//! [`Runs::handle_tun_packet`]: super::engine::Runs::handle_tun_packet
+//! [`Runs::handle_datagram`]: super::engine::Runs::handle_datagram
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,8 +43,9 @@ use anyhow::Context as _;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::discovery::{is_discovery_byte, Inbox};
-use super::engine::{Core, Outbox, TIMER_INTERVAL};
+use super::engine::{Core, Outbox, Source, TIMER_INTERVAL};
 use super::pmtu::REFRESH_INTERVAL;
+use super::relay::RelayQueue;
 use super::tun::{TunDevice, TunParams};
 use super::udp::{poll_fd, RecvBatch, SendScratch, UdpSocket};
 use super::{DataPlaneConfig, TUN_MTU};
@@ -49,6 +64,10 @@ const TUN_WRITE_BATCH: usize = 256;
 pub(crate) struct Driver {
     core: Arc<Core>,
     udp: Arc<UdpSocket>,
+    tun: Arc<TunDevice>,
+    relay: Arc<RelayQueue>,
+    /// Buffers for datagrams arriving through relays (one caller at a time).
+    relayed_in: Mutex<RelayedIn>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     tun_name: String,
@@ -61,6 +80,7 @@ impl Driver {
         cfg: &DataPlaneConfig,
         core: Arc<Core>,
         discovery: Arc<Inbox>,
+        relay: Arc<RelayQueue>,
     ) -> anyhow::Result<Driver> {
         let udp = Arc::new(
             UdpSocket::bind(cfg.port, core.path_mtus().clone())
@@ -92,22 +112,27 @@ impl Driver {
         let result = (|| {
             threads.push(spawn("ward-dp-tx", {
                 let (core, tun, udp, stop) = (core.clone(), tun.clone(), udp.clone(), stop.clone());
-                Box::new(move || tx_loop(&core, &tun, &udp, &stop))
+                let relay = relay.clone();
+                Box::new(move || tx_loop(&core, &tun, &udp, &relay, &stop))
             })?);
             threads.push(spawn("ward-dp-rx", {
                 let (core, tun, udp, stop) = (core.clone(), tun.clone(), udp.clone(), stop.clone());
-                let discovery = discovery.clone();
-                Box::new(move || rx_loop(&core, &tun, &udp, &discovery, &stop))
+                let (discovery, relay) = (discovery.clone(), relay.clone());
+                Box::new(move || rx_loop(&core, &tun, &udp, &relay, &discovery, &stop))
             })?);
             threads.push(spawn("ward-dp-timer", {
                 let (core, udp, stop) = (core.clone(), udp.clone(), stop.clone());
-                Box::new(move || timer_loop(&core, &udp, &stop))
+                let relay = relay.clone();
+                Box::new(move || timer_loop(&core, &udp, &relay, &stop))
             })?);
             anyhow::Ok(())
         })();
         let driver = Driver {
             core,
             udp,
+            tun,
+            relay,
+            relayed_in: Mutex::new(RelayedIn::default()),
             stop,
             threads,
             tun_name: cfg.tun_name.clone(),
@@ -127,13 +152,51 @@ impl Driver {
     /// Sends datagrams produced outside the threads (by `set_peers`).
     pub(crate) fn send(&self, out: &Outbox) {
         self.udp.send_outbox(out, &mut SendScratch::default());
+        self.relay.push(&self.core, out);
+    }
+
+    /// A datagram that arrived through a relay: decrypted and checked by the core, written to
+    /// the TUN (one write), replies sent (UDP or relay queue).
+    pub(crate) fn handle_relayed(&self, from: Source, datagram: &[u8]) {
+        let mut guard = self
+            .relayed_in
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let RelayedIn {
+            buf,
+            out,
+            scratch,
+            gro,
+            errors,
+        } = &mut *guard;
+        let now = Instant::now();
+        let coordinator_now_ms = ward_runtime::now_ms().saturating_add(self.core.clock_offset_ms());
+        buf.clear();
+        buf.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
+        let got = self.core.handle_datagram(
+            from,
+            datagram,
+            now,
+            coordinator_now_ms,
+            &mut buf[VIRTIO_NET_HDR_LEN..],
+            out,
+        );
+        if let Some(n) = got {
+            buf.truncate(VIRTIO_NET_HDR_LEN + n);
+            write_tun(&self.tun, gro, std::slice::from_mut(buf), errors);
+        }
+        if !out.is_empty() {
+            self.udp.send_outbox(out, scratch);
+            self.relay.push(&self.core, out);
+            out.clear();
+        }
     }
 
     pub(crate) fn signal_stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
 
-    /// Stops and joins the threads (they hold the last TUN descriptor), then makes sure the
+    /// Stops and joins the threads (they and this driver hold the TUN descriptor), then makes sure the
     /// interface is gone.
     pub(crate) fn shutdown(mut self) {
         self.signal_stop();
@@ -147,7 +210,17 @@ impl Driver {
     }
 }
 
-fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
+/// What [`Driver::handle_relayed`] reuses from one datagram to the next.
+#[derive(Default)]
+struct RelayedIn {
+    buf: Vec<u8>,
+    out: Outbox,
+    scratch: SendScratch,
+    gro: GROTable,
+    errors: LogLimiter,
+}
+
+fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, relay: &RelayQueue, stop: &AtomicBool) {
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65536];
     let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; TUN_SEGMENT_BUF]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
@@ -167,8 +240,9 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
                     reads += 1;
                     let now = Instant::now();
                     let mut batch = core.batch();
+                    let mut runs = batch.runs();
                     for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
-                        batch.handle_tun_packet(&buf[..size], now, &mut out);
+                        runs.handle_tun_packet(&buf[..size], now, &mut out);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -193,6 +267,7 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
         }
         if !out.is_empty() {
             udp.send_outbox(&out, &mut scratch);
+            relay.push(core, &out);
         }
         out.clear();
         if reads == 0 {
@@ -201,7 +276,14 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, stop: &AtomicBool) {
     }
 }
 
-fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, discovery: &Inbox, stop: &AtomicBool) {
+fn rx_loop(
+    core: &Core,
+    tun: &TunDevice,
+    udp: &UdpSocket,
+    relay: &RelayQueue,
+    discovery: &Inbox,
+    stop: &AtomicBool,
+) {
     let mut batch_in = RecvBatch::new(UDP_RECV_SLOTS);
     let mut bufs: Vec<Vec<u8>> = (0..TUN_WRITE_BATCH)
         .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65536))
@@ -218,6 +300,7 @@ fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, discovery: &Inbox, sto
                     ward_runtime::now_ms().saturating_add(core.clock_offset_ms());
                 let mut filled = 0;
                 let mut batch = core.batch();
+                let mut runs = batch.runs();
                 for (from, datagram) in batch_in.datagrams() {
                     // Address discovery shares the socket; it never reaches WireGuard.
                     if is_discovery_byte(datagram) {
@@ -228,7 +311,7 @@ fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, discovery: &Inbox, sto
                     buf.clear();
                     buf.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
                     let tun_out = &mut buf[VIRTIO_NET_HDR_LEN..];
-                    if let Some(n) = batch.handle_datagram(
+                    if let Some(n) = runs.handle_datagram(
                         from,
                         datagram,
                         now,
@@ -239,15 +322,18 @@ fn rx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, discovery: &Inbox, sto
                         buf.truncate(VIRTIO_NET_HDR_LEN + n);
                         filled += 1;
                         if filled == bufs.len() {
+                            runs.release();
                             write_tun(tun, &mut gro, &mut bufs[..filled], &mut errors);
                             filled = 0;
                         }
                     }
                 }
+                drop(runs);
                 drop(batch);
                 write_tun(tun, &mut gro, &mut bufs[..filled], &mut errors);
                 if !out.is_empty() {
                     udp.send_outbox(&out, &mut scratch);
+                    relay.push(core, &out);
                     out.clear();
                 }
             }
@@ -270,7 +356,7 @@ fn write_tun(tun: &TunDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>], errors: 
     }
 }
 
-fn timer_loop(core: &Core, udp: &UdpSocket, stop: &AtomicBool) {
+fn timer_loop(core: &Core, udp: &UdpSocket, relay: &RelayQueue, stop: &AtomicBool) {
     let mut out = Outbox::new();
     let mut scratch = SendScratch::default();
     let mut last_report = Instant::now();
@@ -282,6 +368,7 @@ fn timer_loop(core: &Core, udp: &UdpSocket, stop: &AtomicBool) {
         core.handle_timers(now, &mut out);
         if !out.is_empty() {
             udp.send_outbox(&out, &mut scratch);
+            relay.push(core, &out);
             out.clear();
         }
         if now.duration_since(last_refresh) >= REFRESH_INTERVAL {

@@ -8,8 +8,9 @@
 //!   cryptokey routing, the inner-source check, the inbound filter, endpoint selection
 //!   (candidates, roaming), the handshake probing and the loss-free key rotation. Its outputs go
 //!   into caller-provided buffers ([`Outbox`] for UDP datagrams, a `&mut [u8]` for a decrypted
-//!   IP packet). It is `Sync`, and nothing the two hot paths share is locked per packet (only a
-//!   peer's own `Tunn`), so they run in parallel on the machine's two cores.
+//!   IP packet). It is `Sync`, and nothing the two hot paths share is locked per packet (a
+//!   peer's own `Tunn` is locked once per run of its packets in a batch), so they run in
+//!   parallel on the machine's two cores.
 //! - [`pmtu`]: I/O-free path MTU per destination (learned from the kernel by the driver), the
 //!   check that an inner packet fits its peer's path, and the ICMP too-big errors that tell the
 //!   inner stack when it does not.
@@ -18,6 +19,9 @@
 //!   to the destination's path MTU; refused sends are counted by reason.
 //! - `tun`: TUN creation with virtio-net offload (TSO in, GRO-coalesced writes out), addresses,
 //!   routes, and their removal.
+//! - `relay`: the bounded queue of datagrams the engine routes through a relay, taken by the
+//!   daemon ([`DataPlane::take_relay_outbound`]); datagrams arriving through relays come in
+//!   through [`DataPlane::handle_relayed`].
 //! - [`discovery`]: address-discovery answers (binding responses from relays) share the UDP
 //!   socket; the receive path sets them aside by their first byte, before WireGuard, into a
 //!   bounded inbox the agent drains; requests leave from the same socket.
@@ -30,6 +34,7 @@ pub mod discovery;
 mod driver;
 pub mod engine;
 pub mod pmtu;
+mod relay;
 mod tun;
 mod udp;
 
@@ -44,6 +49,7 @@ use ward_shared::filter::{FilterCounters, FilterRule};
 pub use self::discovery::DiscoveryCounters;
 pub use self::engine::{Batch, Core, CoreConfig, Outbox, Transmit};
 pub use self::pmtu::PathMtuCounters;
+pub use self::relay::RelayTransmit;
 use ward_shared::discovery::BindingResponse;
 
 /// TUN MTU: a 1500-byte underlay minus the worst-case WireGuard overhead (IPv6 40 + UDP 8 +
@@ -99,24 +105,19 @@ pub struct PeerConfig {
     pub ipv6: Ipv6Addr,
     /// Candidate underlay endpoints, probed with handshake initiations until one answers.
     pub endpoints: Vec<SocketAddr>,
-    /// The peer's home relay (netmap `Peer.relay`).
+    /// The peer's home relay (the netmap's `Peer.relay`): while no direct path works and this
+    /// device is connected to it (see [`DataPlane::set_relays`]), traffic goes through it.
     pub relay: Option<String>,
 }
 
-/// A datagram to send through a relay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayTransmit {
-    pub relay: Arc<str>,
-    /// Destination device id.
-    pub to: u64,
-    pub datagram: Vec<u8>,
-}
-
-/// The path a peer's traffic takes now.
+/// The path a peer's traffic takes, for `ward status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathStatus {
+    /// No path yet (probing the candidates).
     None,
+    /// Straight to this underlay address.
     Direct(SocketAddr),
+    /// Through the relay with this name.
     Relay(String),
 }
 
@@ -136,6 +137,7 @@ pub struct PeerStatus {
     pub dropped_bad_source: u64,
     /// The path MTU to the endpoint (outer IP packet size), once learned.
     pub path_mtu: Option<u16>,
+    /// The path the peer's traffic takes now.
     pub path: PathStatus,
 }
 
@@ -172,6 +174,18 @@ pub struct DataPlaneCounters {
     /// ICMP "administratively prohibited" errors written back to the TUN for overlay
     /// destinations without a peer.
     pub icmp_unreachable_sent: u64,
+    /// Path changes (direct ⇄ relayed, or to another direct address), over all peers.
+    pub path_switches: u64,
+    /// Encrypted keepalives sent to direct candidates while relayed (hole punching).
+    pub direct_probes_sent: u64,
+    /// WireGuard datagrams queued for a relay.
+    pub relay_tx_datagrams: u64,
+    /// WireGuard datagrams that arrived through a relay.
+    pub relay_rx_datagrams: u64,
+    /// Datagrams for a relay dropped because the relay queue was full.
+    pub relay_dropped_queue_full: u64,
+    /// Datagrams that arrived through a relay this data plane is not connected to.
+    pub relay_dropped_unknown: u64,
 }
 
 /// A running data plane: the TUN interface, the UDP socket and the threads that move packets.
@@ -183,8 +197,7 @@ pub struct DataPlane {
     driver: Option<driver::Driver>,
     local_port: u16,
     discovery: Arc<discovery::Inbox>,
-    relay_outbound: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<RelayTransmit>>>,
-    _relay_tx: tokio::sync::mpsc::Sender<RelayTransmit>,
+    relay: Arc<relay::RelayQueue>,
 }
 
 impl DataPlane {
@@ -200,21 +213,20 @@ impl DataPlane {
             rand::random(),
         ));
         let discovery = Arc::new(discovery::Inbox::default());
+        let relay = Arc::new(relay::RelayQueue::new(relay::RELAY_QUEUE));
         let driver = tokio::task::spawn_blocking({
-            let (core, discovery) = (core.clone(), discovery.clone());
-            move || driver::Driver::start(&cfg, core, discovery)
+            let (core, discovery, relay) = (core.clone(), discovery.clone(), relay.clone());
+            move || driver::Driver::start(&cfg, core, discovery, relay)
         })
         .await
         .context("data plane start task")??;
         let local_port = driver.local_port();
-        let (relay_tx, relay_rx) = tokio::sync::mpsc::channel(1024);
         Ok(DataPlane {
             core,
             driver: Some(driver),
             local_port,
             discovery,
-            relay_outbound: std::sync::Mutex::new(Some(relay_rx)),
-            _relay_tx: relay_tx,
+            relay,
         })
     }
 
@@ -283,7 +295,48 @@ impl DataPlane {
     }
 
     pub fn counters(&self) -> DataPlaneCounters {
-        self.core.counters()
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        DataPlaneCounters {
+            relay_tx_datagrams: g(&self.relay.sent),
+            relay_rx_datagrams: g(&self.relay.received),
+            relay_dropped_queue_full: g(&self.relay.dropped_full),
+            relay_dropped_unknown: g(&self.relay.dropped_unknown_relay),
+            ..self.core.counters()
+        }
+    }
+
+    /// Relays this device has a live, welcomed connection to, with the largest WireGuard
+    /// datagram each carries now. Only these are used to send; a peer whose home relay is
+    /// not among them is reached directly only.
+    pub fn set_relays(&self, relays: Vec<(String, u16)>) {
+        self.core.set_relays(relays, Instant::now());
+    }
+
+    /// The queue of datagrams to send through relays: taken once by the daemon (later calls
+    /// get `None`). Bounded; when it is full the data plane drops and counts
+    /// ([`DataPlaneCounters::relay_dropped_queue_full`]).
+    pub fn take_relay_outbound(&self) -> Option<tokio::sync::mpsc::Receiver<RelayTransmit>> {
+        self.relay.take_receiver()
+    }
+
+    /// A WireGuard datagram that arrived through relay `relay` from device `from`: decrypted
+    /// (with the same checks as a direct datagram: the peer's key, the inner source, the
+    /// inbound filter) and written to the TUN; replies go out as the engine decides (direct or
+    /// relayed). Safe to call from any thread, alongside the data-plane threads.
+    pub fn handle_relayed(&self, relay: &str, from: u64, datagram: &[u8]) {
+        let Some(id) = self.core.relay_id(relay) else {
+            tracing::trace!(relay, from, "datagram from a relay not connected: dropped");
+            self.relay
+                .dropped_unknown_relay
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        };
+        self.relay
+            .received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(driver) = &self.driver {
+            driver.handle_relayed(engine::Source::Relay { relay: id, from }, datagram);
+        }
     }
 
     /// Packets dropped for not fitting their path, ICMP too-big sent, refused sends by reason.
@@ -314,25 +367,6 @@ impl DataPlane {
 
     pub fn discovery_counters(&self) -> DiscoveryCounters {
         self.discovery.counters()
-    }
-
-    /// Relays this device has a live, welcomed connection to, with the largest WireGuard
-    /// datagram each carries now. Only these are used to send. (Stub.)
-    pub fn set_relays(&self, relays: Vec<(String, u16)>) {
-        tracing::debug!(relays = relays.len(), "relays (stub)");
-    }
-
-    /// The queue of datagrams to send through relays; taken once by the daemon. (Stub.)
-    pub fn take_relay_outbound(&self) -> Option<tokio::sync::mpsc::Receiver<RelayTransmit>> {
-        self.relay_outbound
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-    }
-
-    /// A WireGuard datagram that arrived through relay `relay` from device `from`. (Stub.)
-    pub fn handle_relayed(&self, relay: &str, from: u64, datagram: &[u8]) {
-        tracing::trace!(relay, from, len = datagram.len(), "relayed datagram (stub)");
     }
 
     /// Stops the threads and removes the TUN with its addresses and routes.

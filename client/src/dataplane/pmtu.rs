@@ -12,6 +12,7 @@
 //!                               view.max_payload(dst)       -> GSO segment limit, or unknown
 //! core, per TUN packet:         mtus.admit(packet, endpoint, now, &mut tun_out)
 //!                                   false: dropped; an ICMP too-big may be in tun_out
+//!   (relayed path):             mtus.admit_relayed(packet, relay_max_datagram, now, &mut tun_out)
 //! driver, on a failed send:     mtus.record_send_failure(reason)
 //! ```
 //!
@@ -22,6 +23,10 @@
 //! Packets read from the TUN are single segments (the driver splits TSO super-packets into
 //! their gso_size + headers segments before the core sees them), so a packet's length is
 //! what goes on the wire.
+//!
+//! A path through a relay carries WireGuard datagrams up to the relay's `max_datagram` (what
+//! its QUIC connection takes now, told by the agent), so inner packets up to `max_datagram -
+//! 32` fit it, whatever the underlay.
 //!
 //! An inner packet that does not fit is dropped and counted. IPv4 with DF and all IPv6 get
 //! an ICMP error written back to the TUN (fragmentation needed, type 3 code 4, with the
@@ -46,6 +51,8 @@ use super::engine::icmp::{icmp_error, IcmpError};
 pub const OVERHEAD_V4: u16 = 20 + 8 + 32;
 /// Outer overhead per inner packet over IPv6: IPv6 header 40 + UDP 8 + WireGuard 32.
 pub const OVERHEAD_V6: u16 = 40 + 8 + 32;
+/// WireGuard's data message overhead: header 16 + tag 16.
+pub const WG_DATA_OVERHEAD: u16 = 32;
 /// Smallest path MTU accepted from the kernel: the IPv4 minimum (RFC 791: 68) plus overhead.
 pub const MIN_PATH_MTU: u16 = 68 + OVERHEAD_V6;
 /// How often the driver asks the kernel again for every destination in use.
@@ -244,13 +251,41 @@ impl PathMtus {
         if packet.len() <= usize::from(inner) {
             return true;
         }
-        self.dropped_too_big.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(
             len = packet.len(),
             inner_mtu = inner,
             ?dst,
             "inner packet too big for the path"
         );
+        self.refuse(packet, inner, now, tun)
+    }
+
+    /// Like [`PathMtus::admit`], for a path through a relay that carries WireGuard datagrams
+    /// of up to `max_datagram` bytes: an inner packet fits if it is at most
+    /// `max_datagram - 32` (the WireGuard data header and tag).
+    pub fn admit_relayed(
+        &self,
+        packet: &[u8],
+        max_datagram: u16,
+        now: Instant,
+        tun: &mut Vec<Vec<u8>>,
+    ) -> bool {
+        let inner = relayed_inner_mtu(max_datagram);
+        if packet.len() <= usize::from(inner) {
+            return true;
+        }
+        tracing::trace!(
+            len = packet.len(),
+            inner_mtu = inner,
+            "inner packet too big for the relay"
+        );
+        self.refuse(packet, inner, now, tun)
+    }
+
+    /// Drops a packet longer than `inner`: counts it and queues the ICMP too-big (rate
+    /// limited). Returns false (not admitted).
+    fn refuse(&self, packet: &[u8], inner: u16, now: Instant, tun: &mut Vec<Vec<u8>>) -> bool {
+        self.dropped_too_big.fetch_add(1, Ordering::Relaxed);
         if self.allow_icmp(now) {
             if let Some(reply) = too_big_reply(packet, inner) {
                 tun.push(reply);
@@ -338,6 +373,12 @@ impl PathView<'_> {
 /// The largest inner packet that fits a path of `path_mtu` to `ip` once encrypted.
 pub fn inner_mtu(path_mtu: u16, ip: IpAddr) -> u16 {
     path_mtu.saturating_sub(overhead(ip))
+}
+
+/// The largest inner packet a relay carrying WireGuard datagrams of up to `max_datagram`
+/// bytes takes (the WireGuard data header and tag, 32 bytes, come off).
+pub fn relayed_inner_mtu(max_datagram: u16) -> u16 {
+    max_datagram.saturating_sub(WG_DATA_OVERHEAD)
 }
 
 /// The largest UDP payload (a WireGuard datagram) a path of `path_mtu` to `ip` carries.

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::engine::Outbox;
+use super::engine::{Destination, Outbox};
 use super::pmtu::{self, PathMtus, SendFailure};
 use super::TUN_MTU;
 
@@ -488,13 +488,17 @@ impl SendScratch {
         self.unknown.clear();
         let mut cur: Option<Group> = None;
         for t in out.transmits() {
+            // Datagrams for relays leave through the relay queue, not this socket.
+            let Destination::Udp(dst) = t.dst else {
+                continue;
+            };
             if let Some(g) = cur.as_mut() {
                 let seg = g.segment_size as usize;
                 let contiguous = g.start + g.len == t.start;
                 let last_was_short = g.len % seg != 0;
                 if gso
                     && g.fits
-                    && g.dst == t.dst
+                    && g.dst == dst
                     && contiguous
                     && !last_was_short
                     && t.len <= seg
@@ -509,13 +513,13 @@ impl SendScratch {
             if let Some(g) = cur.take() {
                 self.groups.push(g);
             }
-            let (addr, addr_len) = to_sockaddr(t.dst, v6);
-            let limit = max_payload(t.dst);
-            if limit.is_none() && !self.unknown.contains(&t.dst) {
-                self.unknown.push(t.dst);
+            let (addr, addr_len) = to_sockaddr(dst, v6);
+            let limit = max_payload(dst);
+            if limit.is_none() && !self.unknown.contains(&dst) {
+                self.unknown.push(dst);
             }
             cur = Some(Group {
-                dst: t.dst,
+                dst,
                 addr,
                 addr_len,
                 start: t.start,

@@ -358,6 +358,15 @@ pub struct RelayView {
     /// `HOST:PORT`, IPv6 in brackets.
     pub addr: String,
     pub created_ms: i64,
+    /// Whether the relay holds a control session with this coordinator now.
+    #[serde(default)]
+    pub online: bool,
+    /// Devices connected to it, as it last reported (0 while offline).
+    #[serde(default)]
+    pub devices: u32,
+    /// WireGuard bytes it forwarded since it started, as it last reported (0 while offline).
+    #[serde(default)]
+    pub bytes_relayed: u64,
 }
 
 impl From<RelayRow> for RelayView {
@@ -366,8 +375,18 @@ impl From<RelayRow> for RelayView {
             name: r.name,
             addr: r.addr,
             created_ms: r.created_ms,
+            online: false,
+            devices: 0,
+            bytes_relayed: 0,
         }
     }
+}
+
+/// `relay add`: the credential (shown once; only its secret's hash is stored) and the relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayAdded {
+    pub credential: String,
+    pub relay: RelayView,
 }
 
 /// `grant add`, `grant ls`, `grant rm`.
@@ -581,6 +600,11 @@ impl Table for RelayView {
         col("NAME", |r| r.name.clone()),
         col("ADDR", |r| r.addr.clone()),
         col("ADDED", |r| fmt_time(r.created_ms)),
+        col("ONLINE", |r| {
+            if r.online { "yes" } else { "no" }.to_string()
+        }),
+        col("DEVICES", |r| r.devices.to_string()),
+        col("BYTES", |r| r.bytes_relayed.to_string()),
     ];
 }
 
@@ -630,6 +654,7 @@ pub enum AdminReply {
     Grant(GrantView),
     Grants(Vec<GrantView>),
     Relay(RelayView),
+    RelayAdded(RelayAdded),
     Relays(Vec<RelayView>),
     Audit(Vec<AuditView>),
     AuditVerify(AuditVerifyView),
@@ -798,16 +823,33 @@ mod tests {
             name: "r1".into(),
             addr: "[2001:db8::1]:3478".into(),
             created_ms: 1_700_000_000_000,
+            online: true,
+            devices: 2,
+            bytes_relayed: 1500,
         };
-        assert_eq!(keys(&relay), set(&["name", "addr", "created_ms"]));
+        assert_eq!(
+            keys(&relay),
+            set(&[
+                "name",
+                "addr",
+                "created_ms",
+                "online",
+                "devices",
+                "bytes_relayed"
+            ])
+        );
         let lines = render_table(std::slice::from_ref(&relay));
         assert_eq!(
             lines,
             [
-                "NAME  ADDR                ADDED",
-                "r1    [2001:db8::1]:3478  2023-11-14T22:13:20Z"
+                "NAME  ADDR                ADDED                 ONLINE  DEVICES  BYTES",
+                "r1    [2001:db8::1]:3478  2023-11-14T22:13:20Z  yes     2        1500"
             ]
         );
+        // A listing from before relays reported their load still reads.
+        let old: RelayView =
+            serde_json::from_str(r#"{"name":"r1","addr":"a:1","created_ms":5}"#).unwrap();
+        assert!(!old.online && old.devices == 0 && old.bytes_relayed == 0);
         // The server's untagged reply is exactly the view.
         assert_eq!(
             serde_json::to_value(AdminReply::Device(device())).unwrap(),

@@ -8,12 +8,13 @@ use rand::RngCore;
 use ward_shared::names::Name;
 use ward_shared::policy::{Compiled, Directory, Grant, Policy};
 use ward_shared::posture::PostureReport;
+use ward_shared::relay::{RelayCredential, RelayLoad};
 use ward_shared::token::{hash_secret, EnrollToken};
 use ward_shared::wire::{DeviceId, PostureVerdict, RelayInfo};
 
 use super::api::{
     AdminReply, AuditVerifyView, DeviceDetail, DeviceTagsView, DeviceView, GrantView,
-    PolicyShowView, PolicyVersionView, RelayView, Rotating, StatusView, StoredPosture,
+    PolicyShowView, PolicyVersionView, RelayAdded, RelayView, Rotating, StatusView, StoredPosture,
     TokenCreated, TokenView, TrustStatsView, UserAccess, UserGroupsView, UserView,
 };
 use super::AdminRequest;
@@ -29,6 +30,8 @@ pub struct Snapshot {
     pub compiled: Compiled,
     pub policy: Option<Policy>,
     pub trust: TrustStatsView,
+    /// Relays with a live control session, by name, with the load each last reported.
+    pub relays: std::collections::BTreeMap<String, RelayLoad>,
 }
 
 /// A change the registry must apply after a request succeeded.
@@ -300,15 +303,24 @@ pub fn handle(
             AdminReply::Grant(g.into())
         }
         AdminRequest::RelayAdd { name, addr } => {
-            let name = Name::parse("relay name", &name)?;
-            let addr = relay_addr(&addr)?;
-            let r = store.add_relay(&name, &addr, ACTOR, now)?;
-            live.notify(Notice::Relays(relays(store)?));
-            AdminReply::Relay(r.into())
+            AdminReply::RelayAdded(relay_add(store, live, me, rng, &name, &addr, now)?)
         }
-        AdminRequest::RelayLs => {
-            AdminReply::Relays(store.relays()?.into_iter().map(RelayView::from).collect())
-        }
+        AdminRequest::RelayLs => AdminReply::Relays(
+            store
+                .relays()?
+                .into_iter()
+                .map(|r| {
+                    let load = snap.relays.get(&r.name).cloned();
+                    let mut v = RelayView::from(r);
+                    if let Some(load) = load {
+                        v.online = true;
+                        v.devices = load.devices;
+                        v.bytes_relayed = load.bytes_relayed;
+                    }
+                    v
+                })
+                .collect(),
+        ),
         AdminRequest::RelayRm { name } => {
             let name = Name::parse("relay name", &name)?;
             let r = store.remove_relay(&name, ACTOR, now)?;
@@ -494,6 +506,41 @@ fn grant_add(
     Ok(g.into())
 }
 
+/// Registers a relay with a fresh 32-byte secret (only its SHA-256 is stored) and returns the
+/// credential the relay runs with: this coordinator's public address, its CA fingerprint, the
+/// relay's name and the secret.
+fn relay_add(
+    store: &dyn Store,
+    live: &dyn Live,
+    me: &Identity,
+    rng: &mut dyn RngCore,
+    name: &str,
+    addr: &str,
+    now: i64,
+) -> Result<RelayAdded> {
+    ensure!(
+        ward_shared::relay::valid_relay_name(name),
+        "relay name {:?}: 1 to 63 of a-z 0-9 -, not starting or ending with - (it becomes a DNS label)",
+        ward_shared::names::shorten(name)
+    );
+    let name = Name::parse("relay name", name)?;
+    let addr = relay_addr(addr)?;
+    let mut secret = vec![0u8; 32];
+    rng.fill_bytes(&mut secret);
+    let r = store.add_relay(&name, &addr, &hash_secret(&secret), ACTOR, now)?;
+    live.notify(Notice::Relays(relays(store)?));
+    let credential = RelayCredential {
+        coordinator: me.public_addr.clone(),
+        ca_sha256: me.ca_sha256,
+        name: name.to_string(),
+        secret: ward_shared::secret::Secret::new(secret),
+    };
+    Ok(RelayAdded {
+        credential: credential.encode(),
+        relay: r.into(),
+    })
+}
+
 /// Every registered relay, as netmaps carry them.
 pub fn relays(store: &dyn Store) -> Result<Vec<RelayInfo>> {
     Ok(store
@@ -649,6 +696,7 @@ mod tests {
         online: bool,
         notices: RefCell<Vec<Notice>>,
         rotations: Cell<usize>,
+        relays: std::collections::BTreeMap<String, RelayLoad>,
     }
 
     impl FakeLive {
@@ -658,6 +706,7 @@ mod tests {
                 online: false,
                 notices: RefCell::new(vec![]),
                 rotations: Cell::new(0),
+                relays: Default::default(),
             }
         }
         fn take(&self) -> Vec<Notice> {
@@ -669,6 +718,7 @@ mod tests {
         fn snapshot(&self) -> Result<Snapshot> {
             Ok(Snapshot {
                 policy: self.policy.clone(),
+                relays: self.relays.clone(),
                 ..Snapshot::default()
             })
         }
@@ -850,10 +900,24 @@ mod tests {
             name: name.into(),
             addr: addr.into(),
         };
-        let AdminReply::Relay(r) = w.run(&live, add("r1", "relay.Example.com:3478")).unwrap()
+        let AdminReply::RelayAdded(a) = w.run(&live, add("r1", "relay.Example.com:3478")).unwrap()
         else {
             panic!()
         };
+        // The credential names this coordinator, its CA and the relay; only the secret's
+        // hash is stored.
+        let cred = RelayCredential::parse(&a.credential).unwrap();
+        assert_eq!(cred.coordinator, "coord.example:7443");
+        assert_eq!(cred.ca_sha256, [7; 32]);
+        assert_eq!(cred.name, "r1");
+        assert_eq!(cred.secret.expose().len(), 32);
+        assert_eq!(
+            w.store.relay_secret_hash("r1").unwrap(),
+            Some(hash_secret(cred.secret.expose()))
+        );
+        assert_eq!(w.store.relay_secret_hash("nope").unwrap(), None);
+        let r = a.relay;
+        assert!(!r.online);
         assert_eq!(
             (r.name.as_str(), r.addr.as_str()),
             ("r1", "relay.example.com:3478")
@@ -863,10 +927,16 @@ mod tests {
             panic!("one relay notice")
         };
         assert_eq!(list.len(), 1);
-        let AdminReply::Relay(r6) = w.run(&live, add("r2", "[2001:DB8::1]:3478")).unwrap() else {
+        let AdminReply::RelayAdded(r6) = w.run(&live, add("r2", "[2001:DB8::1]:3478")).unwrap()
+        else {
             panic!()
         };
-        assert_eq!(r6.addr, "[2001:db8::1]:3478");
+        assert_eq!(r6.relay.addr, "[2001:db8::1]:3478");
+        // Every relay gets its own secret.
+        assert_ne!(
+            RelayCredential::parse(&r6.credential).unwrap().secret,
+            cred.secret
+        );
         w.run(&live, add("r0", "192.0.2.7:1")).unwrap();
         assert!(
             matches!(&live.take()[..], [Notice::Relays(l1), Notice::Relays(l2)]
@@ -875,7 +945,7 @@ mod tests {
 
         // Refusals change nothing and tell nobody.
         assert!(err(w.run(&live, add("r1", "192.0.2.1:3478"))).contains("already exists"));
-        for bad_name in ["", "R1", "has space", &"x".repeat(65)] {
+        for bad_name in ["", "R1", "has space", &"x".repeat(65), "a.b", "-a", "a@b"] {
             assert!(err(w.run(&live, add(bad_name, "192.0.2.1:3478"))).contains("relay name"));
         }
         for bad_addr in [
@@ -906,6 +976,30 @@ mod tests {
         };
         let names: Vec<&str> = all.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["r0", "r1", "r2"]);
+        assert!(all.iter().all(|r| !r.online && r.devices == 0));
+        // A relay with a control session shows online with the load it reported.
+        let mut online = FakeLive::new(None);
+        online.relays.insert(
+            "r1".into(),
+            RelayLoad {
+                devices: 3,
+                bytes_relayed: 4096,
+                ..RelayLoad::default()
+            },
+        );
+        let AdminReply::Relays(all) = w.run(&online, AdminRequest::RelayLs).unwrap() else {
+            panic!()
+        };
+        let json = serde_json::to_value(&all).unwrap();
+        assert_eq!(json[1]["name"], "r1");
+        assert_eq!(json[1]["addr"], "relay.example.com:3478");
+        assert_eq!(json[1]["created_ms"], 1_000_000);
+        assert_eq!(json[1]["online"], true);
+        assert_eq!(json[1]["devices"], 3);
+        assert_eq!(json[1]["bytes_relayed"], 4096);
+        assert_eq!(json[0]["online"], false);
+        assert_eq!(json[0]["devices"], 0);
+        assert_eq!(json[0]["bytes_relayed"], 0);
 
         let AdminReply::Relay(gone) = w
             .run(&live, AdminRequest::RelayRm { name: "r1".into() })

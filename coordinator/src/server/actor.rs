@@ -2,16 +2,17 @@
 //! outputs out to the connection tasks; trust decisions go to [`TrustSink`].
 
 use serde_json::json;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use ward_shared::lease::SignedLease;
 use ward_shared::policy::{Directory, Grant, Policy};
 use ward_shared::posture::PostureReport;
+use ward_shared::relay::{CoordinatorToRelay, RelayLoad};
 use ward_shared::wire::{
     self, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, PostureVerdict, RelayInfo,
 };
@@ -76,7 +77,34 @@ pub(super) enum Event {
     ),
     /// What the registry holds now (for admin listings, check, apply and explain).
     Snapshot(oneshot::Sender<Snapshot>),
+    /// A relay authenticated its control session; `false` back if the relay is no longer
+    /// registered. An older session of the same relay is closed.
+    RelayOpened {
+        name: String,
+        conn: ConnId,
+        tx: mpsc::Sender<ConnCmd>,
+        reply: oneshot::Sender<bool>,
+    },
+    RelayLoad {
+        name: String,
+        conn: ConnId,
+        load: RelayLoad,
+    },
+    RelayClosed {
+        name: String,
+        conn: ConnId,
+    },
 }
+
+/// A relay's live control session.
+pub(super) struct RelayConn {
+    conn: ConnId,
+    tx: mpsc::Sender<ConnCmd>,
+    load: RelayLoad,
+}
+
+/// Relay control sessions by relay name (at most one each).
+pub(super) type RelayConns = BTreeMap<String, RelayConn>;
 
 /// Posture report → enforcement latency, as the coordinator sees it: from a report's arrival
 /// to the updated netmaps handed to every peer's connection (the last 1 000 changes).
@@ -114,6 +142,7 @@ pub(super) async fn registry_actor(
     events: mpsc::UnboundedSender<Event>,
 ) {
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
+    let mut relays: RelayConns = BTreeMap::new();
     let mut stats = TrustStats::default();
     let mut sink = TrustSink {
         store,
@@ -134,7 +163,7 @@ pub(super) async fn registry_actor(
         };
         reg.handle_time(now_ms());
         let Some(ev) = ev else {
-            flush(&mut reg, &mut conns, &mut sink);
+            flush(&mut reg, &mut conns, &mut relays, &mut sink);
             continue;
         };
         match ev {
@@ -163,7 +192,7 @@ pub(super) async fn registry_actor(
             Event::Lease(l, done) => {
                 reg.handle_lease(l);
                 // Peers get the new key before the device hears its lease was granted.
-                flush(&mut reg, &mut conns, &mut sink);
+                flush(&mut reg, &mut conns, &mut relays, &mut sink);
                 let _ = done.send(());
             }
             Event::LeasesRevoked(id, serials) => reg.handle_leases_revoked(id, &serials),
@@ -172,7 +201,58 @@ pub(super) async fn registry_actor(
             }
             Event::Policy(p) => reg.handle_policy(p),
             Event::Grants(g) => reg.handle_grants(g),
-            Event::Relays(r) => reg.handle_relays(r),
+            Event::Relays(r) => {
+                // A removed relay's control session ends.
+                let gone: Vec<String> = relays
+                    .keys()
+                    .filter(|n| !r.iter().any(|x| &&x.name == n))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    if let Some(rc) = relays.remove(&name) {
+                        info!(relay = %name, "relay removed: ending its control session");
+                        let _ = rc.tx.try_send(ConnCmd::Close(
+                            ErrorCode::Unauthorized,
+                            "this relay has been removed".into(),
+                        ));
+                    }
+                }
+                reg.handle_relays(r);
+            }
+            Event::RelayOpened {
+                name,
+                conn,
+                tx,
+                reply,
+            } => {
+                if !reg.has_relay(&name) {
+                    let _ = reply.send(false);
+                } else {
+                    let fresh = RelayConn {
+                        conn,
+                        tx,
+                        load: RelayLoad::default(),
+                    };
+                    if let Some(old) = relays.insert(name.clone(), fresh) {
+                        info!(relay = %name, "relay reconnected: closing its older control session");
+                        let _ = old.tx.try_send(ConnCmd::Close(
+                            ErrorCode::Protocol,
+                            "replaced by a newer control session of the same relay".into(),
+                        ));
+                    }
+                    let _ = reply.send(true);
+                }
+            }
+            Event::RelayLoad { name, conn, load } => {
+                if let Some(rc) = relays.get_mut(&name).filter(|rc| rc.conn == conn) {
+                    rc.load = load;
+                }
+            }
+            Event::RelayClosed { name, conn } => {
+                if relays.get(&name).is_some_and(|rc| rc.conn == conn) {
+                    relays.remove(&name);
+                }
+            }
             Event::Posture {
                 id,
                 conn,
@@ -214,30 +294,36 @@ pub(super) async fn registry_actor(
                 let _ = reply.send(reg.risky_lease_ttl_ms(id));
             }
             Event::TrustView(id, reply) => {
-                flush(&mut reg, &mut conns, &mut sink);
+                flush(&mut reg, &mut conns, &mut relays, &mut sink);
                 let _ = reply.send((reg.posture_report(id).cloned(), reg.trust_view(id)));
             }
             Event::Snapshot(reply) => {
-                flush(&mut reg, &mut conns, &mut sink);
+                flush(&mut reg, &mut conns, &mut relays, &mut sink);
                 let _ = reply.send(Snapshot {
                     online: conns_online(&reg),
                     directory: reg.directory(),
                     compiled: reg.compiled().clone(),
                     policy: reg.policy().cloned(),
                     trust: sink.stats.view(),
+                    relays: relays
+                        .iter()
+                        .map(|(n, rc)| (n.clone(), rc.load.clone()))
+                        .collect(),
                 });
             }
         }
-        flush(&mut reg, &mut conns, &mut sink);
+        flush(&mut reg, &mut conns, &mut relays, &mut sink);
     }
 }
 
 pub(super) fn flush(
     reg: &mut Registry,
     conns: &mut HashMap<ConnId, mpsc::Sender<ConnCmd>>,
+    relays: &mut RelayConns,
     sink: &mut TrustSink<'_>,
 ) {
     let mut changed = false;
+    let mut revoked = Vec::new();
     {
         while let Some(out) = reg.poll_output() {
             match out {
@@ -263,8 +349,12 @@ pub(super) fn flush(
                     sink.posture_changed(device, change, report);
                 }
                 Output::Quarantine { device, reason } => sink.quarantine(device, reason),
+                Output::DeviceRevoked { device } => revoked.push(device),
             }
         }
+    }
+    if !revoked.is_empty() {
+        push_revoked(relays, revoked);
     }
     // Every peer's netmap change is queued on its connection now.
     if let Some(t) = sink.received.take() {
@@ -281,4 +371,25 @@ pub(super) fn flush(
 
 pub(super) fn conns_online(reg: &Registry) -> Vec<DeviceId> {
     reg.online_ids()
+}
+
+/// Tells every connected relay to refuse these devices' tickets and drop their connections. A
+/// relay whose queue is full is disconnected: it reconnects and gets the full list in `Welcome`.
+fn push_revoked(relays: &mut RelayConns, devices: Vec<DeviceId>) {
+    info!(
+        ?devices,
+        relays = relays.len(),
+        "pushing revocations to relays"
+    );
+    let frame = wire::encode(&CoordinatorToRelay::Revoked { devices });
+    relays.retain(|name, rc| {
+        if rc.tx.try_send(ConnCmd::Send(frame.clone())).is_ok() {
+            return true;
+        }
+        warn!(relay = %name, "relay control session is not keeping up; closing it");
+        let _ = rc
+            .tx
+            .try_send(ConnCmd::Close(ErrorCode::Internal, "too slow".into()));
+        false
+    });
 }

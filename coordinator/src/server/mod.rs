@@ -3,7 +3,9 @@
 //! Tasks: a QUIC accept loop (one task per device connection), the registry actor (owns the
 //! core, fans its outputs out to connection tasks), and the admin socket.
 //!
-//! - [`session`]: the QUIC device protocol (enrollment and the session loop).
+//! - [`session`]: the QUIC device protocol (enrollment, the session loop, relay tickets).
+//! - [`relay`]: relay control sessions (same QUIC port, ALPN `ward-relay-control/1`); the
+//!   connection's negotiated ALPN picks the protocol.
 //! - [`actor`]: the registry actor; [`effects`]: its trust and audit side effects.
 //! - The admin socket is [`crate::admin::socket`]; its requests run [`crate::admin::ops`] here
 //!   through [`LiveRegistry`].
@@ -19,6 +21,7 @@ use tracing::{debug, error, info};
 use ward_runtime::rpc::Envelope;
 use ward_shared::policy::{self, Directory, Policy};
 use ward_shared::posture::PostureReport;
+use ward_shared::relay::RELAY_CONTROL_ALPN;
 use ward_shared::wire::{self, DeviceId, PostureVerdict};
 
 use crate::admin::api::AdminReply;
@@ -33,6 +36,7 @@ use actor::Event;
 
 mod actor;
 mod effects;
+mod relay;
 mod session;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +57,8 @@ struct Ctx {
     events: mpsc::UnboundedSender<Event>,
     next_conn: AtomicU64,
     started: Instant,
+    /// Relay tickets (signing is quick: held only for one `issue`).
+    tickets: std::sync::Mutex<crate::tickets::TicketIssuer>,
 }
 pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl) -> Result<()> {
     let config = dd.load_config()?;
@@ -111,6 +117,9 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         events,
         next_conn: AtomicU64::new(1),
         started: Instant::now(),
+        tickets: std::sync::Mutex::new(crate::tickets::TicketIssuer::new(
+            u64::try_from(now).unwrap_or(1),
+        )),
     });
 
     let runtime = quinn::default_runtime().context("the QUIC listener needs a tokio runtime")?;
@@ -162,7 +171,7 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
                     let remote = inc.remote_address();
-                    if let Err(e) = session::handle_connection(inc, ctx).await {
+                    if let Err(e) = accept(inc, ctx).await {
                         debug!(%remote, error = %format!("{e:#}"), "control connection ended");
                     }
                 });
@@ -173,6 +182,28 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
     endpoint.close(0u32.into(), b"coordinator shutting down");
     let _ = std::fs::remove_file(dd.admin_socket());
     Ok(())
+}
+
+/// Completes the QUIC handshake and runs the protocol its ALPN names: a device's control
+/// session or enrollment (`ward-control/1`), or a relay's control session
+/// (`ward-relay-control/1`).
+async fn accept(inc: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, inc)
+        .await
+        .context("handshake timed out")??;
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    match alpn.as_deref() {
+        Some(p) if p == RELAY_CONTROL_ALPN => relay::handle_connection(conn, ctx).await,
+        Some(p) if p == wire::ALPN => session::handle_connection(conn, ctx).await,
+        _ => {
+            debug!(remote = %conn.remote_address(), "connection without a known protocol");
+            conn.close(1u32.into(), b"no application protocol");
+            Ok(())
+        }
+    }
 }
 
 /// The port of the public `HOST:PORT` (`[v6]:PORT` included): the default listener's port.
@@ -201,7 +232,7 @@ fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
             vec![cert.into(), ca.cert_der.clone().into()],
             rustls_pki_types::PrivateKeyDer::Pkcs8(key.into()),
         )?;
-    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    tls.alpn_protocols = vec![wire::ALPN.to_vec(), RELAY_CONTROL_ALPN.to_vec()];
     let qsc = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qsc));
     let mut transport = quinn::TransportConfig::default();

@@ -11,6 +11,7 @@ use tracing::{debug, error, info, warn};
 
 use ward_shared::lease::SignedLease;
 use ward_shared::names::Hostname;
+use ward_shared::relay::SignedTicket;
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, Enrolled, ErrorCode,
     FrameDecoder, MAX_DEVICE_FRAME, PROTOCOL_VERSION,
@@ -23,7 +24,7 @@ use crate::pki::{cert_identity, Ca};
 use crate::store::{Audit, EnrollSpec, StoreError};
 
 /// Reads the next frame; `Ok(None)` at a clean end of stream.
-async fn read_frame(
+pub(super) async fn read_frame(
     recv: &mut quinn::RecvStream,
     dec: &mut FrameDecoder,
 ) -> Result<Option<Vec<u8>>> {
@@ -68,10 +69,8 @@ async fn refuse(
     conn.close(1u32.into(), message.as_bytes());
 }
 
-pub(super) async fn handle_connection(inc: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
-    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, inc)
-        .await
-        .context("handshake timed out")??;
+/// One device connection, after the QUIC handshake chose the device protocol.
+pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) -> Result<()> {
     let remote = conn.remote_address();
     let certs = conn.peer_identity().and_then(|a| {
         a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
@@ -436,7 +435,14 @@ async fn session(
                             let _ = ctx.events.send(Event::Posture { id, conn: conn_id, report, received: Instant::now() });
                         }
                         DeviceMsg::RelayTicketRequest => {
-                            send_msg(&mut send, &CoordinatorMsg::Error { code: ErrorCode::BadRequest, message: "relay tickets are not issued by this coordinator".into() }).await?;
+                            match relay_ticket(&ctx, id, identity).await {
+                                Ok(ticket) => send_msg(&mut send, &CoordinatorMsg::RelayTicket { ticket }).await?,
+                                Err((code, message)) => {
+                                    warn!(device = %id, ?code, %message, "relay ticket refused");
+                                    refuse(&conn, &mut send, code, message).await;
+                                    return Ok(());
+                                }
+                            }
                         }
                         DeviceMsg::DeniedFlows { mut flows } => {
                             flows.truncate(wire::MAX_DENIED_FLOWS);
@@ -486,6 +492,39 @@ async fn issue_lease(
     let _ = ctx.events.send(Event::Lease(lease.clone(), tx));
     let _ = rx.await;
     Ok(lease)
+}
+
+/// A relay ticket for a device that is live now (read afresh), bound to the certificate its
+/// session authenticated with.
+async fn relay_ticket(
+    ctx: &Arc<Ctx>,
+    id: DeviceId,
+    identity: [u8; 32],
+) -> Result<SignedTicket, (ErrorCode, String)> {
+    let store = ctx.store.clone();
+    let dev = match tokio::task::spawn_blocking(move || store.device(id)).await {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => {
+            error!(device = %id, error = %e, "device lookup for a relay ticket failed");
+            return Err((
+                ErrorCode::Internal,
+                "the coordinator could not issue a relay ticket".into(),
+            ));
+        }
+        Err(e) => {
+            error!(device = %id, error = %e, "relay ticket task failed");
+            return Err((
+                ErrorCode::Internal,
+                "the coordinator could not issue a relay ticket".into(),
+            ));
+        }
+    };
+    let mut issuer = ctx.tickets.lock().unwrap_or_else(|p| p.into_inner());
+    let t = issuer
+        .issue(&ctx.lease_key, &dev, identity, now_ms())
+        .map_err(|e| (e.code(), e.to_string()))?;
+    debug!(device = %id, serial = t.ticket.serial, "relay ticket issued");
+    Ok(t)
 }
 
 fn touch(ctx: &Arc<Ctx>, id: DeviceId, u: &DeviceUpdate) {

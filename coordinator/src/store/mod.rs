@@ -226,8 +226,19 @@ pub trait Store: Send + Sync {
     /// Grants not removed and not yet expired at `now_ms`.
     fn active_grants(&self, now_ms: i64) -> Result<Vec<GrantRow>>;
     fn remove_grant(&self, id: &str, actor: &str, now_ms: i64) -> Result<GrantRow>;
-    /// Registers a relay, audited; a name already registered is a `Conflict`.
-    fn add_relay(&self, name: &Name, addr: &str, actor: &str, now_ms: i64) -> Result<RelayRow>;
+    /// Registers a relay with the SHA-256 of its credential's secret, audited; a name already
+    /// registered is a `Conflict`.
+    fn add_relay(
+        &self,
+        name: &Name,
+        addr: &str,
+        secret_hash: &[u8; 32],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<RelayRow>;
+    /// The stored SHA-256 of a relay's secret; `None` for an unknown relay or one registered
+    /// before relays had credentials.
+    fn relay_secret_hash(&self, name: &str) -> Result<Option<[u8; 32]>>;
     /// Every registered relay, by name.
     fn relays(&self) -> Result<Vec<RelayRow>>;
     /// Removes a relay, audited; an unknown name is `NotFound`.

@@ -113,4 +113,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
         created_ms INTEGER NOT NULL
     );
     "#,
+    // 6: relay credentials: the SHA-256 of each relay's secret (a relay added before this
+    // migration has none and cannot open a control session until it is added again).
+    r#"
+    ALTER TABLE relays ADD COLUMN secret_hash BLOB;
+    "#,
 ];

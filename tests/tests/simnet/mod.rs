@@ -17,6 +17,7 @@ use ed25519_dalek::SigningKey;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ward_client::agent::{Agent, AgentConfig, DataPlaneEvent, Event, Now, PrivateKey};
+use ward_client::dataplane::engine::Destination;
 use ward_client::dataplane::{Core, CoreConfig, Outbox};
 use ward_coordinator::leases::{self, LeaseTtl};
 use ward_coordinator::registry::{ConnId, Output, Registry};
@@ -323,6 +324,8 @@ impl World {
     fn emit(&mut self, i: usize, out: &Outbox) {
         let from = self.devs[i].endpoint;
         for (to, data) in out.iter() {
+            // No relays in this network: every peer is homed on none.
+            let Destination::Udp(to) = to else { continue };
             self.net.push_back((from, to, data.to_vec()));
         }
     }
@@ -500,7 +503,10 @@ impl World {
                     .agent
                     .handle_coordinator_msg(m, now);
             }
-            Output::PostureChanged { .. } | Output::Quarantine { .. } => {}
+            // No relays in this network: revocations for relays have no one to reach.
+            Output::PostureChanged { .. }
+            | Output::Quarantine { .. }
+            | Output::DeviceRevoked { .. } => {}
         }
     }
 

@@ -1,7 +1,7 @@
 //! [`Batch`]: the two packet paths. TUN packet → route → encrypt → [`Outbox`]; datagram →
 //! decrypt → source check → inbound filter → TUN.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, RwLockReadGuard};
 use std::time::Instant;
@@ -13,9 +13,9 @@ use ward_shared::filter::{DenyReason, Verdict};
 use super::counters::LocalCounters;
 use super::filter::{FilterGuard, OutboundLog};
 use super::icmp::{icmp_prohibited, in_overlay, WindowLimit};
-use super::outbox::Outbox;
-use super::peers::{canonical, route, Path, Table};
-use super::session::{Link, LinkSelector, Slot};
+use super::outbox::{Outbox, Source};
+use super::peers::{canonical_source, route, Path, Peer, Table};
+use super::session::{Link, LinkSelector, Session, Slot};
 use super::{
     lock, read, Core, DATA_OVERHEAD, HANDSHAKE_INIT_LEN, MSG_COOKIE_REPLY, MSG_HANDSHAKE_INIT,
     PROBE_INTERVAL_FAST,
@@ -23,9 +23,11 @@ use super::{
 
 /// A group of packets processed under one read lock of the peer table, made by
 /// [`Core::batch`]. Per batch, not per packet: the inbound filter is locked once (at the first
-/// decrypted packet, held to the end), the packets sent are handed to the filter once (when the
-/// batch ends, before the driver sends its datagrams), the ICMP limiter is locked once, and the
-/// counters are merged into the core's once.
+/// datagram from a known peer, held to the end), the packets sent are handed to the filter
+/// once (when the batch ends, before the driver sends its datagrams), the ICMP limiter is locked
+/// once, and the counters are merged into the core's once. Per run of packets for one peer: its
+/// session lock, when the packets go through [`Batch::runs`] (the driver's way); the per-packet
+/// methods here lock it once per packet.
 ///
 /// Do not call the [`Core`]'s other methods on a thread while it holds a batch: `set_peers`
 /// and `rotate_key` wait for the table lock, the filter calls for the filter lock.
@@ -53,6 +55,65 @@ impl<'a> Batch<'a> {
         }
     }
 
+    /// A cursor over this batch's packets that keeps the session of the last peer it handled
+    /// locked until a packet for another peer comes, a lock it needs that ranks before sessions
+    /// (the key ring for a handshake initiation, the filter, the ICMP limiter),
+    /// [`Runs::release`], or its drop. So a run of consecutive packets for one peer (a bulk
+    /// stream: the whole batch) takes that peer's session lock once, whichever path it is on.
+    /// The other path's thread waits for the run to end, so release it before blocking I/O.
+    pub fn runs(&mut self) -> Runs<'_, 'a> {
+        Runs {
+            core: self.core,
+            table: &self.table,
+            local: &mut self.local,
+            filter: &mut self.filter,
+            outbound: &mut self.outbound,
+            icmp_limit: &mut self.icmp_limit,
+            held: None,
+        }
+    }
+
+    /// One IP packet read from the TUN, as a run of one; see [`Runs::handle_tun_packet`].
+    pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant, out: &mut Outbox) {
+        self.runs().handle_tun_packet(packet, now, out)
+    }
+
+    /// One datagram (UDP or relayed), as a run of one; see [`Runs::handle_datagram`].
+    #[must_use]
+    pub fn handle_datagram(
+        &mut self,
+        from: impl Into<Source>,
+        datagram: &[u8],
+        now: Instant,
+        coordinator_now_ms: i64,
+        tun_out: &mut [u8],
+        out: &mut Outbox,
+    ) -> Option<usize> {
+        self.runs()
+            .handle_datagram(from, datagram, now, coordinator_now_ms, tun_out, out)
+    }
+}
+
+/// The packets of a [`Batch`], handled in runs: made by [`Batch::runs`]; while it lives, it
+/// holds the session lock of the last peer a packet went to or came from.
+pub struct Runs<'b, 'a> {
+    core: &'a Core,
+    table: &'b Table,
+    local: &'b mut LocalCounters,
+    filter: &'b mut Option<FilterGuard<'a>>,
+    outbound: &'b mut OutboundLog,
+    icmp_limit: &'b mut Option<MutexGuard<'a, WindowLimit>>,
+    /// The session of the current run's peer, locked.
+    held: Option<Held<'b>>,
+}
+
+/// A peer's session, locked for a run of its packets.
+struct Held<'b> {
+    peer: &'b Peer,
+    session: MutexGuard<'b, Session>,
+}
+
+impl<'b> Runs<'b, '_> {
     /// One IP packet read from the TUN: route it by destination to the peer that owns the
     /// address, encrypt it, and write the datagram (or, with no session yet, a handshake
     /// initiation to the candidates) to `out`, and record its flow in the filter so replies
@@ -64,11 +125,15 @@ impl<'a> Batch<'a> {
             self.local.dropped_bad_tun_packet += 1;
             return;
         };
-        let Some(peer) = self.table.route(dst) else {
+        let Some(peer) = self.route(dst) else {
             tracing::trace!(%dst, "no peer owns destination");
             self.local.dropped_no_route += 1;
             if in_overlay(dst, self.core.v6_prefix) {
                 let core = self.core;
+                if self.icmp_limit.is_none() {
+                    // Lock order: the ICMP limiter before any session.
+                    self.release();
+                }
                 let limit = self
                     .icmp_limit
                     .get_or_insert_with(|| lock(&core.unreachable_limit));
@@ -82,13 +147,8 @@ impl<'a> Batch<'a> {
             return;
         };
         self.outbound.record(packet, now);
-        let mut s = lock(&peer.session);
-        let s = &mut *s;
-        let dst = s
-            .path
-            .endpoint
-            .or_else(|| s.path.candidates.first().copied());
-        if !self.core.pmtu.admit(packet, dst, now, &mut out.tun) {
+        let s = hold(&mut self.held, peer);
+        if !s.path.admit(&self.core.pmtu, packet, now, &mut out.tun) {
             return; // too big for the path: dropped, ICMP too-big queued for the TUN
         }
         let buf = out.reserve(packet.len().max(HANDSHAKE_INIT_LEN) + DATA_OVERHEAD);
@@ -134,25 +194,33 @@ impl<'a> Batch<'a> {
     /// previous link's receiver index is accepted until that link is dropped.
     ///
     /// `tun_out` must be at least as long as `datagram`, else the datagram is dropped.
+    ///
+    /// `from` may also be a device through a relay ([`Source::Relay`]): the same checks apply,
+    /// and replies go back through that relay.
     #[must_use]
     pub fn handle_datagram(
         &mut self,
-        from: SocketAddr,
+        from: impl Into<Source>,
         datagram: &[u8],
         now: Instant,
         coordinator_now_ms: i64,
         tun_out: &mut [u8],
         out: &mut Outbox,
     ) -> Option<usize> {
-        let from = canonical(from);
+        let from = canonical_source(from.into());
+        // What WireGuard binds handshake cookies to (see `Source::cookie_addr`).
+        let addr = from.cookie_addr();
         let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
             return self.garbage(from, "unparseable");
         };
         if tun_out.len() < datagram.len() {
             return self.garbage(from, "datagram larger than output buffer");
         }
+        let table = self.table;
         let (peer, to) = match &packet {
             Packet::HandshakeInit(init) => {
+                // Lock order: the key ring before any session.
+                self.release();
                 let ring = read(&self.core.keys).clone();
                 let mut cookie = [0u8; 64];
                 let mut matched = None;
@@ -161,7 +229,7 @@ impl<'a> Batch<'a> {
                 for keys in ring.iter() {
                     match keys
                         .limiter
-                        .verify_packet(Some(from.ip()), datagram, &mut cookie)
+                        .verify_packet(Some(addr), datagram, &mut cookie)
                     {
                         Ok(_) => {
                             matched = Some(keys);
@@ -169,7 +237,7 @@ impl<'a> Batch<'a> {
                         }
                         Err(TunnResult::WriteToNetwork(reply)) => {
                             // Under load: answer a mac1-valid initiation with a cookie only.
-                            out.push(from, reply);
+                            out.push(from.reply_to(), reply);
                             return None;
                         }
                         Err(_) => {}
@@ -182,18 +250,18 @@ impl<'a> Batch<'a> {
                     return self.garbage(from, "handshake initiation does not decrypt");
                 };
                 let to = LinkSelector::LocalKey(keys.clone());
-                (self.table.peers.get(&half.peer_static_public), to)
+                (table.peers.get(&half.peer_static_public), to)
             }
             Packet::HandshakeResponse(p) => (
-                self.table.by_index.get(&(p.receiver_idx >> 8)),
+                table.by_index.get(&(p.receiver_idx >> 8)),
                 LinkSelector::Index(p.receiver_idx >> 8),
             ),
             Packet::PacketCookieReply(p) => (
-                self.table.by_index.get(&(p.receiver_idx >> 8)),
+                table.by_index.get(&(p.receiver_idx >> 8)),
                 LinkSelector::Index(p.receiver_idx >> 8),
             ),
             Packet::PacketData(p) => (
-                self.table.by_index.get(&(p.receiver_idx >> 8)),
+                table.by_index.get(&(p.receiver_idx >> 8)),
                 LinkSelector::Index(p.receiver_idx >> 8),
             ),
         };
@@ -205,18 +273,22 @@ impl<'a> Batch<'a> {
             Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
         );
         let authenticated_if_ok = !matches!(packet, Packet::PacketCookieReply(_));
-        let peer = Arc::clone(peer);
-        let mut guard = lock(&peer.session);
-        let s = &mut *guard;
+        if self.filter.is_none() {
+            // Lock order: the filter before any session. Locked here rather than at the first
+            // decrypted packet, so that the run of the peer's packets keeps its session locked.
+            self.release();
+            let core = self.core;
+            *self.filter = Some(core.filter.lock());
+        }
+        let s = hold(&mut self.held, peer);
         let Some(slot) = s.select(&to) else {
-            drop(guard);
             return self.garbage(from, "no link for this key or index (retired)");
         };
         let link = match (slot, &mut s.previous) {
             (Slot::Previous, Some(p)) => &mut p.link,
             _ => &mut s.link,
         };
-        let (reply, tunnel) = match link.tunn.decapsulate(Some(from.ip()), datagram, tun_out) {
+        let (reply, tunnel) = match link.tunn.decapsulate(Some(addr), datagram, tun_out) {
             TunnResult::WriteToNetwork(p) => {
                 let cookie = p.first() == Some(&MSG_COOKIE_REPLY);
                 if !cookie {
@@ -226,7 +298,7 @@ impl<'a> Batch<'a> {
                         link.established_at = Some(now);
                     }
                 }
-                out.push(from, p);
+                out.push(from.reply_to(), p);
                 (true, None)
             }
             TunnResult::WriteToTunnelV4(p, src) => {
@@ -252,19 +324,19 @@ impl<'a> Batch<'a> {
         };
         if reply {
             // A handshake completed or was answered: flush packets queued behind it.
-            self.flush_queue(link, &s.path, now, out);
+            flush_queue(self.local, link, &s.path, now, out);
         }
         if slot == Slot::Current && authenticated_if_ok {
             s.promote_if_ready(now);
         }
-        drop(guard);
         match tunnel {
             None => None,
             Some(Some(n)) => {
                 let core = self.core;
+                // Already locked (above, before the session).
                 let filter = self.filter.get_or_insert_with(|| core.filter.lock());
                 // Packets this same batch sent come first (a batch that sends and receives).
-                filter.apply(&mut self.outbound);
+                filter.apply(self.outbound);
                 let verdict = filter.check_inbound(&tun_out[..n], now, coordinator_now_ms);
                 match verdict {
                     Verdict::Allow => {}
@@ -294,30 +366,72 @@ impl<'a> Batch<'a> {
         }
     }
 
-    fn flush_queue(&mut self, link: &mut Link, path: &Path, now: Instant, out: &mut Outbox) {
-        loop {
-            // Queued packets came from the TUN, so they are at most 64 KiB.
-            let buf = out.reserve(u16::MAX as usize + DATA_OVERHEAD);
-            match link.tunn.decapsulate(None, &[], buf) {
-                TunnResult::WriteToNetwork(p) => {
-                    let len = p.len();
-                    let is_init = p.first() == Some(&MSG_HANDSHAKE_INIT);
-                    if is_init {
-                        self.local.handshake_initiations_sent += route(path, out, len, true, now);
-                    } else if route(path, out, len, false, now) > 0 {
-                        self.local.tx_packets += 1;
-                        self.local.tx_bytes += len.saturating_sub(DATA_OVERHEAD) as u64;
-                    }
-                }
-                _ => return,
+    /// Unlocks the held session, if any; the next packet starts a new run. Call before
+    /// blocking I/O in the middle of a batch, so the other path is not kept waiting.
+    pub fn release(&mut self) {
+        self.held = None;
+    }
+
+    /// The peer that gets packets for `dst` (see `Table::route`). Locks nothing when one peer
+    /// claims the address; ranking several claimants (a rotation) locks each of their sessions
+    /// in turn, so the held one is released first.
+    fn route(&mut self, dst: IpAddr) -> Option<&'b Arc<Peer>> {
+        let table = self.table;
+        match table.claimants(dst) {
+            [] => None,
+            [one] => Some(one),
+            _ => {
+                self.release();
+                table.route(dst)
             }
         }
     }
 
-    fn garbage(&mut self, from: SocketAddr, why: &'static str) -> Option<usize> {
+    fn garbage(&mut self, from: Source, why: &'static str) -> Option<usize> {
         tracing::trace!(%from, why, "datagram dropped");
         self.local.dropped_garbage += 1;
         None
+    }
+}
+
+/// `peer`'s session, locked: the held one if it is `peer`'s (the run goes on), else the held
+/// one is unlocked first (one session at a time) and `peer`'s locked (a new run).
+fn hold<'h, 'b>(held: &'h mut Option<Held<'b>>, peer: &'b Peer) -> &'h mut Session {
+    if !held.as_ref().is_some_and(|h| std::ptr::eq(h.peer, peer)) {
+        *held = None;
+    }
+    &mut held
+        .get_or_insert_with(|| Held {
+            peer,
+            session: lock(&peer.session),
+        })
+        .session
+}
+
+/// Sends the packets `link` queued behind a handshake that just completed or was answered.
+fn flush_queue(
+    local: &mut LocalCounters,
+    link: &mut Link,
+    path: &Path,
+    now: Instant,
+    out: &mut Outbox,
+) {
+    loop {
+        // Queued packets came from the TUN, so they are at most 64 KiB.
+        let buf = out.reserve(u16::MAX as usize + DATA_OVERHEAD);
+        match link.tunn.decapsulate(None, &[], buf) {
+            TunnResult::WriteToNetwork(p) => {
+                let len = p.len();
+                let is_init = p.first() == Some(&MSG_HANDSHAKE_INIT);
+                if is_init {
+                    local.handshake_initiations_sent += route(path, out, len, true, now);
+                } else if route(path, out, len, false, now) > 0 {
+                    local.tx_packets += 1;
+                    local.tx_bytes += len.saturating_sub(DATA_OVERHEAD) as u64;
+                }
+            }
+            _ => return,
+        }
     }
 }
 

@@ -22,6 +22,7 @@ pub(super) struct Counters {
     pub(super) dropped_filter_expired: AtomicU64,
     pub(super) dropped_filter_other: AtomicU64,
     pub(super) icmp_unreachable_sent: AtomicU64,
+    pub(super) direct_probes_sent: AtomicU64,
 }
 
 impl Counters {
@@ -42,6 +43,8 @@ impl Counters {
             dropped_filter_expired: g(&self.dropped_filter_expired),
             dropped_filter_other: g(&self.dropped_filter_other),
             icmp_unreachable_sent: g(&self.icmp_unreachable_sent),
+            direct_probes_sent: g(&self.direct_probes_sent),
+            ..DataPlaneCounters::default()
         }
     }
 }
@@ -62,6 +65,7 @@ pub(super) struct LocalCounters {
     pub(super) dropped_filter_expired: u64,
     pub(super) dropped_filter_other: u64,
     pub(super) icmp_unreachable_sent: u64,
+    pub(super) direct_probes_sent: u64,
 }
 
 impl LocalCounters {
@@ -89,5 +93,6 @@ impl LocalCounters {
         add(&c.dropped_filter_expired, &mut self.dropped_filter_expired);
         add(&c.dropped_filter_other, &mut self.dropped_filter_other);
         add(&c.icmp_unreachable_sent, &mut self.icmp_unreachable_sent);
+        add(&c.direct_probes_sent, &mut self.direct_probes_sent);
     }
 }

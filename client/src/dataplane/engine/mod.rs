@@ -5,7 +5,9 @@
 //! |---|---|
 //! | this one | [`Core`]: configuration, peer set, timers and probing, status |
 //! | `batch` | [`Batch`]: the two packet paths (TUN → peer, peer → TUN) |
-//! | `peers` | the peer table, cryptokey routing, where each peer is on the underlay |
+//! | `peers` | the peer table, cryptokey routing |
+//! | `path` | where each peer is on the underlay, and path selection (direct or relayed) |
+//! | `relays` | the relays this device is connected to, by small id |
 //! | `session` | a peer's WireGuard links and the loss-free rotation of this device's key |
 //! | `filter` | the inbound filter shared by both paths without a per-packet lock |
 //! | `icmp` | ICMP "administratively prohibited" replies and their rate limit |
@@ -41,11 +43,13 @@ mod counters;
 mod filter;
 pub(super) mod icmp;
 mod outbox;
+mod path;
 mod peers;
+mod relays;
 mod session;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::Ipv6Addr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -59,12 +63,17 @@ use self::counters::{Counters, LocalCounters};
 use self::filter::SharedFilter;
 use self::icmp::WindowLimit;
 use self::peers::{route, sanitize_candidates, Path, Peer, Table};
+use self::relays::Relays;
 use self::session::{timer_output, KeyRing, Keys, Link, Session};
 use super::pmtu::PathMtus;
-use super::{DataPlaneCounters, PeerConfig, PeerStatus};
+use super::{DataPlaneCounters, PathStatus, PeerConfig, PeerStatus};
 
-pub use self::batch::Batch;
-pub use self::outbox::{Outbox, Transmit};
+pub use self::batch::{Batch, Runs};
+pub use self::outbox::{Destination, Outbox, RelayId, Source, Transmit};
+pub use self::path::{
+    PathState, DIRECT_PROBE_INTERVAL, DIRECT_PROBE_INTERVAL_FAST, FALLBACK_SENT_WITHIN,
+    FALLBACK_SILENCE, FAST_DIRECT_PERIOD,
+};
 
 /// How often the driver should call [`Core::handle_timers`].
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
@@ -108,7 +117,8 @@ pub struct CoreConfig {
 ///
 /// # Drive loop
 ///
-/// Inputs are `handle_*` calls (a [`Batch`] for packets) with the time passed in; outputs go to
+/// Inputs are `handle_*` calls (a [`Batch`], through its [`Runs`], for packets) with the time
+/// passed in; outputs go to
 /// the caller's [`Outbox`] (datagrams for the network, ICMP errors for the TUN) and, for a
 /// decrypted packet, the caller's buffer.
 ///
@@ -116,21 +126,28 @@ pub struct CoreConfig {
 /// core = Core::new(cfg, seed)
 /// core.set_peers(peers, now, &mut outbox)            -> send outbox (proactive handshakes)
 /// core.set_filter(rules)                             (the netmap's inbound rules)
+/// core.set_relays(connected, now)                    (relays with a live connection)
 /// loop {
-///     TUN packets:   let mut b = core.batch();
-///                    for p in packets { b.handle_tun_packet(p, now, &mut outbox) }
-///                    drop(b); send outbox; write outbox.tun_packets() to the TUN; outbox.clear()
-///     UDP datagrams: let mut b = core.batch();
+///     TUN packets:   let mut b = core.batch(); let mut r = b.runs();
+///                    for p in packets { r.handle_tun_packet(p, now, &mut outbox) }
+///                    drop(r); drop(b); send outbox; write outbox.tun_packets() to the TUN;
+///                    outbox.clear()
+///     UDP datagrams: let mut b = core.batch(); let mut r = b.runs();
 ///                    for (from, d) in datagrams {
-///                        if let Some(n) = b.handle_datagram(from, d, now, coord_ms, &mut buf, &mut outbox) {
-///                            write buf[..n] to the TUN
+///                        if let Some(n) = r.handle_datagram(from, d, now, coord_ms, &mut buf, &mut outbox) {
+///                            collect buf[..n] for the TUN (r.release() before writing mid-batch)
 ///                        }
 ///                    }
-///                    drop(b); send outbox; outbox.clear()
+///                    drop(r); drop(b); write to the TUN; send outbox; outbox.clear()
+///     relayed datagram: the same, with from = Source::Relay { relay: core.relay_id(name)?, from }
 ///     every TIMER_INTERVAL: core.handle_timers(now, &mut outbox); send outbox
 ///     now and then:  core.expire_flows(now); core.take_denied_flows() -> the coordinator
 /// }
 /// ```
+///
+/// "Send outbox" means: [`Destination::Udp`] datagrams to the UDP socket,
+/// [`Destination::Relay`] ones to that relay (named by [`Core::relay_name`]) for that device.
+/// Which one a peer's traffic takes is the peer's path state (see the `path` module).
 ///
 /// A batch must be dropped before its outbox is sent: dropping it hands the packets it sent to
 /// the inbound filter, so their replies pass.
@@ -139,13 +156,31 @@ pub struct CoreConfig {
 ///
 /// `Core` is `Sync`: the TUN path and the UDP path run on different threads at once. The peer
 /// table is behind an `RwLock` (writers: [`Core::set_peers`] and [`Core::rotate_key`]), each
-/// peer's session state behind a `Mutex` (taken per packet, per peer: a `Tunn` encrypts and
-/// decrypts through `&mut`). A [`Batch`] holds the table's read lock for its lifetime, so once
-/// `set_peers` returns, no packet under a removed key is accepted any more. Nothing both paths
-/// share is locked per packet: the filter is locked once per receive batch and the send path
-/// hands it its packets once per batch (see the `filter` module), the ICMP limiter is locked
-/// once per batch, counters are merged once per batch. Lock order: table, then the local key
-/// ring, then one peer session at a time; the filter, then its pending outbound records.
+/// peer's session state behind a `Mutex` (a `Tunn` encrypts and decrypts through `&mut`).
+/// Nothing both paths share is locked per packet:
+///
+/// - per batch: the table's read lock (a [`Batch`] holds it for its lifetime, so once
+///   `set_peers` returns, no packet under a removed key is accepted any more); the filter,
+///   locked by the receive path at the first datagram from a known peer and held to the end of
+///   the batch (the send path never locks it per packet: it hands its packets over once per
+///   batch, see the `filter` module); the ICMP limiter, at the first packet without a route;
+///   the counters, merged once.
+/// - per run: a peer's session. [`Runs`] keeps the last peer's session locked while the
+///   following packets are for the same peer (on either path), so a run of consecutive packets
+///   for one peer (a bulk stream: the whole batch) locks it once. The run ends at a packet for
+///   another peer, at a lock that ranks before sessions (below), at [`Runs::release`] or when
+///   the `Runs` is dropped. The other path, when it needs the same peer, waits for the run to
+///   end (for a bulk stream, the batch's packet processing), so the driver releases the run
+///   before blocking I/O in the middle of a batch. [`Batch`]'s own per-packet methods are runs
+///   of one.
+/// - only where a packet needs it: the key ring (read, for a handshake initiation) and, when
+///   several entries claim a destination (a peer's rotation), each of their sessions in turn to
+///   rank them (`Table::route`); the run is released first.
+///
+/// Lock order: the table, then the relay registry (never taken by batches), then the ICMP
+/// limiter or the filter (then its pending outbound records), then the local key ring, then
+/// one peer session at a time. A run that needs a lock earlier in this order releases its
+/// session first.
 pub struct Core {
     /// This device's static key (and older ones previous links still use); replaced by
     /// [`Core::rotate_key`].
@@ -162,6 +197,11 @@ pub struct Core {
     counters: Counters,
     /// Path MTU per destination (see `pmtu`), learned by the driver.
     pmtu: Arc<PathMtus>,
+    /// Relay names by id, and the connected ones. Lock order: after the table, before
+    /// sessions.
+    relays: RwLock<Relays>,
+    /// Path switches over all peers (each peer's `Path` holds a reference).
+    path_switches: Arc<AtomicU64>,
 }
 
 impl Core {
@@ -181,6 +221,8 @@ impl Core {
             unreachable_limit: Mutex::new(WindowLimit::default()),
             counters: Counters::default(),
             pmtu: Arc::default(),
+            relays: RwLock::new(Relays::default()),
+            path_switches: Arc::default(),
         }
     }
 
@@ -238,6 +280,7 @@ impl Core {
         let mut table = write(&self.table);
         let ring = read(&self.keys).clone();
         let keys = &ring.current;
+        let mut relays = write(&self.relays);
         let mut next = Table::default();
         let mut used: HashSet<u32> = table.by_index.keys().copied().collect();
         for cfg in peers {
@@ -250,6 +293,7 @@ impl Core {
                 continue;
             }
             let candidates = sanitize_candidates(&cfg.endpoints);
+            let home_relay = cfg.relay.as_deref().and_then(|name| relays.id(name));
             let reuse = table
                 .peers
                 .get(&cfg.public_key)
@@ -259,9 +303,12 @@ impl Core {
                 Some(peer) => {
                     let mut s = lock(&peer.session);
                     s.device_id = cfg.device_id;
+                    s.path.device_id = cfg.device_id;
                     s.hostname = cfg.hostname;
+                    s.path.home_relay = home_relay;
+                    s.path.set_relay(relays.route(home_relay), now);
                     if s.path.candidates != candidates {
-                        s.path.candidates = candidates;
+                        s.path.set_candidates(candidates, now);
                         if !s.link.has_session() {
                             // New places to look: probe them now.
                             s.next_probe = now;
@@ -284,17 +331,20 @@ impl Core {
                             previous: None,
                             device_id: cfg.device_id,
                             hostname: cfg.hostname,
-                            path: Path {
-                                endpoint: None,
+                            path: Path::new(
+                                cfg.device_id,
                                 candidates,
-                                last_rx: None,
-                            },
+                                now,
+                                self.path_switches.clone(),
+                            ),
                             next_probe: now,
                             fast_probe_until: now + FAST_PROBE_PERIOD,
                         }),
                         dropped_bad_source: AtomicU64::new(0),
                     });
                     let mut s = lock(&peer.session);
+                    s.path.home_relay = home_relay;
+                    s.path.set_relay(relays.route(home_relay), now);
                     let sent = self.probe(&mut s, now, out);
                     drop(s);
                     self.counters
@@ -329,11 +379,12 @@ impl Core {
         self.batch().handle_tun_packet(packet, now, out)
     }
 
-    /// One datagram received from the network. See [`Batch::handle_datagram`].
+    /// One datagram received from the network or through a relay. See
+    /// [`Batch::handle_datagram`].
     #[must_use]
     pub fn handle_datagram(
         &self,
-        from: SocketAddr,
+        from: impl Into<Source>,
         datagram: &[u8],
         now: Instant,
         coordinator_now_ms: i64,
@@ -388,6 +439,9 @@ impl Core {
             if !s.link.has_session() && now >= s.next_probe {
                 local.handshake_initiations_sent += self.probe(&mut s, now, out);
             }
+            if s.path.handle_timers(now) {
+                local.direct_probes_sent += direct_probe(&mut s, out);
+            }
         }
         if retired && !ring.older.is_empty() {
             let older: Vec<Arc<Keys>> = ring
@@ -419,6 +473,7 @@ impl Core {
     /// carry outbound traffic, with bytes summed over all of the device's entries and links.
     pub fn status(&self) -> Vec<PeerStatus> {
         let table = read(&self.table);
+        let relays = read(&self.relays);
         let mut by_device: BTreeMap<u64, Vec<&Arc<Peer>>> = BTreeMap::new();
         for peer in table.peers.values() {
             let id = lock(&peer.session).device_id;
@@ -433,6 +488,13 @@ impl Core {
                 let s = lock(&chosen.session);
                 let (last_handshake, ..) = s.outbound_link().tunn.stats();
                 let endpoint = s.path.endpoint;
+                let path = match s.path.state() {
+                    PathState::Probing => PathStatus::None,
+                    PathState::Direct(addr) => PathStatus::Direct(addr),
+                    PathState::Relayed(id) => relays
+                        .name(id)
+                        .map_or(PathStatus::None, |n| PathStatus::Relay(n.to_string())),
+                };
                 drop(s);
                 let mut status = PeerStatus {
                     device_id,
@@ -442,10 +504,7 @@ impl Core {
                     tx_bytes: 0,
                     dropped_bad_source: 0,
                     path_mtu: endpoint.and_then(|e| self.pmtu.path_mtu(e.ip())),
-                    path: endpoint.map_or(
-                        crate::dataplane::PathStatus::None,
-                        crate::dataplane::PathStatus::Direct,
-                    ),
+                    path,
                 };
                 for peer in entries {
                     let s = lock(&peer.session);
@@ -462,7 +521,34 @@ impl Core {
     }
 
     pub fn counters(&self) -> DataPlaneCounters {
-        self.counters.snapshot()
+        let mut c = self.counters.snapshot();
+        c.path_switches = self.path_switches.load(Ordering::Relaxed);
+        c
+    }
+
+    /// Replaces the relays this device has a live connection to, each with the largest
+    /// WireGuard datagram it carries now. Peers whose home relay is among them send through
+    /// it while no direct path works; peers whose relay is gone go back to their direct
+    /// endpoint (or probing).
+    pub fn set_relays(&self, connected: Vec<(String, u16)>, now: Instant) {
+        let table = read(&self.table);
+        let mut relays = write(&self.relays);
+        relays.set_connected(&connected);
+        for peer in table.peers.values() {
+            let mut s = lock(&peer.session);
+            let route = relays.route(s.path.home_relay);
+            s.path.set_relay(route, now);
+        }
+    }
+
+    /// The id of a relay name, if it is connected.
+    pub fn relay_id(&self, name: &str) -> Option<RelayId> {
+        read(&self.relays).connected_id(name)
+    }
+
+    /// The name of a relay id (every id the engine gave out has one).
+    pub fn relay_name(&self, id: RelayId) -> Option<Arc<str>> {
+        read(&self.relays).name(id).cloned()
     }
 
     /// How many peers still carry outbound traffic on a session under an older local key (a
@@ -511,6 +597,43 @@ impl Core {
             }
         }
     }
+}
+
+/// Sends an encrypted keepalive (an empty data message under the session outbound traffic
+/// uses) to the peer's endpoint and every candidate: a direct probe while relayed. Without a
+/// session there is nothing to send (the handshake probes go to the candidates anyway).
+/// Returns the number of datagrams written.
+fn direct_probe(s: &mut Session, out: &mut Outbox) -> u64 {
+    let Session {
+        link,
+        previous,
+        path,
+        ..
+    } = s;
+    let link = match previous {
+        Some(p) if p.outbound && p.link.has_session() => &mut p.link,
+        _ => link,
+    };
+    if !link.has_session() {
+        return 0;
+    }
+    let buf = out.reserve(DATA_OVERHEAD);
+    let TunnResult::WriteToNetwork(p) = link.tunn.encapsulate(&[], buf) else {
+        return 0;
+    };
+    let len = p.len();
+    let mut targets = path.direct_targets();
+    let Some(first) = targets.next() else {
+        return 0;
+    };
+    out.commit(Destination::Udp(first), len);
+    let mut n = 1;
+    for dst in targets {
+        out.repeat_last(Destination::Udp(dst));
+        n += 1;
+    }
+    tracing::trace!(peer = path.device_id, n, "direct probes sent");
+    n
 }
 
 // A poisoned lock only means another thread panicked mid-update; the data it guards (a `Tunn`,

@@ -1,19 +1,16 @@
-//! The peer table: configured peers, where each is on the underlay, and cryptokey routing
-//! (destination overlay address → peer; receiver index → peer).
+//! The peer table: configured peers and cryptokey routing (destination overlay address →
+//! peer; receiver index → peer). Where each peer is on the underlay: `path`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use super::outbox::Outbox;
+use super::outbox::Source;
 use super::session::{Keys, Session};
 use super::{lock, MAX_CANDIDATES};
 
-/// If nothing authenticated came from the endpoint for this long, handshake initiations go to
-/// the endpoint and every candidate (the path may have died).
-const PATH_STALE_AFTER: Duration = Duration::from_secs(15);
+pub(super) use super::path::{route, Path};
 
 /// A configured peer. Its key and addresses are fixed; changing them makes a new `Peer`.
 pub(super) struct Peer {
@@ -22,24 +19,6 @@ pub(super) struct Peer {
     pub(super) ipv6: Ipv6Addr,
     pub(super) session: Mutex<Session>,
     pub(super) dropped_bad_source: AtomicU64,
-}
-
-/// Where a peer is on the underlay.
-pub(super) struct Path {
-    /// Where the last authenticated packet came from (WireGuard roaming).
-    pub(super) endpoint: Option<SocketAddr>,
-    pub(super) candidates: Vec<SocketAddr>,
-    pub(super) last_rx: Option<Instant>,
-}
-
-impl Path {
-    pub(super) fn authenticated_from(&mut self, from: SocketAddr, now: Instant) {
-        if self.endpoint != Some(from) {
-            tracing::debug!(endpoint = %from, "peer endpoint changed");
-            self.endpoint = Some(from);
-        }
-        self.last_rx = Some(now);
-    }
 }
 
 /// The peer table. Every index maps to the peer owning it; addresses map to every peer
@@ -87,11 +66,8 @@ impl Table {
     /// recent; if none has a session, the last configured (it gets the handshake). So traffic
     /// never leaves a working session for one that is not up yet.
     pub(super) fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
-        let entries = match dst {
-            IpAddr::V4(a) => self.by_v4.get(&a),
-            IpAddr::V6(a) => self.by_v6.get(&a),
-        }?;
-        match entries.as_slice() {
+        match self.claimants(dst) {
+            [] => None,
             [one] => Some(one),
             many => many
                 .iter()
@@ -100,38 +76,24 @@ impl Table {
                 .map(|(_, p)| p),
         }
     }
+
+    /// Every peer claiming `dst`, in configuration order (more than one only during a peer's
+    /// rotation). Locks nothing.
+    pub(super) fn claimants(&self, dst: IpAddr) -> &[Arc<Peer>] {
+        match dst {
+            IpAddr::V4(a) => self.by_v4.get(&a),
+            IpAddr::V6(a) => self.by_v6.get(&a),
+        }
+        .map_or(&[], Vec::as_slice)
+    }
 }
 
-/// Commits the datagram of `len` bytes at the reserved position of `out` to the peer's
-/// endpoint; handshake initiations also go to every candidate when the path is unknown or
-/// stale. Returns how many datagrams were written.
-pub(super) fn route(path: &Path, out: &mut Outbox, len: usize, is_init: bool, now: Instant) -> u64 {
-    let fresh = path
-        .last_rx
-        .is_some_and(|t| now.saturating_duration_since(t) < PATH_STALE_AFTER);
-    if !is_init || (fresh && path.endpoint.is_some()) {
-        let Some(dst) = path.endpoint.or_else(|| path.candidates.first().copied()) else {
-            return 0;
-        };
-        out.commit(dst, len);
-        return 1;
+/// A direct source in its canonical form (see [`canonical`]).
+pub(super) fn canonical_source(src: Source) -> Source {
+    match src {
+        Source::Udp(a) => Source::Udp(canonical(a)),
+        Source::Relay { .. } => src,
     }
-    let mut targets = path.endpoint.into_iter().chain(
-        path.candidates
-            .iter()
-            .copied()
-            .filter(|c| Some(*c) != path.endpoint),
-    );
-    let Some(first) = targets.next() else {
-        return 0;
-    };
-    out.commit(first, len);
-    let mut n = 1;
-    for dst in targets {
-        out.repeat_last(dst);
-        n += 1;
-    }
-    n
 }
 
 /// IPv4-mapped IPv6 source addresses (from a dual-stack socket) become plain IPv4.

@@ -273,8 +273,19 @@ impl Store for SqliteStore {
         policy::remove_grant(self, id, actor, now_ms)
     }
 
-    fn add_relay(&self, name: &Name, addr: &str, actor: &str, now_ms: i64) -> Result<RelayRow> {
-        relays::add_relay(self, name, addr, actor, now_ms)
+    fn add_relay(
+        &self,
+        name: &Name,
+        addr: &str,
+        secret_hash: &[u8; 32],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<RelayRow> {
+        relays::add_relay(self, name, addr, secret_hash, actor, now_ms)
+    }
+
+    fn relay_secret_hash(&self, name: &str) -> Result<Option<[u8; 32]>> {
+        relays::relay_secret_hash(self, name)
     }
 
     fn relays(&self) -> Result<Vec<RelayRow>> {

@@ -1,4 +1,5 @@
-//! The `relays` table: the relays every device is told about.
+//! The `relays` table: the relays every device is told about, with the SHA-256 of each one's
+//! credential secret (the secret itself is never stored).
 
 use rusqlite::{params, OptionalExtension};
 
@@ -17,6 +18,7 @@ pub(super) fn add_relay(
     s: &SqliteStore,
     name: &Name,
     addr: &str,
+    secret_hash: &[u8; 32],
     actor: &str,
     now_ms: i64,
 ) -> Result<RelayRow> {
@@ -36,8 +38,8 @@ pub(super) fn add_relay(
             )));
         }
         tx.execute(
-            "INSERT INTO relays(name, addr, created_ms) VALUES (?1, ?2, ?3)",
-            params![name.as_str(), addr, now_ms],
+            "INSERT INTO relays(name, addr, created_ms, secret_hash) VALUES (?1, ?2, ?3, ?4)",
+            params![name.as_str(), addr, now_ms, &secret_hash[..]],
         )?;
         append_audit_tx(
             tx,
@@ -62,6 +64,20 @@ pub(super) fn relays(s: &SqliteStore) -> Result<Vec<RelayRow>> {
         let mut stmt = tx.prepare("SELECT name, addr, created_ms FROM relays ORDER BY name")?;
         let rows = stmt.query_map([], relay_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    })
+}
+
+pub(super) fn relay_secret_hash(s: &SqliteStore, name: &str) -> Result<Option<[u8; 32]>> {
+    s.with_tx(|tx| {
+        let h: Option<Option<Vec<u8>>> = tx
+            .query_row(
+                "SELECT secret_hash FROM relays WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(h.flatten()
+            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()))
     })
 }
 

@@ -461,3 +461,42 @@ fn corrupt_columns_are_errors_not_empty() {
     // Enrolling with a token whose tags cannot be read refuses rather than dropping them.
     assert!(enroll(&s, &pools, "t", b"s", "box2", 2, 2000).is_err());
 }
+
+#[test]
+fn relays_keep_only_their_secret_hash_and_older_rows_have_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ward.db");
+    // A database from before relay credentials (schema 5) with a relay in it.
+    {
+        let conn = Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..5] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5i64).unwrap();
+        conn.execute(
+            "INSERT INTO relays(name, addr, created_ms) VALUES ('old', 'a:1', 1)",
+            [],
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.relays().unwrap().len(), 1);
+    assert_eq!(s.relay_secret_hash("old").unwrap(), None);
+    let h = ward_shared::token::hash_secret(b"secret");
+    s.add_relay(&n("new"), "b:2", &h, "admin", 2).unwrap();
+    assert_eq!(s.relay_secret_hash("new").unwrap(), Some(h));
+    assert_eq!(s.relay_secret_hash("nope").unwrap(), None);
+    // The secret itself is stored nowhere: only its hash is in the row.
+    let raw: Vec<u8> = {
+        let conn = Connection::open(&path).unwrap();
+        conn.query_row(
+            "SELECT secret_hash FROM relays WHERE name = 'new'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(raw, h);
+    s.remove_relay(&n("new"), "admin", 3).unwrap();
+    assert_eq!(s.relay_secret_hash("new").unwrap(), None);
+}

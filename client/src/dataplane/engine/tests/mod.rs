@@ -6,7 +6,7 @@
 use super::icmp::{checksum, UNREACHABLE_PER_SEC};
 use super::*;
 use rand::RngCore;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use ward_shared::filter::{PortRange, Proto};
 
 const TICK: Duration = Duration::from_millis(10);
@@ -55,13 +55,17 @@ struct Node {
     /// IP packets this node's core handed to its TUN.
     delivered: Vec<Vec<u8>>,
     /// Every datagram this node sent: (destination, bytes).
-    sent: Vec<(SocketAddr, Vec<u8>)>,
+    sent: Vec<(Destination, Vec<u8>)>,
     /// Behind a simulated NAT (endpoint-independent mapping, port kept, filtering by remote
     /// address): datagrams get in only from addresses the node has sent to.
     nat: Option<std::collections::HashSet<SocketAddr>>,
 }
 
 impl Node {
+    fn device_id(&self) -> u64 {
+        u64::from(self.ipv4.octets()[3])
+    }
+
     fn public(&self) -> [u8; 32] {
         self.core.public_key()
     }
@@ -81,9 +85,15 @@ impl Node {
 
 struct InFlight {
     at: Instant,
-    from: SocketAddr,
-    to: SocketAddr,
+    hop: Hop,
     data: Vec<u8>,
+}
+
+/// How a datagram travels: over UDP between addresses, or through a relay (by name) between
+/// device ids.
+enum Hop {
+    Udp { from: SocketAddr, to: SocketAddr },
+    Relay { relay: Arc<str>, from: u64, to: u64 },
 }
 
 struct Net {
@@ -91,6 +101,10 @@ struct Net {
     in_flight: Vec<InFlight>,
     rng: StdRng,
     loss: f64,
+    /// UDP between nodes is dropped (a firewall between their networks).
+    block_direct: bool,
+    /// Loss rate through relays.
+    relay_loss: f64,
     max_delay_ticks: u32,
     now: Instant,
     next_timers: Instant,
@@ -132,6 +146,8 @@ impl Net {
             in_flight: Vec::new(),
             rng,
             loss: 0.0,
+            block_direct: false,
+            relay_loss: 0.0,
             max_delay_ticks: 0,
             now,
             next_timers: now,
@@ -170,24 +186,78 @@ impl Net {
         let from = self.nodes[i].src;
         for (dst, data) in out.iter() {
             self.nodes[i].sent.push((dst, data.to_vec()));
-            if let Some(opened) = &mut self.nodes[i].nat {
-                opened.insert(dst);
-            }
-            if self.rng.gen_bool(self.loss) {
-                continue;
-            }
+            let hop = match dst {
+                Destination::Udp(to) => {
+                    if let Some(opened) = &mut self.nodes[i].nat {
+                        opened.insert(to);
+                    }
+                    if self.block_direct || self.rng.gen_bool(self.loss) {
+                        continue;
+                    }
+                    Hop::Udp { from, to }
+                }
+                Destination::Relay { relay, to } => {
+                    if self.rng.gen_bool(self.relay_loss) {
+                        continue;
+                    }
+                    let relay = self.nodes[i].core.relay_name(relay).expect("named relay");
+                    Hop::Relay {
+                        relay,
+                        from: self.nodes[i].device_id(),
+                        to,
+                    }
+                }
+            };
             let delay = self.rng.gen_range(0..=self.max_delay_ticks);
             self.in_flight.push(InFlight {
                 at: self.now + TICK * delay,
-                from,
-                to: dst,
+                hop,
                 data: data.to_vec(),
             });
         }
     }
 
+    /// Delivers one datagram that arrived at its destination (if a node is there, its NAT
+    /// lets it in, and, through a relay, the node is connected to that relay).
+    fn deliver(&mut self, d: InFlight) {
+        let (i, src) = match d.hop {
+            Hop::Udp { from, to } => {
+                let Some(i) = self.nodes.iter().position(|n| n.addrs.contains(&to)) else {
+                    return; // nobody there: a dead candidate
+                };
+                if self.nodes[i]
+                    .nat
+                    .as_ref()
+                    .is_some_and(|opened| !opened.contains(&from))
+                {
+                    return; // the NAT has no mapping this datagram matches
+                }
+                (i, Source::Udp(from))
+            }
+            Hop::Relay { relay, from, to } => {
+                let Some(i) = self.nodes.iter().position(|n| n.device_id() == to) else {
+                    return;
+                };
+                let Some(relay) = self.nodes[i].core.relay_id(&relay) else {
+                    return; // the receiver is not connected to that relay
+                };
+                (i, Source::Relay { relay, from })
+            }
+        };
+        let (got, out) = self.inject(i, src, &d.data);
+        if let Some(p) = got {
+            self.nodes[i].delivered.push(p);
+        }
+        self.transmit(i, &out);
+    }
+
     /// Injects a datagram as if it arrived from `from`; returns what the node did with it.
-    fn inject(&mut self, i: usize, from: SocketAddr, data: &[u8]) -> (Option<Vec<u8>>, Outbox) {
+    fn inject(
+        &mut self,
+        i: usize,
+        from: impl Into<Source>,
+        data: &[u8],
+    ) -> (Option<Vec<u8>>, Outbox) {
         let mut buf = vec![0u8; 65536];
         let mut out = Outbox::new();
         let got = self.nodes[i]
@@ -214,21 +284,7 @@ impl Net {
             due.swap(k, j);
         }
         for d in due {
-            let Some(i) = self.nodes.iter().position(|n| n.addrs.contains(&d.to)) else {
-                continue; // nobody there: a dead candidate
-            };
-            if self.nodes[i]
-                .nat
-                .as_ref()
-                .is_some_and(|opened| !opened.contains(&d.from))
-            {
-                continue; // the NAT has no mapping this datagram matches
-            }
-            let (got, out) = self.inject(i, d.from, &d.data);
-            if let Some(p) = got {
-                self.nodes[i].delivered.push(p);
-            }
-            self.transmit(i, &out);
+            self.deliver(d);
         }
         if self.now >= self.next_timers {
             self.next_timers = self.now + TIMER_INTERVAL;
@@ -337,4 +393,6 @@ fn established_pair(seed: u64) -> Net {
 
 mod nat;
 mod paths;
+mod relayed;
 mod rotation;
+mod runs;

@@ -89,7 +89,7 @@ fn removed_peer_is_refused_at_once() {
     let mut out = Outbox::new();
     net.nodes[0].core.handle_tun_packet(&p, net.now, &mut out);
     let (dst, datagram) = out.iter().next().map(|(d, b)| (d, b.to_vec())).unwrap();
-    assert_eq!(dst, net.nodes[1].addrs[0]);
+    assert_eq!(dst, Destination::Udp(net.nodes[1].addrs[0]));
 
     net.set_peers(1, Vec::new());
     let from = net.nodes[0].src;
@@ -333,7 +333,7 @@ fn endpoint_roams_to_the_source_of_authenticated_packets() {
     let sent_before = net.nodes[1].sent.len();
     let reply = ipv4_packet(net.nodes[1].ipv4, net.nodes[0].ipv4, b"reply");
     net.send_ip(1, &reply);
-    assert_eq!(net.nodes[1].sent[sent_before].0, new);
+    assert_eq!(net.nodes[1].sent[sent_before].0, Destination::Udp(new));
     net.run(Duration::from_millis(50));
     assert_eq!(net.nodes[0].delivered, vec![reply]);
 }
@@ -350,13 +350,14 @@ fn candidates_are_probed_until_one_answers() {
     b.endpoints.clear();
     net.set_peers(0, vec![b]);
     net.set_peers(1, vec![a]);
-    let inits: Vec<SocketAddr> = net.nodes[1]
+    let inits: Vec<Destination> = net.nodes[1]
         .sent
         .iter()
         .filter(|(_, d)| is_handshake_init(d))
         .map(|(dst, _)| *dst)
         .collect();
-    assert_eq!(inits, vec![dead1, net.nodes[0].addrs[0], dead2]);
+    let want = [dead1, net.nodes[0].addrs[0], dead2].map(Destination::Udp);
+    assert_eq!(inits, want);
     net.run_until_established(Duration::from_secs(5));
     assert_eq!(net.status_of(1, 1).endpoint, Some(net.nodes[0].addrs[0]));
     assert_eq!(net.status_of(0, 2).endpoint, Some(net.nodes[1].addrs[0]));
@@ -364,7 +365,7 @@ fn candidates_are_probed_until_one_answers() {
     net.send_ip(1, &ipv4_packet(net.nodes[1].ipv4, net.nodes[0].ipv4, b"x"));
     let new_sent = &net.nodes[1].sent[sent_before..];
     assert_eq!(new_sent.len(), 1);
-    assert_eq!(new_sent[0].0, net.nodes[0].addrs[0]);
+    assert_eq!(new_sent[0].0, Destination::Udp(net.nodes[0].addrs[0]));
 }
 
 #[test]

@@ -1,0 +1,300 @@
+//! Where a peer is on the underlay, and which path its traffic takes: path selection as a
+//! small state machine per peer, driven by the packet paths and [`Path::handle_timers`].
+//!
+//! ```text
+//!               relay usable (set_peers / set_relays)
+//!   Probing ───────────────────────────────────────────▶ Relayed(relay)
+//!      │   ▲            relay gone: Direct(endpoint) or Probing     │  ▲
+//!      │   └────────────────────────────────────────────────────────┘  │
+//!      │ authenticated from a direct address                           │ sent in the last
+//!      ▼                                                               │ FALLBACK_SENT_WITHIN and
+//!   Direct(addr) ◀──── authenticated from a direct address ────────────┘ nothing direct for
+//!      (a new source address: Direct(new))                             FALLBACK_SILENCE, relay usable
+//! ```
+//!
+//! - `Probing`: no path answered yet and no relay usable. Data goes to the last endpoint or
+//!   the first candidate; handshake initiations to every candidate (today's behaviour for a
+//!   peer without a relay, unchanged).
+//! - `Relayed(relay)`: data goes through the peer's home relay (while this device has a live
+//!   connection to it). Handshake initiations go to every candidate and through the relay.
+//!   Every [`DIRECT_PROBE_INTERVAL`] ([`DIRECT_PROBE_INTERVAL_FAST`] for
+//!   [`FAST_DIRECT_PERIOD`] after the candidates change), an encrypted keepalive goes to each
+//!   direct candidate (the core sends it, this decides when): both sides do it, so NAT
+//!   mappings open, and the first that arrives makes the receiver go direct; its data then
+//!   makes the sender go direct.
+//! - `Direct(addr)`: every authenticated datagram from a direct address makes the path
+//!   `Direct` to that address at once (a NAT rebinding moves it). It falls back to the relay
+//!   when this device sent data in the last [`FALLBACK_SENT_WITHIN`] and nothing authenticated
+//!   came from the direct address for [`FALLBACK_SILENCE`].
+//!
+//! Path switches never touch the WireGuard session.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::super::pmtu::PathMtus;
+use super::outbox::{Destination, Outbox, RelayId, Source};
+use super::DATA_OVERHEAD;
+
+/// If nothing authenticated came from the endpoint for this long, handshake initiations go to
+/// the endpoint and every candidate (the path may have died).
+const PATH_STALE_AFTER: Duration = Duration::from_secs(15);
+/// A direct path is given up for the relay when nothing authenticated came from it for this
+/// long while this device was sending…
+pub const FALLBACK_SILENCE: Duration = Duration::from_secs(3);
+/// …that is, sent data to the peer within this long.
+pub const FALLBACK_SENT_WITHIN: Duration = Duration::from_secs(1);
+/// Direct probes (keepalives to every candidate) while relayed.
+pub const DIRECT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// Direct probe interval for a while after the candidates change.
+pub const DIRECT_PROBE_INTERVAL_FAST: Duration = Duration::from_secs(1);
+/// How long after the candidates change direct probes go at the fast interval.
+pub const FAST_DIRECT_PERIOD: Duration = Duration::from_secs(10);
+
+/// Which path a peer's traffic takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathState {
+    /// No path answered and no relay usable: candidates are probed.
+    Probing,
+    /// Straight to this address (an authenticated datagram came from it).
+    Direct(SocketAddr),
+    /// Through this relay (the peer's home relay, connected).
+    Relayed(RelayId),
+}
+
+/// A relay a peer's traffic can go through now: its home relay, connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RelayRoute {
+    pub(super) id: RelayId,
+    /// The largest WireGuard datagram it carries.
+    pub(super) max_datagram: u16,
+}
+
+/// Where a peer is on the underlay and which path its traffic takes.
+pub(super) struct Path {
+    /// The peer's device id (relays address devices by it).
+    pub(super) device_id: u64,
+    /// Where the last authenticated direct datagram came from (WireGuard roaming).
+    pub(super) endpoint: Option<SocketAddr>,
+    pub(super) candidates: Vec<SocketAddr>,
+    /// When the last authenticated direct datagram came.
+    pub(super) last_rx: Option<Instant>,
+    /// The peer's home relay, connected or not (`PeerConfig::relay`).
+    pub(super) home_relay: Option<RelayId>,
+    /// The home relay while this device has a live connection to it.
+    relay: Option<RelayRoute>,
+    state: PathState,
+    /// When data (not a keepalive) was last routed to the peer. A `Cell` so that [`route`]
+    /// records it through the shared reference the packet paths hold.
+    last_tx: Cell<Option<Instant>>,
+    next_direct_probe: Instant,
+    fast_direct_until: Instant,
+    /// The core's path-switch counter.
+    switches: Arc<AtomicU64>,
+}
+
+impl Path {
+    pub(super) fn new(
+        device_id: u64,
+        candidates: Vec<SocketAddr>,
+        now: Instant,
+        switches: Arc<AtomicU64>,
+    ) -> Path {
+        Path {
+            device_id,
+            endpoint: None,
+            candidates,
+            last_rx: None,
+            home_relay: None,
+            relay: None,
+            state: PathState::Probing,
+            last_tx: Cell::new(None),
+            next_direct_probe: now,
+            fast_direct_until: now + FAST_DIRECT_PERIOD,
+            switches,
+        }
+    }
+
+    pub(super) fn state(&self) -> PathState {
+        self.state
+    }
+
+    /// An authenticated datagram (handshake, data or keepalive) came from `from`.
+    pub(super) fn authenticated_from(&mut self, from: impl Into<Source>, now: Instant) {
+        match from.into() {
+            Source::Udp(addr) => {
+                if self.endpoint != Some(addr) {
+                    tracing::debug!(endpoint = %addr, "peer endpoint changed");
+                    self.endpoint = Some(addr);
+                }
+                self.last_rx = Some(now);
+                self.switch(PathState::Direct(addr));
+            }
+            Source::Relay { .. } => {
+                // Relayed traffic never moves a direct path: the peer may simply not have
+                // switched yet. It only tells that the relay works (already the path).
+            }
+        }
+    }
+
+    /// The candidate endpoints changed: direct probes go at the fast rate for a while.
+    pub(super) fn set_candidates(&mut self, candidates: Vec<SocketAddr>, now: Instant) {
+        if self.candidates != candidates {
+            self.candidates = candidates;
+            self.next_direct_probe = now;
+            self.fast_direct_until = now + FAST_DIRECT_PERIOD;
+        }
+    }
+
+    /// The relay the peer's traffic may go through (its home relay, if this device is
+    /// connected to it), after `set_peers` or `set_relays`.
+    pub(super) fn set_relay(&mut self, relay: Option<RelayRoute>, now: Instant) {
+        self.relay = relay;
+        match (self.state, relay) {
+            (PathState::Probing, Some(r)) => {
+                // Start on the relay at once; probe direct candidates soon.
+                self.state = PathState::Relayed(r.id);
+                self.next_direct_probe = self.next_direct_probe.min(now);
+            }
+            (PathState::Relayed(old), Some(r)) if old != r.id => {
+                self.switch(PathState::Relayed(r.id));
+            }
+            (PathState::Relayed(_), None) => {
+                let next = self.endpoint.map_or(PathState::Probing, PathState::Direct);
+                self.switch(next);
+            }
+            (PathState::Relayed(_) | PathState::Direct(_) | PathState::Probing, _) => {}
+        }
+    }
+
+    /// Timer-driven transitions; returns whether direct probes (an encrypted keepalive to
+    /// every candidate) are due now.
+    #[must_use]
+    pub(super) fn handle_timers(&mut self, now: Instant) -> bool {
+        match (self.state, self.relay) {
+            (PathState::Direct(addr), Some(r)) => {
+                let sending = self
+                    .last_tx
+                    .get()
+                    .is_some_and(|t| now.saturating_duration_since(t) < FALLBACK_SENT_WITHIN);
+                let silent = self
+                    .last_rx
+                    .is_none_or(|t| now.saturating_duration_since(t) >= FALLBACK_SILENCE);
+                if sending && silent {
+                    tracing::debug!(peer = self.device_id, %addr, relay = %r.id, "direct path silent: falling back to the relay");
+                    self.switch(PathState::Relayed(r.id));
+                    self.next_direct_probe = now + DIRECT_PROBE_INTERVAL;
+                }
+                false
+            }
+            (PathState::Relayed(_), Some(_)) => {
+                if now < self.next_direct_probe || self.direct_targets().next().is_none() {
+                    return false;
+                }
+                let interval = if now < self.fast_direct_until {
+                    DIRECT_PROBE_INTERVAL_FAST
+                } else {
+                    DIRECT_PROBE_INTERVAL
+                };
+                self.next_direct_probe = now + interval;
+                true
+            }
+            (PathState::Probing | PathState::Direct(_) | PathState::Relayed(_), _) => false,
+        }
+    }
+
+    /// Where data goes now: the direct address, the relay, or (probing) the last endpoint or
+    /// first candidate.
+    pub(super) fn data_destination(&self) -> Option<Destination> {
+        match (self.state, self.relay) {
+            (PathState::Direct(addr), _) => Some(Destination::Udp(addr)),
+            (PathState::Relayed(_) | PathState::Probing, Some(r)) => Some(Destination::Relay {
+                relay: r.id,
+                to: self.device_id,
+            }),
+            (PathState::Relayed(_) | PathState::Probing, None) => self
+                .endpoint
+                .or_else(|| self.candidates.first().copied())
+                .map(Destination::Udp),
+        }
+    }
+
+    /// Whether `packet` (read from the TUN) fits the path its data takes once encrypted; if
+    /// not, it is dropped, counted, and an ICMP too-big may be in `tun` (see `pmtu`).
+    pub(super) fn admit(
+        &self,
+        pmtu: &PathMtus,
+        packet: &[u8],
+        now: Instant,
+        tun: &mut Vec<Vec<u8>>,
+    ) -> bool {
+        match self.data_destination() {
+            Some(Destination::Relay { .. }) => {
+                let max = self.relay.map_or(u16::MAX, |r| r.max_datagram);
+                pmtu.admit_relayed(packet, max, now, tun)
+            }
+            Some(Destination::Udp(a)) => pmtu.admit(packet, Some(a), now, tun),
+            None => pmtu.admit(packet, None, now, tun),
+        }
+    }
+
+    /// Where direct probes go: the endpoint and every candidate.
+    pub(super) fn direct_targets(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.endpoint.into_iter().chain(
+            self.candidates
+                .iter()
+                .copied()
+                .filter(|c| Some(*c) != self.endpoint),
+        )
+    }
+
+    fn switch(&mut self, next: PathState) {
+        if self.state == next {
+            return;
+        }
+        let prev = std::mem::replace(&mut self.state, next);
+        if prev != PathState::Probing {
+            self.switches.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(peer = self.device_id, ?prev, ?next, "path switched");
+    }
+}
+
+/// Commits the datagram of `len` bytes at the reserved position of `out` to where the peer's
+/// data goes (see [`Path::data_destination`]). Handshake initiations also go to every
+/// candidate when the direct path is unknown or stale, and through the relay unless the
+/// direct path is fresh. Returns how many datagrams were written.
+pub(super) fn route(path: &Path, out: &mut Outbox, len: usize, is_init: bool, now: Instant) -> u64 {
+    let fresh = path
+        .last_rx
+        .is_some_and(|t| now.saturating_duration_since(t) < PATH_STALE_AFTER);
+    let direct_fresh = fresh && matches!(path.state, PathState::Direct(_));
+    if !is_init || (direct_fresh && path.endpoint.is_some()) {
+        let Some(dst) = path.data_destination() else {
+            return 0;
+        };
+        if !is_init && len > DATA_OVERHEAD {
+            path.last_tx.set(Some(now));
+        }
+        out.commit(dst, len);
+        return 1;
+    }
+    let relay = path.relay.map(|r| Destination::Relay {
+        relay: r.id,
+        to: path.device_id,
+    });
+    let mut targets = path.direct_targets().map(Destination::Udp).chain(relay);
+    let Some(first) = targets.next() else {
+        return 0;
+    };
+    out.commit(first, len);
+    let mut n = 1;
+    for dst in targets {
+        out.repeat_last(dst);
+        n += 1;
+    }
+    n
+}

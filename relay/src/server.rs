@@ -1,0 +1,332 @@
+//! The forwarding driver: accepts device connections on the relay's QUIC endpoint and turns
+//! their events into calls on [`crate::forward::Forwarder`] (under one lock, with the quinn
+//! connections beside it so a datagram is routed and handed on in one step).
+//!
+//! Per device connection one task: handshake (bounded by the hello timeout), the `Hello` frame,
+//! then QUIC datagrams and fresh tickets until the connection ends. A datagram goes to the
+//! destination's connection with `send_datagram` only when its buffer has room, so a slow
+//! receiver costs its own datagrams, never the forwarding of others.
+
+use crate::forward::{Clock, Close, ConnId, Drop, Forwarder, Refusal};
+use bytes::BytesMut;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use ward_shared::relay::{
+    DeviceToRelay, RelayToDevice, MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN,
+};
+use ward_shared::wire::{self, ErrorCode, FrameDecoder};
+
+/// How often tickets, hello deadlines and revocations are checked.
+const TIMER_EVERY: Duration = Duration::from_millis(250);
+/// How long a refused device gets to read the `Error` frame before the connection closes.
+const ERROR_GRACE: Duration = Duration::from_millis(500);
+
+/// The state every task of the relay shares.
+#[derive(Debug)]
+pub struct Shared {
+    fwd: Mutex<Forwarding>,
+    /// Whether the control session is welcomed now.
+    pub control_up: AtomicBool,
+    hello_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Forwarding {
+    pub core: Forwarder,
+    conns: HashMap<ConnId, quinn::Connection>,
+}
+
+impl Forwarding {
+    /// Closes every connection the core gave up on.
+    fn drain_closes(&mut self) {
+        while let Some((id, why)) = self.core.poll_close() {
+            if let Some(c) = self.conns.remove(&id) {
+                c.close(why.code().into(), why.as_str().as_bytes());
+            }
+        }
+    }
+}
+
+/// The two clocks, now.
+pub fn clock() -> Clock {
+    Clock {
+        at: Instant::now(),
+        unix_ms: ward_runtime::now_ms(),
+    }
+}
+
+impl Shared {
+    pub fn new(core: Forwarder, hello_timeout: Duration) -> Arc<Self> {
+        Arc::new(Shared {
+            fwd: Mutex::new(Forwarding {
+                core,
+                conns: HashMap::new(),
+            }),
+            control_up: AtomicBool::new(false),
+            hello_timeout,
+        })
+    }
+
+    /// The forwarding state, locked (a panicked holder cannot leave it inconsistent in a way
+    /// that matters more than stopping to forward).
+    pub fn lock(&self) -> MutexGuard<'_, Forwarding> {
+        self.fwd.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the core, then closes what it asked to close.
+    pub fn with_core<T>(&self, f: impl FnOnce(&mut Forwarder) -> T) -> T {
+        let mut g = self.lock();
+        let r = f(&mut g.core);
+        g.drain_closes();
+        r
+    }
+
+    pub fn is_control_up(&self) -> bool {
+        self.control_up.load(Ordering::Relaxed)
+    }
+}
+
+/// Accepts device connections until the endpoint closes.
+pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        // Under a flood of handshakes, make sources prove their address first (a stateless
+        // retry), so spoofed ones cannot hold connection slots.
+        if !incoming.remote_address_validated() && shared.lock().core.under_load() {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
+        let admitted = shared.with_core(|c| c.handle_connect(clock()));
+        match admitted {
+            Ok(id) => {
+                tokio::spawn(serve_device(shared.clone(), incoming, id));
+            }
+            Err(r) => {
+                tracing::trace!(remote = %incoming.remote_address(), reason = r.as_str(), "connection refused");
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+/// Checks tickets and deadlines every [`TIMER_EVERY`] until the task is dropped.
+pub async fn timer_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(TIMER_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.with_core(|c| c.handle_timer(clock()));
+    }
+}
+
+async fn serve_device(shared: Arc<Shared>, incoming: quinn::Incoming, id: ConnId) {
+    let remote = incoming.remote_address();
+    let deadline = tokio::time::Instant::now() + shared.hello_timeout;
+    let conn = match tokio::time::timeout_at(deadline, async { incoming.accept()?.await }).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, conn = %id, error = %e, "device handshake failed");
+            shared.with_core(|c| c.handle_closed(id));
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, conn = %id, "device handshake timed out");
+            shared.with_core(|c| c.handle_closed(id));
+            return;
+        }
+    };
+    {
+        let mut g = shared.lock();
+        // The timer may have given up on this connection already.
+        if !g.core.is_pending(id) {
+            drop(g);
+            conn.close(1u32.into(), Refusal::HelloTimeout.as_str().as_bytes());
+            return;
+        }
+        g.conns.insert(id, conn.clone());
+    }
+    run_device(&shared, &conn, id, deadline).await;
+    let mut g = shared.lock();
+    g.core.handle_closed(id);
+    g.conns.remove(&id);
+    g.drain_closes();
+}
+
+/// The hello, then datagrams and tickets until the connection ends.
+async fn run_device(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    id: ConnId,
+    deadline: tokio::time::Instant,
+) {
+    let remote = conn.remote_address();
+    let Some(identity) = crate::tls::peer_cert_identity(conn) else {
+        // TLS required and verified a certificate; one we cannot parse is refused.
+        shared.with_core(|c| c.handle_garbage(id));
+        return;
+    };
+    let hello = tokio::time::timeout_at(deadline, async {
+        let (send, recv) = conn.accept_bi().await.ok()?;
+        let mut stream = Stream::new(send, recv);
+        let msg = stream.next().await?;
+        Some((stream, msg))
+    })
+    .await;
+    let Ok(Some((mut stream, msg))) = hello else {
+        // No stream or no decodable frame in time: refused (the timer also counts timeouts).
+        shared.with_core(|c| c.handle_garbage(id));
+        return;
+    };
+    let accepted = {
+        let mut g = shared.lock();
+        let r = g.core.handle_hello(id, identity, &msg, clock());
+        if r.is_err() {
+            // Closed below, after the Error frame had a chance to go out.
+            g.conns.remove(&id);
+        }
+        g.drain_closes();
+        r
+    };
+    let device = match accepted {
+        Ok(d) => d,
+        Err(r) => {
+            tracing::debug!(%remote, conn = %id, reason = r.as_str(), "device hello refused");
+            refuse(conn, &mut stream, r).await;
+            return;
+        }
+    };
+    let max_datagram = conn
+        .max_datagram_size()
+        .unwrap_or(0)
+        .saturating_sub(RELAY_HEADER_LEN)
+        .min(MAX_RELAYED_DATAGRAM);
+    let welcome = RelayToDevice::Welcome {
+        device_id: device,
+        max_datagram: u16::try_from(max_datagram).unwrap_or(u16::MAX),
+    };
+    if stream
+        .send
+        .write_all(&wire::encode(&welcome))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::info!(%remote, conn = %id, %device, max_datagram, "device connected");
+    loop {
+        tokio::select! {
+            d = conn.read_datagram() => {
+                let Ok(d) = d else { break };
+                forward(shared, id, &d);
+            }
+            msg = stream.next() => {
+                let Some(DeviceToRelay::Ticket { ticket }) = msg else {
+                    let r = shared.with_core(|c| c.handle_garbage(id));
+                    tracing::debug!(%remote, conn = %id, %device, reason = r.as_str(), "device stream ended or broke the protocol");
+                    break;
+                };
+                let r = {
+                    let mut g = shared.lock();
+                    let r = g.core.handle_ticket(id, &ticket, clock());
+                    if r.is_err() {
+                        g.conns.remove(&id);
+                    }
+                    g.drain_closes();
+                    r
+                };
+                if let Err(r) = r {
+                    tracing::debug!(%remote, conn = %id, %device, reason = r.as_str(), "fresh ticket refused");
+                    refuse(conn, &mut stream, r).await;
+                    break;
+                }
+                tracing::trace!(conn = %id, %device, serial = ticket.ticket.serial, "fresh ticket");
+            }
+        }
+    }
+    tracing::debug!(conn = %id, %device, reason = ?conn.close_reason(), "device connection ended");
+}
+
+/// Routes one datagram and hands it to the destination's connection if its buffer has room.
+fn forward(shared: &Shared, id: ConnId, d: &[u8]) {
+    let mut buf = BytesMut::from(d);
+    let mut g = shared.lock();
+    let Ok(to) = g.core.handle_datagram(id, &mut buf, clock()) else {
+        return;
+    };
+    let body = buf.len().saturating_sub(RELAY_HEADER_LEN);
+    let undelivered = match g.conns.get(&to) {
+        Some(c) if c.datagram_send_buffer_space() >= buf.len() => {
+            match c.send_datagram(buf.freeze()) {
+                Ok(()) => None,
+                Err(_) => Some(Drop::QueueFull),
+            }
+        }
+        Some(_) => Some(Drop::QueueFull),
+        None => Some(Drop::UnknownDestination),
+    };
+    if let Some(reason) = undelivered {
+        g.core.handle_undelivered(reason, body);
+    }
+}
+
+/// Sends the `Error` frame, waits briefly for it to be read, closes.
+async fn refuse(conn: &quinn::Connection, stream: &mut Stream, r: Refusal) {
+    let code = match r {
+        Refusal::Protocol => ErrorCode::Protocol,
+        Refusal::Revoked => ErrorCode::DeviceRevoked,
+        Refusal::NotReady | Refusal::TooManyConnections | Refusal::TooManyPending => {
+            ErrorCode::Internal
+        }
+        Refusal::BadSignature
+        | Refusal::Expired
+        | Refusal::NotYetValid
+        | Refusal::WrongCertificate
+        | Refusal::WrongDevice
+        | Refusal::HelloTimeout => ErrorCode::Unauthorized,
+    };
+    let msg = RelayToDevice::Error {
+        code,
+        message: format!("relay ticket refused: {}", r.as_str()),
+    };
+    let _ = tokio::time::timeout(ERROR_GRACE, async {
+        stream.send.write_all(&wire::encode(&msg)).await.ok()?;
+        stream.send.finish().ok()?;
+        stream.send.stopped().await.ok()
+    })
+    .await;
+    conn.close(Close::Refused(r).code().into(), r.as_str().as_bytes());
+}
+
+/// A device's stream: frames in (bounded), frames out.
+struct Stream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    dec: FrameDecoder,
+    buf: Vec<u8>,
+}
+
+impl Stream {
+    fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        Stream {
+            send,
+            recv,
+            dec: FrameDecoder::new(MAX_RELAY_STREAM_FRAME),
+            buf: vec![0; 4096],
+        }
+    }
+
+    /// The next message; `None` at the end of the stream or on anything malformed.
+    async fn next(&mut self) -> Option<DeviceToRelay> {
+        loop {
+            if let Some(f) = self.dec.next_frame().ok()? {
+                return wire::decode(&f).ok();
+            }
+            let want = self.dec.wanted().min(self.buf.len());
+            let n = self.recv.read(&mut self.buf[..want]).await.ok()??;
+            self.dec.push(&self.buf[..n]);
+        }
+    }
+}
