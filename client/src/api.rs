@@ -119,6 +119,10 @@ pub struct DeviceView {
     pub port: Option<u16>,
     pub public_key: Option<String>,
     pub counters: Option<CountersView>,
+    /// The relay this device receives relayed traffic through (published to peers); `None`
+    /// while no relay connection is up.
+    #[serde(default)]
+    pub home_relay: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,8 +169,12 @@ pub struct PeerView {
     /// The path MTU to that endpoint, as the kernel knows it (ICMP too-big included).
     pub path_mtu: Option<u16>,
     pub reachable: bool,
-    /// `direct 1.2.3.4:51820`, `connecting`, `unreachable: …`.
-    pub path: String,
+    /// The path traffic to this peer takes now.
+    pub path: PathView,
+    /// The path for people: `direct 1.2.3.4:51820`, `relay r1`, `connecting`,
+    /// `unreachable: …`.
+    #[serde(default)]
+    pub path_text: String,
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -175,6 +183,27 @@ pub struct PeerView {
     pub lease_serial: Option<u64>,
     pub lease_expires_in_secs: Option<i64>,
     pub key_age_secs: Option<i64>,
+}
+
+/// A peer's path: `{"kind": "direct", "addr": "…"}`, `{"kind": "relay", "relay": "NAME"}` or
+/// `{"kind": "none"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PathView {
+    None,
+    Direct { addr: SocketAddr },
+    Relay { relay: String },
+}
+
+impl std::fmt::Display for PathView {
+    /// `direct ADDR`, `relay NAME` or `-`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathView::None => f.write_str("-"),
+            PathView::Direct { addr } => write!(f, "direct {addr}"),
+            PathView::Relay { relay } => write!(f, "relay {relay}"),
+        }
+    }
 }
 
 /// Data-plane counters (monotonic since start).
@@ -222,6 +251,10 @@ pub struct NetcheckView {
     /// a direct path needs a relay); `None` until two relays answered.
     pub mapping_varies_by_dest: Option<bool>,
     pub relays: Vec<RelayCheckView>,
+    /// The connected relay with the lowest RTT, where peers send relayed traffic for this
+    /// device.
+    #[serde(default)]
+    pub home_relay: Option<String>,
 }
 
 /// One relay's last discovery exchange.
@@ -235,6 +268,16 @@ pub struct RelayCheckView {
     pub observed: Option<SocketAddr>,
     /// Why the last attempt got no answer.
     pub error: Option<String>,
+    /// The relay connection (QUIC, forwarding): `up`, `connecting` (or reconnecting) or
+    /// `idle` (no ticket yet).
+    #[serde(default)]
+    pub connection: String,
+    /// QUIC RTT of the live connection.
+    #[serde(default)]
+    pub rtt_ms: Option<u64>,
+    /// Why the connection last failed.
+    #[serde(default)]
+    pub connection_error: Option<String>,
 }
 
 /// Sends one request to the local agent.
@@ -298,6 +341,7 @@ mod tests {
                 port: None,
                 public_key: None,
                 counters: None,
+                home_relay: Some("r1".into()),
             }),
         };
         let j = serde_json::to_value(&v).unwrap();
@@ -312,6 +356,7 @@ mod tests {
                 "coordinator",
                 "counters",
                 "device_id",
+                "home_relay",
                 "hostname",
                 "inbound",
                 "ipv4",
@@ -333,7 +378,35 @@ mod tests {
         );
         assert_eq!(j["state"], "connected");
         assert_eq!(j["lease"]["ttl_secs"], 20);
+        assert_eq!(j["home_relay"], "r1");
         let back: StatusView = serde_json::from_value(j).unwrap();
         assert_eq!(back, v);
+    }
+
+    #[test]
+    fn peer_paths_have_a_kind() {
+        let direct = PathView::Direct {
+            addr: "192.0.2.1:51820".parse().unwrap(),
+        };
+        let relay = PathView::Relay { relay: "r1".into() };
+        assert_eq!(
+            serde_json::to_value(&direct).unwrap(),
+            serde_json::json!({"kind": "direct", "addr": "192.0.2.1:51820"})
+        );
+        assert_eq!(
+            serde_json::to_value(&relay).unwrap(),
+            serde_json::json!({"kind": "relay", "relay": "r1"})
+        );
+        assert_eq!(
+            serde_json::to_value(PathView::None).unwrap(),
+            serde_json::json!({"kind": "none"})
+        );
+        assert_eq!(direct.to_string(), "direct 192.0.2.1:51820");
+        assert_eq!(relay.to_string(), "relay r1");
+        assert_eq!(PathView::None.to_string(), "-");
+        for v in [direct, relay, PathView::None] {
+            let back: PathView = serde_json::from_value(serde_json::to_value(&v).unwrap()).unwrap();
+            assert_eq!(back, v);
+        }
     }
 }

@@ -145,6 +145,38 @@ pub fn session_config(
     cert_der: &[u8],
     key_pem: &str,
 ) -> Result<quinn::ClientConfig> {
+    let tls = device_tls(ca_der, cert_der, key_pem, wire::ALPN)?;
+    client_config(tls)
+}
+
+/// Keepalive on a relay connection: QUIC RTT samples for the home relay choice, and the NAT
+/// mapping toward the relay stays open.
+pub const RELAY_KEEPALIVE: Duration = Duration::from_secs(1);
+/// A relay that has not answered for this long is down (the device moves to another).
+pub const RELAY_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Mutual-TLS config for a relay connection ([`ward_shared::relay::RELAY_ALPN`]): the same
+/// CA root and device certificate as the control session, QUIC datagrams on, keepalive
+/// [`RELAY_KEEPALIVE`], idle timeout [`RELAY_IDLE_TIMEOUT`].
+pub fn relay_config(ca_der: &[u8], cert_der: &[u8], key_pem: &str) -> Result<quinn::ClientConfig> {
+    let tls = device_tls(ca_der, cert_der, key_pem, ward_shared::relay::RELAY_ALPN)?;
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(qc));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(RELAY_KEEPALIVE));
+    t.max_idle_timeout(Some(RELAY_IDLE_TIMEOUT.try_into()?));
+    t.datagram_receive_buffer_size(Some(1024 * 1024));
+    t.datagram_send_buffer_size(1024 * 1024);
+    cc.transport_config(Arc::new(t));
+    Ok(cc)
+}
+
+fn device_tls(
+    ca_der: &[u8],
+    cert_der: &[u8],
+    key_pem: &str,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig> {
     let provider = provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca_der.to_vec()))?;
@@ -156,23 +188,28 @@ pub fn session_config(
             vec![CertificateDer::from(cert_der.to_vec())],
             PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         )?;
-    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
-    client_config(tls)
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
 }
 
 /// Every address the coordinator's `HOST:PORT` names, in the order to try them
 /// ([`eyeballs_order`]). A literal address is used as is, without a lookup.
 pub async fn resolve(addr: &str) -> Result<Vec<SocketAddr>> {
+    resolve_named(addr, "coordinator").await
+}
+
+/// [`resolve`] for any `HOST:PORT`; `what` names it in errors (`coordinator`, `relay r1`).
+pub async fn resolve_named(addr: &str, what: &str) -> Result<Vec<SocketAddr>> {
     if let Ok(literal) = addr.parse::<SocketAddr>() {
         return Ok(vec![literal]);
     }
     let found = eyeballs_order(
         tokio::net::lookup_host(addr)
             .await
-            .with_context(|| format!("cannot resolve coordinator address {addr:?}"))?,
+            .with_context(|| format!("cannot resolve {what} address {addr:?}"))?,
     );
     if found.is_empty() {
-        bail!("coordinator address {addr:?} resolves to nothing");
+        bail!("{what} address {addr:?} resolves to nothing");
     }
     Ok(found)
 }
@@ -229,6 +266,17 @@ pub async fn connect_first(
     cfg: quinn::ClientConfig,
     addrs: &[SocketAddr],
 ) -> Result<quinn::Connection> {
+    connect_first_to(endpoint, cfg, addrs, COORDINATOR_SERVER_NAME, "coordinator").await
+}
+
+/// [`connect_first`] to a server presenting `server_name` (`what` names it in errors).
+pub async fn connect_first_to(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addrs: &[SocketAddr],
+    server_name: &str,
+    what: &str,
+) -> Result<quinn::Connection> {
     let ipv6_ok = endpoint.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
     let usable: Vec<SocketAddr> = addrs
         .iter()
@@ -236,15 +284,15 @@ pub async fn connect_first(
         .filter(|a| ipv6_ok || a.is_ipv4())
         .collect();
     let [first, ..] = usable[..] else {
-        bail!("no usable coordinator address in {addrs:?} (IPv6 addresses need IPv6 on this host)");
+        bail!("no usable {what} address in {addrs:?} (IPv6 addresses need IPv6 on this host)");
     };
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     let mut pending = tokio::task::JoinSet::new();
     let mut next = usable.iter().copied();
     loop {
         if let Some(addr) = next.next() {
-            debug!(%addr, "connecting to the coordinator");
-            let connecting = endpoint.connect_with(cfg.clone(), addr, COORDINATOR_SERVER_NAME)?;
+            debug!(%addr, what, "connecting");
+            let connecting = endpoint.connect_with(cfg.clone(), addr, server_name)?;
             pending.spawn(async move { (addr, connecting.await) });
         }
         let more = next.len() > 0;
@@ -252,18 +300,18 @@ pub async fn connect_first(
             joined = pending.join_next(), if !pending.is_empty() => match joined {
                 Some(Ok((addr, Ok(conn)))) => {
                     pending.abort_all();
-                    debug!(%addr, "connected to the coordinator");
+                    debug!(%addr, what, "connected");
                     return Ok(conn);
                 }
                 Some(Ok((addr, Err(e)))) => {
-                    debug!(%addr, error = %e, "coordinator connection attempt failed");
+                    debug!(%addr, what, error = %e, "connection attempt failed");
                     if pending.is_empty() && !more {
-                        bail!("cannot connect to the coordinator at {addr}: {e}");
+                        bail!("cannot connect to the {what} at {addr}: {e}");
                     }
                 }
                 // A task only ends without a result when aborted, and we abort only on return.
                 Some(Err(e)) if pending.is_empty() && !more => {
-                    bail!("coordinator connection attempt ended: {e}");
+                    bail!("{what} connection attempt ended: {e}");
                 }
                 Some(Err(_)) | None => {}
             },
@@ -271,9 +319,9 @@ pub async fn connect_first(
             _ = tokio::time::sleep_until(deadline) => {
                 pending.abort_all();
                 if usable.len() == 1 {
-                    bail!("no answer from the coordinator at {first} within {CONNECT_TIMEOUT:?}");
+                    bail!("no answer from the {what} at {first} within {CONNECT_TIMEOUT:?}");
                 }
-                bail!("no answer from the coordinator at any of {usable:?} within {CONNECT_TIMEOUT:?}");
+                bail!("no answer from the {what} at any of {usable:?} within {CONNECT_TIMEOUT:?}");
             }
         }
     }

@@ -201,6 +201,10 @@ fn print_netcheck(v: &NetcheckView) {
         Some(true) => "varies by destination (direct paths need a relay)",
     };
     println!("nat mapping:  {mapping}");
+    println!(
+        "home relay:   {}",
+        v.home_relay.as_deref().unwrap_or("- (no relay connected)")
+    );
     println!("relays:");
     for r in &v.relays {
         let result = match (&r.observed, &r.error) {
@@ -208,7 +212,14 @@ fn print_netcheck(v: &NetcheckView) {
             (None, Some(e)) => e.clone(),
             (None, None) => "waiting".into(),
         };
-        println!("  {:<14} {:<24} {result}", r.name, r.addr);
+        let conn = match (r.connection.as_str(), &r.rtt_ms, &r.connection_error) {
+            ("up", Some(rtt), _) => format!("connected, rtt {rtt}ms"),
+            ("idle", _, _) => "not connected (no ticket yet)".to_string(),
+            (_, _, Some(e)) => format!("connecting (last error: {e})"),
+            (c, _, None) if !c.is_empty() => c.to_string(),
+            _ => "-".to_string(),
+        };
+        println!("  {:<14} {:<24} {result}; relay {conn}", r.name, r.addr);
     }
 }
 
@@ -234,6 +245,10 @@ fn print_status(v: &StatusView) {
     if let Some(tun) = &d.tun {
         println!("tunnel:       {tun} udp/{}", opt(&d.port));
     }
+    println!(
+        "home relay:   {}",
+        d.home_relay.as_deref().unwrap_or("- (no relay connected)")
+    );
     let lease = match &d.lease {
         Some(l) => format!(
             "lease #{} ends in {}s (ttl {}s)",
@@ -294,12 +309,18 @@ fn print_status(v: &StatusView) {
             Some(n) => format!("handshake {n}s ago"),
             None => "no handshake".into(),
         };
+        // `direct ADDR`, `relay NAME`, or `-` with what the agent knows about why.
+        let path = match (&p.path, p.path_text.as_str()) {
+            (api::PathView::None, "") => "-".to_string(),
+            (api::PathView::None, why) => format!("- ({why})"),
+            (path, _) => path.to_string(),
+        };
         println!(
             "  {:<16} {:<15} {:<7} {}  rx {} tx {}  {}",
             p.hostname,
             p.ipv4.to_string(),
             if p.online { "online" } else { "offline" },
-            p.path,
+            path,
             p.rx_bytes,
             p.tx_bytes,
             hs

@@ -120,7 +120,12 @@ pub fn leased_peers(
                     ipv4: p.ipv4,
                     ipv6: p.ipv6,
                     endpoints: p.endpoints.clone(),
-                    relay: p.relay.clone(),
+                    // Only a relay of this netmap's list: a name the relays do not know
+                    // would only drop packets.
+                    relay: p
+                        .relay
+                        .clone()
+                        .filter(|r| nm.relays.iter().any(|i| &i.name == r)),
                 }),
                 Err(e) => refused.push((p.hostname.to_string(), e)),
             }

@@ -10,7 +10,8 @@
 //! Sub-modules: [`rotation`] (the rotation states), [`leases`] (peer lease verification and its
 //! cache), [`clock`] (offset from ping/pong), [`posture`] (report cadence, one-frame reports),
 //! [`cert`] (renewal timing), [`backoff`] (reconnect waits), [`netcheck`] (address discovery
-//! through relays, reflexive candidates).
+//! through relays, reflexive candidates), [`relays`] (relay tickets, connections and the home
+//! relay).
 
 pub mod backoff;
 pub mod cert;
@@ -18,6 +19,7 @@ pub mod clock;
 pub mod leases;
 pub mod netcheck;
 pub mod posture;
+pub mod relays;
 pub mod rotation;
 
 use ed25519_dalek::VerifyingKey;
@@ -42,6 +44,7 @@ pub use clock::ClockOffset;
 pub use leases::{leased_peers, LeaseCache};
 pub use netcheck::{Netcheck, RelayReport};
 pub use posture::{fit_report, PostureCadence};
+pub use relays::{ConnState, RelayConn, RelayConnEvent, RelayOut, Relays};
 pub use rotation::{rotation_due, Rotation, ROTATION_CONFIRM_MAX, ROTATION_SETTLE};
 
 /// Peer lease expiry is re-checked this often, with or without a coordinator.
@@ -162,6 +165,12 @@ pub enum Event {
         seq: u64,
         clock_offset_ms: i64,
     },
+    /// Open, close or give a ticket to a relay connection; the driver reports back through
+    /// [`Agent::handle_relay_event`].
+    Relay(RelayOut),
+    /// The relays the data plane may send through (welcomed connections, with the largest
+    /// WireGuard datagram each carries).
+    SetRelays(Vec<(String, u16)>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -233,6 +242,9 @@ pub struct Agent {
     /// reflexive candidates are added.
     local_update: Option<DeviceUpdate>,
     netcheck: Netcheck,
+    relays: Relays,
+    /// The relay list last given to the data plane.
+    applied_relays: Vec<(String, u16)>,
     applied_peers: Option<Vec<PeerConfig>>,
     applied_filter: Option<Vec<FilterRule>>,
     next_expiry: Instant,
@@ -268,6 +280,8 @@ impl Agent {
             update: DeviceUpdate::default(),
             local_update: None,
             netcheck: Netcheck::default(),
+            relays: Relays::default(),
+            applied_relays: Vec::new(),
             applied_peers: None,
             applied_filter: None,
             next_expiry: now.instant + EXPIRY_CHECK,
@@ -324,7 +338,8 @@ impl Agent {
         match msg {
             CoordinatorMsg::Netmap(nm) => {
                 debug!(seq = nm.seq, peers = nm.peers.len(), "netmap");
-                if self.connected_since.is_none() {
+                let first = self.connected_since.is_none();
+                if first {
                     self.connected_since = Some(now.instant);
                     info!(peers = nm.peers.len(), "connected to coordinator");
                     self.events.push_back(Event::Connected {
@@ -337,6 +352,11 @@ impl Agent {
                 self.leases.invalidate();
                 self.apply_peers(now);
                 self.set_relays(now);
+                if first {
+                    let coord = self.coordinator_ms(now.unix_ms);
+                    self.relays.session_started(now.instant, coord);
+                    self.drain_relays();
+                }
             }
             CoordinatorMsg::NetmapDelta(d) => {
                 let Some(nm) = self.netmap.as_mut() else {
@@ -361,7 +381,9 @@ impl Agent {
                 self.end_session(message, revoked, now);
             }
             CoordinatorMsg::RelayTicket { ticket } => {
-                debug!(serial = ticket.ticket.serial, "relay ticket (not used yet)");
+                let coord = self.coordinator_ms(now.unix_ms);
+                self.relays.handle_ticket(ticket, now.instant, coord);
+                self.drain_relays();
             }
             CoordinatorMsg::CertRenewed {
                 cert_der,
@@ -373,6 +395,9 @@ impl Agent {
                     cert_der,
                     not_after_ms,
                 });
+                let coord = self.coordinator_ms(now.unix_ms);
+                self.relays.cert_renewed(now.instant, coord);
+                self.drain_relays();
             }
             CoordinatorMsg::Pong {
                 nonce,
@@ -435,6 +460,13 @@ impl Agent {
             self.drain_netcheck();
             self.publish();
         }
+        // Relay tickets (requests, expiry): every tick, at least every EXPIRY_CHECK, which is
+        // precise enough for a 10 s request gap and a ticket of minutes.
+        let coord = self.coordinator_ms(now.unix_ms);
+        if self.relays.handle_timeout(now.instant, coord) {
+            self.publish();
+        }
+        self.drain_relays();
         if now.instant >= self.next_expiry {
             self.apply_peers(now);
             self.next_expiry = now.instant + EXPIRY_CHECK;
@@ -566,6 +598,15 @@ impl Agent {
         }
     }
 
+    /// A relay connection's state from the driver (after `Event::Relay`): a change of home
+    /// relay is published at once.
+    pub fn handle_relay_event(&mut self, report: RelayConnEvent, _now: Now) {
+        if self.relays.handle_report(report) {
+            self.publish();
+        }
+        self.drain_relays();
+    }
+
     /// A certificate request made with the identity key (answer to `Event::NeedCsr`).
     pub fn handle_csr(&mut self, csr_der: Vec<u8>) {
         if matches!(self.link, Link::Session { .. }) {
@@ -654,6 +695,10 @@ impl Agent {
     pub fn peer_first_seen(&self, id: DeviceId) -> Option<Instant> {
         self.leases.first_seen(id)
     }
+    /// Relay connections, the ticket and the home relay.
+    pub fn relays(&self) -> &Relays {
+        &self.relays
+    }
     /// Address discovery: relays, reflexive addresses, whether the mapping varies.
     pub fn netcheck(&self) -> &Netcheck {
         &self.netcheck
@@ -680,8 +725,30 @@ impl Agent {
 
     /// The netmap's relay list to address discovery (a changed list starts a run).
     fn set_relays(&mut self, now: Now) {
+        let coord = self.coordinator_ms(now.unix_ms);
         if let Some(nm) = &self.netmap {
             self.netcheck.set_relays(&nm.relays, now.instant);
+            self.relays.set_relays(&nm.relays, now.instant, coord);
+        }
+        if self.relays.home() != self.update.home_relay.as_deref() {
+            self.publish();
+        }
+        self.drain_relays();
+    }
+
+    /// The relay state machine's outputs become driver events and coordinator messages.
+    fn drain_relays(&mut self) {
+        if self.relays.poll_ticket_request() && matches!(self.link, Link::Session { .. }) {
+            debug!("asking for a relay ticket");
+            self.transmits.push_back(DeviceMsg::RelayTicketRequest);
+        }
+        while let Some(out) = self.relays.poll_out() {
+            self.events.push_back(Event::Relay(out));
+        }
+        let usable = self.relays.usable();
+        if usable != self.applied_relays {
+            self.applied_relays = usable.clone();
+            self.events.push_back(Event::SetRelays(usable));
         }
     }
 
@@ -696,10 +763,12 @@ impl Agent {
         }
     }
 
-    /// `update` with the candidate endpoints: reflexive addresses first, then local ones.
+    /// `update` with the candidate endpoints (reflexive addresses first, then local ones) and
+    /// the home relay: the full update, as it is always sent.
     fn with_candidates(&self, mut update: DeviceUpdate) -> DeviceUpdate {
         update.local_endpoints =
             netcheck::candidates(&self.netcheck.reflexive(), &update.local_endpoints);
+        update.home_relay = self.relays.home().map(String::from);
         update
     }
 
@@ -792,7 +861,11 @@ impl Agent {
         self.transmits.clear();
         self.rotation = Rotation::Unleased { requested: false };
         self.queued = None;
+        self.relays.session_ended();
         if revoked {
+            // No relay may carry this device's traffic any more.
+            self.relays.clear();
+            self.drain_relays();
             // Leave the network: no peers, no tunnels.
             self.phase = Phase::Revoked;
             self.netmap = None;

@@ -695,3 +695,233 @@ fn relays_in_the_netmap_give_reflexive_candidates_published_once() {
     assert_eq!(updates(&h.take_sent()), vec![vec![moved]]);
     assert!(!h.agent.netcheck().udp());
 }
+
+// ---- relays: tickets, connections, home relay publication, peers' relays ----------------
+
+fn relay_info(name: &str) -> ward_shared::wire::RelayInfo {
+    ward_shared::wire::RelayInfo {
+        name: name.into(),
+        addr: format!("{name}.example:3478"),
+    }
+}
+
+fn relay_ticket(h: &H, serial: u64) -> ward_shared::relay::SignedTicket {
+    ward_shared::relay::Ticket {
+        device_id: DeviceId(1),
+        cert_identity: [3; 32],
+        not_before_ms: h.t,
+        not_after_ms: h.t + ward_shared::relay::TICKET_TTL_MS,
+        serial,
+    }
+    .sign(&h.coord)
+}
+
+fn ticket_requests(sent: &[DeviceMsg]) -> usize {
+    sent.iter()
+        .filter(|m| **m == DeviceMsg::RelayTicketRequest)
+        .count()
+}
+
+fn home_relays(sent: &[DeviceMsg]) -> Vec<Option<String>> {
+    sent.iter()
+        .filter_map(|m| match m {
+            DeviceMsg::Update(u) => Some(u.home_relay.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn relay_up(h: &mut H, name: &str, rtt_ms: u64) {
+    let now = h.now();
+    h.agent.handle_relay_event(
+        RelayConnEvent::Up {
+            relay: name.into(),
+            rtt: Duration::from_millis(rtt_ms),
+            max_datagram: 1300,
+        },
+        now,
+    );
+    h.drain();
+}
+
+/// A session with local endpoints, a netmap listing r1 and r2 and peer 2 homed on `peer_relay`.
+fn relayed_session(peer_relay: Option<&str>) -> H {
+    let mut h = H::new();
+    h.leased();
+    let now = h.now();
+    h.agent.handle_local_update(DeviceUpdate {
+        wg_port: 51820,
+        local_endpoints: vec!["192.168.1.2:51820".parse().unwrap()],
+        ..DeviceUpdate::default()
+    });
+    let _ = now;
+    h.drain();
+    let key = WgPublicKey([2; 32]);
+    let l = h.lease(2, key, 10 * TTL);
+    let mut nm = netmap(1, vec![l]);
+    nm.relays = vec![relay_info("r1"), relay_info("r2")];
+    nm.peers[0].relay = peer_relay.map(String::from);
+    h.msg(CoordinatorMsg::Netmap(nm));
+    h
+}
+
+#[test]
+fn the_first_netmap_with_relays_asks_for_a_ticket_which_connects_every_relay() {
+    let mut h = relayed_session(None);
+    assert_eq!(ticket_requests(&h.take_sent()), 1);
+    assert!(
+        !h.take_events().iter().any(|e| matches!(e, Event::Relay(_))),
+        "no connection without a ticket"
+    );
+    let t = relay_ticket(&h, 1);
+    h.msg(CoordinatorMsg::RelayTicket { ticket: t.clone() });
+    let connects: Vec<(String, String)> = h
+        .take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Relay(RelayOut::Connect {
+                relay,
+                addr,
+                ticket,
+            }) => {
+                assert_eq!(ticket, t);
+                Some((relay, addr))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        connects,
+        vec![
+            ("r1".to_string(), "r1.example:3478".to_string()),
+            ("r2".to_string(), "r2.example:3478".to_string())
+        ]
+    );
+    // Not asked again before half of its life (only the 10 s refresh traffic).
+    h.advance(60_000, 0);
+    assert_eq!(ticket_requests(&h.take_sent()), 0);
+    h.advance(ward_shared::relay::TICKET_TTL_MS / 2 - 60_000 + 100, 0);
+    assert_eq!(ticket_requests(&h.take_sent()), 1, "asked at half life");
+    // Unanswered: asked again, never more than once per 10 s.
+    h.advance(30_000, 0);
+    assert_eq!(ticket_requests(&h.take_sent()), 3);
+}
+
+#[test]
+fn the_home_relay_is_published_in_a_full_update_when_it_changes() {
+    let mut h = relayed_session(None);
+    let t = relay_ticket(&h, 1);
+    h.msg(CoordinatorMsg::RelayTicket { ticket: t });
+    h.take_sent();
+    h.take_events();
+    relay_up(&mut h, "r2", 30);
+    let sent = h.take_sent();
+    assert_eq!(home_relays(&sent), vec![Some("r2".to_string())]);
+    let DeviceMsg::Update(u) = &sent[0] else {
+        panic!("{sent:?}")
+    };
+    // The full update: key/port/endpoints as the driver gave them, plus the home relay.
+    assert_eq!(u.wg_port, 51820);
+    assert_eq!(
+        u.local_endpoints,
+        vec!["192.168.1.2:51820".parse::<SocketAddr>().unwrap()]
+    );
+    assert!(h
+        .take_events()
+        .contains(&Event::SetRelays(vec![("r2".to_string(), 1300)])));
+    // A slightly better relay is not worth a switch; a much better one is.
+    relay_up(&mut h, "r1", 27);
+    assert!(home_relays(&h.take_sent()).is_empty());
+    let now = h.now();
+    h.agent.handle_relay_event(
+        RelayConnEvent::Rtt {
+            relay: "r1".into(),
+            rtt: Duration::from_millis(10),
+            max_datagram: 1300,
+        },
+        now,
+    );
+    h.drain();
+    assert_eq!(home_relays(&h.take_sent()), vec![Some("r1".to_string())]);
+    // Refreshed local endpoints keep the home relay in the update.
+    h.agent.handle_local_update(DeviceUpdate {
+        wg_port: 51820,
+        local_endpoints: vec!["10.0.0.9:51820".parse().unwrap()],
+        ..DeviceUpdate::default()
+    });
+    h.drain();
+    assert_eq!(home_relays(&h.take_sent()), vec![Some("r1".to_string())]);
+    // The home relay goes down: the other one is published.
+    let now = h.now();
+    h.agent.handle_relay_event(
+        RelayConnEvent::Down {
+            relay: "r1".into(),
+            error: "idle timeout".into(),
+        },
+        now,
+    );
+    h.drain();
+    assert_eq!(home_relays(&h.take_sent()), vec![Some("r2".to_string())]);
+    assert!(h
+        .take_events()
+        .contains(&Event::SetRelays(vec![("r2".to_string(), 1300)])));
+    // A new session's hello carries it too, and asks for a fresh ticket.
+    let now = h.now();
+    h.agent.handle_disconnected(Some("gone".into()), now);
+    h.drain();
+    h.advance(6_000, 0);
+    let now = h.now();
+    h.agent.handle_connected(DeviceUpdate::default(), now);
+    h.drain();
+    let hello = h.take_sent().into_iter().find_map(|m| match m {
+        DeviceMsg::Hello(hello) => Some(hello),
+        _ => None,
+    });
+    assert_eq!(hello.unwrap().update.home_relay.as_deref(), Some("r2"));
+    let mut nm = netmap(5, vec![]);
+    nm.relays = vec![relay_info("r1"), relay_info("r2")];
+    h.msg(CoordinatorMsg::Netmap(nm));
+    // The last request was less than 10 s ago: this one waits for the gap.
+    h.advance(4_000, 0);
+    assert_eq!(ticket_requests(&h.take_sent()), 1);
+}
+
+#[test]
+fn a_peers_relay_is_configured_only_if_the_netmap_lists_it() {
+    let h = relayed_session(Some("r2"));
+    let peers = h.agent.configured_peers().to_vec();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].relay.as_deref(), Some("r2"));
+    let mut h = relayed_session(Some("elsewhere"));
+    assert_eq!(h.agent.configured_peers()[0].relay, None);
+    h.take_events();
+    // A relay removed from the list is disconnected and no longer a peer's relay.
+    let l = h.lease(2, WgPublicKey([2; 32]), 10 * TTL);
+    let mut nm = netmap(2, vec![l]);
+    nm.relays = vec![relay_info("r2")];
+    nm.peers[0].relay = Some("r1".into());
+    h.msg(CoordinatorMsg::Netmap(nm));
+    assert_eq!(h.agent.configured_peers()[0].relay, None);
+    assert!(h
+        .take_events()
+        .contains(&Event::Relay(RelayOut::Disconnect { relay: "r1".into() })));
+}
+
+#[test]
+fn revocation_closes_every_relay_connection() {
+    let mut h = relayed_session(None);
+    let t = relay_ticket(&h, 1);
+    h.msg(CoordinatorMsg::RelayTicket { ticket: t });
+    relay_up(&mut h, "r1", 10);
+    h.take_events();
+    h.msg(CoordinatorMsg::Error {
+        code: ErrorCode::DeviceRevoked,
+        message: "revoked".into(),
+    });
+    let ev = h.take_events();
+    assert!(ev.contains(&Event::Relay(RelayOut::Disconnect { relay: "r1".into() })));
+    assert!(ev.contains(&Event::Relay(RelayOut::Disconnect { relay: "r2".into() })));
+    assert!(ev.contains(&Event::SetRelays(vec![])));
+    assert_eq!(h.agent.relays().home(), None);
+    assert!(h.agent.relays().ticket().is_none());
+}

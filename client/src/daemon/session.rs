@@ -13,10 +13,14 @@ use tracing::{error, info, warn};
 
 use ward_shared::lease;
 use ward_shared::posture::PostureReport;
+use ward_shared::relay::SignedTicket;
 use ward_shared::wire::{Bytes, DeviceUpdate, WgPublicKey, MAX_ENDPOINTS};
 
+use super::relays::{Credentials, RelayClients};
 use super::{host, lock, Daemon};
-use crate::agent::{Agent, AgentConfig, DataPlaneEvent, Event, Now, PrivateKey};
+use crate::agent::{
+    Agent, AgentConfig, DataPlaneEvent, Event, Now, PrivateKey, RelayConnEvent, RelayOut,
+};
 use crate::control::{self, Channel};
 use crate::dataplane::DataPlane;
 use crate::state::State;
@@ -58,6 +62,8 @@ struct Link {
     posture_tx: mpsc::Sender<PostureReport>,
     /// Relay names resolved off the loop: (`HOST:PORT`, address or error).
     resolved_tx: mpsc::Sender<Resolved>,
+    /// One QUIC connection per relay the agent asks for.
+    relays: RelayClients,
 }
 
 type Resolved = (String, Result<SocketAddr, String>);
@@ -78,12 +84,15 @@ impl Daemon {
             .ok();
         let (posture_tx, mut posture_rx) = mpsc::channel::<PostureReport>(1);
         let (resolved_tx, mut resolved_rx) = mpsc::channel::<Resolved>(16);
+        let (relay_tx, mut relay_rx) = mpsc::channel::<RelayConnEvent>(256);
+        let relays = RelayClients::new(endpoint.clone(), dp.clone(), relay_tx);
         let mut link = Link {
             endpoint,
             channel: None,
             opening: None,
             posture_tx,
             resolved_tx,
+            relays,
         };
 
         loop {
@@ -138,6 +147,7 @@ impl Daemon {
                 Some((addr, result)) = resolved_rx.recv() => {
                     lock(&agent).handle_relay_resolved(&addr, result, now());
                 }
+                Some(ev) = relay_rx.recv() => lock(&agent).handle_relay_event(ev, now()),
                 // A fresh wait each turn loses nothing: the data plane's notification is kept
                 // until someone waits.
                 _ = async { match &dp {
@@ -160,6 +170,7 @@ impl Daemon {
                 }
             }
         }
+        link.relays.shutdown();
         if let Some(ch) = link.channel.take() {
             ch.conn.close(0u32.into(), b"stopping");
         }
@@ -271,6 +282,30 @@ impl Daemon {
                         let _ = tx.send((addr, result)).await;
                     });
                 }
+                Event::Relay(RelayOut::Connect {
+                    relay,
+                    addr,
+                    ticket,
+                }) => match self.relay_credentials(ticket) {
+                    Ok(c) => link.relays.connect(relay, addr, c),
+                    Err(e) => {
+                        warn!(%relay, error = %format!("{e:#}"), "cannot connect to the relay")
+                    }
+                },
+                Event::Relay(RelayOut::Ticket { relay, ticket }) => {
+                    match self.relay_credentials(ticket) {
+                        Ok(c) => link.relays.update(&relay, c),
+                        Err(e) => {
+                            warn!(%relay, error = %format!("{e:#}"), "cannot present the ticket")
+                        }
+                    }
+                }
+                Event::Relay(RelayOut::Disconnect { relay }) => link.relays.disconnect(&relay),
+                Event::SetRelays(list) => {
+                    if let Some(dp) = dp {
+                        dp.set_relays(list);
+                    }
+                }
                 Event::SendDiscovery { dst, datagram } => {
                     if let Some(dp) = dp {
                         dp.send_discovery(dst, &datagram);
@@ -308,6 +343,14 @@ impl Daemon {
         self.state_file.save(st)
     }
 
+    /// The ticket with a relay TLS config for the device certificate held now.
+    fn relay_credentials(&self, ticket: SignedTicket) -> Result<Credentials> {
+        let g = lock(&self.identity);
+        let st = g.as_ref().ok_or_else(|| anyhow::anyhow!("not enrolled"))?;
+        let config = control::relay_config(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
+        Ok(Credentials { ticket, config })
+    }
+
     fn csr(&self) -> Result<Vec<u8>> {
         let pem = lock(&self.identity)
             .as_ref()
@@ -328,7 +371,8 @@ async fn open(endpoint: quinn::Endpoint, st: State) -> Result<Channel> {
     Ok(ch)
 }
 
-/// This device's data-plane key, port and candidate endpoints.
+/// This device's data-plane key, port and interface endpoints; the agent adds the reflexive
+/// candidates and its home relay, and always sends the whole update.
 fn hello_update(dp: Option<&DataPlane>) -> DeviceUpdate {
     let Some(dp) = dp else {
         return DeviceUpdate::default();

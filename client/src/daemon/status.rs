@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use ward_shared::filter::{PortRange, Proto};
 use ward_shared::wire::WgPublicKey;
 
-use crate::agent::Netcheck;
-use crate::agent::{Agent, Phase};
+use crate::agent::{Agent, ConnState, Phase};
+use crate::agent::{Netcheck, Relays};
 use crate::api::{
-    CountersView, DeviceView, InboundView, NetcheckView, OwnLeaseView, PeerView, PostureView,
-    ReachView, RelayCheckView, State, StatusView,
+    CountersView, DeviceView, InboundView, NetcheckView, OwnLeaseView, PathView, PeerView,
+    PostureView, ReachView, RelayCheckView, State, StatusView,
 };
-use crate::dataplane::{self, DataPlane};
+use crate::dataplane::{self, DataPlane, PathStatus};
 use crate::state::State as Identity;
 use ward_runtime::now_ms;
 
@@ -63,10 +63,20 @@ pub fn status(s: Sources<'_>) -> StatusView {
                 .and_then(|a| a.peer_first_seen(p.device_id))
                 .map(|t| Instant::now().saturating_duration_since(t));
             let hs = ps.and_then(|s| s.last_handshake);
-            let (path, reachable) = match (s.dataplane, p.wg_public_key, hs) {
-                (None, _, _) => ("control-plane only (no data plane)".to_string(), false),
-                (_, None, _) => ("peer has no data plane up".to_string(), false),
-                (_, _, Some(_)) => (
+            let path = match ps.map(|s| &s.path) {
+                Some(PathStatus::Direct(addr)) => PathView::Direct { addr: *addr },
+                Some(PathStatus::Relay(relay)) => PathView::Relay {
+                    relay: relay.clone(),
+                },
+                Some(PathStatus::None) | None => PathView::None,
+            };
+            let (path_text, reachable) = match (s.dataplane, p.wg_public_key, hs, &path) {
+                (None, _, _, _) => ("control-plane only (no data plane)".to_string(), false),
+                (_, None, _, _) => ("peer has no data plane up".to_string(), false),
+                (_, _, Some(_), PathView::Direct { .. } | PathView::Relay { .. }) => {
+                    (path.to_string(), true)
+                }
+                (_, _, Some(_), PathView::None) => (
                     format!(
                         "direct {}",
                         ps.and_then(|s| s.endpoint)
@@ -75,12 +85,12 @@ pub fn status(s: Sources<'_>) -> StatusView {
                     ),
                     true,
                 ),
-                (_, _, None) if since.is_some_and(|t| t > UNREACHABLE_AFTER) => (
+                (_, _, None, _) if since.is_some_and(|t| t > UNREACHABLE_AFTER) => (
                     format!(
                         "unreachable: no direct path answered ({})",
                         s.agent.map_or_else(
-                            || unreachable_reason(&Netcheck::default()),
-                            |a| unreachable_reason(a.netcheck())
+                            || unreachable_reason(&Netcheck::default(), &Relays::default(), None),
+                            |a| unreachable_reason(a.netcheck(), a.relays(), p.relay.as_deref())
                         )
                     ),
                     false,
@@ -107,6 +117,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
                 path_mtu: ps.and_then(|s| s.path_mtu),
                 reachable,
                 path,
+                path_text,
                 last_handshake_secs: hs.map(|d| d.as_secs()),
                 rx_bytes: ps.map(|s| s.rx_bytes).unwrap_or(0),
                 tx_bytes: ps.map(|s| s.tx_bytes).unwrap_or(0),
@@ -238,39 +249,63 @@ pub fn status(s: Sources<'_>) -> StatusView {
             port: s.dataplane.map(|d| d.local_port()),
             public_key: s.dataplane.map(|d| WgPublicKey(d.public_key()).to_base64()),
             counters,
+            home_relay: s.agent.and_then(|a| a.relays().home()).map(String::from),
         }),
     }
 }
 
-/// Why no direct path answered, from what address discovery found.
-pub(super) fn unreachable_reason(nc: &Netcheck) -> String {
+/// Why no direct path answered, from what address discovery found, and why no relay carries
+/// the traffic instead (`peer_relay`: the peer's home relay).
+pub(super) fn unreachable_reason(
+    nc: &Netcheck,
+    relays: &Relays,
+    peer_relay: Option<&str>,
+) -> String {
+    let relay_note = relay_note(relays, peer_relay);
     if nc.relays().next().is_none() {
-        return "both sides may be behind NAT; relays are not available yet".into();
+        return "both sides may be behind NAT; no relay is configured".into();
     }
     if !nc.udp() {
-        return "no relay answered address discovery: UDP may be blocked here; relays cannot carry traffic yet".into();
+        return format!(
+            "no relay answered address discovery: UDP may be blocked here; {relay_note}"
+        );
     }
     if nc.mapping_varies() == Some(true) {
-        return "this device's NAT maps by destination: a relay is needed, not available yet"
-            .into();
+        return format!("this device's NAT maps by destination: a relay is needed; {relay_note}");
     }
     let refl: Vec<String> = nc.reflexive().iter().map(|a| a.to_string()).collect();
     format!(
-        "this device is reachable at {}; the peer's NAT may map by destination: a relay is needed, not available yet",
+        "this device is reachable at {}; the peer's NAT may map by destination: a relay is needed; {relay_note}",
         refl.join(", ")
     )
 }
 
+/// Why the relay does not carry a peer's traffic.
+fn relay_note(relays: &Relays, peer_relay: Option<&str>) -> String {
+    let Some(name) = peer_relay else {
+        return "the peer has no home relay".into();
+    };
+    match relays.conns().find(|c| c.name == name).map(|c| &c.state) {
+        None => format!("the peer's relay {name} is not one of this device's relays"),
+        Some(ConnState::Idle) => format!("no ticket for the peer's relay {name} yet"),
+        Some(ConnState::Connecting) => format!("not connected to the peer's relay {name}"),
+        Some(ConnState::Up { .. }) => format!("no answer through the relay {name} yet"),
+    }
+}
+
 /// `ward netcheck`.
 pub fn netcheck(agent: Option<&Agent>) -> NetcheckView {
-    let Some(nc) = agent.map(|a| a.netcheck()) else {
+    let Some(a) = agent else {
         return NetcheckView {
             udp: false,
             reflexive: Vec::new(),
             mapping_varies_by_dest: None,
             relays: Vec::new(),
+            home_relay: None,
         };
     };
+    let nc = a.netcheck();
+    let conns = a.relays();
     NetcheckView {
         udp: nc.udp(),
         reflexive: nc.reflexive(),
@@ -285,8 +320,33 @@ pub fn netcheck(agent: Option<&Agent>) -> NetcheckView {
                     .map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
                 observed: r.observed,
                 error: r.error.clone(),
+                ..relay_conn_view(conns, &r.name)
             })
             .collect(),
+        home_relay: conns.home().map(String::from),
+    }
+}
+
+/// One relay's connection state for `ward netcheck` (the discovery fields left empty).
+fn relay_conn_view(relays: &Relays, name: &str) -> RelayCheckView {
+    let c = relays.conns().find(|c| c.name == name);
+    let (connection, rtt_ms) = match c.map(|c| &c.state) {
+        None | Some(ConnState::Idle) => ("idle", None),
+        Some(ConnState::Connecting) => ("connecting", None),
+        Some(ConnState::Up { rtt, .. }) => (
+            "up",
+            Some(u64::try_from(rtt.as_millis()).unwrap_or(u64::MAX)),
+        ),
+    };
+    RelayCheckView {
+        name: name.to_string(),
+        addr: String::new(),
+        latency_ms: None,
+        observed: None,
+        error: None,
+        connection: connection.into(),
+        rtt_ms,
+        connection_error: c.and_then(|c| c.last_error.clone()),
     }
 }
 

@@ -388,6 +388,8 @@ impl World {
             }
             Event::SaveCert { .. } | Event::NeedCsr => {}
             Event::ResolveRelay(_) | Event::SendDiscovery { .. } => {}
+            // No relays in the simulation (yet): nothing to connect.
+            Event::Relay(_) | Event::SetRelays(_) => {}
             Event::NeedKey => {
                 let k = PrivateKey(self.rng.gen());
                 self.devs[i].agent.provide_key(k);
