@@ -190,8 +190,13 @@ impl Relays {
             debug!(serial = t.serial, "relay ticket already expired: ignored");
             return;
         }
-        debug!(serial = t.serial, "relay ticket");
         self.want_ticket = false;
+        if self.ticket.as_ref() == Some(&ticket) {
+            // The coordinator answers a request soon after the last with the same ticket.
+            debug!(serial = t.serial, "relay ticket unchanged");
+            return;
+        }
+        debug!(serial = t.serial, "relay ticket");
         for r in self.relays.values_mut() {
             match r.state {
                 ConnState::Idle => {
@@ -546,6 +551,14 @@ mod tests {
         r.handle_ticket(ticket(3, 320_000, 920_000), at(321), 321_000);
         assert!(!r.poll_ticket_request());
         assert_eq!(r.ticket().map(|t| t.ticket.serial), Some(3));
+        assert_eq!(drain(&mut r).len(), 2);
+        // The same ticket again (asked too soon after the last): nothing to present.
+        r.cert_renewed(at(331), 331_000);
+        assert!(r.poll_ticket_request());
+        r.handle_ticket(ticket(3, 320_000, 920_000), at(331), 331_000);
+        assert!(drain(&mut r).is_empty());
+        r.handle_timeout(at(345), 345_000);
+        assert!(!r.poll_ticket_request(), "answered: not asked again");
         // An already expired ticket is not taken.
         r.handle_ticket(ticket(4, 0, 1_000), at(322), 322_000);
         assert_eq!(r.ticket().map(|t| t.ticket.serial), Some(3));
