@@ -30,7 +30,7 @@ enroll() { lab_device_up "$1" "$(lab_token --user alice)" >/dev/null; }
 # has_candidate HOST PEER ADDR: PEER's published candidate endpoints (as HOST sees them) hold ADDR.
 has_candidate() { peer_json "$1" "$2" endpoints | grep -qxF "$3"; }
 # path_is HOST PEER PREFIX: HOST's path to PEER starts with PREFIX.
-path_is() { [[ "$(peer_json "$1" "$2" path)" == "$3"* ]]; }
+path_is() { [[ "$(peer_json "$1" "$2" path_text)" == "$3"* ]]; }
 # tcp_check FROM TO DST PORT LABEL: 10 MB over TCP from FROM to DST (TO's overlay address),
 # SHA-256 compared.
 tcp_check() {

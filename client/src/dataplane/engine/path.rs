@@ -25,7 +25,10 @@
 //! - `Direct(addr)`: every authenticated datagram from a direct address makes the path
 //!   `Direct` to that address at once (a NAT rebinding moves it). It falls back to the relay
 //!   when this device sent data in the last [`FALLBACK_SENT_WITHIN`] and nothing authenticated
-//!   came from the direct address for [`FALLBACK_SILENCE`].
+//!   came from the direct address for [`FALLBACK_SILENCE`], or at once when the peer's data
+//!   arrives through the relay and nothing came directly for [`FOLLOW_PEER_SILENCE`] (the
+//!   peer gave the direct path up; a side that only answers, like a TCP receiver, would
+//!   otherwise send its answers into the dead path until the sender's next retransmit).
 //!
 //! Path switches never touch the WireGuard session.
 
@@ -47,6 +50,9 @@ const PATH_STALE_AFTER: Duration = Duration::from_secs(15);
 pub const FALLBACK_SILENCE: Duration = Duration::from_secs(3);
 /// …that is, sent data to the peer within this long.
 pub const FALLBACK_SENT_WITHIN: Duration = Duration::from_secs(1);
+/// A peer that relays to us while nothing came over the direct path for this long has given
+/// that path up: this side follows it to the relay at once.
+pub const FOLLOW_PEER_SILENCE: Duration = Duration::from_secs(1);
 /// Direct probes (keepalives to every candidate) while relayed.
 pub const DIRECT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Direct probe interval for a while after the candidates change.
@@ -134,8 +140,22 @@ impl Path {
                 self.switch(PathState::Direct(addr));
             }
             Source::Relay { .. } => {
-                // Relayed traffic never moves a direct path: the peer may simply not have
-                // switched yet. It only tells that the relay works (already the path).
+                // Relayed traffic does not move a live direct path: the peer may simply not
+                // have switched yet. But when the direct path has been silent for a while,
+                // the peer relaying to us says it gave that path up: follow at once instead
+                // of waiting to be silent for the full fallback time ourselves (a receiver
+                // that only answers would otherwise wait for the sender's next retransmit).
+                let (PathState::Direct(addr), Some(r)) = (self.state, self.relay) else {
+                    return;
+                };
+                let stale = self
+                    .last_rx
+                    .is_none_or(|t| now.saturating_duration_since(t) >= FOLLOW_PEER_SILENCE);
+                if stale {
+                    tracing::debug!(peer = self.device_id, %addr, relay = %r.id, "peer relays and the direct path is silent: following it to the relay");
+                    self.switch(PathState::Relayed(r.id));
+                    self.next_direct_probe = now + DIRECT_PROBE_INTERVAL;
+                }
             }
         }
     }

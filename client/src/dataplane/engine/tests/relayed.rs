@@ -422,3 +422,49 @@ fn lossy_direct_path_does_not_fall_back() {
         assert_eq!(net.nodes[i].core.counters().path_switches, *before);
     }
 }
+
+#[test]
+fn a_side_that_only_answers_follows_the_peer_to_the_relay_at_its_first_relayed_packet() {
+    let mut net = relayed_pair(66, false);
+    establish(&mut net);
+    let (took, n) = stream_until(&mut net, 0, Duration::from_secs(2), both_direct);
+    assert!(took.is_some(), "a working direct path is taken");
+    net.run(Duration::from_millis(100));
+
+    // Direct blocked; only node 0 sends (a TCP sender), so only node 0 can see the silence.
+    net.block_direct = true;
+    let (a4, b4) = (net.nodes[0].ipv4, net.nodes[1].ipv4);
+    let mut k = n;
+    let limit = net.now + Duration::from_secs(10);
+    while path_of(&net, 0) != PathStatus::Relay(RELAY.into()) {
+        assert!(net.now < limit, "node 0 never fell back");
+        net.send_ip(0, &ipv4_packet(a4, b4, &k.to_be_bytes()));
+        k += 1;
+        net.step();
+    }
+    assert!(
+        matches!(path_of(&net, 1), PathStatus::Direct(_)),
+        "node 1 sent nothing, so it had no reason to fall back yet"
+    );
+
+    // Node 0's next packet arrives through the relay; node 1 answers the moment it has it.
+    let probe = k;
+    net.send_ip(0, &ipv4_packet(a4, b4, &probe.to_be_bytes()));
+    let limit = net.now + Duration::from_secs(1);
+    while !numbers(&net, 1).contains(&probe) {
+        assert!(net.now < limit, "the relayed packet never arrived");
+        net.step();
+    }
+    assert_eq!(
+        path_of(&net, 1),
+        PathStatus::Relay(RELAY.into()),
+        "node 1 follows its peer to the relay on receipt"
+    );
+    let answer = probe + 1;
+    net.send_ip(1, &ipv4_packet(b4, a4, &answer.to_be_bytes()));
+    net.run(Duration::from_millis(100));
+    assert!(
+        numbers(&net, 0).contains(&answer),
+        "the answer went through the relay, not into the dead direct path"
+    );
+}
