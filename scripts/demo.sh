@@ -69,8 +69,40 @@ step "Behind her home router, alice asked the relay what address it sees her at 
 alice_found_udp() { [[ "$(lab_netcheck_get alice 'n["udp"]')" == True ]]; }
 lab_wait_for -t 15 alice_found_udp
 run "alice$ ward netcheck"; lab_ward alice netcheck | sed 's/^/    /'
-echo "  (her router's public address; she publishes it as a candidate endpoint, and peers behind"
-echo "   ordinary NATs reach her directly; relayed forwarding for NATs that change ports comes next)"
+echo "  (her router's public address; she publishes it as a candidate endpoint, so peers behind"
+echo "   ordinary NATs reach her directly)"
+
+step "Laptops and servers behind home NATs: direct when the NATs allow it, through the relay when not"
+lab_add_natted_host nas                 # an ordinary home router (port kept)
+lab_add_natted_host carol --symmetric   # routers that pick a new port per destination
+lab_add_natted_host dave --symmetric
+echo "  server 'nas' behind an ordinary NAT; alice's second laptop 'carol' and server 'dave'"
+echo "  each behind a NAT that randomizes ports (no direct path can be punched between them)"
+for h in nas carol dave; do lab_start_device "$h"; done
+lab_device_up nas "$(lab_token --tag db --tag server)" >/dev/null
+lab_device_up dave "$(lab_token --tag db --tag server)" >/dev/null
+lab_device_up carol "$(lab_token --user alice)" >/dev/null
+NAS4=$(lab_ward_ipv4 nas); DAVE4=$(lab_ward_ipv4 dave)
+path_kind() { lab_ward_json_get "$1" "[p['path']['kind'] for p in s['peers'] if p['hostname']=='$2'][0]"; }
+lab_wait_for -t 30 -i 0.3 sh -c "ip netns exec $(lab_ns alice) ping -c1 -W1 $NAS4 >/dev/null"
+lab_wait_for -t 30 -i 0.3 sh -c "ip netns exec $(lab_ns carol) ping -c1 -W1 $DAVE4 >/dev/null"
+is_kind() { [[ "$(path_kind "$1" "$2")" == "$3" ]]; }
+lab_wait_for -t 15 -i 0.3 is_kind alice nas direct
+lab_wait_for -t 15 -i 0.3 is_kind carol dave relay
+run "alice$ ward status      # nas: both behind ordinary NATs, a direct path"
+lab_ward alice status | grep -E '^\s*(peers:|nas )' | sed 's/^/    /'
+run "carol$ ward status      # dave: both behind port-randomizing NATs, through relay r1"
+lab_ward carol status | grep -E '^\s*(peers:|dave )' | sed 's/^/    /'
+head -c 20M /dev/urandom >"$LAB_DIR/blob-relay"
+lab_spawn dave nc-relay.log sh -c "nc -l -p 5432 | sha256sum > $LAB_DIR/got-relay"
+lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns dave) ss -ltn | grep -q ':5432 '"
+START=$(date +%s%N)
+lab_exec carol nc -N "$DAVE4" 5432 <"$LAB_DIR/blob-relay"
+lab_wait_for -t 15 test -s "$LAB_DIR/got-relay"
+MS=$(( ($(date +%s%N) - START) / 1000000 ))
+echo "  carol → dave:5432 through the relay: 20 MB, sha256 $(sha256sum <"$LAB_DIR/blob-relay" | cut -c1-16)… received $(cut -c1-16 "$LAB_DIR/got-relay")… in ${MS} ms"
+echo "  (the relay forwards WireGuard ciphertext between ticketed devices; it holds no keys)"
+lab_coord relay ls | sed 's/^/  /'
 
 step "A 20 MB TCP transfer alice → db:5432, checked end to end"
 head -c 20M /dev/urandom >"$LAB_DIR/blob"
