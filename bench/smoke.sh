@@ -3,7 +3,7 @@
 # starts and carries traffic, never a timed test (no figure is compared with anything).
 #
 #   sudo bench/smoke.sh        # about a minute once built; without root the namespace parts
-#                              # (dp_pair.sh, throughput.sh) are reported SKIPPED
+#                              # (dp_pair.sh, throughput.sh, relay.sh) are reported SKIPPED
 #
 # Builds what it runs (release, --locked). throughput.sh --smoke needs iperf3, ping and
 # python3, and runs the peers (wireguard-go, boringtun-cli, nebula) only if installed.
@@ -21,7 +21,7 @@ echo "== dp_pair genkey"
 target/release/examples/dp_pair genkey >/dev/null
 
 if [[ $EUID -ne 0 ]]; then
-    echo "SKIPPED: client/examples/dp_pair.sh and bench/throughput.sh --smoke need root (network namespaces, TUN); they were NOT run"
+    echo "SKIPPED: client/examples/dp_pair.sh, bench/throughput.sh --smoke and bench/relay.sh --smoke need root (network namespaces, TUN); they were NOT run"
     exit 0
 fi
 
@@ -30,3 +30,6 @@ client/examples/dp_pair.sh 1
 
 echo "== bench/throughput.sh --smoke"
 bench/throughput.sh --smoke
+
+echo "== bench/relay.sh --smoke"
+bench/relay.sh --smoke

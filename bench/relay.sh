@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Relayed against direct, side by side on one lab: a coordinator, one relay and two devices on
+# the lab's wan (no NAT between them). Each round measures the direct path, then drops direct
+# UDP between the two devices (nftables in their own namespaces) so their traffic moves to the
+# relay, measures again, and lifts the block. A benchmark script, never a test. Run as root.
+#
+#   bench/relay.sh [--rounds 3] [--duration 10] [--out FILE] [--smoke]
+#
+# --smoke: a rot check for CI, not a measurement: one round, 2 s iperf3 runs; exits non-zero
+#   if either path carries nothing or the relayed run did not go through the relay.
+#
+# Figures per path (median over rounds):
+#   tcp1   iperf3 TCP, 1 stream, Gbit/s (receiver side)
+#   rtt    ping RTT idle, median ms (50 pings, 20 ms apart; 10 with --smoke)
+#   relay  ward-relay CPU seconds per GB during the relayed single-stream run
+# and the relayed/direct ratios.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+
+ROUNDS=3
+DURATION=10
+OUT=""
+SMOKE=0
+PINGS=50
+while (($# > 0)); do
+    case "$1" in
+        --rounds) ROUNDS="$2"; shift 2 ;;
+        --duration) DURATION="$2"; shift 2 ;;
+        --out) OUT="$2"; shift 2 ;;
+        --smoke) SMOKE=1; shift ;;
+        -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+if ((SMOKE)); then
+    ROUNDS=1
+    DURATION=2
+    PINGS=10
+    [[ -n "$OUT" ]] || OUT="${TMPDIR:-/tmp}/ward-bench-relay-smoke-$$.json"
+fi
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a positive integer" >&2; exit 2; }
+[[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || { echo "--duration must be a positive integer (seconds)" >&2; exit 2; }
+[[ $EUID -eq 0 ]] || { echo "bench/relay.sh needs root (network namespaces, TUN devices)" >&2; exit 1; }
+for t in iperf3 ping python3 nft; do
+    command -v "$t" >/dev/null || { echo "missing $t" >&2; exit 1; }
+done
+if [[ -z "$OUT" ]]; then
+    mkdir -p "$repo/bench/results"
+    OUT="$repo/bench/results/relay-$(date +%Y%m%d-%H%M%S).json"
+fi
+
+# shellcheck source=../tests/lab/lab.sh
+source "$repo/tests/lab/lab.sh"
+lab_have_ward && lab_have_relay ||
+    { echo "build first: cargo build --release --locked --workspace --bins" >&2; exit 1; }
+
+lab_init
+lab_add_wan_host relay1
+lab_add_wan_host a
+lab_add_wan_host b
+lab_start_coordinator
+lab_start_relay relay1 r1 >/dev/null
+lab_relay_wait_welcomed relay1 15
+for h in a b; do
+    lab_start_device "$h"
+    lab_coord user add "$h" >/dev/null
+    lab_device_up "$h" "$(lab_token --user "$h")" >/dev/null
+done
+cat >"$LAB_DIR/policy.toml" <<'POL'
+[groups]
+pair = ["a", "b"]
+
+[services.pair]
+devices = ["group:pair"]
+ports = ["tcp/*", "udp/*", "icmp"]
+
+[[rules]]
+name = "pair"
+from = ["group:pair"]
+to = ["pair"]
+POL
+lab_coord policy apply "$LAB_DIR/policy.toml" >/dev/null
+A_IP=$(lab_ip a)
+B_IP=$(lab_ip b)
+B4=$(lab_ward_ipv4 b)
+RELAY_PID=$(lab_pids relay1 | head -n1)
+
+path_kind() { lab_ward_json_get "$1" "[p['path']['kind'] for p in s['peers'] if p['hostname']=='$2'][0]"; }
+is_kind() { [[ "$(path_kind "$1" "$2" 2>/dev/null)" == "$3" ]]; }
+both() { is_kind a b "$1" && is_kind b a "$1"; }
+block() {
+    local h peer
+    for h in a b; do
+        [[ $h == a ]] && peer=$B_IP || peer=$A_IP
+        ip netns exec "$(lab_ns "$h")" nft -f - <<NFT
+table ip wardbench {
+    chain out {
+        type filter hook output priority -10; policy accept;
+        ip daddr $peer udp dport 51820 drop
+    }
+    chain in {
+        type filter hook input priority -10; policy accept;
+        ip saddr $peer udp sport 51820 drop
+    }
+}
+NFT
+    done
+}
+unblock() {
+    local h
+    for h in a b; do ip netns exec "$(lab_ns "$h")" nft delete table ip wardbench 2>/dev/null || true; done
+}
+cpu_s() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"; }
+
+# measure PATH: one single-stream run and the idle RTT over the current path; prints a JSON object.
+measure() {
+    local kind="$1" c0 c1 json rtt
+    rtt=$(lab_exec a ping -q -c "$PINGS" -i 0.02 -W 1 "$B4" | python3 -c '
+import re, sys
+m = re.search(r"= [\d.]+/([\d.]+)/", sys.stdin.read())
+print(m.group(1) if m else "null")')
+    lab_spawn b "iperf3-s-$kind.log" iperf3 -s -1 -B "$B4" -p 5201
+    lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns b) ss -ltn | grep -q ':5201 '"
+    c0=$(cpu_s "$RELAY_PID")
+    json=$(lab_exec a iperf3 -c "$B4" -p 5201 -t "$DURATION" -J) || json='{"error":"iperf3 failed"}'
+    c1=$(cpu_s "$RELAY_PID")
+    python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+kind, rtt, c0, c1 = sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+out = {"path": kind, "rtt_idle_ms": None if rtt == "null" else float(rtt)}
+if "error" in r:
+    out["error"] = r["error"]
+else:
+    e = r["end"]["sum_received"]
+    out["tcp1_gbps"] = e["bits_per_second"] / 1e9
+    out["bytes"] = e["bytes"]
+    gb = e["bytes"] / 1e9
+    out["relay_cpu_s_per_gb"] = (c1 - c0) / gb if gb > 0 else None
+print(json.dumps(out))' "$json" "$kind" "$rtt" "$c0" "$c1"
+}
+
+lab_wait_for -t 30 -i 0.2 both direct || { echo "the two devices never went direct" >&2; exit 1; }
+RUNS=()
+for ((r = 1; r <= ROUNDS; r++)); do
+    lab_wait_for -t 30 -i 0.2 both direct || { echo "round $r: not direct" >&2; exit 1; }
+    RUNS+=("$(measure direct)")
+    block
+    lab_exec a ping -q -c 3 -i 0.2 -W 1 "$B4" >/dev/null 2>&1 || true
+    lab_wait_for -t 30 -i 0.2 both relay || { echo "round $r: never relayed" >&2; exit 1; }
+    RUNS+=("$(measure relay)")
+    unblock
+    lab_exec a ping -q -c 3 -i 0.2 -W 1 "$B4" >/dev/null 2>&1 || true
+done
+
+printf '%s\n' "${RUNS[@]}" | python3 -c '
+import json, statistics, sys
+runs = [json.loads(l) for l in sys.stdin if l.strip()]
+out_path, smoke, rounds, duration = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+def med(kind, key):
+    v = [r[key] for r in runs if r["path"] == kind and r.get(key) is not None]
+    return statistics.median(v) if v else None
+summary = {k: {f: med(k, f) for f in ("tcp1_gbps", "rtt_idle_ms", "relay_cpu_s_per_gb")} for k in ("direct", "relay")}
+d, r = summary["direct"], summary["relay"]
+ratio = lambda a, b: (a / b) if a is not None and b else None
+summary["ratio_tcp1"] = ratio(r["tcp1_gbps"], d["tcp1_gbps"])
+summary["ratio_rtt"] = ratio(r["rtt_idle_ms"], d["rtt_idle_ms"])
+json.dump({"rounds": rounds, "duration_s": duration, "runs": runs, "summary": summary}, open(out_path, "w"), indent=1)
+f = lambda x, p=2: "-" if x is None else "%.*f" % (p, x)
+print("%-8s %12s %12s %15s" % ("path", "tcp1 Gbit/s", "rtt idle ms", "relay cpu s/GB"))
+for k in ("direct", "relay"):
+    s = summary[k]
+    print("%-8s %12s %12s %15s" % (k, f(s["tcp1_gbps"]), f(s["rtt_idle_ms"], 3), f(s["relay_cpu_s_per_gb"])))
+print("relayed/direct: throughput %sx, idle RTT %sx (target: throughput >= 0.5x)" % (f(summary["ratio_tcp1"]), f(summary["ratio_rtt"])))
+print(f"results written to {out_path}")
+errors = [r for r in runs if "error" in r]
+if smoke and (errors or not all((r.get("bytes") or 0) > 0 for r in runs)):
+    print("smoke: a path carried nothing", file=sys.stderr); sys.exit(1)
+' "$OUT" "$SMOKE" "$ROUNDS" "$DURATION"
