@@ -5,14 +5,13 @@
 //! with its certificate (mutual TLS).
 
 use anyhow::{anyhow, bail, Context, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info};
+use ward_runtime::quic::{read_msg, PinnedCa};
 
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{
@@ -38,79 +37,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Accepts the coordinator only if its chain contains the CA whose fingerprint the token
-/// carries, and the server certificate verifies against that CA.
-#[derive(Debug)]
-struct PinnedCa {
-    fingerprint: [u8; 32],
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(ca) = intermediates
-            .iter()
-            .find(|c| Sha256::digest(c.as_ref()).as_slice() == self.fingerprint)
-        else {
-            return Err(rustls::Error::General(
-                "the coordinator's certificate does not come from the CA named in the token (CA fingerprint mismatch)".into(),
-            ));
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(ca.clone().into_owned())
-            .map_err(|e| rustls::Error::General(format!("pinned CA is unusable: {e}")))?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 fn transport() -> Result<Arc<quinn::TransportConfig>> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(5)));
@@ -130,10 +56,11 @@ pub fn enroll_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+        .with_custom_certificate_verifier(Arc::new(PinnedCa::new(
             fingerprint,
             provider,
-        }))
+            "the token",
+        )))
         .with_no_client_auth();
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
     client_config(tls)
@@ -369,20 +296,9 @@ impl Channel {
 
     /// Next message; `Ok(None)` when the coordinator closed the stream.
     pub async fn recv(&mut self) -> Result<Option<CoordinatorMsg>> {
-        loop {
-            if let Some(f) = self.dec.next_frame()? {
-                return Ok(Some(wire::decode(&f)?));
-            }
-            let want = self.dec.wanted().min(self.buf.len());
-            match self.recv.read(&mut self.buf[..want]).await {
-                Ok(Some(n)) => self.dec.push(&self.buf[..n]),
-                Ok(None) => {
-                    self.dec.finish()?;
-                    return Ok(None);
-                }
-                Err(e) => return Err(anyhow!("control stream: {e}")),
-            }
-        }
+        read_msg(&mut self.recv, &mut self.dec, &mut self.buf)
+            .await
+            .context("control stream")
     }
 }
 

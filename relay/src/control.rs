@@ -278,19 +278,8 @@ impl Frames {
 
     /// The next message; `Ok(None)` at the end of the stream.
     async fn next(&mut self) -> Result<Option<CoordinatorToRelay>> {
-        loop {
-            if let Some(f) = self.dec.next_frame()? {
-                return Ok(Some(wire::decode(&f)?));
-            }
-            let want = self.dec.wanted().min(self.buf.len());
-            match self.recv.read(&mut self.buf[..want]).await {
-                Ok(Some(n)) => self.dec.push(&self.buf[..n]),
-                Ok(None) => {
-                    self.dec.finish()?;
-                    return Ok(None);
-                }
-                Err(e) => return Err(anyhow!("control stream: {e}")),
-            }
-        }
+        ward_runtime::quic::read_msg(&mut self.recv, &mut self.dec, &mut self.buf)
+            .await
+            .context("control stream")
     }
 }

@@ -320,13 +320,9 @@ impl Stream {
 
     /// The next message; `None` at the end of the stream or on anything malformed.
     async fn next(&mut self) -> Option<DeviceToRelay> {
-        loop {
-            if let Some(f) = self.dec.next_frame().ok()? {
-                return wire::decode(&f).ok();
-            }
-            let want = self.dec.wanted().min(self.buf.len());
-            let n = self.recv.read(&mut self.buf[..want]).await.ok()??;
-            self.dec.push(&self.buf[..n]);
-        }
+        ward_runtime::quic::read_msg(&mut self.recv, &mut self.dec, &mut self.buf)
+            .await
+            .ok()
+            .flatten()
     }
 }

@@ -4,13 +4,12 @@
 //! certificate.
 
 use anyhow::{Context, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
+use ward_runtime::quic::PinnedCa;
 use ward_shared::relay::{RELAY_ALPN, RELAY_CONTROL_ALPN};
 
 /// How often an idle device connection is probed, and how long silence may last before it is
@@ -34,10 +33,11 @@ pub fn control_client_config(ca_sha256: [u8; 32]) -> Result<quinn::ClientConfig>
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa {
-            fingerprint: ca_sha256,
+        .with_custom_certificate_verifier(Arc::new(PinnedCa::new(
+            ca_sha256,
             provider,
-        }))
+            "the relay credential",
+        )))
         .with_no_client_auth();
     tls.alpn_protocols = vec![RELAY_CONTROL_ALPN.to_vec()];
     let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
@@ -107,79 +107,4 @@ pub fn peer_cert_identity(conn: &quinn::Connection) -> Option<[u8; 32]> {
 pub fn cert_identity(cert_der: &[u8]) -> Option<[u8; 32]> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
     Some(Sha256::digest(&cert.tbs_certificate.subject_pki.subject_public_key.data).into())
-}
-
-/// Accepts the coordinator only if its chain holds the CA with the pinned fingerprint and its
-/// certificate verifies against that CA.
-#[derive(Debug)]
-struct PinnedCa {
-    fingerprint: [u8; 32],
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(ca) = intermediates
-            .iter()
-            .find(|c| Sha256::digest(c.as_ref()).as_slice() == self.fingerprint)
-        else {
-            return Err(rustls::Error::General(
-                "the coordinator's certificate does not come from the CA named in the relay \
-                 credential (CA fingerprint mismatch)"
-                    .into(),
-            ));
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(ca.clone().into_owned())
-            .map_err(|e| rustls::Error::General(format!("pinned CA is unusable: {e}")))?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

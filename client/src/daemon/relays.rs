@@ -366,27 +366,16 @@ fn datagram_limit(conn: &quinn::Connection, relay_says: u16) -> u16 {
     u16::try_from(m).unwrap_or(u16::MAX)
 }
 
-/// The next frame on the relay stream (bounded by the decoder); `None` at its end. Cancel
+/// The next message on the relay stream (bounded by the decoder); `None` at its end. Cancel
 /// safe: bytes read are kept in `dec`.
 async fn read_frame(
     recv: &mut quinn::RecvStream,
     dec: &mut FrameDecoder,
     buf: &mut [u8],
 ) -> Result<Option<RelayToDevice>> {
-    loop {
-        if let Some(f) = dec.next_frame()? {
-            return Ok(Some(wire::decode(&f)?));
-        }
-        let want = dec.wanted().min(buf.len());
-        match recv.read(&mut buf[..want]).await {
-            Ok(Some(n)) => dec.push(&buf[..n]),
-            Ok(None) => {
-                dec.finish()?;
-                return Ok(None);
-            }
-            Err(e) => return Err(anyhow!("relay stream: {e}")),
-        }
-    }
+    ward_runtime::quic::read_msg(recv, dec, buf)
+        .await
+        .context("relay stream")
 }
 
 #[cfg(test)]

@@ -29,19 +29,7 @@ pub(super) async fn read_frame(
     dec: &mut FrameDecoder,
 ) -> Result<Option<Vec<u8>>> {
     let mut buf = [0u8; 16 * 1024];
-    loop {
-        if let Some(f) = dec.next_frame()? {
-            return Ok(Some(f));
-        }
-        let want = dec.wanted().min(buf.len());
-        match recv.read(&mut buf[..want]).await? {
-            Some(n) => dec.push(&buf[..n]),
-            None => {
-                dec.finish()?;
-                return Ok(None);
-            }
-        }
-    }
+    ward_runtime::quic::read_frame(recv, dec, &mut buf).await
 }
 
 async fn send_msg(send: &mut quinn::SendStream, msg: &CoordinatorMsg) -> Result<()> {

@@ -1,12 +1,14 @@
 //! `ward-runtime`: the operating-system edge that Ward's programs share, so each exists once:
 //! the wall clock ([`now_ms`]), logging and runtime start-up ([`main`]), command-line tools that
 //! stop quietly on a closed pipe ([`Mode::Cli`]), and the JSON-lines RPC client for local
-//! sockets ([`rpc`]), and dual-stack UDP sockets for the QUIC endpoints ([`net`]).
+//! sockets ([`rpc`]), dual-stack UDP sockets for the QUIC endpoints ([`net`]), and reading
+//! frames from QUIC streams and pinning a CA by fingerprint ([`quic`]).
 //!
 //! I/O-free cores (`ward-shared`, the agent and registry cores) must not depend on this crate:
 //! they take time as an argument. Only drivers and binaries use it.
 
 pub mod net;
+pub mod quic;
 pub mod rpc;
 
 use std::future::Future;
