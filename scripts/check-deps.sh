@@ -26,6 +26,11 @@ client_deps="$(deps_of ward-client)"
 for forbidden in ward-coordinator rusqlite; do
     grep -qx "$forbidden" <<<"$client_deps" && bad "ward-client depends on $forbidden"
 done
+runtime_deps="$(deps_of ward-runtime)"
+[[ -n "$runtime_deps" ]] || bad "cargo tree printed nothing for ward-runtime"
+for forbidden in clap rusqlite ward-client ward-coordinator ward-relay; do
+    grep -qx "$forbidden" <<<"$runtime_deps" && bad "ward-runtime depends on $forbidden"
+done
 relay_deps="$(deps_of ward-relay)"
 [[ -n "$relay_deps" ]] || bad "cargo tree printed nothing for ward-relay"
 for forbidden in ward-client ward-coordinator; do
