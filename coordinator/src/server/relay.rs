@@ -35,7 +35,7 @@ use ward_shared::token::hash_secret;
 use ward_shared::wire::{self, Bytes, DeviceId, ErrorCode, FrameDecoder};
 
 use super::actor::{ConnCmd, Event};
-use super::session::read_frame;
+use super::session::{first_frame, read_frame};
 use super::{now_ms, Ctx, CONN_QUEUE, HANDSHAKE_TIMEOUT};
 
 /// Frames queued for one relay (revocations) before its session is dropped as too slow.
@@ -48,32 +48,16 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
         .await
         .context("relay opened no control stream")??;
     let mut dec = FrameDecoder::new(MAX_RELAY_CONTROL_FRAME);
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut recv, &mut dec)).await
-    {
-        Ok(Ok(Some(f))) => f,
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => {
-            warn!(%remote, error = %format!("{e:#}"), "bad frame on relay control stream");
-            refuse(
-                &conn,
-                &mut send,
-                ErrorCode::Protocol,
-                format!("bad frame: {e:#}"),
-            )
-            .await;
-            return Ok(());
-        }
-        Err(_) => {
-            refuse(
-                &conn,
-                &mut send,
-                ErrorCode::Protocol,
-                "no message within 10 s".into(),
-            )
-            .await;
+    let first = match first_frame(&mut recv, &mut dec).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(()),
+        Err(why) => {
+            warn!(%remote, %why, "no first message on relay control stream");
+            refuse(&conn, &mut send, ErrorCode::Protocol, why).await;
             return Ok(());
         }
     };
+
     let hello = match wire::decode::<RelayToCoordinator>(&first) {
         Ok(RelayToCoordinator::Hello(h)) => h,
         Ok(_) => {

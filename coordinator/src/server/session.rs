@@ -23,6 +23,22 @@ use crate::audit::Action;
 use crate::pki::{cert_identity, Ca};
 use crate::store::{Audit, EnrollSpec, StoreError};
 
+/// The first frame of a session, within [`HANDSHAKE_TIMEOUT`]: `Ok(None)` if the peer closed
+/// the stream; `Err(why)` (a bad frame, or nothing in time) to refuse the peer with.
+pub(super) async fn first_frame(
+    recv: &mut quinn::RecvStream,
+    dec: &mut FrameDecoder,
+) -> std::result::Result<Option<Vec<u8>>, String> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(recv, dec)).await {
+        Ok(Ok(f)) => Ok(f),
+        Ok(Err(e)) => Err(format!("bad frame: {e:#}")),
+        Err(_) => Err(format!(
+            "no message within {} s",
+            HANDSHAKE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
 /// Reads the next frame; `Ok(None)` at a clean end of stream.
 pub(super) async fn read_frame(
     recv: &mut quinn::RecvStream,
@@ -68,32 +84,16 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
         .await
         .context("device opened no control stream")??;
     let mut dec = FrameDecoder::new(MAX_DEVICE_FRAME);
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut recv, &mut dec)).await
-    {
-        Ok(Ok(Some(f))) => f,
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => {
-            warn!(%remote, error = %format!("{e:#}"), "bad frame on control stream");
-            refuse(
-                &conn,
-                &mut send,
-                ErrorCode::Protocol,
-                format!("bad frame: {e:#}"),
-            )
-            .await;
-            return Ok(());
-        }
-        Err(_) => {
-            refuse(
-                &conn,
-                &mut send,
-                ErrorCode::Protocol,
-                "no message within 10 s".into(),
-            )
-            .await;
+    let first = match first_frame(&mut recv, &mut dec).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(()),
+        Err(why) => {
+            warn!(%remote, %why, "no first message on control stream");
+            refuse(&conn, &mut send, ErrorCode::Protocol, why).await;
             return Ok(());
         }
     };
+
     let msg = match wire::decode::<DeviceMsg>(&first) {
         Ok(m) => m,
         Err(e) => {
