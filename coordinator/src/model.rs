@@ -108,6 +108,31 @@ impl Device {
     }
 }
 
+/// A live, untagged device of user `alice` numbered `id`, for tests across the crate.
+#[cfg(test)]
+pub(crate) fn test_device(id: u64) -> Device {
+    Device {
+        id: DeviceId(id),
+        #[allow(clippy::unwrap_used)] // a fixed, valid name
+        hostname: Hostname::parse(&format!("h{id}")).unwrap(),
+        user: Some("alice".into()),
+        user_disabled: false,
+        tags: vec![],
+        ipv4: Ipv4Addr::new(100, 64, 0, id as u8),
+        #[allow(clippy::unwrap_used)] // a fixed, valid address
+        ipv6: format!("fd00::{id}").parse().unwrap(),
+        os: "linux".into(),
+        status: DeviceStatus::Active,
+        created_ms: 0,
+        last_seen_ms: 0,
+        cert_not_after_ms: 0,
+        revoked_ms: None,
+        wg_public_key: None,
+        endpoints: vec![],
+        quarantine: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -101,28 +101,10 @@ mod tests {
 
     use super::*;
     use crate::store::{DeviceStatus, Quarantine};
-    use ward_shared::names::Hostname;
     use ward_shared::relay::TicketError;
 
     fn dev(id: u64) -> Device {
-        Device {
-            id: DeviceId(id),
-            hostname: Hostname::parse(&format!("h{id}")).unwrap(),
-            user: Some("alice".into()),
-            user_disabled: false,
-            tags: vec![],
-            ipv4: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
-            ipv6: format!("fd00::{id}").parse().unwrap(),
-            os: "linux".into(),
-            status: DeviceStatus::Active,
-            created_ms: 0,
-            last_seen_ms: 0,
-            cert_not_after_ms: 0,
-            revoked_ms: None,
-            wg_public_key: None,
-            endpoints: vec![],
-            quarantine: None,
-        }
+        crate::model::test_device(id)
     }
 
     const T0: i64 = 1_800_000_000_000;
