@@ -22,7 +22,6 @@ use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
@@ -35,7 +34,7 @@ use ward_shared::token::hash_secret;
 use ward_shared::wire::{self, Bytes, DeviceId, ErrorCode, FrameDecoder};
 
 use super::actor::{ConnCmd, Event};
-use super::session::{first_frame, read_frame};
+use super::session::{close_with, first_frame, read_frame};
 use super::{now_ms, Ctx, CONN_QUEUE, HANDSHAKE_TIMEOUT};
 
 /// Frames queued for one relay (revocations) before its session is dropped as too slow.
@@ -301,16 +300,9 @@ async fn refuse(
     code: ErrorCode,
     message: String,
 ) {
-    let _ = send_frame(
-        send,
-        &CoordinatorToRelay::Error {
-            code,
-            message: message.clone(),
-        },
-    )
-    .await;
-    let _ = send.finish();
-    // Give the frame a moment to leave before the close discards it.
-    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-    conn.close(1u32.into(), message.as_bytes());
+    let frame = wire::encode(&CoordinatorToRelay::Error {
+        code,
+        message: message.clone(),
+    });
+    close_with(conn, send, &frame, &message).await;
 }

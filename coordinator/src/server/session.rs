@@ -59,18 +59,25 @@ async fn refuse(
     code: ErrorCode,
     message: String,
 ) {
-    let _ = send_msg(
-        send,
-        &CoordinatorMsg::Error {
-            code,
-            message: message.clone(),
-        },
-    )
-    .await;
+    let frame = wire::encode(&CoordinatorMsg::Error {
+        code,
+        message: message.clone(),
+    });
+    close_with(conn, send, &frame, &message).await;
+}
+
+/// Sends a last (error) frame, finishes the stream and closes the connection with `reason`.
+pub(super) async fn close_with(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    frame: &[u8],
+    reason: &str,
+) {
+    let _ = send.write_all(frame).await;
     let _ = send.finish();
     // Give the frame a moment to leave before the close discards it.
     let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-    conn.close(1u32.into(), message.as_bytes());
+    conn.close(1u32.into(), reason.as_bytes());
 }
 
 /// One device connection, after the QUIC handshake chose the device protocol.
