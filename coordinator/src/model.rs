@@ -137,30 +137,9 @@ pub(crate) fn test_device(id: u64) -> Device {
 mod tests {
     use super::*;
 
-    fn device() -> Device {
-        Device {
-            id: DeviceId(1),
-            hostname: Hostname::parse("box").unwrap(),
-            user: Some("alice".into()),
-            user_disabled: false,
-            tags: vec![],
-            ipv4: Ipv4Addr::new(100, 64, 0, 1),
-            ipv6: Ipv6Addr::LOCALHOST,
-            os: "linux".into(),
-            status: DeviceStatus::Active,
-            created_ms: 0,
-            last_seen_ms: 0,
-            cert_not_after_ms: 0,
-            revoked_ms: None,
-            wg_public_key: None,
-            endpoints: vec![],
-            quarantine: None,
-        }
-    }
-
     #[test]
     fn one_state_from_status_user_and_quarantine() {
-        let mut d = device();
+        let mut d = test_device(1);
         assert_eq!(d.state(), DeviceState::Active);
         d.quarantine = Some(Quarantine {
             since_ms: 1,
