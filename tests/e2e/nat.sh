@@ -5,9 +5,10 @@
 # (`ward netcheck`), publishes them and goes direct (hole punching): ping and a 20 MB TCP
 # transfer, with nothing carried by the relays. The port-randomizing pair cannot go direct and
 # talks through a relay: `ward status` names it, ping and a 50 MB TCP transfer arrive intact, and
-# a capture at the relays never shows the plaintext. Blocking the plain pair's direct path in the
-# middle of a TCP transfer moves it to a relay without a reset; unblocking it brings it back to
-# direct.
+# a capture at the relays never shows the plaintext. Killing the relay they use in the middle of
+# a transfer moves them to the other relay (the transfer completes intact); restarted, it is
+# rejoined without operator action. Blocking the plain pair's direct path in the middle of a TCP
+# transfer moves it to a relay without a reset; unblocking it brings it back to direct.
 # Needs root; prints `N passed, N failed` and exits non-zero on any failure.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
@@ -194,7 +195,46 @@ check "4. the capture holds the relayed transfer (> 6 MB)" test "$CAPTURED" -gt 
 check "4. the capture never contains the plaintext marker" \
     sh -c "! grep -qa 'WARD-PLAINTEXT-MARKER' '$LAB_DIR/relay1.pcap' '$LAB_DIR/relay2.pcap'"
 
-say "5. blocking a direct path mid-transfer moves it to a relay without a reset; unblocking brings it back"
+say "5. the relay carrying carol and dave dies mid-transfer: they move to the other one, and it comes back"
+KILL_NAME=$RELAY_CD
+[[ "$KILL_NAME" == r1 ]] && { KILL_HOST=relay1; OTHER=r2; } || { KILL_HOST=relay2; OTHER=r1; }
+relay_of() { lab_ward_json_get "$1" "[p['path'].get('relay') for p in s['peers'] if p['hostname']=='$2'][0]"; }
+on_other() { test "$(relay_of "$1" "$2" 2>/dev/null)" = "$OTHER"; }
+head -c 40M /dev/urandom >"$LAB_DIR/blob40"
+WANT40=$(sha256sum <"$LAB_DIR/blob40" | cut -d' ' -f1)
+lab_spawn dave nc-dave40.log sh -c "nc -l -p 5005 | sha256sum > $LAB_DIR/got40.tmp && mv $LAB_DIR/got40.tmp $LAB_DIR/got40"
+lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns dave) ss -ltn | grep -q ':5005 '"
+# Paced at about 100 Mbit/s, so the transfer is still running when the relay dies.
+lab_spawn carol nc-carol40.log sh -c "python3 -c '
+import sys, time
+data = open(sys.argv[1], \"rb\").read()
+for i in range(0, len(data), 65536):
+    sys.stdout.buffer.write(data[i:i + 65536])
+    sys.stdout.flush()
+    time.sleep(0.005)
+' $LAB_DIR/blob40 | nc -N -w 30 $DA4 5005; echo \$? > $LAB_DIR/nc40.rc"
+sleep 1
+RPID=$(lab_relay_pid "$KILL_HOST")
+check "5. relay $KILL_NAME is running" test -n "$RPID"
+check "5. the transfer is still running when the relay is killed" test ! -e "$LAB_DIR/got40"
+kill -9 "$RPID"
+t0=$(now_ms)
+check "5. carol's path to dave moves to relay $OTHER within 10 s" lab_wait_for -t 10 -i 0.2 on_other carol dave
+echo "    carol -> dave on $OTHER $(($(now_ms) - t0)) ms after relay $KILL_NAME was killed (SIGKILL)"
+check "5. dave's path to carol moves to relay $OTHER too" lab_wait_for -t 10 -i 0.2 on_other dave carol
+check "5. the transfer finishes" lab_wait_for -t 60 test -s "$LAB_DIR/got40"
+check "5. nc exited cleanly (no reset)" test "$(cat "$LAB_DIR/nc40.rc" 2>/dev/null)" = 0
+check "5. carol -> dave checksum matches" test "$(cut -d' ' -f1 "$LAB_DIR/got40" 2>/dev/null)" = "$WANT40"
+check "5. relay $KILL_NAME restarts with the same credential" lab_restart_relay "$KILL_HOST" "$KILL_NAME"
+# relay_up HOST NAME: HOST's connection to relay NAME is up.
+relay_up() { test "$(lab_netcheck_get "$1" "[r['connection'] for r in n['relays'] if r['name']=='$2'][0]" 2>/dev/null)" = up; }
+t0=$(now_ms)
+check "5. carol reconnects to relay $KILL_NAME without operator action" lab_wait_for -t 20 -i 0.3 relay_up carol "$KILL_NAME"
+check "5. dave reconnects to relay $KILL_NAME without operator action" lab_wait_for -t 20 -i 0.3 relay_up dave "$KILL_NAME"
+echo "    both reconnected $(($(now_ms) - t0)) ms after the restart"
+check "5. carol -> dave ping still passes" lab_exec carol ping -q -c3 -i0.2 -W2 "$DA4"
+
+say "6. blocking a direct path mid-transfer moves it to a relay without a reset; unblocking brings it back"
 BOB_IP=$(lab_public_ip bob)
 block() {
     ip netns exec "$(lab_ns alice-nat)" nft -f - <<NFT
@@ -223,25 +263,25 @@ for i in range(0, len(data), 65536):
     time.sleep(0.005)
 ' $LAB_DIR/blob60 | nc -N -w 30 $BO4 5004; echo \$? > $LAB_DIR/nc60.rc"
 sleep 2
-check "5. alice -> bob is direct before the block" direct alice bob
-check "5. the transfer is still running when the direct path is blocked" test ! -e "$LAB_DIR/got60"
+check "6. alice -> bob is direct before the block" direct alice bob
+check "6. the transfer is still running when the direct path is blocked" test ! -e "$LAB_DIR/got60"
 block
 t0=$(now_ms)
-check "5. with the direct path blocked, alice's path to bob moves to a relay" lab_wait_for -t 10 -i 0.2 relayed alice bob
+check "6. with the direct path blocked, alice's path to bob moves to a relay" lab_wait_for -t 10 -i 0.2 relayed alice bob
 echo "    relayed $(($(now_ms) - t0)) ms after the block"
-check "5. bob follows to a relay" lab_wait_for -t 10 -i 0.2 relayed bob alice
-check "5. the transfer finishes" lab_wait_for -t 60 test -s "$LAB_DIR/got60"
+check "6. bob follows to a relay" lab_wait_for -t 10 -i 0.2 relayed bob alice
+check "6. the transfer finishes" lab_wait_for -t 60 test -s "$LAB_DIR/got60"
 echo "    60 MB done $(($(now_ms) - t0)) ms after the block"
-check "5. nc exited cleanly (no reset)" test "$(cat "$LAB_DIR/nc60.rc" 2>/dev/null)" = 0
-check "5. alice -> bob checksum matches" test "$(cut -d' ' -f1 "$LAB_DIR/got60" 2>/dev/null)" = "$WANT60"
+check "6. nc exited cleanly (no reset)" test "$(cat "$LAB_DIR/nc60.rc" 2>/dev/null)" = 0
+check "6. alice -> bob checksum matches" test "$(cut -d' ' -f1 "$LAB_DIR/got60" 2>/dev/null)" = "$WANT60"
 unblock
 t0=$(now_ms)
-check "5. unblocked, alice's path to bob returns to direct within 30 s" lab_wait_for -t 30 -i 0.5 direct alice bob
+check "6. unblocked, alice's path to bob returns to direct within 30 s" lab_wait_for -t 30 -i 0.5 direct alice bob
 echo "    direct again $(($(now_ms) - t0)) ms after the unblock"
-check "5. and bob's path to alice too" lab_wait_for -t 10 -i 0.5 direct bob alice
+check "6. and bob's path to alice too" lab_wait_for -t 10 -i 0.5 direct bob alice
 
-say "6. nothing hangs"
-check "6. ward status and ward netcheck answer at once" \
+say "7. nothing hangs"
+check "7. ward status and ward netcheck answer at once" \
     lab_exec carol timeout 5 sh -c "'$(lab_ward_bin ward)' --socket '$(lab_ward_socket carol)' status >/dev/null && '$(lab_ward_bin ward)' --socket '$(lab_ward_socket carol)' netcheck >/dev/null"
 
 finish

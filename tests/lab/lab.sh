@@ -695,6 +695,30 @@ lab_start_relay() {
     echo "$addr"
 }
 
+# lab_relay_pid HOST: the PID of the ward-relay this lab runs in HOST (empty if none).
+lab_relay_pid() {
+    local pid
+    for pid in $(lab_pids "${1:?usage: lab_relay_pid HOST}"); do
+        [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" == *ward-relay ]] && { echo "$pid"; return 0; }
+    done
+    return 0
+}
+
+# lab_restart_relay HOST NAME [PORT=3478]: start relay NAME again in HOST with the
+# credential lab_start_relay kept (after it was stopped), and wait until its
+# control session is up again.
+lab_restart_relay() {
+    _lab_need_init || return 1
+    local host="${1:?usage: lab_restart_relay HOST NAME [PORT]}" name="${2:?usage: lab_restart_relay HOST NAME [PORT]}"
+    local port="${3:-3478}" addr n
+    addr=$(lab_hostport "$(lab_public_ip "$host")" "$port")
+    n=$(grep -c "control session up" "$LAB_DIR/logs/relay-$host.log" 2>/dev/null)
+    lab_spawn "$host" "relay-$host.log" "$(lab_ward_bin ward-relay)" serve \
+        --token-file "$LAB_DIR/relay-$name.token" --listen "$addr" \
+        --metrics-listen "$(lab_hostport "$(lab_public_ip "$host")" 9464)"
+    lab_wait_for -t 15 sh -c "test \$(grep -c 'control session up' '$LAB_DIR/logs/relay-$host.log') -gt ${n:-0}"
+}
+
 # lab_relay_wait_welcomed HOST [SECONDS=LAB_WAIT_TIMEOUT]: wait until the relay
 # in HOST has its control session up (it then accepts device connections).
 lab_relay_wait_welcomed() {

@@ -288,11 +288,13 @@ impl<'b> Runs<'b, '_> {
             (Slot::Previous, Some(p)) => &mut p.link,
             _ => &mut s.link,
         };
+        let mut went_direct = false;
         let (reply, tunnel) = match link.tunn.decapsulate(Some(addr), datagram, tun_out) {
             TunnResult::WriteToNetwork(p) => {
                 let cookie = p.first() == Some(&MSG_COOKIE_REPLY);
                 if !cookie {
-                    s.path.authenticated_from(from, now);
+                    // The reply itself goes straight back: no extra keepalive needed.
+                    let _ = s.path.authenticated_from(from, now);
                     if is_handshake {
                         tracing::debug!(host = %s.hostname, ?slot, "handshake completed");
                         link.established_at = Some(now);
@@ -302,17 +304,17 @@ impl<'b> Runs<'b, '_> {
                 (true, None)
             }
             TunnResult::WriteToTunnelV4(p, src) => {
-                s.path.authenticated_from(from, now);
+                went_direct = s.path.authenticated_from(from, now);
                 (false, Some((src == peer.ipv4).then_some(p.len())))
             }
             TunnResult::WriteToTunnelV6(p, src) => {
-                s.path.authenticated_from(from, now);
+                went_direct = s.path.authenticated_from(from, now);
                 (false, Some((src == peer.ipv6).then_some(p.len())))
             }
             TunnResult::Done => {
                 // A keepalive (authenticated) or a cookie reply (not).
                 if authenticated_if_ok {
-                    s.path.authenticated_from(from, now);
+                    went_direct = s.path.authenticated_from(from, now);
                 }
                 (false, None)
             }
@@ -325,6 +327,16 @@ impl<'b> Runs<'b, '_> {
         if reply {
             // A handshake completed or was answered: flush packets queued behind it.
             flush_queue(self.local, link, &s.path, now, out);
+        }
+        if went_direct {
+            // The peer's direct probe got through: answer it straight back, so the peer goes
+            // direct too even if nothing else flows this way.
+            let buf = out.reserve(DATA_OVERHEAD);
+            if let TunnResult::WriteToNetwork(p) = link.tunn.encapsulate(&[], buf) {
+                let len = p.len();
+                out.commit(from.reply_to(), len);
+                self.local.direct_probes_sent += 1;
+            }
         }
         if slot == Slot::Current && authenticated_if_ok {
             s.promote_if_ready(now);

@@ -20,8 +20,8 @@
 //!   Every [`DIRECT_PROBE_INTERVAL`] ([`DIRECT_PROBE_INTERVAL_FAST`] for
 //!   [`FAST_DIRECT_PERIOD`] after the candidates change), an encrypted keepalive goes to each
 //!   direct candidate (the core sends it, this decides when): both sides do it, so NAT
-//!   mappings open, and the first that arrives makes the receiver go direct; its data then
-//!   makes the sender go direct.
+//!   mappings open, and the first that arrives makes the receiver go direct and answer with
+//!   a keepalive straight back, which makes the sender go direct even when no data flows.
 //! - `Direct(addr)`: every authenticated datagram from a direct address makes the path
 //!   `Direct` to that address at once (a NAT rebinding moves it). It falls back to the relay
 //!   when this device sent data in the last [`FALLBACK_SENT_WITHIN`] and nothing authenticated
@@ -128,8 +128,11 @@ impl Path {
         self.state
     }
 
-    /// An authenticated datagram (handshake, data or keepalive) came from `from`.
-    pub(super) fn authenticated_from(&mut self, from: impl Into<Source>, now: Instant) {
+    /// An authenticated datagram (handshake, data or keepalive) came from `from`. Returns
+    /// whether it moved a relayed path to direct: the caller then answers with a keepalive
+    /// straight back, so the peer (whose probe this was) goes direct too even when no data
+    /// flows this way.
+    pub(super) fn authenticated_from(&mut self, from: impl Into<Source>, now: Instant) -> bool {
         match from.into() {
             Source::Udp(addr) => {
                 if self.endpoint != Some(addr) {
@@ -137,7 +140,9 @@ impl Path {
                     self.endpoint = Some(addr);
                 }
                 self.last_rx = Some(now);
+                let was_relayed = matches!(self.state, PathState::Relayed(_));
                 self.switch(PathState::Direct(addr));
+                was_relayed
             }
             Source::Relay { .. } => {
                 // Relayed traffic does not move a live direct path: the peer may simply not
@@ -146,7 +151,7 @@ impl Path {
                 // of waiting to be silent for the full fallback time ourselves (a receiver
                 // that only answers would otherwise wait for the sender's next retransmit).
                 let (PathState::Direct(addr), Some(r)) = (self.state, self.relay) else {
-                    return;
+                    return false;
                 };
                 let stale = self
                     .last_rx
@@ -156,6 +161,7 @@ impl Path {
                     self.switch(PathState::Relayed(r.id));
                     self.next_direct_probe = now + DIRECT_PROBE_INTERVAL;
                 }
+                false
             }
         }
     }

@@ -468,3 +468,35 @@ fn a_side_that_only_answers_follows_the_peer_to_the_relay_at_its_first_relayed_p
         "the answer went through the relay, not into the dead direct path"
     );
 }
+
+#[test]
+fn an_answered_direct_probe_brings_both_sides_direct_with_no_traffic() {
+    // Direct blocked at first: both sides settle on the relay.
+    let mut net = relayed_pair(67, true);
+    establish(&mut net);
+    assert!(both_relayed(&net));
+    let switches: Vec<u64> = (0..2)
+        .map(|i| net.nodes[i].core.counters().path_switches)
+        .collect();
+
+    // Unblocked, and nothing is sent by either side: only the timers' direct probes run. The
+    // first probe to get through is answered straight back, so both sides go direct.
+    net.block_direct = false;
+    let limit = net.now + DIRECT_PROBE_INTERVAL + TIMER_INTERVAL * 3;
+    while !both_direct(&net) {
+        assert!(
+            net.now < limit,
+            "not both direct without traffic: {:?} / {:?}",
+            path_of(&net, 0),
+            path_of(&net, 1)
+        );
+        net.step();
+    }
+    for (i, before) in switches.iter().enumerate() {
+        assert_eq!(
+            net.nodes[i].core.counters().path_switches - before,
+            1,
+            "node {i}"
+        );
+    }
+}
