@@ -195,36 +195,50 @@ check "4. the capture holds the relayed transfer (> 6 MB)" test "$CAPTURED" -gt 
 check "4. the capture never contains the plaintext marker" \
     sh -c "! grep -qa 'WARD-PLAINTEXT-MARKER' '$LAB_DIR/relay1.pcap' '$LAB_DIR/relay2.pcap'"
 
-say "5. the relay carrying carol and dave dies mid-transfer: they move to the other one, and it comes back"
-KILL_NAME=$RELAY_CD
-[[ "$KILL_NAME" == r1 ]] && { KILL_HOST=relay1; OTHER=r2; } || { KILL_HOST=relay2; OTHER=r1; }
-relay_of() { lab_ward_json_get "$1" "[p['path'].get('relay') for p in s['peers'] if p['hostname']=='$2'][0]"; }
-on_other() { test "$(relay_of "$1" "$2" 2>/dev/null)" = "$OTHER"; }
-head -c 40M /dev/urandom >"$LAB_DIR/blob40"
-WANT40=$(sha256sum <"$LAB_DIR/blob40" | cut -d' ' -f1)
-lab_spawn dave nc-dave40.log sh -c "nc -l -p 5005 | sha256sum > $LAB_DIR/got40.tmp && mv $LAB_DIR/got40.tmp $LAB_DIR/got40"
-lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns dave) ss -ltn | grep -q ':5005 '"
-# Paced at about 100 Mbit/s, so the transfer is still running when the relay dies.
-lab_spawn carol nc-carol40.log sh -c "python3 -c '
+# paced_transfer FROM TO TO_IP PORT MB NAME: MB of random data from FROM to TO_IP:PORT over TCP,
+# paced at about 100 Mbit/s (64 KiB every 5 ms) so it is still running when the test breaks
+# something. Runs in the background; TO writes the SHA-256 it received to $LAB_DIR/NAME.got,
+# FROM the exit status of its nc to $LAB_DIR/NAME.rc; the data's own SHA-256 is in
+# $LAB_DIR/NAME.want.
+paced_transfer() {
+    local from="$1" to="$2" ip="$3" port="$4" mb="$5" name="$6" d="$LAB_DIR"
+    head -c "${mb}M" /dev/urandom >"$d/$name.blob"
+    sha256sum <"$d/$name.blob" | cut -d' ' -f1 >"$d/$name.want"
+    lab_spawn "$to" "nc-$name-in.log" sh -c "nc -l -p $port | sha256sum | cut -d' ' -f1 > $d/$name.tmp && mv $d/$name.tmp $d/$name.got"
+    lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns "$to") ss -ltn | grep -q ':$port '"
+    lab_spawn "$from" "nc-$name-out.log" sh -c "python3 -c '
 import sys, time
 data = open(sys.argv[1], \"rb\").read()
 for i in range(0, len(data), 65536):
     sys.stdout.buffer.write(data[i:i + 65536])
     sys.stdout.flush()
     time.sleep(0.005)
-' $LAB_DIR/blob40 | nc -N -w 30 $DA4 5005; echo \$? > $LAB_DIR/nc40.rc"
+' $d/$name.blob | nc -N -w 30 $ip $port; echo \$? > $d/$name.rc"
+}
+# transfer_checks N NAME: the paced transfer NAME finished, its nc exited 0, the data arrived intact.
+transfer_checks() {
+    local n="$1" name="$2"
+    check "$n. the transfer finishes" lab_wait_for -t 60 test -s "$LAB_DIR/$name.got"
+    check "$n. nc exited cleanly (no reset)" test "$(cat "$LAB_DIR/$name.rc" 2>/dev/null)" = 0
+    check "$n. the checksum matches" test "$(cat "$LAB_DIR/$name.got" 2>/dev/null)" = "$(cat "$LAB_DIR/$name.want")"
+}
+
+say "5. the relay carrying carol and dave dies mid-transfer: they move to the other one, and it comes back"
+KILL_NAME=$RELAY_CD
+[[ "$KILL_NAME" == r1 ]] && { KILL_HOST=relay1; OTHER=r2; } || { KILL_HOST=relay2; OTHER=r1; }
+relay_of() { lab_ward_json_get "$1" "[p['path'].get('relay') for p in s['peers'] if p['hostname']=='$2'][0]"; }
+on_other() { test "$(relay_of "$1" "$2" 2>/dev/null)" = "$OTHER"; }
+paced_transfer carol dave "$DA4" 5005 40 t40
 sleep 1
 RPID=$(lab_relay_pid "$KILL_HOST")
 check "5. relay $KILL_NAME is running" test -n "$RPID"
-check "5. the transfer is still running when the relay is killed" test ! -e "$LAB_DIR/got40"
+check "5. the transfer is still running when the relay is killed" test ! -e "$LAB_DIR/t40.got"
 kill -9 "$RPID"
 t0=$(now_ms)
 check "5. carol's path to dave moves to relay $OTHER within 10 s" lab_wait_for -t 10 -i 0.2 on_other carol dave
 echo "    carol -> dave on $OTHER $(($(now_ms) - t0)) ms after relay $KILL_NAME was killed (SIGKILL)"
 check "5. dave's path to carol moves to relay $OTHER too" lab_wait_for -t 10 -i 0.2 on_other dave carol
-check "5. the transfer finishes" lab_wait_for -t 60 test -s "$LAB_DIR/got40"
-check "5. nc exited cleanly (no reset)" test "$(cat "$LAB_DIR/nc40.rc" 2>/dev/null)" = 0
-check "5. carol -> dave checksum matches" test "$(cut -d' ' -f1 "$LAB_DIR/got40" 2>/dev/null)" = "$WANT40"
+transfer_checks 5 t40
 check "5. relay $KILL_NAME restarts with the same credential" lab_restart_relay "$KILL_HOST" "$KILL_NAME"
 # relay_up HOST NAME: HOST's connection to relay NAME is up.
 relay_up() { test "$(lab_netcheck_get "$1" "[r['connection'] for r in n['relays'] if r['name']=='$2'][0]" 2>/dev/null)" = up; }
@@ -248,32 +262,17 @@ table ip wardblock {
 NFT
 }
 unblock() { ip netns exec "$(lab_ns alice-nat)" nft delete table ip wardblock; }
-head -c 60M /dev/urandom >"$LAB_DIR/blob60"
-WANT60=$(sha256sum <"$LAB_DIR/blob60" | cut -d' ' -f1)
-lab_spawn bob nc-bob60.log sh -c "nc -l -p 5004 | sha256sum > $LAB_DIR/got60.tmp && mv $LAB_DIR/got60.tmp $LAB_DIR/got60"
-lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns bob) ss -ltn | grep -q ':5004 '"
-# Paced at about 100 Mbit/s (64 KiB every 5 ms), so the transfer is still running when the
-# direct path goes away.
-lab_spawn alice nc-alice60.log sh -c "python3 -c '
-import sys, time
-data = open(sys.argv[1], \"rb\").read()
-for i in range(0, len(data), 65536):
-    sys.stdout.buffer.write(data[i:i + 65536])
-    sys.stdout.flush()
-    time.sleep(0.005)
-' $LAB_DIR/blob60 | nc -N -w 30 $BO4 5004; echo \$? > $LAB_DIR/nc60.rc"
+paced_transfer alice bob "$BO4" 5004 60 t60
 sleep 2
 check "6. alice -> bob is direct before the block" direct alice bob
-check "6. the transfer is still running when the direct path is blocked" test ! -e "$LAB_DIR/got60"
+check "6. the transfer is still running when the direct path is blocked" test ! -e "$LAB_DIR/t60.got"
 block
 t0=$(now_ms)
 check "6. with the direct path blocked, alice's path to bob moves to a relay" lab_wait_for -t 10 -i 0.2 relayed alice bob
 echo "    relayed $(($(now_ms) - t0)) ms after the block"
 check "6. bob follows to a relay" lab_wait_for -t 10 -i 0.2 relayed bob alice
-check "6. the transfer finishes" lab_wait_for -t 60 test -s "$LAB_DIR/got60"
+transfer_checks 6 t60
 echo "    60 MB done $(($(now_ms) - t0)) ms after the block"
-check "6. nc exited cleanly (no reset)" test "$(cat "$LAB_DIR/nc60.rc" 2>/dev/null)" = 0
-check "6. alice -> bob checksum matches" test "$(cut -d' ' -f1 "$LAB_DIR/got60" 2>/dev/null)" = "$WANT60"
 unblock
 t0=$(now_ms)
 check "6. unblocked, alice's path to bob returns to direct within 30 s" lab_wait_for -t 30 -i 0.5 direct alice bob

@@ -18,7 +18,6 @@
 //! not audited (a relay's secret is checked on every reconnect).
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,7 +33,7 @@ use ward_shared::token::hash_secret;
 use ward_shared::wire::{self, Bytes, DeviceId, ErrorCode, FrameDecoder};
 
 use super::actor::{ConnCmd, Event};
-use super::session::{close_with, first_frame, read_frame};
+use super::session::{close_with, first_frame, read_frame, send_msg};
 use super::{now_ms, Ctx, CONN_QUEUE, HANDSHAKE_TIMEOUT};
 
 /// Frames queued for one relay (revocations) before its session is dropped as too slow.
@@ -105,7 +104,7 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
     }
     let result = async {
         let revoked = revoked_devices(&ctx).await?;
-        send_frame(
+        send_msg(
             &mut send,
             &CoordinatorToRelay::Welcome(RelayWelcome { revoked, ..welcome }),
         )
@@ -268,11 +267,11 @@ async fn serve(
                         match ctx.ca.issue_relay_cert(&csr_der.0, name, now_ms()) {
                             Ok((cert_der, not_after_ms)) => {
                                 info!(relay = %name, "relay certificate renewed");
-                                send_frame(send, &CoordinatorToRelay::Cert { cert_der: Bytes(cert_der), not_after_ms }).await?;
+                                send_msg(send, &CoordinatorToRelay::Cert { cert_der: Bytes(cert_der), not_after_ms }).await?;
                             }
                             Err(e) => {
                                 warn!(relay = %name, error = %format!("{e:#}"), "relay certificate renewal refused");
-                                send_frame(send, &CoordinatorToRelay::Error { code: ErrorCode::BadRequest, message: format!("renewal refused: {e:#}") }).await?;
+                                send_msg(send, &CoordinatorToRelay::Error { code: ErrorCode::BadRequest, message: format!("renewal refused: {e:#}") }).await?;
                             }
                         }
                     }
@@ -286,11 +285,6 @@ async fn serve(
             _ = conn.closed() => return Ok(()),
         }
     }
-}
-
-async fn send_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<()> {
-    send.write_all(&wire::encode(msg)).await?;
-    Ok(())
 }
 
 /// Sends `Error`, finishes the stream and closes the connection.

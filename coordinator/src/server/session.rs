@@ -48,7 +48,11 @@ pub(super) async fn read_frame(
     ward_runtime::quic::read_frame(recv, dec, &mut buf).await
 }
 
-async fn send_msg(send: &mut quinn::SendStream, msg: &CoordinatorMsg) -> Result<()> {
+/// Writes one frame (a device or relay message) to the stream.
+pub(super) async fn send_msg<T: serde::Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<()> {
     send.write_all(&wire::encode(msg)).await?;
     Ok(())
 }
