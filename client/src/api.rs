@@ -221,6 +221,12 @@ pub struct CountersView {
     pub dropped_filter_no_rule: u64,
     pub dropped_filter_expired: u64,
     pub dropped_filter_other: u64,
+    /// Decrypted packets not addressed to this device (a peer reaching past it).
+    #[serde(default)]
+    pub dropped_wrong_destination: u64,
+    /// Packets from the TUN with a source this device does not own.
+    #[serde(default)]
+    pub dropped_wrong_source: u64,
     pub icmp_unreachable_sent: u64,
     /// Path MTU: packets too big for their path, ICMP too-big sent, MTU changes, failed sends.
     pub path: crate::dataplane::PathMtuCounters,

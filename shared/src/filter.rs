@@ -52,6 +52,73 @@ pub struct FilterRule {
     pub not_after_ms: Option<i64>,
 }
 
+/// The destinations a device accepts from its peers and the sources it sends from: today its
+/// own overlay addresses (a /32 and a /128); approved routed prefixes can join them later.
+///
+/// The data plane drops a decrypted packet whose destination is outside this set (a peer
+/// must not use the device as a router into the networks behind it) and a packet from the TUN
+/// whose source is outside it (this device must not send with an address it does not own).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LocalPrefixes {
+    prefixes: Vec<(IpAddr, u8)>,
+}
+
+impl LocalPrefixes {
+    /// The device's own addresses, each as a host prefix.
+    pub fn own(addrs: impl IntoIterator<Item = IpAddr>) -> LocalPrefixes {
+        LocalPrefixes {
+            prefixes: addrs
+                .into_iter()
+                .map(|a| {
+                    let a = canonical_ip(a);
+                    (a, if a.is_ipv4() { 32 } else { 128 })
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds a routed prefix (`len` is clamped to the family's width; host bits are ignored).
+    pub fn add_prefix(&mut self, addr: IpAddr, len: u8) {
+        let addr = canonical_ip(addr);
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        self.prefixes.push((addr, len.min(width)));
+    }
+
+    /// Whether `ip` is inside one of the prefixes (IPv4-mapped IPv6 counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.prefixes.iter().any(|&(p, len)| match (p, ip) {
+            (IpAddr::V4(p), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                u32::from(p) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(p), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                u128::from(p) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        })
+    }
+
+    /// The destination (`dst: true`) or source address of an IPv4/IPv6 packet, if it has a
+    /// whole fixed header.
+    pub fn packet_addr(packet: &[u8], dst: bool) -> Option<IpAddr> {
+        match packet.first()? >> 4 {
+            4 if packet.len() >= 20 => {
+                let at = if dst { 16 } else { 12 };
+                let b: [u8; 4] = packet.get(at..at + 4)?.try_into().ok()?;
+                Some(IpAddr::V4(Ipv4Addr::from(b)))
+            }
+            6 if packet.len() >= 40 => {
+                let at = if dst { 24 } else { 8 };
+                let b: [u8; 16] = packet.get(at..at + 16)?.try_into().ok()?;
+                Some(IpAddr::V6(Ipv6Addr::from(b)))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// How many flows [`Filter::new`] callers usually allow.
 pub const DEFAULT_MAX_FLOWS: usize = 65_536;
 
