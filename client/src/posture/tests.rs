@@ -51,11 +51,43 @@ impl Fake {
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(p, text).unwrap();
     }
+    /// A process running as root whose executable is its argv[0] (a root-owned file, made
+    /// if missing).
     fn process(&self, pid: u32, comm: &str, cmdline: &[u8]) {
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap();
+        let exe = String::from_utf8(argv0.to_vec()).unwrap();
+        self.process_running(pid, comm, cmdline, &exe, 0, 0);
+    }
+    /// A process with the given `comm`, command line, executable (made if missing, owned by
+    /// `exe_uid`, mode 0755) and user.
+    fn process_running(
+        &self,
+        pid: u32,
+        comm: &str,
+        cmdline: &[u8],
+        exe: &str,
+        exe_uid: u32,
+        uid: u32,
+    ) {
+        let file = self.root().join(exe.trim_start_matches('/'));
+        if !file.exists() {
+            fs::create_dir_all(file.parent().unwrap()).unwrap();
+            fs::write(&file, "#!/bin/true\n").unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::chown(&file, Some(exe_uid), Some(exe_uid)).unwrap();
+        }
         let d = self.root().join(format!("proc/{pid}"));
         fs::create_dir_all(&d).unwrap();
         fs::write(d.join("comm"), format!("{comm}\n")).unwrap();
         fs::write(d.join("cmdline"), cmdline).unwrap();
+        fs::write(
+            d.join("status"),
+            format!("Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
+        )
+        .unwrap();
+        let link = d.join("exe");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&file, link).unwrap();
     }
     fn collector(&self, checks: &[(&str, &Path)]) -> Collector {
         Collector::new(CollectorConfig {
@@ -607,8 +639,9 @@ fn checks_from_a_directory() {
 #[test]
 fn real_machine() {
     let mut c = Collector::new(CollectorConfig::default());
-    let own = fs::read_to_string("/proc/self/comm").unwrap();
-    let own = own.trim();
+    // Known by its executable's file name (this test runs as root from a root-owned build).
+    let exe = fs::read_link("/proc/self/exe").unwrap();
+    let own = exe.file_name().unwrap().to_str().unwrap();
     let w = wants(
         &[own],
         &[("/etc/os-release", true), ("/no/such/file", false)],
@@ -641,4 +674,51 @@ fn real_machine() {
         r.screen_lock.reading,
         r.last_package_update_ms.reading
     );
+}
+
+#[test]
+fn a_process_is_known_by_its_executable_and_user_not_by_the_name_it_gives_itself() {
+    let f = Fake::new();
+    // `exec -a osqueryd sleep`, as root: comm and argv[0] claim osqueryd.
+    f.process_running(
+        901,
+        "osqueryd",
+        b"osqueryd\x00100\x00",
+        "/usr/bin/sleep",
+        0,
+        0,
+    );
+    // A user's own file named osqueryd.
+    f.process_running(
+        902,
+        "osqueryd",
+        b"/home/u/osqueryd\0",
+        "/home/u/osqueryd",
+        1000,
+        0,
+    );
+    // The real executable, run by a user instead of root.
+    f.process_running(
+        903,
+        "osqueryd",
+        b"/usr/bin/osqueryd\0",
+        "/usr/bin/osqueryd",
+        0,
+        1000,
+    );
+    let mut c = f.collector(&[]);
+    let w = wants(&["osqueryd"], &[], &[]);
+    let r = c.collect(&w, DeviceId(1), 1, T0);
+    assert_eq!(r.processes["osqueryd"].get(), Ok(&false));
+    // The real one, run by root.
+    f.process_running(
+        904,
+        "osqueryd",
+        b"/usr/bin/osqueryd\0",
+        "/usr/bin/osqueryd",
+        0,
+        0,
+    );
+    let r = c.collect(&w, DeviceId(1), 2, T0 + 1000);
+    assert_eq!(r.processes["osqueryd"].get(), Ok(&true));
 }
