@@ -333,6 +333,9 @@ impl Collector {
                 Reading::Error(e) if changed && e.starts_with("did not finish") => {
                     warn!(check = %name, error = %e, "custom posture check hangs; killed")
                 }
+                Reading::Error(e) if changed && e.starts_with("refused: ") => {
+                    warn!(check = %name, error = %e, "custom posture check refused; not run")
+                }
                 Reading::Error(e) if changed => {
                     info!(check = %name, error = %e, "custom posture check failed")
                 }

@@ -722,3 +722,70 @@ fn a_process_is_known_by_its_executable_and_user_not_by_the_name_it_gives_itself
     let r = c.collect(&w, DeviceId(1), 2, T0 + 1000);
     assert_eq!(r.processes["osqueryd"].get(), Ok(&true));
 }
+
+#[test]
+fn checks_anyone_but_root_could_change_are_refused_and_never_run() {
+    use std::os::unix::fs::{chown, symlink};
+    let f = Fake::new();
+    let top = tempfile::tempdir().unwrap();
+    let marker = top.path().join("ran");
+    let body = format!("echo x >> {}; echo '{{\"pass\":true}}'", marker.display());
+    // The check directory: root-owned, 0755.
+    let d = top.path().join("checks");
+    fs::create_dir(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+    let good = script(&d, "good", r#"echo '{"pass":true}'"#);
+    let user_owned = script(&d, "user-owned", &body);
+    chown(&user_owned, Some(1000), Some(1000)).unwrap();
+    let group_writable = script(&d, "group-writable", &body);
+    fs::set_permissions(&group_writable, fs::Permissions::from_mode(0o775)).unwrap();
+    // A root-owned script in a directory a user owns (who could swap it).
+    let user_dir = top.path().join("user-dir");
+    fs::create_dir(&user_dir).unwrap();
+    chown(&user_dir, Some(1000), Some(1000)).unwrap();
+    let in_user_dir = script(&user_dir, "check", &body);
+    // A root-owned script in a directory anyone may write to (no sticky bit).
+    let open_dir = top.path().join("open-dir");
+    fs::create_dir(&open_dir).unwrap();
+    fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let in_open_dir = script(&open_dir, "check", &body);
+    // Symlinks from the check directory: one to a file beside it, one out of it.
+    let outside = top.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o755)).unwrap();
+    let target = script(&outside, "elsewhere", &body);
+    symlink(&target, d.join("escape")).unwrap();
+    symlink(&good, d.join("alias")).unwrap();
+
+    let checks = [
+        ("good", good.clone()),
+        ("alias", d.join("alias")),
+        ("user-owned", user_owned),
+        ("group-writable", group_writable),
+        ("in-user-dir", in_user_dir),
+        ("in-open-dir", in_open_dir),
+        ("escape", d.join("escape")),
+    ];
+    let cfg: Vec<(&str, &Path)> = checks.iter().map(|(n, p)| (*n, p.as_path())).collect();
+    let mut c = f.collector(&cfg);
+    let names: Vec<&str> = checks.iter().map(|(n, _)| *n).collect();
+    let r = c.collect(&wants(&[], &[], &names), DeviceId(1), 1, T0);
+    let pass = serde_json::json!({"pass": true});
+    assert_eq!(r.custom["good"], Measured::value(T0, pass.clone()));
+    assert_eq!(r.custom["alias"], Measured::value(T0, pass));
+    for name in [
+        "user-owned",
+        "group-writable",
+        "in-user-dir",
+        "in-open-dir",
+        "escape",
+    ] {
+        let e = err(&r.custom[name]);
+        assert!(e.starts_with("refused: "), "{name}: {e}");
+    }
+    assert!(err(&r.custom["user-owned"]).contains("owned by uid 1000"));
+    assert!(err(&r.custom["group-writable"]).contains("writable by group or others"));
+    assert!(err(&r.custom["in-user-dir"]).contains("owned by uid 1000"));
+    assert!(err(&r.custom["escape"]).contains("symlink out of"));
+    assert!(!marker.exists(), "a refused check ran");
+}
