@@ -32,6 +32,27 @@ pub enum Request {
     Netcheck,
 }
 
+impl Request {
+    /// The command's name, for refusals and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Up { .. } => "up",
+            Request::Down => "down",
+            Request::Status => "status",
+            Request::Posture => "posture",
+            Request::Netcheck => "netcheck",
+        }
+    }
+
+    /// Whether the request changes the device (only root may send those).
+    pub fn changes_state(&self) -> bool {
+        match self {
+            Request::Up { .. } | Request::Down => true,
+            Request::Status | Request::Posture | Request::Netcheck => false,
+        }
+    }
+}
+
 /// The daemon's answer to any request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]

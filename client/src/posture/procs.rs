@@ -216,8 +216,10 @@ mod tests {
 
     #[test]
     fn matching_by_executable_owner_and_user() {
-        let mut t = ProcessTable::default();
-        t.users = passwd_users("root:x:0:0::/root:/bin/sh\nclamav:x:110:115::/:/bin/false\n");
+        let mut t = ProcessTable {
+            users: passwd_users("root:x:0:0::/root:/bin/sh\nclamav:x:110:115::/:/bin/false\n"),
+            ..ProcessTable::default()
+        };
         t.add(Path::new("/usr/sbin/sshd"), 0, 0o100755, ROOT_STATUS);
         t.add(
             Path::new("/usr/sbin/clamd"),
