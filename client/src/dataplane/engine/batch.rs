@@ -375,7 +375,8 @@ impl<'b> Runs<'b, '_> {
                             DenyReason::Malformed
                             | DenyReason::Fragment
                             | DenyReason::UnsupportedProtocol
-                            | DenyReason::TableFull => self.local.dropped_filter_other += 1,
+                            | DenyReason::TableFull
+                            | DenyReason::PeerQuota => self.local.dropped_filter_other += 1,
                         }
                         return None;
                     }
