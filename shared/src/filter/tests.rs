@@ -856,3 +856,29 @@ fn refused_new_flows_are_logged_for_scan_detection_and_bounded() {
     }
     assert_eq!(f.take_denied().len(), MAX_DENIED_LOG);
 }
+
+#[test]
+fn local_prefixes_hold_the_devices_own_addresses_and_routed_prefixes() {
+    let mut l = LocalPrefixes::own([a(ME), a("fd00:1::7")]);
+    assert!(l.contains(a(ME)));
+    assert!(l.contains(a("::ffff:100.64.0.1")));
+    assert!(l.contains(a("fd00:1::7")));
+    assert!(!l.contains(a(PEER)));
+    assert!(!l.contains(a("192.168.50.2")));
+    assert!(!l.contains(a("fd00:1::8")));
+    l.add_prefix(a("192.168.50.0"), 24);
+    l.add_prefix(a("fd00:2::"), 200);
+    assert!(l.contains(a("192.168.50.2")));
+    assert!(!l.contains(a("192.168.51.2")));
+    assert!(l.contains(a("fd00:2::")));
+    assert!(!l.contains(a("fd00:2::1")));
+    assert!(LocalPrefixes::default().contains(a(ME)).eq(&false));
+    let p = tcp(a(PEER), 1, a(ME), 2, SYN);
+    assert_eq!(LocalPrefixes::packet_addr(&p, true), Some(a(ME)));
+    assert_eq!(LocalPrefixes::packet_addr(&p, false), Some(a(PEER)));
+    let p6 = udp(a("fd00:1::8"), 1, a("fd00:1::7"), 2);
+    assert_eq!(LocalPrefixes::packet_addr(&p6, true), Some(a("fd00:1::7")));
+    assert_eq!(LocalPrefixes::packet_addr(&p[..19], true), None);
+    assert_eq!(LocalPrefixes::packet_addr(&p6[..39], false), None);
+    assert_eq!(LocalPrefixes::packet_addr(&[], false), None);
+}
