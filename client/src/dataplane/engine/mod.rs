@@ -205,6 +205,8 @@ pub struct Core {
     path_switches: Arc<AtomicU64>,
     /// Some peer has a punch burst under way: the timers must run at `PUNCH_SPACING`.
     bursting: AtomicBool,
+    /// Some peer may want a punch request (set by its `Path`, cleared when they are taken).
+    punch_pending: Arc<AtomicBool>,
 }
 
 impl Core {
@@ -227,6 +229,7 @@ impl Core {
             relays: RwLock::new(Relays::default()),
             path_switches: Arc::default(),
             bursting: AtomicBool::new(false),
+            punch_pending: Arc::default(),
         }
     }
 
@@ -244,6 +247,9 @@ impl Core {
     /// this side just started probing their direct candidates (see the `path` module). Each
     /// wish is returned once.
     pub fn take_punch_requests(&self, now: Instant) -> Vec<u64> {
+        if !self.punch_pending.swap(false, Ordering::Relaxed) {
+            return Vec::new();
+        }
         let table = read(&self.table);
         let mut ids = Vec::new();
         for peer in table.peers.values() {
@@ -415,6 +421,7 @@ impl Core {
                                 candidates,
                                 now,
                                 self.path_switches.clone(),
+                                self.punch_pending.clone(),
                             ),
                             next_probe: now,
                             fast_probe_until: now + FAST_PROBE_PERIOD,

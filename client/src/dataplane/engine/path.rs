@@ -44,7 +44,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -129,6 +129,9 @@ pub(super) struct Path {
     punch_extra: Vec<SocketAddr>,
     /// The core's path-switch counter.
     switches: Arc<AtomicU64>,
+    /// The core's "some peer wants a punch request" flag (so taking them is free when none
+    /// does).
+    punch_pending: Arc<AtomicBool>,
 }
 
 impl Path {
@@ -137,6 +140,7 @@ impl Path {
         candidates: Vec<SocketAddr>,
         now: Instant,
         switches: Arc<AtomicU64>,
+        punch_pending: Arc<AtomicBool>,
     ) -> Path {
         Path {
             device_id,
@@ -156,6 +160,7 @@ impl Path {
             burst_next: now,
             punch_extra: Vec::new(),
             switches,
+            punch_pending,
         }
     }
 
@@ -398,6 +403,7 @@ impl Path {
         self.next_reprobe = now + PUNCH_REPROBE_INTERVAL;
         if self.direct_targets().next().is_some() {
             self.punch_wanted = true;
+            self.punch_pending.store(true, Ordering::Relaxed);
         }
     }
 
