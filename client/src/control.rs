@@ -353,6 +353,7 @@ pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
         CoordinatorMsg::PostureWants(_) => "posture_wants",
         CoordinatorMsg::PostureVerdict(_) => "posture_verdict",
         CoordinatorMsg::RelayTicket { .. } => "relay_ticket",
+        CoordinatorMsg::Punch { .. } => "punch",
     }
 }
 

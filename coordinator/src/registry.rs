@@ -42,6 +42,39 @@ pub const MAX_LEASES: usize = 2;
 /// A control connection, numbered by the driver.
 pub type ConnId = u64;
 
+/// Punch requests one device may have forwarded per [`PUNCH_WINDOW_MS`]…
+pub const PUNCH_PER_WINDOW: u32 = 20;
+/// …per this window (ms).
+pub const PUNCH_WINDOW_MS: i64 = 10_000;
+/// At most one punch from one device to the same peer this often (ms).
+pub const PUNCH_PAIR_GAP_MS: i64 = 1_000;
+
+/// Why a punch request was not forwarded (each counted in [`PunchCounters`]). The requester
+/// is told nothing: it never waits for an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PunchRefused {
+    #[error("the requester has no session on that connection")]
+    NoSession,
+    #[error("the two devices are not in each other's netmap")]
+    NotPeers,
+    #[error("the peer is offline or does not understand punches")]
+    PeerUnavailable,
+    #[error("the requester sent too many punch requests")]
+    RequesterLimited,
+    #[error("the requester punched this peer too recently")]
+    PairLimited,
+}
+
+/// Punch requests forwarded and dropped, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PunchCounters {
+    pub forwarded: u64,
+    pub not_peers: u64,
+    pub peer_unavailable: u64,
+    pub requester_limited: u64,
+    pub pair_limited: u64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 #[must_use]
 pub enum Output {
@@ -85,6 +118,14 @@ struct Session {
     /// The registered relay this device last said it receives relayed traffic through (kept
     /// only while the session lasts; peers see it as `Peer.relay`).
     home_relay: Option<String>,
+    /// The device understands `punch` (its last update said so).
+    punch: bool,
+    /// Punch requests forwarded in the window that started at `punch_window_ms`.
+    punch_window_ms: i64,
+    punch_in_window: u32,
+    /// When a punch from this device to each peer was last forwarded (peers only, so bounded
+    /// by the netmap).
+    punch_last: BTreeMap<DeviceId, i64>,
 }
 
 #[derive(Debug)]
@@ -119,6 +160,7 @@ pub struct Registry {
     verdict_dirty: BTreeSet<DeviceId>,
     /// Per device, the posture requirements that rules applying to it name.
     needed: BTreeMap<DeviceId, BTreeSet<String>>,
+    punch_counters: PunchCounters,
 }
 
 impl Registry {
@@ -162,6 +204,7 @@ impl Registry {
             trust_tick_ms: now_ms,
             verdict_dirty: BTreeSet::new(),
             needed: BTreeMap::new(),
+            punch_counters: PunchCounters::default(),
         }
     }
 
@@ -615,6 +658,10 @@ impl Registry {
                 wants_sent: None,
                 verdict_sent: None,
                 home_relay: None,
+                punch: false,
+                punch_window_ms: self.now_ms,
+                punch_in_window: 0,
+                punch_last: BTreeMap::new(),
             },
         ) {
             if old.conn != conn {
@@ -643,6 +690,107 @@ impl Registry {
             self.sessions.remove(&id);
             self.dirty = true;
         }
+    }
+
+    /// Device `from` (on connection `conn`) starts probing `peer`'s direct candidates and
+    /// asks for the peer to probe back now: forwarded as `punch` with `from`'s current
+    /// candidates, only if each is in the netmap last sent to the other, the peer is online
+    /// and understands it, and neither the requester's budget ([`PUNCH_PER_WINDOW`] per
+    /// [`PUNCH_WINDOW_MS`]) nor the pair's gap ([`PUNCH_PAIR_GAP_MS`]) is spent. Refusals are
+    /// counted and otherwise silent.
+    pub fn handle_punch_request(
+        &mut self,
+        from: DeviceId,
+        conn: ConnId,
+        peer: DeviceId,
+        now_ms: i64,
+    ) -> Result<(), PunchRefused> {
+        let result = self.punch(from, conn, peer, now_ms);
+        let c = &mut self.punch_counters;
+        match result {
+            Ok(()) => c.forwarded += 1,
+            Err(PunchRefused::NoSession | PunchRefused::NotPeers) => c.not_peers += 1,
+            Err(PunchRefused::PeerUnavailable) => c.peer_unavailable += 1,
+            Err(PunchRefused::RequesterLimited) => c.requester_limited += 1,
+            Err(PunchRefused::PairLimited) => c.pair_limited += 1,
+        }
+        result
+    }
+
+    /// Punch requests forwarded and dropped so far.
+    pub fn punch_counters(&self) -> PunchCounters {
+        self.punch_counters
+    }
+
+    fn punch(
+        &mut self,
+        from: DeviceId,
+        conn: ConnId,
+        peer: DeviceId,
+        now_ms: i64,
+    ) -> Result<(), PunchRefused> {
+        // Judge against netmaps that reflect every change so far.
+        if self.dirty {
+            self.dirty = false;
+            self.recompute();
+        }
+        let in_netmap = |s: &Session, who: DeviceId| {
+            s.sent
+                .as_ref()
+                .is_some_and(|sent| sent.peers.contains_key(&who))
+        };
+        let Some(me) = self.sessions.get(&from).filter(|s| s.conn == conn) else {
+            return Err(PunchRefused::NoSession);
+        };
+        if from == peer || !in_netmap(me, peer) {
+            return Err(PunchRefused::NotPeers);
+        }
+        let Some(target) = self.sessions.get(&peer) else {
+            return Err(PunchRefused::PeerUnavailable);
+        };
+        if !in_netmap(target, from) {
+            return Err(PunchRefused::NotPeers);
+        }
+        if !target.punch {
+            return Err(PunchRefused::PeerUnavailable);
+        }
+        let target_conn = target.conn;
+        let endpoints = self
+            .devices
+            .get(&from)
+            .map(|d| d.endpoints.clone())
+            .unwrap_or_default();
+        let Some(me) = self.sessions.get_mut(&from) else {
+            return Err(PunchRefused::NoSession);
+        };
+        if now_ms.saturating_sub(me.punch_window_ms) >= PUNCH_WINDOW_MS {
+            me.punch_window_ms = now_ms;
+            me.punch_in_window = 0;
+        }
+        if me.punch_in_window >= PUNCH_PER_WINDOW {
+            return Err(PunchRefused::RequesterLimited);
+        }
+        if me
+            .punch_last
+            .get(&peer)
+            .is_some_and(|t| now_ms.saturating_sub(*t) < PUNCH_PAIR_GAP_MS)
+        {
+            return Err(PunchRefused::PairLimited);
+        }
+        me.punch_in_window += 1;
+        me.punch_last.insert(peer, now_ms);
+        // Peers that left the netmap since need no entry.
+        if let Some(sent) = &me.sent {
+            me.punch_last.retain(|k, _| sent.peers.contains_key(k));
+        }
+        self.outputs.push_back(Output::Send {
+            conn: target_conn,
+            msg: CoordinatorMsg::Punch {
+                peer: from,
+                endpoints,
+            },
+        });
+        Ok(())
     }
 
     /// Next thing the driver must do.
@@ -678,6 +826,7 @@ impl Registry {
             .filter(|h| self.relays.iter().any(|r| &r.name == h));
         if let Some(s) = self.sessions.get_mut(&id) {
             s.home_relay = home;
+            s.punch = update.punch;
         }
         let observed = self.sessions.get(&id).map(|s| s.observed);
         let mut eps = Vec::new();
@@ -802,6 +951,7 @@ impl Registry {
                         inbound: inbound.clone(),
                         reach: reach.clone(),
                         relays: relays.clone(),
+                        punch: true,
                     });
                     session.sent = Some(Sent {
                         seq: 1,
@@ -959,6 +1109,162 @@ to = ["all"]
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    /// Devices 1 and 2 (alice, group eng) see each other; device 3 belongs to bob, whom the
+    /// policy gives nothing, so it is in nobody's netmap. All online; 2 and 3 understand punches.
+    fn punch_registry() -> Registry {
+        let mut bob = dev(3);
+        bob.user = Some("bob".into());
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), dev(2), bob],
+            [],
+            Some(open_policy()),
+            vec![],
+            vec![],
+            0,
+        );
+        for id in 1..=3u64 {
+            r.handle_session_opened(
+                DeviceId(id),
+                10 + id,
+                addr(&format!("203.0.113.{id}:4000")),
+                DeviceUpdate {
+                    wg_port: 51820,
+                    local_endpoints: vec![addr(&format!("192.168.{id}.2:51820"))],
+                    punch: id != 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        drain(&mut r);
+        r
+    }
+
+    fn punches(out: &[Output]) -> Vec<(ConnId, DeviceId, Vec<SocketAddr>)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    conn,
+                    msg: CoordinatorMsg::Punch { peer, endpoints },
+                } => Some((*conn, *peer, endpoints.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn punch_requests_reach_allowed_peers_only_and_are_rate_limited() {
+        let mut r = punch_registry();
+        // Netmaps say the coordinator takes punch requests.
+        let mut r0 = reg(&[1]);
+        r0.handle_session_opened(DeviceId(1), 1, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        assert!(drain(&mut r0).iter().any(|o| matches!(
+            o,
+            Output::Send { msg: CoordinatorMsg::Netmap(nm), .. } if nm.punch
+        )));
+
+        // 1 → 2: forwarded to 2's connection with 1's current candidates.
+        assert_eq!(
+            r.handle_punch_request(DeviceId(1), 11, DeviceId(2), 1_000),
+            Ok(())
+        );
+        assert_eq!(
+            punches(&drain(&mut r)),
+            vec![(
+                12,
+                DeviceId(1),
+                vec![addr("203.0.113.1:51820"), addr("192.168.1.2:51820")]
+            )]
+        );
+        // Not in each other's netmap (either way round): dropped, nothing sent to the third
+        // device.
+        assert_eq!(
+            r.handle_punch_request(DeviceId(1), 11, DeviceId(3), 1_000),
+            Err(PunchRefused::NotPeers)
+        );
+        assert_eq!(
+            r.handle_punch_request(DeviceId(3), 13, DeviceId(2), 1_000),
+            Err(PunchRefused::NotPeers)
+        );
+        // Not on the requester's current connection, or to itself.
+        assert_eq!(
+            r.handle_punch_request(DeviceId(1), 99, DeviceId(2), 1_000),
+            Err(PunchRefused::NoSession)
+        );
+        assert_eq!(
+            r.handle_punch_request(DeviceId(2), 12, DeviceId(2), 1_000),
+            Err(PunchRefused::NotPeers)
+        );
+        // A peer that does not understand punches is never sent one.
+        assert_eq!(
+            r.handle_punch_request(DeviceId(2), 12, DeviceId(1), 1_000),
+            Err(PunchRefused::PeerUnavailable)
+        );
+        assert!(punches(&drain(&mut r)).is_empty());
+
+        // The same pair again within the gap: dropped; after it: forwarded.
+        assert_eq!(
+            r.handle_punch_request(DeviceId(1), 11, DeviceId(2), 1_000 + PUNCH_PAIR_GAP_MS - 1),
+            Err(PunchRefused::PairLimited)
+        );
+        let t = 1_000 + PUNCH_PAIR_GAP_MS;
+        assert_eq!(
+            r.handle_punch_request(DeviceId(1), 11, DeviceId(2), t),
+            Ok(())
+        );
+        let c = r.punch_counters();
+        assert_eq!(c.not_peers, 4, "{c:?}");
+        assert_eq!(c.peer_unavailable, 1, "{c:?}");
+        assert_eq!(c.pair_limited, 1, "{c:?}");
+        assert_eq!(c.forwarded, 2, "{c:?}");
+        // Revoked from the policy: no longer peers, no longer punched.
+        r.handle_device_removed(DeviceId(2), "revoked");
+        drain(&mut r);
+        assert!(r
+            .handle_punch_request(DeviceId(1), 11, DeviceId(2), t + PUNCH_WINDOW_MS)
+            .is_err());
+    }
+
+    #[test]
+    fn one_device_cannot_make_the_coordinator_flood_its_peers() {
+        let n = u64::from(PUNCH_PER_WINDOW) + 5;
+        let mut r = reg(&(1..=n).collect::<Vec<_>>());
+        for id in 1..=n {
+            let update = DeviceUpdate {
+                punch: true,
+                ..Default::default()
+            };
+            r.handle_session_opened(DeviceId(id), id, addr("10.0.0.1:1"), update)
+                .unwrap();
+        }
+        drain(&mut r);
+        // Every peer once, all within one window: the budget runs out.
+        let results: Vec<_> = (2..=n)
+            .map(|p| r.handle_punch_request(DeviceId(1), 1, DeviceId(p), 5_000))
+            .collect();
+        let ok = results.iter().filter(|x| x.is_ok()).count();
+        assert_eq!(ok as u32, PUNCH_PER_WINDOW);
+        assert!(results[ok..]
+            .iter()
+            .all(|x| *x == Err(PunchRefused::RequesterLimited)));
+        assert_eq!(punches(&drain(&mut r)).len() as u32, PUNCH_PER_WINDOW);
+        assert_eq!(
+            r.punch_counters().requester_limited,
+            n - 1 - u64::from(PUNCH_PER_WINDOW)
+        );
+        // Other devices keep their own budgets; the next window restores this one's.
+        assert_eq!(
+            r.handle_punch_request(DeviceId(2), 2, DeviceId(1), 5_000),
+            Ok(())
+        );
+        assert_eq!(
+            r.handle_punch_request(DeviceId(1), 1, DeviceId(n), 5_000 + PUNCH_WINDOW_MS),
+            Ok(())
+        );
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //!   `posture_verdict`); relays in netmaps (`Netmap.relays`, `NetmapDelta.relays`, both
 //!   optional, so a device that predates them keeps decoding); relayed paths
 //!   (`DeviceUpdate.home_relay`, `Peer.relay`, `relay_ticket_request`, `relay_ticket`; see
-//!   [`crate::relay`]), all optional on the wire.
+//!   [`crate::relay`]), all optional on the wire; coordinated hole punching
+//!   (`punch_request`, `punch`), sent only to a side that said it understands them
+//!   (`DeviceUpdate.punch`, `Netmap.punch`, both `false` when absent), because a side that
+//!   predates them closes the session on a message type it does not know.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -137,6 +140,11 @@ pub enum DeviceMsg {
     DeniedFlows { flows: Vec<DeniedFlow> },
     /// Ask for a relay ticket (answered with `relay_ticket`, or `error`).
     RelayTicketRequest,
+    /// This device starts probing `peer`'s direct candidates now: ask the peer to probe back
+    /// at once, so both sides send together (hole punching). Never answered; the coordinator
+    /// forwards it as `punch` only to a peer both netmaps hold, rate-limited, or drops it.
+    /// Sent only to a coordinator whose netmap says `punch`.
+    PunchRequest { peer: DeviceId },
 }
 
 /// Most entries in one `denied_flows` message.
@@ -251,6 +259,14 @@ pub enum CoordinatorMsg {
     RelayTicket {
         ticket: SignedTicket,
     },
+    /// Peer `peer` is probing this device's direct candidates now: probe its `endpoints` (its
+    /// current candidates, at most [`MAX_ENDPOINTS`]) at once. Sent only to a device whose
+    /// update says `punch`.
+    Punch {
+        peer: DeviceId,
+        #[serde(default)]
+        endpoints: Vec<SocketAddr>,
+    },
     /// The request was refused; on `Enroll`/`Hello` the coordinator then closes the connection.
     Error {
         code: ErrorCode,
@@ -343,6 +359,10 @@ pub struct DeviceUpdate {
     /// peers send to it there. `None`: none (yet).
     #[serde(default)]
     pub home_relay: Option<String>,
+    /// The device understands `punch` (coordinated hole punching); absent from older devices,
+    /// which must not be sent it.
+    #[serde(default)]
+    pub punch: bool,
 }
 
 /// Most endpoints a device may announce; the rest are ignored.
@@ -403,6 +423,10 @@ pub struct Netmap {
     /// The relays this device may use (address discovery and forwarding).
     #[serde(default)]
     pub relays: Vec<RelayInfo>,
+    /// The coordinator accepts `punch_request`; absent from older coordinators, which must
+    /// not be sent it.
+    #[serde(default)]
+    pub punch: bool,
 }
 
 /// A relay registered with the coordinator (`ward-coordinator relay add`).
@@ -605,8 +629,10 @@ mod tests {
                 wg_port: 51820,
                 local_endpoints: vec!["192.168.1.2:51820".parse().unwrap()],
                 home_relay: Some("r1".into()),
+                punch: true,
             }),
             DeviceMsg::RelayTicketRequest,
+            DeviceMsg::PunchRequest { peer: DeviceId(9) },
         ];
         let mut bytes = Vec::new();
         for m in &msgs {
@@ -685,6 +711,7 @@ mod tests {
             inbound: vec![],
             reach: vec![],
             relays: vec![],
+            punch: true,
         };
         let mut p3 = peer(3);
         p3.online = false;
@@ -786,6 +813,41 @@ mod tests {
             panic!("not update")
         };
         assert_eq!(u.home_relay.as_deref(), Some("r2"));
+
+        // Hole punching: older updates and netmaps say nothing of it (so neither side is sent
+        // the new messages), and the new messages as first written.
+        assert!(!u.punch && !h.update.punch);
+        let nm = r#"{"type":"netmap","seq":1,"me":{"device_id":1,"hostname":"me","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null},"peers":[]}"#;
+        let CoordinatorMsg::Netmap(nm) = decode(nm.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        assert!(!nm.punch);
+        let u: DeviceMsg = decode(br#"{"type":"update","wg_port":1,"punch":true}"#).unwrap();
+        assert!(matches!(
+            u,
+            DeviceMsg::Update(DeviceUpdate { punch: true, .. })
+        ));
+        assert_eq!(
+            decode::<DeviceMsg>(br#"{"type":"punch_request","peer":7}"#).unwrap(),
+            DeviceMsg::PunchRequest { peer: DeviceId(7) }
+        );
+        assert_eq!(
+            decode::<CoordinatorMsg>(
+                br#"{"type":"punch","peer":7,"endpoints":["203.0.113.7:51820","[2001:db8::7]:51820"]}"#
+            )
+            .unwrap(),
+            CoordinatorMsg::Punch {
+                peer: DeviceId(7),
+                endpoints: vec![
+                    "203.0.113.7:51820".parse().unwrap(),
+                    "[2001:db8::7]:51820".parse().unwrap()
+                ],
+            }
+        );
+        assert_eq!(
+            encode(&DeviceMsg::PunchRequest { peer: DeviceId(7) })[4..],
+            br#"{"type":"punch_request","peer":7}"#[..]
+        );
 
         let err = r#"{"type":"error","code":"token_used","message":"token already used"}"#;
         assert_eq!(

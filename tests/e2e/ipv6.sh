@@ -2,7 +2,10 @@
 # IPv6 underlays, end to end. Part 1, an IPv6-only underlay (no IPv4 address on any underlay
 # interface): the coordinator listens dual-stack on [::], its public address is an IPv6
 # literal, three devices enroll over IPv6, publish IPv6 candidates, reach each other directly
-# over IPv6 endpoints, and carry ping and TCP over the overlay's IPv4 and IPv6. Part 2, a
+# over IPv6 endpoints, and carry ping and TCP over the overlay's IPv4 and IPv6; then a relay with
+# an IPv6 address only joins, direct UDP between a and b is dropped (ip6tables), and a and b
+# talk through the relay: `ward status` says so, ping and a 20 MB TCP transfer arrive intact,
+# and the relay's metrics count the bytes. Part 2, a
 # dual-stack underlay: a device reaches a coordinator given by an IPv4 literal through its
 # dual-stack endpoint. Part 3, happy eyeballs: a coordinator name with both an IPv6 and an IPv4
 # address is reached over IPv6 first, and over IPv4 within the happy-eyeballs delay when IPv6
@@ -31,15 +34,15 @@ enroll() { lab_device_up "$1" "$(lab_token --user alice)" >/dev/null; }
 has_candidate() { peer_json "$1" "$2" endpoints | grep -qxF "$3"; }
 # path_is HOST PEER PREFIX: HOST's path to PEER starts with PREFIX.
 path_is() { [[ "$(peer_json "$1" "$2" path_text)" == "$3"* ]]; }
-# tcp_check FROM TO DST PORT LABEL: 10 MB over TCP from FROM to DST (TO's overlay address),
-# SHA-256 compared.
+# tcp_check FROM TO DST PORT LABEL: $LAB_DIR/blob (10 or 20 MB, SHA-256 in $WANT) over TCP
+# from FROM to DST (TO's overlay address), SHA-256 compared.
 tcp_check() {
     local from="$1" to="$2" dst="$3" port="$4" label="$5" fam=""
     [[ "$dst" == *:* ]] && fam="-6"
     rm -f "$LAB_DIR/got-$port"
     lab_spawn "$to" "nc-$port.log" sh -c "nc $fam -l -p $port | sha256sum > $LAB_DIR/got-$port"
     lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns "$to") ss -H -tln 'sport = :$port' | grep -q ."
-    check "$label: 10 MB sent" lab_exec "$from" timeout 30 nc -N "$dst" "$port" <"$LAB_DIR/blob"
+    check "$label: $(($(stat -c %s "$LAB_DIR/blob") >> 20)) MB sent" lab_exec "$from" timeout 30 nc -N "$dst" "$port" <"$LAB_DIR/blob"
     lab_wait_for -t 10 test -s "$LAB_DIR/got-$port"
     check "$label: checksum matches" test "$(cut -d' ' -f1 "$LAB_DIR/got-$port" 2>/dev/null)" = "$WANT"
 }
@@ -47,8 +50,8 @@ tcp_check() {
 T0=$SECONDS
 say "1. IPv6-only underlay: coordinator at an IPv6 literal, three devices on the wan"
 lab_init --ipv6-only
-for h in a b c; do lab_add_wan_host "$h"; done
-for h in wan a b c; do check "$h has no IPv4 underlay address" no_underlay_ipv4 "$h"; done
+for h in a b c relay; do lab_add_wan_host "$h"; done
+for h in wan a b c relay; do check "$h has no IPv4 underlay address" no_underlay_ipv4 "$h"; done
 check "wan host a is fd00:99::11" test "$(lab_ip a)" = "fd00:99::11"
 lab_start_coordinator
 check "coordinator public address is [fd00:99::1]:7443" test "$(lab_coord_addr)" = "[fd00:99::1]:7443"
@@ -80,6 +83,32 @@ head -c 10M /dev/urandom >"$LAB_DIR/blob"
 WANT=$(sha256sum <"$LAB_DIR/blob" | cut -d' ' -f1)
 tcp_check a b "$B4" 5001 "a -> b TCP over overlay IPv4"
 tcp_check c a "$A6" 5002 "c -> a TCP over overlay IPv6"
+
+say "2r. a relay with an IPv6 address only; direct UDP between a and b dropped"
+T0R=$SECONDS
+check "the relay registers at [fd00:99::14]:3478" test "$(lab_start_relay relay r1)" = "[fd00:99::14]:3478"
+check "the relay joins the coordinator over IPv6" lab_relay_wait_welcomed relay 15
+# a drops every WireGuard datagram to and from b's underlay address: only the relay is left.
+B_UNDER=$(lab_ip b)
+lab_exec a ip6tables -A OUTPUT -d "$B_UNDER" -p udp --dport 51820 -j DROP
+lab_exec a ip6tables -A INPUT -s "$B_UNDER" -p udp --sport 51820 -j DROP
+path_kind() { lab_ward_json_get "$1" "[p['path']['kind'] for p in s['peers'] if p['hostname']=='$2'][0]" 2>/dev/null; }
+# relayed HOST PEER PEER_IP: with a ping to keep traffic flowing, HOST's path to PEER is a relay.
+relayed() { lab_exec "$1" ping -c1 -W1 "$3" >/dev/null 2>&1; test "$(path_kind "$1" "$2")" = relay; }
+check "a's path to b is the relay (ward status --json path.kind)" lab_wait_for -t 30 -i 0.3 relayed a b "$B4"
+check "b's path to a is the relay" lab_wait_for -t 15 -i 0.3 relayed b a "$A4"
+check "a names relay r1 for b ($(peer_json a b path_text))" path_is a b "relay r1"
+check "a's path to c stays direct over IPv6" path_is a c "direct [fd00:99::13]:51820"
+check "a -> b overlay IPv4 ping through the relay" lab_exec a ping -c3 -i0.2 -W2 "$B4"
+check "b -> a overlay IPv6 ping through the relay" lab_exec b ping -6 -c3 -i0.2 -W2 "$A6"
+head -c 20M /dev/urandom >"$LAB_DIR/blob"
+WANT=$(sha256sum <"$LAB_DIR/blob" | cut -d' ' -f1)
+RB0=$(lab_relay_metric relay ward_relay_relayed_bytes_total)
+tcp_check a b "$B4" 5003 "a -> b TCP through the IPv6 relay"
+check "the transfer stayed on the relay" test "$(path_kind a b)" = relay
+RB1=$(lab_relay_metric relay ward_relay_relayed_bytes_total)
+check "the relay's metrics count the transfer (>= 20 MB: $((RB1 - RB0)) bytes)" test $((RB1 - RB0)) -ge 20971520
+echo "    relayed part $((SECONDS - T0R))s"
 P1=$((SECONDS - T0))
 
 lab_cleanup

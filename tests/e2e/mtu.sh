@@ -2,17 +2,20 @@
 # Path MTU, end to end: 50 MB TCP transfers over Ward arrive intact when the underlay carries
 # less than 1500 bytes: every link at 1460, every link at 1280, and a router with a 1280-byte
 # uplink in front of one device (its own link stays at 1500, so only the router's ICMP
-# fragmentation-needed can teach it). Prints each transfer's throughput against the same
+# fragmentation-needed can teach it), and the pair forced onto a relay (direct UDP between
+# them dropped) whose link is at 1280. Prints each transfer's throughput against the same
 # transfer over 1500-byte links. One lab for all cases: MTUs change with `ip link set mtu`.
 # Needs root; prints `N passed, N failed` and exits non-zero on any failure.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 need_root
-lab_have_ward || { echo "build first: cargo build --release --locked --workspace --bins"; exit 1; }
+lab_have_ward && lab_have_relay ||
+    { echo "build first: cargo build --release --locked --workspace --bins"; exit 1; }
 
 lab_init
 lab_add_wan_host srv           # a server directly on the wan
 lab_add_natted_host alice      # a laptop behind a home NAT
+lab_add_wan_host relay         # a relay, registered only for the relayed case
 lab_start_coordinator
 for h in srv alice; do lab_start_device "$h"; done
 lab_coord user add alice >/dev/null
@@ -97,10 +100,40 @@ check "5. path counters are in ward status --json" test -n "$FAILED"
 check "5. alice logged the path MTU change" grep -q "path MTU to peer endpoint changed" "$LAB_DIR/logs/ward-alice.log"
 check "5. srv logged the path MTU change" grep -q "path MTU to peer endpoint changed" "$LAB_DIR/logs/ward-srv.log"
 
+say "6. the pair forced onto a relay whose link is at 1280 (direct UDP between them dropped)"
+lab_set_all_mtu 1500
+SRV_IP=$(lab_public_ip srv)
+ip netns exec "$(lab_ns alice-nat)" nft -f - <<NFT
+table ip wardblock {
+    chain forward {
+        type filter hook forward priority -10; policy accept;
+        ip daddr $SRV_IP udp dport 51820 drop
+        ip saddr $SRV_IP udp sport 51820 drop
+    }
+}
+NFT
+lab_set_link_mtu relay 1280
+lab_start_relay relay r1 >/dev/null
+check "6. the relay joins the coordinator" lab_relay_wait_welcomed relay 15
+# relayed HOST PEER: with a ping to keep traffic flowing, HOST's path to PEER is a relay.
+relayed() {
+    lab_exec "$1" ping -c1 -W1 "$2" >/dev/null 2>&1
+    test "$(lab_ward_json_get "$1" "[p['path']['kind'] for p in s['peers'] if p['hostname']=='$3'][0]" 2>/dev/null)" = relay
+}
+check "6. alice's path to srv is the relay" lab_wait_for -t 30 -i 0.3 relayed alice "$SRV4" srv
+check "6. srv's path to alice is the relay" lab_wait_for -t 15 -i 0.3 relayed srv "$AL4" alice
+RB0=$(lab_relay_metric relay ward_relay_relayed_bytes_total)
+transfer relay1280-up alice srv "$SRV4"
+transfer relay1280-down srv alice "$AL4"
+check "6. the transfers stayed on the relay" relayed alice "$SRV4" srv
+RB1=$(lab_relay_metric relay ward_relay_relayed_bytes_total)
+check "6. the relay forwarded both transfers (>= 100 MB: $((RB1 - RB0)) bytes)" test $((RB1 - RB0)) -ge 104857600
+ip netns exec "$(lab_ns alice-nat)" nft delete table ip wardblock
+
 say "throughput, 50 MB single TCP stream (Mbit/s; 1500-byte links = 1.00)"
 for dir in up down; do
     base=${RATE[base-$dir]:-0}
-    for label in "router-$dir" "all1460-$dir" "all1460-v6-$dir" "all1280-$dir"; do
+    for label in "router-$dir" "all1460-$dir" "all1460-v6-$dir" "all1280-$dir" "relay1280-$dir"; do
         [[ -n "${RATE[$label]:-}" ]] || continue
         printf '  %-14s %6s Mbit/s  (%s x of %s Mbit/s over 1500)\n' "$label" "${RATE[$label]}" \
             "$(python3 -c "print(f'{${RATE[$label]}/max($base,1):.2f}')")" "$base"

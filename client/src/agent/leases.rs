@@ -182,6 +182,7 @@ mod tests {
             inbound: vec![],
             reach: vec![],
             relays: vec![],
+            punch: false,
         }
     }
 

@@ -116,6 +116,9 @@ pub enum DataPlaneEvent {
     PeersOnOldKey(usize),
     /// Flows the inbound filter refused since the last report.
     DeniedFlows(Vec<DeniedFlow>),
+    /// The data plane started probing these peers' direct candidates (device ids): ask the
+    /// coordinator to have each probe back now (`DataPlane::take_punch_requests`).
+    PunchWanted(Vec<u64>),
 }
 
 /// What the driver must do.
@@ -171,6 +174,15 @@ pub enum Event {
     /// The relays the data plane may send through (welcomed connections, with the largest
     /// WireGuard datagram each carries).
     SetRelays(Vec<(String, u16)>),
+    /// A configured peer is probing this device now (forwarded by the coordinator): have the
+    /// data plane burst keepalives to its candidates and `endpoints` at once.
+    Punch {
+        peer: u64,
+        endpoints: Vec<SocketAddr>,
+    },
+    /// This device's interface addresses changed: have the data plane probe every peer's
+    /// direct candidates again (with punch requests).
+    NetworkChanged,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -439,6 +451,25 @@ impl Agent {
                 }
                 self.posture.verdict = Some(v);
             }
+            CoordinatorMsg::Punch { peer, endpoints } => {
+                // Only a peer the data plane has (a leased key in the netmap) is punched; the
+                // coordinator checked the pair, this checks it again.
+                if !self
+                    .configured_peers()
+                    .iter()
+                    .any(|p| p.device_id == peer.0)
+                {
+                    debug!(%peer, "punch for a peer that is not configured: ignored");
+                    return;
+                }
+                debug!(%peer, endpoints = endpoints.len(), "peer is punching: probing it back now");
+                let mut endpoints = endpoints;
+                endpoints.truncate(wire::MAX_ENDPOINTS);
+                self.events.push_back(Event::Punch {
+                    peer: peer.0,
+                    endpoints,
+                });
+            }
             CoordinatorMsg::Enrolled(_) => {
                 self.protocol_error("unexpected enrolled message on a session".into(), now)
             }
@@ -551,6 +582,7 @@ impl Agent {
                     });
                 }
             }
+            DataPlaneEvent::PunchWanted(peers) => self.request_punches(&peers),
         }
     }
 
@@ -568,8 +600,9 @@ impl Agent {
             .as_ref()
             .is_some_and(|u| u.local_endpoints != update.local_endpoints)
         {
-            debug!("local addresses changed: discovering this device's public address again");
+            debug!("local addresses changed: discovering this device's public address again, probing peers again");
             self.netcheck.network_changed();
+            self.events.push_back(Event::NetworkChanged);
         }
         self.local_update = Some(update);
         self.publish();
@@ -770,6 +803,28 @@ impl Agent {
             netcheck::candidates(&self.netcheck.reflexive(), &update.local_endpoints);
         update.home_relay = self.relays.home().map(String::from);
         update
+    }
+
+    /// Asks the coordinator to have these peers probe back now: only in a session, only if
+    /// the coordinator said it accepts punch requests (an older one would close the session
+    /// on them), only for peers in the netmap. Nothing waits for an answer: without one the
+    /// data plane's own probes still run.
+    fn request_punches(&mut self, peers: &[u64]) {
+        if !matches!(self.link, Link::Session { .. }) {
+            return;
+        }
+        let Some(nm) = self.netmap.as_ref().filter(|nm| nm.punch) else {
+            return;
+        };
+        let known: Vec<DeviceId> = peers
+            .iter()
+            .map(|p| DeviceId(*p))
+            .filter(|p| nm.peers.iter().any(|np| np.device_id == *p))
+            .collect();
+        for peer in known {
+            debug!(%peer, "asking the coordinator to have the peer punch back");
+            self.transmits.push_back(DeviceMsg::PunchRequest { peer });
+        }
     }
 
     /// Sends this device's update if it changed (only in a session).

@@ -200,6 +200,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         inbound: vec![],
         reach: vec![],
         relays: vec![],
+        punch: false,
     }
 }
 
@@ -924,4 +925,130 @@ fn revocation_closes_every_relay_connection() {
     assert!(ev.contains(&Event::SetRelays(vec![])));
     assert_eq!(h.agent.relays().home(), None);
     assert!(h.agent.relays().ticket().is_none());
+}
+
+// ---- coordinated hole punching ----------------------------------------------------------
+
+fn punch_requests(sent: &[DeviceMsg]) -> Vec<DeviceId> {
+    sent.iter()
+        .filter_map(|m| match m {
+            DeviceMsg::PunchRequest { peer } => Some(*peer),
+            _ => None,
+        })
+        .collect()
+}
+
+fn punch_events(events: &[Event]) -> Vec<(u64, Vec<SocketAddr>)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Punch { peer, endpoints } => Some((*peer, endpoints.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn punch_requests_go_only_to_a_coordinator_that_takes_them_and_only_for_netmap_peers() {
+    let mut h = H::new();
+    h.leased();
+    let peer_key = WgPublicKey([2; 32]);
+    let l = h.lease(2, peer_key, TTL);
+    // An older coordinator (its netmap says nothing of punches): nothing is sent, however
+    // much the data plane wants it (the coordinator would close the session on it).
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![l.clone()])));
+    let now = h.now();
+    h.agent
+        .handle_dataplane_event(DataPlaneEvent::PunchWanted(vec![2]), now);
+    h.drain();
+    assert!(punch_requests(&h.take_sent()).is_empty());
+
+    // A coordinator that takes them: one request per netmap peer, none for a stranger.
+    let mut nm = netmap(2, vec![l]);
+    nm.punch = true;
+    h.msg(CoordinatorMsg::Netmap(nm));
+    let now = h.now();
+    h.agent
+        .handle_dataplane_event(DataPlaneEvent::PunchWanted(vec![2, 9]), now);
+    h.drain();
+    assert_eq!(punch_requests(&h.take_sent()), vec![DeviceId(2)]);
+
+    // Out of session: nothing.
+    let now = h.now();
+    h.agent.handle_disconnected(Some("gone".into()), now);
+    h.agent
+        .handle_dataplane_event(DataPlaneEvent::PunchWanted(vec![2]), now);
+    h.drain();
+    assert!(punch_requests(&h.take_sent()).is_empty());
+}
+
+#[test]
+fn a_forwarded_punch_makes_the_data_plane_probe_a_configured_peer_back() {
+    let mut h = H::new();
+    h.leased();
+    let l = h.lease(2, WgPublicKey([2; 32]), TTL);
+    let mut nm = netmap(1, vec![l]);
+    nm.punch = true;
+    h.msg(CoordinatorMsg::Netmap(nm));
+    assert!(h.agent.configured_peers().iter().any(|p| p.device_id == 2));
+    h.take_events();
+    let eps: Vec<SocketAddr> = vec!["203.0.113.2:51820".parse().unwrap()];
+    h.msg(CoordinatorMsg::Punch {
+        peer: DeviceId(2),
+        endpoints: eps.clone(),
+    });
+    assert_eq!(punch_events(&h.take_events()), vec![(2, eps.clone())]);
+    // A device the data plane does not have (no lease, not in the netmap): ignored, and the
+    // session goes on (no protocol error).
+    h.msg(CoordinatorMsg::Punch {
+        peer: DeviceId(7),
+        endpoints: eps,
+    });
+    let events = h.take_events();
+    assert!(punch_events(&events).is_empty());
+    assert!(!events.contains(&Event::CloseSession));
+    assert_eq!(h.agent.phase(), Phase::Connected);
+    // The update this device sends says whether it takes punches (the driver's update does).
+    h.agent.handle_local_update(DeviceUpdate {
+        wg_port: 51820,
+        punch: true,
+        ..DeviceUpdate::default()
+    });
+    h.drain();
+    assert!(h
+        .take_sent()
+        .iter()
+        .any(|m| matches!(m, DeviceMsg::Update(u) if u.punch)));
+}
+
+#[test]
+fn a_local_address_change_makes_the_data_plane_probe_peers_again() {
+    let mut h = H::new();
+    let now = h.now();
+    let a: SocketAddr = "192.168.1.2:51820".parse().unwrap();
+    h.agent.handle_connected(
+        DeviceUpdate {
+            wg_port: 51820,
+            local_endpoints: vec![a],
+            ..DeviceUpdate::default()
+        },
+        now,
+    );
+    h.drain();
+    h.take_events();
+    // The same addresses: no network change.
+    h.agent.handle_local_update(DeviceUpdate {
+        wg_port: 51820,
+        local_endpoints: vec![a],
+        ..DeviceUpdate::default()
+    });
+    h.drain();
+    assert!(!h.take_events().contains(&Event::NetworkChanged));
+    h.agent.handle_local_update(DeviceUpdate {
+        wg_port: 51820,
+        local_endpoints: vec!["10.9.9.9:51820".parse().unwrap()],
+        ..DeviceUpdate::default()
+    });
+    h.drain();
+    assert!(h.take_events().contains(&Event::NetworkChanged));
 }

@@ -97,6 +97,14 @@ impl Daemon {
 
         loop {
             self.execute(&agent, dp.as_deref(), &mut link);
+            // Punch requests the data plane wants sent (it started probing those peers; the
+            // ones its timer thread starts wait for the next turn, at most `EXPIRY_CHECK`).
+            if let Some(d) = &dp {
+                let peers = d.take_punch_requests();
+                if !peers.is_empty() {
+                    lock(&agent).handle_dataplane_event(DataPlaneEvent::PunchWanted(peers), now());
+                }
+            }
             // Send what the agent queued; a failed send ends the session.
             loop {
                 let Some(msg) = lock(&agent).poll_transmit() else {
@@ -311,6 +319,16 @@ impl Daemon {
                         dp.send_discovery(dst, &datagram);
                     }
                 }
+                Event::Punch { peer, endpoints } => {
+                    if let Some(dp) = dp {
+                        dp.punch(peer, &endpoints);
+                    }
+                }
+                Event::NetworkChanged => {
+                    if let Some(dp) = dp {
+                        dp.network_changed();
+                    }
+                }
                 Event::TakeDeniedFlows => {
                     let flows = dp.map(|d| d.take_denied_flows()).unwrap_or_default();
                     if !flows.is_empty() {
@@ -387,5 +405,7 @@ fn hello_update(dp: Option<&DataPlane>) -> DeviceUpdate {
             .take(MAX_ENDPOINTS)
             .collect(),
         home_relay: None,
+        // The data plane carries out forwarded punches.
+        punch: true,
     }
 }

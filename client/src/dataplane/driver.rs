@@ -7,7 +7,8 @@
 //!   → [`Runs::handle_datagram`] (decrypt, source check, inbound
 //!   filter at coordinator time = wall clock + [`Core::clock_offset_ms`]) → TUN (TCP/UDP segments
 //!   coalesced by tun-rs's GRO table into one write per flow).
-//! - `ward-dp-timer`: [`Core::handle_timers`] every [`TIMER_INTERVAL`], the path MTUs of the
+//! - `ward-dp-timer`: [`Core::handle_timers`] every [`Core::timer_wait`] (the engine's
+//!   `TIMER_INTERVAL`, shorter during a punch burst), the path MTUs of the
 //!   destinations in use re-read from the kernel every [`REFRESH_INTERVAL`], idle flows swept
 //!   now and then.
 //!
@@ -43,7 +44,7 @@ use anyhow::Context as _;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::discovery::{is_discovery_byte, Inbox};
-use super::engine::{Core, Outbox, Source, TIMER_INTERVAL};
+use super::engine::{Core, Outbox, Source};
 use super::pmtu::REFRESH_INTERVAL;
 use super::relay::RelayQueue;
 use super::tun::{TunDevice, TunParams};
@@ -363,7 +364,8 @@ fn timer_loop(core: &Core, udp: &UdpSocket, relay: &RelayQueue, stop: &AtomicBoo
     let mut last_refresh = Instant::now();
     let mut last_counters = core.counters();
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(TIMER_INTERVAL);
+        // TIMER_INTERVAL, or shorter while a punch burst is under way.
+        std::thread::sleep(core.timer_wait());
         let now = Instant::now();
         core.handle_timers(now, &mut out);
         if !out.is_empty() {

@@ -348,6 +348,30 @@ impl DataPlane {
         }
     }
 
+    /// Peers (device ids) whose direct candidates this device just started probing, for
+    /// which the coordinator should be asked to have the peer probe back now (see
+    /// [`Core::take_punch_requests`]).
+    pub fn take_punch_requests(&self) -> Vec<u64> {
+        self.core.take_punch_requests(Instant::now())
+    }
+
+    /// Peer `device_id` is probing this device now (a punch forwarded by the coordinator):
+    /// burst keepalives to its candidates and `endpoints` at once.
+    pub fn punch(&self, device_id: u64, endpoints: &[SocketAddr]) {
+        let mut out = Outbox::new();
+        self.core
+            .punch(device_id, endpoints, Instant::now(), &mut out);
+        if let Some(driver) = &self.driver {
+            driver.send(&out);
+        }
+    }
+
+    /// This device's interface addresses changed: every peer's direct candidates are probed
+    /// again, with punch requests.
+    pub fn network_changed(&self) {
+        self.core.network_changed(Instant::now());
+    }
+
     /// Packets dropped for not fitting their path, ICMP too-big sent, refused sends by reason.
     pub fn path_counters(&self) -> PathMtuCounters {
         self.core.path_mtus().counters()

@@ -66,6 +66,12 @@ pub(super) enum Event {
         received: Instant,
     },
     DeniedFlows(DeviceId, Vec<DeniedFlow>),
+    /// A device asks for `peer` to probe back now (coordinated hole punching).
+    Punch {
+        id: DeviceId,
+        conn: ConnId,
+        peer: DeviceId,
+    },
     /// The policy's shorter lease TTL, if this device is risky now.
     RiskyTtl(DeviceId, oneshot::Sender<Option<u64>>),
     /// The directory judged under a candidate policy's posture requirements.
@@ -287,6 +293,11 @@ pub(super) async fn registry_actor(
                 }
             }
             Event::DeniedFlows(id, flows) => reg.handle_denied_flows(id, &flows, now_ms()),
+            Event::Punch { id, conn, peer } => {
+                if let Err(why) = reg.handle_punch_request(id, conn, peer, now_ms()) {
+                    debug!(device = %id, %peer, %why, counters = ?reg.punch_counters(), "punch request dropped");
+                }
+            }
             Event::DirectoryFor(p, reply) => {
                 let _ = reply.send(reg.directory_for(&p));
             }

@@ -447,6 +447,9 @@ async fn session(
                             flows.truncate(wire::MAX_DENIED_FLOWS);
                             let _ = ctx.events.send(Event::DeniedFlows(id, flows));
                         }
+                        DeviceMsg::PunchRequest { peer } => {
+                            let _ = ctx.events.send(Event::Punch { id, conn: conn_id, peer });
+                        }
                         DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => {
                             refuse(&conn, &mut send, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
                             return Ok(());

@@ -337,6 +337,8 @@ impl World {
             wg_port: d.endpoint.port(),
             local_endpoints: vec![d.endpoint],
             home_relay: None,
+            // No NATs nor relays here: punching is shown by the data plane's pair tests.
+            punch: false,
         }
     }
 
@@ -390,6 +392,14 @@ impl World {
             Event::ResolveRelay(_) | Event::SendDiscovery { .. } => {}
             // No relays in the simulation (yet): nothing to connect.
             Event::Relay(_) | Event::SetRelays(_) => {}
+            Event::Punch { peer, endpoints } => {
+                let mut out = Outbox::new();
+                self.devs[i]
+                    .core
+                    .punch(peer, &endpoints, now.instant, &mut out);
+                self.emit(i, &out);
+            }
+            Event::NetworkChanged => self.devs[i].core.network_changed(now.instant),
             Event::NeedKey => {
                 let k = PrivateKey(self.rng.gen());
                 self.devs[i].agent.provide_key(k);
@@ -433,6 +443,13 @@ impl World {
                         message: "refused".into(),
                     };
                     self.devs[i].agent.handle_coordinator_msg(m, now);
+                }
+            }
+            DeviceMsg::PunchRequest { peer } => {
+                // Refusals are silent, as in the server.
+                let _ = self.reg.handle_punch_request(id, conn, peer, t);
+                while let Some(o) = self.reg.poll_output() {
+                    self.route(o);
                 }
             }
             DeviceMsg::Ping { nonce } => {

@@ -49,8 +49,8 @@ mod relays;
 mod session;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv6Addr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -72,7 +72,8 @@ pub use self::batch::{Batch, Runs};
 pub use self::outbox::{Destination, Outbox, RelayId, Source, Transmit};
 pub use self::path::{
     PathState, DIRECT_PROBE_INTERVAL, DIRECT_PROBE_INTERVAL_FAST, FALLBACK_SENT_WITHIN,
-    FALLBACK_SILENCE, FAST_DIRECT_PERIOD,
+    FALLBACK_SILENCE, FAST_DIRECT_PERIOD, PUNCH_BURST, PUNCH_REPROBE_INTERVAL,
+    PUNCH_REQUEST_MIN_GAP, PUNCH_SPACING,
 };
 
 /// How often the driver should call [`Core::handle_timers`].
@@ -205,6 +206,10 @@ pub struct Core {
     /// The addresses this device owns (see [`Core::set_local_prefixes`]): set once, read by
     /// both packet paths without a lock.
     local: OnceLock<LocalPrefixes>,
+    /// Some peer has a punch burst under way: the timers must run at `PUNCH_SPACING`.
+    bursting: AtomicBool,
+    /// Some peer may want a punch request (set by its `Path`, cleared when they are taken).
+    punch_pending: Arc<AtomicBool>,
 }
 
 impl Core {
@@ -227,6 +232,8 @@ impl Core {
             relays: RwLock::new(Relays::default()),
             path_switches: Arc::default(),
             local: OnceLock::new(),
+            bursting: AtomicBool::new(false),
+            punch_pending: Arc::default(),
         }
     }
 
@@ -239,6 +246,84 @@ impl Core {
     /// changing nothing, if the addresses were already set.
     pub fn set_local_prefixes(&self, local: LocalPrefixes) -> bool {
         self.local.set(local).is_ok()
+    }
+
+    /// How long the driver may wait before the next [`Core::handle_timers`]:
+    /// [`TIMER_INTERVAL`], or [`PUNCH_SPACING`] while a punch burst is under way.
+    pub fn timer_wait(&self) -> Duration {
+        if self.bursting.load(Ordering::Relaxed) {
+            PUNCH_SPACING
+        } else {
+            TIMER_INTERVAL
+        }
+    }
+
+    /// The peers (device ids) for which a punch request should go to the coordinator now:
+    /// this side just started probing their direct candidates (see the `path` module). Each
+    /// wish is returned once.
+    pub fn take_punch_requests(&self, now: Instant) -> Vec<u64> {
+        if !self.punch_pending.swap(false, Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let table = read(&self.table);
+        let mut ids = Vec::new();
+        for peer in table.peers.values() {
+            let mut s = lock(&peer.session);
+            if s.path.take_punch_request(now) && !ids.contains(&s.device_id) {
+                ids.push(s.device_id);
+            }
+        }
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Peer `device_id` is probing this device's direct candidates now (its punch request,
+    /// forwarded by the coordinator with `endpoints`, its candidates as the coordinator knows
+    /// them): the first keepalive of a burst to its candidates and `endpoints` goes into `out`
+    /// at once, the rest from [`Core::handle_timers`]; without a session, a handshake
+    /// initiation goes to them instead. Returns whether the peer is known.
+    pub fn punch(
+        &self,
+        device_id: u64,
+        endpoints: &[SocketAddr],
+        now: Instant,
+        out: &mut Outbox,
+    ) -> bool {
+        let table = read(&self.table);
+        let endpoints = sanitize_candidates(endpoints);
+        let mut known = false;
+        let mut local = LocalCounters::default();
+        for peer in table.peers.values() {
+            let mut s = lock(&peer.session);
+            if s.device_id != device_id {
+                continue;
+            }
+            known = true;
+            s.path.handle_punch(endpoints.clone(), now);
+            if s.link.has_session() {
+                if s.path.burst_due(now) {
+                    local.direct_probes_sent += direct_probe(&mut s, out);
+                }
+            } else {
+                local.handshake_initiations_sent += self.probe(&mut s, now, out);
+            }
+        }
+        drop(table);
+        local.flush(&self.counters);
+        if known {
+            self.bursting.store(true, Ordering::Relaxed);
+        }
+        known
+    }
+
+    /// This device's network changed (interface addresses): every peer's direct candidates
+    /// are probed again at once, fast, with a punch request.
+    pub fn network_changed(&self, now: Instant) {
+        let table = read(&self.table);
+        for peer in table.peers.values() {
+            lock(&peer.session).path.network_changed(now);
+        }
+        self.bursting.store(true, Ordering::Relaxed);
     }
 
     /// The path MTUs the core checks TUN packets against; the driver keeps them current.
@@ -351,6 +436,7 @@ impl Core {
                                 candidates,
                                 now,
                                 self.path_switches.clone(),
+                                self.punch_pending.clone(),
                             ),
                             next_probe: now,
                             fast_probe_until: now + FAST_PROBE_PERIOD,
@@ -368,6 +454,9 @@ impl Core {
                     peer
                 }
             };
+            if lock(&peer.session).path.bursting() {
+                self.bursting.store(true, Ordering::Relaxed);
+            }
             next.insert(peer);
         }
         let removed = table
@@ -421,6 +510,7 @@ impl Core {
         }
         let mut local = LocalCounters::default();
         let mut retired = false;
+        let mut bursting = false;
         for peer in table.peers.values() {
             let mut s = lock(&peer.session);
             if let Some(p) = &s.previous {
@@ -457,7 +547,9 @@ impl Core {
             if s.path.handle_timers(now) {
                 local.direct_probes_sent += direct_probe(&mut s, out);
             }
+            bursting |= s.path.bursting();
         }
+        self.bursting.store(bursting, Ordering::Relaxed);
         if retired && !ring.older.is_empty() {
             let older: Vec<Arc<Keys>> = ring
                 .older
@@ -553,6 +645,9 @@ impl Core {
             let mut s = lock(&peer.session);
             let route = relays.route(s.path.home_relay);
             s.path.set_relay(route, now);
+            if s.path.bursting() {
+                self.bursting.store(true, Ordering::Relaxed);
+            }
         }
     }
 

@@ -30,11 +30,21 @@
 //!   peer gave the direct path up; a side that only answers, like a TCP receiver, would
 //!   otherwise send its answers into the dead path until the sender's next retransmit).
 //!
+//! - Coordinated punching: whenever this side starts probing a peer's direct candidates
+//!   (the peer starts relayed, its candidates changed, the direct path just failed, every
+//!   [`PUNCH_REPROBE_INTERVAL`] while relayed, a local network change) it sends a burst of
+//!   [`PUNCH_BURST`] encrypted keepalives [`PUNCH_SPACING`] apart to every candidate and
+//!   wants a punch request sent ([`Path::take_punch_request`], at most one per
+//!   [`PUNCH_REQUEST_MIN_GAP`]): the coordinator has the peer do the same burst at once
+//!   ([`Path::handle_punch`], with the candidates the coordinator knows for us), so both
+//!   sides send together and NATs that only let in replies from endpoints they sent to
+//!   (endpoint-dependent filtering) open on both sides within a round trip.
+//!
 //! Path switches never touch the WireGuard session.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +69,14 @@ pub const DIRECT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 pub const DIRECT_PROBE_INTERVAL_FAST: Duration = Duration::from_secs(1);
 /// How long after the candidates change direct probes go at the fast interval.
 pub const FAST_DIRECT_PERIOD: Duration = Duration::from_secs(10);
+/// Keepalives in one punch burst (several, so one lost datagram does not lose the punch)…
+pub const PUNCH_BURST: u8 = 4;
+/// …this far apart (the timers run this often while a burst is on: `Core::timer_wait`).
+pub const PUNCH_SPACING: Duration = Duration::from_millis(40);
+/// A relayed peer's direct candidates are punched (with a request to the peer) this often.
+pub const PUNCH_REPROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// At most one punch request per peer this often (the coordinator limits too).
+pub const PUNCH_REQUEST_MIN_GAP: Duration = Duration::from_secs(2);
 
 /// Which path a peer's traffic takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,8 +116,22 @@ pub(super) struct Path {
     last_tx: Cell<Option<Instant>>,
     next_direct_probe: Instant,
     fast_direct_until: Instant,
+    /// The next coordinated re-probe while relayed.
+    next_reprobe: Instant,
+    /// A punch request for the peer is wanted (taken by [`Path::take_punch_request`]).
+    punch_wanted: bool,
+    last_punch_request: Option<Instant>,
+    /// Keepalives left in the current punch burst, and when the next goes.
+    burst_left: u8,
+    burst_next: Instant,
+    /// Candidates the peer's punch named that the netmap does not list (yet); probed during
+    /// the burst only.
+    punch_extra: Vec<SocketAddr>,
     /// The core's path-switch counter.
     switches: Arc<AtomicU64>,
+    /// The core's "some peer wants a punch request" flag (so taking them is free when none
+    /// does).
+    punch_pending: Arc<AtomicBool>,
 }
 
 impl Path {
@@ -108,6 +140,7 @@ impl Path {
         candidates: Vec<SocketAddr>,
         now: Instant,
         switches: Arc<AtomicU64>,
+        punch_pending: Arc<AtomicBool>,
     ) -> Path {
         Path {
             device_id,
@@ -120,7 +153,14 @@ impl Path {
             last_tx: Cell::new(None),
             next_direct_probe: now,
             fast_direct_until: now + FAST_DIRECT_PERIOD,
+            next_reprobe: now + PUNCH_REPROBE_INTERVAL,
+            punch_wanted: false,
+            last_punch_request: None,
+            burst_left: 0,
+            burst_next: now,
+            punch_extra: Vec::new(),
             switches,
+            punch_pending,
         }
     }
 
@@ -160,6 +200,7 @@ impl Path {
                     tracing::debug!(peer = self.device_id, %addr, relay = %r.id, "peer relays and the direct path is silent: following it to the relay");
                     self.switch(PathState::Relayed(r.id));
                     self.next_direct_probe = now + DIRECT_PROBE_INTERVAL;
+                    self.start_punch(now);
                 }
                 false
             }
@@ -172,7 +213,61 @@ impl Path {
             self.candidates = candidates;
             self.next_direct_probe = now;
             self.fast_direct_until = now + FAST_DIRECT_PERIOD;
+            if !matches!(self.state, PathState::Direct(_)) {
+                self.start_punch(now);
+            }
         }
+    }
+
+    /// This device's network changed (its interface addresses): whatever path the peer is on
+    /// may be dead, so its candidates are probed fast again, with a punch.
+    pub(super) fn network_changed(&mut self, now: Instant) {
+        self.next_direct_probe = now;
+        self.fast_direct_until = now + FAST_DIRECT_PERIOD;
+        self.start_punch(now);
+    }
+
+    /// The peer asked (through the coordinator) to be punched: a burst to its candidates and
+    /// to `endpoints` (its candidates as the coordinator knows them; already sanitized) starts
+    /// now. No request goes back: the peer is already probing.
+    pub(super) fn handle_punch(&mut self, endpoints: Vec<SocketAddr>, now: Instant) {
+        self.punch_extra = endpoints
+            .into_iter()
+            .filter(|e| !self.candidates.contains(e) && Some(*e) != self.endpoint)
+            .collect();
+        self.burst_left = PUNCH_BURST;
+        self.burst_next = now;
+    }
+
+    /// Whether a punch request for this peer should go to the coordinator now (once per
+    /// wish, at most once per [`PUNCH_REQUEST_MIN_GAP`]).
+    pub(super) fn take_punch_request(&mut self, now: Instant) -> bool {
+        if !std::mem::take(&mut self.punch_wanted) {
+            return false;
+        }
+        if self
+            .last_punch_request
+            .is_some_and(|t| now.saturating_duration_since(t) < PUNCH_REQUEST_MIN_GAP)
+        {
+            return false;
+        }
+        self.last_punch_request = Some(now);
+        true
+    }
+
+    /// Whether a punch burst is under way (the timers must run at [`PUNCH_SPACING`]).
+    pub(super) fn bursting(&self) -> bool {
+        self.burst_left > 0
+    }
+
+    /// Whether the next keepalive of a punch burst is due now (and counts it as sent).
+    pub(super) fn burst_due(&mut self, now: Instant) -> bool {
+        if self.burst_left == 0 || now < self.burst_next {
+            return false;
+        }
+        self.burst_left -= 1;
+        self.burst_next = now + PUNCH_SPACING;
+        true
     }
 
     /// The relay the peer's traffic may go through (its home relay, if this device is
@@ -181,9 +276,10 @@ impl Path {
         self.relay = relay;
         match (self.state, relay) {
             (PathState::Probing, Some(r)) => {
-                // Start on the relay at once; probe direct candidates soon.
+                // Start on the relay at once; punch the direct candidates now.
                 self.state = PathState::Relayed(r.id);
                 self.next_direct_probe = self.next_direct_probe.min(now);
+                self.start_punch(now);
             }
             (PathState::Relayed(old), Some(r)) if old != r.id => {
                 self.switch(PathState::Relayed(r.id));
@@ -197,9 +293,18 @@ impl Path {
     }
 
     /// Timer-driven transitions; returns whether direct probes (an encrypted keepalive to
-    /// every candidate) are due now.
+    /// every candidate) are due now: periodic ones while relayed, or a punch burst's.
     #[must_use]
     pub(super) fn handle_timers(&mut self, now: Instant) -> bool {
+        let periodic = self.periodic_timers(now);
+        let burst = self.burst_due(now);
+        if self.burst_left == 0 {
+            self.punch_extra.clear();
+        }
+        periodic || burst
+    }
+
+    fn periodic_timers(&mut self, now: Instant) -> bool {
         match (self.state, self.relay) {
             (PathState::Direct(addr), Some(r)) => {
                 let sending = self
@@ -213,11 +318,22 @@ impl Path {
                     tracing::debug!(peer = self.device_id, %addr, relay = %r.id, "direct path silent: falling back to the relay");
                     self.switch(PathState::Relayed(r.id));
                     self.next_direct_probe = now + DIRECT_PROBE_INTERVAL;
+                    self.start_punch(now);
                 }
                 false
             }
             (PathState::Relayed(_), Some(_)) => {
-                if now < self.next_direct_probe || self.direct_targets().next().is_none() {
+                if self.direct_targets().next().is_none() {
+                    return false;
+                }
+                if now >= self.next_reprobe {
+                    tracing::debug!(
+                        peer = self.device_id,
+                        "relayed: coordinated re-probe of the direct candidates"
+                    );
+                    self.start_punch(now);
+                }
+                if now < self.next_direct_probe {
                     return false;
                 }
                 let interval = if now < self.fast_direct_until {
@@ -267,14 +383,28 @@ impl Path {
         }
     }
 
-    /// Where direct probes go: the endpoint and every candidate.
+    /// Where direct probes go: the endpoint, every candidate, and during a punch burst the
+    /// candidates the peer's punch named.
     pub(super) fn direct_targets(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.endpoint.into_iter().chain(
             self.candidates
                 .iter()
+                .chain(&self.punch_extra)
                 .copied()
                 .filter(|c| Some(*c) != self.endpoint),
         )
+    }
+
+    /// Starts a punch: a burst now, a request to the peer (if there is anywhere to punch),
+    /// and the next coordinated re-probe a full interval away.
+    fn start_punch(&mut self, now: Instant) {
+        self.burst_left = PUNCH_BURST;
+        self.burst_next = now;
+        self.next_reprobe = now + PUNCH_REPROBE_INTERVAL;
+        if self.direct_targets().next().is_some() {
+            self.punch_wanted = true;
+            self.punch_pending.store(true, Ordering::Relaxed);
+        }
     }
 
     fn switch(&mut self, next: PathState) {

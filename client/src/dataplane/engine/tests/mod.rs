@@ -57,8 +57,9 @@ struct Node {
     /// Every datagram this node sent: (destination, bytes).
     sent: Vec<(Destination, Vec<u8>)>,
     /// Behind a simulated NAT (endpoint-independent mapping, port kept, filtering by remote
-    /// address): datagrams get in only from addresses the node has sent to.
-    nat: Option<std::collections::HashSet<SocketAddr>>,
+    /// address): datagrams get in only from addresses the node has sent to (within
+    /// `Net::nat_timeout` of the last send, if set), by when it last did.
+    nat: Option<std::collections::HashMap<SocketAddr, Instant>>,
 }
 
 impl Node {
@@ -105,6 +106,9 @@ struct Net {
     block_direct: bool,
     /// Loss rate through relays.
     relay_loss: f64,
+    /// How long a NAT lets a remote address in after the node last sent to it (`None`: for
+    /// ever).
+    nat_timeout: Option<Duration>,
     max_delay_ticks: u32,
     now: Instant,
     next_timers: Instant,
@@ -148,6 +152,7 @@ impl Net {
             loss: 0.0,
             block_direct: false,
             relay_loss: 0.0,
+            nat_timeout: None,
             max_delay_ticks: 0,
             now,
             next_timers: now,
@@ -189,7 +194,7 @@ impl Net {
             let hop = match dst {
                 Destination::Udp(to) => {
                     if let Some(opened) = &mut self.nodes[i].nat {
-                        opened.insert(to);
+                        opened.insert(to, self.now);
                     }
                     if self.block_direct || self.rng.gen_bool(self.loss) {
                         continue;
@@ -225,10 +230,14 @@ impl Net {
                 let Some(i) = self.nodes.iter().position(|n| n.addrs.contains(&to)) else {
                     return; // nobody there: a dead candidate
                 };
+                let (now, timeout) = (self.now, self.nat_timeout);
+                let open = |sent: Option<&Instant>| {
+                    sent.is_some_and(|t| timeout.is_none_or(|d| now < *t + d))
+                };
                 if self.nodes[i]
                     .nat
                     .as_ref()
-                    .is_some_and(|opened| !opened.contains(&from))
+                    .is_some_and(|opened| !open(opened.get(&from)))
                 {
                     return; // the NAT has no mapping this datagram matches
                 }
@@ -287,12 +296,14 @@ impl Net {
             self.deliver(d);
         }
         if self.now >= self.next_timers {
-            self.next_timers = self.now + TIMER_INTERVAL;
             for i in 0..self.nodes.len() {
                 let mut out = Outbox::new();
                 self.nodes[i].core.handle_timers(self.now, &mut out);
                 self.transmit(i, &out);
             }
+            // As the driver does: faster while a punch burst is under way.
+            let wait = self.nodes.iter().map(|n| n.core.timer_wait()).min();
+            self.next_timers = self.now + wait.unwrap_or(TIMER_INTERVAL);
         }
     }
 
@@ -394,6 +405,7 @@ fn established_pair(seed: u64) -> Net {
 mod local;
 mod nat;
 mod paths;
+mod punch;
 mod relayed;
 mod rotation;
 mod runs;
