@@ -94,6 +94,7 @@ pub fn handle(
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: ward_shared::wire::PROTOCOL_VERSION,
             posture: snap.trust.clone(),
+            storage: store.storage_health(),
         }),
         AdminRequest::UserAdd { name: n, groups } => {
             let n = name("user name", &n)?;
