@@ -43,6 +43,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Frames queued for one slow connection before it is dropped.
 const CONN_QUEUE: usize = 256;
+/// Enrollment transactions at once (the store serialises them anyway; more only queue).
+const ENROLL_SLOTS: usize = 4;
 
 pub use ward_runtime::now_ms;
 
@@ -59,6 +61,11 @@ struct Ctx {
     started: Instant,
     /// Relay tickets (signing is quick: held only for one `issue`).
     tickets: std::sync::Mutex<crate::tickets::TicketIssuer>,
+    /// Per-source rate limits and refusal aggregation for unauthenticated attempts (held only
+    /// for one call).
+    gate: std::sync::Mutex<crate::gate::EnrollGate>,
+    /// Enrollment database jobs in flight at once, whatever the number of sources.
+    enroll_slots: tokio::sync::Semaphore,
 }
 pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl) -> Result<()> {
     let config = dd.load_config()?;
@@ -118,6 +125,10 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         tickets: std::sync::Mutex::new(crate::tickets::TicketIssuer::new(
             u64::try_from(now).unwrap_or(1),
         )),
+        gate: std::sync::Mutex::new(crate::gate::EnrollGate::new(
+            crate::gate::GateConfig::default(),
+        )),
+        enroll_slots: tokio::sync::Semaphore::new(ENROLL_SLOTS),
     });
 
     let runtime = quinn::default_runtime().context("the QUIC listener needs a tokio runtime")?;
@@ -141,6 +152,7 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
     )?;
 
     tokio::spawn(integrity_checks(sqlite));
+    tokio::spawn(session::refusal_rows(ctx.clone()));
     tokio::spawn(actor::registry_actor(
         registry,
         rx,
