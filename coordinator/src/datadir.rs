@@ -8,6 +8,7 @@
 //!   lease.key        Ed25519 lease-signing key seed, hex       (0600)
 //!   audit.key        audit anchor HMAC key, hex                (0600)
 //!   audit.checkpoint audit chain checkpoint {rows, head, time, MAC} (0600)
+//!   narrowing.journal revocations etc. the database could not take, 16 KiB pre-allocated (0600)
 //!   ward.db          SQLite (WAL) database                     (0600)
 //!   admin.sock       admin socket of the running coordinator   (0600)
 //! ```
@@ -61,6 +62,9 @@ impl DataDir {
     pub fn checkpoint_path(&self) -> PathBuf {
         self.path.join("audit.checkpoint")
     }
+    pub fn journal_path(&self) -> PathBuf {
+        self.path.join("narrowing.journal")
+    }
 
     /// Opens the existing database for `serve`, anchored, and checks it before anything is
     /// served: the file exists and is not empty, `PRAGMA quick_check` passes, and the audit
@@ -89,6 +93,24 @@ impl DataDir {
             bail!("refusing to serve: {}. {}", v.message, self.recovery(&v));
         }
         tracing::info!(rows = v.rows, message = %v.message, "audit log checked against its checkpoint");
+        store
+            .attach_journal(&self.journal_path())
+            .context("refusing to serve: the narrowing journal cannot be opened")?;
+        let pending = store.journal_pending();
+        match store.flush_journal(now_ms) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                changes = n,
+                "narrowing changes from the journal written to the database"
+            ),
+            Err(e) => bail!(
+                "refusing to serve: {pending} narrowing change(s) (revocations, disables, \
+                 quarantines) are in {} and the database cannot take them ({e}). Free space on \
+                 the disk holding {} and start again",
+                self.journal_path().display(),
+                self.path.display()
+            ),
+        }
         Ok(store)
     }
 
@@ -225,6 +247,7 @@ impl DataDir {
         drop(SqliteStore::open(&self.db_path())?);
         Checkpoint::new(&AuditKey::from_bytes(audit_key), 0, &[0u8; 32], now_ms)
             .write_atomic(&self.checkpoint_path())?;
+        crate::store::journal::Journal::open_or_create(&self.journal_path())?;
         for f in ["ward.db", "ward.db-wal", "ward.db-shm"] {
             let p = self.path.join(f);
             if p.exists() {

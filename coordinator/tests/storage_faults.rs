@@ -181,3 +181,106 @@ fn a_corrupted_page_start_up_does_not_read_is_found() {
     assert!(log.contains("integrity check FAILED"), "{log}");
     assert!(log.contains(".recover"), "{log}");
 }
+
+/// Unmounts the test's tmpfs however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn on_a_full_disk_revocation_takes_effect_and_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The data dir itself is the mount point (logs go beside it, outside).
+    let mnt = tmp.path().join("coord");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mounting a tmpfs needs root");
+    let _m = Mounted(mnt.clone());
+
+    let (dir, addr) = init(tmp.path());
+    assert_eq!(dir, mnt);
+    let s = serve(&dir, "serve1.log");
+    admin_ok(&dir, &["user", "add", "vic"]);
+    let tok =
+        EnrollToken::parse(admin_ok(&dir, &["token", "create", "--user", "vic"]).trim()).unwrap();
+    let ca = ward_coordinator::datadir::DataDir::new(&dir)
+        .load_ca()
+        .unwrap()
+        .cert_der;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (msg, key) = enroll_request_with_key(&tok, "victim", None);
+    let ep = rt.block_on(async { endpoint("127.0.0.1") });
+    let Some(CoordinatorMsg::Enrolled(enrolled)) =
+        rt.block_on(enroll_once(&ep, client_config(&ca), addr, &msg))
+    else {
+        panic!("enrollment failed");
+    };
+    let dev_cfg = || device_client_config(&ca, &enrolled.cert_der.0, &key);
+    // The device is welcome now.
+    let first = rt.block_on(enroll_once(&ep, dev_cfg(), addr, &hello()));
+    assert!(
+        !matches!(first, Some(CoordinatorMsg::Error { .. })),
+        "{first:?}"
+    );
+
+    // Fill the disk, then use up what SQLite's files still had free.
+    let mut filler = std::fs::File::create(mnt.join("filler")).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut filler, &chunk).is_ok() {}
+    let _ = filler.sync_all();
+    let mut full = false;
+    for i in 0..2000 {
+        let out = admin(&dir, &["user", "add", &format!("fill{i}")]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(err.contains("disk is full"), "{err}");
+            assert!(err.contains("widen access are refused"), "{err}");
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the database never filled up");
+
+    // A narrowing change still happens, at once.
+    admin_ok(&dir, &["device", "revoke", "victim"]);
+    let st = admin_json(&dir, &["status"]);
+    assert_eq!(st["storage"]["journal_pending"], 1, "{st}");
+    assert!(st["storage"]["write_errors"].as_u64().unwrap() > 0, "{st}");
+    let again = rt.block_on(enroll_once(&ep, dev_cfg(), addr, &hello()));
+    assert!(
+        matches!(&again, Some(CoordinatorMsg::Error { code, .. }) if *code == ward_shared::wire::ErrorCode::DeviceRevoked),
+        "the revoked device is refused: {again:?}"
+    );
+    // A widening one is refused, clearly.
+    let out = admin(&dir, &["user", "enable", "vic"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("journal"), "{err}");
+    s.stop();
+
+    // Restarting on the full disk refuses rather than serve without the revocation.
+    let log = serve_refused(&dir, "full.log");
+    assert!(log.contains("narrowing change"), "{log}");
+    // With space again, the restart writes the journal to the database before serving.
+    drop(filler);
+    std::fs::remove_file(mnt.join("filler")).unwrap();
+    let _s = serve(&dir, "serve2.log");
+    let dev = admin_json(&dir, &["device", "show", "victim"]);
+    assert_eq!(dev["status"], "revoked", "{dev}");
+    let st = admin_json(&dir, &["status"]);
+    assert_eq!(st["storage"]["journal_pending"], 0, "{st}");
+    let again = rt.block_on(enroll_once(&ep, dev_cfg(), addr, &hello()));
+    assert!(
+        matches!(&again, Some(CoordinatorMsg::Error { code, .. }) if *code == ward_shared::wire::ErrorCode::DeviceRevoked),
+        "{again:?}"
+    );
+    admin_ok(&dir, &["audit", "verify"]);
+}

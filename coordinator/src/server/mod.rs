@@ -300,7 +300,17 @@ async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> 
     .await;
     match res {
         Ok(Ok(v)) => Envelope::ok(v),
-        Ok(Err(e)) => Envelope::err(format!("{e:#}")),
+        Ok(Err(e)) => {
+            let mut msg = format!("{e:#}");
+            if msg.contains("database or disk is full") {
+                msg.push_str(
+                    " (the disk holding the data directory is full: changes that widen access are \
+                     refused; revoke, disable and quarantine still take effect through the journal)",
+                );
+            }
+            tracing::warn!(error = %msg, "admin request refused");
+            Envelope::err(msg)
+        }
         Err(e) => Envelope::err(format!("internal error: {e}")),
     }
 }

@@ -18,6 +18,7 @@ use ward_shared::wire::{DeviceId, ErrorCode, WgPublicKey};
 pub use crate::audit::Action;
 
 pub mod anchor;
+pub mod journal;
 mod schema;
 mod sqlite;
 
@@ -49,6 +50,17 @@ pub enum StoreError {
     /// The database file is missing or empty where one must exist.
     #[error("database missing: {0}")]
     Missing(String),
+    /// The narrowing journal could not be read or written.
+    #[error("narrowing journal: {0}")]
+    Journal(String),
+}
+
+impl StoreError {
+    /// A fault of the storage itself (the database could not be read or written: a full disk,
+    /// an I/O error), as opposed to an answer about the data (not found, conflict, refused).
+    pub fn is_storage_fault(&self) -> bool {
+        matches!(self, StoreError::Db(_))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -157,6 +169,9 @@ pub struct StorageHealth {
     pub integrity: Option<IntegrityCheck>,
     /// Whether the audit chain is anchored outside the database.
     pub anchored: bool,
+    /// Narrowing changes kept in the journal, not yet in the database.
+    #[serde(default)]
+    pub journal_pending: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +283,21 @@ pub trait Store: Send + Sync {
     /// Write errors, checkpoint errors and the last integrity check.
     fn storage_health(&self) -> StorageHealth {
         StorageHealth::default()
+    }
+    /// Keeps a narrowing change the database could not take in the journal (durably), so it
+    /// is re-applied before the next start serves. A store without a journal refuses.
+    fn journal_narrowing(&self, change: journal::Narrowing, now_ms: i64) -> Result<()> {
+        let _ = (change, now_ms);
+        Err(StoreError::Journal("this store has no journal".into()))
+    }
+    /// Narrowing changes in the journal, not yet in the database.
+    fn journal_pending(&self) -> usize {
+        0
+    }
+    /// Writes the journal's changes to the database and frees the journal; how many there were.
+    fn flush_journal(&self, now_ms: i64) -> Result<usize> {
+        let _ = now_ms;
+        Ok(0)
     }
     fn device_by_identity(&self, identity_hash: &[u8; 32]) -> Result<Option<Device>>;
     fn device_by_name(&self, name: &str) -> Result<Device>;

@@ -169,18 +169,61 @@ pub fn csr(key: &rcgen::KeyPair) -> Vec<u8> {
 
 /// An enrollment request for `token` (the secret replaced by `forge`, if given).
 pub fn enroll_request(token: &EnrollToken, host: &str, forge: Option<&[u8]>) -> DeviceMsg {
+    enroll_request_with_key(token, host, forge).0
+}
+
+/// [`enroll_request`] and the device's identity key.
+pub fn enroll_request_with_key(
+    token: &EnrollToken,
+    host: &str,
+    forge: Option<&[u8]>,
+) -> (DeviceMsg, rcgen::KeyPair) {
     let key = rcgen::KeyPair::generate().unwrap();
     let secret = match forge {
         Some(f) => f.to_vec(),
         None => token.secret.expose().to_vec(),
     };
-    DeviceMsg::Enroll(EnrollRequest {
+    let msg = DeviceMsg::Enroll(EnrollRequest {
         protocol: PROTOCOL_VERSION,
         token_id: token.id_hex(),
         token_secret: TokenSecret(Bytes(secret)),
         hostname: host.into(),
         os: "test".into(),
         csr_der: Bytes(csr(&key)),
+    });
+    (msg, key)
+}
+
+/// A client config presenting a device certificate.
+pub fn device_client_config(
+    ca_der: &[u8],
+    cert: &[u8],
+    key: &rcgen::KeyPair,
+) -> quinn::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec())).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from(cert.to_vec())],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    quinn::ClientConfig::new(Arc::new(qc))
+}
+
+/// A device's hello.
+pub fn hello() -> DeviceMsg {
+    DeviceMsg::Hello(wire::Hello {
+        protocol: PROTOCOL_VERSION,
+        os: "test".into(),
+        version: "test".into(),
+        update: wire::DeviceUpdate::default(),
     })
 }
 

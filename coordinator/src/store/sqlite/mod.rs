@@ -13,6 +13,7 @@ use ward_shared::names::Name;
 use ward_shared::wire::{DeviceId, WgPublicKey};
 
 use super::anchor::{AuditKey, Checkpoint};
+use super::journal::{Journal, Narrowing};
 use super::schema::MIGRATIONS;
 use super::{
     Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, GrantRow, IntegrityCheck, LeaseRow,
@@ -39,6 +40,8 @@ pub struct SqliteStore {
     /// in-memory test store, or `init` creating the file).
     anchor: Option<Anchor>,
     health: Health,
+    /// The narrowing journal, once attached ([`SqliteStore::attach_journal`]).
+    journal: Mutex<Option<Journal>>,
 }
 
 /// Where the audit chain is anchored outside the database.
@@ -140,6 +143,14 @@ impl SqliteStore {
         audit::verify_chain(self)
     }
 
+    /// Opens (creating, full size) the narrowing journal at `path` and keeps it.
+    pub fn attach_journal(&self, path: &Path) -> Result<()> {
+        let j = Journal::open_or_create(path)
+            .map_err(|e| StoreError::Journal(format!("{}: {e}", path.display())))?;
+        *self.journal.lock().unwrap_or_else(|p| p.into_inner()) = Some(j);
+        Ok(())
+    }
+
     /// The anchor, if this store has one.
     pub fn anchor(&self) -> Option<&Anchor> {
         self.anchor.as_ref()
@@ -167,6 +178,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             anchor,
             health: Health::default(),
+            journal: Mutex::new(None),
         })
     }
 
@@ -517,6 +529,73 @@ impl Store for SqliteStore {
         self.with_tx(|tx| tokens::enroll_tx(tx, &spec, pools, issue, now_ms))
     }
 
+    fn journal_narrowing(&self, change: Narrowing, now_ms: i64) -> Result<()> {
+        let mut g = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(j) = g.as_mut() else {
+            return Err(StoreError::Journal("this store has no journal".into()));
+        };
+        j.append(change.clone(), now_ms)
+            .map_err(|e| StoreError::Journal(e.to_string()))?;
+        tracing::warn!(
+            ?change,
+            "the database cannot be written: narrowing change kept in the journal"
+        );
+        Ok(())
+    }
+
+    fn journal_pending(&self) -> usize {
+        let g = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref()
+            .and_then(|j| j.pending().ok())
+            .map_or(0, |p| p.len())
+    }
+
+    fn flush_journal(&self, now_ms: i64) -> Result<usize> {
+        let mut g = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(j) = g.as_mut() else { return Ok(0) };
+        let pending = j
+            .pending()
+            .map_err(|e| StoreError::Journal(e.to_string()))?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        const ACTOR: &str = "admin (journal)";
+        for e in &pending {
+            let r = match &e.change {
+                Narrowing::RevokeDevice { device } => {
+                    self.revoke_device(device, ACTOR, now_ms).map(|_| ())
+                }
+                Narrowing::DisableUser { user } => match Name::parse("user name", user) {
+                    Ok(n) => self.set_user_disabled(&n, true, ACTOR, now_ms).map(|_| ()),
+                    Err(err) => Err(StoreError::Invalid(err.to_string())),
+                },
+                Narrowing::QuarantineDevice { device, reason } => {
+                    self.device_by_name(device).and_then(|d| {
+                        let q = Quarantine {
+                            since_ms: e.at_ms,
+                            reason: reason.clone(),
+                            automatic: false,
+                        };
+                        self.set_quarantine(d.id, Some(&q), ACTOR, now_ms)
+                            .map(|_| ())
+                    })
+                }
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(change = ?e.change, "journaled change written to the database")
+                }
+                // Already so (revoked twice, a device gone): nothing left to do.
+                Err(err) if !err.is_storage_fault() => {
+                    tracing::warn!(change = ?e.change, error = %err, "journaled change not applied")
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        j.clear().map_err(|e| StoreError::Journal(e.to_string()))?;
+        Ok(pending.len())
+    }
+
     fn storage_health(&self) -> StorageHealth {
         StorageHealth {
             write_errors: self.health.write_errors.load(Ordering::Relaxed),
@@ -534,6 +613,7 @@ impl Store for SqliteStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             anchored: self.anchor.is_some(),
+            journal_pending: self.journal_pending(),
         }
     }
 }
