@@ -62,10 +62,12 @@ pub enum Admit {
 }
 
 /// One audit row to write: `count` refusals of `action` from `source` (`None`: the shared
-/// "other sources" entry) since the previous row, by reason.
+/// "other sources" entry, or a row about a named subject) since the previous row, by reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefusalRow {
     pub source: Option<IpAddr>,
+    /// The named subject (a revoked device's hostname), for [`EnrollGate::refused_subject`].
+    pub subject: Option<String>,
     pub action: Action,
     pub count: u64,
     pub reasons: BTreeMap<String, u64>,
@@ -78,6 +80,9 @@ pub struct RefusalRow {
 impl RefusalRow {
     /// The audit target: the source address.
     pub fn target(&self) -> String {
+        if let Some(s) = &self.subject {
+            return s.clone();
+        }
         self.source
             .map(|a| a.to_string())
             .unwrap_or_else(|| "other sources".into())
@@ -92,7 +97,7 @@ impl RefusalRow {
             .map(|(r, _)| r.clone())
             .unwrap_or_default();
         serde_json::json!({
-            "remote": self.target(),
+            "remote": self.source.map(|a| a.to_string()).unwrap_or_else(|| "other sources".into()),
             "count": self.count,
             "reason": top,
             "reasons": self.reasons,
@@ -127,6 +132,9 @@ pub struct EnrollGate {
     cfg: GateConfig,
     /// `None` is the shared entry for sources that found the table full.
     sources: BTreeMap<Option<IpAddr>, Source>,
+    /// Refusals about a named subject (a revoked device, whatever address it comes from),
+    /// bounded like `sources`.
+    subjects: BTreeMap<(String, Action), Pending>,
 }
 
 impl EnrollGate {
@@ -134,6 +142,7 @@ impl EnrollGate {
         Self {
             cfg,
             sources: BTreeMap::new(),
+            subjects: BTreeMap::new(),
         }
     }
 
@@ -182,11 +191,51 @@ impl EnrollGate {
         Some(take_row(key, action, p, now_ms))
     }
 
+    /// Records a refusal about `subject` (a revoked device reconnecting, from `source`), one
+    /// row per subject and interval like [`EnrollGate::refused`].
+    pub fn refused_subject(
+        &mut self,
+        subject: &str,
+        source: IpAddr,
+        action: Action,
+        reason: &str,
+        now_ms: i64,
+    ) -> Option<RefusalRow> {
+        let interval = self.cfg.interval_ms;
+        let key = (subject.to_string(), action);
+        if !self.subjects.contains_key(&key) && self.subjects.len() >= self.cfg.max_sources {
+            self.subjects
+                .retain(|_, p| p.count > 0 || p.last_row_ms.is_some_and(|t| now_ms - t < interval));
+            if self.subjects.len() >= self.cfg.max_sources {
+                // Still full: account it to its source instead.
+                return self.refused(source, action, reason, false, now_ms);
+            }
+        }
+        let p = self.subjects.entry(key).or_default();
+        p.count += 1;
+        if p.reasons.len() < MAX_REASONS || p.reasons.contains_key(reason) {
+            *p.reasons.entry(reason.to_string()).or_default() += 1;
+        }
+        if p.last_row_ms.is_some_and(|t| now_ms - t < interval) {
+            return None;
+        }
+        let mut row = take_row(Some(source), action, p, now_ms);
+        row.subject = Some(subject.to_string());
+        Some(row)
+    }
+
     /// Rows whose interval has passed with refusals counted since the last row.
     #[must_use]
     pub fn poll_rows(&mut self, now_ms: i64) -> Vec<RefusalRow> {
         let interval = self.cfg.interval_ms;
         let mut rows = Vec::new();
+        for ((subject, action), p) in self.subjects.iter_mut() {
+            if p.count > 0 && p.last_row_ms.is_none_or(|t| now_ms - t >= interval) {
+                let mut row = take_row(None, *action, p, now_ms);
+                row.subject = Some(subject.clone());
+                rows.push(row);
+            }
+        }
         for (key, s) in self.sources.iter_mut() {
             for (action, p) in s.pending.iter_mut() {
                 if p.count > 0 && p.last_row_ms.is_none_or(|t| now_ms - t >= interval) {
@@ -259,6 +308,7 @@ impl EnrollGate {
 fn take_row(source: Option<IpAddr>, action: Action, p: &mut Pending, now_ms: i64) -> RefusalRow {
     let row = RefusalRow {
         source,
+        subject: None,
         action,
         count: p.count,
         reasons: std::mem::take(&mut p.reasons),
@@ -330,6 +380,28 @@ mod tests {
         assert!(g
             .refused(a, Action::EnrollRefused, "x", false, 40_000)
             .is_some());
+    }
+
+    #[test]
+    fn a_subject_gets_one_row_per_interval_named_after_it() {
+        let mut g = EnrollGate::new(GateConfig::default());
+        let a = ip("192.0.2.9");
+        let row = g
+            .refused_subject("laptop", a, Action::ConnectRefused, "revoked", 0)
+            .unwrap();
+        assert_eq!(row.target(), "laptop");
+        assert_eq!(row.detail()["remote"], "192.0.2.9");
+        for t in 1..100 {
+            assert!(g
+                .refused_subject("laptop", a, Action::ConnectRefused, "revoked", t)
+                .is_none());
+        }
+        let rows = g.poll_rows(10_000);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].target(), rows[0].count),
+            ("laptop".to_string(), 99)
+        );
     }
 
     #[test]

@@ -148,10 +148,6 @@ fn forged_enrollment_flood_is_rate_limited_aggregated_and_bounded() {
     rt.block_on(flood).unwrap();
     let flood_secs = flood_start.elapsed().as_secs_f64();
     let rss_after = serving.rss_kib();
-    assert!(
-        flood_secs <= 60.0,
-        "the flood must fit in 60 s: {flood_secs:.1}"
-    );
 
     // Every aggregated count comes out within one interval after the flood.
     let from_flood = |rows: &[serde_json::Value]| -> Vec<serde_json::Value> {
@@ -166,7 +162,7 @@ fn forged_enrollment_flood_is_rate_limited_aggregated_and_bounded() {
     let counted = |rows: &[serde_json::Value]| -> u64 {
         from_flood(rows)
             .iter()
-            .map(|e| e["detail"]["count"].as_u64().unwrap())
+            .map(|e| e["detail"]["count"].as_u64().unwrap_or(1))
             .sum()
     };
     let mut rows = audit(&dir, 100_000);
@@ -254,6 +250,10 @@ fn forged_enrollment_flood_is_rate_limited_aggregated_and_bounded() {
     // The legitimate work went on during the flood (generous bound: a loaded 2-core machine).
     assert!(!busy_enroll.is_empty(), "enrollments ran during the flood");
     assert!(pct(&mut busy_enroll, 0.99) < 10_000.0);
+    assert!(
+        flood_secs <= 60.0,
+        "the flood must fit in 60 s: {flood_secs:.1}"
+    );
     admin_ok(&dir, &["audit", "verify"]);
     drop(serving);
 }

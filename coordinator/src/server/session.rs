@@ -166,13 +166,13 @@ pub(super) async fn refusal_rows(ctx: Arc<Ctx>) {
             .unwrap_or_else(|p| p.into_inner())
             .poll_rows(now_ms());
         if !rows.is_empty() {
-            write_refusal_rows(&ctx, rows);
+            let _ = write_refusal_rows(&ctx, rows).await;
         }
     }
 }
 
-/// Appends refusal rows off the runtime's threads.
-fn write_refusal_rows(ctx: &Arc<Ctx>, rows: Vec<RefusalRow>) {
+/// Appends refusal rows off the runtime's threads; the handle resolves once they are written.
+fn write_refusal_rows(ctx: &Arc<Ctx>, rows: Vec<RefusalRow>) -> tokio::task::JoinHandle<()> {
     let store = ctx.store.clone();
     tokio::task::spawn_blocking(move || {
         for r in rows {
@@ -188,12 +188,12 @@ fn write_refusal_rows(ctx: &Arc<Ctx>, rows: Vec<RefusalRow>) {
                 error!(error = %e, "audit append failed");
             }
         }
-    });
+    })
 }
 
-/// Records one unauthenticated refusal with the gate; writes its row now if it is the first
-/// from this source in the interval.
-pub(super) fn gate_refused(
+/// Records one unauthenticated refusal with the gate; writes its row now (before the refusal
+/// is answered) if it is the first from this source in the interval.
+pub(super) async fn gate_refused(
     ctx: &Arc<Ctx>,
     remote: SocketAddr,
     action: Action,
@@ -209,7 +209,7 @@ pub(super) fn gate_refused(
     );
     debug!(%remote, %action, reason, limited, "refused");
     if let Some(row) = row {
-        write_refusal_rows(ctx, vec![row]);
+        let _ = write_refusal_rows(ctx, vec![row]).await;
     }
 }
 
@@ -228,43 +228,18 @@ async fn enroll(
         .unwrap_or_else(|p| p.into_inner())
         .admit(remote.ip().to_canonical(), now_ms());
     if admitted == Admit::Limited {
-        gate_refused(ctx, remote, Action::EnrollRefused, "rate limited", true);
+        gate_refused(ctx, remote, Action::EnrollRefused, "rate limited", true).await;
         return Err((
             ErrorCode::Unauthorized,
             "too many enrollment attempts from this address; try again later".into(),
         ));
     }
-    let audit_refusal = |code: ErrorCode, message: &str| {
-        gate_refused(ctx, remote, Action::EnrollRefused, message, false);
-        (code, message.to_string())
-    };
-    if req.protocol != PROTOCOL_VERSION {
-        return Err(audit_refusal(
-            ErrorCode::Protocol,
-            &format!(
-                "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})",
-                req.protocol
-            ),
-        ));
-    }
-    if req.token_id.len() != 16 || !req.token_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(audit_refusal(
-            ErrorCode::TokenInvalid,
-            "token is not valid (malformed id)",
-        ));
-    }
-    let hostname = match Hostname::sanitize(&req.hostname) {
-        Ok(h) => h,
-        Err(e) => {
-            return Err(audit_refusal(
-                ErrorCode::BadRequest,
-                &format!("hostname refused: {e}"),
-            ))
+    let (hostname, identity_hash) = match check_request(&req) {
+        Ok(x) => x,
+        Err((code, message)) => {
+            gate_refused(ctx, remote, Action::EnrollRefused, &message, false).await;
+            return Err((code, message));
         }
-    };
-    let identity_hash = match Ca::csr_identity(&req.csr_der.0) {
-        Ok(h) => h,
-        Err(e) => return Err(audit_refusal(ErrorCode::BadRequest, &e.to_string())),
     };
     let os: String = req
         .os
@@ -327,7 +302,7 @@ async fn enroll(
         Ok(Ok(x)) => x,
         Ok(Err(StoreError::Refused { code, message })) => {
             if code == ErrorCode::TokenInvalid {
-                gate_refused(ctx, remote, Action::EnrollRefused, &message, false);
+                gate_refused(ctx, remote, Action::EnrollRefused, &message, false).await;
             } else {
                 warn!(%remote, ?code, reason = %message, "enrollment refused");
             }
@@ -360,6 +335,31 @@ async fn enroll(
         ca_der: Bytes(ctx.ca.cert_der.clone()),
         lease_key: Bytes(ctx.lease_key.verifying_key().to_bytes().to_vec()),
     })
+}
+
+/// What an enrollment request must be before the store is asked: this protocol, a well-formed
+/// token id, a valid hostname, a CSR whose signature proves its key.
+fn check_request(req: &wire::EnrollRequest) -> Result<(Hostname, [u8; 32]), (ErrorCode, String)> {
+    if req.protocol != PROTOCOL_VERSION {
+        return Err((
+            ErrorCode::Protocol,
+            format!(
+                "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})",
+                req.protocol
+            ),
+        ));
+    }
+    if req.token_id.len() != 16 || !req.token_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err((
+            ErrorCode::TokenInvalid,
+            "token is not valid (malformed id)".into(),
+        ));
+    }
+    let hostname = Hostname::sanitize(&req.hostname)
+        .map_err(|e| (ErrorCode::BadRequest, format!("hostname refused: {e}")))?;
+    let identity_hash =
+        Ca::csr_identity(&req.csr_der.0).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+    Ok((hostname, identity_hash))
 }
 
 async fn session(
@@ -415,14 +415,21 @@ async fn session(
         } else {
             "the device has been revoked"
         };
-        // A revoked device can reconnect without end: its refusals are aggregated too.
-        gate_refused(
-            &ctx,
-            remote,
-            Action::ConnectRefused,
-            &format!("{why} ({})", dev.hostname),
-            false,
-        );
+        // A revoked device can reconnect without end: one row per device per interval.
+        let row = ctx
+            .gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused_subject(
+                dev.hostname.as_str(),
+                remote.ip().to_canonical(),
+                Action::ConnectRefused,
+                why,
+                now_ms(),
+            );
+        if let Some(row) = row {
+            let _ = write_refusal_rows(&ctx, vec![row]).await;
+        }
         info!(device = %dev.id, %remote, reason = why, "refused connection");
         refuse(&conn, &mut send, ErrorCode::DeviceRevoked, why.to_string()).await;
         return Ok(());
