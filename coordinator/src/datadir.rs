@@ -160,15 +160,23 @@ impl DataDir {
     /// exist yet (a data directory from before anchoring), so the caller adopts the log.
     fn open_anchored(&self) -> Result<(SqliteStore, bool)> {
         let db = self.db_path();
+        // The database first: a data dir without one gets no new audit key either.
+        let present = fs::metadata(&db).map(|m| m.len() > 0).unwrap_or(false);
         let key_path = self.audit_key_path();
-        let adopted = !key_path.exists() && !self.checkpoint_path().exists();
-        if adopted && db.exists() {
+        let adopted = present && !key_path.exists() && !self.checkpoint_path().exists();
+        if adopted {
             let mut key = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
             write_private(&key_path, hex::encode(key).as_bytes())?;
         }
+        let key = if present {
+            self.load_audit_key()?
+        } else {
+            // Not used: opening the missing or empty database below fails first.
+            AuditKey::from_bytes([0; 32])
+        };
         let anchor = Anchor {
-            key: self.load_audit_key()?,
+            key,
             checkpoint: self.checkpoint_path(),
         };
         let store = SqliteStore::open_existing(&db, Some(anchor)).map_err(|e| match e {
@@ -344,6 +352,37 @@ mod tests {
         assert!(dd.load_config().is_ok());
         assert!(dd.load_ca().is_ok());
         assert!(dd.load_lease_key().is_ok());
+    }
+
+    #[test]
+    fn a_data_dir_from_before_anchoring_is_anchored_at_its_first_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("c"));
+        dd.init("10.0.0.1:7443", 1).unwrap();
+        fs::remove_file(dd.audit_key_path()).unwrap();
+        fs::remove_file(dd.checkpoint_path()).unwrap();
+        fs::remove_file(dd.journal_path()).unwrap();
+        {
+            let s = SqliteStore::open(&dd.db_path()).unwrap();
+            let n = ward_shared::names::Name::parse("user", "old").unwrap();
+            s.add_user(&n, &[], "admin", 2).unwrap();
+        }
+        let s = dd.open_store(3).unwrap();
+        assert!(dd.audit_key_path().exists() && dd.checkpoint_path().exists());
+        assert!(dd.journal_path().exists());
+        let log = s.audit_log(10).unwrap();
+        assert_eq!(log.last().unwrap().action, "audit.anchored");
+        assert!(s.verify_audit().unwrap().ok);
+        drop(s);
+        // Without its database, no key is made and the error names the recovery.
+        let dd2 = DataDir::new(tmp.path().join("d"));
+        dd2.init("10.0.0.1:7443", 1).unwrap();
+        for p in [dd2.db_path(), dd2.audit_key_path(), dd2.checkpoint_path()] {
+            fs::remove_file(p).unwrap();
+        }
+        let err = format!("{:#}", dd2.open_store(3).err().unwrap());
+        assert!(err.contains("only `init` does"), "{err}");
+        assert!(!dd2.audit_key_path().exists() && !dd2.db_path().exists());
     }
 
     #[test]
