@@ -45,6 +45,7 @@ cores=(
     coordinator/src/tickets.rs
     coordinator/src/model.rs
     coordinator/src/audit.rs
+    coordinator/src/gate.rs
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
     client/src/agent

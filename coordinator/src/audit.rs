@@ -37,11 +37,13 @@ pub enum Action {
     PostureRefused,
     RelayAdd,
     RelayRemove,
+    AuditAnchored,
+    AuditRollbackAccepted,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 27] = [
+    pub const ALL: [Action; 29] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -69,6 +71,8 @@ impl Action {
         Action::PostureRefused,
         Action::RelayAdd,
         Action::RelayRemove,
+        Action::AuditAnchored,
+        Action::AuditRollbackAccepted,
     ];
 
     /// The stored name (stable: it is part of every hash-chained row).
@@ -101,6 +105,8 @@ impl Action {
             Action::PostureRefused => "posture.refused",
             Action::RelayAdd => "relay.add",
             Action::RelayRemove => "relay.remove",
+            Action::AuditAnchored => "audit.anchored",
+            Action::AuditRollbackAccepted => "audit.rollback_accepted",
         }
     }
 }

@@ -6,9 +6,16 @@
 //!   ca.der           control-channel CA certificate            (0644 inside a 0700 dir)
 //!   ca.key           CA private key, PEM                       (0600)
 //!   lease.key        Ed25519 lease-signing key seed, hex       (0600)
+//!   audit.key        audit anchor HMAC key, hex                (0600)
+//!   audit.checkpoint audit chain checkpoint {rows, head, time, MAC} (0600)
+//!   narrowing.journal revocations etc. the database could not take, 16 KiB pre-allocated (0600)
 //!   ward.db          SQLite (WAL) database                     (0600)
 //!   admin.sock       admin socket of the running coordinator   (0600)
 //! ```
+//!
+//! Only `init` creates `ward.db`; `serve` opens it with [`DataDir::open_store`], which refuses a
+//! missing or empty database, a failed integrity check, and a database the audit checkpoint
+//! says has lost acknowledged writes (see [`crate::store::anchor`]).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -20,7 +27,8 @@ use std::path::{Path, PathBuf};
 use ward_shared::addr::AddressPools;
 
 use crate::pki::Ca;
-use crate::store::SqliteStore;
+use crate::store::anchor::{AuditKey, Checkpoint};
+use crate::store::{Anchor, AuditVerdict, SqliteStore, Store, StoreError, VerdictKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
@@ -47,6 +55,152 @@ impl DataDir {
     }
     pub fn admin_socket(&self) -> PathBuf {
         self.path.join("admin.sock")
+    }
+    pub fn audit_key_path(&self) -> PathBuf {
+        self.path.join("audit.key")
+    }
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.path.join("audit.checkpoint")
+    }
+    pub fn journal_path(&self) -> PathBuf {
+        self.path.join("narrowing.journal")
+    }
+
+    /// Opens the existing database for `serve`, anchored, and checks it before anything is
+    /// served: the file exists and is not empty, `PRAGMA quick_check` passes, and the audit
+    /// chain matches its checkpoint. Every refusal names the recovery.
+    pub fn open_store(&self, now_ms: i64) -> Result<SqliteStore> {
+        let (store, adopted) = self.open_anchored()?;
+        let check = store.quick_check(now_ms)?;
+        if !check.ok {
+            bail!(
+                "refusing to serve: the database integrity check FAILED ({}). Stop, copy {dir} aside, \
+                 and restore ward.db from a backup (or salvage it with `sqlite3 ward.db .recover`), \
+                 then start again",
+                check.detail,
+                dir = self.path.display()
+            );
+        }
+        if adopted {
+            let rows = store.adopt_anchor(now_ms)?;
+            tracing::warn!(
+                rows,
+                "the audit log had no anchor yet: anchored it as it stands now"
+            );
+        }
+        let v = store.verify_audit()?;
+        if v.kind != VerdictKind::Intact {
+            bail!("refusing to serve: {}. {}", v.message, self.recovery(&v));
+        }
+        tracing::info!(rows = v.rows, message = %v.message, "audit log checked against its checkpoint");
+        store
+            .attach_journal(&self.journal_path())
+            .context("refusing to serve: the narrowing journal cannot be opened")?;
+        let pending = store.journal_pending();
+        match store.flush_journal(now_ms) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                changes = n,
+                "narrowing changes from the journal written to the database"
+            ),
+            Err(e) => bail!(
+                "refusing to serve: {pending} narrowing change(s) (revocations, disables, \
+                 quarantines) are in {} and the database cannot take them ({e}). Free space on \
+                 the disk holding {} and start again",
+                self.journal_path().display(),
+                self.path.display()
+            ),
+        }
+        Ok(store)
+    }
+
+    /// What the operator can do about a verdict.
+    fn recovery(&self, v: &AuditVerdict) -> String {
+        let accept = format!(
+            "ward-coordinator --data-dir {} audit accept-rollback --i-understand",
+            self.path.display()
+        );
+        match v.kind {
+            VerdictKind::Intact => String::new(),
+            VerdictKind::RolledBack | VerdictKind::Truncated => format!(
+                "Changes recorded in the lost rows (revocations included) may be undone. Restore \
+                 ward.db from a copy at least as new as the checkpoint, or accept the loss with \
+                 `{accept}` (recorded in the audit log) and re-apply the lost changes"
+            ),
+            VerdictKind::Unanchored => format!(
+                "Restore audit.checkpoint from a backup, or re-anchor the log as it stands with `{accept}`"
+            ),
+            VerdictKind::Tampered => "Restore ward.db and the audit files from a backup you trust".into(),
+        }
+    }
+
+    /// `audit accept-rollback`: records the operator's decision in the audit log and anchors the
+    /// chain as it stands. Refuses an intact log and rows that were edited in place.
+    pub fn accept_rollback(&self, now_ms: i64) -> Result<AuditVerdict> {
+        let (store, _) = self.open_anchored()?;
+        let v = store.verify_audit()?;
+        match v.kind {
+            VerdictKind::Intact => bail!("nothing to accept: {}", v.message),
+            VerdictKind::Tampered if !store.verify_chain()?.ok || v.lost.is_none() => {
+                bail!("refusing: {}. {}", v.message, self.recovery(&v))
+            }
+            _ => {}
+        }
+        let detail = serde_json::json!({
+            "found": v.kind,
+            "lost_rows": v.lost,
+            "message": v.message,
+        });
+        let rows = store.accept_rollback(detail, "admin", now_ms)?;
+        tracing::warn!(rows, found = ?v.kind, "audit rollback accepted by the operator; log re-anchored");
+        Ok(v)
+    }
+
+    /// The existing database with its anchor; `true` when neither the key nor the checkpoint
+    /// exist yet (a data directory from before anchoring), so the caller adopts the log.
+    fn open_anchored(&self) -> Result<(SqliteStore, bool)> {
+        let db = self.db_path();
+        // The database first: a data dir without one gets no new audit key either.
+        let present = fs::metadata(&db).map(|m| m.len() > 0).unwrap_or(false);
+        let key_path = self.audit_key_path();
+        let adopted = present && !key_path.exists() && !self.checkpoint_path().exists();
+        if adopted {
+            let mut key = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+            write_private(&key_path, hex::encode(key).as_bytes())?;
+        }
+        let key = if present {
+            self.load_audit_key()?
+        } else {
+            // Not used: opening the missing or empty database below fails first.
+            AuditKey::from_bytes([0; 32])
+        };
+        let anchor = Anchor {
+            key,
+            checkpoint: self.checkpoint_path(),
+        };
+        let store = SqliteStore::open_existing(&db, Some(anchor)).map_err(|e| match e {
+            StoreError::Missing(why) => anyhow::anyhow!(
+                "refusing to serve: the database is missing ({why}). `serve` never creates a \
+                 database; only `init` does. Restore ward.db (with ward.db-wal, if you have it) \
+                 into {} from a backup, or run `ward-coordinator init` in a new, empty directory \
+                 to start a new coordinator",
+                self.path.display()
+            ),
+            e => anyhow::Error::new(e).context(format!("opening {}", db.display())),
+        })?;
+        Ok((store, adopted))
+    }
+
+    pub fn load_audit_key(&self) -> Result<AuditKey> {
+        let raw = fs::read_to_string(self.audit_key_path()).context(
+            "reading audit.key (the audit checkpoint exists without its key: restore audit.key from a backup)",
+        )?;
+        let bytes = hex::decode(raw.trim()).context("audit.key is corrupt")?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("audit.key is corrupt (not 32 bytes)"))?;
+        Ok(AuditKey::from_bytes(key))
     }
 
     /// Creates a new instance; refuses to touch an existing one.
@@ -95,7 +249,13 @@ impl DataDir {
             &self.config_path(),
             serde_json::to_string_pretty(&config)?.as_bytes(),
         )?;
+        let mut audit_key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut audit_key);
+        write_private(&self.audit_key_path(), hex::encode(audit_key).as_bytes())?;
         drop(SqliteStore::open(&self.db_path())?);
+        Checkpoint::new(&AuditKey::from_bytes(audit_key), 0, &[0u8; 32], now_ms)
+            .write_atomic(&self.checkpoint_path())?;
+        crate::store::journal::Journal::open_or_create(&self.journal_path())?;
         for f in ["ward.db", "ward.db-wal", "ward.db-shm"] {
             let p = self.path.join(f);
             if p.exists() {
@@ -192,6 +352,37 @@ mod tests {
         assert!(dd.load_config().is_ok());
         assert!(dd.load_ca().is_ok());
         assert!(dd.load_lease_key().is_ok());
+    }
+
+    #[test]
+    fn a_data_dir_from_before_anchoring_is_anchored_at_its_first_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("c"));
+        dd.init("10.0.0.1:7443", 1).unwrap();
+        fs::remove_file(dd.audit_key_path()).unwrap();
+        fs::remove_file(dd.checkpoint_path()).unwrap();
+        fs::remove_file(dd.journal_path()).unwrap();
+        {
+            let s = SqliteStore::open(&dd.db_path()).unwrap();
+            let n = ward_shared::names::Name::parse("user", "old").unwrap();
+            s.add_user(&n, &[], "admin", 2).unwrap();
+        }
+        let s = dd.open_store(3).unwrap();
+        assert!(dd.audit_key_path().exists() && dd.checkpoint_path().exists());
+        assert!(dd.journal_path().exists());
+        let log = s.audit_log(10).unwrap();
+        assert_eq!(log.last().unwrap().action, "audit.anchored");
+        assert!(s.verify_audit().unwrap().ok);
+        drop(s);
+        // Without its database, no key is made and the error names the recovery.
+        let dd2 = DataDir::new(tmp.path().join("d"));
+        dd2.init("10.0.0.1:7443", 1).unwrap();
+        for p in [dd2.db_path(), dd2.audit_key_path(), dd2.checkpoint_path()] {
+            fs::remove_file(p).unwrap();
+        }
+        let err = format!("{:#}", dd2.open_store(3).err().unwrap());
+        assert!(err.contains("only `init` does"), "{err}");
+        assert!(!dd2.audit_key_path().exists() && !dd2.db_path().exists());
     }
 
     #[test]

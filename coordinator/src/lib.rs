@@ -7,6 +7,8 @@
 //! - [`store`]: the storage interface and its SQLite implementation.
 //! - [`leases`]: lease TTLs, issuing and signing (synchronous, over the store).
 //! - [`tickets`]: the I/O-free relay ticket issuer (live devices only, rate-limited).
+//! - [`gate`]: the I/O-free gate in front of unauthenticated work (per-source token buckets,
+//!   refusals aggregated into one audit row per source per interval).
 //! - [`pki`]: control-channel CA and certificates (devices', the listener's, relays').
 //! - [`server`]: the tokio driver (QUIC device sessions, relay control sessions, registry actor,
 //!   its side effects).
@@ -18,6 +20,7 @@
 pub mod admin;
 pub mod audit;
 pub mod datadir;
+pub mod gate;
 pub mod leases;
 pub mod model;
 pub mod pki;

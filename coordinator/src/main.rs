@@ -260,8 +260,18 @@ enum DeviceCmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Recompute the hash chain; fails if any row was edited, removed or inserted.
+    /// Recompute the hash chain and check it against its keyed head and checkpoint; fails,
+    /// naming which, if rows were edited or inserted (tampered), deleted from the tail
+    /// (truncated), or the database is older than the checkpoint (rolled back).
     Verify,
+    /// After `serve` refused a database that lost audit rows (truncated or rolled back): record
+    /// the operator's acceptance in the audit log and anchor the log as it now stands. Run with
+    /// the coordinator stopped; the lost changes (revocations included) must be re-applied.
+    AcceptRollback {
+        /// Required: the lost range's changes stay lost.
+        #[arg(long)]
+        i_understand: bool,
+    },
 }
 
 fn main() {
@@ -548,6 +558,22 @@ async fn run(cli: Cli) -> Result<()> {
             if !v.ok {
                 anyhow::bail!("audit log verification FAILED: {}", v.message);
             }
+            Ok(())
+        }
+        Cmd::Audit {
+            cmd: Some(AuditCmd::AcceptRollback { i_understand }),
+            ..
+        } => {
+            anyhow::ensure!(
+                i_understand,
+                "accept-rollback makes the lost audit rows (and the changes they recorded) final: \
+                 pass --i-understand to go on"
+            );
+            let v = dd.accept_rollback(ward_runtime::now_ms())?;
+            println!("accepted: {}", v.message);
+            println!(
+                "the audit log is anchored again; re-apply any lost changes (revocations first)"
+            );
             Ok(())
         }
         Cmd::Audit {

@@ -62,7 +62,14 @@ fn listings_stop_quietly_on_a_closed_pipe() {
     );
     // More output than a pipe buffer holds (64 KiB), so the writer meets the closed pipe.
     {
-        let store = SqliteStore::open(&dir.join("ward.db")).unwrap();
+        // Rows appended through the data dir's audit anchor, as the coordinator would (rows
+        // appended without the key would make `serve` refuse the log as tampered).
+        let dd = ward_coordinator::datadir::DataDir::new(&dir);
+        let anchor = ward_coordinator::store::Anchor {
+            key: dd.load_audit_key().unwrap(),
+            checkpoint: dd.checkpoint_path(),
+        };
+        let store = SqliteStore::open_existing(&dd.db_path(), Some(anchor)).unwrap();
         let detail = serde_json::json!({ "pad": "x".repeat(300 * 1024) });
         for i in 0..3 {
             let a = Audit {

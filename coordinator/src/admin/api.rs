@@ -12,7 +12,10 @@ use ward_shared::posture::PostureReport;
 use ward_shared::wire::{PostureVerdict, WgPublicKey};
 
 use crate::model::{DeviceState, DeviceStatus, Quarantine, User};
-use crate::store::{AuditEntry, AuditVerdict, GrantRow, PolicyVersion, RelayRow, TokenInfo};
+use crate::store::{
+    AuditEntry, AuditVerdict, GrantRow, PolicyVersion, RelayRow, StorageHealth, TokenInfo,
+    VerdictKind,
+};
 
 /// `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +30,9 @@ pub struct StatusView {
     pub version: String,
     pub protocol: u32,
     pub posture: TrustStatsView,
+    /// Write errors, checkpoint errors and the last integrity check.
+    #[serde(default)]
+    pub storage: StorageHealth,
 }
 
 /// Posture report → enforcement latency as the coordinator sees it (fields in name order: the
@@ -45,6 +51,7 @@ impl StatusView {
     /// `status` for people: one `key value` line per field, in name order.
     pub fn lines(&self) -> Vec<String> {
         let posture = serde_json::to_string(&self.posture).unwrap_or_else(|_| "-".into());
+        let storage = serde_json::to_string(&self.storage).unwrap_or_else(|_| "-".into());
         [
             ("ca_sha256", self.ca_sha256.clone()),
             ("devices", self.devices.to_string()),
@@ -53,6 +60,7 @@ impl StatusView {
             ("posture", posture),
             ("protocol", self.protocol.to_string()),
             ("public_addr", self.public_addr.clone()),
+            ("storage", storage),
             ("uptime_secs", self.uptime_secs.to_string()),
             ("users", self.users.to_string()),
             ("version", self.version.clone()),
@@ -449,6 +457,12 @@ pub struct AuditVerifyView {
     pub rows: i64,
     pub first_bad_seq: Option<i64>,
     pub message: String,
+    /// `intact`, `tampered`, `truncated`, `rolled_back` or `unanchored`.
+    #[serde(default)]
+    pub kind: VerdictKind,
+    /// The rows the anchor counts that the database no longer has (first, last).
+    #[serde(default)]
+    pub lost: Option<(i64, i64)>,
 }
 
 impl From<AuditVerdict> for AuditVerifyView {
@@ -458,6 +472,8 @@ impl From<AuditVerdict> for AuditVerifyView {
             rows: v.rows,
             first_bad_seq: v.first_bad_seq,
             message: v.message,
+            kind: v.kind,
+            lost: v.lost,
         }
     }
 }
@@ -757,6 +773,7 @@ mod tests {
             version: "0".into(),
             protocol: 1,
             posture: TrustStatsView::default(),
+            storage: StorageHealth::default(),
         };
         assert_eq!(
             keys(&status),
@@ -771,6 +788,7 @@ mod tests {
                 "version",
                 "protocol",
                 "posture",
+                "storage",
             ])
         );
         assert_eq!(

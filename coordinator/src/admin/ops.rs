@@ -19,8 +19,10 @@ use super::api::{
 };
 use super::AdminRequest;
 use crate::audit::Action;
+use crate::model::DeviceStatus;
 use crate::model::{Device, User};
-use crate::store::{Audit, GrantRow, LeaseRow, Quarantine, Store, TokenSpec};
+use crate::store::journal::Narrowing;
+use crate::store::{Audit, GrantRow, LeaseRow, Quarantine, Store, StoreError, TokenSpec};
 
 /// What the registry holds now (for listings, check, apply and explain).
 #[derive(Debug, Clone, Default)]
@@ -80,6 +82,21 @@ pub fn handle(
     req: AdminRequest,
     now: i64,
 ) -> Result<AdminReply> {
+    // Narrowing changes the database could not take go in first; while they cannot, nothing
+    // that widens access is accepted.
+    if store.journal_pending() > 0 {
+        if let Err(e) = store.flush_journal(now) {
+            if widens(&req) {
+                tracing::warn!(error = %e, "admin change refused: narrowing changes are waiting in the journal");
+                bail!(
+                    "refused: {} revocation(s)/disable(s)/quarantine(s) are waiting in the journal because \
+                     the database cannot be written ({e}); changes that widen access are refused until it can \
+                     (free space on the coordinator's disk)",
+                    store.journal_pending()
+                );
+            }
+        }
+    }
     let snap = live.snapshot()?;
     let online = snap.online.as_slice();
     Ok(match req {
@@ -94,6 +111,7 @@ pub fn handle(
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: ward_shared::wire::PROTOCOL_VERSION,
             posture: snap.trust.clone(),
+            storage: store.storage_health(),
         }),
         AdminRequest::UserAdd { name: n, groups } => {
             let n = name("user name", &n)?;
@@ -187,7 +205,26 @@ pub fn handle(
                 reason: reason.unwrap_or_else(|| "quarantined by an administrator".into()),
                 automatic: false,
             };
-            let d = store.set_quarantine(d.id, Some(&q), ACTOR, now)?;
+            let d = match store.set_quarantine(d.id, Some(&q), ACTOR, now) {
+                Ok(d) => d,
+                Err(e) if e.is_storage_fault() => {
+                    // The quarantine still takes effect: journaled, then applied in memory.
+                    journal(
+                        store,
+                        Narrowing::QuarantineDevice {
+                            device: n.clone(),
+                            reason: q.reason.clone(),
+                        },
+                        &e,
+                        now,
+                    )?;
+                    Device {
+                        quarantine: Some(q),
+                        ..d
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
             live.notify(Notice::Device(d.clone()));
             AdminReply::Device(device_view(&d, online, &LeaseInfo::load(store, now)?))
         }
@@ -199,7 +236,29 @@ pub fn handle(
             AdminReply::Device(device_view(&d, online, &LeaseInfo::load(store, now)?))
         }
         AdminRequest::DeviceRevoke { name: n } => {
-            let d = store.revoke_device(&n, ACTOR, now)?;
+            let d = match store.revoke_device(&n, ACTOR, now) {
+                Ok(d) => d,
+                Err(e) if e.is_storage_fault() => {
+                    // The revocation still takes effect: journaled, then applied in memory.
+                    let d = store.device_by_name(&n)?;
+                    ensure!(
+                        d.is_live() || d.user_disabled,
+                        "device {n:?} is already revoked"
+                    );
+                    journal(
+                        store,
+                        Narrowing::RevokeDevice { device: n.clone() },
+                        &e,
+                        now,
+                    )?;
+                    Device {
+                        status: DeviceStatus::Revoked,
+                        revoked_ms: Some(now),
+                        ..d
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
             live.notify(Notice::Removed(
                 d.id,
                 "the device has been revoked by an administrator".into(),
@@ -393,16 +452,43 @@ fn set_user_disabled(
     now: i64,
 ) -> Result<UserAccess> {
     let n = name("user name", n)?;
-    let ids = store.set_user_disabled(&n, disabled, ACTOR, now)?;
-    if let Some(u) = store
+    let (ids, journaled) = match store.set_user_disabled(&n, disabled, ACTOR, now) {
+        Ok(ids) => (ids, false),
+        Err(e) if disabled && e.is_storage_fault() => {
+            // Disabling still takes effect: journaled, then applied in memory.
+            journal(
+                store,
+                Narrowing::DisableUser {
+                    user: n.to_string(),
+                },
+                &e,
+                now,
+            )?;
+            let ids = store
+                .list_devices()?
+                .into_iter()
+                .filter(|d| d.user.as_deref() == Some(n.as_str()))
+                .map(|d| d.id)
+                .collect();
+            (ids, true)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(mut u) = store
         .list_users()?
         .into_iter()
         .find(|u| u.name == n.as_str())
     {
+        if journaled {
+            u.disabled = true;
+        }
         live.notify(Notice::User(u));
     }
     for id in &ids {
-        if let Ok(d) = store.device(*id) {
+        if let Ok(mut d) = store.device(*id) {
+            if journaled {
+                d.user_disabled = true;
+            }
             live.notify(Notice::Device(d));
         }
     }
@@ -411,6 +497,30 @@ fn set_user_disabled(
         disabled,
         devices: ids.len(),
     })
+}
+
+/// Keeps a narrowing change the database refused (`why`) in the journal.
+fn journal(store: &dyn Store, change: Narrowing, why: &StoreError, now: i64) -> Result<()> {
+    tracing::error!(error = %why, ?change, "the database cannot be written: journaling a narrowing change");
+    store.journal_narrowing(change, now).map_err(|e| {
+        anyhow!("the database cannot be written ({why}) and the journal failed too: {e}")
+    })
+}
+
+/// Requests that can widen access: refused while narrowing changes wait in the journal.
+fn widens(req: &AdminRequest) -> bool {
+    matches!(
+        req,
+        AdminRequest::UserAdd { .. }
+            | AdminRequest::UserEnable { .. }
+            | AdminRequest::UserGroups { .. }
+            | AdminRequest::TokenCreate { .. }
+            | AdminRequest::DeviceRelease { .. }
+            | AdminRequest::DeviceTag { .. }
+            | AdminRequest::PolicyApply { .. }
+            | AdminRequest::GrantAdd { .. }
+            | AdminRequest::RelayAdd { .. }
+    )
 }
 
 /// `device rotate`: the device makes a new key now; its current leases stop being renewed.

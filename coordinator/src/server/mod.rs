@@ -43,6 +43,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Frames queued for one slow connection before it is dropped.
 const CONN_QUEUE: usize = 256;
+/// Enrollment transactions at once (the store serialises them anyway; more only queue).
+const ENROLL_SLOTS: usize = 4;
 
 pub use ward_runtime::now_ms;
 
@@ -59,15 +61,18 @@ struct Ctx {
     started: Instant,
     /// Relay tickets (signing is quick: held only for one `issue`).
     tickets: std::sync::Mutex<crate::tickets::TicketIssuer>,
+    /// Per-source rate limits and refusal aggregation for unauthenticated attempts (held only
+    /// for one call).
+    gate: std::sync::Mutex<crate::gate::EnrollGate>,
+    /// Enrollment database jobs in flight at once, whatever the number of sources.
+    enroll_slots: tokio::sync::Semaphore,
 }
 pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl) -> Result<()> {
     let config = dd.load_config()?;
     let ca = dd.load_ca()?;
     let lease_key = dd.load_lease_key()?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dd.db_path())
-            .with_context(|| format!("opening {}", dd.db_path().display()))?,
-    );
+    let sqlite = Arc::new(dd.open_store(now_ms())?);
+    let store: Arc<dyn Store> = sqlite.clone();
     let socket = match listen {
         Some(l) => ward_runtime::net::bind_udp(l)
             .with_context(|| format!("binding the QUIC control listener on {l}"))?,
@@ -120,6 +125,10 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         tickets: std::sync::Mutex::new(crate::tickets::TicketIssuer::new(
             u64::try_from(now).unwrap_or(1),
         )),
+        gate: std::sync::Mutex::new(crate::gate::EnrollGate::new(
+            crate::gate::GateConfig::default(),
+        )),
+        enroll_slots: tokio::sync::Semaphore::new(ENROLL_SLOTS),
     });
 
     let runtime = quinn::default_runtime().context("the QUIC listener needs a tokio runtime")?;
@@ -142,6 +151,8 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         now_ms(),
     )?;
 
+    tokio::spawn(integrity_checks(sqlite));
+    tokio::spawn(session::refusal_rows(ctx.clone()));
     tokio::spawn(actor::registry_actor(
         registry,
         rx,
@@ -182,6 +193,28 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
     endpoint.close(0u32.into(), b"coordinator shutting down");
     let _ = std::fs::remove_file(dd.admin_socket());
     Ok(())
+}
+
+/// How often `PRAGMA quick_check` runs after the one at start-up. Its cost grows with the file
+/// (every page is read once; milliseconds for thousands of devices), and it holds the store's
+/// connection while it runs, so hourly keeps it well under 0.1 % of the store's time.
+const INTEGRITY_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Runs the periodic integrity check on a blocking thread; a failure is logged at ERROR by the
+/// store and shown in `status`.
+async fn integrity_checks(store: Arc<SqliteStore>) {
+    let mut tick = tokio::time::interval(INTEGRITY_INTERVAL);
+    tick.tick().await; // the first tick is now: start-up already checked
+    loop {
+        tick.tick().await;
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.quick_check(now_ms())).await {
+            Ok(Ok(c)) if c.ok => debug!(took_ms = c.took_ms, "database integrity check passed"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => error!(error = %e, "database integrity check could not run"),
+            Err(e) => error!(error = %e, "database integrity check task failed"),
+        }
+    }
 }
 
 /// Completes the QUIC handshake and runs the protocol its ALPN names: a device's control
@@ -267,7 +300,17 @@ async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> 
     .await;
     match res {
         Ok(Ok(v)) => Envelope::ok(v),
-        Ok(Err(e)) => Envelope::err(format!("{e:#}")),
+        Ok(Err(e)) => {
+            let mut msg = format!("{e:#}");
+            if msg.contains("database or disk is full") {
+                msg.push_str(
+                    " (the disk holding the data directory is full: changes that widen access are \
+                     refused; revoke, disable and quarantine still take effect through the journal)",
+                );
+            }
+            tracing::warn!(error = %msg, "admin request refused");
+            Envelope::err(msg)
+        }
         Err(e) => Envelope::err(format!("internal error: {e}")),
     }
 }

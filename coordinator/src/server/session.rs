@@ -20,6 +20,7 @@ use ward_shared::wire::{
 use super::actor::{ConnCmd, Event};
 use super::{now_ms, Ctx, CONN_QUEUE, HANDSHAKE_TIMEOUT};
 use crate::audit::Action;
+use crate::gate::{Admit, RefusalRow};
 use crate::pki::{cert_identity, Ca};
 use crate::store::{Audit, EnrollSpec, StoreError};
 
@@ -153,51 +154,92 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
     }
 }
 
+/// Writes the gate's aggregated refusal rows (those whose interval has passed) every second, on
+/// a blocking thread.
+pub(super) async fn refusal_rows(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let rows = ctx
+            .gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .poll_rows(now_ms());
+        if !rows.is_empty() {
+            let _ = write_refusal_rows(&ctx, rows).await;
+        }
+    }
+}
+
+/// Appends refusal rows off the runtime's threads; the handle resolves once they are written.
+fn write_refusal_rows(ctx: &Arc<Ctx>, rows: Vec<RefusalRow>) -> tokio::task::JoinHandle<()> {
+    let store = ctx.store.clone();
+    tokio::task::spawn_blocking(move || {
+        for r in rows {
+            let target = r.target();
+            warn!(remote = %target, action = %r.action, count = r.count, rate_limited = r.rate_limited, "unauthenticated attempts refused");
+            let a = Audit {
+                actor: "device",
+                action: r.action,
+                target: &target,
+                detail: r.detail(),
+            };
+            if let Err(e) = store.append_audit(a, now_ms()) {
+                error!(error = %e, "audit append failed");
+            }
+        }
+    })
+}
+
+/// Records one unauthenticated refusal with the gate; writes its row now (before the refusal
+/// is answered) if it is the first from this source in the interval.
+pub(super) async fn gate_refused(
+    ctx: &Arc<Ctx>,
+    remote: SocketAddr,
+    action: Action,
+    reason: &str,
+    limited: bool,
+) {
+    let row = ctx.gate.lock().unwrap_or_else(|p| p.into_inner()).refused(
+        remote.ip().to_canonical(),
+        action,
+        reason,
+        limited,
+        now_ms(),
+    );
+    debug!(%remote, %action, reason, limited, "refused");
+    if let Some(row) = row {
+        let _ = write_refusal_rows(ctx, vec![row]).await;
+    }
+}
+
+/// An enrollment: every attempt takes a token from its source's bucket first; refusals before
+/// the token's secret is proven (malformed requests, unknown tokens, wrong secrets, the rate
+/// limit) are aggregated by the gate; refusals of a genuine token (used, expired, revoked, user
+/// disabled) are audited one by one. No database work runs on the runtime's threads.
 async fn enroll(
     ctx: &Arc<Ctx>,
     req: wire::EnrollRequest,
     remote: SocketAddr,
 ) -> Result<Enrolled, (ErrorCode, String)> {
-    let audit_refusal = |code: ErrorCode, message: &str| {
-        let _ = ctx.store.append_audit(
-            Audit {
-                actor: "device",
-                action: Action::EnrollRefused,
-                target: &req.token_id.chars().take(32).collect::<String>(),
-                detail: serde_json::json!({ "code": code, "reason": message, "remote": remote.to_string() }),
-            },
-            now_ms(),
-        );
-        warn!(%remote, ?code, reason = message, "enrollment refused");
-        (code, message.to_string())
-    };
-    if req.protocol != PROTOCOL_VERSION {
-        return Err(audit_refusal(
-            ErrorCode::Protocol,
-            &format!(
-                "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})",
-                req.protocol
-            ),
+    let admitted = ctx
+        .gate
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(remote.ip().to_canonical(), now_ms());
+    if admitted == Admit::Limited {
+        gate_refused(ctx, remote, Action::EnrollRefused, "rate limited", true).await;
+        return Err((
+            ErrorCode::Unauthorized,
+            "too many enrollment attempts from this address; try again later".into(),
         ));
     }
-    if req.token_id.len() != 16 || !req.token_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(audit_refusal(
-            ErrorCode::TokenInvalid,
-            "token is not valid (malformed id)",
-        ));
-    }
-    let hostname = match Hostname::sanitize(&req.hostname) {
-        Ok(h) => h,
-        Err(e) => {
-            return Err(audit_refusal(
-                ErrorCode::BadRequest,
-                &format!("hostname refused: {e}"),
-            ))
+    let (hostname, identity_hash) = match check_request(&req) {
+        Ok(x) => x,
+        Err((code, message)) => {
+            gate_refused(ctx, remote, Action::EnrollRefused, &message, false).await;
+            return Err((code, message));
         }
-    };
-    let identity_hash = match Ca::csr_identity(&req.csr_der.0) {
-        Ok(h) => h,
-        Err(e) => return Err(audit_refusal(ErrorCode::BadRequest, &e.to_string())),
     };
     let os: String = req
         .os
@@ -205,12 +247,24 @@ async fn enroll(
         .filter(|c| !c.is_control())
         .take(128)
         .collect();
+    let busy = || {
+        (
+            ErrorCode::Internal,
+            "the coordinator is busy; try again later".to_string(),
+        )
+    };
+    let Ok(Ok(_slot)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.enroll_slots.acquire()).await
+    else {
+        warn!(%remote, "enrollment refused: no enrollment slot in time");
+        return Err(busy());
+    };
     let ctx2 = ctx.clone();
     let csr = req.csr_der.0.clone();
     let token_id = req.token_id.clone();
     let secret = req.token_secret.0 .0.clone();
     let res = tokio::task::spawn_blocking(move || {
         let now = now_ms();
+        let host = hostname.clone();
         let spec = EnrollSpec {
             token_id: &token_id,
             token_secret: &secret,
@@ -219,13 +273,39 @@ async fn enroll(
             identity_hash,
         };
         let mut issue = |id: DeviceId| ctx2.ca.issue_device_cert(&csr, &id.to_string(), now);
-        ctx2.store.enroll(spec, &ctx2.config.pools, &mut issue, now)
+        let res = ctx2
+            .store
+            .try_enroll(spec, &ctx2.config.pools, &mut issue, now);
+        // A refusal of a genuine token is audited here, row by row, as it always was.
+        if let Err(StoreError::Refused { code, message }) = &res {
+            if *code != ErrorCode::TokenInvalid {
+                let a = Audit {
+                    actor: "device",
+                    action: Action::EnrollRefused,
+                    target: &token_id,
+                    detail: serde_json::json!({
+                        "code": code,
+                        "reason": message,
+                        "hostname": host.as_str(),
+                        "remote": remote.to_string(),
+                    }),
+                };
+                if let Err(e) = ctx2.store.append_audit(a, now) {
+                    error!(error = %e, "audit append failed");
+                }
+            }
+        }
+        res
     })
     .await;
     let (dev, cert) = match res {
         Ok(Ok(x)) => x,
         Ok(Err(StoreError::Refused { code, message })) => {
-            warn!(%remote, ?code, reason = %message, "enrollment refused");
+            if code == ErrorCode::TokenInvalid {
+                gate_refused(ctx, remote, Action::EnrollRefused, &message, false).await;
+            } else {
+                warn!(%remote, ?code, reason = %message, "enrollment refused");
+            }
             return Err((code, message));
         }
         Ok(Err(e)) => {
@@ -255,6 +335,31 @@ async fn enroll(
         ca_der: Bytes(ctx.ca.cert_der.clone()),
         lease_key: Bytes(ctx.lease_key.verifying_key().to_bytes().to_vec()),
     })
+}
+
+/// What an enrollment request must be before the store is asked: this protocol, a well-formed
+/// token id, a valid hostname, a CSR whose signature proves its key.
+fn check_request(req: &wire::EnrollRequest) -> Result<(Hostname, [u8; 32]), (ErrorCode, String)> {
+    if req.protocol != PROTOCOL_VERSION {
+        return Err((
+            ErrorCode::Protocol,
+            format!(
+                "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})",
+                req.protocol
+            ),
+        ));
+    }
+    if req.token_id.len() != 16 || !req.token_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err((
+            ErrorCode::TokenInvalid,
+            "token is not valid (malformed id)".into(),
+        ));
+    }
+    let hostname = Hostname::sanitize(&req.hostname)
+        .map_err(|e| (ErrorCode::BadRequest, format!("hostname refused: {e}")))?;
+    let identity_hash =
+        Ca::csr_identity(&req.csr_der.0).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+    Ok((hostname, identity_hash))
 }
 
 async fn session(
@@ -310,15 +415,21 @@ async fn session(
         } else {
             "the device has been revoked"
         };
-        let _ = ctx.store.append_audit(
-            Audit {
-                actor: "device",
-                action: Action::ConnectRefused,
-                target: dev.hostname.as_str(),
-                detail: serde_json::json!({ "reason": why, "remote": remote.to_string() }),
-            },
-            now_ms(),
-        );
+        // A revoked device can reconnect without end: one row per device per interval.
+        let row = ctx
+            .gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused_subject(
+                dev.hostname.as_str(),
+                remote.ip().to_canonical(),
+                Action::ConnectRefused,
+                why,
+                now_ms(),
+            );
+        if let Some(row) = row {
+            let _ = write_refusal_rows(&ctx, vec![row]).await;
+        }
         info!(device = %dev.id, %remote, reason = why, "refused connection");
         refuse(&conn, &mut send, ErrorCode::DeviceRevoked, why.to_string()).await;
         return Ok(());

@@ -17,11 +17,13 @@ use ward_shared::wire::{DeviceId, ErrorCode, WgPublicKey};
 
 pub use crate::audit::Action;
 
+pub mod anchor;
+pub mod journal;
 mod schema;
 mod sqlite;
 
 pub use crate::model::{Device, DeviceStatus, Quarantine, User};
-pub use sqlite::SqliteStore;
+pub use sqlite::{Anchor, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,6 +47,20 @@ pub enum StoreError {
     },
     #[error("database schema: {0}")]
     Schema(String),
+    /// The database file is missing or empty where one must exist.
+    #[error("database missing: {0}")]
+    Missing(String),
+    /// The narrowing journal could not be read or written.
+    #[error("narrowing journal: {0}")]
+    Journal(String),
+}
+
+impl StoreError {
+    /// A fault of the storage itself (the database could not be read or written: a full disk,
+    /// an I/O error), as opposed to an answer about the data (not found, conflict, refused).
+    pub fn is_storage_fault(&self) -> bool {
+        matches!(self, StoreError::Db(_))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -100,6 +116,62 @@ pub struct AuditVerdict {
     /// First row whose hash does not match, if any.
     pub first_bad_seq: Option<i64>,
     pub message: String,
+    /// What was found.
+    #[serde(default)]
+    pub kind: VerdictKind,
+    /// Rows the anchor says existed but the database no longer has (first, last), for
+    /// `Truncated` and `RolledBack`.
+    #[serde(default)]
+    pub lost: Option<(i64, i64)>,
+}
+
+/// The outcome of `audit verify`, one per kind of fault.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerdictKind {
+    /// The chain verifies and matches its anchor (or has none to match, for an unanchored
+    /// store).
+    #[default]
+    Intact,
+    /// A row was edited, inserted or removed inside the chain, rows were appended without the
+    /// key, or the keyed head or the checkpoint does not carry a valid MAC.
+    Tampered,
+    /// Rows are missing from the tail of the table while the database's own keyed head still
+    /// counts them: they were deleted from the table.
+    Truncated,
+    /// The whole database is older than the checkpoint (fewer rows, or another row where the
+    /// checkpoint's head was): acknowledged writes were lost, e.g. a damaged WAL tail or a
+    /// restored old copy.
+    RolledBack,
+    /// The checkpoint file is missing.
+    Unanchored,
+}
+
+/// One `PRAGMA quick_check` run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntegrityCheck {
+    pub at_ms: i64,
+    pub ok: bool,
+    /// `ok`, or what SQLite found (at most 20 findings).
+    pub detail: String,
+    pub took_ms: u64,
+}
+
+/// The store's health, for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageHealth {
+    /// Transactions that failed with a database error since start.
+    pub write_errors: u64,
+    /// Checkpoint files that could not be written since start.
+    pub checkpoint_errors: u64,
+    pub last_error: Option<String>,
+    /// The last integrity check, if one ran.
+    pub integrity: Option<IntegrityCheck>,
+    /// Whether the audit chain is anchored outside the database.
+    pub anchored: bool,
+    /// Narrowing changes kept in the journal, not yet in the database.
+    #[serde(default)]
+    pub journal_pending: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,7 +248,57 @@ pub trait Store: Send + Sync {
         pools: &AddressPools,
         issue: &mut dyn FnMut(DeviceId) -> anyhow::Result<(Vec<u8>, i64)>,
         now_ms: i64,
+    ) -> Result<(Device, Vec<u8>)> {
+        let (token_id, hostname) = (spec.token_id.to_string(), spec.hostname.clone());
+        match self.try_enroll(spec, pools, issue, now_ms) {
+            Err(StoreError::Refused { code, message }) => {
+                // The refusal is audited in its own transaction: the redemption rolled back.
+                self.append_audit(
+                    Audit {
+                        actor: "device",
+                        action: Action::EnrollRefused,
+                        target: &token_id,
+                        detail: serde_json::json!({
+                            "code": code,
+                            "reason": message,
+                            "hostname": hostname.as_str(),
+                        }),
+                    },
+                    now_ms,
+                )?;
+                Err(StoreError::Refused { code, message })
+            }
+            other => other,
+        }
+    }
+    /// [`Store::enroll`] without the audit row on refusal: for a caller that audits refusals
+    /// itself (the server aggregates forged-token refusals per source).
+    fn try_enroll(
+        &self,
+        spec: EnrollSpec<'_>,
+        pools: &AddressPools,
+        issue: &mut dyn FnMut(DeviceId) -> anyhow::Result<(Vec<u8>, i64)>,
+        now_ms: i64,
     ) -> Result<(Device, Vec<u8>)>;
+    /// Write errors, checkpoint errors and the last integrity check.
+    fn storage_health(&self) -> StorageHealth {
+        StorageHealth::default()
+    }
+    /// Keeps a narrowing change the database could not take in the journal (durably), so it
+    /// is re-applied before the next start serves. A store without a journal refuses.
+    fn journal_narrowing(&self, change: journal::Narrowing, now_ms: i64) -> Result<()> {
+        let _ = (change, now_ms);
+        Err(StoreError::Journal("this store has no journal".into()))
+    }
+    /// Narrowing changes in the journal, not yet in the database.
+    fn journal_pending(&self) -> usize {
+        0
+    }
+    /// Writes the journal's changes to the database and frees the journal; how many there were.
+    fn flush_journal(&self, now_ms: i64) -> Result<usize> {
+        let _ = now_ms;
+        Ok(0)
+    }
     fn device_by_identity(&self, identity_hash: &[u8; 32]) -> Result<Option<Device>>;
     fn device_by_name(&self, name: &str) -> Result<Device>;
     fn device(&self, id: DeviceId) -> Result<Device>;

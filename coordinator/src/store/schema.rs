@@ -118,4 +118,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE relays ADD COLUMN secret_hash BLOB;
     "#,
+    // 7: the audit chain's keyed head: one row (row count, head hash, HMAC under `audit.key`,
+    // which lives in the data directory, never here), moved forward in the transaction that
+    // appends audit rows. A table tail behind it means rows were deleted from the table.
+    r#"
+    CREATE TABLE audit_head(
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        mac BLOB NOT NULL
+    );
+    "#,
 ];

@@ -4,17 +4,21 @@
 use rusqlite::{Connection, TransactionBehavior};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use ward_shared::addr::AddressPools;
 use ward_shared::names::Name;
 use ward_shared::wire::{DeviceId, WgPublicKey};
 
+use super::anchor::{AuditKey, Checkpoint};
+use super::journal::{Journal, Narrowing};
 use super::schema::MIGRATIONS;
 use super::{
-    Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, GrantRow, LeaseRow, PolicyVersion,
-    Quarantine, RelayRow, Result, Store, StoreError, TokenInfo, TokenSpec, User,
+    Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, GrantRow, IntegrityCheck, LeaseRow,
+    PolicyVersion, Quarantine, RelayRow, Result, StorageHealth, Store, StoreError, TokenInfo,
+    TokenSpec, User,
 };
 
 mod audit;
@@ -32,20 +36,127 @@ mod users;
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// The audit anchor (key and checkpoint file); `None` for a store nothing anchors (an
+    /// in-memory test store, or `init` creating the file).
+    anchor: Option<Anchor>,
+    health: Health,
+    /// The narrowing journal, once attached ([`SqliteStore::attach_journal`]).
+    journal: Mutex<Option<Journal>>,
+}
+
+/// Where the audit chain is anchored outside the database.
+pub struct Anchor {
+    pub key: AuditKey,
+    pub checkpoint: PathBuf,
+}
+
+/// Storage fault counters, for `status`.
+#[derive(Default)]
+struct Health {
+    write_errors: AtomicU64,
+    checkpoint_errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    integrity: Mutex<Option<IntegrityCheck>>,
 }
 
 impl SqliteStore {
+    /// Opens the database at `path`, creating it if it does not exist (only `init` and tests
+    /// may create one: see [`SqliteStore::open_existing`]).
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        Self::init(conn, None)
+    }
+
+    /// Opens an existing, non-empty database, never creating one, with the audit chain anchored
+    /// by `anchor`. A missing or zero-length file is [`StoreError::Missing`].
+    pub fn open_existing(path: &Path, anchor: Option<Anchor>) -> Result<Self> {
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > 0 => {}
+            Ok(_) => return Err(StoreError::Missing(format!("{} is empty", path.display()))),
+            Err(e) => {
+                return Err(StoreError::Missing(format!(
+                    "{} cannot be read: {e}",
+                    path.display()
+                )))
+            }
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        Self::init(conn, anchor)
     }
 
     #[cfg(test)]
     pub fn open_in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init(Connection::open_in_memory()?, None)
     }
 
-    fn init(mut conn: Connection) -> Result<Self> {
+    #[cfg(test)]
+    pub fn open_in_memory_anchored(anchor: Anchor) -> Result<Self> {
+        Self::init(Connection::open_in_memory()?, Some(anchor))
+    }
+
+    /// Anchors a chain that has never been anchored (a database from before anchoring),
+    /// recording that in the log.
+    pub fn adopt_anchor(&self, now_ms: i64) -> Result<i64> {
+        let (rows, _) = audit::reanchor(
+            self,
+            Some((
+                Audit {
+                    actor: "coordinator",
+                    action: crate::audit::Action::AuditAnchored,
+                    target: "audit",
+                    detail: serde_json::json!({ "reason": "no audit key or checkpoint yet: anchoring the existing log" }),
+                },
+                now_ms,
+            )),
+        )?;
+        Ok(rows)
+    }
+
+    /// The operator accepts what `audit verify` found (lost or missing rows): the acceptance
+    /// is appended to the log with `detail`, and the chain is anchored as it now stands.
+    pub fn accept_rollback(
+        &self,
+        detail: serde_json::Value,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<i64> {
+        let (rows, _) = audit::reanchor(
+            self,
+            Some((
+                Audit {
+                    actor,
+                    action: crate::audit::Action::AuditRollbackAccepted,
+                    target: "audit",
+                    detail,
+                },
+                now_ms,
+            )),
+        )?;
+        Ok(rows)
+    }
+
+    /// The row-by-row chain check alone (no anchor): whether the rows themselves are intact.
+    pub fn verify_chain(&self) -> Result<AuditVerdict> {
+        audit::verify_chain(self)
+    }
+
+    /// Opens (creating, full size) the narrowing journal at `path` and keeps it.
+    pub fn attach_journal(&self, path: &Path) -> Result<()> {
+        let j = Journal::open_or_create(path)
+            .map_err(|e| StoreError::Journal(format!("{}: {e}", path.display())))?;
+        *self.journal.lock().unwrap_or_else(|p| p.into_inner()) = Some(j);
+        Ok(())
+    }
+
+    /// The anchor, if this store has one.
+    pub fn anchor(&self) -> Option<&Anchor> {
+        self.anchor.as_ref()
+    }
+
+    fn init(mut conn: Connection, anchor: Option<Anchor>) -> Result<Self> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -65,16 +176,98 @@ impl SqliteStore {
         }
         Ok(Self {
             conn: Mutex::new(conn),
+            anchor,
+            health: Health::default(),
+            journal: Mutex::new(None),
         })
     }
 
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction. With an anchor, a transaction that
+    /// appended audit rows also moves the keyed head forward before it commits, and the
+    /// checkpoint file is rewritten after the commit, before the caller hears of success.
     fn with_tx<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
         // A poisoned lock means a panic mid-transaction; SQLite rolled it back, so go on.
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
+        let res = (|| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let before = match &self.anchor {
+                Some(_) => audit::tail(&tx)?,
+                None => None,
+            };
+            let out = f(&tx)?;
+            let moved = match &self.anchor {
+                Some(a) => audit::advance_head(&tx, &a.key, before)?,
+                None => None,
+            };
+            tx.commit()?;
+            Ok((out, moved))
+        })();
+        let (out, moved) = match res {
+            Ok(x) => x,
+            Err(e) => {
+                self.note_error(&e);
+                return Err(e);
+            }
+        };
+        if let (Some(a), Some((rows, head, ts_ms))) = (&self.anchor, moved) {
+            let cp = Checkpoint::new(&a.key, rows, &head, ts_ms);
+            if let Err(e) = cp.write_atomic(&a.checkpoint) {
+                // The rows are committed; the checkpoint lags, which start-up accepts (the
+                // database is ahead of it, never behind).
+                self.health
+                    .checkpoint_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(path = %a.checkpoint.display(), error = %e, rows, "writing the audit checkpoint failed");
+            }
+        }
         Ok(out)
+    }
+
+    /// Counts and logs a failed write (not refusals, which are answers, not faults).
+    fn note_error(&self, e: &StoreError) {
+        if matches!(e, StoreError::Db(_) | StoreError::Corrupt { .. }) {
+            self.health.write_errors.fetch_add(1, Ordering::Relaxed);
+            *self
+                .health
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            tracing::error!(error = %e, "database transaction failed");
+        }
+    }
+
+    /// Runs SQLite's `PRAGMA quick_check` (every page's b-tree structure, bounded by the file
+    /// size; not index-to-table consistency) and records the outcome for `status`.
+    pub fn quick_check(&self, now_ms: i64) -> Result<IntegrityCheck> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let started = std::time::Instant::now();
+        let mut stmt = conn.prepare("PRAGMA quick_check(20)")?;
+        let lines = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<String>>>());
+        drop(stmt);
+        drop(conn);
+        let (ok, detail) = match lines {
+            Ok(l) if l.len() == 1 && l[0] == "ok" => (true, "ok".to_string()),
+            Ok(l) => (false, l.join("; ")),
+            // A page too damaged to read is an integrity failure too.
+            Err(e) => (false, e.to_string()),
+        };
+        let check = IntegrityCheck {
+            at_ms: now_ms,
+            ok,
+            detail,
+            took_ms: started.elapsed().as_millis() as u64,
+        };
+        if !ok {
+            tracing::error!(detail = %check.detail, "database integrity check FAILED");
+        }
+        *self
+            .health
+            .integrity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(check.clone());
+        Ok(check)
     }
 }
 
@@ -161,16 +354,6 @@ impl Store for SqliteStore {
 
     fn revoke_token(&self, id: &str, actor: &str, now_ms: i64) -> Result<TokenInfo> {
         tokens::revoke_token(self, id, actor, now_ms)
-    }
-
-    fn enroll(
-        &self,
-        spec: EnrollSpec<'_>,
-        pools: &AddressPools,
-        issue: &mut dyn FnMut(DeviceId) -> anyhow::Result<(Vec<u8>, i64)>,
-        now_ms: i64,
-    ) -> Result<(Device, Vec<u8>)> {
-        tokens::enroll(self, spec, pools, issue, now_ms)
     }
 
     fn device_by_identity(&self, identity_hash: &[u8; 32]) -> Result<Option<Device>> {
@@ -334,5 +517,103 @@ impl Store for SqliteStore {
 
     fn verify_audit(&self) -> Result<AuditVerdict> {
         audit::verify_audit(self)
+    }
+
+    fn try_enroll(
+        &self,
+        spec: EnrollSpec<'_>,
+        pools: &AddressPools,
+        issue: &mut dyn FnMut(DeviceId) -> anyhow::Result<(Vec<u8>, i64)>,
+        now_ms: i64,
+    ) -> Result<(Device, Vec<u8>)> {
+        self.with_tx(|tx| tokens::enroll_tx(tx, &spec, pools, issue, now_ms))
+    }
+
+    fn journal_narrowing(&self, change: Narrowing, now_ms: i64) -> Result<()> {
+        let mut g = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(j) = g.as_mut() else {
+            return Err(StoreError::Journal("this store has no journal".into()));
+        };
+        j.append(change.clone(), now_ms)
+            .map_err(|e| StoreError::Journal(e.to_string()))?;
+        tracing::warn!(
+            ?change,
+            "the database cannot be written: narrowing change kept in the journal"
+        );
+        Ok(())
+    }
+
+    fn journal_pending(&self) -> usize {
+        let g = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref()
+            .and_then(|j| j.pending().ok())
+            .map_or(0, |p| p.len())
+    }
+
+    fn flush_journal(&self, now_ms: i64) -> Result<usize> {
+        let mut g = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(j) = g.as_mut() else { return Ok(0) };
+        let pending = j
+            .pending()
+            .map_err(|e| StoreError::Journal(e.to_string()))?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        const ACTOR: &str = "admin (journal)";
+        for e in &pending {
+            let r = match &e.change {
+                Narrowing::RevokeDevice { device } => {
+                    self.revoke_device(device, ACTOR, now_ms).map(|_| ())
+                }
+                Narrowing::DisableUser { user } => match Name::parse("user name", user) {
+                    Ok(n) => self.set_user_disabled(&n, true, ACTOR, now_ms).map(|_| ()),
+                    Err(err) => Err(StoreError::Invalid(err.to_string())),
+                },
+                Narrowing::QuarantineDevice { device, reason } => {
+                    self.device_by_name(device).and_then(|d| {
+                        let q = Quarantine {
+                            since_ms: e.at_ms,
+                            reason: reason.clone(),
+                            automatic: false,
+                        };
+                        self.set_quarantine(d.id, Some(&q), ACTOR, now_ms)
+                            .map(|_| ())
+                    })
+                }
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(change = ?e.change, "journaled change written to the database")
+                }
+                // Already so (revoked twice, a device gone): nothing left to do.
+                Err(err) if !err.is_storage_fault() => {
+                    tracing::warn!(change = ?e.change, error = %err, "journaled change not applied")
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        j.clear().map_err(|e| StoreError::Journal(e.to_string()))?;
+        Ok(pending.len())
+    }
+
+    fn storage_health(&self) -> StorageHealth {
+        StorageHealth {
+            write_errors: self.health.write_errors.load(Ordering::Relaxed),
+            checkpoint_errors: self.health.checkpoint_errors.load(Ordering::Relaxed),
+            last_error: self
+                .health
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            integrity: self
+                .health
+                .integrity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            anchored: self.anchor.is_some(),
+            journal_pending: self.journal_pending(),
+        }
     }
 }

@@ -500,3 +500,125 @@ fn relays_keep_only_their_secret_hash_and_older_rows_have_none() {
     s.remove_relay(&n("new"), "admin", 3).unwrap();
     assert_eq!(s.relay_secret_hash("new").unwrap(), None);
 }
+
+/// A file-backed store anchored in `dir`, and the raw connection an attacker with file access
+/// would use.
+fn anchored(dir: &std::path::Path) -> SqliteStore {
+    let db = dir.join("ward.db");
+    if !db.exists() {
+        drop(SqliteStore::open(&db).unwrap());
+    }
+    SqliteStore::open_existing(
+        &db,
+        Some(Anchor {
+            key: crate::store::anchor::AuditKey::from_bytes([3; 32]),
+            checkpoint: dir.join("audit.checkpoint"),
+        }),
+    )
+    .unwrap()
+}
+
+fn raw(dir: &std::path::Path, sql: &str) {
+    let c = Connection::open(dir.join("ward.db")).unwrap();
+    c.execute_batch(sql).unwrap();
+}
+
+#[test]
+fn audit_anchor_tells_truncation_rollback_and_tampering_apart() {
+    use crate::store::VerdictKind;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = anchored(tmp.path());
+    for (i, u) in ["a", "b", "c", "d"].iter().enumerate() {
+        s.add_user(&n(u), &[], "admin", 1000 + i as i64).unwrap();
+    }
+    let v = s.verify_audit().unwrap();
+    assert_eq!(v.kind, VerdictKind::Intact, "{}", v.message);
+    assert!(v.ok && v.message.contains("intact"), "{}", v.message);
+    let cp = std::fs::read_to_string(tmp.path().join("audit.checkpoint")).unwrap();
+    assert!(cp.contains("\"rows\":4"), "{cp}");
+    drop(s);
+
+    // Rows deleted from the tail: the chain that is left verifies, the keyed head does not.
+    let saved = std::fs::read(tmp.path().join("ward.db")).unwrap();
+    raw(
+        tmp.path(),
+        "DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq > 2;",
+    );
+    let v = anchored(tmp.path()).verify_audit().unwrap();
+    assert_eq!(v.kind, VerdictKind::Truncated, "{}", v.message);
+    assert_eq!(v.lost, Some((3, 4)));
+    assert!(!v.ok);
+
+    // The keyed head rolled back with the rows: the checkpoint outside the database still
+    // counts them.
+    raw(tmp.path(), "DELETE FROM audit_head;");
+    let v = anchored(tmp.path()).verify_audit().unwrap();
+    assert_eq!(v.kind, VerdictKind::Tampered, "{}", v.message);
+    std::fs::write(tmp.path().join("ward.db"), &saved).unwrap();
+    let s = anchored(tmp.path());
+    assert!(s.verify_audit().unwrap().ok);
+    let old_copy = std::fs::read(tmp.path().join("ward.db")).unwrap();
+    s.add_user(&n("e"), &[], "admin", 2000).unwrap();
+    drop(s);
+    // An old copy of the whole database: fewer rows than the checkpoint.
+    std::fs::write(tmp.path().join("ward.db"), &old_copy).unwrap();
+    let s = anchored(tmp.path());
+    let v = s.verify_audit().unwrap();
+    assert_eq!(v.kind, VerdictKind::RolledBack, "{}", v.message);
+    assert_eq!(v.lost, Some((5, 5)));
+    // The operator accepts: recorded, re-anchored, intact again.
+    s.accept_rollback(serde_json::json!({ "found": "rolled_back" }), "admin", 4000)
+        .unwrap();
+    let v = s.verify_audit().unwrap();
+    assert_eq!(v.kind, VerdictKind::Intact, "{}", v.message);
+    assert!(s
+        .audit_log(10)
+        .unwrap()
+        .iter()
+        .any(|e| e.action == "audit.rollback_accepted"));
+    drop(s);
+
+    // A row appended without the key, with a valid chain hash, is not anchored.
+    let c = Connection::open(tmp.path().join("ward.db")).unwrap();
+    let (seq, prev): (i64, Vec<u8>) = c
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let h = audit::audit_hash(&prev, seq + 1, 5, "admin", "user.add", "z", "{}");
+    c.execute(
+        "INSERT INTO audit VALUES (?1, 5, 'admin', 'user.add', 'z', '{}', ?2, ?3)",
+        rusqlite::params![seq + 1, prev, h],
+    )
+    .unwrap();
+    drop(c);
+    let s = anchored(tmp.path());
+    let v = s.verify_audit().unwrap();
+    assert_eq!(v.kind, VerdictKind::Tampered, "{}", v.message);
+    drop(s);
+
+    // No checkpoint at all.
+    raw(tmp.path(), "DROP TRIGGER IF EXISTS audit_no_delete; DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit);");
+    std::fs::remove_file(tmp.path().join("audit.checkpoint")).unwrap();
+    let v = anchored(tmp.path()).verify_audit().unwrap();
+    assert_eq!(v.kind, VerdictKind::Unanchored, "{}", v.message);
+}
+
+#[test]
+fn open_existing_never_creates_a_database() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("ward.db");
+    assert!(matches!(
+        SqliteStore::open_existing(&p, None),
+        Err(StoreError::Missing(_))
+    ));
+    assert!(!p.exists(), "nothing was created");
+    std::fs::write(&p, b"").unwrap();
+    assert!(matches!(
+        SqliteStore::open_existing(&p, None),
+        Err(StoreError::Missing(_))
+    ));
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+}

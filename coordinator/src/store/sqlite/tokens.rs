@@ -280,33 +280,3 @@ pub(super) fn revoke_token(
         Ok(info)
     })
 }
-
-pub(super) fn enroll(
-    s: &SqliteStore,
-    spec: EnrollSpec<'_>,
-    pools: &AddressPools,
-    issue: &mut dyn FnMut(DeviceId) -> anyhow::Result<(Vec<u8>, i64)>,
-    now_ms: i64,
-) -> Result<(Device, Vec<u8>)> {
-    let refusal = match s.with_tx(|tx| enroll_tx(tx, &spec, pools, issue, now_ms)) {
-        Ok(done) => return Ok(done),
-        Err(StoreError::Refused { code, message }) => (code, message),
-        Err(e) => return Err(e),
-    };
-    // The refusal is audited in its own transaction: the redemption rolled back.
-    let (code, message) = refusal;
-    s.append_audit(
-        Audit {
-            actor: "device",
-            action: Action::EnrollRefused,
-            target: spec.token_id,
-            detail: serde_json::json!({
-                "code": code,
-                "reason": message,
-                "hostname": spec.hostname.as_str(),
-            }),
-        },
-        now_ms,
-    )?;
-    Err(StoreError::Refused { code, message })
-}
