@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use ward_shared::addr::AddressPools;
-use ward_shared::filter::FilterRule;
+use ward_shared::filter::{FilterRule, Proto};
 use ward_shared::lease::SignedLease;
 use ward_shared::names::Name;
 use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
@@ -199,7 +199,10 @@ impl Registry {
     }
 
     /// `reporter`'s inbound filter refused these flows. Sources are matched to devices by
-    /// overlay address; unknown sources are ignored.
+    /// overlay address; unknown sources are ignored, and so are flows the reporter's own
+    /// inbound rules (as compiled here) would have let through: the coordinator knows what that
+    /// filter denies, so a claim it contradicts is fabricated. What remains is only an
+    /// accusation; the trust book quarantines on several independent reporters, never one.
     pub fn handle_denied_flows(&mut self, reporter: DeviceId, flows: &[DeniedFlow], now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
         let Some(p) = &self.policy else { return };
@@ -211,18 +214,20 @@ impl Registry {
         let mut by_src: BTreeMap<DeviceId, Vec<_>> = BTreeMap::new();
         // Only a device that may receive from the source can have refused its packets: a
         // device cannot get a stranger quarantined by naming it.
-        let peers: BTreeSet<DeviceId> = self
-            .compiled
-            .devices
-            .get(&reporter)
-            .map(|a| a.peers.iter().copied().collect())
-            .unwrap_or_default();
+        let Some(access) = self.compiled.devices.get(&reporter) else {
+            return;
+        };
         for f in flows.iter().take(MAX_DENIED_FLOWS) {
-            if let Some(src) = by_addr.get(&f.src) {
-                if *src != reporter && peers.contains(src) {
-                    by_src.entry(*src).or_default().push((f.proto, f.port));
-                }
+            let Some(src) = by_addr.get(&f.src) else {
+                continue;
+            };
+            if *src == reporter || !access.peers.contains(src) {
+                continue;
             }
+            if inbound_allows(&access.inbound, f, self.now_ms) {
+                continue;
+            }
+            by_src.entry(*src).or_default().push((f.proto, f.port));
         }
         for (src, v) in by_src {
             let quarantined = self
@@ -904,6 +909,17 @@ fn names(n: &[Name]) -> Vec<String> {
     n.iter().map(|x| x.to_string()).collect()
 }
 
+/// Whether these inbound rules let `f` through (a rule for its source, protocol and port that
+/// has not expired).
+fn inbound_allows(rules: &[FilterRule], f: &DeniedFlow, now_ms: i64) -> bool {
+    rules.iter().any(|r| {
+        r.proto == f.proto
+            && r.sources.contains(&f.src)
+            && (f.proto == Proto::Icmp || r.ports.iter().any(|p| p.contains(f.port)))
+            && r.not_after_ms.is_none_or(|t| t > now_ms)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1539,6 +1555,62 @@ to = ["web"]
         assert!(drain(&mut r).contains(&Output::DeviceRevoked {
             device: DeviceId(1)
         }));
+    }
+
+    fn flow(src: u64, proto: Proto, port: u16) -> DeniedFlow {
+        DeniedFlow {
+            src: IpAddr::V4(dev(src).ipv4),
+            proto,
+            port,
+            count: 1,
+        }
+    }
+
+    fn quarantines(out: &[Output]) -> Vec<(DeviceId, String)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Quarantine { device, reason } => Some((*device, reason.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn denied_flows_quarantine_only_on_corroborated_accusations() {
+        let p = policy::parse(
+            br#"
+[groups]
+eng = ["alice"]
+[services.web]
+devices = ["group:eng"]
+ports = ["tcp/80"]
+[[rules]]
+from = ["group:eng"]
+to = ["web"]
+[trust]
+scan_denied_flows = 4
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        let mut r = reg(&[1, 2, 3]);
+        r.handle_policy(p);
+        drain(&mut r);
+        // Device 2 accuses device 1 of many ports: alone, it is never enough.
+        let many: Vec<DeniedFlow> = (1000..1200).map(|p| flow(1, Proto::Tcp, p)).collect();
+        r.handle_denied_flows(DeviceId(2), &many, 10);
+        assert!(quarantines(&drain(&mut r)).is_empty());
+        // Device 3 claims flows its own filter lets through (tcp/80 from device 1): fabricated,
+        // so they corroborate nothing.
+        r.handle_denied_flows(DeviceId(3), &[flow(1, Proto::Tcp, 80)], 11);
+        assert!(quarantines(&drain(&mut r)).is_empty());
+        // Device 3 independently saw denied flows from device 1 too: quarantine, naming both.
+        let more: Vec<DeniedFlow> = (20..22).map(|p| flow(1, Proto::Tcp, p)).collect();
+        r.handle_denied_flows(DeviceId(3), &more, 12);
+        let q = quarantines(&drain(&mut r));
+        assert_eq!(q.len(), 1, "{q:?}");
+        assert_eq!(q[0].0, DeviceId(1));
+        assert!(q[0].1.ends_with("reported by d2, d3"), "{}", q[0].1);
     }
 
     #[test]
