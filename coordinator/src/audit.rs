@@ -32,6 +32,7 @@ pub enum Action {
     GrantRemove,
     LeaseIssue,
     LeaseRevoke,
+    LeaseRefused,
     PostureFail,
     PosturePass,
     PostureRefused,
@@ -41,7 +42,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 27] = [
+    pub const ALL: [Action; 28] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -64,6 +65,7 @@ impl Action {
         Action::GrantRemove,
         Action::LeaseIssue,
         Action::LeaseRevoke,
+        Action::LeaseRefused,
         Action::PostureFail,
         Action::PosturePass,
         Action::PostureRefused,
@@ -96,6 +98,7 @@ impl Action {
             Action::GrantRemove => "grant.remove",
             Action::LeaseIssue => "lease.issue",
             Action::LeaseRevoke => "lease.revoke",
+            Action::LeaseRefused => "lease.refused",
             Action::PostureFail => "posture.fail",
             Action::PosturePass => "posture.pass",
             Action::PostureRefused => "posture.refused",

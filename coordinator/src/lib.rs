@@ -6,6 +6,7 @@
 //!   action names.
 //! - [`store`]: the storage interface and its SQLite implementation.
 //! - [`leases`]: lease TTLs, issuing and signing (synchronous, over the store).
+//! - [`limits`]: the I/O-free per-session limits on what an enrolled device sends.
 //! - [`tickets`]: the I/O-free relay ticket issuer (live devices only, rate-limited).
 //! - [`pki`]: control-channel CA and certificates (devices', the listener's, relays').
 //! - [`server`]: the tokio driver (QUIC device sessions, relay control sessions, registry actor,
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod audit;
 pub mod datadir;
 pub mod leases;
+pub mod limits;
 pub mod model;
 pub mod pki;
 pub mod registry;

@@ -254,16 +254,13 @@ impl TrustBook {
         while t.denied.front().is_some_and(|d| now_ms - d.0 > window) {
             t.denied.pop_front();
         }
-        let mut from_reporter = t.denied.iter().filter(|d| d.1 == reporter).count();
-        for (proto, port) in flows {
-            if from_reporter >= MAX_DENIED_PER_REPORTER {
-                break;
-            }
+        let room = MAX_DENIED_PER_REPORTER
+            .saturating_sub(t.denied.iter().filter(|d| d.1 == reporter).count());
+        for (proto, port) in flows.into_iter().take(room) {
             if t.denied.len() >= MAX_DENIED_REMEMBERED {
                 t.denied.pop_front();
             }
             t.denied.push_back((now_ms, reporter, proto, port));
-            from_reporter += 1;
         }
         let threshold = trust.scan_denied_flows?;
         if quarantined || t.quarantine_asked {

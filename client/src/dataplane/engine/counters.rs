@@ -23,6 +23,7 @@ pub(super) struct Counters {
     pub(super) dropped_filter_other: AtomicU64,
     pub(super) icmp_unreachable_sent: AtomicU64,
     pub(super) direct_probes_sent: AtomicU64,
+    pub(super) peer_key_conflicts: AtomicU64,
 }
 
 impl Counters {
@@ -44,6 +45,7 @@ impl Counters {
             dropped_filter_other: g(&self.dropped_filter_other),
             icmp_unreachable_sent: g(&self.icmp_unreachable_sent),
             direct_probes_sent: g(&self.direct_probes_sent),
+            peer_key_conflicts: g(&self.peer_key_conflicts),
             ..DataPlaneCounters::default()
         }
     }
