@@ -98,7 +98,7 @@ to = ["web", "patch"]
 # Bob may also reach one port on alice's device, so a scan by bob is seen by two devices (a
 # single accuser never quarantines anyone).
 [services.echo]
-devices = ["alice"]
+devices = ["user:alice"]
 ports = ["tcp/7"]
 
 [[rules]]
