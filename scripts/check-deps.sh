@@ -42,6 +42,7 @@ cores=(
     shared/src
     coordinator/src/registry.rs
     coordinator/src/trust.rs
+    coordinator/src/limits.rs
     coordinator/src/tickets.rs
     coordinator/src/model.rs
     coordinator/src/audit.rs

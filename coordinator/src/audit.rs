@@ -32,6 +32,7 @@ pub enum Action {
     GrantRemove,
     LeaseIssue,
     LeaseRevoke,
+    LeaseRefused,
     PostureFail,
     PosturePass,
     PostureRefused,
@@ -43,7 +44,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 29] = [
+    pub const ALL: [Action; 30] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -66,6 +67,7 @@ impl Action {
         Action::GrantRemove,
         Action::LeaseIssue,
         Action::LeaseRevoke,
+        Action::LeaseRefused,
         Action::PostureFail,
         Action::PosturePass,
         Action::PostureRefused,
@@ -100,6 +102,7 @@ impl Action {
             Action::GrantRemove => "grant.remove",
             Action::LeaseIssue => "lease.issue",
             Action::LeaseRevoke => "lease.revoke",
+            Action::LeaseRefused => "lease.refused",
             Action::PostureFail => "posture.fail",
             Action::PosturePass => "posture.pass",
             Action::PostureRefused => "posture.refused",

@@ -7,7 +7,8 @@
 
 use ed25519_dalek::SigningKey;
 use std::collections::BTreeMap;
-use tracing::{error, info};
+use tracing::{error, info, warn};
+use ward_shared::keyproof::{self, KeyProof};
 use ward_shared::lease::{Lease, SignedLease};
 use ward_shared::wire::{DeviceId, ErrorCode, WgPublicKey};
 
@@ -38,7 +39,10 @@ pub type Refusal = (ErrorCode, String);
 
 /// Issues, records (audited, in one transaction) and signs a lease on `key` for device `id`.
 /// `risky_ttl_ms` is the policy's shorter TTL when the device is risky now
-/// (`Registry::risky_lease_ttl_ms`). Refuses a device that is not live.
+/// (`Registry::risky_lease_ttl_ms`). Refuses a device that is not live, and a key the device
+/// has not proved it holds ([`check_proof`]). The caller has asked the registry first whether
+/// the key is free (`Registry::check_lease_request`).
+#[allow(clippy::too_many_arguments)] // each is one independent input of the decision
 pub fn issue(
     store: &dyn Store,
     signer: &SigningKey,
@@ -46,8 +50,10 @@ pub fn issue(
     risky_ttl_ms: Option<u64>,
     id: DeviceId,
     key: WgPublicKey,
+    proof: Option<&KeyProof>,
     now_ms: i64,
 ) -> Result<SignedLease, Refusal> {
+    check_proof(signer, id, &key, proof)?;
     // Tags can change while connected: read the device afresh.
     let fresh = store.device(id).map_err(|e| internal(id, &e))?;
     if !fresh.is_live() {
@@ -74,6 +80,29 @@ pub fn issue(
     };
     info!(device = %id, serial = lease.lease.serial, ttl_ms, "lease issued");
     Ok(lease)
+}
+
+/// Refuses a lease request that does not prove possession of the key's private half: an
+/// agent that sends no proof predates proofs and must be upgraded; a wrong proof is a device
+/// asking for a key that is not its own.
+pub fn check_proof(
+    signer: &SigningKey,
+    id: DeviceId,
+    key: &WgPublicKey,
+    proof: Option<&KeyProof>,
+) -> Result<(), Refusal> {
+    let Some(proof) = proof else {
+        warn!(device = %id, "lease request without a key proof refused");
+        return Err((
+            ErrorCode::Protocol,
+            "lease requests must prove possession of the WireGuard key; upgrade ward on this device"
+                .into(),
+        ));
+    };
+    keyproof::verify(signer, id, key, proof).map_err(|e| {
+        warn!(device = %id, error = %e, "lease request with a bad key proof refused");
+        (ErrorCode::BadRequest, format!("lease refused: {e}"))
+    })
 }
 
 /// Signs a stored lease for the device it belongs to (its addresses come from `devices`).
@@ -104,6 +133,34 @@ fn internal(id: DeviceId, e: &StoreError) -> Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leases_need_a_proof_of_key_possession() {
+        let signer = SigningKey::from_bytes(&[5; 32]);
+        let private = [4u8; 32];
+        let public = keyproof::public_for(&private);
+        let id = DeviceId(2);
+        let good = keyproof::prove(&private, &signer.verifying_key(), id, &public).unwrap();
+        assert_eq!(check_proof(&signer, id, &public, Some(&good)), Ok(()));
+        // An agent that sends no proof is told to upgrade.
+        let (code, msg) = check_proof(&signer, id, &public, None).unwrap_err();
+        assert_eq!(code, ErrorCode::Protocol);
+        assert!(msg.contains("upgrade"), "{msg}");
+        // Another device's proof, or a proof made with another private key: refused.
+        assert_eq!(
+            check_proof(&signer, DeviceId(3), &public, Some(&good))
+                .unwrap_err()
+                .0,
+            ErrorCode::BadRequest
+        );
+        let forged = keyproof::prove(&[6; 32], &signer.verifying_key(), id, &public).unwrap();
+        assert_eq!(
+            check_proof(&signer, id, &public, Some(&forged))
+                .unwrap_err()
+                .0,
+            ErrorCode::BadRequest
+        );
+    }
 
     #[test]
     fn ttl_by_tag_is_the_shortest_and_capped() {

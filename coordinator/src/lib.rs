@@ -6,6 +6,7 @@
 //!   action names.
 //! - [`store`]: the storage interface and its SQLite implementation.
 //! - [`leases`]: lease TTLs, issuing and signing (synchronous, over the store).
+//! - [`limits`]: the I/O-free per-session limits on what an enrolled device sends.
 //! - [`tickets`]: the I/O-free relay ticket issuer (live devices only, rate-limited).
 //! - [`gate`]: the I/O-free gate in front of unauthenticated work (per-source token buckets,
 //!   refusals aggregated into one audit row per source per interval).
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod datadir;
 pub mod gate;
 pub mod leases;
+pub mod limits;
 pub mod model;
 pub mod pki;
 pub mod registry;

@@ -20,14 +20,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use ward_shared::addr::AddressPools;
-use ward_shared::filter::FilterRule;
+use ward_shared::filter::{FilterRule, Proto};
 use ward_shared::lease::SignedLease;
 use ward_shared::names::Name;
 use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
 use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
-    PostureVerdict, Reach, RelayInfo, SelfInfo, Unavailable, MAX_DENIED_FLOWS, MAX_ENDPOINTS,
+    PostureVerdict, Reach, RelayInfo, SelfInfo, Unavailable, WgPublicKey, MAX_DENIED_FLOWS,
+    MAX_ENDPOINTS,
 };
 
 use crate::model::{Device, User};
@@ -38,6 +39,31 @@ pub const TRUST_TICK_MS: i64 = 1000;
 
 /// Leases kept per device: the current one and the one it is rotating to.
 pub const MAX_LEASES: usize = 2;
+
+/// How long a WireGuard key stays bound to the device that held it after its lease was
+/// replaced or revoked: no other device may lease it meanwhile.
+pub const KEY_HOLD_MS: i64 = 24 * 3600 * 1000;
+/// Retired keys remembered (the oldest are forgotten first beyond this).
+const MAX_RETIRED_KEYS: usize = 65_536;
+
+/// Why a lease request was refused before any lease was issued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseRefusal {
+    #[error("this WireGuard key is leased to another device")]
+    KeyInUse { holder: DeviceId },
+    #[error("the device is not allowed on the network")]
+    NotLive,
+}
+
+impl LeaseRefusal {
+    /// The code the device is sent.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            LeaseRefusal::KeyInUse { .. } => ErrorCode::KeyInUse,
+            LeaseRefusal::NotLive => ErrorCode::DeviceRevoked,
+        }
+    }
+}
 
 /// A control connection, numbered by the driver.
 pub type ConnId = u64;
@@ -148,6 +174,8 @@ pub struct Registry {
     relays: Vec<RelayInfo>,
     /// Each live device's valid leases, oldest first (two while it rotates).
     leases: BTreeMap<DeviceId, Vec<SignedLease>>,
+    /// Keys whose lease was replaced or revoked: who held them, and since when (ms).
+    retired_keys: BTreeMap<WgPublicKey, (DeviceId, i64)>,
     /// `None`: no policy applied yet, which allows nothing.
     policy: Option<Policy>,
     compiled: Compiled,
@@ -185,6 +213,7 @@ impl Registry {
         }
         Self {
             leases: by_device,
+            retired_keys: BTreeMap::new(),
             pools,
             devices: devices
                 .into_iter()
@@ -242,7 +271,10 @@ impl Registry {
     }
 
     /// `reporter`'s inbound filter refused these flows. Sources are matched to devices by
-    /// overlay address; unknown sources are ignored.
+    /// overlay address; unknown sources are ignored, and so are flows the reporter's own
+    /// inbound rules (as compiled here) would have let through: the coordinator knows what that
+    /// filter denies, so a claim it contradicts is fabricated. What remains is only an
+    /// accusation; the trust book quarantines on several independent reporters, never one.
     pub fn handle_denied_flows(&mut self, reporter: DeviceId, flows: &[DeniedFlow], now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
         let Some(p) = &self.policy else { return };
@@ -254,18 +286,20 @@ impl Registry {
         let mut by_src: BTreeMap<DeviceId, Vec<_>> = BTreeMap::new();
         // Only a device that may receive from the source can have refused its packets: a
         // device cannot get a stranger quarantined by naming it.
-        let peers: BTreeSet<DeviceId> = self
-            .compiled
-            .devices
-            .get(&reporter)
-            .map(|a| a.peers.iter().copied().collect())
-            .unwrap_or_default();
+        let Some(access) = self.compiled.devices.get(&reporter) else {
+            return;
+        };
         for f in flows.iter().take(MAX_DENIED_FLOWS) {
-            if let Some(src) = by_addr.get(&f.src) {
-                if *src != reporter && peers.contains(src) {
-                    by_src.entry(*src).or_default().push((f.proto, f.port));
-                }
+            let Some(src) = by_addr.get(&f.src) else {
+                continue;
+            };
+            if *src == reporter || !access.peers.contains(src) {
+                continue;
             }
+            if inbound_allows(&access.inbound, f, self.now_ms) {
+                continue;
+            }
+            by_src.entry(*src).or_default().push((f.proto, f.port));
         }
         for (src, v) in by_src {
             let quarantined = self
@@ -531,25 +565,88 @@ impl Registry {
         self.policy.as_ref().is_some_and(|p| !p.postures.is_empty())
     }
 
-    /// A lease was issued: peers learn the new key (alongside the old one) at once.
+    /// Whether device `id` may be leased `key`: it must be live, and the key must not be held
+    /// (under a lease, or retired from one within [`KEY_HOLD_MS`]) by another device. Asked
+    /// before a lease is issued; the proof of possession is checked by the lease issuer.
+    pub fn check_lease_request(&self, id: DeviceId, key: &WgPublicKey) -> Result<(), LeaseRefusal> {
+        if !self.devices.contains_key(&id) {
+            return Err(LeaseRefusal::NotLive);
+        }
+        match self.key_holder(key) {
+            Some(holder) if holder != id => Err(LeaseRefusal::KeyInUse { holder }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A lease was issued: peers learn the new key (alongside the old one) at once. A lease on
+    /// a key another device holds is never applied (whatever let it be issued), so no peer
+    /// ever maps one device's key to another.
     pub fn handle_lease(&mut self, lease: SignedLease) {
         let id = lease.lease.device_id;
         if !self.devices.contains_key(&id) {
+            return;
+        }
+        if self
+            .key_holder(&lease.lease.wg_public_key)
+            .is_some_and(|h| h != id)
+        {
             return;
         }
         let v = self.leases.entry(id).or_default();
         v.push(lease);
         v.sort_by_key(|l| l.lease.serial);
         let extra = v.len().saturating_sub(MAX_LEASES);
-        v.drain(..extra);
+        let dropped: Vec<SignedLease> = v.drain(..extra).collect();
+        self.retire(id, dropped);
         self.dirty = true;
     }
 
     /// Leases were revoked (rotation finished, or trust withdrawn).
     pub fn handle_leases_revoked(&mut self, id: DeviceId, serials: &[u64]) {
         if let Some(v) = self.leases.get_mut(&id) {
-            v.retain(|l| !serials.contains(&l.lease.serial));
+            let (gone, kept): (Vec<SignedLease>, Vec<SignedLease>) = std::mem::take(v)
+                .into_iter()
+                .partition(|l| serials.contains(&l.lease.serial));
+            *v = kept;
+            self.retire(id, gone);
             self.dirty = true;
+        }
+    }
+
+    /// The device that holds `key`: under a kept lease, or retired from one recently.
+    fn key_holder(&self, key: &WgPublicKey) -> Option<DeviceId> {
+        self.leases
+            .iter()
+            .find(|(_, v)| v.iter().any(|l| &l.lease.wg_public_key == key))
+            .map(|(id, _)| *id)
+            .or_else(|| {
+                self.retired_keys
+                    .get(key)
+                    .filter(|(_, at)| self.now_ms.saturating_sub(*at) < KEY_HOLD_MS)
+                    .map(|(id, _)| *id)
+            })
+    }
+
+    /// Remembers the keys of leases `id` no longer holds, so no other device takes them soon.
+    fn retire(&mut self, id: DeviceId, leases: Vec<SignedLease>) {
+        let now = self.now_ms;
+        for l in leases {
+            self.retired_keys.insert(l.lease.wg_public_key, (id, now));
+        }
+        if self.retired_keys.len() > MAX_RETIRED_KEYS {
+            self.retired_keys
+                .retain(|_, (_, at)| now.saturating_sub(*at) < KEY_HOLD_MS);
+        }
+        while self.retired_keys.len() > MAX_RETIRED_KEYS {
+            let Some(oldest) = self
+                .retired_keys
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            self.retired_keys.remove(&oldest);
         }
     }
 
@@ -619,7 +716,9 @@ impl Registry {
     /// disappears from every other netmap.
     pub fn handle_device_removed(&mut self, id: DeviceId, reason: &str) {
         let was_live = self.devices.remove(&id).is_some();
-        self.leases.remove(&id);
+        if let Some(gone) = self.leases.remove(&id) {
+            self.retire(id, gone);
+        }
         self.trust.remove(id);
         if let Some(s) = self.sessions.remove(&id) {
             self.outputs.push_back(Output::Close {
@@ -1052,6 +1151,17 @@ pub fn directory(
 /// Names as the policy compiler and the wire take them.
 fn names(n: &[Name]) -> Vec<String> {
     n.iter().map(|x| x.to_string()).collect()
+}
+
+/// Whether these inbound rules let `f` through (a rule for its source, protocol and port that
+/// has not expired).
+fn inbound_allows(rules: &[FilterRule], f: &DeniedFlow, now_ms: i64) -> bool {
+    rules.iter().any(|r| {
+        r.proto == f.proto
+            && r.sources.contains(&f.src)
+            && (f.proto == Proto::Icmp || r.ports.iter().any(|p| p.contains(f.port)))
+            && r.not_after_ms.is_none_or(|t| t > now_ms)
+    })
 }
 
 #[cfg(test)]
@@ -1845,6 +1955,158 @@ to = ["web"]
         assert!(drain(&mut r).contains(&Output::DeviceRevoked {
             device: DeviceId(1)
         }));
+    }
+
+    fn flow(src: u64, proto: Proto, port: u16) -> DeniedFlow {
+        DeniedFlow {
+            src: IpAddr::V4(dev(src).ipv4),
+            proto,
+            port,
+            count: 1,
+        }
+    }
+
+    fn quarantines(out: &[Output]) -> Vec<(DeviceId, String)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Quarantine { device, reason } => Some((*device, reason.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn denied_flows_quarantine_only_on_corroborated_accusations() {
+        let p = policy::parse(
+            br#"
+[groups]
+eng = ["alice"]
+[services.web]
+devices = ["group:eng"]
+ports = ["tcp/80"]
+[[rules]]
+from = ["group:eng"]
+to = ["web"]
+[trust]
+scan_denied_flows = 4
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        let mut r = reg(&[1, 2, 3]);
+        r.handle_policy(p);
+        drain(&mut r);
+        // Device 2 accuses device 1 of many ports: alone, it is never enough.
+        let many: Vec<DeniedFlow> = (1000..1200).map(|p| flow(1, Proto::Tcp, p)).collect();
+        r.handle_denied_flows(DeviceId(2), &many, 10);
+        assert!(quarantines(&drain(&mut r)).is_empty());
+        // Device 3 claims flows its own filter lets through (tcp/80 from device 1): fabricated,
+        // so they corroborate nothing.
+        r.handle_denied_flows(DeviceId(3), &[flow(1, Proto::Tcp, 80)], 11);
+        assert!(quarantines(&drain(&mut r)).is_empty());
+        // Device 3 independently saw denied flows from device 1 too: quarantine, naming both.
+        let more: Vec<DeniedFlow> = (20..22).map(|p| flow(1, Proto::Tcp, p)).collect();
+        r.handle_denied_flows(DeviceId(3), &more, 12);
+        let q = quarantines(&drain(&mut r));
+        assert_eq!(q.len(), 1, "{q:?}");
+        assert_eq!(q[0].0, DeviceId(1));
+        assert!(q[0].1.ends_with("reported by d2, d3"), "{}", q[0].1);
+    }
+
+    fn lease_on(id: u64, key: [u8; 32], serial: u64) -> SignedLease {
+        let d = dev(id);
+        ward_shared::lease::Lease {
+            device_id: d.id,
+            wg_public_key: WgPublicKey(key),
+            ipv4: d.ipv4,
+            ipv6: d.ipv6,
+            not_before_ms: 0,
+            not_after_ms: 600_000,
+            serial,
+        }
+        .sign(&ed25519_dalek::SigningKey::from_bytes(&[3; 32]))
+    }
+
+    /// The device that device `viewer`'s latest netmap maps `key` to.
+    fn key_owner_seen_by(out: &[Output], conn: ConnId, key: [u8; 32]) -> Option<DeviceId> {
+        out.iter().rev().find_map(|o| match o {
+            Output::Send {
+                conn: c,
+                msg: CoordinatorMsg::Netmap(nm),
+            } if *c == conn => nm
+                .peers
+                .iter()
+                .find(|p| p.leases.iter().any(|l| l.lease.wg_public_key.0 == key))
+                .map(|p| p.device_id),
+            Output::Send {
+                conn: c,
+                msg: CoordinatorMsg::NetmapDelta(d),
+            } if *c == conn => d
+                .upsert
+                .iter()
+                .find(|p| p.leases.iter().any(|l| l.lease.wg_public_key.0 == key))
+                .map(|p| p.device_id),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_key_held_by_one_device_is_never_leased_to_another() {
+        let mut r = reg(&[1, 2, 3]);
+        r.handle_session_opened(DeviceId(3), 13, addr("10.0.0.3:1"), DeviceUpdate::default())
+            .unwrap();
+        drain(&mut r);
+        let victim_key = [7; 32];
+        r.handle_lease(lease_on(1, victim_key, 1));
+        let out = drain(&mut r);
+        assert_eq!(key_owner_seen_by(&out, 13, victim_key), Some(DeviceId(1)));
+        // Device 2 copies device 1's key from its netmap: refused before issue, by name.
+        assert_eq!(
+            r.check_lease_request(DeviceId(2), &WgPublicKey(victim_key)),
+            Err(LeaseRefusal::KeyInUse {
+                holder: DeviceId(1)
+            })
+        );
+        assert_eq!(
+            LeaseRefusal::KeyInUse {
+                holder: DeviceId(1)
+            }
+            .code(),
+            ErrorCode::KeyInUse
+        );
+        // Its own key, or a fresh one, is fine; so is device 1 asking again.
+        assert_eq!(
+            r.check_lease_request(DeviceId(1), &WgPublicKey(victim_key)),
+            Ok(())
+        );
+        assert_eq!(
+            r.check_lease_request(DeviceId(2), &WgPublicKey([8; 32])),
+            Ok(())
+        );
+        // Even if a lease on it were issued anyway, peers never see the key under device 2.
+        r.handle_lease(lease_on(2, victim_key, 2));
+        let out = drain(&mut r);
+        assert_ne!(key_owner_seen_by(&out, 13, victim_key), Some(DeviceId(2)));
+        // After device 1 rotates away from the key, it stays bound to device 1 for a while.
+        r.handle_lease(lease_on(1, [9; 32], 3));
+        r.handle_leases_revoked(DeviceId(1), &[1]);
+        drain(&mut r);
+        assert_eq!(
+            r.check_lease_request(DeviceId(2), &WgPublicKey(victim_key)),
+            Err(LeaseRefusal::KeyInUse {
+                holder: DeviceId(1)
+            })
+        );
+        r.handle_time(KEY_HOLD_MS + 1);
+        assert_eq!(
+            r.check_lease_request(DeviceId(2), &WgPublicKey(victim_key)),
+            Ok(())
+        );
+        // A device that is not live gets nothing.
+        assert_eq!(
+            r.check_lease_request(DeviceId(9), &WgPublicKey([10; 32])),
+            Err(LeaseRefusal::NotLive)
+        );
     }
 
     #[test]

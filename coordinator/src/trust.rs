@@ -31,6 +31,12 @@ pub const MAX_REPORT_AHEAD_MS: i64 = 10_000;
 pub const MAX_REPORT_DELAY_MS: i64 = 60_000;
 /// Denied flows remembered per source device (bounds memory under a flood).
 const MAX_DENIED_REMEMBERED: usize = 4096;
+/// Independent reporting devices a scan needs before it quarantines its source: one device's
+/// word is never enough, since any enrolled device can claim anything about its peers.
+pub const MIN_SCAN_REPORTERS: usize = 2;
+/// Denied flows one reporter may add against one source within a scan window; more are
+/// ignored, so one reporter can neither flood the memory nor push out other reporters' flows.
+pub const MAX_DENIED_PER_REPORTER: usize = 512;
 
 /// Why a posture report was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -229,8 +235,11 @@ impl TrustBook {
     }
 
     /// `reporter`'s inbound filter refused new flows from `src`. Counts distinct
-    /// (reporter, proto, port) within the policy's scan window; at the threshold, the reason
-    /// to quarantine `src`, once.
+    /// (reporter, proto, port) within the policy's scan window, each reporter weighing at most
+    /// its share (`threshold / MIN_SCAN_REPORTERS`, rounded up) and adding at most
+    /// [`MAX_DENIED_PER_REPORTER`] flows per window. When at least [`MIN_SCAN_REPORTERS`]
+    /// reporters together reach the threshold: the reason to quarantine `src`, once, naming
+    /// its accusers.
     pub fn handle_denied(
         &mut self,
         src: DeviceId,
@@ -241,32 +250,39 @@ impl TrustBook {
         now_ms: i64,
     ) -> Option<String> {
         let t = self.devices.entry(src).or_default();
-        for (proto, port) in flows {
+        let window = trust.scan_window_ms as i64;
+        while t.denied.front().is_some_and(|d| now_ms - d.0 > window) {
+            t.denied.pop_front();
+        }
+        let room = MAX_DENIED_PER_REPORTER
+            .saturating_sub(t.denied.iter().filter(|d| d.1 == reporter).count());
+        for (proto, port) in flows.into_iter().take(room) {
             if t.denied.len() >= MAX_DENIED_REMEMBERED {
                 t.denied.pop_front();
             }
             t.denied.push_back((now_ms, reporter, proto, port));
         }
-        let window = trust.scan_window_ms as i64;
-        while t.denied.front().is_some_and(|d| now_ms - d.0 > window) {
-            t.denied.pop_front();
-        }
         let threshold = trust.scan_denied_flows?;
         if quarantined || t.quarantine_asked {
             return None;
         }
-        let distinct: BTreeSet<(DeviceId, Proto, u16)> =
-            t.denied.iter().map(|d| (d.1, d.2, d.3)).collect();
-        if distinct.len() < threshold as usize {
+        let mut by_reporter: BTreeMap<DeviceId, BTreeSet<(Proto, u16)>> = BTreeMap::new();
+        for d in &t.denied {
+            by_reporter.entry(d.1).or_default().insert((d.2, d.3));
+        }
+        let share = (threshold as usize).div_ceil(MIN_SCAN_REPORTERS);
+        let weighed: usize = by_reporter.values().map(|f| f.len().min(share)).sum();
+        if by_reporter.len() < MIN_SCAN_REPORTERS || weighed < threshold as usize {
             return None;
         }
-        let targets: BTreeSet<DeviceId> = distinct.iter().map(|d| d.0).collect();
+        let distinct: usize = by_reporter.values().map(BTreeSet::len).sum();
+        let accusers: Vec<String> = by_reporter.keys().map(ToString::to_string).collect();
         t.quarantine_asked = true;
         Some(format!(
-            "scan: {} denied flows to {} device(s) within {} s (threshold {threshold})",
-            distinct.len(),
-            targets.len(),
-            window / 1000
+            "scan: {distinct} denied flows to {} device(s) within {} s (threshold {threshold}), reported by {}",
+            by_reporter.len(),
+            window / 1000,
+            accusers.join(", ")
         ))
     }
 
@@ -545,7 +561,7 @@ mod tests {
     fn scans_quarantine_at_the_threshold_within_the_window() {
         let p = pol("[trust]\nscan_denied_flows = 10\nscan_window = \"10s\"\n");
         let mut b = TrustBook::default();
-        let (src, peer) = (DeviceId(1), DeviceId(2));
+        let (src, peer, other) = (DeviceId(1), DeviceId(2), DeviceId(3));
         // The same port again and again is one flow, not a scan.
         for i in 0..50 {
             assert_eq!(
@@ -561,12 +577,18 @@ mod tests {
                 None
             );
         }
-        // Ten distinct ports at once: quarantine, asked once.
-        let flows: Vec<(Proto, u16)> = (100..110).map(|p| (Proto::Tcp, p)).collect();
+        // Ten distinct ports at once, five at each of two devices: quarantine, asked once,
+        // naming both accusers.
+        let flows: Vec<(Proto, u16)> = (100..105).map(|p| (Proto::Tcp, p)).collect();
+        assert_eq!(
+            b.handle_denied(src, peer, flows.clone(), &p.trust, false, T + 60_000),
+            None
+        );
         let why = b
-            .handle_denied(src, peer, flows.clone(), &p.trust, false, T + 60_000)
+            .handle_denied(src, other, flows.clone(), &p.trust, false, T + 60_000)
             .unwrap();
         assert!(why.starts_with("scan:"), "{why}");
+        assert!(why.ends_with("reported by d2, d3"), "{why}");
         assert_eq!(
             b.handle_denied(src, peer, flows, &p.trust, false, T + 60_001),
             None
@@ -576,6 +598,29 @@ mod tests {
         let mut b2 = TrustBook::default();
         let many: Vec<(Proto, u16)> = (1..1000).map(|p| (Proto::Tcp, p)).collect();
         assert_eq!(b2.handle_denied(src, peer, many, &q.trust, false, T), None);
+    }
+
+    #[test]
+    fn one_reporter_alone_never_quarantines() {
+        let p = pol("[trust]\nscan_denied_flows = 10\nscan_window = \"10s\"\n");
+        let mut b = TrustBook::default();
+        let (victim, accuser) = (DeviceId(1), DeviceId(2));
+        // However many distinct flows one device claims, over however many reports.
+        for round in 0..20u16 {
+            let flows: Vec<(Proto, u16)> =
+                (0..200).map(|p| (Proto::Tcp, round * 200 + p)).collect();
+            assert_eq!(
+                b.handle_denied(
+                    victim,
+                    accuser,
+                    flows,
+                    &p.trust,
+                    false,
+                    T + i64::from(round)
+                ),
+                None
+            );
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`policy`]: the policy language (TOML), its compiler to per-device access, its tests,
 //!   `explain` and `diff`.
 //! - [`lease`]: coordinator-signed, expiring leases binding a WireGuard key to a device.
+//! - [`keyproof`]: a device's proof that it holds the private half of a key it asks a lease for.
 //! - [`posture`]: device posture reports, what to collect, and evaluation against requirements.
 //! - [`relay`]: relay credentials, tickets, and the relay control and forwarding protocols.
 //! - [`discovery`]: the address-discovery messages (what ip:port a relay sees a device at).
@@ -23,6 +24,7 @@ pub mod addr;
 pub mod discovery;
 pub mod duration;
 pub mod filter;
+pub mod keyproof;
 pub mod lease;
 pub mod names;
 pub mod policy;

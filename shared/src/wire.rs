@@ -17,7 +17,9 @@
 //!   [`crate::relay`]), all optional on the wire; coordinated hole punching
 //!   (`punch_request`, `punch`), sent only to a side that said it understands them
 //!   (`DeviceUpdate.punch`, `Netmap.punch`, both `false` when absent), because a side that
-//!   predates them closes the session on a message type it does not know.
+//!   predates them closes the session on a message type it does not know; key-possession proofs
+//!   (`lease_request.proof`, optional on the wire but required by the coordinator, and the
+//!   error code `key_in_use`); per-session message limits (error code `rate_limited`).
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::filter::{FilterRule, PortRange, Proto};
+use crate::keyproof::KeyProof;
 use crate::lease::SignedLease;
 use crate::names::Hostname;
 use crate::posture::{Evaluation, PostureReport, PostureWants};
@@ -130,8 +133,14 @@ pub enum DeviceMsg {
     RenewCert { csr_der: Bytes },
     /// Clock offset measurement.
     Ping { nonce: u64 },
-    /// Ask for a lease on a WireGuard public key this device just generated.
-    LeaseRequest { wg_public_key: WgPublicKey },
+    /// Ask for a lease on a WireGuard public key this device just generated, with the proof
+    /// that it holds the private half ([`crate::keyproof`]). A request without a proof (an
+    /// agent that predates it) is refused: the coordinator never leases an unproven key.
+    LeaseRequest {
+        wg_public_key: WgPublicKey,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proof: Option<KeyProof>,
+    },
     /// The device now uses the key of lease `serial`; older leases may be revoked.
     LeaseActive { serial: u64 },
     /// A posture report (on change, and periodically).
@@ -294,6 +303,10 @@ pub enum ErrorCode {
     Unauthorized,
     /// The coordinator failed; nothing was granted.
     Internal,
+    /// The WireGuard key asked for is (or was recently) leased to another device.
+    KeyInUse,
+    /// The session sent more messages than any agent needs; it is closed.
+    RateLimited,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -847,6 +860,33 @@ mod tests {
         assert_eq!(
             encode(&DeviceMsg::PunchRequest { peer: DeviceId(7) })[4..],
             br#"{"type":"punch_request","peer":7}"#[..]
+        );
+        // A lease request as first written (no proof) still decodes, as a request without one;
+        // with a proof it round-trips.
+        let lr = r#"{"type":"lease_request","wg_public_key":"AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM="}"#;
+        assert_eq!(
+            decode::<DeviceMsg>(lr.as_bytes()).unwrap(),
+            DeviceMsg::LeaseRequest {
+                wg_public_key: WgPublicKey([3; 32]),
+                proof: None
+            }
+        );
+        let with = DeviceMsg::LeaseRequest {
+            wg_public_key: WgPublicKey([3; 32]),
+            proof: Some(KeyProof([4; 32])),
+        };
+        let bytes = encode(&with);
+        assert!(std::str::from_utf8(&bytes[4..])
+            .unwrap()
+            .contains(r#""proof":"BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=""#));
+        assert_eq!(decode::<DeviceMsg>(&bytes[4..]).unwrap(), with);
+        assert_eq!(
+            decode::<CoordinatorMsg>(br#"{"type":"error","code":"key_in_use","message":"m"}"#)
+                .unwrap(),
+            CoordinatorMsg::Error {
+                code: ErrorCode::KeyInUse,
+                message: "m".into()
+            }
         );
 
         let err = r#"{"type":"error","code":"token_used","message":"token already used"}"#;

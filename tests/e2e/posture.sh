@@ -95,6 +95,17 @@ name = "web-for-all"
 from = ["alice", "bob"]
 to = ["web", "patch"]
 
+# Bob may also reach one port on alice's device, so a scan by bob is seen by two devices (a
+# single accuser never quarantines anyone).
+[services.echo]
+devices = ["user:alice"]
+ports = ["tcp/7"]
+
+[[rules]]
+name = "echo-for-bob"
+from = ["bob"]
+to = ["echo"]
+
 [trust]
 scan_denied_flows = 20
 scan_window = "30s"
@@ -222,9 +233,10 @@ a=json.loads(sys.argv[1]); f=[e for e in a if e["action"]=="posture.fail"]; p=[e
 assert len(f) >= 5 and len(p) >= 5, (len(f), len(p)); assert sys.argv[2] in json.dumps(f[-1]["detail"]), f[-1]
 ' "$AUD" "$MARK"
 
-say "port scan: bob scans db, is quarantined automatically, keeps only remediation; release restores"
+say "port scan: bob scans db and alice, is quarantined automatically, keeps only remediation; release restores"
 check "bob -> web:8080 opens before the scan" bob_sees 8080 open 10
 lab_exec bob python3 "$TOOLS" scan "$DB4" 1000 1100 | sed 's/^/  /'
+lab_exec bob python3 "$TOOLS" scan "$(lab_ward_ipv4 alice)" 1000 1100 | sed 's/^/  /'
 qstate() { lab_coord device ls --json | python3 -c 'import json,sys; print([d["state"] for d in json.load(sys.stdin) if d["hostname"]=="bob"][0])'; }
 is_quarantined() { [[ $(qstate) == quarantined ]]; }
 check "bob is quarantined within 10 s" lab_wait_for -t 10 -i 0.5 is_quarantined
@@ -232,7 +244,8 @@ AUD=$(lab_coord audit --limit 100000 --json)
 check "the audit log says why (automatic, scan)" python3 -c '
 import json,sys
 a=[e for e in json.loads(sys.argv[1]) if e["action"]=="device.quarantine"]
-assert a and a[-1]["detail"]["quarantine"]["automatic"] and "scan" in a[-1]["detail"]["quarantine"]["reason"], a
+r=a[-1]["detail"]["quarantine"]["reason"] if a else ""
+assert a and a[-1]["detail"]["quarantine"]["automatic"] and "scan" in r and "reported by" in r, a
 print("   ", a[-1]["detail"]["quarantine"]["reason"])
 ' "$AUD"
 check "quarantined bob -> web:8080 is refused" bob_sees 8080 closed

@@ -869,9 +869,8 @@ impl Agent {
         if self.rotation == (Rotation::Unleased { requested: false }) {
             // First lease of this session, for the key in use.
             self.rotation = Rotation::Unleased { requested: true };
-            self.transmits.push_back(DeviceMsg::LeaseRequest {
-                wg_public_key: self.key.public(),
-            });
+            let request = self.lease_request(&self.key);
+            self.transmits.push_back(request);
         }
     }
 

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
+use ward_shared::keyproof;
 use ward_shared::lease::SignedLease;
 use ward_shared::wire::DeviceMsg;
 
@@ -168,11 +169,28 @@ impl Agent {
         self.queued = None;
         let public = key.public();
         debug!(key = %public.to_base64(), "rotating: asking for a lease on a new key");
-        self.transmits.push_back(DeviceMsg::LeaseRequest {
-            wg_public_key: public,
-        });
+        let request = self.lease_request(&key);
+        self.transmits.push_back(request);
         self.rotation = Rotation::Requested { key };
         self.events.push_back(Event::NeedKey);
+    }
+}
+
+impl Agent {
+    /// A lease request for `key`, with the proof that this device holds its private half,
+    /// made against the pinned lease key. Without a pinned key there is no proof, and the
+    /// coordinator refuses the request (as it must: this agent would trust no lease anyway).
+    pub(super) fn lease_request(&self, key: &PrivateKey) -> DeviceMsg {
+        let wg_public_key = key.public();
+        let proof = self
+            .cfg
+            .lease_key
+            .as_ref()
+            .and_then(|lk| keyproof::prove(&key.0, lk, self.cfg.device_id, &wg_public_key));
+        DeviceMsg::LeaseRequest {
+            wg_public_key,
+            proof,
+        }
     }
 }
 

@@ -151,11 +151,18 @@ impl H {
     fn leased(&mut self) {
         self.connect();
         let sent = self.take_sent();
+        let [DeviceMsg::LeaseRequest {
+            wg_public_key,
+            proof: Some(proof),
+        }] = sent.as_slice()
+        else {
+            panic!("{sent:?}")
+        };
+        assert_eq!(*wg_public_key, self.agent.public_key());
+        // The request proves possession of the key to the coordinator.
         assert_eq!(
-            sent,
-            vec![DeviceMsg::LeaseRequest {
-                wg_public_key: self.agent.public_key()
-            }]
+            ward_shared::keyproof::verify(&self.coord, DeviceId(1), wg_public_key, proof),
+            Ok(())
         );
         let l = self.lease(1, self.agent.public_key(), TTL);
         self.msg(CoordinatorMsg::Lease { lease: l });
@@ -166,7 +173,19 @@ impl H {
     fn lease_requests(sent: &[DeviceMsg]) -> Vec<WgPublicKey> {
         sent.iter()
             .filter_map(|m| match m {
-                DeviceMsg::LeaseRequest { wg_public_key } => Some(*wg_public_key),
+                DeviceMsg::LeaseRequest {
+                    wg_public_key,
+                    proof,
+                } => {
+                    // Every request, rotations too, proves possession of its key.
+                    let proof = proof.as_ref().expect("a lease request without a proof");
+                    let coord = SigningKey::from_bytes(&[9; 32]);
+                    assert_eq!(
+                        ward_shared::keyproof::verify(&coord, DeviceId(1), wg_public_key, proof),
+                        Ok(())
+                    );
+                    Some(*wg_public_key)
+                }
                 _ => None,
             })
             .collect()

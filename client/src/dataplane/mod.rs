@@ -192,6 +192,8 @@ pub struct DataPlaneCounters {
     pub relay_dropped_queue_full: u64,
     /// Datagrams that arrived through a relay this data plane is not connected to.
     pub relay_dropped_unknown: u64,
+    /// Peer entries ignored because their key is held by another device's entry.
+    pub peer_key_conflicts: u64,
 }
 
 /// A running data plane: the TUN interface, the UDP socket and the threads that move packets.

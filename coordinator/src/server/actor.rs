@@ -14,7 +14,7 @@ use ward_shared::policy::{Directory, Grant, Policy};
 use ward_shared::posture::PostureReport;
 use ward_shared::relay::{CoordinatorToRelay, RelayLoad};
 use ward_shared::wire::{
-    self, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, PostureVerdict, RelayInfo,
+    self, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, PostureVerdict, RelayInfo, WgPublicKey,
 };
 
 use super::effects::TrustSink;
@@ -23,7 +23,7 @@ use crate::admin::api::TrustStatsView;
 use crate::admin::ops::Snapshot;
 use crate::audit::Action;
 use crate::model::{Device, User};
-use crate::registry::{ConnId, Output, Registry};
+use crate::registry::{ConnId, LeaseRefusal, Output, Registry};
 use crate::store::Store;
 
 pub(super) enum ConnCmd {
@@ -72,8 +72,13 @@ pub(super) enum Event {
         conn: ConnId,
         peer: DeviceId,
     },
-    /// The policy's shorter lease TTL, if this device is risky now.
-    RiskyTtl(DeviceId, oneshot::Sender<Option<u64>>),
+    /// Before a lease is issued: whether the device may have this key (not another device's),
+    /// and the policy's shorter lease TTL if the device is risky now.
+    LeaseCheck(
+        DeviceId,
+        WgPublicKey,
+        oneshot::Sender<Result<Option<u64>, LeaseRefusal>>,
+    ),
     /// The directory judged under a candidate policy's posture requirements.
     DirectoryFor(Box<Policy>, oneshot::Sender<Directory>),
     /// A device's latest report and verdict (for `device show`).
@@ -301,8 +306,11 @@ pub(super) async fn registry_actor(
             Event::DirectoryFor(p, reply) => {
                 let _ = reply.send(reg.directory_for(&p));
             }
-            Event::RiskyTtl(id, reply) => {
-                let _ = reply.send(reg.risky_lease_ttl_ms(id));
+            Event::LeaseCheck(id, key, reply) => {
+                let _ = reply.send(
+                    reg.check_lease_request(id, &key)
+                        .map(|()| reg.risky_lease_ttl_ms(id)),
+                );
             }
             Event::TrustView(id, reply) => {
                 flush(&mut reg, &mut conns, &mut relays, &mut sink);

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use ward_shared::keyproof::KeyProof;
 use ward_shared::lease::SignedLease;
 use ward_shared::names::Hostname;
 use ward_shared::relay::SignedTicket;
@@ -21,6 +22,7 @@ use super::actor::{ConnCmd, Event};
 use super::{now_ms, Ctx, CONN_QUEUE, HANDSHAKE_TIMEOUT};
 use crate::audit::Action;
 use crate::gate::{Admit, RefusalRow};
+use crate::limits::{Decision, Kind, SessionLimits};
 use crate::pki::{cert_identity, Ca};
 use crate::store::{Audit, EnrollSpec, StoreError};
 
@@ -473,9 +475,35 @@ async fn session(
         Err(_) => return Ok(()),
     }
     info!(device = %id, hostname = %dev.hostname, %remote, "device connected");
+    // What this session may send, and the latest update and report held back by the limits.
+    let mut limits = SessionLimits::new(now_ms());
+    let mut held_update: Option<DeviceUpdate> = None;
+    let mut held_posture: Option<Box<ward_shared::posture::PostureReport>> = None;
     let result: Result<()> = async {
         loop {
+            let release_in = limits
+                .poll_timeout()
+                .map(|t| Duration::from_millis(u64::try_from(t.saturating_sub(now_ms())).unwrap_or(0)));
             tokio::select! {
+                _ = async {
+                    match release_in {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    for kind in limits.poll_release(now_ms()) {
+                        match kind {
+                            Kind::Update => if let Some(u) = held_update.take() {
+                                touch(&ctx, id, &u);
+                                let _ = ctx.events.send(Event::Update { id, conn: conn_id, update: u });
+                            },
+                            Kind::Posture => if let Some(report) = held_posture.take() {
+                                let _ = ctx.events.send(Event::Posture { id, conn: conn_id, report, received: Instant::now() });
+                            },
+                            _ => {}
+                        }
+                    }
+                }
                 cmd = rx.recv() => match cmd {
                     Some(ConnCmd::Send(bytes)) => send.write_all(&bytes).await?,
                     Some(ConnCmd::Close(code, reason)) => {
@@ -502,6 +530,34 @@ async fn session(
                             return Ok(());
                         }
                     };
+                    let decision = match limit_kind(&msg) {
+                        Some(kind) => {
+                            let d = limits.handle(kind, now_ms());
+                            if d == Decision::Exceeded {
+                                warn!(device = %id, kind = kind.as_str(), "device session over its message limits; closing it");
+                                refuse(&conn, &mut send, ErrorCode::RateLimited, format!("too many {} messages: this session is closed", kind.as_str())).await;
+                                return Ok(());
+                            }
+                            d
+                        }
+                        None => Decision::Pass,
+                    };
+                    match decision {
+                        Decision::Pass => {}
+                        Decision::Drop => {
+                            debug!(device = %id, "message over its soft limit dropped");
+                            continue;
+                        }
+                        Decision::Defer { .. } | Decision::Exceeded => {
+                            // Only updates and reports are deferred: keep the latest.
+                            match msg {
+                                DeviceMsg::Update(u) => held_update = Some(u),
+                                DeviceMsg::Posture(r) => held_posture = Some(r),
+                                _ => {}
+                            }
+                            continue;
+                        }
+                    }
                     match msg {
                         DeviceMsg::Update(u) => {
                             touch(&ctx, id, &u);
@@ -519,8 +575,8 @@ async fn session(
                                 }
                             }
                         }
-                        DeviceMsg::LeaseRequest { wg_public_key } => {
-                            match issue_lease(&ctx, dev.id, wg_public_key).await {
+                        DeviceMsg::LeaseRequest { wg_public_key, proof } => {
+                            match issue_lease(&ctx, &dev, wg_public_key, proof).await {
                                 Ok(lease) => send_msg(&mut send, &CoordinatorMsg::Lease { lease }).await?,
                                 Err((code, message)) => {
                                     warn!(device = %id, ?code, %message, "lease refused");
@@ -577,16 +633,78 @@ async fn session(
     result
 }
 
-/// Issues, records and signs a lease, and has the registry push it to peers first.
+/// The limit a message counts against (`None`: not limited; only valid first messages).
+fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
+    Some(match msg {
+        DeviceMsg::Update(_) => Kind::Update,
+        DeviceMsg::Posture(_) => Kind::Posture,
+        DeviceMsg::DeniedFlows { .. } => Kind::DeniedFlows,
+        DeviceMsg::LeaseRequest { .. } => Kind::LeaseRequest,
+        DeviceMsg::LeaseActive { .. } => Kind::LeaseActive,
+        DeviceMsg::RenewCert { .. } => Kind::RenewCert,
+        DeviceMsg::RelayTicketRequest => Kind::RelayTicket,
+        DeviceMsg::Ping { .. } => Kind::Ping,
+        DeviceMsg::PunchRequest { .. } => Kind::Punch,
+        DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => return None,
+    })
+}
+
+/// Issues, records and signs a lease, and has the registry push it to peers first. Refused
+/// (audited as `lease.refused`): a key another device holds, or one this device has not
+/// proved it holds.
 async fn issue_lease(
     ctx: &Arc<Ctx>,
-    id: DeviceId,
+    dev: &crate::store::Device,
     key: wire::WgPublicKey,
+    proof: Option<KeyProof>,
 ) -> Result<SignedLease, (ErrorCode, String)> {
-    // A recent trust failure shortens the lease (the policy's `risky_lease_ttl`).
+    let id = dev.id;
+    let refused = |code: ErrorCode, message: String, holder: Option<DeviceId>| {
+        let store = ctx.store.clone();
+        let target = dev.hostname.to_string();
+        let detail = serde_json::json!({
+            "code": code, "reason": message, "wg_key": key.to_base64(),
+            "holder": holder.map(|h| h.0),
+        });
+        tokio::task::spawn_blocking(move || {
+            let audit = Audit {
+                actor: "device",
+                action: Action::LeaseRefused,
+                target: &target,
+                detail,
+            };
+            if let Err(e) = store.append_audit(audit, now_ms()) {
+                warn!(device = %id, error = %e, "auditing a refused lease failed");
+            }
+        });
+        (code, message)
+    };
+    // The key must not be another device's; a recent trust failure shortens the lease (the
+    // policy's `risky_lease_ttl`).
     let (tx, rx) = oneshot::channel();
-    let _ = ctx.events.send(Event::RiskyTtl(id, tx));
-    let risky = rx.await.ok().flatten();
+    let _ = ctx.events.send(Event::LeaseCheck(id, key, tx));
+    let risky = match rx.await {
+        Ok(Ok(risky)) => risky,
+        Ok(Err(e)) => {
+            let holder = match &e {
+                crate::registry::LeaseRefusal::KeyInUse { holder } => Some(*holder),
+                crate::registry::LeaseRefusal::NotLive => None,
+            };
+            warn!(device = %id, ?holder, error = %e, "lease refused");
+            return Err(refused(e.code(), e.to_string(), holder));
+        }
+        Err(_) => {
+            return Err((
+                ErrorCode::Internal,
+                "the coordinator could not issue a lease".into(),
+            ))
+        }
+    };
+    if let Err((code, message)) =
+        crate::leases::check_proof(&ctx.lease_key, id, &key, proof.as_ref())
+    {
+        return Err(refused(code, message, None));
+    }
     let ctx2 = ctx.clone();
     let lease = tokio::task::spawn_blocking(move || {
         crate::leases::issue(
@@ -596,6 +714,7 @@ async fn issue_lease(
             risky,
             id,
             key,
+            proof.as_ref(),
             now_ms(),
         )
     })

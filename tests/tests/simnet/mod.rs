@@ -459,17 +459,25 @@ impl World {
                 };
                 self.devs[i].agent.handle_coordinator_msg(m, now);
             }
-            DeviceMsg::LeaseRequest { wg_public_key } => {
+            DeviceMsg::LeaseRequest {
+                wg_public_key,
+                proof,
+            } => {
                 let risky = self.reg.risky_lease_ttl_ms(id);
-                let m = match leases::issue(
-                    &self.store,
-                    &self.signer,
-                    &self.ttl,
-                    risky,
-                    id,
-                    wg_public_key,
-                    t,
-                ) {
+                let issued = match self.reg.check_lease_request(id, &wg_public_key) {
+                    Ok(()) => leases::issue(
+                        &self.store,
+                        &self.signer,
+                        &self.ttl,
+                        risky,
+                        id,
+                        wg_public_key,
+                        proof.as_ref(),
+                        t,
+                    ),
+                    Err(e) => Err((e.code(), e.to_string())),
+                };
+                let m = match issued {
                     Ok(lease) => {
                         // Peers learn the new key before the device hears about its lease.
                         self.reg.handle_lease(lease.clone());

@@ -25,6 +25,7 @@ pub(super) struct Counters {
     pub(super) dropped_wrong_source: AtomicU64,
     pub(super) icmp_unreachable_sent: AtomicU64,
     pub(super) direct_probes_sent: AtomicU64,
+    pub(super) peer_key_conflicts: AtomicU64,
 }
 
 impl Counters {
@@ -48,6 +49,7 @@ impl Counters {
             dropped_wrong_source: g(&self.dropped_wrong_source),
             icmp_unreachable_sent: g(&self.icmp_unreachable_sent),
             direct_probes_sent: g(&self.direct_probes_sent),
+            peer_key_conflicts: g(&self.peer_key_conflicts),
             ..DataPlaneCounters::default()
         }
     }

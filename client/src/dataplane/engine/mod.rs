@@ -388,6 +388,17 @@ impl Core {
                 tracing::debug!(device_id = cfg.device_id, "peer with our own key ignored");
                 continue;
             }
+            if let Some(holder) = table.other_holder(&cfg.public_key, cfg.device_id) {
+                tracing::warn!(
+                    device_id = cfg.device_id,
+                    holder,
+                    "peer key already held by another device; entry ignored"
+                );
+                self.counters
+                    .peer_key_conflicts
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if next.peers.contains_key(&cfg.public_key) {
                 tracing::debug!(device_id = cfg.device_id, "duplicate peer key ignored");
                 continue;

@@ -41,6 +41,14 @@ impl Table {
         self.peers.insert(peer.public_key, peer);
     }
 
+    /// The device that holds `key` in this table, if it is not `device_id`: a key mapped to one
+    /// peer never moves to another device's entry while the first holds it, whatever a peer
+    /// list says, so even a coordinator that leased one key twice cannot cut the holder off.
+    pub(super) fn other_holder(&self, key: &[u8; 32], device_id: u64) -> Option<u64> {
+        let holder = lock(&self.peers.get(key)?.session).device_id;
+        (holder != device_id).then_some(holder)
+    }
+
     /// Rebuilds the index map from the peers' links (after a rotation).
     pub(super) fn reindex(&mut self) {
         self.by_index.clear();

@@ -295,3 +295,24 @@ fn peer_that_missed_the_new_key_still_reaches_the_rotated_device() {
     net.run(Duration::from_millis(200));
     stream_both_ways(&mut net, 100, |_, _| {});
 }
+
+/// A peer list that gives one device's key to another device (listed first) never moves the
+/// key away from the device that holds it: traffic from the holder keeps arriving, and the
+/// refusal is counted.
+#[test]
+fn a_peer_key_held_by_one_device_is_never_given_to_another() {
+    let mut net = Net::new(3, 31);
+    net.full_mesh();
+    net.run_until_established(Duration::from_secs(5));
+    let a = net.nodes[0].peer_config();
+    let mut c_with_a_key = net.nodes[2].peer_config();
+    c_with_a_key.public_key = a.public_key;
+    net.set_peers(1, vec![c_with_a_key, a]);
+    assert_eq!(net.nodes[1].core.counters().peer_key_conflicts, 1);
+    net.nodes[1].delivered.clear();
+    let p = ipv4_packet(net.nodes[0].ipv4, net.nodes[1].ipv4, b"still A");
+    net.send_ip(0, &p);
+    net.run(Duration::from_millis(200));
+    assert_eq!(net.nodes[1].delivered, vec![p]);
+    assert_eq!(net.status_of(1, net.nodes[0].device_id()).device_id, 1);
+}
