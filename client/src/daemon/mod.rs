@@ -7,6 +7,7 @@
 
 mod collect;
 mod host;
+mod relay_batch;
 mod relays;
 mod session;
 mod status;
