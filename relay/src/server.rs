@@ -1,17 +1,21 @@
 //! The forwarding driver: accepts device connections on the relay's QUIC endpoint and turns
 //! their events into calls on [`crate::forward::Forwarder`] (under one lock, with the quinn
-//! connections beside it so a datagram is routed and handed on in one step).
+//! connections beside it so a batch of datagrams is routed in one step).
 //!
 //! Per device connection one task: handshake (bounded by the hello timeout), the `Hello` frame,
-//! then QUIC datagrams and fresh tickets until the connection ends. A datagram goes to the
-//! destination's connection with `send_datagram` only when its buffer has room, so a slow
-//! receiver costs its own datagrams, never the forwarding of others.
+//! then QUIC datagrams and fresh tickets until the connection ends. Datagrams are taken in
+//! batches (everything the connection holds when the task wakes, up to [`FORWARD_BATCH`]),
+//! routed under one lock, then handed on outside it. A datagram goes to the destination's
+//! connection with `send_datagram` only when its buffer has room, so a slow receiver costs
+//! its own datagrams, never the forwarding of others.
 
 use crate::forward::{Clock, Close, ConnId, Drop, Forwarder, Refusal};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use ward_shared::relay::{
     DeviceToRelay, RelayToDevice, MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN,
@@ -20,6 +24,8 @@ use ward_shared::wire::{self, ErrorCode, FrameDecoder};
 
 /// How often tickets, hello deadlines and revocations are checked.
 const TIMER_EVERY: Duration = Duration::from_millis(250);
+/// Most datagrams taken from one device connection and routed per wake-up (and per lock).
+const FORWARD_BATCH: usize = 64;
 /// How long a refused device gets to read the `Error` frame before the connection closes.
 const ERROR_GRACE: Duration = Duration::from_millis(500);
 
@@ -216,11 +222,14 @@ async fn run_device(
         return;
     }
     tracing::info!(%remote, conn = %id, %device, max_datagram, "device connected");
+    let mut batch = Vec::with_capacity(FORWARD_BATCH);
+    let mut routed = Vec::with_capacity(FORWARD_BATCH);
     loop {
         tokio::select! {
             d = conn.read_datagram() => {
                 let Ok(d) = d else { break };
-                forward(shared, id, &d);
+                take_ready(conn, d, &mut batch);
+                forward(shared, id, &mut batch, &mut routed);
             }
             msg = stream.next() => {
                 let Some(DeviceToRelay::Ticket { ticket }) = msg else {
@@ -249,26 +258,72 @@ async fn run_device(
     tracing::debug!(conn = %id, %device, reason = ?conn.close_reason(), "device connection ended");
 }
 
-/// Routes one datagram and hands it to the destination's connection if its buffer has room.
-fn forward(shared: &Shared, id: ConnId, d: &[u8]) {
-    let mut buf = BytesMut::from(d);
-    let mut g = shared.lock();
-    let Ok(to) = g.core.handle_datagram(id, &mut buf, clock()) else {
-        return;
-    };
-    let body = buf.len().saturating_sub(RELAY_HEADER_LEN);
-    let undelivered = match g.conns.get(&to) {
-        Some(c) if c.datagram_send_buffer_space() >= buf.len() => {
-            match c.send_datagram(buf.freeze()) {
-                Ok(()) => None,
-                Err(_) => Some(Drop::QueueFull),
+/// `first` and whatever else `conn` has received already (never waits), at most
+/// [`FORWARD_BATCH`] in all, in arrival order. A failed read ends the batch; the loop's next
+/// `read_datagram` sees the error.
+fn take_ready(conn: &quinn::Connection, first: Bytes, batch: &mut Vec<Bytes>) {
+    batch.clear();
+    batch.push(first);
+    let mut cx = Context::from_waker(Waker::noop());
+    while batch.len() < FORWARD_BATCH {
+        let read = conn.read_datagram();
+        let mut read = std::pin::pin!(read);
+        match read.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(d)) => batch.push(d),
+            Poll::Ready(Err(_)) | Poll::Pending => break,
+        }
+    }
+}
+
+/// Routes a batch of datagrams from `id` under one lock and one clock reading, then hands
+/// each to its destination's connection, outside the lock, if that connection's send buffer
+/// has room; what could not be handed on is counted under a second lock.
+fn forward(
+    shared: &Shared,
+    id: ConnId,
+    batch: &mut Vec<Bytes>,
+    routed: &mut Vec<(quinn::Connection, Bytes)>,
+) {
+    routed.clear();
+    let mut undelivered: Vec<(Drop, usize)> = Vec::new();
+    {
+        let now = clock();
+        let mut g = shared.lock();
+        let Forwarding { core, conns } = &mut *g;
+        let mut last: Option<(ConnId, quinn::Connection)> = None;
+        for d in batch.drain(..) {
+            let mut buf = BytesMut::from(&d[..]);
+            let Ok(to) = core.handle_datagram(id, &mut buf, now) else {
+                continue;
+            };
+            let conn = match &last {
+                Some((c, conn)) if *c == to => Some(conn.clone()),
+                _ => conns
+                    .get(&to)
+                    .cloned()
+                    .inspect(|c| last = Some((to, c.clone()))),
+            };
+            match conn {
+                Some(c) => routed.push((c, buf.freeze())),
+                None => {
+                    let body = buf.len().saturating_sub(RELAY_HEADER_LEN);
+                    core.handle_undelivered(Drop::UnknownDestination, body);
+                }
             }
         }
-        Some(_) => Some(Drop::QueueFull),
-        None => Some(Drop::UnknownDestination),
-    };
-    if let Some(reason) = undelivered {
-        g.core.handle_undelivered(reason, body);
+    }
+    for (c, d) in routed.drain(..) {
+        let body = d.len().saturating_sub(RELAY_HEADER_LEN);
+        let sent = c.datagram_send_buffer_space() >= d.len() && c.send_datagram(d).is_ok();
+        if !sent {
+            undelivered.push((Drop::QueueFull, body));
+        }
+    }
+    if !undelivered.is_empty() {
+        let mut g = shared.lock();
+        for (reason, body) in undelivered {
+            g.core.handle_undelivered(reason, body);
+        }
     }
 }
 

@@ -91,6 +91,14 @@ pub fn device_server_config(
     let mut mtud = quinn::MtuDiscoveryConfig::default();
     mtud.upper_bound(MTU_PROBE_UPPER_BOUND);
     t.mtu_discovery_config(Some(mtud));
+    // Ask the peer to acknowledge every 8th packet (or after 5 ms) instead of every 2nd: a
+    // relayed datagram is never retransmitted, so the acknowledgements only feed congestion
+    // control, and every one is a packet to build, encrypt and send on a busy path. A peer
+    // without the ACK-frequency extension keeps acknowledging as before.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(7u32.into())
+        .max_ack_delay(Some(std::time::Duration::from_millis(5)));
+    t.ack_frequency_config(Some(ack));
     sc.transport_config(Arc::new(t));
     Ok(sc)
 }

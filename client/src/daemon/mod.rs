@@ -8,6 +8,7 @@
 mod collect;
 mod host;
 mod local_api;
+mod relay_batch;
 mod relays;
 mod session;
 mod status;

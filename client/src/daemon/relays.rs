@@ -4,8 +4,9 @@
 //! datagrams.
 //!
 //! A task connects, sends `Hello{ticket}`, waits (bounded) for `Welcome`, then reports
-//! [`RelayConnEvent::Up`] and every second an RTT sample; it hands every received datagram
-//! (`split_datagram`) to [`DataPlane::handle_relayed`], presents fresh tickets as they come,
+//! [`RelayConnEvent::Up`] and every second an RTT sample; it hands received datagrams
+//! (`split_datagram`), every one ready when it wakes, to [`DataPlane::handle_relayed_batch`]
+//! (`relay_batch.rs`), presents fresh tickets as they come,
 //! and on any failure reports [`RelayConnEvent::Down`] and reconnects after a backoff
 //! (0.5 s doubling to 10 s, ±20 % jitter, reset after a connection that lasted 30 s). The
 //! pump takes [`DataPlane::take_relay_outbound`] and sends each datagram on the named relay's
@@ -14,22 +15,23 @@
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, trace};
+use tracing::{debug, info};
 
 use ward_shared::relay::{
-    encode_datagram, relay_server_name, split_datagram, DeviceToRelay, RelayToDevice, SignedTicket,
-    MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN, RELAY_PROTOCOL_VERSION,
+    relay_server_name, DeviceToRelay, RelayToDevice, SignedTicket, MAX_RELAYED_DATAGRAM,
+    MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN, RELAY_PROTOCOL_VERSION,
 };
-use ward_shared::wire::{self, DeviceId, FrameDecoder};
+use ward_shared::wire::{self, FrameDecoder};
 
 use super::lock;
+use super::relay_batch;
 use crate::agent::RelayConnEvent;
 use crate::control;
-use crate::dataplane::{DataPlane, RelayTransmit};
+use crate::dataplane::{DataPlane, RelayReceiver};
 
 /// Connect, TLS, `Hello` → `Welcome`: all within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,16 +60,27 @@ pub(super) struct PumpCounters {
     pub malformed_in: AtomicU64,
 }
 
-type Live = Arc<Mutex<BTreeMap<Arc<str>, quinn::Connection>>>;
+pub(super) type Live = Arc<Mutex<BTreeMap<Arc<str>, quinn::Connection>>>;
 
 /// Where relayed datagrams go: the data plane (or a test's collector).
 pub(super) trait RelaySink: Send + Sync + 'static {
     fn relayed(&self, relay: &str, from: u64, datagram: &[u8]);
+
+    /// Several datagrams from one relay, `(from, datagram)` in arrival order.
+    fn relayed_batch(&self, relay: &str, datagrams: &[(u64, &[u8])]) {
+        for &(from, d) in datagrams {
+            self.relayed(relay, from, d);
+        }
+    }
 }
 
 impl RelaySink for DataPlane {
     fn relayed(&self, relay: &str, from: u64, datagram: &[u8]) {
         self.handle_relayed(relay, from, datagram);
+    }
+
+    fn relayed_batch(&self, relay: &str, datagrams: &[(u64, &[u8])]) {
+        self.handle_relayed_batch(relay, datagrams);
     }
 }
 
@@ -103,7 +116,7 @@ impl RelayClients {
     fn with(
         endpoint: Option<quinn::Endpoint>,
         sink: Option<Arc<dyn RelaySink>>,
-        outbound: Option<mpsc::Receiver<RelayTransmit>>,
+        outbound: Option<RelayReceiver>,
         events: mpsc::Sender<RelayConnEvent>,
     ) -> Self {
         let live: Live = Arc::default();
@@ -186,23 +199,9 @@ impl Drop for RelayClients {
 }
 
 /// Sends the data plane's relayed datagrams on the named relay's live connection.
-async fn pump(mut rx: mpsc::Receiver<RelayTransmit>, live: Live, counters: Arc<PumpCounters>) {
+async fn pump(mut rx: RelayReceiver, live: Live, counters: Arc<PumpCounters>) {
     while let Some(t) = rx.recv().await {
-        let conn = lock(&live).get(&t.relay).cloned();
-        let Some(conn) = conn else {
-            counters.no_connection.fetch_add(1, Ordering::Relaxed);
-            trace!(relay = %t.relay, "no live connection to the relay: datagram dropped");
-            continue;
-        };
-        match conn.send_datagram(encode_datagram(DeviceId(t.to), &t.datagram).into()) {
-            Ok(()) => {
-                counters.sent.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                counters.send_failed.fetch_add(1, Ordering::Relaxed);
-                trace!(relay = %t.relay, error = %e, "relayed datagram not sent");
-            }
-        }
+        relay_batch::send(&t, &live, &counters);
     }
 }
 
@@ -266,23 +265,15 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
         .await
         .map_err(|_| anyhow!("session loop gone"))?;
     let mut buf = vec![0u8; 4096];
+    let mut batch = Vec::with_capacity(relay_batch::RECV_BATCH);
     let mut tick = tokio::time::interval(RTT_INTERVAL);
     tick.tick().await;
     loop {
         tokio::select! {
             d = conn.read_datagram() => {
                 let d = d.map_err(|e| anyhow!("relay connection: {e}"))?;
-                match split_datagram(&d) {
-                    Some((from, body)) => {
-                        if let Some(sink) = &t.sink {
-                            sink.relayed(&t.name, from.0, body);
-                        }
-                    }
-                    None => {
-                        t.counters.malformed_in.fetch_add(1, Ordering::Relaxed);
-                        trace!(relay = %t.name, len = d.len(), "malformed relayed datagram");
-                    }
-                }
+                relay_batch::take_ready(&conn, d, &mut batch);
+                relay_batch::deliver(&t.name, &batch, t.sink.as_deref(), &t.counters);
             }
             changed = t.creds.changed() => {
                 changed.map_err(|_| anyhow!("relay no longer used"))?;
@@ -388,7 +379,10 @@ mod tests {
     };
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
+    use ward_shared::relay::{encode_datagram, split_datagram};
     use ward_shared::relay::{Ticket, RELAY_ALPN};
+    use ward_shared::wire::DeviceId;
 
     struct Pki {
         ca_der: Vec<u8>,
@@ -519,7 +513,8 @@ mod tests {
         let relay = relay_endpoint(&p);
         let addr: SocketAddr = relay.local_addr().unwrap();
         let (ev_tx, mut ev_rx) = mpsc::channel(64);
-        let (out_tx, out_rx) = mpsc::channel(16);
+        let out_tx = crate::dataplane::RelayQueue::new(16);
+        let out_rx = out_tx.take_receiver().unwrap();
         let (in_tx, mut in_rx) = mpsc::unbounded_channel();
         let mut clients = RelayClients::with(
             Some(control::client_endpoint().unwrap()),
@@ -568,23 +563,17 @@ mod tests {
         }
 
         // Device → relay: the data plane's datagram, addressed by device id.
-        out_tx
-            .send(RelayTransmit {
-                relay: Arc::from("r1"),
-                to: 9,
-                datagram: b"to nine".to_vec(),
-            })
-            .await
-            .unwrap();
+        assert!(out_tx.try_send(crate::dataplane::RelayTransmit::one(
+            Arc::from("r1"),
+            9,
+            b"to nine"
+        )));
         // A datagram for a relay with no connection is dropped, not sent elsewhere.
-        out_tx
-            .send(RelayTransmit {
-                relay: Arc::from("r2"),
-                to: 9,
-                datagram: b"nowhere".to_vec(),
-            })
-            .await
-            .unwrap();
+        assert!(out_tx.try_send(crate::dataplane::RelayTransmit::one(
+            Arc::from("r2"),
+            9,
+            b"nowhere"
+        )));
         let d = tokio::time::timeout(Duration::from_secs(5), s.conn.read_datagram())
             .await
             .unwrap()
