@@ -435,10 +435,47 @@ pub async fn quic_gets_through(
     }
 }
 
+/// The sending half of a control stream, over either transport.
+pub struct SendHalf(SendKind);
+
+enum SendKind {
+    Quic(quinn::SendStream),
+    Tcp(BoxWrite),
+}
+
+impl SendHalf {
+    /// Writes all of `buf` (raw bytes: tests speak the protocol by hand with it).
+    pub async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match &mut self.0 {
+            SendKind::Quic(s) => s.write_all(buf).await.map_err(Into::into),
+            SendKind::Tcp(s) => s.write_all(buf).await,
+        }
+    }
+
+    /// Ends the QUIC stream at once; over TCP (whose end is an async TLS close) it does
+    /// nothing and says so: use [`SendHalf::shutdown`].
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        match &mut self.0 {
+            SendKind::Quic(s) => s.finish().map_err(|e| std::io::Error::other(e.to_string())),
+            SendKind::Tcp(_) => Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
+        }
+    }
+
+    /// Ends the stream, either transport.
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match &mut self.0 {
+            SendKind::Quic(s) => s.shutdown().await,
+            SendKind::Tcp(s) => s.shutdown().await,
+        }
+    }
+}
+
 /// A control-stream connection over either transport: frames in, frames out.
 pub struct Channel {
     pub transport: Transport,
-    send: BoxWrite,
+    pub send: SendHalf,
     recv: BoxRead,
     /// The QUIC connection beneath the stream, to close it with a reason.
     conn: Option<quinn::Connection>,
@@ -486,19 +523,19 @@ impl Channel {
 
     async fn on(c: Connected) -> Result<Self> {
         let transport = c.transport();
-        let (send, recv, conn): (BoxWrite, BoxRead, _) = match c {
+        let (send, recv, conn): (SendKind, BoxRead, _) = match c {
             Connected::Quic(conn) => {
                 let (send, recv) = conn.open_bi().await?;
-                (Box::new(send), Box::new(recv), Some(conn))
+                (SendKind::Quic(send), Box::new(recv), Some(conn))
             }
             Connected::Tcp(tls) => {
                 let (recv, send) = tokio::io::split(*tls);
-                (Box::new(send), Box::new(recv), None)
+                (SendKind::Tcp(Box::new(send)), Box::new(recv), None)
             }
         };
         Ok(Self {
             transport,
-            send,
+            send: SendHalf(send),
             recv,
             conn,
             dec: FrameDecoder::new(MAX_COORDINATOR_FRAME),
@@ -507,7 +544,7 @@ impl Channel {
     }
 
     pub async fn send(&mut self, msg: &DeviceMsg) -> Result<()> {
-        tokio::io::AsyncWriteExt::write_all(&mut self.send, &wire::encode(msg)).await?;
+        self.send.write_all(&wire::encode(msg)).await?;
         Ok(())
     }
 
