@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, watch};
 use ward_runtime::stream::server::TlsStream;
 use ward_shared::relay::{
     encode_tcp_msg, encode_tcp_pong, encode_tcp_raw_datagram, parse_tcp_frame, DeviceToRelay,
-    RelayToDevice, TcpFrame, MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME, RELAY_ALPN,
-    TCP_IDLE_TIMEOUT_MS,
+    RelayToDevice, TcpFrame, MAX_RELAY_STREAM_FRAME, RELAY_ALPN, TCP_IDLE_TIMEOUT_MS,
+    TCP_MAX_DATAGRAM,
 };
 use ward_shared::wire::{self, FrameDecoder};
 
@@ -253,7 +253,7 @@ async fn run_device(
     };
     let welcome = RelayToDevice::Welcome {
         device_id: device,
-        max_datagram: u16::try_from(MAX_RELAYED_DATAGRAM).unwrap_or(u16::MAX),
+        max_datagram: TCP_MAX_DATAGRAM,
     };
     if io.tx.send(encode_tcp_msg(&welcome)).await.is_err() {
         return;

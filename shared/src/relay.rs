@@ -449,6 +449,13 @@ pub fn split_datagram(d: &[u8]) -> Option<(DeviceId, &[u8])> {
 /// A TLS-over-TCP relay connection with nothing received for this long is dead.
 pub const TCP_IDLE_TIMEOUT_MS: u64 = 5_000;
 
+/// The largest WireGuard datagram a relay offers a device on TCP. The TCP link itself would
+/// carry [`MAX_RELAYED_DATAGRAM`], but the datagram's destination may be a QUIC link, whose room
+/// depends on its path: this is what every QUIC link carries from its first packet (a
+/// 1 200-byte UDP payload, QUIC's minimum), so a datagram from a TCP device fits wherever it
+/// goes and the device's inner MTU is lowered to match (ICMP too-big into its TUN).
+pub const TCP_MAX_DATAGRAM: u16 = 1154;
+
 const TCP_MSG: u8 = 0;
 const TCP_DATAGRAM: u8 = 1;
 const TCP_PING: u8 = 2;

@@ -21,7 +21,7 @@ use ward_runtime::stream::Transport;
 use ward_shared::relay::{
     encode_datagram, encode_tcp_datagram, encode_tcp_msg, encode_tcp_ping, parse_tcp_frame,
     relay_server_name, split_datagram, DeviceToRelay, RelayToDevice, SignedTicket, TcpFrame,
-    MAX_RELAY_STREAM_FRAME, RELAY_PROTOCOL_VERSION,
+    MAX_RELAY_STREAM_FRAME, RELAY_PROTOCOL_VERSION, TCP_MAX_DATAGRAM,
 };
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{
@@ -373,7 +373,7 @@ fn relay_link_over_tcp_forwards_like_quic_and_refuses_bad_input() {
 
         let (mut la, answer) = TcpLink::open(relay_addr, a.2.tls.clone(), a.1.clone()).await;
         assert!(
-            matches!(answer, RelayToDevice::Welcome { device_id, max_datagram } if device_id.0 == ida && max_datagram >= 1420),
+            matches!(answer, RelayToDevice::Welcome { device_id, max_datagram } if device_id.0 == ida && max_datagram == TCP_MAX_DATAGRAM),
             "{answer:?}"
         );
         let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
