@@ -42,7 +42,7 @@ run "ward-coordinator user add alice --group eng"
 lab_coord user add alice --group eng
 lab_coord user add bob --group ops
 for h in db alice bob; do lab_start_device "$h"; done
-run "ward-coordinator token create --tag server    # on db: ward up --token …"
+run "ward-coordinator token create --tag server    # on db: ward up --token-file FILE"
 lab_device_up db "$(lab_token --tag db --tag server)" | sed 's/^/  /'
 lab_device_up alice "$(lab_token --user alice)" | sed 's/^/  /'
 lab_device_up bob "$(lab_token --user bob --ttl 10m)" | sed 's/^/  /'

@@ -33,6 +33,27 @@ pub enum Request {
     Netcheck,
 }
 
+impl Request {
+    /// The command's name, for refusals and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Up { .. } => "up",
+            Request::Down => "down",
+            Request::Status => "status",
+            Request::Posture => "posture",
+            Request::Netcheck => "netcheck",
+        }
+    }
+
+    /// Whether the request changes the device (only root may send those).
+    pub fn changes_state(&self) -> bool {
+        match self {
+            Request::Up { .. } | Request::Down => true,
+            Request::Status | Request::Posture | Request::Netcheck => false,
+        }
+    }
+}
+
 /// The daemon's answer to any request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -229,6 +250,12 @@ pub struct CountersView {
     pub dropped_filter_no_rule: u64,
     pub dropped_filter_expired: u64,
     pub dropped_filter_other: u64,
+    /// Decrypted packets not addressed to this device (a peer reaching past it).
+    #[serde(default)]
+    pub dropped_wrong_destination: u64,
+    /// Packets from the TUN with a source this device does not own.
+    #[serde(default)]
+    pub dropped_wrong_source: u64,
     pub icmp_unreachable_sent: u64,
     /// Path MTU: packets too big for their path, ICMP too-big sent, MTU changes, failed sends.
     pub path: crate::dataplane::PathMtuCounters,

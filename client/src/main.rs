@@ -58,8 +58,13 @@ enum Cmd {
     },
     /// Join the network: enroll with a token the first time, reconnect afterwards.
     Up {
-        #[arg(long, env = "WARD_TOKEN")]
+        /// The enrollment token; `-` reads it from stdin. Prefer `--token-file` or `-`: an
+        /// argument is visible to every local user in /proc/PID/cmdline.
+        #[arg(long, env = "WARD_TOKEN", conflicts_with = "token_file")]
         token: Option<String>,
+        /// Read the enrollment token from this file (first line; surrounding spaces ignored).
+        #[arg(long, env = "WARD_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         #[arg(long)]
         hostname: Option<String>,
     },
@@ -80,6 +85,62 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Longest token accepted from a file or stdin (tokens are a few hundred bytes).
+const MAX_TOKEN_LEN: u64 = 16 * 1024;
+
+/// The token `ward up` sends: `--token T` as given, `--token -` read from `stdin`,
+/// `--token-file F` read from F; the first line, trimmed, at most [`MAX_TOKEN_LEN`] bytes.
+fn resolve_token(
+    arg: Option<String>,
+    file: Option<&std::path::Path>,
+    stdin: impl std::io::Read,
+) -> Result<Option<String>> {
+    use anyhow::Context;
+    let (text, from) = match (arg, file) {
+        (Some(t), _) if t != "-" => return Ok(Some(t)),
+        (Some(_), _) => (
+            read_bounded(stdin).context("reading the token from stdin")?,
+            "stdin",
+        ),
+        (None, Some(f)) => {
+            let file = std::fs::File::open(f)
+                .with_context(|| format!("opening token file {}", f.display()))?;
+            let text = read_bounded(file)
+                .with_context(|| format!("reading token file {}", f.display()))?;
+            (text, "the token file")
+        }
+        (None, None) => return Ok(None),
+    };
+    let token = text.lines().next().unwrap_or("").trim();
+    anyhow::ensure!(!token.is_empty(), "no token in {from}");
+    Ok(Some(token.to_string()))
+}
+
+fn read_bounded(r: impl std::io::Read) -> Result<String> {
+    use std::io::Read;
+    let mut buf = String::new();
+    r.take(MAX_TOKEN_LEN + 1).read_to_string(&mut buf)?;
+    anyhow::ensure!(
+        buf.len() as u64 <= MAX_TOKEN_LEN,
+        "longer than {MAX_TOKEN_LEN} bytes: not a token"
+    );
+    Ok(buf)
+}
+
+/// Whether the command line itself carries a token (`--token T` or `--token=T`, not `-`).
+fn token_in_args(args: impl IntoIterator<Item = String>) -> bool {
+    let mut args = args.into_iter();
+    while let Some(a) = args.next() {
+        if a == "--token" {
+            return args.next().is_some_and(|v| v != "-");
+        }
+        if let Some(v) = a.strip_prefix("--token=") {
+            return v != "-";
+        }
+    }
+    false
 }
 
 /// A positive duration in the one grammar (`500ms`, `30s`, `5m`, `1h`; a bare number is seconds).
@@ -135,7 +196,18 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await
         }
-        Cmd::Up { token, hostname } => {
+        Cmd::Up {
+            token,
+            token_file,
+            hostname,
+        } => {
+            if token_in_args(std::env::args()) {
+                eprintln!(
+                    "warning: a token given with --token is visible to local users in \
+                     /proc/*/cmdline; use --token-file FILE or --token - (stdin)"
+                );
+            }
+            let token = resolve_token(token, token_file.as_deref(), std::io::stdin().lock())?;
             let v: UpView = api::call(&cli.socket, &Request::Up { token, hostname }).await?;
             println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6);
             Ok(())
@@ -248,7 +320,7 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 fn print_status(v: &StatusView) {
     println!("state:        {}", v.state);
     let Some(d) = &v.device else {
-        println!("this device is not enrolled: run `ward up --token TOKEN`");
+        println!("this device is not enrolled: run `ward up --token-file FILE` (or `--token -` to read it from stdin)");
         return;
     };
     println!("device:       {} ({}, {})", d.hostname, d.ipv4, d.ipv6);
@@ -440,5 +512,56 @@ fn print_posture(v: &PostureView) {
     match &v.verdict {
         Some(verdict) => verdict.lines().iter().for_each(|l| println!("{l}")),
         None => println!("requirements: no verdict from the coordinator yet"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_token_on_the_command_line_is_flagged_but_stdin_and_files_are_not() {
+        assert!(token_in_args(args(&["ward", "up", "--token", "ward1-x"])));
+        assert!(token_in_args(args(&["ward", "up", "--token=ward1-x"])));
+        assert!(!token_in_args(args(&["ward", "up", "--token", "-"])));
+        assert!(!token_in_args(args(&["ward", "up", "--token-file", "/t"])));
+        assert!(!token_in_args(args(&["ward", "up"])));
+    }
+
+    #[test]
+    fn the_token_comes_from_stdin_or_a_file_first_line_trimmed() {
+        let t = resolve_token(Some("-".into()), None, &b"  ward1-abc \nrest\n"[..]).unwrap();
+        assert_eq!(t.as_deref(), Some("ward1-abc"));
+        let dir = std::env::temp_dir().join(format!("ward-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("token");
+        std::fs::write(&f, "ward1-def\n").unwrap();
+        let t = resolve_token(None, Some(&f), &b""[..]).unwrap();
+        assert_eq!(t.as_deref(), Some("ward1-def"));
+        std::fs::write(&f, "\n").unwrap();
+        assert!(resolve_token(None, Some(&f), &b""[..]).is_err());
+        assert!(resolve_token(None, Some(&dir.join("missing")), &b""[..]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        // An argument is taken as it is; nothing at all means reconnect with no token.
+        let t = resolve_token(Some("ward1-ghi".into()), None, &b"x"[..]).unwrap();
+        assert_eq!(t.as_deref(), Some("ward1-ghi"));
+        assert_eq!(resolve_token(None, None, &b"x"[..]).unwrap(), None);
+        // Empty or endless stdin is refused.
+        assert!(resolve_token(Some("-".into()), None, &b""[..]).is_err());
+        let huge = vec![b'a'; MAX_TOKEN_LEN as usize + 10];
+        assert!(resolve_token(Some("-".into()), None, &huge[..]).is_err());
+    }
+
+    #[test]
+    fn token_and_token_file_are_exclusive_and_both_parse() {
+        assert!(Cli::try_parse_from(["ward", "up", "--token", "t", "--token-file", "f"]).is_err());
+        assert!(Cli::try_parse_from(["ward", "up", "--token-file", "f"]).is_ok());
+        assert!(Cli::try_parse_from(["ward", "up", "--token", "-"]).is_ok());
     }
 }

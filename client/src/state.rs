@@ -38,6 +38,29 @@ pub struct State {
     pub lease_key: Bytes,
 }
 
+impl State {
+    /// Parses and checks a state file's bytes: a corrupt file, another version or a bad key is
+    /// an error that tells the operator what to do (never a fresh enrollment behind their back).
+    pub fn parse(raw: &[u8]) -> Result<State> {
+        let st: State = serde_json::from_slice(raw).map_err(|e| {
+            anyhow::anyhow!(
+                "is corrupt ({e}); refusing to start rather than enroll as a new device. \
+                 Restore it from backup, or move it away and enroll again with `ward up --token`"
+            )
+        })?;
+        if st.version != STATE_VERSION {
+            bail!(
+                "has version {}, this ward understands {STATE_VERSION}",
+                st.version
+            );
+        }
+        if st.wg_private_key.0.len() != 32 {
+            bail!("is corrupt (bad WireGuard key)");
+        }
+        Ok(st)
+    }
+}
+
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
@@ -67,27 +90,9 @@ impl StateFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => bail!("cannot read state file {}: {e}", self.path.display()),
         };
-        let st: State = serde_json::from_slice(&raw).map_err(|e| {
-            anyhow::anyhow!(
-                "state file {} is corrupt ({e}); refusing to start rather than enroll as a new device. \
-                 Restore it from backup, or move it away and enroll again with `ward up --token`",
-                self.path.display()
-            )
-        })?;
-        if st.version != STATE_VERSION {
-            bail!(
-                "state file {} has version {}, this ward understands {STATE_VERSION}",
-                self.path.display(),
-                st.version
-            );
-        }
-        if st.wg_private_key.0.len() != 32 {
-            bail!(
-                "state file {} is corrupt (bad WireGuard key)",
-                self.path.display()
-            );
-        }
-        Ok(Some(st))
+        State::parse(&raw)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("state file {} {e}", self.path.display()))
     }
 
     /// Atomic replace: write a 0600 temp file, fsync, rename, fsync the directory.

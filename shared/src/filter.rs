@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -52,13 +52,83 @@ pub struct FilterRule {
     pub not_after_ms: Option<i64>,
 }
 
+/// The destinations a device accepts from its peers and the sources it sends from: today its
+/// own overlay addresses (a /32 and a /128); approved routed prefixes can join them later.
+///
+/// The data plane drops a decrypted packet whose destination is outside this set (a peer
+/// must not use the device as a router into the networks behind it) and a packet from the TUN
+/// whose source is outside it (this device must not send with an address it does not own).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LocalPrefixes {
+    prefixes: Vec<(IpAddr, u8)>,
+}
+
+impl LocalPrefixes {
+    /// The device's own addresses, each as a host prefix.
+    pub fn own(addrs: impl IntoIterator<Item = IpAddr>) -> LocalPrefixes {
+        LocalPrefixes {
+            prefixes: addrs
+                .into_iter()
+                .map(|a| {
+                    let a = canonical_ip(a);
+                    (a, if a.is_ipv4() { 32 } else { 128 })
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds a routed prefix (`len` is clamped to the family's width; host bits are ignored).
+    pub fn add_prefix(&mut self, addr: IpAddr, len: u8) {
+        let addr = canonical_ip(addr);
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        self.prefixes.push((addr, len.min(width)));
+    }
+
+    /// Whether `ip` is inside one of the prefixes (IPv4-mapped IPv6 counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.prefixes.iter().any(|&(p, len)| match (p, ip) {
+            (IpAddr::V4(p), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                u32::from(p) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(p), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                u128::from(p) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        })
+    }
+
+    /// The destination (`dst: true`) or source address of an IPv4/IPv6 packet, if it has a
+    /// whole fixed header.
+    pub fn packet_addr(packet: &[u8], dst: bool) -> Option<IpAddr> {
+        match packet.first()? >> 4 {
+            4 if packet.len() >= 20 => {
+                let at = if dst { 16 } else { 12 };
+                let b: [u8; 4] = packet.get(at..at + 4)?.try_into().ok()?;
+                Some(IpAddr::V4(Ipv4Addr::from(b)))
+            }
+            6 if packet.len() >= 40 => {
+                let at = if dst { 24 } else { 8 };
+                let b: [u8; 16] = packet.get(at..at + 16)?.try_into().ok()?;
+                Some(IpAddr::V6(Ipv6Addr::from(b)))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// How many flows [`Filter::new`] callers usually allow.
 pub const DEFAULT_MAX_FLOWS: usize = 65_536;
 
 /// Idle timeout of an established TCP flow.
 pub const TCP_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(300);
-/// Idle timeout of a TCP flow seen in one direction only (a SYN without an answer).
+/// Idle timeout of a TCP flow this device opened whose handshake has not completed.
 pub const TCP_HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle timeout of a flow a peer opened that is not established yet: a TCP handshake not
+/// completed by the peer's ACK, a UDP flow this device has not answered.
+pub const PEER_HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle timeout of a TCP flow after a FIN or RST.
 pub const TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
 pub const UDP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -95,6 +165,9 @@ pub enum DenyReason {
     /// A new flow while the connection table is full of live flows.
     #[error("connection table full")]
     TableFull,
+    /// A new flow from a peer that already holds its share of the table in established flows.
+    #[error("the peer holds its share of the connection table")]
+    PeerQuota,
 }
 
 /// Counters since the filter was made.
@@ -110,6 +183,10 @@ pub struct FilterCounters {
     pub denied_fragment: u64,
     pub denied_unsupported: u64,
     pub denied_table_full: u64,
+    /// New flows refused because their peer already held its share of the table.
+    pub denied_peer_quota: u64,
+    /// Half-open flows peers opened, evicted to make room for new flows.
+    pub evicted_half_open: u64,
     /// Outbound flows that could not be recorded because the table was full (their replies
     /// will be denied).
     pub outbound_untracked: u64,
@@ -130,14 +207,29 @@ pub struct FilterCounters {
 /// destination port; ICMP: echo requests) — the flow is then tracked — or it belongs to a
 /// tracked flow: a reply to one this device opened (TCP/UDP reversed 5-tuple, ICMP echo id), a
 /// later packet of a flow a still-valid rule allowed, or an ICMP error about a tracked flow.
-/// Non-first fragments, other protocols and malformed headers are denied. The table holds at
-/// most `max_flows` flows; expired ones are evicted first, and when it is full of live flows new
-/// flows are denied (fail closed).
+/// Non-first fragments, other protocols and malformed headers are denied.
+///
+/// The flow table is bounded ([`FlowLimits`]) so that no peer can fill it for others: flows
+/// peers open may use all but `reserved_local` slots (those are for flows this device opens),
+/// one peer (source address) may hold at most `per_peer` of them, and a peer's flow gets the
+/// long idle timeout only once established (TCP: the peer's ACK completed the handshake;
+/// UDP/ICMP: this device answered). Until then it is half-open: it lives
+/// [`PEER_HALF_OPEN_TIMEOUT`] and is the first to go when room is needed — a peer at its quota
+/// evicts its own oldest half-open flow, and when the peers' part or the whole table is full,
+/// expired flows are swept and then the peer holding the most flows loses its oldest half-open
+/// one. Flows this device opened are never evicted. When no flow can go, the new flow is
+/// denied (fail closed).
 pub struct Filter {
     rules: Vec<FilterRule>,
     by_source: HashMap<IpAddr, Vec<u32>, Seeded>,
     flows: HashMap<FlowKey, Flow, Seeded>,
     max_flows: usize,
+    limits: FlowLimits,
+    /// Per peer (source address): the flows it opened, in insertion order (keys may be stale:
+    /// checked when popped), and how many it holds now.
+    peers: HashMap<IpAddr, PeerFlows, Seeded>,
+    /// Flows peers opened (the sum of `peers[..].count`).
+    peer_flows: usize,
     last_sweep: Option<Instant>,
     counters: FilterCounters,
     /// New flows refused since the last [`Filter::take_denied`], by (source, proto, port);
@@ -148,6 +240,38 @@ pub struct Filter {
 /// Most distinct refused flows remembered between two [`Filter::take_denied`] calls.
 pub const MAX_DENIED_LOG: usize = 1024;
 
+/// How the flow table is shared (see [`Filter`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// Most flows tracked in all.
+    pub max_flows: usize,
+    /// Slots only flows this device opens may use.
+    pub reserved_local: usize,
+    /// Most flows one peer (source address) may hold.
+    pub per_peer: usize,
+}
+
+impl FlowLimits {
+    /// The default sharing of a table of `max_flows`: a quarter reserved for this device's own
+    /// flows, and one peer at most an eighth of the rest (for 65 536: 16 384 reserved, 6 144
+    /// per peer).
+    pub fn for_table(max_flows: usize) -> FlowLimits {
+        let max_flows = max_flows.max(1);
+        let reserved_local = max_flows / 4;
+        FlowLimits {
+            max_flows,
+            reserved_local,
+            per_peer: ((max_flows - reserved_local) / 8).max(1),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PeerFlows {
+    count: usize,
+    order: VecDeque<FlowKey>,
+}
+
 impl Filter {
     /// A filter with no rules (default deny) and room for `max_flows` tracked flows.
     pub fn new(max_flows: usize) -> Self {
@@ -157,11 +281,26 @@ impl Filter {
     /// Like [`Filter::new`], with a seed for the table's hash (pass a random one so remote
     /// parties cannot aim for hash collisions).
     pub fn with_seed(max_flows: usize, seed: u64) -> Self {
+        Self::with_limits(FlowLimits::for_table(max_flows), seed)
+    }
+
+    /// Like [`Filter::with_seed`], with the table's sharing given.
+    pub fn with_limits(limits: FlowLimits, seed: u64) -> Self {
+        let limits = FlowLimits {
+            max_flows: limits.max_flows.max(1),
+            reserved_local: limits
+                .reserved_local
+                .min(limits.max_flows.saturating_sub(1)),
+            per_peer: limits.per_peer.max(1),
+        };
         Filter {
             rules: Vec::new(),
             by_source: HashMap::with_hasher(Seeded(seed)),
             flows: HashMap::with_hasher(Seeded(seed ^ 0x9e37_79b9_7f4a_7c15)),
-            max_flows: max_flows.max(1),
+            max_flows: limits.max_flows,
+            limits,
+            peers: HashMap::with_hasher(Seeded(seed ^ 0x5851_f42d_4c95_7f2d)),
+            peer_flows: 0,
             last_sweep: None,
             counters: FilterCounters::default(),
             denied: BTreeMap::new(),
@@ -240,7 +379,8 @@ impl Filter {
             if f.expires > now {
                 if !matches!(f.origin, Origin::Revoked) {
                     f.seen_out = true;
-                    f.touch(key.proto, tcp_flags, now);
+                    let from_opener = matches!(f.origin, Origin::Local);
+                    f.touch(key.proto, tcp_flags, now, from_opener);
                 }
                 return;
             }
@@ -254,8 +394,9 @@ impl Filter {
             seen_in: false,
             seen_out: true,
             closing: false,
+            established: false,
         };
-        if !self.insert(key, flow, tcp_flags, now) {
+        if self.insert(key, flow, tcp_flags, now).is_err() {
             self.counters.outbound_untracked += 1;
         }
     }
@@ -280,6 +421,7 @@ impl Filter {
             Verdict::Deny(DenyReason::Fragment) => c.denied_fragment += 1,
             Verdict::Deny(DenyReason::UnsupportedProtocol) => c.denied_unsupported += 1,
             Verdict::Deny(DenyReason::TableFull) => c.denied_table_full += 1,
+            Verdict::Deny(DenyReason::PeerQuota) => c.denied_peer_quota += 1,
         }
         v
     }
@@ -318,7 +460,14 @@ impl Filter {
     /// Drops every flow idle past its timeout. Optional: lookups ignore expired flows and a full
     /// table sweeps itself, but a periodic call keeps memory low.
     pub fn expire(&mut self, now: Instant) {
-        self.flows.retain(|_, f| f.expires > now);
+        let (peers, peer_flows) = (&mut self.peers, &mut self.peer_flows);
+        self.flows.retain(|k, f| {
+            let keep = f.expires > now;
+            if !keep {
+                forget(peers, peer_flows, k, f);
+            }
+            keep
+        });
         self.last_sweep = Some(now);
     }
 
@@ -384,7 +533,8 @@ impl Filter {
                 };
                 if valid && (may_open || matches!(f.origin, Origin::Local)) {
                     f.seen_in = true;
-                    f.touch(key.proto, tcp_flags, now);
+                    let from_opener = !matches!(f.origin, Origin::Local);
+                    f.touch(key.proto, tcp_flags, now, from_opener);
                     self.counters.allowed_tracked += 1;
                     return Verdict::Allow;
                 }
@@ -402,12 +552,14 @@ impl Filter {
                     seen_in: true,
                     seen_out: false,
                     closing: false,
+                    established: false,
                 };
-                if self.insert(key, flow, tcp_flags, now) {
-                    self.counters.allowed_new += 1;
-                    Verdict::Allow
-                } else {
-                    Verdict::Deny(DenyReason::TableFull)
+                match self.insert(key, flow, tcp_flags, now) {
+                    Ok(()) => {
+                        self.counters.allowed_new += 1;
+                        Verdict::Allow
+                    }
+                    Err(reason) => Verdict::Deny(reason),
                 }
             }
             m @ (RuleMatch::ExpiredOnly { .. } | RuleMatch::None) => {
@@ -416,7 +568,7 @@ impl Filter {
                     if tombstone || matches!(f.origin, Origin::Remote { .. }) {
                         // Keep the cut flow remembered while the peer keeps trying.
                         f.origin = Origin::Revoked;
-                        f.touch(key.proto, tcp_flags, now);
+                        f.touch(key.proto, tcp_flags, now, true);
                     }
                 }
                 Verdict::Deny(if expired {
@@ -470,23 +622,125 @@ impl Filter {
         }
     }
 
-    /// Inserts (or replaces) a flow; false if the table is full of live flows.
-    fn insert(&mut self, key: FlowKey, mut flow: Flow, tcp_flags: u8, now: Instant) -> bool {
-        if !self.flows.contains_key(&key) && self.flows.len() >= self.max_flows {
-            let due = match self.last_sweep {
-                Some(t) => now.saturating_duration_since(t) >= SWEEP_INTERVAL,
-                None => true,
-            };
-            if due {
-                self.expire(now);
+    /// Inserts (or replaces) a flow, making room as the type's doc says; the reason it was
+    /// refused otherwise.
+    fn insert(
+        &mut self,
+        key: FlowKey,
+        mut flow: Flow,
+        tcp_flags: u8,
+        now: Instant,
+    ) -> Result<(), DenyReason> {
+        if let Some(old) = self.flows.remove(&key) {
+            forget(&mut self.peers, &mut self.peer_flows, &key, &old);
+        }
+        let owner = owner_of(&key, &flow);
+        if let Some(peer) = owner {
+            let held = self.peers.get(&peer).map_or(0, |p| p.count);
+            if held >= self.limits.per_peer && !self.evict_from(peer, now) {
+                return Err(DenyReason::PeerQuota);
             }
-            if self.flows.len() >= self.max_flows {
-                return false;
+            let peer_room = self.max_flows - self.limits.reserved_local;
+            while self.peer_flows >= peer_room {
+                if !self.make_room(now) {
+                    return Err(DenyReason::TableFull);
+                }
             }
         }
-        flow.touch(key.proto, tcp_flags, now);
+        while self.flows.len() >= self.max_flows {
+            if !self.make_room(now) {
+                return Err(DenyReason::TableFull);
+            }
+        }
+        flow.touch(key.proto, tcp_flags, now, true);
         self.flows.insert(key, flow);
-        true
+        if let Some(peer) = owner {
+            self.peer_flows += 1;
+            let p = self.peers.entry(peer).or_default();
+            p.count += 1;
+            p.order.push_back(key);
+            if p.order.len() > 2 * p.count + 64 {
+                // Drop the keys of flows that are gone, so the queue stays near the count.
+                let flows = &self.flows;
+                p.order
+                    .retain(|k| flows.get(k).is_some_and(|f| owner_of(k, f) == Some(peer)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees one slot: sweeps expired flows (at most every [`SWEEP_INTERVAL`]), else evicts a
+    /// half-open flow of the peer holding the most. False if nothing could go.
+    fn make_room(&mut self, now: Instant) -> bool {
+        let due = self
+            .last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_INTERVAL);
+        if due {
+            let before = self.flows.len();
+            self.expire(now);
+            if self.flows.len() < before {
+                return true;
+            }
+        }
+        let mut by_size: Vec<(usize, IpAddr)> =
+            self.peers.iter().map(|(ip, p)| (p.count, *ip)).collect();
+        by_size.sort_unstable_by(|a, b| b.cmp(a));
+        by_size
+            .into_iter()
+            .any(|(_, peer)| self.evict_from(peer, now))
+    }
+
+    /// Evicts `peer`'s oldest flow that is half-open, cut or expired. False if it has none.
+    fn evict_from(&mut self, peer: IpAddr, now: Instant) -> bool {
+        loop {
+            let Some(key) = self.peers.get_mut(&peer).and_then(|p| p.order.pop_front()) else {
+                return false;
+            };
+            let Some(f) = self.flows.get(&key) else {
+                continue;
+            };
+            if owner_of(&key, f) != Some(peer) {
+                continue;
+            }
+            let evictable =
+                f.expires <= now || !f.established || matches!(f.origin, Origin::Revoked);
+            if !evictable {
+                // Established flows stay until they idle out; it leaves the queue for good.
+                continue;
+            }
+            if let Some(old) = self.flows.remove(&key) {
+                forget(&mut self.peers, &mut self.peer_flows, &key, &old);
+                self.counters.evicted_half_open += 1;
+                return true;
+            }
+        }
+    }
+}
+
+/// The peer that opened a flow (`None`: this device opened it).
+fn owner_of(key: &FlowKey, flow: &Flow) -> Option<IpAddr> {
+    match flow.origin {
+        Origin::Local => None,
+        Origin::Remote { .. } | Origin::Revoked => Some(key.remote),
+    }
+}
+
+/// Bookkeeping for a flow that left the table.
+fn forget(
+    peers: &mut HashMap<IpAddr, PeerFlows, Seeded>,
+    peer_flows: &mut usize,
+    key: &FlowKey,
+    flow: &Flow,
+) {
+    let Some(peer) = owner_of(key, flow) else {
+        return;
+    };
+    *peer_flows = peer_flows.saturating_sub(1);
+    if let Some(p) = peers.get_mut(&peer) {
+        p.count = p.count.saturating_sub(1);
+        if p.count == 0 {
+            peers.remove(&peer);
+        }
     }
 }
 
@@ -496,6 +750,8 @@ impl fmt::Debug for Filter {
             .field("rules", &self.rules.len())
             .field("flows", &self.flows.len())
             .field("max_flows", &self.max_flows)
+            .field("limits", &self.limits)
+            .field("peer_flows", &self.peer_flows)
             .field("counters", &self.counters)
             .finish()
     }
@@ -559,25 +815,45 @@ struct Flow {
     seen_in: bool,
     seen_out: bool,
     closing: bool,
+    /// TCP: the opener acknowledged the answer (handshake complete); UDP/ICMP: answered.
+    established: bool,
 }
 
 impl Flow {
-    fn touch(&mut self, proto: Proto, tcp_flags: u8, now: Instant) {
+    /// A packet of the flow passed: `from_opener` is whether it went the way the flow was
+    /// opened (outbound for this device's flows, inbound for a peer's).
+    fn touch(&mut self, proto: Proto, tcp_flags: u8, now: Instant, from_opener: bool) {
+        let answered = self.seen_in && self.seen_out;
+        let peer_opened = !matches!(self.origin, Origin::Local);
         let timeout = match proto {
             Proto::Tcp => {
                 if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
                     self.closing = true;
                 }
+                let completes = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK;
+                if answered && from_opener && completes {
+                    self.established = true;
+                }
                 if self.closing {
                     TCP_CLOSING_TIMEOUT
-                } else if self.seen_in && self.seen_out {
+                } else if self.established {
                     TCP_ESTABLISHED_TIMEOUT
+                } else if peer_opened {
+                    PEER_HALF_OPEN_TIMEOUT
                 } else {
                     TCP_HALF_OPEN_TIMEOUT
                 }
             }
-            Proto::Udp => UDP_TIMEOUT,
-            Proto::Icmp => ICMP_TIMEOUT,
+            Proto::Udp | Proto::Icmp => {
+                if answered {
+                    self.established = true;
+                }
+                match proto {
+                    Proto::Icmp => ICMP_TIMEOUT,
+                    _ if self.established || !peer_opened => UDP_TIMEOUT,
+                    _ => PEER_HALF_OPEN_TIMEOUT,
+                }
+            }
         };
         self.expires = now + timeout;
     }

@@ -67,14 +67,46 @@ lab_kill "$TCPDUMP"
 check "marker delivered over the overlay" grep -q "$MARKER" "$LAB_DIR/got-marker"
 check "capture: only WireGuard types 1-4 on udp/51820, no plaintext" python3 "$TOOLS" pcap-check "$LAB_DIR/wan.pcap" "$MARKER" 51820
 
-say "a peer sending inner packets from an address that is not its own gets them dropped"
-BEFORE=$(lab_ward_json_get db 's["counters"]["dropped_bad_source"]')
+say "a device sends only from its own address: spoofed sources are dropped before encryption"
+BEFORE=$(lab_ward_json_get alice 's["counters"]["dropped_wrong_source"]')
 lab_exec alice ip addr add 100.64.200.200/32 dev ward0
 check "spoofed-source ping gets no answer" bash -c "! ip netns exec $(lab_ns alice) ping -c3 -i0.2 -W1 -I 100.64.200.200 $DB4 >/dev/null"
 lab_exec alice ip addr del 100.64.200.200/32 dev ward0
-AFTER=$(lab_ward_json_get db 's["counters"]["dropped_bad_source"]')
-check "db counted the spoofed packets (dropped_bad_source $BEFORE -> $AFTER)" test "$AFTER" -ge $((BEFORE + 3))
+AFTER=$(lab_ward_json_get alice 's["counters"]["dropped_wrong_source"]')
+check "alice dropped the spoofed packets unsent (dropped_wrong_source $BEFORE -> $AFTER)" test "$AFTER" -ge $((BEFORE + 3))
 check "real traffic from alice still passes" lab_exec alice ping -c2 -i0.2 -W2 "$DB4"
+
+say "a peer flooding SYNs cannot take db's flow table from other peers or from db itself"
+# 70 000 SYNs from alice (more than db's 65 536-flow table) to two ports db listens on.
+lab_spawn db serve-flood.log python3 "$TOOLS" serve 5601 5602
+lab_spawn bob serve-bob.log python3 "$TOOLS" serve 5603
+lab_wait_for -t 5 bash -c "ip netns exec $(lab_ns db) ss -tln | grep -q ':5602 '"
+lab_wait_for -t 5 bash -c "ip netns exec $(lab_ns bob) ss -tln | grep -q ':5603 '"
+FLOOD_S=$(lab_exec alice python3 "$TOOLS" synflood "$AL4" "$DB4" 5601 5602 70000)
+echo "  70 000 SYNs sent in ${FLOOD_S:-?} s"
+check "bob still opens a new connection to db" lab_exec bob timeout 5 nc -z -w3 "$DB4" 5601
+check "db still opens a new outbound connection (to bob)" lab_exec db timeout 5 nc -z -w3 "$BO4" 5603
+
+say "a peer (a modified agent with bob's key, on junk) reaches db and nothing behind it"
+# bob may open every port on db. With bob's WireGuard key, tools.py handshakes with db from junk
+# and sends UDP through the tunnel, in order: to db's underlay address, a network behind db
+# (dropped); from a source that is not bob's (dropped); to db's overlay address (delivered, so
+# once it arrived the two before it were judged).
+PIVOT_PORT=5399
+lab_spawn db udp-log.log python3 "$TOOLS" udp-log "$PIVOT_PORT" "$LAB_DIR/pivot-got"
+lab_wait_for -t 5 bash -c "ip netns exec $(lab_ns db) ss -uln | grep -q ':$PIVOT_PORT '"
+WD0=$(lab_ward_json_get db 's["counters"]["dropped_wrong_destination"]')
+BS0=$(lab_ward_json_get db 's["counters"]["dropped_bad_source"]')
+DBKEY=$(lab_ward_json_get bob "[p['public_key'] for p in s['peers'] if p['hostname']=='db'][0]")
+check "handshake with db as bob" lab_exec junk python3 "$TOOLS" wg-send "$LAB_DIR/dev-bob/state/state.json" \
+    "$DBKEY" "$DBWAN" 51820 "$BO4" "$DBWAN:$PIVOT_PORT" "100.64.200.200>$DB4:$PIVOT_PORT" "$DB4:$PIVOT_PORT"
+check "the packet for db's overlay address arrives" lab_wait_for -t 5 grep -qx "ward-$DB4" "$LAB_DIR/pivot-got"
+check "the packet for db's underlay address does not" bash -c "! grep -q 'ward-$DBWAN' '$LAB_DIR/pivot-got'"
+check "only one packet arrived (the spoofed source did not)" test "$(wc -l <"$LAB_DIR/pivot-got")" -eq 1
+WD1=$(lab_ward_json_get db 's["counters"]["dropped_wrong_destination"]')
+BS1=$(lab_ward_json_get db 's["counters"]["dropped_bad_source"]')
+check "db counted it (dropped_wrong_destination $WD0 -> $WD1)" test "$WD1" -ge $((WD0 + 1))
+check "db counted the spoofed source (dropped_bad_source $BS0 -> $BS1)" test "$BS1" -ge $((BS0 + 1))
 
 say "two devices both behind NAT (one symmetric): status says unreachable, does not pretend"
 sleep 16

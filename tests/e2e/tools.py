@@ -13,7 +13,22 @@
   tools.py stream HOST PORT SECONDS      one TCP connection, a line every 50 ms; print the
                                          epoch ms of every echo received, one per line
   tools.py scan HOST FIRST LAST          try to connect to every port in FIRST..LAST
+  tools.py synflood SRC DST FIRST LAST COUNT
+                                         COUNT TCP SYNs from SRC (raw socket) to DST, ports
+                                         FIRST..LAST in turn, source ports varied; print the
+                                         seconds it took
+  tools.py udp-log PORT FILE             append every UDP payload received on PORT (all
+                                         addresses) to FILE, one per line (until killed)
+  tools.py wg-send STATE PEER_PUB HOST PORT SRC [SRC2>]DST:DPORT...
+                                         act as the device whose state file is STATE: a
+                                         WireGuard handshake with the peer (base64 public key
+                                         PEER_PUB) at HOST:PORT, then one inner UDP packet from
+                                         SRC (or SRC2) to each DST:DPORT, payload `ward-DST`; prints
+                                         `handshake ok` (needs python3-cryptography; the rest is
+                                         stdlib only)
 """
+import hashlib
+import hmac
 import os
 import random
 import socket
@@ -225,7 +240,153 @@ def scan(host, first, last):
     print(f"scanned {host} ports {first}-{last}: {refused} not open")
 
 
+def _tcp_checksum(src, dst, seg):
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(seg))
+    data = pseudo + seg
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s > 0xFFFF:
+        s = (s & 0xFFFF) + (s >> 16)
+    return (~s) & 0xFFFF
+
+
+def synflood(src, dst, first, last, count):
+    first, last, count = int(first), int(last), int(count)
+    nports = last - first + 1
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    t0 = time.time()
+    for i in range(count):
+        dport = first + i % nports
+        sport = 1024 + (i // nports) % 64000
+        seg = struct.pack("!HHIIBBHHH", sport, dport, i, 0, 5 << 4, 0x02, 65535, 0, 0)
+        seg = seg[:16] + struct.pack("!H", _tcp_checksum(src, dst, seg)) + seg[18:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, i & 0xFFFF, 0x4000, 64, 6, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+        try:
+            s.sendto(ip + seg, (dst, 0))
+        except OSError:
+            time.sleep(0.001)  # the TUN queue is full: let the agent catch up
+        if i % 256 == 255:
+            time.sleep(0.0005)
+    print(f"{time.time() - t0:.1f}")
+
+
+def udp_log(port, path):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(port)))
+    while True:
+        data, _ = s.recvfrom(65535)
+        with open(path, "ab") as f:
+            f.write(data + b"\n")
+
+
+# WireGuard (Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s), initiator side, as the whitepaper gives it.
+def _wg_hash(*parts):
+    h = hashlib.blake2s()
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def _wg_hmac(key, data):
+    return hmac.new(key, data, hashlib.blake2s).digest()
+
+
+def _wg_kdf(key, data, n):
+    t0 = _wg_hmac(key, data)
+    out, prev = [], b""
+    for i in range(1, n + 1):
+        prev = _wg_hmac(t0, prev + bytes([i]))
+        out.append(prev)
+    return out
+
+
+def _ipv4_checksum(hdr):
+    s = sum(struct.unpack("!10H", hdr))
+    while s > 0xFFFF:
+        s = (s & 0xFFFF) + (s >> 16)
+    return (~s) & 0xFFFF
+
+
+def _udp4(src, dst, dport, payload):
+    udp = struct.pack("!HHHH", 40000, dport, 8 + len(payload), 0) + payload
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
+                      socket.inet_aton(src), socket.inet_aton(dst))
+    hdr = hdr[:10] + struct.pack("!H", _ipv4_checksum(hdr)) + hdr[12:]
+    return hdr + udp
+
+
+def wg_send(state_path, peer_pub_b64, host, port, src, *targets):
+    import base64
+    import json
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives import serialization
+
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    with open(state_path) as f:
+        s_priv = X25519PrivateKey.from_private_bytes(base64.b64decode(json.load(f)["wg_private_key"]))
+    s_pub = s_priv.public_key().public_bytes(*raw)
+    r_pub_b = base64.b64decode(peer_pub_b64)
+    r_pub = X25519PublicKey.from_public_bytes(r_pub_b)
+    aead = lambda k, n, pt, ad: ChaCha20Poly1305(k).encrypt(b"\0" * 4 + struct.pack("<Q", n), pt, ad)
+    unaead = lambda k, n, ct, ad: ChaCha20Poly1305(k).decrypt(b"\0" * 4 + struct.pack("<Q", n), ct, ad)
+
+    c = _wg_hash(b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s")
+    h = _wg_hash(c, b"WireGuard v1 zx2c4 Jason@zx2c4.com")
+    h = _wg_hash(h, r_pub_b)
+    e_priv = X25519PrivateKey.generate()
+    e_pub = e_priv.public_key().public_bytes(*raw)
+    (c,) = _wg_kdf(c, e_pub, 1)
+    h = _wg_hash(h, e_pub)
+    c, k = _wg_kdf(c, e_priv.exchange(r_pub), 2)
+    enc_static = aead(k, 0, s_pub, h)
+    h = _wg_hash(h, enc_static)
+    c, k = _wg_kdf(c, s_priv.exchange(r_pub), 2)
+    now = time.time()
+    # TAI64N as WireGuard implementations write it (2^62 + 37 + Unix seconds): later than the
+    # device's own last handshake, so the peer does not take it for a replay.
+    tai = struct.pack("!QI", (1 << 62) + 37 + int(now), int((now % 1) * 1e9))
+    enc_ts = aead(k, 0, tai, h)
+    h = _wg_hash(h, enc_ts)
+    sender = random.getrandbits(32)
+    msg = struct.pack("<I", 1) + struct.pack("<I", sender) + e_pub + enc_static + enc_ts
+    mac1 = hashlib.blake2s(msg, digest_size=16, key=_wg_hash(b"mac1----", r_pub_b)).digest()
+    msg += mac1 + b"\0" * 16
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(3)
+    dest = (host, int(port))
+    sock.sendto(msg, dest)
+    while True:
+        resp, _ = sock.recvfrom(2048)
+        if len(resp) == 92 and resp[0] == 2 and struct.unpack("<I", resp[8:12])[0] == sender:
+            break
+    r_index = struct.unpack("<I", resp[4:8])[0]
+    e_r = resp[12:44]
+    (c,) = _wg_kdf(c, e_r, 1)
+    h = _wg_hash(h, e_r)
+    e_r_key = X25519PublicKey.from_public_bytes(e_r)
+    (c,) = _wg_kdf(c, e_priv.exchange(e_r_key), 1)
+    (c,) = _wg_kdf(c, s_priv.exchange(e_r_key), 1)
+    c, tau, k = _wg_kdf(c, b"\0" * 32, 3)
+    h = _wg_hash(h, tau)
+    unaead(k, 0, resp[44:60], h)  # raises if the handshake failed
+    t_send, _ = _wg_kdf(c, b"", 2)
+    print("handshake ok")
+    for n, target in enumerate(targets):
+        inner_src = src
+        if ">" in target:
+            inner_src, target = target.split(">", 1)
+        dst, dport = target.rsplit(":", 1)
+        pkt = _udp4(inner_src, dst, int(dport), f"ward-{dst}".encode())
+        pkt += b"\0" * (-len(pkt) % 16)
+        data = struct.pack("<I", 4) + struct.pack("<I", r_index) + struct.pack("<Q", n)
+        sock.sendto(data + aead(t_send, n, pkt, b""), dest)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"pcap-check": pcap_check, "garbage": garbage, "rss": rss, "serve": serve,
-     "await": await_state, "stream": stream, "scan": scan}[cmd](*args)
+     "await": await_state, "stream": stream, "scan": scan, "udp-log": udp_log,
+     "synflood": synflood,
+     "wg-send": wg_send}[cmd](*args)

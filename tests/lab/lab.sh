@@ -613,10 +613,11 @@ lab_ward() {
 # e.g. lab_token --user alice ; lab_token --tag server.
 lab_token() { lab_coord token create "$@"; }
 
-# lab_device_up HOST TOKEN [HOSTNAME=HOST]: `ward up` in HOST.
+# lab_device_up HOST TOKEN [HOSTNAME=HOST]: `ward up` in HOST, the token given on stdin
+# (`--token -`), so it never appears in a command line.
 lab_device_up() {
     local host="${1:?usage: lab_device_up HOST TOKEN [HOSTNAME]}" token="${2:?usage: lab_device_up HOST TOKEN [HOSTNAME]}"
-    lab_ward "$host" up --token "$token" --hostname "${3:-$host}"
+    printf '%s\n' "$token" | lab_ward "$host" up --token - --hostname "${3:-$host}"
 }
 
 # lab_enroll HOST (--user NAME | --tag TAG): make a token and bring HOST up.

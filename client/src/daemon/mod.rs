@@ -7,12 +7,12 @@
 
 mod collect;
 mod host;
+mod local_api;
 mod relays;
 mod session;
 mod status;
 
 use anyhow::{anyhow, bail, Context, Result};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -76,10 +76,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub async fn run(opts: DaemonOpts) -> Result<()> {
     let state_file = StateFile::new(&opts.state_dir);
     let state = state_file.load()?;
-    let listener = bind_socket(&opts.socket).await?;
+    let listener = local_api::bind_socket(&opts.socket).await?;
     let start = match &state {
         None => {
-            info!("not enrolled yet: run `ward up --token TOKEN`");
+            info!("not enrolled yet: run `ward up --token-file FILE`");
             false
         }
         Some(s) => s.enabled,
@@ -115,27 +115,11 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
     Ok(())
 }
 
-async fn bind_socket(path: &PathBuf) -> Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!(
-                "another ward daemon is already listening on {}",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
-}
-
 impl Daemon {
+    /// Answers one request on a local API connection, if the caller's credentials allow it
+    /// (see `local_api`); a connection whose credentials cannot be read gets nothing.
     async fn serve_api(self: Arc<Self>, stream: tokio::net::UnixStream) {
+        let cred = stream.peer_cred();
         let (r, mut w) = stream.into_split();
         let mut line = String::new();
         let resp: Envelope<Response> = match BufReader::new(r)
@@ -144,10 +128,26 @@ impl Daemon {
             .await
         {
             Ok(_) => match serde_json::from_str::<Request>(&line) {
-                Ok(req) => match self.clone().handle(req).await {
-                    Ok(v) => Envelope::ok(v),
-                    Err(e) => Envelope::err(format!("{e:#}")),
-                },
+                Ok(req) => {
+                    let allowed = match &cred {
+                        Ok(c) => {
+                            let access = local_api::access_for(c.uid(), c.gid());
+                            local_api::authorize(access, c.uid(), &req).inspect_err(|_| {
+                                local_api::log_refusal(c.uid(), &req);
+                            })
+                        }
+                        Err(e) => Err(format!(
+                            "permission denied: cannot read the caller's credentials: {e}"
+                        )),
+                    };
+                    match allowed {
+                        Err(why) => Envelope::err(why),
+                        Ok(()) => match self.clone().handle(req).await {
+                            Ok(v) => Envelope::ok(v),
+                            Err(e) => Envelope::err(format!("{e:#}")),
+                        },
+                    }
+                }
                 Err(e) => Envelope::err(format!("bad request: {e}")),
             },
             Err(e) => Envelope::err(format!("reading request: {e}")),
@@ -356,5 +356,125 @@ impl Daemon {
             g.as_deref(),
             self.opts.posture.custom_checks.keys().cloned().collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    /// Sends one request line to `socket` as `uid` (a separate process) and returns what it
+    /// read, or `connect failed: …`.
+    fn call_as(uid: u32, socket: &Path, line: &str) -> String {
+        use std::os::unix::process::CommandExt;
+        let script = "import socket, sys\n\
+            s = socket.socket(socket.AF_UNIX)\n\
+            try:\n    s.connect(sys.argv[1])\n\
+            except OSError as e:\n    print('connect failed:', e.strerror); sys.exit(0)\n\
+            s.sendall(sys.argv[2].encode() + b'\\n')\n\
+            print(s.makefile().readline().strip())\n";
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(socket)
+            .arg(line)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_root_changes_the_device_through_the_local_api() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (to run a client as another user)");
+            return;
+        }
+        const NOBODY: u32 = 65534;
+        let top = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let run_dir = top.path().join("run");
+        let sock = run_dir.join("ward.sock");
+        let listener = local_api::bind_socket(&sock).await.unwrap();
+        let group = local_api::ward_group().is_some();
+        assert_eq!(mode(&run_dir), if group { 0o750 } else { 0o700 });
+        assert_eq!(mode(&sock), if group { 0o660 } else { 0o600 });
+        // No leftovers of the private bind directory.
+        assert_eq!(std::fs::read_dir(&run_dir).unwrap().count(), 1);
+
+        let posture = crate::posture::CollectorConfig::default();
+        let d = Arc::new(Daemon {
+            collectors: collect::Collectors::new(&posture),
+            opts: DaemonOpts {
+                state_dir: top.path().join("state"),
+                socket: sock.clone(),
+                tun: None,
+                port: 0,
+                posture,
+                posture_interval: Duration::from_secs(30),
+            },
+            state_file: StateFile::new(&top.path().join("state")),
+            identity: Mutex::new(None),
+            running: Mutex::new(None),
+            last_agent: Mutex::new(None),
+        });
+        let server = tokio::spawn({
+            let d = d.clone();
+            async move {
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    tokio::spawn(d.clone().serve_api(stream));
+                }
+            }
+        });
+        let down = r#"{"cmd":"down"}"#;
+        let status = r#"{"cmd":"status"}"#;
+        let s = sock.clone();
+        // Another user cannot even reach the socket.
+        let got = tokio::task::spawn_blocking(move || call_as(NOBODY, &s, down))
+            .await
+            .unwrap();
+        assert!(
+            got.starts_with("connect failed: Permission denied"),
+            "{got}"
+        );
+
+        // Even where the socket is reachable (a loosened directory and socket), the caller's
+        // credentials decide: no change, and no read either outside the `ward` group.
+        std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let s = sock.clone();
+        let (got_down, got_status) = tokio::task::spawn_blocking(move || {
+            (call_as(NOBODY, &s, down), call_as(NOBODY, &s, status))
+        })
+        .await
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&got_down).unwrap();
+        assert_eq!(v["ok"], false, "{got_down}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("permission denied: uid 65534 may not run `down`"),
+            "{got_down}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&got_status).unwrap();
+        assert_eq!(v["ok"], false, "{got_status}");
+
+        // Root may.
+        let _: crate::api::StatusView = crate::api::call(&sock, &Request::Status).await.unwrap();
+        let _: DownView = crate::api::call(&sock, &Request::Down).await.unwrap();
+        server.abort();
     }
 }

@@ -143,6 +143,8 @@ pub fn status(s: Sources<'_>) -> StatusView {
             dropped_filter_no_rule: c.dropped_filter_no_rule,
             dropped_filter_expired: c.dropped_filter_expired,
             dropped_filter_other: c.dropped_filter_other,
+            dropped_wrong_destination: c.dropped_wrong_destination,
+            dropped_wrong_source: c.dropped_wrong_source,
             icmp_unreachable_sent: c.icmp_unreachable_sent,
             path: dp.path_counters(),
             discovery: dp.discovery_counters(),

@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use ward_shared::filter::{FilterCounters, FilterRule};
+use ward_shared::filter::{FilterCounters, FilterRule, LocalPrefixes};
 
 pub use self::discovery::DiscoveryCounters;
 pub use self::engine::{Batch, Core, CoreConfig, Outbox, Transmit};
@@ -171,6 +171,12 @@ pub struct DataPlaneCounters {
     /// Decrypted packets refused as malformed, non-first fragments, unsupported protocols, or
     /// because the connection table was full.
     pub dropped_filter_other: u64,
+    /// Decrypted packets whose destination is not one of this device's own addresses (a peer
+    /// trying to reach past this device); dropped before the filter.
+    pub dropped_wrong_destination: u64,
+    /// Packets from the TUN whose source is not one of this device's own addresses; dropped
+    /// before encryption.
+    pub dropped_wrong_source: u64,
     /// ICMP "administratively prohibited" errors written back to the TUN for overlay
     /// destinations without a peer.
     pub icmp_unreachable_sent: u64,
@@ -212,6 +218,9 @@ impl DataPlane {
             },
             rand::random(),
         ));
+        // Before any packet flows: only this device's own addresses are accepted as inbound
+        // destinations and outbound sources.
+        core.set_local_prefixes(LocalPrefixes::own([cfg.ipv4.into(), cfg.ipv6.into()]));
         let discovery = Arc::new(discovery::Inbox::default());
         let relay = Arc::new(relay::RelayQueue::new(relay::RELAY_QUEUE));
         let driver = tokio::task::spawn_blocking({

@@ -51,7 +51,7 @@ pub use disk::{encrypted_from_lsblk, parse_root_mount, RootMount};
 pub use files::MAX_HASHED_FILE;
 pub use firewall::{firewall_from_iptables_save, firewall_from_nft};
 pub use os::{parse_kernel_release, parse_os_release};
-pub use procs::{argv0_basename, ProcessNames};
+pub use procs::{passwd_users, status_uids, Process, ProcessTable};
 pub use screen::{
     desktop_family, parse_gsettings_bool, parse_gsettings_uint, parse_kscreenlockerrc,
     parse_session, passwd_entry, Desktop, KdeLock, Session,
@@ -332,6 +332,9 @@ impl Collector {
             match &m.reading {
                 Reading::Error(e) if changed && e.starts_with("did not finish") => {
                     warn!(check = %name, error = %e, "custom posture check hangs; killed")
+                }
+                Reading::Error(e) if changed && e.starts_with("refused: ") => {
+                    warn!(check = %name, error = %e, "custom posture check refused; not run")
                 }
                 Reading::Error(e) if changed => {
                     info!(check = %name, error = %e, "custom posture check failed")

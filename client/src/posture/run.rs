@@ -141,7 +141,10 @@ impl Runner {
     }
 
     /// Runs a custom check's executable: no arguments, stdin null, a minimal environment.
+    /// Checks run as root, so only one that root alone could have put in place runs (see
+    /// [`trusted_check`]); any other is refused (`refused: …`) without running.
     pub fn check(&self, name: &str, exe: &Path, limits: Limits) -> Result<Output, RunError> {
+        let exe = trusted_check(exe)?;
         let mut cmd = Command::new(exe);
         cmd.env_clear()
             .env("PATH", SAFE_PATH)
@@ -188,6 +191,71 @@ impl Runner {
         }
         result
     }
+}
+
+/// The executable to run for a custom check configured at `exe`, if only root could have put
+/// it there: the file (symlinks resolved) is a regular file owned by root and not writable by
+/// group or others, and so is every directory above it (a root-owned directory with the sticky
+/// bit, like `/tmp`, is allowed: no one else may replace root's entries in it). A symlink at
+/// `exe` must stay inside `exe`'s own directory (the check directory). The resolved path is
+/// what runs, so nothing can be swapped in between this check and the run. A missing file is
+/// [`RunError::NotFound`]; anything else refused is `RunError::Failed("refused: …")`.
+pub(crate) fn trusted_check(exe: &Path) -> Result<PathBuf, RunError> {
+    use std::os::unix::fs::MetadataExt;
+    let refused = |why: String| RunError::Failed(format!("refused: {why}"));
+    let io_err =
+        |p: &Path, e: io::Error| RunError::Failed(format!("cannot check {}: {e}", p.display()));
+    let link = match std::fs::symlink_metadata(exe) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(RunError::NotFound),
+        Err(e) => return Err(io_err(exe, e)),
+    };
+    let real = match std::fs::canonicalize(exe) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(RunError::NotFound),
+        Err(e) => return Err(io_err(exe, e)),
+    };
+    if link.file_type().is_symlink() {
+        let dir = exe.parent().unwrap_or(Path::new("/"));
+        let real_dir = std::fs::canonicalize(dir).map_err(|e| io_err(dir, e))?;
+        if !real.starts_with(&real_dir) {
+            return Err(refused(format!(
+                "{} is a symlink out of its check directory (to {})",
+                exe.display(),
+                real.display()
+            )));
+        }
+    }
+    let meta = std::fs::metadata(&real).map_err(|e| io_err(&real, e))?;
+    if !meta.is_file() {
+        return Err(refused(format!("{} is not a regular file", real.display())));
+    }
+    trusted_owner(&real, meta.uid(), meta.mode(), false).map_err(refused)?;
+    for dir in real.ancestors().skip(1) {
+        let m = std::fs::metadata(dir).map_err(|e| io_err(dir, e))?;
+        trusted_owner(dir, m.uid(), m.mode(), true).map_err(refused)?;
+    }
+    Ok(real)
+}
+
+/// Owned by root and writable by no one else (a directory: or sticky).
+fn trusted_owner(path: &Path, uid: u32, mode: u32, dir: bool) -> Result<(), String> {
+    let what = if dir { "directory " } else { "" };
+    if uid != 0 {
+        return Err(format!(
+            "{what}{} is owned by uid {uid}, not root",
+            path.display()
+        ));
+    }
+    let sticky = dir && mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && !sticky {
+        return Err(format!(
+            "{what}{} is writable by group or others (mode {:o})",
+            path.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// A finished run.

@@ -51,11 +51,43 @@ impl Fake {
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(p, text).unwrap();
     }
+    /// A process running as root whose executable is its argv[0] (a root-owned file, made
+    /// if missing).
     fn process(&self, pid: u32, comm: &str, cmdline: &[u8]) {
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap();
+        let exe = String::from_utf8(argv0.to_vec()).unwrap();
+        self.process_running(pid, comm, cmdline, &exe, 0, 0);
+    }
+    /// A process with the given `comm`, command line, executable (made if missing, owned by
+    /// `exe_uid`, mode 0755) and user.
+    fn process_running(
+        &self,
+        pid: u32,
+        comm: &str,
+        cmdline: &[u8],
+        exe: &str,
+        exe_uid: u32,
+        uid: u32,
+    ) {
+        let file = self.root().join(exe.trim_start_matches('/'));
+        if !file.exists() {
+            fs::create_dir_all(file.parent().unwrap()).unwrap();
+            fs::write(&file, "#!/bin/true\n").unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::chown(&file, Some(exe_uid), Some(exe_uid)).unwrap();
+        }
         let d = self.root().join(format!("proc/{pid}"));
         fs::create_dir_all(&d).unwrap();
         fs::write(d.join("comm"), format!("{comm}\n")).unwrap();
         fs::write(d.join("cmdline"), cmdline).unwrap();
+        fs::write(
+            d.join("status"),
+            format!("Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
+        )
+        .unwrap();
+        let link = d.join("exe");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&file, link).unwrap();
     }
     fn collector(&self, checks: &[(&str, &Path)]) -> Collector {
         Collector::new(CollectorConfig {
@@ -607,8 +639,9 @@ fn checks_from_a_directory() {
 #[test]
 fn real_machine() {
     let mut c = Collector::new(CollectorConfig::default());
-    let own = fs::read_to_string("/proc/self/comm").unwrap();
-    let own = own.trim();
+    // Known by its executable's file name (this test runs as root from a root-owned build).
+    let exe = fs::read_link("/proc/self/exe").unwrap();
+    let own = exe.file_name().unwrap().to_str().unwrap();
     let w = wants(
         &[own],
         &[("/etc/os-release", true), ("/no/such/file", false)],
@@ -641,4 +674,118 @@ fn real_machine() {
         r.screen_lock.reading,
         r.last_package_update_ms.reading
     );
+}
+
+#[test]
+fn a_process_is_known_by_its_executable_and_user_not_by_the_name_it_gives_itself() {
+    let f = Fake::new();
+    // `exec -a osqueryd sleep`, as root: comm and argv[0] claim osqueryd.
+    f.process_running(
+        901,
+        "osqueryd",
+        b"osqueryd\x00100\x00",
+        "/usr/bin/sleep",
+        0,
+        0,
+    );
+    // A user's own file named osqueryd.
+    f.process_running(
+        902,
+        "osqueryd",
+        b"/home/u/osqueryd\0",
+        "/home/u/osqueryd",
+        1000,
+        0,
+    );
+    // The real executable, run by a user instead of root.
+    f.process_running(
+        903,
+        "osqueryd",
+        b"/usr/bin/osqueryd\0",
+        "/usr/bin/osqueryd",
+        0,
+        1000,
+    );
+    let mut c = f.collector(&[]);
+    let w = wants(&["osqueryd"], &[], &[]);
+    let r = c.collect(&w, DeviceId(1), 1, T0);
+    assert_eq!(r.processes["osqueryd"].get(), Ok(&false));
+    // The real one, run by root.
+    f.process_running(
+        904,
+        "osqueryd",
+        b"/usr/bin/osqueryd\0",
+        "/usr/bin/osqueryd",
+        0,
+        0,
+    );
+    let r = c.collect(&w, DeviceId(1), 2, T0 + 1000);
+    assert_eq!(r.processes["osqueryd"].get(), Ok(&true));
+}
+
+#[test]
+fn checks_anyone_but_root_could_change_are_refused_and_never_run() {
+    use std::os::unix::fs::{chown, symlink};
+    let f = Fake::new();
+    let top = tempfile::tempdir().unwrap();
+    let marker = top.path().join("ran");
+    let body = format!("echo x >> {}; echo '{{\"pass\":true}}'", marker.display());
+    // The check directory: root-owned, 0755.
+    let d = top.path().join("checks");
+    fs::create_dir(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+    let good = script(&d, "good", r#"echo '{"pass":true}'"#);
+    let user_owned = script(&d, "user-owned", &body);
+    chown(&user_owned, Some(1000), Some(1000)).unwrap();
+    let group_writable = script(&d, "group-writable", &body);
+    fs::set_permissions(&group_writable, fs::Permissions::from_mode(0o775)).unwrap();
+    // A root-owned script in a directory a user owns (who could swap it).
+    let user_dir = top.path().join("user-dir");
+    fs::create_dir(&user_dir).unwrap();
+    chown(&user_dir, Some(1000), Some(1000)).unwrap();
+    let in_user_dir = script(&user_dir, "check", &body);
+    // A root-owned script in a directory anyone may write to (no sticky bit).
+    let open_dir = top.path().join("open-dir");
+    fs::create_dir(&open_dir).unwrap();
+    fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let in_open_dir = script(&open_dir, "check", &body);
+    // Symlinks from the check directory: one to a file beside it, one out of it.
+    let outside = top.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o755)).unwrap();
+    let target = script(&outside, "elsewhere", &body);
+    symlink(&target, d.join("escape")).unwrap();
+    symlink(&good, d.join("alias")).unwrap();
+
+    let checks = [
+        ("good", good.clone()),
+        ("alias", d.join("alias")),
+        ("user-owned", user_owned),
+        ("group-writable", group_writable),
+        ("in-user-dir", in_user_dir),
+        ("in-open-dir", in_open_dir),
+        ("escape", d.join("escape")),
+    ];
+    let cfg: Vec<(&str, &Path)> = checks.iter().map(|(n, p)| (*n, p.as_path())).collect();
+    let mut c = f.collector(&cfg);
+    let names: Vec<&str> = checks.iter().map(|(n, _)| *n).collect();
+    let r = c.collect(&wants(&[], &[], &names), DeviceId(1), 1, T0);
+    let pass = serde_json::json!({"pass": true});
+    assert_eq!(r.custom["good"], Measured::value(T0, pass.clone()));
+    assert_eq!(r.custom["alias"], Measured::value(T0, pass));
+    for name in [
+        "user-owned",
+        "group-writable",
+        "in-user-dir",
+        "in-open-dir",
+        "escape",
+    ] {
+        let e = err(&r.custom[name]);
+        assert!(e.starts_with("refused: "), "{name}: {e}");
+    }
+    assert!(err(&r.custom["user-owned"]).contains("owned by uid 1000"));
+    assert!(err(&r.custom["group-writable"]).contains("writable by group or others"));
+    assert!(err(&r.custom["in-user-dir"]).contains("owned by uid 1000"));
+    assert!(err(&r.custom["escape"]).contains("symlink out of"));
+    assert!(!marker.exists(), "a refused check ran");
 }

@@ -416,7 +416,13 @@ fn fragments_unknown_protocols_and_garbage_are_denied() {
 
 #[test]
 fn full_table_evicts_expired_first_then_fails_closed() {
-    let mut f = Filter::new(4);
+    // No reserve and no per-peer share: the table alone bounds the flows.
+    let limits = FlowLimits {
+        max_flows: 4,
+        reserved_local: 0,
+        per_peer: 8,
+    };
+    let mut f = Filter::with_limits(limits, 0);
     let t = Instant::now();
     f.set_rules(vec![rule("r", &[PEER], Proto::Udp, &[(53, 53)], None)]);
     for port in 0..4 {
@@ -424,6 +430,8 @@ fn full_table_evicts_expired_first_then_fails_closed() {
             f.check_inbound(&udp(a(PEER), 1000 + port, a(ME), 53), t, NOW_MS),
             Verdict::Allow
         );
+        // Answered: established, so not evictable.
+        f.handle_outbound(&udp(a(ME), 53, a(PEER), 1000 + port), t);
     }
     assert_eq!(
         f.check_inbound(&udp(a(PEER), 2000, a(ME), 53), t, NOW_MS),
@@ -442,6 +450,163 @@ fn full_table_evicts_expired_first_then_fails_closed() {
         Verdict::Allow
     );
     assert!(f.flow_count() <= 4);
+}
+
+const ATTACKER: &str = "100.64.0.9";
+
+#[test]
+fn one_peer_flooding_syns_cannot_stop_other_peers_or_this_device() {
+    let mut f = Filter::with_seed(DEFAULT_MAX_FLOWS, 7);
+    let now = Instant::now();
+    f.set_rules(vec![rule(
+        "web",
+        &[ATTACKER, PEER],
+        Proto::Tcp,
+        &[(80, 81)],
+        None,
+    )]);
+    // 70 000 SYNs to the two ports it may open (more than the table holds), each answered.
+    let mut t = now;
+    for dport in [80u16, 81] {
+        for sport in 0..35_000u16 {
+            let p = tcp(a(ATTACKER), sport, a(ME), dport, SYN);
+            if f.check_inbound(&p, t, NOW_MS) == Verdict::Allow {
+                f.handle_outbound(&tcp(a(ME), dport, a(ATTACKER), sport, SYN | ACK), t);
+            }
+        }
+        t += Duration::from_millis(100);
+    }
+    let limits = FlowLimits::for_table(DEFAULT_MAX_FLOWS);
+    assert!(f.flow_count() <= limits.per_peer, "{}", f.flow_count());
+    assert!(f.counters().evicted_half_open > 0);
+    // Another peer opens a new flow, and it completes.
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 5000, a(ME), 80, SYN), t, NOW_MS),
+        Verdict::Allow
+    );
+    f.handle_outbound(&tcp(a(ME), 80, a(PEER), 5000, SYN | ACK), t);
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 5000, a(ME), 80, ACK), t, NOW_MS),
+        Verdict::Allow
+    );
+    // This device opens a new connection and its reply passes.
+    f.handle_outbound(&tcp(a(ME), 40000, a(OTHER), 443, SYN), t);
+    assert_eq!(
+        f.check_inbound(&tcp(a(OTHER), 443, a(ME), 40000, SYN | ACK), t, NOW_MS),
+        Verdict::Allow
+    );
+    assert_eq!(f.counters().outbound_untracked, 0);
+    // The flood goes on: the completed flow of the other peer stays.
+    for i in 0..10_000u16 {
+        let _ = f.check_inbound(&tcp(a(ATTACKER), i, a(ME), 80, SYN), t, NOW_MS);
+    }
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 5000, a(ME), 80, ACK), t, NOW_MS),
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn many_flooding_peers_still_leave_room_for_new_peers_and_this_device() {
+    let limits = FlowLimits {
+        max_flows: 256,
+        reserved_local: 64,
+        per_peer: 32,
+    };
+    let mut f = Filter::with_limits(limits, 3);
+    let now = Instant::now();
+    let attackers: Vec<String> = (10..30).map(|i| format!("100.64.1.{i}")).collect();
+    let mut sources: Vec<&str> = attackers.iter().map(String::as_str).collect();
+    sources.push(PEER);
+    f.set_rules(vec![rule("web", &sources, Proto::Tcp, &[(80, 80)], None)]);
+    for port in 0..1000u16 {
+        for at in &attackers {
+            let _ = f.check_inbound(&tcp(a(at), port, a(ME), 80, SYN), now, NOW_MS);
+        }
+    }
+    assert!(f.flow_count() <= limits.max_flows - limits.reserved_local);
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 5000, a(ME), 80, SYN), now, NOW_MS),
+        Verdict::Allow
+    );
+    // This device's own flows fill the reserve and more without a refusal.
+    for port in 0..100u16 {
+        f.handle_outbound(&tcp(a(ME), 30000 + port, a(OTHER), 443, SYN), now);
+    }
+    assert_eq!(f.counters().outbound_untracked, 0);
+    assert!(f.flow_count() <= limits.max_flows);
+}
+
+#[test]
+fn a_peer_holding_its_share_in_established_flows_is_refused_more() {
+    let limits = FlowLimits {
+        max_flows: 64,
+        reserved_local: 16,
+        per_peer: 4,
+    };
+    let mut f = Filter::with_limits(limits, 1);
+    let now = Instant::now();
+    f.set_rules(vec![rule(
+        "web",
+        &[PEER, OTHER],
+        Proto::Tcp,
+        &[(80, 80)],
+        None,
+    )]);
+    for port in 0..4u16 {
+        assert_eq!(
+            f.check_inbound(&tcp(a(PEER), port, a(ME), 80, SYN), now, NOW_MS),
+            Verdict::Allow
+        );
+        f.handle_outbound(&tcp(a(ME), 80, a(PEER), port, SYN | ACK), now);
+        assert_eq!(
+            f.check_inbound(&tcp(a(PEER), port, a(ME), 80, ACK), now, NOW_MS),
+            Verdict::Allow
+        );
+    }
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 9, a(ME), 80, SYN), now, NOW_MS),
+        Verdict::Deny(DenyReason::PeerQuota)
+    );
+    assert_eq!(f.counters().denied_peer_quota, 1);
+    // Its established flows go on; another peer is not affected.
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 0, a(ME), 80, ACK), now, NOW_MS),
+        Verdict::Allow
+    );
+    assert_eq!(
+        f.check_inbound(&tcp(a(OTHER), 1, a(ME), 80, SYN), now, NOW_MS),
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn a_peers_flow_is_held_long_only_once_its_handshake_completes() {
+    let mut f = Filter::new(64);
+    let t0 = Instant::now();
+    f.set_rules(vec![rule("web", &[PEER], Proto::Tcp, &[(80, 80)], None)]);
+    // Answered but never completed: half-open, gone after the short timeout.
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 1000, a(ME), 80, SYN), t0, NOW_MS),
+        Verdict::Allow
+    );
+    f.handle_outbound(&tcp(a(ME), 80, a(PEER), 1000, SYN | ACK), t0);
+    // Completed by the peer's ACK: established.
+    let _ = f.check_inbound(&tcp(a(PEER), 2000, a(ME), 80, SYN), t0, NOW_MS);
+    f.handle_outbound(&tcp(a(ME), 80, a(PEER), 2000, SYN | ACK), t0);
+    let _ = f.check_inbound(&tcp(a(PEER), 2000, a(ME), 80, ACK), t0, NOW_MS);
+    assert_eq!(f.flow_count(), 2);
+    f.expire(t0 + PEER_HALF_OPEN_TIMEOUT + Duration::from_secs(1));
+    assert_eq!(f.flow_count(), 1);
+    f.expire(t0 + TCP_ESTABLISHED_TIMEOUT - Duration::from_secs(1));
+    assert_eq!(f.flow_count(), 1);
+    f.expire(t0 + TCP_ESTABLISHED_TIMEOUT + Duration::from_secs(1));
+    assert_eq!(f.flow_count(), 0);
+    // A peer's unanswered UDP flow is half-open too.
+    f.set_rules(vec![rule("dns", &[PEER], Proto::Udp, &[(53, 53)], None)]);
+    let _ = f.check_inbound(&udp(a(PEER), 3000, a(ME), 53), t0, NOW_MS);
+    f.expire(t0 + PEER_HALF_OPEN_TIMEOUT + Duration::from_secs(1));
+    assert_eq!(f.flow_count(), 0);
 }
 
 /// A reference model of the filter's decision: rules plus the set of flows.
@@ -599,6 +764,45 @@ proptest! {
         }
     }
 
+    /// Whatever peers send without completing handshakes (floods from several peers, some
+    /// SYNs answered), a new peer's flow and this device's own new flows still get in, no peer
+    /// holds more than its share, and the table stays bounded.
+    #[test]
+    fn floods_never_lock_out_a_new_peer_or_this_device(
+        floods in proptest::collection::vec((0u8..6, 0u16..400, any::<bool>()), 1..400),
+        per_peer in 4usize..40,
+    ) {
+        let limits = FlowLimits { max_flows: 128, reserved_local: 32, per_peer };
+        let mut f = Filter::with_limits(limits, 9);
+        let now = Instant::now();
+        let attackers: Vec<IpAddr> = (0..6u8).map(|i| addr(20 + i, false)).collect();
+        let newcomer = addr(40, false);
+        let mut sources = attackers.clone();
+        sources.push(newcomer);
+        f.set_rules(vec![FilterRule {
+            rule: "r".into(),
+            service: "s".into(),
+            sources,
+            proto: Proto::Tcp,
+            ports: vec![PortRange { lo: 80, hi: 80 }],
+            not_after_ms: None,
+        }]);
+        let me = addr(0, false);
+        for (who, sport, answer) in floods {
+            let from = attackers[who as usize];
+            if f.check_inbound(&tcp(from, sport, me, 80, SYN), now, NOW_MS) == Verdict::Allow && answer {
+                f.handle_outbound(&tcp(me, 80, from, sport, SYN | ACK), now);
+            }
+            prop_assert!(f.flow_count() <= limits.max_flows);
+            prop_assert!(f.peers.values().all(|p| p.count <= per_peer));
+        }
+        prop_assert_eq!(f.check_inbound(&tcp(newcomer, 7, me, 80, SYN), now, NOW_MS), Verdict::Allow);
+        for port in 0..32u16 {
+            f.handle_outbound(&tcp(me, 30000 + port, addr(50, false), 443, SYN), now);
+        }
+        prop_assert_eq!(f.counters().outbound_untracked, 0);
+    }
+
     /// Arbitrary bytes never panic the filter, and never open a flow.
     #[test]
     fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
@@ -651,4 +855,30 @@ fn refused_new_flows_are_logged_for_scan_detection_and_bounded() {
         let _ = f.check_inbound(&tcp(s.into(), 40000, dst.into(), 22, SYN), now, 0);
     }
     assert_eq!(f.take_denied().len(), MAX_DENIED_LOG);
+}
+
+#[test]
+fn local_prefixes_hold_the_devices_own_addresses_and_routed_prefixes() {
+    let mut l = LocalPrefixes::own([a(ME), a("fd00:1::7")]);
+    assert!(l.contains(a(ME)));
+    assert!(l.contains(a("::ffff:100.64.0.1")));
+    assert!(l.contains(a("fd00:1::7")));
+    assert!(!l.contains(a(PEER)));
+    assert!(!l.contains(a("192.168.50.2")));
+    assert!(!l.contains(a("fd00:1::8")));
+    l.add_prefix(a("192.168.50.0"), 24);
+    l.add_prefix(a("fd00:2::"), 200);
+    assert!(l.contains(a("192.168.50.2")));
+    assert!(!l.contains(a("192.168.51.2")));
+    assert!(l.contains(a("fd00:2::")));
+    assert!(!l.contains(a("fd00:2::1")));
+    assert!(LocalPrefixes::default().contains(a(ME)).eq(&false));
+    let p = tcp(a(PEER), 1, a(ME), 2, SYN);
+    assert_eq!(LocalPrefixes::packet_addr(&p, true), Some(a(ME)));
+    assert_eq!(LocalPrefixes::packet_addr(&p, false), Some(a(PEER)));
+    let p6 = udp(a("fd00:1::8"), 1, a("fd00:1::7"), 2);
+    assert_eq!(LocalPrefixes::packet_addr(&p6, true), Some(a("fd00:1::7")));
+    assert_eq!(LocalPrefixes::packet_addr(&p[..19], true), None);
+    assert_eq!(LocalPrefixes::packet_addr(&p6[..39], false), None);
+    assert_eq!(LocalPrefixes::packet_addr(&[], false), None);
 }

@@ -247,8 +247,13 @@ impl Agent {
             .args(args))
     }
 
+    /// `ward up` with the token in a 0600 file beside the socket (never on the command line,
+    /// where other local users could read it).
     pub fn up(&self, token: &str, hostname: &str) -> Output {
-        self.try_cli(&["up", "--token", token, "--hostname", hostname])
+        let file = self.socket.with_extension("token");
+        write_private(&file, token);
+        let file = file.to_string_lossy().into_owned();
+        self.try_cli(&["up", "--token-file", &file, "--hostname", hostname])
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -272,4 +277,18 @@ impl Agent {
         v.sort();
         v
     }
+}
+
+/// Writes `text` to a new file only its owner can read.
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .expect("token file");
+    f.write_all(text.as_bytes()).expect("token file written");
 }

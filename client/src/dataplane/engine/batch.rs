@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
-use ward_shared::filter::{DenyReason, Verdict};
+use ward_shared::filter::{DenyReason, LocalPrefixes, Verdict};
 
 use super::counters::LocalCounters;
 use super::filter::{FilterGuard, OutboundLog};
@@ -125,6 +125,13 @@ impl<'b> Runs<'b, '_> {
             self.local.dropped_bad_tun_packet += 1;
             return;
         };
+        if let Some(local) = self.core.local.get() {
+            if !LocalPrefixes::packet_addr(packet, false).is_some_and(|s| local.contains(s)) {
+                tracing::trace!(%dst, "source is not this device's address");
+                self.local.dropped_wrong_source += 1;
+                return;
+            }
+        }
         let Some(peer) = self.route(dst) else {
             tracing::trace!(%dst, "no peer owns destination");
             self.local.dropped_no_route += 1;
@@ -345,6 +352,14 @@ impl<'b> Runs<'b, '_> {
             None => None,
             Some(Some(n)) => {
                 let core = self.core;
+                if let Some(local) = core.local.get() {
+                    let dst = LocalPrefixes::packet_addr(&tun_out[..n], true);
+                    if !dst.is_some_and(|d| local.contains(d)) {
+                        tracing::trace!(%from, ?dst, "destination is not this device's address");
+                        self.local.dropped_wrong_destination += 1;
+                        return None;
+                    }
+                }
                 // Already locked (above, before the session).
                 let filter = self.filter.get_or_insert_with(|| core.filter.lock());
                 // Packets this same batch sent come first (a batch that sends and receives).
@@ -360,7 +375,8 @@ impl<'b> Runs<'b, '_> {
                             DenyReason::Malformed
                             | DenyReason::Fragment
                             | DenyReason::UnsupportedProtocol
-                            | DenyReason::TableFull => self.local.dropped_filter_other += 1,
+                            | DenyReason::TableFull
+                            | DenyReason::PeerQuota => self.local.dropped_filter_other += 1,
                         }
                         return None;
                     }

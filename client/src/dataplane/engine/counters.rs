@@ -21,6 +21,8 @@ pub(super) struct Counters {
     pub(super) dropped_filter_no_rule: AtomicU64,
     pub(super) dropped_filter_expired: AtomicU64,
     pub(super) dropped_filter_other: AtomicU64,
+    pub(super) dropped_wrong_destination: AtomicU64,
+    pub(super) dropped_wrong_source: AtomicU64,
     pub(super) icmp_unreachable_sent: AtomicU64,
     pub(super) direct_probes_sent: AtomicU64,
 }
@@ -42,6 +44,8 @@ impl Counters {
             dropped_filter_no_rule: g(&self.dropped_filter_no_rule),
             dropped_filter_expired: g(&self.dropped_filter_expired),
             dropped_filter_other: g(&self.dropped_filter_other),
+            dropped_wrong_destination: g(&self.dropped_wrong_destination),
+            dropped_wrong_source: g(&self.dropped_wrong_source),
             icmp_unreachable_sent: g(&self.icmp_unreachable_sent),
             direct_probes_sent: g(&self.direct_probes_sent),
             ..DataPlaneCounters::default()
@@ -64,6 +68,8 @@ pub(super) struct LocalCounters {
     pub(super) dropped_filter_no_rule: u64,
     pub(super) dropped_filter_expired: u64,
     pub(super) dropped_filter_other: u64,
+    pub(super) dropped_wrong_destination: u64,
+    pub(super) dropped_wrong_source: u64,
     pub(super) icmp_unreachable_sent: u64,
     pub(super) direct_probes_sent: u64,
 }
@@ -92,6 +98,11 @@ impl LocalCounters {
         add(&c.dropped_filter_no_rule, &mut self.dropped_filter_no_rule);
         add(&c.dropped_filter_expired, &mut self.dropped_filter_expired);
         add(&c.dropped_filter_other, &mut self.dropped_filter_other);
+        add(
+            &c.dropped_wrong_destination,
+            &mut self.dropped_wrong_destination,
+        );
+        add(&c.dropped_wrong_source, &mut self.dropped_wrong_source);
         add(&c.icmp_unreachable_sent, &mut self.icmp_unreachable_sent);
         add(&c.direct_probes_sent, &mut self.direct_probes_sent);
     }

@@ -51,13 +51,13 @@ mod session;
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv6Addr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::TunnResult;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use ward_shared::filter::{Filter, FilterCounters, FilterRule};
+use ward_shared::filter::{Filter, FilterCounters, FilterRule, LocalPrefixes};
 
 use self::counters::{Counters, LocalCounters};
 use self::filter::SharedFilter;
@@ -202,6 +202,9 @@ pub struct Core {
     relays: RwLock<Relays>,
     /// Path switches over all peers (each peer's `Path` holds a reference).
     path_switches: Arc<AtomicU64>,
+    /// The addresses this device owns (see [`Core::set_local_prefixes`]): set once, read by
+    /// both packet paths without a lock.
+    local: OnceLock<LocalPrefixes>,
 }
 
 impl Core {
@@ -223,7 +226,19 @@ impl Core {
             pmtu: Arc::default(),
             relays: RwLock::new(Relays::default()),
             path_switches: Arc::default(),
+            local: OnceLock::new(),
         }
+    }
+
+    /// Sets the addresses this device owns, once, before packets flow (the driver does it
+    /// when it makes the core). From then on a decrypted packet whose destination is not one
+    /// of them is dropped (counted as `dropped_wrong_destination`: a peer must not use this
+    /// device as a router into the networks behind it), and a TUN packet whose source is not
+    /// one of them is dropped before encryption (`dropped_wrong_source`). Until it is called
+    /// no address check is made (the engine's own tests drive cores without it). Returns false,
+    /// changing nothing, if the addresses were already set.
+    pub fn set_local_prefixes(&self, local: LocalPrefixes) -> bool {
+        self.local.set(local).is_ok()
     }
 
     /// The path MTUs the core checks TUN packets against; the driver keeps them current.

@@ -391,6 +391,7 @@ fn established_pair(seed: u64) -> Net {
     net
 }
 
+mod local;
 mod nat;
 mod paths;
 mod relayed;

@@ -1,0 +1,317 @@
+//! Fuzz target bodies: one function per parser that reads bytes from the network or a file.
+//!
+//! Each body feeds arbitrary bytes to a parser and checks what must hold whatever the input:
+//! no panic, bounded buffers, and for anything signed, that nothing but the signer's own output
+//! verifies. `fuzz_targets/*.rs` hand them to libFuzzer (`cargo +nightly fuzz run NAME`);
+//! `tests/tests/fuzz_corpus.rs` includes this file and replays `fuzz/corpus/NAME/*` through the
+//! same functions on the stable toolchain, so CI keeps every input the fuzzers found.
+//!
+//! Only public APIs are used, so this file compiles both as the `ward-fuzz` crate and as a
+//! module of the test crate.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use ward_shared::discovery::{BindingRequest, BindingResponse};
+use ward_shared::filter::{Filter, FilterRule, PortRange, Proto};
+use ward_shared::lease::SignedLease;
+use ward_shared::names::{Hostname, Name};
+use ward_shared::policy::{self, DirDevice, DirUser, Directory, Policy};
+use ward_shared::posture::PostureReport;
+use ward_shared::relay::{
+    encode_datagram, split_datagram, CoordinatorToRelay, DeviceToRelay, RelayCredential,
+    RelayToCoordinator, RelayToDevice, SignedTicket,
+};
+use ward_shared::token::EnrollToken;
+use ward_shared::wire::{self, CoordinatorMsg, DeviceId, DeviceMsg, FrameDecoder};
+
+/// Coordinator time the bodies evaluate at (2026-12-01).
+const NOW_MS: i64 = 1_796_083_200_000;
+/// Largest frame the control-frame body accepts (small, so the fuzzer reaches the limit).
+const FRAME_MAX: usize = 4096;
+
+/// The signing key of the "coordinator" whose leases and tickets the bodies verify.
+fn issuer() -> SigningKey {
+    SigningKey::from_bytes(&[7u8; 32])
+}
+
+/// Control-channel frames (device ↔ coordinator), arriving in pieces: the first byte sets
+/// the piece size. Every frame body is decoded as a device and as a coordinator message;
+/// whatever decodes must encode and decode again.
+pub fn control_frames(data: &[u8]) {
+    let Some((&piece, rest)) = data.split_first() else {
+        return;
+    };
+    let mut dec = FrameDecoder::new(FRAME_MAX);
+    for chunk in rest.chunks(usize::from(piece).max(1)) {
+        // A reader asks for at most `wanted()` bytes; the body honours that bound.
+        let mut chunk = chunk;
+        while !chunk.is_empty() {
+            let want = dec.wanted();
+            assert!(want >= 1, "the decoder must always want progress");
+            let (now, later) = chunk.split_at(want.min(chunk.len()));
+            dec.push(now);
+            chunk = later;
+            loop {
+                match dec.next_frame() {
+                    Ok(Some(body)) => {
+                        assert!(body.len() <= FRAME_MAX, "frame over the limit");
+                        control_body(&body);
+                    }
+                    Ok(None) => break,
+                    // An oversized frame ends the stream, as on a real connection.
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+    let _ = dec.finish();
+    control_body(rest);
+}
+
+fn control_body(body: &[u8]) {
+    if let Ok(m) = wire::decode::<DeviceMsg>(body) {
+        let again = wire::encode(&m);
+        wire::decode::<DeviceMsg>(&again[4..]).expect("a re-encoded device message decodes");
+    }
+    if let Ok(m) = wire::decode::<CoordinatorMsg>(body) {
+        let again = wire::encode(&m);
+        wire::decode::<CoordinatorMsg>(&again[4..])
+            .expect("a re-encoded coordinator message decodes");
+    }
+}
+
+/// What a relay reads: device frames, coordinator control frames, relayed datagrams, address
+/// discovery, and tickets (which only the issuer can sign).
+pub fn relay_protocol(data: &[u8]) {
+    let _ = wire::decode::<DeviceToRelay>(data);
+    let _ = wire::decode::<RelayToDevice>(data);
+    let _ = wire::decode::<RelayToCoordinator>(data);
+    let _ = wire::decode::<CoordinatorToRelay>(data);
+    if let Some((id, body)) = split_datagram(data) {
+        assert_eq!(
+            encode_datagram(id, body),
+            data,
+            "datagram header round trip"
+        );
+    }
+    let _ = BindingRequest::decode(data);
+    if let Ok(r) = BindingResponse::decode(data) {
+        assert_eq!(
+            BindingResponse::decode(&r.encode()),
+            Ok(r),
+            "binding response"
+        );
+    }
+    if let Ok(t) = wire::decode::<SignedTicket>(data) {
+        let key = issuer();
+        let at = t.ticket.not_before_ms;
+        if t.verify(&key.verifying_key(), at).is_ok() {
+            // Ed25519 is deterministic: a ticket verifies only if it is the issuer's own.
+            assert_eq!(
+                t.ticket.clone().sign(&key),
+                t,
+                "a ticket verified without the key"
+            );
+        }
+        let _ = t.verify_for(&key.verifying_key(), at, &[0u8; 32]);
+    }
+}
+
+/// Strings people paste or type: enrollment tokens, relay credentials, durations, names.
+pub fn tokens_and_names(data: &[u8]) {
+    let s = String::from_utf8_lossy(data);
+    if let Ok(t) = EnrollToken::parse(&s) {
+        assert!(EnrollToken::parse(&t.encode()) == Ok(t), "token round trip");
+    }
+    if let Ok(c) = RelayCredential::parse(&s) {
+        assert_eq!(
+            RelayCredential::parse(&c.encode()),
+            Ok(c),
+            "credential round trip"
+        );
+    }
+    let _ = ward_shared::duration::parse(&s);
+    if let Ok(h) = Hostname::sanitize(&s) {
+        assert!(
+            Hostname::parse(h.as_str()).is_ok(),
+            "a sanitized hostname parses"
+        );
+    }
+    if let Ok(n) = Name::parse("user", &s) {
+        assert_eq!(n.as_str(), s, "names are never rewritten");
+    }
+}
+
+/// A policy file: parse, and when it parses, compile it and run its tests against a small
+/// directory.
+pub fn policy(data: &[u8]) {
+    let Ok(p) = policy::parse(data, "fuzz.toml") else {
+        return;
+    };
+    let d = directory();
+    let _ = policy::compile(&p, &d, NOW_MS);
+    let _ = policy::run_tests(&p, &d, NOW_MS);
+}
+
+fn directory() -> Directory {
+    let dev = |id: u64, host: &str, user: Option<&str>, tags: &[&str]| DirDevice {
+        id: DeviceId(id),
+        hostname: host.into(),
+        user: user.map(Into::into),
+        tags: tags.iter().map(|t| (*t).into()).collect(),
+        ipv4: Ipv4Addr::new(100, 64, 0, id as u8),
+        ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, id as u16),
+        live: true,
+        posture_passed: Default::default(),
+        posture_failures: Default::default(),
+        quarantined: false,
+    };
+    Directory {
+        users: vec![
+            DirUser {
+                name: "alice".into(),
+                groups: vec!["eng".into()],
+                disabled: false,
+            },
+            DirUser {
+                name: "bob".into(),
+                groups: vec![],
+                disabled: true,
+            },
+        ],
+        devices: vec![
+            dev(1, "laptop", Some("alice"), &[]),
+            dev(2, "db", None, &["db", "server"]),
+            dev(3, "bob-pc", Some("bob"), &[]),
+        ],
+        grants: vec![],
+    }
+}
+
+/// A posture report as the coordinator receives it, evaluated against every check kind.
+pub fn posture_report(data: &[u8]) {
+    let Ok(report) = wire::decode::<PostureReport>(data) else {
+        return;
+    };
+    let p = posture_policy();
+    for req in p.postures.values() {
+        let _ = ward_shared::posture::evaluate(req, Some(&report), NOW_MS);
+    }
+}
+
+fn posture_policy() -> Policy {
+    const SRC: &str = r#"
+[posture.all]
+os = ["debian>=12", "macos", "windows>=10.0.19045"]
+firewall = true
+disk_encryption = true
+processes = ["osqueryd"]
+files = [{ path = "/etc/ward/marker" }]
+min_ward_version = "0.1.0"
+max_report_age = "10m"
+screen_lock = true
+max_package_age = "7d"
+kernel = ">=6.1"
+custom.edr = true
+custom.av = { version = 3, state = "on" }
+"#;
+    // The text above is a fixed, valid policy: a parse failure is a bug the replay test shows.
+    policy::parse(SRC.as_bytes(), "posture.toml").expect("the posture policy parses")
+}
+
+/// Inner IP packets through the stateful filter, both ways. The first byte of each record
+/// picks the direction and a time step, the second its length.
+pub fn packets(data: &[u8]) {
+    let peer4 = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2));
+    let peer6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2));
+    let max_flows = 32;
+    let mut f = Filter::with_seed(max_flows, 1);
+    f.set_rules(vec![
+        FilterRule {
+            rule: "ssh".into(),
+            service: "ssh".into(),
+            sources: vec![peer4, peer6],
+            proto: Proto::Tcp,
+            ports: vec![PortRange { lo: 22, hi: 22 }],
+            not_after_ms: None,
+        },
+        FilterRule {
+            rule: "dns".into(),
+            service: "dns".into(),
+            sources: vec![peer4],
+            proto: Proto::Udp,
+            ports: vec![PortRange { lo: 53, hi: 53 }],
+            not_after_ms: Some(NOW_MS + 1),
+        },
+        FilterRule {
+            rule: "ping".into(),
+            service: "ping".into(),
+            sources: vec![peer6],
+            proto: Proto::Icmp,
+            ports: vec![],
+            not_after_ms: None,
+        },
+    ]);
+    let start = Instant::now();
+    let mut now = start;
+    let mut rest = data;
+    while let [ctl, len, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let (pkt, after) = tail.split_at(n);
+        rest = after;
+        now += Duration::from_millis(u64::from(ctl >> 1) * 500);
+        if ctl & 1 == 0 {
+            f.handle_outbound(pkt, now);
+        } else {
+            let _ = f.check_inbound(pkt, now, NOW_MS + (now - start).as_millis() as i64);
+        }
+        assert!(f.flow_count() <= max_flows, "flow table over its cap");
+        f.expire(now);
+    }
+    let _ = f.take_denied();
+    let _ = f.counters();
+}
+
+/// The device's state file.
+pub fn state_file(data: &[u8]) {
+    if let Ok(st) = ward_client::state::State::parse(data) {
+        let again = serde_json::to_vec(&st).expect("a parsed state serializes");
+        assert!(
+            ward_client::state::State::parse(&again).is_ok(),
+            "a re-serialized state parses"
+        );
+    }
+}
+
+/// What an enrolling device or a relay sends the coordinator's CA: a certificate request, and
+/// certificates whose identity the coordinator reads.
+pub fn enrollment_csr(data: &[u8]) {
+    let _ = ward_coordinator::pki::Ca::csr_identity(data);
+    let _ = ward_coordinator::pki::cert_identity(data);
+}
+
+/// Leases as peers receive them: only the issuer's own signature verifies.
+pub fn lease(data: &[u8]) {
+    let Ok(l) = wire::decode::<SignedLease>(data) else {
+        return;
+    };
+    let key = issuer();
+    let at = l.lease.not_before_ms;
+    if l.verify(&key.verifying_key(), at).is_ok() {
+        assert_eq!(
+            l.lease.clone().sign(&key),
+            l,
+            "a lease verified without the key"
+        );
+    }
+    let _ = l.verify_for(
+        &key.verifying_key(),
+        at,
+        l.lease.device_id,
+        l.lease.ipv4,
+        l.lease.ipv6,
+    );
+    let _ = ward_shared::lease::issuer_key(&data[..data.len().min(32)]);
+}
