@@ -428,6 +428,7 @@ mod tests {
             identity: Mutex::new(None),
             running: Mutex::new(None),
             last_agent: Mutex::new(None),
+            transports: Default::default(),
         });
         let server = tokio::spawn({
             let d = d.clone();
