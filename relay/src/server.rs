@@ -8,6 +8,9 @@
 //! routed under one lock, then handed on outside it. A datagram goes to the destination's
 //! connection with `send_datagram` only when its buffer has room, so a slow receiver costs
 //! its own datagrams, never the forwarding of others.
+//! Devices on networks that drop UDP connect over TLS/TCP instead ([`crate::tcp`]); their
+//! connections sit in the same table as [`DeviceConn::Tcp`], and the core cannot tell them
+//! apart.
 
 use crate::forward::{Clock, Close, ConnId, Drop, Forwarder, Refusal};
 use bytes::{Bytes, BytesMut};
@@ -35,21 +38,69 @@ pub struct Shared {
     fwd: Mutex<Forwarding>,
     /// Whether the control session is welcomed now.
     pub control_up: AtomicBool,
-    hello_timeout: Duration,
+    pub(crate) hello_timeout: Duration,
+    /// The devices' TLS config for TCP (the QUIC endpoint holds its own copy); `None` until
+    /// the coordinator welcomed the relay.
+    device_tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
 }
 
 #[derive(Debug)]
 pub struct Forwarding {
     pub core: Forwarder,
-    conns: HashMap<ConnId, quinn::Connection>,
+    pub(crate) conns: HashMap<ConnId, DeviceConn>,
 }
+
+/// A device connection the forwarding table hands datagrams to.
+#[derive(Debug, Clone)]
+pub(crate) enum DeviceConn {
+    Quic(quinn::Connection),
+    Tcp(crate::tcp::TcpConn),
+}
+
+impl DeviceConn {
+    /// Bytes of datagrams the connection takes now without waiting.
+    pub(crate) fn datagram_send_buffer_space(&self) -> usize {
+        match self {
+            DeviceConn::Quic(c) => c.datagram_send_buffer_space(),
+            DeviceConn::Tcp(t) => t.send_buffer_space(),
+        }
+    }
+
+    /// The largest datagram (device-id header included) the connection carries now, if it
+    /// has a limit of its own (QUIC: the path MTU it has discovered so far).
+    pub(crate) fn max_datagram(&self) -> Option<usize> {
+        match self {
+            DeviceConn::Quic(c) => c.max_datagram_size(),
+            DeviceConn::Tcp(_) => None,
+        }
+    }
+
+    /// Hands a datagram (device-id header included) to the connection.
+    pub(crate) fn send_datagram(&self, d: bytes::Bytes) -> Result<(), DeviceSendError> {
+        match self {
+            DeviceConn::Quic(c) => c.send_datagram(d).map_err(|_| DeviceSendError),
+            DeviceConn::Tcp(t) => t.send_datagram(&d),
+        }
+    }
+
+    pub(crate) fn close(&self, code: u32, reason: &str) {
+        match self {
+            DeviceConn::Quic(c) => c.close(code.into(), reason.as_bytes()),
+            DeviceConn::Tcp(t) => t.close(),
+        }
+    }
+}
+
+/// The connection could not take a datagram (full or closing).
+#[derive(Debug)]
+pub(crate) struct DeviceSendError;
 
 impl Forwarding {
     /// Closes every connection the core gave up on.
-    fn drain_closes(&mut self) {
+    pub(crate) fn drain_closes(&mut self) {
         while let Some((id, why)) = self.core.poll_close() {
             if let Some(c) = self.conns.remove(&id) {
-                c.close(why.code().into(), why.as_str().as_bytes());
+                c.close(why.code(), why.as_str());
             }
         }
     }
@@ -72,7 +123,20 @@ impl Shared {
             }),
             control_up: AtomicBool::new(false),
             hello_timeout,
+            device_tls: Mutex::new(None),
         })
+    }
+
+    /// The devices' TLS config for TCP, from the coordinator's welcome or a renewal.
+    pub fn set_device_tls(&self, cfg: Arc<rustls::ServerConfig>) {
+        *self.device_tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg);
+    }
+
+    pub(crate) fn device_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.device_tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The forwarding state, locked (a panicked holder cannot leave it inconsistent in a way
@@ -152,7 +216,7 @@ async fn serve_device(shared: Arc<Shared>, incoming: quinn::Incoming, id: ConnId
             conn.close(1u32.into(), Refusal::HelloTimeout.as_str().as_bytes());
             return;
         }
-        g.conns.insert(id, conn.clone());
+        g.conns.insert(id, DeviceConn::Quic(conn.clone()));
     }
     run_device(&shared, &conn, id, deadline).await;
     let mut g = shared.lock();
@@ -282,7 +346,7 @@ fn forward(
     shared: &Shared,
     id: ConnId,
     batch: &mut Vec<Bytes>,
-    routed: &mut Vec<(quinn::Connection, Bytes)>,
+    routed: &mut Vec<(DeviceConn, Bytes)>,
 ) {
     routed.clear();
     let mut undelivered: Vec<(Drop, usize)> = Vec::new();
@@ -290,7 +354,7 @@ fn forward(
         let now = clock();
         let mut g = shared.lock();
         let Forwarding { core, conns } = &mut *g;
-        let mut last: Option<(ConnId, quinn::Connection)> = None;
+        let mut last: Option<(ConnId, DeviceConn)> = None;
         for d in batch.drain(..) {
             let mut buf = BytesMut::from(&d[..]);
             let Ok(to) = core.handle_datagram(id, &mut buf, now) else {
@@ -314,6 +378,10 @@ fn forward(
     }
     for (c, d) in routed.drain(..) {
         let body = d.len().saturating_sub(RELAY_HEADER_LEN);
+        if c.max_datagram().is_some_and(|max| d.len() > max) {
+            undelivered.push((Drop::TooLarge, body));
+            continue;
+        }
         let sent = c.datagram_send_buffer_space() >= d.len() && c.send_datagram(d).is_ok();
         if !sent {
             undelivered.push((Drop::QueueFull, body));
@@ -327,9 +395,16 @@ fn forward(
     }
 }
 
-/// Sends the `Error` frame, waits briefly for it to be read, closes.
-async fn refuse(conn: &quinn::Connection, stream: &mut Stream, r: Refusal) {
-    let code = match r {
+/// [`forward`] for one datagram (a TCP link's frames arrive one at a time).
+pub(crate) fn forward_one(shared: &Shared, id: ConnId, d: &[u8]) {
+    let mut batch = vec![Bytes::copy_from_slice(d)];
+    let mut routed = Vec::with_capacity(1);
+    forward(shared, id, &mut batch, &mut routed);
+}
+
+/// The error code a refusal is reported with.
+pub(crate) fn refusal_code(r: Refusal) -> ErrorCode {
+    match r {
         Refusal::Protocol => ErrorCode::Protocol,
         Refusal::Revoked => ErrorCode::DeviceRevoked,
         Refusal::NotReady | Refusal::TooManyConnections | Refusal::TooManyPending => {
@@ -341,9 +416,13 @@ async fn refuse(conn: &quinn::Connection, stream: &mut Stream, r: Refusal) {
         | Refusal::WrongCertificate
         | Refusal::WrongDevice
         | Refusal::HelloTimeout => ErrorCode::Unauthorized,
-    };
+    }
+}
+
+/// Sends the `Error` frame, waits briefly for it to be read, closes.
+async fn refuse(conn: &quinn::Connection, stream: &mut Stream, r: Refusal) {
     let msg = RelayToDevice::Error {
-        code,
+        code: refusal_code(r),
         message: format!("relay ticket refused: {}", r.as_str()),
     };
     let _ = tokio::time::timeout(ERROR_GRACE, async {

@@ -58,24 +58,7 @@ pub fn device_server_config(
     ca_der: &[u8],
     key: &rcgen::KeyPair,
 ) -> Result<quinn::ServerConfig> {
-    let provider = provider();
-    let ca = CertificateDer::from(ca_der.to_vec());
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(ca.clone())
-        .context("the coordinator's CA certificate is unusable")?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .context("building the device certificate verifier")?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![CertificateDer::from(cert_der.to_vec()), ca],
-            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .context("the relay certificate does not match its key")?;
-    tls.alpn_protocols = vec![RELAY_ALPN.to_vec()];
+    let tls = device_tls_config(cert_der, ca_der, key)?;
     let qc = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qc));
     let mut t = quinn::TransportConfig::default();
@@ -101,6 +84,35 @@ pub fn device_server_config(
     t.ack_frequency_config(Some(ack));
     sc.transport_config(Arc::new(t));
     Ok(sc)
+}
+
+/// The TLS side of [`device_server_config`], shared by QUIC and the TLS-over-TCP listener
+/// ([`crate::tcp`]): chain [relay certificate, CA], client certificates required and chained
+/// to the CA, ALPN `ward-relay/1`, TLS 1.3 only.
+pub fn device_tls_config(
+    cert_der: &[u8],
+    ca_der: &[u8],
+    key: &rcgen::KeyPair,
+) -> Result<rustls::ServerConfig> {
+    let provider = provider();
+    let ca = CertificateDer::from(ca_der.to_vec());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(ca.clone())
+        .context("the coordinator's CA certificate is unusable")?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .context("building the device certificate verifier")?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(cert_der.to_vec()), ca],
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .context("the relay certificate does not match its key")?;
+    tls.alpn_protocols = vec![RELAY_ALPN.to_vec()];
+    Ok(tls)
 }
 
 /// SHA-256 of the public key in a device's certificate (the hash tickets are bound to), from

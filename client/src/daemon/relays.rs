@@ -1,7 +1,8 @@
-//! The relay connections' driver: one task per relay the agent asks for, each holding one QUIC
+//! The relay connections' driver: one task per relay the agent asks for, each holding one
 //! connection (ALPN `ward-relay/1`, mutual TLS with the device certificate, server name
-//! `NAME.relay.ward.internal` under the CA), and one pump for the data plane's relayed
-//! datagrams.
+//! `NAME.relay.ward.internal` under the CA) over QUIC, or over TLS/TCP where UDP does not get
+//! through ([`relay_link`], [`control::connect_either`]), and one pump for the data plane's
+//! relayed datagrams.
 //!
 //! A task connects, sends `Hello{ticket}`, waits (bounded) for `Welcome`, then reports
 //! [`RelayConnEvent::Up`] and every second an RTT sample; it hands received datagrams
@@ -28,10 +29,14 @@ use ward_shared::relay::{
 use ward_shared::wire::{self, FrameDecoder};
 
 use super::lock;
+#[path = "relay_link.rs"]
+pub(super) mod relay_link;
 use super::relay_batch;
 use crate::agent::RelayConnEvent;
 use crate::control;
 use crate::dataplane::{DataPlane, RelayReceiver};
+use relay_link::{RelayLink, SharedTransports};
+use ward_runtime::stream::Transport;
 
 /// Connect, TLS, `Hello` → `Welcome`: all within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,7 +52,7 @@ const BACKOFF_RESET: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub(super) struct Credentials {
     pub ticket: SignedTicket,
-    pub config: quinn::ClientConfig,
+    pub configs: control::Configs,
 }
 
 /// Datagrams the pump could not send, by reason.
@@ -60,7 +65,7 @@ pub(super) struct PumpCounters {
     pub malformed_in: AtomicU64,
 }
 
-pub(super) type Live = Arc<Mutex<BTreeMap<Arc<str>, quinn::Connection>>>;
+pub(super) type Live = Arc<Mutex<BTreeMap<Arc<str>, RelayLink>>>;
 
 /// Where relayed datagrams go: the data plane (or a test's collector).
 pub(super) trait RelaySink: Send + Sync + 'static {
@@ -98,6 +103,8 @@ pub(super) struct RelayClients {
     events: mpsc::Sender<RelayConnEvent>,
     pump: Option<tokio::task::JoinHandle<()>>,
     pub counters: Arc<PumpCounters>,
+    /// Each live link's transport, for status.
+    pub transports: SharedTransports,
 }
 
 impl RelayClients {
@@ -130,24 +137,15 @@ impl RelayClients {
             events,
             pump,
             counters,
+            transports: SharedTransports::default(),
         }
     }
 
     /// Holds a connection to `name` at `addr` (replacing any earlier one for that name).
     pub fn connect(&mut self, name: String, addr: String, creds: Credentials) {
         self.disconnect(&name);
-        let Some(endpoint) = self.endpoint.clone() else {
-            let events = self.events.clone();
-            tokio::spawn(async move {
-                let _ = events
-                    .send(RelayConnEvent::Down {
-                        relay: name,
-                        error: "no QUIC endpoint on this device".into(),
-                    })
-                    .await;
-            });
-            return;
-        };
+        // Without a UDP socket the link goes over TCP alone.
+        let endpoint = self.endpoint.clone();
         let (tx, rx) = watch::channel(creds);
         let name_arc: Arc<str> = Arc::from(name.as_str());
         let handle = tokio::spawn(run(RelayTask {
@@ -159,6 +157,7 @@ impl RelayClients {
             sink: self.sink.clone(),
             events: self.events.clone(),
             counters: self.counters.clone(),
+            transports: self.transports.clone(),
         }));
         self.tasks.insert(name, Task { creds: tx, handle });
     }
@@ -176,8 +175,9 @@ impl RelayClients {
             t.handle.abort();
         }
         if let Some(c) = lock(&self.live).remove(name) {
-            c.close(0u32.into(), b"relay no longer used");
+            c.close(b"relay no longer used");
         }
+        lock(&self.transports).relays.remove(name);
     }
 
     /// Closes everything (the daemon stops).
@@ -208,12 +208,13 @@ async fn pump(mut rx: RelayReceiver, live: Live, counters: Arc<PumpCounters>) {
 struct RelayTask {
     name: Arc<str>,
     addr: String,
-    endpoint: quinn::Endpoint,
+    endpoint: Option<quinn::Endpoint>,
     creds: watch::Receiver<Credentials>,
     live: Live,
     sink: Option<Arc<dyn RelaySink>>,
     events: mpsc::Sender<RelayConnEvent>,
     counters: Arc<PumpCounters>,
+    transports: SharedTransports,
 }
 
 /// Connects, serves, reconnects, until aborted.
@@ -226,6 +227,7 @@ async fn run(mut t: RelayTask) {
             Err(e) => format!("{e:#}"),
         };
         lock(&t.live).remove(&t.name);
+        lock(&t.transports).relays.remove(&*t.name);
         debug!(relay = %t.name, error = %err, "relay connection down");
         if t.events
             .send(RelayConnEvent::Down {
@@ -249,12 +251,18 @@ async fn run(mut t: RelayTask) {
 /// One connection: handshake, then datagrams both ways until it fails.
 async fn serve(t: &mut RelayTask) -> Result<()> {
     let creds = t.creds.borrow_and_update().clone();
-    let (conn, mut send, mut recv, mut dec, relay_says) =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(t, &creds))
-            .await
-            .map_err(|_| anyhow!("no welcome from the relay within {HANDSHAKE_TIMEOUT:?}"))??;
+    let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(t, &creds))
+        .await
+        .map_err(|_| anyhow!("no welcome from the relay within {HANDSHAKE_TIMEOUT:?}"))??;
+    let (conn, mut send, mut recv, mut dec, relay_says) = match opened {
+        Opened::Quic(q) => q,
+        Opened::Tcp(tcp) => return relay_link::serve_tcp(t, tcp).await,
+    };
     let max_datagram = datagram_limit(&conn, relay_says);
-    lock(&t.live).insert(t.name.clone(), conn.clone());
+    lock(&t.live).insert(t.name.clone(), RelayLink::Quic(conn.clone()));
+    lock(&t.transports)
+        .relays
+        .insert(t.name.to_string(), Transport::Quic);
     info!(relay = %t.name, addr = %conn.remote_address(), max_datagram, "relay connection up");
     t.events
         .send(RelayConnEvent::Up {
@@ -308,7 +316,7 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
 
 /// The connection, its stream (with the decoder holding any bytes after `Welcome`) and the
 /// largest WireGuard datagram the relay's `Welcome` offered.
-type Opened = (
+type QuicOpened = (
     quinn::Connection,
     quinn::SendStream,
     quinn::RecvStream,
@@ -316,17 +324,31 @@ type Opened = (
     u16,
 );
 
+/// A welcomed link, by transport.
+enum Opened {
+    Quic(QuicOpened),
+    Tcp(relay_link::TcpOpened),
+}
+
 async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
     let what = format!("relay {}", t.name);
     let addrs = control::resolve_named(&t.addr, &what).await?;
-    let conn = control::connect_first_to(
-        &t.endpoint,
-        creds.config.clone(),
+    let connected = control::connect_either(
+        t.endpoint.as_ref(),
+        &creds.configs,
         &addrs,
         &relay_server_name(&t.name),
         &what,
     )
     .await?;
+    let conn = match connected {
+        control::Connected::Quic(c) => c,
+        control::Connected::Tcp(tls) => {
+            return Ok(Opened::Tcp(
+                relay_link::handshake_tcp(*tls, creds.ticket.clone()).await?,
+            ))
+        }
+    };
     let (mut send, mut recv) = conn.open_bi().await.context("opening the relay stream")?;
     send.write_all(&wire::encode(&DeviceToRelay::Hello {
         protocol: RELAY_PROTOCOL_VERSION,
@@ -338,7 +360,7 @@ async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
     let mut buf = vec![0u8; 4096];
     match read_frame(&mut recv, &mut dec, &mut buf).await? {
         Some(RelayToDevice::Welcome { max_datagram, .. }) => {
-            Ok((conn, send, recv, dec, max_datagram))
+            Ok(Opened::Quic((conn, send, recv, dec, max_datagram)))
         }
         Some(RelayToDevice::Error { code, message }) => {
             bail!("the relay refused: {message} ({code:?})")
@@ -522,13 +544,13 @@ mod tests {
             Some(out_rx),
             ev_tx,
         );
-        let config = control::relay_config(&p.ca_der, &p.client.0, &p.client.1).unwrap();
+        let config = control::relay_configs(&p.ca_der, &p.client.0, &p.client.1).unwrap();
         clients.connect(
             "r1".into(),
             addr.to_string(),
             Credentials {
                 ticket: ticket(1),
-                config: config.clone(),
+                configs: config.clone(),
             },
         );
 
@@ -600,7 +622,7 @@ mod tests {
             "r1",
             Credentials {
                 ticket: ticket(2),
-                config: config.clone(),
+                configs: config.clone(),
             },
         );
         match s.frame().await {
@@ -660,13 +682,13 @@ mod tests {
         let (ev_tx, mut ev_rx) = mpsc::channel(64);
         let mut clients =
             RelayClients::with(Some(control::client_endpoint().unwrap()), None, None, ev_tx);
-        let config = control::relay_config(&p.ca_der, &p.client.0, &p.client.1).unwrap();
+        let config = control::relay_configs(&p.ca_der, &p.client.0, &p.client.1).unwrap();
         clients.connect(
             "r1".into(),
             relay.local_addr().unwrap().to_string(),
             Credentials {
                 ticket: ticket(1),
-                config: config.clone(),
+                configs: config.clone(),
             },
         );
         let accept = tokio::spawn(async move {
@@ -689,13 +711,13 @@ mod tests {
         // A relay that accepts but never welcomes: down after the handshake timeout.
         let p = pki(&relay_server_name("r1"));
         let relay = relay_endpoint(&p);
-        let config = control::relay_config(&p.ca_der, &p.client.0, &p.client.1).unwrap();
+        let config = control::relay_configs(&p.ca_der, &p.client.0, &p.client.1).unwrap();
         clients.connect(
             "r1".into(),
             relay.local_addr().unwrap().to_string(),
             Credentials {
                 ticket: ticket(1),
-                config,
+                configs: config,
             },
         );
         let s = Served::accept(&relay).await;
