@@ -17,7 +17,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use ward_runtime::stream::server::TlsStream;
@@ -34,8 +33,6 @@ use crate::server::{clock, forward_one, refusal_code, DeviceConn, DeviceSendErro
 /// Frames queued toward one TCP device (about 1.5 MB of full datagrams) before datagrams to
 /// it are dropped.
 const QUEUE: usize = 1024;
-/// Bytes the writer gathers from the queue into one write.
-const WRITE_BATCH: usize = 64 * 1024;
 /// How long a refused device gets to read the `Error` frame.
 const ERROR_GRACE: Duration = Duration::from_millis(500);
 
@@ -135,7 +132,7 @@ async fn serve_device(
     let (mut rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel(QUEUE);
     let (close_tx, mut close_rx) = watch::channel(false);
-    let writer = tokio::spawn(write_frames(wr, rx));
+    let writer = tokio::spawn(ward_runtime::stream::write_frames(wr, rx));
     {
         let mut g = shared.lock();
         // The timer may have given up on this connection already.
@@ -306,22 +303,4 @@ async fn run_device(
             }
         }
     }
-}
-
-/// Writes queued frames, gathering what is queued into one write, until the queue closes or a
-/// write fails; then ends the TLS stream.
-async fn write_frames(mut wr: WriteHalf<TlsStream<TcpStream>>, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.clear();
-        batch.extend_from_slice(&first);
-        while batch.len() < WRITE_BATCH {
-            let Ok(more) = rx.try_recv() else { break };
-            batch.extend_from_slice(&more);
-        }
-        if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = wr.shutdown().await;
 }

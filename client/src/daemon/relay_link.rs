@@ -34,9 +34,6 @@ use crate::control;
 
 /// Frames queued toward the relay on a TCP link before datagrams are dropped.
 const TCP_QUEUE: usize = 1024;
-/// Bytes the writer gathers from the queue into one write.
-const WRITE_BATCH: usize = 64 * 1024;
-
 /// Which transport each connection uses now, for `ward status` and `ward netcheck`.
 #[derive(Debug, Default, Clone)]
 pub struct Transports {
@@ -147,7 +144,7 @@ pub(super) async fn serve_tcp(t: &mut RelayTask, opened: TcpOpened) -> Result<()
         rtt,
     } = opened;
     let (tx, rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
-    let _writer = AbortOnDrop(tokio::spawn(write_frames(wr, rx)));
+    let _writer = AbortOnDrop(tokio::spawn(ward_runtime::stream::write_frames(wr, rx)));
     lock(&t.live).insert(t.name.clone(), RelayLink::Tcp(tx.clone()));
     lock(&t.transports)
         .relays
@@ -248,24 +245,6 @@ pub(super) async fn serve_tcp(t: &mut RelayTask, opened: TcpOpened) -> Result<()
             }
         }
     }
-}
-
-/// Writes queued frames, gathering what is queued into one write, until the queue closes or a
-/// write fails.
-async fn write_frames(mut wr: WriteHalf<TlsStream<TcpStream>>, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.clear();
-        batch.extend_from_slice(&first);
-        while batch.len() < WRITE_BATCH {
-            let Ok(more) = rx.try_recv() else { break };
-            batch.extend_from_slice(&more);
-        }
-        if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = wr.shutdown().await;
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

@@ -47,6 +47,32 @@ pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 /// The write half of a connection, whichever transport carries it.
 pub type BoxWrite = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
+/// Most bytes of queued frames [`write_frames`] gathers into one write.
+pub const WRITE_BATCH: usize = 64 * 1024;
+
+/// Writes the frames queued on `rx`, gathering what is already queued (up to [`WRITE_BATCH`]
+/// bytes) into one write, until the queue closes or a write fails; then shuts the stream down.
+/// One task per TLS/TCP link runs it, so senders never wait on the socket.
+pub async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.clear();
+        batch.extend_from_slice(&first);
+        while batch.len() < WRITE_BATCH {
+            let Ok(more) = rx.try_recv() else { break };
+            batch.extend_from_slice(&more);
+        }
+        if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
 /// The next frame body from `recv`; `Ok(None)` at a clean end of the stream. Reads no more
 /// than the frame needs (bytes read are kept in `dec`, so it is safe to call again, also after
 /// a cancelled call). A frame over the decoder's bound, a truncated frame or a stream error is
