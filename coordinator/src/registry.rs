@@ -1142,6 +1142,7 @@ pub fn directory(
                 posture_passed: Default::default(),
                 posture_failures: Default::default(),
                 quarantined: d.quarantine.is_some(),
+                name_bound: d.name_bound,
             })
             .collect(),
         grants: grants.to_vec(),
