@@ -12,8 +12,13 @@
 # Figures per path (median over rounds):
 #   tcp1   iperf3 TCP, 1 stream, Gbit/s (receiver side)
 #   rtt    ping RTT idle, median ms (50 pings, 20 ms apart; 10 with --smoke)
-#   relay  ward-relay CPU seconds per GB during the relayed single-stream run
+#   relay  ward-relay CPU seconds per GB during the single-stream run
+#   a, b   the sending (a) and receiving (b) device daemons' CPU seconds per GB, same run
 # and the relayed/direct ratios.
+#
+# WARD_BENCH_PERF=DIR: also records `perf record -g` of the relay and both daemons during each
+# relayed run, one file per process and round in DIR (for `perf report -i`), and counts of
+# its send/receive/write/futex syscalls and context switches (`*.syscalls`).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -86,6 +91,8 @@ A_IP=$(lab_ip a)
 B_IP=$(lab_ip b)
 B4=$(lab_ward_ipv4 b)
 RELAY_PID=$(lab_pids relay1 | head -n1)
+A_PID=$(lab_pids a | head -n1)
+B_PID=$(lab_pids b | head -n1)
 
 path_kind() { lab_ward_json_get "$1" "[p['path']['kind'] for p in s['peers'] if p['hostname']=='$2'][0]"; }
 is_kind() { [[ "$(path_kind "$1" "$2" 2>/dev/null)" == "$3" ]]; }
@@ -116,20 +123,37 @@ cpu_s() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().
 
 # measure PATH: one single-stream run and the idle RTT over the current path; prints a JSON object.
 measure() {
-    local kind="$1" c0 c1 json rtt
+    local kind="$1" c0 c1 json rtt a0 a1 b0 b1
     rtt=$(lab_exec a ping -q -c "$PINGS" -i 0.02 -W 1 "$B4" | python3 -c '
 import re, sys
 m = re.search(r"= [\d.]+/([\d.]+)/", sys.stdin.read())
 print(m.group(1) if m else "null")')
     lab_spawn b "iperf3-s-$kind.log" iperf3 -s -1 -B "$B4" -p 5201
     lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns b) ss -ltn | grep -q ':5201 '"
-    c0=$(cpu_s "$RELAY_PID")
+    c0=$(cpu_s "$RELAY_PID") a0=$(cpu_s "$A_PID") b0=$(cpu_s "$B_PID")
+    local perf_pids=()
+    if [[ -n "${WARD_BENCH_PERF:-}" && "$kind" == relay ]]; then
+        mkdir -p "$WARD_BENCH_PERF"
+        local who pid
+        for who in relay:$RELAY_PID a:$A_PID b:$B_PID; do
+            pid=${who#*:}
+            perf record -g -q -o "$WARD_BENCH_PERF/${who%%:*}-$r.data" -p "$pid" -- sleep "$DURATION" \
+                >/dev/null 2>&1 &
+            perf_pids+=($!)
+            perf stat -x, -o "$WARD_BENCH_PERF/${who%%:*}-$r.syscalls" -p "$pid" \
+                -e 'syscalls:sys_enter_sendmsg,syscalls:sys_enter_sendmmsg,syscalls:sys_enter_recvmsg,syscalls:sys_enter_recvmmsg,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_futex,context-switches' \
+                -- sleep "$DURATION" >/dev/null 2>&1 &
+            perf_pids+=($!)
+        done
+    fi
     json=$(lab_exec a iperf3 -c "$B4" -p 5201 -t "$DURATION" -J) || json='{"error":"iperf3 failed"}'
-    c1=$(cpu_s "$RELAY_PID")
+    ((${#perf_pids[@]} == 0)) || wait "${perf_pids[@]}" || true
+    c1=$(cpu_s "$RELAY_PID") a1=$(cpu_s "$A_PID") b1=$(cpu_s "$B_PID")
     python3 -c '
 import json, sys
 r = json.loads(sys.argv[1])
-kind, rtt, c0, c1 = sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+kind, rtt = sys.argv[2], sys.argv[3]
+c0, c1, a0, a1, b0, b1 = map(float, sys.argv[4:10])
 out = {"path": kind, "rtt_idle_ms": None if rtt == "null" else float(rtt)}
 if "error" in r:
     out["error"] = r["error"]
@@ -139,7 +163,9 @@ else:
     out["bytes"] = e["bytes"]
     gb = e["bytes"] / 1e9
     out["relay_cpu_s_per_gb"] = (c1 - c0) / gb if gb > 0 else None
-print(json.dumps(out))' "$json" "$kind" "$rtt" "$c0" "$c1"
+    out["a_cpu_s_per_gb"] = (a1 - a0) / gb if gb > 0 else None
+    out["b_cpu_s_per_gb"] = (b1 - b0) / gb if gb > 0 else None
+print(json.dumps(out))' "$json" "$kind" "$rtt" "$c0" "$c1" "$a0" "$a1" "$b0" "$b1"
 }
 
 lab_wait_for -t 30 -i 0.2 both direct || { echo "the two devices never went direct" >&2; exit 1; }
@@ -162,17 +188,20 @@ out_path, smoke, rounds, duration = sys.argv[1], sys.argv[2] == "1", int(sys.arg
 def med(kind, key):
     v = [r[key] for r in runs if r["path"] == kind and r.get(key) is not None]
     return statistics.median(v) if v else None
-summary = {k: {f: med(k, f) for f in ("tcp1_gbps", "rtt_idle_ms", "relay_cpu_s_per_gb")} for k in ("direct", "relay")}
+FIELDS = ("tcp1_gbps", "rtt_idle_ms", "relay_cpu_s_per_gb", "a_cpu_s_per_gb", "b_cpu_s_per_gb")
+summary = {k: {f: med(k, f) for f in FIELDS} for k in ("direct", "relay")}
 d, r = summary["direct"], summary["relay"]
 ratio = lambda a, b: (a / b) if a is not None and b else None
 summary["ratio_tcp1"] = ratio(r["tcp1_gbps"], d["tcp1_gbps"])
 summary["ratio_rtt"] = ratio(r["rtt_idle_ms"], d["rtt_idle_ms"])
 json.dump({"rounds": rounds, "duration_s": duration, "runs": runs, "summary": summary}, open(out_path, "w"), indent=1)
 f = lambda x, p=2: "-" if x is None else "%.*f" % (p, x)
-print("%-8s %12s %12s %15s" % ("path", "tcp1 Gbit/s", "rtt idle ms", "relay cpu s/GB"))
+for r in runs:
+    print("run %-6s %s" % (r["path"], " ".join("%s=%s" % (k, f(r.get(k), 3)) for k in FIELDS)))
+print("%-8s %12s %12s %15s %11s %11s" % ("path", "tcp1 Gbit/s", "rtt idle ms", "relay cpu s/GB", "a cpu s/GB", "b cpu s/GB"))
 for k in ("direct", "relay"):
     s = summary[k]
-    print("%-8s %12s %12s %15s" % (k, f(s["tcp1_gbps"]), f(s["rtt_idle_ms"], 3), f(s["relay_cpu_s_per_gb"])))
+    print("%-8s %12s %12s %15s %11s %11s" % (k, f(s["tcp1_gbps"]), f(s["rtt_idle_ms"], 3), f(s["relay_cpu_s_per_gb"]), f(s["a_cpu_s_per_gb"]), f(s["b_cpu_s_per_gb"])))
 print("relayed/direct: throughput %sx, idle RTT %sx (target: throughput >= 0.5x)" % (f(summary["ratio_tcp1"]), f(summary["ratio_rtt"])))
 print(f"results written to {out_path}")
 errors = [r for r in runs if "error" in r]

@@ -7,6 +7,7 @@
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
@@ -144,6 +145,13 @@ pub struct DeviceView {
     /// while no relay connection is up.
     #[serde(default)]
     pub home_relay: Option<String>,
+    /// The control session's transport: `quic`, or `tcp` (TLS over TCP, where UDP does not get
+    /// through); `None` while it is down.
+    #[serde(default)]
+    pub control_transport: Option<String>,
+    /// Each relay link that is up, by relay name: `quic` or `tcp`.
+    #[serde(default)]
+    pub relay_transports: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -282,6 +290,9 @@ pub struct NetcheckView {
     /// device.
     #[serde(default)]
     pub home_relay: Option<String>,
+    /// The control session's transport (`quic` or `tcp`); `None` while it is down.
+    #[serde(default)]
+    pub control_transport: Option<String>,
 }
 
 /// One relay's last discovery exchange.
@@ -305,6 +316,9 @@ pub struct RelayCheckView {
     /// Why the connection last failed.
     #[serde(default)]
     pub connection_error: Option<String>,
+    /// The live connection's transport: `quic`, or `tcp` where UDP does not get through.
+    #[serde(default)]
+    pub transport: Option<String>,
 }
 
 /// Sends one request to the local agent.
@@ -369,9 +383,13 @@ mod tests {
                 public_key: None,
                 counters: None,
                 home_relay: Some("r1".into()),
+                control_transport: Some("tcp".into()),
+                relay_transports: [("r1".to_string(), "tcp".to_string())].into(),
             }),
         };
         let j = serde_json::to_value(&v).unwrap();
+        assert_eq!(j["control_transport"], "tcp");
+        assert_eq!(j["relay_transports"]["r1"], "tcp");
         let mut keys: Vec<&str> = j.as_object().unwrap().keys().map(|k| k.as_str()).collect();
         keys.sort();
         assert_eq!(
@@ -380,6 +398,7 @@ mod tests {
                 "clock_offset_ms",
                 "clock_warning",
                 "connected_secs",
+                "control_transport",
                 "coordinator",
                 "counters",
                 "device_id",
@@ -397,6 +416,7 @@ mod tests {
                 "public_key",
                 "quarantine",
                 "reach",
+                "relay_transports",
                 "rotations",
                 "state",
                 "tun",

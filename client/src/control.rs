@@ -1,4 +1,5 @@
-//! The device side of the control channel: QUIC + TLS 1.3 to the coordinator.
+//! The device side of the control channel: QUIC + TLS 1.3 to the coordinator, with TLS 1.3
+//! over TCP as the fallback where UDP does not get through ([`connect_either`]).
 //!
 //! Enrollment pins the CA by the SHA-256 fingerprint carried in the token (no trust on first
 //! use); afterwards the stored CA certificate is the only root, and the device authenticates
@@ -11,7 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info};
-use ward_runtime::quic::{read_msg, PinnedCa};
+use ward_runtime::quic::PinnedCa;
+use ward_runtime::stream::{read_msg, BoxRead, BoxWrite, Transport};
 
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{
@@ -24,6 +26,16 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_GRACE: Duration = Duration::from_millis(300);
 /// Head start of one coordinator address over the next (RFC 8305's connection attempt delay).
 pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// How long QUIC has the field to itself before TLS over TCP is dialled beside it. A QUIC
+/// handshake on a working path completes within one round trip (well under a second even on
+/// mobile and intercontinental paths), and quinn resends a lost first flight only after about
+/// a second (its initial RTT estimate of 333 ms, times three); so a network that carries UDP
+/// almost always wins before TCP starts, and one that drops UDP costs one second per connect.
+pub const TCP_HEAD_START: Duration = Duration::from_secs(1);
+/// While a connection is on TCP, how often the device checks whether QUIC gets through again
+/// (and, when it does, moves back to it).
+pub const QUIC_RETRY_EVERY: Duration = Duration::from_secs(30);
 
 /// A refusal the coordinator gave in words, as opposed to a network failure.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +64,44 @@ fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig> {
 }
 
 pub fn enroll_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig> {
+    client_config(enroll_tls(fingerprint)?)
+}
+
+/// The TLS config of both transports: QUIC's, and the same TLS config for TCP.
+#[derive(Clone)]
+pub struct Configs {
+    pub quic: quinn::ClientConfig,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// [`enroll_config`] for both transports.
+pub fn enroll_configs(fingerprint: [u8; 32]) -> Result<Configs> {
+    let tls = enroll_tls(fingerprint)?;
+    Ok(Configs {
+        quic: client_config(tls.clone())?,
+        tls: Arc::new(tls),
+    })
+}
+
+/// [`session_config`] for both transports.
+pub fn session_configs(ca_der: &[u8], cert_der: &[u8], key_pem: &str) -> Result<Configs> {
+    let tls = device_tls(ca_der, cert_der, key_pem, wire::ALPN)?;
+    Ok(Configs {
+        quic: client_config(tls.clone())?,
+        tls: Arc::new(tls),
+    })
+}
+
+/// [`relay_config`] for both transports.
+pub fn relay_configs(ca_der: &[u8], cert_der: &[u8], key_pem: &str) -> Result<Configs> {
+    let tls = device_tls(ca_der, cert_der, key_pem, ward_shared::relay::RELAY_ALPN)?;
+    Ok(Configs {
+        quic: relay_config(ca_der, cert_der, key_pem)?,
+        tls: Arc::new(tls),
+    })
+}
+
+fn enroll_tls(fingerprint: [u8; 32]) -> Result<rustls::ClientConfig> {
     let provider = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -63,7 +113,7 @@ pub fn enroll_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig> {
         )))
         .with_no_client_auth();
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
-    client_config(tls)
+    Ok(tls)
 }
 
 /// Mutual-TLS config for an enrolled device.
@@ -89,11 +139,28 @@ pub fn relay_config(ca_der: &[u8], cert_der: &[u8], key_pem: &str) -> Result<qui
     let tls = device_tls(ca_der, cert_der, key_pem, ward_shared::relay::RELAY_ALPN)?;
     let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut cc = quinn::ClientConfig::new(Arc::new(qc));
+    /// Room for about 700 full datagrams each way: a few milliseconds of a fast link.
+    const RELAY_DATAGRAM_BUFFER: usize = 1024 * 1024;
+    const RELAY_MTU_PROBE_UPPER_BOUND: u16 = 1500 - 20 - 8;
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(RELAY_KEEPALIVE));
     t.max_idle_timeout(Some(RELAY_IDLE_TIMEOUT.try_into()?));
-    t.datagram_receive_buffer_size(Some(1024 * 1024));
-    t.datagram_send_buffer_size(1024 * 1024);
+    t.datagram_receive_buffer_size(Some(RELAY_DATAGRAM_BUFFER));
+    t.datagram_send_buffer_size(RELAY_DATAGRAM_BUFFER);
+    // Probe up to what a 1500-byte IPv4 path carries (quinn's default stops at IPv6's 1452),
+    // as the relay does, so a full-size WireGuard datagram fits where the path allows: fewer,
+    // larger packets per relayed byte.
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(RELAY_MTU_PROBE_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtud));
+    // Ask the peer to acknowledge every 8th packet (or after 5 ms) instead of every 2nd: a
+    // relayed datagram is never retransmitted, so the acknowledgements only feed congestion
+    // control, and every one is a packet to build, encrypt and send on a busy path. A peer
+    // without the ACK-frequency extension keeps acknowledging as before.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(7u32.into())
+        .max_ack_delay(Some(std::time::Duration::from_millis(5)));
+    t.ack_frequency_config(Some(ack));
     cc.transport_config(Arc::new(t));
     Ok(cc)
 }
@@ -254,16 +321,187 @@ pub async fn connect_first_to(
     }
 }
 
-/// A control-stream connection: frames in, frames out.
+/// A connection by either transport, its handshake complete.
+pub enum Connected {
+    Quic(quinn::Connection),
+    Tcp(Box<ward_runtime::stream::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl Connected {
+    pub fn transport(&self) -> Transport {
+        match self {
+            Connected::Quic(_) => Transport::Quic,
+            Connected::Tcp(_) => Transport::Tcp,
+        }
+    }
+}
+
+/// Connects to the first of `addrs` to answer, by QUIC ([`connect_first_to`], when `endpoint`
+/// is given) or by TLS over TCP, happy-eyeballs style: QUIC alone for [`TCP_HEAD_START`] (or
+/// until it failed), then TCP ([`connect_tcp_first`]) beside it; the first handshake to
+/// complete wins and the other attempt is dropped.
+pub async fn connect_either(
+    endpoint: Option<&quinn::Endpoint>,
+    cfgs: &Configs,
+    addrs: &[SocketAddr],
+    server_name: &str,
+    what: &str,
+) -> Result<Connected> {
+    let quic = async {
+        match endpoint {
+            Some(ep) => connect_first_to(ep, cfgs.quic.clone(), addrs, server_name, what).await,
+            None => Err(anyhow!("no UDP socket on this device")),
+        }
+    };
+    tokio::pin!(quic);
+    let mut quic_err = None;
+    tokio::select! {
+        r = &mut quic => match r {
+            Ok(c) => return Ok(Connected::Quic(c)),
+            Err(e) => quic_err = Some(e),
+        },
+        _ = tokio::time::sleep(TCP_HEAD_START) => {}
+    }
+    debug!(what, "QUIC has not connected: trying TLS over TCP too");
+    let tcp = connect_tcp_first(cfgs.tls.clone(), addrs, server_name, what);
+    tokio::pin!(tcp);
+    let mut tcp_err = None;
+    loop {
+        tokio::select! {
+            r = &mut quic, if quic_err.is_none() => match r {
+                Ok(c) => return Ok(Connected::Quic(c)),
+                Err(e) => quic_err = Some(e),
+            },
+            r = &mut tcp, if tcp_err.is_none() => match r {
+                Ok(s) => {
+                    info!(what, "connected over TLS/TCP (QUIC did not get through)");
+                    return Ok(Connected::Tcp(Box::new(s)));
+                }
+                Err(e) => tcp_err = Some(e),
+            },
+        }
+        if let (Some(q), Some(t)) = (&quic_err, &tcp_err) {
+            bail!("{q:#} (over TCP: {t:#})");
+        }
+    }
+}
+
+/// [`connect_first_to`] over TLS/TCP: an attempt per address every [`ATTEMPT_DELAY`] (or at
+/// once when the previous one failed), each bounded by [`CONNECT_TIMEOUT`].
+pub async fn connect_tcp_first(
+    tls: Arc<rustls::ClientConfig>,
+    addrs: &[SocketAddr],
+    server_name: &str,
+    what: &str,
+) -> Result<ward_runtime::stream::client::TlsStream<tokio::net::TcpStream>> {
+    let Some(&first) = addrs.first() else {
+        bail!("no {what} address to connect to");
+    };
+    let mut pending = tokio::task::JoinSet::new();
+    let mut next = addrs.iter().copied();
+    let mut last_err = None;
+    loop {
+        if let Some(addr) = next.next() {
+            debug!(%addr, what, "connecting over TCP");
+            let (tls, name) = (tls.clone(), server_name.to_string());
+            pending.spawn(async move {
+                let r = ward_runtime::stream::connect_tls(addr, tls, &name, CONNECT_TIMEOUT).await;
+                (addr, r)
+            });
+        }
+        let more = next.len() > 0;
+        tokio::select! {
+            joined = pending.join_next(), if !pending.is_empty() => match joined {
+                Some(Ok((_, Ok(s)))) => {
+                    pending.abort_all();
+                    return Ok(s);
+                }
+                Some(Ok((addr, Err(e)))) => {
+                    debug!(%addr, what, error = %format!("{e:#}"), "TCP attempt failed");
+                    last_err = Some(e);
+                }
+                Some(Err(_)) | None => {}
+            },
+            _ = tokio::time::sleep(ATTEMPT_DELAY), if more => {}
+        }
+        if pending.is_empty() && !more {
+            let e = last_err.unwrap_or_else(|| anyhow!("no attempt completed"));
+            if addrs.len() == 1 {
+                bail!("cannot connect to the {what} at {first} over TCP: {e:#}");
+            }
+            bail!("cannot connect to the {what} at any of {addrs:?} over TCP: {e:#}");
+        }
+    }
+}
+
+/// Whether a QUIC handshake to one of `addrs` completes now (the connection is closed at
+/// once): the check a device on TCP makes to move back to UDP.
+pub async fn quic_gets_through(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addrs: &[SocketAddr],
+    server_name: &str,
+    what: &str,
+) -> bool {
+    match connect_first_to(endpoint, cfg, addrs, server_name, what).await {
+        Ok(c) => {
+            c.close(0u32.into(), b"probe");
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// The sending half of a control stream, over either transport.
+pub struct SendHalf(SendKind);
+
+enum SendKind {
+    Quic(quinn::SendStream),
+    Tcp(BoxWrite),
+}
+
+impl SendHalf {
+    /// Writes all of `buf` (raw bytes: tests speak the protocol by hand with it).
+    pub async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match &mut self.0 {
+            SendKind::Quic(s) => s.write_all(buf).await.map_err(Into::into),
+            SendKind::Tcp(s) => s.write_all(buf).await,
+        }
+    }
+
+    /// Ends the QUIC stream at once; over TCP (whose end is an async TLS close) it does
+    /// nothing and says so: use [`SendHalf::shutdown`].
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        match &mut self.0 {
+            SendKind::Quic(s) => s.finish().map_err(|e| std::io::Error::other(e.to_string())),
+            SendKind::Tcp(_) => Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
+        }
+    }
+
+    /// Ends the stream, either transport.
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match &mut self.0 {
+            SendKind::Quic(s) => s.shutdown().await,
+            SendKind::Tcp(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// A control-stream connection over either transport: frames in, frames out.
 pub struct Channel {
-    pub conn: quinn::Connection,
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
+    pub transport: Transport,
+    pub send: SendHalf,
+    recv: BoxRead,
+    /// The QUIC connection beneath the stream, to close it with a reason.
+    conn: Option<quinn::Connection>,
     dec: FrameDecoder,
     buf: Vec<u8>,
 }
 
 impl Channel {
+    /// A QUIC control session to `addr`.
     pub async fn open(
         endpoint: &quinn::Endpoint,
         cfg: quinn::ClientConfig,
@@ -272,18 +510,51 @@ impl Channel {
         Self::open_any(endpoint, cfg, &[addr]).await
     }
 
-    /// Opens the control stream on the first of `addrs` to answer ([`connect_first`]).
+    /// Opens the control stream on the first of `addrs` to answer QUIC ([`connect_first`]).
     pub async fn open_any(
         endpoint: &quinn::Endpoint,
         cfg: quinn::ClientConfig,
         addrs: &[SocketAddr],
     ) -> Result<Self> {
         let conn = connect_first(endpoint, cfg, addrs).await?;
-        let (send, recv) = conn.open_bi().await?;
+        Self::on(Connected::Quic(conn)).await
+    }
+
+    /// Opens the control stream on the first of `addrs` to answer, QUIC or, where UDP does not
+    /// get through, TLS over TCP ([`connect_either`]).
+    pub async fn open_either(
+        endpoint: Option<&quinn::Endpoint>,
+        cfgs: &Configs,
+        addrs: &[SocketAddr],
+    ) -> Result<Self> {
+        let c = connect_either(
+            endpoint,
+            cfgs,
+            addrs,
+            COORDINATOR_SERVER_NAME,
+            "coordinator",
+        )
+        .await?;
+        Self::on(c).await
+    }
+
+    async fn on(c: Connected) -> Result<Self> {
+        let transport = c.transport();
+        let (send, recv, conn): (SendKind, BoxRead, _) = match c {
+            Connected::Quic(conn) => {
+                let (send, recv) = conn.open_bi().await?;
+                (SendKind::Quic(send), Box::new(recv), Some(conn))
+            }
+            Connected::Tcp(tls) => {
+                let (recv, send) = tokio::io::split(*tls);
+                (SendKind::Tcp(Box::new(send)), Box::new(recv), None)
+            }
+        };
         Ok(Self {
-            conn,
-            send,
+            transport,
+            send: SendHalf(send),
             recv,
+            conn,
             dec: FrameDecoder::new(MAX_COORDINATOR_FRAME),
             buf: vec![0u8; 64 * 1024],
         })
@@ -300,6 +571,14 @@ impl Channel {
             .await
             .context("control stream")
     }
+
+    /// Closes the connection with `reason` (QUIC), or drops it (TCP: the end of the stream
+    /// tells the coordinator).
+    pub fn close(self, reason: &str) {
+        if let Some(c) = self.conn {
+            c.close(0u32.into(), reason.as_bytes());
+        }
+    }
 }
 
 /// Generates the identity key and CSR, and enrolls. Returns the identity key PEM too.
@@ -309,8 +588,12 @@ pub async fn enroll(token: &EnrollToken, hostname: &str, os: &str) -> Result<(En
         .serialize_request(&key)
         .context("making certificate request")?;
     let addrs = resolve(&token.coordinator).await?;
-    let endpoint = client_endpoint()?;
-    let mut ch = Channel::open_any(&endpoint, enroll_config(token.ca_sha256)?, &addrs).await?;
+    // No UDP socket at all (a sandbox) still leaves TCP.
+    let endpoint = client_endpoint()
+        .inspect_err(|e| debug!(error = %format!("{e:#}"), "no QUIC endpoint: TCP only"))
+        .ok();
+    let mut ch =
+        Channel::open_either(endpoint.as_ref(), &enroll_configs(token.ca_sha256)?, &addrs).await?;
     ch.send(&DeviceMsg::Enroll(EnrollRequest {
         protocol: PROTOCOL_VERSION,
         token_id: token.id_hex(),
@@ -323,10 +606,12 @@ pub async fn enroll(token: &EnrollToken, hostname: &str, os: &str) -> Result<(En
     let reply = tokio::time::timeout(CONNECT_TIMEOUT, ch.recv())
         .await
         .map_err(|_| anyhow!("the coordinator did not answer the enrollment"))??;
-    ch.conn.close(0u32.into(), b"enrolled");
+    ch.close("enrolled");
     // Long enough for the close to go out; a losing happy-eyeballs attempt to an address that
     // never answered would otherwise hold the endpoint for its whole drain period (seconds).
-    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+    if let Some(endpoint) = &endpoint {
+        let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+    }
     match reply {
         Some(CoordinatorMsg::Enrolled(e)) => {
             if Sha256::digest(&e.ca_der.0).as_slice() != token.ca_sha256 {

@@ -254,9 +254,23 @@ fn print_netcheck(v: &NetcheckView) {
         println!("no relays in the netmap: address discovery has nothing to ask");
         return;
     }
+    let on_tcp = v.control_transport.as_deref() == Some("tcp")
+        || v.relays
+            .iter()
+            .any(|r| r.transport.as_deref() == Some("tcp"));
     println!(
         "udp:          {}",
-        if v.udp { "yes" } else { "no relay answered" }
+        match (v.udp, on_tcp) {
+            (true, _) => "yes",
+            (false, true) => "no relay answered: UDP looks blocked (using TLS over TCP)",
+            (false, false) => "no relay answered",
+        }
+    );
+    println!(
+        "control:      {}",
+        v.control_transport
+            .as_deref()
+            .unwrap_or("- (not connected)")
     );
     let refl: Vec<String> = v.reflexive.iter().map(|a| a.to_string()).collect();
     println!(
@@ -285,7 +299,10 @@ fn print_netcheck(v: &NetcheckView) {
             (None, None) => "waiting".into(),
         };
         let conn = match (r.connection.as_str(), &r.rtt_ms, &r.connection_error) {
-            ("up", Some(rtt), _) => format!("connected, rtt {rtt}ms"),
+            ("up", Some(rtt), _) => format!(
+                "connected over {}, rtt {rtt}ms",
+                r.transport.as_deref().unwrap_or("quic")
+            ),
             ("idle", _, _) => "not connected (no ticket yet)".to_string(),
             (_, _, Some(e)) => format!("connecting (last error: {e})"),
             (c, _, None) if !c.is_empty() => c.to_string(),
@@ -308,6 +325,20 @@ fn print_status(v: &StatusView) {
     };
     println!("device:       {} ({}, {})", d.hostname, d.ipv4, d.ipv6);
     println!("coordinator:  {}", d.coordinator);
+    println!(
+        "control:      {}",
+        d.control_transport
+            .as_deref()
+            .unwrap_or("- (not connected)")
+    );
+    if !d.relay_transports.is_empty() {
+        let links: Vec<String> = d
+            .relay_transports
+            .iter()
+            .map(|(n, t)| format!("{n} {t}"))
+            .collect();
+        println!("relay links:  {}", links.join(", "));
+    }
     if let Some(e) = &d.last_error {
         println!("last error:   {e}");
     }

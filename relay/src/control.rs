@@ -158,6 +158,7 @@ impl Control {
                         };
                         let cfg = crate::tls::device_server_config(&cert_der.0, &ca_der, &key)?;
                         self.endpoint.set_server_config(Some(cfg));
+                        self.shared.set_device_tls(Arc::new(crate::tls::device_tls_config(&cert_der.0, &ca_der, &key)?));
                         self.key = key;
                         cert_due = renew_at(not_after_ms);
                         tracing::info!(not_after_ms, "relay certificate renewed");
@@ -189,6 +190,12 @@ impl Control {
             VerifyingKey::from_bytes(&raw).context("the coordinator's ticket key is invalid")?;
         let cfg = crate::tls::device_server_config(&w.cert_der.0, &w.ca_der.0, &self.key)?;
         self.endpoint.set_server_config(Some(cfg));
+        self.shared
+            .set_device_tls(Arc::new(crate::tls::device_tls_config(
+                &w.cert_der.0,
+                &w.ca_der.0,
+                &self.key,
+            )?));
         self.shared
             .with_core(|c| c.handle_welcome(ticket_key, &w.revoked, clock()));
         Ok(renew_at(w.cert_not_after_ms))

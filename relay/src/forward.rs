@@ -174,18 +174,22 @@ pub enum Drop {
     RateLimited,
     /// The destination's send buffer was full (counted by the driver).
     QueueFull,
+    /// Larger than the destination's link carries now (its QUIC path MTU is smaller than the
+    /// sender's; counted by the driver).
+    TooLarge,
     /// The source or the destination has been revoked.
     Revoked,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 7] = [
+    pub const ALL: [Drop; 8] = [
         Drop::NoTicket,
         Drop::UnknownDestination,
         Drop::Malformed,
         Drop::Oversized,
         Drop::RateLimited,
         Drop::QueueFull,
+        Drop::TooLarge,
         Drop::Revoked,
     ];
 
@@ -197,6 +201,7 @@ impl Drop {
             Drop::Oversized => "oversized",
             Drop::RateLimited => "rate_limited",
             Drop::QueueFull => "queue_full",
+            Drop::TooLarge => "too_large",
             Drop::Revoked => "revoked",
         }
     }

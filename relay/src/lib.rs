@@ -4,9 +4,13 @@
 //! their WireGuard datagrams (ciphertext only) to each other by device id. A control session
 //! to the coordinator brings the ticket key, the relay's certificate and revocations.
 //!
+//! Devices on networks that drop UDP reach the same forwarding over TLS/TCP on the same port
+//! number ([`tcp`]).
+//!
 //! [`core`] (discovery) and [`forward`] (connections, tickets, routing, limits) are I/O-free:
-//! no sockets, no clock, no threads; time is passed in. [`socket`], [`server`], [`control`],
-//! [`tls`] and [`metrics`] are their thin tokio/quinn drivers, wired together in `main.rs`.
+//! no sockets, no clock, no threads; time is passed in. [`socket`], [`server`], [`tcp`],
+//! [`control`], [`tls`] and [`metrics`] are their thin tokio/quinn drivers, wired together in
+//! `main.rs`.
 //! This crate must not depend on `ward-client` or `ward-coordinator`: a relay knows the wire
 //! format and nothing of either program.
 
@@ -16,4 +20,5 @@ pub mod forward;
 pub mod metrics;
 pub mod server;
 pub mod socket;
+pub mod tcp;
 pub mod tls;

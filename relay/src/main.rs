@@ -1,6 +1,7 @@
 //! `ward-relay`: wires the relay together. One UDP socket carries address discovery (answered
 //! in [`ward_relay::socket`]) and QUIC (device connections in [`ward_relay::server`], the
-//! control session in [`ward_relay::control`]); every decision is the cores'.
+//! control session in [`ward_relay::control`]); a TCP listener on the same port number serves
+//! devices whose network drops UDP ([`ward_relay::tcp`]); every decision is the cores'.
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
@@ -48,8 +49,9 @@ struct Serve {
     /// A file holding the relay credential.
     #[arg(long, env = "WARD_RELAY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// UDP address to listen on (discovery and QUIC). The default is every address, IPv6 and
-    /// IPv4 on one dual-stack socket (plain IPv4 where the host has no IPv6).
+    /// UDP address to listen on (discovery and QUIC), and the TCP address (the same) for
+    /// devices on networks that drop UDP. The default is every address, IPv6 and IPv4 on one
+    /// dual-stack socket (plain IPv4 where the host has no IPv6).
     #[arg(long, env = "WARD_RELAY_LISTEN")]
     listen: Option<SocketAddr>,
     /// TCP address serving Prometheus metrics at `GET /metrics` (off unless given).
@@ -89,6 +91,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let local = socket
         .local_addr()
         .context("reading the UDP socket's address")?;
+    let tcp = match local {
+        std::net::SocketAddr::V6(a) if a.ip().is_unspecified() && args.listen.is_none() => {
+            ward_runtime::net::bind_tcp_dual_stack(local.port())
+                .with_context(|| format!("binding TCP port {}", local.port()))?
+                .listener
+        }
+        _ => ward_runtime::net::bind_tcp(local).with_context(|| format!("binding TCP {local}"))?,
+    };
+    let tcp = TcpListener::from_std(tcp).context("registering the TCP listener")?;
 
     let discovery = Arc::new(Mutex::new(Relay::new(Config::default(), Instant::now())));
     let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no tokio runtime"))?;
@@ -149,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let control = Control::new(credential, endpoint.clone(), shared.clone(), load)?;
     let tasks = [
         tokio::spawn(server::accept_loop(endpoint.clone(), shared.clone())),
+        tokio::spawn(ward_relay::tcp::accept_loop(tcp, shared.clone())),
         tokio::spawn(server::timer_loop(shared.clone())),
         tokio::spawn(control.run()),
     ];

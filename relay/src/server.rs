@@ -1,17 +1,24 @@
 //! The forwarding driver: accepts device connections on the relay's QUIC endpoint and turns
 //! their events into calls on [`crate::forward::Forwarder`] (under one lock, with the quinn
-//! connections beside it so a datagram is routed and handed on in one step).
+//! connections beside it so a batch of datagrams is routed in one step).
 //!
 //! Per device connection one task: handshake (bounded by the hello timeout), the `Hello` frame,
-//! then QUIC datagrams and fresh tickets until the connection ends. A datagram goes to the
-//! destination's connection with `send_datagram` only when its buffer has room, so a slow
-//! receiver costs its own datagrams, never the forwarding of others.
+//! then QUIC datagrams and fresh tickets until the connection ends. Datagrams are taken in
+//! batches (everything the connection holds when the task wakes, up to [`FORWARD_BATCH`]),
+//! routed under one lock, then handed on outside it. A datagram goes to the destination's
+//! connection with `send_datagram` only when its buffer has room, so a slow receiver costs
+//! its own datagrams, never the forwarding of others.
+//! Devices on networks that drop UDP connect over TLS/TCP instead ([`crate::tcp`]); their
+//! connections sit in the same table as [`DeviceConn::Tcp`], and the core cannot tell them
+//! apart.
 
 use crate::forward::{Clock, Close, ConnId, Drop, Forwarder, Refusal};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use ward_shared::relay::{
     DeviceToRelay, RelayToDevice, MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN,
@@ -20,6 +27,8 @@ use ward_shared::wire::{self, ErrorCode, FrameDecoder};
 
 /// How often tickets, hello deadlines and revocations are checked.
 const TIMER_EVERY: Duration = Duration::from_millis(250);
+/// Most datagrams taken from one device connection and routed per wake-up (and per lock).
+const FORWARD_BATCH: usize = 64;
 /// How long a refused device gets to read the `Error` frame before the connection closes.
 const ERROR_GRACE: Duration = Duration::from_millis(500);
 
@@ -29,21 +38,69 @@ pub struct Shared {
     fwd: Mutex<Forwarding>,
     /// Whether the control session is welcomed now.
     pub control_up: AtomicBool,
-    hello_timeout: Duration,
+    pub(crate) hello_timeout: Duration,
+    /// The devices' TLS config for TCP (the QUIC endpoint holds its own copy); `None` until
+    /// the coordinator welcomed the relay.
+    device_tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
 }
 
 #[derive(Debug)]
 pub struct Forwarding {
     pub core: Forwarder,
-    conns: HashMap<ConnId, quinn::Connection>,
+    pub(crate) conns: HashMap<ConnId, DeviceConn>,
 }
+
+/// A device connection the forwarding table hands datagrams to.
+#[derive(Debug, Clone)]
+pub(crate) enum DeviceConn {
+    Quic(quinn::Connection),
+    Tcp(crate::tcp::TcpConn),
+}
+
+impl DeviceConn {
+    /// Bytes of datagrams the connection takes now without waiting.
+    pub(crate) fn datagram_send_buffer_space(&self) -> usize {
+        match self {
+            DeviceConn::Quic(c) => c.datagram_send_buffer_space(),
+            DeviceConn::Tcp(t) => t.send_buffer_space(),
+        }
+    }
+
+    /// The largest datagram (device-id header included) the connection carries now, if it
+    /// has a limit of its own (QUIC: the path MTU it has discovered so far).
+    pub(crate) fn max_datagram(&self) -> Option<usize> {
+        match self {
+            DeviceConn::Quic(c) => c.max_datagram_size(),
+            DeviceConn::Tcp(_) => None,
+        }
+    }
+
+    /// Hands a datagram (device-id header included) to the connection.
+    pub(crate) fn send_datagram(&self, d: bytes::Bytes) -> Result<(), DeviceSendError> {
+        match self {
+            DeviceConn::Quic(c) => c.send_datagram(d).map_err(|_| DeviceSendError),
+            DeviceConn::Tcp(t) => t.send_datagram(&d),
+        }
+    }
+
+    pub(crate) fn close(&self, code: u32, reason: &str) {
+        match self {
+            DeviceConn::Quic(c) => c.close(code.into(), reason.as_bytes()),
+            DeviceConn::Tcp(t) => t.close(),
+        }
+    }
+}
+
+/// The connection could not take a datagram (full or closing).
+#[derive(Debug)]
+pub(crate) struct DeviceSendError;
 
 impl Forwarding {
     /// Closes every connection the core gave up on.
-    fn drain_closes(&mut self) {
+    pub(crate) fn drain_closes(&mut self) {
         while let Some((id, why)) = self.core.poll_close() {
             if let Some(c) = self.conns.remove(&id) {
-                c.close(why.code().into(), why.as_str().as_bytes());
+                c.close(why.code(), why.as_str());
             }
         }
     }
@@ -66,7 +123,20 @@ impl Shared {
             }),
             control_up: AtomicBool::new(false),
             hello_timeout,
+            device_tls: Mutex::new(None),
         })
+    }
+
+    /// The devices' TLS config for TCP, from the coordinator's welcome or a renewal.
+    pub fn set_device_tls(&self, cfg: Arc<rustls::ServerConfig>) {
+        *self.device_tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg);
+    }
+
+    pub(crate) fn device_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.device_tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The forwarding state, locked (a panicked holder cannot leave it inconsistent in a way
@@ -146,7 +216,7 @@ async fn serve_device(shared: Arc<Shared>, incoming: quinn::Incoming, id: ConnId
             conn.close(1u32.into(), Refusal::HelloTimeout.as_str().as_bytes());
             return;
         }
-        g.conns.insert(id, conn.clone());
+        g.conns.insert(id, DeviceConn::Quic(conn.clone()));
     }
     run_device(&shared, &conn, id, deadline).await;
     let mut g = shared.lock();
@@ -216,11 +286,14 @@ async fn run_device(
         return;
     }
     tracing::info!(%remote, conn = %id, %device, max_datagram, "device connected");
+    let mut batch = Vec::with_capacity(FORWARD_BATCH);
+    let mut routed = Vec::with_capacity(FORWARD_BATCH);
     loop {
         tokio::select! {
             d = conn.read_datagram() => {
                 let Ok(d) = d else { break };
-                forward(shared, id, &d);
+                take_ready(conn, d, &mut batch);
+                forward(shared, id, &mut batch, &mut routed);
             }
             msg = stream.next() => {
                 let Some(DeviceToRelay::Ticket { ticket }) = msg else {
@@ -249,32 +322,89 @@ async fn run_device(
     tracing::debug!(conn = %id, %device, reason = ?conn.close_reason(), "device connection ended");
 }
 
-/// Routes one datagram and hands it to the destination's connection if its buffer has room.
-fn forward(shared: &Shared, id: ConnId, d: &[u8]) {
-    let mut buf = BytesMut::from(d);
-    let mut g = shared.lock();
-    let Ok(to) = g.core.handle_datagram(id, &mut buf, clock()) else {
-        return;
-    };
-    let body = buf.len().saturating_sub(RELAY_HEADER_LEN);
-    let undelivered = match g.conns.get(&to) {
-        Some(c) if c.datagram_send_buffer_space() >= buf.len() => {
-            match c.send_datagram(buf.freeze()) {
-                Ok(()) => None,
-                Err(_) => Some(Drop::QueueFull),
-            }
+/// `first` and whatever else `conn` has received already (never waits), at most
+/// [`FORWARD_BATCH`] in all, in arrival order. A failed read ends the batch; the loop's next
+/// `read_datagram` sees the error.
+fn take_ready(conn: &quinn::Connection, first: Bytes, batch: &mut Vec<Bytes>) {
+    batch.clear();
+    batch.push(first);
+    let mut cx = Context::from_waker(Waker::noop());
+    while batch.len() < FORWARD_BATCH {
+        let read = conn.read_datagram();
+        let mut read = std::pin::pin!(read);
+        match read.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(d)) => batch.push(d),
+            Poll::Ready(Err(_)) | Poll::Pending => break,
         }
-        Some(_) => Some(Drop::QueueFull),
-        None => Some(Drop::UnknownDestination),
-    };
-    if let Some(reason) = undelivered {
-        g.core.handle_undelivered(reason, body);
     }
 }
 
-/// Sends the `Error` frame, waits briefly for it to be read, closes.
-async fn refuse(conn: &quinn::Connection, stream: &mut Stream, r: Refusal) {
-    let code = match r {
+/// Routes a batch of datagrams from `id` under one lock and one clock reading, then hands
+/// each to its destination's connection, outside the lock, if that connection's send buffer
+/// has room; what could not be handed on is counted under a second lock.
+fn forward(
+    shared: &Shared,
+    id: ConnId,
+    batch: &mut Vec<Bytes>,
+    routed: &mut Vec<(DeviceConn, Bytes)>,
+) {
+    routed.clear();
+    let mut undelivered: Vec<(Drop, usize)> = Vec::new();
+    {
+        let now = clock();
+        let mut g = shared.lock();
+        let Forwarding { core, conns } = &mut *g;
+        let mut last: Option<(ConnId, DeviceConn)> = None;
+        for d in batch.drain(..) {
+            let mut buf = BytesMut::from(&d[..]);
+            let Ok(to) = core.handle_datagram(id, &mut buf, now) else {
+                continue;
+            };
+            let conn = match &last {
+                Some((c, conn)) if *c == to => Some(conn.clone()),
+                _ => conns
+                    .get(&to)
+                    .cloned()
+                    .inspect(|c| last = Some((to, c.clone()))),
+            };
+            match conn {
+                Some(c) => routed.push((c, buf.freeze())),
+                None => {
+                    let body = buf.len().saturating_sub(RELAY_HEADER_LEN);
+                    core.handle_undelivered(Drop::UnknownDestination, body);
+                }
+            }
+        }
+    }
+    for (c, d) in routed.drain(..) {
+        let body = d.len().saturating_sub(RELAY_HEADER_LEN);
+        if c.max_datagram().is_some_and(|max| d.len() > max) {
+            undelivered.push((Drop::TooLarge, body));
+            continue;
+        }
+        let sent = c.datagram_send_buffer_space() >= d.len() && c.send_datagram(d).is_ok();
+        if !sent {
+            undelivered.push((Drop::QueueFull, body));
+        }
+    }
+    if !undelivered.is_empty() {
+        let mut g = shared.lock();
+        for (reason, body) in undelivered {
+            g.core.handle_undelivered(reason, body);
+        }
+    }
+}
+
+/// [`forward`] for one datagram (a TCP link's frames arrive one at a time).
+pub(crate) fn forward_one(shared: &Shared, id: ConnId, d: &[u8]) {
+    let mut batch = vec![Bytes::copy_from_slice(d)];
+    let mut routed = Vec::with_capacity(1);
+    forward(shared, id, &mut batch, &mut routed);
+}
+
+/// The error code a refusal is reported with.
+pub(crate) fn refusal_code(r: Refusal) -> ErrorCode {
+    match r {
         Refusal::Protocol => ErrorCode::Protocol,
         Refusal::Revoked => ErrorCode::DeviceRevoked,
         Refusal::NotReady | Refusal::TooManyConnections | Refusal::TooManyPending => {
@@ -286,9 +416,13 @@ async fn refuse(conn: &quinn::Connection, stream: &mut Stream, r: Refusal) {
         | Refusal::WrongCertificate
         | Refusal::WrongDevice
         | Refusal::HelloTimeout => ErrorCode::Unauthorized,
-    };
+    }
+}
+
+/// Sends the `Error` frame, waits briefly for it to be read, closes.
+async fn refuse(conn: &quinn::Connection, stream: &mut Stream, r: Refusal) {
     let msg = RelayToDevice::Error {
-        code,
+        code: refusal_code(r),
         message: format!("relay ticket refused: {}", r.as_str()),
     };
     let _ = tokio::time::timeout(ERROR_GRACE, async {

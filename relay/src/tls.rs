@@ -58,6 +58,42 @@ pub fn device_server_config(
     ca_der: &[u8],
     key: &rcgen::KeyPair,
 ) -> Result<quinn::ServerConfig> {
+    let tls = device_tls_config(cert_der, ca_der, key)?;
+    let qc = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qc));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(DEVICE_KEEPALIVE));
+    t.max_idle_timeout(Some(DEVICE_IDLE_TIMEOUT.try_into()?));
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((64u32 * 1024).into());
+    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+    t.datagram_send_buffer_size(DATAGRAM_BUFFER);
+    // Probe up to what a 1500-byte IPv4 path carries (quinn's default stops at IPv6's 1452),
+    // so a full-size WireGuard datagram fits where the path allows.
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(MTU_PROBE_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtud));
+    // Ask the peer to acknowledge every 8th packet (or after 5 ms) instead of every 2nd: a
+    // relayed datagram is never retransmitted, so the acknowledgements only feed congestion
+    // control, and every one is a packet to build, encrypt and send on a busy path. A peer
+    // without the ACK-frequency extension keeps acknowledging as before.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(7u32.into())
+        .max_ack_delay(Some(std::time::Duration::from_millis(5)));
+    t.ack_frequency_config(Some(ack));
+    sc.transport_config(Arc::new(t));
+    Ok(sc)
+}
+
+/// The TLS side of [`device_server_config`], shared by QUIC and the TLS-over-TCP listener
+/// ([`crate::tcp`]): chain [relay certificate, CA], client certificates required and chained
+/// to the CA, ALPN `ward-relay/1`, TLS 1.3 only.
+pub fn device_tls_config(
+    cert_der: &[u8],
+    ca_der: &[u8],
+    key: &rcgen::KeyPair,
+) -> Result<rustls::ServerConfig> {
     let provider = provider();
     let ca = CertificateDer::from(ca_der.to_vec());
     let mut roots = rustls::RootCertStore::empty();
@@ -76,23 +112,7 @@ pub fn device_server_config(
         )
         .context("the relay certificate does not match its key")?;
     tls.alpn_protocols = vec![RELAY_ALPN.to_vec()];
-    let qc = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qc));
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(DEVICE_KEEPALIVE));
-    t.max_idle_timeout(Some(DEVICE_IDLE_TIMEOUT.try_into()?));
-    t.max_concurrent_bidi_streams(1u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((64u32 * 1024).into());
-    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
-    t.datagram_send_buffer_size(DATAGRAM_BUFFER);
-    // Probe up to what a 1500-byte IPv4 path carries (quinn's default stops at IPv6's 1452),
-    // so a full-size WireGuard datagram fits where the path allows.
-    let mut mtud = quinn::MtuDiscoveryConfig::default();
-    mtud.upper_bound(MTU_PROBE_UPPER_BOUND);
-    t.mtu_discovery_config(Some(mtud));
-    sc.transport_config(Arc::new(t));
-    Ok(sc)
+    Ok(tls)
 }
 
 /// SHA-256 of the public key in a device's certificate (the hash tickets are bound to), from

@@ -426,6 +426,102 @@ pub fn split_datagram(d: &[u8]) -> Option<(DeviceId, &[u8])> {
     Some((DeviceId(id), body))
 }
 
+// ---------------------------------------------------------------------------------------------
+// The forwarding protocol over TLS/TCP (networks that drop UDP)
+//
+// One TLS-over-TCP connection carries what QUIC carries on its stream and in its datagrams.
+// Every frame is a [`crate::wire`] frame (4-byte big-endian length, then the body), bounded
+// by [`MAX_RELAY_STREAM_FRAME`]; the body's first byte says what it holds:
+//
+// | type | body after the type byte                                           |
+// |------|--------------------------------------------------------------------|
+// | 0    | a message: [`DeviceToRelay`] / [`RelayToDevice`] as JSON            |
+// | 1    | a datagram: 8-byte device id + WireGuard datagram ([`encode_datagram`]) |
+// | 2    | ping: 8-byte nonce (big-endian); the relay answers with a pong      |
+// | 3    | pong: the ping's nonce                                              |
+//
+// Datagrams share the byte stream with everything else, so one lost TCP segment delays the
+// ones behind it (head-of-line blocking): accepted, since this transport exists only where
+// UDP does not get through at all. The device pings every second (its RTT sample, as QUIC's
+// keepalive and `rtt()` are on the other transport); either side drops a connection silent
+// for [`TCP_IDLE_TIMEOUT_MS`].
+
+/// A TLS-over-TCP relay connection with nothing received for this long is dead.
+pub const TCP_IDLE_TIMEOUT_MS: u64 = 5_000;
+
+/// The largest WireGuard datagram a relay offers a device on TCP. The TCP link itself would
+/// carry [`MAX_RELAYED_DATAGRAM`], but the datagram's destination may be a QUIC link, whose room
+/// depends on its path: this is what every QUIC link carries from its first packet (a
+/// 1 200-byte UDP payload, QUIC's minimum), so a datagram from a TCP device fits wherever it
+/// goes and the device's inner MTU is lowered to match (ICMP too-big into its TUN).
+pub const TCP_MAX_DATAGRAM: u16 = 1154;
+
+const TCP_MSG: u8 = 0;
+const TCP_DATAGRAM: u8 = 1;
+const TCP_PING: u8 = 2;
+const TCP_PONG: u8 = 3;
+
+/// One frame body on a TLS-over-TCP relay connection, parsed ([`parse_tcp_frame`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpFrame<'a> {
+    /// A JSON message (decode with [`crate::wire::decode`]).
+    Msg(&'a [u8]),
+    /// A relayed datagram with its 8-byte device-id header (split with [`split_datagram`]).
+    Datagram(&'a [u8]),
+    Ping(u64),
+    Pong(u64),
+}
+
+/// A message as a whole TCP relay frame (length prefix included).
+pub fn encode_tcp_msg<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing our own plain enums to JSON cannot fail.
+    let json = serde_json::to_vec(msg).unwrap_or_default();
+    tcp_frame(TCP_MSG, &[&json])
+}
+
+/// A relayed datagram (header for `device`, then `datagram`) as a whole TCP relay frame.
+pub fn encode_tcp_datagram(device: DeviceId, datagram: &[u8]) -> Vec<u8> {
+    tcp_frame(TCP_DATAGRAM, &[&device.0.to_be_bytes(), datagram])
+}
+
+/// A datagram that already carries its 8-byte header, as a whole TCP relay frame.
+pub fn encode_tcp_raw_datagram(with_header: &[u8]) -> Vec<u8> {
+    tcp_frame(TCP_DATAGRAM, &[with_header])
+}
+
+pub fn encode_tcp_ping(nonce: u64) -> Vec<u8> {
+    tcp_frame(TCP_PING, &[&nonce.to_be_bytes()])
+}
+
+pub fn encode_tcp_pong(nonce: u64) -> Vec<u8> {
+    tcp_frame(TCP_PONG, &[&nonce.to_be_bytes()])
+}
+
+/// Parses a frame body (as [`crate::wire::FrameDecoder`] returns it). `None` for an empty
+/// body, an unknown type or a ping/pong of the wrong size.
+pub fn parse_tcp_frame(body: &[u8]) -> Option<TcpFrame<'_>> {
+    let (&ty, rest) = body.split_first()?;
+    match ty {
+        TCP_MSG => Some(TcpFrame::Msg(rest)),
+        TCP_DATAGRAM => Some(TcpFrame::Datagram(rest)),
+        TCP_PING => Some(TcpFrame::Ping(u64::from_be_bytes(rest.try_into().ok()?))),
+        TCP_PONG => Some(TcpFrame::Pong(u64::from_be_bytes(rest.try_into().ok()?))),
+        _ => None,
+    }
+}
+
+fn tcp_frame(ty: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(4 + len);
+    // Frames are bounded far below 4 GiB (the decoder refuses more than a few KiB).
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    out.push(ty);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
@@ -609,5 +705,72 @@ mod tests {
         assert_eq!(split_datagram(&big), None);
         let max = encode_datagram(DeviceId(1), &[0; MAX_RELAYED_DATAGRAM]);
         assert!(split_datagram(&max).is_some());
+    }
+
+    #[test]
+    fn tcp_frames_golden() {
+        assert_eq!(
+            encode_tcp_datagram(DeviceId(0x0102), &[0xaa, 0xbb]),
+            vec![0, 0, 0, 11, 1, 0, 0, 0, 0, 0, 0, 1, 2, 0xaa, 0xbb]
+        );
+        assert_eq!(
+            encode_tcp_raw_datagram(&encode_datagram(DeviceId(0x0102), &[0xaa, 0xbb])),
+            encode_tcp_datagram(DeviceId(0x0102), &[0xaa, 0xbb])
+        );
+        assert_eq!(
+            encode_tcp_ping(7),
+            vec![0, 0, 0, 9, 2, 0, 0, 0, 0, 0, 0, 0, 7]
+        );
+        assert_eq!(
+            encode_tcp_pong(7),
+            vec![0, 0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 0, 7]
+        );
+        let msg = encode_tcp_msg(&RelayToDevice::Welcome {
+            device_id: DeviceId(3),
+            max_datagram: 1400,
+        });
+        let body = br#"{"type":"welcome","device_id":3,"max_datagram":1400}"#;
+        assert_eq!(
+            &msg[..4],
+            &u32::try_from(body.len() + 1).unwrap().to_be_bytes()
+        );
+        assert_eq!(msg[4], 0);
+        assert_eq!(&msg[5..], body);
+    }
+
+    #[test]
+    fn tcp_frames_parse_and_refuse() {
+        let mut dec = crate::wire::FrameDecoder::new(MAX_RELAY_STREAM_FRAME);
+        dec.push(&encode_tcp_datagram(DeviceId(9), &[1, 2, 3]));
+        dec.push(&encode_tcp_ping(5));
+        dec.push(&encode_tcp_msg(&DeviceToRelay::Ticket {
+            ticket: ticket().sign(&key(1)),
+        }));
+        let f = dec.next_frame().unwrap().unwrap();
+        let Some(TcpFrame::Datagram(d)) = parse_tcp_frame(&f) else {
+            panic!("{f:?}")
+        };
+        assert_eq!(split_datagram(d), Some((DeviceId(9), &[1u8, 2, 3][..])));
+        let f = dec.next_frame().unwrap().unwrap();
+        assert_eq!(parse_tcp_frame(&f), Some(TcpFrame::Ping(5)));
+        let f = dec.next_frame().unwrap().unwrap();
+        let Some(TcpFrame::Msg(m)) = parse_tcp_frame(&f) else {
+            panic!("{f:?}")
+        };
+        assert!(matches!(
+            crate::wire::decode::<DeviceToRelay>(m),
+            Ok(DeviceToRelay::Ticket { .. })
+        ));
+        assert_eq!(parse_tcp_frame(&[]), None);
+        assert_eq!(parse_tcp_frame(&[9, 1, 2]), None);
+        assert_eq!(parse_tcp_frame(&[2, 1, 2]), None);
+        assert_eq!(parse_tcp_frame(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 0]), None);
+        // A datagram too large for the stream bound is refused by the decoder, not buffered.
+        let mut dec = crate::wire::FrameDecoder::new(MAX_RELAY_STREAM_FRAME);
+        dec.push(&encode_tcp_datagram(
+            DeviceId(1),
+            &vec![0; MAX_RELAY_STREAM_FRAME],
+        ));
+        assert!(dec.next_frame().is_err());
     }
 }

@@ -8,6 +8,7 @@
 mod collect;
 mod host;
 mod local_api;
+mod relay_batch;
 mod relays;
 mod session;
 mod status;
@@ -64,6 +65,8 @@ pub struct Daemon {
     /// The agent of the last run, for `ward posture` after `ward down`.
     last_agent: Mutex<Option<Arc<Mutex<Agent>>>>,
     collectors: collect::Collectors,
+    /// Which transport the control session and each relay link use now.
+    transports: relays::relay_link::SharedTransports,
 }
 
 /// A panic while holding a lock leaves consistent-enough data for status; keep serving.
@@ -89,6 +92,7 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
         identity: Mutex::new(state),
         running: Mutex::new(None),
         last_agent: Mutex::new(None),
+        transports: Default::default(),
     });
     info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "ward daemon started");
     if start {
@@ -334,6 +338,7 @@ impl Daemon {
             agent: agent.as_deref(),
             dataplane: running.as_ref().and_then(|r| r.dataplane.as_deref()),
             tun: self.opts.tun.as_deref(),
+            transports: &lock(&self.transports),
         })
     }
 
@@ -341,7 +346,7 @@ impl Daemon {
     fn netcheck(&self) -> crate::api::NetcheckView {
         let running = lock(&self.running);
         let agent = running.as_ref().map(|r| lock(&r.agent));
-        status::netcheck(agent.as_deref())
+        status::netcheck(agent.as_deref(), &lock(&self.transports))
     }
 
     /// The latest posture report and the coordinator's verdict (for `ward posture`).
@@ -424,6 +429,7 @@ mod tests {
             identity: Mutex::new(None),
             running: Mutex::new(None),
             last_agent: Mutex::new(None),
+            transports: Default::default(),
         });
         let server = tokio::spawn({
             let d = d.clone();

@@ -1,11 +1,13 @@
-//! The relay connections' driver: one task per relay the agent asks for, each holding one QUIC
+//! The relay connections' driver: one task per relay the agent asks for, each holding one
 //! connection (ALPN `ward-relay/1`, mutual TLS with the device certificate, server name
-//! `NAME.relay.ward.internal` under the CA), and one pump for the data plane's relayed
-//! datagrams.
+//! `NAME.relay.ward.internal` under the CA) over QUIC, or over TLS/TCP where UDP does not get
+//! through ([`relay_link`], [`control::connect_either`]), and one pump for the data plane's
+//! relayed datagrams.
 //!
 //! A task connects, sends `Hello{ticket}`, waits (bounded) for `Welcome`, then reports
-//! [`RelayConnEvent::Up`] and every second an RTT sample; it hands every received datagram
-//! (`split_datagram`) to [`DataPlane::handle_relayed`], presents fresh tickets as they come,
+//! [`RelayConnEvent::Up`] and every second an RTT sample; it hands received datagrams
+//! (`split_datagram`), every one ready when it wakes, to [`DataPlane::handle_relayed_batch`]
+//! (`relay_batch.rs`), presents fresh tickets as they come,
 //! and on any failure reports [`RelayConnEvent::Down`] and reconnects after a backoff
 //! (0.5 s doubling to 10 s, ±20 % jitter, reset after a connection that lasted 30 s). The
 //! pump takes [`DataPlane::take_relay_outbound`] and sends each datagram on the named relay's
@@ -14,22 +16,27 @@
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, trace};
+use tracing::{debug, info};
 
 use ward_shared::relay::{
-    encode_datagram, relay_server_name, split_datagram, DeviceToRelay, RelayToDevice, SignedTicket,
-    MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN, RELAY_PROTOCOL_VERSION,
+    relay_server_name, DeviceToRelay, RelayToDevice, SignedTicket, MAX_RELAYED_DATAGRAM,
+    MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN, RELAY_PROTOCOL_VERSION,
 };
-use ward_shared::wire::{self, DeviceId, FrameDecoder};
+use ward_shared::wire::{self, FrameDecoder};
 
 use super::lock;
+#[path = "relay_link.rs"]
+pub(super) mod relay_link;
+use super::relay_batch;
 use crate::agent::RelayConnEvent;
 use crate::control;
-use crate::dataplane::{DataPlane, RelayTransmit};
+use crate::dataplane::{DataPlane, RelayReceiver};
+use relay_link::{RelayLink, SharedTransports};
+use ward_runtime::stream::Transport;
 
 /// Connect, TLS, `Hello` → `Welcome`: all within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,7 +52,7 @@ const BACKOFF_RESET: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub(super) struct Credentials {
     pub ticket: SignedTicket,
-    pub config: quinn::ClientConfig,
+    pub configs: control::Configs,
 }
 
 /// Datagrams the pump could not send, by reason.
@@ -58,16 +65,27 @@ pub(super) struct PumpCounters {
     pub malformed_in: AtomicU64,
 }
 
-type Live = Arc<Mutex<BTreeMap<Arc<str>, quinn::Connection>>>;
+pub(super) type Live = Arc<Mutex<BTreeMap<Arc<str>, RelayLink>>>;
 
 /// Where relayed datagrams go: the data plane (or a test's collector).
 pub(super) trait RelaySink: Send + Sync + 'static {
     fn relayed(&self, relay: &str, from: u64, datagram: &[u8]);
+
+    /// Several datagrams from one relay, `(from, datagram)` in arrival order.
+    fn relayed_batch(&self, relay: &str, datagrams: &[(u64, &[u8])]) {
+        for &(from, d) in datagrams {
+            self.relayed(relay, from, d);
+        }
+    }
 }
 
 impl RelaySink for DataPlane {
     fn relayed(&self, relay: &str, from: u64, datagram: &[u8]) {
         self.handle_relayed(relay, from, datagram);
+    }
+
+    fn relayed_batch(&self, relay: &str, datagrams: &[(u64, &[u8])]) {
+        self.handle_relayed_batch(relay, datagrams);
     }
 }
 
@@ -85,6 +103,8 @@ pub(super) struct RelayClients {
     events: mpsc::Sender<RelayConnEvent>,
     pump: Option<tokio::task::JoinHandle<()>>,
     pub counters: Arc<PumpCounters>,
+    /// Each live link's transport, for status.
+    pub transports: SharedTransports,
 }
 
 impl RelayClients {
@@ -103,7 +123,7 @@ impl RelayClients {
     fn with(
         endpoint: Option<quinn::Endpoint>,
         sink: Option<Arc<dyn RelaySink>>,
-        outbound: Option<mpsc::Receiver<RelayTransmit>>,
+        outbound: Option<RelayReceiver>,
         events: mpsc::Sender<RelayConnEvent>,
     ) -> Self {
         let live: Live = Arc::default();
@@ -117,24 +137,15 @@ impl RelayClients {
             events,
             pump,
             counters,
+            transports: SharedTransports::default(),
         }
     }
 
     /// Holds a connection to `name` at `addr` (replacing any earlier one for that name).
     pub fn connect(&mut self, name: String, addr: String, creds: Credentials) {
         self.disconnect(&name);
-        let Some(endpoint) = self.endpoint.clone() else {
-            let events = self.events.clone();
-            tokio::spawn(async move {
-                let _ = events
-                    .send(RelayConnEvent::Down {
-                        relay: name,
-                        error: "no QUIC endpoint on this device".into(),
-                    })
-                    .await;
-            });
-            return;
-        };
+        // Without a UDP socket the link goes over TCP alone.
+        let endpoint = self.endpoint.clone();
         let (tx, rx) = watch::channel(creds);
         let name_arc: Arc<str> = Arc::from(name.as_str());
         let handle = tokio::spawn(run(RelayTask {
@@ -146,6 +157,7 @@ impl RelayClients {
             sink: self.sink.clone(),
             events: self.events.clone(),
             counters: self.counters.clone(),
+            transports: self.transports.clone(),
         }));
         self.tasks.insert(name, Task { creds: tx, handle });
     }
@@ -163,8 +175,9 @@ impl RelayClients {
             t.handle.abort();
         }
         if let Some(c) = lock(&self.live).remove(name) {
-            c.close(0u32.into(), b"relay no longer used");
+            c.close(b"relay no longer used");
         }
+        lock(&self.transports).relays.remove(name);
     }
 
     /// Closes everything (the daemon stops).
@@ -186,35 +199,22 @@ impl Drop for RelayClients {
 }
 
 /// Sends the data plane's relayed datagrams on the named relay's live connection.
-async fn pump(mut rx: mpsc::Receiver<RelayTransmit>, live: Live, counters: Arc<PumpCounters>) {
+async fn pump(mut rx: RelayReceiver, live: Live, counters: Arc<PumpCounters>) {
     while let Some(t) = rx.recv().await {
-        let conn = lock(&live).get(&t.relay).cloned();
-        let Some(conn) = conn else {
-            counters.no_connection.fetch_add(1, Ordering::Relaxed);
-            trace!(relay = %t.relay, "no live connection to the relay: datagram dropped");
-            continue;
-        };
-        match conn.send_datagram(encode_datagram(DeviceId(t.to), &t.datagram).into()) {
-            Ok(()) => {
-                counters.sent.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                counters.send_failed.fetch_add(1, Ordering::Relaxed);
-                trace!(relay = %t.relay, error = %e, "relayed datagram not sent");
-            }
-        }
+        relay_batch::send(&t, &live, &counters);
     }
 }
 
 struct RelayTask {
     name: Arc<str>,
     addr: String,
-    endpoint: quinn::Endpoint,
+    endpoint: Option<quinn::Endpoint>,
     creds: watch::Receiver<Credentials>,
     live: Live,
     sink: Option<Arc<dyn RelaySink>>,
     events: mpsc::Sender<RelayConnEvent>,
     counters: Arc<PumpCounters>,
+    transports: SharedTransports,
 }
 
 /// Connects, serves, reconnects, until aborted.
@@ -227,6 +227,7 @@ async fn run(mut t: RelayTask) {
             Err(e) => format!("{e:#}"),
         };
         lock(&t.live).remove(&t.name);
+        lock(&t.transports).relays.remove(&*t.name);
         debug!(relay = %t.name, error = %err, "relay connection down");
         if t.events
             .send(RelayConnEvent::Down {
@@ -250,12 +251,18 @@ async fn run(mut t: RelayTask) {
 /// One connection: handshake, then datagrams both ways until it fails.
 async fn serve(t: &mut RelayTask) -> Result<()> {
     let creds = t.creds.borrow_and_update().clone();
-    let (conn, mut send, mut recv, mut dec, relay_says) =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(t, &creds))
-            .await
-            .map_err(|_| anyhow!("no welcome from the relay within {HANDSHAKE_TIMEOUT:?}"))??;
+    let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(t, &creds))
+        .await
+        .map_err(|_| anyhow!("no welcome from the relay within {HANDSHAKE_TIMEOUT:?}"))??;
+    let (conn, mut send, mut recv, mut dec, relay_says) = match opened {
+        Opened::Quic(q) => q,
+        Opened::Tcp(tcp) => return relay_link::serve_tcp(t, tcp).await,
+    };
     let max_datagram = datagram_limit(&conn, relay_says);
-    lock(&t.live).insert(t.name.clone(), conn.clone());
+    lock(&t.live).insert(t.name.clone(), RelayLink::Quic(conn.clone()));
+    lock(&t.transports)
+        .relays
+        .insert(t.name.to_string(), Transport::Quic);
     info!(relay = %t.name, addr = %conn.remote_address(), max_datagram, "relay connection up");
     t.events
         .send(RelayConnEvent::Up {
@@ -266,23 +273,15 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
         .await
         .map_err(|_| anyhow!("session loop gone"))?;
     let mut buf = vec![0u8; 4096];
+    let mut batch = Vec::with_capacity(relay_batch::RECV_BATCH);
     let mut tick = tokio::time::interval(RTT_INTERVAL);
     tick.tick().await;
     loop {
         tokio::select! {
             d = conn.read_datagram() => {
                 let d = d.map_err(|e| anyhow!("relay connection: {e}"))?;
-                match split_datagram(&d) {
-                    Some((from, body)) => {
-                        if let Some(sink) = &t.sink {
-                            sink.relayed(&t.name, from.0, body);
-                        }
-                    }
-                    None => {
-                        t.counters.malformed_in.fetch_add(1, Ordering::Relaxed);
-                        trace!(relay = %t.name, len = d.len(), "malformed relayed datagram");
-                    }
-                }
+                relay_batch::take_ready(&conn, d, &mut batch);
+                relay_batch::deliver(&t.name, &batch, t.sink.as_deref(), &t.counters);
             }
             changed = t.creds.changed() => {
                 changed.map_err(|_| anyhow!("relay no longer used"))?;
@@ -317,7 +316,7 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
 
 /// The connection, its stream (with the decoder holding any bytes after `Welcome`) and the
 /// largest WireGuard datagram the relay's `Welcome` offered.
-type Opened = (
+type QuicOpened = (
     quinn::Connection,
     quinn::SendStream,
     quinn::RecvStream,
@@ -325,17 +324,31 @@ type Opened = (
     u16,
 );
 
+/// A welcomed link, by transport.
+enum Opened {
+    Quic(QuicOpened),
+    Tcp(relay_link::TcpOpened),
+}
+
 async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
     let what = format!("relay {}", t.name);
     let addrs = control::resolve_named(&t.addr, &what).await?;
-    let conn = control::connect_first_to(
-        &t.endpoint,
-        creds.config.clone(),
+    let connected = control::connect_either(
+        t.endpoint.as_ref(),
+        &creds.configs,
         &addrs,
         &relay_server_name(&t.name),
         &what,
     )
     .await?;
+    let conn = match connected {
+        control::Connected::Quic(c) => c,
+        control::Connected::Tcp(tls) => {
+            return Ok(Opened::Tcp(
+                relay_link::handshake_tcp(*tls, creds.ticket.clone()).await?,
+            ))
+        }
+    };
     let (mut send, mut recv) = conn.open_bi().await.context("opening the relay stream")?;
     send.write_all(&wire::encode(&DeviceToRelay::Hello {
         protocol: RELAY_PROTOCOL_VERSION,
@@ -347,7 +360,7 @@ async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
     let mut buf = vec![0u8; 4096];
     match read_frame(&mut recv, &mut dec, &mut buf).await? {
         Some(RelayToDevice::Welcome { max_datagram, .. }) => {
-            Ok((conn, send, recv, dec, max_datagram))
+            Ok(Opened::Quic((conn, send, recv, dec, max_datagram)))
         }
         Some(RelayToDevice::Error { code, message }) => {
             bail!("the relay refused: {message} ({code:?})")
@@ -388,7 +401,10 @@ mod tests {
     };
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
+    use ward_shared::relay::{encode_datagram, split_datagram};
     use ward_shared::relay::{Ticket, RELAY_ALPN};
+    use ward_shared::wire::DeviceId;
 
     struct Pki {
         ca_der: Vec<u8>,
@@ -519,7 +535,8 @@ mod tests {
         let relay = relay_endpoint(&p);
         let addr: SocketAddr = relay.local_addr().unwrap();
         let (ev_tx, mut ev_rx) = mpsc::channel(64);
-        let (out_tx, out_rx) = mpsc::channel(16);
+        let out_tx = crate::dataplane::RelayQueue::new(16);
+        let out_rx = out_tx.take_receiver().unwrap();
         let (in_tx, mut in_rx) = mpsc::unbounded_channel();
         let mut clients = RelayClients::with(
             Some(control::client_endpoint().unwrap()),
@@ -527,13 +544,13 @@ mod tests {
             Some(out_rx),
             ev_tx,
         );
-        let config = control::relay_config(&p.ca_der, &p.client.0, &p.client.1).unwrap();
+        let config = control::relay_configs(&p.ca_der, &p.client.0, &p.client.1).unwrap();
         clients.connect(
             "r1".into(),
             addr.to_string(),
             Credentials {
                 ticket: ticket(1),
-                config: config.clone(),
+                configs: config.clone(),
             },
         );
 
@@ -568,23 +585,17 @@ mod tests {
         }
 
         // Device → relay: the data plane's datagram, addressed by device id.
-        out_tx
-            .send(RelayTransmit {
-                relay: Arc::from("r1"),
-                to: 9,
-                datagram: b"to nine".to_vec(),
-            })
-            .await
-            .unwrap();
+        assert!(out_tx.try_send(crate::dataplane::RelayTransmit::one(
+            Arc::from("r1"),
+            9,
+            b"to nine"
+        )));
         // A datagram for a relay with no connection is dropped, not sent elsewhere.
-        out_tx
-            .send(RelayTransmit {
-                relay: Arc::from("r2"),
-                to: 9,
-                datagram: b"nowhere".to_vec(),
-            })
-            .await
-            .unwrap();
+        assert!(out_tx.try_send(crate::dataplane::RelayTransmit::one(
+            Arc::from("r2"),
+            9,
+            b"nowhere"
+        )));
         let d = tokio::time::timeout(Duration::from_secs(5), s.conn.read_datagram())
             .await
             .unwrap()
@@ -611,7 +622,7 @@ mod tests {
             "r1",
             Credentials {
                 ticket: ticket(2),
-                config: config.clone(),
+                configs: config.clone(),
             },
         );
         match s.frame().await {
@@ -671,13 +682,13 @@ mod tests {
         let (ev_tx, mut ev_rx) = mpsc::channel(64);
         let mut clients =
             RelayClients::with(Some(control::client_endpoint().unwrap()), None, None, ev_tx);
-        let config = control::relay_config(&p.ca_der, &p.client.0, &p.client.1).unwrap();
+        let config = control::relay_configs(&p.ca_der, &p.client.0, &p.client.1).unwrap();
         clients.connect(
             "r1".into(),
             relay.local_addr().unwrap().to_string(),
             Credentials {
                 ticket: ticket(1),
-                config: config.clone(),
+                configs: config.clone(),
             },
         );
         let accept = tokio::spawn(async move {
@@ -700,13 +711,13 @@ mod tests {
         // A relay that accepts but never welcomes: down after the handshake timeout.
         let p = pki(&relay_server_name("r1"));
         let relay = relay_endpoint(&p);
-        let config = control::relay_config(&p.ca_der, &p.client.0, &p.client.1).unwrap();
+        let config = control::relay_configs(&p.ca_der, &p.client.0, &p.client.1).unwrap();
         clients.connect(
             "r1".into(),
             relay.local_addr().unwrap().to_string(),
             Credentials {
                 ticket: ticket(1),
-                config,
+                configs: config,
             },
         );
         let s = Served::accept(&relay).await;

@@ -1,6 +1,9 @@
 //! The session loop: turns socket, timer, data-plane and posture-thread events into the agent
-//! core's `handle_*` calls and carries out what it polls out (open or drop the QUIC session,
-//! send its messages, configure the data plane, save the state file, draw keys, make CSRs).
+//! core's `handle_*` calls and carries out what it polls out (open or drop the control session,
+//! over QUIC or, where UDP does not get through, TLS over TCP; send its messages, configure
+//! the data plane, save the state file, draw keys, make CSRs). While the session is on TCP,
+//! the loop checks every [`control::QUIC_RETRY_EVERY`] whether QUIC gets through again and, if
+//! so, reconnects (QUIC first).
 
 use anyhow::Result;
 use std::future::Future;
@@ -25,6 +28,7 @@ use crate::control::{self, Channel};
 use crate::dataplane::DataPlane;
 use crate::state::State;
 use ward_runtime::now_ms;
+use ward_runtime::stream::Transport;
 
 type Opening = Pin<Box<dyn Future<Output = Result<Channel>> + Send>>;
 
@@ -62,8 +66,10 @@ struct Link {
     posture_tx: mpsc::Sender<PostureReport>,
     /// Relay names resolved off the loop: (`HOST:PORT`, address or error).
     resolved_tx: mpsc::Sender<Resolved>,
-    /// One QUIC connection per relay the agent asks for.
+    /// One connection per relay the agent asks for.
     relays: RelayClients,
+    /// A check whether QUIC reaches the coordinator again, while the session is on TCP.
+    probe: Option<tokio::task::JoinHandle<bool>>,
 }
 
 type Resolved = (String, Result<SocketAddr, String>);
@@ -85,7 +91,8 @@ impl Daemon {
         let (posture_tx, mut posture_rx) = mpsc::channel::<PostureReport>(1);
         let (resolved_tx, mut resolved_rx) = mpsc::channel::<Resolved>(16);
         let (relay_tx, mut relay_rx) = mpsc::channel::<RelayConnEvent>(256);
-        let relays = RelayClients::new(endpoint.clone(), dp.clone(), relay_tx);
+        let mut relays = RelayClients::new(endpoint.clone(), dp.clone(), relay_tx);
+        relays.transports = self.transports.clone();
         let mut link = Link {
             endpoint,
             channel: None,
@@ -93,7 +100,10 @@ impl Daemon {
             posture_tx,
             resolved_tx,
             relays,
+            probe: None,
         };
+        let mut retry_quic = tokio::time::interval(control::QUIC_RETRY_EVERY);
+        retry_quic.reset();
 
         loop {
             self.execute(&agent, dp.as_deref(), &mut link);
@@ -105,6 +115,7 @@ impl Daemon {
                     lock(&agent).handle_dataplane_event(DataPlaneEvent::PunchWanted(peers), now());
                 }
             }
+            lock(&self.transports).control = link.channel.as_ref().map(|c| c.transport);
             // Send what the agent queued; a failed send ends the session.
             loop {
                 let Some(msg) = lock(&agent).poll_transmit() else {
@@ -120,8 +131,13 @@ impl Daemon {
                 }
             }
             let deadline = lock(&agent).poll_timeout();
+            let on_tcp = link
+                .channel
+                .as_ref()
+                .is_some_and(|c| c.transport == Transport::Tcp);
             let channel = &mut link.channel;
             let opening = &mut link.opening;
+            let probe = &mut link.probe;
             // The two `expect`s below cannot fire: each branch runs only when its option is
             // `Some` (the branch condition), and nothing else touches it while select! polls.
             tokio::select! {
@@ -156,6 +172,23 @@ impl Daemon {
                     lock(&agent).handle_relay_resolved(&addr, result, now());
                 }
                 Some(ev) = relay_rx.recv() => lock(&agent).handle_relay_event(ev, now()),
+                _ = retry_quic.tick(), if on_tcp && probe.is_none() => {
+                    let st = lock(&self.identity).clone();
+                    if let (Some(st), Some(ep)) = (st, link.endpoint.clone()) {
+                        link.probe = Some(tokio::spawn(quic_probe(ep, st)));
+                    }
+                }
+                // The `expect` cannot fire: the branch runs only while `probe` is `Some`.
+                done = async { probe.as_mut().expect("guarded by the branch condition").await }, if probe.is_some() => {
+                    link.probe = None;
+                    if done.unwrap_or(false) && on_tcp {
+                        if let Some(ch) = link.channel.take() {
+                            info!("QUIC reaches the coordinator again: moving the control session back to UDP");
+                            ch.close("moving to QUIC");
+                            lock(&agent).handle_disconnected(Some("moving the control session back to QUIC".into()), now());
+                        }
+                    }
+                }
                 // A fresh wait each turn loses nothing: the data plane's notification is kept
                 // until someone waits.
                 _ = async { match &dp {
@@ -179,8 +212,12 @@ impl Daemon {
             }
         }
         link.relays.shutdown();
+        if let Some(p) = link.probe.take() {
+            p.abort();
+        }
+        *lock(&self.transports) = Default::default();
         if let Some(ch) = link.channel.take() {
-            ch.conn.close(0u32.into(), b"stopping");
+            ch.close("stopping");
         }
         if let Some(e) = link.endpoint {
             e.close(0u32.into(), b"stopping");
@@ -197,11 +234,12 @@ impl Daemon {
                 Event::Connect => {
                     link.channel = None;
                     let st = lock(&self.identity).clone();
-                    match (st, link.endpoint.clone()) {
-                        (Some(st), Some(endpoint)) => {
-                            link.opening = Some(Box::pin(open(endpoint, st)));
+                    match st {
+                        // Without a UDP socket the session goes over TCP alone.
+                        Some(st) => {
+                            link.opening = Some(Box::pin(open(link.endpoint.clone(), st)));
                         }
-                        _ => lock(agent).handle_disconnected(
+                        None => lock(agent).handle_disconnected(
                             Some("the control channel is unavailable".into()),
                             now(),
                         ),
@@ -209,7 +247,7 @@ impl Daemon {
                 }
                 Event::CloseSession => {
                     if let Some(ch) = link.channel.take() {
-                        ch.conn.close(0u32.into(), b"closing");
+                        ch.close("closing");
                     }
                 }
                 Event::Connected { .. } => {}
@@ -365,8 +403,8 @@ impl Daemon {
     fn relay_credentials(&self, ticket: SignedTicket) -> Result<Credentials> {
         let g = lock(&self.identity);
         let st = g.as_ref().ok_or_else(|| anyhow::anyhow!("not enrolled"))?;
-        let config = control::relay_config(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
-        Ok(Credentials { ticket, config })
+        let configs = control::relay_configs(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
+        Ok(Credentials { ticket, configs })
     }
 
     fn csr(&self) -> Result<Vec<u8>> {
@@ -380,13 +418,32 @@ impl Daemon {
     }
 }
 
-/// Opens a mutual-TLS control session to the coordinator.
-async fn open(endpoint: quinn::Endpoint, st: State) -> Result<Channel> {
+/// Opens a mutual-TLS control session to the coordinator, over QUIC or TLS/TCP.
+async fn open(endpoint: Option<quinn::Endpoint>, st: State) -> Result<Channel> {
     let addrs = control::resolve(&st.coordinator).await?;
-    let cfg = control::session_config(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
-    let ch = Channel::open_any(&endpoint, cfg, &addrs).await?;
-    info!(coordinator = %st.coordinator, "control session open");
+    let cfgs = control::session_configs(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
+    let ch = Channel::open_either(endpoint.as_ref(), &cfgs, &addrs).await?;
+    info!(coordinator = %st.coordinator, transport = %ch.transport, "control session open");
     Ok(ch)
+}
+
+/// Whether a QUIC handshake with the coordinator completes now.
+async fn quic_probe(endpoint: quinn::Endpoint, st: State) -> bool {
+    let Ok(addrs) = control::resolve(&st.coordinator).await else {
+        return false;
+    };
+    let Ok(cfg) = control::session_config(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)
+    else {
+        return false;
+    };
+    control::quic_gets_through(
+        &endpoint,
+        cfg,
+        &addrs,
+        ward_shared::wire::COORDINATOR_SERVER_NAME,
+        "coordinator",
+    )
+    .await
 }
 
 /// This device's data-plane key, port and interface endpoints; the agent adds the reflexive

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use ward_shared::filter::{PortRange, Proto};
 use ward_shared::wire::WgPublicKey;
 
+use super::relays::relay_link::Transports;
 use crate::agent::{Agent, ConnState, Phase};
 use crate::agent::{Netcheck, Relays};
 use crate::api::{
@@ -28,6 +29,8 @@ pub struct Sources<'a> {
     pub agent: Option<&'a Agent>,
     pub dataplane: Option<&'a DataPlane>,
     pub tun: Option<&'a str>,
+    /// The transports of the control session and the relay links.
+    pub transports: &'a Transports,
 }
 
 pub fn status(s: Sources<'_>) -> StatusView {
@@ -252,6 +255,13 @@ pub fn status(s: Sources<'_>) -> StatusView {
             public_key: s.dataplane.map(|d| WgPublicKey(d.public_key()).to_base64()),
             counters,
             home_relay: s.agent.and_then(|a| a.relays().home()).map(String::from),
+            control_transport: s.transports.control.map(|t| t.to_string()),
+            relay_transports: s
+                .transports
+                .relays
+                .iter()
+                .map(|(n, t)| (n.clone(), t.to_string()))
+                .collect(),
         }),
     }
 }
@@ -296,7 +306,7 @@ fn relay_note(relays: &Relays, peer_relay: Option<&str>) -> String {
 }
 
 /// `ward netcheck`.
-pub fn netcheck(agent: Option<&Agent>) -> NetcheckView {
+pub fn netcheck(agent: Option<&Agent>, transports: &Transports) -> NetcheckView {
     let Some(a) = agent else {
         return NetcheckView {
             udp: false,
@@ -304,6 +314,7 @@ pub fn netcheck(agent: Option<&Agent>) -> NetcheckView {
             mapping_varies_by_dest: None,
             relays: Vec::new(),
             home_relay: None,
+            control_transport: None,
         };
     };
     let nc = a.netcheck();
@@ -322,10 +333,12 @@ pub fn netcheck(agent: Option<&Agent>) -> NetcheckView {
                     .map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
                 observed: r.observed,
                 error: r.error.clone(),
+                transport: transports.relays.get(&r.name).map(|t| t.to_string()),
                 ..relay_conn_view(conns, &r.name)
             })
             .collect(),
         home_relay: conns.home().map(String::from),
+        control_transport: transports.control.map(|t| t.to_string()),
     }
 }
 
@@ -349,6 +362,7 @@ fn relay_conn_view(relays: &Relays, name: &str) -> RelayCheckView {
         connection: connection.into(),
         rtt_ms,
         connection_error: c.and_then(|c| c.last_error.clone()),
+        transport: None,
     }
 }
 

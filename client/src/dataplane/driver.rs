@@ -18,11 +18,11 @@
 //!
 //! Datagrams the engine routes through a relay are split off every outbox after the UDP send
 //! (which skips them) into the bounded relay queue (`relay`). Datagrams that arrive through a
-//! relay come in on the daemon's tokio thread ([`Driver::handle_relayed`]), which decrypts them
-//! under its own batch and writes each packet to the TUN itself (one write per packet): the
-//! TUN descriptor takes concurrent writes, and handing packets to the receive thread would
-//! need a wake-up channel into its `poll` for no gain (relayed traffic is bounded by the
-//! relay's QUIC connection, far below what one write per packet costs).
+//! relay come in on the daemon's tokio thread in batches (every datagram the relay connection
+//! has ready, [`Driver::handle_relayed`]), which decrypts them under its own batch and writes
+//! them to the TUN itself, coalesced by its own GRO table like the receive thread's: the TUN
+//! descriptor takes concurrent writes, and handing packets to the receive thread would need a
+//! wake-up channel into its `poll` and a copy for no gain.
 //!
 //! Blocking threads rather than tokio tasks: the hot paths are syscall loops that gain nothing
 //! from an executor, and two threads use the machine's two cores. Reads are non-blocking with a
@@ -44,7 +44,7 @@ use anyhow::Context as _;
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::discovery::{is_discovery_byte, Inbox};
-use super::engine::{Core, Outbox, Source};
+use super::engine::{Core, Outbox, RelayId, Source};
 use super::pmtu::REFRESH_INTERVAL;
 use super::relay::RelayQueue;
 use super::tun::{TunDevice, TunParams};
@@ -61,6 +61,8 @@ const TUN_READS_PER_FLUSH: usize = 4;
 const UDP_RECV_SLOTS: usize = 16;
 /// Decrypted packets gathered before one GRO-coalesced TUN write.
 const TUN_WRITE_BATCH: usize = 256;
+/// The same for packets that came through a relay (a batch of them arrives together).
+const RELAYED_TUN_BATCH: usize = 64;
 
 pub(crate) struct Driver {
     core: Arc<Core>,
@@ -156,15 +158,21 @@ impl Driver {
         self.relay.push(&self.core, out);
     }
 
-    /// A datagram that arrived through a relay: decrypted and checked by the core, written to
-    /// the TUN (one write), replies sent (UDP or relay queue).
-    pub(crate) fn handle_relayed(&self, from: Source, datagram: &[u8]) {
+    /// Datagrams that arrived through relay `relay`, `(from device, datagram)` in arrival
+    /// order: decrypted and checked by the core under one batch, the packets written to the
+    /// TUN in GRO-coalesced writes (one per flow and [`RELAYED_TUN_BATCH`] packets), replies
+    /// sent (UDP or relay queue).
+    pub(crate) fn handle_relayed<'d>(
+        &self,
+        relay: RelayId,
+        datagrams: impl IntoIterator<Item = (u64, &'d [u8])>,
+    ) {
         let mut guard = self
             .relayed_in
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let RelayedIn {
-            buf,
+            bufs,
             out,
             scratch,
             gro,
@@ -172,20 +180,36 @@ impl Driver {
         } = &mut *guard;
         let now = Instant::now();
         let coordinator_now_ms = ward_runtime::now_ms().saturating_add(self.core.clock_offset_ms());
-        buf.clear();
-        buf.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
-        let got = self.core.handle_datagram(
-            from,
-            datagram,
-            now,
-            coordinator_now_ms,
-            &mut buf[VIRTIO_NET_HDR_LEN..],
-            out,
-        );
-        if let Some(n) = got {
-            buf.truncate(VIRTIO_NET_HDR_LEN + n);
-            write_tun(&self.tun, gro, std::slice::from_mut(buf), errors);
+        let mut filled = 0;
+        {
+            let mut batch = self.core.batch();
+            let mut runs = batch.runs();
+            for (from, datagram) in datagrams {
+                if filled == bufs.len() {
+                    bufs.push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + TUN_SEGMENT_BUF));
+                }
+                let buf = &mut bufs[filled];
+                buf.clear();
+                buf.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
+                if let Some(n) = runs.handle_datagram(
+                    Source::Relay { relay, from },
+                    datagram,
+                    now,
+                    coordinator_now_ms,
+                    &mut buf[VIRTIO_NET_HDR_LEN..],
+                    out,
+                ) {
+                    buf.truncate(VIRTIO_NET_HDR_LEN + n);
+                    filled += 1;
+                    if filled == RELAYED_TUN_BATCH {
+                        runs.release();
+                        write_tun(&self.tun, gro, &mut bufs[..filled], errors);
+                        filled = 0;
+                    }
+                }
+            }
         }
+        write_tun(&self.tun, gro, &mut bufs[..filled], errors);
         if !out.is_empty() {
             self.udp.send_outbox(out, scratch);
             self.relay.push(&self.core, out);
@@ -214,7 +238,8 @@ impl Driver {
 /// What [`Driver::handle_relayed`] reuses from one datagram to the next.
 #[derive(Default)]
 struct RelayedIn {
-    buf: Vec<u8>,
+    /// Decrypted packets waiting for one TUN write; grows to [`RELAYED_TUN_BATCH`] at most.
+    bufs: Vec<Vec<u8>>,
     out: Outbox,
     scratch: SendScratch,
     gro: GROTable,

@@ -49,7 +49,9 @@ use ward_shared::filter::{FilterCounters, FilterRule, LocalPrefixes};
 pub use self::discovery::DiscoveryCounters;
 pub use self::engine::{Batch, Core, CoreConfig, Outbox, Transmit};
 pub use self::pmtu::PathMtuCounters;
-pub use self::relay::RelayTransmit;
+#[cfg(test)]
+pub(crate) use self::relay::RelayQueue;
+pub use self::relay::{RelayReceiver, RelayTransmit};
 use ward_shared::discovery::BindingResponse;
 
 /// TUN MTU: a 1500-byte underlay minus the worst-case WireGuard overhead (IPv6 40 + UDP 8 +
@@ -326,7 +328,7 @@ impl DataPlane {
     /// The queue of datagrams to send through relays: taken once by the daemon (later calls
     /// get `None`). Bounded; when it is full the data plane drops and counts
     /// ([`DataPlaneCounters::relay_dropped_queue_full`]).
-    pub fn take_relay_outbound(&self) -> Option<tokio::sync::mpsc::Receiver<RelayTransmit>> {
+    pub fn take_relay_outbound(&self) -> Option<RelayReceiver> {
         self.relay.take_receiver()
     }
 
@@ -335,18 +337,29 @@ impl DataPlane {
     /// inbound filter) and written to the TUN; replies go out as the engine decides (direct or
     /// relayed). Safe to call from any thread, alongside the data-plane threads.
     pub fn handle_relayed(&self, relay: &str, from: u64, datagram: &[u8]) {
+        self.handle_relayed_batch(relay, &[(from, datagram)]);
+    }
+
+    /// [`DataPlane::handle_relayed`] for several datagrams from one relay, `(from device,
+    /// datagram)` in arrival order: decrypted under one batch, their packets written to the TUN
+    /// together (coalesced per flow).
+    pub fn handle_relayed_batch(&self, relay: &str, datagrams: &[(u64, &[u8])]) {
+        if datagrams.is_empty() {
+            return;
+        }
+        let n = u64::try_from(datagrams.len()).unwrap_or(u64::MAX);
         let Some(id) = self.core.relay_id(relay) else {
-            tracing::trace!(relay, from, "datagram from a relay not connected: dropped");
+            tracing::trace!(relay, n, "datagrams from a relay not connected: dropped");
             self.relay
                 .dropped_unknown_relay
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             return;
         };
         self.relay
             .received
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         if let Some(driver) = &self.driver {
-            driver.handle_relayed(engine::Source::Relay { relay: id, from }, datagram);
+            driver.handle_relayed(id, datagrams.iter().copied());
         }
     }
 

@@ -1,10 +1,14 @@
 //! `ward-coordinator serve`: the tokio driver around [`crate::registry::Registry`] and the store.
 //!
-//! Tasks: a QUIC accept loop (one task per device connection), the registry actor (owns the
-//! core, fans its outputs out to connection tasks), and the admin socket.
+//! Tasks: a QUIC accept loop and a TLS-over-TCP accept loop on the same port number (one task
+//! per connection), the registry actor (owns the core, fans its outputs out to connection
+//! tasks), and the admin socket.
 //!
-//! - [`session`]: the QUIC device protocol (enrollment, the session loop, relay tickets).
-//! - [`relay`]: relay control sessions (same QUIC port, ALPN `ward-relay-control/1`); the
+//! - [`link`]: one connection's frame stream and its close, over QUIC or TLS/TCP; the TCP side
+//!   serves devices on networks that drop UDP, with the same certificates, client-certificate
+//!   check and ALPNs as QUIC.
+//! - [`session`]: the device protocol (enrollment, the session loop, relay tickets).
+//! - [`relay`]: relay control sessions (same port, ALPN `ward-relay-control/1`); the
 //!   connection's negotiated ALPN picks the protocol.
 //! - [`actor`]: the registry actor; [`effects`]: its trust and audit side effects.
 //! - The admin socket is [`crate::admin::socket`]; its requests run [`crate::admin::ops`] here
@@ -36,6 +40,7 @@ use actor::Event;
 
 mod actor;
 mod effects;
+mod link;
 mod relay;
 mod session;
 
@@ -45,6 +50,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 const CONN_QUEUE: usize = 256;
 /// Enrollment transactions at once (the store serialises them anyway; more only queue).
 const ENROLL_SLOTS: usize = 4;
+
+/// TLS-over-TCP connections at once (handshaking or in session); more are closed at accept.
+const MAX_TCP_CONNECTIONS: usize = 16_384;
 
 pub use ward_runtime::now_ms;
 
@@ -87,6 +95,22 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         }
     };
     let listen = socket.local_addr()?;
+    // TCP on the same port number, for devices on networks that drop UDP.
+    let tcp = match listen {
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            let bound =
+                ward_runtime::net::bind_tcp_dual_stack(listen.port()).with_context(|| {
+                    format!("binding the TCP control listener on port {}", listen.port())
+                })?;
+            if let Some(e) = &bound.ipv4_only_because {
+                info!(error = %e, "IPv6 unavailable for TCP: listening on IPv4 only");
+            }
+            bound.listener
+        }
+        _ => ward_runtime::net::bind_tcp(listen)
+            .with_context(|| format!("binding the TCP control listener on {listen}"))?,
+    };
+    let tcp = tokio::net::TcpListener::from_std(tcp).context("registering the TCP listener")?;
     let devices = store.list_devices()?;
     let users = store.list_users()?;
     let now = now_ms();
@@ -132,15 +156,17 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
     });
 
     let runtime = quinn::default_runtime().context("the QUIC listener needs a tokio runtime")?;
+    let tls = tls_config(&ctx.ca)?;
+    let acceptor = ward_runtime::stream::TlsAcceptor::from(Arc::new(tls.clone()));
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
-        Some(server_config(&ctx.ca)?),
+        Some(server_config(tls)?),
         socket,
         runtime,
     )
     .with_context(|| format!("starting the QUIC control listener on {listen}"))?;
     let admin = socket::bind(&dd).await?;
-    info!(%listen, public_addr = %ctx.config.public_addr, "coordinator serving");
+    info!(%listen, public_addr = %ctx.config.public_addr, "coordinator serving (QUIC, and TLS over TCP on the same port)");
     ctx.store.append_audit(
         Audit {
             actor: "coordinator",
@@ -174,6 +200,7 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         anyhow::Ok(())
     };
     tokio::pin!(shutdown);
+    let tcp_task = tokio::spawn(tcp_accept_loop(tcp, acceptor, ctx.clone()));
     loop {
         tokio::select! {
             r = &mut shutdown => { r?; break; }
@@ -190,6 +217,7 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
         }
     }
     info!("coordinator shutting down");
+    tcp_task.abort();
     endpoint.close(0u32.into(), b"coordinator shutting down");
     let _ = std::fs::remove_file(dd.admin_socket());
     Ok(())
@@ -217,9 +245,7 @@ async fn integrity_checks(store: Arc<SqliteStore>) {
     }
 }
 
-/// Completes the QUIC handshake and runs the protocol its ALPN names: a device's control
-/// session or enrollment (`ward-control/1`), or a relay's control session
-/// (`ward-relay-control/1`).
+/// Completes the QUIC handshake and runs the protocol its ALPN names ([`dispatch`]).
 async fn accept(inc: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
     let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, inc)
         .await
@@ -228,14 +254,73 @@ async fn accept(inc: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol);
-    match alpn.as_deref() {
-        Some(p) if p == RELAY_CONTROL_ALPN => relay::handle_connection(conn, ctx).await,
-        Some(p) if p == wire::ALPN => session::handle_connection(conn, ctx).await,
-        _ => {
-            debug!(remote = %conn.remote_address(), "connection without a known protocol");
-            conn.close(1u32.into(), b"no application protocol");
-            Ok(())
-        }
+    if !known_alpn(alpn.as_deref()) {
+        debug!(remote = %conn.remote_address(), "connection without a known protocol");
+        conn.close(1u32.into(), b"no application protocol");
+        return Ok(());
+    }
+    dispatch(link::Link::quic(conn).await?, alpn.as_deref(), ctx).await
+}
+
+/// Accepts TLS-over-TCP connections (at most [`MAX_TCP_CONNECTIONS`] at once) until aborted.
+async fn tcp_accept_loop(
+    listener: tokio::net::TcpListener,
+    acceptor: ward_runtime::stream::TlsAcceptor,
+    ctx: Arc<Ctx>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: pause instead of spinning.
+                debug!(error = %e, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%remote, "too many TCP control connections: closed");
+            continue;
+        };
+        let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = accept_tcp(tcp, remote, &acceptor, ctx).await {
+                debug!(%remote, error = %format!("{e:#}"), "TCP control connection ended");
+            }
+        });
+    }
+}
+
+/// Completes TLS (within the handshake timeout) and runs the protocol its ALPN names; a
+/// client that offered no ALPN is closed.
+async fn accept_tcp(
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: &ward_runtime::stream::TlsAcceptor,
+    ctx: Arc<Ctx>,
+) -> Result<()> {
+    let mut tls = ward_runtime::stream::accept_tls(acceptor, tcp, HANDSHAKE_TIMEOUT).await?;
+    let (alpn, certs) = ward_runtime::stream::server_session(&tls);
+    if !known_alpn(alpn.as_deref()) {
+        debug!(%remote, "TCP connection without a known protocol");
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+        return Ok(());
+    }
+    dispatch(link::Link::tcp(tls, remote, certs), alpn.as_deref(), ctx).await
+}
+
+fn known_alpn(alpn: Option<&[u8]>) -> bool {
+    matches!(alpn, Some(p) if p == RELAY_CONTROL_ALPN || p == wire::ALPN)
+}
+
+/// Runs a device's control session or enrollment (`ward-control/1`), or a relay's control
+/// session (`ward-relay-control/1`), whichever transport carries it.
+async fn dispatch(link: link::Link, alpn: Option<&[u8]>, ctx: Arc<Ctx>) -> Result<()> {
+    match alpn {
+        Some(p) if p == RELAY_CONTROL_ALPN => relay::handle_connection(link, ctx).await,
+        _ => session::handle_connection(link, ctx).await,
     }
 }
 
@@ -247,7 +332,9 @@ fn public_port(public_addr: &str) -> Result<u16> {
         .context("public address has no port")
 }
 
-fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
+/// TLS 1.3 with the coordinator's certificate, client certificates optional (enrollment has
+/// none) and verified against the CA, both ALPNs: one config for QUIC and TCP alike.
+fn tls_config(ca: &Ca) -> Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let (cert, key) = ca.server_cert(now_ms())?;
     let mut roots = rustls::RootCertStore::empty();
@@ -266,6 +353,10 @@ fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
             rustls_pki_types::PrivateKeyDer::Pkcs8(key.into()),
         )?;
     tls.alpn_protocols = vec![wire::ALPN.to_vec(), RELAY_CONTROL_ALPN.to_vec()];
+    Ok(tls)
+}
+
+fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
     let qsc = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qsc));
     let mut transport = quinn::TransportConfig::default();

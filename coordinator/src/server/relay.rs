@@ -1,4 +1,5 @@
-//! Relay control sessions (ALPN `ward-relay-control/1` on the coordinator's QUIC port).
+//! Relay control sessions (ALPN `ward-relay-control/1` on the coordinator's port, over QUIC
+//! or TLS over TCP: the same code runs on either [`Link`]).
 //!
 //! ```text
 //! relay                                  coordinator
@@ -17,7 +18,7 @@
 //! pushes revocations to all of them; `relay rm` ends the relay's session. Refusals are logged,
 //! not audited (a relay's secret is checked on every reconnect).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,25 +34,24 @@ use ward_shared::token::hash_secret;
 use ward_shared::wire::{self, Bytes, DeviceId, ErrorCode, FrameDecoder};
 
 use super::actor::{ConnCmd, Event};
-use super::session::{close_with, first_frame, read_frame, send_msg};
-use super::{now_ms, Ctx, CONN_QUEUE, HANDSHAKE_TIMEOUT};
+use super::link::Link;
+use super::session::{first_frame, read_frame, send_msg};
+use super::{now_ms, Ctx, CONN_QUEUE};
+use tokio::io::AsyncWriteExt;
 
 /// Frames queued for one relay (revocations) before its session is dropped as too slow.
 const RELAY_QUEUE: usize = CONN_QUEUE;
 
-/// One relay control connection, after the QUIC handshake chose this protocol.
-pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) -> Result<()> {
-    let remote = conn.remote_address();
-    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
-        .await
-        .context("relay opened no control stream")??;
+/// One relay control connection, after the TLS handshake (QUIC or TCP) chose this protocol.
+pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<()> {
+    let remote = link.remote;
     let mut dec = FrameDecoder::new(MAX_RELAY_CONTROL_FRAME);
-    let first = match first_frame(&mut recv, &mut dec).await {
+    let first = match first_frame(&mut link.recv, &mut dec).await {
         Ok(Some(f)) => f,
         Ok(None) => return Ok(()),
         Err(why) => {
             warn!(%remote, %why, "no first message on relay control stream");
-            refuse(&conn, &mut send, ErrorCode::Protocol, why).await;
+            refuse(&mut link, ErrorCode::Protocol, why).await;
             return Ok(());
         }
     };
@@ -61,8 +61,7 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
         Ok(_) => {
             warn!(%remote, "relay control session did not start with hello");
             refuse(
-                &conn,
-                &mut send,
+                &mut link,
                 ErrorCode::Protocol,
                 "the first message must be hello".into(),
             )
@@ -71,14 +70,14 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
         }
         Err(e) => {
             warn!(%remote, error = %e, "undecodable first message on relay control stream");
-            refuse(&conn, &mut send, ErrorCode::Protocol, e.to_string()).await;
+            refuse(&mut link, ErrorCode::Protocol, e.to_string()).await;
             return Ok(());
         }
     };
     let (name, welcome) = match welcome(&ctx, hello, remote).await {
         Ok(x) => x,
         Err((code, message)) => {
-            refuse(&conn, &mut send, code, message).await;
+            refuse(&mut link, code, message).await;
             return Ok(());
         }
     };
@@ -94,8 +93,7 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
     });
     if !accepted.await.unwrap_or(false) {
         refuse(
-            &conn,
-            &mut send,
+            &mut link,
             ErrorCode::Unauthorized,
             "this relay has been removed".into(),
         )
@@ -105,15 +103,12 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
     let result = async {
         let revoked = revoked_devices(&ctx).await?;
         send_msg(
-            &mut send,
+            &mut link.send,
             &CoordinatorToRelay::Welcome(RelayWelcome { revoked, ..welcome }),
         )
         .await?;
         info!(relay = %name, %remote, "relay connected");
-        serve(
-            &ctx, &conn, &mut send, &mut recv, &mut dec, &name, conn_id, &mut rx,
-        )
-        .await
+        serve(&ctx, &mut link, &mut dec, &name, conn_id, &mut rx).await
     }
     .await;
     let _ = ctx.events.send(Event::RelayClosed {
@@ -218,12 +213,9 @@ async fn revoked_devices(ctx: &Arc<Ctx>) -> Result<Vec<DeviceId>> {
 }
 
 /// The session after `Welcome`: pushes from the actor out, loads and renewals in.
-#[allow(clippy::too_many_arguments)]
 async fn serve(
     ctx: &Arc<Ctx>,
-    conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
+    link: &mut Link,
     dec: &mut FrameDecoder,
     name: &str,
     conn_id: u64,
@@ -232,21 +224,21 @@ async fn serve(
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(ConnCmd::Send(bytes)) => send.write_all(&bytes).await?,
+                Some(ConnCmd::Send(bytes)) => link.send.write_all(&bytes).await?,
                 Some(ConnCmd::Close(code, reason)) => {
                     info!(relay = %name, ?code, %reason, "closing relay control session");
-                    refuse(conn, send, code, reason).await;
+                    refuse(link, code, reason).await;
                     return Ok(());
                 }
                 None => return Ok(()),
             },
-            frame = read_frame(recv, dec) => {
+            frame = read_frame(&mut link.recv, dec) => {
                 let frame = match frame {
                     Ok(Some(f)) => f,
                     Ok(None) => return Ok(()),
                     Err(e) => {
                         warn!(relay = %name, error = %format!("{e:#}"), "bad frame from relay");
-                        refuse(conn, send, ErrorCode::Protocol, format!("bad frame: {e:#}")).await;
+                        refuse(link, ErrorCode::Protocol, format!("bad frame: {e:#}")).await;
                         return Ok(());
                     }
                 };
@@ -254,7 +246,7 @@ async fn serve(
                     Ok(m) => m,
                     Err(e) => {
                         warn!(relay = %name, error = %e, "undecodable message from relay");
-                        refuse(conn, send, ErrorCode::Protocol, e.to_string()).await;
+                        refuse(link, ErrorCode::Protocol, e.to_string()).await;
                         return Ok(());
                     }
                 };
@@ -267,36 +259,31 @@ async fn serve(
                         match ctx.ca.issue_relay_cert(&csr_der.0, name, now_ms()) {
                             Ok((cert_der, not_after_ms)) => {
                                 info!(relay = %name, "relay certificate renewed");
-                                send_msg(send, &CoordinatorToRelay::Cert { cert_der: Bytes(cert_der), not_after_ms }).await?;
+                                send_msg(&mut link.send, &CoordinatorToRelay::Cert { cert_der: Bytes(cert_der), not_after_ms }).await?;
                             }
                             Err(e) => {
                                 warn!(relay = %name, error = %format!("{e:#}"), "relay certificate renewal refused");
-                                send_msg(send, &CoordinatorToRelay::Error { code: ErrorCode::BadRequest, message: format!("renewal refused: {e:#}") }).await?;
+                                send_msg(&mut link.send, &CoordinatorToRelay::Error { code: ErrorCode::BadRequest, message: format!("renewal refused: {e:#}") }).await?;
                             }
                         }
                     }
                     RelayToCoordinator::Hello(_) => {
                         warn!(relay = %name, "hello on an established relay session");
-                        refuse(conn, send, ErrorCode::Protocol, "unexpected hello on an established session".into()).await;
+                        refuse(link, ErrorCode::Protocol, "unexpected hello on an established session".into()).await;
                         return Ok(());
                     }
                 }
             }
-            _ = conn.closed() => return Ok(()),
+            _ = link.closer.closed() => return Ok(()),
         }
     }
 }
 
 /// Sends `Error`, finishes the stream and closes the connection.
-async fn refuse(
-    conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
-    code: ErrorCode,
-    message: String,
-) {
+async fn refuse(link: &mut Link, code: ErrorCode, message: String) {
     let frame = wire::encode(&CoordinatorToRelay::Error {
         code,
         message: message.clone(),
     });
-    close_with(conn, send, &frame, &message).await;
+    link.close_with(&frame, &message).await;
 }

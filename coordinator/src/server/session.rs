@@ -1,7 +1,8 @@
-//! The QUIC device protocol: enrollment (no client certificate) and the session loop (device
-//! certificate) of one connection, feeding the registry actor.
+//! The device protocol: enrollment (no client certificate) and the session loop (device
+//! certificate) of one connection, feeding the registry actor. The same code serves a QUIC
+//! connection and a TLS-over-TCP one ([`Link`]).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,17 +20,20 @@ use ward_shared::wire::{
 };
 
 use super::actor::{ConnCmd, Event};
+use super::link::Link;
 use super::{now_ms, Ctx, CONN_QUEUE, HANDSHAKE_TIMEOUT};
 use crate::audit::Action;
 use crate::gate::{Admit, RefusalRow};
 use crate::limits::{Decision, Kind, SessionLimits};
 use crate::pki::{cert_identity, Ca};
 use crate::store::{Audit, EnrollSpec, StoreError};
+use tokio::io::AsyncWriteExt;
+use ward_runtime::stream::{BoxRead, BoxWrite};
 
 /// The first frame of a session, within [`HANDSHAKE_TIMEOUT`]: `Ok(None)` if the peer closed
 /// the stream; `Err(why)` (a bad frame, or nothing in time) to refuse the peer with.
 pub(super) async fn first_frame(
-    recv: &mut quinn::RecvStream,
+    recv: &mut BoxRead,
     dec: &mut FrameDecoder,
 ) -> std::result::Result<Option<Vec<u8>>, String> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(recv, dec)).await {
@@ -44,66 +48,38 @@ pub(super) async fn first_frame(
 
 /// Reads the next frame; `Ok(None)` at a clean end of stream.
 pub(super) async fn read_frame(
-    recv: &mut quinn::RecvStream,
+    recv: &mut BoxRead,
     dec: &mut FrameDecoder,
 ) -> Result<Option<Vec<u8>>> {
     let mut buf = [0u8; 16 * 1024];
-    ward_runtime::quic::read_frame(recv, dec, &mut buf).await
+    ward_runtime::stream::read_frame(recv, dec, &mut buf).await
 }
 
 /// Writes one frame (a device or relay message) to the stream.
-pub(super) async fn send_msg<T: serde::Serialize>(
-    send: &mut quinn::SendStream,
-    msg: &T,
-) -> Result<()> {
+pub(super) async fn send_msg<T: serde::Serialize>(send: &mut BoxWrite, msg: &T) -> Result<()> {
     send.write_all(&wire::encode(msg)).await?;
     Ok(())
 }
 
-async fn refuse(
-    conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
-    code: ErrorCode,
-    message: String,
-) {
+async fn refuse(link: &mut Link, code: ErrorCode, message: String) {
     let frame = wire::encode(&CoordinatorMsg::Error {
         code,
         message: message.clone(),
     });
-    close_with(conn, send, &frame, &message).await;
+    link.close_with(&frame, &message).await;
 }
 
-/// Sends a last (error) frame, finishes the stream and closes the connection with `reason`.
-pub(super) async fn close_with(
-    conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
-    frame: &[u8],
-    reason: &str,
-) {
-    let _ = send.write_all(frame).await;
-    let _ = send.finish();
-    // Give the frame a moment to leave before the close discards it.
-    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-    conn.close(1u32.into(), reason.as_bytes());
-}
-
-/// One device connection, after the QUIC handshake chose the device protocol.
-pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) -> Result<()> {
-    let remote = conn.remote_address();
-    let certs = conn.peer_identity().and_then(|a| {
-        a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-            .ok()
-    });
-    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
-        .await
-        .context("device opened no control stream")??;
+/// One device connection, after the TLS handshake (QUIC or TCP) chose the device protocol.
+pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<()> {
+    let remote = link.remote;
+    let certs = link.certs.take();
     let mut dec = FrameDecoder::new(MAX_DEVICE_FRAME);
-    let first = match first_frame(&mut recv, &mut dec).await {
+    let first = match first_frame(&mut link.recv, &mut dec).await {
         Ok(Some(f)) => f,
         Ok(None) => return Ok(()),
         Err(why) => {
             warn!(%remote, %why, "no first message on control stream");
-            refuse(&conn, &mut send, ErrorCode::Protocol, why).await;
+            refuse(&mut link, ErrorCode::Protocol, why).await;
             return Ok(());
         }
     };
@@ -112,7 +88,7 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
         Ok(m) => m,
         Err(e) => {
             warn!(%remote, error = %e, "undecodable first message");
-            refuse(&conn, &mut send, ErrorCode::Protocol, e.to_string()).await;
+            refuse(&mut link, ErrorCode::Protocol, e.to_string()).await;
             return Ok(());
         }
     };
@@ -121,22 +97,20 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
             let reply = enroll(&ctx, req, remote).await;
             match reply {
                 Ok(enrolled) => {
-                    send_msg(&mut send, &CoordinatorMsg::Enrolled(enrolled)).await?;
-                    let _ = send.finish();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    send_msg(&mut link.send, &CoordinatorMsg::Enrolled(enrolled)).await?;
+                    link.finish(Duration::from_secs(2)).await;
                 }
-                Err((code, message)) => refuse(&conn, &mut send, code, message).await,
+                Err((code, message)) => refuse(&mut link, code, message).await,
             }
             Ok(())
         }
         (Some(cert), DeviceMsg::Hello(hello)) => {
             let cert = cert.to_vec();
-            session(ctx, conn, send, recv, dec, &cert, hello).await
+            session(ctx, link, dec, &cert, hello).await
         }
         (None, _) => {
             refuse(
-                &conn,
-                &mut send,
+                &mut link,
                 ErrorCode::Unauthorized,
                 "this connection has no device certificate; only enrollment is possible".into(),
             )
@@ -145,8 +119,7 @@ pub(super) async fn handle_connection(conn: quinn::Connection, ctx: Arc<Ctx>) ->
         }
         (Some(_), _) => {
             refuse(
-                &conn,
-                &mut send,
+                &mut link,
                 ErrorCode::Protocol,
                 "the first message must be hello".into(),
             )
@@ -382,18 +355,15 @@ fn check_request(req: &wire::EnrollRequest) -> Result<(Hostname, [u8; 32]), (Err
 
 async fn session(
     ctx: Arc<Ctx>,
-    conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut link: Link,
     mut dec: FrameDecoder,
     cert: &[u8],
     hello: wire::Hello,
 ) -> Result<()> {
-    let remote = conn.remote_address();
+    let remote = link.remote;
     let Some(identity) = cert_identity(cert) else {
         refuse(
-            &conn,
-            &mut send,
+            &mut link,
             ErrorCode::Unauthorized,
             "unreadable certificate".into(),
         )
@@ -407,8 +377,7 @@ async fn session(
         Ok(None) => {
             warn!(%remote, "certificate of an unknown device");
             refuse(
-                &conn,
-                &mut send,
+                &mut link,
                 ErrorCode::Unauthorized,
                 "this certificate belongs to no enrolled device".into(),
             )
@@ -418,8 +387,7 @@ async fn session(
         Err(e) => {
             error!(%remote, error = %e, "device lookup failed; refusing");
             refuse(
-                &conn,
-                &mut send,
+                &mut link,
                 ErrorCode::Internal,
                 "the coordinator could not check this device".into(),
             )
@@ -449,13 +417,12 @@ async fn session(
             let _ = write_refusal_rows(&ctx, vec![row]).await;
         }
         info!(device = %dev.id, %remote, reason = why, "refused connection");
-        refuse(&conn, &mut send, ErrorCode::DeviceRevoked, why.to_string()).await;
+        refuse(&mut link, ErrorCode::DeviceRevoked, why.to_string()).await;
         return Ok(());
     }
     if hello.protocol != PROTOCOL_VERSION {
         refuse(
-            &conn,
-            &mut send,
+            &mut link,
             ErrorCode::Protocol,
             format!("protocol version {} is not supported", hello.protocol),
         )
@@ -480,8 +447,7 @@ async fn session(
         Ok(Ok(())) => {}
         Ok(Err(code)) => {
             refuse(
-                &conn,
-                &mut send,
+                &mut link,
                 code,
                 "the device is not allowed on the network".into(),
             )
@@ -490,7 +456,7 @@ async fn session(
         }
         Err(_) => return Ok(()),
     }
-    info!(device = %id, hostname = %dev.hostname, %remote, "device connected");
+    info!(device = %id, hostname = %dev.hostname, %remote, transport = %link.transport, "device connected");
     // What this session may send, and the latest update and report held back by the limits.
     let mut limits = SessionLimits::new(now_ms());
     let mut held_update: Option<DeviceUpdate> = None;
@@ -521,20 +487,20 @@ async fn session(
                     }
                 }
                 cmd = rx.recv() => match cmd {
-                    Some(ConnCmd::Send(bytes)) => send.write_all(&bytes).await?,
+                    Some(ConnCmd::Send(bytes)) => link.send.write_all(&bytes).await?,
                     Some(ConnCmd::Close(code, reason)) => {
                         info!(device = %id, ?code, %reason, "closing device session");
-                        refuse(&conn, &mut send, code, reason).await;
+                        refuse(&mut link, code, reason).await;
                         return Ok(());
                     }
                     None => return Ok(()),
                 },
-                frame = read_frame(&mut recv, &mut dec) => {
+                frame = read_frame(&mut link.recv, &mut dec) => {
                     let Some(frame) = (match frame {
                         Ok(f) => f,
                         Err(e) => {
                             warn!(device = %id, error = %format!("{e:#}"), "bad frame from device");
-                            refuse(&conn, &mut send, ErrorCode::Protocol, format!("bad frame: {e:#}")).await;
+                            refuse(&mut link, ErrorCode::Protocol, format!("bad frame: {e:#}")).await;
                             return Ok(());
                         }
                     }) else { return Ok(()) };
@@ -542,7 +508,7 @@ async fn session(
                         Ok(m) => m,
                         Err(e) => {
                             warn!(device = %id, error = %e, "undecodable message from device");
-                            refuse(&conn, &mut send, ErrorCode::Protocol, e.to_string()).await;
+                            refuse(&mut link, ErrorCode::Protocol, e.to_string()).await;
                             return Ok(());
                         }
                     };
@@ -551,7 +517,7 @@ async fn session(
                             let d = limits.handle(kind, now_ms());
                             if d == Decision::Exceeded {
                                 warn!(device = %id, kind = kind.as_str(), "device session over its message limits; closing it");
-                                refuse(&conn, &mut send, ErrorCode::RateLimited, format!("too many {} messages: this session is closed", kind.as_str())).await;
+                                refuse(&mut link, ErrorCode::RateLimited, format!("too many {} messages: this session is closed", kind.as_str())).await;
                                 return Ok(());
                             }
                             d
@@ -580,23 +546,23 @@ async fn session(
                             let _ = ctx.events.send(Event::Update { id, conn: conn_id, update: u });
                         }
                         DeviceMsg::Ping { nonce } => {
-                            send_msg(&mut send, &CoordinatorMsg::Pong { nonce, coordinator_time_ms: now_ms() }).await?;
+                            send_msg(&mut link.send, &CoordinatorMsg::Pong { nonce, coordinator_time_ms: now_ms() }).await?;
                         }
                         DeviceMsg::RenewCert { csr_der } => {
                             match renew(&ctx, id, identity, &csr_der.0).await {
-                                Ok((cert_der, not_after_ms)) => send_msg(&mut send, &CoordinatorMsg::CertRenewed { cert_der: Bytes(cert_der), not_after_ms }).await?,
+                                Ok((cert_der, not_after_ms)) => send_msg(&mut link.send, &CoordinatorMsg::CertRenewed { cert_der: Bytes(cert_der), not_after_ms }).await?,
                                 Err(e) => {
                                     warn!(device = %id, error = %format!("{e:#}"), "certificate renewal refused");
-                                    send_msg(&mut send, &CoordinatorMsg::Error { code: ErrorCode::BadRequest, message: format!("renewal refused: {e:#}") }).await?;
+                                    send_msg(&mut link.send, &CoordinatorMsg::Error { code: ErrorCode::BadRequest, message: format!("renewal refused: {e:#}") }).await?;
                                 }
                             }
                         }
                         DeviceMsg::LeaseRequest { wg_public_key, proof } => {
                             match issue_lease(&ctx, &dev, wg_public_key, proof).await {
-                                Ok(lease) => send_msg(&mut send, &CoordinatorMsg::Lease { lease }).await?,
+                                Ok(lease) => send_msg(&mut link.send, &CoordinatorMsg::Lease { lease }).await?,
                                 Err((code, message)) => {
                                     warn!(device = %id, ?code, %message, "lease refused");
-                                    refuse(&conn, &mut send, code, message).await;
+                                    refuse(&mut link, code, message).await;
                                     return Ok(());
                                 }
                             }
@@ -618,10 +584,10 @@ async fn session(
                         }
                         DeviceMsg::RelayTicketRequest => {
                             match relay_ticket(&ctx, id, identity).await {
-                                Ok(ticket) => send_msg(&mut send, &CoordinatorMsg::RelayTicket { ticket }).await?,
+                                Ok(ticket) => send_msg(&mut link.send, &CoordinatorMsg::RelayTicket { ticket }).await?,
                                 Err((code, message)) => {
                                     warn!(device = %id, ?code, %message, "relay ticket refused");
-                                    refuse(&conn, &mut send, code, message).await;
+                                    refuse(&mut link, code, message).await;
                                     return Ok(());
                                 }
                             }
@@ -634,12 +600,12 @@ async fn session(
                             let _ = ctx.events.send(Event::Punch { id, conn: conn_id, peer });
                         }
                         DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => {
-                            refuse(&conn, &mut send, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
+                            refuse(&mut link, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
                             return Ok(());
                         }
                     }
                 }
-                _ = conn.closed() => return Ok(()),
+                _ = link.closer.closed() => return Ok(()),
             }
         }
     }

@@ -2,7 +2,8 @@
 //! the wall clock ([`now_ms`]), logging and runtime start-up ([`main`]), command-line tools that
 //! stop quietly on a closed pipe ([`Mode::Cli`]), and the JSON-lines RPC client for local
 //! sockets ([`rpc`]), dual-stack UDP sockets for the QUIC endpoints ([`net`]), and reading
-//! frames from QUIC streams and pinning a CA by fingerprint ([`quic`]).
+//! frames from QUIC streams and pinning a CA by fingerprint ([`quic`]), and frames over any stream
+//! plus TLS over TCP, the fallback for networks that drop UDP ([`stream`]).
 //!
 //! I/O-free cores (`ward-shared`, the agent and registry cores) must not depend on this crate:
 //! they take time as an argument. Only drivers and binaries use it.
@@ -10,6 +11,7 @@
 pub mod net;
 pub mod quic;
 pub mod rpc;
+pub mod stream;
 
 use std::future::Future;
 

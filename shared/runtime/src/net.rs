@@ -1,4 +1,5 @@
-//! UDP sockets for Ward's QUIC endpoints: dual-stack by default.
+//! UDP sockets for Ward's QUIC endpoints and TCP listeners for their TLS-over-TCP fallback:
+//! dual-stack by default.
 //!
 //! A socket bound to `[::]:PORT` with `IPV6_V6ONLY` off receives IPv4 too (as v4-mapped
 //! addresses), so one listener or client endpoint serves both families. Where the host has no
@@ -6,7 +7,7 @@
 //! falls back to `0.0.0.0:PORT` and tells the caller why, for its log line.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, UdpSocket};
 use std::os::fd::{FromRawFd, OwnedFd};
 
 /// A socket from [`bind_udp_dual_stack`].
@@ -40,34 +41,94 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     }
 }
 
-fn bind_v6(addr: SocketAddrV6) -> io::Result<UdpSocket> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET6,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_UDP,
-        )
+/// A listening TCP socket from [`bind_tcp_dual_stack`].
+#[derive(Debug)]
+pub struct BoundTcp {
+    pub listener: TcpListener,
+    /// Why the listener is IPv4-only (`None`: it is dual-stack).
+    pub ipv4_only_because: Option<io::Error>,
+}
+
+/// Backlog of a TCP listener: connections the kernel completes before they are accepted.
+const TCP_BACKLOG: libc::c_int = 1024;
+
+/// Listens on `[::]:port` dual-stack, or `0.0.0.0:port` where IPv6 is unavailable.
+/// Non-blocking, ready for `tokio::net::TcpListener::from_std`.
+pub fn bind_tcp_dual_stack(port: u16) -> io::Result<BoundTcp> {
+    match listen_v6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)) {
+        Ok(listener) => Ok(BoundTcp {
+            listener,
+            ipv4_only_because: None,
+        }),
+        Err(e) => {
+            let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
+            listener.set_nonblocking(true)?;
+            Ok(BoundTcp {
+                listener,
+                ipv4_only_because: Some(e),
+            })
+        }
+    }
+}
+
+/// Listens on exactly `addr` (an IPv6 wildcard dual-stack, like [`bind_udp`]). Non-blocking.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let l = match addr {
+        SocketAddr::V6(a) if a.ip().is_unspecified() => listen_v6(a)?,
+        _ => TcpListener::bind(addr)?,
     };
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn listen_v6(addr: SocketAddrV6) -> io::Result<TcpListener> {
+    let fd = socket_v6(addr, libc::SOCK_STREAM, libc::IPPROTO_TCP)?;
+    // SAFETY: listen(2) on a descriptor this function owns.
+    if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), TCP_BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let l = TcpListener::from(fd);
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn bind_v6(addr: SocketAddrV6) -> io::Result<UdpSocket> {
+    Ok(UdpSocket::from(socket_v6(
+        addr,
+        libc::SOCK_DGRAM,
+        libc::IPPROTO_UDP,
+    )?))
+}
+
+/// An IPv6 socket of `ty` with `IPV6_V6ONLY` off (and, for TCP, `SO_REUSEADDR` on so a
+/// restarted listener binds at once), bound to `addr`.
+fn socket_v6(addr: SocketAddrV6, ty: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET6, ty | libc::SOCK_CLOEXEC, proto) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns; OwnedFd closes it on error.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let sock = UdpSocket::from(fd);
-    let off: libc::c_int = 0;
-    // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            (&off as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let set = |level: libc::c_int, name: libc::c_int, v: libc::c_int| {
+        // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+    set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    if ty == libc::SOCK_STREAM {
+        set(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     }
     // SAFETY: sockaddr_in6 is plain data; all-zero is a valid starting value.
     let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
@@ -118,6 +179,19 @@ mod tests {
         }
         got.sort();
         assert_eq!(got, vec![b"four".to_vec(), b"six".to_vec()]);
+    }
+
+    #[test]
+    fn dual_stack_tcp_listener_accepts_ipv4_and_ipv6() {
+        let l = bind_tcp_dual_stack(0).unwrap().listener;
+        let port = l.local_addr().unwrap().port();
+        l.set_nonblocking(false).unwrap();
+        let _c4 = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        l.accept().unwrap();
+        if l.local_addr().unwrap().is_ipv6() && v6_available() {
+            let _c6 = std::net::TcpStream::connect(("::1", port)).unwrap();
+            l.accept().unwrap();
+        }
     }
 
     #[test]

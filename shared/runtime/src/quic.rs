@@ -3,37 +3,21 @@
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
-use ward_shared::wire::{self, FrameDecoder};
+use ward_shared::wire::FrameDecoder;
 
-/// The next frame body from `recv`; `Ok(None)` at a clean end of the stream. Reads no more
-/// than the frame needs (bytes read are kept in `dec`, so it is safe to call again, also after
-/// a cancelled call). A frame over the decoder's bound, a truncated frame or a stream error is
-/// an error.
+/// The next frame body from a QUIC stream ([`crate::stream::read_frame`]).
 pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     dec: &mut FrameDecoder,
     buf: &mut [u8],
 ) -> Result<Option<Vec<u8>>> {
-    loop {
-        if let Some(f) = dec.next_frame()? {
-            return Ok(Some(f));
-        }
-        let want = dec.wanted().min(buf.len()).max(1);
-        match recv.read(&mut buf[..want]).await {
-            Ok(Some(n)) => dec.push(&buf[..n]),
-            Ok(None) => {
-                dec.finish()?;
-                return Ok(None);
-            }
-            Err(e) => return Err(anyhow!("stream: {e}")),
-        }
-    }
+    crate::stream::read_frame(recv, dec, buf).await
 }
 
 /// [`read_frame`], decoded as a `T`.
@@ -42,10 +26,7 @@ pub async fn read_msg<T: DeserializeOwned>(
     dec: &mut FrameDecoder,
     buf: &mut [u8],
 ) -> Result<Option<T>> {
-    match read_frame(recv, dec, buf).await? {
-        Some(f) => Ok(Some(wire::decode(&f)?)),
-        None => Ok(None),
-    }
+    crate::stream::read_msg(recv, dec, buf).await
 }
 
 /// Accepts a server only if its chain holds the CA whose SHA-256 fingerprint is pinned (from

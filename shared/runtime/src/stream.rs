@@ -1,0 +1,187 @@
+//! Frames over any byte stream, and TLS 1.3 over TCP: the fallback transport for networks that
+//! drop UDP.
+//!
+//! The control channel and the relay stream carry the same length-prefixed frames
+//! ([`ward_shared::wire`]'s codec) whether a QUIC stream or a TLS-over-TCP connection carries
+//! them; [`read_frame`] reads either. [`connect_tls`] dials one address over TCP and completes
+//! TLS within a bound; the servers accept with the same rustls config (certificates, client
+//! certificate check, ALPN) as their QUIC side.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
+use ward_shared::wire::{self, FrameDecoder};
+
+pub use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
+
+/// Which transport carries a connection: QUIC over UDP, or the TLS-over-TCP fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    Quic,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The read half of a connection, whichever transport carries it.
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a connection, whichever transport carries it.
+pub type BoxWrite = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+/// The next frame body from `recv`; `Ok(None)` at a clean end of the stream. Reads no more
+/// than the frame needs (bytes read are kept in `dec`, so it is safe to call again, also after
+/// a cancelled call). A frame over the decoder's bound, a truncated frame or a stream error is
+/// an error.
+pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
+    recv: &mut R,
+    dec: &mut FrameDecoder,
+    buf: &mut [u8],
+) -> Result<Option<Vec<u8>>> {
+    loop {
+        if let Some(f) = dec.next_frame()? {
+            return Ok(Some(f));
+        }
+        let want = dec.wanted().min(buf.len()).max(1);
+        match recv.read(&mut buf[..want]).await {
+            Ok(0) => {
+                dec.finish()?;
+                return Ok(None);
+            }
+            Ok(n) => dec.push(&buf[..n]),
+            Err(e) => return Err(anyhow!("stream: {e}")),
+        }
+    }
+}
+
+/// [`read_frame`], decoded as a `T`.
+pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin + ?Sized>(
+    recv: &mut R,
+    dec: &mut FrameDecoder,
+    buf: &mut [u8],
+) -> Result<Option<T>> {
+    match read_frame(recv, dec, buf).await? {
+        Some(f) => Ok(Some(wire::decode(&f)?)),
+        None => Ok(None),
+    }
+}
+
+/// Dials `addr` over TCP and completes TLS (`config` carries the CA check, the client
+/// certificate and the ALPN) for `server_name`, all within `timeout`. The ALPN must be the one
+/// offered: a server that chose none is refused. Nagle is off: frames are small and latency
+/// matters more than packing.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<client::TlsStream<TcpStream>> {
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|e| anyhow!("bad server name {server_name:?}: {e}"))?;
+    let want_alpn = config.alpn_protocols.clone();
+    let dial = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("TCP connect to {addr}"))?;
+        let _ = tcp.set_nodelay(true);
+        TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .with_context(|| format!("TLS handshake with {addr}"))
+    };
+    let tls = tokio::time::timeout(timeout, dial)
+        .await
+        .map_err(|_| anyhow!("no TLS answer from {addr} over TCP within {timeout:?}"))??;
+    match tls.get_ref().1.alpn_protocol() {
+        Some(p) if want_alpn.iter().any(|w| w.as_slice() == p) => Ok(tls),
+        _ => bail!("the server at {addr} did not agree on the application protocol"),
+    }
+}
+
+/// Completes a server-side TLS handshake on an accepted TCP connection within `timeout`.
+pub async fn accept_tls(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<server::TlsStream<TcpStream>> {
+    let _ = tcp.set_nodelay(true);
+    tokio::time::timeout(timeout, acceptor.accept(tcp))
+        .await
+        .map_err(|_| anyhow!("TLS handshake timed out"))?
+        .context("TLS handshake")
+}
+
+/// The negotiated ALPN and the client's verified certificate chain of a server-side TLS
+/// connection.
+pub fn server_session(
+    tls: &server::TlsStream<TcpStream>,
+) -> (Option<Vec<u8>>, Option<Vec<CertificateDer<'static>>>) {
+    let conn = tls.get_ref().1;
+    (
+        conn.alpn_protocol().map(<[u8]>::to_vec),
+        conn.peer_certificates()
+            .map(|c| c.iter().map(|d| d.clone().into_owned()).collect()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_are_read_across_arbitrary_chunking() {
+        let mut bytes = wire::encode(&"hello".to_string());
+        bytes.extend(wire::encode(&"world".to_string()));
+        let (mut a, mut b) = tokio::io::duplex(3);
+        let writer = tokio::spawn(async move {
+            tokio::io::AsyncWriteExt::write_all(&mut a, &bytes)
+                .await
+                .unwrap();
+        });
+        let mut dec = FrameDecoder::new(64);
+        let mut buf = [0u8; 2];
+        let one: Option<String> = read_msg(&mut b, &mut dec, &mut buf).await.unwrap();
+        let two: Option<String> = read_msg(&mut b, &mut dec, &mut buf).await.unwrap();
+        writer.await.unwrap();
+        drop(b);
+        assert_eq!(one.as_deref(), Some("hello"));
+        assert_eq!(two.as_deref(), Some("world"));
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_errors() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, &1000u32.to_be_bytes())
+            .await
+            .unwrap();
+        let mut dec = FrameDecoder::new(100);
+        let mut buf = [0u8; 16];
+        assert!(read_frame(&mut b, &mut dec, &mut buf).await.is_err());
+
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, &[0, 0, 0, 9, 1, 2])
+            .await
+            .unwrap();
+        drop(a);
+        let mut dec = FrameDecoder::new(100);
+        assert!(read_frame(&mut b, &mut dec, &mut buf).await.is_err());
+    }
+}
