@@ -253,8 +253,8 @@ pub struct Stats {
     /// WireGuard bytes forwarded (headers excluded).
     pub bytes_relayed: u64,
     pub datagrams_relayed: u64,
-    dropped: [u64; 7],
-    refused: [u64; 11],
+    dropped: [u64; Drop::ALL.len()],
+    refused: [u64; Refusal::ALL.len()],
     /// Devices remembered as revoked now.
     pub revoked_remembered: usize,
 }
@@ -1096,5 +1096,22 @@ mod tests {
             Err(Refusal::Protocol)
         );
         let _ = a;
+    }
+
+    #[test]
+    fn every_drop_and_refusal_reason_is_counted_and_read_back() {
+        let mut s = Stats::default();
+        for (i, d) in Drop::ALL.iter().enumerate() {
+            s.dropped[d.index()] += i as u64 + 1;
+        }
+        for (i, r) in Refusal::ALL.iter().enumerate() {
+            s.refused[r.index()] += i as u64 + 1;
+        }
+        for (i, d) in Drop::ALL.iter().enumerate() {
+            assert_eq!(s.dropped(*d), i as u64 + 1, "{}", d.as_str());
+        }
+        for (i, r) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(s.refused(*r), i as u64 + 1, "{}", r.as_str());
+        }
     }
 }
