@@ -88,6 +88,7 @@ fn main() {
                 wg_public_key: None,
                 endpoints: vec![],
                 quarantine: None,
+                name_bound: true,
             });
         }
         users.dedup_by(|a, b| a.name == b.name);

@@ -20,6 +20,10 @@ pub enum Action {
     DeviceQuarantine,
     DeviceRelease,
     DeviceTag,
+    /// A device's name changed and is now bound (admin rename, or moved aside for a bound name).
+    DeviceRename,
+    /// A device's current name was bound by an admin.
+    DeviceApprove,
     UserAdd,
     UserDisable,
     UserEnable,
@@ -44,7 +48,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 30] = [
+    pub const ALL: [Action; 32] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -55,6 +59,8 @@ impl Action {
         Action::DeviceQuarantine,
         Action::DeviceRelease,
         Action::DeviceTag,
+        Action::DeviceRename,
+        Action::DeviceApprove,
         Action::UserAdd,
         Action::UserDisable,
         Action::UserEnable,
@@ -90,6 +96,8 @@ impl Action {
             Action::DeviceQuarantine => "device.quarantine",
             Action::DeviceRelease => "device.release",
             Action::DeviceTag => "device.tag",
+            Action::DeviceRename => "device.rename",
+            Action::DeviceApprove => "device.approve",
             Action::UserAdd => "user.add",
             Action::UserDisable => "user.disable",
             Action::UserEnable => "user.enable",

@@ -213,6 +213,10 @@ enum TokenCmd {
         /// How many devices may enroll with it.
         #[arg(long, default_value_t = 1)]
         uses: i64,
+        /// The name the enrolling device gets, bound by you (`device:NAME` rules apply to it),
+        /// whatever it asks for. Without it the device's own name is a display name only.
+        #[arg(long)]
+        hostname: Option<String>,
     },
     /// List tokens (never their secrets).
     Ls {
@@ -248,6 +252,20 @@ enum DeviceCmd {
     },
     /// Lift a device's quarantine (manual or automatic).
     Release { name: String },
+    /// Rename a device and bind the new name (`device:NEW` rules apply to it); refused when
+    /// another active device holds NEW bound.
+    Rename {
+        old: String,
+        new: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bind a device's current, self-chosen name (`device:NAME` rules apply to it from now on).
+    Approve {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Change a device's tags.
     Tag {
         name: String,
@@ -388,6 +406,7 @@ async fn run(cli: Cli) -> Result<()> {
                 tags,
                 ttl,
                 uses,
+                hostname,
             } => {
                 let ttl = admin::parse_duration(&ttl)?;
                 let v: TokenCreated = admin::call(
@@ -397,6 +416,7 @@ async fn run(cli: Cli) -> Result<()> {
                         tags,
                         ttl_secs: ttl.as_secs(),
                         uses,
+                        hostname,
                     },
                 )
                 .await?;
@@ -465,6 +485,30 @@ async fn run(cli: Cli) -> Result<()> {
                 let _: DeviceView =
                     admin::call(&sock, &AdminRequest::DeviceRelease { name: name.clone() }).await?;
                 eprintln!("device {name} released from quarantine");
+                Ok(())
+            }
+            DeviceCmd::Rename { old, new, json } => {
+                let v: DeviceView = admin::call(
+                    &sock,
+                    &AdminRequest::DeviceRename {
+                        name: old.clone(),
+                        new,
+                    },
+                )
+                .await?;
+                if json {
+                    return print_json(&v);
+                }
+                eprintln!("device {old} renamed to {} (name bound)", v.hostname);
+                Ok(())
+            }
+            DeviceCmd::Approve { name, json } => {
+                let v: DeviceView =
+                    admin::call(&sock, &AdminRequest::DeviceApprove { name: name.clone() }).await?;
+                if json {
+                    return print_json(&v);
+                }
+                eprintln!("device {} name bound", v.hostname);
                 Ok(())
             }
             DeviceCmd::Tag { name, add, remove } => {

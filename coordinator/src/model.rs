@@ -42,6 +42,10 @@ pub struct Device {
     pub endpoints: Vec<SocketAddr>,
     /// Set while the device is quarantined (only remediation services stay reachable).
     pub quarantine: Option<Quarantine>,
+    /// Whether an administrator bound the hostname (a token's `--hostname`, `device approve`,
+    /// `device rename`); only a bound name is matched by `device:NAME` policy selectors.
+    #[serde(default)]
+    pub name_bound: bool,
 }
 
 /// Why and since when a device is quarantined.
@@ -130,6 +134,7 @@ pub(crate) fn test_device(id: u64) -> Device {
         wg_public_key: None,
         endpoints: vec![],
         quarantine: None,
+        name_bound: true,
     }
 }
 

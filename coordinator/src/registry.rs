@@ -1142,6 +1142,7 @@ pub fn directory(
                 posture_passed: Default::default(),
                 posture_failures: Default::default(),
                 quarantined: d.quarantine.is_some(),
+                name_bound: d.name_bound,
             })
             .collect(),
         grants: grants.to_vec(),
@@ -1578,6 +1579,68 @@ to = ["all"]
         r.handle_device_upserted(d1);
         let out = drain(&mut r);
         assert!(matches!(&out[0], Output::Close { conn: 10, .. }));
+    }
+
+    /// A device that calls itself `ci-runner` gets nothing from `device:ci-runner` rules; once
+    /// the real server enrolls with a token binding that name (and the first device is moved
+    /// aside), the server gets the access and the other device still none.
+    #[test]
+    fn device_rules_follow_bound_names_not_self_chosen_ones() {
+        let p = policy::parse(
+            br#"
+[services.artifacts]
+devices = ["tag:store"]
+ports = ["tcp/443"]
+[[rules]]
+from = ["device:ci-runner"]
+to = ["artifacts"]
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        let squatter = Device {
+            hostname: ward_shared::names::Hostname::parse("ci-runner").unwrap(),
+            name_bound: false,
+            ..dev(1)
+        };
+        let store = Device {
+            tags: vec![Name::parse("tag", "store").unwrap()],
+            user: None,
+            ..dev(2)
+        };
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [squatter.clone(), store],
+            [],
+            Some(p),
+            vec![],
+            vec![],
+            0,
+        );
+        let peers = |r: &Registry, id: u64| {
+            r.compiled()
+                .devices
+                .get(&DeviceId(id))
+                .map(|a| a.peers.clone())
+                .unwrap_or_default()
+        };
+        drain(&mut r);
+        assert!(peers(&r, 2).is_empty() && r.compiled().devices.contains_key(&DeviceId(2)));
+        assert!(peers(&r, 1).is_empty(), "{:?}", peers(&r, 1));
+        assert!(!peers(&r, 2).contains(&DeviceId(1)));
+        // The bound enrollment: the squatter moves to ci-runner-2, the server is ci-runner.
+        r.handle_device_upserted(Device {
+            hostname: ward_shared::names::Hostname::parse("ci-runner-2").unwrap(),
+            ..squatter
+        });
+        r.handle_device_upserted(Device {
+            hostname: ward_shared::names::Hostname::parse("ci-runner").unwrap(),
+            name_bound: true,
+            ..dev(3)
+        });
+        drain(&mut r);
+        assert!(peers(&r, 3).contains(&DeviceId(2)));
+        assert!(peers(&r, 1).is_empty());
     }
 
     #[test]

@@ -44,6 +44,7 @@ fn device(id: u64) -> Device {
         wg_public_key: None,
         endpoints: vec![],
         quarantine: None,
+        name_bound: true,
     }
 }
 

@@ -167,6 +167,7 @@ fn directory() -> Directory {
         posture_passed: Default::default(),
         posture_failures: Default::default(),
         quarantined: false,
+        name_bound: true,
     };
     Directory {
         users: vec![

@@ -610,7 +610,9 @@ lab_ward() {
 }
 
 # lab_token ARGS...: print a new enrollment token (`token create ARGS...`),
-# e.g. lab_token --user alice ; lab_token --tag server.
+# e.g. lab_token --user alice ; lab_token --tag server ; lab_token --tag server --hostname web1
+# (binds the name: a policy's `device:web1` matches only a name bound this way or by
+# `device approve`/`device rename`; a name the device picks itself matches nothing).
 lab_token() { lab_coord token create "$@"; }
 
 # lab_device_up HOST TOKEN [HOSTNAME=HOST]: `ward up` in HOST, the token given on stdin

@@ -118,6 +118,9 @@ pub struct TokenView {
     pub uses_total: i64,
     pub uses_left: i64,
     pub revoked: bool,
+    /// The bound hostname the enrolling device gets, if the token carries one.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 impl From<TokenInfo> for TokenView {
@@ -131,6 +134,7 @@ impl From<TokenInfo> for TokenView {
             uses_total: t.uses_total,
             uses_left: t.uses_left,
             revoked: t.revoked,
+            hostname: t.hostname,
         }
     }
 }
@@ -149,6 +153,10 @@ pub struct DeviceView {
     /// `d7`.
     pub id: String,
     pub hostname: Hostname,
+    /// Whether an administrator bound the name (only a bound name is matched by
+    /// `device:NAME` policy selectors); a self-chosen name is a display name.
+    #[serde(default)]
+    pub name_bound: bool,
     pub user: Option<String>,
     pub user_disabled: bool,
     pub tags: Vec<String>,
@@ -204,6 +212,14 @@ impl DeviceView {
             (
                 "lease_serial",
                 opt(self.lease_serial.map(|v| v.to_string())),
+            ),
+            (
+                "name_bound",
+                if self.name_bound {
+                    "true".into()
+                } else {
+                    "false (self-chosen: `device approve` binds it)".into()
+                },
             ),
             ("online", self.online.to_string()),
             ("os", self.os.clone()),
@@ -582,6 +598,7 @@ impl Table for TokenView {
         col("USES LEFT", |t| t.uses_left.to_string()),
         col("EXPIRES", |t| fmt_time(t.expires_ms)),
         col("REVOKED", |t| t.revoked.to_string()),
+        col("HOSTNAME", |t| or_dash(t.hostname.as_deref())),
     ];
 }
 
@@ -591,6 +608,9 @@ impl Table for DeviceView {
         col("HOSTNAME", |d| d.hostname.to_string()),
         col("USER", |d| or_dash(d.user.as_deref())),
         col("TAGS", |d| list(&d.tags)),
+        col("NAME", |d| {
+            (if d.name_bound { "bound" } else { "self-chosen" }).into()
+        }),
         col("IPV4", |d| d.ipv4.to_string()),
         col("STATE", |d| d.state.to_string()),
         col("ONLINE", |d| d.online.to_string()),
@@ -696,6 +716,7 @@ mod tests {
         DeviceView {
             id: "d1".into(),
             hostname: Hostname::parse("box").unwrap(),
+            name_bound: true,
             user: None,
             user_disabled: false,
             tags: vec!["web".into(), "db".into()],
@@ -727,6 +748,7 @@ mod tests {
             set(&[
                 "id",
                 "hostname",
+                "name_bound",
                 "user",
                 "user_disabled",
                 "tags",

@@ -38,6 +38,9 @@ pub enum AdminRequest {
         tags: Vec<String>,
         ttl_secs: u64,
         uses: i64,
+        /// The name the enrolling device gets, bound (`device:NAME` rules apply to it).
+        #[serde(default)]
+        hostname: Option<String>,
     },
     TokenLs,
     TokenRevoke {
@@ -59,6 +62,15 @@ pub enum AdminRequest {
         reason: Option<String>,
     },
     DeviceRelease {
+        name: String,
+    },
+    /// Renames a device and binds the new name.
+    DeviceRename {
+        name: String,
+        new: String,
+    },
+    /// Binds a device's current (self-chosen) name.
+    DeviceApprove {
         name: String,
     },
     DeviceTag {
@@ -153,6 +165,7 @@ mod tests {
             tags: vec![],
             ttl_secs: 3600,
             uses: 1,
+            hostname: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains("\"cmd\":\"token_create\""));

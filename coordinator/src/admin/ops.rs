@@ -5,7 +5,7 @@
 use anyhow::{anyhow, bail, ensure, Result};
 use rand::RngCore;
 
-use ward_shared::names::Name;
+use ward_shared::names::{Hostname, Name};
 use ward_shared::policy::{Compiled, Directory, Grant, Policy};
 use ward_shared::posture::PostureReport;
 use ward_shared::relay::{RelayCredential, RelayLoad};
@@ -153,8 +153,9 @@ pub fn handle(
             tags,
             ttl_secs,
             uses,
+            hostname,
         } => AdminReply::TokenCreated(token_create(
-            store, me, rng, user, tags, ttl_secs, uses, now,
+            store, me, rng, user, tags, ttl_secs, uses, hostname, now,
         )?),
         AdminRequest::TokenLs => AdminReply::Tokens(
             store
@@ -268,6 +269,25 @@ pub fn handle(
         }
         AdminRequest::DeviceRotate { name: n } => {
             AdminReply::Rotating(device_rotate(store, live, &n, now)?)
+        }
+        AdminRequest::DeviceRename { name: n, new } => {
+            let new = Hostname::parse(&new).map_err(|e| anyhow!("bad hostname {new:?}: {e}"))?;
+            // A revoked device or a self-chosen name holding NEW is moved aside by the store:
+            // the registry hears about it too.
+            let holder = store.device_by_name(new.as_str()).ok();
+            let d = store.rename_device(&n, &new, ACTOR, now)?;
+            if let Some(h) = holder.filter(|h| h.id != d.id) {
+                live.notify(Notice::Device(store.device(h.id)?));
+            }
+            live.notify(Notice::Device(d.clone()));
+            tracing::info!(device = %d.id, old = %n, new = %d.hostname, "device renamed, name bound");
+            AdminReply::Device(device_view(&d, online, &LeaseInfo::load(store, now)?))
+        }
+        AdminRequest::DeviceApprove { name: n } => {
+            let d = store.approve_device_name(&n, ACTOR, now)?;
+            live.notify(Notice::Device(d.clone()));
+            tracing::info!(device = %d.id, hostname = %d.hostname, "device name bound");
+            AdminReply::Device(device_view(&d, online, &LeaseInfo::load(store, now)?))
         }
         AdminRequest::DeviceTag {
             name: n,
@@ -409,6 +429,7 @@ fn token_create(
     tags: Vec<String>,
     ttl_secs: u64,
     uses: i64,
+    hostname: Option<String>,
     now: i64,
 ) -> Result<TokenCreated> {
     if ttl_secs == 0 || ttl_secs > 90 * 86400 {
@@ -416,6 +437,9 @@ fn token_create(
     }
     let user = user.map(|u| name("user name", &u)).transpose()?;
     let tags = names("tag", &tags)?;
+    let hostname = hostname
+        .map(|h| Hostname::parse(&h).map_err(|e| anyhow!("bad --hostname {h:?}: {e}")))
+        .transpose()?;
     let mut id = [0u8; 8];
     let mut secret = vec![0u8; 32];
     rng.fill_bytes(&mut id);
@@ -434,6 +458,7 @@ fn token_create(
             tags: &tags,
             expires_ms: now + ttl_secs as i64 * 1000,
             uses,
+            hostname: hostname.as_ref(),
         },
         ACTOR,
         now,
@@ -517,6 +542,8 @@ fn widens(req: &AdminRequest) -> bool {
             | AdminRequest::TokenCreate { .. }
             | AdminRequest::DeviceRelease { .. }
             | AdminRequest::DeviceTag { .. }
+            | AdminRequest::DeviceRename { .. }
+            | AdminRequest::DeviceApprove { .. }
             | AdminRequest::PolicyApply { .. }
             | AdminRequest::GrantAdd { .. }
             | AdminRequest::RelayAdd { .. }
@@ -584,7 +611,13 @@ fn grant_add(
     );
     match from.strip_prefix("device:") {
         Some(host) => {
-            store.device_by_name(host)?;
+            // `device:NAME` names only a bound name; a grant to a self-chosen one would grant
+            // nothing, so it is refused with the way out.
+            let d = store.device_by_name(host)?;
+            ensure!(
+                d.name_bound,
+                "name `{host}` is self-chosen; bind it with `device approve` or a token's --hostname"
+            );
         }
         None => {
             let n = name("user name", &from)?;
@@ -762,6 +795,7 @@ fn device_view(d: &Device, online: &[DeviceId], leases: &LeaseInfo) -> DeviceVie
     DeviceView {
         id: d.id.to_string(),
         hostname: d.hostname.clone(),
+        name_bound: d.name_bound,
         user: d.user.clone(),
         user_disabled: d.user_disabled,
         tags: strings(&d.tags),
@@ -912,6 +946,7 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             ttl_secs,
             uses: 1,
+            hostname: None,
         }
     }
 
@@ -1148,11 +1183,84 @@ mod tests {
         assert!(w.store.verify_audit().unwrap().ok);
     }
 
+    /// `device approve` binds the current name and `device rename` a new one, each notifying
+    /// the registry; a name another active device holds bound is refused, a grant to a
+    /// self-chosen name is refused with the way out.
+    #[test]
+    fn rename_and_approve_bind_names() {
+        let (mut w, live) = (World::new(), FakeLive::new(Some(POLICY)));
+        w.user(&live, "alice");
+        w.device(&live, "ci-runner", Some("alice"), &[]);
+        w.device(&live, "db1", None, &["db"]);
+        live.take();
+        let grant = AdminRequest::GrantAdd {
+            from: "device:ci-runner".into(),
+            to: "db".into(),
+            for_secs: 60,
+            reason: None,
+        };
+        assert!(err(w.run(&live, grant.clone())).contains("name `ci-runner` is self-chosen"));
+        let AdminReply::Device(v) = w
+            .run(
+                &live,
+                AdminRequest::DeviceApprove {
+                    name: "ci-runner".into(),
+                },
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert!(v.name_bound);
+        assert!(matches!(&live.take()[..], [Notice::Device(d)] if d.name_bound));
+        w.run(&live, grant).unwrap();
+        live.take();
+        assert!(err(w.run(
+            &live,
+            AdminRequest::DeviceApprove {
+                name: "ci-runner".into()
+            }
+        ))
+        .contains("already bound"));
+        // db1 is bound now too; renaming ci-runner onto it is refused.
+        w.run(&live, AdminRequest::DeviceApprove { name: "db1".into() })
+            .unwrap();
+        live.take();
+        let rename = |name: &str, new: &str| AdminRequest::DeviceRename {
+            name: name.into(),
+            new: new.into(),
+        };
+        assert!(err(w.run(&live, rename("ci-runner", "db1")))
+            .contains("bound to another active device"));
+        assert!(err(w.run(&live, rename("ci-runner", "Bad Name!"))).contains("bad hostname"));
+        assert!(live.take().is_empty());
+        let AdminReply::Device(v) = w.run(&live, rename("ci-runner", "runner-1")).unwrap() else {
+            panic!()
+        };
+        assert_eq!((v.hostname.as_str(), v.name_bound), ("runner-1", true));
+        assert!(
+            matches!(&live.take()[..], [Notice::Device(d)] if d.hostname.as_str() == "runner-1")
+        );
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["name_bound"], serde_json::Value::Bool(true));
+        let log = w.store.audit_log(100).unwrap();
+        assert!(log
+            .iter()
+            .any(|e| e.action == "device.rename" && e.target == "ci-runner"));
+        assert_eq!(
+            log.iter().filter(|e| e.action == "device.approve").count(),
+            2
+        );
+    }
+
     #[test]
     fn grant_checks() {
         let (mut w, live) = (World::new(), FakeLive::new(Some(POLICY)));
         w.user(&live, "alice");
         w.device(&live, "db1", None, &["db"]);
+        // `device:NAME` grants name bound names only.
+        w.run(&live, AdminRequest::DeviceApprove { name: "db1".into() })
+            .unwrap();
         live.take();
         let grant = |from: &str, to: &str, for_secs: u64| AdminRequest::GrantAdd {
             from: from.into(),

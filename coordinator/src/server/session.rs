@@ -248,9 +248,21 @@ async fn enroll(
             identity_hash,
         };
         let mut issue = |id: DeviceId| ctx2.ca.issue_device_cert(&csr, &id.to_string(), now);
+        // A device holding the name this token binds as a self-chosen display name is moved
+        // aside by the store; remember which, so the registry hears of its new name.
+        let holder = match ctx2.store.token_hostname(&token_id) {
+            Ok(Some(h)) => ctx2.store.device_by_name(h.as_str()).ok().map(|d| d.id),
+            _ => None,
+        };
         let res = ctx2
             .store
-            .try_enroll(spec, &ctx2.config.pools, &mut issue, now);
+            .try_enroll(spec, &ctx2.config.pools, &mut issue, now)
+            .map(|(dev, cert)| {
+                let displaced = holder
+                    .filter(|h| *h != dev.id)
+                    .and_then(|h| ctx2.store.device(h).ok());
+                (dev, cert, displaced)
+            });
         // A refusal of a genuine token is audited here, row by row, as it always was.
         if let Err(StoreError::Refused { code, message }) = &res {
             if *code != ErrorCode::TokenInvalid {
@@ -273,7 +285,7 @@ async fn enroll(
         res
     })
     .await;
-    let (dev, cert) = match res {
+    let (dev, cert, displaced) = match res {
         Ok(Ok(x)) => x,
         Ok(Err(StoreError::Refused { code, message })) => {
             if code == ErrorCode::TokenInvalid {
@@ -298,7 +310,11 @@ async fn enroll(
             ));
         }
     };
-    info!(device = %dev.id, hostname = %dev.hostname, ipv4 = %dev.ipv4, "device enrolled");
+    info!(device = %dev.id, hostname = %dev.hostname, name_bound = dev.name_bound, ipv4 = %dev.ipv4, "device enrolled");
+    if let Some(d) = displaced {
+        info!(device = %d.id, hostname = %d.hostname, "device with a self-chosen name moved aside for a bound name");
+        let _ = ctx.events.send(Event::Upserted(d));
+    }
     let _ = ctx.events.send(Event::Upserted(dev.clone()));
     Ok(Enrolled {
         device_id: dev.id,

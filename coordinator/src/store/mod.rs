@@ -74,6 +74,9 @@ pub struct TokenInfo {
     pub uses_total: i64,
     pub uses_left: i64,
     pub revoked: bool,
+    /// The hostname bound to the device that enrolls with this token, if the admin set one.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// A new enrollment token, as stored (the secret only as its hash).
@@ -87,6 +90,9 @@ pub struct TokenSpec<'a> {
     pub expires_ms: i64,
     /// How many enrollments the token allows (1..=10 000).
     pub uses: i64,
+    /// The hostname the enrolling device gets, bound (`device:NAME` rules apply to it),
+    /// whatever name the device asks for. Only for a single-use token.
+    pub hostname: Option<&'a Hostname>,
 }
 
 /// What a new device asks for; the store decides the rest atomically with the token redemption.
@@ -304,6 +310,13 @@ pub trait Store: Send + Sync {
     fn device(&self, id: DeviceId) -> Result<Device>;
     fn list_devices(&self) -> Result<Vec<Device>>;
     fn revoke_device(&self, name: &str, actor: &str, now_ms: i64) -> Result<Device>;
+    /// Renames a device and binds the new name, audited. A name held by another active device
+    /// is a `Conflict`; one held by a revoked device is moved aside (suffixed) first.
+    fn rename_device(&self, old: &str, new: &Hostname, actor: &str, now_ms: i64) -> Result<Device>;
+    /// Binds a device's current name, audited; an already bound name is a `Conflict`.
+    fn approve_device_name(&self, name: &str, actor: &str, now_ms: i64) -> Result<Device>;
+    /// The hostname a token binds, if any (no secret check: a hint for the caller only).
+    fn token_hostname(&self, token_id: &str) -> Result<Option<Hostname>>;
     /// Records a device's latest contact, WireGuard key and endpoints.
     fn touch_device(
         &self,

@@ -129,4 +129,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
         mac BLOB NOT NULL
     );
     "#,
+    // 8: administrator-bound device names. A token may carry the hostname its device gets
+    // (`token create --hostname`); `devices.name_bound` says whether an administrator chose the
+    // name (only a bound name is matched by `device:NAME` selectors). Devices enrolled before
+    // this migration are marked bound, so no deployment loses access on upgrade.
+    r#"
+    ALTER TABLE tokens ADD COLUMN hostname TEXT;
+    ALTER TABLE devices ADD COLUMN name_bound INTEGER NOT NULL DEFAULT 1;
+    "#,
 ];

@@ -367,13 +367,17 @@ impl<'a> Index<'a> {
         ix
     }
 
-    /// Every device (live or not) a selector names, as indices into `d.devices`.
+    /// Every device (live or not) a selector names, as indices into `d.devices`. `device:NAME`
+    /// names only a device whose name is bound.
     pub fn resolve(&self, sel: &Selector) -> Vec<usize> {
         let get = |m: &BTreeMap<&str, Vec<usize>>, k: &str| m.get(k).cloned().unwrap_or_default();
         match sel {
             Selector::User(u) => get(&self.by_user, u),
             Selector::Tag(t) => get(&self.by_tag, t),
-            Selector::Device(h) => get(&self.by_host, h),
+            Selector::Device(h) => get(&self.by_host, h)
+                .into_iter()
+                .filter(|i| self.d.devices[*i].name_bound)
+                .collect(),
             Selector::Group(g) => self
                 .groups
                 .get(g.as_str())
@@ -387,7 +391,7 @@ impl<'a> Index<'a> {
         match sel {
             Selector::User(u) => dev.user.as_deref() == Some(u.as_str()),
             Selector::Tag(t) => dev.tags.iter().any(|x| x == t),
-            Selector::Device(h) => dev.hostname == *h,
+            Selector::Device(h) => dev.name_bound && dev.hostname == *h,
             Selector::Group(g) => dev
                 .user
                 .as_deref()

@@ -5,7 +5,9 @@ use std::fmt;
 
 use super::compile::{effective_rules, format_ms, Index};
 use super::parse::parse_port_proto;
-use super::{format_ports, proto_name, Compiled, DirDevice, Directory, Policy, Pos, Service};
+use super::{
+    format_ports, proto_name, Compiled, DirDevice, Directory, Policy, Pos, Selector, Service,
+};
 use crate::filter::{PortRange, Proto};
 use crate::wire::DeviceId;
 
@@ -259,6 +261,13 @@ fn explain_pair(
     let mut misses = Vec::new();
     for r in rules {
         if !r.from.iter().any(|sel| ix.matches_device(sel, s)) {
+            if r.from.iter().any(|sel| names_unbound(sel, s)) {
+                misses.push(Miss {
+                    rule: r.name.clone(),
+                    pos: r.pos,
+                    reasons: vec![self_chosen(s)],
+                });
+            }
             continue;
         }
         let mut reasons: Vec<String> = Vec::new();
@@ -276,6 +285,15 @@ fn explain_pair(
                 .iter()
                 .any(|sel| ix.matches_device(&sel.value, t));
             if !on_dst {
+                if svc.devices.iter().any(|sel| names_unbound(&sel.value, t)) {
+                    any_service = true;
+                    reasons.push(format!(
+                        "service {} is not on {}: {}",
+                        svc.name,
+                        t.hostname,
+                        self_chosen(t)
+                    ));
+                }
                 continue;
             }
             any_service = true;
@@ -353,6 +371,20 @@ fn explain_pair(
         misses,
         blocked,
     }
+}
+
+/// Whether `sel` is `device:NAME` for this device's name while the name is self-chosen: the
+/// selector would name it if an administrator bound the name.
+fn names_unbound(sel: &Selector, dev: &DirDevice) -> bool {
+    matches!(sel, Selector::Device(h) if !dev.name_bound && *h == dev.hostname)
+}
+
+/// Why a `device:NAME` selector does not name a device that calls itself NAME.
+fn self_chosen(dev: &DirDevice) -> String {
+    format!(
+        "name `{}` is self-chosen; bind it with `device approve` or a token's --hostname",
+        dev.hostname
+    )
 }
 
 /// `posture "baseline" not met by alice-phone (disk_encryption: …; process osqueryd: not

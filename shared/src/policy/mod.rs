@@ -412,6 +412,10 @@ pub struct DirDevice {
     /// ("disk_encryption: root filesystem is not on dm-crypt"), for explanations.
     pub posture_failures: BTreeMap<String, Vec<String>>,
     pub quarantined: bool,
+    /// Whether an administrator bound the hostname (a token's `--hostname`, `device approve`,
+    /// `device rename`). Only a bound name is matched by `device:NAME` selectors; a self-chosen
+    /// one is a display name and grants nothing.
+    pub name_bound: bool,
 }
 
 /// Just-in-time access: compiled like a rule named `grant:<id>` that expires at `not_after_ms`.
@@ -454,6 +458,12 @@ pub fn warnings(p: &Policy, d: &Directory) -> Vec<PolicyWarning> {
         .flat_map(|x| x.tags.iter().map(String::as_str))
         .collect();
     let hosts: BTreeSet<&str> = d.devices.iter().map(|x| x.hostname.as_str()).collect();
+    let bound: BTreeSet<&str> = d
+        .devices
+        .iter()
+        .filter(|x| x.name_bound)
+        .map(|x| x.hostname.as_str())
+        .collect();
     let mut out = Vec::new();
     let check = |sel: &Located<Selector>, out: &mut Vec<PolicyWarning>| {
         let msg = match &sel.value {
@@ -464,6 +474,9 @@ pub fn warnings(p: &Policy, d: &Directory) -> Vec<PolicyWarning> {
             Selector::Device(h) if !hosts.contains(h.as_str()) => {
                 format!("unknown device {h:?}")
             }
+            Selector::Device(h) if !bound.contains(h.as_str()) => format!(
+                "device name {h:?} is self-chosen and names nothing; bind it with `device approve` or a token's --hostname"
+            ),
             _ => return,
         };
         out.push(PolicyWarning {

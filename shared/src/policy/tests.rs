@@ -83,6 +83,7 @@ fn dev(id: u64, host: &str, user: Option<&str>, tags: &[&str]) -> DirDevice {
         posture_passed: ["baseline".to_string()].into_iter().collect(),
         posture_failures: Default::default(),
         quarantined: false,
+        name_bound: true,
     }
 }
 
@@ -518,6 +519,90 @@ fn explain_says_which_rule_and_why_not() {
     assert!(explain(&p, &d, "bob", "web:1/sctp", NOW).is_err());
 }
 
+/// A device that calls itself `ci-runner` (a self-chosen name) gets nothing from rules and
+/// services written for `device:ci-runner`; the device whose name an administrator bound does,
+/// and `explain` says why the other is not selected.
+#[test]
+fn device_selectors_name_only_bound_names() {
+    let p = parse(
+        br#"
+[services.artifacts]
+devices = ["tag:store"]
+ports = ["tcp/443"]
+
+[services.runner]
+devices = ["device:ci-runner"]
+ports = ["tcp/22"]
+
+[[rules]]
+name = "runner-to-artifacts"
+from = ["device:ci-runner"]
+to = ["artifacts"]
+
+[[rules]]
+name = "alice-to-runner"
+from = ["alice"]
+to = ["runner"]
+"#,
+        "p",
+    )
+    .unwrap();
+    let squatter = DirDevice {
+        name_bound: false,
+        ..dev(1, "ci-runner", Some("mallory"), &[])
+    };
+    let d = Directory {
+        users: vec![user("alice", &[]), user("mallory", &[])],
+        devices: vec![
+            squatter,
+            dev(2, "store1", None, &["store"]),
+            dev(3, "alice-laptop", Some("alice"), &[]),
+        ],
+        grants: vec![Grant {
+            id: "g1".into(),
+            from: "device:ci-runner".into(),
+            to: "artifacts".into(),
+            not_after_ms: NOW + 60_000,
+            reason: None,
+        }],
+    };
+    let c = compile(&p, &d, NOW);
+    assert!(access(&c, 1).peers.is_empty(), "{:?}", access(&c, 1));
+    assert!(access(&c, 1).inbound.is_empty());
+    assert!(!access(&c, 2).peers.contains(&DeviceId(1)));
+    assert!(!access(&c, 3).peers.contains(&DeviceId(1)));
+    let e = explain(&p, &d, "ci-runner", "store1:443", NOW).unwrap();
+    assert!(!e.allowed);
+    let s = e.to_string();
+    assert!(
+        s.contains("name `ci-runner` is self-chosen; bind it with `device approve` or a token's --hostname"),
+        "{s}"
+    );
+    let e = explain(&p, &d, "alice-laptop", "ci-runner:22", NOW).unwrap();
+    assert!(!e.allowed);
+    assert!(e.to_string().contains("is self-chosen"), "{e}");
+    assert!(warnings(&p, &d)
+        .iter()
+        .any(|w| w.message.contains("self-chosen")));
+
+    // The same name, bound: the rules apply.
+    let mut d2 = d.clone();
+    d2.devices[0].name_bound = true;
+    let c = compile(&p, &d2, NOW);
+    assert!(access(&c, 1).peers.contains(&DeviceId(2)));
+    assert!(access(&c, 3).peers.contains(&DeviceId(1)));
+    assert!(
+        explain(&p, &d2, "ci-runner", "store1:443", NOW)
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        explain(&p, &d2, "alice-laptop", "ci-runner:22", NOW)
+            .unwrap()
+            .allowed
+    );
+}
+
 #[test]
 fn diff_lists_gains_and_losses() {
     let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
@@ -546,10 +631,10 @@ fn diff_lists_gains_and_losses() {
     assert!(!lost.is_empty() && lost.iter().all(|c| c.kind == ChangeKind::Lost));
 }
 
-/// A random world: devices with users/tags/posture/quarantine/liveness, and a random policy
+/// A random world: devices with users/tags/posture/quarantine/liveness/name binding, and a random policy
 /// over them.
 fn world() -> impl Strategy<Value = (String, Directory)> {
-    let device = (0u8..3, 0u8..3, any::<bool>(), any::<bool>(), 0u8..8);
+    let device = (0u8..3, 0u8..3, any::<bool>(), any::<bool>(), 0u8..8, 0u8..4);
     let rule = (
         proptest::collection::vec((0u8..4, 0u8..3), 1..3),
         proptest::collection::vec(0u8..3, 1..3),
@@ -570,7 +655,7 @@ fn world() -> impl Strategy<Value = (String, Directory)> {
                     .collect(),
                 ..Directory::default()
             };
-            for (i, (u, t, q, post, live)) in devs.iter().enumerate() {
+            for (i, (u, t, q, post, live, bound)) in devs.iter().enumerate() {
                 let mut x = dev(
                     i as u64 + 1,
                     &format!("h{i}"),
@@ -582,6 +667,7 @@ fn world() -> impl Strategy<Value = (String, Directory)> {
                     x.posture_passed.clear();
                 }
                 x.live = *live != 0;
+                x.name_bound = *bound != 0;
                 d.devices.push(x);
             }
             let mut src =

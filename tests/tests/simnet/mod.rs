@@ -112,6 +112,7 @@ impl World {
                         tags: &tags,
                         expires_ms: T0 + 3_600_000,
                         uses: 1,
+                        hostname: None,
                     },
                     "sim",
                     T0,

@@ -5,7 +5,7 @@ use crate::audit::Action;
 use crate::model::DeviceStatus;
 use ward_shared::names::Hostname;
 
-pub(super) const DEVICE_COLS: &str = "d.id, d.hostname, u.name, COALESCE(u.disabled, 0), d.tags, d.ipv4, d.ipv6, d.os, d.status, d.created_ms, d.last_seen_ms, d.cert_not_after_ms, d.revoked_ms, d.wg_key, d.endpoints, d.quarantine";
+pub(super) const DEVICE_COLS: &str = "d.id, d.hostname, u.name, COALESCE(u.disabled, 0), d.tags, d.ipv4, d.ipv6, d.os, d.status, d.created_ms, d.last_seen_ms, d.cert_not_after_ms, d.revoked_ms, d.wg_key, d.endpoints, d.quarantine, d.name_bound";
 
 /// One device row; a value that does not parse is [`StoreError::Corrupt`], never a default.
 fn device_row(r: &rusqlite::Row<'_>) -> Result<Device> {
@@ -21,6 +21,7 @@ fn device_row(r: &rusqlite::Row<'_>) -> Result<Device> {
     let wg: Option<String> = r.get(13)?;
     let endpoints: String = r.get(14)?;
     let quarantine: Option<String> = r.get(15)?;
+    let name_bound: i64 = r.get(16)?;
     let bad = |column, detail: String| corrupt("devices", column, id, detail);
     Ok(Device {
         id: DeviceId(id as u64),
@@ -58,6 +59,7 @@ fn device_row(r: &rusqlite::Row<'_>) -> Result<Device> {
                 automatic: false,
             })
         }),
+        name_bound: name_bound != 0,
     })
 }
 
@@ -311,6 +313,161 @@ pub(super) fn edit_device_tags(
                 action: Action::DeviceTag,
                 target: name,
                 detail: serde_json::json!({ "tags": tags }),
+            },
+            now_ms,
+        )?;
+        query_devices(tx, "WHERE d.id = ?1", [dev.id.0 as i64])?
+            .into_iter()
+            .next()
+            .ok_or_else(not_found)
+    })
+}
+
+/// The first of `base`, `base-2`, `base-3`, … that no device (active or revoked) holds.
+pub(super) fn first_free_name(tx: &rusqlite::Transaction<'_>, base: &Hostname) -> Result<Hostname> {
+    let mut name = base.clone();
+    let mut k = 2;
+    while name_holder(tx, name.as_str())?.is_some() {
+        name = base.with_suffix(k);
+        k += 1;
+        if k > 10_000 {
+            return Err(StoreError::Conflict(format!(
+                "no free hostname for {:?}",
+                base.as_str()
+            )));
+        }
+    }
+    Ok(name)
+}
+
+/// The device holding `name`: its id, whether it is active, whether the name is bound.
+fn name_holder(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<Option<(i64, bool, bool)>> {
+    Ok(tx
+        .query_row(
+            "SELECT id, status = 'active', name_bound FROM devices WHERE hostname = ?1",
+            [name],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0)),
+        )
+        .optional()?)
+}
+
+/// Frees `name` for an administrator-bound use. Nobody holds it: `None`. A revoked device, or
+/// an active device whose name is self-chosen (a display name), holds it: that device moves to
+/// the first free `name-N` (audited, its binding unchanged) and its id is returned. An active
+/// device with a bound name holds it: `Conflict`, nothing changes. `except` is the device being
+/// renamed itself.
+pub(super) fn free_name(
+    tx: &rusqlite::Transaction<'_>,
+    name: &Hostname,
+    except: Option<DeviceId>,
+    actor: &str,
+    now_ms: i64,
+) -> Result<Option<DeviceId>> {
+    let Some((id, active, bound)) = name_holder(tx, name.as_str())? else {
+        return Ok(None);
+    };
+    if except.is_some_and(|e| e.0 as i64 == id) {
+        return Ok(None);
+    }
+    if active && bound {
+        return Err(StoreError::Conflict(format!(
+            "the name {:?} is bound to another active device",
+            name.as_str()
+        )));
+    }
+    let aside = first_free_name(tx, name)?;
+    tx.execute(
+        "UPDATE devices SET hostname = ?2 WHERE id = ?1",
+        params![id, aside.as_str()],
+    )?;
+    append_audit_tx(
+        tx,
+        Audit {
+            actor,
+            action: Action::DeviceRename,
+            target: name.as_str(),
+            detail: serde_json::json!({
+                "device_id": id, "new": aside.as_str(), "bound": false,
+                "why": "moved aside for an administrator-bound name",
+            }),
+        },
+        now_ms,
+    )?;
+    Ok(Some(DeviceId(id as u64)))
+}
+
+pub(super) fn rename_device(
+    s: &SqliteStore,
+    old: &str,
+    new: &Hostname,
+    actor: &str,
+    now_ms: i64,
+) -> Result<Device> {
+    s.with_tx(|tx| {
+        let not_found = || StoreError::NotFound(format!("no device named {old:?}"));
+        let dev = query_devices(tx, "WHERE d.hostname = ?1", [old])?
+            .into_iter()
+            .next()
+            .ok_or_else(not_found)?;
+        if dev.status != DeviceStatus::Active {
+            return Err(StoreError::Conflict(format!("device {old:?} is revoked")));
+        }
+        free_name(tx, new, Some(dev.id), actor, now_ms)?;
+        tx.execute(
+            "UPDATE devices SET hostname = ?2, name_bound = 1 WHERE id = ?1",
+            params![dev.id.0 as i64, new.as_str()],
+        )?;
+        append_audit_tx(
+            tx,
+            Audit {
+                actor,
+                action: Action::DeviceRename,
+                target: old,
+                detail: serde_json::json!({
+                    "device_id": dev.id, "new": new.as_str(), "bound": true,
+                    "was_bound": dev.name_bound,
+                }),
+            },
+            now_ms,
+        )?;
+        query_devices(tx, "WHERE d.id = ?1", [dev.id.0 as i64])?
+            .into_iter()
+            .next()
+            .ok_or_else(not_found)
+    })
+}
+
+pub(super) fn approve_device_name(
+    s: &SqliteStore,
+    name: &str,
+    actor: &str,
+    now_ms: i64,
+) -> Result<Device> {
+    s.with_tx(|tx| {
+        let not_found = || StoreError::NotFound(format!("no device named {name:?}"));
+        let dev = query_devices(tx, "WHERE d.hostname = ?1", [name])?
+            .into_iter()
+            .next()
+            .ok_or_else(not_found)?;
+        if dev.status != DeviceStatus::Active {
+            return Err(StoreError::Conflict(format!("device {name:?} is revoked")));
+        }
+        if dev.name_bound {
+            return Err(StoreError::Conflict(format!(
+                "the name of device {name:?} is already bound"
+            )));
+        }
+        tx.execute(
+            "UPDATE devices SET name_bound = 1 WHERE id = ?1",
+            [dev.id.0 as i64],
+        )?;
+        append_audit_tx(
+            tx,
+            Audit {
+                actor,
+                action: Action::DeviceApprove,
+                target: name,
+                detail: serde_json::json!({ "device_id": dev.id }),
             },
             now_ms,
         )?;

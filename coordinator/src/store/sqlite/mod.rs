@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use ward_shared::addr::AddressPools;
-use ward_shared::names::Name;
+use ward_shared::names::{Hostname, Name};
 use ward_shared::wire::{DeviceId, WgPublicKey};
 
 use super::anchor::{AuditKey, Checkpoint};
@@ -374,6 +374,18 @@ impl Store for SqliteStore {
 
     fn revoke_device(&self, name: &str, actor: &str, now_ms: i64) -> Result<Device> {
         devices::revoke_device(self, name, actor, now_ms)
+    }
+
+    fn rename_device(&self, old: &str, new: &Hostname, actor: &str, now_ms: i64) -> Result<Device> {
+        devices::rename_device(self, old, new, actor, now_ms)
+    }
+
+    fn approve_device_name(&self, name: &str, actor: &str, now_ms: i64) -> Result<Device> {
+        devices::approve_device_name(self, name, actor, now_ms)
+    }
+
+    fn token_hostname(&self, token_id: &str) -> Result<Option<Hostname>> {
+        tokens::token_hostname(self, token_id)
     }
 
     fn touch_device(

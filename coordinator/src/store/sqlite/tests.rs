@@ -52,6 +52,7 @@ fn token_lifecycle_and_refusals() {
             tags: &[],
             expires_ms: 5000,
             uses: 1,
+            hostname: None,
         },
         "admin",
         1000,
@@ -97,6 +98,7 @@ fn token_lifecycle_and_refusals() {
             tags: &[n("server")],
             expires_ms: 5000,
             uses: 3,
+            hostname: None,
         },
         "admin",
         1000,
@@ -145,6 +147,7 @@ fn same_identity_cannot_enroll_twice() {
             tags: &[],
             expires_ms: 5000,
             uses: 5,
+            hostname: None,
         },
         "admin",
         1000,
@@ -174,6 +177,7 @@ fn revoke_and_disable() {
             tags: &[],
             expires_ms: 5000,
             uses: 2,
+            hostname: None,
         },
         "admin",
         1000,
@@ -279,6 +283,7 @@ fn leases_issue_rotate_revoke() {
             tags: &[],
             expires_ms: 5000,
             uses: 1,
+            hostname: None,
         },
         "admin",
         1000,
@@ -343,6 +348,7 @@ fn concurrent_tag_edits_both_survive() {
             tags: &[],
             expires_ms: 5000,
             uses: 1,
+            hostname: None,
         },
         "admin",
         1,
@@ -417,6 +423,7 @@ fn corrupt_columns_are_errors_not_empty() {
             tags: &[n("web")],
             expires_ms: 5000,
             uses: 2,
+            hostname: None,
         },
         "admin",
         1000,
@@ -621,4 +628,167 @@ fn open_existing_never_creates_a_database() {
         Err(StoreError::Missing(_))
     ));
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+}
+
+fn token(s: &SqliteStore, id: &str, user: Option<&str>, tags: &[&str], hostname: Option<&str>) {
+    let tags: Vec<Name> = tags.iter().map(|t| n(t)).collect();
+    let user = user.map(n);
+    let hostname = hostname.map(|h| Hostname::parse(h).unwrap());
+    s.create_token(
+        TokenSpec {
+            id,
+            secret_hash: ward_shared::token::hash_secret(id.as_bytes()),
+            user: user.as_ref(),
+            tags: &tags,
+            expires_ms: 1_000_000,
+            uses: 1,
+            hostname: hostname.as_ref(),
+        },
+        "admin",
+        1000,
+    )
+    .unwrap();
+}
+
+/// A user who enrolls first as `ci-runner` with an ordinary token gets a self-chosen name;
+/// the server enrolling later with a `--hostname ci-runner` token gets that name, bound,
+/// whatever it asked for, and the first device is moved aside to `ci-runner-2`.
+#[test]
+fn a_bound_name_goes_to_its_token_and_moves_a_squatter_aside() {
+    let (s, pools) = setup();
+    token(&s, "user", Some("alice"), &[], None);
+    token(&s, "srv", None, &["ci"], Some("ci-runner"));
+    let squatter = enroll(&s, &pools, "user", b"user", "ci-runner", 1, 2000).unwrap();
+    assert_eq!(squatter.hostname.as_str(), "ci-runner");
+    assert!(!squatter.name_bound);
+    let server = enroll(&s, &pools, "srv", b"srv", "whatever", 2, 3000).unwrap();
+    assert_eq!(server.hostname.as_str(), "ci-runner");
+    assert!(server.name_bound);
+    let moved = s.device(squatter.id).unwrap();
+    assert_eq!(moved.hostname.as_str(), "ci-runner-2");
+    assert!(!moved.name_bound);
+    assert_eq!(s.device_by_name("ci-runner").unwrap().id, server.id);
+    let tokens = s.list_tokens().unwrap();
+    let tok = |id: &str| tokens.iter().find(|t| t.id == id).unwrap().clone();
+    assert_eq!(tok("srv").hostname.as_deref(), Some("ci-runner"));
+    assert_eq!(tok("user").hostname, None);
+    let log = s.audit_log(100).unwrap();
+    assert!(log
+        .iter()
+        .any(|e| e.action == "device.rename" && e.target == "ci-runner"));
+
+    // A second token binding a name an active device holds bound: refused, clearly.
+    token(&s, "srv2", None, &["ci"], Some("ci-runner"));
+    let e = enroll(&s, &pools, "srv2", b"srv2", "x", 3, 4000).unwrap_err();
+    match e {
+        StoreError::Refused {
+            code: ErrorCode::BadRequest,
+            message,
+        } => assert!(
+            message.contains("held by another active device"),
+            "{message}"
+        ),
+        other => panic!("{other}"),
+    }
+    assert_eq!(s.list_devices().unwrap().len(), 2);
+    // The refused enrollment did not use the token up.
+    let srv2 = s.list_tokens().unwrap();
+    assert_eq!(srv2.iter().find(|t| t.id == "srv2").unwrap().uses_left, 1);
+    // A name held by a revoked device is freed for the bound enrollment.
+    s.revoke_device("ci-runner", "admin", 5000).unwrap();
+    let again = enroll(&s, &pools, "srv2", b"srv2", "x", 3, 6000).unwrap();
+    assert_eq!(again.hostname.as_str(), "ci-runner");
+    assert!(again.name_bound);
+    // A bound name binds one device only.
+    let multi = s.create_token(
+        TokenSpec {
+            id: "multi",
+            secret_hash: [0; 32],
+            user: None,
+            tags: &[n("ci")],
+            expires_ms: 1_000_000,
+            uses: 2,
+            hostname: Some(&Hostname::parse("web").unwrap()),
+        },
+        "admin",
+        1000,
+    );
+    assert!(matches!(multi, Err(StoreError::Invalid(_))), "{multi:?}");
+    assert!(s.verify_audit().unwrap().ok);
+}
+
+#[test]
+fn rename_and_approve_bind_names_and_are_audited() {
+    let (s, pools) = setup();
+    token(&s, "a", Some("alice"), &[], None);
+    token(&s, "b", Some("alice"), &[], None);
+    token(&s, "c", None, &["db"], Some("db1"));
+    let a = enroll(&s, &pools, "a", b"a", "laptop", 1, 2000).unwrap();
+    let b = enroll(&s, &pools, "b", b"b", "db1", 2, 2000).unwrap();
+    let c = enroll(&s, &pools, "c", b"c", "x", 3, 2000).unwrap();
+    assert!(!a.name_bound && !b.name_bound && c.name_bound);
+    // Approve binds the current name, once.
+    let a2 = s.approve_device_name("laptop", "admin", 3000).unwrap();
+    assert!(a2.name_bound);
+    assert_eq!(a2.hostname.as_str(), "laptop");
+    assert!(matches!(
+        s.approve_device_name("laptop", "admin", 3000),
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.approve_device_name("nope", "admin", 3000),
+        Err(StoreError::NotFound(_))
+    ));
+    // Rename to a name another active device holds bound: refused, nothing changes.
+    let held = s
+        .rename_device("db1-2", &Hostname::parse("db1").unwrap(), "admin", 3000)
+        .unwrap_err();
+    assert!(matches!(held, StoreError::Conflict(_)), "{held}");
+    assert_eq!(s.device(b.id).unwrap().hostname.as_str(), "db1-2");
+    // Rename to a free name binds it.
+    let b2 = s
+        .rename_device("db1-2", &Hostname::parse("db2").unwrap(), "admin", 3000)
+        .unwrap();
+    assert_eq!(b2.hostname.as_str(), "db2");
+    assert!(b2.name_bound);
+    // Renaming a device to its own name binds it.
+    let c2 = s
+        .rename_device("db1", &Hostname::parse("db1").unwrap(), "admin", 3000)
+        .unwrap();
+    assert_eq!(c2.id, c.id);
+    let log = s.audit_log(100).unwrap();
+    assert!(log
+        .iter()
+        .any(|e| e.action == "device.approve" && e.target == "laptop"));
+    // db1-2 moved aside when the bound db1 enrolled, then the two admin renames.
+    assert_eq!(
+        log.iter().filter(|e| e.action == "device.rename").count(),
+        3
+    );
+    assert!(s.verify_audit().unwrap().ok);
+}
+
+/// Devices enrolled before names could be bound keep their access: the upgrade marks them
+/// bound; tokens made before it bind no name.
+#[test]
+fn upgrade_marks_existing_devices_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ward.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..7] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 7i64).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tokens(id, secret_hash, tags, created_ms, expires_ms, uses_total, uses_left) VALUES ('t', x'00', '[\"ci\"]', 1, 9, 1, 0);
+             INSERT INTO devices(hostname, tags, addr_index, ipv4, ipv6, identity_hash, os, status, token_id, created_ms, last_seen_ms, cert_not_after_ms)
+               VALUES ('ci-runner', '[\"ci\"]', 1, '100.64.0.1', 'fd00::1', x'01', 'linux', 'active', 't', 1, 1, 0);",
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    let d = s.device_by_name("ci-runner").unwrap();
+    assert!(d.name_bound);
+    assert_eq!(s.list_tokens().unwrap()[0].hostname, None);
 }

@@ -2,6 +2,7 @@ use rusqlite::{params, OptionalExtension};
 
 use super::*;
 use crate::audit::Action;
+use ward_shared::names::Hostname;
 use ward_shared::secret::ct_eq;
 use ward_shared::wire::ErrorCode;
 
@@ -11,6 +12,7 @@ pub(super) fn token_row(r: &rusqlite::Row<'_>) -> Result<TokenInfo> {
     let tags: String = r.get(2)?;
     let revoked: Option<i64> = r.get(7)?;
     Ok(TokenInfo {
+        hostname: r.get(8)?,
         tags: json_list("tokens", "tags", &id, &tags)?,
         id,
         user: r.get(1)?,
@@ -23,10 +25,18 @@ pub(super) fn token_row(r: &rusqlite::Row<'_>) -> Result<TokenInfo> {
 }
 
 pub(super) const TOKEN_COLS: &str =
-    "t.id, u.name, t.tags, t.created_ms, t.expires_ms, t.uses_total, t.uses_left, t.revoked_ms";
+    "t.id, u.name, t.tags, t.created_ms, t.expires_ms, t.uses_total, t.uses_left, t.revoked_ms, t.hostname";
 
-/// secret_hash, user_id, tags, expires_ms, uses_left, revoked_ms
-pub(super) type TokenRow = (Vec<u8>, Option<i64>, String, i64, i64, Option<i64>);
+/// secret_hash, user_id, tags, expires_ms, uses_left, revoked_ms, hostname
+pub(super) type TokenRow = (
+    Vec<u8>,
+    Option<i64>,
+    String,
+    i64,
+    i64,
+    Option<i64>,
+    Option<String>,
+);
 
 pub(super) fn enroll_tx(
     tx: &rusqlite::Transaction<'_>,
@@ -41,12 +51,12 @@ pub(super) fn enroll_tx(
     };
     let row: Option<TokenRow> = tx
         .query_row(
-            "SELECT secret_hash, user_id, tags, expires_ms, uses_left, revoked_ms FROM tokens WHERE id = ?1",
+            "SELECT secret_hash, user_id, tags, expires_ms, uses_left, revoked_ms, hostname FROM tokens WHERE id = ?1",
             [spec.token_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
         )
         .optional()?;
-    let Some((hash, uid, tags, expires_ms, uses_left, revoked)) = row else {
+    let Some((hash, uid, tags, expires_ms, uses_left, revoked, bound_name)) = row else {
         return Err(refuse(
             ErrorCode::TokenInvalid,
             "token is not valid (unknown token)",
@@ -103,24 +113,35 @@ pub(super) fn enroll_tx(
     if n != 1 {
         return Err(refuse(ErrorCode::TokenUsed, "token has already been used"));
     }
-    // Unique hostname: first free of name, name-2, name-3, ...
-    let mut hostname = spec.hostname.clone();
-    let mut k = 2;
-    while tx
-        .query_row(
-            "SELECT 1 FROM devices WHERE hostname = ?1",
-            [hostname.as_str()],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some()
-    {
-        hostname = spec.hostname.with_suffix(k);
-        k += 1;
-        if k > 10_000 {
-            return Err(refuse(ErrorCode::BadRequest, "no free hostname"));
+    // A name the token binds is the device's, whatever it asked for: a device that took it as
+    // a self-chosen display name moves aside; one holding it bound refuses the enrollment.
+    // Without one, the asked-for name (first free of name, name-2, ...) is a display name
+    // that `device:NAME` rules never match.
+    let (hostname, name_bound) = match bound_name {
+        Some(b) => {
+            let b =
+                Hostname::parse(&b).map_err(|e| corrupt("tokens", "hostname", spec.token_id, e))?;
+            match devices::free_name(tx, &b, None, "coordinator", now_ms) {
+                Ok(_) => {}
+                Err(StoreError::Conflict(_)) => {
+                    return Err(refuse(
+                        ErrorCode::BadRequest,
+                        &format!(
+                            "the hostname {:?} this token binds is held by another active device; rename or revoke it first",
+                            b.as_str()
+                        ),
+                    ))
+                }
+                Err(e) => return Err(e),
+            }
+            (b, true)
         }
-    }
+        None => (
+            devices::first_free_name(tx, &spec.hostname)
+                .map_err(|_| refuse(ErrorCode::BadRequest, "no free hostname"))?,
+            false,
+        ),
+    };
     let next_index: i64 = tx.query_row(
         "SELECT COALESCE(MAX(addr_index), 0) + 1 FROM devices",
         [],
@@ -132,8 +153,8 @@ pub(super) fn enroll_tx(
     // The device inherits the token's tags; unreadable ones refuse, never become none.
     json_list("tokens", "tags", spec.token_id, &tags)?;
     tx.execute(
-        "INSERT INTO devices(hostname, user_id, tags, addr_index, ipv4, ipv6, identity_hash, os, status, token_id, created_ms, last_seen_ms, cert_not_after_ms) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,'active',?9,?10,?10,0)",
-        params![hostname.as_str(), uid, tags, next_index, ipv4.to_string(), ipv6.to_string(), spec.identity_hash.to_vec(), spec.os, spec.token_id, now_ms],
+        "INSERT INTO devices(hostname, user_id, tags, addr_index, ipv4, ipv6, identity_hash, os, status, token_id, created_ms, last_seen_ms, cert_not_after_ms, name_bound) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,'active',?9,?10,?10,0,?11)",
+        params![hostname.as_str(), uid, tags, next_index, ipv4.to_string(), ipv6.to_string(), spec.identity_hash.to_vec(), spec.os, spec.token_id, now_ms, name_bound],
     )?;
     let id = DeviceId(tx.last_insert_rowid() as u64);
     let (cert, not_after) =
@@ -151,6 +172,7 @@ pub(super) fn enroll_tx(
             detail: serde_json::json!({
                 "device_id": id, "token": spec.token_id, "ipv4": ipv4, "ipv6": ipv6, "os": spec.os,
                 "requested_hostname": spec.hostname.as_str(),
+                "name_bound": name_bound,
             }),
         },
         now_ms,
@@ -181,7 +203,13 @@ pub(super) fn create_token(
         tags,
         expires_ms,
         uses,
+        hostname,
     } = spec;
+    if hostname.is_some() && uses != 1 {
+        return Err(StoreError::Invalid(
+            "a token with --hostname binds one device: it must have --uses 1".into(),
+        ));
+    }
     if !(1..=10_000).contains(&uses) {
         return Err(StoreError::Invalid(format!(
             "--uses must be between 1 and 10000, not {uses}"
@@ -204,8 +232,8 @@ pub(super) fn create_token(
             None => None,
         };
         tx.execute(
-            "INSERT INTO tokens(id, secret_hash, user_id, tags, created_ms, expires_ms, uses_total, uses_left) VALUES (?1,?2,?3,?4,?5,?6,?7,?7)",
-            params![id, secret_hash.to_vec(), uid, names_json(tags), now_ms, expires_ms, uses],
+            "INSERT INTO tokens(id, secret_hash, user_id, tags, created_ms, expires_ms, uses_total, uses_left, hostname) VALUES (?1,?2,?3,?4,?5,?6,?7,?7,?8)",
+            params![id, secret_hash.to_vec(), uid, names_json(tags), now_ms, expires_ms, uses, hostname.map(|h| h.as_str())],
         )?;
         append_audit_tx(
             tx,
@@ -218,6 +246,7 @@ pub(super) fn create_token(
                     "tags": tags.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
                     "expires_ms": expires_ms,
                     "uses": uses,
+                    "hostname": hostname.map(|h| h.as_str()),
                 }),
             },
             now_ms,
@@ -231,6 +260,7 @@ pub(super) fn create_token(
             uses_total: uses,
             uses_left: uses,
             revoked: false,
+            hostname: hostname.map(|h| h.to_string()),
         })
     })
 }
@@ -278,5 +308,18 @@ pub(super) fn revoke_token(
             now_ms,
         )?;
         Ok(info)
+    })
+}
+
+pub(super) fn token_hostname(s: &SqliteStore, id: &str) -> Result<Option<Hostname>> {
+    s.with_tx(|tx| {
+        let h: Option<Option<String>> = tx
+            .query_row("SELECT hostname FROM tokens WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        h.flatten()
+            .map(|h| Hostname::parse(&h).map_err(|e| corrupt("tokens", "hostname", id, e)))
+            .transpose()
     })
 }
