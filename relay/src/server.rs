@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ward_shared::relay::{
     DeviceToRelay, RelayToDevice, MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN,
 };
-use ward_shared::wire::{self, ErrorCode, FrameDecoder};
+use ward_shared::wire::{self, DeviceId, ErrorCode, FrameDecoder};
 
 /// How often tickets, hello deadlines and revocations are checked.
 const TIMER_EVERY: Duration = Duration::from_millis(250);
@@ -250,16 +250,7 @@ async fn run_device(
         shared.with_core(|c| c.handle_garbage(id));
         return;
     };
-    let accepted = {
-        let mut g = shared.lock();
-        let r = g.core.handle_hello(id, identity, &msg, clock());
-        if r.is_err() {
-            // Closed below, after the Error frame had a chance to go out.
-            g.conns.remove(&id);
-        }
-        g.drain_closes();
-        r
-    };
+    let accepted = accept_hello(shared, id, identity, &msg);
     let device = match accepted {
         Ok(d) => d,
         Err(r) => {
@@ -393,6 +384,23 @@ fn forward(
             g.core.handle_undelivered(reason, body);
         }
     }
+}
+
+/// Hands a connection's first frame to the core. A refused connection leaves the table at
+/// once and is closed by the caller, after the `Error` frame had a chance to go out.
+pub(crate) fn accept_hello(
+    shared: &Shared,
+    id: ConnId,
+    identity: [u8; 32],
+    msg: &DeviceToRelay,
+) -> Result<DeviceId, Refusal> {
+    let mut g = shared.lock();
+    let r = g.core.handle_hello(id, identity, msg, clock());
+    if r.is_err() {
+        g.conns.remove(&id);
+    }
+    g.drain_closes();
+    r
 }
 
 /// [`forward`] for one datagram (a TCP link's frames arrive one at a time).

@@ -28,7 +28,9 @@ use ward_shared::relay::{
 use ward_shared::wire::{self, FrameDecoder};
 
 use crate::forward::{ConnId, Refusal};
-use crate::server::{clock, forward_one, refusal_code, DeviceConn, DeviceSendError, Shared};
+use crate::server::{
+    accept_hello, clock, forward_one, refusal_code, DeviceConn, DeviceSendError, Shared,
+};
 
 /// Frames queued toward one TCP device (about 1.5 MB of full datagrams) before datagrams to
 /// it are dropped.
@@ -230,16 +232,7 @@ async fn run_device(
         shared.with_core(|c| c.handle_garbage(id));
         return;
     };
-    let accepted = {
-        let mut g = shared.lock();
-        let r = g.core.handle_hello(id, identity, &msg, clock());
-        if r.is_err() {
-            // Closed below, after the Error frame had a chance to go out.
-            g.conns.remove(&id);
-        }
-        g.drain_closes();
-        r
-    };
+    let accepted = accept_hello(shared, id, identity, &msg);
     let device = match accepted {
         Ok(d) => d,
         Err(r) => {
