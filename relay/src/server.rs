@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use ward_shared::relay::{
-    DeviceToRelay, RelayToDevice, MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN,
+    DeviceToRelay, RelayToDevice, SignedTicket, MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME,
+    RELAY_HEADER_LEN,
 };
 use ward_shared::wire::{self, DeviceId, ErrorCode, FrameDecoder};
 
@@ -292,15 +293,7 @@ async fn run_device(
                     tracing::debug!(%remote, conn = %id, %device, reason = r.as_str(), "device stream ended or broke the protocol");
                     break;
                 };
-                let r = {
-                    let mut g = shared.lock();
-                    let r = g.core.handle_ticket(id, &ticket, clock());
-                    if r.is_err() {
-                        g.conns.remove(&id);
-                    }
-                    g.drain_closes();
-                    r
-                };
+                let r = accept_ticket(shared, id, &ticket);
                 if let Err(r) = r {
                     tracing::debug!(%remote, conn = %id, %device, reason = r.as_str(), "fresh ticket refused");
                     refuse(conn, &mut stream, r).await;
@@ -386,16 +379,36 @@ fn forward(
     }
 }
 
-/// Hands a connection's first frame to the core. A refused connection leaves the table at
-/// once and is closed by the caller, after the `Error` frame had a chance to go out.
+/// Hands a connection's first frame to the core ([`admit`]).
 pub(crate) fn accept_hello(
     shared: &Shared,
     id: ConnId,
     identity: [u8; 32],
     msg: &DeviceToRelay,
 ) -> Result<DeviceId, Refusal> {
+    admit(shared, id, |core| {
+        core.handle_hello(id, identity, msg, clock())
+    })
+}
+
+/// Hands a device's fresh ticket to the core ([`admit`]).
+pub(crate) fn accept_ticket(
+    shared: &Shared,
+    id: ConnId,
+    ticket: &SignedTicket,
+) -> Result<(), Refusal> {
+    admit(shared, id, |core| core.handle_ticket(id, ticket, clock()))
+}
+
+/// Runs one core decision on a connection's credentials. A refused connection leaves the
+/// table at once and is closed by the caller, after the `Error` frame had a chance to go out.
+fn admit<T>(
+    shared: &Shared,
+    id: ConnId,
+    decide: impl FnOnce(&mut Forwarder) -> Result<T, Refusal>,
+) -> Result<T, Refusal> {
     let mut g = shared.lock();
-    let r = g.core.handle_hello(id, identity, msg, clock());
+    let r = decide(&mut g.core);
     if r.is_err() {
         g.conns.remove(&id);
     }

@@ -29,7 +29,8 @@ use ward_shared::wire::{self, FrameDecoder};
 
 use crate::forward::{ConnId, Refusal};
 use crate::server::{
-    accept_hello, clock, forward_one, refusal_code, DeviceConn, DeviceSendError, Shared,
+    accept_hello, accept_ticket, clock, forward_one, refusal_code, DeviceConn, DeviceSendError,
+    Shared,
 };
 
 /// Frames queued toward one TCP device (about 1.5 MB of full datagrams) before datagrams to
@@ -273,15 +274,7 @@ async fn run_device(
                     tracing::debug!(%remote, conn = %id, %device, reason = r.as_str(), "TCP device broke the protocol");
                     break;
                 };
-                let r = {
-                    let mut g = shared.lock();
-                    let r = g.core.handle_ticket(id, &ticket, clock());
-                    if r.is_err() {
-                        g.conns.remove(&id);
-                    }
-                    g.drain_closes();
-                    r
-                };
+                let r = accept_ticket(shared, id, &ticket);
                 if let Err(r) = r {
                     tracing::debug!(%remote, conn = %id, %device, reason = r.as_str(), "fresh ticket refused");
                     io.refuse(r).await;

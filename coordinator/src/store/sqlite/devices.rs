@@ -396,6 +396,19 @@ pub(super) fn free_name(
     Ok(Some(DeviceId(id as u64)))
 }
 
+/// The active device named `name` (an admin names devices by hostname): not found, or
+/// revoked, is an error in words.
+fn active_device_named(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<Device> {
+    let dev = query_devices(tx, "WHERE d.hostname = ?1", [name])?
+        .into_iter()
+        .next()
+        .ok_or_else(|| StoreError::NotFound(format!("no device named {name:?}")))?;
+    if dev.status != DeviceStatus::Active {
+        return Err(StoreError::Conflict(format!("device {name:?} is revoked")));
+    }
+    Ok(dev)
+}
+
 pub(super) fn rename_device(
     s: &SqliteStore,
     old: &str,
@@ -404,14 +417,7 @@ pub(super) fn rename_device(
     now_ms: i64,
 ) -> Result<Device> {
     s.with_tx(|tx| {
-        let not_found = || StoreError::NotFound(format!("no device named {old:?}"));
-        let dev = query_devices(tx, "WHERE d.hostname = ?1", [old])?
-            .into_iter()
-            .next()
-            .ok_or_else(not_found)?;
-        if dev.status != DeviceStatus::Active {
-            return Err(StoreError::Conflict(format!("device {old:?} is revoked")));
-        }
+        let dev = active_device_named(tx, old)?;
         free_name(tx, new, Some(dev.id), actor, now_ms)?;
         tx.execute(
             "UPDATE devices SET hostname = ?2, name_bound = 1 WHERE id = ?1",
@@ -433,7 +439,7 @@ pub(super) fn rename_device(
         query_devices(tx, "WHERE d.id = ?1", [dev.id.0 as i64])?
             .into_iter()
             .next()
-            .ok_or_else(not_found)
+            .ok_or_else(|| StoreError::NotFound(format!("no device named {old:?}")))
     })
 }
 
@@ -444,14 +450,7 @@ pub(super) fn approve_device_name(
     now_ms: i64,
 ) -> Result<Device> {
     s.with_tx(|tx| {
-        let not_found = || StoreError::NotFound(format!("no device named {name:?}"));
-        let dev = query_devices(tx, "WHERE d.hostname = ?1", [name])?
-            .into_iter()
-            .next()
-            .ok_or_else(not_found)?;
-        if dev.status != DeviceStatus::Active {
-            return Err(StoreError::Conflict(format!("device {name:?} is revoked")));
-        }
+        let dev = active_device_named(tx, name)?;
         if dev.name_bound {
             return Err(StoreError::Conflict(format!(
                 "the name of device {name:?} is already bound"
@@ -474,6 +473,6 @@ pub(super) fn approve_device_name(
         query_devices(tx, "WHERE d.id = ?1", [dev.id.0 as i64])?
             .into_iter()
             .next()
-            .ok_or_else(not_found)
+            .ok_or_else(|| StoreError::NotFound(format!("no device named {name:?}")))
     })
 }
