@@ -639,6 +639,7 @@ pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
         CoordinatorMsg::PostureVerdict(_) => "posture_verdict",
         CoordinatorMsg::RelayTicket { .. } => "relay_ticket",
         CoordinatorMsg::Punch { .. } => "punch",
+        CoordinatorMsg::FlowsAck { .. } => "flows_ack",
     }
 }
 

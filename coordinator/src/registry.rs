@@ -1051,6 +1051,8 @@ impl Registry {
                         reach: reach.clone(),
                         relays: relays.clone(),
                         punch: true,
+                        flows: false,
+                        policy_version: None,
                     });
                     session.sent = Some(Sent {
                         seq: 1,
@@ -1098,6 +1100,7 @@ impl Registry {
                         inbound: inbound_changed.then(|| inbound.clone()),
                         reach: reach_changed.then(|| reach.clone()),
                         relays: relays_changed.then(|| relays.clone()),
+                        policy_version: None,
                     });
                     sent.inbound = inbound;
                     sent.reach = reach;

@@ -7,6 +7,7 @@
 //! - [`addr`]: overlay address pools (IPv4 from 100.64.0.0/10, an IPv6 ULA /48).
 //! - [`filter`]: inbound filter rules compiled from the policy, and the stateful packet filter
 //!   that enforces them on every decrypted packet.
+//! - [`flows`]: flow records a device aggregates from its data plane and reports.
 //! - [`policy`]: the policy language (TOML), its compiler to per-device access, its tests,
 //!   `explain` and `diff`.
 //! - [`lease`]: coordinator-signed, expiring leases binding a WireGuard key to a device.
@@ -24,6 +25,7 @@ pub mod addr;
 pub mod discovery;
 pub mod duration;
 pub mod filter;
+pub mod flows;
 pub mod keyproof;
 pub mod lease;
 pub mod names;

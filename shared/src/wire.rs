@@ -19,7 +19,10 @@
 //!   (`DeviceUpdate.punch`, `Netmap.punch`, both `false` when absent), because a side that
 //!   predates them closes the session on a message type it does not know; key-possession proofs
 //!   (`lease_request.proof`, optional on the wire but required by the coordinator, and the
-//!   error code `key_in_use`); per-session message limits (error code `rate_limited`).
+//!   error code `key_in_use`); per-session message limits (error code `rate_limited`); flow
+//!   records (`flows`, answered by `flows_ack`; see [`crate::flows`]), sent only to a
+//!   coordinator whose netmap says `flows`, and the policy version in netmaps
+//!   (`Netmap.policy_version`, `NetmapDelta.policy_version`), all optional on the wire.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -30,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::filter::{FilterRule, PortRange, Proto};
+use crate::flows::FlowReport;
 use crate::keyproof::KeyProof;
 use crate::lease::SignedLease;
 use crate::names::Hostname;
@@ -154,6 +158,9 @@ pub enum DeviceMsg {
     /// forwards it as `punch` only to a peer both netmaps hold, rate-limited, or drops it.
     /// Sent only to a coordinator whose netmap says `punch`.
     PunchRequest { peer: DeviceId },
+    /// Flow records ([`crate::flows`]); answered by `flows_ack` once stored. Sent only to a
+    /// coordinator whose netmap says `flows`.
+    Flows(FlowReport),
 }
 
 /// Most entries in one `denied_flows` message.
@@ -275,6 +282,10 @@ pub enum CoordinatorMsg {
         peer: DeviceId,
         #[serde(default)]
         endpoints: Vec<SocketAddr>,
+    },
+    /// The flow report `seq` is stored (or was stored before): the device may forget it.
+    FlowsAck {
+        seq: u64,
     },
     /// The request was refused; on `Enroll`/`Hello` the coordinator then closes the connection.
     Error {
@@ -440,6 +451,13 @@ pub struct Netmap {
     /// not be sent it.
     #[serde(default)]
     pub punch: bool,
+    /// The coordinator accepts `flows`; absent from older coordinators, which must not be
+    /// sent it.
+    #[serde(default)]
+    pub flows: bool,
+    /// The version of the policy this netmap was compiled from (`None` before any policy).
+    #[serde(default)]
+    pub policy_version: Option<u64>,
 }
 
 /// A relay registered with the coordinator (`ward-coordinator relay add`).
@@ -482,6 +500,9 @@ pub struct NetmapDelta {
     /// Replaces the relay list when present.
     #[serde(default)]
     pub relays: Option<Vec<RelayInfo>>,
+    /// The policy version, when it changed.
+    #[serde(default)]
+    pub policy_version: Option<u64>,
 }
 
 impl Netmap {
@@ -510,6 +531,9 @@ impl Netmap {
         }
         if let Some(r) = &d.relays {
             self.relays = r.clone();
+        }
+        if d.policy_version.is_some() {
+            self.policy_version = d.policy_version;
         }
         self.seq = d.seq;
         Ok(())
@@ -725,6 +749,8 @@ mod tests {
             reach: vec![],
             relays: vec![],
             punch: true,
+            flows: true,
+            policy_version: Some(4),
         };
         let mut p3 = peer(3);
         p3.online = false;
@@ -739,12 +765,46 @@ mod tests {
                 name: "r1".into(),
                 addr: "[2001:db8::7]:3478".into(),
             }]),
+            policy_version: None,
         };
         nm.apply(&d).unwrap();
+        assert_eq!(
+            nm.policy_version,
+            Some(4),
+            "an absent version keeps the old one"
+        );
         assert_eq!(nm.peers, vec![p3, peer(4)]);
         assert_eq!(nm.relays[0].name, "r1");
         assert_eq!(nm.seq, 2);
         assert_eq!(nm.apply(&d), Err(WireError::DeltaGap { have: 2, base: 1 }));
+    }
+
+    /// Flow reports and their acknowledgement as first written; they must keep decoding.
+    #[test]
+    fn golden_flow_messages_decode() {
+        let report = r#"{"type":"flows","seq":3,"dropped_records":2,"windows":[{"start_ms":60000,"end_ms":120000,"records":[{"role":"responder","peer":4,"peer_addr":"100.64.0.4","peer_user":"alice","peer_tags":[],"proto":"tcp","port":5432,"verdict":"allowed","rule":"eng-db","policy_version":2,"packets_out":5,"bytes_out":300,"packets_in":6,"bytes_in":9000,"connections":1},{"role":"responder","peer_addr":"100.64.0.9","proto":"tcp","port":22,"verdict":"denied","reason":"no_rule","packets_out":0,"bytes_out":0,"packets_in":3,"bytes_in":180,"connections":3}]}]}"#;
+        let DeviceMsg::Flows(r) = decode(report.as_bytes()).unwrap() else {
+            panic!("not flows")
+        };
+        assert_eq!(r.seq, 3);
+        let recs = &r.windows[0].records;
+        assert_eq!(recs[0].rule.as_deref(), Some("eng-db"));
+        assert_eq!(recs[1].peer, None);
+        assert_eq!(recs[1].reason, Some(crate::flows::DenyCause::NoRule));
+        r.validate().unwrap();
+
+        let ack = r#"{"type":"flows_ack","seq":3}"#;
+        assert_eq!(
+            decode::<CoordinatorMsg>(ack.as_bytes()).unwrap(),
+            CoordinatorMsg::FlowsAck { seq: 3 }
+        );
+        // A netmap from before flows: no `flows`, no policy version.
+        let nm = r#"{"type":"netmap","seq":1,"me":{"device_id":1,"hostname":"a","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null},"peers":[]}"#;
+        let CoordinatorMsg::Netmap(nm) = decode(nm.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        assert!(!nm.flows);
+        assert_eq!(nm.policy_version, None);
     }
 
     /// Version-1 messages as they were first written; they must keep decoding.

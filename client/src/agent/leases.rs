@@ -183,6 +183,8 @@ mod tests {
             reach: vec![],
             relays: vec![],
             punch: false,
+            flows: false,
+            policy_version: None,
         }
     }
 

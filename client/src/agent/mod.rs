@@ -416,6 +416,8 @@ impl Agent {
                 coordinator_time_ms,
             } => self.handle_pong(nonce, coordinator_time_ms, now),
             CoordinatorMsg::Lease { lease } => self.handle_lease(lease, now),
+            // This agent sends no flow reports yet.
+            CoordinatorMsg::FlowsAck { .. } => {}
             CoordinatorMsg::RotateNow { reason } => {
                 info!(%reason, "coordinator asked for a key rotation");
                 if self.rotation == Rotation::Idle && self.spare.is_some() {

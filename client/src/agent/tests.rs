@@ -220,6 +220,8 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         reach: vec![],
         relays: vec![],
         punch: false,
+        flows: false,
+        policy_version: None,
     }
 }
 

@@ -599,6 +599,10 @@ async fn session(
                         DeviceMsg::PunchRequest { peer } => {
                             let _ = ctx.events.send(Event::Punch { id, conn: conn_id, peer });
                         }
+                        DeviceMsg::Flows(_) => {
+                            // Netmaps say `flows: false`: no agent should send these yet.
+                            debug!(device = %id, "flow report ignored: flow records are not stored");
+                        }
                         DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => {
                             refuse(&mut link, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
                             return Ok(());
@@ -620,7 +624,7 @@ fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
     Some(match msg {
         DeviceMsg::Update(_) => Kind::Update,
         DeviceMsg::Posture(_) => Kind::Posture,
-        DeviceMsg::DeniedFlows { .. } => Kind::DeniedFlows,
+        DeviceMsg::DeniedFlows { .. } | DeviceMsg::Flows(_) => Kind::DeniedFlows,
         DeviceMsg::LeaseRequest { .. } => Kind::LeaseRequest,
         DeviceMsg::LeaseActive { .. } => Kind::LeaseActive,
         DeviceMsg::RenewCert { .. } => Kind::RenewCert,

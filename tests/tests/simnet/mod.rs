@@ -507,7 +507,10 @@ impl World {
             },
             DeviceMsg::DeniedFlows { flows } => self.reg.handle_denied_flows(id, &flows, t),
             DeviceMsg::Update(u) => self.reg.handle_session_update(id, conn, u),
-            DeviceMsg::RenewCert { .. } | DeviceMsg::Enroll(_) | DeviceMsg::RelayTicketRequest => {}
+            DeviceMsg::RenewCert { .. }
+            | DeviceMsg::Enroll(_)
+            | DeviceMsg::RelayTicketRequest
+            | DeviceMsg::Flows(_) => {}
         }
     }
 
