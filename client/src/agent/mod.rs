@@ -165,7 +165,7 @@ pub enum Event {
     TakeDeniedFlows,
     /// Take the data plane's flow samples ([`DataPlaneEvent::FlowSamples`]); asked every
     /// [`flows::FLOW_TICK`], in a session or not (records are spooled while the coordinator is
-    /// unreachable).
+    /// unreachable, and kept within their caps for a coordinator that takes none yet).
     TakeFlowSamples,
     /// Resolve a relay's `HOST:PORT` and hand the result to [`Agent::handle_relay_resolved`].
     ResolveRelay(String),
@@ -522,10 +522,8 @@ impl Agent {
             self.next_expiry = now.instant + EXPIRY_CHECK;
         }
         if now.instant >= self.next_flows {
-            if self.flows_wanted() {
-                self.events.push_back(Event::TakeFlowSamples);
-                self.flow_log.handle_timeout(coord);
-            }
+            self.events.push_back(Event::TakeFlowSamples);
+            self.flow_log.handle_timeout(coord);
             self.next_flows = now.instant + FLOW_TICK;
         }
         self.send_flow_reports(now);
@@ -599,9 +597,6 @@ impl Agent {
     pub fn handle_dataplane_event(&mut self, ev: DataPlaneEvent, now: Now) {
         match ev {
             DataPlaneEvent::FlowSamples { samples, dropped } => {
-                if !self.flows_wanted() {
-                    return;
-                }
                 let ctx = self
                     .netmap
                     .as_ref()
@@ -813,13 +808,9 @@ impl Agent {
 
     // ---- helpers ------------------------------------------------------------------------
 
-    /// Whether flow records are kept: unless the coordinator's netmap says it takes none (an
-    /// older coordinator). Before the first netmap they are kept (and spooled).
-    fn flows_wanted(&self) -> bool {
-        self.netmap.as_ref().is_none_or(|n| n.flows)
-    }
-
-    /// Queues the flow reports due now, in a session whose netmap says `flows`.
+    /// Queues the flow reports due now, in a session whose netmap says `flows`. Records are
+    /// kept (within the caps) whatever the coordinator says, so a coordinator upgraded later
+    /// gets them, and `ward status` shows them.
     fn send_flow_reports(&mut self, now: Now) {
         let ready = matches!(self.link, Link::Session { .. })
             && self.netmap.as_ref().is_some_and(|n| n.flows);
