@@ -45,6 +45,11 @@ pub const MAX_IN_FLIGHT: usize = 4;
 /// A report not acknowledged this long is sent again in the same session (the coordinator may
 /// drop it when over its limits).
 pub const RESEND_AFTER: Duration = Duration::from_secs(30);
+/// Least time between two saves of the state when only counts or acknowledgements changed (a
+/// new report number is saved before the report can leave).
+pub const SAVE_GAP: Duration = Duration::from_secs(5);
+/// Most reports kept unacknowledged, whatever their size (small reports count too).
+pub const MAX_SPOOL_REPORTS: usize = 256;
 /// Default cap on distinct records in one window.
 pub const DEFAULT_MAX_WINDOW_RECORDS: usize = 4096;
 /// Default cap on records in reports not yet acknowledged (64 full reports).
@@ -212,6 +217,9 @@ pub struct FlowLog {
     reports_acked: u64,
     /// Changed since the last [`FlowLog::take_dirty`].
     dirty: bool,
+    /// `next_seq` and time of the last save.
+    saved_seq: u64,
+    saved_at: Option<Instant>,
 }
 
 impl FlowLog {
@@ -237,6 +245,8 @@ impl FlowLog {
             reports_sent: 0,
             reports_acked: 0,
             dirty: false,
+            saved_seq: 1,
+            saved_at: None,
         }
     }
 
@@ -253,6 +263,7 @@ impl FlowLog {
             .collect();
         self.spool_records = self.spool.iter().map(records_in).sum();
         self.enforce_spool_cap();
+        self.saved_seq = self.next_seq;
     }
 
     pub fn state(&self) -> FlowLogState {
@@ -264,9 +275,21 @@ impl FlowLog {
         }
     }
 
-    /// Whether the state changed since the last call (the daemon saves it then).
-    pub fn take_dirty(&mut self) -> bool {
-        std::mem::take(&mut self.dirty)
+    /// Whether the state must be saved now: at once when a new report number was drawn (so it
+    /// is saved before the report leaves: a restart never reuses it), else when something
+    /// changed and [`SAVE_GAP`] passed since the last save.
+    pub fn take_dirty(&mut self, now: Instant) -> bool {
+        let due = self.next_seq != self.saved_seq
+            || (self.dirty
+                && self
+                    .saved_at
+                    .is_none_or(|t| now.saturating_duration_since(t) >= SAVE_GAP));
+        if due {
+            self.dirty = false;
+            self.saved_seq = self.next_seq;
+            self.saved_at = Some(now);
+        }
+        due
     }
 
     /// Samples harvested from the data plane at `coord_ms` (coordinator time), plus how many it
@@ -422,7 +445,10 @@ impl FlowLog {
     fn push_report(&mut self, windows: Vec<FlowWindow>) {
         let n: usize = windows.iter().map(|w| w.records.len()).sum();
         // Room first, so that this report carries the count of what made room for it.
-        while self.spool_records + n > self.cfg.max_spool_records && !self.spool.is_empty() {
+        while (self.spool_records + n > self.cfg.max_spool_records
+            || self.spool.len() >= MAX_SPOOL_REPORTS)
+            && !self.spool.is_empty()
+        {
             self.drop_oldest();
         }
         let report = FlowReport {
@@ -440,7 +466,10 @@ impl FlowLog {
     /// Drops the oldest reports while the spool is over its cap (the newest one, which carries
     /// the count, always stays).
     fn enforce_spool_cap(&mut self) {
-        while self.spool_records > self.cfg.max_spool_records && self.spool.len() > 1 {
+        while (self.spool_records > self.cfg.max_spool_records
+            || self.spool.len() > MAX_SPOOL_REPORTS)
+            && self.spool.len() > 1
+        {
             self.drop_oldest();
         }
     }
@@ -791,7 +820,11 @@ mod tests {
         assert_eq!(st.dropped_records, 8);
         assert_eq!(st.spool[0].dropped_records, 8);
         assert_eq!(st.next_seq, 6);
-        assert!(l.take_dirty());
+        let t = Instant::now();
+        assert!(l.take_dirty(t));
+        l.handle_ack(5);
+        assert!(!l.take_dirty(t), "only an ack: saved later");
+        assert!(l.take_dirty(t + SAVE_GAP));
         // A restart: numbering continues, the spool goes again.
         let mut l2 = log(FlowLogConfig::default());
         l2.restore(serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap());

@@ -748,9 +748,10 @@ impl Agent {
             self.flow_log.restore(st);
         }
     }
-    /// The flow log's state to save, if it changed since the last call.
-    pub fn take_flow_state(&mut self) -> Option<FlowLogState> {
-        self.flow_log.take_dirty().then(|| self.flow_log.state())
+    /// The flow log's state to save now, if it must be (see [`FlowLog::take_dirty`]). Call it
+    /// before sending what [`Agent::poll_transmit`] gives.
+    pub fn take_flow_state(&mut self, now: Instant) -> Option<FlowLogState> {
+        self.flow_log.take_dirty(now).then(|| self.flow_log.state())
     }
     /// Closes the current flow window early (at shutdown) and returns the state to save.
     pub fn close_flow_window(&mut self) -> FlowLogState {

@@ -1170,8 +1170,9 @@ fn flow_reports_go_to_a_coordinator_that_takes_them_until_acked_and_again_after_
     h.advance(2500, 0);
     let again = flow_reports(&h.take_sent());
     assert_eq!(again, second, "resent with the same seq and content");
+    let now = h.now();
     assert!(
-        h.agent.take_flow_state().is_some(),
+        h.agent.take_flow_state(now.instant).is_some(),
         "the state changed: saved"
     );
 }

@@ -107,7 +107,8 @@ impl Daemon {
 
         loop {
             self.execute(&agent, dp.as_deref(), &mut link);
-            let flows = lock(&agent).take_flow_state();
+            // Saved before the loop sends what the agent queued (a new report's number first).
+            let flows = lock(&agent).take_flow_state(Instant::now());
             if let Some(st) = flows {
                 if let Err(e) = self.flow_state.save(&st) {
                     warn!(error = %format!("{e:#}"), "cannot save the flow log state");
