@@ -396,10 +396,9 @@ pub(super) fn flush(
             if sink.stats.enforce_us.len() >= 1000 {
                 sink.stats.enforce_us.pop_front();
             }
-            sink.stats
-                .enforce_us
-                .push_back(t.elapsed().as_micros() as u64);
-            sink.stats.live.enforce.observe(t.elapsed().as_secs_f64());
+            let took = t.elapsed();
+            sink.stats.enforce_us.push_back(took.as_micros() as u64);
+            sink.stats.live.enforce.observe(took.as_secs_f64());
         }
     }
 }

@@ -588,7 +588,7 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
             if labels.insert(lname.to_string(), value).is_some() {
                 return Err(format!("label {lname} repeated"));
             }
-            match chars.next().map(|(i, c)| (i, c)) {
+            match chars.next() {
                 Some((_, ',')) => continue,
                 Some((i, '}')) => {
                     end = Some(i + 1);
@@ -618,13 +618,16 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
     })
 }
 
+/// A series' labels other than `le`, in name order.
+type LabelSet = Vec<(String, String)>;
+
 fn check_histograms(p: &Parsed) -> Result<(), String> {
     for (family, kind) in &p.families {
         if *kind != Kind::Histogram {
             continue;
         }
         // Group by the labels other than `le`.
-        let mut groups: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut groups: BTreeMap<LabelSet, Vec<(f64, f64)>> = BTreeMap::new();
         let bucket = format!("{family}_bucket");
         for s in p.samples.iter().filter(|s| s.name == bucket) {
             let le = s.labels.get("le").map(String::as_str).unwrap_or_default();
