@@ -772,7 +772,7 @@ mod tests {
         let limits = Limits {
             max_request: 1024,
             max_connections: 2,
-            timeout: Duration::from_millis(300),
+            timeout: Duration::from_millis(1000),
         };
         tokio::spawn(serve(l, limits, || async {
             "# HELP a_total x\n# TYPE a_total counter\na_total 1\n".to_string()
@@ -795,7 +795,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let during = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
         assert!(during.is_empty(), "{during}");
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         let after = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
         assert!(after.starts_with("HTTP/1.1 200 OK"), "{after}");
         drop((s1, s2));
