@@ -219,6 +219,17 @@ pub fn render(view: &StatusView, dp: Option<&DataPlaneSnapshot>) -> String {
         "1 while the coordinator has this device quarantined.",
         f64::from(u8::from(dev.is_some_and(|d| d.quarantine.is_some()))),
     );
+    let flows = dev.and_then(|d| d.flow_log.as_ref());
+    e.counter(
+        "ward_device_flow_records_dropped_total",
+        "Flow records dropped because a cap was hit (window, spool, data-plane samples).",
+        flows.map_or(0, |f| f.flow_records_dropped),
+    );
+    e.gauge(
+        "ward_device_flow_spool_records",
+        "Flow records in reports the coordinator has not acknowledged yet.",
+        flows.map_or(0, |f| f.spool_records) as f64,
+    );
     let mut peers = [("direct", 0.0), ("relay", 0.0), ("none", 0.0)];
     let mut bytes = [[0.0f64; 2]; 3];
     for p in &view.peers {
