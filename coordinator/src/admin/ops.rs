@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub trust: TrustStatsView,
     /// Relays with a live control session, by name, with the load each last reported.
     pub relays: std::collections::BTreeMap<String, RelayLoad>,
+    /// The registry actor's event queues.
+    pub event_queue: crate::admin::api::EventQueueView,
 }
 
 /// A change the registry must apply after a request succeeded.
@@ -112,6 +114,7 @@ pub fn handle(
             protocol: ward_shared::wire::PROTOCOL_VERSION,
             posture: snap.trust.clone(),
             storage: store.storage_health(),
+            event_queue: snap.event_queue.clone(),
         }),
         AdminRequest::UserAdd { name: n, groups } => {
             let n = name("user name", &n)?;
