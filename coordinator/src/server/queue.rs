@@ -8,10 +8,10 @@
 //!   bounded queue hands out free slots in arrival order, so a waiting connection gets its turn
 //!   whatever another one sends.
 //! - **Internal events** (the actor's own effects feeding back, such as a stored automatic
-//!   quarantine, and admin requests): an unbounded queue that never waits, read first. It is
-//!   bounded by what produces it: each automatic quarantine is one blocking task the actor
-//!   started (at most one per device per change), and each admin request waits for its reply
-//!   before it sends again.
+//!   quarantine, admin requests and metrics scrapes): an unbounded queue that never waits, read
+//!   first. It is bounded by what produces it: each automatic quarantine is one blocking task
+//!   the actor started (at most one per device per change), and each admin request or scrape
+//!   (their connections are capped) waits for its reply before it sends again.
 //!
 //! The actor only receives from the bounded queue and never waits to send into it, and the
 //! internal queue never waits, so no wait can close a cycle through the actor: no deadlock.
