@@ -52,6 +52,7 @@ cores=(
     client/src/agent
     relay/src/core.rs
     relay/src/forward.rs
+    relay/src/gate.rs
 )
 forbidden_re='tokio::|quinn::|std::net::(UdpSocket|TcpStream|TcpListener)|UnixStream|SystemTime::now|Instant::now|thread_rng|OsRng|std::thread::spawn|std::fs::|std::process::|ward_runtime'
 for c in "${cores[@]}"; do

@@ -148,6 +148,12 @@ impl Bucket {
         }
     }
 
+    fn is_full(&self, now_ms: i64) -> bool {
+        let mut b = self.clone();
+        b.refill(now_ms);
+        b.milli >= u64::from(b.burst) * 1000
+    }
+
     /// When the next whole token is there.
     fn next_token_ms(&self) -> i64 {
         let missing = 1000u64.saturating_sub(self.milli);
@@ -241,11 +247,133 @@ impl SessionLimits {
         due
     }
 
+    /// The same buckets with nothing deferred: what a new session of the device starts from.
+    fn for_new_session(&self) -> Self {
+        let mut l = self.clone();
+        for (_, k) in &mut l.kinds {
+            k.pending_until = None;
+        }
+        l
+    }
+
+    /// Keeps, bucket by bucket, the emptier of the two at `now_ms` (two sessions of one
+    /// device spend from the same budget as far as a reconnect can tell).
+    fn keep_lower(&mut self, other: &Self, now_ms: i64) {
+        for ((_, a), (_, b)) in self.kinds.iter_mut().zip(&other.kinds) {
+            for (x, y) in [(&mut a.soft, &b.soft), (&mut a.hard, &b.hard)] {
+                let mut y = y.clone();
+                x.refill(now_ms);
+                y.refill(now_ms);
+                x.milli = x.milli.min(y.milli);
+            }
+        }
+    }
+
+    /// Every bucket full at `now_ms`: no different from new limits.
+    fn is_full(&self, now_ms: i64) -> bool {
+        self.kinds
+            .iter()
+            .all(|(_, k)| k.soft.is_full(now_ms) && k.hard.is_full(now_ms))
+    }
+
     fn get(&mut self, kind: Kind) -> Option<&mut PerKind> {
         self.kinds
             .iter_mut()
             .find(|(k, _)| *k == kind)
             .map(|(_, p)| p)
+    }
+}
+
+/// Sessions a device may open: a burst, then one per this many milliseconds.
+pub const RECONNECT_BURST: u32 = 20;
+pub const RECONNECT_MS: u64 = 3_000;
+
+/// Devices whose limits are remembered between sessions at most.
+pub const MAX_REMEMBERED: usize = 65_536;
+
+/// The device opened sessions faster than [`RECONNECT_BURST`] and [`RECONNECT_MS`] allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManySessions;
+
+impl std::fmt::Display for TooManySessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("this device opens sessions too often")
+    }
+}
+
+struct Remembered {
+    limits: SessionLimits,
+    sessions: Bucket,
+}
+
+/// Each device's limits across its sessions, free of I/O: a session starts from what the
+/// device's earlier sessions left (refilled since), so reconnecting refills nothing, and
+/// opening sessions is itself limited. At most `cap` devices are remembered; a device whose
+/// buckets have all refilled is forgotten first when room is needed (forgetting it changes
+/// nothing). With every entry in use, a new device's session is limited as usual but its
+/// state is not kept.
+///
+/// ```text
+/// session driver:  open(device, now) -> Ok(limits) | Err(TooManySessions: refuse, rate_limited)
+///                  ... limits.handle(kind, now) for each message ...
+///                  close(device, &limits, now)   when the session ends
+/// ```
+pub struct DeviceLimits {
+    devices: std::collections::HashMap<ward_shared::wire::DeviceId, Remembered>,
+    cap: usize,
+}
+
+impl DeviceLimits {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            devices: std::collections::HashMap::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// A session of `device` starts at `now_ms`: its limits, or a refusal when the device
+    /// opens sessions too often.
+    pub fn open(
+        &mut self,
+        device: ward_shared::wire::DeviceId,
+        now_ms: i64,
+    ) -> Result<SessionLimits, TooManySessions> {
+        if !self.devices.contains_key(&device) && self.devices.len() >= self.cap {
+            self.devices
+                .retain(|_, r| !(r.limits.is_full(now_ms) && r.sessions.is_full(now_ms)));
+            if self.devices.len() >= self.cap {
+                return Ok(SessionLimits::new(now_ms));
+            }
+        }
+        let r = self.devices.entry(device).or_insert_with(|| Remembered {
+            limits: SessionLimits::new(now_ms),
+            sessions: Bucket::new(RECONNECT_BURST, RECONNECT_MS, now_ms),
+        });
+        if !r.sessions.take(now_ms) {
+            return Err(TooManySessions);
+        }
+        Ok(r.limits.for_new_session())
+    }
+
+    /// A session of `device` ended at `now_ms` having spent `limits`.
+    pub fn close(
+        &mut self,
+        device: ward_shared::wire::DeviceId,
+        limits: &SessionLimits,
+        now_ms: i64,
+    ) {
+        if let Some(r) = self.devices.get_mut(&device) {
+            r.limits.keep_lower(limits, now_ms);
+        }
+    }
+
+    /// Devices remembered now.
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
     }
 }
 
@@ -339,5 +467,68 @@ mod tests {
             assert_eq!(l.handle(Kind::DeniedFlows, T), Decision::Pass);
         }
         assert_eq!(l.handle(Kind::DeniedFlows, T), Decision::Drop);
+    }
+
+    #[test]
+    fn reconnecting_does_not_refill_the_buckets() {
+        use ward_shared::wire::DeviceId;
+        let mut d = DeviceLimits::new(16);
+        let dev = DeviceId(7);
+        let flood = |l: &mut SessionLimits, now: i64| {
+            (0..1000)
+                .position(|_| l.handle(Kind::LeaseRequest, now) == Decision::Exceeded)
+                .unwrap()
+        };
+        let mut l = d.open(dev, T).unwrap();
+        assert_eq!(flood(&mut l, T), 10, "the burst passes");
+        d.close(dev, &l, T);
+        // Reconnected at once: still out of tokens.
+        let mut l = d.open(dev, T + 1).unwrap();
+        assert_eq!(flood(&mut l, T + 1), 0);
+        d.close(dev, &l, T + 1);
+        // Another device is not affected.
+        let mut other = d.open(DeviceId(8), T + 1).unwrap();
+        assert_eq!(flood(&mut other, T + 1), 10);
+        // Refilled with time, as in one long session.
+        let mut l = d.open(dev, T + 5_001).unwrap();
+        assert_eq!(flood(&mut l, T + 5_001), 5);
+    }
+
+    #[test]
+    fn opening_sessions_is_limited_per_device() {
+        use ward_shared::wire::DeviceId;
+        let mut d = DeviceLimits::new(16);
+        for i in 0..RECONNECT_BURST {
+            assert!(d.open(DeviceId(1), T).is_ok(), "{i}");
+        }
+        assert_eq!(d.open(DeviceId(1), T).err(), Some(TooManySessions));
+        assert!(d.open(DeviceId(2), T).is_ok());
+        let later = T + RECONNECT_MS as i64;
+        assert!(d.open(DeviceId(1), later).is_ok());
+        assert_eq!(d.open(DeviceId(1), later).err(), Some(TooManySessions));
+    }
+
+    #[test]
+    fn remembered_devices_are_bounded_and_refilled_ones_go_first() {
+        use ward_shared::wire::DeviceId;
+        let mut d = DeviceLimits::new(4);
+        for i in 0..4 {
+            let mut l = d.open(DeviceId(i), T).unwrap();
+            let _ = l.handle(Kind::RenewCert, T);
+            d.close(DeviceId(i), &l, T);
+        }
+        // Full, nothing refilled: a new device is limited but not remembered.
+        assert!(d.open(DeviceId(100), T).is_ok());
+        assert_eq!(d.len(), 4);
+        // An hour later every bucket is full again: the old entries make room.
+        assert!(d.open(DeviceId(101), T + 3_600_000).is_ok());
+        assert_eq!(d.len(), 1);
+        // A device that is still being limited stays remembered.
+        let mut l = d.open(DeviceId(102), T + 3_600_000).unwrap();
+        for _ in 0..5 {
+            let _ = l.handle(Kind::RenewCert, T + 3_600_000);
+        }
+        d.close(DeviceId(102), &l, T + 3_600_000);
+        assert_eq!(d.len(), 2);
     }
 }

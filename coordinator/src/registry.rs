@@ -22,7 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 use ward_shared::addr::AddressPools;
 use ward_shared::filter::{FilterRule, Proto};
 use ward_shared::lease::SignedLease;
-use ward_shared::names::Name;
+use ward_shared::names::{Hostname, Name};
 use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
 use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::wire::{
@@ -157,6 +157,8 @@ struct Session {
 #[derive(Debug)]
 struct Sent {
     seq: u64,
+    /// The name this device was last told is its own.
+    hostname: Hostname,
     peers: BTreeMap<DeviceId, Peer>,
     inbound: Vec<FilterRule>,
     reach: Vec<Reach>,
@@ -1065,6 +1067,7 @@ impl Registry {
                     });
                     session.sent = Some(Sent {
                         seq: 1,
+                        hostname: me.hostname.clone(),
                         peers: want,
                         inbound,
                         reach,
@@ -1090,11 +1093,13 @@ impl Registry {
                     let inbound_changed = sent.inbound != inbound;
                     let reach_changed = sent.reach != reach;
                     let relays_changed = sent.relays != relays;
+                    let me_changed = sent.hostname != me.hostname;
                     if upsert.is_empty()
                         && remove.is_empty()
                         && !inbound_changed
                         && !reach_changed
                         && !relays_changed
+                        && !me_changed
                     {
                         continue;
                     }
@@ -1110,7 +1115,16 @@ impl Registry {
                         reach: reach_changed.then(|| reach.clone()),
                         relays: relays_changed.then(|| relays.clone()),
                         policy_version: None,
+                        me: me_changed.then(|| SelfInfo {
+                            device_id: id,
+                            hostname: me.hostname.clone(),
+                            ipv4: me.ipv4,
+                            ipv6: me.ipv6,
+                            v6_prefix: self.pools.v6_prefix,
+                            observed_addr: Some(session.observed),
+                        }),
                     });
+                    sent.hostname = me.hostname.clone();
                     sent.inbound = inbound;
                     sent.reach = reach;
                     if relays_changed {
@@ -1653,6 +1667,62 @@ to = ["artifacts"]
         drain(&mut r);
         assert!(peers(&r, 3).contains(&DeviceId(2)));
         assert!(peers(&r, 1).is_empty());
+    }
+
+    /// A device whose name changes under it (moved aside from a bound name, or renamed) is
+    /// told its new name in a delta; one whose name stays is not told again.
+    #[test]
+    fn a_device_moved_aside_is_told_its_new_name() {
+        let squatter = Device {
+            hostname: Hostname::parse("ci-runner").unwrap(),
+            name_bound: false,
+            ..dev(1)
+        };
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [squatter.clone(), dev(2)],
+            [],
+            Some(open_policy()),
+            vec![],
+            vec![],
+            0,
+        );
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let out = drain(&mut r);
+        assert!(matches!(
+            &out[..],
+            [Output::Send { msg: CoordinatorMsg::Netmap(nm), .. }, ..] if nm.me.hostname.as_str() == "ci-runner"
+        ));
+        r.handle_device_upserted(Device {
+            hostname: Hostname::parse("ci-runner-2").unwrap(),
+            ..squatter.clone()
+        });
+        let me: Vec<_> = drain(&mut r)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    conn: 10,
+                    msg: CoordinatorMsg::NetmapDelta(d),
+                } => d.me,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(me.len(), 1, "{me:?}");
+        assert_eq!(me[0].hostname.as_str(), "ci-runner-2");
+        assert_eq!(me[0].device_id, DeviceId(1));
+        assert_eq!(me[0].ipv4, squatter.ipv4);
+        assert_eq!(me[0].observed_addr, Some(addr("10.0.0.1:1")));
+        // Another change to the device that leaves its name: no `me`.
+        r.handle_device_upserted(Device {
+            hostname: Hostname::parse("ci-runner-2").unwrap(),
+            last_seen_ms: 5,
+            ..squatter
+        });
+        assert!(drain(&mut r).iter().all(|o| !matches!(
+            o,
+            Output::Send { msg: CoordinatorMsg::NetmapDelta(d), .. } if d.me.is_some()
+        )));
     }
 
     #[test]

@@ -109,10 +109,12 @@ pub enum Refusal {
     Revoked,
     /// No accepted `Hello` within [`Limits::hello_timeout`].
     HelloTimeout,
+    /// The hello's source address sent too many (`crate::gate`).
+    RateLimited,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 11] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::NotReady,
         Refusal::TooManyConnections,
         Refusal::TooManyPending,
@@ -124,6 +126,7 @@ impl Refusal {
         Refusal::WrongDevice,
         Refusal::Revoked,
         Refusal::HelloTimeout,
+        Refusal::RateLimited,
     ];
 
     /// The metric label / log field value.
@@ -140,6 +143,7 @@ impl Refusal {
             Refusal::WrongDevice => "wrong_device",
             Refusal::Revoked => "revoked",
             Refusal::HelloTimeout => "hello_timeout",
+            Refusal::RateLimited => "rate_limited",
         }
     }
 
@@ -535,6 +539,12 @@ impl Forwarder {
     /// as a protocol error, the connection queued for closing.
     pub fn handle_garbage(&mut self, conn: ConnId) -> Refusal {
         self.refuse(conn, Refusal::Protocol)
+    }
+
+    /// The connection's hello came from a source over its rate (`crate::gate`): refused,
+    /// before its ticket is looked at.
+    pub fn handle_rate_limited(&mut self, conn: ConnId) -> Refusal {
+        self.refuse(conn, Refusal::RateLimited)
     }
 
     /// Devices the coordinator revoked: their connections close and their tickets are refused

@@ -7,7 +7,8 @@
 //! Devices on networks that drop UDP reach the same forwarding over TLS/TCP on the same port
 //! number ([`tcp`]).
 //!
-//! [`core`] (discovery) and [`forward`] (connections, tickets, routing, limits) are I/O-free:
+//! [`core`] (discovery), [`forward`] (connections, tickets, routing, limits) and [`gate`]
+//! (hellos per source address, before any ticket is checked) are I/O-free:
 //! no sockets, no clock, no threads; time is passed in. [`socket`], [`server`], [`tcp`],
 //! [`control`], [`tls`] and [`metrics`] are their thin tokio/quinn drivers, wired together in
 //! `main.rs`.
@@ -17,6 +18,7 @@
 pub mod control;
 pub mod core;
 pub mod forward;
+pub mod gate;
 pub mod metrics;
 pub mod server;
 pub mod socket;

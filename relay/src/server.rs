@@ -40,6 +40,8 @@ pub struct Shared {
     /// Whether the control session is welcomed now.
     pub control_up: AtomicBool,
     pub(crate) hello_timeout: Duration,
+    /// Hellos per source address (checked before any ticket).
+    gate: Mutex<crate::gate::HelloGate>,
     /// The devices' TLS config for TCP (the QUIC endpoint holds its own copy); `None` until
     /// the coordinator welcomed the relay.
     device_tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
@@ -124,6 +126,10 @@ impl Shared {
             }),
             control_up: AtomicBool::new(false),
             hello_timeout,
+            gate: Mutex::new(crate::gate::HelloGate::new(
+                crate::gate::GateConfig::default(),
+                Instant::now(),
+            )),
             device_tls: Mutex::new(None),
         })
     }
@@ -251,7 +257,7 @@ async fn run_device(
         shared.with_core(|c| c.handle_garbage(id));
         return;
     };
-    let accepted = accept_hello(shared, id, identity, &msg);
+    let accepted = accept_hello(shared, id, remote.ip(), identity, &msg);
     let device = match accepted {
         Ok(d) => d,
         Err(r) => {
@@ -379,16 +385,25 @@ fn forward(
     }
 }
 
-/// Hands a connection's first frame to the core ([`admit`]).
+/// Hands a connection's first frame to the core ([`admit`]), once its source address passed
+/// the per-source gate ([`crate::gate`]).
 pub(crate) fn accept_hello(
     shared: &Shared,
     id: ConnId,
+    source: std::net::IpAddr,
     identity: [u8; 32],
     msg: &DeviceToRelay,
 ) -> Result<DeviceId, Refusal> {
-    admit(shared, id, |core| {
-        core.handle_hello(id, identity, msg, clock())
-    })
+    let now = clock();
+    let admitted = shared
+        .gate
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(source, now.at);
+    if !admitted {
+        return admit(shared, id, |core| Err(core.handle_rate_limited(id)));
+    }
+    admit(shared, id, |core| core.handle_hello(id, identity, msg, now))
 }
 
 /// Hands a device's fresh ticket to the core ([`admit`]).
@@ -431,6 +446,7 @@ pub(crate) fn refusal_code(r: Refusal) -> ErrorCode {
         Refusal::NotReady | Refusal::TooManyConnections | Refusal::TooManyPending => {
             ErrorCode::Internal
         }
+        Refusal::RateLimited => ErrorCode::RateLimited,
         Refusal::BadSignature
         | Refusal::Expired
         | Refusal::NotYetValid

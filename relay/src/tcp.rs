@@ -233,7 +233,7 @@ async fn run_device(
         shared.with_core(|c| c.handle_garbage(id));
         return;
     };
-    let accepted = accept_hello(shared, id, identity, &msg);
+    let accepted = accept_hello(shared, id, remote.ip(), identity, &msg);
     let device = match accepted {
         Ok(d) => d,
         Err(r) => {

@@ -22,7 +22,9 @@
 //!   error code `key_in_use`); per-session message limits (error code `rate_limited`); flow
 //!   records (`flows`, answered by `flows_ack`; see [`crate::flows`]), sent only to a
 //!   coordinator whose netmap says `flows`, and the policy version in netmaps
-//!   (`Netmap.policy_version`, `NetmapDelta.policy_version`), all optional on the wire.
+//!   (`Netmap.policy_version`, `NetmapDelta.policy_version`), all optional on the wire; this
+//!   device's own entry in a delta when it changed (`NetmapDelta.me`, after a rename), optional
+//!   on the wire and ignored by agents that predate it.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -503,6 +505,10 @@ pub struct NetmapDelta {
     /// The policy version, when it changed.
     #[serde(default)]
     pub policy_version: Option<u64>,
+    /// This device as the coordinator now knows it, when that changed (an administrator
+    /// renamed it, or moved it aside from a name bound to another device).
+    #[serde(default)]
+    pub me: Option<SelfInfo>,
 }
 
 impl Netmap {
@@ -534,6 +540,9 @@ impl Netmap {
         }
         if d.policy_version.is_some() {
             self.policy_version = d.policy_version;
+        }
+        if let Some(me) = &d.me {
+            self.me = me.clone();
         }
         self.seq = d.seq;
         Ok(())
@@ -766,6 +775,7 @@ mod tests {
                 addr: "[2001:db8::7]:3478".into(),
             }]),
             policy_version: None,
+            me: None,
         };
         nm.apply(&d).unwrap();
         assert_eq!(
@@ -777,6 +787,19 @@ mod tests {
         assert_eq!(nm.relays[0].name, "r1");
         assert_eq!(nm.seq, 2);
         assert_eq!(nm.apply(&d), Err(WireError::DeltaGap { have: 2, base: 1 }));
+        assert_eq!(
+            nm.me.hostname.as_str(),
+            "me",
+            "an absent `me` keeps the old one"
+        );
+        // A delta naming this device anew: the new name replaces the old.
+        let renamed = r#"{"type":"netmap_delta","base_seq":2,"seq":3,"me":{"device_id":1,"hostname":"me-2","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":"192.0.2.1:4242"}}"#;
+        let CoordinatorMsg::NetmapDelta(d) = decode(renamed.as_bytes()).unwrap() else {
+            panic!("not a delta")
+        };
+        nm.apply(&d).unwrap();
+        assert_eq!(nm.me.hostname.as_str(), "me-2");
+        assert_eq!(nm.seq, 3);
     }
 
     /// Flow reports and their acknowledgement as first written; they must keep decoding.

@@ -3,7 +3,8 @@
 # token gets nothing from `device:ci-runner` rules (and `policy explain` says why); the device
 # enrolling with a `token create --hostname ci-runner` token gets the name, bound, and the
 # access, while the first device is moved aside to `ci-runner-2`; `device approve` and
-# `device rename` bind names, refuse a name bound elsewhere and are audited. Needs root; prints
+# `device rename` bind names, refuse a name bound elsewhere and are audited; a device moved aside
+# or renamed is told its new name (`ward status`). Needs root; prints
 # `N passed, N failed`.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
@@ -46,6 +47,8 @@ say "a token-bound name wins and grants"
 lab_device_up srv "$(lab_token --tag ci --hostname ci-runner)" whatever >/dev/null
 check "srv got the bound name ci-runner" test "$(lab_ward_json_get srv 's["hostname"]')" = ci-runner
 check "mallory moved aside to ci-runner-2" test "$(dev_field "$MID" hostname)" = ci-runner-2
+named() { test "$(lab_ward_json_get "$1" 's["hostname"]')" = "$2"; }
+check "mallory is told its new name (ward status says ci-runner-2)" lab_wait_for -t 10 named mallory ci-runner-2
 check "bound ci-runner reaches db:5432" lab_wait_for -t 10 tcp_ok srv "$DB4" 5432
 check "mallory still cannot reach db:5432" fails tcp_ok mallory "$DB4" 5432
 
@@ -54,6 +57,7 @@ approve_json() { lab_coord device approve ci-runner-2 --json | grep -q '"name_bo
 check "device approve binds, --json" approve_json
 check "device rename to a name bound elsewhere refused" fails lab_coord device rename ci-runner-2 ci-runner
 check "device rename binds the new name" lab_coord device rename ci-runner-2 mallory-box
+check "mallory is told it was renamed (ward status says mallory-box)" lab_wait_for -t 10 named mallory mallory-box
 audited() {
     lab_coord audit --json >"$LAB_DIR/audit.json" &&
         grep -q device.approve "$LAB_DIR/audit.json" && grep -q device.rename "$LAB_DIR/audit.json"

@@ -830,3 +830,87 @@ fn relay_serves_devices_of_a_real_coordinator() {
         ep.close(0u32.into(), b"");
     });
 }
+
+/// One source sends hellos as fast as it can (forged tickets, as an unauthenticated party
+/// would): past the per-source burst they are refused as `rate_limited` before any ticket is
+/// checked, counted in the ticket refusal metrics, while a device from another address still
+/// connects with its ticket.
+#[test]
+fn a_flood_of_hellos_from_one_source_is_refused_past_its_burst() {
+    use relay_control::{connect, ticket_signed_by, ControlServer};
+    use ward_shared::relay::{RelayToDevice, TICKET_TTL_MS};
+    const HELLOS: usize = 400;
+    const AT_ONCE: usize = 40;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let control = ControlServer::start();
+    let relay = Relay::start(tmp.path(), &control.credential("r1"));
+    wait_until("control session up", Duration::from_secs(10), || {
+        relay.metric("ward_relay_control_up") == 1
+    });
+    rt.block_on(async {
+        let flooder = quinn::Endpoint::client("127.0.0.3:0".parse().unwrap()).unwrap();
+        let mallory = control.device("mallory");
+        let forger = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let (mut checked, mut limited, mut other) = (0usize, 0usize, 0usize);
+        let start = std::time::Instant::now();
+        for _ in 0..HELLOS / AT_ONCE {
+            let mut tries = tokio::task::JoinSet::new();
+            for _ in 0..AT_ONCE {
+                let ticket = ticket_signed_by(&forger, 9, mallory.identity, TICKET_TTL_MS);
+                let (ep, cfg, udp) = (flooder.clone(), mallory.client_config(), relay.udp);
+                tries.spawn(async move { connect(&ep, udp, "r1", cfg, ticket).await.map(|s| s.answer) });
+            }
+            while let Some(r) = tries.join_next().await {
+                match r.unwrap() {
+                    Ok(RelayToDevice::Error { message, .. }) if message.contains("rate_limited") => {
+                        limited += 1
+                    }
+                    Ok(RelayToDevice::Error { message, .. })
+                        if message.contains("bad_signature") =>
+                    {
+                        checked += 1
+                    }
+                    _ => other += 1,
+                }
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{HELLOS} hellos from one source in {secs:.2} s ({:.0}/s): {checked} had their ticket \
+             checked, {limited} refused as rate_limited, {other} other",
+            HELLOS as f64 / secs
+        );
+        // The burst (64), then 8 a second.
+        assert!(checked >= 64, "the burst is checked: {checked}");
+        assert!(
+            checked as f64 <= 64.0 + 8.0 * secs + 1.0,
+            "{checked} checked in {secs:.2} s"
+        );
+        assert!(limited >= HELLOS / 2, "{limited}");
+        assert_eq!(
+            relay.metric("ward_relay_ticket_refusals_total{reason=\"rate_limited\"}"),
+            limited as u64
+        );
+
+        // A device from another address is not held up by the flood.
+        let ep = quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap();
+        let alice = control.device("alice");
+        let s = connect(
+            &ep,
+            relay.udp,
+            "r1",
+            alice.client_config(),
+            control.ticket(1, alice.identity, TICKET_TTL_MS),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(s.answer, RelayToDevice::Welcome { device_id, .. } if device_id == DeviceId(1)),
+            "{:?}",
+            s.answer
+        );
+    });
+}

@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 use ward_shared::discovery::BindingResponse;
 use ward_shared::filter::FilterRule;
 use ward_shared::lease::SignedLease;
+use ward_shared::names::Hostname;
 use ward_shared::posture::{PostureReport, PostureWants};
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeniedFlow, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello,
@@ -155,6 +156,10 @@ pub enum Event {
     },
     /// Save the renewed certificate in the state file.
     SaveCert { cert_der: Bytes, not_after_ms: i64 },
+    /// The name the coordinator gives this device (each full netmap, and a delta after an
+    /// administrator renamed it or moved it aside from a name bound to another device): keep
+    /// it in the state file when it differs, so `ward status` shows it.
+    SelfName(Hostname),
     /// Draw a fresh WireGuard key and hand it to [`Agent::provide_key`].
     NeedKey,
     /// Make a certificate request with the identity key and hand it to [`Agent::handle_csr`].
@@ -377,6 +382,8 @@ impl Agent {
                 }
                 self.phase = Phase::Connected;
                 self.last_error = None;
+                self.events
+                    .push_back(Event::SelfName(nm.me.hostname.clone()));
                 self.netmap = Some(nm);
                 self.leases.invalidate();
                 self.apply_peers(now);
@@ -401,6 +408,10 @@ impl Agent {
                     remove = d.remove.len(),
                     "netmap delta"
                 );
+                if let Some(me) = d.me {
+                    info!(hostname = %me.hostname, "the coordinator renamed this device");
+                    self.events.push_back(Event::SelfName(me.hostname));
+                }
                 self.apply_peers(now);
                 self.set_relays(now);
             }

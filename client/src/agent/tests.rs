@@ -1205,3 +1205,43 @@ fn no_flow_reports_to_a_coordinator_that_does_not_take_them() {
     assert!(!st.enabled);
     assert_eq!((st.spool_reports, st.reports_sent), (1, 0));
 }
+
+/// The name the coordinator gives this device reaches the driver: with each full netmap, and
+/// when a delta renames the device (moved aside from a name an administrator bound to another
+/// device); the agent's netmap carries it too.
+#[test]
+fn a_renamed_device_learns_its_new_name() {
+    let mut h = H::new();
+    h.connect();
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![])));
+    let names = |evs: Vec<Event>| -> Vec<String> {
+        evs.into_iter()
+            .filter_map(|e| match e {
+                Event::SelfName(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(names(h.take_events()), vec!["me".to_string()]);
+    let seq = h.agent.netmap().map(|nm| nm.seq).unwrap();
+    let delta = |base: u64, me: Option<&str>| {
+        let me = me.map(|n| {
+            format!(r#","me":{{"device_id":1,"hostname":"{n}","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null}}"#)
+        });
+        let json = format!(
+            r#"{{"type":"netmap_delta","base_seq":{base},"seq":{}{}}}"#,
+            base + 1,
+            me.unwrap_or_default()
+        );
+        ward_shared::wire::decode::<CoordinatorMsg>(json.as_bytes()).unwrap()
+    };
+    // A delta that leaves the name: nothing to save.
+    h.msg(delta(seq, None));
+    assert!(names(h.take_events()).is_empty());
+    h.msg(delta(seq + 1, Some("me-2")));
+    assert_eq!(names(h.take_events()), vec!["me-2".to_string()]);
+    assert_eq!(
+        h.agent.netmap().map(|nm| nm.me.hostname.to_string()),
+        Some("me-2".into())
+    );
+}

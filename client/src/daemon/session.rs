@@ -307,6 +307,18 @@ impl Daemon {
                         error!(error = %format!("{e:#}"), "saving the renewed certificate failed");
                     }
                 }
+                Event::SelfName(name) => {
+                    let name = name.to_string();
+                    let renamed = lock(&self.identity)
+                        .as_ref()
+                        .is_some_and(|st| st.hostname != name);
+                    if renamed {
+                        info!(hostname = %name, "this device's name changed at the coordinator");
+                        if let Err(e) = self.save(|st| st.hostname = name) {
+                            error!(error = %format!("{e:#}"), "saving the device's new name failed");
+                        }
+                    }
+                }
                 Event::NeedKey => {
                     let mut k = [0u8; 32];
                     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);

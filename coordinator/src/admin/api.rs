@@ -33,6 +33,19 @@ pub struct StatusView {
     /// Write errors, checkpoint errors and the last integrity check.
     #[serde(default)]
     pub storage: StorageHealth,
+    /// The registry actor's event queues (connection events are bounded).
+    #[serde(default)]
+    pub event_queue: EventQueueView,
+}
+
+/// The registry actor's event queues: the bounded one for connection events (`capacity`,
+/// `depth` now, the deepest it has been since start) and the internal one's depth now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventQueueView {
+    pub capacity: usize,
+    pub depth: usize,
+    pub max_depth: usize,
+    pub internal_depth: usize,
 }
 
 /// Posture report → enforcement latency as the coordinator sees it (fields in name order: the
@@ -52,9 +65,11 @@ impl StatusView {
     pub fn lines(&self) -> Vec<String> {
         let posture = serde_json::to_string(&self.posture).unwrap_or_else(|_| "-".into());
         let storage = serde_json::to_string(&self.storage).unwrap_or_else(|_| "-".into());
+        let queue = serde_json::to_string(&self.event_queue).unwrap_or_else(|_| "-".into());
         [
             ("ca_sha256", self.ca_sha256.clone()),
             ("devices", self.devices.to_string()),
+            ("event_queue", queue),
             ("ipv6_prefix", self.ipv6_prefix.clone()),
             ("online", self.online.to_string()),
             ("posture", posture),
@@ -796,6 +811,7 @@ mod tests {
             protocol: 1,
             posture: TrustStatsView::default(),
             storage: StorageHealth::default(),
+            event_queue: EventQueueView::default(),
         };
         assert_eq!(
             keys(&status),
@@ -811,6 +827,7 @@ mod tests {
                 "protocol",
                 "posture",
                 "storage",
+                "event_queue",
             ])
         );
         assert_eq!(

@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub live: crate::metrics::LiveMetrics,
     /// Relays with a live control session, by name, with the load each last reported.
     pub relays: std::collections::BTreeMap<String, RelayLoad>,
+    /// The registry actor's event queues.
+    pub event_queue: crate::admin::api::EventQueueView,
 }
 
 /// A change the registry must apply after a request succeeded.
@@ -114,6 +116,7 @@ pub fn handle(
             protocol: ward_shared::wire::PROTOCOL_VERSION,
             posture: snap.trust.clone(),
             storage: store.storage_health(),
+            event_queue: snap.event_queue.clone(),
         }),
         AdminRequest::UserAdd { name: n, groups } => {
             let n = name("user name", &n)?;

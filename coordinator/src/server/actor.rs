@@ -19,6 +19,7 @@ use ward_shared::wire::{
 
 use super::effects::TrustSink;
 use super::now_ms;
+use super::queue::{EventRx, Events};
 use crate::admin::api::TrustStatsView;
 use crate::admin::ops::Snapshot;
 use crate::audit::Action;
@@ -150,9 +151,9 @@ impl TrustStats {
 
 pub(super) async fn registry_actor(
     mut reg: Registry,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut rx: EventRx,
     store: Arc<dyn Store>,
-    events: mpsc::UnboundedSender<Event>,
+    events: Events,
 ) {
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
     let mut relays: RelayConns = BTreeMap::new();
@@ -327,6 +328,7 @@ pub(super) async fn registry_actor(
                     compiled: reg.compiled().clone(),
                     policy: reg.policy().cloned(),
                     trust: sink.stats.view(),
+                    event_queue: rx.view(),
                     live: crate::metrics::LiveMetrics {
                         leases_expired: reg.leases_expired(),
                         ..sink.stats.live.clone()

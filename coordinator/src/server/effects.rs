@@ -5,7 +5,6 @@ use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use ward_shared::posture::PostureReport;
@@ -13,6 +12,7 @@ use ward_shared::wire::DeviceId;
 
 use super::actor::{Event, TrustStats};
 use super::now_ms;
+use super::queue::Events;
 use crate::audit::Action;
 use crate::store::{Audit, Quarantine, Store};
 use crate::trust::Change;
@@ -21,7 +21,7 @@ use crate::trust::Change;
 /// automatic quarantine) the device row, which then comes back as `Event::Upserted`.
 pub(super) struct TrustSink<'a> {
     pub(super) store: Arc<dyn Store>,
-    pub(super) events: mpsc::UnboundedSender<Event>,
+    pub(super) events: Events,
     pub(super) stats: &'a mut TrustStats,
     /// When the report being handled arrived.
     pub(super) received: Option<Instant>,
@@ -110,7 +110,7 @@ impl TrustSink<'_> {
             };
             match store.set_quarantine(id, Some(&q), "coordinator", now_ms()) {
                 Ok(dev) => {
-                    let _ = events.send(Event::Upserted(dev));
+                    events.send_internal(Event::Upserted(dev));
                 }
                 Err(e) => error!(device = %id, error = %e, "storing a quarantine failed"),
             }

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{debug, error, info};
 
 use ward_runtime::rpc::Envelope;
@@ -41,6 +41,7 @@ use actor::Event;
 mod actor;
 mod effects;
 mod link;
+mod queue;
 mod relay;
 mod session;
 
@@ -64,7 +65,8 @@ struct Ctx {
     lease_key: ed25519_dalek::SigningKey,
     lease_ttl: LeaseTtl,
     store: Arc<dyn Store>,
-    events: mpsc::UnboundedSender<Event>,
+    /// The registry actor's inbox (connection events bounded; see [`queue`]).
+    events: queue::Events,
     next_conn: AtomicU64,
     started: Instant,
     /// Relay tickets (signing is quick: held only for one `issue`).
@@ -72,6 +74,9 @@ struct Ctx {
     /// Per-source rate limits and refusal aggregation for unauthenticated attempts (held only
     /// for one call).
     gate: std::sync::Mutex<crate::gate::EnrollGate>,
+    /// Each device's message limits across its sessions, and how often it may open one (held
+    /// only for one call).
+    device_limits: std::sync::Mutex<crate::limits::DeviceLimits>,
     /// Enrollment database jobs in flight at once, whatever the number of sources.
     enroll_slots: tokio::sync::Semaphore,
     /// Counters for `--metrics-listen`.
@@ -146,7 +151,7 @@ pub async fn serve(
         .collect();
     let mut registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
     registry.handle_relays(ops::relays(store.as_ref())?);
-    let (events, rx) = mpsc::unbounded_channel();
+    let (events, rx) = queue::channel(queue::CONNECTION_EVENTS);
     let ctx = Arc::new(Ctx {
         config,
         ca,
@@ -161,6 +166,9 @@ pub async fn serve(
         )),
         gate: std::sync::Mutex::new(crate::gate::EnrollGate::new(
             crate::gate::GateConfig::default(),
+        )),
+        device_limits: std::sync::Mutex::new(crate::limits::DeviceLimits::new(
+            crate::limits::MAX_REMEMBERED,
         )),
         enroll_slots: tokio::sync::Semaphore::new(ENROLL_SLOTS),
         metrics: crate::metrics::Counters::default(),
@@ -393,7 +401,7 @@ fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
 /// One scrape of `--metrics-listen`: the actor's snapshot, then the store on a blocking thread.
 async fn scrape(ctx: Arc<Ctx>) -> String {
     let (tx, rx) = oneshot::channel();
-    let _ = ctx.events.send(Event::Snapshot(tx));
+    ctx.events.send_internal(Event::Snapshot(tx));
     let snap = rx.await.unwrap_or_default();
     let mut posture: std::collections::BTreeMap<(String, bool), u64> = Default::default();
     for d in &snap.directory.devices {
@@ -476,13 +484,13 @@ async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> 
 /// The registry actor as the admin requests see it (blocking calls: they run on a blocking
 /// thread, never on the runtime).
 struct LiveRegistry {
-    events: mpsc::UnboundedSender<Event>,
+    events: queue::Events,
 }
 
 impl LiveRegistry {
     fn ask<T>(&self, ev: impl FnOnce(oneshot::Sender<T>) -> Event) -> anyhow::Result<T> {
         let (tx, rx) = oneshot::channel();
-        let _ = self.events.send(ev(tx));
+        self.events.send_internal(ev(tx));
         rx.blocking_recv()
             .map_err(|_| anyhow::anyhow!("the coordinator is shutting down"))
     }
@@ -517,6 +525,6 @@ impl Live for LiveRegistry {
             Notice::Policy(p) => Event::Policy(p),
             Notice::Relays(r) => Event::Relays(r),
         };
-        let _ = self.events.send(ev);
+        self.events.send_internal(ev);
     }
 }

@@ -85,12 +85,14 @@ pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<(
     let conn_id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(RELAY_QUEUE);
     let (reply, accepted) = oneshot::channel();
-    let _ = ctx.events.send(Event::RelayOpened {
-        name: name.clone(),
-        conn: conn_id,
-        tx,
-        reply,
-    });
+    ctx.events
+        .send(Event::RelayOpened {
+            name: name.clone(),
+            conn: conn_id,
+            tx,
+            reply,
+        })
+        .await;
     if !accepted.await.unwrap_or(false) {
         refuse(
             &mut link,
@@ -111,10 +113,12 @@ pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<(
         serve(&ctx, &mut link, &mut dec, &name, conn_id, &mut rx).await
     }
     .await;
-    let _ = ctx.events.send(Event::RelayClosed {
-        name: name.clone(),
-        conn: conn_id,
-    });
+    ctx.events
+        .send(Event::RelayClosed {
+            name: name.clone(),
+            conn: conn_id,
+        })
+        .await;
     info!(relay = %name, "relay disconnected");
     result
 }
@@ -253,7 +257,7 @@ async fn serve(
                 match msg {
                     RelayToCoordinator::Load(load) => {
                         debug!(relay = %name, devices = load.devices, bytes = load.bytes_relayed, "relay load");
-                        let _ = ctx.events.send(Event::RelayLoad { name: name.to_string(), conn: conn_id, load });
+                        ctx.events.send(Event::RelayLoad { name: name.to_string(), conn: conn_id, load }).await;
                     }
                     RelayToCoordinator::RenewCert { csr_der } => {
                         match ctx.ca.issue_relay_cert(&csr_der.0, name, now_ms()) {

@@ -24,7 +24,7 @@ use super::link::Link;
 use super::{now_ms, Ctx, CONN_QUEUE, HANDSHAKE_TIMEOUT};
 use crate::audit::Action;
 use crate::gate::{Admit, RefusalRow};
-use crate::limits::{Decision, Kind, SessionLimits};
+use crate::limits::{Decision, Kind};
 use crate::pki::{cert_identity, Ca};
 use crate::store::{Audit, EnrollSpec, StoreError};
 use tokio::io::AsyncWriteExt;
@@ -313,9 +313,9 @@ async fn enroll(
     info!(device = %dev.id, hostname = %dev.hostname, name_bound = dev.name_bound, ipv4 = %dev.ipv4, "device enrolled");
     if let Some(d) = displaced {
         info!(device = %d.id, hostname = %d.hostname, "device with a self-chosen name moved aside for a bound name");
-        let _ = ctx.events.send(Event::Upserted(d));
+        ctx.events.send(Event::Upserted(d)).await;
     }
-    let _ = ctx.events.send(Event::Upserted(dev.clone()));
+    ctx.events.send(Event::Upserted(dev.clone())).await;
     Ok(Enrolled {
         device_id: dev.id,
         hostname: dev.hostname,
@@ -430,20 +430,48 @@ async fn session(
         return Ok(());
     }
     let id = dev.id;
+    // What this session may send: what the device's earlier sessions left, so reconnecting
+    // refills nothing; a device opening sessions too often is refused before the registry
+    // hears of it.
+    let opened = ctx
+        .device_limits
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .open(id, now_ms());
+    let mut limits = match opened {
+        Ok(l) => l,
+        Err(e) => {
+            debug!(device = %id, %remote, "device opens sessions too often; refused");
+            refuse(
+                &mut link,
+                ErrorCode::RateLimited,
+                format!("{e}: retry later"),
+            )
+            .await;
+            return Ok(());
+        }
+    };
     let conn_id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(CONN_QUEUE);
     let (reply_tx, reply_rx) = oneshot::channel();
     let update = hello.update.clone();
     touch(&ctx, id, &update);
-    let _ = ctx.events.send(Event::Opened {
-        id,
-        conn: conn_id,
-        observed: remote,
-        update,
-        tx,
-        reply: reply_tx,
-    });
-    match reply_rx.await {
+    ctx.events
+        .send(Event::Opened {
+            id,
+            conn: conn_id,
+            observed: remote,
+            update,
+            tx,
+            reply: reply_tx,
+        })
+        .await;
+    let opened = reply_rx.await;
+    if !matches!(opened, Ok(Ok(()))) {
+        let mut dl = ctx.device_limits.lock().unwrap_or_else(|p| p.into_inner());
+        dl.close(id, &limits, now_ms());
+    }
+    match opened {
         Ok(Ok(())) => {}
         Ok(Err(code)) => {
             refuse(
@@ -457,8 +485,7 @@ async fn session(
         Err(_) => return Ok(()),
     }
     info!(device = %id, hostname = %dev.hostname, %remote, transport = %link.transport, "device connected");
-    // What this session may send, and the latest update and report held back by the limits.
-    let mut limits = SessionLimits::new(now_ms());
+    // The latest update and report held back by the limits.
     let mut held_update: Option<DeviceUpdate> = None;
     let mut held_posture: Option<Box<ward_shared::posture::PostureReport>> = None;
     let result: Result<()> = async {
@@ -477,10 +504,10 @@ async fn session(
                         match kind {
                             Kind::Update => if let Some(u) = held_update.take() {
                                 touch(&ctx, id, &u);
-                                let _ = ctx.events.send(Event::Update { id, conn: conn_id, update: u });
+                                ctx.events.send(Event::Update { id, conn: conn_id, update: u }).await;
                             },
                             Kind::Posture => if let Some(report) = held_posture.take() {
-                                let _ = ctx.events.send(Event::Posture { id, conn: conn_id, report, received: Instant::now() });
+                                ctx.events.send(Event::Posture { id, conn: conn_id, report, received: Instant::now() }).await;
                             },
                             _ => {}
                         }
@@ -543,7 +570,7 @@ async fn session(
                     match msg {
                         DeviceMsg::Update(u) => {
                             touch(&ctx, id, &u);
-                            let _ = ctx.events.send(Event::Update { id, conn: conn_id, update: u });
+                            ctx.events.send(Event::Update { id, conn: conn_id, update: u }).await;
                         }
                         DeviceMsg::Ping { nonce } => {
                             send_msg(&mut link.send, &CoordinatorMsg::Pong { nonce, coordinator_time_ms: now_ms() }).await?;
@@ -573,14 +600,14 @@ async fn session(
                             match revoked {
                                 Ok(serials) if !serials.is_empty() => {
                                     debug!(device = %id, ?serials, "old leases revoked after rotation");
-                                    let _ = ctx.events.send(Event::LeasesRevoked(id, serials));
+                                    ctx.events.send(Event::LeasesRevoked(id, serials)).await;
                                 }
                                 Ok(_) => {}
                                 Err(e) => warn!(device = %id, error = %e, "revoking old leases failed"),
                             }
                         }
                         DeviceMsg::Posture(report) => {
-                            let _ = ctx.events.send(Event::Posture { id, conn: conn_id, report, received: Instant::now() });
+                            ctx.events.send(Event::Posture { id, conn: conn_id, report, received: Instant::now() }).await;
                         }
                         DeviceMsg::RelayTicketRequest => {
                             match relay_ticket(&ctx, id, identity).await {
@@ -594,10 +621,10 @@ async fn session(
                         }
                         DeviceMsg::DeniedFlows { mut flows } => {
                             flows.truncate(wire::MAX_DENIED_FLOWS);
-                            let _ = ctx.events.send(Event::DeniedFlows(id, flows));
+                            ctx.events.send(Event::DeniedFlows(id, flows)).await;
                         }
                         DeviceMsg::PunchRequest { peer } => {
-                            let _ = ctx.events.send(Event::Punch { id, conn: conn_id, peer });
+                            ctx.events.send(Event::Punch { id, conn: conn_id, peer }).await;
                         }
                         DeviceMsg::Flows(_) => {
                             // Netmaps say `flows: false`: no agent should send these yet.
@@ -614,7 +641,11 @@ async fn session(
         }
     }
     .await;
-    let _ = ctx.events.send(Event::Closed { id, conn: conn_id });
+    ctx.device_limits
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .close(id, &limits, now_ms());
+    ctx.events.send(Event::Closed { id, conn: conn_id }).await;
     info!(device = %id, "device disconnected");
     result
 }
@@ -668,7 +699,7 @@ async fn issue_lease(
     // The key must not be another device's; a recent trust failure shortens the lease (the
     // policy's `risky_lease_ttl`).
     let (tx, rx) = oneshot::channel();
-    let _ = ctx.events.send(Event::LeaseCheck(id, key, tx));
+    ctx.events.send(Event::LeaseCheck(id, key, tx)).await;
     let risky = match rx.await {
         Ok(Ok(risky)) => risky,
         Ok(Err(e)) => {
@@ -707,7 +738,7 @@ async fn issue_lease(
     .await
     .map_err(|e| (ErrorCode::Internal, e.to_string()))??;
     let (tx, rx) = oneshot::channel();
-    let _ = ctx.events.send(Event::Lease(lease.clone(), tx));
+    ctx.events.send(Event::Lease(lease.clone(), tx)).await;
     let _ = rx.await;
     Ok(lease)
 }
