@@ -43,7 +43,8 @@ pub enum Notice {
     Removed(DeviceId, String),
     User(User),
     Grants(Vec<Grant>),
-    Policy(Policy),
+    /// A new policy and its stored version.
+    Policy(Policy, u64),
     /// Every registered relay, after one was added or removed.
     Relays(Vec<RelayInfo>),
 }
@@ -415,6 +416,10 @@ pub fn handle(
         ),
         AdminRequest::AuditVerify => {
             AdminReply::AuditVerify(AuditVerifyView::from(store.verify_audit()?))
+        }
+        AdminRequest::Flows(f) => AdminReply::Flows(Box::new(super::flows::flows(store, &f, now)?)),
+        AdminRequest::FlowsTop { filter, by } => {
+            AdminReply::FlowsTop(super::flows::flows_top(store, &filter, by, now)?)
         }
     })
 }
