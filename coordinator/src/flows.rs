@@ -11,7 +11,9 @@
 //! responder, peer = initiator) describe one flow: they share the key (initiator,
 //! responder, proto, port). Within a key, records whose windows overlap (the two devices' windows
 //! need not be aligned) are joined transitively into one span, and each end's counts over the
-//! span are summed. A span is then:
+//! span are summed; a span whose counts disagree is joined with the next adjacent span when the
+//! two together agree (packets in flight at a window boundary are counted by the sender in one
+//! window and by the receiver in the next). A span is then:
 //!
 //! - `denied` when either end recorded a denial. The enforcing end is usually the responder
 //!   (its inbound filter), while the initiator saw an outbound flow with no reply; or the
@@ -178,26 +180,47 @@ pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
     let mut out = Vec::new();
     for (key, mut rows) in by_key {
         rows.sort_by_key(|r| (r.window_start_ms, r.window_end_ms));
-        let mut span: Vec<&FlowRow> = Vec::new();
-        let (mut start, mut end) = (i64::MIN, i64::MIN);
+        // Spans: windows overlapping transitively.
+        let mut spans: Vec<(i64, i64, Vec<&FlowRow>)> = Vec::new();
         for r in rows {
-            let overlaps = !span.is_empty()
-                && (r.window_start_ms < end
-                    || r.window_start_ms == start
-                    || r.window_start_ms == r.window_end_ms && r.window_start_ms <= end);
-            if !overlaps && !span.is_empty() {
-                out.push(judge(&key, &span, start, end, tol, now_ms));
-                span.clear();
+            let joins = spans.last().is_some_and(|(start, end, _)| {
+                r.window_start_ms < *end
+                    || r.window_start_ms == *start
+                    || r.window_start_ms == r.window_end_ms && r.window_start_ms <= *end
+            });
+            match spans.last_mut() {
+                Some((_, end, span)) if joins => {
+                    *end = (*end).max(r.window_end_ms);
+                    span.push(r);
+                }
+                _ => spans.push((r.window_start_ms, r.window_end_ms, vec![r])),
             }
-            if span.is_empty() {
-                start = r.window_start_ms;
-                end = r.window_end_ms;
-            }
-            end = end.max(r.window_end_ms);
-            span.push(r);
         }
-        if !span.is_empty() {
-            out.push(judge(&key, &span, start, end, tol, now_ms));
+        // Packets in flight at a window boundary are counted in one window by the sender and
+        // in the next by the receiver: a span that disagrees is judged together with the
+        // span right after it when that makes the two agree.
+        let mut spans = spans.into_iter().peekable();
+        while let Some((start, mut end, mut span)) = spans.next() {
+            let mut p = judge(&key, &span, start, end, tol, now_ms);
+            while p.status == PairStatus::Mismatch {
+                let Some((next_start, next_end, next)) = spans.peek() else {
+                    break;
+                };
+                if *next_start > end {
+                    break;
+                }
+                let mut both = span.clone();
+                both.extend(next.iter().copied());
+                let joined = judge(&key, &both, start, (*next_end).max(end), tol, now_ms);
+                if joined.status != PairStatus::Paired {
+                    break;
+                }
+                end = (*next_end).max(end);
+                span = both;
+                p = joined;
+                spans.next();
+            }
+            out.push(p);
         }
     }
     out.sort_by(|a, b| {
@@ -574,6 +597,31 @@ mod tests {
         let p = pair(&rows, &Tolerance::default(), 10 * W);
         assert_eq!(p.len(), 2);
         assert!(p.iter().all(|p| p.status == PairStatus::Paired));
+    }
+
+    #[test]
+    fn packets_in_flight_at_a_window_boundary_are_not_a_mismatch() {
+        // A sent 30 packets in its first window; 10 of them reached B in B's second window.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (30, 42_000), (0, 0))),
+            row(B, 0, W, rec(Role::Responder, A, (0, 0), (20, 28_000))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (10, 14_000))),
+        ];
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!(p[0].status, PairStatus::Paired);
+        assert_eq!((p[0].start_ms, p[0].end_ms), (0, 2 * W));
+        // A real disagreement stays a mismatch, and the next window stays its own span.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (30, 42_000), (0, 0))),
+            row(B, 0, W, rec(Role::Responder, A, (0, 0), (10, 14_000))),
+            row(A, W, 2 * W, rec(Role::Initiator, B, (5, 500), (0, 0))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (5, 500))),
+        ];
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert_eq!(p[0].status, PairStatus::Mismatch);
+        assert_eq!(p[1].status, PairStatus::Paired);
     }
 
     #[test]
