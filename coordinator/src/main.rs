@@ -507,6 +507,9 @@ async fn run(cli: Cli) -> Result<()> {
                     return print_json(&v);
                 }
                 v.device.lines().iter().for_each(|l| println!("{l}"));
+                if let Some(f) = &v.flows {
+                    println!("{}", f.line());
+                }
                 v.posture.lines().iter().for_each(|l| println!("{l}"));
                 Ok(())
             }

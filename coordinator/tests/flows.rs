@@ -473,6 +473,13 @@ fn reports_are_stored_once_paired_and_bad_ones_refused() {
     assert_eq!(laptop["missing_seqs"], 2);
     assert_eq!(laptop["dropped_records"], 3);
 
+    let shown = admin_json(&dir, &["device", "show", "laptop"]);
+    assert_eq!(shown["flows"]["missing_seqs"], 2, "{shown:#}");
+    assert_eq!(shown["flows"]["dropped_records"], 3);
+    assert!(
+        admin_ok(&dir, &["device", "show", "laptop"]).contains("2 missing, 3 record(s) dropped")
+    );
+
     // Filters and selectors.
     let only = |args: &[&str]| -> Vec<u64> {
         flows(&dir, args)["flows"]

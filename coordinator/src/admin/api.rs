@@ -269,6 +269,9 @@ pub struct DeviceDetail {
     /// After a restart, the last stored evaluation until the device reports again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_posture: Option<StoredPosture>,
+    /// Its flow reports' delivery (gaps, dropped records), once it has sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowSourceView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -566,6 +569,35 @@ pub struct FlowSourceView {
     pub dropped_records: u64,
     pub refused_records: u64,
     pub last_report_ms: i64,
+}
+
+impl FlowSourceView {
+    pub fn new(s: crate::store::FlowSource, device: String) -> Self {
+        Self {
+            device,
+            id: s.device.to_string(),
+            last_seq: s.last_seq,
+            reports: s.reports,
+            missing_seqs: s.missing_seqs,
+            dropped_records: s.dropped_records,
+            refused_records: s.refused_records,
+            last_report_ms: s.last_report_ms,
+        }
+    }
+
+    /// For `device show`.
+    pub fn line(&self) -> String {
+        format!(
+            "{:<18} last seq {}, {} report(s), {} missing, {} record(s) dropped by the device, {} refused, last {}",
+            "flow_reports",
+            self.last_seq,
+            self.reports,
+            self.missing_seqs,
+            self.dropped_records,
+            self.refused_records,
+            fmt_time(self.last_report_ms)
+        )
+    }
 }
 
 /// `flows top`.
@@ -900,6 +932,109 @@ mod tests {
         }
     }
 
+    /// `flows --json`'s field names (README.md, "JSON output"): a rename fails here.
+    #[test]
+    fn flow_json_field_names_are_stable() {
+        let counts = Counts {
+            packets_out: 1,
+            bytes_out: 2,
+            packets_in: 3,
+            bytes_in: 4,
+            connections: 5,
+        };
+        let f = FlowView {
+            initiator: "laptop".into(),
+            responder: "db".into(),
+            initiator_id: Some("d1".into()),
+            responder_id: Some("d2".into()),
+            proto: Proto::Tcp,
+            port: 5432,
+            start_ms: 0,
+            end_ms: 1,
+            verdict: FlowVerdict::Denied,
+            rule: None,
+            reason: Some(DenyCause::NoRule),
+            policy_version: Some(1),
+            status: PairStatus::OneSided,
+            initiator_user: None,
+            initiator_tags: vec![],
+            responder_user: None,
+            responder_tags: vec![],
+            initiator_counts: Some(counts),
+            responder_counts: None,
+            disagree: vec![],
+        };
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(
+            (&v["verdict"], &v["reason"], &v["status"], &v["proto"]),
+            (
+                &serde_json::json!("denied"),
+                &serde_json::json!("no_rule"),
+                &serde_json::json!("one_sided"),
+                &serde_json::json!("tcp")
+            )
+        );
+        assert_eq!(
+            keys(&f),
+            set(&[
+                "initiator",
+                "responder",
+                "initiator_id",
+                "responder_id",
+                "proto",
+                "port",
+                "start_ms",
+                "end_ms",
+                "verdict",
+                "rule",
+                "reason",
+                "policy_version",
+                "status",
+                "initiator_user",
+                "initiator_tags",
+                "responder_user",
+                "responder_tags",
+                "initiator_counts",
+                "responder_counts",
+                "disagree",
+            ])
+        );
+        assert_eq!(
+            keys(&counts),
+            set(&[
+                "packets_out",
+                "bytes_out",
+                "packets_in",
+                "bytes_in",
+                "connections"
+            ])
+        );
+        let view = FlowsView {
+            flows: vec![f],
+            summary: FlowSummary::default(),
+            sources: vec![],
+        };
+        assert_eq!(keys(&view), set(&["flows", "summary", "sources"]));
+        assert_eq!(
+            keys(&FlowSummary::default()),
+            set(&[
+                "paired",
+                "mismatch",
+                "one_sided",
+                "pending",
+                "denied",
+                "missing_seqs",
+                "dropped_records",
+                "refused_records"
+            ])
+        );
+        let table = render_table(&view.flows);
+        assert!(
+            table[1].contains("no rule") && table[1].contains("one_sided"),
+            "{table:?}"
+        );
+    }
+
     /// The `--json` field names scripts read (README.md, "JSON output"): a rename fails here.
     #[test]
     fn json_field_names_are_stable() {
@@ -936,6 +1071,7 @@ mod tests {
             posture: PostureVerdict::default(),
             posture_report: None,
             stored_posture: None,
+            flows: None,
         };
         let mut want = keys(&device());
         want.extend(set(&["posture", "posture_report"]));

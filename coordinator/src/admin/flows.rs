@@ -60,19 +60,11 @@ pub fn flows(store: &dyn Store, f: &FlowFilter, now: i64) -> Result<FlowsView> {
             summary.missing_seqs += s.missing_seqs;
             summary.dropped_records += s.dropped_records;
             summary.refused_records += s.refused_records;
-            FlowSourceView {
-                device: names
-                    .get(&s.device)
-                    .cloned()
-                    .unwrap_or_else(|| s.device.to_string()),
-                id: s.device.to_string(),
-                last_seq: s.last_seq,
-                reports: s.reports,
-                missing_seqs: s.missing_seqs,
-                dropped_records: s.dropped_records,
-                refused_records: s.refused_records,
-                last_report_ms: s.last_report_ms,
-            }
+            let name = names
+                .get(&s.device)
+                .cloned()
+                .unwrap_or_else(|| s.device.to_string());
+            FlowSourceView::new(s, name)
         })
         .collect();
     let mut flows: Vec<FlowView> = pairs

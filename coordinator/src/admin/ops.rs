@@ -192,11 +192,17 @@ pub fn handle(
                         at_ms,
                     }),
             };
+            let flows = store
+                .flow_sources()?
+                .into_iter()
+                .find(|s| s.device == d.id)
+                .map(|s| super::api::FlowSourceView::new(s, d.hostname.to_string()));
             AdminReply::DeviceDetail(Box::new(DeviceDetail {
                 device,
                 posture,
                 posture_report: report,
                 stored_posture,
+                flows,
             }))
         }
         AdminRequest::DeviceQuarantine { name: n, reason } => {
