@@ -152,6 +152,28 @@ pub struct DeviceView {
     /// Each relay link that is up, by relay name: `quic` or `tcp`.
     #[serde(default)]
     pub relay_transports: BTreeMap<String, String>,
+    /// Flow records kept for the coordinator; `None` while stopped.
+    #[serde(default)]
+    pub flow_log: Option<FlowLogView>,
+}
+
+/// The flow log (records of what the data plane allowed and denied, reported in windows).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowLogView {
+    /// The coordinator takes flow reports (its netmap says so).
+    pub enabled: bool,
+    pub window_ms: u64,
+    /// Distinct records in the window being filled.
+    pub window_records: u64,
+    /// Reports, and the records in them, not yet acknowledged by the coordinator.
+    pub spool_reports: u64,
+    pub spool_records: u64,
+    /// Records dropped because a cap was hit (window, spool, data-plane samples), cumulative.
+    pub flow_records_dropped: u64,
+    pub reports_sent: u64,
+    pub reports_acked: u64,
+    pub last_acked_seq: Option<u64>,
+    pub next_seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -385,6 +407,7 @@ mod tests {
                 home_relay: Some("r1".into()),
                 control_transport: Some("tcp".into()),
                 relay_transports: [("r1".to_string(), "tcp".to_string())].into(),
+                flow_log: None,
             }),
         };
         let j = serde_json::to_value(&v).unwrap();
@@ -402,6 +425,7 @@ mod tests {
                 "coordinator",
                 "counters",
                 "device_id",
+                "flow_log",
                 "home_relay",
                 "hostname",
                 "inbound",

@@ -10,7 +10,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::flows::{DenyCause, FlowVerdict, Role};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -194,6 +197,82 @@ pub struct FilterCounters {
     pub flows_revoked: u64,
 }
 
+/// Traffic counted for flow records: packets and bytes each way (`out`: sent by this device)
+/// and flows (connections) started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowCounts {
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub connections: u64,
+}
+
+impl FlowCounts {
+    fn is_zero(&self) -> bool {
+        *self == FlowCounts::default()
+    }
+
+    /// Adds `o` (saturating).
+    pub fn add(&mut self, o: &FlowCounts) {
+        self.packets_out = self.packets_out.saturating_add(o.packets_out);
+        self.bytes_out = self.bytes_out.saturating_add(o.bytes_out);
+        self.packets_in = self.packets_in.saturating_add(o.packets_in);
+        self.bytes_in = self.bytes_in.saturating_add(o.bytes_in);
+        self.connections = self.connections.saturating_add(o.connections);
+    }
+}
+
+/// What a [`FlowSample`] counts: the other end's address, this device's role, the protocol,
+/// the destination port (ICMP: the echo request's type), and the verdict with the rule that
+/// allowed it (inbound flows: the [`FilterRule::rule`] that opened it; `None` for flows this
+/// device opened) or the reason it was denied.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SampleKey {
+    pub remote: IpAddr,
+    pub role: Role,
+    pub proto: Proto,
+    pub port: u16,
+    pub verdict: FlowVerdict,
+    pub rule: Option<Arc<str>>,
+    pub reason: Option<DenyCause>,
+}
+
+/// Traffic of one kind of flow since the last [`Filter::take_samples`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowSample {
+    pub key: SampleKey,
+    pub counts: FlowCounts,
+}
+
+/// Most distinct samples kept between two [`Filter::take_samples`] calls for flows that left
+/// the table and for denied packets; past it, new kinds are counted in
+/// [`Filter::take_samples`]'s dropped count instead.
+pub const MAX_PENDING_SAMPLES: usize = 16_384;
+
+/// Samples for flow records, kept by the filter between harvests (bounded).
+#[derive(Debug, Default)]
+struct Pending {
+    samples: HashMap<SampleKey, FlowCounts>,
+    /// Samples that found no room, since the last harvest.
+    dropped: u64,
+}
+
+impl Pending {
+    fn add(&mut self, key: SampleKey, c: &FlowCounts) {
+        if c.is_zero() {
+            return;
+        }
+        if let Some(have) = self.samples.get_mut(&key) {
+            have.add(c);
+        } else if self.samples.len() < MAX_PENDING_SAMPLES {
+            self.samples.insert(key, *c);
+        } else {
+            self.dropped = self.dropped.saturating_add(1);
+        }
+    }
+}
+
 /// The stateful inbound packet filter of one device.
 ///
 /// Drive it with every IP packet this device sends ([`Filter::handle_outbound`], which records
@@ -219,8 +298,15 @@ pub struct FilterCounters {
 /// expired flows are swept and then the peer holding the most flows loses its oldest half-open
 /// one. Flows this device opened are never evicted. When no flow can go, the new flow is
 /// denied (fail closed).
+///
+/// Flow accounting: each tracked flow counts its packets and bytes each way in its table entry
+/// (no other lookup per packet); denied packets are counted by kind. [`Filter::take_samples`]
+/// harvests both (and what flows that left the table had counted) as [`FlowSample`]s.
 pub struct Filter {
     rules: Vec<FilterRule>,
+    /// `rules[i].rule`, shared by the samples that name it.
+    rule_names: Vec<Arc<str>>,
+    pending: Pending,
     by_source: HashMap<IpAddr, Vec<u32>, Seeded>,
     flows: HashMap<FlowKey, Flow, Seeded>,
     max_flows: usize,
@@ -295,6 +381,8 @@ impl Filter {
         };
         Filter {
             rules: Vec::new(),
+            rule_names: Vec::new(),
+            pending: Pending::default(),
             by_source: HashMap::with_hasher(Seeded(seed)),
             flows: HashMap::with_hasher(Seeded(seed ^ 0x9e37_79b9_7f4a_7c15)),
             max_flows: limits.max_flows,
@@ -310,6 +398,8 @@ impl Filter {
     /// Replaces the rules. Tracked flows that peers opened and that no rule allows any more are
     /// cut (a revoked grant ends established connections too); flows this device opened stay.
     pub fn set_rules(&mut self, rules: Vec<FilterRule>) {
+        // Counts so far belong to the rules that allowed them: move them out first.
+        self.collect_flows();
         let mut by_source: HashMap<IpAddr, Vec<u32>, Seeded> =
             HashMap::with_hasher(self.by_source.hasher().clone());
         for (i, r) in rules.iter().enumerate() {
@@ -321,6 +411,7 @@ impl Filter {
                 }
             }
         }
+        self.rule_names = rules.iter().map(|r| Arc::from(r.rule.as_str())).collect();
         self.rules = rules;
         self.by_source = by_source;
         let mut revoked = 0;
@@ -336,8 +427,10 @@ impl Filter {
                 continue;
             };
             match m {
-                RuleMatch::Allowed { not_after_ms } | RuleMatch::ExpiredOnly { not_after_ms } => {
+                RuleMatch::Allowed { not_after_ms, rule }
+                | RuleMatch::ExpiredOnly { not_after_ms, rule } => {
                     f.origin = Origin::Remote { not_after_ms };
+                    f.rule = rule;
                 }
                 RuleMatch::None => {
                     f.origin = Origin::Revoked;
@@ -355,6 +448,13 @@ impl Filter {
 
     /// An IP packet this device is sending: records its flow so the replies pass.
     pub fn handle_outbound(&mut self, packet: &[u8], now: Instant) {
+        self.handle_outbound_run(packet, now, 1, packet.len() as u64);
+    }
+
+    /// Like [`Filter::handle_outbound`] for a run of `packets` packets of `bytes` in all whose
+    /// flow-relevant headers are those of `packet`: the flow is recorded once, the traffic
+    /// counted in full.
+    pub fn handle_outbound_run(&mut self, packet: &[u8], now: Instant, packets: u64, bytes: u64) {
         let Ok(p) = parse_packet(packet, true) else {
             return;
         };
@@ -377,6 +477,8 @@ impl Filter {
         };
         if let Some(f) = self.flows.get_mut(&key) {
             if f.expires > now {
+                f.counts.packets_out = f.counts.packets_out.saturating_add(packets);
+                f.counts.bytes_out = f.counts.bytes_out.saturating_add(bytes);
                 if !matches!(f.origin, Origin::Revoked) {
                     f.seen_out = true;
                     let from_opener = matches!(f.origin, Origin::Local);
@@ -385,7 +487,17 @@ impl Filter {
                 return;
             }
         }
+        let counts = FlowCounts {
+            packets_out: packets,
+            bytes_out: bytes,
+            connections: u64::from(may_open),
+            ..FlowCounts::default()
+        };
         if !may_open {
+            // Not a flow's first packet (e.g. the rest of one that idled out): counted as a
+            // flow this device initiated, not tracked.
+            let k = self.sample_key_of(&key, Role::Initiator, NO_RULE);
+            self.pending.add(k, &counts);
             return;
         }
         let flow = Flow {
@@ -395,9 +507,13 @@ impl Filter {
             seen_out: true,
             closing: false,
             established: false,
+            rule: NO_RULE,
+            counts,
         };
         if self.insert(key, flow, tcp_flags, now).is_err() {
             self.counters.outbound_untracked += 1;
+            let k = self.sample_key_of(&key, Role::Initiator, NO_RULE);
+            self.pending.add(k, &counts);
         }
     }
 
@@ -409,8 +525,8 @@ impl Filter {
         coordinator_now_ms: i64,
     ) -> Verdict {
         let v = self.decide(packet, now, coordinator_now_ms);
-        if let Verdict::Deny(DenyReason::NoRule | DenyReason::Expired) = v {
-            self.log_denied(packet);
+        if let Verdict::Deny(reason) = v {
+            self.log_denied(packet, reason);
         }
         let c = &mut self.counters;
         match v {
@@ -439,7 +555,115 @@ impl Filter {
             .collect()
     }
 
-    fn log_denied(&mut self, packet: &[u8]) {
+    /// A packet from a peer that this device drops, with why, for the flow records: `packet`
+    /// is the decrypted IP packet; `remote` the address it is counted against (the peer's own
+    /// address when its inner source is spoofed; else the packet's source).
+    pub fn note_dropped_inbound(&mut self, packet: &[u8], remote: Option<IpAddr>, why: DenyCause) {
+        let Some((src, proto, port)) = sample_target(packet, false) else {
+            return;
+        };
+        self.add_denied(
+            remote.unwrap_or(src),
+            Role::Responder,
+            proto,
+            port,
+            why,
+            packet,
+        );
+    }
+
+    /// A packet this device tried to send and dropped (no peer holds the destination), with
+    /// why, for the flow records.
+    pub fn note_dropped_outbound(&mut self, packet: &[u8], why: DenyCause) {
+        let Some((dst, proto, port)) = sample_target(packet, true) else {
+            return;
+        };
+        let k = SampleKey {
+            remote: dst,
+            role: Role::Initiator,
+            proto,
+            port,
+            verdict: FlowVerdict::Denied,
+            rule: None,
+            reason: Some(why),
+        };
+        let c = FlowCounts {
+            packets_out: 1,
+            bytes_out: packet.len() as u64,
+            connections: 1,
+            ..FlowCounts::default()
+        };
+        self.pending.add(k, &c);
+    }
+
+    fn add_denied(
+        &mut self,
+        remote: IpAddr,
+        role: Role,
+        proto: Proto,
+        port: u16,
+        why: DenyCause,
+        packet: &[u8],
+    ) {
+        let k = SampleKey {
+            remote: canonical_ip(remote),
+            role,
+            proto,
+            port,
+            verdict: FlowVerdict::Denied,
+            rule: None,
+            reason: Some(why),
+        };
+        let c = FlowCounts {
+            packets_in: 1,
+            bytes_in: packet.len() as u64,
+            connections: 1,
+            ..FlowCounts::default()
+        };
+        self.pending.add(k, &c);
+    }
+
+    /// The traffic counted since the last call, as samples (each kind once), and how many
+    /// samples were dropped because [`MAX_PENDING_SAMPLES`] was reached. Walks the flow table
+    /// (call it every few seconds, not per packet).
+    pub fn take_samples(&mut self) -> (Vec<FlowSample>, u64) {
+        self.collect_flows();
+        let pending = std::mem::take(&mut self.pending);
+        let samples = pending
+            .samples
+            .into_iter()
+            .map(|(key, counts)| FlowSample { key, counts })
+            .collect();
+        (samples, pending.dropped)
+    }
+
+    /// Moves every tracked flow's counts into the pending samples.
+    fn collect_flows(&mut self) {
+        let (flows, pending, names) = (&mut self.flows, &mut self.pending, &self.rule_names);
+        for (k, f) in flows.iter_mut() {
+            retire(pending, names, k, f);
+        }
+    }
+
+    fn sample_key_of(&self, k: &FlowKey, role: Role, rule: u32) -> SampleKey {
+        sample_key(&self.rule_names, k, role, rule)
+    }
+
+    fn log_denied(&mut self, packet: &[u8], reason: DenyReason) {
+        let cause = match reason {
+            DenyReason::NoRule => DenyCause::NoRule,
+            DenyReason::Expired => DenyCause::Expired,
+            DenyReason::Malformed | DenyReason::Fragment | DenyReason::UnsupportedProtocol => {
+                DenyCause::Malformed
+            }
+            DenyReason::TableFull | DenyReason::PeerQuota => DenyCause::Other,
+        };
+        if let Some((src, proto, port)) = sample_target(packet, false) {
+            self.add_denied(src, Role::Responder, proto, port, cause, packet);
+        }
+        if !matches!(reason, DenyReason::NoRule | DenyReason::Expired) {
+            return;
+        }
         let Ok(p) = parse_packet(packet, false) else {
             return;
         };
@@ -461,9 +685,11 @@ impl Filter {
     /// table sweeps itself, but a periodic call keeps memory low.
     pub fn expire(&mut self, now: Instant) {
         let (peers, peer_flows) = (&mut self.peers, &mut self.peer_flows);
+        let (pending, names) = (&mut self.pending, &self.rule_names);
         self.flows.retain(|k, f| {
             let keep = f.expires > now;
             if !keep {
+                retire(pending, names, k, f);
                 forget(peers, peer_flows, k, f);
             }
             keep
@@ -532,6 +758,8 @@ impl Filter {
                     Origin::Revoked => false,
                 };
                 if valid && (may_open || matches!(f.origin, Origin::Local)) {
+                    f.counts.packets_in = f.counts.packets_in.saturating_add(1);
+                    f.counts.bytes_in = f.counts.bytes_in.saturating_add(packet.len() as u64);
                     f.seen_in = true;
                     let from_opener = !matches!(f.origin, Origin::Local);
                     f.touch(key.proto, tcp_flags, now, from_opener);
@@ -545,7 +773,7 @@ impl Filter {
             return Verdict::Deny(DenyReason::NoRule);
         }
         match self.match_rules(key.remote, key.proto, rule_port, Some(coord_ms)) {
-            RuleMatch::Allowed { not_after_ms } => {
+            RuleMatch::Allowed { not_after_ms, rule } => {
                 let flow = Flow {
                     origin: Origin::Remote { not_after_ms },
                     expires: now,
@@ -553,6 +781,13 @@ impl Filter {
                     seen_out: false,
                     closing: false,
                     established: false,
+                    rule,
+                    counts: FlowCounts {
+                        packets_in: 1,
+                        bytes_in: packet.len() as u64,
+                        connections: 1,
+                        ..FlowCounts::default()
+                    },
                 };
                 match self.insert(key, flow, tcp_flags, now) {
                     Ok(()) => {
@@ -595,6 +830,7 @@ impl Filter {
         };
         let mut best: Option<Option<i64>> = None;
         let mut expired: Option<Option<i64>> = None;
+        let (mut best_rule, mut expired_rule) = (NO_RULE, NO_RULE);
         for i in idx {
             let Some(r) = self.rules.get(*i as usize) else {
                 continue;
@@ -608,7 +844,14 @@ impl Filter {
                 (Some(t), Some(now)) => now < t,
                 _ => true,
             };
-            let slot = if live { &mut best } else { &mut expired };
+            let (slot, first) = if live {
+                (&mut best, &mut best_rule)
+            } else {
+                (&mut expired, &mut expired_rule)
+            };
+            if *first == NO_RULE {
+                *first = *i;
+            }
             *slot = Some(match (*slot, r.not_after_ms) {
                 (None, n) => n,
                 (Some(None), _) | (Some(_), None) => None,
@@ -616,8 +859,14 @@ impl Filter {
             });
         }
         match (best, expired) {
-            (Some(not_after_ms), _) => RuleMatch::Allowed { not_after_ms },
-            (None, Some(not_after_ms)) => RuleMatch::ExpiredOnly { not_after_ms },
+            (Some(not_after_ms), _) => RuleMatch::Allowed {
+                not_after_ms,
+                rule: best_rule,
+            },
+            (None, Some(not_after_ms)) => RuleMatch::ExpiredOnly {
+                not_after_ms,
+                rule: expired_rule,
+            },
             (None, None) => RuleMatch::None,
         }
     }
@@ -631,7 +880,8 @@ impl Filter {
         tcp_flags: u8,
         now: Instant,
     ) -> Result<(), DenyReason> {
-        if let Some(old) = self.flows.remove(&key) {
+        if let Some(mut old) = self.flows.remove(&key) {
+            retire(&mut self.pending, &self.rule_names, &key, &mut old);
             forget(&mut self.peers, &mut self.peer_flows, &key, &old);
         }
         let owner = owner_of(&key, &flow);
@@ -708,7 +958,8 @@ impl Filter {
                 // Established flows stay until they idle out; it leaves the queue for good.
                 continue;
             }
-            if let Some(old) = self.flows.remove(&key) {
+            if let Some(mut old) = self.flows.remove(&key) {
+                retire(&mut self.pending, &self.rule_names, &key, &mut old);
                 forget(&mut self.peers, &mut self.peer_flows, &key, &old);
                 self.counters.evicted_half_open += 1;
                 return true;
@@ -757,10 +1008,96 @@ impl fmt::Debug for Filter {
     }
 }
 
+/// The first matching rule's index (`NO_RULE`: none).
 enum RuleMatch {
-    Allowed { not_after_ms: Option<i64> },
-    ExpiredOnly { not_after_ms: Option<i64> },
+    Allowed {
+        not_after_ms: Option<i64>,
+        rule: u32,
+    },
+    ExpiredOnly {
+        not_after_ms: Option<i64>,
+        rule: u32,
+    },
     None,
+}
+
+/// A flow no rule index names (this device opened it).
+const NO_RULE: u32 = u32::MAX;
+
+/// Moves a flow's counts (if any) into the pending samples and zeroes them.
+fn retire(pending: &mut Pending, names: &[Arc<str>], k: &FlowKey, f: &mut Flow) {
+    if f.counts.is_zero() {
+        return;
+    }
+    let role = match f.origin {
+        Origin::Local => Role::Initiator,
+        Origin::Remote { .. } | Origin::Revoked => Role::Responder,
+    };
+    pending.add(sample_key(names, k, role, f.rule), &f.counts);
+    f.counts = FlowCounts::default();
+}
+
+fn sample_key(names: &[Arc<str>], k: &FlowKey, role: Role, rule: u32) -> SampleKey {
+    let port = match (k.proto, role) {
+        (Proto::Icmp, _) => echo_request_type(k.remote),
+        (_, Role::Initiator) => k.remote_port,
+        (_, Role::Responder) => k.local_port,
+    };
+    SampleKey {
+        remote: k.remote,
+        role,
+        proto: k.proto,
+        port,
+        verdict: FlowVerdict::Allowed,
+        rule: names.get(rule as usize).cloned(),
+        reason: None,
+    }
+}
+
+/// The ICMP type of an echo request to or from `addr` (8, ICMPv6: 128).
+fn echo_request_type(addr: IpAddr) -> u16 {
+    if canonical_ip(addr).is_ipv4() {
+        8
+    } else {
+        128
+    }
+}
+
+/// The other end (`dst`: the destination; else the source), protocol and destination port
+/// (ICMP: type) of a packet, as far as its headers can be read: for flow records of packets
+/// that are dropped. `None` if not even the IP header and protocol are known.
+fn sample_target(packet: &[u8], dst: bool) -> Option<(IpAddr, Proto, u16)> {
+    let other = canonical_ip(LocalPrefixes::packet_addr(packet, dst)?);
+    if let Ok(p) = parse_packet(packet, dst) {
+        let (proto, port) = match p.l4 {
+            L4::Tcp { dport, .. } | L4::Udp { dport, .. } => (
+                if matches!(p.l4, L4::Tcp { .. }) {
+                    Proto::Tcp
+                } else {
+                    Proto::Udp
+                },
+                dport,
+            ),
+            L4::Echo { request, .. } => {
+                let t = echo_request_type(other);
+                let reply = if t == 8 { 0 } else { 129 };
+                (Proto::Icmp, if request { t } else { reply })
+            }
+            L4::IcmpError { .. } => (Proto::Icmp, if other.is_ipv4() { 3 } else { 1 }),
+        };
+        return Some((other, proto, port));
+    }
+    let next = match packet.first()? >> 4 {
+        4 => *packet.get(9)?,
+        _ => *packet.get(6)?,
+    };
+    let proto = match next {
+        6 => Proto::Tcp,
+        17 => Proto::Udp,
+        1 | 58 => Proto::Icmp,
+        _ => return None,
+    };
+    Some((other, proto, 0))
 }
 
 /// A flow from this device's point of view (the same key for both directions).
@@ -817,6 +1154,10 @@ struct Flow {
     closing: bool,
     /// TCP: the opener acknowledged the answer (handshake complete); UDP/ICMP: answered.
     established: bool,
+    /// The first rule that allowed a peer's flow (an index into the rules; `NO_RULE`: none).
+    rule: u32,
+    /// Traffic not yet harvested for flow records.
+    counts: FlowCounts,
 }
 
 impl Flow {

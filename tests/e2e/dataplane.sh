@@ -87,6 +87,24 @@ echo "  70 000 SYNs sent in ${FLOOD_S:-?} s"
 check "bob still opens a new connection to db" lab_exec bob timeout 5 nc -z -w3 "$DB4" 5601
 check "db still opens a new outbound connection (to bob)" lab_exec db timeout 5 nc -z -w3 "$BO4" 5603
 
+say "a scan of 100 000 distinct flows: db's flow log keeps to its caps, memory stays bounded"
+# 100 000 SYNs from alice to 50 000 ports of db (two source ports each): 100 000 distinct flows,
+# 50 000 distinct flow records at db, past every cap (16 384 samples between harvests, 4 096
+# records a window).
+DBPID=$(lab_pids db | head -n1)
+SCAN_RSS0=$(python3 "$TOOLS" rss "$DBPID"); SCAN_HWM0=$(python3 "$TOOLS" hwm "$DBPID")
+SCAN_S=$(lab_exec alice python3 "$TOOLS" synflood "$AL4" "$DB4" 1 50000 100000)
+flow_field() { lab_ward_json_get db "s['flow_log']['$1']"; }
+scan_counted() { test "$(flow_field flow_records_dropped)" -gt 0; }
+lab_wait_for -t 10 scan_counted   # harvested (once a second)
+SCAN_RSS1=$(python3 "$TOOLS" rss "$DBPID"); SCAN_HWM1=$(python3 "$TOOLS" hwm "$DBPID")
+echo "  100 000 SYNs sent in ${SCAN_S:-?} s; db RSS ${SCAN_RSS0} -> ${SCAN_RSS1} KiB, peak (VmHWM) ${SCAN_HWM0} -> ${SCAN_HWM1} KiB"
+echo "  db flow log: $(lab_ward_json_get db 's["flow_log"]')"
+check "db's flow log stays within its window cap (<= 4096 records)" test "$(flow_field window_records)" -le 4096
+check "records beyond the caps are counted, not lost silently" test "$(flow_field flow_records_dropped)" -gt 0
+check "db's peak memory stays bounded through the scan (< 32 MiB growth)" test $((SCAN_HWM1 - SCAN_HWM0)) -lt 32768
+check "bob still opens a new connection to db after the scan" lab_exec bob timeout 5 nc -z -w3 "$DB4" 5601
+
 say "a peer (a modified agent with bob's key, on junk) reaches db and nothing behind it"
 # bob may open every port on db. With bob's WireGuard key, tools.py handshakes with db from junk
 # and sends UDP through the tunnel, in order: to db's underlay address, a network behind db

@@ -150,6 +150,16 @@ def rss(pid):
     raise SystemExit("no VmRSS")
 
 
+def hwm(pid):
+    """Peak resident set size (VmHWM) of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                print(line.split()[1])
+                return
+    raise SystemExit("no VmHWM")
+
+
 def _echo(conn):
     with conn:
         while True:
@@ -386,7 +396,7 @@ def wg_send(state_path, peer_pub_b64, host, port, src, *targets):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"pcap-check": pcap_check, "garbage": garbage, "rss": rss, "serve": serve,
+    {"pcap-check": pcap_check, "garbage": garbage, "rss": rss, "hwm": hwm, "serve": serve,
      "await": await_state, "stream": stream, "scan": scan, "udp-log": udp_log,
      "synflood": synflood,
      "wg-send": wg_send}[cmd](*args)

@@ -16,6 +16,7 @@
 pub mod backoff;
 pub mod cert;
 pub mod clock;
+pub mod flows;
 pub mod leases;
 pub mod netcheck;
 pub mod posture;
@@ -37,6 +38,7 @@ use ward_shared::wire::{
     Netmap, PostureVerdict, WgPublicKey, PROTOCOL_VERSION,
 };
 
+use self::flows::{FlowContext, FlowLog, FlowLogConfig, FlowLogState, FlowLogStatus, FLOW_TICK};
 use crate::dataplane::{public_key_for, PeerConfig};
 
 pub use backoff::Backoff;
@@ -119,6 +121,12 @@ pub enum DataPlaneEvent {
     /// The data plane started probing these peers' direct candidates (device ids): ask the
     /// coordinator to have each probe back now (`DataPlane::take_punch_requests`).
     PunchWanted(Vec<u64>),
+    /// Traffic counted for flow records since the last report, and how many samples the data
+    /// plane dropped (`DataPlane::take_flow_samples`).
+    FlowSamples {
+        samples: Vec<ward_shared::filter::FlowSample>,
+        dropped: u64,
+    },
 }
 
 /// What the driver must do.
@@ -155,6 +163,10 @@ pub enum Event {
     NeedUpdate,
     /// Take the data plane's denied flows and report them ([`DataPlaneEvent::DeniedFlows`]).
     TakeDeniedFlows,
+    /// Take the data plane's flow samples ([`DataPlaneEvent::FlowSamples`]); asked every
+    /// [`flows::FLOW_TICK`], in a session or not (records are spooled while the coordinator is
+    /// unreachable, and kept within their caps for a coordinator that takes none yet).
+    TakeFlowSamples,
     /// Resolve a relay's `HOST:PORT` and hand the result to [`Agent::handle_relay_resolved`].
     ResolveRelay(String),
     /// Send this address-discovery datagram to `dst` from the data plane's UDP socket (the one
@@ -260,6 +272,9 @@ pub struct Agent {
     applied_peers: Option<Vec<PeerConfig>>,
     applied_filter: Option<Vec<FilterRule>>,
     next_expiry: Instant,
+    /// Flow records: windows, reports not yet acknowledged.
+    flow_log: FlowLog,
+    next_flows: Instant,
     transmits: VecDeque<DeviceMsg>,
     events: VecDeque<Event>,
 }
@@ -297,6 +312,8 @@ impl Agent {
             applied_peers: None,
             applied_filter: None,
             next_expiry: now.instant + EXPIRY_CHECK,
+            flow_log: FlowLog::new(FlowLogConfig::default()),
+            next_flows: now.instant + FLOW_TICK,
             transmits: VecDeque::new(),
             events,
             cfg,
@@ -417,7 +434,7 @@ impl Agent {
             } => self.handle_pong(nonce, coordinator_time_ms, now),
             CoordinatorMsg::Lease { lease } => self.handle_lease(lease, now),
             // This agent sends no flow reports yet.
-            CoordinatorMsg::FlowsAck { .. } => {}
+            CoordinatorMsg::FlowsAck { seq } => self.flow_log.handle_ack(seq),
             CoordinatorMsg::RotateNow { reason } => {
                 info!(%reason, "coordinator asked for a key rotation");
                 if self.rotation == Rotation::Idle && self.spare.is_some() {
@@ -504,6 +521,12 @@ impl Agent {
             self.apply_peers(now);
             self.next_expiry = now.instant + EXPIRY_CHECK;
         }
+        if now.instant >= self.next_flows {
+            self.events.push_back(Event::TakeFlowSamples);
+            self.flow_log.handle_timeout(coord);
+            self.next_flows = now.instant + FLOW_TICK;
+        }
+        self.send_flow_reports(now);
         match self.link {
             Link::Waiting { retry_at } if now.instant >= retry_at => {
                 self.link = Link::Opening { since: now.instant };
@@ -571,8 +594,18 @@ impl Agent {
         }
     }
 
-    pub fn handle_dataplane_event(&mut self, ev: DataPlaneEvent, _now: Now) {
+    pub fn handle_dataplane_event(&mut self, ev: DataPlaneEvent, now: Now) {
         match ev {
+            DataPlaneEvent::FlowSamples { samples, dropped } => {
+                let ctx = self
+                    .netmap
+                    .as_ref()
+                    .map(FlowContext::from_netmap)
+                    .unwrap_or_default();
+                let coord = self.coordinator_ms(now.unix_ms);
+                self.flow_log.add(samples, dropped, &ctx, coord);
+                self.send_flow_reports(now);
+            }
             DataPlaneEvent::PeersOnOldKey(n) => self.old_key_peers = Some(n),
             DataPlaneEvent::DeniedFlows(flows) => {
                 if !matches!(self.link, Link::Session { .. }) {
@@ -667,7 +700,7 @@ impl Agent {
     /// When [`Agent::handle_tick`] must be called next.
     #[must_use]
     pub fn poll_timeout(&self) -> Instant {
-        let mut t = self.next_expiry;
+        let mut t = self.next_expiry.min(self.next_flows);
         match self.link {
             Link::Waiting { retry_at } => t = t.min(retry_at),
             Link::Opening { .. } => {}
@@ -702,6 +735,27 @@ impl Agent {
     }
     pub fn netmap(&self) -> Option<&Netmap> {
         self.netmap.as_ref()
+    }
+    /// Flow-log figures for `ward status`.
+    pub fn flow_status(&self) -> FlowLogStatus {
+        self.flow_log
+            .status(self.netmap.as_ref().is_some_and(|n| n.flows))
+    }
+    /// Replaces the flow log's configuration and restores its saved state (at start).
+    pub fn configure_flows(&mut self, cfg: FlowLogConfig, state: Option<FlowLogState>) {
+        self.flow_log = FlowLog::new(cfg);
+        if let Some(st) = state {
+            self.flow_log.restore(st);
+        }
+    }
+    /// The flow log's state to save, if it changed since the last call.
+    pub fn take_flow_state(&mut self) -> Option<FlowLogState> {
+        self.flow_log.take_dirty().then(|| self.flow_log.state())
+    }
+    /// Closes the current flow window early (at shutdown) and returns the state to save.
+    pub fn close_flow_window(&mut self) -> FlowLogState {
+        self.flow_log.close_window();
+        self.flow_log.state()
     }
     pub fn clock_offset_ms(&self) -> Option<i64> {
         self.clock.offset_ms()
@@ -753,6 +807,21 @@ impl Agent {
     }
 
     // ---- helpers ------------------------------------------------------------------------
+
+    /// Queues the flow reports due now, in a session whose netmap says `flows`. Records are
+    /// kept (within the caps) whatever the coordinator says, so a coordinator upgraded later
+    /// gets them, and `ward status` shows them.
+    fn send_flow_reports(&mut self, now: Now) {
+        let ready = matches!(self.link, Link::Session { .. })
+            && self.netmap.as_ref().is_some_and(|n| n.flows);
+        if !ready {
+            return;
+        }
+        while let Some(r) = self.flow_log.poll_report(now.instant) {
+            debug!(seq = r.seq, "sending flow report");
+            self.transmits.push_back(DeviceMsg::Flows(r));
+        }
+    }
 
     fn random(&mut self) -> u64 {
         next_random(&mut self.rng)
@@ -915,6 +984,7 @@ impl Agent {
         self.last_error = Some(error);
         self.clock.forget_ping();
         self.transmits.clear();
+        self.flow_log.session_ended();
         self.rotation = Rotation::Unleased { requested: false };
         self.queued = None;
         self.relays.session_ended();

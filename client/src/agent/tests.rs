@@ -1073,3 +1073,134 @@ fn a_local_address_change_makes_the_data_plane_probe_peers_again() {
     h.drain();
     assert!(h.take_events().contains(&Event::NetworkChanged));
 }
+
+fn flow_sample(port: u16) -> ward_shared::filter::FlowSample {
+    ward_shared::filter::FlowSample {
+        key: ward_shared::filter::SampleKey {
+            remote: ip4(2).into(),
+            role: ward_shared::flows::Role::Responder,
+            proto: ward_shared::filter::Proto::Tcp,
+            port,
+            verdict: ward_shared::flows::FlowVerdict::Allowed,
+            rule: Some("eng".into()),
+            reason: None,
+        },
+        counts: ward_shared::filter::FlowCounts {
+            packets_in: 3,
+            bytes_in: 300,
+            packets_out: 2,
+            bytes_out: 200,
+            connections: 1,
+        },
+    }
+}
+
+fn flow_reports(sent: &[DeviceMsg]) -> Vec<ward_shared::flows::FlowReport> {
+    sent.iter()
+        .filter_map(|m| match m {
+            DeviceMsg::Flows(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn flow_reports_go_to_a_coordinator_that_takes_them_until_acked_and_again_after_a_reconnect() {
+    let mut h = H::new();
+    h.agent.configure_flows(
+        flows::FlowLogConfig {
+            window_ms: 1000,
+            ..Default::default()
+        },
+        None,
+    );
+    h.leased();
+    let mut nm = netmap(1, vec![]);
+    nm.flows = true;
+    nm.policy_version = Some(4);
+    h.msg(CoordinatorMsg::Netmap(nm.clone()));
+    h.take_events();
+    h.advance(1000, 0);
+    assert!(h.take_events().contains(&Event::TakeFlowSamples));
+    let now = h.now();
+    h.agent.handle_dataplane_event(
+        DataPlaneEvent::FlowSamples {
+            samples: vec![flow_sample(22)],
+            dropped: 0,
+        },
+        now,
+    );
+    h.advance(1500, 0);
+    let first = flow_reports(&h.take_sent());
+    assert_eq!(first.len(), 1, "the closed window is reported");
+    let r = &first[0];
+    assert_eq!(r.seq, 1);
+    let rec = &r.windows[0].records[0];
+    assert_eq!(rec.peer, Some(DeviceId(2)));
+    assert_eq!(
+        (rec.rule.as_deref(), rec.policy_version),
+        (Some("eng"), Some(4))
+    );
+    assert_eq!((rec.packets_in, rec.bytes_out), (3, 200));
+    assert_eq!(h.agent.flow_status().spool_reports, 1);
+    h.msg(CoordinatorMsg::FlowsAck { seq: 1 });
+    h.msg(CoordinatorMsg::FlowsAck { seq: 42 });
+    let st = h.agent.flow_status();
+    assert_eq!((st.spool_reports, st.last_acked_seq), (0, Some(1)));
+
+    // A second report is lost with the session: it goes again, unchanged, in the next one.
+    let now = h.now();
+    h.agent.handle_dataplane_event(
+        DataPlaneEvent::FlowSamples {
+            samples: vec![flow_sample(23)],
+            dropped: 0,
+        },
+        now,
+    );
+    h.advance(3000, 0);
+    let second = flow_reports(&h.take_sent());
+    assert_eq!(second.iter().map(|r| r.seq).collect::<Vec<_>>(), [2]);
+    let now = h.now();
+    h.agent.handle_disconnected(Some("broken".into()), now);
+    h.advance(5000, 0);
+    h.take_sent();
+    h.take_events();
+    h.connect();
+    h.msg(CoordinatorMsg::Netmap(nm));
+    h.advance(2500, 0);
+    let again = flow_reports(&h.take_sent());
+    assert_eq!(again, second, "resent with the same seq and content");
+    assert!(
+        h.agent.take_flow_state().is_some(),
+        "the state changed: saved"
+    );
+}
+
+#[test]
+fn no_flow_reports_to_a_coordinator_that_does_not_take_them() {
+    let mut h = H::new();
+    h.agent.configure_flows(
+        flows::FlowLogConfig {
+            window_ms: 1000,
+            ..Default::default()
+        },
+        None,
+    );
+    h.leased();
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![])));
+    h.take_events();
+    let now = h.now();
+    h.agent.handle_dataplane_event(
+        DataPlaneEvent::FlowSamples {
+            samples: vec![flow_sample(22)],
+            dropped: 0,
+        },
+        now,
+    );
+    h.advance(5000, 0);
+    assert!(flow_reports(&h.take_sent()).is_empty());
+    // Kept (within the caps) for when the coordinator takes them.
+    let st = h.agent.flow_status();
+    assert!(!st.enabled);
+    assert_eq!((st.spool_reports, st.reports_sent), (1, 0));
+}

@@ -6,6 +6,7 @@
 //! and `ward posture` print are built in [`status`].
 
 mod collect;
+mod flowlog;
 mod host;
 mod local_api;
 mod relay_batch;
@@ -58,6 +59,10 @@ struct Running {
 pub struct Daemon {
     opts: DaemonOpts,
     state_file: StateFile,
+    /// The flow log's numbering and unacknowledged reports.
+    flow_state: flowlog::FlowStateFile,
+    /// The flow log's configuration (hidden environment settings read at start).
+    flow_config: crate::agent::flows::FlowLogConfig,
     /// The device's identity; `None` before enrollment.
     identity: Mutex<Option<State>>,
     /// `None` while stopped.
@@ -87,6 +92,8 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
     };
     let d = Arc::new(Daemon {
         collectors: collect::Collectors::new(&opts.posture),
+        flow_state: flowlog::FlowStateFile::new(&opts.state_dir),
+        flow_config: flowlog::config_from_env(),
         opts: opts.clone(),
         state_file,
         identity: Mutex::new(state),
@@ -290,11 +297,9 @@ impl Daemon {
             }
             None => None,
         };
-        let agent = Arc::new(Mutex::new(session::new_agent(
-            &st,
-            key,
-            self.opts.posture_interval,
-        )));
+        let mut agent = session::new_agent(&st, key, self.opts.posture_interval);
+        agent.configure_flows(self.flow_config.clone(), self.flow_state.load());
+        let agent = Arc::new(Mutex::new(agent));
         let (stop, stop_rx) = watch::channel(false);
         let me = self.clone();
         let (a, dp) = (agent.clone(), dataplane.clone());
@@ -321,6 +326,11 @@ impl Daemon {
         };
         let _ = r.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(3), r.task).await;
+        // The window being filled goes into the spool, saved for the next run.
+        let flows = lock(&r.agent).close_flow_window();
+        if let Err(e) = self.flow_state.save(&flows) {
+            warn!(error = %format!("{e:#}"), "cannot save the flow log state");
+        }
         if let Some(dp) = r.dataplane {
             match Arc::try_unwrap(dp) {
                 Ok(dp) => dp.shutdown().await,
@@ -426,6 +436,8 @@ mod tests {
                 posture_interval: Duration::from_secs(30),
             },
             state_file: StateFile::new(&top.path().join("state")),
+            flow_state: flowlog::FlowStateFile::new(&top.path().join("state")),
+            flow_config: Default::default(),
             identity: Mutex::new(None),
             running: Mutex::new(None),
             last_agent: Mutex::new(None),

@@ -107,6 +107,12 @@ impl Daemon {
 
         loop {
             self.execute(&agent, dp.as_deref(), &mut link);
+            let flows = lock(&agent).take_flow_state();
+            if let Some(st) = flows {
+                if let Err(e) = self.flow_state.save(&st) {
+                    warn!(error = %format!("{e:#}"), "cannot save the flow log state");
+                }
+            }
             // Punch requests the data plane wants sent (it started probing those peers; the
             // ones its timer thread starts wait for the next turn, at most `EXPIRY_CHECK`).
             if let Some(d) = &dp {
@@ -373,6 +379,13 @@ impl Daemon {
                         lock(agent)
                             .handle_dataplane_event(DataPlaneEvent::DeniedFlows(flows), now());
                     }
+                }
+                Event::TakeFlowSamples => {
+                    let (samples, dropped) = dp.map(|d| d.take_flow_samples()).unwrap_or_default();
+                    lock(agent).handle_dataplane_event(
+                        DataPlaneEvent::FlowSamples { samples, dropped },
+                        now(),
+                    );
                 }
                 Event::CollectPosture {
                     wants,

@@ -262,6 +262,21 @@ pub fn status(s: Sources<'_>) -> StatusView {
                 .iter()
                 .map(|(n, t)| (n.clone(), t.to_string()))
                 .collect(),
+            flow_log: s.agent.map(|a| {
+                let f = a.flow_status();
+                crate::api::FlowLogView {
+                    enabled: f.enabled,
+                    window_ms: u64::try_from(f.window_ms).unwrap_or(0),
+                    window_records: f.window_records as u64,
+                    spool_reports: f.spool_reports as u64,
+                    spool_records: f.spool_records as u64,
+                    flow_records_dropped: f.flow_records_dropped,
+                    reports_sent: f.reports_sent,
+                    reports_acked: f.reports_acked,
+                    last_acked_seq: f.last_acked_seq,
+                    next_seq: f.next_seq,
+                }
+            }),
         }),
     }
 }

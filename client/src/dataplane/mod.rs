@@ -292,6 +292,11 @@ impl DataPlane {
         self.core.take_denied_flows()
     }
 
+    /// See [`engine::Core::take_flow_samples`].
+    pub fn take_flow_samples(&self) -> (Vec<ward_shared::filter::FlowSample>, u64) {
+        self.core.take_flow_samples()
+    }
+
     /// The inbound filter's own counters (allowed new/tracked, denied by reason, revoked flows).
     pub fn filter_counters(&self) -> FilterCounters {
         self.core.filter_counters()

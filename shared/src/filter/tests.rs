@@ -882,3 +882,57 @@ fn local_prefixes_hold_the_devices_own_addresses_and_routed_prefixes() {
     assert_eq!(LocalPrefixes::packet_addr(&p6[..39], false), None);
     assert_eq!(LocalPrefixes::packet_addr(&[], false), None);
 }
+
+#[test]
+fn flow_samples_count_both_ways_in_the_flow_entry_and_keep_the_rule_across_a_rule_change() {
+    let mut f = Filter::new(1024);
+    f.set_rules(vec![rule("web", &[PEER], Proto::Tcp, &[(443, 443)], None)]);
+    let now = Instant::now();
+    let syn = tcp(a(PEER), 50000, a(ME), 443, SYN);
+    assert_eq!(f.check_inbound(&syn, now, NOW_MS), Verdict::Allow);
+    let synack = tcp(a(ME), 443, a(PEER), 50000, SYN | ACK);
+    f.handle_outbound_run(&synack, now, 3, 3 * synack.len() as u64);
+    let ack = tcp(a(PEER), 50000, a(ME), 443, ACK);
+    assert_eq!(f.check_inbound(&ack, now, NOW_MS), Verdict::Allow);
+    // The rule is renamed: what was counted so far stays with the old name.
+    f.set_rules(vec![rule("web2", &[PEER], Proto::Tcp, &[(443, 443)], None)]);
+    assert_eq!(f.check_inbound(&ack, now, NOW_MS), Verdict::Allow);
+    let (mut s, dropped) = f.take_samples();
+    assert_eq!(dropped, 0);
+    s.sort_by(|x, y| x.key.rule.cmp(&y.key.rule));
+    assert_eq!(s.len(), 2, "{s:#?}");
+    assert_eq!(s[0].key.rule.as_deref(), Some("web"));
+    assert_eq!((s[0].key.role, s[0].key.port), (Role::Responder, 443));
+    let n = syn.len() as u64;
+    assert_eq!(
+        s[0].counts,
+        FlowCounts {
+            packets_in: 2,
+            bytes_in: 2 * n,
+            packets_out: 3,
+            bytes_out: 3 * n,
+            connections: 1,
+        }
+    );
+    assert_eq!(s[1].key.rule.as_deref(), Some("web2"));
+    assert_eq!((s[1].counts.packets_in, s[1].counts.connections), (1, 0));
+    assert!(f.take_samples().0.is_empty(), "taking empties the counts");
+}
+
+#[test]
+fn flow_samples_of_a_scan_stay_bounded_and_the_excess_is_counted() {
+    let mut f = Filter::new(1024);
+    let now = Instant::now();
+    let dst = Ipv4Addr::new(100, 64, 0, 1);
+    for i in 0..100_000u32 {
+        let s = Ipv4Addr::from(0x6440_0000 + (i % 50_000));
+        let port = 1 + (i / 50_000) as u16;
+        let _ = f.check_inbound(&tcp(s.into(), 40000, dst.into(), port, SYN), now, 0);
+    }
+    let (s, dropped) = f.take_samples();
+    assert_eq!(s.len(), MAX_PENDING_SAMPLES);
+    assert_eq!(dropped, 100_000 - MAX_PENDING_SAMPLES as u64);
+    assert!(s
+        .iter()
+        .all(|x| x.key.reason == Some(DenyCause::NoRule) && x.counts.packets_in == 1));
+}

@@ -409,6 +409,12 @@ impl World {
                 let u = self.update(i);
                 self.devs[i].agent.handle_local_update(u);
             }
+            Event::TakeFlowSamples => {
+                let (samples, dropped) = self.devs[i].core.take_flow_samples();
+                self.devs[i]
+                    .agent
+                    .handle_dataplane_event(DataPlaneEvent::FlowSamples { samples, dropped }, now);
+            }
             Event::TakeDeniedFlows => {
                 let flows = self.devs[i].core.take_denied_flows();
                 if !flows.is_empty() {

@@ -9,6 +9,7 @@ use std::time::Instant;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use ward_shared::filter::{DenyReason, LocalPrefixes, Verdict};
+use ward_shared::flows::DenyCause;
 
 use super::counters::LocalCounters;
 use super::filter::{FilterGuard, OutboundLog};
@@ -136,6 +137,8 @@ impl<'b> Runs<'b, '_> {
             tracing::trace!(%dst, "no peer owns destination");
             self.local.dropped_no_route += 1;
             if in_overlay(dst, self.core.v6_prefix) {
+                self.outbound
+                    .record_dropped(packet, now, DenyCause::NoLease);
                 let core = self.core;
                 if self.icmp_limit.is_none() {
                     // Lock order: the ICMP limiter before any session.
@@ -312,11 +315,13 @@ impl<'b> Runs<'b, '_> {
             }
             TunnResult::WriteToTunnelV4(p, src) => {
                 went_direct = s.path.authenticated_from(from, now);
-                (false, Some((src == peer.ipv4).then_some(p.len())))
+                let n = p.len();
+                (false, Some(if src == peer.ipv4 { Ok(n) } else { Err(n) }))
             }
             TunnResult::WriteToTunnelV6(p, src) => {
                 went_direct = s.path.authenticated_from(from, now);
-                (false, Some((src == peer.ipv6).then_some(p.len())))
+                let n = p.len();
+                (false, Some(if src == peer.ipv6 { Ok(n) } else { Err(n) }))
             }
             TunnResult::Done => {
                 // A keepalive (authenticated) or a cookie reply (not).
@@ -350,18 +355,19 @@ impl<'b> Runs<'b, '_> {
         }
         match tunnel {
             None => None,
-            Some(Some(n)) => {
+            Some(Ok(n)) => {
                 let core = self.core;
+                // Already locked (above, before the session).
+                let filter = self.filter.get_or_insert_with(|| core.filter.lock());
                 if let Some(local) = core.local.get() {
                     let dst = LocalPrefixes::packet_addr(&tun_out[..n], true);
                     if !dst.is_some_and(|d| local.contains(d)) {
                         tracing::trace!(%from, ?dst, "destination is not this device's address");
                         self.local.dropped_wrong_destination += 1;
+                        filter.note_dropped(&tun_out[..n], None, DenyCause::WrongDestination);
                         return None;
                     }
                 }
-                // Already locked (above, before the session).
-                let filter = self.filter.get_or_insert_with(|| core.filter.lock());
                 // Packets this same batch sent come first (a batch that sends and receives).
                 filter.apply(self.outbound);
                 let verdict = filter.check_inbound(&tun_out[..n], now, coordinator_now_ms);
@@ -385,10 +391,18 @@ impl<'b> Runs<'b, '_> {
                 self.local.rx_bytes += n as u64;
                 Some(n)
             }
-            Some(None) => {
+            Some(Err(n)) => {
                 tracing::trace!(%from, "inner source is not the peer's address");
                 peer.dropped_bad_source.fetch_add(1, Ordering::Relaxed);
                 self.local.dropped_bad_source += 1;
+                let core = self.core;
+                let filter = self.filter.get_or_insert_with(|| core.filter.lock());
+                let own = if tun_out.first().is_some_and(|b| b >> 4 == 6) {
+                    IpAddr::V6(peer.ipv6)
+                } else {
+                    IpAddr::V4(peer.ipv4)
+                };
+                filter.note_dropped(&tun_out[..n], Some(own), DenyCause::SpoofedSource);
                 None
             }
         }

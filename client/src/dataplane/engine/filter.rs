@@ -20,7 +20,8 @@ use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use ward_shared::filter::{Filter, FilterCounters, FilterRule, Verdict};
+use ward_shared::filter::{Filter, FilterCounters, FilterRule, FlowSample, Verdict};
+use ward_shared::flows::DenyCause;
 
 use super::lock;
 
@@ -80,6 +81,11 @@ impl SharedFilter {
         self.lock().filter.take_denied()
     }
 
+    /// The flow-record samples since the last call and how many found no room.
+    pub(super) fn take_samples(&self) -> (Vec<FlowSample>, u64) {
+        self.lock().filter.take_samples()
+    }
+
     pub(super) fn counters(&self) -> FilterCounters {
         self.lock().filter.counters()
     }
@@ -105,6 +111,12 @@ impl FilterGuard<'_> {
         self.filter.check_inbound(packet, now, coordinator_now_ms)
     }
 
+    /// A decrypted packet dropped before the filter judged it; see
+    /// [`Filter::note_dropped_inbound`].
+    pub(super) fn note_dropped(&mut self, packet: &[u8], remote: Option<IpAddr>, why: DenyCause) {
+        self.filter.note_dropped_inbound(packet, remote, why);
+    }
+
     /// Applies (and empties) a log kept by the batch that holds this guard.
     pub(super) fn apply(&mut self, log: &mut OutboundLog) {
         if !log.is_empty() {
@@ -128,6 +140,10 @@ struct Record {
     sig: Option<FlowSig>,
     /// Further packets of the run, after the first.
     repeats: u32,
+    /// Bytes of the whole run.
+    bytes: u64,
+    /// Dropped before sending, and why (for flow records; the flow is not recorded).
+    dropped: Option<DenyCause>,
 }
 
 impl OutboundLog {
@@ -135,11 +151,27 @@ impl OutboundLog {
     pub(super) fn record(&mut self, packet: &[u8], now: Instant) {
         let sig = FlowSig::of(packet);
         if let Some(last) = self.items.last_mut() {
-            if sig.is_some() && last.sig == sig && last.now == now {
+            if sig.is_some() && last.sig == sig && last.now == now && last.dropped.is_none() {
                 last.repeats = last.repeats.saturating_add(1);
+                last.bytes = last.bytes.saturating_add(packet.len() as u64);
                 return;
             }
         }
+        self.push(packet, now, sig, None);
+    }
+
+    /// Records a packet read from the TUN and dropped before sending (for flow records).
+    pub(super) fn record_dropped(&mut self, packet: &[u8], now: Instant, why: DenyCause) {
+        self.push(packet, now, None, Some(why));
+    }
+
+    fn push(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+        sig: Option<FlowSig>,
+        dropped: Option<DenyCause>,
+    ) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(packet);
         self.items.push(Record {
@@ -148,6 +180,8 @@ impl OutboundLog {
             now,
             sig,
             repeats: 0,
+            bytes: packet.len() as u64,
+            dropped,
         });
     }
 
@@ -183,11 +217,17 @@ impl OutboundLog {
             let Some(packet) = self.bytes.get(r.start..r.start + r.len) else {
                 continue;
             };
+            if let Some(why) = r.dropped {
+                filter.note_dropped_outbound(packet, why);
+                continue;
+            }
             let untracked = filter.counters().outbound_untracked;
-            filter.handle_outbound(packet, r.now);
+            let packets = u64::from(r.repeats) + 1;
+            filter.handle_outbound_run(packet, r.now, packets, r.bytes);
             if r.repeats > 0 && filter.counters().outbound_untracked != untracked {
+                // The run's traffic is counted above; only the table's counters repeat.
                 for _ in 0..r.repeats {
-                    filter.handle_outbound(packet, r.now);
+                    filter.handle_outbound_run(packet, r.now, 0, 0);
                 }
             }
         }

@@ -142,7 +142,8 @@ pub struct CoreConfig {
 ///                    drop(r); drop(b); write to the TUN; send outbox; outbox.clear()
 ///     relayed datagram: the same, with from = Source::Relay { relay: core.relay_id(name)?, from }
 ///     every TIMER_INTERVAL: core.handle_timers(now, &mut outbox); send outbox
-///     now and then:  core.expire_flows(now); core.take_denied_flows() -> the coordinator
+///     now and then:  core.expire_flows(now); core.take_denied_flows() -> the coordinator;
+///                    core.take_flow_samples() -> the flow log
 /// }
 /// ```
 ///
@@ -352,6 +353,13 @@ impl Core {
     /// coordinator's scan detection).
     pub fn take_denied_flows(&self) -> Vec<ward_shared::wire::DeniedFlow> {
         self.filter.take_denied()
+    }
+
+    /// Traffic counted for flow records since the last call: per kind of flow (other end, role,
+    /// protocol, port, verdict and rule or reason), and how many samples found no room (see
+    /// [`ward_shared::filter::Filter::take_samples`]).
+    pub fn take_flow_samples(&self) -> (Vec<ward_shared::filter::FlowSample>, u64) {
+        self.filter.take_samples()
     }
 
     pub fn filter_counters(&self) -> FilterCounters {

@@ -402,6 +402,7 @@ fn established_pair(seed: u64) -> Net {
     net
 }
 
+mod flows;
 mod local;
 mod nat;
 mod paths;
