@@ -569,6 +569,9 @@ pub struct FlowSourceView {
     pub dropped_records: u64,
     pub refused_records: u64,
     pub last_report_ms: i64,
+    /// Times the device numbered its reports from 1 again (it lost its flow log state).
+    #[serde(default)]
+    pub renumbered: u64,
 }
 
 impl FlowSourceView {
@@ -582,6 +585,7 @@ impl FlowSourceView {
             dropped_records: s.dropped_records,
             refused_records: s.refused_records,
             last_report_ms: s.last_report_ms,
+            renumbered: s.renumbered,
         }
     }
 

@@ -272,6 +272,9 @@ pub struct FlowSource {
     /// far in the future.
     pub refused_records: u64,
     pub last_report_ms: i64,
+    /// Times the device numbered its reports from 1 again (it lost its flow log state).
+    #[serde(default)]
+    pub renumbered: u64,
 }
 
 /// One audit event to append (in the same transaction as the change it describes).
@@ -468,7 +471,9 @@ pub trait Store: Send + Sync {
     ) -> Result<()>;
     /// A device's latest posture report and evaluation, and when they were stored.
     fn posture(&self, id: DeviceId) -> Result<Option<(serde_json::Value, serde_json::Value, i64)>>;
-    /// Stores a validated flow report from `reporter` once per (reporter, seq), its records
+    /// Stores a validated flow report from `reporter` once per (reporter, seq) (report 1 with
+    /// other content than the stored one means the device numbers from 1 again: its marks are
+    /// reset and the report is stored), its records
     /// merged into the rows of their (window, other end, role, proto, port, verdict, rule,
     /// reason), in one transaction with the (reporter, seq) mark. Windows ending before
     /// `keep_after_ms` or starting more than ten minutes after `now_ms` are not stored (counted

@@ -137,8 +137,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE tokens ADD COLUMN hostname TEXT;
     ALTER TABLE devices ADD COLUMN name_bound INTEGER NOT NULL DEFAULT 1;
     "#,
-    // 9: flow records. `flow_reports` holds each (device, seq) stored, written in the same
-    // transaction as the report's records, so a retransmission is stored once; `flow_sources`
+    // 9: flow records. `flow_reports` holds each (device, seq) stored with the SHA-256 of the
+    // report, written in the same transaction as the report's records, so a retransmission is
+    // stored once and a device that restarted its numbering is told apart; `flow_sources`
     // keeps per device the highest seq, the sequence numbers never received (gaps) and the
     // records the device says it dropped. `flows` holds one row per (reporter, window, other
     // end, role, proto, port, verdict, rule, reason); text columns hold '' for "none" so the
@@ -149,6 +150,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
         seq INTEGER NOT NULL,
         received_ms INTEGER NOT NULL,
         records INTEGER NOT NULL,
+        digest BLOB NOT NULL,
         PRIMARY KEY(device_id, seq)
     );
     CREATE INDEX flow_reports_received ON flow_reports(received_ms);
@@ -160,6 +162,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
         missing_seqs INTEGER NOT NULL,
         dropped_records INTEGER NOT NULL,
         refused_records INTEGER NOT NULL,
+        renumbered INTEGER NOT NULL,
         last_report_ms INTEGER NOT NULL
     );
     CREATE TABLE flows(

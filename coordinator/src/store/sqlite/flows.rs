@@ -56,13 +56,33 @@ pub(super) fn store_flows_tx(
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
-    let (last_seq, floor_seq, missing) = source.unwrap_or((0, 0, 0));
-    if seq <= floor_seq {
-        return Ok(FlowsStored::Duplicate);
+    let (mut last_seq, floor_seq, mut missing) = source.unwrap_or((0, 0, 0));
+    let digest = report_digest(report);
+    let seen: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT digest FROM flow_reports WHERE device_id = ?1 AND seq = ?2",
+            params![dev, seq],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let mut renumbered = 0i64;
+    match seen {
+        Some(d) if d == digest => return Ok(FlowsStored::Duplicate),
+        // Report 1 again with other content: the device lost its state and numbers from 1
+        // again. Its old marks go, so its new reports are stored, not taken for old ones.
+        Some(_) if seq == 1 => {
+            tx.execute("DELETE FROM flow_reports WHERE device_id = ?1", [dev])?;
+            (last_seq, missing, renumbered) = (0, 0, 1);
+        }
+        // Another report under a number already used: kept out (it cannot be told from a
+        // replay), acknowledged so the device moves on.
+        Some(_) => return Ok(FlowsStored::Duplicate),
+        None if seq <= floor_seq => return Ok(FlowsStored::Duplicate),
+        None => {}
     }
-    let fresh = tx.execute(
-        "INSERT INTO flow_reports(device_id, seq, received_ms, records) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(device_id, seq) DO NOTHING",
+    tx.execute(
+        "INSERT INTO flow_reports(device_id, seq, received_ms, records, digest)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
         params![
             dev,
             seq,
@@ -71,12 +91,10 @@ pub(super) fn store_flows_tx(
                 .windows
                 .iter()
                 .map(|w| w.records.len() as i64)
-                .sum::<i64>()
+                .sum::<i64>(),
+            digest
         ],
     )?;
-    if fresh == 0 {
-        return Ok(FlowsStored::Duplicate);
-    }
     let (mut stored, mut refused) = (0usize, 0usize);
     for w in &report.windows {
         if w.end_ms < keep_after_ms || w.start_ms > now_ms.saturating_add(FUTURE_SLACK_MS) {
@@ -95,16 +113,22 @@ pub(super) fn store_flows_tx(
     } else {
         (0, last_seq, missing.saturating_sub(1).max(0))
     };
+    // After a renumbering the device's cumulative dropped count starts over too: it is added
+    // to the count from before.
     tx.execute(
         "INSERT INTO flow_sources(device_id, last_seq, floor_seq, reports, missing_seqs,
-             dropped_records, refused_records, last_report_ms)
-         VALUES (?1, ?2, 0, 1, ?3, ?4, ?5, ?6)
+             dropped_records, refused_records, renumbered, last_report_ms)
+         VALUES (?1, ?2, 0, 1, ?3, ?4, ?5, 0, ?6)
          ON CONFLICT(device_id) DO UPDATE SET
              last_seq = excluded.last_seq,
+             floor_seq = CASE WHEN ?7 = 1 THEN 0 ELSE flow_sources.floor_seq END,
              reports = flow_sources.reports + 1,
              missing_seqs = excluded.missing_seqs,
-             dropped_records = MAX(flow_sources.dropped_records, excluded.dropped_records),
+             dropped_records = CASE WHEN ?7 = 1
+                 THEN flow_sources.dropped_records + excluded.dropped_records
+                 ELSE MAX(flow_sources.dropped_records, excluded.dropped_records) END,
              refused_records = flow_sources.refused_records + excluded.refused_records,
+             renumbered = flow_sources.renumbered + ?7,
              last_report_ms = excluded.last_report_ms",
         params![
             dev,
@@ -112,7 +136,8 @@ pub(super) fn store_flows_tx(
             missing,
             sql_count(report.dropped_records),
             refused as i64,
-            now_ms
+            now_ms,
+            renumbered
         ],
     )?;
     Ok(FlowsStored::Stored {
@@ -120,6 +145,13 @@ pub(super) fn store_flows_tx(
         refused,
         gap: u64::try_from(gap).unwrap_or(0),
     })
+}
+
+/// SHA-256 of the report as encoded: a retransmission repeats it exactly.
+fn report_digest(report: &FlowReport) -> Vec<u8> {
+    use sha2::Digest;
+    let bytes = serde_json::to_vec(report).unwrap_or_default();
+    sha2::Sha256::digest(&bytes).to_vec()
 }
 
 /// Adds one record to its key's row in the window, or inserts the row.
@@ -332,7 +364,7 @@ pub(super) fn flow_sources(s: &SqliteStore) -> Result<Vec<FlowSource>> {
     s.with_tx(|tx| {
         let mut stmt = tx.prepare(
             "SELECT device_id, last_seq, reports, missing_seqs, dropped_records, refused_records,
-                 last_report_ms FROM flow_sources ORDER BY device_id",
+                 last_report_ms, renumbered FROM flow_sources ORDER BY device_id",
         )?;
         let rows = stmt.query_map([], |r| {
             let u = |i: usize| -> rusqlite::Result<u64> {
@@ -346,6 +378,7 @@ pub(super) fn flow_sources(s: &SqliteStore) -> Result<Vec<FlowSource>> {
                 dropped_records: u(4)?,
                 refused_records: u(5)?,
                 last_report_ms: r.get(6)?,
+                renumbered: u(7)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)

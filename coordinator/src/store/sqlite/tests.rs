@@ -1052,3 +1052,65 @@ mod flow_records {
         assert_eq!(q(i64::MIN, Some(vec![DeviceId(9)])), 0);
     }
 }
+
+mod flow_renumbering {
+    use super::*;
+    use crate::store::FlowsStored;
+    use ward_shared::flows::{FlowReport, FlowWindow};
+
+    fn report(seq: u64, start_ms: i64, dropped: u64) -> FlowReport {
+        FlowReport {
+            seq,
+            windows: vec![FlowWindow {
+                start_ms,
+                end_ms: start_ms + 60_000,
+                records: vec![],
+            }],
+            dropped_records: dropped,
+        }
+    }
+
+    /// A device that lost its state numbers its reports from 1 again: its new reports are
+    /// stored, not taken for retransmissions; another report under a used number (not 1) is not.
+    #[test]
+    fn a_device_numbering_from_one_again_is_stored_and_counted() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let d = DeviceId(1);
+        for seq in 1..=3 {
+            s.store_flows(d, &report(seq, 0, 4), 0, 1000).unwrap();
+        }
+        assert_eq!(
+            s.store_flows(d, &report(2, 0, 4), 0, 1000).unwrap(),
+            FlowsStored::Duplicate
+        );
+        assert_eq!(
+            s.store_flows(d, &report(2, 60_000, 4), 0, 1000).unwrap(),
+            FlowsStored::Duplicate,
+            "a different report under a used number other than 1 is kept out"
+        );
+        // Numbering starts over.
+        assert!(matches!(
+            s.store_flows(d, &report(1, 120_000, 1), 0, 1000).unwrap(),
+            FlowsStored::Stored { gap: 0, .. }
+        ));
+        assert!(matches!(
+            s.store_flows(d, &report(2, 180_000, 1), 0, 1000).unwrap(),
+            FlowsStored::Stored { gap: 0, .. }
+        ));
+        assert_eq!(
+            s.store_flows(d, &report(2, 180_000, 1), 0, 1000).unwrap(),
+            FlowsStored::Duplicate
+        );
+        let src = &s.flow_sources().unwrap()[0];
+        assert_eq!(
+            (
+                src.last_seq,
+                src.reports,
+                src.missing_seqs,
+                src.renumbered,
+                src.dropped_records
+            ),
+            (2, 5, 0, 1, 5)
+        );
+    }
+}
