@@ -55,6 +55,10 @@ enum Cmd {
         /// Posture is reported at once on change, and at least this often.
         #[arg(long, env = "WARD_POSTURE_INTERVAL", default_value = "30s", value_parser = parse_secs)]
         posture_interval: Duration,
+        /// TCP address serving Prometheus metrics at `GET /metrics` (off unless given; bind it
+        /// to loopback: see docs/metrics.md).
+        #[arg(long, env = "WARD_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Join the network: enroll with a token the first time, reconnect afterwards.
     Up {
@@ -171,6 +175,7 @@ async fn run(cli: Cli) -> Result<()> {
             posture_checks_dir,
             posture_check_timeout,
             posture_interval,
+            metrics_listen,
         } => {
             let tun = (tun != "off").then_some(tun);
             let mut custom_checks = BTreeMap::new();
@@ -193,6 +198,7 @@ async fn run(cli: Cli) -> Result<()> {
                     full_interval: posture_interval,
                 },
                 posture_interval,
+                metrics_listen,
             })
             .await
         }

@@ -70,6 +70,10 @@ enum Cmd {
         /// sends them late).
         #[arg(long, env = "WARD_FLOW_RETENTION", default_value = "30d")]
         flow_retention: String,
+        /// TCP address serving Prometheus metrics at `GET /metrics` (off unless given; bind
+        /// it to loopback or a management network: see docs/metrics.md).
+        #[arg(long, env = "WARD_COORDINATOR_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Show the running coordinator's state.
     Status {
@@ -373,6 +377,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve {
             listen,
+            metrics_listen,
             lease_ttl,
             lease_ttl_tag,
             lease_max_ttl,
@@ -395,7 +400,7 @@ async fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(ttl.default_ms >= 1000, "--lease-ttl must be at least 1s");
             let retention = ms(&flow_retention)?;
             anyhow::ensure!(retention >= 1000, "--flow-retention must be at least 1s");
-            server::serve(dd, listen, ttl, retention).await
+            server::serve(dd, listen, ttl, metrics_listen, retention).await
         }
         Cmd::Status { json } => {
             let v: StatusView = admin::call(&sock, &AdminRequest::Status).await?;
