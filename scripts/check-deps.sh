@@ -47,6 +47,7 @@ cores=(
     coordinator/src/model.rs
     coordinator/src/audit.rs
     coordinator/src/gate.rs
+    coordinator/src/flows.rs
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
     client/src/agent

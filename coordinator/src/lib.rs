@@ -6,6 +6,8 @@
 //!   action names.
 //! - [`store`]: the storage interface and its SQLite implementation.
 //! - [`leases`]: lease TTLs, issuing and signing (synchronous, over the store).
+//! - [`flows`]: the I/O-free pairing of both ends' flow records (paired, mismatch, one-sided,
+//!   denied) and the `flows top` sums.
 //! - [`limits`]: the I/O-free per-session limits on what an enrolled device sends.
 //! - [`tickets`]: the I/O-free relay ticket issuer (live devices only, rate-limited).
 //! - [`gate`]: the I/O-free gate in front of unauthenticated work (per-source token buckets,
@@ -22,6 +24,7 @@
 pub mod admin;
 pub mod audit;
 pub mod datadir;
+pub mod flows;
 pub mod gate;
 pub mod leases;
 pub mod limits;

@@ -5,7 +5,9 @@
 //!   limits.handle(kind, now_ms) -> Pass                  forward it now
 //!                               -> Defer { until_ms }    (update, posture) keep only the latest;
 //!                                                        forward it at until_ms (poll_release)
-//!                               -> Drop                  (denied flows) advisory: discard it
+//!                               -> Drop                  (denied flows) advisory: discard it;
+//!                                                        (flow reports) not acknowledged: the
+//!                                                        device sends them again later
 //!                               -> Exceeded              close the session (ErrorCode::RateLimited)
 //!   at the earliest pending deadline: limits.poll_release(now_ms) -> kinds now due
 //! ```
@@ -24,6 +26,8 @@ pub enum Kind {
     Update,
     Posture,
     DeniedFlows,
+    /// Flow record reports (`flows`).
+    Flows,
     LeaseRequest,
     LeaseActive,
     RenewCert,
@@ -33,10 +37,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 10] = [
         Kind::Update,
         Kind::Posture,
         Kind::DeniedFlows,
+        Kind::Flows,
         Kind::LeaseRequest,
         Kind::LeaseActive,
         Kind::RenewCert,
@@ -51,6 +56,7 @@ impl Kind {
             Kind::Update => "update",
             Kind::Posture => "posture",
             Kind::DeniedFlows => "denied_flows",
+            Kind::Flows => "flows",
             Kind::LeaseRequest => "lease_request",
             Kind::LeaseActive => "lease_active",
             Kind::RenewCert => "renew_cert",
@@ -66,6 +72,9 @@ impl Kind {
             Kind::Update => (10, 500),
             Kind::Posture => (10, 500),
             Kind::DeniedFlows => (10, 500),
+            // One report per window normally; a device back from being offline sends its spool
+            // as fast as acknowledgements come back: 20 at once, then 4 a second.
+            Kind::Flows => (20, 250),
             Kind::LeaseRequest => (10, 1_000),
             Kind::LeaseActive => (10, 1_000),
             Kind::RenewCert => (5, 60_000),
@@ -83,6 +92,8 @@ impl Kind {
             Kind::Update | Kind::Posture => Decision::Defer { until_ms: 0 },
             // Hints: losing some costs only a slower path switch.
             Kind::DeniedFlows | Kind::Punch => Decision::Drop,
+            // Unacknowledged: the device keeps the report and sends it again later.
+            Kind::Flows => Decision::Drop,
             Kind::LeaseRequest
             | Kind::LeaseActive
             | Kind::RenewCert
@@ -451,6 +462,29 @@ mod tests {
         }
         // 10 (burst) + one per 500 ms: about 130, not 400.
         assert!((100..=135).contains(&forwarded), "{forwarded}");
+    }
+
+    #[test]
+    fn a_spool_flush_passes_and_a_report_flood_is_dropped_then_cut_off() {
+        let mut l = SessionLimits::new(T);
+        // A device back online sends its spool: 20 at once, then 4 a second, all pass.
+        for _ in 0..20 {
+            assert_eq!(l.handle(Kind::Flows, T), Decision::Pass);
+        }
+        for i in 1..=40 {
+            assert_eq!(l.handle(Kind::Flows, T + i * 250), Decision::Pass);
+        }
+        // Faster: dropped (unacknowledged), and far faster: the session ends.
+        let t = T + 40 * 250;
+        assert_eq!(l.handle(Kind::Flows, t), Decision::Drop);
+        let mut last = Decision::Drop;
+        for _ in 0..400 {
+            last = l.handle(Kind::Flows, t);
+            if last == Decision::Exceeded {
+                break;
+            }
+        }
+        assert_eq!(last, Decision::Exceeded);
     }
 
     #[test]

@@ -11,10 +11,11 @@ use std::path::PathBuf;
 use ward_coordinator::admin::api::fmt_time;
 use ward_coordinator::admin::api::{
     render_table, AuditVerifyView, AuditView, DeviceDetail, DeviceTagsView, DeviceView,
-    ExplainView, GrantView, PolicyOutcome, PolicyShowView, PolicyVersionView, RelayAdded,
-    RelayView, Rotating, StatusView, Table, TokenCreated, TokenView, UserAccess, UserGroupsView,
-    UserView,
+    ExplainView, FlowsTopView, FlowsView, GrantView, PolicyOutcome, PolicyShowView,
+    PolicyVersionView, RelayAdded, RelayView, Rotating, StatusView, Table, TokenCreated, TokenView,
+    UserAccess, UserGroupsView, UserView,
 };
+use ward_coordinator::admin::flows::FlowFilter;
 use ward_coordinator::admin::{self, AdminRequest};
 use ward_coordinator::datadir::DataDir;
 use ward_coordinator::server;
@@ -65,6 +66,10 @@ enum Cmd {
         /// No lease lives longer than this, whatever else is configured.
         #[arg(long, env = "WARD_LEASE_MAX_TTL", default_value = "1h")]
         lease_max_ttl: String,
+        /// How long flow records are kept (older ones are pruned, and not stored when a device
+        /// sends them late).
+        #[arg(long, env = "WARD_FLOW_RETENTION", default_value = "30d")]
+        flow_retention: String,
         /// TCP address serving Prometheus metrics at `GET /metrics` (off unless given; bind
         /// it to loopback or a management network: see docs/metrics.md).
         #[arg(long, env = "WARD_COORDINATOR_METRICS_LISTEN")]
@@ -90,6 +95,35 @@ enum Cmd {
     /// directly.
     #[command(subcommand)]
     Relay(RelayCmd),
+    /// Flows from both ends of every tunnel, paired: both ends' counts, the verdict, the rule
+    /// or reason, and whether the ends agree (paired, mismatch, one_sided, pending, denied).
+    Flows {
+        #[command(subcommand)]
+        cmd: Option<FlowsCmd>,
+        /// Initiators: a device or user name, user:NAME, group:NAME, tag:NAME, device:NAME.
+        #[arg(long, global = true)]
+        from: Option<String>,
+        /// Responders, selected the same way.
+        #[arg(long, global = true)]
+        to: Option<String>,
+        /// Denied flows only.
+        #[arg(long)]
+        denied: bool,
+        /// Windows that ended within this long (90s, 15m, 1h, 7d).
+        #[arg(long, global = true, default_value = "1h")]
+        since: String,
+        /// Flows this rule or grant allowed.
+        #[arg(long, global = true)]
+        rule: Option<String>,
+        /// Flows only one end reported (after the grace period for the other's upload).
+        #[arg(long)]
+        one_sided: bool,
+        /// Most rows shown (the newest).
+        #[arg(long, global = true, default_value_t = 500)]
+        limit: usize,
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Show the audit log, or verify its hash chain.
     Audit {
         #[command(subcommand)]
@@ -99,6 +133,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum FlowsCmd {
+    /// The largest (initiator, responder, proto, port), summed over the period.
+    Top {
+        #[arg(long, value_enum, default_value = "bytes")]
+        by: TopByArg,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TopByArg {
+    Bytes,
+    Flows,
+    Denied,
 }
 
 #[derive(Subcommand)]
@@ -331,6 +381,7 @@ async fn run(cli: Cli) -> Result<()> {
             lease_ttl,
             lease_ttl_tag,
             lease_max_ttl,
+            flow_retention,
         } => {
             let ms =
                 |s: &str| -> Result<i64> { Ok(admin::parse_duration(s)?.as_millis().try_into()?) };
@@ -347,7 +398,9 @@ async fn run(cli: Cli) -> Result<()> {
                 max_ms: ms(&lease_max_ttl)?,
             };
             anyhow::ensure!(ttl.default_ms >= 1000, "--lease-ttl must be at least 1s");
-            server::serve(dd, listen, ttl, metrics_listen).await
+            let retention = ms(&flow_retention)?;
+            anyhow::ensure!(retention >= 1000, "--flow-retention must be at least 1s");
+            server::serve(dd, listen, ttl, metrics_listen, retention).await
         }
         Cmd::Status { json } => {
             let v: StatusView = admin::call(&sock, &AdminRequest::Status).await?;
@@ -459,6 +512,9 @@ async fn run(cli: Cli) -> Result<()> {
                     return print_json(&v);
                 }
                 v.device.lines().iter().for_each(|l| println!("{l}"));
+                if let Some(f) = &v.flows {
+                    println!("{}", f.line());
+                }
                 v.posture.lines().iter().for_each(|l| println!("{l}"));
                 Ok(())
             }
@@ -593,6 +649,64 @@ async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
+        Cmd::Flows {
+            cmd,
+            from,
+            to,
+            denied,
+            since,
+            rule,
+            one_sided,
+            limit,
+            json,
+        } => {
+            let filter = FlowFilter {
+                from,
+                to,
+                denied,
+                one_sided,
+                rule,
+                since_secs: admin::parse_duration(&since)?.as_secs(),
+                limit,
+            };
+            match cmd {
+                None => {
+                    let v: FlowsView = admin::call(&sock, &AdminRequest::Flows(filter)).await?;
+                    if json {
+                        return print_json(&v);
+                    }
+                    print_table(&v.flows);
+                    let s = &v.summary;
+                    println!(
+                        "{} paired, {} mismatch, {} one-sided, {} pending, {} denied; \
+                         {} report(s) missing, {} record(s) dropped by devices, {} refused",
+                        s.paired,
+                        s.mismatch,
+                        s.one_sided,
+                        s.pending,
+                        s.denied,
+                        s.missing_seqs,
+                        s.dropped_records,
+                        s.refused_records
+                    );
+                    Ok(())
+                }
+                Some(FlowsCmd::Top { by }) => {
+                    let by = match by {
+                        TopByArg::Bytes => ward_coordinator::flows::TopBy::Bytes,
+                        TopByArg::Flows => ward_coordinator::flows::TopBy::Flows,
+                        TopByArg::Denied => ward_coordinator::flows::TopBy::Denied,
+                    };
+                    let v: Vec<FlowsTopView> =
+                        admin::call(&sock, &AdminRequest::FlowsTop { filter, by }).await?;
+                    if json {
+                        return print_json(&v);
+                    }
+                    print_table(&v);
+                    Ok(())
+                }
+            }
+        }
         Cmd::Audit {
             cmd: Some(AuditCmd::Verify),
             json,

@@ -163,6 +163,7 @@ struct Sent {
     inbound: Vec<FilterRule>,
     reach: Vec<Reach>,
     relays: Vec<RelayInfo>,
+    policy_version: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -180,6 +181,8 @@ pub struct Registry {
     retired_keys: BTreeMap<WgPublicKey, (DeviceId, i64)>,
     /// `None`: no policy applied yet, which allows nothing.
     policy: Option<Policy>,
+    /// The stored version of `policy` (netmaps carry it; flow records name it).
+    policy_version: Option<u64>,
     compiled: Compiled,
     now_ms: i64,
     outputs: VecDeque<Output>,
@@ -229,6 +232,7 @@ impl Registry {
             grants,
             relays: Vec::new(),
             policy,
+            policy_version: None,
             compiled: Compiled::default(),
             now_ms,
             outputs: VecDeque::new(),
@@ -239,6 +243,15 @@ impl Registry {
             verdict_dirty: BTreeSet::new(),
             needed: BTreeMap::new(),
             punch_counters: PunchCounters::default(),
+        }
+    }
+
+    /// The stored version of the policy in force (`None`: none, or it does not parse); sent
+    /// in netmaps, and in a delta when it changes. Set it before [`Registry::handle_policy`].
+    pub fn handle_policy_version(&mut self, version: Option<u64>) {
+        if self.policy_version != version {
+            self.policy_version = version;
+            self.dirty = true;
         }
     }
 
@@ -1025,6 +1038,7 @@ impl Registry {
             .map(|d| (d.id, self.peer_view(d)))
             .collect();
         let relays = self.relays.clone();
+        let policy_version = self.policy_version;
         let ids: Vec<DeviceId> = self.sessions.keys().copied().collect();
         for id in ids {
             let Some(me) = self.devices.get(&id) else {
@@ -1062,8 +1076,8 @@ impl Registry {
                         reach: reach.clone(),
                         relays: relays.clone(),
                         punch: true,
-                        flows: false,
-                        policy_version: None,
+                        flows: true,
+                        policy_version,
                     });
                     session.sent = Some(Sent {
                         seq: 1,
@@ -1072,6 +1086,7 @@ impl Registry {
                         inbound,
                         reach,
                         relays: relays.clone(),
+                        policy_version,
                     });
                     self.outputs.push_back(Output::Send {
                         conn: session.conn,
@@ -1094,12 +1109,14 @@ impl Registry {
                     let reach_changed = sent.reach != reach;
                     let relays_changed = sent.relays != relays;
                     let me_changed = sent.hostname != me.hostname;
+                    let version_changed = sent.policy_version != policy_version;
                     if upsert.is_empty()
                         && remove.is_empty()
                         && !inbound_changed
                         && !reach_changed
                         && !relays_changed
                         && !me_changed
+                        && !version_changed
                     {
                         continue;
                     }
@@ -1114,7 +1131,11 @@ impl Registry {
                         inbound: inbound_changed.then(|| inbound.clone()),
                         reach: reach_changed.then(|| reach.clone()),
                         relays: relays_changed.then(|| relays.clone()),
-                        policy_version: None,
+                        policy_version: if version_changed {
+                            policy_version
+                        } else {
+                            None
+                        },
                         me: me_changed.then(|| SelfInfo {
                             device_id: id,
                             hostname: me.hostname.clone(),
@@ -1125,6 +1146,7 @@ impl Registry {
                         }),
                     });
                     sent.hostname = me.hostname.clone();
+                    sent.policy_version = policy_version;
                     sent.inbound = inbound;
                     sent.reach = reach;
                     if relays_changed {
@@ -1763,6 +1785,61 @@ to = ["artifacts"]
         };
         assert_eq!(d.upsert.len(), 1);
         assert!(d.inbound.as_ref().is_some_and(|i| !i.is_empty()));
+    }
+
+    /// Netmaps ask for flow records and name the policy version; a delta carries the version
+    /// only when it changed, even when nothing else did.
+    #[test]
+    fn netmaps_carry_flows_and_the_policy_version() {
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), dev(2)],
+            [],
+            Some(open_policy()),
+            vec![],
+            vec![],
+            0,
+        );
+        r.handle_policy_version(Some(4));
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let out = drain(&mut r);
+        let Output::Send {
+            msg: CoordinatorMsg::Netmap(nm),
+            ..
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert!(nm.flows);
+        assert_eq!(nm.policy_version, Some(4));
+        // The same policy applied again as version 5: only the version moves.
+        r.handle_policy_version(Some(5));
+        r.handle_policy(open_policy());
+        let out = drain(&mut r);
+        let Output::Send {
+            msg: CoordinatorMsg::NetmapDelta(d),
+            ..
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(d.policy_version, Some(5));
+        assert!(d.upsert.is_empty() && d.inbound.is_none());
+        // A change that is not the policy's leaves the version out.
+        r.handle_device_removed(DeviceId(2), "gone");
+        let out = drain(&mut r);
+        let Some(d) = out.iter().find_map(|o| match o {
+            Output::Send {
+                msg: CoordinatorMsg::NetmapDelta(d),
+                ..
+            } => Some(d),
+            _ => None,
+        }) else {
+            panic!("{out:?}")
+        };
+        assert_eq!(d.remove, vec![DeviceId(2)]);
+        assert_eq!(d.policy_version, None);
     }
 
     fn report(dev: u64, seq: u64, at: i64, marker: bool) -> PostureReport {

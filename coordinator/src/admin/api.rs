@@ -7,10 +7,13 @@
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use ward_shared::filter::Proto;
+use ward_shared::flows::{DenyCause, FlowVerdict};
 use ward_shared::names::Hostname;
 use ward_shared::posture::PostureReport;
 use ward_shared::wire::{PostureVerdict, WgPublicKey};
 
+use crate::flows::{Counts, PairStatus};
 use crate::model::{DeviceState, DeviceStatus, Quarantine, User};
 use crate::store::{
     AuditEntry, AuditVerdict, GrantRow, PolicyVersion, RelayRow, StorageHealth, TokenInfo,
@@ -281,6 +284,9 @@ pub struct DeviceDetail {
     /// After a restart, the last stored evaluation until the device reports again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_posture: Option<StoredPosture>,
+    /// Its flow reports' delivery (gaps, dropped records), once it has sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowSourceView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -509,6 +515,127 @@ impl From<AuditVerdict> for AuditVerifyView {
     }
 }
 
+/// `flows`: the selected flows, the summary of every flow in the period, and each device's
+/// report delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowsView {
+    pub flows: Vec<FlowView>,
+    pub summary: FlowSummary,
+    pub sources: Vec<FlowSourceView>,
+}
+
+/// One flow over one span of windows, with both ends' counts (`None`: that end reported
+/// nothing). `out` is what that end sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowView {
+    /// Hostname, or the address when no device holds it.
+    pub initiator: String,
+    pub responder: String,
+    /// `d7`; `None` for an address no device holds.
+    pub initiator_id: Option<String>,
+    pub responder_id: Option<String>,
+    pub proto: Proto,
+    pub port: u16,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub verdict: FlowVerdict,
+    /// The rule or grant that allowed it.
+    pub rule: Option<String>,
+    /// Why it was denied.
+    pub reason: Option<DenyCause>,
+    pub policy_version: Option<u64>,
+    /// `paired`, `mismatch`, `one_sided`, `pending` or `denied`.
+    pub status: PairStatus,
+    /// As the other end knew them when it saw the flow.
+    pub initiator_user: Option<String>,
+    pub initiator_tags: Vec<String>,
+    pub responder_user: Option<String>,
+    pub responder_tags: Vec<String>,
+    pub initiator_counts: Option<Counts>,
+    pub responder_counts: Option<Counts>,
+    /// For `mismatch`: which counts disagree (`packets i→r`, `bytes r→i`, …).
+    pub disagree: Vec<String>,
+}
+
+/// Flows in the period by pairing status, and the devices' delivery counters summed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowSummary {
+    pub paired: u64,
+    pub mismatch: u64,
+    pub one_sided: u64,
+    pub pending: u64,
+    pub denied: u64,
+    /// Report sequence numbers never received (gaps).
+    pub missing_seqs: u64,
+    /// Records devices dropped because a cap was hit.
+    pub dropped_records: u64,
+    /// Records the coordinator did not store (windows outside the retention period).
+    pub refused_records: u64,
+}
+
+/// One device's flow report delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowSourceView {
+    pub device: String,
+    pub id: String,
+    pub last_seq: u64,
+    pub reports: u64,
+    pub missing_seqs: u64,
+    pub dropped_records: u64,
+    pub refused_records: u64,
+    pub last_report_ms: i64,
+    /// Times the device numbered its reports from 1 again (it lost its flow log state).
+    #[serde(default)]
+    pub renumbered: u64,
+}
+
+impl FlowSourceView {
+    pub fn new(s: crate::store::FlowSource, device: String) -> Self {
+        Self {
+            device,
+            id: s.device.to_string(),
+            last_seq: s.last_seq,
+            reports: s.reports,
+            missing_seqs: s.missing_seqs,
+            dropped_records: s.dropped_records,
+            refused_records: s.refused_records,
+            last_report_ms: s.last_report_ms,
+            renumbered: s.renumbered,
+        }
+    }
+
+    /// For `device show`.
+    pub fn line(&self) -> String {
+        format!(
+            "{:<18} last seq {}, {} report(s), {} missing, {} record(s) dropped by the device, {} refused, last {}",
+            "flow_reports",
+            self.last_seq,
+            self.reports,
+            self.missing_seqs,
+            self.dropped_records,
+            self.refused_records,
+            fmt_time(self.last_report_ms)
+        )
+    }
+}
+
+/// `flows top`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowsTopView {
+    pub initiator: String,
+    pub responder: String,
+    pub proto: Proto,
+    pub port: u16,
+    /// Bytes both ways (the larger of the two ends' accounts).
+    pub bytes: u64,
+    /// Connections started.
+    pub flows: u64,
+    /// Connections denied.
+    pub denied: u64,
+    /// Spans of windows summed.
+    pub spans: u64,
+}
+
 /// One table column: its header and how a row shows in it.
 pub struct Column<T> {
     pub header: &'static str,
@@ -669,6 +796,73 @@ impl Table for PolicyVersionView {
     ];
 }
 
+/// `packets/bytes` of one end and direction, or `-`.
+fn counts(c: &Option<Counts>, out: bool) -> String {
+    match (c, out) {
+        (None, _) => "-".into(),
+        (Some(c), true) => format!("{}/{}", c.packets_out, c.bytes_out),
+        (Some(c), false) => format!("{}/{}", c.packets_in, c.bytes_in),
+    }
+}
+
+fn proto_port(proto: Proto, port: u16) -> String {
+    let p = match proto {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Icmp => "icmp",
+    };
+    format!("{p}/{port}")
+}
+
+impl Table for FlowView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("START", |f| fmt_time(f.start_ms)),
+        col("INITIATOR", |f| f.initiator.clone()),
+        col("RESPONDER", |f| f.responder.clone()),
+        col("PROTO/PORT", |f| proto_port(f.proto, f.port)),
+        col("VERDICT", |f| {
+            match f.verdict {
+                FlowVerdict::Allowed => "allowed",
+                FlowVerdict::Denied => "denied",
+            }
+            .into()
+        }),
+        col("RULE/REASON", |f| match (&f.rule, f.reason) {
+            (_, Some(r)) => r.as_str().into(),
+            (Some(r), None) => r.clone(),
+            (None, None) => "-".into(),
+        }),
+        col("STATUS", |f| f.status.as_str().into()),
+        col("I SENT", |f| counts(&f.initiator_counts, true)),
+        col("R GOT", |f| counts(&f.responder_counts, false)),
+        col("R SENT", |f| counts(&f.responder_counts, true)),
+        col("I GOT", |f| counts(&f.initiator_counts, false)),
+    ];
+}
+
+impl Table for FlowSourceView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("DEVICE", |s| s.device.clone()),
+        col("LAST SEQ", |s| s.last_seq.to_string()),
+        col("REPORTS", |s| s.reports.to_string()),
+        col("MISSING", |s| s.missing_seqs.to_string()),
+        col("DROPPED", |s| s.dropped_records.to_string()),
+        col("REFUSED", |s| s.refused_records.to_string()),
+        col("LAST REPORT", |s| fmt_time(s.last_report_ms)),
+    ];
+}
+
+impl Table for FlowsTopView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("INITIATOR", |t| t.initiator.clone()),
+        col("RESPONDER", |t| t.responder.clone()),
+        col("PROTO/PORT", |t| proto_port(t.proto, t.port)),
+        col("BYTES", |t| t.bytes.to_string()),
+        col("FLOWS", |t| t.flows.to_string()),
+        col("DENIED", |t| t.denied.to_string()),
+    ];
+}
+
 impl Table for AuditView {
     const COLUMNS: &'static [Column<Self>] = &[
         col("SEQ", |a| a.seq.to_string()),
@@ -709,6 +903,8 @@ pub enum AdminReply {
     Relays(Vec<RelayView>),
     Audit(Vec<AuditView>),
     AuditVerify(AuditVerifyView),
+    Flows(Box<FlowsView>),
+    FlowsTop(Vec<FlowsTopView>),
 }
 
 #[cfg(test)]
@@ -755,6 +951,109 @@ mod tests {
         }
     }
 
+    /// `flows --json`'s field names (README.md, "JSON output"): a rename fails here.
+    #[test]
+    fn flow_json_field_names_are_stable() {
+        let counts = Counts {
+            packets_out: 1,
+            bytes_out: 2,
+            packets_in: 3,
+            bytes_in: 4,
+            connections: 5,
+        };
+        let f = FlowView {
+            initiator: "laptop".into(),
+            responder: "db".into(),
+            initiator_id: Some("d1".into()),
+            responder_id: Some("d2".into()),
+            proto: Proto::Tcp,
+            port: 5432,
+            start_ms: 0,
+            end_ms: 1,
+            verdict: FlowVerdict::Denied,
+            rule: None,
+            reason: Some(DenyCause::NoRule),
+            policy_version: Some(1),
+            status: PairStatus::OneSided,
+            initiator_user: None,
+            initiator_tags: vec![],
+            responder_user: None,
+            responder_tags: vec![],
+            initiator_counts: Some(counts),
+            responder_counts: None,
+            disagree: vec![],
+        };
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(
+            (&v["verdict"], &v["reason"], &v["status"], &v["proto"]),
+            (
+                &serde_json::json!("denied"),
+                &serde_json::json!("no_rule"),
+                &serde_json::json!("one_sided"),
+                &serde_json::json!("tcp")
+            )
+        );
+        assert_eq!(
+            keys(&f),
+            set(&[
+                "initiator",
+                "responder",
+                "initiator_id",
+                "responder_id",
+                "proto",
+                "port",
+                "start_ms",
+                "end_ms",
+                "verdict",
+                "rule",
+                "reason",
+                "policy_version",
+                "status",
+                "initiator_user",
+                "initiator_tags",
+                "responder_user",
+                "responder_tags",
+                "initiator_counts",
+                "responder_counts",
+                "disagree",
+            ])
+        );
+        assert_eq!(
+            keys(&counts),
+            set(&[
+                "packets_out",
+                "bytes_out",
+                "packets_in",
+                "bytes_in",
+                "connections"
+            ])
+        );
+        let view = FlowsView {
+            flows: vec![f],
+            summary: FlowSummary::default(),
+            sources: vec![],
+        };
+        assert_eq!(keys(&view), set(&["flows", "summary", "sources"]));
+        assert_eq!(
+            keys(&FlowSummary::default()),
+            set(&[
+                "paired",
+                "mismatch",
+                "one_sided",
+                "pending",
+                "denied",
+                "missing_seqs",
+                "dropped_records",
+                "refused_records"
+            ])
+        );
+        let table = render_table(&view.flows);
+        assert!(
+            table[1].contains("no rule") && table[1].contains("one_sided"),
+            "{table:?}"
+        );
+    }
+
     /// The `--json` field names scripts read (README.md, "JSON output"): a rename fails here.
     #[test]
     fn json_field_names_are_stable() {
@@ -791,6 +1090,7 @@ mod tests {
             posture: PostureVerdict::default(),
             posture_report: None,
             stored_posture: None,
+            flows: None,
         };
         let mut want = keys(&device());
         want.extend(set(&["posture", "posture_report"]));

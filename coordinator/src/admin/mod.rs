@@ -4,6 +4,7 @@
 //! - [`api`]: the typed responses (one per request), shared by the server and the CLI.
 //! - [`ops`]: the requests' business rules over the store, synchronous and testable.
 //! - [`policy`]: policy check, apply and explain.
+//! - [`flows`]: `flows` and `flows top` (stored records, paired, filtered by selectors).
 //! - [`socket`]: the socket itself (bind, peer credentials, line I/O).
 
 use anyhow::Result;
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub mod api;
+pub mod flows;
 pub mod ops;
 pub mod policy;
 pub mod socket;
@@ -122,6 +124,14 @@ pub enum AdminRequest {
         limit: i64,
     },
     AuditVerify,
+    /// Both ends' flow records, paired.
+    Flows(flows::FlowFilter),
+    /// Flows summed per (initiator, responder, proto, port), ranked.
+    FlowsTop {
+        #[serde(flatten)]
+        filter: flows::FlowFilter,
+        by: crate::flows::TopBy,
+    },
 }
 
 /// Sends one request to the running coordinator and reads its typed answer.

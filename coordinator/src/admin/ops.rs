@@ -47,7 +47,8 @@ pub enum Notice {
     Removed(DeviceId, String),
     User(User),
     Grants(Vec<Grant>),
-    Policy(Policy),
+    /// A new policy and its stored version.
+    Policy(Policy, u64),
     /// Every registered relay, after one was added or removed.
     Relays(Vec<RelayInfo>),
 }
@@ -196,11 +197,17 @@ pub fn handle(
                         at_ms,
                     }),
             };
+            let flows = store
+                .flow_sources()?
+                .into_iter()
+                .find(|s| s.device == d.id)
+                .map(|s| super::api::FlowSourceView::new(s, d.hostname.to_string()));
             AdminReply::DeviceDetail(Box::new(DeviceDetail {
                 device,
                 posture,
                 posture_report: report,
                 stored_posture,
+                flows,
             }))
         }
         AdminRequest::DeviceQuarantine { name: n, reason } => {
@@ -420,6 +427,10 @@ pub fn handle(
         ),
         AdminRequest::AuditVerify => {
             AdminReply::AuditVerify(AuditVerifyView::from(store.verify_audit()?))
+        }
+        AdminRequest::Flows(f) => AdminReply::Flows(Box::new(super::flows::flows(store, &f, now)?)),
+        AdminRequest::FlowsTop { filter, by } => {
+            AdminReply::FlowsTop(super::flows::flows_top(store, &filter, by, now)?)
         }
     })
 }

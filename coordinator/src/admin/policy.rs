@@ -108,7 +108,7 @@ pub fn check(
             out.changes.join("; ")
         };
         let version = store.save_policy(&text, &sha, &summary, "admin", now)?;
-        live.notify(Notice::Policy(p));
+        live.notify(Notice::Policy(p, u64::try_from(version).unwrap_or(0)));
         tracing::info!(version, changes = out.changes.len(), "policy applied");
         out.version = Some(version);
     }

@@ -56,7 +56,8 @@ pub(super) enum Event {
     Lease(SignedLease, oneshot::Sender<()>),
     LeasesRevoked(DeviceId, Vec<u64>),
     Rotate(DeviceId, String, oneshot::Sender<bool>),
-    Policy(Policy),
+    /// A new policy and its stored version.
+    Policy(Policy, u64),
     Grants(Vec<Grant>),
     /// Every registered relay, after an add or remove.
     Relays(Vec<RelayInfo>),
@@ -214,7 +215,10 @@ pub(super) async fn registry_actor(
             Event::Rotate(id, why, done) => {
                 let _ = done.send(reg.handle_rotate(id, &why));
             }
-            Event::Policy(p) => reg.handle_policy(p),
+            Event::Policy(p, version) => {
+                reg.handle_policy_version(Some(version));
+                reg.handle_policy(p);
+            }
             Event::Grants(g) => reg.handle_grants(g),
             Event::Relays(r) => {
                 // A removed relay's control session ends.

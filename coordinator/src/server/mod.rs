@@ -79,9 +79,14 @@ struct Ctx {
     device_limits: std::sync::Mutex<crate::limits::DeviceLimits>,
     /// Enrollment database jobs in flight at once, whatever the number of sources.
     enroll_slots: tokio::sync::Semaphore,
+    /// Flow records older than this are not stored and are pruned.
+    flow_retention_ms: i64,
     /// Counters for `--metrics-listen`.
     metrics: crate::metrics::Counters,
 }
+
+/// Flow record retention when `serve --flow-retention` does not say.
+pub const DEFAULT_FLOW_RETENTION_MS: i64 = 30 * 86_400_000;
 
 /// `serve`: the QUIC/TCP control listener on `listen` (default: the public address's port),
 /// and Prometheus metrics on `metrics_listen` when given.
@@ -90,6 +95,7 @@ pub async fn serve(
     listen: Option<SocketAddr>,
     lease_ttl: LeaseTtl,
     metrics_listen: Option<SocketAddr>,
+    flow_retention_ms: i64,
 ) -> Result<()> {
     let config = dd.load_config()?;
     let ca = dd.load_ca()?;
@@ -129,13 +135,17 @@ pub async fn serve(
     let devices = store.list_devices()?;
     let users = store.list_users()?;
     let now = now_ms();
+    let mut current_version = None;
     let current = match store.current_policy()? {
         None => {
             info!("no policy applied yet: everything is denied until `policy apply`");
             None
         }
         Some(v) => match policy::parse(v.text.as_bytes(), &format!("policy v{}", v.version)) {
-            Ok(p) => Some(p),
+            Ok(p) => {
+                current_version = u64::try_from(v.version).ok();
+                Some(p)
+            }
             Err(e) => {
                 // Fail closed: a stored policy that no longer parses allows nothing.
                 error!(version = v.version, error = %e, "stored policy does not parse; denying everything until a valid policy is applied");
@@ -150,6 +160,7 @@ pub async fn serve(
         .filter_map(|row| crate::leases::sign_row(&lease_key, &devices, row))
         .collect();
     let mut registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
+    registry.handle_policy_version(current_version);
     registry.handle_relays(ops::relays(store.as_ref())?);
     let (events, rx) = queue::channel(queue::CONNECTION_EVENTS);
     let ctx = Arc::new(Ctx {
@@ -172,6 +183,7 @@ pub async fn serve(
         )),
         enroll_slots: tokio::sync::Semaphore::new(ENROLL_SLOTS),
         metrics: crate::metrics::Counters::default(),
+        flow_retention_ms,
     });
     if let Some(addr) = metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -210,6 +222,7 @@ pub async fn serve(
 
     tokio::spawn(integrity_checks(sqlite));
     tokio::spawn(session::refusal_rows(ctx.clone()));
+    tokio::spawn(prune_flows(ctx.store.clone(), flow_retention_ms));
     tokio::spawn(actor::registry_actor(
         registry,
         rx,
@@ -272,6 +285,40 @@ async fn integrity_checks(store: Arc<SqliteStore>) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => error!(error = %e, "database integrity check could not run"),
             Err(e) => error!(error = %e, "database integrity check task failed"),
+        }
+    }
+}
+
+/// Flow records deleted per transaction, so a prune holds the store only briefly.
+const FLOW_PRUNE_BATCH: usize = 10_000;
+
+/// Deletes flow records older than the retention, at start and then every quarter of the
+/// retention (at least every second, at most every ten minutes), on a blocking thread.
+async fn prune_flows(store: Arc<dyn Store>, retention_ms: i64) {
+    let every = Duration::from_millis(u64::try_from(retention_ms / 4).unwrap_or(0))
+        .clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = store.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let cutoff = now_ms().saturating_sub(retention_ms);
+            let mut total = 0u64;
+            loop {
+                let n = s.prune_flows(cutoff, FLOW_PRUNE_BATCH)?;
+                total += n;
+                if n < FLOW_PRUNE_BATCH as u64 {
+                    return Ok::<u64, crate::store::StoreError>(total);
+                }
+            }
+        })
+        .await;
+        match res {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(records = n, "old flow records pruned"),
+            Ok(Err(e)) => error!(error = %e, "pruning flow records failed"),
+            Err(e) => error!(error = %e, "flow pruning task failed"),
         }
     }
 }
@@ -522,7 +569,7 @@ impl Live for LiveRegistry {
             Notice::Removed(id, why) => Event::Removed(id, why),
             Notice::User(u) => Event::User(u),
             Notice::Grants(g) => Event::Grants(g),
-            Notice::Policy(p) => Event::Policy(p),
+            Notice::Policy(p, version) => Event::Policy(p, version),
             Notice::Relays(r) => Event::Relays(r),
         };
         self.events.send_internal(ev);

@@ -626,9 +626,18 @@ async fn session(
                         DeviceMsg::PunchRequest { peer } => {
                             ctx.events.send(Event::Punch { id, conn: conn_id, peer }).await;
                         }
-                        DeviceMsg::Flows(_) => {
-                            // Netmaps say `flows: false`: no agent should send these yet.
-                            debug!(device = %id, "flow report ignored: flow records are not stored");
+                        DeviceMsg::Flows(report) => {
+                            // A refused report is answered with an error and the session goes
+                            // on (its rate limit still counts it); a stored one is acknowledged.
+                            if let Err(e) = report.validate() {
+                                warn!(device = %id, seq = report.seq, error = %e, "flow report refused");
+                                send_msg(&mut link.send, &CoordinatorMsg::Error { code: ErrorCode::BadRequest, message: format!("flow report refused: {e}") }).await?;
+                                continue;
+                            }
+                            let seq = report.seq;
+                            if store_flows(&ctx, id, report).await {
+                                send_msg(&mut link.send, &CoordinatorMsg::FlowsAck { seq }).await?;
+                            }
                         }
                         DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => {
                             refuse(&mut link, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
@@ -655,7 +664,8 @@ fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
     Some(match msg {
         DeviceMsg::Update(_) => Kind::Update,
         DeviceMsg::Posture(_) => Kind::Posture,
-        DeviceMsg::DeniedFlows { .. } | DeviceMsg::Flows(_) => Kind::DeniedFlows,
+        DeviceMsg::DeniedFlows { .. } => Kind::DeniedFlows,
+        DeviceMsg::Flows(_) => Kind::Flows,
         DeviceMsg::LeaseRequest { .. } => Kind::LeaseRequest,
         DeviceMsg::LeaseActive { .. } => Kind::LeaseActive,
         DeviceMsg::RenewCert { .. } => Kind::RenewCert,
@@ -664,6 +674,46 @@ fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
         DeviceMsg::PunchRequest { .. } => Kind::Punch,
         DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => return None,
     })
+}
+
+/// Stores a validated flow report off the runtime's threads; whether it is stored now or was
+/// before (a retransmission), so it may be acknowledged. A failure is not acknowledged: the
+/// device keeps the report and sends it again.
+async fn store_flows(ctx: &Arc<Ctx>, id: DeviceId, report: ward_shared::flows::FlowReport) -> bool {
+    let store = ctx.store.clone();
+    let retention = ctx.flow_retention_ms;
+    let seq = report.seq;
+    let dropped = report.dropped_records;
+    let res = tokio::task::spawn_blocking(move || {
+        let now = now_ms();
+        store.store_flows(id, &report, now.saturating_sub(retention), now)
+    })
+    .await;
+    match res {
+        Ok(Ok(crate::store::FlowsStored::Stored {
+            records,
+            refused,
+            gap,
+        })) => {
+            debug!(device = %id, seq, records, refused, dropped, "flow report stored");
+            if gap > 0 {
+                warn!(device = %id, seq, missing = gap, "flow reports missing before this one");
+            }
+            true
+        }
+        Ok(Ok(crate::store::FlowsStored::Duplicate)) => {
+            debug!(device = %id, seq, "flow report stored before: acknowledged again");
+            true
+        }
+        Ok(Err(e)) => {
+            warn!(device = %id, seq, error = %e, "storing a flow report failed; not acknowledged");
+            false
+        }
+        Err(e) => {
+            error!(device = %id, seq, error = %e, "flow report task failed");
+            false
+        }
+    }
 }
 
 /// Issues, records and signs a lease, and has the registry push it to peers first. Refused

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use ward_shared::addr::AddressPools;
+use ward_shared::flows::{FlowRecord, FlowReport};
 use ward_shared::names::{Hostname, Name};
 use ward_shared::wire::{DeviceId, ErrorCode, WgPublicKey};
 
@@ -24,6 +25,7 @@ mod sqlite;
 
 pub use crate::model::{Device, DeviceStatus, Quarantine, User};
 pub use sqlite::{Anchor, SqliteStore};
+pub use ward_shared::flows::FlowWindow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -222,6 +224,59 @@ pub struct LeaseRow {
     pub not_after_ms: i64,
 }
 
+/// One stored flow record: one reporter's aggregate of one flow in one window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRow {
+    pub reporter: DeviceId,
+    pub window_start_ms: i64,
+    pub window_end_ms: i64,
+    pub record: FlowRecord,
+}
+
+/// Which flow records to read: windows ending at or after `since_ms`, reported by or naming
+/// one of `involving` (every device if `None`), newest windows first, at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowQuery {
+    pub since_ms: i64,
+    pub involving: Option<Vec<DeviceId>>,
+    pub limit: usize,
+}
+
+/// What storing a flow report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowsStored {
+    /// Stored now: its records, and how many sequence numbers before it never arrived (a
+    /// gap opened by this report).
+    Stored {
+        records: usize,
+        refused: usize,
+        gap: u64,
+    },
+    /// This (device, seq) was stored before (a retransmission): nothing changed.
+    Duplicate,
+}
+
+/// Per device: what its flow reports say about their own delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowSource {
+    pub device: DeviceId,
+    /// The highest sequence number stored.
+    pub last_seq: u64,
+    /// Reports stored.
+    pub reports: u64,
+    /// Sequence numbers below `last_seq` never received (a late one fills its gap).
+    pub missing_seqs: u64,
+    /// Records the device dropped because a cap was hit (its latest cumulative count).
+    pub dropped_records: u64,
+    /// Records the coordinator did not store: windows outside the retention period or too
+    /// far in the future.
+    pub refused_records: u64,
+    pub last_report_ms: i64,
+    /// Times the device numbered its reports from 1 again (it lost its flow log state).
+    #[serde(default)]
+    pub renumbered: u64,
+}
+
 /// One audit event to append (in the same transaction as the change it describes).
 pub struct Audit<'a> {
     pub actor: &'a str,
@@ -416,6 +471,28 @@ pub trait Store: Send + Sync {
     ) -> Result<()>;
     /// A device's latest posture report and evaluation, and when they were stored.
     fn posture(&self, id: DeviceId) -> Result<Option<(serde_json::Value, serde_json::Value, i64)>>;
+    /// Stores a validated flow report from `reporter` once per (reporter, seq) (report 1 with
+    /// other content than the stored one means the device numbers from 1 again: its marks are
+    /// reset and the report is stored), its records
+    /// merged into the rows of their (window, other end, role, proto, port, verdict, rule,
+    /// reason), in one transaction with the (reporter, seq) mark. Windows ending before
+    /// `keep_after_ms` or starting more than ten minutes after `now_ms` are not stored (counted
+    /// as refused). A seq at or below the retention floor counts as stored before.
+    fn store_flows(
+        &self,
+        reporter: DeviceId,
+        report: &FlowReport,
+        keep_after_ms: i64,
+        now_ms: i64,
+    ) -> Result<FlowsStored>;
+    /// Flow records as `q` asks.
+    fn flows(&self, q: &FlowQuery) -> Result<Vec<FlowRow>>;
+    /// Every device that has reported flows, by id.
+    fn flow_sources(&self) -> Result<Vec<FlowSource>>;
+    /// Deletes at most `max_rows` flow records whose window ended before `before_ms`, and the
+    /// report marks received before it (their sequence numbers stay refused as old); how
+    /// many records went.
+    fn prune_flows(&self, before_ms: i64, max_rows: usize) -> Result<u64>;
     fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()>;
     fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
     fn verify_audit(&self) -> Result<AuditVerdict>;

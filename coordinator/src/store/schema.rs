@@ -137,4 +137,59 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE tokens ADD COLUMN hostname TEXT;
     ALTER TABLE devices ADD COLUMN name_bound INTEGER NOT NULL DEFAULT 1;
     "#,
+    // 9: flow records. `flow_reports` holds each (device, seq) stored with the SHA-256 of the
+    // report, written in the same transaction as the report's records, so a retransmission is
+    // stored once and a device that restarted its numbering is told apart; `flow_sources`
+    // keeps per device the highest seq, the sequence numbers never received (gaps) and the
+    // records the device says it dropped. `flows` holds one row per (reporter, window, other
+    // end, role, proto, port, verdict, rule, reason); text columns hold '' for "none" so the
+    // key is unique in SQL's sense (NULLs never conflict).
+    r#"
+    CREATE TABLE flow_reports(
+        device_id INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        received_ms INTEGER NOT NULL,
+        records INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        PRIMARY KEY(device_id, seq)
+    );
+    CREATE INDEX flow_reports_received ON flow_reports(received_ms);
+    CREATE TABLE flow_sources(
+        device_id INTEGER PRIMARY KEY,
+        last_seq INTEGER NOT NULL,
+        floor_seq INTEGER NOT NULL,
+        reports INTEGER NOT NULL,
+        missing_seqs INTEGER NOT NULL,
+        dropped_records INTEGER NOT NULL,
+        refused_records INTEGER NOT NULL,
+        renumbered INTEGER NOT NULL,
+        last_report_ms INTEGER NOT NULL
+    );
+    CREATE TABLE flows(
+        id INTEGER PRIMARY KEY,
+        reporter INTEGER NOT NULL,
+        window_start_ms INTEGER NOT NULL,
+        window_end_ms INTEGER NOT NULL,
+        peer_id INTEGER,
+        peer_addr TEXT NOT NULL,
+        role TEXT NOT NULL,
+        proto TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        verdict TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        peer_user TEXT,
+        peer_tags TEXT NOT NULL,
+        policy_version INTEGER,
+        packets_out INTEGER NOT NULL,
+        bytes_out INTEGER NOT NULL,
+        packets_in INTEGER NOT NULL,
+        bytes_in INTEGER NOT NULL,
+        connections INTEGER NOT NULL,
+        UNIQUE(reporter, window_start_ms, peer_addr, role, proto, port, verdict, rule, reason)
+    );
+    CREATE INDEX flows_window ON flows(window_end_ms);
+    CREATE INDEX flows_reporter ON flows(reporter, window_end_ms);
+    CREATE INDEX flows_peer ON flows(peer_id, window_end_ms);
+    "#,
 ];

@@ -16,9 +16,9 @@ use super::anchor::{AuditKey, Checkpoint};
 use super::journal::{Journal, Narrowing};
 use super::schema::MIGRATIONS;
 use super::{
-    Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, GrantRow, IntegrityCheck, LeaseRow,
-    PolicyVersion, Quarantine, RelayRow, Result, StorageHealth, Store, StoreError, TokenInfo,
-    TokenSpec, User,
+    Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, FlowQuery, FlowRow, FlowSource,
+    FlowsStored, GrantRow, IntegrityCheck, LeaseRow, PolicyVersion, Quarantine, RelayRow, Result,
+    StorageHealth, Store, StoreError, TokenInfo, TokenSpec, User,
 };
 
 mod audit;
@@ -26,6 +26,7 @@ use audit::append_audit_tx;
 use devices::query_devices;
 use users::user_id;
 mod devices;
+mod flows;
 mod leases;
 mod policy;
 mod relays;
@@ -517,6 +518,28 @@ impl Store for SqliteStore {
 
     fn lease_counts(&self) -> Result<BTreeMap<DeviceId, i64>> {
         leases::lease_counts(self)
+    }
+
+    fn store_flows(
+        &self,
+        reporter: DeviceId,
+        report: &ward_shared::flows::FlowReport,
+        keep_after_ms: i64,
+        now_ms: i64,
+    ) -> Result<FlowsStored> {
+        self.with_tx(|tx| flows::store_flows_tx(tx, reporter, report, keep_after_ms, now_ms))
+    }
+
+    fn flows(&self, q: &FlowQuery) -> Result<Vec<FlowRow>> {
+        flows::flows(self, q)
+    }
+
+    fn flow_sources(&self) -> Result<Vec<FlowSource>> {
+        flows::flow_sources(self)
+    }
+
+    fn prune_flows(&self, before_ms: i64, max_rows: usize) -> Result<u64> {
+        self.with_tx(|tx| flows::prune_tx(tx, before_ms, max_rows))
     }
 
     fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()> {

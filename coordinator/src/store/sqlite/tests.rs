@@ -793,6 +793,328 @@ fn upgrade_marks_existing_devices_bound() {
     assert_eq!(s.list_tokens().unwrap()[0].hostname, None);
 }
 
+mod flow_records {
+    use super::*;
+    use crate::store::{FlowQuery, FlowsStored};
+    use ward_shared::filter::Proto;
+    use ward_shared::flows::{DenyCause, FlowRecord, FlowReport, FlowVerdict, FlowWindow, Role};
+
+    const W: i64 = 60_000;
+    const NOW: i64 = 100 * W;
+
+    fn rec(port: u16, bytes: u64) -> FlowRecord {
+        FlowRecord {
+            role: Role::Initiator,
+            peer: Some(DeviceId(2)),
+            peer_addr: "100.64.0.2".parse().unwrap(),
+            peer_user: Some("bob".into()),
+            peer_tags: vec!["db".into()],
+            proto: Proto::Tcp,
+            port,
+            verdict: FlowVerdict::Allowed,
+            rule: Some("eng-db".into()),
+            policy_version: Some(2),
+            reason: None,
+            packets_out: 1,
+            bytes_out: bytes,
+            packets_in: 1,
+            bytes_in: bytes,
+            connections: 1,
+        }
+    }
+
+    fn report(seq: u64, start: i64, records: Vec<FlowRecord>) -> FlowReport {
+        FlowReport {
+            seq,
+            windows: vec![FlowWindow {
+                start_ms: start,
+                end_ms: start + W,
+                records,
+            }],
+            dropped_records: 0,
+        }
+    }
+
+    fn all(s: &SqliteStore) -> Vec<FlowRow> {
+        s.flows(&FlowQuery {
+            since_ms: i64::MIN,
+            involving: None,
+            limit: 1000,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_report_is_stored_once_even_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let s = SqliteStore::open(&path).unwrap();
+        let r = report(1, NOW - W, vec![rec(5432, 100)]);
+        assert!(matches!(
+            s.store_flows(DeviceId(1), &r, 0, NOW).unwrap(),
+            FlowsStored::Stored { records: 1, .. }
+        ));
+        assert_eq!(
+            s.store_flows(DeviceId(1), &r, 0, NOW).unwrap(),
+            FlowsStored::Duplicate
+        );
+        drop(s);
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            s.store_flows(DeviceId(1), &r, 0, NOW).unwrap(),
+            FlowsStored::Duplicate
+        );
+        // The same seq from another device is another report.
+        assert!(matches!(
+            s.store_flows(DeviceId(3), &r, 0, NOW).unwrap(),
+            FlowsStored::Stored { .. }
+        ));
+        let rows = all(&s);
+        let mine: Vec<_> = rows.iter().filter(|r| r.reporter == DeviceId(1)).collect();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].record.bytes_out, 100, "never counted twice");
+        assert_eq!(mine[0].record, rec(5432, 100));
+    }
+
+    #[test]
+    fn records_of_one_key_and_window_are_merged_and_others_kept_apart() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.store_flows(DeviceId(1), &report(1, NOW - W, vec![rec(22, 10)]), 0, NOW)
+            .unwrap();
+        // The rest of the same window in the next report, plus another port.
+        s.store_flows(
+            DeviceId(1),
+            &report(2, NOW - W, vec![rec(22, 5), rec(80, 7)]),
+            0,
+            NOW,
+        )
+        .unwrap();
+        // The next window.
+        s.store_flows(DeviceId(1), &report(3, NOW, vec![rec(22, 1)]), 0, NOW)
+            .unwrap();
+        let mut denied = rec(22, 3);
+        denied.verdict = FlowVerdict::Denied;
+        denied.rule = None;
+        denied.reason = Some(DenyCause::NoRule);
+        s.store_flows(DeviceId(1), &report(4, NOW, vec![denied.clone()]), 0, NOW)
+            .unwrap();
+        let rows = all(&s);
+        assert_eq!(rows.len(), 4, "{rows:#?}");
+        let get = |start: i64, port: u16, v: FlowVerdict| {
+            rows.iter()
+                .find(|r| {
+                    r.window_start_ms == start && r.record.port == port && r.record.verdict == v
+                })
+                .unwrap()
+                .record
+                .clone()
+        };
+        let merged = get(NOW - W, 22, FlowVerdict::Allowed);
+        assert_eq!(
+            (merged.bytes_out, merged.packets_out, merged.connections),
+            (15, 2, 2)
+        );
+        assert_eq!(get(NOW - W, 80, FlowVerdict::Allowed).bytes_out, 7);
+        assert_eq!(get(NOW, 22, FlowVerdict::Allowed).bytes_out, 1);
+        assert_eq!(get(NOW, 22, FlowVerdict::Denied), denied);
+    }
+
+    #[test]
+    fn gaps_and_dropped_records_are_counted() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let mut r = report(1, NOW - W, vec![rec(22, 1)]);
+        s.store_flows(DeviceId(1), &r, 0, NOW).unwrap();
+        r.seq = 4;
+        r.dropped_records = 7;
+        assert_eq!(
+            s.store_flows(DeviceId(1), &r, 0, NOW).unwrap(),
+            FlowsStored::Stored {
+                records: 1,
+                refused: 0,
+                gap: 2
+            }
+        );
+        let src = &s.flow_sources().unwrap()[0];
+        assert_eq!(
+            (
+                src.last_seq,
+                src.reports,
+                src.missing_seqs,
+                src.dropped_records
+            ),
+            (4, 2, 2, 7)
+        );
+        // A late report fills its gap; the drop count is the device's latest (cumulative).
+        r.seq = 3;
+        r.dropped_records = 5;
+        s.store_flows(DeviceId(1), &r, 0, NOW).unwrap();
+        let src = &s.flow_sources().unwrap()[0];
+        assert_eq!(
+            (
+                src.last_seq,
+                src.reports,
+                src.missing_seqs,
+                src.dropped_records
+            ),
+            (4, 3, 1, 7)
+        );
+    }
+
+    #[test]
+    fn retention_refuses_old_windows_and_prunes_old_rows() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let keep_after = NOW - 10 * W;
+        // Too old, and too far in the future: acknowledged but not stored.
+        let old = report(1, keep_after - 2 * W, vec![rec(22, 1)]);
+        let future = report(2, NOW + 11 * W, vec![rec(22, 1)]);
+        for r in [&old, &future] {
+            assert_eq!(
+                s.store_flows(DeviceId(1), r, keep_after, NOW).unwrap(),
+                FlowsStored::Stored {
+                    records: 0,
+                    refused: 1,
+                    gap: 0
+                }
+            );
+        }
+        assert!(all(&s).is_empty());
+        assert_eq!(s.flow_sources().unwrap()[0].refused_records, 2);
+        // Two windows kept; later one of them ages out.
+        s.store_flows(
+            DeviceId(1),
+            &report(3, NOW - 5 * W, vec![rec(22, 1)]),
+            keep_after,
+            NOW,
+        )
+        .unwrap();
+        s.store_flows(
+            DeviceId(1),
+            &report(4, NOW - W, vec![rec(22, 1)]),
+            keep_after,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(all(&s).len(), 2);
+        assert_eq!(s.prune_flows(NOW - 3 * W, 1000).unwrap(), 1);
+        let left = all(&s);
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].window_start_ms, NOW - W);
+        // The batch bound holds.
+        assert_eq!(s.prune_flows(NOW + 10 * W, 0).unwrap(), 0);
+        assert_eq!(all(&s).len(), 1);
+        // Report marks received before the cutoff go; their seqs stay stored-before.
+        assert_eq!(s.prune_flows(NOW + 1, 1000).unwrap(), 1);
+        assert_eq!(
+            s.store_flows(DeviceId(1), &report(3, NOW, vec![rec(22, 1)]), 0, NOW + 2)
+                .unwrap(),
+            FlowsStored::Duplicate
+        );
+        assert!(all(&s).is_empty());
+    }
+
+    #[test]
+    fn queries_select_by_device_and_time_and_values_stay_in_range() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let mut huge = rec(443, u64::MAX);
+        huge.packets_out = u64::MAX;
+        huge.peer_user = Some("evil\x1b[2Jname".into());
+        s.store_flows(DeviceId(1), &report(1, NOW - W, vec![huge.clone()]), 0, NOW)
+            .unwrap();
+        s.store_flows(DeviceId(1), &report(2, NOW - W, vec![huge]), 0, NOW)
+            .unwrap();
+        let mut other = rec(80, 1);
+        other.peer = Some(DeviceId(4));
+        s.store_flows(DeviceId(3), &report(1, NOW - 30 * W, vec![other]), 0, NOW)
+            .unwrap();
+        let rows = all(&s);
+        let big = rows.iter().find(|r| r.record.port == 443).unwrap();
+        assert_eq!(
+            big.record.bytes_out,
+            i64::MAX as u64,
+            "saturates, never wraps"
+        );
+        assert_eq!(big.record.peer_user.as_deref(), Some("evil[2Jname"));
+        let q = |since_ms: i64, involving: Option<Vec<DeviceId>>| {
+            s.flows(&FlowQuery {
+                since_ms,
+                involving,
+                limit: 100,
+            })
+            .unwrap()
+            .len()
+        };
+        assert_eq!(q(i64::MIN, None), 2);
+        assert_eq!(q(NOW - 10 * W, None), 1);
+        // Device 2 is the peer of device 1's record; device 4 of device 3's.
+        assert_eq!(q(i64::MIN, Some(vec![DeviceId(2)])), 1);
+        assert_eq!(q(i64::MIN, Some(vec![DeviceId(3), DeviceId(1)])), 2);
+        assert_eq!(q(i64::MIN, Some(vec![DeviceId(4)])), 1);
+        assert_eq!(q(i64::MIN, Some(vec![DeviceId(9)])), 0);
+    }
+}
+
+mod flow_renumbering {
+    use super::*;
+    use crate::store::FlowsStored;
+    use ward_shared::flows::{FlowReport, FlowWindow};
+
+    fn report(seq: u64, start_ms: i64, dropped: u64) -> FlowReport {
+        FlowReport {
+            seq,
+            windows: vec![FlowWindow {
+                start_ms,
+                end_ms: start_ms + 60_000,
+                records: vec![],
+            }],
+            dropped_records: dropped,
+        }
+    }
+
+    /// A device that lost its state numbers its reports from 1 again: its new reports are
+    /// stored, not taken for retransmissions; another report under a used number (not 1) is not.
+    #[test]
+    fn a_device_numbering_from_one_again_is_stored_and_counted() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let d = DeviceId(1);
+        for seq in 1..=3 {
+            s.store_flows(d, &report(seq, 0, 4), 0, 1000).unwrap();
+        }
+        assert_eq!(
+            s.store_flows(d, &report(2, 0, 4), 0, 1000).unwrap(),
+            FlowsStored::Duplicate
+        );
+        assert_eq!(
+            s.store_flows(d, &report(2, 60_000, 4), 0, 1000).unwrap(),
+            FlowsStored::Duplicate,
+            "a different report under a used number other than 1 is kept out"
+        );
+        // Numbering starts over.
+        assert!(matches!(
+            s.store_flows(d, &report(1, 120_000, 1), 0, 1000).unwrap(),
+            FlowsStored::Stored { gap: 0, .. }
+        ));
+        assert!(matches!(
+            s.store_flows(d, &report(2, 180_000, 1), 0, 1000).unwrap(),
+            FlowsStored::Stored { gap: 0, .. }
+        ));
+        assert_eq!(
+            s.store_flows(d, &report(2, 180_000, 1), 0, 1000).unwrap(),
+            FlowsStored::Duplicate
+        );
+        let src = &s.flow_sources().unwrap()[0];
+        assert_eq!(
+            (
+                src.last_seq,
+                src.reports,
+                src.missing_seqs,
+                src.renumbered,
+                src.dropped_records
+            ),
+            (2, 5, 0, 1, 5)
+        );
+    }
+}
+
 #[test]
 fn audit_counts_read_only_rows_since_the_last_sequence_number() {
     let (s, _) = setup(); // one user.add row

@@ -1,0 +1,675 @@
+//! Pairing flow records from the two ends of a tunnel, free of I/O (time passed in).
+//!
+//! ```text
+//! admin `flows` request:
+//!   rows  = store.flows(query)                     both ends' records in the period
+//!   pairs = pair(&rows, &Tolerance::default(), now_ms)
+//!   (filter, sort, render; `top` sums pairs per (initiator, responder, proto, port))
+//! ```
+//!
+//! The initiator's record (role initiator, peer = responder) and the responder's (role
+//! responder, peer = initiator) describe one flow: they share the key (initiator,
+//! responder, proto, port). Within a key, records whose windows overlap (the two devices' windows
+//! need not be aligned) are joined transitively into one span, and each end's counts over the
+//! span are summed; a span whose counts disagree is joined with the next adjacent span when the
+//! two together agree (packets in flight at a window boundary are counted by the sender in one
+//! window and by the receiver in the next). A span is then:
+//!
+//! - `denied` when either end recorded a denial. The enforcing end is usually the responder
+//!   (its inbound filter), while the initiator saw an outbound flow with no reply; or the
+//!   initiator's own filter refused it and nothing left the device. Either way the flow is
+//!   one-sided or lopsided by nature, so it is reported as `denied` with both ends' counts,
+//!   never as `one_sided` or `mismatch`.
+//! - `paired` when both ends recorded it and their counts agree within the [`Tolerance`]
+//!   (the initiator's out against the responder's in, and the reverse);
+//! - `mismatch` when both ends recorded it and the counts disagree beyond it (loss, tampering or
+//!   a bug);
+//! - `one_sided` when only one end recorded it and the grace period for the other end's upload
+//!   has passed since the span ended; `pending` before that.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ward_shared::filter::Proto;
+use ward_shared::flows::{DenyCause, FlowVerdict, Role};
+use ward_shared::wire::DeviceId;
+
+use crate::store::FlowRow;
+
+/// How far the two ends' counts may disagree, and how long one end's upload may lag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tolerance {
+    /// Allowed difference in percent of the larger count.
+    pub percent: u64,
+    /// Plus this many packets (in flight at a window boundary).
+    pub packets: u64,
+    /// Plus this many bytes (two full-size packets).
+    pub bytes: u64,
+    /// A record seen by one end is `pending`, not `one_sided`, until this long after its span.
+    pub grace_ms: i64,
+}
+
+impl Default for Tolerance {
+    fn default() -> Self {
+        Self {
+            percent: 10,
+            packets: 2,
+            bytes: 3000,
+            grace_ms: 2 * ward_shared::flows::DEFAULT_WINDOW_MS,
+        }
+    }
+}
+
+/// What pairing found for one span of one flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairStatus {
+    Paired,
+    Mismatch,
+    OneSided,
+    Pending,
+    Denied,
+}
+
+impl PairStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PairStatus::Paired => "paired",
+            PairStatus::Mismatch => "mismatch",
+            PairStatus::OneSided => "one_sided",
+            PairStatus::Pending => "pending",
+            PairStatus::Denied => "denied",
+        }
+    }
+}
+
+/// One end's counts over a span, as that end reported them (`out`: sent by it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub connections: u64,
+}
+
+impl Counts {
+    fn add(&mut self, r: &ward_shared::flows::FlowRecord) {
+        self.packets_out = self.packets_out.saturating_add(r.packets_out);
+        self.bytes_out = self.bytes_out.saturating_add(r.bytes_out);
+        self.packets_in = self.packets_in.saturating_add(r.packets_in);
+        self.bytes_in = self.bytes_in.saturating_add(r.bytes_in);
+        self.connections = self.connections.saturating_add(r.connections);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes_out.saturating_add(self.bytes_in)
+    }
+}
+
+/// One flow over one span, with both ends' view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pair {
+    /// `None`: the initiator is an address no device holds (as the responder reported it).
+    pub initiator: Option<DeviceId>,
+    pub responder: Option<DeviceId>,
+    /// The address of the end that is not a known device, if one is not.
+    pub unknown_addr: Option<IpAddr>,
+    pub proto: Proto,
+    pub port: u16,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub verdict: FlowVerdict,
+    /// The rule or grant that allowed it (the responder's word first: its inbound filter
+    /// decides).
+    pub rule: Option<String>,
+    pub reason: Option<DenyCause>,
+    pub policy_version: Option<u64>,
+    pub status: PairStatus,
+    /// The initiator's user and tags as the responder knew them, and the reverse.
+    pub initiator_user: Option<String>,
+    pub initiator_tags: Vec<String>,
+    pub responder_user: Option<String>,
+    pub responder_tags: Vec<String>,
+    /// What the initiator reported (`None`: nothing).
+    pub initiator_counts: Option<Counts>,
+    pub responder_counts: Option<Counts>,
+    /// The counts that disagree beyond the tolerance (`mismatch` only), e.g. `bytes i→r`.
+    pub disagree: Vec<String>,
+}
+
+/// The key both ends' records share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    initiator: End,
+    responder: End,
+    proto: Proto,
+    port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum End {
+    Device(DeviceId),
+    Addr(IpAddr),
+}
+
+/// Pairs the records (any order) into spans, sorted by start time then key.
+pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
+    let mut by_key: BTreeMap<Key, Vec<&FlowRow>> = BTreeMap::new();
+    for row in rows {
+        let me = End::Device(row.reporter);
+        let other = match row.record.peer {
+            Some(p) => End::Device(p),
+            None => End::Addr(row.record.peer_addr),
+        };
+        let (initiator, responder) = match row.record.role {
+            Role::Initiator => (me, other),
+            Role::Responder => (other, me),
+        };
+        by_key
+            .entry(Key {
+                initiator,
+                responder,
+                proto: row.record.proto,
+                port: row.record.port,
+            })
+            .or_default()
+            .push(row);
+    }
+    let mut out = Vec::new();
+    for (key, mut rows) in by_key {
+        rows.sort_by_key(|r| (r.window_start_ms, r.window_end_ms));
+        // Spans: windows overlapping transitively.
+        let mut spans: Vec<(i64, i64, Vec<&FlowRow>)> = Vec::new();
+        for r in rows {
+            let joins = spans.last().is_some_and(|(start, end, _)| {
+                r.window_start_ms < *end
+                    || r.window_start_ms == *start
+                    || r.window_start_ms == r.window_end_ms && r.window_start_ms <= *end
+            });
+            match spans.last_mut() {
+                Some((_, end, span)) if joins => {
+                    *end = (*end).max(r.window_end_ms);
+                    span.push(r);
+                }
+                _ => spans.push((r.window_start_ms, r.window_end_ms, vec![r])),
+            }
+        }
+        // Packets in flight at a window boundary are counted in one window by the sender and
+        // in the next by the receiver: a span that disagrees is judged together with the
+        // span right after it when that makes the two agree.
+        let mut spans = spans.into_iter().peekable();
+        while let Some((start, mut end, mut span)) = spans.next() {
+            let mut p = judge(&key, &span, start, end, tol, now_ms);
+            while p.status == PairStatus::Mismatch {
+                let Some((next_start, next_end, next)) = spans.peek() else {
+                    break;
+                };
+                if *next_start > end {
+                    break;
+                }
+                let mut both = span.clone();
+                both.extend(next.iter().copied());
+                let joined = judge(&key, &both, start, (*next_end).max(end), tol, now_ms);
+                if joined.status != PairStatus::Paired {
+                    break;
+                }
+                end = (*next_end).max(end);
+                span = both;
+                p = joined;
+                spans.next();
+            }
+            out.push(p);
+        }
+    }
+    out.sort_by(|a, b| {
+        (a.start_ms, a.initiator, a.responder, a.proto, a.port).cmp(&(
+            b.start_ms,
+            b.initiator,
+            b.responder,
+            b.proto,
+            b.port,
+        ))
+    });
+    out
+}
+
+fn judge(key: &Key, span: &[&FlowRow], start: i64, end: i64, tol: &Tolerance, now: i64) -> Pair {
+    let mut ini: Option<Counts> = None;
+    let mut resp: Option<Counts> = None;
+    let mut p = Pair {
+        initiator: match key.initiator {
+            End::Device(d) => Some(d),
+            End::Addr(_) => None,
+        },
+        responder: match key.responder {
+            End::Device(d) => Some(d),
+            End::Addr(_) => None,
+        },
+        unknown_addr: match (key.initiator, key.responder) {
+            (End::Addr(a), _) | (_, End::Addr(a)) => Some(a),
+            _ => None,
+        },
+        proto: key.proto,
+        port: key.port,
+        start_ms: start,
+        end_ms: end,
+        verdict: FlowVerdict::Allowed,
+        rule: None,
+        reason: None,
+        policy_version: None,
+        status: PairStatus::Paired,
+        initiator_user: None,
+        initiator_tags: Vec::new(),
+        responder_user: None,
+        responder_tags: Vec::new(),
+        initiator_counts: None,
+        responder_counts: None,
+        disagree: Vec::new(),
+    };
+    // The responder's records go last, so its rule and reason win.
+    let mut ordered: Vec<&&FlowRow> = span.iter().collect();
+    ordered.sort_by_key(|r| r.record.role);
+    for r in ordered {
+        let rec = &r.record;
+        match rec.role {
+            Role::Initiator => {
+                ini.get_or_insert_with(Counts::default).add(rec);
+                p.responder_user = rec.peer_user.clone();
+                p.responder_tags = rec.peer_tags.clone();
+            }
+            Role::Responder => {
+                resp.get_or_insert_with(Counts::default).add(rec);
+                p.initiator_user = rec.peer_user.clone();
+                p.initiator_tags = rec.peer_tags.clone();
+            }
+        }
+        match rec.verdict {
+            FlowVerdict::Denied => {
+                p.verdict = FlowVerdict::Denied;
+                if rec.reason.is_some() {
+                    p.reason = rec.reason;
+                }
+            }
+            FlowVerdict::Allowed => {
+                if rec.rule.is_some() {
+                    p.rule = rec.rule.clone();
+                }
+            }
+        }
+        if rec.policy_version.is_some() {
+            p.policy_version = p.policy_version.max(rec.policy_version);
+        }
+    }
+    p.status = match (&ini, &resp) {
+        _ if p.verdict == FlowVerdict::Denied => PairStatus::Denied,
+        (Some(i), Some(r)) => {
+            p.disagree = disagreements(i, r, tol);
+            if p.disagree.is_empty() {
+                PairStatus::Paired
+            } else {
+                PairStatus::Mismatch
+            }
+        }
+        _ if now.saturating_sub(end) < tol.grace_ms => PairStatus::Pending,
+        _ => PairStatus::OneSided,
+    };
+    if p.verdict == FlowVerdict::Denied {
+        p.rule = None;
+    }
+    p.initiator_counts = ini;
+    p.responder_counts = resp;
+    p
+}
+
+/// Which directions' counts disagree beyond the tolerance.
+fn disagreements(i: &Counts, r: &Counts, tol: &Tolerance) -> Vec<String> {
+    // |a - b| <= percent % of the larger + slack, in u128 so nothing overflows.
+    let close = |a: u64, b: u64, slack: u64| {
+        u128::from(a.abs_diff(b)) * 100
+            <= u128::from(a.max(b)) * u128::from(tol.percent) + u128::from(slack) * 100
+    };
+    let mut out = Vec::new();
+    if !close(i.packets_out, r.packets_in, tol.packets) {
+        out.push("packets i→r".to_string());
+    }
+    if !close(i.packets_in, r.packets_out, tol.packets) {
+        out.push("packets r→i".to_string());
+    }
+    if !close(i.bytes_out, r.bytes_in, tol.bytes) {
+        out.push("bytes i→r".to_string());
+    }
+    if !close(i.bytes_in, r.bytes_out, tol.bytes) {
+        out.push("bytes r→i".to_string());
+    }
+    out
+}
+
+/// What `flows top` ranks by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopBy {
+    Bytes,
+    Flows,
+    Denied,
+}
+
+/// One (initiator, responder, proto, port) summed over its spans, for `flows top`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopEntry {
+    pub initiator: Option<DeviceId>,
+    pub responder: Option<DeviceId>,
+    pub unknown_addr: Option<IpAddr>,
+    pub proto: Proto,
+    pub port: u16,
+    /// Bytes both ways, the larger of the two ends' accounts, per span.
+    pub bytes: u64,
+    /// Connections started, the larger of the two ends' accounts, per span.
+    pub flows: u64,
+    /// Connections started in denied spans (at least one per denied span).
+    pub denied: u64,
+    pub spans: u64,
+}
+
+/// (initiator, responder, the unknown end's address, proto, port).
+type TopKey = (
+    Option<DeviceId>,
+    Option<DeviceId>,
+    Option<IpAddr>,
+    Proto,
+    u16,
+);
+
+/// Sums pairs per (initiator, responder, proto, port), largest first by `by`, at most `limit`.
+pub fn top(pairs: &[Pair], by: TopBy, limit: usize) -> Vec<TopEntry> {
+    let mut sums: BTreeMap<TopKey, TopEntry> = BTreeMap::new();
+    for p in pairs {
+        let e = sums
+            .entry((p.initiator, p.responder, p.unknown_addr, p.proto, p.port))
+            .or_insert_with(|| TopEntry {
+                initiator: p.initiator,
+                responder: p.responder,
+                unknown_addr: p.unknown_addr,
+                proto: p.proto,
+                port: p.port,
+                bytes: 0,
+                flows: 0,
+                denied: 0,
+                spans: 0,
+            });
+        let ends = [p.initiator_counts, p.responder_counts];
+        let bytes = ends.iter().flatten().map(Counts::bytes).max().unwrap_or(0);
+        let conns = ends
+            .iter()
+            .flatten()
+            .map(|c| c.connections)
+            .max()
+            .unwrap_or(0);
+        e.bytes = e.bytes.saturating_add(bytes);
+        e.flows = e.flows.saturating_add(conns);
+        if p.verdict == FlowVerdict::Denied {
+            e.denied = e.denied.saturating_add(conns.max(1));
+        }
+        e.spans += 1;
+    }
+    let mut v: Vec<TopEntry> = sums.into_values().collect();
+    v.sort_by(|a, b| {
+        let k = |e: &TopEntry| match by {
+            TopBy::Bytes => e.bytes,
+            TopBy::Flows => e.flows,
+            TopBy::Denied => e.denied,
+        };
+        k(b).cmp(&k(a))
+    });
+    if by == TopBy::Denied {
+        v.retain(|e| e.denied > 0);
+    }
+    v.truncate(limit);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ward_shared::flows::FlowRecord;
+
+    const A: DeviceId = DeviceId(1);
+    const B: DeviceId = DeviceId(2);
+    const W: i64 = 60_000;
+
+    fn rec(role: Role, peer: DeviceId, out: (u64, u64), inn: (u64, u64)) -> FlowRecord {
+        FlowRecord {
+            role,
+            peer: Some(peer),
+            peer_addr: format!("100.64.0.{}", peer.0).parse().unwrap(),
+            peer_user: Some(format!("u{}", peer.0)),
+            peer_tags: vec![],
+            proto: Proto::Tcp,
+            port: 5432,
+            verdict: FlowVerdict::Allowed,
+            rule: Some("eng-db".into()),
+            policy_version: Some(3),
+            reason: None,
+            packets_out: out.0,
+            bytes_out: out.1,
+            packets_in: inn.0,
+            bytes_in: inn.1,
+            connections: 1,
+        }
+    }
+
+    fn row(reporter: DeviceId, start: i64, end: i64, record: FlowRecord) -> FlowRow {
+        FlowRow {
+            reporter,
+            window_start_ms: start,
+            window_end_ms: end,
+            record,
+        }
+    }
+
+    /// A talks to B: A's record as initiator, B's as responder.
+    fn both(a_out: (u64, u64), b_out: (u64, u64)) -> Vec<FlowRow> {
+        vec![
+            row(A, 0, W, rec(Role::Initiator, B, a_out, b_out)),
+            row(B, 0, W, rec(Role::Responder, A, b_out, a_out)),
+        ]
+    }
+
+    #[test]
+    fn both_ends_agreeing_are_paired() {
+        let p = pair(&both((10, 1000), (9, 20_000)), &Tolerance::default(), W);
+        assert_eq!(p.len(), 1);
+        let p = &p[0];
+        assert_eq!(p.status, PairStatus::Paired);
+        assert_eq!((p.initiator, p.responder), (Some(A), Some(B)));
+        assert_eq!(p.initiator_counts.unwrap().bytes_out, 1000);
+        assert_eq!(p.responder_counts.unwrap().bytes_in, 1000);
+        assert_eq!(p.rule.as_deref(), Some("eng-db"));
+        assert_eq!(p.initiator_user.as_deref(), Some("u1"));
+        assert_eq!(p.responder_user.as_deref(), Some("u2"));
+    }
+
+    #[test]
+    fn counts_within_the_tolerance_pair_and_beyond_it_mismatch() {
+        let tol = Tolerance::default();
+        // 100 packets against 108: 10 % + 2 = 12 allowed.
+        let mut rows = both((100, 100_000), (100, 100_000));
+        rows[1].record.packets_in = 108;
+        assert_eq!(pair(&rows, &tol, W)[0].status, PairStatus::Paired);
+        rows[1].record.packets_in = 115;
+        let p = &pair(&rows, &tol, W)[0];
+        assert_eq!(p.status, PairStatus::Mismatch);
+        assert_eq!(p.disagree, vec!["packets i→r".to_string()]);
+        // Bytes are crossed: the initiator's in against the responder's out. Half reported
+        // (an end that under-reports by 50 %) is far beyond the tolerance.
+        let mut rows = both((100, 100_000), (100, 100_000));
+        rows[1].record.bytes_out = 50_000;
+        rows[1].record.packets_out = 50;
+        let p = &pair(&rows, &tol, W)[0];
+        assert_eq!(p.status, PairStatus::Mismatch);
+        assert_eq!(
+            p.disagree,
+            vec!["packets r→i".to_string(), "bytes r→i".to_string()]
+        );
+        // Small flows: two packets of slack.
+        let mut rows = both((2, 120), (0, 0));
+        rows[1].record.packets_in = 0;
+        rows[1].record.bytes_in = 0;
+        assert_eq!(pair(&rows, &tol, W)[0].status, PairStatus::Paired);
+        rows[0].record.packets_out = 3;
+        assert_eq!(pair(&rows, &tol, W)[0].status, PairStatus::Mismatch);
+    }
+
+    #[test]
+    fn one_end_only_is_pending_during_the_grace_period_then_one_sided() {
+        let tol = Tolerance::default();
+        let rows = vec![row(A, 0, W, rec(Role::Initiator, B, (5, 500), (5, 500)))];
+        assert_eq!(pair(&rows, &tol, W + 1)[0].status, PairStatus::Pending);
+        assert_eq!(
+            pair(&rows, &tol, W + tol.grace_ms - 1)[0].status,
+            PairStatus::Pending
+        );
+        let p = &pair(&rows, &tol, W + tol.grace_ms)[0];
+        assert_eq!(p.status, PairStatus::OneSided);
+        assert!(p.responder_counts.is_none());
+        // The responder's record alone is one-sided the same way.
+        let rows = vec![row(B, 0, W, rec(Role::Responder, A, (5, 500), (5, 500)))];
+        let p = &pair(&rows, &tol, 10 * W)[0];
+        assert_eq!(p.status, PairStatus::OneSided);
+        assert_eq!((p.initiator, p.responder), (Some(A), Some(B)));
+    }
+
+    #[test]
+    fn denied_flows_are_denied_with_both_counts_never_a_mismatch() {
+        let tol = Tolerance::default();
+        // The initiator sent 3 SYNs and saw no reply; the responder's filter refused them.
+        let mut rows = both((3, 180), (0, 0));
+        rows[1].record.verdict = FlowVerdict::Denied;
+        rows[1].record.rule = None;
+        rows[1].record.reason = Some(DenyCause::NoRule);
+        rows[1].record.packets_in = 1; // lost two: would be a mismatch if allowed
+        let p = &pair(&rows, &tol, 10 * W)[0];
+        assert_eq!(p.status, PairStatus::Denied);
+        assert_eq!(p.verdict, FlowVerdict::Denied);
+        assert_eq!(p.reason, Some(DenyCause::NoRule));
+        assert_eq!(p.rule, None);
+        assert_eq!(p.initiator_counts.unwrap().packets_out, 3);
+        assert_eq!(p.responder_counts.unwrap().packets_in, 1);
+        // Denied by one end alone (the initiator's own filter): denied, not one-sided.
+        let mut rows = vec![row(A, 0, W, rec(Role::Initiator, B, (3, 180), (0, 0)))];
+        rows[0].record.verdict = FlowVerdict::Denied;
+        rows[0].record.reason = Some(DenyCause::Posture);
+        assert_eq!(pair(&rows, &tol, 10 * W)[0].status, PairStatus::Denied);
+    }
+
+    #[test]
+    fn misaligned_windows_are_summed_over_their_overlap() {
+        // A's windows start at 0 and 60 s; B's at 30 s and 90 s: one span, summed.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (10, 1000), (10, 1000))),
+            row(A, W, 2 * W, rec(Role::Initiator, B, (10, 1000), (10, 1000))),
+            row(
+                B,
+                W / 2,
+                W + W / 2,
+                rec(Role::Responder, A, (15, 1500), (15, 1500)),
+            ),
+            row(
+                B,
+                W + W / 2,
+                3 * W,
+                rec(Role::Responder, A, (5, 500), (5, 500)),
+            ),
+        ];
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!(p[0].status, PairStatus::Paired);
+        assert_eq!((p[0].start_ms, p[0].end_ms), (0, 3 * W));
+        assert_eq!(p[0].initiator_counts.unwrap().bytes_out, 2000);
+        // Aligned consecutive windows stay separate spans.
+        let mut rows = both((1, 100), (1, 100));
+        rows.extend(both((2, 200), (2, 200)).into_iter().map(|mut r| {
+            r.window_start_ms += W;
+            r.window_end_ms += W;
+            r
+        }));
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|p| p.status == PairStatus::Paired));
+    }
+
+    #[test]
+    fn packets_in_flight_at_a_window_boundary_are_not_a_mismatch() {
+        // A sent 30 packets in its first window; 10 of them reached B in B's second window.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (30, 42_000), (0, 0))),
+            row(B, 0, W, rec(Role::Responder, A, (0, 0), (20, 28_000))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (10, 14_000))),
+        ];
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!(p[0].status, PairStatus::Paired);
+        assert_eq!((p[0].start_ms, p[0].end_ms), (0, 2 * W));
+        // A real disagreement stays a mismatch, and the next window stays its own span.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (30, 42_000), (0, 0))),
+            row(B, 0, W, rec(Role::Responder, A, (0, 0), (10, 14_000))),
+            row(A, W, 2 * W, rec(Role::Initiator, B, (5, 500), (0, 0))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (5, 500))),
+        ];
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert_eq!(p[0].status, PairStatus::Mismatch);
+        assert_eq!(p[1].status, PairStatus::Paired);
+    }
+
+    #[test]
+    fn different_ports_and_directions_are_different_flows() {
+        let mut rows = both((1, 100), (1, 100));
+        rows[1].record.port = 22;
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|p| p.status == PairStatus::OneSided));
+        // B initiating to A is not A initiating to B.
+        let mut rows = both((1, 100), (1, 100));
+        rows[1] = row(B, 0, W, rec(Role::Initiator, A, (1, 100), (1, 100)));
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn an_unknown_address_is_kept_and_never_paired() {
+        let mut r = rec(Role::Responder, A, (0, 0), (4, 240));
+        r.peer = None;
+        r.peer_addr = "100.64.9.9".parse().unwrap();
+        r.verdict = FlowVerdict::Denied;
+        r.reason = Some(DenyCause::SpoofedSource);
+        let p = pair(&[row(B, 0, W, r)], &Tolerance::default(), 10 * W);
+        assert_eq!(p[0].initiator, None);
+        assert_eq!(p[0].unknown_addr, Some("100.64.9.9".parse().unwrap()));
+        assert_eq!(p[0].status, PairStatus::Denied);
+    }
+
+    #[test]
+    fn top_ranks_by_bytes_flows_and_denied() {
+        let mut rows = both((10, 10_000), (10, 10_000));
+        let mut denied = both((3, 180), (0, 0));
+        for r in &mut denied {
+            r.record.port = 22;
+        }
+        denied[1].record.verdict = FlowVerdict::Denied;
+        denied[1].record.reason = Some(DenyCause::NoRule);
+        denied[1].record.connections = 3;
+        rows.extend(denied);
+        let pairs = pair(&rows, &Tolerance::default(), 10 * W);
+        let t = top(&pairs, TopBy::Bytes, 10);
+        assert_eq!((t[0].port, t[0].bytes), (5432, 20_000));
+        let t = top(&pairs, TopBy::Denied, 10);
+        assert_eq!(t.len(), 1);
+        assert_eq!((t[0].port, t[0].denied), (22, 3));
+        let t = top(&pairs, TopBy::Flows, 1);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].port, 22);
+    }
+}
