@@ -49,6 +49,7 @@ cores=(
     coordinator/src/gate.rs
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
+    client/src/dataplane/probe.rs
     client/src/agent
     relay/src/core.rs
     relay/src/forward.rs
