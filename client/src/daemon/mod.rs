@@ -45,6 +45,9 @@ pub struct DaemonOpts {
     pub posture: crate::posture::CollectorConfig,
     /// A report is sent at least this often, and at once when a value changes.
     pub posture_interval: Duration,
+    /// While the control session is on TCP, how often QUIC is tried again
+    /// ([`control::QUIC_RETRY_EVERY`] unless a test sets it).
+    pub quic_retry: Duration,
 }
 
 /// While the device is up: its agent core, data plane and session task.
@@ -424,6 +427,7 @@ mod tests {
                 port: 0,
                 posture,
                 posture_interval: Duration::from_secs(30),
+                quic_retry: control::QUIC_RETRY_EVERY,
             },
             state_file: StateFile::new(&top.path().join("state")),
             identity: Mutex::new(None),
