@@ -2,7 +2,9 @@
 //! ICMP, so the kernel keeps saying 1500) is probed down to what it carries; a peer that never
 //! answers changes nothing; acknowledgements nobody could have sent change nothing.
 
-use super::super::super::probe::{encode_ack, Probe, PROBE_TIMEOUT, UNANSWERED_ROUNDS};
+use super::super::super::probe::{
+    encode_ack, Probe, PROBE_TIMEOUT, SUSPECT_AFTER, UNANSWERED_ROUNDS,
+};
 use super::*;
 
 /// The pair, each side's kernel saying the path to the other carries 1500 bytes, and the
@@ -168,4 +170,31 @@ fn forged_acknowledgements_cannot_raise_the_mtu() {
     run_until_mtu(&mut net, 0, 1397..=1400, Duration::from_secs(5));
     net.run(Duration::from_secs(3));
     assert!(net.status_of(0, 2).path_mtu.is_some_and(|m| m <= 1400));
+}
+
+#[test]
+fn a_black_hole_that_appears_later_is_found_when_large_packets_go_unanswered() {
+    let mut net = pair_with_black_hole(75, None);
+    net.run(Duration::from_secs(3));
+    let sent = net.nodes[0].core.path_mtus().counters().probes_sent;
+    assert_eq!(net.status_of(0, 2).path_mtu, Some(1500));
+    // The link behind some router shrinks; nobody tells the kernel. Small packets still pass.
+    net.udp_mtu = Some(1400);
+    let (a, b) = (net.nodes[0].ipv4, net.nodes[1].ipv4);
+    net.send_ip(0, &ipv4_packet(a, b, b"small"));
+    net.run(Duration::from_millis(100));
+    assert_eq!(
+        net.nodes[0].core.path_mtus().counters().probes_sent,
+        sent,
+        "no reason to probe"
+    );
+    // Large packets go out and nothing comes back: probed within a couple of seconds.
+    let big = ipv4_packet(a, b, &vec![1u8; 1400]);
+    net.send_ip(0, &big);
+    let took = run_until_mtu(&mut net, 0, 1397..=1400, Duration::from_secs(5));
+    assert!(
+        took <= SUSPECT_AFTER + PROBE_TIMEOUT * 2 + TIMER_INTERVAL,
+        "{took:?}"
+    );
+    assert_eq!(net.nodes[1].delivered, vec![ipv4_packet(a, b, b"small")]);
 }
