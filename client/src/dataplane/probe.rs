@@ -34,7 +34,8 @@
 //! A round sends probes of a list of common outer sizes (1280 … 1500, and the kernel's MTU)
 //! at once, none above the kernel's MTU; when it ends (all answered, or [`PROBE_TIMEOUT`]),
 //! the largest answered size `a` and the smallest unanswered larger size `b` bound the path
-//! MTU, and a second round probes seven sizes evenly between them. The result is the largest
+//! MTU (`a` is in force at once), and a second round probes seven sizes evenly between them.
+//! The result is the largest
 //! answered size; it caps the kernel's MTU ([`Prober::ceiling`]) only when some size up to the
 //! kernel's was not answered. A first round with no answer at all is retried
 //! ([`UNANSWERED_ROUNDS`] rounds) before giving up. Rounds run when the path becomes direct
@@ -288,6 +289,9 @@ impl Prober {
                         if fine.is_empty() {
                             self.conclude(now, Some(a))
                         } else {
+                            // `a` is known to pass: in force at once (a stalled stream resumes
+                            // a round sooner), raised by the fine round if it finds more.
+                            self.ceiling = Some(a.max(MIN_PROBED_MTU));
                             self.start_round(now, kernel_mtu, fine, Some(a))
                         }
                     }
@@ -493,14 +497,16 @@ mod tests {
             },
             now,
         );
-        let mut later = now + PROBE_TIMEOUT;
-        loop {
-            let fine = p.handle_timers(later, addr, 1500);
-            if fine.is_empty() {
-                break;
-            }
-            later += PROBE_TIMEOUT;
-        }
+        let fine = p.handle_timers(now + PROBE_TIMEOUT, addr, 1500);
+        assert!(!fine.is_empty());
+        assert_eq!(
+            p.ceiling(),
+            Some(1280),
+            "the answered size holds during the fine round"
+        );
+        assert!(p
+            .handle_timers(now + PROBE_TIMEOUT * 2, addr, 1500)
+            .is_empty());
         assert_eq!(p.ceiling(), Some(1280));
         assert_eq!(p.tally.acked, 1);
     }
