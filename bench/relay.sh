@@ -14,6 +14,8 @@
 #   rtt    ping RTT idle, median ms (50 pings, 20 ms apart; 10 with --smoke)
 #   relay  ward-relay CPU seconds per GB during the single-stream run
 #   a, b   the sending (a) and receiving (b) device daemons' CPU seconds per GB, same run
+# and, per run only, the sender's TCP retransmissions and the datagrams the relay could not
+# hand on (queue_full, too_large),
 # and the relayed/direct ratios.
 #
 # WARD_BENCH_PERF=DIR: also records `perf record -g` of the relay and both daemons during each
@@ -119,11 +121,13 @@ unblock() {
     local h
     for h in a b; do ip netns exec "$(lab_ns "$h")" nft delete table ip wardbench 2>/dev/null || true; done
 }
+# drops REASON: datagrams the relay could not hand on for REASON so far.
+drops() { lab_relay_metric relay1 "ward_relay_dropped_total{reason=\"$1\"}" 2>/dev/null || echo 0; }
 cpu_s() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"; }
 
 # measure PATH: one single-stream run and the idle RTT over the current path; prints a JSON object.
 measure() {
-    local kind="$1" c0 c1 json rtt a0 a1 b0 b1
+    local kind="$1" c0 c1 json rtt a0 a1 b0 b1 q0 q1 l0 l1
     rtt=$(lab_exec a ping -q -c "$PINGS" -i 0.02 -W 1 "$B4" | python3 -c '
 import re, sys
 m = re.search(r"= [\d.]+/([\d.]+)/", sys.stdin.read())
@@ -131,6 +135,7 @@ print(m.group(1) if m else "null")')
     lab_spawn b "iperf3-s-$kind.log" iperf3 -s -1 -B "$B4" -p 5201
     lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns b) ss -ltn | grep -q ':5201 '"
     c0=$(cpu_s "$RELAY_PID") a0=$(cpu_s "$A_PID") b0=$(cpu_s "$B_PID")
+    q0=$(drops queue_full) l0=$(drops too_large)
     local perf_pids=()
     if [[ -n "${WARD_BENCH_PERF:-}" && "$kind" == relay ]]; then
         mkdir -p "$WARD_BENCH_PERF"
@@ -149,23 +154,27 @@ print(m.group(1) if m else "null")')
     json=$(lab_exec a iperf3 -c "$B4" -p 5201 -t "$DURATION" -J) || json='{"error":"iperf3 failed"}'
     ((${#perf_pids[@]} == 0)) || wait "${perf_pids[@]}" || true
     c1=$(cpu_s "$RELAY_PID") a1=$(cpu_s "$A_PID") b1=$(cpu_s "$B_PID")
+    q1=$(drops queue_full) l1=$(drops too_large)
     python3 -c '
 import json, sys
 r = json.loads(sys.argv[1])
 kind, rtt = sys.argv[2], sys.argv[3]
 c0, c1, a0, a1, b0, b1 = map(float, sys.argv[4:10])
-out = {"path": kind, "rtt_idle_ms": None if rtt == "null" else float(rtt)}
+q0, q1, l0, l1 = map(int, sys.argv[10:14])
+out = {"path": kind, "rtt_idle_ms": None if rtt == "null" else float(rtt),
+       "relay_drop_queue_full": q1 - q0, "relay_drop_too_large": l1 - l0}
 if "error" in r:
     out["error"] = r["error"]
 else:
     e = r["end"]["sum_received"]
     out["tcp1_gbps"] = e["bits_per_second"] / 1e9
     out["bytes"] = e["bytes"]
+    out["retransmits"] = r["end"].get("sum_sent", {}).get("retransmits")
     gb = e["bytes"] / 1e9
     out["relay_cpu_s_per_gb"] = (c1 - c0) / gb if gb > 0 else None
     out["a_cpu_s_per_gb"] = (a1 - a0) / gb if gb > 0 else None
     out["b_cpu_s_per_gb"] = (b1 - b0) / gb if gb > 0 else None
-print(json.dumps(out))' "$json" "$kind" "$rtt" "$c0" "$c1" "$a0" "$a1" "$b0" "$b1"
+print(json.dumps(out))' "$json" "$kind" "$rtt" "$c0" "$c1" "$a0" "$a1" "$b0" "$b1" "$q0" "$q1" "$l0" "$l1"
 }
 
 lab_wait_for -t 30 -i 0.2 both direct || { echo "the two devices never went direct" >&2; exit 1; }
@@ -197,7 +206,8 @@ summary["ratio_rtt"] = ratio(r["rtt_idle_ms"], d["rtt_idle_ms"])
 json.dump({"rounds": rounds, "duration_s": duration, "runs": runs, "summary": summary}, open(out_path, "w"), indent=1)
 f = lambda x, p=2: "-" if x is None else "%.*f" % (p, x)
 for r in runs:
-    print("run %-6s %s" % (r["path"], " ".join("%s=%s" % (k, f(r.get(k), 3)) for k in FIELDS)))
+    extra = " ".join("%s=%s" % (k, r.get(k)) for k in ("retransmits", "relay_drop_queue_full", "relay_drop_too_large"))
+    print("run %-6s %s %s" % (r["path"], " ".join("%s=%s" % (k, f(r.get(k), 3)) for k in FIELDS), extra))
 print("%-8s %12s %12s %15s %11s %11s" % ("path", "tcp1 Gbit/s", "rtt idle ms", "relay cpu s/GB", "a cpu s/GB", "b cpu s/GB"))
 for k in ("direct", "relay"):
     s = summary[k]

@@ -161,6 +161,8 @@ pub fn relay_config(ca_der: &[u8], cert_der: &[u8], key_pem: &str) -> Result<qui
     ack.ack_eliciting_threshold(7u32.into())
         .max_ack_delay(Some(std::time::Duration::from_millis(5)));
     t.ack_frequency_config(Some(ack));
+    // The relayed datagrams' own flows control congestion; the link adds no window or pacing.
+    t.congestion_controller_factory(Arc::new(ward_runtime::quic::TunnelWindow));
     cc.transport_config(Arc::new(t));
     Ok(cc)
 }
@@ -240,6 +242,12 @@ pub fn client_endpoint() -> Result<quinn::Endpoint> {
         .context("opening a UDP socket for the control channel")?;
     if let Some(e) = &bound.ipv4_only_because {
         info!(error = %e, "IPv6 unavailable: the control channel uses IPv4 only");
+    }
+    // The endpoint carries the relay links too: room for a burst while its task waits.
+    if let Err(e) =
+        ward_runtime::net::set_socket_buffers(&bound.socket, ward_runtime::net::QUIC_SOCKET_BUFFER)
+    {
+        debug!(error = %e, "QUIC socket buffers left at the kernel's default");
     }
     let runtime = quinn::default_runtime()
         .ok_or_else(|| anyhow!("the control channel needs a tokio runtime"))?;

@@ -59,6 +59,10 @@ enum Cmd {
         /// again (seconds; for tests).
         #[arg(long, env = "WARD_QUIC_RETRY_SECS", hide = true, default_value_t = ward_client::control::QUIC_RETRY_EVERY.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
         quic_retry_secs: u64,
+        /// TCP address serving Prometheus metrics at `GET /metrics` (off unless given; bind it
+        /// to loopback: see docs/metrics.md).
+        #[arg(long, env = "WARD_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Join the network: enroll with a token the first time, reconnect afterwards.
     Up {
@@ -176,6 +180,7 @@ async fn run(cli: Cli) -> Result<()> {
             posture_check_timeout,
             posture_interval,
             quic_retry_secs,
+            metrics_listen,
         } => {
             let tun = (tun != "off").then_some(tun);
             let mut custom_checks = BTreeMap::new();
@@ -199,6 +204,7 @@ async fn run(cli: Cli) -> Result<()> {
                 },
                 posture_interval,
                 quic_retry: Duration::from_secs(quic_retry_secs),
+                metrics_listen,
             })
             .await
         }

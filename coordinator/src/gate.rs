@@ -135,6 +135,8 @@ pub struct EnrollGate {
     /// Refusals about a named subject (a revoked device, whatever address it comes from),
     /// bounded like `sources`.
     subjects: BTreeMap<(String, Action), Pending>,
+    /// Every refusal recorded since start, by action (for metrics).
+    totals: BTreeMap<Action, u64>,
 }
 
 impl EnrollGate {
@@ -143,7 +145,13 @@ impl EnrollGate {
             cfg,
             sources: BTreeMap::new(),
             subjects: BTreeMap::new(),
+            totals: BTreeMap::new(),
         }
+    }
+
+    /// Refusals recorded since start, by action (`connect.refused`, `enroll.refused`).
+    pub fn refusal_totals(&self) -> &BTreeMap<Action, u64> {
+        &self.totals
     }
 
     /// Takes a token from `source`'s bucket.
@@ -171,6 +179,7 @@ impl EnrollGate {
         limited: bool,
         now_ms: i64,
     ) -> Option<RefusalRow> {
+        *self.totals.entry(action).or_default() += 1;
         let interval = self.cfg.interval_ms;
         let key = self.key_for(source, now_ms);
         let s = self.sources.get_mut(&key)?;
@@ -211,6 +220,7 @@ impl EnrollGate {
                 return self.refused(source, action, reason, false, now_ms);
             }
         }
+        *self.totals.entry(action).or_default() += 1;
         let p = self.subjects.entry(key).or_default();
         p.count += 1;
         if p.reasons.len() < MAX_REASONS || p.reasons.contains_key(reason) {

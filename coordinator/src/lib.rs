@@ -13,6 +13,7 @@
 //! - [`pki`]: control-channel CA and certificates (devices', the listener's, relays').
 //! - [`server`]: the tokio driver (QUIC device sessions, relay control sessions, registry actor,
 //!   its side effects).
+//! - [`metrics`]: the Prometheus metrics `serve --metrics-listen` exposes.
 //! - [`admin`]: the admin protocol (typed API, business rules, policy, socket); [`datadir`]: the
 //!   data directory.
 //!
@@ -24,6 +25,7 @@ pub mod datadir;
 pub mod gate;
 pub mod leases;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod registry;

@@ -65,6 +65,10 @@ enum Cmd {
         /// No lease lives longer than this, whatever else is configured.
         #[arg(long, env = "WARD_LEASE_MAX_TTL", default_value = "1h")]
         lease_max_ttl: String,
+        /// TCP address serving Prometheus metrics at `GET /metrics` (off unless given; bind
+        /// it to loopback or a management network: see docs/metrics.md).
+        #[arg(long, env = "WARD_COORDINATOR_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Show the running coordinator's state.
     Status {
@@ -323,6 +327,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve {
             listen,
+            metrics_listen,
             lease_ttl,
             lease_ttl_tag,
             lease_max_ttl,
@@ -342,7 +347,7 @@ async fn run(cli: Cli) -> Result<()> {
                 max_ms: ms(&lease_max_ttl)?,
             };
             anyhow::ensure!(ttl.default_ms >= 1000, "--lease-ttl must be at least 1s");
-            server::serve(dd, listen, ttl).await
+            server::serve(dd, listen, ttl, metrics_listen).await
         }
         Cmd::Status { json } => {
             let v: StatusView = admin::call(&sock, &AdminRequest::Status).await?;

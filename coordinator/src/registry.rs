@@ -184,6 +184,8 @@ pub struct Registry {
     dirty: bool,
     trust: TrustBook,
     trust_tick_ms: i64,
+    /// Leases dropped at their expiry since start (revoked ones are not counted).
+    leases_expired: u64,
     /// Devices whose verdict must be recomputed and, if different, sent.
     verdict_dirty: BTreeSet<DeviceId>,
     /// Per device, the posture requirements that rules applying to it name.
@@ -231,6 +233,7 @@ impl Registry {
             dirty: true,
             trust: TrustBook::default(),
             trust_tick_ms: now_ms,
+            leases_expired: 0,
             verdict_dirty: BTreeSet::new(),
             needed: BTreeMap::new(),
             punch_counters: PunchCounters::default(),
@@ -537,10 +540,16 @@ impl Registry {
             v.retain(|l| l.lease.not_after_ms > now_ms);
             if v.len() != before {
                 self.dirty = true;
+                self.leases_expired += (before - v.len()) as u64;
             }
         }
         self.leases.retain(|_, v| !v.is_empty());
         self.now_ms = now_ms;
+    }
+
+    /// Leases that reached their expiry while held here, since start (for metrics).
+    pub fn leases_expired(&self) -> u64 {
+        self.leases_expired
     }
 
     /// When the driver must call `handle_time` next (coordinator wall clock, ms).

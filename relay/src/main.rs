@@ -85,6 +85,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => bind_default()?,
     };
+    // Room for a burst of relayed datagrams while the endpoint's task waits for a CPU.
+    if let Err(e) =
+        ward_runtime::net::set_socket_buffers(&socket, ward_runtime::net::QUIC_SOCKET_BUFFER)
+    {
+        tracing::info!(error = %e, "UDP socket buffers left at the kernel's default");
+    }
     socket
         .set_nonblocking(true)
         .context("making the UDP socket non-blocking")?;

@@ -82,6 +82,8 @@ pub fn device_server_config(
     ack.ack_eliciting_threshold(7u32.into())
         .max_ack_delay(Some(std::time::Duration::from_millis(5)));
     t.ack_frequency_config(Some(ack));
+    // The relayed datagrams' own flows control congestion; the link adds no window or pacing.
+    t.congestion_controller_factory(Arc::new(ward_runtime::quic::TunnelWindow));
     sc.transport_config(Arc::new(t));
     Ok(sc)
 }

@@ -168,8 +168,10 @@ RB1=$(relay_bytes)
 check "3. the relays forwarded at least 50 MB ($((RB1 - RB0)) bytes)" test $((RB1 - RB0)) -ge 52428800
 
 say "4. the relays see only ciphertext"
+# A 32 MiB capture buffer: the relay's unpaced bursts (GSO super-packets) outrun tcpdump's
+# default 2 MiB on a busy machine, and a dropped packet would hide what it carried.
 for h in relay1 relay2; do
-    lab_spawn "$h" "tcpdump-$h.log" tcpdump -i eth0 -U -n -s 0 -w "$LAB_DIR/$h.pcap" udp port 3478
+    lab_spawn "$h" "tcpdump-$h.log" tcpdump -i eth0 -U -n -s 0 -B 32768 -w "$LAB_DIR/$h.pcap" udp port 3478
     eval "DUMP_$h=$(lab_last_pid)"
 done
 for h in relay1 relay2; do

@@ -3,8 +3,11 @@
 # enforced at the peer within seconds of a change, in both directions, measured over 20
 # trials; posture-free access is untouched; `ward posture` names the failing check; custom
 # checks that hang, crash, print garbage or 10 MB are bounded; a port scan quarantines the
-# scanner automatically and `device release` restores it. Needs root; prints
-# `N passed, N failed`.
+# scanner automatically and `device release` restores it. The coordinator, the devices and a
+# relay serve Prometheus metrics on their namespace's loopback: each scrape passes
+# `promtool check metrics`, and the metrics follow the scenario (handshakes and bytes rise, a
+# posture failure moves the enforcement-latency histogram, a revocation its counter). Needs
+# root; prints `N passed, N failed`.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 need_root
@@ -51,11 +54,14 @@ trap 'rc=$?; stop_proc; (exit $rc); lab_cleanup' EXIT
 lab_add_wan_host db
 lab_add_natted_host alice
 lab_add_natted_host bob
-lab_start_coordinator
-lab_start_device db
-lab_start_device alice
+# Metrics on each namespace's loopback (as the docs advise: never a public address).
+CM=127.0.0.1:9560
+DM=127.0.0.1:9561
+LAB_COORD_SERVE_ARGS="--metrics-listen $CM" lab_start_coordinator
+LAB_WARD_ARGS="--metrics-listen $DM" lab_start_device db
+LAB_WARD_ARGS="--metrics-listen $DM" lab_start_device alice
 # bob carries the custom checks (alice is the latency subject).
-LAB_WARD_ARGS="--posture-checks-dir $CHECKS --posture-check-timeout 2s" lab_start_device bob
+LAB_WARD_ARGS="--metrics-listen $DM --posture-checks-dir $CHECKS --posture-check-timeout 2s" lab_start_device bob
 lab_coord user add alice >/dev/null 2>&1
 lab_coord user add bob >/dev/null 2>&1
 lab_device_up db "$(lab_token --tag db)" >/dev/null
@@ -156,6 +162,19 @@ RSS=$(python3 "$TOOLS" rss "${APID:-none}" 2>/dev/null || echo 0)
 echo "  agent RSS after the 10 MB check: ${RSS} KiB"
 check "agent memory stayed bounded (< 100 MiB)" test "${RSS:-0}" -gt 0 -a "${RSS:-0}" -lt 102400
 
+say "metrics: every endpoint passes promtool; note the counters before the posture changes"
+check "coordinator metrics pass promtool check metrics" lab_check_metrics wan "$CM"
+check "alice's metrics pass promtool check metrics" lab_check_metrics alice "$DM"
+cmetric() { lab_metric wan "$CM" "$1"; }
+ametric() { lab_metric alice "$DM" "$1"; }
+HS0=$(ametric ward_device_handshake_initiations_total)
+OUT0=$(ametric 'ward_device_bytes_total{direction="out"}')
+ENF0=$(cmetric ward_coordinator_trust_enforcement_seconds_count)
+TR0=$(cmetric 'ward_coordinator_posture_transitions_total{result="fail"}')
+echo "  alice: ${HS0} handshake initiations, ${OUT0} bytes out; coordinator: ${ENF0} enforcement observations"
+check "alice's control state is connected" test "$(ametric 'ward_device_control_state{state="connected"}')" = 1
+check "the coordinator counts three sessions" test "$(cmetric ward_coordinator_sessions)" = 3
+
 say "break posture (file removed): refused within 3 s, established connection stops, web unaffected"
 lab_spawn alice stream.log python3 "$TOOLS" stream "$DB4" 5432 12
 sleep 2
@@ -184,6 +203,11 @@ SHOW=$(lab_coord device show alice)
 check "device show on the coordinator gives the same reason" bash -c "grep -q \"$MARK\" <<<\"\$1\"" _ "$SHOW"
 EXPL=$(lab_coord policy explain alice db:5432 2>&1)
 check "policy explain names the failing check" bash -c "grep -q \"$MARK\" <<<\"\$1\"" _ "$EXPL"
+
+ENF1=$(cmetric ward_coordinator_trust_enforcement_seconds_count)
+check "the posture failure moved the enforcement-latency histogram ($ENF0 -> $ENF1 observations)" test "${ENF1:-0}" -gt "${ENF0:-0}"
+check "the posture failure counted a transition to fail" test "$(cmetric 'ward_coordinator_posture_transitions_total{result="fail"}')" -gt "${TR0:-0}"
+check "alice fails requirement healthy in the posture gauge" test "$(cmetric 'ward_coordinator_posture_devices{requirement="healthy",result="fail"}')" -ge 1
 
 say "restore: access returns within 3 s"
 T0=$(now_ms); touch "$MARK"
@@ -282,5 +306,30 @@ echo "  alice's lease ttl now: $(lab_ward_json_get alice 's["lease"]["ttl_secs"]
 touch "$MARK"
 check "device release alice" lab_coord device release alice
 check "released and compliant alice -> db:5432 opens" sees 5432 open "$(now_ms)" 5
+
+say "metrics after the scenario: a relay joins, counters moved, a revocation is counted"
+lab_add_wan_host relay1
+RELAY=$(lab_start_relay relay1 r1)
+check "relay r1 ($RELAY) joins the coordinator" lab_relay_wait_welcomed relay1
+RM=$(lab_hostport "$(lab_public_ip relay1)" 9464)
+check "relay metrics pass promtool check metrics" lab_check_metrics relay1 "$RM"
+check "coordinator metrics pass promtool check metrics" lab_check_metrics wan "$CM"
+check "alice's metrics pass promtool check metrics" lab_check_metrics alice "$DM"
+check "bob's metrics pass promtool check metrics" lab_check_metrics bob "$DM"
+HS1=$(ametric ward_device_handshake_initiations_total)
+OUT1=$(ametric 'ward_device_bytes_total{direction="out"}')
+echo "  alice: handshake initiations ${HS0} -> ${HS1}, bytes out ${OUT0} -> ${OUT1}"
+check "alice's handshake initiations rose" test "${HS1:-0}" -gt "${HS0:-0}"
+check "alice's bytes out rose" test "${OUT1:-0}" -gt "${OUT0:-0}"
+check "the coordinator counted quarantines" test "$(cmetric ward_coordinator_quarantines_total)" -ge 3
+relay_session() { [[ $(cmetric ward_coordinator_relay_sessions) == 1 ]]; }
+check "the coordinator sees the relay's control session" lab_wait_for -t 10 relay_session
+REV0=$(cmetric ward_coordinator_device_revocations_total)
+check "device revoke bob" lab_coord device revoke bob
+REV1=$(cmetric ward_coordinator_device_revocations_total)
+check "the revocation moved its counter ($REV0 -> $REV1)" test "${REV1:-0}" -eq $((${REV0:-0} + 1))
+check "the coordinator counts bob as revoked" test "$(cmetric 'ward_coordinator_devices{state="revoked"}')" = 1
+bob_revoked() { [[ $(lab_metric bob "$DM" 'ward_device_control_state{state="revoked"}') == 1 ]]; }
+check "bob's own metrics say revoked" lab_wait_for -t 10 bob_revoked
 
 finish

@@ -734,20 +734,49 @@ lab_relay_wait_welcomed() {
 # summed over matching series; prints 0 if it has none.
 lab_relay_metric() {
     local host="${1:?usage: lab_relay_metric HOST METRIC}" metric="${2:?usage: lab_relay_metric HOST METRIC}"
-    local url
-    url="http://$(lab_hostport "$(lab_public_ip "$host")" 9464)/metrics"
-    ip netns exec "$(lab_ns "$host")" python3 -c '
+    lab_metric "$host" "$(lab_hostport "$(lab_public_ip "$host")" 9464)" "$metric"
+}
+
+# lab_scrape HOST ADDR: print the body of `GET http://ADDR/metrics`, fetched in
+# HOST's namespace (so a loopback ADDR is HOST's own loopback); fails if the
+# endpoint does not answer 200.
+lab_scrape() {
+    local host="${1:?usage: lab_scrape HOST ADDR}" addr="${2:?usage: lab_scrape HOST ADDR}"
+    lab_exec "$host" python3 -c '
 import sys, urllib.request
-body = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+sys.stdout.write(urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode())
+' "$addr"
+}
+
+# lab_metric HOST ADDR METRIC: the value of METRIC on the endpoint ADDR in HOST:
+# a sample name, alone (every series summed) or with its exact labels
+# (`ward_device_bytes_total{direction="out"}`); prints 0 if it has none.
+lab_metric() {
+    local host="${1:?usage: lab_metric HOST ADDR METRIC}" addr="${2:?usage: lab_metric HOST ADDR METRIC}"
+    local metric="${3:?usage: lab_metric HOST ADDR METRIC}" body
+    body=$(lab_scrape "$host" "$addr") || return 1
+    printf '%s\n' "$body" | python3 -c '
+import sys
 total = 0
-for line in body.splitlines():
+for line in sys.stdin.read().splitlines():
     if line.startswith("#") or not line.strip():
         continue
     name, _, value = line.rpartition(" ")
-    if name == sys.argv[2] or name.split("{", 1)[0] == sys.argv[2]:
+    if name == sys.argv[1] or name.split("{", 1)[0] == sys.argv[1]:
         total += float(value)
-print(int(total))
-' "$url" "$metric"
+print(int(total) if total == int(total) else total)
+' "$metric"
+}
+
+# lab_check_metrics HOST ADDR: scrape ADDR in HOST and run `promtool check
+# metrics` on it (the text format parsed strictly, names linted); fails on any
+# finding or an empty scrape.
+lab_check_metrics() {
+    local host="${1:?usage: lab_check_metrics HOST ADDR}" addr="${2:?usage: lab_check_metrics HOST ADDR}" body
+    command -v promtool >/dev/null || { echo "promtool missing (Debian package prometheus)" >&2; return 1; }
+    body=$(lab_scrape "$host" "$addr") || return 1
+    [[ -n "$body" ]] || { echo "empty scrape of $addr in $host" >&2; return 1; }
+    printf '%s\n' "$body" | promtool check metrics
 }
 
 # lab_netcheck_get HOST PYEXPR: evaluate PYEXPR on `ward netcheck --json`

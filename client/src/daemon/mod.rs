@@ -8,6 +8,7 @@
 mod collect;
 mod host;
 mod local_api;
+pub mod metrics;
 mod relay_batch;
 mod relays;
 mod session;
@@ -48,6 +49,8 @@ pub struct DaemonOpts {
     /// While the control session is on TCP, how often QUIC is tried again
     /// ([`control::QUIC_RETRY_EVERY`] unless a test sets it).
     pub quic_retry: Duration,
+    /// Where Prometheus metrics are served (`GET /metrics`); `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// While the device is up: its agent core, data plane and session task.
@@ -98,6 +101,21 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
         transports: Default::default(),
     });
     info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "ward daemon started");
+    if let Some(addr) = opts.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener on {addr}"))?;
+        info!(addr = %l.local_addr()?, "metrics listening");
+        let d = d.clone();
+        tokio::spawn(ward_runtime::metrics::serve(
+            l,
+            ward_runtime::metrics::Limits::default(),
+            move || {
+                let text = d.metrics();
+                async move { text }
+            },
+        ));
+    }
     if start {
         d.clone().start().await?;
     }
@@ -345,6 +363,21 @@ impl Daemon {
         })
     }
 
+    /// This device's metrics (`--metrics-listen`): the status view and the data plane's
+    /// counters.
+    fn metrics(&self) -> String {
+        let view = self.status();
+        let dp = lock(&self.running)
+            .as_ref()
+            .and_then(|r| r.dataplane.as_deref())
+            .map(|dp| metrics::DataPlaneSnapshot {
+                counters: dp.counters(),
+                path: dp.path_counters(),
+                discovery: dp.discovery_counters(),
+            });
+        metrics::render(&view, dp.as_ref())
+    }
+
     /// What address discovery found (empty while stopped).
     fn netcheck(&self) -> crate::api::NetcheckView {
         let running = lock(&self.running);
@@ -428,6 +461,7 @@ mod tests {
                 posture,
                 posture_interval: Duration::from_secs(30),
                 quic_retry: control::QUIC_RETRY_EVERY,
+                metrics_listen: None,
             },
             state_file: StateFile::new(&top.path().join("state")),
             identity: Mutex::new(None),

@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub compiled: Compiled,
     pub policy: Option<Policy>,
     pub trust: TrustStatsView,
+    /// What the registry actor measures, for metrics.
+    pub live: crate::metrics::LiveMetrics,
     /// Relays with a live control session, by name, with the load each last reported.
     pub relays: std::collections::BTreeMap<String, RelayLoad>,
 }

@@ -125,6 +125,8 @@ pub(super) struct TrustStats {
     pub(super) reports: u64,
     pub(super) refused: u64,
     pub(super) changes: u64,
+    /// Histograms and counters for `--metrics-listen`.
+    pub(super) live: crate::metrics::LiveMetrics,
 }
 
 impl TrustStats {
@@ -172,6 +174,7 @@ pub(super) async fn registry_actor(
             ev = rx.recv() => match ev { Some(ev) => Some(ev), None => break },
             _ = tokio::time::sleep(Duration::from_millis(wait)) => None,
         };
+        sink.stats.live.batch_started = Some(Instant::now());
         reg.handle_time(now_ms());
         let Some(ev) = ev else {
             flush(&mut reg, &mut conns, &mut relays, &mut sink);
@@ -324,6 +327,10 @@ pub(super) async fn registry_actor(
                     compiled: reg.compiled().clone(),
                     policy: reg.policy().cloned(),
                     trust: sink.stats.view(),
+                    live: crate::metrics::LiveMetrics {
+                        leases_expired: reg.leases_expired(),
+                        ..sink.stats.live.clone()
+                    },
                     relays: relays
                         .iter()
                         .map(|(n, rc)| (n.clone(), rc.load.clone()))
@@ -343,11 +350,18 @@ pub(super) fn flush(
 ) {
     let mut changed = false;
     let mut revoked = Vec::new();
+    let mut netmaps = 0u64;
     {
         while let Some(out) = reg.poll_output() {
             match out {
                 Output::Send { conn, msg } => {
                     let Some(tx) = conns.get(&conn) else { continue };
+                    if matches!(
+                        msg,
+                        wire::CoordinatorMsg::Netmap(_) | wire::CoordinatorMsg::NetmapDelta(_)
+                    ) {
+                        netmaps += 1;
+                    }
                     if tx.try_send(ConnCmd::Send(wire::encode(&msg))).is_err() {
                         warn!(conn, "control connection is not keeping up; closing it");
                         let _ = tx.try_send(ConnCmd::Close(ErrorCode::Internal, "too slow".into()));
@@ -372,6 +386,7 @@ pub(super) fn flush(
             }
         }
     }
+    sink.stats.live.netmaps_pushed(netmaps);
     if !revoked.is_empty() {
         push_revoked(relays, revoked);
     }
@@ -381,9 +396,9 @@ pub(super) fn flush(
             if sink.stats.enforce_us.len() >= 1000 {
                 sink.stats.enforce_us.pop_front();
             }
-            sink.stats
-                .enforce_us
-                .push_back(t.elapsed().as_micros() as u64);
+            let took = t.elapsed();
+            sink.stats.enforce_us.push_back(took.as_micros() as u64);
+            sink.stats.live.enforce.observe(took.as_secs_f64());
         }
     }
 }

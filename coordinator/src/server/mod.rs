@@ -74,8 +74,18 @@ struct Ctx {
     gate: std::sync::Mutex<crate::gate::EnrollGate>,
     /// Enrollment database jobs in flight at once, whatever the number of sources.
     enroll_slots: tokio::sync::Semaphore,
+    /// Counters for `--metrics-listen`.
+    metrics: crate::metrics::Counters,
 }
-pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl) -> Result<()> {
+
+/// `serve`: the QUIC/TCP control listener on `listen` (default: the public address's port),
+/// and Prometheus metrics on `metrics_listen` when given.
+pub async fn serve(
+    dd: DataDir,
+    listen: Option<SocketAddr>,
+    lease_ttl: LeaseTtl,
+    metrics_listen: Option<SocketAddr>,
+) -> Result<()> {
     let config = dd.load_config()?;
     let ca = dd.load_ca()?;
     let lease_key = dd.load_lease_key()?;
@@ -153,7 +163,20 @@ pub async fn serve(dd: DataDir, listen: Option<SocketAddr>, lease_ttl: LeaseTtl)
             crate::gate::GateConfig::default(),
         )),
         enroll_slots: tokio::sync::Semaphore::new(ENROLL_SLOTS),
+        metrics: crate::metrics::Counters::default(),
     });
+    if let Some(addr) = metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener on {addr}"))?;
+        info!(addr = %l.local_addr()?, "metrics listening");
+        let ctx = ctx.clone();
+        tokio::spawn(ward_runtime::metrics::serve(
+            l,
+            ward_runtime::metrics::Limits::default(),
+            move || scrape(ctx.clone()),
+        ));
+    }
 
     let runtime = quinn::default_runtime().context("the QUIC listener needs a tokio runtime")?;
     let tls = tls_config(&ctx.ca)?;
@@ -367,8 +390,52 @@ fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
     Ok(sc)
 }
 
+/// One scrape of `--metrics-listen`: the actor's snapshot, then the store on a blocking thread.
+async fn scrape(ctx: Arc<Ctx>) -> String {
+    let (tx, rx) = oneshot::channel();
+    let _ = ctx.events.send(Event::Snapshot(tx));
+    let snap = rx.await.unwrap_or_default();
+    let mut posture: std::collections::BTreeMap<(String, bool), u64> = Default::default();
+    for d in &snap.directory.devices {
+        for r in &d.posture_passed {
+            *posture.entry((r.clone(), true)).or_default() += 1;
+        }
+        for r in d.posture_failures.keys() {
+            *posture.entry((r.clone(), false)).or_default() += 1;
+        }
+    }
+    let refusals = ctx
+        .gate
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .refusal_totals()
+        .clone();
+    let mut inputs = crate::metrics::Inputs {
+        now_ms: now_ms(),
+        sessions: snap.online.len(),
+        relay_sessions: snap.relays.len(),
+        trust: snap.trust,
+        live: snap.live,
+        posture,
+        admin: ctx.metrics.admin_requests(),
+        refusals,
+        ..Default::default()
+    };
+    let res = tokio::task::spawn_blocking(move || {
+        inputs.read_store(ctx.store.as_ref(), &ctx.metrics);
+        crate::metrics::render(&inputs)
+    })
+    .await;
+    res.unwrap_or_else(|e| {
+        error!(error = %e, "metrics scrape task failed");
+        String::new()
+    })
+}
+
 /// Runs one admin request on a blocking thread (the store is synchronous).
 async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> {
+    ctx.metrics
+        .admin_request(&crate::metrics::admin_command(&req));
     let res = tokio::task::spawn_blocking(move || {
         let me = Identity {
             public_addr: ctx.config.public_addr.clone(),

@@ -419,4 +419,10 @@ pub trait Store: Send + Sync {
     fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()>;
     fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
     fn verify_audit(&self) -> Result<AuditVerdict>;
+    /// Audit rows by action name with a sequence number above `after_seq`, and the highest
+    /// sequence number among them (`after_seq` if none): metrics read only what is new since
+    /// their last scrape.
+    fn audit_counts_since(&self, after_seq: i64) -> Result<(BTreeMap<String, u64>, i64)> {
+        Ok((BTreeMap::new(), after_seq))
+    }
 }

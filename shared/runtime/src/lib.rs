@@ -3,11 +3,13 @@
 //! stop quietly on a closed pipe ([`Mode::Cli`]), and the JSON-lines RPC client for local
 //! sockets ([`rpc`]), dual-stack UDP sockets for the QUIC endpoints ([`net`]), and reading
 //! frames from QUIC streams and pinning a CA by fingerprint ([`quic`]), and frames over any stream
-//! plus TLS over TCP, the fallback for networks that drop UDP ([`stream`]).
+//! plus TLS over TCP, the fallback for networks that drop UDP ([`stream`]), and the Prometheus
+//! exposition writer and `/metrics` responder behind every program's `--metrics-listen` ([`metrics`]).
 //!
 //! I/O-free cores (`ward-shared`, the agent and registry cores) must not depend on this crate:
 //! they take time as an argument. Only drivers and binaries use it.
 
+pub mod metrics;
 pub mod net;
 pub mod quic;
 pub mod rpc;

@@ -26,6 +26,25 @@ pub fn free_udp_port() -> u16 {
     s.local_addr().expect("addr").port()
 }
 
+/// A free TCP port on loopback, as an address (bound and released; good enough for tests).
+pub fn free_tcp_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// `GET /metrics` on `addr`: the body of a 200 answer, else `None`.
+pub fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let body = out.strip_prefix("HTTP/1.1 200 OK\r\n")?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     loop {
@@ -88,6 +107,8 @@ pub struct Coordinator {
     pub dir: PathBuf,
     pub port: u16,
     pub proc: Option<Proc>,
+    /// Arguments added after `serve`.
+    pub serve_args: Vec<String>,
 }
 
 pub fn run(cmd: &mut Command) -> Output {
@@ -96,6 +117,11 @@ pub fn run(cmd: &mut Command) -> Output {
 
 impl Coordinator {
     pub fn init(tmp: &Path) -> Self {
+        Self::init_with(tmp, &[])
+    }
+
+    /// Initialises and starts a coordinator whose `serve` gets `serve_args` too.
+    pub fn init_with(tmp: &Path, serve_args: &[&str]) -> Self {
         let dir = tmp.join("coord");
         let port = free_udp_port();
         let out = run(Command::new(bin("ward-coordinator"))
@@ -111,6 +137,7 @@ impl Coordinator {
             dir,
             port,
             proc: None,
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
         };
         c.start();
         c
@@ -126,6 +153,7 @@ impl Coordinator {
                 .arg("--data-dir")
                 .arg(&self.dir)
                 .arg("serve")
+                .args(&self.serve_args)
                 .env("WARD_LOG", "info"),
             log,
         );

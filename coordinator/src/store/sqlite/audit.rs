@@ -67,6 +67,32 @@ pub(super) fn append_audit(s: &SqliteStore, a: Audit<'_>, now_ms: i64) -> Result
     s.with_tx(|tx| append_audit_tx(tx, a, now_ms))
 }
 
+pub(super) fn audit_counts_since(
+    s: &SqliteStore,
+    after_seq: i64,
+) -> Result<(BTreeMap<String, u64>, i64)> {
+    s.with_tx(|tx| {
+        // The primary key bounds the scan to the rows written since `after_seq`.
+        let mut stmt = tx.prepare(
+            "SELECT action, COUNT(*), MAX(seq) FROM audit WHERE seq > ?1 GROUP BY action",
+        )?;
+        let rows = stmt.query_map([after_seq], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let (mut counts, mut top) = (BTreeMap::new(), after_seq);
+        for row in rows {
+            let (action, n, max) = row?;
+            *counts.entry(action).or_insert(0u64) += u64::try_from(n).unwrap_or(0);
+            top = top.max(max);
+        }
+        Ok((counts, top))
+    })
+}
+
 pub(super) fn audit_log(s: &SqliteStore, limit: i64) -> Result<Vec<AuditEntry>> {
     s.with_tx(|tx| {
         let mut stmt = tx.prepare(

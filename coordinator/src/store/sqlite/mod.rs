@@ -527,6 +527,10 @@ impl Store for SqliteStore {
         audit::audit_log(self, limit)
     }
 
+    fn audit_counts_since(&self, after_seq: i64) -> Result<(BTreeMap<String, u64>, i64)> {
+        audit::audit_counts_since(self, after_seq)
+    }
+
     fn verify_audit(&self) -> Result<AuditVerdict> {
         audit::verify_audit(self)
     }

@@ -792,3 +792,34 @@ fn upgrade_marks_existing_devices_bound() {
     assert!(d.name_bound);
     assert_eq!(s.list_tokens().unwrap()[0].hostname, None);
 }
+
+#[test]
+fn audit_counts_read_only_rows_since_the_last_sequence_number() {
+    let (s, _) = setup(); // one user.add row
+    let (all, top) = s.audit_counts_since(0).unwrap();
+    assert_eq!(all.get("user.add"), Some(&1));
+    for action in [
+        Action::DeviceRevoke,
+        Action::DeviceRevoke,
+        Action::LeaseIssue,
+    ] {
+        s.append_audit(
+            Audit {
+                actor: "a",
+                action,
+                target: "t",
+                detail: serde_json::json!({}),
+            },
+            5,
+        )
+        .unwrap();
+    }
+    let (new, top2) = s.audit_counts_since(top).unwrap();
+    assert_eq!(new.get("device.revoke"), Some(&2));
+    assert_eq!(new.get("lease.issue"), Some(&1));
+    assert_eq!(new.get("user.add"), None);
+    assert_eq!(top2, top + 3);
+    let (none, top3) = s.audit_counts_since(top2).unwrap();
+    assert!(none.is_empty());
+    assert_eq!(top3, top2);
+}
