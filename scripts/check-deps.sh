@@ -50,6 +50,7 @@ cores=(
     coordinator/src/flows.rs
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
+    client/src/dataplane/probe.rs
     client/src/agent
     relay/src/core.rs
     relay/src/forward.rs

@@ -55,6 +55,10 @@ enum Cmd {
         /// Posture is reported at once on change, and at least this often.
         #[arg(long, env = "WARD_POSTURE_INTERVAL", default_value = "30s", value_parser = parse_secs)]
         posture_interval: Duration,
+        /// While the control session is on TCP, how often to check whether QUIC gets through
+        /// again (seconds; for tests).
+        #[arg(long, env = "WARD_QUIC_RETRY_SECS", hide = true, default_value_t = ward_client::control::QUIC_RETRY_EVERY.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+        quic_retry_secs: u64,
         /// TCP address serving Prometheus metrics at `GET /metrics` (off unless given; bind it
         /// to loopback: see docs/metrics.md).
         #[arg(long, env = "WARD_METRICS_LISTEN")]
@@ -175,6 +179,7 @@ async fn run(cli: Cli) -> Result<()> {
             posture_checks_dir,
             posture_check_timeout,
             posture_interval,
+            quic_retry_secs,
             metrics_listen,
         } => {
             let tun = (tun != "off").then_some(tun);
@@ -198,6 +203,7 @@ async fn run(cli: Cli) -> Result<()> {
                     full_interval: posture_interval,
                 },
                 posture_interval,
+                quic_retry: Duration::from_secs(quic_retry_secs),
                 metrics_listen,
             })
             .await

@@ -2,7 +2,8 @@
 # Path MTU, end to end: 50 MB TCP transfers over Ward arrive intact when the underlay carries
 # less than 1500 bytes: every link at 1460, every link at 1280, and a router with a 1280-byte
 # uplink in front of one device (its own link stays at 1500, so only the router's ICMP
-# fragmentation-needed can teach it), and the pair forced onto a relay (direct UDP between
+# fragmentation-needed can teach it), the same router at 1400 dropping all ICMP (a path MTU
+# black hole: only active probing finds it), and the pair forced onto a relay (direct UDP between
 # them dropped) whose link is at 1280. Prints each transfer's throughput against the same
 # transfer over 1500-byte links. One lab for all cases: MTUs change with `ip link set mtu`.
 # Needs root; prints `N passed, N failed` and exits non-zero on any failure.
@@ -80,8 +81,48 @@ check "2. alice's kernel lowered the inner route's PMTU to 1220" \
     bash -c "ip netns exec $(lab_ns alice) ip route get $SRV4 | grep -q 'mtu 1220'"
 lab_set_link_mtu alice-nat 1500
 
+say "3. a router with a 1400-byte uplink in front of alice that drops all ICMP (a path MTU black hole: no kernel learns it)"
+# alice's packets to srv are too big for the router's uplink and the router's
+# fragmentation-needed never leaves it: only active probing can find the 1400 bytes. (The other
+# way, the lab's veth delivers 1500-byte packets into the router's 1400-byte link, so that
+# direction carries 1500, and probing must not say less.)
+ip netns exec "$(lab_ns alice-nat)" nft -f - <<'NFT'
+table inet wardnoicmp {
+    chain forward {
+        type filter hook forward priority -10; policy accept;
+        meta l4proto icmp drop
+        icmpv6 type packet-too-big drop
+    }
+    chain output {
+        type filter hook output priority -10; policy accept;
+        meta l4proto icmp drop
+        icmpv6 type packet-too-big drop
+    }
+}
+NFT
+lab_set_link_mtu alice-nat 1400
+lab_flush_pmtu
+SRV_PUB=$(lab_public_ip srv)
+AL_PUB=$(lab_public_ip alice)
+PROBES0=$(path_json alice probes_acked)
+transfer hole-up alice srv "$SRV4"
+transfer hole-down srv alice "$AL4"
+MTU_SRV=$(peer_json alice srv path_mtu)
+MTU_AL=$(peer_json srv alice path_mtu)
+check "3. alice probed srv's path MTU down to 1400 (status path_mtu '$MTU_SRV')" test "$MTU_SRV" = 1400
+check "3. srv's probes found its path to alice carries 1500 (status path_mtu '$MTU_AL')" test "$MTU_AL" = 1500
+check "3. alice's kernel never learned it (no MTU on its route to srv)" \
+    bash -c "! ip netns exec $(lab_ns alice) ip route get $SRV_PUB | grep -q ' mtu '"
+echo "  alice counters.path: $(lab_ward_json_get alice 's["counters"]["path"]')"
+check "3. alice's probes were answered and counted (probes_acked $PROBES0 -> $(path_json alice probes_acked))" \
+    test "$(path_json alice probes_acked)" -gt "$PROBES0"
+check "3. some of alice's probes were lost (probes_lost $(path_json alice probes_lost))" test "$(path_json alice probes_lost)" -gt 0
+check "3. alice logged the probed path MTU" grep -q "path MTU set by probing" "$LAB_DIR/logs/ward-alice.log"
+ip netns exec "$(lab_ns alice-nat)" nft delete table inet wardnoicmp
+lab_set_link_mtu alice-nat 1500
+
 for mtu in 1460 1280; do
-    n=$((mtu == 1460 ? 3 : 4))
+    n=$((mtu == 1460 ? 4 : 5))
     say "$n. every link at MTU $mtu"
     lab_set_all_mtu "$mtu"
     transfer "all$mtu-up" alice srv "$SRV4"
@@ -93,14 +134,14 @@ for mtu in 1460 1280; do
     check "$n. srv shows alice's path MTU $mtu" test "$(peer_json srv alice path_mtu)" = "$mtu"
 done
 
-say "5. send failures are counted by reason, not silent"
+say "6. send failures are counted by reason, not silent"
 FAILED=$(lab_ward_json_get alice 's["counters"]["path"]')
 echo "  alice counters.path: $FAILED"
-check "5. path counters are in ward status --json" test -n "$FAILED"
-check "5. alice logged the path MTU change" grep -q "path MTU to peer endpoint changed" "$LAB_DIR/logs/ward-alice.log"
-check "5. srv logged the path MTU change" grep -q "path MTU to peer endpoint changed" "$LAB_DIR/logs/ward-srv.log"
+check "6. path counters are in ward status --json" test -n "$FAILED"
+check "6. alice logged the path MTU change" grep -q "path MTU to peer endpoint changed" "$LAB_DIR/logs/ward-alice.log"
+check "6. srv logged the path MTU change" grep -q "path MTU to peer endpoint changed" "$LAB_DIR/logs/ward-srv.log"
 
-say "6. the pair forced onto a relay whose link is at 1280 (direct UDP between them dropped)"
+say "7. the pair forced onto a relay whose link is at 1280 (direct UDP between them dropped)"
 lab_set_all_mtu 1500
 SRV_IP=$(lab_public_ip srv)
 ip netns exec "$(lab_ns alice-nat)" nft -f - <<NFT
@@ -114,26 +155,26 @@ table ip wardblock {
 NFT
 lab_set_link_mtu relay 1280
 lab_start_relay relay r1 >/dev/null
-check "6. the relay joins the coordinator" lab_relay_wait_welcomed relay 15
+check "7. the relay joins the coordinator" lab_relay_wait_welcomed relay 15
 # relayed HOST PEER: with a ping to keep traffic flowing, HOST's path to PEER is a relay.
 relayed() {
     lab_exec "$1" ping -c1 -W1 "$2" >/dev/null 2>&1
     test "$(lab_ward_json_get "$1" "[p['path']['kind'] for p in s['peers'] if p['hostname']=='$3'][0]" 2>/dev/null)" = relay
 }
-check "6. alice's path to srv is the relay" lab_wait_for -t 30 -i 0.3 relayed alice "$SRV4" srv
-check "6. srv's path to alice is the relay" lab_wait_for -t 15 -i 0.3 relayed srv "$AL4" alice
+check "7. alice's path to srv is the relay" lab_wait_for -t 30 -i 0.3 relayed alice "$SRV4" srv
+check "7. srv's path to alice is the relay" lab_wait_for -t 15 -i 0.3 relayed srv "$AL4" alice
 RB0=$(lab_relay_metric relay ward_relay_relayed_bytes_total)
 transfer relay1280-up alice srv "$SRV4"
 transfer relay1280-down srv alice "$AL4"
-check "6. the transfers stayed on the relay" relayed alice "$SRV4" srv
+check "7. the transfers stayed on the relay" relayed alice "$SRV4" srv
 RB1=$(lab_relay_metric relay ward_relay_relayed_bytes_total)
-check "6. the relay forwarded both transfers (>= 100 MB: $((RB1 - RB0)) bytes)" test $((RB1 - RB0)) -ge 104857600
+check "7. the relay forwarded both transfers (>= 100 MB: $((RB1 - RB0)) bytes)" test $((RB1 - RB0)) -ge 104857600
 ip netns exec "$(lab_ns alice-nat)" nft delete table ip wardblock
 
 say "throughput, 50 MB single TCP stream (Mbit/s; 1500-byte links = 1.00)"
 for dir in up down; do
     base=${RATE[base-$dir]:-0}
-    for label in "router-$dir" "all1460-$dir" "all1460-v6-$dir" "all1280-$dir" "relay1280-$dir"; do
+    for label in "router-$dir" "hole-$dir" "all1460-$dir" "all1460-v6-$dir" "all1280-$dir" "relay1280-$dir"; do
         [[ -n "${RATE[$label]:-}" ]] || continue
         printf '  %-14s %6s Mbit/s  (%s x of %s Mbit/s over 1500)\n' "$label" "${RATE[$label]}" \
             "$(python3 -c "print(f'{${RATE[$label]}/max($base,1):.2f}')")" "$base"

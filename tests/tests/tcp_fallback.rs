@@ -3,13 +3,14 @@
 //! session over TCP (same certificates, same frames); a device's relay link over TCP forwards
 //! datagrams to and from a device on QUIC through the same forwarding core; garbage, a client
 //! without the application protocol and an oversized frame over TCP are refused while the
-//! legitimate sessions and links keep working.
+//! legitimate sessions and links keep working; a daemon whose session fell back to TCP moves it
+//! back to QUIC once UDP gets through again.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
 mod relay_control;
 
-use common::{bin, free_udp_port, wait_until, Coordinator, Proc};
+use common::{bin, free_udp_port, wait_until, Agent, Coordinator, Proc};
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
@@ -485,4 +486,91 @@ async fn enroll_with_ticket(
         key,
         enrolled.ca_der.0,
     )
+}
+
+/// Forwards UDP arriving on `addr` (which must be free) to `to` and the answers back, for one
+/// client at a time: what a device sees once a network carries UDP again.
+async fn udp_forwarder(addr: SocketAddr, to: SocketAddr) {
+    let front = UdpSocket::bind(addr).await.unwrap();
+    let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(to).await.unwrap();
+    tokio::spawn(async move {
+        let mut client = None;
+        let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                r = front.recv_from(&mut a) => {
+                    let Ok((n, from)) = r else { return };
+                    client = Some(from);
+                    let _ = back.send(&a[..n]).await;
+                }
+                r = back.recv(&mut b) => {
+                    let Ok(n) = r else { return };
+                    if let Some(c) = client {
+                        let _ = front.send_to(&b[..n], c).await;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The real `ward` daemon whose control session fell back to TCP (UDP to the coordinator not
+/// answered) moves it back to QUIC once UDP gets through again, within its QUIC recheck
+/// interval (2 s here; 30 s by default), and stays connected.
+#[test]
+fn a_device_on_tcp_moves_back_to_quic_when_udp_works_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Coordinator::init(tmp.path());
+    c.admin(&["user", "add", "hana"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let coord: SocketAddr = format!("127.0.0.1:{}", c.port).parse().unwrap();
+    let (proxy, silent) = rt.block_on(udp_dead_tcp_proxy(coord));
+    let mut tok = EnrollToken::parse(&c.token(&["--user", "hana"])).unwrap();
+    tok.coordinator = proxy.to_string();
+
+    let mut agent = Agent {
+        state_dir: tmp.path().join("hana-state"),
+        socket: tmp.path().join("hana.sock"),
+        proc: None,
+        extra: ["--tun", "off", "--quic-retry-secs", "2"]
+            .map(String::from)
+            .to_vec(),
+    };
+    agent.restart();
+    let out = agent.up(&tok.encode(), "hana1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let transport = |a: &Agent| a.status()["control_transport"].as_str().map(String::from);
+    wait_until(
+        "the control session over TCP",
+        Duration::from_secs(15),
+        || transport(&agent).as_deref() == Some("tcp"),
+    );
+    // Still on TCP after more than one recheck while UDP stays unanswered.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(transport(&agent).as_deref(), Some("tcp"));
+
+    // UDP works again: the same port now forwards to the coordinator.
+    drop(silent);
+    rt.block_on(udp_forwarder(proxy, coord));
+    let took = wait_until(
+        "the control session back on QUIC",
+        Duration::from_secs(10),
+        || transport(&agent).as_deref() == Some("quic"),
+    );
+    eprintln!("back on QUIC {took:?} after UDP came back");
+    assert!(
+        took < Duration::from_secs(2) + TCP_HEAD_START + Duration::from_secs(3),
+        "{took:?}"
+    );
+    let log = agent.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("QUIC reaches the coordinator again"), "{log}");
+    // And it stays there.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(transport(&agent).as_deref(), Some("quic"));
+    assert_eq!(agent.status()["state"], "connected");
 }

@@ -58,6 +58,9 @@ pub fn render(view: &StatusView, dp: Option<&DataPlaneSnapshot>) -> String {
         send_failed_refused,
         send_failed_no_buffer,
         send_failed_other,
+        probes_sent,
+        probes_acked,
+        probes_lost,
     } = dp.path;
     let DiscoveryCounters {
         requests_sent,
@@ -146,6 +149,17 @@ pub fn render(view: &StatusView, dp: Option<&DataPlaneSnapshot>) -> String {
         "ward_device_path_mtu_changes_total",
         "Path MTU changes learned.",
         path_mtu_changes,
+    );
+    e.labelled(
+        "ward_device_path_mtu_probes_total",
+        Kind::Counter,
+        "Active path-MTU probes of direct paths: sent, acknowledged by the peer, lost (unanswered when their round ended).",
+        "outcome",
+        &[
+            ("acked", f(probes_acked)),
+            ("lost", f(probes_lost)),
+            ("sent", f(probes_sent)),
+        ],
     );
     e.labelled(
         "ward_device_send_failures_total",

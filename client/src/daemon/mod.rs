@@ -47,6 +47,9 @@ pub struct DaemonOpts {
     pub posture: crate::posture::CollectorConfig,
     /// A report is sent at least this often, and at once when a value changes.
     pub posture_interval: Duration,
+    /// While the control session is on TCP, how often QUIC is tried again
+    /// ([`control::QUIC_RETRY_EVERY`] unless a test sets it).
+    pub quic_retry: Duration,
     /// Where Prometheus metrics are served (`GET /metrics`); `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -467,6 +470,7 @@ mod tests {
                 port: 0,
                 posture,
                 posture_interval: Duration::from_secs(30),
+                quic_retry: control::QUIC_RETRY_EVERY,
                 metrics_listen: None,
             },
             state_file: StateFile::new(&top.path().join("state")),

@@ -2,7 +2,7 @@
 //! core's `handle_*` calls and carries out what it polls out (open or drop the control session,
 //! over QUIC or, where UDP does not get through, TLS over TCP; send its messages, configure
 //! the data plane, save the state file, draw keys, make CSRs). While the session is on TCP,
-//! the loop checks every [`control::QUIC_RETRY_EVERY`] whether QUIC gets through again and, if
+//! the loop checks every [`control::QUIC_RETRY_EVERY`] (`DaemonOpts::quic_retry`) whether QUIC gets through again and, if
 //! so, reconnects (QUIC first).
 
 use anyhow::Result;
@@ -102,7 +102,7 @@ impl Daemon {
             relays,
             probe: None,
         };
-        let mut retry_quic = tokio::time::interval(control::QUIC_RETRY_EVERY);
+        let mut retry_quic = tokio::time::interval(self.opts.quic_retry);
         retry_quic.reset();
 
         loop {

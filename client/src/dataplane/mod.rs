@@ -34,6 +34,7 @@ pub mod discovery;
 mod driver;
 pub mod engine;
 pub mod pmtu;
+pub mod probe;
 mod relay;
 mod tun;
 mod udp;
@@ -225,6 +226,7 @@ impl DataPlane {
         // Before any packet flows: only this device's own addresses are accepted as inbound
         // destinations and outbound sources.
         core.set_local_prefixes(LocalPrefixes::own([cfg.ipv4.into(), cfg.ipv6.into()]));
+        core.set_own_ipv4(cfg.ipv4);
         let discovery = Arc::new(discovery::Inbox::default());
         let relay = Arc::new(relay::RelayQueue::new(relay::RELAY_QUEUE));
         let driver = tokio::task::spawn_blocking({

@@ -28,6 +28,11 @@
 //! its QUIC connection takes now, told by the agent), so inner packets up to `max_datagram -
 //! 32` fit it, whatever the underlay.
 //!
+//! A direct path's MTU is also probed actively (`probe`, driven by the engine): when probing
+//! finds the path carries less than the kernel says (a router drops large packets without
+//! sending ICMP), the engine records that ceiling here ([`PathMtus::set_probed`]) and the
+//! path's MTU is the smaller of the two.
+//!
 //! An inner packet that does not fit is dropped and counted. IPv4 with DF and all IPv6 get
 //! an ICMP error written back to the TUN (fragmentation needed, type 3 code 4, with the
 //! inner MTU as next-hop MTU; packet too big, type 2), sourced from the packet's destination
@@ -120,6 +125,14 @@ pub struct PathMtuCounters {
     pub send_failed_refused: u64,
     pub send_failed_no_buffer: u64,
     pub send_failed_other: u64,
+    /// Active path-MTU probes sent, acknowledged by the peer, and lost (unanswered when their
+    /// round ended).
+    #[serde(default)]
+    pub probes_sent: u64,
+    #[serde(default)]
+    pub probes_acked: u64,
+    #[serde(default)]
+    pub probes_lost: u64,
 }
 
 /// A change of a destination's path MTU (`old` is `None` the first time).
@@ -141,10 +154,15 @@ pub struct PathMtus {
     icmp_too_big_sent: AtomicU64,
     path_mtu_changes: AtomicU64,
     send_failed: [AtomicU64; 5],
+    /// Probes sent, acknowledged, lost.
+    probes: [AtomicU64; 3],
 }
 
 struct Entry {
+    /// What the kernel says.
     mtu: u16,
+    /// What active probing found, when below the kernel's value then (see `probe`).
+    probed: Option<u16>,
     /// Sent to since the last refresh.
     used: AtomicBool,
     /// Refreshes in a row without use.
@@ -161,14 +179,56 @@ impl Default for PathMtus {
             icmp_too_big_sent: AtomicU64::new(0),
             path_mtu_changes: AtomicU64::new(0),
             send_failed: Default::default(),
+            probes: Default::default(),
         }
     }
 }
 
 impl PathMtus {
-    /// The path MTU to `ip` (IP packet size, outer headers included), if learned.
+    /// The path MTU to `ip` (IP packet size, outer headers included), if learned: the
+    /// kernel's, or the probed ceiling when lower.
     pub fn path_mtu(&self, ip: IpAddr) -> Option<u16> {
+        read(&self.paths).get(&ip).map(Entry::effective)
+    }
+
+    /// What the kernel says the path MTU to `ip` is, if learned (the probing upper bound).
+    pub fn kernel_mtu(&self, ip: IpAddr) -> Option<u16> {
         read(&self.paths).get(&ip).map(|e| e.mtu)
+    }
+
+    /// The probed ceiling recorded for `ip`.
+    pub fn probed(&self, ip: IpAddr) -> Option<u16> {
+        read(&self.paths).get(&ip).and_then(|e| e.probed)
+    }
+
+    /// Records what active probing found for `ip` (`None`: no limit below the kernel's).
+    /// Only for a path the kernel's MTU is known for (probing needs it); the ceiling never
+    /// raises the path MTU above the kernel's. Returns whether the path MTU changed.
+    pub fn set_probed(&self, ip: IpAddr, ceiling: Option<u16>) -> bool {
+        let mut paths = write(&self.paths);
+        let Some(e) = paths.get_mut(&ip) else {
+            return false;
+        };
+        if e.probed == ceiling {
+            return false;
+        }
+        let before = e.effective();
+        e.probed = ceiling.map(|c| c.max(MIN_PATH_MTU));
+        let changed = e.effective() != before;
+        if changed {
+            tracing::info!(%ip, kernel = e.mtu, probed = ?e.probed, "path MTU set by probing");
+            self.update_floor(&paths);
+        }
+        changed
+    }
+
+    /// Adds the engine's probe tallies to the counters.
+    pub fn record_probes(&self, sent: u64, acked: u64, lost: u64) {
+        for (a, n) in self.probes.iter().zip([sent, acked, lost]) {
+            if n > 0 {
+                a.fetch_add(n, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The largest inner packet that fits the path to `dst` once encrypted, if learned.
@@ -192,6 +252,7 @@ impl PathMtus {
                     ip,
                     Entry {
                         mtu,
+                        probed: None,
                         used: AtomicBool::new(true),
                         idle: 0,
                     },
@@ -317,13 +378,16 @@ impl PathMtus {
             send_failed_refused: g(&self.send_failed[2]),
             send_failed_no_buffer: g(&self.send_failed[3]),
             send_failed_other: g(&self.send_failed[4]),
+            probes_sent: g(&self.probes[0]),
+            probes_acked: g(&self.probes[1]),
+            probes_lost: g(&self.probes[2]),
         }
     }
 
     fn update_floor(&self, paths: &HashMap<IpAddr, Entry>) {
         let floor = paths
             .iter()
-            .map(|(ip, e)| inner_mtu(e.mtu, *ip))
+            .map(|(ip, e)| inner_mtu(e.effective(), *ip))
             .min()
             .unwrap_or(u16::MAX);
         self.floor.store(floor, Ordering::Relaxed);
@@ -346,6 +410,12 @@ impl PathMtus {
     }
 }
 
+impl Entry {
+    fn effective(&self) -> u16 {
+        self.probed.map_or(self.mtu, |p| p.min(self.mtu))
+    }
+}
+
 /// Lookups for one send plan; see [`PathMtus::view`].
 pub struct PathView<'a> {
     paths: RwLockReadGuard<'a, HashMap<IpAddr, Entry>>,
@@ -363,7 +433,7 @@ impl PathView<'_> {
         }
         let v = self.paths.get(&dst.ip()).map(|e| {
             e.used.store(true, Ordering::Relaxed);
-            max_udp_payload(e.mtu, dst.ip())
+            max_udp_payload(e.effective(), dst.ip())
         });
         self.last = Some((dst, v));
         v

@@ -11,6 +11,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use ward_shared::filter::{DenyReason, LocalPrefixes, Verdict};
 use ward_shared::flows::DenyCause;
 
+use super::super::probe::{self, Msg, MIN_PROBED_MTU};
 use super::counters::LocalCounters;
 use super::filter::{FilterGuard, OutboundLog};
 use super::icmp::{icmp_prohibited, in_overlay, WindowLimit};
@@ -21,6 +22,10 @@ use super::{
     lock, read, Core, DATA_OVERHEAD, HANDSHAKE_INIT_LEN, MSG_COOKIE_REPLY, MSG_HANDSHAKE_INIT,
     PROBE_INTERVAL_FAST,
 };
+
+/// Inner packets longer than this do not fit a [`MIN_PROBED_MTU`] path over IPv6: sending
+/// them and hearing nothing back suggests a path-MTU black hole (see `probe`).
+const BIG_INNER: usize = MIN_PROBED_MTU as usize - 80;
 
 /// A group of packets processed under one read lock of the peer table, made by
 /// [`Core::batch`]. Per batch, not per packet: the inbound filter is locked once (at the first
@@ -160,6 +165,9 @@ impl<'b> Runs<'b, '_> {
         let s = hold(&mut self.held, peer);
         if !s.path.admit(&self.core.pmtu, packet, now, &mut out.tun) {
             return; // too big for the path: dropped, ICMP too-big queued for the TUN
+        }
+        if packet.len() > BIG_INNER {
+            s.mtu_probe.note_big_sent(now);
         }
         let buf = out.reserve(packet.len().max(HANDSHAKE_INIT_LEN) + DATA_OVERHEAD);
         let link = match &mut s.previous {
@@ -315,11 +323,33 @@ impl<'b> Runs<'b, '_> {
             }
             TunnResult::WriteToTunnelV4(p, src) => {
                 went_direct = s.path.authenticated_from(from, now);
-                let n = p.len();
-                (false, Some(if src == peer.ipv4 { Ok(n) } else { Err(n) }))
+                if probe::is_probe_packet(p) {
+                    // A path-MTU probe or acknowledgement: for the engine, never the TUN or
+                    // the filter.
+                    match probe::parse(p) {
+                        Some(Msg::Probe(pr)) => {
+                            // From the address the probe was sent to (this device's).
+                            let ack = probe::encode_ack(&pr, probe::destination(p), peer.ipv4);
+                            let buf = out.reserve(ack.len() + DATA_OVERHEAD);
+                            if let TunnResult::WriteToNetwork(r) = link.tunn.encapsulate(&ack, buf)
+                            {
+                                let len = r.len();
+                                out.commit(from.reply_to(), len);
+                            }
+                        }
+                        Some(Msg::Ack(ack)) => s.mtu_probe.handle_ack(ack, now),
+                        None => tracing::trace!(%from, "unknown probe message ignored"),
+                    }
+                    (false, None)
+                } else {
+                    s.mtu_probe.note_received();
+                    let n = p.len();
+                    (false, Some(if src == peer.ipv4 { Ok(n) } else { Err(n) }))
+                }
             }
             TunnResult::WriteToTunnelV6(p, src) => {
                 went_direct = s.path.authenticated_from(from, now);
+                s.mtu_probe.note_received();
                 let n = p.len();
                 (false, Some(if src == peer.ipv6 { Ok(n) } else { Err(n) }))
             }

@@ -49,7 +49,7 @@ mod relays;
 mod session;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -66,6 +66,7 @@ use self::peers::{route, sanitize_candidates, Path, Peer, Table};
 use self::relays::Relays;
 use self::session::{timer_output, KeyRing, Keys, Link, Session};
 use super::pmtu::PathMtus;
+use super::probe::Prober;
 use super::{DataPlaneCounters, PathStatus, PeerConfig, PeerStatus};
 
 pub use self::batch::{Batch, Runs};
@@ -207,6 +208,9 @@ pub struct Core {
     /// The addresses this device owns (see [`Core::set_local_prefixes`]): set once, read by
     /// both packet paths without a lock.
     local: OnceLock<LocalPrefixes>,
+    /// This device's overlay IPv4 address, the source of its path-MTU probes (set by the
+    /// driver; unset, probes come from 0.0.0.0, which the peer's engine accepts alike).
+    own_ipv4: OnceLock<Ipv4Addr>,
     /// Some peer has a punch burst under way: the timers must run at `PUNCH_SPACING`.
     bursting: AtomicBool,
     /// Some peer may want a punch request (set by its `Path`, cleared when they are taken).
@@ -233,6 +237,7 @@ impl Core {
             relays: RwLock::new(Relays::default()),
             path_switches: Arc::default(),
             local: OnceLock::new(),
+            own_ipv4: OnceLock::new(),
             bursting: AtomicBool::new(false),
             punch_pending: Arc::default(),
         }
@@ -247,6 +252,19 @@ impl Core {
     /// changing nothing, if the addresses were already set.
     pub fn set_local_prefixes(&self, local: LocalPrefixes) -> bool {
         self.local.set(local).is_ok()
+    }
+
+    /// Sets this device's overlay IPv4 address, once: the source address of its path-MTU
+    /// probes (an older peer then counts them as filter drops rather than as bad sources).
+    pub fn set_own_ipv4(&self, ip: Ipv4Addr) -> bool {
+        self.own_ipv4.set(ip).is_ok()
+    }
+
+    fn probe_source(&self) -> Ipv4Addr {
+        self.own_ipv4
+            .get()
+            .copied()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED)
     }
 
     /// How long the driver may wait before the next [`Core::handle_timers`]:
@@ -459,6 +477,7 @@ impl Core {
                             ),
                             next_probe: now,
                             fast_probe_until: now + FAST_PROBE_PERIOD,
+                            mtu_probe: Prober::new(lock(&self.index_rng).gen()),
                         }),
                         dropped_bad_source: AtomicU64::new(0),
                     });
@@ -566,6 +585,7 @@ impl Core {
             if s.path.handle_timers(now) {
                 local.direct_probes_sent += direct_probe(&mut s, out);
             }
+            mtu_probe(&mut s, &self.pmtu, self.probe_source(), peer.ipv4, now, out);
             bursting |= s.path.bursting();
         }
         self.bursting.store(bursting, Ordering::Relaxed);
@@ -763,6 +783,56 @@ fn direct_probe(s: &mut Session, out: &mut Outbox) -> u64 {
     }
     tracing::trace!(peer = path.device_id, n, "direct probes sent");
     n
+}
+
+/// Runs the peer's path-MTU prober while its path is direct and the kernel's MTU to it is
+/// known: its probes, encrypted under the session outbound traffic uses, go to the direct
+/// address; its result becomes the path's probed ceiling in `pmtu`; its tallies the counters.
+fn mtu_probe(
+    s: &mut Session,
+    pmtu: &PathMtus,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    now: Instant,
+    out: &mut Outbox,
+) {
+    let PathState::Direct(addr) = s.path.state() else {
+        return;
+    };
+    let Some(kernel) = pmtu.kernel_mtu(addr.ip()) else {
+        return;
+    };
+    let Session {
+        link,
+        previous,
+        mtu_probe,
+        ..
+    } = s;
+    let link = match previous {
+        Some(p) if p.outbound && p.link.has_session() => &mut p.link,
+        _ => link,
+    };
+    if !link.has_session() {
+        return;
+    }
+    for probe in mtu_probe.handle_timers(now, addr, kernel) {
+        let Some(inner) = super::probe::encode_probe(&probe, src, dst, addr.ip()) else {
+            continue;
+        };
+        let buf = out.reserve(inner.len() + DATA_OVERHEAD);
+        if let TunnResult::WriteToNetwork(p) = link.tunn.encapsulate(&inner, buf) {
+            let len = p.len();
+            out.commit(Destination::Udp(addr), len);
+        }
+    }
+    let ceiling = mtu_probe.ceiling();
+    if pmtu.probed(addr.ip()) != ceiling {
+        pmtu.set_probed(addr.ip(), ceiling);
+    }
+    let t = std::mem::take(&mut mtu_probe.tally);
+    if t != Default::default() {
+        pmtu.record_probes(t.sent, t.acked, t.lost);
+    }
 }
 
 // A poisoned lock only means another thread panicked mid-update; the data it guards (a `Tunn`,

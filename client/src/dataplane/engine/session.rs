@@ -17,6 +17,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use super::super::probe::Prober;
 use super::outbox::Outbox;
 use super::peers::Path;
 use super::{
@@ -221,6 +222,8 @@ pub(super) struct Session {
     pub(super) path: Path,
     pub(super) next_probe: Instant,
     pub(super) fast_probe_until: Instant,
+    /// Active path-MTU probing of the peer's direct path (see `dataplane::probe`).
+    pub(super) mtu_probe: Prober,
 }
 
 impl Session {

@@ -110,6 +110,9 @@ struct Net {
     /// ever).
     nat_timeout: Option<Duration>,
     max_delay_ticks: u32,
+    /// UDP datagrams whose outer IPv4 packet is longer than this are dropped silently (a
+    /// path-MTU black hole: a smaller link behind a router that sends no ICMP).
+    udp_mtu: Option<usize>,
     now: Instant,
     next_timers: Instant,
 }
@@ -154,6 +157,7 @@ impl Net {
             relay_loss: 0.0,
             nat_timeout: None,
             max_delay_ticks: 0,
+            udp_mtu: None,
             now,
             next_timers: now,
         }
@@ -197,6 +201,9 @@ impl Net {
                         opened.insert(to, self.now);
                     }
                     if self.block_direct || self.rng.gen_bool(self.loss) {
+                        continue;
+                    }
+                    if self.udp_mtu.is_some_and(|m| data.len() + 28 > m) {
                         continue;
                     }
                     Hop::Udp { from, to }
@@ -404,6 +411,7 @@ fn established_pair(seed: u64) -> Net {
 
 mod flows;
 mod local;
+mod mtu;
 mod nat;
 mod paths;
 mod punch;
