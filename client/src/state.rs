@@ -97,28 +97,38 @@ impl StateFile {
 
     /// Atomic replace: write a 0600 temp file, fsync, rename, fsync the directory.
     pub fn save(&self, st: &State) -> Result<()> {
-        let dir = self.path.parent().context("state path has no directory")?;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-        let tmp = dir.join(".state.json.tmp");
-        let _ = fs::remove_file(&tmp);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(st)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o600))?;
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        write_private(&self.path, &serde_json::to_vec_pretty(st)?)
     }
+}
+
+/// Replaces `path` atomically with `bytes`, readable by the owner only: a 0600 temp file
+/// beside it (its directory created 0700 if missing), fsync, rename, fsync the directory.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("state path has no directory")?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("state path has no file name")?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

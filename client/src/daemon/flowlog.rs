@@ -12,10 +12,9 @@
 //! `WARD_TEST_FLOW_UNDERREPORT=PERCENT`, which makes this device report that much less traffic
 //! than it saw (to show that the coordinator flags the mismatch).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use tracing::warn;
 
@@ -97,29 +96,14 @@ impl FlowStateFile {
 
     /// Atomic replace: a 0600 temp file, then rename.
     pub(super) fn save(&self, st: &FlowLogState) -> Result<()> {
-        let dir = self
-            .path
-            .parent()
-            .context("flow state path has no directory")?;
-        let tmp = dir.join(".flows.json.tmp");
-        let _ = fs::remove_file(&tmp);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec(st)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o600))?;
-        Ok(())
+        crate::state::write_private(&self.path, &serde_json::to_vec(st)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn hidden_settings_parse_and_bad_values_keep_defaults() {
