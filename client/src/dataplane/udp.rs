@@ -23,6 +23,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ward_runtime::net::setsockopt_int;
 
 use super::engine::{Destination, Outbox};
 use super::pmtu::{self, PathMtus, SendFailure};
@@ -624,28 +625,6 @@ fn bind(fd: &OwnedFd, ss: &libc::sockaddr_storage, len: libc::socklen_t) -> io::
             fd.as_raw_fd(),
             (ss as *const libc::sockaddr_storage).cast(),
             len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: value is a live c_int and its size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as _,
         )
     };
     if rc != 0 {

@@ -136,20 +136,7 @@ fn socket_v6(addr: SocketAddrV6, ty: libc::c_int, proto: libc::c_int) -> io::Res
     // SAFETY: `fd` is a fresh descriptor that nothing else owns; OwnedFd closes it on error.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let set = |level: libc::c_int, name: libc::c_int, v: libc::c_int| {
-        // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&sock),
-                level,
-                name,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        setsockopt_int(std::os::fd::AsRawFd::as_raw_fd(&sock), level, name, v)
     };
     set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
     if ty == libc::SOCK_STREAM {
@@ -176,7 +163,8 @@ fn socket_v6(addr: SocketAddrV6, ty: libc::c_int, proto: libc::c_int) -> io::Res
     Ok(sock)
 }
 
-fn setsockopt_int(
+/// `setsockopt` with an integer value.
+pub fn setsockopt_int(
     fd: std::os::fd::RawFd,
     level: libc::c_int,
     name: libc::c_int,
