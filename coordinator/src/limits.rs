@@ -72,9 +72,10 @@ impl Kind {
             Kind::Update => (10, 500),
             Kind::Posture => (10, 500),
             Kind::DeniedFlows => (10, 500),
-            // One report per window normally; a device back from being offline sends its spool
-            // as fast as acknowledgements come back: 20 at once, then 4 a second.
-            Kind::Flows => (20, 250),
+            // One report per window normally; an agent sends at most one every 2 s (its spool,
+            // after being offline, a few at once). 20 at once, then one a second, bounds what
+            // one device can make the store write (at most 56 records a report).
+            Kind::Flows => (20, 1_000),
             Kind::LeaseRequest => (10, 1_000),
             Kind::LeaseActive => (10, 1_000),
             Kind::RenewCert => (5, 60_000),
@@ -467,15 +468,15 @@ mod tests {
     #[test]
     fn a_spool_flush_passes_and_a_report_flood_is_dropped_then_cut_off() {
         let mut l = SessionLimits::new(T);
-        // A device back online sends its spool: 20 at once, then 4 a second, all pass.
+        // A device back online sends its spool: 20 at once, then one a second, all pass.
         for _ in 0..20 {
             assert_eq!(l.handle(Kind::Flows, T), Decision::Pass);
         }
         for i in 1..=40 {
-            assert_eq!(l.handle(Kind::Flows, T + i * 250), Decision::Pass);
+            assert_eq!(l.handle(Kind::Flows, T + i * 1_000), Decision::Pass);
         }
         // Faster: dropped (unacknowledged), and far faster: the session ends.
-        let t = T + 40 * 250;
+        let t = T + 40 * 1_000;
         assert_eq!(l.handle(Kind::Flows, t), Decision::Drop);
         let mut last = Decision::Drop;
         for _ in 0..400 {
