@@ -36,6 +36,9 @@ declare -A RATE
 # peer_json HOST PEER FIELD: FIELD of PEER (hostname) in HOST's `ward status --json`.
 peer_json() { lab_ward_json_get "$1" "[p.get('$3') for p in s['peers'] if p['hostname']=='$2'][0]"; }
 path_json() { lab_ward_json_get "$1" "s['counters']['path']['$2']"; }
+# peer_mtu_is HOST PEER MTU: HOST's status shows the path MTU to PEER as MTU (probing rounds
+# take a second or two to settle, so checks wait for it with a bound).
+peer_mtu_is() { test "$(peer_json "$1" "$2" path_mtu)" = "$3"; }
 
 # transfer LABEL FROM TO TO_IP: 50 MB over TCP from FROM to TO_IP (TO's overlay address),
 # checks the SHA-256, records the throughput in RATE[LABEL].
@@ -80,6 +83,9 @@ check "2. alice told its inner stack (ICMP frag-needed into the TUN: $ICMP0 -> $
 check "2. alice's kernel lowered the inner route's PMTU to 1220" \
     bash -c "ip netns exec $(lab_ns alice) ip route get $SRV4 | grep -q 'mtu 1220'"
 lab_set_link_mtu alice-nat 1500
+lab_flush_pmtu
+lab_wait_for -t 15 peer_mtu_is alice srv 1500
+check "2. alice's path to srv carries 1500 again once the router's link does (status path_mtu '$(peer_json alice srv path_mtu)')" peer_mtu_is alice srv 1500
 
 say "3. a router with a 1400-byte uplink in front of alice that drops all ICMP (a path MTU black hole: no kernel learns it)"
 # alice's packets to srv are too big for the router's uplink and the router's
@@ -107,6 +113,7 @@ AL_PUB=$(lab_public_ip alice)
 PROBES0=$(path_json alice probes_acked)
 transfer hole-up alice srv "$SRV4"
 transfer hole-down srv alice "$AL4"
+lab_wait_for -t 15 peer_mtu_is alice srv 1400
 MTU_SRV=$(peer_json alice srv path_mtu)
 MTU_AL=$(peer_json srv alice path_mtu)
 check "3. alice probed srv's path MTU down to 1400 (status path_mtu '$MTU_SRV')" test "$MTU_SRV" = 1400
