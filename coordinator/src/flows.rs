@@ -524,6 +524,11 @@ fn judge_denial(
     if !src.quarantined && all_met {
         return None;
     }
+    // A port no service opens (a scan's usual target) is `no rule` whatever the source's
+    // state: decided without the explainer, whose cost grows with the directory.
+    if !p.services.values().any(|s| s.ports.allows(r.proto, r.port)) {
+        return None;
+    }
     let target = match r.proto {
         Proto::Icmp => format!("device:{}:icmp", dst.hostname),
         Proto::Tcp => format!("device:{}:{}/tcp", dst.hostname, r.port),
