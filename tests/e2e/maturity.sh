@@ -36,9 +36,9 @@ lab_spawn wan coordinator-tight.log "$CBIN" serve --data-dir "$T_DIR" --lease-tt
 check "the tight deployment's coordinator answers" lab_wait_for tc device ls --json
 
 for h in pdb palice tdb talice; do LAB_WARD_WRAPPER="env $WIN" lab_start_device "$h"; done
-pc user add alice >/dev/null
-tc user add alice >/dev/null
-lab_device_up pdb "$(pc token create --tag db --hostname db --ttl 7d --uses 3)" db >/dev/null
+pc user add alice >/dev/null 2>&1
+tc user add alice >/dev/null 2>&1
+lab_device_up pdb "$(pc token create --tag db --ttl 7d --uses 3)" db >/dev/null
 lab_device_up palice "$(pc token create --user alice --ttl 7d --uses 3)" alice >/dev/null
 lab_device_up tdb "$(tc token create --tag db --hostname db --ttl 10m)" db >/dev/null
 lab_device_up talice "$(tc token create --user alice --ttl 10m)" alice >/dev/null
