@@ -6,7 +6,8 @@
 # detection, 2 min leases, single-use 10 min tokens) carry the same workload. `maturity --json`
 # scores the tight one strictly higher in every pillar, with the evidence behind it; applying
 # tests/e2e/policies/maturity-tight.toml to the permissive one raises its score, and
-# `maturity history --json` records the rise (hash chain verified). Needs root; prints
+# `maturity history --json` records the rise (hash chain verified); an edited history row makes
+# `maturity history` fail. Needs root; prints
 # `N passed, N failed`.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
@@ -153,5 +154,11 @@ check "its live score rose: none lower, at least one pillar higher" python3 "$M"
 pc maturity history --json >"$LAB_DIR/hist.json"
 check "maturity history --json: verified, the apply's entry higher than the one before" python3 "$M" history-rose "$LAB_DIR/hist.json"
 check "maturity history (text) says the chain verified" grep -q "hash chain verified" <<<"$(pc maturity history)"
+
+say "an edited history row breaks the chain: maturity history refuses"
+python3 -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=10); c.execute("UPDATE maturity SET trigger = ? WHERE seq = 2", ("edited",)); c.commit()' \
+    "$LAB_DIR/coordinator/ward.db"
+broken() { ! pc maturity history --json >/dev/null 2>"$LAB_DIR/broken.err" && grep -q "hash chain is broken at row 2" "$LAB_DIR/broken.err"; }
+check "maturity history fails, naming row 2" broken
 
 finish

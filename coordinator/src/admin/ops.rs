@@ -1529,5 +1529,16 @@ mod tests {
             .iter()
             .any(|c| c.starts_with("governance: initial -> ")));
         assert_eq!(before.changes, ["first assessment"]);
+
+        // The daily recording: due only when the newest row is a day old.
+        use super::super::maturity::{record_if_due, RECORD_EVERY_MS};
+        assert_eq!(
+            record_if_due(&w.store, &live, 1_000_000 + 1000).unwrap(),
+            None
+        );
+        let later = 1_000_000 + RECORD_EVERY_MS;
+        assert_eq!(record_if_due(&w.store, &live, later).unwrap(), Some(3));
+        assert_eq!(record_if_due(&w.store, &live, later + 1).unwrap(), None);
+        assert_eq!(w.store.maturity_history().unwrap().rows[2].trigger, "daily");
     }
 }
