@@ -874,6 +874,77 @@ impl Table for AuditView {
     ];
 }
 
+// Flow-based policy suggestions (`policy suggest`, `policy replay`, `policy suggestions`).
+
+/// One suggestion with what an administrator decided about it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuggestionView {
+    pub suggestion: crate::suggest::Suggestion,
+    /// `None`: nobody marked it.
+    pub state: Option<crate::store::SuggestionState>,
+    /// Dismissed, but seen with more flows or on more days since: shown again.
+    pub returned: bool,
+    /// Dismissed (without new evidence) or snoozed: left out of `policy suggest` and `--write`.
+    pub hidden: bool,
+    /// Written by `--write` (not low confidence, not a finding, not hidden).
+    pub writable: bool,
+    pub reason: Option<String>,
+    pub until_ms: Option<i64>,
+}
+
+/// `policy suggest` and `policy suggestions ls`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuggestView {
+    pub since_ms: i64,
+    pub min_days: u32,
+    /// Flow spans looked at.
+    pub flows: usize,
+    pub suggestions: Vec<SuggestionView>,
+    /// `--write`: the candidate policy.
+    pub written: Option<crate::suggest::write::Written>,
+}
+
+/// `policy replay FILE`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplayView {
+    pub since_ms: i64,
+    /// The candidate does not parse: why (nothing was replayed).
+    pub error: Option<String>,
+    pub replay: crate::suggest::replay::Replayed,
+}
+
+/// `policy suggestions accept|dismiss|snooze ID`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuggestionMarkView {
+    pub mark: crate::store::SuggestionMark,
+}
+
+impl Table for SuggestionView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("ID", |s| s.suggestion.id.clone()),
+        col("KIND", |s| s.suggestion.kind.as_str().to_string()),
+        col("CONFIDENCE", |s| {
+            s.suggestion.confidence.as_str().to_string()
+        }),
+        col("STATE", |s| match (s.state, s.returned) {
+            (_, true) => "returned".to_string(),
+            (Some(st), _) => st.as_str().to_string(),
+            (None, _) => "new".to_string(),
+        }),
+        col("DAYS", |s| s.suggestion.evidence.days_seen.to_string()),
+        col("FLOWS", |s| s.suggestion.evidence.flows.to_string()),
+        col("BYTES", |s| s.suggestion.evidence.bytes.to_string()),
+        col("SOURCES", |s| s.suggestion.evidence.sources.to_string()),
+        col("FIRST SEEN", |s| {
+            time_or_dash(s.suggestion.evidence.first_seen_ms)
+        }),
+        col("LAST SEEN", |s| {
+            time_or_dash(s.suggestion.evidence.last_seen_ms)
+        }),
+        col("SUBJECT", |s| s.suggestion.subject.clone()),
+    ];
+}
+
 /// Any admin response, as the server sends it. Untagged: each variant serializes exactly as
 /// its view, and the CLI reads the one type its request returns.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -905,6 +976,9 @@ pub enum AdminReply {
     AuditVerify(AuditVerifyView),
     Flows(Box<FlowsView>),
     FlowsTop(Vec<FlowsTopView>),
+    Suggest(Box<SuggestView>),
+    Replay(Box<ReplayView>),
+    SuggestionMarked(SuggestionMarkView),
 }
 
 #[cfg(test)]

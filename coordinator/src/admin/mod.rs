@@ -5,6 +5,8 @@
 //! - [`ops`]: the requests' business rules over the store, synchronous and testable.
 //! - [`policy`]: policy check, apply and explain.
 //! - [`flows`]: `flows` and `flows top` (stored records, paired, filtered by selectors).
+//! - [`suggest`]: `policy suggest`, `policy replay`, `policy suggestions` (flow-based
+//!   least-privilege suggestions and their lifecycle).
 //! - [`socket`]: the socket itself (bind, peer credentials, line I/O).
 
 use anyhow::Result;
@@ -16,6 +18,7 @@ pub mod flows;
 pub mod ops;
 pub mod policy;
 pub mod socket;
+pub mod suggest;
 
 /// Longest request line the server reads (a 1 MiB policy, base64-encoded, fits).
 pub const MAX_ADMIN_LINE: usize = 4 * 1024 * 1024;
@@ -132,6 +135,18 @@ pub enum AdminRequest {
         filter: flows::FlowFilter,
         by: crate::flows::TopBy,
     },
+    /// Least-privilege suggestions from the stored flows (and with `write`, the candidate).
+    PolicySuggest(suggest::SuggestAsk),
+    /// The stored flows judged by a candidate policy.
+    PolicyReplay {
+        file_name: String,
+        content_b64: String,
+        since_secs: u64,
+    },
+    /// Every current suggestion, hidden ones included, with its state.
+    SuggestionsLs(suggest::SuggestAsk),
+    /// Accept, dismiss or snooze a current suggestion.
+    SuggestionMark(suggest::MarkAsk),
 }
 
 /// Sends one request to the running coordinator and reads its typed answer.

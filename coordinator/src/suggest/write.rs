@@ -437,7 +437,7 @@ fn rule_text(r: &RuleEdit, flag: Option<&str>) -> String {
         let _ = writeln!(t, "posture = {}", list(&r.posture));
     }
     if let Some(x) = r.expires_ms {
-        let _ = writeln!(t, "expires = {}", q(&crate::admin::api::fmt_time(x)));
+        let _ = writeln!(t, "expires = {}", q(&rfc3339(x)));
     }
     if let Some(f) = flag {
         let _ = writeln!(t, "{f} = true");
@@ -610,4 +610,16 @@ fn tests_for(p: &Policy, dir: &Directory, pairs: &[Pair], now: i64, out: &mut Wr
         t.push('\n');
     }
     t
+}
+
+/// Coordinator time (ms) as the policy's `expires` takes it, to the second.
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        // Unreachable for an expiry the parser read; if it were, the rule is written expired.
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
 }
