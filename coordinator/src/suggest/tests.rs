@@ -681,3 +681,32 @@ fn sel(s: &str) -> Selector {
         _ => Selector::User(s.into()),
     }
 }
+
+#[test]
+fn rewritten_rules_keep_posture_and_expiry_and_inline_layouts_are_refused() {
+    let text = POLICY.replace(
+        "to = [\"app\"]\n",
+        "to = [\"app\"]\nexpires = \"2031-01-02T03:04:05Z\"\n",
+    );
+    let p = policy::parse(text.as_bytes(), "policy.toml").unwrap();
+    let mut dir = directory();
+    dir.devices.push(dev(7, "a2", Some("alice"), &[]));
+    let s = run(&p, &dir, &workload(), 2);
+    let w = candidate(&text, &p, &dir, &workload(), &s, Mode::Enforce, NOW).unwrap();
+    let c = policy::parse(w.text.as_bytes(), "c").unwrap();
+    let r = c.rules.iter().find(|r| r.name == "eng-app").unwrap();
+    assert_eq!(r.expires_ms, p.rules[0].expires_ms);
+    assert_eq!(r.from[0].value, Selector::Device("a1".into()));
+    // Quoted service headers are recognised.
+    let quoted = text.replace("[services.app]", "[services.\"app\"]");
+    let pq = policy::parse(quoted.as_bytes(), "policy.toml").unwrap();
+    assert!(candidate(&quoted, &pq, &dir, &workload(), &s, Mode::Enforce, NOW).is_ok());
+    // Services or rules written inline cannot be rewritten safely: refused, not half-applied.
+    let inline = "services.app = { devices = [\"tag:web\"], ports = [\"tcp/8000-8100\"] }\nrules = [{ name = \"eng-app\", from = [\"alice\"], to = [\"app\"] }]\n";
+    let pi = policy::parse(inline.as_bytes(), "policy.toml").unwrap();
+    let si = run(&pi, &dir, &workload(), 2);
+    assert!(matches!(
+        candidate(inline, &pi, &dir, &workload(), &si, Mode::Enforce, NOW),
+        Err(super::write::WriteError::Layout(_))
+    ));
+}

@@ -80,6 +80,22 @@ pub fn candidate(
             p.rules.len()
         )));
     }
+    let service_blocks: BTreeSet<&str> = blocks
+        .iter()
+        .filter_map(|b| match &b.kind {
+            BlockKind::Service(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
+    if let Some(n) = p
+        .services
+        .keys()
+        .find(|n| !service_blocks.contains(n.as_str()))
+    {
+        return Err(WriteError::Layout(format!(
+            "service {n:?} has no [services.{n}] header (services written inline are not supported)"
+        )));
+    }
     let mut rules: Vec<RuleEdit> = p.rules.iter().map(RuleEdit::of).collect();
     let mut services: BTreeMap<String, ServiceEdit> = p
         .services
