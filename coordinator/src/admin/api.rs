@@ -1326,4 +1326,96 @@ mod tests {
         assert!(lines[1].ends_with("2023-11-14T22:13:20Z"), "{}", lines[1]);
         assert_eq!(render_table::<UserView>(&[]).len(), 1);
     }
+
+    /// The JSON field names README documents for `policy suggest --json` and `policy replay
+    /// --json`.
+    #[test]
+    fn suggestion_views_have_the_documented_fields() {
+        use crate::suggest::{Change, Confidence, Evidence, Kind, Suggestion};
+        let s = Suggestion {
+            id: "s1".into(),
+            kind: Kind::Expire,
+            subject: "grant g1".into(),
+            summary: "x".into(),
+            change: Change::ExpireGrant { grant: "g1".into() },
+            evidence: Evidence::default(),
+            confidence: Confidence::High,
+            confidence_reason: "r".into(),
+            notes: vec![],
+        };
+        assert_eq!(
+            keys(&s),
+            set(&[
+                "id",
+                "kind",
+                "subject",
+                "summary",
+                "change",
+                "evidence",
+                "confidence",
+                "confidence_reason",
+                "notes"
+            ])
+        );
+        assert_eq!(
+            serde_json::to_value(&s.change).unwrap(),
+            serde_json::json!({"change": "expire_grant", "grant": "g1"})
+        );
+        assert_eq!(
+            keys(&s.evidence),
+            set(&[
+                "first_seen_ms",
+                "last_seen_ms",
+                "days_seen",
+                "flows",
+                "bytes",
+                "sources",
+                "one_sided"
+            ])
+        );
+        let v = SuggestionView {
+            suggestion: s,
+            state: None,
+            returned: false,
+            hidden: false,
+            writable: true,
+            reason: None,
+            until_ms: None,
+        };
+        assert_eq!(
+            keys(&v),
+            set(&[
+                "suggestion",
+                "state",
+                "returned",
+                "hidden",
+                "writable",
+                "reason",
+                "until_ms"
+            ])
+        );
+        let sv = SuggestView {
+            since_ms: 0,
+            min_days: 2,
+            flows: 0,
+            suggestions: vec![v],
+            written: None,
+        };
+        assert_eq!(
+            keys(&sv),
+            set(&["since_ms", "min_days", "flows", "suggestions", "written"])
+        );
+        let back: SuggestView = serde_json::from_value(serde_json::to_value(&sv).unwrap()).unwrap();
+        assert_eq!(back, sv);
+        let r = ReplayView {
+            since_ms: 0,
+            error: None,
+            replay: crate::suggest::replay::Replayed::default(),
+        };
+        assert_eq!(keys(&r), set(&["since_ms", "error", "replay"]));
+        assert_eq!(
+            keys(&r.replay),
+            set(&["newly_denied", "newly_allowed", "unchanged", "skipped"])
+        );
+    }
 }

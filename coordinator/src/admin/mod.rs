@@ -196,5 +196,17 @@ mod tests {
         assert!(s.contains("\"cmd\":\"token_create\""));
         assert!(serde_json::from_str::<AdminRequest>(&s).is_ok());
         assert!(serde_json::from_str::<AdminRequest>("{\"cmd\":\"drop_db\"}").is_err());
+        let r = AdminRequest::PolicySuggest(suggest::SuggestAsk {
+            since_secs: 60,
+            min_days: 2,
+            write: true,
+            shadow: false,
+        });
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains("\"cmd\":\"policy_suggest\""), "{s}");
+        assert!(matches!(
+            serde_json::from_str::<AdminRequest>(&s).unwrap(),
+            AdminRequest::PolicySuggest(a) if a.write && a.min_days == 2
+        ));
     }
 }
