@@ -5,6 +5,7 @@
 //! - [`ops`]: the requests' business rules over the store, synchronous and testable.
 //! - [`policy`]: policy check, apply and explain.
 //! - [`flows`]: `flows` and `flows top` (stored records, paired, filtered by selectors).
+//! - [`maturity`]: `maturity` and `maturity history` (evidence gathered, assessed, recorded).
 //! - [`suggest`]: `policy suggest`, `policy replay`, `policy suggestions` (flow-based
 //!   least-privilege suggestions and their lifecycle).
 //! - [`socket`]: the socket itself (bind, peer credentials, line I/O).
@@ -15,6 +16,7 @@ use std::path::Path;
 
 pub mod api;
 pub mod flows;
+pub mod maturity;
 pub mod ops;
 pub mod policy;
 pub mod socket;
@@ -135,6 +137,13 @@ pub enum AdminRequest {
         filter: flows::FlowFilter,
         by: crate::flows::TopBy,
     },
+    /// The zero trust maturity assessment, live (not recorded); `explain` adds next steps.
+    Maturity {
+        #[serde(default)]
+        explain: bool,
+    },
+    /// Recorded assessments, the hash chain verified.
+    MaturityHistory,
     /// Least-privilege suggestions from the stored flows (and with `write`, the candidate).
     PolicySuggest(suggest::SuggestAsk),
     /// The stored flows judged by a candidate policy.

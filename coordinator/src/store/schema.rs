@@ -192,7 +192,20 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX flows_reporter ON flows(reporter, window_end_ms);
     CREATE INDEX flows_peer ON flows(peer_id, window_end_ms);
     "#,
-    // 10: the lifecycle of flow-based policy suggestions (accepted, dismissed, snoozed), with
+    // 10: maturity assessments, append-only and hash-chained like the audit table: each row's
+    // hash covers the previous row's hash, its seq, time, trigger and assessment (JSON), so an
+    // edited, inserted or deleted row breaks the chain `maturity history` verifies.
+    r#"
+    CREATE TABLE maturity(
+        seq INTEGER PRIMARY KEY,
+        ts_ms INTEGER NOT NULL,
+        trigger TEXT NOT NULL,
+        assessment TEXT NOT NULL,
+        prev_hash BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );
+    "#,
+    // 11: the lifecycle of flow-based policy suggestions (accepted, dismissed, snoozed), with
     // the evidence when the state was set, so a dismissed one returns only on new evidence.
     r#"
     CREATE TABLE suggestions(
