@@ -49,6 +49,7 @@ cores=(
     coordinator/src/gate.rs
     coordinator/src/flows.rs
     coordinator/src/maturity
+    coordinator/src/suggest
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
     client/src/dataplane/probe.rs

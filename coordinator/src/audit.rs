@@ -44,11 +44,17 @@ pub enum Action {
     RelayRemove,
     AuditAnchored,
     AuditRollbackAccepted,
+    /// An administrator took a flow-based policy suggestion into a policy.
+    SuggestionAccept,
+    /// An administrator dismissed a suggestion (it returns only on new evidence).
+    SuggestionDismiss,
+    /// An administrator snoozed a suggestion until a time.
+    SuggestionSnooze,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 32] = [
+    pub const ALL: [Action; 35] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -81,6 +87,9 @@ impl Action {
         Action::RelayRemove,
         Action::AuditAnchored,
         Action::AuditRollbackAccepted,
+        Action::SuggestionAccept,
+        Action::SuggestionDismiss,
+        Action::SuggestionSnooze,
     ];
 
     /// The stored name (stable: it is part of every hash-chained row).
@@ -118,6 +127,9 @@ impl Action {
             Action::RelayRemove => "relay.remove",
             Action::AuditAnchored => "audit.anchored",
             Action::AuditRollbackAccepted => "audit.rollback_accepted",
+            Action::SuggestionAccept => "suggestion.accept",
+            Action::SuggestionDismiss => "suggestion.dismiss",
+            Action::SuggestionSnooze => "suggestion.snooze",
         }
     }
 }

@@ -35,5 +35,6 @@ pub mod pki;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod suggest;
 pub mod tickets;
 pub mod trust;

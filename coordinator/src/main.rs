@@ -15,10 +15,13 @@ use ward_coordinator::admin::api::{
     PolicyOutcome, PolicyShowView, PolicyVersionView, RelayAdded, RelayView, Rotating, StatusView,
     Table, TokenCreated, TokenView, UserAccess, UserGroupsView, UserView,
 };
+use ward_coordinator::admin::api::{ReplayView, SuggestView, SuggestionMarkView};
 use ward_coordinator::admin::flows::FlowFilter;
+use ward_coordinator::admin::suggest::{MarkAsk, SuggestAsk};
 use ward_coordinator::admin::{self, AdminRequest};
 use ward_coordinator::datadir::DataDir;
 use ward_coordinator::server;
+use ward_coordinator::store::SuggestionState;
 
 #[derive(Parser)]
 #[command(
@@ -224,6 +227,91 @@ enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Least-privilege suggestions from the stored flows: rules to add, narrow or expire, and
+    /// findings to investigate, each with its evidence and a confidence.
+    Suggest {
+        /// Flows whose windows ended within this long (90s, 15m, 1h, 7d).
+        #[arg(long, default_value = "14d")]
+        since: String,
+        /// Evidence from fewer distinct days is low confidence (listed, not written).
+        #[arg(long, default_value_t = 2)]
+        min_days: u32,
+        #[arg(long)]
+        json: bool,
+        /// Write the candidate policy here: the policy in force with the suggestions that are
+        /// not low confidence applied, plus generated tests pinning the observed flows.
+        #[arg(long)]
+        write: Option<PathBuf>,
+        /// Write the changes as shadow rules (evaluated on live traffic, not enforced).
+        #[arg(long, requires = "write")]
+        shadow: bool,
+    },
+    /// Replay the stored flows against a candidate policy: what would newly be denied (used
+    /// flows that lose access) and newly allowed. Exits 0 either way.
+    Replay {
+        file: PathBuf,
+        #[arg(long, default_value = "14d")]
+        since: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The suggestions' lifecycle: list, accept, dismiss, snooze.
+    #[command(subcommand)]
+    Suggestions(SuggestionsCmd),
+}
+
+#[derive(Subcommand)]
+enum SuggestionsCmd {
+    /// Every current suggestion, dismissed and snoozed ones included, with its state.
+    Ls {
+        #[command(flatten)]
+        window: SuggestWindow,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record that the suggestion was taken into a policy (applies nothing by itself).
+    Accept {
+        id: String,
+        #[command(flatten)]
+        window: SuggestWindow,
+    },
+    /// Hide the suggestion until it is seen with more flows or on more days.
+    Dismiss {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        window: SuggestWindow,
+    },
+    /// Hide the suggestion until a time (RFC 3339) or for a duration (7d).
+    Snooze {
+        id: String,
+        #[arg(long)]
+        until: String,
+        #[command(flatten)]
+        window: SuggestWindow,
+    },
+}
+
+#[derive(clap::Args)]
+struct SuggestWindow {
+    /// Flows whose windows ended within this long.
+    #[arg(long, default_value = "14d")]
+    since: String,
+    /// Evidence from fewer distinct days is low confidence.
+    #[arg(long, default_value_t = 2)]
+    min_days: u32,
+}
+
+impl SuggestWindow {
+    fn ask(&self) -> Result<SuggestAsk> {
+        Ok(SuggestAsk {
+            since_secs: admin::parse_duration(&self.since)?.as_secs(),
+            min_days: self.min_days,
+            write: false,
+            shadow: false,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -874,7 +962,202 @@ async fn policy_cmd(sock: &std::path::Path, c: PolicyCmd) -> Result<()> {
             println!("{}", v.text);
             Ok(())
         }
+        PolicyCmd::Suggest {
+            since,
+            min_days,
+            json,
+            write,
+            shadow,
+        } => {
+            let ask = SuggestAsk {
+                since_secs: admin::parse_duration(&since)?.as_secs(),
+                min_days,
+                write: write.is_some(),
+                shadow,
+            };
+            let v: SuggestView = admin::call(sock, &AdminRequest::PolicySuggest(ask)).await?;
+            if let (Some(path), Some(w)) = (&write, &v.written) {
+                std::fs::write(path, &w.text)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if json {
+                return print_json(&v);
+            }
+            print_suggestions(&v);
+            if let (Some(path), Some(w)) = (&write, &v.written) {
+                println!(
+                    "wrote {}: {} suggestion(s) applied, {} allow and {} deny test(s) generated, {} observed flow(s) not pinned",
+                    path.display(),
+                    w.applied.len(),
+                    w.allow_tests,
+                    w.deny_tests,
+                    w.unpinned
+                );
+                for n in &w.notes {
+                    println!("note: {n}");
+                }
+            }
+            Ok(())
+        }
+        PolicyCmd::Replay { file, since, json } => {
+            let (file_name, content_b64) = read(&file)?;
+            let v: ReplayView = admin::call(
+                sock,
+                &AdminRequest::PolicyReplay {
+                    file_name,
+                    content_b64,
+                    since_secs: admin::parse_duration(&since)?.as_secs(),
+                },
+            )
+            .await?;
+            if json {
+                return print_json(&v);
+            }
+            print_replay(&v);
+            Ok(())
+        }
+        PolicyCmd::Suggestions(c) => suggestions_cmd(sock, c).await,
     }
+}
+
+async fn suggestions_cmd(sock: &std::path::Path, c: SuggestionsCmd) -> Result<()> {
+    let (id, state, reason, until, window) = match c {
+        SuggestionsCmd::Ls { window, json } => {
+            let v: SuggestView =
+                admin::call(sock, &AdminRequest::SuggestionsLs(window.ask()?)).await?;
+            if json {
+                return print_json(&v);
+            }
+            print_table(&v.suggestions);
+            return Ok(());
+        }
+        SuggestionsCmd::Accept { id, window } => {
+            (id, SuggestionState::Accepted, None, None, window)
+        }
+        SuggestionsCmd::Dismiss { id, reason, window } => {
+            (id, SuggestionState::Dismissed, Some(reason), None, window)
+        }
+        SuggestionsCmd::Snooze { id, until, window } => {
+            (id, SuggestionState::Snoozed, None, Some(until), window)
+        }
+    };
+    let v: SuggestionMarkView = admin::call(
+        sock,
+        &AdminRequest::SuggestionMark(MarkAsk {
+            id,
+            state,
+            reason,
+            until,
+            ask: window.ask()?,
+        }),
+    )
+    .await?;
+    let m = &v.mark;
+    match m.until_ms {
+        Some(u) => println!(
+            "{} {} until {}: {}",
+            m.id,
+            m.state.as_str(),
+            fmt_time(u),
+            m.subject
+        ),
+        None => println!("{} {}: {}", m.id, m.state.as_str(), m.subject),
+    }
+    Ok(())
+}
+
+/// `policy suggest`: each suggestion with its change, evidence and confidence.
+fn print_suggestions(v: &SuggestView) {
+    for s in &v.suggestions {
+        let x = &s.suggestion;
+        let e = &x.evidence;
+        let state = match (s.state, s.returned) {
+            (_, true) => " [dismissed before; new evidence]".to_string(),
+            (Some(st), _) => format!(" [{}]", st.as_str()),
+            (None, _) => String::new(),
+        };
+        println!(
+            "{} {} ({}: {}){state}: {}",
+            x.id,
+            x.kind.as_str(),
+            x.confidence.as_str(),
+            x.confidence_reason,
+            x.subject
+        );
+        println!("    {}", x.summary);
+        println!(
+            "    evidence: first seen {}, last seen {}, {} day(s), {} flow(s), {} bytes, {} source(s){}",
+            e.first_seen_ms.map(fmt_time).unwrap_or_else(|| "-".into()),
+            e.last_seen_ms.map(fmt_time).unwrap_or_else(|| "-".into()),
+            e.days_seen,
+            e.flows,
+            e.bytes,
+            e.sources,
+            if e.one_sided > 0 {
+                format!(", {} one-sided flow(s) shown, not used", e.one_sided)
+            } else {
+                String::new()
+            }
+        );
+        for n in &x.notes {
+            println!("    note: {n}");
+        }
+        if !s.writable {
+            println!("    listed, not written");
+        }
+    }
+    let writable = v.suggestions.iter().filter(|s| s.writable).count();
+    println!(
+        "{} suggestion(s), {} to write, from {} flow span(s) since {} (--min-days {})",
+        v.suggestions.len(),
+        writable,
+        v.flows,
+        fmt_time(v.since_ms),
+        v.min_days
+    );
+}
+
+/// `policy replay`: what the candidate would change, the dangerous list first.
+fn print_replay(v: &ReplayView) {
+    if let Some(e) = &v.error {
+        println!("the candidate does not parse, nothing replayed: {e}");
+        return;
+    }
+    let r = &v.replay;
+    let show = |title: &str, flows: &[ward_coordinator::suggest::replay::ReplayFlow]| {
+        if flows.is_empty() {
+            println!("{title}: none");
+            return;
+        }
+        println!("{title}:");
+        for f in flows {
+            println!(
+                "    {} -> {} {}: {} flow(s), {} bytes, last seen {}{}{}",
+                f.initiator,
+                f.responder,
+                f.port,
+                f.flows,
+                f.bytes,
+                fmt_time(f.last_seen_ms),
+                f.rule
+                    .as_deref()
+                    .map(|r| format!(", allowed by {r}"))
+                    .unwrap_or_default(),
+                if f.confirmed { "" } else { " (one end only)" }
+            );
+        }
+    };
+    show(
+        "newly denied (used flows that would lose access)",
+        &r.newly_denied,
+    );
+    show("newly allowed", &r.newly_allowed);
+    println!(
+        "{} flow(s) unchanged, {} not judged (unknown end, or denied for a reason policy does not decide), since {}",
+        r.unchanged,
+        r.skipped,
+        fmt_time(v.since_ms)
+    );
 }
 
 /// Prints a check/apply result; fails (exit 1) when the policy was refused.

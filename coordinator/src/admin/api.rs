@@ -971,6 +971,77 @@ fn stage_of(e: &MaturityEntryView, p: crate::maturity::Pillar) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+// Flow-based policy suggestions (`policy suggest`, `policy replay`, `policy suggestions`).
+
+/// One suggestion with what an administrator decided about it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuggestionView {
+    pub suggestion: crate::suggest::Suggestion,
+    /// `None`: nobody marked it.
+    pub state: Option<crate::store::SuggestionState>,
+    /// Dismissed, but seen with more flows or on more days since: shown again.
+    pub returned: bool,
+    /// Dismissed (without new evidence) or snoozed: left out of `policy suggest` and `--write`.
+    pub hidden: bool,
+    /// Written by `--write` (not low confidence, not a finding, not hidden).
+    pub writable: bool,
+    pub reason: Option<String>,
+    pub until_ms: Option<i64>,
+}
+
+/// `policy suggest` and `policy suggestions ls`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuggestView {
+    pub since_ms: i64,
+    pub min_days: u32,
+    /// Flow spans looked at.
+    pub flows: usize,
+    pub suggestions: Vec<SuggestionView>,
+    /// `--write`: the candidate policy.
+    pub written: Option<crate::suggest::write::Written>,
+}
+
+/// `policy replay FILE`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplayView {
+    pub since_ms: i64,
+    /// The candidate does not parse: why (nothing was replayed).
+    pub error: Option<String>,
+    pub replay: crate::suggest::replay::Replayed,
+}
+
+/// `policy suggestions accept|dismiss|snooze ID`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuggestionMarkView {
+    pub mark: crate::store::SuggestionMark,
+}
+
+impl Table for SuggestionView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("ID", |s| s.suggestion.id.clone()),
+        col("KIND", |s| s.suggestion.kind.as_str().to_string()),
+        col("CONFIDENCE", |s| {
+            s.suggestion.confidence.as_str().to_string()
+        }),
+        col("STATE", |s| match (s.state, s.returned) {
+            (_, true) => "returned".to_string(),
+            (Some(st), _) => st.as_str().to_string(),
+            (None, _) => "new".to_string(),
+        }),
+        col("DAYS", |s| s.suggestion.evidence.days_seen.to_string()),
+        col("FLOWS", |s| s.suggestion.evidence.flows.to_string()),
+        col("BYTES", |s| s.suggestion.evidence.bytes.to_string()),
+        col("SOURCES", |s| s.suggestion.evidence.sources.to_string()),
+        col("FIRST SEEN", |s| {
+            time_or_dash(s.suggestion.evidence.first_seen_ms)
+        }),
+        col("LAST SEEN", |s| {
+            time_or_dash(s.suggestion.evidence.last_seen_ms)
+        }),
+        col("SUBJECT", |s| s.suggestion.subject.clone()),
+    ];
+}
+
 /// Any admin response, as the server sends it. Untagged: each variant serializes exactly as
 /// its view, and the CLI reads the one type its request returns.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -1004,6 +1075,9 @@ pub enum AdminReply {
     FlowsTop(Vec<FlowsTopView>),
     Maturity(Box<MaturityView>),
     MaturityHistory(MaturityHistoryView),
+    Suggest(Box<SuggestView>),
+    Replay(Box<ReplayView>),
+    SuggestionMarked(SuggestionMarkView),
 }
 
 #[cfg(test)]
@@ -1350,5 +1424,97 @@ mod tests {
         assert!(lines[1].contains("  -  "), "{}", lines[1]);
         assert!(lines[1].ends_with("2023-11-14T22:13:20Z"), "{}", lines[1]);
         assert_eq!(render_table::<UserView>(&[]).len(), 1);
+    }
+
+    /// The JSON field names README documents for `policy suggest --json` and `policy replay
+    /// --json`.
+    #[test]
+    fn suggestion_views_have_the_documented_fields() {
+        use crate::suggest::{Change, Confidence, Evidence, Kind, Suggestion};
+        let s = Suggestion {
+            id: "s1".into(),
+            kind: Kind::Expire,
+            subject: "grant g1".into(),
+            summary: "x".into(),
+            change: Change::ExpireGrant { grant: "g1".into() },
+            evidence: Evidence::default(),
+            confidence: Confidence::High,
+            confidence_reason: "r".into(),
+            notes: vec![],
+        };
+        assert_eq!(
+            keys(&s),
+            set(&[
+                "id",
+                "kind",
+                "subject",
+                "summary",
+                "change",
+                "evidence",
+                "confidence",
+                "confidence_reason",
+                "notes"
+            ])
+        );
+        assert_eq!(
+            serde_json::to_value(&s.change).unwrap(),
+            serde_json::json!({"change": "expire_grant", "grant": "g1"})
+        );
+        assert_eq!(
+            keys(&s.evidence),
+            set(&[
+                "first_seen_ms",
+                "last_seen_ms",
+                "days_seen",
+                "flows",
+                "bytes",
+                "sources",
+                "one_sided"
+            ])
+        );
+        let v = SuggestionView {
+            suggestion: s,
+            state: None,
+            returned: false,
+            hidden: false,
+            writable: true,
+            reason: None,
+            until_ms: None,
+        };
+        assert_eq!(
+            keys(&v),
+            set(&[
+                "suggestion",
+                "state",
+                "returned",
+                "hidden",
+                "writable",
+                "reason",
+                "until_ms"
+            ])
+        );
+        let sv = SuggestView {
+            since_ms: 0,
+            min_days: 2,
+            flows: 0,
+            suggestions: vec![v],
+            written: None,
+        };
+        assert_eq!(
+            keys(&sv),
+            set(&["since_ms", "min_days", "flows", "suggestions", "written"])
+        );
+        let back: SuggestView = serde_json::from_value(serde_json::to_value(&sv).unwrap()).unwrap();
+        assert_eq!(back, sv);
+        let r = ReplayView {
+            since_ms: 0,
+            error: None,
+            replay: crate::suggest::replay::Replayed::default(),
+        };
+        assert_eq!(keys(&r), set(&["since_ms", "error", "replay"]));
+        assert_eq!(
+            keys(&r.replay),
+            set(&["newly_denied", "newly_allowed", "unchanged", "skipped"])
+        );
     }
 }

@@ -6,6 +6,8 @@
 //! - [`policy`]: policy check, apply and explain.
 //! - [`flows`]: `flows` and `flows top` (stored records, paired, filtered by selectors).
 //! - [`maturity`]: `maturity` and `maturity history` (evidence gathered, assessed, recorded).
+//! - [`suggest`]: `policy suggest`, `policy replay`, `policy suggestions` (flow-based
+//!   least-privilege suggestions and their lifecycle).
 //! - [`socket`]: the socket itself (bind, peer credentials, line I/O).
 
 use anyhow::Result;
@@ -18,6 +20,7 @@ pub mod maturity;
 pub mod ops;
 pub mod policy;
 pub mod socket;
+pub mod suggest;
 
 /// Longest request line the server reads (a 1 MiB policy, base64-encoded, fits).
 pub const MAX_ADMIN_LINE: usize = 4 * 1024 * 1024;
@@ -141,6 +144,18 @@ pub enum AdminRequest {
     },
     /// Recorded assessments, the hash chain verified.
     MaturityHistory,
+    /// Least-privilege suggestions from the stored flows (and with `write`, the candidate).
+    PolicySuggest(suggest::SuggestAsk),
+    /// The stored flows judged by a candidate policy.
+    PolicyReplay {
+        file_name: String,
+        content_b64: String,
+        since_secs: u64,
+    },
+    /// Every current suggestion, hidden ones included, with its state.
+    SuggestionsLs(suggest::SuggestAsk),
+    /// Accept, dismiss or snooze a current suggestion.
+    SuggestionMark(suggest::MarkAsk),
 }
 
 /// Sends one request to the running coordinator and reads its typed answer.
@@ -190,5 +205,17 @@ mod tests {
         assert!(s.contains("\"cmd\":\"token_create\""));
         assert!(serde_json::from_str::<AdminRequest>(&s).is_ok());
         assert!(serde_json::from_str::<AdminRequest>("{\"cmd\":\"drop_db\"}").is_err());
+        let r = AdminRequest::PolicySuggest(suggest::SuggestAsk {
+            since_secs: 60,
+            min_days: 2,
+            write: true,
+            shadow: false,
+        });
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains("\"cmd\":\"policy_suggest\""), "{s}");
+        assert!(matches!(
+            serde_json::from_str::<AdminRequest>(&s).unwrap(),
+            AdminRequest::PolicySuggest(a) if a.write && a.min_days == 2
+        ));
     }
 }

@@ -442,6 +442,36 @@ pub fn handle(
         AdminRequest::MaturityHistory => {
             AdminReply::MaturityHistory(super::maturity::history(store)?)
         }
+        AdminRequest::PolicySuggest(ask) => AdminReply::Suggest(Box::new(super::suggest::suggest(
+            store,
+            &snap.directory,
+            &ask,
+            false,
+            now,
+        )?)),
+        AdminRequest::SuggestionsLs(ask) => AdminReply::Suggest(Box::new(super::suggest::suggest(
+            store,
+            &snap.directory,
+            &ask,
+            true,
+            now,
+        )?)),
+        AdminRequest::PolicyReplay {
+            file_name,
+            content_b64,
+            since_secs,
+        } => AdminReply::Replay(Box::new(super::suggest::replay(
+            store,
+            live,
+            &snap.directory,
+            &file_name,
+            &content_b64,
+            since_secs,
+            now,
+        )?)),
+        AdminRequest::SuggestionMark(ask) => {
+            AdminReply::SuggestionMarked(super::suggest::mark(store, &snap.directory, &ask, now)?)
+        }
     })
 }
 

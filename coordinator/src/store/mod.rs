@@ -277,6 +277,52 @@ pub struct FlowSource {
     pub renumbered: u64,
 }
 
+/// What an administrator decided about a policy suggestion (`policy suggestions accept`,
+/// `dismiss`, `snooze`), with the evidence it was decided on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuggestionMark {
+    pub id: String,
+    pub kind: String,
+    pub subject: String,
+    pub state: SuggestionState,
+    /// Why it was dismissed.
+    pub reason: Option<String>,
+    /// Snoozed until (coordinator time, ms).
+    pub until_ms: Option<i64>,
+    /// The suggestion's flows and days seen when it was marked.
+    pub flows: u64,
+    pub days: u32,
+    pub actor: String,
+    pub updated_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SuggestionState {
+    Accepted,
+    Dismissed,
+    Snoozed,
+}
+
+impl SuggestionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuggestionState::Accepted => "accepted",
+            SuggestionState::Dismissed => "dismissed",
+            SuggestionState::Snoozed => "snoozed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "accepted" => Some(SuggestionState::Accepted),
+            "dismissed" => Some(SuggestionState::Dismissed),
+            "snoozed" => Some(SuggestionState::Snoozed),
+            _ => None,
+        }
+    }
+}
+
 /// One audit event to append (in the same transaction as the change it describes).
 /// One recorded maturity assessment (`maturity history`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -529,6 +575,11 @@ pub trait Store: Send + Sync {
     /// report marks received before it (their sequence numbers stay refused as old); how
     /// many records went.
     fn prune_flows(&self, before_ms: i64, max_rows: usize) -> Result<u64>;
+    /// Every suggestion an administrator marked, by id.
+    fn suggestion_marks(&self) -> Result<Vec<SuggestionMark>>;
+    /// Records (replacing any earlier mark of the same id) and audits a mark, in one
+    /// transaction.
+    fn mark_suggestion(&self, m: &SuggestionMark) -> Result<()>;
     fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()>;
     fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
     fn verify_audit(&self) -> Result<AuditVerdict>;

@@ -205,4 +205,20 @@ pub(super) const MIGRATIONS: &[&str] = &[
         hash BLOB NOT NULL
     );
     "#,
+    // 11: the lifecycle of flow-based policy suggestions (accepted, dismissed, snoozed), with
+    // the evidence when the state was set, so a dismissed one returns only on new evidence.
+    r#"
+    CREATE TABLE suggestions(
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT,
+        until_ms INTEGER,
+        flows INTEGER NOT NULL,
+        days INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    "#,
 ];

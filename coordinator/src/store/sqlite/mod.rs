@@ -18,7 +18,7 @@ use super::schema::MIGRATIONS;
 use super::{
     Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, FlowQuery, FlowRow, FlowSource,
     FlowsStored, GrantRow, IntegrityCheck, LeaseRow, MaturityChain, PolicyVersion, Quarantine,
-    RelayRow, Result, StorageHealth, Store, StoreError, TokenInfo, TokenSpec, User,
+    RelayRow, Result, StorageHealth, Store, StoreError, SuggestionMark, TokenInfo, TokenSpec, User,
 };
 
 mod audit;
@@ -31,6 +31,7 @@ mod leases;
 mod maturity;
 mod policy;
 mod relays;
+mod suggestions;
 #[cfg(test)]
 mod tests;
 mod tokens;
@@ -544,6 +545,14 @@ impl Store for SqliteStore {
 
     fn prune_flows(&self, before_ms: i64, max_rows: usize) -> Result<u64> {
         self.with_tx(|tx| flows::prune_tx(tx, before_ms, max_rows))
+    }
+
+    fn suggestion_marks(&self) -> Result<Vec<SuggestionMark>> {
+        suggestions::marks(self)
+    }
+
+    fn mark_suggestion(&self, m: &SuggestionMark) -> Result<()> {
+        self.with_tx(|tx| suggestions::mark_tx(tx, m))
     }
 
     fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()> {
