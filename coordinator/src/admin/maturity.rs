@@ -14,7 +14,7 @@ use super::api::{MaturityEntryView, MaturityHistoryView, MaturityView};
 use super::ops::{Live, Snapshot};
 use crate::flows::{pair, PairStatus, Tolerance};
 use crate::maturity::{self, predicates::SCOPED_PORTS, Assessment, Evidence};
-use crate::store::{DeviceStatus, FlowQuery, PolicyVersion, Store};
+use crate::store::{DeviceStatus, FlowQuery, PolicyVersion, Store, SuggestionState};
 
 const DAY_MS: i64 = 86_400_000;
 /// Flows looked at: the last two weeks.
@@ -156,6 +156,11 @@ pub fn evidence(store: &dyn Store, live: &dyn Live, snap: &Snapshot, now: i64) -
     };
     let history = store.policy_history()?;
     e.policy_version = current.as_ref().map(|v| v.version);
+    e.accepted_suggestions = store
+        .suggestion_marks()?
+        .iter()
+        .filter(|m| m.state == SuggestionState::Accepted)
+        .count() as u64;
     e.policy_versions = history.len() as u64;
     let dir = match &policy {
         Some(p) => live.directory_for(p)?,
