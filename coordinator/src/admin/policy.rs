@@ -99,6 +99,15 @@ pub fn check(
         devices: Some(compiled.devices.len()),
         version: None,
     };
+    let (shadow, shadow_remove) = p.shadow_counts();
+    if shadow + shadow_remove > 0 {
+        out.message.push_str(&format!(
+            "; {} shadow rule(s): {shadow} candidate (`shadow`, not enforced), {shadow_remove} \
+             watched for removal (`shadow_remove`, enforced); peers report would-allow / \
+             would-deny in flow records",
+            shadow + shadow_remove
+        ));
+    }
     if apply {
         let text = String::from_utf8(bytes).map_err(|_| anyhow!("policy is not UTF-8"))?;
         let sha = hex::encode(sha2::Sha256::digest(text.as_bytes()));
@@ -157,6 +166,13 @@ pub fn explain(
             })
             .collect(),
         notes: e.notes.clone(),
+        shadow: e.candidate.as_ref().map(|c| {
+            if c.allowed {
+                "would-allow".to_string()
+            } else {
+                "would-deny".to_string()
+            }
+        }),
         text: e.to_string(),
     })
 }

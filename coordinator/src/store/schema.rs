@@ -192,4 +192,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX flows_reporter ON flows(reporter, window_end_ms);
     CREATE INDEX flows_peer ON flows(peer_id, window_end_ms);
     "#,
+    // 12: the candidate verdict of flow records (policies with shadow rules): 'would_allow',
+    // 'would_deny' or '' (none). Not part of a row's key: records of one key merge, and a
+    // would-deny wins.
+    r#"
+    ALTER TABLE flows ADD COLUMN shadow TEXT NOT NULL DEFAULT '';
+    "#,
 ];
