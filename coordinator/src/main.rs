@@ -861,6 +861,9 @@ fn report_policy(v: &PolicyOutcome, json: bool, apply: bool) -> Result<()> {
         if v.ok && v.changes.is_empty() {
             println!("no access changes");
         }
+        if let Some(s) = &v.shadow_rules {
+            println!("{s}");
+        }
         if let Some(ver) = v.version {
             println!("applied as version {ver}");
         }

@@ -324,6 +324,31 @@ pub struct PolicyOutcome {
     /// The stored version (only after a successful apply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<i64>,
+    /// How many rules are shadow rules (only when the policy is valid and has some).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_rules: Option<ShadowRulesView>,
+}
+
+/// A valid policy's shadow rules: evaluated by peers on live traffic, never enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowRulesView {
+    /// `shadow = true`: candidates, not enforced.
+    pub shadow: usize,
+    /// `shadow_remove = true`: enforced, absent from the candidate view.
+    pub shadow_remove: usize,
+}
+
+impl std::fmt::Display for ShadowRulesView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} shadow rule(s): {} candidate (shadow, not enforced), {} watched for removal \
+             (shadow_remove, enforced); peers report would-allow / would-deny in flow records",
+            self.shadow + self.shadow_remove,
+            self.shadow,
+            self.shadow_remove
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1237,6 +1262,7 @@ mod tests {
             changes: vec![],
             devices: None,
             version: None,
+            shadow_rules: None,
         };
         assert_eq!(
             keys(&refused),
