@@ -48,6 +48,7 @@ cores=(
     coordinator/src/audit.rs
     coordinator/src/gate.rs
     coordinator/src/flows.rs
+    coordinator/src/maturity
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
     client/src/dataplane/probe.rs

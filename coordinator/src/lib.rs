@@ -28,6 +28,7 @@ pub mod flows;
 pub mod gate;
 pub mod leases;
 pub mod limits;
+pub mod maturity;
 pub mod metrics;
 pub mod model;
 pub mod pki;

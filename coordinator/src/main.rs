@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use ward_coordinator::admin::api::fmt_time;
 use ward_coordinator::admin::api::{
     render_table, AuditVerifyView, AuditView, DeviceDetail, DeviceTagsView, DeviceView,
-    ExplainView, FlowsTopView, FlowsView, GrantView, PolicyOutcome, PolicyShowView,
-    PolicyVersionView, RelayAdded, RelayView, Rotating, StatusView, Table, TokenCreated, TokenView,
-    UserAccess, UserGroupsView, UserView,
+    ExplainView, FlowsTopView, FlowsView, GrantView, MaturityHistoryView, MaturityView,
+    PolicyOutcome, PolicyShowView, PolicyVersionView, RelayAdded, RelayView, Rotating, StatusView,
+    Table, TokenCreated, TokenView, UserAccess, UserGroupsView, UserView,
 };
 use ward_coordinator::admin::flows::FlowFilter;
 use ward_coordinator::admin::{self, AdminRequest};
@@ -128,6 +128,17 @@ enum Cmd {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// The zero trust maturity assessment (CISA ZTMM v2.0 stages per pillar and function),
+    /// scored from this deployment's own evidence; `history` shows the recorded trend.
+    Maturity {
+        #[command(subcommand)]
+        cmd: Option<MaturityCmd>,
+        /// Add the concrete next step for every function that is not optimal.
+        #[arg(long)]
+        explain: bool,
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Show the audit log, or verify its hash chain.
     Audit {
         #[command(subcommand)]
@@ -137,6 +148,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum MaturityCmd {
+    /// Recorded assessments (daily and at every policy apply), oldest first: the stage per
+    /// pillar and what changed; fails if the history's hash chain does not verify.
+    History,
 }
 
 #[derive(Subcommand)]
@@ -713,6 +731,27 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::Maturity { cmd, explain, json } => match cmd {
+            None => {
+                let v: MaturityView =
+                    admin::call(&sock, &AdminRequest::Maturity { explain }).await?;
+                if json {
+                    return print_json(&v);
+                }
+                v.lines().iter().for_each(|l| println!("{l}"));
+                Ok(())
+            }
+            Some(MaturityCmd::History) => {
+                let v: MaturityHistoryView =
+                    admin::call(&sock, &AdminRequest::MaturityHistory).await?;
+                if json {
+                    return print_json(&v);
+                }
+                print_table(&v.entries);
+                println!("{} assessment(s); hash chain verified", v.entries.len());
+                Ok(())
+            }
+        },
         Cmd::Audit {
             cmd: Some(AuditCmd::Verify),
             json,

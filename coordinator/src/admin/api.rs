@@ -932,6 +932,103 @@ impl Table for AuditView {
     ];
 }
 
+/// `maturity`: the live assessment and the evidence it was scored from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaturityView {
+    pub at_ms: i64,
+    pub evidence: crate::maturity::Evidence,
+    pub assessment: crate::maturity::Assessment,
+}
+
+impl MaturityView {
+    /// The human form: one line per pillar, then its functions and their predicates.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in &self.assessment.pillars {
+            out.push(format!(
+                "{:<26} {:<12} (weakest: {})",
+                p.pillar, p.stage, p.weakest
+            ));
+            for f in &p.functions {
+                out.push(format!("  {:<32} {}", f.function, f.stage));
+                for x in &f.predicates {
+                    out.push(format!(
+                        "    [{}] {:<10} {:<36} {} (needs {})",
+                        if x.pass { "ok" } else { "--" },
+                        x.stage,
+                        x.name,
+                        x.value,
+                        x.threshold
+                    ));
+                }
+                if let Some(step) = &f.next_step {
+                    out.push(format!("    next: {step}"));
+                }
+            }
+        }
+        out.push("out of scope:".into());
+        for o in &self.assessment.out_of_scope {
+            out.push(format!("  {} / {}: {}", o.pillar, o.function, o.why));
+        }
+        out
+    }
+}
+
+/// `maturity history`: recorded assessments, oldest first; the chain verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaturityHistoryView {
+    pub verified: bool,
+    pub entries: Vec<MaturityEntryView>,
+}
+
+/// One recorded assessment: when, why, the stage per pillar and what moved since the last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaturityEntryView {
+    pub seq: i64,
+    pub ts_ms: i64,
+    pub trigger: String,
+    pub stages: std::collections::BTreeMap<crate::maturity::Pillar, crate::maturity::Stage>,
+    pub changes: Vec<String>,
+}
+
+impl Table for MaturityEntryView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("SEQ", |e| e.seq.to_string()),
+        col("TIME", |e| fmt_time(e.ts_ms)),
+        col("TRIGGER", |e| e.trigger.clone()),
+        col("IDENTITY", |e| {
+            stage_of(e, crate::maturity::Pillar::Identity)
+        }),
+        col("DEVICES", |e| stage_of(e, crate::maturity::Pillar::Devices)),
+        col("NETWORKS", |e| {
+            stage_of(e, crate::maturity::Pillar::Networks)
+        }),
+        col("VISIBILITY", |e| {
+            stage_of(e, crate::maturity::Pillar::VisibilityAnalytics)
+        }),
+        col("AUTOMATION", |e| {
+            stage_of(e, crate::maturity::Pillar::AutomationOrchestration)
+        }),
+        col("GOVERNANCE", |e| {
+            stage_of(e, crate::maturity::Pillar::Governance)
+        }),
+        col("CHANGES", |e| {
+            if e.changes.is_empty() {
+                "-".into()
+            } else {
+                e.changes.join("; ")
+            }
+        }),
+    ];
+}
+
+fn stage_of(e: &MaturityEntryView, p: crate::maturity::Pillar) -> String {
+    e.stages
+        .get(&p)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
 /// Any admin response, as the server sends it. Untagged: each variant serializes exactly as
 /// its view, and the CLI reads the one type its request returns.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -963,6 +1060,8 @@ pub enum AdminReply {
     AuditVerify(AuditVerifyView),
     Flows(Box<FlowsView>),
     FlowsTop(Vec<FlowsTopView>),
+    Maturity(Box<MaturityView>),
+    MaturityHistory(MaturityHistoryView),
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! - [`ops`]: the requests' business rules over the store, synchronous and testable.
 //! - [`policy`]: policy check, apply and explain.
 //! - [`flows`]: `flows` and `flows top` (stored records, paired, filtered by selectors).
+//! - [`maturity`]: `maturity` and `maturity history` (evidence gathered, assessed, recorded).
 //! - [`socket`]: the socket itself (bind, peer credentials, line I/O).
 
 use anyhow::Result;
@@ -13,6 +14,7 @@ use std::path::Path;
 
 pub mod api;
 pub mod flows;
+pub mod maturity;
 pub mod ops;
 pub mod policy;
 pub mod socket;
@@ -132,6 +134,13 @@ pub enum AdminRequest {
         filter: flows::FlowFilter,
         by: crate::flows::TopBy,
     },
+    /// The zero trust maturity assessment, live (not recorded); `explain` adds next steps.
+    Maturity {
+        #[serde(default)]
+        explain: bool,
+    },
+    /// Recorded assessments, the hash chain verified.
+    MaturityHistory,
 }
 
 /// Sends one request to the running coordinator and reads its typed answer.

@@ -330,15 +330,19 @@ pub fn handle(
         AdminRequest::PolicyApply {
             file_name,
             content_b64,
-        } => AdminReply::Policy(super::policy::check(
-            store,
-            live,
-            &snap,
-            &file_name,
-            &content_b64,
-            true,
-            now,
-        )?),
+        } => {
+            let out =
+                super::policy::check(store, live, &snap, &file_name, &content_b64, true, now)?;
+            if let Some(v) = out.version {
+                // The policy is in force whatever happens here: a failed recording is logged.
+                if let Err(e) =
+                    super::maturity::record(store, live, &snap, &format!("policy.apply v{v}"), now)
+                {
+                    tracing::error!(error = %format!("{e:#}"), "maturity assessment not recorded");
+                }
+            }
+            AdminReply::Policy(out)
+        }
         AdminRequest::PolicyShow => AdminReply::PolicyShow(match store.current_policy()? {
             Some(v) => PolicyShowView {
                 version: Some(v.version),
@@ -431,6 +435,12 @@ pub fn handle(
         AdminRequest::Flows(f) => AdminReply::Flows(Box::new(super::flows::flows(store, &f, now)?)),
         AdminRequest::FlowsTop { filter, by } => {
             AdminReply::FlowsTop(super::flows::flows_top(store, &filter, by, now)?)
+        }
+        AdminRequest::Maturity { explain } => AdminReply::Maturity(Box::new(
+            super::maturity::maturity(store, live, &snap, explain, now)?,
+        )),
+        AdminRequest::MaturityHistory => {
+            AdminReply::MaturityHistory(super::maturity::history(store)?)
         }
     })
 }
@@ -1429,5 +1439,106 @@ mod tests {
             }
         ))
         .contains("no user"));
+    }
+
+    #[test]
+    fn maturity_is_assessed_and_recorded_on_every_apply() {
+        use crate::maturity::{Pillar, Stage};
+        use base64::Engine;
+        let mut w = World::new();
+        let live = FakeLive::new(None);
+        w.user(&live, "alice");
+        w.run(&live, token(Some("alice"), &[], 7 * 86_400)).unwrap();
+        let apply = |w: &mut World, text: &str| {
+            let AdminReply::Policy(out) = w
+                .run(
+                    &live,
+                    AdminRequest::PolicyApply {
+                        file_name: "p.toml".into(),
+                        content_b64: base64::engine::general_purpose::STANDARD.encode(text),
+                    },
+                )
+                .unwrap()
+            else {
+                panic!("not a policy outcome")
+            };
+            assert!(out.ok, "{out:?}");
+        };
+        apply(
+            &mut w,
+            "[services.all]\ndevices = [\"tag:db\"]\nports = [\"tcp/*\"]\n\
+             [[rules]]\nname = \"open\"\nfrom = [\"alice\"]\nto = [\"all\"]\n",
+        );
+        let AdminReply::Maturity(m) = w
+            .run(&live, AdminRequest::Maturity { explain: true })
+            .unwrap()
+        else {
+            panic!("not a maturity view")
+        };
+        let e = &m.evidence;
+        assert_eq!((e.rules, e.rules_port_scoped, e.tests), (1, 0, 0));
+        assert_eq!(
+            (e.tokens, e.token_lifetime_max_ms),
+            (1, Some(7 * 86_400_000))
+        );
+        assert_eq!((e.policy_version, e.policy_versions), (Some(1), 1));
+        let seg = &m.assessment.pillars[2].functions[0];
+        assert_eq!(
+            (seg.function.as_str(), seg.stage),
+            ("segmentation", Stage::Initial)
+        );
+        assert!(seg
+            .next_step
+            .as_deref()
+            .unwrap()
+            .contains("scope them to ports"));
+        let AdminReply::Maturity(quiet) = w
+            .run(&live, AdminRequest::Maturity { explain: false })
+            .unwrap()
+        else {
+            panic!("not a maturity view")
+        };
+        assert!(quiet
+            .assessment
+            .pillars
+            .iter()
+            .flat_map(|p| &p.functions)
+            .all(|f| f.next_step.is_none()));
+
+        apply(
+            &mut w,
+            "[posture.p]\nfirewall = true\n[services.db]\ndevices = [\"tag:db\"]\n\
+             ports = [\"tcp/5432\"]\n[[rules]]\nname = \"db\"\nfrom = [\"alice\"]\n\
+             to = [\"db\"]\nposture = [\"p\"]\n[[tests]]\nfrom = \"alice\"\n\
+             allow = [\"db:5432\"]\n",
+        );
+        let AdminReply::MaturityHistory(h) = w.run(&live, AdminRequest::MaturityHistory).unwrap()
+        else {
+            panic!("not a history")
+        };
+        assert!(h.verified);
+        let triggers: Vec<&str> = h.entries.iter().map(|e| e.trigger.as_str()).collect();
+        assert_eq!(triggers, ["policy.apply v1", "policy.apply v2"]);
+        let (before, after) = (&h.entries[0], &h.entries[1]);
+        assert!(Pillar::ALL
+            .iter()
+            .all(|p| after.stages[p] >= before.stages[p]));
+        assert!(after.stages[&Pillar::Governance] > before.stages[&Pillar::Governance]);
+        assert!(after
+            .changes
+            .iter()
+            .any(|c| c.starts_with("governance: initial -> ")));
+        assert_eq!(before.changes, ["first assessment"]);
+
+        // The daily recording: due only when the newest row is a day old.
+        use super::super::maturity::{record_if_due, RECORD_EVERY_MS};
+        assert_eq!(
+            record_if_due(&w.store, &live, 1_000_000 + 1000).unwrap(),
+            None
+        );
+        let later = 1_000_000 + RECORD_EVERY_MS;
+        assert_eq!(record_if_due(&w.store, &live, later).unwrap(), Some(3));
+        assert_eq!(record_if_due(&w.store, &live, later + 1).unwrap(), None);
+        assert_eq!(w.store.maturity_history().unwrap().rows[2].trigger, "daily");
     }
 }

@@ -223,6 +223,7 @@ pub async fn serve(
     tokio::spawn(integrity_checks(sqlite));
     tokio::spawn(session::refusal_rows(ctx.clone()));
     tokio::spawn(prune_flows(ctx.store.clone(), flow_retention_ms));
+    tokio::spawn(maturity_daily(ctx.clone()));
     tokio::spawn(actor::registry_actor(
         registry,
         rx,
@@ -285,6 +286,32 @@ async fn integrity_checks(store: Arc<SqliteStore>) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => error!(error = %e, "database integrity check could not run"),
             Err(e) => error!(error = %e, "database integrity check task failed"),
+        }
+    }
+}
+
+/// How often the daily maturity recording checks whether a day has passed since the last one.
+const MATURITY_CHECK: Duration = Duration::from_secs(3600);
+
+/// Records a maturity assessment when none was recorded in the last day (checked at start and
+/// then hourly), on a blocking thread.
+async fn maturity_daily(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(MATURITY_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ctx = ctx.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let live = LiveRegistry {
+                events: ctx.events.clone(),
+            };
+            crate::admin::maturity::record_if_due(ctx.store.as_ref(), &live, now_ms())
+        })
+        .await;
+        match res {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => error!(error = %format!("{e:#}"), "daily maturity assessment failed"),
+            Err(e) => error!(error = %e, "daily maturity assessment task failed"),
         }
     }
 }

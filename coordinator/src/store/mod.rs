@@ -278,6 +278,28 @@ pub struct FlowSource {
 }
 
 /// One audit event to append (in the same transaction as the change it describes).
+/// One recorded maturity assessment (`maturity history`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaturityRow {
+    pub seq: i64,
+    pub ts_ms: i64,
+    /// What recorded it: `daily`, `policy.apply vN`.
+    pub trigger: String,
+    /// The assessment as JSON (`crate::maturity::Assessment`).
+    pub assessment: String,
+    pub hash: String,
+}
+
+/// The maturity table and whether its hash chain verifies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaturityChain {
+    /// Oldest first.
+    pub rows: Vec<MaturityRow>,
+    pub verified: bool,
+    /// The first row whose hash does not follow from the rows before it.
+    pub first_bad_seq: Option<i64>,
+}
+
 pub struct Audit<'a> {
     pub actor: &'a str,
     pub action: Action,
@@ -501,5 +523,18 @@ pub trait Store: Send + Sync {
     /// their last scrape.
     fn audit_counts_since(&self, after_seq: i64) -> Result<(BTreeMap<String, u64>, i64)> {
         Ok((BTreeMap::new(), after_seq))
+    }
+    /// Appends one maturity assessment (JSON) to the hash-chained table; its seq.
+    fn append_maturity(&self, trigger: &str, assessment: &str, now_ms: i64) -> Result<i64> {
+        let _ = (trigger, assessment, now_ms);
+        Err(StoreError::Invalid(
+            "this store keeps no maturity history".into(),
+        ))
+    }
+    /// Every recorded assessment, with the chain verified.
+    fn maturity_history(&self) -> Result<MaturityChain> {
+        Err(StoreError::Invalid(
+            "this store keeps no maturity history".into(),
+        ))
     }
 }

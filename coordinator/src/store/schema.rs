@@ -192,7 +192,20 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX flows_reporter ON flows(reporter, window_end_ms);
     CREATE INDEX flows_peer ON flows(peer_id, window_end_ms);
     "#,
-    // 12: the candidate verdict of flow records (policies with shadow rules): 'would_allow',
+    // 10: maturity assessments, append-only and hash-chained like the audit table: each row's
+    // hash covers the previous row's hash, its seq, time, trigger and assessment (JSON), so an
+    // edited, inserted or deleted row breaks the chain `maturity history` verifies.
+    r#"
+    CREATE TABLE maturity(
+        seq INTEGER PRIMARY KEY,
+        ts_ms INTEGER NOT NULL,
+        trigger TEXT NOT NULL,
+        assessment TEXT NOT NULL,
+        prev_hash BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );
+    "#,
+    // 11: the candidate verdict of flow records (policies with shadow rules): 'would_allow',
     // 'would_deny' or '' (none). Not part of a row's key: records of one key merge, and a
     // would-deny wins.
     r#"

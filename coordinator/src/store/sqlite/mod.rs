@@ -17,8 +17,8 @@ use super::journal::{Journal, Narrowing};
 use super::schema::MIGRATIONS;
 use super::{
     Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, FlowQuery, FlowRow, FlowSource,
-    FlowsStored, GrantRow, IntegrityCheck, LeaseRow, PolicyVersion, Quarantine, RelayRow, Result,
-    StorageHealth, Store, StoreError, TokenInfo, TokenSpec, User,
+    FlowsStored, GrantRow, IntegrityCheck, LeaseRow, MaturityChain, PolicyVersion, Quarantine,
+    RelayRow, Result, StorageHealth, Store, StoreError, TokenInfo, TokenSpec, User,
 };
 
 mod audit;
@@ -28,6 +28,7 @@ use users::user_id;
 mod devices;
 mod flows;
 mod leases;
+mod maturity;
 mod policy;
 mod relays;
 #[cfg(test)]
@@ -556,6 +557,14 @@ impl Store for SqliteStore {
 
     fn verify_audit(&self) -> Result<AuditVerdict> {
         audit::verify_audit(self)
+    }
+
+    fn append_maturity(&self, trigger: &str, assessment: &str, now_ms: i64) -> Result<i64> {
+        self.with_tx(|tx| maturity::append_tx(tx, trigger, assessment, now_ms))
+    }
+
+    fn maturity_history(&self) -> Result<MaturityChain> {
+        self.with_tx(maturity::history_tx)
     }
 
     fn try_enroll(
