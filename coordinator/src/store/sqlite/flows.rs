@@ -154,6 +154,10 @@ fn report_digest(report: &FlowReport) -> Vec<u8> {
     sha2::Sha256::digest(&bytes).to_vec()
 }
 
+/// A stored row's id, window end, packets and bytes out and in, connections and candidate
+/// verdict (`''`: none).
+type StoredCounts = (i64, i64, i64, i64, i64, i64, i64, String);
+
 /// Adds one record to its key's row in the window, or inserts the row.
 fn merge_record(
     tx: &rusqlite::Transaction<'_>,
@@ -173,7 +177,7 @@ fn merge_record(
     let tags: Vec<String> = r.peer_tags.iter().map(|t| printable(t)).collect();
     let tags = serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into());
     let policy_version = r.policy_version.map(sql_count);
-    let existing: Option<(i64, i64, i64, i64, i64, i64, i64, String)> = tx
+    let existing: Option<StoredCounts> = tx
         .query_row(
             "SELECT id, window_end_ms, packets_out, bytes_out, packets_in, bytes_in, connections,
                  shadow
