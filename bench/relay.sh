@@ -15,7 +15,10 @@
 #   relay  ward-relay CPU seconds per GB during the single-stream run
 #   a, b   the sending (a) and receiving (b) device daemons' CPU seconds per GB, same run
 # and, per run only, the sender's TCP retransmissions and the datagrams the relay could not
-# hand on (queue_full, too_large),
+# hand on (queue_full, too_large), and for relayed runs where datagrams were lost: `loss_ab`
+# (a's relayed datagrams out, the relay's datagrams in and forwarded, b's in), the same for
+# the other direction `loss_ba` (the relay's counts are of both directions together), the
+# daemons' relay queue drops, and UDP receive-buffer drops (`RcvbufErrors`) per namespace,
 # and the relayed/direct ratios.
 #
 # WARD_BENCH_PERF=DIR: also records `perf record -g` of the relay and both daemons during each
@@ -70,6 +73,8 @@ lab_add_wan_host b
 lab_start_coordinator
 lab_start_relay relay1 r1 >/dev/null
 lab_relay_wait_welcomed relay1 15
+# Loopback metrics in each device's namespace, for the loss accounting.
+LAB_WARD_ARGS="${LAB_WARD_ARGS:-} --metrics-listen 127.0.0.1:9561"
 for h in a b; do
     lab_start_device "$h"
     lab_coord user add "$h" >/dev/null
@@ -123,11 +128,31 @@ unblock() {
 }
 # drops REASON: datagrams the relay could not hand on for REASON so far.
 drops() { lab_relay_metric relay1 "ward_relay_dropped_total{reason=\"$1\"}" 2>/dev/null || echo 0; }
+# dev_metric HOST METRIC: a device daemon's metric (0 if unreadable).
+dev_metric() { lab_metric "$1" 127.0.0.1:9561 "$2" 2>/dev/null || echo 0; }
+# counters: the loss-accounting counters now, as one JSON object.
+counters() {
+    local h
+    printf '{"a_out":%s,"a_in":%s,"b_out":%s,"b_in":%s,"a_qfull":%s,"b_qfull":%s,"relay_fwd":%s,"relay_drop":%s' \
+        "$(dev_metric a 'ward_device_relay_datagrams_total{direction="out"}')" \
+        "$(dev_metric a 'ward_device_relay_datagrams_total{direction="in"}')" \
+        "$(dev_metric b 'ward_device_relay_datagrams_total{direction="out"}')" \
+        "$(dev_metric b 'ward_device_relay_datagrams_total{direction="in"}')" \
+        "$(dev_metric a 'ward_device_dropped_packets_total{reason="relay_queue_full"}')" \
+        "$(dev_metric b 'ward_device_dropped_packets_total{reason="relay_queue_full"}')" \
+        "$(lab_relay_metric relay1 ward_relay_relayed_datagrams_total 2>/dev/null || echo 0)" \
+        "$(lab_relay_metric relay1 ward_relay_dropped_total 2>/dev/null || echo 0)"
+    for h in relay1 a b; do
+        printf ',"rcvbuf_%s":%s' "$h" "$(ip netns exec "$(lab_ns "$h")" awk \
+            '/^Udp:/ { if (!n++) { for (i = 2; i <= NF; i++) if ($i == "RcvbufErrors") c = i } else print $c }' /proc/net/snmp)"
+    done
+    printf '}'
+}
 cpu_s() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"; }
 
 # measure PATH: one single-stream run and the idle RTT over the current path; prints a JSON object.
 measure() {
-    local kind="$1" c0 c1 json rtt a0 a1 b0 b1 q0 q1 l0 l1
+    local kind="$1" c0 c1 json rtt a0 a1 b0 b1 q0 q1 l0 l1 k0 k1
     rtt=$(lab_exec a ping -q -c "$PINGS" -i 0.02 -W 1 "$B4" | python3 -c '
 import re, sys
 m = re.search(r"= [\d.]+/([\d.]+)/", sys.stdin.read())
@@ -135,7 +160,7 @@ print(m.group(1) if m else "null")')
     lab_spawn b "iperf3-s-$kind.log" iperf3 -s -1 -B "$B4" -p 5201
     lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns b) ss -ltn | grep -q ':5201 '"
     c0=$(cpu_s "$RELAY_PID") a0=$(cpu_s "$A_PID") b0=$(cpu_s "$B_PID")
-    q0=$(drops queue_full) l0=$(drops too_large)
+    q0=$(drops queue_full) l0=$(drops too_large) k0=$(counters)
     local perf_pids=()
     if [[ -n "${WARD_BENCH_PERF:-}" && "$kind" == relay ]]; then
         mkdir -p "$WARD_BENCH_PERF"
@@ -154,7 +179,7 @@ print(m.group(1) if m else "null")')
     json=$(lab_exec a iperf3 -c "$B4" -p 5201 -t "$DURATION" -J) || json='{"error":"iperf3 failed"}'
     ((${#perf_pids[@]} == 0)) || wait "${perf_pids[@]}" || true
     c1=$(cpu_s "$RELAY_PID") a1=$(cpu_s "$A_PID") b1=$(cpu_s "$B_PID")
-    q1=$(drops queue_full) l1=$(drops too_large)
+    q1=$(drops queue_full) l1=$(drops too_large) k1=$(counters)
     python3 -c '
 import json, sys
 r = json.loads(sys.argv[1])
@@ -163,6 +188,13 @@ c0, c1, a0, a1, b0, b1 = map(float, sys.argv[4:10])
 q0, q1, l0, l1 = map(int, sys.argv[10:14])
 out = {"path": kind, "rtt_idle_ms": None if rtt == "null" else float(rtt),
        "relay_drop_queue_full": q1 - q0, "relay_drop_too_large": l1 - l0}
+k0, k1 = json.loads(sys.argv[14]), json.loads(sys.argv[15])
+k = {n: k1[n] - k0[n] for n in k0}
+if kind == "relay":
+    out["loss_ab"] = [k["a_out"], k["relay_fwd"] + k["relay_drop"], k["relay_fwd"], k["b_in"]]
+    out["loss_ba"] = [k["b_out"], k["a_in"]]
+    out["dev_queue_full"] = [k["a_qfull"], k["b_qfull"]]
+out["rcvbuf_errors"] = [k["rcvbuf_relay1"], k["rcvbuf_a"], k["rcvbuf_b"]]
 if "error" in r:
     out["error"] = r["error"]
 else:
@@ -174,7 +206,7 @@ else:
     out["relay_cpu_s_per_gb"] = (c1 - c0) / gb if gb > 0 else None
     out["a_cpu_s_per_gb"] = (a1 - a0) / gb if gb > 0 else None
     out["b_cpu_s_per_gb"] = (b1 - b0) / gb if gb > 0 else None
-print(json.dumps(out))' "$json" "$kind" "$rtt" "$c0" "$c1" "$a0" "$a1" "$b0" "$b1" "$q0" "$q1" "$l0" "$l1"
+print(json.dumps(out))' "$json" "$kind" "$rtt" "$c0" "$c1" "$a0" "$a1" "$b0" "$b1" "$q0" "$q1" "$l0" "$l1" "$k0" "$k1"
 }
 
 lab_wait_for -t 30 -i 0.2 both direct || { echo "the two devices never went direct" >&2; exit 1; }
@@ -206,7 +238,7 @@ summary["ratio_rtt"] = ratio(r["rtt_idle_ms"], d["rtt_idle_ms"])
 json.dump({"rounds": rounds, "duration_s": duration, "runs": runs, "summary": summary}, open(out_path, "w"), indent=1)
 f = lambda x, p=2: "-" if x is None else "%.*f" % (p, x)
 for r in runs:
-    extra = " ".join("%s=%s" % (k, r.get(k)) for k in ("retransmits", "relay_drop_queue_full", "relay_drop_too_large"))
+    extra = " ".join("%s=%s" % (k, r.get(k)) for k in ("retransmits", "relay_drop_queue_full", "relay_drop_too_large", "loss_ab", "loss_ba", "dev_queue_full", "rcvbuf_errors") if k in r)
     print("run %-6s %s %s" % (r["path"], " ".join("%s=%s" % (k, f(r.get(k), 3)) for k in FIELDS), extra))
 print("%-8s %12s %12s %15s %11s %11s" % ("path", "tcp1 Gbit/s", "rtt idle ms", "relay cpu s/GB", "a cpu s/GB", "b cpu s/GB"))
 for k in ("direct", "relay"):

@@ -139,8 +139,9 @@ pub fn relay_config(ca_der: &[u8], cert_der: &[u8], key_pem: &str) -> Result<qui
     let tls = device_tls(ca_der, cert_der, key_pem, ward_shared::relay::RELAY_ALPN)?;
     let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut cc = quinn::ClientConfig::new(Arc::new(qc));
-    /// Room for about 700 full datagrams each way: a few milliseconds of a fast link.
-    const RELAY_DATAGRAM_BUFFER: usize = 1024 * 1024;
+    /// Room for about 3000 full datagrams each way, some 30 ms of a 1 Gbit/s link: a stall of
+    /// the task that takes relayed datagrams (a busy host) does not overflow it.
+    const RELAY_DATAGRAM_BUFFER: usize = 4 * 1024 * 1024;
     const RELAY_MTU_PROBE_UPPER_BOUND: u16 = 1500 - 20 - 8;
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(RELAY_KEEPALIVE));

@@ -26,13 +26,18 @@
 //!   a bug);
 //! - `one_sided` when only one end recorded it and the grace period for the other end's upload
 //!   has passed since the span ended; `pending` before that.
+//!
+//! Denial reasons are corrected at intake by [`relabel`]: a device's filter knows only its own
+//! inbound rules, so it records a packet that a posture requirement or a quarantine stopped as
+//! `no rule`; the coordinator, which knows why, records `posture` or `quarantine` instead.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ward_shared::filter::Proto;
-use ward_shared::flows::{DenyCause, FlowVerdict, Role, ShadowVerdict};
+use ward_shared::flows::{DenyCause, FlowRecord, FlowReport, FlowVerdict, Role, ShadowVerdict};
+use ward_shared::policy::{self, Directory, Policy};
 use ward_shared::wire::DeviceId;
 
 use crate::store::FlowRow;
@@ -434,6 +439,135 @@ pub fn top(pairs: &[Pair], by: TopBy, limit: usize) -> Vec<TopEntry> {
     v
 }
 
+/// Whether [`relabel`] could change anything in `report` (so the registry need not be asked
+/// when nothing was denied for a reason it corrects).
+pub fn may_relabel(report: &FlowReport) -> bool {
+    report
+        .windows
+        .iter()
+        .flat_map(|w| &w.records)
+        .any(|r| candidate(r).is_some())
+}
+
+/// Corrects the denial reasons of `report` (from `reporter`) that only the coordinator can
+/// know, and says how many records it changed.
+///
+/// A denied record whose reason is `no rule` (or, at the initiator, which has no tunnel to a
+/// peer it may not reach, `no lease`) is judged for source S and destination D: S is the
+/// other end when the reporter was the responder, the reporter otherwise; D the reverse (an
+/// end the record names only by address is found by address). If the policy does not allow
+/// S to reach D on the flow's protocol and port now, but would if S met every posture
+/// requirement and were not quarantined, the reason becomes `quarantine` when S is
+/// quarantined, else `posture`. Anything else (an unknown device, no policy, a flow the policy
+/// allows now, or one it would deny anyway) keeps the device's reason.
+///
+/// The judgement uses the policy explainer, so it agrees with `policy explain`, and the
+/// state of S now (its posture and quarantine), with rule and grant expiries taken at the
+/// window's end (or now, if earlier). A report is judged when it arrives, usually within
+/// seconds of its window's end, so a posture change in between can label a record by the
+/// newer state.
+pub fn relabel(
+    reporter: DeviceId,
+    report: &mut FlowReport,
+    policy: Option<&Policy>,
+    dir: &Directory,
+    now_ms: i64,
+) -> usize {
+    let Some(p) = policy else {
+        return 0;
+    };
+    let mut changed = 0;
+    for w in &mut report.windows {
+        let at_ms = w.end_ms.min(now_ms);
+        for r in &mut w.records {
+            let Some(cause) = judge_denial(reporter, r, p, dir, at_ms) else {
+                continue;
+            };
+            if r.reason != Some(cause) {
+                r.reason = Some(cause);
+                changed += 1;
+            }
+        }
+    }
+    changed
+}
+
+/// The record's reported role with the reasons [`relabel`] may correct, else `None`.
+fn candidate(r: &FlowRecord) -> Option<Role> {
+    if r.verdict != FlowVerdict::Denied {
+        return None;
+    }
+    match (r.role, r.reason?) {
+        (Role::Responder, DenyCause::NoRule) => Some(Role::Responder),
+        (Role::Initiator, DenyCause::NoRule | DenyCause::NoLease) => Some(Role::Initiator),
+        _ => None,
+    }
+}
+
+/// `posture` or `quarantine` if that is what stopped the record's flow, else `None`.
+fn judge_denial(
+    reporter: DeviceId,
+    r: &FlowRecord,
+    p: &Policy,
+    dir: &Directory,
+    at_ms: i64,
+) -> Option<DenyCause> {
+    let role = candidate(r)?;
+    let other = match r.peer {
+        Some(id) => dir.devices.iter().find(|d| d.id == id)?,
+        None => dir
+            .devices
+            .iter()
+            .find(|d| IpAddr::V4(d.ipv4) == r.peer_addr || IpAddr::V6(d.ipv6) == r.peer_addr)?,
+    };
+    let me = dir.devices.iter().find(|d| d.id == reporter)?;
+    let (src, dst) = match role {
+        Role::Responder => (other, me),
+        Role::Initiator => (me, other),
+    };
+    let all_met = p.postures.keys().all(|q| src.posture_passed.contains(q));
+    if !src.quarantined && all_met {
+        return None;
+    }
+    // A port no service opens (a scan's usual target) is `no rule` whatever the source's
+    // state: decided without the explainer, whose cost grows with the directory.
+    if !p.services.values().any(|s| s.ports.allows(r.proto, r.port)) {
+        return None;
+    }
+    let target = match r.proto {
+        Proto::Icmp => format!("device:{}:icmp", dst.hostname),
+        Proto::Tcp => format!("device:{}:{}/tcp", dst.hostname, r.port),
+        Proto::Udp => format!("device:{}:{}/udp", dst.hostname, r.port),
+    };
+    let from = format!("device:{}", src.hostname);
+    let (src_id, dst_id) = (src.id, dst.id);
+    let allows = |d: &Directory| -> Option<bool> {
+        let e = policy::explain(p, d, &from, &target, at_ms).ok()?;
+        Some(
+            e.devices
+                .iter()
+                .any(|x| x.src_id == src_id && x.dst_id == dst_id && x.allowed),
+        )
+    };
+    if allows(dir)? {
+        return None;
+    }
+    let quarantined = src.quarantined;
+    let mut lifted = dir.clone();
+    let s = lifted.devices.iter_mut().find(|d| d.id == src_id)?;
+    s.quarantined = false;
+    s.posture_passed = p.postures.keys().cloned().collect();
+    s.posture_failures.clear();
+    if !allows(&lifted)? {
+        return None;
+    }
+    Some(if quarantined {
+        DenyCause::Quarantine
+    } else {
+        DenyCause::Posture
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,5 +811,223 @@ mod tests {
         let t = top(&pairs, TopBy::Flows, 1);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].port, 22);
+    }
+
+    mod relabel {
+        use super::*;
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        use ward_shared::flows::FlowWindow;
+        use ward_shared::policy::{DirDevice, DirUser};
+
+        const DB: DeviceId = DeviceId(1);
+        const ALICE: DeviceId = DeviceId(2);
+        const BOB: DeviceId = DeviceId(3);
+        const NOW: i64 = 1_000 * W;
+
+        const POLICY: &str = r#"
+[posture.healthy]
+firewall = true
+
+[services.db]
+devices = ["tag:db"]
+ports = ["tcp/5432"]
+
+[services.web]
+devices = ["tag:db"]
+ports = ["tcp/8080", "udp/53", "icmp"]
+
+[services.patch]
+devices = ["tag:db"]
+ports = ["tcp/8443"]
+remediation = true
+
+[[rules]]
+name = "db-needs-healthy"
+from = ["alice"]
+to = ["db"]
+posture = ["healthy"]
+
+[[rules]]
+name = "web-for-all"
+from = ["alice", "bob"]
+to = ["web", "patch"]
+"#;
+
+        fn dev(id: DeviceId, host: &str, user: Option<&str>, tags: &[&str]) -> DirDevice {
+            DirDevice {
+                id,
+                hostname: host.into(),
+                user: user.map(str::to_string),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                ipv4: Ipv4Addr::new(100, 64, 0, id.0 as u8),
+                ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, id.0 as u16),
+                live: true,
+                posture_passed: ["healthy".to_string()].into_iter().collect(),
+                posture_failures: Default::default(),
+                quarantined: false,
+                name_bound: true,
+            }
+        }
+
+        /// db, alice (failing `healthy` when `alice_fails`) and bob (quarantined when
+        /// `bob_quarantined`).
+        fn world(alice_fails: bool, bob_quarantined: bool) -> (Policy, Directory) {
+            let p = policy::parse(POLICY.as_bytes(), "policy.toml").unwrap();
+            let mut alice = dev(ALICE, "alice-laptop", Some("alice"), &[]);
+            if alice_fails {
+                alice.posture_passed.clear();
+                alice
+                    .posture_failures
+                    .insert("healthy".into(), vec!["firewall: off".into()]);
+            }
+            let mut bob = dev(BOB, "bob-laptop", Some("bob"), &[]);
+            bob.quarantined = bob_quarantined;
+            let user = |n: &str| DirUser {
+                name: n.into(),
+                groups: vec![],
+                disabled: false,
+            };
+            let d = Directory {
+                users: vec![user("alice"), user("bob")],
+                devices: vec![dev(DB, "db", None, &["db"]), alice, bob],
+                grants: vec![],
+            };
+            (p, d)
+        }
+
+        /// A denied record as `role` saw it, the other end `peer` (by id, or by address only
+        /// when `by_addr`), reason `reason`.
+        fn denied(
+            role: Role,
+            peer: DeviceId,
+            proto: Proto,
+            port: u16,
+            reason: DenyCause,
+        ) -> FlowRecord {
+            let mut r = rec(role, peer, (0, 0), (1, 60));
+            r.peer_addr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, peer.0 as u8));
+            r.proto = proto;
+            r.port = port;
+            r.verdict = FlowVerdict::Denied;
+            r.rule = None;
+            r.policy_version = None;
+            r.reason = Some(reason);
+            r
+        }
+
+        fn report(records: Vec<FlowRecord>) -> FlowReport {
+            FlowReport {
+                seq: 1,
+                windows: vec![FlowWindow {
+                    start_ms: NOW - 2 * W,
+                    end_ms: NOW - W,
+                    records,
+                }],
+                dropped_records: 0,
+            }
+        }
+
+        /// The reason after relabelling one record reported by `reporter`.
+        fn judged(
+            reporter: DeviceId,
+            r: FlowRecord,
+            p: &Policy,
+            d: &Directory,
+        ) -> Option<DenyCause> {
+            let mut rep = report(vec![r]);
+            relabel(reporter, &mut rep, Some(p), d, NOW);
+            rep.windows[0].records[0].reason
+        }
+
+        #[test]
+        fn a_flow_allowed_but_for_posture_is_labelled_posture() {
+            let (p, d) = world(true, false);
+            let r = denied(Role::Responder, ALICE, Proto::Tcp, 5432, DenyCause::NoRule);
+            assert!(may_relabel(&report(vec![r.clone()])));
+            let mut rep = report(vec![r.clone()]);
+            assert_eq!(relabel(DB, &mut rep, Some(&p), &d, NOW), 1);
+            assert_eq!(rep.windows[0].records[0].reason, Some(DenyCause::Posture));
+            // The initiator's record of the same flow, the responder known only by address.
+            let mut i = denied(Role::Initiator, DB, Proto::Tcp, 5432, DenyCause::NoLease);
+            i.peer = None;
+            assert_eq!(judged(ALICE, i, &p, &d), Some(DenyCause::Posture));
+        }
+
+        #[test]
+        fn a_quarantined_source_is_labelled_quarantine() {
+            let (p, d) = world(false, true);
+            for (proto, port) in [(Proto::Tcp, 8080), (Proto::Udp, 53), (Proto::Icmp, 8)] {
+                let r = denied(Role::Responder, BOB, proto, port, DenyCause::NoRule);
+                assert_eq!(
+                    judged(DB, r, &p, &d),
+                    Some(DenyCause::Quarantine),
+                    "{proto:?}"
+                );
+            }
+            // Quarantine wins over a failing requirement: it is what the admin must lift.
+            let (p, mut d) = world(true, false);
+            d.devices[1].quarantined = true;
+            let r = denied(Role::Responder, ALICE, Proto::Tcp, 5432, DenyCause::NoRule);
+            assert_eq!(judged(DB, r, &p, &d), Some(DenyCause::Quarantine));
+        }
+
+        #[test]
+        fn a_flow_no_rule_allows_stays_no_rule() {
+            let (p, d) = world(true, true);
+            // No rule lets bob reach db:5432, compliant or not; nothing opens db:22.
+            let r = denied(Role::Responder, BOB, Proto::Tcp, 5432, DenyCause::NoRule);
+            assert_eq!(judged(DB, r, &p, &d), Some(DenyCause::NoRule));
+            let r = denied(Role::Responder, ALICE, Proto::Tcp, 22, DenyCause::NoRule);
+            assert_eq!(judged(DB, r, &p, &d), Some(DenyCause::NoRule));
+            // The wrong direction: db may not open anything on alice.
+            let r = denied(Role::Responder, DB, Proto::Tcp, 5432, DenyCause::NoRule);
+            assert_eq!(judged(ALICE, r, &p, &d), Some(DenyCause::NoRule));
+            // Allowed now (the state changed since): the device's reason stands.
+            let (p, d) = world(false, false);
+            let r = denied(Role::Responder, ALICE, Proto::Tcp, 5432, DenyCause::NoRule);
+            assert!(may_relabel(&report(vec![r.clone()])));
+            let mut rep = report(vec![r]);
+            assert_eq!(relabel(DB, &mut rep, Some(&p), &d, NOW), 0);
+            assert_eq!(rep.windows[0].records[0].reason, Some(DenyCause::NoRule));
+        }
+
+        #[test]
+        fn unknown_devices_other_reasons_and_no_policy_are_left_alone() {
+            let (p, d) = world(true, true);
+            // An address no device holds, and an id the directory does not know.
+            let mut r = denied(Role::Responder, ALICE, Proto::Tcp, 5432, DenyCause::NoRule);
+            r.peer = None;
+            r.peer_addr = "100.64.9.9".parse().unwrap();
+            assert_eq!(judged(DB, r, &p, &d), Some(DenyCause::NoRule));
+            let r = denied(
+                Role::Responder,
+                DeviceId(77),
+                Proto::Tcp,
+                5432,
+                DenyCause::NoRule,
+            );
+            assert_eq!(judged(DB, r, &p, &d), Some(DenyCause::NoRule));
+            let r = denied(Role::Responder, ALICE, Proto::Tcp, 5432, DenyCause::NoRule);
+            assert_eq!(judged(DeviceId(77), r, &p, &d), Some(DenyCause::NoRule));
+            // Reasons the device knows best, and `no lease` at the responder, are kept.
+            for reason in [
+                DenyCause::Expired,
+                DenyCause::NoLease,
+                DenyCause::SpoofedSource,
+                DenyCause::WrongDestination,
+                DenyCause::Malformed,
+            ] {
+                let r = denied(Role::Responder, ALICE, Proto::Tcp, 5432, reason);
+                assert!(!may_relabel(&report(vec![r.clone()])), "{reason:?}");
+                assert_eq!(judged(DB, r, &p, &d), Some(reason));
+            }
+            // Allowed flows are never touched; without a policy nothing is.
+            let r = rec(Role::Responder, ALICE, (1, 60), (1, 60));
+            assert!(!may_relabel(&report(vec![r])));
+            let r = denied(Role::Responder, ALICE, Proto::Tcp, 5432, DenyCause::NoRule);
+            let mut rep = report(vec![r]);
+            assert_eq!(relabel(DB, &mut rep, None, &d, NOW), 0);
+            assert_eq!(rep.windows[0].records[0].reason, Some(DenyCause::NoRule));
+        }
     }
 }

@@ -11,7 +11,8 @@
 //! later stream frames       → handle_ticket(conn, ticket, clock)
 //! each QUIC datagram        → handle_datagram(conn, &mut bytes, clock)
 //!                                                             → Ok(dst conn): send the rewritten bytes to it
-//!                                                               (buffer full: handle_undelivered(QueueFull, len))
+//!                                                               (its send buffer holds queue_share() already:
+//!                                                                handle_undelivered(QueueFull, len))
 //! an undecodable frame      → handle_garbage(conn)
 //! coordinator's Welcome     → handle_welcome(ticket_key, revoked, clock)
 //! coordinator's Revoked     → handle_revoked(devices, clock)
@@ -29,6 +30,10 @@
 //! Each device has a token bucket for packets and one for bytes, so one flooding device is
 //! dropped at its own limit and cannot starve the others; datagrams to a receiver whose send
 //! buffer is full are dropped by the driver and counted here, so nothing waits on a slow peer.
+//! A receiver's send buffer is deep enough to ride out a stall of its connection's task (a few
+//! tens of milliseconds of a fast link) while few devices are connected, and bounded in total:
+//! each receiver may fill only its equal share of [`Limits::queued_bytes`]
+//! ([`Forwarder::queue_share`]).
 
 use ed25519_dalek::VerifyingKey;
 use std::collections::{BTreeMap, VecDeque};
@@ -62,6 +67,10 @@ pub struct Limits {
     pub rate_bytes: u64,
     /// How long a device may send at its full rate after being quiet (the bucket depth).
     pub burst: Duration,
+    /// Bytes of datagrams waiting in the send buffers of all device connections together, at
+    /// most: each connected device's buffer may hold its equal share
+    /// ([`Forwarder::queue_share`]).
+    pub queued_bytes: usize,
 }
 
 impl Default for Limits {
@@ -75,6 +84,8 @@ impl Default for Limits {
             rate_packets: 200_000,
             rate_bytes: 400_000_000,
             burst: Duration::from_millis(250),
+            // 64 links with full 4 MiB buffers; beyond 64 devices each gets less.
+            queued_bytes: 256 << 20,
         }
     }
 }
@@ -176,7 +187,8 @@ pub enum Drop {
     Oversized,
     /// The source device is over its packet or byte rate.
     RateLimited,
-    /// The destination's send buffer was full (counted by the driver).
+    /// The destination's send buffer was full: it held its link's buffer size or its share of
+    /// [`Limits::queued_bytes`] already (counted by the driver).
     QueueFull,
     /// Larger than the destination's link carries now (its QUIC path MTU is smaller than the
     /// sender's; counted by the driver).
@@ -610,6 +622,13 @@ impl Forwarder {
 
     /// Whether a quarter of the pending slots are taken: the driver then asks new sources to
     /// prove their address before a connection is counted.
+    /// How many bytes of datagrams one destination's send buffer may hold now: its link's own
+    /// buffer size (`link_buffer`), or less when many devices are connected, so that all
+    /// buffers together stay within [`Limits::queued_bytes`].
+    pub fn queue_share(&self, link_buffer: usize) -> usize {
+        link_buffer.min(self.limits.queued_bytes / self.devices.len().max(1))
+    }
+
     pub fn under_load(&self) -> bool {
         self.pending.saturating_mul(4) >= self.limits.max_pending
     }
@@ -1006,6 +1025,34 @@ mod tests {
         // 10 000 bytes of burst.
         assert_eq!(sent, 10);
         let _ = b;
+    }
+
+    #[test]
+    fn send_buffers_share_the_total_queue_bound() {
+        let limits = Limits {
+            queued_bytes: 10_000,
+            ..Limits::default()
+        };
+        let mut h = H::new(limits);
+        // Nobody connected, one device: the link's own buffer, up to the whole bound.
+        assert_eq!(h.f.queue_share(4_000), 4_000);
+        assert_eq!(h.f.queue_share(50_000), 10_000);
+        let a = h.join(1, 1, 0);
+        assert_eq!(h.f.queue_share(50_000), 10_000);
+        let _b = h.join(2, 2, 0);
+        let _c = h.join(3, 3, 0);
+        let d = h.join(4, 4, 0);
+        // Four devices: a quarter each, so four full buffers hold the bound at most.
+        assert_eq!(h.f.queue_share(50_000), 2_500);
+        assert_eq!(h.f.queue_share(1_000), 1_000);
+        // A device leaving gives its share back.
+        h.f.handle_closed(d);
+        assert_eq!(h.f.queue_share(50_000), 3_333);
+        // Pending connections hold no buffer share.
+        let _p = h.f.handle_connect(h.at(1)).unwrap();
+        assert_eq!(h.f.queue_share(50_000), 3_333);
+        let _ = a;
+        assert!(Limits::default().queued_bytes >= 64 * (4 << 20));
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! then QUIC datagrams and fresh tickets until the connection ends. Datagrams are taken in
 //! batches (everything the connection holds when the task wakes, up to [`FORWARD_BATCH`]),
 //! routed under one lock, then handed on outside it. A datagram goes to the destination's
-//! connection with `send_datagram` only when its buffer has room, so a slow receiver costs
-//! its own datagrams, never the forwarding of others.
+//! connection with `send_datagram` only when its buffer has room (it holds less than the
+//! core's [`Forwarder::queue_share`] of its [`crate::tls::DATAGRAM_SEND_BUFFER`]), so a slow
+//! receiver costs its own datagrams, never the forwarding of others, and all buffers together
+//! stay bounded. A datagram is forwarded in the buffer quinn received it in when nothing else
+//! holds that buffer (its header rewritten in place), else copied once.
 //! Devices on networks that drop UDP connect over TLS/TCP instead ([`crate::tcp`]); their
 //! connections sit in the same table as [`DeviceConn::Tcp`], and the core cannot tell them
 //! apart.
@@ -61,11 +64,17 @@ pub(crate) enum DeviceConn {
 }
 
 impl DeviceConn {
-    /// Bytes of datagrams the connection takes now without waiting.
-    pub(crate) fn datagram_send_buffer_space(&self) -> usize {
+    /// Whether the connection takes a datagram of `len` bytes now without waiting, its send
+    /// buffer holding at most `share` bytes (a QUIC link's; a TCP link's queue has its own
+    /// bound, in frames).
+    pub(crate) fn has_room(&self, len: usize, share: usize) -> bool {
         match self {
-            DeviceConn::Quic(c) => c.datagram_send_buffer_space(),
-            DeviceConn::Tcp(t) => t.send_buffer_space(),
+            DeviceConn::Quic(c) => {
+                let space = c.datagram_send_buffer_space();
+                let queued = crate::tls::DATAGRAM_SEND_BUFFER.saturating_sub(space);
+                space >= len && queued.saturating_add(len) <= share
+            }
+            DeviceConn::Tcp(t) => t.send_buffer_space() >= len,
         }
     }
 
@@ -340,13 +349,14 @@ fn forward(
 ) {
     routed.clear();
     let mut undelivered: Vec<(Drop, usize)> = Vec::new();
-    {
+    let share = {
         let now = clock();
         let mut g = shared.lock();
         let Forwarding { core, conns } = &mut *g;
         let mut last: Option<(ConnId, DeviceConn)> = None;
         for d in batch.drain(..) {
-            let mut buf = BytesMut::from(&d[..]);
+            // quinn's buffer when this datagram is its only holder, else a copy.
+            let mut buf = d.try_into_mut().unwrap_or_else(|d| BytesMut::from(&d[..]));
             let Ok(to) = core.handle_datagram(id, &mut buf, now) else {
                 continue;
             };
@@ -365,14 +375,15 @@ fn forward(
                 }
             }
         }
-    }
+        core.queue_share(crate::tls::DATAGRAM_SEND_BUFFER)
+    };
     for (c, d) in routed.drain(..) {
         let body = d.len().saturating_sub(RELAY_HEADER_LEN);
         if c.max_datagram().is_some_and(|max| d.len() > max) {
             undelivered.push((Drop::TooLarge, body));
             continue;
         }
-        let sent = c.datagram_send_buffer_space() >= d.len() && c.send_datagram(d).is_ok();
+        let sent = c.has_room(d.len(), share) && c.send_datagram(d).is_ok();
         if !sent {
             undelivered.push((Drop::QueueFull, body));
         }

@@ -16,8 +16,14 @@ use ward_shared::relay::{RELAY_ALPN, RELAY_CONTROL_ALPN};
 /// dropped: a dead device is noticed within about five seconds.
 const DEVICE_KEEPALIVE: Duration = Duration::from_secs(1);
 const DEVICE_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// QUIC datagrams queued per device connection, each way: a burst of about 8 ms at 1 Gbit/s.
-const DATAGRAM_BUFFER: usize = 1024 * 1024;
+/// QUIC datagrams received from a device connection and not yet forwarded: a burst of about
+/// 8 ms at 1 Gbit/s (the connection's own task takes them in batches).
+const DATAGRAM_RECEIVE_BUFFER: usize = 1024 * 1024;
+/// QUIC datagrams waiting to go out on a device connection, at most: about 30 ms at 1 Gbit/s,
+/// so a stall of the connection's task on a busy host (datagrams keep coming from other
+/// devices' tasks meanwhile) does not overflow it; the forwarding core bounds all buffers
+/// together ([`crate::forward::Forwarder::queue_share`]).
+pub(crate) const DATAGRAM_SEND_BUFFER: usize = 4 * 1024 * 1024;
 /// Largest UDP payload path MTU discovery tries: a 1500-byte IPv4 packet.
 const MTU_PROBE_UPPER_BOUND: u16 = 1500 - 20 - 8;
 
@@ -67,8 +73,8 @@ pub fn device_server_config(
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((64u32 * 1024).into());
-    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
-    t.datagram_send_buffer_size(DATAGRAM_BUFFER);
+    t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
+    t.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
     // Probe up to what a 1500-byte IPv4 path carries (quinn's default stops at IPv6's 1452),
     // so a full-size WireGuard datagram fits where the path allows.
     let mut mtud = quinn::MtuDiscoveryConfig::default();

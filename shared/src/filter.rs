@@ -501,6 +501,14 @@ impl Filter {
     /// counted in full.
     pub fn handle_outbound_run(&mut self, packet: &[u8], now: Instant, packets: u64, bytes: u64) {
         let Ok(p) = parse_packet(packet, true) else {
+            // An ICMP error about a packet of a tracked flow (a port unreachable, a
+            // fragmentation needed) is that flow's traffic: counted with it, nothing else.
+            if let Some(f) = outbound_error_flow(packet).and_then(|k| self.flows.get_mut(&k)) {
+                if f.expires > now && !matches!(f.origin, Origin::Revoked) {
+                    f.counts.packets_out = f.counts.packets_out.saturating_add(packets);
+                    f.counts.bytes_out = f.counts.bytes_out.saturating_add(bytes);
+                }
+            }
             return;
         };
         let (key, tcp_flags, may_open) = match p.l4 {
@@ -785,17 +793,22 @@ impl Filter {
                 request,
             ),
             L4::IcmpError { inner } => {
-                // About a packet this device sent: the embedded header is ours, outbound.
-                let ok = self
-                    .flows
-                    .get(&inner)
-                    .is_some_and(|f| f.expires > now && !matches!(f.origin, Origin::Revoked))
-                    && inner.remote == canonical_ip(p.src);
-                if ok {
-                    self.counters.allowed_tracked += 1;
-                    return Verdict::Allow;
+                // About a packet this device sent: the embedded header is ours, outbound. It
+                // is counted with that flow (no new flow, no connection).
+                let from_remote = inner.remote == canonical_ip(p.src);
+                match self.flows.get_mut(&inner) {
+                    Some(f)
+                        if from_remote
+                            && f.expires > now
+                            && !matches!(f.origin, Origin::Revoked) =>
+                    {
+                        f.counts.packets_in = f.counts.packets_in.saturating_add(1);
+                        f.counts.bytes_in = f.counts.bytes_in.saturating_add(packet.len() as u64);
+                        self.counters.allowed_tracked += 1;
+                        return Verdict::Allow;
+                    }
+                    _ => return Verdict::Deny(DenyReason::NoRule),
                 }
-                return Verdict::Deny(DenyReason::NoRule);
             }
         };
         let mut tombstone = false;
@@ -1382,6 +1395,26 @@ fn parse_packet(p: &[u8], outbound: bool) -> Result<Parsed, DenyReason> {
         _ => return Err(DenyReason::UnsupportedProtocol),
     };
     Ok(Parsed { src, dst, l4 })
+}
+
+/// For an ICMP error this device sends (about a TCP or UDP packet it received), the flow of
+/// that packet, keyed as this device keys it; `None` for anything else.
+fn outbound_error_flow(p: &[u8]) -> Option<FlowKey> {
+    let (_, _, proto, l4) = ip_header(p, false).ok()?;
+    let v6 = proto == 58;
+    let error = matches!((proto, l4.first()?), (1, 3 | 11 | 12) | (58, 1..=4));
+    if !error || l4.len() < 8 {
+        return None;
+    }
+    // The embedded packet came from the other end: its source is the remote side.
+    let k = embedded_flow(&l4[8..], v6).ok()?;
+    matches!(k.proto, Proto::Tcp | Proto::Udp).then_some(FlowKey {
+        proto: k.proto,
+        local: k.remote,
+        remote: k.local,
+        local_port: k.remote_port,
+        remote_port: k.local_port,
+    })
 }
 
 /// The flow of the (truncated) packet inside an ICMP error, keyed as this device sent it.

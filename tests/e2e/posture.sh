@@ -6,8 +6,10 @@
 # scanner automatically and `device release` restores it. The coordinator, the devices and a
 # relay serve Prometheus metrics on their namespace's loopback: each scrape passes
 # `promtool check metrics`, and the metrics follow the scenario (handshakes and bytes rise, a
-# posture failure moves the enforcement-latency histogram, a revocation its counter). Needs
-# root; prints `N passed, N failed`.
+# posture failure moves the enforcement-latency histogram, a revocation its counter). The flow
+# log tells the causes of denials apart: a refused attempt that the policy would allow but for
+# posture is `posture`, one by a quarantined device `quarantine`, a scanned closed port
+# `no_rule` (5 s flow windows: WARD_FLOW_WINDOW). Needs root; prints `N passed, N failed`.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 need_root
@@ -58,10 +60,13 @@ lab_add_natted_host bob
 CM=127.0.0.1:9560
 DM=127.0.0.1:9561
 LAB_COORD_SERVE_ARGS="--metrics-listen $CM" lab_start_coordinator
+# Short flow windows, so a denial's record reaches the coordinator within seconds.
+export LAB_WARD_WRAPPER="env WARD_FLOW_WINDOW=5s"
 LAB_WARD_ARGS="--metrics-listen $DM" lab_start_device db
 LAB_WARD_ARGS="--metrics-listen $DM" lab_start_device alice
 # bob carries the custom checks (alice is the latency subject).
 LAB_WARD_ARGS="--metrics-listen $DM --posture-checks-dir $CHECKS --posture-check-timeout 2s" lab_start_device bob
+unset LAB_WARD_WRAPPER
 lab_coord user add alice >/dev/null 2>&1
 lab_coord user add bob >/dev/null 2>&1
 lab_device_up db "$(lab_token --tag db)" >/dev/null
@@ -129,6 +134,14 @@ await() { lab_exec alice python3 "$TOOLS" await "$DB4" "$1" "$2" "$3" "${4:-10}"
 sees() { await "$@" >/dev/null; }
 bob_sees() { lab_exec bob python3 "$TOOLS" await "$DB4" "$1" "$2" "$(now_ms)" "${3:-5}" >/dev/null; }
 posture_json() { lab_ward alice posture --json; }
+# denied_for SRC PROTO/PORT REASON: `flows --denied` has a SRC -> db span on PORT denied for REASON.
+denied_for() {
+    lab_coord flows --denied --from "$1" --to db --since 10m --json | python3 -c '
+import json,sys
+proto, port = sys.argv[1].split("/")
+r = {f["reason"] for f in json.load(sys.stdin)["flows"] if f["proto"] == proto and f["port"] == int(port)}
+sys.exit(0 if sys.argv[2] in r else 1)' "$2" "$3"
+}
 
 say "healthy: alice reaches db:5432 (posture-gated) and web:8080 (posture-free)"
 check "alice -> db:5432 opens" sees 5432 open "$(now_ms)" 20
@@ -203,6 +216,7 @@ SHOW=$(lab_coord device show alice)
 check "device show on the coordinator gives the same reason" bash -c "grep -q \"$MARK\" <<<\"\$1\"" _ "$SHOW"
 EXPL=$(lab_coord policy explain alice db:5432 2>&1)
 check "policy explain names the failing check" bash -c "grep -q \"$MARK\" <<<\"\$1\"" _ "$EXPL"
+check "flows --denied: alice -> db tcp/5432 is denied for posture (not no_rule)" lab_wait_for -t 20 -i 1 denied_for alice tcp/5432 posture
 
 ENF1=$(cmetric ward_coordinator_trust_enforcement_seconds_count)
 check "the posture failure moved the enforcement-latency histogram ($ENF0 -> $ENF1 observations)" test "${ENF1:-0}" -gt "${ENF0:-0}"
@@ -274,6 +288,8 @@ print("   ", a[-1]["detail"]["quarantine"]["reason"])
 ' "$AUD"
 check "quarantined bob -> web:8080 is refused" bob_sees 8080 closed
 check "quarantined bob -> patch:8443 (remediation) still opens" bob_sees 8443 open
+check "flows --denied: quarantined bob -> db tcp/8080 is denied for quarantine" lab_wait_for -t 20 -i 1 denied_for bob tcp/8080 quarantine
+check "flows --denied: bob's scan of db tcp/1000 (no rule opens it) stays no_rule" denied_for bob tcp/1000 no_rule
 bob_says_quarantined() { lab_ward bob status | grep -q QUARANTINED; }
 check "bob's ward status says it is quarantined" lab_wait_for -t 5 bob_says_quarantined
 check "alice is not affected" sees 8080 open "$(now_ms)" 3

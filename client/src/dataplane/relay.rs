@@ -17,9 +17,10 @@ use ward_shared::relay::RELAY_HEADER_LEN;
 
 use super::engine::{Core, Destination, Outbox, RelayId};
 
-/// Datagrams waiting for the daemon. About 1.5 MB of 1400-byte datagrams: room for bursts, no
-/// more than a few milliseconds of a fast relay connection.
-pub(crate) const RELAY_QUEUE: usize = 1024;
+/// Datagrams waiting for the daemon. About 5.7 MB of 1400-byte datagrams, some 30 ms of a
+/// 1.5 Gbit/s relay connection: room for a stall of the daemon's pump on a busy host (the
+/// packet threads keep queueing meanwhile), as deep as the link's QUIC send buffer behind it.
+pub(crate) const RELAY_QUEUE: usize = 4096;
 
 /// Datagrams to send through one relay, in order, each framed for the relay: the relay
 /// header (the destination device's id, as [`ward_shared::relay::encode_datagram`] writes it)

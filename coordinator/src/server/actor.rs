@@ -81,6 +81,13 @@ pub(super) enum Event {
         WgPublicKey,
         oneshot::Sender<Result<Option<u64>, LeaseRefusal>>,
     ),
+    /// A flow report's denial reasons, corrected with what only the registry knows (posture,
+    /// quarantine); the report comes back relabeled ([`crate::flows::relabel`]).
+    RelabelFlows(
+        DeviceId,
+        Box<ward_shared::flows::FlowReport>,
+        oneshot::Sender<Box<ward_shared::flows::FlowReport>>,
+    ),
     /// The directory judged under a candidate policy's posture requirements.
     DirectoryFor(Box<Policy>, oneshot::Sender<Directory>),
     /// A device's latest report and verdict (for `device show`).
@@ -310,6 +317,19 @@ pub(super) async fn registry_actor(
                 if let Err(why) = reg.handle_punch_request(id, conn, peer, now_ms()) {
                     debug!(device = %id, %peer, %why, counters = ?reg.punch_counters(), "punch request dropped");
                 }
+            }
+            Event::RelabelFlows(id, mut report, reply) => {
+                let changed = crate::flows::relabel(
+                    id,
+                    &mut report,
+                    reg.policy(),
+                    &reg.directory(),
+                    now_ms(),
+                );
+                if changed > 0 {
+                    debug!(device = %id, changed, "flow denial reasons relabeled");
+                }
+                let _ = reply.send(report);
             }
             Event::DirectoryFor(p, reply) => {
                 let _ = reply.send(reg.directory_for(&p));

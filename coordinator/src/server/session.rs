@@ -684,9 +684,25 @@ async fn store_flows(ctx: &Arc<Ctx>, id: DeviceId, report: ward_shared::flows::F
     let retention = ctx.flow_retention_ms;
     let seq = report.seq;
     let dropped = report.dropped_records;
+    // Denials the device could only call `no rule` are judged by the registry, which knows
+    // posture and quarantine. If it cannot answer (shutting down), the device's reasons are
+    // stored: a label, never access.
+    let relabeled = if crate::flows::may_relabel(&report) {
+        let (tx, rx) = oneshot::channel();
+        ctx.events
+            .send(Event::RelabelFlows(id, Box::new(report.clone()), tx))
+            .await;
+        rx.await.ok()
+    } else {
+        None
+    };
     let res = tokio::task::spawn_blocking(move || {
         let now = now_ms();
-        store.store_flows(id, &report, now.saturating_sub(retention), now)
+        let keep = now.saturating_sub(retention);
+        match relabeled {
+            Some(r) => store.store_flows_relabeled(id, &report, &r, keep, now),
+            None => store.store_flows(id, &report, keep, now),
+        }
     })
     .await;
     match res {

@@ -506,6 +506,20 @@ pub trait Store: Send + Sync {
         report: &FlowReport,
         keep_after_ms: i64,
         now_ms: i64,
+    ) -> Result<FlowsStored> {
+        self.store_flows_relabeled(reporter, report, report, keep_after_ms, now_ms)
+    }
+    /// As [`Store::store_flows`], with the records of `relabeled` stored in place of those of
+    /// `received`: the same report with denial reasons corrected by the coordinator
+    /// ([`crate::flows::relabel`]). Whether the report was stored before is decided on
+    /// `received`, so a retransmission judged differently is still the same report.
+    fn store_flows_relabeled(
+        &self,
+        reporter: DeviceId,
+        received: &FlowReport,
+        relabeled: &FlowReport,
+        keep_after_ms: i64,
+        now_ms: i64,
     ) -> Result<FlowsStored>;
     /// Flow records as `q` asks.
     fn flows(&self, q: &FlowQuery) -> Result<Vec<FlowRow>>;

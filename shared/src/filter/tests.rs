@@ -920,6 +920,54 @@ fn flow_samples_count_both_ways_in_the_flow_entry_and_keep_the_rule_across_a_rul
 }
 
 #[test]
+fn icmp_errors_about_a_flow_are_counted_with_that_flow() {
+    let mut f = Filter::new(1024);
+    f.set_rules(vec![rule("dns", &[PEER], Proto::Udp, &[(53, 53)], None)]);
+    let now = Instant::now();
+    // A flow this device opened; the peer answers with an unreachable about it.
+    let ours = udp(a(ME), 5000, a(PEER), 9999);
+    f.handle_outbound(&ours, now);
+    let err_in = icmp_error(a(PEER), a(ME), &ours);
+    assert_eq!(f.check_inbound(&err_in, now, NOW_MS), Verdict::Allow);
+    // A flow the peer opened; this device answers with an unreachable about it.
+    let theirs = udp(a(PEER), 6000, a(ME), 53);
+    assert_eq!(f.check_inbound(&theirs, now, NOW_MS), Verdict::Allow);
+    let err_out = icmp_error(a(ME), a(PEER), &theirs);
+    f.handle_outbound(&err_out, now);
+    // An error about a flow nobody opened is counted nowhere.
+    f.handle_outbound(
+        &icmp_error(a(ME), a(PEER), &udp(a(PEER), 6001, a(ME), 53)),
+        now,
+    );
+    let (mut s, _) = f.take_samples();
+    s.sort_by_key(|x| x.key.role);
+    assert_eq!(s.len(), 2, "{s:#?}");
+    let (n, e_in, e_out) = (ours.len() as u64, err_in.len() as u64, err_out.len() as u64);
+    assert_eq!((s[0].key.role, s[0].key.port), (Role::Initiator, 9999));
+    assert_eq!(
+        s[0].counts,
+        FlowCounts {
+            packets_out: 1,
+            bytes_out: n,
+            packets_in: 1,
+            bytes_in: e_in,
+            connections: 1,
+        }
+    );
+    assert_eq!((s[1].key.role, s[1].key.port), (Role::Responder, 53));
+    assert_eq!(
+        s[1].counts,
+        FlowCounts {
+            packets_in: 1,
+            bytes_in: theirs.len() as u64,
+            packets_out: 1,
+            bytes_out: e_out,
+            connections: 1,
+        }
+    );
+}
+
+#[test]
 fn flow_samples_of_a_scan_stay_bounded_and_the_excess_is_counted() {
     let mut f = Filter::new(1024);
     let now = Instant::now();

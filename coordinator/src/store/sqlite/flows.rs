@@ -44,6 +44,7 @@ pub(super) fn store_flows_tx(
     tx: &rusqlite::Transaction<'_>,
     reporter: DeviceId,
     report: &FlowReport,
+    relabeled: &FlowReport,
     keep_after_ms: i64,
     now_ms: i64,
 ) -> Result<FlowsStored> {
@@ -95,8 +96,10 @@ pub(super) fn store_flows_tx(
             digest
         ],
     )?;
+    // The records as the coordinator relabeled them; the marks above are the received
+    // report's, so a retransmission is recognised whatever its records were judged to be.
     let (mut stored, mut refused) = (0usize, 0usize);
-    for w in &report.windows {
+    for w in &relabeled.windows {
         if w.end_ms < keep_after_ms || w.start_ms > now_ms.saturating_add(FUTURE_SLACK_MS) {
             refused += w.records.len();
             continue;

@@ -521,14 +521,17 @@ impl Store for SqliteStore {
         leases::lease_counts(self)
     }
 
-    fn store_flows(
+    fn store_flows_relabeled(
         &self,
         reporter: DeviceId,
-        report: &ward_shared::flows::FlowReport,
+        received: &ward_shared::flows::FlowReport,
+        relabeled: &ward_shared::flows::FlowReport,
         keep_after_ms: i64,
         now_ms: i64,
     ) -> Result<FlowsStored> {
-        self.with_tx(|tx| flows::store_flows_tx(tx, reporter, report, keep_after_ms, now_ms))
+        self.with_tx(|tx| {
+            flows::store_flows_tx(tx, reporter, received, relabeled, keep_after_ms, now_ms)
+        })
     }
 
     fn flows(&self, q: &FlowQuery) -> Result<Vec<FlowRow>> {

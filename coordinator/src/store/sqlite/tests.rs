@@ -910,6 +910,35 @@ mod flow_records {
     }
 
     #[test]
+    fn relabeled_records_are_stored_and_a_retransmission_judged_otherwise_is_the_same_report() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let mut denied = rec(5432, 60);
+        denied.role = Role::Responder;
+        denied.verdict = FlowVerdict::Denied;
+        denied.rule = None;
+        denied.reason = Some(DenyCause::NoRule);
+        let received = report(1, NOW - W, vec![denied.clone()]);
+        let mut relabeled = received.clone();
+        relabeled.windows[0].records[0].reason = Some(DenyCause::Posture);
+        assert!(matches!(
+            s.store_flows_relabeled(DeviceId(1), &received, &relabeled, 0, NOW)
+                .unwrap(),
+            FlowsStored::Stored { records: 1, .. }
+        ));
+        // Sent again after the device's posture changed: judged `no rule` this time, but the
+        // same report (report 1 with other content would mean the device numbers anew).
+        assert_eq!(
+            s.store_flows_relabeled(DeviceId(1), &received, &received, 0, NOW)
+                .unwrap(),
+            FlowsStored::Duplicate
+        );
+        let rows = all(&s);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].record.reason, Some(DenyCause::Posture));
+        assert_eq!(rows[0].record.bytes_out, 60, "counted once");
+    }
+
+    #[test]
     fn records_of_one_key_and_window_are_merged_and_others_kept_apart() {
         let s = SqliteStore::open_in_memory().unwrap();
         s.store_flows(DeviceId(1), &report(1, NOW - W, vec![rec(22, 10)]), 0, NOW)
