@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ward_shared::filter::Proto;
-use ward_shared::flows::{DenyCause, FlowRecord, FlowReport, FlowVerdict, Role};
+use ward_shared::flows::{DenyCause, FlowRecord, FlowReport, FlowVerdict, Role, ShadowVerdict};
 use ward_shared::policy::{self, Directory, Policy};
 use ward_shared::wire::DeviceId;
 
@@ -142,6 +142,9 @@ pub struct Pair {
     pub responder_counts: Option<Counts>,
     /// The counts that disagree beyond the tolerance (`mismatch` only), e.g. `bytes i→r`.
     pub disagree: Vec<String>,
+    /// The candidate view's verdict, as the end that decided reported it (merged over the
+    /// span: a would-deny wins).
+    pub shadow: Option<ShadowVerdict>,
 }
 
 /// The key both ends' records share.
@@ -272,6 +275,7 @@ fn judge(key: &Key, span: &[&FlowRow], start: i64, end: i64, tol: &Tolerance, no
         initiator_counts: None,
         responder_counts: None,
         disagree: Vec::new(),
+        shadow: None,
     };
     // The responder's records go last, so its rule and reason win.
     let mut ordered: Vec<&&FlowRow> = span.iter().collect();
@@ -306,6 +310,7 @@ fn judge(key: &Key, span: &[&FlowRow], start: i64, end: i64, tol: &Tolerance, no
         if rec.policy_version.is_some() {
             p.policy_version = p.policy_version.max(rec.policy_version);
         }
+        p.shadow = ShadowVerdict::merge(p.shadow, rec.shadow);
     }
     p.status = match (&ini, &resp) {
         _ if p.verdict == FlowVerdict::Denied => PairStatus::Denied,
@@ -590,6 +595,7 @@ mod tests {
             packets_in: inn.0,
             bytes_in: inn.1,
             connections: 1,
+            shadow: None,
         }
     }
 

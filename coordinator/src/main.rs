@@ -121,6 +121,10 @@ enum Cmd {
         /// Flows only one end reported (after the grace period for the other's upload).
         #[arg(long)]
         one_sided: bool,
+        /// Flows whose candidate verdict under the policy's shadow rules is this one
+        /// (would-allow, would-deny).
+        #[arg(long, value_parser = parse_shadow)]
+        shadow: Option<ward_shared::flows::ShadowVerdict>,
         /// Most rows shown (the newest).
         #[arg(long, global = true, default_value_t = 500)]
         limit: usize,
@@ -763,6 +767,7 @@ async fn run(cli: Cli) -> Result<()> {
             since,
             rule,
             one_sided,
+            shadow,
             limit,
             json,
         } => {
@@ -772,6 +777,7 @@ async fn run(cli: Cli) -> Result<()> {
                 denied,
                 one_sided,
                 rule,
+                shadow,
                 since_secs: admin::parse_duration(&since)?.as_secs(),
                 limit,
             };
@@ -1177,6 +1183,9 @@ fn report_policy(v: &PolicyOutcome, json: bool, apply: bool) -> Result<()> {
         if v.ok && v.changes.is_empty() {
             println!("no access changes");
         }
+        if let Some(s) = &v.shadow_rules {
+            println!("{s}");
+        }
         if let Some(ver) = v.version {
             println!("applied as version {ver}");
         }
@@ -1206,4 +1215,10 @@ fn list(v: &[String]) -> String {
     } else {
         v.join(",")
     }
+}
+
+/// `--shadow would-allow|would-deny`.
+fn parse_shadow(s: &str) -> Result<ward_shared::flows::ShadowVerdict, String> {
+    ward_shared::flows::ShadowVerdict::parse(s)
+        .ok_or_else(|| format!("{s:?}: use would-allow or would-deny"))
 }

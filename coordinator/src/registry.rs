@@ -164,6 +164,8 @@ struct Sent {
     reach: Vec<Reach>,
     relays: Vec<RelayInfo>,
     policy_version: Option<u64>,
+    /// The candidate inbound filter (policies with shadow rules).
+    shadow_filter: Option<Vec<FilterRule>>,
 }
 
 #[derive(Debug)]
@@ -1056,6 +1058,7 @@ impl Registry {
                 .unwrap_or_default();
             let inbound = access.map(|a| a.inbound.clone()).unwrap_or_default();
             let reach = access.map(|a| a.reach.clone()).unwrap_or_default();
+            let shadow_filter = access.and_then(|a| a.shadow_inbound.clone());
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
@@ -1078,6 +1081,7 @@ impl Registry {
                         punch: true,
                         flows: true,
                         policy_version,
+                        shadow_filter: shadow_filter.clone(),
                     });
                     session.sent = Some(Sent {
                         seq: 1,
@@ -1087,6 +1091,7 @@ impl Registry {
                         reach,
                         relays: relays.clone(),
                         policy_version,
+                        shadow_filter,
                     });
                     self.outputs.push_back(Output::Send {
                         conn: session.conn,
@@ -1110,6 +1115,7 @@ impl Registry {
                     let relays_changed = sent.relays != relays;
                     let me_changed = sent.hostname != me.hostname;
                     let version_changed = sent.policy_version != policy_version;
+                    let shadow_changed = sent.shadow_filter != shadow_filter;
                     if upsert.is_empty()
                         && remove.is_empty()
                         && !inbound_changed
@@ -1117,6 +1123,7 @@ impl Registry {
                         && !relays_changed
                         && !me_changed
                         && !version_changed
+                        && !shadow_changed
                     {
                         continue;
                     }
@@ -1144,8 +1151,10 @@ impl Registry {
                             v6_prefix: self.pools.v6_prefix,
                             observed_addr: Some(session.observed),
                         }),
+                        shadow_filter: shadow_changed.then(|| shadow_filter.clone()),
                     });
                     sent.hostname = me.hostname.clone();
+                    sent.shadow_filter = shadow_filter;
                     sent.policy_version = policy_version;
                     sent.inbound = inbound;
                     sent.reach = reach;
@@ -1840,6 +1849,81 @@ to = ["artifacts"]
         };
         assert_eq!(d.remove, vec![DeviceId(2)]);
         assert_eq!(d.policy_version, None);
+    }
+
+    /// A policy with shadow rules gives every device its candidate filter beside the enforced
+    /// one (the shadow rule adds nothing enforced); a policy without them clears it by delta.
+    #[test]
+    fn netmaps_carry_the_candidate_filter_and_a_delta_clears_it() {
+        let shadowed = policy::parse(
+            br#"
+[groups]
+eng = ["alice"]
+[services.all]
+devices = ["group:eng"]
+ports = ["tcp/*", "udp/*", "icmp"]
+[services.web]
+devices = ["group:eng"]
+ports = ["tcp/443"]
+[[rules]]
+from = ["group:eng"]
+to = ["all"]
+shadow_remove = true
+[[rules]]
+name = "web-only"
+from = ["group:eng"]
+to = ["web"]
+shadow = true
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), dev(2)],
+            [],
+            Some(open_policy()),
+            vec![],
+            vec![],
+            0,
+        );
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let out = drain(&mut r);
+        let Output::Send {
+            msg: CoordinatorMsg::Netmap(nm),
+            ..
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(nm.shadow_filter, None, "no shadow rules, no candidate view");
+        r.handle_policy(shadowed);
+        let out = drain(&mut r);
+        let Output::Send {
+            msg: CoordinatorMsg::NetmapDelta(d),
+            ..
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert!(
+            d.inbound.iter().flatten().all(|f| f.rule != "web-only"),
+            "a shadow rule is never enforced"
+        );
+        let sf = d.shadow_filter.clone().flatten().unwrap();
+        assert!(sf.iter().all(|f| f.rule == "web-only"), "{sf:?}");
+        assert!(!sf.is_empty());
+        r.handle_policy(open_policy());
+        let out = drain(&mut r);
+        let Output::Send {
+            msg: CoordinatorMsg::NetmapDelta(d),
+            ..
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(d.shadow_filter, Some(None));
     }
 
     fn report(dev: u64, seq: u64, at: i64, marker: bool) -> PostureReport {

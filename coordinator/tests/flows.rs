@@ -159,6 +159,7 @@ fn rec(
         packets_in: inn.0,
         bytes_in: inn.1,
         connections: 1,
+        shadow: None,
     }
 }
 

@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::flows::{DenyCause, FlowVerdict, Role};
+use crate::flows::{DenyCause, FlowVerdict, Role, ShadowVerdict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -236,6 +236,9 @@ pub struct SampleKey {
     pub verdict: FlowVerdict,
     pub rule: Option<Arc<str>>,
     pub reason: Option<DenyCause>,
+    /// The candidate rules' verdict (see [`Filter::set_shadow_rules`]): for flows peers opened
+    /// and new flows denied by the rules, when candidate rules are set; else `None`.
+    pub shadow: Option<ShadowVerdict>,
 }
 
 /// Traffic of one kind of flow since the last [`Filter::take_samples`].
@@ -302,8 +305,15 @@ impl Pending {
 /// Flow accounting: each tracked flow counts its packets and bytes each way in its table entry
 /// (no other lookup per packet); denied packets are counted by kind. [`Filter::take_samples`]
 /// harvests both (and what flows that left the table had counted) as [`FlowSample`]s.
+///
+/// Candidate rules ([`Filter::set_shadow_rules`], the policy's shadow view) are never
+/// enforced: they are matched once when a peer's flow enters the table (and once per new flow
+/// the rules deny), and the would-verdict rides along in the flow's samples. Packets of a
+/// tracked flow never look at them.
 pub struct Filter {
     rules: Vec<FilterRule>,
+    /// Candidate rules and their index by source; `None`: no candidate view.
+    shadow: Option<(Vec<FilterRule>, SourceIndex)>,
     /// `rules[i].rule`, shared by the samples that name it.
     rule_names: Vec<Arc<str>>,
     pending: Pending,
@@ -381,6 +391,7 @@ impl Filter {
         };
         Filter {
             rules: Vec::new(),
+            shadow: None,
             rule_names: Vec::new(),
             pending: Pending::default(),
             by_source: HashMap::with_hasher(Seeded(seed)),
@@ -400,17 +411,7 @@ impl Filter {
     pub fn set_rules(&mut self, rules: Vec<FilterRule>) {
         // Counts so far belong to the rules that allowed them: move them out first.
         self.collect_flows();
-        let mut by_source: HashMap<IpAddr, Vec<u32>, Seeded> =
-            HashMap::with_hasher(self.by_source.hasher().clone());
-        for (i, r) in rules.iter().enumerate() {
-            let Ok(i) = u32::try_from(i) else { break };
-            for s in &r.sources {
-                let v = by_source.entry(canonical_ip(*s)).or_default();
-                if v.last() != Some(&i) {
-                    v.push(i);
-                }
-            }
-        }
+        let by_source = index_sources(&rules, self.by_source.hasher().clone());
         self.rule_names = rules.iter().map(|r| Arc::from(r.rule.as_str())).collect();
         self.rules = rules;
         self.by_source = by_source;
@@ -439,6 +440,50 @@ impl Filter {
             }
         }
         self.counters.flows_revoked += revoked;
+    }
+
+    /// Replaces the candidate rules (`None`: no candidate view). They allow nothing; flows
+    /// peers opened are judged against them again (their counts so far keep the old verdict),
+    /// and new flows are judged when they start.
+    pub fn set_shadow_rules(&mut self, rules: Option<Vec<FilterRule>>) {
+        self.collect_flows();
+        self.shadow = rules.map(|r| {
+            let ix = index_sources(&r, self.by_source.hasher().clone());
+            (r, ix)
+        });
+        let keys: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| !matches!(f.origin, Origin::Local))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            let v = self.shadow_verdict(k.remote, k.proto, k.local_port, None);
+            if let Some(f) = self.flows.get_mut(&k) {
+                f.shadow = v;
+            }
+        }
+    }
+
+    /// The candidate rules, if any.
+    pub fn shadow_rules(&self) -> Option<&[FilterRule]> {
+        self.shadow.as_ref().map(|(r, _)| r.as_slice())
+    }
+
+    /// What the candidate rules say about `src` opening `proto`/`port` here (`None`: no
+    /// candidate rules). With `coord_ms`, expired candidate rules do not allow.
+    fn shadow_verdict(
+        &self,
+        src: IpAddr,
+        proto: Proto,
+        port: u16,
+        coord_ms: Option<i64>,
+    ) -> Option<ShadowVerdict> {
+        let (rules, ix) = self.shadow.as_ref()?;
+        Some(match match_in(rules, ix, src, proto, port, coord_ms) {
+            RuleMatch::Allowed { .. } => ShadowVerdict::WouldAllow,
+            RuleMatch::ExpiredOnly { .. } | RuleMatch::None => ShadowVerdict::WouldDeny,
+        })
     }
 
     /// The current rules.
@@ -517,6 +562,7 @@ impl Filter {
             established: false,
             rule: NO_RULE,
             counts,
+            shadow: None,
         };
         if self.insert(key, flow, tcp_flags, now).is_err() {
             self.counters.outbound_untracked += 1;
@@ -534,7 +580,7 @@ impl Filter {
     ) -> Verdict {
         let v = self.decide(packet, now, coordinator_now_ms);
         if let Verdict::Deny(reason) = v {
-            self.log_denied(packet, reason);
+            self.log_denied(packet, reason, coordinator_now_ms);
         }
         let c = &mut self.counters;
         match v {
@@ -570,14 +616,8 @@ impl Filter {
         let Some((src, proto, port)) = sample_target(packet, false) else {
             return;
         };
-        self.add_denied(
-            remote.unwrap_or(src),
-            Role::Responder,
-            proto,
-            port,
-            why,
-            packet,
-        );
+        let target = (remote.unwrap_or(src), proto, port);
+        self.add_denied(target, Role::Responder, why, None, packet);
     }
 
     /// A packet this device tried to send and dropped (no peer holds the destination), with
@@ -594,6 +634,7 @@ impl Filter {
             verdict: FlowVerdict::Denied,
             rule: None,
             reason: Some(why),
+            shadow: None,
         };
         let c = FlowCounts {
             packets_out: 1,
@@ -606,11 +647,10 @@ impl Filter {
 
     fn add_denied(
         &mut self,
-        remote: IpAddr,
+        (remote, proto, port): (IpAddr, Proto, u16),
         role: Role,
-        proto: Proto,
-        port: u16,
         why: DenyCause,
+        shadow: Option<ShadowVerdict>,
         packet: &[u8],
     ) {
         let k = SampleKey {
@@ -621,6 +661,7 @@ impl Filter {
             verdict: FlowVerdict::Denied,
             rule: None,
             reason: Some(why),
+            shadow,
         };
         let c = FlowCounts {
             packets_in: 1,
@@ -657,7 +698,7 @@ impl Filter {
         sample_key(&self.rule_names, k, role, rule)
     }
 
-    fn log_denied(&mut self, packet: &[u8], reason: DenyReason) {
+    fn log_denied(&mut self, packet: &[u8], reason: DenyReason, coord_ms: i64) {
         let cause = match reason {
             DenyReason::NoRule => DenyCause::NoRule,
             DenyReason::Expired => DenyCause::Expired,
@@ -667,7 +708,18 @@ impl Filter {
             DenyReason::TableFull | DenyReason::PeerQuota => DenyCause::Other,
         };
         if let Some((src, proto, port)) = sample_target(packet, false) {
-            self.add_denied(src, Role::Responder, proto, port, cause, packet);
+            // A new flow the rules refused: would the candidate rules have let it start? (Only
+            // what could start a flow: TCP/UDP, ICMP echo requests.)
+            let opens = match proto {
+                Proto::Icmp => port == echo_request_type(src),
+                Proto::Tcp | Proto::Udp => true,
+            };
+            let shadow = if opens && matches!(reason, DenyReason::NoRule | DenyReason::Expired) {
+                self.shadow_verdict(src, proto, port, Some(coord_ms))
+            } else {
+                None
+            };
+            self.add_denied((src, proto, port), Role::Responder, cause, shadow, packet);
         }
         if !matches!(reason, DenyReason::NoRule | DenyReason::Expired) {
             return;
@@ -787,7 +839,9 @@ impl Filter {
         }
         match self.match_rules(key.remote, key.proto, rule_port, Some(coord_ms)) {
             RuleMatch::Allowed { not_after_ms, rule } => {
+                let shadow = self.shadow_verdict(key.remote, key.proto, rule_port, Some(coord_ms));
                 let flow = Flow {
+                    shadow,
                     origin: Origin::Remote { not_after_ms },
                     expires: now,
                     seen_in: true,
@@ -838,50 +892,7 @@ impl Filter {
         port: u16,
         coord_ms: Option<i64>,
     ) -> RuleMatch {
-        let Some(idx) = self.by_source.get(&src) else {
-            return RuleMatch::None;
-        };
-        let mut best: Option<Option<i64>> = None;
-        let mut expired: Option<Option<i64>> = None;
-        let (mut best_rule, mut expired_rule) = (NO_RULE, NO_RULE);
-        for i in idx {
-            let Some(r) = self.rules.get(*i as usize) else {
-                continue;
-            };
-            if r.proto != proto
-                || (proto != Proto::Icmp && !r.ports.iter().any(|x| x.contains(port)))
-            {
-                continue;
-            }
-            let live = match (r.not_after_ms, coord_ms) {
-                (Some(t), Some(now)) => now < t,
-                _ => true,
-            };
-            let (slot, first) = if live {
-                (&mut best, &mut best_rule)
-            } else {
-                (&mut expired, &mut expired_rule)
-            };
-            if *first == NO_RULE {
-                *first = *i;
-            }
-            *slot = Some(match (*slot, r.not_after_ms) {
-                (None, n) => n,
-                (Some(None), _) | (Some(_), None) => None,
-                (Some(Some(a)), Some(b)) => Some(a.max(b)),
-            });
-        }
-        match (best, expired) {
-            (Some(not_after_ms), _) => RuleMatch::Allowed {
-                not_after_ms,
-                rule: best_rule,
-            },
-            (None, Some(not_after_ms)) => RuleMatch::ExpiredOnly {
-                not_after_ms,
-                rule: expired_rule,
-            },
-            (None, None) => RuleMatch::None,
-        }
+        match_in(&self.rules, &self.by_source, src, proto, port, coord_ms)
     }
 
     /// Inserts (or replaces) a flow, making room as the type's doc says; the reason it was
@@ -1037,6 +1048,79 @@ enum RuleMatch {
 /// A flow no rule index names (this device opened it).
 const NO_RULE: u32 = u32::MAX;
 
+/// Rule indices by (canonical) source address.
+type SourceIndex = HashMap<IpAddr, Vec<u32>, Seeded>;
+
+/// Indexes `rules` by source address.
+fn index_sources(rules: &[FilterRule], hasher: Seeded) -> SourceIndex {
+    let mut by_source: SourceIndex = HashMap::with_hasher(hasher);
+    for (i, r) in rules.iter().enumerate() {
+        let Ok(i) = u32::try_from(i) else { break };
+        for s in &r.sources {
+            let v = by_source.entry(canonical_ip(*s)).or_default();
+            if v.last() != Some(&i) {
+                v.push(i);
+            }
+        }
+    }
+    by_source
+}
+
+/// Which of `rules` allow `src` to open `proto`/`port`. With `coord_ms`, expired rules do not
+/// allow; without, expiry is ignored. `not_after_ms` is the latest of the matching rules
+/// (`None` if one never expires).
+fn match_in(
+    rules: &[FilterRule],
+    by_source: &SourceIndex,
+    src: IpAddr,
+    proto: Proto,
+    port: u16,
+    coord_ms: Option<i64>,
+) -> RuleMatch {
+    let Some(idx) = by_source.get(&src) else {
+        return RuleMatch::None;
+    };
+    let mut best: Option<Option<i64>> = None;
+    let mut expired: Option<Option<i64>> = None;
+    let (mut best_rule, mut expired_rule) = (NO_RULE, NO_RULE);
+    for i in idx {
+        let Some(r) = rules.get(*i as usize) else {
+            continue;
+        };
+        if r.proto != proto || (proto != Proto::Icmp && !r.ports.iter().any(|x| x.contains(port))) {
+            continue;
+        }
+        let live = match (r.not_after_ms, coord_ms) {
+            (Some(t), Some(now)) => now < t,
+            _ => true,
+        };
+        let (slot, first) = if live {
+            (&mut best, &mut best_rule)
+        } else {
+            (&mut expired, &mut expired_rule)
+        };
+        if *first == NO_RULE {
+            *first = *i;
+        }
+        *slot = Some(match (*slot, r.not_after_ms) {
+            (None, n) => n,
+            (Some(None), _) | (Some(_), None) => None,
+            (Some(Some(a)), Some(b)) => Some(a.max(b)),
+        });
+    }
+    match (best, expired) {
+        (Some(not_after_ms), _) => RuleMatch::Allowed {
+            not_after_ms,
+            rule: best_rule,
+        },
+        (None, Some(not_after_ms)) => RuleMatch::ExpiredOnly {
+            not_after_ms,
+            rule: expired_rule,
+        },
+        (None, None) => RuleMatch::None,
+    }
+}
+
 /// Moves a flow's counts (if any) into the pending samples and zeroes them.
 fn retire(pending: &mut Pending, names: &[Arc<str>], k: &FlowKey, f: &mut Flow) {
     if f.counts.is_zero() {
@@ -1046,7 +1130,9 @@ fn retire(pending: &mut Pending, names: &[Arc<str>], k: &FlowKey, f: &mut Flow) 
         Origin::Local => Role::Initiator,
         Origin::Remote { .. } | Origin::Revoked => Role::Responder,
     };
-    pending.add(sample_key(names, k, role, f.rule), &f.counts);
+    let mut key = sample_key(names, k, role, f.rule);
+    key.shadow = f.shadow;
+    pending.add(key, &f.counts);
     f.counts = FlowCounts::default();
 }
 
@@ -1064,6 +1150,7 @@ fn sample_key(names: &[Arc<str>], k: &FlowKey, role: Role, rule: u32) -> SampleK
         verdict: FlowVerdict::Allowed,
         rule: names.get(rule as usize).cloned(),
         reason: None,
+        shadow: None,
     }
 }
 
@@ -1171,6 +1258,9 @@ struct Flow {
     rule: u32,
     /// Traffic not yet harvested for flow records.
     counts: FlowCounts,
+    /// Peers' flows: the candidate rules' verdict when the flow started (or when they were
+    /// last replaced); `None` without candidate rules and for this device's own flows.
+    shadow: Option<ShadowVerdict>,
 }
 
 impl Flow {

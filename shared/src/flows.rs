@@ -88,6 +88,46 @@ impl DenyCause {
     }
 }
 
+/// What the policy's candidate view (its shadow rules) would have decided about a flow that
+/// the enforced policy decided: evaluated by the device that enforces (the responder) when the
+/// flow starts, never enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowVerdict {
+    WouldAllow,
+    WouldDeny,
+}
+
+impl ShadowVerdict {
+    /// The name used in tables, JSON output and filters (`would-allow`, `would-deny`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowVerdict::WouldAllow => "would-allow",
+            ShadowVerdict::WouldDeny => "would-deny",
+        }
+    }
+
+    /// Parses [`ShadowVerdict::as_str`]'s names (and the wire names).
+    pub fn parse(s: &str) -> Option<ShadowVerdict> {
+        match s {
+            "would-allow" | "would_allow" => Some(ShadowVerdict::WouldAllow),
+            "would-deny" | "would_deny" => Some(ShadowVerdict::WouldDeny),
+            _ => None,
+        }
+    }
+
+    /// Two verdicts about traffic counted together (one record): a would-be denial is never
+    /// hidden by a would-be allow.
+    pub fn merge(a: Option<ShadowVerdict>, b: Option<ShadowVerdict>) -> Option<ShadowVerdict> {
+        match (a, b) {
+            (Some(ShadowVerdict::WouldDeny), _) | (_, Some(ShadowVerdict::WouldDeny)) => {
+                Some(ShadowVerdict::WouldDeny)
+            }
+            (x, y) => x.or(y),
+        }
+    }
+}
+
 /// One aggregated flow in one window, as seen by the reporter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowRecord {
@@ -123,6 +163,11 @@ pub struct FlowRecord {
     pub bytes_in: u64,
     /// Connections (flows) started in the window.
     pub connections: u64,
+    /// The candidate view's verdict, when the reporter's netmap carries one (the policy has
+    /// shadow rules) and the reporter decided the flow (responder records). Several verdicts
+    /// in one record merge as [`ShadowVerdict::merge`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowVerdict>,
 }
 
 /// The records of one window.
@@ -225,6 +270,7 @@ mod tests {
             packets_in: 9,
             bytes_in: 20_000,
             connections: 1,
+            shadow: None,
         }
     }
 
@@ -241,6 +287,7 @@ mod tests {
         r.bytes_in = u64::MAX;
         r.connections = u64::MAX;
         r.policy_version = Some(u64::MAX);
+        r.shadow = Some(ShadowVerdict::WouldAllow);
         let report = FlowReport {
             seq: u64::MAX,
             windows: vec![FlowWindow {
@@ -285,6 +332,45 @@ mod tests {
         report.validate().unwrap();
         report.windows[0].end_ms = -1;
         assert_eq!(report.validate(), Err(FlowError::BadWindow));
+    }
+
+    /// A record with the candidate verdict as first written, and one from a device that
+    /// predates it: both decode; a record without a verdict encodes without the field.
+    #[test]
+    fn golden_shadow_verdicts() {
+        let with = r#"{"role":"responder","peer":4,"peer_addr":"100.64.0.4","peer_user":"alice","peer_tags":[],"proto":"tcp","port":80,"verdict":"allowed","rule":"web-wide","policy_version":5,"packets_out":5,"bytes_out":300,"packets_in":6,"bytes_in":9000,"connections":1,"shadow":"would_deny"}"#;
+        let r: FlowRecord = serde_json::from_str(with).unwrap();
+        assert_eq!(r.shadow, Some(ShadowVerdict::WouldDeny));
+        assert!(serde_json::to_string(&r)
+            .unwrap()
+            .ends_with(r#""connections":1,"shadow":"would_deny"}"#));
+        let old = r#"{"role":"responder","peer_addr":"100.64.0.9","proto":"tcp","port":22,"verdict":"denied","reason":"no_rule","packets_out":0,"bytes_out":0,"packets_in":3,"bytes_in":180,"connections":3}"#;
+        let r: FlowRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.shadow, None);
+        assert!(!serde_json::to_string(&r).unwrap().contains("shadow"));
+        let allow: ShadowVerdict = serde_json::from_str("\"would_allow\"").unwrap();
+        assert_eq!(allow, ShadowVerdict::WouldAllow);
+        assert_eq!(allow.as_str(), "would-allow");
+        assert_eq!(
+            ShadowVerdict::parse("would-deny"),
+            Some(ShadowVerdict::WouldDeny)
+        );
+        assert_eq!(ShadowVerdict::parse("deny"), None);
+    }
+
+    #[test]
+    fn a_would_deny_is_never_hidden_by_a_merge() {
+        use ShadowVerdict::{WouldAllow, WouldDeny};
+        assert_eq!(
+            ShadowVerdict::merge(Some(WouldAllow), Some(WouldDeny)),
+            Some(WouldDeny)
+        );
+        assert_eq!(ShadowVerdict::merge(Some(WouldDeny), None), Some(WouldDeny));
+        assert_eq!(
+            ShadowVerdict::merge(None, Some(WouldAllow)),
+            Some(WouldAllow)
+        );
+        assert_eq!(ShadowVerdict::merge(None, None), None);
     }
 
     #[test]

@@ -24,7 +24,11 @@
 //!   coordinator whose netmap says `flows`, and the policy version in netmaps
 //!   (`Netmap.policy_version`, `NetmapDelta.policy_version`), all optional on the wire; this
 //!   device's own entry in a delta when it changed (`NetmapDelta.me`, after a rename), optional
-//!   on the wire and ignored by agents that predate it.
+//!   on the wire and ignored by agents that predate it; the candidate inbound filter of a
+//!   policy with shadow rules (`Netmap.shadow_filter`, `NetmapDelta.shadow_filter`: absent
+//!   means unchanged, `null` means no candidate view any more) and the would-verdict in flow
+//!   records (`FlowRecord.shadow`), all optional on the wire and ignored by sides that predate
+//!   them.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -460,6 +464,11 @@ pub struct Netmap {
     /// The version of the policy this netmap was compiled from (`None` before any policy).
     #[serde(default)]
     pub policy_version: Option<u64>,
+    /// The inbound filter of the policy's candidate view, when the policy has shadow rules:
+    /// evaluated on each new flow for the flow records (would-allow / would-deny), never
+    /// enforced. `None`: no candidate view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_filter: Option<Vec<FilterRule>>,
 }
 
 /// A relay registered with the coordinator (`ward-coordinator relay add`).
@@ -509,6 +518,24 @@ pub struct NetmapDelta {
     /// renamed it, or moved it aside from a name bound to another device).
     #[serde(default)]
     pub me: Option<SelfInfo>,
+    /// The candidate inbound filter, when it changed: absent = unchanged, `null` = no
+    /// candidate view any more, a list = the new candidate filter.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub shadow_filter: Option<Option<Vec<FilterRule>>>,
+}
+
+/// Decodes a field that is present (even as `null`) as `Some`: with `#[serde(default)]`, an
+/// absent field stays `None`, so `Option<Option<T>>` tells absent, `null` and a value apart.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 impl Netmap {
@@ -543,6 +570,9 @@ impl Netmap {
         }
         if let Some(me) = &d.me {
             self.me = me.clone();
+        }
+        if let Some(f) = &d.shadow_filter {
+            self.shadow_filter = f.clone();
         }
         self.seq = d.seq;
         Ok(())
@@ -760,6 +790,7 @@ mod tests {
             punch: true,
             flows: true,
             policy_version: Some(4),
+            shadow_filter: None,
         };
         let mut p3 = peer(3);
         p3.online = false;
@@ -776,6 +807,7 @@ mod tests {
             }]),
             policy_version: None,
             me: None,
+            shadow_filter: None,
         };
         nm.apply(&d).unwrap();
         assert_eq!(
@@ -828,6 +860,68 @@ mod tests {
         };
         assert!(!nm.flows);
         assert_eq!(nm.policy_version, None);
+        assert_eq!(nm.shadow_filter, None);
+    }
+
+    /// The candidate filter in netmaps and deltas as first written; they must keep decoding,
+    /// and a delta tells "unchanged" (absent), "none any more" (`null`) and a new list apart.
+    #[test]
+    fn golden_shadow_filter_decodes() {
+        let nm = r#"{"type":"netmap","seq":1,"me":{"device_id":1,"hostname":"a","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null},"peers":[],"inbound":[],"flows":true,"policy_version":3,"shadow_filter":[{"rule":"web-narrow","service":"web","sources":["100.64.0.2"],"proto":"tcp","ports":[{"lo":8080,"hi":8080}],"not_after_ms":null}]}"#;
+        let CoordinatorMsg::Netmap(mut nm) = decode(nm.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        let sf = nm.shadow_filter.clone().unwrap();
+        assert_eq!(sf[0].rule, "web-narrow");
+        assert_eq!(sf[0].ports, vec![PortRange { lo: 8080, hi: 8080 }]);
+        // Unchanged: the delta says nothing about it.
+        let d = r#"{"type":"netmap_delta","base_seq":1,"seq":2}"#;
+        let CoordinatorMsg::NetmapDelta(d) = decode(d.as_bytes()).unwrap() else {
+            panic!("not a delta")
+        };
+        assert_eq!(d.shadow_filter, None);
+        nm.apply(&d).unwrap();
+        assert_eq!(nm.shadow_filter.as_ref(), Some(&sf));
+        // Replaced by an empty candidate filter.
+        let d = r#"{"type":"netmap_delta","base_seq":2,"seq":3,"shadow_filter":[]}"#;
+        let CoordinatorMsg::NetmapDelta(d) = decode(d.as_bytes()).unwrap() else {
+            panic!("not a delta")
+        };
+        nm.apply(&d).unwrap();
+        assert_eq!(nm.shadow_filter, Some(vec![]));
+        // No candidate view any more.
+        let d = r#"{"type":"netmap_delta","base_seq":3,"seq":4,"shadow_filter":null}"#;
+        let CoordinatorMsg::NetmapDelta(d) = decode(d.as_bytes()).unwrap() else {
+            panic!("not a delta")
+        };
+        assert_eq!(d.shadow_filter, Some(None));
+        nm.apply(&d).unwrap();
+        assert_eq!(nm.shadow_filter, None);
+        // Encoding: no candidate view, no field (older agents see what they always saw);
+        // clearing encodes as null.
+        let text =
+            String::from_utf8(encode(&CoordinatorMsg::Netmap(nm.clone()))[4..].to_vec()).unwrap();
+        assert!(!text.contains("shadow_filter"), "{text}");
+        let clear = NetmapDelta {
+            base_seq: 4,
+            seq: 5,
+            upsert: vec![],
+            remove: vec![],
+            inbound: None,
+            reach: None,
+            relays: None,
+            policy_version: None,
+            me: None,
+            shadow_filter: Some(None),
+        };
+        let text =
+            String::from_utf8(encode(&CoordinatorMsg::NetmapDelta(clear.clone()))[4..].to_vec())
+                .unwrap();
+        assert!(text.contains("\"shadow_filter\":null"), "{text}");
+        let CoordinatorMsg::NetmapDelta(back) = decode(text.as_bytes()).unwrap() else {
+            panic!("not a delta")
+        };
+        assert_eq!(back, clear);
     }
 
     /// Version-1 messages as they were first written; they must keep decoding.

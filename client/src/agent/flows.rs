@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use ward_shared::filter::{FlowCounts, FlowSample, Proto, SampleKey};
 use ward_shared::flows::{
-    clip, DenyCause, FlowRecord, FlowReport, FlowVerdict, FlowWindow, Role, DEFAULT_WINDOW_MS,
-    MAX_FLOW_TAGS, MAX_RECORDS_PER_REPORT,
+    clip, DenyCause, FlowRecord, FlowReport, FlowVerdict, FlowWindow, Role, ShadowVerdict,
+    DEFAULT_WINDOW_MS, MAX_FLOW_TAGS, MAX_RECORDS_PER_REPORT,
 };
 use ward_shared::wire::{DeviceId, Netmap};
 
@@ -158,6 +158,9 @@ struct Agg {
     tags: Vec<String>,
     policy_version: Option<u64>,
     counts: FlowCounts,
+    /// The candidate view's verdict: a field, not part of the key (under one candidate policy
+    /// it follows from the key; across a change within the window a would-deny wins).
+    shadow: Option<ShadowVerdict>,
 }
 
 #[derive(Debug)]
@@ -325,6 +328,7 @@ impl FlowLog {
                 verdict,
                 mut rule,
                 reason,
+                shadow,
             } = key;
             let meta = ctx.peers.get(&remote);
             if rule.is_none() && verdict == FlowVerdict::Allowed && role == Role::Initiator {
@@ -341,6 +345,7 @@ impl FlowLog {
             };
             if let Some(a) = w.records.get_mut(&k) {
                 a.counts.add(&counts);
+                a.shadow = ShadowVerdict::merge(a.shadow, shadow);
                 continue;
             }
             while w.records.len() >= self.cfg.max_window_records {
@@ -362,6 +367,7 @@ impl FlowLog {
                         .then_some(ctx.policy_version)
                         .flatten(),
                     counts,
+                    shadow,
                 },
             );
         }
@@ -439,6 +445,7 @@ impl FlowLog {
             packets_in: scale(a.counts.packets_in),
             bytes_in: scale(a.counts.bytes_in),
             connections: a.counts.connections,
+            shadow: a.shadow,
         }
     }
 
@@ -584,6 +591,7 @@ mod tests {
                 verdict: FlowVerdict::Allowed,
                 rule: (role == Role::Responder).then(|| Arc::from("eng")),
                 reason: None,
+                shadow: None,
             },
             counts: FlowCounts {
                 packets_out: 1,
@@ -627,6 +635,7 @@ mod tests {
             punch: true,
             flows: true,
             policy_version: Some(9),
+            shadow_filter: None,
         };
         nm.peers.push(Peer {
             device_id: DeviceId(2),
@@ -855,5 +864,27 @@ mod tests {
             (rec.packets_out, rec.packets_in, rec.connections),
             (0, 1, 1)
         );
+    }
+
+    #[test]
+    fn the_candidate_verdict_reaches_the_record_and_a_would_deny_wins_a_merge() {
+        let ctx = FlowContext::from_netmap(&netmap());
+        let mut l = log(FlowLogConfig::default());
+        let mut a = sample(2, Role::Responder, 80, 100);
+        a.key.shadow = Some(ShadowVerdict::WouldAllow);
+        let mut b = a.clone();
+        b.key.shadow = Some(ShadowVerdict::WouldDeny);
+        let mut c = sample(2, Role::Responder, 443, 100);
+        c.key.shadow = Some(ShadowVerdict::WouldAllow);
+        let plain = sample(2, Role::Responder, 22, 100);
+        l.add(vec![a, c], 0, &ctx, T0);
+        l.add(vec![b, plain], 0, &ctx, T0 + 1);
+        l.close_window();
+        let recs = &l.spool[0].windows[0].records;
+        let by_port = |p: u16| recs.iter().find(|r| r.port == p).map(|r| r.shadow);
+        assert_eq!(recs.len(), 3, "one record per key: {recs:#?}");
+        assert_eq!(by_port(80), Some(Some(ShadowVerdict::WouldDeny)));
+        assert_eq!(by_port(443), Some(Some(ShadowVerdict::WouldAllow)));
+        assert_eq!(by_port(22), Some(None));
     }
 }

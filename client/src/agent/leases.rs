@@ -185,6 +185,7 @@ mod tests {
             punch: false,
             flows: false,
             policy_version: None,
+            shadow_filter: None,
         }
     }
 

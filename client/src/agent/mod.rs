@@ -147,6 +147,9 @@ pub enum Event {
     SetPeers(Vec<PeerConfig>),
     /// Install this inbound filter in the data plane.
     SetFilter(Vec<FilterRule>),
+    /// Install these candidate rules (the policy's shadow view; `None`: none) in the data
+    /// plane's filter: evaluated for flow records, never enforced.
+    SetShadowFilter(Option<Vec<FilterRule>>),
     /// Coordinator time minus device time, for the data plane's filter expiry.
     SetClockOffset(i64),
     /// Save the new key in the state file, then move the data plane to it.
@@ -276,6 +279,8 @@ pub struct Agent {
     applied_relays: Vec<(String, u16)>,
     applied_peers: Option<Vec<PeerConfig>>,
     applied_filter: Option<Vec<FilterRule>>,
+    /// The candidate rules last handed to the data plane (outer `None`: none handed yet).
+    applied_shadow: Option<Option<Vec<FilterRule>>>,
     next_expiry: Instant,
     /// Flow records: windows, reports not yet acknowledged.
     flow_log: FlowLog,
@@ -316,6 +321,7 @@ impl Agent {
             applied_relays: Vec::new(),
             applied_peers: None,
             applied_filter: None,
+            applied_shadow: None,
             next_expiry: now.instant + EXPIRY_CHECK,
             flow_log: FlowLog::new(FlowLogConfig::default()),
             next_flows: now.instant + FLOW_TICK,
@@ -979,6 +985,11 @@ impl Agent {
             self.events.push_back(Event::SetFilter(nm.inbound.clone()));
             self.applied_filter = Some(nm.inbound.clone());
         }
+        if self.applied_shadow.as_ref() != Some(&nm.shadow_filter) {
+            let sf = nm.shadow_filter.clone();
+            self.events.push_back(Event::SetShadowFilter(sf.clone()));
+            self.applied_shadow = Some(sf);
+        }
     }
 
     /// The coordinator broke the protocol: end the session; the next one starts afresh.
@@ -1013,6 +1024,10 @@ impl Agent {
             self.applied_filter = Some(Vec::new());
             self.events.push_back(Event::SetPeers(Vec::new()));
             self.events.push_back(Event::SetFilter(Vec::new()));
+            if self.applied_shadow.as_ref().is_some_and(Option::is_some) {
+                self.events.push_back(Event::SetShadowFilter(None));
+            }
+            self.applied_shadow = Some(None);
         } else {
             self.phase = Phase::Connecting;
         }

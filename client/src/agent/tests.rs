@@ -222,6 +222,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         punch: false,
         flows: false,
         policy_version: None,
+        shadow_filter: None,
     }
 }
 
@@ -1084,6 +1085,7 @@ fn flow_sample(port: u16) -> ward_shared::filter::FlowSample {
             verdict: ward_shared::flows::FlowVerdict::Allowed,
             rule: Some("eng".into()),
             reason: None,
+            shadow: None,
         },
         counts: ward_shared::filter::FlowCounts {
             packets_in: 3,

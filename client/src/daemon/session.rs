@@ -281,6 +281,11 @@ impl Daemon {
                         dp.set_filter(rules);
                     }
                 }
+                Event::SetShadowFilter(rules) => {
+                    if let Some(dp) = dp {
+                        dp.set_shadow_filter(rules);
+                    }
+                }
                 Event::SetClockOffset(o) => {
                     if let Some(dp) = dp {
                         dp.set_clock_offset_ms(o);

@@ -283,6 +283,12 @@ impl DataPlane {
         self.core.set_filter(rules);
     }
 
+    /// Replaces the candidate rules (the netmap's `shadow_filter`): never enforced; new flows
+    /// from peers are judged against them for the flow records' would-allow / would-deny.
+    pub fn set_shadow_filter(&self, rules: Option<Vec<FilterRule>>) {
+        self.core.set_shadow_filter(rules);
+    }
+
     /// Sets coordinator time minus local wall-clock time (ms), measured by the control
     /// channel; rule expiry is judged on local wall clock + this offset.
     pub fn set_clock_offset_ms(&self, offset: i64) {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ward_shared::filter::Proto;
-use ward_shared::flows::{DenyCause, FlowVerdict};
+use ward_shared::flows::{DenyCause, FlowVerdict, ShadowVerdict};
 use ward_shared::names::Hostname;
 use ward_shared::posture::PostureReport;
 use ward_shared::wire::{PostureVerdict, WgPublicKey};
@@ -324,6 +324,31 @@ pub struct PolicyOutcome {
     /// The stored version (only after a successful apply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<i64>,
+    /// How many rules are shadow rules (only when the policy is valid and has some).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_rules: Option<ShadowRulesView>,
+}
+
+/// A valid policy's shadow rules: evaluated by peers on live traffic, never enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowRulesView {
+    /// `shadow = true`: candidates, not enforced.
+    pub shadow: usize,
+    /// `shadow_remove = true`: enforced, absent from the candidate view.
+    pub shadow_remove: usize,
+}
+
+impl std::fmt::Display for ShadowRulesView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} shadow rule(s): {} candidate (shadow, not enforced), {} watched for removal \
+             (shadow_remove, enforced); peers report would-allow / would-deny in flow records",
+            self.shadow + self.shadow_remove,
+            self.shadow,
+            self.shadow_remove
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -374,6 +399,10 @@ pub struct ExplainView {
     pub target: String,
     pub devices: Vec<ExplainDeviceView>,
     pub notes: Vec<String>,
+    /// The policy's candidate view (shadow rules), when it has one: `would-allow` or
+    /// `would-deny` (the reason is in `text`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<String>,
     /// The whole explanation for people.
     pub text: String,
 }
@@ -555,6 +584,32 @@ pub struct FlowView {
     pub responder_counts: Option<Counts>,
     /// For `mismatch`: which counts disagree (`packets i→r`, `bytes r→i`, …).
     pub disagree: Vec<String>,
+    /// The candidate view's verdict (policies with shadow rules): `would-allow` or
+    /// `would-deny`; absent when no end reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "shadow_name")]
+    pub shadow: Option<ShadowVerdict>,
+}
+
+/// [`ShadowVerdict`] as `would-allow` / `would-deny` in admin JSON.
+mod shadow_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use ward_shared::flows::ShadowVerdict;
+
+    pub fn serialize<S: Serializer>(v: &Option<ShadowVerdict>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_str(v.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ShadowVerdict>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) => ShadowVerdict::parse(&s)
+                .map(Some)
+                .ok_or_else(|| serde::de::Error::custom(format!("unknown shadow verdict {s:?}"))),
+        }
+    }
 }
 
 /// Flows in the period by pairing status, and the devices' delivery counters summed.
@@ -831,6 +886,9 @@ impl Table for FlowView {
             (_, Some(r)) => r.as_str().into(),
             (Some(r), None) => r.clone(),
             (None, None) => "-".into(),
+        }),
+        col("SHADOW", |f| {
+            f.shadow.map_or("-", ShadowVerdict::as_str).into()
         }),
         col("STATUS", |f| f.status.as_str().into()),
         col("I SENT", |f| counts(&f.initiator_counts, true)),
@@ -1125,6 +1183,50 @@ mod tests {
     }
 
     /// `flows --json`'s field names (README.md, "JSON output"): a rename fails here.
+    /// The candidate verdict is `"shadow": "would-allow" | "would-deny"` in JSON (absent
+    /// without one), a SHADOW column in the table, and reads back.
+    #[test]
+    fn flow_shadow_verdicts_print_as_would_allow_and_would_deny() {
+        let f = FlowView {
+            initiator: "laptop".into(),
+            responder: "web".into(),
+            initiator_id: Some("d1".into()),
+            responder_id: Some("d2".into()),
+            proto: Proto::Tcp,
+            port: 80,
+            start_ms: 0,
+            end_ms: 1,
+            verdict: FlowVerdict::Allowed,
+            rule: Some("web-wide".into()),
+            reason: None,
+            policy_version: Some(1),
+            status: PairStatus::Paired,
+            initiator_user: None,
+            initiator_tags: vec![],
+            responder_user: None,
+            responder_tags: vec![],
+            initiator_counts: None,
+            responder_counts: None,
+            disagree: vec![],
+            shadow: Some(ShadowVerdict::WouldDeny),
+        };
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v["shadow"], serde_json::json!("would-deny"));
+        let back: FlowView = serde_json::from_value(v).unwrap();
+        assert_eq!(back, f);
+        let mut allow = f.clone();
+        allow.shadow = Some(ShadowVerdict::WouldAllow);
+        assert_eq!(
+            serde_json::to_value(&allow).unwrap()["shadow"],
+            serde_json::json!("would-allow")
+        );
+        let shown = FlowView::COLUMNS
+            .iter()
+            .find(|c| c.header == "SHADOW")
+            .map(|c| (c.cell)(&f));
+        assert_eq!(shown.as_deref(), Some("would-deny"));
+    }
+
     #[test]
     fn flow_json_field_names_are_stable() {
         let counts = Counts {
@@ -1155,6 +1257,7 @@ mod tests {
             initiator_counts: Some(counts),
             responder_counts: None,
             disagree: vec![],
+            shadow: None,
         };
         let v = serde_json::to_value(&f).unwrap();
         assert_eq!(
@@ -1332,6 +1435,7 @@ mod tests {
             changes: vec![],
             devices: None,
             version: None,
+            shadow_rules: None,
         };
         assert_eq!(
             keys(&refused),

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use std::collections::{BTreeMap, BTreeSet};
 
-use ward_shared::flows::FlowVerdict;
+use ward_shared::flows::{FlowVerdict, ShadowVerdict};
 use ward_shared::wire::DeviceId;
 
 use super::api::{FlowSourceView, FlowSummary, FlowView, FlowsTopView, FlowsView};
@@ -33,6 +33,9 @@ pub struct FlowFilter {
     /// Flows the rule or grant NAME allowed.
     #[serde(default)]
     pub rule: Option<String>,
+    /// Flows whose candidate verdict (shadow rules) is this one only.
+    #[serde(default)]
+    pub shadow: Option<ShadowVerdict>,
     /// Windows that ended in the last this many seconds.
     pub since_secs: u64,
     /// Most flows listed (newest first).
@@ -72,6 +75,7 @@ pub fn flows(store: &dyn Store, f: &FlowFilter, now: i64) -> Result<FlowsView> {
         .filter(|p| !f.denied || p.verdict == FlowVerdict::Denied)
         .filter(|p| !f.one_sided || p.status == PairStatus::OneSided)
         .filter(|p| f.rule.is_none() || p.rule == f.rule)
+        .filter(|p| f.shadow.is_none() || p.shadow == f.shadow)
         .map(|p| view(p, &names))
         .collect();
     let extra = flows.len().saturating_sub(f.limit.max(1));
@@ -253,5 +257,6 @@ fn view(p: &Pair, names: &BTreeMap<DeviceId, String>) -> FlowView {
         initiator_counts: p.initiator_counts,
         responder_counts: p.responder_counts,
         disagree: p.disagree.clone(),
+        shadow: p.shadow,
     }
 }

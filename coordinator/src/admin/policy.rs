@@ -6,7 +6,9 @@ use sha2::Digest;
 
 use ward_shared::policy::{self, Directory, Policy};
 
-use super::api::{ExplainDeviceView, ExplainMissView, ExplainView, PolicyOutcome, PolicyTestView};
+use super::api::{
+    ExplainDeviceView, ExplainMissView, ExplainView, PolicyOutcome, PolicyTestView, ShadowRulesView,
+};
 use super::ops::{Live, Notice, Snapshot};
 use crate::audit::Action;
 use crate::store::{Audit, Store};
@@ -47,6 +49,7 @@ pub fn check(
             changes: vec![],
             devices: None,
             version: None,
+            shadow_rules: None,
         })
     };
     let p = match policy::parse(&bytes, file_name) {
@@ -98,7 +101,15 @@ pub fn check(
         changes,
         devices: Some(compiled.devices.len()),
         version: None,
+        shadow_rules: None,
     };
+    let (shadow, shadow_remove) = p.shadow_counts();
+    if shadow + shadow_remove > 0 {
+        out.shadow_rules = Some(ShadowRulesView {
+            shadow,
+            shadow_remove,
+        });
+    }
     if apply {
         let text = String::from_utf8(bytes).map_err(|_| anyhow!("policy is not UTF-8"))?;
         let sha = hex::encode(sha2::Sha256::digest(text.as_bytes()));
@@ -157,6 +168,13 @@ pub fn explain(
             })
             .collect(),
         notes: e.notes.clone(),
+        shadow: e.candidate.as_ref().map(|c| {
+            if c.allowed {
+                "would-allow".to_string()
+            } else {
+                "would-deny".to_string()
+            }
+        }),
         text: e.to_string(),
     })
 }

@@ -221,4 +221,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
         updated_ms INTEGER NOT NULL
     );
     "#,
+    // 12: the candidate verdict of flow records (policies with shadow rules): 'would_allow',
+    // 'would_deny' or '' (none). Not part of a row's key: records of one key merge, and a
+    // would-deny wins.
+    r#"
+    ALTER TABLE flows ADD COLUMN shadow TEXT NOT NULL DEFAULT '';
+    "#,
 ];

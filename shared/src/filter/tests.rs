@@ -984,3 +984,132 @@ fn flow_samples_of_a_scan_stay_bounded_and_the_excess_is_counted() {
         .iter()
         .all(|x| x.key.reason == Some(DenyCause::NoRule) && x.counts.packets_in == 1));
 }
+
+proptest! {
+    /// Candidate rules never change what passes: the same packets through a filter with and
+    /// without candidate rules (set before, or swapped midway) get the same verdicts.
+    #[test]
+    fn candidate_rules_never_change_a_verdict(
+        rules in rules_strategy(),
+        shadow in rules_strategy(),
+        ops in proptest::collection::vec(op_strategy(), 1..60),
+        swap_at in 0usize..60,
+        v6 in any::<bool>(),
+    ) {
+        let mut plain = Filter::new(10_000);
+        let mut watched = Filter::new(10_000);
+        plain.set_rules(rules.clone());
+        watched.set_rules(rules);
+        watched.set_shadow_rules(Some(shadow.clone()));
+        let now = Instant::now();
+        for (i, op) in ops.into_iter().enumerate() {
+            if i == swap_at {
+                watched.set_shadow_rules(if i % 2 == 0 { None } else { Some(shadow.clone()) });
+            }
+            match op {
+                Op::Out { proto, me, peer, lport, rport, syn } => {
+                    let p = packet(proto, addr(me, v6), lport, addr(peer + 10, v6), rport, syn, true);
+                    plain.handle_outbound(&p, now);
+                    watched.handle_outbound(&p, now);
+                }
+                Op::In { proto, me, peer, lport, rport, syn } => {
+                    let r = addr(if syn { peer } else { peer + 10 }, v6);
+                    let p = packet(proto, r, rport, addr(me, v6), lport, syn, syn);
+                    prop_assert_eq!(plain.check_inbound(&p, now, NOW_MS), watched.check_inbound(&p, now, NOW_MS));
+                }
+            }
+        }
+        prop_assert_eq!(plain.flow_count(), watched.flow_count());
+    }
+}
+
+#[test]
+fn a_peers_flow_carries_the_candidate_verdict_from_its_start_and_denials_too() {
+    let mut f = Filter::new(1024);
+    let other = "100.64.0.3";
+    // Enforced: the peer may open 80 and 443. Candidate: only 443, and 22 from the other peer.
+    f.set_rules(vec![rule(
+        "web-wide",
+        &[PEER],
+        Proto::Tcp,
+        &[(80, 80), (443, 443)],
+        None,
+    )]);
+    f.set_shadow_rules(Some(vec![
+        rule("web-narrow", &[PEER], Proto::Tcp, &[(443, 443)], None),
+        rule("ssh", &[other], Proto::Tcp, &[(22, 22)], None),
+    ]));
+    assert_eq!(f.shadow_rules().map(<[FilterRule]>::len), Some(2));
+    let now = Instant::now();
+    let s80 = tcp(a(PEER), 50000, a(ME), 80, SYN);
+    let s443 = tcp(a(PEER), 50001, a(ME), 443, SYN);
+    let s22 = tcp(a(other), 50002, a(ME), 22, SYN);
+    assert_eq!(
+        f.check_inbound(&s80, now, NOW_MS),
+        Verdict::Allow,
+        "never enforced"
+    );
+    assert_eq!(f.check_inbound(&s443, now, NOW_MS), Verdict::Allow);
+    assert_eq!(
+        f.check_inbound(&s22, now, NOW_MS),
+        Verdict::Deny(DenyReason::NoRule),
+        "a candidate rule allows nothing"
+    );
+    // Later packets of a flow keep the verdict it started with.
+    let ack80 = tcp(a(PEER), 50000, a(ME), 80, ACK);
+    assert_eq!(f.check_inbound(&ack80, now, NOW_MS), Verdict::Allow);
+    let (s, _) = f.take_samples();
+    let by_port = |port: u16| {
+        s.iter()
+            .find(|x| x.key.port == port)
+            .map(|x| (x.key.verdict, x.key.shadow, x.counts.packets_in))
+    };
+    assert_eq!(
+        by_port(80),
+        Some((FlowVerdict::Allowed, Some(ShadowVerdict::WouldDeny), 2))
+    );
+    assert_eq!(
+        by_port(443),
+        Some((FlowVerdict::Allowed, Some(ShadowVerdict::WouldAllow), 1))
+    );
+    assert_eq!(
+        by_port(22),
+        Some((FlowVerdict::Denied, Some(ShadowVerdict::WouldAllow), 1))
+    );
+    // The candidate view goes: tracked flows and new denials carry no verdict any more.
+    f.set_shadow_rules(None);
+    assert_eq!(f.check_inbound(&ack80, now, NOW_MS), Verdict::Allow);
+    assert_eq!(
+        f.check_inbound(&s22, now, NOW_MS),
+        Verdict::Deny(DenyReason::NoRule)
+    );
+    let (s, _) = f.take_samples();
+    assert!(s.iter().all(|x| x.key.shadow.is_none()), "{s:#?}");
+    // And comes back: a tracked flow is judged again.
+    f.set_shadow_rules(Some(vec![rule(
+        "all-web",
+        &[PEER],
+        Proto::Tcp,
+        &[(1, 1000)],
+        None,
+    )]));
+    assert_eq!(f.check_inbound(&ack80, now, NOW_MS), Verdict::Allow);
+    let (s, _) = f.take_samples();
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].key.shadow, Some(ShadowVerdict::WouldAllow));
+}
+
+#[test]
+fn flows_this_device_opens_carry_no_candidate_verdict() {
+    let mut f = Filter::new(1024);
+    f.set_shadow_rules(Some(vec![]));
+    let now = Instant::now();
+    f.handle_outbound(&tcp(a(ME), 40000, a(PEER), 80, SYN), now);
+    assert_eq!(
+        f.check_inbound(&tcp(a(PEER), 80, a(ME), 40000, SYN | ACK), now, NOW_MS),
+        Verdict::Allow
+    );
+    let (s, _) = f.take_samples();
+    assert_eq!(s.len(), 1);
+    assert_eq!((s[0].key.role, s[0].key.shadow), (Role::Initiator, None));
+}

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::{
-    proto_name, Compiled, DeviceAccess, DirDevice, Directory, Policy, Pos, Selector, TestSource,
+    proto_name, Compiled, DeviceAccess, DirDevice, Directory, Policy, Pos, RuleMode, Selector,
+    TestSource, View,
 };
 use crate::filter::{FilterRule, Proto};
 use crate::names::Hostname;
@@ -33,7 +34,33 @@ pub struct TestOutcome {
 
 /// Compiles `p` against `d` at coordinator time `now_ms`. Only live devices appear; every live
 /// device has an entry (possibly empty). See the module documentation for the rules.
+///
+/// The enforced view gives `peers`, `inbound` and `reach`; when the policy has shadow rules,
+/// the candidate view is compiled the same way and only its inbound rules are kept
+/// ([`DeviceAccess::shadow_inbound`]): a candidate rule never adds a peer or a reach entry.
 pub fn compile(p: &Policy, d: &Directory, now_ms: i64) -> Compiled {
+    let mut out = compile_view(p, d, now_ms, View::Enforced);
+    if p.has_shadow() {
+        let candidate = compile_view(p, d, now_ms, View::Candidate);
+        for (id, acc) in &mut out.devices {
+            let inbound = candidate
+                .devices
+                .get(id)
+                .map(|c| c.inbound.clone())
+                .unwrap_or_default();
+            acc.shadow_inbound = Some(inbound);
+        }
+        out.next_expiry_ms = match (out.next_expiry_ms, candidate.next_expiry_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    out
+}
+
+/// Compiles one view of the policy (peers, inbound rules and reach list as if only that
+/// view's rules existed).
+fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled {
     let ix = Index::new(p, d);
     let mut devices: BTreeMap<DeviceId, DeviceAccess> = d
         .devices
@@ -67,7 +94,10 @@ pub fn compile(p: &Policy, d: &Directory, now_ms: i64) -> Compiled {
         })
         .collect();
     let mut next_expiry_ms: Option<i64> = None;
-    for rule in effective_rules(p, d) {
+    for rule in effective_rules(p, d)
+        .into_iter()
+        .filter(|r| r.mode.in_view(view))
+    {
         if let Some(t) = rule.expires_ms {
             if t <= now_ms {
                 continue;
@@ -194,7 +224,7 @@ pub fn run_tests(p: &Policy, d: &Directory, now_ms: i64) -> Vec<TestOutcome> {
                 .services
                 .get(&tg.service)
                 .is_some_and(|s| s.ports.allows(tg.proto, tg.port));
-            for rule in &p.rules {
+            for rule in p.rules.iter().filter(|r| r.mode.in_view(View::Enforced)) {
                 if !rule.to.iter().any(|s| s.value == tg.service) {
                     continue;
                 }
@@ -260,7 +290,11 @@ pub fn run_tests(p: &Policy, d: &Directory, now_ms: i64) -> Vec<TestOutcome> {
 pub fn requirements_by_device(p: &Policy, d: &Directory) -> BTreeMap<DeviceId, BTreeSet<String>> {
     let ix = Index::new(p, d);
     let mut out: BTreeMap<DeviceId, BTreeSet<String>> = BTreeMap::new();
-    for rule in p.rules.iter().filter(|r| !r.posture.is_empty()) {
+    for rule in p
+        .rules
+        .iter()
+        .filter(|r| !r.posture.is_empty() && r.mode.in_view(View::Enforced))
+    {
         for sel in &rule.from {
             for i in ix.resolve(&sel.value) {
                 out.entry(d.devices[i].id)
@@ -281,6 +315,8 @@ pub(crate) struct EffRule<'a> {
     pub to: Vec<&'a str>,
     pub posture: Vec<&'a str>,
     pub expires_ms: Option<i64>,
+    /// Grants are [`RuleMode::Enforced`] (in both views).
+    pub mode: RuleMode,
 }
 
 /// The policy's rules followed by the directory's grants (grants naming an unknown service or a
@@ -296,6 +332,7 @@ pub(crate) fn effective_rules<'a>(p: &'a Policy, d: &'a Directory) -> Vec<EffRul
             to: r.to.iter().map(|s| s.value.as_str()).collect(),
             posture: r.posture.iter().map(|s| s.value.as_str()).collect(),
             expires_ms: r.expires_ms,
+            mode: r.mode,
         })
         .collect();
     for g in &d.grants {
@@ -317,6 +354,7 @@ pub(crate) fn effective_rules<'a>(p: &'a Policy, d: &'a Directory) -> Vec<EffRul
             to: vec![svc],
             posture: Vec::new(),
             expires_ms: Some(g.not_after_ms),
+            mode: RuleMode::Enforced,
         });
     }
     v

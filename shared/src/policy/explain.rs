@@ -3,10 +3,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use super::compile::{effective_rules, format_ms, Index};
+use super::compile::{effective_rules, format_ms, EffRule, Index};
 use super::parse::parse_port_proto;
 use super::{
-    format_ports, proto_name, Compiled, DirDevice, Directory, Policy, Pos, Selector, Service,
+    format_ports, proto_name, Compiled, DirDevice, Directory, Policy, Pos, RuleMode, Selector,
+    Service, View,
 };
 use crate::filter::{PortRange, Proto};
 use crate::wire::DeviceId;
@@ -23,6 +24,45 @@ pub struct Explanation {
     pub devices: Vec<DeviceExplanation>,
     /// Things that are not per device (`alice has no devices`).
     pub notes: Vec<String>,
+    /// The candidate view's verdict, when the policy has shadow rules.
+    pub candidate: Option<CandidateVerdict>,
+}
+
+/// What the policy's candidate view (see [`super::RuleMode`]) would decide for the same
+/// question: evaluated by peers on live traffic, never enforced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CandidateVerdict {
+    /// True if at least one source device could reach at least one destination device.
+    pub allowed: bool,
+    /// The candidate rules that would allow it (name, line; grants have no line).
+    pub allowed_by: Vec<(String, Option<Pos>)>,
+    /// Enforced rules that allow it today and are `shadow_remove` (absent from the
+    /// candidate).
+    pub removed: Vec<(String, Option<Pos>)>,
+}
+
+impl fmt::Display for CandidateVerdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let refs = |v: &[(String, Option<Pos>)]| {
+            v.iter()
+                .map(|(n, p)| rule_ref(n, *p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if self.allowed {
+            write!(f, "shadow: would allow (by {})", refs(&self.allowed_by))
+        } else if self.removed.is_empty() {
+            write!(f, "shadow: would deny (no candidate rule allows it)")
+        } else {
+            let one = self.removed.len() == 1;
+            write!(
+                f,
+                "shadow: would deny ({} {} removed in the candidate)",
+                refs(&self.removed),
+                if one { "is" } else { "are" }
+            )
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +96,9 @@ impl fmt::Display for Explanation {
             self.target,
             if self.allowed { "allowed" } else { "denied" }
         )?;
+        if let Some(c) = &self.candidate {
+            writeln!(f, "  {c}")?;
+        }
         for n in &self.notes {
             writeln!(f, "  {n}")?;
         }
@@ -199,7 +242,10 @@ pub fn explain(
         Some((pr, port)) => format!("{name_part}:{port}/{}", proto_name(pr)),
         None => format!("{name_part} (any port)"),
     };
-    let rules = effective_rules(p, d);
+    let all = effective_rules(p, d);
+    let view_rules =
+        |view: View| -> Vec<&EffRule<'_>> { all.iter().filter(|r| r.mode.in_view(view)).collect() };
+    let rules = view_rules(View::Enforced);
     let mut devices = Vec::new();
     for &si in &src_devs {
         for &di in &dst_devs {
@@ -217,6 +263,34 @@ pub fn explain(
         }
     }
     let allowed = devices.iter().any(|x| x.allowed);
+    let candidate = p.has_shadow().then(|| {
+        let rules = view_rules(View::Candidate);
+        let mut allowed_by: Vec<(String, Option<Pos>)> = Vec::new();
+        for &si in &src_devs {
+            for &di in &dst_devs {
+                let (s, t) = (&d.devices[si], &d.devices[di]);
+                let e = explain_pair(p, &ix, &rules, s, t, only_service, want, now_ms);
+                allowed_by.extend(e.allowed_by);
+            }
+        }
+        allowed_by.sort();
+        allowed_by.dedup();
+        let mut removed: Vec<(String, Option<Pos>)> = devices
+            .iter()
+            .flat_map(|x| x.allowed_by.iter().cloned())
+            .filter(|(name, pos)| {
+                all.iter()
+                    .any(|r| r.mode == RuleMode::ShadowRemove && r.name == *name && r.pos == *pos)
+            })
+            .collect();
+        removed.sort();
+        removed.dedup();
+        CandidateVerdict {
+            allowed: !allowed_by.is_empty(),
+            allowed_by,
+            removed,
+        }
+    });
     Ok(Explanation {
         src: src.to_string(),
         dst: dst.to_string(),
@@ -224,6 +298,7 @@ pub fn explain(
         allowed,
         devices,
         notes,
+        candidate,
     })
 }
 
@@ -231,7 +306,7 @@ pub fn explain(
 fn explain_pair(
     p: &Policy,
     ix: &Index<'_>,
-    rules: &[super::compile::EffRule<'_>],
+    rules: &[&EffRule<'_>],
     s: &DirDevice,
     t: &DirDevice,
     only_service: Option<&Service>,

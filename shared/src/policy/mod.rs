@@ -12,6 +12,10 @@
 //! - [`compile`] turns a policy plus the [`Directory`] (users, live devices, just-in-time grants)
 //!   into per-device access: peers, inbound filter rules and the reach list.
 //! - [`run_tests`] checks the policy's `[[tests]]`; a policy is applicable only if all pass.
+//! - Shadow rules ([`RuleMode`]): a rule marked `shadow = true` is a candidate, compiled into
+//!   [`DeviceAccess::shadow_inbound`] only (never enforced); `shadow_remove = true` keeps a rule
+//!   enforced but drops it from the candidate view. Peers evaluate the candidate view on live
+//!   traffic and report would-allow / would-deny in their flow records.
 //! - [`explain`] says why a source may or may not reach a destination; [`diff`] says what access
 //!   changes between two compilations.
 //!
@@ -33,7 +37,9 @@ use crate::filter::{FilterRule, PortRange, Proto};
 use crate::wire::{DeviceId, Reach};
 
 pub use compile::{compile, requirements_by_device, run_tests, TestOutcome};
-pub use explain::{diff, explain, AccessChange, ChangeKind, DeviceExplanation, Explanation, Miss};
+pub use explain::{
+    diff, explain, AccessChange, CandidateVerdict, ChangeKind, DeviceExplanation, Explanation, Miss,
+};
 pub use parse::parse;
 
 /// Largest policy file accepted.
@@ -244,6 +250,57 @@ pub struct Rule {
     pub posture: Vec<Located<String>>,
     /// Coordinator time (ms) from which the rule no longer applies.
     pub expires_ms: Option<i64>,
+    /// Enforced, a candidate only (`shadow = true`), or enforced but left out of the candidate
+    /// view (`shadow_remove = true`).
+    pub mode: RuleMode,
+}
+
+/// How a rule takes part in the two views of a policy: the enforced view (what the filters
+/// enforce, what `[[tests]]` judge) and the candidate view (enforced rules without the
+/// `shadow_remove` ones, plus the `shadow` ones; grants count in both). Peers evaluate the
+/// candidate view on live traffic without enforcing it and report would-allow / would-deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum RuleMode {
+    /// In both views.
+    #[default]
+    Enforced,
+    /// `shadow = true`: only in the candidate view; never enforced, never puts a peer in a
+    /// netmap.
+    Shadow,
+    /// `shadow_remove = true`: enforced, but absent from the candidate view.
+    ShadowRemove,
+}
+
+impl RuleMode {
+    /// Whether a rule of this mode is in `view`.
+    pub fn in_view(self, view: View) -> bool {
+        match (self, view) {
+            (RuleMode::Enforced, _) => true,
+            (RuleMode::Shadow, View::Enforced) | (RuleMode::ShadowRemove, View::Candidate) => false,
+            (RuleMode::Shadow, View::Candidate) | (RuleMode::ShadowRemove, View::Enforced) => true,
+        }
+    }
+}
+
+/// Which view of a policy to compile or explain (see [`RuleMode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum View {
+    Enforced,
+    Candidate,
+}
+
+impl Policy {
+    /// Whether the policy has a candidate view that differs from the enforced one: some rule
+    /// is `shadow` or `shadow_remove`.
+    pub fn has_shadow(&self) -> bool {
+        self.rules.iter().any(|r| r.mode != RuleMode::Enforced)
+    }
+
+    /// How many rules are `shadow` and how many `shadow_remove`.
+    pub fn shadow_counts(&self) -> (usize, usize) {
+        let n = |m: RuleMode| self.rules.iter().filter(|r| r.mode == m).count();
+        (n(RuleMode::Shadow), n(RuleMode::ShadowRemove))
+    }
 }
 
 /// A named posture requirement (`[posture.NAME]`). Parsed and validated here; evaluated by
@@ -446,6 +503,9 @@ pub struct DeviceAccess {
     pub inbound: Vec<FilterRule>,
     /// What it may open elsewhere (sorted, deduplicated).
     pub reach: Vec<Reach>,
+    /// Who may open what on it in the policy's candidate view (sorted, deduplicated); `None`
+    /// when the policy has no `shadow` or `shadow_remove` rule. Evaluated, never enforced.
+    pub shadow_inbound: Option<Vec<FilterRule>>,
 }
 
 /// References to users, tags and devices that the directory does not know: not errors (they may

@@ -7,8 +7,8 @@ use toml::Spanned;
 
 use super::{
     FileRequirement, Group, Located, OsRequirement, Policy, PolicyError, PolicyTest, Pos, Posture,
-    Rule, Selector, Service, ServicePorts, Target, TestSource, Trust, VersionOp, MAX_ITEMS,
-    MAX_NESTING, MAX_POLICY_BYTES,
+    Rule, RuleMode, Selector, Service, ServicePorts, Target, TestSource, Trust, VersionOp,
+    MAX_ITEMS, MAX_NESTING, MAX_POLICY_BYTES,
 };
 use crate::filter::{PortRange, Proto};
 use crate::names::{Hostname, Name};
@@ -157,6 +157,10 @@ struct RawRule {
     #[serde(default)]
     posture: Vec<Spanned<String>>,
     expires: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    shadow: Option<Spanned<bool>>,
+    #[serde(default)]
+    shadow_remove: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -498,6 +502,20 @@ impl Cx<'_> {
                 Some(parse_rfc3339_ms(&text).map_err(|m| self.err(v.span().start, m))?)
             }
         };
+        let on = |b: &Option<Spanned<bool>>| b.as_ref().is_some_and(|x| *x.get_ref());
+        let mode = match (on(&raw.shadow), on(&raw.shadow_remove)) {
+            (false, false) => RuleMode::Enforced,
+            (true, false) => RuleMode::Shadow,
+            (false, true) => RuleMode::ShadowRemove,
+            (true, true) => {
+                return Err(self.err(
+                    start,
+                    format!(
+                        "rule {name:?} is both `shadow` (a candidate, not enforced) and `shadow_remove` (enforced, dropped from the candidate): set one"
+                    ),
+                ))
+            }
+        };
         Ok(Rule {
             name,
             pos,
@@ -505,6 +523,7 @@ impl Cx<'_> {
             to,
             posture,
             expires_ms,
+            mode,
         })
     }
 

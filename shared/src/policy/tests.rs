@@ -1167,3 +1167,194 @@ fn example_file_is_valid_with_and_without_its_commented_sections() {
     assert_eq!(p.trust.scan_denied_flows, Some(20));
     assert_eq!(p.trust.risky_lease_ttl_ms, Some(120_000));
 }
+
+/// `src` with every `[[rules]]` entry named `rI` and given its mode (0: enforced, 1: `shadow`,
+/// 2: `shadow_remove`); entries whose mode is in `drop` are left out and no attribute is
+/// written when `plain`.
+fn with_modes(src: &str, modes: &[u8], drop: u8, plain: bool) -> String {
+    let mut parts = src.split("[[rules]]\n");
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for (i, body) in parts.enumerate() {
+        let mode = modes.get(i).copied().unwrap_or(0);
+        if mode == drop {
+            continue;
+        }
+        out.push_str(&format!("[[rules]]\nname = \"r{i}\"\n{body}"));
+        match (plain, mode) {
+            (false, 1) => out.push_str("shadow = true\n"),
+            (false, 2) => out.push_str("shadow_remove = true\n"),
+            _ => {}
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Shadow rules never change the enforced compilation (peers, inbound filter, reach list
+    /// are those of the policy without the `shadow` rules), and the candidate filter is the
+    /// inbound filter of the policy without the `shadow_remove` rules and with the `shadow`
+    /// ones enforced.
+    #[test]
+    fn shadow_rules_never_change_the_enforced_compilation(
+        (src, d) in world(),
+        modes in proptest::collection::vec(0u8..3, 5),
+    ) {
+        let watched = parse(with_modes(&src, &modes, u8::MAX, false).as_bytes(), "p.toml").unwrap();
+        let enforced = parse(with_modes(&src, &modes, 1, true).as_bytes(), "p.toml").unwrap();
+        let candidate = parse(with_modes(&src, &modes, 2, true).as_bytes(), "p.toml").unwrap();
+        let cw = compile(&watched, &d, NOW);
+        let ce = compile(&enforced, &d, NOW);
+        let cc = compile(&candidate, &d, NOW);
+        prop_assert_eq!(cw.devices.len(), ce.devices.len());
+        for (id, acc) in &cw.devices {
+            let e = &ce.devices[id];
+            prop_assert_eq!(&acc.peers, &e.peers);
+            prop_assert_eq!(&acc.inbound, &e.inbound);
+            prop_assert_eq!(&acc.reach, &e.reach);
+            prop_assert_eq!(e.shadow_inbound.as_ref(), None);
+            if watched.has_shadow() {
+                prop_assert_eq!(acc.shadow_inbound.as_ref(), Some(&cc.devices[id].inbound));
+            } else {
+                prop_assert_eq!(acc.shadow_inbound.as_ref(), None);
+            }
+        }
+    }
+}
+
+const SHADOWED: &str = r#"
+[services.web]
+devices = ["device:web1"]
+ports = ["tcp/80", "tcp/443"]
+
+[services.web-tls]
+devices = ["device:web1"]
+ports = ["tcp/443"]
+
+[[rules]]
+name = "web-wide"
+from = ["alice"]
+to = ["web"]
+shadow_remove = true
+
+[[rules]]
+name = "web-narrow"
+from = ["alice"]
+to = ["web-tls"]
+shadow = true
+
+[[tests]]
+from = "alice"
+allow = ["web:80", "web:443"]
+"#;
+
+#[test]
+fn shadow_attributes_parse_and_both_at_once_is_an_error() {
+    let p = parse(SHADOWED.as_bytes(), "policy.toml").unwrap();
+    assert_eq!(p.rules[0].mode, RuleMode::ShadowRemove);
+    assert_eq!(p.rules[1].mode, RuleMode::Shadow);
+    assert!(p.has_shadow());
+    assert_eq!(p.shadow_counts(), (1, 1));
+    let plain = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    assert!(!plain.has_shadow());
+    assert!(plain.rules.iter().all(|r| r.mode == RuleMode::Enforced));
+    // `false` is the same as absent.
+    let off = SHADOWED.replace("shadow = true", "shadow = false");
+    assert_eq!(
+        parse(off.as_bytes(), "p.toml").unwrap().rules[1].mode,
+        RuleMode::Enforced
+    );
+    let both = SHADOWED.replace("shadow = true", "shadow = true\nshadow_remove = true");
+    let e = err(&both);
+    assert!(
+        e.contains("rule \"web-narrow\" is both `shadow`") && e.contains("set one"),
+        "{e}"
+    );
+    assert!(e.starts_with("policy.toml:16:1:"), "{e}");
+    let e = err(&SHADOWED.replace("shadow = true", "shadow = \"yes\""));
+    assert!(e.contains("policy.toml:"), "{e}");
+}
+
+#[test]
+fn shadow_rules_are_compiled_beside_never_into_the_enforced_filter() {
+    let p = parse(SHADOWED.as_bytes(), "policy.toml").unwrap();
+    let c = compile(&p, &directory(), NOW);
+    let web1 = access(&c, 5);
+    let enforced: Vec<&str> = web1.inbound.iter().map(|r| r.rule.as_str()).collect();
+    assert_eq!(enforced, vec!["web-wide"]);
+    let shadow = web1.shadow_inbound.as_ref().unwrap();
+    let names: Vec<(&str, Vec<PortRange>)> = shadow
+        .iter()
+        .map(|r| (r.rule.as_str(), r.ports.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![("web-narrow", vec![PortRange { lo: 443, hi: 443 }])]
+    );
+    // Every live device carries a candidate filter (possibly empty) when the policy has one.
+    assert_eq!(access(&c, 1).shadow_inbound, Some(vec![]));
+    // A shadow rule alone puts no peer in a netmap and no entry in a reach list.
+    let only = SHADOWED.replace("shadow_remove = true\n", "shadow = true\n");
+    let p = parse(only.as_bytes(), "policy.toml").unwrap();
+    let c = compile(&p, &directory(), NOW);
+    assert!(access(&c, 1).peers.is_empty() && access(&c, 1).reach.is_empty());
+    assert!(access(&c, 5).inbound.is_empty());
+    assert_eq!(access(&c, 5).shadow_inbound.as_ref().map(Vec::len), Some(2));
+    // Tests judge the enforced view: alice may not reach web (the shadow rules do not count).
+    let outcomes = run_tests(&p, &directory(), NOW);
+    assert!(outcomes.iter().all(|o| !o.allowed), "{outcomes:#?}");
+}
+
+#[test]
+fn explain_adds_the_candidate_verdict_when_there_are_shadow_rules() {
+    let p = parse(SHADOWED.as_bytes(), "policy.toml").unwrap();
+    let d = directory();
+    let e = explain(&p, &d, "alice-laptop", "web1:80", NOW).unwrap();
+    assert!(e.allowed);
+    let c = e.candidate.clone().unwrap();
+    assert!(!c.allowed);
+    let text = e.to_string();
+    assert!(
+        text.contains(
+            "shadow: would deny (rule \"web-wide\" (line 10) is removed in the candidate)"
+        ),
+        "{text}"
+    );
+    let e = explain(&p, &d, "alice-laptop", "web1:443", NOW).unwrap();
+    assert!(e.allowed);
+    let text = e.to_string();
+    assert!(
+        text.contains("shadow: would allow (by rule \"web-narrow\" (line 16))"),
+        "{text}"
+    );
+    let e = explain(&p, &d, "bob-laptop", "web1:443", NOW).unwrap();
+    assert!(!e.allowed);
+    assert!(e
+        .to_string()
+        .contains("shadow: would deny (no candidate rule allows it)"));
+    // Without shadow rules, no candidate line.
+    let plain = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let e = explain(&plain, &d, "alice-laptop", "web1:443", NOW).unwrap();
+    assert_eq!(e.candidate, None);
+    assert!(!e.to_string().contains("shadow:"));
+}
+
+/// The shadow-rules example in docs/policy.md parses, and its explain output is what the
+/// document shows.
+#[test]
+fn documented_shadow_example_is_valid() {
+    let doc = include_str!("../../../docs/policy.md");
+    let start = doc.find("```toml\n# Narrowing").unwrap() + 8;
+    let end = start + doc[start..].find("```").unwrap();
+    let src = format!("[groups]\neng = [\"alice\"]\n{}", &doc[start..end]);
+    let p = parse(src.as_bytes(), "policy.toml").unwrap();
+    assert_eq!(p.shadow_counts(), (1, 1));
+    let mut d = directory();
+    d.devices[4].tags = vec!["web".into()];
+    let e = explain(&p, &d, "alice", "web:80", NOW).unwrap().to_string();
+    // Two lines of header in this test shift the document's line numbers by two.
+    let shown = "shadow: would deny (rule \"web-wide\" (line 12) is removed in the candidate)";
+    assert!(e.contains(shown), "{e}");
+    assert!(doc.contains(&shown.replace("line 12", "line 10")));
+}

@@ -363,6 +363,7 @@ impl World {
                 self.emit(i, &out);
             }
             Event::SetFilter(rules) => self.devs[i].core.set_filter(rules),
+            Event::SetShadowFilter(rules) => self.devs[i].core.set_shadow_filter(rules),
             Event::SetClockOffset(o) => self.devs[i].core.set_clock_offset_ms(o),
             Event::SwitchKey { key, .. } => {
                 // Invariant: a device never switches before every peer that has it configured

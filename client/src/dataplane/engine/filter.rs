@@ -77,6 +77,10 @@ impl SharedFilter {
         self.lock().filter.set_rules(rules);
     }
 
+    pub(super) fn set_shadow_rules(&self, rules: Option<Vec<FilterRule>>) {
+        self.lock().filter.set_shadow_rules(rules);
+    }
+
     pub(super) fn take_denied(&self) -> Vec<ward_shared::wire::DeniedFlow> {
         self.lock().filter.take_denied()
     }

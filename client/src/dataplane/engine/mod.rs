@@ -356,6 +356,13 @@ impl Core {
         self.filter.set_rules(rules);
     }
 
+    /// Replaces the candidate rules (the policy's shadow view; `None`: none). They never let a
+    /// packet through; each new flow from a peer is judged against them once and the
+    /// would-verdict rides in its flow records.
+    pub fn set_shadow_filter(&self, rules: Option<Vec<FilterRule>>) {
+        self.filter.set_shadow_rules(rules);
+    }
+
     /// Records coordinator time minus local wall-clock time; see [`Core::clock_offset_ms`].
     pub fn set_clock_offset_ms(&self, offset: i64) {
         self.clock_offset_ms.store(offset, Ordering::Relaxed);

@@ -10,7 +10,7 @@ use rusqlite::{params, OptionalExtension};
 use std::net::IpAddr;
 
 use ward_shared::filter::Proto;
-use ward_shared::flows::{DenyCause, FlowRecord, FlowReport, FlowVerdict, Role};
+use ward_shared::flows::{DenyCause, FlowRecord, FlowReport, FlowVerdict, Role, ShadowVerdict};
 
 use super::*;
 
@@ -157,6 +157,10 @@ fn report_digest(report: &FlowReport) -> Vec<u8> {
     sha2::Sha256::digest(&bytes).to_vec()
 }
 
+/// A stored row's id, window end, packets and bytes out and in, connections and candidate
+/// verdict (`''`: none).
+type StoredCounts = (i64, i64, i64, i64, i64, i64, i64, String);
+
 /// Adds one record to its key's row in the window, or inserts the row.
 fn merge_record(
     tx: &rusqlite::Transaction<'_>,
@@ -176,9 +180,10 @@ fn merge_record(
     let tags: Vec<String> = r.peer_tags.iter().map(|t| printable(t)).collect();
     let tags = serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into());
     let policy_version = r.policy_version.map(sql_count);
-    let existing: Option<(i64, i64, i64, i64, i64, i64, i64)> = tx
+    let existing: Option<StoredCounts> = tx
         .query_row(
-            "SELECT id, window_end_ms, packets_out, bytes_out, packets_in, bytes_in, connections
+            "SELECT id, window_end_ms, packets_out, bytes_out, packets_in, bytes_in, connections,
+                 shadow
              FROM flows WHERE reporter = ?1 AND window_start_ms = ?2 AND peer_addr = ?3
              AND role = ?4 AND proto = ?5 AND port = ?6 AND verdict = ?7 AND rule = ?8
              AND reason = ?9",
@@ -202,17 +207,25 @@ fn merge_record(
                     x.get(4)?,
                     x.get(5)?,
                     x.get(6)?,
+                    x.get(7)?,
                 ))
             },
         )
         .optional()?;
     let add = |a: i64, b: u64| a.saturating_add(sql_count(b)).max(0);
     match existing {
-        Some((id, end, po, bo, pi, bi, c)) => {
+        Some((id, end, po, bo, pi, bi, c, had)) => {
+            // An unreadable stored verdict counts as none: the new one decides.
+            let had: Option<ShadowVerdict> = (!had.is_empty())
+                .then(|| serde_json::from_value(serde_json::Value::String(had)).ok())
+                .flatten();
+            let shadow = ShadowVerdict::merge(had, r.shadow)
+                .map(|v| name_of(&v))
+                .unwrap_or_default();
             tx.execute(
                 "UPDATE flows SET window_end_ms = ?2, peer_id = ?3, peer_user = ?4, peer_tags = ?5,
                      policy_version = ?6, packets_out = ?7, bytes_out = ?8, packets_in = ?9,
-                     bytes_in = ?10, connections = ?11
+                     bytes_in = ?10, connections = ?11, shadow = ?12
                  WHERE id = ?1",
                 params![
                     id,
@@ -226,6 +239,7 @@ fn merge_record(
                     add(pi, r.packets_in),
                     add(bi, r.bytes_in),
                     add(c, r.connections),
+                    shadow,
                 ],
             )?;
         }
@@ -233,9 +247,10 @@ fn merge_record(
             tx.execute(
                 "INSERT INTO flows(reporter, window_start_ms, window_end_ms, peer_id, peer_addr,
                      role, proto, port, verdict, rule, reason, peer_user, peer_tags,
-                     policy_version, packets_out, bytes_out, packets_in, bytes_in, connections)
+                     policy_version, packets_out, bytes_out, packets_in, bytes_in, connections,
+                     shadow)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19)",
+                     ?17, ?18, ?19, ?20)",
                 params![
                     dev,
                     start_ms,
@@ -256,6 +271,7 @@ fn merge_record(
                     sql_count(r.packets_in),
                     sql_count(r.bytes_in),
                     sql_count(r.connections),
+                    r.shadow.map(|v| name_of(&v)).unwrap_or_default(),
                 ],
             )?;
         }
@@ -265,7 +281,7 @@ fn merge_record(
 
 const FLOW_COLUMNS: &str = "id, reporter, window_start_ms, window_end_ms, peer_id, peer_addr, \
      role, proto, port, verdict, rule, reason, peer_user, peer_tags, policy_version, \
-     packets_out, bytes_out, packets_in, bytes_in, connections";
+     packets_out, bytes_out, packets_in, bytes_in, connections, shadow";
 
 pub(super) fn flows(s: &SqliteStore, q: &FlowQuery) -> Result<Vec<FlowRow>> {
     let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
@@ -336,6 +352,12 @@ fn flow_row(r: &rusqlite::Row<'_>) -> Result<FlowRow> {
     };
     let tags: String = r.get(13)?;
     let policy_version: Option<i64> = r.get(14)?;
+    let shadow: String = r.get(20)?;
+    let shadow: Option<ShadowVerdict> = if shadow.is_empty() {
+        None
+    } else {
+        Some(parse_name("shadow", id, &shadow)?)
+    };
     Ok(FlowRow {
         reporter: DeviceId(
             u64::try_from(reporter).map_err(|e| corrupt("flows", "reporter", id, e))?,
@@ -359,6 +381,7 @@ fn flow_row(r: &rusqlite::Row<'_>) -> Result<FlowRow> {
             packets_in: count(17)?,
             bytes_in: count(18)?,
             connections: count(19)?,
+            shadow,
         },
     })
 }

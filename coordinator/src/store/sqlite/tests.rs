@@ -797,7 +797,9 @@ mod flow_records {
     use super::*;
     use crate::store::{FlowQuery, FlowsStored};
     use ward_shared::filter::Proto;
-    use ward_shared::flows::{DenyCause, FlowRecord, FlowReport, FlowVerdict, FlowWindow, Role};
+    use ward_shared::flows::{
+        DenyCause, FlowRecord, FlowReport, FlowVerdict, FlowWindow, Role, ShadowVerdict,
+    };
 
     const W: i64 = 60_000;
     const NOW: i64 = 100 * W;
@@ -820,6 +822,7 @@ mod flow_records {
             packets_in: 1,
             bytes_in: bytes,
             connections: 1,
+            shadow: None,
         }
     }
 
@@ -874,6 +877,36 @@ mod flow_records {
         assert_eq!(mine.len(), 1);
         assert_eq!(mine[0].record.bytes_out, 100, "never counted twice");
         assert_eq!(mine[0].record, rec(5432, 100));
+    }
+
+    /// The candidate verdict is stored and read back; records of one key merge their
+    /// verdicts (a would-deny wins, none keeps what was there).
+    #[test]
+    fn shadow_verdicts_are_stored_and_merged() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let mut allow = rec(80, 10);
+        allow.shadow = Some(ShadowVerdict::WouldAllow);
+        let mut deny = rec(80, 10);
+        deny.shadow = Some(ShadowVerdict::WouldDeny);
+        let mut other = rec(443, 10);
+        other.shadow = Some(ShadowVerdict::WouldAllow);
+        let r = report(1, NOW - W, vec![allow.clone(), other.clone(), rec(22, 1)]);
+        s.store_flows(DeviceId(1), &r, 0, NOW).unwrap();
+        let by_port = |s: &SqliteStore, p: u16| {
+            all(s)
+                .into_iter()
+                .find(|r| r.record.port == p)
+                .map(|r| r.record.shadow)
+        };
+        assert_eq!(by_port(&s, 80), Some(Some(ShadowVerdict::WouldAllow)));
+        assert_eq!(by_port(&s, 22), Some(None));
+        let r = report(2, NOW - W, vec![deny, rec(443, 10)]);
+        s.store_flows(DeviceId(1), &r, 0, NOW).unwrap();
+        assert_eq!(by_port(&s, 80), Some(Some(ShadowVerdict::WouldDeny)));
+        assert_eq!(by_port(&s, 443), Some(Some(ShadowVerdict::WouldAllow)));
+        let rows = all(&s);
+        let row = rows.iter().find(|r| r.record.port == 80).unwrap();
+        assert_eq!(row.record.bytes_out, 20, "one row, counts merged");
     }
 
     #[test]
