@@ -7,7 +7,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 
 use ward_shared::flows::FlowVerdict;
-use ward_shared::policy::{self, Policy};
+use ward_shared::policy::{self, Policy, View};
 use ward_shared::wire::DeviceId;
 
 use super::api::{MaturityEntryView, MaturityHistoryView, MaturityView};
@@ -179,13 +179,19 @@ pub fn evidence(store: &dyn Store, live: &dyn Live, snap: &Snapshot, now: i64) -
     // Rules, tests and the compiled access.
     let mut expiring_rules = BTreeSet::new();
     if let Some(p) = &policy {
-        e.rules = p.rules.len() as u64;
+        // Shadow rules are candidates, not access: only the enforced view is assessed.
+        let enforced: Vec<_> = p
+            .rules
+            .iter()
+            .filter(|r| r.mode.in_view(View::Enforced))
+            .collect();
+        e.rules = enforced.len() as u64;
         let tested: BTreeSet<&str> = p
             .tests
             .iter()
             .flat_map(|t| t.allow.iter().map(|a| a.value.service.as_str()))
             .collect();
-        for r in &p.rules {
+        for r in &enforced {
             let scoped = r.to.iter().all(|s| {
                 p.services.get(&s.value).is_some_and(|svc| {
                     width(&svc.ports.tcp) <= SCOPED_PORTS && width(&svc.ports.udp) <= SCOPED_PORTS
@@ -268,6 +274,7 @@ pub fn evidence(store: &dyn Store, live: &dyn Live, snap: &Snapshot, now: i64) -
         e.oldest_unused_rule_ms = p
             .rules
             .iter()
+            .filter(|r| r.mode.in_view(View::Enforced))
             .filter(|r| !used.contains(r.name.as_str()))
             .filter_map(|r| since.get(&r.name).map(|t| now.saturating_sub(*t)))
             .max();
