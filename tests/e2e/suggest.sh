@@ -4,7 +4,9 @@
 # bob's grant to web's ssh is never used) makes `policy suggest` propose expiring the unused
 # grant, narrowing the range to the used port and a rule for the repeated denials; `--write`
 # yields a candidate that `policy check` accepts with its generated tests passing; `policy
-# replay` of it denies nothing that was used; a dismissed suggestion leaves the list.
+# replay` of it denies nothing that was used; a dismissed suggestion leaves the list; `--write
+# --shadow` yields a candidate whose narrowing peers watch on live traffic (would-allow on the
+# used port, would-deny on another port of the old range) while enforcement is unchanged.
 # Windows are 5 s (WARD_FLOW_WINDOW) so records reach the coordinator quickly. The lab's
 # evidence spans one day, so the script uses `--min-days 1` (the default is 2).
 # Needs root; prints `N passed, N failed`.
@@ -132,5 +134,23 @@ check "…and is listed as dismissed by suggestions ls" test "$(get ls '[(s["sta
 check "audit verify" lab_coord audit verify
 AUD=$(lab_coord audit --json --limit 20 | python3 -c 'import json,sys; print(any(a["action"] == "suggestion.dismiss" for a in json.load(sys.stdin)))')
 check "the dismissal is in the audit log" test "$AUD" = True
+
+say "--write --shadow: the narrowing watched on live traffic before it is enforced"
+lab_coord policy suggest --since 1h --min-days 1 --write "$LAB_DIR/shadow.toml" --shadow >/dev/null
+check "the shadow candidate keeps eng-app enforced and watched for removal" grep -q '^shadow_remove = true' "$LAB_DIR/shadow.toml"
+check "the shadow candidate adds the narrowed rule as a candidate" grep -q '^shadow = true' "$LAB_DIR/shadow.toml"
+check "policy check accepts the shadow candidate" lab_coord policy check "$LAB_DIR/shadow.toml"
+check "the shadow candidate is applied" lab_coord policy apply "$LAB_DIR/shadow.toml"
+# alice keeps using tcp/8080 (inside the narrowed candidate) and now also opens tcp/8090: still
+# in the enforced range, outside the candidate. Both keep passing the filter.
+shadow_round() {
+    lab_exec alice python3 "$T" tcp "$WEB4" 8080 20000 >/dev/null 2>&1
+    lab_exec alice timeout 2 nc -z -w 1 "$WEB4" 8090 >/dev/null 2>&1
+    settled "$1"
+}
+check "alice's tcp/8080 records say would-allow, her tcp/8090 records would-deny" \
+    lab_wait_for -t 60 -i 1 shadow_round \
+    'any(f.get("shadow") == "would-allow" for f in flows("alice", 8080)) and any(f.get("shadow") == "would-deny" and f["verdict"] == "allowed" for f in flows("alice", 8090))'
+check "alice's tcp/8080 still works under the shadow candidate" lab_exec alice python3 "$T" tcp "$WEB4" 8080 20000
 
 finish
