@@ -326,6 +326,7 @@ mod tests {
             packets_in: if role == Role::Initiator { 0 } else { 3 },
             bytes_in: if role == Role::Initiator { 0 } else { 180 },
             connections: 3,
+            shadow: None,
         }
     }
 

@@ -137,6 +137,7 @@ fn pair(p: P) -> Pair {
         rule: p.allowed.map(Into::into),
         reason: p.allowed.is_none().then_some(DenyCause::NoRule),
         policy_version: Some(1),
+        shadow: None,
         status: p.status,
         initiator_user: None,
         initiator_tags: vec![],
