@@ -5,8 +5,10 @@
 # (one port, posture on every rule, an expiring rule, tests, automatic quarantine and scan
 # detection, 2 min leases, single-use 10 min tokens) carry the same workload. `maturity --json`
 # scores the tight one strictly higher in every pillar, with the evidence behind it; applying
-# tests/e2e/policies/maturity-tight.toml to the permissive one raises its score, and
-# `maturity history --json` records the rise (hash chain verified); an edited history row makes
+# the changes `policy suggest --write` proposes from the permissive one's flows (the every-port
+# service narrowed to the port in use, suggestions accepted) raises its score, applying
+# tests/e2e/policies/maturity-tight.toml raises it again, and `maturity history --json` records
+# each rise (hash chain verified); an edited history row makes
 # `maturity history` fail. Needs root; prints
 # `N passed, N failed`.
 set -uo pipefail
@@ -143,7 +145,28 @@ EXPLAIN=$(pc maturity --explain)
 check "maturity --explain names the step: scope the rule to ports" grep -q "next: 1 of 1 rules allow whole hosts or wide port ranges: scope them to ports" <<<"$EXPLAIN"
 check "maturity lists out-of-scope functions (data, applications)" grep -q "data / \*" <<<"$EXPLAIN"
 
-say "tightening the permissive deployment raises its score, and the history shows it"
+say "applying the suggested changes to the permissive deployment raises its score"
+cp "$LAB_DIR/p.json" "$LAB_DIR/p-before.json"
+pc policy suggest --since 1h --min-days 1 --json >"$LAB_DIR/sug.json"
+pc policy suggest --since 1h --min-days 1 | sed 's/^/    /'
+sug() { python3 -c 'import json, sys; v = json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"v": v, "S": [s["suggestion"] for s in v["suggestions"]]}))' "$LAB_DIR/sug.json" "$1"; }
+check "policy suggest narrows the every-port service to alice's tcp/5432" \
+    test "$(sug '[(s["change"]["service"], s["change"]["ports"]) for s in S if s["kind"] == "narrow" and s["change"]["change"] == "narrow_ports"]')" = "[('all', [{'proto': 'tcp', 'port': 5432}])]"
+pc policy suggest --since 1h --min-days 1 --write "$LAB_DIR/suggested.toml" >/dev/null
+check "policy check accepts the written candidate" pc policy check "$LAB_DIR/suggested.toml"
+for id in $(sug '" ".join(s["id"] for s in S if s["confidence"] != "low" and s["kind"] != "investigate")'); do
+    check "suggestion $id accepted" pc policy suggestions accept "$id" --since 1h --min-days 1
+done
+check "the suggested policy applies to the permissive deployment" pc policy apply "$LAB_DIR/suggested.toml"
+for _ in 1 2 3; do reach palice "$P_DB"; done
+p_suggested() { pj && python3 "$M" ev "$LAB_DIR/p.json" 'e["rules_port_scoped"] == e["rules"] and e["accepted_suggestions"] >= 1'; }
+check "the evidence follows: every rule port-scoped, the accepted suggestions counted" lab_wait_for -t 30 -i 1 p_suggested
+python3 "$M" table "$LAB_DIR/p-before.json" "$LAB_DIR/p.json" | sed 's/permissive/before/; s/tight/after/'
+check "its live score rose: none lower, at least one pillar higher" python3 "$M" rose "$LAB_DIR/p-before.json" "$LAB_DIR/p.json"
+pc maturity history --json >"$LAB_DIR/hist.json"
+check "maturity history --json: verified, the suggested policy's entry higher than the one before" python3 "$M" history-rose "$LAB_DIR/hist.json"
+
+say "tightening it further (posture, expiry, tests, automatic reactions) raises it again"
 cp "$LAB_DIR/p.json" "$LAB_DIR/p-before.json"
 check "the tightened policy applies to the permissive deployment" pc policy apply "$POLICIES/maturity-tight.toml"
 for _ in 1 2 3; do reach palice "$P_DB"; done
