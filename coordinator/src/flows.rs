@@ -162,6 +162,12 @@ enum End {
     Addr(IpAddr),
 }
 
+/// Whether only one end reported the records of a span.
+fn one_end_only(span: &[&FlowRow]) -> bool {
+    span.windows(2)
+        .all(|w| w[0].record.role == w[1].record.role)
+}
+
 /// Pairs the records (any order) into spans, sorted by start time then key.
 pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
     let mut by_key: BTreeMap<Key, Vec<&FlowRow>> = BTreeMap::new();
@@ -205,16 +211,26 @@ pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
             }
         }
         // Packets in flight at a window boundary are counted in one window by the sender and
-        // in the next by the receiver: a span that disagrees is judged together with the
-        // span right after it when that makes the two agree.
+        // in the next by the receiver: a span that disagrees, or that only one end reported,
+        // or that is followed by a span only one end reported (a last ACK that arrived after
+        // the boundary), is judged together with the span right after it when that makes the
+        // two agree.
         let mut spans = spans.into_iter().peekable();
         while let Some((start, mut end, mut span)) = spans.next() {
             let mut p = judge(&key, &span, start, end, tol, now_ms);
-            while p.status == PairStatus::Mismatch {
+            loop {
                 let Some((next_start, next_end, next)) = spans.peek() else {
                     break;
                 };
                 if *next_start > end {
+                    break;
+                }
+                let worth = match p.status {
+                    PairStatus::Mismatch | PairStatus::Pending | PairStatus::OneSided => true,
+                    PairStatus::Paired => one_end_only(next),
+                    PairStatus::Denied => false,
+                };
+                if !worth {
                     break;
                 }
                 let mut both = span.clone();
@@ -762,6 +778,42 @@ mod tests {
         assert_eq!(p.len(), 2, "{p:#?}");
         assert_eq!(p[0].status, PairStatus::Mismatch);
         assert_eq!(p[1].status, PairStatus::Paired);
+    }
+
+    #[test]
+    fn a_last_packet_after_the_boundary_joins_the_span_before_it() {
+        // Both ends agree on the first window; B counted A's last packet in its next window,
+        // which A never reported: one flow, paired, not a pending or one-sided span.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (31, 42_040), (0, 0))),
+            row(B, 0, W, rec(Role::Responder, A, (0, 0), (30, 42_000))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (1, 40))),
+        ];
+        for now in [W + W / 2, 10 * W] {
+            let p = pair(&rows, &Tolerance::default(), now);
+            assert_eq!(p.len(), 1, "{p:#?}");
+            assert_eq!(p[0].status, PairStatus::Paired);
+            assert_eq!((p[0].start_ms, p[0].end_ms), (0, 2 * W));
+        }
+        // A's first packet went out just before a boundary, B counted it after it.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (1, 40), (0, 0))),
+            row(A, W, 2 * W, rec(Role::Initiator, B, (30, 42_000), (0, 0))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (31, 42_040))),
+        ];
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!(p[0].status, PairStatus::Paired);
+        // A window one end never reported, with more than boundary traffic, stays one-sided.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (30, 42_000), (0, 0))),
+            row(B, 0, W, rec(Role::Responder, A, (0, 0), (30, 42_000))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (500, 700_000))),
+        ];
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert_eq!(p[0].status, PairStatus::Paired);
+        assert_eq!(p[1].status, PairStatus::OneSided);
     }
 
     #[test]
