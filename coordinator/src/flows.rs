@@ -218,10 +218,7 @@ pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
         let mut spans = spans.into_iter().peekable();
         while let Some((start, mut end, mut span)) = spans.next() {
             let mut p = judge(&key, &span, start, end, tol, now_ms);
-            loop {
-                let Some((next_start, next_end, next)) = spans.peek() else {
-                    break;
-                };
+            while let Some((next_start, next_end, next)) = spans.peek() {
                 if *next_start > end {
                     break;
                 }
