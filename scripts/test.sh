@@ -22,6 +22,13 @@ if [[ $EUID -ne 0 ]]; then
     echo "SKIPPED: tests/e2e/*.sh need root (network namespaces, TUN); they were NOT run"
     exit 0
 fi
+# The identity tests drive a real OpenID provider (tests/oidc, npm package oidc-provider).
+if command -v npm >/dev/null; then
+    echo "== npm ci in tests/oidc (the test OpenID provider)"
+    (cd tests/oidc && npm ci --no-audit --no-fund)
+else
+    echo "NOTE: npm is not installed: tests/oidc (the test OpenID provider) was NOT installed; the identity tests that need it will fail"
+fi
 pass=0
 failed=()
 for t in tests/lab/selftest.sh tests/e2e/*.sh; do
