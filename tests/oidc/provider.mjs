@@ -60,6 +60,14 @@ function readBody(req, limit = 64 * 1024) {
   });
 }
 
+function readJson(file, what) {
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (err) {
+    return die(`${what} ${file}: ${err.message}`);
+  }
+}
+
 function splitHostPort(s, what) {
   const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(s || '');
   if (!m) die(`${what}: expected HOST:PORT, got ${JSON.stringify(s)}`);
@@ -125,7 +133,7 @@ const ttl = (k) => {
   return n;
 };
 
-const jwks = JSON.parse(fs.readFileSync(cfg.jwks, 'utf8'));
+const jwks = readJson(cfg.jwks, '--jwks');
 if (!Array.isArray(jwks.keys) || jwks.keys.length === 0) die(`${cfg.jwks}: no keys`);
 const signingJwk = jwks.keys[0];
 const signingAlg = signingJwk.alg || (signingJwk.kty === 'EC' ? 'ES256' : 'RS256');
@@ -134,9 +142,11 @@ const rpCa = cfg['rp-ca-file'] ? fs.readFileSync(cfg['rp-ca-file']) : undefined;
 // ---------------------------------------------------------------------------------------------
 // Users
 
-const usersList = JSON.parse(fs.readFileSync(cfg.users, 'utf8'));
+const usersList = readJson(cfg.users, '--users');
 const users = new Map();
-for (const u of Array.isArray(usersList) ? usersList : usersList.users) {
+const usersArray = Array.isArray(usersList) ? usersList : usersList?.users;
+if (!Array.isArray(usersArray)) die(`${cfg.users}: expected a JSON list of users or {"users": [...]}`);
+for (const u of usersArray) {
   const sub = u.sub || u.id;
   if (!sub || !u.username || typeof u.password !== 'string') die(`${cfg.users}: every user needs sub (or id), username, password`);
   users.set(sub, {

@@ -280,6 +280,15 @@ class Provider:
             self.proc.kill()
 
 
+def admin_cli(prov, *args):
+    """admin.py, as the e2e scripts call it. Returns (exit status, stdout + stderr)."""
+    p = subprocess.run(
+        [sys.executable, os.path.join(HERE, "admin.py"), "--url", prov.admin, *args],
+        capture_output=True, text=True, timeout=30, env=dict(os.environ, OIDC_ADMIN_TOKEN=ADMIN_TOKEN),
+    )
+    return p.returncode, p.stdout + p.stderr
+
+
 def run_login(rp, args, ca):
     p = subprocess.run(
         [sys.executable, os.path.join(HERE, "login.py"), *args, "--ca-file", ca],
@@ -356,6 +365,10 @@ def body(tmp, ca, issuer, port, admin_port, sink, prov, jwks1):
     # --- admin API is guarded
     st, _ = prov.api("GET", "/admin/users", token="wrong")
     check("admin API refuses a wrong bearer token (401)", st == 401, st)
+    rc, out = admin_cli(prov, "wait", "--timeout", "5")
+    rc2, out2 = admin_cli(prov, "disable", "u-nobody")
+    check("admin.py: wait succeeds; an unknown user exits 1 with the reason",
+          rc == 0 and rc2 == 1 and "no user with sub u-nobody" in out2, (out, out2))
 
     # --- device flow: pending, wrong password, MFA login, token
     st, da = rp.device_start(nonce="nonce-device-1")
@@ -427,7 +440,8 @@ def body(tmp, ca, issuer, port, admin_port, sink, prov, jwks1):
     check("sign-in without --mfa: amr is [\"pwd\"]", ok and c.get("amr") == ["pwd"], (tok, info))
     login2 = tok or {}
     rt = login2.get("refresh_token", "")
-    st, _ = prov.api("PUT", "/admin/users/u-alice/groups", {"groups": ["eng", "admins"]})
+    rc, out = admin_cli(prov, "groups", "u-alice", "eng", "admins")
+    st = 200 if rc == 0 else rc
     st2, r = rp.refresh(rt)
     ok, c = rp.id_token_ok(r.get("id_token", ""))
     check("admin set groups: next refresh's ID token has the new groups",
@@ -436,7 +450,8 @@ def body(tmp, ca, issuer, port, admin_port, sink, prov, jwks1):
     st, ui = rp.userinfo(at)
     check("userinfo shows the new groups", st == 200 and ui.get("groups") == ["eng", "admins"], ui)
 
-    st, _ = prov.api("POST", "/admin/users/u-alice/disable")
+    rc, out = admin_cli(prov, "disable", "u-alice")
+    st = 200 if rc == 0 and '"active":false' in out else out
     st2, r = rp.refresh(rt)
     check("disabled user: refresh gets invalid_grant", st == 200 and st2 == 400 and r.get("error") == "invalid_grant", r)
     st, ui = rp.userinfo(at)
