@@ -15,6 +15,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
+import net from 'node:net';
 import { parseArgs } from 'node:util';
 
 import { Provider, errors as oidcErrors } from 'oidc-provider';
@@ -126,6 +127,22 @@ if (issuerUrl.protocol !== 'https:') die('--issuer must be an https:// URL');
 const listen = cfg.listen ? splitHostPort(cfg.listen, '--listen')
   : { host: issuerUrl.hostname.replace(/^\[|\]$/g, ''), port: Number(issuerUrl.port || 443) };
 const adminListen = splitHostPort(cfg['admin-listen'], '--admin-listen');
+// A test provider: bind only loopback or private (lab namespace) addresses, never a wildcard or
+// a public address.
+function privateAddress(host) {
+  if (net.isIPv4(host)) {
+    const [a, b] = host.split('.').map(Number);
+    return a === 127 || a === 10 || (a === 172 && b >= 16 && b < 32) || (a === 192 && b === 168);
+  }
+  if (net.isIPv6(host)) {
+    const h = host.toLowerCase();
+    return h === '::1' || /^f[cd][0-9a-f]{0,2}:/.test(h);
+  }
+  return host === 'localhost';
+}
+for (const [what, l] of [['--listen', listen], ['--admin-listen', adminListen]]) {
+  if (!privateAddress(l.host)) die(`${what} ${l.host}: bind loopback or a private lab address only`);
+}
 if (!['always', 'never'].includes(cfg['rt-rotation'])) die('--rt-rotation must be always or never');
 const ttl = (k) => {
   const n = Number(cfg[k]);
