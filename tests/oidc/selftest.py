@@ -38,6 +38,7 @@ CLIENT_SECRET = secrets.token_urlsafe(24)
 ADMIN_TOKEN = secrets.token_urlsafe(24)
 SCIM_TOKEN = secrets.token_urlsafe(24)
 MFA_CODE = "135790"
+ALG = os.environ.get("OIDC_SELFTEST_ALG", "RS256")  # signing algorithm of the generated keys
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
 LOGIN_ID_TOKENS = []  # ID tokens of every device-flow login in this run
@@ -325,7 +326,7 @@ def main():
     subprocess.run([os.path.join(HERE, "mkcert.sh"), tmp, "127.0.0.1"], check=True)
     ca = os.path.join(tmp, "ca.pem")
     jwks1 = os.path.join(tmp, "jwks1.json")
-    subprocess.run(["node", os.path.join(HERE, "genjwks.mjs"), jwks1],
+    subprocess.run(["node", os.path.join(HERE, "genjwks.mjs"), jwks1, "--alg", ALG],
                    check=True, capture_output=True)
     users = [
         {"sub": "u-alice", "username": "alice", "password": "alice-pw", "email": "alice@example.test",
@@ -396,7 +397,8 @@ def body(tmp, ca, issuer, port, admin_port, sink, prov, jwks1):
         time.sleep(0.2)
     LOGIN_ID_TOKENS.append(tok.get("id_token"))
     ok, c = rp.id_token_ok(tok.get("id_token", ""))
-    check("device token response: ID token verifies (signature, iss, aud, exp)", ok, tok)
+    check(f"device token response: ID token verifies (signature, iss, aud, exp; {ALG})",
+          ok and jwt_parts(tok["id_token"])[0].get("alg") == ALG, tok)
     check("ID token carries email, preferred_username, groups, auth_time, sid",
           c.get("email") == "alice@example.test" and c.get("preferred_username") == "alice"
           and c.get("groups") == ["eng"] and isinstance(c.get("auth_time"), int) and c.get("sid"), c)
@@ -589,7 +591,7 @@ def body(tmp, ca, issuer, port, admin_port, sink, prov, jwks1):
 
     # --- key rotation: restart with a JWKS whose new key comes first
     jwks2 = os.path.join(tmp, "jwks2.json")
-    subprocess.run(["node", os.path.join(HERE, "genjwks.mjs"), jwks2, "--prepend-to", jwks1],
+    subprocess.run(["node", os.path.join(HERE, "genjwks.mjs"), jwks2, "--prepend-to", jwks1, "--alg", ALG],
                    check=True, capture_output=True)
     old_kid = rp.jwks["keys"][0]["kid"]
     prov.stop()
