@@ -56,7 +56,7 @@ done
 lab_init
 say "scripts/package.sh builds three packages"
 T1=$(now_ms)
-mapfile -t DEBS < <("$REPO/scripts/package.sh" --bin-dir "$(dirname "$(lab_ward_bin ward)")" --out "$LAB_DIR/debs")
+mapfile -t DEBS < <("$REPO/scripts/package.sh" --fast --bin-dir "$(dirname "$(lab_ward_bin ward)")" --out "$LAB_DIR/debs")
 echo "  built in $(($(now_ms) - T1)) ms: $(cd "$LAB_DIR/debs" && ls)"
 check "three .deb files" test "${#DEBS[@]}" = 3
 deb_of() { printf '%s\n' "${DEBS[@]}" | grep "/${1}_[^/]*\.deb$"; }

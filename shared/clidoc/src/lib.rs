@@ -82,19 +82,20 @@ pub fn parse(args: &[OsString]) -> Result<Option<Ask>, Error> {
 }
 
 /// Answers `ask` for the program `cmd`, writing to `out` (completions, or the one page).
+/// The text is rendered in memory first (clap_complete panics on a failed write), so a write
+/// error, such as a closed pipe, is returned.
 pub fn answer(mut cmd: Command, ask: &Ask, out: &mut dyn Write) -> Result<(), Error> {
+    let mut text = Vec::new();
     match ask {
         Ask::Completions(shell) => {
             let name = cmd.get_name().to_string();
-            clap_complete::generate(*shell, &mut cmd, name, out);
-            Ok(())
+            clap_complete::generate(*shell, &mut cmd, name, &mut text);
         }
-        Ask::Man(None) => {
-            clap_mangen::Man::new(cmd).render(out)?;
-            Ok(())
-        }
-        Ask::Man(Some(dir)) => write_man_pages(cmd, dir),
+        Ask::Man(None) => clap_mangen::Man::new(cmd).render(&mut text)?,
+        Ask::Man(Some(dir)) => return write_man_pages(cmd, dir),
     }
+    out.write_all(&text)?;
+    Ok(())
 }
 
 /// Writes one page per command and visible subcommand into `dir` (created if missing).
@@ -118,6 +119,8 @@ pub fn run_if_asked(cmd: impl FnOnce() -> Command) {
     let mut out = stdout.lock();
     match answer(cmd(), &ask, &mut out).and_then(|()| out.flush().map_err(Error::Io)) {
         Ok(()) => std::process::exit(0),
+        // The reader stopped reading (`| head`): nothing left to say.
+        Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => exit_with(&e),
     }
 }
@@ -196,6 +199,27 @@ mod tests {
             let text = String::from_utf8(out).unwrap();
             assert!(text.contains("status"), "{shell}: {text}");
             assert!(text.contains("json"), "{shell}: {text}");
+        }
+    }
+
+    /// A writer that fails like a closed pipe.
+    struct Closed;
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_write_is_an_error_not_a_panic() {
+        for ask in [Ask::Completions(Shell::Bash), Ask::Man(None)] {
+            match answer(sample(), &ask, &mut Closed) {
+                Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe),
+                other => panic!("{ask:?}: {other:?}"),
+            }
         }
     }
 
