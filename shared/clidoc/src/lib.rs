@@ -89,13 +89,32 @@ pub fn answer(mut cmd: Command, ask: &Ask, out: &mut dyn Write) -> Result<(), Er
     match ask {
         Ask::Completions(shell) => {
             let name = cmd.get_name().to_string();
-            clap_complete::generate(*shell, &mut cmd, name, &mut text);
+            clap_complete::generate(*shell, &mut cmd, name.clone(), &mut text);
+            if *shell == Shell::Bash {
+                text = fix_bash_labels(&name, &text);
+            }
         }
         Ask::Man(None) => clap_mangen::Man::new(cmd).render(&mut text)?,
         Ask::Man(Some(dir)) => return write_man_pages(cmd, dir),
     }
     out.write_all(&text)?;
     Ok(())
+}
+
+/// clap_complete's bash script for a program whose name has a `-` (`ward-coordinator`) sets
+/// `cmd="ward__coordinator__subcmd__device"` but labels that case
+/// `ward__subcmd__coordinator__subcmd__device)`, so nothing after the first subcommand
+/// completes. The labels are renamed to what `cmd` is set to.
+fn fix_bash_labels(name: &str, script: &[u8]) -> Vec<u8> {
+    const SEP: &str = "__subcmd__";
+    if !name.contains('-') {
+        return script.to_vec();
+    }
+    let wrong = format!("{}{SEP}", name.replace('-', SEP));
+    let right = format!("{}{SEP}", name.replace('-', "__"));
+    String::from_utf8_lossy(script)
+        .replace(&wrong, &right)
+        .into_bytes()
 }
 
 /// Writes one page per command and visible subcommand into `dir` (created if missing).
@@ -199,6 +218,39 @@ mod tests {
             let text = String::from_utf8(out).unwrap();
             assert!(text.contains("status"), "{shell}: {text}");
             assert!(text.contains("json"), "{shell}: {text}");
+        }
+    }
+
+    /// Every `cmd="NAME"` the bash script sets has its `NAME)` case, for a program whose
+    /// name has a `-` too: otherwise nested subcommands and their flags do not complete.
+    #[test]
+    fn bash_completion_cases_match_the_commands_they_select() {
+        for name in ["demo", "demo-tool"] {
+            let cmd =
+                sample().name(name).subcommand(
+                    Command::new("device").subcommand(
+                        Command::new("ls")
+                            .arg(Arg::new("json").long("json").action(ArgAction::SetTrue)),
+                    ),
+                );
+            let mut out = Vec::new();
+            answer(cmd, &Ask::Completions(Shell::Bash), &mut out).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            let labels: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter_map(|l| l.strip_suffix(')'))
+                .collect();
+            let selected: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("cmd=\""))
+                .filter_map(|l| l.strip_suffix('"'))
+                .filter(|c| !c.is_empty())
+                .collect();
+            assert!(selected.len() >= 4, "{name}: {selected:?}");
+            for c in selected {
+                assert!(labels.contains(&c), "{name}: no case for {c}\n{text}");
+            }
         }
     }
 
