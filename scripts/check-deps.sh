@@ -37,6 +37,12 @@ for forbidden in ward-client ward-coordinator; do
     grep -qx "$forbidden" <<<"$relay_deps" && bad "ward-relay depends on $forbidden"
 done
 
+clidoc_deps="$(deps_of ward-clidoc)"
+[[ -n "$clidoc_deps" ]] || bad "cargo tree printed nothing for ward-clidoc"
+for forbidden in tokio ward-shared ward-runtime ward-client ward-coordinator ward-relay; do
+    grep -qx "$forbidden" <<<"$clidoc_deps" && bad "ward-clidoc depends on $forbidden"
+done
+
 # I/O-free cores: every file here must exist (a renamed core must be renamed here too).
 cores=(
     shared/src

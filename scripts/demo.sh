@@ -6,9 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $EUID -ne 0 ]]; then echo "the demo needs root (network namespaces and TUN devices): sudo $0"; exit 1; fi
-for t in ip iptables nft ping nc python3 iperf3; do
-    command -v "$t" >/dev/null || { echo "missing $t: apt-get install -y iproute2 iptables nftables iputils-ping netcat-openbsd python3 iperf3"; exit 1; }
-done
+# The system packages it needs (scripts/packages.txt): only the missing ones, apt untouched
+# when none is.
+./scripts/install-deps.sh
 step() { printf '\n\033[1m▶ %s\033[0m\n' "$*"; }
 run() { printf '  $ %s\n' "$*"; }
 

@@ -4,6 +4,12 @@
 # Usage: sudo ./scripts/test.sh     (without root the namespace tests are reported SKIPPED)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== system packages (scripts/packages.txt)"
+if [[ $EUID -eq 0 ]]; then
+    ./scripts/install-deps.sh # only the missing ones; apt untouched when none is
+elif ! missing=$(./scripts/install-deps.sh --check); then
+    echo "missing (the tests that need them will fail): $(echo $missing); sudo ./scripts/install-deps.sh"
+fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== dependency rules (ARCHITECTURE.md)"

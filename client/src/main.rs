@@ -161,6 +161,8 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 fn main() {
+    // `completions SHELL` and `man [DIR]` (hidden): generated from this clap definition.
+    ward_clidoc::run_if_asked(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     let mode = match cli.cmd {
         Cmd::Daemon { .. } => ward_runtime::Mode::Service,

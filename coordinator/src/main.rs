@@ -457,6 +457,8 @@ enum AuditCmd {
 }
 
 fn main() {
+    // `completions SHELL` and `man [DIR]` (hidden): generated from this clap definition.
+    ward_clidoc::run_if_asked(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     let mode = match cli.cmd {
         Cmd::Serve { .. } => ward_runtime::Mode::Service,

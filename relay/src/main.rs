@@ -72,6 +72,8 @@ struct Serve {
 const DEFAULT_PORT: u16 = 3478;
 
 fn main() {
+    // `completions SHELL` and `man [DIR]` (hidden): generated from this clap definition.
+    ward_clidoc::run_if_asked(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     ward_runtime::main("info", ward_runtime::Mode::Service, run(cli))
 }
