@@ -32,6 +32,7 @@ use ward_shared::wire::{
 };
 
 use crate::model::{Device, User};
+use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, Label};
 use crate::trust::{Change, ReportError, TrustBook};
 
 /// How often reports are re-judged for age and overdue failures (ms).
@@ -126,6 +127,8 @@ pub enum Output {
         device: DeviceId,
         reason: String,
     },
+    /// The behaviour detector raised an anomaly (store it, audit it).
+    Anomaly(Box<crate::behaviour::Anomaly>),
     /// The device lost its access (revoked, its user disabled): relays must refuse its tickets
     /// and drop its connections.
     DeviceRevoked {
@@ -198,6 +201,11 @@ pub struct Registry {
     /// Per device, the posture requirements that rules applying to it name.
     needed: BTreeMap<DeviceId, BTreeSet<String>>,
     punch_counters: PunchCounters,
+    /// Per-device behaviour baselines, anomalies and risk.
+    behaviour: Detector,
+    /// Devices whose behaviour risk is above 0 (re-judged every second as it decays).
+    risk_live: BTreeSet<DeviceId>,
+    risk_tick_ms: i64,
 }
 
 impl Registry {
@@ -245,6 +253,9 @@ impl Registry {
             verdict_dirty: BTreeSet::new(),
             needed: BTreeMap::new(),
             punch_counters: PunchCounters::default(),
+            behaviour: Detector::new(BehaviourConfig::default()),
+            risk_live: BTreeSet::new(),
+            risk_tick_ms: now_ms,
         }
     }
 
@@ -259,6 +270,9 @@ impl Registry {
 
     /// A new policy was applied: every device is judged against its requirements.
     pub fn handle_policy(&mut self, policy: Policy) {
+        self.behaviour
+            .set_learning_ms(policy.trust.behaviour_learning_ms as i64);
+        self.behaviour.set_threshold(policy.trust.risk_threshold);
         self.policy = Some(policy);
         self.dirty = true;
         self.refresh_needed();
@@ -297,7 +311,9 @@ impl Registry {
     /// accusation; the trust book quarantines on several independent reporters, never one.
     pub fn handle_denied_flows(&mut self, reporter: DeviceId, flows: &[DeniedFlow], now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
-        let Some(p) = &self.policy else { return };
+        let Some(trust) = self.policy.as_ref().map(|p| p.trust.clone()) else {
+            return;
+        };
         let by_addr: BTreeMap<IpAddr, DeviceId> = self
             .devices
             .values()
@@ -326,15 +342,151 @@ impl Registry {
                 .devices
                 .get(&src)
                 .is_some_and(|d| d.quarantine.is_some());
-            if let Some(reason) =
+            let Some(reason) =
                 self.trust
-                    .handle_denied(src, reporter, v, &p.trust, quarantined, self.now_ms)
-            {
-                self.outputs.push_back(Output::Quarantine {
-                    device: src,
-                    reason,
-                });
+                    .handle_denied(src, reporter, v, &trust, quarantined, self.now_ms)
+            else {
+                continue;
+            };
+            // The corroborated scan is also one of the behaviour detectors: its risk counts
+            // against `max_risk` like any other anomaly.
+            let a = self.behaviour.handle_denied_burst(src, &reason, self.now_ms);
+            self.outputs.push_back(Output::Anomaly(Box::new(a)));
+            self.outputs.push_back(Output::Quarantine {
+                device: src,
+                reason,
+            });
+            self.refresh_risk(src);
+        }
+    }
+
+    /// A stored flow report from `reporter`: each window feeds the reporter's own baseline and
+    /// can raise only the reporter's own risk (see [`crate::behaviour`]).
+    pub fn handle_flows(
+        &mut self,
+        reporter: DeviceId,
+        report: &ward_shared::flows::FlowReport,
+        now_ms: i64,
+    ) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.devices.contains_key(&reporter) {
+            return;
+        }
+        let names: BTreeMap<IpAddr, String> = self
+            .devices
+            .values()
+            .flat_map(|d| {
+                let h = d.hostname.to_string();
+                [(IpAddr::V4(d.ipv4), h.clone()), (IpAddr::V6(d.ipv6), h)]
+            })
+            .collect();
+        let name = |_: Option<DeviceId>, a: IpAddr| names.get(&a).cloned().unwrap_or(a.to_string());
+        for w in &report.windows {
+            if let Some(a) = self.behaviour.handle_window(
+                reporter,
+                w.start_ms,
+                w.end_ms,
+                &w.records,
+                &name,
+                self.now_ms,
+            ) {
+                self.outputs.push_back(Output::Anomaly(Box::new(a)));
             }
+        }
+        self.refresh_risk(reporter);
+    }
+
+    /// An admin's label on an anomaly: `expected` teaches the baseline and drops its risk,
+    /// `malicious` keeps it (and quarantines under `quarantine_malicious`).
+    pub fn handle_anomaly_ack(&mut self, id: u64, label: Label) -> Result<Anomaly, AckError> {
+        let a = self.behaviour.acknowledge(id, label)?;
+        self.refresh_risk(a.device);
+        let quarantine = self.policy.as_ref().is_some_and(|p| p.trust.quarantine_malicious);
+        let quarantined = self
+            .devices
+            .get(&a.device)
+            .is_some_and(|d| d.quarantine.is_some());
+        if label == Label::Malicious && quarantine && !quarantined {
+            self.outputs.push_back(Output::Quarantine {
+                device: a.device,
+                reason: format!("anomaly {} acknowledged as malicious: {}", a.id, a.reason),
+            });
+        }
+        Ok(a)
+    }
+
+    /// Anomalies (of one device, or all) raised at or after `since_ms`.
+    pub fn anomalies(&self, device: Option<DeviceId>, since_ms: i64) -> Vec<Anomaly> {
+        self.behaviour.anomalies(device, since_ms)
+    }
+
+    /// The device's behaviour risk (0–100) and why.
+    pub fn risk(&self, id: DeviceId) -> (u8, String) {
+        let (r, why) = self.trust.risk(id);
+        (r, why.to_string())
+    }
+
+    pub fn behaviour_labels(&self) -> crate::behaviour::Labels {
+        self.behaviour.labels()
+    }
+
+    /// Every device's baseline snapshot (to store).
+    pub fn behaviour_snapshots(&self) -> Vec<(DeviceId, String)> {
+        self.behaviour
+            .devices()
+            .into_iter()
+            .filter_map(|id| Some((id, self.behaviour.snapshot(id)?)))
+            .collect()
+    }
+
+    /// Stored baselines and anomalies, after a restart. A damaged baseline is skipped (the
+    /// device learns afresh); the reasons are returned for the log.
+    pub fn restore_behaviour(
+        &mut self,
+        baselines: Vec<(DeviceId, String)>,
+        anomalies: Vec<Anomaly>,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (id, snap) in baselines {
+            if let Err(e) = self.behaviour.restore(id, &snap) {
+                errors.push(format!("baseline of {id}: {e}"));
+            }
+        }
+        let ids: BTreeSet<DeviceId> = anomalies.iter().map(|a| a.device).collect();
+        for a in anomalies {
+            self.behaviour.restore_anomaly(a);
+        }
+        for id in ids {
+            self.refresh_risk(id);
+        }
+        errors
+    }
+
+    /// Re-reads the device's risk from the detector; a change re-judges its requirements
+    /// (`max_risk`) and may quarantine (`quarantine_above_risk`).
+    fn refresh_risk(&mut self, id: DeviceId) {
+        let r = self.behaviour.risk(id, self.now_ms);
+        if r.score > 0 {
+            self.risk_live.insert(id);
+        } else {
+            self.risk_live.remove(&id);
+        }
+        if !self.trust.set_risk(id, r.score, &r.reason) {
+            return;
+        }
+        self.verdict_dirty.insert(id);
+        self.reevaluate(id);
+        let quarantined = self
+            .devices
+            .get(&id)
+            .is_some_and(|d| d.quarantine.is_some());
+        let reason = match &self.policy {
+            Some(p) => self.trust.overdue_risk(id, &p.trust, quarantined),
+            None => None,
+        };
+        if let Some(reason) = reason {
+            self.outputs
+                .push_back(Output::Quarantine { device: id, reason });
         }
     }
 
@@ -547,6 +699,14 @@ impl Registry {
                 }
             }
         }
+        if now_ms - self.risk_tick_ms >= TRUST_TICK_MS && !self.risk_live.is_empty() {
+            self.risk_tick_ms = now_ms;
+            self.now_ms = self.now_ms.max(now_ms);
+            let ids: Vec<DeviceId> = self.risk_live.iter().copied().collect();
+            for id in ids {
+                self.refresh_risk(id);
+            }
+        }
         if let Some(t) = self.compiled.next_expiry_ms {
             if now_ms >= t {
                 self.dirty = true;
@@ -580,7 +740,8 @@ impl Registry {
         let trust = self
             .trust_matters()
             .then_some(self.trust_tick_ms + TRUST_TICK_MS);
-        [self.compiled.next_expiry_ms, lease, trust]
+        let risk = (!self.risk_live.is_empty()).then_some(self.risk_tick_ms + TRUST_TICK_MS);
+        [self.compiled.next_expiry_ms, lease, trust, risk]
             .into_iter()
             .flatten()
             .min()
@@ -746,6 +907,8 @@ impl Registry {
             self.retire(id, gone);
         }
         self.trust.remove(id);
+        self.behaviour.remove(id);
+        self.risk_live.remove(&id);
         if let Some(s) = self.sessions.remove(&id) {
             self.outputs.push_back(Output::Close {
                 conn: s.conn,
