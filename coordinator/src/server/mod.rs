@@ -605,6 +605,14 @@ impl Live for LiveRegistry {
             .unwrap_or(false))
     }
 
+    fn ack_anomaly(
+        &self,
+        id: u64,
+        label: crate::behaviour::Label,
+    ) -> anyhow::Result<crate::behaviour::Anomaly> {
+        Ok(self.ask(|tx| Event::AnomalyAck(id, label, tx))??)
+    }
+
     fn notify(&self, n: Notice) {
         let ev = match n {
             Notice::Device(d) => Event::Upserted(d),
