@@ -176,7 +176,11 @@ enum AnomalyCmd {
     /// quarantine_malicious`).
     Ack {
         id: u64,
-        #[arg(long, conflicts_with = "malicious", required_unless_present = "malicious")]
+        #[arg(
+            long,
+            conflicts_with = "malicious",
+            required_unless_present = "malicious"
+        )]
         expected: bool,
         #[arg(long)]
         malicious: bool,

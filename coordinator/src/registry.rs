@@ -31,8 +31,8 @@ use ward_shared::wire::{
     MAX_ENDPOINTS,
 };
 
-use crate::model::{Device, User};
 use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, Label};
+use crate::model::{Device, User};
 use crate::trust::{Change, ReportError, TrustBook};
 
 /// How often reports are re-judged for age and overdue failures (ms).
@@ -228,6 +228,11 @@ impl Registry {
             let extra = v.len().saturating_sub(MAX_LEASES);
             v.drain(..extra);
         }
+        let mut behaviour = Detector::new(BehaviourConfig::default());
+        if let Some(p) = &policy {
+            behaviour.set_learning_ms(p.trust.behaviour_learning_ms as i64);
+            behaviour.set_threshold(p.trust.risk_threshold);
+        }
         Self {
             leases: by_device,
             retired_keys: BTreeMap::new(),
@@ -253,7 +258,7 @@ impl Registry {
             verdict_dirty: BTreeSet::new(),
             needed: BTreeMap::new(),
             punch_counters: PunchCounters::default(),
-            behaviour: Detector::new(BehaviourConfig::default()),
+            behaviour,
             risk_live: BTreeSet::new(),
             risk_tick_ms: now_ms,
         }
@@ -350,7 +355,9 @@ impl Registry {
             };
             // The corroborated scan is also one of the behaviour detectors: its risk counts
             // against `max_risk` like any other anomaly.
-            let a = self.behaviour.handle_denied_burst(src, &reason, self.now_ms);
+            let a = self
+                .behaviour
+                .handle_denied_burst(src, &reason, self.now_ms);
             self.outputs.push_back(Output::Anomaly(Box::new(a)));
             self.outputs.push_back(Output::Quarantine {
                 device: src,
@@ -401,7 +408,10 @@ impl Registry {
     pub fn handle_anomaly_ack(&mut self, id: u64, label: Label) -> Result<Anomaly, AckError> {
         let a = self.behaviour.acknowledge(id, label)?;
         self.refresh_risk(a.device);
-        let quarantine = self.policy.as_ref().is_some_and(|p| p.trust.quarantine_malicious);
+        let quarantine = self
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.trust.quarantine_malicious);
         let quarantined = self
             .devices
             .get(&a.device)
@@ -2091,6 +2101,154 @@ shadow = true
 
     fn report(dev: u64, seq: u64, at: i64, marker: bool) -> PostureReport {
         PostureReport::unknown(DeviceId(dev), seq, at).with_file("/m", marker)
+    }
+
+    /// alice (1) may reach db (2) on 5432 only while her behaviour risk is at most 40; a burst
+    /// of new destinations in her own flow report takes it away, `expected` gives it back, and
+    /// db's word about alice changes nothing.
+    #[test]
+    fn behaviour_risk_above_max_risk_narrows_access_until_acknowledged() {
+        use ward_shared::flows::{FlowRecord, FlowReport, FlowVerdict, FlowWindow, Role};
+        let t0 = 1_800_000_000_000;
+        let mut db = dev(2);
+        db.user = None;
+        db.tags = vec![Name::parse("tag", "db").unwrap()];
+        let db_addr = IpAddr::V4(db.ipv4);
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), db],
+            [],
+            Some(
+                policy::parse(
+                    br#"
+[posture.calm]
+max_risk = 40
+[services.db]
+devices = ["tag:db"]
+ports = ["tcp/5432"]
+[services.web]
+devices = ["tag:db"]
+ports = ["tcp/80"]
+[[rules]]
+name = "gated"
+from = ["alice"]
+to = ["db"]
+posture = ["calm"]
+[[rules]]
+name = "open"
+from = ["alice"]
+to = ["web"]
+[trust]
+behaviour_learning = "1s"
+"#,
+                    "t.toml",
+                )
+                .unwrap(),
+            ),
+            vec![],
+            vec![],
+            t0,
+        );
+        for (id, conn) in [(1, 10), (2, 20)] {
+            r.handle_session_opened(
+                DeviceId(id),
+                conn,
+                addr("10.0.0.1:1"),
+                DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+        r.handle_posture(DeviceId(1), 10, report(1, 1, t0, true), t0)
+            .unwrap();
+        let _ = drain(&mut r);
+        let ports = |r: &Registry| -> Vec<u16> {
+            let mut v: Vec<u16> = r.compiled().devices[&DeviceId(2)]
+                .inbound
+                .iter()
+                .flat_map(|f| f.ports.iter().map(|p| p.lo))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ports(&r), vec![80, 5432]);
+        let rec = |role: Role, peer: IpAddr, port: u16| FlowRecord {
+            role,
+            peer: None,
+            peer_addr: peer,
+            peer_user: None,
+            peer_tags: vec![],
+            proto: Proto::Tcp,
+            port,
+            verdict: FlowVerdict::Allowed,
+            rule: None,
+            policy_version: None,
+            reason: None,
+            packets_out: 10,
+            bytes_out: 1000,
+            packets_in: 10,
+            bytes_in: 1000,
+            connections: 1,
+            shadow: None,
+        };
+        let flows = |seq: u64, start: i64, records: Vec<FlowRecord>| FlowReport {
+            seq,
+            windows: vec![FlowWindow {
+                start_ms: start,
+                end_ms: start + 1000,
+                records,
+            }],
+            dropped_records: 0,
+        };
+        // Learning: alice uses db.
+        r.handle_flows(
+            DeviceId(1),
+            &flows(1, t0, vec![rec(Role::Initiator, db_addr, 5432)]),
+            t0 + 1000,
+        );
+        // db claims alice flooded it: only db's own baseline hears that.
+        let lies: Vec<FlowRecord> = (1..200)
+            .map(|p| rec(Role::Responder, IpAddr::V4(dev(1).ipv4), p))
+            .collect();
+        r.handle_flows(DeviceId(2), &flows(1, t0, vec![]), t0 + 1000);
+        r.handle_flows(DeviceId(2), &flows(2, t0 + 2000, lies), t0 + 3000);
+        assert_eq!(r.risk(DeviceId(1)).0, 0);
+        let _ = drain(&mut r);
+        assert_eq!(ports(&r), vec![80, 5432]);
+        // Watching: alice opens connections to six addresses she never used.
+        let burst: Vec<FlowRecord> = (1..=6)
+            .map(|i| rec(Role::Initiator, IpAddr::from([100, 64, 9, i]), 22))
+            .collect();
+        r.handle_flows(DeviceId(1), &flows(2, t0 + 2000, burst), t0 + 3000);
+        let out = drain(&mut r);
+        let anomaly = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Anomaly(a) => Some(a.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(anomaly.device, DeviceId(1));
+        assert_eq!(ports(&r), vec![80], "the gated rule is withdrawn");
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                conn: 10,
+                msg: CoordinatorMsg::RotateNow { .. }
+            }
+        )));
+        let why = &r.trust.failures(DeviceId(1))["calm"][0];
+        assert!(
+            why.starts_with("risk ")
+                && why.contains("is above the 40 allowed: anomaly")
+                && why.contains("first contact with"),
+            "{why}"
+        );
+        // An admin says it was expected: the risk goes, the access comes back.
+        r.handle_anomaly_ack(anomaly.id, Label::Expected).unwrap();
+        let _ = drain(&mut r);
+        assert_eq!(r.risk(DeviceId(1)).0, 0);
+        assert_eq!(ports(&r), vec![80, 5432]);
+        assert!(r.handle_anomaly_ack(anomaly.id, Label::Malicious).is_err());
     }
 
     /// alice (1) may reach db (2) on 5432 only while she has /m, and on 80 always.

@@ -327,7 +327,12 @@ impl TrustBook {
     }
 
     /// `quarantine_above_risk`: the reason to quarantine, once, when the risk is above it.
-    pub fn overdue_risk(&mut self, id: DeviceId, trust: &Trust, quarantined: bool) -> Option<String> {
+    pub fn overdue_risk(
+        &mut self,
+        id: DeviceId,
+        trust: &Trust,
+        quarantined: bool,
+    ) -> Option<String> {
         let limit = trust.quarantine_above_risk?;
         let t = self.devices.get_mut(&id)?;
         if quarantined || t.quarantine_asked || t.risk <= limit {
@@ -695,7 +700,10 @@ mod tests {
         assert_eq!(c.withdrawn, vec!["calm".to_string()]);
         assert_eq!(
             b.failures(d)["calm"],
-            vec!["risk 72 is above the 40 allowed: anomaly 3: first contact with db-7 on tcp/5432".to_string()]
+            vec![
+                "risk 72 is above the 40 allowed: anomaly 3: first contact with db-7 on tcp/5432"
+                    .to_string()
+            ]
         );
         // A requirement without max_risk is untouched; the device is risky for leases.
         assert!(b.passed(d).contains("any"));

@@ -265,7 +265,7 @@ fn the_reason_names_the_destination_and_the_volume() {
         ..Config::default()
     });
     let d = DeviceId(1);
-    let mut t = warm(&mut det, d, &[rec(Role::Initiator, 2, 443, 1_000_000, 1)]);
+    let t = warm(&mut det, d, &[rec(Role::Initiator, 2, 443, 1_000_000, 1)]);
     let a = det
         .handle_window(
             d,

@@ -27,7 +27,9 @@ pub(super) fn baselines(s: &SqliteStore) -> Result<Vec<(DeviceId, String)>> {
     s.with_tx(|tx| {
         let mut st = tx.prepare("SELECT device_id, snapshot FROM behaviour_baselines")?;
         let rows = st
-            .query_map([], |r| Ok((DeviceId(r.get::<_, i64>(0)? as u64), r.get(1)?)))?
+            .query_map([], |r| {
+                Ok((DeviceId(r.get::<_, i64>(0)? as u64), r.get(1)?))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     })
