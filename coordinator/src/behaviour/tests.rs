@@ -194,7 +194,8 @@ fn a_simulated_deployment_flags_three_attacks_and_little_else() {
     let mut delays = Vec::new();
     // Each attack starts on a weekday at 10:00 with normal traffic around it; it must take
     // the victim's risk over the threshold within the window it starts in.
-    let attacks: [(&str, Box<dyn Fn(i64, usize) -> Vec<FlowRecord>>); 3] = [
+    type Attack = Box<dyn Fn(i64, usize) -> Vec<FlowRecord>>;
+    let attacks: [(&str, Attack); 3] = [
         (
             "lateral movement (ssh to six new peers)",
             Box::new(|_t, _i| {
