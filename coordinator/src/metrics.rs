@@ -146,7 +146,7 @@ impl Inputs {
 }
 
 /// Stored anomalies counted by label (all of them: anomalies are rare and bounded per device).
-fn anomaly_labels(store: &dyn Store) -> crate::store::Result<crate::behaviour::Labels> {
+pub fn anomaly_labels(store: &dyn Store) -> crate::store::Result<crate::behaviour::Labels> {
     use crate::behaviour::{Anomaly, Label};
     let mut l = crate::behaviour::Labels::default();
     for text in store.anomalies(i64::MIN)? {
