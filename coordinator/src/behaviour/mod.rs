@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! registry drives it:
-//!   a stored flow report      -> handle_window(reporter, start, end, records, name, now) -> devices whose risk may have changed
+//!   a stored flow report      -> handle_window(reporter, start, end, records, name, now) -> Option<Anomaly> (the reporter's own)
 //!   a corroborated scan       -> handle_denied_burst(src, reason, now)   (trust.rs decides: ≥ 2 reporters, each ≤ half)
 //!   every second              -> risk(id, now)        (anomalies decay)
 //!   admin                     -> acknowledge(id, Label, now) -> the device whose risk changed
