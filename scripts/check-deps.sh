@@ -48,6 +48,7 @@ cores=(
     shared/src
     coordinator/src/registry.rs
     coordinator/src/trust.rs
+    coordinator/src/behaviour
     coordinator/src/limits.rs
     coordinator/src/tickets.rs
     coordinator/src/model.rs

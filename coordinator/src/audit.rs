@@ -40,6 +40,8 @@ pub enum Action {
     PostureFail,
     PosturePass,
     PostureRefused,
+    AnomalyRaised,
+    AnomalyAck,
     RelayAdd,
     RelayRemove,
     AuditAnchored,
@@ -54,7 +56,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 35] = [
+    pub const ALL: [Action; 37] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -83,6 +85,8 @@ impl Action {
         Action::PostureFail,
         Action::PosturePass,
         Action::PostureRefused,
+        Action::AnomalyRaised,
+        Action::AnomalyAck,
         Action::RelayAdd,
         Action::RelayRemove,
         Action::AuditAnchored,
@@ -122,6 +126,8 @@ impl Action {
             Action::LeaseRefused => "lease.refused",
             Action::PostureFail => "posture.fail",
             Action::PosturePass => "posture.pass",
+            Action::AnomalyRaised => "anomaly.raised",
+            Action::AnomalyAck => "anomaly.ack",
             Action::PostureRefused => "posture.refused",
             Action::RelayAdd => "relay.add",
             Action::RelayRemove => "relay.remove",

@@ -151,6 +151,42 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Behaviour anomalies: where a device left its learned baseline, with a score and why.
+    Anomalies {
+        /// One device's anomalies only.
+        #[arg(long)]
+        device: Option<String>,
+        /// Raised within this long (90s, 15m, 1h, 7d).
+        #[arg(long, default_value = "7d")]
+        since: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Act on one anomaly.
+    Anomaly {
+        #[command(subcommand)]
+        cmd: AnomalyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AnomalyCmd {
+    /// Label an anomaly: `--expected` teaches the device's baseline and drops the risk it
+    /// added; `--malicious` keeps the risk (and quarantines under `[trust]
+    /// quarantine_malicious`).
+    Ack {
+        id: u64,
+        #[arg(
+            long,
+            conflicts_with = "malicious",
+            required_unless_present = "malicious"
+        )]
+        expected: bool,
+        #[arg(long)]
+        malicious: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -871,6 +907,50 @@ async fn run(cli: Cli) -> Result<()> {
             println!("accepted: {}", v.message);
             println!(
                 "the audit log is anchored again; re-apply any lost changes (revocations first)"
+            );
+            Ok(())
+        }
+        Cmd::Anomalies {
+            device,
+            since,
+            json,
+        } => {
+            let req = AdminRequest::Anomalies {
+                device,
+                since_secs: admin::parse_duration(&since)?.as_secs(),
+            };
+            let v: Vec<ward_coordinator::admin::api::AnomalyView> =
+                admin::call(&sock, &req).await?;
+            if json {
+                return print_json(&v);
+            }
+            print_table(&v);
+            Ok(())
+        }
+        Cmd::Anomaly {
+            cmd:
+                AnomalyCmd::Ack {
+                    id,
+                    expected: _,
+                    malicious,
+                    json,
+                },
+        } => {
+            let label = if malicious {
+                ward_coordinator::behaviour::Label::Malicious
+            } else {
+                ward_coordinator::behaviour::Label::Expected
+            };
+            let v: ward_coordinator::admin::api::AnomalyView =
+                admin::call(&sock, &AdminRequest::AnomalyAck { id, label }).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "anomaly {} on {} acknowledged as {}",
+                v.id,
+                v.device,
+                label.as_str()
             );
             Ok(())
         }

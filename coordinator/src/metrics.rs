@@ -121,6 +121,8 @@ pub struct Inputs {
     pub posture: BTreeMap<(String, bool), u64>,
     pub admin: BTreeMap<String, u64>,
     pub refusals: BTreeMap<Action, u64>,
+    /// Behaviour anomalies raised and their admin labels (precision and recall).
+    pub anomalies: crate::behaviour::Labels,
 }
 
 impl Inputs {
@@ -131,6 +133,7 @@ impl Inputs {
             self.leases = store.active_leases(self.now_ms)?;
             self.lease_counts = store.lease_counts()?.into_values().collect();
             self.policy_version = store.current_policy()?.map(|p| p.version);
+            self.anomalies = anomaly_labels(store)?;
             self.audit = counters.audit_counts(store)?;
             Ok(())
         })();
@@ -140,6 +143,29 @@ impl Inputs {
             tracing::warn!(error = %e, "metrics: the store could not be read");
         }
     }
+}
+
+/// Stored anomalies counted by label (all of them: anomalies are rare and bounded per device).
+pub fn anomaly_labels(store: &dyn Store) -> crate::store::Result<crate::behaviour::Labels> {
+    use crate::behaviour::{Anomaly, Label};
+    let mut l = crate::behaviour::Labels::default();
+    for text in store.anomalies(i64::MIN)? {
+        let Ok(a) = serde_json::from_str::<Anomaly>(&text) else {
+            continue;
+        };
+        l.raised += 1;
+        match a.label {
+            Some(Label::Expected) => l.expected += 1,
+            Some(Label::Malicious) => {
+                l.malicious += 1;
+                if a.over_threshold {
+                    l.malicious_enforced += 1;
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(l)
 }
 
 /// Admin command names, for the `command` label (every request the admin socket parses).
@@ -230,6 +256,33 @@ pub fn render(i: &Inputs) -> String {
         "ward_coordinator_key_age_seconds",
         "Ages of current device keys (from each key's oldest active lease).",
         &HistogramSnapshot::from_values(AGE_BUCKETS, ages),
+    );
+
+    // Behaviour.
+    e.counter(
+        "ward_coordinator_anomalies_total",
+        "Behaviour anomalies raised (stored).",
+        i.anomalies.raised,
+    );
+    e.labelled(
+        "ward_coordinator_anomaly_labels",
+        Kind::Gauge,
+        "Anomalies acknowledged by an administrator, by label.",
+        "label",
+        &[
+            ("expected", i.anomalies.expected as f64),
+            ("malicious", i.anomalies.malicious as f64),
+        ],
+    );
+    e.gauge(
+        "ward_coordinator_anomaly_precision",
+        "Of the acknowledged anomalies, the share labelled malicious (0 before any label).",
+        i.anomalies.precision().unwrap_or(0.0),
+    );
+    e.gauge(
+        "ward_coordinator_anomaly_recall",
+        "Of the anomalies labelled malicious, the share that took the risk over the threshold when raised (0 before any).",
+        i.anomalies.recall().unwrap_or(0.0),
     );
 
     // Trust.
@@ -528,6 +581,7 @@ mod tests {
                         "command",
                         "kind",
                         "action",
+                        "label",
                         "le"
                     ]
                     .contains(&k.as_str()),

@@ -31,6 +31,7 @@ use ward_shared::wire::{
     MAX_ENDPOINTS,
 };
 
+use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, Label};
 use crate::model::{Device, User};
 use crate::trust::{Change, ReportError, TrustBook};
 
@@ -126,6 +127,8 @@ pub enum Output {
         device: DeviceId,
         reason: String,
     },
+    /// The behaviour detector raised an anomaly (store it, audit it).
+    Anomaly(Box<crate::behaviour::Anomaly>),
     /// The device lost its access (revoked, its user disabled): relays must refuse its tickets
     /// and drop its connections.
     DeviceRevoked {
@@ -198,6 +201,11 @@ pub struct Registry {
     /// Per device, the posture requirements that rules applying to it name.
     needed: BTreeMap<DeviceId, BTreeSet<String>>,
     punch_counters: PunchCounters,
+    /// Per-device behaviour baselines, anomalies and risk.
+    behaviour: Detector,
+    /// Devices whose behaviour risk is above 0 (re-judged every second as it decays).
+    risk_live: BTreeSet<DeviceId>,
+    risk_tick_ms: i64,
 }
 
 impl Registry {
@@ -219,6 +227,11 @@ impl Registry {
             v.sort_by_key(|l| l.lease.serial);
             let extra = v.len().saturating_sub(MAX_LEASES);
             v.drain(..extra);
+        }
+        let mut behaviour = Detector::new(BehaviourConfig::default());
+        if let Some(p) = &policy {
+            behaviour.set_learning_ms(p.trust.behaviour_learning_ms as i64);
+            behaviour.set_threshold(p.trust.risk_threshold);
         }
         Self {
             leases: by_device,
@@ -245,6 +258,9 @@ impl Registry {
             verdict_dirty: BTreeSet::new(),
             needed: BTreeMap::new(),
             punch_counters: PunchCounters::default(),
+            behaviour,
+            risk_live: BTreeSet::new(),
+            risk_tick_ms: now_ms,
         }
     }
 
@@ -259,6 +275,9 @@ impl Registry {
 
     /// A new policy was applied: every device is judged against its requirements.
     pub fn handle_policy(&mut self, policy: Policy) {
+        self.behaviour
+            .set_learning_ms(policy.trust.behaviour_learning_ms as i64);
+        self.behaviour.set_threshold(policy.trust.risk_threshold);
         self.policy = Some(policy);
         self.dirty = true;
         self.refresh_needed();
@@ -297,7 +316,9 @@ impl Registry {
     /// accusation; the trust book quarantines on several independent reporters, never one.
     pub fn handle_denied_flows(&mut self, reporter: DeviceId, flows: &[DeniedFlow], now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
-        let Some(p) = &self.policy else { return };
+        let Some(trust) = self.policy.as_ref().map(|p| p.trust.clone()) else {
+            return;
+        };
         let by_addr: BTreeMap<IpAddr, DeviceId> = self
             .devices
             .values()
@@ -326,15 +347,156 @@ impl Registry {
                 .devices
                 .get(&src)
                 .is_some_and(|d| d.quarantine.is_some());
-            if let Some(reason) =
+            let Some(reason) =
                 self.trust
-                    .handle_denied(src, reporter, v, &p.trust, quarantined, self.now_ms)
-            {
-                self.outputs.push_back(Output::Quarantine {
-                    device: src,
-                    reason,
-                });
+                    .handle_denied(src, reporter, v, &trust, quarantined, self.now_ms)
+            else {
+                continue;
+            };
+            // The corroborated scan is also one of the behaviour detectors: its risk counts
+            // against `max_risk` like any other anomaly.
+            let a = self
+                .behaviour
+                .handle_denied_burst(src, &reason, self.now_ms);
+            self.outputs.push_back(Output::Anomaly(Box::new(a)));
+            self.outputs.push_back(Output::Quarantine {
+                device: src,
+                reason,
+            });
+            self.refresh_risk(src);
+        }
+    }
+
+    /// A stored flow report from `reporter`: each window feeds the reporter's own baseline and
+    /// can raise only the reporter's own risk (see [`crate::behaviour`]).
+    pub fn handle_flows(
+        &mut self,
+        reporter: DeviceId,
+        report: &ward_shared::flows::FlowReport,
+        now_ms: i64,
+    ) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.devices.contains_key(&reporter) {
+            return;
+        }
+        let names: BTreeMap<IpAddr, String> = self
+            .devices
+            .values()
+            .flat_map(|d| {
+                let h = d.hostname.to_string();
+                [(IpAddr::V4(d.ipv4), h.clone()), (IpAddr::V6(d.ipv6), h)]
+            })
+            .collect();
+        let name = |_: Option<DeviceId>, a: IpAddr| names.get(&a).cloned().unwrap_or(a.to_string());
+        for w in &report.windows {
+            if let Some(a) = self.behaviour.handle_window(
+                reporter,
+                w.start_ms,
+                w.end_ms,
+                &w.records,
+                &name,
+                self.now_ms,
+            ) {
+                self.outputs.push_back(Output::Anomaly(Box::new(a)));
             }
+        }
+        self.refresh_risk(reporter);
+    }
+
+    /// An admin's label on an anomaly: `expected` teaches the baseline and drops its risk,
+    /// `malicious` keeps it (and quarantines under `quarantine_malicious`).
+    pub fn handle_anomaly_ack(&mut self, id: u64, label: Label) -> Result<Anomaly, AckError> {
+        let a = self.behaviour.acknowledge(id, label)?;
+        self.refresh_risk(a.device);
+        let quarantine = self
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.trust.quarantine_malicious);
+        let quarantined = self
+            .devices
+            .get(&a.device)
+            .is_some_and(|d| d.quarantine.is_some());
+        if label == Label::Malicious && quarantine && !quarantined {
+            self.outputs.push_back(Output::Quarantine {
+                device: a.device,
+                reason: format!("anomaly {} acknowledged as malicious: {}", a.id, a.reason),
+            });
+        }
+        Ok(a)
+    }
+
+    /// Anomalies (of one device, or all) raised at or after `since_ms`.
+    pub fn anomalies(&self, device: Option<DeviceId>, since_ms: i64) -> Vec<Anomaly> {
+        self.behaviour.anomalies(device, since_ms)
+    }
+
+    /// The device's behaviour risk (0–100) and why.
+    pub fn risk(&self, id: DeviceId) -> (u8, String) {
+        let (r, why) = self.trust.risk(id);
+        (r, why.to_string())
+    }
+
+    pub fn behaviour_labels(&self) -> crate::behaviour::Labels {
+        self.behaviour.labels()
+    }
+
+    /// Every device's baseline snapshot (to store).
+    pub fn behaviour_snapshots(&self) -> Vec<(DeviceId, String)> {
+        self.behaviour
+            .devices()
+            .into_iter()
+            .filter_map(|id| Some((id, self.behaviour.snapshot(id)?)))
+            .collect()
+    }
+
+    /// Stored baselines and anomalies, after a restart. A damaged baseline is skipped (the
+    /// device learns afresh); the reasons are returned for the log.
+    pub fn restore_behaviour(
+        &mut self,
+        baselines: Vec<(DeviceId, String)>,
+        anomalies: Vec<Anomaly>,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (id, snap) in baselines {
+            if let Err(e) = self.behaviour.restore(id, &snap) {
+                errors.push(format!("baseline of {id}: {e}"));
+            }
+        }
+        let ids: BTreeSet<DeviceId> = anomalies.iter().map(|a| a.device).collect();
+        for a in anomalies {
+            self.behaviour.restore_anomaly(a);
+        }
+        for id in ids {
+            self.refresh_risk(id);
+        }
+        errors
+    }
+
+    /// Re-reads the device's risk from the detector; a change re-judges its requirements
+    /// (`max_risk`) and may quarantine (`quarantine_above_risk`).
+    fn refresh_risk(&mut self, id: DeviceId) {
+        let r = self.behaviour.risk(id, self.now_ms);
+        if r.score > 0 {
+            self.risk_live.insert(id);
+        } else {
+            self.risk_live.remove(&id);
+        }
+        if !self.trust.set_risk(id, r.score, &r.reason) {
+            return;
+        }
+        self.verdict_dirty.insert(id);
+        self.reevaluate(id);
+        let quarantined = self
+            .devices
+            .get(&id)
+            .is_some_and(|d| d.quarantine.is_some());
+        let reason = match &self.policy {
+            Some(p) => self.trust.overdue_risk(id, &p.trust, quarantined),
+            None => None,
+        };
+        if let Some(reason) = reason {
+            self.outputs
+                .push_back(Output::Quarantine { device: id, reason });
         }
     }
 
@@ -547,6 +709,14 @@ impl Registry {
                 }
             }
         }
+        if now_ms - self.risk_tick_ms >= TRUST_TICK_MS && !self.risk_live.is_empty() {
+            self.risk_tick_ms = now_ms;
+            self.now_ms = self.now_ms.max(now_ms);
+            let ids: Vec<DeviceId> = self.risk_live.iter().copied().collect();
+            for id in ids {
+                self.refresh_risk(id);
+            }
+        }
         if let Some(t) = self.compiled.next_expiry_ms {
             if now_ms >= t {
                 self.dirty = true;
@@ -580,7 +750,8 @@ impl Registry {
         let trust = self
             .trust_matters()
             .then_some(self.trust_tick_ms + TRUST_TICK_MS);
-        [self.compiled.next_expiry_ms, lease, trust]
+        let risk = (!self.risk_live.is_empty()).then_some(self.risk_tick_ms + TRUST_TICK_MS);
+        [self.compiled.next_expiry_ms, lease, trust, risk]
             .into_iter()
             .flatten()
             .min()
@@ -746,6 +917,8 @@ impl Registry {
             self.retire(id, gone);
         }
         self.trust.remove(id);
+        self.behaviour.remove(id);
+        self.risk_live.remove(&id);
         if let Some(s) = self.sessions.remove(&id) {
             self.outputs.push_back(Output::Close {
                 conn: s.conn,
@@ -1928,6 +2101,154 @@ shadow = true
 
     fn report(dev: u64, seq: u64, at: i64, marker: bool) -> PostureReport {
         PostureReport::unknown(DeviceId(dev), seq, at).with_file("/m", marker)
+    }
+
+    /// alice (1) may reach db (2) on 5432 only while her behaviour risk is at most 40; a burst
+    /// of new destinations in her own flow report takes it away, `expected` gives it back, and
+    /// db's word about alice changes nothing.
+    #[test]
+    fn behaviour_risk_above_max_risk_narrows_access_until_acknowledged() {
+        use ward_shared::flows::{FlowRecord, FlowReport, FlowVerdict, FlowWindow, Role};
+        let t0 = 1_800_000_000_000;
+        let mut db = dev(2);
+        db.user = None;
+        db.tags = vec![Name::parse("tag", "db").unwrap()];
+        let db_addr = IpAddr::V4(db.ipv4);
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), db],
+            [],
+            Some(
+                policy::parse(
+                    br#"
+[posture.calm]
+max_risk = 40
+[services.db]
+devices = ["tag:db"]
+ports = ["tcp/5432"]
+[services.web]
+devices = ["tag:db"]
+ports = ["tcp/80"]
+[[rules]]
+name = "gated"
+from = ["alice"]
+to = ["db"]
+posture = ["calm"]
+[[rules]]
+name = "open"
+from = ["alice"]
+to = ["web"]
+[trust]
+behaviour_learning = "1s"
+"#,
+                    "t.toml",
+                )
+                .unwrap(),
+            ),
+            vec![],
+            vec![],
+            t0,
+        );
+        for (id, conn) in [(1, 10), (2, 20)] {
+            r.handle_session_opened(
+                DeviceId(id),
+                conn,
+                addr("10.0.0.1:1"),
+                DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+        r.handle_posture(DeviceId(1), 10, report(1, 1, t0, true), t0)
+            .unwrap();
+        let _ = drain(&mut r);
+        let ports = |r: &Registry| -> Vec<u16> {
+            let mut v: Vec<u16> = r.compiled().devices[&DeviceId(2)]
+                .inbound
+                .iter()
+                .flat_map(|f| f.ports.iter().map(|p| p.lo))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ports(&r), vec![80, 5432]);
+        let rec = |role: Role, peer: IpAddr, port: u16| FlowRecord {
+            role,
+            peer: None,
+            peer_addr: peer,
+            peer_user: None,
+            peer_tags: vec![],
+            proto: Proto::Tcp,
+            port,
+            verdict: FlowVerdict::Allowed,
+            rule: None,
+            policy_version: None,
+            reason: None,
+            packets_out: 10,
+            bytes_out: 1000,
+            packets_in: 10,
+            bytes_in: 1000,
+            connections: 1,
+            shadow: None,
+        };
+        let flows = |seq: u64, start: i64, records: Vec<FlowRecord>| FlowReport {
+            seq,
+            windows: vec![FlowWindow {
+                start_ms: start,
+                end_ms: start + 1000,
+                records,
+            }],
+            dropped_records: 0,
+        };
+        // Learning: alice uses db.
+        r.handle_flows(
+            DeviceId(1),
+            &flows(1, t0, vec![rec(Role::Initiator, db_addr, 5432)]),
+            t0 + 1000,
+        );
+        // db claims alice flooded it: only db's own baseline hears that.
+        let lies: Vec<FlowRecord> = (1..200)
+            .map(|p| rec(Role::Responder, IpAddr::V4(dev(1).ipv4), p))
+            .collect();
+        r.handle_flows(DeviceId(2), &flows(1, t0, vec![]), t0 + 1000);
+        r.handle_flows(DeviceId(2), &flows(2, t0 + 2000, lies), t0 + 3000);
+        assert_eq!(r.risk(DeviceId(1)).0, 0);
+        let _ = drain(&mut r);
+        assert_eq!(ports(&r), vec![80, 5432]);
+        // Watching: alice opens connections to six addresses she never used.
+        let burst: Vec<FlowRecord> = (1..=6)
+            .map(|i| rec(Role::Initiator, IpAddr::from([100, 64, 9, i]), 22))
+            .collect();
+        r.handle_flows(DeviceId(1), &flows(2, t0 + 2000, burst), t0 + 3000);
+        let out = drain(&mut r);
+        let anomaly = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Anomaly(a) => Some(a.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(anomaly.device, DeviceId(1));
+        assert_eq!(ports(&r), vec![80], "the gated rule is withdrawn");
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                conn: 10,
+                msg: CoordinatorMsg::RotateNow { .. }
+            }
+        )));
+        let why = &r.trust.failures(DeviceId(1))["calm"][0];
+        assert!(
+            why.starts_with("risk ")
+                && why.contains("is above the 40 allowed: anomaly")
+                && why.contains("first contact with"),
+            "{why}"
+        );
+        // An admin says it was expected: the risk goes, the access comes back.
+        r.handle_anomaly_ack(anomaly.id, Label::Expected).unwrap();
+        let _ = drain(&mut r);
+        assert_eq!(r.risk(DeviceId(1)).0, 0);
+        assert_eq!(ports(&r), vec![80, 5432]);
+        assert!(r.handle_anomaly_ack(anomaly.id, Label::Malicious).is_err());
     }
 
     /// alice (1) may reach db (2) on 5432 only while she has /m, and on 80 always.

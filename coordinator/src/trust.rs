@@ -86,6 +86,9 @@ struct DeviceTrust {
     denied: VecDeque<(i64, DeviceId, Proto, u16)>,
     /// An automatic quarantine was asked for and not yet applied or released.
     quarantine_asked: bool,
+    /// Behaviour risk (0–100) and why, from [`crate::behaviour`].
+    risk: u8,
+    risk_reason: String,
 }
 
 /// Trust state of every device.
@@ -145,10 +148,13 @@ impl TrustBook {
         now_ms: i64,
     ) -> Option<Change> {
         let t = self.devices.entry(id).or_default();
-        let evaluations = match policy {
+        let mut evaluations = match policy {
             Some(p) => posture::evaluate_all(p, t.report.as_ref(), now_ms),
             None => Vec::new(),
         };
+        if let Some(p) = policy {
+            apply_risk(&mut evaluations, p, t.risk, &t.risk_reason);
+        }
         let before: BTreeMap<&str, bool> = t
             .evaluations
             .iter()
@@ -302,6 +308,43 @@ impl TrustBook {
         self.devices.remove(&id);
     }
 
+    /// The device's behaviour risk changed; the caller re-evaluates. Returns whether it did.
+    pub fn set_risk(&mut self, id: DeviceId, score: u8, reason: &str) -> bool {
+        let t = self.devices.entry(id).or_default();
+        if t.risk == score && t.risk_reason == reason {
+            return false;
+        }
+        t.risk = score;
+        t.risk_reason = reason.to_string();
+        true
+    }
+
+    /// The device's behaviour risk (0–100) and why.
+    pub fn risk(&self, id: DeviceId) -> (u8, &str) {
+        self.devices
+            .get(&id)
+            .map_or((0, ""), |t| (t.risk, t.risk_reason.as_str()))
+    }
+
+    /// `quarantine_above_risk`: the reason to quarantine, once, when the risk is above it.
+    pub fn overdue_risk(
+        &mut self,
+        id: DeviceId,
+        trust: &Trust,
+        quarantined: bool,
+    ) -> Option<String> {
+        let limit = trust.quarantine_above_risk?;
+        let t = self.devices.get_mut(&id)?;
+        if quarantined || t.quarantine_asked || t.risk <= limit {
+            return None;
+        }
+        t.quarantine_asked = true;
+        Some(format!(
+            "risk {} is above the {limit} allowed for any access: {}",
+            t.risk, t.risk_reason
+        ))
+    }
+
     /// Requirements the device currently meets.
     pub fn passed(&self, id: DeviceId) -> BTreeSet<String> {
         self.evaluations(id)
@@ -340,10 +383,25 @@ impl TrustBook {
         if quarantined {
             return true;
         }
-        self.devices
-            .get(&id)
-            .and_then(|t| t.last_failure_ms)
-            .is_some_and(|f| now_ms - f < trust.clean_after_ms as i64)
+        self.devices.get(&id).is_some_and(|t| {
+            t.risk > trust.risk_threshold
+                || t.last_failure_ms
+                    .is_some_and(|f| now_ms - f < trust.clean_after_ms as i64)
+        })
+    }
+}
+
+/// Requirements with `max_risk` fail while the device's behaviour risk is above it.
+fn apply_risk(evals: &mut [Evaluation], policy: &Policy, risk: u8, reason: &str) {
+    for e in evals {
+        let Some(max) = policy.postures.get(&e.requirement).and_then(|p| p.max_risk) else {
+            continue;
+        };
+        if risk > max {
+            e.passed = false;
+            e.failures
+                .push(format!("risk {risk} is above the {max} allowed: {reason}"));
+        }
     }
 }
 
@@ -621,6 +679,46 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[test]
+    fn risk_above_max_risk_fails_the_requirement_and_quarantines_above_the_limit() {
+        let p = policy::parse(
+            b"[posture.calm]\nmax_risk = 40\n[posture.any]\n[trust]\nquarantine_above_risk = 90\nrisky_lease_ttl = \"1m\"\n",
+            "r.toml",
+        )
+        .unwrap();
+        let need: BTreeSet<String> = ["calm".to_string()].into();
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        b.handle_report(d, report(1, 1, T, true), Some(&p), &need, T)
+            .unwrap();
+        assert!(b.passed(d).contains("calm"));
+        assert!(b.set_risk(d, 72, "anomaly 3: first contact with db-7 on tcp/5432"));
+        assert!(!b.set_risk(d, 72, "anomaly 3: first contact with db-7 on tcp/5432"));
+        let c = b.reevaluate(d, Some(&p), &need, T + 1).unwrap();
+        assert_eq!(c.withdrawn, vec!["calm".to_string()]);
+        assert_eq!(
+            b.failures(d)["calm"],
+            vec![
+                "risk 72 is above the 40 allowed: anomaly 3: first contact with db-7 on tcp/5432"
+                    .to_string()
+            ]
+        );
+        // A requirement without max_risk is untouched; the device is risky for leases.
+        assert!(b.passed(d).contains("any"));
+        assert!(b.risky(d, &p.trust, false, T + 1));
+        assert_eq!(b.overdue_risk(d, &p.trust, false), None);
+        b.set_risk(d, 95, "anomaly 4: exfiltration");
+        let why = b.overdue_risk(d, &p.trust, false).unwrap();
+        assert!(why.starts_with("risk 95 is above the 90"), "{why}");
+        assert_eq!(b.overdue_risk(d, &p.trust, false), None);
+        // Back to calm: the requirement passes again.
+        b.set_risk(d, 10, "");
+        let c = b.reevaluate(d, Some(&p), &need, T + 2).unwrap();
+        assert_eq!(c.newly_passed, vec!["calm".to_string()]);
+        // Leases stay short until the device has been clean for `clean_after`.
+        assert!(b.risky(d, &p.trust, false, T + 2));
     }
 
     #[test]

@@ -284,6 +284,7 @@ impl World {
                 }
                 Output::Close { .. }
                 | Output::PostureChanged { .. }
+                | Output::Anomaly(_)
                 | Output::DeviceRevoked { .. } => {}
             }
         }

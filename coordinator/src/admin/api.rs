@@ -932,6 +932,33 @@ impl Table for AuditView {
     ];
 }
 
+/// `anomalies`: one behaviour anomaly, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyView {
+    pub id: u64,
+    pub device: String,
+    pub at_ms: i64,
+    pub kinds: Vec<crate::behaviour::Kind>,
+    /// 0–100 when raised (its share of the risk halves every hour after).
+    pub score: u8,
+    pub reason: String,
+    /// `expected`, `malicious`, or none yet.
+    pub label: Option<crate::behaviour::Label>,
+    /// Whether it took the device's risk over the policy's `risk_threshold`.
+    pub over_threshold: bool,
+}
+
+impl Table for AnomalyView {
+    const COLUMNS: &'static [Column<Self>] = &[
+        col("ID", |a| a.id.to_string()),
+        col("TIME", |a| fmt_time(a.at_ms)),
+        col("DEVICE", |a| a.device.clone()),
+        col("SCORE", |a| a.score.to_string()),
+        col("LABEL", |a| a.label.map_or("-", |l| l.as_str()).to_string()),
+        col("REASON", |a| a.reason.clone()),
+    ];
+}
+
 /// `maturity`: the live assessment and the evidence it was scored from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaturityView {
@@ -1136,6 +1163,8 @@ pub enum AdminReply {
     Suggest(Box<SuggestView>),
     Replay(Box<ReplayView>),
     SuggestionMarked(SuggestionMarkView),
+    Anomalies(Vec<AnomalyView>),
+    AnomalyAcked(AnomalyView),
 }
 
 #[cfg(test)]

@@ -212,6 +212,8 @@ pub fn evidence(store: &dyn Store, live: &dyn Live, snap: &Snapshot, now: i64) -
         e.auto_quarantine_on_failure = p.trust.quarantine_after_failing_ms.is_some();
         e.scan_detection = p.trust.scan_denied_flows.is_some();
         e.risky_lease_ttl = p.trust.risky_lease_ttl_ms.is_some();
+        e.behaviour_risk_enforced = p.trust.quarantine_above_risk.is_some()
+            || p.postures.values().any(|q| q.max_risk.is_some());
         let compiled = policy::compile(p, &dir, now);
         let pairs: BTreeSet<(DeviceId, DeviceId)> = compiled
             .devices
@@ -339,6 +341,11 @@ pub fn evidence(store: &dyn Store, live: &dyn Live, snap: &Snapshot, now: i64) -
         .count() as u64;
     audit_evidence(store, &mut e)?;
     e.audit_verified = store.verify_audit()?.ok;
+    let labels = crate::metrics::anomaly_labels(store)?;
+    e.anomalies_raised = labels.raised;
+    e.anomalies_labelled = labels.expected + labels.malicious;
+    e.anomaly_precision = labels.precision();
+    e.anomaly_recall = labels.recall();
     Ok(e)
 }
 

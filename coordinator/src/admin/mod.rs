@@ -129,6 +129,16 @@ pub enum AdminRequest {
         limit: i64,
     },
     AuditVerify,
+    /// Behaviour anomalies raised within `since_secs`, of one device or all.
+    Anomalies {
+        device: Option<String>,
+        since_secs: u64,
+    },
+    /// An admin's label on an anomaly: `expected` or `malicious`.
+    AnomalyAck {
+        id: u64,
+        label: crate::behaviour::Label,
+    },
     /// Both ends' flow records, paired.
     Flows(flows::FlowFilter),
     /// Flows summed per (initiator, responder, proto, port), ranked.

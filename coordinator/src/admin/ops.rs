@@ -62,6 +62,14 @@ pub trait Live {
     fn trust_view(&self, id: DeviceId) -> Result<(Option<PostureReport>, PostureVerdict)>;
     /// Asks a device to rotate its key now; whether it is connected.
     fn rotate(&self, id: DeviceId, why: &str) -> Result<bool>;
+    /// Labels an anomaly (the registry's detector learns from it).
+    fn ack_anomaly(
+        &self,
+        _id: u64,
+        _label: crate::behaviour::Label,
+    ) -> Result<crate::behaviour::Anomaly> {
+        bail!("anomalies can be acknowledged only while the coordinator is serving")
+    }
     fn notify(&self, n: Notice);
 }
 
@@ -422,6 +430,27 @@ pub fn handle(
             live.notify(Notice::Relays(relays(store)?));
             AdminReply::Relay(r.into())
         }
+        AdminRequest::Anomalies { device, since_secs } => {
+            AdminReply::Anomalies(anomalies(store, device.as_deref(), since_secs, now)?)
+        }
+        AdminRequest::AnomalyAck { id, label } => {
+            let a = live.ack_anomaly(id, label)?;
+            let host = store
+                .device(a.device)
+                .map(|d| d.hostname.to_string())
+                .unwrap_or_else(|_| a.device.to_string());
+            store.append_audit(
+                Audit {
+                    actor: ACTOR,
+                    action: Action::AnomalyAck,
+                    target: &host,
+                    detail: serde_json::json!({ "id": id, "label": label, "reason": a.reason }),
+                },
+                now,
+            )?;
+            tracing::info!(anomaly = id, device = %a.device, label = label.as_str(), "anomaly acknowledged");
+            AdminReply::AnomalyAcked(anomaly_view(a, host))
+        }
         AdminRequest::Audit { limit } => AdminReply::Audit(
             store
                 .audit_log(limit.clamp(1, 100_000))?
@@ -604,6 +633,57 @@ fn widens(req: &AdminRequest) -> bool {
             | AdminRequest::GrantAdd { .. }
             | AdminRequest::RelayAdd { .. }
     )
+}
+
+/// `anomalies`: stored anomalies, newest last.
+fn anomalies(
+    store: &dyn Store,
+    device: Option<&str>,
+    since_secs: u64,
+    now: i64,
+) -> Result<Vec<super::api::AnomalyView>> {
+    let only = match device {
+        Some(n) => Some(store.device_by_name(n)?.id),
+        None => None,
+    };
+    let since = now.saturating_sub(since_secs.saturating_mul(1000) as i64);
+    let names: std::collections::BTreeMap<DeviceId, String> = store
+        .list_devices()?
+        .into_iter()
+        .map(|d| (d.id, d.hostname.to_string()))
+        .collect();
+    let mut out = Vec::new();
+    for text in store.anomalies(since)? {
+        let a: crate::behaviour::Anomaly = match serde_json::from_str(&text) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "a stored anomaly does not parse; skipped");
+                continue;
+            }
+        };
+        if only.is_some_and(|d| d != a.device) {
+            continue;
+        }
+        let host = names
+            .get(&a.device)
+            .cloned()
+            .unwrap_or_else(|| a.device.to_string());
+        out.push(anomaly_view(a, host));
+    }
+    Ok(out)
+}
+
+fn anomaly_view(a: crate::behaviour::Anomaly, device: String) -> super::api::AnomalyView {
+    super::api::AnomalyView {
+        id: a.id,
+        device,
+        at_ms: a.at_ms,
+        kinds: a.kinds,
+        score: a.score,
+        reason: a.reason,
+        label: a.label,
+        over_threshold: a.over_threshold,
+    }
 }
 
 /// `device rotate`: the device makes a new key now; its current leases stop being renewed.

@@ -117,6 +117,20 @@ pub struct Evidence {
     pub scan_detection: bool,
     /// `[trust] risky_lease_ttl` is set.
     pub risky_lease_ttl: bool,
+    /// Behaviour risk changes access on its own (Automation and Orchestration): a posture
+    /// requirement has `max_risk`, or `[trust] quarantine_above_risk` is set.
+    #[serde(default)]
+    pub behaviour_risk_enforced: bool,
+    /// Behaviour anomalies raised, and acknowledged by an administrator (Visibility and
+    /// Analytics): precision and recall against those labels (see docs/metrics.md).
+    #[serde(default)]
+    pub anomalies_raised: u64,
+    #[serde(default)]
+    pub anomalies_labelled: u64,
+    #[serde(default)]
+    pub anomaly_precision: Option<f64>,
+    #[serde(default)]
+    pub anomaly_recall: Option<f64>,
     // Reachability.
     pub live_devices: u64,
     /// Unordered pairs of live devices.

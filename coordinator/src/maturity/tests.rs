@@ -56,6 +56,11 @@ fn model() -> Evidence {
         identity_changes: 1,
         identity_revoke_ms_p99: Some(150.0),
         audit_verified: true,
+        behaviour_risk_enforced: true,
+        anomalies_raised: 4,
+        anomalies_labelled: 3,
+        anomaly_precision: Some(2.0 / 3.0),
+        anomaly_recall: Some(1.0),
     }
 }
 

@@ -68,6 +68,14 @@ pub(super) enum Event {
         received: Instant,
     },
     DeniedFlows(DeviceId, Vec<DeniedFlow>),
+    /// A flow report was stored: the reporter's behaviour baseline learns from it.
+    Flows(DeviceId, Box<ward_shared::flows::FlowReport>),
+    /// An admin's label on an anomaly.
+    AnomalyAck(
+        u64,
+        crate::behaviour::Label,
+        oneshot::Sender<Result<crate::behaviour::Anomaly, crate::behaviour::AckError>>,
+    ),
     /// A device asks for `peer` to probe back now (coordinated hole punching).
     Punch {
         id: DeviceId,
@@ -166,6 +174,8 @@ pub(super) async fn registry_actor(
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
     let mut relays: RelayConns = BTreeMap::new();
     let mut stats = TrustStats::default();
+    let mut baselines_saved = Instant::now();
+    let baseline_store = store.clone();
     let mut sink = TrustSink {
         store,
         events,
@@ -185,6 +195,10 @@ pub(super) async fn registry_actor(
         };
         sink.stats.live.batch_started = Some(Instant::now());
         reg.handle_time(now_ms());
+        if baselines_saved.elapsed() >= BASELINE_SAVE_EVERY {
+            baselines_saved = Instant::now();
+            save_baselines(&baseline_store, reg.behaviour_snapshots()).await;
+        }
         let Some(ev) = ev else {
             flush(&mut reg, &mut conns, &mut relays, &mut sink);
             continue;
@@ -313,6 +327,14 @@ pub(super) async fn registry_actor(
                 }
             }
             Event::DeniedFlows(id, flows) => reg.handle_denied_flows(id, &flows, now_ms()),
+            Event::Flows(id, report) => reg.handle_flows(id, &report, now_ms()),
+            Event::AnomalyAck(id, label, reply) => {
+                let r = reg.handle_anomaly_ack(id, label);
+                if let Ok(a) = &r {
+                    sink.anomaly_stored(a);
+                }
+                let _ = reply.send(r);
+            }
             Event::Punch { id, conn, peer } => {
                 if let Err(why) = reg.handle_punch_request(id, conn, peer, now_ms()) {
                     debug!(device = %id, %peer, %why, counters = ?reg.punch_counters(), "punch request dropped");
@@ -366,6 +388,25 @@ pub(super) async fn registry_actor(
         }
         flush(&mut reg, &mut conns, &mut relays, &mut sink);
     }
+    // Shutting down: keep what was learned.
+    save_baselines(&baseline_store, reg.behaviour_snapshots()).await;
+}
+
+/// How often behaviour baselines are written (and once more at shutdown).
+const BASELINE_SAVE_EVERY: Duration = Duration::from_secs(300);
+
+async fn save_baselines(store: &Arc<dyn Store>, rows: Vec<(DeviceId, String)>) {
+    if rows.is_empty() {
+        return;
+    }
+    let store = store.clone();
+    let n = rows.len();
+    let res = tokio::task::spawn_blocking(move || store.save_baselines(&rows, now_ms())).await;
+    match res {
+        Ok(Ok(())) => debug!(devices = n, "behaviour baselines saved"),
+        Ok(Err(e)) => warn!(error = %e, "saving behaviour baselines failed"),
+        Err(e) => warn!(error = %e, "saving behaviour baselines failed"),
+    }
 }
 
 pub(super) fn flush(
@@ -408,6 +449,7 @@ pub(super) fn flush(
                     sink.posture_changed(device, change, report);
                 }
                 Output::Quarantine { device, reason } => sink.quarantine(device, reason),
+                Output::Anomaly(a) => sink.anomaly(*a),
                 Output::DeviceRevoked { device } => revoked.push(device),
             }
         }

@@ -116,4 +116,29 @@ impl TrustSink<'_> {
             }
         });
     }
+
+    /// The detector raised an anomaly: logged, audited and stored.
+    pub(super) fn anomaly(&self, a: crate::behaviour::Anomaly) {
+        info!(device = %a.device, anomaly = a.id, score = a.score, reason = %a.reason, "behaviour anomaly");
+        self.audit(
+            a.device,
+            Action::AnomalyRaised,
+            json!({ "id": a.id, "score": a.score, "kinds": a.kinds, "reason": a.reason }),
+        );
+        self.anomaly_stored(&a);
+    }
+
+    /// Keeps the anomaly as it is now (raised, or labelled).
+    pub(super) fn anomaly_stored(&self, a: &crate::behaviour::Anomaly) {
+        let store = self.store.clone();
+        let Ok(text) = serde_json::to_string(a) else {
+            return;
+        };
+        let (id, device, at) = (a.id, a.device, a.at_ms);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.save_anomaly(id, device, at, &text) {
+                error!(device = %device, anomaly = id, error = %e, "storing an anomaly failed");
+            }
+        });
+    }
 }

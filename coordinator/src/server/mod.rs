@@ -162,6 +162,21 @@ pub async fn serve(
     let mut registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
     registry.handle_policy_version(current_version);
     registry.handle_relays(ops::relays(store.as_ref())?);
+    // What the behaviour detector learned before this start (anomalies of the last 30 days).
+    let anomalies = store
+        .anomalies(now - 30 * 86_400_000)?
+        .iter()
+        .filter_map(|t| match serde_json::from_str(t) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "a stored anomaly does not parse; skipped");
+                None
+            }
+        })
+        .collect();
+    for e in registry.restore_behaviour(store.baselines()?, anomalies) {
+        tracing::warn!(error = %e, "a stored behaviour baseline was refused; the device learns afresh");
+    }
     let (events, rx) = queue::channel(queue::CONNECTION_EVENTS);
     let ctx = Arc::new(Ctx {
         config,
@@ -588,6 +603,14 @@ impl Live for LiveRegistry {
         Ok(self
             .ask(|tx| Event::Rotate(id, why.to_string(), tx))
             .unwrap_or(false))
+    }
+
+    fn ack_anomaly(
+        &self,
+        id: u64,
+        label: crate::behaviour::Label,
+    ) -> anyhow::Result<crate::behaviour::Anomaly> {
+        Ok(self.ask(|tx| Event::AnomalyAck(id, label, tx))??)
     }
 
     fn notify(&self, n: Notice) {

@@ -696,6 +696,7 @@ async fn store_flows(ctx: &Arc<Ctx>, id: DeviceId, report: ward_shared::flows::F
     } else {
         None
     };
+    let learn = report.clone();
     let res = tokio::task::spawn_blocking(move || {
         let now = now_ms();
         let keep = now.saturating_sub(retention);
@@ -712,6 +713,8 @@ async fn store_flows(ctx: &Arc<Ctx>, id: DeviceId, report: ward_shared::flows::F
             gap,
         })) => {
             debug!(device = %id, seq, records, refused, dropped, "flow report stored");
+            // Learned once, when first stored (a retransmission is not counted twice).
+            ctx.events.send(Event::Flows(id, Box::new(learn))).await;
             if gap > 0 {
                 warn!(device = %id, seq, missing = gap, "flow reports missing before this one");
             }

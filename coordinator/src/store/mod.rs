@@ -539,6 +539,14 @@ pub trait Store: Send + Sync {
     ) -> Result<()>;
     /// A device's latest posture report and evaluation, and when they were stored.
     fn posture(&self, id: DeviceId) -> Result<Option<(serde_json::Value, serde_json::Value, i64)>>;
+    /// Keeps each device's behaviour baseline (a serialized snapshot).
+    fn save_baselines(&self, rows: &[(DeviceId, String)], now_ms: i64) -> Result<()>;
+    /// Every stored behaviour baseline.
+    fn baselines(&self) -> Result<Vec<(DeviceId, String)>>;
+    /// Keeps an anomaly (JSON), replacing the stored one with the same id (a label changed).
+    fn save_anomaly(&self, id: u64, device: DeviceId, at_ms: i64, json: &str) -> Result<()>;
+    /// Stored anomalies (JSON) raised at or after `since_ms`, oldest first.
+    fn anomalies(&self, since_ms: i64) -> Result<Vec<String>>;
     /// Stores a validated flow report from `reporter` once per (reporter, seq) (report 1 with
     /// other content than the stored one means the device numbers from 1 again: its marks are
     /// reset and the report is stored), its records

@@ -227,4 +227,20 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE flows ADD COLUMN shadow TEXT NOT NULL DEFAULT '';
     "#,
+    // 15: behaviour: a serialized baseline per device (written periodically and on shutdown,
+    // so a restart keeps what was learned) and the anomalies raised, with their labels (JSON).
+    r#"
+    CREATE TABLE behaviour_baselines(
+        device_id INTEGER PRIMARY KEY,
+        snapshot TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE anomalies(
+        id INTEGER PRIMARY KEY,
+        device_id INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        anomaly TEXT NOT NULL
+    );
+    CREATE INDEX anomalies_at ON anomalies(at_ms);
+    "#,
 ];

@@ -135,6 +135,18 @@ pub struct Trust {
     /// …until it has been clean (all posture checks passing, not quarantined) this long
     /// (`clean_after`, default 30 min).
     pub clean_after_ms: u64,
+    /// Behaviour risk (0–100) above which a device counts as risky: `risky_lease_ttl` applies
+    /// (`risk_threshold`, default 40).
+    pub risk_threshold: u8,
+    /// A device whose behaviour risk goes above this is quarantined automatically
+    /// (`quarantine_above_risk`). `None`: never automatically.
+    pub quarantine_above_risk: Option<u8>,
+    /// An anomaly an admin acknowledges as malicious quarantines its device
+    /// (`quarantine_malicious`, default off).
+    pub quarantine_malicious: bool,
+    /// How long a device's behaviour is only learned before anomalies are raised
+    /// (`behaviour_learning`, default 7 days).
+    pub behaviour_learning_ms: u64,
 }
 
 impl Trust {
@@ -142,6 +154,10 @@ impl Trust {
     pub const DEFAULT_SCAN_WINDOW_MS: u64 = 60_000;
     /// `clean_after` when the policy does not set it.
     pub const DEFAULT_CLEAN_AFTER_MS: u64 = 30 * 60_000;
+    /// `risk_threshold` when the policy does not set it.
+    pub const DEFAULT_RISK_THRESHOLD: u8 = 40;
+    /// `behaviour_learning` when the policy does not set it.
+    pub const DEFAULT_BEHAVIOUR_LEARNING_MS: u64 = 7 * 86_400_000;
 }
 
 /// Not derived: the windows have non-zero defaults, so `Policy::default()` (no policy) gets the
@@ -154,6 +170,10 @@ impl Default for Trust {
             scan_window_ms: Self::DEFAULT_SCAN_WINDOW_MS,
             risky_lease_ttl_ms: None,
             clean_after_ms: Self::DEFAULT_CLEAN_AFTER_MS,
+            risk_threshold: Self::DEFAULT_RISK_THRESHOLD,
+            quarantine_above_risk: None,
+            quarantine_malicious: false,
+            behaviour_learning_ms: Self::DEFAULT_BEHAVIOUR_LEARNING_MS,
         }
     }
 }
@@ -334,6 +354,9 @@ pub struct Posture {
     /// Kernel version bound (`kernel = ">=6.1"`; a bare version means `>=`), compared against the
     /// numeric prefix of `uname -r`.
     pub kernel: Option<(VersionOp, String)>,
+    /// The device's behaviour risk (0–100, from its recent anomalies) must be at most this
+    /// (`max_risk`). Judged by the coordinator, which alone knows the risk; `None`: not looked at.
+    pub max_risk: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -110,6 +110,10 @@ struct RawTrust {
     scan_window: Option<Spanned<String>>,
     risky_lease_ttl: Option<Spanned<String>>,
     clean_after: Option<Spanned<String>>,
+    risk_threshold: Option<Spanned<i64>>,
+    quarantine_above_risk: Option<Spanned<i64>>,
+    quarantine_malicious: Option<bool>,
+    behaviour_learning: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +134,7 @@ struct RawPosture {
     screen_lock: Option<bool>,
     max_package_age: Option<Spanned<String>>,
     kernel: Option<Spanned<String>>,
+    max_risk: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -689,7 +694,22 @@ impl Cx<'_> {
             screen_lock: raw.screen_lock,
             max_package_age_ms,
             kernel,
+            max_risk: match &raw.max_risk {
+                None => None,
+                Some(n) => Some(self.risk("max_risk", n)?),
+            },
         })
+    }
+
+    /// A risk score: 0 to 100.
+    fn risk(&self, key: &str, n: &Spanned<i64>) -> Result<u8, PolicyError> {
+        match u8::try_from(*n.get_ref()) {
+            Ok(x @ 0..=100) => Ok(x),
+            _ => Err(self.err(
+                n.span().start,
+                format!("{key} {} is out of range (0 to 100)", n.get_ref()),
+            )),
+        }
     }
 
     fn trust(&self, raw: RawTrust) -> Result<Trust, PolicyError> {
@@ -751,6 +771,22 @@ impl Cx<'_> {
             )?,
             clean_after_ms: bounded("clean_after", &raw.clean_after, (M, "1m"), (30 * D, "30d"))?
                 .unwrap_or(defaults.clean_after_ms),
+            risk_threshold: match &raw.risk_threshold {
+                None => defaults.risk_threshold,
+                Some(n) => self.risk("risk_threshold", n)?,
+            },
+            quarantine_above_risk: match &raw.quarantine_above_risk {
+                None => None,
+                Some(n) => Some(self.risk("quarantine_above_risk", n)?),
+            },
+            quarantine_malicious: raw.quarantine_malicious.unwrap_or(false),
+            behaviour_learning_ms: bounded(
+                "behaviour_learning",
+                &raw.behaviour_learning,
+                (S, "1s"),
+                (90 * D, "90d"),
+            )?
+            .unwrap_or(defaults.behaviour_learning_ms),
         })
     }
 }

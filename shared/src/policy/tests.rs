@@ -1055,6 +1055,10 @@ clean_after = "1h"
             scan_window_ms: 60_000,
             risky_lease_ttl_ms: Some(120_000),
             clean_after_ms: 3_600_000,
+            risk_threshold: 40,
+            quarantine_above_risk: None,
+            quarantine_malicious: false,
+            behaviour_learning_ms: 7 * 86_400_000,
         }
     );
     // An empty section and no section mean the same: every reaction off, default windows.
@@ -1068,8 +1072,32 @@ clean_after = "1h"
             scan_window_ms: 60_000,
             risky_lease_ttl_ms: None,
             clean_after_ms: 1_800_000,
+            risk_threshold: 40,
+            quarantine_above_risk: None,
+            quarantine_malicious: false,
+            behaviour_learning_ms: 7 * 86_400_000,
         }
     );
+    // Behaviour risk: thresholds are 0–100, the learning period a bounded duration.
+    let risk = parse(
+        b"[posture.calm]\nmax_risk = 40\n[trust]\nrisk_threshold = 30\nquarantine_above_risk = 90\nquarantine_malicious = true\nbehaviour_learning = \"2d\"\n",
+        "p.toml",
+    )
+    .unwrap();
+    assert_eq!(risk.postures["calm"].max_risk, Some(40));
+    assert_eq!(risk.trust.risk_threshold, 30);
+    assert_eq!(risk.trust.quarantine_above_risk, Some(90));
+    assert!(risk.trust.quarantine_malicious);
+    assert_eq!(risk.trust.behaviour_learning_ms, 2 * 86_400_000);
+    for bad in [
+        "[posture.calm]\nmax_risk = 101\n",
+        "[posture.calm]\nmax_risk = -1\n",
+        "[trust]\nquarantine_above_risk = 1000\n",
+        "[trust]\nbehaviour_learning = \"0s\"\n",
+    ] {
+        let e = parse(bad.as_bytes(), "p.toml").unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{bad}: {e}");
+    }
     assert_eq!(Policy::default().trust, Trust::default());
     let only = parse(b"[trust]\nscan_denied_flows = 1\n", "p.toml").unwrap();
     assert_eq!(only.trust.scan_denied_flows, Some(1));

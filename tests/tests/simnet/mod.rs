@@ -542,6 +542,7 @@ impl World {
             // No relays in this network: revocations for relays have no one to reach.
             Output::PostureChanged { .. }
             | Output::Quarantine { .. }
+            | Output::Anomaly(_)
             | Output::DeviceRevoked { .. } => {}
         }
     }

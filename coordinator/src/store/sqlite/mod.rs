@@ -22,6 +22,7 @@ use super::{
 };
 
 mod audit;
+mod behaviour;
 use audit::append_audit_tx;
 use devices::query_devices;
 use users::user_id;
@@ -427,6 +428,22 @@ impl Store for SqliteStore {
 
     fn posture(&self, id: DeviceId) -> Result<Option<(serde_json::Value, serde_json::Value, i64)>> {
         devices::posture(self, id)
+    }
+
+    fn save_baselines(&self, rows: &[(DeviceId, String)], now_ms: i64) -> Result<()> {
+        behaviour::save_baselines(self, rows, now_ms)
+    }
+
+    fn baselines(&self) -> Result<Vec<(DeviceId, String)>> {
+        behaviour::baselines(self)
+    }
+
+    fn save_anomaly(&self, id: u64, device: DeviceId, at_ms: i64, json: &str) -> Result<()> {
+        behaviour::save_anomaly(self, id, device, at_ms, json)
+    }
+
+    fn anomalies(&self, since_ms: i64) -> Result<Vec<String>> {
+        behaviour::anomalies(self, since_ms)
     }
 
     fn edit_device_tags(
