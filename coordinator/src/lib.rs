@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod console;
 pub mod datadir;
 pub mod flows;
 pub mod gate;
