@@ -715,7 +715,10 @@ mod tests {
             error("t", "<script>e</script>"),
         ] {
             assert_inert(&html);
-            assert!(html.contains("&lt;script&gt;"), "{html}");
+            assert!(
+                html.contains("&lt;script&gt;") || html.contains("&lt;img"),
+                "{html}"
+            );
         }
     }
 
@@ -731,7 +734,7 @@ mod tests {
         );
         assert!(html.contains("db1") && !html.contains(">web1<"), "{html}");
         assert_eq!(html.matches(r#"action="/release""#).count(), 1);
-        assert!(html.contains("1m ago"));
+        assert!(html.contains("60s ago"), "{html}");
         assert!(quarantine("t", NOW, &[]).contains("No device is quarantined"));
     }
 

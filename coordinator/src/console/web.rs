@@ -489,7 +489,7 @@ fn post_session(
         Ok(Form(f)) => f,
         Err(e) => {
             warn!(session = %s.tag, error = %e, "console POST refused: bad form");
-            return Err(bad_request(&s, &format!("bad form: {e}")));
+            return Err(status_page(&s, e.status(), &format!("bad form: {e}")));
         }
     };
     if !auth::check_csrf(&s, &f.csrf) {
