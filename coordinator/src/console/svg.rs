@@ -84,12 +84,17 @@ pub fn flow_graph(edges: &[Edge]) -> String {
         }
     }
     for (name, (x, y)) in &pos {
+        // The label outside the circle, away from the centre (where the edges run).
+        let (dx, dy) = (x - cx, y - cy);
+        let d = (dx * dx + dy * dy).sqrt().max(1.0);
+        let (lx, ly) = (x + dx / d * 34.0, y + dy / d * 34.0 + 4.0);
         let _ = write!(
             s,
-            r##"<g class="node" data-name="{n}"><circle cx="{x:.1}" cy="{y:.1}" r="20" fill="#cfe3ff" stroke="#1d2430"/><text x="{x:.1}" y="{ty:.1}" text-anchor="middle" font-size="13" fill="#1d2430">{n}</text></g>
+            r##"<g class="node" data-name="{n}"><circle cx="{x:.1}" cy="{y:.1}" r="20" fill="#cfe3ff" stroke="#1d2430"/><text x="{tx:.1}" y="{ty:.1}" text-anchor="middle" font-size="13" fill="#1d2430">{n}</text></g>
 "##,
             n = esc(name),
-            ty = y + 36.0,
+            tx = lx,
+            ty = ly,
         );
     }
     s.push_str("</svg>");
