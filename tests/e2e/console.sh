@@ -59,6 +59,14 @@ has_denied() {
 }
 check "a denied flow is recorded" lab_wait_for -t 30 has_denied
 
+# Names are DNS labels, so markup never becomes a device name (the pages escape every value
+# anyway: the console's unit tests render `<script>` in each field and check it is inert).
+if lab_coord token create --tag db --hostname '<script>alert(1)</script>' >/dev/null 2>&1; then
+    fail "a <script> hostname is refused"
+else
+    pass "a <script> hostname is refused"
+fi
+
 say "console-link"
 LINK=$(lab_coord console-link 2>/dev/null)
 check "console-link prints a login URL ($(cut -d= -f1 <<<"$LINK")=…)" grep -Eq "^http://$CONSOLE/login\?secret=[0-9a-f]{64}$" <<<"$LINK"

@@ -180,8 +180,10 @@ try:
     # A used link is refused (in a fresh browser state: no cookie).
     drv.delete_all_cookies()
     drv.get(LINK)
+    body = drv.find_element(By.TAG_NAME, "body").text
     check("a reused one-time link is refused",
-          "already used" in drv.page_source and not drv.find_elements(By.ID, "devices"))
+          "already used" in body and not drv.find_elements(By.ID, "devices"),
+          f"at {drv.current_url}: {drv.title!r} {body[:300]!r}")
     st, _ = http("GET", LINK[len(BASE):])
     check(f"a reused link over HTTP is refused ({st})", st == 403)
 finally:
