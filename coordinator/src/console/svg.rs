@@ -76,8 +76,7 @@ pub fn flow_graph(edges: &[Edge]) -> String {
             };
             let _ = write!(
                 s,
-                r#"<line class="edge edge-{kind}" data-from="{f}" data-to="{t}" x1="{ax:.1}" y1="{ay:.1}" x2="{bx:.1}" y2="{by:.1}" stroke="{stroke}" stroke-width="2"{extra} marker-end="url(#{marker})"><title>{f} → {t}: {count} {kind} ({ports})</title></line>
-"#,
+                r#"<line class="edge edge-{kind}" data-from="{f}" data-to="{t}" x1="{ax:.1}" y1="{ay:.1}" x2="{bx:.1}" y2="{by:.1}" stroke="{stroke}" stroke-width="2"{extra} marker-end="url(#{marker})"><title>{f} → {t}: {count} {kind} ({ports})</title></line>"#,
                 f = esc(&e.from),
                 t = esc(&e.to),
             );
@@ -90,8 +89,7 @@ pub fn flow_graph(edges: &[Edge]) -> String {
         let (lx, ly) = (x + dx / d * 34.0, y + dy / d * 34.0 + 4.0);
         let _ = write!(
             s,
-            r##"<g class="node" data-name="{n}"><circle cx="{x:.1}" cy="{y:.1}" r="20" fill="#cfe3ff" stroke="#1d2430"/><text x="{tx:.1}" y="{ty:.1}" text-anchor="middle" font-size="13" fill="#1d2430">{n}</text></g>
-"##,
+            r##"<g class="node" data-name="{n}"><circle cx="{x:.1}" cy="{y:.1}" r="20" fill="#cfe3ff" stroke="#1d2430"/><text x="{tx:.1}" y="{ty:.1}" text-anchor="middle" font-size="13" fill="#1d2430">{n}</text></g>"##,
             n = esc(name),
             tx = lx,
             ty = ly,
@@ -137,8 +135,7 @@ pub fn maturity_chart(stages: &[&str], x_labels: &[String], series: &[Series]) -
         let yy = y(i as u8);
         let _ = write!(
             s,
-            r##"<line x1="{left}" y1="{yy:.1}" x2="{x2:.1}" y2="{yy:.1}" stroke="#d5d9e0"/><text x="{tx}" y="{ty:.1}" text-anchor="end" font-size="12" fill="#1d2430">{label}</text>
-"##,
+            r##"<line x1="{left}" y1="{yy:.1}" x2="{x2:.1}" y2="{yy:.1}" stroke="#d5d9e0"/><text x="{tx}" y="{ty:.1}" text-anchor="end" font-size="12" fill="#1d2430">{label}</text>"##,
             x2 = left + pw,
             tx = left - 8.0,
             ty = yy + 4.0,
@@ -153,8 +150,7 @@ pub fn maturity_chart(stages: &[&str], x_labels: &[String], series: &[Series]) -
         }
         let _ = write!(
             s,
-            r##"<text x="{xx:.1}" y="{yy:.1}" text-anchor="middle" font-size="11" fill="#5a6472">{label}</text>
-"##,
+            r##"<text x="{xx:.1}" y="{yy:.1}" text-anchor="middle" font-size="11" fill="#5a6472">{label}</text>"##,
             xx = x(i),
             yy = h - bottom + 18.0,
             label = esc(l),
@@ -170,16 +166,14 @@ pub fn maturity_chart(stages: &[&str], x_labels: &[String], series: &[Series]) -
         }
         let _ = write!(
             s,
-            r#"<polyline class="series" data-pillar="{name}" points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>
-"#,
+            r#"<polyline class="series" data-pillar="{name}" points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>"#,
             name = esc(&se.name),
             pts = pts.trim_end(),
         );
         for (i, &p) in se.points.iter().enumerate() {
             let _ = write!(
                 s,
-                r#"<circle class="point" cx="{:.1}" cy="{:.1}" r="3" fill="{color}"><title>{}: {}</title></circle>
-"#,
+                r#"<circle class="point" cx="{:.1}" cy="{:.1}" r="3" fill="{color}"><title>{}: {}</title></circle>"#,
                 x(i),
                 y(p) + nudge,
                 esc(&se.name),
@@ -189,8 +183,7 @@ pub fn maturity_chart(stages: &[&str], x_labels: &[String], series: &[Series]) -
         let ly = top + 16.0 * k as f64;
         let _ = write!(
             s,
-            r##"<rect x="{lx}" y="{ry:.1}" width="12" height="4" fill="{color}"/><text x="{tx}" y="{ty:.1}" font-size="12" fill="#1d2430">{name}</text>
-"##,
+            r##"<rect x="{lx}" y="{ry:.1}" width="12" height="4" fill="{color}"/><text x="{tx}" y="{ty:.1}" font-size="12" fill="#1d2430">{name}</text>"##,
             lx = w - right + 16.0,
             ry = ly,
             tx = w - right + 34.0,
