@@ -21,6 +21,8 @@ import urllib.request
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.support.ui import WebDriverWait
 
 LINK, ART = sys.argv[1], sys.argv[2]
 SUBJECT = os.environ["CONSOLE_SUBJECT"]
@@ -71,6 +73,16 @@ def row_button(drv, name, cls):
     raise LookupError(f"no {cls} button for {name}")
 
 
+def submit(drv, button):
+    """Clicks a form's button and waits for the page it leads to (a navigation started by the
+    click would be cancelled by the next drv.get)."""
+    drv.execute_script("window.__ward_before = true")
+    button.click()
+    WebDriverWait(drv, 15, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return window.__ward_before === undefined && document.readyState === 'complete'"))
+
+
 def shot(drv, name):
     path = os.path.join(ART, name + ".png")
     drv.save_screenshot(path)
@@ -111,14 +123,14 @@ try:
     check(f"{SUBJECT} reaches its peer before quarantine", wait(reach, 15))
     drv.get(BASE + "/devices")
     t0 = time.time()
-    row_button(drv, SUBJECT, "quarantine").click()
+    submit(drv, row_button(drv, SUBJECT, "quarantine"))
     check("quarantine shown on the devices page", wait(lambda: state_of(drv, SUBJECT) == "quarantined", 10))
     blocked = wait(lambda: not reach(), 20, 0.2)
     check(f"{SUBJECT}'s access is gone after the console's quarantine ({time.time() - t0:.1f}s)", blocked)
     shot(drv, "quarantined")
     drv.get(BASE + "/quarantine")
     check("quarantine page lists it", SUBJECT in drv.find_element(By.ID, "quarantine").text)
-    row_button(drv, SUBJECT, "release").click()
+    submit(drv, row_button(drv, SUBJECT, "release"))
     t0 = time.time()
     check("release shown", wait(lambda: state_of(drv, SUBJECT) == "active", 10))
     check(f"{SUBJECT}'s access is back after release", wait(reach, 30, 0.3),
@@ -186,6 +198,8 @@ try:
           f"at {drv.current_url}: {drv.title!r} {body[:300]!r}")
     st, _ = http("GET", LINK[len(BASE):])
     check(f"a reused link over HTTP is refused ({st})", st == 403)
+except Exception as e:  # a missing element or a timeout: the remaining checks did not run
+    check("driver ran to the end", False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 finally:
     drv.quit()
 sys.exit(1 if failed else 0)
