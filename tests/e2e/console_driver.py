@@ -101,7 +101,7 @@ def http(method, path, headers=None, data=None):
 
 opts = webdriver.ChromeOptions()
 for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-          "--window-size=1400,1000", "--no-first-run", "--user-data-dir=" + os.path.join(ART, "profile")):
+          "--window-size=1400,1000", "--no-first-run", "--user-data-dir=" + os.path.join(os.environ.get("HOME", "/tmp"), "chrome-profile")):
     opts.add_argument(a)
 drv = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 drv.set_page_load_timeout(20)
