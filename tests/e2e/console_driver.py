@@ -58,8 +58,16 @@ def reach():
                           stderr=subprocess.DEVNULL).returncode == 0
 
 
+def goto(drv, path, title):
+    """Opens a console page and waits until it is the one shown (by its title)."""
+    drv.get(BASE + path)
+    WebDriverWait(drv, 15, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.title.startswith(title + " ·")
+        and d.execute_script("return document.readyState") == "complete")
+
+
 def state_of(drv, name):
-    drv.get(BASE + "/devices")
+    goto(drv, "/devices", "Devices")
     for row in drv.find_elements(By.CSS_SELECTOR, "#devices tbody tr"):
         if row.find_element(By.CSS_SELECTOR, "a.device-name").text == name:
             return row.find_element(By.CSS_SELECTOR, ".state").get_attribute("data-state")
@@ -121,14 +129,14 @@ try:
 
     # Quarantine from the console: the subject's access vanishes in the lab.
     check(f"{SUBJECT} reaches its peer before quarantine", wait(reach, 15))
-    drv.get(BASE + "/devices")
+    goto(drv, "/devices", "Devices")
     t0 = time.time()
     submit(drv, row_button(drv, SUBJECT, "quarantine"))
     check("quarantine shown on the devices page", wait(lambda: state_of(drv, SUBJECT) == "quarantined", 10))
     blocked = wait(lambda: not reach(), 20, 0.2)
     check(f"{SUBJECT}'s access is gone after the console's quarantine ({time.time() - t0:.1f}s)", blocked)
     shot(drv, "quarantined")
-    drv.get(BASE + "/quarantine")
+    goto(drv, "/quarantine", "Quarantine")
     check("quarantine page lists it", SUBJECT in drv.find_element(By.ID, "quarantine").text)
     submit(drv, row_button(drv, SUBJECT, "release"))
     t0 = time.time()
@@ -137,25 +145,27 @@ try:
           f"after {time.time() - t0:.1f}s")
 
     # The flow graph and the maturity chart render as SVG.
-    drv.get(BASE + "/graph?since=1h")
+    goto(drv, "/graph?since=1h", "Flow graph")
     nodes = drv.find_elements(By.CSS_SELECTOR, "#flow-graph g.node")
     allowed = drv.find_elements(By.CSS_SELECTOR, "#flow-graph line.edge-allowed")
     denied = drv.find_elements(By.CSS_SELECTOR, "#flow-graph line.edge-denied")
     check(f"flow graph: {len(nodes)} nodes, {len(allowed)} allowed and {len(denied)} denied edges",
           len(nodes) >= 2 and len(allowed) >= 1 and len(denied) >= 1)
     print("screenshot " + shot(drv, "graph"))
-    drv.get(BASE + "/maturity")
+    goto(drv, "/maturity", "Maturity")
     lines = drv.find_elements(By.CSS_SELECTOR, "#maturity-chart polyline.series")
     points = drv.find_elements(By.CSS_SELECTOR, "#maturity-chart circle.point")
     check(f"maturity chart: {len(lines)} pillar lines, {len(points)} points",
           len(lines) == 6 and len(points) >= 12)
     print("screenshot " + shot(drv, "maturity"))
-    drv.get(BASE + "/policy?from=1&to=2")
+    goto(drv, "/policy?from=1&to=2", "Policy")
     check("policy diff between versions 1 and 2",
           len(drv.find_elements(By.CSS_SELECTOR, "#policy-diff .add")) >= 1)
-    drv.get(BASE + "/grants")
-    check("grant listed with time left", "59m" in drv.page_source or "60m" in drv.page_source)
-    drv.get(BASE + "/audit")
+    goto(drv, "/grants", "Grants")
+    gtext = drv.find_element(By.TAG_NAME, "main").text
+    check("grant listed with time left", "59m" in gtext or "60m" in gtext,
+          f"at {drv.current_url}: {gtext[:300]!r}")
+    goto(drv, "/audit", "Audit log")
     v = drv.find_element(By.ID, "audit-verify")
     check("audit chain verified on the audit page", "pass" in v.get_attribute("class"), v.text)
     check("console sign-in and quarantine audited",
@@ -192,6 +202,8 @@ try:
     # A used link is refused (in a fresh browser state: no cookie).
     drv.delete_all_cookies()
     drv.get(LINK)
+    # Whatever the answer, wait until it (not the audit page before it) is shown.
+    wait(lambda: not drv.title.startswith("Audit log"), 10)
     body = drv.find_element(By.TAG_NAME, "body").text
     check("a reused one-time link is refused",
           "already used" in body and not drv.find_elements(By.ID, "devices"),
