@@ -57,6 +57,10 @@ cores=(
     coordinator/src/flows.rs
     coordinator/src/maturity
     coordinator/src/suggest
+    coordinator/src/console/auth.rs
+    coordinator/src/console/html.rs
+    coordinator/src/console/svg.rs
+    coordinator/src/console/views.rs
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
     client/src/dataplane/probe.rs

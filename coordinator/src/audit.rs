@@ -52,11 +52,17 @@ pub enum Action {
     SuggestionDismiss,
     /// An administrator snoozed a suggestion until a time.
     SuggestionSnooze,
+    /// A one-time web console login link was issued (`console-link`).
+    ConsoleLink,
+    /// A web console session was opened (a login link redeemed).
+    ConsoleLogin,
+    /// A web console sign-in attempt was refused (reused, expired or unknown link).
+    ConsoleLoginRefused,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 37] = [
+    pub const ALL: [Action; 40] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -94,6 +100,9 @@ impl Action {
         Action::SuggestionAccept,
         Action::SuggestionDismiss,
         Action::SuggestionSnooze,
+        Action::ConsoleLink,
+        Action::ConsoleLogin,
+        Action::ConsoleLoginRefused,
     ];
 
     /// The stored name (stable: it is part of every hash-chained row).
@@ -136,6 +145,9 @@ impl Action {
             Action::SuggestionAccept => "suggestion.accept",
             Action::SuggestionDismiss => "suggestion.dismiss",
             Action::SuggestionSnooze => "suggestion.snooze",
+            Action::ConsoleLink => "console.link",
+            Action::ConsoleLogin => "console.login",
+            Action::ConsoleLoginRefused => "console.login_refused",
         }
     }
 }

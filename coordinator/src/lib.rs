@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod audit;
 pub mod behaviour;
+pub mod console;
 pub mod datadir;
 pub mod flows;
 pub mod gate;

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use ward_coordinator::admin::api::fmt_time;
 use ward_coordinator::admin::api::{
-    render_table, AuditVerifyView, AuditView, DeviceDetail, DeviceTagsView, DeviceView,
-    ExplainView, FlowsTopView, FlowsView, GrantView, MaturityHistoryView, MaturityView,
+    render_table, AuditVerifyView, AuditView, ConsoleLinkView, DeviceDetail, DeviceTagsView,
+    DeviceView, ExplainView, FlowsTopView, FlowsView, GrantView, MaturityHistoryView, MaturityView,
     PolicyOutcome, PolicyShowView, PolicyVersionView, RelayAdded, RelayView, Rotating, StatusView,
     Table, TokenCreated, TokenView, UserAccess, UserGroupsView, UserView,
 };
@@ -77,6 +77,11 @@ enum Cmd {
         /// it to loopback or a management network: see docs/metrics.md).
         #[arg(long, env = "WARD_COORDINATOR_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// TCP address serving the admin web console over plain HTTP (off unless given; bind
+        /// it to loopback and reach it through an SSH tunnel: see docs/console.md). Sign in
+        /// with `console-link`.
+        #[arg(long, env = "WARD_COORDINATOR_CONSOLE_LISTEN")]
+        console_listen: Option<SocketAddr>,
     },
     /// Show the running coordinator's state.
     Status {
@@ -140,6 +145,12 @@ enum Cmd {
         #[arg(long)]
         explain: bool,
         #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Print a one-time sign-in URL for the running coordinator's web console (valid for 5
+    /// minutes, once).
+    ConsoleLink {
+        #[arg(long)]
         json: bool,
     },
     /// Show the audit log, or verify its hash chain.
@@ -526,6 +537,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Serve {
             listen,
             metrics_listen,
+            console_listen,
             lease_ttl,
             lease_ttl_tag,
             lease_max_ttl,
@@ -548,7 +560,7 @@ async fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(ttl.default_ms >= 1000, "--lease-ttl must be at least 1s");
             let retention = ms(&flow_retention)?;
             anyhow::ensure!(retention >= 1000, "--flow-retention must be at least 1s");
-            server::serve(dd, listen, ttl, metrics_listen, retention).await
+            server::serve(dd, listen, ttl, metrics_listen, console_listen, retention).await
         }
         Cmd::Status { json } => {
             let v: StatusView = admin::call(&sock, &AdminRequest::Status).await?;
@@ -878,6 +890,18 @@ async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
+        Cmd::ConsoleLink { json } => {
+            let v: ConsoleLinkView = admin::call(&sock, &AdminRequest::ConsoleLink).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!("{}", v.url);
+            eprintln!(
+                "one-time sign-in link: valid until {} (once)",
+                fmt_time(v.expires_ms)
+            );
+            Ok(())
+        }
         Cmd::Audit {
             cmd: Some(AuditCmd::Verify),
             json,

@@ -861,6 +861,14 @@ impl Registry {
         true
     }
 
+    /// The relay each connected device last said it receives relayed traffic through.
+    pub fn home_relays(&self) -> BTreeMap<DeviceId, String> {
+        self.sessions
+            .iter()
+            .filter_map(|(id, s)| s.home_relay.clone().map(|r| (*id, r)))
+            .collect()
+    }
+
     /// The directory the policy compiles against.
     pub fn directory(&self) -> Directory {
         let mut d = directory(&self.devices, &self.users, &self.grants);

@@ -194,6 +194,13 @@ pub struct DeviceView {
     pub lease_serial: Option<u64>,
     /// The WireGuard key of the newest active lease (base64).
     pub lease_key: Option<String>,
+    /// When the newest active lease (so the WireGuard key in use) took effect: the key's age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_issued_ms: Option<i64>,
+    /// The relay this connected device said it receives relayed traffic through (`device ls`
+    /// only); `None` when it reported none (direct paths only) or is offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
     pub rotations: i64,
     pub online: bool,
     pub state: DeviceState,
@@ -1165,6 +1172,14 @@ pub enum AdminReply {
     SuggestionMarked(SuggestionMarkView),
     Anomalies(Vec<AnomalyView>),
     AnomalyAcked(AnomalyView),
+    ConsoleLink(ConsoleLinkView),
+}
+
+/// `console-link`: the one-time login URL and when it stops working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleLinkView {
+    pub url: String,
+    pub expires_ms: i64,
 }
 
 #[cfg(test)]
@@ -1205,6 +1220,8 @@ mod tests {
             lease_expires_ms: None,
             lease_serial: None,
             lease_key: None,
+            lease_issued_ms: None,
+            relay: None,
             rotations: 0,
             online: true,
             state: DeviceState::Active,

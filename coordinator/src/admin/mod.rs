@@ -102,6 +102,10 @@ pub enum AdminRequest {
     },
     PolicyShow,
     PolicyHistory,
+    /// One stored policy version's text (for the console's diffs).
+    PolicyVersion {
+        version: i64,
+    },
     PolicyExplain {
         src: String,
         dst: String,
@@ -166,6 +170,9 @@ pub enum AdminRequest {
     SuggestionsLs(suggest::SuggestAsk),
     /// Accept, dismiss or snooze a current suggestion.
     SuggestionMark(suggest::MarkAsk),
+    /// A one-time login URL for the web console (answered by `serve` when `--console-listen`
+    /// is set).
+    ConsoleLink,
 }
 
 /// Sends one request to the running coordinator and reads its typed answer.

@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub relays: std::collections::BTreeMap<String, RelayLoad>,
     /// The registry actor's event queues.
     pub event_queue: crate::admin::api::EventQueueView,
+    /// The relay each connected device last said it receives relayed traffic through.
+    pub home_relays: std::collections::BTreeMap<DeviceId, String>,
 }
 
 /// A change the registry must apply after a request succeeded.
@@ -187,7 +189,10 @@ pub fn handle(
                 store
                     .list_devices()?
                     .iter()
-                    .map(|d| device_view(d, online, &leases))
+                    .map(|d| DeviceView {
+                        relay: snap.home_relays.get(&d.id).cloned(),
+                        ..device_view(d, online, &leases)
+                    })
                     .collect(),
             )
         }
@@ -372,6 +377,19 @@ pub fn handle(
                 .map(PolicyVersionView::from)
                 .collect(),
         ),
+        AdminRequest::PolicyVersion { version } => {
+            let v = store
+                .policy_history()?
+                .into_iter()
+                .find(|v| v.version == version)
+                .ok_or_else(|| anyhow!("no policy version {version}"))?;
+            AdminReply::PolicyShow(PolicyShowView {
+                version: Some(v.version),
+                text: Some(v.text),
+                created_ms: Some(v.created_ms),
+                sha256: Some(v.sha256),
+            })
+        }
         AdminRequest::PolicyExplain { src, dst } => AdminReply::Explain(Box::new(
             super::policy::explain(snap.policy.as_ref(), &snap.directory, &src, &dst, now)?,
         )),
@@ -498,6 +516,11 @@ pub fn handle(
             since_secs,
             now,
         )?)),
+        AdminRequest::ConsoleLink => {
+            bail!(
+                "the web console is off: start `ward-coordinator serve` with --console-listen ADDR"
+            )
+        }
         AdminRequest::SuggestionMark(ask) => {
             AdminReply::SuggestionMarked(super::suggest::mark(store, &snap.directory, &ask, now)?)
         }
@@ -952,6 +975,11 @@ fn device_view(d: &Device, online: &[DeviceId], leases: &LeaseInfo) -> DeviceVie
             .iter()
             .max_by_key(|l| l.serial)
             .map(|l| l.wg_public_key.to_base64()),
+        lease_issued_ms: mine
+            .iter()
+            .max_by_key(|l| l.serial)
+            .map(|l| l.not_before_ms),
+        relay: None,
         rotations: leases
             .counts
             .get(&d.id)

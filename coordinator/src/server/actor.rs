@@ -370,6 +370,7 @@ pub(super) async fn registry_actor(
                 flush(&mut reg, &mut conns, &mut relays, &mut sink);
                 let _ = reply.send(Snapshot {
                     online: conns_online(&reg),
+                    home_relays: reg.home_relays(),
                     directory: reg.directory(),
                     compiled: reg.compiled().clone(),
                     policy: reg.policy().cloned(),

@@ -83,6 +83,8 @@ struct Ctx {
     flow_retention_ms: i64,
     /// Counters for `--metrics-listen`.
     metrics: crate::metrics::Counters,
+    /// The web console, when `--console-listen` is set (it answers `console-link`).
+    console: std::sync::OnceLock<Arc<crate::console::Console>>,
 }
 
 /// Flow record retention when `serve --flow-retention` does not say.
@@ -95,6 +97,7 @@ pub async fn serve(
     listen: Option<SocketAddr>,
     lease_ttl: LeaseTtl,
     metrics_listen: Option<SocketAddr>,
+    console_listen: Option<SocketAddr>,
     flow_retention_ms: i64,
 ) -> Result<()> {
     let config = dd.load_config()?;
@@ -199,6 +202,7 @@ pub async fn serve(
         enroll_slots: tokio::sync::Semaphore::new(ENROLL_SLOTS),
         metrics: crate::metrics::Counters::default(),
         flow_retention_ms,
+        console: std::sync::OnceLock::new(),
     });
     if let Some(addr) = metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -211,6 +215,16 @@ pub async fn serve(
             ward_runtime::metrics::Limits::default(),
             move || scrape(ctx.clone()),
         ));
+    }
+    if let Some(addr) = console_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the web console listener on {addr}"))?;
+        let bound = l.local_addr()?;
+        let console = crate::console::Console::new(bound, console_hooks(ctx.clone()));
+        let _ = ctx.console.set(console.clone());
+        info!(addr = %bound, "web console listening (sign in with `ward-coordinator console-link`)");
+        tokio::spawn(crate::console::web::serve(l, console));
     }
 
     let runtime = quinn::default_runtime().context("the QUIC listener needs a tokio runtime")?;
@@ -529,10 +543,86 @@ async fn scrape(ctx: Arc<Ctx>) -> String {
     })
 }
 
+/// The console's way into the coordinator: admin requests through [`admin_handle`] (the
+/// socket's path), sign-in audit rows through the store.
+fn console_hooks(ctx: Arc<Ctx>) -> crate::console::ConsoleHooks {
+    let admin_ctx = ctx.clone();
+    crate::console::ConsoleHooks {
+        admin: Box::new(move |req| {
+            let ctx = admin_ctx.clone();
+            Box::pin(async move {
+                let env = admin_handle(ctx, req).await;
+                match (env.ok, env.data) {
+                    (true, Some(v)) => Ok(v),
+                    _ => Err(env.error.unwrap_or_else(|| "no answer".into())),
+                }
+            })
+        }),
+        audit: Box::new(move |action, target, detail| {
+            let ctx = ctx.clone();
+            Box::pin(async move {
+                let res = tokio::task::spawn_blocking(move || {
+                    ctx.store.append_audit(
+                        Audit {
+                            actor: "console",
+                            action,
+                            target: &target,
+                            detail,
+                        },
+                        now_ms(),
+                    )
+                })
+                .await;
+                match res {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => error!(error = %e, "console audit row not written"),
+                    Err(e) => error!(error = %e, "console audit task failed"),
+                }
+            })
+        }),
+        now_ms,
+    }
+}
+
+/// `console-link`: a one-time login URL from the running console, audited.
+async fn console_link(ctx: Arc<Ctx>) -> Envelope<AdminReply> {
+    let Some(console) = ctx.console.get().cloned() else {
+        return Envelope::err(
+            "the web console is off: start `ward-coordinator serve` with --console-listen ADDR"
+                .to_string(),
+        );
+    };
+    let link = console.issue_link(now_ms());
+    let expires_ms = link.expires_ms;
+    let res = tokio::task::spawn_blocking(move || {
+        ctx.store.append_audit(
+            Audit {
+                actor: "admin",
+                action: Action::ConsoleLink,
+                target: "console",
+                detail: serde_json::json!({ "expires_ms": expires_ms }),
+            },
+            now_ms(),
+        )
+    })
+    .await;
+    match res {
+        Ok(Ok(_)) => Envelope::ok(AdminReply::ConsoleLink(link)),
+        // No audit row, no link: the secret is never handed out unrecorded.
+        Ok(Err(e)) => Envelope::err(format!(
+            "console link not issued: the audit row could not be written: {e}"
+        )),
+        Err(e) => Envelope::err(format!("internal error: {e}")),
+    }
+}
+
 /// Runs one admin request on a blocking thread (the store is synchronous).
 async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> {
     ctx.metrics
         .admin_request(&crate::metrics::admin_command(&req));
+    if matches!(req, AdminRequest::ConsoleLink) {
+        return console_link(ctx).await;
+    }
     let res = tokio::task::spawn_blocking(move || {
         let me = Identity {
             public_addr: ctx.config.public_addr.clone(),
