@@ -36,6 +36,10 @@ pub struct Config {
     pub public_addr: String,
     pub pools: AddressPools,
     pub created_ms: i64,
+    /// The DNS domain device names are published under; instances made before it use
+    /// [`ward_shared::names::DEFAULT_DNS_DOMAIN`].
+    #[serde(default)]
+    pub dns_domain: ward_shared::names::DnsDomain,
 }
 
 pub struct DataDir {
@@ -205,6 +209,16 @@ impl DataDir {
 
     /// Creates a new instance; refuses to touch an existing one.
     pub fn init(&self, public_addr: &str, now_ms: i64) -> Result<Config> {
+        self.init_with(public_addr, Default::default(), now_ms)
+    }
+
+    /// [`DataDir::init`] with the DNS domain device names are published under.
+    pub fn init_with(
+        &self,
+        public_addr: &str,
+        dns_domain: ward_shared::names::DnsDomain,
+        now_ms: i64,
+    ) -> Result<Config> {
         validate_public_addr(public_addr)?;
         if self.config_path().exists() || self.db_path().exists() {
             bail!(
@@ -244,6 +258,7 @@ impl DataDir {
             public_addr: public_addr.to_string(),
             pools: AddressPools::from_random(gid),
             created_ms: now_ms,
+            dns_domain,
         };
         write_private(
             &self.config_path(),

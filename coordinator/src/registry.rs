@@ -198,9 +198,16 @@ pub struct Registry {
     /// Per device, the posture requirements that rules applying to it name.
     needed: BTreeMap<DeviceId, BTreeSet<String>>,
     punch_counters: PunchCounters,
+    /// The DNS domain sent in every full netmap (set once at start).
+    dns_domain: ward_shared::names::DnsDomain,
 }
 
 impl Registry {
+    /// Sets the DNS domain device names are published under (sent in full netmaps).
+    pub fn set_dns_domain(&mut self, domain: ward_shared::names::DnsDomain) {
+        self.dns_domain = domain;
+    }
+
     /// Starts from the store's devices and users, the current policy and grants.
     pub fn new(
         pools: AddressPools,
@@ -233,6 +240,7 @@ impl Registry {
             users: users.into_iter().map(|u| (u.name.clone(), u)).collect(),
             grants,
             relays: Vec::new(),
+            dns_domain: Default::default(),
             policy,
             policy_version: None,
             compiled: Compiled::default(),
@@ -1082,6 +1090,7 @@ impl Registry {
                         flows: true,
                         policy_version,
                         shadow_filter: shadow_filter.clone(),
+                        dns_domain: Some(self.dns_domain.clone()),
                     });
                     session.sent = Some(Sent {
                         seq: 1,

@@ -161,6 +161,7 @@ pub async fn serve(
         .collect();
     let mut registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
     registry.handle_policy_version(current_version);
+    registry.set_dns_domain(config.dns_domain.clone());
     registry.handle_relays(ops::relays(store.as_ref())?);
     let (events, rx) = queue::channel(queue::CONNECTION_EVENTS);
     let ctx = Arc::new(Ctx {
