@@ -370,6 +370,24 @@ mod tests {
     }
 
     #[test]
+    fn the_dns_domain_is_kept_and_defaults_for_older_configs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("c"));
+        let domain = ward_shared::names::DnsDomain::parse("corp.example").unwrap();
+        dd.init_with("10.0.0.1:7443", domain.clone(), 1).unwrap();
+        assert_eq!(dd.load_config().unwrap().dns_domain, domain);
+        // A config.json written before the domain existed reads as the default domain.
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&fs::read(dd.config_path()).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("dns_domain");
+        write_private(&dd.config_path(), v.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            dd.load_config().unwrap().dns_domain.as_str(),
+            ward_shared::names::DEFAULT_DNS_DOMAIN
+        );
+    }
+
+    #[test]
     fn a_data_dir_from_before_anchoring_is_anchored_at_its_first_start() {
         let tmp = tempfile::tempdir().unwrap();
         let dd = DataDir::new(tmp.path().join("c"));

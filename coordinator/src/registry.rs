@@ -1471,6 +1471,11 @@ to = ["all"]
             vec![2, 3]
         );
         assert!(nm.peers.iter().all(|p| !p.online));
+        assert_eq!(
+            nm.dns_domain.as_ref().map(|d| d.as_str()),
+            Some(ward_shared::names::DEFAULT_DNS_DOMAIN),
+            "the full netmap carries the DNS domain"
+        );
 
         // Device 2 comes online: device 1 gets a delta with 2 online and its endpoint.
         r.handle_session_opened(
