@@ -92,7 +92,10 @@ expect("A nobody.ward.internal (tcp) is NXDOMAIN", tcp("nobody.ward.internal"), 
 # An oversized TCP length: the connection is closed, nothing read past it.
 s = socket.create_connection(ADDR, timeout=3)
 s.sendall(struct.pack(">H", 65000) + b"x" * 100)
-closed = s.recv(10) == b""
+try:
+    closed = s.recv(10) == b""
+except ConnectionResetError:  # closed with our unread bytes still queued: a reset
+    closed = True
 s.close()
 expect("oversized TCP message closes the connection", closed, True)
 
