@@ -3,7 +3,7 @@
 # /etc/netns/NS/resolv.conf that `ip netns exec` bind-mounts over /etc/resolv.conf), so
 # `ping db.ward.internal` and `nc db.ward.internal 5432` work by name; `secret` (in her netmap,
 # but she may not reach it) does not resolve; the service name pg.ward.internal resolves to db;
-# other names go to the previous resolver (dnsmasq in a lab namespace with a static record);
+# a peer's query to alice's resolver is ignored; other names go to the previous resolver (dnsmasq in a lab namespace with a static record);
 # garbage to the resolver (truncated, oversized, compression loops, 100 000 random names) gets
 # an answer or nothing, the daemon lives on and its RSS stays flat; `ward down`, and a restart
 # after `kill -9`, put the resolv.conf back byte for byte. Needs root; prints
@@ -98,6 +98,16 @@ echo "    agent RSS before ${RSS0} KiB, after ${RSS1} KiB"
 check "daemon alive after the garbage" kill -0 "$APID"
 check "RSS flat (grew less than 8 MiB)" test $((RSS1 - RSS0)) -lt 8192
 check "still answering after the garbage" resolves db.ward.internal "$DB4"
+peer_query() {
+    lab_exec secret python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.5)
+s.sendto(bytes.fromhex("abcd01000001000000000000") + b"\x02db\x04ward\x08internal\x00\x00\x01\x00\x01", (sys.argv[1], 53))
+s.recv(512)' "$A4" 2>/dev/null
+}
+check "a peer allowed to reach port 53 gets no answer from alice's resolver" fails peer_query
+ignored_log() { grep -q "query from another device ignored" "$LAB_DIR/logs/ward-alice.log"; }
+check "alice's agent logged that it ignored it" lab_wait_for -t 5 ignored_log
 
 say "restore"
 lab_ward alice down >/dev/null

@@ -2,6 +2,11 @@
 //! socket towards the previous resolvers, and the host's resolver configuration (see
 //! [`super::dns_host`]). The answers come from [`crate::dns::Resolver`]; the zone is replaced
 //! whenever the session loop publishes a new netmap (`zone` watch channel).
+//!
+//! Only this device's own processes are answered: a query must come from one of its overlay
+//! addresses or from loopback. A peer whose policy lets it reach port 53 here gets nothing, so
+//! the resolver never tells another device the names this device may reach, nor forwards for
+//! it.
 
 use anyhow::{Context, Result};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -102,14 +107,16 @@ impl DnsServer {
         for l in tcp {
             accepters.push(tokio::spawn(accept_loop(
                 l,
+                [IpAddr::V4(v4), IpAddr::V6(v6)],
                 tcp_tx.clone(),
                 sem.clone(),
                 stop_rx.clone(),
             )));
         }
         let resolver = Resolver::new(zone.borrow().clone(), upstreams);
+        let own = [IpAddr::V4(v4), IpAddr::V6(v6)];
         let task = tokio::spawn(async move {
-            serve(resolver, udp, tcp_rx, zone, stop_rx, &mut host, status).await;
+            serve(resolver, own, udp, tcp_rx, zone, stop_rx, &mut host, status).await;
             for a in accepters {
                 a.abort();
             }
@@ -132,8 +139,10 @@ impl DnsServer {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     mut r: Resolver<Client>,
+    own: [IpAddr; 2],
     udp: Vec<Arc<UdpSocket>>,
     mut tcp_rx: mpsc::Receiver<TcpQuery>,
     mut zone: watch::Receiver<Zone>,
@@ -172,11 +181,19 @@ async fn serve(
                 continue;
             }
             got = udp4.recv_from(&mut buf4) => match got {
-                Ok((n, from)) => (query(&mut r, &buf4[..n], Client::Udp(from), Transport::Udp), Some((from, 4))),
+                Ok((n, from)) if is_local(from.ip(), &own) => (query(&mut r, &buf4[..n], Client::Udp(from), Transport::Udp), Some((from, 4))),
+                Ok((_, from)) => {
+                    refused(&mut log, from);
+                    continue;
+                }
                 Err(_) => continue,
             },
             got = udp6.recv_from(&mut buf6) => match got {
-                Ok((n, from)) => (query(&mut r, &buf6[..n], Client::Udp(from), Transport::Udp), Some((from, 6))),
+                Ok((n, from)) if is_local(from.ip(), &own) => (query(&mut r, &buf6[..n], Client::Udp(from), Transport::Udp), Some((from, 6))),
+                Ok((_, from)) => {
+                    refused(&mut log, from);
+                    continue;
+                }
                 Err(_) => continue,
             },
             Some((bytes, tx)) = tcp_rx.recv() => {
@@ -252,6 +269,21 @@ fn query(
     r.handle_query(bytes, client, t, Instant::now(), rand::random())
 }
 
+/// Whether a client is one of this device's own processes (an own address or loopback).
+fn is_local(ip: IpAddr, own: &[IpAddr]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    ip.is_loopback() || own.contains(&ip)
+}
+
+fn refused(log: &mut LogLimiter, from: SocketAddr) {
+    if let Some(n) = log.allow(Instant::now()) {
+        info!(%from, suppressed = n, "DNS: query from another device ignored (only this device's own processes are answered)");
+    }
+}
+
 async fn reply(udp4: &UdpSocket, udp6: &UdpSocket, c: Client, bytes: Vec<u8>) {
     match c {
         Client::Udp(to) => {
@@ -280,6 +312,7 @@ async fn sleep_opt(at: Option<Instant>) {
 
 async fn accept_loop(
     l: TcpListener,
+    own: [IpAddr; 2],
     tx: mpsc::Sender<TcpQuery>,
     sem: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
@@ -288,9 +321,12 @@ async fn accept_loop(
         let Ok(permit) = sem.clone().acquire_owned().await else {
             return;
         };
-        let Ok((s, _)) = l.accept().await else {
+        let Ok((s, from)) = l.accept().await else {
             continue;
         };
+        if !is_local(from.ip(), &own) {
+            continue; // dropped: closes the connection
+        }
         let tx = tx.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -337,5 +373,32 @@ async fn tcp_conn(
         };
         s.write_all(&l.to_be_bytes()).await?;
         s.write_all(&answer).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+    use super::*;
+
+    #[test]
+    fn only_this_devices_own_addresses_and_loopback_are_answered() {
+        let own = [
+            IpAddr::V4(Ipv4Addr::new(100, 64, 0, 7)),
+            "fd00::7".parse().unwrap(),
+        ];
+        for ok in [
+            "100.64.0.7",
+            "fd00::7",
+            "127.0.0.1",
+            "::1",
+            "::ffff:100.64.0.7",
+        ] {
+            assert!(is_local(ok.parse().unwrap(), &own), "{ok}");
+        }
+        for no in ["100.64.0.8", "fd00::8", "10.0.0.1", "::ffff:100.64.0.8"] {
+            assert!(!is_local(no.parse().unwrap(), &own), "{no}");
+        }
     }
 }
