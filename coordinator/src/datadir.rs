@@ -380,7 +380,7 @@ mod tests {
         let mut v: serde_json::Value =
             serde_json::from_slice(&fs::read(dd.config_path()).unwrap()).unwrap();
         v.as_object_mut().unwrap().remove("dns_domain");
-        write_private(&dd.config_path(), v.to_string().as_bytes()).unwrap();
+        fs::write(dd.config_path(), v.to_string()).unwrap();
         assert_eq!(
             dd.load_config().unwrap().dns_domain.as_str(),
             ward_shared::names::DEFAULT_DNS_DOMAIN
