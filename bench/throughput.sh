@@ -400,7 +400,7 @@ EOF
         mkdir -p "$d/$n/state"
         chmod 700 "$d/$n" "$d/$n/state"
         spawn "$ns" "$d/$n.log" "$WARD" daemon --state-dir "$d/$n/state" --socket "$sock" \
-            --tun "wrd${ID}$n" --port 51820
+            --tun "wrd${ID}$n" --port 51820 --dns off
         TUN_PIDS+=("$SPAWNED $ns")
         for ((i = 0; i < 100; i++)); do [[ -S "$sock" ]] && break; sleep 0.1; done
         [[ -S "$sock" ]] || { echo "ward daemon $n did not create $sock" >&2; return 1; }

@@ -65,6 +65,7 @@ cores=(
     client/src/dataplane/pmtu.rs
     client/src/dataplane/probe.rs
     client/src/agent
+    client/src/dns
     relay/src/core.rs
     relay/src/forward.rs
     relay/src/gate.rs

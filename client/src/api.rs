@@ -155,6 +155,27 @@ pub struct DeviceView {
     /// Flow records kept for the coordinator; `None` while stopped.
     #[serde(default)]
     pub flow_log: Option<FlowLogView>,
+    /// Device names in DNS: the mode, this device's name, the resolver's addresses.
+    #[serde(default)]
+    pub dns: Option<DnsView>,
+}
+
+/// The device's resolver (`ward status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsView {
+    /// `resolved`, `resolv.conf` or `off`.
+    pub mode: String,
+    /// This device's name (`HOSTNAME.<domain>`), once the domain is known.
+    pub name: Option<String>,
+    pub domain: String,
+    /// Where the resolver listens (port 53 on the overlay addresses).
+    pub listen: Vec<SocketAddr>,
+    /// The previous resolvers, where other names are forwarded.
+    pub upstreams: Vec<SocketAddr>,
+    pub queries: u64,
+    pub dropped: u64,
+    /// Why the host's resolver configuration could not be set, if it could not.
+    pub error: Option<String>,
 }
 
 /// The flow log (records of what the data plane allowed and denied, reported in windows).
@@ -234,6 +255,9 @@ pub struct PeerView {
     pub lease_serial: Option<u64>,
     pub lease_expires_in_secs: Option<i64>,
     pub key_age_secs: Option<i64>,
+    /// The peer's DNS name, when this device may reach it (and so resolves it).
+    #[serde(default)]
+    pub dns_name: Option<String>,
 }
 
 /// A peer's path: `{"kind": "direct", "addr": "…"}`, `{"kind": "relay", "relay": "NAME"}` or
@@ -408,6 +432,7 @@ mod tests {
                 control_transport: Some("tcp".into()),
                 relay_transports: [("r1".to_string(), "tcp".to_string())].into(),
                 flow_log: None,
+                dns: None,
             }),
         };
         let j = serde_json::to_value(&v).unwrap();
@@ -425,6 +450,7 @@ mod tests {
                 "coordinator",
                 "counters",
                 "device_id",
+                "dns",
                 "flow_log",
                 "home_relay",
                 "hostname",

@@ -8,6 +8,8 @@
 //! - [`daemon`]: `ward daemon` (identity, control loop, local API).
 //! - [`state`]: the device's durable identity file.
 //! - [`posture`]: posture collection (OS, firewall, disk encryption, processes, files, custom checks).
+//! - [`dns`]: the I/O-free resolver core (device and service names from the netmap,
+//!   forwarding of other names), driven by the daemon.
 //! - [`api`]: the local Unix-socket API between the CLI and the daemon.
 
 pub mod agent;
@@ -15,6 +17,7 @@ pub mod api;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod dns;
 pub mod posture;
 pub mod state;
 

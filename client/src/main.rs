@@ -63,6 +63,14 @@ enum Cmd {
         /// to loopback: see docs/metrics.md).
         #[arg(long, env = "WARD_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Device names in DNS: `auto` (systemd-resolved when it runs, else resolv.conf),
+        /// `resolved`, `resolv.conf`, or `off` (no resolver, the host's DNS untouched).
+        #[arg(long, env = "WARD_DNS", value_enum, default_value = "auto")]
+        dns: ward_client::daemon::DnsSetting,
+        /// The resolv.conf to manage in `resolv.conf` mode (backed up and restored byte for
+        /// byte).
+        #[arg(long, env = "WARD_RESOLV_CONF", default_value = ward_client::daemon::DEFAULT_RESOLV_CONF)]
+        resolv_conf: PathBuf,
     },
     /// Join the network: enroll with a token the first time, reconnect afterwards.
     Up {
@@ -183,6 +191,8 @@ async fn run(cli: Cli) -> Result<()> {
             posture_interval,
             quic_retry_secs,
             metrics_listen,
+            dns,
+            resolv_conf,
         } => {
             let tun = (tun != "off").then_some(tun);
             let mut custom_checks = BTreeMap::new();
@@ -207,6 +217,8 @@ async fn run(cli: Cli) -> Result<()> {
                 posture_interval,
                 quic_retry: Duration::from_secs(quic_retry_secs),
                 metrics_listen,
+                dns,
+                resolv_conf,
             })
             .await
         }
@@ -338,6 +350,17 @@ fn print_status(v: &StatusView) {
         return;
     };
     println!("device:       {} ({}, {})", d.hostname, d.ipv4, d.ipv6);
+    if let Some(dns) = &d.dns {
+        let name = dns.name.as_deref().unwrap_or("-");
+        let via = match (&dns.mode, dns.listen.first()) {
+            (m, Some(l)) => format!("{m}, resolver {}", l.ip()),
+            (m, None) => m.clone(),
+        };
+        match &dns.error {
+            Some(e) => println!("dns:          {name} ({via}; {e})"),
+            None => println!("dns:          {name} ({via})"),
+        }
+    }
     println!("coordinator:  {}", d.coordinator);
     println!(
         "control:      {}",
@@ -432,6 +455,9 @@ fn print_status(v: &StatusView) {
             (api::PathView::None, why) => format!("- ({why})"),
             (path, _) => path.to_string(),
         };
+        if let Some(n) = &p.dns_name {
+            println!("  {:<16} name {n}", "");
+        }
         println!(
             "  {:<16} {:<15} {:<7} {}  rx {} tx {}  {}",
             p.hostname,

@@ -36,6 +36,10 @@ pub struct Config {
     pub public_addr: String,
     pub pools: AddressPools,
     pub created_ms: i64,
+    /// The DNS domain device names are published under; instances made before it use
+    /// [`ward_shared::names::DEFAULT_DNS_DOMAIN`].
+    #[serde(default)]
+    pub dns_domain: ward_shared::names::DnsDomain,
 }
 
 pub struct DataDir {
@@ -205,6 +209,16 @@ impl DataDir {
 
     /// Creates a new instance; refuses to touch an existing one.
     pub fn init(&self, public_addr: &str, now_ms: i64) -> Result<Config> {
+        self.init_with(public_addr, Default::default(), now_ms)
+    }
+
+    /// [`DataDir::init`] with the DNS domain device names are published under.
+    pub fn init_with(
+        &self,
+        public_addr: &str,
+        dns_domain: ward_shared::names::DnsDomain,
+        now_ms: i64,
+    ) -> Result<Config> {
         validate_public_addr(public_addr)?;
         if self.config_path().exists() || self.db_path().exists() {
             bail!(
@@ -244,6 +258,7 @@ impl DataDir {
             public_addr: public_addr.to_string(),
             pools: AddressPools::from_random(gid),
             created_ms: now_ms,
+            dns_domain,
         };
         write_private(
             &self.config_path(),
@@ -352,6 +367,24 @@ mod tests {
         assert!(dd.load_config().is_ok());
         assert!(dd.load_ca().is_ok());
         assert!(dd.load_lease_key().is_ok());
+    }
+
+    #[test]
+    fn the_dns_domain_is_kept_and_defaults_for_older_configs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("c"));
+        let domain = ward_shared::names::DnsDomain::parse("corp.example").unwrap();
+        dd.init_with("10.0.0.1:7443", domain.clone(), 1).unwrap();
+        assert_eq!(dd.load_config().unwrap().dns_domain, domain);
+        // A config.json written before the domain existed reads as the default domain.
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&fs::read(dd.config_path()).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("dns_domain");
+        fs::write(dd.config_path(), v.to_string()).unwrap();
+        assert_eq!(
+            dd.load_config().unwrap().dns_domain.as_str(),
+            ward_shared::names::DEFAULT_DNS_DOMAIN
+        );
     }
 
     #[test]

@@ -49,6 +49,9 @@ enum Cmd {
         /// HOST:PORT devices will dial (carried in every enrollment token).
         #[arg(long, env = "WARD_PUBLIC_ADDR")]
         public_addr: String,
+        /// The DNS domain devices publish names under (`HOSTNAME.<domain>`).
+        #[arg(long, env = "WARD_DNS_DOMAIN", default_value = ward_shared::names::DEFAULT_DNS_DOMAIN)]
+        dns_domain: String,
     },
     /// Run the coordinator.
     Serve {
@@ -518,8 +521,13 @@ async fn run(cli: Cli) -> Result<()> {
     let dd = DataDir::new(&cli.data_dir);
     let sock = dd.admin_socket();
     match cli.cmd {
-        Cmd::Init { public_addr } => {
-            let cfg = dd.init(&public_addr, ward_runtime::now_ms())?;
+        Cmd::Init {
+            public_addr,
+            dns_domain,
+        } => {
+            let dns_domain = ward_shared::names::DnsDomain::parse(&dns_domain)
+                .map_err(|e| anyhow::anyhow!("--dns-domain: {e}"))?;
+            let cfg = dd.init_with(&public_addr, dns_domain, ward_runtime::now_ms())?;
             let ca = dd.load_ca()?;
             println!("initialised coordinator in {}", dd.path.display());
             println!("  public address : {}", cfg.public_addr);
@@ -528,6 +536,7 @@ async fn run(cli: Cli) -> Result<()> {
                 "  overlay        : 100.64.0.0/10, {}/48",
                 cfg.pools.v6_prefix
             );
+            println!("  DNS domain     : {}", cfg.dns_domain);
             println!(
                 "next: ward-coordinator --data-dir {} serve",
                 dd.path.display()

@@ -206,9 +206,16 @@ pub struct Registry {
     /// Devices whose behaviour risk is above 0 (re-judged every second as it decays).
     risk_live: BTreeSet<DeviceId>,
     risk_tick_ms: i64,
+    /// The DNS domain sent in every full netmap (set once at start).
+    dns_domain: ward_shared::names::DnsDomain,
 }
 
 impl Registry {
+    /// Sets the DNS domain device names are published under (sent in full netmaps).
+    pub fn set_dns_domain(&mut self, domain: ward_shared::names::DnsDomain) {
+        self.dns_domain = domain;
+    }
+
     /// Starts from the store's devices and users, the current policy and grants.
     pub fn new(
         pools: AddressPools,
@@ -246,6 +253,7 @@ impl Registry {
             users: users.into_iter().map(|u| (u.name.clone(), u)).collect(),
             grants,
             relays: Vec::new(),
+            dns_domain: Default::default(),
             policy,
             policy_version: None,
             compiled: Compiled::default(),
@@ -1263,6 +1271,7 @@ impl Registry {
                         flows: true,
                         policy_version,
                         shadow_filter: shadow_filter.clone(),
+                        dns_domain: Some(self.dns_domain.clone()),
                     });
                     session.sent = Some(Sent {
                         seq: 1,
@@ -1643,6 +1652,11 @@ to = ["all"]
             vec![2, 3]
         );
         assert!(nm.peers.iter().all(|p| !p.online));
+        assert_eq!(
+            nm.dns_domain.as_ref().map(|d| d.as_str()),
+            Some(ward_shared::names::DEFAULT_DNS_DOMAIN),
+            "the full netmap carries the DNS domain"
+        );
 
         // Device 2 comes online: device 1 gets a delta with 2 online and its endpoint.
         r.handle_session_opened(

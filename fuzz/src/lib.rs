@@ -316,3 +316,79 @@ pub fn lease(data: &[u8]) {
     );
     let _ = ward_shared::lease::issuer_key(&data[..data.len().min(32)]);
 }
+
+/// DNS messages at the device's resolver: as a query from any local client (UDP and TCP) and
+/// as an upstream's reply. Whatever arrives, nothing panics, every reply is a bounded message
+/// carrying the query's id, and nothing unreadable is forwarded.
+pub fn dns_query(data: &[u8]) {
+    use ward_client::dns::{Action, Resolver, Transport, Zone, MAX_MESSAGE};
+    use ward_shared::wire::{Netmap, Peer, Reach, SelfInfo};
+    let peer = Peer {
+        device_id: DeviceId(2),
+        hostname: Hostname::parse("db1").expect("a valid name"),
+        user: None,
+        tags: vec![],
+        ipv4: Ipv4Addr::new(100, 64, 0, 2),
+        ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2),
+        wg_public_key: None,
+        endpoints: vec![],
+        online: true,
+        leases: vec![],
+        relay: None,
+    };
+    let nm = Netmap {
+        seq: 1,
+        me: SelfInfo {
+            device_id: DeviceId(1),
+            hostname: Hostname::parse("me").expect("a valid name"),
+            ipv4: Ipv4Addr::new(100, 64, 0, 1),
+            ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1),
+            v6_prefix: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0),
+            observed_addr: None,
+        },
+        reach: vec![Reach {
+            service: "db".into(),
+            device_id: DeviceId(2),
+            hostname: peer.hostname.clone(),
+            proto: Proto::Tcp,
+            ports: vec![],
+            rule: "r".into(),
+            not_after_ms: None,
+        }],
+        peers: vec![peer],
+        inbound: vec![],
+        relays: vec![],
+        punch: false,
+        flows: false,
+        policy_version: None,
+        shadow_filter: None,
+        dns_domain: None,
+    };
+    let upstream: std::net::SocketAddr = (Ipv4Addr::new(192, 0, 2, 53), 53).into();
+    let mut r: Resolver<u8> = Resolver::new(Zone::from_netmap(&nm), vec![upstream]);
+    let now = Instant::now();
+    for t in [Transport::Udp, Transport::Tcp] {
+        let (action, back) = r.handle_query(data, 0, t, now, 7);
+        match action {
+            Action::Reply(b) => {
+                assert!(
+                    b.len() >= 12 && b.len() <= MAX_MESSAGE,
+                    "reply size {}",
+                    b.len()
+                );
+                assert_eq!(b[..2], data[..2], "a reply carries the query's id");
+                assert_eq!(b[2] & 0x80, 0x80, "a reply is a response");
+                assert!(back.is_some());
+            }
+            Action::Forward { bytes, .. } => {
+                assert_eq!(bytes.len(), data.len());
+                assert!(back.is_none());
+            }
+            Action::Drop(_) => assert!(back.is_some()),
+        }
+    }
+    let _ = r.handle_upstream(data, upstream);
+    for (_, b) in r.handle_timeout(now + Duration::from_secs(60)) {
+        assert!(b.len() >= 12);
+    }
+}

@@ -117,6 +117,89 @@ impl fmt::Display for Hostname {
     }
 }
 
+/// The DNS domain device names live under when none is configured.
+pub const DEFAULT_DNS_DOMAIN: &str = "ward.internal";
+/// The longest DNS domain: leaves room for a 63-character hostname and a dot within the
+/// 253-character limit of a DNS name.
+pub const MAX_DNS_DOMAIN: usize = 189;
+
+/// The domain device names are published under (`HOSTNAME.<domain>`): one or more lowercase
+/// DNS labels `[a-z0-9-]{1,63}` joined by dots, no label starting or ending with `-`. Given by
+/// an administrator, so never sanitized: a typo is an error.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DnsDomain(String);
+
+impl DnsDomain {
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let kind = "DNS domain";
+        let s = s.strip_suffix('.').unwrap_or(s);
+        if s.is_empty() {
+            return Err(NameError::Empty { kind });
+        }
+        let len = s.chars().count();
+        if len > MAX_DNS_DOMAIN {
+            return Err(NameError::TooLong {
+                kind,
+                len,
+                max: MAX_DNS_DOMAIN,
+            });
+        }
+        for label in s.split('.') {
+            let bad = label
+                .chars()
+                .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'));
+            let bad = match bad {
+                Some(c) => Some(c),
+                None if label.is_empty() => Some('.'),
+                None if label.starts_with('-') || label.ends_with('-') => Some('-'),
+                None if label.len() > MAX_HOSTNAME => {
+                    return Err(NameError::TooLong {
+                        kind: "DNS label",
+                        len: label.len(),
+                        max: MAX_HOSTNAME,
+                    })
+                }
+                None => None,
+            };
+            if let Some(bad) = bad {
+                return Err(NameError::BadChar {
+                    kind,
+                    shown: shorten(s),
+                    bad,
+                });
+            }
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for DnsDomain {
+    fn default() -> Self {
+        Self(DEFAULT_DNS_DOMAIN.to_string())
+    }
+}
+impl TryFrom<String> for DnsDomain {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+impl From<DnsDomain> for String {
+    fn from(d: DnsDomain) -> String {
+        d.0
+    }
+}
+impl fmt::Display for DnsDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A user, group or tag name: `[a-z0-9._@-]{1,64}`, given by an admin. Never sanitized:
 /// an admin typo must be an error, not a different name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -264,5 +347,32 @@ mod tests {
             Name::parse("user", &"a".repeat(65)),
             Err(NameError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn dns_domains_are_lowercase_labels() {
+        assert_eq!(
+            DnsDomain::parse("ward.internal").unwrap().as_str(),
+            "ward.internal"
+        );
+        assert_eq!(
+            DnsDomain::parse("corp.example.").unwrap().as_str(),
+            "corp.example"
+        );
+        assert_eq!(DnsDomain::default().as_str(), DEFAULT_DNS_DOMAIN);
+        for bad in [
+            "",
+            ".",
+            "Ward.internal",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a b",
+            "a_b",
+        ] {
+            assert!(DnsDomain::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(DnsDomain::parse(&"a".repeat(64)).is_err());
+        assert!(DnsDomain::parse(&["abc"; 60].join(".")).is_err());
     }
 }

@@ -28,7 +28,7 @@
 //!   policy with shadow rules (`Netmap.shadow_filter`, `NetmapDelta.shadow_filter`: absent
 //!   means unchanged, `null` means no candidate view any more) and the would-verdict in flow
 //!   records (`FlowRecord.shadow`), all optional on the wire and ignored by sides that predate
-//!   them.
+//!   them; the DNS domain device names live under (`Netmap.dns_domain`), optional on the wire.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -42,7 +42,7 @@ use crate::filter::{FilterRule, PortRange, Proto};
 use crate::flows::FlowReport;
 use crate::keyproof::KeyProof;
 use crate::lease::SignedLease;
-use crate::names::Hostname;
+use crate::names::{DnsDomain, Hostname};
 use crate::posture::{Evaluation, PostureReport, PostureWants};
 use crate::relay::SignedTicket;
 
@@ -469,6 +469,10 @@ pub struct Netmap {
     /// enforced. `None`: no candidate view.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_filter: Option<Vec<FilterRule>>,
+    /// The DNS domain device names are published under (`HOSTNAME.<domain>`); absent from
+    /// older coordinators, whose devices use [`crate::names::DEFAULT_DNS_DOMAIN`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_domain: Option<DnsDomain>,
 }
 
 /// A relay registered with the coordinator (`ward-coordinator relay add`).
@@ -791,6 +795,7 @@ mod tests {
             flows: true,
             policy_version: Some(4),
             shadow_filter: None,
+            dns_domain: None,
         };
         let mut p3 = peer(3);
         p3.online = false;
@@ -861,6 +866,20 @@ mod tests {
         assert!(!nm.flows);
         assert_eq!(nm.policy_version, None);
         assert_eq!(nm.shadow_filter, None);
+        assert_eq!(nm.dns_domain, None);
+    }
+
+    /// The DNS domain in a netmap as first written.
+    #[test]
+    fn golden_dns_domain_decodes() {
+        let nm = r#"{"type":"netmap","seq":1,"me":{"device_id":1,"hostname":"a","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null},"peers":[],"dns_domain":"corp.example"}"#;
+        let CoordinatorMsg::Netmap(nm) = decode(nm.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        assert_eq!(nm.dns_domain.unwrap().as_str(), "corp.example");
+        // A domain that is not one is a protocol error, never a name the device resolves.
+        let bad = r#"{"type":"netmap","seq":1,"me":{"device_id":1,"hostname":"a","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null},"peers":[],"dns_domain":"Bad Domain"}"#;
+        assert!(decode::<CoordinatorMsg>(bad.as_bytes()).is_err());
     }
 
     /// The candidate filter in netmaps and deltas as first written; they must keep decoding,

@@ -596,8 +596,12 @@ lab_start_device() {
     mkdir -p "$state/state"
     chmod 700 "$state" "$state/state"
     # shellcheck disable=SC2086 # LAB_WARD_WRAPPER is a command prefix, e.g. "faketime +10m"
+    # DNS is off unless the script says where the device's resolv.conf is (LAB_WARD_DNS_ARGS,
+    # e.g. "--dns resolv.conf --resolv-conf FILE"): a daemon must never manage the host's own
+    # /etc/resolv.conf, which is what a namespace without /etc/netns/NS/resolv.conf sees.
+    # shellcheck disable=SC2086
     lab_spawn "$host" "ward-$host.log" ${LAB_WARD_WRAPPER:-} "$bin" daemon --state-dir "$state/state" \
-        --socket "$sock" --tun "$tun" --port "$port" ${LAB_WARD_ARGS:-}
+        --socket "$sock" --tun "$tun" --port "$port" ${LAB_WARD_DNS_ARGS:---dns off} ${LAB_WARD_ARGS:-}
     lab_wait_for test -S "$sock" ||
         { tail -n 20 "$LAB_DIR/logs/ward-$host.log" >&2; _lab_die "ward daemon in $host did not come up"; return 1; }
 }

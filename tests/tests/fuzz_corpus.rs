@@ -24,6 +24,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("state_file", bodies::state_file),
     ("enrollment_csr", bodies::enrollment_csr),
     ("lease", bodies::lease),
+    ("dns_query", bodies::dns_query),
 ];
 
 fn corpus_dir() -> PathBuf {

@@ -636,6 +636,7 @@ mod tests {
             flows: true,
             policy_version: Some(9),
             shadow_filter: None,
+            dns_domain: None,
         };
         nm.peers.push(Peer {
             device_id: DeviceId(2),

@@ -186,6 +186,7 @@ mod tests {
             flows: false,
             policy_version: None,
             shadow_filter: None,
+            dns_domain: None,
         }
     }
 

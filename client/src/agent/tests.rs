@@ -223,6 +223,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         flows: false,
         policy_version: None,
         shadow_filter: None,
+        dns_domain: None,
     }
 }
 

@@ -6,6 +6,8 @@
 //! and `ward posture` print are built in [`status`].
 
 mod collect;
+mod dns;
+mod dns_host;
 mod flowlog;
 mod host;
 mod local_api;
@@ -33,6 +35,7 @@ use crate::control::{self, Refused};
 use crate::dataplane::{DataPlane, DataPlaneConfig};
 use crate::state::{State, StateFile, STATE_VERSION};
 
+pub use dns_host::{DnsSetting, DEFAULT_RESOLV_CONF};
 pub use host::{os_name, system_hostname};
 pub use ward_runtime::now_ms;
 
@@ -52,6 +55,10 @@ pub struct DaemonOpts {
     pub quic_retry: Duration,
     /// Where Prometheus metrics are served (`GET /metrics`); `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Device names in DNS (see [`dns_host`]).
+    pub dns: DnsSetting,
+    /// The resolv.conf managed in `resolv.conf` mode.
+    pub resolv_conf: PathBuf,
 }
 
 /// While the device is up: its agent core, data plane and session task.
@@ -60,6 +67,8 @@ struct Running {
     dataplane: Option<Arc<DataPlane>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// The resolver on the overlay addresses; `None` with `--dns off` or without a TUN.
+    dns: Option<dns::DnsServer>,
 }
 
 pub struct Daemon {
@@ -78,6 +87,9 @@ pub struct Daemon {
     collectors: collect::Collectors,
     /// Which transport the control session and each relay link use now.
     transports: relays::relay_link::SharedTransports,
+    /// The names the resolver answers, published by the session loop on every netmap.
+    zone: watch::Sender<crate::dns::Zone>,
+    dns_status: dns::SharedDnsStatus,
 }
 
 /// A panic while holding a lock leaves consistent-enough data for status; keep serving.
@@ -88,6 +100,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub async fn run(opts: DaemonOpts) -> Result<()> {
     let state_file = StateFile::new(&opts.state_dir);
     let state = state_file.load()?;
+    // A resolv.conf left managed by a run that did not stop cleanly (kill -9, power loss)
+    // is put back first, whatever `--dns` says now.
+    match dns_host::restore_leftover(&opts.state_dir) {
+        Ok(Some(p)) => {
+            info!(path = %p.display(), "DNS: restored the resolv.conf a previous run left managed")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "DNS: cannot restore the resolv.conf a previous run left managed")
+        }
+    }
     let listener = local_api::bind_socket(&opts.socket).await?;
     let start = match &state {
         None => {
@@ -106,6 +129,8 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
         running: Mutex::new(None),
         last_agent: Mutex::new(None),
         transports: Default::default(),
+        zone: watch::channel(crate::dns::Zone::empty(Default::default())).0,
+        dns_status: Default::default(),
     });
     info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "ward daemon started");
     if let Some(addr) = opts.metrics_listen {
@@ -318,6 +343,10 @@ impl Daemon {
             }
             None => None,
         };
+        let dns = match (&dataplane, &self.opts.tun) {
+            (Some(_), Some(tun)) => self.start_dns(&st, tun).await,
+            _ => None,
+        };
         let mut agent = session::new_agent(&st, key, self.opts.posture_interval);
         agent.configure_flows(self.flow_config.clone(), self.flow_state.load());
         let agent = Arc::new(Mutex::new(agent));
@@ -326,19 +355,76 @@ impl Daemon {
         let (a, dp) = (agent.clone(), dataplane.clone());
         let task = tokio::spawn(async move { me.drive(a, dp, stop_rx).await });
         *lock(&self.last_agent) = Some(agent.clone());
-        let mut g = lock(&self.running);
-        if g.is_some() {
-            // Another `up` won the race; this run is not needed.
-            let _ = stop.send(true);
-            return Ok(());
+        let lost = {
+            let mut g = lock(&self.running);
+            if g.is_some() {
+                // Another `up` won the race; this run is not needed.
+                let _ = stop.send(true);
+                dns
+            } else {
+                *g = Some(Running {
+                    agent,
+                    dataplane,
+                    stop,
+                    task,
+                    dns,
+                });
+                None
+            }
+        };
+        if let Some(d) = lost {
+            d.stop().await;
         }
-        *g = Some(Running {
-            agent,
-            dataplane,
-            stop,
-            task,
-        });
         Ok(())
+    }
+
+    /// Starts the resolver on the overlay addresses and points the host at it. A failure is
+    /// logged and shown in `ward status`; the device stays on the network without names.
+    async fn start_dns(&self, st: &State, tun: &str) -> Option<dns::DnsServer> {
+        *lock(&self.dns_status) = Default::default();
+        // No names from a previous run until this run's first netmap.
+        let domain = self.zone.borrow().domain().clone();
+        self.zone.send_replace(crate::dns::Zone::empty(domain));
+        let host = dns_host::HostDns::choose(
+            self.opts.dns,
+            &self.opts.resolv_conf,
+            &self.opts.state_dir,
+            tun,
+        )?;
+        match dns::DnsServer::start(
+            st.ipv4,
+            st.ipv6,
+            53,
+            host,
+            self.zone.subscribe(),
+            self.dns_status.clone(),
+        )
+        .await
+        {
+            Ok(d) => Some(d),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "DNS: the resolver could not start; device names will not resolve");
+                lock(&self.dns_status).error = Some(format!("{e:#}"));
+                None
+            }
+        }
+    }
+
+    /// Publishes the names of the agent's current netmap to the resolver (when they changed).
+    /// Without a netmap (a revoked device) no Ward name resolves.
+    pub(super) fn publish_zone(&self, agent: &Agent) {
+        let zone = match agent.netmap() {
+            Some(nm) => crate::dns::Zone::from_netmap(nm),
+            None => crate::dns::Zone::empty(self.zone.borrow().domain().clone()),
+        };
+        self.zone.send_if_modified(|z| {
+            if *z == zone {
+                false
+            } else {
+                *z = zone;
+                true
+            }
+        });
     }
 
     async fn stop(&self) {
@@ -347,6 +433,9 @@ impl Daemon {
         };
         let _ = r.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(3), r.task).await;
+        if let Some(d) = r.dns {
+            d.stop().await;
+        }
         // The window being filled goes into the spool, saved for the next run.
         let flows = lock(&r.agent).close_flow_window();
         if let Err(e) = self.flow_state.save(&flows) {
@@ -364,13 +453,45 @@ impl Daemon {
         let identity = lock(&self.identity).clone();
         let running = lock(&self.running);
         let agent = running.as_ref().map(|r| lock(&r.agent));
-        status::status(status::Sources {
+        let mut view = status::status(status::Sources {
             identity: identity.as_ref(),
             agent: agent.as_deref(),
             dataplane: running.as_ref().and_then(|r| r.dataplane.as_deref()),
             tun: self.opts.tun.as_deref(),
             transports: &lock(&self.transports),
-        })
+        });
+        let dns_on = running.as_ref().is_some_and(|r| r.dns.is_some());
+        self.add_dns(&mut view, dns_on);
+        view
+    }
+
+    /// The DNS part of the status view: the mode, this device's name, the peers' names.
+    fn add_dns(&self, view: &mut crate::api::StatusView, running: bool) {
+        let zone = self.zone.borrow().clone();
+        let domain = zone.domain().to_string();
+        let names: std::collections::BTreeSet<String> = zone.names().map(|(n, _)| n).collect();
+        for p in &mut view.peers {
+            if names.contains(&p.hostname) {
+                p.dns_name = Some(format!("{}.{domain}", p.hostname));
+            }
+        }
+        let s = lock(&self.dns_status).clone();
+        if let Some(d) = view.device.as_mut() {
+            let mode = match (running, s.mode) {
+                (true, Some(m)) => m.to_string(),
+                _ => "off".to_string(),
+            };
+            d.dns = Some(crate::api::DnsView {
+                name: (mode != "off").then(|| format!("{}.{domain}", d.hostname)),
+                mode,
+                domain,
+                listen: if running { s.listen } else { vec![] },
+                upstreams: if running { s.upstreams } else { vec![] },
+                queries: s.queries,
+                dropped: s.dropped,
+                error: s.error,
+            });
+        }
     }
 
     /// This device's metrics (`--metrics-listen`): the status view and the data plane's
@@ -472,6 +593,8 @@ mod tests {
                 posture_interval: Duration::from_secs(30),
                 quic_retry: control::QUIC_RETRY_EVERY,
                 metrics_listen: None,
+                dns: DnsSetting::Off,
+                resolv_conf: PathBuf::from(DEFAULT_RESOLV_CONF),
             },
             state_file: StateFile::new(&top.path().join("state")),
             flow_state: flowlog::FlowStateFile::new(&top.path().join("state")),
@@ -480,6 +603,8 @@ mod tests {
             running: Mutex::new(None),
             last_agent: Mutex::new(None),
             transports: Default::default(),
+            zone: watch::channel(crate::dns::Zone::empty(Default::default())).0,
+            dns_status: Default::default(),
         });
         let server = tokio::spawn({
             let d = d.clone();

@@ -173,6 +173,8 @@ impl Daemon {
                             a.handle_disconnected(Some(format!("{e:#}")), now());
                         }
                     }
+                    // Netmaps and deltas arrive here: the resolver answers from the new one.
+                    self.publish_zone(&a);
                 }
                 Some(report) = posture_rx.recv() => lock(&agent).handle_posture(report, now()),
                 Some((addr, result)) = resolved_rx.recv() => {

@@ -125,6 +125,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
                 rx_bytes: ps.map(|s| s.rx_bytes).unwrap_or(0),
                 tx_bytes: ps.map(|s| s.tx_bytes).unwrap_or(0),
                 dropped_bad_source: ps.map(|s| s.dropped_bad_source).unwrap_or(0),
+                dns_name: None,
             }
         })
         .collect();
@@ -277,6 +278,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
                     next_seq: f.next_seq,
                 }
             }),
+            dns: None,
         }),
     }
 }

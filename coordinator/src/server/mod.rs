@@ -164,6 +164,7 @@ pub async fn serve(
         .collect();
     let mut registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
     registry.handle_policy_version(current_version);
+    registry.set_dns_domain(config.dns_domain.clone());
     registry.handle_relays(ops::relays(store.as_ref())?);
     // What the behaviour detector learned before this start (anomalies of the last 30 days).
     let anomalies = store

@@ -258,6 +258,8 @@ impl Agent {
                 .arg("daemon")
                 .arg("--state-dir")
                 .arg(&self.state_dir)
+                // Never the host's resolver configuration from a test.
+                .env("WARD_DNS", "off")
                 .args(&self.extra),
             log,
         );

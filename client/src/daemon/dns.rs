@@ -1,0 +1,404 @@
+//! The resolver's driver: UDP and TCP port 53 on the device's overlay addresses, one UDP
+//! socket towards the previous resolvers, and the host's resolver configuration (see
+//! [`super::dns_host`]). The answers come from [`crate::dns::Resolver`]; the zone is replaced
+//! whenever the session loop publishes a new netmap (`zone` watch channel).
+//!
+//! Only this device's own processes are answered: a query must come from one of its overlay
+//! addresses or from loopback. A peer whose policy lets it reach port 53 here gets nothing, so
+//! the resolver never tells another device the names this device may reach, nor forwards for
+//! it.
+
+use anyhow::{Context, Result};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::dns::{Action, LogLimiter, Resolver, Transport, Zone, MAX_MESSAGE};
+
+use super::dns_host::{HostDns, Mode};
+
+/// Concurrent TCP connections to the resolver; more wait in the kernel's backlog.
+const MAX_TCP_CONNECTIONS: usize = 64;
+/// A TCP connection idle this long is closed.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// TCP queries waiting for the resolver task.
+const TCP_QUEUE: usize = 256;
+
+/// What the status view shows about DNS.
+#[derive(Debug, Clone, Default)]
+pub struct DnsStatus {
+    pub mode: Option<Mode>,
+    pub listen: Vec<SocketAddr>,
+    pub upstreams: Vec<SocketAddr>,
+    pub error: Option<String>,
+    pub queries: u64,
+    pub dropped: u64,
+}
+
+pub type SharedDnsStatus = Arc<std::sync::Mutex<DnsStatus>>;
+
+/// A running resolver; [`DnsServer::stop`] restores the host's configuration.
+pub struct DnsServer {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+enum Client {
+    Udp(SocketAddr),
+    Tcp(oneshot::Sender<Vec<u8>>),
+}
+
+type TcpQuery = (Vec<u8>, oneshot::Sender<Vec<u8>>);
+
+impl DnsServer {
+    /// Binds port 53 on `v4` and `v6`, takes over the host's resolver configuration (`host`)
+    /// and serves until stopped. A bind failure is an error (nothing was changed on the
+    /// host); a host-configuration failure is logged and the resolver still serves.
+    pub async fn start(
+        v4: Ipv4Addr,
+        v6: Ipv6Addr,
+        port: u16,
+        mut host: HostDns,
+        zone: watch::Receiver<Zone>,
+        status: SharedDnsStatus,
+    ) -> Result<Self> {
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        let mut listen = Vec::new();
+        for ip in [IpAddr::V4(v4), IpAddr::V6(v6)] {
+            let addr = SocketAddr::new(ip, port);
+            let u = UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("binding the DNS resolver on udp {addr}"))?;
+            let t = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the DNS resolver on tcp {addr}"))?;
+            listen.push(u.local_addr()?);
+            udp.push(Arc::new(u));
+            tcp.push(t);
+        }
+        let domain = zone.borrow().domain().clone();
+        let upstreams = match host.apply(&[IpAddr::V4(v4), IpAddr::V6(v6)], &domain) {
+            Ok(u) => {
+                info!(mode = %host.mode(), %domain, upstreams = ?u, "DNS: the host resolves Ward names through this device's resolver");
+                u
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "DNS: cannot configure the host's resolver; names resolve only when asked directly");
+                status.lock().unwrap_or_else(|p| p.into_inner()).error = Some(format!("{e:#}"));
+                Vec::new()
+            }
+        };
+        {
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            s.mode = Some(host.mode());
+            s.listen = listen.clone();
+            s.upstreams = upstreams.clone();
+        }
+        info!(listen = ?listen, "DNS resolver listening");
+        let (stop, stop_rx) = watch::channel(false);
+        let (tcp_tx, tcp_rx) = mpsc::channel::<TcpQuery>(TCP_QUEUE);
+        let sem = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+        let mut accepters = Vec::new();
+        for l in tcp {
+            accepters.push(tokio::spawn(accept_loop(
+                l,
+                [IpAddr::V4(v4), IpAddr::V6(v6)],
+                tcp_tx.clone(),
+                sem.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        let resolver = Resolver::new(zone.borrow().clone(), upstreams);
+        let own = [IpAddr::V4(v4), IpAddr::V6(v6)];
+        let task = tokio::spawn(async move {
+            serve(resolver, own, udp, tcp_rx, zone, stop_rx, &mut host, status).await;
+            for a in accepters {
+                a.abort();
+            }
+            if let Err(e) = host.restore() {
+                warn!(error = %format!("{e:#}"), "DNS: restoring the host's resolver configuration failed");
+            }
+        });
+        Ok(Self { stop, task })
+    }
+
+    /// Stops serving and restores the host's resolver configuration.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(Duration::from_secs(3), self.task)
+            .await
+            .is_err()
+        {
+            warn!("DNS: the resolver did not stop in time");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    mut r: Resolver<Client>,
+    own: [IpAddr; 2],
+    udp: Vec<Arc<UdpSocket>>,
+    mut tcp_rx: mpsc::Receiver<TcpQuery>,
+    mut zone: watch::Receiver<Zone>,
+    mut stop: watch::Receiver<bool>,
+    host: &mut HostDns,
+    status: SharedDnsStatus,
+) {
+    let upstream4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await.ok();
+    let upstream6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await.ok();
+    let mut log = LogLimiter::new(Duration::from_secs(10), 5);
+    let mut buf4 = vec![0u8; MAX_MESSAGE + 1];
+    let mut buf6 = vec![0u8; MAX_MESSAGE + 1];
+    let mut bufu4 = vec![0u8; MAX_MESSAGE + 1];
+    let mut bufu6 = vec![0u8; MAX_MESSAGE + 1];
+    let (Some(udp4), Some(udp6)) = (udp.first().cloned(), udp.get(1).cloned()) else {
+        return;
+    };
+    loop {
+        let timeout = r.poll_timeout();
+        let (action, client_addr) = tokio::select! {
+            _ = stop.changed() => return,
+            changed = zone.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let z = zone.borrow_and_update().clone();
+                if z.domain() != r.zone().domain() {
+                    let own = udp.iter().filter_map(|s| s.local_addr().ok()).map(|a| a.ip()).collect::<Vec<_>>();
+                    match host.apply(&own, z.domain()) {
+                        Ok(_) => info!(domain = %z.domain(), "DNS: domain changed; host configuration updated"),
+                        Err(e) => warn!(error = %format!("{e:#}"), "DNS: cannot update the host's resolver configuration"),
+                    }
+                }
+                debug!(names = z.names().count(), "DNS zone updated");
+                r.set_zone(z);
+                continue;
+            }
+            got = udp4.recv_from(&mut buf4) => match got {
+                Ok((n, from)) if is_local(from.ip(), &own) => (query(&mut r, &buf4[..n], Client::Udp(from), Transport::Udp), Some((from, 4))),
+                Ok((_, from)) => {
+                    refused(&mut log, from);
+                    continue;
+                }
+                Err(_) => continue,
+            },
+            got = udp6.recv_from(&mut buf6) => match got {
+                Ok((n, from)) if is_local(from.ip(), &own) => (query(&mut r, &buf6[..n], Client::Udp(from), Transport::Udp), Some((from, 6))),
+                Ok((_, from)) => {
+                    refused(&mut log, from);
+                    continue;
+                }
+                Err(_) => continue,
+            },
+            Some((bytes, tx)) = tcp_rx.recv() => {
+                (query(&mut r, &bytes, Client::Tcp(tx), Transport::Tcp), None)
+            }
+            got = recv_opt(upstream4.as_ref(), &mut bufu4) => {
+                if let Ok((n, from)) = got {
+                    if let Some((c, b)) = r.handle_upstream(&bufu4[..n], from) {
+                        reply(&udp4, &udp6, c, b).await;
+                    }
+                }
+                continue;
+            }
+            got = recv_opt(upstream6.as_ref(), &mut bufu6) => {
+                if let Ok((n, from)) = got {
+                    if let Some((c, b)) = r.handle_upstream(&bufu6[..n], from) {
+                        reply(&udp4, &udp6, c, b).await;
+                    }
+                }
+                continue;
+            }
+            _ = sleep_opt(timeout) => {
+                for (c, b) in r.handle_timeout(Instant::now()) {
+                    reply(&udp4, &udp6, c, b).await;
+                }
+                continue;
+            }
+        };
+        let (action, client) = action;
+        {
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            s.queries += 1;
+            if matches!(action, Action::Drop(_)) {
+                s.dropped += 1;
+            }
+        }
+        match action {
+            Action::Reply(b) => {
+                if let Some(c) = client {
+                    reply(&udp4, &udp6, c, b).await;
+                }
+            }
+            Action::Forward { upstream, bytes } => {
+                let sock = match upstream {
+                    SocketAddr::V4(_) => upstream4.as_ref(),
+                    SocketAddr::V6(_) => upstream6.as_ref(),
+                };
+                if let Some(s) = sock {
+                    if let Err(e) = s.send_to(&bytes, upstream).await {
+                        if let Some(n) = log.allow(Instant::now()) {
+                            debug!(error = %e, %upstream, suppressed = n, "DNS: forwarding failed");
+                        }
+                    }
+                }
+            }
+            Action::Drop(reason) => {
+                if let Some(n) = log.allow(Instant::now()) {
+                    let from = client_addr.map(|(a, _)| a.to_string());
+                    info!(%reason, from = from.unwrap_or_else(|| "tcp".into()), suppressed = n, "DNS: message dropped");
+                }
+            }
+        }
+    }
+}
+
+/// One query into the core: the action, and the client to answer unless it was forwarded.
+fn query(
+    r: &mut Resolver<Client>,
+    bytes: &[u8],
+    client: Client,
+    t: Transport,
+) -> (Action, Option<Client>) {
+    r.handle_query(bytes, client, t, Instant::now(), rand::random())
+}
+
+/// Whether a client is one of this device's own processes (an own address or loopback).
+fn is_local(ip: IpAddr, own: &[IpAddr]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    ip.is_loopback() || own.contains(&ip)
+}
+
+fn refused(log: &mut LogLimiter, from: SocketAddr) {
+    if let Some(n) = log.allow(Instant::now()) {
+        info!(%from, suppressed = n, "DNS: query from another device ignored (only this device's own processes are answered)");
+    }
+}
+
+async fn reply(udp4: &UdpSocket, udp6: &UdpSocket, c: Client, bytes: Vec<u8>) {
+    match c {
+        Client::Udp(to) => {
+            let s = if to.is_ipv4() { udp4 } else { udp6 };
+            let _ = s.send_to(&bytes, to).await;
+        }
+        Client::Tcp(tx) => {
+            let _ = tx.send(bytes);
+        }
+    }
+}
+
+async fn recv_opt(s: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match s {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_loop(
+    l: TcpListener,
+    own: [IpAddr; 2],
+    tx: mpsc::Sender<TcpQuery>,
+    sem: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+) {
+    loop {
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((s, from)) = l.accept().await else {
+            continue;
+        };
+        if !is_local(from.ip(), &own) {
+            continue; // dropped: closes the connection
+        }
+        let tx = tx.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tcp_conn(s, tx, stop).await;
+        });
+    }
+}
+
+/// DNS over TCP: 2-byte length, message; several queries per connection, in order.
+async fn tcp_conn(
+    mut s: TcpStream,
+    tx: mpsc::Sender<TcpQuery>,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, s.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        let n = usize::from(u16::from_be_bytes(len));
+        if n > MAX_MESSAGE {
+            return Ok(()); // oversized: close, read nothing more
+        }
+        let mut body = vec![0u8; n];
+        match tokio::time::timeout(TCP_IDLE, s.read_exact(&mut body)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        let (otx, orx) = oneshot::channel();
+        if tx.send((body, otx)).await.is_err() {
+            return Ok(());
+        }
+        // No answer (dropped message, timeout): close the connection.
+        let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(6), orx).await else {
+            return Ok(());
+        };
+        let Ok(l) = u16::try_from(answer.len()) else {
+            return Ok(());
+        };
+        s.write_all(&l.to_be_bytes()).await?;
+        s.write_all(&answer).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+    use super::*;
+
+    #[test]
+    fn only_this_devices_own_addresses_and_loopback_are_answered() {
+        let own = [
+            IpAddr::V4(Ipv4Addr::new(100, 64, 0, 7)),
+            "fd00::7".parse().unwrap(),
+        ];
+        for ok in [
+            "100.64.0.7",
+            "fd00::7",
+            "127.0.0.1",
+            "::1",
+            "::ffff:100.64.0.7",
+        ] {
+            assert!(is_local(ok.parse().unwrap(), &own), "{ok}");
+        }
+        for no in ["100.64.0.8", "fd00::8", "10.0.0.1", "::ffff:100.64.0.8"] {
+            assert!(!is_local(no.parse().unwrap(), &own), "{no}");
+        }
+    }
+}
