@@ -972,6 +972,7 @@ impl Registry {
     fn peer_view(&self, d: &Device) -> Peer {
         let leases = self.leases.get(&d.id).cloned().unwrap_or_default();
         Peer {
+            routes: Default::default(),
             device_id: d.id,
             hostname: d.hostname.clone(),
             user: d.user.clone(),
@@ -1067,6 +1068,7 @@ impl Registry {
                     let msg = CoordinatorMsg::Netmap(Netmap {
                         seq: 1,
                         me: SelfInfo {
+                            routes: Default::default(),
                             device_id: id,
                             hostname: me.hostname.clone(),
                             ipv4: me.ipv4,
@@ -1144,6 +1146,7 @@ impl Registry {
                             None
                         },
                         me: me_changed.then(|| SelfInfo {
+                            routes: Default::default(),
                             device_id: id,
                             hostname: me.hostname.clone(),
                             ipv4: me.ipv4,

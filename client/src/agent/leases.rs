@@ -159,6 +159,7 @@ mod tests {
         Netmap {
             seq: 1,
             me: SelfInfo {
+                routes: Default::default(),
                 device_id: DeviceId(1),
                 hostname: Hostname::parse("me").unwrap(),
                 ipv4: Ipv4Addr::new(100, 64, 0, 1),
@@ -167,6 +168,7 @@ mod tests {
                 observed_addr: None,
             },
             peers: vec![Peer {
+                routes: Default::default(),
                 device_id: DeviceId(2),
                 hostname: Hostname::parse("peer").unwrap(),
                 user: None,

@@ -196,6 +196,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
     Netmap {
         seq,
         me: SelfInfo {
+            routes: Default::default(),
             device_id: DeviceId(1),
             hostname: Hostname::parse("me").unwrap(),
             ipv4: ip4(1),
@@ -204,6 +205,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
             observed_addr: None,
         },
         peers: vec![Peer {
+            routes: Default::default(),
             device_id: DeviceId(2),
             hostname: Hostname::parse("peer").unwrap(),
             user: None,

@@ -485,6 +485,8 @@ fn hello_update(dp: Option<&DataPlane>) -> DeviceUpdate {
     };
     let port = dp.local_port();
     DeviceUpdate {
+        advertise_exit_node: Default::default(),
+        advertise_routes: Default::default(),
         wg_public_key: Some(WgPublicKey(dp.public_key())),
         wg_port: port,
         local_endpoints: host::local_addresses()

@@ -334,6 +334,8 @@ impl World {
     fn update(&self, i: usize) -> DeviceUpdate {
         let d = &self.devs[i];
         DeviceUpdate {
+            advertise_exit_node: Default::default(),
+            advertise_routes: Default::default(),
             wg_public_key: Some(d.agent.public_key()),
             wg_port: d.endpoint.port(),
             local_endpoints: vec![d.endpoint],

@@ -394,6 +394,7 @@ mod tests {
         log.record(&tcp4(ME, 40000, PEER, 22, SYN), now);
         f.hand_over(&mut log);
         f.set_rules(vec![FilterRule {
+            dests: Default::default(),
             rule: "r".into(),
             service: "s".into(),
             sources: vec![IpAddr::V4(Ipv4Addr::from(PEER))],

@@ -25,6 +25,7 @@ fn allow_all(ids: impl Iterator<Item = u8>) -> Vec<FilterRule> {
         })
         .collect();
     let rule = |proto, ports| FilterRule {
+        dests: Default::default(),
         rule: "allow-all".into(),
         service: "all".into(),
         sources: sources.clone(),
