@@ -131,6 +131,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         all(Proto::Icmp, Vec::new()),
     ]);
     dp.set_peers(vec![PeerConfig {
+        routes: Default::default(),
         device_id: 2,
         hostname: "peer".into(),
         public_key: peer_key,

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ward_shared::filter::{FilterCounters, FilterRule, LocalPrefixes};
+use ward_shared::routes::Prefix;
 
 pub use self::discovery::DiscoveryCounters;
 pub use self::engine::{Batch, Core, CoreConfig, Outbox, Transmit};
@@ -111,6 +112,10 @@ pub struct PeerConfig {
     /// The peer's home relay (the netmap's `Peer.relay`): while no direct path works and this
     /// device is connected to it (see [`DataPlane::set_relays`]), traffic goes through it.
     pub relay: Option<String>,
+    /// Routed prefixes reached through the peer (a subnet router or this device's chosen exit
+    /// node): packets to them go to it, and it may send from them (and only it: the longest
+    /// prefix decides, as for destinations). Addresses inside the overlay never count.
+    pub routes: Vec<Prefix>,
 }
 
 /// The path a peer's traffic takes, for `ward status`.

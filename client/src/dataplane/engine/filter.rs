@@ -77,6 +77,10 @@ impl SharedFilter {
         self.lock().filter.set_rules(rules);
     }
 
+    pub(super) fn set_routed(&self, routed: Vec<ward_shared::routes::Prefix>) {
+        self.lock().filter.set_routed(routed);
+    }
+
     pub(super) fn set_shadow_rules(&self, rules: Option<Vec<FilterRule>>) {
         self.lock().filter.set_shadow_rules(rules);
     }

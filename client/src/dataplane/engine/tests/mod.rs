@@ -74,6 +74,7 @@ impl Node {
 
     fn peer_config(&self) -> PeerConfig {
         PeerConfig {
+            routes: Default::default(),
             device_id: u64::from(self.ipv4.octets()[3]),
             hostname: format!("node{}", self.ipv4.octets()[3]),
             public_key: self.public(),
@@ -418,4 +419,5 @@ mod paths;
 mod punch;
 mod relayed;
 mod rotation;
+mod routed;
 mod runs;
