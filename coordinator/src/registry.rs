@@ -25,6 +25,7 @@ use ward_shared::lease::SignedLease;
 use ward_shared::names::{Hostname, Name};
 use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
 use ward_shared::posture::{self, PostureReport, PostureWants};
+use ward_shared::routes::{overlaps_overlay, Prefix, MAX_ADVERTISED_ROUTES};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
     PostureVerdict, Reach, RelayInfo, SelfInfo, Unavailable, WgPublicKey, MAX_DENIED_FLOWS,
@@ -114,6 +115,11 @@ pub enum Output {
         code: ErrorCode,
         reason: String,
     },
+    /// What a device advertises as routable changed (store it for `device routes`).
+    RoutesAdvertised {
+        device: DeviceId,
+        routes: Vec<Prefix>,
+    },
     /// A device's posture results changed (audit it, keep it).
     PostureChanged {
         device: DeviceId,
@@ -159,6 +165,8 @@ struct Sent {
     seq: u64,
     /// The name this device was last told is its own.
     hostname: Hostname,
+    /// The routes this device was last told it forwards.
+    routes: Vec<Prefix>,
     peers: BTreeMap<DeviceId, Peer>,
     inbound: Vec<FilterRule>,
     reach: Vec<Reach>,
@@ -198,6 +206,15 @@ pub struct Registry {
     /// Per device, the posture requirements that rules applying to it name.
     needed: BTreeMap<DeviceId, BTreeSet<String>>,
     punch_counters: PunchCounters,
+    /// Per device: the prefixes it advertises and those an administrator approved.
+    routes: BTreeMap<DeviceId, DeviceRoutes>,
+}
+
+/// A device's routed prefixes as the store holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct DeviceRoutes {
+    advertised: BTreeSet<Prefix>,
+    approved: BTreeSet<Prefix>,
 }
 
 impl Registry {
@@ -245,7 +262,61 @@ impl Registry {
             verdict_dirty: BTreeSet::new(),
             needed: BTreeMap::new(),
             punch_counters: PunchCounters::default(),
+            routes: BTreeMap::new(),
         }
+    }
+
+    /// Replaces every device's advertised and approved routes (at start, and after an
+    /// administrator approved or revoked some). Netmaps follow at the next flush.
+    pub fn handle_routes(&mut self, rows: Vec<crate::store::RouteRow>) {
+        let mut map: BTreeMap<DeviceId, DeviceRoutes> = BTreeMap::new();
+        for r in rows {
+            let e = map.entry(r.device).or_default();
+            if r.advertised {
+                e.advertised.insert(r.prefix);
+            }
+            if r.approved {
+                e.approved.insert(r.prefix);
+            }
+        }
+        if map != self.routes {
+            self.routes = map;
+            self.dirty = true;
+        }
+    }
+
+    /// The routes each live device forwards now: advertised, and approved by an administrator
+    /// or by the policy's `[auto_approvers]`; never a prefix overlapping the overlay pools
+    /// (default routes only as an exit node: `0.0.0.0/0` and `::/0`).
+    pub fn routers(&self, dir: &Directory) -> Vec<policy::Router> {
+        let mut out = Vec::new();
+        for (id, r) in &self.routes {
+            let Some(dev) = dir.devices.iter().find(|d| d.id == *id && d.live) else {
+                continue;
+            };
+            let adv: Vec<Prefix> = r.advertised.iter().copied().collect();
+            let exit_offered = adv.iter().any(Prefix::is_default);
+            let (mut auto, auto_exit) = match &self.policy {
+                Some(p) => policy::auto_approved(p, dir, dev, &adv, exit_offered, self.pools.v6_prefix),
+                None => (Vec::new(), false),
+            };
+            let mut routes: Vec<Prefix> = adv
+                .iter()
+                .copied()
+                .filter(|p| {
+                    let approved = r.approved.contains(p)
+                        || auto.contains(p)
+                        || (p.is_default() && auto_exit);
+                    approved && (p.is_default() || !overlaps_overlay(p, self.pools.v6_prefix))
+                })
+                .collect();
+            auto.clear();
+            routes.sort();
+            if !routes.is_empty() {
+                out.push(policy::Router { id: *id, routes });
+            }
+        }
+        out
     }
 
     /// The stored version of the policy in force (`None`: none, or it does not parse); sent
@@ -937,6 +1008,29 @@ impl Registry {
     }
 
     fn apply_update(&mut self, id: DeviceId, mut update: DeviceUpdate) {
+        if !self.devices.contains_key(&id) {
+            return;
+        }
+        // Every update carries the full advertisement: none named means none.
+        let mut adv: BTreeSet<Prefix> = update
+            .advertise_routes
+            .iter()
+            .copied()
+            .filter(|p| !p.is_default())
+            .take(MAX_ADVERTISED_ROUTES)
+            .collect();
+        if update.advertise_exit_node {
+            adv.insert(Prefix::V4_DEFAULT);
+            adv.insert(Prefix::V6_DEFAULT);
+        }
+        let entry = self.routes.entry(id).or_default();
+        if entry.advertised != adv {
+            entry.advertised = adv.clone();
+            self.outputs.push_back(Output::RoutesAdvertised {
+                device: id,
+                routes: adv.into_iter().collect(),
+            });
+        }
         let Some(dev) = self.devices.get_mut(&id) else {
             return;
         };
@@ -1032,8 +1126,21 @@ impl Registry {
         self.refresh_needed();
         let dir = self.directory();
         self.compiled = match &self.policy {
-            Some(p) => policy::compile(p, &dir, self.now_ms),
+            Some(p) => {
+                let mut c = policy::compile(p, &dir, self.now_ms);
+                let routers = self.routers(&dir);
+                policy::compile_routes(p, &dir, &routers, self.pools.v6_prefix, self.now_ms, &mut c);
+                c
+            }
             None => Compiled::default(),
+        };
+        let served: BTreeMap<DeviceId, Vec<Prefix>> = match &self.policy {
+            Some(_) => self
+                .routers(&dir)
+                .into_iter()
+                .map(|r| (r.id, r.routes))
+                .collect(),
+            None => BTreeMap::new(),
         };
         let views: BTreeMap<DeviceId, Peer> = self
             .devices
@@ -1053,13 +1160,20 @@ impl Registry {
                     a.peers
                         .iter()
                         .filter(|p| **p != id)
-                        .filter_map(|p| views.get(p).map(|v| (*p, v.clone())))
+                        .filter_map(|p| {
+                            views.get(p).map(|v| {
+                                let mut v = v.clone();
+                                v.routes = a.routes.get(p).cloned().unwrap_or_default();
+                                (*p, v)
+                            })
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
             let inbound = access.map(|a| a.inbound.clone()).unwrap_or_default();
             let reach = access.map(|a| a.reach.clone()).unwrap_or_default();
             let shadow_filter = access.and_then(|a| a.shadow_inbound.clone());
+            let my_routes = served.get(&id).cloned().unwrap_or_default();
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
@@ -1068,7 +1182,7 @@ impl Registry {
                     let msg = CoordinatorMsg::Netmap(Netmap {
                         seq: 1,
                         me: SelfInfo {
-                            routes: Default::default(),
+                            routes: my_routes.clone(),
                             device_id: id,
                             hostname: me.hostname.clone(),
                             ipv4: me.ipv4,
@@ -1088,6 +1202,7 @@ impl Registry {
                     session.sent = Some(Sent {
                         seq: 1,
                         hostname: me.hostname.clone(),
+                        routes: my_routes,
                         peers: want,
                         inbound,
                         reach,
@@ -1115,7 +1230,7 @@ impl Registry {
                     let inbound_changed = sent.inbound != inbound;
                     let reach_changed = sent.reach != reach;
                     let relays_changed = sent.relays != relays;
-                    let me_changed = sent.hostname != me.hostname;
+                    let me_changed = sent.hostname != me.hostname || sent.routes != my_routes;
                     let version_changed = sent.policy_version != policy_version;
                     let shadow_changed = sent.shadow_filter != shadow_filter;
                     if upsert.is_empty()
@@ -1146,7 +1261,7 @@ impl Registry {
                             None
                         },
                         me: me_changed.then(|| SelfInfo {
-                            routes: Default::default(),
+                            routes: my_routes.clone(),
                             device_id: id,
                             hostname: me.hostname.clone(),
                             ipv4: me.ipv4,
@@ -1157,6 +1272,7 @@ impl Registry {
                         shadow_filter: shadow_changed.then(|| shadow_filter.clone()),
                     });
                     sent.hostname = me.hostname.clone();
+                    sent.routes = my_routes;
                     sent.shadow_filter = shadow_filter;
                     sent.policy_version = policy_version;
                     sent.inbound = inbound;

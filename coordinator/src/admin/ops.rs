@@ -51,6 +51,8 @@ pub enum Notice {
     Policy(Policy, u64),
     /// Every registered relay, after one was added or removed.
     Relays(Vec<RelayInfo>),
+    /// Every device's routes, after an approval changed.
+    Routes(Vec<crate::store::RouteRow>),
 }
 
 /// The running registry, as the admin requests see it.
@@ -172,6 +174,22 @@ pub fn handle(
         ),
         AdminRequest::TokenRevoke { id } => {
             AdminReply::Token(store.revoke_token(&id, ACTOR, now)?.into())
+        }
+        AdminRequest::DeviceRoutes {
+            name: n,
+            approve,
+            revoke,
+        } => {
+            let v6 = me
+                .ipv6_prefix
+                .parse::<ward_shared::routes::Prefix>()
+                .map_err(|e| anyhow!("coordinator's IPv6 prefix: {e}"))?;
+            let std::net::IpAddr::V6(v6) = v6.addr() else {
+                bail!("coordinator's IPv6 prefix is not IPv6");
+            };
+            AdminReply::DeviceRoutes(super::routes::device_routes(
+                store, live, &snap, v6, &n, &approve, &revoke, ACTOR, now,
+            )?)
         }
         AdminRequest::DeviceLs => {
             let leases = LeaseInfo::load(store, now)?;
@@ -600,6 +618,7 @@ fn widens(req: &AdminRequest) -> bool {
             | AdminRequest::DeviceTag { .. }
             | AdminRequest::DeviceRename { .. }
             | AdminRequest::DeviceApprove { .. }
+            | AdminRequest::DeviceRoutes { .. }
             | AdminRequest::PolicyApply { .. }
             | AdminRequest::GrantAdd { .. }
             | AdminRequest::RelayAdd { .. }

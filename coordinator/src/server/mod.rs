@@ -162,6 +162,7 @@ pub async fn serve(
     let mut registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
     registry.handle_policy_version(current_version);
     registry.handle_relays(ops::relays(store.as_ref())?);
+    registry.handle_routes(store.device_routes()?);
     let (events, rx) = queue::channel(queue::CONNECTION_EVENTS);
     let ctx = Arc::new(Ctx {
         config,
@@ -598,6 +599,7 @@ impl Live for LiveRegistry {
             Notice::Grants(g) => Event::Grants(g),
             Notice::Policy(p, version) => Event::Policy(p, version),
             Notice::Relays(r) => Event::Relays(r),
+            Notice::Routes(r) => Event::Routes(r),
         };
         self.events.send_internal(ev);
     }
