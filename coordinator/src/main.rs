@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use ward_coordinator::admin::api::fmt_time;
 use ward_coordinator::admin::api::{
-    render_table, AuditVerifyView, AuditView, DeviceDetail, DeviceRoutesView, DeviceTagsView, DeviceView,
-    ExplainView, FlowsTopView, FlowsView, GrantView, MaturityHistoryView, MaturityView,
+    render_table, AuditVerifyView, AuditView, DeviceDetail, DeviceRoutesView, DeviceTagsView,
+    DeviceView, ExplainView, FlowsTopView, FlowsView, GrantView, MaturityHistoryView, MaturityView,
     PolicyOutcome, PolicyShowView, PolicyVersionView, RelayAdded, RelayView, Rotating, StatusView,
     Table, TokenCreated, TokenView, UserAccess, UserGroupsView, UserView,
 };
@@ -711,7 +711,10 @@ async fn run(cli: Cli) -> Result<()> {
                 if json {
                     return print_json(&v);
                 }
-                println!("{:<24} {:<10} {:<8} {:<5} active", "prefix", "advertised", "approved", "auto");
+                println!(
+                    "{:<24} {:<10} {:<8} {:<5} active",
+                    "prefix", "advertised", "approved", "auto"
+                );
                 for r in &v.routes {
                     let yn = |b: bool| if b { "yes" } else { "no" };
                     println!(

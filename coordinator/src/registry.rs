@@ -285,6 +285,11 @@ impl Registry {
         }
     }
 
+    /// [`Registry::routers`] over the current directory.
+    pub fn current_routers(&self) -> Vec<policy::Router> {
+        self.routers(&self.directory())
+    }
+
     /// The routes each live device forwards now: advertised, and approved by an administrator
     /// or by the policy's `[auto_approvers]`; never a prefix overlapping the overlay pools
     /// (default routes only as an exit node: `0.0.0.0/0` and `::/0`).
@@ -297,16 +302,17 @@ impl Registry {
             let adv: Vec<Prefix> = r.advertised.iter().copied().collect();
             let exit_offered = adv.iter().any(Prefix::is_default);
             let (mut auto, auto_exit) = match &self.policy {
-                Some(p) => policy::auto_approved(p, dir, dev, &adv, exit_offered, self.pools.v6_prefix),
+                Some(p) => {
+                    policy::auto_approved(p, dir, dev, &adv, exit_offered, self.pools.v6_prefix)
+                }
                 None => (Vec::new(), false),
             };
             let mut routes: Vec<Prefix> = adv
                 .iter()
                 .copied()
                 .filter(|p| {
-                    let approved = r.approved.contains(p)
-                        || auto.contains(p)
-                        || (p.is_default() && auto_exit);
+                    let approved =
+                        r.approved.contains(p) || auto.contains(p) || (p.is_default() && auto_exit);
                     approved && (p.is_default() || !overlaps_overlay(p, self.pools.v6_prefix))
                 })
                 .collect();
@@ -1129,7 +1135,14 @@ impl Registry {
             Some(p) => {
                 let mut c = policy::compile(p, &dir, self.now_ms);
                 let routers = self.routers(&dir);
-                policy::compile_routes(p, &dir, &routers, self.pools.v6_prefix, self.now_ms, &mut c);
+                policy::compile_routes(
+                    p,
+                    &dir,
+                    &routers,
+                    self.pools.v6_prefix,
+                    self.now_ms,
+                    &mut c,
+                );
                 c
             }
             None => Compiled::default(),

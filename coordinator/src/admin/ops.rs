@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub relays: std::collections::BTreeMap<String, RelayLoad>,
     /// The registry actor's event queues.
     pub event_queue: crate::admin::api::EventQueueView,
+    /// The devices forwarding routed prefixes now, with the prefixes.
+    pub routers: Vec<ward_shared::policy::Router>,
 }
 
 /// A change the registry must apply after a request succeeded.
@@ -382,9 +384,22 @@ pub fn handle(
                 .map(PolicyVersionView::from)
                 .collect(),
         ),
-        AdminRequest::PolicyExplain { src, dst } => AdminReply::Explain(Box::new(
-            super::policy::explain(snap.policy.as_ref(), &snap.directory, &src, &dst, now)?,
-        )),
+        AdminRequest::PolicyExplain { src, dst } => {
+            AdminReply::Explain(Box::new(match super::policy::routed_target(&dst, me) {
+                Some((ip, proto, port, v6)) => super::policy::explain_routed(
+                    snap.policy.as_ref(),
+                    &snap.directory,
+                    &snap.routers,
+                    v6,
+                    &src,
+                    (ip, proto, port),
+                    now,
+                )?,
+                None => {
+                    super::policy::explain(snap.policy.as_ref(), &snap.directory, &src, &dst, now)?
+                }
+            }))
+        }
         AdminRequest::GrantAdd {
             from,
             to,

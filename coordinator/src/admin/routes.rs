@@ -11,7 +11,11 @@ use crate::store::Store;
 
 /// Parses `--approve`/`--revoke` values: prefixes, or `exit` for both default routes (an
 /// exit node). A prefix overlapping the overlay pools is refused for approval.
-pub fn parse_prefixes(v: &[String], v6: std::net::Ipv6Addr, approving: bool) -> Result<Vec<Prefix>> {
+pub fn parse_prefixes(
+    v: &[String],
+    v6: std::net::Ipv6Addr,
+    approving: bool,
+) -> Result<Vec<Prefix>> {
     let mut out = Vec::new();
     for s in v {
         if s == "exit" {
@@ -58,10 +62,19 @@ pub fn device_routes(
         .into_iter()
         .filter(|r| r.device == dev.id)
         .collect();
-    let advertised: Vec<Prefix> = rows.iter().filter(|r| r.advertised).map(|r| r.prefix).collect();
+    let advertised: Vec<Prefix> = rows
+        .iter()
+        .filter(|r| r.advertised)
+        .map(|r| r.prefix)
+        .collect();
     let exit_offered = advertised.iter().any(Prefix::is_default);
-    let (auto, auto_exit) = match (&snap.policy, snap.directory.devices.iter().find(|d| d.id == dev.id)) {
-        (Some(p), Some(d)) => policy::auto_approved(p, &snap.directory, d, &advertised, exit_offered, v6),
+    let (auto, auto_exit) = match (
+        &snap.policy,
+        snap.directory.devices.iter().find(|d| d.id == dev.id),
+    ) {
+        (Some(p), Some(d)) => {
+            policy::auto_approved(p, &snap.directory, d, &advertised, exit_offered, v6)
+        }
         _ => (Vec::new(), false),
     };
     let routes = rows

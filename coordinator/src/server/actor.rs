@@ -353,6 +353,7 @@ pub(super) async fn registry_actor(
                     online: conns_online(&reg),
                     directory: reg.directory(),
                     compiled: reg.compiled().clone(),
+                    routers: reg.current_routers(),
                     policy: reg.policy().cloned(),
                     trust: sink.stats.view(),
                     event_queue: rx.view(),

@@ -18,7 +18,8 @@ use super::schema::MIGRATIONS;
 use super::{
     Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, FlowQuery, FlowRow, FlowSource,
     FlowsStored, GrantRow, IntegrityCheck, LeaseRow, MaturityChain, PolicyVersion, Quarantine,
-    RelayRow, Result, RouteRow, StorageHealth, Store, StoreError, SuggestionMark, TokenInfo, TokenSpec, User,
+    RelayRow, Result, RouteRow, StorageHealth, Store, StoreError, SuggestionMark, TokenInfo,
+    TokenSpec, User,
 };
 
 mod audit;
