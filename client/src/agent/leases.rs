@@ -114,7 +114,7 @@ pub fn leased_peers(
         for l in &p.leases {
             match l.verify_for(issuer, coordinator_now_ms, p.device_id, p.ipv4, p.ipv6) {
                 Ok(lease) => ok.push(PeerConfig {
-                    routes: Default::default(),
+                    routes: p.routes.clone(),
                     device_id: p.device_id.0,
                     hostname: p.hostname.to_string(),
                     public_key: lease.wg_public_key.0,

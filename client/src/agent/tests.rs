@@ -33,6 +33,7 @@ impl H {
         let coord = SigningKey::from_bytes(&[9; 32]);
         let base = Instant::now();
         let cfg = AgentConfig {
+            routes: Default::default(),
             device_id: DeviceId(1),
             ipv4: ip4(1),
             ipv6: ip6(1),

@@ -290,6 +290,11 @@ impl DataPlane {
 
     /// Replaces the candidate rules (the netmap's `shadow_filter`): never enforced; new flows
     /// from peers are judged against them for the flow records' would-allow / would-deny.
+    /// Replaces the routed prefixes this device forwards to (see [`engine::Core::set_routes`]).
+    pub fn set_routes(&self, routes: Vec<Prefix>) {
+        self.core.set_routes(routes);
+    }
+
     pub fn set_shadow_filter(&self, rules: Option<Vec<FilterRule>>) {
         self.core.set_shadow_filter(rules);
     }
