@@ -2567,4 +2567,100 @@ scan_denied_flows = 4
         r.handle_session_closed(DeviceId(1), 10);
         assert!(r.is_online(DeviceId(1)));
     }
+
+    /// A routed service reaches its client only through an approved router: advertising alone
+    /// routes nothing; approval gives the client the prefix through the router and the router
+    /// its routes and `dests` rule; revocation takes both back in one delta each.
+    #[test]
+    fn routed_prefixes_follow_approval() {
+        let p = policy::parse(
+            br#"
+[services.legacy-db]
+routes = ["10.20.5.10/32"]
+ports = ["tcp/5432"]
+[[rules]]
+from = ["alice"]
+to = ["legacy-db"]
+"#,
+            "routes.toml",
+        )
+        .unwrap();
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), dev(2)],
+            [],
+            Some(p),
+            vec![],
+            vec![],
+            0,
+        );
+        let net: Prefix = "10.20.0.0/16".parse().unwrap();
+        let db: Prefix = "10.20.5.10/32".parse().unwrap();
+        let adv = DeviceUpdate {
+            advertise_routes: vec![net, "100.64.0.0/16".parse().unwrap()],
+            ..DeviceUpdate::default()
+        };
+        r.handle_session_opened(DeviceId(2), 20, addr("10.0.0.2:1"), adv)
+            .unwrap();
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let out = drain(&mut r);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::RoutesAdvertised { device, routes }
+            if *device == DeviceId(2) && routes.contains(&net))));
+        let netmap = |out: &[Output], conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::Netmap(nm),
+                    } if *c == conn => Some(nm.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert!(
+            netmap(&out, 10).peers.is_empty(),
+            "advertised but not approved"
+        );
+        assert!(netmap(&out, 20).me.routes.is_empty());
+        let row = |prefix: Prefix, approved: bool| crate::store::RouteRow {
+            device: DeviceId(2),
+            prefix,
+            advertised: true,
+            approved,
+        };
+        // The overlay-overlapping prefix is never approved, even if the store says so.
+        r.handle_routes(vec![
+            row(net, true),
+            row("100.64.0.0/16".parse().unwrap(), true),
+        ]);
+        let out = drain(&mut r);
+        let delta = |out: &[Output], conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::NetmapDelta(d),
+                    } if *c == conn => Some(d.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let d1 = delta(&out, 10);
+        assert_eq!(d1.upsert.len(), 1);
+        assert_eq!(d1.upsert[0].device_id, DeviceId(2));
+        assert_eq!(d1.upsert[0].routes, vec![db]);
+        let d2 = delta(&out, 20);
+        assert_eq!(d2.me.as_ref().unwrap().routes, vec![net]);
+        let rules = d2.inbound.unwrap();
+        assert!(rules.iter().any(|f| f.dests == vec![db]));
+        assert_eq!(d2.upsert.len(), 1, "the router learns its client as a peer");
+        // Revoked: the client loses the router, the router its routes.
+        r.handle_routes(vec![row(net, false)]);
+        let out = drain(&mut r);
+        assert_eq!(delta(&out, 10).remove, vec![DeviceId(2)]);
+        assert!(delta(&out, 20).me.unwrap().routes.is_empty());
+    }
 }
