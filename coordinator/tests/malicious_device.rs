@@ -284,7 +284,8 @@ impl World {
                 }
                 Output::Close { .. }
                 | Output::PostureChanged { .. }
-                | Output::DeviceRevoked { .. } => {}
+                | Output::DeviceRevoked { .. }
+                | Output::RoutesAdvertised { .. } => {}
             }
         }
     }

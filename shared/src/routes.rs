@@ -73,6 +73,8 @@ impl Prefix {
         self.addr
     }
 
+    /// The prefix length in bits (not a collection's size: there is no `is_empty`).
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u8 {
         self.len
     }

@@ -153,6 +153,7 @@ impl World {
                 let key: [u8; 32] = rng.gen();
                 let agent = Agent::new(
                     AgentConfig {
+                        routes: Default::default(),
                         device_id: d.id,
                         ipv4: d.ipv4,
                         ipv6: d.ipv6,
@@ -366,6 +367,7 @@ impl World {
             }
             Event::SetFilter(rules) => self.devs[i].core.set_filter(rules),
             Event::SetShadowFilter(rules) => self.devs[i].core.set_shadow_filter(rules),
+            Event::SetRoutes { served, .. } => self.devs[i].core.set_routes(served),
             Event::SetClockOffset(o) => self.devs[i].core.set_clock_offset_ms(o),
             Event::SwitchKey { key, .. } => {
                 // Invariant: a device never switches before every peer that has it configured
@@ -544,7 +546,8 @@ impl World {
             // No relays in this network: revocations for relays have no one to reach.
             Output::PostureChanged { .. }
             | Output::Quarantine { .. }
-            | Output::DeviceRevoked { .. } => {}
+            | Output::DeviceRevoked { .. }
+            | Output::RoutesAdvertised { .. } => {}
         }
     }
 
