@@ -113,6 +113,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     );
     // The benchmark peer may open anything here (the filter still runs on every packet).
     let all = |proto, ports: Vec<PortRange>| FilterRule {
+        dests: Default::default(),
         rule: "dp-pair-allow-all".into(),
         service: "all".into(),
         sources: vec![IpAddr::V4(a.peer_ipv4), IpAddr::V6(a.peer_ipv6)],
@@ -130,6 +131,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         all(Proto::Icmp, Vec::new()),
     ]);
     dp.set_peers(vec![PeerConfig {
+        routes: Default::default(),
         device_id: 2,
         hostname: "peer".into(),
         public_key: peer_key,

@@ -24,6 +24,9 @@ pub enum Request {
         token: Option<String>,
         #[serde(default)]
         hostname: Option<String>,
+        /// Routes to advertise, and the exit node to use.
+        #[serde(default)]
+        routes: crate::agent::routes::RouteOptions,
     },
     Down,
     Status,

@@ -83,6 +83,16 @@ enum Cmd {
         token_file: Option<PathBuf>,
         #[arg(long)]
         hostname: Option<String>,
+        /// Offer to forward these prefixes (comma-separated, e.g. 10.20.0.0/16): a subnet
+        /// router. Nothing is routed until the coordinator approves them.
+        #[arg(long, value_delimiter = ',')]
+        advertise_routes: Vec<ward_shared::routes::Prefix>,
+        /// Offer to be an exit node (internet traffic of devices that choose it).
+        #[arg(long)]
+        advertise_exit_node: bool,
+        /// Send this device's internet traffic through this exit node (a peer's hostname).
+        #[arg(long)]
+        exit_node: Option<String>,
     },
     /// Leave the network (the device stays enrolled).
     Down,
@@ -226,6 +236,9 @@ async fn run(cli: Cli) -> Result<()> {
             token,
             token_file,
             hostname,
+            advertise_routes,
+            advertise_exit_node,
+            exit_node,
         } => {
             if token_in_args(std::env::args()) {
                 eprintln!(
@@ -234,7 +247,20 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             let token = resolve_token(token, token_file.as_deref(), std::io::stdin().lock())?;
-            let v: UpView = api::call(&cli.socket, &Request::Up { token, hostname }).await?;
+            let routes = ward_client::agent::routes::RouteOptions {
+                advertise_routes,
+                advertise_exit_node,
+                exit_node,
+            };
+            let v: UpView = api::call(
+                &cli.socket,
+                &Request::Up {
+                    token,
+                    hostname,
+                    routes,
+                },
+            )
+            .await?;
             println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6);
             Ok(())
         }

@@ -24,6 +24,7 @@ pub enum Action {
     DeviceRename,
     /// A device's current name was bound by an admin.
     DeviceApprove,
+    DeviceRoutes,
     UserAdd,
     UserDisable,
     UserEnable,
@@ -62,7 +63,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 40] = [
+    pub const ALL: [Action; 41] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -75,6 +76,7 @@ impl Action {
         Action::DeviceTag,
         Action::DeviceRename,
         Action::DeviceApprove,
+        Action::DeviceRoutes,
         Action::UserAdd,
         Action::UserDisable,
         Action::UserEnable,
@@ -120,6 +122,7 @@ impl Action {
             Action::DeviceTag => "device.tag",
             Action::DeviceRename => "device.rename",
             Action::DeviceApprove => "device.approve",
+            Action::DeviceRoutes => "device.routes",
             Action::UserAdd => "user.add",
             Action::UserDisable => "user.disable",
             Action::UserEnable => "user.enable",

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 
 use ward_coordinator::admin::api::fmt_time;
 use ward_coordinator::admin::api::{
-    render_table, AuditVerifyView, AuditView, ConsoleLinkView, DeviceDetail, DeviceTagsView,
+    render_table, AuditVerifyView, AuditView, ConsoleLinkView, DeviceDetail, DeviceRoutesView,
+    DeviceTagsView,
     DeviceView, ExplainView, FlowsTopView, FlowsView, GrantView, MaturityHistoryView, MaturityView,
     PolicyOutcome, PolicyShowView, PolicyVersionView, RelayAdded, RelayView, Rotating, StatusView,
     Table, TokenCreated, TokenView, UserAccess, UserGroupsView, UserView,
@@ -488,6 +489,17 @@ enum DeviceCmd {
         #[arg(long)]
         remove: Vec<String>,
     },
+    /// List a device's routed prefixes (advertised, approved, active); approve or revoke
+    /// some (`exit` for the exit-node offer), audited. Overlay-overlapping prefixes are refused.
+    Routes {
+        name: String,
+        #[arg(long, num_args = 1.., value_delimiter = ',')]
+        approve: Vec<String>,
+        #[arg(long, num_args = 1.., value_delimiter = ',')]
+        revoke: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -739,6 +751,41 @@ async fn run(cli: Cli) -> Result<()> {
                     return print_json(&v);
                 }
                 eprintln!("device {} name bound", v.hostname);
+                Ok(())
+            }
+            DeviceCmd::Routes {
+                name,
+                approve,
+                revoke,
+                json,
+            } => {
+                let v: DeviceRoutesView = admin::call(
+                    &sock,
+                    &AdminRequest::DeviceRoutes {
+                        name,
+                        approve,
+                        revoke,
+                    },
+                )
+                .await?;
+                if json {
+                    return print_json(&v);
+                }
+                println!(
+                    "{:<24} {:<10} {:<8} {:<5} active",
+                    "prefix", "advertised", "approved", "auto"
+                );
+                for r in &v.routes {
+                    let yn = |b: bool| if b { "yes" } else { "no" };
+                    println!(
+                        "{:<24} {:<10} {:<8} {:<5} {}",
+                        r.prefix,
+                        yn(r.advertised),
+                        yn(r.approved),
+                        yn(r.auto_approved),
+                        yn(r.active)
+                    );
+                }
                 Ok(())
             }
             DeviceCmd::Tag { name, add, remove } => {

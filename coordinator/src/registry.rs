@@ -25,6 +25,7 @@ use ward_shared::lease::SignedLease;
 use ward_shared::names::{Hostname, Name};
 use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
 use ward_shared::posture::{self, PostureReport, PostureWants};
+use ward_shared::routes::{overlaps_overlay, Prefix, MAX_ADVERTISED_ROUTES};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
     PostureVerdict, Reach, RelayInfo, SelfInfo, Unavailable, WgPublicKey, MAX_DENIED_FLOWS,
@@ -115,6 +116,11 @@ pub enum Output {
         code: ErrorCode,
         reason: String,
     },
+    /// What a device advertises as routable changed (store it for `device routes`).
+    RoutesAdvertised {
+        device: DeviceId,
+        routes: Vec<Prefix>,
+    },
     /// A device's posture results changed (audit it, keep it).
     PostureChanged {
         device: DeviceId,
@@ -162,6 +168,8 @@ struct Sent {
     seq: u64,
     /// The name this device was last told is its own.
     hostname: Hostname,
+    /// The routes this device was last told it forwards.
+    routes: Vec<Prefix>,
     peers: BTreeMap<DeviceId, Peer>,
     inbound: Vec<FilterRule>,
     reach: Vec<Reach>,
@@ -208,6 +216,15 @@ pub struct Registry {
     risk_tick_ms: i64,
     /// The DNS domain sent in every full netmap (set once at start).
     dns_domain: ward_shared::names::DnsDomain,
+    /// Per device: the prefixes it advertises and those an administrator approved.
+    routes: BTreeMap<DeviceId, DeviceRoutes>,
+}
+
+/// A device's routed prefixes as the store holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct DeviceRoutes {
+    advertised: BTreeSet<Prefix>,
+    approved: BTreeSet<Prefix>,
 }
 
 impl Registry {
@@ -269,7 +286,67 @@ impl Registry {
             behaviour,
             risk_live: BTreeSet::new(),
             risk_tick_ms: now_ms,
+            routes: BTreeMap::new(),
         }
+    }
+
+    /// Replaces every device's advertised and approved routes (at start, and after an
+    /// administrator approved or revoked some). Netmaps follow at the next flush.
+    pub fn handle_routes(&mut self, rows: Vec<crate::store::RouteRow>) {
+        let mut map: BTreeMap<DeviceId, DeviceRoutes> = BTreeMap::new();
+        for r in rows {
+            let e = map.entry(r.device).or_default();
+            if r.advertised {
+                e.advertised.insert(r.prefix);
+            }
+            if r.approved {
+                e.approved.insert(r.prefix);
+            }
+        }
+        if map != self.routes {
+            self.routes = map;
+            self.dirty = true;
+        }
+    }
+
+    /// [`Registry::routers`] over the current directory.
+    pub fn current_routers(&self) -> Vec<policy::Router> {
+        self.routers(&self.directory())
+    }
+
+    /// The routes each live device forwards now: advertised, and approved by an administrator
+    /// or by the policy's `[auto_approvers]`; never a prefix overlapping the overlay pools
+    /// (default routes only as an exit node: `0.0.0.0/0` and `::/0`).
+    pub fn routers(&self, dir: &Directory) -> Vec<policy::Router> {
+        let mut out = Vec::new();
+        for (id, r) in &self.routes {
+            let Some(dev) = dir.devices.iter().find(|d| d.id == *id && d.live) else {
+                continue;
+            };
+            let adv: Vec<Prefix> = r.advertised.iter().copied().collect();
+            let exit_offered = adv.iter().any(Prefix::is_default);
+            let (mut auto, auto_exit) = match &self.policy {
+                Some(p) => {
+                    policy::auto_approved(p, dir, dev, &adv, exit_offered, self.pools.v6_prefix)
+                }
+                None => (Vec::new(), false),
+            };
+            let mut routes: Vec<Prefix> = adv
+                .iter()
+                .copied()
+                .filter(|p| {
+                    let approved =
+                        r.approved.contains(p) || auto.contains(p) || (p.is_default() && auto_exit);
+                    approved && (p.is_default() || !overlaps_overlay(p, self.pools.v6_prefix))
+                })
+                .collect();
+            auto.clear();
+            routes.sort();
+            if !routes.is_empty() {
+                out.push(policy::Router { id: *id, routes });
+            }
+        }
+        out
     }
 
     /// The stored version of the policy in force (`None`: none, or it does not parse); sent
@@ -1126,6 +1203,29 @@ impl Registry {
     }
 
     fn apply_update(&mut self, id: DeviceId, mut update: DeviceUpdate) {
+        if !self.devices.contains_key(&id) {
+            return;
+        }
+        // Every update carries the full advertisement: none named means none.
+        let mut adv: BTreeSet<Prefix> = update
+            .advertise_routes
+            .iter()
+            .copied()
+            .filter(|p| !p.is_default())
+            .take(MAX_ADVERTISED_ROUTES)
+            .collect();
+        if update.advertise_exit_node {
+            adv.insert(Prefix::V4_DEFAULT);
+            adv.insert(Prefix::V6_DEFAULT);
+        }
+        let entry = self.routes.entry(id).or_default();
+        if entry.advertised != adv {
+            entry.advertised = adv.clone();
+            self.outputs.push_back(Output::RoutesAdvertised {
+                device: id,
+                routes: adv.into_iter().collect(),
+            });
+        }
         let Some(dev) = self.devices.get_mut(&id) else {
             return;
         };
@@ -1161,6 +1261,7 @@ impl Registry {
     fn peer_view(&self, d: &Device) -> Peer {
         let leases = self.leases.get(&d.id).cloned().unwrap_or_default();
         Peer {
+            routes: Default::default(),
             device_id: d.id,
             hostname: d.hostname.clone(),
             user: d.user.clone(),
@@ -1220,8 +1321,28 @@ impl Registry {
         self.refresh_needed();
         let dir = self.directory();
         self.compiled = match &self.policy {
-            Some(p) => policy::compile(p, &dir, self.now_ms),
+            Some(p) => {
+                let mut c = policy::compile(p, &dir, self.now_ms);
+                let routers = self.routers(&dir);
+                policy::compile_routes(
+                    p,
+                    &dir,
+                    &routers,
+                    self.pools.v6_prefix,
+                    self.now_ms,
+                    &mut c,
+                );
+                c
+            }
             None => Compiled::default(),
+        };
+        let served: BTreeMap<DeviceId, Vec<Prefix>> = match &self.policy {
+            Some(_) => self
+                .routers(&dir)
+                .into_iter()
+                .map(|r| (r.id, r.routes))
+                .collect(),
+            None => BTreeMap::new(),
         };
         let views: BTreeMap<DeviceId, Peer> = self
             .devices
@@ -1241,13 +1362,20 @@ impl Registry {
                     a.peers
                         .iter()
                         .filter(|p| **p != id)
-                        .filter_map(|p| views.get(p).map(|v| (*p, v.clone())))
+                        .filter_map(|p| {
+                            views.get(p).map(|v| {
+                                let mut v = v.clone();
+                                v.routes = a.routes.get(p).cloned().unwrap_or_default();
+                                (*p, v)
+                            })
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
             let inbound = access.map(|a| a.inbound.clone()).unwrap_or_default();
             let reach = access.map(|a| a.reach.clone()).unwrap_or_default();
             let shadow_filter = access.and_then(|a| a.shadow_inbound.clone());
+            let my_routes = served.get(&id).cloned().unwrap_or_default();
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
@@ -1256,6 +1384,7 @@ impl Registry {
                     let msg = CoordinatorMsg::Netmap(Netmap {
                         seq: 1,
                         me: SelfInfo {
+                            routes: my_routes.clone(),
                             device_id: id,
                             hostname: me.hostname.clone(),
                             ipv4: me.ipv4,
@@ -1276,6 +1405,7 @@ impl Registry {
                     session.sent = Some(Sent {
                         seq: 1,
                         hostname: me.hostname.clone(),
+                        routes: my_routes,
                         peers: want,
                         inbound,
                         reach,
@@ -1303,7 +1433,7 @@ impl Registry {
                     let inbound_changed = sent.inbound != inbound;
                     let reach_changed = sent.reach != reach;
                     let relays_changed = sent.relays != relays;
-                    let me_changed = sent.hostname != me.hostname;
+                    let me_changed = sent.hostname != me.hostname || sent.routes != my_routes;
                     let version_changed = sent.policy_version != policy_version;
                     let shadow_changed = sent.shadow_filter != shadow_filter;
                     if upsert.is_empty()
@@ -1334,6 +1464,7 @@ impl Registry {
                             None
                         },
                         me: me_changed.then(|| SelfInfo {
+                            routes: my_routes.clone(),
                             device_id: id,
                             hostname: me.hostname.clone(),
                             ipv4: me.ipv4,
@@ -1344,6 +1475,7 @@ impl Registry {
                         shadow_filter: shadow_changed.then(|| shadow_filter.clone()),
                     });
                     sent.hostname = me.hostname.clone();
+                    sent.routes = my_routes;
                     sent.shadow_filter = shadow_filter;
                     sent.policy_version = policy_version;
                     sent.inbound = inbound;
@@ -2777,5 +2909,101 @@ scan_denied_flows = 4
         // The stale connection closing does not end the new session.
         r.handle_session_closed(DeviceId(1), 10);
         assert!(r.is_online(DeviceId(1)));
+    }
+
+    /// A routed service reaches its client only through an approved router: advertising alone
+    /// routes nothing; approval gives the client the prefix through the router and the router
+    /// its routes and `dests` rule; revocation takes both back in one delta each.
+    #[test]
+    fn routed_prefixes_follow_approval() {
+        let p = policy::parse(
+            br#"
+[services.legacy-db]
+routes = ["10.20.5.10/32"]
+ports = ["tcp/5432"]
+[[rules]]
+from = ["alice"]
+to = ["legacy-db"]
+"#,
+            "routes.toml",
+        )
+        .unwrap();
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), dev(2)],
+            [],
+            Some(p),
+            vec![],
+            vec![],
+            0,
+        );
+        let net: Prefix = "10.20.0.0/16".parse().unwrap();
+        let db: Prefix = "10.20.5.10/32".parse().unwrap();
+        let adv = DeviceUpdate {
+            advertise_routes: vec![net, "100.64.0.0/16".parse().unwrap()],
+            ..DeviceUpdate::default()
+        };
+        r.handle_session_opened(DeviceId(2), 20, addr("10.0.0.2:1"), adv)
+            .unwrap();
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let out = drain(&mut r);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::RoutesAdvertised { device, routes }
+            if *device == DeviceId(2) && routes.contains(&net))));
+        let netmap = |out: &[Output], conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::Netmap(nm),
+                    } if *c == conn => Some(nm.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert!(
+            netmap(&out, 10).peers.is_empty(),
+            "advertised but not approved"
+        );
+        assert!(netmap(&out, 20).me.routes.is_empty());
+        let row = |prefix: Prefix, approved: bool| crate::store::RouteRow {
+            device: DeviceId(2),
+            prefix,
+            advertised: true,
+            approved,
+        };
+        // The overlay-overlapping prefix is never approved, even if the store says so.
+        r.handle_routes(vec![
+            row(net, true),
+            row("100.64.0.0/16".parse().unwrap(), true),
+        ]);
+        let out = drain(&mut r);
+        let delta = |out: &[Output], conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::NetmapDelta(d),
+                    } if *c == conn => Some(d.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let d1 = delta(&out, 10);
+        assert_eq!(d1.upsert.len(), 1);
+        assert_eq!(d1.upsert[0].device_id, DeviceId(2));
+        assert_eq!(d1.upsert[0].routes, vec![db]);
+        let d2 = delta(&out, 20);
+        assert_eq!(d2.me.as_ref().unwrap().routes, vec![net]);
+        let rules = d2.inbound.unwrap();
+        assert!(rules.iter().any(|f| f.dests == vec![db]));
+        assert_eq!(d2.upsert.len(), 1, "the router learns its client as a peer");
+        // Revoked: the client loses the router, the router its routes.
+        r.handle_routes(vec![row(net, false)]);
+        let out = drain(&mut r);
+        assert_eq!(delta(&out, 10).remove, vec![DeviceId(2)]);
+        assert!(delta(&out, 20).me.unwrap().routes.is_empty());
     }
 }

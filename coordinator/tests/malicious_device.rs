@@ -285,7 +285,8 @@ impl World {
                 Output::Close { .. }
                 | Output::PostureChanged { .. }
                 | Output::Anomaly(_)
-                | Output::DeviceRevoked { .. } => {}
+                | Output::DeviceRevoked { .. }
+                | Output::RoutesAdvertised { .. } => {}
             }
         }
     }

@@ -231,6 +231,7 @@ pub fn packets(data: &[u8]) {
     let mut f = Filter::with_seed(max_flows, 1);
     f.set_rules(vec![
         FilterRule {
+            dests: Default::default(),
             rule: "ssh".into(),
             service: "ssh".into(),
             sources: vec![peer4, peer6],
@@ -239,6 +240,7 @@ pub fn packets(data: &[u8]) {
             not_after_ms: None,
         },
         FilterRule {
+            dests: Default::default(),
             rule: "dns".into(),
             service: "dns".into(),
             sources: vec![peer4],
@@ -247,6 +249,7 @@ pub fn packets(data: &[u8]) {
             not_after_ms: Some(NOW_MS + 1),
         },
         FilterRule {
+            dests: Default::default(),
             rule: "ping".into(),
             service: "ping".into(),
             sources: vec![peer6],
@@ -335,6 +338,7 @@ pub fn dns_query(data: &[u8]) {
         online: true,
         leases: vec![],
         relay: None,
+        routes: vec![],
     };
     let nm = Netmap {
         seq: 1,
@@ -345,6 +349,7 @@ pub fn dns_query(data: &[u8]) {
             ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1),
             v6_prefix: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0),
             observed_addr: None,
+            routes: vec![],
         },
         reach: vec![Reach {
             service: "db".into(),

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::flows::{DenyCause, FlowVerdict, Role, ShadowVerdict};
+use crate::routes::Prefix;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,6 +54,11 @@ pub struct FilterRule {
     /// Coordinator time (ms since the epoch) after which the rule no longer applies.
     #[serde(default)]
     pub not_after_ms: Option<i64>,
+    /// Routed destinations (on a subnet router or exit node): the rule opens flows to
+    /// addresses inside these prefixes only, never to the device itself. Empty: the device's
+    /// own addresses only, never a routed destination (see [`Filter::set_routed`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dests: Vec<Prefix>,
 }
 
 /// The destinations a device accepts from its peers and the sources it sends from: today its
@@ -312,6 +318,9 @@ impl Pending {
 /// tracked flow never look at them.
 pub struct Filter {
     rules: Vec<FilterRule>,
+    /// The routed prefixes this device forwards to: rules without `dests` never open flows to
+    /// addresses inside them.
+    routed: Vec<Prefix>,
     /// Candidate rules and their index by source; `None`: no candidate view.
     shadow: Option<(Vec<FilterRule>, SourceIndex)>,
     /// `rules[i].rule`, shared by the samples that name it.
@@ -391,6 +400,7 @@ impl Filter {
         };
         Filter {
             rules: Vec::new(),
+            routed: Vec::new(),
             shadow: None,
             rule_names: Vec::new(),
             pending: Pending::default(),
@@ -423,7 +433,7 @@ impl Filter {
             .map(|(k, _)| *k)
             .collect();
         for k in keys {
-            let m = self.match_rules(k.remote, k.proto, k.local_port, None);
+            let m = self.match_rules(k.remote, k.local, k.proto, k.local_port, None);
             let Some(f) = self.flows.get_mut(&k) else {
                 continue;
             };
@@ -442,6 +452,23 @@ impl Filter {
         self.counters.flows_revoked += revoked;
     }
 
+    /// Replaces the routed prefixes this device forwards to (its approved routes). Rules
+    /// without `dests` stop applying to addresses inside them; flows peers opened are judged
+    /// again, as by [`Filter::set_rules`].
+    pub fn set_routed(&mut self, routed: Vec<Prefix>) {
+        if self.routed == routed {
+            return;
+        }
+        self.routed = routed;
+        let rules = std::mem::take(&mut self.rules);
+        self.set_rules(rules);
+    }
+
+    /// The routed prefixes set by [`Filter::set_routed`].
+    pub fn routed(&self) -> &[Prefix] {
+        &self.routed
+    }
+
     /// Replaces the candidate rules (`None`: no candidate view). They allow nothing; flows
     /// peers opened are judged against them again (their counts so far keep the old verdict),
     /// and new flows are judged when they start.
@@ -458,7 +485,7 @@ impl Filter {
             .map(|(k, _)| *k)
             .collect();
         for k in keys {
-            let v = self.shadow_verdict(k.remote, k.proto, k.local_port, None);
+            let v = self.shadow_verdict(k.remote, k.local, k.proto, k.local_port, None);
             if let Some(f) = self.flows.get_mut(&k) {
                 f.shadow = v;
             }
@@ -475,15 +502,18 @@ impl Filter {
     fn shadow_verdict(
         &self,
         src: IpAddr,
+        dst: IpAddr,
         proto: Proto,
         port: u16,
         coord_ms: Option<i64>,
     ) -> Option<ShadowVerdict> {
         let (rules, ix) = self.shadow.as_ref()?;
-        Some(match match_in(rules, ix, src, proto, port, coord_ms) {
-            RuleMatch::Allowed { .. } => ShadowVerdict::WouldAllow,
-            RuleMatch::ExpiredOnly { .. } | RuleMatch::None => ShadowVerdict::WouldDeny,
-        })
+        Some(
+            match match_in(rules, ix, &self.routed, src, dst, proto, port, coord_ms) {
+                RuleMatch::Allowed { .. } => ShadowVerdict::WouldAllow,
+                RuleMatch::ExpiredOnly { .. } | RuleMatch::None => ShadowVerdict::WouldDeny,
+            },
+        )
     }
 
     /// The current rules.
@@ -715,7 +745,8 @@ impl Filter {
                 Proto::Tcp | Proto::Udp => true,
             };
             let shadow = if opens && matches!(reason, DenyReason::NoRule | DenyReason::Expired) {
-                self.shadow_verdict(src, proto, port, Some(coord_ms))
+                let dst = LocalPrefixes::packet_addr(packet, true).unwrap_or(src);
+                self.shadow_verdict(src, dst, proto, port, Some(coord_ms))
             } else {
                 None
             };
@@ -837,9 +868,15 @@ impl Filter {
         if !may_open {
             return Verdict::Deny(DenyReason::NoRule);
         }
-        match self.match_rules(key.remote, key.proto, rule_port, Some(coord_ms)) {
+        match self.match_rules(key.remote, key.local, key.proto, rule_port, Some(coord_ms)) {
             RuleMatch::Allowed { not_after_ms, rule } => {
-                let shadow = self.shadow_verdict(key.remote, key.proto, rule_port, Some(coord_ms));
+                let shadow = self.shadow_verdict(
+                    key.remote,
+                    key.local,
+                    key.proto,
+                    rule_port,
+                    Some(coord_ms),
+                );
                 let flow = Flow {
                     shadow,
                     origin: Origin::Remote { not_after_ms },
@@ -888,11 +925,21 @@ impl Filter {
     fn match_rules(
         &self,
         src: IpAddr,
+        dst: IpAddr,
         proto: Proto,
         port: u16,
         coord_ms: Option<i64>,
     ) -> RuleMatch {
-        match_in(&self.rules, &self.by_source, src, proto, port, coord_ms)
+        match_in(
+            &self.rules,
+            &self.by_source,
+            &self.routed,
+            src,
+            dst,
+            proto,
+            port,
+            coord_ms,
+        )
     }
 
     /// Inserts (or replaces) a flow, making room as the type's doc says; the reason it was
@@ -1069,10 +1116,13 @@ fn index_sources(rules: &[FilterRule], hasher: Seeded) -> SourceIndex {
 /// Which of `rules` allow `src` to open `proto`/`port`. With `coord_ms`, expired rules do not
 /// allow; without, expiry is ignored. `not_after_ms` is the latest of the matching rules
 /// (`None` if one never expires).
+#[allow(clippy::too_many_arguments)]
 fn match_in(
     rules: &[FilterRule],
     by_source: &SourceIndex,
+    routed: &[Prefix],
     src: IpAddr,
+    dst: IpAddr,
     proto: Proto,
     port: u16,
     coord_ms: Option<i64>,
@@ -1088,6 +1138,15 @@ fn match_in(
             continue;
         };
         if r.proto != proto || (proto != Proto::Icmp && !r.ports.iter().any(|x| x.contains(port))) {
+            continue;
+        }
+        // A routed rule opens its routed destinations only; a device rule never opens one.
+        let dst_ok = if r.dests.is_empty() {
+            !routed.iter().any(|p| p.contains(dst))
+        } else {
+            r.dests.iter().any(|p| p.contains(dst))
+        };
+        if !dst_ok {
             continue;
         }
         let live = match (r.not_after_ms, coord_ms) {

@@ -13,6 +13,7 @@
 //! - [`lease`]: coordinator-signed, expiring leases binding a WireGuard key to a device.
 //! - [`keyproof`]: a device's proof that it holds the private half of a key it asks a lease for.
 //! - [`posture`]: device posture reports, what to collect, and evaluation against requirements.
+//! - [`routes`]: routed prefixes (subnet routers, exit nodes): the `Prefix` type.
 //! - [`relay`]: relay credentials, tickets, and the relay control and forwarding protocols.
 //! - [`discovery`]: the address-discovery messages (what ip:port a relay sees a device at).
 //! - [`duration`]: the one duration grammar (`500ms`, `90s`, `15m`, `1h`, `7d`).
@@ -32,6 +33,7 @@ pub mod names;
 pub mod policy;
 pub mod posture;
 pub mod relay;
+pub mod routes;
 pub mod secret;
 pub mod token;
 pub mod wire;

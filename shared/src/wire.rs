@@ -28,7 +28,10 @@
 //!   policy with shadow rules (`Netmap.shadow_filter`, `NetmapDelta.shadow_filter`: absent
 //!   means unchanged, `null` means no candidate view any more) and the would-verdict in flow
 //!   records (`FlowRecord.shadow`), all optional on the wire and ignored by sides that predate
-//!   them; the DNS domain device names live under (`Netmap.dns_domain`), optional on the wire.
+//!   them; routed prefixes (`DeviceUpdate.advertise_routes`, `DeviceUpdate.advertise_exit_node`,
+//!   `SelfInfo.routes`, `Peer.routes`, `FilterRule.dests`; see [`crate::routes`]), all optional
+//!   on the wire: a side that predates them routes nothing and forwards nothing;
+//!   the DNS domain device names live under (`Netmap.dns_domain`), optional on the wire.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -45,6 +48,7 @@ use crate::lease::SignedLease;
 use crate::names::{DnsDomain, Hostname};
 use crate::posture::{Evaluation, PostureReport, PostureWants};
 use crate::relay::SignedTicket;
+use crate::routes::Prefix;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Devices send small messages only.
@@ -393,6 +397,13 @@ pub struct DeviceUpdate {
     /// which must not be sent it.
     #[serde(default)]
     pub punch: bool,
+    /// Prefixes this device offers to forward to (`ward up --advertise-routes`); the
+    /// coordinator stores them, and routes nothing through the device until they are approved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertise_routes: Vec<Prefix>,
+    /// This device offers to be an exit node (`ward up --advertise-exit-node`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub advertise_exit_node: bool,
 }
 
 /// Most endpoints a device may announce; the rest are ignored.
@@ -408,6 +419,11 @@ pub struct SelfInfo {
     pub v6_prefix: Ipv6Addr,
     /// The source address the coordinator saw this device's control connection come from.
     pub observed_addr: Option<SocketAddr>,
+    /// The routed prefixes this device is approved to forward to (a subnet router; `0.0.0.0/0`
+    /// and `::/0` for an approved exit node). Its data plane accepts inner destinations in
+    /// them (and nothing else beyond its own addresses), filtered by `FilterRule.dests` rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Prefix>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -437,6 +453,11 @@ pub struct Peer {
     /// traffic, if it is connected to one.
     #[serde(default)]
     pub relay: Option<String>,
+    /// The routed prefixes this device may reach through the peer (a subnet router or exit
+    /// node): only those the policy lets this device reach and the peer is approved for.
+    /// Packets to them go to this peer; packets from them are accepted from this peer only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Prefix>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -686,6 +707,7 @@ mod tests {
 
     fn peer(id: u64) -> Peer {
         Peer {
+            routes: Default::default(),
             device_id: DeviceId(id),
             hostname: Hostname::parse(&format!("h{id}")).unwrap(),
             user: Some("alice".into()),
@@ -705,6 +727,8 @@ mod tests {
         let msgs = vec![
             DeviceMsg::Ping { nonce: 7 },
             DeviceMsg::Update(DeviceUpdate {
+                advertise_exit_node: Default::default(),
+                advertise_routes: Default::default(),
                 wg_public_key: Some(WgPublicKey([3; 32])),
                 wg_port: 51820,
                 local_endpoints: vec!["192.168.1.2:51820".parse().unwrap()],
@@ -777,6 +801,7 @@ mod tests {
     #[test]
     fn delta_apply() {
         let me = SelfInfo {
+            routes: Default::default(),
             device_id: DeviceId(1),
             hostname: Hostname::parse("me").unwrap(),
             ipv4: Ipv4Addr::new(100, 64, 0, 1),

@@ -621,6 +621,7 @@ mod tests {
         let mut nm = Netmap {
             seq: 1,
             me: SelfInfo {
+                routes: Default::default(),
                 device_id: DeviceId(1),
                 hostname: Hostname::parse("me").unwrap(),
                 ipv4: Ipv4Addr::new(100, 64, 0, 1),
@@ -639,6 +640,7 @@ mod tests {
             dns_domain: None,
         };
         nm.peers.push(Peer {
+            routes: Default::default(),
             device_id: DeviceId(2),
             hostname: Hostname::parse("bob").unwrap(),
             user: Some("bob@example.com".into()),

@@ -114,6 +114,7 @@ pub fn leased_peers(
         for l in &p.leases {
             match l.verify_for(issuer, coordinator_now_ms, p.device_id, p.ipv4, p.ipv6) {
                 Ok(lease) => ok.push(PeerConfig {
+                    routes: p.routes.clone(),
                     device_id: p.device_id.0,
                     hostname: p.hostname.to_string(),
                     public_key: lease.wg_public_key.0,
@@ -159,6 +160,7 @@ mod tests {
         Netmap {
             seq: 1,
             me: SelfInfo {
+                routes: Default::default(),
                 device_id: DeviceId(1),
                 hostname: Hostname::parse("me").unwrap(),
                 ipv4: Ipv4Addr::new(100, 64, 0, 1),
@@ -167,6 +169,7 @@ mod tests {
                 observed_addr: None,
             },
             peers: vec![Peer {
+                routes: Default::default(),
                 device_id: DeviceId(2),
                 hostname: Hostname::parse("peer").unwrap(),
                 user: None,

@@ -22,6 +22,7 @@ pub mod netcheck;
 pub mod posture;
 pub mod relays;
 pub mod rotation;
+pub mod routes;
 
 use ed25519_dalek::VerifyingKey;
 use std::collections::VecDeque;
@@ -101,6 +102,8 @@ pub struct AgentConfig {
     pub version: String,
     /// Seeds ping nonces and backoff jitter.
     pub seed: u64,
+    /// Routes this device advertises and the exit node it uses.
+    pub routes: routes::RouteOptions,
 }
 
 /// The connection state shown to people.
@@ -147,6 +150,12 @@ pub enum Event {
     SetPeers(Vec<PeerConfig>),
     /// Install this inbound filter in the data plane.
     SetFilter(Vec<FilterRule>),
+    /// Forward these routed prefixes (this device's approved routes; empty: none), and route
+    /// these prefixes into the tunnel (the routed prefixes of every configured peer).
+    SetRoutes {
+        served: Vec<ward_shared::routes::Prefix>,
+        reached: Vec<ward_shared::routes::Prefix>,
+    },
     /// Install these candidate rules (the policy's shadow view; `None`: none) in the data
     /// plane's filter: evaluated for flow records, never enforced.
     SetShadowFilter(Option<Vec<FilterRule>>),
@@ -281,6 +290,10 @@ pub struct Agent {
     applied_filter: Option<Vec<FilterRule>>,
     /// The candidate rules last handed to the data plane (outer `None`: none handed yet).
     applied_shadow: Option<Option<Vec<FilterRule>>>,
+    applied_routes: Option<(
+        Vec<ward_shared::routes::Prefix>,
+        Vec<ward_shared::routes::Prefix>,
+    )>,
     next_expiry: Instant,
     /// Flow records: windows, reports not yet acknowledged.
     flow_log: FlowLog,
@@ -322,6 +335,7 @@ impl Agent {
             applied_peers: None,
             applied_filter: None,
             applied_shadow: None,
+            applied_routes: None,
             next_expiry: now.instant + EXPIRY_CHECK,
             flow_log: FlowLog::new(FlowLogConfig::default()),
             next_flows: now.instant + FLOW_TICK,
@@ -891,6 +905,8 @@ impl Agent {
         update.local_endpoints =
             netcheck::candidates(&self.netcheck.reflexive(), &update.local_endpoints);
         update.home_relay = self.relays.home().map(String::from);
+        update.advertise_routes = self.cfg.routes.advertise_routes.clone();
+        update.advertise_exit_node = self.cfg.routes.advertise_exit_node;
         update
     }
 
@@ -970,13 +986,28 @@ impl Agent {
         let Some(nm) = &self.netmap else { return };
         let offset = self.clock.offset_ms();
         let coord_now = now.unix_ms.saturating_add(offset.unwrap_or(0));
-        let peers = self.leases.peers(
+        let mut peers = self.leases.peers(
             nm,
             self.cfg.lease_key.as_ref(),
             offset,
             coord_now,
             now.instant,
         );
+        routes::choose_exit(&mut peers, self.cfg.routes.exit_node.as_deref());
+        let mut reached: Vec<ward_shared::routes::Prefix> = peers
+            .iter()
+            .flat_map(|p| p.routes.iter().copied())
+            .collect();
+        reached.sort();
+        reached.dedup();
+        let wanted = (nm.me.routes.clone(), reached);
+        if self.applied_routes.as_ref() != Some(&wanted) {
+            self.events.push_back(Event::SetRoutes {
+                served: wanted.0.clone(),
+                reached: wanted.1.clone(),
+            });
+            self.applied_routes = Some(wanted);
+        }
         if self.applied_peers.as_ref() != Some(&peers) {
             self.events.push_back(Event::SetPeers(peers.clone()));
             self.applied_peers = Some(peers);
@@ -1022,6 +1053,11 @@ impl Agent {
             self.own_lease = None;
             self.applied_peers = Some(Vec::new());
             self.applied_filter = Some(Vec::new());
+            self.applied_routes = Some((Vec::new(), Vec::new()));
+            self.events.push_back(Event::SetRoutes {
+                served: Vec::new(),
+                reached: Vec::new(),
+            });
             self.events.push_back(Event::SetPeers(Vec::new()));
             self.events.push_back(Event::SetFilter(Vec::new()));
             if self.applied_shadow.as_ref().is_some_and(Option::is_some) {

@@ -33,6 +33,7 @@ impl H {
         let coord = SigningKey::from_bytes(&[9; 32]);
         let base = Instant::now();
         let cfg = AgentConfig {
+            routes: Default::default(),
             device_id: DeviceId(1),
             ipv4: ip4(1),
             ipv6: ip6(1),
@@ -196,6 +197,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
     Netmap {
         seq,
         me: SelfInfo {
+            routes: Default::default(),
             device_id: DeviceId(1),
             hostname: Hostname::parse("me").unwrap(),
             ipv4: ip4(1),
@@ -204,6 +206,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
             observed_addr: None,
         },
         peers: vec![Peer {
+            routes: Default::default(),
             device_id: DeviceId(2),
             hostname: Hostname::parse("peer").unwrap(),
             user: None,

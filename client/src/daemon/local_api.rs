@@ -230,6 +230,7 @@ mod tests {
         Request::Up {
             token: None,
             hostname: None,
+            routes: Default::default(),
         }
     }
 

@@ -14,6 +14,7 @@ mod local_api;
 pub mod metrics;
 mod relay_batch;
 mod relays;
+mod routing;
 mod session;
 mod status;
 
@@ -80,6 +81,8 @@ pub struct Daemon {
     flow_config: crate::agent::flows::FlowLogConfig,
     /// The device's identity; `None` before enrollment.
     identity: Mutex<Option<State>>,
+    /// Routes to advertise and the exit node to use, as the last `ward up` said.
+    route_opts: Mutex<crate::agent::routes::RouteOptions>,
     /// `None` while stopped.
     running: Mutex<Option<Running>>,
     /// The agent of the last run, for `ward posture` after `ward down`.
@@ -120,6 +123,7 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
         Some(s) => s.enabled,
     };
     let d = Arc::new(Daemon {
+        route_opts: Mutex::default(),
         collectors: collect::Collectors::new(&opts.posture),
         flow_state: flowlog::FlowStateFile::new(&opts.state_dir),
         flow_config: flowlog::config_from_env(),
@@ -232,7 +236,19 @@ impl Daemon {
                     state: crate::api::State::Stopped,
                 }))
             }
-            Request::Up { token, hostname } => self.up(token, hostname).await.map(Response::Up),
+            Request::Up {
+                token,
+                hostname,
+                routes,
+            } => {
+                let changed = *lock(&self.route_opts) != routes;
+                *lock(&self.route_opts) = routes;
+                if changed {
+                    // A running session picks the new routes up when it starts again.
+                    self.stop().await;
+                }
+                self.up(token, hostname).await.map(Response::Up)
+            }
         }
     }
 
@@ -347,7 +363,8 @@ impl Daemon {
             (Some(_), Some(tun)) => self.start_dns(&st, tun).await,
             _ => None,
         };
-        let mut agent = session::new_agent(&st, key, self.opts.posture_interval);
+        let routes = lock(&self.route_opts).clone();
+        let mut agent = session::new_agent(&st, key, self.opts.posture_interval, routes);
         agent.configure_flows(self.flow_config.clone(), self.flow_state.load());
         let agent = Arc::new(Mutex::new(agent));
         let (stop, stop_rx) = watch::channel(false);
@@ -583,6 +600,7 @@ mod tests {
 
         let posture = crate::posture::CollectorConfig::default();
         let d = Arc::new(Daemon {
+            route_opts: Default::default(),
             collectors: collect::Collectors::new(&posture),
             opts: DaemonOpts {
                 state_dir: top.path().join("state"),

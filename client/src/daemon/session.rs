@@ -32,7 +32,12 @@ use ward_runtime::stream::Transport;
 
 type Opening = Pin<Box<dyn Future<Output = Result<Channel>> + Send>>;
 
-pub(super) fn new_agent(st: &State, key: [u8; 32], posture_interval: Duration) -> Agent {
+pub(super) fn new_agent(
+    st: &State,
+    key: [u8; 32],
+    posture_interval: Duration,
+    routes: crate::agent::routes::RouteOptions,
+) -> Agent {
     let now = now();
     Agent::new(
         AgentConfig {
@@ -46,6 +51,7 @@ pub(super) fn new_agent(st: &State, key: [u8; 32], posture_interval: Duration) -
             os: host::os_name(),
             version: env!("CARGO_PKG_VERSION").into(),
             seed: rand::random(),
+            routes,
         },
         now,
     )
@@ -70,6 +76,8 @@ struct Link {
     relays: RelayClients,
     /// A check whether QUIC reaches the coordinator again, while the session is on TCP.
     probe: Option<tokio::task::JoinHandle<bool>>,
+    /// Kernel routes and forwarding installed for routed prefixes.
+    routing: super::routing::HostRouting,
 }
 
 type Resolved = (String, Result<SocketAddr, String>);
@@ -101,6 +109,7 @@ impl Daemon {
             resolved_tx,
             relays,
             probe: None,
+            routing: super::routing::HostRouting::new(self.opts.tun.clone()),
         };
         let mut retry_quic = tokio::time::interval(self.opts.quic_retry);
         retry_quic.reset();
@@ -221,6 +230,7 @@ impl Daemon {
             }
         }
         link.relays.shutdown();
+        link.routing.clear();
         if let Some(p) = link.probe.take() {
             p.abort();
         }
@@ -282,6 +292,16 @@ impl Daemon {
                     if let Some(dp) = dp {
                         dp.set_filter(rules);
                     }
+                }
+                Event::SetRoutes { served, reached } => {
+                    link.routing.apply(&served, &reached);
+                    if let Some(dp) = dp {
+                        dp.set_routes(served);
+                    }
+                    tracing::info!(
+                        reached = ?reached,
+                        "routed prefixes reached through peers changed"
+                    );
                 }
                 Event::SetShadowFilter(rules) => {
                     if let Some(dp) = dp {
@@ -487,6 +507,8 @@ fn hello_update(dp: Option<&DataPlane>) -> DeviceUpdate {
     };
     let port = dp.local_port();
     DeviceUpdate {
+        advertise_exit_node: Default::default(),
+        advertise_routes: Default::default(),
         wg_public_key: Some(WgPublicKey(dp.public_key())),
         wg_port: port,
         local_endpoints: host::local_addresses()

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ward_shared::filter::{FilterCounters, FilterRule, LocalPrefixes};
+use ward_shared::routes::Prefix;
 
 pub use self::discovery::DiscoveryCounters;
 pub use self::engine::{Batch, Core, CoreConfig, Outbox, Transmit};
@@ -111,6 +112,10 @@ pub struct PeerConfig {
     /// The peer's home relay (the netmap's `Peer.relay`): while no direct path works and this
     /// device is connected to it (see [`DataPlane::set_relays`]), traffic goes through it.
     pub relay: Option<String>,
+    /// Routed prefixes reached through the peer (a subnet router or this device's chosen exit
+    /// node): packets to them go to it, and it may send from them (and only it: the longest
+    /// prefix decides, as for destinations). Addresses inside the overlay never count.
+    pub routes: Vec<Prefix>,
 }
 
 /// The path a peer's traffic takes, for `ward status`.
@@ -285,6 +290,11 @@ impl DataPlane {
 
     /// Replaces the candidate rules (the netmap's `shadow_filter`): never enforced; new flows
     /// from peers are judged against them for the flow records' would-allow / would-deny.
+    /// Replaces the routed prefixes this device forwards to (see [`engine::Core::set_routes`]).
+    pub fn set_routes(&self, routes: Vec<Prefix>) {
+        self.core.set_routes(routes);
+    }
+
     pub fn set_shadow_filter(&self, rules: Option<Vec<FilterRule>>) {
         self.core.set_shadow_filter(rules);
     }

@@ -755,6 +755,7 @@ mod tests {
         let a_addr: SocketAddr = "10.99.0.11:51820".parse().unwrap();
         let b_addr: SocketAddr = "10.99.0.12:51820".parse().unwrap();
         let peer = |core: &Core, id: u8, endpoint: SocketAddr| PeerConfig {
+            routes: Default::default(),
             device_id: u64::from(id),
             hostname: format!("node{id}"),
             public_key: core.public_key(),

@@ -32,6 +32,7 @@ fn peer(n: u8, name: &str) -> Peer {
         online: true,
         leases: vec![],
         relay: None,
+        routes: vec![],
     }
 }
 
@@ -59,6 +60,7 @@ fn netmap() -> Netmap {
             ipv6: ip6(1),
             v6_prefix: "fd00::".parse().unwrap(),
             observed_addr: None,
+            routes: vec![],
         },
         peers: vec![
             peer(2, "db1"),

@@ -317,6 +317,27 @@ pub struct DeviceTagsView {
     pub tags: Vec<String>,
 }
 
+/// `device routes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRoutesView {
+    pub device: String,
+    pub routes: Vec<RouteView>,
+}
+
+/// One routed prefix of a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteView {
+    pub prefix: String,
+    /// The device offers it now (`ward up --advertise-routes`, `--advertise-exit-node`).
+    pub advertised: bool,
+    /// An administrator approved it (`--approve`).
+    pub approved: bool,
+    /// The policy's `[auto_approvers]` approve it.
+    pub auto_approved: bool,
+    /// Advertised and approved: peers the policy allows are routed through the device.
+    pub active: bool,
+}
+
 /// `policy check`, `policy apply`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyOutcome {
@@ -1152,6 +1173,7 @@ pub enum AdminReply {
     DeviceDetail(Box<DeviceDetail>),
     Rotating(Rotating),
     DeviceTags(DeviceTagsView),
+    DeviceRoutes(DeviceRoutesView),
     Policy(PolicyOutcome),
     PolicyShow(PolicyShowView),
     PolicyHistory(Vec<PolicyVersionView>),

@@ -19,6 +19,7 @@ pub mod flows;
 pub mod maturity;
 pub mod ops;
 pub mod policy;
+pub mod routes;
 pub mod socket;
 pub mod suggest;
 
@@ -84,6 +85,14 @@ pub enum AdminRequest {
         name: String,
         add: Vec<String>,
         remove: Vec<String>,
+    },
+    /// Lists a device's routes; approves and revokes prefixes (`exit`: the exit-node offer).
+    DeviceRoutes {
+        name: String,
+        #[serde(default)]
+        approve: Vec<String>,
+        #[serde(default)]
+        revoke: Vec<String>,
     },
     UserGroups {
         name: String,

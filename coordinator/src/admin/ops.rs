@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub event_queue: crate::admin::api::EventQueueView,
     /// The relay each connected device last said it receives relayed traffic through.
     pub home_relays: std::collections::BTreeMap<DeviceId, String>,
+    /// The devices forwarding routed prefixes now, with the prefixes.
+    pub routers: Vec<ward_shared::policy::Router>,
 }
 
 /// A change the registry must apply after a request succeeded.
@@ -53,6 +55,8 @@ pub enum Notice {
     Policy(Policy, u64),
     /// Every registered relay, after one was added or removed.
     Relays(Vec<RelayInfo>),
+    /// Every device's routes, after an approval changed.
+    Routes(Vec<crate::store::RouteRow>),
 }
 
 /// The running registry, as the admin requests see it.
@@ -182,6 +186,22 @@ pub fn handle(
         ),
         AdminRequest::TokenRevoke { id } => {
             AdminReply::Token(store.revoke_token(&id, ACTOR, now)?.into())
+        }
+        AdminRequest::DeviceRoutes {
+            name: n,
+            approve,
+            revoke,
+        } => {
+            let v6 = me
+                .ipv6_prefix
+                .parse::<ward_shared::routes::Prefix>()
+                .map_err(|e| anyhow!("coordinator's IPv6 prefix: {e}"))?;
+            let std::net::IpAddr::V6(v6) = v6.addr() else {
+                bail!("coordinator's IPv6 prefix is not IPv6");
+            };
+            AdminReply::DeviceRoutes(super::routes::device_routes(
+                store, live, &snap, v6, &n, &approve, &revoke, ACTOR, now,
+            )?)
         }
         AdminRequest::DeviceLs => {
             let leases = LeaseInfo::load(store, now)?;
@@ -390,9 +410,22 @@ pub fn handle(
                 sha256: Some(v.sha256),
             })
         }
-        AdminRequest::PolicyExplain { src, dst } => AdminReply::Explain(Box::new(
-            super::policy::explain(snap.policy.as_ref(), &snap.directory, &src, &dst, now)?,
-        )),
+        AdminRequest::PolicyExplain { src, dst } => {
+            AdminReply::Explain(Box::new(match super::policy::routed_target(&dst, me) {
+                Some((ip, proto, port, v6)) => super::policy::explain_routed(
+                    snap.policy.as_ref(),
+                    &snap.directory,
+                    &snap.routers,
+                    v6,
+                    &src,
+                    (ip, proto, port),
+                    now,
+                )?,
+                None => {
+                    super::policy::explain(snap.policy.as_ref(), &snap.directory, &src, &dst, now)?
+                }
+            }))
+        }
         AdminRequest::GrantAdd {
             from,
             to,
@@ -652,6 +685,7 @@ fn widens(req: &AdminRequest) -> bool {
             | AdminRequest::DeviceTag { .. }
             | AdminRequest::DeviceRename { .. }
             | AdminRequest::DeviceApprove { .. }
+            | AdminRequest::DeviceRoutes { .. }
             | AdminRequest::PolicyApply { .. }
             | AdminRequest::GrantAdd { .. }
             | AdminRequest::RelayAdd { .. }

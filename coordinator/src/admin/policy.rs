@@ -178,3 +178,87 @@ pub fn explain(
         text: e.to_string(),
     })
 }
+
+/// A routed destination in `policy explain`: `IP:PORT[/PROTO]`, `IP:icmp` or `IP` (tcp, any
+/// port is not supported: a port is needed) outside the overlay. `None`: not a routed address
+/// (explained as a service or device).
+pub fn routed_target(
+    dst: &str,
+    me: &super::ops::Identity,
+) -> Option<(
+    std::net::IpAddr,
+    ward_shared::filter::Proto,
+    u16,
+    std::net::Ipv6Addr,
+)> {
+    use ward_shared::filter::Proto;
+    let v6 = match me
+        .ipv6_prefix
+        .parse::<ward_shared::routes::Prefix>()
+        .ok()?
+        .addr()
+    {
+        std::net::IpAddr::V6(a) => a,
+        std::net::IpAddr::V4(_) => return None,
+    };
+    let (host, rest) = match dst.rsplit_once(':') {
+        Some((h, r)) if h.parse::<std::net::IpAddr>().is_ok() => (h, Some(r)),
+        _ => (dst, None),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = host.parse().ok()?;
+    let overlay = ward_shared::routes::overlaps_overlay(&ward_shared::routes::Prefix::host(ip), v6);
+    if overlay {
+        return None;
+    }
+    let (proto, port) = match rest {
+        None => (Proto::Tcp, 0),
+        Some("icmp") => (Proto::Icmp, 0),
+        Some(r) => {
+            let (p, pr) = match r.split_once('/') {
+                Some((p, "udp")) => (p, Proto::Udp),
+                Some((p, "tcp")) | Some((p, "")) => (p, Proto::Tcp),
+                Some(_) => return None,
+                None => (r, Proto::Tcp),
+            };
+            (pr, p.parse().ok()?)
+        }
+    };
+    Some((ip, proto, port, v6))
+}
+
+/// `policy explain SRC IP:PORT` for a routed address: through which approved router, by which
+/// rule, or why not.
+pub fn explain_routed(
+    applied: Option<&Policy>,
+    dir: &Directory,
+    routers: &[policy::Router],
+    v6: std::net::Ipv6Addr,
+    src: &str,
+    (ip, proto, port): (std::net::IpAddr, ward_shared::filter::Proto, u16),
+    now: i64,
+) -> Result<ExplainView> {
+    let empty;
+    let p = match applied {
+        Some(p) => p,
+        None => {
+            empty = policy::parse(b"", "no policy").map_err(|e| anyhow!("{e}"))?;
+            &empty
+        }
+    };
+    let e = policy::explain_routed(p, dir, routers, v6, src, ip, proto, port, now);
+    Ok(ExplainView {
+        allowed: e.allowed,
+        src: e.src.clone(),
+        dst: ip.to_string(),
+        target: match proto {
+            ward_shared::filter::Proto::Icmp => format!("{ip} (icmp)"),
+            ward_shared::filter::Proto::Tcp => format!("{ip}:{port}/tcp"),
+            ward_shared::filter::Proto::Udp => format!("{ip}:{port}/udp"),
+        },
+        devices: Vec::new(),
+        notes: e.lines.clone(),
+        shadow: None,
+        text: e.to_string(),
+    })
+}

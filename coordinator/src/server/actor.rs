@@ -61,6 +61,8 @@ pub(super) enum Event {
     Grants(Vec<Grant>),
     /// Every registered relay, after an add or remove.
     Relays(Vec<RelayInfo>),
+    /// Every device's advertised and approved routes, after an approval changed.
+    Routes(Vec<crate::store::RouteRow>),
     Posture {
         id: DeviceId,
         conn: ConnId,
@@ -241,6 +243,7 @@ pub(super) async fn registry_actor(
                 reg.handle_policy(p);
             }
             Event::Grants(g) => reg.handle_grants(g),
+            Event::Routes(r) => reg.handle_routes(r),
             Event::Relays(r) => {
                 // A removed relay's control session ends.
                 let gone: Vec<String> = relays
@@ -373,6 +376,7 @@ pub(super) async fn registry_actor(
                     home_relays: reg.home_relays(),
                     directory: reg.directory(),
                     compiled: reg.compiled().clone(),
+                    routers: reg.current_routers(),
                     policy: reg.policy().cloned(),
                     trust: sink.stats.view(),
                     event_queue: rx.view(),
@@ -451,6 +455,9 @@ pub(super) fn flush(
                 }
                 Output::Quarantine { device, reason } => sink.quarantine(device, reason),
                 Output::Anomaly(a) => sink.anomaly(*a),
+                Output::RoutesAdvertised { device, routes } => {
+                    sink.routes_advertised(device, routes)
+                }
                 Output::DeviceRevoked { device } => revoked.push(device),
             }
         }

@@ -98,6 +98,16 @@ impl TrustSink<'_> {
         });
     }
 
+    /// Stores what a device advertises (for `ward-coordinator device routes`).
+    pub(super) fn routes_advertised(&self, id: DeviceId, routes: Vec<ward_shared::routes::Prefix>) {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.set_advertised_routes(id, &routes, now_ms()) {
+                error!(device = %id, error = %e, "storing advertised routes failed");
+            }
+        });
+    }
+
     pub(super) fn quarantine(&self, id: DeviceId, reason: String) {
         warn!(device = %id, %reason, "quarantining device automatically");
         let store = self.store.clone();

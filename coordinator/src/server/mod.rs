@@ -181,6 +181,7 @@ pub async fn serve(
     for e in registry.restore_behaviour(store.baselines()?, anomalies) {
         tracing::warn!(error = %e, "a stored behaviour baseline was refused; the device learns afresh");
     }
+    registry.handle_routes(store.device_routes()?);
     let (events, rx) = queue::channel(queue::CONNECTION_EVENTS);
     let ctx = Arc::new(Ctx {
         config,
@@ -712,6 +713,7 @@ impl Live for LiveRegistry {
             Notice::Grants(g) => Event::Grants(g),
             Notice::Policy(p, version) => Event::Policy(p, version),
             Notice::Relays(r) => Event::Relays(r),
+            Notice::Routes(r) => Event::Routes(r),
         };
         self.events.send_internal(ev);
     }

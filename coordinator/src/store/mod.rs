@@ -205,6 +205,15 @@ pub struct GrantRow {
     pub created_ms: i64,
 }
 
+/// One routed prefix of a device: advertised by it, approved by an administrator, or both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRow {
+    pub device: DeviceId,
+    pub prefix: ward_shared::routes::Prefix,
+    pub advertised: bool,
+    pub approved: bool,
+}
+
 /// A registered relay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayRow {
@@ -499,6 +508,26 @@ pub trait Store: Send + Sync {
     fn relay_secret_hash(&self, name: &str) -> Result<Option<[u8; 32]>>;
     /// Every registered relay, by name.
     fn relays(&self) -> Result<Vec<RelayRow>>;
+    /// Every device's routed prefixes (advertised or approved), by device then prefix.
+    fn device_routes(&self) -> Result<Vec<RouteRow>>;
+    /// Replaces what `device` advertises (not audited: the device's own report).
+    fn set_advertised_routes(
+        &self,
+        device: DeviceId,
+        prefixes: &[ward_shared::routes::Prefix],
+        now_ms: i64,
+    ) -> Result<()>;
+    /// Approves and revokes prefixes of `device` (named `target` in the audit), audited as
+    /// one `device.routes` entry.
+    fn approve_routes(
+        &self,
+        device: DeviceId,
+        target: &str,
+        approve: &[ward_shared::routes::Prefix],
+        revoke: &[ward_shared::routes::Prefix],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<()>;
     /// Removes a relay, audited; an unknown name is `NotFound`.
     fn remove_relay(&self, name: &Name, actor: &str, now_ms: i64) -> Result<RelayRow>;
     /// Records a new lease for a live device's WireGuard key.

@@ -227,6 +227,20 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE flows ADD COLUMN shadow TEXT NOT NULL DEFAULT '';
     "#,
+    // 14: routed prefixes per device: what it advertises (`ward up --advertise-routes`; an
+    // exit node advertises 0.0.0.0/0 and ::/0) and what an administrator approved. Nothing is
+    // routed unless it is both advertised and approved (or approved by the policy's
+    // auto_approvers, which is computed, not stored).
+    r#"
+    CREATE TABLE device_routes (
+        device_id INTEGER NOT NULL,
+        prefix TEXT NOT NULL,
+        advertised INTEGER NOT NULL DEFAULT 0,
+        approved INTEGER NOT NULL DEFAULT 0,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (device_id, prefix)
+    );
+    "#,
     // 15: behaviour: a serialized baseline per device (written periodically and on shutdown,
     // so a restart keeps what was learned) and the anomalies raised, with their labels (JSON).
     r#"

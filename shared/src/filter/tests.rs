@@ -101,6 +101,7 @@ fn rule(
     not_after_ms: Option<i64>,
 ) -> FilterRule {
     FilterRule {
+        dests: Default::default(),
         rule: name.into(),
         service: "svc".into(),
         sources: sources.iter().map(|s| a(s)).collect(),
@@ -696,6 +697,7 @@ fn rules_strategy() -> impl Strategy<Value = Vec<FilterRule>> {
         any::<bool>(),
     )
         .prop_map(|(srcs, proto, ports, v6)| FilterRule {
+            dests: Default::default(),
             rule: "r".into(),
             service: "s".into(),
             sources: srcs.iter().map(|i| addr(*i, v6)).collect(),
@@ -780,6 +782,7 @@ proptest! {
         let mut sources = attackers.clone();
         sources.push(newcomer);
         f.set_rules(vec![FilterRule {
+            dests: Default::default(),
             rule: "r".into(),
             service: "s".into(),
             sources,

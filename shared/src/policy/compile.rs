@@ -184,6 +184,7 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
                             proto: *proto,
                             ports: ports.clone(),
                             not_after_ms: rule.expires_ms,
+                            dests: Vec::new(),
                         });
                     }
                 }

@@ -25,6 +25,7 @@
 mod compile;
 mod explain;
 mod parse;
+mod routed;
 
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::filter::{FilterRule, PortRange, Proto};
+use crate::routes::Prefix;
 use crate::wire::{DeviceId, Reach};
 
 pub use compile::{compile, requirements_by_device, run_tests, TestOutcome};
@@ -41,6 +43,9 @@ pub use explain::{
     diff, explain, AccessChange, CandidateVerdict, ChangeKind, DeviceExplanation, Explanation, Miss,
 };
 pub use parse::parse;
+pub use routed::{
+    auto_approved, carriers, compile_routes, explain_routed, RoutedExplanation, Router,
+};
 
 /// Largest policy file accepted.
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
@@ -112,6 +117,20 @@ pub struct Policy {
     pub tests: Vec<PolicyTest>,
     /// `[trust]`: automatic quarantine and risk-adapted lease lifetimes.
     pub trust: Trust,
+    /// `[auto_approvers]`: which devices get their advertised routes approved without an
+    /// administrator.
+    pub auto_approvers: AutoApprovers,
+}
+
+/// `[auto_approvers]`: advertised routes approved on their own. A device matching one of a
+/// prefix's selectors gets every advertised route inside that prefix approved; one matching
+/// `exit_node` gets its exit-node offer approved. Nothing else is approved without
+/// `ward-coordinator device routes NAME --approve`; a prefix that overlaps the overlay pools is
+/// never approved.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AutoApprovers {
+    pub routes: Vec<(Located<Prefix>, Vec<Located<Selector>>)>,
+    pub exit_node: Vec<Located<Selector>>,
 }
 
 /// `[trust]`: how the coordinator reacts to risk on its own, without an admin. Every automatic
@@ -255,6 +274,9 @@ pub struct Service {
     pub name: String,
     pub pos: Pos,
     pub devices: Vec<Located<Selector>>,
+    /// Routed destinations (`routes = ["10.20.5.10/32"]`): reached through whichever approved
+    /// subnet router covers them; `0.0.0.0/0` / `::/0` mean the internet through an exit node.
+    pub routes: Vec<Located<Prefix>>,
     pub ports: ServicePorts,
     /// Reachable by quarantined devices.
     pub remediation: bool,
@@ -529,6 +551,9 @@ pub struct DeviceAccess {
     /// Who may open what on it in the policy's candidate view (sorted, deduplicated); `None`
     /// when the policy has no `shadow` or `shadow_remove` rule. Evaluated, never enforced.
     pub shadow_inbound: Option<Vec<FilterRule>>,
+    /// Routed prefixes it may reach, by the router peer that carries them
+    /// ([`compile_routes`]; empty from [`compile`] alone).
+    pub routes: BTreeMap<DeviceId, Vec<Prefix>>,
 }
 
 /// References to users, tags and devices that the directory does not know: not errors (they may

@@ -6,13 +6,14 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    FileRequirement, Group, Located, OsRequirement, Policy, PolicyError, PolicyTest, Pos, Posture,
-    Rule, RuleMode, Selector, Service, ServicePorts, Target, TestSource, Trust, VersionOp,
-    MAX_ITEMS, MAX_NESTING, MAX_POLICY_BYTES,
+    AutoApprovers, FileRequirement, Group, Located, OsRequirement, Policy, PolicyError, PolicyTest,
+    Pos, Posture, Rule, RuleMode, Selector, Service, ServicePorts, Target, TestSource, Trust,
+    VersionOp, MAX_ITEMS, MAX_NESTING, MAX_POLICY_BYTES,
 };
 use crate::filter::{PortRange, Proto};
 use crate::names::{Hostname, Name};
 use crate::posture::MAX_WANTS;
+use crate::routes::Prefix;
 
 /// Parses and validates a policy. `file_name` is only used in messages.
 ///
@@ -100,6 +101,16 @@ struct RawPolicy {
     #[serde(default)]
     tests: Vec<Spanned<RawTest>>,
     trust: Option<RawTrust>,
+    auto_approvers: Option<RawAutoApprovers>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutoApprovers {
+    #[serde(default)]
+    routes: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
+    #[serde(default)]
+    exit_node: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -147,7 +158,10 @@ struct RawFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawService {
+    #[serde(default)]
     devices: Vec<Spanned<String>>,
+    #[serde(default)]
+    routes: Vec<Spanned<String>>,
     ports: Vec<Spanned<String>>,
     #[serde(default)]
     remediation: bool,
@@ -269,6 +283,9 @@ impl Cx<'_> {
             let s = self.service(&p, n.clone(), &name, raw)?;
             p.services.insert(n, s);
         }
+        if let Some(a) = raw.auto_approvers {
+            p.auto_approvers = self.auto_approvers(&p, a)?;
+        }
         let mut rule_names = BTreeSet::new();
         for (i, raw) in raw.rules.into_iter().enumerate() {
             let rule = self.rule(&p, i, raw)?;
@@ -349,6 +366,44 @@ impl Cx<'_> {
         })
     }
 
+    /// `[auto_approvers]`: `routes = { "PREFIX" = [selectors] }`, `exit_node = [selectors]`.
+    fn auto_approvers(
+        &self,
+        p: &Policy,
+        raw: RawAutoApprovers,
+    ) -> Result<AutoApprovers, PolicyError> {
+        let mut out = AutoApprovers::default();
+        for (prefix, sels) in raw.routes {
+            let at = prefix.span().start;
+            let value: Prefix = prefix
+                .get_ref()
+                .parse()
+                .map_err(|e: crate::routes::PrefixError| self.err(at, e.to_string()))?;
+            if value.is_default() {
+                return Err(self.err(
+                    at,
+                    "a default route is approved with auto_approvers.exit_node, not routes"
+                        .to_string(),
+                ));
+            }
+            let mut list = Vec::new();
+            for s in &sels {
+                list.push(self.selector(p, s, false)?);
+            }
+            out.routes.push((
+                Located {
+                    value,
+                    pos: self.pos(at),
+                },
+                list,
+            ));
+        }
+        for s in &raw.exit_node {
+            out.exit_node.push(self.selector(p, s, false)?);
+        }
+        Ok(out)
+    }
+
     fn service(
         &self,
         p: &Policy,
@@ -356,11 +411,31 @@ impl Cx<'_> {
         key: &Spanned<String>,
         raw: RawService,
     ) -> Result<Service, PolicyError> {
-        if raw.devices.is_empty() {
+        if raw.devices.is_empty() && raw.routes.is_empty() {
             return Err(self.err(
                 key.span().start,
-                format!("service {name:?} lists no devices"),
+                format!("service {name:?} lists no devices and no routes"),
             ));
+        }
+        if raw.routes.len() > MAX_ITEMS {
+            return Err(self.err(
+                key.span().start,
+                format!("service {name:?} lists too many routes (at most {MAX_ITEMS})"),
+            ));
+        }
+        let mut routes: Vec<Located<Prefix>> = Vec::new();
+        for r in &raw.routes {
+            let at = r.span().start;
+            let prefix: Prefix = r
+                .get_ref()
+                .parse()
+                .map_err(|e: crate::routes::PrefixError| self.err(at, e.to_string()))?;
+            if !routes.iter().any(|x| x.value == prefix) {
+                routes.push(Located {
+                    value: prefix,
+                    pos: self.pos(at),
+                });
+            }
         }
         if raw.ports.is_empty() {
             return Err(self.err(key.span().start, format!("service {name:?} opens no ports")));
@@ -418,6 +493,7 @@ impl Cx<'_> {
             name,
             pos: self.at(key),
             devices,
+            routes,
             ports,
             remediation: raw.remediation,
         })

@@ -153,6 +153,7 @@ impl World {
                 let key: [u8; 32] = rng.gen();
                 let agent = Agent::new(
                     AgentConfig {
+                        routes: Default::default(),
                         device_id: d.id,
                         ipv4: d.ipv4,
                         ipv6: d.ipv6,
@@ -334,6 +335,8 @@ impl World {
     fn update(&self, i: usize) -> DeviceUpdate {
         let d = &self.devs[i];
         DeviceUpdate {
+            advertise_exit_node: Default::default(),
+            advertise_routes: Default::default(),
             wg_public_key: Some(d.agent.public_key()),
             wg_port: d.endpoint.port(),
             local_endpoints: vec![d.endpoint],
@@ -364,6 +367,7 @@ impl World {
             }
             Event::SetFilter(rules) => self.devs[i].core.set_filter(rules),
             Event::SetShadowFilter(rules) => self.devs[i].core.set_shadow_filter(rules),
+            Event::SetRoutes { served, .. } => self.devs[i].core.set_routes(served),
             Event::SetClockOffset(o) => self.devs[i].core.set_clock_offset_ms(o),
             Event::SwitchKey { key, .. } => {
                 // Invariant: a device never switches before every peer that has it configured
@@ -543,7 +547,8 @@ impl World {
             Output::PostureChanged { .. }
             | Output::Quarantine { .. }
             | Output::Anomaly(_)
-            | Output::DeviceRevoked { .. } => {}
+            | Output::DeviceRevoked { .. }
+            | Output::RoutesAdvertised { .. } => {}
         }
     }
 

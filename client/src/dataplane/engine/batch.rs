@@ -132,7 +132,8 @@ impl<'b> Runs<'b, '_> {
             return;
         };
         if let Some(local) = self.core.local.get() {
-            if !LocalPrefixes::packet_addr(packet, false).is_some_and(|s| local.contains(s)) {
+            let src = LocalPrefixes::packet_addr(packet, false);
+            if !src.is_some_and(|s| local.contains(s) || self.core.is_routed(s)) {
                 tracing::trace!(%dst, "source is not this device's address");
                 self.local.dropped_wrong_source += 1;
                 return;
@@ -286,6 +287,7 @@ impl<'b> Runs<'b, '_> {
         let Some(peer) = peer else {
             return self.garbage(from, "unknown peer");
         };
+        let (table, v6) = (self.table, self.core.v6_prefix);
         let is_handshake = matches!(
             packet,
             Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
@@ -344,14 +346,16 @@ impl<'b> Runs<'b, '_> {
                 } else {
                     s.mtu_probe.note_received();
                     let n = p.len();
-                    (false, Some(if src == peer.ipv4 { Ok(n) } else { Err(n) }))
+                    let ok = src == peer.ipv4 || table.may_send_from(peer, src.into(), v6);
+                    (false, Some(if ok { Ok(n) } else { Err(n) }))
                 }
             }
             TunnResult::WriteToTunnelV6(p, src) => {
                 went_direct = s.path.authenticated_from(from, now);
                 s.mtu_probe.note_received();
                 let n = p.len();
-                (false, Some(if src == peer.ipv6 { Ok(n) } else { Err(n) }))
+                let ok = src == peer.ipv6 || table.may_send_from(peer, src.into(), v6);
+                (false, Some(if ok { Ok(n) } else { Err(n) }))
             }
             TunnResult::Done => {
                 // A keepalive (authenticated) or a cookie reply (not).
@@ -391,7 +395,7 @@ impl<'b> Runs<'b, '_> {
                 let filter = self.filter.get_or_insert_with(|| core.filter.lock());
                 if let Some(local) = core.local.get() {
                     let dst = LocalPrefixes::packet_addr(&tun_out[..n], true);
-                    if !dst.is_some_and(|d| local.contains(d)) {
+                    if !dst.is_some_and(|d| local.contains(d) || core.is_routed(d)) {
                         tracing::trace!(%from, ?dst, "destination is not this device's address");
                         self.local.dropped_wrong_destination += 1;
                         filter.note_dropped(&tun_out[..n], None, DenyCause::WrongDestination);

@@ -77,6 +77,10 @@ impl SharedFilter {
         self.lock().filter.set_rules(rules);
     }
 
+    pub(super) fn set_routed(&self, routed: Vec<ward_shared::routes::Prefix>) {
+        self.lock().filter.set_routed(routed);
+    }
+
     pub(super) fn set_shadow_rules(&self, rules: Option<Vec<FilterRule>>) {
         self.lock().filter.set_shadow_rules(rules);
     }
@@ -394,6 +398,7 @@ mod tests {
         log.record(&tcp4(ME, 40000, PEER, 22, SYN), now);
         f.hand_over(&mut log);
         f.set_rules(vec![FilterRule {
+            dests: Default::default(),
             rule: "r".into(),
             service: "s".into(),
             sources: vec![IpAddr::V4(Ipv4Addr::from(PEER))],

@@ -49,7 +49,7 @@ mod relays;
 mod session;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -58,10 +58,11 @@ use boringtun::noise::TunnResult;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ward_shared::filter::{Filter, FilterCounters, FilterRule, LocalPrefixes};
+use ward_shared::routes::Prefix;
 
 use self::counters::{Counters, LocalCounters};
 use self::filter::SharedFilter;
-use self::icmp::WindowLimit;
+use self::icmp::{in_overlay, WindowLimit};
 use self::peers::{route, sanitize_candidates, Path, Peer, Table};
 use self::relays::Relays;
 use self::session::{timer_output, KeyRing, Keys, Link, Session};
@@ -208,6 +209,10 @@ pub struct Core {
     /// The addresses this device owns (see [`Core::set_local_prefixes`]): set once, read by
     /// both packet paths without a lock.
     local: OnceLock<LocalPrefixes>,
+    /// The routed prefixes this device forwards to (its approved routes, see
+    /// [`Core::set_routes`]); `has_routes` spares the packet paths the lock without any.
+    routed: RwLock<LocalPrefixes>,
+    has_routes: AtomicBool,
     /// This device's overlay IPv4 address, the source of its path-MTU probes (set by the
     /// driver; unset, probes come from 0.0.0.0, which the peer's engine accepts alike).
     own_ipv4: OnceLock<Ipv4Addr>,
@@ -237,6 +242,8 @@ impl Core {
             relays: RwLock::new(Relays::default()),
             path_switches: Arc::default(),
             local: OnceLock::new(),
+            routed: RwLock::new(LocalPrefixes::default()),
+            has_routes: AtomicBool::new(false),
             own_ipv4: OnceLock::new(),
             bursting: AtomicBool::new(false),
             punch_pending: Arc::default(),
@@ -252,6 +259,28 @@ impl Core {
     /// changing nothing, if the addresses were already set.
     pub fn set_local_prefixes(&self, local: LocalPrefixes) -> bool {
         self.local.set(local).is_ok()
+    }
+
+    /// Replaces the routed prefixes this device forwards to (a subnet router's or exit node's
+    /// approved routes; empty: none). Decrypted packets to them pass the destination check and
+    /// meet the inbound filter's routed (`dests`) rules only; TUN packets from them (replies
+    /// the kernel forwards back) pass the source check. Default routes never cover the
+    /// overlay: overlay addresses stay each device's own.
+    pub fn set_routes(&self, routes: Vec<Prefix>) {
+        let mut set = LocalPrefixes::default();
+        for p in &routes {
+            set.add_prefix(p.addr(), p.len());
+        }
+        *write(&self.routed) = set;
+        self.has_routes.store(!routes.is_empty(), Ordering::Relaxed);
+        self.filter.set_routed(routes);
+    }
+
+    /// Whether `ip` is one of this device's routed destinations (never an overlay address).
+    pub(super) fn is_routed(&self, ip: IpAddr) -> bool {
+        self.has_routes.load(Ordering::Relaxed)
+            && !in_overlay(ip, self.v6_prefix)
+            && read(&self.routed).contains(ip)
     }
 
     /// Sets this device's overlay IPv4 address, once: the source address of its path-MTU
@@ -502,7 +531,8 @@ impl Core {
             if lock(&peer.session).path.bursting() {
                 self.bursting.store(true, Ordering::Relaxed);
             }
-            next.insert(peer);
+            next.insert(peer.clone());
+            next.insert_routes(&peer, &cfg.routes, self.v6_prefix);
         }
         let removed = table
             .peers

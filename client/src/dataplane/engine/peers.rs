@@ -6,9 +6,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+use super::icmp::in_overlay;
 use super::outbox::Source;
 use super::session::{Keys, Session};
 use super::{lock, MAX_CANDIDATES};
+use ward_shared::routes::Prefix;
 
 pub(super) use super::path::{route, Path};
 
@@ -29,6 +31,10 @@ pub(super) struct Table {
     pub(super) by_v4: HashMap<Ipv4Addr, Vec<Arc<Peer>>>,
     pub(super) by_v6: HashMap<Ipv6Addr, Vec<Arc<Peer>>>,
     pub(super) by_index: HashMap<u32, Arc<Peer>>,
+    /// Routed prefixes and the peers carrying them, longest prefix first.
+    pub(super) routes: Vec<(Prefix, Vec<Arc<Peer>>)>,
+    /// The overlay's IPv6 prefix (set with the routes): overlay addresses are never routed.
+    pub(super) v6: Option<Ipv6Addr>,
 }
 
 impl Table {
@@ -39,6 +45,52 @@ impl Table {
             self.by_index.insert(link.index, peer.clone());
         }
         self.peers.insert(peer.public_key, peer);
+    }
+
+    /// Routes `prefixes` to `peer` (after [`Table::insert`]). Prefixes inside the overlay are
+    /// ignored: an overlay address belongs to its own device only.
+    pub(super) fn insert_routes(
+        &mut self,
+        peer: &Arc<Peer>,
+        prefixes: &[Prefix],
+        v6: Option<Ipv6Addr>,
+    ) {
+        self.v6 = v6;
+        for p in prefixes {
+            if !p.is_default() && in_overlay(p.addr(), v6) {
+                continue;
+            }
+            match self.routes.iter_mut().find(|(q, _)| q == p) {
+                Some((_, peers)) => peers.push(peer.clone()),
+                None => self.routes.push((*p, vec![peer.clone()])),
+            }
+        }
+        self.routes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    }
+
+    /// Whether `peer` may send packets from `src`: its own addresses, or a routed prefix it
+    /// carries that is the longest match for `src` (and `src` is not an overlay address).
+    pub(super) fn may_send_from(
+        &self,
+        peer: &Arc<Peer>,
+        src: IpAddr,
+        v6: Option<Ipv6Addr>,
+    ) -> bool {
+        if src == IpAddr::V4(peer.ipv4) || src == IpAddr::V6(peer.ipv6) {
+            return true;
+        }
+        if in_overlay(src, v6) {
+            return false;
+        }
+        self.routed(src).iter().any(|p| Arc::ptr_eq(p, peer))
+    }
+
+    /// The peers carrying the longest routed prefix that holds `dst`.
+    fn routed(&self, dst: IpAddr) -> &[Arc<Peer>] {
+        self.routes
+            .iter()
+            .find(|(p, _)| p.contains(dst))
+            .map_or(&[], |(_, peers)| peers.as_slice())
     }
 
     /// The device that holds `key` in this table, if it is not `device_id`: a key mapped to one
@@ -88,11 +140,15 @@ impl Table {
     /// Every peer claiming `dst`, in configuration order (more than one only during a peer's
     /// rotation). Locks nothing.
     pub(super) fn claimants(&self, dst: IpAddr) -> &[Arc<Peer>] {
-        match dst {
+        let own = match dst {
             IpAddr::V4(a) => self.by_v4.get(&a),
             IpAddr::V6(a) => self.by_v6.get(&a),
+        };
+        match own {
+            Some(v) => v.as_slice(),
+            None if self.routes.is_empty() || in_overlay(dst, self.v6) => &[],
+            None => self.routed(dst),
         }
-        .map_or(&[], Vec::as_slice)
     }
 }
 

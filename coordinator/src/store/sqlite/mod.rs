@@ -18,7 +18,8 @@ use super::schema::MIGRATIONS;
 use super::{
     Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, FlowQuery, FlowRow, FlowSource,
     FlowsStored, GrantRow, IntegrityCheck, LeaseRow, MaturityChain, PolicyVersion, Quarantine,
-    RelayRow, Result, StorageHealth, Store, StoreError, SuggestionMark, TokenInfo, TokenSpec, User,
+    RelayRow, Result, RouteRow, StorageHealth, Store, StoreError, SuggestionMark, TokenInfo,
+    TokenSpec, User,
 };
 
 mod audit;
@@ -32,6 +33,7 @@ mod leases;
 mod maturity;
 mod policy;
 mod relays;
+mod routes;
 mod suggestions;
 #[cfg(test)]
 mod tests;
@@ -509,6 +511,31 @@ impl Store for SqliteStore {
 
     fn remove_relay(&self, name: &Name, actor: &str, now_ms: i64) -> Result<RelayRow> {
         relays::remove_relay(self, name, actor, now_ms)
+    }
+
+    fn device_routes(&self) -> Result<Vec<RouteRow>> {
+        routes::device_routes(self)
+    }
+
+    fn set_advertised_routes(
+        &self,
+        device: DeviceId,
+        prefixes: &[ward_shared::routes::Prefix],
+        now_ms: i64,
+    ) -> Result<()> {
+        routes::set_advertised(self, device, prefixes, now_ms)
+    }
+
+    fn approve_routes(
+        &self,
+        device: DeviceId,
+        target: &str,
+        approve: &[ward_shared::routes::Prefix],
+        revoke: &[ward_shared::routes::Prefix],
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<()> {
+        routes::approve(self, device, target, approve, revoke, actor, now_ms)
     }
 
     fn issue_lease(

@@ -67,6 +67,7 @@ fn both_ends_count_an_exchange_with_roles_rules_and_a_denied_attempt() {
     let (a, b) = (net.nodes[0].ipv4, net.nodes[1].ipv4);
     // Node 1 lets node 0 open UDP 2000 ("web") and ping it ("ping"); nothing else.
     let rule = |name: &str, proto, ports: Vec<PortRange>| FilterRule {
+        dests: Default::default(),
         rule: name.into(),
         service: name.into(),
         sources: vec![IpAddr::V4(a)],

@@ -25,6 +25,7 @@ fn allow_all(ids: impl Iterator<Item = u8>) -> Vec<FilterRule> {
         })
         .collect();
     let rule = |proto, ports| FilterRule {
+        dests: Default::default(),
         rule: "allow-all".into(),
         service: "all".into(),
         sources: sources.clone(),
@@ -73,6 +74,7 @@ impl Node {
 
     fn peer_config(&self) -> PeerConfig {
         PeerConfig {
+            routes: Default::default(),
             device_id: u64::from(self.ipv4.octets()[3]),
             hostname: format!("node{}", self.ipv4.octets()[3]),
             public_key: self.public(),
@@ -417,4 +419,5 @@ mod paths;
 mod punch;
 mod relayed;
 mod rotation;
+mod routed;
 mod runs;

@@ -445,6 +445,7 @@ fn filter_rules_allow_by_port_and_expire_on_coordinator_time() {
     let mut net = established_pair(21);
     let (a4, b4) = (net.nodes[0].ipv4, net.nodes[1].ipv4);
     net.nodes[1].core.set_filter(vec![FilterRule {
+        dests: Default::default(),
         rule: "grant:1".into(),
         service: "dns".into(),
         sources: vec![IpAddr::V4(a4)],
