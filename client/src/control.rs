@@ -637,6 +637,7 @@ pub async fn enroll(token: &EnrollToken, hostname: &str, os: &str) -> Result<(En
 pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
     match m {
         CoordinatorMsg::Enrolled(_) => "enrolled",
+        CoordinatorMsg::LoginPending(_) => "login_pending",
         CoordinatorMsg::Netmap(_) => "netmap",
         CoordinatorMsg::NetmapDelta(_) => "netmap_delta",
         CoordinatorMsg::CertRenewed { .. } => "cert_renewed",

@@ -50,11 +50,22 @@ pub enum Action {
     SuggestionDismiss,
     /// An administrator snoozed a suggestion until a time.
     SuggestionSnooze,
+    /// A person signed a device in through the OpenID provider.
+    OidcSignIn,
+    /// A sign-in was refused (bad ID token, provider refusal, name conflict, provider down).
+    OidcSignInRefused,
+    /// The provider took a user's access away (refresh refused, SCIM, back-channel logout) or
+    /// gave it back (SCIM active=true), or changed the user's provider groups.
+    OidcUserChange,
+    /// A back-channel logout or SCIM push was refused (bad token, replay, bad body).
+    OidcPushRefused,
+    /// An administrator linked an existing local user to a provider identity.
+    OidcLink,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 35] = [
+    pub const ALL: [Action; 40] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -90,6 +101,11 @@ impl Action {
         Action::SuggestionAccept,
         Action::SuggestionDismiss,
         Action::SuggestionSnooze,
+        Action::OidcSignIn,
+        Action::OidcSignInRefused,
+        Action::OidcUserChange,
+        Action::OidcPushRefused,
+        Action::OidcLink,
     ];
 
     /// The stored name (stable: it is part of every hash-chained row).
@@ -130,6 +146,11 @@ impl Action {
             Action::SuggestionAccept => "suggestion.accept",
             Action::SuggestionDismiss => "suggestion.dismiss",
             Action::SuggestionSnooze => "suggestion.snooze",
+            Action::OidcSignIn => "oidc.sign_in",
+            Action::OidcSignInRefused => "oidc.sign_in_refused",
+            Action::OidcUserChange => "oidc.user_change",
+            Action::OidcPushRefused => "oidc.push_refused",
+            Action::OidcLink => "oidc.link",
         }
     }
 }

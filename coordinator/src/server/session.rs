@@ -639,7 +639,7 @@ async fn session(
                                 send_msg(&mut link.send, &CoordinatorMsg::FlowsAck { seq }).await?;
                             }
                         }
-                        DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => {
+                        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::Hello(_) => {
                             refuse(&mut link, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
                             return Ok(());
                         }
@@ -672,7 +672,7 @@ fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
         DeviceMsg::RelayTicketRequest => Kind::RelayTicket,
         DeviceMsg::Ping { .. } => Kind::Ping,
         DeviceMsg::PunchRequest { .. } => Kind::Punch,
-        DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => return None,
+        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::Hello(_) => return None,
     })
 }
 
