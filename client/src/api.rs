@@ -25,6 +25,18 @@ pub enum Request {
         #[serde(default)]
         hostname: Option<String>,
     },
+    /// `ward up --login`: start signing in through the coordinator's OpenID provider; the
+    /// answer is where the user completes it ([`LoginView`]).
+    LoginStart {
+        /// HOST:PORT of the coordinator.
+        coordinator: String,
+        /// Hex SHA-256 of the coordinator's CA certificate (pinned, as a token would).
+        ca_sha256: String,
+        #[serde(default)]
+        hostname: Option<String>,
+    },
+    /// Wait for the sign-in started by `login_start` to end; answered like `up`.
+    LoginWait,
     Down,
     Status,
     /// This device's posture signals and the coordinator's verdict.
@@ -38,6 +50,8 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Request::Up { .. } => "up",
+            Request::LoginStart { .. } => "login_start",
+            Request::LoginWait => "login_wait",
             Request::Down => "down",
             Request::Status => "status",
             Request::Posture => "posture",
@@ -48,7 +62,10 @@ impl Request {
     /// Whether the request changes the device (only root may send those).
     pub fn changes_state(&self) -> bool {
         match self {
-            Request::Up { .. } | Request::Down => true,
+            Request::Up { .. }
+            | Request::LoginStart { .. }
+            | Request::LoginWait
+            | Request::Down => true,
             Request::Status | Request::Posture | Request::Netcheck => false,
         }
     }
@@ -59,6 +76,7 @@ impl Request {
 #[serde(untagged)]
 pub enum Response {
     Up(UpView),
+    Login(LoginView),
     Down(DownView),
     Status(Box<StatusView>),
     Posture(Box<PostureView>),
@@ -72,6 +90,15 @@ pub struct UpView {
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     pub device_id: u64,
+}
+
+/// `ward up --login`: where the user signs in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoginView {
+    pub verification_uri: String,
+    pub verification_uri_complete: Option<String>,
+    pub user_code: String,
+    pub expires_in_secs: u64,
 }
 
 /// `ward down`.

@@ -42,6 +42,58 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The OpenID provider people sign in with.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct OidcArgs {
+    /// The provider's issuer URL (https).
+    #[arg(long, env = "WARD_OIDC_ISSUER")]
+    oidc_issuer: Option<String>,
+    /// This coordinator's client id at the provider.
+    #[arg(long, env = "WARD_OIDC_CLIENT_ID")]
+    oidc_client_id: Option<String>,
+    /// File holding the client secret (confidential client; first line).
+    #[arg(long, env = "WARD_OIDC_CLIENT_SECRET_FILE")]
+    oidc_client_secret_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for the provider's TLS.
+    #[arg(long, env = "WARD_OIDC_CA_FILE")]
+    oidc_ca_file: Option<PathBuf>,
+}
+
+impl OidcArgs {
+    /// These flags over `base` (what init stored); `None` when no provider is configured.
+    fn over(
+        &self,
+        base: Option<ward_coordinator::oidc::OidcSettings>,
+    ) -> Result<Option<ward_coordinator::oidc::OidcSettings>> {
+        let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        let mut s = match (base, &self.oidc_issuer) {
+            (Some(b), _) => b,
+            (None, Some(_)) => Default::default(),
+            (None, None) => {
+                anyhow::ensure!(
+                    self.oidc_client_id.is_none() && self.oidc_client_secret_file.is_none(),
+                    "--oidc-client-id needs --oidc-issuer"
+                );
+                return Ok(None);
+            }
+        };
+        if let Some(i) = &self.oidc_issuer {
+            s.issuer = i.clone();
+        }
+        if let Some(c) = &self.oidc_client_id {
+            s.client_id = c.clone();
+        }
+        if let Some(f) = &self.oidc_client_secret_file {
+            s.client_secret_file = Some(abs(f));
+        }
+        if let Some(f) = &self.oidc_ca_file {
+            s.ca_file = Some(abs(f));
+        }
+        s.check()?;
+        Ok(Some(s))
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new coordinator instance: CA, lease-signing key, address pools, database.
@@ -49,6 +101,8 @@ enum Cmd {
         /// HOST:PORT devices will dial (carried in every enrollment token).
         #[arg(long, env = "WARD_PUBLIC_ADDR")]
         public_addr: String,
+        #[command(flatten)]
+        oidc: OidcArgs,
     },
     /// Run the coordinator.
     Serve {
@@ -77,6 +131,24 @@ enum Cmd {
         /// it to loopback or a management network: see docs/metrics.md).
         #[arg(long, env = "WARD_COORDINATOR_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// OpenID provider settings; these override what `init` stored.
+        #[command(flatten)]
+        oidc: OidcArgs,
+        /// How often every signed-in user is re-checked with the provider (refresh token).
+        #[arg(long, env = "WARD_OIDC_REFRESH_INTERVAL", default_value = "5m")]
+        oidc_refresh_interval: String,
+        /// A device must sign in again once its sign-in is older than this.
+        #[arg(long, env = "WARD_MAX_AUTH_AGE", default_value = "24h")]
+        max_auth_age: String,
+        /// A first sign-in creates the Ward user (`false`: only users an admin created or linked).
+        #[arg(long, env = "WARD_OIDC_CREATE_USERS", default_value_t = true, action = clap::ArgAction::Set)]
+        oidc_create_users: bool,
+        /// HTTP address for `POST /oidc/backchannel-logout` and `PATCH /scim/v2/Users/{sub}`.
+        #[arg(long, env = "WARD_OIDC_LISTEN")]
+        oidc_listen: Option<SocketAddr>,
+        /// File holding the bearer token SCIM requests must carry (SCIM is off without it).
+        #[arg(long, env = "WARD_SCIM_TOKEN_FILE")]
+        scim_token_file: Option<PathBuf>,
     },
     /// Show the running coordinator's state.
     Status {
@@ -469,8 +541,13 @@ async fn run(cli: Cli) -> Result<()> {
     let dd = DataDir::new(&cli.data_dir);
     let sock = dd.admin_socket();
     match cli.cmd {
-        Cmd::Init { public_addr } => {
+        Cmd::Init { public_addr, oidc } => {
+            let settings = oidc.over(None)?;
             let cfg = dd.init(&public_addr, ward_runtime::now_ms())?;
+            if let Some(s) = &settings {
+                s.save(&dd.path)?;
+                println!("  OIDC issuer    : {} (client {})", s.issuer, s.client_id);
+            }
             let ca = dd.load_ca()?;
             println!("initialised coordinator in {}", dd.path.display());
             println!("  public address : {}", cfg.public_addr);
@@ -492,6 +569,12 @@ async fn run(cli: Cli) -> Result<()> {
             lease_ttl_tag,
             lease_max_ttl,
             flow_retention,
+            oidc,
+            oidc_refresh_interval,
+            max_auth_age,
+            oidc_create_users,
+            oidc_listen,
+            scim_token_file,
         } => {
             let ms =
                 |s: &str| -> Result<i64> { Ok(admin::parse_duration(s)?.as_millis().try_into()?) };
@@ -510,7 +593,34 @@ async fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(ttl.default_ms >= 1000, "--lease-ttl must be at least 1s");
             let retention = ms(&flow_retention)?;
             anyhow::ensure!(retention >= 1000, "--flow-retention must be at least 1s");
-            server::serve(dd, listen, ttl, metrics_listen, retention).await
+            let settings = oidc.over(ward_coordinator::oidc::OidcSettings::load(&dd.path)?)?;
+            let oidc = match settings {
+                None => {
+                    anyhow::ensure!(
+                        oidc_listen.is_none() && scim_token_file.is_none(),
+                        "--oidc-listen and --scim-token-file need an OpenID provider (--oidc-issuer)"
+                    );
+                    None
+                }
+                Some(s) => {
+                    let refresh = ms(&oidc_refresh_interval)?;
+                    anyhow::ensure!(
+                        refresh >= 1000,
+                        "--oidc-refresh-interval must be at least 1s"
+                    );
+                    let cfg = s.resolve(oidc_create_users, refresh, ms(&max_auth_age)?)?;
+                    let scim_token = scim_token_file
+                        .as_deref()
+                        .map(ward_coordinator::oidc::provider::read_secret)
+                        .transpose()?;
+                    Some(server::oidc::OidcServe {
+                        cfg,
+                        listen: oidc_listen,
+                        scim_token,
+                    })
+                }
+            };
+            server::serve(dd, listen, ttl, metrics_listen, retention, oidc).await
         }
         Cmd::Status { json } => {
             let v: StatusView = admin::call(&sock, &AdminRequest::Status).await?;

@@ -963,7 +963,10 @@ mod tests {
         let DeviceMsg::LoginStart(l) = decode(start.as_bytes()).unwrap() else {
             panic!("not login_start")
         };
-        assert_eq!((l.hostname.as_str(), l.csr_der.0.as_slice()), ("laptop", &[1u8, 2, 3][..]));
+        assert_eq!(
+            (l.hostname.as_str(), l.csr_der.0.as_slice()),
+            ("laptop", &[1u8, 2, 3][..])
+        );
         let pending = r#"{"type":"login_pending","verification_uri":"https://idp/device","user_code":"ABCD-EFGH","expires_in_secs":600}"#;
         let CoordinatorMsg::LoginPending(p) = decode(pending.as_bytes()).unwrap() else {
             panic!("not login_pending")

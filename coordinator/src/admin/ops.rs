@@ -532,8 +532,21 @@ fn set_user_disabled(
     disabled: bool,
     now: i64,
 ) -> Result<UserAccess> {
+    set_user_disabled_as(store, live, n, disabled, ACTOR, now)
+}
+
+/// Disables (or re-enables) a user on behalf of `actor` (an administrator, or the identity
+/// provider) and tells the registry, which narrows the user's devices at once.
+pub fn set_user_disabled_as(
+    store: &dyn Store,
+    live: &dyn Live,
+    n: &str,
+    disabled: bool,
+    actor: &str,
+    now: i64,
+) -> Result<UserAccess> {
     let n = name("user name", n)?;
-    let (ids, journaled) = match store.set_user_disabled(&n, disabled, ACTOR, now) {
+    let (ids, journaled) = match store.set_user_disabled(&n, disabled, actor, now) {
         Ok(ids) => (ids, false),
         Err(e) if disabled && e.is_storage_fault() => {
             // Disabling still takes effect: journaled, then applied in memory.

@@ -117,8 +117,7 @@ pub enum ScimError {
 /// `active`. Accepts `{"op":"replace","path":"active","value":false}` and
 /// `{"op":"replace","value":{"active":false}}` (ops are case-insensitive, as providers vary).
 pub fn scim_active(body: &[u8]) -> Result<bool, ScimError> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| ScimError::Malformed(e.to_string()))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| ScimError::Malformed(e.to_string()))?;
     let ops = v
         .get("Operations")
         .and_then(Value::as_array)
@@ -237,12 +236,26 @@ mod tests {
 
     #[test]
     fn poll_answers() {
-        assert_eq!(poll_answer(br#"{"error":"authorization_pending"}"#), PollAnswer::Pending);
-        assert_eq!(poll_answer(br#"{"error":"slow_down"}"#), PollAnswer::SlowDown);
-        assert_eq!(poll_answer(br#"{"error":"access_denied"}"#), PollAnswer::Denied);
-        assert_eq!(poll_answer(br#"{"error":"expired_token"}"#), PollAnswer::Expired);
+        assert_eq!(
+            poll_answer(br#"{"error":"authorization_pending"}"#),
+            PollAnswer::Pending
+        );
+        assert_eq!(
+            poll_answer(br#"{"error":"slow_down"}"#),
+            PollAnswer::SlowDown
+        );
+        assert_eq!(
+            poll_answer(br#"{"error":"access_denied"}"#),
+            PollAnswer::Denied
+        );
+        assert_eq!(
+            poll_answer(br#"{"error":"expired_token"}"#),
+            PollAnswer::Expired
+        );
         assert!(matches!(poll_answer(b"<html>"), PollAnswer::Failed(_)));
-        assert!(matches!(poll_answer(br#"{"error":"invalid_grant"}"#), PollAnswer::Failed(m) if m.contains("invalid_grant")));
+        assert!(
+            matches!(poll_answer(br#"{"error":"invalid_grant"}"#), PollAnswer::Failed(m) if m.contains("invalid_grant"))
+        );
     }
 
     #[test]
@@ -258,17 +271,37 @@ mod tests {
     fn scim_patches_are_parsed() {
         let p = |s: &str| scim_active(s.as_bytes());
         assert_eq!(
-            p(r#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"active","value":false}]}"#),
+            p(
+                r#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"active","value":false}]}"#
+            ),
             Ok(false)
         );
-        assert_eq!(p(r#"{"Operations":[{"op":"Replace","value":{"active":true}}]}"#), Ok(true));
-        assert_eq!(p(r#"{"Operations":[{"op":"replace","path":"active","value":"False"}]}"#), Ok(false));
-        assert_eq!(p(r#"{"Operations":[{"op":"replace","path":"name.givenName","value":"x"}]}"#), Err(ScimError::NoActive));
-        assert_eq!(p(r#"{"Operations":[{"op":"remove","path":"active"}]}"#), Err(ScimError::NoActive));
-        assert!(matches!(p(r#"{"Operations":[{"op":"replace","path":"active","value":3}]}"#), Err(ScimError::Malformed(_))));
+        assert_eq!(
+            p(r#"{"Operations":[{"op":"Replace","value":{"active":true}}]}"#),
+            Ok(true)
+        );
+        assert_eq!(
+            p(r#"{"Operations":[{"op":"replace","path":"active","value":"False"}]}"#),
+            Ok(false)
+        );
+        assert_eq!(
+            p(r#"{"Operations":[{"op":"replace","path":"name.givenName","value":"x"}]}"#),
+            Err(ScimError::NoActive)
+        );
+        assert_eq!(
+            p(r#"{"Operations":[{"op":"remove","path":"active"}]}"#),
+            Err(ScimError::NoActive)
+        );
+        assert!(matches!(
+            p(r#"{"Operations":[{"op":"replace","path":"active","value":3}]}"#),
+            Err(ScimError::Malformed(_))
+        ));
         assert!(matches!(p("{}"), Err(ScimError::Malformed(_))));
         assert!(matches!(p("not json"), Err(ScimError::Malformed(_))));
-        assert!(matches!(p(r#"{"Operations":[{"path":"active"}]}"#), Err(ScimError::Malformed(_))));
+        assert!(matches!(
+            p(r#"{"Operations":[{"path":"active"}]}"#),
+            Err(ScimError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -161,8 +161,11 @@ async fn request_inner(
         Auth::Bearer(b) => head.push_str(&format!("Authorization: Bearer {b}\r\n")),
         Auth::Basic(id, secret) => {
             use base64::Engine;
-            let cred = base64::engine::general_purpose::STANDARD
-                .encode(format!("{}:{}", pct(id), pct(secret)));
+            let cred = base64::engine::general_purpose::STANDARD.encode(format!(
+                "{}:{}",
+                pct(id),
+                pct(secret)
+            ));
             head.push_str(&format!("Authorization: Basic {cred}\r\n"));
         }
     }
@@ -210,7 +213,10 @@ pub fn decode_form(body: &[u8]) -> Vec<(String, String)> {
             match b[i] {
                 b'+' => out.push(b' '),
                 b'%' if i + 2 < b.len() => {
-                    match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("x"), 16) {
+                    match u8::from_str_radix(
+                        std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("x"),
+                        16,
+                    ) {
                         Ok(v) => {
                             out.push(v);
                             i += 2;
@@ -475,11 +481,21 @@ mod tests {
         .await
         .unwrap();
         assert_eq!((r.status, r.body.as_slice()), (400, &b"abcde"[..]));
-        let r = read_response(&mut &b"HTTP/1.0 200 OK\r\n\r\nall"[..]).await.unwrap();
+        let r = read_response(&mut &b"HTTP/1.0 200 OK\r\n\r\nall"[..])
+            .await
+            .unwrap();
         assert_eq!(r.body, b"all");
-        assert!(read_response(&mut &b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab"[..]).await.is_err());
+        assert!(
+            read_response(&mut &b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab"[..])
+                .await
+                .is_err()
+        );
         assert!(read_response(&mut &b"garbage\r\n\r\n"[..]).await.is_err());
-        assert!(read_response(&mut &b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n"[..]).await.is_err());
+        assert!(
+            read_response(&mut &b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n"[..])
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
@@ -489,9 +505,16 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!((r.method.as_str(), r.path.as_str()), ("PATCH", "/scim/v2/Users/u1"));
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str()),
+            ("PATCH", "/scim/v2/Users/u1")
+        );
         assert_eq!(r.bearer.as_deref(), Some("s3"));
         assert_eq!(r.body, b"{}");
-        assert!(read_request(&mut &b"POST / HTTP/1.1\r\nContent-Length: 999999\r\n\r\n"[..]).await.is_err());
+        assert!(
+            read_request(&mut &b"POST / HTTP/1.1\r\nContent-Length: 999999\r\n\r\n"[..])
+                .await
+                .is_err()
+        );
     }
 }

@@ -67,7 +67,10 @@ pub enum Alg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublicKey {
     /// Modulus and exponent, big-endian.
-    Rsa { n: Vec<u8>, e: Vec<u8> },
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
     /// Uncompressed point `04 || x || y`.
     P256(Vec<u8>),
     Ed25519(Vec<u8>),
@@ -238,9 +241,11 @@ impl Jws {
                         .verify(msg, &self.signature)
                         .is_ok()
                 }
-                (Alg::EdDsa, PublicKey::Ed25519(x)) => sig::UnparsedPublicKey::new(&sig::ED25519, x)
-                    .verify(msg, &self.signature)
-                    .is_ok(),
+                (Alg::EdDsa, PublicKey::Ed25519(x)) => {
+                    sig::UnparsedPublicKey::new(&sig::ED25519, x)
+                        .verify(msg, &self.signature)
+                        .is_ok()
+                }
                 _ => false,
             };
             if ok {
@@ -329,8 +334,8 @@ fn check_iss_aud(v: &Value, issuer: &str, client_id: &str) -> Result<(), JwtErro
 
 /// Checks a verified ID token's claims (OpenID Connect Core 3.1.3.7).
 pub fn check_id_token(payload: &[u8], r: &IdTokenRules<'_>) -> Result<IdClaims, JwtError> {
-    let v: Value = serde_json::from_slice(payload)
-        .map_err(|e| JwtError::Malformed(format!("claims: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| JwtError::Malformed(format!("claims: {e}")))?;
     check_iss_aud(&v, r.issuer, r.client_id)?;
     let exp_ms = num_claim(&v, "exp").ok_or(JwtError::Missing("exp"))? * 1000;
     let iat_ms = num_claim(&v, "iat").ok_or(JwtError::Missing("iat"))? * 1000;
@@ -348,7 +353,9 @@ pub fn check_id_token(payload: &[u8], r: &IdTokenRules<'_>) -> Result<IdClaims, 
     }
     let sub = str_claim(&v, "sub").ok_or(JwtError::Missing("sub"))?;
     if sub.is_empty() || sub.len() > 255 {
-        return Err(JwtError::Malformed("sub is empty or longer than 255".into()));
+        return Err(JwtError::Malformed(
+            "sub is empty or longer than 255".into(),
+        ));
     }
     Ok(IdClaims {
         sub,
@@ -382,8 +389,8 @@ pub fn check_logout_token(
     client_id: &str,
     now_ms: i64,
 ) -> Result<LogoutClaims, JwtError> {
-    let v: Value = serde_json::from_slice(payload)
-        .map_err(|e| JwtError::Malformed(format!("claims: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| JwtError::Malformed(format!("claims: {e}")))?;
     check_iss_aud(&v, issuer, client_id)?;
     let iat_ms = num_claim(&v, "iat").ok_or(JwtError::Missing("iat"))? * 1000;
     if iat_ms > now_ms + SKEW_MS {
@@ -398,7 +405,9 @@ pub fn check_logout_token(
         }
     }
     if v.get("nonce").is_some() {
-        return Err(JwtError::Logout("carries a nonce (forbidden in logout tokens)"));
+        return Err(JwtError::Logout(
+            "carries a nonce (forbidden in logout tokens)",
+        ));
     }
     let events = v
         .get("events")
@@ -408,7 +417,9 @@ pub fn check_logout_token(
         .get(BACKCHANNEL_LOGOUT_EVENT)
         .is_some_and(Value::is_object)
     {
-        return Err(JwtError::Logout("does not carry the back-channel logout event"));
+        return Err(JwtError::Logout(
+            "does not carry the back-channel logout event",
+        ));
     }
     let jti = str_claim(&v, "jti").ok_or(JwtError::Missing("jti"))?;
     let sub = str_claim(&v, "sub");
@@ -494,7 +505,9 @@ pub(crate) mod tests {
             };
             let input = format!(
                 "{}.{}",
-                enc(json!({"alg":alg,"kid":kid,"typ":"JWT"}).to_string().as_bytes()),
+                enc(json!({"alg":alg,"kid":kid,"typ":"JWT"})
+                    .to_string()
+                    .as_bytes()),
                 enc(claims.to_string().as_bytes())
             );
             let rng = SystemRandom::new();
@@ -672,12 +685,25 @@ pub(crate) mod tests {
     #[test]
     fn garbage_tokens_are_malformed_not_panics() {
         let jwks = Jwks::default();
-        for t in ["", "a", "a.b", "a.b.c.d", "!!.!!.!!", &"x".repeat(MAX_JWT_LEN + 1)] {
-            assert!(matches!(check(t, &jwks), Err(JwtError::Malformed(_))), "{t}");
+        for t in [
+            "",
+            "a",
+            "a.b",
+            "a.b.c.d",
+            "!!.!!.!!",
+            &"x".repeat(MAX_JWT_LEN + 1),
+        ] {
+            assert!(
+                matches!(check(t, &jwks), Err(JwtError::Malformed(_))),
+                "{t}"
+            );
         }
         assert!(Jwks::parse(b"{}").is_err());
         // Unsupported key types are skipped.
-        let j = Jwks::parse(br#"{"keys":[{"kty":"oct","k":"AAAA"},{"kty":"EC","crv":"P-384","x":"AA","y":"AA"}]}"#).unwrap();
+        let j = Jwks::parse(
+            br#"{"keys":[{"kty":"oct","k":"AAAA"},{"kty":"EC","crv":"P-384","x":"AA","y":"AA"}]}"#,
+        )
+        .unwrap();
         assert!(j.keys.is_empty());
     }
 

@@ -50,7 +50,10 @@ impl std::fmt::Debug for OidcConfig {
         f.debug_struct("OidcConfig")
             .field("issuer", &self.issuer)
             .field("client_id", &self.client_id)
-            .field("client_secret", &self.client_secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -96,7 +99,8 @@ impl OidcSettings {
         };
         let ca_pem = match &self.ca_file {
             Some(p) => Some(
-                std::fs::read(p).with_context(|| format!("reading OIDC CA file {}", p.display()))?,
+                std::fs::read(p)
+                    .with_context(|| format!("reading OIDC CA file {}", p.display()))?,
             ),
             None => None,
         };

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::core::{poll_answer, PollAnswer, ReplayBook};
 use super::http::{self, Auth};
-use super::jwt::{check_id_token, IdClaims, IdTokenRules, JwtError, Jwks, Jws};
+use super::jwt::{check_id_token, IdClaims, IdTokenRules, Jwks, Jws, JwtError};
 use super::OidcConfig;
 
 /// The key set is refetched for an unknown `kid` at most this often.
@@ -148,8 +148,8 @@ impl Provider {
             self.cfg.issuer.trim_end_matches('/')
         );
         let v = self.get_json(&url, Auth::None).await?;
-        let disc: Discovery = serde_json::from_value(v)
-            .map_err(|e| down(format!("discovery document: {e}")))?;
+        let disc: Discovery =
+            serde_json::from_value(v).map_err(|e| down(format!("discovery document: {e}")))?;
         if disc.issuer != self.cfg.issuer {
             return Err(down(format!(
                 "the discovery document names issuer {:?}, not the configured {:?}",
@@ -174,7 +174,10 @@ impl Provider {
         let v = self.get_json(&disc.jwks_uri, Auth::None).await?;
         cache.jwks = Jwks::parse(v.to_string().as_bytes())?;
         cache.fetched = Some(Instant::now());
-        info!(keys = cache.jwks.keys.len(), "OIDC provider key set fetched");
+        info!(
+            keys = cache.jwks.keys.len(),
+            "OIDC provider key set fetched"
+        );
         Ok(())
     }
 
@@ -233,7 +236,10 @@ impl Provider {
             .await
             .map_err(|e| down(format!("{e:#}")))?;
         if r.status >= 500 {
-            return Err(down(format!("device authorization answered HTTP {}", r.status)));
+            return Err(down(format!(
+                "device authorization answered HTTP {}",
+                r.status
+            )));
         }
         if r.status >= 400 {
             let why = match poll_answer(&r.body) {
@@ -251,9 +257,15 @@ impl Provider {
         if self.cfg.client_secret.is_none() {
             form.push(("client_id", self.cfg.client_id.as_str()));
         }
-        let r = http::request(&self.tls, "POST", &disc.token_endpoint, Some(&form), self.auth())
-            .await
-            .map_err(|e| down(format!("{e:#}")))?;
+        let r = http::request(
+            &self.tls,
+            "POST",
+            &disc.token_endpoint,
+            Some(&form),
+            self.auth(),
+        )
+        .await
+        .map_err(|e| down(format!("{e:#}")))?;
         if r.status >= 500 {
             return Err(down(format!("token endpoint answered HTTP {}", r.status)));
         }
@@ -269,8 +281,8 @@ impl Provider {
             ])
             .await?;
         if r.status == 200 {
-            let t: Tokens = serde_json::from_slice(&r.body)
-                .map_err(|e| down(format!("token answer: {e}")))?;
+            let t: Tokens =
+                serde_json::from_slice(&r.body).map_err(|e| down(format!("token answer: {e}")))?;
             return Ok(Poll::Done(Box::new(t)));
         }
         Ok(Poll::Wait(poll_answer(&r.body)))
@@ -286,8 +298,7 @@ impl Provider {
             ])
             .await?;
         if r.status == 200 {
-            return serde_json::from_slice(&r.body)
-                .map_err(|e| down(format!("token answer: {e}")));
+            return serde_json::from_slice(&r.body).map_err(|e| down(format!("token answer: {e}")));
         }
         let why = match poll_answer(&r.body) {
             PollAnswer::Failed(m) => m,
@@ -317,7 +328,10 @@ pub fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
         .with_context(|| format!("reading the OIDC client secret file {}", path.display()))?;
     let s = s.lines().next().unwrap_or("").trim().to_string();
     if s.is_empty() {
-        return Err(anyhow!("the OIDC client secret file {} is empty", path.display()));
+        return Err(anyhow!(
+            "the OIDC client secret file {} is empty",
+            path.display()
+        ));
     }
     Ok(s)
 }

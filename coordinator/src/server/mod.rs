@@ -41,6 +41,7 @@ use actor::Event;
 mod actor;
 mod effects;
 mod link;
+pub mod oidc;
 mod queue;
 mod relay;
 mod session;
@@ -83,6 +84,8 @@ struct Ctx {
     flow_retention_ms: i64,
     /// Counters for `--metrics-listen`.
     metrics: crate::metrics::Counters,
+    /// The OpenID provider people sign in with (`--oidc-issuer`).
+    oidc: Option<Arc<crate::oidc::provider::Provider>>,
 }
 
 /// Flow record retention when `serve --flow-retention` does not say.
@@ -96,8 +99,15 @@ pub async fn serve(
     lease_ttl: LeaseTtl,
     metrics_listen: Option<SocketAddr>,
     flow_retention_ms: i64,
+    oidc: Option<oidc::OidcServe>,
 ) -> Result<()> {
     let config = dd.load_config()?;
+    let provider = match &oidc {
+        Some(o) => Some(Arc::new(crate::oidc::provider::Provider::new(
+            o.cfg.clone(),
+        )?)),
+        None => None,
+    };
     let ca = dd.load_ca()?;
     let lease_key = dd.load_lease_key()?;
     let sqlite = Arc::new(dd.open_store(now_ms())?);
@@ -184,7 +194,24 @@ pub async fn serve(
         enroll_slots: tokio::sync::Semaphore::new(ENROLL_SLOTS),
         metrics: crate::metrics::Counters::default(),
         flow_retention_ms,
+        oidc: provider.clone(),
     });
+    if let (Some(o), Some(p)) = (&oidc, &provider) {
+        info!(issuer = %o.cfg.issuer, client_id = %o.cfg.client_id, "OpenID Connect sign-in enabled");
+        tokio::spawn(oidc::refresh_loop(ctx.clone(), p.clone()));
+        if let Some(addr) = o.listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the OIDC push listener on {addr}"))?;
+            info!(addr = %l.local_addr()?, "OIDC back-channel logout and SCIM listening");
+            tokio::spawn(oidc::push_listener(
+                ctx.clone(),
+                p.clone(),
+                l,
+                o.scim_token.clone(),
+            ));
+        }
+    }
     if let Some(addr) = metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await

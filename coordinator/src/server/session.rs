@@ -61,7 +61,7 @@ pub(super) async fn send_msg<T: serde::Serialize>(send: &mut BoxWrite, msg: &T) 
     Ok(())
 }
 
-async fn refuse(link: &mut Link, code: ErrorCode, message: String) {
+pub(super) async fn refuse(link: &mut Link, code: ErrorCode, message: String) {
     let frame = wire::encode(&CoordinatorMsg::Error {
         code,
         message: message.clone(),
@@ -104,6 +104,7 @@ pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<(
             }
             Ok(())
         }
+        (None, DeviceMsg::LoginStart(req)) => super::oidc::login(&ctx, &mut link, req).await,
         (Some(cert), DeviceMsg::Hello(hello)) => {
             let cert = cert.to_vec();
             session(ctx, link, dec, &cert, hello).await
@@ -192,7 +193,7 @@ pub(super) async fn gate_refused(
 /// the token's secret is proven (malformed requests, unknown tokens, wrong secrets, the rate
 /// limit) are aggregated by the gate; refusals of a genuine token (used, expired, revoked, user
 /// disabled) are audited one by one. No database work runs on the runtime's threads.
-async fn enroll(
+pub(super) async fn enroll(
     ctx: &Arc<Ctx>,
     req: wire::EnrollRequest,
     remote: SocketAddr,

@@ -16,7 +16,6 @@ use ward_shared::flows::{FlowRecord, FlowReport};
 use ward_shared::names::{Hostname, Name};
 use ward_shared::wire::{DeviceId, ErrorCode, WgPublicKey};
 
-
 pub use crate::audit::Action;
 
 pub mod anchor;
@@ -374,7 +373,10 @@ impl std::fmt::Debug for OidcUser {
             .field("sub", &self.sub)
             .field("groups", &self.groups)
             .field("provider_disabled", &self.provider_disabled)
-            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
