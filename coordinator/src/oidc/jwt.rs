@@ -49,6 +49,14 @@ pub enum JwtError {
     NonceMismatch,
     #[error("token nonce was already used by an earlier sign-in (replay)")]
     NonceReplayed,
+    #[error(
+        "token was issued {0} s before this sign-in started (an earlier sign-in's token: replay)"
+    )]
+    IssuedBeforeSignIn(i64),
+    #[error(
+        "token at_hash does not match the access token it came with (a token from another sign-in)"
+    )]
+    AtHash,
     #[error("token lacks the claim {0}")]
     Missing(&'static str),
     #[error("logout token {0}")]
@@ -261,11 +269,24 @@ impl Jws {
 pub struct IdTokenRules<'a> {
     pub issuer: &'a str,
     pub client_id: &'a str,
-    /// The nonce this sign-in sent; `None` on a refresh (a refreshed ID token may omit it, but
-    /// when it carries one it must still be the sign-in's).
+    /// The nonce this sign-in sent: a token carrying another one is refused.
     pub nonce: Option<&'a str>,
+    /// Whether the token must carry the nonce (the authorization code flow). Device-flow ID
+    /// tokens may lack it (providers do not carry it over): `not_before_ms` and `at_hash` bind
+    /// those to this sign-in instead.
+    pub nonce_required: bool,
+    /// The token must be issued at or after this (less [`REPLAY_SKEW_MS`]): an older token is
+    /// from an earlier sign-in (a replay).
+    pub not_before_ms: Option<i64>,
+    /// The access token that came with the ID token: its `at_hash`, when present, must match.
+    pub access_token: Option<&'a str>,
+    pub alg: Alg,
     pub now_ms: i64,
 }
+
+/// Clock difference tolerated between the provider and the coordinator when judging whether an
+/// ID token was issued during this sign-in.
+pub const REPLAY_SKEW_MS: i64 = 5_000;
 
 /// The claims Ward uses from a verified ID token (or userinfo).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -346,9 +367,27 @@ pub fn check_id_token(payload: &[u8], r: &IdTokenRules<'_>) -> Result<IdClaims, 
         return Err(JwtError::IssuedInFuture((iat_ms - r.now_ms) / 1000));
     }
     let nonce = str_claim(&v, "nonce");
-    if let Some(want) = r.nonce {
-        if nonce.as_deref() != Some(want) {
-            return Err(JwtError::NonceMismatch);
+    match (r.nonce, nonce.as_deref()) {
+        (Some(want), Some(got)) if want != got => return Err(JwtError::NonceMismatch),
+        (Some(_), None) if r.nonce_required => return Err(JwtError::NonceMismatch),
+        _ => {}
+    }
+    if let Some(nb) = r.not_before_ms {
+        if iat_ms + REPLAY_SKEW_MS < nb {
+            return Err(JwtError::IssuedBeforeSignIn((nb - iat_ms) / 1000));
+        }
+    }
+    if let (Some(at), Some(want)) = (r.access_token, str_claim(&v, "at_hash")) {
+        let digest: Vec<u8> = match r.alg {
+            Alg::Rs256 | Alg::Es256 => ring::digest::digest(&ring::digest::SHA256, at.as_bytes())
+                .as_ref()
+                .to_vec(),
+            Alg::EdDsa => ring::digest::digest(&ring::digest::SHA512, at.as_bytes())
+                .as_ref()
+                .to_vec(),
+        };
+        if URL_SAFE_NO_PAD.encode(&digest[..digest.len() / 2]) != want {
+            return Err(JwtError::AtHash);
         }
     }
     let sub = str_claim(&v, "sub").ok_or(JwtError::Missing("sub"))?;
@@ -536,11 +575,15 @@ pub(crate) mod tests {
             "groups":["eng","ops"],"amr":["pwd","mfa"],"auth_time":NOW/1000-10})
     }
 
-    fn rules(nonce: Option<&str>) -> IdTokenRules<'_> {
+    fn rules(nonce: Option<&str>, alg: Alg) -> IdTokenRules<'_> {
         IdTokenRules {
             issuer: ISS,
             client_id: CID,
             nonce,
+            nonce_required: true,
+            not_before_ms: None,
+            access_token: None,
+            alg,
             now_ms: NOW,
         }
     }
@@ -548,7 +591,38 @@ pub(crate) mod tests {
     fn check(token: &str, jwks: &Jwks) -> Result<IdClaims, JwtError> {
         let jws = Jws::parse(token)?;
         let payload = jws.verify(jwks)?;
-        check_id_token(payload, &rules(Some("n-1")))
+        check_id_token(payload, &rules(Some("n-1"), jws.alg))
+    }
+
+    #[test]
+    fn device_flow_tokens_are_bound_by_issue_time_and_at_hash() {
+        let k = TestKey::es256("k");
+        let jwks = jwks_of(&[&k]);
+        let run = |c: Value, nb: Option<i64>, at: Option<&str>| {
+            let t = k.sign(&c);
+            let jws = Jws::parse(&t)?;
+            let p = jws.verify(&jwks)?;
+            let mut r = rules(Some("n-9"), jws.alg);
+            r.nonce_required = false;
+            r.not_before_ms = nb;
+            r.access_token = at;
+            check_id_token(p, &r)
+        };
+        let mut c = id_claims();
+        c.as_object_mut().unwrap().remove("nonce");
+        // No nonce is accepted in the device flow, a foreign one is not.
+        assert!(run(c.clone(), Some(NOW - 1000), None).is_ok());
+        assert_eq!(run(id_claims(), None, None), Err(JwtError::NonceMismatch));
+        // An earlier sign-in's token (issued before this one started) is a replay.
+        assert_eq!(
+            run(c.clone(), Some(NOW + 30_000), None),
+            Err(JwtError::IssuedBeforeSignIn(30))
+        );
+        // at_hash binds the ID token to the access token it came with.
+        let h = ring::digest::digest(&ring::digest::SHA256, b"access-1");
+        c["at_hash"] = json!(enc(&h.as_ref()[..16]));
+        assert!(run(c.clone(), None, Some("access-1")).is_ok());
+        assert_eq!(run(c, None, Some("access-2")), Err(JwtError::AtHash));
     }
 
     #[test]

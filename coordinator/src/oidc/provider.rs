@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::core::{poll_answer, PollAnswer, ReplayBook};
 use super::http::{self, Auth};
-use super::jwt::{check_id_token, IdClaims, IdTokenRules, Jwks, Jws, JwtError};
+use super::jwt::{check_id_token, Alg, IdClaims, IdTokenRules, Jwks, Jws, JwtError};
 use super::OidcConfig;
 
 /// The key set is refetched for an unknown `kid` at most this often.
@@ -184,13 +184,17 @@ impl Provider {
     /// Verifies a JWS from the provider and returns its payload. An unknown `kid` refetches the
     /// key set once (key rotation), rate-limited.
     pub async fn verify(&self, token: &str) -> Result<Vec<u8>, ProviderError> {
+        Ok(self.verify_alg(token).await?.0)
+    }
+
+    async fn verify_alg(&self, token: &str) -> Result<(Vec<u8>, Alg), ProviderError> {
         let jws = Jws::parse(token)?;
         let mut cache = self.keys.lock().await;
         if cache.fetched.is_none() {
             self.fetch_keys(&mut cache).await?;
         }
         match jws.verify(&cache.jwks) {
-            Ok(p) => Ok(p.to_vec()),
+            Ok(p) => Ok((p.to_vec(), jws.alg)),
             Err(JwtError::UnknownKid(kid)) => {
                 let recent = cache
                     .fetched
@@ -199,24 +203,30 @@ impl Provider {
                     return Err(JwtError::UnknownKid(kid).into());
                 }
                 self.fetch_keys(&mut cache).await?;
-                Ok(jws.verify(&cache.jwks)?.to_vec())
+                Ok((jws.verify(&cache.jwks)?.to_vec(), jws.alg))
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Verifies an ID token for this relying party.
+    /// Verifies an ID token for this relying party. `sign_in`: the nonce this sign-in sent and
+    /// when it started (a device-flow token must be issued after that).
     pub async fn id_token(
         &self,
         token: &str,
-        nonce: Option<&str>,
+        sign_in: Option<(&str, i64)>,
+        access_token: Option<&str>,
         now_ms: i64,
     ) -> Result<IdClaims, ProviderError> {
-        let payload = self.verify(token).await?;
+        let (payload, alg) = self.verify_alg(token).await?;
         let rules = IdTokenRules {
             issuer: &self.cfg.issuer,
             client_id: &self.cfg.client_id,
-            nonce,
+            nonce: sign_in.map(|s| s.0),
+            nonce_required: false,
+            not_before_ms: sign_in.map(|s| s.1),
+            access_token,
+            alg,
             now_ms,
         };
         Ok(check_id_token(&payload, &rules)?)

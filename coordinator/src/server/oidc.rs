@@ -122,6 +122,7 @@ async fn login_inner(
     crate::pki::Ca::csr_identity(&req.csr_der.0)
         .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
 
+    let started = now_ms();
     let mut raw = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
     let nonce = hex::encode(raw);
@@ -184,7 +185,15 @@ async fn login_inner(
     let Some(id_token) = tokens.id_token.as_deref() else {
         return Err(refused("the provider sent no ID token"));
     };
-    let mut claims = match p.id_token(id_token, Some(&nonce), now).await {
+    let mut claims = match p
+        .id_token(
+            id_token,
+            Some((&nonce, started)),
+            tokens.access_token.as_deref(),
+            now,
+        )
+        .await
+    {
         Ok(c) => c,
         Err(e) => return Err(refused(&format!("ID token refused: {e}"))),
     };
@@ -461,7 +470,10 @@ async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, mut row: OidcUser, rt: &
     let outcome = async {
         let t = p.refresh(rt).await?;
         let mut c = match t.id_token.as_deref() {
-            Some(idt) => p.id_token(idt, None, now).await?,
+            Some(idt) => {
+                p.id_token(idt, None, t.access_token.as_deref(), now)
+                    .await?
+            }
             None => IdClaims {
                 sub: row.sub.clone(),
                 groups: row.groups.clone(),
