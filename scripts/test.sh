@@ -22,6 +22,14 @@ if [[ $EUID -ne 0 ]]; then
     echo "SKIPPED: tests/e2e/*.sh need root (network namespaces, TUN); they were NOT run"
     exit 0
 fi
+# The identity tests drive a real OpenID provider (tests/oidc, npm package oidc-provider).
+if command -v npm >/dev/null; then
+    echo "== npm ci in tests/oidc (the test OpenID provider)"
+    # Not fatal here: the scripts that need the provider then fail on their own, the rest still run.
+    (cd tests/oidc && npm ci --no-audit --no-fund) || echo "FAILED: npm ci in tests/oidc; the identity tests will fail"
+else
+    echo "NOTE: npm is not installed: tests/oidc (the test OpenID provider) was NOT installed; the identity tests that need it will fail"
+fi
 pass=0
 failed=()
 for t in tests/lab/selftest.sh tests/e2e/*.sh; do
