@@ -50,6 +50,8 @@ cores=(
     coordinator/src/flows.rs
     coordinator/src/maturity
     coordinator/src/suggest
+    coordinator/src/oidc/jwt.rs
+    coordinator/src/oidc/core.rs
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
     client/src/dataplane/probe.rs

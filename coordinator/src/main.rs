@@ -735,6 +735,9 @@ async fn run(cli: Cli) -> Result<()> {
                 if let Some(f) = &v.flows {
                     println!("{}", f.line());
                 }
+                if let Some(s) = &v.sign_in {
+                    println!("{}", s.line());
+                }
                 v.posture.lines().iter().for_each(|l| println!("{l}"));
                 Ok(())
             }

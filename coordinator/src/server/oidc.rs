@@ -44,6 +44,8 @@ pub struct OidcServe {
 }
 
 const ACTOR: &str = "oidc";
+/// Why a refused refresh disabled a user (the refresh loop keeps retrying those).
+const REASON_REFRESH: &str = "the identity provider no longer accepts the sign-in";
 /// Longest a device sign-in may wait for the user, whatever the provider says.
 const MAX_LOGIN_SECS: u64 = 15 * 60;
 
@@ -454,7 +456,12 @@ pub(super) async fn refresh_loop(ctx: Arc<Ctx>, p: Arc<Provider>) {
             Err(_) => continue,
         };
         for row in rows {
-            if row.provider_disabled {
+            // A user the provider disabled through a refused refresh is retried (an account
+            // enabled again at the provider comes back); one it signed out or deactivated
+            // (logout, SCIM) waits for a new sign-in or SCIM active=true.
+            if row.provider_disabled
+                && !row.reason.as_deref().is_some_and(|r| r.starts_with(REASON_REFRESH))
+            {
                 continue;
             }
             let Some(rt) = row.refresh_token.clone() else {
@@ -514,7 +521,11 @@ async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, mut row: OidcUser, rt: &
                         serde_json::json!({ "groups": row.groups, "before": old_groups }),
                     )
                 });
+                let was_disabled = row.provider_disabled;
                 store.save_oidc_user(&row, audit, ACTOR, now)?;
+                if was_disabled {
+                    provider_verdict(&ctx2, row, false, "the identity provider accepts the sign-in again")?;
+                }
                 Ok(())
             })
             .await
@@ -526,7 +537,7 @@ async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, mut row: OidcUser, rt: &
             return;
         }
         Err(e) => {
-            let reason = format!("the identity provider no longer accepts the sign-in: {e}");
+            let reason = format!("{REASON_REFRESH}: {e}");
             tokio::task::spawn_blocking(move || provider_verdict(&ctx2, row, true, &reason)).await
         }
     };

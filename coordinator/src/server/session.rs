@@ -789,6 +789,28 @@ async fn issue_lease(
     {
         return Err(refused(code, message, None));
     }
+    if let Some(p) = &ctx.oidc {
+        // A device signed in through the provider gets leases only while its sign-in is younger
+        // than --max-auth-age.
+        let max = p.cfg.max_auth_age_ms;
+        let store = ctx.store.clone();
+        let signed = tokio::task::spawn_blocking(move || store.sign_ins())
+            .await
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+        if let Some(si) = signed.iter().find(|s| s.device == id) {
+            let age = now_ms() - si.auth_time_ms;
+            if age > max {
+                let msg = format!(
+                    "the sign-in of {} on this device is {} s old, more than --max-auth-age ({} s): sign in again",
+                    si.user,
+                    age / 1000,
+                    max / 1000
+                );
+                return Err(refused(ErrorCode::Unauthorized, msg, None));
+            }
+        }
+    }
     let ctx2 = ctx.clone();
     let lease = tokio::task::spawn_blocking(move || {
         crate::leases::issue(
