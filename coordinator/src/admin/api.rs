@@ -828,8 +828,12 @@ impl Table for UserView {
         col("GROUPS", |u| list(&u.groups)),
         col("DISABLED", |u| u.disabled.to_string()),
         col("SOURCE", |u| u.source.clone()),
-        col("LAST AUTH", |u| or_dash(u.last_auth_ms.map(ms_time).as_deref())),
-        col("LAST REFRESH", |u| or_dash(u.last_refresh_ms.map(ms_time).as_deref())),
+        col("LAST AUTH", |u| {
+            or_dash(u.last_auth_ms.map(ms_time).as_deref())
+        }),
+        col("LAST REFRESH", |u| {
+            or_dash(u.last_refresh_ms.map(ms_time).as_deref())
+        }),
         col("PROVIDER SAYS", |u| or_dash(u.provider_reason.as_deref())),
     ];
 }
@@ -837,7 +841,10 @@ impl Table for UserView {
 fn ms_time(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms / 1000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| ms.to_string())
 }
 

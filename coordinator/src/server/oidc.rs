@@ -460,7 +460,10 @@ pub(super) async fn refresh_loop(ctx: Arc<Ctx>, p: Arc<Provider>) {
             // enabled again at the provider comes back); one it signed out or deactivated
             // (logout, SCIM) waits for a new sign-in or SCIM active=true.
             if row.provider_disabled
-                && !row.reason.as_deref().is_some_and(|r| r.starts_with(REASON_REFRESH))
+                && !row
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with(REASON_REFRESH))
             {
                 continue;
             }
@@ -524,7 +527,12 @@ async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, mut row: OidcUser, rt: &
                 let was_disabled = row.provider_disabled;
                 store.save_oidc_user(&row, audit, ACTOR, now)?;
                 if was_disabled {
-                    provider_verdict(&ctx2, row, false, "the identity provider accepts the sign-in again")?;
+                    provider_verdict(
+                        &ctx2,
+                        row,
+                        false,
+                        "the identity provider accepts the sign-in again",
+                    )?;
                 }
                 Ok(())
             })
