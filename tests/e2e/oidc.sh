@@ -44,7 +44,7 @@ SCIM_TOKEN="scim-$RANDOM$RANDOM"
 printf '%s\n' "$OIDC_CLIENT_SECRET" >"$D/client-secret"
 printf '%s\n' "$SCIM_TOKEN" >"$D/scim-token"
 chmod 600 "$D/client-secret" "$D/scim-token"
-ISSUER="https://$IDP:9443"
+ISSUER="https://$IDP"
 start_idp() {
     lab_spawn idp idp.log env OIDC_SCIM_TOKEN="$SCIM_TOKEN" node "$OIDC/provider.mjs" --issuer "$ISSUER" \
         --tls-cert "$D/server.pem" --tls-key "$D/server.key" --jwks "$D/jwks.json" \
@@ -67,6 +67,11 @@ lab_start_device alice
 lab_start_device carol
 lab_device_up db "$(lab_token --tag db)" >/dev/null
 cat >"$LAB_DIR/policy.toml" <<'TOML'
+# Members come from the provider (each signed-in user's provider groups).
+[groups]
+eng = []
+ops = []
+
 [services.db]
 devices = ["tag:db"]
 ports = ["tcp/5432"]

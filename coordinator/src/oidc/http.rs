@@ -37,6 +37,20 @@ pub struct Url {
 }
 
 impl Url {
+    /// The `Host` header: the port only when it is not 443 (providers build their endpoint
+    /// URLs from it).
+    pub fn host_header(&self) -> String {
+        let h = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match self.port {
+            443 => h,
+            p => format!("{h}:{p}"),
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         let rest = s
             .strip_prefix("https://")
@@ -154,7 +168,8 @@ async fn request_inner(
     let body = form.map(encode_form).unwrap_or_default();
     let mut head = format!(
         "{method} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: ward-coordinator\r\n",
-        u.path, u.host
+        u.path,
+        u.host_header()
     );
     match auth {
         Auth::None => {}
@@ -452,6 +467,18 @@ mod tests {
         );
         assert_eq!(Url::parse("https://idp.test").unwrap().port, 443);
         assert_eq!(Url::parse("https://[::1]:9/x").unwrap().host, "::1");
+        assert_eq!(
+            Url::parse("https://[::1]:9/x").unwrap().host_header(),
+            "[::1]:9"
+        );
+        assert_eq!(
+            Url::parse("https://idp.test:8443/x").unwrap().host_header(),
+            "idp.test:8443"
+        );
+        assert_eq!(
+            Url::parse("https://idp.test/x").unwrap().host_header(),
+            "idp.test"
+        );
         assert!(Url::parse("http://idp.test/").is_err());
         assert!(Url::parse("https://user@idp.test/").is_err());
         assert!(Url::parse("https://idp.test:99999/").is_err());
