@@ -96,11 +96,11 @@ DB4=$(lab_ward_ipv4 db)
 
 # login HOST USER PASSWORD [--mfa]: `ward up --login` in HOST, the provider's page completed by
 # login.py; prints the `ward up` output. Returns ward up's success.
-N=0
+
 login() {
     local host=$1 user=$2 pw=$3 mfa=${4:-} log uri
-    N=$((N + 1))
-    log="up-$N.log"
+
+    log="up-$(date +%s%N).log"
     lab_spawn "$host" "$log" "$(lab_ward_bin ward)" --socket "$(lab_ward_socket "$host")" up --login \
         --coordinator "$COORD" --ca-sha256 "$CA_SHA" --hostname "$host"
     lab_wait_for -t 20 grep -qE 'To sign in, open:|rror' "$LAB_DIR/logs/$log"
