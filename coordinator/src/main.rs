@@ -94,6 +94,8 @@ impl OidcArgs {
     }
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new coordinator instance: CA, lease-signing key, address pools, database.

@@ -579,6 +579,7 @@ mod tests {
             running: Mutex::new(None),
             last_agent: Mutex::new(None),
             transports: Default::default(),
+            pending_login: tokio::sync::Mutex::new(None),
         });
         let server = tokio::spawn({
             let d = d.clone();

@@ -373,8 +373,12 @@ pub fn check_id_token(payload: &[u8], r: &IdTokenRules<'_>) -> Result<IdClaims, 
         _ => {}
     }
     if let Some(nb) = r.not_before_ms {
-        if iat_ms + REPLAY_SKEW_MS < nb {
-            return Err(JwtError::IssuedBeforeSignIn((nb - iat_ms) / 1000));
+        // The user authenticated during this sign-in: a token of an earlier one (even
+        // refreshed since, with a recent `iat`) carries that sign-in's `auth_time`.
+        let at = num_claim(&v, "auth_time").map_or(iat_ms, |t| t * 1000);
+        let first = at.min(iat_ms);
+        if first + REPLAY_SKEW_MS < nb {
+            return Err(JwtError::IssuedBeforeSignIn((nb - first) / 1000));
         }
     }
     if let (Some(at), Some(want)) = (r.access_token, str_claim(&v, "at_hash")) {
@@ -611,12 +615,19 @@ pub(crate) mod tests {
         let mut c = id_claims();
         c.as_object_mut().unwrap().remove("nonce");
         // No nonce is accepted in the device flow, a foreign one is not.
-        assert!(run(c.clone(), Some(NOW - 1000), None).is_ok());
+        assert!(run(c.clone(), Some(NOW - 15_000), None).is_ok());
         assert_eq!(run(id_claims(), None, None), Err(JwtError::NonceMismatch));
         // An earlier sign-in's token (issued before this one started) is a replay.
         assert_eq!(
             run(c.clone(), Some(NOW + 30_000), None),
-            Err(JwtError::IssuedBeforeSignIn(30))
+            Err(JwtError::IssuedBeforeSignIn(40))
+        );
+        // So is one refreshed since (recent iat) whose auth_time is the earlier sign-in's.
+        let mut refreshed = c.clone();
+        refreshed["iat"] = json!(NOW / 1000 + 30);
+        assert_eq!(
+            run(refreshed, Some(NOW + 30_000), None),
+            Err(JwtError::IssuedBeforeSignIn(40))
         );
         // at_hash binds the ID token to the access token it came with.
         let h = ring::digest::digest(&ring::digest::SHA256, b"access-1");
