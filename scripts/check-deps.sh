@@ -61,6 +61,8 @@ cores=(
     coordinator/src/console/html.rs
     coordinator/src/console/svg.rs
     coordinator/src/console/views.rs
+    coordinator/src/oidc/jwt.rs
+    coordinator/src/oidc/core.rs
     client/src/dataplane/engine
     client/src/dataplane/pmtu.rs
     client/src/dataplane/probe.rs

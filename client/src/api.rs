@@ -28,6 +28,18 @@ pub enum Request {
         #[serde(default)]
         routes: crate::agent::routes::RouteOptions,
     },
+    /// `ward up --login`: start signing in through the coordinator's OpenID provider; the
+    /// answer is where the user completes it ([`LoginView`]).
+    LoginStart {
+        /// HOST:PORT of the coordinator.
+        coordinator: String,
+        /// Hex SHA-256 of the coordinator's CA certificate (pinned, as a token would).
+        ca_sha256: String,
+        #[serde(default)]
+        hostname: Option<String>,
+    },
+    /// Wait for the sign-in started by `login_start` to end; answered like `up`.
+    LoginWait,
     Down,
     Status,
     /// This device's posture signals and the coordinator's verdict.
@@ -41,6 +53,8 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Request::Up { .. } => "up",
+            Request::LoginStart { .. } => "login_start",
+            Request::LoginWait => "login_wait",
             Request::Down => "down",
             Request::Status => "status",
             Request::Posture => "posture",
@@ -51,7 +65,10 @@ impl Request {
     /// Whether the request changes the device (only root may send those).
     pub fn changes_state(&self) -> bool {
         match self {
-            Request::Up { .. } | Request::Down => true,
+            Request::Up { .. }
+            | Request::LoginStart { .. }
+            | Request::LoginWait
+            | Request::Down => true,
             Request::Status | Request::Posture | Request::Netcheck => false,
         }
     }
@@ -62,6 +79,7 @@ impl Request {
 #[serde(untagged)]
 pub enum Response {
     Up(UpView),
+    Login(LoginView),
     Down(DownView),
     Status(Box<StatusView>),
     Posture(Box<PostureView>),
@@ -75,6 +93,15 @@ pub struct UpView {
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     pub device_id: u64,
+}
+
+/// `ward up --login`: where the user signs in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoginView {
+    pub verification_uri: String,
+    pub verification_uri_complete: Option<String>,
+    pub user_code: String,
+    pub expires_in_secs: u64,
 }
 
 /// `ward down`.

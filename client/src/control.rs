@@ -634,9 +634,96 @@ pub async fn enroll(token: &EnrollToken, hostname: &str, os: &str) -> Result<(En
     }
 }
 
+/// A device sign-in in progress: the provider's code is shown to the user while this waits
+/// for the coordinator's `enrolled` (or `error`) on the same stream.
+pub struct PendingLogin {
+    ch: Channel,
+    endpoint: Option<quinn::Endpoint>,
+    key: rcgen::KeyPair,
+    ca_sha256: [u8; 32],
+    pub expires_in: Duration,
+}
+
+/// Starts `ward up --login`: a fresh identity key and CSR, a `login_start` to the coordinator at
+/// `coordinator` (its CA pinned by `ca_sha256`), and its `login_pending` answer.
+pub async fn login_start(
+    coordinator: &str,
+    ca_sha256: [u8; 32],
+    hostname: &str,
+    os: &str,
+) -> Result<(wire::LoginPending, PendingLogin)> {
+    let key = rcgen::KeyPair::generate().context("generating identity key")?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .context("making certificate request")?;
+    let addrs = resolve(coordinator).await?;
+    let endpoint = client_endpoint()
+        .inspect_err(|e| debug!(error = %format!("{e:#}"), "no QUIC endpoint: TCP only"))
+        .ok();
+    let mut ch =
+        Channel::open_either(endpoint.as_ref(), &enroll_configs(ca_sha256)?, &addrs).await?;
+    ch.send(&DeviceMsg::LoginStart(wire::LoginStart {
+        protocol: PROTOCOL_VERSION,
+        hostname: hostname.to_string(),
+        os: os.to_string(),
+        csr_der: Bytes(csr.der().to_vec()),
+    }))
+    .await?;
+    // The coordinator asks the provider first: allow for its timeouts.
+    let reply = tokio::time::timeout(Duration::from_secs(30), ch.recv())
+        .await
+        .map_err(|_| anyhow!("the coordinator did not answer the sign-in request"))??;
+    match reply {
+        Some(CoordinatorMsg::LoginPending(p)) => {
+            let expires_in = Duration::from_secs(p.expires_in_secs.clamp(1, 3600));
+            Ok((
+                p,
+                PendingLogin {
+                    ch,
+                    endpoint,
+                    key,
+                    ca_sha256,
+                    expires_in,
+                },
+            ))
+        }
+        Some(CoordinatorMsg::Error { code, message }) => Err(Refused { code, message }.into()),
+        Some(other) => bail!(
+            "unexpected answer to the sign-in request: {:?}",
+            msg_type(&other)
+        ),
+        None => bail!("the coordinator closed the connection without answering"),
+    }
+}
+
+impl PendingLogin {
+    /// Waits for the sign-in to end. Returns the enrollment and the identity key PEM.
+    pub async fn wait(mut self) -> Result<(Enrolled, String)> {
+        let reply = tokio::time::timeout(self.expires_in + Duration::from_secs(30), self.ch.recv())
+            .await
+            .map_err(|_| anyhow!("the sign-in was not completed in time"))??;
+        self.ch.close("signed in");
+        if let Some(endpoint) = &self.endpoint {
+            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+        }
+        match reply {
+            Some(CoordinatorMsg::Enrolled(e)) => {
+                if Sha256::digest(&e.ca_der.0).as_slice() != self.ca_sha256 {
+                    bail!("the coordinator sent a CA that does not match the pinned fingerprint");
+                }
+                Ok((e, self.key.serialize_pem()))
+            }
+            Some(CoordinatorMsg::Error { code, message }) => Err(Refused { code, message }.into()),
+            Some(other) => bail!("unexpected answer to the sign-in: {:?}", msg_type(&other)),
+            None => bail!("the coordinator closed the connection during the sign-in"),
+        }
+    }
+}
+
 pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
     match m {
         CoordinatorMsg::Enrolled(_) => "enrolled",
+        CoordinatorMsg::LoginPending(_) => "login_pending",
         CoordinatorMsg::Netmap(_) => "netmap",
         CoordinatorMsg::NetmapDelta(_) => "netmap_delta",
         CoordinatorMsg::CertRenewed { .. } => "cert_renewed",

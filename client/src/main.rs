@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ward_client::api::{self, DownView, NetcheckView, PostureView, Request, StatusView, UpView};
+use ward_client::api::{
+    self, DownView, LoginView, NetcheckView, PostureView, Request, StatusView, UpView,
+};
 use ward_client::daemon::{self, DaemonOpts};
 use ward_client::posture;
 use ward_shared::posture::Measured;
@@ -81,6 +83,16 @@ enum Cmd {
         /// Read the enrollment token from this file (first line; surrounding spaces ignored).
         #[arg(long, env = "WARD_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        /// Sign in through the coordinator's OpenID provider instead of a token: prints where
+        /// to sign in, then waits. Needs --coordinator and --ca-sha256.
+        #[arg(long, conflicts_with_all = ["token", "token_file"], requires_all = ["coordinator", "ca_sha256"])]
+        login: bool,
+        /// HOST:PORT of the coordinator (with --login).
+        #[arg(long, env = "WARD_COORDINATOR")]
+        coordinator: Option<String>,
+        /// The coordinator's CA fingerprint, as `ward-coordinator init` prints it (with --login).
+        #[arg(long, env = "WARD_CA_SHA256")]
+        ca_sha256: Option<String>,
         #[arg(long)]
         hostname: Option<String>,
         /// Offer to forward these prefixes (comma-separated, e.g. 10.20.0.0/16): a subnet
@@ -233,12 +245,39 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Cmd::Up {
+            login: true,
+            coordinator,
+            ca_sha256,
+            hostname,
+            ..
+        } => {
+            let v: LoginView = api::call(
+                &cli.socket,
+                &Request::LoginStart {
+                    coordinator: coordinator.unwrap_or_default(),
+                    ca_sha256: ca_sha256.unwrap_or_default(),
+                    hostname,
+                },
+            )
+            .await?;
+            match &v.verification_uri_complete {
+                Some(u) => println!("To sign in, open: {u}"),
+                None => println!("To sign in, open: {}", v.verification_uri),
+            }
+            println!("and confirm the code: {}", v.user_code);
+            println!("(waiting up to {} s)", v.expires_in_secs);
+            let v: UpView = api::call(&cli.socket, &Request::LoginWait).await?;
+            println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6);
+            Ok(())
+        }
+        Cmd::Up {
             token,
             token_file,
             hostname,
             advertise_routes,
             advertise_exit_node,
             exit_node,
+            ..
         } => {
             if token_in_args(std::env::args()) {
                 eprintln!(

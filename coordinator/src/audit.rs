@@ -59,11 +59,22 @@ pub enum Action {
     ConsoleLogin,
     /// A web console sign-in attempt was refused (reused, expired or unknown link).
     ConsoleLoginRefused,
+    /// A person signed a device in through the OpenID provider.
+    OidcSignIn,
+    /// A sign-in was refused (bad ID token, provider refusal, name conflict, provider down).
+    OidcSignInRefused,
+    /// The provider took a user's access away (refresh refused, SCIM, back-channel logout) or
+    /// gave it back (SCIM active=true), or changed the user's provider groups.
+    OidcUserChange,
+    /// A back-channel logout or SCIM push was refused (bad token, replay, bad body).
+    OidcPushRefused,
+    /// An administrator linked an existing local user to a provider identity.
+    OidcLink,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 41] = [
+    pub const ALL: [Action; 46] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -105,6 +116,11 @@ impl Action {
         Action::ConsoleLink,
         Action::ConsoleLogin,
         Action::ConsoleLoginRefused,
+        Action::OidcSignIn,
+        Action::OidcSignInRefused,
+        Action::OidcUserChange,
+        Action::OidcPushRefused,
+        Action::OidcLink,
     ];
 
     /// The stored name (stable: it is part of every hash-chained row).
@@ -151,6 +167,11 @@ impl Action {
             Action::ConsoleLink => "console.link",
             Action::ConsoleLogin => "console.login",
             Action::ConsoleLoginRefused => "console.login_refused",
+            Action::OidcSignIn => "oidc.sign_in",
+            Action::OidcSignInRefused => "oidc.sign_in_refused",
+            Action::OidcUserChange => "oidc.user_change",
+            Action::OidcPushRefused => "oidc.push_refused",
+            Action::OidcLink => "oidc.link",
         }
     }
 }

@@ -16,6 +16,7 @@
 //! - [`server`]: the tokio driver (QUIC device sessions, relay control sessions, registry actor,
 //!   its side effects).
 //! - [`metrics`]: the Prometheus metrics `serve --metrics-listen` exposes.
+//! - [`oidc`]: OpenID Connect sign-in and continuous identity (relying party).
 //! - [`admin`]: the admin protocol (typed API, business rules, policy, socket); [`datadir`]: the
 //!   data directory.
 //!
@@ -33,6 +34,7 @@ pub mod limits;
 pub mod maturity;
 pub mod metrics;
 pub mod model;
+pub mod oidc;
 pub mod pki;
 pub mod registry;
 pub mod server;

@@ -43,6 +43,60 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The OpenID provider people sign in with.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct OidcArgs {
+    /// The provider's issuer URL (https).
+    #[arg(long, env = "WARD_OIDC_ISSUER")]
+    oidc_issuer: Option<String>,
+    /// This coordinator's client id at the provider.
+    #[arg(long, env = "WARD_OIDC_CLIENT_ID")]
+    oidc_client_id: Option<String>,
+    /// File holding the client secret (confidential client; first line).
+    #[arg(long, env = "WARD_OIDC_CLIENT_SECRET_FILE")]
+    oidc_client_secret_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for the provider's TLS.
+    #[arg(long, env = "WARD_OIDC_CA_FILE")]
+    oidc_ca_file: Option<PathBuf>,
+}
+
+impl OidcArgs {
+    /// These flags over `base` (what init stored); `None` when no provider is configured.
+    fn over(
+        &self,
+        base: Option<ward_coordinator::oidc::OidcSettings>,
+    ) -> Result<Option<ward_coordinator::oidc::OidcSettings>> {
+        let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        let mut s = match (base, &self.oidc_issuer) {
+            (Some(b), _) => b,
+            (None, Some(_)) => Default::default(),
+            (None, None) => {
+                anyhow::ensure!(
+                    self.oidc_client_id.is_none() && self.oidc_client_secret_file.is_none(),
+                    "--oidc-client-id needs --oidc-issuer"
+                );
+                return Ok(None);
+            }
+        };
+        if let Some(i) = &self.oidc_issuer {
+            s.issuer = i.clone();
+        }
+        if let Some(c) = &self.oidc_client_id {
+            s.client_id = c.clone();
+        }
+        if let Some(f) = &self.oidc_client_secret_file {
+            s.client_secret_file = Some(abs(f));
+        }
+        if let Some(f) = &self.oidc_ca_file {
+            s.ca_file = Some(abs(f));
+        }
+        s.check()?;
+        Ok(Some(s))
+    }
+}
+
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new coordinator instance: CA, lease-signing key, address pools, database.
@@ -53,6 +107,8 @@ enum Cmd {
         /// The DNS domain devices publish names under (`HOSTNAME.<domain>`).
         #[arg(long, env = "WARD_DNS_DOMAIN", default_value = ward_shared::names::DEFAULT_DNS_DOMAIN)]
         dns_domain: String,
+        #[command(flatten)]
+        oidc: OidcArgs,
     },
     /// Run the coordinator.
     Serve {
@@ -86,6 +142,24 @@ enum Cmd {
         /// with `console-link`.
         #[arg(long, env = "WARD_COORDINATOR_CONSOLE_LISTEN")]
         console_listen: Option<SocketAddr>,
+        /// OpenID provider settings; these override what `init` stored.
+        #[command(flatten)]
+        oidc: OidcArgs,
+        /// How often every signed-in user is re-checked with the provider (refresh token).
+        #[arg(long, env = "WARD_OIDC_REFRESH_INTERVAL", default_value = "5m")]
+        oidc_refresh_interval: String,
+        /// A device must sign in again once its sign-in is older than this.
+        #[arg(long, env = "WARD_MAX_AUTH_AGE", default_value = "24h")]
+        max_auth_age: String,
+        /// A first sign-in creates the Ward user (`false`: only users an admin created or linked).
+        #[arg(long, env = "WARD_OIDC_CREATE_USERS", default_value_t = true, action = clap::ArgAction::Set)]
+        oidc_create_users: bool,
+        /// HTTP address for `POST /oidc/backchannel-logout` and `PATCH /scim/v2/Users/{sub}`.
+        #[arg(long, env = "WARD_OIDC_LISTEN")]
+        oidc_listen: Option<SocketAddr>,
+        /// File holding the bearer token SCIM requests must carry (SCIM is off without it).
+        #[arg(long, env = "WARD_SCIM_TOKEN_FILE")]
+        scim_token_file: Option<PathBuf>,
     },
     /// Show the running coordinator's state.
     Status {
@@ -536,10 +610,16 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Init {
             public_addr,
             dns_domain,
+            oidc,
         } => {
             let dns_domain = ward_shared::names::DnsDomain::parse(&dns_domain)
                 .map_err(|e| anyhow::anyhow!("--dns-domain: {e}"))?;
+            let settings = oidc.over(None)?;
             let cfg = dd.init_with(&public_addr, dns_domain, ward_runtime::now_ms())?;
+            if let Some(s) = &settings {
+                s.save(&dd.path)?;
+                println!("  OIDC issuer    : {} (client {})", s.issuer, s.client_id);
+            }
             let ca = dd.load_ca()?;
             println!("initialised coordinator in {}", dd.path.display());
             println!("  public address : {}", cfg.public_addr);
@@ -563,6 +643,12 @@ async fn run(cli: Cli) -> Result<()> {
             lease_ttl_tag,
             lease_max_ttl,
             flow_retention,
+            oidc,
+            oidc_refresh_interval,
+            max_auth_age,
+            oidc_create_users,
+            oidc_listen,
+            scim_token_file,
         } => {
             let ms =
                 |s: &str| -> Result<i64> { Ok(admin::parse_duration(s)?.as_millis().try_into()?) };
@@ -581,7 +667,42 @@ async fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(ttl.default_ms >= 1000, "--lease-ttl must be at least 1s");
             let retention = ms(&flow_retention)?;
             anyhow::ensure!(retention >= 1000, "--flow-retention must be at least 1s");
-            server::serve(dd, listen, ttl, metrics_listen, console_listen, retention).await
+            let settings = oidc.over(ward_coordinator::oidc::OidcSettings::load(&dd.path)?)?;
+            let oidc = match settings {
+                None => {
+                    anyhow::ensure!(
+                        oidc_listen.is_none() && scim_token_file.is_none(),
+                        "--oidc-listen and --scim-token-file need an OpenID provider (--oidc-issuer)"
+                    );
+                    None
+                }
+                Some(s) => {
+                    let refresh = ms(&oidc_refresh_interval)?;
+                    anyhow::ensure!(
+                        refresh >= 1000,
+                        "--oidc-refresh-interval must be at least 1s"
+                    );
+                    let cfg = s.resolve(oidc_create_users, refresh, ms(&max_auth_age)?)?;
+                    let scim_token = scim_token_file
+                        .as_deref()
+                        .map(ward_coordinator::oidc::provider::read_secret)
+                        .transpose()?;
+                    Some(server::oidc::OidcServe {
+                        cfg,
+                        listen: oidc_listen,
+                        scim_token,
+                    })
+                }
+            };
+            server::serve(
+                dd,
+                listen,
+                ttl,
+                metrics_listen,
+                console_listen,
+                retention,
+                oidc,
+            ).await
         }
         Cmd::Status { json } => {
             let v: StatusView = admin::call(&sock, &AdminRequest::Status).await?;
@@ -695,6 +816,9 @@ async fn run(cli: Cli) -> Result<()> {
                 v.device.lines().iter().for_each(|l| println!("{l}"));
                 if let Some(f) = &v.flows {
                     println!("{}", f.line());
+                }
+                if let Some(s) = &v.sign_in {
+                    println!("{}", s.line());
                 }
                 v.posture.lines().iter().for_each(|l| println!("{l}"));
                 Ok(())

@@ -31,7 +31,10 @@
 //!   them; routed prefixes (`DeviceUpdate.advertise_routes`, `DeviceUpdate.advertise_exit_node`,
 //!   `SelfInfo.routes`, `Peer.routes`, `FilterRule.dests`; see [`crate::routes`]), all optional
 //!   on the wire: a side that predates them routes nothing and forwards nothing;
-//!   the DNS domain device names live under (`Netmap.dns_domain`), optional on the wire.
+//!   the DNS domain device names live under (`Netmap.dns_domain`), optional on the wire;
+//!   OpenID Connect device sign-in (`login_start` on a connection without a client
+//!   certificate, answered by `login_pending`, then `enrolled` or `error` with the code
+//!   `login_failed`), sent only by an agent asked for `ward up --login`.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -139,6 +142,9 @@ impl From<Bytes> for String {
 pub enum DeviceMsg {
     /// First and only message on a connection without a client certificate.
     Enroll(EnrollRequest),
+    /// First and only message on a connection without a client certificate, instead of
+    /// `enroll`: sign in through the coordinator's OpenID provider (device authorization grant).
+    LoginStart(LoginStart),
     /// First message on an authenticated connection.
     Hello(Hello),
     /// The device's WireGuard key or endpoints changed.
@@ -257,6 +263,9 @@ pub struct Unavailable {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CoordinatorMsg {
     Enrolled(Enrolled),
+    /// A `login_start` was accepted: the user signs in at `verification_uri` with `user_code`;
+    /// `enrolled` (or `error`) follows on the same stream when the sign-in ends.
+    LoginPending(LoginPending),
     /// The full netmap; replaces whatever the device had.
     Netmap(Netmap),
     /// Changes since netmap `base_seq`.
@@ -328,6 +337,30 @@ pub enum ErrorCode {
     KeyInUse,
     /// The session sent more messages than any agent needs; it is closed.
     RateLimited,
+    /// The OpenID sign-in failed (refused, expired, a token that does not verify, the provider
+    /// unreachable); the message says which.
+    LoginFailed,
+}
+
+/// `ward up --login`: what the device would send in `enroll`, without a token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoginStart {
+    pub protocol: u32,
+    pub hostname: String,
+    pub os: String,
+    /// PKCS#10 request signed by the device's identity key.
+    pub csr_der: Bytes,
+}
+
+/// Where the user completes the sign-in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginPending {
+    pub verification_uri: String,
+    /// The URI with the code filled in (when the provider gives one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_uri_complete: Option<String>,
+    pub user_code: String,
+    pub expires_in_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -966,6 +999,40 @@ mod tests {
             panic!("not a delta")
         };
         assert_eq!(back, clear);
+    }
+
+    /// The OpenID sign-in messages as first written.
+    #[test]
+    fn golden_login_messages_decode() {
+        let start = r#"{"type":"login_start","protocol":1,"hostname":"laptop","os":"debian","csr_der":"AQID"}"#;
+        let DeviceMsg::LoginStart(l) = decode(start.as_bytes()).unwrap() else {
+            panic!("not login_start")
+        };
+        assert_eq!(
+            (l.hostname.as_str(), l.csr_der.0.as_slice()),
+            ("laptop", &[1u8, 2, 3][..])
+        );
+        let pending = r#"{"type":"login_pending","verification_uri":"https://idp/device","user_code":"ABCD-EFGH","expires_in_secs":600}"#;
+        let CoordinatorMsg::LoginPending(p) = decode(pending.as_bytes()).unwrap() else {
+            panic!("not login_pending")
+        };
+        assert_eq!(p.verification_uri_complete, None);
+        assert_eq!(p.user_code, "ABCD-EFGH");
+        let failed = r#"{"type":"error","code":"login_failed","message":"token expired"}"#;
+        assert!(matches!(
+            decode::<CoordinatorMsg>(failed.as_bytes()).unwrap(),
+            CoordinatorMsg::Error {
+                code: ErrorCode::LoginFailed,
+                ..
+            }
+        ));
+        let m = CoordinatorMsg::LoginPending(LoginPending {
+            verification_uri: "https://idp/device".into(),
+            verification_uri_complete: Some("https://idp/device?user_code=X".into()),
+            user_code: "X".into(),
+            expires_in_secs: 5,
+        });
+        assert_eq!(decode::<CoordinatorMsg>(&encode(&m)[4..]).unwrap(), m);
     }
 
     /// Version-1 messages as they were first written; they must keep decoding.

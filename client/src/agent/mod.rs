@@ -520,8 +520,8 @@ impl Agent {
                     endpoints,
                 });
             }
-            CoordinatorMsg::Enrolled(_) => {
-                self.protocol_error("unexpected enrolled message on a session".into(), now)
+            CoordinatorMsg::Enrolled(_) | CoordinatorMsg::LoginPending(_) => {
+                self.protocol_error("unexpected enrollment message on a session".into(), now)
             }
         }
     }

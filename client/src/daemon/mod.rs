@@ -93,6 +93,9 @@ pub struct Daemon {
     /// The names the resolver answers, published by the session loop on every netmap.
     zone: watch::Sender<crate::dns::Zone>,
     dns_status: dns::SharedDnsStatus,
+    /// The end of the sign-in `ward up --login` started, for `login_wait`.
+    pending_login:
+        tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<Result<UpView, String>>>>,
 }
 
 /// A panic while holding a lock leaves consistent-enough data for status; keep serving.
@@ -135,6 +138,7 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
         transports: Default::default(),
         zone: watch::channel(crate::dns::Zone::empty(Default::default())).0,
         dns_status: Default::default(),
+        pending_login: tokio::sync::Mutex::new(None),
     });
     info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "ward daemon started");
     if let Some(addr) = opts.metrics_listen {
@@ -249,6 +253,25 @@ impl Daemon {
                 }
                 self.up(token, hostname).await.map(Response::Up)
             }
+            Request::LoginStart {
+                coordinator,
+                ca_sha256,
+                hostname,
+            } => self
+                .login_start(coordinator, ca_sha256, hostname)
+                .await
+                .map(Response::Login),
+            Request::LoginWait => {
+                let rx = self.pending_login.lock().await.take();
+                let Some(rx) = rx else {
+                    bail!("no sign-in in progress: run `ward up --login`")
+                };
+                match rx.await {
+                    Ok(Ok(v)) => Ok(Response::Up(v)),
+                    Ok(Err(e)) => bail!("{e}"),
+                    Err(_) => bail!("the sign-in ended without an answer"),
+                }
+            }
         }
     }
 
@@ -297,30 +320,106 @@ impl Daemon {
                         bail!("{msg}");
                     }
                 };
-                let mut wg = [0u8; 32];
-                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut wg);
-                let st = State {
-                    version: STATE_VERSION,
-                    coordinator: tok.coordinator.clone(),
-                    ca_der: enrolled.ca_der,
-                    device_id: enrolled.device_id,
-                    hostname: enrolled.hostname.to_string(),
-                    ipv4: enrolled.ipv4,
-                    ipv6: enrolled.ipv6,
-                    identity_key_pem: key_pem,
-                    cert_der: enrolled.cert_der,
-                    cert_not_after_ms: enrolled.cert_not_after_ms,
-                    wg_private_key: Bytes(wg.to_vec()),
-                    enabled: true,
-                    lease_key: enrolled.lease_key,
-                };
-                self.state_file.save(&st)?;
-                info!(device = %st.device_id, hostname = %st.hostname, ipv4 = %st.ipv4, "enrolled");
-                *lock(&self.identity) = Some(st.clone());
-                self.clone().start().await?;
-                Ok(view(&st))
+                self.finish_enroll(tok.coordinator.clone(), enrolled, key_pem)
+                    .await
             }
         }
+    }
+
+    /// `ward up --login`: starts the sign-in and returns where the user completes it; the
+    /// enrollment finishes in the background (`login_wait` reports it).
+    async fn login_start(
+        self: Arc<Self>,
+        coordinator: String,
+        ca_sha256: String,
+        hostname: Option<String>,
+    ) -> Result<crate::api::LoginView> {
+        if let Some(st) = lock(&self.identity).clone() {
+            bail!(
+                "this device is already enrolled as {} ({}); run `ward up` to connect",
+                st.hostname,
+                st.device_id
+            );
+        }
+        let fp: [u8; 32] = hex::decode(ca_sha256.trim())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| {
+                anyhow!("--ca-sha256 must be 64 hex digits (the coordinator's CA fingerprint)")
+            })?;
+        let mut slot = self.pending_login.lock().await;
+        if slot.is_some() {
+            bail!("a sign-in is already in progress");
+        }
+        let hostname = hostname.unwrap_or_else(system_hostname);
+        info!(%coordinator, %hostname, "signing in through the identity provider");
+        let (pending, waiting) = control::login_start(&coordinator, fp, &hostname, &os_name())
+            .await
+            .map_err(|e| match e.downcast_ref::<Refused>() {
+                Some(r) => anyhow!("sign-in refused by the coordinator: {}", r.message),
+                None => anyhow!("sign-in failed: {e:#}"),
+            })?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *slot = Some(rx);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let res = match waiting.wait().await {
+                Ok((enrolled, key_pem)) => me
+                    .finish_enroll(coordinator, enrolled, key_pem)
+                    .await
+                    .map_err(|e| format!("{e:#}")),
+                Err(e) => Err(match e.downcast_ref::<Refused>() {
+                    Some(r) => format!("sign-in refused by the coordinator: {}", r.message),
+                    None => format!("sign-in failed: {e:#}"),
+                }),
+            };
+            if let Err(e) = &res {
+                warn!(error = %e, "sign-in failed");
+            }
+            let _ = tx.send(res);
+        });
+        Ok(crate::api::LoginView {
+            verification_uri: pending.verification_uri,
+            verification_uri_complete: pending.verification_uri_complete,
+            user_code: pending.user_code,
+            expires_in_secs: pending.expires_in_secs,
+        })
+    }
+
+    /// Saves a new enrollment (token or sign-in) and starts the device.
+    async fn finish_enroll(
+        self: Arc<Self>,
+        coordinator: String,
+        enrolled: ward_shared::wire::Enrolled,
+        key_pem: String,
+    ) -> Result<UpView> {
+        let mut wg = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut wg);
+        let st = State {
+            version: STATE_VERSION,
+            coordinator,
+            ca_der: enrolled.ca_der,
+            device_id: enrolled.device_id,
+            hostname: enrolled.hostname.to_string(),
+            ipv4: enrolled.ipv4,
+            ipv6: enrolled.ipv6,
+            identity_key_pem: key_pem,
+            cert_der: enrolled.cert_der,
+            cert_not_after_ms: enrolled.cert_not_after_ms,
+            wg_private_key: Bytes(wg.to_vec()),
+            enabled: true,
+            lease_key: enrolled.lease_key,
+        };
+        self.state_file.save(&st)?;
+        info!(device = %st.device_id, hostname = %st.hostname, ipv4 = %st.ipv4, "enrolled");
+        *lock(&self.identity) = Some(st.clone());
+        self.clone().start().await?;
+        Ok(UpView {
+            hostname: st.hostname.clone(),
+            ipv4: st.ipv4,
+            ipv6: st.ipv6,
+            device_id: st.device_id.0,
+        })
     }
 
     /// Brings the data plane up (if configured), creates the agent core and starts the
@@ -623,6 +722,7 @@ mod tests {
             transports: Default::default(),
             zone: watch::channel(crate::dns::Zone::empty(Default::default())).0,
             dns_status: Default::default(),
+            pending_login: tokio::sync::Mutex::new(None),
         });
         let server = tokio::spawn({
             let d = d.clone();

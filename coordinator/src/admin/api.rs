@@ -96,6 +96,22 @@ pub struct UserView {
     pub groups: Vec<String>,
     pub disabled: bool,
     pub created_ms: i64,
+    /// `local` (an administrator added it) or `oidc` (signed in through the provider).
+    #[serde(default = "local")]
+    pub source: String,
+    /// Last sign-in through the provider.
+    #[serde(default)]
+    pub last_auth_ms: Option<i64>,
+    /// Last successful re-check with the provider (refresh).
+    #[serde(default)]
+    pub last_refresh_ms: Option<i64>,
+    /// Why the provider took access away, while it does.
+    #[serde(default)]
+    pub provider_reason: Option<String>,
+}
+
+fn local() -> String {
+    "local".into()
 }
 
 impl From<User> for UserView {
@@ -105,6 +121,10 @@ impl From<User> for UserView {
             groups: u.groups.iter().map(|g| g.to_string()).collect(),
             disabled: u.disabled,
             created_ms: u.created_ms,
+            source: local(),
+            last_auth_ms: None,
+            last_refresh_ms: None,
+            provider_reason: None,
         }
     }
 }
@@ -294,6 +314,29 @@ pub struct DeviceDetail {
     /// Its flow reports' delivery (gaps, dropped records), once it has sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<FlowSourceView>,
+    /// Who signed the device in through the OpenID provider, when, and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign_in: Option<SignInView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignInView {
+    pub user: String,
+    pub at_ms: i64,
+    pub auth_time_ms: i64,
+    pub amr: Vec<String>,
+}
+
+impl SignInView {
+    pub fn line(&self) -> String {
+        format!(
+            "signed in by {} at {} (authenticated {}, amr [{}])",
+            self.user,
+            ms_time(self.at_ms),
+            ms_time(self.auth_time_ms),
+            self.amr.join(", ")
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -812,7 +855,25 @@ impl Table for UserView {
         col("NAME", |u| u.name.clone()),
         col("GROUPS", |u| list(&u.groups)),
         col("DISABLED", |u| u.disabled.to_string()),
+        col("SOURCE", |u| u.source.clone()),
+        col("LAST AUTH", |u| {
+            or_dash(u.last_auth_ms.map(ms_time).as_deref())
+        }),
+        col("LAST REFRESH", |u| {
+            or_dash(u.last_refresh_ms.map(ms_time).as_deref())
+        }),
+        col("PROVIDER SAYS", |u| or_dash(u.provider_reason.as_deref())),
     ];
+}
+
+fn ms_time(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }
 
 impl Table for TokenView {
@@ -1435,6 +1496,7 @@ mod tests {
             posture_report: None,
             stored_posture: None,
             flows: None,
+            sign_in: None,
         };
         let mut want = keys(&device());
         want.extend(set(&["posture", "posture_report"]));

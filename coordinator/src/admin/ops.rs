@@ -140,13 +140,30 @@ pub fn handle(
             live.notify(Notice::User(u.clone()));
             AdminReply::User(u.into())
         }
-        AdminRequest::UserLs => AdminReply::Users(
-            store
-                .list_users()?
+        AdminRequest::UserLs => {
+            let oidc: std::collections::BTreeMap<String, crate::store::OidcUser> = store
+                .oidc_users()?
                 .into_iter()
-                .map(UserView::from)
-                .collect(),
-        ),
+                .map(|o| (o.user.clone(), o))
+                .collect();
+            AdminReply::Users(
+                store
+                    .list_users()?
+                    .into_iter()
+                    .map(|u| {
+                        let o = oidc.get(&u.name).cloned();
+                        let mut v = UserView::from(u);
+                        if let Some(o) = o {
+                            v.source = "oidc".into();
+                            v.last_auth_ms = o.last_auth_ms;
+                            v.last_refresh_ms = o.last_refresh_ms;
+                            v.provider_reason = o.reason.filter(|_| o.provider_disabled);
+                        }
+                        v
+                    })
+                    .collect(),
+            )
+        }
         AdminRequest::UserDisable { name: n } => {
             AdminReply::UserAccess(set_user_disabled(store, live, &n, true, now)?)
         }
@@ -235,12 +252,23 @@ pub fn handle(
                 .into_iter()
                 .find(|s| s.device == d.id)
                 .map(|s| super::api::FlowSourceView::new(s, d.hostname.to_string()));
+            let sign_in = store
+                .sign_ins()?
+                .into_iter()
+                .find(|s| s.device == d.id)
+                .map(|s| super::api::SignInView {
+                    user: s.user,
+                    at_ms: s.at_ms,
+                    auth_time_ms: s.auth_time_ms,
+                    amr: s.amr,
+                });
             AdminReply::DeviceDetail(Box::new(DeviceDetail {
                 device,
                 posture,
                 posture_report: report,
                 stored_posture,
                 flows,
+                sign_in,
             }))
         }
         AdminRequest::DeviceQuarantine { name: n, reason } => {
@@ -617,8 +645,21 @@ fn set_user_disabled(
     disabled: bool,
     now: i64,
 ) -> Result<UserAccess> {
+    set_user_disabled_as(store, live, n, disabled, ACTOR, now)
+}
+
+/// Disables (or re-enables) a user on behalf of `actor` (an administrator, or the identity
+/// provider) and tells the registry, which narrows the user's devices at once.
+pub fn set_user_disabled_as(
+    store: &dyn Store,
+    live: &dyn Live,
+    n: &str,
+    disabled: bool,
+    actor: &str,
+    now: i64,
+) -> Result<UserAccess> {
     let n = name("user name", n)?;
-    let (ids, journaled) = match store.set_user_disabled(&n, disabled, ACTOR, now) {
+    let (ids, journaled) = match store.set_user_disabled(&n, disabled, actor, now) {
         Ok(ids) => (ids, false),
         Err(e) if disabled && e.is_storage_fault() => {
             // Disabling still takes effect: journaled, then applied in memory.

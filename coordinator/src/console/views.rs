@@ -686,6 +686,7 @@ mod tests {
             posture_report: None,
             stored_posture: None,
             flows: None,
+            sign_in: None,
         };
         for html in [
             devices(

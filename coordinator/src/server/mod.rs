@@ -41,6 +41,7 @@ use actor::Event;
 mod actor;
 mod effects;
 mod link;
+pub mod oidc;
 mod queue;
 mod relay;
 mod session;
@@ -85,6 +86,8 @@ struct Ctx {
     metrics: crate::metrics::Counters,
     /// The web console, when `--console-listen` is set (it answers `console-link`).
     console: std::sync::OnceLock<Arc<crate::console::Console>>,
+    /// The OpenID provider people sign in with (`--oidc-issuer`).
+    oidc: Option<Arc<crate::oidc::provider::Provider>>,
 }
 
 /// Flow record retention when `serve --flow-retention` does not say.
@@ -99,8 +102,15 @@ pub async fn serve(
     metrics_listen: Option<SocketAddr>,
     console_listen: Option<SocketAddr>,
     flow_retention_ms: i64,
+    oidc: Option<oidc::OidcServe>,
 ) -> Result<()> {
     let config = dd.load_config()?;
+    let provider = match &oidc {
+        Some(o) => Some(Arc::new(crate::oidc::provider::Provider::new(
+            o.cfg.clone(),
+        )?)),
+        None => None,
+    };
     let ca = dd.load_ca()?;
     let lease_key = dd.load_lease_key()?;
     let sqlite = Arc::new(dd.open_store(now_ms())?);
@@ -205,7 +215,24 @@ pub async fn serve(
         metrics: crate::metrics::Counters::default(),
         flow_retention_ms,
         console: std::sync::OnceLock::new(),
+        oidc: provider.clone(),
     });
+    if let (Some(o), Some(p)) = (&oidc, &provider) {
+        info!(issuer = %o.cfg.issuer, client_id = %o.cfg.client_id, "OpenID Connect sign-in enabled");
+        tokio::spawn(oidc::refresh_loop(ctx.clone(), p.clone()));
+        if let Some(addr) = o.listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the OIDC push listener on {addr}"))?;
+            info!(addr = %l.local_addr()?, "OIDC back-channel logout and SCIM listening");
+            tokio::spawn(oidc::push_listener(
+                ctx.clone(),
+                p.clone(),
+                l,
+                o.scim_token.clone(),
+            ));
+        }
+    }
     if let Some(addr) = metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await

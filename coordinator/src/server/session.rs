@@ -61,7 +61,7 @@ pub(super) async fn send_msg<T: serde::Serialize>(send: &mut BoxWrite, msg: &T) 
     Ok(())
 }
 
-async fn refuse(link: &mut Link, code: ErrorCode, message: String) {
+pub(super) async fn refuse(link: &mut Link, code: ErrorCode, message: String) {
     let frame = wire::encode(&CoordinatorMsg::Error {
         code,
         message: message.clone(),
@@ -104,6 +104,7 @@ pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<(
             }
             Ok(())
         }
+        (None, DeviceMsg::LoginStart(req)) => super::oidc::login(&ctx, &mut link, req).await,
         (Some(cert), DeviceMsg::Hello(hello)) => {
             let cert = cert.to_vec();
             session(ctx, link, dec, &cert, hello).await
@@ -192,7 +193,7 @@ pub(super) async fn gate_refused(
 /// the token's secret is proven (malformed requests, unknown tokens, wrong secrets, the rate
 /// limit) are aggregated by the gate; refusals of a genuine token (used, expired, revoked, user
 /// disabled) are audited one by one. No database work runs on the runtime's threads.
-async fn enroll(
+pub(super) async fn enroll(
     ctx: &Arc<Ctx>,
     req: wire::EnrollRequest,
     remote: SocketAddr,
@@ -639,7 +640,7 @@ async fn session(
                                 send_msg(&mut link.send, &CoordinatorMsg::FlowsAck { seq }).await?;
                             }
                         }
-                        DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => {
+                        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::Hello(_) => {
                             refuse(&mut link, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
                             return Ok(());
                         }
@@ -672,7 +673,7 @@ fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
         DeviceMsg::RelayTicketRequest => Kind::RelayTicket,
         DeviceMsg::Ping { .. } => Kind::Ping,
         DeviceMsg::PunchRequest { .. } => Kind::Punch,
-        DeviceMsg::Enroll(_) | DeviceMsg::Hello(_) => return None,
+        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::Hello(_) => return None,
     })
 }
 
@@ -790,6 +791,28 @@ async fn issue_lease(
         crate::leases::check_proof(&ctx.lease_key, id, &key, proof.as_ref())
     {
         return Err(refused(code, message, None));
+    }
+    if let Some(p) = &ctx.oidc {
+        // A device signed in through the provider gets leases only while its sign-in is younger
+        // than --max-auth-age.
+        let max = p.cfg.max_auth_age_ms;
+        let store = ctx.store.clone();
+        let signed = tokio::task::spawn_blocking(move || store.sign_ins())
+            .await
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+        if let Some(si) = signed.iter().find(|s| s.device == id) {
+            let age = now_ms() - si.auth_time_ms;
+            if age > max {
+                let msg = format!(
+                    "the sign-in of {} on this device is {} s old, more than --max-auth-age ({} s): sign in again",
+                    si.user,
+                    age / 1000,
+                    max / 1000
+                );
+                return Err(refused(ErrorCode::Unauthorized, msg, None));
+            }
+        }
     }
     let ctx2 = ctx.clone();
     let lease = tokio::task::spawn_blocking(move || {

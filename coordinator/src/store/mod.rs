@@ -355,6 +355,51 @@ pub struct MaturityChain {
     pub first_bad_seq: Option<i64>,
 }
 
+/// A user signed in through the OpenID provider. The refresh token is a secret: `Debug` never
+/// shows it, and it lives only in the 0600 database.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OidcUser {
+    pub user: String,
+    pub issuer: String,
+    pub sub: String,
+    pub refresh_token: Option<String>,
+    /// The provider's groups as last seen (the user's groups also hold local ones).
+    pub groups: Vec<String>,
+    pub amr: Vec<String>,
+    pub sid: Option<String>,
+    pub auth_time_ms: Option<i64>,
+    pub last_auth_ms: Option<i64>,
+    pub last_refresh_ms: Option<i64>,
+    /// The provider (refresh refused, SCIM, back-channel logout) took access away.
+    pub provider_disabled: bool,
+    pub reason: Option<String>,
+}
+
+impl std::fmt::Debug for OidcUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OidcUser")
+            .field("user", &self.user)
+            .field("sub", &self.sub)
+            .field("groups", &self.groups)
+            .field("provider_disabled", &self.provider_disabled)
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Who signed a device in, when, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSignIn {
+    pub device: DeviceId,
+    pub user: String,
+    pub at_ms: i64,
+    pub auth_time_ms: i64,
+    pub amr: Vec<String>,
+}
+
 pub struct Audit<'a> {
     pub actor: &'a str,
     pub action: Action,
@@ -418,6 +463,20 @@ pub trait Store: Send + Sync {
         issue: &mut dyn FnMut(DeviceId) -> anyhow::Result<(Vec<u8>, i64)>,
         now_ms: i64,
     ) -> Result<(Device, Vec<u8>)>;
+    /// The user a provider identity belongs to.
+    fn oidc_user_by_sub(&self, issuer: &str, sub: &str) -> Result<Option<OidcUser>>;
+    fn oidc_users(&self) -> Result<Vec<OidcUser>>;
+    /// Creates or replaces the provider identity of `u.user` (which must exist); audited as
+    /// `action` with `detail`.
+    fn save_oidc_user(
+        &self,
+        u: &OidcUser,
+        audit: Option<(Action, serde_json::Value)>,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<()>;
+    fn record_sign_in(&self, s: &DeviceSignIn) -> Result<()>;
+    fn sign_ins(&self) -> Result<Vec<DeviceSignIn>>;
     /// Write errors, checkpoint errors and the last integrity check.
     fn storage_health(&self) -> StorageHealth {
         StorageHealth::default()

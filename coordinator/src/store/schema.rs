@@ -227,6 +227,33 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE flows ADD COLUMN shadow TEXT NOT NULL DEFAULT '';
     "#,
+    // 13: users signed in through the OpenID provider (one provider identity per user), with
+    // the refresh token the coordinator re-checks them with and the provider's verdict; and
+    // who signed each device in, when, and how (`amr`).
+    r#"
+    CREATE TABLE oidc_users(
+        user_id INTEGER PRIMARY KEY REFERENCES users(id),
+        issuer TEXT NOT NULL,
+        sub TEXT NOT NULL,
+        refresh_token TEXT,
+        groups TEXT NOT NULL DEFAULT '[]',
+        amr TEXT NOT NULL DEFAULT '[]',
+        sid TEXT,
+        auth_time_ms INTEGER,
+        last_auth_ms INTEGER,
+        last_refresh_ms INTEGER,
+        provider_disabled INTEGER NOT NULL DEFAULT 0,
+        reason TEXT,
+        UNIQUE(issuer, sub)
+    );
+    CREATE TABLE device_sign_ins(
+        device_id INTEGER PRIMARY KEY REFERENCES devices(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        at_ms INTEGER NOT NULL,
+        auth_time_ms INTEGER NOT NULL,
+        amr TEXT NOT NULL
+    );
+    "#,
     // 14: routed prefixes per device: what it advertises (`ward up --advertise-routes`; an
     // exit node advertises 0.0.0.0/0 and ::/0) and what an administrator approved. Nothing is
     // routed unless it is both advertised and approved (or approved by the policy's

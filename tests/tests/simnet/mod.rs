@@ -520,6 +520,7 @@ impl World {
             DeviceMsg::Update(u) => self.reg.handle_session_update(id, conn, u),
             DeviceMsg::RenewCert { .. }
             | DeviceMsg::Enroll(_)
+            | DeviceMsg::LoginStart(_)
             | DeviceMsg::RelayTicketRequest
             | DeviceMsg::Flows(_) => {}
         }

@@ -31,6 +31,7 @@ mod devices;
 mod flows;
 mod leases;
 mod maturity;
+mod oidc;
 mod policy;
 mod relays;
 mod routes;
@@ -321,6 +322,32 @@ fn names_json(n: &[Name]) -> String {
 }
 
 impl Store for SqliteStore {
+    fn oidc_user_by_sub(&self, issuer: &str, sub: &str) -> Result<Option<crate::store::OidcUser>> {
+        oidc::by_sub(self, issuer, sub)
+    }
+
+    fn oidc_users(&self) -> Result<Vec<crate::store::OidcUser>> {
+        oidc::list(self)
+    }
+
+    fn save_oidc_user(
+        &self,
+        u: &crate::store::OidcUser,
+        audit: Option<(crate::audit::Action, serde_json::Value)>,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<()> {
+        oidc::save(self, u, audit, actor, now_ms)
+    }
+
+    fn record_sign_in(&self, s: &crate::store::DeviceSignIn) -> Result<()> {
+        oidc::record_sign_in(self, s)
+    }
+
+    fn sign_ins(&self) -> Result<Vec<crate::store::DeviceSignIn>> {
+        oidc::sign_ins(self)
+    }
+
     fn add_user(&self, name: &Name, groups: &[Name], actor: &str, now_ms: i64) -> Result<User> {
         users::add_user(self, name, groups, actor, now_ms)
     }
