@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use ward_coordinator::admin::api::fmt_time;
 use ward_coordinator::admin::api::{
     render_table, AuditVerifyView, AuditView, ConsoleLinkView, DeviceDetail, DeviceRoutesView,
-    DeviceTagsView,
-    DeviceView, ExplainView, FlowsTopView, FlowsView, GrantView, MaturityHistoryView, MaturityView,
-    PolicyOutcome, PolicyShowView, PolicyVersionView, RelayAdded, RelayView, Rotating, StatusView,
-    Table, TokenCreated, TokenView, UserAccess, UserGroupsView, UserView,
+    DeviceTagsView, DeviceView, ExplainView, FlowsTopView, FlowsView, GrantView,
+    MaturityHistoryView, MaturityView, PolicyOutcome, PolicyShowView, PolicyVersionView,
+    RelayAdded, RelayView, Rotating, StatusView, Table, TokenCreated, TokenView, UserAccess,
+    UserGroupsView, UserView,
 };
 use ward_coordinator::admin::api::{ReplayView, SuggestView, SuggestionMarkView};
 use ward_coordinator::admin::flows::FlowFilter;
@@ -702,7 +702,8 @@ async fn run(cli: Cli) -> Result<()> {
                 console_listen,
                 retention,
                 oidc,
-            ).await
+            )
+            .await
         }
         Cmd::Status { json } => {
             let v: StatusView = admin::call(&sock, &AdminRequest::Status).await?;

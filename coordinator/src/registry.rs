@@ -103,6 +103,9 @@ pub struct PunchCounters {
     pub pair_limited: u64,
 }
 
+// `Send` carries a whole message (a netmap inline); outputs are drained one at a time right
+// after each input, so the few hundred bytes per queued output are cheaper than a box per send.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 #[must_use]
 pub enum Output {
