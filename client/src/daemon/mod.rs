@@ -117,6 +117,16 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
             warn!(error = %format!("{e:#}"), "DNS: cannot restore the resolv.conf a previous run left managed")
         }
     }
+    // Exit-node routes and rules a killed run left behind go first, then Ward's own sockets
+    // are marked so an exit node's default route never captures them.
+    match routing::restore_leftover(&opts.state_dir) {
+        Ok(0) => {}
+        Ok(n) => info!(items = n, "removed the exit-node routes and rules a previous run left"),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot remove the exit-node routes and rules a previous run left")
+        }
+    }
+    mark_own_sockets();
     let listener = local_api::bind_socket(&opts.socket).await?;
     let start = match &state {
         None => {
@@ -175,6 +185,27 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
     d.stop().await;
     let _ = std::fs::remove_file(&opts.socket);
     Ok(())
+}
+
+/// Marks Ward's own sockets with the exit node's firewall mark where the process may
+/// (`CAP_NET_ADMIN`); where it may not, nothing is marked (and no exit node's routes can be
+/// installed either).
+fn mark_own_sockets() {
+    let mark = routing::plan::EXIT_MARK;
+    let probe = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| {
+        ward_runtime::net::setsockopt_int(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            mark as libc::c_int,
+        )
+    });
+    match probe {
+        Ok(()) => ward_runtime::net::set_outbound_mark(mark),
+        Err(e) => {
+            info!(error = %e, "Ward's sockets are not marked (no CAP_NET_ADMIN): exit nodes cannot be used")
+        }
+    }
 }
 
 impl Daemon {

@@ -109,7 +109,11 @@ impl Daemon {
             resolved_tx,
             relays,
             probe: None,
-            routing: super::routing::HostRouting::new(self.opts.tun.clone()),
+            routing: super::routing::HostRouting::start(
+                self.opts.tun.clone(),
+                self.opts.state_dir.clone(),
+                lock(&self.route_opts).exit_node.is_some(),
+            ),
         };
         let mut retry_quic = tokio::time::interval(self.opts.quic_retry);
         retry_quic.reset();
@@ -230,7 +234,7 @@ impl Daemon {
             }
         }
         link.relays.shutdown();
-        link.routing.clear();
+        link.routing.clear().await;
         if let Some(p) = link.probe.take() {
             p.abort();
         }

@@ -64,6 +64,8 @@ impl UdpSocket {
             }
         };
         let raw = fd.as_raw_fd();
+        // Kept on the underlay while an exit node's default route holds the host's traffic.
+        ward_runtime::net::mark_socket(raw)?;
         for (force, plain) in [
             (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
             (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
@@ -557,6 +559,8 @@ pub(crate) fn kernel_path_mtu(dst: SocketAddr) -> io::Result<u16> {
         SocketAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_IPV6, libc::IPV6_MTU),
     };
     let fd = socket(family)?;
+    // The data plane's own socket is marked: ask about the route its datagrams take.
+    ward_runtime::net::mark_socket(fd.as_raw_fd())?;
     let (ss, len) = to_sockaddr(dst, family == libc::AF_INET6);
     // SAFETY: ss/len describe a valid socket address.
     let rc = unsafe {

@@ -5,10 +5,41 @@
 //! addresses), so one listener or client endpoint serves both families. Where the host has no
 //! IPv6 (the socket family is unsupported or `[::]` cannot be bound), [`bind_udp_dual_stack`]
 //! falls back to `0.0.0.0:PORT` and tells the caller why, for its log line.
+//!
+//! Outbound marking: a program that routes the host's traffic into its own tunnel (the device
+//! agent with an exit node) sets a process-wide firewall mark once ([`set_outbound_mark`]);
+//! every UDP socket bound here and every TCP connection [`crate::stream::connect_tls`] dials
+//! then carries it (`SO_MARK`), so policy routing can keep them on the underlay.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, UdpSocket};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The mark [`mark_socket`] sets (0: none).
+static OUTBOUND_MARK: AtomicU32 = AtomicU32::new(0);
+
+/// Marks every socket this module binds from now on (and every TCP connection
+/// [`crate::stream::connect_tls`] dials) with `mark` (0: no mark).
+pub fn set_outbound_mark(mark: u32) {
+    OUTBOUND_MARK.store(mark, Ordering::Relaxed);
+}
+
+/// The mark set by [`set_outbound_mark`] (0: none).
+pub fn outbound_mark() -> u32 {
+    OUTBOUND_MARK.load(Ordering::Relaxed)
+}
+
+/// Sets `SO_MARK` on `fd` to the outbound mark; nothing when none is set. Needs
+/// `CAP_NET_ADMIN`: the error says so and the caller decides (a socket left unmarked is
+/// routed like any other traffic).
+pub fn mark_socket(fd: RawFd) -> io::Result<()> {
+    let mark = outbound_mark();
+    if mark == 0 {
+        return Ok(());
+    }
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
+}
 
 /// A socket from [`bind_udp_dual_stack`].
 #[derive(Debug)]
@@ -19,17 +50,21 @@ pub struct Bound {
 }
 
 /// Binds `[::]:port` dual-stack, or `0.0.0.0:port` where IPv6 is unavailable.
+/// The socket carries the outbound mark ([`set_outbound_mark`]) where one is set; a socket
+/// that cannot be marked is an error (it would be routed into the tunnel it carries).
 pub fn bind_udp_dual_stack(port: u16) -> io::Result<Bound> {
-    match bind_v6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)) {
-        Ok(socket) => Ok(Bound {
+    let bound = match bind_v6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)) {
+        Ok(socket) => Bound {
             socket,
             ipv4_only_because: None,
-        }),
-        Err(e) => Ok(Bound {
+        },
+        Err(e) => Bound {
             socket: UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?,
             ipv4_only_because: Some(e),
-        }),
-    }
+        },
+    };
+    mark_socket(std::os::fd::AsRawFd::as_raw_fd(&bound.socket))?;
+    Ok(bound)
 }
 
 /// Kernel buffers for a QUIC endpoint's UDP socket that relays datagrams

@@ -113,7 +113,8 @@ pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin + ?Sized>(
 /// Dials `addr` over TCP and completes TLS (`config` carries the CA check, the client
 /// certificate and the ALPN) for `server_name`, all within `timeout`. The ALPN must be the one
 /// offered: a server that chose none is refused. Nagle is off: frames are small and latency
-/// matters more than packing.
+/// matters more than packing. The socket carries the outbound mark
+/// ([`crate::net::set_outbound_mark`]) where one is set.
 pub async fn connect_tls(
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
@@ -124,7 +125,15 @@ pub async fn connect_tls(
         .map_err(|e| anyhow!("bad server name {server_name:?}: {e}"))?;
     let want_alpn = config.alpn_protocols.clone();
     let dial = async {
-        let tcp = TcpStream::connect(addr)
+        let sock = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .with_context(|| format!("a TCP socket for {addr}"))?;
+        crate::net::mark_socket(std::os::fd::AsRawFd::as_raw_fd(&sock))
+            .with_context(|| format!("marking the TCP socket for {addr}"))?;
+        let tcp = sock
+            .connect(addr)
             .await
             .with_context(|| format!("TCP connect to {addr}"))?;
         let _ = tcp.set_nodelay(true);
