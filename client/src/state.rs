@@ -36,6 +36,10 @@ pub struct State {
     /// The coordinator's Ed25519 lease-signing key, pinned at enrollment.
     #[serde(default)]
     pub lease_key: Bytes,
+    /// The last `ward up`'s route options (an exit node chosen survives a restart, so a
+    /// crashed daemon does not come back with internet traffic outside the tunnel).
+    #[serde(default)]
+    pub routes: crate::agent::routes::RouteOptions,
 }
 
 impl State {
@@ -150,6 +154,7 @@ mod tests {
             wg_private_key: Bytes(vec![7; 32]),
             enabled: true,
             lease_key: Bytes(vec![3; 32]),
+            routes: Default::default(),
         }
     }
 

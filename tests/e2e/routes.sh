@@ -4,8 +4,16 @@
 # routed until `device routes --approve`; then alice reaches the host's tcp/5432 through the
 # router, while a denied port and a denied device (bob) are refused at the router and show
 # as denied flows; revoking the approval cuts the route (measured, budget 2 s) and removes
-# alice's kernel route (before/after `ip route` + `ip rule` compared). Needs root; prints
-# `N passed, N failed`.
+# alice's kernel route (before/after `ip route` + `ip rule` compared).
+# Exit nodes: an exit device with a lab "internet" host (203.0.113.10, no agent, no route
+# back but to the exit node) behind it; carol, behind a NAT router that cannot reach that
+# host, chooses the exit node and reaches the host (TCP, ping) through it, seen from the
+# exit node's address (SNAT); Ward's own traffic stays on the underlay and a policy change
+# still reaches carol; taking carol's grant away (or bob, never granted) leaves internet
+# traffic in the tunnel, dropped, never leaked; leaving the exit node, and kill -9 + restart
+# + `ward down`, restore `ip rule`, `ip route show table all`, the nftables tables and
+# src_valid_mark byte for byte.
+# Needs root; prints `N passed, N failed`.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 need_root
@@ -16,6 +24,8 @@ lab_init
 lab_add_wan_host router
 lab_add_wan_host alice
 lab_add_wan_host bob
+lab_add_wan_host exit
+lab_add_natted_host carol
 # The LAN behind the router: 10.20.5.0/24, the database at .10 (no agent).
 LAN_NS="${LAB_PREFIX}-lan"
 _lab_new_ns "$LAN_NS"
@@ -30,18 +40,40 @@ ip -n "$LAN_NS" addr add 10.20.5.10/24 dev eth0
 ip -n "$LAN_NS" link set eth0 up
 ip -n "$LAN_NS" link set lo up
 ip -n "$LAN_NS" route add default via 10.20.5.1
+# The "internet" behind the exit node: 203.0.113.10, with no default route (it answers only
+# what comes from 203.0.113.0/24, i.e. what the exit node masqueraded).
+INET_NS="${LAB_PREFIX}-inet"
+_lab_new_ns "$INET_NS"
+: >"$LAB_DIR/hosts/inet"
+_lab_set inet ns "$INET_NS"
+_lab_set inet kind lan
+_lab_set inet ip 203.0.113.10
+ip link add name eth1 netns "$(lab_ns exit)" type veth peer name eth0 netns "$INET_NS"
+ip -n "$(lab_ns exit)" addr add 203.0.113.1/24 dev eth1
+ip -n "$(lab_ns exit)" link set eth1 up
+ip -n "$INET_NS" addr add 203.0.113.10/24 dev eth0
+ip -n "$INET_NS" link set eth0 up
+ip -n "$INET_NS" link set lo up
+INET=203.0.113.10
 
 WIN="WARD_FLOW_WINDOW=2s"
 lab_start_coordinator
-for h in router alice bob; do LAB_WARD_WRAPPER="env $WIN" lab_start_device "$h"; done
-lab_coord user add alice >/dev/null 2>&1
-lab_coord user add bob >/dev/null 2>&1
+for h in router alice bob exit carol; do LAB_WARD_WRAPPER="env $WIN" lab_start_device "$h"; done
+for u in alice bob carol; do lab_coord user add "$u" >/dev/null 2>&1; done
 check "the routed policy checks (its tests pass)" lab_coord policy check "$E2E_DIR/policies/routes.toml"
 lab_coord policy apply "$E2E_DIR/policies/routes.toml" >/dev/null
 printf '%s\n' "$(lab_token --tag router --hostname router)" |
     lab_ward router up --token - --hostname router --advertise-routes 10.20.5.0/24 >/dev/null
 lab_device_up alice "$(lab_token --user alice)" >/dev/null
 lab_device_up bob "$(lab_token --user bob)" >/dev/null
+printf '%s\n' "$(lab_token --tag exit --hostname exit)" |
+    lab_ward exit up --token - --hostname exit --advertise-exit-node >/dev/null
+# carol's host as it is with the daemon running and the device down: what `ward down`
+# after a crash must give back.
+host_state() { lab_exec "$1" sh -c 'ip rule; ip -6 rule; ip route show table all; ip -6 route show table all; nft list tables; cat /proc/sys/net/ipv4/conf/all/src_valid_mark'; }
+CAROL_DOWN="$(host_state carol)"
+lab_device_up carol "$(lab_token --user carol)" >/dev/null
+lab_spawn inet inet-80.log sh -c "while true; do echo hi | nc -n -v -l -p 80 -q 1; done"
 for port in 5432 22; do
     lab_spawn lan "listen-$port.log" sh -c "while true; do echo hi | nc -l -p $port -q 1; done"
 done
@@ -50,7 +82,7 @@ fails() { ! "$@"; }
 routes_json() { lab_coord device routes router --json; }
 route_field() { routes_json | python3 -c 'import json,sys; r=[x for x in json.load(sys.stdin)["routes"] if x["prefix"]==sys.argv[1]]; print(r[0][sys.argv[2]] if r else None)' "$1" "$2"; }
 connected() { test "$(lab_ward_json_get "$1" 's["state"]')" = connected; }
-for h in router alice bob; do lab_wait_for -t 15 connected "$h"; done
+for h in router alice bob exit carol; do lab_wait_for -t 15 connected "$h"; done
 
 say "advertised, not yet approved: nothing is routed"
 advertised() { test "$(route_field 10.20.5.0/24 advertised)" = True; }
@@ -96,5 +128,88 @@ check "alice's routing table is restored (ip route + ip rule as before approval)
 nft_gone() { ! lab_exec router nft list table inet ward_routes >/dev/null 2>&1; }
 check "the router stopped forwarding (its nftables table is gone)" nft_gone
 
+
+say "exit node: carol's internet traffic goes through the exit node"
+EXIT_POLICY="$E2E_DIR/policies/routes.toml"
+NO_GRANT="$LAB_DIR/routes-no-carol.toml"
+sed '/^# carol-internet-begin/,/^# carol-internet-end/d' "$EXIT_POLICY" >"$NO_GRANT"
+ping_ok() { lab_exec "$1" ping -c1 -W1 "$2" >/dev/null 2>&1; }
+check "carol cannot reach the internet host without an exit node" fails tcp_ok carol "$INET" 80
+CAROL_UP="$(host_state carol)"
+check "device routes --approve exit" lab_coord device routes exit --approve exit
+exit_active() { test "$(lab_coord device routes exit --json | python3 -c 'import json,sys; print(any(x["prefix"]=="0.0.0.0/0" and x["active"] for x in json.load(sys.stdin)["routes"]))')" = True; }
+check "... the exit node's default route is active" lab_wait_for -t 10 exit_active
+lab_ward carol up --exit-node exit >/dev/null
+check "carol reaches $INET:80 (TCP) through the exit node" lab_wait_for -t 15 tcp_ok carol "$INET" 80
+check "carol pings $INET through the exit node" ping_ok carol "$INET"
+snat() { grep -q "Connection received on 203.0.113.1 " "$LAB_DIR/logs/inet-80.log"; }
+check "the internet host sees the exit node's address (SNAT)" lab_wait_for -t 5 snat
+check "carol's route to $INET goes into the tunnel" grep -q "dev ward0" <<<"$(lab_exec carol ip route get "$INET")"
+COORD=$(lab_ip wan)
+marked_underlay() { local r; r=$(lab_exec carol ip route get "$COORD" mark 0x5741); grep -q "dev eth0" <<<"$r" && ! grep -q ward0 <<<"$r"; }
+check "Ward's marked traffic to the coordinator stays on the underlay (ip route get $COORD mark 0x5741)" marked_underlay
+CAROL_GW=$(lab_exec carol ip route show default | awk '{print $3; exit}')
+lan_direct() { grep -q "dev eth0" <<<"$(lab_exec carol ip route get "$CAROL_GW")"; }
+check "carol's LAN stays outside the tunnel (her NAT router's address)" lan_direct
+check "ip rule has the exit node's rules" grep -q "not from all fwmark 0x5741 lookup 22337" <<<"$(lab_exec carol ip rule)"
+check "replies to Ward's own connections keep the mark (nft table inet ward_exit)" lab_exec carol nft list table inet ward_exit
+explain_exit() { lab_coord policy explain carol "$INET:80" >"$LAB_DIR/logs/explain-carol.log" 2>&1; grep -q 'allowed via router exit (0.0.0.0/0) by rule "carol-internet"' "$LAB_DIR/logs/explain-carol.log"; }
+check "policy explain names the exit node and the rule" lab_wait_for -t 5 explain_exit
+explain_exit >/dev/null 2>&1 || sed 's/^/    /' "$LAB_DIR/logs/explain-carol.log"
+exit_flow() { lab_coord flows --from carol --json | python3 -c 'import json,sys; f=json.load(sys.stdin)["flows"]; sys.exit(0 if any(x["port"]==80 and x.get("verdict")=="allowed" for x in f) else 1)'; }
+check "carol's flow to the internet host shows in the flow log" lab_wait_for -t 20 exit_flow
+
+say "exit node: grant taken away, then given back (policy changes reach carol meanwhile)"
+EXIT_IP=$(lab_ward_ipv4 exit)
+lab_coord policy apply "$NO_GRANT" >/dev/null
+no_exit_peer() { ! lab_ward_has_peer carol "$EXIT_IP"; }
+check "the policy change reaches carol while she uses the exit node" lab_wait_for -t 10 no_exit_peer
+check "carol cannot reach $INET without the grant" fails tcp_ok carol "$INET" 80
+check "... her internet traffic still goes into the tunnel (fail closed, no leak)" grep -q "dev ward0" <<<"$(lab_exec carol ip route get "$INET")"
+lab_coord policy apply "$EXIT_POLICY" >/dev/null
+check "the grant given back reaches carol: she reaches $INET again" lab_wait_for -t 15 tcp_ok carol "$INET" 80
+lab_ward bob up --exit-node exit >/dev/null
+bob_diverted() { grep -q "dev ward0" <<<"$(lab_exec bob ip route get "$INET")"; }
+check "bob (no grant) choosing the exit node: his internet traffic goes into the tunnel" lab_wait_for -t 10 bob_diverted
+check "... and bob cannot reach $INET" fails tcp_ok bob "$INET" 80
+explain_bob_denied() { local out; out=$(lab_coord policy explain bob "$INET:80"); grep -qi "denied" <<<"$out" && ! grep -q "allowed via" <<<"$out"; }
+check "policy explain says bob may not use the exit node" explain_bob_denied
+lab_ward bob up >/dev/null
+
+say "exit node off: carol's routing is restored byte for byte"
+lab_ward carol up >/dev/null
+# same_state HOST WANT: HOST's routing state is WANT (else the difference goes to a log).
+same_state() {
+    local now
+    # A session restart makes a new TUN, and the kernel draws a new link-local address for
+    # it: its local-table line is the kernel's, not Ward's routing, and is left out.
+    local ll='^local fe80::[0-9a-f:]+ dev ward0 table local '
+    now=$(host_state "$1" | grep -vE "$ll")
+    set -- "$1" "$(grep -vE "$ll" <<<"$2")"
+    [[ "$now" == "$2" ]] && return 0
+    diff <(printf '%s\n' "$2") <(printf '%s\n' "$now") >"$LAB_DIR/logs/state-diff-$1.log"
+    return 1
+}
+carol_up_restored() { same_state carol "$CAROL_UP"; }
+check "ward up without --exit-node restores ip rule, ip route show table all, nft tables, src_valid_mark" lab_wait_for -t 10 carol_up_restored
+check "no record of exit-node routes left in the state dir" test ! -e "$LAB_DIR/dev-carol/state/exit-routes.json"
+
+say "exit node: kill -9 with the exit node on, restart, ward down: restored"
+lab_ward carol up --exit-node exit >/dev/null
+check "carol reaches $INET through the exit node again" lab_wait_for -t 15 tcp_ok carol "$INET" 80
+CPID=""
+for p in $(lab_pids carol); do
+    if tr '\0' ' ' <"/proc/$p/cmdline" | grep -q "ward.*daemon"; then CPID=$p; fi
+done
+{ kill -9 "$CPID"; wait "$CPID"; } 2>/dev/null
+check "after kill -9 the exit node's rules are still there" grep -q "lookup 22337" <<<"$(lab_exec carol ip rule)"
+LAB_WARD_WRAPPER="env $WIN" lab_start_device carol
+leftover_log() { grep -q "removed the exit-node routes and rules a previous run left" "$LAB_DIR/logs/ward-carol.log"; }
+check "the restarted daemon removes what the killed run left" lab_wait_for -t 10 leftover_log
+check "... and comes back on the exit node (the choice is saved): carol reaches $INET" lab_wait_for -t 15 tcp_ok carol "$INET" 80
+lab_ward carol down >/dev/null
+check "ward down after the crash: ip rule, routes, nft tables, src_valid_mark as before carol first came up" same_state carol "$CAROL_DOWN"
+
+[[ -s "$LAB_DIR/logs/state-diff-carol.log" ]] && { echo "  carol's routing state, expected vs found:"; cat "$LAB_DIR/logs/state-diff-carol.log"; }
 echo "  runtime: $((($(date +%s%N) - T0) / 1000000000)) s"
 finish

@@ -121,7 +121,10 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
     // are marked so an exit node's default route never captures them.
     match routing::restore_leftover(&opts.state_dir) {
         Ok(0) => {}
-        Ok(n) => info!(items = n, "removed the exit-node routes and rules a previous run left"),
+        Ok(n) => info!(
+            items = n,
+            "removed the exit-node routes and rules a previous run left"
+        ),
         Err(e) => {
             warn!(error = %format!("{e:#}"), "cannot remove the exit-node routes and rules a previous run left")
         }
@@ -135,8 +138,9 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
         }
         Some(s) => s.enabled,
     };
+    let route_opts = state.as_ref().map(|s| s.routes.clone()).unwrap_or_default();
     let d = Arc::new(Daemon {
-        route_opts: Mutex::default(),
+        route_opts: Mutex::new(route_opts),
         collectors: collect::Collectors::new(&opts.posture),
         flow_state: flowlog::FlowStateFile::new(&opts.state_dir),
         flow_config: flowlog::config_from_env(),
@@ -277,7 +281,16 @@ impl Daemon {
                 routes,
             } => {
                 let changed = *lock(&self.route_opts) != routes;
-                *lock(&self.route_opts) = routes;
+                *lock(&self.route_opts) = routes.clone();
+                if changed {
+                    let mut g = lock(&self.identity);
+                    if let Some(st) = g.as_mut() {
+                        st.routes = routes;
+                        if let Err(e) = self.state_file.save(st) {
+                            warn!(error = %format!("{e:#}"), "cannot save the route options; a restart forgets them");
+                        }
+                    }
+                }
                 if changed {
                     // A running session picks the new routes up when it starts again.
                     self.stop().await;
@@ -440,6 +453,7 @@ impl Daemon {
             wg_private_key: Bytes(wg.to_vec()),
             enabled: true,
             lease_key: enrolled.lease_key,
+            routes: lock(&self.route_opts).clone(),
         };
         self.state_file.save(&st)?;
         info!(device = %st.device_id, hostname = %st.hostname, ipv4 = %st.ipv4, "enrolled");

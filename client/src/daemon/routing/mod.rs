@@ -202,9 +202,13 @@ impl HostState {
 
     /// Brings the exit node's routes and rules to the plan: removals first (the diverting
     /// rule before the route it needs), then installs, each family's route before its rules.
-    /// The state file lists every item that may be installed before any is.
+    /// The state file lists every item that may be installed before any is (where it cannot
+    /// be written they are installed all the same, with an error logged).
     fn apply_exit(&mut self, tun: &str) {
-        let want = plan::exit_plan(tun, self.exit);
+        let svm_on = std::fs::read_to_string(plan::SRC_VALID_MARK)
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false);
+        let want = plan::exit_plan(tun, self.exit, svm_on);
         let (remove, install) = plan::reconcile(&self.exit_items, &want);
         if remove.is_empty() && install.is_empty() {
             return;
@@ -212,32 +216,35 @@ impl HostState {
         let mut journal = self.exit_items.clone();
         journal.extend(install.iter().cloned());
         if let Err(e) = write_exit_state(&self.state_dir, &journal) {
-            // Without a record a crash could leave the rules behind: install nothing new.
-            error!(error = %format!("{e:#}"), "cannot record the exit node's routes; not installing them");
-            return;
+            // Installed all the same (fail closed: the user asked for the tunnel); only a
+            // crash before the next record would leave them for the operator to remove.
+            error!(error = %format!("{e:#}"), "cannot record the exit node's routes in the state dir");
         }
         for item in &remove {
-            if let Err(e) = run_ip(&item.remove_args()) {
+            if let Err(e) = perform(&item.remove()) {
                 warn!(item = ?item, error = %e, "removing an exit-node route or rule failed");
             }
             self.exit_items.retain(|i| i != item);
         }
         let mut failed_route = Vec::new();
         for item in &install {
-            if failed_route.contains(&item.family()) {
+            if item.family().is_some_and(|f| failed_route.contains(&f)) {
                 continue;
             }
-            if !matches!(item, ExitItem::Route { .. }) {
-                // A rule a run could not record would otherwise be doubled.
-                let _ = run_ip(&item.remove_args());
+            if matches!(
+                item,
+                ExitItem::Suppress { .. } | ExitItem::Divert { .. } | ExitItem::Connmark
+            ) {
+                // A rule or table a run could not record would otherwise be doubled.
+                let _ = perform(&item.remove());
             }
-            match run_ip(&item.install_args()) {
+            match perform(&item.install()) {
                 Ok(()) => self.exit_items.push(item.clone()),
                 Err(e) => {
                     warn!(item = ?item, error = %e, "installing an exit-node route or rule failed");
-                    if matches!(item, ExitItem::Route { .. }) {
+                    if let (ExitItem::Route { .. }, Some(f)) = (item, item.family()) {
                         // No rules that would divert into an empty table.
-                        failed_route.push(item.family());
+                        failed_route.push(f);
                     }
                 }
             }
@@ -305,7 +312,7 @@ pub(crate) fn restore_leftover(state_dir: &Path) -> anyhow::Result<usize> {
         return Ok(0);
     };
     for item in items.iter().rev() {
-        if let Err(e) = run_ip(&item.remove_args()) {
+        if let Err(e) = perform(&item.remove()) {
             tracing::debug!(item = ?item, error = %e, "a recorded exit-node item was already gone");
         }
     }
@@ -351,9 +358,17 @@ fn write_exit_state(state_dir: &Path, items: &[ExitItem]) -> anyhow::Result<()> 
     std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))
 }
 
-fn run_ip(args: &[String]) -> anyhow::Result<()> {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run("ip", &args)
+/// Runs one planned host command (blocking: only on the blocking pool or at start-up).
+fn perform(action: &plan::Action) -> anyhow::Result<()> {
+    use anyhow::Context;
+    match action {
+        plan::Action::Ip(args) => run("ip", &args.iter().map(String::as_str).collect::<Vec<_>>()),
+        plan::Action::Nft(args) => run("nft", &args.iter().map(String::as_str).collect::<Vec<_>>()),
+        plan::Action::NftScript(script) => nft_script(script),
+        plan::Action::Sysctl { path, value } => {
+            std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))
+        }
+    }
 }
 
 fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
