@@ -257,7 +257,7 @@ mod tests {
         match a {
             Action::Ip(args) => format!("ip {}", args.join(" ")),
             Action::Nft(args) => format!("nft {}", args.join(" ")),
-            Action::NftScript(s) => format!("nft -f - <<{}", s.lines().count()),
+            Action::NftScript(_) => "nft -f -".to_string(),
             Action::Sysctl { path, value } => format!("{path}={value}"),
         }
     }
@@ -274,7 +274,7 @@ mod tests {
         assert_eq!(
             cmds,
             [
-                "nft -f - <<6",
+                "nft -f -",
                 "/proc/sys/net/ipv4/conf/all/src_valid_mark=1",
                 "ip -4 route replace default dev ward0 table 22337",
                 "ip -4 rule add priority 5740 lookup main suppress_prefixlength 0",
