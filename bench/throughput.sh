@@ -529,6 +529,12 @@ measure() {
     # four streams
     ip netns exec "$NSA" iperf3 -c "$INNER_B" -p 5201 -t "$DURATION" -P 4 -J >"$d/tcp4.json" 2>"$d/tcp4.err" || true
     rss=$(rss_list)
+    # where each tunnel process's memory is, after the load (bench/memmap.py)
+    local e k=0
+    for e in "${TUN_PIDS[@]+"${TUN_PIDS[@]}"}"; do
+        python3 "$here/memmap.py" "${e%% *}" --json >"$d/mem-$k.json" 2>/dev/null || rm -f "$d/mem-$k.json"
+        k=$((k + 1))
+    done
 
     python3 - "$impl" "$round" "$d" "$((t1 - t0))" "$(getconf CLK_TCK)" "$rss" "${#TUN_PIDS[@]}" "$load" >>"$RESULTS" <<'EOF'
 import json, os, re, statistics, sys
@@ -562,6 +568,12 @@ out["cpu_s_per_gb"] = (ticks / hz) / (bytes1 / 1e9) if ntun and bytes1 else None
 kb = [int(x) for x in rss.split(",") if x] if rss else []
 out["rss_mib_each"] = [k / 1024 for k in kb]
 out["rss_mib"] = max(kb) / 1024 if kb else None
+out["mem"] = []
+for k in range(ntun):
+    try:
+        out["mem"].append(json.load(open(f"{d}/mem-{k}.json")))
+    except (OSError, ValueError):
+        pass
 try:
     a, b = json.load(open(f"{d}/other0.json")), json.load(open(f"{d}/other1.json"))
     used, by = 0, {}
