@@ -68,12 +68,7 @@ where
     )
 }
 
-fn main_on<F>(
-    default_filter: &str,
-    mode: Mode,
-    mut builder: tokio::runtime::Builder,
-    run: F,
-) -> !
+fn main_on<F>(default_filter: &str, mode: Mode, mut builder: tokio::runtime::Builder, run: F) -> !
 where
     F: Future<Output = anyhow::Result<()>>,
 {
