@@ -96,7 +96,6 @@ def breakdown(pid):
         for line in f:
             if line.startswith("VmHWM:"):
                 hwm = int(line.split()[1])
-    # collapse per-thread stack names that repeat (tokio-runtime-w x2)
     return {"categories_kib": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
             "total_kib": tot, "vmhwm_kib": hwm, "threads": len(sps)}
 
