@@ -4,11 +4,17 @@
 # A benchmark script, never a test. Run as root; see bench/README.md.
 #
 #   bench/throughput.sh [--rounds 3] [--duration 10] [--only a,b] [--out FILE]
-#                       [--bt-threads 1] [--keep-logs] [--smoke]
+#                       [--bt-threads 1] [--keep-logs] [--smoke] [--soak SECS]
 #
 # --smoke: a rot check for CI, not a measurement: one round, 2 s iperf3 runs,
 #   ward and veth required (fails if Ward's binaries are missing), peers run if
 #   installed; exits non-zero if the Ward tunnel or the raw veth carries nothing.
+#
+# --soak SECS: Ward only, one tunnel kept up for SECS seconds of mixed traffic
+#   (single and 4-stream TCP both ways, 1200-byte UDP, ping bursts, idle gaps)
+#   while the RSS (VmRSS, VmHWM) of both daemons is sampled every 10 s; prints
+#   the samples and the growth after the first minute, writes
+#   bench/results/soak-DATE.json (with bench/memmap.py's breakdown at the end).
 #
 # Figures per implementation (median over rounds):
 #   tcp1   iperf3 TCP, 1 stream, Gbit/s (receiver side)
@@ -30,6 +36,7 @@ OUT=""
 BT_THREADS=1
 KEEP_LOGS=0
 SMOKE=0
+SOAK=0
 ALL_IMPLS=(veth wireguard-go boringtun-cli nebula ward)
 PEERS=(wireguard-go boringtun-cli nebula)
 
@@ -47,6 +54,7 @@ while (($# > 0)); do
         --bt-threads) BT_THREADS="$2"; shift 2 ;;
         --keep-logs) KEEP_LOGS=1; shift ;;
         --smoke) SMOKE=1; shift ;;
+        --soak) SOAK="$2"; ONLY=ward; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -59,6 +67,10 @@ fi
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a positive integer" >&2; exit 2; }
 [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || { echo "--duration must be a positive integer (seconds)" >&2; exit 2; }
 [[ $EUID -eq 0 ]] || { echo "throughput.sh: run as root (it creates network namespaces)" >&2; exit 1; }
+[[ "$SOAK" =~ ^[0-9]+$ ]] || { echo "--soak must be a number of seconds" >&2; exit 2; }
+if ((SOAK)); then
+    [[ -n "$OUT" ]] || OUT="$here/results/soak-$(date +%Y%m%d-%H%M%S).json"
+fi
 [[ -n "$OUT" ]] || OUT="$here/results/throughput-$(date +%Y%m%d-%H%M%S).json"
 
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
@@ -529,6 +541,12 @@ measure() {
     # four streams
     ip netns exec "$NSA" iperf3 -c "$INNER_B" -p 5201 -t "$DURATION" -P 4 -J >"$d/tcp4.json" 2>"$d/tcp4.err" || true
     rss=$(rss_list)
+    # where each tunnel process's memory is, after the load (bench/memmap.py)
+    local e k=0
+    for e in "${TUN_PIDS[@]+"${TUN_PIDS[@]}"}"; do
+        python3 "$here/memmap.py" "${e%% *}" --json >"$d/mem-$k.json" 2>/dev/null || rm -f "$d/mem-$k.json"
+        k=$((k + 1))
+    done
 
     python3 - "$impl" "$round" "$d" "$((t1 - t0))" "$(getconf CLK_TCK)" "$rss" "${#TUN_PIDS[@]}" "$load" >>"$RESULTS" <<'EOF'
 import json, os, re, statistics, sys
@@ -562,6 +580,12 @@ out["cpu_s_per_gb"] = (ticks / hz) / (bytes1 / 1e9) if ntun and bytes1 else None
 kb = [int(x) for x in rss.split(",") if x] if rss else []
 out["rss_mib_each"] = [k / 1024 for k in kb]
 out["rss_mib"] = max(kb) / 1024 if kb else None
+out["mem"] = []
+for k in range(ntun):
+    try:
+        out["mem"].append(json.load(open(f"{d}/mem-{k}.json")))
+    except (OSError, ValueError):
+        pass
 try:
     a, b = json.load(open(f"{d}/other0.json")), json.load(open(f"{d}/other1.json"))
     used, by = 0, {}
@@ -625,6 +649,83 @@ busy=$(cpu_busy_pct)
 if ((busy > 15)); then
     log "WARNING: the CPUs are ${busy}% busy with other work; figures will be noisy and low"
 fi
+# soak: one Ward tunnel, mixed traffic for SOAK seconds, RSS of both daemons every 10 s
+soak() {
+    local d="$WORK/soak" end i e line
+    mkdir -p "$d"
+    CUR_ROUND=1
+    setup_ward || { echo "soak: ward setup failed (logs in $WORK)" >&2; KEEP_LOGS=1; exit 1; }
+    for ((i = 0; i < 40; i++)); do tunnel_ok && break; sleep 0.5; done
+    tunnel_ok || { echo "soak: tunnel did not come up" >&2; KEEP_LOGS=1; exit 1; }
+    spawn "$NSB" "$d/iperf3-server.log" iperf3 -s -B "$INNER_B" -p 5201
+    HELPER_PIDS+=("$SPAWNED $NSB")
+    for ((i = 0; i < 50; i++)); do
+        ip netns exec "$NSB" ss -ltn | grep -q "$INNER_B:5201 " && break
+        sleep 0.1
+    done
+    end=$((SECONDS + SOAK))
+    ( # the traffic mix, in a loop until the end
+        while ((SECONDS < end)) && [[ -e "/run/netns/$NSA" ]]; do
+            ip netns exec "$NSA" iperf3 -c "$INNER_B" -p 5201 -t 8 >/dev/null 2>&1
+            ip netns exec "$NSA" ping -c 50 -i 0.02 -W 1 "$INNER_B" >/dev/null 2>&1
+            ip netns exec "$NSA" iperf3 -c "$INNER_B" -p 5201 -t 8 -P 4 >/dev/null 2>&1
+            sleep 3
+            ip netns exec "$NSA" iperf3 -c "$INNER_B" -p 5201 -t 5 -u -b 300M -l 1200 >/dev/null 2>&1
+            ip netns exec "$NSA" iperf3 -c "$INNER_B" -p 5201 -t 5 -R >/dev/null 2>&1
+            sleep 5
+        done
+    ) &
+    local traffic=$!
+    log "soak: ${SOAK}s of mixed traffic; VmRSS of both daemons every 10 s"
+    : >"$d/samples.jsonl"
+    local t0=$SECONDS
+    while ((SECONDS < end)); do
+        sleep 10
+        line="{\"t\": $((SECONDS - t0))"
+        i=0
+        for e in "${TUN_PIDS[@]}"; do
+            line="$line, \"rss_kib_$i\": $(awk '/^VmRSS:/{print $2}' "/proc/${e%% *}/status" 2>/dev/null || echo null)"
+            line="$line, \"hwm_kib_$i\": $(awk '/^VmHWM:/{print $2}' "/proc/${e%% *}/status" 2>/dev/null || echo null)"
+            i=$((i + 1))
+        done
+        echo "$line}" | tee -a "$d/samples.jsonl" >&2
+    done
+    wait "$traffic" 2>/dev/null || true
+    i=0
+    for e in "${TUN_PIDS[@]}"; do
+        python3 "$here/memmap.py" "${e%% *}" --json >"$d/mem-$i.json" 2>/dev/null || echo '{}' >"$d/mem-$i.json"
+        i=$((i + 1))
+    done
+    mkdir -p "$(dirname "$OUT")"
+    python3 - "$d" "$OUT" "$SOAK" "${#TUN_PIDS[@]}" <<'EOF'
+import datetime, json, sys
+d, out_f, secs, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+samples = [json.loads(l) for l in open(f"{d}/samples.jsonl") if l.strip()]
+doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+       "soak_s": secs, "samples": samples, "daemons": {}}
+for k in range(n):
+    name = "ab"[k] if k < 2 else str(k)
+    rss = [s[f"rss_kib_{k}"] for s in samples if s.get(f"rss_kib_{k}") is not None]
+    if not rss:
+        continue
+    warm = [s[f"rss_kib_{k}"] for s in samples if s["t"] >= 60 and s.get(f"rss_kib_{k}") is not None] or rss
+    v = {"rss_first_kib": rss[0], "rss_max_kib": max(rss), "rss_last_kib": rss[-1],
+         "hwm_last_kib": samples[-1].get(f"hwm_kib_{k}"),
+         "growth_after_1min_kib": warm[-1] - warm[0], "mem_end": json.load(open(f"{d}/mem-{k}.json"))}
+    doc["daemons"][name] = v
+    print(f"daemon {name}: VmRSS first {rss[0]} KiB, max {max(rss)} KiB, last {rss[-1]} KiB, "
+          f"growth after the first minute {v['growth_after_1min_kib']:+d} KiB; VmHWM {v['hwm_last_kib']} KiB")
+json.dump(doc, open(out_f, "w"), indent=2)
+print(f"results written to {out_f}")
+EOF
+}
+
+if ((SOAK)); then
+    setup_underlay
+    soak
+    exit 0
+fi
+
 log "implementations: ${IMPLS[*]}; rounds $ROUNDS; duration ${DURATION}s; boringtun-cli threads $BT_THREADS"
 setup_underlay
 for ((round = 1; round <= ROUNDS; round++)); do

@@ -194,11 +194,16 @@ fn main() {
     // `completions SHELL` and `man [DIR]` (hidden): generated from this clap definition.
     ward_clidoc::run_if_asked(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
-    let mode = match cli.cmd {
-        Cmd::Daemon { .. } => ward_runtime::Mode::Service,
-        _ => ward_runtime::Mode::Cli,
-    };
-    ward_runtime::main("info,boringtun=error", mode, run(cli))
+    // The daemon's data plane runs on its own threads; its control plane needs no more than
+    // one thread (fewer stacks and malloc arenas: bench/README.md, memory).
+    if matches!(cli.cmd, Cmd::Daemon { .. }) {
+        ward_runtime::main_current_thread(
+            "info,boringtun=error",
+            ward_runtime::Mode::Service,
+            run(cli),
+        )
+    }
+    ward_runtime::main("info,boringtun=error", ward_runtime::Mode::Cli, run(cli))
 }
 
 async fn run(cli: Cli) -> Result<()> {

@@ -57,10 +57,16 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 const TUN_SEGMENT_BUF: usize = 4096;
 /// TUN reads (each possibly a 64 KiB super-packet) gathered before one UDP flush.
 const TUN_READS_PER_FLUSH: usize = 4;
-/// UDP messages per recvmmsg (each up to 64 KiB with GRO).
-const UDP_RECV_SLOTS: usize = 16;
-/// Decrypted packets gathered before one GRO-coalesced TUN write.
-const TUN_WRITE_BATCH: usize = 256;
+/// UDP messages per recvmmsg (each up to 64 KiB with GRO, so up to ~350 datagrams a call).
+const UDP_RECV_SLOTS: usize = 8;
+/// Decrypted packets gathered before one GRO-coalesced TUN write: one full 64 KiB GRO packet
+/// (48 segments of a 1368-byte MSS). tun-rs coalesces a flow's segments into the buffer of its
+/// first one, so every buffer has room for 64 KiB and its pages, once touched, stay resident:
+/// this count times 64 KiB bounds the receive path's buffer memory (3 MiB), where a larger
+/// batch only adds memory, not larger TUN writes.
+const TUN_WRITE_BATCH: usize = 48;
+/// Room for one coalesced packet: the virtio-net header plus up to 64 KiB.
+const TUN_WRITE_BUF: usize = VIRTIO_NET_HDR_LEN + 65536;
 /// The same for packets that came through a relay (a batch of them arrives together).
 const RELAYED_TUN_BATCH: usize = 64;
 
@@ -255,9 +261,14 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, relay: &RelayQueue, st
     let mut errors = LogLimiter::default();
     let mut icmp_gro = GROTable::default();
     let mut icmp_bufs: Vec<Vec<u8>> = Vec::new();
+    // After a wait for the TUN, the first read is sent at once: a packet at idle (a ping) takes
+    // the shortest path instead of paying for one more read that finds the TUN empty. Under
+    // load the loop never waits, and reads are gathered into one UDP flush.
+    let mut woke = true;
     while !stop.load(Ordering::Relaxed) {
         let mut reads = 0;
-        while reads < TUN_READS_PER_FLUSH {
+        let limit = if woke { 1 } else { TUN_READS_PER_FLUSH };
+        while reads < limit {
             match tun
                 .dev
                 .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
@@ -296,7 +307,8 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, relay: &RelayQueue, st
             relay.push(core, &out);
         }
         out.clear();
-        if reads == 0 {
+        woke = reads == 0;
+        if woke {
             poll_fd(tun.dev.as_raw_fd(), libc::POLLIN, STOP_CHECK);
         }
     }
@@ -312,7 +324,7 @@ fn rx_loop(
 ) {
     let mut batch_in = RecvBatch::new(UDP_RECV_SLOTS);
     let mut bufs: Vec<Vec<u8>> = (0..TUN_WRITE_BATCH)
-        .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65536))
+        .map(|_| Vec::with_capacity(TUN_WRITE_BUF))
         .collect();
     let mut gro = GROTable::default();
     let mut out = Outbox::new();

@@ -44,14 +44,39 @@ pub fn main<F>(default_filter: &str, mode: Mode, run: F) -> !
 where
     F: Future<Output = anyhow::Result<()>>,
 {
+    main_on(
+        default_filter,
+        mode,
+        tokio::runtime::Builder::new_multi_thread(),
+        run,
+    )
+}
+
+/// [`main`] on a single-threaded tokio runtime (the main thread runs every task), for a
+/// program whose heavy work runs on threads of its own: the device daemon, whose data plane
+/// has its own OS threads and whose control plane is light. Saves the worker threads' stacks
+/// and malloc arenas. `spawn_blocking` still runs blocking work on the blocking pool.
+pub fn main_current_thread<F>(default_filter: &str, mode: Mode, run: F) -> !
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    main_on(
+        default_filter,
+        mode,
+        tokio::runtime::Builder::new_current_thread(),
+        run,
+    )
+}
+
+fn main_on<F>(default_filter: &str, mode: Mode, mut builder: tokio::runtime::Builder, run: F) -> !
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
     if mode == Mode::Cli {
         restore_default_sigpipe();
     }
     init_logging(default_filter);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting runtime: {e}");

@@ -28,6 +28,10 @@ use super::lock;
 /// Handed-over outbound records above which the send path applies them itself (a device that
 /// only sends, never receives, still keeps its flow table current and its memory bounded).
 const MAX_PENDING_RECORDS: usize = 4096;
+/// The same bound on the handed-over records' packet bytes: a record keeps its whole first
+/// packet, and a send-only stream of datagrams (one record each) would otherwise hold some
+/// 4096 packets, megabytes that stay allocated once the log has grown to them.
+const MAX_PENDING_BYTES: usize = 256 * 1024;
 
 /// The filter plus the outbound logs handed over by the send path and not yet applied.
 /// Lock order: `filter`, then `pending`.
@@ -60,7 +64,7 @@ impl SharedFilter {
         }
         let mut pending = lock(&self.pending);
         pending.append(log);
-        if pending.items.len() < MAX_PENDING_RECORDS {
+        if pending.items.len() < MAX_PENDING_RECORDS && pending.bytes.len() < MAX_PENDING_BYTES {
             return;
         }
         drop(pending);
@@ -421,5 +425,32 @@ mod tests {
         }
         assert!(lock(&f.pending).is_empty());
         assert_eq!(lock(&f.filter).flow_count(), MAX_PENDING_RECORDS);
+    }
+
+    #[test]
+    fn a_send_only_datagram_stream_keeps_the_pending_bytes_bounded() {
+        let f = SharedFilter::new(Filter::with_seed(16, 1));
+        let start = Instant::now();
+        // One 1200-byte datagram per batch, each at its own `now`: one record each.
+        let mut big = tcp4(ME, 40000, PEER, 22, SYN);
+        big.resize(1200, 0);
+        big[2..4].copy_from_slice(&1200u16.to_be_bytes());
+        let mut most = 0;
+        for i in 0..2000u64 {
+            let mut log = OutboundLog::default();
+            log.record(&big, start + Duration::from_micros(i));
+            f.hand_over(&mut log);
+            let pending = lock(&f.pending);
+            most = most.max(pending.bytes.capacity());
+            assert!(pending.bytes.len() < MAX_PENDING_BYTES);
+        }
+        // The log's buffer never grew past the bound's next doubling.
+        assert!(
+            most <= 2 * MAX_PENDING_BYTES,
+            "pending grew to {most} bytes"
+        );
+        // Nothing was lost on the way: the flow is recorded.
+        f.apply_pending();
+        assert_eq!(lock(&f.filter).flow_count(), 1);
     }
 }
