@@ -76,6 +76,9 @@ struct Opts {
     /// Rules in the dense policy.
     #[arg(long, env = "WARD_LOAD_RULES", default_value_t = 50)]
     rules: usize,
+    /// Share of the users in each of the policy's ten groups, in percent.
+    #[arg(long, env = "WARD_LOAD_GROUP_PERCENT", default_value_t = 70)]
+    group_percent: usize,
     /// Each device sends a posture report at least this often (seconds); `ward daemon`'s
     /// default is 30.
     #[arg(long, env = "WARD_LOAD_POSTURE_INTERVAL", default_value_t = 30)]
@@ -161,7 +164,10 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
         coord.admin(&["user", "add", u]).await?;
     }
     let policy_path = opts.work_dir.join("policy.toml");
-    std::fs::write(&policy_path, dense_policy(&users, opts.rules, 1))?;
+    std::fs::write(
+        &policy_path,
+        dense_policy(&users, opts.rules, opts.group_percent, 1),
+    )?;
     coord
         .admin(&["policy", "apply", path_str(&policy_path)?])
         .await?;
@@ -308,7 +314,10 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
     eprintln!("load: policy change");
     let live = shared.count(|r| r.connected && r.revoked_at.is_none());
     let v0 = shared.max(|r| r.policy_version.unwrap_or(0));
-    std::fs::write(&policy_path, dense_policy(&users, opts.rules, 2))?;
+    std::fs::write(
+        &policy_path,
+        dense_policy(&users, opts.rules, opts.group_percent, 2),
+    )?;
     let nm0: u64 = shared.sum(|r| r.netmap_bytes);
     let cpu0 = coord.cpu_s();
     let t_pol = Instant::now();
@@ -459,10 +468,11 @@ async fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 // ---- the dense policy ---------------------------------------------------------------------
 
-/// 10 groups of 70% of the users each, `g-all` of all of them, 25 services on the groups,
-/// `rules - 1` rules between them and one rule to the `everyone` service, whose port changes
-/// with `version` (so a new version changes every device's inbound filter).
-fn dense_policy(users: &[String], rules: usize, version: u32) -> String {
+/// 10 groups of `percent`% of the users each (70 by default), `g-all` of all of them, 25
+/// services on the groups, `rules - 1` rules between them and one rule to the `everyone`
+/// service, whose port changes with `version` (so a new version changes every device's
+/// inbound filter).
+fn dense_policy(users: &[String], rules: usize, percent: usize, version: u32) -> String {
     use std::fmt::Write;
     let list = |f: &dyn Fn(usize) -> bool| {
         users
@@ -475,7 +485,11 @@ fn dense_policy(users: &[String], rules: usize, version: u32) -> String {
     };
     let mut p = String::from("# ward load: the dense policy (generated)\n[groups]\n");
     for g in 0..10 {
-        let _ = writeln!(p, "g{g} = [{}]", list(&|u| (u + g) % 10 < 7));
+        let _ = writeln!(
+            p,
+            "g{g} = [{}]",
+            list(&|u| ((u + g * 7) % users.len()) * 100 < percent * users.len())
+        );
     }
     let _ = writeln!(p, "g-all = [{}]\n", list(&|_| true));
     for s in 0..25 {
@@ -892,6 +906,15 @@ impl Dev {
                 r.last_netmap_at = Some(at);
                 r.last_full_netmap_at = Some(at);
                 if r.first_netmap_at.is_none() {
+                    if self.slot == 0 {
+                        if let Some(path) = std::env::var_os("WARD_LOAD_DUMP_NETMAP") {
+                            // For reading what a netmap is made of: the first one of session 0.
+                            let _ = std::fs::write(
+                                path,
+                                serde_json::to_vec_pretty(nm).unwrap_or_default(),
+                            );
+                        }
+                    }
                     r.first_netmap_at = Some(at);
                     r.first_netmap_bytes = size;
                     r.first_netmap_peers = nm.peers.len() as u64;
@@ -1163,6 +1186,7 @@ impl Report {
         r.set("sessions_asked", opts.sessions.into());
         r.set("per_endpoint", opts.per_endpoint.into());
         r.set("rules", opts.rules.into());
+        r.set("group_percent", opts.group_percent.into());
         r.set("users", opts.users.into());
         r.set("posture_interval_s", opts.posture_interval.into());
         r.set("lease_ttl", opts.lease_ttl.clone().into());
