@@ -10,15 +10,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== building (release): ward, ward-coordinator, examples dp_pair and netmap_bench"
+echo "== building (release): ward, ward-coordinator, examples dp_pair, netmap_bench and load"
 # One invocation, so the bins and the examples share one feature resolution (one build).
-cargo build --locked --release --workspace --bins --example dp_pair --example netmap_bench
+cargo build --locked --release --workspace --bins --example dp_pair --example netmap_bench --example load
 
 echo "== netmap_bench, 200 devices"
 target/release/examples/netmap_bench 200
 
 echo "== dp_pair genkey"
 target/release/examples/dp_pair genkey >/dev/null
+
+echo "== bench/load.sh --smoke (20 real device sessions on loopback, no root)"
+WARD_BIN_DIR=target/release bench/load.sh --smoke
 
 if [[ $EUID -ne 0 ]]; then
     echo "SKIPPED: client/examples/dp_pair.sh, bench/throughput.sh --smoke and bench/relay.sh --smoke need root (network namespaces, TUN); they were NOT run"

@@ -1,0 +1,1492 @@
+//! A control-plane load tool: one process opens N real device control sessions to a Ward
+//! coordinator it starts on loopback, and measures what the coordinator does with them.
+//!
+//! Every session is a device enrolled for real (its own identity key, CSR and certificate,
+//! through `control::Channel` and the coordinator's enrollment), holding a mutual-TLS QUIC
+//! control session driven by the device's own protocol core (`agent::Agent`): hello, clock
+//! pings, lease requests and key rotation, posture reports at the agent's cadence, netmaps and
+//! deltas applied as the daemon applies them. Only the data plane is absent (no TUN, no
+//! WireGuard): the agent's data-plane events are answered as a device with no traffic would.
+//!
+//! ```text
+//! ward-coordinator init + serve (child; PID in WORK/coordinator.pid)
+//! users, a dense policy (50 rules, groups covering most devices), multi-use tokens
+//! enroll N devices (concurrency C)                      → enrollment rate
+//! open N sessions (QUIC endpoints bound to 127.x.y.z)   → time until every first netmap
+//! steady state                                          → coordinator CPU, message rates
+//! policy apply (marker service changed)                 → per-session time to the new version
+//! device revoke / device quarantine                     → time to the device and its peers
+//! kill -9 + serve                                       → time until every session has a new netmap
+//! ```
+//!
+//! Sessions are spread over QUIC endpoints (`--per-endpoint`, default 64 sessions per UDP
+//! socket), each bound to its own loopback address (127.1.x.y): the coordinator's enrollment
+//! gate gives each source address a burst of 128 attempts and 2 a second after that, so one
+//! address would throttle the enrollment of thousands of devices. The coordinator keeps its
+//! defaults; nothing is weakened for the test.
+//!
+//! Run through `bench/load.sh`; `--help` lists the options (each also an env var).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Semaphore};
+
+use ward_client::agent::{
+    routes::RouteOptions, Agent, AgentConfig, DataPlaneEvent, Event, Now, PrivateKey,
+};
+use ward_client::control::{self, Channel};
+use ward_shared::posture::{Measured, PostureReport};
+use ward_shared::token::EnrollToken;
+use ward_shared::wire::{
+    self, Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, EnrollRequest, Enrolled,
+    TokenSecret, PROTOCOL_VERSION,
+};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Open N real device control sessions against a coordinator and measure it")]
+struct Opts {
+    /// Device sessions to open.
+    #[arg(long, env = "WARD_LOAD_SESSIONS", default_value_t = 100)]
+    sessions: usize,
+    /// The `ward-coordinator` binary to run.
+    #[arg(long, env = "WARD_LOAD_COORDINATOR")]
+    coordinator: PathBuf,
+    /// An empty directory for the coordinator's data dir, its log and PID file.
+    #[arg(long, env = "WARD_LOAD_WORK_DIR")]
+    work_dir: PathBuf,
+    /// Sessions per QUIC endpoint (one UDP socket, one loopback source address each).
+    #[arg(long, env = "WARD_LOAD_PER_ENDPOINT", default_value_t = 64)]
+    per_endpoint: usize,
+    /// Enrollments in flight at once.
+    #[arg(long, env = "WARD_LOAD_ENROLL_CONCURRENCY", default_value_t = 16)]
+    enroll_concurrency: usize,
+    /// Sessions started per second (the agents then connect, and reconnect, by themselves).
+    #[arg(long, env = "WARD_LOAD_OPEN_RATE", default_value_t = 500)]
+    open_rate: u64,
+    /// Users the devices belong to (round robin); the policy's groups are made of them.
+    #[arg(long, env = "WARD_LOAD_USERS", default_value_t = 20)]
+    users: usize,
+    /// Rules in the dense policy.
+    #[arg(long, env = "WARD_LOAD_RULES", default_value_t = 50)]
+    rules: usize,
+    /// Share of the users in each of the policy's ten groups, in percent.
+    #[arg(long, env = "WARD_LOAD_GROUP_PERCENT", default_value_t = 70)]
+    group_percent: usize,
+    /// Each device sends a posture report at least this often (seconds); `ward daemon`'s
+    /// default is 30.
+    #[arg(long, env = "WARD_LOAD_POSTURE_INTERVAL", default_value_t = 30)]
+    posture_interval: u64,
+    /// Passed to `serve --lease-ttl` (keys rotate before their lease ends: lease requests).
+    #[arg(long, env = "WARD_LOAD_LEASE_TTL", default_value = "10m")]
+    lease_ttl: String,
+    /// Seconds of steady state measured after every session is up.
+    #[arg(long, env = "WARD_LOAD_STEADY", default_value_t = 10)]
+    steady: u64,
+    /// Devices revoked, and devices quarantined, one after the other.
+    #[arg(long, env = "WARD_LOAD_REVOCATIONS", default_value_t = 3)]
+    revocations: usize,
+    /// The longest any phase may take (seconds) before it is reported incomplete.
+    #[arg(long, env = "WARD_LOAD_PHASE_TIMEOUT", default_value_t = 120)]
+    phase_timeout: u64,
+    /// Skip the kill -9 + restart phase.
+    #[arg(long, env = "WARD_LOAD_NO_RESTART")]
+    no_restart: bool,
+    /// Write every figure here as JSON.
+    #[arg(long, env = "WARD_LOAD_JSON")]
+    json: Option<PathBuf>,
+    /// Fail (exit 1) unless every device enrolled, every session got every change, and the
+    /// bounds below hold.
+    #[arg(long, env = "WARD_LOAD_CHECK")]
+    check: bool,
+    /// With --check: the policy change's p99 (ms) must stay below this.
+    #[arg(long, env = "WARD_LOAD_MAX_POLICY_P99_MS", default_value_t = 20_000)]
+    max_policy_p99_ms: u64,
+    /// With --check: every revocation must reach its device and peers within this (ms).
+    #[arg(long, env = "WARD_LOAD_MAX_REVOKE_MS", default_value_t = 20_000)]
+    max_revoke_ms: u64,
+    /// With --check: every session must be back within this after the restart (ms).
+    #[arg(long, env = "WARD_LOAD_MAX_RESYNC_MS", default_value_t = 90_000)]
+    max_resync_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let opts = Opts::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WARD_LOAD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if opts.sessions == 0 || opts.per_endpoint == 0 || opts.users == 0 {
+        bail!("--sessions, --per-endpoint and --users must be at least 1");
+    }
+    let mut coord = Coordinator::start(&opts).await?;
+    let res = run(&opts, &mut coord).await;
+    coord.stop().await;
+    let report = res?;
+    println!("{}", report.table());
+    if let Some(p) = &opts.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&report.json)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if opts.check {
+        if report.failures.is_empty() {
+            println!("load check: PASS");
+        } else {
+            for f in &report.failures {
+                println!("load check: FAIL {f}");
+            }
+            std::process::exit(1);
+        }
+    }
+    Ok(())
+}
+
+// ---- the run ------------------------------------------------------------------------------
+
+async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
+    let mut rep = Report::new(opts);
+    rep.note("load_before", loadavg());
+    let cpu_start = coord.cpu_s();
+
+    // Users, the dense policy, tokens.
+    let users: Vec<String> = (0..opts.users).map(|u| format!("u{u:03}")).collect();
+    for u in &users {
+        coord.admin(&["user", "add", u]).await?;
+    }
+    let policy_path = opts.work_dir.join("policy.toml");
+    std::fs::write(
+        &policy_path,
+        dense_policy(&users, opts.rules, opts.group_percent, 1),
+    )?;
+    coord
+        .admin(&["policy", "apply", path_str(&policy_path)?])
+        .await?;
+    let per_user = opts.sessions.div_ceil(users.len()) + 1;
+    let mut tokens = Vec::new();
+    for u in &users {
+        let t = coord
+            .admin(&[
+                "token",
+                "create",
+                "--user",
+                u,
+                "--uses",
+                &per_user.to_string(),
+                "--ttl",
+                "2h",
+            ])
+            .await?;
+        tokens.push(Arc::new(
+            EnrollToken::parse(t.trim()).map_err(|e| anyhow!("token: {e}"))?,
+        ));
+    }
+    let addr = coord.addr;
+
+    // Endpoints, one source address each.
+    let n_ep = opts.sessions.div_ceil(opts.per_endpoint);
+    let mut endpoints = Vec::with_capacity(n_ep);
+    for e in 0..n_ep {
+        let ip = Ipv4Addr::new(127, 1, (e / 250) as u8, (e % 250 + 1) as u8);
+        let ep = quinn::Endpoint::client(SocketAddr::new(IpAddr::V4(ip), 0))
+            .with_context(|| format!("binding a QUIC endpoint on {ip}"))?;
+        endpoints.push(ep);
+    }
+
+    // Enrollment.
+    eprintln!("load: enrolling {} devices", opts.sessions);
+    let cpu0 = coord.cpu_s();
+    let t0 = Instant::now();
+    let sem = Arc::new(Semaphore::new(opts.enroll_concurrency.max(1)));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..opts.sessions {
+        let permit = sem.clone().acquire_owned().await?;
+        let ep = endpoints[i / opts.per_endpoint].clone();
+        let token = tokens[i % tokens.len()].clone();
+        set.spawn(async move {
+            let r = enroll_retrying(&ep, addr, &token, &format!("load-{i}")).await;
+            drop(permit);
+            (i, r)
+        });
+    }
+    let mut devices: Vec<Option<(Enrolled, String)>> = vec![None; opts.sessions];
+    let mut enroll_errors = BTreeMap::<String, usize>::new();
+    while let Some(j) = set.join_next().await {
+        match j {
+            Ok((i, Ok(d))) => devices[i] = Some(d),
+            Ok((_, Err(e))) => *enroll_errors.entry(format!("{e:#}")).or_default() += 1,
+            Err(e) => *enroll_errors.entry(format!("task: {e}")).or_default() += 1,
+        }
+    }
+    let enroll_s = t0.elapsed().as_secs_f64();
+    let enrolled: Vec<(usize, Enrolled, String)> = devices
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, d)| d.map(|(e, k)| (i, e, k)))
+        .collect();
+    let n = enrolled.len();
+    rep.enroll(n, enroll_s, coord.cpu_s() - cpu0, &enroll_errors);
+    if n == 0 {
+        bail!("no device enrolled: {enroll_errors:?}");
+    }
+
+    // Sessions.
+    eprintln!("load: opening {n} sessions");
+    let shared = Arc::new(Shared {
+        recs: (0..n).map(|_| Mutex::new(Rec::default())).collect(),
+        watch: RwLock::new((0, BTreeSet::new())),
+        posture_sent: AtomicU64::new(0),
+        leases_asked: AtomicU64::new(0),
+        pings: AtomicU64::new(0),
+        msgs_sent: AtomicU64::new(0),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let cpu0 = coord.cpu_s();
+    let t_open = Instant::now();
+    let mut sessions = tokio::task::JoinSet::new();
+    let gap = Duration::from_secs_f64(1.0 / opts.open_rate.max(1) as f64);
+    let mut names = Vec::with_capacity(n);
+    for (slot, (i, e, key_pem)) in enrolled.into_iter().enumerate() {
+        names.push((e.device_id, e.hostname.to_string()));
+        let dev = Dev {
+            slot,
+            endpoint: endpoints[i / opts.per_endpoint].clone(),
+            addr,
+            wg_port: 10_000 + (i % 50_000) as u16,
+            posture_interval: Duration::from_secs(opts.posture_interval.max(1)),
+            enrolled: e,
+            key_pem,
+        };
+        sessions.spawn(dev.run(shared.clone(), stop_rx.clone()));
+        if slot % 16 == 15 {
+            tokio::time::sleep(gap * 16).await;
+        }
+    }
+    let timeout = Duration::from_secs(opts.phase_timeout);
+    let up = wait_for(timeout, || {
+        shared.count(|r| r.first_netmap_at.is_some()) == n
+    })
+    .await;
+    let opens: Vec<Duration> = shared.collect(|r| r.first_netmap_at.map(|t| t - t_open));
+    let first_bytes: Vec<u64> = shared.collect(|r| Some(r.first_netmap_bytes));
+    let first_peers: Vec<u64> = shared.collect(|r| Some(r.first_netmap_peers));
+    rep.open(
+        n,
+        up,
+        &opens,
+        t_open.elapsed().as_secs_f64(),
+        coord.cpu_s() - cpu0,
+        &first_bytes,
+        &first_peers,
+    );
+
+    // Steady state.
+    eprintln!("load: steady state for {} s", opts.steady);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu0 = coord.cpu_s();
+    let tool0 = self_cpu_s();
+    let sent0 = shared.msgs_sent.load(Ordering::Relaxed);
+    let posture0 = shared.posture_sent.load(Ordering::Relaxed);
+    let bytes0: u64 = shared.sum(|r| r.bytes);
+    let t_steady = Instant::now();
+    tokio::time::sleep(Duration::from_secs(opts.steady)).await;
+    let secs = t_steady.elapsed().as_secs_f64();
+    rep.steady(
+        secs,
+        coord.cpu_s() - cpu0,
+        self_cpu_s() - tool0,
+        (shared.msgs_sent.load(Ordering::Relaxed) - sent0) as f64 / secs,
+        (shared.posture_sent.load(Ordering::Relaxed) - posture0) as f64 / secs,
+        (shared.sum(|r| r.bytes) - bytes0) as f64 / secs,
+        coord.rss(),
+    );
+
+    // A policy change that reaches every device (the marker service covers all of them).
+    eprintln!("load: policy change");
+    let live = shared.count(|r| r.connected && r.revoked_at.is_none());
+    let v0 = shared.max(|r| r.policy_version.unwrap_or(0));
+    std::fs::write(
+        &policy_path,
+        dense_policy(&users, opts.rules, opts.group_percent, 2),
+    )?;
+    let nm0: u64 = shared.sum(|r| r.netmap_bytes);
+    let cpu0 = coord.cpu_s();
+    let t_pol = Instant::now();
+    coord
+        .admin(&["policy", "apply", path_str(&policy_path)?])
+        .await?;
+    let apply_ms = t_pol.elapsed().as_secs_f64() * 1e3;
+    let done = wait_for(timeout, || {
+        shared.count(|r| r.policy_version.unwrap_or(0) > v0) >= live
+    })
+    .await;
+    let lat: Vec<Duration> = shared.collect(|r| {
+        r.policy_at
+            .filter(|_| r.policy_version.unwrap_or(0) > v0)
+            .map(|t| t.saturating_duration_since(t_pol))
+    });
+    rep.policy(
+        live,
+        done,
+        apply_ms,
+        &lat,
+        (shared.sum(|r| r.netmap_bytes) - nm0) as f64 / live.max(1) as f64,
+        coord.cpu_s() - cpu0,
+    );
+
+    // Revocations and quarantines: each target's own session, and its peers' deltas.
+    let k = opts.revocations.min(n / 4);
+    for (what, targets) in [
+        ("revoke", (0..k).map(|j| n - 1 - j).collect::<Vec<_>>()),
+        (
+            "quarantine",
+            (0..k).map(|j| n - 1 - k - j).collect::<Vec<_>>(),
+        ),
+    ] {
+        let mut own = Vec::new();
+        let mut peers = Vec::new();
+        let (mut expected, mut reached) = (0usize, 0usize);
+        for &t in &targets {
+            eprintln!("load: {what} {}", names[t].1);
+            let (id, name) = (names[t].0, names[t].1.clone());
+            let own0 = shared.get(t, |r| r.netmap_msgs);
+            let (gen, exp) = shared.arm_watch(id).await;
+            let start = Instant::now();
+            let args: Vec<&str> = match what {
+                "revoke" => vec!["device", "revoke", &name],
+                _ => vec!["device", "quarantine", &name, "--reason", "load test"],
+            };
+            coord.admin(&args).await?;
+            let own_done = |s: &Shared| match what {
+                "revoke" => s.get(t, |r| r.revoked_at.is_some()),
+                _ => s.get(t, |r| r.netmap_msgs > own0),
+            };
+            wait_for(Duration::from_secs(30), || {
+                own_done(&shared) && shared.count(|r| r.touched_gen == gen) >= exp
+            })
+            .await;
+            let own_at = match what {
+                "revoke" => shared.get(t, |r| r.revoked_at),
+                _ => shared.get(t, |r| r.last_netmap_at.filter(|_| r.netmap_msgs > own0)),
+            };
+            if let Some(a) = own_at {
+                own.push(a.saturating_duration_since(start));
+            }
+            let p: Vec<Duration> = shared.collect(|r| {
+                (r.touched_gen == gen && r.watch_peer_gen == gen)
+                    .then(|| r.touched_at.map(|a| a.saturating_duration_since(start)))
+                    .flatten()
+            });
+            expected += exp;
+            reached += p.len();
+            peers.extend(p);
+        }
+        rep.revocation(what, targets.len(), &own, expected, reached, &peers);
+    }
+
+    // Restart: kill -9, start again, every live session resyncs by itself.
+    if !opts.no_restart {
+        eprintln!("load: kill -9 and restart");
+        let live = shared.count(|r| r.connected && r.revoked_at.is_none());
+        rep.before_restart(coord.cpu_s() - cpu_start, coord.rss(), self_cpu_s());
+        let t_kill = Instant::now();
+        coord.kill().await;
+        coord.serve(opts).await?;
+        let up_ms = t_kill.elapsed().as_secs_f64() * 1e3;
+        let cpu0 = coord.cpu_s();
+        let done = wait_for(timeout, || {
+            shared.count(|r| r.revoked_at.is_none() && r.last_full_netmap_at > Some(t_kill)) >= live
+        })
+        .await;
+        let noticed: Vec<Duration> = shared.collect(|r| {
+            r.disconnected_at
+                .filter(|a| *a > t_kill)
+                .map(|a| a - t_kill)
+        });
+        let back: Vec<Duration> = shared.collect(|r| {
+            r.last_full_netmap_at
+                .filter(|a| *a > t_kill)
+                .map(|a| a - t_kill)
+        });
+        rep.restart(
+            live,
+            done,
+            up_ms,
+            &noticed,
+            &back,
+            coord.cpu_s() - cpu0,
+            coord.rss(),
+        );
+    } else {
+        rep.before_restart(coord.cpu_s() - cpu_start, coord.rss(), self_cpu_s());
+    }
+
+    let _ = stop_tx.send(true);
+    let stop_by = tokio::time::sleep(Duration::from_secs(5));
+    tokio::pin!(stop_by);
+    loop {
+        tokio::select! {
+            j = sessions.join_next() => if j.is_none() { break },
+            _ = &mut stop_by => { sessions.abort_all(); break }
+        }
+    }
+    for ep in &endpoints {
+        ep.close(0u32.into(), b"done");
+    }
+    rep.totals(
+        shared.posture_sent.load(Ordering::Relaxed),
+        shared.leases_asked.load(Ordering::Relaxed),
+        shared.pings.load(Ordering::Relaxed),
+        shared.sum(|r| r.rotations),
+    );
+    rep.note("load_after", loadavg());
+    Ok(rep)
+}
+
+/// Polls `done` every 50 ms until it holds or `timeout` passes; whether it held.
+async fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- the dense policy ---------------------------------------------------------------------
+
+/// 10 groups of `percent`% of the users each (70 by default), `g-all` of all of them, 25
+/// services on the groups, `rules - 1` rules between them and one rule to the `everyone`
+/// service, whose port changes with `version` (so a new version changes every device's
+/// inbound filter).
+fn dense_policy(users: &[String], rules: usize, percent: usize, version: u32) -> String {
+    use std::fmt::Write;
+    let list = |f: &dyn Fn(usize) -> bool| {
+        users
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| f(*i))
+            .map(|(_, u)| format!("{u:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut p = String::from("# ward load: the dense policy (generated)\n[groups]\n");
+    for g in 0..10 {
+        let _ = writeln!(
+            p,
+            "g{g} = [{}]",
+            list(&|u| ((u + g * 7) % users.len()) * 100 < percent * users.len())
+        );
+    }
+    let _ = writeln!(p, "g-all = [{}]\n", list(&|_| true));
+    for s in 0..25 {
+        let _ = writeln!(
+            p,
+            "[services.s{s}]\ndevices = [\"group:g{}\"]\nports = [\"tcp/{}\", \"udp/{}\"]\n",
+            s % 10,
+            2000 + s,
+            3000 + s
+        );
+    }
+    let _ = writeln!(
+        p,
+        "[services.everyone]\ndevices = [\"group:g-all\"]\nports = [\"tcp/{}\", \"icmp\"]\n",
+        40_000 + version
+    );
+    for r in 0..rules.saturating_sub(1) {
+        let _ = writeln!(
+            p,
+            "[[rules]]\nname = \"r{r}\"\nfrom = [\"group:g{}\"]\nto = [\"s{}\"]\n",
+            r % 10,
+            (r * 7) % 25
+        );
+    }
+    let _ = writeln!(
+        p,
+        "[[rules]]\nname = \"everyone\"\nfrom = [\"group:g0\"]\nto = [\"everyone\"]"
+    );
+    p
+}
+
+// ---- enrollment ---------------------------------------------------------------------------
+
+/// Enrolls through the control channel's own code (`Channel`, the pinned-CA config), over a
+/// shared endpoint; a busy coordinator is tried again.
+async fn enroll_retrying(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    token: &EnrollToken,
+    hostname: &str,
+) -> Result<(Enrolled, String)> {
+    let mut last = None;
+    for attempt in 0..5u32 {
+        match enroll(ep, addr, token, hostname).await {
+            Ok(d) => return Ok(d),
+            Err(e) => {
+                if e.downcast_ref::<control::Refused>()
+                    .is_some_and(|r| r.code != wire::ErrorCode::Internal)
+                {
+                    return Err(e);
+                }
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no attempt made")))
+}
+
+async fn enroll(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    token: &EnrollToken,
+    hostname: &str,
+) -> Result<(Enrolled, String)> {
+    let key = rcgen::KeyPair::generate()?;
+    let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
+    let mut ch = Channel::open(ep, control::enroll_config(token.ca_sha256)?, addr).await?;
+    ch.send(&DeviceMsg::Enroll(EnrollRequest {
+        protocol: PROTOCOL_VERSION,
+        token_id: token.id_hex(),
+        token_secret: TokenSecret(Bytes(token.secret.expose().to_vec())),
+        hostname: hostname.to_string(),
+        os: "linux".into(),
+        csr_der: Bytes(csr.der().to_vec()),
+    }))
+    .await?;
+    let reply = tokio::time::timeout(control::CONNECT_TIMEOUT, ch.recv())
+        .await
+        .map_err(|_| anyhow!("the coordinator did not answer the enrollment"))??;
+    ch.close("enrolled");
+    match reply {
+        Some(CoordinatorMsg::Enrolled(e)) => {
+            if Sha256::digest(&e.ca_der.0).as_slice() != token.ca_sha256 {
+                bail!("the coordinator sent a CA that does not match the token");
+            }
+            Ok((e, key.serialize_pem()))
+        }
+        Some(CoordinatorMsg::Error { code, message }) => {
+            Err(control::Refused { code, message }.into())
+        }
+        Some(other) => bail!("unexpected answer: {}", control::msg_type(&other)),
+        None => bail!("the coordinator closed the connection without answering"),
+    }
+}
+
+// ---- one device's session -----------------------------------------------------------------
+
+/// What the measurements read from each session (one lock per session, taken briefly).
+#[derive(Default)]
+struct Rec {
+    connected: bool,
+    first_netmap_at: Option<Instant>,
+    first_netmap_bytes: u64,
+    first_netmap_peers: u64,
+    last_full_netmap_at: Option<Instant>,
+    last_netmap_at: Option<Instant>,
+    netmap_msgs: u64,
+    /// Bytes of every coordinator message (re-encoded as on the wire: length prefix + JSON).
+    bytes: u64,
+    /// Of `bytes`, netmaps and deltas.
+    netmap_bytes: u64,
+    policy_version: Option<u64>,
+    policy_at: Option<Instant>,
+    revoked_at: Option<Instant>,
+    disconnected_at: Option<Instant>,
+    rotations: u64,
+    /// The watch generation whose device this session had as a peer when it was armed.
+    watch_peer_gen: u64,
+    /// The watch generation for which a delta mentioning the watched device arrived, and when.
+    touched_gen: u64,
+    touched_at: Option<Instant>,
+    /// The watch generation this session has looked at.
+    seen_gen: u64,
+}
+
+struct Shared {
+    recs: Vec<Mutex<Rec>>,
+    /// (generation, devices watched): deltas that remove or change one are timed.
+    watch: RwLock<(u64, BTreeSet<DeviceId>)>,
+    posture_sent: AtomicU64,
+    leases_asked: AtomicU64,
+    pings: AtomicU64,
+    msgs_sent: AtomicU64,
+}
+
+impl Shared {
+    fn get<T>(&self, i: usize, f: impl FnOnce(&Rec) -> T) -> T {
+        f(&self.recs[i].lock().unwrap_or_else(|p| p.into_inner()))
+    }
+    fn count(&self, f: impl Fn(&Rec) -> bool) -> usize {
+        self.recs
+            .iter()
+            .filter(|r| f(&r.lock().unwrap_or_else(|p| p.into_inner())))
+            .count()
+    }
+    fn sum(&self, f: impl Fn(&Rec) -> u64) -> u64 {
+        self.recs
+            .iter()
+            .map(|r| f(&r.lock().unwrap_or_else(|p| p.into_inner())))
+            .sum()
+    }
+    fn max(&self, f: impl Fn(&Rec) -> u64) -> u64 {
+        self.recs
+            .iter()
+            .map(|r| f(&r.lock().unwrap_or_else(|p| p.into_inner())))
+            .max()
+            .unwrap_or(0)
+    }
+    fn collect<T>(&self, f: impl Fn(&Rec) -> Option<T>) -> Vec<T> {
+        self.recs
+            .iter()
+            .filter_map(|r| f(&r.lock().unwrap_or_else(|p| p.into_inner())))
+            .collect()
+    }
+    fn watching(&self) -> (u64, bool) {
+        let w = self.watch.read().unwrap_or_else(|p| p.into_inner());
+        (w.0, !w.1.is_empty())
+    }
+    fn watched(&self, id: DeviceId) -> Option<u64> {
+        let w = self.watch.read().unwrap_or_else(|p| p.into_inner());
+        w.1.contains(&id).then_some(w.0)
+    }
+    /// Watches `id` under a new generation; waits until every live session has looked
+    /// whether it holds `id` as a peer (each does at its next tick, within 250 ms). Returns
+    /// the generation and how many sessions hold it.
+    async fn arm_watch(&self, id: DeviceId) -> (u64, usize) {
+        let gen = {
+            let mut w = self.watch.write().unwrap_or_else(|p| p.into_inner());
+            w.0 += 1;
+            w.1 = BTreeSet::from([id]);
+            w.0
+        };
+        wait_for(Duration::from_secs(5), || {
+            self.count(|r| r.connected && r.revoked_at.is_none() && r.seen_gen < gen) == 0
+        })
+        .await;
+        (gen, self.count(|r| r.watch_peer_gen == gen))
+    }
+}
+
+struct Dev {
+    slot: usize,
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    wg_port: u16,
+    posture_interval: Duration,
+    enrolled: Enrolled,
+    key_pem: String,
+}
+
+type Opening = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Channel>> + Send>>;
+
+impl Dev {
+    /// The daemon's session loop (`daemon/session.rs`) without a data plane: the agent core
+    /// decides everything; this only carries messages and answers its events.
+    async fn run(self, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+        let e = &self.enrolled;
+        let cfg = match control::session_config(&e.ca_der.0, &e.cert_der.0, &self.key_pem) {
+            Ok(c) => c,
+            Err(err) => {
+                eprintln!("load: {}: no session config: {err:#}", e.hostname);
+                return;
+            }
+        };
+        let mut agent = Agent::new(
+            AgentConfig {
+                device_id: e.device_id,
+                ipv4: e.ipv4,
+                ipv6: e.ipv6,
+                lease_key: ward_shared::lease::issuer_key(&e.lease_key.0),
+                private_key: PrivateKey(rand::random()),
+                cert_not_after_ms: e.cert_not_after_ms,
+                posture_interval: self.posture_interval,
+                os: "linux".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                seed: rand::random(),
+                routes: RouteOptions::default(),
+            },
+            now(),
+        );
+        let mut channel: Option<Channel> = None;
+        let mut opening: Option<Opening> = None;
+        let rec = &shared.recs[self.slot];
+        let lock = || rec.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            // Events first (some feed the agent inputs), then what it queued to send.
+            while let Some(ev) = agent.poll_event() {
+                match ev {
+                    Event::Connect => {
+                        channel = None;
+                        let (ep, cfg, addr) = (self.endpoint.clone(), cfg.clone(), self.addr);
+                        opening =
+                            Some(Box::pin(async move { Channel::open(&ep, cfg, addr).await }));
+                    }
+                    Event::CloseSession => {
+                        if let Some(ch) = channel.take() {
+                            ch.close("closing");
+                        }
+                    }
+                    Event::Connected { .. } => lock().connected = true,
+                    Event::Disconnected { revoked, .. } => {
+                        let mut r = lock();
+                        r.connected = false;
+                        r.disconnected_at = Some(Instant::now());
+                        if revoked {
+                            r.revoked_at = Some(Instant::now());
+                        }
+                    }
+                    Event::NeedKey => agent.provide_key(PrivateKey(rand::random())),
+                    Event::NeedCsr => match csr(&self.key_pem) {
+                        Ok(der) => agent.handle_csr(der),
+                        Err(err) => eprintln!("load: {}: csr: {err:#}", e.hostname),
+                    },
+                    Event::NeedUpdate => {
+                        let u = self.update(&agent);
+                        agent.handle_local_update(u);
+                    }
+                    Event::CollectPosture {
+                        seq,
+                        clock_offset_ms,
+                        ..
+                    } => {
+                        let at = ward_runtime::now_ms() + clock_offset_ms;
+                        let mut r = PostureReport::unknown(e.device_id, seq, at);
+                        r.firewall = Measured::value(at, true);
+                        agent.handle_posture(r, now());
+                    }
+                    Event::TakeFlowSamples => agent.handle_dataplane_event(
+                        DataPlaneEvent::FlowSamples {
+                            samples: Vec::new(),
+                            dropped: 0,
+                        },
+                        now(),
+                    ),
+                    Event::SwitchKey { .. } => lock().rotations += 1,
+                    // No data plane, no relays: nothing to configure or probe.
+                    Event::SetPeers(_)
+                    | Event::SetFilter(_)
+                    | Event::SetRoutes { .. }
+                    | Event::SetShadowFilter(_)
+                    | Event::SetClockOffset(_)
+                    | Event::SaveCert { .. }
+                    | Event::SelfName(_)
+                    | Event::TakeDeniedFlows
+                    | Event::ResolveRelay(_)
+                    | Event::SendDiscovery { .. }
+                    | Event::Relay(_)
+                    | Event::SetRelays(_)
+                    | Event::Punch { .. }
+                    | Event::NetworkChanged => {}
+                }
+            }
+            if lock().revoked_at.is_some() {
+                // The device left the network, as `ward daemon` does; nothing more to measure.
+                return;
+            }
+            while let Some(msg) = agent.poll_transmit() {
+                match &msg {
+                    DeviceMsg::Posture(_) => shared.posture_sent.fetch_add(1, Ordering::Relaxed),
+                    DeviceMsg::LeaseRequest { .. } => {
+                        shared.leases_asked.fetch_add(1, Ordering::Relaxed)
+                    }
+                    DeviceMsg::Ping { .. } => shared.pings.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                let Some(ch) = channel.as_mut() else { continue };
+                shared.msgs_sent.fetch_add(1, Ordering::Relaxed);
+                if let Err(err) = ch.send(&msg).await {
+                    channel = None;
+                    agent.handle_disconnected(Some(format!("{err:#}")), now());
+                }
+            }
+            let deadline = agent.poll_timeout();
+            // The `expect`s cannot fire: each branch runs only while its option is `Some`.
+            let step = tokio::select! {
+                _ = stop.changed() => Step::Stop,
+                res = async { opening.as_mut().expect("guarded").await }, if opening.is_some() => Step::Opened(res),
+                msg = async { channel.as_mut().expect("guarded").recv().await }, if channel.is_some() => Step::Msg(msg),
+                _ = tokio::time::sleep_until(deadline.into()) => Step::Tick,
+            };
+            match step {
+                Step::Stop => break,
+                Step::Opened(res) => {
+                    opening = None;
+                    match res {
+                        Ok(ch) => {
+                            channel = Some(ch);
+                            let u = self.update(&agent);
+                            agent.handle_connected(u, now());
+                        }
+                        Err(err) => agent.handle_disconnected(Some(format!("{err:#}")), now()),
+                    }
+                }
+                Step::Msg(Ok(Some(m))) => {
+                    let at = Instant::now();
+                    self.observe(&shared, &m, at);
+                    agent.handle_coordinator_msg(m, now());
+                    let v = agent.netmap().and_then(|n| n.policy_version);
+                    let mut r = lock();
+                    if v != r.policy_version {
+                        r.policy_version = v;
+                        r.policy_at = Some(at);
+                    }
+                }
+                Step::Msg(Ok(None)) => {
+                    channel = None;
+                    agent.handle_disconnected(None, now());
+                }
+                Step::Msg(Err(err)) => {
+                    channel = None;
+                    agent.handle_disconnected(Some(format!("{err:#}")), now());
+                }
+                Step::Tick => {
+                    let now = now();
+                    agent.handle_dataplane_event(DataPlaneEvent::PeersOnOldKey(0), now);
+                    agent.handle_tick(now);
+                    let (gen, active) = shared.watching();
+                    let seen = lock().seen_gen;
+                    if active && seen < gen {
+                        let w = shared
+                            .watch
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .1
+                            .clone();
+                        let has = agent
+                            .netmap()
+                            .is_some_and(|n| n.peers.iter().any(|p| w.contains(&p.device_id)));
+                        let mut r = lock();
+                        r.seen_gen = gen;
+                        if has {
+                            r.watch_peer_gen = gen;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(ch) = channel.take() {
+            ch.close("stopping");
+        }
+    }
+
+    /// Counts one coordinator message into this session's record.
+    fn observe(&self, shared: &Shared, m: &CoordinatorMsg, at: Instant) {
+        let size = wire::encode(m).len() as u64;
+        let mut touched = None;
+        if let CoordinatorMsg::NetmapDelta(d) = m {
+            for id in d.remove.iter().chain(d.upsert.iter().map(|p| &p.device_id)) {
+                if let Some(gen) = shared.watched(*id) {
+                    touched = Some(gen);
+                }
+            }
+        }
+        let mut r = shared.recs[self.slot]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        r.bytes += size;
+        match m {
+            CoordinatorMsg::Netmap(nm) => {
+                r.netmap_bytes += size;
+                r.netmap_msgs += 1;
+                r.connected = true;
+                r.last_netmap_at = Some(at);
+                r.last_full_netmap_at = Some(at);
+                if r.first_netmap_at.is_none() {
+                    if self.slot == 0 {
+                        if let Some(path) = std::env::var_os("WARD_LOAD_DUMP_NETMAP") {
+                            // For reading what a netmap is made of: the first one of session 0.
+                            let _ = std::fs::write(
+                                path,
+                                serde_json::to_vec_pretty(nm).unwrap_or_default(),
+                            );
+                        }
+                    }
+                    r.first_netmap_at = Some(at);
+                    r.first_netmap_bytes = size;
+                    r.first_netmap_peers = nm.peers.len() as u64;
+                }
+            }
+            CoordinatorMsg::NetmapDelta(_) => {
+                r.netmap_bytes += size;
+                r.netmap_msgs += 1;
+                r.last_netmap_at = Some(at);
+            }
+            _ => {}
+        }
+        if let Some(gen) = touched {
+            if r.touched_gen != gen {
+                r.touched_gen = gen;
+                r.touched_at = Some(at);
+            }
+        }
+    }
+
+    /// What `hello` and `update` carry: the agent's current key, a port, one endpoint.
+    fn update(&self, agent: &Agent) -> DeviceUpdate {
+        let ip = self
+            .endpoint
+            .local_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        DeviceUpdate {
+            wg_public_key: Some(agent.public_key()),
+            wg_port: self.wg_port,
+            local_endpoints: vec![SocketAddr::new(ip, self.wg_port)],
+            ..DeviceUpdate::default()
+        }
+    }
+}
+
+enum Step {
+    Stop,
+    Opened(Result<Channel>),
+    Msg(Result<Option<CoordinatorMsg>>),
+    Tick,
+}
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix_ms: ward_runtime::now_ms(),
+    }
+}
+
+fn csr(key_pem: &str) -> Result<Vec<u8>> {
+    let key = rcgen::KeyPair::from_pem(key_pem)?;
+    Ok(rcgen::CertificateParams::default()
+        .serialize_request(&key)?
+        .der()
+        .to_vec())
+}
+
+// ---- the coordinator process --------------------------------------------------------------
+
+struct Coordinator {
+    bin: PathBuf,
+    data_dir: PathBuf,
+    work_dir: PathBuf,
+    addr: SocketAddr,
+    child: Option<tokio::process::Child>,
+    pid: u32,
+    /// CPU seconds of processes already gone (killed), so totals span restarts.
+    cpu_before: f64,
+}
+
+impl Coordinator {
+    async fn start(opts: &Opts) -> Result<Self> {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let data_dir = opts.work_dir.join("coordinator");
+        let out = tokio::process::Command::new(&opts.coordinator)
+            .args(["init", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--public-addr", &addr.to_string()])
+            .output()
+            .await
+            .with_context(|| format!("running {}", opts.coordinator.display()))?;
+        if !out.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut c = Coordinator {
+            bin: opts.coordinator.clone(),
+            data_dir,
+            work_dir: opts.work_dir.clone(),
+            addr,
+            child: None,
+            pid: 0,
+            cpu_before: 0.0,
+        };
+        c.serve(opts).await?;
+        Ok(c)
+    }
+
+    /// Starts `serve` (its PID in WORK/coordinator.pid) and waits for its admin socket.
+    async fn serve(&mut self, opts: &Opts) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work_dir.join("coordinator.log"))?;
+        let child = tokio::process::Command::new(&self.bin)
+            .args(["serve", "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--lease-ttl", &opts.lease_ttl])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the coordinator")?;
+        self.pid = child
+            .id()
+            .ok_or_else(|| anyhow!("the coordinator exited at once"))?;
+        self.child = Some(child);
+        std::fs::write(self.work_dir.join("coordinator.pid"), self.pid.to_string())?;
+        let ok = wait_for_async(Duration::from_secs(30), || async {
+            self.admin(&["device", "ls", "--json"]).await.is_ok()
+        })
+        .await;
+        if !ok {
+            bail!("the coordinator did not come up (see its log)");
+        }
+        Ok(())
+    }
+
+    /// Runs an admin command; its stdout.
+    async fn admin(&self, args: &[&str]) -> Result<String> {
+        let out = tokio::process::Command::new(&self.bin)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "ward-coordinator {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn cpu_s(&self) -> f64 {
+        self.cpu_before + proc_cpu_s(&format!("/proc/{}/stat", self.pid)).unwrap_or(0.0)
+    }
+
+    /// (peak RSS, current RSS) in MiB of the running process.
+    fn rss(&self) -> (f64, f64) {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let kib = |k: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (kib("VmHWM:") / 1024.0, kib("VmRSS:") / 1024.0)
+    }
+
+    async fn kill(&mut self) {
+        self.cpu_before = self.cpu_s();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM first: a clean shutdown.
+            // SAFETY: kill(2) on our own child's PID, which `c` has not reaped yet.
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGTERM);
+            }
+            if tokio::time::timeout(Duration::from_secs(5), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+            }
+        }
+        let _ = std::fs::remove_file(self.work_dir.join("coordinator.pid"));
+    }
+}
+
+async fn wait_for_async<F, Fut>(timeout: Duration, mut done: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + timeout;
+    loop {
+        if done().await {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// utime + stime of a /proc/PID/stat file, in seconds.
+fn proc_cpu_s(path: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14 and stime 15 (1-based, `man 5 proc`).
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz.max(1.0))
+}
+
+fn self_cpu_s() -> f64 {
+    proc_cpu_s("/proc/self/stat").unwrap_or(0.0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))
+}
+
+// ---- the report ---------------------------------------------------------------------------
+
+struct Report {
+    rows: Vec<(String, String)>,
+    json: serde_json::Value,
+    failures: Vec<String>,
+    check: Opts,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// (p50, p99, max) in ms; zeros for none.
+fn pct(v: &[Duration]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let mut s = v.to_vec();
+    s.sort();
+    let at = |q: f64| ms(s[((s.len() as f64 * q).ceil() as usize).clamp(1, s.len()) - 1]);
+    (at(0.50), at(0.99), ms(s[s.len() - 1]))
+}
+
+impl Report {
+    fn new(opts: &Opts) -> Self {
+        let mut r = Report {
+            rows: Vec::new(),
+            json: serde_json::json!({}),
+            failures: Vec::new(),
+            check: opts.clone(),
+        };
+        r.set("sessions_asked", opts.sessions.into());
+        r.set("per_endpoint", opts.per_endpoint.into());
+        r.set("rules", opts.rules.into());
+        r.set("group_percent", opts.group_percent.into());
+        r.set("users", opts.users.into());
+        r.set("posture_interval_s", opts.posture_interval.into());
+        r.set("lease_ttl", opts.lease_ttl.clone().into());
+        r
+    }
+
+    fn set(&mut self, k: &str, v: serde_json::Value) {
+        if let Some(o) = self.json.as_object_mut() {
+            o.insert(k.into(), v);
+        }
+    }
+
+    fn row(&mut self, k: &str, v: String) {
+        self.rows.push((k.into(), v));
+    }
+
+    fn note(&mut self, k: &str, v: String) {
+        self.row(k, v.clone());
+        self.set(k, v.into());
+    }
+
+    fn fail(&mut self, what: String) {
+        self.failures.push(what);
+    }
+
+    fn enroll(&mut self, n: usize, secs: f64, cpu: f64, errors: &BTreeMap<String, usize>) {
+        let rate = n as f64 / secs.max(1e-9);
+        self.row(
+            "enrolled",
+            format!(
+                "{n} of {} in {secs:.1} s ({rate:.0}/s)",
+                self.check.sessions
+            ),
+        );
+        self.row("enroll coordinator cpu", format!("{cpu:.1} s"));
+        for (e, c) in errors {
+            self.row("enroll error", format!("{c}× {e}"));
+        }
+        self.set(
+            "enroll",
+            serde_json::json!({"enrolled": n, "secs": secs, "per_sec": rate,
+                "coordinator_cpu_s": cpu, "errors": errors}),
+        );
+        if n < self.check.sessions {
+            self.fail(format!(
+                "only {n} of {} devices enrolled",
+                self.check.sessions
+            ));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open(
+        &mut self,
+        n: usize,
+        all: bool,
+        opens: &[Duration],
+        secs: f64,
+        cpu: f64,
+        bytes: &[u64],
+        peers: &[u64],
+    ) {
+        let (p50, p99, max) = pct(opens);
+        let avg = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
+        self.row(
+            "sessions up",
+            format!(
+                "{} of {n}; first netmap after start p50 {p50:.0} ms p99 {p99:.0} ms max {max:.0} ms",
+                opens.len()
+            ),
+        );
+        self.row(
+            "first netmap",
+            format!(
+                "{:.0} bytes, {:.0} peers per session (mean)",
+                avg(bytes),
+                avg(peers)
+            ),
+        );
+        self.row(
+            "open coordinator cpu",
+            format!("{cpu:.1} s over {secs:.1} s"),
+        );
+        self.set(
+            "open",
+            serde_json::json!({"up": opens.len(), "all": all, "p50_ms": p50, "p99_ms": p99,
+                "max_ms": max, "secs": secs, "coordinator_cpu_s": cpu,
+                "netmap_bytes_mean": avg(bytes), "peers_mean": avg(peers)}),
+        );
+        if !all {
+            self.fail(format!("only {} of {n} sessions came up", opens.len()));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn steady(
+        &mut self,
+        secs: f64,
+        cpu: f64,
+        tool_cpu: f64,
+        msgs: f64,
+        posture: f64,
+        bytes: f64,
+        rss: (f64, f64),
+    ) {
+        self.row(
+            "steady state",
+            format!(
+                "coordinator {:.0}% of a core; {msgs:.0} msgs/s in ({posture:.1} posture/s), {:.0} KB/s out; tool {:.0}% of a core",
+                cpu / secs * 100.0,
+                bytes / 1e3,
+                tool_cpu / secs * 100.0
+            ),
+        );
+        self.row(
+            "coordinator rss",
+            format!("{:.0} MiB (peak {:.0})", rss.1, rss.0),
+        );
+        self.set(
+            "steady",
+            serde_json::json!({"secs": secs, "coordinator_cpu_s": cpu, "tool_cpu_s": tool_cpu,
+                "msgs_per_sec": msgs, "posture_per_sec": posture, "bytes_out_per_sec": bytes,
+                "rss_mib": rss.1, "peak_rss_mib": rss.0}),
+        );
+    }
+
+    fn policy(
+        &mut self,
+        live: usize,
+        all: bool,
+        apply_ms: f64,
+        lat: &[Duration],
+        bytes_per_session: f64,
+        cpu: f64,
+    ) {
+        let (p50, p99, max) = pct(lat);
+        self.row(
+            "policy change",
+            format!(
+                "{} of {live} sessions: p50 {p50:.0} ms p99 {p99:.0} ms max {max:.0} ms (apply command {apply_ms:.0} ms)",
+                lat.len()
+            ),
+        );
+        self.row(
+            "policy change netmap",
+            format!("{bytes_per_session:.0} bytes per session; coordinator cpu {cpu:.1} s"),
+        );
+        self.set(
+            "policy_change",
+            serde_json::json!({"sessions": live, "reached": lat.len(), "all": all,
+                "p50_ms": p50, "p99_ms": p99, "max_ms": max, "apply_command_ms": apply_ms,
+                "netmap_bytes_per_session": bytes_per_session, "coordinator_cpu_s": cpu}),
+        );
+        if !all {
+            self.fail(format!(
+                "the policy change reached {} of {live} sessions",
+                lat.len()
+            ));
+        }
+        if p99 > self.check.max_policy_p99_ms as f64 {
+            self.fail(format!(
+                "policy change p99 {p99:.0} ms > {} ms",
+                self.check.max_policy_p99_ms
+            ));
+        }
+    }
+
+    fn revocation(
+        &mut self,
+        what: &str,
+        targets: usize,
+        own: &[Duration],
+        expected: usize,
+        reached: usize,
+        peers: &[Duration],
+    ) {
+        let (o50, o99, omax) = pct(own);
+        let (p50, p99, pmax) = pct(peers);
+        self.row(
+            &format!("{what}: device"),
+            format!(
+                "{} of {targets}: p50 {o50:.0} ms p99 {o99:.0} ms max {omax:.0} ms",
+                own.len()
+            ),
+        );
+        self.row(
+            &format!("{what}: peers"),
+            format!("{reached} of {expected} peer sessions: p50 {p50:.0} ms p99 {p99:.0} ms max {pmax:.0} ms"),
+        );
+        self.set(
+            what,
+            serde_json::json!({"targets": targets, "device_reached": own.len(),
+                "device_p50_ms": o50, "device_p99_ms": o99, "device_max_ms": omax,
+                "peer_sessions": expected, "peers_reached": reached,
+                "peers_p50_ms": p50, "peers_p99_ms": p99, "peers_max_ms": pmax}),
+        );
+        // A quarantined device whose netmap does not change (it reached nothing the
+        // quarantine takes away) gets no delta: only its peers are checked for it.
+        if (what == "revoke" && own.len() < targets) || reached < expected {
+            self.fail(format!(
+                "{what}: reached {} of {targets} devices and {reached} of {expected} peer sessions",
+                own.len()
+            ));
+        }
+        let worst = omax.max(pmax);
+        if worst > self.check.max_revoke_ms as f64 {
+            self.fail(format!(
+                "{what}: slowest {worst:.0} ms > {} ms",
+                self.check.max_revoke_ms
+            ));
+        }
+    }
+
+    fn before_restart(&mut self, cpu: f64, rss: (f64, f64), tool_cpu: f64) {
+        self.row(
+            "coordinator total",
+            format!(
+                "{cpu:.1} cpu s, peak rss {:.0} MiB; tool {tool_cpu:.1} cpu s",
+                rss.0
+            ),
+        );
+        self.set(
+            "coordinator_total",
+            serde_json::json!({"cpu_s": cpu, "peak_rss_mib": rss.0, "rss_mib": rss.1,
+                "tool_cpu_s": tool_cpu}),
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn restart(
+        &mut self,
+        live: usize,
+        all: bool,
+        up_ms: f64,
+        noticed: &[Duration],
+        back: &[Duration],
+        cpu: f64,
+        rss: (f64, f64),
+    ) {
+        let (n50, n99, nmax) = pct(noticed);
+        let (b50, b99, bmax) = pct(back);
+        self.row(
+            "restart",
+            format!("kill -9 to admin socket up {up_ms:.0} ms"),
+        );
+        self.row(
+            "restart: noticed",
+            format!(
+                "{} sessions: p50 {n50:.0} ms p99 {n99:.0} ms max {nmax:.0} ms",
+                noticed.len()
+            ),
+        );
+        self.row(
+            "restart: resynced",
+            format!(
+                "{} of {live}: p50 {b50:.0} ms p99 {b99:.0} ms max {bmax:.0} ms after kill",
+                back.len()
+            ),
+        );
+        self.row(
+            "restart coordinator",
+            format!("{cpu:.1} cpu s during resync, peak rss {:.0} MiB", rss.0),
+        );
+        self.set(
+            "restart",
+            serde_json::json!({"sessions": live, "all": all, "up_ms": up_ms,
+                "noticed": noticed.len(), "noticed_p50_ms": n50, "noticed_p99_ms": n99,
+                "noticed_max_ms": nmax, "resynced": back.len(), "resync_p50_ms": b50,
+                "resync_p99_ms": b99, "resync_max_ms": bmax, "coordinator_cpu_s": cpu,
+                "peak_rss_mib": rss.0}),
+        );
+        if !all {
+            self.fail(format!("{} of {live} sessions resynced", back.len()));
+        }
+        if bmax > self.check.max_resync_ms as f64 {
+            self.fail(format!(
+                "resync max {bmax:.0} ms > {} ms",
+                self.check.max_resync_ms
+            ));
+        }
+    }
+
+    fn totals(&mut self, posture: u64, leases: u64, pings: u64, rotations: u64) {
+        self.row(
+            "device messages",
+            format!("{posture} posture reports, {leases} lease requests, {pings} pings, {rotations} key switches"),
+        );
+        self.set(
+            "device_messages",
+            serde_json::json!({"posture": posture, "lease_requests": leases, "pings": pings,
+                "key_switches": rotations}),
+        );
+    }
+
+    fn table(&self) -> String {
+        let w = self.rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        self.rows
+            .iter()
+            .map(|(k, v)| format!("{k:<w$}  {v}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
