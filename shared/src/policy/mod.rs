@@ -379,6 +379,20 @@ pub struct Posture {
     /// The device's behaviour risk (0–100, from its recent anomalies) must be at most this
     /// (`max_risk`). Judged by the coordinator, which alone knows the risk; `None`: not looked at.
     pub max_risk: Option<u8>,
+    /// The device's sign-in at the identity provider is at most this old (`max_auth_age`).
+    /// Judged by the coordinator from the device's sign-in record; a device enrolled with a
+    /// token (no sign-in) fails it. `None`: not looked at.
+    pub max_auth_age_ms: Option<u64>,
+    /// Authentication methods (`amr`): any one of them must be in the device's sign-in
+    /// (`amr = ["mfa", "hwk"]`). Judged like `max_auth_age`; empty: not looked at.
+    pub amr: Vec<String>,
+}
+
+impl Posture {
+    /// Whether this requirement asks anything of the device's sign-in.
+    pub fn needs_sign_in(&self) -> bool {
+        self.max_auth_age_ms.is_some() || !self.amr.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1386,3 +1386,38 @@ fn documented_shadow_example_is_valid() {
     assert!(e.contains(shown), "{e}");
     assert!(doc.contains(&shown.replace("line 12", "line 10")));
 }
+
+#[test]
+fn sign_in_requirements_parse_and_errors_name_line_and_column() {
+    let p = parse(
+        b"[posture.fresh]\nmax_auth_age = \"12h\"\namr = [\"mfa\", \"hwk\", \"mfa\"]\n[posture.plain]\nfirewall = true\n",
+        "p.toml",
+    )
+    .unwrap();
+    let f = &p.postures["fresh"];
+    assert_eq!(f.max_auth_age_ms, Some(12 * 3_600_000));
+    assert_eq!(f.amr, vec!["mfa".to_string(), "hwk".to_string()]);
+    assert!(f.needs_sign_in());
+    assert!(!p.postures["plain"].needs_sign_in());
+    assert_eq!(p.postures["plain"].max_auth_age_ms, None);
+    let cases: &[(&str, &str)] = &[
+        (
+            "[posture.p]\nmax_auth_age = \"soon\"\n",
+            "p.toml:2:16: bad duration \"soon\"",
+        ),
+        (
+            "[posture.p]\nmax_auth_age = \"0s\"\n",
+            "p.toml:2:16: max_auth_age must be longer than 0s",
+        ),
+        ("[posture.p]\namr = []\n", "p.toml:2:7: amr is empty"),
+        (
+            "[posture.p]\namr = [\"mfa\", \"M F A\"]\n",
+            "p.toml:2:15: amr \"M F A\" is not an authentication method name",
+        ),
+        ("[posture.p]\namr = \"mfa\"\n", "p.toml:2:7: invalid type"),
+    ];
+    for (src, want) in cases {
+        let e = parse(src.as_bytes(), "p.toml").unwrap_err().to_string();
+        assert!(e.starts_with(want), "{src:?}: got {e:?}, want {want:?}");
+    }
+}
