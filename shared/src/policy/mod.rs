@@ -510,6 +510,11 @@ pub struct DirUser {
     pub name: String,
     pub groups: Vec<String>,
     pub disabled: bool,
+    /// The identity provider took the user's access away (SCIM, back-channel logout, a refused
+    /// refresh), and why. The user's devices stay on the network, but no user or group
+    /// selector names them: every rule that reached them through the user goes, while rules
+    /// by tag or bound device name stay.
+    pub suspended: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -92,6 +92,7 @@ fn user(name: &str, groups: &[&str]) -> DirUser {
         name: name.into(),
         groups: groups.iter().map(|g| g.to_string()).collect(),
         disabled: false,
+        suspended: None,
     }
 }
 
@@ -1420,4 +1421,43 @@ fn sign_in_requirements_parse_and_errors_name_line_and_column() {
         let e = parse(src.as_bytes(), "p.toml").unwrap_err().to_string();
         assert!(e.starts_with(want), "{src:?}: got {e:?}, want {want:?}");
     }
+}
+
+#[test]
+fn a_suspended_user_loses_user_and_group_rules_only_with_the_reason() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let mut d = directory();
+    d.devices.push(dev(8, "alice-ci", Some("alice"), &["ci"]));
+    let before = compile(&p, &d, NOW);
+    assert!(before.devices[&DeviceId(1)]
+        .reach
+        .iter()
+        .any(|r| r.service == "db"));
+    d.users[0].suspended = Some("deactivated at the identity provider (SCIM)".into());
+    let c = compile(&p, &d, NOW);
+    // Rules through the user (group:eng) are gone from both of alice's devices...
+    assert!(c
+        .devices
+        .get(&DeviceId(1))
+        .is_none_or(|a| a.reach.is_empty()));
+    assert!(!c.devices[&DeviceId(8)]
+        .reach
+        .iter()
+        .any(|r| r.service == "db"));
+    // ...a rule by tag stays, and so do other users' rules.
+    assert!(c.devices[&DeviceId(8)]
+        .reach
+        .iter()
+        .any(|r| r.service == "ssh"));
+    assert!(c.devices[&DeviceId(6)]
+        .reach
+        .iter()
+        .any(|r| r.service == "db"));
+    let e = explain(&p, &d, "device:alice-laptop", "db:5432", NOW).unwrap();
+    assert!(!e.allowed);
+    let s = e.to_string();
+    assert!(
+        s.contains("user alice has no access from the identity provider: deactivated at the identity provider (SCIM)"),
+        "{s}"
+    );
 }
