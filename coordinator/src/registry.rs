@@ -312,7 +312,12 @@ impl Registry {
     /// rotated, so nothing authorized under its old identity survives.
     pub fn handle_identity(&mut self, user: &str, suspended: Option<String>) {
         let changed = match &suspended {
-            Some(why) => self.suspended.insert(user.to_string(), why.clone()).as_ref() != Some(why),
+            Some(why) => {
+                self.suspended
+                    .insert(user.to_string(), why.clone())
+                    .as_ref()
+                    != Some(why)
+            }
             None => self.suspended.remove(user).is_some(),
         };
         if !changed {
@@ -1041,6 +1046,17 @@ impl Registry {
         let mut d = directory(&self.devices, &self.users, &self.grants);
         for u in &mut d.users {
             u.suspended = self.suspended.get(&u.name).cloned();
+        }
+        // A suspended user the directory does not list still loses its devices' user rules.
+        for (name, why) in &self.suspended {
+            if !d.users.iter().any(|u| &u.name == name) {
+                d.users.push(DirUser {
+                    name: name.clone(),
+                    groups: Vec::new(),
+                    disabled: false,
+                    suspended: Some(why.clone()),
+                });
+            }
         }
         for dev in &mut d.devices {
             dev.posture_passed = self.trust.passed(dev.id);
@@ -2439,7 +2455,10 @@ to = ["web"]
         let _ = drain(&mut r);
         assert_eq!(ports(&r), vec![80, 5432]);
         // The provider suspends alice: still connected, both rules gone, rotated.
-        r.handle_identity("alice", Some("deactivated at the identity provider (SCIM)".into()));
+        r.handle_identity(
+            "alice",
+            Some("deactivated at the identity provider (SCIM)".into()),
+        );
         let out = drain(&mut r);
         assert_eq!(ports(&r), Vec::<u16>::new());
         assert!(out.iter().any(|o| matches!(
@@ -2453,12 +2472,17 @@ to = ["web"]
         assert!(r.sessions.contains_key(&DeviceId(1)));
         let v = r.trust_view(DeviceId(1));
         assert!(
-            v.unavailable.iter().any(|u| u.rule == "web"
-                && u.reasons.iter().any(|x| x.contains("identity: user alice"))),
+            v.unavailable
+                .iter()
+                .any(|u| u.rule == "web"
+                    && u.reasons.iter().any(|x| x.contains("identity: user alice"))),
             "{v:?}"
         );
         // The same news twice is no news.
-        r.handle_identity("alice", Some("deactivated at the identity provider (SCIM)".into()));
+        r.handle_identity(
+            "alice",
+            Some("deactivated at the identity provider (SCIM)".into()),
+        );
         assert!(drain(&mut r).is_empty());
         // Given back: restored at the next flush.
         r.handle_identity("alice", None);

@@ -200,7 +200,11 @@ pub async fn serve(
         };
         registry.handle_sign_in(si.device, Some(s));
     }
-    for u in store.oidc_users()?.into_iter().filter(|u| u.provider_disabled) {
+    for u in store
+        .oidc_users()?
+        .into_iter()
+        .filter(|u| u.provider_disabled)
+    {
         let why = u
             .reason
             .unwrap_or_else(|| "the identity provider took access away".into());

@@ -437,8 +437,7 @@ impl<'a> Index<'a> {
 
     /// Whether a selector names this device.
     pub fn matches_device(&self, sel: &Selector, dev: &DirDevice) -> bool {
-        if matches!(sel, Selector::User(_) | Selector::Group(_)) && self.suspension(dev).is_some()
-        {
+        if matches!(sel, Selector::User(_) | Selector::Group(_)) && self.suspension(dev).is_some() {
             return false;
         }
         self.matches_identity(sel, dev)
