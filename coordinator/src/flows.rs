@@ -935,6 +935,7 @@ to = ["web", "patch"]
                 name: n.into(),
                 groups: vec![],
                 disabled: false,
+                suspended: None,
             };
             let d = Directory {
                 users: vec![user("alice"), user("bob")],

@@ -221,6 +221,9 @@ pub struct Registry {
     dns_domain: ward_shared::names::DnsDomain,
     /// Per device: the prefixes it advertises and those an administrator approved.
     routes: BTreeMap<DeviceId, DeviceRoutes>,
+    /// Users the identity provider took access away from, and why: their devices stay on the
+    /// network but lose every rule that reached them through the user.
+    suspended: BTreeMap<String, String>,
 }
 
 /// A device's routed prefixes as the store holds them.
@@ -290,7 +293,55 @@ impl Registry {
             risk_live: BTreeSet::new(),
             risk_tick_ms: now_ms,
             routes: BTreeMap::new(),
+            suspended: BTreeMap::new(),
         }
+    }
+
+    /// A device signed in (again) at the identity provider, or (`None`) its sign-in is
+    /// forgotten. Requirements with `max_auth_age`/`amr` are judged again at once.
+    pub fn handle_sign_in(&mut self, id: DeviceId, sign_in: Option<crate::oidc::core::SignIn>) {
+        if self.trust.set_sign_in(id, sign_in) && self.devices.contains_key(&id) {
+            self.verdict_dirty.insert(id);
+            self.reevaluate(id);
+        }
+    }
+
+    /// The identity provider took `user`'s access away (`Some(why)`) or gave it back
+    /// (`None`). The user's devices stay enrolled and connected: the rules that reached them
+    /// through the user go (or come back) at the next flush, and on loss each device is
+    /// rotated, so nothing authorized under its old identity survives.
+    pub fn handle_identity(&mut self, user: &str, suspended: Option<String>) {
+        let changed = match &suspended {
+            Some(why) => {
+                self.suspended
+                    .insert(user.to_string(), why.clone())
+                    .as_ref()
+                    != Some(why)
+            }
+            None => self.suspended.remove(user).is_some(),
+        };
+        if !changed {
+            return;
+        }
+        self.dirty = true;
+        let ids: Vec<DeviceId> = self
+            .devices
+            .values()
+            .filter(|d| d.user.as_deref() == Some(user))
+            .map(|d| d.id)
+            .collect();
+        for id in ids {
+            self.verdict_dirty.insert(id);
+            if let Some(why) = &suspended {
+                self.handle_rotate(id, &format!("identity: {why}"));
+            }
+        }
+        self.refresh_needed();
+    }
+
+    /// Why the identity provider took `user`'s access away, if it did.
+    pub fn suspended(&self, user: &str) -> Option<&str> {
+        self.suspended.get(user).map(String::as_str)
     }
 
     /// Replaces every device's advertised and approved routes (at start, and after an
@@ -611,7 +662,10 @@ impl Registry {
     pub fn directory_for(&self, candidate: &Policy) -> Directory {
         let mut d = self.directory();
         for dev in &mut d.devices {
-            let evals = posture::evaluate_all(candidate, self.trust.report(dev.id), self.now_ms);
+            let mut evals =
+                posture::evaluate_all(candidate, self.trust.report(dev.id), self.now_ms);
+            self.trust
+                .judge_identity(dev.id, &mut evals, candidate, self.now_ms);
             dev.posture_passed = evals
                 .iter()
                 .filter(|e| e.passed)
@@ -679,14 +733,28 @@ impl Registry {
             .and_then(|d| d.quarantine.as_ref())
             .map(|q| q.reason.clone());
         let failures = self.trust.failures(id);
+        let suspended = self
+            .devices
+            .get(&id)
+            .and_then(|d| d.user.as_deref())
+            .and_then(|u| Some((u, self.suspended.get(u)?)));
         let mut unavailable = Vec::new();
-        if let (Some(p), true) = (&self.policy, !failures.is_empty() || quarantine.is_some()) {
-            // What the device would reach if it met every requirement and were not
-            // quarantined, minus what it reaches now.
+        if let (Some(p), true) = (
+            &self.policy,
+            !failures.is_empty() || quarantine.is_some() || suspended.is_some(),
+        ) {
+            // What the device would reach if it met every requirement, were not quarantined
+            // and its user had not lost access at the identity provider, minus what it reaches
+            // now.
             let mut dir = self.directory();
             for d in dir.devices.iter_mut().filter(|d| d.id == id) {
                 d.posture_passed = p.postures.keys().cloned().collect();
                 d.quarantined = false;
+            }
+            if let Some((user, _)) = suspended {
+                for u in dir.users.iter_mut().filter(|u| u.name == user) {
+                    u.suspended = None;
+                }
             }
             let ideal = policy::compile(p, &dir, self.now_ms);
             let have: BTreeSet<(&str, DeviceId, &str)> = self
@@ -710,6 +778,22 @@ impl Registry {
                         if let Some(f) = failures.get(&q.value) {
                             reasons.push(format!("posture {:?}: {}", q.value, f.join("; ")));
                         }
+                    }
+                }
+                if let Some((user, why)) = suspended {
+                    let through_user = p.rules.iter().any(|x| {
+                        x.name == r.rule
+                            && x.from.iter().any(|sel| {
+                                matches!(
+                                    sel.value,
+                                    policy::Selector::User(_) | policy::Selector::Group(_)
+                                )
+                            })
+                    });
+                    if through_user {
+                        reasons.push(format!(
+                            "identity: user {user} has no access from the identity provider: {why}"
+                        ));
                     }
                 }
                 let remediation = p.services.get(&r.service).is_some_and(|s| s.remediation);
@@ -960,6 +1044,20 @@ impl Registry {
     /// The directory the policy compiles against.
     pub fn directory(&self) -> Directory {
         let mut d = directory(&self.devices, &self.users, &self.grants);
+        for u in &mut d.users {
+            u.suspended = self.suspended.get(&u.name).cloned();
+        }
+        // A suspended user the directory does not list still loses its devices' user rules.
+        for (name, why) in &self.suspended {
+            if !d.users.iter().any(|u| &u.name == name) {
+                d.users.push(DirUser {
+                    name: name.clone(),
+                    groups: Vec::new(),
+                    disabled: false,
+                    suspended: Some(why.clone()),
+                });
+            }
+        }
         for dev in &mut d.devices {
             dev.posture_passed = self.trust.passed(dev.id);
             dev.posture_failures = self.trust.failures(dev.id);
@@ -1509,6 +1607,7 @@ pub fn directory(
                 name: u.name.clone(),
                 groups: names(&u.groups),
                 disabled: u.disabled,
+                suspended: None,
             })
             .collect(),
         devices: devices
@@ -2258,6 +2357,137 @@ shadow = true
 
     fn report(dev: u64, seq: u64, at: i64, marker: bool) -> PostureReport {
         PostureReport::unknown(DeviceId(dev), seq, at).with_file("/m", marker)
+    }
+
+    /// alice (1) reaches db (2) on 5432 only with an mfa sign-in (rule "mfa-db") and on 80
+    /// through her user (rule "web"). A token device fails, a password sign-in fails with the
+    /// methods named, an mfa sign-in passes; the provider suspending alice keeps her device
+    /// connected but takes every user rule away (rotated, explained), and giving it back
+    /// restores them at once, without a reconnect.
+    #[test]
+    fn identity_signals_and_identity_loss_narrow_without_disconnecting() {
+        let t0 = 1_800_000_000_000;
+        let mut db = dev(2);
+        db.user = None;
+        db.tags = vec![Name::parse("tag", "db").unwrap()];
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), db],
+            [],
+            Some(
+                policy::parse(
+                    br#"
+[posture.mfa]
+amr = ["mfa"]
+[services.db]
+devices = ["tag:db"]
+ports = ["tcp/5432"]
+[services.web]
+devices = ["tag:db"]
+ports = ["tcp/80"]
+[[rules]]
+name = "mfa-db"
+from = ["alice"]
+to = ["db"]
+posture = ["mfa"]
+[[rules]]
+name = "web"
+from = ["alice"]
+to = ["web"]
+"#,
+                    "t.toml",
+                )
+                .unwrap(),
+            ),
+            vec![],
+            vec![],
+            t0,
+        );
+        for (id, conn) in [(1, 10), (2, 20)] {
+            r.handle_session_opened(
+                DeviceId(id),
+                conn,
+                addr("10.0.0.1:1"),
+                DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+        r.handle_posture(DeviceId(1), 10, report(1, 1, t0, true), t0)
+            .unwrap();
+        let _ = drain(&mut r);
+        let ports = |r: &Registry| -> Vec<u16> {
+            let mut v: Vec<u16> = r
+                .compiled()
+                .devices
+                .get(&DeviceId(2))
+                .map(|a| {
+                    a.inbound
+                        .iter()
+                        .flat_map(|f| f.ports.iter().map(|p| p.lo))
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        assert_eq!(ports(&r), vec![80], "no sign-in: the mfa rule fails closed");
+        let v = r.trust_view(DeviceId(1));
+        let u = v.unavailable.iter().find(|u| u.rule == "mfa-db").unwrap();
+        assert!(u.reasons[0].contains("enrolled with a token"), "{u:?}");
+        let pwd = crate::oidc::core::SignIn {
+            auth_time_ms: t0,
+            amr: vec!["pwd".into()],
+        };
+        r.handle_sign_in(DeviceId(1), Some(pwd));
+        let _ = drain(&mut r);
+        assert_eq!(ports(&r), vec![80]);
+        let v = r.trust_view(DeviceId(1));
+        let u = v.unavailable.iter().find(|u| u.rule == "mfa-db").unwrap();
+        assert!(
+            u.reasons[0].contains("amr: sign-in used [pwd], the rule needs mfa"),
+            "{u:?}"
+        );
+        let mfa = crate::oidc::core::SignIn {
+            auth_time_ms: t0,
+            amr: vec!["pwd".into(), "otp".into(), "mfa".into()],
+        };
+        r.handle_sign_in(DeviceId(1), Some(mfa));
+        let _ = drain(&mut r);
+        assert_eq!(ports(&r), vec![80, 5432]);
+        // The provider suspends alice: still connected, both rules gone, rotated.
+        r.handle_identity(
+            "alice",
+            Some("deactivated at the identity provider (SCIM)".into()),
+        );
+        let out = drain(&mut r);
+        assert_eq!(ports(&r), Vec::<u16>::new());
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                conn: 10,
+                msg: CoordinatorMsg::RotateNow { .. }
+            }
+        )));
+        assert!(!out.iter().any(|o| matches!(o, Output::Close { .. })));
+        assert!(r.sessions.contains_key(&DeviceId(1)));
+        let v = r.trust_view(DeviceId(1));
+        assert!(
+            v.unavailable
+                .iter()
+                .any(|u| u.rule == "web"
+                    && u.reasons.iter().any(|x| x.contains("identity: user alice"))),
+            "{v:?}"
+        );
+        // The same news twice is no news.
+        r.handle_identity(
+            "alice",
+            Some("deactivated at the identity provider (SCIM)".into()),
+        );
+        assert!(drain(&mut r).is_empty());
+        // Given back: restored at the next flush.
+        r.handle_identity("alice", None);
+        let _ = drain(&mut r);
+        assert_eq!(ports(&r), vec![80, 5432]);
     }
 
     /// alice (1) may reach db (2) on 5432 only while her behaviour risk is at most 40; a burst

@@ -7,7 +7,8 @@
 //! registry (core.rs) drives it:
 //!   report from a device      -> handle_report(id, report, policy, needed, now) -> Option<Change>
 //!   denied flows from a peer  -> handle_denied(src, reporter, flows, ..)        -> Option<String> (quarantine reason)
-//!   every second              -> reevaluate(id, policy, needed, now)            -> Option<Change> (reports age out)
+//!   a sign-in at the provider -> set_sign_in(id, Some(sign_in)); then reevaluate
+//!   every second              -> reevaluate(id, policy, needed, now)            -> Option<Change> (reports and sign-ins age out)
 //!                                overdue_failure(id, policy, needed, ..)       -> Option<String> (quarantine reason)
 //!   (`needed`: the requirements named by rules whose sources include the device)
 //!   policy compile reads      -> passed(id), failures(id)
@@ -15,7 +16,10 @@
 //! ```
 //!
 //! Time is coordinator time in ms, passed in. A device with no report, a stale report or an
-//! unreadable signal fails every requirement that needs it (fail closed).
+//! unreadable signal fails every requirement that needs it (fail closed). Identity signals
+//! (`max_auth_age`, `amr`) are judged from the device's sign-in at the identity provider; a
+//! device enrolled with a token has none and fails them. `max_auth_age` expires by itself: the
+//! per-second `reevaluate` sees the sign-in grow too old, whatever the device reports.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -23,6 +27,8 @@ use ward_shared::filter::Proto;
 use ward_shared::policy::{Policy, Trust};
 use ward_shared::posture::{self, Evaluation, PostureReport};
 use ward_shared::wire::DeviceId;
+
+use crate::oidc::core::{judge_sign_in, AuthRequirement, SignIn};
 
 /// A report collected further in the future than this (coordinator time) is refused: the
 /// agent corrects its clock, so only a forged or broken report is that far ahead.
@@ -95,6 +101,9 @@ struct DeviceTrust {
 #[derive(Debug, Default)]
 pub struct TrustBook {
     devices: BTreeMap<DeviceId, DeviceTrust>,
+    /// Each device's latest sign-in at the identity provider (kept while the device is not
+    /// live, so a re-enabled device is judged by the sign-in it has).
+    sign_ins: BTreeMap<DeviceId, SignIn>,
 }
 
 impl TrustBook {
@@ -154,6 +163,7 @@ impl TrustBook {
         };
         if let Some(p) = policy {
             apply_risk(&mut evaluations, p, t.risk, &t.risk_reason);
+            apply_sign_in(&mut evaluations, p, self.sign_ins.get(&id), now_ms);
         }
         let before: BTreeMap<&str, bool> = t
             .evaluations
@@ -308,6 +318,33 @@ impl TrustBook {
         self.devices.remove(&id);
     }
 
+    /// The device's sign-in at the identity provider (`None`: forget it, the device is gone);
+    /// the caller re-evaluates. Returns whether it changed.
+    pub fn set_sign_in(&mut self, id: DeviceId, sign_in: Option<SignIn>) -> bool {
+        let old = match sign_in {
+            Some(s) => self.sign_ins.insert(id, s.clone()).filter(|o| *o == s),
+            None => return self.sign_ins.remove(&id).is_some(),
+        };
+        old.is_none()
+    }
+
+    /// The device's sign-in at the identity provider, if it has one.
+    pub fn sign_in(&self, id: DeviceId) -> Option<&SignIn> {
+        self.sign_ins.get(&id)
+    }
+
+    /// Adds the identity-signal failures of `policy`'s requirements to `evals` (for a
+    /// candidate policy's view, judged like the policy in force).
+    pub fn judge_identity(
+        &self,
+        id: DeviceId,
+        evals: &mut [Evaluation],
+        policy: &Policy,
+        now_ms: i64,
+    ) {
+        apply_sign_in(evals, policy, self.sign_ins.get(&id), now_ms);
+    }
+
     /// The device's behaviour risk changed; the caller re-evaluates. Returns whether it did.
     pub fn set_risk(&mut self, id: DeviceId, score: u8, reason: &str) -> bool {
         let t = self.devices.entry(id).or_default();
@@ -405,6 +442,30 @@ fn apply_risk(evals: &mut [Evaluation], policy: &Policy, risk: u8, reason: &str)
     }
 }
 
+/// Requirements with `max_auth_age` or `amr` fail while the device's sign-in does not meet
+/// them; a device with no sign-in (enrolled with a token) fails them.
+fn apply_sign_in(evals: &mut [Evaluation], policy: &Policy, sign_in: Option<&SignIn>, now_ms: i64) {
+    for e in evals {
+        let Some(p) = policy.postures.get(&e.requirement) else {
+            continue;
+        };
+        if !p.needs_sign_in() {
+            continue;
+        }
+        let req = AuthRequirement {
+            max_auth_age_ms: p
+                .max_auth_age_ms
+                .map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+            amr: p.amr.clone(),
+        };
+        let why = judge_sign_in(&req, sign_in, now_ms);
+        if !why.is_empty() {
+            e.passed = false;
+            e.failures.extend(why);
+        }
+    }
+}
+
 /// What an evaluation says, without the numbers in its reasons.
 fn signature(evals: &[Evaluation]) -> Vec<(&str, bool, Vec<String>)> {
     evals
@@ -416,12 +477,15 @@ fn signature(evals: &[Evaluation]) -> Vec<(&str, bool, Vec<String>)> {
         .collect()
 }
 
-/// `report: 120.5 s old` → `report:  s old`.
+/// `report: 120.5 s old` → `report:  s old`; `signed in 1h59m ago` → `signed in  ago` (a
+/// unit letter right after a number goes with it, so a growing age is no news).
 fn without_numbers(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut prev_digit = false;
     for c in s.chars() {
-        let digit = c.is_ascii_digit() || (c == '.' && prev_digit);
+        let digit = c.is_ascii_digit()
+            || (c == '.' && prev_digit)
+            || (prev_digit && matches!(c, 's' | 'm' | 'h' | 'd'));
         if !digit {
             out.push(c);
         }
@@ -748,5 +812,84 @@ mod tests {
         b2.handle_quarantine_changed(d, T);
         assert!(b2.risky(d, &q.trust, false, T + 599_999));
         assert!(!b2.risky(d, &q.trust, false, T + 600_001));
+    }
+
+    #[test]
+    fn identity_signals_are_judged_from_the_sign_in_and_age_out_by_themselves() {
+        let p = policy::parse(
+            b"[posture.mfa]\namr = [\"mfa\", \"hwk\"]\n[posture.fresh]\nmax_auth_age = \"1h\"\n",
+            "i.toml",
+        )
+        .unwrap();
+        let need: BTreeSet<String> = ["mfa".to_string(), "fresh".to_string()].into();
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        b.handle_report(d, report(1, 1, T, true), Some(&p), &need, T)
+            .unwrap();
+        // Enrolled with a token: no sign-in, both fail, saying so.
+        assert!(b.passed(d).is_empty());
+        assert!(
+            b.failures(d)["mfa"][0].contains("enrolled with a token"),
+            "{:?}",
+            b.failures(d)
+        );
+        // Signed in with a password only: fresh passes, mfa fails with the methods named.
+        assert!(b.set_sign_in(
+            d,
+            Some(SignIn {
+                auth_time_ms: T,
+                amr: vec!["pwd".into()],
+            })
+        ));
+        let c = b.reevaluate(d, Some(&p), &need, T + 1).unwrap();
+        assert_eq!(c.newly_passed, vec!["fresh".to_string()]);
+        assert_eq!(
+            b.failures(d)["mfa"],
+            vec!["amr: sign-in used [pwd], the rule needs mfa or hwk".to_string()]
+        );
+        // The same sign-in again is no change.
+        assert!(!b.set_sign_in(
+            d,
+            Some(SignIn {
+                auth_time_ms: T,
+                amr: vec!["pwd".into()],
+            })
+        ));
+        // A sign-in with mfa: both pass.
+        b.set_sign_in(
+            d,
+            Some(SignIn {
+                auth_time_ms: T + 2,
+                amr: vec!["pwd".into(), "mfa".into()],
+            }),
+        );
+        let c = b.reevaluate(d, Some(&p), &need, T + 3).unwrap();
+        assert_eq!(c.newly_passed, vec!["mfa".to_string()]);
+        // Time alone (no report; a fresh one is kept by max_report_age, not this) withdraws
+        // fresh once the sign-in is older than an hour, and the growing age is no news.
+        let r2 = report(1, 2, T + 3_600_000, true);
+        b.handle_report(d, r2, Some(&p), &need, T + 3_600_000)
+            .unwrap();
+        let c = b.reevaluate(d, Some(&p), &need, T + 3_600_003).unwrap();
+        assert_eq!(c.withdrawn, vec!["fresh".to_string()]);
+        assert_eq!(
+            b.failures(d)["fresh"],
+            vec!["max_auth_age: signed in 1h ago, the rule allows 1h".to_string()]
+        );
+        assert!(b.reevaluate(d, Some(&p), &need, T + 3_660_000).is_none());
+        assert!(b.reevaluate(d, Some(&p), &need, T + 3_700_000).is_none());
+        // Signing in again gives it back.
+        b.set_sign_in(
+            d,
+            Some(SignIn {
+                auth_time_ms: T + 3_700_000,
+                amr: vec!["pwd".into(), "mfa".into()],
+            }),
+        );
+        let c = b.reevaluate(d, Some(&p), &need, T + 3_700_001).unwrap();
+        assert_eq!(c.newly_passed, vec!["fresh".to_string()]);
+        // The sign-in outlives the device's trust state (not live for a while).
+        b.remove(d);
+        assert!(b.sign_in(d).is_some());
     }
 }

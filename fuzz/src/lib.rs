@@ -175,11 +175,13 @@ fn directory() -> Directory {
                 name: "alice".into(),
                 groups: vec!["eng".into()],
                 disabled: false,
+                suspended: None,
             },
             DirUser {
                 name: "bob".into(),
                 groups: vec![],
                 disabled: true,
+                suspended: None,
             },
         ],
         devices: vec![

@@ -57,6 +57,10 @@ pub enum Notice {
     Relays(Vec<RelayInfo>),
     /// Every device's routes, after an approval changed.
     Routes(Vec<crate::store::RouteRow>),
+    /// A device signed in (again) at the identity provider.
+    SignIn(DeviceId, crate::oidc::core::SignIn),
+    /// The identity provider took a user's access away (`Some(why)`) or gave it back.
+    Identity(String, Option<String>),
 }
 
 /// The running registry, as the admin requests see it.

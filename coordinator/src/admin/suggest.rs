@@ -302,6 +302,7 @@ mod tests {
                 name: "bob".into(),
                 groups: vec![],
                 disabled: false,
+                suspended: None,
             }],
             devices: vec![dev(2, "b1", Some("bob"), &[]), dev(6, "db1", None, &["db"])],
             grants: vec![],

@@ -173,7 +173,10 @@ pub fn judge_sign_in(req: &AuthRequirement, sign_in: Option<&SignIn>, now_ms: i6
         return why;
     }
     let Some(s) = sign_in else {
-        why.push("sign-in: the device was not signed in through the identity provider".into());
+        why.push(
+            "sign-in: the device was enrolled with a token, not signed in through the identity provider"
+                .into(),
+        );
         return why;
     };
     if let Some(max) = req.max_auth_age_ms {

@@ -63,6 +63,10 @@ pub(super) enum Event {
     Relays(Vec<RelayInfo>),
     /// Every device's advertised and approved routes, after an approval changed.
     Routes(Vec<crate::store::RouteRow>),
+    /// A device signed in (again) at the identity provider.
+    SignIn(DeviceId, crate::oidc::core::SignIn),
+    /// The identity provider took a user's access away (`Some(why)`) or gave it back.
+    Identity(String, Option<String>),
     Posture {
         id: DeviceId,
         conn: ConnId,
@@ -228,6 +232,8 @@ pub(super) async fn registry_actor(
             Event::Upserted(d) => reg.handle_device_upserted(d),
             Event::Removed(id, why) => reg.handle_device_removed(id, &why),
             Event::User(u) => reg.handle_user(u),
+            Event::SignIn(id, s) => reg.handle_sign_in(id, Some(s)),
+            Event::Identity(user, why) => reg.handle_identity(&user, why),
             Event::Lease(l, done) => {
                 reg.handle_lease(l);
                 // Peers get the new key before the device hears its lease was granted.

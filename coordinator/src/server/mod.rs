@@ -192,6 +192,24 @@ pub async fn serve(
         tracing::warn!(error = %e, "a stored behaviour baseline was refused; the device learns afresh");
     }
     registry.handle_routes(store.device_routes()?);
+    // Sign-ins at the identity provider (identity signals) and users it suspended.
+    for si in store.sign_ins()? {
+        let s = crate::oidc::core::SignIn {
+            auth_time_ms: si.auth_time_ms,
+            amr: si.amr,
+        };
+        registry.handle_sign_in(si.device, Some(s));
+    }
+    for u in store
+        .oidc_users()?
+        .into_iter()
+        .filter(|u| u.provider_disabled)
+    {
+        let why = u
+            .reason
+            .unwrap_or_else(|| "the identity provider took access away".into());
+        registry.handle_identity(&u.user, Some(why));
+    }
     let (events, rx) = queue::channel(queue::CONNECTION_EVENTS);
     let ctx = Arc::new(Ctx {
         config,
@@ -741,6 +759,8 @@ impl Live for LiveRegistry {
             Notice::Policy(p, version) => Event::Policy(p, version),
             Notice::Relays(r) => Event::Relays(r),
             Notice::Routes(r) => Event::Routes(r),
+            Notice::SignIn(id, s) => Event::SignIn(id, s),
+            Notice::Identity(user, why) => Event::Identity(user, why),
         };
         self.events.send_internal(ev);
     }

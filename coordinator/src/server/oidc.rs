@@ -3,9 +3,10 @@
 //! (back-channel logout, SCIM) that take access away at once.
 //!
 //! A provider *refusal* (invalid_grant on refresh, a logout token, SCIM `active=false`)
-//! disables the user through the same path as `user disable`: the registry narrows the user's
-//! devices, rotates their peers' view and the peers drop them within the usual trust-change
-//! bound. A provider *outage* (network error, timeout, 5xx) refuses new sign-ins but never cuts
+//! suspends the user in the registry's trust decision: the user's devices stay enrolled and
+//! connected, every rule that reached them through the user goes, and each is rotated; the
+//! peers drop them within the usual trust-change bound, and access given back returns within
+//! a netmap push. A provider *outage* (network error, timeout, 5xx) refuses new sign-ins but never cuts
 //! an existing device: its sign-in still stands until `--max-auth-age`.
 
 use std::net::SocketAddr;
@@ -252,6 +253,18 @@ async fn login_inner(
     if let Err(e) = ctx.store.record_sign_in(&si) {
         tracing::error!(error = %e, "recording the device sign-in failed");
     }
+    ops::Live::notify(
+        &LiveRegistry {
+            events: ctx.events.clone(),
+        },
+        ops::Notice::SignIn(
+            enrolled.device_id,
+            crate::oidc::core::SignIn {
+                auth_time_ms: si.auth_time_ms,
+                amr: si.amr.clone(),
+            },
+        ),
+    );
     info!(%user, device = %enrolled.device_id, "device signed in through the identity provider");
     Ok(enrolled)
 }
@@ -370,8 +383,7 @@ fn sign_in_user(
     if was_disabled {
         // A fresh sign-in after the provider took access away gives it back (an admin's own
         // `user disable` is not the provider's and stays).
-        ops::set_user_disabled_as(store, &live, name.as_str(), false, ACTOR, now)
-            .map_err(|e| failed(format!("{e:#}")))?;
+        ops::Live::notify(&live, ops::Notice::Identity(name.to_string(), None));
     }
     let mut id = [0u8; 8];
     let mut secret = vec![0u8; 32];
@@ -433,8 +445,12 @@ fn provider_verdict(ctx: &Arc<Ctx>, mut row: OidcUser, disabled: bool, reason: &
     let live = LiveRegistry {
         events: ctx.events.clone(),
     };
-    let v = ops::set_user_disabled_as(store, &live, &row.user, disabled, ACTOR, now)?;
-    warn!(user = %row.user, disabled, devices = v.devices, %reason, "identity provider changed the user's access");
+    // Through the trust decision, not `user disable`: the devices stay enrolled and connected
+    // and only what reached them through the user changes, so access given back returns at
+    // the next netmap push instead of after the agent's reconnect.
+    let why = disabled.then(|| reason.to_string());
+    ops::Live::notify(&live, ops::Notice::Identity(row.user.clone(), why));
+    warn!(user = %row.user, disabled, %reason, "identity provider changed the user's access");
     Ok(())
 }
 

@@ -33,6 +33,7 @@ fn user(name: &str, groups: &[&str]) -> DirUser {
         name: name.into(),
         groups: groups.iter().map(|g| g.to_string()).collect(),
         disabled: false,
+        suspended: None,
     }
 }
 

@@ -369,6 +369,9 @@ pub(crate) struct Index<'a> {
     pub by_tag: BTreeMap<&'a str, Vec<usize>>,
     /// Group → member user names.
     pub groups: BTreeMap<&'a str, BTreeSet<&'a str>>,
+    /// Users the identity provider suspended → why (no user or group selector names their
+    /// devices).
+    pub suspended: BTreeMap<&'a str, &'a str>,
 }
 
 impl<'a> Index<'a> {
@@ -379,11 +382,18 @@ impl<'a> Index<'a> {
             by_user: BTreeMap::new(),
             by_tag: BTreeMap::new(),
             groups: BTreeMap::new(),
+            suspended: d
+                .users
+                .iter()
+                .filter_map(|u| Some((u.name.as_str(), u.suspended.as_deref()?)))
+                .collect(),
         };
         for (i, dev) in d.devices.iter().enumerate() {
             ix.by_host.entry(dev.hostname.as_str()).or_default().push(i);
             if let Some(u) = &dev.user {
-                ix.by_user.entry(u.as_str()).or_default().push(i);
+                if !ix.suspended.contains_key(u.as_str()) {
+                    ix.by_user.entry(u.as_str()).or_default().push(i);
+                }
             }
             for t in &dev.tags {
                 ix.by_tag.entry(t.as_str()).or_default().push(i);
@@ -427,6 +437,27 @@ impl<'a> Index<'a> {
 
     /// Whether a selector names this device.
     pub fn matches_device(&self, sel: &Selector, dev: &DirDevice) -> bool {
+        if matches!(sel, Selector::User(_) | Selector::Group(_)) && self.suspension(dev).is_some() {
+            return false;
+        }
+        self.matches_identity(sel, dev)
+    }
+
+    /// Why a user or group selector that names this device's user does not name the device
+    /// now: the identity provider suspended the user.
+    pub fn suspended_match(&self, sel: &Selector, dev: &DirDevice) -> Option<String> {
+        let why = self.suspension(dev)?;
+        let user = dev.user.as_deref()?;
+        (matches!(sel, Selector::User(_) | Selector::Group(_)) && self.matches_identity(sel, dev))
+            .then(|| format!("user {user} has no access from the identity provider: {why}"))
+    }
+
+    fn suspension(&self, dev: &DirDevice) -> Option<&'a str> {
+        self.suspended.get(dev.user.as_deref()?).copied()
+    }
+
+    /// Whether a selector names this device, whatever the provider said about its user.
+    fn matches_identity(&self, sel: &Selector, dev: &DirDevice) -> bool {
         match sel {
             Selector::User(u) => dev.user.as_deref() == Some(u.as_str()),
             Selector::Tag(t) => dev.tags.iter().any(|x| x == t),

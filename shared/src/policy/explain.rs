@@ -336,7 +336,13 @@ fn explain_pair(
     let mut misses = Vec::new();
     for r in rules {
         if !r.from.iter().any(|sel| ix.matches_device(sel, s)) {
-            if r.from.iter().any(|sel| names_unbound(sel, s)) {
+            if let Some(why) = r.from.iter().find_map(|sel| ix.suspended_match(sel, s)) {
+                misses.push(Miss {
+                    rule: r.name.clone(),
+                    pos: r.pos,
+                    reasons: vec![why],
+                });
+            } else if r.from.iter().any(|sel| names_unbound(sel, s)) {
                 misses.push(Miss {
                     rule: r.name.clone(),
                     pos: r.pos,

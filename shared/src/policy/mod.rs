@@ -379,6 +379,20 @@ pub struct Posture {
     /// The device's behaviour risk (0–100, from its recent anomalies) must be at most this
     /// (`max_risk`). Judged by the coordinator, which alone knows the risk; `None`: not looked at.
     pub max_risk: Option<u8>,
+    /// The device's sign-in at the identity provider is at most this old (`max_auth_age`).
+    /// Judged by the coordinator from the device's sign-in record; a device enrolled with a
+    /// token (no sign-in) fails it. `None`: not looked at.
+    pub max_auth_age_ms: Option<u64>,
+    /// Authentication methods (`amr`): any one of them must be in the device's sign-in
+    /// (`amr = ["mfa", "hwk"]`). Judged like `max_auth_age`; empty: not looked at.
+    pub amr: Vec<String>,
+}
+
+impl Posture {
+    /// Whether this requirement asks anything of the device's sign-in.
+    pub fn needs_sign_in(&self) -> bool {
+        self.max_auth_age_ms.is_some() || !self.amr.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -496,6 +510,11 @@ pub struct DirUser {
     pub name: String,
     pub groups: Vec<String>,
     pub disabled: bool,
+    /// The identity provider took the user's access away (SCIM, back-channel logout, a refused
+    /// refresh), and why. The user's devices stay on the network, but no user or group
+    /// selector names them: every rule that reached them through the user goes, while rules
+    /// by tag or bound device name stay.
+    pub suspended: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

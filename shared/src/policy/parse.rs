@@ -146,6 +146,8 @@ struct RawPosture {
     max_package_age: Option<Spanned<String>>,
     kernel: Option<Spanned<String>>,
     max_risk: Option<Spanned<i64>>,
+    max_auth_age: Option<Spanned<String>>,
+    amr: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -732,6 +734,40 @@ impl Cx<'_> {
         };
         let max_report_age_ms = duration(&raw.max_report_age)?;
         let max_package_age_ms = duration(&raw.max_package_age)?;
+        let max_auth_age_ms = duration(&raw.max_auth_age)?;
+        if let (Some(0), Some(v)) = (max_auth_age_ms, &raw.max_auth_age) {
+            return Err(self.err(
+                v.span().start,
+                "max_auth_age must be longer than 0s".to_string(),
+            ));
+        }
+        let mut amr = Vec::new();
+        if let Some(list) = &raw.amr {
+            if list.get_ref().is_empty() {
+                return Err(self.err(
+                    list.span().start,
+                    "amr is empty: name at least one method (e.g. [\"mfa\"]) or leave it out"
+                        .to_string(),
+                ));
+            }
+            for m in list.get_ref() {
+                let v = m.get_ref();
+                // RFC 8176 method names are short lowercase tokens ("pwd", "mfa", "hwk").
+                let ok = !v.is_empty()
+                    && v.len() <= 32
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if !ok {
+                    return Err(self.err(
+                        m.span().start,
+                        format!("amr {v:?} is not an authentication method name like \"mfa\""),
+                    ));
+                }
+                if !amr.contains(v) {
+                    amr.push(v.clone());
+                }
+            }
+        }
         let kernel = match &raw.kernel {
             None => None,
             Some(k) => Some(parse_kernel(k.get_ref()).map_err(|m| self.err(k.span().start, m))?),
@@ -774,6 +810,8 @@ impl Cx<'_> {
                 None => None,
                 Some(n) => Some(self.risk("max_risk", n)?),
             },
+            max_auth_age_ms,
+            amr,
         })
     }
 

@@ -407,6 +407,7 @@ deny = ["legacy-db:22"]
             name: n.into(),
             groups: vec![],
             disabled: false,
+            suspended: None,
         };
         Directory {
             users: vec![user("alice"), user("bob")],

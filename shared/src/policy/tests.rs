@@ -92,6 +92,7 @@ fn user(name: &str, groups: &[&str]) -> DirUser {
         name: name.into(),
         groups: groups.iter().map(|g| g.to_string()).collect(),
         disabled: false,
+        suspended: None,
     }
 }
 
@@ -1385,4 +1386,78 @@ fn documented_shadow_example_is_valid() {
     let shown = "shadow: would deny (rule \"web-wide\" (line 12) is removed in the candidate)";
     assert!(e.contains(shown), "{e}");
     assert!(doc.contains(&shown.replace("line 12", "line 10")));
+}
+
+#[test]
+fn sign_in_requirements_parse_and_errors_name_line_and_column() {
+    let p = parse(
+        b"[posture.fresh]\nmax_auth_age = \"12h\"\namr = [\"mfa\", \"hwk\", \"mfa\"]\n[posture.plain]\nfirewall = true\n",
+        "p.toml",
+    )
+    .unwrap();
+    let f = &p.postures["fresh"];
+    assert_eq!(f.max_auth_age_ms, Some(12 * 3_600_000));
+    assert_eq!(f.amr, vec!["mfa".to_string(), "hwk".to_string()]);
+    assert!(f.needs_sign_in());
+    assert!(!p.postures["plain"].needs_sign_in());
+    assert_eq!(p.postures["plain"].max_auth_age_ms, None);
+    let cases: &[(&str, &str)] = &[
+        (
+            "[posture.p]\nmax_auth_age = \"soon\"\n",
+            "p.toml:2:16: bad duration \"soon\"",
+        ),
+        (
+            "[posture.p]\nmax_auth_age = \"0s\"\n",
+            "p.toml:2:16: max_auth_age must be longer than 0s",
+        ),
+        ("[posture.p]\namr = []\n", "p.toml:2:7: amr is empty"),
+        (
+            "[posture.p]\namr = [\"mfa\", \"M F A\"]\n",
+            "p.toml:2:15: amr \"M F A\" is not an authentication method name",
+        ),
+        ("[posture.p]\namr = \"mfa\"\n", "p.toml:2:7: invalid type"),
+    ];
+    for (src, want) in cases {
+        let e = parse(src.as_bytes(), "p.toml").unwrap_err().to_string();
+        assert!(e.starts_with(want), "{src:?}: got {e:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn a_suspended_user_loses_user_and_group_rules_only_with_the_reason() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let mut d = directory();
+    d.devices.push(dev(8, "alice-ci", Some("alice"), &["ci"]));
+    let before = compile(&p, &d, NOW);
+    assert!(before.devices[&DeviceId(1)]
+        .reach
+        .iter()
+        .any(|r| r.service == "db"));
+    d.users[0].suspended = Some("deactivated at the identity provider (SCIM)".into());
+    let c = compile(&p, &d, NOW);
+    // Rules through the user (group:eng) are gone from both of alice's devices...
+    assert!(c
+        .devices
+        .get(&DeviceId(1))
+        .is_none_or(|a| a.reach.is_empty()));
+    assert!(!c.devices[&DeviceId(8)]
+        .reach
+        .iter()
+        .any(|r| r.service == "db"));
+    // ...a rule by tag stays, and so do other users' rules.
+    assert!(c.devices[&DeviceId(8)]
+        .reach
+        .iter()
+        .any(|r| r.service == "ssh"));
+    assert!(c.devices[&DeviceId(6)]
+        .reach
+        .iter()
+        .any(|r| r.service == "db"));
+    let e = explain(&p, &d, "device:alice-laptop", "db:5432", NOW).unwrap();
+    assert!(!e.allowed);
+    let s = e.to_string();
+    assert!(
+        s.contains("user alice has no access from the identity provider: deactivated at the identity provider (SCIM)"),
+        "{s}"
+    );
 }
