@@ -86,7 +86,14 @@ impl Loopback {
                     let _ = respond(&mut s, 302, "Redirecting", "", Some(authorize_url)).await;
                 }
                 "/start" => {
-                    let _ = respond(&mut s, 410, "Gone", "This sign-in was already opened once; run `ward up --login` again.", None).await;
+                    let _ = respond(
+                        &mut s,
+                        410,
+                        "Gone",
+                        "This sign-in was already opened once; run `ward up --login` again.",
+                        None,
+                    )
+                    .await;
                 }
                 CALLBACK_PATH => {
                     let query = query.split('#').next().unwrap_or("");
@@ -96,12 +103,20 @@ impl Loopback {
                             Ok(Outcome::Code(code))
                         }
                         Err(CallbackError::Refused(why)) => {
-                            let _ = respond(&mut s, 200, "Sign-in refused", &format!("The identity provider refused the sign-in: {why}"), None).await;
+                            let _ = respond(
+                                &mut s,
+                                200,
+                                "Sign-in refused",
+                                &format!("The identity provider refused the sign-in: {why}"),
+                                None,
+                            )
+                            .await;
                             let error = why.split(' ').next().unwrap_or("").to_string();
                             Ok(Outcome::Error(error))
                         }
                         Err(e) => {
-                            let _ = respond(&mut s, 400, "Sign-in refused", &e.to_string(), None).await;
+                            let _ =
+                                respond(&mut s, 400, "Sign-in refused", &e.to_string(), None).await;
                             Err(anyhow!("{e}"))
                         }
                     };
@@ -137,7 +152,8 @@ pub fn parse_request_line(head: &[u8]) -> Result<String> {
         .windows(2)
         .position(|w| w == b"\r\n")
         .ok_or_else(|| anyhow!("no request line"))?;
-    let line = std::str::from_utf8(&head[..line_end]).map_err(|_| anyhow!("request line is not UTF-8"))?;
+    let line =
+        std::str::from_utf8(&head[..line_end]).map_err(|_| anyhow!("request line is not UTF-8"))?;
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -296,7 +312,11 @@ mod tests {
         let l = Loopback::bind().await.unwrap();
         let p = port(&l);
         let client = tokio::spawn(async move {
-            get(p, "/callback?error=access_denied&error_description=no&state=st").await
+            get(
+                p,
+                "/callback?error=access_denied&error_description=no&state=st",
+            )
+            .await
         });
         let out = l
             .wait("https://idp/auth", "st", Duration::from_secs(10))

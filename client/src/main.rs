@@ -189,7 +189,10 @@ async fn browser_login(
             println!("(could not start xdg-open: open the address above yourself)");
         }
     }
-    println!("(waiting up to {} s for the redirect to {})", auth.expires_in_secs, lo.redirect_uri);
+    println!(
+        "(waiting up to {} s for the redirect to {})",
+        auth.expires_in_secs, lo.redirect_uri
+    );
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let wait = Duration::from_secs(auth.expires_in_secs.clamp(1, 3600));

@@ -145,7 +145,11 @@ enum Cmd {
         /// Members of this identity-provider group may sign in to the console with the
         /// provider (`/oidc/start`; register `http://CONSOLE_LISTEN/oidc/callback` at the
         /// provider). Without it, only `console-link` signs in.
-        #[arg(long, env = "WARD_COORDINATOR_CONSOLE_ADMIN_GROUP", requires = "console_listen")]
+        #[arg(
+            long,
+            env = "WARD_COORDINATOR_CONSOLE_ADMIN_GROUP",
+            requires = "console_listen"
+        )]
         console_admin_group: Option<String>,
         /// OpenID provider settings; these override what `init` stored.
         #[command(flatten)]

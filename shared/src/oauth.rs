@@ -63,8 +63,7 @@ pub fn challenge_s256(verifier: &str) -> String {
 /// A verifier as RFC 7636 4.1 allows it.
 pub fn check_verifier(v: &str) -> Result<(), PkceError> {
     let ok = (43..=128).contains(&v.len())
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
     if ok {
         Ok(())
@@ -76,8 +75,7 @@ pub fn check_verifier(v: &str) -> Result<(), PkceError> {
 /// An S256 challenge: the base64url SHA-256 of a verifier, 43 characters.
 pub fn check_challenge(c: &str) -> Result<(), PkceError> {
     let ok = c.len() == 43
-        && c
-            .bytes()
+        && c.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
     if ok {
         Ok(())
@@ -99,7 +97,9 @@ pub fn check_loopback_redirect(uri: &str) -> Result<(), PkceError> {
     if uri.len() > 200 {
         return Err(bad("too long"));
     }
-    let rest = uri.strip_prefix("http://").ok_or_else(|| bad("not http://"))?;
+    let rest = uri
+        .strip_prefix("http://")
+        .ok_or_else(|| bad("not http://"))?;
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => return Err(bad("no path")),
@@ -119,7 +119,9 @@ pub fn check_loopback_redirect(uri: &str) -> Result<(), PkceError> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'));
     if !path_ok {
-        return Err(bad("the path may only hold [A-Za-z0-9/._-] (no query or fragment)"));
+        return Err(bad(
+            "the path may only hold [A-Za-z0-9/._-] (no query or fragment)",
+        ));
     }
     Ok(())
 }
@@ -195,7 +197,9 @@ fn decode(s: &str) -> Result<String, CallbackError> {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
                 let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) else {
                     return Err(CallbackError::Malformed("bad percent-encoding".into()));
                 };
@@ -247,7 +251,10 @@ mod tests {
     #[test]
     fn bad_verifiers_and_challenges_are_refused() {
         assert_eq!(check_verifier("short"), Err(PkceError::BadVerifier));
-        assert_eq!(check_verifier(&"a".repeat(129)), Err(PkceError::BadVerifier));
+        assert_eq!(
+            check_verifier(&"a".repeat(129)),
+            Err(PkceError::BadVerifier)
+        );
         assert_eq!(
             check_verifier(&format!("{}+", "a".repeat(43))),
             Err(PkceError::BadVerifier)
@@ -312,7 +319,10 @@ mod tests {
             read_callback(&format!("code=a&state={STATE}&st%61te={STATE}"), STATE),
             Err(CallbackError::Duplicate("state".into()))
         );
-        assert_eq!(read_callback("", STATE), Err(CallbackError::Missing("state")));
+        assert_eq!(
+            read_callback("", STATE),
+            Err(CallbackError::Missing("state"))
+        );
     }
 
     #[test]
@@ -330,12 +340,17 @@ mod tests {
             Err(CallbackError::StateMismatch)
         );
         let near = format!("code=a&state={}", &STATE[..STATE.len() - 1]);
-        assert_eq!(read_callback(&near, STATE), Err(CallbackError::StateMismatch));
+        assert_eq!(
+            read_callback(&near, STATE),
+            Err(CallbackError::StateMismatch)
+        );
     }
 
     #[test]
     fn a_denied_consent_is_a_refusal_with_the_providers_words() {
-        let q = format!("error=access_denied&error_description=End-User+aborted+interaction&state={STATE}");
+        let q = format!(
+            "error=access_denied&error_description=End-User+aborted+interaction&state={STATE}"
+        );
         assert_eq!(
             read_callback(&q, STATE),
             Err(CallbackError::Refused(

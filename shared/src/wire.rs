@@ -1109,9 +1109,13 @@ mod tests {
         let DeviceMsg::LoginCallback(c) = decode(cb.as_bytes()).unwrap() else {
             panic!("not login_callback")
         };
-        assert_eq!((c.code.as_deref(), c.error.as_deref()), (Some("c0de"), None));
+        assert_eq!(
+            (c.code.as_deref(), c.error.as_deref()),
+            (Some("c0de"), None)
+        );
         assert!(!format!("{c:?}").contains("c0de"));
-        let denied = r#"{"type":"login_callback","state":"st","error":"access_denied","code_verifier":"v"}"#;
+        let denied =
+            r#"{"type":"login_callback","state":"st","error":"access_denied","code_verifier":"v"}"#;
         let DeviceMsg::LoginCallback(c) = decode(denied.as_bytes()).unwrap() else {
             panic!("not login_callback")
         };

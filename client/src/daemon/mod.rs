@@ -98,9 +98,8 @@ pub struct Daemon {
         tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<Result<UpView, String>>>>,
     /// Where a browser sign-in's redirect goes (`login_callback`); dropping it abandons the
     /// sign-in (`login_abort`).
-    login_callback: tokio::sync::Mutex<
-        Option<tokio::sync::oneshot::Sender<ward_shared::wire::LoginCallback>>,
-    >,
+    login_callback:
+        tokio::sync::Mutex<Option<tokio::sync::oneshot::Sender<ward_shared::wire::LoginCallback>>>,
 }
 
 /// A panic while holding a lock leaves consistent-enough data for status; keep serving.
@@ -387,10 +386,10 @@ impl Daemon {
         let (answer, mut waiting) =
             control::login_start(&coordinator, fp, &hostname, &os_name(), pkce)
                 .await
-            .map_err(|e| match e.downcast_ref::<Refused>() {
-                Some(r) => anyhow!("sign-in refused by the coordinator: {}", r.message),
-                None => anyhow!("sign-in failed: {e:#}"),
-            })?;
+                .map_err(|e| match e.downcast_ref::<Refused>() {
+                    Some(r) => anyhow!("sign-in refused by the coordinator: {}", r.message),
+                    None => anyhow!("sign-in failed: {e:#}"),
+                })?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         *slot = Some(rx);
         let callback = match &answer {
@@ -411,11 +410,13 @@ impl Daemon {
                         .await
                         .map_err(|e| format!("sign-in failed: {e:#}")),
                     Ok(Err(_)) => Err("the browser sign-in was abandoned".to_string()),
-                    Err(_) => Err("the sign-in was not completed in time".to_string()),
+                    Err(_) => {
+                        me.login_callback.lock().await.take();
+                        Err("the sign-in was not completed in time".to_string())
+                    }
                 };
                 if let Err(e) = sent {
                     warn!(error = %e, "sign-in failed");
-                    me.login_callback.lock().await.take();
                     let _ = tx.send(Err(e));
                     return;
                 }

@@ -112,7 +112,11 @@ impl Attempts {
     }
 
     /// Takes (once) the attempt of the browser whose cookie is `binding_hex`.
-    pub fn take(&mut self, binding_hex: Option<&str>, now_ms: i64) -> Result<Attempt, AttemptError> {
+    pub fn take(
+        &mut self,
+        binding_hex: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Attempt, AttemptError> {
         let hex = binding_hex.ok_or(AttemptError::Missing)?;
         let raw: [u8; SECRET_LEN] = hex::decode(hex)
             .ok()
@@ -265,11 +269,20 @@ pub async fn callback(State(c): St, headers: HeaderMap, RawQuery(q): RawQuery) -
         }
     };
     let Some(id_token) = tokens.id_token.as_deref() else {
-        return refuse(StatusCode::FORBIDDEN, "the provider sent no ID token".into()).await;
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "the provider sent no ID token".into(),
+        )
+        .await;
     };
     let now = c.now();
     let mut claims = match p
-        .id_token_code(id_token, &attempt.nonce, tokens.access_token.as_deref(), now)
+        .id_token_code(
+            id_token,
+            &attempt.nonce,
+            tokens.access_token.as_deref(),
+            now,
+        )
         .await
     {
         Ok(cl) => cl,
@@ -283,7 +296,7 @@ pub async fn callback(State(c): St, headers: HeaderMap, RawQuery(q): RawQuery) -
     if let Err(e) = fresh {
         return refuse(StatusCode::FORBIDDEN, format!("ID token refused: {e}")).await;
     }
-    if let Err(e) = crate::server::oidc::merge_userinfo(p, &tokens, &mut claims).await {
+    if let Err(e) = crate::server::oidc::add_userinfo(p, &tokens, &mut claims).await {
         return refuse(StatusCode::FORBIDDEN, format!("userinfo: {e}")).await;
     }
     let who = claims

@@ -127,7 +127,10 @@ impl Console {
         (
             status,
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-            bare_page("Sign in", &format!("<p id=\"error\">{}</p>{button}", esc(msg))),
+            bare_page(
+                "Sign in",
+                &format!("<p id=\"error\">{}</p>{button}", esc(msg)),
+            ),
         )
             .into_response()
     }

@@ -28,12 +28,12 @@ use ward_shared::names::Hostname;
 use ward_shared::oauth::{self, MAX_PARAM_LEN, RANDOM_LEN};
 use ward_shared::secret::ct_eq;
 use ward_shared::wire::{
-    self, Bytes, CoordinatorMsg, DeviceMsg, ErrorCode, FrameDecoder, LoginAuthorize,
-    LoginCallback, LoginStart, TokenSecret, PROTOCOL_VERSION,
+    self, Bytes, CoordinatorMsg, DeviceMsg, ErrorCode, FrameDecoder, LoginAuthorize, LoginCallback,
+    LoginStart, TokenSecret, PROTOCOL_VERSION,
 };
 
 use super::link::Link;
-use super::oidc::{audit, blocking, failed, merge_userinfo, sign_in_user, Refusal};
+use super::oidc::{add_userinfo, audit, blocking, failed, sign_in_user, Refusal};
 use super::session::{read_frame, refuse, send_msg};
 use super::{now_ms, Ctx};
 use crate::audit::Action;
@@ -207,7 +207,7 @@ async fn login_inner(
     if let Err(e) = fresh {
         return Err(refused(&format!("ID token refused: {e}")));
     }
-    if let Err(e) = merge_userinfo(&p, &tokens, &mut claims).await {
+    if let Err(e) = add_userinfo(&p, &tokens, &mut claims).await {
         return Err(refused(&format!("userinfo: {e}")));
     }
 

@@ -255,8 +255,7 @@ pub async fn serve(
             let group = oidc.as_ref().and_then(|o| o.console_admin_group.clone());
             crate::console::oidc::ConsoleOidc::new(p, group)
         });
-        let console =
-            crate::console::Console::new(bound, console_hooks(ctx.clone()), console_oidc);
+        let console = crate::console::Console::new(bound, console_hooks(ctx.clone()), console_oidc);
         let _ = ctx.console.set(console.clone());
         info!(addr = %bound, "web console listening (sign in with `ward-coordinator console-link`)");
         tokio::spawn(crate::console::web::serve(l, console));

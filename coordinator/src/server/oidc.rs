@@ -259,7 +259,7 @@ async fn login_inner(
 }
 
 /// Adds the userinfo claims (groups, names) the ID token lacks; the subject must match.
-pub(crate) async fn merge_userinfo(p: &Provider, t: &Tokens, c: &mut IdClaims) -> Result<(), ProviderError> {
+async fn merge_userinfo(p: &Provider, t: &Tokens, c: &mut IdClaims) -> Result<(), ProviderError> {
     let Some(at) = t.access_token.as_deref() else {
         return Ok(());
     };
@@ -735,4 +735,13 @@ async fn push(
         };
     }
     (404, err_json("not found"))
+}
+
+/// [`merge_userinfo`] for the browser and console sign-ins.
+pub(crate) async fn add_userinfo(
+    p: &Provider,
+    t: &Tokens,
+    c: &mut IdClaims,
+) -> Result<(), ProviderError> {
+    merge_userinfo(p, t, c).await
 }

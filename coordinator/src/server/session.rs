@@ -676,7 +676,10 @@ fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
         DeviceMsg::RelayTicketRequest => Kind::RelayTicket,
         DeviceMsg::Ping { .. } => Kind::Ping,
         DeviceMsg::PunchRequest { .. } => Kind::Punch,
-        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::LoginCallback(_) | DeviceMsg::Hello(_) => return None,
+        DeviceMsg::Enroll(_)
+        | DeviceMsg::LoginStart(_)
+        | DeviceMsg::LoginCallback(_)
+        | DeviceMsg::Hello(_) => return None,
     })
 }
 
