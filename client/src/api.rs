@@ -37,7 +37,18 @@ pub enum Request {
         ca_sha256: String,
         #[serde(default)]
         hostname: Option<String>,
+        /// Sign in in a browser (authorization code + PKCE on the CLI's loopback listener)
+        /// instead of with the device grant.
+        #[serde(default)]
+        pkce: Option<ward_shared::wire::LoginPkce>,
     },
+    /// The browser sign-in's redirect, as the CLI's loopback listener read it (with the PKCE
+    /// verifier): passed on to the coordinator.
+    LoginCallback {
+        callback: ward_shared::wire::LoginCallback,
+    },
+    /// The browser sign-in failed on the CLI's side (a wrong `state`, a timeout): drop it.
+    LoginAbort,
     /// Wait for the sign-in started by `login_start` to end; answered like `up`.
     LoginWait,
     Down,
@@ -54,6 +65,8 @@ impl Request {
         match self {
             Request::Up { .. } => "up",
             Request::LoginStart { .. } => "login_start",
+            Request::LoginCallback { .. } => "login_callback",
+            Request::LoginAbort => "login_abort",
             Request::LoginWait => "login_wait",
             Request::Down => "down",
             Request::Status => "status",
@@ -67,6 +80,8 @@ impl Request {
         match self {
             Request::Up { .. }
             | Request::LoginStart { .. }
+            | Request::LoginCallback { .. }
+            | Request::LoginAbort
             | Request::LoginWait
             | Request::Down => true,
             Request::Status | Request::Posture | Request::Netcheck => false,
@@ -102,6 +117,10 @@ pub struct LoginView {
     pub verification_uri_complete: Option<String>,
     pub user_code: String,
     pub expires_in_secs: u64,
+    /// A browser sign-in: where it happens and the `state` the redirect must carry (the
+    /// device-grant fields are then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser: Option<ward_shared::wire::LoginAuthorize>,
 }
 
 /// `ward down`.

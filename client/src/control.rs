@@ -651,7 +651,8 @@ pub async fn login_start(
     ca_sha256: [u8; 32],
     hostname: &str,
     os: &str,
-) -> Result<(wire::LoginPending, PendingLogin)> {
+    pkce: Option<wire::LoginPkce>,
+) -> Result<(LoginAnswer, PendingLogin)> {
     let key = rcgen::KeyPair::generate().context("generating identity key")?;
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
@@ -667,6 +668,7 @@ pub async fn login_start(
         hostname: hostname.to_string(),
         os: os.to_string(),
         csr_der: Bytes(csr.der().to_vec()),
+        pkce,
     }))
     .await?;
     // The coordinator asks the provider first: allow for its timeouts.
@@ -674,10 +676,23 @@ pub async fn login_start(
         .await
         .map_err(|_| anyhow!("the coordinator did not answer the sign-in request"))??;
     match reply {
+        Some(CoordinatorMsg::LoginAuthorize(a)) => {
+            let expires_in = Duration::from_secs(a.expires_in_secs.clamp(1, 3600));
+            Ok((
+                LoginAnswer::Browser(a),
+                PendingLogin {
+                    ch,
+                    endpoint,
+                    key,
+                    ca_sha256,
+                    expires_in,
+                },
+            ))
+        }
         Some(CoordinatorMsg::LoginPending(p)) => {
             let expires_in = Duration::from_secs(p.expires_in_secs.clamp(1, 3600));
             Ok((
-                p,
+                LoginAnswer::Device(p),
                 PendingLogin {
                     ch,
                     endpoint,
@@ -696,7 +711,20 @@ pub async fn login_start(
     }
 }
 
+/// How the coordinator answered `login_start`.
+pub enum LoginAnswer {
+    /// The device grant: a code to confirm at the provider.
+    Device(wire::LoginPending),
+    /// The browser sign-in: an authorization URL; `login_callback` must follow.
+    Browser(wire::LoginAuthorize),
+}
+
 impl PendingLogin {
+    /// Passes the browser sign-in's redirect on to the coordinator.
+    pub async fn send_callback(&mut self, cb: wire::LoginCallback) -> Result<()> {
+        self.ch.send(&DeviceMsg::LoginCallback(cb)).await
+    }
+
     /// Waits for the sign-in to end. Returns the enrollment and the identity key PEM.
     pub async fn wait(mut self) -> Result<(Enrolled, String)> {
         let reply = tokio::time::timeout(self.expires_in + Duration::from_secs(30), self.ch.recv())
@@ -724,6 +752,7 @@ pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
     match m {
         CoordinatorMsg::Enrolled(_) => "enrolled",
         CoordinatorMsg::LoginPending(_) => "login_pending",
+        CoordinatorMsg::LoginAuthorize(_) => "login_authorize",
         CoordinatorMsg::Netmap(_) => "netmap",
         CoordinatorMsg::NetmapDelta(_) => "netmap_delta",
         CoordinatorMsg::CertRenewed { .. } => "cert_renewed",

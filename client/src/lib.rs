@@ -11,6 +11,7 @@
 //! - [`dns`]: the I/O-free resolver core (device and service names from the netmap,
 //!   forwarding of other names), driven by the daemon.
 //! - [`api`]: the local Unix-socket API between the CLI and the daemon.
+//! - [`login`]: the CLI's loopback listener for `ward up --login` in a browser.
 
 pub mod agent;
 pub mod api;
@@ -18,6 +19,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod dns;
+pub mod login;
 pub mod posture;
 pub mod state;
 

@@ -87,6 +87,19 @@ enum Cmd {
         /// to sign in, then waits. Needs --coordinator and --ca-sha256.
         #[arg(long, conflicts_with_all = ["token", "token_file"], requires_all = ["coordinator", "ca_sha256"])]
         login: bool,
+        /// With --login: sign in in a browser (authorization code + PKCE, the provider
+        /// redirecting to a listener on 127.0.0.1) and open it with xdg-open. The default when
+        /// $DISPLAY or $WAYLAND_DISPLAY is set.
+        #[arg(long, requires = "login", conflicts_with_all = ["no_browser", "device_code"])]
+        browser: bool,
+        /// With --login: the browser sign-in, but only print its address (open it in a browser
+        /// on this machine yourself).
+        #[arg(long, requires = "login", conflicts_with = "device_code")]
+        no_browser: bool,
+        /// With --login: sign in with a code on another device (the device authorization
+        /// grant). The default without a desktop.
+        #[arg(long, requires = "login")]
+        device_code: bool,
         /// HOST:PORT of the coordinator (with --login).
         #[arg(long, env = "WARD_COORDINATOR")]
         coordinator: Option<String>,
@@ -127,6 +140,84 @@ enum Cmd {
 
 /// Longest token accepted from a file or stdin (tokens are a few hundred bytes).
 const MAX_TOKEN_LEN: u64 = 16 * 1024;
+
+/// `ward up --login` in a browser: the loopback listener and the verifier live in this
+/// process; the daemon passes the challenge, then the redirect, to the coordinator.
+async fn browser_login(
+    socket: &std::path::Path,
+    coordinator: String,
+    ca_sha256: String,
+    hostname: Option<String>,
+    open: bool,
+) -> Result<()> {
+    use ward_shared::oauth;
+    let lo = ward_client::login::Loopback::bind().await?;
+    let mut raw = [0u8; oauth::RANDOM_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+    let verifier = oauth::random_value(&raw);
+    let pkce = ward_shared::wire::LoginPkce {
+        redirect_uri: lo.redirect_uri.clone(),
+        code_challenge: oauth::challenge_s256(&verifier),
+    };
+    let v: LoginView = api::call(
+        socket,
+        &Request::LoginStart {
+            coordinator,
+            ca_sha256,
+            hostname,
+            pkce: Some(pkce),
+        },
+    )
+    .await?;
+    let Some(auth) = v.browser else {
+        // A coordinator that predates the browser sign-in answered with the device grant.
+        println!("This coordinator offers only sign-in with a code.");
+        match &v.verification_uri_complete {
+            Some(u) => println!("To sign in, open: {u}"),
+            None => println!("To sign in, open: {}", v.verification_uri),
+        }
+        println!("and confirm the code: {}", v.user_code);
+        let v: UpView = api::call(socket, &Request::LoginWait).await?;
+        println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6);
+        return Ok(());
+    };
+    println!("To sign in, open: {}", auth.authorize_url);
+    if open {
+        if ward_client::login::open_browser(&lo.start_uri) {
+            println!("(a browser was opened on {})", lo.start_uri);
+        } else {
+            println!("(could not start xdg-open: open the address above yourself)");
+        }
+    }
+    println!(
+        "(waiting up to {} s for the redirect to {})",
+        auth.expires_in_secs, lo.redirect_uri
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let wait = Duration::from_secs(auth.expires_in_secs.clamp(1, 3600));
+    let outcome = match lo.wait(&auth.authorize_url, &auth.state, wait).await {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = api::call::<DownView>(socket, &Request::LoginAbort).await;
+            anyhow::bail!("sign-in failed: {e}");
+        }
+    };
+    let (code, error) = match outcome {
+        ward_client::login::Outcome::Code(c) => (Some(c), None),
+        ward_client::login::Outcome::Error(e) => (None, Some(e)),
+    };
+    let callback = ward_shared::wire::LoginCallback {
+        state: auth.state,
+        code,
+        error,
+        code_verifier: verifier,
+    };
+    let _: LoginView = api::call(socket, &Request::LoginCallback { callback }).await?;
+    let v: UpView = api::call(socket, &Request::LoginWait).await?;
+    println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6);
+    Ok(())
+}
 
 /// The token `ward up` sends: `--token T` as given, `--token -` read from `stdin`,
 /// `--token-file F` read from F; the first line, trimmed, at most [`MAX_TOKEN_LEN`] bytes.
@@ -254,14 +345,33 @@ async fn run(cli: Cli) -> Result<()> {
             coordinator,
             ca_sha256,
             hostname,
+            browser,
+            no_browser,
+            device_code,
             ..
         } => {
+            let desktop = ward_client::login::has_desktop(
+                std::env::var("DISPLAY").ok().as_deref(),
+                std::env::var("WAYLAND_DISPLAY").ok().as_deref(),
+            );
+            let in_browser = browser || no_browser || (desktop && !device_code);
+            if in_browser {
+                return browser_login(
+                    &cli.socket,
+                    coordinator.unwrap_or_default(),
+                    ca_sha256.unwrap_or_default(),
+                    hostname,
+                    !no_browser,
+                )
+                .await;
+            }
             let v: LoginView = api::call(
                 &cli.socket,
                 &Request::LoginStart {
                     coordinator: coordinator.unwrap_or_default(),
                     ca_sha256: ca_sha256.unwrap_or_default(),
                     hostname,
+                    pkce: None,
                 },
             )
             .await?;

@@ -142,6 +142,15 @@ enum Cmd {
         /// with `console-link`.
         #[arg(long, env = "WARD_COORDINATOR_CONSOLE_LISTEN")]
         console_listen: Option<SocketAddr>,
+        /// Members of this identity-provider group may sign in to the console with the
+        /// provider (`/oidc/start`; register `http://CONSOLE_LISTEN/oidc/callback` at the
+        /// provider). Without it, only `console-link` signs in.
+        #[arg(
+            long,
+            env = "WARD_COORDINATOR_CONSOLE_ADMIN_GROUP",
+            requires = "console_listen"
+        )]
+        console_admin_group: Option<String>,
         /// OpenID provider settings; these override what `init` stored.
         #[command(flatten)]
         oidc: OidcArgs,
@@ -639,6 +648,7 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             metrics_listen,
             console_listen,
+            console_admin_group,
             lease_ttl,
             lease_ttl_tag,
             lease_max_ttl,
@@ -674,6 +684,10 @@ async fn run(cli: Cli) -> Result<()> {
                         oidc_listen.is_none() && scim_token_file.is_none(),
                         "--oidc-listen and --scim-token-file need an OpenID provider (--oidc-issuer)"
                     );
+                    anyhow::ensure!(
+                        console_admin_group.is_none(),
+                        "--console-admin-group needs an OpenID provider (--oidc-issuer)"
+                    );
                     None
                 }
                 Some(s) => {
@@ -691,6 +705,7 @@ async fn run(cli: Cli) -> Result<()> {
                         cfg,
                         listen: oidc_listen,
                         scim_token,
+                        console_admin_group: console_admin_group.clone(),
                     })
                 }
             };

@@ -18,6 +18,7 @@
 //! - [`discovery`]: the address-discovery messages (what ip:port a relay sees a device at).
 //! - [`duration`]: the one duration grammar (`500ms`, `90s`, `15m`, `1h`, `7d`).
 //! - [`secret`]: a byte-string type that redacts itself in `Debug`.
+//! - [`oauth`]: the browser sign-in's PKCE values, loopback redirect rule and callback parser.
 //!
 //! This crate must not depend on tokio, quinn, clap, a database or anything that touches the
 //! operating system: no sockets, no clock, no OS randomness. Time and random bytes are passed in.
@@ -30,6 +31,7 @@ pub mod flows;
 pub mod keyproof;
 pub mod lease;
 pub mod names;
+pub mod oauth;
 pub mod policy;
 pub mod posture;
 pub mod relay;

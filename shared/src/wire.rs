@@ -34,7 +34,11 @@
 //!   the DNS domain device names live under (`Netmap.dns_domain`), optional on the wire;
 //!   OpenID Connect device sign-in (`login_start` on a connection without a client
 //!   certificate, answered by `login_pending`, then `enrolled` or `error` with the code
-//!   `login_failed`), sent only by an agent asked for `ward up --login`.
+//!   `login_failed`), sent only by an agent asked for `ward up --login`; the browser sign-in
+//!   (authorization code + PKCE on a loopback redirect: `login_start.pkce`, answered by
+//!   `login_authorize`, then the device's `login_callback`), optional on the wire and sent
+//!   only by an agent asked for it, so a coordinator that predates it answers with the device
+//!   grant's `login_pending` (the agent then says so).
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -145,6 +149,9 @@ pub enum DeviceMsg {
     /// First and only message on a connection without a client certificate, instead of
     /// `enroll`: sign in through the coordinator's OpenID provider (device authorization grant).
     LoginStart(LoginStart),
+    /// After `login_authorize`: what the provider's redirect brought to the device's loopback
+    /// listener, with the PKCE verifier. `enrolled` or `error` follows.
+    LoginCallback(LoginCallback),
     /// First message on an authenticated connection.
     Hello(Hello),
     /// The device's WireGuard key or endpoints changed.
@@ -266,6 +273,9 @@ pub enum CoordinatorMsg {
     /// A `login_start` was accepted: the user signs in at `verification_uri` with `user_code`;
     /// `enrolled` (or `error`) follows on the same stream when the sign-in ends.
     LoginPending(LoginPending),
+    /// A `login_start` with `pkce` was accepted: the user signs in at `authorize_url`; the
+    /// provider redirects the browser to the device's loopback listener with `state`.
+    LoginAuthorize(LoginAuthorize),
     /// The full netmap; replaces whatever the device had.
     Netmap(Netmap),
     /// Changes since netmap `base_seq`.
@@ -350,6 +360,49 @@ pub struct LoginStart {
     pub os: String,
     /// PKCS#10 request signed by the device's identity key.
     pub csr_der: Bytes,
+    /// Sign in with the authorization code flow on a loopback redirect instead of the device
+    /// grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkce: Option<LoginPkce>,
+}
+
+/// The browser sign-in a device asks for: where its loopback listener is and the S256
+/// challenge of a verifier only the device knows until it sends `login_callback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginPkce {
+    /// `http://127.0.0.1:PORT/PATH` (see [`crate::oauth::check_loopback_redirect`]).
+    pub redirect_uri: String,
+    pub code_challenge: String,
+}
+
+/// Where the browser sign-in happens, and the `state` the redirect must carry back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginAuthorize {
+    pub authorize_url: String,
+    pub state: String,
+    pub expires_in_secs: u64,
+}
+
+/// The redirect's outcome as the device's listener read it: the code (or the provider's
+/// error), the `state` it came with, and the PKCE verifier. The verifier is redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginCallback {
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The provider's `error` (e.g. `access_denied`), when there is no code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub code_verifier: String,
+}
+
+impl std::fmt::Debug for LoginCallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginCallback")
+            .field("code", &self.code.as_ref().map(|_| "<redacted>"))
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where the user completes the sign-in.
@@ -1033,6 +1086,48 @@ mod tests {
             expires_in_secs: 5,
         });
         assert_eq!(decode::<CoordinatorMsg>(&encode(&m)[4..]).unwrap(), m);
+    }
+
+    /// The browser sign-in messages as first written; a `login_start` without `pkce` is the
+    /// device grant's.
+    #[test]
+    fn golden_browser_login_messages_decode() {
+        let start = r#"{"type":"login_start","protocol":1,"hostname":"laptop","os":"debian","csr_der":"AQID","pkce":{"redirect_uri":"http://127.0.0.1:4000/callback","code_challenge":"E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"}}"#;
+        let DeviceMsg::LoginStart(l) = decode(start.as_bytes()).unwrap() else {
+            panic!("not login_start")
+        };
+        assert_eq!(
+            l.pkce.as_ref().map(|p| p.redirect_uri.as_str()),
+            Some("http://127.0.0.1:4000/callback")
+        );
+        let auth = r#"{"type":"login_authorize","authorize_url":"https://idp/auth?x=1","state":"st","expires_in_secs":300}"#;
+        let CoordinatorMsg::LoginAuthorize(a) = decode(auth.as_bytes()).unwrap() else {
+            panic!("not login_authorize")
+        };
+        assert_eq!((a.state.as_str(), a.expires_in_secs), ("st", 300));
+        let cb = r#"{"type":"login_callback","state":"st","code":"c0de","code_verifier":"v"}"#;
+        let DeviceMsg::LoginCallback(c) = decode(cb.as_bytes()).unwrap() else {
+            panic!("not login_callback")
+        };
+        assert_eq!(
+            (c.code.as_deref(), c.error.as_deref()),
+            (Some("c0de"), None)
+        );
+        assert!(!format!("{c:?}").contains("c0de"));
+        let denied =
+            r#"{"type":"login_callback","state":"st","error":"access_denied","code_verifier":"v"}"#;
+        let DeviceMsg::LoginCallback(c) = decode(denied.as_bytes()).unwrap() else {
+            panic!("not login_callback")
+        };
+        assert_eq!(c.error.as_deref(), Some("access_denied"));
+        let m = DeviceMsg::LoginStart(LoginStart {
+            protocol: 1,
+            hostname: "h".into(),
+            os: "o".into(),
+            csr_der: Bytes(vec![1]),
+            pkce: None,
+        });
+        assert!(!String::from_utf8_lossy(&encode(&m)).contains("pkce"));
     }
 
     /// Version-1 messages as they were first written; they must keep decoding.

@@ -8,7 +8,8 @@ form, allow the consent page, and stop at the provider's success page:
     login.py device --uri https://IDP/device --code ABCD-EFGH --user alice --password PW
 
 Authorization code + PKCE (desktop flow): open the authorization URL the client built and follow
-redirects until one points at the redirect URI; print that final URL (with code and state):
+redirects until one points at the redirect URI; print that final URL (with code and state; with
+--deny, Deny is pressed on the consent page and the URL carries error=access_denied):
 
     login.py code --url 'https://IDP/auth?client_id=...' --redirect-uri http://127.0.0.1:PORT/cb \
         --user alice --password PW [--mfa]
@@ -188,7 +189,8 @@ def drive(browser, status, url, body, args, stop_at=None):
                 raise Refused(f"login refused (HTTP {status}): {p2.error.strip()}")
             continue
         if "consent" in p.forms:
-            status, url, body = submit(browser, url, p.forms["consent"], {}, stop_at)
+            form = p.forms["abort"] if getattr(args, "deny", False) and "abort" in p.forms else p.forms["consent"]
+            status, url, body = submit(browser, url, form, {}, stop_at)
             continue
         if p.title.strip() == "Submitting Callback" and len(p.order) == 1:
             # The provider's self-submitting form (a browser's script or Continue button posts it).
@@ -220,6 +222,8 @@ def main():
         else:
             s.add_argument("--url", required=True, help="the authorization request URL")
             s.add_argument("--redirect-uri", required=True)
+            s.add_argument("--deny", action="store_true",
+                           help="press Deny on the consent page; print the redirect carrying the error")
     args = ap.parse_args()
     browser = Browser(args.ca_file)
     try:
@@ -233,7 +237,7 @@ def main():
             if not final.startswith(args.redirect_uri):
                 raise Refused(f"ended at {final}, not at the redirect URI")
             q = urllib.parse.parse_qs(urllib.parse.urlsplit(final).query)
-            if "error" in q:
+            if "error" in q and not args.deny:
                 raise Refused(f"authorization error: {q['error'][0]} {q.get('error_description', [''])[0]}")
             print(final)
     except Refused as e:

@@ -520,7 +520,9 @@ impl Agent {
                     endpoints,
                 });
             }
-            CoordinatorMsg::Enrolled(_) | CoordinatorMsg::LoginPending(_) => {
+            CoordinatorMsg::Enrolled(_)
+            | CoordinatorMsg::LoginPending(_)
+            | CoordinatorMsg::LoginAuthorize(_) => {
                 self.protocol_error("unexpected enrollment message on a session".into(), now)
             }
         }

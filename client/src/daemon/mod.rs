@@ -96,6 +96,10 @@ pub struct Daemon {
     /// The end of the sign-in `ward up --login` started, for `login_wait`.
     pending_login:
         tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<Result<UpView, String>>>>,
+    /// Where a browser sign-in's redirect goes (`login_callback`); dropping it abandons the
+    /// sign-in (`login_abort`).
+    login_callback:
+        tokio::sync::Mutex<Option<tokio::sync::oneshot::Sender<ward_shared::wire::LoginCallback>>>,
 }
 
 /// A panic while holding a lock leaves consistent-enough data for status; keep serving.
@@ -153,6 +157,7 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
         zone: watch::channel(crate::dns::Zone::empty(Default::default())).0,
         dns_status: Default::default(),
         pending_login: tokio::sync::Mutex::new(None),
+        login_callback: tokio::sync::Mutex::new(None),
     });
     info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), "ward daemon started");
     if let Some(addr) = opts.metrics_listen {
@@ -301,10 +306,34 @@ impl Daemon {
                 coordinator,
                 ca_sha256,
                 hostname,
+                pkce,
             } => self
-                .login_start(coordinator, ca_sha256, hostname)
+                .login_start(coordinator, ca_sha256, hostname, pkce)
                 .await
                 .map(Response::Login),
+            Request::LoginCallback { callback } => {
+                let Some(tx) = self.login_callback.lock().await.take() else {
+                    bail!("no browser sign-in is waiting for its redirect: run `ward up --login`")
+                };
+                if tx.send(callback).is_err() {
+                    bail!("the sign-in ended before its redirect arrived");
+                }
+                Ok(Response::Login(crate::api::LoginView {
+                    verification_uri: String::new(),
+                    verification_uri_complete: None,
+                    user_code: String::new(),
+                    expires_in_secs: 0,
+                    browser: None,
+                }))
+            }
+            Request::LoginAbort => {
+                // Dropping the sender ends the waiting task, which closes the connection.
+                self.login_callback.lock().await.take();
+                self.pending_login.lock().await.take();
+                Ok(Response::Down(DownView {
+                    state: crate::api::State::NeedsLogin,
+                }))
+            }
             Request::LoginWait => {
                 let rx = self.pending_login.lock().await.take();
                 let Some(rx) = rx else {
@@ -377,6 +406,7 @@ impl Daemon {
         coordinator: String,
         ca_sha256: String,
         hostname: Option<String>,
+        pkce: Option<ward_shared::wire::LoginPkce>,
     ) -> Result<crate::api::LoginView> {
         if let Some(st) = lock(&self.identity).clone() {
             bail!(
@@ -397,16 +427,44 @@ impl Daemon {
         }
         let hostname = hostname.unwrap_or_else(system_hostname);
         info!(%coordinator, %hostname, "signing in through the identity provider");
-        let (pending, waiting) = control::login_start(&coordinator, fp, &hostname, &os_name())
-            .await
-            .map_err(|e| match e.downcast_ref::<Refused>() {
-                Some(r) => anyhow!("sign-in refused by the coordinator: {}", r.message),
-                None => anyhow!("sign-in failed: {e:#}"),
-            })?;
+        let (answer, mut waiting) =
+            control::login_start(&coordinator, fp, &hostname, &os_name(), pkce)
+                .await
+                .map_err(|e| match e.downcast_ref::<Refused>() {
+                    Some(r) => anyhow!("sign-in refused by the coordinator: {}", r.message),
+                    None => anyhow!("sign-in failed: {e:#}"),
+                })?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         *slot = Some(rx);
+        let callback = match &answer {
+            control::LoginAnswer::Browser(_) => {
+                let (cb_tx, cb_rx) = tokio::sync::oneshot::channel();
+                *self.login_callback.lock().await = Some(cb_tx);
+                Some(cb_rx)
+            }
+            control::LoginAnswer::Device(_) => None,
+        };
         let me = self.clone();
         tokio::spawn(async move {
+            if let Some(cb_rx) = callback {
+                let got = tokio::time::timeout(waiting.expires_in, cb_rx).await;
+                let sent = match got {
+                    Ok(Ok(cb)) => waiting
+                        .send_callback(cb)
+                        .await
+                        .map_err(|e| format!("sign-in failed: {e:#}")),
+                    Ok(Err(_)) => Err("the browser sign-in was abandoned".to_string()),
+                    Err(_) => {
+                        me.login_callback.lock().await.take();
+                        Err("the sign-in was not completed in time".to_string())
+                    }
+                };
+                if let Err(e) = sent {
+                    warn!(error = %e, "sign-in failed");
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
             let res = match waiting.wait().await {
                 Ok((enrolled, key_pem)) => me
                     .finish_enroll(coordinator, enrolled, key_pem)
@@ -422,11 +480,21 @@ impl Daemon {
             }
             let _ = tx.send(res);
         });
-        Ok(crate::api::LoginView {
-            verification_uri: pending.verification_uri,
-            verification_uri_complete: pending.verification_uri_complete,
-            user_code: pending.user_code,
-            expires_in_secs: pending.expires_in_secs,
+        Ok(match answer {
+            control::LoginAnswer::Device(pending) => crate::api::LoginView {
+                verification_uri: pending.verification_uri,
+                verification_uri_complete: pending.verification_uri_complete,
+                user_code: pending.user_code,
+                expires_in_secs: pending.expires_in_secs,
+                browser: None,
+            },
+            control::LoginAnswer::Browser(a) => crate::api::LoginView {
+                verification_uri: String::new(),
+                verification_uri_complete: None,
+                user_code: String::new(),
+                expires_in_secs: a.expires_in_secs,
+                browser: Some(a),
+            },
         })
     }
 
@@ -768,6 +836,7 @@ mod tests {
             zone: watch::channel(crate::dns::Zone::empty(Default::default())).0,
             dns_status: Default::default(),
             pending_login: tokio::sync::Mutex::new(None),
+            login_callback: tokio::sync::Mutex::new(None),
         });
         let server = tokio::spawn({
             let d = d.clone();

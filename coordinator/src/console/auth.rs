@@ -32,12 +32,16 @@ pub const SECRET_LEN: usize = 32;
 pub enum Method {
     /// A one-time link from `ward-coordinator console-link` (admin socket access).
     Link,
+    /// The identity provider (authorization code + PKCE), for a member of the console
+    /// administrators' group (`serve --console-admin-group`).
+    Oidc,
 }
 
 impl Method {
     pub const fn as_str(self) -> &'static str {
         match self {
             Method::Link => "console-link",
+            Method::Oidc => "oidc",
         }
     }
 }

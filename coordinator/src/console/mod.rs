@@ -8,12 +8,16 @@
 //!   headers, and handlers that run the SAME admin requests the CLI sends over the admin
 //!   socket ([`crate::admin::ops`]), so every change is checked and audited the same way.
 //!
-//! Sign-in today is `ward-coordinator console-link` (whoever can use the admin socket can mint
-//! a link); another method (an identity provider) opens its session through
-//! [`auth::Auth::open_session`] with its own [`auth::Method`].
+//! - [`oidc`]: sign-in with the identity provider (authorization code + PKCE) for members of
+//!   the console administrators' provider group.
+//!
+//! Sign-in is `ward-coordinator console-link` (whoever can use the admin socket can mint a
+//! link) or, with `--oidc-issuer` and `--console-admin-group`, the provider; each opens its
+//! session through [`auth::Auth::open_session`] with its own [`auth::Method`].
 
 pub mod auth;
 pub mod html;
+pub mod oidc;
 pub mod svg;
 pub mod views;
 pub mod web;

@@ -49,15 +49,22 @@ pub struct ConsoleHooks {
 pub struct Console {
     auth: Mutex<Auth>,
     hooks: ConsoleHooks,
+    /// Sign-in with the identity provider, when `--oidc-issuer` is set.
+    oidc: Option<super::oidc::ConsoleOidc>,
     /// `http://HOST:PORT` as the login URL names it.
     base_url: String,
 }
 
 impl Console {
-    pub fn new(listen: SocketAddr, hooks: ConsoleHooks) -> Arc<Self> {
+    pub fn new(
+        listen: SocketAddr,
+        hooks: ConsoleHooks,
+        oidc: Option<super::oidc::ConsoleOidc>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             auth: Mutex::new(Auth::new()),
             hooks,
+            oidc,
             base_url: format!("http://{listen}"),
         })
     }
@@ -79,6 +86,54 @@ impl Console {
     async fn admin(&self, req: AdminRequest) -> Result<AdminReply, String> {
         (self.hooks.admin)(req).await
     }
+
+    pub(super) fn oidc(&self) -> Option<&super::oidc::ConsoleOidc> {
+        self.oidc.as_ref()
+    }
+
+    pub(super) fn now(&self) -> i64 {
+        (self.hooks.now_ms)()
+    }
+
+    /// `http://HOST:PORT`, as the listener is bound.
+    pub(super) fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub(super) async fn audit(&self, action: Action, target: String, detail: serde_json::Value) {
+        (self.hooks.audit)(action, target, detail).await
+    }
+
+    pub(super) fn open_session(
+        &self,
+        method: auth::Method,
+        sid: &[u8; SECRET_LEN],
+        csrf: &[u8; SECRET_LEN],
+        now_ms: i64,
+    ) -> SessionInfo {
+        self.auth().open_session(method, sid, csrf, now_ms)
+    }
+
+    /// The sign-in choices under a refusal: the link command, and the provider's button when
+    /// one is configured.
+    fn sign_in_page(&self, status: StatusCode, msg: &str) -> Response {
+        let button = match &self.oidc {
+            Some(o) => format!(
+                "<p><a id=\"oidc-login\" class=\"button\" href=\"/oidc/start\">Sign in with {}</a></p>",
+                esc(&o.label())
+            ),
+            None => String::new(),
+        };
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            bare_page(
+                "Sign in",
+                &format!("<p id=\"error\">{}</p>{button}", esc(msg)),
+            ),
+        )
+            .into_response()
+    }
 }
 
 /// Serves the console on `listener` until the task is dropped.
@@ -95,6 +150,8 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/static/console.css", get(css))
         .route("/login", get(login))
         .route("/logout", post(logout))
+        .route("/oidc/start", get(super::oidc::start))
+        .route(super::oidc::CALLBACK_PATH, get(super::oidc::callback))
         .route("/devices", get(devices))
         .route("/devices/{name}", get(device))
         .route("/graph", get(graph))
@@ -128,9 +185,8 @@ async fn login(
 ) -> Response {
     let Ok(Query(q)) = q else {
         warn!("console sign-in without a link secret");
-        return bare(
+        return c.sign_in_page(
             StatusCode::BAD_REQUEST,
-            "Sign in",
             "This address needs the secret from `ward-coordinator console-link`.",
         );
     };
@@ -456,9 +512,8 @@ fn get_session(c: &Console, headers: &HeaderMap) -> Result<SessionInfo, Response
         .session(cookie(headers).as_deref(), now)
         .map_err(|e| {
             info!(error = %e, "console request without a valid session");
-            bare(
+            c.sign_in_page(
                 StatusCode::UNAUTHORIZED,
-                "Sign in",
                 &format!(
                     "{e}. Run `ward-coordinator console-link` on the coordinator and open the \
                      address it prints."
@@ -535,13 +590,18 @@ fn same_origin(headers: &HeaderMap) -> Result<(), &'static str> {
 }
 
 fn cookie(headers: &HeaderMap) -> Option<String> {
+    cookie_named(headers, COOKIE)
+}
+
+/// The value of the cookie `name`, if the request carries it.
+pub(super) fn cookie_named(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_string())
 }
 
@@ -577,7 +637,7 @@ fn redirect(to: &'static str) -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response()
 }
 
-fn bare(status: StatusCode, title: &str, msg: &str) -> Response {
+pub(super) fn bare(status: StatusCode, title: &str, msg: &str) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
@@ -611,7 +671,7 @@ fn failed(s: &SessionInfo, r: Result<AdminReply, String>) -> Response {
     }
 }
 
-fn random() -> [u8; SECRET_LEN] {
+pub(super) fn random() -> [u8; SECRET_LEN] {
     let mut b = [0u8; SECRET_LEN];
     rand::rngs::OsRng.fill_bytes(&mut b);
     b

@@ -30,6 +30,9 @@ pub struct Discovery {
     pub device_authorization_endpoint: Option<String>,
     #[serde(default)]
     pub userinfo_endpoint: Option<String>,
+    /// Where browser sign-ins start (authorization code flow).
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
 }
 
 /// The provider's answer to a device authorization request.
@@ -326,11 +329,94 @@ impl Provider {
         self.get_json(&url, Auth::Bearer(access_token)).await
     }
 
+    /// The authorization URL of a browser sign-in (authorization code + PKCE S256).
+    pub async fn authorize_url(&self, a: &AuthorizeParams<'_>) -> Result<String, ProviderError> {
+        let disc = self.discovery().await?;
+        let endpoint = disc.authorization_endpoint.ok_or_else(|| {
+            ProviderError::Refused("the provider does not offer browser sign-in".into())
+        })?;
+        http::Url::parse(&endpoint).map_err(|e| down(format!("discovery document: {e}")))?;
+        let query = http::encode_form(&[
+            ("response_type", "code"),
+            ("client_id", self.cfg.client_id.as_str()),
+            ("redirect_uri", a.redirect_uri),
+            ("scope", a.scope),
+            ("state", a.state),
+            ("nonce", a.nonce),
+            ("code_challenge", a.code_challenge),
+            ("code_challenge_method", "S256"),
+            ("prompt", "login consent"),
+        ]);
+        let sep = if endpoint.contains('?') { '&' } else { '?' };
+        Ok(format!("{endpoint}{sep}{query}"))
+    }
+
+    /// Redeems an authorization code with its PKCE verifier (RFC 7636 4.5). A 4xx is the
+    /// provider refusing (a used, expired or stolen code, a wrong verifier).
+    pub async fn redeem_code(
+        &self,
+        code: &str,
+        verifier: &str,
+        redirect_uri: &str,
+    ) -> Result<Tokens, ProviderError> {
+        let r = self
+            .token_request(&[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("code_verifier", verifier),
+                ("redirect_uri", redirect_uri),
+            ])
+            .await?;
+        if r.status == 200 {
+            return serde_json::from_slice(&r.body).map_err(|e| down(format!("token answer: {e}")));
+        }
+        let why = match poll_answer(&r.body) {
+            PollAnswer::Failed(m) => m,
+            other => format!("{other:?}"),
+        };
+        Err(ProviderError::Refused(why))
+    }
+
+    /// Verifies the ID token of a browser sign-in: as [`Provider::id_token`], and it must carry
+    /// exactly the `nonce` this sign-in sent (the code flow always echoes it).
+    pub async fn id_token_code(
+        &self,
+        token: &str,
+        nonce: &str,
+        access_token: Option<&str>,
+        now_ms: i64,
+    ) -> Result<IdClaims, ProviderError> {
+        let (payload, alg) = self.verify_alg(token).await?;
+        let rules = IdTokenRules {
+            issuer: &self.cfg.issuer,
+            client_id: &self.cfg.client_id,
+            nonce: Some(nonce),
+            nonce_required: true,
+            not_before_ms: None,
+            access_token,
+            alg,
+            now_ms,
+        };
+        Ok(check_id_token(&payload, &rules)?)
+    }
+
     /// Logs the provider's failure without any token.
     pub fn log_failure(&self, what: &str, e: &ProviderError) {
         warn!(issuer = %self.cfg.issuer, error = %e, "{what}");
     }
 }
+
+/// What one browser sign-in sends to the authorization endpoint.
+pub struct AuthorizeParams<'a> {
+    pub redirect_uri: &'a str,
+    pub scope: &'a str,
+    pub state: &'a str,
+    pub nonce: &'a str,
+    pub code_challenge: &'a str,
+}
+
+/// What the console's sign-in asks for (no refresh token: a console session is not renewed).
+pub const CONSOLE_SCOPE: &str = "openid email profile groups";
 
 /// Reads the client secret file (first line, trimmed).
 pub fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {

@@ -41,6 +41,7 @@ use actor::Event;
 mod actor;
 mod effects;
 mod link;
+mod login_code;
 pub mod oidc;
 mod queue;
 mod relay;
@@ -268,7 +269,11 @@ pub async fn serve(
             .await
             .with_context(|| format!("binding the web console listener on {addr}"))?;
         let bound = l.local_addr()?;
-        let console = crate::console::Console::new(bound, console_hooks(ctx.clone()));
+        let console_oidc = ctx.oidc.clone().map(|p| {
+            let group = oidc.as_ref().and_then(|o| o.console_admin_group.clone());
+            crate::console::oidc::ConsoleOidc::new(p, group)
+        });
+        let console = crate::console::Console::new(bound, console_hooks(ctx.clone()), console_oidc);
         let _ = ctx.console.set(console.clone());
         info!(addr = %bound, "web console listening (sign in with `ward-coordinator console-link`)");
         tokio::spawn(crate::console::web::serve(l, console));

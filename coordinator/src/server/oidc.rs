@@ -42,15 +42,17 @@ pub struct OidcServe {
     pub listen: Option<SocketAddr>,
     /// The bearer token SCIM requests must carry (SCIM is off without one).
     pub scim_token: Option<String>,
+    /// The provider group whose members may sign in to the console with the provider.
+    pub console_admin_group: Option<String>,
 }
 
-const ACTOR: &str = "oidc";
+pub(super) const ACTOR: &str = "oidc";
 /// Why a refused refresh disabled a user (the refresh loop keeps retrying those).
 const REASON_REFRESH: &str = "the identity provider no longer accepts the sign-in";
 /// Longest a device sign-in may wait for the user, whatever the provider says.
 const MAX_LOGIN_SECS: u64 = 15 * 60;
 
-fn audit(store: &dyn Store, action: Action, target: &str, detail: serde_json::Value) {
+pub(super) fn audit(store: &dyn Store, action: Action, target: &str, detail: serde_json::Value) {
     let a = Audit {
         actor: ACTOR,
         action,
@@ -78,13 +80,13 @@ pub(super) async fn login(ctx: &Arc<Ctx>, link: &mut Link, req: LoginStart) -> R
     Ok(())
 }
 
-type Refusal = (ErrorCode, String);
+pub(super) type Refusal = (ErrorCode, String);
 
-fn failed(m: impl Into<String>) -> Refusal {
+pub(super) fn failed(m: impl Into<String>) -> Refusal {
     (ErrorCode::LoginFailed, m.into())
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Refusal> + Send + 'static,
 ) -> Result<T, Refusal> {
     tokio::task::spawn_blocking(f)
@@ -301,7 +303,7 @@ async fn merge_userinfo(p: &Provider, t: &Tokens, c: &mut IdClaims) -> Result<()
 /// Finds or creates the user for `c`, syncs its provider groups, stores the refresh token and
 /// mints a single-use enrollment token for it (the device then enrolls exactly as with an
 /// admin's token). Returns (user, token id, token secret).
-fn sign_in_user(
+pub(super) fn sign_in_user(
     ctx: &Arc<Ctx>,
     issuer: &str,
     create: bool,
@@ -749,4 +751,13 @@ async fn push(
         };
     }
     (404, err_json("not found"))
+}
+
+/// [`merge_userinfo`] for the browser and console sign-ins.
+pub(crate) async fn add_userinfo(
+    p: &Provider,
+    t: &Tokens,
+    c: &mut IdClaims,
+) -> Result<(), ProviderError> {
+    merge_userinfo(p, t, c).await
 }

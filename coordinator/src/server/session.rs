@@ -104,6 +104,9 @@ pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<(
             }
             Ok(())
         }
+        (None, DeviceMsg::LoginStart(req)) if req.pkce.is_some() => {
+            super::login_code::login(&ctx, &mut link, dec, req).await
+        }
         (None, DeviceMsg::LoginStart(req)) => super::oidc::login(&ctx, &mut link, req).await,
         (Some(cert), DeviceMsg::Hello(hello)) => {
             let cert = cert.to_vec();
@@ -640,7 +643,7 @@ async fn session(
                                 send_msg(&mut link.send, &CoordinatorMsg::FlowsAck { seq }).await?;
                             }
                         }
-                        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::Hello(_) => {
+                        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::LoginCallback(_) | DeviceMsg::Hello(_) => {
                             refuse(&mut link, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
                             return Ok(());
                         }
@@ -673,7 +676,10 @@ fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
         DeviceMsg::RelayTicketRequest => Kind::RelayTicket,
         DeviceMsg::Ping { .. } => Kind::Ping,
         DeviceMsg::PunchRequest { .. } => Kind::Punch,
-        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::Hello(_) => return None,
+        DeviceMsg::Enroll(_)
+        | DeviceMsg::LoginStart(_)
+        | DeviceMsg::LoginCallback(_)
+        | DeviceMsg::Hello(_) => return None,
     })
 }
 
