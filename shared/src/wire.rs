@@ -34,7 +34,9 @@
 //!   the DNS domain device names live under (`Netmap.dns_domain`), optional on the wire;
 //!   OpenID Connect device sign-in (`login_start` on a connection without a client
 //!   certificate, answered by `login_pending`, then `enrolled` or `error` with the code
-//!   `login_failed`), sent only by an agent asked for `ward up --login`.
+//!   `login_failed`), sent only by an agent asked for `ward up --login`; the device's behaviour
+//!   risk in its verdict (`PostureVerdict.risk`), optional on the wire and ignored by agents
+//!   that predate it.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -208,6 +210,39 @@ pub struct PostureVerdict {
     /// Access the policy would give this device but trust currently withholds.
     #[serde(default)]
     pub unavailable: Vec<Unavailable>,
+    /// The device's behaviour risk, when it has one or the policy caps it (`max_risk`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<RiskView>,
+}
+
+/// A device's behaviour risk as the coordinator judges it now.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RiskView {
+    /// 0–100, from its recent anomalies (they decay).
+    pub score: u8,
+    /// The policy's `risk_threshold` (above it the device counts as risky).
+    pub threshold: u8,
+    /// The lowest `max_risk` of the policy's posture requirements, if any has one.
+    #[serde(default)]
+    pub max_risk: Option<u8>,
+    /// The strongest contributing anomalies (`anomaly ID: reason`), empty at 0.
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl std::fmt::Display for RiskView {
+    /// `risk 72 (threshold 40, lowest max_risk 40): anomaly 3: first contact with …`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "risk {} (threshold {}", self.score, self.threshold)?;
+        if let Some(m) = self.max_risk {
+            write!(f, ", lowest max_risk {m}")?;
+        }
+        write!(f, ")")?;
+        if !self.reason.is_empty() {
+            write!(f, ": {}", self.reason)?;
+        }
+        Ok(())
+    }
 }
 
 impl PostureVerdict {
@@ -230,6 +265,9 @@ impl PostureVerdict {
             ));
         }
         out.extend(self.unavailable.iter().map(|u| format!("unavailable: {u}")));
+        if let Some(r) = &self.risk {
+            out.push(r.to_string());
+        }
         out
     }
 }

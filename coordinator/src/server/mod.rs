@@ -191,6 +191,9 @@ pub async fn serve(
     for e in registry.restore_behaviour(store.baselines()?, anomalies) {
         tracing::warn!(error = %e, "a stored behaviour baseline was refused; the device learns afresh");
     }
+    for e in registry.restore_behaviour_groups(store.group_baselines()?) {
+        tracing::warn!(error = %e, "a stored group baseline was refused; the group learns afresh");
+    }
     registry.handle_routes(store.device_routes()?);
     let (events, rx) = queue::channel(queue::CONNECTION_EVENTS);
     let ctx = Arc::new(Ctx {
