@@ -170,16 +170,16 @@ for run in 1 2 3; do
         STATUS=$(lab_ward alice status 2>&1)
         echo "$STATUS" | grep -E "behaviour:|unavailable:" | sed 's/^/    /'
         check "ward status names the rule, the risk against max_risk and the anomaly's reason" \
-            grep -qE "unavailable: +db on db \(rule eng-db\): .*risk $RISK is above the 40 allowed: anomaly [0-9]+: .*first contact with db on tcp/6[0-9]{3}" <<<"$STATUS"
-        check "ward status has the behaviour risk line" grep -qE "behaviour: +risk $RISK \(threshold 40, lowest max_risk 40\): anomaly" <<<"$STATUS"
+            grep -qE "unavailable: +db on db \(rule eng-db\): .*risk [0-9]+ is above the 40 allowed: anomaly [0-9]+: .*first contact with db on tcp/6[0-9]{3}" <<<"$STATUS"
+        check "ward status has the behaviour risk line" grep -qE "behaviour: +risk [0-9]+ \(threshold 40, lowest max_risk 40\): anomaly" <<<"$STATUS"
         check "alice's risk is over 40 ($RISK)" test "$RISK" -gt 40
         SHOW=$(lab_coord device show alice 2>&1)
-        check "device show prints the risk" grep -qE "^risk $RISK \(threshold 40" <<<"$SHOW"
+        check "device show prints the risk" grep -qE "^risk [0-9]+ \(threshold 40, lowest max_risk 40\): anomaly" <<<"$SHOW"
         check "device show --json has posture.risk" test "$(lab_coord device show alice --json | py "v['posture']['risk']['max_risk']")" = 40
         EXPLAIN=$(lab_coord policy explain alice db:5432 2>&1)
         echo "$EXPLAIN" | grep "risk check" | sed 's/^/    /'
         check "policy explain: denied, the risk check fails with the anomaly" \
-            grep -qE "risk check: rule \"eng-db\" needs posture \"calm\" \(max_risk 40\); alice's risk is $RISK, fails: anomaly" <<<"$EXPLAIN"
+            grep -qE "risk check: rule \"eng-db\" needs posture \"calm\" \(max_risk 40\); alice's risk is [0-9]+, fails: anomaly" <<<"$EXPLAIN"
         check "audit has risk.above for alice" grep -qE "risk\.above +alice" <<<"$(lab_coord audit --limit 50)"
     fi
     ACK=$(now_ms)
@@ -194,6 +194,11 @@ for run in 1 2 3; do
     fi
     echo "  run $run: acknowledged as expected; access back after $((BACK - ACK)) ms"
     RESTORES+=($((BACK - ACK)))
+    # The rest of the sweep's window is reported at its end: whatever it raised is part of
+    # this sweep (acknowledged too), so the next run starts clean.
+    sleep 2.5
+    ack_all
+    lab_wait_for -t 5 reach alice "$DB4" 5432
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR ? a[int((NR + 1) / 2)] : "none")}'; }
 check "three sweeps, three cuts, three restores" test "${#CUTS[@]}/${#RESTORES[@]}" = "3/3"
