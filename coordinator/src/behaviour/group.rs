@@ -105,16 +105,19 @@ impl Groups {
         self.map.len()
     }
 
-    /// Feeds `name` with a member's window, creating the group (and dropping the least
-    /// recently fed one beyond `cap`).
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Feeds `name` with a member's window (`span`: its start and end), creating the group
+    /// (and dropping the least recently fed one beyond `cap`).
     pub fn learn(
         &mut self,
         name: &str,
         member: DeviceId,
         r: &Rates,
         alpha: f64,
-        start_ms: i64,
-        end_ms: i64,
+        (start_ms, end_ms): (i64, i64),
         cap: usize,
     ) {
         if !self.map.contains_key(name) {

@@ -545,8 +545,14 @@ impl Detector {
         if !spiking {
             b.learn(hour, &rates, active, alpha);
             for g in &st.groups {
-                self.groups
-                    .learn(g, reporter, &rates, alpha, start_ms, end_ms, cfg.max_groups);
+                self.groups.learn(
+                    g,
+                    reporter,
+                    &rates,
+                    alpha,
+                    (start_ms, end_ms),
+                    cfg.max_groups,
+                );
             }
         }
         if parts.is_empty() {

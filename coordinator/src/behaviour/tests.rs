@@ -480,7 +480,7 @@ fn a_new_device_is_judged_against_its_trusted_group_while_it_learns() {
     det.set_groups(new, vec!["group:eng".into()]);
     let normal = rec(Role::Initiator, 100, 443, 1_100_000, 2);
     assert!(det
-        .handle_window(new, t, t + 60_000, &[normal.clone()], &name, t)
+        .handle_window(new, t, t + 60_000, std::slice::from_ref(&normal), &name, t)
         .is_none());
     // Then it sends 200 MB in a minute: 200× what a member of eng sends.
     let a = det
@@ -526,7 +526,7 @@ fn connection_rate_against_the_group_and_expected_silences_it_for_that_device() 
     det.set_groups(d, vec!["group:eng".into()]);
     let burst = rec(Role::Initiator, 100, 443, 1_000_000, 600);
     let a = det
-        .handle_window(d, t, t + 60_000, &[burst.clone()], &name, t)
+        .handle_window(d, t, t + 60_000, std::slice::from_ref(&burst), &name, t)
         .expect("600 connections a minute against a group's 1–3");
     assert_eq!(a.kinds, vec![Kind::GroupConnectionRate]);
     assert!(a.reason.contains("rate of new connections"), "{}", a.reason);
