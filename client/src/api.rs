@@ -179,6 +179,10 @@ pub struct DeviceView {
     pub clock_offset_ms: Option<i64>,
     pub quarantine: Option<String>,
     pub unavailable: Vec<Unavailable>,
+    /// This device's behaviour risk as the coordinator judges it (when it has one, or the
+    /// policy caps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<ward_shared::wire::RiskView>,
     /// What this device may reach.
     pub reach: Vec<ReachView>,
     /// Who may reach this device.
@@ -244,6 +248,9 @@ pub struct FlowLogView {
     pub reports_acked: u64,
     pub last_acked_seq: Option<u64>,
     pub next_seq: u64,
+    /// Windows reported early because of a burst of new outgoing flows (a scan).
+    #[serde(default)]
+    pub early_reports: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -469,6 +476,7 @@ mod tests {
                 clock_offset_ms: Some(5),
                 quarantine: None,
                 unavailable: vec![],
+                risk: None,
                 reach: vec![],
                 inbound: vec![],
                 connected_secs: None,

@@ -620,6 +620,9 @@ fn print_status(v: &StatusView) {
     if let Some(q) = &d.quarantine {
         println!("QUARANTINED:  {q} (only remediation services are reachable)");
     }
+    if let Some(r) = d.risk.as_ref().filter(|r| r.score > 0) {
+        println!("behaviour:    {r}");
+    }
     for u in &d.unavailable {
         println!("unavailable:  {u}");
     }

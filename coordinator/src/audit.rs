@@ -43,6 +43,10 @@ pub enum Action {
     PostureRefused,
     AnomalyRaised,
     AnomalyAck,
+    /// A device's behaviour risk went over the policy's `risk_threshold`.
+    RiskAbove,
+    /// A device's behaviour risk came back to the threshold or below.
+    RiskBelow,
     RelayAdd,
     RelayRemove,
     AuditAnchored,
@@ -74,7 +78,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 46] = [
+    pub const ALL: [Action; 48] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -106,6 +110,8 @@ impl Action {
         Action::PostureRefused,
         Action::AnomalyRaised,
         Action::AnomalyAck,
+        Action::RiskAbove,
+        Action::RiskBelow,
         Action::RelayAdd,
         Action::RelayRemove,
         Action::AuditAnchored,
@@ -156,6 +162,8 @@ impl Action {
             Action::PosturePass => "posture.pass",
             Action::AnomalyRaised => "anomaly.raised",
             Action::AnomalyAck => "anomaly.ack",
+            Action::RiskAbove => "risk.above",
+            Action::RiskBelow => "risk.below",
             Action::PostureRefused => "posture.refused",
             Action::RelayAdd => "relay.add",
             Action::RelayRemove => "relay.remove",

@@ -28,8 +28,8 @@ use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::routes::{overlaps_overlay, Prefix, MAX_ADVERTISED_ROUTES};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
-    PostureVerdict, Reach, RelayInfo, SelfInfo, Unavailable, WgPublicKey, MAX_DENIED_FLOWS,
-    MAX_ENDPOINTS,
+    PostureVerdict, Reach, RelayInfo, RiskView, SelfInfo, Unavailable, WgPublicKey,
+    MAX_DENIED_FLOWS, MAX_ENDPOINTS,
 };
 
 use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, Label};
@@ -138,6 +138,15 @@ pub enum Output {
     },
     /// The behaviour detector raised an anomaly (store it, audit it).
     Anomaly(Box<crate::behaviour::Anomaly>),
+    /// The device's risk crossed the policy's `risk_threshold`, up (`above`) or back down
+    /// (audit it).
+    RiskCrossed {
+        device: DeviceId,
+        score: u8,
+        threshold: u8,
+        above: bool,
+        reason: String,
+    },
     /// The device lost its access (revoked, its user disabled): relays must refuse its tickets
     /// and drop its connections.
     DeviceRevoked {
@@ -527,6 +536,8 @@ impl Registry {
             })
             .collect();
         let name = |_: Option<DeviceId>, a: IpAddr| names.get(&a).cloned().unwrap_or(a.to_string());
+        let groups = self.behaviour_groups(reporter);
+        self.behaviour.set_groups(reporter, groups);
         for w in &report.windows {
             if let Some(a) = self.behaviour.handle_window(
                 reporter,
@@ -575,6 +586,67 @@ impl Registry {
         (r, why.to_string())
     }
 
+    /// The groups a device's behaviour is compared with: its tags (`tag:NAME`) and its user's
+    /// groups (`group:NAME`, from the directory and from the policy's `[groups]`).
+    fn behaviour_groups(&self, id: DeviceId) -> Vec<String> {
+        let Some(d) = self.devices.get(&id) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = d
+            .tags
+            .iter()
+            .map(|t| {
+                let t = t.to_string();
+                if t.starts_with("tag:") {
+                    t
+                } else {
+                    format!("tag:{t}")
+                }
+            })
+            .collect();
+        if let Some(u) = &d.user {
+            if let Some(user) = self.users.get(u) {
+                out.extend(user.groups.iter().map(|g| format!("group:{g}")));
+            }
+            if let Some(p) = &self.policy {
+                out.extend(
+                    p.groups
+                        .iter()
+                        .filter(|(_, g)| g.members.iter().any(|m| &m.value == u))
+                        .map(|(n, _)| format!("group:{n}")),
+                );
+            }
+        }
+        out
+    }
+
+    /// Every group baseline as stored (name, JSON).
+    pub fn behaviour_group_snapshots(&self) -> Vec<(String, String)> {
+        self.behaviour.group_snapshots()
+    }
+
+    /// Stored group baselines, after a restart; the reasons for refused ones are returned.
+    pub fn restore_behaviour_groups(&mut self, groups: Vec<(String, String)>) -> Vec<String> {
+        groups
+            .into_iter()
+            .filter_map(|(n, s)| {
+                self.behaviour
+                    .restore_group(&n, &s)
+                    .err()
+                    .map(|e| format!("group baseline {n}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Every device whose behaviour risk is above 0: the score and why.
+    pub fn risks(&self) -> BTreeMap<DeviceId, (u8, String)> {
+        self.devices
+            .keys()
+            .map(|id| (*id, self.risk(*id)))
+            .filter(|(_, r)| r.0 > 0)
+            .collect()
+    }
+
     pub fn behaviour_labels(&self) -> crate::behaviour::Labels {
         self.behaviour.labels()
     }
@@ -620,8 +692,20 @@ impl Registry {
         } else {
             self.risk_live.remove(&id);
         }
+        let before = self.trust.risk(id).0;
         if !self.trust.set_risk(id, r.score, &r.reason) {
             return;
+        }
+        if let Some(t) = self.policy.as_ref().map(|p| p.trust.risk_threshold) {
+            if (before > t) != (r.score > t) {
+                self.outputs.push_back(Output::RiskCrossed {
+                    device: id,
+                    score: r.score,
+                    threshold: t,
+                    above: r.score > t,
+                    reason: r.reason.clone(),
+                });
+            }
         }
         self.verdict_dirty.insert(id);
         self.reevaluate(id);
@@ -812,12 +896,23 @@ impl Registry {
             }
             unavailable.sort();
         }
+        let (score, reason) = self.trust.risk(id);
+        let risk = self.policy.as_ref().and_then(|p| {
+            let max_risk = p.postures.values().filter_map(|q| q.max_risk).min();
+            (score > 0 || max_risk.is_some()).then(|| RiskView {
+                score,
+                threshold: p.trust.risk_threshold,
+                max_risk,
+                reason: reason.to_string(),
+            })
+        });
         PostureVerdict {
             report_seq: self.trust.report(id).map(|r| r.seq),
             evaluated_at_ms: self.now_ms,
             results: self.trust.evaluations(id).to_vec(),
             quarantine,
             unavailable,
+            risk,
         }
     }
 

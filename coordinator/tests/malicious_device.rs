@@ -285,6 +285,7 @@ impl World {
                 Output::Close { .. }
                 | Output::PostureChanged { .. }
                 | Output::Anomaly(_)
+                | Output::RiskCrossed { .. }
                 | Output::DeviceRevoked { .. }
                 | Output::RoutesAdvertised { .. } => {}
             }

@@ -38,7 +38,8 @@
 //!   (authorization code + PKCE on a loopback redirect: `login_start.pkce`, answered by
 //!   `login_authorize`, then the device's `login_callback`), optional on the wire and sent
 //!   only by an agent asked for it, so a coordinator that predates it answers with the device
-//!   grant's `login_pending` (the agent then says so).
+//!   grant's `login_pending` (the agent then says so); the device's behaviour risk in its
+//!   verdict (`PostureVerdict.risk`), optional on the wire and ignored by agents that predate it.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -215,6 +216,39 @@ pub struct PostureVerdict {
     /// Access the policy would give this device but trust currently withholds.
     #[serde(default)]
     pub unavailable: Vec<Unavailable>,
+    /// The device's behaviour risk, when it has one or the policy caps it (`max_risk`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<RiskView>,
+}
+
+/// A device's behaviour risk as the coordinator judges it now.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RiskView {
+    /// 0–100, from its recent anomalies (they decay).
+    pub score: u8,
+    /// The policy's `risk_threshold` (above it the device counts as risky).
+    pub threshold: u8,
+    /// The lowest `max_risk` of the policy's posture requirements, if any has one.
+    #[serde(default)]
+    pub max_risk: Option<u8>,
+    /// The strongest contributing anomalies (`anomaly ID: reason`), empty at 0.
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl std::fmt::Display for RiskView {
+    /// `risk 72 (threshold 40, lowest max_risk 40): anomaly 3: first contact with …`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "risk {} (threshold {}", self.score, self.threshold)?;
+        if let Some(m) = self.max_risk {
+            write!(f, ", lowest max_risk {m}")?;
+        }
+        write!(f, ")")?;
+        if !self.reason.is_empty() {
+            write!(f, ": {}", self.reason)?;
+        }
+        Ok(())
+    }
 }
 
 impl PostureVerdict {
@@ -237,6 +271,9 @@ impl PostureVerdict {
             ));
         }
         out.extend(self.unavailable.iter().map(|u| format!("unavailable: {u}")));
+        if let Some(r) = &self.risk {
+            out.push(r.to_string());
+        }
         out
     }
 }

@@ -18,6 +18,13 @@
 //! acknowledged; past either, the oldest go and are counted in `dropped_records` (cumulative,
 //! carried by every report; an empty report carries it if nothing else would).
 //!
+//! Early report: when [`FlowLogConfig::burst_new_flows`] new outgoing records (new other end,
+//! port or protocol) appear in one window, the window is closed at once (its end is the time
+//! of the burst, not the aligned end) and its report goes out without waiting for
+//! [`MIN_REPORT_GAP`], so that a scan reaches the coordinator's behaviour detector within a
+//! harvest tick instead of a window later. Once per aligned window: the rest of that window is
+//! reported at its usual end (the coordinator merges overlapping windows of one flow).
+//!
 //! Reports are numbered from 1; a retransmission repeats the report unchanged. The log's
 //! [`FlowLogState`] (next sequence number, dropped count, unacknowledged reports) is what the
 //! daemon saves so that numbers are never reused after a restart.
@@ -52,6 +59,8 @@ pub const SAVE_GAP: Duration = Duration::from_secs(5);
 pub const MAX_SPOOL_REPORTS: usize = 256;
 /// Default cap on distinct records in one window.
 pub const DEFAULT_MAX_WINDOW_RECORDS: usize = 4096;
+/// Default number of new outgoing records in one window that report it early (a scan).
+pub const DEFAULT_BURST_NEW_FLOWS: usize = 16;
 /// Default cap on records in reports not yet acknowledged (64 full reports).
 pub const DEFAULT_MAX_SPOOL_RECORDS: usize = 64 * MAX_RECORDS_PER_REPORT;
 
@@ -62,6 +71,8 @@ pub struct FlowLogConfig {
     pub max_spool_records: usize,
     /// Test only: reported packet and byte counts are scaled down by this percentage.
     pub underreport_percent: u8,
+    /// New outgoing records in one window that close it early and send it at once (0: never).
+    pub burst_new_flows: usize,
 }
 
 impl Default for FlowLogConfig {
@@ -71,6 +82,7 @@ impl Default for FlowLogConfig {
             max_window_records: DEFAULT_MAX_WINDOW_RECORDS,
             max_spool_records: DEFAULT_MAX_SPOOL_RECORDS,
             underreport_percent: 0,
+            burst_new_flows: DEFAULT_BURST_NEW_FLOWS,
         }
     }
 }
@@ -169,6 +181,8 @@ struct Window {
     records: HashMap<RecKey, Agg>,
     /// Keys in the order they were first seen (the oldest goes first at the cap).
     order: VecDeque<RecKey>,
+    /// New outgoing records since the window opened.
+    new_out: usize,
 }
 
 /// What survives a daemon restart.
@@ -199,6 +213,8 @@ pub struct FlowLogStatus {
     pub reports_acked: u64,
     pub last_acked_seq: Option<u64>,
     pub next_seq: u64,
+    /// Windows closed early on a burst of new outgoing flows.
+    pub early_reports: u64,
 }
 
 #[derive(Debug)]
@@ -223,6 +239,12 @@ pub struct FlowLog {
     /// `next_seq` and time of the last save.
     saved_seq: u64,
     saved_at: Option<Instant>,
+    /// The aligned start of the last window closed early (once per window).
+    early_start: Option<i64>,
+    /// A report closed early, sent without waiting for the gap.
+    urgent: Option<u64>,
+    /// Windows closed early (for `ward status`).
+    early_reports: u64,
 }
 
 impl FlowLog {
@@ -232,6 +254,7 @@ impl FlowLog {
             max_window_records: cfg.max_window_records.max(1),
             max_spool_records: cfg.max_spool_records.max(1),
             underreport_percent: cfg.underreport_percent.min(100),
+            burst_new_flows: cfg.burst_new_flows,
         };
         FlowLog {
             cfg,
@@ -250,6 +273,9 @@ impl FlowLog {
             dirty: false,
             saved_seq: 1,
             saved_at: None,
+            early_start: None,
+            urgent: None,
+            early_reports: 0,
         }
     }
 
@@ -317,6 +343,7 @@ impl FlowLog {
             start_ms: coord_ms.div_euclid(window_ms).saturating_mul(window_ms),
             records: HashMap::new(),
             order: VecDeque::new(),
+            new_out: 0,
         });
         let mut evicted = 0u64;
         for FlowSample { key, counts } in samples {
@@ -356,6 +383,9 @@ impl FlowLog {
                     evicted += 1;
                 }
             }
+            if k.role == Role::Initiator {
+                w.new_out += 1;
+            }
             w.order.push_back(k.clone());
             w.records.insert(
                 k,
@@ -373,6 +403,27 @@ impl FlowLog {
         }
         if evicted > 0 {
             self.count_dropped(evicted);
+        }
+        let burst = self.cfg.burst_new_flows;
+        let early = self.window.as_ref().is_some_and(|w| {
+            burst > 0 && w.new_out >= burst && self.early_start != Some(w.start_ms)
+        });
+        if early {
+            self.close_early(coord_ms);
+        }
+    }
+
+    /// A burst of new outgoing flows: the window closes now and its report skips the gap.
+    fn close_early(&mut self, coord_ms: i64) {
+        let Some(start) = self.window.as_ref().map(|w| w.start_ms) else {
+            return;
+        };
+        self.early_start = Some(start);
+        let before = self.next_seq;
+        self.close_window_at(Some(coord_ms.max(start.saturating_add(1))));
+        if self.next_seq != before {
+            self.urgent = Some(before);
+            self.early_reports += 1;
         }
     }
 
@@ -392,10 +443,16 @@ impl FlowLog {
 
     /// Closes the current window now (the daemon does at shutdown, before saving).
     pub fn close_window(&mut self) {
+        self.close_window_at(None);
+    }
+
+    /// Closes the current window, ending it at `end` (early) or at its aligned end.
+    fn close_window_at(&mut self, end: Option<i64>) {
         let Some(w) = self.window.take() else {
             return;
         };
-        let end_ms = w.start_ms.saturating_add(self.cfg.window_ms);
+        let aligned_end = w.start_ms.saturating_add(self.cfg.window_ms);
+        let end_ms = end.map_or(aligned_end, |e| e.min(aligned_end));
         let mut records = w.records;
         let mut ordered: Vec<FlowRecord> = w
             .order
@@ -501,9 +558,16 @@ impl FlowLog {
     /// [`MAX_IN_FLIGHT`] at once, [`MIN_REPORT_GAP`] apart; one in flight for
     /// [`RESEND_AFTER`] goes again.
     pub fn poll_report(&mut self, now: Instant) -> Option<FlowReport> {
-        if self
-            .last_sent
-            .is_some_and(|t| now.saturating_duration_since(t) < MIN_REPORT_GAP)
+        let urgent = self
+            .urgent
+            .is_some_and(|u| self.spool.iter().any(|r| r.seq == u));
+        if !urgent {
+            self.urgent = None;
+        }
+        if !urgent
+            && self
+                .last_sent
+                .is_some_and(|t| now.saturating_duration_since(t) < MIN_REPORT_GAP)
         {
             return None;
         }
@@ -513,11 +577,20 @@ impl FlowLog {
             return None;
         }
         let in_flight = &self.in_flight;
-        let report = self
-            .spool
-            .iter()
-            .find(|r| !in_flight.iter().any(|(s, _)| *s == r.seq))?
-            .clone();
+        let pending = |r: &&FlowReport| !in_flight.iter().any(|(s, _)| *s == r.seq);
+        let report = match self.urgent.filter(|_| urgent) {
+            Some(u) => self
+                .spool
+                .iter()
+                .filter(pending)
+                .find(|r| r.seq == u)
+                .or_else(|| self.spool.iter().find(pending)),
+            None => self.spool.iter().find(pending),
+        }?
+        .clone();
+        if self.urgent == Some(report.seq) {
+            self.urgent = None;
+        }
         self.in_flight.push((report.seq, now));
         self.last_sent = Some(now);
         self.reports_sent += 1;
@@ -557,6 +630,7 @@ impl FlowLog {
             reports_acked: self.reports_acked,
             last_acked_seq: self.last_acked,
             next_seq: self.next_seq,
+            early_reports: self.early_reports,
         }
     }
 }
@@ -709,6 +783,70 @@ mod tests {
         l.handle_timeout(T0 + 2 * W);
         assert_eq!(l.spool.back().unwrap().windows[0].start_ms, T0 + W);
         assert_eq!(l.spool.back().unwrap().seq, 2);
+    }
+
+    #[test]
+    fn a_burst_of_new_outgoing_flows_closes_the_window_early_and_skips_the_gap() {
+        let ctx = FlowContext::from_netmap(&netmap());
+        let mut l = log(FlowLogConfig {
+            burst_new_flows: 4,
+            ..FlowLogConfig::default()
+        });
+        // A normal report goes first, so the gap would hold the next one back.
+        l.add(vec![sample(2, Role::Initiator, 5432, 100)], 0, &ctx, T0 + 5);
+        l.handle_timeout(T0 + W);
+        let now = Instant::now();
+        assert_eq!(l.poll_report(now).map(|r| r.seq), Some(1));
+        // Three new outgoing records and inbound ones: no burst yet.
+        let three: Vec<FlowSample> = (0..3)
+            .map(|p| sample(2, Role::Initiator, 100 + p, 10))
+            .chain((0..5).map(|p| sample(3, Role::Responder, 200 + p, 10)))
+            .collect();
+        l.add(three, 0, &ctx, T0 + W + 1_000);
+        assert!(l.spool.iter().all(|r| r.seq == 1), "no early report");
+        // The fourth new one (a repeat of a known key does not count) closes the window now.
+        l.add(
+            vec![
+                sample(2, Role::Initiator, 100, 10),
+                sample(2, Role::Initiator, 103, 10),
+            ],
+            0,
+            &ctx,
+            T0 + W + 2_500,
+        );
+        assert_eq!(l.status(true).early_reports, 1);
+        let r = l.poll_report(now).expect("sent at once, inside the gap");
+        assert_eq!(r.seq, 2);
+        assert_eq!(
+            (r.windows[0].start_ms, r.windows[0].end_ms),
+            (T0 + W, T0 + W + 2_500)
+        );
+        assert_eq!(r.windows[0].records.len(), 9);
+        r.validate().unwrap();
+        // Once per aligned window: more new flows in it wait for its end and the gap.
+        let more: Vec<FlowSample> = (0..8)
+            .map(|p| sample(2, Role::Initiator, 300 + p, 10))
+            .collect();
+        l.add(more, 0, &ctx, T0 + W + 3_000);
+        assert_eq!(l.status(true).early_reports, 1);
+        assert_eq!(l.poll_report(now), None, "the gap holds again");
+        l.handle_timeout(T0 + 2 * W);
+        let rest = l.poll_report(now + MIN_REPORT_GAP).unwrap();
+        assert_eq!(
+            (rest.windows[0].start_ms, rest.windows[0].end_ms),
+            (T0 + W, T0 + 2 * W)
+        );
+        assert_eq!(rest.windows[0].records.len(), 8);
+        // Off (0): never early.
+        let mut off = log(FlowLogConfig {
+            burst_new_flows: 0,
+            ..FlowLogConfig::default()
+        });
+        let many: Vec<FlowSample> = (0..100)
+            .map(|p| sample(2, Role::Initiator, p, 10))
+            .collect();
+        off.add(many, 0, &ctx, T0 + 5);
+        assert!(off.spool.is_empty());
     }
 
     #[test]

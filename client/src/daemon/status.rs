@@ -244,6 +244,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
             clock_offset_ms: offset,
             quarantine: verdict.and_then(|v| v.quarantine.clone()),
             unavailable: verdict.map(|v| v.unavailable.clone()).unwrap_or_default(),
+            risk: verdict.and_then(|v| v.risk.clone()),
             reach,
             inbound,
             connected_secs: s
@@ -276,6 +277,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
                     reports_acked: f.reports_acked,
                     last_acked_seq: f.last_acked_seq,
                     next_seq: f.next_seq,
+                    early_reports: f.early_reports,
                 }
             }),
             dns: None,

@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub home_relays: std::collections::BTreeMap<DeviceId, String>,
     /// The devices forwarding routed prefixes now, with the prefixes.
     pub routers: Vec<ward_shared::policy::Router>,
+    /// Devices with a behaviour risk above 0: the score and why.
+    pub risks: std::collections::BTreeMap<DeviceId, (u8, String)>,
 }
 
 /// A change the registry must apply after a request succeeded.
@@ -454,7 +456,21 @@ pub fn handle(
                     now,
                 )?,
                 None => {
-                    super::policy::explain(snap.policy.as_ref(), &snap.directory, &src, &dst, now)?
+                    let mut v = super::policy::explain(
+                        snap.policy.as_ref(),
+                        &snap.directory,
+                        &src,
+                        &dst,
+                        now,
+                    )?;
+                    let risk = |id: DeviceId| snap.risks.get(&id).cloned().unwrap_or_default();
+                    super::policy::add_risk_checks(
+                        &mut v,
+                        snap.policy.as_ref(),
+                        &snap.directory,
+                        &risk,
+                    );
+                    v
                 }
             }))
         }

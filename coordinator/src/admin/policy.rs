@@ -179,6 +179,54 @@ pub fn explain(
     })
 }
 
+/// Adds the behaviour-risk check of every rule in the explanation whose posture has
+/// `max_risk`: the requirement, the cap, the source device's risk now and whether it passes.
+/// `risk` gives a device's risk and why (the registry's view).
+pub fn add_risk_checks(
+    view: &mut ExplainView,
+    applied: Option<&Policy>,
+    dir: &Directory,
+    risk: &dyn Fn(ward_shared::wire::DeviceId) -> (u8, String),
+) {
+    let Some(p) = applied else {
+        return;
+    };
+    let mut lines: Vec<String> = Vec::new();
+    for d in &view.devices {
+        let Some(src) = dir.devices.iter().find(|x| x.hostname == d.src) else {
+            continue;
+        };
+        let rules = d.allowed_by.iter().chain(d.misses.iter().map(|m| &m.rule));
+        for name in rules {
+            let Some(rule) = p.rules.iter().find(|r| &r.name == name) else {
+                continue;
+            };
+            for req in &rule.posture {
+                let Some(max) = p.postures.get(&req.value).and_then(|q| q.max_risk) else {
+                    continue;
+                };
+                let (score, why) = risk(src.id);
+                let verdict = if score > max {
+                    format!("fails: {why}")
+                } else {
+                    "passes".to_string()
+                };
+                let line = format!(
+                    "risk check: rule {:?} needs posture {:?} (max_risk {max}); {}'s risk is {score}, {verdict}",
+                    rule.name, req.value, src.hostname
+                );
+                if !lines.contains(&line) {
+                    lines.push(line);
+                }
+            }
+        }
+    }
+    for l in lines {
+        view.text.push_str(&format!("\n  {l}"));
+        view.notes.push(l);
+    }
+}
+
 /// A routed destination in `policy explain`: `IP:PORT[/PROTO]`, `IP:icmp` or `IP` (tcp, any
 /// port is not supported: a port is needed) outside the overlay. `None`: not a routed address
 /// (explained as a service or device).

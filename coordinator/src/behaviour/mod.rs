@@ -5,12 +5,21 @@
 //!
 //! ```text
 //! registry drives it:
+//!   a device's groups changed -> set_groups(id, ["group:eng", "tag:laptop"])
 //!   a stored flow report      -> handle_window(reporter, start, end, records, name, now) -> Option<Anomaly> (the reporter's own)
 //!   a corroborated scan       -> handle_denied_burst(src, reason, now)   (trust.rs decides: ≥ 2 reporters, each ≤ half)
 //!   every second              -> risk(id, now)        (anomalies decay)
 //!   admin                     -> acknowledge(id, Label, now) -> the device whose risk changed
-//!   persistence               -> snapshot(id) / restore(id, snapshot); anomalies() / restore_anomaly()
+//!   persistence               -> snapshot(id) / restore(id, snapshot); anomalies() / restore_anomaly();
+//!                                group_snapshots() / restore_group(name, snapshot)
 //! ```
+//!
+//! Volume and connection rate are judged against the device's own baseline and against its
+//! groups' ([`group`]): its user's groups and its tags, each a baseline of what one member
+//! usually does per minute. A group judges a device still in its own learning period (a new
+//! device is not a blind spot once its group is trusted) and a device going well past both
+//! its group and twice its own usual (so an admin's `expected` on a group anomaly, which
+//! teaches the device's own baseline, silences it for that device).
 //!
 //! Anti-spoofing: a report only ever feeds the reporter's own baseline and the reporter's own
 //! risk. A device's records about flows others opened to it (responder records) are learned as
@@ -21,6 +30,7 @@
 //! destinations (least recently used pushed out) and [`Config::max_anomalies`] anomalies.
 
 mod baseline;
+pub mod group;
 #[cfg(test)]
 mod tests;
 
@@ -54,6 +64,12 @@ pub struct Config {
     /// A rate this many times the device's usual (its hour of the week's, or overall, whichever
     /// is higher) is a spike.
     pub spike_factor: f64,
+    /// Group baselines remembered (the least recently fed is dropped first).
+    pub max_groups: usize,
+    /// Groups one device is judged against and feeds (the first in name order).
+    pub max_groups_per_device: usize,
+    /// Members a group needs before it judges anyone.
+    pub min_group_members: usize,
 }
 
 impl Default for Config {
@@ -66,6 +82,9 @@ impl Default for Config {
             max_destinations: 1024,
             max_anomalies: 64,
             spike_factor: 10.0,
+            max_groups: 1024,
+            max_groups_per_device: 8,
+            min_group_members: 3,
         }
     }
 }
@@ -80,6 +99,10 @@ pub enum Kind {
     FanOut,
     OddHour,
     DeniedBurst,
+    /// Volume out far above what members of the device's group usually send.
+    GroupVolume,
+    /// Connection rate far above what members of the device's group usually open.
+    GroupConnectionRate,
 }
 
 impl Kind {
@@ -91,6 +114,8 @@ impl Kind {
             Kind::FanOut => "fan_out",
             Kind::OddHour => "odd_hour",
             Kind::DeniedBurst => "denied_burst",
+            Kind::GroupVolume => "group_volume",
+            Kind::GroupConnectionRate => "group_connection_rate",
         }
     }
 }
@@ -217,6 +242,8 @@ struct DeviceState {
     anomalies: VecDeque<Anomaly>,
     /// Hour of the week of the last odd-hour anomaly (one per hour).
     odd_hour_flagged: Option<i64>,
+    /// The groups it is judged against and feeds (`group:NAME`, `tag:NAME`).
+    groups: Vec<String>,
 }
 
 /// Every device's baseline and anomalies.
@@ -228,6 +255,7 @@ pub struct Detector {
     /// The risk threshold used to mark anomalies as enforced (policy's `risk_threshold`).
     threshold: u8,
     labels: Labels,
+    groups: group::Groups,
 }
 
 impl Detector {
@@ -250,6 +278,35 @@ impl Detector {
 
     pub fn set_threshold(&mut self, t: u8) {
         self.threshold = t;
+    }
+
+    /// The device's groups (its user's groups as `group:NAME`, its tags as `tag:NAME`): at
+    /// most [`Config::max_groups_per_device`], the first in name order.
+    pub fn set_groups(&mut self, id: DeviceId, mut groups: Vec<String>) {
+        groups.sort();
+        groups.dedup();
+        groups.truncate(self.config.max_groups_per_device);
+        self.devices.entry(id).or_default().groups = groups;
+    }
+
+    /// A group's baseline (for tests and figures).
+    pub fn group(&self, name: &str) -> Option<&group::GroupBaseline> {
+        self.groups.get(name)
+    }
+
+    /// Every group baseline as stored (name, JSON).
+    pub fn group_snapshots(&self) -> Vec<(String, String)> {
+        self.groups.snapshots()
+    }
+
+    /// Restores a stored group baseline; a damaged one is refused (the group learns afresh).
+    pub fn restore_group(&mut self, name: &str, snapshot: &str) -> Result<(), String> {
+        self.groups.restore(name, snapshot, self.config.max_groups)
+    }
+
+    /// Bytes the group baselines account for.
+    pub fn accounted_group_bytes(&self) -> usize {
+        self.groups.accounted_bytes()
     }
 
     /// One flow window of `reporter`'s own report. Only the reporter's baseline and risk are
@@ -411,13 +468,92 @@ impl Detector {
                 });
             }
         }
-        // Spikes are not learned as normal (an attacker cannot teach the baseline by
-        // repeating); an admin's `expected` does that.
-        let spiking = parts
+        // Against the device's groups: the strongest group per statistic.
+        let own_bytes = b.bytes_out.mean.max(b.bytes_by_hour[hour].mean);
+        let own_conns = b.connections.mean.max(b.connections_by_hour[hour].mean);
+        let trusted: Vec<(&String, &group::GroupBaseline)> = st
+            .groups
             .iter()
-            .any(|p| matches!(p.0, Kind::Volume | Kind::ConnectionRate | Kind::FanOut));
+            .filter_map(|n| Some((n, self.groups.get(n)?)))
+            .filter(|(_, g)| g.trusted(start_ms, cfg.learning_ms, cfg.min_group_members))
+            .collect();
+        let group_check = |kind: Kind,
+                           rate: f64,
+                           own: f64,
+                           usual: &dyn Fn(&group::GroupBaseline) -> f64|
+         -> Option<(Kind, f64, String)> {
+            if parts
+                .iter()
+                .any(|p| p.0 == kind || (kind == Kind::GroupVolume && p.0 == Kind::Volume))
+                || (kind == Kind::GroupConnectionRate
+                    && parts.iter().any(|p| p.0 == Kind::ConnectionRate))
+            {
+                return None;
+            }
+            if !learning && rate < 2.0 * own {
+                return None;
+            }
+            let (name, ratio) = trusted
+                .iter()
+                .map(|(n, g)| (*n, rate / usual(g)))
+                .max_by(|x, y| x.1.total_cmp(&y.1))?;
+            (ratio >= cfg.spike_factor).then(|| {
+                let what = match kind {
+                    Kind::GroupVolume => "volume out per minute",
+                    _ => "rate of new connections",
+                };
+                (
+                    kind,
+                    (20.0 + 15.0 * ratio.log2()).min(90.0),
+                    format!("{ratio:.0}× the usual {what} of a member of {name}"),
+                )
+            })
+        };
+        let gv = group_check(Kind::GroupVolume, rates.bytes_out, own_bytes, &|g| {
+            g.usual_bytes(64.0 * 1024.0)
+        });
+        let gc = group_check(
+            Kind::GroupConnectionRate,
+            rates.connections,
+            own_conns,
+            &|g| g.usual_connections(5.0),
+        );
+        let group_spike = gv.is_some() || gc.is_some();
+        parts.extend(gv);
+        parts.extend(gc);
+        if group_spike && !lessons.iter().any(|l| matches!(l, Lesson::Rates { .. })) {
+            lessons.push(Lesson::Rates {
+                hour,
+                bytes_out: rates.bytes_out,
+                connections: rates.connections,
+                peers: rates.peers,
+                ports: rates.ports,
+            });
+        }
+        // Spikes are not learned as normal (an attacker cannot teach the baseline, its own or
+        // its groups', by repeating); an admin's `expected` does that.
+        let spiking = parts.iter().any(|p| {
+            matches!(
+                p.0,
+                Kind::Volume
+                    | Kind::ConnectionRate
+                    | Kind::FanOut
+                    | Kind::GroupVolume
+                    | Kind::GroupConnectionRate
+            )
+        });
         if !spiking {
             b.learn(hour, &rates, active, alpha);
+            for g in &st.groups {
+                self.groups.learn(
+                    g,
+                    reporter,
+                    &rates,
+                    alpha,
+                    (start_ms, end_ms),
+                    cfg.max_groups,
+                );
+            }
         }
         if parts.is_empty() {
             return None;
@@ -605,6 +741,7 @@ impl Detector {
 
     pub fn remove(&mut self, id: DeviceId) {
         self.devices.remove(&id);
+        self.groups.forget_member(id);
     }
 
     /// Bytes the detector accounts for, for one device.

@@ -439,3 +439,198 @@ fn a_restart_keeps_what_was_learned() {
     assert!(again.restore(d, "{\"not\": 1}").is_err());
     assert!(again.restore(d, "garbage").is_err());
 }
+
+/// Members 1–4 of `group:eng` (and 5, `tag:other`, alone in its group), each sending about
+/// 1 MB a minute to host 100 for a day of minute windows on a fake clock, all learning.
+fn group_world() -> (Detector, i64) {
+    let mut det = Detector::new(Config {
+        learning_ms: DAY_MS,
+        ..Config::default()
+    });
+    det.set_threshold(THRESHOLD);
+    for d in 1..=4u64 {
+        det.set_groups(DeviceId(d), vec!["group:eng".into(), "tag:laptop".into()]);
+    }
+    det.set_groups(DeviceId(5), vec!["tag:other".into()]);
+    let mut t = MONDAY;
+    let mut rng = Rng(7);
+    while t < MONDAY + DAY_MS {
+        for d in 1..=5u64 {
+            let bytes = rng.between(800_000, 1_200_000);
+            let r = rec(Role::Initiator, 100, 443, bytes, rng.between(1, 3));
+            det.handle_window(DeviceId(d), t, t + 60_000, &[r], &name, t);
+        }
+        t += 60_000;
+    }
+    (det, t)
+}
+
+#[test]
+fn a_new_device_is_judged_against_its_trusted_group_while_it_learns() {
+    let (mut det, t) = group_world();
+    let g = det.group("group:eng").unwrap();
+    assert_eq!(g.members.len(), 4);
+    assert!(
+        (g.bytes_out.mean - 1_000_000.0).abs() < 100_000.0,
+        "{:?}",
+        g.bytes_out
+    );
+    // Device 6 joins eng today: its own baseline is learning, its group is not.
+    let new = DeviceId(6);
+    det.set_groups(new, vec!["group:eng".into()]);
+    let normal = rec(Role::Initiator, 100, 443, 1_100_000, 2);
+    assert!(det
+        .handle_window(new, t, t + 60_000, std::slice::from_ref(&normal), &name, t)
+        .is_none());
+    // Then it sends 200 MB in a minute: 200× what a member of eng sends.
+    let a = det
+        .handle_window(
+            new,
+            t + 60_000,
+            t + 120_000,
+            &[rec(Role::Initiator, 100, 443, 200_000_000, 2)],
+            &name,
+            t + 60_000,
+        )
+        .expect("a group anomaly during the device's own learning period");
+    assert_eq!(a.kinds, vec![Kind::GroupVolume]);
+    assert!(
+        a.reason.contains("of a member of group:eng"),
+        "{}",
+        a.reason
+    );
+    assert!(det.risk(new, t + 60_000).score > THRESHOLD, "{a:?}");
+    // The spike did not feed the group.
+    let after = det.group("group:eng").unwrap();
+    assert!(after.bytes_out.mean < 1_200_000.0, "{:?}", after.bytes_out);
+    // Device 5 is alone in tag:other: one member judges nobody.
+    let lone = det.handle_window(
+        DeviceId(5),
+        t,
+        t + 60_000,
+        &[rec(Role::Initiator, 100, 443, 200_000_000, 2)],
+        &name,
+        t,
+    );
+    assert!(
+        lone.as_ref()
+            .is_none_or(|a| !a.kinds.contains(&Kind::GroupVolume)),
+        "{lone:?}"
+    );
+}
+
+#[test]
+fn connection_rate_against_the_group_and_expected_silences_it_for_that_device() {
+    let (mut det, t) = group_world();
+    let d = DeviceId(7);
+    det.set_groups(d, vec!["group:eng".into()]);
+    let burst = rec(Role::Initiator, 100, 443, 1_000_000, 600);
+    let a = det
+        .handle_window(d, t, t + 60_000, std::slice::from_ref(&burst), &name, t)
+        .expect("600 connections a minute against a group's 1–3");
+    assert_eq!(a.kinds, vec![Kind::GroupConnectionRate]);
+    assert!(a.reason.contains("rate of new connections"), "{}", a.reason);
+    // An admin says it is expected: its risk goes, and its own baseline now covers the rate,
+    // at that hour of the week, so the same rate then is flagged neither against the group
+    // nor against its own baseline once the device is past its learning period.
+    det.acknowledge(a.id, Label::Expected).unwrap();
+    assert_eq!(det.risk(d, t + 60_000).score, 0);
+    let later = t + WEEK_MS;
+    det.set_learning_ms(0);
+    let again = det.handle_window(d, later, later + 60_000, &[burst], &name, later);
+    assert!(
+        again.as_ref().is_none_or(|a| !a
+            .kinds
+            .iter()
+            .any(|k| matches!(k, Kind::GroupConnectionRate | Kind::ConnectionRate))),
+        "{again:?}"
+    );
+}
+
+#[test]
+fn one_member_cannot_teach_its_group_by_repeating_a_spike() {
+    let (mut det, mut t) = group_world();
+    let d = DeviceId(8);
+    det.set_groups(d, vec!["group:eng".into()]);
+    let before = det.group("group:eng").unwrap().bytes_out.mean;
+    let mut flagged = 0;
+    for _ in 0..200 {
+        let big = rec(Role::Initiator, 100, 443, 100_000_000, 1);
+        if det
+            .handle_window(d, t, t + 60_000, &[big], &name, t)
+            .is_some()
+        {
+            flagged += 1;
+        }
+        t += 60_000;
+    }
+    assert_eq!(flagged, 200, "every window is flagged, none is learned");
+    let after = det.group("group:eng").unwrap().bytes_out.mean;
+    assert!((after - before).abs() < 1.0, "{before} -> {after}");
+}
+
+#[test]
+fn group_baselines_are_bounded_and_survive_a_restart() {
+    let (mut det, t) = group_world();
+    let snaps = det.group_snapshots();
+    assert_eq!(
+        snaps.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+        vec!["group:eng", "tag:laptop", "tag:other"]
+    );
+    let mut again = Detector::new(Config {
+        learning_ms: DAY_MS,
+        ..Config::default()
+    });
+    for (n, s) in &snaps {
+        again.restore_group(n, s).unwrap();
+    }
+    assert_eq!(again.group("group:eng"), det.group("group:eng"));
+    // A restored group judges at once (a new device right after the restart).
+    again.set_groups(DeviceId(9), vec!["group:eng".into()]);
+    let a = again.handle_window(
+        DeviceId(9),
+        t,
+        t + 60_000,
+        &[rec(Role::Initiator, 100, 443, 200_000_000, 1)],
+        &name,
+        t,
+    );
+    assert!(a.is_some_and(|a| a.kinds == vec![Kind::GroupVolume]));
+    assert!(again.restore_group("group:x", "garbage").is_err());
+    assert!(again
+        .restore_group(
+            "group:x",
+            r#"{"since_ms":0,"last_ms":0,"bytes_out":{"mean":-1.0,"var":0.0,"n":1},"connections":{"mean":0.0,"var":0.0,"n":1},"members":[]}"#
+        )
+        .is_err());
+    // Bounded: 10 000 groups fed by one device keep at most max_groups, and each device is
+    // judged against at most max_groups_per_device.
+    let d = DeviceId(10);
+    let mut t2 = t;
+    for i in 0..10_000u32 {
+        det.set_groups(d, vec![format!("tag:t{i}")]);
+        det.handle_window(
+            d,
+            t2,
+            t2 + 1_000,
+            &[rec(Role::Initiator, 100, 443, 1_000, 1)],
+            &name,
+            t2,
+        );
+        t2 += 1_000;
+    }
+    assert_eq!(det.groups.len(), det.config().max_groups);
+    let bytes = det.accounted_group_bytes();
+    println!(
+        "group baselines: {} groups, {bytes} bytes",
+        det.groups.len()
+    );
+    assert!(bytes <= 512 * 1024, "{bytes}");
+    det.set_groups(d, (0..50).map(|i| format!("tag:many{i:02}")).collect());
+    assert_eq!(
+        det.devices[&d].groups.len(),
+        det.config().max_groups_per_device
+    );
+    // The oldest groups went first: eng, fed long before, is gone; the newest stays.
+    assert!(det.group("tag:t9999").is_some());
+}

@@ -204,6 +204,7 @@ pub(super) async fn registry_actor(
         if baselines_saved.elapsed() >= BASELINE_SAVE_EVERY {
             baselines_saved = Instant::now();
             save_baselines(&baseline_store, reg.behaviour_snapshots()).await;
+            save_group_baselines(&baseline_store, reg.behaviour_group_snapshots()).await;
         }
         let Some(ev) = ev else {
             flush(&mut reg, &mut conns, &mut relays, &mut sink);
@@ -380,6 +381,7 @@ pub(super) async fn registry_actor(
                 let _ = reply.send(Snapshot {
                     online: conns_online(&reg),
                     home_relays: reg.home_relays(),
+                    risks: reg.risks(),
                     directory: reg.directory(),
                     compiled: reg.compiled().clone(),
                     routers: reg.current_routers(),
@@ -401,6 +403,22 @@ pub(super) async fn registry_actor(
     }
     // Shutting down: keep what was learned.
     save_baselines(&baseline_store, reg.behaviour_snapshots()).await;
+    save_group_baselines(&baseline_store, reg.behaviour_group_snapshots()).await;
+}
+
+async fn save_group_baselines(store: &Arc<dyn Store>, rows: Vec<(String, String)>) {
+    if rows.is_empty() {
+        return;
+    }
+    let store = store.clone();
+    let n = rows.len();
+    let res =
+        tokio::task::spawn_blocking(move || store.save_group_baselines(&rows, now_ms())).await;
+    match res {
+        Ok(Ok(())) => debug!(groups = n, "behaviour group baselines saved"),
+        Ok(Err(e)) => warn!(error = %e, "saving behaviour group baselines failed"),
+        Err(e) => warn!(error = %e, "saving behaviour group baselines failed"),
+    }
 }
 
 /// How often behaviour baselines are written (and once more at shutdown).
@@ -461,6 +479,13 @@ pub(super) fn flush(
                 }
                 Output::Quarantine { device, reason } => sink.quarantine(device, reason),
                 Output::Anomaly(a) => sink.anomaly(*a),
+                Output::RiskCrossed {
+                    device,
+                    score,
+                    threshold,
+                    above,
+                    reason,
+                } => sink.risk_crossed(device, score, threshold, above, reason),
                 Output::RoutesAdvertised { device, routes } => {
                     sink.routes_advertised(device, routes)
                 }

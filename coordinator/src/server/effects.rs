@@ -138,6 +138,28 @@ impl TrustSink<'_> {
         self.anomaly_stored(&a);
     }
 
+    /// The device's risk crossed `risk_threshold`: logged and audited.
+    pub(super) fn risk_crossed(
+        &self,
+        device: DeviceId,
+        score: u8,
+        threshold: u8,
+        above: bool,
+        reason: String,
+    ) {
+        info!(%device, score, threshold, above, %reason, "behaviour risk crossed the threshold");
+        let action = if above {
+            Action::RiskAbove
+        } else {
+            Action::RiskBelow
+        };
+        self.audit(
+            device,
+            action,
+            json!({ "score": score, "threshold": threshold, "reason": reason }),
+        );
+    }
+
     /// Keeps the anomaly as it is now (raised, or labelled).
     pub(super) fn anomaly_stored(&self, a: &crate::behaviour::Anomaly) {
         let store = self.store.clone();

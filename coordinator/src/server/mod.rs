@@ -192,6 +192,9 @@ pub async fn serve(
     for e in registry.restore_behaviour(store.baselines()?, anomalies) {
         tracing::warn!(error = %e, "a stored behaviour baseline was refused; the device learns afresh");
     }
+    for e in registry.restore_behaviour_groups(store.group_baselines()?) {
+        tracing::warn!(error = %e, "a stored group baseline was refused; the group learns afresh");
+    }
     registry.handle_routes(store.device_routes()?);
     // Sign-ins at the identity provider (identity signals) and users it suspended.
     for si in store.sign_ins()? {

@@ -631,6 +631,10 @@ pub trait Store: Send + Sync {
     fn save_baselines(&self, rows: &[(DeviceId, String)], now_ms: i64) -> Result<()>;
     /// Every stored behaviour baseline.
     fn baselines(&self) -> Result<Vec<(DeviceId, String)>>;
+    /// Keeps each group's behaviour baseline (name, serialized snapshot).
+    fn save_group_baselines(&self, rows: &[(String, String)], now_ms: i64) -> Result<()>;
+    /// Every stored group baseline.
+    fn group_baselines(&self) -> Result<Vec<(String, String)>>;
     /// Keeps an anomaly (JSON), replacing the stored one with the same id (a label changed).
     fn save_anomaly(&self, id: u64, device: DeviceId, at_ms: i64, json: &str) -> Result<()>;
     /// Stored anomalies (JSON) raised at or after `since_ms`, oldest first.

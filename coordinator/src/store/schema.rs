@@ -284,4 +284,13 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX anomalies_at ON anomalies(at_ms);
     "#,
+    // 16: behaviour group baselines: what a member of a group (`group:NAME`, `tag:NAME`)
+    // usually does, a serialized snapshot per group, written with the device baselines.
+    r#"
+    CREATE TABLE behaviour_group_baselines(
+        name TEXT PRIMARY KEY,
+        snapshot TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    "#,
 ];

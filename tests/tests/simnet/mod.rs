@@ -548,6 +548,7 @@ impl World {
             Output::PostureChanged { .. }
             | Output::Quarantine { .. }
             | Output::Anomaly(_)
+            | Output::RiskCrossed { .. }
             | Output::DeviceRevoked { .. }
             | Output::RoutesAdvertised { .. } => {}
         }

@@ -1,4 +1,5 @@
-//! Behaviour baselines (one JSON snapshot per device) and anomalies (JSON, keyed by id).
+//! Behaviour baselines (one JSON snapshot per device and per group) and anomalies (JSON, keyed
+//! by id).
 
 use rusqlite::params;
 use ward_shared::wire::DeviceId;
@@ -30,6 +31,33 @@ pub(super) fn baselines(s: &SqliteStore) -> Result<Vec<(DeviceId, String)>> {
             .query_map([], |r| {
                 Ok((DeviceId(r.get::<_, i64>(0)? as u64), r.get(1)?))
             })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    })
+}
+
+pub(super) fn save_group_baselines(
+    s: &SqliteStore,
+    rows: &[(String, String)],
+    now_ms: i64,
+) -> Result<()> {
+    s.with_tx(|tx| {
+        let mut st = tx.prepare(
+            "INSERT INTO behaviour_group_baselines(name, snapshot, updated_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET snapshot = ?2, updated_ms = ?3",
+        )?;
+        for (name, snap) in rows {
+            st.execute(params![name, snap, now_ms])?;
+        }
+        Ok(())
+    })
+}
+
+pub(super) fn group_baselines(s: &SqliteStore) -> Result<Vec<(String, String)>> {
+    s.with_tx(|tx| {
+        let mut st = tx.prepare("SELECT name, snapshot FROM behaviour_group_baselines")?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     })

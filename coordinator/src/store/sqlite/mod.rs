@@ -466,6 +466,12 @@ impl Store for SqliteStore {
     fn baselines(&self) -> Result<Vec<(DeviceId, String)>> {
         behaviour::baselines(self)
     }
+    fn save_group_baselines(&self, rows: &[(String, String)], now_ms: i64) -> Result<()> {
+        behaviour::save_group_baselines(self, rows, now_ms)
+    }
+    fn group_baselines(&self) -> Result<Vec<(String, String)>> {
+        behaviour::group_baselines(self)
+    }
 
     fn save_anomaly(&self, id: u64, device: DeviceId, at_ms: i64, json: &str) -> Result<()> {
         behaviour::save_anomaly(self, id, device, at_ms, json)
