@@ -260,6 +260,7 @@ fn write_seed_inputs() {
         wg_private_key: wire::Bytes(vec![7; 32]),
         enabled: true,
         lease_key: wire::Bytes(vec![8; 32]),
+        routes: Default::default(),
     };
     write(
         "state_file",

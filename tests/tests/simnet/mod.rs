@@ -521,6 +521,7 @@ impl World {
             DeviceMsg::RenewCert { .. }
             | DeviceMsg::Enroll(_)
             | DeviceMsg::LoginStart(_)
+            | DeviceMsg::LoginCallback(_)
             | DeviceMsg::RelayTicketRequest
             | DeviceMsg::Flows(_) => {}
         }
