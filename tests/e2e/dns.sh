@@ -74,7 +74,7 @@ check "TCP by name: nc db.ward.internal 5432" lab_exec alice timeout 5 nc -z -w 
 check "upper case works: DB.Ward.Internal" resolves DB.Ward.Internal "$DB4"
 check "alice's own name resolves" resolves alice.ward.internal "$A4"
 check "the service name pg.ward.internal resolves to db" resolves pg.ward.internal "$DB4"
-in_netmap() { lab_ward_json_get alice '[p["hostname"] for p in s["peers"]]' | grep -qx secret; }
+in_netmap() { grep -qx secret <<<"$(lab_ward_json_get alice '[p["hostname"] for p in s["peers"]]')"; }
 check "secret is in alice's netmap (it may reach her)" lab_wait_for -t 10 in_netmap
 known() { lab_exec alice getent hosts "$1" >/dev/null; }
 fails() { ! "$@"; }

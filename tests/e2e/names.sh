@@ -40,7 +40,7 @@ connected() { test "$(lab_ward_json_get "$1" 's["state"]')" = connected; }
 lab_wait_for -t 10 connected mallory
 check "mallory has no peers (its netmap is empty)" test -z "$(lab_ward_peer_ipv4s mallory)"
 check "self-chosen ci-runner cannot reach db:5432" fails tcp_ok mallory "$DB4" 5432
-explain_self_chosen() { lab_coord policy explain ci-runner db:5432 | grep -q 'is self-chosen; bind it with'; }
+explain_self_chosen() { grep -q 'is self-chosen; bind it with' <<<"$(lab_coord policy explain ci-runner db:5432)"; }
 check "explain says the name is self-chosen" explain_self_chosen
 
 say "a token-bound name wins and grants"
@@ -53,7 +53,7 @@ check "bound ci-runner reaches db:5432" lab_wait_for -t 10 tcp_ok srv "$DB4" 543
 check "mallory still cannot reach db:5432" fails tcp_ok mallory "$DB4" 5432
 
 say "approve and rename"
-approve_json() { lab_coord device approve ci-runner-2 --json | grep -q '"name_bound": true'; }
+approve_json() { grep -q '"name_bound": true' <<<"$(lab_coord device approve ci-runner-2 --json)"; }
 check "device approve binds, --json" approve_json
 check "device rename to a name bound elsewhere refused" fails lab_coord device rename ci-runner-2 ci-runner
 check "device rename binds the new name" lab_coord device rename ci-runner-2 mallory-box

@@ -180,7 +180,7 @@ check "bob (amr pwd) -> mfadb:5433 stays shut" bob_sees 5433 closed "$(now_ms)" 
 EXPL=$(lab_coord policy explain bob mfadb:5433 2>&1)
 grep -E 'mfa-db|amr' <<<"$EXPL" | head -n 3 | sed 's/^/    /'
 check "policy explain: bob is denied mfadb for his sign-in's amr" grep -q 'amr: sign-in used \[pwd\], the rule needs mfa or hwk' <<<"$EXPL"
-bob_status_says_amr() { lab_ward bob status | grep -q 'unavailable:.*mfadb.*amr: sign-in used \[pwd\]'; }
+bob_status_says_amr() { grep -q 'unavailable:.*mfadb.*amr: sign-in used \[pwd\]' <<<"$(lab_ward bob status)"; }
 check "bob's ward status says mfadb is unavailable for the amr" lab_wait_for -t 10 bob_status_says_amr
 lab_ward bob status | grep 'unavailable:' | sed 's/^/    /'
 MS=$(await 5434 closed "$T_ALICE" 45) || MS=99999
@@ -224,7 +224,7 @@ echo "  back-channel logout -> refused at the peer: ${MS} ms"
 LAT+=("$MS")
 UL=$(lab_coord user ls --json)
 check "user ls shows why (signed out at the provider)" grep -q 'back-channel logout' <<<"$UL"
-alice_status_says_identity() { lab_ward alice status | grep -q 'unavailable:.*identity: user alice has no access from the identity provider'; }
+alice_status_says_identity() { grep -q 'unavailable:.*identity: user alice has no access from the identity provider' <<<"$(lab_ward alice status)"; }
 check "alice's ward status names the identity loss" lab_wait_for -t 5 alice_status_says_identity
 check "policy explain names the identity loss" grep -q 'user alice has no access from the identity provider' <<<"$(lab_coord policy explain device:alice db:5432 2>&1)"
 T1=$(now_ms)

@@ -95,7 +95,7 @@ check "the listener answers 200" test "$STATUS" = 200
 check "the CLI ends" lab_wait_for -t 15 -i 0.2 ended
 check "the coordinator refuses: the user refused" grep -q "refused the sign-in at the identity provider" "$LOG"
 check "nothing is enrolled" enrolled_as -
-audited() { lab_coord audit --json --limit 200 2>/dev/null | grep -q "$1"; }
+audited() { grep -q "$1" <<<"$(lab_coord audit --json --limit 200 2>/dev/null)"; }
 check "the refusal is audited" audited "refused the sign-in at the identity provider"
 
 say "alice signs in in the browser"

@@ -290,7 +290,7 @@ check "quarantined bob -> web:8080 is refused" bob_sees 8080 closed
 check "quarantined bob -> patch:8443 (remediation) still opens" bob_sees 8443 open
 check "flows --denied: quarantined bob -> db tcp/8080 is denied for quarantine" lab_wait_for -t 20 -i 1 denied_for bob tcp/8080 quarantine
 check "flows --denied: bob's scan of db tcp/1000 (no rule opens it) stays no_rule" denied_for bob tcp/1000 no_rule
-bob_says_quarantined() { lab_ward bob status | grep -q QUARANTINED; }
+bob_says_quarantined() { grep -q QUARANTINED <<<"$(lab_ward bob status)"; }
 check "bob's ward status says it is quarantined" lab_wait_for -t 5 bob_says_quarantined
 check "alice is not affected" sees 8080 open "$(now_ms)" 3
 check "device release bob" lab_coord device release bob

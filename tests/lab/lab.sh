@@ -661,8 +661,10 @@ lab_ward_ipv4() { lab_ward_json_get "${1:?usage: lab_ward_ipv4 HOST}" 's["ipv4"]
 lab_ward_peer_ipv4s() { lab_ward_json_get "${1:?usage: lab_ward_peer_ipv4s HOST}" '[p["ipv4"] for p in s.get("peers", [])]'; }
 
 # lab_ward_has_peer HOST PEER_IPV4: succeed if HOST's status lists the peer.
+# A here-string, not a pipe: `grep -q` leaves at its first match, and a writer still writing then
+# dies of SIGPIPE, which fails the whole pipeline under `set -o pipefail` (the e2e scripts' mode).
 lab_ward_has_peer() {
-    lab_ward_peer_ipv4s "${1:?usage: lab_ward_has_peer HOST PEER_IPV4}" | grep -qx "${2:?usage: lab_ward_has_peer HOST PEER_IPV4}"
+    grep -qx "${2:?usage: lab_ward_has_peer HOST PEER_IPV4}" <<<"$(lab_ward_peer_ipv4s "${1:?usage: lab_ward_has_peer HOST PEER_IPV4}")"
 }
 
 # lab_ward_wait_peer HOST PEER_IPV4 [SECONDS=LAB_WAIT_TIMEOUT]: wait until
