@@ -24,7 +24,6 @@ use std::time::Duration;
 use anyhow::Result;
 use tracing::{info, warn};
 
-use ward_shared::names::Hostname;
 use ward_shared::oauth::{self, MAX_PARAM_LEN, RANDOM_LEN};
 use ward_shared::secret::ct_eq;
 use ward_shared::wire::{
@@ -33,7 +32,7 @@ use ward_shared::wire::{
 };
 
 use super::link::Link;
-use super::oidc::{add_userinfo, audit, blocking, failed, sign_in_user, Refusal};
+use super::oidc::{add_userinfo, admit_login, audit, blocking, failed, sign_in_user, Refusal};
 use super::session::{read_frame, refuse, send_msg};
 use super::{now_ms, Ctx};
 use crate::audit::Action;
@@ -88,32 +87,7 @@ async fn login_inner(
     req: LoginStart,
 ) -> Result<wire::Enrolled, Refusal> {
     let remote = link.remote;
-    let Some(p) = ctx.oidc.clone() else {
-        return Err(failed(
-            "this coordinator has no OpenID provider configured (serve --oidc-issuer)",
-        ));
-    };
-    let admitted = ctx
-        .gate
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .admit(remote.ip().to_canonical(), now_ms());
-    if admitted == crate::gate::Admit::Limited {
-        return Err((
-            ErrorCode::Unauthorized,
-            "too many enrollment attempts from this address; try again later".into(),
-        ));
-    }
-    if req.protocol != PROTOCOL_VERSION {
-        return Err((
-            ErrorCode::Protocol,
-            format!("protocol version {} is not supported", req.protocol),
-        ));
-    }
-    let hostname = Hostname::sanitize(&req.hostname)
-        .map_err(|e| (ErrorCode::BadRequest, format!("hostname refused: {e}")))?;
-    crate::pki::Ca::csr_identity(&req.csr_der.0)
-        .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+    let (p, hostname) = admit_login(ctx, remote, &req)?;
     let Some(pkce) = req.pkce.clone() else {
         return Err((ErrorCode::BadRequest, "no pkce in a browser sign-in".into()));
     };

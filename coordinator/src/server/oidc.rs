@@ -94,12 +94,14 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(|e| (ErrorCode::Internal, format!("internal error: {e}")))?
 }
 
-async fn login_inner(
-    ctx: &Arc<Ctx>,
-    link: &mut Link,
-    req: LoginStart,
-) -> Result<wire::Enrolled, Refusal> {
-    let remote = link.remote;
+/// The checks every sign-in starts with, whichever flow follows: a provider is configured, the
+/// address is within the enrollment rate limit, the protocol matches, the hostname and the CSR
+/// are well-formed. Returns the provider and the sanitized hostname.
+pub(super) fn admit_login(
+    ctx: &Ctx,
+    remote: std::net::SocketAddr,
+    req: &LoginStart,
+) -> Result<(Arc<crate::oidc::provider::Provider>, Hostname), Refusal> {
     let Some(p) = ctx.oidc.clone() else {
         return Err(failed(
             "this coordinator has no OpenID provider configured (serve --oidc-issuer)",
@@ -126,6 +128,16 @@ async fn login_inner(
         .map_err(|e| (ErrorCode::BadRequest, format!("hostname refused: {e}")))?;
     crate::pki::Ca::csr_identity(&req.csr_der.0)
         .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+    Ok((p, hostname))
+}
+
+async fn login_inner(
+    ctx: &Arc<Ctx>,
+    link: &mut Link,
+    req: LoginStart,
+) -> Result<wire::Enrolled, Refusal> {
+    let remote = link.remote;
+    let (p, hostname) = admit_login(ctx, remote, &req)?;
 
     let started = now_ms();
     let mut raw = [0u8; 16];
