@@ -211,6 +211,29 @@ pub struct DeviceView {
     /// Device names in DNS: the mode, this device's name, the resolver's addresses.
     #[serde(default)]
     pub dns: Option<DnsView>,
+    /// The exit node this device sends its internet traffic through (`ward up --exit-node`);
+    /// `None` when none is chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_node: Option<ExitNodeView>,
+}
+
+/// The chosen exit node (`ward status`): whether the netmap lets this device use it and
+/// whether it answers. Internet traffic goes into the tunnel either way (fail closed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitNodeView {
+    /// The exit node's hostname, as given to `ward up --exit-node`.
+    pub name: String,
+    /// The netmap has the exit node with a default route for this device (approved, granted
+    /// by the policy, its lease valid).
+    pub allowed: bool,
+    /// It is allowed and its WireGuard session answers (a handshake on a direct or relayed
+    /// path).
+    pub reachable: bool,
+    /// The path to it when reachable (`direct ADDR`, `relay NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// One line for people: in use, or why internet traffic is blocked.
+    pub text: String,
 }
 
 /// The device's resolver (`ward status`).

@@ -542,6 +542,9 @@ fn print_status(v: &StatusView) {
         }
     }
     println!("coordinator:  {}", d.coordinator);
+    if let Some(x) = &d.exit_node {
+        println!("exit node:    {}", x.text);
+    }
     println!(
         "control:      {}",
         d.control_transport

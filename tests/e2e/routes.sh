@@ -9,15 +9,23 @@
 # back but to the exit node) behind it; carol, behind a NAT router that cannot reach that
 # host, chooses the exit node and reaches the host (TCP, ping) through it, seen from the
 # exit node's address (SNAT); Ward's own traffic stays on the underlay and a policy change
-# still reaches carol; taking carol's grant away (or bob, never granted) leaves internet
-# traffic in the tunnel, dropped, never leaked; leaving the exit node, and kill -9 + restart
-# + `ward down`, restore `ip rule`, `ip route show table all`, the nftables tables and
-# src_valid_mark byte for byte.
+# still reaches carol; the internet host's IPv6 address (2001:db8:113::10) is reached the
+# same way (TCP and ping -6, masqueraded to the exit node's IPv6 address). A relay (r1) on the
+# wan: carol's marked traffic to it stays on the underlay, and with UDP between carol's NAT
+# and the exit node dropped, carol's path to the exit node moves to the relay and her internet
+# traffic keeps flowing through it. `ward status` (text and --json) names the exit node in
+# use, and says "unavailable ... blocked (fail closed)" when it is not. Taking carol's grant
+# away (or bob, never granted) leaves internet traffic in the tunnel, dropped, never leaked;
+# leaving the exit node, and kill -9 + restart + `ward down`, restore `ip rule`, `ip route show
+# table all`, the nftables tables and src_valid_mark byte for byte. The exit node's daemon
+# killed with kill -9 leaves its forwarding table (inet ward_routes) behind: the next start
+# removes it (and puts the forwarding sysctls back) before installing it once anew, and its
+# `ward down` leaves ip_forward as it was before Ward.
 # Needs root; prints `N passed, N failed`.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 need_root
-lab_have_ward || { echo "build first: cargo build --release --workspace --bins"; exit 1; }
+lab_have_ward && lab_have_relay || { echo "build first: cargo build --release --workspace --bins"; exit 1; }
 T0=$(date +%s%N)
 
 lab_init
@@ -26,6 +34,7 @@ lab_add_wan_host alice
 lab_add_wan_host bob
 lab_add_wan_host exit
 lab_add_natted_host carol
+lab_add_wan_host relay
 # The LAN behind the router: 10.20.5.0/24, the database at .10 (no agent).
 LAN_NS="${LAB_PREFIX}-lan"
 _lab_new_ns "$LAN_NS"
@@ -55,9 +64,18 @@ ip -n "$INET_NS" addr add 203.0.113.10/24 dev eth0
 ip -n "$INET_NS" link set eth0 up
 ip -n "$INET_NS" link set lo up
 INET=203.0.113.10
+# ... and its IPv6 side: 2001:db8:113::10, on-link to the exit node only.
+ip -n "$(lab_ns exit)" addr add 2001:db8:113::1/64 dev eth1 nodad
+ip -n "$INET_NS" addr add 2001:db8:113::10/64 dev eth0 nodad
+INET6=2001:db8:113::10
 
 WIN="WARD_FLOW_WINDOW=2s"
 lab_start_coordinator
+RELAY_ADDR=$(lab_start_relay relay r1)
+RELAY_IP=${RELAY_ADDR%:*}
+lab_relay_wait_welcomed relay 15
+fwd_state() { lab_exec "$1" cat /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv6/conf/all/forwarding; }
+EXIT_FWD_BEFORE="$(fwd_state exit)"
 for h in router alice bob exit carol; do LAB_WARD_WRAPPER="env $WIN" lab_start_device "$h"; done
 for u in alice bob carol; do lab_coord user add "$u" >/dev/null 2>&1; done
 check "the routed policy checks (its tests pass)" lab_coord policy check "$E2E_DIR/policies/routes.toml"
@@ -74,6 +92,7 @@ host_state() { lab_exec "$1" sh -c 'ip rule; ip -6 rule; ip route show table all
 CAROL_DOWN="$(host_state carol)"
 lab_device_up carol "$(lab_token --user carol)" >/dev/null
 lab_spawn inet inet-80.log sh -c "while true; do echo hi | nc -n -v -l -p 80 -q 1; done"
+lab_spawn inet inet6-80.log sh -c "while true; do echo hi | nc -6 -n -v -l -s $INET6 -p 80 -q 1; done"
 for port in 5432 22; do
     lab_spawn lan "listen-$port.log" sh -c "while true; do echo hi | nc -l -p $port -q 1; done"
 done
@@ -82,6 +101,9 @@ fails() { ! "$@"; }
 routes_json() { lab_coord device routes router --json; }
 route_field() { routes_json | python3 -c 'import json,sys; r=[x for x in json.load(sys.stdin)["routes"] if x["prefix"]==sys.argv[1]]; print(r[0][sys.argv[2]] if r else None)' "$1" "$2"; }
 connected() { test "$(lab_ward_json_get "$1" 's["state"]')" = connected; }
+# exit_json HOST EXPR: EXPR over HOST's `ward status --json` exit_node object (x).
+exit_json() { lab_ward_json_get "$1" "(lambda x: $2)(s.get('exit_node') or {})"; }
+status_text() { lab_ward "$1" status 2>&1; }
 for h in router alice bob exit carol; do lab_wait_for -t 15 connected "$h"; done
 
 say "advertised, not yet approved: nothing is routed"
@@ -142,6 +164,16 @@ check "... the exit node's default route is active" lab_wait_for -t 10 exit_acti
 lab_ward carol up --exit-node exit >/dev/null
 check "carol reaches $INET:80 (TCP) through the exit node" lab_wait_for -t 15 tcp_ok carol "$INET" 80
 check "carol pings $INET through the exit node" ping_ok carol "$INET"
+tcp6_ok() { lab_exec "$1" timeout 2 nc -6 -z -w 1 "$2" "$3" >/dev/null 2>&1; }
+check "carol reaches [$INET6]:80 (TCP over IPv6) through the exit node" lab_wait_for -t 10 tcp6_ok carol "$INET6" 80
+check "carol pings $INET6 (ping -6) through the exit node" lab_exec carol ping -6 -c1 -W2 "$INET6"
+snat6() { grep -q "Connection received on 2001:db8:113::1 " "$LAB_DIR/logs/inet6-80.log"; }
+check "the IPv6 internet host sees the exit node's IPv6 address (masquerade v6)" lab_wait_for -t 5 snat6
+check "carol's IPv6 route to $INET6 goes into the tunnel" grep -q "dev ward0" <<<"$(lab_exec carol ip -6 route get "$INET6")"
+in_use() { test "$(exit_json carol "x.get('name') == 'exit' and x.get('allowed') and x.get('reachable')")" = True; }
+check "ward status --json: exit node exit, allowed and reachable" lab_wait_for -t 10 in_use
+via_direct() { grep -q "^exit node: *exit node exit: internet traffic goes through it (direct " <<<"$(status_text carol)"; }
+check "ward status: 'exit node: exit node exit: internet traffic goes through it (direct ...)'" lab_wait_for -t 10 via_direct
 snat() { grep -q "Connection received on 203.0.113.1 " "$LAB_DIR/logs/inet-80.log"; }
 check "the internet host sees the exit node's address (SNAT)" lab_wait_for -t 5 snat
 check "carol's route to $INET goes into the tunnel" grep -q "dev ward0" <<<"$(lab_exec carol ip route get "$INET")"
@@ -151,6 +183,11 @@ check "Ward's marked traffic to the coordinator stays on the underlay (ip route 
 CAROL_GW=$(lab_exec carol ip route show default | awk '{print $3; exit}')
 lan_direct() { grep -q "dev eth0" <<<"$(lab_exec carol ip route get "$CAROL_GW")"; }
 check "carol's LAN stays outside the tunnel (her NAT router's address)" lan_direct
+marked_relay_underlay() { local r; r=$(lab_exec carol ip route get "$RELAY_IP" mark 0x5741); grep -q "dev eth0" <<<"$r" && ! grep -q ward0 <<<"$r"; }
+check "Ward's marked traffic to the relay stays on the underlay (ip route get $RELAY_IP mark 0x5741)" marked_relay_underlay
+check "... while unmarked traffic to the relay would go into the tunnel" grep -q "dev ward0" <<<"$(lab_exec carol ip route get "$RELAY_IP")"
+relay_link_up() { test "$(lab_ward_json_get carol "'r1' in s['relay_transports']")" = True; }
+check "carol's relay link to r1 is up with the exit node on" lab_wait_for -t 15 relay_link_up
 check "ip rule has the exit node's rules" grep -q "not from all fwmark 0x5741 lookup 22337" <<<"$(lab_exec carol ip rule)"
 check "replies to Ward's own connections keep the mark (nft table inet ward_exit)" lab_exec carol nft list table inet ward_exit
 explain_exit() { lab_coord policy explain carol "$INET:80" >"$LAB_DIR/logs/explain-carol.log" 2>&1; grep -q 'allowed via router exit (0.0.0.0/0) by rule "carol-internet"' "$LAB_DIR/logs/explain-carol.log"; }
@@ -159,6 +196,30 @@ explain_exit >/dev/null 2>&1 || sed 's/^/    /' "$LAB_DIR/logs/explain-carol.log
 exit_flow() { lab_coord flows --from carol --json | python3 -c 'import json,sys; f=json.load(sys.stdin)["flows"]; sys.exit(0 if any(x["port"]==80 and x.get("verdict")=="allowed" for x in f) else 1)'; }
 check "carol's flow to the internet host shows in the flow log" lab_wait_for -t 20 exit_flow
 
+say "exit node over a relay: UDP between carol's NAT and the exit node dropped"
+EXIT_WAN=$(lab_ip exit)
+lab_exec carol-nat nft -f - <<NFT
+table ip wardblock {
+    chain forward {
+        type filter hook forward priority -10; policy accept;
+        ip daddr $EXIT_WAN udp dport 51820 drop
+        ip saddr $EXIT_WAN udp sport 51820 drop
+    }
+}
+NFT
+path_kind() { lab_ward_json_get "$1" "[p['path']['kind'] for p in s['peers'] if p['hostname']=='$2'][0]"; }
+relayed() { test "$(path_kind "$1" "$2" 2>/dev/null)" = relay; }
+# Path selection notices a dead direct path by traffic that goes unanswered: keep some flowing.
+relayed_busy() { lab_exec carol ping -c1 -W0.3 "$INET" >/dev/null 2>&1; relayed carol exit; }
+check "carol's path to the exit node moves to the relay" lab_wait_for -t 20 -i 0.2 relayed_busy
+check "carol reaches $INET:80 through the exit node over the relay" lab_wait_for -t 10 tcp_ok carol "$INET" 80
+check "carol pings $INET6 through the exit node over the relay" lab_exec carol ping -6 -c1 -W2 "$INET6"
+check "ward status: the exit node is in use over relay r1" \
+    grep -q "^exit node: *exit node exit: internet traffic goes through it (relay r1)" <<<"$(status_text carol)"
+RELAYED=$(lab_relay_metric relay ward_relay_relayed_bytes_total)
+check "the relay forwarded the exit node's traffic ($RELAYED bytes)" test "${RELAYED:-0}" -gt 0
+lab_exec carol-nat nft delete table ip wardblock
+
 say "exit node: grant taken away, then given back (policy changes reach carol meanwhile)"
 EXIT_IP=$(lab_ward_ipv4 exit)
 lab_coord policy apply "$NO_GRANT" >/dev/null
@@ -166,6 +227,10 @@ no_exit_peer() { ! lab_ward_has_peer carol "$EXIT_IP"; }
 check "the policy change reaches carol while she uses the exit node" lab_wait_for -t 10 no_exit_peer
 check "carol cannot reach $INET without the grant" fails tcp_ok carol "$INET" 80
 check "... her internet traffic still goes into the tunnel (fail closed, no leak)" grep -q "dev ward0" <<<"$(lab_exec carol ip route get "$INET")"
+not_allowed() { test "$(exit_json carol "x.get('allowed')")" = False; }
+check "ward status --json: the exit node is not allowed" not_allowed
+check "ward status: 'exit node exit unavailable ...: internet traffic is blocked (fail closed)'" \
+    grep -Eq "^exit node: *exit node exit unavailable .*internet traffic is blocked \(fail closed\)" <<<"$(status_text carol)"
 lab_coord policy apply "$EXIT_POLICY" >/dev/null
 check "the grant given back reaches carol: she reaches $INET again" lab_wait_for -t 15 tcp_ok carol "$INET" 80
 lab_ward bob up --exit-node exit >/dev/null
@@ -178,6 +243,7 @@ lab_ward bob up >/dev/null
 
 say "exit node off: carol's routing is restored byte for byte"
 lab_ward carol up >/dev/null
+check "ward status --json has no exit node once none is chosen" test "$(lab_ward_json_get carol "'exit_node' in s")" = False
 # same_state HOST WANT: HOST's routing state is WANT (else the difference goes to a log).
 same_state() {
     local now
@@ -197,11 +263,33 @@ check "no record of exit-node routes left in the state dir" test ! -e "$LAB_DIR/
 say "exit node: kill -9 with the exit node on, restart, ward down: restored"
 lab_ward carol up --exit-node exit >/dev/null
 check "carol reaches $INET through the exit node again" lab_wait_for -t 15 tcp_ok carol "$INET" 80
-CPID=""
-for p in $(lab_pids carol); do
-    if tr '\0' ' ' <"/proc/$p/cmdline" | grep -q "ward.*daemon"; then CPID=$p; fi
-done
-{ kill -9 "$CPID"; wait "$CPID"; } 2>/dev/null
+
+# kill_daemon HOST: kill -9 the ward daemon this lab runs in HOST.
+kill_daemon() {
+    local p pid=""
+    for p in $(lab_pids "$1"); do
+        if tr '\0' ' ' <"/proc/$p/cmdline" | grep -q "ward.*daemon"; then pid=$p; fi
+    done
+    [[ -n "$pid" ]] || return 1
+    { kill -9 "$pid"; wait "$pid"; } 2>/dev/null
+    return 0
+}
+say "the exit node's daemon killed with kill -9: its forwarding table is cleaned at the next start"
+fwd_tables() { lab_exec exit nft list tables | grep -c "^table inet ward_routes$"; }
+fwd_installs() { grep -c "forwarding routed prefixes" "$LAB_DIR/logs/ward-exit.log"; }
+check "the exit node forwards (one inet ward_routes table)" test "$(fwd_tables)" = 1
+kill_daemon exit
+check "after kill -9 the exit node's inet ward_routes table is still there" test "$(fwd_tables)" = 1
+check "... and so is its record in the state dir" test -e "$LAB_DIR/dev-exit/state/forwarding.json"
+N0=$(fwd_installs)
+LAB_WARD_WRAPPER="env $WIN" lab_start_device exit
+fwd_cleaned() { grep -q "removed the forwarding rules (nftables inet ward_routes) a previous run left" "$LAB_DIR/logs/ward-exit.log"; }
+check "the restarted exit node removes the table the killed run left" lab_wait_for -t 10 fwd_cleaned
+check "carol reaches $INET through the restarted exit node" lab_wait_for -t 20 tcp_ok carol "$INET" 80
+check "the table was installed again exactly once (one table, one install logged)" \
+    test "$(fwd_tables) $(($(fwd_installs) - N0))" = "1 1"
+say "carol's daemon killed with kill -9 while on the exit node"
+kill_daemon carol
 check "after kill -9 the exit node's rules are still there" grep -q "lookup 22337" <<<"$(lab_exec carol ip rule)"
 LAB_WARD_WRAPPER="env $WIN" lab_start_device carol
 leftover_log() { grep -q "removed the exit-node routes and rules a previous run left" "$LAB_DIR/logs/ward-carol.log"; }
@@ -210,6 +298,11 @@ check "... and comes back on the exit node (the choice is saved): carol reaches 
 lab_ward carol down >/dev/null
 check "ward down after the crash: ip rule, routes, nft tables, src_valid_mark as before carol first came up" same_state carol "$CAROL_DOWN"
 
+say "the exit node leaves: forwarding off as before Ward"
+lab_ward exit down >/dev/null
+fwd_off() { test "$(fwd_tables)" = 0 && test "$(fwd_state exit)" = "$EXIT_FWD_BEFORE"; }
+check "exit's ward down: no ward_routes table, ip_forward and IPv6 forwarding as before Ward ($(tr '\n' ' ' <<<"$EXIT_FWD_BEFORE"))" lab_wait_for -t 5 fwd_off
+check "... and no forwarding record left in the state dir" test ! -e "$LAB_DIR/dev-exit/state/forwarding.json"
 [[ -s "$LAB_DIR/logs/state-diff-carol.log" ]] && { echo "  carol's routing state, expected vs found:"; cat "$LAB_DIR/logs/state-diff-carol.log"; }
 echo "  runtime: $((($(date +%s%N) - T0) / 1000000000)) s"
 finish

@@ -124,11 +124,17 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
     // Exit-node routes and rules a killed run left behind go first, then Ward's own sockets
     // are marked so an exit node's default route never captures them.
     match routing::restore_leftover(&opts.state_dir) {
-        Ok(0) => {}
-        Ok(n) => info!(
-            items = n,
-            "removed the exit-node routes and rules a previous run left"
-        ),
+        Ok(left) => {
+            if left.exit_items > 0 {
+                info!(
+                    items = left.exit_items,
+                    "removed the exit-node routes and rules a previous run left"
+                );
+            }
+            if left.forwarding {
+                info!("removed the forwarding rules (nftables inet ward_routes) a previous run left and restored the forwarding sysctls");
+            }
+        }
         Err(e) => {
             warn!(error = %format!("{e:#}"), "cannot remove the exit-node routes and rules a previous run left")
         }
@@ -680,6 +686,7 @@ impl Daemon {
 
     fn status(&self) -> crate::api::StatusView {
         let identity = lock(&self.identity).clone();
+        let exit_node = lock(&self.route_opts).exit_node.clone();
         let running = lock(&self.running);
         let agent = running.as_ref().map(|r| lock(&r.agent));
         let mut view = status::status(status::Sources {
@@ -688,6 +695,7 @@ impl Daemon {
             dataplane: running.as_ref().and_then(|r| r.dataplane.as_deref()),
             tun: self.opts.tun.as_deref(),
             transports: &lock(&self.transports),
+            exit_node: exit_node.as_deref(),
         });
         let dns_on = running.as_ref().is_some_and(|r| r.dns.is_some());
         self.add_dns(&mut view, dns_on);

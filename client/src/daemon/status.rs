@@ -12,8 +12,8 @@ use super::relays::relay_link::Transports;
 use crate::agent::{Agent, ConnState, Phase};
 use crate::agent::{Netcheck, Relays};
 use crate::api::{
-    CountersView, DeviceView, InboundView, NetcheckView, OwnLeaseView, PathView, PeerView,
-    PostureView, ReachView, RelayCheckView, State, StatusView,
+    CountersView, DeviceView, ExitNodeView, InboundView, NetcheckView, OwnLeaseView, PathView,
+    PeerView, PostureView, ReachView, RelayCheckView, State, StatusView,
 };
 use crate::dataplane::{self, DataPlane, PathStatus};
 use crate::state::State as Identity;
@@ -31,6 +31,8 @@ pub struct Sources<'a> {
     pub tun: Option<&'a str>,
     /// The transports of the control session and the relay links.
     pub transports: &'a Transports,
+    /// The exit node chosen with `ward up --exit-node` (`None`: none).
+    pub exit_node: Option<&'a str>,
 }
 
 pub fn status(s: Sources<'_>) -> StatusView {
@@ -55,7 +57,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
         .dataplane
         .map(|dp| dp.status().into_iter().map(|p| (p.device_id, p)).collect())
         .unwrap_or_default();
-    let peers = netmap
+    let peers: Vec<PeerView> = netmap
         .map(|nm| nm.peers.as_slice())
         .unwrap_or_default()
         .iter()
@@ -223,6 +225,18 @@ pub fn status(s: Sources<'_>) -> StatusView {
         }
     };
     let verdict = s.agent.and_then(|a| a.posture_verdict());
+    let exit_node = s.exit_node.map(|name| {
+        let carries_default = netmap.is_some_and(|nm| {
+            nm.peers
+                .iter()
+                .any(|p| p.hostname.as_str() == name && p.routes.iter().any(|r| r.is_default()))
+        });
+        exit_node_view(
+            name,
+            carries_default,
+            peers.iter().find(|p: &&PeerView| p.hostname == name),
+        )
+    });
     StatusView {
         state,
         peers,
@@ -281,7 +295,40 @@ pub fn status(s: Sources<'_>) -> StatusView {
                 }
             }),
             dns: None,
+            exit_node,
         }),
+    }
+}
+
+/// The chosen exit node `name` as `ward status` shows it: `allowed` when the netmap gives this
+/// device a default route through it, reachable when its peer entry answers too.
+pub fn exit_node_view(name: &str, allowed: bool, peer: Option<&PeerView>) -> ExitNodeView {
+    let reachable = allowed && peer.is_some_and(|p| p.reachable);
+    let path = peer.filter(|_| reachable).map(|p| p.path_text.clone());
+    let text = match (allowed, peer, &path) {
+        (true, _, Some(path)) => {
+            format!("exit node {name}: internet traffic goes through it ({path})")
+        }
+        (true, Some(p), None) => format!(
+            "exit node {name} unavailable ({}): internet traffic is blocked (fail closed)",
+            p.path_text
+        ),
+        (true, None, None) => format!(
+            "exit node {name} unavailable (not connected): internet traffic is blocked (fail closed)"
+        ),
+        (false, Some(_), _) => format!(
+            "exit node {name} unavailable (it offers no default route to this device: not approved as an exit node, or no policy rule grants it): internet traffic is blocked (fail closed)"
+        ),
+        (false, None, _) => format!(
+            "exit node {name} unavailable (not in this device's netmap: unknown, offline, revoked or not allowed): internet traffic is blocked (fail closed)"
+        ),
+    };
+    ExitNodeView {
+        name: name.to_string(),
+        allowed,
+        reachable,
+        path,
+        text,
     }
 }
 
@@ -416,4 +463,77 @@ fn fmt_ports(proto: &Proto, ports: &[PortRange]) -> String {
         })
         .collect();
     format!("{p}/{}", list.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(reachable: bool, path_text: &str) -> PeerView {
+        PeerView {
+            device_id: 7,
+            hostname: "exit".into(),
+            user: None,
+            tags: vec![],
+            ipv4: std::net::Ipv4Addr::new(100, 64, 0, 7),
+            ipv6: std::net::Ipv6Addr::LOCALHOST,
+            online: true,
+            public_key: None,
+            endpoints: vec![],
+            endpoint: None,
+            path_mtu: None,
+            reachable,
+            path: PathView::None,
+            path_text: path_text.into(),
+            last_handshake_secs: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            dropped_bad_source: 0,
+            lease_serial: None,
+            lease_expires_in_secs: None,
+            key_age_secs: None,
+            dns_name: None,
+        }
+    }
+
+    #[test]
+    fn an_allowed_answering_exit_node_is_in_use_with_its_path() {
+        let v = exit_node_view("exit", true, Some(&peer(true, "relay r1")));
+        assert!(v.allowed && v.reachable);
+        assert_eq!(v.path.as_deref(), Some("relay r1"));
+        assert_eq!(
+            v.text,
+            "exit node exit: internet traffic goes through it (relay r1)"
+        );
+    }
+
+    #[test]
+    fn an_exit_node_without_a_default_route_is_unavailable_and_blocks() {
+        // In the netmap and answering, but the policy grants no default route through it.
+        let v = exit_node_view("exit", false, Some(&peer(true, "direct 1.2.3.4:5")));
+        assert!(!v.allowed && !v.reachable && v.path.is_none());
+        assert!(
+            v.text.starts_with("exit node exit unavailable ("),
+            "{}",
+            v.text
+        );
+        assert!(v
+            .text
+            .ends_with("internet traffic is blocked (fail closed)"));
+        let v = exit_node_view("gone", false, None);
+        assert!(v.text.contains("not in this device's netmap"), "{}", v.text);
+        assert!(v.text.ends_with("blocked (fail closed)"));
+    }
+
+    #[test]
+    fn an_allowed_exit_node_that_does_not_answer_is_unavailable() {
+        let v = exit_node_view("exit", true, Some(&peer(false, "connecting")));
+        assert!(v.allowed && !v.reachable);
+        assert_eq!(
+            v.text,
+            "exit node exit unavailable (connecting): internet traffic is blocked (fail closed)"
+        );
+        let v = exit_node_view("exit", true, None);
+        assert!(!v.reachable && v.text.contains("(not connected)"));
+    }
 }

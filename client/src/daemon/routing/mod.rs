@@ -19,7 +19,9 @@
 //!   masqueraded to the LAN or the internet (unless `WARD_SNAT_ROUTES=false`), traffic into
 //!   the TUN is forwarded only as replies (conntrack established/related): flows from outside
 //!   into the overlay are dropped. The table is deleted when forwarding stops and when the
-//!   session ends. The data plane itself still checks every packet: only approved
+//!   session ends. Turning forwarding on is first recorded in `forwarding.json` in the state
+//!   dir (with the sysctls' previous values); after a crash the next daemon start deletes the
+//!   table and puts the sysctls back ([`restore_leftover`]) before a session installs it anew. The data plane itself still checks every packet: only approved
 //!   destinations, only flows the inbound filter's routed rules open.
 //!
 //! Every `ip`/`nft` command runs on tokio's blocking pool ([`HostRouting`] owns a worker task
@@ -45,6 +47,17 @@ const FORWARD_SYSCTLS: [&str; 2] = [
 
 /// The file in the state dir that lists the exit-node items installed (or being installed).
 const EXIT_STATE: &str = "exit-routes.json";
+
+/// The file in the state dir that says forwarding is on (the nftables table `inet
+/// ward_routes` may be installed) and holds the forwarding sysctls' values from before.
+const FORWARD_STATE: &str = "forwarding.json";
+
+/// The record of forwarding turned on ([`FORWARD_STATE`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ForwardRecord {
+    /// Each forwarding sysctl's path and its value before Ward turned it on.
+    sysctls: Vec<(String, String)>,
+}
 
 /// What the session wants of the host: this device's approved routes (`served`), the routed
 /// prefixes reached through peers (`reached`).
@@ -260,16 +273,25 @@ impl HostState {
     }
 
     fn start_forwarding(&mut self, tun: &str) {
-        let mut saved = Vec::new();
+        let saved: Vec<(String, String)> = FORWARD_SYSCTLS
+            .iter()
+            .map(|path| {
+                let old = std::fs::read_to_string(path).unwrap_or_default();
+                (path.to_string(), old.trim().to_string())
+            })
+            .collect();
+        // Recorded before anything is changed, so a killed run's table and sysctls are put
+        // back at the next daemon start ([`restore_leftover`]).
+        let record = ForwardRecord {
+            sysctls: saved.clone(),
+        };
+        if let Err(e) = write_json(&self.state_dir, FORWARD_STATE, Some(&record)) {
+            error!(error = %format!("{e:#}"), "cannot record the forwarding state in the state dir");
+        }
         for path in FORWARD_SYSCTLS {
-            let old = std::fs::read_to_string(path)
-                .unwrap_or_default()
-                .trim()
-                .to_string();
             if let Err(e) = std::fs::write(path, "1") {
                 warn!(path, error = %e, "turning IP forwarding on failed");
             }
-            saved.push((path.to_string(), old));
         }
         let snat = std::env::var("WARD_SNAT_ROUTES").map_or(true, |v| v != "false");
         let masq = if snat {
@@ -296,33 +318,75 @@ impl HostState {
 
     fn stop_forwarding(&mut self) {
         let _ = run("nft", &["delete", "table", "inet", NFT_TABLE]);
-        for (path, old) in self.forwarding.take().unwrap_or_default() {
-            if !old.is_empty() {
-                let _ = std::fs::write(&path, old);
-            }
+        restore_sysctls(&self.forwarding.take().unwrap_or_default());
+        if let Err(e) = write_json::<ForwardRecord>(&self.state_dir, FORWARD_STATE, None) {
+            warn!(error = %format!("{e:#}"), "cannot remove the record of the forwarding state");
         }
         info!("stopped forwarding routed prefixes");
     }
 }
 
-/// Removes the exit-node routes and rules a previous run recorded and did not remove (it was
-/// killed): called once at daemon start, before any session. Returns how many were listed.
-pub(crate) fn restore_leftover(state_dir: &Path) -> anyhow::Result<usize> {
-    let Some(items) = read_exit_state(state_dir)? else {
-        return Ok(0);
-    };
-    for item in items.iter().rev() {
-        if let Err(e) = perform(&item.remove()) {
-            tracing::debug!(item = ?item, error = %e, "a recorded exit-node item was already gone");
-        }
-    }
-    write_exit_state(state_dir, &[])?;
-    Ok(items.len())
+/// What a previous run left installed and [`restore_leftover`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Leftover {
+    /// Exit-node routes and rules listed in the record.
+    pub exit_items: usize,
+    /// Forwarding was on: the nftables table `inet ward_routes` was deleted and the
+    /// forwarding sysctls put back.
+    pub forwarding: bool,
 }
 
-fn read_exit_state(state_dir: &Path) -> anyhow::Result<Option<Vec<ExitItem>>> {
+/// Removes what a previous run recorded and did not remove (it was killed): the exit-node
+/// routes and rules, and a forwarding device's nftables table and sysctls. Called once at
+/// daemon start, before any session.
+pub(crate) fn restore_leftover(state_dir: &Path) -> anyhow::Result<Leftover> {
+    let mut left = Leftover::default();
+    let forward = read_json::<ForwardRecord>(state_dir, FORWARD_STATE);
+    if let Some(items) = read_exit_state(state_dir)? {
+        for item in items.iter().rev() {
+            if let Err(e) = perform(&item.remove()) {
+                tracing::debug!(item = ?item, error = %e, "a recorded exit-node item was already gone");
+            }
+        }
+        write_exit_state(state_dir, &[])?;
+        left.exit_items = items.len();
+    }
+    if let Some(record) = forward? {
+        if let Err(e) = run("nft", &["delete", "table", "inet", NFT_TABLE]) {
+            tracing::debug!(error = %e, "the recorded forwarding table was already gone");
+        }
+        restore_sysctls(&record.sysctls);
+        write_json::<ForwardRecord>(state_dir, FORWARD_STATE, None)?;
+        left.forwarding = true;
+    }
+    Ok(left)
+}
+
+/// Puts the forwarding sysctls back to the values saved before forwarding was turned on
+/// (only the known ones: a record is never a way to write elsewhere).
+fn restore_sysctls(saved: &[(String, String)]) {
+    for (path, old) in saved {
+        if !FORWARD_SYSCTLS.contains(&path.as_str()) || !matches!(old.as_str(), "0" | "1") {
+            warn!(
+                path,
+                value = old,
+                "not restoring an unexpected forwarding sysctl record"
+            );
+            continue;
+        }
+        if let Err(e) = std::fs::write(path, old) {
+            warn!(path, error = %e, "restoring a forwarding sysctl failed");
+        }
+    }
+}
+
+/// Reads a JSON record from the state dir (`None`: there is none).
+fn read_json<T: serde::de::DeserializeOwned>(
+    state_dir: &Path,
+    name: &str,
+) -> anyhow::Result<Option<T>> {
     use anyhow::Context;
-    let path = state_dir.join(EXIT_STATE);
+    let path = state_dir.join(name);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -330,32 +394,45 @@ fn read_exit_state(state_dir: &Path) -> anyhow::Result<Option<Vec<ExitItem>>> {
     };
     serde_json::from_str(&text)
         .map(Some)
-        .with_context(|| format!("{} is not a list of exit-node items", path.display()))
+        .with_context(|| format!("{} is not a valid record", path.display()))
 }
 
-/// Writes the record atomically (a new file, synced, renamed over the old); an empty list
-/// removes it.
-fn write_exit_state(state_dir: &Path, items: &[ExitItem]) -> anyhow::Result<()> {
+/// Writes a JSON record to the state dir atomically (a new file, synced, renamed over the
+/// old); `None` removes it.
+fn write_json<T: serde::Serialize>(
+    state_dir: &Path,
+    name: &str,
+    value: Option<&T>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     use std::io::Write;
-    let path = state_dir.join(EXIT_STATE);
-    if items.is_empty() {
+    let path = state_dir.join(name);
+    let Some(value) = value else {
         return match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(e).with_context(|| format!("removing {}", path.display()))
             }
             _ => Ok(()),
         };
-    }
+    };
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
-    let tmp = state_dir.join(format!("{EXIT_STATE}.tmp"));
+    let tmp = state_dir.join(format!("{name}.tmp"));
     let mut f =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(items)?)
+    f.write_all(&serde_json::to_vec_pretty(value)?)
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+fn read_exit_state(state_dir: &Path) -> anyhow::Result<Option<Vec<ExitItem>>> {
+    read_json(state_dir, EXIT_STATE)
+}
+
+/// Writes the record atomically; an empty list removes it.
+fn write_exit_state(state_dir: &Path, items: &[ExitItem]) -> anyhow::Result<()> {
+    write_json(state_dir, EXIT_STATE, (!items.is_empty()).then_some(&items))
 }
 
 /// Runs one planned host command (blocking: only on the blocking pool or at start-up).
@@ -398,4 +475,56 @@ fn nft_script(script: &str) -> anyhow::Result<()> {
         anyhow::bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_forwarding_record_round_trips_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = ForwardRecord {
+            sysctls: vec![(FORWARD_SYSCTLS[0].to_string(), "0".to_string())],
+        };
+        write_json(dir.path(), FORWARD_STATE, Some(&rec)).unwrap();
+        let back: Option<ForwardRecord> = read_json(dir.path(), FORWARD_STATE).unwrap();
+        assert_eq!(back, Some(rec));
+        write_json::<ForwardRecord>(dir.path(), FORWARD_STATE, None).unwrap();
+        assert!(!dir.path().join(FORWARD_STATE).exists());
+        let none: Option<ForwardRecord> = read_json(dir.path(), FORWARD_STATE).unwrap();
+        assert_eq!(none, None);
+    }
+
+    #[test]
+    fn a_garbled_forwarding_record_is_an_error_not_a_guess() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FORWARD_STATE), b"{\"sysctls\": 3").unwrap();
+        assert!(read_json::<ForwardRecord>(dir.path(), FORWARD_STATE).is_err());
+    }
+
+    #[test]
+    fn restoring_sysctls_writes_only_the_forwarding_ones_with_0_or_1() {
+        // A record naming another file (or a strange value) must not make the daemon write
+        // there: only the two forwarding sysctls, only "0" or "1".
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("not-a-sysctl");
+        std::fs::write(&other, "keep").unwrap();
+        let other_s = other.to_string_lossy().to_string();
+        restore_sysctls(&[(other_s.clone(), "1".into()), (other_s, "0".into())]);
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), "keep");
+    }
+
+    #[test]
+    fn the_exit_record_is_empty_list_free() {
+        let dir = tempfile::tempdir().unwrap();
+        write_exit_state(dir.path(), &[ExitItem::Connmark]).unwrap();
+        assert_eq!(
+            read_exit_state(dir.path()).unwrap(),
+            Some(vec![ExitItem::Connmark])
+        );
+        write_exit_state(dir.path(), &[]).unwrap();
+        assert_eq!(read_exit_state(dir.path()).unwrap(), None);
+    }
 }
