@@ -513,6 +513,7 @@ mod tests {
                 relay_transports: [("r1".to_string(), "tcp".to_string())].into(),
                 flow_log: None,
                 dns: None,
+                exit_node: None,
             }),
         };
         let j = serde_json::to_value(&v).unwrap();

@@ -7,7 +7,8 @@
 //! A task connects, sends `Hello{ticket}`, waits (bounded) for `Welcome`, then reports
 //! [`RelayConnEvent::Up`] and every second an RTT sample; it hands received datagrams
 //! (`split_datagram`), every one ready when it wakes, to [`DataPlane::handle_relayed_batch`]
-//! (`relay_batch.rs`), presents fresh tickets as they come,
+//! on the relayed-receive thread (`relay_batch.rs`, [`relay_batch::Inbound`]), presents fresh
+//! tickets as they come,
 //! and on any failure reports [`RelayConnEvent::Down`] and reconnects after a backoff
 //! (0.5 s doubling to 10 s, ±20 % jitter, reset after a connection that lasted 30 s). The
 //! pump takes [`DataPlane::take_relay_outbound`] and sends each datagram on the named relay's
@@ -63,6 +64,9 @@ pub(super) struct PumpCounters {
     pub send_failed: AtomicU64,
     /// Received datagrams without a valid header or too big.
     pub malformed_in: AtomicU64,
+    /// Received batches decrypted on the session thread because the relayed-receive thread's
+    /// queue was full.
+    pub inline_in: AtomicU64,
 }
 
 pub(super) type Live = Arc<Mutex<BTreeMap<Arc<str>, RelayLink>>>;
@@ -98,6 +102,8 @@ struct Task {
 pub(super) struct RelayClients {
     endpoint: Option<quinn::Endpoint>,
     sink: Option<Arc<dyn RelaySink>>,
+    /// The relayed-receive thread (with a sink, where it could be started).
+    inbound: Option<Arc<relay_batch::Inbound>>,
     live: Live,
     tasks: BTreeMap<String, Task>,
     events: mpsc::Sender<RelayConnEvent>,
@@ -129,9 +135,14 @@ impl RelayClients {
         let live: Live = Arc::default();
         let counters = Arc::new(PumpCounters::default());
         let pump = outbound.map(|rx| tokio::spawn(pump(rx, live.clone(), counters.clone())));
+        let inbound = sink
+            .clone()
+            .and_then(|s| relay_batch::Inbound::start(s, counters.clone()))
+            .map(Arc::new);
         Self {
             endpoint,
             sink,
+            inbound,
             live,
             tasks: BTreeMap::new(),
             events,
@@ -155,6 +166,7 @@ impl RelayClients {
             creds: rx,
             live: self.live.clone(),
             sink: self.sink.clone(),
+            inbound: self.inbound.clone(),
             events: self.events.clone(),
             counters: self.counters.clone(),
             transports: self.transports.clone(),
@@ -212,6 +224,8 @@ struct RelayTask {
     creds: watch::Receiver<Credentials>,
     live: Live,
     sink: Option<Arc<dyn RelaySink>>,
+    /// Where QUIC batches go to be decrypted off this thread (`None`: delivered here).
+    inbound: Option<Arc<relay_batch::Inbound>>,
     events: mpsc::Sender<RelayConnEvent>,
     counters: Arc<PumpCounters>,
     transports: SharedTransports,
@@ -281,7 +295,10 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
             d = conn.read_datagram() => {
                 let d = d.map_err(|e| anyhow!("relay connection: {e}"))?;
                 relay_batch::take_ready(&conn, d, &mut batch);
-                relay_batch::deliver(&t.name, &batch, t.sink.as_deref(), &t.counters);
+                match &t.inbound {
+                    Some(inbound) => inbound.deliver(&t.name, &mut batch),
+                    None => relay_batch::deliver(&t.name, &batch, t.sink.as_deref(), &t.counters),
+                }
             }
             changed = t.creds.changed() => {
                 changed.map_err(|_| anyhow!("relay no longer used"))?;

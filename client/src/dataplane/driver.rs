@@ -18,11 +18,11 @@
 //!
 //! Datagrams the engine routes through a relay are split off every outbox after the UDP send
 //! (which skips them) into the bounded relay queue (`relay`). Datagrams that arrive through a
-//! relay come in on the daemon's tokio thread in batches (every datagram the relay connection
-//! has ready, [`Driver::handle_relayed`]), which decrypts them under its own batch and writes
-//! them to the TUN itself, coalesced by its own GRO table like the receive thread's: the TUN
-//! descriptor takes concurrent writes, and handing packets to the receive thread would need a
-//! wake-up channel into its `poll` and a copy for no gain.
+//! relay come in on the daemon's relayed-receive thread in batches (every datagram the relay
+//! connection has ready, [`Driver::handle_relayed`]), which decrypts them under its own batch
+//! and writes them to the TUN itself, coalesced by its own GRO table like the receive thread's:
+//! the TUN descriptor takes concurrent writes, and handing packets to the receive thread would
+//! need a wake-up channel into its `poll` and a copy for no gain.
 //!
 //! Blocking threads rather than tokio tasks: the hot paths are syscall loops that gain nothing
 //! from an executor, and two threads use the machine's two cores. Reads are non-blocking with a
