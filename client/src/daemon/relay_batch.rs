@@ -166,10 +166,13 @@ mod tests {
     use ward_shared::relay::encode_datagram;
     use ward_shared::wire::DeviceId;
 
+    /// A datagram delivered: relay, from, body, the thread it was delivered on.
+    type Got = (String, u64, Vec<u8>, String);
+
     /// Records what it is given and on which thread; blocks while `gate` is closed.
     #[derive(Default)]
     struct Record {
-        got: Mutex<Vec<(String, u64, Vec<u8>, String)>>,
+        got: Mutex<Vec<Got>>,
         entered: std::sync::atomic::AtomicUsize,
         gate: Mutex<bool>,
         open: Condvar,
