@@ -1279,6 +1279,19 @@ impl Registry {
         }
     }
 
+    /// Another replica of this instance now holds the device's session: the local one is
+    /// stale (the device reconnected elsewhere) and is closed, so one replica serves it.
+    pub fn handle_session_moved(&mut self, id: DeviceId) {
+        if let Some(s) = self.sessions.remove(&id) {
+            self.outputs.push_back(Output::Close {
+                conn: s.conn,
+                code: ErrorCode::Protocol,
+                reason: "the device's session moved to another coordinator replica".into(),
+            });
+            self.dirty = true;
+        }
+    }
+
     /// Device `from` (on connection `conn`) starts probing `peer`'s direct candidates and
     /// asks for the peer to probe back now: forwarded as `punch` with `from`'s current
     /// candidates, only if each is in the netmap last sent to the other, the peer is online
@@ -1393,7 +1406,6 @@ impl Registry {
         self.sessions.keys().copied().collect()
     }
 
-    #[cfg(test)]
     pub fn is_online(&self, id: DeviceId) -> bool {
         self.sessions.contains_key(&id)
     }

@@ -128,6 +128,15 @@ pub(super) enum Event {
         name: String,
         conn: ConnId,
     },
+    /// Another replica holds this device's session now: close the local one.
+    SessionMoved(DeviceId),
+}
+
+/// This replica's device sessions as they open and close, for the `sessions` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Presence {
+    Claimed(DeviceId, i64),
+    Released(DeviceId),
 }
 
 /// A relay's live control session.
@@ -176,6 +185,7 @@ pub(super) async fn registry_actor(
     mut rx: EventRx,
     store: Arc<dyn Store>,
     events: Events,
+    presence: mpsc::UnboundedSender<Presence>,
 ) {
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
     let mut relays: RelayConns = BTreeMap::new();
@@ -222,6 +232,7 @@ pub(super) async fn registry_actor(
                 let r = reg.handle_session_opened(id, conn, observed, update);
                 if r.is_ok() {
                     conns.insert(conn, tx);
+                    let _ = presence.send(Presence::Claimed(id, now_ms()));
                 }
                 let _ = reply.send(r);
             }
@@ -229,6 +240,13 @@ pub(super) async fn registry_actor(
             Event::Closed { id, conn } => {
                 conns.remove(&conn);
                 reg.handle_session_closed(id, conn);
+                if !reg.is_online(id) {
+                    let _ = presence.send(Presence::Released(id));
+                }
+            }
+            Event::SessionMoved(id) => {
+                info!(device = %id, "the device's session moved to another replica: closing the stale one here");
+                reg.handle_session_moved(id);
             }
             Event::Upserted(d) => reg.handle_device_upserted(d),
             Event::Removed(id, why) => reg.handle_device_removed(id, &why),

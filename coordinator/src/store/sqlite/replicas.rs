@@ -1,0 +1,201 @@
+//! [`ReplicaStore`] on SQLite: several `serve` processes on one database file (WAL mode, so
+//! readers never wait for the writer). Reads here use deferred transactions: polling the feed
+//! never takes the write lock.
+
+use rusqlite::{params, TransactionBehavior};
+use ward_shared::wire::DeviceId;
+
+use super::SqliteStore;
+use crate::store::replicas::{FeedRow, ReplicaRow, ReplicaStore, SessionRow};
+use crate::store::Result;
+
+impl SqliteStore {
+    fn read<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// A write with no audit row (bookkeeping other replicas read, never a change they apply).
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+impl ReplicaStore for SqliteStore {
+    fn feed_version(&self) -> Result<i64> {
+        self.read(|tx| {
+            Ok(tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?)
+        })
+    }
+
+    fn feed_since(&self, after_seq: i64, limit: usize) -> Result<Vec<FeedRow>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT seq, action, target FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![after_seq, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(FeedRow {
+                        seq: r.get(0)?,
+                        action: r.get(1)?,
+                        target: r.get(2)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    fn replica_heartbeat(&self, row: &ReplicaRow) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO replicas(id, address, started_ms, last_seen_ms, sessions)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO UPDATE SET address = ?2, started_ms = ?3,
+                     last_seen_ms = ?4, sessions = ?5",
+                params![
+                    row.id,
+                    row.address,
+                    row.started_ms,
+                    row.last_seen_ms,
+                    i64::try_from(row.sessions).unwrap_or(i64::MAX)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn replicas(&self) -> Result<Vec<ReplicaRow>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT id, address, started_ms, last_seen_ms, sessions FROM replicas ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(ReplicaRow {
+                    id: r.get(0)?,
+                    address: r.get(1)?,
+                    started_ms: r.get(2)?,
+                    last_seen_ms: r.get(3)?,
+                    sessions: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    fn claim_session(&self, device: DeviceId, replica: &str, since_ms: i64) -> Result<()> {
+        self.write(|tx| {
+            // An older claim never overwrites a newer one (claims can arrive out of order).
+            tx.execute(
+                "INSERT INTO device_sessions(device_id, replica, since_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(device_id) DO UPDATE SET replica = ?2, since_ms = ?3
+                 WHERE since_ms <= ?3",
+                params![device.0 as i64, replica, since_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn release_session(&self, device: DeviceId, replica: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM device_sessions WHERE device_id = ?1 AND replica = ?2",
+                params![device.0 as i64, replica],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn sessions(&self) -> Result<Vec<SessionRow>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT device_id, replica, since_ms FROM device_sessions ORDER BY device_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(SessionRow {
+                    device: DeviceId(u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0)),
+                    replica: r.get(1)?,
+                    since_ms: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Audit, Store};
+
+    #[test]
+    fn the_feed_follows_the_audit_log() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        assert_eq!(s.feed_version().unwrap(), 0);
+        for t in ["a", "b", "c"] {
+            s.append_audit(
+                Audit {
+                    actor: "admin",
+                    action: crate::audit::Action::DeviceRevoke,
+                    target: t,
+                    detail: serde_json::json!({}),
+                },
+                1,
+            )
+            .unwrap();
+        }
+        let v = s.feed_version().unwrap();
+        assert_eq!(v, 3);
+        let rows = s.feed_since(1, 10).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.target.as_str()).collect::<Vec<_>>(),
+            ["b", "c"]
+        );
+        assert_eq!(rows[0].action, "device.revoke");
+        assert_eq!(s.feed_since(0, 1).unwrap().len(), 1);
+        assert!(s.feed_since(3, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_newest_session_claim_wins_and_release_keeps_a_newer_one() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let d = DeviceId(7);
+        s.claim_session(d, "r1", 100).unwrap();
+        s.claim_session(d, "r2", 200).unwrap();
+        // A late, older claim from r1 does not take it back.
+        s.claim_session(d, "r1", 150).unwrap();
+        let rows = s.sessions().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].replica.as_str(), rows[0].since_ms), ("r2", 200));
+        // r1 closing its stale session leaves r2's claim alone.
+        s.release_session(d, "r1").unwrap();
+        assert_eq!(s.sessions().unwrap().len(), 1);
+        s.release_session(d, "r2").unwrap();
+        assert!(s.sessions().unwrap().is_empty());
+    }
+
+    #[test]
+    fn heartbeats_refresh_one_row_per_replica() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let mut row = ReplicaRow {
+            id: "r1".into(),
+            address: "10.0.0.1:7443".into(),
+            started_ms: 1,
+            last_seen_ms: 1,
+            sessions: 0,
+        };
+        s.replica_heartbeat(&row).unwrap();
+        row.last_seen_ms = 5;
+        row.sessions = 3;
+        s.replica_heartbeat(&row).unwrap();
+        assert_eq!(s.replicas().unwrap(), vec![row]);
+    }
+}
