@@ -1057,6 +1057,11 @@ impl Registry {
             return;
         }
         let v = self.leases.entry(id).or_default();
+        // Replicas learn a lease both from the replica that issued it and from the change
+        // feed: the same serial twice is one lease.
+        if v.iter().any(|l| l.lease.serial == lease.lease.serial) {
+            return;
+        }
         v.push(lease);
         v.sort_by_key(|l| l.lease.serial);
         let extra = v.len().saturating_sub(MAX_LEASES);
@@ -1276,6 +1281,14 @@ impl Registry {
         if self.sessions.get(&id).map(|s| s.conn) == Some(conn) {
             self.sessions.remove(&id);
             self.dirty = true;
+        }
+    }
+
+    /// The highest posture report number the store has for this device (accepted on any
+    /// replica): older reports are refused as replays.
+    pub fn handle_posture_floor(&mut self, id: DeviceId, seq: u64) {
+        if self.devices.contains_key(&id) {
+            self.trust.handle_seq_floor(id, seq);
         }
     }
 
@@ -3249,6 +3262,31 @@ scan_denied_flows = 4
         // The stale connection closing does not end the new session.
         r.handle_session_closed(DeviceId(1), 10);
         assert!(r.is_online(DeviceId(1)));
+    }
+
+    #[test]
+    fn a_session_moved_to_another_replica_is_closed_here() {
+        let mut r = reg(&[1, 2]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        drain(&mut r);
+        r.handle_session_moved(DeviceId(1));
+        let out = drain(&mut r);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Close { conn: 10, reason, .. } if reason.contains("another coordinator replica"))));
+        assert!(!r.is_online(DeviceId(1)));
+        // A device with no session here: nothing happens.
+        r.handle_session_moved(DeviceId(2));
+        assert!(drain(&mut r).is_empty());
+    }
+
+    #[test]
+    fn the_same_lease_learned_twice_is_one_lease() {
+        let mut r = reg(&[1]);
+        r.handle_lease(lease_on(1, [7; 32], 1));
+        r.handle_lease(lease_on(1, [7; 32], 1));
+        assert_eq!(r.leases.get(&DeviceId(1)).map(Vec::len), Some(1));
     }
 
     /// A routed service reaches its client only through an approved router: advertising alone

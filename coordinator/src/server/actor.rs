@@ -130,6 +130,8 @@ pub(super) enum Event {
     },
     /// Another replica holds this device's session now: close the local one.
     SessionMoved(DeviceId),
+    /// The device's last posture report number accepted on any replica.
+    PostureFloor(DeviceId, u64),
 }
 
 /// This replica's device sessions as they open and close, for the `sessions` table.
@@ -137,6 +139,8 @@ pub(super) enum Event {
 pub(super) enum Presence {
     Claimed(DeviceId, i64),
     Released(DeviceId),
+    /// A posture report with this number was accepted.
+    PostureSeq(DeviceId, u64),
 }
 
 /// A relay's live control session.
@@ -248,6 +252,7 @@ pub(super) async fn registry_actor(
                 info!(device = %id, "the device's session moved to another replica: closing the stale one here");
                 reg.handle_session_moved(id);
             }
+            Event::PostureFloor(id, seq) => reg.handle_posture_floor(id, seq),
             Event::Upserted(d) => reg.handle_device_upserted(d),
             Event::Removed(id, why) => reg.handle_device_removed(id, &why),
             Event::User(u) => reg.handle_user(u),
@@ -331,6 +336,7 @@ pub(super) async fn registry_actor(
                 let (seq, age) = (report.seq, now_ms().saturating_sub(report.collected_at_ms));
                 match reg.handle_posture(id, conn, *report, now_ms()) {
                     Ok(()) => {
+                        let _ = presence.send(Presence::PostureSeq(id, seq));
                         debug!(device = %id, seq, age_ms = age, "posture report");
                         sink.received = Some(received);
                     }

@@ -103,7 +103,25 @@ async fn record_presence(ctx: &Arc<Ctx>, me: &Me, mine: &mut BTreeMap<DeviceId, 
     let res = match p {
         Presence::Claimed(dev, since) => {
             mine.insert(dev, since);
-            tokio::task::spawn_blocking(move || store.claim_session(dev, &id, since)).await
+            let res = tokio::task::spawn_blocking(move || {
+                store.claim_session(dev, &id, since)?;
+                store.posture_seq(dev)
+            })
+            .await;
+            // The device may have reported to another replica before: its numbers go on.
+            match res {
+                Ok(Ok(seq)) => {
+                    if seq > 0 {
+                        ctx.events.send_internal(Event::PostureFloor(dev, seq));
+                    }
+                    Ok(Ok(()))
+                }
+                Ok(Err(e)) => Ok(Err(e)),
+                Err(e) => Err(e),
+            }
+        }
+        Presence::PostureSeq(dev, seq) => {
+            tokio::task::spawn_blocking(move || store.raise_posture_seq(dev, seq)).await
         }
         Presence::Released(dev) => {
             mine.remove(&dev);

@@ -56,4 +56,9 @@ pub trait ReplicaStore {
     fn release_session(&self, device: DeviceId, replica: &str) -> Result<()>;
     /// Every recorded session.
     fn sessions(&self) -> Result<Vec<SessionRow>>;
+    /// The highest posture report sequence number any replica accepted from `device` (0 if
+    /// none).
+    fn posture_seq(&self, device: DeviceId) -> Result<u64>;
+    /// Raises `device`'s accepted posture sequence number to `seq` (never lowers it).
+    fn raise_posture_seq(&self, device: DeviceId, seq: u64) -> Result<()>;
 }

@@ -294,7 +294,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     "#,
     // 17: replicas of one instance on one database: each replica's heartbeat (for `status`)
-    // and which replica holds each device's control session (the newest claim wins).
+    // which replica holds each device's control session (the newest claim wins), and each
+    // device's last accepted posture report number (a replay is refused on any replica).
     r#"
     CREATE TABLE replicas(
         id TEXT PRIMARY KEY,
@@ -307,6 +308,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
         device_id INTEGER PRIMARY KEY,
         replica TEXT NOT NULL,
         since_ms INTEGER NOT NULL
+    );
+    CREATE TABLE posture_seqs(
+        device_id INTEGER PRIMARY KEY,
+        seq INTEGER NOT NULL
     );
     "#,
 ];

@@ -2,7 +2,7 @@
 //! readers never wait for the writer). Reads here use deferred transactions: polling the feed
 //! never takes the write lock.
 
-use rusqlite::{params, TransactionBehavior};
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use ward_shared::wire::DeviceId;
 
 use super::SqliteStore;
@@ -129,6 +129,32 @@ impl ReplicaStore for SqliteStore {
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
     }
+
+    fn posture_seq(&self, device: DeviceId) -> Result<u64> {
+        self.read(|tx| {
+            let v: Option<i64> = tx
+                .query_row(
+                    "SELECT seq FROM posture_seqs WHERE device_id = ?1",
+                    [device.0 as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
+        })
+    }
+
+    fn raise_posture_seq(&self, device: DeviceId, seq: u64) -> Result<()> {
+        // Sequence numbers above i64::MAX are stored as i64::MAX: still above every real one.
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO posture_seqs(device_id, seq) VALUES (?1, ?2)
+                 ON CONFLICT(device_id) DO UPDATE SET seq = MAX(seq, ?2)",
+                params![device.0 as i64, seq],
+            )?;
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]
@@ -180,6 +206,19 @@ mod tests {
         assert_eq!(s.sessions().unwrap().len(), 1);
         s.release_session(d, "r2").unwrap();
         assert!(s.sessions().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_posture_sequence_only_rises() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let d = DeviceId(3);
+        assert_eq!(s.posture_seq(d).unwrap(), 0);
+        s.raise_posture_seq(d, 10).unwrap();
+        s.raise_posture_seq(d, 4).unwrap();
+        assert_eq!(s.posture_seq(d).unwrap(), 10);
+        s.raise_posture_seq(d, 11).unwrap();
+        assert_eq!(s.posture_seq(d).unwrap(), 11);
+        assert_eq!(s.posture_seq(DeviceId(4)).unwrap(), 0);
     }
 
     #[test]
