@@ -65,7 +65,8 @@ impl Reloads {
         }
     }
 
-    fn merge(&mut self, o: &Reloads) {
+    /// Both sets of reloads.
+    pub fn merge(&mut self, o: &Reloads) {
         self.devices |= o.devices;
         self.users |= o.users;
         self.policy |= o.policy;

@@ -134,7 +134,7 @@ check "a's agent heard it was revoked" lab_wait_for -t 5 revoked_log
 say "one audit log"
 check "audit verify on replica 1" lab_coord audit verify
 check "audit verify on replica 2" coord2 audit verify
-both_logged() { lab_coord audit --json 2>/dev/null | grep -q '"device.revoke"'; }
+both_logged() { grep -q '"device.revoke"' <<<"$(lab_coord audit --json 2>/dev/null)"; }
 check "replica 2's revoke is in the log replica 1 reads" both_logged
 answers() { "$@" status >/dev/null 2>&1; }
 check "replica 1 still answers" answers lab_coord

@@ -196,8 +196,7 @@ async fn follow(ctx: &Arc<Ctx>, feed: &mut Feed, seen: &mut Seen) {
             if rows.is_empty() {
                 break;
             }
-            let r = f.handle_rows(&rows);
-            reloads = merge(reloads, r);
+            reloads.merge(&f.handle_rows(&rows));
         }
         let read = read(store.as_ref(), &reloads)?;
         Ok(Some((f, reloads, read)))
@@ -218,18 +217,6 @@ async fn follow(ctx: &Arc<Ctx>, feed: &mut Feed, seen: &mut Seen) {
         );
     }
     apply(ctx, seen, read).await;
-}
-
-fn merge(mut a: Reloads, b: Reloads) -> Reloads {
-    a.devices |= b.devices;
-    a.users |= b.users;
-    a.policy |= b.policy;
-    a.grants |= b.grants;
-    a.relays |= b.relays;
-    a.routes |= b.routes;
-    a.leases |= b.leases;
-    a.sign_ins |= b.sign_ins;
-    a
 }
 
 fn read(store: &dyn Store, r: &Reloads) -> crate::store::Result<Read> {
