@@ -6,7 +6,8 @@
 # printed, p99 must be under 1 s), with real pings before and after; `device revoke a` on
 # replica 2 takes a out of b's netmap on replica 1 within 2 s and b's ping to a stops; `status`
 # on either replica lists both replicas alive with their sessions; `audit verify` passes on
-# both; the import refuses a world-readable instance file. Needs root; prints `N passed, N failed`.
+# both; the import refuses a world-readable instance file; after `kill -9` of replica 2,
+# replica 1's `status` shows it down. Needs root; prints `N passed, N failed`.
 #
 # WARD_TEST_DB picks the shared database: `sqlite` (default: replica 2's ward.db is a symlink
 # to replica 1's file; SQLite follows it, so both processes share one WAL) or `postgres` (the
@@ -52,6 +53,7 @@ check "replica 2 has the same CA" cmp -s "$D1/ca.der" "$D2/ca.der"
 # The one database: SQLite resolves the symlink, so the -wal and -shm files are shared too.
 ln -s "$D1/ward.db" "$D2/ward.db"
 lab_spawn c2 replica2.log "$BIN" serve --data-dir "$D2" --listen "$R2_ADDR"
+R2_PID=$(lab_last_pid)
 check "replica 2 serves" lab_wait_for -t 20 coord2 device ls --json
 lab_coord policy apply "$P/replicas-open.toml" >/dev/null
 
@@ -139,6 +141,17 @@ check "replica 2's revoke is in the log replica 1 reads" both_logged
 answers() { "$@" status >/dev/null 2>&1; }
 check "replica 1 still answers" answers lab_coord
 check "replica 2 still answers" answers coord2
+
+say "a replica that stops is shown down"
+kill -9 "$R2_PID" 2>/dev/null
+r2_down() {
+    status_json lab_coord | python3 -c '
+import json, sys
+r = {x["address"]: x for x in json.load(sys.stdin)["replicas"]}
+sys.exit(0 if not r[sys.argv[1]]["alive"] and r[sys.argv[2]]["alive"] else 1)' "$R2_ADDR" "$R1_ADDR"
+}
+check "status on replica 1 shows replica 2 down within 8 s, itself alive" lab_wait_for -t 8 r2_down
+check "audit verify on replica 1 after replica 2 died" lab_coord audit verify
 
 echo "replicas.sh runtime: $((SECONDS - T0)) s"
 finish
