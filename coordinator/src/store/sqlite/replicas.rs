@@ -190,6 +190,31 @@ mod tests {
         assert!(s.feed_since(3, 10).unwrap().is_empty());
     }
 
+    /// Two stores on one file (as two replica processes): one's writes are the other's feed,
+    /// and a session claimed through one is seen through the other.
+    #[test]
+    fn two_stores_on_one_file_share_the_feed_and_the_claims() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("ward.db");
+        let a = SqliteStore::open(&path).unwrap();
+        let b = SqliteStore::open(&path).unwrap();
+        let v = b.feed_version().unwrap();
+        let n = ward_shared::names::Name::parse("user", "carol").unwrap();
+        a.add_user(&n, &[], "admin", 1).unwrap();
+        assert!(b.feed_version().unwrap() > v);
+        let rows = b.feed_since(v, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].action.as_str(), rows[0].target.as_str()),
+            ("user.add", "carol")
+        );
+        a.claim_session(DeviceId(1), "ra", 10).unwrap();
+        b.claim_session(DeviceId(1), "rb", 20).unwrap();
+        assert_eq!(a.sessions().unwrap()[0].replica, "rb");
+        b.raise_posture_seq(DeviceId(1), 42).unwrap();
+        assert_eq!(a.posture_seq(DeviceId(1)).unwrap(), 42);
+    }
+
     #[test]
     fn the_newest_session_claim_wins_and_release_keeps_a_newer_one() {
         let s = SqliteStore::open_in_memory().unwrap();
