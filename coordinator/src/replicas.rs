@@ -172,7 +172,9 @@ impl Feed {
 
 /// Devices that changed between two reads of the device table, for the registry: changed or
 /// new rows (a revoked row included: the registry removes it) and ids gone from the table.
-/// `last_seen_ms` alone is not a change.
+/// What sessions write on every contact (`last_seen_ms`, the WireGuard key, the device's own
+/// endpoint list) is not a change: the replica holding the session knows better (its
+/// endpoints include the address it observed), and re-sending the row would replace that.
 pub fn diff_devices(
     old: &BTreeMap<DeviceId, Device>,
     new: &[Device],
@@ -182,6 +184,8 @@ pub fn diff_devices(
         let same = old.get(&d.id).is_some_and(|o| {
             let mut o = o.clone();
             o.last_seen_ms = d.last_seen_ms;
+            o.wg_public_key = d.wg_public_key;
+            o.endpoints = d.endpoints.clone();
             &o == d
         });
         if !same {
@@ -308,6 +312,11 @@ mod tests {
         assert!(gone.is_empty());
         let (changed, gone) = diff_devices(&old, &[dev(1, 5)]);
         assert!(changed.is_empty());
+        // Contact bookkeeping alone (key, endpoints) is not a change either.
+        let mut touched = dev(1, 7);
+        touched.wg_public_key = Some(ward_shared::wire::WgPublicKey([3; 32]));
+        touched.endpoints = vec!["192.168.1.2:51820".parse().unwrap()];
+        assert!(diff_devices(&old, &[touched, dev(2, 5)]).0.is_empty());
         assert_eq!(gone, [DeviceId(2)]);
     }
 
