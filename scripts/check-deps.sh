@@ -47,6 +47,7 @@ done
 cores=(
     shared/src
     coordinator/src/registry.rs
+    coordinator/src/replicas.rs
     coordinator/src/trust.rs
     coordinator/src/behaviour
     coordinator/src/limits.rs

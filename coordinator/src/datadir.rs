@@ -11,6 +11,7 @@
 //!   narrowing.journal revocations etc. the database could not take, 16 KiB pre-allocated (0600)
 //!   ward.db          SQLite (WAL) database                     (0600)
 //!   admin.sock       admin socket of the running coordinator   (0600)
+//!   replica.id       this replica's id, made at its first `serve` (0600)
 //! ```
 //!
 //! Only `init` creates `ward.db`; `serve` opens it with [`DataDir::open_store`], which refuses a
@@ -68,6 +69,32 @@ impl DataDir {
     }
     pub fn journal_path(&self) -> PathBuf {
         self.path.join("narrowing.journal")
+    }
+    pub fn replica_id_path(&self) -> PathBuf {
+        self.path.join("replica.id")
+    }
+
+    /// This data directory's replica id: made at its first `serve` (16 random hex digits)
+    /// and kept, so a restarted replica is the same row in `status`.
+    pub fn replica_id(&self) -> Result<String> {
+        let p = self.replica_id_path();
+        if !p.exists() {
+            let mut id = [0u8; 8];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
+            write_private(&p, hex::encode(id).as_bytes())?;
+        }
+        let raw = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let id = raw.trim().to_string();
+        if id.is_empty()
+            || id.len() > 64
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            bail!(
+                "{} is corrupt: delete it and a new replica id is made at the next start",
+                p.display()
+            );
+        }
+        Ok(id)
     }
 
     /// Opens the existing database for `serve`, anchored, and checks it before anything is

@@ -110,6 +110,14 @@ enum Cmd {
         #[command(flatten)]
         oidc: OidcArgs,
     },
+    /// Write this instance's secrets (CA certificate and key, lease key, audit key, config)
+    /// to FILE (new, 0600) for `import-instance` on another replica's host. Keys are never
+    /// printed.
+    ExportInstance { file: PathBuf },
+    /// Create this data directory (new or empty) as another replica of an exported instance.
+    /// FILE must be readable by its owner only. Then point `ward.db` at the shared database and
+    /// run `serve`.
+    ImportInstance { file: PathBuf },
     /// Run the coordinator.
     Serve {
         /// Local address for the QUIC listener (default: `[::]` dual-stack, or 0.0.0.0 where the
@@ -641,6 +649,34 @@ async fn run(cli: Cli) -> Result<()> {
             println!(
                 "next: ward-coordinator --data-dir {} serve",
                 dd.path.display()
+            );
+            Ok(())
+        }
+        Cmd::ExportInstance { file } => {
+            let s = ward_coordinator::instance::export(&dd, &file)?;
+            println!(
+                "exported the instance in {} to {} (0600)",
+                dd.path.display(),
+                file.display()
+            );
+            println!("  files          : {}", s.files.join(", "));
+            println!("  public address : {}", s.public_addr);
+            println!("  CA sha256      : {}", s.ca_sha256);
+            println!("the file holds the instance's private keys: move it only over a channel you trust and delete it after import");
+            Ok(())
+        }
+        Cmd::ImportInstance { file } => {
+            let s = ward_coordinator::instance::import(&file, &dd)?;
+            println!(
+                "imported the instance into {} as a new replica",
+                dd.path.display()
+            );
+            println!("  files          : {}", s.files.join(", "));
+            println!("  public address : {}", s.public_addr);
+            println!("  CA sha256      : {}", s.ca_sha256);
+            println!(
+                "next: make {} the shared database (on SQLite: a symlink to the one ward.db), then `serve`",
+                dd.db_path().display()
             );
             Ok(())
         }

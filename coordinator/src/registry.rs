@@ -1057,6 +1057,11 @@ impl Registry {
             return;
         }
         let v = self.leases.entry(id).or_default();
+        // Replicas learn a lease both from the replica that issued it and from the change
+        // feed: the same serial twice is one lease.
+        if v.iter().any(|l| l.lease.serial == lease.lease.serial) {
+            return;
+        }
         v.push(lease);
         v.sort_by_key(|l| l.lease.serial);
         let extra = v.len().saturating_sub(MAX_LEASES);
@@ -1279,6 +1284,27 @@ impl Registry {
         }
     }
 
+    /// The highest posture report number the store has for this device (accepted on any
+    /// replica): older reports are refused as replays.
+    pub fn handle_posture_floor(&mut self, id: DeviceId, seq: u64) {
+        if self.devices.contains_key(&id) {
+            self.trust.handle_seq_floor(id, seq);
+        }
+    }
+
+    /// Another replica of this instance now holds the device's session: the local one is
+    /// stale (the device reconnected elsewhere) and is closed, so one replica serves it.
+    pub fn handle_session_moved(&mut self, id: DeviceId) {
+        if let Some(s) = self.sessions.remove(&id) {
+            self.outputs.push_back(Output::Close {
+                conn: s.conn,
+                code: ErrorCode::Protocol,
+                reason: "the device's session moved to another coordinator replica".into(),
+            });
+            self.dirty = true;
+        }
+    }
+
     /// Device `from` (on connection `conn`) starts probing `peer`'s direct candidates and
     /// asks for the peer to probe back now: forwarded as `punch` with `from`'s current
     /// candidates, only if each is in the netmap last sent to the other, the peer is online
@@ -1393,7 +1419,6 @@ impl Registry {
         self.sessions.keys().copied().collect()
     }
 
-    #[cfg(test)]
     pub fn is_online(&self, id: DeviceId) -> bool {
         self.sessions.contains_key(&id)
     }
@@ -3237,6 +3262,31 @@ scan_denied_flows = 4
         // The stale connection closing does not end the new session.
         r.handle_session_closed(DeviceId(1), 10);
         assert!(r.is_online(DeviceId(1)));
+    }
+
+    #[test]
+    fn a_session_moved_to_another_replica_is_closed_here() {
+        let mut r = reg(&[1, 2]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        drain(&mut r);
+        r.handle_session_moved(DeviceId(1));
+        let out = drain(&mut r);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Close { conn: 10, reason, .. } if reason.contains("another coordinator replica"))));
+        assert!(!r.is_online(DeviceId(1)));
+        // A device with no session here: nothing happens.
+        r.handle_session_moved(DeviceId(2));
+        assert!(drain(&mut r).is_empty());
+    }
+
+    #[test]
+    fn the_same_lease_learned_twice_is_one_lease() {
+        let mut r = reg(&[1]);
+        r.handle_lease(lease_on(1, [7; 32], 1));
+        r.handle_lease(lease_on(1, [7; 32], 1));
+        assert_eq!(r.leases.get(&DeviceId(1)).map(Vec::len), Some(1));
     }
 
     /// A routed service reaches its client only through an approved router: advertising alone

@@ -146,6 +146,13 @@ impl TrustBook {
         Ok(self.reevaluate(session, policy, needed, now_ms))
     }
 
+    /// Another replica accepted reports from this device up to `seq` (it held the device's
+    /// session before): reports at or below it are replays here too.
+    pub fn handle_seq_floor(&mut self, id: DeviceId, seq: u64) {
+        let t = self.devices.entry(id).or_default();
+        t.last_seq = t.last_seq.max(seq);
+    }
+
     /// Evaluates the device's latest report (or its absence) against the policy now; returns
     /// what changed, if anything. Reports age out this way. `needed`: the requirements rules
     /// that apply to this device name; only their failures make the device risky.
@@ -521,6 +528,27 @@ mod tests {
         let mut r = PostureReport::unknown(DeviceId(dev), seq, at).with_file("/etc/ward/ok", file);
         r.firewall = Measured::value(at, false);
         r
+    }
+
+    #[test]
+    fn a_floor_from_another_replica_refuses_older_reports_here() {
+        let p = pol("");
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        b.handle_seq_floor(d, 9);
+        assert!(matches!(
+            b.handle_report(d, report(1, 9, T, true), Some(&p), &needed(&p), T),
+            Err(ReportError::Replay { seq: 9, last: 9 })
+        ));
+        assert!(b
+            .handle_report(d, report(1, 10, T, true), Some(&p), &needed(&p), T)
+            .is_ok());
+        // A lower floor (an older store read) never lowers what was accepted.
+        b.handle_seq_floor(d, 3);
+        assert!(matches!(
+            b.handle_report(d, report(1, 10, T, true), Some(&p), &needed(&p), T + 1),
+            Err(ReportError::Replay { .. })
+        ));
     }
 
     #[test]

@@ -39,6 +39,26 @@ pub struct StatusView {
     /// The registry actor's event queues (connection events are bounded).
     #[serde(default)]
     pub event_queue: EventQueueView,
+    /// The replica that answered (its `replica.id`).
+    #[serde(default)]
+    pub replica_id: String,
+    /// Every replica of this instance that ever wrote a heartbeat to the database.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// One replica in `status`: its heartbeat row, and whether the heartbeat is fresh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub id: String,
+    pub address: String,
+    pub sessions: u64,
+    pub started_ms: i64,
+    pub last_seen_ms: i64,
+    /// Heartbeat at most [`crate::replicas::ALIVE_WITHIN_MS`] old.
+    pub alive: bool,
+    /// The replica that answered this `status`.
+    pub this: bool,
 }
 
 /// The registry actor's event queues: the bounded one for connection events (`capacity`,
@@ -78,6 +98,7 @@ impl StatusView {
             ("posture", posture),
             ("protocol", self.protocol.to_string()),
             ("public_addr", self.public_addr.clone()),
+            ("replica_id", self.replica_id.clone()),
             ("storage", storage),
             ("uptime_secs", self.uptime_secs.to_string()),
             ("users", self.users.to_string()),
@@ -85,6 +106,18 @@ impl StatusView {
         ]
         .into_iter()
         .map(|(k, v)| format!("{k:<12} {v}"))
+        .chain(self.replicas.iter().map(|r| {
+            format!(
+                "{:<12} {} {} sessions={} last_seen_ms={} {}{}",
+                "replica",
+                r.id,
+                r.address,
+                r.sessions,
+                r.last_seen_ms,
+                if r.alive { "alive" } else { "DOWN" },
+                if r.this { " (this one)" } else { "" }
+            )
+        }))
         .collect()
     }
 }
@@ -1518,7 +1551,21 @@ mod tests {
             posture: TrustStatsView::default(),
             storage: StorageHealth::default(),
             event_queue: EventQueueView::default(),
+            replica_id: "r1".into(),
+            replicas: vec![ReplicaView {
+                id: "r1".into(),
+                address: "10.0.0.1:7443".into(),
+                sessions: 2,
+                started_ms: 1,
+                last_seen_ms: 2,
+                alive: true,
+                this: true,
+            }],
         };
+        assert!(status
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("replica ") && l.contains("r1 10.0.0.1:7443 sessions=2")));
         assert_eq!(
             keys(&status),
             set(&[
@@ -1534,6 +1581,8 @@ mod tests {
                 "posture",
                 "storage",
                 "event_queue",
+                "replica_id",
+                "replicas",
             ])
         );
         assert_eq!(

@@ -93,6 +93,8 @@ pub struct Identity {
     /// `fd7a:…::/48`.
     pub ipv6_prefix: String,
     pub uptime_secs: u64,
+    /// This replica's id.
+    pub replica_id: String,
 }
 
 /// Every admin request's actor.
@@ -138,6 +140,20 @@ pub fn handle(
             posture: snap.trust.clone(),
             storage: store.storage_health(),
             event_queue: snap.event_queue.clone(),
+            replica_id: me.replica_id.clone(),
+            replicas: store
+                .replicas()?
+                .into_iter()
+                .map(|r| crate::admin::api::ReplicaView {
+                    alive: crate::replicas::alive(r.last_seen_ms, now),
+                    this: r.id == me.replica_id,
+                    id: r.id,
+                    address: r.address,
+                    sessions: r.sessions,
+                    started_ms: r.started_ms,
+                    last_seen_ms: r.last_seen_ms,
+                })
+                .collect(),
         }),
         AdminRequest::UserAdd { name: n, groups } => {
             let n = name("user name", &n)?;
@@ -1158,6 +1174,7 @@ mod tests {
                     ca_sha256: [7; 32],
                     ipv6_prefix: "fd7a::/48".into(),
                     uptime_secs: 5,
+                    replica_id: "r1".into(),
                 },
                 rng: rand::rngs::StdRng::seed_from_u64(1),
             }

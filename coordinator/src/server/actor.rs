@@ -128,6 +128,19 @@ pub(super) enum Event {
         name: String,
         conn: ConnId,
     },
+    /// Another replica holds this device's session now: close the local one.
+    SessionMoved(DeviceId),
+    /// The device's last posture report number accepted on any replica.
+    PostureFloor(DeviceId, u64),
+}
+
+/// This replica's device sessions as they open and close, for the `sessions` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Presence {
+    Claimed(DeviceId, i64),
+    Released(DeviceId),
+    /// A posture report with this number was accepted.
+    PostureSeq(DeviceId, u64),
 }
 
 /// A relay's live control session.
@@ -176,6 +189,7 @@ pub(super) async fn registry_actor(
     mut rx: EventRx,
     store: Arc<dyn Store>,
     events: Events,
+    presence: mpsc::UnboundedSender<Presence>,
 ) {
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
     let mut relays: RelayConns = BTreeMap::new();
@@ -222,6 +236,7 @@ pub(super) async fn registry_actor(
                 let r = reg.handle_session_opened(id, conn, observed, update);
                 if r.is_ok() {
                     conns.insert(conn, tx);
+                    let _ = presence.send(Presence::Claimed(id, now_ms()));
                 }
                 let _ = reply.send(r);
             }
@@ -229,7 +244,15 @@ pub(super) async fn registry_actor(
             Event::Closed { id, conn } => {
                 conns.remove(&conn);
                 reg.handle_session_closed(id, conn);
+                if !reg.is_online(id) {
+                    let _ = presence.send(Presence::Released(id));
+                }
             }
+            Event::SessionMoved(id) => {
+                info!(device = %id, "the device's session moved to another replica: closing the stale one here");
+                reg.handle_session_moved(id);
+            }
+            Event::PostureFloor(id, seq) => reg.handle_posture_floor(id, seq),
             Event::Upserted(d) => reg.handle_device_upserted(d),
             Event::Removed(id, why) => reg.handle_device_removed(id, &why),
             Event::User(u) => reg.handle_user(u),
@@ -313,6 +336,7 @@ pub(super) async fn registry_actor(
                 let (seq, age) = (report.seq, now_ms().saturating_sub(report.collected_at_ms));
                 match reg.handle_posture(id, conn, *report, now_ms()) {
                     Ok(()) => {
+                        let _ = presence.send(Presence::PostureSeq(id, seq));
                         debug!(device = %id, seq, age_ms = age, "posture report");
                         sink.received = Some(received);
                     }

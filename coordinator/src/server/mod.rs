@@ -45,7 +45,10 @@ mod login_code;
 pub mod oidc;
 mod queue;
 mod relay;
+mod replica;
 mod session;
+
+pub use replica::{FeedWake, FEED_POLL};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -89,6 +92,8 @@ struct Ctx {
     console: std::sync::OnceLock<Arc<crate::console::Console>>,
     /// The OpenID provider people sign in with (`--oidc-issuer`).
     oidc: Option<Arc<crate::oidc::provider::Provider>>,
+    /// This replica's id (`replica.id` in its data directory).
+    replica_id: String,
 }
 
 /// Flow record retention when `serve --flow-retention` does not say.
@@ -146,6 +151,10 @@ pub async fn serve(
             .with_context(|| format!("binding the TCP control listener on {listen}"))?,
     };
     let tcp = tokio::net::TcpListener::from_std(tcp).context("registering the TCP listener")?;
+    // The feed position before the registry is read: a write in between is applied twice
+    // (harmless), never missed.
+    let feed_version = store.feed_version()?;
+    let replica_id = dd.replica_id()?;
     let devices = store.list_devices()?;
     let users = store.list_users()?;
     let now = now_ms();
@@ -168,11 +177,16 @@ pub async fn serve(
         },
     };
     let grants = ops::active_grants(store.as_ref(), now)?;
-    let leases = store
+    let leases: Vec<_> = store
         .active_leases(now)?
         .into_iter()
         .filter_map(|row| crate::leases::sign_row(&lease_key, &devices, row))
         .collect();
+    let seen = replica::Seen::new(
+        &devices,
+        current_version.and_then(|v| i64::try_from(v).ok()),
+        &leases,
+    );
     let mut registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
     registry.handle_policy_version(current_version);
     registry.set_dns_domain(config.dns_domain.clone());
@@ -238,6 +252,7 @@ pub async fn serve(
         flow_retention_ms,
         console: std::sync::OnceLock::new(),
         oidc: provider.clone(),
+        replica_id: replica_id.clone(),
     });
     if let (Some(o), Some(p)) = (&oidc, &provider) {
         info!(issuer = %o.cfg.issuer, client_id = %o.cfg.client_id, "OpenID Connect sign-in enabled");
@@ -308,11 +323,27 @@ pub async fn serve(
     tokio::spawn(session::refusal_rows(ctx.clone()));
     tokio::spawn(prune_flows(ctx.store.clone(), flow_retention_ms));
     tokio::spawn(maturity_daily(ctx.clone()));
+    let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(actor::registry_actor(
         registry,
         rx,
         ctx.store.clone(),
         ctx.events.clone(),
+        presence_tx,
+    ));
+    // The PostgreSQL backend's notification task wakes the feed through this handle.
+    let feed_wake: FeedWake = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(replica::run(
+        ctx.clone(),
+        replica::Me {
+            id: replica_id,
+            address: listen.to_string(),
+            started_ms: now_ms(),
+        },
+        crate::replicas::Feed::new(feed_version),
+        seen,
+        presence_rx,
+        feed_wake,
     ));
     let admin_ctx = ctx.clone();
     tokio::spawn(socket::serve(admin, move |req| {
@@ -684,6 +715,7 @@ async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> 
             ca_sha256: ctx.ca.fingerprint(),
             ipv6_prefix: format!("{}/48", ctx.config.pools.v6_prefix),
             uptime_secs: ctx.started.elapsed().as_secs(),
+            replica_id: ctx.replica_id.clone(),
         };
         let live = LiveRegistry {
             events: ctx.events.clone(),

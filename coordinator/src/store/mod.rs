@@ -20,6 +20,7 @@ pub use crate::audit::Action;
 
 pub mod anchor;
 pub mod journal;
+pub mod replicas;
 mod schema;
 mod sqlite;
 
@@ -408,7 +409,7 @@ pub struct Audit<'a> {
 }
 
 /// The narrow interface the coordinator uses. Every method is one transaction.
-pub trait Store: Send + Sync {
+pub trait Store: Send + Sync + replicas::ReplicaStore {
     fn add_user(&self, name: &Name, groups: &[Name], actor: &str, now_ms: i64) -> Result<User>;
     fn list_users(&self) -> Result<Vec<User>>;
     /// Disables (or re-enables) a user; returns the user's device ids.

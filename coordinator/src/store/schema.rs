@@ -293,4 +293,25 @@ pub(super) const MIGRATIONS: &[&str] = &[
         updated_ms INTEGER NOT NULL
     );
     "#,
+    // 17: replicas of one instance on one database: each replica's heartbeat (for `status`)
+    // which replica holds each device's control session (the newest claim wins), and each
+    // device's last accepted posture report number (a replay is refused on any replica).
+    r#"
+    CREATE TABLE replicas(
+        id TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        sessions INTEGER NOT NULL
+    );
+    CREATE TABLE device_sessions(
+        device_id INTEGER PRIMARY KEY,
+        replica TEXT NOT NULL,
+        since_ms INTEGER NOT NULL
+    );
+    CREATE TABLE posture_seqs(
+        device_id INTEGER PRIMARY KEY,
+        seq INTEGER NOT NULL
+    );
+    "#,
 ];

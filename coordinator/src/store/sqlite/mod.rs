@@ -34,6 +34,7 @@ mod maturity;
 mod oidc;
 mod policy;
 mod relays;
+mod replicas;
 mod routes;
 mod suggestions;
 #[cfg(test)]

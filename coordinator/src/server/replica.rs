@@ -1,0 +1,336 @@
+//! The replica task: follows the change feed (other replicas' writes reach this replica's
+//! registry), records which device sessions this replica holds, closes the ones another
+//! replica took over, and writes the heartbeat `status` lists. The decisions are
+//! [`crate::replicas`]; this file reads the store and sends registry events.
+//!
+//! On SQLite the feed is polled every [`FEED_POLL`] (one indexed `MAX(seq)` read, no write
+//! lock). On PostgreSQL a `LISTEN` notification should wake the same poll at once: the hook is
+//! [`FeedWake`] (`notify_one` from the notification task); the poll stays as the catch-up
+//! after a missed notification or a reconnect.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use ward_shared::lease::SignedLease;
+use ward_shared::policy;
+use ward_shared::wire::DeviceId;
+
+use super::actor::{Event, Presence};
+use super::{now_ms, Ctx};
+use crate::admin::ops;
+use crate::model::Device;
+use crate::replicas::{self, Feed, Reloads};
+use crate::store::replicas::ReplicaRow;
+use crate::store::Store;
+
+/// How often the change feed's version is read without a wake-up.
+pub const FEED_POLL: Duration = Duration::from_millis(150);
+/// How often the sessions table is checked for sessions another replica took over.
+const SESSION_POLL: Duration = Duration::from_millis(500);
+/// How often the heartbeat row is written.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Feed rows read at once.
+const FEED_BATCH: usize = 1_000;
+
+/// Wakes the feed poll at once. The PostgreSQL backend's `LISTEN ward_feed` task calls
+/// `notify_one()` on every notification; on SQLite nothing does and the poll runs on its timer.
+pub type FeedWake = Arc<tokio::sync::Notify>;
+
+/// Who this replica is.
+pub(super) struct Me {
+    pub id: String,
+    pub address: String,
+    pub started_ms: i64,
+}
+
+/// What the feed last read of each table it diffs, so only differences reach the registry.
+pub(super) struct Seen {
+    pub devices: BTreeMap<DeviceId, Device>,
+    pub policy_version: Option<i64>,
+    /// Active lease serials and their devices.
+    pub leases: BTreeMap<u64, DeviceId>,
+}
+
+impl Seen {
+    pub fn new(devices: &[Device], policy_version: Option<i64>, leases: &[SignedLease]) -> Self {
+        Self {
+            devices: devices.iter().map(|d| (d.id, d.clone())).collect(),
+            policy_version,
+            leases: leases
+                .iter()
+                .map(|l| (l.lease.serial, l.lease.device_id))
+                .collect(),
+        }
+    }
+}
+
+pub(super) async fn run(
+    ctx: Arc<Ctx>,
+    me: Me,
+    mut feed: Feed,
+    mut seen: Seen,
+    mut presence: mpsc::UnboundedReceiver<Presence>,
+    wake: FeedWake,
+) {
+    info!(replica = %me.id, feed_version = feed.seen(), "replica following the change feed");
+    let mut mine: BTreeMap<DeviceId, i64> = BTreeMap::new();
+    let mut feed_tick = tokio::time::interval(FEED_POLL);
+    let mut session_tick = tokio::time::interval(SESSION_POLL);
+    let mut beat_tick = tokio::time::interval(HEARTBEAT);
+    for t in [&mut feed_tick, &mut session_tick, &mut beat_tick] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        tokio::select! {
+            p = presence.recv() => {
+                let Some(p) = p else { break };
+                record_presence(&ctx, &me, &mut mine, p).await;
+            }
+            _ = feed_tick.tick() => follow(&ctx, &mut feed, &mut seen).await,
+            _ = wake.notified() => follow(&ctx, &mut feed, &mut seen).await,
+            _ = session_tick.tick() => close_stale(&ctx, &me, &mine).await,
+            _ = beat_tick.tick() => heartbeat(&ctx, &me, mine.len() as u64).await,
+        }
+    }
+}
+
+async fn record_presence(ctx: &Arc<Ctx>, me: &Me, mine: &mut BTreeMap<DeviceId, i64>, p: Presence) {
+    let store = ctx.store.clone();
+    let id = me.id.clone();
+    let res = match p {
+        Presence::Claimed(dev, since) => {
+            mine.insert(dev, since);
+            let res = tokio::task::spawn_blocking(move || {
+                store.claim_session(dev, &id, since)?;
+                store.posture_seq(dev)
+            })
+            .await;
+            // The device may have reported to another replica before: its numbers go on.
+            match res {
+                Ok(Ok(seq)) => {
+                    if seq > 0 {
+                        ctx.events.send_internal(Event::PostureFloor(dev, seq));
+                    }
+                    Ok(Ok(()))
+                }
+                Ok(Err(e)) => Ok(Err(e)),
+                Err(e) => Err(e),
+            }
+        }
+        Presence::PostureSeq(dev, seq) => {
+            tokio::task::spawn_blocking(move || store.raise_posture_seq(dev, seq)).await
+        }
+        Presence::Released(dev) => {
+            mine.remove(&dev);
+            tokio::task::spawn_blocking(move || store.release_session(dev, &id)).await
+        }
+    };
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, ?p, "recording a device session failed"),
+        Err(e) => warn!(error = %e, "session recording task failed"),
+    }
+}
+
+async fn close_stale(ctx: &Arc<Ctx>, me: &Me, mine: &BTreeMap<DeviceId, i64>) {
+    if mine.is_empty() {
+        return;
+    }
+    let store = ctx.store.clone();
+    let rows = match tokio::task::spawn_blocking(move || store.sessions()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return warn!(error = %e, "reading the sessions table failed"),
+        Err(e) => return warn!(error = %e, "sessions task failed"),
+    };
+    for dev in replicas::stale_sessions(mine, &rows, &me.id) {
+        ctx.events.send_internal(Event::SessionMoved(dev));
+    }
+}
+
+async fn heartbeat(ctx: &Arc<Ctx>, me: &Me, sessions: u64) {
+    let row = ReplicaRow {
+        id: me.id.clone(),
+        address: me.address.clone(),
+        started_ms: me.started_ms,
+        last_seen_ms: now_ms(),
+        sessions,
+    };
+    let store = ctx.store.clone();
+    match tokio::task::spawn_blocking(move || store.replica_heartbeat(&row)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "writing the replica heartbeat failed"),
+        Err(e) => warn!(error = %e, "heartbeat task failed"),
+    }
+}
+
+/// What a reload read from the store, handed back from the blocking thread.
+#[derive(Default)]
+struct Read {
+    devices: Option<Vec<Device>>,
+    users: Option<Vec<crate::model::User>>,
+    policy: Option<Option<(policy::Policy, i64)>>,
+    grants: Option<Vec<policy::Grant>>,
+    relays: Option<Vec<ward_shared::wire::RelayInfo>>,
+    routes: Option<Vec<crate::store::RouteRow>>,
+    leases: Option<Vec<crate::store::LeaseRow>>,
+    sign_ins: Option<Vec<crate::store::DeviceSignIn>>,
+}
+
+/// One feed step: if the version moved, read the rows since, then what they ask to reload,
+/// and send the differences to the registry. A failed read leaves the position where it was,
+/// so the next poll tries again.
+async fn follow(ctx: &Arc<Ctx>, feed: &mut Feed, seen: &mut Seen) {
+    let store = ctx.store.clone();
+    let mut f = feed.clone();
+    let res = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
+        let v = store.feed_version()?;
+        if !f.wants(v) {
+            return Ok(None);
+        }
+        let mut reloads = Reloads::default();
+        while f.wants(v) {
+            let rows = store.feed_since(f.seen(), FEED_BATCH)?;
+            if rows.is_empty() {
+                break;
+            }
+            reloads.merge(&f.handle_rows(&rows));
+        }
+        let read = read(store.as_ref(), &reloads)?;
+        Ok(Some((f, reloads, read)))
+    })
+    .await;
+    let (f, reloads, read) = match res {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return error!(error = %e, "reading the change feed failed; retrying"),
+        Err(e) => return error!(error = %e, "change feed task failed"),
+    };
+    *feed = f;
+    if reloads.any() {
+        debug!(
+            version = feed.seen(),
+            ?reloads,
+            "applying other replicas' changes"
+        );
+    }
+    apply(ctx, seen, read).await;
+}
+
+fn read(store: &dyn Store, r: &Reloads) -> crate::store::Result<Read> {
+    let now = now_ms();
+    let mut out = Read::default();
+    // Devices also when leases changed: a lease is signed for a device the registry knows.
+    if r.devices || r.leases {
+        out.devices = Some(store.list_devices()?);
+    }
+    if r.users {
+        out.users = Some(store.list_users()?);
+    }
+    if r.policy {
+        out.policy = Some(match store.current_policy()? {
+            None => None,
+            Some(v) => match policy::parse(v.text.as_bytes(), &format!("policy v{}", v.version)) {
+                Ok(p) => Some((p, v.version)),
+                Err(e) => {
+                    error!(version = v.version, error = %e, "another replica's policy does not parse here; keeping the current one");
+                    None
+                }
+            },
+        });
+    }
+    if r.grants {
+        out.grants = Some(
+            ops::active_grants(store, now)
+                .map_err(|e| crate::store::StoreError::Schema(format!("{e:#}")))?,
+        );
+    }
+    if r.relays {
+        out.relays = Some(
+            ops::relays(store).map_err(|e| crate::store::StoreError::Schema(format!("{e:#}")))?,
+        );
+    }
+    if r.routes {
+        out.routes = Some(store.device_routes()?);
+    }
+    if r.leases {
+        out.leases = Some(store.active_leases(now)?);
+    }
+    if r.sign_ins {
+        out.sign_ins = Some(store.sign_ins()?);
+    }
+    Ok(out)
+}
+
+async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
+    let ev = &ctx.events;
+    if let Some(users) = read.users {
+        for u in users {
+            ev.send_internal(Event::User(u));
+        }
+    }
+    if let Some(devices) = &read.devices {
+        let (changed, gone) = replicas::diff_devices(&seen.devices, devices);
+        for d in changed {
+            debug!(device = %d.id, "device changed on another replica");
+            ev.send_internal(Event::Upserted(d));
+        }
+        for id in gone {
+            ev.send_internal(Event::Removed(id, "the device was removed".into()));
+        }
+        seen.devices = devices.iter().map(|d| (d.id, d.clone())).collect();
+    }
+    if let Some(Some((p, version))) = read.policy {
+        if seen.policy_version != Some(version) {
+            seen.policy_version = Some(version);
+            info!(version, "policy applied on another replica");
+            ev.send_internal(Event::Policy(p, u64::try_from(version).unwrap_or(0)));
+        }
+    }
+    if let Some(g) = read.grants {
+        ev.send_internal(Event::Grants(g));
+    }
+    if let Some(r) = read.relays {
+        ev.send_internal(Event::Relays(r));
+    }
+    if let Some(r) = read.routes {
+        ev.send_internal(Event::Routes(r));
+    }
+    if let Some(rows) = read.leases {
+        let devices: Vec<Device> = seen.devices.values().cloned().collect();
+        let now: BTreeMap<u64, DeviceId> = rows.iter().map(|r| (r.serial, r.device_id)).collect();
+        // Serials that left the active set were revoked (or ran out: the registry retires
+        // those itself, and a second retirement changes nothing).
+        let mut revoked: BTreeMap<DeviceId, Vec<u64>> = BTreeMap::new();
+        for (serial, dev) in &seen.leases {
+            if !now.contains_key(serial) {
+                revoked.entry(*dev).or_default().push(*serial);
+            }
+        }
+        for row in rows {
+            if seen.leases.contains_key(&row.serial) {
+                continue;
+            }
+            let Some(l) = crate::leases::sign_row(&ctx.lease_key, &devices, row) else {
+                continue;
+            };
+            let (tx, _rx) = tokio::sync::oneshot::channel();
+            ev.send_internal(Event::Lease(l, tx));
+        }
+        for (dev, serials) in revoked {
+            ev.send_internal(Event::LeasesRevoked(dev, serials));
+        }
+        seen.leases = now;
+    }
+    if let Some(rows) = read.sign_ins {
+        for si in rows {
+            let s = crate::oidc::core::SignIn {
+                auth_time_ms: si.auth_time_ms,
+                amr: si.amr,
+            };
+            ev.send_internal(Event::SignIn(si.device, s));
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! What replicas of one instance share through the database beyond the registry's tables:
+//! the change feed's version (the audit log's last sequence number: every write other
+//! replicas must see appends an audit row in the same transaction), each replica's heartbeat,
+//! and which replica holds each device's session.
+//!
+//! A separate trait so a backend ports these few methods in one place; [`super::Store`]
+//! requires it.
+
+use serde::{Deserialize, Serialize};
+use ward_shared::wire::DeviceId;
+
+use super::Result;
+
+/// One row of the change feed: an audit row's sequence number, action and target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedRow {
+    pub seq: i64,
+    pub action: String,
+    pub target: String,
+}
+
+/// A replica's heartbeat row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRow {
+    pub id: String,
+    /// The address its control listener is bound to.
+    pub address: String,
+    pub started_ms: i64,
+    pub last_seen_ms: i64,
+    /// Device sessions it held at its last heartbeat.
+    pub sessions: u64,
+}
+
+/// Which replica holds a device's control session, since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    pub device: DeviceId,
+    pub replica: String,
+    pub since_ms: i64,
+}
+
+pub trait ReplicaStore {
+    /// The change feed's version: the last audit sequence number (0 for an empty log). Cheap:
+    /// replicas poll it.
+    fn feed_version(&self) -> Result<i64>;
+    /// Up to `limit` feed rows after `after_seq`, oldest first.
+    fn feed_since(&self, after_seq: i64, limit: usize) -> Result<Vec<FeedRow>>;
+    /// Inserts or refreshes this replica's heartbeat row.
+    fn replica_heartbeat(&self, row: &ReplicaRow) -> Result<()>;
+    /// Every replica's heartbeat row, by id.
+    fn replicas(&self) -> Result<Vec<ReplicaRow>>;
+    /// Records that `replica` now holds `device`'s session (the newest claim wins: a device's
+    /// newer session on another replica replaces the older one).
+    fn claim_session(&self, device: DeviceId, replica: &str, since_ms: i64) -> Result<()>;
+    /// Forgets `device`'s session if `replica` still holds it (a newer claim is kept).
+    fn release_session(&self, device: DeviceId, replica: &str) -> Result<()>;
+    /// Every recorded session.
+    fn sessions(&self) -> Result<Vec<SessionRow>>;
+    /// The highest posture report sequence number any replica accepted from `device` (0 if
+    /// none).
+    fn posture_seq(&self, device: DeviceId) -> Result<u64>;
+    /// Raises `device`'s accepted posture sequence number to `seq` (never lowers it).
+    fn raise_posture_seq(&self, device: DeviceId, seq: u64) -> Result<()>;
+}

@@ -1,0 +1,265 @@
+//! [`ReplicaStore`] on SQLite: several `serve` processes on one database file (WAL mode, so
+//! readers never wait for the writer). Reads here use deferred transactions: polling the feed
+//! never takes the write lock.
+
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use ward_shared::wire::DeviceId;
+
+use super::SqliteStore;
+use crate::store::replicas::{FeedRow, ReplicaRow, ReplicaStore, SessionRow};
+use crate::store::Result;
+
+impl SqliteStore {
+    fn read<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// A write with no audit row (bookkeeping other replicas read, never a change they apply).
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+impl ReplicaStore for SqliteStore {
+    fn feed_version(&self) -> Result<i64> {
+        self.read(|tx| {
+            Ok(tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?)
+        })
+    }
+
+    fn feed_since(&self, after_seq: i64, limit: usize) -> Result<Vec<FeedRow>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT seq, action, target FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![after_seq, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(FeedRow {
+                        seq: r.get(0)?,
+                        action: r.get(1)?,
+                        target: r.get(2)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    fn replica_heartbeat(&self, row: &ReplicaRow) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO replicas(id, address, started_ms, last_seen_ms, sessions)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO UPDATE SET address = ?2, started_ms = ?3,
+                     last_seen_ms = ?4, sessions = ?5",
+                params![
+                    row.id,
+                    row.address,
+                    row.started_ms,
+                    row.last_seen_ms,
+                    i64::try_from(row.sessions).unwrap_or(i64::MAX)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn replicas(&self) -> Result<Vec<ReplicaRow>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT id, address, started_ms, last_seen_ms, sessions FROM replicas ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(ReplicaRow {
+                    id: r.get(0)?,
+                    address: r.get(1)?,
+                    started_ms: r.get(2)?,
+                    last_seen_ms: r.get(3)?,
+                    sessions: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    fn claim_session(&self, device: DeviceId, replica: &str, since_ms: i64) -> Result<()> {
+        self.write(|tx| {
+            // An older claim never overwrites a newer one (claims can arrive out of order).
+            tx.execute(
+                "INSERT INTO device_sessions(device_id, replica, since_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(device_id) DO UPDATE SET replica = ?2, since_ms = ?3
+                 WHERE since_ms <= ?3",
+                params![device.0 as i64, replica, since_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn release_session(&self, device: DeviceId, replica: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM device_sessions WHERE device_id = ?1 AND replica = ?2",
+                params![device.0 as i64, replica],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn sessions(&self) -> Result<Vec<SessionRow>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT device_id, replica, since_ms FROM device_sessions ORDER BY device_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(SessionRow {
+                    device: DeviceId(u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0)),
+                    replica: r.get(1)?,
+                    since_ms: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    fn posture_seq(&self, device: DeviceId) -> Result<u64> {
+        self.read(|tx| {
+            let v: Option<i64> = tx
+                .query_row(
+                    "SELECT seq FROM posture_seqs WHERE device_id = ?1",
+                    [device.0 as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
+        })
+    }
+
+    fn raise_posture_seq(&self, device: DeviceId, seq: u64) -> Result<()> {
+        // Sequence numbers above i64::MAX are stored as i64::MAX: still above every real one.
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO posture_seqs(device_id, seq) VALUES (?1, ?2)
+                 ON CONFLICT(device_id) DO UPDATE SET seq = MAX(seq, ?2)",
+                params![device.0 as i64, seq],
+            )?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Audit, Store};
+
+    #[test]
+    fn the_feed_follows_the_audit_log() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        assert_eq!(s.feed_version().unwrap(), 0);
+        for t in ["a", "b", "c"] {
+            s.append_audit(
+                Audit {
+                    actor: "admin",
+                    action: crate::audit::Action::DeviceRevoke,
+                    target: t,
+                    detail: serde_json::json!({}),
+                },
+                1,
+            )
+            .unwrap();
+        }
+        let v = s.feed_version().unwrap();
+        assert_eq!(v, 3);
+        let rows = s.feed_since(1, 10).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.target.as_str()).collect::<Vec<_>>(),
+            ["b", "c"]
+        );
+        assert_eq!(rows[0].action, "device.revoke");
+        assert_eq!(s.feed_since(0, 1).unwrap().len(), 1);
+        assert!(s.feed_since(3, 10).unwrap().is_empty());
+    }
+
+    /// Two stores on one file (as two replica processes): one's writes are the other's feed,
+    /// and a session claimed through one is seen through the other.
+    #[test]
+    fn two_stores_on_one_file_share_the_feed_and_the_claims() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("ward.db");
+        let a = SqliteStore::open(&path).unwrap();
+        let b = SqliteStore::open(&path).unwrap();
+        let v = b.feed_version().unwrap();
+        let n = ward_shared::names::Name::parse("user", "carol").unwrap();
+        a.add_user(&n, &[], "admin", 1).unwrap();
+        assert!(b.feed_version().unwrap() > v);
+        let rows = b.feed_since(v, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].action.as_str(), rows[0].target.as_str()),
+            ("user.add", "carol")
+        );
+        a.claim_session(DeviceId(1), "ra", 10).unwrap();
+        b.claim_session(DeviceId(1), "rb", 20).unwrap();
+        assert_eq!(a.sessions().unwrap()[0].replica, "rb");
+        b.raise_posture_seq(DeviceId(1), 42).unwrap();
+        assert_eq!(a.posture_seq(DeviceId(1)).unwrap(), 42);
+    }
+
+    #[test]
+    fn the_newest_session_claim_wins_and_release_keeps_a_newer_one() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let d = DeviceId(7);
+        s.claim_session(d, "r1", 100).unwrap();
+        s.claim_session(d, "r2", 200).unwrap();
+        // A late, older claim from r1 does not take it back.
+        s.claim_session(d, "r1", 150).unwrap();
+        let rows = s.sessions().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].replica.as_str(), rows[0].since_ms), ("r2", 200));
+        // r1 closing its stale session leaves r2's claim alone.
+        s.release_session(d, "r1").unwrap();
+        assert_eq!(s.sessions().unwrap().len(), 1);
+        s.release_session(d, "r2").unwrap();
+        assert!(s.sessions().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_posture_sequence_only_rises() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let d = DeviceId(3);
+        assert_eq!(s.posture_seq(d).unwrap(), 0);
+        s.raise_posture_seq(d, 10).unwrap();
+        s.raise_posture_seq(d, 4).unwrap();
+        assert_eq!(s.posture_seq(d).unwrap(), 10);
+        s.raise_posture_seq(d, 11).unwrap();
+        assert_eq!(s.posture_seq(d).unwrap(), 11);
+        assert_eq!(s.posture_seq(DeviceId(4)).unwrap(), 0);
+    }
+
+    #[test]
+    fn heartbeats_refresh_one_row_per_replica() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let mut row = ReplicaRow {
+            id: "r1".into(),
+            address: "10.0.0.1:7443".into(),
+            started_ms: 1,
+            last_seen_ms: 1,
+            sessions: 0,
+        };
+        s.replica_heartbeat(&row).unwrap();
+        row.last_seen_ms = 5;
+        row.sessions = 3;
+        s.replica_heartbeat(&row).unwrap();
+        assert_eq!(s.replicas().unwrap(), vec![row]);
+    }
+}
