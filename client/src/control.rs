@@ -753,6 +753,7 @@ pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
         CoordinatorMsg::Enrolled(_) => "enrolled",
         CoordinatorMsg::LoginPending(_) => "login_pending",
         CoordinatorMsg::LoginAuthorize(_) => "login_authorize",
+        CoordinatorMsg::SignedIn(_) => "signed_in",
         CoordinatorMsg::Netmap(_) => "netmap",
         CoordinatorMsg::NetmapDelta(_) => "netmap_delta",
         CoordinatorMsg::CertRenewed { .. } => "cert_renewed",

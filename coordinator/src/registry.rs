@@ -693,7 +693,7 @@ impl Registry {
             self.risk_live.remove(&id);
         }
         let before = self.trust.risk(id).0;
-        if !self.trust.set_risk(id, r.score, &r.reason) {
+        if !self.trust.set_risk(id, r.score, &r.reason, self.now_ms) {
             return;
         }
         if let Some(t) = self.policy.as_ref().map(|p| p.trust.risk_threshold) {

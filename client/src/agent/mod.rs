@@ -522,7 +522,8 @@ impl Agent {
             }
             CoordinatorMsg::Enrolled(_)
             | CoordinatorMsg::LoginPending(_)
-            | CoordinatorMsg::LoginAuthorize(_) => {
+            | CoordinatorMsg::LoginAuthorize(_)
+            | CoordinatorMsg::SignedIn(_) => {
                 self.protocol_error("unexpected enrollment message on a session".into(), now)
             }
         }

@@ -643,7 +643,7 @@ async fn session(
                                 send_msg(&mut link.send, &CoordinatorMsg::FlowsAck { seq }).await?;
                             }
                         }
-                        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::LoginCallback(_) | DeviceMsg::Hello(_) => {
+                        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::LoginCallback(_) | DeviceMsg::SignInStart(_) | DeviceMsg::Hello(_) => {
                             refuse(&mut link, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
                             return Ok(());
                         }
@@ -679,6 +679,7 @@ fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
         DeviceMsg::Enroll(_)
         | DeviceMsg::LoginStart(_)
         | DeviceMsg::LoginCallback(_)
+        | DeviceMsg::SignInStart(_)
         | DeviceMsg::Hello(_) => return None,
     })
 }
