@@ -456,6 +456,9 @@ fn apply_risk(evals: &mut [Evaluation], policy: &Policy, risk: u8, reason: &str)
     }
 }
 
+/// How a `risk_signin_above` failure starts: the agent shows it to its user.
+pub const SIGN_IN_AGAIN: &str = "sign in again: ";
+
 /// Requirements with `risk_signin_above = L` fail while the device's risk is above L, unless
 /// the device's sign-in at the identity provider is newer than the moment the risk rose above
 /// L: a fresh sign-in of the same user restores access before the risk decays. The reason
@@ -489,7 +492,7 @@ fn apply_risk_sign_in(
             None => "is above it and the device has no sign-in",
         };
         e.failures.push(format!(
-            "sign in again: risk {} (limit {level} without a fresh sign-in) {when}: {}",
+            "{SIGN_IN_AGAIN}risk {} (limit {level} without a fresh sign-in) {when}: {}",
             t.risk, t.risk_reason
         ));
     }
