@@ -456,8 +456,7 @@ fn apply_risk(evals: &mut [Evaluation], policy: &Policy, risk: u8, reason: &str)
     }
 }
 
-/// How a `risk_signin_above` failure starts: the agent shows it to its user.
-pub const SIGN_IN_AGAIN: &str = "sign in again: ";
+pub use ward_shared::wire::SIGN_IN_AGAIN;
 
 /// Requirements with `risk_signin_above = L` fail while the device's risk is above L, unless
 /// the device's sign-in at the identity provider is newer than the moment the risk rose above

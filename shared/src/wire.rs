@@ -232,6 +232,23 @@ pub struct PostureVerdict {
     pub risk: Option<RiskView>,
 }
 
+/// How the failure of a `risk_signin_above` requirement starts: the agent shows the whole line
+/// to its user (`ward status`, the log) as the way back to access.
+pub const SIGN_IN_AGAIN: &str = "sign in again: ";
+
+impl PostureVerdict {
+    /// The first "sign in again: risk N …" failure: access that a fresh sign-in of the
+    /// device's user (`ward up --login`) would restore.
+    pub fn sign_in_again(&self) -> Option<&str> {
+        self.results
+            .iter()
+            .filter(|e| !e.passed)
+            .flat_map(|e| e.failures.iter())
+            .find(|f| f.starts_with(SIGN_IN_AGAIN))
+            .map(String::as_str)
+    }
+}
+
 /// A device's behaviour risk as the coordinator judges it now.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RiskView {
@@ -1159,6 +1176,24 @@ mod tests {
             expires_in_secs: 5,
         });
         assert_eq!(decode::<CoordinatorMsg>(&encode(&m)[4..]).unwrap(), m);
+    }
+
+    #[test]
+    fn a_verdict_names_the_fresh_sign_in_it_waits_for() {
+        let mut v = PostureVerdict::default();
+        assert_eq!(v.sign_in_again(), None);
+        v.results.push(Evaluation {
+            requirement: "watch".into(),
+            passed: false,
+            failures: vec![
+                "firewall: off".into(),
+                "sign in again: risk 55 (limit 30 without a fresh sign-in)".into(),
+            ],
+        });
+        assert_eq!(
+            v.sign_in_again(),
+            Some("sign in again: risk 55 (limit 30 without a fresh sign-in)")
+        );
     }
 
     /// Signing in again on an enrolled device, as first written.

@@ -485,6 +485,9 @@ impl Agent {
                 self.posture.set_wants(w);
             }
             CoordinatorMsg::PostureVerdict(v) => {
+                if let Some(why) = v.sign_in_again() {
+                    warn!(reason = %why, "access needs a fresh sign-in: run `ward up --login`");
+                }
                 let failing: Vec<&str> = v
                     .results
                     .iter()

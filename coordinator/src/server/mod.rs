@@ -45,6 +45,7 @@ mod login_code;
 pub mod oidc;
 mod queue;
 mod relay;
+mod resign;
 mod session;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -108,6 +108,10 @@ pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<(
             super::login_code::login(&ctx, &mut link, dec, req).await
         }
         (None, DeviceMsg::LoginStart(req)) => super::oidc::login(&ctx, &mut link, req).await,
+        (Some(cert), DeviceMsg::SignInStart(req)) => {
+            let cert = cert.to_vec();
+            super::resign::sign_in_again(&ctx, &mut link, dec, &cert, req).await
+        }
         (Some(cert), DeviceMsg::Hello(hello)) => {
             let cert = cert.to_vec();
             session(ctx, link, dec, &cert, hello).await
