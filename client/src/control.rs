@@ -889,7 +889,10 @@ mod tests {
         // What a coordinator that predates the message answers (its decode error).
         let old = "unknown variant `sign_in_start`, expected one of `enroll`, `login_start`";
         let m = predates_sign_in_again(ErrorCode::Protocol, old.into());
-        assert!(m.starts_with("this coordinator cannot sign an enrolled device in again"), "{m}");
+        assert!(
+            m.starts_with("this coordinator cannot sign an enrolled device in again"),
+            "{m}"
+        );
         let other = predates_sign_in_again(ErrorCode::LoginFailed, "the user refused".into());
         assert_eq!(other, "the user refused");
     }

@@ -1213,7 +1213,10 @@ mod tests {
         let CoordinatorMsg::SignedIn(d) = decode(done.as_bytes()).unwrap() else {
             panic!("not signed_in")
         };
-        assert_eq!((d.user.as_str(), d.auth_time_ms), ("alice", 1_700_000_000_000));
+        assert_eq!(
+            (d.user.as_str(), d.auth_time_ms),
+            ("alice", 1_700_000_000_000)
+        );
         assert_eq!((d.amr, d.groups), (vec!["pwd".into()], vec!["eng".into()]));
         let bare = r#"{"type":"signed_in","user":"alice","auth_time_ms":1}"#;
         assert!(decode::<CoordinatorMsg>(bare.as_bytes()).is_ok());

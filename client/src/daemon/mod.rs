@@ -971,4 +971,3 @@ mod tests {
         server.abort();
     }
 }
-

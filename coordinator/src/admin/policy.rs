@@ -204,8 +204,7 @@ pub fn add_risk_checks(
                 continue;
             };
             for req in &rule.posture {
-                if let Some(level) = p.postures.get(&req.value).and_then(|q| q.risk_signin_above)
-                {
+                if let Some(level) = p.postures.get(&req.value).and_then(|q| q.risk_signin_above) {
                     let (score, _) = risk(src.id);
                     let verdict = match ask(src.id, &req.value) {
                         Some(why) => format!("fails: {why}"),

@@ -155,7 +155,9 @@ pub async fn serve(
             tracing::warn!(?users, "users disabled by the identity provider under an older coordinator are now suspended by the provider instead");
         }
         Ok(_) => {}
-        Err(e) => error!(error = %e, "repairing provider-disabled users failed; they stay disabled"),
+        Err(e) => {
+            error!(error = %e, "repairing provider-disabled users failed; they stay disabled")
+        }
     }
     let devices = store.list_devices()?;
     let users = store.list_users()?;

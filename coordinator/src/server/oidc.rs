@@ -387,7 +387,15 @@ pub(super) fn sign_in_user(
     let detail = serde_json::json!({
         "sub": c.sub, "hostname": hostname.as_str(),
     });
-    store_identity(ctx, &name, row, c, refresh, (Action::OidcSignIn, detail), now)?;
+    store_identity(
+        ctx,
+        &name,
+        row,
+        c,
+        refresh,
+        (Action::OidcSignIn, detail),
+        now,
+    )?;
     let mut id = [0u8; 8];
     let mut secret = vec![0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);

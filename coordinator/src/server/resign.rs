@@ -206,9 +206,12 @@ async fn inner(
             auth_time_ms: c2.auth_time_ms.unwrap_or(now),
             amr: c2.amr.clone(),
         };
-        ctx2.store
-            .record_sign_in(&si)
-            .map_err(|e| (ErrorCode::Internal, format!("recording the sign-in failed: {e}")))?;
+        ctx2.store.record_sign_in(&si).map_err(|e| {
+            (
+                ErrorCode::Internal,
+                format!("recording the sign-in failed: {e}"),
+            )
+        })?;
         Ok((row, si))
     })
     .await;
@@ -271,7 +274,10 @@ mod tests {
         let alice = dev(Some("alice"), &[]);
         assert_eq!(same_user(&alice, Some("alice")), Ok(()));
         let bob = same_user(&alice, Some("bob")).unwrap_err();
-        assert!(bob.contains("belongs to \"alice\"") && bob.contains("\"bob\""), "{bob}");
+        assert!(
+            bob.contains("belongs to \"alice\"") && bob.contains("\"bob\""),
+            "{bob}"
+        );
         let nobody = same_user(&alice, None).unwrap_err();
         assert!(nobody.contains("no Ward user"), "{nobody}");
         let server = dev(None, &["db"]);

@@ -1242,7 +1242,8 @@ fn users_the_provider_disabled_under_older_code_become_provider_suspended() {
     // dave: an administrator's disable of a provider user the provider still accepts.
     s.save_oidc_user(&oidc("dave", false), None, "oidc", 1100)
         .unwrap();
-    s.set_user_disabled(&n("dave"), true, "admin", 1200).unwrap();
+    s.set_user_disabled(&n("dave"), true, "admin", 1200)
+        .unwrap();
     // alice: a local user an administrator disabled.
     s.set_user_disabled(&n("alice"), true, "admin", 1200)
         .unwrap();
@@ -1269,10 +1270,17 @@ fn users_the_provider_disabled_under_older_code_become_provider_suspended() {
     assert!(bob.provider_disabled);
     let log = s.audit_log(1).unwrap();
     assert_eq!(
-        (log[0].actor.as_str(), log[0].action.as_str(), log[0].target.as_str()),
+        (
+            log[0].actor.as_str(),
+            log[0].action.as_str(),
+            log[0].target.as_str()
+        ),
         ("repair", "user.enable", "bob")
     );
     // Once repaired, nothing more to do; the chain still verifies.
-    assert!(s.repair_provider_disabled("repair", 3000).unwrap().is_empty());
+    assert!(s
+        .repair_provider_disabled("repair", 3000)
+        .unwrap()
+        .is_empty());
     assert!(s.verify_audit().unwrap().ok);
 }
