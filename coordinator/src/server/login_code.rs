@@ -240,7 +240,7 @@ pub(super) async fn browser(
     if let Err(e) = fresh {
         return Err(refused(&format!("ID token refused: {e}")));
     }
-    if let Err(e) = add_userinfo(&p, &tokens, &mut claims).await {
+    if let Err(e) = add_userinfo(p, &tokens, &mut claims).await {
         return Err(refused(&format!("userinfo: {e}")));
     }
 

@@ -292,7 +292,7 @@ pub(super) async fn device_grant(
             return Err(refused(&format!("ID token refused: {e}")));
         }
     }
-    if let Err(e) = merge_userinfo(&p, &tokens, &mut claims).await {
+    if let Err(e) = merge_userinfo(p, &tokens, &mut claims).await {
         return Err(refused(&format!("userinfo: {e}")));
     }
 
