@@ -108,6 +108,10 @@ pub struct UpView {
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     pub device_id: u64,
+    /// After `ward up --login` on an enrolled device: the identity facts the coordinator
+    /// stored for the sign-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_in: Option<ward_shared::wire::SignedIn>,
 }
 
 /// `ward up --login`: where the user signs in.
@@ -183,6 +187,10 @@ pub struct DeviceView {
     /// policy caps it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub risk: Option<ward_shared::wire::RiskView>,
+    /// "sign in again: risk N …" while access waits for a fresh sign-in of the device's user
+    /// (`risk_signin_above`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign_in_again: Option<String>,
     /// What this device may reach.
     pub reach: Vec<ReachView>,
     /// Who may reach this device.
@@ -500,6 +508,7 @@ mod tests {
                 quarantine: None,
                 unavailable: vec![],
                 risk: None,
+                sign_in_again: None,
                 reach: vec![],
                 inbound: vec![],
                 connected_secs: None,

@@ -748,11 +748,111 @@ impl PendingLogin {
     }
 }
 
+/// Starts signing an enrolled device in again (`ward up --login` while enrolled): a
+/// connection with the device's certificate, a `sign_in_start`, and the coordinator's answer
+/// (the device grant's code, or the browser sign-in's URL).
+pub async fn sign_in_again(
+    coordinator: &str,
+    ca_der: &[u8],
+    cert_der: &[u8],
+    key_pem: &str,
+    pkce: Option<wire::LoginPkce>,
+) -> Result<(LoginAnswer, PendingSignIn)> {
+    let addrs = resolve(coordinator).await?;
+    let endpoint = client_endpoint()
+        .inspect_err(|e| debug!(error = %format!("{e:#}"), "no QUIC endpoint: TCP only"))
+        .ok();
+    let cfgs = session_configs(ca_der, cert_der, key_pem)?;
+    let mut ch = Channel::open_either(endpoint.as_ref(), &cfgs, &addrs).await?;
+    ch.send(&DeviceMsg::SignInStart(wire::SignInStart {
+        protocol: PROTOCOL_VERSION,
+        pkce,
+    }))
+    .await?;
+    let reply = tokio::time::timeout(Duration::from_secs(30), ch.recv())
+        .await
+        .map_err(|_| anyhow!("the coordinator did not answer the sign-in request"))??;
+    let (answer, secs) = match reply {
+        Some(CoordinatorMsg::LoginAuthorize(a)) => {
+            let secs = a.expires_in_secs;
+            (LoginAnswer::Browser(a), secs)
+        }
+        Some(CoordinatorMsg::LoginPending(p)) => {
+            let secs = p.expires_in_secs;
+            (LoginAnswer::Device(p), secs)
+        }
+        Some(CoordinatorMsg::Error { code, message }) => {
+            return Err(Refused {
+                code,
+                message: predates_sign_in_again(code, message),
+            }
+            .into())
+        }
+        Some(other) => bail!(
+            "unexpected answer to the sign-in request: {:?}",
+            msg_type(&other)
+        ),
+        None => bail!("the coordinator closed the connection without answering"),
+    };
+    Ok((
+        answer,
+        PendingSignIn {
+            ch,
+            endpoint,
+            expires_in: Duration::from_secs(secs.clamp(1, 3600)),
+        },
+    ))
+}
+
+/// A coordinator that predates `sign_in_start` refuses it as an unknown message: say so.
+fn predates_sign_in_again(code: ErrorCode, message: String) -> String {
+    if code == ErrorCode::Protocol && message.contains("sign_in_start") {
+        format!(
+            "this coordinator cannot sign an enrolled device in again (it is older than this \
+             agent): re-enroll, or upgrade the coordinator ({message})"
+        )
+    } else {
+        message
+    }
+}
+
+/// Signing an enrolled device in again, in progress: waits for `signed_in` (or `error`).
+pub struct PendingSignIn {
+    ch: Channel,
+    endpoint: Option<quinn::Endpoint>,
+    pub expires_in: Duration,
+}
+
+impl PendingSignIn {
+    /// Passes the browser sign-in's redirect on to the coordinator.
+    pub async fn send_callback(&mut self, cb: wire::LoginCallback) -> Result<()> {
+        self.ch.send(&DeviceMsg::LoginCallback(cb)).await
+    }
+
+    /// Waits for the sign-in to end: the identity facts the coordinator stored.
+    pub async fn wait(mut self) -> Result<wire::SignedIn> {
+        let reply = tokio::time::timeout(self.expires_in + Duration::from_secs(30), self.ch.recv())
+            .await
+            .map_err(|_| anyhow!("the sign-in was not completed in time"))??;
+        self.ch.close("signed in");
+        if let Some(endpoint) = &self.endpoint {
+            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+        }
+        match reply {
+            Some(CoordinatorMsg::SignedIn(s)) => Ok(s),
+            Some(CoordinatorMsg::Error { code, message }) => Err(Refused { code, message }.into()),
+            Some(other) => bail!("unexpected answer to the sign-in: {:?}", msg_type(&other)),
+            None => bail!("the coordinator closed the connection during the sign-in"),
+        }
+    }
+}
+
 pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
     match m {
         CoordinatorMsg::Enrolled(_) => "enrolled",
         CoordinatorMsg::LoginPending(_) => "login_pending",
         CoordinatorMsg::LoginAuthorize(_) => "login_authorize",
+        CoordinatorMsg::SignedIn(_) => "signed_in",
         CoordinatorMsg::Netmap(_) => "netmap",
         CoordinatorMsg::NetmapDelta(_) => "netmap_delta",
         CoordinatorMsg::CertRenewed { .. } => "cert_renewed",
@@ -782,6 +882,19 @@ mod tests {
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_older_coordinators_refusal_of_signing_in_again_says_so() {
+        // What a coordinator that predates the message answers (its decode error).
+        let old = "unknown variant `sign_in_start`, expected one of `enroll`, `login_start`";
+        let m = predates_sign_in_again(ErrorCode::Protocol, old.into());
+        assert!(
+            m.starts_with("this coordinator cannot sign an enrolled device in again"),
+            "{m}"
+        );
+        let other = predates_sign_in_again(ErrorCode::LoginFailed, "the user refused".into());
+        assert_eq!(other, "the user refused");
     }
 
     #[test]

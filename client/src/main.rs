@@ -178,7 +178,7 @@ async fn browser_login(
         }
         println!("and confirm the code: {}", v.user_code);
         let v: UpView = api::call(socket, &Request::LoginWait).await?;
-        println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6);
+        print_up(&v);
         return Ok(());
     };
     println!("To sign in, open: {}", auth.authorize_url);
@@ -215,8 +215,24 @@ async fn browser_login(
     };
     let _: LoginView = api::call(socket, &Request::LoginCallback { callback }).await?;
     let v: UpView = api::call(socket, &Request::LoginWait).await?;
-    println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6);
+    print_up(&v);
     Ok(())
+}
+
+/// What `ward up --login` ended with: the enrollment, or (on an enrolled device) the sign-in.
+fn print_up(v: &UpView) {
+    match &v.signed_in {
+        Some(s) => {
+            println!("signed in again as {} on {}", s.user, v.hostname);
+            if !s.amr.is_empty() {
+                println!("  methods: {}", s.amr.join(", "));
+            }
+            if !s.groups.is_empty() {
+                println!("  groups: {}", s.groups.join(", "));
+            }
+        }
+        None => println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6),
+    }
 }
 
 /// The token `ward up` sends: `--token T` as given, `--token -` read from `stdin`,
@@ -382,7 +398,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("and confirm the code: {}", v.user_code);
             println!("(waiting up to {} s)", v.expires_in_secs);
             let v: UpView = api::call(&cli.socket, &Request::LoginWait).await?;
-            println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6);
+            print_up(&v);
             Ok(())
         }
         Cmd::Up {
@@ -415,7 +431,7 @@ async fn run(cli: Cli) -> Result<()> {
                 },
             )
             .await?;
-            println!("up: {} ({} {})", v.hostname, v.ipv4, v.ipv6);
+            print_up(&v);
             Ok(())
         }
         Cmd::Down => {
@@ -625,6 +641,9 @@ fn print_status(v: &StatusView) {
     }
     if let Some(r) = d.risk.as_ref().filter(|r| r.score > 0) {
         println!("behaviour:    {r}");
+    }
+    if let Some(s) = &d.sign_in_again {
+        println!("SIGN IN:      {s} (run `ward up --login`)");
     }
     for u in &d.unavailable {
         println!("unavailable:  {u}");

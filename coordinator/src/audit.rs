@@ -74,11 +74,17 @@ pub enum Action {
     OidcPushRefused,
     /// An administrator linked an existing local user to a provider identity.
     OidcLink,
+    /// An enrolled device's user signed in again (`ward up --login`); its identity facts were
+    /// refreshed.
+    DeviceLogin,
+    /// Signing an enrolled device in again was refused (another user, a tag-owned device, a
+    /// provider refusal).
+    DeviceLoginRefused,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 48] = [
+    pub const ALL: [Action; 50] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -127,6 +133,8 @@ impl Action {
         Action::OidcUserChange,
         Action::OidcPushRefused,
         Action::OidcLink,
+        Action::DeviceLogin,
+        Action::DeviceLoginRefused,
     ];
 
     /// The stored name (stable: it is part of every hash-chained row).
@@ -176,6 +184,8 @@ impl Action {
             Action::ConsoleLogin => "console.login",
             Action::ConsoleLoginRefused => "console.login_refused",
             Action::OidcSignIn => "oidc.sign_in",
+            Action::DeviceLogin => "device.login",
+            Action::DeviceLoginRefused => "device.login_refused",
             Action::OidcSignInRefused => "oidc.sign_in_refused",
             Action::OidcUserChange => "oidc.user_change",
             Action::OidcPushRefused => "oidc.push_refused",
@@ -199,6 +209,8 @@ mod tests {
     fn names_are_unique_and_stable() {
         let names: BTreeSet<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
         assert_eq!(names.len(), Action::ALL.len());
+        assert_eq!(Action::ALL.len(), 50);
+        assert_eq!(Action::DeviceLogin.as_str(), "device.login");
         assert_eq!(Action::DeviceCertRenewed.as_str(), "device.cert_renewed");
         assert_eq!(Action::EnrollRefused.to_string(), "enroll.refused");
         for n in names {

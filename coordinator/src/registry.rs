@@ -647,6 +647,28 @@ impl Registry {
             .collect()
     }
 
+    /// Requirements each device fails for want of a sign-in newer than its risk's rise
+    /// (`risk_signin_above`), with the "sign in again" reason.
+    pub fn sign_in_asks(&self) -> BTreeMap<DeviceId, BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        for id in self.devices.keys() {
+            let asks: BTreeMap<String, String> = self
+                .trust
+                .failures(*id)
+                .into_iter()
+                .filter_map(|(req, why)| {
+                    why.into_iter()
+                        .find(|w| w.starts_with(crate::trust::SIGN_IN_AGAIN))
+                        .map(|w| (req, w))
+                })
+                .collect();
+            if !asks.is_empty() {
+                out.insert(*id, asks);
+            }
+        }
+        out
+    }
+
     pub fn behaviour_labels(&self) -> crate::behaviour::Labels {
         self.behaviour.labels()
     }
@@ -693,7 +715,7 @@ impl Registry {
             self.risk_live.remove(&id);
         }
         let before = self.trust.risk(id).0;
-        if !self.trust.set_risk(id, r.score, &r.reason) {
+        if !self.trust.set_risk(id, r.score, &r.reason, self.now_ms) {
             return;
         }
         if let Some(t) = self.policy.as_ref().map(|p| p.trust.risk_threshold) {

@@ -95,6 +95,9 @@ struct DeviceTrust {
     /// Behaviour risk (0–100) and why, from [`crate::behaviour`].
     risk: u8,
     risk_reason: String,
+    /// For each level L below the current risk: since when the risk has been above L
+    /// (`risk_signin_above = L` wants a sign-in newer than that). At most 100 entries.
+    above_since: BTreeMap<u8, i64>,
 }
 
 /// Trust state of every device.
@@ -171,6 +174,7 @@ impl TrustBook {
         if let Some(p) = policy {
             apply_risk(&mut evaluations, p, t.risk, &t.risk_reason);
             apply_sign_in(&mut evaluations, p, self.sign_ins.get(&id), now_ms);
+            apply_risk_sign_in(&mut evaluations, p, t, self.sign_ins.get(&id));
         }
         let before: BTreeMap<&str, bool> = t
             .evaluations
@@ -350,14 +354,24 @@ impl TrustBook {
         now_ms: i64,
     ) {
         apply_sign_in(evals, policy, self.sign_ins.get(&id), now_ms);
+        if let Some(t) = self.devices.get(&id) {
+            apply_risk_sign_in(evals, policy, t, self.sign_ins.get(&id));
+        }
     }
 
-    /// The device's behaviour risk changed; the caller re-evaluates. Returns whether it did.
-    pub fn set_risk(&mut self, id: DeviceId, score: u8, reason: &str) -> bool {
+    /// The device's behaviour risk changed (at `now_ms`); the caller re-evaluates. Returns
+    /// whether it did.
+    pub fn set_risk(&mut self, id: DeviceId, score: u8, reason: &str, now_ms: i64) -> bool {
         let t = self.devices.entry(id).or_default();
         if t.risk == score && t.risk_reason == reason {
             return false;
         }
+        // Levels the risk rose above now start their clock; levels it fell to or below forget
+        // theirs (a later rise is a new moment a sign-in must be newer than).
+        for level in t.risk..score {
+            t.above_since.entry(level).or_insert(now_ms);
+        }
+        t.above_since.retain(|level, _| *level < score);
         t.risk = score;
         t.risk_reason = reason.to_string();
         true
@@ -446,6 +460,47 @@ fn apply_risk(evals: &mut [Evaluation], policy: &Policy, risk: u8, reason: &str)
             e.failures
                 .push(format!("risk {risk} is above the {max} allowed: {reason}"));
         }
+    }
+}
+
+pub use ward_shared::wire::SIGN_IN_AGAIN;
+
+/// Requirements with `risk_signin_above = L` fail while the device's risk is above L, unless
+/// the device's sign-in at the identity provider is newer than the moment the risk rose above
+/// L: a fresh sign-in of the same user restores access before the risk decays. The reason
+/// starts with "sign in again", which the agent shows its user.
+fn apply_risk_sign_in(
+    evals: &mut [Evaluation],
+    policy: &Policy,
+    t: &DeviceTrust,
+    sign_in: Option<&SignIn>,
+) {
+    for e in evals {
+        let Some(level) = policy
+            .postures
+            .get(&e.requirement)
+            .and_then(|p| p.risk_signin_above)
+        else {
+            continue;
+        };
+        if t.risk <= level {
+            continue;
+        }
+        // Above the level without a recorded moment cannot happen (set_risk keeps both); if
+        // it did, no sign-in is new enough (fail closed).
+        let since = t.above_since.get(&level).copied().unwrap_or(i64::MAX);
+        if sign_in.is_some_and(|s| s.auth_time_ms > since) {
+            continue;
+        }
+        e.passed = false;
+        let when = match sign_in {
+            Some(_) => "rose above it after the device's last sign-in",
+            None => "is above it and the device has no sign-in",
+        };
+        e.failures.push(format!(
+            "{SIGN_IN_AGAIN}risk {} (limit {level} without a fresh sign-in) {when}: {}",
+            t.risk, t.risk_reason
+        ));
     }
 }
 
@@ -786,8 +841,8 @@ mod tests {
         b.handle_report(d, report(1, 1, T, true), Some(&p), &need, T)
             .unwrap();
         assert!(b.passed(d).contains("calm"));
-        assert!(b.set_risk(d, 72, "anomaly 3: first contact with db-7 on tcp/5432"));
-        assert!(!b.set_risk(d, 72, "anomaly 3: first contact with db-7 on tcp/5432"));
+        assert!(b.set_risk(d, 72, "anomaly 3: first contact with db-7 on tcp/5432", T));
+        assert!(!b.set_risk(d, 72, "anomaly 3: first contact with db-7 on tcp/5432", T));
         let c = b.reevaluate(d, Some(&p), &need, T + 1).unwrap();
         assert_eq!(c.withdrawn, vec!["calm".to_string()]);
         assert_eq!(
@@ -801,12 +856,12 @@ mod tests {
         assert!(b.passed(d).contains("any"));
         assert!(b.risky(d, &p.trust, false, T + 1));
         assert_eq!(b.overdue_risk(d, &p.trust, false), None);
-        b.set_risk(d, 95, "anomaly 4: exfiltration");
+        b.set_risk(d, 95, "anomaly 4: exfiltration", T);
         let why = b.overdue_risk(d, &p.trust, false).unwrap();
         assert!(why.starts_with("risk 95 is above the 90"), "{why}");
         assert_eq!(b.overdue_risk(d, &p.trust, false), None);
         // Back to calm: the requirement passes again.
-        b.set_risk(d, 10, "");
+        b.set_risk(d, 10, "", T);
         let c = b.reevaluate(d, Some(&p), &need, T + 2).unwrap();
         assert_eq!(c.newly_passed, vec!["calm".to_string()]);
         // Leases stay short until the device has been clean for `clean_after`.
@@ -919,5 +974,84 @@ mod tests {
         // The sign-in outlives the device's trust state (not live for a while).
         b.remove(d);
         assert!(b.sign_in(d).is_some());
+    }
+
+    #[test]
+    fn elevated_risk_asks_for_a_sign_in_newer_than_the_rise() {
+        let p = policy::parse(
+            b"[posture.watch]\nrisk_signin_above = 30\nmax_risk = 90\n[posture.any]\n",
+            "s.toml",
+        )
+        .unwrap();
+        let need: BTreeSet<String> = ["watch".to_string()].into();
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        b.handle_report(d, report(1, 1, T, true), Some(&p), &need, T)
+            .unwrap();
+        // At or below the level nothing is asked, even without a sign-in.
+        b.set_risk(d, 30, "anomaly 1: new peer", T);
+        b.reevaluate(d, Some(&p), &need, T);
+        assert!(b.passed(d).contains("watch"));
+        // Signed in before the rise: the rise (at T+10) cuts access and says why.
+        b.set_sign_in(
+            d,
+            Some(SignIn {
+                auth_time_ms: T + 5,
+                amr: vec!["pwd".into()],
+            }),
+        );
+        assert!(b.set_risk(d, 55, "anomaly 2: port sweep", T + 10));
+        let c = b.reevaluate(d, Some(&p), &need, T + 11).unwrap();
+        assert_eq!(c.withdrawn, vec!["watch".to_string()]);
+        let why = &b.failures(d)["watch"];
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].starts_with("sign in again: risk 55"), "{why:?}");
+        assert!(why[0].contains("anomaly 2: port sweep"), "{why:?}");
+        assert!(b.passed(d).contains("any"));
+        // A sign-in at the same moment as the rise is not newer: still cut.
+        b.set_sign_in(
+            d,
+            Some(SignIn {
+                auth_time_ms: T + 10,
+                amr: vec![],
+            }),
+        );
+        assert!(b.reevaluate(d, Some(&p), &need, T + 12).is_none());
+        // A fresh sign-in restores access while the risk is still high.
+        b.set_sign_in(
+            d,
+            Some(SignIn {
+                auth_time_ms: T + 20,
+                amr: vec![],
+            }),
+        );
+        let c = b.reevaluate(d, Some(&p), &need, T + 21).unwrap();
+        assert_eq!(c.newly_passed, vec!["watch".to_string()]);
+        // Rising further keeps the moment the risk first went above 30: still fine.
+        b.set_risk(d, 70, "anomaly 3: more", T + 30);
+        assert!(b.reevaluate(d, Some(&p), &need, T + 31).is_none());
+        assert!(b.passed(d).contains("watch"));
+        // max_risk stays the hard cut whatever the sign-in.
+        b.set_risk(d, 95, "anomaly 4: exfiltration", T + 40);
+        b.reevaluate(d, Some(&p), &need, T + 41).unwrap();
+        assert!(b.failures(d)["watch"][0].starts_with("risk 95 is above the 90"));
+        // The risk decays below the level, then rises again: a new moment, a new sign-in.
+        b.set_risk(d, 20, "", T + 50);
+        b.reevaluate(d, Some(&p), &need, T + 51).unwrap();
+        assert!(b.passed(d).contains("watch"));
+        b.set_risk(d, 40, "anomaly 5: sweep again", T + 60);
+        b.reevaluate(d, Some(&p), &need, T + 61).unwrap();
+        assert!(b.failures(d)["watch"][0].starts_with("sign in again: risk 40"));
+        // Without any sign-in (a device enrolled with a token) the reason says so.
+        let mut t = TrustBook::default();
+        t.handle_report(d, report(1, 1, T, true), Some(&p), &need, T)
+            .unwrap();
+        t.set_risk(d, 31, "anomaly 6", T + 1);
+        t.reevaluate(d, Some(&p), &need, T + 2).unwrap();
+        assert!(
+            t.failures(d)["watch"][0].contains("no sign-in"),
+            "{:?}",
+            t.failures(d)
+        );
     }
 }

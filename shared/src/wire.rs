@@ -39,7 +39,13 @@
 //!   `login_authorize`, then the device's `login_callback`), optional on the wire and sent
 //!   only by an agent asked for it, so a coordinator that predates it answers with the device
 //!   grant's `login_pending` (the agent then says so); the device's behaviour risk in its
-//!   verdict (`PostureVerdict.risk`), optional on the wire and ignored by agents that predate it.
+//!   verdict (`PostureVerdict.risk`), optional on the wire and ignored by agents that predate it;
+//!   signing in again on an enrolled device (`sign_in_start` as the first message of a
+//!   connection with the device certificate, answered like `login_start`, then `signed_in`),
+//!   sent only by an agent asked for `ward up --login` while enrolled: a coordinator that
+//!   predates it cannot decode it and closes the connection with a `protocol` error naming the
+//!   unknown message, which the agent reports as "this coordinator cannot sign an enrolled
+//!   device in again".
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -153,6 +159,11 @@ pub enum DeviceMsg {
     /// After `login_authorize`: what the provider's redirect brought to the device's loopback
     /// listener, with the PKCE verifier. `enrolled` or `error` follows.
     LoginCallback(LoginCallback),
+    /// First and only message on a connection *with* a device certificate, instead of
+    /// `hello`: the enrolled device signs in again through the coordinator's OpenID provider
+    /// (the certificate names the device). Answered like `login_start` (`login_pending`, or
+    /// `login_authorize` then the device's `login_callback`), then `signed_in` or `error`.
+    SignInStart(SignInStart),
     /// First message on an authenticated connection.
     Hello(Hello),
     /// The device's WireGuard key or endpoints changed.
@@ -219,6 +230,23 @@ pub struct PostureVerdict {
     /// The device's behaviour risk, when it has one or the policy caps it (`max_risk`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub risk: Option<RiskView>,
+}
+
+/// How the failure of a `risk_signin_above` requirement starts: the agent shows the whole line
+/// to its user (`ward status`, the log) as the way back to access.
+pub const SIGN_IN_AGAIN: &str = "sign in again: ";
+
+impl PostureVerdict {
+    /// The first "sign in again: risk N …" failure: access that a fresh sign-in of the
+    /// device's user (`ward up --login`) would restore.
+    pub fn sign_in_again(&self) -> Option<&str> {
+        self.results
+            .iter()
+            .filter(|e| !e.passed)
+            .flat_map(|e| e.failures.iter())
+            .find(|f| f.starts_with(SIGN_IN_AGAIN))
+            .map(String::as_str)
+    }
 }
 
 /// A device's behaviour risk as the coordinator judges it now.
@@ -313,6 +341,9 @@ pub enum CoordinatorMsg {
     /// A `login_start` with `pkce` was accepted: the user signs in at `authorize_url`; the
     /// provider redirects the browser to the device's loopback listener with `state`.
     LoginAuthorize(LoginAuthorize),
+    /// A `sign_in_start` ended: the same user signed in again and the device's identity facts
+    /// were refreshed.
+    SignedIn(SignedIn),
     /// The full netmap; replaces whatever the device had.
     Netmap(Netmap),
     /// Changes since netmap `base_seq`.
@@ -401,6 +432,28 @@ pub struct LoginStart {
     /// grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pkce: Option<LoginPkce>,
+}
+
+/// An enrolled device asks to sign in again (`ward up --login` on an enrolled device).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignInStart {
+    pub protocol: u32,
+    /// The browser sign-in instead of the device grant, as in [`LoginStart::pkce`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkce: Option<LoginPkce>,
+}
+
+/// The identity facts a successful `sign_in_start` stored for the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedIn {
+    pub user: String,
+    /// When the user authenticated at the provider (ms since the epoch).
+    pub auth_time_ms: i64,
+    #[serde(default)]
+    pub amr: Vec<String>,
+    /// The user's provider groups after the sign-in.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// The browser sign-in a device asks for: where its loopback listener is and the S256
@@ -1123,6 +1176,55 @@ mod tests {
             expires_in_secs: 5,
         });
         assert_eq!(decode::<CoordinatorMsg>(&encode(&m)[4..]).unwrap(), m);
+    }
+
+    #[test]
+    fn a_verdict_names_the_fresh_sign_in_it_waits_for() {
+        let mut v = PostureVerdict::default();
+        assert_eq!(v.sign_in_again(), None);
+        v.results.push(Evaluation {
+            requirement: "watch".into(),
+            passed: false,
+            failures: vec![
+                "firewall: off".into(),
+                "sign in again: risk 55 (limit 30 without a fresh sign-in)".into(),
+            ],
+        });
+        assert_eq!(
+            v.sign_in_again(),
+            Some("sign in again: risk 55 (limit 30 without a fresh sign-in)")
+        );
+    }
+
+    /// Signing in again on an enrolled device, as first written.
+    #[test]
+    fn golden_sign_in_again_messages_decode() {
+        let start = r#"{"type":"sign_in_start","protocol":1}"#;
+        let DeviceMsg::SignInStart(s) = decode(start.as_bytes()).unwrap() else {
+            panic!("not sign_in_start")
+        };
+        assert_eq!((s.protocol, s.pkce), (1, None));
+        let browser = r#"{"type":"sign_in_start","protocol":1,"pkce":{"redirect_uri":"http://127.0.0.1:4000/callback","code_challenge":"ch"}}"#;
+        let DeviceMsg::SignInStart(s) = decode(browser.as_bytes()).unwrap() else {
+            panic!("not sign_in_start")
+        };
+        assert_eq!(s.pkce.map(|p| p.code_challenge), Some("ch".into()));
+        let done = r#"{"type":"signed_in","user":"alice","auth_time_ms":1700000000000,"amr":["pwd"],"groups":["eng"]}"#;
+        let CoordinatorMsg::SignedIn(d) = decode(done.as_bytes()).unwrap() else {
+            panic!("not signed_in")
+        };
+        assert_eq!(
+            (d.user.as_str(), d.auth_time_ms),
+            ("alice", 1_700_000_000_000)
+        );
+        assert_eq!((d.amr, d.groups), (vec!["pwd".into()], vec!["eng".into()]));
+        let bare = r#"{"type":"signed_in","user":"alice","auth_time_ms":1}"#;
+        assert!(decode::<CoordinatorMsg>(bare.as_bytes()).is_ok());
+        let m = DeviceMsg::SignInStart(SignInStart {
+            protocol: PROTOCOL_VERSION,
+            pkce: None,
+        });
+        assert_eq!(decode::<DeviceMsg>(&encode(&m)[4..]).unwrap(), m);
     }
 
     /// The browser sign-in messages as first written; a `login_start` without `pkce` is the

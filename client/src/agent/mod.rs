@@ -485,6 +485,9 @@ impl Agent {
                 self.posture.set_wants(w);
             }
             CoordinatorMsg::PostureVerdict(v) => {
+                if let Some(why) = v.sign_in_again() {
+                    warn!(reason = %why, "access needs a fresh sign-in: run `ward up --login`");
+                }
                 let failing: Vec<&str> = v
                     .results
                     .iter()
@@ -522,7 +525,8 @@ impl Agent {
             }
             CoordinatorMsg::Enrolled(_)
             | CoordinatorMsg::LoginPending(_)
-            | CoordinatorMsg::LoginAuthorize(_) => {
+            | CoordinatorMsg::LoginAuthorize(_)
+            | CoordinatorMsg::SignedIn(_) => {
                 self.protocol_error("unexpected enrollment message on a session".into(), now)
             }
         }

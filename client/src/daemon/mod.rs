@@ -365,6 +365,7 @@ impl Daemon {
             ipv4: st.ipv4,
             ipv6: st.ipv6,
             device_id: st.device_id.0,
+            signed_in: None,
         };
         match (existing, token) {
             (Some(st), Some(_)) => bail!(
@@ -414,12 +415,9 @@ impl Daemon {
         hostname: Option<String>,
         pkce: Option<ward_shared::wire::LoginPkce>,
     ) -> Result<crate::api::LoginView> {
-        if let Some(st) = lock(&self.identity).clone() {
-            bail!(
-                "this device is already enrolled as {} ({}); run `ward up` to connect",
-                st.hostname,
-                st.device_id
-            );
+        let enrolled = lock(&self.identity).clone();
+        if let Some(st) = enrolled {
+            return self.sign_in_again(st, pkce).await;
         }
         let fp: [u8; 32] = hex::decode(ca_sha256.trim())
             .ok()
@@ -486,22 +484,87 @@ impl Daemon {
             }
             let _ = tx.send(res);
         });
-        Ok(match answer {
-            control::LoginAnswer::Device(pending) => crate::api::LoginView {
-                verification_uri: pending.verification_uri,
-                verification_uri_complete: pending.verification_uri_complete,
-                user_code: pending.user_code,
-                expires_in_secs: pending.expires_in_secs,
-                browser: None,
-            },
-            control::LoginAnswer::Browser(a) => crate::api::LoginView {
-                verification_uri: String::new(),
-                verification_uri_complete: None,
-                user_code: String::new(),
-                expires_in_secs: a.expires_in_secs,
-                browser: Some(a),
-            },
-        })
+        Ok(login_view(answer))
+    }
+
+    /// `ward up --login` on an enrolled device: signs its user in again over a connection with
+    /// the device certificate; the coordinator refreshes the device's identity facts and its
+    /// access follows. Nothing local changes (keys, leases and the session stay).
+    async fn sign_in_again(
+        self: Arc<Self>,
+        st: State,
+        pkce: Option<ward_shared::wire::LoginPkce>,
+    ) -> Result<crate::api::LoginView> {
+        let mut slot = self.pending_login.lock().await;
+        if slot.is_some() {
+            bail!("a sign-in is already in progress");
+        }
+        info!(coordinator = %st.coordinator, hostname = %st.hostname, "signing in again through the identity provider");
+        let (answer, mut waiting) = control::sign_in_again(
+            &st.coordinator,
+            &st.ca_der.0,
+            &st.cert_der.0,
+            &st.identity_key_pem,
+            pkce,
+        )
+        .await
+        .map_err(|e| match e.downcast_ref::<Refused>() {
+            Some(r) => anyhow!("sign-in refused by the coordinator: {}", r.message),
+            None => anyhow!("sign-in failed: {e:#}"),
+        })?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *slot = Some(rx);
+        let callback = match &answer {
+            control::LoginAnswer::Browser(_) => {
+                let (cb_tx, cb_rx) = tokio::sync::oneshot::channel();
+                *self.login_callback.lock().await = Some(cb_tx);
+                Some(cb_rx)
+            }
+            control::LoginAnswer::Device(_) => None,
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Some(cb_rx) = callback {
+                let got = tokio::time::timeout(waiting.expires_in, cb_rx).await;
+                let sent = match got {
+                    Ok(Ok(cb)) => waiting
+                        .send_callback(cb)
+                        .await
+                        .map_err(|e| format!("sign-in failed: {e:#}")),
+                    Ok(Err(_)) => Err("the browser sign-in was abandoned".to_string()),
+                    Err(_) => {
+                        me.login_callback.lock().await.take();
+                        Err("the sign-in was not completed in time".to_string())
+                    }
+                };
+                if let Err(e) = sent {
+                    warn!(error = %e, "sign-in failed");
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+            let res = match waiting.wait().await {
+                Ok(done) => {
+                    info!(user = %done.user, amr = ?done.amr, "signed in again");
+                    Ok(UpView {
+                        hostname: st.hostname.clone(),
+                        ipv4: st.ipv4,
+                        ipv6: st.ipv6,
+                        device_id: st.device_id.0,
+                        signed_in: Some(done),
+                    })
+                }
+                Err(e) => Err(match e.downcast_ref::<Refused>() {
+                    Some(r) => format!("sign-in refused by the coordinator: {}", r.message),
+                    None => format!("sign-in failed: {e:#}"),
+                }),
+            };
+            if let Err(e) = &res {
+                warn!(error = %e, "signing in again failed");
+            }
+            let _ = tx.send(res);
+        });
+        Ok(login_view(answer))
     }
 
     /// Saves a new enrollment (token or sign-in) and starts the device.
@@ -538,6 +601,7 @@ impl Daemon {
             ipv4: st.ipv4,
             ipv6: st.ipv6,
             device_id: st.device_id.0,
+            signed_in: None,
         })
     }
 
@@ -761,6 +825,26 @@ impl Daemon {
             g.as_deref(),
             self.opts.posture.custom_checks.keys().cloned().collect(),
         )
+    }
+}
+
+/// Where the user completes a sign-in, as `ward up --login` shows it.
+fn login_view(answer: control::LoginAnswer) -> crate::api::LoginView {
+    match answer {
+        control::LoginAnswer::Device(pending) => crate::api::LoginView {
+            verification_uri: pending.verification_uri,
+            verification_uri_complete: pending.verification_uri_complete,
+            user_code: pending.user_code,
+            expires_in_secs: pending.expires_in_secs,
+            browser: None,
+        },
+        control::LoginAnswer::Browser(a) => crate::api::LoginView {
+            verification_uri: String::new(),
+            verification_uri_complete: None,
+            user_code: String::new(),
+            expires_in_secs: a.expires_in_secs,
+            browser: Some(a),
+        },
     }
 }
 

@@ -259,6 +259,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
             quarantine: verdict.and_then(|v| v.quarantine.clone()),
             unavailable: verdict.map(|v| v.unavailable.clone()).unwrap_or_default(),
             risk: verdict.and_then(|v| v.risk.clone()),
+            sign_in_again: verdict.and_then(|v| v.sign_in_again().map(str::to_string)),
             reach,
             inbound,
             connected_secs: s

@@ -44,6 +44,10 @@ pub struct Snapshot {
     pub routers: Vec<ward_shared::policy::Router>,
     /// Devices with a behaviour risk above 0: the score and why.
     pub risks: std::collections::BTreeMap<DeviceId, (u8, String)>,
+    /// Requirements a device fails only for want of a sign-in newer than its risk's rise
+    /// (`risk_signin_above`), with the reason: device → requirement → "sign in again: …".
+    pub sign_in_asks:
+        std::collections::BTreeMap<DeviceId, std::collections::BTreeMap<String, String>>,
 }
 
 /// A change the registry must apply after a request succeeded.
@@ -480,11 +484,15 @@ pub fn handle(
                         now,
                     )?;
                     let risk = |id: DeviceId| snap.risks.get(&id).cloned().unwrap_or_default();
+                    let ask = |id: DeviceId, req: &str| {
+                        snap.sign_in_asks.get(&id).and_then(|m| m.get(req)).cloned()
+                    };
                     super::policy::add_risk_checks(
                         &mut v,
                         snap.policy.as_ref(),
                         &snap.directory,
                         &risk,
+                        &ask,
                     );
                     v
                 }

@@ -181,12 +181,14 @@ pub fn explain(
 
 /// Adds the behaviour-risk check of every rule in the explanation whose posture has
 /// `max_risk`: the requirement, the cap, the source device's risk now and whether it passes.
-/// `risk` gives a device's risk and why (the registry's view).
+/// `risk` gives a device's risk and why (the registry's view); `ask` the "sign in again"
+/// reason of a requirement the device fails under `risk_signin_above`.
 pub fn add_risk_checks(
     view: &mut ExplainView,
     applied: Option<&Policy>,
     dir: &Directory,
     risk: &dyn Fn(ward_shared::wire::DeviceId) -> (u8, String),
+    ask: &dyn Fn(ward_shared::wire::DeviceId, &str) -> Option<String>,
 ) {
     let Some(p) = applied else {
         return;
@@ -202,6 +204,21 @@ pub fn add_risk_checks(
                 continue;
             };
             for req in &rule.posture {
+                if let Some(level) = p.postures.get(&req.value).and_then(|q| q.risk_signin_above) {
+                    let (score, _) = risk(src.id);
+                    let verdict = match ask(src.id, &req.value) {
+                        Some(why) => format!("fails: {why}"),
+                        None if score > level => "passes: signed in since the risk rose".into(),
+                        None => "passes".to_string(),
+                    };
+                    let line = format!(
+                        "sign-in check: rule {:?} needs posture {:?} (risk_signin_above {level}); {}'s risk is {score}, {verdict}",
+                        rule.name, req.value, src.hostname
+                    );
+                    if !lines.contains(&line) {
+                        lines.push(line);
+                    }
+                }
                 let Some(max) = p.postures.get(&req.value).and_then(|q| q.max_risk) else {
                     continue;
                 };

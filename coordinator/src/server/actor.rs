@@ -406,6 +406,7 @@ pub(super) async fn registry_actor(
                     online: conns_online(&reg),
                     home_relays: reg.home_relays(),
                     risks: reg.risks(),
+                    sign_in_asks: reg.sign_in_asks(),
                     directory: reg.directory(),
                     compiled: reg.compiled().clone(),
                     routers: reg.current_routers(),

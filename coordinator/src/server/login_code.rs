@@ -28,7 +28,7 @@ use ward_shared::oauth::{self, MAX_PARAM_LEN, RANDOM_LEN};
 use ward_shared::secret::ct_eq;
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeviceMsg, ErrorCode, FrameDecoder, LoginAuthorize, LoginCallback,
-    LoginStart, TokenSecret, PROTOCOL_VERSION,
+    LoginPkce, LoginStart, TokenSecret, PROTOCOL_VERSION,
 };
 
 use super::link::Link;
@@ -36,7 +36,8 @@ use super::oidc::{add_userinfo, admit_login, audit, blocking, failed, sign_in_us
 use super::session::{read_frame, refuse, send_msg};
 use super::{now_ms, Ctx};
 use crate::audit::Action;
-use crate::oidc::provider::{AuthorizeParams, SCOPE};
+use crate::oidc::jwt::IdClaims;
+use crate::oidc::provider::{AuthorizeParams, Provider, Tokens, SCOPE};
 use crate::store::DeviceSignIn;
 
 /// Longest a browser sign-in may take from `login_authorize` to the callback.
@@ -91,11 +92,6 @@ async fn login_inner(
     let Some(pkce) = req.pkce.clone() else {
         return Err((ErrorCode::BadRequest, "no pkce in a browser sign-in".into()));
     };
-    oauth::check_loopback_redirect(&pkce.redirect_uri)
-        .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
-    oauth::check_challenge(&pkce.code_challenge)
-        .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
-
     let store = ctx.store.clone();
     let refused = |why: &str| {
         audit(
@@ -106,6 +102,69 @@ async fn login_inner(
         );
         failed(why)
     };
+    let (claims, tokens) = browser(link, dec, &p, &pkce, &refused).await?;
+    let now = now_ms();
+
+    let ctx2 = ctx.clone();
+    let (c2, host2) = (claims.clone(), hostname.clone());
+    let refresh = tokens.refresh_token.clone();
+    let issuer = p.cfg.issuer.clone();
+    let create = p.cfg.create_users;
+    let user =
+        blocking(move || sign_in_user(&ctx2, &issuer, create, &c2, refresh, &host2, now)).await;
+    let (user, token_id, secret) = match user {
+        Ok(x) => x,
+        Err((code, m)) => {
+            audit(
+                ctx.store.as_ref(),
+                Action::OidcSignInRefused,
+                hostname.as_str(),
+                serde_json::json!({ "reason": m, "sub": claims.sub, "flow": "browser" }),
+            );
+            return Err((code, m));
+        }
+    };
+    let enroll = wire::EnrollRequest {
+        protocol: PROTOCOL_VERSION,
+        token_id,
+        token_secret: TokenSecret(Bytes(secret)),
+        hostname: req.hostname.clone(),
+        os: req.os.clone(),
+        csr_der: req.csr_der.clone(),
+    };
+    let enrolled = super::session::enroll(ctx, enroll, remote).await?;
+    let si = DeviceSignIn {
+        device: enrolled.device_id,
+        user: user.clone(),
+        at_ms: now,
+        auth_time_ms: claims.auth_time_ms.unwrap_or(now),
+        amr: claims.amr.clone(),
+    };
+    if let Err(e) = ctx.store.record_sign_in(&si) {
+        tracing::error!(error = %e, "recording the device sign-in failed");
+    }
+    info!(%user, device = %enrolled.device_id, "device signed in through the browser");
+    Ok(enrolled)
+}
+
+/// The browser sign-in on `link` for the device's `pkce`: checks the loopback redirect and the
+/// challenge, sends `login_authorize`, waits for the device's `login_callback`, redeems the
+/// code with the verifier, verifies the ID token and its nonce and merges userinfo. Every
+/// refusal after the checks goes through `refused` (which audits it). Used for enrollment and
+/// for signing an enrolled device in again.
+pub(super) async fn browser(
+    link: &mut Link,
+    dec: &mut FrameDecoder,
+    p: &Provider,
+    pkce: &LoginPkce,
+    refused: &(dyn Fn(&str) -> Refusal + Sync),
+) -> Result<(IdClaims, Tokens), Refusal> {
+    let remote = link.remote;
+    oauth::check_loopback_redirect(&pkce.redirect_uri)
+        .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+    oauth::check_challenge(&pkce.code_challenge)
+        .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+
     let state = oauth::random_value(&random());
     let nonce = oauth::random_value(&random());
     let params = AuthorizeParams {
@@ -130,7 +189,7 @@ async fn login_inner(
     send_msg(&mut link.send, &msg)
         .await
         .map_err(|e| failed(format!("the device went away: {e}")))?;
-    info!(%remote, hostname = %hostname, "browser sign-in started");
+    info!(%remote, "browser sign-in started");
 
     let wait = Duration::from_secs(BROWSER_LOGIN_SECS);
     let frame = tokio::select! {
@@ -181,50 +240,11 @@ async fn login_inner(
     if let Err(e) = fresh {
         return Err(refused(&format!("ID token refused: {e}")));
     }
-    if let Err(e) = add_userinfo(&p, &tokens, &mut claims).await {
+    if let Err(e) = add_userinfo(p, &tokens, &mut claims).await {
         return Err(refused(&format!("userinfo: {e}")));
     }
 
-    let ctx2 = ctx.clone();
-    let (c2, host2) = (claims.clone(), hostname.clone());
-    let refresh = tokens.refresh_token.clone();
-    let issuer = p.cfg.issuer.clone();
-    let create = p.cfg.create_users;
-    let user =
-        blocking(move || sign_in_user(&ctx2, &issuer, create, &c2, refresh, &host2, now)).await;
-    let (user, token_id, secret) = match user {
-        Ok(x) => x,
-        Err((code, m)) => {
-            audit(
-                ctx.store.as_ref(),
-                Action::OidcSignInRefused,
-                hostname.as_str(),
-                serde_json::json!({ "reason": m, "sub": claims.sub, "flow": "browser" }),
-            );
-            return Err((code, m));
-        }
-    };
-    let enroll = wire::EnrollRequest {
-        protocol: PROTOCOL_VERSION,
-        token_id,
-        token_secret: TokenSecret(Bytes(secret)),
-        hostname: req.hostname.clone(),
-        os: req.os.clone(),
-        csr_der: req.csr_der.clone(),
-    };
-    let enrolled = super::session::enroll(ctx, enroll, remote).await?;
-    let si = DeviceSignIn {
-        device: enrolled.device_id,
-        user: user.clone(),
-        at_ms: now,
-        auth_time_ms: claims.auth_time_ms.unwrap_or(now),
-        amr: claims.amr.clone(),
-    };
-    if let Err(e) = ctx.store.record_sign_in(&si) {
-        tracing::error!(error = %e, "recording the device sign-in failed");
-    }
-    info!(%user, device = %enrolled.device_id, "device signed in through the browser");
-    Ok(enrolled)
+    Ok((claims, tokens))
 }
 
 /// The code of a callback for the attempt that issued `state` with `challenge`, or why not.

@@ -46,6 +46,7 @@ pub mod oidc;
 mod queue;
 mod relay;
 mod replica;
+mod resign;
 mod session;
 
 pub use replica::{FeedWake, FEED_POLL};
@@ -155,6 +156,18 @@ pub async fn serve(
     // (harmless), never missed.
     let feed_version = store.feed_version()?;
     let replica_id = dd.replica_id()?;
+    // Users an older coordinator disabled for the provider become provider-suspended (the
+    // suspension below keeps their access cut; a new sign-in or the provider lifts it). On
+    // failure they simply stay disabled (closed).
+    match store.repair_provider_disabled("repair", now_ms()) {
+        Ok(users) if !users.is_empty() => {
+            tracing::warn!(?users, "users disabled by the identity provider under an older coordinator are now suspended by the provider instead");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            error!(error = %e, "repairing provider-disabled users failed; they stay disabled")
+        }
+    }
     let devices = store.list_devices()?;
     let users = store.list_users()?;
     let now = now_ms();

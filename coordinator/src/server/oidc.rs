@@ -139,10 +139,6 @@ async fn login_inner(
     let remote = link.remote;
     let (p, hostname) = admit_login(ctx, remote, &req)?;
 
-    let started = now_ms();
-    let mut raw = [0u8; 16];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
-    let nonce = hex::encode(raw);
     let store = ctx.store.clone();
     let refused = |why: &str| {
         audit(
@@ -153,80 +149,8 @@ async fn login_inner(
         );
         failed(why)
     };
-    let auth = match p.start_device(&nonce).await {
-        Ok(a) => a,
-        Err(e) => {
-            p.log_failure("device sign-in could not start", &e);
-            return Err(refused(&format!("sign-in is unavailable: {e}")));
-        }
-    };
-    let pending = LoginPending {
-        verification_uri: auth.verification_uri.clone(),
-        verification_uri_complete: auth.verification_uri_complete.clone(),
-        user_code: auth.user_code.clone(),
-        expires_in_secs: auth.expires_in,
-    };
-    send_msg(&mut link.send, &CoordinatorMsg::LoginPending(pending))
-        .await
-        .map_err(|e| failed(format!("the device went away: {e}")))?;
-    info!(%remote, hostname = %hostname, "device sign-in started");
-
-    let mut interval = Duration::from_secs(auth.interval.unwrap_or(5).clamp(1, 60));
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(auth.expires_in.clamp(1, MAX_LOGIN_SECS));
-    let tokens: Tokens = loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = link.closer.closed() => return Err(failed("the device closed the connection")),
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(refused("the sign-in was not completed in time"));
-        }
-        match p.poll_device(&auth.device_code).await {
-            Ok(Poll::Done(t)) => break *t,
-            Ok(Poll::Wait(PollAnswer::Pending)) => {}
-            Ok(Poll::Wait(PollAnswer::SlowDown)) => interval += Duration::from_secs(5),
-            Ok(Poll::Wait(PollAnswer::Denied)) => {
-                return Err(refused("the user refused the sign-in"))
-            }
-            Ok(Poll::Wait(PollAnswer::Expired)) => return Err(refused("the sign-in code expired")),
-            Ok(Poll::Wait(PollAnswer::Failed(m))) => return Err(refused(&m)),
-            // An outage while polling: keep trying until the deadline.
-            Err(ProviderError::Down(m)) => {
-                warn!(error = %m, "token endpoint unavailable while polling")
-            }
-            Err(e) => return Err(refused(&e.to_string())),
-        }
-    };
+    let (claims, tokens) = device_grant(link, &p, &refused).await?;
     let now = now_ms();
-    let Some(id_token) = tokens.id_token.as_deref() else {
-        return Err(refused("the provider sent no ID token"));
-    };
-    let mut claims = match p
-        .id_token(
-            id_token,
-            Some((&nonce, started)),
-            tokens.access_token.as_deref(),
-            now,
-        )
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => return Err(refused(&format!("ID token refused: {e}"))),
-    };
-    if let Some(n) = &claims.nonce {
-        let fresh = p
-            .nonces
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .accept(n, now);
-        if let Err(e) = fresh {
-            return Err(refused(&format!("ID token refused: {e}")));
-        }
-    }
-    if let Err(e) = merge_userinfo(&p, &tokens, &mut claims).await {
-        return Err(refused(&format!("userinfo: {e}")));
-    }
 
     // The user, created on first sign-in; an existing local user is never taken over.
     let ctx2 = ctx.clone();
@@ -283,6 +207,98 @@ async fn login_inner(
     Ok(enrolled)
 }
 
+/// The device authorization grant on `link`: starts it at the provider, sends
+/// `login_pending`, polls until the user confirms (or refuses, or time runs out), verifies the
+/// ID token and its nonce and merges userinfo. Every refusal goes through `refused` (which
+/// audits it). Used for enrollment and for signing an enrolled device in again.
+pub(super) async fn device_grant(
+    link: &mut Link,
+    p: &Provider,
+    refused: &(dyn Fn(&str) -> Refusal + Sync),
+) -> Result<(IdClaims, Tokens), Refusal> {
+    let remote = link.remote;
+    let started = now_ms();
+    let mut raw = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+    let nonce = hex::encode(raw);
+    let auth = match p.start_device(&nonce).await {
+        Ok(a) => a,
+        Err(e) => {
+            p.log_failure("device sign-in could not start", &e);
+            return Err(refused(&format!("sign-in is unavailable: {e}")));
+        }
+    };
+    let pending = LoginPending {
+        verification_uri: auth.verification_uri.clone(),
+        verification_uri_complete: auth.verification_uri_complete.clone(),
+        user_code: auth.user_code.clone(),
+        expires_in_secs: auth.expires_in,
+    };
+    send_msg(&mut link.send, &CoordinatorMsg::LoginPending(pending))
+        .await
+        .map_err(|e| failed(format!("the device went away: {e}")))?;
+    info!(%remote, "device sign-in started");
+
+    let mut interval = Duration::from_secs(auth.interval.unwrap_or(5).clamp(1, 60));
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(auth.expires_in.clamp(1, MAX_LOGIN_SECS));
+    let tokens: Tokens = loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = link.closer.closed() => return Err(failed("the device closed the connection")),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(refused("the sign-in was not completed in time"));
+        }
+        match p.poll_device(&auth.device_code).await {
+            Ok(Poll::Done(t)) => break *t,
+            Ok(Poll::Wait(PollAnswer::Pending)) => {}
+            Ok(Poll::Wait(PollAnswer::SlowDown)) => interval += Duration::from_secs(5),
+            Ok(Poll::Wait(PollAnswer::Denied)) => {
+                return Err(refused("the user refused the sign-in"))
+            }
+            Ok(Poll::Wait(PollAnswer::Expired)) => return Err(refused("the sign-in code expired")),
+            Ok(Poll::Wait(PollAnswer::Failed(m))) => return Err(refused(&m)),
+            // An outage while polling: keep trying until the deadline.
+            Err(ProviderError::Down(m)) => {
+                warn!(error = %m, "token endpoint unavailable while polling")
+            }
+            Err(e) => return Err(refused(&e.to_string())),
+        }
+    };
+    let now = now_ms();
+    let Some(id_token) = tokens.id_token.as_deref() else {
+        return Err(refused("the provider sent no ID token"));
+    };
+    let mut claims = match p
+        .id_token(
+            id_token,
+            Some((&nonce, started)),
+            tokens.access_token.as_deref(),
+            now,
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return Err(refused(&format!("ID token refused: {e}"))),
+    };
+    if let Some(n) = &claims.nonce {
+        let fresh = p
+            .nonces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .accept(n, now);
+        if let Err(e) = fresh {
+            return Err(refused(&format!("ID token refused: {e}")));
+        }
+    }
+    if let Err(e) = merge_userinfo(p, &tokens, &mut claims).await {
+        return Err(refused(&format!("userinfo: {e}")));
+    }
+
+    Ok((claims, tokens))
+}
+
 /// Adds the userinfo claims (groups, names) the ID token lacks; the subject must match.
 async fn merge_userinfo(p: &Provider, t: &Tokens, c: &mut IdClaims) -> Result<(), ProviderError> {
     let Some(at) = t.access_token.as_deref() else {
@@ -327,7 +343,7 @@ pub(super) fn sign_in_user(
     let store = ctx.store.as_ref();
     let internal = |e: crate::store::StoreError| (ErrorCode::Internal, format!("{e}"));
     let existing = store.oidc_user_by_sub(issuer, &c.sub).map_err(internal)?;
-    let (name, mut row) = match existing {
+    let (name, row) = match existing {
         Some(u) => (
             Name::parse("user name", &u.user).map_err(|e| failed(e.to_string()))?,
             u,
@@ -368,37 +384,18 @@ pub(super) fn sign_in_user(
             (name, row)
         }
     };
-    let live = LiveRegistry {
-        events: ctx.events.clone(),
-    };
-    sync_groups(store, &live, &name, &row.groups, &c.groups, now)
-        .map_err(|e| failed(format!("{e:#}")))?;
-    let was_disabled = row.provider_disabled;
-    row.groups = provider_groups(&c.groups)
-        .iter()
-        .map(|g| g.to_string())
-        .collect();
-    row.amr = c.amr.clone();
-    row.sid = c.sid.clone();
-    row.auth_time_ms = Some(c.auth_time_ms.unwrap_or(now));
-    row.last_auth_ms = Some(now);
-    row.last_refresh_ms = Some(now);
-    if refresh.is_some() {
-        row.refresh_token = refresh;
-    }
-    row.provider_disabled = false;
-    row.reason = None;
     let detail = serde_json::json!({
-        "sub": c.sub, "groups": row.groups, "amr": row.amr, "hostname": hostname.as_str(),
+        "sub": c.sub, "hostname": hostname.as_str(),
     });
-    store
-        .save_oidc_user(&row, Some((Action::OidcSignIn, detail)), ACTOR, now)
-        .map_err(internal)?;
-    if was_disabled {
-        // A fresh sign-in after the provider took access away gives it back (an admin's own
-        // `user disable` is not the provider's and stays).
-        ops::Live::notify(&live, ops::Notice::Identity(name.to_string(), None));
-    }
+    store_identity(
+        ctx,
+        &name,
+        row,
+        c,
+        refresh,
+        (Action::OidcSignIn, detail),
+        now,
+    )?;
     let mut id = [0u8; 8];
     let mut secret = vec![0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
@@ -420,6 +417,55 @@ pub(super) fn sign_in_user(
         )
         .map_err(internal)?;
     Ok((name.to_string(), id_hex, secret))
+}
+
+/// Stores what a successful sign-in says about `name` (provider groups, amr, sid, auth time,
+/// the refresh token) with one audit row (`audit`, to which the groups and amr are added), and
+/// gives back access the provider had taken away (a fresh sign-in is the provider's word
+/// again; an admin's own `user disable` is not the provider's and stays).
+pub(super) fn store_identity(
+    ctx: &Arc<Ctx>,
+    name: &Name,
+    mut row: OidcUser,
+    c: &IdClaims,
+    refresh: Option<String>,
+    audit: (Action, serde_json::Value),
+    now: i64,
+) -> Result<OidcUser, Refusal> {
+    let store = ctx.store.as_ref();
+    let internal = |e: crate::store::StoreError| (ErrorCode::Internal, format!("{e}"));
+    let live = LiveRegistry {
+        events: ctx.events.clone(),
+    };
+    sync_groups(store, &live, name, &row.groups, &c.groups, now)
+        .map_err(|e| failed(format!("{e:#}")))?;
+    let was_disabled = row.provider_disabled;
+    row.groups = provider_groups(&c.groups)
+        .iter()
+        .map(|g| g.to_string())
+        .collect();
+    row.amr = c.amr.clone();
+    row.sid = c.sid.clone();
+    row.auth_time_ms = Some(c.auth_time_ms.unwrap_or(now));
+    row.last_auth_ms = Some(now);
+    row.last_refresh_ms = Some(now);
+    if refresh.is_some() {
+        row.refresh_token = refresh;
+    }
+    row.provider_disabled = false;
+    row.reason = None;
+    let (action, mut detail) = audit;
+    if let Some(d) = detail.as_object_mut() {
+        d.insert("groups".into(), serde_json::json!(row.groups));
+        d.insert("amr".into(), serde_json::json!(row.amr));
+    }
+    store
+        .save_oidc_user(&row, Some((action, detail)), ACTOR, now)
+        .map_err(internal)?;
+    if was_disabled {
+        ops::Live::notify(&live, ops::Notice::Identity(name.to_string(), None));
+    }
+    Ok(row)
 }
 
 /// Moves the user's provider groups from `old` to `new`; groups an administrator gave the user

@@ -108,6 +108,10 @@ pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<(
             super::login_code::login(&ctx, &mut link, dec, req).await
         }
         (None, DeviceMsg::LoginStart(req)) => super::oidc::login(&ctx, &mut link, req).await,
+        (Some(cert), DeviceMsg::SignInStart(req)) => {
+            let cert = cert.to_vec();
+            super::resign::sign_in_again(&ctx, &mut link, dec, &cert, req).await
+        }
         (Some(cert), DeviceMsg::Hello(hello)) => {
             let cert = cert.to_vec();
             session(ctx, link, dec, &cert, hello).await
@@ -643,7 +647,7 @@ async fn session(
                                 send_msg(&mut link.send, &CoordinatorMsg::FlowsAck { seq }).await?;
                             }
                         }
-                        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::LoginCallback(_) | DeviceMsg::Hello(_) => {
+                        DeviceMsg::Enroll(_) | DeviceMsg::LoginStart(_) | DeviceMsg::LoginCallback(_) | DeviceMsg::SignInStart(_) | DeviceMsg::Hello(_) => {
                             refuse(&mut link, ErrorCode::Protocol, "unexpected message on an established session".into()).await;
                             return Ok(());
                         }
@@ -679,6 +683,7 @@ fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
         DeviceMsg::Enroll(_)
         | DeviceMsg::LoginStart(_)
         | DeviceMsg::LoginCallback(_)
+        | DeviceMsg::SignInStart(_)
         | DeviceMsg::Hello(_) => return None,
     })
 }

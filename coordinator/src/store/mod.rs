@@ -478,6 +478,16 @@ pub trait Store: Send + Sync + replicas::ReplicaStore {
     ) -> Result<()>;
     fn record_sign_in(&self, s: &DeviceSignIn) -> Result<()>;
     fn sign_ins(&self) -> Result<Vec<DeviceSignIn>>;
+    /// One-time repair, run by `serve` at start (a no-op once done): users the identity
+    /// provider took access away from under a coordinator that did so by disabling them
+    /// (`users.disabled`, audited `user.disable` by the actor `oidc`) are enabled again, each
+    /// with a `user.enable` audit row by `actor`; their provider suspension
+    /// (`provider_disabled`) stays and takes effect instead. A user an administrator disabled
+    /// (the latest `user.disable` row is not the provider's) stays disabled. Returns the
+    /// repaired users. A store that never ran the older code has nothing to repair.
+    fn repair_provider_disabled(&self, _actor: &str, _now_ms: i64) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     /// Write errors, checkpoint errors and the last integrity check.
     fn storage_health(&self) -> StorageHealth {
         StorageHealth::default()

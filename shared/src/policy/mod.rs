@@ -379,6 +379,12 @@ pub struct Posture {
     /// The device's behaviour risk (0–100, from its recent anomalies) must be at most this
     /// (`max_risk`). Judged by the coordinator, which alone knows the risk; `None`: not looked at.
     pub max_risk: Option<u8>,
+    /// Above this behaviour risk (0–100) the device keeps the requirement only with a sign-in
+    /// at the identity provider newer than the moment its risk rose above it
+    /// (`risk_signin_above`): a fresh sign-in of the same user restores access before the risk
+    /// decays. Judged by the coordinator like `max_risk`, which stays the hard cut; `None`:
+    /// not looked at.
+    pub risk_signin_above: Option<u8>,
     /// The device's sign-in at the identity provider is at most this old (`max_auth_age`).
     /// Judged by the coordinator from the device's sign-in record; a device enrolled with a
     /// token (no sign-in) fails it. `None`: not looked at.

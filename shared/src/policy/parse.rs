@@ -146,6 +146,7 @@ struct RawPosture {
     max_package_age: Option<Spanned<String>>,
     kernel: Option<Spanned<String>>,
     max_risk: Option<Spanned<i64>>,
+    risk_signin_above: Option<Spanned<i64>>,
     max_auth_age: Option<Spanned<String>>,
     amr: Option<Spanned<Vec<Spanned<String>>>>,
 }
@@ -809,6 +810,10 @@ impl Cx<'_> {
             max_risk: match &raw.max_risk {
                 None => None,
                 Some(n) => Some(self.risk("max_risk", n)?),
+            },
+            risk_signin_above: match &raw.risk_signin_above {
+                None => None,
+                Some(n) => Some(self.risk("risk_signin_above", n)?),
             },
             max_auth_age_ms,
             amr,

@@ -1081,11 +1081,12 @@ clean_after = "1h"
     );
     // Behaviour risk: thresholds are 0–100, the learning period a bounded duration.
     let risk = parse(
-        b"[posture.calm]\nmax_risk = 40\n[trust]\nrisk_threshold = 30\nquarantine_above_risk = 90\nquarantine_malicious = true\nbehaviour_learning = \"2d\"\n",
+        b"[posture.calm]\nmax_risk = 40\nrisk_signin_above = 20\n[trust]\nrisk_threshold = 30\nquarantine_above_risk = 90\nquarantine_malicious = true\nbehaviour_learning = \"2d\"\n",
         "p.toml",
     )
     .unwrap();
     assert_eq!(risk.postures["calm"].max_risk, Some(40));
+    assert_eq!(risk.postures["calm"].risk_signin_above, Some(20));
     assert_eq!(risk.trust.risk_threshold, 30);
     assert_eq!(risk.trust.quarantine_above_risk, Some(90));
     assert!(risk.trust.quarantine_malicious);
@@ -1093,6 +1094,7 @@ clean_after = "1h"
     for bad in [
         "[posture.calm]\nmax_risk = 101\n",
         "[posture.calm]\nmax_risk = -1\n",
+        "[posture.calm]\nrisk_signin_above = 101\n",
         "[trust]\nquarantine_above_risk = 1000\n",
         "[trust]\nbehaviour_learning = \"0s\"\n",
     ] {

@@ -522,6 +522,7 @@ impl World {
             | DeviceMsg::Enroll(_)
             | DeviceMsg::LoginStart(_)
             | DeviceMsg::LoginCallback(_)
+            | DeviceMsg::SignInStart(_)
             | DeviceMsg::RelayTicketRequest
             | DeviceMsg::Flows(_) => {}
         }

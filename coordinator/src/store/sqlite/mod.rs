@@ -345,6 +345,9 @@ impl Store for SqliteStore {
         oidc::record_sign_in(self, s)
     }
 
+    fn repair_provider_disabled(&self, actor: &str, now_ms: i64) -> Result<Vec<String>> {
+        oidc::repair_provider_disabled(self, actor, now_ms)
+    }
     fn sign_ins(&self) -> Result<Vec<crate::store::DeviceSignIn>> {
         oidc::sign_ins(self)
     }

@@ -162,3 +162,44 @@ pub(super) fn sign_ins(s: &SqliteStore) -> Result<Vec<DeviceSignIn>> {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     })
 }
+
+/// See [`crate::store::Store::repair_provider_disabled`]. The provider's disable is told from
+/// an administrator's by the actor of the user's latest `user.disable`/`user.enable` row.
+pub(super) fn repair_provider_disabled(
+    s: &SqliteStore,
+    actor: &str,
+    now_ms: i64,
+) -> Result<Vec<String>> {
+    s.with_tx(|tx| {
+        let mut st = tx.prepare(
+            "SELECT u.id, u.name FROM users u JOIN oidc_users o ON o.user_id = u.id \
+             WHERE u.disabled = 1 AND o.provider_disabled = 1 AND ( \
+               SELECT a.actor FROM audit a WHERE a.target = u.name \
+               AND a.action IN ('user.disable', 'user.enable') \
+               ORDER BY a.seq DESC LIMIT 1) = 'oidc' \
+             ORDER BY u.name",
+        )?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        drop(st);
+        for (uid, name) in &rows {
+            tx.execute("UPDATE users SET disabled = 0 WHERE id = ?1", [uid])?;
+            append_audit_tx(
+                tx,
+                Audit {
+                    actor,
+                    action: Action::UserEnable,
+                    target: name,
+                    detail: serde_json::json!({
+                        "reason": "disabled by the identity provider under an older coordinator; \
+                                   now suspended by the provider instead (lifted by a new sign-in \
+                                   or the provider's word)",
+                    }),
+                },
+                now_ms,
+            )?;
+        }
+        Ok(rows.into_iter().map(|(_, n)| n).collect())
+    })
+}

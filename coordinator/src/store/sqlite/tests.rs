@@ -1207,3 +1207,80 @@ fn audit_counts_read_only_rows_since_the_last_sequence_number() {
     assert!(none.is_empty());
     assert_eq!(top3, top2);
 }
+
+#[test]
+fn users_the_provider_disabled_under_older_code_become_provider_suspended() {
+    let (s, _) = setup();
+    let oidc = |user: &str, disabled: bool| crate::store::OidcUser {
+        user: user.into(),
+        issuer: "https://idp".into(),
+        sub: format!("sub-{user}"),
+        refresh_token: None,
+        groups: vec![],
+        amr: vec![],
+        sid: None,
+        auth_time_ms: Some(1000),
+        last_auth_ms: Some(1000),
+        last_refresh_ms: Some(1000),
+        provider_disabled: disabled,
+        reason: disabled.then(|| "the identity provider no longer accepts the sign-in".into()),
+    };
+    for u in ["bob", "carol", "dave"] {
+        s.add_user(&n(u), &[], "admin", 1000).unwrap();
+    }
+    // bob: disabled by the provider the old way (users.disabled by the actor oidc).
+    s.save_oidc_user(&oidc("bob", true), None, "oidc", 1100)
+        .unwrap();
+    s.set_user_disabled(&n("bob"), true, "oidc", 1100).unwrap();
+    // carol: suspended by the provider, but an administrator disabled her afterwards.
+    s.save_oidc_user(&oidc("carol", true), None, "oidc", 1100)
+        .unwrap();
+    s.set_user_disabled(&n("carol"), true, "oidc", 1100)
+        .unwrap();
+    s.set_user_disabled(&n("carol"), true, "admin", 1200)
+        .unwrap();
+    // dave: an administrator's disable of a provider user the provider still accepts.
+    s.save_oidc_user(&oidc("dave", false), None, "oidc", 1100)
+        .unwrap();
+    s.set_user_disabled(&n("dave"), true, "admin", 1200)
+        .unwrap();
+    // alice: a local user an administrator disabled.
+    s.set_user_disabled(&n("alice"), true, "admin", 1200)
+        .unwrap();
+
+    assert_eq!(
+        s.repair_provider_disabled("repair", 2000).unwrap(),
+        vec!["bob".to_string()]
+    );
+    let disabled: Vec<String> = s
+        .list_users()
+        .unwrap()
+        .into_iter()
+        .filter(|u| u.disabled)
+        .map(|u| u.name)
+        .collect();
+    assert_eq!(disabled, vec!["alice", "carol", "dave"]);
+    // The provider's suspension stays, so bob's access stays cut by the registry.
+    let bob = s
+        .oidc_users()
+        .unwrap()
+        .into_iter()
+        .find(|u| u.user == "bob")
+        .unwrap();
+    assert!(bob.provider_disabled);
+    let log = s.audit_log(1).unwrap();
+    assert_eq!(
+        (
+            log[0].actor.as_str(),
+            log[0].action.as_str(),
+            log[0].target.as_str()
+        ),
+        ("repair", "user.enable", "bob")
+    );
+    // Once repaired, nothing more to do; the chain still verifies.
+    assert!(s
+        .repair_provider_disabled("repair", 3000)
+        .unwrap()
+        .is_empty());
+    assert!(s.verify_audit().unwrap().ok);
+}
