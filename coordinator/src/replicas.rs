@@ -104,7 +104,7 @@ pub fn reloads_for(action: &str) -> Reloads {
         "relay.add" | "relay.remove" => r.relays = true,
         "device.routes" => r.routes = true,
         "lease.issue" | "lease.revoke" => r.leases = true,
-        "oidc.sign_in" | "oidc.link" => r.sign_ins = true,
+        "oidc.sign_in" | "oidc.link" | "device.login" => r.sign_ins = true,
         // The replica holding the device's session judged it and wrote the verdict; another
         // replica's peers see the device's quarantine (a device row) when one follows.
         "posture.pass" | "posture.fail" | "posture.refused" => {}
@@ -126,6 +126,7 @@ pub fn reloads_for(action: &str) -> Reloads {
         | "console.login"
         | "console.login_refused"
         | "oidc.sign_in_refused"
+        | "device.login_refused"
         | "oidc.push_refused" => {}
         _ => r = Reloads::all(),
     }
