@@ -19,7 +19,9 @@ use ward_shared::wire::{DeviceId, ErrorCode, WgPublicKey};
 pub use crate::audit::Action;
 
 pub mod anchor;
+pub mod db;
 pub mod journal;
+pub mod postgres;
 mod schema;
 mod sqlite;
 
