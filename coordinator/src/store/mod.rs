@@ -22,7 +22,7 @@ pub mod anchor;
 pub mod db;
 pub mod journal;
 pub mod postgres;
-mod schema;
+pub(crate) mod schema;
 mod sqlite;
 
 pub use crate::model::{Device, DeviceStatus, Quarantine, User};

@@ -25,6 +25,8 @@ use super::{Result, StoreError};
 
 #[cfg(test)]
 pub mod testpg;
+#[cfg(test)]
+mod tests;
 
 /// The key of the advisory lock every store transaction holds (ASCII "wardstor").
 pub const WRITE_LOCK: i64 = 0x7761_7264_7374_6f72;
