@@ -83,9 +83,25 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// Runs `f`, which uses the PostgreSQL client, where it may block: the client drives each
+/// connection with a small runtime of its own, which must not be started (or dropped) on a
+/// thread that is driving async tasks. On the multi-threaded runtime's threads this is
+/// `block_in_place`; on the blocking pool and plain threads it is a plain call.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// The connection pool of one store.
 pub struct PgBackend {
-    pool: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    /// Always `Some` until dropped (see `Drop`).
+    pool: Option<Pool>,
     /// The URL with the password redacted.
     pub display_url: String,
 }
@@ -111,15 +127,19 @@ impl PgBackend {
             .connection_timeout(Duration::from_secs(5))
             .build_unchecked(manager);
         let b = Self {
-            pool,
+            pool: Some(pool),
             display_url: redact(url),
         };
-        b.migrate()?;
+        blocking(|| b.migrate())?;
         Ok(b)
     }
 
     fn client(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> {
-        self.pool.get().map_err(|e| {
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| StoreError::Db(fault_msg("the connection pool is closed".into())))?;
+        pool.get().map_err(|e| {
             StoreError::Db(fault_msg(format!(
                 "no connection to {}: {e}",
                 self.display_url
@@ -173,6 +193,10 @@ impl PgBackend {
 
     /// Runs `f` in one transaction holding [`WRITE_LOCK`].
     pub fn with_tx<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        blocking(|| self.with_tx_here(f))
+    }
+
+    fn with_tx_here<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         let mut c = self.client()?;
         let mut t = c.transaction().map_err(fault)?;
         t.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
@@ -187,9 +211,21 @@ impl PgBackend {
 
     /// A round trip to the database, for the periodic health check.
     pub fn ping(&self) -> Result<()> {
-        let mut c = self.client()?;
-        c.simple_query("SELECT 1").map_err(fault)?;
-        Ok(())
+        blocking(|| {
+            let mut c = self.client()?;
+            c.simple_query("SELECT 1").map_err(fault)?;
+            Ok(())
+        })
+    }
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        // The pool's connections each own a runtime, which cannot be dropped inside another:
+        // close them on a plain thread.
+        if let Some(pool) = self.pool.take() {
+            let _ = std::thread::spawn(move || drop(pool)).join();
+        }
     }
 }
 
