@@ -54,7 +54,7 @@ check "the schema is migrated (version row)" test "$(psql_q 'SELECT version > 0 
 say "two devices"
 lab_start_device alice
 lab_start_device db
-lab_coord user add alice --group eng >/dev/null
+lab_coord user add alice --group eng >/dev/null 2>&1
 lab_coord policy apply "$P/open-lab.toml" >/dev/null
 lab_device_up alice "$(lab_token --user alice)" >/dev/null
 lab_device_up db "$(lab_token --tag db --tag server)" >/dev/null
@@ -83,7 +83,8 @@ RC=$?
 check "a second init into the same database is refused" test "$RC" -ne 0
 check "because it already holds an instance" grep -q "already holds a Ward instance" <<<"$OUT"
 check "the refusals did not print the password" test "$(grep -cF "$SECRET" <<<"$OUT")" = 0
-check "the coordinator still serves" lab_coord device ls --json
+serves() { lab_coord device ls --json >/dev/null; }
+check "the coordinator still serves" serves
 
 echo "postgres.sh runtime: $((SECONDS - T0)) s"
 finish
