@@ -10,6 +10,8 @@
 //!   audit.checkpoint audit chain checkpoint {rows, head, time, MAC} (0600)
 //!   narrowing.journal revocations etc. the database could not take, 16 KiB pre-allocated (0600)
 //!   ward.db          SQLite (WAL) database                     (0600)
+//!                    (absent for an instance on PostgreSQL: `init --database URL`, then
+//!                    `serve` with the URL; config.json records `"database": "postgres"`)
 //!   admin.sock       admin socket of the running coordinator   (0600)
 //! ```
 //!
