@@ -20,6 +20,9 @@ echo "== building binaries (debug for system tests, release for namespace tests)
 cargo build --locked --workspace --bins
 cargo build --locked --release --workspace --bins
 echo "== cargo test"
+# The store suite runs on SQLite and on a throw-away PostgreSQL cluster; as root (CI) the
+# postgresql package is installed above, so a missing PostgreSQL fails instead of skipping.
+if [[ $EUID -eq 0 ]]; then export WARD_REQUIRE_PG=1; fi
 cargo test --locked --workspace
 echo "== benchmarks and examples in smoke mode (a rot check, never a timed test)"
 ./bench/smoke.sh

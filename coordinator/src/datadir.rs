@@ -10,6 +10,8 @@
 //!   audit.checkpoint audit chain checkpoint {rows, head, time, MAC} (0600)
 //!   narrowing.journal revocations etc. the database could not take, 16 KiB pre-allocated (0600)
 //!   ward.db          SQLite (WAL) database                     (0600)
+//!                    (absent for an instance on PostgreSQL: `init --database URL`, then
+//!                    `serve` with the URL; config.json records `"database": "postgres"`)
 //!   admin.sock       admin socket of the running coordinator   (0600)
 //!   replica.id       this replica's id, made at its first `serve` (0600)
 //! ```
@@ -41,15 +43,92 @@ pub struct Config {
     /// [`ward_shared::names::DEFAULT_DNS_DOMAIN`].
     #[serde(default)]
     pub dns_domain: ward_shared::names::DnsDomain,
+    /// Which database the instance keeps its state in. The PostgreSQL URL itself (with its
+    /// password) is never written here: `serve` is given it (`--database`,
+    /// `WARD_DATABASE_URL`).
+    #[serde(default)]
+    pub database: DatabaseKind,
+}
+
+/// The store backend of an instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseKind {
+    /// `ward.db` in the data directory.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database several coordinators may share.
+    Postgres,
 }
 
 pub struct DataDir {
     pub path: PathBuf,
+    /// The PostgreSQL URL (`--database`), if the instance's database is PostgreSQL.
+    pub database_url: Option<String>,
+}
+
+/// Runs `f` off the async runtime: the PostgreSQL client blocks on a runtime of its own, which
+/// a thread already driving async tasks must not do.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    })
 }
 
 impl DataDir {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self {
+            path: path.into(),
+            database_url: None,
+        }
+    }
+
+    /// This data directory with its instance's state in the PostgreSQL database at `url`
+    /// (`None`: the SQLite file `ward.db`).
+    pub fn with_database(mut self, url: Option<String>) -> Result<Self> {
+        if let Some(u) = &url {
+            if !crate::store::postgres::is_postgres_url(u) {
+                bail!(
+                    "--database must be a postgres:// or postgresql:// URL, got {}",
+                    crate::store::postgres::redact(u)
+                );
+            }
+        }
+        self.database_url = url;
+        Ok(self)
+    }
+
+    /// The database as shown to people (a PostgreSQL password redacted).
+    pub fn database_display(&self) -> String {
+        match &self.database_url {
+            Some(u) => crate::store::postgres::redact(u),
+            None => self.db_path().display().to_string(),
+        }
+    }
+
+    /// Checks that the database given matches the one the instance was created with.
+    fn check_kind(&self) -> Result<()> {
+        let kind = match self.load_config() {
+            Ok(c) => c.database,
+            // Reported by whoever needs the config; the SQLite checks name the missing file.
+            Err(_) => return Ok(()),
+        };
+        match (kind, &self.database_url) {
+            (DatabaseKind::Postgres, None) => bail!(
+                "this coordinator keeps its state in PostgreSQL: give the database URL with \
+                 --database or WARD_DATABASE_URL"
+            ),
+            (DatabaseKind::Sqlite, Some(_)) => bail!(
+                "this coordinator keeps its state in {} (SQLite); --database is only for an \
+                 instance created with `init --database`",
+                self.db_path().display()
+            ),
+            _ => Ok(()),
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -101,6 +180,10 @@ impl DataDir {
     /// served: the file exists and is not empty, `PRAGMA quick_check` passes, and the audit
     /// chain matches its checkpoint. Every refusal names the recovery.
     pub fn open_store(&self, now_ms: i64) -> Result<SqliteStore> {
+        off_runtime(|| self.open_store_here(now_ms))
+    }
+
+    fn open_store_here(&self, now_ms: i64) -> Result<SqliteStore> {
         let (store, adopted) = self.open_anchored()?;
         let check = store.quick_check(now_ms)?;
         if !check.ok {
@@ -168,6 +251,10 @@ impl DataDir {
     /// `audit accept-rollback`: records the operator's decision in the audit log and anchors the
     /// chain as it stands. Refuses an intact log and rows that were edited in place.
     pub fn accept_rollback(&self, now_ms: i64) -> Result<AuditVerdict> {
+        off_runtime(|| self.accept_rollback_here(now_ms))
+    }
+
+    fn accept_rollback_here(&self, now_ms: i64) -> Result<AuditVerdict> {
         let (store, _) = self.open_anchored()?;
         let v = store.verify_audit()?;
         match v.kind {
@@ -190,6 +277,16 @@ impl DataDir {
     /// The existing database with its anchor; `true` when neither the key nor the checkpoint
     /// exist yet (a data directory from before anchoring), so the caller adopts the log.
     fn open_anchored(&self) -> Result<(SqliteStore, bool)> {
+        self.check_kind()?;
+        if let Some(url) = &self.database_url {
+            let anchor = Anchor {
+                key: self.load_audit_key()?,
+                checkpoint: self.checkpoint_path(),
+            };
+            let store = SqliteStore::open_postgres(url, Some(anchor))
+                .with_context(|| format!("opening the database {}", self.database_display()))?;
+            return Ok((store, false));
+        }
         let db = self.db_path();
         // The database first: a data dir without one gets no new audit key either.
         let present = fs::metadata(&db).map(|m| m.len() > 0).unwrap_or(false);
@@ -247,6 +344,21 @@ impl DataDir {
         now_ms: i64,
     ) -> Result<Config> {
         validate_public_addr(public_addr)?;
+        if let Some(url) = &self.database_url {
+            // Before anything is written: the database must be reachable and hold no instance.
+            let (users, audit) = off_runtime(|| -> Result<(usize, usize)> {
+                let s = SqliteStore::open_postgres(url, None)
+                    .with_context(|| format!("opening the database {}", self.database_display()))?;
+                Ok((s.list_users()?.len(), s.audit_log(1)?.len()))
+            })?;
+            if users > 0 || audit > 0 {
+                bail!(
+                    "the database {} already holds a Ward instance; refusing to initialise \
+                     another one in it",
+                    self.database_display()
+                );
+            }
+        }
         if self.config_path().exists() || self.db_path().exists() {
             bail!(
                 "{} already holds a Ward coordinator; refusing to overwrite it",
@@ -286,6 +398,10 @@ impl DataDir {
             pools: AddressPools::from_random(gid),
             created_ms: now_ms,
             dns_domain,
+            database: match self.database_url {
+                Some(_) => DatabaseKind::Postgres,
+                None => DatabaseKind::Sqlite,
+            },
         };
         write_private(
             &self.config_path(),
@@ -294,7 +410,9 @@ impl DataDir {
         let mut audit_key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut audit_key);
         write_private(&self.audit_key_path(), hex::encode(audit_key).as_bytes())?;
-        drop(SqliteStore::open(&self.db_path())?);
+        if self.database_url.is_none() {
+            drop(SqliteStore::open(&self.db_path())?);
+        }
         Checkpoint::new(&AuditKey::from_bytes(audit_key), 0, &[0u8; 32], now_ms)
             .write_atomic(&self.checkpoint_path())?;
         crate::store::journal::Journal::open_or_create(&self.journal_path())?;

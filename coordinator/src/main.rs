@@ -39,6 +39,12 @@ struct Cli {
         default_value = "/var/lib/ward-coordinator"
     )]
     data_dir: PathBuf,
+    /// The instance's PostgreSQL database, `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`
+    /// (`?host=/socket/dir` for a unix socket; the password may come from `PGPASSWORD`).
+    /// Given to `init` to create a PostgreSQL instance, then to `serve` and the commands that
+    /// open the database; without it the instance uses SQLite (`ward.db`).
+    #[arg(long, env = "WARD_DATABASE_URL", global = true, hide_env_values = true)]
+    database: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -621,7 +627,7 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let dd = DataDir::new(&cli.data_dir);
+    let dd = DataDir::new(&cli.data_dir).with_database(cli.database.clone())?;
     let sock = dd.admin_socket();
     match cli.cmd {
         Cmd::Init {
@@ -646,6 +652,7 @@ async fn run(cli: Cli) -> Result<()> {
                 cfg.pools.v6_prefix
             );
             println!("  DNS domain     : {}", cfg.dns_domain);
+            println!("  database       : {}", dd.database_display());
             println!(
                 "next: ward-coordinator --data-dir {} serve",
                 dd.path.display()
@@ -745,6 +752,7 @@ async fn run(cli: Cli) -> Result<()> {
                     })
                 }
             };
+            tracing::info!(database = %dd.database_display(), "opening the database");
             server::serve(
                 dd,
                 listen,

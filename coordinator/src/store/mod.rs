@@ -19,9 +19,11 @@ use ward_shared::wire::{DeviceId, ErrorCode, WgPublicKey};
 pub use crate::audit::Action;
 
 pub mod anchor;
+pub mod db;
 pub mod journal;
+pub mod postgres;
 pub mod replicas;
-mod schema;
+pub(crate) mod schema;
 mod sqlite;
 
 pub use crate::model::{Device, DeviceStatus, Quarantine, User};

@@ -1,7 +1,7 @@
 //! The SQLite schema, as migrations applied in order.
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-pub(super) const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: first schema.
     r#"
     CREATE TABLE users(

@@ -1,3 +1,4 @@
+use crate::store::db::Tx;
 use rusqlite::{params, OptionalExtension};
 
 use super::*;
@@ -31,11 +32,7 @@ pub(super) fn audit_hash(
     h.finalize().to_vec()
 }
 
-pub(super) fn append_audit_tx(
-    tx: &rusqlite::Transaction<'_>,
-    a: Audit<'_>,
-    now_ms: i64,
-) -> Result<()> {
+pub(super) fn append_audit_tx(tx: &Tx<'_>, a: Audit<'_>, now_ms: i64) -> Result<()> {
     let last: Option<(i64, Vec<u8>)> = tx
         .query_row(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
@@ -96,7 +93,7 @@ pub(super) fn audit_counts_since(
 pub(super) fn audit_log(s: &SqliteStore, limit: i64) -> Result<Vec<AuditEntry>> {
     s.with_tx(|tx| {
         let mut stmt = tx.prepare(
-            "SELECT seq, ts_ms, actor, action, target, detail, hash FROM (SELECT * FROM audit ORDER BY seq DESC LIMIT ?1) ORDER BY seq",
+            "SELECT seq, ts_ms, actor, action, target, detail, hash FROM (SELECT * FROM audit ORDER BY seq DESC LIMIT ?1) AS recent ORDER BY seq",
         )?;
         let rows = stmt.query_map([limit], |r| {
             let detail: String = r.get(5)?;
@@ -116,7 +113,7 @@ pub(super) fn audit_log(s: &SqliteStore, limit: i64) -> Result<Vec<AuditEntry>> 
 }
 
 /// The table's last row: (seq, hash, ts_ms).
-pub(super) fn tail(tx: &rusqlite::Transaction<'_>) -> Result<Option<(i64, Vec<u8>, i64)>> {
+pub(super) fn tail(tx: &Tx<'_>) -> Result<Option<(i64, Vec<u8>, i64)>> {
     Ok(tx
         .query_row(
             "SELECT seq, hash, ts_ms FROM audit ORDER BY seq DESC LIMIT 1",
@@ -129,7 +126,7 @@ pub(super) fn tail(tx: &rusqlite::Transaction<'_>) -> Result<Option<(i64, Vec<u8
 /// The database's keyed head: (seq, hash, mac).
 type HeadRow = (i64, Vec<u8>, Vec<u8>);
 
-fn head_row(tx: &rusqlite::Transaction<'_>) -> Result<Option<HeadRow>> {
+fn head_row(tx: &Tx<'_>) -> Result<Option<HeadRow>> {
     Ok(tx
         .query_row(
             "SELECT seq, hash, mac FROM audit_head WHERE id = 1",
@@ -139,7 +136,7 @@ fn head_row(tx: &rusqlite::Transaction<'_>) -> Result<Option<HeadRow>> {
         .optional()?)
 }
 
-fn set_head(tx: &rusqlite::Transaction<'_>, key: &AuditKey, seq: i64, hash: &[u8]) -> Result<()> {
+fn set_head(tx: &Tx<'_>, key: &AuditKey, seq: i64, hash: &[u8]) -> Result<()> {
     tx.execute(
         "INSERT INTO audit_head(id, seq, hash, mac) VALUES (1, ?1, ?2, ?3)
          ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, mac = excluded.mac",
@@ -154,7 +151,7 @@ fn set_head(tx: &rusqlite::Transaction<'_>, key: &AuditKey, seq: i64, hash: &[u8
 /// the transaction (rows deleted or appended behind the coordinator's back) is left alone and
 /// reported, so start-up finds the fault instead of it being re-anchored over.
 pub(super) fn advance_head(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Tx<'_>,
     key: &AuditKey,
     before: Option<(i64, Vec<u8>, i64)>,
 ) -> Result<Option<(i64, Vec<u8>, i64)>> {
@@ -193,17 +190,17 @@ pub(super) fn reanchor(
     let Some(anchor) = s.anchor() else {
         return Err(StoreError::Invalid("this store has no audit anchor".into()));
     };
-    let mut conn = s.conn.lock().unwrap_or_else(|p| p.into_inner());
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute("DELETE FROM audit_head", [])?;
-    if let Some((a, now)) = action {
-        append_audit_tx(&tx, a, now)?;
-    }
-    let (seq, hash, ts) = tail(&tx)?.unwrap_or((0, vec![0u8; 32], 0));
-    if seq > 0 {
-        set_head(&tx, &anchor.key, seq, &hash)?;
-    }
-    tx.commit()?;
+    let (seq, hash, ts) = s.raw_tx(|tx| {
+        tx.execute("DELETE FROM audit_head", [])?;
+        if let Some((a, now)) = action {
+            append_audit_tx(tx, a, now)?;
+        }
+        let (seq, hash, ts) = tail(tx)?.unwrap_or((0, vec![0u8; 32], 0));
+        if seq > 0 {
+            set_head(tx, &anchor.key, seq, &hash)?;
+        }
+        Ok((seq, hash, ts))
+    })?;
     Checkpoint::new(&anchor.key, seq, &hash, ts)
         .write_atomic(&anchor.checkpoint)
         .map_err(|e| StoreError::Invalid(format!("writing the audit checkpoint: {e}")))?;
@@ -239,11 +236,7 @@ fn verdict(
 
 /// The chain verified row by row (`rows` of them); now compare its tail with the keyed head and
 /// the checkpoint.
-fn anchored_verdict(
-    tx: &rusqlite::Transaction<'_>,
-    anchor: &Anchor,
-    rows: i64,
-) -> Result<AuditVerdict> {
+fn anchored_verdict(tx: &Tx<'_>, anchor: &Anchor, rows: i64) -> Result<AuditVerdict> {
     let (tseq, thash, _) = tail(tx)?.unwrap_or((0, vec![0u8; 32], 0));
     let head = head_row(tx)?;
     if let Some((hs, hh, mac)) = &head {

@@ -1,3 +1,4 @@
+use crate::store::db::{Params, Row, Tx};
 use rusqlite::{params, OptionalExtension};
 
 use super::*;
@@ -8,7 +9,7 @@ use ward_shared::names::Hostname;
 pub(super) const DEVICE_COLS: &str = "d.id, d.hostname, u.name, COALESCE(u.disabled, 0), d.tags, d.ipv4, d.ipv6, d.os, d.status, d.created_ms, d.last_seen_ms, d.cert_not_after_ms, d.revoked_ms, d.wg_key, d.endpoints, d.quarantine, d.name_bound";
 
 /// One device row; a value that does not parse is [`StoreError::Corrupt`], never a default.
-fn device_row(r: &rusqlite::Row<'_>) -> Result<Device> {
+fn device_row(r: &Row<'_>) -> Result<Device> {
     let id: i64 = r.get(0)?;
     let hostname: String = r.get(1)?;
     let user: Option<String> = r.get(2)?;
@@ -63,17 +64,13 @@ fn device_row(r: &rusqlite::Row<'_>) -> Result<Device> {
     })
 }
 
-pub(super) fn query_devices(
-    tx: &rusqlite::Transaction<'_>,
-    cond: &str,
-    p: impl rusqlite::Params,
-) -> Result<Vec<Device>> {
+pub(super) fn query_devices(tx: &Tx<'_>, cond: &str, p: impl Params) -> Result<Vec<Device>> {
     let sql = format!("SELECT {DEVICE_COLS} FROM devices d LEFT JOIN users u ON u.id = d.user_id {cond} ORDER BY d.id");
     let mut stmt = tx.prepare(&sql)?;
     let mut rows = stmt.query(p)?;
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
-        out.push(device_row(r)?);
+        out.push(device_row(&r)?);
     }
     Ok(out)
 }
@@ -324,7 +321,7 @@ pub(super) fn edit_device_tags(
 }
 
 /// The first of `base`, `base-2`, `base-3`, … that no device (active or revoked) holds.
-pub(super) fn first_free_name(tx: &rusqlite::Transaction<'_>, base: &Hostname) -> Result<Hostname> {
+pub(super) fn first_free_name(tx: &Tx<'_>, base: &Hostname) -> Result<Hostname> {
     let mut name = base.clone();
     let mut k = 2;
     while name_holder(tx, name.as_str())?.is_some() {
@@ -341,7 +338,7 @@ pub(super) fn first_free_name(tx: &rusqlite::Transaction<'_>, base: &Hostname) -
 }
 
 /// The device holding `name`: its id, whether it is active, whether the name is bound.
-fn name_holder(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<Option<(i64, bool, bool)>> {
+fn name_holder(tx: &Tx<'_>, name: &str) -> Result<Option<(i64, bool, bool)>> {
     Ok(tx
         .query_row(
             "SELECT id, status = 'active', name_bound FROM devices WHERE hostname = ?1",
@@ -357,7 +354,7 @@ fn name_holder(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<Option<(i64
 /// device with a bound name holds it: `Conflict`, nothing changes. `except` is the device being
 /// renamed itself.
 pub(super) fn free_name(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Tx<'_>,
     name: &Hostname,
     except: Option<DeviceId>,
     actor: &str,
@@ -398,7 +395,7 @@ pub(super) fn free_name(
 
 /// The active device named `name` (an admin names devices by hostname): not found, or
 /// revoked, is an error in words.
-fn active_device_named(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<Device> {
+fn active_device_named(tx: &Tx<'_>, name: &str) -> Result<Device> {
     let dev = query_devices(tx, "WHERE d.hostname = ?1", [name])?
         .into_iter()
         .next()

@@ -6,6 +6,7 @@
 //! added with saturation in Rust, never SQL arithmetic that could overflow into a float); a
 //! PostgreSQL store does the same under its own transaction.
 
+use crate::store::db::{Row, Tx};
 use rusqlite::{params, OptionalExtension};
 use std::net::IpAddr;
 
@@ -41,7 +42,7 @@ fn printable(s: &str) -> String {
 }
 
 pub(super) fn store_flows_tx(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Tx<'_>,
     reporter: DeviceId,
     report: &FlowReport,
     relabeled: &FlowReport,
@@ -162,13 +163,7 @@ fn report_digest(report: &FlowReport) -> Vec<u8> {
 type StoredCounts = (i64, i64, i64, i64, i64, i64, i64, String);
 
 /// Adds one record to its key's row in the window, or inserts the row.
-fn merge_record(
-    tx: &rusqlite::Transaction<'_>,
-    dev: i64,
-    start_ms: i64,
-    end_ms: i64,
-    r: &FlowRecord,
-) -> Result<()> {
+fn merge_record(tx: &Tx<'_>, dev: i64, start_ms: i64, end_ms: i64, r: &FlowRecord) -> Result<()> {
     let peer_addr = r.peer_addr.to_string();
     let role = name_of(&r.role);
     let proto = name_of(&r.proto);
@@ -295,7 +290,7 @@ pub(super) fn flows(s: &SqliteStore, q: &FlowQuery) -> Result<Vec<FlowRow>> {
                 ))?;
                 let mut rows = stmt.query(params![q.since_ms, limit])?;
                 while let Some(r) = rows.next()? {
-                    out.push(flow_row(r)?);
+                    out.push(flow_row(&r)?);
                 }
             }
             Some(ids) => {
@@ -315,7 +310,7 @@ pub(super) fn flows(s: &SqliteStore, q: &FlowQuery) -> Result<Vec<FlowRow>> {
                     while let Some(r) = rows.next()? {
                         let row_id: i64 = r.get(0)?;
                         if seen.insert(row_id) {
-                            out.push(flow_row(r)?);
+                            out.push(flow_row(&r)?);
                         }
                     }
                 }
@@ -327,7 +322,7 @@ pub(super) fn flows(s: &SqliteStore, q: &FlowQuery) -> Result<Vec<FlowRow>> {
     })
 }
 
-fn flow_row(r: &rusqlite::Row<'_>) -> Result<FlowRow> {
+fn flow_row(r: &Row<'_>) -> Result<FlowRow> {
     let id: i64 = r.get(0)?;
     let count = |i: usize| -> Result<u64> {
         let v: i64 = r.get(i)?;
@@ -411,11 +406,7 @@ pub(super) fn flow_sources(s: &SqliteStore) -> Result<Vec<FlowSource>> {
     })
 }
 
-pub(super) fn prune_tx(
-    tx: &rusqlite::Transaction<'_>,
-    before_ms: i64,
-    max_rows: usize,
-) -> Result<u64> {
+pub(super) fn prune_tx(tx: &Tx<'_>, before_ms: i64, max_rows: usize) -> Result<u64> {
     let n = tx.execute(
         "DELETE FROM flows WHERE id IN
              (SELECT id FROM flows WHERE window_end_ms < ?1 ORDER BY window_end_ms LIMIT ?2)",

@@ -24,7 +24,7 @@ pub(super) fn issue_lease(
             "INSERT INTO leases(device_id, wg_key, not_before_ms, not_after_ms, issued_ms) VALUES (?1,?2,?3,?4,?3)",
             params![device.0 as i64, key.to_base64(), now_ms, not_after],
         )?;
-        let serial = tx.last_insert_rowid() as u64;
+        let serial = tx.last_insert_rowid()? as u64;
         append_audit_tx(
             tx,
             Audit {

@@ -2,6 +2,7 @@
 //! (each row's hash covers the previous row's hash), so `maturity history` can tell an
 //! untouched trend from an edited one.
 
+use crate::store::db::Tx;
 use rusqlite::{params, OptionalExtension};
 use sha2::{Digest, Sha256};
 
@@ -26,12 +27,7 @@ fn row_hash(prev: &[u8], seq: i64, ts_ms: i64, trigger: &str, assessment: &str) 
     h.finalize().to_vec()
 }
 
-pub(super) fn append_tx(
-    tx: &rusqlite::Transaction<'_>,
-    trigger: &str,
-    assessment: &str,
-    now_ms: i64,
-) -> Result<i64> {
+pub(super) fn append_tx(tx: &Tx<'_>, trigger: &str, assessment: &str, now_ms: i64) -> Result<i64> {
     let last: Option<(i64, Vec<u8>)> = tx
         .query_row(
             "SELECT seq, hash FROM maturity ORDER BY seq DESC LIMIT 1",
@@ -51,7 +47,7 @@ pub(super) fn append_tx(
     Ok(seq)
 }
 
-pub(super) fn history_tx(tx: &rusqlite::Transaction<'_>) -> Result<MaturityChain> {
+pub(super) fn history_tx(tx: &Tx<'_>) -> Result<MaturityChain> {
     let mut stmt = tx.prepare(
         "SELECT seq, ts_ms, trigger, assessment, prev_hash, hash FROM maturity ORDER BY seq LIMIT ?1",
     )?;

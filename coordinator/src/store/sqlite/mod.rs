@@ -13,7 +13,9 @@ use ward_shared::names::{Hostname, Name};
 use ward_shared::wire::{DeviceId, WgPublicKey};
 
 use super::anchor::{AuditKey, Checkpoint};
+use super::db::Tx;
 use super::journal::{Journal, Narrowing};
+use super::postgres::PgBackend;
 use super::schema::MIGRATIONS;
 use super::{
     Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, FlowQuery, FlowRow, FlowSource,
@@ -42,14 +44,22 @@ mod tests;
 mod tokens;
 mod users;
 
+/// The store on either backend: one SQLite file (the default) or a PostgreSQL database that
+/// several coordinators share. The table modules are written once against
+/// [`crate::store::db::Tx`].
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    backend: Backend,
     /// The audit anchor (key and checkpoint file); `None` for a store nothing anchors (an
     /// in-memory test store, or `init` creating the file).
     anchor: Option<Anchor>,
     health: Health,
     /// The narrowing journal, once attached ([`SqliteStore::attach_journal`]).
     journal: Mutex<Option<Journal>>,
+}
+
+enum Backend {
+    Sqlite(Mutex<Connection>),
+    Postgres(PgBackend),
 }
 
 /// Where the audit chain is anchored outside the database.
@@ -93,6 +103,25 @@ impl SqliteStore {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         Self::init(conn, anchor)
+    }
+
+    /// Connects to the PostgreSQL database at `url` (migrating its schema if it is behind),
+    /// with the audit chain anchored by `anchor`.
+    pub fn open_postgres(url: &str, anchor: Option<Anchor>) -> Result<Self> {
+        Ok(Self {
+            backend: Backend::Postgres(PgBackend::connect(url)?),
+            anchor,
+            health: Health::default(),
+            journal: Mutex::new(None),
+        })
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend_kind(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
     }
 
     #[cfg(test)]
@@ -183,33 +212,51 @@ impl SqliteStore {
             tx.commit()?;
         }
         Ok(Self {
-            conn: Mutex::new(conn),
+            backend: Backend::Sqlite(Mutex::new(conn)),
             anchor,
             health: Health::default(),
             journal: Mutex::new(None),
         })
     }
 
-    /// Runs `f` in one `BEGIN IMMEDIATE` transaction. With an anchor, a transaction that
-    /// appended audit rows also moves the keyed head forward before it commits, and the
+    /// Runs `f` in one transaction: SQLite's `BEGIN IMMEDIATE`, or PostgreSQL's under the
+    /// store-wide advisory lock; either way one writer at a time.
+    fn raw_tx<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                // A poisoned lock means a panic mid-transaction; SQLite rolled it back, so go on.
+                let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let out = f(&Tx::Lite(&tx))?;
+                tx.commit()?;
+                Ok(out)
+            }
+            Backend::Postgres(pg) => pg.with_tx(f),
+        }
+    }
+
+    /// Runs raw statements in one transaction (tests editing the database behind the store).
+    #[cfg(test)]
+    pub fn raw_sql(&self, sql: &str) -> Result<()> {
+        self.raw_tx(|tx| Ok(tx.execute_batch(sql)?))
+    }
+
+    /// Runs `f` in one transaction ([`SqliteStore::raw_tx`]). With an anchor, a transaction
+    /// that appended audit rows also moves the keyed head forward before it commits, and the
     /// checkpoint file is rewritten after the commit, before the caller hears of success.
-    fn with_tx<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
-        // A poisoned lock means a panic mid-transaction; SQLite rolled it back, so go on.
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let res = (|| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    fn with_tx<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let res = self.raw_tx(|tx| {
             let before = match &self.anchor {
-                Some(_) => audit::tail(&tx)?,
+                Some(_) => audit::tail(tx)?,
                 None => None,
             };
-            let out = f(&tx)?;
+            let out = f(tx)?;
             let moved = match &self.anchor {
-                Some(a) => audit::advance_head(&tx, &a.key, before)?,
+                Some(a) => audit::advance_head(tx, &a.key, before)?,
                 None => None,
             };
-            tx.commit()?;
             Ok((out, moved))
-        })();
+        });
         let (out, moved) = match res {
             Ok(x) => x,
             Err(e) => {
@@ -246,15 +293,21 @@ impl SqliteStore {
 
     /// Runs SQLite's `PRAGMA quick_check` (every page's b-tree structure, bounded by the file
     /// size; not index-to-table consistency) and records the outcome for `status`.
+    /// On PostgreSQL (whose server checks its own pages) it is a round trip to the database.
     pub fn quick_check(&self, now_ms: i64) -> Result<IntegrityCheck> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let started = std::time::Instant::now();
-        let mut stmt = conn.prepare("PRAGMA quick_check(20)")?;
-        let lines = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<String>>>());
-        drop(stmt);
-        drop(conn);
+        let lines = match &self.backend {
+            Backend::Sqlite(conn) => {
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let mut stmt = conn.prepare("PRAGMA quick_check(20)")?;
+                stmt.query_map([], |r| r.get::<_, String>(0))
+                    .and_then(|rows| rows.collect::<rusqlite::Result<Vec<String>>>())
+            }
+            Backend::Postgres(pg) => match pg.ping() {
+                Ok(()) => Ok(vec!["ok".to_string()]),
+                Err(e) => Ok(vec![e.to_string()]),
+            },
+        };
         let (ok, detail) = match lines {
             Ok(l) if l.len() == 1 && l[0] == "ok" => (true, "ok".to_string()),
             Ok(l) => (false, l.join("; ")),

@@ -1,6 +1,7 @@
 //! Provider identities (`oidc_users`) and device sign-ins (`device_sign_ins`).
 
-use rusqlite::{params, OptionalExtension, Row};
+use crate::store::db::Row;
+use rusqlite::{params, OptionalExtension};
 
 use super::*;
 use crate::audit::Action;

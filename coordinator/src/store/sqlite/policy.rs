@@ -1,9 +1,10 @@
+use crate::store::db::Row;
 use rusqlite::{params, OptionalExtension};
 
 use super::*;
 use crate::audit::Action;
 
-pub(super) fn grant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRow> {
+pub(super) fn grant_row(r: &Row<'_>) -> rusqlite::Result<GrantRow> {
     Ok(GrantRow {
         id: r.get(0)?,
         principal: r.get(1)?,
@@ -48,7 +49,7 @@ pub(super) fn save_policy(
             "INSERT INTO policies(text, sha256, actor, created_ms, summary) VALUES (?1,?2,?3,?4,?5)",
             params![text, sha256, actor, now_ms, summary],
         )?;
-        let v = tx.last_insert_rowid();
+        let v = tx.last_insert_rowid()?;
         append_audit_tx(
             tx,
             Audit {

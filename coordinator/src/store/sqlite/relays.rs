@@ -1,12 +1,13 @@
 //! The `relays` table: the relays every device is told about, with the SHA-256 of each one's
 //! credential secret (the secret itself is never stored).
 
+use crate::store::db::Row;
 use rusqlite::{params, OptionalExtension};
 
 use super::*;
 use crate::audit::Action;
 
-fn relay_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RelayRow> {
+fn relay_row(r: &Row<'_>) -> rusqlite::Result<RelayRow> {
     Ok(RelayRow {
         name: r.get(0)?,
         addr: r.get(1)?,

@@ -1,5 +1,6 @@
 //! The `suggestions` table: what administrators decided about flow-based policy suggestions.
 
+use crate::store::db::Tx;
 use rusqlite::params;
 
 use super::*;
@@ -48,7 +49,7 @@ pub(super) fn marks(s: &SqliteStore) -> Result<Vec<SuggestionMark>> {
     })
 }
 
-pub(super) fn mark_tx(tx: &rusqlite::Transaction<'_>, m: &SuggestionMark) -> Result<()> {
+pub(super) fn mark_tx(tx: &Tx<'_>, m: &SuggestionMark) -> Result<()> {
     tx.execute(
         "INSERT INTO suggestions(id, kind, subject, state, reason, until_ms, flows, days, actor, updated_ms)
          VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)

@@ -6,12 +6,43 @@ use std::net::Ipv4Addr;
 use ward_shared::names::Hostname;
 use ward_shared::wire::ErrorCode;
 
+// Every test that does not need SQLite's file semantics runs twice: on an in-memory SQLite
+// database and on a fresh database of a throw-away PostgreSQL cluster (`postgres::testpg`).
+thread_local! {
+    static PG_URL: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The PostgreSQL database of the running test, if it runs on PostgreSQL.
+fn backend_url() -> Option<String> {
+    PG_URL.with(|u| u.borrow().clone())
+}
+
+/// A fresh store on the running test's backend.
+fn new_store() -> SqliteStore {
+    match backend_url() {
+        Some(url) => SqliteStore::open_postgres(&url, None).unwrap(),
+        None => SqliteStore::open_in_memory().unwrap(),
+    }
+}
+
+fn on_sqlite(test: fn()) {
+    test()
+}
+
+fn on_postgres(test: fn()) {
+    let Some(url) = crate::store::postgres::testpg::fresh_database() else {
+        return;
+    };
+    PG_URL.with(|u| *u.borrow_mut() = Some(url));
+    test()
+}
+
 fn n(s: &str) -> Name {
     Name::parse("name", s).unwrap()
 }
 
 fn setup() -> (SqliteStore, AddressPools) {
-    let s = SqliteStore::open_in_memory().unwrap();
+    let s = new_store();
     s.add_user(&n("alice"), &[n("eng")], "admin", 1000).unwrap();
     (s, AddressPools::from_random([1, 2, 3, 4, 5]))
 }
@@ -40,7 +71,6 @@ fn enroll(
     .map(|(d, _)| d)
 }
 
-#[test]
 fn token_lifecycle_and_refusals() {
     let (s, pools) = setup();
     let h = ward_shared::token::hash_secret(b"s1");
@@ -135,8 +165,15 @@ fn token_lifecycle_and_refusals() {
     );
     assert!(s.verify_audit().unwrap().ok);
 }
-
 #[test]
+fn token_lifecycle_and_refusals_sqlite() {
+    on_sqlite(token_lifecycle_and_refusals);
+}
+#[test]
+fn token_lifecycle_and_refusals_postgres() {
+    on_postgres(token_lifecycle_and_refusals);
+}
+
 fn same_identity_cannot_enroll_twice() {
     let (s, pools) = setup();
     s.create_token(
@@ -165,8 +202,15 @@ fn same_identity_cannot_enroll_twice() {
     // The refused attempt did not spend a use.
     assert_eq!(s.list_tokens().unwrap()[0].uses_left, 4);
 }
-
 #[test]
+fn same_identity_cannot_enroll_twice_sqlite() {
+    on_sqlite(same_identity_cannot_enroll_twice);
+}
+#[test]
+fn same_identity_cannot_enroll_twice_postgres() {
+    on_postgres(same_identity_cannot_enroll_twice);
+}
+
 fn revoke_and_disable() {
     let (s, pools) = setup();
     s.create_token(
@@ -203,8 +247,15 @@ fn revoke_and_disable() {
         Err(StoreError::NotFound(_))
     ));
 }
-
 #[test]
+fn revoke_and_disable_sqlite() {
+    on_sqlite(revoke_and_disable);
+}
+#[test]
+fn revoke_and_disable_postgres() {
+    on_postgres(revoke_and_disable);
+}
+
 fn audit_chain_detects_edits() {
     let (s, _) = setup();
     s.append_audit(
@@ -219,23 +270,33 @@ fn audit_chain_detects_edits() {
     .unwrap();
     assert!(s.verify_audit().unwrap().ok);
     {
-        let c = s.conn.lock().unwrap();
         // Updates are blocked by a trigger...
-        assert!(c
-            .execute("UPDATE audit SET actor = 'mallory' WHERE seq = 1", [])
+        assert!(s
+            .raw_sql("UPDATE audit SET actor = 'mallory' WHERE seq = 1")
             .is_err());
-        // ...an attacker with the file drops it, and verification still catches the edit.
-        c.execute_batch(
-            "DROP TRIGGER audit_no_update; UPDATE audit SET actor = 'mallory' WHERE seq = 1;",
-        )
+        // ...an attacker with the database drops it, and verification still catches the edit.
+        let drop = match s.backend_kind() {
+            "postgres" => "DROP TRIGGER audit_no_update ON audit",
+            _ => "DROP TRIGGER audit_no_update",
+        };
+        s.raw_sql(&format!(
+            "{drop}; UPDATE audit SET actor = 'mallory' WHERE seq = 1;"
+        ))
         .unwrap();
     }
     let v = s.verify_audit().unwrap();
     assert!(!v.ok);
     assert_eq!(v.first_bad_seq, Some(1));
 }
-
 #[test]
+fn audit_chain_detects_edits_sqlite() {
+    on_sqlite(audit_chain_detects_edits);
+}
+#[test]
+fn audit_chain_detects_edits_postgres() {
+    on_postgres(audit_chain_detects_edits);
+}
+
 fn policies_and_grants() {
     let (s, _) = setup();
     assert!(s.current_policy().unwrap().is_none());
@@ -271,8 +332,15 @@ fn policies_and_grants() {
     assert_eq!(u.groups, vec![n("ops")]);
     assert!(s.verify_audit().unwrap().ok);
 }
-
 #[test]
+fn policies_and_grants_sqlite() {
+    on_sqlite(policies_and_grants);
+}
+#[test]
+fn policies_and_grants_postgres() {
+    on_postgres(policies_and_grants);
+}
+
 fn leases_issue_rotate_revoke() {
     let (s, pools) = setup();
     s.create_token(
@@ -314,8 +382,15 @@ fn leases_issue_rotate_revoke() {
     ));
     assert!(s.verify_audit().unwrap().ok);
 }
-
 #[test]
+fn leases_issue_rotate_revoke_sqlite() {
+    on_sqlite(leases_issue_rotate_revoke);
+}
+#[test]
+fn leases_issue_rotate_revoke_postgres() {
+    on_postgres(leases_issue_rotate_revoke);
+}
+
 fn users_are_unique() {
     let (s, _) = setup();
     assert!(matches!(
@@ -325,17 +400,29 @@ fn users_are_unique() {
     let users = s.list_users().unwrap();
     assert_eq!(users[0].groups, vec![n("eng")]);
 }
+#[test]
+fn users_are_unique_sqlite() {
+    on_sqlite(users_are_unique);
+}
+#[test]
+fn users_are_unique_postgres() {
+    on_postgres(users_are_unique);
+}
 
 /// Two handles on one database file, as two admin requests (or two coordinators) would have.
-fn two_handles() -> (tempfile::TempDir, SqliteStore, SqliteStore) {
+fn two_handles() -> (Option<tempfile::TempDir>, SqliteStore, SqliteStore) {
+    if let Some(url) = backend_url() {
+        let a = SqliteStore::open_postgres(&url, None).unwrap();
+        let b = SqliteStore::open_postgres(&url, None).unwrap();
+        return (None, a, b);
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ward.db");
     let a = SqliteStore::open(&path).unwrap();
     let b = SqliteStore::open(&path).unwrap();
-    (dir, a, b)
+    (Some(dir), a, b)
 }
 
-#[test]
 fn concurrent_tag_edits_both_survive() {
     let (_dir, a, b) = two_handles();
     let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
@@ -387,8 +474,15 @@ fn concurrent_tag_edits_both_survive() {
     assert_eq!(tags.len(), 78);
     assert!(a.verify_audit().unwrap().ok);
 }
-
 #[test]
+fn concurrent_tag_edits_both_survive_sqlite() {
+    on_sqlite(concurrent_tag_edits_both_survive);
+}
+#[test]
+fn concurrent_tag_edits_both_survive_postgres() {
+    on_postgres(concurrent_tag_edits_both_survive);
+}
+
 fn concurrent_group_edits_both_survive() {
     let (_dir, a, b) = two_handles();
     a.add_user(&n("alice"), &[], "admin", 1).unwrap();
@@ -411,8 +505,15 @@ fn concurrent_group_edits_both_survive() {
     assert_eq!(a.list_users().unwrap()[0].groups.len(), 80);
     assert!(a.verify_audit().unwrap().ok);
 }
-
 #[test]
+fn concurrent_group_edits_both_survive_sqlite() {
+    on_sqlite(concurrent_group_edits_both_survive);
+}
+#[test]
+fn concurrent_group_edits_both_survive_postgres() {
+    on_postgres(concurrent_group_edits_both_survive);
+}
+
 fn corrupt_columns_are_errors_not_empty() {
     let (s, pools) = setup();
     s.create_token(
@@ -432,7 +533,7 @@ fn corrupt_columns_are_errors_not_empty() {
     let d = enroll(&s, &pools, "t", b"s", "box", 1, 2000).unwrap();
     assert_eq!(d.tags, vec![n("web")]);
     let raw = |sql: &str| {
-        s.conn.lock().unwrap().execute(sql, []).unwrap();
+        s.raw_sql(sql).unwrap();
     };
     let is_corrupt = |r: Result<Device>, col: &str| match r {
         Err(StoreError::Corrupt {
@@ -467,6 +568,14 @@ fn corrupt_columns_are_errors_not_empty() {
     ));
     // Enrolling with a token whose tags cannot be read refuses rather than dropping them.
     assert!(enroll(&s, &pools, "t", b"s", "box2", 2, 2000).is_err());
+}
+#[test]
+fn corrupt_columns_are_errors_not_empty_sqlite() {
+    on_sqlite(corrupt_columns_are_errors_not_empty);
+}
+#[test]
+fn corrupt_columns_are_errors_not_empty_postgres() {
+    on_postgres(corrupt_columns_are_errors_not_empty);
 }
 
 #[test]
@@ -653,7 +762,6 @@ fn token(s: &SqliteStore, id: &str, user: Option<&str>, tags: &[&str], hostname:
 /// A user who enrolls first as `ci-runner` with an ordinary token gets a self-chosen name;
 /// the server enrolling later with a `--hostname ci-runner` token gets that name, bound,
 /// whatever it asked for, and the first device is moved aside to `ci-runner-2`.
-#[test]
 fn a_bound_name_goes_to_its_token_and_moves_a_squatter_aside() {
     let (s, pools) = setup();
     token(&s, "user", Some("alice"), &[], None);
@@ -716,8 +824,15 @@ fn a_bound_name_goes_to_its_token_and_moves_a_squatter_aside() {
     assert!(matches!(multi, Err(StoreError::Invalid(_))), "{multi:?}");
     assert!(s.verify_audit().unwrap().ok);
 }
-
 #[test]
+fn a_bound_name_goes_to_its_token_and_moves_a_squatter_aside_sqlite() {
+    on_sqlite(a_bound_name_goes_to_its_token_and_moves_a_squatter_aside);
+}
+#[test]
+fn a_bound_name_goes_to_its_token_and_moves_a_squatter_aside_postgres() {
+    on_postgres(a_bound_name_goes_to_its_token_and_moves_a_squatter_aside);
+}
+
 fn rename_and_approve_bind_names_and_are_audited() {
     let (s, pools) = setup();
     token(&s, "a", Some("alice"), &[], None);
@@ -766,6 +881,14 @@ fn rename_and_approve_bind_names_and_are_audited() {
         3
     );
     assert!(s.verify_audit().unwrap().ok);
+}
+#[test]
+fn rename_and_approve_bind_names_and_are_audited_sqlite() {
+    on_sqlite(rename_and_approve_bind_names_and_are_audited);
+}
+#[test]
+fn rename_and_approve_bind_names_and_are_audited_postgres() {
+    on_postgres(rename_and_approve_bind_names_and_are_audited);
 }
 
 /// Devices enrolled before names could be bound keep their access: the upgrade marks them
@@ -881,9 +1004,8 @@ mod flow_records {
 
     /// The candidate verdict is stored and read back; records of one key merge their
     /// verdicts (a would-deny wins, none keeps what was there).
-    #[test]
     fn shadow_verdicts_are_stored_and_merged() {
-        let s = SqliteStore::open_in_memory().unwrap();
+        let s = new_store();
         let mut allow = rec(80, 10);
         allow.shadow = Some(ShadowVerdict::WouldAllow);
         let mut deny = rec(80, 10);
@@ -908,10 +1030,17 @@ mod flow_records {
         let row = rows.iter().find(|r| r.record.port == 80).unwrap();
         assert_eq!(row.record.bytes_out, 20, "one row, counts merged");
     }
-
     #[test]
+    fn shadow_verdicts_are_stored_and_merged_sqlite() {
+        on_sqlite(shadow_verdicts_are_stored_and_merged);
+    }
+    #[test]
+    fn shadow_verdicts_are_stored_and_merged_postgres() {
+        on_postgres(shadow_verdicts_are_stored_and_merged);
+    }
+
     fn relabeled_records_are_stored_and_a_retransmission_judged_otherwise_is_the_same_report() {
-        let s = SqliteStore::open_in_memory().unwrap();
+        let s = new_store();
         let mut denied = rec(5432, 60);
         denied.role = Role::Responder;
         denied.verdict = FlowVerdict::Denied;
@@ -937,10 +1066,23 @@ mod flow_records {
         assert_eq!(rows[0].record.reason, Some(DenyCause::Posture));
         assert_eq!(rows[0].record.bytes_out, 60, "counted once");
     }
-
     #[test]
+    fn relabeled_records_are_stored_and_a_retransmission_judged_otherwise_is_the_same_report_sqlite(
+    ) {
+        on_sqlite(
+            relabeled_records_are_stored_and_a_retransmission_judged_otherwise_is_the_same_report,
+        );
+    }
+    #[test]
+    fn relabeled_records_are_stored_and_a_retransmission_judged_otherwise_is_the_same_report_postgres(
+    ) {
+        on_postgres(
+            relabeled_records_are_stored_and_a_retransmission_judged_otherwise_is_the_same_report,
+        );
+    }
+
     fn records_of_one_key_and_window_are_merged_and_others_kept_apart() {
-        let s = SqliteStore::open_in_memory().unwrap();
+        let s = new_store();
         s.store_flows(DeviceId(1), &report(1, NOW - W, vec![rec(22, 10)]), 0, NOW)
             .unwrap();
         // The rest of the same window in the next report, plus another port.
@@ -980,10 +1122,17 @@ mod flow_records {
         assert_eq!(get(NOW, 22, FlowVerdict::Allowed).bytes_out, 1);
         assert_eq!(get(NOW, 22, FlowVerdict::Denied), denied);
     }
-
     #[test]
+    fn records_of_one_key_and_window_are_merged_and_others_kept_apart_sqlite() {
+        on_sqlite(records_of_one_key_and_window_are_merged_and_others_kept_apart);
+    }
+    #[test]
+    fn records_of_one_key_and_window_are_merged_and_others_kept_apart_postgres() {
+        on_postgres(records_of_one_key_and_window_are_merged_and_others_kept_apart);
+    }
+
     fn gaps_and_dropped_records_are_counted() {
-        let s = SqliteStore::open_in_memory().unwrap();
+        let s = new_store();
         let mut r = report(1, NOW - W, vec![rec(22, 1)]);
         s.store_flows(DeviceId(1), &r, 0, NOW).unwrap();
         r.seq = 4;
@@ -1021,10 +1170,17 @@ mod flow_records {
             (4, 3, 1, 7)
         );
     }
-
     #[test]
+    fn gaps_and_dropped_records_are_counted_sqlite() {
+        on_sqlite(gaps_and_dropped_records_are_counted);
+    }
+    #[test]
+    fn gaps_and_dropped_records_are_counted_postgres() {
+        on_postgres(gaps_and_dropped_records_are_counted);
+    }
+
     fn retention_refuses_old_windows_and_prunes_old_rows() {
-        let s = SqliteStore::open_in_memory().unwrap();
+        let s = new_store();
         let keep_after = NOW - 10 * W;
         // Too old, and too far in the future: acknowledged but not stored.
         let old = report(1, keep_after - 2 * W, vec![rec(22, 1)]);
@@ -1073,10 +1229,17 @@ mod flow_records {
         );
         assert!(all(&s).is_empty());
     }
-
     #[test]
+    fn retention_refuses_old_windows_and_prunes_old_rows_sqlite() {
+        on_sqlite(retention_refuses_old_windows_and_prunes_old_rows);
+    }
+    #[test]
+    fn retention_refuses_old_windows_and_prunes_old_rows_postgres() {
+        on_postgres(retention_refuses_old_windows_and_prunes_old_rows);
+    }
+
     fn queries_select_by_device_and_time_and_values_stay_in_range() {
-        let s = SqliteStore::open_in_memory().unwrap();
+        let s = new_store();
         let mut huge = rec(443, u64::MAX);
         huge.packets_out = u64::MAX;
         huge.peer_user = Some("evil\x1b[2Jname".into());
@@ -1113,6 +1276,14 @@ mod flow_records {
         assert_eq!(q(i64::MIN, Some(vec![DeviceId(4)])), 1);
         assert_eq!(q(i64::MIN, Some(vec![DeviceId(9)])), 0);
     }
+    #[test]
+    fn queries_select_by_device_and_time_and_values_stay_in_range_sqlite() {
+        on_sqlite(queries_select_by_device_and_time_and_values_stay_in_range);
+    }
+    #[test]
+    fn queries_select_by_device_and_time_and_values_stay_in_range_postgres() {
+        on_postgres(queries_select_by_device_and_time_and_values_stay_in_range);
+    }
 }
 
 mod flow_renumbering {
@@ -1134,9 +1305,8 @@ mod flow_renumbering {
 
     /// A device that lost its state numbers its reports from 1 again: its new reports are
     /// stored, not taken for retransmissions; another report under a used number (not 1) is not.
-    #[test]
     fn a_device_numbering_from_one_again_is_stored_and_counted() {
-        let s = SqliteStore::open_in_memory().unwrap();
+        let s = new_store();
         let d = DeviceId(1);
         for seq in 1..=3 {
             s.store_flows(d, &report(seq, 0, 4), 0, 1000).unwrap();
@@ -1175,9 +1345,16 @@ mod flow_renumbering {
             (2, 5, 0, 1, 5)
         );
     }
+    #[test]
+    fn a_device_numbering_from_one_again_is_stored_and_counted_sqlite() {
+        on_sqlite(a_device_numbering_from_one_again_is_stored_and_counted);
+    }
+    #[test]
+    fn a_device_numbering_from_one_again_is_stored_and_counted_postgres() {
+        on_postgres(a_device_numbering_from_one_again_is_stored_and_counted);
+    }
 }
 
-#[test]
 fn audit_counts_read_only_rows_since_the_last_sequence_number() {
     let (s, _) = setup(); // one user.add row
     let (all, top) = s.audit_counts_since(0).unwrap();
@@ -1283,4 +1460,12 @@ fn users_the_provider_disabled_under_older_code_become_provider_suspended() {
         .unwrap()
         .is_empty());
     assert!(s.verify_audit().unwrap().ok);
+}
+#[test]
+fn audit_counts_read_only_rows_since_the_last_sequence_number_sqlite() {
+    on_sqlite(audit_counts_read_only_rows_since_the_last_sequence_number);
+}
+#[test]
+fn audit_counts_read_only_rows_since_the_last_sequence_number_postgres() {
+    on_postgres(audit_counts_read_only_rows_since_the_last_sequence_number);
 }

@@ -1,3 +1,4 @@
+use crate::store::db::{Row, Tx};
 use rusqlite::{params, OptionalExtension};
 
 use super::*;
@@ -7,7 +8,7 @@ use ward_shared::secret::ct_eq;
 use ward_shared::wire::ErrorCode;
 
 /// One token row; unparseable tags are [`StoreError::Corrupt`].
-pub(super) fn token_row(r: &rusqlite::Row<'_>) -> Result<TokenInfo> {
+pub(super) fn token_row(r: &Row<'_>) -> Result<TokenInfo> {
     let id: String = r.get(0)?;
     let tags: String = r.get(2)?;
     let revoked: Option<i64> = r.get(7)?;
@@ -39,7 +40,7 @@ pub(super) type TokenRow = (
 );
 
 pub(super) fn enroll_tx(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Tx<'_>,
     spec: &EnrollSpec<'_>,
     pools: &AddressPools,
     issue: &mut dyn FnMut(DeviceId) -> anyhow::Result<(Vec<u8>, i64)>,
@@ -156,7 +157,7 @@ pub(super) fn enroll_tx(
         "INSERT INTO devices(hostname, user_id, tags, addr_index, ipv4, ipv6, identity_hash, os, status, token_id, created_ms, last_seen_ms, cert_not_after_ms, name_bound) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,'active',?9,?10,?10,0,?11)",
         params![hostname.as_str(), uid, tags, next_index, ipv4.to_string(), ipv6.to_string(), spec.identity_hash.to_vec(), spec.os, spec.token_id, now_ms, name_bound],
     )?;
-    let id = DeviceId(tx.last_insert_rowid() as u64);
+    let id = DeviceId(tx.last_insert_rowid()? as u64);
     let (cert, not_after) =
         issue(id).map_err(|e| StoreError::Invalid(format!("issuing certificate: {e:#}")))?;
     tx.execute(
@@ -273,7 +274,7 @@ pub(super) fn list_tokens(s: &SqliteStore) -> Result<Vec<TokenInfo>> {
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
-            out.push(token_row(r)?);
+            out.push(token_row(&r)?);
         }
         Ok(out)
     })

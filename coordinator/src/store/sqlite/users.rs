@@ -1,9 +1,10 @@
+use crate::store::db::{Params, Tx};
 use rusqlite::{params, OptionalExtension};
 
 use super::*;
 use crate::audit::Action;
 
-pub(super) fn user_id(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<(i64, bool)> {
+pub(super) fn user_id(tx: &Tx<'_>, name: &str) -> Result<(i64, bool)> {
     tx.query_row(
         "SELECT id, disabled FROM users WHERE name = ?1",
         [name],
@@ -37,7 +38,7 @@ pub(super) fn add_user(
             "INSERT INTO users(name, disabled, created_ms) VALUES (?1, 0, ?2)",
             params![name.as_str(), now_ms],
         )?;
-        let uid = tx.last_insert_rowid();
+        let uid = tx.last_insert_rowid()?;
         for g in groups {
             tx.execute(
                 "INSERT OR IGNORE INTO user_groups(user_id, grp) VALUES (?1, ?2)",
@@ -64,14 +65,10 @@ pub(super) fn add_user(
     })
 }
 
-const USER_SELECT: &str = "SELECT u.name, u.disabled, u.created_ms, COALESCE((SELECT json_group_array(grp) FROM (SELECT grp FROM user_groups g WHERE g.user_id = u.id ORDER BY grp)), '[]') FROM users u";
+const USER_SELECT: &str = "SELECT u.name, u.disabled, u.created_ms, COALESCE((SELECT json_group_array(grp) FROM (SELECT grp FROM user_groups g WHERE g.user_id = u.id ORDER BY grp) AS ug), '[]') FROM users u";
 
 /// Users matching `cond` (groups sorted); unparseable groups are [`StoreError::Corrupt`].
-fn query_users(
-    tx: &rusqlite::Transaction<'_>,
-    cond: &str,
-    p: impl rusqlite::Params,
-) -> Result<Vec<User>> {
+fn query_users(tx: &Tx<'_>, cond: &str, p: impl Params) -> Result<Vec<User>> {
     let mut stmt = tx.prepare(&format!("{USER_SELECT} {cond} ORDER BY u.name"))?;
     let mut rows = stmt.query(p)?;
     let mut out = Vec::new();

@@ -1,0 +1,205 @@
+//! What only several coordinators on one PostgreSQL database can show: two independent store
+//! instances (two pools, as two replicas have) racing for one single-use token and appending
+//! to one audit chain, and the database going away mid-use.
+
+use super::testpg;
+use crate::audit::Action;
+use crate::store::anchor::AuditKey;
+use crate::store::{Anchor, Audit, EnrollSpec, SqliteStore, Store, StoreError, TokenSpec};
+use ward_shared::addr::AddressPools;
+use ward_shared::names::{Hostname, Name};
+
+fn n(s: &str) -> Name {
+    Name::parse("name", s).unwrap()
+}
+
+/// A replica's store: its own pool and its own checkpoint file, the instance's audit key.
+fn replica(url: &str, dir: &std::path::Path, i: usize) -> SqliteStore {
+    SqliteStore::open_postgres(
+        url,
+        Some(Anchor {
+            key: AuditKey::from_bytes([7; 32]),
+            checkpoint: dir.join(format!("replica{i}.checkpoint")),
+        }),
+    )
+    .unwrap()
+}
+
+fn enroll(s: &SqliteStore, pools: &AddressPools, i: usize) -> Result<(), StoreError> {
+    s.enroll(
+        EnrollSpec {
+            token_id: "once",
+            token_secret: b"secret",
+            hostname: Hostname::sanitize(&format!("racer-{i}")).unwrap(),
+            os: "linux".into(),
+            identity_hash: [i as u8; 32],
+        },
+        pools,
+        &mut |_| Ok((vec![1, 2, 3], 99_999)),
+        2_000,
+    )
+    .map(|_| ())
+}
+
+#[test]
+fn single_use_token_redeemed_once_by_100_racers_on_two_replicas() {
+    let Some(url) = testpg::fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (replica(&url, dir.path(), 1), replica(&url, dir.path(), 2));
+    a.add_user(&n("alice"), &[], "admin", 1_000).unwrap();
+    a.create_token(
+        TokenSpec {
+            id: "once",
+            secret_hash: ward_shared::token::hash_secret(b"secret"),
+            user: Some(&n("alice")),
+            tags: &[],
+            expires_ms: 1_000_000,
+            uses: 1,
+            hostname: None,
+        },
+        "admin",
+        1_000,
+    )
+    .unwrap();
+    let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
+    let results: Vec<Result<(), StoreError>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..100)
+            .map(|i| {
+                let (s, pools) = (if i % 2 == 0 { &a } else { &b }, &pools);
+                sc.spawn(move || enroll(s, pools, i))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::Refused { .. })))
+        .count();
+    let other: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .filter(|e| !matches!(e, StoreError::Refused { .. }))
+        .collect();
+    assert!(other.is_empty(), "unexpected errors: {other:?}");
+    assert_eq!((won, refused), (1, 99));
+    assert_eq!(b.list_devices().unwrap().len(), 1);
+    assert_eq!(a.list_tokens().unwrap()[0].uses_left, 0);
+    let log = b.audit_log(1_000).unwrap();
+    let audited = log
+        .iter()
+        .filter(|e| e.action == Action::EnrollRefused.as_str())
+        .count();
+    assert_eq!(audited, 99, "every refusal is audited");
+    for s in [&a, &b] {
+        let v = s.verify_audit().unwrap();
+        assert!(v.ok, "{}", v.message);
+    }
+}
+
+#[test]
+fn two_replicas_appending_at_once_never_fork_the_audit_chain() {
+    let Some(url) = testpg::fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (replica(&url, dir.path(), 1), replica(&url, dir.path(), 2));
+    std::thread::scope(|sc| {
+        for t in 0..8 {
+            let s = if t % 2 == 0 { &a } else { &b };
+            sc.spawn(move || {
+                for k in 0..25 {
+                    s.append_audit(
+                        Audit {
+                            actor: "admin",
+                            action: Action::UserAdd,
+                            target: &format!("u{t}-{k}"),
+                            detail: serde_json::json!({ "writer": t }),
+                        },
+                        1_000 + k,
+                    )
+                    .unwrap();
+                }
+            });
+        }
+    });
+    for s in [&a, &b] {
+        let v = s.verify_audit().unwrap();
+        assert!(v.ok, "{}", v.message);
+        let chain = s.verify_chain().unwrap();
+        assert!(chain.ok, "{}", chain.message);
+        assert_eq!(chain.rows, 200);
+    }
+    let log = a.audit_log(1_000).unwrap();
+    let seqs: Vec<i64> = log.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>(), "one chain, no gaps");
+}
+
+#[test]
+fn database_outage_is_a_storage_fault_and_the_pool_recovers() {
+    if !testpg::available() {
+        return;
+    }
+    let cluster = testpg::Cluster::start();
+    let url = cluster.create_database();
+    let s = SqliteStore::open_postgres(&url, None).unwrap();
+    s.add_user(&n("alice"), &[], "admin", 1_000).unwrap();
+    s.create_token(
+        TokenSpec {
+            id: "once",
+            secret_hash: ward_shared::token::hash_secret(b"secret"),
+            user: Some(&n("alice")),
+            tags: &[],
+            expires_ms: 1_000_000,
+            uses: 1,
+            hostname: None,
+        },
+        "admin",
+        1_000,
+    )
+    .unwrap();
+    cluster.pg_stop();
+    let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
+    // Enrollment fails closed: a storage fault, neither a device nor a refusal.
+    let e = enroll(&s, &pools, 1).unwrap_err();
+    assert!(e.is_storage_fault(), "{e:?}");
+    let e = s.list_users().unwrap_err();
+    assert!(e.is_storage_fault(), "{e:?}");
+    let e = s
+        .save_policy("x", "sha", "admin", "summary", 2_000)
+        .unwrap_err();
+    assert!(e.is_storage_fault(), "{e:?}");
+    assert!(!s.quick_check(2_000).unwrap().ok);
+    cluster.pg_start();
+    // The pool reconnects by itself; nothing written during the outage exists.
+    let users = s.list_users().unwrap();
+    assert_eq!(users.len(), 1);
+    assert!(s.current_policy().unwrap().is_none());
+    assert_eq!(s.list_tokens().unwrap()[0].uses_left, 1);
+    enroll(&s, &pools, 1).unwrap();
+    assert_eq!(s.list_devices().unwrap().len(), 1);
+    assert!(s.quick_check(3_000).unwrap().ok);
+}
+
+#[test]
+fn migrations_run_once_when_replicas_start_together() {
+    let Some(url) = testpg::fresh_database() else {
+        return;
+    };
+    let stores: Vec<SqliteStore> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| sc.spawn(|| SqliteStore::open_postgres(&url, None)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+    });
+    stores[0].add_user(&n("bob"), &[], "admin", 1).unwrap();
+    assert_eq!(stores[3].list_users().unwrap().len(), 1);
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let v: i64 = c
+        .query_one("SELECT version FROM ward_schema", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(v as usize, crate::store::schema::MIGRATIONS.len());
+}
