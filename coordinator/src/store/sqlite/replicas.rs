@@ -5,26 +5,30 @@
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use ward_shared::wire::DeviceId;
 
-use super::SqliteStore;
+use super::{Backend, SqliteStore};
+use crate::store::db::Tx;
 use crate::store::replicas::{FeedRow, ReplicaRow, ReplicaStore, SessionRow};
 use crate::store::Result;
 
 impl SqliteStore {
-    fn read<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+    /// A read: on SQLite a deferred transaction (polling never takes the write lock); on
+    /// PostgreSQL an ordinary transaction.
+    fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+                let out = f(&Tx::Lite(&tx))?;
+                tx.commit()?;
+                Ok(out)
+            }
+            Backend::Postgres(pg) => pg.with_tx(f),
+        }
     }
 
     /// A write with no audit row (bookkeeping other replicas read, never a change they apply).
-    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+    fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        self.raw_tx(f)
     }
 }
 
