@@ -783,6 +783,7 @@ impl Dev {
                     | Event::SetShadowFilter(_)
                     | Event::SetClockOffset(_)
                     | Event::SaveCert { .. }
+                    | Event::SaveCoordinators { .. }
                     | Event::SelfName(_)
                     | Event::TakeDeniedFlows
                     | Event::ResolveRelay(_)

@@ -596,13 +596,33 @@ pub async fn enroll(token: &EnrollToken, hostname: &str, os: &str) -> Result<(En
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .context("making certificate request")?;
-    let addrs = resolve(&token.coordinator).await?;
     // No UDP socket at all (a sandbox) still leaves TCP.
     let endpoint = client_endpoint()
         .inspect_err(|e| debug!(error = %format!("{e:#}"), "no QUIC endpoint: TCP only"))
         .ok();
-    let mut ch =
-        Channel::open_either(endpoint.as_ref(), &enroll_configs(token.ca_sha256)?, &addrs).await?;
+    let cfgs = enroll_configs(token.ca_sha256)?;
+    // The token's addresses in order: the first coordinator that answers enrolls the device.
+    let mut opened = None;
+    let mut errors = Vec::new();
+    for coordinator in token.coordinators() {
+        let res = match resolve(&coordinator).await {
+            Ok(addrs) => Channel::open_either(endpoint.as_ref(), &cfgs, &addrs).await,
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(ch) => {
+                opened = Some(ch);
+                break;
+            }
+            Err(e) => {
+                debug!(%coordinator, error = %format!("{e:#}"), "coordinator unreachable for enrollment");
+                errors.push(format!("{coordinator}: {e:#}"));
+            }
+        }
+    }
+    let Some(mut ch) = opened else {
+        bail!("no coordinator answered: {}", errors.join("; "));
+    };
     ch.send(&DeviceMsg::Enroll(EnrollRequest {
         protocol: PROTOCOL_VERSION,
         token_id: token.id_hex(),

@@ -541,7 +541,15 @@ fn print_status(v: &StatusView) {
             None => println!("dns:          {name} ({via})"),
         }
     }
-    println!("coordinator:  {}", d.coordinator);
+    if d.coordinators.len() > 1 {
+        println!(
+            "coordinator:  {} (known: {})",
+            d.coordinator,
+            d.coordinators.join(", ")
+        );
+    } else {
+        println!("coordinator:  {}", d.coordinator);
+    }
     println!(
         "control:      {}",
         d.control_transport

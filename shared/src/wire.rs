@@ -39,7 +39,10 @@
 //!   `login_authorize`, then the device's `login_callback`), optional on the wire and sent
 //!   only by an agent asked for it, so a coordinator that predates it answers with the device
 //!   grant's `login_pending` (the agent then says so); the device's behaviour risk in its
-//!   verdict (`PostureVerdict.risk`), optional on the wire and ignored by agents that predate it.
+//!   verdict (`PostureVerdict.risk`), optional on the wire and ignored by agents that predate it;
+//!   the instance's coordinator addresses in full netmaps (`Netmap.coordinators`, replicas the
+//!   device fails over to), optional on the wire: absent means "keep the list you have", and
+//!   agents that predate it ignore it and keep dialling their one address.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -617,6 +620,11 @@ pub struct Netmap {
     /// older coordinators, whose devices use [`crate::names::DEFAULT_DNS_DOMAIN`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_domain: Option<DnsDomain>,
+    /// Every coordinator address of the instance (replicas), the one to dial first first:
+    /// the device replaces its stored list with it. Empty (absent from older coordinators):
+    /// keep the list it has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub coordinators: Vec<String>,
 }
 
 /// A relay registered with the coordinator (`ward-coordinator relay add`).
@@ -944,7 +952,19 @@ mod tests {
             policy_version: Some(4),
             shadow_filter: None,
             dns_domain: None,
+            coordinators: vec![],
         };
+        // The address list is optional on the wire both ways.
+        let with: Netmap = decode(
+            &encode(&Netmap {
+                coordinators: vec!["a:1".into(), "b:1".into()],
+                ..nm.clone()
+            })[4..],
+        )
+        .unwrap();
+        assert_eq!(with.coordinators, ["a:1", "b:1"]);
+        let raw = String::from_utf8(encode(&nm)[4..].to_vec()).unwrap();
+        assert!(!raw.contains("coordinators"), "{raw}");
         let mut p3 = peer(3);
         p3.online = false;
         let d = NetmapDelta {
