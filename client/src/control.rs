@@ -49,10 +49,17 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Keepalive of the control session: a coordinator that stops answering (killed, its host
+/// gone) is given up after [`CONTROL_IDLE_TIMEOUT`] and the agent fails over to the next
+/// coordinator address; a device behind a NAT keeps its mapping alive.
+pub const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
+/// Three keepalives lost in a row end the session.
+pub const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+
 fn transport() -> Result<Arc<quinn::TransportConfig>> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(Duration::from_secs(20).try_into()?));
+    t.keep_alive_interval(Some(CONTROL_KEEPALIVE));
+    t.max_idle_timeout(Some(CONTROL_IDLE_TIMEOUT.try_into()?));
     Ok(Arc::new(t))
 }
 

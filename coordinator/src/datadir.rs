@@ -504,10 +504,7 @@ mod tests {
             serde_json::from_slice(&fs::read(dd.config_path()).unwrap()).unwrap();
         raw.as_object_mut().unwrap().remove("alternate_addrs");
         fs::write(dd.config_path(), serde_json::to_vec(&raw).unwrap()).unwrap();
-        assert_eq!(
-            dd.load_config().unwrap().public_addrs(),
-            ["[fd00::3]:7443"]
-        );
+        assert_eq!(dd.load_config().unwrap().public_addrs(), ["[fd00::3]:7443"]);
         // init refuses a repeated address.
         let dd2 = DataDir::new(tmp.path().join("d"));
         assert!(dd2

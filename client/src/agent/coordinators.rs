@@ -196,10 +196,7 @@ mod tests {
         let mut state = 7u64;
         let mut max_seen = Duration::ZERO;
         for _ in 0..50 {
-            let w = c.failed(
-                Ending::Unreachable,
-                crate::agent::next_random(&mut state),
-            );
+            let w = c.failed(Ending::Unreachable, crate::agent::next_random(&mut state));
             assert!(w <= BACKOFF_MAX, "{w:?}");
             max_seen = max_seen.max(w);
         }

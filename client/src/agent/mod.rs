@@ -46,8 +46,8 @@ use self::flows::{FlowContext, FlowLog, FlowLogConfig, FlowLogState, FlowLogStat
 use crate::dataplane::{public_key_for, PeerConfig};
 
 pub use backoff::Backoff;
-pub use coordinators::{Coordinators, Ending};
 pub use clock::ClockOffset;
+pub use coordinators::{Coordinators, Ending};
 pub use leases::{leased_peers, LeaseCache};
 pub use netcheck::{Netcheck, RelayReport};
 pub use posture::{fit_report, PostureCadence};

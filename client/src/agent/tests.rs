@@ -1256,7 +1256,9 @@ fn a_renamed_device_learns_its_new_name() {
 fn save_events(evs: &[Event]) -> Vec<(Vec<String>, Option<String>)> {
     evs.iter()
         .filter_map(|e| match e {
-            Event::SaveCoordinators { addrs, preferred } => Some((addrs.clone(), preferred.clone())),
+            Event::SaveCoordinators { addrs, preferred } => {
+                Some((addrs.clone(), preferred.clone()))
+            }
             _ => None,
         })
         .collect()
@@ -1290,12 +1292,18 @@ fn fails_over_to_the_next_coordinator_keeping_the_peers_and_learns_new_lists() {
     let retry = evs
         .iter()
         .find_map(|e| match e {
-            Event::Disconnected { revoked: false, retry_in } => Some(*retry_in),
+            Event::Disconnected {
+                revoked: false,
+                retry_in,
+            } => Some(*retry_in),
             _ => None,
         })
         .expect("disconnected");
     assert!(retry <= backoff::BACKOFF_MIN, "{retry:?}");
-    assert!(!evs.iter().any(|e| matches!(e, Event::SetPeers(_))), "{evs:?}");
+    assert!(
+        !evs.iter().any(|e| matches!(e, Event::SetPeers(_))),
+        "{evs:?}"
+    );
     assert_eq!(h.agent.coordinator(), Some("b:1"));
     h.advance(250, 0);
     assert!(h.take_events().contains(&Event::Connect));

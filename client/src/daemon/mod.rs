@@ -510,7 +510,9 @@ impl Daemon {
         let coordinators = if alternates.is_empty() {
             Vec::new()
         } else {
-            std::iter::once(coordinator.clone()).chain(alternates).collect()
+            std::iter::once(coordinator.clone())
+                .chain(alternates)
+                .collect()
         };
         let mut wg = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut wg);

@@ -496,7 +496,11 @@ impl Daemon {
 
 /// Opens a mutual-TLS control session to the coordinator at `coordinator` (the address the
 /// agent chose), over QUIC or TLS/TCP.
-async fn open(endpoint: Option<quinn::Endpoint>, st: State, coordinator: String) -> Result<Channel> {
+async fn open(
+    endpoint: Option<quinn::Endpoint>,
+    st: State,
+    coordinator: String,
+) -> Result<Channel> {
     let addrs = control::resolve(&coordinator).await?;
     let cfgs = control::session_configs(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
     let ch = Channel::open_either(endpoint.as_ref(), &cfgs, &addrs).await?;
