@@ -322,10 +322,12 @@ impl DataDir {
     pub fn save_public_addrs(&self, addrs: &[String]) -> Result<Config> {
         let mut config = self.load_config()?;
         config.set_public_addrs(addrs)?;
-        write_private(
-            &self.config_path(),
-            serde_json::to_string_pretty(&config)?.as_bytes(),
-        )?;
+        // Atomic replace: a new 0600 file beside it, then rename over the old one.
+        let tmp = self.path.join(".config.json.tmp");
+        let _ = fs::remove_file(&tmp);
+        write_private(&tmp, serde_json::to_string_pretty(&config)?.as_bytes())?;
+        fs::rename(&tmp, self.config_path())
+            .with_context(|| format!("replacing {}", self.config_path().display()))?;
         Ok(config)
     }
 
