@@ -952,6 +952,8 @@ impl Dev {
     }
 }
 
+// One value per turn of a session's loop, moved once: the largest variant's size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Stop,
     Opened(Result<Channel>),
