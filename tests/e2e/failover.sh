@@ -69,7 +69,8 @@ lab_spawn cb coordinator-b.log "$COORD" serve --data-dir "$BDIR"
 BPID=$LAB_LAST_PID
 coord_b() { lab_exec cb "$COORD" --data-dir "$BDIR" "$@"; }
 check "B serves beside A on the shared database" lab_wait_for -t 15 coord_b device ls --json
-check "A still answers with B running" lab_coord device ls --json >/dev/null
+a_answers() { lab_coord device ls --json >/dev/null; }
+check "A still answers with B running" a_answers
 both_alive() { kill -0 "$APID" && kill -0 "$BPID"; }
 check "both replicas are running" both_alive
 
