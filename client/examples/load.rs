@@ -783,6 +783,7 @@ impl Dev {
                     | Event::SetShadowFilter(_)
                     | Event::SetClockOffset(_)
                     | Event::SaveCert { .. }
+                    | Event::SaveCoordinators { .. }
                     | Event::SelfName(_)
                     | Event::TakeDeniedFlows
                     | Event::ResolveRelay(_)
@@ -951,6 +952,8 @@ impl Dev {
     }
 }
 
+// One value per turn of a session's loop, moved once: the largest variant's size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Stop,
     Opened(Result<Channel>),

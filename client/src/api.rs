@@ -172,7 +172,12 @@ pub struct DeviceView {
     pub hostname: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
+    /// The coordinator address in use (or dialled next while disconnected).
     pub coordinator: String,
+    /// Every coordinator address this device knows, in failover order (empty from a daemon
+    /// that predates the list).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub coordinators: Vec<String>,
     /// This device's lease on its current key.
     pub lease: Option<OwnLeaseView>,
     /// The current WireGuard public key (base64).
@@ -495,6 +500,7 @@ mod tests {
                 ipv4: Ipv4Addr::new(100, 64, 0, 3),
                 ipv6: "fd00::3".parse().unwrap(),
                 coordinator: "c:7443".into(),
+                coordinators: vec![],
                 lease: Some(OwnLeaseView {
                     serial: 4,
                     expires_in_secs: 10,

@@ -49,10 +49,17 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Keepalive of the control session: a coordinator that stops answering (killed, its host
+/// gone) is given up after [`CONTROL_IDLE_TIMEOUT`] and the agent fails over to the next
+/// coordinator address; a device behind a NAT keeps its mapping alive.
+pub const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
+/// Three keepalives lost in a row end the session.
+pub const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+
 fn transport() -> Result<Arc<quinn::TransportConfig>> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(Duration::from_secs(20).try_into()?));
+    t.keep_alive_interval(Some(CONTROL_KEEPALIVE));
+    t.max_idle_timeout(Some(CONTROL_IDLE_TIMEOUT.try_into()?));
     Ok(Arc::new(t))
 }
 
@@ -596,13 +603,33 @@ pub async fn enroll(token: &EnrollToken, hostname: &str, os: &str) -> Result<(En
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .context("making certificate request")?;
-    let addrs = resolve(&token.coordinator).await?;
     // No UDP socket at all (a sandbox) still leaves TCP.
     let endpoint = client_endpoint()
         .inspect_err(|e| debug!(error = %format!("{e:#}"), "no QUIC endpoint: TCP only"))
         .ok();
-    let mut ch =
-        Channel::open_either(endpoint.as_ref(), &enroll_configs(token.ca_sha256)?, &addrs).await?;
+    let cfgs = enroll_configs(token.ca_sha256)?;
+    // The token's addresses in order: the first coordinator that answers enrolls the device.
+    let mut opened = None;
+    let mut errors = Vec::new();
+    for coordinator in token.coordinators() {
+        let res = match resolve(&coordinator).await {
+            Ok(addrs) => Channel::open_either(endpoint.as_ref(), &cfgs, &addrs).await,
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(ch) => {
+                opened = Some(ch);
+                break;
+            }
+            Err(e) => {
+                debug!(%coordinator, error = %format!("{e:#}"), "coordinator unreachable for enrollment");
+                errors.push(format!("{coordinator}: {e:#}"));
+            }
+        }
+    }
+    let Some(mut ch) = opened else {
+        bail!("no coordinator answered: {}", errors.join("; "));
+    };
     ch.send(&DeviceMsg::Enroll(EnrollRequest {
         protocol: PROTOCOL_VERSION,
         token_id: token.id_hex(),

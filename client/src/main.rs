@@ -557,7 +557,15 @@ fn print_status(v: &StatusView) {
             None => println!("dns:          {name} ({via})"),
         }
     }
-    println!("coordinator:  {}", d.coordinator);
+    if d.coordinators.len() > 1 {
+        println!(
+            "coordinator:  {} (known: {})",
+            d.coordinator,
+            d.coordinators.join(", ")
+        );
+    } else {
+        println!("coordinator:  {}", d.coordinator);
+    }
     if let Some(x) = &d.exit_node {
         println!("exit node:    {}", x.text);
     }

@@ -19,7 +19,14 @@ pub const STATE_VERSION: u32 = 1;
 #[derive(Clone, Serialize, Deserialize)]
 pub struct State {
     pub version: u32,
+    /// The coordinator address dialled first: the token's first, then the last one that gave
+    /// a working session.
     pub coordinator: String,
+    /// Every coordinator address of the instance (replicas), in failover order: the token's
+    /// list, replaced by the one full netmaps carry. Empty in state files written before the
+    /// list existed: `coordinator` alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub coordinators: Vec<String>,
     pub ca_der: Bytes,
     pub device_id: DeviceId,
     pub hostname: String,
@@ -43,6 +50,15 @@ pub struct State {
 }
 
 impl State {
+    /// The addresses to fail over among: the list, or `coordinator` alone when there is none.
+    pub fn coordinator_list(&self) -> Vec<String> {
+        if self.coordinators.is_empty() {
+            vec![self.coordinator.clone()]
+        } else {
+            self.coordinators.clone()
+        }
+    }
+
     /// Parses and checks a state file's bytes: a corrupt file, another version or a bad key is
     /// an error that tells the operator what to do (never a fresh enrollment behind their back).
     pub fn parse(raw: &[u8]) -> Result<State> {
@@ -143,6 +159,7 @@ mod tests {
         State {
             version: STATE_VERSION,
             coordinator: "10.0.0.1:7443".into(),
+            coordinators: Vec::new(),
             ca_der: Bytes(vec![1]),
             device_id: DeviceId(3),
             hostname: "alice".into(),

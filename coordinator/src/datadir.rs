@@ -35,8 +35,13 @@ use crate::store::{Anchor, AuditVerdict, SqliteStore, Store, StoreError, Verdict
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
-    /// HOST:PORT devices dial; carried in every enrollment token.
+    /// HOST:PORT devices dial first; carried in every enrollment token.
     pub public_addr: String,
+    /// The instance's other coordinator addresses (replicas), in the order devices try them
+    /// after `public_addr`; carried in enrollment tokens and netmaps. Absent in instances made
+    /// before several addresses existed: one address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alternate_addrs: Vec<String>,
     pub pools: AddressPools,
     pub created_ms: i64,
     /// The DNS domain device names are published under; instances made before it use
@@ -59,6 +64,24 @@ pub enum DatabaseKind {
     Sqlite,
     /// A PostgreSQL database several coordinators may share.
     Postgres,
+}
+
+impl Config {
+    /// Every address devices may dial, `public_addr` first.
+    pub fn public_addrs(&self) -> Vec<String> {
+        std::iter::once(self.public_addr.clone())
+            .chain(self.alternate_addrs.iter().cloned())
+            .collect()
+    }
+
+    /// Replaces the address list (first = `public_addr`), checked: at least one, at most
+    /// [`ward_shared::token::MAX_COORDINATORS`], each `HOST:PORT`, no duplicates.
+    pub fn set_public_addrs(&mut self, addrs: &[String]) -> Result<()> {
+        validate_public_addrs(addrs)?;
+        self.public_addr = addrs[0].clone();
+        self.alternate_addrs = addrs[1..].to_vec();
+        Ok(())
+    }
 }
 
 pub struct DataDir {
@@ -333,17 +356,18 @@ impl DataDir {
 
     /// Creates a new instance; refuses to touch an existing one.
     pub fn init(&self, public_addr: &str, now_ms: i64) -> Result<Config> {
-        self.init_with(public_addr, Default::default(), now_ms)
+        self.init_with(&[public_addr.to_string()], Default::default(), now_ms)
     }
 
-    /// [`DataDir::init`] with the DNS domain device names are published under.
+    /// [`DataDir::init`] with every coordinator address (the first is dialled first) and the
+    /// DNS domain device names are published under.
     pub fn init_with(
         &self,
-        public_addr: &str,
+        public_addrs: &[String],
         dns_domain: ward_shared::names::DnsDomain,
         now_ms: i64,
     ) -> Result<Config> {
-        validate_public_addr(public_addr)?;
+        validate_public_addrs(public_addrs)?;
         if let Some(url) = &self.database_url {
             // Before anything is written: the database must be reachable and hold no instance.
             let (users, audit) = off_runtime(|| -> Result<(usize, usize)> {
@@ -394,7 +418,8 @@ impl DataDir {
         let mut gid = [0u8; 5];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut gid);
         let config = Config {
-            public_addr: public_addr.to_string(),
+            public_addr: public_addrs[0].clone(),
+            alternate_addrs: public_addrs[1..].to_vec(),
             pools: AddressPools::from_random(gid),
             created_ms: now_ms,
             dns_domain,
@@ -436,6 +461,21 @@ impl DataDir {
         serde_json::from_slice(&raw).with_context(|| format!("{} is corrupt", p.display()))
     }
 
+    /// Rewrites config.json with a new address list (`ward-coordinator addrs set`); a running
+    /// coordinator puts the new list in the netmaps of sessions that open after its restart,
+    /// and tokens minted from then on carry it.
+    pub fn save_public_addrs(&self, addrs: &[String]) -> Result<Config> {
+        let mut config = self.load_config()?;
+        config.set_public_addrs(addrs)?;
+        // Atomic replace: a new 0600 file beside it, then rename over the old one.
+        let tmp = self.path.join(".config.json.tmp");
+        let _ = fs::remove_file(&tmp);
+        write_private(&tmp, serde_json::to_string_pretty(&config)?.as_bytes())?;
+        fs::rename(&tmp, self.config_path())
+            .with_context(|| format!("replacing {}", self.config_path().display()))?;
+        Ok(config)
+    }
+
     pub fn load_lease_key(&self) -> Result<ed25519_dalek::SigningKey> {
         let raw = fs::read_to_string(self.path.join("lease.key")).context("reading lease.key")?;
         let bytes = hex::decode(raw.trim()).context("lease.key is corrupt")?;
@@ -450,6 +490,28 @@ impl DataDir {
         let key = fs::read_to_string(self.path.join("ca.key")).context("reading ca.key")?;
         Ca::load(der, &key)
     }
+}
+
+/// A whole `--public-addr` list: one to [`ward_shared::token::MAX_COORDINATORS`] addresses,
+/// each valid, none repeated.
+fn validate_public_addrs(addrs: &[String]) -> Result<()> {
+    if addrs.is_empty() {
+        bail!("give at least one --public-addr");
+    }
+    if addrs.len() > ward_shared::token::MAX_COORDINATORS {
+        bail!(
+            "at most {} coordinator addresses, got {}",
+            ward_shared::token::MAX_COORDINATORS,
+            addrs.len()
+        );
+    }
+    for (i, a) in addrs.iter().enumerate() {
+        validate_public_addr(a)?;
+        if addrs[..i].contains(a) {
+            bail!("--public-addr {a:?} is given twice");
+        }
+    }
+    Ok(())
 }
 
 /// `--public-addr` is `HOST:PORT` with a DNS name or IPv4 literal, or `[IPV6]:PORT`; an IPv6
@@ -519,7 +581,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dd = DataDir::new(tmp.path().join("c"));
         let domain = ward_shared::names::DnsDomain::parse("corp.example").unwrap();
-        dd.init_with("10.0.0.1:7443", domain.clone(), 1).unwrap();
+        dd.init_with(&["10.0.0.1:7443".into()], domain.clone(), 1)
+            .unwrap();
         assert_eq!(dd.load_config().unwrap().dns_domain, domain);
         // A config.json written before the domain existed reads as the default domain.
         let mut v: serde_json::Value =
@@ -561,6 +624,39 @@ mod tests {
         let err = format!("{:#}", dd2.open_store(3).err().unwrap());
         assert!(err.contains("only `init` does"), "{err}");
         assert!(!dd2.audit_key_path().exists() && !dd2.db_path().exists());
+    }
+
+    #[test]
+    fn several_addresses_are_stored_changed_and_old_configs_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("c"));
+        let addrs: Vec<String> = vec!["10.0.0.1:7443".into(), "10.0.0.2:7443".into()];
+        let cfg = dd.init_with(&addrs, Default::default(), 1).unwrap();
+        assert_eq!(cfg.public_addrs(), addrs);
+        assert_eq!(dd.load_config().unwrap().public_addrs(), addrs);
+        // Changed later; a bad list changes nothing.
+        let new: Vec<String> = vec!["[fd00::3]:7443".into(), "10.0.0.1:7443".into()];
+        assert_eq!(dd.save_public_addrs(&new).unwrap().public_addrs(), new);
+        for bad in [
+            vec![],
+            vec!["a:1".to_string(), "a:1".to_string()],
+            vec!["nope".to_string()],
+            (0..9).map(|i| format!("h{i}:1")).collect(),
+        ] {
+            assert!(dd.save_public_addrs(&bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(dd.load_config().unwrap().public_addrs(), new);
+        // A config written before the list existed loads as one address.
+        let mut raw: serde_json::Value =
+            serde_json::from_slice(&fs::read(dd.config_path()).unwrap()).unwrap();
+        raw.as_object_mut().unwrap().remove("alternate_addrs");
+        fs::write(dd.config_path(), serde_json::to_vec(&raw).unwrap()).unwrap();
+        assert_eq!(dd.load_config().unwrap().public_addrs(), ["[fd00::3]:7443"]);
+        // init refuses a repeated address.
+        let dd2 = DataDir::new(tmp.path().join("d"));
+        assert!(dd2
+            .init_with(&[addrs[0].clone(), addrs[0].clone()], Default::default(), 1)
+            .is_err());
     }
 
     #[test]

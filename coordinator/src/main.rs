@@ -107,9 +107,16 @@ impl OidcArgs {
 enum Cmd {
     /// Create a new coordinator instance: CA, lease-signing key, address pools, database.
     Init {
-        /// HOST:PORT devices will dial (carried in every enrollment token).
-        #[arg(long, env = "WARD_PUBLIC_ADDR")]
-        public_addr: String,
+        /// HOST:PORT devices will dial (carried in every enrollment token). Repeat it (or give
+        /// a comma-separated list) for several coordinator replicas: devices dial the first
+        /// and fail over to the others.
+        #[arg(
+            long = "public-addr",
+            env = "WARD_PUBLIC_ADDR",
+            value_delimiter = ',',
+            required = true
+        )]
+        public_addr: Vec<String>,
         /// The DNS domain devices publish names under (`HOSTNAME.<domain>`).
         #[arg(long, env = "WARD_DNS_DOMAIN", default_value = ward_shared::names::DEFAULT_DNS_DOMAIN)]
         dns_domain: String,
@@ -184,6 +191,9 @@ enum Cmd {
         #[arg(long, env = "WARD_SCIM_TOKEN_FILE")]
         scim_token_file: Option<PathBuf>,
     },
+    /// The coordinator addresses devices dial (config.json): tokens and netmaps carry them.
+    #[command(subcommand)]
+    Addrs(AddrsCmd),
     /// Show the running coordinator's state.
     Status {
         #[arg(long)]
@@ -278,6 +288,18 @@ enum Cmd {
     Anomaly {
         #[command(subcommand)]
         cmd: AnomalyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AddrsCmd {
+    /// List the addresses, the first one (dialled first) on top.
+    Show,
+    /// Replace the list (first = dialled first). Tokens minted from now on carry it; a running
+    /// coordinator sends it to devices in netmaps after it restarts.
+    Set {
+        #[arg(required = true, value_delimiter = ',')]
+        addrs: Vec<String>,
     },
 }
 
@@ -639,13 +661,14 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--dns-domain: {e}"))?;
             let settings = oidc.over(None)?;
             let cfg = dd.init_with(&public_addr, dns_domain, ward_runtime::now_ms())?;
+            let addrs = cfg.public_addrs();
             if let Some(s) = &settings {
                 s.save(&dd.path)?;
                 println!("  OIDC issuer    : {} (client {})", s.issuer, s.client_id);
             }
             let ca = dd.load_ca()?;
             println!("initialised coordinator in {}", dd.path.display());
-            println!("  public address : {}", cfg.public_addr);
+            println!("  public address : {}", addrs.join(", "));
             println!("  CA sha256      : {}", hex::encode(ca.fingerprint()));
             println!(
                 "  overlay        : 100.64.0.0/10, {}/48",
@@ -763,6 +786,21 @@ async fn run(cli: Cli) -> Result<()> {
                 oidc,
             )
             .await
+        }
+        Cmd::Addrs(c) => {
+            let cfg = match c {
+                AddrsCmd::Show => dd.load_config()?,
+                AddrsCmd::Set { addrs } => {
+                    let cfg = dd.save_public_addrs(&addrs)?;
+                    tracing::info!(addrs = %addrs.join(","), "coordinator addresses changed");
+                    println!("saved; restart `serve` so netmaps carry the new list");
+                    cfg
+                }
+            };
+            for a in cfg.public_addrs() {
+                println!("{a}");
+            }
+            Ok(())
         }
         Cmd::Status { json } => {
             let v: StatusView = admin::call(&sock, &AdminRequest::Status).await?;

@@ -228,6 +228,7 @@ pub struct Registry {
     risk_tick_ms: i64,
     /// The DNS domain sent in every full netmap (set once at start).
     dns_domain: ward_shared::names::DnsDomain,
+    coordinators: Vec<String>,
     /// Per device: the prefixes it advertises and those an administrator approved.
     routes: BTreeMap<DeviceId, DeviceRoutes>,
     /// Users the identity provider took access away from, and why: their devices stay on the
@@ -244,6 +245,11 @@ struct DeviceRoutes {
 
 impl Registry {
     /// Sets the DNS domain device names are published under (sent in full netmaps).
+    /// The coordinator addresses full netmaps carry (devices fail over among them).
+    pub fn set_coordinators(&mut self, addrs: Vec<String>) {
+        self.coordinators = addrs;
+    }
+
     pub fn set_dns_domain(&mut self, domain: ward_shared::names::DnsDomain) {
         self.dns_domain = domain;
     }
@@ -286,6 +292,7 @@ impl Registry {
             grants,
             relays: Vec::new(),
             dns_domain: Default::default(),
+            coordinators: Vec::new(),
             policy,
             policy_version: None,
             compiled: Compiled::default(),
@@ -1644,6 +1651,7 @@ impl Registry {
                         policy_version,
                         shadow_filter: shadow_filter.clone(),
                         dns_domain: Some(self.dns_domain.clone()),
+                        coordinators: self.coordinators.clone(),
                     });
                     session.sent = Some(Sent {
                         seq: 1,

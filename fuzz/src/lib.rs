@@ -370,6 +370,7 @@ pub fn dns_query(data: &[u8]) {
         policy_version: None,
         shadow_filter: None,
         dns_domain: None,
+        coordinators: Vec::new(),
     };
     let upstream: std::net::SocketAddr = (Ipv4Addr::new(192, 0, 2, 53), 53).into();
     let mut r: Resolver<u8> = Resolver::new(Zone::from_netmap(&nm), vec![upstream]);

@@ -1,5 +1,11 @@
 //! Enrollment tokens: `ward1-` followed by base64url of
-//! `len(addr) u8 | addr | ca_sha256 [32] | id [8] | secret [32]`.
+//! `len(addr) u8 | addr | ca_sha256 [32] | id [8] | secret [32]`, then, only when the instance
+//! has more than one coordinator address, `count u8 | (len(addr) u8 | addr) × count` with the
+//! other addresses (replicas the device may fail over to).
+//!
+//! A token with one address is byte-for-byte what the first version minted, so old tokens parse
+//! (as one address) and one-address tokens still work with agents that predate the extension;
+//! an agent that predates it refuses a several-address token as malformed (trailing bytes).
 //!
 //! The token tells the device where the coordinator is and which CA to pin (so there is no
 //! trust-on-first-use), and carries a secret whose SHA-256 alone the coordinator stores.
@@ -15,7 +21,9 @@ pub const TOKEN_ID_LEN: usize = 8;
 pub const TOKEN_SECRET_LEN: usize = 32;
 /// Longest coordinator address a token may carry (a DNS name plus port).
 pub const MAX_ADDR_LEN: usize = 255;
-const MAX_TOKEN_LEN: usize = 1024;
+/// Most coordinator addresses a token (or a netmap) carries, the first one included.
+pub const MAX_COORDINATORS: usize = 8;
+const MAX_TOKEN_LEN: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
@@ -27,12 +35,17 @@ pub enum TokenError {
     Length,
     #[error("enrollment token's coordinator address is not valid UTF-8")]
     Address,
+    #[error("enrollment token carries more than {MAX_COORDINATORS} coordinator addresses")]
+    TooManyAddresses,
 }
 
 /// A parsed enrollment token. `Debug` never shows the secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EnrollToken {
+    /// The address the device dials first.
     pub coordinator: String,
+    /// The instance's other coordinator addresses, in order (empty for one coordinator).
+    pub alternates: Vec<String>,
     pub ca_sha256: [u8; 32],
     pub id: [u8; TOKEN_ID_LEN],
     pub secret: Secret,
@@ -48,6 +61,19 @@ impl EnrollToken {
         raw.extend_from_slice(&self.ca_sha256);
         raw.extend_from_slice(&self.id);
         raw.extend_from_slice(self.secret.expose());
+        let alternates: Vec<&[u8]> = self
+            .alternates
+            .iter()
+            .map(|a| &a.as_bytes()[..a.len().min(MAX_ADDR_LEN)])
+            .take(MAX_COORDINATORS - 1)
+            .collect();
+        if !alternates.is_empty() {
+            raw.push(alternates.len() as u8);
+            for a in alternates {
+                raw.push(a.len() as u8);
+                raw.extend_from_slice(a);
+            }
+        }
         format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw))
     }
 
@@ -62,25 +88,35 @@ impl EnrollToken {
             .map_err(|_| TokenError::Encoding)?;
         let (&alen, rest) = raw.split_first().ok_or(TokenError::Length)?;
         let alen = alen as usize;
-        if rest.len() != alen + 32 + TOKEN_ID_LEN + TOKEN_SECRET_LEN {
+        if rest.len() < alen + 32 + TOKEN_ID_LEN + TOKEN_SECRET_LEN {
             return Err(TokenError::Length);
         }
         let (addr, rest) = rest.split_at(alen);
         let (ca, rest) = rest.split_at(32);
-        let (id, secret) = rest.split_at(TOKEN_ID_LEN);
+        let (id, rest) = rest.split_at(TOKEN_ID_LEN);
+        let (secret, extension) = rest.split_at(TOKEN_SECRET_LEN);
         let coordinator = std::str::from_utf8(addr)
             .map_err(|_| TokenError::Address)?
             .to_string();
+        let alternates = parse_alternates(extension)?;
         let mut ca_sha256 = [0u8; 32];
         ca_sha256.copy_from_slice(ca);
         let mut idb = [0u8; TOKEN_ID_LEN];
         idb.copy_from_slice(id);
         Ok(Self {
             coordinator,
+            alternates,
             ca_sha256,
             id: idb,
             secret: Secret::new(secret.to_vec()),
         })
+    }
+
+    /// Every coordinator address the token carries, the first one first.
+    pub fn coordinators(&self) -> Vec<String> {
+        std::iter::once(self.coordinator.clone())
+            .chain(self.alternates.iter().cloned())
+            .collect()
     }
 
     /// The token's public identifier, as stored and shown by `token ls`.
@@ -89,10 +125,46 @@ impl EnrollToken {
     }
 }
 
+/// The optional tail after the secret: `count u8 | (len u8 | addr) × count`, nothing after it.
+/// Empty means one address (a token minted before the extension, or for one coordinator).
+fn parse_alternates(mut raw: &[u8]) -> Result<Vec<String>, TokenError> {
+    let Some((&count, rest)) = raw.split_first() else {
+        return Ok(Vec::new());
+    };
+    let count = count as usize;
+    if count == 0 {
+        return Err(TokenError::Length);
+    }
+    if count >= MAX_COORDINATORS {
+        return Err(TokenError::TooManyAddresses);
+    }
+    raw = rest;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (&len, rest) = raw.split_first().ok_or(TokenError::Length)?;
+        let len = len as usize;
+        if len == 0 || rest.len() < len {
+            return Err(TokenError::Length);
+        }
+        let (addr, rest) = rest.split_at(len);
+        out.push(
+            std::str::from_utf8(addr)
+                .map_err(|_| TokenError::Address)?
+                .to_string(),
+        );
+        raw = rest;
+    }
+    if !raw.is_empty() {
+        return Err(TokenError::Length);
+    }
+    Ok(out)
+}
+
 impl fmt::Debug for EnrollToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EnrollToken")
             .field("coordinator", &self.coordinator)
+            .field("alternates", &self.alternates)
             .field("ca_sha256", &hex::encode(self.ca_sha256))
             .field("id", &self.id_hex())
             .field("secret", &self.secret)
@@ -133,6 +205,7 @@ mod tests {
     fn sample() -> EnrollToken {
         EnrollToken {
             coordinator: "10.99.0.1:7443".into(),
+            alternates: Vec::new(),
             ca_sha256: [7; 32],
             id: [1, 2, 3, 4, 5, 6, 7, 8],
             secret: Secret::new(vec![9; 32]),
@@ -154,6 +227,55 @@ mod tests {
         let s = "ward1-DjEwLjk5LjAuMTo3NDQzBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcBAgMEBQYHCAkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJ";
         assert_eq!(EnrollToken::parse(s).unwrap(), sample());
         assert_eq!(sample().encode(), s);
+    }
+
+    #[test]
+    fn several_addresses_round_trip_and_old_tokens_give_one() {
+        let t = EnrollToken {
+            alternates: vec!["10.99.0.2:7443".into(), "[fd00:77::3]:7443".into()],
+            ..sample()
+        };
+        let s = t.encode();
+        let back = EnrollToken::parse(&s).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(
+            back.coordinators(),
+            ["10.99.0.1:7443", "10.99.0.2:7443", "[fd00:77::3]:7443"]
+        );
+        // One address encodes exactly as before the extension (the golden test pins it).
+        assert_eq!(sample().coordinators(), ["10.99.0.1:7443"]);
+        assert!(s.len() > sample().encode().len());
+        // Every truncation of the extension is an error, never a panic or a silent drop.
+        let raw = URL_SAFE_NO_PAD.decode(&s["ward1-".len()..]).unwrap();
+        let base = raw.len() - (1 + 1 + 14 + 1 + 17);
+        for cut in base + 1..raw.len() {
+            let short = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw[..cut]));
+            assert_eq!(EnrollToken::parse(&short), Err(TokenError::Length), "{cut}");
+        }
+        // Trailing garbage after the list, a zero count, too many addresses: refused.
+        let mut extra = raw.clone();
+        extra.push(1);
+        let enc = |r: &[u8]| format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(r));
+        assert_eq!(EnrollToken::parse(&enc(&extra)), Err(TokenError::Length));
+        let mut zero = raw[..base].to_vec();
+        zero.push(0);
+        assert_eq!(EnrollToken::parse(&enc(&zero)), Err(TokenError::Length));
+        let mut many = raw[..base].to_vec();
+        many.push(MAX_COORDINATORS as u8);
+        for _ in 0..MAX_COORDINATORS {
+            many.extend_from_slice(&[3, b'a', b':', b'1']);
+        }
+        assert_eq!(
+            EnrollToken::parse(&enc(&many)),
+            Err(TokenError::TooManyAddresses)
+        );
+        // The encoder never writes more than the parser accepts.
+        let wide = EnrollToken {
+            alternates: (0..20).map(|i| format!("h{i}:1")).collect(),
+            ..sample()
+        };
+        let back = EnrollToken::parse(&wide.encode()).unwrap();
+        assert_eq!(back.coordinators().len(), MAX_COORDINATORS);
     }
 
     #[test]

@@ -45,7 +45,10 @@
 //!   sent only by an agent asked for `ward up --login` while enrolled: a coordinator that
 //!   predates it cannot decode it and closes the connection with a `protocol` error naming the
 //!   unknown message, which the agent reports as "this coordinator cannot sign an enrolled
-//!   device in again".
+//!   device in again";
+//!   the instance's coordinator addresses in full netmaps (`Netmap.coordinators`, replicas the
+//!   device fails over to), optional on the wire: absent means "keep the list you have", and
+//!   agents that predate it ignore it and keep dialling their one address.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -670,6 +673,11 @@ pub struct Netmap {
     /// older coordinators, whose devices use [`crate::names::DEFAULT_DNS_DOMAIN`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_domain: Option<DnsDomain>,
+    /// Every coordinator address of the instance (replicas), the one to dial first first:
+    /// the device replaces its stored list with it. Empty (absent from older coordinators):
+    /// keep the list it has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub coordinators: Vec<String>,
 }
 
 /// A relay registered with the coordinator (`ward-coordinator relay add`).
@@ -997,7 +1005,19 @@ mod tests {
             policy_version: Some(4),
             shadow_filter: None,
             dns_domain: None,
+            coordinators: vec![],
         };
+        // The address list is optional on the wire both ways.
+        let with: Netmap = decode(
+            &encode(&Netmap {
+                coordinators: vec!["a:1".into(), "b:1".into()],
+                ..nm.clone()
+            })[4..],
+        )
+        .unwrap();
+        assert_eq!(with.coordinators, ["a:1", "b:1"]);
+        let raw = String::from_utf8(encode(&nm)[4..].to_vec()).unwrap();
+        assert!(!raw.contains("coordinators"), "{raw}");
         let mut p3 = peer(3);
         p3.online = false;
         let d = NetmapDelta {

@@ -165,6 +165,7 @@ fn write_seed_inputs() {
     // Strings.
     let token = ward_shared::token::EnrollToken {
         coordinator: "[fd00:77::1]:7443".into(),
+        alternates: vec!["10.0.0.2:7443".into()],
         ca_sha256: [5; 32],
         id: [6; ward_shared::token::TOKEN_ID_LEN],
         secret: ward_shared::secret::Secret::new(vec![8; 32]),
@@ -249,6 +250,7 @@ fn write_seed_inputs() {
     let st = ward_client::state::State {
         version: 1,
         coordinator: "10.0.0.1:7443".into(),
+        coordinators: vec!["10.0.0.1:7443".into(), "10.0.0.2:7443".into()],
         ca_der: wire::Bytes(vec![1, 2, 3]),
         device_id: DeviceId(7),
         hostname: "laptop".into(),

@@ -712,6 +712,7 @@ mod tests {
             policy_version: Some(9),
             shadow_filter: None,
             dns_domain: None,
+            coordinators: Vec::new(),
         };
         nm.peers.push(Peer {
             routes: Default::default(),

@@ -190,6 +190,7 @@ mod tests {
             policy_version: None,
             shadow_filter: None,
             dns_domain: None,
+            coordinators: Vec::new(),
         }
     }
 

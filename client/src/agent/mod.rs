@@ -1,6 +1,6 @@
 //! The device's protocol core, free of I/O: the control session's state (netmap, clock offset,
 //! leases), which peer keys may be configured, continuous key rotation, posture reporting
-//! cadence, certificate renewal timing and reconnect backoff.
+//! cadence, certificate renewal timing, and which coordinator to reconnect to and when.
 //!
 //! It opens no socket, reads no clock, spawns nothing and draws no OS randomness: time is
 //! passed in as [`Now`], fresh WireGuard keys through [`Agent::provide_key`], and the few random
@@ -9,13 +9,15 @@
 //!
 //! Sub-modules: [`rotation`] (the rotation states), [`leases`] (peer lease verification and its
 //! cache), [`clock`] (offset from ping/pong), [`posture`] (report cadence, one-frame reports),
-//! [`cert`] (renewal timing), [`backoff`] (reconnect waits), [`netcheck`] (address discovery
+//! [`cert`] (renewal timing), [`backoff`] (reconnect waits), [`coordinators`] (which
+//! coordinator address next: failover among replicas), [`netcheck`] (address discovery
 //! through relays, reflexive candidates), [`relays`] (relay tickets, connections and the home
 //! relay).
 
 pub mod backoff;
 pub mod cert;
 pub mod clock;
+pub mod coordinators;
 pub mod flows;
 pub mod leases;
 pub mod netcheck;
@@ -45,6 +47,7 @@ use crate::dataplane::{public_key_for, PeerConfig};
 
 pub use backoff::Backoff;
 pub use clock::ClockOffset;
+pub use coordinators::{Coordinators, Ending};
 pub use leases::{leased_peers, LeaseCache};
 pub use netcheck::{Netcheck, RelayReport};
 pub use posture::{fit_report, PostureCadence};
@@ -137,9 +140,15 @@ pub enum DataPlaneEvent {
 #[derive(Debug, Clone, PartialEq)]
 #[must_use]
 pub enum Event {
-    /// Open a control session, then call [`Agent::handle_connected`] (or
-    /// [`Agent::handle_disconnected`] if that fails).
+    /// Open a control session to [`Agent::coordinator`], then call [`Agent::handle_connected`]
+    /// (or [`Agent::handle_disconnected`] / [`Agent::handle_refused`] if that fails).
     Connect,
+    /// Keep the coordinator addresses in the state file (a netmap brought a new list, or a
+    /// session worked on another address, which is dialled first from now on, restarts too).
+    SaveCoordinators {
+        addrs: Vec<String>,
+        preferred: Option<String>,
+    },
     /// Drop the control session: the agent already counted it as ended.
     CloseSession,
     /// The first netmap of this session arrived.
@@ -263,7 +272,7 @@ pub struct Agent {
     phase: Phase,
     last_error: Option<String>,
     connected_since: Option<Instant>,
-    backoff: Backoff,
+    coordinators: Coordinators,
     netmap: Option<Netmap>,
     leases: LeaseCache,
     clock: ClockOffset,
@@ -316,7 +325,7 @@ impl Agent {
             phase: Phase::Connecting,
             last_error: None,
             connected_since: None,
-            backoff: Backoff::default(),
+            coordinators: Coordinators::new(Vec::new(), None),
             netmap: None,
             leases: LeaseCache::default(),
             clock: ClockOffset::default(),
@@ -375,13 +384,30 @@ impl Agent {
         self.ping(now);
     }
 
-    /// The session failed to open, broke, or was closed by the coordinator (`error: None`).
+    /// The coordinator addresses this device knows (the state file's list; `preferred`, the
+    /// one that last worked, is dialled first). Given once, before the first `Event::Connect`
+    /// is carried out.
+    pub fn set_coordinators(&mut self, addrs: Vec<String>, preferred: Option<String>) {
+        self.coordinators = Coordinators::new(addrs, preferred);
+    }
+
+    /// The session failed to open, broke, or was closed by the coordinator (`error: None`):
+    /// the next attempt goes to the next coordinator address.
     pub fn handle_disconnected(&mut self, error: Option<String>, now: Now) {
         if matches!(self.link, Link::Waiting { .. }) {
             return;
         }
         let error = error.unwrap_or_else(|| "the coordinator closed the session".into());
-        self.end_session(error, false, now);
+        self.end_session(error, Ending::Unreachable, now);
+    }
+
+    /// The coordinator refused this device's certificate: every replica would, so the next
+    /// attempt goes to the same address (after the backoff).
+    pub fn handle_refused(&mut self, error: String, now: Now) {
+        if matches!(self.link, Link::Waiting { .. }) {
+            return;
+        }
+        self.end_session(error, Ending::Refused, now);
     }
 
     /// One message from the coordinator.
@@ -395,9 +421,21 @@ impl Agent {
                 let first = self.connected_since.is_none();
                 if first {
                     self.connected_since = Some(now.instant);
-                    info!(peers = nm.peers.len(), "connected to coordinator");
+                    info!(
+                        peers = nm.peers.len(),
+                        coordinator = self.coordinators.current().unwrap_or_default(),
+                        "connected to coordinator"
+                    );
                     self.events.push_back(Event::Connected {
                         peers: nm.peers.len(),
+                    });
+                }
+                let moved = first && self.coordinators.connected();
+                let learned = self.coordinators.learn(&nm.coordinators);
+                if moved || learned {
+                    self.events.push_back(Event::SaveCoordinators {
+                        addrs: self.coordinators.addrs().to_vec(),
+                        preferred: self.coordinators.preferred().map(str::to_string),
                     });
                 }
                 self.phase = Phase::Connected;
@@ -438,7 +476,12 @@ impl Agent {
             CoordinatorMsg::Error { code, message } => {
                 let revoked = code == ErrorCode::DeviceRevoked || code == ErrorCode::Unauthorized;
                 self.events.push_back(Event::CloseSession);
-                self.end_session(message, revoked, now);
+                let ending = if revoked {
+                    Ending::Revoked
+                } else {
+                    Ending::Refused
+                };
+                self.end_session(message, ending, now);
             }
             CoordinatorMsg::RelayTicket { ticket } => {
                 let coord = self.coordinator_ms(now.unix_ms);
@@ -761,6 +804,16 @@ impl Agent {
 
     // ---- views --------------------------------------------------------------------------
 
+    /// The coordinator address dialled now (`None` before the driver gave any).
+    pub fn coordinator(&self) -> Option<&str> {
+        self.coordinators.current()
+    }
+
+    /// Every coordinator address known, in dialling order, and which worked last.
+    pub fn coordinators(&self) -> &Coordinators {
+        &self.coordinators
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -1032,14 +1085,11 @@ impl Agent {
     /// The coordinator broke the protocol: end the session; the next one starts afresh.
     fn protocol_error(&mut self, error: String, now: Now) {
         self.events.push_back(Event::CloseSession);
-        self.end_session(error, false, now);
+        self.end_session(error, Ending::Unreachable, now);
     }
 
-    fn end_session(&mut self, error: String, revoked: bool, now: Now) {
-        let started = match self.link {
-            Link::Opening { since } | Link::Session { since, .. } => since,
-            Link::Waiting { .. } => now.instant,
-        };
+    fn end_session(&mut self, error: String, ending: Ending, now: Now) {
+        let revoked = ending == Ending::Revoked;
         self.connected_since = None;
         self.last_error = Some(error);
         self.clock.forget_ping();
@@ -1073,13 +1123,17 @@ impl Agent {
         } else {
             self.phase = Phase::Connecting;
         }
-        // Jitter in [0.8, 1.2).
-        let jitter = 0.8 + (self.random() >> 11) as f64 / (1u64 << 53) as f64 * 0.4;
-        let retry_in = self.backoff.next_wait(
-            now.instant.saturating_duration_since(started),
-            revoked,
-            jitter,
-        );
+        let from = self.coordinators.current().map(str::to_string);
+        let random = self.random();
+        let retry_in = self.coordinators.failed(ending, random);
+        if from.as_deref() != self.coordinators.current() {
+            info!(
+                from = from.unwrap_or_default(),
+                to = self.coordinators.current().unwrap_or_default(),
+                retry_in_ms = retry_in.as_millis() as u64,
+                "control session lost; trying the next coordinator address"
+            );
+        }
         self.link = Link::Waiting {
             retry_at: now.instant + retry_in,
         };
@@ -1089,7 +1143,7 @@ impl Agent {
 }
 
 /// splitmix64: enough for nonces, txids and jitter, reproducible from the seed.
-fn next_random(state: &mut u64) -> u64 {
+pub(crate) fn next_random(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -227,6 +227,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         policy_version: None,
         shadow_filter: None,
         dns_domain: None,
+        coordinators: Vec::new(),
     }
 }
 
@@ -1250,4 +1251,150 @@ fn a_renamed_device_learns_its_new_name() {
         h.agent.netmap().map(|nm| nm.me.hostname.to_string()),
         Some("me-2".into())
     );
+}
+
+fn save_events(evs: &[Event]) -> Vec<(Vec<String>, Option<String>)> {
+    evs.iter()
+        .filter_map(|e| match e {
+            Event::SaveCoordinators { addrs, preferred } => {
+                Some((addrs.clone(), preferred.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn addrs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn fails_over_to_the_next_coordinator_keeping_the_peers_and_learns_new_lists() {
+    let mut h = H::new();
+    h.agent
+        .set_coordinators(addrs(&["a:1", "b:1"]), Some("a:1".into()));
+    assert_eq!(h.agent.coordinator(), Some("a:1"));
+    h.leased();
+    let peer = h.lease(2, WgPublicKey([5; 32]), TTL);
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![peer])));
+    let evs = h.take_events();
+    // a was already preferred: nothing to save.
+    assert!(save_events(&evs).is_empty(), "{evs:?}");
+    let peers = h.agent.configured_peers().to_vec();
+    assert_eq!(peers.len(), 1);
+
+    // a dies: the next attempt goes to b within the first backoff window, and the data plane
+    // keeps its peers (leases still valid) meanwhile.
+    let now = h.now();
+    h.agent.handle_disconnected(Some("timed out".into()), now);
+    h.drain();
+    let evs = h.take_events();
+    let retry = evs
+        .iter()
+        .find_map(|e| match e {
+            Event::Disconnected {
+                revoked: false,
+                retry_in,
+            } => Some(*retry_in),
+            _ => None,
+        })
+        .expect("disconnected");
+    assert!(retry <= backoff::BACKOFF_MIN, "{retry:?}");
+    assert!(
+        !evs.iter().any(|e| matches!(e, Event::SetPeers(_))),
+        "{evs:?}"
+    );
+    assert_eq!(h.agent.coordinator(), Some("b:1"));
+    h.advance(250, 0);
+    assert!(h.take_events().contains(&Event::Connect));
+    assert_eq!(h.agent.configured_peers(), peers.as_slice());
+
+    // b works: it is saved as the address to dial first.
+    h.connect();
+    let peer = h.lease(2, WgPublicKey([5; 32]), TTL);
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![peer])));
+    assert_eq!(
+        save_events(&h.take_events()),
+        [(addrs(&["a:1", "b:1"]), Some("b:1".into()))]
+    );
+    assert_eq!(h.agent.coordinators().preferred(), Some("b:1"));
+
+    // A netmap with a new list replaces the known one and is saved.
+    let mut nm = netmap(2, vec![]);
+    nm.coordinators = addrs(&["b:1", "c:1"]);
+    h.msg(CoordinatorMsg::Netmap(nm));
+    assert_eq!(
+        save_events(&h.take_events()),
+        [(addrs(&["b:1", "c:1"]), Some("b:1".into()))]
+    );
+    assert_eq!(h.agent.coordinators().addrs(), addrs(&["b:1", "c:1"]));
+
+    // Backoff was reset by b's session; two failures in a row widen the window.
+    let now = h.now();
+    h.agent.handle_disconnected(None, now);
+    assert_eq!(h.agent.coordinator(), Some("c:1"));
+    assert_eq!(h.agent.coordinators().failures(), 1);
+    h.drain();
+    h.advance(250, 0);
+    assert!(h.take_events().contains(&Event::Connect));
+    let now = h.now();
+    h.agent
+        .handle_disconnected(Some("connection refused".into()), now);
+    assert_eq!(h.agent.coordinator(), Some("b:1"));
+    assert_eq!(h.agent.coordinators().failures(), 2);
+
+    // A certificate rejection retries the same address.
+    h.drain();
+    h.advance(450, 0);
+    assert!(h.take_events().contains(&Event::Connect));
+    let now = h.now();
+    h.agent
+        .handle_refused("received fatal alert: BadCertificate".into(), now);
+    assert_eq!(h.agent.coordinator(), Some("b:1"));
+}
+
+#[test]
+fn devices_of_a_failed_coordinator_spread_their_reconnects() {
+    // 200 agents (each with its own seed, as each daemon draws one) lose the same coordinator
+    // at the same instant: their first retries spread over the whole first window.
+    let base = Instant::now();
+    let now = Now {
+        instant: base,
+        unix_ms: T0,
+    };
+    let mut waits = Vec::new();
+    for seed in 0..200u64 {
+        let cfg = AgentConfig {
+            routes: Default::default(),
+            device_id: DeviceId(1),
+            ipv4: ip4(1),
+            ipv6: ip6(1),
+            lease_key: None,
+            private_key: PrivateKey([1; 32]),
+            cert_not_after_ms: T0 + crate::CERT_LIFETIME_MS,
+            posture_interval: Duration::from_secs(30),
+            os: "test".into(),
+            version: "0".into(),
+            seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xdead_beef,
+        };
+        let mut a = Agent::new(cfg, now);
+        a.set_coordinators(addrs(&["a:1", "b:1"]), None);
+        a.handle_disconnected(Some("timed out".into()), now);
+        let w = std::iter::from_fn(|| a.poll_event())
+            .find_map(|e| match e {
+                Event::Disconnected { retry_in, .. } => Some(retry_in),
+                _ => None,
+            })
+            .expect("disconnected");
+        waits.push(w.as_millis() as u64);
+    }
+    assert!(waits.iter().all(|w| *w <= 200), "{waits:?}");
+    let mut quarters = [0u32; 4];
+    for w in &waits {
+        quarters[((*w as usize) / 50).min(3)] += 1;
+    }
+    // Uniform would be 50 each; a herd (everyone at the same wait) fails this.
+    for q in quarters {
+        assert!((25..=75).contains(&q), "{quarters:?}");
+    }
 }

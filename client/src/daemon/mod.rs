@@ -400,7 +400,7 @@ impl Daemon {
                         bail!("{msg}");
                     }
                 };
-                self.finish_enroll(tok.coordinator.clone(), enrolled, key_pem)
+                self.finish_enroll(tok.coordinator.clone(), tok.alternates.clone(), enrolled, key_pem)
                     .await
             }
         }
@@ -471,7 +471,7 @@ impl Daemon {
             }
             let res = match waiting.wait().await {
                 Ok((enrolled, key_pem)) => me
-                    .finish_enroll(coordinator, enrolled, key_pem)
+                    .finish_enroll(coordinator, Vec::new(), enrolled, key_pem)
                     .await
                     .map_err(|e| format!("{e:#}")),
                 Err(e) => Err(match e.downcast_ref::<Refused>() {
@@ -571,14 +571,24 @@ impl Daemon {
     async fn finish_enroll(
         self: Arc<Self>,
         coordinator: String,
+        alternates: Vec<String>,
         enrolled: ward_shared::wire::Enrolled,
         key_pem: String,
     ) -> Result<UpView> {
+        // One address needs no list (and keeps the state file as it always was).
+        let coordinators = if alternates.is_empty() {
+            Vec::new()
+        } else {
+            std::iter::once(coordinator.clone())
+                .chain(alternates)
+                .collect()
+        };
         let mut wg = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut wg);
         let st = State {
             version: STATE_VERSION,
             coordinator,
+            coordinators,
             ca_der: enrolled.ca_der,
             device_id: enrolled.device_id,
             hostname: enrolled.hostname.to_string(),

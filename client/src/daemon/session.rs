@@ -39,7 +39,7 @@ pub(super) fn new_agent(
     routes: crate::agent::routes::RouteOptions,
 ) -> Agent {
     let now = now();
-    Agent::new(
+    let mut agent = Agent::new(
         AgentConfig {
             device_id: st.device_id,
             ipv4: st.ipv4,
@@ -54,7 +54,9 @@ pub(super) fn new_agent(
             routes,
         },
         now,
-    )
+    );
+    agent.set_coordinators(st.coordinator_list(), Some(st.coordinator.clone()));
+    agent
 }
 
 fn now() -> Now {
@@ -170,6 +172,10 @@ impl Daemon {
                             link.channel = Some(ch);
                             a.handle_connected(hello_update(dp.as_deref()), now());
                         }
+                        Err(e) if is_certificate_rejection(&format!("{e:#}")) => {
+                            warn!(error = %format!("{e:#}"), "the coordinator refused the certificate; retrying the same address");
+                            a.handle_refused(format!("{e:#}"), now());
+                        }
                         Err(e) => a.handle_disconnected(Some(format!("{e:#}")), now()),
                     }
                 }
@@ -196,8 +202,9 @@ impl Daemon {
                 Some(ev) = relay_rx.recv() => lock(&agent).handle_relay_event(ev, now()),
                 _ = retry_quic.tick(), if on_tcp && probe.is_none() => {
                     let st = lock(&self.identity).clone();
-                    if let (Some(st), Some(ep)) = (st, link.endpoint.clone()) {
-                        link.probe = Some(tokio::spawn(quic_probe(ep, st)));
+                    let addr = lock(&agent).coordinator().map(str::to_string);
+                    if let (Some(st), Some(ep), Some(addr)) = (st, link.endpoint.clone(), addr) {
+                        link.probe = Some(tokio::spawn(quic_probe(ep, st, addr)));
                     }
                 }
                 // The `expect` cannot fire: the branch runs only while `probe` is `Some`.
@@ -257,15 +264,27 @@ impl Daemon {
                 Event::Connect => {
                     link.channel = None;
                     let st = lock(&self.identity).clone();
-                    match st {
+                    let addr = lock(agent).coordinator().map(str::to_string);
+                    match st.zip(addr) {
                         // Without a UDP socket the session goes over TCP alone.
-                        Some(st) => {
-                            link.opening = Some(Box::pin(open(link.endpoint.clone(), st)));
+                        Some((st, addr)) => {
+                            link.opening = Some(Box::pin(open(link.endpoint.clone(), st, addr)));
                         }
                         None => lock(agent).handle_disconnected(
                             Some("the control channel is unavailable".into()),
                             now(),
                         ),
+                    }
+                }
+                Event::SaveCoordinators { addrs, preferred } => {
+                    let res = self.save(|st| {
+                        if let Some(p) = preferred {
+                            st.coordinator = p;
+                        }
+                        st.coordinators = addrs;
+                    });
+                    if let Err(e) = res {
+                        warn!(error = %format!("{e:#}"), "cannot save the coordinator addresses");
                     }
                 }
                 Event::CloseSession => {
@@ -475,18 +494,54 @@ impl Daemon {
     }
 }
 
-/// Opens a mutual-TLS control session to the coordinator, over QUIC or TLS/TCP.
-async fn open(endpoint: Option<quinn::Endpoint>, st: State) -> Result<Channel> {
-    let addrs = control::resolve(&st.coordinator).await?;
+/// Opens a mutual-TLS control session to the coordinator at `coordinator` (the address the
+/// agent chose), over QUIC or TLS/TCP.
+async fn open(
+    endpoint: Option<quinn::Endpoint>,
+    st: State,
+    coordinator: String,
+) -> Result<Channel> {
+    let addrs = control::resolve(&coordinator).await?;
     let cfgs = control::session_configs(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)?;
     let ch = Channel::open_either(endpoint.as_ref(), &cfgs, &addrs).await?;
-    info!(coordinator = %st.coordinator, transport = %ch.transport, "control session open");
+    info!(%coordinator, transport = %ch.transport, "control session open");
     Ok(ch)
 }
 
-/// Whether a QUIC handshake with the coordinator completes now.
-async fn quic_probe(endpoint: quinn::Endpoint, st: State) -> bool {
-    let Ok(addrs) = control::resolve(&st.coordinator).await else {
+/// Whether a failed session attempt was a certificate rejection (a TLS alert about a
+/// certificate from either side, over QUIC or TCP): every replica shares the verdict, so the
+/// agent retries the same address instead of failing over. Anything else (refused, timed out,
+/// reset, another TLS failure) moves to the next address.
+pub(super) fn is_certificate_rejection(error: &str) -> bool {
+    // TLS alerts: bad_certificate 42, unsupported_certificate 43, certificate_revoked 44,
+    // certificate_expired 45, certificate_unknown 46, unknown_ca 48, access_denied 49,
+    // certificate_required 116; QUIC reports them as crypto error codes.
+    const QUIC: [&str; 8] = ["42", "43", "44", "45", "46", "48", "49", "116"];
+    const TCP: [&str; 8] = [
+        "BadCertificate",
+        "UnsupportedCertificate",
+        "CertificateRevoked",
+        "CertificateExpired",
+        "CertificateUnknown",
+        "UnknownCA",
+        "AccessDenied",
+        "CertificateRequired",
+    ];
+    error.contains("invalid peer certificate")
+        || QUIC.iter().any(|c| {
+            error
+                .split("handshake failed: error ")
+                .skip(1)
+                .any(|rest| rest.split(|ch: char| !ch.is_ascii_digit()).next() == Some(c))
+        })
+        || TCP
+            .iter()
+            .any(|a| error.contains(&format!("received fatal alert: {a}")))
+}
+
+/// Whether a QUIC handshake with the coordinator at `coordinator` completes now.
+async fn quic_probe(endpoint: quinn::Endpoint, st: State, coordinator: String) -> bool {
+    let Ok(addrs) = control::resolve(&coordinator).await else {
         return false;
     };
     let Ok(cfg) = control::session_config(&st.ca_der.0, &st.cert_der.0, &st.identity_key_pem)
@@ -523,5 +578,32 @@ fn hello_update(dp: Option<&DataPlane>) -> DeviceUpdate {
         home_relay: None,
         // The data plane carries out forwarded punches.
         punch: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_certificate_rejection;
+
+    #[test]
+    fn certificate_rejections_are_told_apart_from_unreachable_coordinators() {
+        for e in [
+            "connecting: aborted by peer: the cryptographic handshake failed: error 42",
+            "the cryptographic handshake failed: error 116: peer sent no certificates",
+            "TLS over TCP: received fatal alert: CertificateExpired",
+            "invalid peer certificate: UnknownIssuer",
+        ] {
+            assert!(is_certificate_rejection(e), "{e}");
+        }
+        for e in [
+            "timed out",
+            "connection refused (os error 111)",
+            "the cryptographic handshake failed: error 40",
+            "the cryptographic handshake failed: error 420",
+            "received fatal alert: HandshakeFailure",
+            "the coordinator closed the session",
+        ] {
+            assert!(!is_certificate_rejection(e), "{e}");
+        }
     }
 }

@@ -245,7 +245,15 @@ pub fn status(s: Sources<'_>) -> StatusView {
             hostname: st.hostname.clone(),
             ipv4: st.ipv4,
             ipv6: st.ipv6,
-            coordinator: st.coordinator.clone(),
+            coordinator: s
+                .agent
+                .and_then(|a| a.coordinator())
+                .unwrap_or(&st.coordinator)
+                .to_string(),
+            coordinators: s
+                .agent
+                .map(|a| a.coordinators().addrs().to_vec())
+                .unwrap_or_else(|| st.coordinator_list()),
             lease,
             key: key.to_base64(),
             key_age_secs: s.agent.map(|a| {

@@ -80,6 +80,7 @@ fn netmap() -> Netmap {
         policy_version: None,
         shadow_filter: None,
         dns_domain: None,
+        coordinators: Vec::new(),
     }
 }
 

@@ -93,6 +93,8 @@ pub trait Live {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub public_addr: String,
+    /// The instance's other coordinator addresses (tokens carry them after `public_addr`).
+    pub alternate_addrs: Vec<String>,
     pub ca_sha256: [u8; 32],
     /// `fd7a:…::/48`.
     pub ipv6_prefix: String,
@@ -659,6 +661,7 @@ fn token_create(
     rng.fill_bytes(&mut secret);
     let tok = EnrollToken {
         coordinator: me.public_addr.clone(),
+        alternates: me.alternate_addrs.clone(),
         ca_sha256: me.ca_sha256,
         id,
         secret: ward_shared::secret::Secret::new(secret.clone()),
@@ -1179,6 +1182,7 @@ mod tests {
                 store,
                 me: Identity {
                     public_addr: "coord.example:7443".into(),
+                    alternate_addrs: vec!["coord2.example:7443".into()],
                     ca_sha256: [7; 32],
                     ipv6_prefix: "fd7a::/48".into(),
                     uptime_secs: 5,

@@ -203,6 +203,7 @@ pub async fn serve(
     let mut registry = Registry::new(config.pools, devices, users, current, grants, leases, now);
     registry.handle_policy_version(current_version);
     registry.set_dns_domain(config.dns_domain.clone());
+    registry.set_coordinators(config.public_addrs());
     registry.handle_relays(ops::relays(store.as_ref())?);
     // What the behaviour detector learned before this start (anomalies of the last 30 days).
     let anomalies = store
@@ -725,6 +726,7 @@ async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> 
     let res = tokio::task::spawn_blocking(move || {
         let me = Identity {
             public_addr: ctx.config.public_addr.clone(),
+            alternate_addrs: ctx.config.alternate_addrs.clone(),
             ca_sha256: ctx.ca.fingerprint(),
             ipv6_prefix: format!("{}/48", ctx.config.pools.v6_prefix),
             uptime_secs: ctx.started.elapsed().as_secs(),

@@ -394,7 +394,10 @@ impl World {
                 self.devs[i].core.rotate_key(key.0, now.instant, &mut out);
                 self.emit(i, &out);
             }
-            Event::SaveCert { .. } | Event::NeedCsr | Event::SelfName(_) => {}
+            Event::SaveCert { .. }
+            | Event::NeedCsr
+            | Event::SelfName(_)
+            | Event::SaveCoordinators { .. } => {}
             Event::ResolveRelay(_) | Event::SendDiscovery { .. } => {}
             // No relays in the simulation (yet): nothing to connect.
             Event::Relay(_) | Event::SetRelays(_) => {}
