@@ -46,6 +46,7 @@ pub mod oidc;
 mod queue;
 mod relay;
 mod session;
+mod touches;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -89,6 +90,8 @@ struct Ctx {
     console: std::sync::OnceLock<Arc<crate::console::Console>>,
     /// The OpenID provider people sign in with (`--oidc-issuer`).
     oidc: Option<Arc<crate::oidc::provider::Provider>>,
+    /// Device contact waiting to be written in one batch ([`touches`]).
+    touches: Arc<touches::Touches>,
 }
 
 /// Flow record retention when `serve --flow-retention` does not say.
@@ -238,6 +241,7 @@ pub async fn serve(
         flow_retention_ms,
         console: std::sync::OnceLock::new(),
         oidc: provider.clone(),
+        touches: Arc::new(touches::Touches::default()),
     });
     if let (Some(o), Some(p)) = (&oidc, &provider) {
         info!(issuer = %o.cfg.issuer, client_id = %o.cfg.client_id, "OpenID Connect sign-in enabled");
@@ -306,6 +310,7 @@ pub async fn serve(
 
     tokio::spawn(integrity_checks(sqlite));
     tokio::spawn(session::refusal_rows(ctx.clone()));
+    tokio::spawn(touches::write_loop(ctx.touches.clone(), ctx.store.clone()));
     tokio::spawn(prune_flows(ctx.store.clone(), flow_retention_ms));
     tokio::spawn(maturity_daily(ctx.clone()));
     tokio::spawn(actor::registry_actor(
