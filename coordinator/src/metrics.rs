@@ -33,6 +33,12 @@ pub struct LiveMetrics {
     /// From the event that caused them (or the timer tick) to the netmaps queued.
     pub netmap_push: HistogramSnapshot,
     pub leases_expired: u64,
+    /// Batches the registry actor handled (events gathered, then one flush each).
+    pub registry_batches: u64,
+    /// Events the registry actor handled, in all batches.
+    pub registry_events: u64,
+    /// How long each batch's flush took (the netmap recompute and queueing).
+    pub registry_flush: HistogramSnapshot,
     /// When the actor woke for the batch being handled.
     pub batch_started: Option<Instant>,
 }
@@ -44,6 +50,9 @@ impl Default for LiveMetrics {
             netmap_pushes: 0,
             netmap_push: HistogramSnapshot::new(LATENCY_BUCKETS),
             leases_expired: 0,
+            registry_batches: 0,
+            registry_events: 0,
+            registry_flush: HistogramSnapshot::new(LATENCY_BUCKETS),
             batch_started: None,
         }
     }
@@ -60,6 +69,15 @@ impl LiveMetrics {
         if let Some(t) = self.batch_started.take() {
             self.netmap_push.observe(t.elapsed().as_secs_f64());
         }
+    }
+}
+
+impl LiveMetrics {
+    /// One batch of `events` handled, its flush taking `flush`.
+    pub fn batch(&mut self, events: usize, flush: std::time::Duration) {
+        self.registry_batches += 1;
+        self.registry_events += events as u64;
+        self.registry_flush.observe(flush.as_secs_f64());
     }
 }
 
@@ -362,6 +380,26 @@ pub fn render(i: &Inputs) -> String {
         "From the event that changed netmaps (or the timer tick) to the netmaps queued, once per batch.",
     )
     .histogram("ward_coordinator_netmap_push_seconds", &[], &i.live.netmap_push);
+    e.counter(
+        "ward_coordinator_registry_batches_total",
+        "Batches of events the registry actor handled, each ending in one netmap flush.",
+        i.live.registry_batches,
+    );
+    e.counter(
+        "ward_coordinator_registry_events_total",
+        "Events the registry actor handled (sessions, reports, admin changes), in all batches.",
+        i.live.registry_events,
+    );
+    e.family(
+        "ward_coordinator_registry_flush_seconds",
+        Kind::Histogram,
+        "How long each batch's flush took: the netmap recompute and queueing the messages.",
+    )
+    .histogram(
+        "ward_coordinator_registry_flush_seconds",
+        &[],
+        &i.live.registry_flush,
+    );
     e.gauge(
         "ward_coordinator_policy_version",
         "Version of the applied policy (0: none applied).",

@@ -209,6 +209,12 @@ pub struct Registry {
     /// The stored version of `policy` (netmaps carry it; flow records name it).
     policy_version: Option<u64>,
     compiled: Compiled,
+    /// What `compiled` was compiled from; `None` forces a compile.
+    compiled_for: Option<CompiledFor>,
+    /// Bumped by every new policy (so a cached compile is never reused across policies).
+    policy_gen: u64,
+    /// Policy compiles since start (a recompute whose inputs did not change skips it).
+    compiles: u64,
     now_ms: i64,
     outputs: VecDeque<Output>,
     dirty: bool,
@@ -234,6 +240,16 @@ pub struct Registry {
     /// Users the identity provider took access away from, and why: their devices stay on the
     /// network but lose every rule that reached them through the user.
     suspended: BTreeMap<String, String>,
+}
+
+/// The inputs a compile depended on: the same policy, directory and routers before the
+/// compile's next expiry give the same result, so a recompute that only changed sessions
+/// (opens, closes, endpoints, leases) skips the compile.
+#[derive(Debug)]
+struct CompiledFor {
+    policy_gen: u64,
+    directory: Directory,
+    routers: Vec<policy::Router>,
 }
 
 /// A device's routed prefixes as the store holds them.
@@ -296,6 +312,9 @@ impl Registry {
             policy,
             policy_version: None,
             compiled: Compiled::default(),
+            compiled_for: None,
+            policy_gen: 0,
+            compiles: 0,
             now_ms,
             outputs: VecDeque::new(),
             dirty: true,
@@ -390,6 +409,9 @@ impl Registry {
     pub fn routers(&self, dir: &Directory) -> Vec<policy::Router> {
         let mut out = Vec::new();
         for (id, r) in &self.routes {
+            if r.advertised.is_empty() {
+                continue;
+            }
             let Some(dev) = dir.devices.iter().find(|d| d.id == *id && d.live) else {
                 continue;
             };
@@ -434,6 +456,7 @@ impl Registry {
             .set_learning_ms(policy.trust.behaviour_learning_ms as i64);
         self.behaviour.set_threshold(policy.trust.risk_threshold);
         self.policy = Some(policy);
+        self.policy_gen += 1;
         self.dirty = true;
         self.refresh_needed();
         let ids: Vec<DeviceId> = self.devices.keys().copied().collect();
@@ -1030,6 +1053,11 @@ impl Registry {
         self.now_ms = now_ms;
     }
 
+    /// Policy compiles since start: recomputes that changed only sessions reuse the last one.
+    pub fn compiles(&self) -> u64 {
+        self.compiles
+    }
+
     /// Leases that reached their expiry while held here, since start (for metrics).
     pub fn leases_expired(&self) -> u64 {
         self.leases_expired
@@ -1568,32 +1596,44 @@ impl Registry {
     }
 
     fn recompute_netmaps(&mut self) {
-        self.refresh_needed();
         let dir = self.directory();
-        self.compiled = match &self.policy {
-            Some(p) => {
-                let mut c = policy::compile(p, &dir, self.now_ms);
-                let routers = self.routers(&dir);
-                policy::compile_routes(
-                    p,
-                    &dir,
-                    &routers,
-                    self.pools.v6_prefix,
-                    self.now_ms,
-                    &mut c,
-                );
-                c
-            }
-            None => Compiled::default(),
+        let routers = match &self.policy {
+            Some(_) => self.routers(&dir),
+            None => Vec::new(),
         };
-        let served: BTreeMap<DeviceId, Vec<Prefix>> = match &self.policy {
-            Some(_) => self
-                .routers(&dir)
-                .into_iter()
-                .map(|r| (r.id, r.routes))
-                .collect(),
-            None => BTreeMap::new(),
-        };
+        let unchanged = self.compiled_for.as_ref().is_some_and(|c| {
+            c.policy_gen == self.policy_gen
+                && c.directory == dir
+                && c.routers == routers
+                && self.compiled.next_expiry_ms.is_none_or(|t| self.now_ms < t)
+        });
+        if !unchanged {
+            // Which requirements apply where depends on the same inputs as the compile.
+            self.refresh_needed();
+            self.compiled = match &self.policy {
+                Some(p) => {
+                    let mut c = policy::compile(p, &dir, self.now_ms);
+                    policy::compile_routes(
+                        p,
+                        &dir,
+                        &routers,
+                        self.pools.v6_prefix,
+                        self.now_ms,
+                        &mut c,
+                    );
+                    c
+                }
+                None => Compiled::default(),
+            };
+            self.compiles += 1;
+            self.compiled_for = Some(CompiledFor {
+                policy_gen: self.policy_gen,
+                directory: dir,
+                routers: routers.clone(),
+            });
+        }
+        let served: BTreeMap<DeviceId, Vec<Prefix>> =
+            routers.into_iter().map(|r| (r.id, r.routes)).collect();
         let views: BTreeMap<DeviceId, Peer> = self
             .devices
             .values()
@@ -1602,35 +1642,40 @@ impl Registry {
         let relays = self.relays.clone();
         let policy_version = self.policy_version;
         let ids: Vec<DeviceId> = self.sessions.keys().copied().collect();
+        let no_routes: Vec<Prefix> = Vec::new();
+        let no_inbound: Vec<FilterRule> = Vec::new();
+        let no_reach: Vec<Reach> = Vec::new();
         for id in ids {
             let Some(me) = self.devices.get(&id) else {
                 continue;
             };
             let access = self.compiled.devices.get(&id);
-            let want: BTreeMap<DeviceId, Peer> = access
-                .map(|a| {
-                    a.peers
-                        .iter()
-                        .filter(|p| **p != id)
-                        .filter_map(|p| {
-                            views.get(p).map(|v| {
-                                let mut v = v.clone();
-                                v.routes = a.routes.get(p).cloned().unwrap_or_default();
-                                (*p, v)
-                            })
-                        })
-                        .collect()
+            // The peers this device may have now, by reference: (id, view, routes through it).
+            // Nothing is cloned for a session whose view did not change, so a recompute over
+            // N sessions that changes little costs comparisons, not N full netmaps' copies.
+            let wanted = access.into_iter().flat_map(|a| {
+                a.peers.iter().filter(|p| **p != id).filter_map(|p| {
+                    views
+                        .get(p)
+                        .map(|v| (*p, v, a.routes.get(p).unwrap_or(&no_routes)))
                 })
-                .unwrap_or_default();
-            let inbound = access.map(|a| a.inbound.clone()).unwrap_or_default();
-            let reach = access.map(|a| a.reach.clone()).unwrap_or_default();
-            let shadow_filter = access.and_then(|a| a.shadow_inbound.clone());
-            let my_routes = served.get(&id).cloned().unwrap_or_default();
+            });
+            let inbound = access.map(|a| &a.inbound).unwrap_or(&no_inbound);
+            let reach = access.map(|a| &a.reach).unwrap_or(&no_reach);
+            let shadow_filter = access.and_then(|a| a.shadow_inbound.as_ref());
+            let my_routes = served.get(&id).unwrap_or(&no_routes);
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
             match &mut session.sent {
                 None => {
+                    let want: BTreeMap<DeviceId, Peer> = wanted
+                        .map(|(p, v, routes)| {
+                            let mut v = v.clone();
+                            v.routes = routes.clone();
+                            (p, v)
+                        })
+                        .collect();
                     let msg = CoordinatorMsg::Netmap(Netmap {
                         seq: 1,
                         me: SelfInfo {
@@ -1649,20 +1694,20 @@ impl Registry {
                         punch: true,
                         flows: true,
                         policy_version,
-                        shadow_filter: shadow_filter.clone(),
+                        shadow_filter: shadow_filter.cloned(),
                         dns_domain: Some(self.dns_domain.clone()),
                         coordinators: self.coordinators.clone(),
                     });
                     session.sent = Some(Sent {
                         seq: 1,
                         hostname: me.hostname.clone(),
-                        routes: my_routes,
+                        routes: my_routes.clone(),
                         peers: want,
-                        inbound,
-                        reach,
+                        inbound: inbound.clone(),
+                        reach: reach.clone(),
                         relays: relays.clone(),
                         policy_version,
-                        shadow_filter,
+                        shadow_filter: shadow_filter.cloned(),
                     });
                     self.outputs.push_back(Output::Send {
                         conn: session.conn,
@@ -1670,23 +1715,30 @@ impl Registry {
                     });
                 }
                 Some(sent) => {
-                    let upsert: Vec<Peer> = want
-                        .iter()
-                        .filter(|(k, v)| sent.peers.get(k) != Some(v))
-                        .map(|(_, v)| v.clone())
+                    let mut wanted_ids: BTreeSet<DeviceId> = BTreeSet::new();
+                    let upsert: Vec<Peer> = wanted
+                        .filter_map(|(p, v, routes)| {
+                            wanted_ids.insert(p);
+                            if sent.peers.get(&p).is_some_and(|s| same_peer(s, v, routes)) {
+                                return None;
+                            }
+                            let mut v = v.clone();
+                            v.routes = routes.clone();
+                            Some(v)
+                        })
                         .collect();
                     let remove: Vec<DeviceId> = sent
                         .peers
                         .keys()
-                        .filter(|k| !want.contains_key(k))
+                        .filter(|k| !wanted_ids.contains(k))
                         .copied()
                         .collect();
-                    let inbound_changed = sent.inbound != inbound;
-                    let reach_changed = sent.reach != reach;
+                    let inbound_changed = sent.inbound != *inbound;
+                    let reach_changed = sent.reach != *reach;
                     let relays_changed = sent.relays != relays;
-                    let me_changed = sent.hostname != me.hostname || sent.routes != my_routes;
+                    let me_changed = sent.hostname != me.hostname || sent.routes != *my_routes;
                     let version_changed = sent.policy_version != policy_version;
-                    let shadow_changed = sent.shadow_filter != shadow_filter;
+                    let shadow_changed = sent.shadow_filter.as_ref() != shadow_filter;
                     if upsert.is_empty()
                         && remove.is_empty()
                         && !inbound_changed
@@ -1700,7 +1752,12 @@ impl Registry {
                     }
                     let base = sent.seq;
                     sent.seq += 1;
-                    sent.peers = want;
+                    for k in &remove {
+                        sent.peers.remove(k);
+                    }
+                    for p in &upsert {
+                        sent.peers.insert(p.device_id, p.clone());
+                    }
                     let msg = CoordinatorMsg::NetmapDelta(NetmapDelta {
                         base_seq: base,
                         seq: base + 1,
@@ -1723,14 +1780,22 @@ impl Registry {
                             v6_prefix: self.pools.v6_prefix,
                             observed_addr: Some(session.observed),
                         }),
-                        shadow_filter: shadow_changed.then(|| shadow_filter.clone()),
+                        shadow_filter: shadow_changed.then(|| shadow_filter.cloned()),
                     });
                     sent.hostname = me.hostname.clone();
-                    sent.routes = my_routes;
-                    sent.shadow_filter = shadow_filter;
+                    if me_changed {
+                        sent.routes = my_routes.clone();
+                    }
+                    if shadow_changed {
+                        sent.shadow_filter = shadow_filter.cloned();
+                    }
                     sent.policy_version = policy_version;
-                    sent.inbound = inbound;
-                    sent.reach = reach;
+                    if inbound_changed {
+                        sent.inbound = inbound.clone();
+                    }
+                    if reach_changed {
+                        sent.reach = reach.clone();
+                    }
                     if relays_changed {
                         sent.relays = relays.clone();
                     }
@@ -1742,6 +1807,38 @@ impl Registry {
             }
         }
     }
+}
+
+/// Whether `sent` (a peer as a device was last told it) equals `view` with `routes` as its
+/// routed prefixes, without building that peer. Every field is named, so a new one cannot be
+/// forgotten here.
+fn same_peer(sent: &Peer, view: &Peer, routes: &[Prefix]) -> bool {
+    let Peer {
+        device_id,
+        hostname,
+        user,
+        tags,
+        ipv4,
+        ipv6,
+        wg_public_key,
+        endpoints,
+        online,
+        leases,
+        relay,
+        routes: sent_routes,
+    } = sent;
+    sent_routes.as_slice() == routes
+        && *device_id == view.device_id
+        && *hostname == view.hostname
+        && *user == view.user
+        && *tags == view.tags
+        && *ipv4 == view.ipv4
+        && *ipv6 == view.ipv6
+        && *wg_public_key == view.wg_public_key
+        && *endpoints == view.endpoints
+        && *online == view.online
+        && *leases == view.leases
+        && *relay == view.relay
 }
 
 /// The policy's view of users, devices and grants.
@@ -2007,6 +2104,103 @@ to = ["all"]
             r.handle_punch_request(DeviceId(1), 1, DeviceId(n), 5_000 + PUNCH_WINDOW_MS),
             Ok(())
         );
+    }
+
+    /// Sessions opening, updating and closing reuse the compiled policy; a device joining, a
+    /// new policy or a rule's expiry compile again, and the netmaps stay right either way.
+    #[test]
+    fn session_changes_reuse_the_compile_and_directory_changes_redo_it() {
+        let mut r = reg(&[1, 2, 3]);
+        drain(&mut r);
+        let base = r.compiles();
+        for id in 1..=3 {
+            r.handle_session_opened(
+                DeviceId(id),
+                id * 10,
+                addr("10.0.0.1:1"),
+                DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+        r.handle_session_update(
+            DeviceId(2),
+            20,
+            DeviceUpdate {
+                wg_port: 51820,
+                ..Default::default()
+            },
+        );
+        let out = drain(&mut r);
+        assert_eq!(r.compiles(), base, "sessions alone do not compile");
+        // Device 1 was told about device 2's endpoint all the same.
+        let sees_endpoint = out.iter().any(|o| match o {
+            Output::Send {
+                conn: 10,
+                msg: CoordinatorMsg::Netmap(nm),
+            } => nm
+                .peers
+                .iter()
+                .any(|p| p.device_id == DeviceId(2) && !p.endpoints.is_empty()),
+            Output::Send {
+                conn: 10,
+                msg: CoordinatorMsg::NetmapDelta(d),
+            } => d
+                .upsert
+                .iter()
+                .any(|p| p.device_id == DeviceId(2) && !p.endpoints.is_empty()),
+            _ => false,
+        });
+        assert!(sees_endpoint, "{out:?}");
+        // A new device is a directory change: compiled again, and peers hear of it.
+        r.handle_device_upserted(dev(4));
+        let out = drain(&mut r);
+        assert_eq!(r.compiles(), base + 1);
+        assert!(
+            out.iter().any(|o| matches!(o,
+            Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) }
+                if d.upsert.iter().any(|p| p.device_id == DeviceId(4)))),
+            "{out:?}"
+        );
+        // Nothing changed: nothing compiled, nothing sent.
+        r.handle_session_closed(DeviceId(9), 90);
+        r.dirty = true;
+        assert!(drain(&mut r).is_empty());
+        assert_eq!(r.compiles(), base + 1);
+        // The same policy applied again is a new policy: compiled again.
+        r.handle_policy(open_policy());
+        drain(&mut r);
+        assert_eq!(r.compiles(), base + 2);
+    }
+
+    /// A rule's expiry is a compile input even when nothing else changes: the cached compile
+    /// is not reused past it, and the peers go away.
+    #[test]
+    fn a_rule_expiry_compiles_again() {
+        let mut r = reg(&[1, 2]);
+        let mut p = open_policy();
+        p.rules[0].expires_ms = Some(5_000);
+        r.handle_policy(p);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let out = drain(&mut r);
+        assert!(
+            out.iter().any(|o| matches!(o,
+            Output::Send { conn: 10, msg: CoordinatorMsg::Netmap(nm) } if nm.peers.len() == 1)),
+            "{out:?}"
+        );
+        let before = r.compiles();
+        r.handle_time(4_000);
+        drain(&mut r);
+        assert_eq!(
+            r.compiles(),
+            before,
+            "before the expiry nothing is compiled"
+        );
+        r.handle_time(5_000);
+        let out = drain(&mut r);
+        assert_eq!(r.compiles(), before + 1);
+        assert!(out.iter().any(|o| matches!(o,
+            Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) } if d.remove == vec![DeviceId(2)])), "{out:?}");
     }
 
     #[test]

@@ -2,8 +2,8 @@
 # Control-plane load regression check: 100 real device sessions (each enrolled for real, with
 # its own key and certificate, mutual-TLS QUIC, the device's agent core) against one
 # coordinator on loopback, through bench/load.sh --check, with a policy of 50 rules whose
-# groups hold 10% of the users each. (500 sessions, or the dense 70% groups, do not come up
-# within a minute today: bench/README.md, "load.sh", has the figures.) The bounds are
+# groups hold 10% of the users each. (500 sessions do not all come up within 90 s on a
+# loaded 2-core machine yet: sessions churn; bench/README.md, "load.sh", has the figures.) The bounds are
 # generous, so only a large regression fails:
 #   - every device enrolls and every session gets its first netmap;
 #   - a policy change reaches every session, p99 under 20 s;

@@ -220,211 +220,239 @@ pub(super) async fn registry_actor(
             save_baselines(&baseline_store, reg.behaviour_snapshots()).await;
             save_group_baselines(&baseline_store, reg.behaviour_group_snapshots()).await;
         }
-        let Some(ev) = ev else {
+        let Some(first) = ev else {
             flush(&mut reg, &mut conns, &mut relays, &mut sink);
             continue;
         };
-        match ev {
-            Event::Opened {
-                id,
-                conn,
-                observed,
-                update,
-                tx,
-                reply,
-            } => {
-                let r = reg.handle_session_opened(id, conn, observed, update);
-                if r.is_ok() {
-                    conns.insert(conn, tx);
-                    let _ = presence.send(Presence::Claimed(id, now_ms()));
+        // Every event waiting now is handled before one flush: the registry recomputes the
+        // netmaps once for the whole batch, not once per event (an admission wave of N sessions
+        // costs one recompute per batch, not N, each over N sessions).
+        let mut next = Some(first);
+        let mut handled = 0usize;
+        // Devices told their lease was granted only after the flush that gave peers its key.
+        let mut leases_done: Vec<oneshot::Sender<()>> = Vec::new();
+        while let Some(ev) = next.take() {
+            handled += 1;
+            match ev {
+                Event::Opened {
+                    id,
+                    conn,
+                    observed,
+                    update,
+                    tx,
+                    reply,
+                } => {
+                    let r = reg.handle_session_opened(id, conn, observed, update);
+                    if r.is_ok() {
+                        conns.insert(conn, tx);
+                        let _ = presence.send(Presence::Claimed(id, now_ms()));
+                    }
+                    let _ = reply.send(r);
                 }
-                let _ = reply.send(r);
-            }
-            Event::Update { id, conn, update } => reg.handle_session_update(id, conn, update),
-            Event::Closed { id, conn } => {
-                conns.remove(&conn);
-                reg.handle_session_closed(id, conn);
-                if !reg.is_online(id) {
-                    let _ = presence.send(Presence::Released(id));
-                }
-            }
-            Event::SessionMoved(id) => {
-                info!(device = %id, "the device's session moved to another replica: closing the stale one here");
-                reg.handle_session_moved(id);
-            }
-            Event::PostureFloor(id, seq) => reg.handle_posture_floor(id, seq),
-            Event::Upserted(d) => reg.handle_device_upserted(d),
-            Event::Removed(id, why) => reg.handle_device_removed(id, &why),
-            Event::User(u) => reg.handle_user(u),
-            Event::SignIn(id, s) => reg.handle_sign_in(id, Some(s)),
-            Event::Identity(user, why) => reg.handle_identity(&user, why),
-            Event::Lease(l, done) => {
-                reg.handle_lease(l);
-                // Peers get the new key before the device hears its lease was granted.
-                flush(&mut reg, &mut conns, &mut relays, &mut sink);
-                let _ = done.send(());
-            }
-            Event::LeasesRevoked(id, serials) => reg.handle_leases_revoked(id, &serials),
-            Event::Rotate(id, why, done) => {
-                let _ = done.send(reg.handle_rotate(id, &why));
-            }
-            Event::Policy(p, version) => {
-                reg.handle_policy_version(Some(version));
-                reg.handle_policy(p);
-            }
-            Event::Grants(g) => reg.handle_grants(g),
-            Event::Routes(r) => reg.handle_routes(r),
-            Event::Relays(r) => {
-                // A removed relay's control session ends.
-                let gone: Vec<String> = relays
-                    .keys()
-                    .filter(|n| !r.iter().any(|x| &&x.name == n))
-                    .cloned()
-                    .collect();
-                for name in gone {
-                    if let Some(rc) = relays.remove(&name) {
-                        info!(relay = %name, "relay removed: ending its control session");
-                        let _ = rc.tx.try_send(ConnCmd::Close(
-                            ErrorCode::Unauthorized,
-                            "this relay has been removed".into(),
-                        ));
+                Event::Update { id, conn, update } => reg.handle_session_update(id, conn, update),
+                Event::Closed { id, conn } => {
+                    conns.remove(&conn);
+                    reg.handle_session_closed(id, conn);
+                    if !reg.is_online(id) {
+                        let _ = presence.send(Presence::Released(id));
                     }
                 }
-                reg.handle_relays(r);
-            }
-            Event::RelayOpened {
-                name,
-                conn,
-                tx,
-                reply,
-            } => {
-                if !reg.has_relay(&name) {
-                    let _ = reply.send(false);
-                } else {
-                    let fresh = RelayConn {
-                        conn,
-                        tx,
-                        load: RelayLoad::default(),
-                    };
-                    if let Some(old) = relays.insert(name.clone(), fresh) {
-                        info!(relay = %name, "relay reconnected: closing its older control session");
-                        let _ = old.tx.try_send(ConnCmd::Close(
-                            ErrorCode::Protocol,
-                            "replaced by a newer control session of the same relay".into(),
-                        ));
+                Event::SessionMoved(id) => {
+                    info!(device = %id, "the device's session moved to another replica: closing the stale one here");
+                    reg.handle_session_moved(id);
+                }
+                Event::PostureFloor(id, seq) => reg.handle_posture_floor(id, seq),
+                Event::Upserted(d) => reg.handle_device_upserted(d),
+                Event::Removed(id, why) => reg.handle_device_removed(id, &why),
+                Event::User(u) => reg.handle_user(u),
+                Event::SignIn(id, s) => reg.handle_sign_in(id, Some(s)),
+                Event::Identity(user, why) => reg.handle_identity(&user, why),
+                Event::Lease(l, done) => {
+                    reg.handle_lease(l);
+                    // Peers get the new key before the device hears its lease was granted: the
+                    // reply waits for the batch's flush.
+                    leases_done.push(done);
+                }
+                Event::LeasesRevoked(id, serials) => reg.handle_leases_revoked(id, &serials),
+                Event::Rotate(id, why, done) => {
+                    let _ = done.send(reg.handle_rotate(id, &why));
+                }
+                Event::Policy(p, version) => {
+                    reg.handle_policy_version(Some(version));
+                    reg.handle_policy(p);
+                }
+                Event::Grants(g) => reg.handle_grants(g),
+                Event::Routes(r) => reg.handle_routes(r),
+                Event::Relays(r) => {
+                    // A removed relay's control session ends.
+                    let gone: Vec<String> = relays
+                        .keys()
+                        .filter(|n| !r.iter().any(|x| &&x.name == n))
+                        .cloned()
+                        .collect();
+                    for name in gone {
+                        if let Some(rc) = relays.remove(&name) {
+                            info!(relay = %name, "relay removed: ending its control session");
+                            let _ = rc.tx.try_send(ConnCmd::Close(
+                                ErrorCode::Unauthorized,
+                                "this relay has been removed".into(),
+                            ));
+                        }
                     }
-                    let _ = reply.send(true);
+                    reg.handle_relays(r);
                 }
-            }
-            Event::RelayLoad { name, conn, load } => {
-                if let Some(rc) = relays.get_mut(&name).filter(|rc| rc.conn == conn) {
-                    rc.load = load;
-                }
-            }
-            Event::RelayClosed { name, conn } => {
-                if relays.get(&name).is_some_and(|rc| rc.conn == conn) {
-                    relays.remove(&name);
-                }
-            }
-            Event::Posture {
-                id,
-                conn,
-                report,
-                received,
-            } => {
-                sink.stats.reports += 1;
-                let (seq, age) = (report.seq, now_ms().saturating_sub(report.collected_at_ms));
-                match reg.handle_posture(id, conn, *report, now_ms()) {
-                    Ok(()) => {
-                        let _ = presence.send(Presence::PostureSeq(id, seq));
-                        debug!(device = %id, seq, age_ms = age, "posture report");
-                        sink.received = Some(received);
+                Event::RelayOpened {
+                    name,
+                    conn,
+                    tx,
+                    reply,
+                } => {
+                    if !reg.has_relay(&name) {
+                        let _ = reply.send(false);
+                    } else {
+                        let fresh = RelayConn {
+                            conn,
+                            tx,
+                            load: RelayLoad::default(),
+                        };
+                        if let Some(old) = relays.insert(name.clone(), fresh) {
+                            info!(relay = %name, "relay reconnected: closing its older control session");
+                            let _ = old.tx.try_send(ConnCmd::Close(
+                                ErrorCode::Protocol,
+                                "replaced by a newer control session of the same relay".into(),
+                            ));
+                        }
+                        let _ = reply.send(true);
                     }
-                    Err(e) => {
-                        sink.stats.refused += 1;
-                        // A device sending garbage must not turn into an fsync per message:
-                        // at most one audit row per device per 10 s, with the count.
-                        let (last, n) = sink.refused.entry(id).or_insert((None, 0));
-                        *n += 1;
-                        if last.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
-                            warn!(device = %id, seq, error = %e, refused = *n, "posture report refused");
-                            let count = *n;
-                            *last = Some(Instant::now());
-                            *n = 0;
-                            sink.audit(
-                                id,
-                                Action::PostureRefused,
-                                json!({ "error": e.to_string(), "count": count }),
-                            );
+                }
+                Event::RelayLoad { name, conn, load } => {
+                    if let Some(rc) = relays.get_mut(&name).filter(|rc| rc.conn == conn) {
+                        rc.load = load;
+                    }
+                }
+                Event::RelayClosed { name, conn } => {
+                    if relays.get(&name).is_some_and(|rc| rc.conn == conn) {
+                        relays.remove(&name);
+                    }
+                }
+                Event::Posture {
+                    id,
+                    conn,
+                    report,
+                    received,
+                } => {
+                    sink.stats.reports += 1;
+                    let (seq, age) = (report.seq, now_ms().saturating_sub(report.collected_at_ms));
+                    match reg.handle_posture(id, conn, *report, now_ms()) {
+                        Ok(()) => {
+                            let _ = presence.send(Presence::PostureSeq(id, seq));
+                            debug!(device = %id, seq, age_ms = age, "posture report");
+                            // The batch's oldest report is the one its enforcement latency counts.
+                            sink.received =
+                                Some(sink.received.map_or(received, |r| r.min(received)));
+                        }
+                        Err(e) => {
+                            sink.stats.refused += 1;
+                            // A device sending garbage must not turn into an fsync per message:
+                            // at most one audit row per device per 10 s, with the count.
+                            let (last, n) = sink.refused.entry(id).or_insert((None, 0));
+                            *n += 1;
+                            if last.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
+                            {
+                                warn!(device = %id, seq, error = %e, refused = *n, "posture report refused");
+                                let count = *n;
+                                *last = Some(Instant::now());
+                                *n = 0;
+                                sink.audit(
+                                    id,
+                                    Action::PostureRefused,
+                                    json!({ "error": e.to_string(), "count": count }),
+                                );
+                            }
                         }
                     }
                 }
-            }
-            Event::DeniedFlows(id, flows) => reg.handle_denied_flows(id, &flows, now_ms()),
-            Event::Flows(id, report) => reg.handle_flows(id, &report, now_ms()),
-            Event::AnomalyAck(id, label, reply) => {
-                let r = reg.handle_anomaly_ack(id, label);
-                if let Ok(a) = &r {
-                    sink.anomaly_stored(a);
+                Event::DeniedFlows(id, flows) => reg.handle_denied_flows(id, &flows, now_ms()),
+                Event::Flows(id, report) => reg.handle_flows(id, &report, now_ms()),
+                Event::AnomalyAck(id, label, reply) => {
+                    let r = reg.handle_anomaly_ack(id, label);
+                    if let Ok(a) = &r {
+                        sink.anomaly_stored(a);
+                    }
+                    let _ = reply.send(r);
                 }
-                let _ = reply.send(r);
-            }
-            Event::Punch { id, conn, peer } => {
-                if let Err(why) = reg.handle_punch_request(id, conn, peer, now_ms()) {
-                    debug!(device = %id, %peer, %why, counters = ?reg.punch_counters(), "punch request dropped");
+                Event::Punch { id, conn, peer } => {
+                    if let Err(why) = reg.handle_punch_request(id, conn, peer, now_ms()) {
+                        debug!(device = %id, %peer, %why, counters = ?reg.punch_counters(), "punch request dropped");
+                    }
+                }
+                Event::RelabelFlows(id, mut report, reply) => {
+                    let changed = crate::flows::relabel(
+                        id,
+                        &mut report,
+                        reg.policy(),
+                        &reg.directory(),
+                        now_ms(),
+                    );
+                    if changed > 0 {
+                        debug!(device = %id, changed, "flow denial reasons relabeled");
+                    }
+                    let _ = reply.send(report);
+                }
+                Event::DirectoryFor(p, reply) => {
+                    let _ = reply.send(reg.directory_for(&p));
+                }
+                Event::LeaseCheck(id, key, reply) => {
+                    let _ = reply.send(
+                        reg.check_lease_request(id, &key)
+                            .map(|()| reg.risky_lease_ttl_ms(id)),
+                    );
+                }
+                Event::TrustView(id, reply) => {
+                    flush(&mut reg, &mut conns, &mut relays, &mut sink);
+                    let _ = reply.send((reg.posture_report(id).cloned(), reg.trust_view(id)));
+                }
+                Event::Snapshot(reply) => {
+                    flush(&mut reg, &mut conns, &mut relays, &mut sink);
+                    let _ = reply.send(Snapshot {
+                        online: conns_online(&reg),
+                        home_relays: reg.home_relays(),
+                        risks: reg.risks(),
+                        sign_in_asks: reg.sign_in_asks(),
+                        directory: reg.directory(),
+                        compiled: reg.compiled().clone(),
+                        routers: reg.current_routers(),
+                        policy: reg.policy().cloned(),
+                        trust: sink.stats.view(),
+                        event_queue: rx.view(),
+                        live: crate::metrics::LiveMetrics {
+                            leases_expired: reg.leases_expired(),
+                            ..sink.stats.live.clone()
+                        },
+                        relays: relays
+                            .iter()
+                            .map(|(n, rc)| (n.clone(), rc.load.clone()))
+                            .collect(),
+                    });
                 }
             }
-            Event::RelabelFlows(id, mut report, reply) => {
-                let changed = crate::flows::relabel(
-                    id,
-                    &mut report,
-                    reg.policy(),
-                    &reg.directory(),
-                    now_ms(),
-                );
-                if changed > 0 {
-                    debug!(device = %id, changed, "flow denial reasons relabeled");
-                }
-                let _ = reply.send(report);
-            }
-            Event::DirectoryFor(p, reply) => {
-                let _ = reply.send(reg.directory_for(&p));
-            }
-            Event::LeaseCheck(id, key, reply) => {
-                let _ = reply.send(
-                    reg.check_lease_request(id, &key)
-                        .map(|()| reg.risky_lease_ttl_ms(id)),
-                );
-            }
-            Event::TrustView(id, reply) => {
-                flush(&mut reg, &mut conns, &mut relays, &mut sink);
-                let _ = reply.send((reg.posture_report(id).cloned(), reg.trust_view(id)));
-            }
-            Event::Snapshot(reply) => {
-                flush(&mut reg, &mut conns, &mut relays, &mut sink);
-                let _ = reply.send(Snapshot {
-                    online: conns_online(&reg),
-                    home_relays: reg.home_relays(),
-                    risks: reg.risks(),
-                    sign_in_asks: reg.sign_in_asks(),
-                    directory: reg.directory(),
-                    compiled: reg.compiled().clone(),
-                    routers: reg.current_routers(),
-                    policy: reg.policy().cloned(),
-                    trust: sink.stats.view(),
-                    event_queue: rx.view(),
-                    live: crate::metrics::LiveMetrics {
-                        leases_expired: reg.leases_expired(),
-                        ..sink.stats.live.clone()
-                    },
-                    relays: relays
-                        .iter()
-                        .map(|(n, rc)| (n.clone(), rc.load.clone()))
-                        .collect(),
-                });
+            if handled < BATCH_MAX {
+                next = rx.try_recv();
             }
         }
-        flush(&mut reg, &mut conns, &mut relays, &mut sink);
+        let took = flush(&mut reg, &mut conns, &mut relays, &mut sink);
+        for done in leases_done {
+            let _ = done.send(());
+        }
+        sink.stats.live.batch(handled, took);
+        if took >= SLOW_FLUSH {
+            debug!(
+                events = handled,
+                flush_ms = took.as_millis() as u64,
+                sessions = reg.online_ids().len(),
+                "registry batch flushed slowly"
+            );
+        }
     }
     // Shutting down: keep what was learned.
     save_baselines(&baseline_store, reg.behaviour_snapshots()).await;
@@ -446,6 +474,13 @@ async fn save_group_baselines(store: &Arc<dyn Store>, rows: Vec<(String, String)
     }
 }
 
+/// Events handled at most before a flush: bounds how long the first event of a batch waits
+/// for its netmaps (each event alone is cheap; the flush is what costs).
+const BATCH_MAX: usize = 1024;
+
+/// A flush slower than this is logged (at debug) with the batch's size.
+const SLOW_FLUSH: Duration = Duration::from_millis(100);
+
 /// How often behaviour baselines are written (and once more at shutdown).
 const BASELINE_SAVE_EVERY: Duration = Duration::from_secs(300);
 
@@ -463,12 +498,15 @@ async fn save_baselines(store: &Arc<dyn Store>, rows: Vec<(DeviceId, String)>) {
     }
 }
 
+/// Drains the registry's outputs (recomputing the netmaps once if anything changed) onto the
+/// connections and the trust sink; returns how long that took.
 pub(super) fn flush(
     reg: &mut Registry,
     conns: &mut HashMap<ConnId, mpsc::Sender<ConnCmd>>,
     relays: &mut RelayConns,
     sink: &mut TrustSink<'_>,
-) {
+) -> Duration {
+    let started = Instant::now();
     let mut changed = false;
     let mut revoked = Vec::new();
     let mut netmaps = 0u64;
@@ -533,6 +571,7 @@ pub(super) fn flush(
             sink.stats.live.enforce.observe(took.as_secs_f64());
         }
     }
+    started.elapsed()
 }
 
 pub(super) fn conns_online(reg: &Registry) -> Vec<DeviceId> {

@@ -48,6 +48,7 @@ mod relay;
 mod replica;
 mod resign;
 mod session;
+mod touches;
 
 pub use replica::{FeedWake, FEED_POLL};
 
@@ -95,6 +96,8 @@ struct Ctx {
     oidc: Option<Arc<crate::oidc::provider::Provider>>,
     /// This replica's id (`replica.id` in its data directory).
     replica_id: String,
+    /// Device contact waiting to be written in one batch ([`touches`]).
+    touches: Arc<touches::Touches>,
 }
 
 /// Flow record retention when `serve --flow-retention` does not say.
@@ -267,6 +270,7 @@ pub async fn serve(
         console: std::sync::OnceLock::new(),
         oidc: provider.clone(),
         replica_id: replica_id.clone(),
+        touches: Arc::new(touches::Touches::default()),
     });
     if let (Some(o), Some(p)) = (&oidc, &provider) {
         info!(issuer = %o.cfg.issuer, client_id = %o.cfg.client_id, "OpenID Connect sign-in enabled");
@@ -335,6 +339,7 @@ pub async fn serve(
 
     tokio::spawn(integrity_checks(sqlite));
     tokio::spawn(session::refusal_rows(ctx.clone()));
+    tokio::spawn(touches::write_loop(ctx.touches.clone(), ctx.store.clone()));
     tokio::spawn(prune_flows(ctx.store.clone(), flow_retention_ms));
     tokio::spawn(maturity_daily(ctx.clone()));
     let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -83,6 +83,16 @@ impl EventRx {
         }
     }
 
+    /// An event already waiting (internal ones first), without waiting: how the actor gathers
+    /// a batch after the first event woke it.
+    pub(super) fn try_recv(&mut self) -> Option<Event> {
+        self.max_depth = self.max_depth.max(self.connections.len());
+        self.internal
+            .try_recv()
+            .ok()
+            .or_else(|| self.connections.try_recv().ok())
+    }
+
     /// The queues' depth now and the deepest the connection queue has been.
     pub(super) fn view(&self) -> EventQueueView {
         EventQueueView {
@@ -106,6 +116,25 @@ mod tests {
             id: DeviceId(id),
             conn,
         }
+    }
+
+    /// Gathering a batch never waits: internal events first, then connection events in order,
+    /// then nothing.
+    #[tokio::test]
+    async fn try_recv_gathers_what_waits_internal_first() {
+        let (tx, mut rx) = channel(8);
+        assert!(rx.try_recv().is_none());
+        tx.send(closed(1, 0)).await;
+        tx.send(closed(1, 1)).await;
+        tx.send_internal(closed(2, 0));
+        let got: Vec<(u64, u64)> = std::iter::from_fn(|| rx.try_recv())
+            .map(|e| match e {
+                Event::Closed { id, conn } => (id.0, conn),
+                _ => panic!("unexpected event"),
+            })
+            .collect();
+        assert_eq!(got, vec![(2, 0), (1, 0), (1, 1)]);
+        assert_eq!(rx.view().max_depth, 2);
     }
 
     /// Many sessions flood while the actor is busy: the queue stops at its bound, the senders

@@ -879,15 +879,10 @@ async fn relay_ticket(
     Ok(t)
 }
 
+/// Records contact from the device; written with others in one batch ([`super::touches`]).
 fn touch(ctx: &Arc<Ctx>, id: DeviceId, u: &DeviceUpdate) {
-    let store = ctx.store.clone();
-    let wg = u.wg_public_key;
-    let eps = u.local_endpoints.clone();
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = store.touch_device(id, wg, &eps, now_ms()) {
-            warn!(device = %id, error = %e, "recording device contact failed");
-        }
-    });
+    ctx.touches
+        .record(id, u.wg_public_key, &u.local_endpoints, now_ms());
 }
 
 async fn renew(

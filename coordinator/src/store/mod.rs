@@ -208,6 +208,17 @@ pub struct GrantRow {
     pub created_ms: i64,
 }
 
+/// A device's contact as [`Store::touch_devices`] records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Touch {
+    pub id: DeviceId,
+    /// `None` keeps the stored key.
+    pub wg: Option<WgPublicKey>,
+    pub endpoints: Vec<SocketAddr>,
+    /// When the device was last heard from.
+    pub at_ms: i64,
+}
+
 /// One routed prefix of a device: advertised by it, approved by an administrator, or both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteRow {
@@ -529,6 +540,15 @@ pub trait Store: Send + Sync + replicas::ReplicaStore {
         endpoints: &[SocketAddr],
         now_ms: i64,
     ) -> Result<()>;
+    /// Records many devices' latest contact at once (each as [`Store::touch_device`]): one
+    /// transaction where the backend can, so a wave of session opens costs one commit, not one
+    /// each.
+    fn touch_devices(&self, touches: &[Touch]) -> Result<()> {
+        for t in touches {
+            self.touch_device(t.id, t.wg, &t.endpoints, t.at_ms)?;
+        }
+        Ok(())
+    }
     fn set_device_cert(&self, id: DeviceId, not_after_ms: i64, now_ms: i64) -> Result<()>;
     /// Adds and removes device tags in one transaction (read, merge, write), so concurrent
     /// edits of different tags all survive. New tags keep their order after the existing ones.

@@ -167,6 +167,27 @@ pub(super) fn touch_device(
     })
 }
 
+/// Every touch in one transaction (one commit, one WAL sync).
+pub(super) fn touch_devices(s: &SqliteStore, touches: &[crate::store::Touch]) -> Result<()> {
+    if touches.is_empty() {
+        return Ok(());
+    }
+    s.with_tx(|tx| {
+        let mut stmt = tx.prepare_cached(
+            "UPDATE devices SET last_seen_ms = ?2, wg_key = COALESCE(?3, wg_key), endpoints = ?4 WHERE id = ?1",
+        )?;
+        for t in touches {
+            stmt.execute(params![
+                t.id.0 as i64,
+                t.at_ms,
+                t.wg.map(|k| k.to_base64()),
+                serde_json::to_string(&t.endpoints).unwrap_or_else(|_| "[]".into())
+            ])?;
+        }
+        Ok(())
+    })
+}
+
 pub(super) fn set_device_cert(
     s: &SqliteStore,
     id: DeviceId,

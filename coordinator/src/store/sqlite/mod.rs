@@ -488,6 +488,10 @@ impl Store for SqliteStore {
         devices::touch_device(self, id, wg, endpoints, now_ms)
     }
 
+    fn touch_devices(&self, touches: &[super::Touch]) -> Result<()> {
+        devices::touch_devices(self, touches)
+    }
+
     fn set_device_cert(&self, id: DeviceId, not_after_ms: i64, now_ms: i64) -> Result<()> {
         devices::set_device_cert(self, id, not_after_ms, now_ms)
     }

@@ -1469,3 +1469,55 @@ fn audit_counts_read_only_rows_since_the_last_sequence_number_sqlite() {
 fn audit_counts_read_only_rows_since_the_last_sequence_number_postgres() {
     on_postgres(audit_counts_read_only_rows_since_the_last_sequence_number);
 }
+
+/// A batch of contact is written in one go: each device gets its own time, key and endpoints,
+/// a touch naming no key keeps the stored one, and an empty batch writes nothing.
+#[test]
+fn touches_are_written_together() {
+    let (s, pools) = setup();
+    s.create_token(
+        TokenSpec {
+            id: "t",
+            secret_hash: ward_shared::token::hash_secret(b"s"),
+            user: Some(&n("alice")),
+            tags: &[],
+            expires_ms: 5000,
+            uses: 2,
+            hostname: None,
+        },
+        "admin",
+        1000,
+    )
+    .unwrap();
+    let a = enroll(&s, &pools, "t", b"s", "a", 1, 2000).unwrap();
+    let b = enroll(&s, &pools, "t", b"s", "b", 2, 2000).unwrap();
+    let key = WgPublicKey([9; 32]);
+    let ep: SocketAddr = "192.0.2.7:51820".parse().unwrap();
+    s.touch_device(b.id, Some(key), &[], 2500).unwrap();
+    s.touch_devices(&[]).unwrap();
+    s.touch_devices(&[
+        crate::store::Touch {
+            id: a.id,
+            wg: Some(key),
+            endpoints: vec![ep],
+            at_ms: 3000,
+        },
+        crate::store::Touch {
+            id: b.id,
+            wg: None,
+            endpoints: vec![],
+            at_ms: 3100,
+        },
+    ])
+    .unwrap();
+    let (a, b) = (s.device(a.id).unwrap(), s.device(b.id).unwrap());
+    assert_eq!(
+        (a.last_seen_ms, a.wg_public_key, a.endpoints),
+        (3000, Some(key), vec![ep])
+    );
+    assert_eq!(
+        (b.last_seen_ms, b.wg_public_key),
+        (3100, Some(key)),
+        "no key named keeps the stored one"
+    );
+}
