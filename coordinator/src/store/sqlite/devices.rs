@@ -173,7 +173,7 @@ pub(super) fn touch_devices(s: &SqliteStore, touches: &[crate::store::Touch]) ->
         return Ok(());
     }
     s.with_tx(|tx| {
-        let mut stmt = tx.prepare_cached(
+        let mut stmt = tx.prepare(
             "UPDATE devices SET last_seen_ms = ?2, wg_key = COALESCE(?3, wg_key), endpoints = ?4 WHERE id = ?1",
         )?;
         for t in touches {
