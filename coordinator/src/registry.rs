@@ -1231,7 +1231,17 @@ impl Registry {
     }
 
     /// A device was enrolled or changed. A device that is no longer live is removed.
-    pub fn handle_device_upserted(&mut self, dev: Device) {
+    pub fn handle_device_upserted(&mut self, mut dev: Device) {
+        // While this registry holds the device's session, that session's contact (the
+        // endpoints it reported plus the address observed for it, its key, when it was last
+        // heard) is fresher than any stored row, which is written in batches and may lag.
+        if self.sessions.contains_key(&dev.id) {
+            if let Some(old) = self.devices.get(&dev.id) {
+                dev.endpoints = old.endpoints.clone();
+                dev.wg_public_key = old.wg_public_key;
+                dev.last_seen_ms = dev.last_seen_ms.max(old.last_seen_ms);
+            }
+        }
         if !dev.is_live() {
             let why = if dev.user_disabled {
                 "the device's user has been disabled"
@@ -2277,6 +2287,44 @@ to = ["all"]
             },
         );
         assert!(drain(&mut r).is_empty());
+    }
+
+    #[test]
+    fn a_stored_row_does_not_replace_the_contact_of_a_live_session() {
+        let mut r = reg(&[1, 2]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        r.handle_session_opened(
+            DeviceId(2),
+            11,
+            addr("10.0.0.2:5000"),
+            DeviceUpdate {
+                wg_port: 51820,
+                local_endpoints: vec![addr("192.168.1.5:51820")],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        drain(&mut r);
+        let live = r.devices[&DeviceId(2)].endpoints.clone();
+        assert_eq!(
+            live,
+            vec![addr("10.0.0.2:51820"), addr("192.168.1.5:51820")]
+        );
+        // The stored row lags behind the session (contact is written in batches).
+        let mut stale = r.devices[&DeviceId(2)].clone();
+        stale.endpoints.clear();
+        r.handle_device_upserted(stale);
+        assert_eq!(r.devices[&DeviceId(2)].endpoints, live);
+        // Without a session here, the stored row is all this registry knows.
+        r.handle_session_closed(DeviceId(2), 11);
+        let mut stored = r.devices[&DeviceId(2)].clone();
+        stored.endpoints = vec![addr("10.9.9.9:51820")];
+        r.handle_device_upserted(stored);
+        assert_eq!(
+            r.devices[&DeviceId(2)].endpoints,
+            vec![addr("10.9.9.9:51820")]
+        );
     }
 
     #[test]

@@ -174,6 +174,7 @@ in_use() { test "$(exit_json carol "x.get('name') == 'exit' and x.get('allowed')
 check "ward status --json: exit node exit, allowed and reachable" lab_wait_for -t 10 in_use
 via_direct() { grep -q "^exit node: *exit node exit: internet traffic goes through it (direct " <<<"$(status_text carol)"; }
 check "ward status: 'exit node: exit node exit: internet traffic goes through it (direct ...)'" lab_wait_for -t 10 via_direct
+via_direct || { echo "status of carol:"; status_text carol | sed "s/^/    /"; }
 snat() { grep -q "Connection received on 203.0.113.1 " "$LAB_DIR/logs/inet-80.log"; }
 check "the internet host sees the exit node's address (SNAT)" lab_wait_for -t 5 snat
 check "carol's route to $INET goes into the tunnel" grep -q "dev ward0" <<<"$(lab_exec carol ip route get "$INET")"
