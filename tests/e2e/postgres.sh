@@ -9,31 +9,23 @@ set -uo pipefail
 source "$(dirname "$0")/common.sh"
 need_root
 lab_have_ward || { echo "build first: cargo build --release --workspace --bins"; exit 1; }
-PGBIN=/usr/lib/postgresql/15/bin
-[[ -x "$PGBIN/initdb" ]] || { echo "PostgreSQL not installed (Debian package postgresql)"; exit 1; }
+source "$E2E_DIR/../lab/pg.sh"
+pg_available || { echo "PostgreSQL not installed (Debian package postgresql)"; exit 1; }
 T0=$SECONDS
 P="$E2E_DIR/policies"
 
 lab_init
-PGDIR=$(mktemp -d /tmp/ward-pg-e2e.XXXXXX)
-pg() { runuser -u postgres -- "$PGBIN/$1" "${@:2}"; }
 cleanup_pg() {
     local rc=$?
     lab_cleanup
-    pg pg_ctl -D "$PGDIR/data" -m immediate stop >/dev/null 2>&1
-    rm -rf "$PGDIR"
+    pg_cleanup
     exit "$rc"
 }
 trap cleanup_pg EXIT
-chown postgres "$PGDIR"
 
 say "PostgreSQL"
-pg initdb -D "$PGDIR/data" -A trust -U ward -E UTF8 --no-sync >"$PGDIR/initdb.log" 2>&1 ||
-    { cat "$PGDIR/initdb.log"; exit 1; }
-pg pg_ctl -D "$PGDIR/data" -o "-k $PGDIR -c listen_addresses='' -c fsync=off" \
-    -l "$PGDIR/server.log" -w start >/dev/null || { cat "$PGDIR/server.log"; exit 1; }
-pg createdb -h "$PGDIR" -U ward ward
-psql_q() { pg psql -h "$PGDIR" -U ward -d ward -At -c "$1"; }
+pg_start || exit 1
+psql_q() { pg_q "$1"; }
 check "the cluster answers" test "$(psql_q 'SELECT 1')" = 1
 # Trust authentication ignores the password: it is here to prove it is never written or shown.
 SECRET=e2e-pw-$LAB_ID
