@@ -16,9 +16,14 @@ use ward_shared::relay::{RELAY_ALPN, RELAY_CONTROL_ALPN};
 /// dropped: a dead device is noticed within about five seconds.
 const DEVICE_KEEPALIVE: Duration = Duration::from_secs(1);
 const DEVICE_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// QUIC datagrams received from a device connection and not yet forwarded: a burst of about
-/// 8 ms at 1 Gbit/s (the connection's own task takes them in batches).
-const DATAGRAM_RECEIVE_BUFFER: usize = 1024 * 1024;
+/// QUIC datagrams received from a device connection and not yet forwarded, at most: about
+/// 30 ms at 1 Gbit/s (the connection's own task takes them in batches). quinn drops the oldest
+/// when it overflows, and the relayed TCP flows inside see that as loss: with 1 MiB a relay
+/// sharing two cores with both ends of a bulk stream lost ~1 300 datagrams in 8 s (as many
+/// TCP retransmissions, the stream at 0.42× of direct); with 4 MiB none. It fills only while
+/// the connection's task is not scheduled; all of them together are bounded by
+/// [`crate::forward::Limits::max_connections`].
+const DATAGRAM_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
 /// QUIC datagrams waiting to go out on a device connection, at most: about 30 ms at 1 Gbit/s,
 /// so a stall of the connection's task on a busy host (datagrams keep coming from other
 /// devices' tasks meanwhile) does not overflow it; the forwarding core bounds all buffers
