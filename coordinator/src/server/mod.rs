@@ -50,7 +50,7 @@ mod resign;
 mod session;
 mod touches;
 
-pub use replica::{FeedWake, FEED_POLL};
+pub use replica::{FeedWake, FEED_POLL, FEED_POLL_NOTIFIED};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -337,6 +337,20 @@ pub async fn serve(
         now_ms(),
     )?;
 
+    // On PostgreSQL a `LISTEN` connection wakes the feed at every other replica's commit and
+    // the poll is only the safety net; on SQLite the poll is the feed.
+    let feed_wake: FeedWake = Arc::new(tokio::sync::Notify::new());
+    let feed_poll = {
+        let w = feed_wake.clone();
+        match sqlite.start_feed_listener(move || w.notify_one()) {
+            Ok(true) => FEED_POLL_NOTIFIED,
+            Ok(false) => FEED_POLL,
+            Err(e) => {
+                tracing::warn!(error = %e, poll = ?FEED_POLL, "could not start the change feed listener; polling only");
+                FEED_POLL
+            }
+        }
+    };
     tokio::spawn(integrity_checks(sqlite));
     tokio::spawn(session::refusal_rows(ctx.clone()));
     tokio::spawn(touches::write_loop(ctx.touches.clone(), ctx.store.clone()));
@@ -350,8 +364,6 @@ pub async fn serve(
         ctx.events.clone(),
         presence_tx,
     ));
-    // The PostgreSQL backend's notification task wakes the feed through this handle.
-    let feed_wake: FeedWake = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(replica::run(
         ctx.clone(),
         replica::Me {
@@ -363,6 +375,7 @@ pub async fn serve(
         seen,
         presence_rx,
         feed_wake,
+        feed_poll,
     ));
     let admin_ctx = ctx.clone();
     tokio::spawn(socket::serve(admin, move |req| {

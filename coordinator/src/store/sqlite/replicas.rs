@@ -7,7 +7,7 @@ use ward_shared::wire::DeviceId;
 
 use super::{Backend, SqliteStore};
 use crate::store::db::Tx;
-use crate::store::replicas::{FeedRow, ReplicaRow, ReplicaStore, SessionRow};
+use crate::store::replicas::{DatabaseStatus, FeedRow, ReplicaRow, ReplicaStore, SessionRow};
 use crate::store::Result;
 
 impl SqliteStore {
@@ -147,6 +147,10 @@ impl ReplicaStore for SqliteStore {
         })
     }
 
+    fn database(&self) -> DatabaseStatus {
+        self.probe_database()
+    }
+
     fn raise_posture_seq(&self, device: DeviceId, seq: u64) -> Result<()> {
         // Sequence numbers above i64::MAX are stored as i64::MAX: still above every real one.
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
@@ -158,6 +162,57 @@ impl ReplicaStore for SqliteStore {
             )?;
             Ok(())
         })
+    }
+}
+
+impl SqliteStore {
+    /// [`ReplicaStore::database`]: where, the schema version, and a timed `SELECT 1`.
+    fn probe_database(&self) -> DatabaseStatus {
+        let mut st = DatabaseStatus {
+            backend: self.backend_kind().to_string(),
+            ..DatabaseStatus::default()
+        };
+        let started = std::time::Instant::now();
+        let res = match &self.backend {
+            Backend::Sqlite(conn) => {
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                st.location = match conn.path() {
+                    Some(p) if !p.is_empty() => p.to_string(),
+                    _ => ":memory:".to_string(),
+                };
+                conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                    .and_then(|_| {
+                        let ms = started.elapsed().as_secs_f64() * 1000.0;
+                        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+                        Ok((ms, v))
+                    })
+                    .map_err(crate::store::StoreError::from)
+            }
+            Backend::Postgres(pg) => {
+                st.location = pg.location();
+                st.listener = Some(
+                    self.listener
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map(|l| l.status())
+                        .unwrap_or_default(),
+                );
+                pg.ping().and_then(|()| {
+                    let ms = started.elapsed().as_secs_f64() * 1000.0;
+                    Ok((ms, pg.schema_version()?))
+                })
+            }
+        };
+        match res {
+            Ok((ms, v)) => {
+                st.reachable = true;
+                st.round_trip_ms = Some((ms * 1000.0).round() / 1000.0);
+                st.schema_version = Some(v);
+            }
+            Err(e) => st.error = Some(e.to_string()),
+        }
+        st
     }
 }
 
