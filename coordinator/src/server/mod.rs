@@ -113,6 +113,7 @@ pub async fn serve(
     console_listen: Option<SocketAddr>,
     flow_retention_ms: i64,
     oidc: Option<oidc::OidcServe>,
+    feed_notify: bool,
 ) -> Result<()> {
     let config = dd.load_config()?;
     let provider = match &oidc {
@@ -340,7 +341,10 @@ pub async fn serve(
     // On PostgreSQL a `LISTEN` connection wakes the feed at every other replica's commit and
     // the poll is only the safety net; on SQLite the poll is the feed.
     let feed_wake: FeedWake = Arc::new(tokio::sync::Notify::new());
-    let feed_poll = {
+    let feed_poll = if !feed_notify {
+        info!(poll = ?FEED_POLL, "change feed notifications off (--feed-notify false): polling only");
+        FEED_POLL
+    } else {
         let w = feed_wake.clone();
         match sqlite.start_feed_listener(move || w.notify_one()) {
             Ok(true) => FEED_POLL_NOTIFIED,
