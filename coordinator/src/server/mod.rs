@@ -104,7 +104,10 @@ struct Ctx {
 pub const DEFAULT_FLOW_RETENTION_MS: i64 = 30 * 86_400_000;
 
 /// `serve`: the QUIC/TCP control listener on `listen` (default: the public address's port),
-/// and Prometheus metrics on `metrics_listen` when given.
+/// and Prometheus metrics on `metrics_listen` when given; `feed_notify` turns the PostgreSQL
+/// change feed's `LISTEN` wake-up on.
+// One parameter per `serve` flag group, passed straight from the CLI.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     dd: DataDir,
     listen: Option<SocketAddr>,
