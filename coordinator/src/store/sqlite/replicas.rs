@@ -305,6 +305,26 @@ mod tests {
         assert_eq!(s.posture_seq(DeviceId(4)).unwrap(), 0);
     }
 
+    /// `status`'s database probe on SQLite: the file's path, the schema version, a round trip,
+    /// and no listener (nothing to listen to).
+    #[test]
+    fn the_database_probe_names_the_file_and_its_schema() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("ward.db");
+        let s = SqliteStore::open(&path).unwrap();
+        let d = s.database();
+        assert_eq!(d.backend, "sqlite");
+        assert_eq!(d.location, path.display().to_string());
+        assert!(d.reachable && d.error.is_none(), "{d:?}");
+        assert_eq!(
+            d.schema_version,
+            Some(crate::store::schema::MIGRATIONS.len() as i64)
+        );
+        assert!(d.round_trip_ms.is_some_and(|ms| ms >= 0.0));
+        assert_eq!(d.listener, None);
+        assert!(!s.start_feed_listener(|| {}).unwrap());
+    }
+
     #[test]
     fn heartbeats_refresh_one_row_per_replica() {
         let s = SqliteStore::open_in_memory().unwrap();
