@@ -31,6 +31,8 @@ const PROBE: Duration = Duration::from_secs(15);
 /// The first reconnect delay; it doubles up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A connection up this long resets the backoff when it drops.
+const STABLE: Duration = Duration::from_secs(30);
 
 /// Sends the feed notification for audit row `seq` inside transaction `tx`; on SQLite there
 /// is nothing to send (replicas on one file poll it).
@@ -131,7 +133,7 @@ fn listen_loop(config: &postgres::Config, url: &str, s: &Shared, wake: &dyn Fn()
                 continue;
             }
         };
-        backoff = BACKOFF_MIN;
+        let connected_at = std::time::Instant::now();
         s.listening.store(true, Ordering::Relaxed);
         let n = s.connects.fetch_add(1, Ordering::Relaxed) + 1;
         if n == 1 {
@@ -147,7 +149,13 @@ fn listen_loop(config: &postgres::Config, url: &str, s: &Shared, wake: &dyn Fn()
         if let Some(why) = why {
             failing = true;
             tracing::warn!(database = %url, error = %why, "the change feed's LISTEN connection dropped; reconnecting");
+            // A connection that held for a while starts the backoff over; one that keeps
+            // dropping right after connecting backs off like a failed connect.
+            if connected_at.elapsed() >= STABLE {
+                backoff = BACKOFF_MIN;
+            }
             sleep_unless_stopped(s, backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 }
