@@ -190,6 +190,10 @@ enum Cmd {
         /// File holding the bearer token SCIM requests must carry (SCIM is off without it).
         #[arg(long, env = "WARD_SCIM_TOKEN_FILE")]
         scim_token_file: Option<PathBuf>,
+        /// On PostgreSQL, wake the change feed with `LISTEN`/`NOTIFY` (`false`: poll only,
+        /// every 150 ms, e.g. behind a pooler in transaction mode, where `LISTEN` cannot work).
+        #[arg(long, env = "WARD_FEED_NOTIFY", default_value_t = true, action = clap::ArgAction::Set)]
+        feed_notify: bool,
     },
     /// The coordinator addresses devices dial (config.json): tokens and netmaps carry them.
     #[command(subcommand)]
@@ -725,6 +729,7 @@ async fn run(cli: Cli) -> Result<()> {
             oidc_create_users,
             oidc_listen,
             scim_token_file,
+            feed_notify,
         } => {
             let ms =
                 |s: &str| -> Result<i64> { Ok(admin::parse_duration(s)?.as_millis().try_into()?) };
@@ -784,6 +789,7 @@ async fn run(cli: Cli) -> Result<()> {
                 console_listen,
                 retention,
                 oidc,
+                feed_notify,
             )
             .await
         }

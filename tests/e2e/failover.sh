@@ -11,16 +11,35 @@
 # processes on one file; its WAL follows the symlink). B starts AFTER enrollment so it loads
 # the devices at start: SQLite replicas do not learn each other's changes. Separate data dirs
 # because the admin socket, the audit checkpoint and the narrowing journal are per process
-# (two processes on one data dir would fight over admin.sock). Needs root; prints
-# `N passed, N failed`.
+# (two processes on one data dir would fight over admin.sock). With WARD_TEST_DB=postgres
+# both replicas share a throw-away PostgreSQL cluster (tests/lab/pg.sh) through
+# WARD_DATABASE_URL instead; every check is the same. Needs root; prints `N passed, N failed`.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 need_root
 lab_have_ward || { echo "build first: cargo build --release --workspace --bins"; exit 1; }
 T0=$SECONDS
+DB_KIND="${WARD_TEST_DB:-sqlite}"
+case "$DB_KIND" in
+    sqlite) ;;
+    postgres)
+        source "$E2E_DIR/../lab/pg.sh"
+        pg_available || { echo "failover.sh: PostgreSQL not installed (Debian package postgresql); NOT run"; exit 1; }
+        ;;
+    *) echo "failover.sh: WARD_TEST_DB must be sqlite or postgres, not $DB_KIND"; exit 1 ;;
+esac
 
 lab_init
-trap lab_cleanup EXIT
+cleanup_all() {
+    local rc=$?
+    lab_cleanup
+    [[ "$DB_KIND" == postgres ]] && pg_cleanup
+    exit "$rc"
+}
+trap cleanup_all EXIT
+if [[ "$DB_KIND" == postgres ]]; then
+    pg_start || exit 1
+fi
 lab_add_wan_host ca
 lab_add_wan_host cb
 lab_add_wan_host alice
@@ -55,7 +74,7 @@ check "alice has bob as a peer" lab_ward_wait_peer alice "$B4" 15
 check "bob has alice as a peer" lab_ward_wait_peer bob "$A4" 15
 check "alice pings bob over the tunnel" lab_wait_for -t 15 lab_exec alice ping -c1 -W1 "$B4"
 
-say "replica B on the same database"
+say "replica B on the same database ($DB_KIND)"
 mkdir -p "$BDIR"
 chmod 700 "$BDIR"
 for f in "$LAB_DIR/coordinator"/*; do
@@ -64,7 +83,7 @@ for f in "$LAB_DIR/coordinator"/*; do
         *) [[ -f "$f" ]] && cp -p "$f" "$BDIR/" ;;
     esac
 done
-ln -s "$LAB_DIR/coordinator/ward.db" "$BDIR/ward.db"
+[[ "$DB_KIND" == sqlite ]] && ln -s "$LAB_DIR/coordinator/ward.db" "$BDIR/ward.db"
 lab_spawn cb coordinator-b.log "$COORD" serve --data-dir "$BDIR"
 BPID=$LAB_LAST_PID
 coord_b() { lab_exec cb "$COORD" --data-dir "$BDIR" "$@"; }

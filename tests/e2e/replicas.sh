@@ -10,20 +10,36 @@
 # replica 1's `status` shows it down. Needs root; prints `N passed, N failed`.
 #
 # WARD_TEST_DB picks the shared database: `sqlite` (default: replica 2's ward.db is a symlink
-# to replica 1's file; SQLite follows it, so both processes share one WAL) or `postgres` (the
-# PostgreSQL store's `--database URL`, once the coordinator has it).
+# to replica 1's file; SQLite follows it, so both processes share one WAL) or `postgres` (a
+# throw-away cluster from tests/lab/pg.sh; `init --database` and both `serve`s take its URL
+# from WARD_DATABASE_URL; the feed wakes on LISTEN/NOTIFY, or polls every 150 ms with
+# WARD_FEED_NOTIFY=false). `status` shows the database on both replicas.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 need_root
 lab_have_ward || { echo "build first: cargo build --release --workspace --bins"; exit 1; }
 T0=$SECONDS
 DB_KIND="${WARD_TEST_DB:-sqlite}"
-if [[ "$DB_KIND" != sqlite ]]; then
-    echo "replicas.sh: WARD_TEST_DB=$DB_KIND is not wired yet (only sqlite); NOT run"
-    exit 1
-fi
+case "$DB_KIND" in
+    sqlite) ;;
+    postgres)
+        source "$E2E_DIR/../lab/pg.sh"
+        pg_available || { echo "replicas.sh: PostgreSQL not installed (Debian package postgresql); NOT run"; exit 1; }
+        ;;
+    *) echo "replicas.sh: WARD_TEST_DB must be sqlite or postgres, not $DB_KIND"; exit 1 ;;
+esac
 
 lab_init
+if [[ "$DB_KIND" == postgres ]]; then
+    cleanup_pg() {
+        local rc=$?
+        lab_cleanup
+        pg_cleanup
+        exit "$rc"
+    }
+    trap cleanup_pg EXIT
+    pg_start || exit 1
+fi
 lab_add_wan_host c2
 lab_add_wan_host a
 lab_add_wan_host b
@@ -50,8 +66,9 @@ check "import-instance refuses a world-readable file" grep -q "readable by other
 coord2 import-instance "$LAB_DIR/instance.json" >"$LAB_DIR/import.log" 2>&1
 check "import-instance makes replica 2's data directory" test -f "$D2/ca.key" -a -f "$D2/lease.key"
 check "replica 2 has the same CA" cmp -s "$D1/ca.der" "$D2/ca.der"
-# The one database: SQLite resolves the symlink, so the -wal and -shm files are shared too.
-ln -s "$D1/ward.db" "$D2/ward.db"
+# The one database: SQLite resolves the symlink, so the -wal and -shm files are shared too;
+# on PostgreSQL replica 2 serves with the same WARD_DATABASE_URL.
+[[ "$DB_KIND" == sqlite ]] && ln -s "$D1/ward.db" "$D2/ward.db"
 lab_spawn c2 replica2.log "$BIN" serve --data-dir "$D2" --listen "$R2_ADDR"
 R2_PID=$(lab_last_pid)
 check "replica 2 serves" lab_wait_for -t 20 coord2 device ls --json
@@ -100,6 +117,24 @@ check "status on replica 1 lists both replicas alive, 2 sessions each" lab_wait_
 check "status on replica 2 lists both replicas alive, 2 sessions each" lab_wait_for -t 5 replicas_ok coord2
 TXT=$(lab_coord status)
 check "status (text) has a line per replica" test "$(grep -c '^replica ' <<<"$TXT")" = 2
+db_ok() {
+    status_json "$@" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)["database"]
+kind, pg = sys.argv[1], sys.argv[1] == "postgres"
+want_listen = pg and sys.argv[2] != "false"
+ok = d["backend"] == kind and d["reachable"] and d["schema_version"] > 0
+ok = ok and d["round_trip_ms"] is not None and d["error"] is None
+ok = ok and (d["listener"] or {}).get("listening", False) == want_listen
+ok = ok and (d["location"].endswith("/ward") if pg else d["location"].endswith("ward.db"))
+sys.exit(0 if ok else 1)' "$DB_KIND" "${WARD_FEED_NOTIFY:-true}"
+}
+check "status on replica 1 shows the $DB_KIND database reachable, its schema, a round trip" lab_wait_for -t 5 db_ok lab_coord
+check "status on replica 2 shows the same" lab_wait_for -t 5 db_ok coord2
+no_password() { ! grep -qF "pw-$LAB_ID" <<<"$(lab_coord status; lab_coord status --json)"; }
+check "status has a database line and never the password" \
+    bash -c 'grep -q "^database .*reachable schema=" <<<"$1"' _ "$TXT"
+check "status never shows the database password" no_password
 
 say "policy apply on replica 1 reaches x on replica 2 (20 applies)"
 COORD1=(ip netns exec "$(lab_ns wan)" "$BIN" --data-dir "$D1")

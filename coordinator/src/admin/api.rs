@@ -45,6 +45,9 @@ pub struct StatusView {
     /// Every replica of this instance that ever wrote a heartbeat to the database.
     #[serde(default)]
     pub replicas: Vec<ReplicaView>,
+    /// The database as the answering replica sees it (never its password).
+    #[serde(default)]
+    pub database: crate::store::replicas::DatabaseStatus,
 }
 
 /// One replica in `status`: its heartbeat row, and whether the heartbeat is fresh.
@@ -89,8 +92,33 @@ impl StatusView {
         let posture = serde_json::to_string(&self.posture).unwrap_or_else(|_| "-".into());
         let storage = serde_json::to_string(&self.storage).unwrap_or_else(|_| "-".into());
         let queue = serde_json::to_string(&self.event_queue).unwrap_or_else(|_| "-".into());
+        let db = &self.database;
+        let database = format!(
+            "{} {} {} schema={} rtt_ms={}{}{}",
+            db.backend,
+            db.location,
+            if db.reachable {
+                "reachable"
+            } else {
+                "UNREACHABLE"
+            },
+            db.schema_version
+                .map_or_else(|| "-".to_string(), |v| v.to_string()),
+            db.round_trip_ms
+                .map_or_else(|| "-".to_string(), |v| format!("{v:.3}")),
+            db.listener.as_ref().map_or_else(String::new, |l| format!(
+                " listen={} notifications={} connects={}",
+                if l.listening { "up" } else { "DOWN" },
+                l.notifications,
+                l.connects
+            )),
+            db.error
+                .as_ref()
+                .map_or_else(String::new, |e| format!(" error={e:?}")),
+        );
         [
             ("ca_sha256", self.ca_sha256.clone()),
+            ("database", database),
             ("devices", self.devices.to_string()),
             ("event_queue", queue),
             ("ipv6_prefix", self.ipv6_prefix.clone()),
@@ -1561,11 +1589,44 @@ mod tests {
                 alive: true,
                 this: true,
             }],
+            database: crate::store::replicas::DatabaseStatus {
+                backend: "postgres".into(),
+                location: "db.example/ward".into(),
+                reachable: true,
+                schema_version: Some(40),
+                round_trip_ms: Some(0.25),
+                error: None,
+                listener: Some(crate::store::postgres::listen::ListenerStatus {
+                    listening: true,
+                    notifications: 7,
+                    connects: 2,
+                }),
+            },
         };
         assert!(status
             .lines()
             .iter()
             .any(|l| l.starts_with("replica ") && l.contains("r1 10.0.0.1:7443 sessions=2")));
+        assert!(
+            status.lines().iter().any(|l| l.starts_with("database ")
+                && l.contains(
+                    "postgres db.example/ward reachable schema=40 rtt_ms=0.250 listen=up notifications=7 connects=2"
+                )),
+            "{:?}",
+            status.lines()
+        );
+        assert_eq!(
+            keys(&status.database),
+            set(&[
+                "backend",
+                "location",
+                "reachable",
+                "schema_version",
+                "round_trip_ms",
+                "error",
+                "listener",
+            ])
+        );
         assert_eq!(
             keys(&status),
             set(&[
@@ -1583,6 +1644,7 @@ mod tests {
                 "event_queue",
                 "replica_id",
                 "replicas",
+                "database",
             ])
         );
         assert_eq!(

@@ -147,6 +147,7 @@ pub fn handle(
             storage: store.storage_health(),
             event_queue: snap.event_queue.clone(),
             replica_id: me.replica_id.clone(),
+            database: store.database(),
             replicas: store
                 .replicas()?
                 .into_iter()

@@ -50,7 +50,7 @@ mod resign;
 mod session;
 mod touches;
 
-pub use replica::{FeedWake, FEED_POLL};
+pub use replica::{FeedWake, FEED_POLL, FEED_POLL_NOTIFIED};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -104,7 +104,10 @@ struct Ctx {
 pub const DEFAULT_FLOW_RETENTION_MS: i64 = 30 * 86_400_000;
 
 /// `serve`: the QUIC/TCP control listener on `listen` (default: the public address's port),
-/// and Prometheus metrics on `metrics_listen` when given.
+/// and Prometheus metrics on `metrics_listen` when given; `feed_notify` turns the PostgreSQL
+/// change feed's `LISTEN` wake-up on.
+// One parameter per `serve` flag group, passed straight from the CLI.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     dd: DataDir,
     listen: Option<SocketAddr>,
@@ -113,6 +116,7 @@ pub async fn serve(
     console_listen: Option<SocketAddr>,
     flow_retention_ms: i64,
     oidc: Option<oidc::OidcServe>,
+    feed_notify: bool,
 ) -> Result<()> {
     let config = dd.load_config()?;
     let provider = match &oidc {
@@ -337,6 +341,23 @@ pub async fn serve(
         now_ms(),
     )?;
 
+    // On PostgreSQL a `LISTEN` connection wakes the feed at every other replica's commit and
+    // the poll is only the safety net; on SQLite the poll is the feed.
+    let feed_wake: FeedWake = Arc::new(tokio::sync::Notify::new());
+    let feed_poll = if !feed_notify {
+        info!(poll = ?FEED_POLL, "change feed notifications off (--feed-notify false): polling only");
+        FEED_POLL
+    } else {
+        let w = feed_wake.clone();
+        match sqlite.start_feed_listener(move || w.notify_one()) {
+            Ok(true) => FEED_POLL_NOTIFIED,
+            Ok(false) => FEED_POLL,
+            Err(e) => {
+                tracing::warn!(error = %e, poll = ?FEED_POLL, "could not start the change feed listener; polling only");
+                FEED_POLL
+            }
+        }
+    };
     tokio::spawn(integrity_checks(sqlite));
     tokio::spawn(session::refusal_rows(ctx.clone()));
     tokio::spawn(touches::write_loop(ctx.touches.clone(), ctx.store.clone()));
@@ -350,8 +371,6 @@ pub async fn serve(
         ctx.events.clone(),
         presence_tx,
     ));
-    // The PostgreSQL backend's notification task wakes the feed through this handle.
-    let feed_wake: FeedWake = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(replica::run(
         ctx.clone(),
         replica::Me {
@@ -363,6 +382,7 @@ pub async fn serve(
         seen,
         presence_rx,
         feed_wake,
+        feed_poll,
     ));
     let admin_ctx = ctx.clone();
     tokio::spawn(socket::serve(admin, move |req| {

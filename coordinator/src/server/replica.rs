@@ -4,9 +4,10 @@
 //! [`crate::replicas`]; this file reads the store and sends registry events.
 //!
 //! On SQLite the feed is polled every [`FEED_POLL`] (one indexed `MAX(seq)` read, no write
-//! lock). On PostgreSQL a `LISTEN` notification should wake the same poll at once: the hook is
-//! [`FeedWake`] (`notify_one` from the notification task); the poll stays as the catch-up
-//! after a missed notification or a reconnect.
+//! lock). On PostgreSQL every audit append also sends `NOTIFY ward_feed` in its transaction,
+//! and the store's `LISTEN` thread wakes the same read at once through [`FeedWake`]
+//! ([`crate::store::postgres::listen`]); the poll stays, every [`FEED_POLL_NOTIFIED`], as the
+//! safety net for a notification lost while the listening connection was down.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,8 +27,10 @@ use crate::replicas::{self, Feed, Reloads};
 use crate::store::replicas::ReplicaRow;
 use crate::store::Store;
 
-/// How often the change feed's version is read without a wake-up.
+/// How often the change feed's version is read without a wake-up (SQLite: the only way).
 pub const FEED_POLL: Duration = Duration::from_millis(150);
+/// The same poll while notifications wake the feed (PostgreSQL): only a safety net.
+pub const FEED_POLL_NOTIFIED: Duration = Duration::from_secs(1);
 /// How often the sessions table is checked for sessions another replica took over.
 const SESSION_POLL: Duration = Duration::from_millis(500);
 /// How often the heartbeat row is written.
@@ -35,8 +38,9 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Feed rows read at once.
 const FEED_BATCH: usize = 1_000;
 
-/// Wakes the feed poll at once. The PostgreSQL backend's `LISTEN ward_feed` task calls
-/// `notify_one()` on every notification; on SQLite nothing does and the poll runs on its timer.
+/// Wakes the feed poll at once. The PostgreSQL backend's `LISTEN ward_feed` thread calls
+/// `notify_one()` on every notification (a burst of them leaves one permit: one read); on
+/// SQLite nothing does and the poll runs on its timer.
 pub type FeedWake = Arc<tokio::sync::Notify>;
 
 /// Who this replica is.
@@ -74,10 +78,11 @@ pub(super) async fn run(
     mut seen: Seen,
     mut presence: mpsc::UnboundedReceiver<Presence>,
     wake: FeedWake,
+    feed_poll: Duration,
 ) {
-    info!(replica = %me.id, feed_version = feed.seen(), "replica following the change feed");
+    info!(replica = %me.id, feed_version = feed.seen(), ?feed_poll, "replica following the change feed");
     let mut mine: BTreeMap<DeviceId, i64> = BTreeMap::new();
-    let mut feed_tick = tokio::time::interval(FEED_POLL);
+    let mut feed_tick = tokio::time::interval(feed_poll);
     let mut session_tick = tokio::time::interval(SESSION_POLL);
     let mut beat_tick = tokio::time::interval(HEARTBEAT);
     for t in [&mut feed_tick, &mut session_tick, &mut beat_tick] {

@@ -31,6 +31,25 @@ pub struct ReplicaRow {
     pub sessions: u64,
 }
 
+/// The database as this replica sees it, for `status`: where it is (a SQLite file's path, or a
+/// PostgreSQL `host[:port]/dbname`, never a password), whether a trivial query answers and how
+/// long its round trip took, the schema version, and on PostgreSQL the change feed listener.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatabaseStatus {
+    /// `sqlite` or `postgres`.
+    pub backend: String,
+    pub location: String,
+    pub reachable: bool,
+    /// The schema version the database reports (`None` when it did not answer).
+    pub schema_version: Option<i64>,
+    /// The round trip of `SELECT 1`, in milliseconds.
+    pub round_trip_ms: Option<f64>,
+    /// Why the database did not answer.
+    pub error: Option<String>,
+    /// On PostgreSQL: the `LISTEN` connection that wakes the change feed.
+    pub listener: Option<crate::store::postgres::listen::ListenerStatus>,
+}
+
 /// Which replica holds a device's control session, since when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRow {
@@ -61,4 +80,6 @@ pub trait ReplicaStore {
     fn posture_seq(&self, device: DeviceId) -> Result<u64>;
     /// Raises `device`'s accepted posture sequence number to `seq` (never lowers it).
     fn raise_posture_seq(&self, device: DeviceId, seq: u64) -> Result<()>;
+    /// Probes the database now (one trivial query, one schema read).
+    fn database(&self) -> DatabaseStatus;
 }

@@ -23,6 +23,7 @@ use super::db::Tx;
 use super::schema::MIGRATIONS;
 use super::{Result, StoreError};
 
+pub mod listen;
 #[cfg(test)]
 pub mod testpg;
 #[cfg(test)]
@@ -83,6 +84,37 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// `host[:port]/dbname` of a connection configuration: the password never, the user never
+/// (it is not secret, but it is not where the database is either).
+pub fn location(config: &postgres::Config) -> String {
+    use postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            };
+            match config.get_ports().get(i).or(config.get_ports().first()) {
+                Some(p) if *p != 5432 => format!("{host}:{p}"),
+                _ => host,
+            }
+        })
+        .collect();
+    let host = if hosts.is_empty() {
+        "localhost".to_string()
+    } else {
+        hosts.join(",")
+    };
+    let db = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or("postgres");
+    format!("{host}/{db}")
+}
+
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
 /// Runs `f`, which uses the PostgreSQL client, where it may block: the client drives each
@@ -104,6 +136,8 @@ pub struct PgBackend {
     pool: Option<Pool>,
     /// The URL with the password redacted.
     pub display_url: String,
+    /// The connection settings (with the password), for the `LISTEN` connection.
+    config: postgres::Config,
 }
 
 impl PgBackend {
@@ -120,7 +154,7 @@ impl PgBackend {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
-        let manager = PostgresConnectionManager::new(config, NoTls);
+        let manager = PostgresConnectionManager::new(config.clone(), NoTls);
         let pool = r2d2::Pool::builder()
             .max_size(8)
             .min_idle(Some(0))
@@ -129,6 +163,7 @@ impl PgBackend {
         let b = Self {
             pool: Some(pool),
             display_url: redact(url),
+            config,
         };
         blocking(|| b.migrate())?;
         Ok(b)
@@ -207,6 +242,35 @@ impl PgBackend {
             t.into_inner().commit().map_err(fault)?;
         }
         Ok(out)
+    }
+
+    /// Starts this replica's change feed listener on a connection of its own
+    /// ([`listen::FeedListener`]).
+    pub fn feed_listener(
+        &self,
+        wake: impl Fn() + Send + 'static,
+    ) -> std::io::Result<listen::FeedListener> {
+        listen::FeedListener::spawn(self.config.clone(), self.location(), wake)
+    }
+
+    /// Where the database is, for logs and `status`: `host[:port]/dbname` (a unix socket
+    /// directory as host), never the user or password.
+    pub fn location(&self) -> String {
+        location(&self.config)
+    }
+
+    /// The schema version, read in one round trip (for `status`).
+    pub fn schema_version(&self) -> Result<i64> {
+        blocking(|| {
+            let mut c = self.client()?;
+            let v: Option<i64> = c
+                .query_opt("SELECT version FROM ward_schema WHERE id = 1", &[])
+                .map_err(fault)?
+                .map(|r| r.try_get(0))
+                .transpose()
+                .map_err(fault)?;
+            Ok(v.unwrap_or(0))
+        })
     }
 
     /// A round trip to the database, for the periodic health check.
@@ -509,6 +573,28 @@ mod unit {
             all.matches("EXECUTE FUNCTION ward_audit_append_only")
                 .count(),
             2
+        );
+    }
+
+    #[test]
+    fn location_names_host_and_database_never_the_password() {
+        let loc = |u: &str| location(&postgres::Config::from_str(u).unwrap());
+        assert_eq!(
+            loc("postgres://ward:s3cret@db.example:5432/wardprod"),
+            "db.example/wardprod"
+        );
+        assert_eq!(
+            loc("postgresql://ward:s3cret@10.0.0.5:6543/w"),
+            "10.0.0.5:6543/w"
+        );
+        assert_eq!(
+            loc("postgresql://ward@/t_1?host=/tmp/ward-pg"),
+            "/tmp/ward-pg/t_1"
+        );
+        let l = loc("postgresql://admin:hunter2@h/db?password=other");
+        assert!(
+            !l.contains("hunter2") && !l.contains("other") && !l.contains("admin"),
+            "{l}"
         );
     }
 

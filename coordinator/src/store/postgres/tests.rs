@@ -1,11 +1,16 @@
 //! What only several coordinators on one PostgreSQL database can show: two independent store
 //! instances (two pools, as two replicas have) racing for one single-use token and appending
-//! to one audit chain, and the database going away mid-use.
+//! to one audit chain, one replica's commit waking the other's change feed listener, and the
+//! database (or the listening connection) going away mid-use.
 
+use super::listen::APPLICATION_NAME;
 use super::testpg;
 use crate::audit::Action;
 use crate::store::anchor::AuditKey;
+use crate::store::replicas::ReplicaStore;
 use crate::store::{Anchor, Audit, EnrollSpec, SqliteStore, Store, StoreError, TokenSpec};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 use ward_shared::addr::AddressPools;
 use ward_shared::names::{Hostname, Name};
 
@@ -160,7 +165,22 @@ fn database_outage_is_a_storage_fault_and_the_pool_recovers() {
         1_000,
     )
     .unwrap();
+    let (tx, wakes) = mpsc::channel();
+    assert!(s
+        .start_feed_listener(move || {
+            let _ = tx.send(());
+        })
+        .unwrap());
+    wakes.recv_timeout(Duration::from_secs(10)).unwrap();
+    let db = s.database();
+    assert!(
+        db.reachable && db.listener.as_ref().unwrap().listening,
+        "{db:?}"
+    );
     cluster.pg_stop();
+    let db = s.database();
+    assert!(!db.reachable && db.error.is_some(), "{db:?}");
+    assert_eq!(db.schema_version, None);
     let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
     // Enrollment fails closed: a storage fault, neither a device nor a refusal.
     let e = enroll(&s, &pools, 1).unwrap_err();
@@ -172,7 +192,13 @@ fn database_outage_is_a_storage_fault_and_the_pool_recovers() {
         .unwrap_err();
     assert!(e.is_storage_fault(), "{e:?}");
     assert!(!s.quick_check(2_000).unwrap().ok);
+    assert!(!s.database().listener.unwrap().listening);
+    while wakes.try_recv().is_ok() {}
     cluster.pg_start();
+    // The listener reconnects (backoff at most 5 s) and wakes the feed to catch up.
+    wakes.recv_timeout(Duration::from_secs(15)).unwrap();
+    let l = s.database().listener.unwrap();
+    assert!(l.listening && l.connects >= 2, "{l:?}");
     // The pool reconnects by itself; nothing written during the outage exists.
     let users = s.list_users().unwrap();
     assert_eq!(users.len(), 1);
@@ -202,4 +228,110 @@ fn migrations_run_once_when_replicas_start_together() {
         .unwrap()
         .get(0);
     assert_eq!(v as usize, crate::store::schema::MIGRATIONS.len());
+}
+
+/// Waits for the next wake-up; how long it took.
+fn next_wake(wakes: &mpsc::Receiver<()>, within: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    wakes.recv_timeout(within).ok().map(|()| t.elapsed())
+}
+
+/// A write committed through one replica's store wakes the other replica's listener at once
+/// (the version counter is what it then reads); a rolled-back write wakes nobody.
+#[test]
+fn a_commit_on_one_replica_wakes_the_other_replicas_listener() {
+    let Some(url) = testpg::fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (replica(&url, dir.path(), 1), replica(&url, dir.path(), 2));
+    let (tx, wakes) = mpsc::channel();
+    assert!(b
+        .start_feed_listener(move || {
+            let _ = tx.send(());
+        })
+        .unwrap());
+    // The first wake-up is the catch-up after LISTEN.
+    next_wake(&wakes, Duration::from_secs(10)).expect("catch-up wake after LISTEN");
+    let mut took = Vec::new();
+    for i in 0..10 {
+        let v = b.feed_version().unwrap();
+        let t = Instant::now();
+        a.add_user(&n(&format!("user{i}")), &[], "admin", 1_000)
+            .unwrap();
+        wakes
+            .recv_timeout(Duration::from_secs(2))
+            .expect("a notification for the commit");
+        took.push(t.elapsed());
+        // Woken after the commit: the new row is visible.
+        assert!(b.feed_version().unwrap() > v);
+    }
+    took.sort();
+    let median = took[took.len() / 2];
+    eprintln!(
+        "commit on A -> wake on B: median {median:?}, max {:?}",
+        took[took.len() - 1]
+    );
+    assert!(median < Duration::from_millis(200), "{took:?}");
+    // A transaction that notifies and then fails is rolled back: nothing is delivered.
+    assert!(a
+        .raw_sql("SELECT pg_notify('ward_feed', '999'); SELECT 1/0;")
+        .is_err());
+    assert_eq!(next_wake(&wakes, Duration::from_millis(500)), None);
+    let l = b.database().listener.unwrap();
+    assert_eq!((l.listening, l.notifications, l.connects), (true, 10, 1));
+    // SQLite has nothing to listen to.
+    let lite = SqliteStore::open_in_memory().unwrap();
+    assert!(!lite.start_feed_listener(|| {}).unwrap());
+    assert_eq!(lite.database().listener, None);
+}
+
+/// A listener whose connection the server terminated reconnects, wakes the feed once to catch
+/// up, and is woken by the next commit again.
+#[test]
+fn a_terminated_listener_reconnects_and_wakes() {
+    let Some(url) = testpg::fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (replica(&url, dir.path(), 1), replica(&url, dir.path(), 2));
+    let (tx, wakes) = mpsc::channel();
+    assert!(b
+        .start_feed_listener(move || {
+            let _ = tx.send(());
+        })
+        .unwrap());
+    next_wake(&wakes, Duration::from_secs(10)).expect("catch-up wake after LISTEN");
+    let killed = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = '{APPLICATION_NAME}' AND datname = current_database()"
+    );
+    a.raw_sql(&killed).unwrap();
+    // A write while the listener is gone is caught up by the wake after re-LISTEN.
+    a.add_user(&n("during"), &[], "admin", 1_000).unwrap();
+    next_wake(&wakes, Duration::from_secs(10)).expect("a wake after reconnecting");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = b.database().listener.unwrap();
+        if l.listening && l.connects == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{l:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    while wakes.try_recv().is_ok() {}
+    a.add_user(&n("after"), &[], "admin", 1_000).unwrap();
+    let took = next_wake(&wakes, Duration::from_secs(2)).expect("woken after the reconnect");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let db = b.database();
+    assert!(db.reachable, "{db:?}");
+    assert_eq!(
+        db.schema_version,
+        Some(crate::store::schema::MIGRATIONS.len() as i64)
+    );
+    assert!(db.round_trip_ms.is_some());
+    // `postgresql://ward@/t_N?host=DIR` → `DIR/t_N`, no user.
+    let name = url.split("@/").nth(1).unwrap().split('?').next().unwrap();
+    assert!(db.location.ends_with(&format!("/{name}")), "{db:?}");
+    assert!(!db.location.contains("ward@"), "{db:?}");
 }

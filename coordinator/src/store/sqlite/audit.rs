@@ -58,6 +58,8 @@ pub(super) fn append_audit_tx(tx: &Tx<'_>, a: Audit<'_>, now_ms: i64) -> Result<
         "INSERT INTO audit(seq, ts_ms, actor, action, target, detail, prev_hash, hash) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
         params![seq, now_ms, a.actor, a.action.as_str(), a.target, detail, prev, hash],
     )?;
+    // Other replicas on PostgreSQL wake at this transaction's commit.
+    crate::store::postgres::listen::notify_feed(tx, seq)?;
     Ok(())
 }
 pub(super) fn append_audit(s: &SqliteStore, a: Audit<'_>, now_ms: i64) -> Result<()> {

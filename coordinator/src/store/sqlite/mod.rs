@@ -55,6 +55,9 @@ pub struct SqliteStore {
     health: Health,
     /// The narrowing journal, once attached ([`SqliteStore::attach_journal`]).
     journal: Mutex<Option<Journal>>,
+    /// On PostgreSQL, the change feed's `LISTEN` thread once started
+    /// ([`SqliteStore::start_feed_listener`]).
+    listener: Mutex<Option<super::postgres::listen::FeedListener>>,
 }
 
 enum Backend {
@@ -113,6 +116,7 @@ impl SqliteStore {
             anchor,
             health: Health::default(),
             journal: Mutex::new(None),
+            listener: Mutex::new(None),
         })
     }
 
@@ -122,6 +126,21 @@ impl SqliteStore {
             Backend::Sqlite(_) => "sqlite",
             Backend::Postgres(_) => "postgres",
         }
+    }
+
+    /// On PostgreSQL, starts the change feed listener (a connection of its own that `LISTEN`s
+    /// and calls `wake` for every notification and after every reconnect) and returns `true`;
+    /// on SQLite there is nothing to listen to and it returns `false`. The listener runs
+    /// until the store is dropped.
+    pub fn start_feed_listener(&self, wake: impl Fn() + Send + 'static) -> Result<bool> {
+        let Backend::Postgres(pg) = &self.backend else {
+            return Ok(false);
+        };
+        let l = pg
+            .feed_listener(wake)
+            .map_err(|e| StoreError::Db(super::postgres::fault(e)))?;
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
+        Ok(true)
     }
 
     #[cfg(test)]
@@ -216,6 +235,7 @@ impl SqliteStore {
             anchor,
             health: Health::default(),
             journal: Mutex::new(None),
+            listener: Mutex::new(None),
         })
     }
 

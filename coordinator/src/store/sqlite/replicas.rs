@@ -7,7 +7,7 @@ use ward_shared::wire::DeviceId;
 
 use super::{Backend, SqliteStore};
 use crate::store::db::Tx;
-use crate::store::replicas::{FeedRow, ReplicaRow, ReplicaStore, SessionRow};
+use crate::store::replicas::{DatabaseStatus, FeedRow, ReplicaRow, ReplicaStore, SessionRow};
 use crate::store::Result;
 
 impl SqliteStore {
@@ -147,6 +147,10 @@ impl ReplicaStore for SqliteStore {
         })
     }
 
+    fn database(&self) -> DatabaseStatus {
+        self.probe_database()
+    }
+
     fn raise_posture_seq(&self, device: DeviceId, seq: u64) -> Result<()> {
         // Sequence numbers above i64::MAX are stored as i64::MAX: still above every real one.
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
@@ -158,6 +162,57 @@ impl ReplicaStore for SqliteStore {
             )?;
             Ok(())
         })
+    }
+}
+
+impl SqliteStore {
+    /// [`ReplicaStore::database`]: where, the schema version, and a timed `SELECT 1`.
+    fn probe_database(&self) -> DatabaseStatus {
+        let mut st = DatabaseStatus {
+            backend: self.backend_kind().to_string(),
+            ..DatabaseStatus::default()
+        };
+        let started = std::time::Instant::now();
+        let res = match &self.backend {
+            Backend::Sqlite(conn) => {
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                st.location = match conn.path() {
+                    Some(p) if !p.is_empty() => p.to_string(),
+                    _ => ":memory:".to_string(),
+                };
+                conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                    .and_then(|_| {
+                        let ms = started.elapsed().as_secs_f64() * 1000.0;
+                        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+                        Ok((ms, v))
+                    })
+                    .map_err(crate::store::StoreError::from)
+            }
+            Backend::Postgres(pg) => {
+                st.location = pg.location();
+                st.listener = Some(
+                    self.listener
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map(|l| l.status())
+                        .unwrap_or_default(),
+                );
+                pg.ping().and_then(|()| {
+                    let ms = started.elapsed().as_secs_f64() * 1000.0;
+                    Ok((ms, pg.schema_version()?))
+                })
+            }
+        };
+        match res {
+            Ok((ms, v)) => {
+                st.reachable = true;
+                st.round_trip_ms = Some((ms * 1000.0).round() / 1000.0);
+                st.schema_version = Some(v);
+            }
+            Err(e) => st.error = Some(e.to_string()),
+        }
+        st
     }
 }
 
@@ -248,6 +303,26 @@ mod tests {
         s.raise_posture_seq(d, 11).unwrap();
         assert_eq!(s.posture_seq(d).unwrap(), 11);
         assert_eq!(s.posture_seq(DeviceId(4)).unwrap(), 0);
+    }
+
+    /// `status`'s database probe on SQLite: the file's path, the schema version, a round trip,
+    /// and no listener (nothing to listen to).
+    #[test]
+    fn the_database_probe_names_the_file_and_its_schema() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("ward.db");
+        let s = SqliteStore::open(&path).unwrap();
+        let d = s.database();
+        assert_eq!(d.backend, "sqlite");
+        assert_eq!(d.location, path.display().to_string());
+        assert!(d.reachable && d.error.is_none(), "{d:?}");
+        assert_eq!(
+            d.schema_version,
+            Some(crate::store::schema::MIGRATIONS.len() as i64)
+        );
+        assert!(d.round_trip_ms.is_some_and(|ms| ms >= 0.0));
+        assert_eq!(d.listener, None);
+        assert!(!s.start_feed_listener(|| {}).unwrap());
     }
 
     #[test]
