@@ -34,7 +34,7 @@ use ward_shared::wire::{
 
 use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, Label};
 use crate::model::{Device, User};
-use crate::trust::{Change, ReportError, TrustBook};
+use crate::trust::{Change, Decision, RemoteTrust, ReportError, TrustBook};
 
 /// How often reports are re-judged for age and overdue failures (ms).
 pub const TRUST_TICK_MS: i64 = 1000;
@@ -138,6 +138,12 @@ pub enum Output {
     },
     /// The behaviour detector raised an anomaly (store it, audit it).
     Anomaly(Box<crate::behaviour::Anomaly>),
+    /// This replica, holding the device's session, judged its trust differently from the
+    /// stored row: store it (audited) so the other replicas judge the device's peers by it.
+    TrustDecided {
+        device: DeviceId,
+        decision: Decision,
+    },
     /// The device's risk crossed the policy's `risk_threshold`, up (`above`) or back down
     /// (audit it).
     RiskCrossed {
@@ -240,6 +246,16 @@ pub struct Registry {
     /// Users the identity provider took access away from, and why: their devices stay on the
     /// network but lose every rule that reached them through the user.
     suspended: BTreeMap<String, String>,
+    /// Devices whose session another live replica of this instance holds, and its home relay
+    /// there (peers see them online, and reach them through that relay).
+    remote_sessions: BTreeMap<DeviceId, RemoteSession>,
+}
+
+/// A device session another replica holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSession {
+    pub replica: String,
+    pub home_relay: Option<String>,
 }
 
 /// The inputs a compile depended on: the same policy, directory and routers before the
@@ -329,6 +345,7 @@ impl Registry {
             risk_tick_ms: now_ms,
             routes: BTreeMap::new(),
             suspended: BTreeMap::new(),
+            remote_sessions: BTreeMap::new(),
         }
     }
 
@@ -484,6 +501,7 @@ impl Registry {
         if let Some(c) = change {
             self.trust_changed(id, c);
         }
+        self.poll_decision(id);
         Ok(())
     }
 
@@ -828,6 +846,53 @@ impl Registry {
         {
             self.trust_changed(id, c);
         }
+        self.poll_decision(id);
+    }
+
+    /// A verdict this replica must store for the others, if any.
+    fn poll_decision(&mut self, id: DeviceId) {
+        if let Some(decision) = self.trust.poll_decision(id) {
+            self.outputs.push_back(Output::TrustDecided {
+                device: id,
+                decision,
+            });
+        }
+    }
+
+    /// Another replica stored its verdict on a device (it holds, or held, the device's
+    /// session). While that replica holds the session, the device's peers here are judged by
+    /// it.
+    pub fn handle_remote_trust(&mut self, id: DeviceId, remote: RemoteTrust) {
+        if !self.devices.contains_key(&id) {
+            return;
+        }
+        self.trust.handle_remote(id, remote);
+        self.verdict_dirty.insert(id);
+        self.reevaluate(id);
+    }
+
+    /// Every device session other live replicas hold now (from the sessions table). A device
+    /// held elsewhere is online for its peers here, with that replica's home relay, and is
+    /// judged by that replica's stored verdict.
+    pub fn handle_remote_sessions(&mut self, sessions: BTreeMap<DeviceId, RemoteSession>) {
+        if sessions == self.remote_sessions {
+            return;
+        }
+        let ids: Vec<DeviceId> = self.devices.keys().copied().collect();
+        for id in ids {
+            let holder = sessions.get(&id).map(|s| s.replica.clone());
+            if self.trust.handle_holder(id, holder) {
+                self.verdict_dirty.insert(id);
+                self.reevaluate(id);
+            }
+        }
+        self.remote_sessions = sessions;
+        self.dirty = true;
+    }
+
+    /// Whether the device's session is held here or by another live replica.
+    pub fn is_online_anywhere(&self, id: DeviceId) -> bool {
+        self.sessions.contains_key(&id) || self.remote_sessions.contains_key(&id)
     }
 
     /// Which requirements matter to which device (depends on the policy and the directory,
@@ -853,6 +918,10 @@ impl Registry {
                     change.withdrawn.join(", ")
                 ),
             );
+        }
+        // Another replica's verdict was audited and stored there.
+        if self.trust.judged_remotely(id) {
+            return;
         }
         self.outputs.push_back(Output::PostureChanged {
             device: id,
@@ -1333,6 +1402,8 @@ impl Registry {
         }
         self.apply_update(id, update);
         self.dirty = true;
+        self.trust.set_held(id, true);
+        self.reevaluate(id);
         Ok(())
     }
 
@@ -1348,6 +1419,8 @@ impl Registry {
         if self.sessions.get(&id).map(|s| s.conn) == Some(conn) {
             self.sessions.remove(&id);
             self.dirty = true;
+            self.trust.set_held(id, false);
+            self.reevaluate(id);
         }
     }
 
@@ -1369,6 +1442,8 @@ impl Registry {
                 reason: "the device's session moved to another coordinator replica".into(),
             });
             self.dirty = true;
+            self.trust.set_held(id, false);
+            self.reevaluate(id);
         }
     }
 
@@ -1559,9 +1634,16 @@ impl Registry {
             // Peers only ever configure leased keys; the newest is the one to prefer.
             wg_public_key: leases.last().map(|l| l.lease.wg_public_key),
             endpoints: d.endpoints.clone(),
-            online: self.sessions.contains_key(&d.id),
+            online: self.is_online_anywhere(d.id),
             leases,
-            relay: self.sessions.get(&d.id).and_then(|s| s.home_relay.clone()),
+            relay: match self.sessions.get(&d.id) {
+                Some(s) => s.home_relay.clone(),
+                None => self
+                    .remote_sessions
+                    .get(&d.id)
+                    .and_then(|s| s.home_relay.clone())
+                    .filter(|h| self.relays.iter().any(|r| &r.name == h)),
+            },
         }
     }
 

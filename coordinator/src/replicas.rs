@@ -37,6 +37,8 @@ pub struct Reloads {
     pub routes: bool,
     pub leases: bool,
     pub sign_ins: bool,
+    /// Devices' trust as the replicas holding their sessions judged it (`device_trust`).
+    pub trust: bool,
 }
 
 impl Reloads {
@@ -49,6 +51,7 @@ impl Reloads {
             || self.routes
             || self.leases
             || self.sign_ins
+            || self.trust
     }
 
     /// Everything (at start, and after the feed skipped rows it could not read).
@@ -62,6 +65,7 @@ impl Reloads {
             routes: true,
             leases: true,
             sign_ins: true,
+            trust: true,
         }
     }
 
@@ -75,6 +79,7 @@ impl Reloads {
         self.routes |= o.routes;
         self.leases |= o.leases;
         self.sign_ins |= o.sign_ins;
+        self.trust |= o.trust;
     }
 }
 
@@ -105,8 +110,11 @@ pub fn reloads_for(action: &str) -> Reloads {
         "device.routes" => r.routes = true,
         "lease.issue" | "lease.revoke" => r.leases = true,
         "oidc.sign_in" | "oidc.link" | "device.login" => r.sign_ins = true,
-        // The replica holding the device's session judged it and wrote the verdict; another
-        // replica's peers see the device's quarantine (a device row) when one follows.
+        // The replica holding the device's session judged its trust differently: the other
+        // replicas judge the device's peers by the stored verdict.
+        "device.trust" => r.trust = true,
+        // The verdict itself reaches other replicas through `device.trust`; these rows are
+        // the human-readable history.
         "posture.pass" | "posture.fail" | "posture.refused" => {}
         // Behaviour risk is learned from the flows each replica receives.
         "anomaly.raised" | "anomaly.ack" | "risk.above" | "risk.below" => {}
@@ -213,6 +221,35 @@ pub fn stale_sessions(
                 .is_some_and(|since| r.since_ms >= *since)
         })
         .map(|r| r.device)
+        .collect()
+}
+
+/// The device sessions other replicas (not `me`) hold whose heartbeat is fresh: the ones a
+/// replica treats as online and judged by their holder. A dead replica's sessions are
+/// nobody's (the devices reconnect elsewhere).
+pub fn remote_sessions(
+    sessions: &[SessionRow],
+    replicas: &[crate::store::replicas::ReplicaRow],
+    me: &str,
+    now_ms: i64,
+) -> BTreeMap<DeviceId, crate::registry::RemoteSession> {
+    let live: BTreeSet<&str> = replicas
+        .iter()
+        .filter(|r| alive(r.last_seen_ms, now_ms))
+        .map(|r| r.id.as_str())
+        .collect();
+    sessions
+        .iter()
+        .filter(|s| s.replica != me && live.contains(s.replica.as_str()))
+        .map(|s| {
+            (
+                s.device,
+                crate::registry::RemoteSession {
+                    replica: s.replica.clone(),
+                    home_relay: None,
+                },
+            )
+        })
         .collect()
 }
 

@@ -349,6 +349,7 @@ pub async fn serve(
         ctx.store.clone(),
         ctx.events.clone(),
         presence_tx,
+        replica_id.clone(),
     ));
     // The PostgreSQL backend's notification task wakes the feed through this handle.
     let feed_wake: FeedWake = Arc::new(tokio::sync::Notify::new());

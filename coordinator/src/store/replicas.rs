@@ -39,6 +39,24 @@ pub struct SessionRow {
     pub since_ms: i64,
 }
 
+/// A device's trust as the replica holding its session judged it (the `device_trust` table).
+/// The text columns are kept as stored: the reader parses them and treats what does not parse
+/// as a failing verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustRow {
+    pub device: DeviceId,
+    /// The replica that wrote it.
+    pub replica: String,
+    /// The posture evaluations (JSON array of `ward_shared::posture::Evaluation`).
+    pub verdict: String,
+    /// Behaviour risk, 0–100.
+    pub risk: i64,
+    pub risk_reason: String,
+    /// Scan counters (JSON array of denied flows with this device as the source).
+    pub counters: String,
+    pub updated_ms: i64,
+}
+
 pub trait ReplicaStore {
     /// The change feed's version: the last audit sequence number (0 for an empty log). Cheap:
     /// replicas poll it.
@@ -61,4 +79,11 @@ pub trait ReplicaStore {
     fn posture_seq(&self, device: DeviceId) -> Result<u64>;
     /// Raises `device`'s accepted posture sequence number to `seq` (never lowers it).
     fn raise_posture_seq(&self, device: DeviceId, seq: u64) -> Result<()>;
+    /// Keeps `device`'s trust row (replacing the last one). With `audit` (a change of
+    /// verdict or risk level other replicas must apply), a `device.trust` audit row is
+    /// appended in the same transaction, which moves the change feed; without it (a counters
+    /// checkpoint) the feed does not move.
+    fn save_device_trust(&self, row: &TrustRow, audit: Option<serde_json::Value>) -> Result<()>;
+    /// Every stored trust row, by device.
+    fn device_trust(&self) -> Result<Vec<TrustRow>>;
 }

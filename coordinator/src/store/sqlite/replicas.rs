@@ -6,9 +6,10 @@ use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use ward_shared::wire::DeviceId;
 
 use super::{Backend, SqliteStore};
+use crate::audit::Action;
 use crate::store::db::Tx;
-use crate::store::replicas::{FeedRow, ReplicaRow, ReplicaStore, SessionRow};
-use crate::store::Result;
+use crate::store::replicas::{FeedRow, ReplicaRow, ReplicaStore, SessionRow, TrustRow};
+use crate::store::{Audit, Result};
 
 impl SqliteStore {
     /// A read: on SQLite a deferred transaction (polling never takes the write lock); on
@@ -157,6 +158,68 @@ impl ReplicaStore for SqliteStore {
                 params![device.0 as i64, seq],
             )?;
             Ok(())
+        })
+    }
+
+    fn save_device_trust(&self, row: &TrustRow, audit: Option<serde_json::Value>) -> Result<()> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO device_trust(device_id, replica, verdict, risk, risk_reason,
+                     counters, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(device_id) DO UPDATE SET replica = ?2, verdict = ?3, risk = ?4,
+                     risk_reason = ?5, counters = ?6, updated_ms = ?7",
+                params![
+                    row.device.0 as i64,
+                    row.replica,
+                    row.verdict,
+                    row.risk,
+                    row.risk_reason,
+                    row.counters,
+                    row.updated_ms
+                ],
+            )?;
+            if let Some(detail) = audit {
+                let host: Option<String> = tx
+                    .query_row(
+                        "SELECT hostname FROM devices WHERE id = ?1",
+                        [row.device.0 as i64],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let target = host.unwrap_or_else(|| row.device.to_string());
+                super::append_audit_tx(
+                    tx,
+                    Audit {
+                        actor: "coordinator",
+                        action: Action::DeviceTrust,
+                        target: &target,
+                        detail,
+                    },
+                    row.updated_ms,
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn device_trust(&self) -> Result<Vec<TrustRow>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT device_id, replica, verdict, risk, risk_reason, counters, updated_ms
+                 FROM device_trust ORDER BY device_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(TrustRow {
+                    device: DeviceId(u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0)),
+                    replica: r.get(1)?,
+                    verdict: r.get(2)?,
+                    risk: r.get(3)?,
+                    risk_reason: r.get(4)?,
+                    counters: r.get(5)?,
+                    updated_ms: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
     }
 }
