@@ -3113,6 +3113,176 @@ behaviour_learning = "1s"
     }
 
     /// alice (1) may reach db (2) on 5432 only while she has /m, and on 80 always.
+    /// alice (device 1) may reach db's 5432 only with the `marker` posture.
+    fn gated_registry(t0: i64) -> Registry {
+        let mut db = dev(2);
+        db.user = None;
+        db.tags = vec![Name::parse("tag", "db").unwrap()];
+        let p = policy::parse(
+            br#"
+[posture.marker]
+files = [{ path = "/m" }]
+[services.db]
+devices = ["tag:db"]
+ports = ["tcp/5432"]
+[services.web]
+devices = ["tag:db"]
+ports = ["tcp/80"]
+[[rules]]
+name = "gated"
+from = ["alice"]
+to = ["db"]
+posture = ["marker"]
+[[rules]]
+name = "open"
+from = ["alice"]
+to = ["web"]
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), db],
+            [],
+            Some(p),
+            vec![],
+            vec![],
+            t0,
+        )
+    }
+
+    fn db_ports(r: &Registry) -> Vec<u16> {
+        let mut v: Vec<u16> = r.compiled().devices[&DeviceId(2)]
+            .inbound
+            .iter()
+            .flat_map(|f| f.ports.iter().map(|p| p.lo))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn stored(marker: bool) -> RemoteTrust {
+        let e = ward_shared::posture::Evaluation {
+            requirement: "marker".into(),
+            passed: marker,
+            failures: if marker {
+                vec![]
+            } else {
+                vec!["file /m: missing".into()]
+            },
+        };
+        RemoteTrust::parse("r2", &serde_json::to_string(&[e]).unwrap(), 0, "", 1)
+    }
+
+    #[test]
+    fn a_device_held_by_another_replica_is_judged_here_by_its_stored_verdict() {
+        let t0 = 1_800_000_000_000;
+        let mut r = gated_registry(t0);
+        // db's session is here; alice's is on replica r2.
+        r.handle_session_opened(DeviceId(2), 20, addr("10.0.0.2:1"), DeviceUpdate::default())
+            .unwrap();
+        let _ = drain(&mut r);
+        assert_eq!(db_ports(&r), vec![80], "no verdict anywhere: closed");
+        r.handle_remote_sessions(
+            [(
+                DeviceId(1),
+                RemoteSession {
+                    replica: "r2".into(),
+                    home_relay: None,
+                },
+            )]
+            .into(),
+        );
+        r.handle_remote_trust(DeviceId(1), stored(true));
+        let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+        assert_eq!(db_ports(&r), vec![80, 5432]);
+        // db is told alice is online (held on r2), and nothing is stored or audited here.
+        let online = out.iter().any(|o| match o {
+            Output::Send {
+                conn: 20,
+                msg: CoordinatorMsg::NetmapDelta(d),
+            } => d
+                .upsert
+                .iter()
+                .any(|p| p.device_id == DeviceId(1) && p.online),
+            _ => false,
+        });
+        assert!(online, "{out:?}");
+        assert!(
+            !out.iter().any(|o| match o {
+                Output::TrustDecided { .. } => true,
+                Output::PostureChanged { change, .. } => !change.newly_passed.is_empty(),
+                _ => false,
+            }),
+            "{out:?}"
+        );
+        // r2's verdict turns to failing: db loses 5432 here at once, and keeps it lost as
+        // time passes (the per-second re-judging keeps r2's verdict).
+        r.handle_remote_trust(DeviceId(1), stored(false));
+        let _ = drain(&mut r);
+        assert_eq!(db_ports(&r), vec![80]);
+        r.handle_remote_trust(DeviceId(1), stored(true));
+        r.handle_time(t0 + 5_000);
+        let _ = drain(&mut r);
+        assert_eq!(db_ports(&r), vec![80, 5432]);
+        // r2 stops holding alice's session (it died, or she left): its verdict no longer
+        // counts, and she is offline.
+        r.handle_remote_sessions(BTreeMap::new());
+        let _ = drain(&mut r);
+        assert_eq!(db_ports(&r), vec![80]);
+        // An unreadable stored verdict never opens anything.
+        r.handle_remote_sessions(
+            [(
+                DeviceId(1),
+                RemoteSession {
+                    replica: "r2".into(),
+                    home_relay: None,
+                },
+            )]
+            .into(),
+        );
+        r.handle_remote_trust(DeviceId(1), RemoteTrust::parse("r2", "garbage", 0, "", 2));
+        let _ = drain(&mut r);
+        assert_eq!(db_ports(&r), vec![80]);
+    }
+
+    #[test]
+    fn the_replica_holding_a_session_stores_its_verdict_changes() {
+        let t0 = 1_800_000_000_000;
+        let mut r = gated_registry(t0);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let decided = |r: &mut Registry| -> Vec<bool> {
+            std::iter::from_fn(|| r.poll_output())
+                .filter_map(|o| match o {
+                    Output::TrustDecided { device, decision } => {
+                        assert_eq!(device, DeviceId(1));
+                        Some(decision.evaluations.iter().all(|e| e.passed))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(
+            decided(&mut r).is_empty(),
+            "no report yet: nothing to store"
+        );
+        r.handle_posture(DeviceId(1), 10, report(1, 1, t0, true), t0)
+            .unwrap();
+        assert_eq!(decided(&mut r), [true]);
+        r.handle_posture(DeviceId(1), 10, report(1, 2, t0 + 1000, true), t0 + 1000)
+            .unwrap();
+        assert!(decided(&mut r).is_empty(), "no change: nothing to store");
+        r.handle_posture(DeviceId(1), 10, report(1, 3, t0 + 2000, false), t0 + 2000)
+            .unwrap();
+        assert_eq!(decided(&mut r), [false]);
+        // The session moved to another replica: this one stores nothing more.
+        r.handle_session_moved(DeviceId(1));
+        r.handle_time(t0 + 600_000);
+        assert!(decided(&mut r).is_empty());
+    }
+
     #[test]
     fn posture_change_narrows_access_rotates_and_explains() {
         let t0 = 1_800_000_000_000;

@@ -381,6 +381,44 @@ mod tests {
     }
 
     #[test]
+    fn a_trust_verdict_stored_by_another_replica_reloads_the_trust_rows_only() {
+        let r = reloads_for("device.trust");
+        assert!(r.trust);
+        assert_eq!(
+            r,
+            Reloads {
+                trust: true,
+                ..Reloads::default()
+            }
+        );
+        assert!(Reloads::all().trust);
+        let mut f = Feed::new(0);
+        let r = f.handle_rows(&[row(1, "posture.fail"), row(2, "device.trust")]);
+        assert!(r.trust && !r.devices);
+    }
+
+    fn hb(id: &str, last_seen_ms: i64) -> crate::store::replicas::ReplicaRow {
+        crate::store::replicas::ReplicaRow {
+            id: id.into(),
+            address: "a".into(),
+            started_ms: 0,
+            last_seen_ms,
+            sessions: 0,
+        }
+    }
+
+    #[test]
+    fn sessions_held_elsewhere_count_only_on_live_replicas() {
+        let rows = [srow(1, "r1", 10), srow(2, "r2", 10), srow(3, "dead", 10)];
+        let reps = [hb("r1", 10_000), hb("r2", 9_000), hb("dead", 1_000)];
+        let held = remote_sessions(&rows, &reps, "r1", 10_000);
+        assert_eq!(held.keys().copied().collect::<Vec<_>>(), [DeviceId(2)]);
+        assert_eq!(held[&DeviceId(2)].replica, "r2");
+        // A replica with no heartbeat row at all holds nothing either.
+        assert!(remote_sessions(&rows, &[], "r1", 10_000).is_empty());
+    }
+
+    #[test]
     fn a_replica_is_alive_while_its_heartbeat_is_fresh() {
         assert!(alive(1_000, 1_000 + ALIVE_WITHIN_MS));
         assert!(!alive(1_000, 1_001 + ALIVE_WITHIN_MS));

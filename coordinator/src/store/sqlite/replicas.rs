@@ -313,6 +313,56 @@ mod tests {
         assert_eq!(s.posture_seq(DeviceId(4)).unwrap(), 0);
     }
 
+    fn trust_row(replica: &str, verdict: &str, at: i64) -> TrustRow {
+        TrustRow {
+            device: DeviceId(5),
+            replica: replica.into(),
+            verdict: verdict.into(),
+            risk: 40,
+            risk_reason: "scan".into(),
+            counters: "[]".into(),
+            updated_ms: at,
+        }
+    }
+
+    /// On both backends: one row per device, replaced by the newer write; an audited write
+    /// moves the change feed by one `device.trust` row, a checkpoint does not.
+    pub(crate) fn device_trust_rows_replace_and_audited_writes_move_the_feed(s: &SqliteStore) {
+        assert!(s.device_trust().unwrap().is_empty());
+        let v0 = s.feed_version().unwrap();
+        let a = trust_row("r1", "[]", 100);
+        s.save_device_trust(&a, Some(serde_json::json!({ "failing": [] })))
+            .unwrap();
+        assert_eq!(s.device_trust().unwrap(), vec![a]);
+        let v1 = s.feed_version().unwrap();
+        assert_eq!(v1, v0 + 1);
+        let rows = s.feed_since(v0, 10).unwrap();
+        assert_eq!(rows[0].action, "device.trust");
+        assert_eq!(rows[0].target, "d5", "no such device: named by its id");
+        let b = trust_row("r2", "[{\"requirement\":\"x\"}]", 200);
+        s.save_device_trust(&b, None).unwrap();
+        assert_eq!(s.device_trust().unwrap(), vec![b]);
+        assert_eq!(s.feed_version().unwrap(), v1, "a checkpoint is not news");
+        assert!(s.verify_audit().unwrap().ok);
+    }
+
+    #[test]
+    fn device_trust_rows_on_sqlite() {
+        device_trust_rows_replace_and_audited_writes_move_the_feed(
+            &SqliteStore::open_in_memory().unwrap(),
+        );
+    }
+
+    #[test]
+    fn device_trust_rows_on_postgres() {
+        let Some(url) = crate::store::postgres::testpg::fresh_database() else {
+            return;
+        };
+        device_trust_rows_replace_and_audited_writes_move_the_feed(
+            &SqliteStore::open_postgres(&url, None).unwrap(),
+        );
+    }
+
     #[test]
     fn heartbeats_refresh_one_row_per_replica() {
         let s = SqliteStore::open_in_memory().unwrap();
