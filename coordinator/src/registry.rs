@@ -138,6 +138,11 @@ pub enum Output {
     },
     /// The behaviour detector raised an anomaly (store it, audit it).
     Anomaly(Box<crate::behaviour::Anomaly>),
+    /// The home relay of a session held here changed (record it for the other replicas).
+    HomeRelay {
+        device: DeviceId,
+        relay: Option<String>,
+    },
     /// This replica, holding the device's session, judged its trust differently from the
     /// stored row: store it (audited) so the other replicas judge the device's peers by it.
     TrustDecided {
@@ -890,6 +895,15 @@ impl Registry {
         self.dirty = true;
     }
 
+    /// Devices whose session another live replica holds (and this one does not).
+    pub fn online_elsewhere(&self) -> Vec<DeviceId> {
+        self.remote_sessions
+            .keys()
+            .filter(|id| !self.sessions.contains_key(id))
+            .copied()
+            .collect()
+    }
+
     /// Whether the device's session is held here or by another live replica.
     pub fn is_online_anywhere(&self, id: DeviceId) -> bool {
         self.sessions.contains_key(&id) || self.remote_sessions.contains_key(&id)
@@ -1048,10 +1062,14 @@ impl Registry {
     /// A removed relay is no device's home relay any more.
     pub fn handle_relays(&mut self, relays: Vec<RelayInfo>) {
         if relays != self.relays {
-            for s in self.sessions.values_mut() {
+            for (id, s) in self.sessions.iter_mut() {
                 if let Some(h) = &s.home_relay {
                     if !relays.iter().any(|r| &r.name == h) {
                         s.home_relay = None;
+                        self.outputs.push_back(Output::HomeRelay {
+                            device: *id,
+                            relay: None,
+                        });
                     }
                 }
             }
@@ -1602,6 +1620,13 @@ impl Registry {
             .home_relay
             .filter(|h| self.relays.iter().any(|r| &r.name == h));
         if let Some(s) = self.sessions.get_mut(&id) {
+            // A new session starts with none (its claim row too): only a change is news.
+            if s.home_relay != home {
+                self.outputs.push_back(Output::HomeRelay {
+                    device: id,
+                    relay: home.clone(),
+                });
+            }
             s.home_relay = home;
             s.punch = update.punch;
         }
@@ -3515,6 +3540,62 @@ to = ["web"]
             _ => None,
         });
         assert_eq!(full, Some(Some("r1".into())));
+    }
+
+    #[test]
+    fn a_device_held_by_another_replica_is_online_with_its_home_relay_there() {
+        let mut r = with_relays(&[1, 2], &["r-a"]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let _ = drain(&mut r);
+        let held = |relay: Option<&str>| -> BTreeMap<DeviceId, RemoteSession> {
+            [(
+                DeviceId(2),
+                RemoteSession {
+                    replica: "r2".into(),
+                    home_relay: relay.map(String::from),
+                },
+            )]
+            .into()
+        };
+        r.handle_remote_sessions(held(Some("r-a")));
+        let out = drain(&mut r);
+        assert_eq!(peer2_relay(&out), Some(Some("r-a".to_string())));
+        // A relay this replica does not know is not passed on.
+        r.handle_remote_sessions(held(Some("nowhere")));
+        assert_eq!(peer2_relay(&drain(&mut r)), Some(None));
+        assert_eq!(r.online_elsewhere(), [DeviceId(2)]);
+        r.handle_remote_sessions(BTreeMap::new());
+        let _ = drain(&mut r);
+        assert!(r.online_elsewhere().is_empty());
+    }
+
+    #[test]
+    fn a_home_relay_change_here_is_recorded_for_the_other_replicas() {
+        let mut r = with_relays(&[1, 2], &["r-a"]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let relays = |r: &mut Registry| -> Vec<Option<String>> {
+            std::iter::from_fn(|| r.poll_output())
+                .filter_map(|o| match o {
+                    Output::HomeRelay { device, relay } => {
+                        assert_eq!(device, DeviceId(1));
+                        Some(relay)
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(
+            relays(&mut r).is_empty(),
+            "a new session has none: nothing to record"
+        );
+        r.handle_session_update(DeviceId(1), 10, home(Some("r-a")));
+        assert_eq!(relays(&mut r), [Some("r-a".to_string())]);
+        r.handle_session_update(DeviceId(1), 10, home(Some("r-a")));
+        assert!(relays(&mut r).is_empty());
+        r.handle_relays(vec![]);
+        assert_eq!(relays(&mut r), [None]);
     }
 
     #[test]

@@ -246,7 +246,7 @@ pub fn remote_sessions(
                 s.device,
                 crate::registry::RemoteSession {
                     replica: s.replica.clone(),
-                    home_relay: None,
+                    home_relay: s.home_relay.clone(),
                 },
             )
         })
@@ -363,6 +363,7 @@ mod tests {
             device: DeviceId(d),
             replica: replica.into(),
             since_ms: since,
+            home_relay: None,
         }
     }
 
@@ -409,11 +410,13 @@ mod tests {
 
     #[test]
     fn sessions_held_elsewhere_count_only_on_live_replicas() {
-        let rows = [srow(1, "r1", 10), srow(2, "r2", 10), srow(3, "dead", 10)];
+        let mut rows = [srow(1, "r1", 10), srow(2, "r2", 10), srow(3, "dead", 10)];
+        rows[1].home_relay = Some("relay-a".into());
         let reps = [hb("r1", 10_000), hb("r2", 9_000), hb("dead", 1_000)];
         let held = remote_sessions(&rows, &reps, "r1", 10_000);
         assert_eq!(held.keys().copied().collect::<Vec<_>>(), [DeviceId(2)]);
         assert_eq!(held[&DeviceId(2)].replica, "r2");
+        assert_eq!(held[&DeviceId(2)].home_relay.as_deref(), Some("relay-a"));
         // A replica with no heartbeat row at all holds nothing either.
         assert!(remote_sessions(&rows, &[], "r1", 10_000).is_empty());
     }

@@ -139,12 +139,14 @@ pub(super) enum Event {
 }
 
 /// This replica's device sessions as they open and close, for the `sessions` table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Presence {
     Claimed(DeviceId, i64),
     Released(DeviceId),
     /// A posture report with this number was accepted.
     PostureSeq(DeviceId, u64),
+    /// The session's home relay changed (peers on other replicas reach the device there).
+    HomeRelay(DeviceId, Option<String>),
 }
 
 /// A relay's live control session.
@@ -211,6 +213,7 @@ pub(super) async fn registry_actor(
         refused: HashMap::new(),
         replica,
         trust_rows,
+        presence: presence.clone(),
     };
     loop {
         // Wake for the next rule or grant expiry, or at least every second.
@@ -427,6 +430,7 @@ pub(super) async fn registry_actor(
                     flush(&mut reg, &mut conns, &mut relays, &mut sink);
                     let _ = reply.send(Snapshot {
                         online: conns_online(&reg),
+                        online_elsewhere: reg.online_elsewhere(),
                         home_relays: reg.home_relays(),
                         risks: reg.risks(),
                         sign_in_asks: reg.sign_in_asks(),
@@ -554,6 +558,9 @@ pub(super) fn flush(
                 Output::Quarantine { device, reason } => sink.quarantine(device, reason),
                 Output::Anomaly(a) => sink.anomaly(*a),
                 Output::TrustDecided { device, decision } => sink.trust_decided(device, decision),
+                Output::HomeRelay { device, relay } => {
+                    let _ = sink.presence.send(Presence::HomeRelay(device, relay));
+                }
                 Output::RiskCrossed {
                     device,
                     score,

@@ -31,6 +31,8 @@ pub(super) struct TrustSink<'a> {
     pub(super) replica: String,
     /// Trust rows to store, in order ([`trust_writer`]).
     pub(super) trust_rows: tokio::sync::mpsc::UnboundedSender<TrustWrite>,
+    /// Session bookkeeping for the replica task (home relays, in order with the claims).
+    pub(super) presence: tokio::sync::mpsc::UnboundedSender<super::actor::Presence>,
 }
 
 /// A trust row and its audit detail.

@@ -119,6 +119,7 @@ pub(super) async fn run(
 async fn record_presence(ctx: &Arc<Ctx>, me: &Me, mine: &mut BTreeMap<DeviceId, i64>, p: Presence) {
     let store = ctx.store.clone();
     let id = me.id.clone();
+    let what = format!("{p:?}");
     let res = match p {
         Presence::Claimed(dev, since) => {
             mine.insert(dev, since);
@@ -146,10 +147,14 @@ async fn record_presence(ctx: &Arc<Ctx>, me: &Me, mine: &mut BTreeMap<DeviceId, 
             mine.remove(&dev);
             tokio::task::spawn_blocking(move || store.release_session(dev, &id)).await
         }
+        Presence::HomeRelay(dev, relay) => {
+            tokio::task::spawn_blocking(move || store.set_session_relay(dev, &id, relay.as_deref()))
+                .await
+        }
     };
     match res {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, ?p, "recording a device session failed"),
+        Ok(Err(e)) => warn!(error = %e, presence = %what, "recording a device session failed"),
         Err(e) => warn!(error = %e, "session recording task failed"),
     }
 }

@@ -37,6 +37,8 @@ pub struct SessionRow {
     pub device: DeviceId,
     pub replica: String,
     pub since_ms: i64,
+    /// The relay the device said it receives relayed traffic through, on that session.
+    pub home_relay: Option<String>,
 }
 
 /// A device's trust as the replica holding its session judged it (the `device_trust` table).
@@ -72,6 +74,9 @@ pub trait ReplicaStore {
     fn claim_session(&self, device: DeviceId, replica: &str, since_ms: i64) -> Result<()>;
     /// Forgets `device`'s session if `replica` still holds it (a newer claim is kept).
     fn release_session(&self, device: DeviceId, replica: &str) -> Result<()>;
+    /// Records the home relay of `device`'s session if `replica` still holds it.
+    fn set_session_relay(&self, device: DeviceId, replica: &str, relay: Option<&str>)
+        -> Result<()>;
     /// Every recorded session.
     fn sessions(&self) -> Result<Vec<SessionRow>>;
     /// The highest posture report sequence number any replica accepted from `device` (0 if

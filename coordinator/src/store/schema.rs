@@ -317,7 +317,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 18: each device's trust as the replica holding its session last judged it: the
     // posture verdict (JSON evaluations), behaviour risk, scan counters (JSON), who wrote it
     // and when. Other replicas judge the device's peers by it; a replica taking the device's
-    // session over starts from it.
+    // session over starts from it. And the relay each held session receives relayed traffic
+    // through (peers on every replica reach the device there).
     r#"
     CREATE TABLE device_trust(
         device_id INTEGER PRIMARY KEY,
@@ -328,5 +329,6 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         counters TEXT NOT NULL,
         updated_ms INTEGER NOT NULL
     );
+    ALTER TABLE device_sessions ADD COLUMN home_relay TEXT;
     "#,
 ];

@@ -101,7 +101,8 @@ impl ReplicaStore for SqliteStore {
             // An older claim never overwrites a newer one (claims can arrive out of order).
             tx.execute(
                 "INSERT INTO device_sessions(device_id, replica, since_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(device_id) DO UPDATE SET replica = ?2, since_ms = ?3
+                 ON CONFLICT(device_id) DO UPDATE SET replica = ?2, since_ms = ?3,
+                     home_relay = NULL
                  WHERE since_ms <= ?3",
                 params![device.0 as i64, replica, since_ms],
             )?;
@@ -119,16 +120,33 @@ impl ReplicaStore for SqliteStore {
         })
     }
 
+    fn set_session_relay(
+        &self,
+        device: DeviceId,
+        replica: &str,
+        relay: Option<&str>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE device_sessions SET home_relay = ?3 WHERE device_id = ?1 AND replica = ?2",
+                params![device.0 as i64, replica, relay],
+            )?;
+            Ok(())
+        })
+    }
+
     fn sessions(&self) -> Result<Vec<SessionRow>> {
         self.read(|tx| {
             let mut stmt = tx.prepare(
-                "SELECT device_id, replica, since_ms FROM device_sessions ORDER BY device_id",
+                "SELECT device_id, replica, since_ms, home_relay FROM device_sessions
+                 ORDER BY device_id",
             )?;
             let rows = stmt.query_map([], |r| {
                 Ok(SessionRow {
                     device: DeviceId(u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0)),
                     replica: r.get(1)?,
                     since_ms: r.get(2)?,
+                    home_relay: r.get(3)?,
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -293,6 +311,16 @@ mod tests {
         let rows = s.sessions().unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].replica.as_str(), rows[0].since_ms), ("r2", 200));
+        // Only the holder records the session's home relay; a new claim clears it.
+        s.set_session_relay(d, "r1", Some("relay-a")).unwrap();
+        assert_eq!(s.sessions().unwrap()[0].home_relay, None);
+        s.set_session_relay(d, "r2", Some("relay-b")).unwrap();
+        assert_eq!(
+            s.sessions().unwrap()[0].home_relay.as_deref(),
+            Some("relay-b")
+        );
+        s.claim_session(d, "r2", 300).unwrap();
+        assert_eq!(s.sessions().unwrap()[0].home_relay, None);
         // r1 closing its stale session leaves r2's claim alone.
         s.release_session(d, "r1").unwrap();
         assert_eq!(s.sessions().unwrap().len(), 1);
