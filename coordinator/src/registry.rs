@@ -1421,6 +1421,21 @@ impl Registry {
         self.apply_update(id, update);
         self.dirty = true;
         self.trust.set_held(id, true);
+        // Taken over from another replica: the device keeps the risk judged there.
+        let carried = self
+            .trust
+            .remote(id)
+            .filter(|r| r.risk > 0)
+            .map(|r| (r.risk, r.risk_reason.clone(), r.updated_ms));
+        if let Some((score, reason, at)) = carried {
+            if let Some(a) = self
+                .behaviour
+                .handle_carried_risk(id, score, &reason, at, self.now_ms)
+            {
+                self.outputs.push_back(Output::Anomaly(Box::new(a)));
+                self.refresh_risk(id);
+            }
+        }
         self.reevaluate(id);
         Ok(())
     }
@@ -3270,6 +3285,46 @@ to = ["web"]
         r.handle_remote_trust(DeviceId(1), RemoteTrust::parse("r2", "garbage", 0, "", 2));
         let _ = drain(&mut r);
         assert_eq!(db_ports(&r), vec![80]);
+    }
+
+    #[test]
+    fn a_device_taking_its_session_to_another_replica_keeps_its_risk() {
+        let t0 = 1_800_000_000_000;
+        let mut r = gated_registry(t0);
+        // Replica r2 judged device 1's risk 60 a minute ago; the device connects here now.
+        let mut risky = stored(true);
+        risky.risk = 60;
+        risky.risk_reason = "anomaly 3: fan-out".into();
+        risky.updated_ms = t0 - 60_000;
+        r.handle_remote_trust(DeviceId(1), risky.clone());
+        r.handle_time(t0);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+        let carried: Vec<&Anomaly> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Anomaly(a) => Some(a.as_ref()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(carried.len(), 1, "{out:?}");
+        assert!(carried[0].reason.contains("fan-out"));
+        let (score, why) = r.risk(DeviceId(1));
+        assert!((55..=60).contains(&score), "{score} {why}");
+        // Its first report here stores the risk it kept, not zero.
+        r.handle_posture(DeviceId(1), 10, report(1, 1, t0, true), t0)
+            .unwrap();
+        let stored_risk = std::iter::from_fn(|| r.poll_output()).find_map(|o| match o {
+            Output::TrustDecided { decision, .. } => Some(decision.risk),
+            _ => None,
+        });
+        assert!(stored_risk.is_some_and(|s| s >= 55), "{stored_risk:?}");
+        // Reconnecting here again carries nothing more: the risk is already here.
+        r.handle_session_closed(DeviceId(1), 10);
+        r.handle_session_opened(DeviceId(1), 11, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        assert!(!std::iter::from_fn(|| r.poll_output()).any(|o| matches!(o, Output::Anomaly(_))));
     }
 
     #[test]

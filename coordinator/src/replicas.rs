@@ -39,6 +39,8 @@ pub struct Reloads {
     pub sign_ins: bool,
     /// Devices' trust as the replicas holding their sessions judged it (`device_trust`).
     pub trust: bool,
+    /// Which users the identity provider suspended (`oidc_users`).
+    pub suspensions: bool,
 }
 
 impl Reloads {
@@ -52,6 +54,7 @@ impl Reloads {
             || self.leases
             || self.sign_ins
             || self.trust
+            || self.suspensions
     }
 
     /// Everything (at start, and after the feed skipped rows it could not read).
@@ -66,6 +69,7 @@ impl Reloads {
             leases: true,
             sign_ins: true,
             trust: true,
+            suspensions: true,
         }
     }
 
@@ -80,6 +84,7 @@ impl Reloads {
         self.leases |= o.leases;
         self.sign_ins |= o.sign_ins;
         self.trust |= o.trust;
+        self.suspensions |= o.suspensions;
     }
 }
 
@@ -100,16 +105,26 @@ pub fn reloads_for(action: &str) -> Reloads {
         | "device.approve"
         | "device.cert_renewed" => r.devices = true,
         // A user's disabled flag and groups are part of each of their devices' rows.
-        "user.add" | "user.disable" | "user.enable" | "user.groups" | "oidc.user_change" => {
+        "user.add" | "user.disable" | "user.enable" | "user.groups" => {
             r.users = true;
             r.devices = true;
+        }
+        // The provider suspended a user (or changed its groups).
+        "oidc.user_change" => {
+            r.users = true;
+            r.devices = true;
+            r.suspensions = true;
         }
         "policy.apply" => r.policy = true,
         "grant.add" | "grant.remove" => r.grants = true,
         "relay.add" | "relay.remove" => r.relays = true,
         "device.routes" => r.routes = true,
         "lease.issue" | "lease.revoke" => r.leases = true,
-        "oidc.sign_in" | "oidc.link" | "device.login" => r.sign_ins = true,
+        // A sign-in also lifts a provider suspension.
+        "oidc.sign_in" | "oidc.link" | "device.login" => {
+            r.sign_ins = true;
+            r.suspensions = true;
+        }
         // The replica holding the device's session judged its trust differently: the other
         // replicas judge the device's peers by the stored verdict.
         "device.trust" => r.trust = true,
@@ -224,6 +239,23 @@ pub fn stale_sessions(
         .collect()
 }
 
+/// Each user the identity provider knows, and why it suspended them (`None`: it did not),
+/// from the stored provider rows (a user with several is suspended if any row is).
+pub fn suspensions(rows: &[crate::store::OidcUser]) -> BTreeMap<String, Option<String>> {
+    let mut out: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for r in rows {
+        let e = out.entry(r.user.clone()).or_default();
+        if r.provider_disabled && e.is_none() {
+            *e = Some(
+                r.reason
+                    .clone()
+                    .unwrap_or_else(|| "the identity provider took access away".into()),
+            );
+        }
+    }
+    out
+}
+
 /// The device sessions other replicas (not `me`) hold whose heartbeat is fresh: the ones a
 /// replica treats as online and judged by their holder. A dead replica's sessions are
 /// nobody's (the devices reconnect elsewhere).
@@ -288,6 +320,11 @@ mod tests {
         assert!(reloads_for("lease.issue").leases);
         assert!(reloads_for("lease.revoke").leases);
         assert!(reloads_for("oidc.sign_in").sign_ins);
+        // A suspension by the provider (and its lifting by a new sign-in) reaches every replica.
+        assert!(reloads_for("oidc.user_change").suspensions);
+        assert!(reloads_for("oidc.sign_in").suspensions);
+        assert!(reloads_for("device.login").suspensions);
+        assert!(!reloads_for("policy.apply").suspensions);
     }
 
     #[test]
@@ -406,6 +443,43 @@ mod tests {
             last_seen_ms,
             sessions: 0,
         }
+    }
+
+    fn oidc(user: &str, disabled: bool) -> crate::store::OidcUser {
+        crate::store::OidcUser {
+            user: user.into(),
+            issuer: "https://idp".into(),
+            sub: format!("sub-{user}"),
+            refresh_token: None,
+            groups: vec![],
+            amr: vec![],
+            sid: None,
+            auth_time_ms: None,
+            last_auth_ms: None,
+            last_refresh_ms: None,
+            provider_disabled: disabled,
+            reason: disabled.then(|| "refresh refused".into()),
+        }
+    }
+
+    #[test]
+    fn provider_suspensions_are_read_per_user() {
+        let mut second = oidc("carol", true);
+        second.issuer = "https://other".into();
+        second.reason = None;
+        let s = suspensions(&[
+            oidc("alice", false),
+            oidc("bob", true),
+            oidc("carol", false),
+            second,
+        ]);
+        assert_eq!(s["alice"], None);
+        assert_eq!(s["bob"].as_deref(), Some("refresh refused"));
+        assert_eq!(
+            s["carol"].as_deref(),
+            Some("the identity provider took access away"),
+            "suspended by one of its providers: suspended"
+        );
     }
 
     #[test]

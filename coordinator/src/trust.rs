@@ -456,6 +456,11 @@ impl TrustBook {
         t.remote = Some(remote);
     }
 
+    /// The verdict another replica stored last, if any.
+    pub fn remote(&self, id: DeviceId) -> Option<&RemoteTrust> {
+        self.devices.get(&id).and_then(|t| t.remote.as_ref())
+    }
+
     /// Whether the device's current evaluations are another replica's stored verdict.
     pub fn judged_remotely(&self, id: DeviceId) -> bool {
         self.devices.get(&id).is_some_and(|t| t.judged_remotely)

@@ -62,6 +62,8 @@ pub(super) struct Seen {
     pub trust: BTreeMap<DeviceId, TrustRow>,
     /// The sessions other live replicas hold, as last sent to the registry.
     pub remote_sessions: Option<BTreeMap<DeviceId, RemoteSession>>,
+    /// Provider suspensions per user, as last read.
+    pub suspensions: BTreeMap<String, Option<String>>,
 }
 
 impl Seen {
@@ -76,6 +78,7 @@ impl Seen {
             me: String::new(),
             trust: BTreeMap::new(),
             remote_sessions: None,
+            suspensions: BTreeMap::new(),
         }
     }
 }
@@ -202,6 +205,7 @@ struct Read {
     leases: Option<Vec<crate::store::LeaseRow>>,
     sign_ins: Option<Vec<crate::store::DeviceSignIn>>,
     trust: Option<Vec<TrustRow>>,
+    suspensions: Option<BTreeMap<String, Option<String>>>,
 }
 
 /// One feed step: if the version moved, read the rows since, then what they ask to reload,
@@ -289,6 +293,9 @@ fn read(store: &dyn Store, r: &Reloads) -> crate::store::Result<Read> {
     if r.trust {
         out.trust = Some(store.device_trust()?);
     }
+    if r.suspensions {
+        out.suspensions = Some(replicas::suspensions(&store.oidc_users()?));
+    }
     Ok(out)
 }
 
@@ -354,6 +361,17 @@ async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
     }
     if let Some(rows) = read.trust {
         apply_trust(ctx, seen, rows);
+    }
+    if let Some(now) = read.suspensions {
+        // A suspension another replica stored (the provider refused a refresh, a SCIM
+        // deprovisioning, a back-channel logout), or its lifting, applies here too.
+        for (user, why) in &now {
+            if seen.suspensions.get(user) != Some(why) {
+                info!(%user, suspended = why.is_some(), "identity provider verdict from another replica");
+                ev.send_internal(Event::Identity(user.clone(), why.clone()));
+            }
+        }
+        seen.suspensions = now;
     }
     if let Some(rows) = read.sign_ins {
         for si in rows {
