@@ -475,6 +475,11 @@ impl TrustBook {
             return None;
         }
         let evaluations = t.evaluations.clone()?;
+        // No requirement and no risk, and nothing stored: the other replicas' view of a
+        // device without a row is the same, so nothing is written (no noise without posture).
+        if t.stored.is_none() && evaluations.is_empty() && t.risk / RISK_LEVEL == 0 {
+            return None;
+        }
         let sig = owned_signature(&evaluations, t.risk);
         let took_over = match &t.stored {
             Some((s, mine)) if *s == sig && *mine => return None,
@@ -941,6 +946,22 @@ mod tests {
         b.handle_report(d, report(1, 4, T + 5000, true), Some(&p), &n, T + 5000)
             .unwrap();
         assert!(b.poll_decision(d).is_none());
+    }
+
+    #[test]
+    fn without_requirements_or_risk_nothing_is_stored() {
+        let p = policy::parse(b"", "empty.toml").unwrap();
+        let n = BTreeSet::new();
+        let d = DeviceId(1);
+        let mut b = TrustBook::default();
+        b.set_held(d, true);
+        b.handle_report(d, report(1, 1, T, true), Some(&p), &n, T)
+            .unwrap();
+        assert!(b.poll_decision(d).is_none());
+        // Risk is news even without requirements.
+        b.set_risk(d, 45, "fan-out", T);
+        b.reevaluate(d, Some(&p), &n, T);
+        assert_eq!(b.poll_decision(d).map(|x| x.risk), Some(45));
     }
 
     #[test]
