@@ -15,6 +15,9 @@ pub enum Action {
     EnrollRefused,
     DeviceEnroll,
     DeviceCertRenewed,
+    /// The replica holding a device's session judged its trust (posture verdict, risk level)
+    /// differently: other replicas apply the stored verdict to the device's peers.
+    DeviceTrust,
     DeviceRevoke,
     DeviceRotate,
     DeviceQuarantine,
@@ -84,12 +87,13 @@ pub enum Action {
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 50] = [
+    pub const ALL: [Action; 51] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
         Action::DeviceEnroll,
         Action::DeviceCertRenewed,
+        Action::DeviceTrust,
         Action::DeviceRevoke,
         Action::DeviceRotate,
         Action::DeviceQuarantine,
@@ -145,6 +149,7 @@ impl Action {
             Action::EnrollRefused => "enroll.refused",
             Action::DeviceEnroll => "device.enroll",
             Action::DeviceCertRenewed => "device.cert_renewed",
+            Action::DeviceTrust => "device.trust",
             Action::DeviceRevoke => "device.revoke",
             Action::DeviceRotate => "device.rotate",
             Action::DeviceQuarantine => "device.quarantine",
@@ -209,7 +214,7 @@ mod tests {
     fn names_are_unique_and_stable() {
         let names: BTreeSet<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
         assert_eq!(names.len(), Action::ALL.len());
-        assert_eq!(Action::ALL.len(), 50);
+        assert_eq!(Action::ALL.len(), 51);
         assert_eq!(Action::DeviceLogin.as_str(), "device.login");
         assert_eq!(Action::DeviceCertRenewed.as_str(), "device.cert_renewed");
         assert_eq!(Action::EnrollRefused.to_string(), "enroll.refused");

@@ -34,7 +34,7 @@ use ward_shared::wire::{
 
 use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, Label};
 use crate::model::{Device, User};
-use crate::trust::{Change, ReportError, TrustBook};
+use crate::trust::{Change, Decision, RemoteTrust, ReportError, TrustBook};
 
 /// How often reports are re-judged for age and overdue failures (ms).
 pub const TRUST_TICK_MS: i64 = 1000;
@@ -138,6 +138,17 @@ pub enum Output {
     },
     /// The behaviour detector raised an anomaly (store it, audit it).
     Anomaly(Box<crate::behaviour::Anomaly>),
+    /// The home relay of a session held here changed (record it for the other replicas).
+    HomeRelay {
+        device: DeviceId,
+        relay: Option<String>,
+    },
+    /// This replica, holding the device's session, judged its trust differently from the
+    /// stored row: store it (audited) so the other replicas judge the device's peers by it.
+    TrustDecided {
+        device: DeviceId,
+        decision: Decision,
+    },
     /// The device's risk crossed the policy's `risk_threshold`, up (`above`) or back down
     /// (audit it).
     RiskCrossed {
@@ -240,6 +251,16 @@ pub struct Registry {
     /// Users the identity provider took access away from, and why: their devices stay on the
     /// network but lose every rule that reached them through the user.
     suspended: BTreeMap<String, String>,
+    /// Devices whose session another live replica of this instance holds, and its home relay
+    /// there (peers see them online, and reach them through that relay).
+    remote_sessions: BTreeMap<DeviceId, RemoteSession>,
+}
+
+/// A device session another replica holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSession {
+    pub replica: String,
+    pub home_relay: Option<String>,
 }
 
 /// The inputs a compile depended on: the same policy, directory and routers before the
@@ -329,6 +350,7 @@ impl Registry {
             risk_tick_ms: now_ms,
             routes: BTreeMap::new(),
             suspended: BTreeMap::new(),
+            remote_sessions: BTreeMap::new(),
         }
     }
 
@@ -484,6 +506,7 @@ impl Registry {
         if let Some(c) = change {
             self.trust_changed(id, c);
         }
+        self.poll_decision(id);
         Ok(())
     }
 
@@ -828,6 +851,62 @@ impl Registry {
         {
             self.trust_changed(id, c);
         }
+        self.poll_decision(id);
+    }
+
+    /// A verdict this replica must store for the others, if any.
+    fn poll_decision(&mut self, id: DeviceId) {
+        if let Some(decision) = self.trust.poll_decision(id) {
+            self.outputs.push_back(Output::TrustDecided {
+                device: id,
+                decision,
+            });
+        }
+    }
+
+    /// Another replica stored its verdict on a device (it holds, or held, the device's
+    /// session). While that replica holds the session, the device's peers here are judged by
+    /// it.
+    pub fn handle_remote_trust(&mut self, id: DeviceId, remote: RemoteTrust) {
+        if !self.devices.contains_key(&id) {
+            return;
+        }
+        self.trust.handle_remote(id, remote);
+        self.verdict_dirty.insert(id);
+        self.reevaluate(id);
+    }
+
+    /// Every device session other live replicas hold now (from the sessions table). A device
+    /// held elsewhere is online for its peers here, with that replica's home relay, and is
+    /// judged by that replica's stored verdict.
+    pub fn handle_remote_sessions(&mut self, sessions: BTreeMap<DeviceId, RemoteSession>) {
+        if sessions == self.remote_sessions {
+            return;
+        }
+        let ids: Vec<DeviceId> = self.devices.keys().copied().collect();
+        for id in ids {
+            let holder = sessions.get(&id).map(|s| s.replica.clone());
+            if self.trust.handle_holder(id, holder) {
+                self.verdict_dirty.insert(id);
+                self.reevaluate(id);
+            }
+        }
+        self.remote_sessions = sessions;
+        self.dirty = true;
+    }
+
+    /// Devices whose session another live replica holds (and this one does not).
+    pub fn online_elsewhere(&self) -> Vec<DeviceId> {
+        self.remote_sessions
+            .keys()
+            .filter(|id| !self.sessions.contains_key(id))
+            .copied()
+            .collect()
+    }
+
+    /// Whether the device's session is held here or by another live replica.
+    pub fn is_online_anywhere(&self, id: DeviceId) -> bool {
+        self.sessions.contains_key(&id) || self.remote_sessions.contains_key(&id)
     }
 
     /// Which requirements matter to which device (depends on the policy and the directory,
@@ -853,6 +932,10 @@ impl Registry {
                     change.withdrawn.join(", ")
                 ),
             );
+        }
+        // Another replica's verdict was audited and stored there.
+        if self.trust.judged_remotely(id) {
+            return;
         }
         self.outputs.push_back(Output::PostureChanged {
             device: id,
@@ -979,10 +1062,14 @@ impl Registry {
     /// A removed relay is no device's home relay any more.
     pub fn handle_relays(&mut self, relays: Vec<RelayInfo>) {
         if relays != self.relays {
-            for s in self.sessions.values_mut() {
+            for (id, s) in self.sessions.iter_mut() {
                 if let Some(h) = &s.home_relay {
                     if !relays.iter().any(|r| &r.name == h) {
                         s.home_relay = None;
+                        self.outputs.push_back(Output::HomeRelay {
+                            device: *id,
+                            relay: None,
+                        });
                     }
                 }
             }
@@ -1333,6 +1420,23 @@ impl Registry {
         }
         self.apply_update(id, update);
         self.dirty = true;
+        self.trust.set_held(id, true);
+        // Taken over from another replica: the device keeps the risk judged there.
+        let carried = self
+            .trust
+            .remote(id)
+            .filter(|r| r.risk > 0)
+            .map(|r| (r.risk, r.risk_reason.clone(), r.updated_ms));
+        if let Some((score, reason, at)) = carried {
+            if let Some(a) = self
+                .behaviour
+                .handle_carried_risk(id, score, &reason, at, self.now_ms)
+            {
+                self.outputs.push_back(Output::Anomaly(Box::new(a)));
+                self.refresh_risk(id);
+            }
+        }
+        self.reevaluate(id);
         Ok(())
     }
 
@@ -1348,6 +1452,8 @@ impl Registry {
         if self.sessions.get(&id).map(|s| s.conn) == Some(conn) {
             self.sessions.remove(&id);
             self.dirty = true;
+            self.trust.set_held(id, false);
+            self.reevaluate(id);
         }
     }
 
@@ -1369,6 +1475,8 @@ impl Registry {
                 reason: "the device's session moved to another coordinator replica".into(),
             });
             self.dirty = true;
+            self.trust.set_held(id, false);
+            self.reevaluate(id);
         }
     }
 
@@ -1527,6 +1635,13 @@ impl Registry {
             .home_relay
             .filter(|h| self.relays.iter().any(|r| &r.name == h));
         if let Some(s) = self.sessions.get_mut(&id) {
+            // A new session starts with none (its claim row too): only a change is news.
+            if s.home_relay != home {
+                self.outputs.push_back(Output::HomeRelay {
+                    device: id,
+                    relay: home.clone(),
+                });
+            }
             s.home_relay = home;
             s.punch = update.punch;
         }
@@ -1559,9 +1674,16 @@ impl Registry {
             // Peers only ever configure leased keys; the newest is the one to prefer.
             wg_public_key: leases.last().map(|l| l.lease.wg_public_key),
             endpoints: d.endpoints.clone(),
-            online: self.sessions.contains_key(&d.id),
+            online: self.is_online_anywhere(d.id),
             leases,
-            relay: self.sessions.get(&d.id).and_then(|s| s.home_relay.clone()),
+            relay: match self.sessions.get(&d.id) {
+                Some(s) => s.home_relay.clone(),
+                None => self
+                    .remote_sessions
+                    .get(&d.id)
+                    .and_then(|s| s.home_relay.clone())
+                    .filter(|h| self.relays.iter().any(|r| &r.name == h)),
+            },
         }
     }
 
@@ -3031,6 +3153,216 @@ behaviour_learning = "1s"
     }
 
     /// alice (1) may reach db (2) on 5432 only while she has /m, and on 80 always.
+    /// alice (device 1) may reach db's 5432 only with the `marker` posture.
+    fn gated_registry(t0: i64) -> Registry {
+        let mut db = dev(2);
+        db.user = None;
+        db.tags = vec![Name::parse("tag", "db").unwrap()];
+        let p = policy::parse(
+            br#"
+[posture.marker]
+files = [{ path = "/m" }]
+[services.db]
+devices = ["tag:db"]
+ports = ["tcp/5432"]
+[services.web]
+devices = ["tag:db"]
+ports = ["tcp/80"]
+[[rules]]
+name = "gated"
+from = ["alice"]
+to = ["db"]
+posture = ["marker"]
+[[rules]]
+name = "open"
+from = ["alice"]
+to = ["web"]
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        Registry::new(
+            AddressPools::from_random([0; 5]),
+            [dev(1), db],
+            [],
+            Some(p),
+            vec![],
+            vec![],
+            t0,
+        )
+    }
+
+    fn db_ports(r: &Registry) -> Vec<u16> {
+        let mut v: Vec<u16> = r.compiled().devices[&DeviceId(2)]
+            .inbound
+            .iter()
+            .flat_map(|f| f.ports.iter().map(|p| p.lo))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn stored(marker: bool) -> RemoteTrust {
+        let e = ward_shared::posture::Evaluation {
+            requirement: "marker".into(),
+            passed: marker,
+            failures: if marker {
+                vec![]
+            } else {
+                vec!["file /m: missing".into()]
+            },
+        };
+        RemoteTrust::parse("r2", &serde_json::to_string(&[e]).unwrap(), 0, "", 1)
+    }
+
+    #[test]
+    fn a_device_held_by_another_replica_is_judged_here_by_its_stored_verdict() {
+        let t0 = 1_800_000_000_000;
+        let mut r = gated_registry(t0);
+        // db's session is here; alice's is on replica r2.
+        r.handle_session_opened(DeviceId(2), 20, addr("10.0.0.2:1"), DeviceUpdate::default())
+            .unwrap();
+        let _ = drain(&mut r);
+        assert_eq!(db_ports(&r), vec![80], "no verdict anywhere: closed");
+        r.handle_remote_sessions(
+            [(
+                DeviceId(1),
+                RemoteSession {
+                    replica: "r2".into(),
+                    home_relay: None,
+                },
+            )]
+            .into(),
+        );
+        r.handle_remote_trust(DeviceId(1), stored(true));
+        let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+        assert_eq!(db_ports(&r), vec![80, 5432]);
+        // db is told alice is online (held on r2), and nothing is stored or audited here.
+        let online = out.iter().any(|o| match o {
+            Output::Send {
+                conn: 20,
+                msg: CoordinatorMsg::NetmapDelta(d),
+            } => d
+                .upsert
+                .iter()
+                .any(|p| p.device_id == DeviceId(1) && p.online),
+            _ => false,
+        });
+        assert!(online, "{out:?}");
+        assert!(
+            !out.iter().any(|o| match o {
+                Output::TrustDecided { .. } => true,
+                Output::PostureChanged { change, .. } => !change.newly_passed.is_empty(),
+                _ => false,
+            }),
+            "{out:?}"
+        );
+        // r2's verdict turns to failing: db loses 5432 here at once, and keeps it lost as
+        // time passes (the per-second re-judging keeps r2's verdict).
+        r.handle_remote_trust(DeviceId(1), stored(false));
+        let _ = drain(&mut r);
+        assert_eq!(db_ports(&r), vec![80]);
+        r.handle_remote_trust(DeviceId(1), stored(true));
+        r.handle_time(t0 + 5_000);
+        let _ = drain(&mut r);
+        assert_eq!(db_ports(&r), vec![80, 5432]);
+        // r2 stops holding alice's session (it died, or she left): its verdict no longer
+        // counts, and she is offline.
+        r.handle_remote_sessions(BTreeMap::new());
+        let _ = drain(&mut r);
+        assert_eq!(db_ports(&r), vec![80]);
+        // An unreadable stored verdict never opens anything.
+        r.handle_remote_sessions(
+            [(
+                DeviceId(1),
+                RemoteSession {
+                    replica: "r2".into(),
+                    home_relay: None,
+                },
+            )]
+            .into(),
+        );
+        r.handle_remote_trust(DeviceId(1), RemoteTrust::parse("r2", "garbage", 0, "", 2));
+        let _ = drain(&mut r);
+        assert_eq!(db_ports(&r), vec![80]);
+    }
+
+    #[test]
+    fn a_device_taking_its_session_to_another_replica_keeps_its_risk() {
+        let t0 = 1_800_000_000_000;
+        let mut r = gated_registry(t0);
+        // Replica r2 judged device 1's risk 60 a minute ago; the device connects here now.
+        let mut risky = stored(true);
+        risky.risk = 60;
+        risky.risk_reason = "anomaly 3: fan-out".into();
+        risky.updated_ms = t0 - 60_000;
+        r.handle_remote_trust(DeviceId(1), risky.clone());
+        r.handle_time(t0);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+        let carried: Vec<&Anomaly> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Anomaly(a) => Some(a.as_ref()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(carried.len(), 1, "{out:?}");
+        assert!(carried[0].reason.contains("fan-out"));
+        let (score, why) = r.risk(DeviceId(1));
+        assert!((55..=60).contains(&score), "{score} {why}");
+        // Its first report here stores the risk it kept, not zero.
+        r.handle_posture(DeviceId(1), 10, report(1, 1, t0, true), t0)
+            .unwrap();
+        let stored_risk = std::iter::from_fn(|| r.poll_output()).find_map(|o| match o {
+            Output::TrustDecided { decision, .. } => Some(decision.risk),
+            _ => None,
+        });
+        assert!(stored_risk.is_some_and(|s| s >= 55), "{stored_risk:?}");
+        // Reconnecting here again carries nothing more: the risk is already here.
+        r.handle_session_closed(DeviceId(1), 10);
+        r.handle_session_opened(DeviceId(1), 11, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        assert!(!std::iter::from_fn(|| r.poll_output()).any(|o| matches!(o, Output::Anomaly(_))));
+    }
+
+    #[test]
+    fn the_replica_holding_a_session_stores_its_verdict_changes() {
+        let t0 = 1_800_000_000_000;
+        let mut r = gated_registry(t0);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let decided = |r: &mut Registry| -> Vec<bool> {
+            std::iter::from_fn(|| r.poll_output())
+                .filter_map(|o| match o {
+                    Output::TrustDecided { device, decision } => {
+                        assert_eq!(device, DeviceId(1));
+                        Some(decision.evaluations.iter().all(|e| e.passed))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(
+            decided(&mut r).is_empty(),
+            "no report yet: nothing to store"
+        );
+        r.handle_posture(DeviceId(1), 10, report(1, 1, t0, true), t0)
+            .unwrap();
+        assert_eq!(decided(&mut r), [true]);
+        r.handle_posture(DeviceId(1), 10, report(1, 2, t0 + 1000, true), t0 + 1000)
+            .unwrap();
+        assert!(decided(&mut r).is_empty(), "no change: nothing to store");
+        r.handle_posture(DeviceId(1), 10, report(1, 3, t0 + 2000, false), t0 + 2000)
+            .unwrap();
+        assert_eq!(decided(&mut r), [false]);
+        // The session moved to another replica: this one stores nothing more.
+        r.handle_session_moved(DeviceId(1));
+        r.handle_time(t0 + 600_000);
+        assert!(decided(&mut r).is_empty());
+    }
+
     #[test]
     fn posture_change_narrows_access_rotates_and_explains() {
         let t0 = 1_800_000_000_000;
@@ -3263,6 +3595,62 @@ to = ["web"]
             _ => None,
         });
         assert_eq!(full, Some(Some("r1".into())));
+    }
+
+    #[test]
+    fn a_device_held_by_another_replica_is_online_with_its_home_relay_there() {
+        let mut r = with_relays(&[1, 2], &["r-a"]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let _ = drain(&mut r);
+        let held = |relay: Option<&str>| -> BTreeMap<DeviceId, RemoteSession> {
+            [(
+                DeviceId(2),
+                RemoteSession {
+                    replica: "r2".into(),
+                    home_relay: relay.map(String::from),
+                },
+            )]
+            .into()
+        };
+        r.handle_remote_sessions(held(Some("r-a")));
+        let out = drain(&mut r);
+        assert_eq!(peer2_relay(&out), Some(Some("r-a".to_string())));
+        // A relay this replica does not know is not passed on.
+        r.handle_remote_sessions(held(Some("nowhere")));
+        assert_eq!(peer2_relay(&drain(&mut r)), Some(None));
+        assert_eq!(r.online_elsewhere(), [DeviceId(2)]);
+        r.handle_remote_sessions(BTreeMap::new());
+        let _ = drain(&mut r);
+        assert!(r.online_elsewhere().is_empty());
+    }
+
+    #[test]
+    fn a_home_relay_change_here_is_recorded_for_the_other_replicas() {
+        let mut r = with_relays(&[1, 2], &["r-a"]);
+        r.handle_session_opened(DeviceId(1), 10, addr("10.0.0.1:1"), DeviceUpdate::default())
+            .unwrap();
+        let relays = |r: &mut Registry| -> Vec<Option<String>> {
+            std::iter::from_fn(|| r.poll_output())
+                .filter_map(|o| match o {
+                    Output::HomeRelay { device, relay } => {
+                        assert_eq!(device, DeviceId(1));
+                        Some(relay)
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(
+            relays(&mut r).is_empty(),
+            "a new session has none: nothing to record"
+        );
+        r.handle_session_update(DeviceId(1), 10, home(Some("r-a")));
+        assert_eq!(relays(&mut r), [Some("r-a".to_string())]);
+        r.handle_session_update(DeviceId(1), 10, home(Some("r-a")));
+        assert!(relays(&mut r).is_empty());
+        r.handle_relays(vec![]);
+        assert_eq!(relays(&mut r), [None]);
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub struct Reloads {
     pub routes: bool,
     pub leases: bool,
     pub sign_ins: bool,
+    /// Devices' trust as the replicas holding their sessions judged it (`device_trust`).
+    pub trust: bool,
+    /// Which users the identity provider suspended (`oidc_users`).
+    pub suspensions: bool,
 }
 
 impl Reloads {
@@ -49,6 +53,8 @@ impl Reloads {
             || self.routes
             || self.leases
             || self.sign_ins
+            || self.trust
+            || self.suspensions
     }
 
     /// Everything (at start, and after the feed skipped rows it could not read).
@@ -62,6 +68,8 @@ impl Reloads {
             routes: true,
             leases: true,
             sign_ins: true,
+            trust: true,
+            suspensions: true,
         }
     }
 
@@ -75,6 +83,8 @@ impl Reloads {
         self.routes |= o.routes;
         self.leases |= o.leases;
         self.sign_ins |= o.sign_ins;
+        self.trust |= o.trust;
+        self.suspensions |= o.suspensions;
     }
 }
 
@@ -95,18 +105,31 @@ pub fn reloads_for(action: &str) -> Reloads {
         | "device.approve"
         | "device.cert_renewed" => r.devices = true,
         // A user's disabled flag and groups are part of each of their devices' rows.
-        "user.add" | "user.disable" | "user.enable" | "user.groups" | "oidc.user_change" => {
+        "user.add" | "user.disable" | "user.enable" | "user.groups" => {
             r.users = true;
             r.devices = true;
+        }
+        // The provider suspended a user (or changed its groups).
+        "oidc.user_change" => {
+            r.users = true;
+            r.devices = true;
+            r.suspensions = true;
         }
         "policy.apply" => r.policy = true,
         "grant.add" | "grant.remove" => r.grants = true,
         "relay.add" | "relay.remove" => r.relays = true,
         "device.routes" => r.routes = true,
         "lease.issue" | "lease.revoke" => r.leases = true,
-        "oidc.sign_in" | "oidc.link" | "device.login" => r.sign_ins = true,
-        // The replica holding the device's session judged it and wrote the verdict; another
-        // replica's peers see the device's quarantine (a device row) when one follows.
+        // A sign-in also lifts a provider suspension.
+        "oidc.sign_in" | "oidc.link" | "device.login" => {
+            r.sign_ins = true;
+            r.suspensions = true;
+        }
+        // The replica holding the device's session judged its trust differently: the other
+        // replicas judge the device's peers by the stored verdict.
+        "device.trust" => r.trust = true,
+        // The verdict itself reaches other replicas through `device.trust`; these rows are
+        // the human-readable history.
         "posture.pass" | "posture.fail" | "posture.refused" => {}
         // Behaviour risk is learned from the flows each replica receives.
         "anomaly.raised" | "anomaly.ack" | "risk.above" | "risk.below" => {}
@@ -216,6 +239,52 @@ pub fn stale_sessions(
         .collect()
 }
 
+/// Each user the identity provider knows, and why it suspended them (`None`: it did not),
+/// from the stored provider rows (a user with several is suspended if any row is).
+pub fn suspensions(rows: &[crate::store::OidcUser]) -> BTreeMap<String, Option<String>> {
+    let mut out: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for r in rows {
+        let e = out.entry(r.user.clone()).or_default();
+        if r.provider_disabled && e.is_none() {
+            *e = Some(
+                r.reason
+                    .clone()
+                    .unwrap_or_else(|| "the identity provider took access away".into()),
+            );
+        }
+    }
+    out
+}
+
+/// The device sessions other replicas (not `me`) hold whose heartbeat is fresh: the ones a
+/// replica treats as online and judged by their holder. A dead replica's sessions are
+/// nobody's (the devices reconnect elsewhere).
+pub fn remote_sessions(
+    sessions: &[SessionRow],
+    replicas: &[crate::store::replicas::ReplicaRow],
+    me: &str,
+    now_ms: i64,
+) -> BTreeMap<DeviceId, crate::registry::RemoteSession> {
+    let live: BTreeSet<&str> = replicas
+        .iter()
+        .filter(|r| alive(r.last_seen_ms, now_ms))
+        .map(|r| r.id.as_str())
+        .collect();
+    sessions
+        .iter()
+        .filter(|s| s.replica != me && live.contains(s.replica.as_str()))
+        .map(|s| {
+            (
+                s.device,
+                crate::registry::RemoteSession {
+                    replica: s.replica.clone(),
+                    home_relay: s.home_relay.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
 /// A replica is alive when its heartbeat is at most this old.
 pub const ALIVE_WITHIN_MS: i64 = 5_000;
 
@@ -251,6 +320,11 @@ mod tests {
         assert!(reloads_for("lease.issue").leases);
         assert!(reloads_for("lease.revoke").leases);
         assert!(reloads_for("oidc.sign_in").sign_ins);
+        // A suspension by the provider (and its lifting by a new sign-in) reaches every replica.
+        assert!(reloads_for("oidc.user_change").suspensions);
+        assert!(reloads_for("oidc.sign_in").suspensions);
+        assert!(reloads_for("device.login").suspensions);
+        assert!(!reloads_for("policy.apply").suspensions);
     }
 
     #[test]
@@ -326,6 +400,7 @@ mod tests {
             device: DeviceId(d),
             replica: replica.into(),
             since_ms: since,
+            home_relay: None,
         }
     }
 
@@ -341,6 +416,83 @@ mod tests {
         ];
         assert_eq!(stale_sessions(&mine, &rows, "r1"), [DeviceId(1)]);
         assert!(stale_sessions(&BTreeMap::new(), &rows, "r1").is_empty());
+    }
+
+    #[test]
+    fn a_trust_verdict_stored_by_another_replica_reloads_the_trust_rows_only() {
+        let r = reloads_for("device.trust");
+        assert!(r.trust);
+        assert_eq!(
+            r,
+            Reloads {
+                trust: true,
+                ..Reloads::default()
+            }
+        );
+        assert!(Reloads::all().trust);
+        let mut f = Feed::new(0);
+        let r = f.handle_rows(&[row(1, "posture.fail"), row(2, "device.trust")]);
+        assert!(r.trust && !r.devices);
+    }
+
+    fn hb(id: &str, last_seen_ms: i64) -> crate::store::replicas::ReplicaRow {
+        crate::store::replicas::ReplicaRow {
+            id: id.into(),
+            address: "a".into(),
+            started_ms: 0,
+            last_seen_ms,
+            sessions: 0,
+        }
+    }
+
+    fn oidc(user: &str, disabled: bool) -> crate::store::OidcUser {
+        crate::store::OidcUser {
+            user: user.into(),
+            issuer: "https://idp".into(),
+            sub: format!("sub-{user}"),
+            refresh_token: None,
+            groups: vec![],
+            amr: vec![],
+            sid: None,
+            auth_time_ms: None,
+            last_auth_ms: None,
+            last_refresh_ms: None,
+            provider_disabled: disabled,
+            reason: disabled.then(|| "refresh refused".into()),
+        }
+    }
+
+    #[test]
+    fn provider_suspensions_are_read_per_user() {
+        let mut second = oidc("carol", true);
+        second.issuer = "https://other".into();
+        second.reason = None;
+        let s = suspensions(&[
+            oidc("alice", false),
+            oidc("bob", true),
+            oidc("carol", false),
+            second,
+        ]);
+        assert_eq!(s["alice"], None);
+        assert_eq!(s["bob"].as_deref(), Some("refresh refused"));
+        assert_eq!(
+            s["carol"].as_deref(),
+            Some("the identity provider took access away"),
+            "suspended by one of its providers: suspended"
+        );
+    }
+
+    #[test]
+    fn sessions_held_elsewhere_count_only_on_live_replicas() {
+        let mut rows = [srow(1, "r1", 10), srow(2, "r2", 10), srow(3, "dead", 10)];
+        rows[1].home_relay = Some("relay-a".into());
+        let reps = [hb("r1", 10_000), hb("r2", 9_000), hb("dead", 1_000)];
+        let held = remote_sessions(&rows, &reps, "r1", 10_000);
+        assert_eq!(held.keys().copied().collect::<Vec<_>>(), [DeviceId(2)]);
+        assert_eq!(held[&DeviceId(2)].replica, "r2");
+        assert_eq!(held[&DeviceId(2)].home_relay.as_deref(), Some("relay-a"));
+        // A replica with no heartbeat row at all holds nothing either.
+        assert!(remote_sessions(&rows, &[], "r1", 10_000).is_empty());
     }
 
     #[test]

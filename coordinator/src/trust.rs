@@ -13,7 +13,20 @@
 //!   (`needed`: the requirements named by rules whose sources include the device)
 //!   policy compile reads      -> passed(id), failures(id)
 //!   lease issuance reads      -> risky(id, ..)
+//!
+//! replicas of one instance (one store, each device's session on one replica):
+//!   session here opened/closed -> set_held(id, bool) (also when it moved to another replica)
+//!   which other replica holds  -> handle_holder(id, Some(replica) | None)
+//!   stored verdict of another  -> handle_remote(id, RemoteTrust); then reevaluate
+//!   after any change           -> poll_decision(id) -> Option<Decision> (store it, audited)
 //! ```
+//!
+//! Whose judgement counts: the replica holding the device's session judges it from its
+//! reports and writes each change ([`Decision`]); every other replica judges the device by that
+//! stored verdict while the writer still holds the session, and by its own (usually absent,
+//! so failing) report otherwise. A replica taking a session over starts from the stored
+//! verdict until the device's first report arrives there. A stored verdict that cannot be
+//! read fails every requirement.
 //!
 //! Time is coordinator time in ms, passed in. A device with no report, a stale report or an
 //! unreadable signal fails every requirement that needs it (fail closed). Identity signals
@@ -98,6 +111,82 @@ struct DeviceTrust {
     /// For each level L below the current risk: since when the risk has been above L
     /// (`risk_signin_above = L` wants a sign-in newer than that). At most 100 entries.
     above_since: BTreeMap<u8, i64>,
+    /// This replica holds the device's session.
+    held: bool,
+    /// Another replica that holds the device's session, if any.
+    holder: Option<String>,
+    /// The stored verdict another replica wrote last.
+    remote: Option<RemoteTrust>,
+    /// The last evaluations came from `remote`, not from a report here.
+    judged_remotely: bool,
+    /// What the stored row says (its signature), and whether this replica wrote it.
+    stored: Option<(Sig, bool)>,
+}
+
+/// A device's trust as another replica judged it (its stored row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteTrust {
+    /// The replica that wrote it.
+    pub replica: String,
+    /// `Err(why)`: the stored verdict could not be read; every requirement fails.
+    pub evaluations: Result<Vec<Evaluation>, String>,
+    pub risk: u8,
+    pub risk_reason: String,
+    pub updated_ms: i64,
+}
+
+impl RemoteTrust {
+    /// From the stored columns. What does not parse (or a risk out of 0–100) gives an
+    /// unreadable verdict, which fails every requirement: never a passing one.
+    pub fn parse(
+        replica: &str,
+        verdict: &str,
+        risk: i64,
+        risk_reason: &str,
+        updated_ms: i64,
+    ) -> Self {
+        let evaluations = serde_json::from_str::<Vec<Evaluation>>(verdict)
+            .map_err(|e| format!("the stored verdict does not parse: {e}"))
+            .and_then(|v| match u8::try_from(risk) {
+                Ok(r) if r <= 100 => Ok(v),
+                _ => Err(format!("the stored risk {risk} is out of range")),
+            });
+        Self {
+            replica: replica.to_string(),
+            evaluations,
+            risk: u8::try_from(risk.clamp(0, 100)).unwrap_or(100),
+            risk_reason: risk_reason.to_string(),
+            updated_ms,
+        }
+    }
+}
+
+/// This replica judged a device whose session it holds differently from the stored row (or
+/// took the session over from another replica): store it for the other replicas, audited.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub struct Decision {
+    pub evaluations: Vec<Evaluation>,
+    pub risk: u8,
+    pub risk_reason: String,
+    /// The stored row was another replica's (a session taken over), not a change here.
+    pub took_over: bool,
+}
+
+/// Risk is stored and announced by level (tens), not by every point it decays.
+const RISK_LEVEL: u8 = 10;
+
+/// An evaluation's signature (see [`signature`]) and the risk level, owned.
+type Sig = (Vec<(String, bool, Vec<String>)>, u8);
+
+fn owned_signature(evals: &[Evaluation], risk: u8) -> Sig {
+    (
+        signature(evals)
+            .into_iter()
+            .map(|(r, p, f)| (r.to_string(), p, f))
+            .collect(),
+        risk / RISK_LEVEL,
+    )
 }
 
 /// Trust state of every device.
@@ -167,11 +256,21 @@ impl TrustBook {
         now_ms: i64,
     ) -> Option<Change> {
         let t = self.devices.entry(id).or_default();
-        let mut evaluations = match policy {
-            Some(p) => posture::evaluate_all(p, t.report.as_ref(), now_ms),
-            None => Vec::new(),
+        let remote = t.remote.as_ref().filter(|r| {
+            if t.held {
+                // Taken over here: the stored verdict until the device reports here.
+                t.report.is_none()
+            } else {
+                t.holder.as_deref() == Some(r.replica.as_str())
+            }
+        });
+        t.judged_remotely = remote.is_some();
+        let mut evaluations = match (policy, remote) {
+            (Some(p), Some(r)) => remote_evaluations(p, r, now_ms),
+            (Some(p), None) => posture::evaluate_all(p, t.report.as_ref(), now_ms),
+            (None, _) => Vec::new(),
         };
-        if let Some(p) = policy {
+        if let (Some(p), None) = (policy, remote) {
             apply_risk(&mut evaluations, p, t.risk, &t.risk_reason);
             apply_sign_in(&mut evaluations, p, self.sign_ins.get(&id), now_ms);
             apply_risk_sign_in(&mut evaluations, p, t, self.sign_ins.get(&id));
@@ -235,7 +334,8 @@ impl TrustBook {
     ) -> Option<String> {
         let after = policy.trust.quarantine_after_failing_ms? as i64;
         let t = self.devices.get_mut(&id)?;
-        if quarantined || t.quarantine_asked {
+        // A device another replica judges is that replica's to quarantine.
+        if quarantined || t.quarantine_asked || t.judged_remotely {
             return None;
         }
         let (name, since) = t
@@ -327,6 +427,72 @@ impl TrustBook {
 
     pub fn remove(&mut self, id: DeviceId) {
         self.devices.remove(&id);
+    }
+
+    /// This replica opened (`true`) or closed the device's session; the caller re-evaluates.
+    pub fn set_held(&mut self, id: DeviceId, held: bool) {
+        self.devices.entry(id).or_default().held = held;
+    }
+
+    /// Which other replica holds the device's session (`None`: none does, or it is not
+    /// alive). Returns whether it changed; the caller re-evaluates.
+    pub fn handle_holder(&mut self, id: DeviceId, holder: Option<String>) -> bool {
+        let t = self.devices.entry(id).or_default();
+        if t.holder == holder {
+            return false;
+        }
+        t.holder = holder;
+        true
+    }
+
+    /// Another replica stored its verdict on the device; the caller re-evaluates.
+    pub fn handle_remote(&mut self, id: DeviceId, remote: RemoteTrust) {
+        let t = self.devices.entry(id).or_default();
+        let sig = match &remote.evaluations {
+            Ok(e) => owned_signature(e, remote.risk),
+            Err(_) => (Vec::new(), u8::MAX),
+        };
+        t.stored = Some((sig, false));
+        t.remote = Some(remote);
+    }
+
+    /// The verdict another replica stored last, if any.
+    pub fn remote(&self, id: DeviceId) -> Option<&RemoteTrust> {
+        self.devices.get(&id).and_then(|t| t.remote.as_ref())
+    }
+
+    /// Whether the device's current evaluations are another replica's stored verdict.
+    pub fn judged_remotely(&self, id: DeviceId) -> bool {
+        self.devices.get(&id).is_some_and(|t| t.judged_remotely)
+    }
+
+    /// What to store for the other replicas, if anything: only the replica holding the
+    /// session, judging from a report it received, decides; it stores a verdict or risk level
+    /// that differs from the stored row, or any verdict when the row is another replica's.
+    pub fn poll_decision(&mut self, id: DeviceId) -> Option<Decision> {
+        let t = self.devices.get_mut(&id)?;
+        if !t.held || t.report.is_none() || t.judged_remotely {
+            return None;
+        }
+        let evaluations = t.evaluations.clone()?;
+        // No requirement and no risk, and nothing stored: the other replicas' view of a
+        // device without a row is the same, so nothing is written (no noise without posture).
+        if t.stored.is_none() && evaluations.is_empty() && t.risk / RISK_LEVEL == 0 {
+            return None;
+        }
+        let sig = owned_signature(&evaluations, t.risk);
+        let took_over = match &t.stored {
+            Some((s, mine)) if *s == sig && *mine => return None,
+            Some((_, mine)) => !mine,
+            None => false,
+        };
+        t.stored = Some((sig, true));
+        Some(Decision {
+            evaluations,
+            risk: t.risk,
+            risk_reason: t.risk_reason.clone(),
+            took_over,
+        })
     }
 
     /// The device's sign-in at the identity provider (`None`: forget it, the device is gone);
@@ -447,6 +613,44 @@ impl TrustBook {
                     .is_some_and(|f| now_ms - f < trust.clean_after_ms as i64)
         })
     }
+}
+
+/// The policy's requirements as another replica judged them: each takes the stored result of
+/// the same name; a requirement the stored verdict does not name (a newer policy), or every
+/// requirement of an unreadable verdict, fails.
+fn remote_evaluations(policy: &Policy, remote: &RemoteTrust, now_ms: i64) -> Vec<Evaluation> {
+    let mut evals = posture::evaluate_all(policy, None, now_ms);
+    for e in &mut evals {
+        let stored = match &remote.evaluations {
+            Ok(v) => v.iter().find(|r| r.requirement == e.requirement),
+            Err(why) => {
+                e.failures = vec![format!("verdict of replica {}: {why}", remote.replica)];
+                continue;
+            }
+        };
+        match stored {
+            // An entry that says it passed with failures listed is contradictory: it fails.
+            Some(r) if r.passed && r.failures.is_empty() => {
+                e.passed = true;
+                e.failures.clear();
+            }
+            Some(r) => {
+                e.passed = false;
+                e.failures = if r.failures.is_empty() {
+                    vec![format!("verdict of replica {}: failed", remote.replica)]
+                } else {
+                    r.failures.clone()
+                };
+            }
+            None => {
+                e.failures = vec![format!(
+                    "verdict of replica {}: this requirement was not judged",
+                    remote.replica
+                )];
+            }
+        }
+    }
+    evals
 }
 
 /// Requirements with `max_risk` fail while the device's behaviour risk is above it.
@@ -583,6 +787,181 @@ mod tests {
         let mut r = PostureReport::unknown(DeviceId(dev), seq, at).with_file("/etc/ward/ok", file);
         r.firewall = Measured::value(at, false);
         r
+    }
+
+    fn remote(replica: &str, marker: bool) -> RemoteTrust {
+        let evals = vec![
+            Evaluation {
+                requirement: "marker".into(),
+                passed: marker,
+                failures: if marker {
+                    vec![]
+                } else {
+                    vec!["file /etc/ward/ok: missing".into()]
+                },
+            },
+            Evaluation {
+                requirement: "unused".into(),
+                passed: false,
+                failures: vec!["firewall: off".into()],
+            },
+        ];
+        let json = serde_json::to_string(&evals).unwrap();
+        RemoteTrust::parse(replica, &json, 0, "", T)
+    }
+
+    #[test]
+    fn a_device_held_elsewhere_is_judged_by_its_holders_stored_verdict() {
+        let p = pol("");
+        let n = needed(&p);
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        // No report here, nobody else holds it: it fails (closed).
+        b.reevaluate(d, Some(&p), &n, T);
+        assert!(!b.passed(d).contains("marker"));
+        // r2 holds the session and stored a passing verdict: it counts here.
+        b.handle_remote(d, remote("r2", true));
+        assert!(b.handle_holder(d, Some("r2".into())));
+        let c = b.reevaluate(d, Some(&p), &n, T).unwrap();
+        assert_eq!(c.newly_passed, ["marker"]);
+        assert!(b.judged_remotely(d));
+        assert!(b.poll_decision(d).is_none(), "only the holder decides");
+        // r2's verdict turns to failing: withdrawn here too, with r2's reason.
+        b.handle_remote(d, remote("r2", false));
+        let c = b.reevaluate(d, Some(&p), &n, T + 1).unwrap();
+        assert!(c.narrowed());
+        assert_eq!(b.failures(d)["marker"], ["file /etc/ward/ok: missing"]);
+        // Passing again, and an overdue failure is never this replica's to quarantine.
+        b.handle_remote(d, remote("r2", true));
+        b.reevaluate(d, Some(&p), &n, T + 2);
+        assert!(b.passed(d).contains("marker"));
+        let q = pol("[trust]\nquarantine_after_failing = \"1s\"\n");
+        b.handle_remote(d, remote("r2", false));
+        b.reevaluate(d, Some(&q), &n, T + 3);
+        assert!(b.overdue_failure(d, &q, &n, false, T + 60_000).is_none());
+        // A verdict from a replica that no longer holds the session does not count.
+        b.handle_remote(d, remote("r2", true));
+        b.handle_holder(d, Some("r3".into()));
+        b.reevaluate(d, Some(&p), &n, T + 4);
+        assert!(!b.passed(d).contains("marker"));
+        assert!(!b.judged_remotely(d));
+        b.handle_holder(d, None);
+        b.reevaluate(d, Some(&p), &n, T + 5);
+        assert!(!b.passed(d).contains("marker"));
+    }
+
+    #[test]
+    fn an_unreadable_stored_verdict_fails_every_requirement() {
+        let p = pol("");
+        let n = needed(&p);
+        for (verdict, risk) in [
+            ("{not json", 0),
+            ("[{\"requirement\":\"marker\"}]", 0),
+            (
+                "[{\"requirement\":\"marker\",\"passed\":true,\"failures\":[]}]",
+                250,
+            ),
+            (
+                "[{\"requirement\":\"marker\",\"passed\":true,\"failures\":[]}]",
+                -1,
+            ),
+        ] {
+            let mut b = TrustBook::default();
+            let d = DeviceId(1);
+            let r = RemoteTrust::parse("r2", verdict, risk, "", T);
+            assert!(r.evaluations.is_err(), "{verdict} {risk}");
+            b.handle_remote(d, r);
+            b.handle_holder(d, Some("r2".into()));
+            b.reevaluate(d, Some(&p), &n, T);
+            assert!(b.passed(d).is_empty(), "{verdict} {risk}");
+            assert!(b.failures(d)["marker"][0].contains("replica r2"));
+        }
+        // A passing entry that lists failures, or a requirement not judged, fails too.
+        let mut b = TrustBook::default();
+        let d = DeviceId(1);
+        let r = RemoteTrust::parse(
+            "r2",
+            "[{\"requirement\":\"marker\",\"passed\":true,\"failures\":[\"x\"]}]",
+            0,
+            "",
+            T,
+        );
+        b.handle_remote(d, r);
+        b.handle_holder(d, Some("r2".into()));
+        b.reevaluate(d, Some(&p), &n, T);
+        assert!(b.passed(d).is_empty());
+        assert!(b.failures(d)["unused"][0].contains("not judged"));
+    }
+
+    #[test]
+    fn the_holder_stores_each_change_and_a_taken_over_session_starts_from_the_stored_verdict() {
+        let p = pol("");
+        let n = needed(&p);
+        let d = DeviceId(1);
+        // r1 held the device and stored "marker passes"; the device moves to this replica.
+        let mut b = TrustBook::default();
+        b.handle_remote(d, remote("r1", true));
+        b.set_held(d, true);
+        b.reevaluate(d, Some(&p), &n, T);
+        assert!(
+            b.passed(d).contains("marker"),
+            "before its first report here the stored verdict counts"
+        );
+        assert!(
+            b.poll_decision(d).is_none(),
+            "no report here yet: nothing to store"
+        );
+        // Its first report here: judged here, and stored as taken over (same verdict).
+        b.handle_report(d, report(1, 1, T, true), Some(&p), &n, T)
+            .unwrap();
+        assert!(!b.judged_remotely(d));
+        let dec = b.poll_decision(d).unwrap();
+        assert!(dec.took_over);
+        assert!(dec
+            .evaluations
+            .iter()
+            .any(|e| e.requirement == "marker" && e.passed));
+        // Nothing changed: nothing more to store; a change is stored once.
+        b.handle_report(d, report(1, 2, T + 1000, true), Some(&p), &n, T + 1000)
+            .unwrap();
+        assert!(b.poll_decision(d).is_none());
+        b.handle_report(d, report(1, 3, T + 2000, false), Some(&p), &n, T + 2000)
+            .unwrap();
+        let dec = b.poll_decision(d).unwrap();
+        assert!(!dec.took_over);
+        assert!(dec
+            .evaluations
+            .iter()
+            .any(|e| e.requirement == "marker" && !e.passed));
+        assert!(b.poll_decision(d).is_none());
+        // A risk level change is stored; a point of decay within the level is not.
+        b.set_risk(d, 35, "scan", T + 3000);
+        b.reevaluate(d, Some(&p), &n, T + 3000);
+        assert_eq!(b.poll_decision(d).map(|x| x.risk), Some(35));
+        b.set_risk(d, 33, "scan", T + 4000);
+        b.reevaluate(d, Some(&p), &n, T + 4000);
+        assert!(b.poll_decision(d).is_none());
+        // Session closed here: no longer this replica's to decide.
+        b.set_held(d, false);
+        b.handle_report(d, report(1, 4, T + 5000, true), Some(&p), &n, T + 5000)
+            .unwrap();
+        assert!(b.poll_decision(d).is_none());
+    }
+
+    #[test]
+    fn without_requirements_or_risk_nothing_is_stored() {
+        let p = policy::parse(b"", "empty.toml").unwrap();
+        let n = BTreeSet::new();
+        let d = DeviceId(1);
+        let mut b = TrustBook::default();
+        b.set_held(d, true);
+        b.handle_report(d, report(1, 1, T, true), Some(&p), &n, T)
+            .unwrap();
+        assert!(b.poll_decision(d).is_none());
+        // Risk is news even without requirements.
+        b.set_risk(d, 45, "fan-out", T);
+        b.reevaluate(d, Some(&p), &n, T);
+        assert_eq!(b.poll_decision(d).map(|x| x.risk), Some(45));
     }
 
     #[test]

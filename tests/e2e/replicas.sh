@@ -188,5 +188,74 @@ sys.exit(0 if not r[sys.argv[1]]["alive"] and r[sys.argv[2]]["alive"] else 1)' "
 check "status on replica 1 shows replica 2 down within 8 s, itself alive" lab_wait_for -t 8 r2_down
 check "audit verify on replica 1 after replica 2 died" lab_coord audit verify
 
+say "a posture verdict made on replica 2 reaches b on replica 1"
+# Replica 2 again (same data directory, same id); z enrolls on it. z reaches b (replica 1) only
+# while its posture passes: z's posture is judged on replica 2, b's netmap is made by replica 1.
+lab_spawn c2 replica2-again.log "$BIN" serve --data-dir "$D2" --listen "$R2_ADDR"
+R2_PID=$(lab_last_pid)
+check "replica 2 serves again" lab_wait_for -t 20 coord2 device ls --json
+ZMARK="$LAB_DIR/z-posture-ok"
+touch "$ZMARK"
+cat >"$LAB_DIR/replicas-posture.toml" <<TOML
+# replicas.sh: z may ping b only while the file $ZMARK exists on z.
+[posture.marker]
+files = [{ path = "$ZMARK" }]
+
+[services.b]
+devices = ["tag:b"]
+ports = ["icmp"]
+
+[[rules]]
+name = "z-b"
+from = ["tag:z"]
+to = ["b"]
+posture = ["marker"]
+TOML
+check "the posture-gated policy applies (on replica 1)" lab_coord policy apply "$LAB_DIR/replicas-posture.toml"
+lab_add_wan_host z
+lab_start_device z
+tok=$(coord2 token create --tag z) || fail "token for z on replica 2"
+lab_device_up z "$(retarget "$tok" "$R2_ADDR")" >/dev/null
+Z4=$(lab_ward_ipv4 z)
+sessions_on() {
+    status_json "$1" | python3 -c '
+import json, sys
+r = {x["address"]: x for x in json.load(sys.stdin)["replicas"]}
+sys.exit(0 if r[sys.argv[1]]["sessions"] >= 1 else 1)' "$2"
+}
+check "z holds its session on replica 2" lab_wait_for -t 10 sessions_on lab_coord "$R2_ADDR"
+check "b (replica 1) sees z while z's posture passes on replica 2" lab_ward_wait_peer b "$Z4" 15
+peer_online() {
+    lab_ward b status --json | python3 -c '
+import json, sys
+p = [p for p in json.load(sys.stdin).get("peers", []) if p["ipv4"] == sys.argv[1]]
+sys.exit(0 if p and p[0].get("online") else 1)' "$Z4"
+}
+check "b's netmap shows z online (its session is on replica 2)" lab_wait_for -t 5 peer_online
+check "ping z -> b" lab_wait_for -t 15 pings z "$B4"
+z_listed_online() {
+    "$@" device ls --json 2>/dev/null | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+d = d.get("devices", d) if isinstance(d, dict) else d
+sys.exit(0 if any(x["hostname"] == "z" and x["online"] for x in d) else 1)'
+}
+check "device ls on replica 1 lists z online" lab_wait_for -t 3 z_listed_online lab_coord
+check "device ls on replica 2 lists z online" z_listed_online coord2
+python3 "$E2E_DIR/replicas_measure.py" posture "${COORD1[@]}" -- "${WARDB[@]}" -- "$ZMARK" z \
+    >"$LAB_DIR/posture.log" 2>&1
+RC=$?
+sed 's/^/    /' "$LAB_DIR/posture.log"
+check "z's failing and passing posture reached b's netmap" test "$RC" = 0
+CROSS=$(sed -n 's/.*CROSS_FAIL_MS=\([0-9]*\).*/\1/p' "$LAB_DIR/posture.log")
+check "replica 2's failing verdict reached b on replica 1 within 1 s (${CROSS:-?} ms)" test "${CROSS:-99999}" -lt 1000
+CROSSB=$(sed -n 's/.*CROSS_BACK_MS=\([0-9]*\).*/\1/p' "$LAB_DIR/posture.log")
+check "and its passing verdict within 1 s (${CROSSB:-?} ms)" test "${CROSSB:-99999}" -lt 1000
+check "ping z -> b works again" lab_wait_for -t 10 pings z "$B4"
+rm -f "$ZMARK"
+check "no ping z -> b while z's posture fails" lab_wait_for -t 5 nopings z "$B4"
+touch "$ZMARK"
+check "ping z -> b once it passes again" lab_wait_for -t 10 pings z "$B4"
+
 echo "replicas.sh runtime: $((SECONDS - T0)) s"
 finish

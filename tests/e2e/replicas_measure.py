@@ -11,6 +11,12 @@ usage:
       per apply and p50/p99; exits 1 if any apply was not seen within the timeout.
   replicas_measure.py gone COORD_CMD... -- WARD_CMD... -- DEVICE PEER
       runs `device revoke DEVICE` with COORD_CMD and times until PEER's netmap loses it.
+  replicas_measure.py posture COORD_CMD... -- WARD_CMD... -- MARK DEVICE
+      removes the posture file MARK (DEVICE's posture then fails on the replica holding its
+      session) and times until DEVICE leaves the watcher's netmap (the watcher is on another
+      replica); then also from the `device.trust` audit row that replica wrote (COORD_CMD
+      reads the one audit log) to the watcher's change: the cross-replica part alone. Then
+      puts MARK back and times until DEVICE is back.
 """
 import json
 import subprocess
@@ -95,6 +101,56 @@ def gone(coord, ward, device, peer_of):
     return 0 if ok else 1
 
 
+def trust_row_ms(coord, device, failing):
+    """ts_ms of the newest `device.trust` row for DEVICE whose verdict fails (or passes)."""
+    r = subprocess.run(coord + ["audit", "--json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    try:
+        rows = json.loads(r.stdout)
+        rows = rows.get("entries", rows) if isinstance(rows, dict) else rows
+    except ValueError:
+        return None
+    best = None
+    for e in rows:
+        if e.get("action") != "device.trust" or e.get("target") != device:
+            continue
+        if bool(e.get("detail", {}).get("failing")) != failing:
+            continue
+        if best is None or e["ts_ms"] > best:
+            best = e["ts_ms"]
+    return best
+
+
+def posture(coord, ward, mark, device):
+    import os
+    if peers(ward) is None or device not in peers(ward):
+        print(f"{device} is not in the watcher's netmap to begin with")
+        return 1
+    rc = 0
+    for failing in (True, False):
+        t0 = time.monotonic()
+        if failing:
+            os.remove(mark)
+        else:
+            open(mark, "w").close()
+        ok = wait_until(ward, (lambda p: device not in p) if failing else (lambda p: device in p))
+        seen_ms = time.time() * 1000
+        ms = (time.monotonic() - t0) * 1000
+        what = "fails" if failing else "passes again"
+        if not ok:
+            print(f"{device}'s posture {what}: not seen by the watcher within {TIMEOUT_S} s")
+            rc = 1
+            continue
+        row = trust_row_ms(coord, device, failing)
+        cross = f"{seen_ms - row:.0f}" if row is not None else "?"
+        print(f"{device}'s posture {what}: watcher's netmap changed {ms:.0f} ms after the file"
+              f" changed, {cross} ms after the holding replica stored the verdict")
+        key = "FAIL" if failing else "BACK"
+        print(f"POSTURE_{key}_MS={ms:.0f} CROSS_{key}_MS={cross}")
+    return rc
+
+
 def main():
     mode = sys.argv[1]
     parts = split(sys.argv[2:])
@@ -103,6 +159,8 @@ def main():
         return applies(n, parts[0][1:], parts[1], *parts[2])
     if mode == "gone":
         return gone(parts[0], parts[1], *parts[2])
+    if mode == "posture":
+        return posture(parts[0], parts[1], *parts[2])
     print(__doc__)
     return 2
 

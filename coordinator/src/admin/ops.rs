@@ -27,7 +27,10 @@ use crate::store::{Audit, GrantRow, LeaseRow, Quarantine, Store, StoreError, Tok
 /// What the registry holds now (for listings, check, apply and explain).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    /// Devices whose control session this replica holds.
     pub online: Vec<DeviceId>,
+    /// Devices whose session another live replica of this instance holds.
+    pub online_elsewhere: Vec<DeviceId>,
     pub directory: Directory,
     pub compiled: Compiled,
     pub policy: Option<Policy>,
@@ -131,14 +134,22 @@ pub fn handle(
         }
     }
     let snap = live.snapshot()?;
-    let online = snap.online.as_slice();
+    let here = snap.online.as_slice();
+    // A device is online for `device ls`/`show` when any live replica holds its session.
+    let anywhere: Vec<DeviceId> = snap
+        .online
+        .iter()
+        .chain(&snap.online_elsewhere)
+        .copied()
+        .collect();
+    let online = anywhere.as_slice();
     Ok(match req {
         AdminRequest::Status => AdminReply::Status(StatusView {
             public_addr: me.public_addr.clone(),
             ca_sha256: hex::encode(me.ca_sha256),
             ipv6_prefix: me.ipv6_prefix.clone(),
             devices: store.list_devices()?.len(),
-            online: online.len(),
+            online: here.len(),
             users: store.list_users()?.len(),
             uptime_secs: me.uptime_secs,
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -594,6 +594,38 @@ impl Detector {
         self.raise(a, now_ms)
     }
 
+    /// The device's session moved here from another replica, which had judged its risk
+    /// `score` at `at_ms`: unless the device's risk here is at least that level already, an
+    /// anomaly carries it over (raised at `at_ms`, so it decays as the original would have).
+    /// A device cannot shed its risk by reconnecting elsewhere.
+    pub fn handle_carried_risk(
+        &mut self,
+        id: DeviceId,
+        score: u8,
+        reason: &str,
+        at_ms: i64,
+        now_ms: i64,
+    ) -> Option<Anomaly> {
+        let here = self.risk(id, now_ms).score;
+        let hl = self.config.anomaly_half_life_ms;
+        let carried = Anomaly {
+            id: 0,
+            device: id,
+            at_ms: at_ms.min(now_ms),
+            kinds: Vec::new(),
+            score: score.min(100),
+            reason: format!("risk carried over from another replica: {reason}"),
+            label: None,
+            over_threshold: false,
+            lessons: Vec::new(),
+        };
+        let left = carried.current_score(hl, now_ms);
+        if left < 1.0 || left.round() as u8 / 10 <= here / 10 {
+            return None;
+        }
+        Some(self.raise(carried, now_ms))
+    }
+
     /// The device's risk now, from its anomalies' current scores.
     pub fn risk(&self, id: DeviceId, now_ms: i64) -> Risk {
         let Some(st) = self.devices.get(&id) else {

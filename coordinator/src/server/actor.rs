@@ -132,15 +132,21 @@ pub(super) enum Event {
     SessionMoved(DeviceId),
     /// The device's last posture report number accepted on any replica.
     PostureFloor(DeviceId, u64),
+    /// Another replica stored its verdict on the device.
+    RemoteTrust(DeviceId, crate::trust::RemoteTrust),
+    /// Every device session other live replicas hold now.
+    RemoteSessions(BTreeMap<DeviceId, crate::registry::RemoteSession>),
 }
 
 /// This replica's device sessions as they open and close, for the `sessions` table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Presence {
     Claimed(DeviceId, i64),
     Released(DeviceId),
     /// A posture report with this number was accepted.
     PostureSeq(DeviceId, u64),
+    /// The session's home relay changed (peers on other replicas reach the device there).
+    HomeRelay(DeviceId, Option<String>),
 }
 
 /// A relay's live control session.
@@ -190,18 +196,24 @@ pub(super) async fn registry_actor(
     store: Arc<dyn Store>,
     events: Events,
     presence: mpsc::UnboundedSender<Presence>,
+    replica: String,
 ) {
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
     let mut relays: RelayConns = BTreeMap::new();
     let mut stats = TrustStats::default();
     let mut baselines_saved = Instant::now();
     let baseline_store = store.clone();
+    let (trust_rows, trust_rx) = mpsc::unbounded_channel();
+    tokio::spawn(super::effects::trust_writer(store.clone(), trust_rx));
     let mut sink = TrustSink {
         store,
         events,
         stats: &mut stats,
         received: None,
         refused: HashMap::new(),
+        replica,
+        trust_rows,
+        presence: presence.clone(),
     };
     loop {
         // Wake for the next rule or grant expiry, or at least every second.
@@ -262,6 +274,8 @@ pub(super) async fn registry_actor(
                     reg.handle_session_moved(id);
                 }
                 Event::PostureFloor(id, seq) => reg.handle_posture_floor(id, seq),
+                Event::RemoteTrust(id, t) => reg.handle_remote_trust(id, t),
+                Event::RemoteSessions(s) => reg.handle_remote_sessions(s),
                 Event::Upserted(d) => reg.handle_device_upserted(d),
                 Event::Removed(id, why) => reg.handle_device_removed(id, &why),
                 Event::User(u) => reg.handle_user(u),
@@ -416,6 +430,7 @@ pub(super) async fn registry_actor(
                     flush(&mut reg, &mut conns, &mut relays, &mut sink);
                     let _ = reply.send(Snapshot {
                         online: conns_online(&reg),
+                        online_elsewhere: reg.online_elsewhere(),
                         home_relays: reg.home_relays(),
                         risks: reg.risks(),
                         sign_in_asks: reg.sign_in_asks(),
@@ -542,6 +557,10 @@ pub(super) fn flush(
                 }
                 Output::Quarantine { device, reason } => sink.quarantine(device, reason),
                 Output::Anomaly(a) => sink.anomaly(*a),
+                Output::TrustDecided { device, decision } => sink.trust_decided(device, decision),
+                Output::HomeRelay { device, relay } => {
+                    let _ = sink.presence.send(Presence::HomeRelay(device, relay));
+                }
                 Output::RiskCrossed {
                     device,
                     score,

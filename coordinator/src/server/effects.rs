@@ -27,6 +27,33 @@ pub(super) struct TrustSink<'a> {
     pub(super) received: Option<Instant>,
     /// Per device: when a refusal was last audited, and refusals since.
     pub(super) refused: HashMap<DeviceId, (Option<Instant>, u64)>,
+    /// This replica's id (the writer of the trust rows it stores).
+    pub(super) replica: String,
+    /// Trust rows to store, in order ([`trust_writer`]).
+    pub(super) trust_rows: tokio::sync::mpsc::UnboundedSender<TrustWrite>,
+    /// Session bookkeeping for the replica task (home relays, in order with the claims).
+    pub(super) presence: tokio::sync::mpsc::UnboundedSender<super::actor::Presence>,
+}
+
+/// A trust row and its audit detail.
+pub(super) type TrustWrite = (crate::store::replicas::TrustRow, serde_json::Value);
+
+/// Stores trust rows one after another, in the order they were decided (a later verdict is
+/// never overwritten by an earlier one still in flight).
+pub(super) async fn trust_writer(
+    store: Arc<dyn Store>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<TrustWrite>,
+) {
+    while let Some((row, detail)) = rx.recv().await {
+        let store = store.clone();
+        let id = row.device;
+        match tokio::task::spawn_blocking(move || store.save_device_trust(&row, Some(detail))).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(device = %id, error = %e, "storing the device's trust failed"),
+            Err(e) => error!(device = %id, error = %e, "trust store task failed"),
+        }
+    }
 }
 
 impl TrustSink<'_> {
@@ -96,6 +123,42 @@ impl TrustSink<'_> {
                 error!(device = %id, error = %e, "saving posture failed");
             }
         });
+    }
+
+    /// This replica (holding the device's session) judged the device's trust differently:
+    /// the `device_trust` row and its `device.trust` audit row, in one transaction, so the
+    /// other replicas apply it. A failed write is logged; the next change writes again, and
+    /// meanwhile the other replicas keep the last stored verdict.
+    pub(super) fn trust_decided(&self, id: DeviceId, d: crate::trust::Decision) {
+        let failing: Vec<&str> = d
+            .evaluations
+            .iter()
+            .filter(|e| !e.passed)
+            .map(|e| e.requirement.as_str())
+            .collect();
+        info!(device = %id, ?failing, risk = d.risk, took_over = d.took_over, "storing the device's trust for the other replicas");
+        let verdict = match serde_json::to_string(&d.evaluations) {
+            Ok(v) => v,
+            Err(e) => return error!(device = %id, error = %e, "encoding a trust verdict failed"),
+        };
+        let detail = json!({
+            "failing": failing,
+            "risk": d.risk,
+            "replica": self.replica,
+            "took_over": d.took_over,
+        });
+        let row = crate::store::replicas::TrustRow {
+            device: id,
+            replica: self.replica.clone(),
+            verdict,
+            risk: i64::from(d.risk),
+            risk_reason: d.risk_reason,
+            counters: "[]".into(),
+            updated_ms: now_ms(),
+        };
+        if self.trust_rows.send((row, detail)).is_err() {
+            error!(device = %id, "the trust writer has stopped; the verdict is not stored");
+        }
     }
 
     /// Stores what a device advertises (for `ward-coordinator device routes`).

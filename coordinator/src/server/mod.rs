@@ -370,6 +370,7 @@ pub async fn serve(
         ctx.store.clone(),
         ctx.events.clone(),
         presence_tx,
+        replica_id.clone(),
     ));
     tokio::spawn(replica::run(
         ctx.clone(),

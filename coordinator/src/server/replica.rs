@@ -23,8 +23,9 @@ use super::actor::{Event, Presence};
 use super::{now_ms, Ctx};
 use crate::admin::ops;
 use crate::model::Device;
+use crate::registry::RemoteSession;
 use crate::replicas::{self, Feed, Reloads};
-use crate::store::replicas::ReplicaRow;
+use crate::store::replicas::{ReplicaRow, TrustRow};
 use crate::store::Store;
 
 /// How often the change feed's version is read without a wake-up (SQLite: the only way).
@@ -37,6 +38,9 @@ const SESSION_POLL: Duration = Duration::from_millis(500);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Feed rows read at once.
 const FEED_BATCH: usize = 1_000;
+/// How often the sessions other replicas hold are read (peers' online flag, whose verdict
+/// counts).
+const HOLDERS_POLL: Duration = Duration::from_millis(500);
 
 /// Wakes the feed poll at once. The PostgreSQL backend's `LISTEN ward_feed` thread calls
 /// `notify_one()` on every notification (a burst of them leaves one permit: one read); on
@@ -56,6 +60,14 @@ pub(super) struct Seen {
     pub policy_version: Option<i64>,
     /// Active lease serials and their devices.
     pub leases: BTreeMap<u64, DeviceId>,
+    /// This replica's id (its own trust rows and sessions are not news to it).
+    pub me: String,
+    /// The trust rows other replicas wrote, as last read.
+    pub trust: BTreeMap<DeviceId, TrustRow>,
+    /// The sessions other live replicas hold, as last sent to the registry.
+    pub remote_sessions: Option<BTreeMap<DeviceId, RemoteSession>>,
+    /// Provider suspensions per user, as last read.
+    pub suspensions: BTreeMap<String, Option<String>>,
 }
 
 impl Seen {
@@ -67,6 +79,10 @@ impl Seen {
                 .iter()
                 .map(|l| (l.lease.serial, l.lease.device_id))
                 .collect(),
+            me: String::new(),
+            trust: BTreeMap::new(),
+            remote_sessions: None,
+            suspensions: BTreeMap::new(),
         }
     }
 }
@@ -81,6 +97,11 @@ pub(super) async fn run(
     feed_poll: Duration,
 ) {
     info!(replica = %me.id, feed_version = feed.seen(), ?feed_poll, "replica following the change feed");
+    seen.me = me.id.clone();
+    // Other replicas' verdicts on the devices they hold, before any feed row moves.
+    follow_trust(&ctx, &mut seen).await;
+    let mut holders_tick = tokio::time::interval(HOLDERS_POLL);
+    holders_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut mine: BTreeMap<DeviceId, i64> = BTreeMap::new();
     let mut feed_tick = tokio::time::interval(feed_poll);
     let mut session_tick = tokio::time::interval(SESSION_POLL);
@@ -98,6 +119,7 @@ pub(super) async fn run(
             _ = wake.notified() => follow(&ctx, &mut feed, &mut seen).await,
             _ = session_tick.tick() => close_stale(&ctx, &me, &mine).await,
             _ = beat_tick.tick() => heartbeat(&ctx, &me, mine.len() as u64).await,
+            _ = holders_tick.tick() => share_sessions(&ctx, &mut seen).await,
         }
     }
 }
@@ -105,6 +127,7 @@ pub(super) async fn run(
 async fn record_presence(ctx: &Arc<Ctx>, me: &Me, mine: &mut BTreeMap<DeviceId, i64>, p: Presence) {
     let store = ctx.store.clone();
     let id = me.id.clone();
+    let what = format!("{p:?}");
     let res = match p {
         Presence::Claimed(dev, since) => {
             mine.insert(dev, since);
@@ -132,10 +155,14 @@ async fn record_presence(ctx: &Arc<Ctx>, me: &Me, mine: &mut BTreeMap<DeviceId, 
             mine.remove(&dev);
             tokio::task::spawn_blocking(move || store.release_session(dev, &id)).await
         }
+        Presence::HomeRelay(dev, relay) => {
+            tokio::task::spawn_blocking(move || store.set_session_relay(dev, &id, relay.as_deref()))
+                .await
+        }
     };
     match res {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, ?p, "recording a device session failed"),
+        Ok(Err(e)) => warn!(error = %e, presence = %what, "recording a device session failed"),
         Err(e) => warn!(error = %e, "session recording task failed"),
     }
 }
@@ -182,6 +209,8 @@ struct Read {
     routes: Option<Vec<crate::store::RouteRow>>,
     leases: Option<Vec<crate::store::LeaseRow>>,
     sign_ins: Option<Vec<crate::store::DeviceSignIn>>,
+    trust: Option<Vec<TrustRow>>,
+    suspensions: Option<BTreeMap<String, Option<String>>>,
 }
 
 /// One feed step: if the version moved, read the rows since, then what they ask to reload,
@@ -266,6 +295,12 @@ fn read(store: &dyn Store, r: &Reloads) -> crate::store::Result<Read> {
     if r.sign_ins {
         out.sign_ins = Some(store.sign_ins()?);
     }
+    if r.trust {
+        out.trust = Some(store.device_trust()?);
+    }
+    if r.suspensions {
+        out.suspensions = Some(replicas::suspensions(&store.oidc_users()?));
+    }
     Ok(out)
 }
 
@@ -329,6 +364,20 @@ async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
         }
         seen.leases = now;
     }
+    if let Some(rows) = read.trust {
+        apply_trust(ctx, seen, rows);
+    }
+    if let Some(now) = read.suspensions {
+        // A suspension another replica stored (the provider refused a refresh, a SCIM
+        // deprovisioning, a back-channel logout), or its lifting, applies here too.
+        for (user, why) in &now {
+            if seen.suspensions.get(user) != Some(why) {
+                info!(%user, suspended = why.is_some(), "identity provider verdict from another replica");
+                ev.send_internal(Event::Identity(user.clone(), why.clone()));
+            }
+        }
+        seen.suspensions = now;
+    }
     if let Some(rows) = read.sign_ins {
         for si in rows {
             let s = crate::oidc::core::SignIn {
@@ -337,5 +386,63 @@ async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
             };
             ev.send_internal(Event::SignIn(si.device, s));
         }
+    }
+}
+
+/// Sends the registry each trust row another replica wrote that changed since the last read.
+fn apply_trust(ctx: &Arc<Ctx>, seen: &mut Seen, rows: Vec<TrustRow>) {
+    for row in rows {
+        if row.replica == seen.me || seen.trust.get(&row.device) == Some(&row) {
+            continue;
+        }
+        let remote = crate::trust::RemoteTrust::parse(
+            &row.replica,
+            &row.verdict,
+            row.risk,
+            &row.risk_reason,
+            row.updated_ms,
+        );
+        if let Err(why) = &remote.evaluations {
+            // Fail closed: the device's peers here lose what its posture gave them.
+            error!(device = %row.device, replica = %row.replica, %why, "another replica's trust verdict is unreadable; judging the device as failing");
+        } else {
+            debug!(device = %row.device, replica = %row.replica, "trust verdict from another replica");
+        }
+        ctx.events
+            .send_internal(Event::RemoteTrust(row.device, remote));
+        seen.trust.insert(row.device, row);
+    }
+}
+
+/// Reads every trust row (at start, before the feed moves).
+async fn follow_trust(ctx: &Arc<Ctx>, seen: &mut Seen) {
+    let store = ctx.store.clone();
+    match tokio::task::spawn_blocking(move || store.device_trust()).await {
+        Ok(Ok(rows)) => apply_trust(ctx, seen, rows),
+        Ok(Err(e)) => {
+            error!(error = %e, "reading the stored trust verdicts failed; devices other replicas hold fail their posture here until the next change")
+        }
+        Err(e) => error!(error = %e, "trust read task failed"),
+    }
+}
+
+/// Tells the registry which device sessions other live replicas hold (when that changed): a
+/// device held elsewhere is online for its peers here and judged by its holder's verdict. A
+/// replica whose heartbeat stopped holds nothing.
+async fn share_sessions(ctx: &Arc<Ctx>, seen: &mut Seen) {
+    let store = ctx.store.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::store::StoreError>((store.sessions()?, store.replicas()?))
+    })
+    .await;
+    let (sessions, replicas) = match res {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return warn!(error = %e, "reading the sessions other replicas hold failed"),
+        Err(e) => return warn!(error = %e, "sessions task failed"),
+    };
+    let held = replicas::remote_sessions(&sessions, &replicas, &seen.me, now_ms());
+    if seen.remote_sessions.as_ref() != Some(&held) {
+        seen.remote_sessions = Some(held.clone());
+        ctx.events.send_internal(Event::RemoteSessions(held));
     }
 }

@@ -56,6 +56,26 @@ pub struct SessionRow {
     pub device: DeviceId,
     pub replica: String,
     pub since_ms: i64,
+    /// The relay the device said it receives relayed traffic through, on that session.
+    pub home_relay: Option<String>,
+}
+
+/// A device's trust as the replica holding its session judged it (the `device_trust` table).
+/// The text columns are kept as stored: the reader parses them and treats what does not parse
+/// as a failing verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustRow {
+    pub device: DeviceId,
+    /// The replica that wrote it.
+    pub replica: String,
+    /// The posture evaluations (JSON array of `ward_shared::posture::Evaluation`).
+    pub verdict: String,
+    /// Behaviour risk, 0–100.
+    pub risk: i64,
+    pub risk_reason: String,
+    /// Scan counters (JSON array of denied flows with this device as the source).
+    pub counters: String,
+    pub updated_ms: i64,
 }
 
 pub trait ReplicaStore {
@@ -73,6 +93,9 @@ pub trait ReplicaStore {
     fn claim_session(&self, device: DeviceId, replica: &str, since_ms: i64) -> Result<()>;
     /// Forgets `device`'s session if `replica` still holds it (a newer claim is kept).
     fn release_session(&self, device: DeviceId, replica: &str) -> Result<()>;
+    /// Records the home relay of `device`'s session if `replica` still holds it.
+    fn set_session_relay(&self, device: DeviceId, replica: &str, relay: Option<&str>)
+        -> Result<()>;
     /// Every recorded session.
     fn sessions(&self) -> Result<Vec<SessionRow>>;
     /// The highest posture report sequence number any replica accepted from `device` (0 if
@@ -82,4 +105,11 @@ pub trait ReplicaStore {
     fn raise_posture_seq(&self, device: DeviceId, seq: u64) -> Result<()>;
     /// Probes the database now (one trivial query, one schema read).
     fn database(&self) -> DatabaseStatus;
+    /// Keeps `device`'s trust row (replacing the last one). With `audit` (a change of
+    /// verdict or risk level other replicas must apply), a `device.trust` audit row is
+    /// appended in the same transaction, which moves the change feed; without it (a counters
+    /// checkpoint) the feed does not move.
+    fn save_device_trust(&self, row: &TrustRow, audit: Option<serde_json::Value>) -> Result<()>;
+    /// Every stored trust row, by device.
+    fn device_trust(&self) -> Result<Vec<TrustRow>>;
 }

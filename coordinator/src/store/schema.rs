@@ -314,4 +314,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         seq INTEGER NOT NULL
     );
     "#,
+    // 18: each device's trust as the replica holding its session last judged it: the
+    // posture verdict (JSON evaluations), behaviour risk, scan counters (JSON), who wrote it
+    // and when. Other replicas judge the device's peers by it; a replica taking the device's
+    // session over starts from it. And the relay each held session receives relayed traffic
+    // through (peers on every replica reach the device there).
+    r#"
+    CREATE TABLE device_trust(
+        device_id INTEGER PRIMARY KEY,
+        replica TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        risk INTEGER NOT NULL,
+        risk_reason TEXT NOT NULL,
+        counters TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    ALTER TABLE device_sessions ADD COLUMN home_relay TEXT;
+    "#,
 ];

@@ -555,7 +555,9 @@ impl World {
             | Output::Anomaly(_)
             | Output::RiskCrossed { .. }
             | Output::DeviceRevoked { .. }
-            | Output::RoutesAdvertised { .. } => {}
+            | Output::RoutesAdvertised { .. }
+            | Output::TrustDecided { .. }
+            | Output::HomeRelay { .. } => {}
         }
     }
 

@@ -6,9 +6,12 @@ use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use ward_shared::wire::DeviceId;
 
 use super::{Backend, SqliteStore};
+use crate::audit::Action;
 use crate::store::db::Tx;
-use crate::store::replicas::{DatabaseStatus, FeedRow, ReplicaRow, ReplicaStore, SessionRow};
-use crate::store::Result;
+use crate::store::replicas::{
+    DatabaseStatus, FeedRow, ReplicaRow, ReplicaStore, SessionRow, TrustRow,
+};
+use crate::store::{Audit, Result};
 
 impl SqliteStore {
     /// A read: on SQLite a deferred transaction (polling never takes the write lock); on
@@ -100,7 +103,8 @@ impl ReplicaStore for SqliteStore {
             // An older claim never overwrites a newer one (claims can arrive out of order).
             tx.execute(
                 "INSERT INTO device_sessions(device_id, replica, since_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(device_id) DO UPDATE SET replica = ?2, since_ms = ?3
+                 ON CONFLICT(device_id) DO UPDATE SET replica = ?2, since_ms = ?3,
+                     home_relay = NULL
                  WHERE since_ms <= ?3",
                 params![device.0 as i64, replica, since_ms],
             )?;
@@ -118,16 +122,33 @@ impl ReplicaStore for SqliteStore {
         })
     }
 
+    fn set_session_relay(
+        &self,
+        device: DeviceId,
+        replica: &str,
+        relay: Option<&str>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE device_sessions SET home_relay = ?3 WHERE device_id = ?1 AND replica = ?2",
+                params![device.0 as i64, replica, relay],
+            )?;
+            Ok(())
+        })
+    }
+
     fn sessions(&self) -> Result<Vec<SessionRow>> {
         self.read(|tx| {
             let mut stmt = tx.prepare(
-                "SELECT device_id, replica, since_ms FROM device_sessions ORDER BY device_id",
+                "SELECT device_id, replica, since_ms, home_relay FROM device_sessions
+                 ORDER BY device_id",
             )?;
             let rows = stmt.query_map([], |r| {
                 Ok(SessionRow {
                     device: DeviceId(u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0)),
                     replica: r.get(1)?,
                     since_ms: r.get(2)?,
+                    home_relay: r.get(3)?,
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -161,6 +182,68 @@ impl ReplicaStore for SqliteStore {
                 params![device.0 as i64, seq],
             )?;
             Ok(())
+        })
+    }
+
+    fn save_device_trust(&self, row: &TrustRow, audit: Option<serde_json::Value>) -> Result<()> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO device_trust(device_id, replica, verdict, risk, risk_reason,
+                     counters, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(device_id) DO UPDATE SET replica = ?2, verdict = ?3, risk = ?4,
+                     risk_reason = ?5, counters = ?6, updated_ms = ?7",
+                params![
+                    row.device.0 as i64,
+                    row.replica,
+                    row.verdict,
+                    row.risk,
+                    row.risk_reason,
+                    row.counters,
+                    row.updated_ms
+                ],
+            )?;
+            if let Some(detail) = audit {
+                let host: Option<String> = tx
+                    .query_row(
+                        "SELECT hostname FROM devices WHERE id = ?1",
+                        [row.device.0 as i64],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let target = host.unwrap_or_else(|| row.device.to_string());
+                super::append_audit_tx(
+                    tx,
+                    Audit {
+                        actor: "coordinator",
+                        action: Action::DeviceTrust,
+                        target: &target,
+                        detail,
+                    },
+                    row.updated_ms,
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn device_trust(&self) -> Result<Vec<TrustRow>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT device_id, replica, verdict, risk, risk_reason, counters, updated_ms
+                 FROM device_trust ORDER BY device_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(TrustRow {
+                    device: DeviceId(u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0)),
+                    replica: r.get(1)?,
+                    verdict: r.get(2)?,
+                    risk: r.get(3)?,
+                    risk_reason: r.get(4)?,
+                    counters: r.get(5)?,
+                    updated_ms: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
     }
 }
@@ -285,6 +368,16 @@ mod tests {
         let rows = s.sessions().unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].replica.as_str(), rows[0].since_ms), ("r2", 200));
+        // Only the holder records the session's home relay; a new claim clears it.
+        s.set_session_relay(d, "r1", Some("relay-a")).unwrap();
+        assert_eq!(s.sessions().unwrap()[0].home_relay, None);
+        s.set_session_relay(d, "r2", Some("relay-b")).unwrap();
+        assert_eq!(
+            s.sessions().unwrap()[0].home_relay.as_deref(),
+            Some("relay-b")
+        );
+        s.claim_session(d, "r2", 300).unwrap();
+        assert_eq!(s.sessions().unwrap()[0].home_relay, None);
         // r1 closing its stale session leaves r2's claim alone.
         s.release_session(d, "r1").unwrap();
         assert_eq!(s.sessions().unwrap().len(), 1);
@@ -323,6 +416,56 @@ mod tests {
         assert!(d.round_trip_ms.is_some_and(|ms| ms >= 0.0));
         assert_eq!(d.listener, None);
         assert!(!s.start_feed_listener(|| {}).unwrap());
+    }
+
+    fn trust_row(replica: &str, verdict: &str, at: i64) -> TrustRow {
+        TrustRow {
+            device: DeviceId(5),
+            replica: replica.into(),
+            verdict: verdict.into(),
+            risk: 40,
+            risk_reason: "scan".into(),
+            counters: "[]".into(),
+            updated_ms: at,
+        }
+    }
+
+    /// On both backends: one row per device, replaced by the newer write; an audited write
+    /// moves the change feed by one `device.trust` row, a checkpoint does not.
+    pub(crate) fn device_trust_rows_replace_and_audited_writes_move_the_feed(s: &SqliteStore) {
+        assert!(s.device_trust().unwrap().is_empty());
+        let v0 = s.feed_version().unwrap();
+        let a = trust_row("r1", "[]", 100);
+        s.save_device_trust(&a, Some(serde_json::json!({ "failing": [] })))
+            .unwrap();
+        assert_eq!(s.device_trust().unwrap(), vec![a]);
+        let v1 = s.feed_version().unwrap();
+        assert_eq!(v1, v0 + 1);
+        let rows = s.feed_since(v0, 10).unwrap();
+        assert_eq!(rows[0].action, "device.trust");
+        assert_eq!(rows[0].target, "d5", "no such device: named by its id");
+        let b = trust_row("r2", "[{\"requirement\":\"x\"}]", 200);
+        s.save_device_trust(&b, None).unwrap();
+        assert_eq!(s.device_trust().unwrap(), vec![b]);
+        assert_eq!(s.feed_version().unwrap(), v1, "a checkpoint is not news");
+        assert!(s.verify_audit().unwrap().ok);
+    }
+
+    #[test]
+    fn device_trust_rows_on_sqlite() {
+        device_trust_rows_replace_and_audited_writes_move_the_feed(
+            &SqliteStore::open_in_memory().unwrap(),
+        );
+    }
+
+    #[test]
+    fn device_trust_rows_on_postgres() {
+        let Some(url) = crate::store::postgres::testpg::fresh_database() else {
+            return;
+        };
+        device_trust_rows_replace_and_audited_writes_move_the_feed(
+            &SqliteStore::open_postgres(&url, None).unwrap(),
+        );
     }
 
     #[test]
