@@ -56,11 +56,39 @@ struct Opts {
     #[arg(long, env = "WARD_LOAD_SESSIONS", default_value_t = 100)]
     sessions: usize,
     /// The `ward-coordinator` binary to run.
-    #[arg(long, env = "WARD_LOAD_COORDINATOR")]
-    coordinator: PathBuf,
+    #[arg(
+        long,
+        env = "WARD_LOAD_COORDINATOR",
+        required_unless_present = "target"
+    )]
+    coordinator: Option<PathBuf>,
     /// An empty directory for the coordinator's data dir, its log and PID file.
-    #[arg(long, env = "WARD_LOAD_WORK_DIR")]
-    work_dir: PathBuf,
+    #[arg(long, env = "WARD_LOAD_WORK_DIR", required_unless_present = "target")]
+    work_dir: Option<PathBuf>,
+    /// Background-load mode: start no coordinator; enroll devices, one every
+    /// `--enroll-every-ms`, up to `--sessions`, at this running coordinator (with the token in
+    /// `--token-file`) and keep every enrolled device's session going (posture reports, lease
+    /// requests and key rotations) for `--duration` seconds, then print what was sent.
+    #[arg(long, env = "WARD_LOAD_TARGET", requires = "token_file")]
+    target: Option<SocketAddr>,
+    /// With --target: a file holding a multi-use enrollment token (first line).
+    #[arg(long, env = "WARD_LOAD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// With --target: seconds to run.
+    #[arg(long, env = "WARD_LOAD_DURATION", default_value_t = 60)]
+    duration: u64,
+    /// With --target: milliseconds between enrollment attempts.
+    #[arg(long, env = "WARD_LOAD_ENROLL_EVERY_MS", default_value_t = 250)]
+    enroll_every_ms: u64,
+    /// With --target: the enrolled devices' hostnames are PREFIX-N.
+    #[arg(long, env = "WARD_LOAD_NAME_PREFIX", default_value = "load")]
+    name_prefix: String,
+    /// With --target: append one line per enrollment outcome, written when it is known:
+    /// `enrolled UNIX_MS TOOK_MS HOSTNAME DEVICE_NUMBER` for each enrollment the coordinator
+    /// acknowledged, `failed UNIX_MS TOOK_MS HOSTNAME ERROR` for the others (UNIX_MS: when
+    /// the outcome was known; TOOK_MS: how long the attempt took).
+    #[arg(long, env = "WARD_LOAD_RECORD")]
+    record: Option<PathBuf>,
     /// Sessions per QUIC endpoint (one UDP socket, one loopback source address each).
     #[arg(long, env = "WARD_LOAD_PER_ENDPOINT", default_value_t = 64)]
     per_endpoint: usize,
@@ -129,6 +157,9 @@ async fn main() -> Result<()> {
     if opts.sessions == 0 || opts.per_endpoint == 0 || opts.users == 0 {
         bail!("--sessions, --per-endpoint and --users must be at least 1");
     }
+    if let Some(target) = opts.target {
+        return background(&opts, target).await;
+    }
     let mut coord = Coordinator::start(&opts).await?;
     let res = run(&opts, &mut coord).await;
     coord.stop().await;
@@ -163,7 +194,7 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
     for u in &users {
         coord.admin(&["user", "add", u]).await?;
     }
-    let policy_path = opts.work_dir.join("policy.toml");
+    let policy_path = work_dir(opts)?.join("policy.toml");
     std::fs::write(
         &policy_path,
         dense_policy(&users, opts.rules, opts.group_percent, 1),
@@ -519,6 +550,127 @@ fn dense_policy(users: &[String], rules: usize, percent: usize, version: u32) ->
         "[[rules]]\nname = \"everyone\"\nfrom = [\"group:g0\"]\nto = [\"everyone\"]"
     );
     p
+}
+
+fn work_dir(opts: &Opts) -> Result<&Path> {
+    opts.work_dir
+        .as_deref()
+        .context("--work-dir is needed unless --target is given")
+}
+
+// ---- background load against a running coordinator ----------------------------------------
+
+/// `--target`: enrollments at a steady pace and the enrolled devices' sessions, for a set time,
+/// against a coordinator someone else runs (a lab's replica). Every enrollment outcome is
+/// appended to `--record` as soon as it is known, so a test can hold the coordinator to every
+/// enrollment it acknowledged, whatever happens to it afterwards.
+async fn background(opts: &Opts, target: SocketAddr) -> Result<()> {
+    let path = opts
+        .token_file
+        .as_ref()
+        .context("--target needs --token-file")?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let token = Arc::new(
+        EnrollToken::parse(text.lines().next().unwrap_or("").trim())
+            .map_err(|e| anyhow!("token: {e}"))?,
+    );
+    let mut record = match &opts.record {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let ep = quinn::Endpoint::client(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+        .context("binding a QUIC endpoint")?;
+    let shared = Arc::new(Shared {
+        recs: (0..opts.sessions)
+            .map(|_| Mutex::new(Rec::default()))
+            .collect(),
+        watch: RwLock::new((0, BTreeSet::new())),
+        posture_sent: AtomicU64::new(0),
+        leases_asked: AtomicU64::new(0),
+        pings: AtomicU64::new(0),
+        msgs_sent: AtomicU64::new(0),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let end = tokio::time::Instant::now() + Duration::from_secs(opts.duration);
+    let mut pace = tokio::time::interval(Duration::from_millis(opts.enroll_every_ms.max(1)));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut sessions = tokio::task::JoinSet::new();
+    let (mut started, mut enrolled, mut failed) = (0usize, 0usize, 0usize);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(end) => break,
+            // SIGINT ends the run early, with the summary.
+            _ = tokio::signal::ctrl_c() => break,
+            _ = pace.tick(), if started < opts.sessions => {
+                let (ep, token) = (ep.clone(), token.clone());
+                let host = format!("{}-{started}", opts.name_prefix);
+                let slot = started;
+                attempts.spawn(async move {
+                    let t0 = Instant::now();
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(15),
+                        enroll(&ep, target, &token, &host),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow!("no answer within 15 s")));
+                    (slot, host, r, t0.elapsed().as_millis())
+                });
+                started += 1;
+            }
+            Some(j) = attempts.join_next(), if !attempts.is_empty() => {
+                let Ok((slot, host, r, took)) = j else { continue };
+                let line = match r {
+                    Ok((e, key_pem)) => {
+                        enrolled += 1;
+                        let line = format!("enrolled {} {took} {host} {}\n", ward_runtime::now_ms(), e.device_id.0);
+                        let dev = Dev {
+                            slot,
+                            endpoint: ep.clone(),
+                            addr: target,
+                            wg_port: 10_000 + (slot % 50_000) as u16,
+                            posture_interval: Duration::from_secs(opts.posture_interval.max(1)),
+                            enrolled: e,
+                            key_pem,
+                        };
+                        sessions.spawn(dev.run(shared.clone(), stop_rx.clone()));
+                        line
+                    }
+                    Err(err) => {
+                        failed += 1;
+                        let msg = format!("{err:#}").replace('\n', " ");
+                        format!("failed {} {took} {host} {msg}\n", ward_runtime::now_ms())
+                    }
+                };
+                if let Some(f) = record.as_mut() {
+                    use std::io::Write;
+                    f.write_all(line.as_bytes()).context("writing the record")?;
+                }
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    let rotations = shared.sum(|r| r.rotations);
+    let connected = shared.count(|r| r.connected);
+    println!(
+        "load: {started} enrollments tried, {enrolled} acknowledged, {failed} failed; \
+         {connected} sessions connected at the end; {} posture reports, {} lease requests, \
+         {rotations} key rotations",
+        shared.posture_sent.load(Ordering::Relaxed),
+        shared.leases_asked.load(Ordering::Relaxed),
+    );
+    Ok(())
 }
 
 // ---- enrollment ---------------------------------------------------------------------------
@@ -995,21 +1147,26 @@ impl Coordinator {
             .local_addr()?
             .port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let data_dir = opts.work_dir.join("coordinator");
-        let out = tokio::process::Command::new(&opts.coordinator)
+        let work_dir = work_dir(opts)?.to_path_buf();
+        let bin = opts
+            .coordinator
+            .clone()
+            .context("--coordinator is needed unless --target is given")?;
+        let data_dir = work_dir.join("coordinator");
+        let out = tokio::process::Command::new(&bin)
             .args(["init", "--data-dir"])
             .arg(&data_dir)
             .args(["--public-addr", &addr.to_string()])
             .output()
             .await
-            .with_context(|| format!("running {}", opts.coordinator.display()))?;
+            .with_context(|| format!("running {}", bin.display()))?;
         if !out.status.success() {
             bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let mut c = Coordinator {
-            bin: opts.coordinator.clone(),
+            bin,
             data_dir,
-            work_dir: opts.work_dir.clone(),
+            work_dir,
             addr,
             child: None,
             pid: 0,

@@ -196,9 +196,11 @@ impl Feed {
 
 /// Devices that changed between two reads of the device table, for the registry: changed or
 /// new rows (a revoked row included: the registry removes it) and ids gone from the table.
-/// What sessions write on every contact (`last_seen_ms`, the WireGuard key, the device's own
-/// endpoint list) is not a change: the replica holding the session knows better (its
-/// endpoints include the address it observed), and re-sending the row would replace that.
+/// `last_seen_ms` alone, written on every contact, is not a change. A new WireGuard key or
+/// endpoint list is: it is how the devices whose sessions this replica holds learn where a
+/// device on another replica is (without it neither end of a cross-replica pair knows the
+/// other's address and no tunnel forms). The registry keeps the contact of a session it
+/// holds itself over a stored row (`Registry::handle_device_upserted`).
 pub fn diff_devices(
     old: &BTreeMap<DeviceId, Device>,
     new: &[Device],
@@ -208,8 +210,6 @@ pub fn diff_devices(
         let same = old.get(&d.id).is_some_and(|o| {
             let mut o = o.clone();
             o.last_seen_ms = d.last_seen_ms;
-            o.wg_public_key = d.wg_public_key;
-            o.endpoints = d.endpoints.clone();
             &o == d
         });
         if !same {
@@ -387,12 +387,14 @@ mod tests {
         assert!(gone.is_empty());
         let (changed, gone) = diff_devices(&old, &[dev(1, 5)]);
         assert!(changed.is_empty());
-        // Contact bookkeeping alone (key, endpoints) is not a change either.
-        let mut touched = dev(1, 7);
-        touched.wg_public_key = Some(ward_shared::wire::WgPublicKey([3; 32]));
-        touched.endpoints = vec!["192.168.1.2:51820".parse().unwrap()];
-        assert!(diff_devices(&old, &[touched, dev(2, 5)]).0.is_empty());
         assert_eq!(gone, [DeviceId(2)]);
+        // A device's new key or endpoints are a change: other replicas' peers need them.
+        let mut keyed = dev(1, 7);
+        keyed.wg_public_key = Some(ward_shared::wire::WgPublicKey([3; 32]));
+        assert_eq!(diff_devices(&old, &[keyed, dev(2, 5)]).0.len(), 1);
+        let mut moved = dev(1, 7);
+        moved.endpoints = vec!["192.168.1.2:51820".parse().unwrap()];
+        assert_eq!(diff_devices(&old, &[moved, dev(2, 5)]).0.len(), 1);
     }
 
     fn srow(d: u64, replica: &str, since: i64) -> SessionRow {

@@ -258,8 +258,11 @@ pub(super) async fn enroll(
         let mut issue = |id: DeviceId| ctx2.ca.issue_device_cert(&csr, &id.to_string(), now);
         // A device holding the name this token binds as a self-chosen display name is moved
         // aside by the store; remember which, so the registry hears of its new name.
+        // A database that cannot be read refuses the enrollment here, before a second wait
+        // for a connection in `try_enroll` outlasts the device's patience.
         let holder = match ctx2.store.token_hostname(&token_id) {
             Ok(Some(h)) => ctx2.store.device_by_name(h.as_str()).ok().map(|d| d.id),
+            Err(e) if e.is_storage_fault() => return Err(e),
             _ => None,
         };
         let res = ctx2
@@ -302,6 +305,14 @@ pub(super) async fn enroll(
                 warn!(%remote, ?code, reason = %message, "enrollment refused");
             }
             return Err((code, message));
+        }
+        Ok(Err(e)) if e.is_storage_fault() => {
+            error!(%remote, error = %e, "enrollment failed: the database is unavailable");
+            return Err((
+                ErrorCode::Internal,
+                "the coordinator's database is unavailable; enrollment refused, try again later"
+                    .into(),
+            ));
         }
         Ok(Err(e)) => {
             error!(%remote, error = %e, "enrollment failed");

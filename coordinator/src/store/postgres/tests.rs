@@ -335,3 +335,27 @@ fn a_terminated_listener_reconnects_and_wakes() {
     assert!(db.location.ends_with(&format!("/{name}")), "{db:?}");
     assert!(!db.location.contains("ward@"), "{db:?}");
 }
+
+/// Session claims and posture sequence numbers upsert on PostgreSQL too (a bare column name in
+/// the upsert's condition is ambiguous there).
+#[test]
+fn session_claims_and_posture_sequences_upsert_on_postgres() {
+    let Some(url) = testpg::fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (replica(&url, dir.path(), 0), replica(&url, dir.path(), 1));
+    let d = ward_shared::wire::DeviceId(7);
+    a.claim_session(d, "ra", 100).unwrap();
+    b.claim_session(d, "rb", 200).unwrap();
+    // A late, older claim does not take the session back.
+    a.claim_session(d, "ra", 150).unwrap();
+    let rows = a.sessions().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].replica.as_str(), rows[0].since_ms), ("rb", 200));
+    a.raise_posture_seq(d, 10).unwrap();
+    b.raise_posture_seq(d, 4).unwrap();
+    assert_eq!(b.posture_seq(d).unwrap(), 10);
+    b.raise_posture_seq(d, 11).unwrap();
+    assert_eq!(a.posture_seq(d).unwrap(), 11);
+}

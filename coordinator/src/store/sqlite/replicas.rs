@@ -101,11 +101,13 @@ impl ReplicaStore for SqliteStore {
     fn claim_session(&self, device: DeviceId, replica: &str, since_ms: i64) -> Result<()> {
         self.write(|tx| {
             // An older claim never overwrites a newer one (claims can arrive out of order).
+            // The stored column is named with its table: PostgreSQL finds a bare name in the
+            // upsert ambiguous (the stored row or `excluded`).
             tx.execute(
                 "INSERT INTO device_sessions(device_id, replica, since_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT(device_id) DO UPDATE SET replica = ?2, since_ms = ?3,
                      home_relay = NULL
-                 WHERE since_ms <= ?3",
+                 WHERE device_sessions.since_ms <= ?3",
                 params![device.0 as i64, replica, since_ms],
             )?;
             Ok(())
@@ -178,7 +180,7 @@ impl ReplicaStore for SqliteStore {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO posture_seqs(device_id, seq) VALUES (?1, ?2)
-                 ON CONFLICT(device_id) DO UPDATE SET seq = MAX(seq, ?2)",
+                 ON CONFLICT(device_id) DO UPDATE SET seq = MAX(posture_seqs.seq, ?2)",
                 params![device.0 as i64, seq],
             )?;
             Ok(())
