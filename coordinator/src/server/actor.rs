@@ -786,3 +786,95 @@ fn push_revoked(relays: &mut RelayConns, devices: Vec<DeviceId>) {
         false
     });
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+    use super::*;
+    use ward_shared::wire::{CoordinatorMsg, NetmapDelta};
+
+    fn delta(base: u64, removed: u64) -> CoordinatorMsg {
+        CoordinatorMsg::NetmapDelta(NetmapDelta {
+            base_seq: base,
+            seq: base + 1,
+            upsert: vec![],
+            remove: vec![DeviceId(removed)],
+            inbound: None,
+            reach: None,
+            relays: None,
+            policy_version: None,
+            me: None,
+            shadow_filter: None,
+        })
+    }
+
+    fn received(rx: &mut mpsc::Receiver<ConnCmd>) -> Vec<CoordinatorMsg> {
+        let mut out = Vec::new();
+        while let Ok(cmd) = rx.try_recv() {
+            let ConnCmd::Send(bytes) = cmd else {
+                panic!("a close on the queue")
+            };
+            out.push(wire::decode(&bytes[4..]).unwrap());
+        }
+        out
+    }
+
+    /// A session whose queue is full gets every change later, merged, and is not closed.
+    #[test]
+    fn a_slow_session_gets_its_changes_merged_and_stays_open() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let (close_tx, mut close_rx) = oneshot::channel();
+        let mut conns = DeviceConns::default();
+        conns.insert(7, tx, close_tx);
+        let t0 = Instant::now();
+        for i in 0..50 {
+            conns.deliver(7, delta(1 + i, 100 + i), t0);
+        }
+        assert!(conns.conns.contains_key(&7), "not closed for being slow");
+        assert_eq!(conns.backlogged.len(), 1);
+        assert_eq!(conns.held, 48, "two went to the queue, the rest were held");
+        let first = received(&mut rx);
+        assert_eq!(first.len(), 2);
+        // The session read its queue: the backlog goes out as one merged delta.
+        conns.drain(t0 + Duration::from_secs(1));
+        let rest = received(&mut rx);
+        let [CoordinatorMsg::NetmapDelta(d)] = rest.as_slice() else {
+            panic!("one merged delta: {rest:?}")
+        };
+        assert_eq!((d.base_seq, d.seq, d.remove.len()), (3, 51, 48));
+        assert!(conns.backlogged.is_empty());
+        assert!(close_rx.try_recv().is_err(), "no close was sent");
+    }
+
+    /// A close goes out at once even when the queue is full; a session that takes nothing
+    /// for the stuck limit is closed.
+    #[test]
+    fn closes_do_not_queue_and_a_stuck_session_is_closed() {
+        let (tx, _rx) = mpsc::channel(1);
+        let (close_tx, mut close_rx) = oneshot::channel();
+        let mut conns = DeviceConns::default();
+        conns.insert(1, tx, close_tx);
+        let t0 = Instant::now();
+        conns.deliver(1, delta(1, 5), t0);
+        conns.deliver(1, delta(2, 6), t0);
+        conns.close(1, ErrorCode::DeviceRevoked, "revoked".into());
+        assert_eq!(
+            close_rx.try_recv().unwrap(),
+            (ErrorCode::DeviceRevoked, "revoked".to_string())
+        );
+        assert!(conns.conns.is_empty() && conns.backlogged.is_empty());
+
+        let (tx, _rx) = mpsc::channel(1);
+        let (close_tx, mut close_rx) = oneshot::channel();
+        conns.insert(2, tx, close_tx);
+        conns.deliver(2, delta(1, 5), t0);
+        conns.deliver(2, delta(2, 6), t0);
+        conns.drain(t0 + crate::fanout::STUCK_LIMIT - Duration::from_secs(1));
+        assert!(close_rx.try_recv().is_err(), "not stuck yet");
+        conns.drain(t0 + crate::fanout::STUCK_LIMIT);
+        let (code, why) = close_rx.try_recv().unwrap();
+        assert_eq!(code, ErrorCode::Internal);
+        assert!(why.contains("too slow"), "{why}");
+        assert!(conns.conns.is_empty());
+    }
+}
