@@ -17,17 +17,20 @@ use ward_shared::wire::{CoordinatorMsg, Netmap, NetmapDelta, WireError};
 
 /// The shortest time between two flushes (netmap recomputes) while events keep coming. An idle
 /// registry flushes an event at once; under a burst the events of up to this long share one
-/// recompute. 50 ms measured with `bench/load.sh --sessions 500/1000` (bench/README.md): it
-/// cuts the flushes of an admission wave several-fold, while a lease reply or a policy change
-/// waits at most this much longer than the flush itself. Revocations do not wait for it.
+/// recompute. 50 ms is a choice, not a measured optimum (bench/README.md has the 500-session
+/// runs with it): short next to the 1 s a revocation may take and to a lease reply's round
+/// trip, long next to the tens of events a second a wave of sessions sends. A lease reply or a
+/// policy change waits at most this much longer than the flush itself; revocations do not
+/// wait for it.
 pub const MIN_FLUSH_GAP: Duration = Duration::from_millis(50);
 
 /// How long a connection with a backlog may take nothing at all before it is closed. The
 /// device's QUIC connection stays up (its keep-alives are answered by the transport) even
 /// when its session task does not read, so without a limit a wedged device would hold a stale
 /// netmap forever. 30 s is well above any pause a live device has (its control idle timeout
-/// is 6 s, the coordinator's 20 s) and above the longest flush measured at 1 000 sessions, so
-/// only a device that stopped reading is closed; it reconnects and gets a full netmap.
+/// is 6 s, the coordinator's 20 s) and above most of the actor's delays measured at 500
+/// sessions on a loaded machine (a policy apply waited 7–37 s there), so mostly a device that
+/// stopped reading is closed; it reconnects and gets a full netmap.
 pub const STUCK_LIMIT: Duration = Duration::from_secs(30);
 
 /// At most this many punch requests wait for one connection (the oldest go first: a punch
