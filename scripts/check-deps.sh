@@ -56,6 +56,7 @@ cores=(
     coordinator/src/audit.rs
     coordinator/src/gate.rs
     coordinator/src/flows.rs
+    coordinator/src/fanout.rs
     coordinator/src/maturity
     coordinator/src/suggest
     coordinator/src/console/auth.rs

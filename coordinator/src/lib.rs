@@ -27,6 +27,7 @@ pub mod audit;
 pub mod behaviour;
 pub mod console;
 pub mod datadir;
+pub mod fanout;
 pub mod flows;
 pub mod gate;
 pub mod instance;

@@ -788,6 +788,57 @@ impl Netmap {
     }
 }
 
+impl NetmapDelta {
+    /// Folds `next` (the delta that follows this one) into this one, so that applying the
+    /// merged delta equals applying both in turn: how a coordinator keeps one pending change
+    /// for a device that reads slowly instead of queueing one delta per change. Its size stays
+    /// bounded by one netmap (a peer appears once, in `upsert` or in `remove`). A `next` that
+    /// does not follow this one (`next.base_seq != self.seq`) is refused and nothing changes.
+    pub fn merge(&mut self, next: NetmapDelta) -> Result<(), WireError> {
+        if next.base_seq != self.seq {
+            return Err(WireError::DeltaGap {
+                have: self.seq,
+                base: next.base_seq,
+            });
+        }
+        // A peer removed later is gone whatever was upserted before; a peer upserted later is
+        // there as sent then, whatever was removed before (`apply` removes, then upserts).
+        self.upsert.retain(|p| !next.remove.contains(&p.device_id));
+        for id in next.remove {
+            if !self.remove.contains(&id) {
+                self.remove.push(id);
+            }
+        }
+        for u in next.upsert {
+            self.remove.retain(|id| *id != u.device_id);
+            match self.upsert.iter_mut().find(|p| p.device_id == u.device_id) {
+                Some(p) => *p = u,
+                None => self.upsert.push(u),
+            }
+        }
+        if next.inbound.is_some() {
+            self.inbound = next.inbound;
+        }
+        if next.reach.is_some() {
+            self.reach = next.reach;
+        }
+        if next.relays.is_some() {
+            self.relays = next.relays;
+        }
+        if next.policy_version.is_some() {
+            self.policy_version = next.policy_version;
+        }
+        if next.me.is_some() {
+            self.me = next.me;
+        }
+        if next.shadow_filter.is_some() {
+            self.shadow_filter = next.shadow_filter;
+        }
+        self.seq = next.seq;
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     #[error("frame of {len} bytes exceeds the maximum of {max}")]
@@ -1439,5 +1490,149 @@ mod tests {
                 message: "token already used".into()
             }
         );
+    }
+
+    /// Applying deltas one after the other and applying them merged into one give the same
+    /// netmap, over many random sequences of upserts, removals and replaced fields.
+    #[test]
+    fn merged_deltas_apply_like_the_sequence() {
+        let me = |name: &str| SelfInfo {
+            routes: Default::default(),
+            device_id: DeviceId(1),
+            hostname: Hostname::parse(name).unwrap(),
+            ipv4: Ipv4Addr::new(100, 64, 0, 1),
+            ipv6: "fd00::1".parse().unwrap(),
+            v6_prefix: "fd00::".parse().unwrap(),
+            observed_addr: None,
+        };
+        let start = Netmap {
+            seq: 7,
+            me: me("me"),
+            peers: vec![peer(2), peer(3), peer(5)],
+            inbound: vec![],
+            reach: vec![],
+            relays: vec![],
+            punch: true,
+            flows: true,
+            policy_version: Some(1),
+            shadow_filter: None,
+            dns_domain: None,
+            coordinators: vec![],
+        };
+        // A small deterministic generator: the same sequences on every run.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for round in 0..500 {
+            let mut one_by_one = start.clone();
+            let mut merged: Option<NetmapDelta> = None;
+            let steps = 1 + rnd(6);
+            for step in 0..steps {
+                let mut d = NetmapDelta {
+                    base_seq: one_by_one.seq,
+                    seq: one_by_one.seq + 1,
+                    upsert: vec![],
+                    remove: vec![],
+                    inbound: None,
+                    reach: None,
+                    relays: None,
+                    policy_version: None,
+                    me: None,
+                    shadow_filter: None,
+                };
+                for _ in 0..rnd(4) {
+                    let id = 2 + rnd(6);
+                    if rnd(2) == 0 {
+                        let mut p = peer(id);
+                        p.online = rnd(2) == 0;
+                        p.endpoints = vec![format!("10.0.{}.{step}:51820", round % 250)
+                            .parse()
+                            .unwrap()];
+                        // As the coordinator makes them: a peer once per delta.
+                        if !d.upsert.iter().any(|x| x.device_id == p.device_id)
+                            && !d.remove.contains(&p.device_id)
+                        {
+                            d.upsert.push(p);
+                        }
+                    } else if !d.remove.contains(&DeviceId(id))
+                        && !d.upsert.iter().any(|x| x.device_id == DeviceId(id))
+                    {
+                        d.remove.push(DeviceId(id));
+                    }
+                }
+                if rnd(3) == 0 {
+                    d.relays = Some(vec![RelayInfo {
+                        name: format!("r{step}"),
+                        addr: "192.0.2.1:3478".into(),
+                    }]);
+                }
+                if rnd(3) == 0 {
+                    d.reach = Some(vec![]);
+                }
+                if rnd(3) == 0 {
+                    d.inbound = Some(vec![]);
+                }
+                if rnd(3) == 0 {
+                    d.policy_version = Some(10 + step);
+                }
+                if rnd(4) == 0 {
+                    d.me = Some(me(&format!("me-{step}")));
+                }
+                match rnd(4) {
+                    0 => d.shadow_filter = Some(None),
+                    1 => d.shadow_filter = Some(Some(vec![])),
+                    _ => {}
+                }
+                one_by_one.apply(&d).unwrap();
+                match &mut merged {
+                    None => merged = Some(d),
+                    Some(m) => m.merge(d).unwrap(),
+                }
+            }
+            let merged = merged.unwrap();
+            let mut at_once = start.clone();
+            at_once.apply(&merged).unwrap();
+            assert_eq!(at_once, one_by_one, "round {round}: {merged:?}");
+            // A peer appears at most once in the merged delta.
+            for p in &merged.upsert {
+                assert!(!merged.remove.contains(&p.device_id), "{merged:?}");
+                assert_eq!(
+                    merged
+                        .upsert
+                        .iter()
+                        .filter(|x| x.device_id == p.device_id)
+                        .count(),
+                    1
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_delta_that_does_not_follow_is_not_merged() {
+        let d = |base, seq| NetmapDelta {
+            base_seq: base,
+            seq,
+            upsert: vec![peer(2)],
+            remove: vec![],
+            inbound: None,
+            reach: None,
+            relays: None,
+            policy_version: None,
+            me: None,
+            shadow_filter: None,
+        };
+        let mut a = d(1, 2);
+        assert_eq!(
+            a.merge(d(3, 4)),
+            Err(WireError::DeltaGap { have: 2, base: 3 })
+        );
+        assert_eq!(a, d(1, 2), "a refused merge changes nothing");
+        a.merge(d(2, 3)).unwrap();
+        assert_eq!((a.base_seq, a.seq, a.upsert.len()), (1, 3, 1));
     }
 }

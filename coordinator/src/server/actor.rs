@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -23,6 +24,7 @@ use super::queue::{EventRx, Events};
 use crate::admin::api::TrustStatsView;
 use crate::admin::ops::Snapshot;
 use crate::audit::Action;
+use crate::fanout::{Backlog, Pacer, MIN_FLUSH_GAP};
 use crate::model::{Device, User};
 use crate::registry::{ConnId, LeaseRefusal, Output, Registry};
 use crate::store::Store;
@@ -32,6 +34,144 @@ pub(super) enum ConnCmd {
     Close(ErrorCode, String),
 }
 
+/// Tells a device session to send this error and close, ahead of anything queued for it.
+pub(super) type CloseTx = oneshot::Sender<(ErrorCode, String)>;
+
+/// A device session as the actor sees it: its bounded queue, its close signal and what the
+/// queue could not take yet.
+pub(super) struct DeviceConn {
+    tx: mpsc::Sender<ConnCmd>,
+    close: CloseTx,
+    backlog: Backlog,
+}
+
+/// Device sessions by connection, and those with a backlog (retried on every wake).
+#[derive(Default)]
+pub(super) struct DeviceConns {
+    conns: HashMap<ConnId, DeviceConn>,
+    backlogged: std::collections::BTreeSet<ConnId>,
+    /// Messages held in a backlog instead of queued (merged there), since start.
+    held: u64,
+}
+
+impl DeviceConns {
+    fn insert(&mut self, conn: ConnId, tx: mpsc::Sender<ConnCmd>, close: CloseTx) {
+        self.conns.insert(
+            conn,
+            DeviceConn {
+                tx,
+                close,
+                backlog: Backlog::default(),
+            },
+        );
+    }
+
+    fn remove(&mut self, conn: ConnId) -> Option<DeviceConn> {
+        self.backlogged.remove(&conn);
+        self.conns.remove(&conn)
+    }
+
+    /// Sends the error and closes the session now, whatever waits in its queue or backlog.
+    fn close(&mut self, conn: ConnId, code: ErrorCode, reason: String) {
+        if let Some(c) = self.remove(conn) {
+            let _ = c.close.send((code, reason));
+        }
+    }
+
+    /// Queues `msg`, or holds it (merged with what is held already) while the session's queue
+    /// is full or anything older is still held: a slow session is never closed for being slow.
+    fn deliver(&mut self, conn: ConnId, msg: wire::CoordinatorMsg, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.backlog.is_empty() {
+            let ended = match c.tx.try_reserve() {
+                Ok(permit) => {
+                    permit.send(ConnCmd::Send(wire::encode(&msg)));
+                    return;
+                }
+                // The session ended; its `Closed` event is on the way.
+                Err(TrySendError::Closed(())) => true,
+                Err(TrySendError::Full(())) => false,
+            };
+            if ended {
+                self.remove(conn);
+                return;
+            }
+        }
+        self.held += 1;
+        match c.backlog.hold(msg, now) {
+            Ok(()) => {
+                self.backlogged.insert(conn);
+            }
+            Err(e) => {
+                warn!(conn, error = %e, "control connection's backlog cannot hold more; closing it");
+                self.close(conn, ErrorCode::Internal, format!("too slow: {e}"));
+            }
+        }
+    }
+
+    /// Moves what the backlogged sessions have room for now into their queues; closes a
+    /// session that took nothing for [`crate::fanout::STUCK_LIMIT`].
+    fn drain(&mut self, now: Instant) {
+        if self.backlogged.is_empty() {
+            return;
+        }
+        let mut stuck = Vec::new();
+        let mut gone = Vec::new();
+        let mut done = Vec::new();
+        for conn in &self.backlogged {
+            let Some(c) = self.conns.get_mut(conn) else {
+                done.push(*conn);
+                continue;
+            };
+            let mut moved = false;
+            loop {
+                if c.backlog.is_empty() {
+                    done.push(*conn);
+                    break;
+                }
+                match c.tx.try_reserve() {
+                    Ok(permit) => {
+                        if let Some(msg) = c.backlog.pop() {
+                            permit.send(ConnCmd::Send(wire::encode(&msg)));
+                            moved = true;
+                        }
+                    }
+                    Err(TrySendError::Full(())) => break,
+                    Err(TrySendError::Closed(())) => {
+                        gone.push(*conn);
+                        break;
+                    }
+                }
+            }
+            if moved {
+                c.backlog.progressed(now);
+            } else if c.backlog.stuck(now) {
+                stuck.push(*conn);
+            }
+        }
+        for conn in done {
+            self.backlogged.remove(&conn);
+        }
+        for conn in gone {
+            self.remove(conn);
+        }
+        for conn in stuck {
+            warn!(
+                conn,
+                limit_s = crate::fanout::STUCK_LIMIT.as_secs(),
+                "control connection took nothing while its netmap waited; closing it"
+            );
+            self.close(
+                conn,
+                ErrorCode::Internal,
+                "too slow: this session took no message for 30 s".into(),
+            );
+        }
+    }
+}
+
 pub(super) enum Event {
     Opened {
         id: DeviceId,
@@ -39,6 +179,7 @@ pub(super) enum Event {
         observed: SocketAddr,
         update: DeviceUpdate,
         tx: mpsc::Sender<ConnCmd>,
+        close: CloseTx,
         reply: oneshot::Sender<Result<(), ErrorCode>>,
     },
     Update {
@@ -198,7 +339,12 @@ pub(super) async fn registry_actor(
     presence: mpsc::UnboundedSender<Presence>,
     replica: String,
 ) {
-    let mut conns: HashMap<ConnId, mpsc::Sender<ConnCmd>> = HashMap::new();
+    let mut conns = DeviceConns::default();
+    let mut pacer = Pacer::new(MIN_FLUSH_GAP);
+    // Events handled since the last flush, and the devices waiting for it to hear their lease
+    // was granted (only after the flush that gave peers its key).
+    let mut handled = 0usize;
+    let mut leases_done: Vec<oneshot::Sender<()>> = Vec::new();
     let mut relays: RelayConns = BTreeMap::new();
     let mut stats = TrustStats::default();
     let mut baselines_saved = Instant::now();
@@ -216,35 +362,53 @@ pub(super) async fn registry_actor(
         presence: presence.clone(),
     };
     loop {
-        // Wake for the next rule or grant expiry, or at least every second.
-        let wait = reg
-            .poll_timeout()
-            .map(|t| (t - now_ms()).clamp(50, 1000) as u64)
-            .unwrap_or(1000);
-        let ev = tokio::select! {
-            ev = rx.recv() => match ev { Some(ev) => Some(ev), None => break },
-            _ = tokio::time::sleep(Duration::from_millis(wait)) => None,
+        // Wake for the next rule or grant expiry, or at least every second; for the paced
+        // flush when one is waiting; and soon while a session has a backlog to move on.
+        let timer = Duration::from_millis(
+            reg.poll_timeout()
+                .map(|t| (t - now_ms()).clamp(50, 1000) as u64)
+                .unwrap_or(1000),
+        );
+        let mut wait = timer;
+        if let Some(w) = pacer.wait(Instant::now()) {
+            wait = wait.min(w);
+        }
+        if !conns.backlogged.is_empty() {
+            wait = wait.min(BACKLOG_RETRY);
+        }
+        let ev = if wait.is_zero() {
+            rx.try_recv()
+        } else {
+            tokio::select! {
+                ev = rx.recv() => match ev { Some(ev) => Some(ev), None => break },
+                _ = tokio::time::sleep(wait) => None,
+            }
         };
-        sink.stats.live.batch_started = Some(Instant::now());
+        if handled == 0 {
+            sink.stats.live.batch_started = Some(Instant::now());
+        }
         reg.handle_time(now_ms());
         if baselines_saved.elapsed() >= BASELINE_SAVE_EVERY {
             baselines_saved = Instant::now();
             save_baselines(&baseline_store, reg.behaviour_snapshots()).await;
             save_group_baselines(&baseline_store, reg.behaviour_group_snapshots()).await;
         }
-        let Some(first) = ev else {
-            flush(&mut reg, &mut conns, &mut relays, &mut sink);
-            continue;
-        };
-        // Every event waiting now is handled before one flush: the registry recomputes the
-        // netmaps once for the whole batch, not once per event (an admission wave of N sessions
-        // costs one recompute per batch, not N, each over N sessions).
-        let mut next = Some(first);
-        let mut handled = 0usize;
-        // Devices told their lease was granted only after the flush that gave peers its key.
-        let mut leases_done: Vec<oneshot::Sender<()>> = Vec::new();
+        // Every event waiting now (and every one arriving until the pacer says the flush is
+        // due) is handled before one flush: the registry recomputes the netmaps once for the
+        // whole burst, not once per event (an admission wave of N sessions costs one
+        // recompute per gap, not N, each over N sessions). A wake without an event flushes
+        // too (time passed: expiries); a wake only to move backlogs on does not.
+        if ev.is_some() || wait == timer {
+            pacer.note(false);
+        }
+        let mut next = ev;
+        let mut in_batch = 0usize;
         while let Some(ev) = next.take() {
             handled += 1;
+            in_batch += 1;
+            if urgent(&ev) {
+                pacer.note(true);
+            }
             match ev {
                 Event::Opened {
                     id,
@@ -252,18 +416,19 @@ pub(super) async fn registry_actor(
                     observed,
                     update,
                     tx,
+                    close,
                     reply,
                 } => {
                     let r = reg.handle_session_opened(id, conn, observed, update);
                     if r.is_ok() {
-                        conns.insert(conn, tx);
+                        conns.insert(conn, tx, close);
                         let _ = presence.send(Presence::Claimed(id, now_ms()));
                     }
                     let _ = reply.send(r);
                 }
                 Event::Update { id, conn, update } => reg.handle_session_update(id, conn, update),
                 Event::Closed { id, conn } => {
-                    conns.remove(&conn);
+                    conns.remove(conn);
                     reg.handle_session_closed(id, conn);
                     if !reg.is_online(id) {
                         let _ = presence.send(Presence::Released(id));
@@ -451,22 +616,35 @@ pub(super) async fn registry_actor(
                     });
                 }
             }
-            if handled < BATCH_MAX {
+            if in_batch < BATCH_MAX {
                 next = rx.try_recv();
             }
         }
-        let took = flush(&mut reg, &mut conns, &mut relays, &mut sink);
-        for done in leases_done {
-            let _ = done.send(());
-        }
-        sink.stats.live.batch(handled, took);
-        if took >= SLOW_FLUSH {
-            debug!(
-                events = handled,
-                flush_ms = took.as_millis() as u64,
-                sessions = reg.online_ids().len(),
-                "registry batch flushed slowly"
-            );
+        let now = Instant::now();
+        if pacer.due(now) {
+            let took = flush(&mut reg, &mut conns, &mut relays, &mut sink);
+            // The gap counts from the flush's end: however long recomputes take, the actor
+            // spends the gap gathering events, not recomputing for each few of them.
+            pacer.flushed(Instant::now());
+            for done in leases_done.drain(..) {
+                let _ = done.send(());
+            }
+            if handled > 0 {
+                sink.stats.live.batch(handled, took);
+            }
+            if took >= SLOW_FLUSH {
+                debug!(
+                    events = handled,
+                    flush_ms = took.as_millis() as u64,
+                    sessions = reg.online_ids().len(),
+                    backlogged = conns.backlogged.len(),
+                    held_total = conns.held,
+                    "registry batch flushed slowly"
+                );
+            }
+            handled = 0;
+        } else {
+            conns.drain(now);
         }
     }
     // Shutting down: keep what was learned.
@@ -493,6 +671,23 @@ async fn save_group_baselines(store: &Arc<dyn Store>, rows: Vec<(String, String)
 /// for its netmaps (each event alone is cheap; the flush is what costs).
 const BATCH_MAX: usize = 1024;
 
+/// How soon a session's backlog is offered to its queue again when nothing else wakes the
+/// actor (every flush offers it too).
+const BACKLOG_RETRY: Duration = Duration::from_millis(20);
+
+/// Events that take access away: their flush does not wait for the pacer's gap, so a
+/// revocation reaches sessions (and relays) as fast as before pacing.
+fn urgent(ev: &Event) -> bool {
+    matches!(
+        ev,
+        Event::Removed(..)
+            | Event::LeasesRevoked(..)
+            | Event::Identity(_, Some(_))
+            | Event::Rotate(..)
+            | Event::SessionMoved(..)
+    )
+}
+
 /// A flush slower than this is logged (at debug) with the batch's size.
 const SLOW_FLUSH: Duration = Duration::from_millis(100);
 
@@ -517,7 +712,7 @@ async fn save_baselines(store: &Arc<dyn Store>, rows: Vec<(DeviceId, String)>) {
 /// connections and the trust sink; returns how long that took.
 pub(super) fn flush(
     reg: &mut Registry,
-    conns: &mut HashMap<ConnId, mpsc::Sender<ConnCmd>>,
+    conns: &mut DeviceConns,
     relays: &mut RelayConns,
     sink: &mut TrustSink<'_>,
 ) -> Duration {
@@ -525,28 +720,21 @@ pub(super) fn flush(
     let mut changed = false;
     let mut revoked = Vec::new();
     let mut netmaps = 0u64;
+    // Sessions with a backlog get their oldest change first, then what this flush adds.
+    conns.drain(started);
     {
         while let Some(out) = reg.poll_output() {
             match out {
                 Output::Send { conn, msg } => {
-                    let Some(tx) = conns.get(&conn) else { continue };
                     if matches!(
                         msg,
                         wire::CoordinatorMsg::Netmap(_) | wire::CoordinatorMsg::NetmapDelta(_)
                     ) {
                         netmaps += 1;
                     }
-                    if tx.try_send(ConnCmd::Send(wire::encode(&msg))).is_err() {
-                        warn!(conn, "control connection is not keeping up; closing it");
-                        let _ = tx.try_send(ConnCmd::Close(ErrorCode::Internal, "too slow".into()));
-                        conns.remove(&conn);
-                    }
+                    conns.deliver(conn, msg, started);
                 }
-                Output::Close { conn, code, reason } => {
-                    if let Some(tx) = conns.remove(&conn) {
-                        let _ = tx.try_send(ConnCmd::Close(code, reason));
-                    }
-                }
+                Output::Close { conn, code, reason } => conns.close(conn, code, reason),
                 Output::PostureChanged {
                     device,
                     change,
@@ -616,4 +804,96 @@ fn push_revoked(relays: &mut RelayConns, devices: Vec<DeviceId>) {
             .try_send(ConnCmd::Close(ErrorCode::Internal, "too slow".into()));
         false
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+    use super::*;
+    use ward_shared::wire::{CoordinatorMsg, NetmapDelta};
+
+    fn delta(base: u64, removed: u64) -> CoordinatorMsg {
+        CoordinatorMsg::NetmapDelta(NetmapDelta {
+            base_seq: base,
+            seq: base + 1,
+            upsert: vec![],
+            remove: vec![DeviceId(removed)],
+            inbound: None,
+            reach: None,
+            relays: None,
+            policy_version: None,
+            me: None,
+            shadow_filter: None,
+        })
+    }
+
+    fn received(rx: &mut mpsc::Receiver<ConnCmd>) -> Vec<CoordinatorMsg> {
+        let mut out = Vec::new();
+        while let Ok(cmd) = rx.try_recv() {
+            let ConnCmd::Send(bytes) = cmd else {
+                panic!("a close on the queue")
+            };
+            out.push(wire::decode(&bytes[4..]).unwrap());
+        }
+        out
+    }
+
+    /// A session whose queue is full gets every change later, merged, and is not closed.
+    #[test]
+    fn a_slow_session_gets_its_changes_merged_and_stays_open() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let (close_tx, mut close_rx) = oneshot::channel();
+        let mut conns = DeviceConns::default();
+        conns.insert(7, tx, close_tx);
+        let t0 = Instant::now();
+        for i in 0..50 {
+            conns.deliver(7, delta(1 + i, 100 + i), t0);
+        }
+        assert!(conns.conns.contains_key(&7), "not closed for being slow");
+        assert_eq!(conns.backlogged.len(), 1);
+        assert_eq!(conns.held, 48, "two went to the queue, the rest were held");
+        let first = received(&mut rx);
+        assert_eq!(first.len(), 2);
+        // The session read its queue: the backlog goes out as one merged delta.
+        conns.drain(t0 + Duration::from_secs(1));
+        let rest = received(&mut rx);
+        let [CoordinatorMsg::NetmapDelta(d)] = rest.as_slice() else {
+            panic!("one merged delta: {rest:?}")
+        };
+        assert_eq!((d.base_seq, d.seq, d.remove.len()), (3, 51, 48));
+        assert!(conns.backlogged.is_empty());
+        assert!(close_rx.try_recv().is_err(), "no close was sent");
+    }
+
+    /// A close goes out at once even when the queue is full; a session that takes nothing
+    /// for the stuck limit is closed.
+    #[test]
+    fn closes_do_not_queue_and_a_stuck_session_is_closed() {
+        let (tx, _rx) = mpsc::channel(1);
+        let (close_tx, mut close_rx) = oneshot::channel();
+        let mut conns = DeviceConns::default();
+        conns.insert(1, tx, close_tx);
+        let t0 = Instant::now();
+        conns.deliver(1, delta(1, 5), t0);
+        conns.deliver(1, delta(2, 6), t0);
+        conns.close(1, ErrorCode::DeviceRevoked, "revoked".into());
+        assert_eq!(
+            close_rx.try_recv().unwrap(),
+            (ErrorCode::DeviceRevoked, "revoked".to_string())
+        );
+        assert!(conns.conns.is_empty() && conns.backlogged.is_empty());
+
+        let (tx, _rx) = mpsc::channel(1);
+        let (close_tx, mut close_rx) = oneshot::channel();
+        conns.insert(2, tx, close_tx);
+        conns.deliver(2, delta(1, 5), t0);
+        conns.deliver(2, delta(2, 6), t0);
+        conns.drain(t0 + crate::fanout::STUCK_LIMIT - Duration::from_secs(1));
+        assert!(close_rx.try_recv().is_err(), "not stuck yet");
+        conns.drain(t0 + crate::fanout::STUCK_LIMIT);
+        let (code, why) = close_rx.try_recv().unwrap();
+        assert_eq!(code, ErrorCode::Internal);
+        assert!(why.contains("too slow"), "{why}");
+        assert!(conns.conns.is_empty());
+    }
 }

@@ -472,6 +472,9 @@ async fn session(
     };
     let conn_id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(CONN_QUEUE);
+    // A close from the registry (revoked, replaced, too slow) goes ahead of the queue.
+    let (close_tx, close_rx) = oneshot::channel::<(ErrorCode, String)>();
+    let mut close_rx = Some(close_rx);
     let (reply_tx, reply_rx) = oneshot::channel();
     let update = hello.update.clone();
     touch(&ctx, id, &update);
@@ -482,6 +485,7 @@ async fn session(
             observed: remote,
             update,
             tx,
+            close: close_tx,
             reply: reply_tx,
         })
         .await;
@@ -532,6 +536,21 @@ async fn session(
                         }
                     }
                 }
+                closed = async {
+                    match close_rx.as_mut() {
+                        Some(c) => c.await,
+                        None => std::future::pending().await,
+                    }
+                } => match closed {
+                    Ok((code, reason)) => {
+                        info!(device = %id, ?code, %reason, "closing device session");
+                        refuse(&mut link, code, reason).await;
+                        return Ok(());
+                    }
+                    // The registry let go of this session without a word: the queue's end
+                    // (below) ends the session once what is queued was sent.
+                    Err(_) => close_rx = None,
+                },
                 cmd = rx.recv() => match cmd {
                     Some(ConnCmd::Send(bytes)) => link.send.write_all(&bytes).await?,
                     Some(ConnCmd::Close(code, reason)) => {
