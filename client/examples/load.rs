@@ -778,7 +778,7 @@ impl Dev {
                     Event::SwitchKey { .. } => lock().rotations += 1,
                     // No data plane, no relays: nothing to configure or probe.
                     Event::SetPeers(_)
-                    | Event::SetFilter(_)
+                    | Event::SetFilter { .. }
                     | Event::SetRoutes { .. }
                     | Event::SetShadowFilter(_)
                     | Event::SetClockOffset(_)

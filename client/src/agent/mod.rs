@@ -36,6 +36,7 @@ use ward_shared::discovery::BindingResponse;
 use ward_shared::filter::FilterRule;
 use ward_shared::lease::SignedLease;
 use ward_shared::names::Hostname;
+use ward_shared::peerset::PeerSet;
 use ward_shared::posture::{PostureReport, PostureWants};
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeniedFlow, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello,
@@ -157,8 +158,12 @@ pub enum Event {
     Disconnected { revoked: bool, retry_in: Duration },
     /// Configure exactly these peers in the data plane.
     SetPeers(Vec<PeerConfig>),
-    /// Install this inbound filter in the data plane.
-    SetFilter(Vec<FilterRule>),
+    /// Install this inbound filter in the data plane, with the peer sets its rules (and the
+    /// candidate rules) name, as one step.
+    SetFilter {
+        rules: Vec<FilterRule>,
+        sets: Vec<PeerSet>,
+    },
     /// Forward these routed prefixes (this device's approved routes; empty: none), and route
     /// these prefixes into the tunnel (the routed prefixes of every configured peer).
     SetRoutes {
@@ -296,7 +301,7 @@ pub struct Agent {
     /// The relay list last given to the data plane.
     applied_relays: Vec<(String, u16)>,
     applied_peers: Option<Vec<PeerConfig>>,
-    applied_filter: Option<Vec<FilterRule>>,
+    applied_filter: Option<(Vec<FilterRule>, Vec<PeerSet>)>,
     /// The candidate rules last handed to the data plane (outer `None`: none handed yet).
     applied_shadow: Option<Option<Vec<FilterRule>>>,
     applied_routes: Option<(
@@ -1071,9 +1076,13 @@ impl Agent {
             self.events.push_back(Event::SetPeers(peers.clone()));
             self.applied_peers = Some(peers);
         }
-        if self.applied_filter.as_ref() != Some(&nm.inbound) {
-            self.events.push_back(Event::SetFilter(nm.inbound.clone()));
-            self.applied_filter = Some(nm.inbound.clone());
+        let filter = (nm.inbound.clone(), nm.peer_sets.clone());
+        if self.applied_filter.as_ref() != Some(&filter) {
+            self.events.push_back(Event::SetFilter {
+                rules: filter.0.clone(),
+                sets: filter.1.clone(),
+            });
+            self.applied_filter = Some(filter);
         }
         if self.applied_shadow.as_ref() != Some(&nm.shadow_filter) {
             let sf = nm.shadow_filter.clone();
@@ -1108,14 +1117,17 @@ impl Agent {
             self.leases.clear();
             self.own_lease = None;
             self.applied_peers = Some(Vec::new());
-            self.applied_filter = Some(Vec::new());
+            self.applied_filter = Some((Vec::new(), Vec::new()));
             self.applied_routes = Some((Vec::new(), Vec::new()));
             self.events.push_back(Event::SetRoutes {
                 served: Vec::new(),
                 reached: Vec::new(),
             });
             self.events.push_back(Event::SetPeers(Vec::new()));
-            self.events.push_back(Event::SetFilter(Vec::new()));
+            self.events.push_back(Event::SetFilter {
+                rules: Vec::new(),
+                sets: Vec::new(),
+            });
             if self.applied_shadow.as_ref().is_some_and(Option::is_some) {
                 self.events.push_back(Event::SetShadowFilter(None));
             }

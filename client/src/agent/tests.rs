@@ -228,6 +228,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         shadow_filter: None,
         dns_domain: None,
         coordinators: Vec::new(),
+        peer_sets: Vec::new(),
     }
 }
 
@@ -524,7 +525,10 @@ fn revoked_device_leaves_the_network_and_waits_long() {
     let evs = h.take_events();
     assert!(evs.contains(&Event::CloseSession));
     assert!(evs.contains(&Event::SetPeers(vec![])));
-    assert!(evs.contains(&Event::SetFilter(vec![])));
+    assert!(evs.contains(&Event::SetFilter {
+        rules: vec![],
+        sets: vec![]
+    }));
     assert!(evs.iter().any(|e| matches!(e, Event::Disconnected { revoked: true, retry_in } if *retry_in >= Duration::from_secs(30))));
     assert_eq!(h.agent.phase(), Phase::Revoked);
     assert!(h.agent.netmap().is_none() && h.agent.own_lease().is_none());

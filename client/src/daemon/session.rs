@@ -311,9 +311,9 @@ impl Daemon {
                         dp.set_peers(peers);
                     }
                 }
-                Event::SetFilter(rules) => {
+                Event::SetFilter { rules, sets } => {
                     if let Some(dp) = dp {
-                        dp.set_filter(rules);
+                        dp.set_filter_with_sets(rules, &sets);
                     }
                 }
                 Event::SetRoutes { served, reached } => {

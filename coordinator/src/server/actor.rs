@@ -38,6 +38,8 @@ pub(super) enum Event {
         conn: ConnId,
         observed: SocketAddr,
         update: DeviceUpdate,
+        /// The protocol version the device's hello said it speaks.
+        protocol: u32,
         tx: mpsc::Sender<ConnCmd>,
         reply: oneshot::Sender<Result<(), ErrorCode>>,
     },
@@ -239,10 +241,12 @@ pub(super) async fn registry_actor(
                     conn,
                     observed,
                     update,
+                    protocol,
                     tx,
                     reply,
                 } => {
-                    let r = reg.handle_session_opened(id, conn, observed, update);
+                    let r =
+                        reg.handle_session_opened_speaking(id, conn, observed, update, protocol);
                     if r.is_ok() {
                         conns.insert(conn, tx);
                         let _ = presence.send(Presence::Claimed(id, now_ms()));
