@@ -40,7 +40,7 @@ use ward_shared::peerset::PeerSet;
 use ward_shared::posture::{PostureReport, PostureWants};
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeniedFlow, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello,
-    Netmap, PostureVerdict, WgPublicKey, PROTOCOL_VERSION,
+    Netmap, PostureVerdict, WgPublicKey,
 };
 
 use self::flows::{FlowContext, FlowLog, FlowLogConfig, FlowLogState, FlowLogStatus, FLOW_TICK};
@@ -108,6 +108,9 @@ pub struct AgentConfig {
     pub seed: u64,
     /// Routes this device advertises and the exit node it uses.
     pub routes: routes::RouteOptions,
+    /// The protocol version said in `Hello`: [`ward_shared::wire::PROTOCOL_VERSION`] (the load tool says 1 to
+    /// act as an agent that predates peer sets).
+    pub protocol: u32,
 }
 
 /// The connection state shown to people.
@@ -381,7 +384,7 @@ impl Agent {
         let update = self.with_candidates(update);
         self.update = update.clone();
         self.transmits.push_back(DeviceMsg::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
+            protocol: self.cfg.protocol,
             os: self.cfg.os.clone(),
             version: self.cfg.version.clone(),
             update,

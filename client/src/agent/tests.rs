@@ -44,6 +44,7 @@ impl H {
             os: "test".into(),
             version: "0".into(),
             seed: 7,
+            protocol: ward_shared::wire::PROTOCOL_VERSION,
         };
         let agent = Agent::new(
             cfg,
@@ -1380,6 +1381,7 @@ fn devices_of_a_failed_coordinator_spread_their_reconnects() {
             os: "test".into(),
             version: "0".into(),
             seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xdead_beef,
+            protocol: ward_shared::wire::PROTOCOL_VERSION,
         };
         let mut a = Agent::new(cfg, now);
         a.set_coordinators(addrs(&["a:1", "b:1"]), None);

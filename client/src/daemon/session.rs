@@ -52,6 +52,7 @@ pub(super) fn new_agent(
             version: env!("CARGO_PKG_VERSION").into(),
             seed: rand::random(),
             routes,
+            protocol: ward_shared::wire::PROTOCOL_VERSION,
         },
         now,
     );
