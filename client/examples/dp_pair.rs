@@ -117,6 +117,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         rule: "dp-pair-allow-all".into(),
         service: "all".into(),
         sources: vec![IpAddr::V4(a.peer_ipv4), IpAddr::V6(a.peer_ipv6)],
+        source_sets: Vec::new(),
         proto,
         ports,
         not_after_ms: None,

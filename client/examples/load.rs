@@ -101,6 +101,10 @@ struct Opts {
     /// Users the devices belong to (round robin); the policy's groups are made of them.
     #[arg(long, env = "WARD_LOAD_USERS", default_value_t = 20)]
     users: usize,
+    /// The protocol version the devices say they speak (1: agents that predate peer sets, whose
+    /// netmaps list every source address in every rule).
+    #[arg(long, env = "WARD_LOAD_PROTOCOL", default_value_t = PROTOCOL_VERSION)]
+    protocol: u32,
     /// Rules in the dense policy.
     #[arg(long, env = "WARD_LOAD_RULES", default_value_t = 50)]
     rules: usize,
@@ -294,6 +298,7 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
             addr,
             wg_port: 10_000 + (i % 50_000) as u16,
             posture_interval: Duration::from_secs(opts.posture_interval.max(1)),
+            protocol: opts.protocol,
             enrolled: e,
             key_pem,
         };
@@ -839,6 +844,7 @@ struct Dev {
     addr: SocketAddr,
     wg_port: u16,
     posture_interval: Duration,
+    protocol: u32,
     enrolled: Enrolled,
     key_pem: String,
 }
@@ -870,6 +876,7 @@ impl Dev {
                 version: env!("CARGO_PKG_VERSION").into(),
                 seed: rand::random(),
                 routes: RouteOptions::default(),
+                protocol: self.protocol,
             },
             now(),
         );
@@ -930,7 +937,7 @@ impl Dev {
                     Event::SwitchKey { .. } => lock().rotations += 1,
                     // No data plane, no relays: nothing to configure or probe.
                     Event::SetPeers(_)
-                    | Event::SetFilter(_)
+                    | Event::SetFilter { .. }
                     | Event::SetRoutes { .. }
                     | Event::SetShadowFilter(_)
                     | Event::SetClockOffset(_)
@@ -1349,6 +1356,7 @@ impl Report {
         r.set("group_percent", opts.group_percent.into());
         r.set("users", opts.users.into());
         r.set("posture_interval_s", opts.posture_interval.into());
+        r.set("protocol", opts.protocol.into());
         r.set("lease_ttl", opts.lease_ttl.clone().into());
         r
     }

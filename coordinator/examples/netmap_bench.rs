@@ -1,8 +1,10 @@
 //! Time to compile a policy change and produce every affected device's netmap delta, for 1 000
 //! and 10 000 simulated devices with live sessions (the coordinator's I/O-free core, no network).
 //!
-//! `cargo run --release -p ward-coordinator --example netmap_bench [-- 1000 10000]`
-//! (any sizes; `-- 200` is the quick mode `bench/smoke.sh` runs, done in seconds)
+//! `cargo run --release -p ward-coordinator --example netmap_bench [-- [--dense] [--v1] 1000 10000]`
+//! (any sizes; `-- 200` is the quick mode `bench/smoke.sh` runs, done in seconds).
+//! `--dense`: each team's rule admits 14 of the 20 teams (most devices reach every server).
+//! `--v1`: the devices speak protocol 1 (flat source lists, no peer sets), for comparison.
 
 use std::time::Instant;
 
@@ -14,7 +16,7 @@ use ward_shared::policy;
 use ward_shared::wire::{DeviceId, DeviceUpdate};
 
 /// 20 teams of users, each team's laptops reach their team's servers; ops reach every server.
-fn policy_text(extra_port: bool) -> String {
+fn policy_text(extra_port: bool, dense: bool) -> String {
     let mut s = String::from("[groups]\nops = [\"u0\"]\n");
     for t in 0..20 {
         // Members come from the directory (users' groups); the policy declares the names.
@@ -22,8 +24,16 @@ fn policy_text(extra_port: bool) -> String {
     }
     for t in 0..20 {
         s += &format!("\n[services.team{t}]\ndevices = [\"tag:team{t}\"]\nports = [\"tcp/443\", \"tcp/5432\"{}]\n", if extra_port && t == 0 { ", \"tcp/8080\"" } else { "" });
+        let from: Vec<String> = if dense {
+            (0..14)
+                .map(|k| format!("\"group:team{}\"", (t + k) % 20))
+                .collect()
+        } else {
+            vec![format!("\"group:team{t}\"")]
+        };
         s += &format!(
-            "\n[[rules]]\nname = \"team{t}\"\nfrom = [\"group:team{t}\"]\nto = [\"team{t}\"]\n"
+            "\n[[rules]]\nname = \"team{t}\"\nfrom = [{}]\nto = [\"team{t}\"]\n",
+            from.join(", ")
         );
     }
     s += "\n[services.ssh]\ndevices = [\"tag:server\"]\nports = [\"tcp/22\"]\n\n[[rules]]\nname = \"ops-ssh\"\nfrom = [\"group:ops\"]\nto = [\"ssh\"]\n";
@@ -31,10 +41,14 @@ fn policy_text(extra_port: bool) -> String {
 }
 
 fn main() {
-    let sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dense = args.iter().any(|a| a == "--dense");
+    let protocol = if args.iter().any(|a| a == "--v1") {
+        1
+    } else {
+        ward_shared::wire::PROTOCOL_VERSION
+    };
+    let sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() {
         vec![1000, 10_000]
     } else {
@@ -42,8 +56,15 @@ fn main() {
     };
     let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
     println!(
-        "{:>8} {:>12} {:>14} {:>12} {:>12}",
-        "devices", "first push", "policy change", "messages", "bytes"
+        "{:>8} {:>12} {:>14} {:>12} {:>12} {:>14} {:>14}   (protocol {protocol}{})",
+        "devices",
+        "first push",
+        "policy change",
+        "messages",
+        "bytes",
+        "netmap mean B",
+        "netmap max B",
+        if dense { ", dense" } else { "" }
     );
     for &n in &sizes {
         // One in ten devices is a server; users own the rest, two laptops each.
@@ -92,8 +113,8 @@ fn main() {
             });
         }
         users.dedup_by(|a, b| a.name == b.name);
-        let p1 = policy::parse(policy_text(false).as_bytes(), "bench.toml").expect("policy");
-        let p2 = policy::parse(policy_text(true).as_bytes(), "bench.toml").expect("policy");
+        let p1 = policy::parse(policy_text(false, dense).as_bytes(), "bench.toml").expect("policy");
+        let p2 = policy::parse(policy_text(true, dense).as_bytes(), "bench.toml").expect("policy");
         let mut reg = Registry::new(pools, devices, users, Some(p1), vec![], vec![], 0);
         for i in 0..n {
             let addr = format!(
@@ -104,28 +125,37 @@ fn main() {
             )
             .parse()
             .expect("addr");
-            reg.handle_session_opened(
+            reg.handle_session_opened_speaking(
                 DeviceId(i as u64 + 1),
                 i as u64,
                 addr,
                 DeviceUpdate::default(),
+                protocol,
             )
             .expect("session");
         }
         let t0 = Instant::now();
         // Besides its netmap, a new session gets other messages (posture requests, verdicts).
         let (mut netmaps, mut first_peers) = (0usize, 0usize);
+        let mut first: Vec<ward_shared::wire::CoordinatorMsg> = Vec::new();
         while let Some(o) = reg.poll_output() {
-            if let Output::Send {
-                msg: ward_shared::wire::CoordinatorMsg::Netmap(nm),
-                ..
-            } = o
-            {
-                netmaps += 1;
-                first_peers += nm.peers.len();
+            if let Output::Send { msg, .. } = o {
+                if let ward_shared::wire::CoordinatorMsg::Netmap(nm) = &msg {
+                    netmaps += 1;
+                    first_peers += nm.peers.len();
+                    first.push(msg);
+                }
             }
         }
         let first_push = t0.elapsed();
+        // Encoding is what a session does before sending; timed apart from the core.
+        let sizes: Vec<usize> = first
+            .iter()
+            .map(|m| ward_shared::wire::encode(m).len())
+            .collect();
+        drop(first);
+        let mean = sizes.iter().sum::<usize>() / sizes.len().max(1);
+        let max = sizes.iter().max().copied().unwrap_or(0);
         assert_eq!(netmaps, n, "one netmap per device");
         let t1 = Instant::now();
         reg.handle_policy(p2);
@@ -137,6 +167,6 @@ fn main() {
             }
         }
         let change = t1.elapsed();
-        println!("{n:>8} {:>10.1}ms {:>12.1}ms {msgs:>12} {bytes:>12}   ({first_peers} peer entries in the first netmaps)", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3);
+        println!("{n:>8} {:>10.1}ms {:>12.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14}   ({first_peers} peer entries in the first netmaps)", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3);
     }
 }

@@ -23,13 +23,14 @@ use ward_shared::addr::AddressPools;
 use ward_shared::filter::{FilterRule, Proto};
 use ward_shared::lease::SignedLease;
 use ward_shared::names::{Hostname, Name};
+use ward_shared::peerset::{self, Factored};
 use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
 use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::routes::{overlaps_overlay, Prefix, MAX_ADVERTISED_ROUTES};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
     PostureVerdict, Reach, RelayInfo, RiskView, SelfInfo, Unavailable, WgPublicKey,
-    MAX_DENIED_FLOWS, MAX_ENDPOINTS,
+    MAX_DENIED_FLOWS, MAX_ENDPOINTS, PROTOCOL_VERSION,
 };
 
 use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, Label};
@@ -169,6 +170,9 @@ pub enum Output {
 struct Session {
     conn: ConnId,
     observed: SocketAddr,
+    /// The protocol version the device speaks: from 2 its filter names peer sets, version 1
+    /// gets every source address in every rule.
+    protocol: u32,
     /// What this session was last sent.
     sent: Option<Sent>,
     wants_sent: Option<PostureWants>,
@@ -194,12 +198,12 @@ struct Sent {
     /// The routes this device was last told it forwards.
     routes: Vec<Prefix>,
     peers: BTreeMap<DeviceId, Peer>,
-    inbound: Vec<FilterRule>,
+    /// The inbound filter, the candidate inbound filter (policies with shadow rules) and the
+    /// peer sets they name, as sent (no sets for a version-1 device).
+    filter: Factored,
     reach: Vec<Reach>,
     relays: Vec<RelayInfo>,
     policy_version: Option<u64>,
-    /// The candidate inbound filter (policies with shadow rules).
-    shadow_filter: Option<Vec<FilterRule>>,
 }
 
 #[derive(Debug)]
@@ -1380,14 +1384,28 @@ impl Registry {
         self.dirty = true;
     }
 
-    /// An authenticated device said hello. A previous session of the same device is closed
-    /// (the newest connection wins, as after a roam).
+    /// An authenticated device speaking this coordinator's protocol said hello: see
+    /// [`Registry::handle_session_opened_speaking`].
     pub fn handle_session_opened(
         &mut self,
         id: DeviceId,
         conn: ConnId,
         observed: SocketAddr,
         update: DeviceUpdate,
+    ) -> Result<(), ErrorCode> {
+        self.handle_session_opened_speaking(id, conn, observed, update, PROTOCOL_VERSION)
+    }
+
+    /// An authenticated device said hello, speaking `protocol` (which shapes its netmaps). A
+    /// previous session of the same device is closed (the newest connection wins, as after a
+    /// roam).
+    pub fn handle_session_opened_speaking(
+        &mut self,
+        id: DeviceId,
+        conn: ConnId,
+        observed: SocketAddr,
+        update: DeviceUpdate,
+        protocol: u32,
     ) -> Result<(), ErrorCode> {
         if !self.devices.contains_key(&id) {
             return Err(ErrorCode::DeviceRevoked);
@@ -1400,6 +1418,7 @@ impl Registry {
             Session {
                 conn,
                 observed,
+                protocol,
                 sent: None,
                 wants_sent: None,
                 verdict_sent: None,
@@ -1799,6 +1818,21 @@ impl Registry {
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
+            // The filter as this device's protocol carries it: peer sets (ids kept from what
+            // it holds) from version 2, flat rules before.
+            let filter = if session.protocol >= 2 {
+                peerset::factor(
+                    inbound,
+                    shadow_filter.map(Vec::as_slice),
+                    session.sent.as_ref().map(|s| &s.filter),
+                )
+            } else {
+                Factored {
+                    inbound: inbound.clone(),
+                    shadow: shadow_filter.cloned(),
+                    sets: peerset::SetBook::new(),
+                }
+            };
             match &mut session.sent {
                 None => {
                     let want: BTreeMap<DeviceId, Peer> = wanted
@@ -1820,26 +1854,33 @@ impl Registry {
                             observed_addr: Some(session.observed),
                         },
                         peers: want.values().cloned().collect(),
-                        inbound: inbound.clone(),
+                        inbound: filter.inbound.clone(),
                         reach: reach.clone(),
                         relays: relays.clone(),
                         punch: true,
                         flows: true,
                         policy_version,
-                        shadow_filter: shadow_filter.cloned(),
+                        shadow_filter: filter.shadow.clone(),
                         dns_domain: Some(self.dns_domain.clone()),
                         coordinators: self.coordinators.clone(),
+                        peer_sets: filter
+                            .sets
+                            .iter()
+                            .map(|(id, prefixes)| peerset::PeerSet {
+                                id: *id,
+                                prefixes: prefixes.clone(),
+                            })
+                            .collect(),
                     });
                     session.sent = Some(Sent {
                         seq: 1,
                         hostname: me.hostname.clone(),
                         routes: my_routes.clone(),
                         peers: want,
-                        inbound: inbound.clone(),
+                        filter,
                         reach: reach.clone(),
                         relays: relays.clone(),
                         policy_version,
-                        shadow_filter: shadow_filter.cloned(),
                     });
                     self.outputs.push_back(Output::Send {
                         conn: session.conn,
@@ -1865,15 +1906,17 @@ impl Registry {
                         .filter(|k| !wanted_ids.contains(k))
                         .copied()
                         .collect();
-                    let inbound_changed = sent.inbound != *inbound;
+                    let inbound_changed = sent.filter.inbound != filter.inbound;
+                    let sets_changed = sent.filter.sets != filter.sets;
                     let reach_changed = sent.reach != *reach;
                     let relays_changed = sent.relays != relays;
                     let me_changed = sent.hostname != me.hostname || sent.routes != *my_routes;
                     let version_changed = sent.policy_version != policy_version;
-                    let shadow_changed = sent.shadow_filter.as_ref() != shadow_filter;
+                    let shadow_changed = sent.filter.shadow != filter.shadow;
                     if upsert.is_empty()
                         && remove.is_empty()
                         && !inbound_changed
+                        && !sets_changed
                         && !reach_changed
                         && !relays_changed
                         && !me_changed
@@ -1882,6 +1925,11 @@ impl Registry {
                     {
                         continue;
                     }
+                    let (set_changes, removed_sets) = if sets_changed {
+                        peerset::diff(&sent.filter.sets, &filter.sets)
+                    } else {
+                        (Vec::new(), Vec::new())
+                    };
                     let base = sent.seq;
                     sent.seq += 1;
                     for k in &remove {
@@ -1895,7 +1943,7 @@ impl Registry {
                         seq: base + 1,
                         upsert,
                         remove,
-                        inbound: inbound_changed.then(|| inbound.clone()),
+                        inbound: inbound_changed.then(|| filter.inbound.clone()),
                         reach: reach_changed.then(|| reach.clone()),
                         relays: relays_changed.then(|| relays.clone()),
                         policy_version: if version_changed {
@@ -1912,18 +1960,18 @@ impl Registry {
                             v6_prefix: self.pools.v6_prefix,
                             observed_addr: Some(session.observed),
                         }),
-                        shadow_filter: shadow_changed.then(|| shadow_filter.cloned()),
+                        shadow_filter: shadow_changed.then(|| filter.shadow.clone()),
+                        peer_sets: set_changes,
+                        removed_peer_sets: removed_sets,
                     });
                     sent.hostname = me.hostname.clone();
                     if me_changed {
                         sent.routes = my_routes.clone();
                     }
-                    if shadow_changed {
-                        sent.shadow_filter = shadow_filter.cloned();
-                    }
+
                     sent.policy_version = policy_version;
-                    if inbound_changed {
-                        sent.inbound = inbound.clone();
+                    if inbound_changed || sets_changed || shadow_changed {
+                        sent.filter = filter;
                     }
                     if reach_changed {
                         sent.reach = reach.clone();
@@ -2333,6 +2381,94 @@ to = ["all"]
         assert_eq!(r.compiles(), before + 1);
         assert!(out.iter().any(|o| matches!(o,
             Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) } if d.remove == vec![DeviceId(2)])), "{out:?}");
+    }
+
+    /// A version-2 device gets its sources as peer sets and a device joining the group as a
+    /// one-prefix set change; a version-1 device gets the same sources flat, and the whole
+    /// filter again.
+    #[test]
+    fn netmaps_carry_peer_sets_to_v2_devices_and_flat_sources_to_v1() {
+        let mut r = reg(&[1, 2, 3, 4, 5]);
+        r.handle_session_opened_speaking(
+            DeviceId(1),
+            10,
+            addr("10.0.0.1:1"),
+            DeviceUpdate::default(),
+            2,
+        )
+        .unwrap();
+        r.handle_session_opened_speaking(
+            DeviceId(2),
+            11,
+            addr("10.0.0.2:1"),
+            DeviceUpdate::default(),
+            1,
+        )
+        .unwrap();
+        let out = drain(&mut r);
+        let full = |conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::Netmap(nm),
+                    } if *c == conn => Some(nm.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let (v2, v1) = (full(10), full(11));
+        assert!(!v2.inbound.is_empty() && v2.inbound.iter().all(|r| r.sources.is_empty()));
+        assert_eq!(v2.peer_sets.len(), 1, "one population: {:?}", v2.peer_sets);
+        assert!(v1.peer_sets.is_empty() && v1.inbound.iter().all(|r| r.source_sets.is_empty()));
+        // Expanded, device 1's v2 filter names exactly the flat sources the compiler gave it.
+        let flat = &r.compiled().devices[&DeviceId(1)].inbound;
+        assert_eq!(&peerset::expand(&v2.inbound, &v2.peer_sets, 1 << 16), flat);
+        assert_eq!(v1.inbound, r.compiled().devices[&DeviceId(2)].inbound);
+
+        // Device 6 joins: device 1 learns one new prefix per family, its rules unchanged.
+        let mut six = dev(6);
+        six.ipv4 = std::net::Ipv4Addr::new(100, 64, 0, 9);
+        six.ipv6 = "fd00::9".parse().unwrap();
+        r.handle_device_upserted(six);
+        let out = drain(&mut r);
+        let delta = |conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::NetmapDelta(d),
+                    } if *c == conn => Some(d.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let (d2, d1) = (delta(10), delta(11));
+        assert!(d2.inbound.is_none(), "{d2:?}");
+        assert_eq!(d2.peer_sets.len(), 1);
+        assert_eq!(d2.peer_sets[0].id, v2.peer_sets[0].id);
+        assert_eq!(
+            d2.peer_sets[0].add,
+            vec![
+                "100.64.0.9/32".parse().unwrap(),
+                "fd00::9/128".parse().unwrap()
+            ]
+        );
+        let mut v2 = v2;
+        v2.apply(&d2).unwrap();
+        let flat = &r.compiled().devices[&DeviceId(1)].inbound;
+        assert_eq!(&peerset::expand(&v2.inbound, &v2.peer_sets, 1 << 16), flat);
+        let inbound = d1.inbound.unwrap();
+        assert!(inbound
+            .iter()
+            .all(|r| r.sources.contains(&"100.64.0.9".parse().unwrap())));
+        let v1_bytes = ward_shared::wire::encode(&CoordinatorMsg::NetmapDelta(NetmapDelta {
+            inbound: Some(inbound),
+            ..d2.clone()
+        }))
+        .len();
+        let v2_bytes = ward_shared::wire::encode(&CoordinatorMsg::NetmapDelta(d2)).len();
+        assert!(v2_bytes < v1_bytes, "{v2_bytes} < {v1_bytes}");
     }
 
     #[test]

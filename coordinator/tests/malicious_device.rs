@@ -399,6 +399,12 @@ impl World {
         let mut nm = self.netmaps[&conn].clone();
         nm.seq = 0;
         nm.peers.retain(|p| p.device_id != DeviceId(ATTACKER));
+        // Set ids depend on the order populations appeared: compare the flat form.
+        nm.inbound = ward_shared::peerset::expand(&nm.inbound, &nm.peer_sets, 1 << 16);
+        nm.shadow_filter = nm
+            .shadow_filter
+            .map(|s| ward_shared::peerset::expand(&s, &nm.peer_sets, 1 << 16));
+        nm.peer_sets.clear();
         let a = device(ATTACKER);
         for r in &mut nm.inbound {
             r.sources

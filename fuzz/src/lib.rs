@@ -237,6 +237,7 @@ pub fn packets(data: &[u8]) {
             rule: "ssh".into(),
             service: "ssh".into(),
             sources: vec![peer4, peer6],
+            source_sets: Vec::new(),
             proto: Proto::Tcp,
             ports: vec![PortRange { lo: 22, hi: 22 }],
             not_after_ms: None,
@@ -246,6 +247,7 @@ pub fn packets(data: &[u8]) {
             rule: "dns".into(),
             service: "dns".into(),
             sources: vec![peer4],
+            source_sets: Vec::new(),
             proto: Proto::Udp,
             ports: vec![PortRange { lo: 53, hi: 53 }],
             not_after_ms: Some(NOW_MS + 1),
@@ -255,6 +257,7 @@ pub fn packets(data: &[u8]) {
             rule: "ping".into(),
             service: "ping".into(),
             sources: vec![peer6],
+            source_sets: Vec::new(),
             proto: Proto::Icmp,
             ports: vec![],
             not_after_ms: None,
@@ -371,6 +374,7 @@ pub fn dns_query(data: &[u8]) {
         shadow_filter: None,
         dns_domain: None,
         coordinators: Vec::new(),
+        peer_sets: Vec::new(),
     };
     let upstream: std::net::SocketAddr = (Ipv4Addr::new(192, 0, 2, 53), 53).into();
     let mut r: Resolver<u8> = Resolver::new(Zone::from_netmap(&nm), vec![upstream]);

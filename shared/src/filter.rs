@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::flows::{DenyCause, FlowVerdict, Role, ShadowVerdict};
+use crate::peerset::{PeerSet, SetBook};
 use crate::routes::Prefix;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -45,8 +46,14 @@ pub struct FilterRule {
     pub rule: String,
     /// The service it opens.
     pub service: String,
-    /// Overlay addresses of the devices allowed to open flows.
+    /// Overlay addresses of the devices allowed to open flows (literal addresses; protocol 2
+    /// netmaps name populations in `source_sets` instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<IpAddr>,
+    /// Peer sets ([`crate::peerset::PeerSet`], by id, from the same netmap) whose members may
+    /// also open flows. An id the netmap does not hold adds nobody.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_sets: Vec<u32>,
     pub proto: Proto,
     /// Destination ports (TCP/UDP); empty for ICMP.
     #[serde(default)]
@@ -326,7 +333,11 @@ pub struct Filter {
     /// `rules[i].rule`, shared by the samples that name it.
     rule_names: Vec<Arc<str>>,
     pending: Pending,
-    by_source: HashMap<IpAddr, Vec<u32>, Seeded>,
+    by_source: SourceIndex,
+    /// The peer sets the rules (and candidate rules) name, by id.
+    sets: SetBook,
+    /// Seeds the source indexes' hash.
+    seed: u64,
     flows: HashMap<FlowKey, Flow, Seeded>,
     max_flows: usize,
     limits: FlowLimits,
@@ -404,7 +415,9 @@ impl Filter {
             shadow: None,
             rule_names: Vec::new(),
             pending: Pending::default(),
-            by_source: HashMap::with_hasher(Seeded(seed)),
+            by_source: SourceIndex::new(Seeded(seed)),
+            sets: SetBook::new(),
+            seed,
             flows: HashMap::with_hasher(Seeded(seed ^ 0x9e37_79b9_7f4a_7c15)),
             max_flows: limits.max_flows,
             limits,
@@ -418,10 +431,11 @@ impl Filter {
 
     /// Replaces the rules. Tracked flows that peers opened and that no rule allows any more are
     /// cut (a revoked grant ends established connections too); flows this device opened stay.
+    /// Rules naming peer sets use the sets last given to [`Filter::set_rules_with_sets`].
     pub fn set_rules(&mut self, rules: Vec<FilterRule>) {
         // Counts so far belong to the rules that allowed them: move them out first.
         self.collect_flows();
-        let by_source = index_sources(&rules, self.by_source.hasher().clone());
+        let by_source = index_sources(&rules, &self.sets, Seeded(self.seed));
         self.rule_names = rules.iter().map(|r| Arc::from(r.rule.as_str())).collect();
         self.rules = rules;
         self.by_source = by_source;
@@ -452,6 +466,25 @@ impl Filter {
         self.counters.flows_revoked += revoked;
     }
 
+    /// Replaces the rules and the peer sets they (and the candidate rules) name, as one step:
+    /// a netmap's `inbound` with its `peer_sets`. A rule naming a set not in `sets` gets no
+    /// sources from it (it allows nothing more).
+    pub fn set_rules_with_sets(&mut self, rules: Vec<FilterRule>, sets: &[PeerSet]) {
+        let sets = crate::peerset::book(sets);
+        if sets != self.sets {
+            self.sets = sets;
+            // The candidate rules name the same sets.
+            let shadow = self.shadow.take().map(|(r, _)| r);
+            self.set_shadow_rules(shadow);
+        }
+        self.set_rules(rules);
+    }
+
+    /// The peer sets set by [`Filter::set_rules_with_sets`].
+    pub fn peer_sets(&self) -> &SetBook {
+        &self.sets
+    }
+
     /// Replaces the routed prefixes this device forwards to (its approved routes). Rules
     /// without `dests` stop applying to addresses inside them; flows peers opened are judged
     /// again, as by [`Filter::set_rules`].
@@ -475,7 +508,7 @@ impl Filter {
     pub fn set_shadow_rules(&mut self, rules: Option<Vec<FilterRule>>) {
         self.collect_flows();
         self.shadow = rules.map(|r| {
-            let ix = index_sources(&r, self.by_source.hasher().clone());
+            let ix = index_sources(&r, &self.sets, Seeded(self.seed));
             (r, ix)
         });
         let keys: Vec<FlowKey> = self
@@ -1095,22 +1128,79 @@ enum RuleMatch {
 /// A flow no rule index names (this device opened it).
 const NO_RULE: u32 = u32::MAX;
 
-/// Rule indices by (canonical) source address.
-type SourceIndex = HashMap<IpAddr, Vec<u32>, Seeded>;
+/// Rule indices by source: exact (canonical) addresses, and the wider prefixes of peer sets
+/// by prefix, with the prefix lengths present per family (a lookup masks the source once per
+/// length: no allocation, a handful of hash probes).
+struct SourceIndex {
+    exact: HashMap<IpAddr, Vec<u32>, Seeded>,
+    nets: HashMap<Prefix, Vec<u32>, Seeded>,
+    v4_lens: Vec<u8>,
+    v6_lens: Vec<u8>,
+}
 
-/// Indexes `rules` by source address.
-fn index_sources(rules: &[FilterRule], hasher: Seeded) -> SourceIndex {
-    let mut by_source: SourceIndex = HashMap::with_hasher(hasher);
+impl SourceIndex {
+    fn new(hasher: Seeded) -> SourceIndex {
+        SourceIndex {
+            exact: HashMap::with_hasher(hasher.clone()),
+            nets: HashMap::with_hasher(hasher),
+            v4_lens: Vec::new(),
+            v6_lens: Vec::new(),
+        }
+    }
+
+    /// The indices of the rules whose sources hold `src` (ascending per part; a rule may
+    /// appear more than once).
+    fn get(&self, src: IpAddr) -> impl Iterator<Item = u32> + '_ {
+        let src = canonical_ip(src);
+        let lens = if src.is_ipv4() {
+            &self.v4_lens
+        } else {
+            &self.v6_lens
+        };
+        self.exact.get(&src).into_iter().flatten().copied().chain(
+            lens.iter()
+                .filter_map(move |l| self.nets.get(&Prefix::new(src, *l)))
+                .flatten()
+                .copied(),
+        )
+    }
+}
+
+fn push_index(v: &mut Vec<u32>, i: u32) {
+    if v.last() != Some(&i) {
+        v.push(i);
+    }
+}
+
+/// Indexes `rules` by source address, resolving the peer sets they name in `sets`.
+fn index_sources(rules: &[FilterRule], sets: &SetBook, hasher: Seeded) -> SourceIndex {
+    let mut ix = SourceIndex::new(hasher);
     for (i, r) in rules.iter().enumerate() {
         let Ok(i) = u32::try_from(i) else { break };
         for s in &r.sources {
-            let v = by_source.entry(canonical_ip(*s)).or_default();
-            if v.last() != Some(&i) {
-                v.push(i);
+            push_index(ix.exact.entry(canonical_ip(*s)).or_default(), i);
+        }
+        for id in &r.source_sets {
+            // An unknown id adds nobody (fail closed).
+            for p in sets.get(id).into_iter().flatten() {
+                let host = if p.is_ipv4() { 32 } else { 128 };
+                if p.len() == host {
+                    push_index(ix.exact.entry(p.addr()).or_default(), i);
+                } else {
+                    push_index(ix.nets.entry(*p).or_default(), i);
+                    let lens = if p.is_ipv4() {
+                        &mut ix.v4_lens
+                    } else {
+                        &mut ix.v6_lens
+                    };
+                    if !lens.contains(&p.len()) {
+                        lens.push(p.len());
+                    }
+                }
             }
         }
     }
-    by_source
+    ix
 }
 
 /// Which of `rules` allow `src` to open `proto`/`port`. With `coord_ms`, expired rules do not
@@ -1127,14 +1217,11 @@ fn match_in(
     port: u16,
     coord_ms: Option<i64>,
 ) -> RuleMatch {
-    let Some(idx) = by_source.get(&src) else {
-        return RuleMatch::None;
-    };
     let mut best: Option<Option<i64>> = None;
     let mut expired: Option<Option<i64>> = None;
     let (mut best_rule, mut expired_rule) = (NO_RULE, NO_RULE);
-    for i in idx {
-        let Some(r) = rules.get(*i as usize) else {
+    for i in by_source.get(src) {
+        let Some(r) = rules.get(i as usize) else {
             continue;
         };
         if r.proto != proto || (proto != Proto::Icmp && !r.ports.iter().any(|x| x.contains(port))) {
@@ -1158,8 +1245,8 @@ fn match_in(
         } else {
             (&mut expired, &mut expired_rule)
         };
-        if *first == NO_RULE {
-            *first = *i;
+        if *first == NO_RULE || i < *first {
+            *first = i;
         }
         *slot = Some(match (*slot, r.not_after_ms) {
             (None, n) => n,

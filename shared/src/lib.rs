@@ -7,6 +7,8 @@
 //! - [`addr`]: overlay address pools (IPv4 from 100.64.0.0/10, an IPv6 ULA /48).
 //! - [`filter`]: inbound filter rules compiled from the policy, and the stateful packet filter
 //!   that enforces them on every decrypted packet.
+//! - [`peerset`]: peer sets, the source populations a netmap carries once and inbound rules
+//!   name by id, with their aggregation into prefixes, factoring, diffs and application.
 //! - [`flows`]: flow records a device aggregates from its data plane and reports.
 //! - [`policy`]: the policy language (TOML), its compiler to per-device access, its tests,
 //!   `explain` and `diff`.
@@ -32,6 +34,7 @@ pub mod keyproof;
 pub mod lease;
 pub mod names;
 pub mod oauth;
+pub mod peerset;
 pub mod policy;
 pub mod posture;
 pub mod relay;

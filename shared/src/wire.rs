@@ -49,6 +49,17 @@
 //!   the instance's coordinator addresses in full netmaps (`Netmap.coordinators`, replicas the
 //!   device fails over to), optional on the wire: absent means "keep the list you have", and
 //!   agents that predate it ignore it and keep dialling their one address.
+//! - 2: peer sets. A netmap carries each distinct source population of the inbound filter
+//!   once (`Netmap.peer_sets`, prefixes aggregated into CIDRs; see [`crate::peerset`]) and
+//!   rules name them by id (`FilterRule.source_sets`; `FilterRule.sources` is then empty and
+//!   may be absent); a delta carries only the sets that changed (`NetmapDelta.peer_sets`: the
+//!   prefixes a set gained and lost, or its whole new content) and the ids that went
+//!   (`NetmapDelta.removed_peer_sets`). The device says which version it speaks in `hello`'s
+//!   `protocol`; the coordinator speaks every version from [`MIN_PROTOCOL_VERSION`] up and
+//!   sends a version-1 device the flat form (every source address in `sources`, no sets), so
+//!   an older agent keeps working. A version-2 agent against a coordinator that predates it is
+//!   refused with a `protocol` error ("protocol version 2 is not supported"): upgrade the
+//!   coordinator first.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -63,11 +74,19 @@ use crate::flows::FlowReport;
 use crate::keyproof::KeyProof;
 use crate::lease::SignedLease;
 use crate::names::{DnsDomain, Hostname};
+use crate::peerset::{PeerSet, PeerSetChange, PeerSetError};
 use crate::posture::{Evaluation, PostureReport, PostureWants};
 use crate::relay::SignedTicket;
 use crate::routes::Prefix;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest version the coordinator still speaks (see the version history above).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Whether the coordinator speaks `version`.
+pub fn speaks(version: u32) -> bool {
+    (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
 /// Devices send small messages only.
 pub const MAX_DEVICE_FRAME: usize = 64 * 1024;
 /// Netmaps for ten thousand peers fit (about 300 bytes each).
@@ -678,6 +697,10 @@ pub struct Netmap {
     /// keep the list it has.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub coordinators: Vec<String>,
+    /// The source populations `inbound` and `shadow_filter` rules name by id (protocol 2;
+    /// never sent to a version-1 device, whose rules list every source).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_sets: Vec<PeerSet>,
 }
 
 /// A relay registered with the coordinator (`ward-coordinator relay add`).
@@ -735,6 +758,12 @@ pub struct NetmapDelta {
         deserialize_with = "present"
     )]
     pub shadow_filter: Option<Option<Vec<FilterRule>>>,
+    /// Peer sets that are new or changed (protocol 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_sets: Vec<PeerSetChange>,
+    /// Peer sets no rule names any more (protocol 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_peer_sets: Vec<u32>,
 }
 
 /// Decodes a field that is present (even as `null`) as `Some`: with `#[serde(default)]`, an
@@ -757,6 +786,8 @@ impl Netmap {
                 base: d.base_seq,
             });
         }
+        // First, as it is the one step that can fail: the netmap stays as it was.
+        crate::peerset::apply_changes(&mut self.peer_sets, &d.peer_sets, &d.removed_peer_sets)?;
         self.peers.retain(|p| !d.remove.contains(&p.device_id));
         for u in &d.upsert {
             match self.peers.iter_mut().find(|p| p.device_id == u.device_id) {
@@ -849,6 +880,8 @@ pub enum WireError {
     Decode(String),
     #[error("netmap delta for base {base} but the device has {have}")]
     DeltaGap { have: u64, base: u64 },
+    #[error("netmap delta does not fit the peer sets held: {0}")]
+    PeerSets(#[from] PeerSetError),
 }
 
 /// Encodes one message as a frame.
@@ -1057,6 +1090,7 @@ mod tests {
             shadow_filter: None,
             dns_domain: None,
             coordinators: vec![],
+            peer_sets: Vec::new(),
         };
         // The address list is optional on the wire both ways.
         let with: Netmap = decode(
@@ -1085,6 +1119,8 @@ mod tests {
             policy_version: None,
             me: None,
             shadow_filter: None,
+            peer_sets: Vec::new(),
+            removed_peer_sets: Vec::new(),
         };
         nm.apply(&d).unwrap();
         assert_eq!(
@@ -1204,6 +1240,8 @@ mod tests {
             policy_version: None,
             me: None,
             shadow_filter: Some(None),
+            peer_sets: Vec::new(),
+            removed_peer_sets: Vec::new(),
         };
         let text =
             String::from_utf8(encode(&CoordinatorMsg::NetmapDelta(clear.clone()))[4..].to_vec())
@@ -1338,6 +1376,87 @@ mod tests {
             pkce: None,
         });
         assert!(!String::from_utf8_lossy(&encode(&m)).contains("pkce"));
+    }
+
+    /// A version-1 netmap and delta as a version-1 coordinator sent them (every source in
+    /// `sources`, no sets) decode, apply and filter as before; a version-2 netmap with peer
+    /// sets and a delta that changes one set decode and filter the same flows.
+    #[test]
+    fn golden_peer_sets_decode_and_filter_like_flat_rules() {
+        use crate::filter::{Filter, Verdict};
+        let me = r#""me":{"device_id":1,"hostname":"db","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null}"#;
+        let v1 = format!(
+            r#"{{"type":"netmap","seq":1,{me},"peers":[],"inbound":[{{"rule":"eng","service":"db","sources":["100.64.0.2","100.64.0.3","fd00::2","fd00::3"],"proto":"tcp","ports":[{{"lo":5432,"hi":5432}}],"not_after_ms":null}}]}}"#
+        );
+        let CoordinatorMsg::Netmap(mut v1) = decode(v1.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        assert!(v1.peer_sets.is_empty() && v1.inbound[0].source_sets.is_empty());
+        let v2 = format!(
+            r#"{{"type":"netmap","seq":1,{me},"peers":[],"inbound":[{{"rule":"eng","service":"db","source_sets":[4],"proto":"tcp","ports":[{{"lo":5432,"hi":5432}}],"not_after_ms":null}}],"peer_sets":[{{"id":4,"prefixes":["100.64.0.2/31","fd00::2/127"]}}]}}"#
+        );
+        let CoordinatorMsg::Netmap(mut v2) = decode(v2.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        assert!(v2.inbound[0].sources.is_empty());
+        let judge = |nm: &Netmap, src: [u8; 4]| {
+            let mut f = Filter::new(64);
+            f.set_rules_with_sets(nm.inbound.clone(), &nm.peer_sets);
+            let mut p = vec![0u8; 40];
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&40u16.to_be_bytes());
+            p[9] = 6;
+            p[12..16].copy_from_slice(&src);
+            p[16..20].copy_from_slice(&[100, 64, 0, 1]);
+            p[22..24].copy_from_slice(&5432u16.to_be_bytes());
+            p[32] = 5 << 4;
+            p[33] = 0x02;
+            f.check_inbound(&p, std::time::Instant::now(), 0) == Verdict::Allow
+        };
+        for nm in [&v1, &v2] {
+            assert!(judge(nm, [100, 64, 0, 2]) && judge(nm, [100, 64, 0, 3]));
+            assert!(!judge(nm, [100, 64, 0, 4]));
+        }
+        // A version-1 delta replaces the flat filter; a version-2 delta adds .4 to set 4 and
+        // leaves the rules alone.
+        let d1 = r#"{"type":"netmap_delta","base_seq":1,"seq":2,"inbound":[{"rule":"eng","service":"db","sources":["100.64.0.2","100.64.0.3","100.64.0.4"],"proto":"tcp","ports":[{"lo":5432,"hi":5432}],"not_after_ms":null}]}"#;
+        let CoordinatorMsg::NetmapDelta(d1) = decode(d1.as_bytes()).unwrap() else {
+            panic!("not delta")
+        };
+        v1.apply(&d1).unwrap();
+        let d2 = r#"{"type":"netmap_delta","base_seq":1,"seq":2,"peer_sets":[{"id":4,"add":["100.64.0.4/32"]}]}"#;
+        let CoordinatorMsg::NetmapDelta(d2) = decode(d2.as_bytes()).unwrap() else {
+            panic!("not delta")
+        };
+        assert!(d2.inbound.is_none());
+        v2.apply(&d2).unwrap();
+        for nm in [&v1, &v2] {
+            assert!(judge(nm, [100, 64, 0, 4]), "{nm:?}");
+            assert!(!judge(nm, [100, 64, 0, 5]));
+        }
+        // A delta that removes the set leaves the rule naming nothing: it allows nobody.
+        let d3 = r#"{"type":"netmap_delta","base_seq":2,"seq":3,"removed_peer_sets":[4]}"#;
+        let CoordinatorMsg::NetmapDelta(d3) = decode(d3.as_bytes()).unwrap() else {
+            panic!("not delta")
+        };
+        v2.apply(&d3).unwrap();
+        assert!(!judge(&v2, [100, 64, 0, 2]));
+        // A change to a set the device does not hold is an error and changes nothing.
+        let bad = r#"{"type":"netmap_delta","base_seq":3,"seq":4,"peer_sets":[{"id":4,"remove":["100.64.0.2/32"]}]}"#;
+        let CoordinatorMsg::NetmapDelta(bad) = decode(bad.as_bytes()).unwrap() else {
+            panic!("not delta")
+        };
+        let before = v2.clone();
+        assert!(matches!(v2.apply(&bad), Err(WireError::PeerSets(_))));
+        assert_eq!(v2, before);
+        // What a version-2 netmap puts on the wire for sets, as first written.
+        let text =
+            String::from_utf8(encode(&CoordinatorMsg::Netmap(before))[4..].to_vec()).unwrap();
+        assert!(
+            text.contains(r#""source_sets":[4]"#) && !text.contains(r#""sources""#),
+            "{text}"
+        );
+        assert!(speaks(1) && speaks(2) && !speaks(0) && !speaks(3));
     }
 
     /// Version-1 messages as they were first written; they must keep decoding.

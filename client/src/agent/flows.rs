@@ -713,6 +713,7 @@ mod tests {
             shadow_filter: None,
             dns_domain: None,
             coordinators: Vec::new(),
+            peer_sets: Vec::new(),
         };
         nm.peers.push(Peer {
             routes: Default::default(),

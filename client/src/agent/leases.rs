@@ -191,6 +191,7 @@ mod tests {
             shadow_filter: None,
             dns_domain: None,
             coordinators: Vec::new(),
+            peer_sets: Vec::new(),
         }
     }
 

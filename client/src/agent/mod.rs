@@ -36,10 +36,11 @@ use ward_shared::discovery::BindingResponse;
 use ward_shared::filter::FilterRule;
 use ward_shared::lease::SignedLease;
 use ward_shared::names::Hostname;
+use ward_shared::peerset::PeerSet;
 use ward_shared::posture::{PostureReport, PostureWants};
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeniedFlow, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello,
-    Netmap, PostureVerdict, WgPublicKey, PROTOCOL_VERSION,
+    Netmap, PostureVerdict, WgPublicKey,
 };
 
 use self::flows::{FlowContext, FlowLog, FlowLogConfig, FlowLogState, FlowLogStatus, FLOW_TICK};
@@ -107,6 +108,9 @@ pub struct AgentConfig {
     pub seed: u64,
     /// Routes this device advertises and the exit node it uses.
     pub routes: routes::RouteOptions,
+    /// The protocol version said in `Hello`: [`ward_shared::wire::PROTOCOL_VERSION`] (the load tool says 1 to
+    /// act as an agent that predates peer sets).
+    pub protocol: u32,
 }
 
 /// The connection state shown to people.
@@ -157,8 +161,12 @@ pub enum Event {
     Disconnected { revoked: bool, retry_in: Duration },
     /// Configure exactly these peers in the data plane.
     SetPeers(Vec<PeerConfig>),
-    /// Install this inbound filter in the data plane.
-    SetFilter(Vec<FilterRule>),
+    /// Install this inbound filter in the data plane, with the peer sets its rules (and the
+    /// candidate rules) name, as one step.
+    SetFilter {
+        rules: Vec<FilterRule>,
+        sets: Vec<PeerSet>,
+    },
     /// Forward these routed prefixes (this device's approved routes; empty: none), and route
     /// these prefixes into the tunnel (the routed prefixes of every configured peer).
     SetRoutes {
@@ -296,7 +304,7 @@ pub struct Agent {
     /// The relay list last given to the data plane.
     applied_relays: Vec<(String, u16)>,
     applied_peers: Option<Vec<PeerConfig>>,
-    applied_filter: Option<Vec<FilterRule>>,
+    applied_filter: Option<(Vec<FilterRule>, Vec<PeerSet>)>,
     /// The candidate rules last handed to the data plane (outer `None`: none handed yet).
     applied_shadow: Option<Option<Vec<FilterRule>>>,
     applied_routes: Option<(
@@ -376,7 +384,7 @@ impl Agent {
         let update = self.with_candidates(update);
         self.update = update.clone();
         self.transmits.push_back(DeviceMsg::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
+            protocol: self.cfg.protocol,
             os: self.cfg.os.clone(),
             version: self.cfg.version.clone(),
             update,
@@ -1071,9 +1079,13 @@ impl Agent {
             self.events.push_back(Event::SetPeers(peers.clone()));
             self.applied_peers = Some(peers);
         }
-        if self.applied_filter.as_ref() != Some(&nm.inbound) {
-            self.events.push_back(Event::SetFilter(nm.inbound.clone()));
-            self.applied_filter = Some(nm.inbound.clone());
+        let filter = (nm.inbound.clone(), nm.peer_sets.clone());
+        if self.applied_filter.as_ref() != Some(&filter) {
+            self.events.push_back(Event::SetFilter {
+                rules: filter.0.clone(),
+                sets: filter.1.clone(),
+            });
+            self.applied_filter = Some(filter);
         }
         if self.applied_shadow.as_ref() != Some(&nm.shadow_filter) {
             let sf = nm.shadow_filter.clone();
@@ -1108,14 +1120,17 @@ impl Agent {
             self.leases.clear();
             self.own_lease = None;
             self.applied_peers = Some(Vec::new());
-            self.applied_filter = Some(Vec::new());
+            self.applied_filter = Some((Vec::new(), Vec::new()));
             self.applied_routes = Some((Vec::new(), Vec::new()));
             self.events.push_back(Event::SetRoutes {
                 served: Vec::new(),
                 reached: Vec::new(),
             });
             self.events.push_back(Event::SetPeers(Vec::new()));
-            self.events.push_back(Event::SetFilter(Vec::new()));
+            self.events.push_back(Event::SetFilter {
+                rules: Vec::new(),
+                sets: Vec::new(),
+            });
             if self.applied_shadow.as_ref().is_some_and(Option::is_some) {
                 self.events.push_back(Event::SetShadowFilter(None));
             }

@@ -44,6 +44,7 @@ impl H {
             os: "test".into(),
             version: "0".into(),
             seed: 7,
+            protocol: ward_shared::wire::PROTOCOL_VERSION,
         };
         let agent = Agent::new(
             cfg,
@@ -228,6 +229,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         shadow_filter: None,
         dns_domain: None,
         coordinators: Vec::new(),
+        peer_sets: Vec::new(),
     }
 }
 
@@ -524,12 +526,99 @@ fn revoked_device_leaves_the_network_and_waits_long() {
     let evs = h.take_events();
     assert!(evs.contains(&Event::CloseSession));
     assert!(evs.contains(&Event::SetPeers(vec![])));
-    assert!(evs.contains(&Event::SetFilter(vec![])));
+    assert!(evs.contains(&Event::SetFilter {
+        rules: vec![],
+        sets: vec![]
+    }));
     assert!(evs.iter().any(|e| matches!(e, Event::Disconnected { revoked: true, retry_in } if *retry_in >= Duration::from_secs(30))));
     assert_eq!(h.agent.phase(), Phase::Revoked);
     assert!(h.agent.netmap().is_none() && h.agent.own_lease().is_none());
     h.advance(29_000, 0);
     assert!(!h.take_events().contains(&Event::Connect));
+}
+
+/// A netmap's rules and peer sets reach the data plane together, and a delta that only
+/// changes a set installs the new sets with the same rules; a set change that does not fit what
+/// the agent holds ends the session (the next one starts with a full netmap) and installs
+/// nothing.
+#[test]
+fn peer_sets_reach_the_filter_with_their_rules_and_a_bad_set_change_resyncs() {
+    use ward_shared::filter::{FilterRule, PortRange, Proto};
+    use ward_shared::peerset::{PeerSet, PeerSetChange};
+    let mut h = H::new();
+    h.leased();
+    let rule = FilterRule {
+        rule: "eng".into(),
+        service: "db".into(),
+        sources: vec![],
+        source_sets: vec![3],
+        proto: Proto::Tcp,
+        ports: vec![PortRange { lo: 5432, hi: 5432 }],
+        not_after_ms: None,
+        dests: vec![],
+    };
+    let p = |s: &str| s.parse::<ward_shared::routes::Prefix>().unwrap();
+    let mut nm = netmap(1, vec![]);
+    nm.inbound = vec![rule.clone()];
+    nm.peer_sets = vec![PeerSet {
+        id: 3,
+        prefixes: vec![p("100.64.0.2/32")],
+    }];
+    h.msg(CoordinatorMsg::Netmap(nm));
+    let evs = h.take_events();
+    assert!(evs.contains(&Event::SetFilter {
+        rules: vec![rule.clone()],
+        sets: vec![PeerSet {
+            id: 3,
+            prefixes: vec![p("100.64.0.2/32")]
+        }],
+    }));
+    let delta = |base: u64, change: PeerSetChange| ward_shared::wire::NetmapDelta {
+        base_seq: base,
+        seq: base + 1,
+        upsert: vec![],
+        remove: vec![],
+        inbound: None,
+        reach: None,
+        relays: None,
+        policy_version: None,
+        me: None,
+        shadow_filter: None,
+        peer_sets: vec![change],
+        removed_peer_sets: vec![],
+    };
+    h.msg(CoordinatorMsg::NetmapDelta(delta(
+        1,
+        PeerSetChange {
+            id: 3,
+            prefixes: None,
+            add: vec![p("100.64.0.3/32")],
+            remove: vec![],
+        },
+    )));
+    let evs = h.take_events();
+    assert!(
+        evs.contains(&Event::SetFilter {
+            rules: vec![rule.clone()],
+            sets: vec![PeerSet {
+                id: 3,
+                prefixes: vec![p("100.64.0.2/32"), p("100.64.0.3/32")]
+            }],
+        }),
+        "{evs:?}"
+    );
+    h.msg(CoordinatorMsg::NetmapDelta(delta(
+        2,
+        PeerSetChange {
+            id: 3,
+            prefixes: None,
+            add: vec![],
+            remove: vec![p("100.64.0.9/32")],
+        },
+    )));
+    let evs = h.take_events();
+    assert!(evs.contains(&Event::CloseSession), "{evs:?}");
+    assert!(!evs.iter().any(|e| matches!(e, Event::SetFilter { .. })));
 }
 
 #[test]
@@ -1376,6 +1465,7 @@ fn devices_of_a_failed_coordinator_spread_their_reconnects() {
             os: "test".into(),
             version: "0".into(),
             seed: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xdead_beef,
+            protocol: ward_shared::wire::PROTOCOL_VERSION,
         };
         let mut a = Agent::new(cfg, now);
         a.set_coordinators(addrs(&["a:1", "b:1"]), None);

@@ -52,6 +52,7 @@ pub(super) fn new_agent(
             version: env!("CARGO_PKG_VERSION").into(),
             seed: rand::random(),
             routes,
+            protocol: ward_shared::wire::PROTOCOL_VERSION,
         },
         now,
     );
@@ -311,9 +312,9 @@ impl Daemon {
                         dp.set_peers(peers);
                     }
                 }
-                Event::SetFilter(rules) => {
+                Event::SetFilter { rules, sets } => {
                     if let Some(dp) = dp {
-                        dp.set_filter(rules);
+                        dp.set_filter_with_sets(rules, &sets);
                     }
                 }
                 Event::SetRoutes { served, reached } => {

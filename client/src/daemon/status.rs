@@ -180,16 +180,34 @@ pub fn status(s: Sources<'_>) -> StatusView {
                 .collect()
         })
         .unwrap_or_default();
+    let sets = netmap
+        .map(|nm| ward_shared::peerset::book(&nm.peer_sets))
+        .unwrap_or_default();
     let inbound = netmap
         .map(|nm| nm.inbound.as_slice())
         .unwrap_or_default()
         .iter()
         .filter(|r| r.not_after_ms.is_none_or(|t| t > now))
         .map(|r| {
+            // Literal sources, then the members of the peer sets the rule names: the peers
+            // whose addresses the sets hold, and any prefix that holds no peer as written.
+            let set_prefixes = r.source_sets.iter().flat_map(|id| sets.get(id)).flatten();
             let mut from: Vec<String> = r
                 .sources
                 .iter()
                 .map(|ip| names.get(ip).cloned().unwrap_or_else(|| ip.to_string()))
+                .chain(set_prefixes.flat_map(|p| {
+                    let peers: Vec<String> = names
+                        .iter()
+                        .filter(|(ip, _)| p.contains(**ip))
+                        .map(|(_, n)| n.clone())
+                        .collect();
+                    if peers.is_empty() {
+                        vec![p.to_string()]
+                    } else {
+                        peers
+                    }
+                }))
                 .collect();
             from.sort();
             from.dedup();

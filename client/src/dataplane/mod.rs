@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ward_shared::filter::{FilterCounters, FilterRule, LocalPrefixes};
+use ward_shared::peerset::PeerSet;
 use ward_shared::routes::Prefix;
 
 pub use self::discovery::DiscoveryCounters;
@@ -286,6 +287,12 @@ impl DataPlane {
     /// device opened still pass. Established flows that no rule allows any more are cut.
     pub fn set_filter(&self, rules: Vec<FilterRule>) {
         self.core.set_filter(rules);
+    }
+
+    /// Replaces the inbound filter and the peer sets its rules name, as one step (the netmap's
+    /// `inbound` and `peer_sets`); see [`engine::Core::set_filter_with_sets`].
+    pub fn set_filter_with_sets(&self, rules: Vec<FilterRule>, sets: &[PeerSet]) {
+        self.core.set_filter_with_sets(rules, sets);
     }
 
     /// Replaces the candidate rules (the netmap's `shadow_filter`): never enforced; new flows

@@ -81,6 +81,7 @@ fn netmap() -> Netmap {
         shadow_filter: None,
         dns_domain: None,
         coordinators: Vec::new(),
+        peer_sets: Vec::new(),
     }
 }
 

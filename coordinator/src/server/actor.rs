@@ -178,6 +178,8 @@ pub(super) enum Event {
         conn: ConnId,
         observed: SocketAddr,
         update: DeviceUpdate,
+        /// The protocol version the device's hello said it speaks.
+        protocol: u32,
         tx: mpsc::Sender<ConnCmd>,
         close: CloseTx,
         reply: oneshot::Sender<Result<(), ErrorCode>>,
@@ -415,11 +417,13 @@ pub(super) async fn registry_actor(
                     conn,
                     observed,
                     update,
+                    protocol,
                     tx,
                     close,
                     reply,
                 } => {
-                    let r = reg.handle_session_opened(id, conn, observed, update);
+                    let r =
+                        reg.handle_session_opened_speaking(id, conn, observed, update, protocol);
                     if r.is_ok() {
                         conns.insert(conn, tx, close);
                         let _ = presence.send(Presence::Claimed(id, now_ms()));

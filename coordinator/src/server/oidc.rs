@@ -118,7 +118,7 @@ pub(super) fn admit_login(
             "too many enrollment attempts from this address; try again later".into(),
         ));
     }
-    if req.protocol != PROTOCOL_VERSION {
+    if !ward_shared::wire::speaks(req.protocol) {
         return Err((
             ErrorCode::Protocol,
             format!("protocol version {} is not supported", req.protocol),

@@ -23,9 +23,7 @@ use anyhow::Result;
 use tracing::{info, warn};
 
 use ward_shared::names::Name;
-use ward_shared::wire::{
-    CoordinatorMsg, ErrorCode, FrameDecoder, SignInStart, SignedIn, PROTOCOL_VERSION,
-};
+use ward_shared::wire::{CoordinatorMsg, ErrorCode, FrameDecoder, SignInStart, SignedIn};
 
 use super::link::Link;
 use super::oidc::{audit, blocking, failed, store_identity, Refusal};
@@ -106,7 +104,7 @@ async fn inner(
             "too many sign-in attempts from this address; try again later".into(),
         ));
     }
-    if req.protocol != PROTOCOL_VERSION {
+    if !ward_shared::wire::speaks(req.protocol) {
         return Err((
             ErrorCode::Protocol,
             format!("protocol version {} is not supported", req.protocol),

@@ -16,7 +16,7 @@ use ward_shared::names::Hostname;
 use ward_shared::relay::SignedTicket;
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, Enrolled, ErrorCode,
-    FrameDecoder, MAX_DEVICE_FRAME, PROTOCOL_VERSION,
+    FrameDecoder, MAX_DEVICE_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use super::actor::{ConnCmd, Event};
@@ -350,11 +350,11 @@ pub(super) async fn enroll(
 /// What an enrollment request must be before the store is asked: this protocol, a well-formed
 /// token id, a valid hostname, a CSR whose signature proves its key.
 fn check_request(req: &wire::EnrollRequest) -> Result<(Hostname, [u8; 32]), (ErrorCode, String)> {
-    if req.protocol != PROTOCOL_VERSION {
+    if !wire::speaks(req.protocol) {
         return Err((
             ErrorCode::Protocol,
             format!(
-                "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})",
+                "protocol version {} is not supported (this coordinator speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})",
                 req.protocol
             ),
         ));
@@ -439,11 +439,14 @@ async fn session(
         refuse(&mut link, ErrorCode::DeviceRevoked, why.to_string()).await;
         return Ok(());
     }
-    if hello.protocol != PROTOCOL_VERSION {
+    if !wire::speaks(hello.protocol) {
         refuse(
             &mut link,
             ErrorCode::Protocol,
-            format!("protocol version {} is not supported", hello.protocol),
+            format!(
+                "protocol version {} is not supported (this coordinator speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})",
+                hello.protocol
+            ),
         )
         .await;
         return Ok(());
@@ -484,6 +487,7 @@ async fn session(
             conn: conn_id,
             observed: remote,
             update,
+            protocol: hello.protocol,
             tx,
             close: close_tx,
             reply: reply_tx,

@@ -105,6 +105,7 @@ fn rule(
         rule: name.into(),
         service: "svc".into(),
         sources: sources.iter().map(|s| a(s)).collect(),
+        source_sets: Vec::new(),
         proto,
         ports: ports
             .iter()
@@ -701,6 +702,7 @@ fn rules_strategy() -> impl Strategy<Value = Vec<FilterRule>> {
             rule: "r".into(),
             service: "s".into(),
             sources: srcs.iter().map(|i| addr(*i, v6)).collect(),
+            source_sets: Vec::new(),
             proto: [Proto::Tcp, Proto::Udp, Proto::Icmp][proto as usize],
             ports: ports
                 .iter()
@@ -786,6 +788,7 @@ proptest! {
             rule: "r".into(),
             service: "s".into(),
             sources,
+            source_sets: Vec::new(),
             proto: Proto::Tcp,
             ports: vec![PortRange { lo: 80, hi: 80 }],
             not_after_ms: None,

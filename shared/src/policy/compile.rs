@@ -181,6 +181,7 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
                             rule: rule.name.clone(),
                             service: svc.name.clone(),
                             sources: sources.clone(),
+                            source_sets: Vec::new(),
                             proto: *proto,
                             ports: ports.clone(),
                             not_after_ms: rule.expires_ms,

@@ -120,6 +120,7 @@ pub fn compile_routes(
                                 rule: rule.name.clone(),
                                 service: svc.name.clone(),
                                 sources: sources.clone(),
+                                source_sets: Vec::new(),
                                 proto,
                                 ports,
                                 not_after_ms: rule.expires_ms,

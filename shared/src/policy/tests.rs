@@ -747,6 +747,26 @@ proptest! {
                 }
                 None => false,
             };
+            // The same filter as a protocol-2 netmap carries it (peer sets by id) decides the
+            // same, and its sets expand back to the flat sources.
+            let passes_sets = match c.devices.get(&t.id) {
+                Some(acc) => {
+                    let fx = crate::peerset::factor(&acc.inbound, None, None);
+                    let sets: Vec<crate::peerset::PeerSet> = fx.sets.iter().map(|(id, p)| crate::peerset::PeerSet { id: *id, prefixes: p.clone() }).collect();
+                    let flat = crate::peerset::expand(&fx.inbound, &sets, 1 << 16);
+                    for (x, y) in flat.iter().zip(&acc.inbound) {
+                        let mut want = y.sources.clone();
+                        want.sort_unstable();
+                        want.dedup();
+                        prop_assert_eq!(&x.sources, &want);
+                    }
+                    let mut f = Filter::new(64);
+                    f.set_rules_with_sets(fx.inbound, &sets);
+                    f.check_inbound(&packet, Instant::now(), NOW) == Verdict::Allow
+                }
+                None => false,
+            };
+            prop_assert_eq!(passes, passes_sets);
             // A peer relationship is needed for the packet to arrive at all.
             let peers = c.devices.get(&s.id).is_some_and(|a| a.peers.contains(&t.id));
             prop_assert_eq!(e.allowed, passes, "{}\n{}", src, e);

@@ -164,6 +164,7 @@ impl World {
                         os: "sim".into(),
                         version: "sim".into(),
                         seed: rng.gen(),
+                        protocol: ward_shared::wire::PROTOCOL_VERSION,
                     },
                     Now {
                         instant: base,
@@ -365,7 +366,9 @@ impl World {
                 self.devs[i].core.set_peers(peers, now.instant, &mut out);
                 self.emit(i, &out);
             }
-            Event::SetFilter(rules) => self.devs[i].core.set_filter(rules),
+            Event::SetFilter { rules, sets } => {
+                self.devs[i].core.set_filter_with_sets(rules, &sets)
+            }
             Event::SetShadowFilter(rules) => self.devs[i].core.set_shadow_filter(rules),
             Event::SetRoutes { served, .. } => self.devs[i].core.set_routes(served),
             Event::SetClockOffset(o) => self.devs[i].core.set_clock_offset_ms(o),

@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use ward_shared::filter::{Filter, FilterCounters, FilterRule, FlowSample, Verdict};
 use ward_shared::flows::DenyCause;
+use ward_shared::peerset::PeerSet;
 
 use super::lock;
 
@@ -79,6 +80,10 @@ impl SharedFilter {
 
     pub(super) fn set_rules(&self, rules: Vec<FilterRule>) {
         self.lock().filter.set_rules(rules);
+    }
+
+    pub(super) fn set_rules_with_sets(&self, rules: Vec<FilterRule>, sets: &[PeerSet]) {
+        self.lock().filter.set_rules_with_sets(rules, sets);
     }
 
     pub(super) fn set_routed(&self, routed: Vec<ward_shared::routes::Prefix>) {
@@ -406,6 +411,7 @@ mod tests {
             rule: "r".into(),
             service: "s".into(),
             sources: vec![IpAddr::V4(Ipv4Addr::from(PEER))],
+            source_sets: Vec::new(),
             proto: Proto::Tcp,
             ports: vec![PortRange { lo: 80, hi: 80 }],
             not_after_ms: None,

@@ -58,6 +58,7 @@ use boringtun::noise::TunnResult;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ward_shared::filter::{Filter, FilterCounters, FilterRule, LocalPrefixes};
+use ward_shared::peerset::PeerSet;
 use ward_shared::routes::Prefix;
 
 use self::counters::{Counters, LocalCounters};
@@ -383,6 +384,13 @@ impl Core {
     /// to this device's own flows still pass). Flows that no rule allows any more are cut.
     pub fn set_filter(&self, rules: Vec<FilterRule>) {
         self.filter.set_rules(rules);
+    }
+
+    /// Replaces the inbound filter rules and the peer sets they (and the candidate rules) name,
+    /// under one lock: no packet is judged with new sets and old rules. A rule naming a set
+    /// not in `sets` lets nobody in through it.
+    pub fn set_filter_with_sets(&self, rules: Vec<FilterRule>, sets: &[PeerSet]) {
+        self.filter.set_rules_with_sets(rules, sets);
     }
 
     /// Replaces the candidate rules (the policy's shadow view; `None`: none). They never let a

@@ -71,6 +71,7 @@ fn both_ends_count_an_exchange_with_roles_rules_and_a_denied_attempt() {
         rule: name.into(),
         service: name.into(),
         sources: vec![IpAddr::V4(a)],
+        source_sets: Vec::new(),
         proto,
         ports,
         not_after_ms: None,

@@ -29,6 +29,7 @@ fn allow_all(ids: impl Iterator<Item = u8>) -> Vec<FilterRule> {
         rule: "allow-all".into(),
         service: "all".into(),
         sources: sources.clone(),
+        source_sets: Vec::new(),
         proto,
         ports,
         not_after_ms: None,

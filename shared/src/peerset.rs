@@ -1,0 +1,418 @@
+//! Peer sets: the source populations of a device's inbound filter, carried once per netmap.
+//!
+//! A dense policy gives every destination dozens of inbound rules over the same few source
+//! populations (a group, a tag, "every laptop"). Listing every source address in every rule
+//! makes a netmap O(rules × devices) and re-sends all of it on each change. Protocol version 2
+//! carries each distinct population once, as a [`PeerSet`] of minimal CIDR prefixes
+//! ([`aggregate`]), and rules name sets by id ([`crate::filter::FilterRule::source_sets`]).
+//! A delta carries only the prefixes a set gained or lost ([`PeerSetChange`]).
+//!
+//! The coordinator turns the compiler's flat rules into this form per device with [`factor`],
+//! keeping set ids stable across recomputes (the same population keeps its id while its
+//! membership changes), and diffs the sets it last sent with [`diff`]. The device applies the
+//! changes ([`apply_changes`]) and its packet filter resolves set ids to prefix lookups; a rule
+//! naming a set the netmap does not hold allows nothing.
+//!
+//! Everything here is pure: no I/O, no clock.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::filter::FilterRule;
+use crate::routes::Prefix;
+
+/// A numbered source population: the devices whose overlay addresses lie in `prefixes`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PeerSet {
+    pub id: u32,
+    /// Sorted, non-overlapping prefixes.
+    pub prefixes: Vec<Prefix>,
+}
+
+/// How one set changed in a delta: a new set, or prefixes gained/lost by an existing one, or a
+/// whole replacement (when that is smaller than the difference).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSetChange {
+    pub id: u32,
+    /// The set's whole new content, replacing what the device holds (or creating it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefixes: Option<Vec<Prefix>>,
+    /// Prefixes the set gained (applied after `remove`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<Prefix>,
+    /// Prefixes the set lost; each must be in the set the device holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<Prefix>,
+}
+
+/// Why a delta's set changes do not fit the sets a device holds (it missed something: it must
+/// get a full netmap, never guess).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerSetError {
+    #[error("peer set {0} is changed but the device does not hold it")]
+    Unknown(u32),
+    #[error("peer set {id} loses {prefix}, which it does not hold")]
+    NotHeld { id: u32, prefix: Prefix },
+}
+
+/// The smallest list of prefixes that covers exactly `addrs` (IPv4-mapped IPv6 counts as
+/// IPv4): contiguous runs of addresses become CIDR blocks, nothing outside `addrs` is covered.
+/// Sorted, IPv4 first.
+pub fn aggregate(addrs: impl IntoIterator<Item = IpAddr>) -> Vec<Prefix> {
+    let mut v4: Vec<u128> = Vec::new();
+    let mut v6: Vec<u128> = Vec::new();
+    for a in addrs {
+        match a.to_canonical() {
+            IpAddr::V4(x) => v4.push(u128::from(u32::from(x))),
+            IpAddr::V6(x) => v6.push(u128::from(x)),
+        }
+    }
+    let mut out = Vec::new();
+    cover(&mut v4, 32, &mut out);
+    cover(&mut v6, 128, &mut out);
+    out
+}
+
+/// Appends the minimal CIDR cover of `vals` (addresses of a `width`-bit family) to `out`.
+fn cover(vals: &mut Vec<u128>, width: u32, out: &mut Vec<Prefix>) {
+    vals.sort_unstable();
+    vals.dedup();
+    let mut i = 0;
+    while i < vals.len() {
+        // The run of consecutive addresses starting at vals[i].
+        let start = vals[i];
+        let mut end = start;
+        while i + 1 < vals.len() && vals[i + 1] == end.wrapping_add(1) && vals[i + 1] != 0 {
+            i += 1;
+            end = vals[i];
+        }
+        i += 1;
+        // Split [start, end] into aligned blocks, largest first.
+        let mut at = start;
+        loop {
+            let align = if at == 0 {
+                width
+            } else {
+                at.trailing_zeros().min(width)
+            };
+            let remaining = end - at; // count - 1
+            let fit = if remaining == u128::MAX {
+                128
+            } else {
+                127 - (remaining + 1).leading_zeros()
+            };
+            let bits = align.min(fit);
+            let len = u8::try_from(width - bits).unwrap_or(0);
+            let addr = if width == 32 {
+                IpAddr::V4(Ipv4Addr::from(u32::try_from(at).unwrap_or(0)))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(at))
+            };
+            out.push(Prefix::new(addr, len));
+            let size_minus_one = if bits >= 128 {
+                u128::MAX
+            } else {
+                (1u128 << bits) - 1
+            };
+            if at
+                .checked_add(size_minus_one)
+                .is_none_or(|last| last >= end)
+            {
+                break;
+            }
+            at += size_minus_one + 1;
+        }
+    }
+}
+
+/// Whether `ip` is in one of `prefixes`.
+pub fn contains(prefixes: &[Prefix], ip: IpAddr) -> bool {
+    prefixes.iter().any(|p| p.contains(ip))
+}
+
+/// The sets a device holds, by id.
+pub type SetBook = BTreeMap<u32, Vec<Prefix>>;
+
+/// The sets as a book.
+pub fn book(sets: &[PeerSet]) -> SetBook {
+    sets.iter().map(|s| (s.id, s.prefixes.clone())).collect()
+}
+
+/// A device's inbound filter (and candidate filter) in set form.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Factored {
+    pub inbound: Vec<FilterRule>,
+    pub shadow: Option<Vec<FilterRule>>,
+    pub sets: SetBook,
+}
+
+/// Turns flat rules (every source address listed) into rules naming sets, one set per distinct
+/// source population, shared by every rule over it. `prev` is what the device was last given:
+/// a population keeps the id of the set with the same content, or else the id its rule (by
+/// rule and service name) used before, so a membership change is a small set change and the
+/// rules themselves stay equal. Rules keep their order; literal sources are moved into sets.
+pub fn factor(
+    inbound: &[FilterRule],
+    shadow: Option<&[FilterRule]>,
+    prev: Option<&Factored>,
+) -> Factored {
+    // Distinct populations, in order of first use.
+    let mut pops: Vec<Vec<Prefix>> = Vec::new();
+    // Distinct source lists seen (few: one per population), compared whole rather than
+    // hashed: the compiler gives every rule over a population an equal list.
+    let mut by_sources: Vec<(&[IpAddr], usize)> = Vec::new();
+    let mut by_prefixes: HashMap<Vec<Prefix>, usize> = HashMap::new();
+    let all = inbound.iter().chain(shadow.into_iter().flatten());
+    // Each rule's population (None: no sources at all).
+    let mut rule_pop: Vec<Option<usize>> = Vec::new();
+    for r in all {
+        if r.sources.is_empty() {
+            rule_pop.push(None);
+            continue;
+        }
+        if let Some((_, p)) = by_sources
+            .iter()
+            .rev()
+            .find(|(s, _)| *s == r.sources.as_slice())
+        {
+            rule_pop.push(Some(*p));
+            continue;
+        }
+        let prefixes = aggregate(r.sources.iter().copied());
+        let p = *by_prefixes.entry(prefixes.clone()).or_insert_with(|| {
+            pops.push(prefixes);
+            pops.len() - 1
+        });
+        by_sources.push((r.sources.as_slice(), p));
+        rule_pop.push(Some(p));
+    }
+    // Ids: same content first, then the id the same rule used, then new ones.
+    let empty = Factored::default();
+    let prev = prev.unwrap_or(&empty);
+    let mut ids: Vec<Option<u32>> = vec![None; pops.len()];
+    let mut claimed: BTreeSet<u32> = BTreeSet::new();
+    let by_content: HashMap<&Vec<Prefix>, u32> = prev.sets.iter().map(|(id, p)| (p, *id)).collect();
+    for (i, p) in pops.iter().enumerate() {
+        if let Some(&id) = by_content.get(p) {
+            if claimed.insert(id) {
+                ids[i] = Some(id);
+            }
+        }
+    }
+    let mut prev_key: HashMap<(&str, &str), u32> = HashMap::new();
+    for r in prev.inbound.iter().chain(prev.shadow.iter().flatten()) {
+        if let [id] = r.source_sets.as_slice() {
+            prev_key.entry((&r.rule, &r.service)).or_insert(*id);
+        }
+    }
+    let all = inbound.iter().chain(shadow.into_iter().flatten());
+    for (r, p) in all.zip(&rule_pop) {
+        let Some(p) = *p else { continue };
+        if ids[p].is_some() {
+            continue;
+        }
+        if let Some(&id) = prev_key.get(&(r.rule.as_str(), r.service.as_str())) {
+            if prev.sets.contains_key(&id) && claimed.insert(id) {
+                ids[p] = Some(id);
+            }
+        }
+    }
+    let mut next = prev
+        .sets
+        .keys()
+        .chain(claimed.iter())
+        .max()
+        .map_or(1u64, |m| u64::from(*m) + 1);
+    if next + pops.len() as u64 > u64::from(u32::MAX) {
+        // Ids ran out (after billions of populations): number afresh.
+        ids.iter_mut().for_each(|x| *x = None);
+        next = 1;
+    }
+    for id in ids.iter_mut().filter(|x| x.is_none()) {
+        *id = Some(u32::try_from(next).unwrap_or(u32::MAX));
+        next += 1;
+    }
+    let mut sets = SetBook::new();
+    for (p, id) in pops.into_iter().zip(&ids) {
+        if let Some(id) = id {
+            sets.insert(*id, p);
+        }
+    }
+    let convert = |r: &FilterRule, p: Option<usize>| -> FilterRule {
+        let mut out = FilterRule {
+            rule: r.rule.clone(),
+            service: r.service.clone(),
+            sources: Vec::new(),
+            source_sets: r.source_sets.clone(),
+            proto: r.proto,
+            ports: r.ports.clone(),
+            not_after_ms: r.not_after_ms,
+            dests: r.dests.clone(),
+        };
+        if let Some(id) = p.and_then(|p| ids[p]) {
+            out.source_sets = vec![id];
+        }
+        out
+    };
+    let n = inbound.len();
+    let inbound_out: Vec<FilterRule> = inbound
+        .iter()
+        .zip(&rule_pop)
+        .map(|(r, p)| convert(r, *p))
+        .collect();
+    let shadow_out = shadow.map(|s| {
+        s.iter()
+            .zip(&rule_pop[n..])
+            .map(|(r, p)| convert(r, *p))
+            .collect()
+    });
+    Factored {
+        inbound: inbound_out,
+        shadow: shadow_out,
+        sets,
+    }
+}
+
+/// The changes that turn `old` into `new`, and the ids `new` no longer has.
+pub fn diff(old: &SetBook, new: &SetBook) -> (Vec<PeerSetChange>, Vec<u32>) {
+    let mut changes = Vec::new();
+    for (id, n) in new {
+        let Some(o) = old.get(id) else {
+            changes.push(PeerSetChange {
+                id: *id,
+                prefixes: Some(n.clone()),
+                add: Vec::new(),
+                remove: Vec::new(),
+            });
+            continue;
+        };
+        if o == n {
+            continue;
+        }
+        let os: BTreeSet<&Prefix> = o.iter().collect();
+        let ns: BTreeSet<&Prefix> = n.iter().collect();
+        let add: Vec<Prefix> = ns.difference(&os).map(|p| **p).collect();
+        let remove: Vec<Prefix> = os.difference(&ns).map(|p| **p).collect();
+        changes.push(if add.len() + remove.len() > n.len() {
+            PeerSetChange {
+                id: *id,
+                prefixes: Some(n.clone()),
+                add: Vec::new(),
+                remove: Vec::new(),
+            }
+        } else {
+            PeerSetChange {
+                id: *id,
+                prefixes: None,
+                add,
+                remove,
+            }
+        });
+    }
+    let removed = old
+        .keys()
+        .filter(|k| !new.contains_key(k))
+        .copied()
+        .collect();
+    (changes, removed)
+}
+
+/// Applies a delta's set changes to `sets` (kept sorted by id, prefixes sorted). On an error
+/// `sets` is unchanged.
+pub fn apply_changes(
+    sets: &mut Vec<PeerSet>,
+    changes: &[PeerSetChange],
+    removed: &[u32],
+) -> Result<(), PeerSetError> {
+    let mut b = book(sets);
+    for id in removed {
+        b.remove(id);
+    }
+    for c in changes {
+        let entry = match &c.prefixes {
+            Some(p) => {
+                let e = b.entry(c.id).or_default();
+                *e = p.clone();
+                e
+            }
+            None => b.get_mut(&c.id).ok_or(PeerSetError::Unknown(c.id))?,
+        };
+        for r in &c.remove {
+            let Some(at) = entry.iter().position(|p| p == r) else {
+                return Err(PeerSetError::NotHeld {
+                    id: c.id,
+                    prefix: *r,
+                });
+            };
+            entry.remove(at);
+        }
+        entry.extend(c.add.iter().copied());
+        entry.sort_unstable();
+        entry.dedup();
+    }
+    *sets = b
+        .into_iter()
+        .map(|(id, prefixes)| PeerSet { id, prefixes })
+        .collect();
+    Ok(())
+}
+
+/// Rules with their sets written out as addresses: the flat form a protocol-1 device gets and
+/// older code reads. Prefixes wider than `max_hosts` addresses are not expanded (their rules
+/// lose them: fail closed); sets the rules name but `sets` lacks add nothing.
+pub fn expand(rules: &[FilterRule], sets: &[PeerSet], max_hosts: u32) -> Vec<FilterRule> {
+    let b = book(sets);
+    rules
+        .iter()
+        .map(|r| {
+            let mut out = r.clone();
+            let mut srcs: Vec<IpAddr> = r.sources.clone();
+            for id in &r.source_sets {
+                for p in b.get(id).into_iter().flatten() {
+                    srcs.extend(hosts(p, max_hosts));
+                }
+            }
+            srcs.sort_unstable();
+            srcs.dedup();
+            out.sources = srcs;
+            out.source_sets = Vec::new();
+            out
+        })
+        .collect()
+}
+
+/// The addresses in `p`, if there are at most `max` of them.
+pub fn hosts(p: &Prefix, max: u32) -> Vec<IpAddr> {
+    let width: u32 = if p.is_ipv4() { 32 } else { 128 };
+    let bits = width - u32::from(p.len());
+    if bits >= 32 || (1u64 << bits) > u64::from(max) {
+        return Vec::new();
+    }
+    let base: u128 = match p.addr() {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    (0..(1u128 << bits))
+        .map(|i| {
+            let v = base + i;
+            if width == 32 {
+                IpAddr::V4(Ipv4Addr::from(u32::try_from(v).unwrap_or(0)))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(v))
+            }
+        })
+        .collect()
+}
+
+/// Whether rule `r` names `ip` as a source, directly or through one of `sets`.
+pub fn rule_has_source(r: &FilterRule, sets: &SetBook, ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    r.sources.iter().any(|s| s.to_canonical() == ip)
+        || r.source_sets
+            .iter()
+            .any(|id| sets.get(id).is_some_and(|p| contains(p, ip)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,337 @@
+use super::*;
+use crate::filter::{Filter, PortRange, Proto, Verdict};
+use proptest::prelude::*;
+use std::time::Instant;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn pfx(s: &str) -> Prefix {
+    s.parse().unwrap()
+}
+
+fn rule(name: &str, sources: &[IpAddr], port: u16) -> FilterRule {
+    FilterRule {
+        rule: name.into(),
+        service: format!("svc-{name}"),
+        sources: sources.to_vec(),
+        source_sets: Vec::new(),
+        proto: Proto::Tcp,
+        ports: vec![PortRange { lo: port, hi: port }],
+        not_after_ms: None,
+        dests: Vec::new(),
+    }
+}
+
+fn v4(n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x6440_0000 + n))
+}
+
+fn v6(n: u32) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::from(
+        0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + u128::from(n),
+    ))
+}
+
+#[test]
+fn aggregation_is_minimal_and_exact() {
+    // 100.64.0.1 ..= 100.64.0.10 and fd00::1 ..= fd00::4.
+    let addrs: Vec<IpAddr> = (1..=10).map(v4).chain((1..=4).map(v6)).collect();
+    let p = aggregate(addrs.iter().copied());
+    assert_eq!(
+        p,
+        vec![
+            pfx("100.64.0.1/32"),
+            pfx("100.64.0.2/31"),
+            pfx("100.64.0.4/30"),
+            pfx("100.64.0.8/31"),
+            pfx("100.64.0.10/32"),
+            pfx("fd00::1/128"),
+            pfx("fd00::2/127"),
+            pfx("fd00::4/128"),
+        ]
+    );
+    for a in &addrs {
+        assert!(contains(&p, *a), "{a} lost");
+    }
+    for out in [v4(0), v4(11), v6(0), v6(5)] {
+        assert!(!contains(&p, out), "{out} added");
+    }
+    // Mapped IPv4 counts as IPv4; duplicates collapse; the edges of the space work.
+    assert_eq!(
+        aggregate([ip("::ffff:100.64.0.1"), ip("100.64.0.1")]),
+        vec![pfx("100.64.0.1/32")]
+    );
+    assert_eq!(
+        aggregate([ip("255.255.255.255"), ip("255.255.255.254")]),
+        vec![pfx("255.255.255.254/31")]
+    );
+    assert_eq!(aggregate([ip("0.0.0.0")]), vec![pfx("0.0.0.0/32")]);
+    assert!(aggregate([]).is_empty());
+}
+
+proptest! {
+    /// The cover holds exactly the addresses given, and no two of its prefixes could merge.
+    #[test]
+    fn aggregation_covers_exactly(ns in proptest::collection::btree_set(0u32..300, 0..80)) {
+        let addrs: Vec<IpAddr> = ns.iter().map(|n| v4(*n)).collect();
+        let p = aggregate(addrs.iter().copied());
+        for n in 0u32..300 {
+            prop_assert_eq!(contains(&p, v4(n)), ns.contains(&n), "address {}", n);
+        }
+        let total: u64 = p.iter().map(|x| 1u64 << (32 - u32::from(x.len()))).sum();
+        prop_assert_eq!(total, ns.len() as u64);
+        for w in p.windows(2) {
+            prop_assert!(w[0] < w[1] && !w[0].overlaps(&w[1]));
+        }
+    }
+
+    /// Factoring then filtering decides every flow as the flat rules did, and the set diff of
+    /// two factorings turns the first's sets into the second's.
+    #[test]
+    fn sets_decide_like_flat_rules(
+        pops in proptest::collection::vec(proptest::collection::btree_set(0u32..40, 0..25), 1..5),
+        uses in proptest::collection::vec((0usize..5, 1u16..4), 1..12),
+        pops2 in proptest::collection::vec(proptest::collection::btree_set(0u32..40, 0..25), 1..5),
+    ) {
+        let build = |pops: &[std::collections::BTreeSet<u32>]| -> Vec<FilterRule> {
+            uses.iter()
+                .enumerate()
+                .map(|(i, (p, port))| {
+                    let srcs: Vec<IpAddr> = pops[p % pops.len()]
+                        .iter()
+                        .flat_map(|n| [v4(*n), v6(*n)])
+                        .collect();
+                    rule(&format!("r{}", i % 4), &srcs, *port)
+                })
+                .collect()
+        };
+        let flat = build(&pops);
+        let f1 = factor(&flat, None, None);
+        let mut flat_filter = Filter::new(1024);
+        flat_filter.set_rules(flat.clone());
+        let sets1: Vec<PeerSet> = f1.sets.iter().map(|(id, p)| PeerSet { id: *id, prefixes: p.clone() }).collect();
+        let mut set_filter = Filter::new(1024);
+        set_filter.set_rules_with_sets(f1.inbound.clone(), &sets1);
+        let now = Instant::now();
+        for n in 0u32..42 {
+            for port in 0u16..5 {
+                for src in [v4(n), v6(n)] {
+                    let pkt = syn(src, port);
+                    prop_assert_eq!(
+                        flat_filter.check_inbound(&pkt, now, 0),
+                        set_filter.check_inbound(&pkt, now, 0),
+                        "{} port {}", src, port
+                    );
+                }
+            }
+        }
+        // Expansion gives back the flat sources.
+        let back = expand(&f1.inbound, &sets1, 1 << 16);
+        for (a, b) in back.iter().zip(&flat) {
+            let mut want = b.sources.clone();
+            want.sort_unstable();
+            want.dedup();
+            prop_assert_eq!(&a.sources, &want);
+        }
+        // A second policy: the diff applied to the first sets gives the second's.
+        let f2 = factor(&build(&pops2), None, Some(&f1));
+        let (changes, removed) = diff(&f1.sets, &f2.sets);
+        let mut held = sets1.clone();
+        apply_changes(&mut held, &changes, &removed).unwrap();
+        prop_assert_eq!(book(&held), f2.sets.clone());
+    }
+}
+
+/// An IPv4 or IPv6 TCP SYN from `src` to port `port`.
+fn syn(src: IpAddr, port: u16) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&port.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    match src {
+        IpAddr::V4(s) => {
+            let mut p = vec![0u8; 20];
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&40u16.to_be_bytes());
+            p[8] = 64;
+            p[9] = 6;
+            p[12..16].copy_from_slice(&s.octets());
+            p[16..20].copy_from_slice(&[100, 64, 0, 200]);
+            p.extend(tcp);
+            p
+        }
+        IpAddr::V6(s) => {
+            let mut p = vec![0u8; 40];
+            p[0] = 0x60;
+            p[4..6].copy_from_slice(&20u16.to_be_bytes());
+            p[6] = 6;
+            p[7] = 64;
+            p[8..24].copy_from_slice(&s.octets());
+            p[24..40].copy_from_slice(
+                &Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_00c8u128).octets(),
+            );
+            p.extend(tcp);
+            p
+        }
+    }
+}
+
+#[test]
+fn rules_over_one_population_share_one_set() {
+    let eng: Vec<IpAddr> = (1..=20).flat_map(|n| [v4(n), v6(n)]).collect();
+    let ops: Vec<IpAddr> = (30..=31).flat_map(|n| [v4(n), v6(n)]).collect();
+    let rules: Vec<FilterRule> = (0..50)
+        .map(|i| rule(&format!("r{i}"), if i % 10 == 0 { &ops } else { &eng }, 22))
+        .collect();
+    let f = factor(&rules, Some(&rules[..3]), None);
+    assert_eq!(f.sets.len(), 2, "{:?}", f.sets);
+    assert!(f
+        .inbound
+        .iter()
+        .all(|r| r.sources.is_empty() && r.source_sets.len() == 1));
+    let shadow = f.shadow.as_ref().unwrap();
+    assert_eq!(shadow.len(), 3);
+    assert_eq!(shadow[1].source_sets, f.inbound[1].source_sets);
+    // 20 consecutive devices (.1 to .20): 6 prefixes per family, not 40 addresses.
+    let eng_set = &f.sets[&f.inbound[1].source_sets[0]];
+    assert_eq!(eng_set.len(), 12, "{eng_set:?}");
+    // A rule without sources stays without.
+    let f = factor(&[rule("none", &[], 1)], None, None);
+    assert!(f.sets.is_empty() && f.inbound[0].source_sets.is_empty());
+}
+
+#[test]
+fn a_member_joining_keeps_the_id_and_sends_only_the_change() {
+    let before: Vec<IpAddr> = [1, 2, 3, 5, 8].into_iter().map(v4).collect();
+    let after: Vec<IpAddr> = [1, 2, 3, 5, 8, 13].into_iter().map(v4).collect();
+    let f1 = factor(
+        &[rule("a", &before, 22), rule("b", &before, 80)],
+        None,
+        None,
+    );
+    let f2 = factor(
+        &[rule("a", &after, 22), rule("b", &after, 80)],
+        None,
+        Some(&f1),
+    );
+    assert_eq!(f1.inbound, f2.inbound, "the rules do not change");
+    let (changes, removed) = diff(&f1.sets, &f2.sets);
+    assert!(removed.is_empty());
+    assert_eq!(
+        changes,
+        vec![PeerSetChange {
+            id: f1.inbound[0].source_sets[0],
+            prefixes: None,
+            add: vec![pfx("100.64.0.13/32")],
+            remove: vec![],
+        }]
+    );
+    // A population that goes takes its id away; a new one gets a fresh id.
+    let f3 = factor(&[rule("c", &[v4(20)], 22)], None, Some(&f2));
+    let (changes, removed) = diff(&f2.sets, &f3.sets);
+    assert_eq!(removed, vec![f1.inbound[0].source_sets[0]]);
+    assert_eq!(changes.len(), 1);
+    assert!(changes[0].prefixes.is_some());
+    assert_ne!(changes[0].id, f1.inbound[0].source_sets[0]);
+}
+
+#[test]
+fn changes_that_do_not_fit_are_refused_and_change_nothing() {
+    let mut sets = vec![PeerSet {
+        id: 1,
+        prefixes: vec![pfx("100.64.0.1/32")],
+    }];
+    let orig = sets.clone();
+    let unknown = PeerSetChange {
+        id: 9,
+        prefixes: None,
+        add: vec![pfx("100.64.0.2/32")],
+        remove: vec![],
+    };
+    assert_eq!(
+        apply_changes(&mut sets, &[unknown], &[]),
+        Err(PeerSetError::Unknown(9))
+    );
+    let not_held = PeerSetChange {
+        id: 1,
+        prefixes: None,
+        add: vec![],
+        remove: vec![pfx("100.64.0.7/32")],
+    };
+    assert!(matches!(
+        apply_changes(&mut sets, &[not_held], &[1]),
+        Err(PeerSetError::Unknown(1))
+    ));
+    assert_eq!(sets, orig);
+    let not_held = PeerSetChange {
+        id: 1,
+        prefixes: None,
+        add: vec![],
+        remove: vec![pfx("100.64.0.7/32")],
+    };
+    assert!(matches!(
+        apply_changes(&mut sets, &[not_held], &[]),
+        Err(PeerSetError::NotHeld { id: 1, .. })
+    ));
+    assert_eq!(sets, orig);
+}
+
+#[test]
+fn an_unknown_set_id_allows_nothing() {
+    let mut f = Filter::new(64);
+    let mut r = rule("a", &[], 22);
+    r.source_sets = vec![7];
+    f.set_rules_with_sets(
+        vec![r],
+        &[PeerSet {
+            id: 1,
+            prefixes: vec![pfx("100.64.0.0/24")],
+        }],
+    );
+    let now = Instant::now();
+    assert_ne!(f.check_inbound(&syn(v4(1), 22), now, 0), Verdict::Allow);
+    // The same rule with the set present allows the whole prefix, and nothing outside it.
+    let mut r = rule("a", &[], 22);
+    r.source_sets = vec![1];
+    f.set_rules_with_sets(
+        vec![r],
+        &[PeerSet {
+            id: 1,
+            prefixes: vec![pfx("100.64.0.0/24")],
+        }],
+    );
+    assert_eq!(f.check_inbound(&syn(v4(1), 22), now, 0), Verdict::Allow);
+    assert_eq!(f.check_inbound(&syn(v4(255), 22), now, 0), Verdict::Allow);
+    assert_ne!(f.check_inbound(&syn(v4(256), 22), now, 0), Verdict::Allow);
+    // Sets changing under unchanged rules take effect (a member leaving is cut off).
+    let mut r = rule("a", &[], 22);
+    r.source_sets = vec![1];
+    f.set_rules_with_sets(
+        vec![r],
+        &[PeerSet {
+            id: 1,
+            prefixes: vec![pfx("100.64.0.9/32")],
+        }],
+    );
+    assert_ne!(f.check_inbound(&syn(v4(2), 22), now, 0), Verdict::Allow);
+    assert_eq!(f.check_inbound(&syn(v4(9), 22), now, 0), Verdict::Allow);
+}
+
+#[test]
+fn hosts_expand_small_prefixes_only() {
+    assert_eq!(hosts(&pfx("100.64.0.2/31"), 16), vec![v4(2), v4(3)]);
+    assert!(hosts(&pfx("100.64.0.0/10"), 1 << 16).is_empty());
+    assert!(hosts(&pfx("fd00::/64"), 1 << 16).is_empty());
+    let mut r = rule("a", &[], 1);
+    r.source_sets = vec![1];
+    let sets = book(&[PeerSet {
+        id: 1,
+        prefixes: vec![pfx("100.64.0.2/31")],
+    }]);
+    assert!(rule_has_source(&r, &sets, v4(3)));
+    assert!(rule_has_source(&r, &sets, ip("::ffff:100.64.0.2")));
+    assert!(!rule_has_source(&r, &sets, v4(4)));
+}
