@@ -358,6 +358,78 @@ pub fn apply_changes(
     Ok(())
 }
 
+/// Folds the set changes of a later delta (`changes`, `removed`) into those of an earlier one
+/// (`held_changes`, `held_removed`), so that applying the result with [`apply_changes`] equals
+/// applying both in turn. Relies on what [`diff`] guarantees: a change's `add` holds no prefix
+/// the set already had and its `remove` only prefixes it had. A later difference on a set the
+/// earlier delta removed (or on a replaced set, a prefix it does not hold) is refused: the
+/// delta sequence itself is broken, and nothing is guessed.
+pub fn merge_changes(
+    held_changes: &[PeerSetChange],
+    held_removed: &[u32],
+    changes: &[PeerSetChange],
+    removed: &[u32],
+) -> Result<(Vec<PeerSetChange>, Vec<u32>), PeerSetError> {
+    let mut out: BTreeMap<u32, PeerSetChange> =
+        held_changes.iter().map(|c| (c.id, c.clone())).collect();
+    let mut gone: Vec<u32> = held_removed.to_vec();
+    for id in removed {
+        out.remove(id);
+        if !gone.contains(id) {
+            gone.push(*id);
+        }
+    }
+    for c2 in changes {
+        if c2.prefixes.is_some() {
+            // A replacement: whatever came before no longer matters.
+            out.insert(c2.id, c2.clone());
+            continue;
+        }
+        let Some(c1) = out.get_mut(&c2.id) else {
+            if gone.contains(&c2.id) {
+                return Err(PeerSetError::Unknown(c2.id));
+            }
+            out.insert(c2.id, c2.clone());
+            continue;
+        };
+        if let Some(p) = &c1.prefixes {
+            // Earlier replacement: work the later difference into the content.
+            let mut set: BTreeSet<Prefix> = p.iter().copied().collect();
+            for r in &c1.remove {
+                set.remove(r);
+            }
+            set.extend(c1.add.iter().copied());
+            for r in &c2.remove {
+                if !set.remove(r) {
+                    return Err(PeerSetError::NotHeld {
+                        id: c2.id,
+                        prefix: *r,
+                    });
+                }
+            }
+            set.extend(c2.add.iter().copied());
+            *c1 = PeerSetChange {
+                id: c2.id,
+                prefixes: Some(set.into_iter().collect()),
+                add: Vec::new(),
+                remove: Vec::new(),
+            };
+            continue;
+        }
+        // Two differences: a prefix added then removed was never held (it leaves both lists);
+        // one removed then added again is removed and added (apply removes first).
+        let a1: BTreeSet<Prefix> = c1.add.iter().copied().collect();
+        let r2: BTreeSet<Prefix> = c2.remove.iter().copied().collect();
+        let mut remove: BTreeSet<Prefix> = c1.remove.iter().copied().collect();
+        remove.extend(r2.difference(&a1).copied());
+        let mut add: BTreeSet<Prefix> = a1.difference(&r2).copied().collect();
+        add.extend(c2.add.iter().copied());
+        c1.remove = remove.into_iter().collect();
+        c1.add = add.into_iter().collect();
+    }
+    Ok((out.into_values().collect(), gone))
+}
+
 /// Rules with their sets written out as addresses: the flat form a protocol-1 device gets and
 /// older code reads. Prefixes wider than `max_hosts` addresses are not expanded (their rules
 /// lose them: fail closed); sets the rules name but `sets` lacks add nothing.

@@ -832,6 +832,14 @@ impl NetmapDelta {
                 base: next.base_seq,
             });
         }
+        let (peer_sets, removed_peer_sets) = crate::peerset::merge_changes(
+            &self.peer_sets,
+            &self.removed_peer_sets,
+            &next.peer_sets,
+            &next.removed_peer_sets,
+        )?;
+        self.peer_sets = peer_sets;
+        self.removed_peer_sets = removed_peer_sets;
         // A peer removed later is gone whatever was upserted before; a peer upserted later is
         // there as sent then, whatever was removed before (`apply` removes, then upserts).
         self.upsert.retain(|p| !next.remove.contains(&p.device_id));
@@ -1637,6 +1645,10 @@ mod tests {
             shadow_filter: None,
             dns_domain: None,
             coordinators: vec![],
+            peer_sets: vec![crate::peerset::PeerSet {
+                id: 1,
+                prefixes: vec!["100.64.0.2/32".parse().unwrap()],
+            }],
         };
         // A small deterministic generator: the same sequences on every run.
         let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -1662,7 +1674,37 @@ mod tests {
                     policy_version: None,
                     me: None,
                     shadow_filter: None,
+                    peer_sets: vec![],
+                    removed_peer_sets: vec![],
                 };
+                // Peer sets as the coordinator changes them: the difference between the sets
+                // the device holds and new ones (sets created, dropped, grown and shrunk).
+                if rnd(2) == 0 {
+                    let old = crate::peerset::book(&one_by_one.peer_sets);
+                    let mut new = old.clone();
+                    for _ in 0..1 + rnd(3) {
+                        let id = 1 + rnd(3) as u32;
+                        if rnd(4) == 0 {
+                            new.remove(&id);
+                            continue;
+                        }
+                        let set = new.entry(id).or_default();
+                        let p: crate::routes::Prefix =
+                            format!("100.64.0.{}/32", 2 + rnd(6)).parse().unwrap();
+                        match set.iter().position(|x| *x == p) {
+                            Some(at) => {
+                                set.remove(at);
+                            }
+                            None => {
+                                set.push(p);
+                                set.sort_unstable();
+                            }
+                        }
+                    }
+                    let (changes, removed) = crate::peerset::diff(&old, &new);
+                    d.peer_sets = changes;
+                    d.removed_peer_sets = removed;
+                }
                 for _ in 0..rnd(4) {
                     let id = 2 + rnd(6);
                     if rnd(2) == 0 {
@@ -1744,6 +1786,8 @@ mod tests {
             policy_version: None,
             me: None,
             shadow_filter: None,
+            peer_sets: vec![],
+            removed_peer_sets: vec![],
         };
         let mut a = d(1, 2);
         assert_eq!(
@@ -1753,5 +1797,21 @@ mod tests {
         assert_eq!(a, d(1, 2), "a refused merge changes nothing");
         a.merge(d(2, 3)).unwrap();
         assert_eq!((a.base_seq, a.seq, a.upsert.len()), (1, 3, 1));
+        // A set the held delta drops cannot be changed by difference afterwards: refused,
+        // nothing changes (the connection then starts over with a full netmap).
+        a.removed_peer_sets = vec![4];
+        let before = a.clone();
+        let mut next = d(3, 4);
+        next.peer_sets = vec![PeerSetChange {
+            id: 4,
+            prefixes: None,
+            add: vec!["100.64.0.9/32".parse().unwrap()],
+            remove: vec![],
+        }];
+        assert_eq!(
+            a.merge(next),
+            Err(WireError::PeerSets(PeerSetError::Unknown(4)))
+        );
+        assert_eq!(a, before);
     }
 }
