@@ -642,6 +642,7 @@ async fn background(opts: &Opts, target: SocketAddr) -> Result<()> {
                             addr: target,
                             wg_port: 10_000 + (slot % 50_000) as u16,
                             posture_interval: Duration::from_secs(opts.posture_interval.max(1)),
+                            protocol: opts.protocol,
                             enrolled: e,
                             key_pem,
                         };

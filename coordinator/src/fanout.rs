@@ -245,6 +245,7 @@ mod tests {
             shadow_filter: None,
             dns_domain: None,
             coordinators: vec![],
+            peer_sets: vec![],
         }
     }
 
@@ -260,6 +261,8 @@ mod tests {
             policy_version: None,
             me: None,
             shadow_filter: None,
+            peer_sets: vec![],
+            removed_peer_sets: vec![],
         })
     }
 

@@ -828,6 +828,8 @@ mod tests {
             policy_version: None,
             me: None,
             shadow_filter: None,
+            peer_sets: vec![],
+            removed_peer_sets: vec![],
         })
     }
 
