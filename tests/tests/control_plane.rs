@@ -420,8 +420,12 @@ fn bad_input_gets_clear_errors_and_coordinator_keeps_serving() {
             other => panic!("expected bad request, got {other:?}"),
         }
     });
-    // Still serving: the good device is connected, a new one can enroll, the database is intact.
-    assert_eq!(a.status()["state"], "connected");
+    // Still serving: the good device is (or, if its first netmap is still paced behind the
+    // burst of bad enrollments, soon is) connected, a new one can enroll, the database is intact.
+    let took = wait_until("the good device connected", Duration::from_secs(10), || {
+        a.status()["state"] == "connected"
+    });
+    eprintln!("the good device was connected {took:?} after the bad input");
     let b = Agent::start(tmp.path(), "after");
     assert!(b
         .up(&c.token(&["--user", "erin"]), "after")
