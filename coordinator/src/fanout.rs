@@ -251,18 +251,9 @@ mod tests {
 
     fn delta(base: u64, upsert: Vec<Peer>, remove: Vec<u64>) -> CoordinatorMsg {
         CoordinatorMsg::NetmapDelta(NetmapDelta {
-            base_seq: base,
-            seq: base + 1,
             upsert,
             remove: remove.into_iter().map(DeviceId).collect(),
-            inbound: None,
-            reach: None,
-            relays: None,
-            policy_version: None,
-            me: None,
-            shadow_filter: None,
-            peer_sets: vec![],
-            removed_peer_sets: vec![],
+            ..NetmapDelta::after(base)
         })
     }
 

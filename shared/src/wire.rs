@@ -820,6 +820,25 @@ impl Netmap {
 }
 
 impl NetmapDelta {
+    /// A delta from `base_seq` to `base_seq + 1` that changes nothing yet: the starting point
+    /// for building one field by field (`NetmapDelta { upsert, ..NetmapDelta::after(seq) }`).
+    pub fn after(base_seq: u64) -> Self {
+        NetmapDelta {
+            base_seq,
+            seq: base_seq.saturating_add(1),
+            upsert: Vec::new(),
+            remove: Vec::new(),
+            inbound: None,
+            reach: None,
+            relays: None,
+            policy_version: None,
+            me: None,
+            shadow_filter: None,
+            peer_sets: Vec::new(),
+            removed_peer_sets: Vec::new(),
+        }
+    }
+
     /// Folds `next` (the delta that follows this one) into this one, so that applying the
     /// merged delta equals applying both in turn: how a coordinator keeps one pending change
     /// for a device that reads slowly instead of queueing one delta per change. Its size stays
@@ -1114,21 +1133,13 @@ mod tests {
         let mut p3 = peer(3);
         p3.online = false;
         let d = NetmapDelta {
-            base_seq: 1,
-            seq: 2,
             upsert: vec![p3.clone(), peer(4)],
             remove: vec![DeviceId(2)],
-            inbound: None,
-            reach: None,
             relays: Some(vec![RelayInfo {
                 name: "r1".into(),
                 addr: "[2001:db8::7]:3478".into(),
             }]),
-            policy_version: None,
-            me: None,
-            shadow_filter: None,
-            peer_sets: Vec::new(),
-            removed_peer_sets: Vec::new(),
+            ..NetmapDelta::after(1)
         };
         nm.apply(&d).unwrap();
         assert_eq!(
@@ -1238,18 +1249,8 @@ mod tests {
             String::from_utf8(encode(&CoordinatorMsg::Netmap(nm.clone()))[4..].to_vec()).unwrap();
         assert!(!text.contains("shadow_filter"), "{text}");
         let clear = NetmapDelta {
-            base_seq: 4,
-            seq: 5,
-            upsert: vec![],
-            remove: vec![],
-            inbound: None,
-            reach: None,
-            relays: None,
-            policy_version: None,
-            me: None,
             shadow_filter: Some(None),
-            peer_sets: Vec::new(),
-            removed_peer_sets: Vec::new(),
+            ..NetmapDelta::after(4)
         };
         let text =
             String::from_utf8(encode(&CoordinatorMsg::NetmapDelta(clear.clone()))[4..].to_vec())
@@ -1663,20 +1664,7 @@ mod tests {
             let mut merged: Option<NetmapDelta> = None;
             let steps = 1 + rnd(6);
             for step in 0..steps {
-                let mut d = NetmapDelta {
-                    base_seq: one_by_one.seq,
-                    seq: one_by_one.seq + 1,
-                    upsert: vec![],
-                    remove: vec![],
-                    inbound: None,
-                    reach: None,
-                    relays: None,
-                    policy_version: None,
-                    me: None,
-                    shadow_filter: None,
-                    peer_sets: vec![],
-                    removed_peer_sets: vec![],
-                };
+                let mut d = NetmapDelta::after(one_by_one.seq);
                 // Peer sets as the coordinator changes them: the difference between the sets
                 // the device holds and new ones (sets created, dropped, grown and shrunk).
                 if rnd(2) == 0 {
@@ -1776,18 +1764,9 @@ mod tests {
     #[test]
     fn a_delta_that_does_not_follow_is_not_merged() {
         let d = |base, seq| NetmapDelta {
-            base_seq: base,
             seq,
             upsert: vec![peer(2)],
-            remove: vec![],
-            inbound: None,
-            reach: None,
-            relays: None,
-            policy_version: None,
-            me: None,
-            shadow_filter: None,
-            peer_sets: vec![],
-            removed_peer_sets: vec![],
+            ..NetmapDelta::after(base)
         };
         let mut a = d(1, 2);
         assert_eq!(

@@ -574,18 +574,8 @@ fn peer_sets_reach_the_filter_with_their_rules_and_a_bad_set_change_resyncs() {
         }],
     }));
     let delta = |base: u64, change: PeerSetChange| ward_shared::wire::NetmapDelta {
-        base_seq: base,
-        seq: base + 1,
-        upsert: vec![],
-        remove: vec![],
-        inbound: None,
-        reach: None,
-        relays: None,
-        policy_version: None,
-        me: None,
-        shadow_filter: None,
         peer_sets: vec![change],
-        removed_peer_sets: vec![],
+        ..ward_shared::wire::NetmapDelta::after(base)
     };
     h.msg(CoordinatorMsg::NetmapDelta(delta(
         1,

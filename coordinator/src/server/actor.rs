@@ -818,18 +818,8 @@ mod tests {
 
     fn delta(base: u64, removed: u64) -> CoordinatorMsg {
         CoordinatorMsg::NetmapDelta(NetmapDelta {
-            base_seq: base,
-            seq: base + 1,
-            upsert: vec![],
             remove: vec![DeviceId(removed)],
-            inbound: None,
-            reach: None,
-            relays: None,
-            policy_version: None,
-            me: None,
-            shadow_filter: None,
-            peer_sets: vec![],
-            removed_peer_sets: vec![],
+            ..NetmapDelta::after(base)
         })
     }
 
