@@ -440,34 +440,15 @@ impl Daemon {
                 })?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         *slot = Some(rx);
-        let callback = match &answer {
-            control::LoginAnswer::Browser(_) => {
-                let (cb_tx, cb_rx) = tokio::sync::oneshot::channel();
-                *self.login_callback.lock().await = Some(cb_tx);
-                Some(cb_rx)
-            }
-            control::LoginAnswer::Device(_) => None,
-        };
+        let callback = self.expect_browser_callback(&answer).await;
         let me = self.clone();
         tokio::spawn(async move {
-            if let Some(cb_rx) = callback {
-                let got = tokio::time::timeout(waiting.expires_in, cb_rx).await;
-                let sent = match got {
-                    Ok(Ok(cb)) => waiting
-                        .send_callback(cb)
-                        .await
-                        .map_err(|e| format!("sign-in failed: {e:#}")),
-                    Ok(Err(_)) => Err("the browser sign-in was abandoned".to_string()),
-                    Err(_) => {
-                        me.login_callback.lock().await.take();
-                        Err("the sign-in was not completed in time".to_string())
-                    }
-                };
-                if let Err(e) = sent {
-                    warn!(error = %e, "sign-in failed");
-                    let _ = tx.send(Err(e));
-                    return;
-                }
+            let expires_in = waiting.expires_in;
+            let send = async |cb| waiting.send_callback(cb).await;
+            if let Err(e) = me.pass_browser_callback(callback, expires_in, send).await {
+                warn!(error = %e, "sign-in failed");
+                let _ = tx.send(Err(e));
+                return;
             }
             let res = match waiting.wait().await {
                 Ok((enrolled, key_pem)) => me
@@ -485,6 +466,43 @@ impl Daemon {
             let _ = tx.send(res);
         });
         Ok(login_view(answer))
+    }
+
+    /// When the coordinator chose the browser flow: the slot that the CLI's loopback listener
+    /// fills with the browser's redirect (`Request::LoginCallback`).
+    async fn expect_browser_callback(
+        &self,
+        answer: &control::LoginAnswer,
+    ) -> Option<tokio::sync::oneshot::Receiver<ward_shared::wire::LoginCallback>> {
+        match answer {
+            control::LoginAnswer::Browser(_) => {
+                let (cb_tx, cb_rx) = tokio::sync::oneshot::channel();
+                *self.login_callback.lock().await = Some(cb_tx);
+                Some(cb_rx)
+            }
+            control::LoginAnswer::Device(_) => None,
+        }
+    }
+
+    /// Waits, until the sign-in expires, for the browser's redirect and passes it on with
+    /// `send` (nothing to wait for in the device grant). The error says why the sign-in ends.
+    async fn pass_browser_callback(
+        &self,
+        callback: Option<tokio::sync::oneshot::Receiver<ward_shared::wire::LoginCallback>>,
+        expires_in: Duration,
+        send: impl AsyncFnOnce(ward_shared::wire::LoginCallback) -> Result<()>,
+    ) -> std::result::Result<(), String> {
+        let Some(cb_rx) = callback else {
+            return Ok(());
+        };
+        match tokio::time::timeout(expires_in, cb_rx).await {
+            Ok(Ok(cb)) => send(cb).await.map_err(|e| format!("sign-in failed: {e:#}")),
+            Ok(Err(_)) => Err("the browser sign-in was abandoned".to_string()),
+            Err(_) => {
+                self.login_callback.lock().await.take();
+                Err("the sign-in was not completed in time".to_string())
+            }
+        }
     }
 
     /// `ward up --login` on an enrolled device: signs its user in again over a connection with
@@ -514,34 +532,15 @@ impl Daemon {
         })?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         *slot = Some(rx);
-        let callback = match &answer {
-            control::LoginAnswer::Browser(_) => {
-                let (cb_tx, cb_rx) = tokio::sync::oneshot::channel();
-                *self.login_callback.lock().await = Some(cb_tx);
-                Some(cb_rx)
-            }
-            control::LoginAnswer::Device(_) => None,
-        };
+        let callback = self.expect_browser_callback(&answer).await;
         let me = self.clone();
         tokio::spawn(async move {
-            if let Some(cb_rx) = callback {
-                let got = tokio::time::timeout(waiting.expires_in, cb_rx).await;
-                let sent = match got {
-                    Ok(Ok(cb)) => waiting
-                        .send_callback(cb)
-                        .await
-                        .map_err(|e| format!("sign-in failed: {e:#}")),
-                    Ok(Err(_)) => Err("the browser sign-in was abandoned".to_string()),
-                    Err(_) => {
-                        me.login_callback.lock().await.take();
-                        Err("the sign-in was not completed in time".to_string())
-                    }
-                };
-                if let Err(e) = sent {
-                    warn!(error = %e, "sign-in failed");
-                    let _ = tx.send(Err(e));
-                    return;
-                }
+            let expires_in = waiting.expires_in;
+            let send = async |cb| waiting.send_callback(cb).await;
+            if let Err(e) = me.pass_browser_callback(callback, expires_in, send).await {
+                warn!(error = %e, "sign-in failed");
+                let _ = tx.send(Err(e));
+                return;
             }
             let res = match waiting.wait().await {
                 Ok(done) => {
