@@ -3,12 +3,5 @@
 # the same checks as on SQLite. Without PostgreSQL installed it prints SKIPPED and passes,
 # unless WARD_REQUIRE_PG=1, which makes that a failure.
 set -uo pipefail
-if [[ ! -x "${PGBIN:-/usr/lib/postgresql/15/bin}/initdb" ]]; then
-    if [[ "${WARD_REQUIRE_PG:-}" == 1 ]]; then
-        echo "failover_pg.sh: FAILED: WARD_REQUIRE_PG=1 but PostgreSQL is not installed (Debian package postgresql)"
-        exit 1
-    fi
-    echo "failover_pg.sh: SKIPPED: PostgreSQL is not installed (Debian package postgresql)"
-    exit 0
-fi
-WARD_TEST_DB=postgres exec bash "$(dirname "$0")/failover.sh" "$@"
+source "$(dirname "$0")/../lab/pg.sh"
+pg_variant failover_pg.sh "$(dirname "$0")/failover.sh" "$@"

@@ -8,6 +8,10 @@
 #   pg_stop_fast          stop the server now (`-m immediate`: like a crash); PGDIR stays
 #   pg_start_again        start the stopped server on the same data
 #   pg_cleanup            stop and remove everything (call from the script's EXIT trap)
+#   pg_variant NAME SCRIPT [ARGS]
+#                         runs SCRIPT with WARD_TEST_DB=postgres (its replicas on a cluster of
+#                         its own); without PostgreSQL installed NAME prints SKIPPED and exits
+#                         0, or fails when WARD_REQUIRE_PG=1
 #
 # Coordinators in lab namespaces reach the server through its unix socket: a socket bound to a
 # file path is not network-namespaced.
@@ -15,6 +19,20 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGDIR=""
 
 pg_available() { [[ -x "$PGBIN/initdb" && -x "$PGBIN/pg_ctl" ]]; }
+
+pg_variant() {
+    local name="$1" script="$2"
+    shift 2
+    if ! pg_available; then
+        if [[ "${WARD_REQUIRE_PG:-}" == 1 ]]; then
+            echo "$name: FAILED: WARD_REQUIRE_PG=1 but PostgreSQL is not installed (Debian package postgresql)"
+            exit 1
+        fi
+        echo "$name: SKIPPED: PostgreSQL is not installed (Debian package postgresql)"
+        exit 0
+    fi
+    WARD_TEST_DB=postgres exec bash "$script" "$@"
+}
 
 _pg() { runuser -u postgres -- "$PGBIN/$1" "${@:2}"; }
 
