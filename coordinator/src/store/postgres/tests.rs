@@ -236,6 +236,23 @@ fn next_wake(wakes: &mpsc::Receiver<()>, within: Duration) -> Option<Duration> {
     wakes.recv_timeout(within).ok().map(|()| t.elapsed())
 }
 
+/// Two replicas on `url`, B's feed listener started and its first wake-up (the catch-up after
+/// LISTEN) taken: each later wake-up arrives on the receiver.
+fn listening_pair(
+    url: &str,
+    dir: &std::path::Path,
+) -> (SqliteStore, SqliteStore, mpsc::Receiver<()>) {
+    let (a, b) = (replica(url, dir, 1), replica(url, dir, 2));
+    let (tx, wakes) = mpsc::channel();
+    assert!(b
+        .start_feed_listener(move || {
+            let _ = tx.send(());
+        })
+        .unwrap());
+    next_wake(&wakes, Duration::from_secs(10)).expect("catch-up wake after LISTEN");
+    (a, b, wakes)
+}
+
 /// A write committed through one replica's store wakes the other replica's listener at once
 /// (the version counter is what it then reads); a rolled-back write wakes nobody.
 #[test]
@@ -244,15 +261,7 @@ fn a_commit_on_one_replica_wakes_the_other_replicas_listener() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (replica(&url, dir.path(), 1), replica(&url, dir.path(), 2));
-    let (tx, wakes) = mpsc::channel();
-    assert!(b
-        .start_feed_listener(move || {
-            let _ = tx.send(());
-        })
-        .unwrap());
-    // The first wake-up is the catch-up after LISTEN.
-    next_wake(&wakes, Duration::from_secs(10)).expect("catch-up wake after LISTEN");
+    let (a, b, wakes) = listening_pair(&url, dir.path());
     let mut took = Vec::new();
     for i in 0..10 {
         let v = b.feed_version().unwrap();
@@ -294,14 +303,7 @@ fn a_terminated_listener_reconnects_and_wakes() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (replica(&url, dir.path(), 1), replica(&url, dir.path(), 2));
-    let (tx, wakes) = mpsc::channel();
-    assert!(b
-        .start_feed_listener(move || {
-            let _ = tx.send(());
-        })
-        .unwrap());
-    next_wake(&wakes, Duration::from_secs(10)).expect("catch-up wake after LISTEN");
+    let (a, b, wakes) = listening_pair(&url, dir.path());
     let killed = format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE application_name = '{APPLICATION_NAME}' AND datname = current_database()"
