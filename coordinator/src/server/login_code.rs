@@ -27,18 +27,17 @@ use tracing::{info, warn};
 use ward_shared::oauth::{self, MAX_PARAM_LEN, RANDOM_LEN};
 use ward_shared::secret::ct_eq;
 use ward_shared::wire::{
-    self, Bytes, CoordinatorMsg, DeviceMsg, ErrorCode, FrameDecoder, LoginAuthorize, LoginCallback,
-    LoginPkce, LoginStart, TokenSecret, PROTOCOL_VERSION,
+    self, CoordinatorMsg, DeviceMsg, ErrorCode, FrameDecoder, LoginAuthorize, LoginCallback,
+    LoginPkce, LoginStart,
 };
 
 use super::link::Link;
-use super::oidc::{add_userinfo, admit_login, audit, blocking, failed, sign_in_user, Refusal};
+use super::oidc::{add_userinfo, admit_login, audit, enroll_signed_in, failed, Refusal};
 use super::session::{read_frame, refuse, send_msg};
 use super::{now_ms, Ctx};
 use crate::audit::Action;
 use crate::oidc::jwt::IdClaims;
 use crate::oidc::provider::{AuthorizeParams, Provider, Tokens, SCOPE};
-use crate::store::DeviceSignIn;
 
 /// Longest a browser sign-in may take from `login_authorize` to the callback.
 pub const BROWSER_LOGIN_SECS: u64 = 10 * 60;
@@ -103,46 +102,10 @@ async fn login_inner(
         failed(why)
     };
     let (claims, tokens) = browser(link, dec, &p, &pkce, &refused).await?;
-    let now = now_ms();
-
-    let ctx2 = ctx.clone();
-    let (c2, host2) = (claims.clone(), hostname.clone());
-    let refresh = tokens.refresh_token.clone();
-    let issuer = p.cfg.issuer.clone();
-    let create = p.cfg.create_users;
-    let user =
-        blocking(move || sign_in_user(&ctx2, &issuer, create, &c2, refresh, &host2, now)).await;
-    let (user, token_id, secret) = match user {
-        Ok(x) => x,
-        Err((code, m)) => {
-            audit(
-                ctx.store.as_ref(),
-                Action::OidcSignInRefused,
-                hostname.as_str(),
-                serde_json::json!({ "reason": m, "sub": claims.sub, "flow": "browser" }),
-            );
-            return Err((code, m));
-        }
-    };
-    let enroll = wire::EnrollRequest {
-        protocol: PROTOCOL_VERSION,
-        token_id,
-        token_secret: TokenSecret(Bytes(secret)),
-        hostname: req.hostname.clone(),
-        os: req.os.clone(),
-        csr_der: req.csr_der.clone(),
-    };
-    let enrolled = super::session::enroll(ctx, enroll, remote).await?;
-    let si = DeviceSignIn {
-        device: enrolled.device_id,
-        user: user.clone(),
-        at_ms: now,
-        auth_time_ms: claims.auth_time_ms.unwrap_or(now),
-        amr: claims.amr.clone(),
-    };
-    if let Err(e) = ctx.store.record_sign_in(&si) {
-        tracing::error!(error = %e, "recording the device sign-in failed");
-    }
+    let (enrolled, user) = enroll_signed_in(
+        ctx, remote, &req, &hostname, &p, &claims, &tokens, "browser",
+    )
+    .await?;
     info!(%user, device = %enrolled.device_id, "device signed in through the browser");
     Ok(enrolled)
 }

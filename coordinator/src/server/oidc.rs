@@ -150,9 +150,37 @@ async fn login_inner(
         failed(why)
     };
     let (claims, tokens) = device_grant(link, &p, &refused).await?;
-    let now = now_ms();
+    let (enrolled, user) = enroll_signed_in(
+        ctx,
+        remote,
+        &req,
+        &hostname,
+        &p,
+        &claims,
+        &tokens,
+        "device_grant",
+    )
+    .await?;
+    info!(%user, device = %enrolled.device_id, "device signed in through the identity provider");
+    Ok(enrolled)
+}
 
-    // The user, created on first sign-in; an existing local user is never taken over.
+/// After the provider vouched for the user, in either flow: the Ward user (created on first
+/// sign-in where the provider's configuration allows it; an existing local user is never taken
+/// over), the device enrolled for it, and its sign-in (auth time, `amr`) stored and handed to
+/// the trust core at once. A refusal is audited with the flow's name.
+#[allow(clippy::too_many_arguments)] // the sign-in's parts, each used once
+pub(super) async fn enroll_signed_in(
+    ctx: &Arc<Ctx>,
+    remote: SocketAddr,
+    req: &LoginStart,
+    hostname: &Hostname,
+    p: &Provider,
+    claims: &IdClaims,
+    tokens: &Tokens,
+    flow: &'static str,
+) -> Result<(wire::Enrolled, String), Refusal> {
+    let now = now_ms();
     let ctx2 = ctx.clone();
     let (c2, host2) = (claims.clone(), hostname.clone());
     let refresh = tokens.refresh_token.clone();
@@ -167,7 +195,7 @@ async fn login_inner(
                 ctx.store.as_ref(),
                 Action::OidcSignInRefused,
                 hostname.as_str(),
-                serde_json::json!({ "reason": m, "sub": claims.sub }),
+                serde_json::json!({ "reason": m, "sub": claims.sub, "flow": flow }),
             );
             return Err((code, m));
         }
@@ -203,8 +231,7 @@ async fn login_inner(
             },
         ),
     );
-    info!(%user, device = %enrolled.device_id, "device signed in through the identity provider");
-    Ok(enrolled)
+    Ok((enrolled, user))
 }
 
 /// The device authorization grant on `link`: starts it at the provider, sends
