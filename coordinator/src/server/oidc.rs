@@ -94,14 +94,15 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(|e| (ErrorCode::Internal, format!("internal error: {e}")))?
 }
 
-/// The checks every sign-in starts with, whichever flow follows: a provider is configured, the
-/// address is within the enrollment rate limit, the protocol matches, the hostname and the CSR
-/// are well-formed. Returns the provider and the sanitized hostname.
-pub(super) fn admit_login(
+/// What every attempt that asks the provider checks first (an enrollment or signing an
+/// enrolled device in again): a provider is configured, the address is within the enrollment
+/// rate limit (`what` names the attempt in the refusal), the protocol is spoken.
+pub(super) fn admit_provider_attempt(
     ctx: &Ctx,
     remote: std::net::SocketAddr,
-    req: &LoginStart,
-) -> Result<(Arc<crate::oidc::provider::Provider>, Hostname), Refusal> {
+    protocol: u32,
+    what: &str,
+) -> Result<Arc<crate::oidc::provider::Provider>, Refusal> {
     let Some(p) = ctx.oidc.clone() else {
         return Err(failed(
             "this coordinator has no OpenID provider configured (serve --oidc-issuer)",
@@ -115,15 +116,27 @@ pub(super) fn admit_login(
     if admitted == crate::gate::Admit::Limited {
         return Err((
             ErrorCode::Unauthorized,
-            "too many enrollment attempts from this address; try again later".into(),
+            format!("too many {what} attempts from this address; try again later"),
         ));
     }
-    if !ward_shared::wire::speaks(req.protocol) {
+    if !ward_shared::wire::speaks(protocol) {
         return Err((
             ErrorCode::Protocol,
-            format!("protocol version {} is not supported", req.protocol),
+            format!("protocol version {protocol} is not supported"),
         ));
     }
+    Ok(p)
+}
+
+/// The checks every sign-in starts with, whichever flow follows: a provider is configured, the
+/// address is within the enrollment rate limit, the protocol matches, the hostname and the CSR
+/// are well-formed. Returns the provider and the sanitized hostname.
+pub(super) fn admit_login(
+    ctx: &Ctx,
+    remote: std::net::SocketAddr,
+    req: &LoginStart,
+) -> Result<(Arc<crate::oidc::provider::Provider>, Hostname), Refusal> {
+    let p = admit_provider_attempt(ctx, remote, req.protocol, "enrollment")?;
     let hostname = Hostname::sanitize(&req.hostname)
         .map_err(|e| (ErrorCode::BadRequest, format!("hostname refused: {e}")))?;
     crate::pki::Ca::csr_identity(&req.csr_der.0)

@@ -87,29 +87,8 @@ async fn inner(
     req: SignInStart,
 ) -> Result<SignedIn, Refusal> {
     let remote = link.remote;
-    let Some(p) = ctx.oidc.clone() else {
-        return Err(failed(
-            "this coordinator has no OpenID provider configured (serve --oidc-issuer)",
-        ));
-    };
     // Each attempt asks the provider: the enrollment rate limit per address applies.
-    let admitted = ctx
-        .gate
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .admit(remote.ip().to_canonical(), now_ms());
-    if admitted == crate::gate::Admit::Limited {
-        return Err((
-            ErrorCode::Unauthorized,
-            "too many sign-in attempts from this address; try again later".into(),
-        ));
-    }
-    if !ward_shared::wire::speaks(req.protocol) {
-        return Err((
-            ErrorCode::Protocol,
-            format!("protocol version {} is not supported", req.protocol),
-        ));
-    }
+    let p = super::oidc::admit_provider_attempt(ctx, remote, req.protocol, "sign-in")?;
     let Some(identity) = cert_identity(cert) else {
         return Err((ErrorCode::Unauthorized, "unreadable certificate".into()));
     };
