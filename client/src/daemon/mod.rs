@@ -434,10 +434,7 @@ impl Daemon {
         let (answer, mut waiting) =
             control::login_start(&coordinator, fp, &hostname, &os_name(), pkce)
                 .await
-                .map_err(|e| match e.downcast_ref::<Refused>() {
-                    Some(r) => anyhow!("sign-in refused by the coordinator: {}", r.message),
-                    None => anyhow!("sign-in failed: {e:#}"),
-                })?;
+                .map_err(|e| anyhow!(sign_in_error(&e)))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         *slot = Some(rx);
         let callback = self.expect_browser_callback(&answer).await;
@@ -455,10 +452,7 @@ impl Daemon {
                     .finish_enroll(coordinator, Vec::new(), enrolled, key_pem)
                     .await
                     .map_err(|e| format!("{e:#}")),
-                Err(e) => Err(match e.downcast_ref::<Refused>() {
-                    Some(r) => format!("sign-in refused by the coordinator: {}", r.message),
-                    None => format!("sign-in failed: {e:#}"),
-                }),
+                Err(e) => Err(sign_in_error(&e)),
             };
             if let Err(e) = &res {
                 warn!(error = %e, "sign-in failed");
@@ -526,10 +520,7 @@ impl Daemon {
             pkce,
         )
         .await
-        .map_err(|e| match e.downcast_ref::<Refused>() {
-            Some(r) => anyhow!("sign-in refused by the coordinator: {}", r.message),
-            None => anyhow!("sign-in failed: {e:#}"),
-        })?;
+        .map_err(|e| anyhow!(sign_in_error(&e)))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         *slot = Some(rx);
         let callback = self.expect_browser_callback(&answer).await;
@@ -553,10 +544,7 @@ impl Daemon {
                         signed_in: Some(done),
                     })
                 }
-                Err(e) => Err(match e.downcast_ref::<Refused>() {
-                    Some(r) => format!("sign-in refused by the coordinator: {}", r.message),
-                    None => format!("sign-in failed: {e:#}"),
-                }),
+                Err(e) => Err(sign_in_error(&e)),
             };
             if let Err(e) = &res {
                 warn!(error = %e, "signing in again failed");
@@ -834,6 +822,14 @@ impl Daemon {
             g.as_deref(),
             self.opts.posture.custom_checks.keys().cloned().collect(),
         )
+    }
+}
+
+/// A failed sign-in in one line: the coordinator's refusal with its reason, or what failed.
+fn sign_in_error(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<Refused>() {
+        Some(r) => format!("sign-in refused by the coordinator: {}", r.message),
+        None => format!("sign-in failed: {e:#}"),
     }
 }
 
