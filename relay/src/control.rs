@@ -48,6 +48,10 @@ pub struct Control {
     key: rcgen::KeyPair,
     /// A live load report for `Load`, from the same counters as the metrics.
     pub load: Arc<dyn Fn() -> RelayLoad + Send + Sync>,
+    /// Which of the credential's coordinator addresses to dial first: the one that answered
+    /// last, or after a session that ended, the next one (so a replica that went away is
+    /// tried last, not first).
+    first: usize,
 }
 
 impl Control {
@@ -64,6 +68,7 @@ impl Control {
             shared,
             key,
             load,
+            first: 0,
         })
     }
 
@@ -74,6 +79,7 @@ impl Control {
             let mut welcomed = false;
             let r = self.session(&mut welcomed).await;
             self.shared.control_up.store(false, Ordering::Relaxed);
+            self.first = self.first.wrapping_add(1);
             if welcomed {
                 backoff = BACKOFF_FIRST;
             }
@@ -201,33 +207,57 @@ impl Control {
         Ok(renew_at(w.cert_not_after_ms))
     }
 
-    /// Dials the coordinator's addresses in turn; the first that completes the handshake.
-    async fn connect(&self) -> Result<quinn::Connection> {
-        let addrs = resolve(&self.credential.coordinator).await?;
+    /// Dials the credential's coordinator addresses in turn (each replica's, starting at
+    /// `first`; every address a name resolves to); the first that completes the handshake.
+    async fn connect(&mut self) -> Result<quinn::Connection> {
+        let names: Vec<String> = self
+            .credential
+            .coordinators()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        if names.is_empty() {
+            bail!("the relay credential names no coordinator address");
+        }
         let cfg = crate::tls::control_client_config(self.credential.ca_sha256)?;
         let ipv6_ok = self
             .endpoint
             .local_addr()
             .map(|a| a.is_ipv6())
             .unwrap_or(false);
-        let mut last = anyhow!("no usable coordinator address in {addrs:?}");
-        for addr in addrs {
-            if addr.is_ipv6() && !ipv6_ok {
-                continue;
-            }
-            let attempt = async {
-                let c = self
-                    .endpoint
-                    .connect_with(cfg.clone(), addr, COORDINATOR_SERVER_NAME)?;
-                anyhow::Ok(c.await?)
+        let mut last = anyhow!("no usable coordinator address in {names:?}");
+        for i in 0..names.len() {
+            let at = (self.first.wrapping_add(i)) % names.len();
+            let addrs = match resolve(&names[at]).await {
+                Ok(a) => a,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
             };
-            match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-                Ok(Ok(c)) => return Ok(c),
-                Ok(Err(e)) => last = e.context(format!("connecting to the coordinator at {addr}")),
-                Err(_) => {
-                    last = anyhow!(
-                        "no answer from the coordinator at {addr} within {CONNECT_TIMEOUT:?}"
-                    )
+            for addr in addrs {
+                if addr.is_ipv6() && !ipv6_ok {
+                    continue;
+                }
+                let attempt = async {
+                    let c =
+                        self.endpoint
+                            .connect_with(cfg.clone(), addr, COORDINATOR_SERVER_NAME)?;
+                    anyhow::Ok(c.await?)
+                };
+                match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                    Ok(Ok(c)) => {
+                        self.first = at;
+                        return Ok(c);
+                    }
+                    Ok(Err(e)) => {
+                        last = e.context(format!("connecting to the coordinator at {addr}"))
+                    }
+                    Err(_) => {
+                        last = anyhow!(
+                            "no answer from the coordinator at {addr} within {CONNECT_TIMEOUT:?}"
+                        )
+                    }
                 }
             }
         }

@@ -118,7 +118,8 @@ pub enum CredentialError {
 /// `Debug` never shows the secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayCredential {
-    /// `HOST:PORT` of the coordinator's QUIC listener.
+    /// `HOST:PORT` of the coordinator's QUIC listener; with several replicas, each replica's,
+    /// comma-separated (see [`RelayCredential::coordinators`]).
     pub coordinator: String,
     pub ca_sha256: [u8; 32],
     pub name: String,
@@ -126,7 +127,38 @@ pub struct RelayCredential {
     pub secret: Secret,
 }
 
+/// The longest coordinator address list a credential carries (its length is one byte).
+pub const MAX_CREDENTIAL_ADDRS_LEN: usize = 255;
+
 impl RelayCredential {
+    /// The coordinator field for `first` and then `others` (the instance's replicas): each
+    /// address once, comma-separated, as many as fit in [`MAX_CREDENTIAL_ADDRS_LEN`] bytes
+    /// (`first` always; an address with a comma is left out).
+    pub fn join_coordinators(first: &str, others: &[String]) -> String {
+        let mut out = first.to_string();
+        for a in others {
+            let a = a.trim();
+            if a.is_empty() || a.contains(',') || out.split(',').any(|x| x == a) {
+                continue;
+            }
+            if out.len() + 1 + a.len() > MAX_CREDENTIAL_ADDRS_LEN {
+                break;
+            }
+            out.push(',');
+            out.push_str(a);
+        }
+        out
+    }
+
+    /// Every coordinator address the credential names, in order (empty entries skipped).
+    pub fn coordinators(&self) -> Vec<&str> {
+        self.coordinator
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
     pub fn encode(&self) -> String {
         let addr = self.coordinator.as_bytes();
         let addr = &addr[..addr.len().min(255)];
@@ -554,6 +586,40 @@ mod tests {
         assert!(s.starts_with(RELAY_CREDENTIAL_PREFIX));
         assert_eq!(RelayCredential::parse(&format!(" {s}\n")).unwrap(), c);
         assert!(!format!("{c:?}").contains("abab"));
+    }
+
+    #[test]
+    fn a_credential_names_every_replica_that_fits() {
+        let others = vec![
+            "b.example:7443".to_string(),
+            "a.example:7443".to_string(),
+            " ".to_string(),
+            "x,y:1".to_string(),
+            "[fd00::2]:7443".to_string(),
+        ];
+        let joined = RelayCredential::join_coordinators("a.example:7443", &others);
+        assert_eq!(joined, "a.example:7443,b.example:7443,[fd00::2]:7443");
+        let c = RelayCredential {
+            coordinator: joined,
+            ca_sha256: [5; 32],
+            name: "r1".into(),
+            secret: Secret::new(vec![1; 32]),
+        };
+        let back = RelayCredential::parse(&c.encode()).unwrap();
+        assert_eq!(
+            back.coordinators(),
+            ["a.example:7443", "b.example:7443", "[fd00::2]:7443"]
+        );
+        // The address list's length is one byte: what does not fit is left out, never cut.
+        let many: Vec<String> = (0..40)
+            .map(|i| format!("replica-{i}.example:7443"))
+            .collect();
+        let joined = RelayCredential::join_coordinators("first.example:7443", &many);
+        assert!(joined.len() <= MAX_CREDENTIAL_ADDRS_LEN, "{}", joined.len());
+        assert!(joined
+            .split(',')
+            .all(|a| a.ends_with(":7443") && a.contains(".example")));
+        assert!(joined.starts_with("first.example:7443,replica-0.example:7443"));
     }
 
     #[test]

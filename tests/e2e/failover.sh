@@ -4,7 +4,8 @@
 # addresses know the list (state file, `ward status`); `kill -9` of replica A moves every
 # device to B within 10 s (measured and printed) while a continuous ping between two devices
 # loses nothing (their leases stay valid, so the data plane never stops), and `ward status`
-# shows B afterwards.
+# shows B afterwards; a relay (whose credential names both replicas) moves its control session
+# to B.
 #
 # Replicas share one SQLite database for now: B's data dir holds copies of A's instance files
 # (CA, lease key, audit key, config) and a symlink to A's ward.db (SQLite takes several
@@ -44,6 +45,7 @@ lab_add_wan_host ca
 lab_add_wan_host cb
 lab_add_wan_host alice
 lab_add_wan_host bob
+lab_add_wan_host relay
 A=$(lab_hostport "$(lab_ip ca)" 7443)
 B=$(lab_hostport "$(lab_ip cb)" 7443)
 COORD=$(lab_ward_bin ward-coordinator)
@@ -73,6 +75,11 @@ check "bob is connected to A" lab_wait_for -t 10 on bob "$A"
 check "alice has bob as a peer" lab_ward_wait_peer alice "$B4" 15
 check "bob has alice as a peer" lab_ward_wait_peer bob "$A4" 15
 check "alice pings bob over the tunnel" lab_wait_for -t 15 lab_exec alice ping -c1 -W1 "$B4"
+RELAY=$(lab_start_relay relay r1)
+check "the relay joined A" lab_relay_wait_welcomed relay 15
+# The relay credential names every replica: A first, then B.
+relay_on() { [[ "$(grep "control session up" "$LAB_DIR/logs/relay-relay.log" | tail -n1)" == *"coordinator=$(lab_ip "$1"):"* ]]; }
+check "the relay's control session is on A" relay_on ca
 
 say "replica B on the same database ($DB_KIND)"
 mkdir -p "$BDIR"
@@ -132,6 +139,9 @@ check "alice's state file now dials B first" lab_wait_for -t 5 preferred_b
 online() { [[ "$(coord_b device ls --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(1 for x in (d if isinstance(d, list) else d.get("devices", [])) if x.get("online")))')" == 2 ]]; }
 check "B has both devices online" lab_wait_for -t 5 online
 check "alice still pings bob" lab_exec alice ping -c3 -i 0.2 -W1 "$B4"
+relay_on_b() { relay_on cb; }
+check "the relay moved its control session to B (credential lists both)" lab_wait_for -t 30 relay_on_b
+check "the relay is up on B" test "$(lab_relay_metric relay ward_relay_control_up)" = 1
 check "the daemons logged the move to the next address" grep -q "trying the next coordinator address" "$LAB_DIR/logs/ward-alice.log"
 
 echo "runtime: $((SECONDS - T0)) s"

@@ -943,8 +943,8 @@ fn grant_add(
 }
 
 /// Registers a relay with a fresh 32-byte secret (only its SHA-256 is stored) and returns the
-/// credential the relay runs with: this coordinator's public address, its CA fingerprint, the
-/// relay's name and the secret.
+/// credential the relay runs with: this coordinator's public address and the instance's other
+/// replicas' (as many as fit), its CA fingerprint, the relay's name and the secret.
 fn relay_add(
     store: &dyn Store,
     live: &dyn Live,
@@ -966,7 +966,7 @@ fn relay_add(
     let r = store.add_relay(&name, &addr, &hash_secret(&secret), ACTOR, now)?;
     live.notify(Notice::Relays(relays(store)?));
     let credential = RelayCredential {
-        coordinator: me.public_addr.clone(),
+        coordinator: RelayCredential::join_coordinators(&me.public_addr, &me.alternate_addrs),
         ca_sha256: me.ca_sha256,
         name: name.to_string(),
         secret: ward_shared::secret::Secret::new(secret),
