@@ -118,16 +118,49 @@ impl Inbound {
     }
 }
 
+/// Most datagrams the `ward-relay-rx` thread decrypts and writes in one call: batches queued
+/// behind the one it wakes for join it up to this many, so a thread that fell behind catches
+/// up in larger TUN writes (coalesced per flow) instead of one call per small batch.
+pub(super) const INBOUND_MERGE: usize = 4 * RECV_BATCH;
+
 fn inbound_loop(
     rx: Receiver<(Arc<str>, Vec<Bytes>)>,
     sink: Weak<dyn RelaySink>,
     counters: Arc<PumpCounters>,
 ) {
-    while let Ok((relay, batch)) = rx.recv() {
+    // A batch from another relay than the merged ones: the next round starts with it.
+    let mut next = None;
+    loop {
+        let (relay, mut merged) = match next.take() {
+            Some(b) => b,
+            None => match rx.recv() {
+                Ok(b) => b,
+                Err(_) => return,
+            },
+        };
+        next = merge_queued(&rx, &relay, &mut merged);
         // The session dropped the data plane: what is still queued has nowhere to go.
         let Some(sink) = sink.upgrade() else { continue };
-        deliver(&relay, &batch, Some(&*sink), &counters);
+        deliver(&relay, &merged, Some(&*sink), &counters);
     }
+}
+
+/// Appends to `merged` the batches from `relay` already queued on `rx` (never waits), while
+/// it holds fewer than [`INBOUND_MERGE`] datagrams; returns the first queued batch from
+/// another relay, which must be delivered after `merged`.
+fn merge_queued(
+    rx: &Receiver<(Arc<str>, Vec<Bytes>)>,
+    relay: &Arc<str>,
+    merged: &mut Vec<Bytes>,
+) -> Option<(Arc<str>, Vec<Bytes>)> {
+    while merged.len() < INBOUND_MERGE {
+        match rx.try_recv() {
+            Ok((r, b)) if r == *relay => merged.extend(b),
+            Ok(other) => return Some(other),
+            Err(_) => break,
+        }
+    }
+    None
 }
 
 /// Sends the datagrams of `t` on the named relay's live connection, or drops them (counted)

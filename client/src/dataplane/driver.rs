@@ -67,8 +67,11 @@ const UDP_RECV_SLOTS: usize = 8;
 const TUN_WRITE_BATCH: usize = 48;
 /// Room for one coalesced packet: the virtio-net header plus up to 64 KiB.
 const TUN_WRITE_BUF: usize = VIRTIO_NET_HDR_LEN + 65536;
-/// The same for packets that came through a relay (a batch of them arrives together).
-const RELAYED_TUN_BATCH: usize = 64;
+/// The same for packets that came through a relay (a batch of them arrives together): one
+/// full GRO packet, like [`TUN_WRITE_BATCH`], in buffers of [`TUN_WRITE_BUF`] each (tun-rs
+/// coalesces only into a buffer with room for the result: with room for 4 KiB, three
+/// segments at most went into one write).
+const RELAYED_TUN_BATCH: usize = TUN_WRITE_BATCH;
 
 pub(crate) struct Driver {
     core: Arc<Core>,
@@ -192,7 +195,7 @@ impl Driver {
             let mut runs = batch.runs();
             for (from, datagram) in datagrams {
                 if filled == bufs.len() {
-                    bufs.push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + TUN_SEGMENT_BUF));
+                    bufs.push(Vec::with_capacity(TUN_WRITE_BUF));
                 }
                 let buf = &mut bufs[filled];
                 buf.clear();
