@@ -9,7 +9,8 @@
 //! the TUN writes of the previous batch run alongside on the other core: on a relayed bulk
 //! stream that one thread was the receiver's bottleneck. The hand-off moves the `Bytes`
 //! (no copy); when the thread's queue is full the batch is decrypted in place, as before, so
-//! nothing is dropped and nothing waits.
+//! nothing is dropped and nothing waits. Batches of one relay that queued while the thread was
+//! busy are decrypted and written together (up to [`INBOUND_MERGE`] datagrams), in order.
 //! Out: the data plane's queue carries a batch per outbox; the pump looks the connection up
 //! once per batch and hands quinn each datagram, already framed, without a copy.
 
