@@ -9,7 +9,8 @@
 //! the TUN writes of the previous batch run alongside on the other core: on a relayed bulk
 //! stream that one thread was the receiver's bottleneck. The hand-off moves the `Bytes`
 //! (no copy); when the thread's queue is full the batch is decrypted in place, as before, so
-//! nothing is dropped and nothing waits.
+//! nothing is dropped and nothing waits. Batches of one relay that queued while the thread was
+//! busy are decrypted and written together (up to [`INBOUND_MERGE`] datagrams), in order.
 //! Out: the data plane's queue carries a batch per outbox; the pump looks the connection up
 //! once per batch and hands quinn each datagram, already framed, without a copy.
 
@@ -118,16 +119,49 @@ impl Inbound {
     }
 }
 
+/// Most datagrams the `ward-relay-rx` thread decrypts and writes in one call: batches queued
+/// behind the one it wakes for join it up to this many, so a thread that fell behind catches
+/// up in larger TUN writes (coalesced per flow) instead of one call per small batch.
+pub(super) const INBOUND_MERGE: usize = 4 * RECV_BATCH;
+
 fn inbound_loop(
     rx: Receiver<(Arc<str>, Vec<Bytes>)>,
     sink: Weak<dyn RelaySink>,
     counters: Arc<PumpCounters>,
 ) {
-    while let Ok((relay, batch)) = rx.recv() {
+    // A batch from another relay than the merged ones: the next round starts with it.
+    let mut next = None;
+    loop {
+        let (relay, mut merged) = match next.take() {
+            Some(b) => b,
+            None => match rx.recv() {
+                Ok(b) => b,
+                Err(_) => return,
+            },
+        };
+        next = merge_queued(&rx, &relay, &mut merged);
         // The session dropped the data plane: what is still queued has nowhere to go.
         let Some(sink) = sink.upgrade() else { continue };
-        deliver(&relay, &batch, Some(&*sink), &counters);
+        deliver(&relay, &merged, Some(&*sink), &counters);
     }
+}
+
+/// Appends to `merged` the batches from `relay` already queued on `rx` (never waits), while
+/// it holds fewer than [`INBOUND_MERGE`] datagrams; returns the first queued batch from
+/// another relay, which must be delivered after `merged`.
+fn merge_queued(
+    rx: &Receiver<(Arc<str>, Vec<Bytes>)>,
+    relay: &Arc<str>,
+    merged: &mut Vec<Bytes>,
+) -> Option<(Arc<str>, Vec<Bytes>)> {
+    while merged.len() < INBOUND_MERGE {
+        match rx.try_recv() {
+            Ok((r, b)) if r == *relay => merged.extend(b),
+            Ok(other) => return Some(other),
+            Err(_) => break,
+        }
+    }
+    None
 }
 
 /// Sends the datagrams of `t` on the named relay's live connection, or drops them (counted)
@@ -173,12 +207,21 @@ mod tests {
     #[derive(Default)]
     struct Record {
         got: Mutex<Vec<Got>>,
+        /// The size of each batch handed over in one call.
+        calls: Mutex<Vec<usize>>,
         entered: std::sync::atomic::AtomicUsize,
         gate: Mutex<bool>,
         open: Condvar,
     }
 
     impl RelaySink for Record {
+        fn relayed_batch(&self, relay: &str, datagrams: &[(u64, &[u8])]) {
+            self.calls.lock().unwrap().push(datagrams.len());
+            for &(from, d) in datagrams {
+                self.relayed(relay, from, d);
+            }
+        }
+
         fn relayed(&self, relay: &str, from: u64, datagram: &[u8]) {
             self.entered.fetch_add(1, Ordering::SeqCst);
             let mut closed = self.gate.lock().unwrap();
@@ -266,6 +309,87 @@ mod tests {
         assert_eq!(got.len(), INBOUND_QUEUE + 2, "nothing dropped");
         let here = std::thread::current().name().unwrap_or("").to_string();
         assert_eq!(got.iter().filter(|g| g.3 == here).count(), 1);
+    }
+
+    /// Datagrams from `relay` numbered `from..from + n`.
+    fn numbered(relay: &str, from: u64, n: u64) -> (Arc<str>, Vec<Bytes>) {
+        let b = (from..from + n)
+            .map(|i| Bytes::from(encode_datagram(DeviceId(i), &[1])))
+            .collect();
+        (Arc::from(relay), b)
+    }
+
+    fn ids(b: &[Bytes]) -> Vec<u64> {
+        b.iter().map(|d| split_datagram(d).unwrap().0 .0).collect()
+    }
+
+    #[test]
+    fn queued_batches_of_one_relay_merge_in_order_up_to_one_from_another() {
+        let (tx, rx) = sync_channel(INBOUND_QUEUE);
+        tx.send(numbered("r1", 1, 2)).unwrap();
+        tx.send(numbered("r1", 3, 3)).unwrap();
+        tx.send(numbered("r2", 6, 1)).unwrap();
+        tx.send(numbered("r1", 7, 1)).unwrap();
+        let (relay, mut merged) = numbered("r1", 0, 1);
+        let next = merge_queued(&rx, &relay, &mut merged);
+        assert_eq!(ids(&merged), vec![0, 1, 2, 3, 4, 5]);
+        // The other relay's batch comes back to be delivered next, then the rest in order.
+        let (r, b) = next.unwrap();
+        assert_eq!((&*r, ids(&b)), ("r2", vec![6]));
+        let (r, b) = rx.try_recv().unwrap();
+        assert_eq!((&*r, ids(&b)), ("r1", vec![7]));
+        // Nothing queued: nothing merged, nothing waits.
+        let (relay, mut merged) = numbered("r1", 0, 1);
+        assert!(merge_queued(&rx, &relay, &mut merged).is_none());
+        assert_eq!(merged.len(), 1);
+    }
+
+    #[test]
+    fn merging_stops_at_its_bound_and_leaves_the_rest_queued() {
+        let (tx, rx) = sync_channel(INBOUND_QUEUE);
+        let full = RECV_BATCH as u64;
+        for i in 0..8 {
+            tx.send(numbered("r1", 1 + i * full, full)).unwrap();
+        }
+        let (relay, mut merged) = numbered("r1", 0, 1);
+        assert!(merge_queued(&rx, &relay, &mut merged).is_none());
+        assert!(merged.len() >= INBOUND_MERGE && merged.len() < INBOUND_MERGE + RECV_BATCH);
+        assert_eq!(ids(&merged), (0..merged.len() as u64).collect::<Vec<_>>());
+        let left: usize = rx.try_iter().map(|(_, b)| b.len()).sum();
+        assert_eq!(merged.len() + left, 1 + 8 * RECV_BATCH);
+    }
+
+    #[test]
+    fn the_thread_merges_what_queued_while_it_was_busy_and_keeps_relays_apart() {
+        let rec = Arc::new(Record::default());
+        *rec.gate.lock().unwrap() = true; // the thread stalls on its first datagram
+        let counters = Arc::new(PumpCounters::default());
+        let inbound = Inbound::start(rec.clone(), counters.clone()).unwrap();
+        let (r1, r2): (Arc<str>, Arc<str>) = (Arc::from("r1"), Arc::from("r2"));
+        inbound.deliver(&r1, &mut numbered("r1", 0, 1).1);
+        for _ in 0..500 {
+            if rec.entered.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(rec.entered.load(Ordering::SeqCst), 1);
+        // Queued behind the stalled call: two batches of r1, one of r2, one more of r1.
+        inbound.deliver(&r1, &mut numbered("r1", 1, 2).1);
+        inbound.deliver(&r1, &mut numbered("r1", 3, 3).1);
+        inbound.deliver(&r2, &mut numbered("r2", 6, 1).1);
+        inbound.deliver(&r1, &mut numbered("r1", 7, 2).1);
+        *rec.gate.lock().unwrap() = false;
+        rec.open.notify_all();
+        wait_for(&rec, 9);
+        let got = rec.got.lock().unwrap().clone();
+        let order: Vec<(String, u64)> = got.iter().map(|g| (g.0.clone(), g.1)).collect();
+        let want: Vec<(String, u64)> = (0..9)
+            .map(|i| (if i == 6 { "r2" } else { "r1" }.to_string(), i))
+            .collect();
+        assert_eq!(order, want);
+        assert_eq!(*rec.calls.lock().unwrap(), vec![1, 5, 1, 2]);
+        assert_eq!(counters.inline_in.load(Ordering::Relaxed), 0);
     }
 
     #[test]
