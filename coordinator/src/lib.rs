@@ -39,6 +39,8 @@ pub mod model;
 pub mod oidc;
 pub mod pki;
 pub mod registry;
+#[cfg(test)]
+mod replica_scan_tests;
 pub mod replicas;
 pub mod server;
 pub mod store;

@@ -164,6 +164,25 @@ pub enum Output {
     DeviceRevoked {
         device: DeviceId,
     },
+    /// Denied flows `reporter` reported here, as accusations against their sources (source,
+    /// proto, port): store them for the other replicas' trust books, bounded per source and
+    /// reporter within the scan window (`window_ms`). A failed write loses only evidence.
+    ScanEvidence {
+        reporter: DeviceId,
+        flows: Vec<(DeviceId, Proto, u16)>,
+        at_ms: i64,
+        window_ms: i64,
+    },
+}
+
+/// One denied flow another replica stored as evidence against `source`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanEvidence {
+    pub source: DeviceId,
+    pub reporter: DeviceId,
+    pub proto: Proto,
+    pub port: u16,
+    pub at_ms: i64,
 }
 
 #[derive(Debug)]
@@ -547,29 +566,103 @@ impl Registry {
             }
             by_src.entry(*src).or_default().push((f.proto, f.port));
         }
-        for (src, v) in by_src {
-            let quarantined = self
-                .devices
-                .get(&src)
-                .is_some_and(|d| d.quarantine.is_some());
-            let Some(reason) =
-                self.trust
-                    .handle_denied(src, reporter, v, &trust, quarantined, self.now_ms)
-            else {
-                continue;
-            };
-            // The corroborated scan is also one of the behaviour detectors: its risk counts
-            // against `max_risk` like any other anomaly.
-            let a = self
-                .behaviour
-                .handle_denied_burst(src, &reason, self.now_ms);
-            self.outputs.push_back(Output::Anomaly(Box::new(a)));
-            self.outputs.push_back(Output::Quarantine {
-                device: src,
-                reason,
+        // With a scan threshold, the evidence is shared: every replica's trust book takes it
+        // (the store's `scan_evidence`), so the replica judging the source sees the reporters
+        // whose sessions are elsewhere, and keeps the evidence when the source moves.
+        if trust.scan_denied_flows.is_some() && !by_src.is_empty() {
+            self.outputs.push_back(Output::ScanEvidence {
+                reporter,
+                flows: by_src
+                    .iter()
+                    .flat_map(|(src, v)| v.iter().map(|(p, port)| (*src, *p, *port)))
+                    .collect(),
+                at_ms: self.now_ms,
+                window_ms: trust.scan_window_ms as i64,
             });
-            self.refresh_risk(src);
         }
+        for (src, v) in by_src {
+            let quarantined = self.is_quarantined(src);
+            let found =
+                self.trust
+                    .handle_denied(src, reporter, v, &trust, quarantined, self.now_ms);
+            self.scan_found(src, found);
+        }
+    }
+
+    /// Denied-flow evidence another replica stored (from reporters whose sessions it holds),
+    /// oldest first. Counted in the trust book from when it was reported, with the same
+    /// bounds as reports received here; sources this registry does not know are ignored.
+    pub fn handle_remote_denied(&mut self, evidence: &[ScanEvidence], now_ms: i64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let Some(trust) = self.policy.as_ref().map(|p| p.trust.clone()) else {
+            return;
+        };
+        // One trust-book call per (source, reporter, time): a stored report is one group.
+        let mut groups: BTreeMap<(DeviceId, DeviceId, i64), Vec<(Proto, u16)>> = BTreeMap::new();
+        for e in evidence {
+            if e.source == e.reporter || !self.devices.contains_key(&e.source) {
+                continue;
+            }
+            groups
+                .entry((e.source, e.reporter, e.at_ms))
+                .or_default()
+                .push((e.proto, e.port));
+        }
+        let mut ordered: Vec<_> = groups.into_iter().collect();
+        ordered.sort_by_key(|((_, _, at), _)| *at);
+        for ((src, reporter, at), flows) in ordered {
+            let quarantined = self.is_quarantined(src);
+            let found = self.trust.handle_denied_at(
+                src,
+                reporter,
+                flows,
+                &trust,
+                quarantined,
+                at,
+                self.now_ms,
+            );
+            self.scan_found(src, found);
+        }
+    }
+
+    /// Judges the evidence against `src` again (its session came here, or no other replica
+    /// holds it any more): the replica that deferred to the holder acts now.
+    fn rejudge_scan(&mut self, src: DeviceId) {
+        let Some(trust) = self.policy.as_ref().map(|p| p.trust.clone()) else {
+            return;
+        };
+        let quarantined = self.is_quarantined(src);
+        let found = self.trust.judge_scan(src, &trust, quarantined, self.now_ms);
+        self.scan_found(src, found);
+    }
+
+    /// Denied flows the trust book remembers against `src` (bounded; for tests and status).
+    pub fn denied_remembered(&self, src: DeviceId) -> usize {
+        self.trust.denied_count(src)
+    }
+
+    fn is_quarantined(&self, id: DeviceId) -> bool {
+        self.devices
+            .get(&id)
+            .is_some_and(|d| d.quarantine.is_some())
+    }
+
+    /// A corroborated scan: quarantine the source, and raise its risk.
+    fn scan_found(&mut self, src: DeviceId, reason: Option<String>) {
+        let Some(reason) = reason else {
+            return;
+        };
+        // The corroborated scan is also one of the behaviour detectors: its risk counts
+        // against `max_risk` like any other anomaly.
+        let a = self
+            .behaviour
+            .handle_denied_burst(src, &reason, self.now_ms);
+        self.outputs.push_back(Output::Anomaly(Box::new(a)));
+        self.outputs.push_back(Output::Quarantine {
+            device: src,
+            reason,
+        });
+        self.refresh_risk(src);
     }
 
     /// A stored flow report from `reporter`: each window feeds the reporter's own baseline and
@@ -893,6 +986,7 @@ impl Registry {
             if self.trust.handle_holder(id, holder) {
                 self.verdict_dirty.insert(id);
                 self.reevaluate(id);
+                self.rejudge_scan(id);
             }
         }
         self.remote_sessions = sessions;
@@ -1440,6 +1534,8 @@ impl Registry {
         self.apply_update(id, update);
         self.dirty = true;
         self.trust.set_held(id, true);
+        // Evidence gathered while another replica held the session is judged here now.
+        self.rejudge_scan(id);
         // Taken over from another replica: the device keeps the risk judged there.
         let carried = self
             .trust

@@ -13,6 +13,9 @@
 //!                               send the differences to the registry actor
 //! every SESSION_POLL:
 //!     stale_sessions(&mine, &store.sessions(), me) -> close those local sessions
+//! with every feed step, and once at start:
+//!     batch = store.scan_evidence_since(evidence.after(), N)
+//!     evidence.handle_batch(batch) -> rows for the registry (`handle_remote_denied`)
 //! ```
 //!
 //! The feed is the audit log: every write other replicas must see appends an audit row in the
@@ -24,7 +27,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use ward_shared::wire::DeviceId;
 
 use crate::model::Device;
-use crate::store::replicas::{FeedRow, SessionRow};
+use crate::registry::ScanEvidence;
+use crate::store::replicas::{EvidenceBatch, FeedRow, SessionRow};
 
 /// What to re-read from the store after some feed rows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -292,6 +296,51 @@ pub fn alive(last_seen_ms: i64, now_ms: i64) -> bool {
     now_ms.saturating_sub(last_seen_ms) <= ALIVE_WITHIN_MS
 }
 
+/// The scan evidence feed's position (`scan_evidence` ids only grow). Every row another
+/// replica stored goes to the registry; this replica's own rows are already in its trust
+/// book, except those stored before it started (a restart), which the first read takes too.
+#[derive(Debug, Clone)]
+pub struct EvidenceFeed {
+    me: String,
+    after: i64,
+    started: bool,
+}
+
+impl EvidenceFeed {
+    pub fn new(me: &str) -> Self {
+        Self {
+            me: me.to_string(),
+            after: 0,
+            started: false,
+        }
+    }
+
+    /// Read the rows after this id next.
+    pub fn after(&self) -> i64 {
+        self.after
+    }
+
+    /// One read's rows: what the registry must count. The first read (at start) takes every
+    /// stored row, later ones only other replicas' rows.
+    pub fn handle_batch(&mut self, batch: EvidenceBatch) -> Vec<ScanEvidence> {
+        let first = !self.started;
+        self.started = true;
+        self.after = self.after.max(batch.last_id);
+        batch
+            .rows
+            .into_iter()
+            .filter(|r| first || r.replica != self.me)
+            .map(|r| ScanEvidence {
+                source: r.source,
+                reporter: r.reporter,
+                proto: r.proto,
+                port: r.port,
+                at_ms: r.at_ms,
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,5 +550,44 @@ mod tests {
     fn a_replica_is_alive_while_its_heartbeat_is_fresh() {
         assert!(alive(1_000, 1_000 + ALIVE_WITHIN_MS));
         assert!(!alive(1_000, 1_001 + ALIVE_WITHIN_MS));
+    }
+
+    fn ev(id: i64, replica: &str) -> crate::store::replicas::EvidenceRow {
+        crate::store::replicas::EvidenceRow {
+            id,
+            source: DeviceId(1),
+            reporter: DeviceId(2),
+            proto: ward_shared::filter::Proto::Tcp,
+            port: 22,
+            at_ms: id,
+            replica: replica.into(),
+        }
+    }
+
+    #[test]
+    fn the_evidence_feed_takes_own_rows_only_at_start_and_moves_past_unreadable_ones() {
+        let mut f = EvidenceFeed::new("r1");
+        let first = f.handle_batch(EvidenceBatch {
+            rows: vec![ev(1, "r1"), ev(2, "r2")],
+            last_id: 3,
+        });
+        assert_eq!(first.len(), 2, "stored before this start: counted");
+        assert_eq!(f.after(), 3, "row 3 did not parse: read past it");
+        let next = f.handle_batch(EvidenceBatch {
+            rows: vec![ev(4, "r1"), ev(5, "r2")],
+            last_id: 5,
+        });
+        assert_eq!(
+            next.len(),
+            1,
+            "this replica's own rows are in its book already"
+        );
+        assert_eq!(next[0].at_ms, 5);
+        let empty = f.handle_batch(EvidenceBatch {
+            rows: vec![],
+            last_id: 0,
+        });
+        assert!(empty.is_empty());
+        assert_eq!(f.after(), 5, "an empty read never moves the position back");
     }
 }

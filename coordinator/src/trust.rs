@@ -7,6 +7,8 @@
 //! registry (core.rs) drives it:
 //!   report from a device      -> handle_report(id, report, policy, needed, now) -> Option<Change>
 //!   denied flows from a peer  -> handle_denied(src, reporter, flows, ..)        -> Option<String> (quarantine reason)
+//!   the same, stored by another replica -> handle_denied_at(.., at, now)      -> Option<String>
+//!   session held here / holder changed  -> judge_scan(src, ..)                -> Option<String>
 //!   a sign-in at the provider -> set_sign_in(id, Some(sign_in)); then reevaluate
 //!   every second              -> reevaluate(id, policy, needed, now)            -> Option<Change> (reports and sign-ins age out)
 //!                                overdue_failure(id, policy, needed, ..)       -> Option<String> (quarantine reason)
@@ -49,7 +51,7 @@ pub const MAX_REPORT_AHEAD_MS: i64 = 10_000;
 /// A report collected longer ago than this when it arrives is refused as stale or replayed.
 pub const MAX_REPORT_DELAY_MS: i64 = 60_000;
 /// Denied flows remembered per source device (bounds memory under a flood).
-const MAX_DENIED_REMEMBERED: usize = 4096;
+pub const MAX_DENIED_REMEMBERED: usize = 4096;
 /// Independent reporting devices a scan needs before it quarantines its source: one device's
 /// word is never enough, since any enrolled device can claim anything about its peers.
 pub const MIN_SCAN_REPORTERS: usize = 2;
@@ -366,7 +368,7 @@ impl TrustBook {
     /// its share (`threshold / MIN_SCAN_REPORTERS`, rounded up) and adding at most
     /// [`MAX_DENIED_PER_REPORTER`] flows per window. When at least [`MIN_SCAN_REPORTERS`]
     /// reporters together reach the threshold: the reason to quarantine `src`, once, naming
-    /// its accusers.
+    /// its accusers (see [`TrustBook::judge_scan`] for which replica acts).
     pub fn handle_denied(
         &mut self,
         src: DeviceId,
@@ -376,25 +378,64 @@ impl TrustBook {
         quarantined: bool,
         now_ms: i64,
     ) -> Option<String> {
+        self.handle_denied_at(src, reporter, flows, trust, quarantined, now_ms, now_ms)
+    }
+
+    /// [`TrustBook::handle_denied`] for evidence reported at `at_ms` (another replica stored
+    /// it then): it counts for the scan window from `at_ms`, and not at all if that is already
+    /// past. The same bounds apply, so stored evidence can grow the book no more than reports
+    /// received here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_denied_at(
+        &mut self,
+        src: DeviceId,
+        reporter: DeviceId,
+        flows: impl IntoIterator<Item = (Proto, u16)>,
+        trust: &Trust,
+        quarantined: bool,
+        at_ms: i64,
+        now_ms: i64,
+    ) -> Option<String> {
         let t = self.devices.entry(src).or_default();
         let window = trust.scan_window_ms as i64;
-        while t.denied.front().is_some_and(|d| now_ms - d.0 > window) {
-            t.denied.pop_front();
-        }
-        let room = MAX_DENIED_PER_REPORTER
-            .saturating_sub(t.denied.iter().filter(|d| d.1 == reporter).count());
-        for (proto, port) in flows.into_iter().take(room) {
-            if t.denied.len() >= MAX_DENIED_REMEMBERED {
-                t.denied.pop_front();
+        // Evidence from other replicas can arrive out of order: drop every old entry, not
+        // only those at the front.
+        t.denied.retain(|d| now_ms - d.0 <= window);
+        // Another replica's clock may run a little ahead: never later than now.
+        let at_ms = at_ms.min(now_ms);
+        if now_ms - at_ms <= window {
+            let room = MAX_DENIED_PER_REPORTER
+                .saturating_sub(t.denied.iter().filter(|d| d.1 == reporter).count());
+            for (proto, port) in flows.into_iter().take(room) {
+                if t.denied.len() >= MAX_DENIED_REMEMBERED {
+                    t.denied.pop_front();
+                }
+                t.denied.push_back((at_ms, reporter, proto, port));
             }
-            t.denied.push_back((now_ms, reporter, proto, port));
         }
+        self.judge_scan(src, trust, quarantined, now_ms)
+    }
+
+    /// Whether the denied flows remembered against `src` make a scan, and this replica is the
+    /// one to act on it: the replica holding `src`'s session, or any replica when no other
+    /// live replica holds it. Every replica gathers the evidence (reported here or stored by
+    /// another); a replica that defers keeps it, so it acts if the session comes here. Call it
+    /// again when that happens ([`TrustBook::set_held`], [`TrustBook::handle_holder`]).
+    pub fn judge_scan(
+        &mut self,
+        src: DeviceId,
+        trust: &Trust,
+        quarantined: bool,
+        now_ms: i64,
+    ) -> Option<String> {
         let threshold = trust.scan_denied_flows?;
-        if quarantined || t.quarantine_asked {
+        let t = self.devices.get_mut(&src)?;
+        let window = trust.scan_window_ms as i64;
+        if quarantined || t.quarantine_asked || (!t.held && t.holder.is_some()) {
             return None;
         }
         let mut by_reporter: BTreeMap<DeviceId, BTreeSet<(Proto, u16)>> = BTreeMap::new();
-        for d in &t.denied {
+        for d in t.denied.iter().filter(|d| now_ms - d.0 <= window) {
             by_reporter.entry(d.1).or_default().insert((d.2, d.3));
         }
         let share = (threshold as usize).div_ceil(MIN_SCAN_REPORTERS);
@@ -411,6 +452,11 @@ impl TrustBook {
             window / 1000,
             accusers.join(", ")
         ))
+    }
+
+    /// Denied flows remembered against `src` (within the last window seen).
+    pub fn denied_count(&self, src: DeviceId) -> usize {
+        self.devices.get(&src).map_or(0, |t| t.denied.len())
     }
 
     /// The quarantine was applied or lifted: timers restart, so a released device gets the
@@ -1182,6 +1228,63 @@ mod tests {
         let mut b2 = TrustBook::default();
         let many: Vec<(Proto, u16)> = (1..1000).map(|p| (Proto::Tcp, p)).collect();
         assert_eq!(b2.handle_denied(src, peer, many, &q.trust, false, T), None);
+    }
+
+    #[test]
+    fn stored_evidence_counts_from_when_it_was_reported_and_the_holder_acts() {
+        let p = pol("[trust]\nscan_denied_flows = 4\nscan_window = \"10s\"\n");
+        let mut b = TrustBook::default();
+        let (src, r2, r3) = (DeviceId(1), DeviceId(2), DeviceId(3));
+        let two = |a: u16| [(Proto::Tcp, a), (Proto::Tcp, a + 1)];
+        // Evidence another replica stored 11 s ago is past the window: nothing.
+        assert_eq!(
+            b.handle_denied_at(src, r2, two(20), &p.trust, false, T - 11_000, T),
+            None
+        );
+        assert_eq!(b.denied_count(src), 0);
+        // Another replica holds the source's session: the evidence is kept, but that
+        // replica acts, not this one.
+        b.handle_holder(src, Some("r2".into()));
+        assert_eq!(
+            b.handle_denied_at(src, r2, two(20), &p.trust, false, T - 5_000, T),
+            None
+        );
+        assert_eq!(b.handle_denied(src, r3, two(30), &p.trust, false, T), None);
+        assert_eq!(b.denied_count(src), 4);
+        // The session comes here: the same evidence is a scan, judged here.
+        b.set_held(src, true);
+        let why = b.judge_scan(src, &p.trust, false, T + 1).unwrap();
+        assert!(why.ends_with("reported by d2, d3"), "{why}");
+        assert_eq!(
+            b.judge_scan(src, &p.trust, false, T + 2),
+            None,
+            "asked once"
+        );
+        // Out-of-order evidence ages out by its own time, not by its place in the queue.
+        let mut c = TrustBook::default();
+        c.handle_denied_at(src, r2, two(40), &p.trust, false, T, T);
+        c.handle_denied_at(src, r3, two(50), &p.trust, false, T - 9_000, T);
+        assert_eq!(c.denied_count(src), 4);
+        assert_eq!(
+            c.handle_denied_at(src, r3, [(Proto::Udp, 9)], &p.trust, false, T, T + 2_000),
+            None,
+            "r3's older pair left the window: 3 left, from r2 (2) and r3 (1)"
+        );
+        assert_eq!(c.denied_count(src), 3);
+        // A clock ahead of this one: counted as now, never later.
+        let mut d = TrustBook::default();
+        d.handle_denied_at(src, r2, two(60), &p.trust, false, T + 60_000, T);
+        assert_eq!(d.denied_count(src), 2);
+        d.handle_denied_at(
+            src,
+            r3,
+            [(Proto::Udp, 1)],
+            &p.trust,
+            false,
+            T + 10_001,
+            T + 10_001,
+        );
+        assert_eq!(d.denied_count(src), 1, "r2's pair aged out from T");
     }
 
     #[test]

@@ -289,7 +289,8 @@ impl World {
                 | Output::DeviceRevoked { .. }
                 | Output::RoutesAdvertised { .. }
                 | Output::TrustDecided { .. }
-                | Output::HomeRelay { .. } => {}
+                | Output::HomeRelay { .. }
+                | Output::ScanEvidence { .. } => {}
             }
         }
     }

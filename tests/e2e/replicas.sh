@@ -7,7 +7,10 @@
 # replica 2 takes a out of b's netmap on replica 1 within 2 s and b's ping to a stops; `status`
 # on either replica lists both replicas alive with their sessions; `audit verify` passes on
 # both; the import refuses a world-readable instance file; after `kill -9` of replica 2,
-# replica 1's `status` shows it down. Needs root; prints `N passed, N failed`.
+# replica 1's `status` shows it down; a posture verdict made on replica 2 reaches b on replica
+# 1; a port scan by z (replica 2) of b (replica 1) and x (replica 2), whose accusers alone are
+# each below the threshold, quarantines z through the evidence both replicas stored. Needs
+# root; prints `N passed, N failed`.
 #
 # WARD_TEST_DB picks the shared database: `sqlite` (default: replica 2's ward.db is a symlink
 # to replica 1's file; SQLite follows it, so both processes share one WAL) or `postgres` (a
@@ -52,6 +55,7 @@ R1_ADDR="$(lab_ip wan):7443"
 R2_ADDR="$(lab_ip c2):7443"
 coord2() { lab_exec c2 "$BIN" --data-dir "$D2" "$@"; }
 P="$E2E_DIR/policies"
+TOOLS="$E2E_DIR/tools.py"
 
 say "two replicas, one database ($DB_KIND)"
 LAB_COORD_SERVE_ARGS="--listen $R1_ADDR" lab_start_coordinator
@@ -256,6 +260,66 @@ rm -f "$ZMARK"
 check "no ping z -> b while z's posture fails" lab_wait_for -t 5 nopings z "$B4"
 touch "$ZMARK"
 check "ping z -> b once it passes again" lab_wait_for -t 10 pings z "$B4"
+
+say "a port scan whose accusers hold their sessions on different replicas is caught"
+# z (replica 2) may ping b (replica 1) and reach x (replica 2) on tcp/7, so both see its scan.
+# Each accuser weighs at most half of scan_denied_flows: neither replica's own reports reach
+# it, only the evidence both stored together does. Replica 2, holding z's session, decides.
+cat >"$LAB_DIR/replicas-scan.toml" <<'TOML'
+# replicas.sh: z's scan of b (replica 1) and x (replica 2).
+[services.b]
+devices = ["tag:b"]
+ports = ["icmp"]
+
+[services.x]
+devices = ["tag:x"]
+ports = ["tcp/7"]
+
+[[rules]]
+name = "z-b"
+from = ["tag:z"]
+to = ["b"]
+
+[[rules]]
+name = "z-x"
+from = ["tag:z"]
+to = ["x"]
+
+[trust]
+scan_denied_flows = 20
+scan_window = "60s"
+TOML
+check "the scan policy applies (on replica 1)" lab_coord policy apply "$LAB_DIR/replicas-scan.toml"
+X4=$(lab_ward_ipv4 x)
+check "b (replica 1) has z as a peer" lab_ward_wait_peer b "$Z4" 15
+check "x (replica 2) has z as a peer" lab_ward_wait_peer x "$Z4" 15
+check "ping z -> b before the scan" lab_wait_for -t 10 pings z "$B4"
+lab_exec z python3 "$TOOLS" scan "$B4" 1000 1029 | sed 's/^/  /'
+lab_exec z python3 "$TOOLS" scan "$X4" 2000 2029 | sed 's/^/  /'
+SCANNED=$(now_ms)
+z_state() {
+    "$@" device ls --json 2>/dev/null | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+d = d.get("devices", d) if isinstance(d, dict) else d
+print([x["state"] for x in d if x["hostname"] == "z"][0])'
+}
+z_quarantined() { [[ $(z_state lab_coord) == quarantined ]]; }
+check "z is quarantined within 15 s of its scan" lab_wait_for -t 15 -i 0.2 z_quarantined
+QMS=$(($(now_ms) - SCANNED))
+echo "    scan end -> quarantine listed on replica 1: ${QMS} ms (includes the agents' denied-flow reporting)"
+check "replica 2 lists z quarantined too" test "$(z_state coord2)" = quarantined
+check "the quarantine names both accusers (b on replica 1, x on replica 2)" python3 -c '
+import json, sys
+a = [e for e in json.load(sys.stdin) if e["action"] == "device.quarantine" and e["target"] == "z"]
+r = a[-1]["detail"]["quarantine"]["reason"] if a else ""
+print("   ", r)
+assert a and a[-1]["detail"]["quarantine"]["automatic"] and "scan" in r and "to 2 device(s)" in r, a' \
+    <<<"$(lab_coord audit --limit 100000 --json)"
+check "replica 2 (holding z) decided it, replica 1 did not" bash -c "
+    grep -q 'quarantining device automatically' '$LAB_DIR/logs/replica2-again.log' &&
+    ! grep -q 'quarantining device automatically' '$LAB_DIR/logs/coordinator.log'"
+check "quarantined z no longer pings b" lab_wait_for -t 5 nopings z "$B4"
 
 echo "replicas.sh runtime: $((SECONDS - T0)) s"
 finish

@@ -279,6 +279,8 @@ pub(super) enum Event {
     RemoteTrust(DeviceId, crate::trust::RemoteTrust),
     /// Every device session other live replicas hold now.
     RemoteSessions(BTreeMap<DeviceId, crate::registry::RemoteSession>),
+    /// Denied-flow evidence other replicas stored (their reporters' accusations).
+    ScanEvidence(Vec<crate::registry::ScanEvidence>),
 }
 
 /// This replica's device sessions as they open and close, for the `sessions` table.
@@ -445,6 +447,7 @@ pub(super) async fn registry_actor(
                 Event::PostureFloor(id, seq) => reg.handle_posture_floor(id, seq),
                 Event::RemoteTrust(id, t) => reg.handle_remote_trust(id, t),
                 Event::RemoteSessions(s) => reg.handle_remote_sessions(s),
+                Event::ScanEvidence(rows) => reg.handle_remote_denied(&rows, now_ms()),
                 Event::Upserted(d) => reg.handle_device_upserted(d),
                 Event::Removed(id, why) => reg.handle_device_removed(id, &why),
                 Event::User(u) => reg.handle_user(u),
@@ -764,6 +767,12 @@ pub(super) fn flush(
                     sink.routes_advertised(device, routes)
                 }
                 Output::DeviceRevoked { device } => revoked.push(device),
+                Output::ScanEvidence {
+                    reporter,
+                    flows,
+                    at_ms,
+                    window_ms,
+                } => sink.scan_evidence(reporter, flows, at_ms, window_ms),
             }
         }
     }

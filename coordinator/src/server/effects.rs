@@ -161,6 +161,25 @@ impl TrustSink<'_> {
         }
     }
 
+    /// Denied flows a reporter here accused their sources of: stored for the other replicas'
+    /// trust books. A failed write is logged; it loses only evidence (the other replicas may
+    /// detect a scan later or not at all), never widens access.
+    pub(super) fn scan_evidence(
+        &self,
+        reporter: DeviceId,
+        flows: Vec<(DeviceId, ward_shared::filter::Proto, u16)>,
+        at_ms: i64,
+        window_ms: i64,
+    ) {
+        let store = self.store.clone();
+        let replica = self.replica.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.add_scan_evidence(&replica, reporter, &flows, at_ms, window_ms) {
+                error!(%reporter, flows = flows.len(), error = %e, "storing scan evidence for the other replicas failed");
+            }
+        });
+    }
+
     /// Stores what a device advertises (for `ward-coordinator device routes`).
     pub(super) fn routes_advertised(&self, id: DeviceId, routes: Vec<ward_shared::routes::Prefix>) {
         let store = self.store.clone();

@@ -8,6 +8,10 @@
 //! and the store's `LISTEN` thread wakes the same read at once through [`FeedWake`]
 //! ([`crate::store::postgres::listen`]); the poll stays, every [`FEED_POLL_NOTIFIED`], as the
 //! safety net for a notification lost while the listening connection was down.
+//!
+//! Each feed step also reads the scan evidence other replicas stored (`scan_evidence`, its
+//! own id as position; no audit row, but the same wake-up on PostgreSQL) into the registry's
+//! trust book.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +42,9 @@ const SESSION_POLL: Duration = Duration::from_millis(500);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Feed rows read at once.
 const FEED_BATCH: usize = 1_000;
+/// Scan evidence rows read at once, and batches per feed step (the rest waits for the next).
+const EVIDENCE_BATCH: usize = 4_096;
+const EVIDENCE_BATCHES: usize = 4;
 /// How often the sessions other replicas hold are read (peers' online flag, whose verdict
 /// counts).
 const HOLDERS_POLL: Duration = Duration::from_millis(500);
@@ -100,6 +107,9 @@ pub(super) async fn run(
     seen.me = me.id.clone();
     // Other replicas' verdicts on the devices they hold, before any feed row moves.
     follow_trust(&ctx, &mut seen).await;
+    // The scan evidence stored so far (this replica's own from before a restart too).
+    let mut evidence = replicas::EvidenceFeed::new(&me.id);
+    follow_evidence(&ctx, &mut evidence).await;
     let mut holders_tick = tokio::time::interval(HOLDERS_POLL);
     holders_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut mine: BTreeMap<DeviceId, i64> = BTreeMap::new();
@@ -115,8 +125,14 @@ pub(super) async fn run(
                 let Some(p) = p else { break };
                 record_presence(&ctx, &me, &mut mine, p).await;
             }
-            _ = feed_tick.tick() => follow(&ctx, &mut feed, &mut seen).await,
-            _ = wake.notified() => follow(&ctx, &mut feed, &mut seen).await,
+            _ = feed_tick.tick() => {
+                follow(&ctx, &mut feed, &mut seen).await;
+                follow_evidence(&ctx, &mut evidence).await;
+            }
+            _ = wake.notified() => {
+                follow(&ctx, &mut feed, &mut seen).await;
+                follow_evidence(&ctx, &mut evidence).await;
+            }
             _ = session_tick.tick() => close_stale(&ctx, &me, &mine).await,
             _ = beat_tick.tick() => heartbeat(&ctx, &me, mine.len() as u64).await,
             _ = holders_tick.tick() => share_sessions(&ctx, &mut seen).await,
@@ -411,6 +427,33 @@ fn apply_trust(ctx: &Arc<Ctx>, seen: &mut Seen, rows: Vec<TrustRow>) {
         ctx.events
             .send_internal(Event::RemoteTrust(row.device, remote));
         seen.trust.insert(row.device, row);
+    }
+}
+
+/// Sends the registry the scan evidence other replicas stored since the last read (one
+/// indexed read when there is none). A failed read leaves the position and retries.
+async fn follow_evidence(ctx: &Arc<Ctx>, evidence: &mut replicas::EvidenceFeed) {
+    for _ in 0..EVIDENCE_BATCHES {
+        let store = ctx.store.clone();
+        let after = evidence.after();
+        let batch = match tokio::task::spawn_blocking(move || {
+            store.scan_evidence_since(after, EVIDENCE_BATCH)
+        })
+        .await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return error!(error = %e, "reading the scan evidence failed; retrying"),
+            Err(e) => return error!(error = %e, "scan evidence task failed"),
+        };
+        let full = batch.last_id > after && batch.rows.len() >= EVIDENCE_BATCH;
+        let rows = evidence.handle_batch(batch);
+        if !rows.is_empty() {
+            debug!(rows = rows.len(), "scan evidence from other replicas");
+            ctx.events.send_internal(Event::ScanEvidence(rows));
+        }
+        if !full {
+            return;
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! requires it.
 
 use serde::{Deserialize, Serialize};
+use ward_shared::filter::Proto;
 use ward_shared::wire::DeviceId;
 
 use super::Result;
@@ -78,6 +79,34 @@ pub struct TrustRow {
     pub updated_ms: i64,
 }
 
+/// One denied flow stored as evidence against `source` (the `scan_evidence` table), by the
+/// replica that received `reporter`'s report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvidenceRow {
+    /// Increases with every row stored (never reused): the evidence feed's position.
+    pub id: i64,
+    pub source: DeviceId,
+    pub reporter: DeviceId,
+    pub proto: Proto,
+    pub port: u16,
+    pub at_ms: i64,
+    /// The replica that stored it.
+    pub replica: String,
+}
+
+/// Evidence rows read at once, and the position after them (past rows left out as unreadable).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EvidenceBatch {
+    pub rows: Vec<EvidenceRow>,
+    /// The last id read (the position to read after next).
+    pub last_id: i64,
+}
+
+/// Evidence rows one reporter may have in the table at once, against all sources together
+/// (each source also bounds it: [`crate::trust::MAX_DENIED_PER_REPORTER`] per reporter,
+/// [`crate::trust::MAX_DENIED_REMEMBERED`] in all).
+pub const MAX_EVIDENCE_PER_REPORTER: usize = 4096;
+
 pub trait ReplicaStore {
     /// The change feed's version: the last audit sequence number (0 for an empty log). Cheap:
     /// replicas poll it.
@@ -112,4 +141,21 @@ pub trait ReplicaStore {
     fn save_device_trust(&self, row: &TrustRow, audit: Option<serde_json::Value>) -> Result<()>;
     /// Every stored trust row, by device.
     fn device_trust(&self) -> Result<Vec<TrustRow>>;
+    /// Stores denied flows `reporter` reported at `at_ms` against their sources (source,
+    /// proto, port), in one transaction: rows older than `window_ms` go first, a flow already
+    /// stored for that (source, reporter) in the window is not stored again, and what would
+    /// pass a bound (per source and reporter, per reporter, per source: the oldest go) is
+    /// left out. No audit row (the table is bounded, the audit log is not); on PostgreSQL the
+    /// commit wakes the other replicas' feed. Returns how many rows were added.
+    fn add_scan_evidence(
+        &self,
+        replica: &str,
+        reporter: DeviceId,
+        flows: &[(DeviceId, Proto, u16)],
+        at_ms: i64,
+        window_ms: i64,
+    ) -> Result<usize>;
+    /// Up to `limit` evidence rows after `after_id`, oldest first. A row whose protocol does
+    /// not parse is left out with an error log line (it can only narrow what is detected).
+    fn scan_evidence_since(&self, after_id: i64, limit: usize) -> Result<EvidenceBatch>;
 }

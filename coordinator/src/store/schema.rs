@@ -331,4 +331,22 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE device_sessions ADD COLUMN home_relay TEXT;
     "#,
+    // 19: denied flows reported against a source, as scan evidence every replica's trust
+    // book reads (the reporters' sessions may be on other replicas than the source's), bounded
+    // per source and reporter and pruned to the scan window. The id only grows (it is the
+    // evidence feed's position), hence AUTOINCREMENT.
+    r#"
+    CREATE TABLE scan_evidence(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        source_id INTEGER NOT NULL,
+        reporter_id INTEGER NOT NULL,
+        proto TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        replica TEXT NOT NULL
+    );
+    CREATE INDEX scan_evidence_flow ON scan_evidence(source_id, reporter_id, proto, port);
+    CREATE INDEX scan_evidence_reporter ON scan_evidence(reporter_id);
+    CREATE INDEX scan_evidence_at ON scan_evidence(at_ms);
+    "#,
 ];

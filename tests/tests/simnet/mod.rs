@@ -560,7 +560,8 @@ impl World {
             | Output::DeviceRevoked { .. }
             | Output::RoutesAdvertised { .. }
             | Output::TrustDecided { .. }
-            | Output::HomeRelay { .. } => {}
+            | Output::HomeRelay { .. }
+            | Output::ScanEvidence { .. } => {}
         }
     }
 

@@ -231,6 +231,12 @@ pub(super) fn set_quarantine(
         if n == 0 {
             return Err(StoreError::NotFound(format!("no device {id}")));
         }
+        // Scan evidence against the device is spent, as in every replica's trust book when
+        // the quarantine changes: a replica starting later must not count it again.
+        tx.execute(
+            "DELETE FROM scan_evidence WHERE source_id = ?1",
+            [id.0 as i64],
+        )?;
         let dev = query_devices(tx, "WHERE d.id = ?1", [id.0 as i64])?
             .into_iter()
             .next()

@@ -2,14 +2,18 @@
 //! readers never wait for the writer). Reads here use deferred transactions: polling the feed
 //! never takes the write lock.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use ward_shared::filter::Proto;
 use ward_shared::wire::DeviceId;
 
 use super::{Backend, SqliteStore};
 use crate::audit::Action;
 use crate::store::db::Tx;
 use crate::store::replicas::{
-    DatabaseStatus, FeedRow, ReplicaRow, ReplicaStore, SessionRow, TrustRow,
+    DatabaseStatus, EvidenceBatch, EvidenceRow, FeedRow, ReplicaRow, ReplicaStore, SessionRow,
+    TrustRow, MAX_EVIDENCE_PER_REPORTER,
 };
 use crate::store::{Audit, Result};
 
@@ -248,6 +252,156 @@ impl ReplicaStore for SqliteStore {
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
     }
+    fn add_scan_evidence(
+        &self,
+        replica: &str,
+        reporter: DeviceId,
+        flows: &[(DeviceId, Proto, u16)],
+        at_ms: i64,
+        window_ms: i64,
+    ) -> Result<usize> {
+        if flows.is_empty() {
+            return Ok(0);
+        }
+        let rep = reporter.0 as i64;
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM scan_evidence WHERE at_ms < ?1",
+                [at_ms.saturating_sub(window_ms.max(0))],
+            )?;
+            let held: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM scan_evidence WHERE reporter_id = ?1",
+                [rep],
+                |r| r.get(0),
+            )?;
+            let mut room_reporter = MAX_EVIDENCE_PER_REPORTER.saturating_sub(count(held));
+            let mut by_source: BTreeMap<DeviceId, BTreeSet<(Proto, u16)>> = BTreeMap::new();
+            for (src, proto, port) in flows {
+                by_source.entry(*src).or_default().insert((*proto, *port));
+            }
+            let mut added = 0;
+            for (src, wanted) in by_source {
+                let src = src.0 as i64;
+                let mut stmt = tx.prepare(
+                    "SELECT proto, port FROM scan_evidence WHERE source_id = ?1 AND reporter_id = ?2",
+                )?;
+                let have: BTreeSet<(String, i64)> = stmt
+                    .query_map(params![src, rep], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut room = crate::trust::MAX_DENIED_PER_REPORTER
+                    .saturating_sub(have.len())
+                    .min(room_reporter);
+                for (proto, port) in wanted {
+                    if room == 0 {
+                        break;
+                    }
+                    let name = proto_name(proto);
+                    if have.contains(&(name.to_string(), i64::from(port))) {
+                        continue;
+                    }
+                    tx.execute(
+                        "INSERT INTO scan_evidence(source_id, reporter_id, proto, port, at_ms, replica)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![src, rep, name, i64::from(port), at_ms, replica],
+                    )?;
+                    room -= 1;
+                    room_reporter -= 1;
+                    added += 1;
+                }
+                // The source's oldest evidence goes when it holds more than the trust book
+                // remembers.
+                let total: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM scan_evidence WHERE source_id = ?1",
+                    [src],
+                    |r| r.get(0),
+                )?;
+                let over = count(total).saturating_sub(crate::trust::MAX_DENIED_REMEMBERED);
+                if over > 0 {
+                    tx.execute(
+                        "DELETE FROM scan_evidence WHERE id IN
+                           (SELECT id FROM scan_evidence WHERE source_id = ?1 ORDER BY id LIMIT ?2)",
+                        params![src, over as i64],
+                    )?;
+                }
+            }
+            if added > 0 {
+                crate::store::postgres::listen::notify_feed(tx, 0)?;
+            }
+            Ok(added)
+        })
+    }
+
+    fn scan_evidence_since(&self, after_id: i64, limit: usize) -> Result<EvidenceBatch> {
+        let rows: Vec<(i64, i64, i64, String, i64, i64, String)> = self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT id, source_id, reporter_id, proto, port, at_ms, replica
+                 FROM scan_evidence WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![after_id, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                },
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })?;
+        let mut out = EvidenceBatch {
+            rows: Vec::with_capacity(rows.len()),
+            last_id: rows.last().map_or(after_id, |r| r.0),
+        };
+        for (id, src, rep, proto, port, at_ms, replica) in rows {
+            let parsed = match proto.as_str() {
+                "tcp" => Some(Proto::Tcp),
+                "udp" => Some(Proto::Udp),
+                "icmp" => Some(Proto::Icmp),
+                _ => None,
+            };
+            let (Some(proto), Ok(port), Ok(source), Ok(reporter)) = (
+                parsed,
+                u16::try_from(port),
+                u64::try_from(src),
+                u64::try_from(rep),
+            ) else {
+                tracing::error!(
+                    table = "scan_evidence",
+                    row = id,
+                    "a stored scan evidence row does not parse; left out"
+                );
+                continue;
+            };
+            out.rows.push(EvidenceRow {
+                id,
+                source: DeviceId(source),
+                reporter: DeviceId(reporter),
+                proto,
+                port,
+                at_ms,
+                replica,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Icmp => "icmp",
+    }
+}
+
+/// A `COUNT(*)` as a size (never negative).
+fn count(n: i64) -> usize {
+    usize::try_from(n).unwrap_or(0)
 }
 
 impl SqliteStore {
@@ -468,6 +622,136 @@ mod tests {
         device_trust_rows_replace_and_audited_writes_move_the_feed(
             &SqliteStore::open_postgres(&url, None).unwrap(),
         );
+    }
+
+    fn flows(src: u64, ports: std::ops::Range<u16>) -> Vec<(DeviceId, Proto, u16)> {
+        ports.map(|p| (DeviceId(src), Proto::Tcp, p)).collect()
+    }
+
+    /// On both backends: evidence is read back in order from a position; a flow already
+    /// stored for the (source, reporter) is not stored again; one reporter's flood stays
+    /// within its bounds (per source, across sources), a source's oldest evidence goes past
+    /// its bound, and rows older than the window are pruned by the next write.
+    pub(crate) fn scan_evidence_is_bounded_and_read_in_order(s: &SqliteStore) {
+        use crate::trust::{MAX_DENIED_PER_REPORTER, MAX_DENIED_REMEMBERED};
+        let w = 10_000;
+        let v0 = s.feed_version().unwrap();
+        assert_eq!(
+            s.add_scan_evidence("r1", DeviceId(2), &flows(1, 20..23), 1_000, w)
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            s.add_scan_evidence("r1", DeviceId(2), &flows(1, 21..25), 1_100, w)
+                .unwrap(),
+            2,
+            "21 and 22 are already stored"
+        );
+        assert_eq!(s.feed_version().unwrap(), v0, "no audit row");
+        let all = s.scan_evidence_since(0, 100).unwrap();
+        assert_eq!(all.rows.len(), 5);
+        assert_eq!(all.last_id, all.rows[4].id);
+        assert!(all.rows.windows(2).all(|p| p[0].id < p[1].id));
+        assert_eq!(
+            (all.rows[0].source, all.rows[0].reporter, all.rows[0].port),
+            (DeviceId(1), DeviceId(2), 20)
+        );
+        assert_eq!(all.rows[0].replica, "r1");
+        let tail = s.scan_evidence_since(all.rows[2].id, 100).unwrap();
+        assert_eq!(tail.rows.len(), 2);
+        assert_eq!(
+            s.scan_evidence_since(all.last_id, 100).unwrap(),
+            EvidenceBatch {
+                rows: vec![],
+                last_id: all.last_id
+            }
+        );
+        // A flood from reporter 3 against source 1: 100 reports of 256 new ports each.
+        for i in 0..100u16 {
+            let at = 2_000 + i64::from(i);
+            s.add_scan_evidence("r1", DeviceId(3), &flows(1, i * 256..i * 256 + 256), at, w)
+                .unwrap();
+        }
+        let rows = |s: &SqliteStore| s.scan_evidence_since(0, 100_000).unwrap().rows;
+        let from3 = rows(s).iter().filter(|r| r.reporter == DeviceId(3)).count();
+        assert_eq!(from3, MAX_DENIED_PER_REPORTER);
+        // ... and against many sources: bounded per reporter in all.
+        for src in 10..40u64 {
+            s.add_scan_evidence("r1", DeviceId(3), &flows(src, 0..256), 3_000, w)
+                .unwrap();
+        }
+        let from3 = rows(s).iter().filter(|r| r.reporter == DeviceId(3)).count();
+        assert_eq!(from3, MAX_EVIDENCE_PER_REPORTER);
+        // Many reporters against one source: its oldest evidence goes past its bound.
+        for rep in 100..120u64 {
+            s.add_scan_evidence("r2", DeviceId(rep), &flows(1, 0..256), 4_000, w)
+                .unwrap();
+        }
+        let against1: Vec<_> = rows(s)
+            .into_iter()
+            .filter(|r| r.source == DeviceId(1))
+            .collect();
+        assert_eq!(against1.len(), MAX_DENIED_REMEMBERED);
+        assert!(
+            against1.iter().all(|r| r.reporter != DeviceId(2)),
+            "the oldest went first"
+        );
+        // A write past the window prunes everything older than it.
+        s.add_scan_evidence("r2", DeviceId(5), &flows(6, 1..2), 20_000, w)
+            .unwrap();
+        let left = rows(s);
+        assert_eq!(left.len(), 1, "{}", left.len());
+        assert_eq!(left[0].source, DeviceId(6));
+        // An empty report writes nothing.
+        assert_eq!(
+            s.add_scan_evidence("r2", DeviceId(5), &[], 20_001, w)
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn scan_evidence_on_sqlite() {
+        scan_evidence_is_bounded_and_read_in_order(&SqliteStore::open_in_memory().unwrap());
+    }
+
+    #[test]
+    fn scan_evidence_on_postgres() {
+        let Some(url) = crate::store::postgres::testpg::fresh_database() else {
+            return;
+        };
+        scan_evidence_is_bounded_and_read_in_order(
+            &SqliteStore::open_postgres(&url, None).unwrap(),
+        );
+    }
+
+    /// Ids keep growing after every row was pruned (SQLite would reuse them without
+    /// AUTOINCREMENT, and a reader's position would skip the new rows).
+    #[test]
+    fn scan_evidence_ids_never_go_back_after_a_prune() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.add_scan_evidence("r1", DeviceId(2), &flows(1, 1..4), 1_000, 100)
+            .unwrap();
+        let last = s.scan_evidence_since(0, 10).unwrap().last_id;
+        s.add_scan_evidence("r1", DeviceId(2), &flows(1, 9..10), 5_000, 100)
+            .unwrap();
+        let after = s.scan_evidence_since(last, 10).unwrap();
+        assert_eq!(after.rows.len(), 1);
+        assert!(after.rows[0].id > last);
+    }
+
+    /// A row whose protocol does not parse is left out, and read past.
+    #[test]
+    fn unreadable_scan_evidence_is_left_out() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.add_scan_evidence("r1", DeviceId(2), &flows(1, 1..3), 1_000, 10_000)
+            .unwrap();
+        s.raw_sql("UPDATE scan_evidence SET proto = 'sctp' WHERE port = 2")
+            .unwrap();
+        let b = s.scan_evidence_since(0, 10).unwrap();
+        assert_eq!(b.rows.len(), 1);
+        assert_eq!(b.rows[0].port, 1);
+        assert_eq!(b.last_id, b.rows[0].id + 1);
     }
 
     #[test]
