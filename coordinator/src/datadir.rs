@@ -297,6 +297,22 @@ impl DataDir {
         Ok(v)
     }
 
+    /// Why the shared database could not be opened. One that does not answer (down, or no
+    /// connection within the pool's timeout) is named unreachable: nothing can be served or
+    /// checked without it (the audit chain, the registry, every write), so the caller stops.
+    fn open_error(&self, e: StoreError) -> anyhow::Error {
+        if e.is_storage_fault() {
+            tracing::error!(database = %self.database_display(), error = %e, "the database is unreachable");
+            anyhow::anyhow!(
+                "the database {} is unreachable ({e}): start it (or correct --database), then run this again",
+                self.database_display()
+            )
+        } else {
+            anyhow::Error::new(e)
+                .context(format!("opening the database {}", self.database_display()))
+        }
+    }
+
     /// The existing database with its anchor; `true` when neither the key nor the checkpoint
     /// exist yet (a data directory from before anchoring), so the caller adopts the log.
     fn open_anchored(&self) -> Result<(SqliteStore, bool)> {
@@ -306,8 +322,8 @@ impl DataDir {
                 key: self.load_audit_key()?,
                 checkpoint: self.checkpoint_path(),
             };
-            let store = SqliteStore::open_postgres(url, Some(anchor))
-                .with_context(|| format!("opening the database {}", self.database_display()))?;
+            let store =
+                SqliteStore::open_postgres(url, Some(anchor)).map_err(|e| self.open_error(e))?;
             return Ok((store, false));
         }
         let db = self.db_path();
