@@ -573,6 +573,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_database_that_does_not_answer_is_refused_by_name_within_seconds() {
+        use crate::store::postgres::testpg;
+        if !testpg::available() {
+            return;
+        }
+        let cluster = testpg::Cluster::start();
+        // A password in the URL, to check it is never shown.
+        let url = cluster
+            .create_database()
+            .replace("postgresql://ward@", "postgresql://ward:sekrit@");
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("c"))
+            .with_database(Some(url))
+            .unwrap();
+        dd.init("10.0.0.1:7443", 1_800_000_000_000).unwrap();
+        drop(dd.open_store(1_800_000_000_001).unwrap());
+        cluster.pg_stop();
+        let started = std::time::Instant::now();
+        let Err(err) = dd.open_store(1_800_000_000_002) else {
+            panic!("opened a stopped database")
+        };
+        let err = format!("{err:#}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            err.starts_with(&format!(
+                "the database {} is unreachable",
+                dd.database_display()
+            )),
+            "{err}"
+        );
+        assert!(err.contains("then run this again"), "{err}");
+        assert!(!err.contains("sekrit"), "{err}");
+        cluster.pg_start();
+        drop(dd.open_store(1_800_000_000_003).unwrap());
+    }
+
+    #[test]
     fn init_refuses_existing_instance() {
         let tmp = tempfile::tempdir().unwrap();
         let dd = DataDir::new(tmp.path().join("c"));
