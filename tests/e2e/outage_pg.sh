@@ -104,7 +104,7 @@ timeout 60 ip netns exec "$(lab_ns cb)" "$BIN" serve --data-dir "$D2" --listen "
     >"$LAB_DIR/logs/replica-b-down.log" 2>&1
 RC=$?
 MS=$(($(now_ms) - t))
-echo "  serve on B while the database is down: exit $RC after $MS ms: $(grep -m1 -i 'error' "$LAB_DIR/logs/replica-b-down.log" | head -c 300)"
+echo "  serve on B while the database is down: exit $RC after $MS ms: $(grep -m1 '^error:' "$LAB_DIR/logs/replica-b-down.log" | head -c 300)"
 check "serve on B exits with an error (exit $RC)" test "$RC" -ne 0 -a "$RC" -ne 124
 check "within 15 s ($MS ms)" test "$MS" -le 15000
 check "naming the database as unreachable" grep -q '^error: the database postgresql://.* is unreachable' "$LAB_DIR/logs/replica-b-down.log"
