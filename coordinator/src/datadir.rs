@@ -297,6 +297,22 @@ impl DataDir {
         Ok(v)
     }
 
+    /// Why the shared database could not be opened. One that does not answer (down, or no
+    /// connection within the pool's timeout) is named unreachable: nothing can be served or
+    /// checked without it (the audit chain, the registry, every write), so the caller stops.
+    fn open_error(&self, e: StoreError) -> anyhow::Error {
+        if e.is_storage_fault() {
+            tracing::error!(database = %self.database_display(), error = %e, "the database is unreachable");
+            anyhow::anyhow!(
+                "the database {} is unreachable ({e}): start it (or correct --database), then run this again",
+                self.database_display()
+            )
+        } else {
+            anyhow::Error::new(e)
+                .context(format!("opening the database {}", self.database_display()))
+        }
+    }
+
     /// The existing database with its anchor; `true` when neither the key nor the checkpoint
     /// exist yet (a data directory from before anchoring), so the caller adopts the log.
     fn open_anchored(&self) -> Result<(SqliteStore, bool)> {
@@ -306,8 +322,8 @@ impl DataDir {
                 key: self.load_audit_key()?,
                 checkpoint: self.checkpoint_path(),
             };
-            let store = SqliteStore::open_postgres(url, Some(anchor))
-                .with_context(|| format!("opening the database {}", self.database_display()))?;
+            let store =
+                SqliteStore::open_postgres(url, Some(anchor)).map_err(|e| self.open_error(e))?;
             return Ok((store, false));
         }
         let db = self.db_path();
@@ -555,6 +571,47 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_that_does_not_answer_is_refused_by_name_within_seconds() {
+        use crate::store::postgres::testpg;
+        if !testpg::available() {
+            return;
+        }
+        let cluster = testpg::Cluster::start();
+        // A password in the URL, to check it is never shown.
+        let url = cluster
+            .create_database()
+            .replace("postgresql://ward@", "postgresql://ward:sekrit@");
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("c"))
+            .with_database(Some(url))
+            .unwrap();
+        dd.init("10.0.0.1:7443", 1_800_000_000_000).unwrap();
+        drop(dd.open_store(1_800_000_000_001).unwrap());
+        cluster.pg_stop();
+        let started = std::time::Instant::now();
+        let Err(err) = dd.open_store(1_800_000_000_002) else {
+            panic!("opened a stopped database")
+        };
+        let err = format!("{err:#}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            err.starts_with(&format!(
+                "the database {} is unreachable",
+                dd.database_display()
+            )),
+            "{err}"
+        );
+        assert!(err.contains("then run this again"), "{err}");
+        assert!(!err.contains("sekrit"), "{err}");
+        cluster.pg_start();
+        drop(dd.open_store(1_800_000_000_003).unwrap());
+    }
 
     #[test]
     fn init_refuses_existing_instance() {

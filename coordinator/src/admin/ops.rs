@@ -144,35 +144,7 @@ pub fn handle(
         .collect();
     let online = anywhere.as_slice();
     Ok(match req {
-        AdminRequest::Status => AdminReply::Status(StatusView {
-            public_addr: me.public_addr.clone(),
-            ca_sha256: hex::encode(me.ca_sha256),
-            ipv6_prefix: me.ipv6_prefix.clone(),
-            devices: store.list_devices()?.len(),
-            online: here.len(),
-            users: store.list_users()?.len(),
-            uptime_secs: me.uptime_secs,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            protocol: ward_shared::wire::PROTOCOL_VERSION,
-            posture: snap.trust.clone(),
-            storage: store.storage_health(),
-            event_queue: snap.event_queue.clone(),
-            replica_id: me.replica_id.clone(),
-            database: store.database(),
-            replicas: store
-                .replicas()?
-                .into_iter()
-                .map(|r| crate::admin::api::ReplicaView {
-                    alive: crate::replicas::alive(r.last_seen_ms, now),
-                    this: r.id == me.replica_id,
-                    id: r.id,
-                    address: r.address,
-                    sessions: r.sessions,
-                    started_ms: r.started_ms,
-                    last_seen_ms: r.last_seen_ms,
-                })
-                .collect(),
-        }),
+        AdminRequest::Status => status(store, &snap, me, here.len(), now)?,
         AdminRequest::UserAdd { name: n, groups } => {
             let n = name("user name", &n)?;
             let groups = names("group name", &groups)?;
@@ -773,6 +745,68 @@ fn journal(store: &dyn Store, change: Narrowing, why: &StoreError, now: i64) -> 
     })
 }
 
+/// `status`. It answers while the database is unreachable too (it is how an operator finds
+/// out): the `database` section says so with the error, the device and user counts are this
+/// replica's registry (as last loaded from the database) and the replica list is empty (the
+/// heartbeats live in the database).
+fn status(
+    store: &dyn Store,
+    snap: &Snapshot,
+    me: &Identity,
+    online: usize,
+    now: i64,
+) -> Result<AdminReply> {
+    let database = store.database();
+    let (devices, users, replicas) = if database.reachable {
+        let replicas = store
+            .replicas()?
+            .into_iter()
+            .map(|r| crate::admin::api::ReplicaView {
+                alive: crate::replicas::alive(r.last_seen_ms, now),
+                this: r.id == me.replica_id,
+                id: r.id,
+                address: r.address,
+                sessions: r.sessions,
+                started_ms: r.started_ms,
+                last_seen_ms: r.last_seen_ms,
+            })
+            .collect();
+        (
+            store.list_devices()?.len(),
+            store.list_users()?.len(),
+            replicas,
+        )
+    } else {
+        tracing::warn!(
+            database = %database.location,
+            error = database.error.as_deref().unwrap_or("-"),
+            "status: the database is unreachable"
+        );
+        (
+            snap.directory.devices.len(),
+            snap.directory.users.len(),
+            Vec::new(),
+        )
+    };
+    Ok(AdminReply::Status(StatusView {
+        public_addr: me.public_addr.clone(),
+        ca_sha256: hex::encode(me.ca_sha256),
+        ipv6_prefix: me.ipv6_prefix.clone(),
+        devices,
+        online,
+        users,
+        uptime_secs: me.uptime_secs,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: ward_shared::wire::PROTOCOL_VERSION,
+        posture: snap.trust.clone(),
+        storage: store.storage_health(),
+        event_queue: snap.event_queue.clone(),
+        replica_id: me.replica_id.clone(),
+        database,
+        replicas,
+    }))
+}
+
 /// Requests that can widen access: refused while narrowing changes wait in the journal.
 fn widens(req: &AdminRequest) -> bool {
     matches!(
@@ -1139,6 +1173,8 @@ mod tests {
         notices: RefCell<Vec<Notice>>,
         rotations: Cell<usize>,
         relays: std::collections::BTreeMap<String, RelayLoad>,
+        /// The registry's users and devices in its snapshot.
+        directory: Directory,
     }
 
     impl FakeLive {
@@ -1149,6 +1185,7 @@ mod tests {
                 notices: RefCell::new(vec![]),
                 rotations: Cell::new(0),
                 relays: Default::default(),
+                directory: Directory::default(),
             }
         }
         fn take(&self) -> Vec<Notice> {
@@ -1161,6 +1198,7 @@ mod tests {
             Ok(Snapshot {
                 policy: self.policy.clone(),
                 relays: self.relays.clone(),
+                directory: self.directory.clone(),
                 ..Snapshot::default()
             })
         }
@@ -1177,6 +1215,62 @@ mod tests {
         fn notify(&self, n: Notice) {
             self.notices.borrow_mut().push(n);
         }
+    }
+
+    #[test]
+    fn status_answers_while_the_database_is_unreachable_and_says_so() {
+        use crate::store::postgres::testpg;
+        if !testpg::available() {
+            return;
+        }
+        let cluster = testpg::Cluster::start();
+        let mut w = World::new();
+        w.store = SqliteStore::open_postgres(&cluster.create_database(), None).unwrap();
+        let mut live = FakeLive::new(None);
+        w.user(&live, "alice");
+        let AdminReply::Status(up) = w.run(&live, AdminRequest::Status).unwrap() else {
+            panic!("not a status")
+        };
+        assert!(
+            up.database.reachable && up.database.error.is_none(),
+            "{up:?}"
+        );
+        assert_eq!(up.users, 1);
+        assert!(!up.lines().iter().any(|l| l.contains("UNREACHABLE")));
+        // The registry's view, as the replica last loaded it: alice.
+        live.directory.users = vec![ward_shared::policy::DirUser {
+            name: "alice".into(),
+            groups: vec![],
+            disabled: false,
+            suspended: None,
+        }];
+        cluster.pg_stop();
+        let AdminReply::Status(down) = w.run(&live, AdminRequest::Status).unwrap() else {
+            panic!("not a status")
+        };
+        assert!(!down.database.reachable, "{down:?}");
+        assert!(down.database.error.is_some(), "{down:?}");
+        assert_eq!(down.database.backend, "postgres");
+        let line = down
+            .lines()
+            .into_iter()
+            .find(|l| l.starts_with("database"))
+            .unwrap();
+        assert!(
+            line.contains("UNREACHABLE") && line.contains("error="),
+            "{line}"
+        );
+        assert_eq!((down.users, down.devices), (1, 0));
+        assert!(down.replicas.is_empty());
+        // Everything else still fails closed: a write is refused with a database error.
+        let e = err(w.run(
+            &live,
+            AdminRequest::UserAdd {
+                name: "bob".into(),
+                groups: vec![],
+            },
+        ));
+        assert!(e.contains("postgresql"), "{e}");
     }
 
     const POLICY: &str = "[services.db]\ndevices = [\"tag:db\"]\nports = [\"tcp/5432\"]\n";
