@@ -21,14 +21,7 @@ source "$(dirname "$0")/common.sh"
 need_root
 lab_have_ward || { echo "build first: cargo build --release --workspace --bins"; exit 1; }
 source "$E2E_DIR/../lab/pg.sh"
-if ! pg_available; then
-    if [[ "${WARD_REQUIRE_PG:-}" == 1 ]]; then
-        echo "outage_pg.sh: FAILED: WARD_REQUIRE_PG=1 but PostgreSQL is not installed (Debian package postgresql)"
-        exit 1
-    fi
-    echo "outage_pg.sh: SKIPPED: PostgreSQL is not installed (Debian package postgresql)"
-    exit 0
-fi
+pg_require outage_pg.sh
 T0=$SECONDS
 P="$E2E_DIR/policies"
 BIN=$(lab_ward_bin ward-coordinator)

@@ -8,6 +8,8 @@
 #   pg_stop_fast          stop the server now (`-m immediate`: like a crash); PGDIR stays
 #   pg_start_again        start the stopped server on the same data
 #   pg_cleanup            stop and remove everything (call from the script's EXIT trap)
+#   pg_require NAME       returns when PostgreSQL is installed; else NAME prints SKIPPED and
+#                         exits 0 (or fails when WARD_REQUIRE_PG=1)
 #   pg_variant NAME SCRIPT [ARGS]
 #                         runs SCRIPT with WARD_TEST_DB=postgres (its replicas on a cluster of
 #                         its own); without PostgreSQL installed NAME prints SKIPPED and exits
@@ -20,17 +22,22 @@ PGDIR=""
 
 pg_available() { [[ -x "$PGBIN/initdb" && -x "$PGBIN/pg_ctl" ]]; }
 
+# pg_require NAME: returns when PostgreSQL is installed; otherwise NAME prints SKIPPED and the
+# script exits 0, or it fails when WARD_REQUIRE_PG=1.
+pg_require() {
+    pg_available && return 0
+    if [[ "${WARD_REQUIRE_PG:-}" == 1 ]]; then
+        echo "$1: FAILED: WARD_REQUIRE_PG=1 but PostgreSQL is not installed (Debian package postgresql)"
+        exit 1
+    fi
+    echo "$1: SKIPPED: PostgreSQL is not installed (Debian package postgresql)"
+    exit 0
+}
+
 pg_variant() {
     local name="$1" script="$2"
     shift 2
-    if ! pg_available; then
-        if [[ "${WARD_REQUIRE_PG:-}" == 1 ]]; then
-            echo "$name: FAILED: WARD_REQUIRE_PG=1 but PostgreSQL is not installed (Debian package postgresql)"
-            exit 1
-        fi
-        echo "$name: SKIPPED: PostgreSQL is not installed (Debian package postgresql)"
-        exit 0
-    fi
+    pg_require "$name"
     WARD_TEST_DB=postgres exec bash "$script" "$@"
 }
 
