@@ -1446,7 +1446,12 @@ mod tests {
         // The credential names this coordinator, its CA and the relay; only the secret's
         // hash is stored.
         let cred = RelayCredential::parse(&a.credential).unwrap();
-        assert_eq!(cred.coordinator, "coord.example:7443");
+        // Every replica's address, this one first: a relay whose replica dies joins another.
+        assert_eq!(cred.coordinator, "coord.example:7443,coord2.example:7443");
+        assert_eq!(
+            cred.coordinators(),
+            ["coord.example:7443", "coord2.example:7443"]
+        );
         assert_eq!(cred.ca_sha256, [7; 32]);
         assert_eq!(cred.name, "r1");
         assert_eq!(cred.secret.expose().len(), 32);
