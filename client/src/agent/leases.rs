@@ -55,8 +55,10 @@ impl LeaseCache {
         coordinator_now_ms: i64,
         now: Instant,
     ) -> Vec<PeerConfig> {
-        self.first_seen
-            .retain(|id, _| nm.peers.iter().any(|p| p.device_id == *id));
+        // A set first: with thousands of peers, a scan of the peer list per remembered peer
+        // (quadratic) cost more than everything else a netmap does.
+        let ids: BTreeSet<DeviceId> = nm.peers.iter().map(|p| p.device_id).collect();
+        self.first_seen.retain(|id, _| ids.contains(id));
         for p in &nm.peers {
             self.first_seen.entry(p.device_id).or_insert(now);
         }
