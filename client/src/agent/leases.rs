@@ -79,15 +79,13 @@ impl LeaseCache {
         for (peer, why) in refused {
             debug!(%peer, error = %why, "peer lease not usable");
         }
+        // The configured keys as a set: a scan per lease is quadratic in the peers.
+        let keys: BTreeSet<[u8; 32]> = peers.iter().map(|c| c.public_key).collect();
         let valid_until_ms = nm
             .peers
             .iter()
             .flat_map(|p| &p.leases)
-            .filter(|l| {
-                peers
-                    .iter()
-                    .any(|c| c.public_key == l.lease.wg_public_key.0)
-            })
+            .filter(|l| keys.contains(&l.lease.wg_public_key.0))
             .map(|l| l.lease.not_after_ms)
             .min()
             .unwrap_or(i64::MAX);
