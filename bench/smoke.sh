@@ -3,7 +3,8 @@
 # starts and carries traffic, never a timed test (no figure is compared with anything).
 #
 #   sudo bench/smoke.sh        # about a minute once built; without root the namespace parts
-#                              # (dp_pair.sh, throughput.sh, relay.sh) are reported SKIPPED
+#                              # (dp_pair.sh, throughput.sh, relay.sh) and ha_scale.sh (a
+#                              # PostgreSQL cluster) are reported SKIPPED
 #
 # Builds what it runs (release, --locked). throughput.sh --smoke needs iperf3, ping and
 # python3, and runs the peers (wireguard-go, boringtun-cli, nebula) only if installed.
@@ -24,9 +25,12 @@ echo "== bench/load.sh --smoke (20 real device sessions on loopback, no root)"
 WARD_BIN_DIR=target/release bench/load.sh --smoke
 
 if [[ $EUID -ne 0 ]]; then
-    echo "SKIPPED: client/examples/dp_pair.sh, bench/throughput.sh --smoke and bench/relay.sh --smoke need root (network namespaces, TUN); they were NOT run"
+    echo "SKIPPED: client/examples/dp_pair.sh, bench/throughput.sh --smoke, bench/relay.sh --smoke and bench/ha_scale.sh --smoke need root (network namespaces, TUN, a PostgreSQL cluster); they were NOT run"
     exit 0
 fi
+
+echo "== bench/ha_scale.sh --smoke (10 sessions: one SQLite coordinator, then two replicas on PostgreSQL)"
+WARD_BIN_DIR=target/release bench/ha_scale.sh --smoke
 
 echo "== client/examples/dp_pair.sh, 1 s iperf3"
 client/examples/dp_pair.sh 1

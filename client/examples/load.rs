@@ -89,6 +89,19 @@ struct Opts {
     /// the outcome was known; TOOK_MS: how long the attempt took).
     #[arg(long, env = "WARD_LOAD_RECORD")]
     record: Option<PathBuf>,
+    /// Coordinator replicas to start, all on the PostgreSQL database in `WARD_DATABASE_URL`
+    /// (replica 1 made by `init`, the others by `export-instance` / `import-instance`, each
+    /// serving on its own loopback port). Device N enrolls at, and keeps its session with,
+    /// replica N mod R; admin commands go to replica 1. With 1 (the default) one coordinator
+    /// runs, on SQLite unless `WARD_DATABASE_URL` is set.
+    #[arg(long, env = "WARD_LOAD_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// Threads of a runtime of their own for the QUIC endpoints' drivers (packets, acks,
+    /// keepalives, TLS handshakes), apart from the agents' work (netmap decoding, agent cores):
+    /// a burst of agent work then cannot hold the connections' timers and acks back past their
+    /// idle timeout. 0: on the agents' runtime, as a single device's daemon does.
+    #[arg(long, env = "WARD_LOAD_QUIC_IO_THREADS", default_value_t = 1)]
+    quic_io_threads: usize,
     /// Sessions per QUIC endpoint (one UDP socket, one loopback source address each).
     #[arg(long, env = "WARD_LOAD_PER_ENDPOINT", default_value_t = 64)]
     per_endpoint: usize,
@@ -161,11 +174,29 @@ async fn main() -> Result<()> {
     if opts.sessions == 0 || opts.per_endpoint == 0 || opts.users == 0 {
         bail!("--sessions, --per-endpoint and --users must be at least 1");
     }
+    // Lives as long as the process (a runtime may not be dropped inside another): the
+    // endpoints' drivers run on it.
+    let io = match opts.quic_io_threads {
+        0 => None,
+        n => Some(
+            Box::leak(Box::new(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(n)
+                    .thread_name("quic-io")
+                    .enable_all()
+                    .build()
+                    .context("starting the QUIC I/O runtime")?,
+            ))
+            .handle()
+            .clone(),
+        ),
+    };
+    let io = io.as_ref();
     if let Some(target) = opts.target {
-        return background(&opts, target).await;
+        return background(&opts, target, io).await;
     }
-    let mut coord = Coordinator::start(&opts).await?;
-    let res = run(&opts, &mut coord).await;
+    let mut coord = Cluster::start(&opts).await?;
+    let res = run(&opts, &mut coord, io).await;
     coord.stop().await;
     let report = res?;
     println!("{}", report.table());
@@ -188,7 +219,11 @@ async fn main() -> Result<()> {
 
 // ---- the run ------------------------------------------------------------------------------
 
-async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
+async fn run(
+    opts: &Opts,
+    coord: &mut Cluster,
+    io: Option<&tokio::runtime::Handle>,
+) -> Result<Report> {
     let mut rep = Report::new(opts);
     rep.note("load_before", loadavg());
     let cpu_start = coord.cpu_s();
@@ -225,14 +260,14 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
             EnrollToken::parse(t.trim()).map_err(|e| anyhow!("token: {e}"))?,
         ));
     }
-    let addr = coord.addr;
+    let addrs = coord.addrs();
 
     // Endpoints, one source address each.
     let n_ep = opts.sessions.div_ceil(opts.per_endpoint);
     let mut endpoints = Vec::with_capacity(n_ep);
     for e in 0..n_ep {
         let ip = Ipv4Addr::new(127, 1, (e / 250) as u8, (e % 250 + 1) as u8);
-        let ep = quinn::Endpoint::client(SocketAddr::new(IpAddr::V4(ip), 0))
+        let ep = endpoint(SocketAddr::new(IpAddr::V4(ip), 0), io)
             .with_context(|| format!("binding a QUIC endpoint on {ip}"))?;
         endpoints.push(ep);
     }
@@ -247,6 +282,7 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
         let permit = sem.clone().acquire_owned().await?;
         let ep = endpoints[i / opts.per_endpoint].clone();
         let token = tokens[i % tokens.len()].clone();
+        let addr = addrs[i % addrs.len()];
         set.spawn(async move {
             let r = enroll_retrying(&ep, addr, &token, &format!("load-{i}")).await;
             drop(permit);
@@ -283,6 +319,7 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
         leases_asked: AtomicU64::new(0),
         pings: AtomicU64::new(0),
         msgs_sent: AtomicU64::new(0),
+        drops: Mutex::new(BTreeMap::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let cpu0 = coord.cpu_s();
@@ -295,7 +332,7 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
         let dev = Dev {
             slot,
             endpoint: endpoints[i / opts.per_endpoint].clone(),
-            addr,
+            addr: addrs[i % addrs.len()],
             wg_port: 10_000 + (i % 50_000) as u16,
             posture_interval: Duration::from_secs(opts.posture_interval.max(1)),
             protocol: opts.protocol,
@@ -406,7 +443,7 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
                 "revoke" => s.get(t, |r| r.revoked_at.is_some()),
                 _ => s.get(t, |r| r.netmap_msgs > own0),
             };
-            wait_for(Duration::from_secs(30), || {
+            wait_for(timeout, || {
                 own_done(&shared) && shared.count(|r| r.touched_gen == gen) >= exp
             })
             .await;
@@ -422,7 +459,9 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
                     .then(|| r.touched_at.map(|a| a.saturating_duration_since(start)))
                     .flatten()
             });
-            expected += exp;
+            // Sessions that were reconnecting when the watch was armed looked later: they count
+            // as expected too.
+            expected += exp.max(shared.count(|r| r.watch_peer_gen == gen));
             reached += p.len();
             peers.extend(p);
         }
@@ -434,6 +473,7 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
         eprintln!("load: kill -9 and restart");
         let live = shared.count(|r| r.connected && r.revoked_at.is_none());
         rep.before_restart(coord.cpu_s() - cpu_start, coord.rss(), self_cpu_s());
+        rep.replicas(&coord.per_replica());
         let t_kill = Instant::now();
         coord.kill().await;
         coord.serve(opts).await?;
@@ -464,6 +504,7 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
         );
     } else {
         rep.before_restart(coord.cpu_s() - cpu_start, coord.rss(), self_cpu_s());
+        rep.replicas(&coord.per_replica());
     }
 
     let _ = stop_tx.send(true);
@@ -478,6 +519,7 @@ async fn run(opts: &Opts, coord: &mut Coordinator) -> Result<Report> {
     for ep in &endpoints {
         ep.close(0u32.into(), b"done");
     }
+    rep.drops(&shared.drops.lock().unwrap_or_else(|p| p.into_inner()));
     rep.totals(
         shared.posture_sent.load(Ordering::Relaxed),
         shared.leases_asked.load(Ordering::Relaxed),
@@ -569,7 +611,11 @@ fn work_dir(opts: &Opts) -> Result<&Path> {
 /// against a coordinator someone else runs (a lab's replica). Every enrollment outcome is
 /// appended to `--record` as soon as it is known, so a test can hold the coordinator to every
 /// enrollment it acknowledged, whatever happens to it afterwards.
-async fn background(opts: &Opts, target: SocketAddr) -> Result<()> {
+async fn background(
+    opts: &Opts,
+    target: SocketAddr,
+    io: Option<&tokio::runtime::Handle>,
+) -> Result<()> {
     let path = opts
         .token_file
         .as_ref()
@@ -590,7 +636,7 @@ async fn background(opts: &Opts, target: SocketAddr) -> Result<()> {
         ),
         None => None,
     };
-    let ep = quinn::Endpoint::client(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+    let ep = endpoint(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0), io)
         .context("binding a QUIC endpoint")?;
     let shared = Arc::new(Shared {
         recs: (0..opts.sessions)
@@ -601,6 +647,7 @@ async fn background(opts: &Opts, target: SocketAddr) -> Result<()> {
         leases_asked: AtomicU64::new(0),
         pings: AtomicU64::new(0),
         msgs_sent: AtomicU64::new(0),
+        drops: Mutex::new(BTreeMap::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let end = tokio::time::Instant::now() + Duration::from_secs(opts.duration);
@@ -677,6 +724,45 @@ async fn background(opts: &Opts, target: SocketAddr) -> Result<()> {
         shared.leases_asked.load(Ordering::Relaxed),
     );
     Ok(())
+}
+
+// ---- QUIC endpoints -----------------------------------------------------------------------
+
+/// A client endpoint bound to `addr`; with `io`, its drivers, timers and socket on that runtime.
+fn endpoint(addr: SocketAddr, io: Option<&tokio::runtime::Handle>) -> Result<quinn::Endpoint> {
+    let Some(io) = io else {
+        return Ok(quinn::Endpoint::client(addr)?);
+    };
+    let socket = std::net::UdpSocket::bind(addr)?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(IoRuntime(io.clone())),
+    )?)
+}
+
+/// quinn's tokio runtime, with everything it spawns and registers on one given runtime.
+#[derive(Debug)]
+struct IoRuntime(tokio::runtime::Handle);
+
+impl quinn::Runtime for IoRuntime {
+    fn new_timer(&self, at: Instant) -> std::pin::Pin<Box<dyn quinn::AsyncTimer>> {
+        let _in = self.0.enter();
+        quinn::Runtime::new_timer(&quinn::TokioRuntime, at)
+    }
+
+    fn spawn(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        self.0.spawn(future);
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        let _in = self.0.enter();
+        quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)
+    }
 }
 
 // ---- enrollment ---------------------------------------------------------------------------
@@ -782,6 +868,9 @@ struct Shared {
     leases_asked: AtomicU64,
     pings: AtomicU64,
     msgs_sent: AtomicU64,
+    /// Why sessions ended or failed to open, counted ("open: …", "send: …", "recv: …",
+    /// "closed by the coordinator"; device-specific parts as the error gives them).
+    drops: Mutex<BTreeMap<String, usize>>,
 }
 
 impl Shared {
@@ -812,6 +901,14 @@ impl Shared {
             .iter()
             .filter_map(|r| f(&r.lock().unwrap_or_else(|p| p.into_inner())))
             .collect()
+    }
+    fn drop_seen(&self, why: String) {
+        *self
+            .drops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(why)
+            .or_default() += 1;
     }
     fn watching(&self) -> (u64, bool) {
         let w = self.watch.read().unwrap_or_else(|p| p.into_inner());
@@ -971,6 +1068,7 @@ impl Dev {
                 shared.msgs_sent.fetch_add(1, Ordering::Relaxed);
                 if let Err(err) = ch.send(&msg).await {
                     channel = None;
+                    shared.drop_seen(format!("send: {err:#}"));
                     agent.handle_disconnected(Some(format!("{err:#}")), now());
                 }
             }
@@ -992,10 +1090,16 @@ impl Dev {
                             let u = self.update(&agent);
                             agent.handle_connected(u, now());
                         }
-                        Err(err) => agent.handle_disconnected(Some(format!("{err:#}")), now()),
+                        Err(err) => {
+                            shared.drop_seen(format!("open: {err:#}"));
+                            agent.handle_disconnected(Some(format!("{err:#}")), now())
+                        }
                     }
                 }
                 Step::Msg(Ok(Some(m))) => {
+                    if let CoordinatorMsg::Error { code, message } = &m {
+                        shared.drop_seen(format!("coordinator error {code:?}: {message}"));
+                    }
                     let at = Instant::now();
                     self.observe(&shared, &m, at);
                     agent.handle_coordinator_msg(m, now());
@@ -1008,10 +1112,12 @@ impl Dev {
                 }
                 Step::Msg(Ok(None)) => {
                     channel = None;
+                    shared.drop_seen("closed by the coordinator".into());
                     agent.handle_disconnected(None, now());
                 }
                 Step::Msg(Err(err)) => {
                     channel = None;
+                    shared.drop_seen(format!("recv: {err:#}"));
                     agent.handle_disconnected(Some(format!("{err:#}")), now());
                 }
                 Step::Tick => {
@@ -1143,57 +1249,182 @@ struct Coordinator {
     data_dir: PathBuf,
     work_dir: PathBuf,
     addr: SocketAddr,
+    /// 0 for the first (its log coordinator.log, PID in coordinator.pid), N for replica N+1.
+    index: usize,
+    /// Serve on `addr` exactly (replicas share a host; one coordinator keeps the default).
+    listen: bool,
     child: Option<tokio::process::Child>,
     pid: u32,
     /// CPU seconds of processes already gone (killed), so totals span restarts.
     cpu_before: f64,
 }
 
-impl Coordinator {
+/// The coordinator processes of a run: one, or `--replicas` on one PostgreSQL database.
+struct Cluster {
+    nodes: Vec<Coordinator>,
+}
+
+impl Cluster {
     async fn start(opts: &Opts) -> Result<Self> {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let r = opts.replicas.max(1);
+        if r > 1 && std::env::var_os("WARD_DATABASE_URL").is_none() {
+            bail!("--replicas {r} needs WARD_DATABASE_URL (the PostgreSQL database they share)");
+        }
         let work_dir = work_dir(opts)?.to_path_buf();
         let bin = opts
             .coordinator
             .clone()
             .context("--coordinator is needed unless --target is given")?;
-        let data_dir = work_dir.join("coordinator");
-        let out = tokio::process::Command::new(&bin)
-            .args(["init", "--data-dir"])
-            .arg(&data_dir)
-            .args(["--public-addr", &addr.to_string()])
-            .output()
-            .await
-            .with_context(|| format!("running {}", bin.display()))?;
-        if !out.status.success() {
-            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        // Ports picked up front: replica 1's `init` carries every address.
+        let mut addrs = Vec::with_capacity(r);
+        for _ in 0..r {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
         }
-        let mut c = Coordinator {
-            bin,
-            data_dir,
-            work_dir,
-            addr,
-            child: None,
-            pid: 0,
-            cpu_before: 0.0,
-        };
-        c.serve(opts).await?;
-        Ok(c)
+        let mut nodes: Vec<Coordinator> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &addr)| Coordinator {
+                bin: bin.clone(),
+                data_dir: work_dir.join(if i == 0 {
+                    "coordinator".to_string()
+                } else {
+                    format!("replica-{}", i + 1)
+                }),
+                work_dir: work_dir.clone(),
+                addr,
+                index: i,
+                listen: r > 1,
+                child: None,
+                pid: 0,
+                cpu_before: 0.0,
+            })
+            .collect();
+        let list = addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let first = &nodes[0];
+        run_checked(
+            tokio::process::Command::new(&bin)
+                .args(["init", "--data-dir"])
+                .arg(&first.data_dir)
+                .args(["--public-addr", &list]),
+            "init",
+        )
+        .await?;
+        if r > 1 {
+            let file = work_dir.join("instance.json");
+            run_checked(
+                tokio::process::Command::new(&bin)
+                    .arg("--data-dir")
+                    .arg(&first.data_dir)
+                    .arg("export-instance")
+                    .arg(&file),
+                "export-instance",
+            )
+            .await?;
+            for n in &nodes[1..] {
+                run_checked(
+                    tokio::process::Command::new(&bin)
+                        .arg("--data-dir")
+                        .arg(&n.data_dir)
+                        .arg("import-instance")
+                        .arg(&file),
+                    "import-instance",
+                )
+                .await?;
+            }
+        }
+        for n in &mut nodes {
+            n.serve(opts).await?;
+        }
+        Ok(Cluster { nodes })
     }
 
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.addr).collect()
+    }
+
+    /// Admin commands go to the first replica (the others share its database).
+    async fn admin(&self, args: &[&str]) -> Result<String> {
+        self.nodes[0].admin(args).await
+    }
+
+    /// CPU seconds of every replica together.
+    fn cpu_s(&self) -> f64 {
+        self.nodes.iter().map(|n| n.cpu_s()).sum()
+    }
+
+    /// (peak RSS, current RSS) in MiB, each summed over the replicas (one process: its own).
+    fn rss(&self) -> (f64, f64) {
+        self.nodes
+            .iter()
+            .map(|n| n.rss())
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    /// (address, CPU seconds, peak RSS MiB) of each replica.
+    fn per_replica(&self) -> Vec<(SocketAddr, f64, f64)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.addr, n.cpu_s(), n.rss().0))
+            .collect()
+    }
+
+    async fn kill(&mut self) {
+        for n in &mut self.nodes {
+            n.kill().await;
+        }
+    }
+
+    async fn serve(&mut self, opts: &Opts) -> Result<()> {
+        for n in &mut self.nodes {
+            n.serve(opts).await?;
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        for n in &mut self.nodes {
+            n.stop().await;
+        }
+    }
+}
+
+async fn run_checked(cmd: &mut tokio::process::Command, what: &str) -> Result<()> {
+    let out = cmd
+        .output()
+        .await
+        .with_context(|| format!("running the coordinator's {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl Coordinator {
     /// Starts `serve` (its PID in WORK/coordinator.pid) and waits for its admin socket.
     async fn serve(&mut self, opts: &Opts) -> Result<()> {
+        let name = match self.index {
+            0 => "coordinator".to_string(),
+            i => format!("replica-{}", i + 1),
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.work_dir.join("coordinator.log"))?;
-        let child = tokio::process::Command::new(&self.bin)
-            .args(["serve", "--data-dir"])
+            .open(self.work_dir.join(format!("{name}.log")))?;
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.args(["serve", "--data-dir"])
             .arg(&self.data_dir)
-            .args(["--lease-ttl", &opts.lease_ttl])
+            .args(["--lease-ttl", &opts.lease_ttl]);
+        if self.listen {
+            cmd.args(["--listen", &self.addr.to_string()]);
+        }
+        let child = cmd
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
@@ -1203,7 +1434,10 @@ impl Coordinator {
             .id()
             .ok_or_else(|| anyhow!("the coordinator exited at once"))?;
         self.child = Some(child);
-        std::fs::write(self.work_dir.join("coordinator.pid"), self.pid.to_string())?;
+        std::fs::write(
+            self.work_dir.join(format!("{name}.pid")),
+            self.pid.to_string(),
+        )?;
         let ok = wait_for_async(Duration::from_secs(30), || async {
             self.admin(&["device", "ls", "--json"]).await.is_ok()
         })
@@ -1272,7 +1506,11 @@ impl Coordinator {
                 let _ = c.wait().await;
             }
         }
-        let _ = std::fs::remove_file(self.work_dir.join("coordinator.pid"));
+        let name = match self.index {
+            0 => "coordinator".to_string(),
+            i => format!("replica-{}", i + 1),
+        };
+        let _ = std::fs::remove_file(self.work_dir.join(format!("{name}.pid")));
     }
 }
 
@@ -1359,6 +1597,7 @@ impl Report {
         r.set("posture_interval_s", opts.posture_interval.into());
         r.set("protocol", opts.protocol.into());
         r.set("lease_ttl", opts.lease_ttl.clone().into());
+        r.set("replica_count", opts.replicas.max(1).into());
         r
     }
 
@@ -1584,6 +1823,29 @@ impl Report {
         );
     }
 
+    /// Each replica's own CPU and peak RSS (a row per replica when there are several).
+    fn replicas(&mut self, per: &[(SocketAddr, f64, f64)]) {
+        if per.len() > 1 {
+            for (i, (addr, cpu, peak)) in per.iter().enumerate() {
+                self.row(
+                    &format!("replica {}", i + 1),
+                    format!("{addr}: {cpu:.1} cpu s, peak rss {peak:.0} MiB"),
+                );
+            }
+        }
+        self.set(
+            "replicas",
+            serde_json::Value::Array(
+                per.iter()
+                    .map(|(addr, cpu, peak)| {
+                        serde_json::json!({"addr": addr.to_string(), "cpu_s": cpu,
+                            "peak_rss_mib": peak})
+                    })
+                    .collect(),
+            ),
+        );
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn restart(
         &mut self,
@@ -1636,6 +1898,18 @@ impl Report {
                 self.check.max_resync_ms
             ));
         }
+    }
+
+    fn drops(&mut self, drops: &BTreeMap<String, usize>) {
+        let total: usize = drops.values().sum();
+        self.row(
+            "session drops",
+            format!("{total} (sessions ended or failed to open)"),
+        );
+        for (why, n) in drops {
+            self.row("  drop", format!("{n}× {why}"));
+        }
+        self.set("session_drops", serde_json::json!(drops));
     }
 
     fn totals(&mut self, posture: u64, leases: u64, pings: u64, rotations: u64) {

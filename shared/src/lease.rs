@@ -85,6 +85,12 @@ impl Lease {
 impl SignedLease {
     /// Signature and time window, against the pinned coordinator key and coordinator time.
     pub fn verify(&self, issuer: &VerifyingKey, now_ms: i64) -> Result<&Lease, LeaseError> {
+        self.verify_signature(issuer)?;
+        self.check_window(now_ms)
+    }
+
+    /// The signature alone, against the pinned coordinator key.
+    pub fn verify_signature(&self, issuer: &VerifyingKey) -> Result<(), LeaseError> {
         let l = &self.lease;
         let sig: [u8; 64] = self
             .signature
@@ -94,7 +100,12 @@ impl SignedLease {
             .map_err(|_| LeaseError::BadSignature)?;
         issuer
             .verify(&l.signed_bytes(issuer), &Signature::from_bytes(&sig))
-            .map_err(|_| LeaseError::BadSignature)?;
+            .map_err(|_| LeaseError::BadSignature)
+    }
+
+    /// The time window alone, in coordinator time: for a lease whose signature was verified.
+    pub fn check_window(&self, now_ms: i64) -> Result<&Lease, LeaseError> {
+        let l = &self.lease;
         if l.not_after_ms <= l.not_before_ms {
             return Err(LeaseError::Inverted);
         }
@@ -122,7 +133,20 @@ impl SignedLease {
         ipv4: Ipv4Addr,
         ipv6: Ipv6Addr,
     ) -> Result<&Lease, LeaseError> {
-        let l = self.verify(issuer, now_ms)?;
+        self.verify_signature(issuer)?;
+        self.check_for(now_ms, device, ipv4, ipv6)
+    }
+
+    /// `verify_for` without the signature: the time window and the owner, for a lease whose
+    /// signature (these exact fields, this issuer) was verified before.
+    pub fn check_for(
+        &self,
+        now_ms: i64,
+        device: DeviceId,
+        ipv4: Ipv4Addr,
+        ipv6: Ipv6Addr,
+    ) -> Result<&Lease, LeaseError> {
+        let l = self.check_window(now_ms)?;
         if l.device_id != device || l.ipv4 != ipv4 || l.ipv6 != ipv6 {
             return Err(LeaseError::WrongOwner {
                 serial: l.serial,

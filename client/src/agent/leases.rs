@@ -1,14 +1,17 @@
 //! Which peer keys may be configured: only keys under a valid lease from the pinned coordinator
-//! key, for that peer's addresses, unexpired in coordinator time. Signatures are checked once
-//! per netmap (and clock offset); between netmaps only timestamps are compared, until the
-//! earliest configured lease ends.
+//! key, for that peer's addresses, unexpired in coordinator time. The peers are checked again
+//! for each netmap (and clock offset); between netmaps only timestamps are compared, until the
+//! earliest configured lease ends. A signature is verified once per lease: a lease whose exact
+//! fields and signature were verified under the same key before (in the previous check) has
+//! only its time window and owner checked again, so a delta that changes one peer costs one
+//! signature check, not one per peer.
 
 use ed25519_dalek::VerifyingKey;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 use tracing::debug;
 
-use ward_shared::lease::LeaseError;
+use ward_shared::lease::{Lease, LeaseError};
 use ward_shared::wire::{DeviceId, Netmap};
 
 use crate::dataplane::PeerConfig;
@@ -29,6 +32,16 @@ struct Verified {
 pub struct LeaseCache {
     verified: Option<Verified>,
     first_seen: BTreeMap<DeviceId, Instant>,
+    signatures: Signatures,
+}
+
+/// Leases whose signature verified under `issuer`, keyed by every signed field and the
+/// signature: a lease that differs in anything is verified again. Holds the leases of the last
+/// check only.
+#[derive(Debug, Default)]
+pub struct Signatures {
+    issuer: Option<[u8; 32]>,
+    good: BTreeSet<(Lease, Vec<u8>)>,
 }
 
 impl LeaseCache {
@@ -42,8 +55,10 @@ impl LeaseCache {
         coordinator_now_ms: i64,
         now: Instant,
     ) -> Vec<PeerConfig> {
-        self.first_seen
-            .retain(|id, _| nm.peers.iter().any(|p| p.device_id == *id));
+        // A set first: with thousands of peers, a scan of the peer list per remembered peer
+        // (quadratic) cost more than everything else a netmap does.
+        let ids: BTreeSet<DeviceId> = nm.peers.iter().map(|p| p.device_id).collect();
+        self.first_seen.retain(|id, _| ids.contains(id));
         for p in &nm.peers {
             self.first_seen.entry(p.device_id).or_insert(now);
         }
@@ -56,21 +71,21 @@ impl LeaseCache {
             }
         }
         let (peers, refused) = match issuer {
-            Some(issuer) => leased_peers(nm, issuer, coordinator_now_ms),
+            Some(issuer) => {
+                leased_peers_cached(nm, issuer, coordinator_now_ms, &mut self.signatures)
+            }
             None => (Vec::new(), Vec::new()),
         };
         for (peer, why) in refused {
             debug!(%peer, error = %why, "peer lease not usable");
         }
+        // The configured keys as a set: a scan per lease is quadratic in the peers.
+        let keys: BTreeSet<[u8; 32]> = peers.iter().map(|c| c.public_key).collect();
         let valid_until_ms = nm
             .peers
             .iter()
             .flat_map(|p| &p.leases)
-            .filter(|l| {
-                peers
-                    .iter()
-                    .any(|c| c.public_key == l.lease.wg_public_key.0)
-            })
+            .filter(|l| keys.contains(&l.lease.wg_public_key.0))
             .map(|l| l.lease.not_after_ms)
             .min()
             .unwrap_or(i64::MAX);
@@ -92,6 +107,7 @@ impl LeaseCache {
     pub fn clear(&mut self) {
         self.verified = None;
         self.first_seen.clear();
+        self.signatures = Signatures::default();
     }
 
     /// When the peer first appeared in a netmap.
@@ -108,11 +124,39 @@ pub fn leased_peers(
     issuer: &VerifyingKey,
     coordinator_now_ms: i64,
 ) -> (Vec<PeerConfig>, Vec<(String, LeaseError)>) {
+    leased_peers_cached(nm, issuer, coordinator_now_ms, &mut Signatures::default())
+}
+
+/// [`leased_peers`], verifying only the signatures `sigs` does not hold from the last check
+/// under the same key; `sigs` then holds this netmap's leases whose signature verified.
+pub fn leased_peers_cached(
+    nm: &Netmap,
+    issuer: &VerifyingKey,
+    coordinator_now_ms: i64,
+    sigs: &mut Signatures,
+) -> (Vec<PeerConfig>, Vec<(String, LeaseError)>) {
+    let key = issuer.to_bytes();
+    if sigs.issuer != Some(key) {
+        sigs.issuer = Some(key);
+        sigs.good.clear();
+    }
+    let mut good = BTreeSet::new();
     let mut ok = Vec::new();
     let mut refused = Vec::new();
     for p in &nm.peers {
         for l in &p.leases {
-            match l.verify_for(issuer, coordinator_now_ms, p.device_id, p.ipv4, p.ipv6) {
+            let entry = (l.lease.clone(), l.signature.0.clone());
+            let signed = if sigs.good.contains(&entry) {
+                Ok(())
+            } else {
+                l.verify_signature(issuer)
+            };
+            let checked =
+                signed.and_then(|()| l.check_for(coordinator_now_ms, p.device_id, p.ipv4, p.ipv6));
+            if checked.is_ok() {
+                good.insert(entry);
+            }
+            match checked {
                 Ok(lease) => ok.push(PeerConfig {
                     routes: p.routes.clone(),
                     device_id: p.device_id.0,
@@ -132,6 +176,7 @@ pub fn leased_peers(
             }
         }
     }
+    sigs.good = good;
     (ok, refused)
 }
 
@@ -193,6 +238,60 @@ mod tests {
             coordinators: Vec::new(),
             peer_sets: Vec::new(),
         }
+    }
+
+    #[test]
+    fn remembered_signatures_still_check_fields_time_and_key() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let other = SigningKey::from_bytes(&[2; 32]);
+        let good = lease(2, 10, 0, 1000, 2).sign(&k);
+        let mut sigs = Signatures::default();
+        let (ok, _) = leased_peers_cached(
+            &netmap(vec![good.clone()]),
+            &k.verifying_key(),
+            500,
+            &mut sigs,
+        );
+        assert_eq!(ok.len(), 1);
+        assert_eq!(sigs.good.len(), 1, "the verified signature is remembered");
+        // The same signature over altered fields (a longer lease, another key) is not taken
+        // from memory: it is verified, and refused.
+        let mut longer = good.clone();
+        longer.lease.not_after_ms = 10_000;
+        let mut rekeyed = good.clone();
+        rekeyed.lease.wg_public_key = WgPublicKey([99; 32]);
+        let (ok, refused) = leased_peers_cached(
+            &netmap(vec![good.clone(), longer, rekeyed]),
+            &k.verifying_key(),
+            500,
+            &mut sigs,
+        );
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].public_key, [10; 32]);
+        assert_eq!(refused.len(), 2);
+        assert!(refused.iter().all(|(_, e)| *e == LeaseError::BadSignature));
+        // A remembered lease still ends on time.
+        let (ok, refused) = leased_peers_cached(
+            &netmap(vec![good.clone()]),
+            &k.verifying_key(),
+            1000,
+            &mut sigs,
+        );
+        assert!(ok.is_empty());
+        assert!(matches!(refused[0].1, LeaseError::Expired { .. }));
+        // Remembered under one key means nothing under another.
+        let mut sigs = Signatures::default();
+        leased_peers_cached(
+            &netmap(vec![good.clone()]),
+            &k.verifying_key(),
+            500,
+            &mut sigs,
+        );
+        let (ok, refused) =
+            leased_peers_cached(&netmap(vec![good]), &other.verifying_key(), 500, &mut sigs);
+        assert!(ok.is_empty());
+        assert_eq!(refused[0].1, LeaseError::BadSignature);
+        assert!(sigs.good.is_empty());
     }
 
     #[test]
