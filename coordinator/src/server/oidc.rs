@@ -477,6 +477,14 @@ pub(super) fn store_identity(
     let live = LiveRegistry {
         events: ctx.events.clone(),
     };
+    // Read, change and write the row under the rows' lock, from the row as it is now.
+    let _rows = user_rows_lock();
+    if let Some(fresh) = store
+        .oidc_user_by_sub(&row.issuer, &row.sub)
+        .map_err(internal)?
+    {
+        row = fresh;
+    }
     sync_groups(store, &live, name, &row.groups, &c.groups, now)
         .map_err(|e| failed(format!("{e:#}")))?;
     let was_disabled = row.provider_disabled;
@@ -529,6 +537,14 @@ fn sync_groups(
     ops::Live::notify(live, ops::Notice::User(u));
     info!(user = %user.as_str(), ?add, ?remove, "provider groups changed");
     Ok(true)
+}
+
+/// Held while a provider user's row is read, changed and written back (refresh, logout,
+/// SCIM): without it a refresh that read the row before a logout landed wrote the old row back
+/// over it, and the suspension was lost in the store while the registry kept it.
+fn user_rows_lock() -> std::sync::MutexGuard<'static, ()> {
+    static ROWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ROWS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The provider took `user`'s access away (`disabled`) or gave it back.
@@ -620,6 +636,13 @@ async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, mut row: OidcUser, rt: &
         Ok((t, c)) => {
             tokio::task::spawn_blocking(move || -> Result<()> {
                 let store = ctx2.store.as_ref();
+                // The row as it is now, not as it was before the provider answered: a logout
+                // or SCIM change that landed meanwhile must not be written over.
+                let _rows = user_rows_lock();
+                let Some(fresh) = store.oidc_user_by_sub(&row.issuer, &row.sub)? else {
+                    return Ok(());
+                };
+                row = fresh;
                 let name = Name::parse("user name", &row.user)?;
                 let live = LiveRegistry {
                     events: ctx2.events.clone(),
@@ -640,9 +663,15 @@ async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, mut row: OidcUser, rt: &
                         serde_json::json!({ "groups": row.groups, "before": old_groups }),
                     )
                 });
-                let was_disabled = row.provider_disabled;
+                // Only a refresh's own refusal is lifted by a refresh that works: a logout or
+                // SCIM deactivation waits for a new sign-in or SCIM active=true.
+                let lift = row.provider_disabled
+                    && row
+                        .reason
+                        .as_deref()
+                        .is_some_and(|r| r.starts_with(REASON_REFRESH));
                 store.save_oidc_user(&row, audit, ACTOR, now)?;
-                if was_disabled {
+                if lift {
                     provider_verdict(
                         &ctx2,
                         row,
@@ -662,7 +691,14 @@ async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, mut row: OidcUser, rt: &
         }
         Err(e) => {
             let reason = format!("{REASON_REFRESH}: {e}");
-            tokio::task::spawn_blocking(move || provider_verdict(&ctx2, row, true, &reason)).await
+            tokio::task::spawn_blocking(move || {
+                let _rows = user_rows_lock();
+                match ctx2.store.oidc_user_by_sub(&row.issuer, &row.sub)? {
+                    Some(fresh) => provider_verdict(&ctx2, fresh, true, &reason),
+                    None => Ok(()),
+                }
+            })
+            .await
         }
     };
     match res {
@@ -763,6 +799,7 @@ async fn push(
         let ctx2 = ctx.clone();
         let issuer = p.cfg.issuer.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<usize> {
+            let _rows = user_rows_lock();
             let rows = ctx2.store.oidc_users()?;
             let hit: Vec<OidcUser> = rows
                 .into_iter()
@@ -819,6 +856,7 @@ async fn push(
         let ctx2 = ctx.clone();
         let issuer = p.cfg.issuer.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<Option<OidcUser>> {
+            let _rows = user_rows_lock();
             let Some(row) = ctx2.store.oidc_user_by_sub(&issuer, &sub)? else {
                 return Ok(None);
             };
