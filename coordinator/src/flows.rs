@@ -214,7 +214,9 @@ pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
         // in the next by the receiver: a span that disagrees, or that only one end reported,
         // or that is followed by a span only one end reported (a last ACK that arrived after
         // the boundary), is judged together with the span right after it when that makes the
-        // two agree.
+        // two agree. A span that disagrees anyway also takes in a one-end tail touching it:
+        // the tail is that flow's packets in flight, and left alone it would sit `pending`
+        // for the whole grace period and then read as a second, one-sided flow.
         let mut spans = spans.into_iter().peekable();
         while let Some((start, mut end, mut span)) = spans.next() {
             let mut p = judge(&key, &span, start, end, tol, now_ms);
@@ -233,7 +235,10 @@ pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
                 let mut both = span.clone();
                 both.extend(next.iter().copied());
                 let joined = judge(&key, &both, start, (*next_end).max(end), tol, now_ms);
-                if joined.status != PairStatus::Paired {
+                let takes_tail = p.status == PairStatus::Mismatch
+                    && joined.status == PairStatus::Mismatch
+                    && one_end_only(next);
+                if joined.status != PairStatus::Paired && !takes_tail {
                     break;
                 }
                 end = (*next_end).max(end);
@@ -771,6 +776,31 @@ mod tests {
             row(A, W, 2 * W, rec(Role::Initiator, B, (5, 500), (0, 0))),
             row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (5, 500))),
         ];
+        let p = pair(&rows, &Tolerance::default(), 10 * W);
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert_eq!(p[0].status, PairStatus::Mismatch);
+        assert_eq!(p[1].status, PairStatus::Paired);
+    }
+
+    #[test]
+    fn a_one_end_tail_joins_a_mismatched_span_instead_of_waiting_as_pending() {
+        // A under-reports by half; B counted A's last packet in its next window, which A
+        // never reported. One flow, a mismatch at once: not a mismatch plus a pending tail.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (15, 21_000), (0, 0))),
+            row(B, 0, W, rec(Role::Responder, A, (0, 0), (30, 42_000))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (1, 40))),
+        ];
+        for now in [W + W / 2, 10 * W] {
+            let p = pair(&rows, &Tolerance::default(), now);
+            assert_eq!(p.len(), 1, "{p:#?}");
+            assert_eq!(p[0].status, PairStatus::Mismatch);
+            assert_eq!((p[0].start_ms, p[0].end_ms), (0, 2 * W));
+            assert_eq!(p[0].responder_counts.unwrap().packets_in, 31);
+        }
+        // A tail reported by both ends is a flow of its own, judged on its own counts.
+        let mut rows = rows;
+        rows.push(row(A, W, 2 * W, rec(Role::Initiator, B, (1, 40), (0, 0))));
         let p = pair(&rows, &Tolerance::default(), 10 * W);
         assert_eq!(p.len(), 2, "{p:#?}");
         assert_eq!(p[0].status, PairStatus::Mismatch);
