@@ -88,6 +88,8 @@ pub struct DataDir {
     pub path: PathBuf,
     /// The PostgreSQL URL (`--database`), if the instance's database is PostgreSQL.
     pub database_url: Option<String>,
+    /// The PostgreSQL connection pool's size and wait (`--database-pool`, `--database-pool-wait`).
+    pub database_pool: crate::store::postgres::PoolOptions,
 }
 
 /// Runs `f` off the async runtime: the PostgreSQL client blocks on a runtime of its own, which
@@ -107,7 +109,14 @@ impl DataDir {
         Self {
             path: path.into(),
             database_url: None,
+            database_pool: Default::default(),
         }
+    }
+
+    /// This data directory with a PostgreSQL connection pool of these options.
+    pub fn with_database_pool(mut self, pool: crate::store::postgres::PoolOptions) -> Self {
+        self.database_pool = pool;
+        self
     }
 
     /// This data directory with its instance's state in the PostgreSQL database at `url`
@@ -322,8 +331,8 @@ impl DataDir {
                 key: self.load_audit_key()?,
                 checkpoint: self.checkpoint_path(),
             };
-            let store =
-                SqliteStore::open_postgres(url, Some(anchor)).map_err(|e| self.open_error(e))?;
+            let store = SqliteStore::open_postgres_with(url, Some(anchor), self.database_pool)
+                .map_err(|e| self.open_error(e))?;
             return Ok((store, false));
         }
         let db = self.db_path();

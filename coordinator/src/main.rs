@@ -45,6 +45,18 @@ struct Cli {
     /// open the database; without it the instance uses SQLite (`ward.db`).
     #[arg(long, env = "WARD_DATABASE_URL", global = true, hide_env_values = true)]
     database: Option<String>,
+    /// Connections this coordinator keeps to PostgreSQL (each replica holds this many plus one
+    /// for notifications; keep `replicas × (N + 1)` under the server's `max_connections`).
+    #[arg(long, env = "WARD_DATABASE_POOL", global = true, default_value_t = 16)]
+    database_pool: u32,
+    /// How long a request waits for a free PostgreSQL connection before it is refused.
+    #[arg(
+        long,
+        env = "WARD_DATABASE_POOL_WAIT",
+        global = true,
+        default_value = "10s"
+    )]
+    database_pool_wait: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -653,7 +665,14 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let dd = DataDir::new(&cli.data_dir).with_database(cli.database.clone())?;
+    let pool = ward_coordinator::store::postgres::PoolOptions::new(
+        cli.database_pool,
+        admin::parse_duration(&cli.database_pool_wait).context("--database-pool-wait")?,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let dd = DataDir::new(&cli.data_dir)
+        .with_database(cli.database.clone())?
+        .with_database_pool(pool);
     let sock = dd.admin_socket();
     match cli.cmd {
         Cmd::Init {

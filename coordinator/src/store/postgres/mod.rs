@@ -117,6 +117,59 @@ pub fn location(config: &postgres::Config) -> String {
 
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
+/// How many connections one coordinator keeps to PostgreSQL, and how long a request waits for
+/// a free one before it fails (closed: the request is refused, nothing is widened). A wave of
+/// sessions (a replica's devices arriving after a failover) issues many leases at once; each
+/// replica may hold `size` connections plus one for `LISTEN`, so `replicas × (size + 1)` must
+/// stay under the server's `max_connections` (100 by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolOptions {
+    size: u32,
+    wait: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            size: 16,
+            wait: Duration::from_secs(10),
+        }
+    }
+}
+
+impl PoolOptions {
+    /// Largest pool a coordinator may ask for.
+    pub const MAX_SIZE: u32 = 500;
+    /// Longest wait for a connection (a request that waits longer holds its device's session).
+    pub const MAX_WAIT: Duration = Duration::from_secs(120);
+
+    /// `size` connections (1..=[`Self::MAX_SIZE`]), a wait of `wait` (100 ms..=[`Self::MAX_WAIT`]).
+    pub fn new(size: u32, wait: Duration) -> std::result::Result<Self, String> {
+        if !(1..=Self::MAX_SIZE).contains(&size) {
+            return Err(format!(
+                "database pool size {size} is out of range (1 to {})",
+                Self::MAX_SIZE
+            ));
+        }
+        if wait < Duration::from_millis(100) || wait > Self::MAX_WAIT {
+            return Err(format!(
+                "database pool wait {} ms is out of range (100 ms to {} s)",
+                wait.as_millis(),
+                Self::MAX_WAIT.as_secs()
+            ));
+        }
+        Ok(Self { size, wait })
+    }
+
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+}
+
 /// Runs `f`, which uses the PostgreSQL client, where it may block: the client drives each
 /// connection with a small runtime of its own, which must not be started (or dropped) on a
 /// thread that is driving async tasks. On the multi-threaded runtime's threads this is
@@ -143,7 +196,7 @@ pub struct PgBackend {
 impl PgBackend {
     /// Connects to `url` (the password from the URL or `PGPASSWORD`) and brings the schema up
     /// to date. A database that cannot be reached is a [`StoreError::Db`].
-    pub fn connect(url: &str) -> Result<Self> {
+    pub fn connect(url: &str, pool: PoolOptions) -> Result<Self> {
         let mut config = postgres::Config::from_str(url)
             .map_err(|e| StoreError::Invalid(format!("database URL {}: {e}", redact(url))))?;
         if config.get_password().is_none() {
@@ -156,9 +209,9 @@ impl PgBackend {
         }
         let manager = PostgresConnectionManager::new(config.clone(), NoTls);
         let pool = r2d2::Pool::builder()
-            .max_size(8)
+            .max_size(pool.size)
             .min_idle(Some(0))
-            .connection_timeout(Duration::from_secs(5))
+            .connection_timeout(pool.wait)
             .build_unchecked(manager);
         let b = Self {
             pool: Some(pool),

@@ -361,3 +361,32 @@ fn session_claims_and_posture_sequences_upsert_on_postgres() {
     b.raise_posture_seq(d, 11).unwrap();
     assert_eq!(a.posture_seq(d).unwrap(), 11);
 }
+
+#[test]
+fn pool_options_are_checked_and_bound_the_connections_a_store_holds() {
+    use super::{PgBackend, PoolOptions};
+    assert!(PoolOptions::new(0, Duration::from_secs(1)).is_err());
+    assert!(PoolOptions::new(PoolOptions::MAX_SIZE + 1, Duration::from_secs(1)).is_err());
+    assert!(PoolOptions::new(4, Duration::from_millis(10)).is_err());
+    assert!(PoolOptions::new(4, PoolOptions::MAX_WAIT + Duration::from_secs(1)).is_err());
+    let d = PoolOptions::default();
+    assert_eq!((d.size(), d.wait()), (16, Duration::from_secs(10)));
+    if !testpg::available() {
+        return;
+    }
+    let cluster = testpg::Cluster::start();
+    let url = cluster.create_database();
+    let wait = Duration::from_millis(300);
+    let b = PgBackend::connect(&url, PoolOptions::new(2, wait).unwrap()).unwrap();
+    let first = b.client().unwrap();
+    let second = b.client().unwrap();
+    // A third request waits for the pool's wait, then fails as a storage fault.
+    let t = Instant::now();
+    let e = b.client().err().expect("the pool is exhausted");
+    assert!(e.is_storage_fault(), "{e:?}");
+    assert!(t.elapsed() >= wait && t.elapsed() < Duration::from_secs(5));
+    // A connection given back serves the next request.
+    drop(first);
+    let third = b.client().unwrap();
+    drop((second, third));
+}

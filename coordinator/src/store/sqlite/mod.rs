@@ -15,7 +15,7 @@ use ward_shared::wire::{DeviceId, WgPublicKey};
 use super::anchor::{AuditKey, Checkpoint};
 use super::db::Tx;
 use super::journal::{Journal, Narrowing};
-use super::postgres::PgBackend;
+use super::postgres::{PgBackend, PoolOptions};
 use super::schema::MIGRATIONS;
 use super::{
     Audit, AuditEntry, AuditVerdict, Device, EnrollSpec, FlowQuery, FlowRow, FlowSource,
@@ -111,8 +111,17 @@ impl SqliteStore {
     /// Connects to the PostgreSQL database at `url` (migrating its schema if it is behind),
     /// with the audit chain anchored by `anchor`.
     pub fn open_postgres(url: &str, anchor: Option<Anchor>) -> Result<Self> {
+        Self::open_postgres_with(url, anchor, PoolOptions::default())
+    }
+
+    /// [`Self::open_postgres`] with a connection pool of the given size and wait.
+    pub fn open_postgres_with(
+        url: &str,
+        anchor: Option<Anchor>,
+        pool: PoolOptions,
+    ) -> Result<Self> {
         Ok(Self {
-            backend: Backend::Postgres(PgBackend::connect(url)?),
+            backend: Backend::Postgres(PgBackend::connect(url, pool)?),
             anchor,
             health: Health::default(),
             journal: Mutex::new(None),
