@@ -54,7 +54,7 @@ struct Cli {
         long,
         env = "WARD_DATABASE_POOL_WAIT",
         global = true,
-        default_value = "10s"
+        default_value = "5s"
     )]
     database_pool_wait: String,
     #[command(subcommand)]

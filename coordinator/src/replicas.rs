@@ -510,6 +510,7 @@ mod tests {
             last_refresh_ms: None,
             provider_disabled: disabled,
             reason: disabled.then(|| "refresh refused".into()),
+            revision: 0,
         }
     }
 

@@ -420,6 +420,7 @@ pub(super) fn sign_in_user(
                 last_refresh_ms: None,
                 provider_disabled: false,
                 reason: None,
+                revision: 0,
             };
             (name, row)
         }
@@ -477,44 +478,67 @@ pub(super) fn store_identity(
     let live = LiveRegistry {
         events: ctx.events.clone(),
     };
-    // Read, change and write the row under the rows' lock, from the row as it is now.
+    // Read, change and write the row under the rows' lock, from the row as it is now; the
+    // write is conditional on the row's revision, so another replica's change in between is
+    // read again rather than written over.
     let _rows = user_rows_lock();
-    if let Some(fresh) = store
-        .oidc_user_by_sub(&row.issuer, &row.sub)
-        .map_err(internal)?
-    {
-        row = fresh;
+    let (action, detail) = audit;
+    let new_row = row.clone();
+    for _ in 0..ROW_ATTEMPTS {
+        row = match store
+            .oidc_user_by_sub(&new_row.issuer, &new_row.sub)
+            .map_err(internal)?
+        {
+            Some(fresh) => fresh,
+            None => new_row.clone(),
+        };
+        sync_groups(store, &live, name, &row.groups, &c.groups, now)
+            .map_err(|e| failed(format!("{e:#}")))?;
+        let was_disabled = row.provider_disabled;
+        row.groups = provider_groups(&c.groups)
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        row.amr = c.amr.clone();
+        row.sid = c.sid.clone();
+        row.auth_time_ms = Some(c.auth_time_ms.unwrap_or(now));
+        row.last_auth_ms = Some(now);
+        row.last_refresh_ms = Some(now);
+        if refresh.is_some() {
+            row.refresh_token = refresh.clone();
+        }
+        row.provider_disabled = false;
+        row.reason = None;
+        let mut detail = detail.clone();
+        if let Some(d) = detail.as_object_mut() {
+            d.insert("groups".into(), serde_json::json!(row.groups));
+            d.insert("amr".into(), serde_json::json!(row.amr));
+        }
+        match store.save_oidc_user(&row, Some((action, detail)), ACTOR, now) {
+            Err(crate::store::StoreError::Stale(m)) => {
+                info!(user = %name.as_str(), why = %m, "provider identity changed meanwhile: read again");
+                continue;
+            }
+            r => r.map_err(internal)?,
+        }
+        if was_disabled {
+            ops::Live::notify(&live, ops::Notice::Identity(name.to_string(), None));
+        }
+        row.revision += 1;
+        return Ok(row);
     }
-    sync_groups(store, &live, name, &row.groups, &c.groups, now)
-        .map_err(|e| failed(format!("{e:#}")))?;
-    let was_disabled = row.provider_disabled;
-    row.groups = provider_groups(&c.groups)
-        .iter()
-        .map(|g| g.to_string())
-        .collect();
-    row.amr = c.amr.clone();
-    row.sid = c.sid.clone();
-    row.auth_time_ms = Some(c.auth_time_ms.unwrap_or(now));
-    row.last_auth_ms = Some(now);
-    row.last_refresh_ms = Some(now);
-    if refresh.is_some() {
-        row.refresh_token = refresh;
-    }
-    row.provider_disabled = false;
-    row.reason = None;
-    let (action, mut detail) = audit;
-    if let Some(d) = detail.as_object_mut() {
-        d.insert("groups".into(), serde_json::json!(row.groups));
-        d.insert("amr".into(), serde_json::json!(row.amr));
-    }
-    store
-        .save_oidc_user(&row, Some((action, detail)), ACTOR, now)
-        .map_err(internal)?;
-    if was_disabled {
-        ops::Live::notify(&live, ops::Notice::Identity(name.to_string(), None));
-    }
-    Ok(row)
+    Err((
+        ErrorCode::Internal,
+        format!(
+            "the provider identity of {:?} kept changing; try again",
+            name.as_str()
+        ),
+    ))
 }
+
+/// How often a read-change-write of a provider identity's row is tried when another replica
+/// changed the row in between.
+const ROW_ATTEMPTS: usize = 5;
 
 /// Moves the user's provider groups from `old` to `new`; groups an administrator gave the user
 /// locally stay.
@@ -547,17 +571,40 @@ fn user_rows_lock() -> std::sync::MutexGuard<'static, ()> {
     ROWS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The provider took `user`'s access away (`disabled`) or gave it back.
-fn provider_verdict(ctx: &Arc<Ctx>, mut row: OidcUser, disabled: bool, reason: &str) -> Result<()> {
+/// The provider took the access of the user signed in as (`issuer`, `sub`) away (`disabled`)
+/// or gave it back, applied to the row as stored now (read again if another replica changed it
+/// meanwhile). `keep(row)` false: the stored row no longer calls for it (nothing written).
+fn provider_verdict(
+    ctx: &Arc<Ctx>,
+    issuer: &str,
+    sub: &str,
+    disabled: bool,
+    reason: &str,
+    keep: impl Fn(&OidcUser) -> bool,
+) -> Result<()> {
     let store = ctx.store.as_ref();
     let now = now_ms();
-    if row.provider_disabled == disabled {
-        return Ok(());
-    }
-    row.provider_disabled = disabled;
-    row.reason = disabled.then(|| reason.to_string());
-    let detail = serde_json::json!({ "disabled": disabled, "reason": reason, "sub": row.sub });
-    store.save_oidc_user(&row, Some((Action::OidcUserChange, detail)), ACTOR, now)?;
+    let mut attempts = 0;
+    let row = loop {
+        let Some(mut row) = store.oidc_user_by_sub(issuer, sub)? else {
+            return Ok(());
+        };
+        if row.provider_disabled == disabled || !keep(&row) {
+            return Ok(());
+        }
+        row.provider_disabled = disabled;
+        row.reason = disabled.then(|| reason.to_string());
+        let detail = serde_json::json!({ "disabled": disabled, "reason": reason, "sub": row.sub });
+        match store.save_oidc_user(&row, Some((Action::OidcUserChange, detail)), ACTOR, now) {
+            Err(crate::store::StoreError::Stale(_)) if attempts + 1 < ROW_ATTEMPTS => {
+                attempts += 1;
+            }
+            r => {
+                r?;
+                break row;
+            }
+        }
+    };
     let live = LiveRegistry {
         events: ctx.events.clone(),
     };
@@ -602,12 +649,43 @@ pub(super) async fn refresh_loop(ctx: Arc<Ctx>, p: Arc<Provider>) {
             let Some(rt) = row.refresh_token.clone() else {
                 continue;
             };
+            // One replica at a time refreshes a user (the provider may rotate the refresh
+            // token on every use, and a second use of a rotated one is refused): the claim
+            // outlives two rounds, so its holder keeps it and another replica takes over
+            // only when the holder stops.
+            let store = ctx.store.clone();
+            let (issuer, sub, me) = (row.issuer.clone(), row.sub.clone(), ctx.replica_id.clone());
+            let now = now_ms();
+            let until = now.saturating_add(2 * every.as_millis() as i64 + CLAIM_SLACK_MS);
+            match tokio::task::spawn_blocking(move || {
+                store.claim_oidc_refresh(&issuer, &sub, &me, now, until)
+            })
+            .await
+            {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => continue,
+                Ok(Err(e)) => {
+                    tracing::error!(user = %row.user, error = %e, "claiming the user's refresh failed");
+                    continue;
+                }
+                Err(_) => continue,
+            }
             refresh_one(&ctx, &p, row, &rt).await;
         }
     }
 }
 
-async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, mut row: OidcUser, rt: &str) {
+/// Added to a refresh claim's two rounds, for a slow round.
+const CLAIM_SLACK_MS: i64 = 10_000;
+
+/// The user's access was taken away by a refused refresh (not a logout or SCIM).
+fn refused_by_refresh(r: &OidcUser) -> bool {
+    r.reason
+        .as_deref()
+        .is_some_and(|r| r.starts_with(REASON_REFRESH))
+}
+
+async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, row: OidcUser, rt: &str) {
     let now = now_ms();
     let outcome = async {
         let t = p.refresh(rt).await?;
@@ -632,51 +710,63 @@ async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, mut row: OidcUser, rt: &
     }
     .await;
     let ctx2 = ctx.clone();
+    let used = rt.to_string();
     let res = match outcome {
         Ok((t, c)) => {
             tokio::task::spawn_blocking(move || -> Result<()> {
                 let store = ctx2.store.as_ref();
-                // The row as it is now, not as it was before the provider answered: a logout
-                // or SCIM change that landed meanwhile must not be written over.
+                // The row as it is now, not as it was before the provider answered: a logout,
+                // SCIM change or sign-in that landed meanwhile (here or at another replica)
+                // must not be written over; the write is conditional on the row's revision.
                 let _rows = user_rows_lock();
-                let Some(fresh) = store.oidc_user_by_sub(&row.issuer, &row.sub)? else {
-                    return Ok(());
+                let mut attempts = 0;
+                let row = loop {
+                    let Some(mut row) = store.oidc_user_by_sub(&row.issuer, &row.sub)? else {
+                        return Ok(());
+                    };
+                    let name = Name::parse("user name", &row.user)?;
+                    let live = LiveRegistry {
+                        events: ctx2.events.clone(),
+                    };
+                    let changed = sync_groups(store, &live, &name, &row.groups, &c.groups, now)?;
+                    let old_groups = row.groups.clone();
+                    row.groups = provider_groups(&c.groups)
+                        .iter()
+                        .map(|g| g.to_string())
+                        .collect();
+                    // A sign-in meanwhile stored a token of its own: that one stays.
+                    if row.refresh_token.as_deref() == Some(used.as_str()) {
+                        if let Some(new) = &t.refresh_token {
+                            row.refresh_token = Some(new.clone());
+                        }
+                    }
+                    row.last_refresh_ms = Some(now);
+                    let audit = changed.then(|| {
+                        (
+                            Action::OidcUserChange,
+                            serde_json::json!({ "groups": row.groups, "before": old_groups }),
+                        )
+                    });
+                    match store.save_oidc_user(&row, audit, ACTOR, now) {
+                        Err(crate::store::StoreError::Stale(_)) if attempts + 1 < ROW_ATTEMPTS => {
+                            attempts += 1;
+                        }
+                        r => {
+                            r?;
+                            break row;
+                        }
+                    }
                 };
-                row = fresh;
-                let name = Name::parse("user name", &row.user)?;
-                let live = LiveRegistry {
-                    events: ctx2.events.clone(),
-                };
-                let changed = sync_groups(store, &live, &name, &row.groups, &c.groups, now)?;
-                let old_groups = row.groups.clone();
-                row.groups = provider_groups(&c.groups)
-                    .iter()
-                    .map(|g| g.to_string())
-                    .collect();
-                if let Some(new) = t.refresh_token {
-                    row.refresh_token = Some(new);
-                }
-                row.last_refresh_ms = Some(now);
-                let audit = changed.then(|| {
-                    (
-                        Action::OidcUserChange,
-                        serde_json::json!({ "groups": row.groups, "before": old_groups }),
-                    )
-                });
                 // Only a refresh's own refusal is lifted by a refresh that works: a logout or
                 // SCIM deactivation waits for a new sign-in or SCIM active=true.
-                let lift = row.provider_disabled
-                    && row
-                        .reason
-                        .as_deref()
-                        .is_some_and(|r| r.starts_with(REASON_REFRESH));
-                store.save_oidc_user(&row, audit, ACTOR, now)?;
-                if lift {
+                if row.provider_disabled {
                     provider_verdict(
                         &ctx2,
-                        row,
+                        &row.issuer,
+                        &row.sub,
                         false,
                         "the identity provider accepts the sign-in again",
+                        refused_by_refresh,
                     )?;
                 }
                 Ok(())
@@ -693,10 +783,11 @@ async fn refresh_one(ctx: &Arc<Ctx>, p: &Arc<Provider>, mut row: OidcUser, rt: &
             let reason = format!("{REASON_REFRESH}: {e}");
             tokio::task::spawn_blocking(move || {
                 let _rows = user_rows_lock();
-                match ctx2.store.oidc_user_by_sub(&row.issuer, &row.sub)? {
-                    Some(fresh) => provider_verdict(&ctx2, fresh, true, &reason),
-                    None => Ok(()),
-                }
+                // Refused is about the token this refresh used: a sign-in meanwhile brought a
+                // new one, which the next round tries.
+                provider_verdict(&ctx2, &row.issuer, &row.sub, true, &reason, |r| {
+                    r.refresh_token.as_deref() == Some(used.as_str())
+                })
             })
             .await
         }
@@ -812,11 +903,15 @@ async fn push(
                 .collect();
             let n = hit.len();
             for r in hit {
+                // By sid: only while the stored row is still that session's.
+                let sid = r.sid.clone();
                 provider_verdict(
                     &ctx2,
-                    r,
+                    &r.issuer,
+                    &r.sub,
                     true,
                     "signed out at the identity provider (back-channel logout)",
+                    |now| claims.sub.is_some() || now.sid == sid,
                 )?;
             }
             Ok(n)
@@ -862,9 +957,11 @@ async fn push(
             };
             provider_verdict(
                 &ctx2,
-                row.clone(),
+                &row.issuer,
+                &row.sub,
                 !active,
                 "deactivated at the identity provider (SCIM)",
+                |_| true,
             )?;
             Ok(Some(row))
         })

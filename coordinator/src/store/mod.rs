@@ -36,6 +36,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A conditional write found the row changed since it was read; read it again and retry.
+    #[error("{0}")]
+    Stale(String),
     #[error("{0}")]
     Invalid(String),
     #[error("enrollment refused: {message}")]
@@ -387,6 +390,10 @@ pub struct OidcUser {
     /// The provider (refresh refused, SCIM, back-channel logout) took access away.
     pub provider_disabled: bool,
     pub reason: Option<String>,
+    /// The row's revision when it was read (0: not stored yet). A save from an older revision
+    /// is refused as [`StoreError::Stale`]; each save stores the next one.
+    #[serde(default)]
+    pub revision: i64,
 }
 
 impl std::fmt::Debug for OidcUser {
@@ -481,7 +488,8 @@ pub trait Store: Send + Sync + replicas::ReplicaStore {
     fn oidc_user_by_sub(&self, issuer: &str, sub: &str) -> Result<Option<OidcUser>>;
     fn oidc_users(&self) -> Result<Vec<OidcUser>>;
     /// Creates or replaces the provider identity of `u.user` (which must exist); audited as
-    /// `action` with `detail`.
+    /// `action` with `detail`. Conditional: `u.revision` must be the stored row's revision
+    /// (0 for a user with no row yet), else [`StoreError::Stale`] and nothing is written.
     fn save_oidc_user(
         &self,
         u: &OidcUser,
@@ -489,6 +497,17 @@ pub trait Store: Send + Sync + replicas::ReplicaStore {
         actor: &str,
         now_ms: i64,
     ) -> Result<()>;
+    /// Claims the refresh of the provider identity (`issuer`, `sub`) for `holder` until
+    /// `until_ms`: `true` when no other holder's claim runs past `now_ms` (one replica at a
+    /// time uses a user's refresh token, which the provider may rotate on every use).
+    fn claim_oidc_refresh(
+        &self,
+        issuer: &str,
+        sub: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool>;
     fn record_sign_in(&self, s: &DeviceSignIn) -> Result<()>;
     fn sign_ins(&self) -> Result<Vec<DeviceSignIn>>;
     /// One-time repair, run by `serve` at start (a no-op once done): users the identity

@@ -349,4 +349,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX scan_evidence_reporter ON scan_evidence(reporter_id);
     CREATE INDEX scan_evidence_at ON scan_evidence(at_ms);
     "#,
+    // 20: a provider identity's row has a revision (a write that started from an older
+    // revision is refused, so two replicas never write over each other's change) and a
+    // refresh claim (one replica at a time refreshes a user's provider tokens).
+    r#"
+    ALTER TABLE oidc_users ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE oidc_users ADD COLUMN refresh_holder TEXT;
+    ALTER TABLE oidc_users ADD COLUMN refresh_until_ms INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];

@@ -132,7 +132,7 @@ impl Default for PoolOptions {
     fn default() -> Self {
         Self {
             size: 16,
-            wait: Duration::from_secs(10),
+            wait: Duration::from_secs(5),
         }
     }
 }

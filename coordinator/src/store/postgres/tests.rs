@@ -370,7 +370,7 @@ fn pool_options_are_checked_and_bound_the_connections_a_store_holds() {
     assert!(PoolOptions::new(4, Duration::from_millis(10)).is_err());
     assert!(PoolOptions::new(4, PoolOptions::MAX_WAIT + Duration::from_secs(1)).is_err());
     let d = PoolOptions::default();
-    assert_eq!((d.size(), d.wait()), (16, Duration::from_secs(10)));
+    assert_eq!((d.size(), d.wait()), (16, Duration::from_secs(5)));
     if !testpg::available() {
         return;
     }

@@ -423,6 +423,17 @@ impl Store for SqliteStore {
         oidc::save(self, u, audit, actor, now_ms)
     }
 
+    fn claim_oidc_refresh(
+        &self,
+        issuer: &str,
+        sub: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool> {
+        oidc::claim_refresh(self, issuer, sub, holder, now_ms, until_ms)
+    }
+
     fn record_sign_in(&self, s: &crate::store::DeviceSignIn) -> Result<()> {
         oidc::record_sign_in(self, s)
     }

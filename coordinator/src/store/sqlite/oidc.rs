@@ -8,7 +8,7 @@ use crate::audit::Action;
 use crate::store::{DeviceSignIn, OidcUser};
 
 const USER_COLS: &str = "u.name, o.issuer, o.sub, o.refresh_token, o.groups, o.amr, o.sid, \
-     o.auth_time_ms, o.last_auth_ms, o.last_refresh_ms, o.provider_disabled, o.reason";
+     o.auth_time_ms, o.last_auth_ms, o.last_refresh_ms, o.provider_disabled, o.reason, o.revision";
 
 fn json_list(r: &Row<'_>, i: usize, column: &'static str) -> rusqlite::Result<Vec<String>> {
     let s: String = r.get(i)?;
@@ -35,6 +35,7 @@ fn row_user(r: &Row<'_>) -> rusqlite::Result<OidcUser> {
         last_refresh_ms: r.get(9)?,
         provider_disabled: r.get::<_, i64>(10)? != 0,
         reason: r.get(11)?,
+        revision: r.get(12)?,
     })
 }
 
@@ -63,6 +64,25 @@ pub(super) fn list(s: &SqliteStore) -> Result<Vec<OidcUser>> {
     })
 }
 
+pub(super) fn claim_refresh(
+    s: &SqliteStore,
+    issuer: &str,
+    sub: &str,
+    holder: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> Result<bool> {
+    s.with_tx(|tx| {
+        let n = tx.execute(
+            "UPDATE oidc_users SET refresh_holder = ?3, refresh_until_ms = ?5 \
+             WHERE issuer = ?1 AND sub = ?2 \
+             AND (refresh_holder IS NULL OR refresh_holder = ?3 OR refresh_until_ms <= ?4)",
+            params![issuer, sub, holder, now_ms, until_ms],
+        )?;
+        Ok(n == 1)
+    })
+}
+
 pub(super) fn save(
     s: &SqliteStore,
     u: &OidcUser,
@@ -86,15 +106,31 @@ pub(super) fn save(
                 u.sub
             )));
         }
+        // Conditional on the revision the caller read (the write lock is held: no one
+        // changes the row between this read and the write).
+        let stored: i64 = tx
+            .query_row(
+                "SELECT revision FROM oidc_users WHERE user_id = ?1",
+                params![uid],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        if stored != u.revision {
+            return Err(StoreError::Stale(format!(
+                "the provider identity of {:?} changed meanwhile (revision {stored}, written from {})",
+                u.user, u.revision
+            )));
+        }
         let groups = serde_json::to_string(&u.groups).unwrap_or_else(|_| "[]".into());
         let amr = serde_json::to_string(&u.amr).unwrap_or_else(|_| "[]".into());
         tx.execute(
             "INSERT INTO oidc_users(user_id, issuer, sub, refresh_token, groups, amr, sid, \
-             auth_time_ms, last_auth_ms, last_refresh_ms, provider_disabled, reason) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             auth_time_ms, last_auth_ms, last_refresh_ms, provider_disabled, reason, revision) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
              ON CONFLICT(user_id) DO UPDATE SET issuer = ?2, sub = ?3, refresh_token = ?4, \
              groups = ?5, amr = ?6, sid = ?7, auth_time_ms = ?8, last_auth_ms = ?9, \
-             last_refresh_ms = ?10, provider_disabled = ?11, reason = ?12",
+             last_refresh_ms = ?10, provider_disabled = ?11, reason = ?12, revision = ?13",
             params![
                 uid,
                 u.issuer,
@@ -107,7 +143,8 @@ pub(super) fn save(
                 u.last_auth_ms,
                 u.last_refresh_ms,
                 u.provider_disabled as i64,
-                u.reason
+                u.reason,
+                stored + 1
             ],
         )?;
         if let Some((action, detail)) = audit {

@@ -1401,6 +1401,7 @@ fn users_the_provider_disabled_under_older_code_become_provider_suspended() {
         last_refresh_ms: Some(1000),
         provider_disabled: disabled,
         reason: disabled.then(|| "the identity provider no longer accepts the sign-in".into()),
+        revision: 0,
     };
     for u in ["bob", "carol", "dave"] {
         s.add_user(&n(u), &[], "admin", 1000).unwrap();
@@ -1520,4 +1521,107 @@ fn touches_are_written_together() {
         (3100, Some(key)),
         "no key named keeps the stored one"
     );
+}
+
+/// Two writers that read the same provider identity: the second write is refused as stale and
+/// changes nothing; read again, it applies on top of the first. A refresh claim is one
+/// holder's at a time until it runs out.
+fn provider_identity_writes_are_conditional_and_refresh_is_claimed() {
+    let (s, _) = setup();
+    let row = crate::store::OidcUser {
+        user: "alice".into(),
+        issuer: "https://idp".into(),
+        sub: "sub-alice".into(),
+        refresh_token: Some("rt-1".into()),
+        groups: vec![],
+        amr: vec![],
+        sid: None,
+        auth_time_ms: Some(1000),
+        last_auth_ms: Some(1000),
+        last_refresh_ms: Some(1000),
+        provider_disabled: false,
+        reason: None,
+        revision: 0,
+    };
+    s.save_oidc_user(&row, None, "oidc", 1000).unwrap();
+    // A second "first" write (another replica's sign-in that read no row) is stale.
+    assert!(matches!(
+        s.save_oidc_user(&row, None, "oidc", 1000),
+        Err(StoreError::Stale(_))
+    ));
+    let read_by_a = s
+        .oidc_user_by_sub("https://idp", "sub-alice")
+        .unwrap()
+        .unwrap();
+    let read_by_b = read_by_a.clone();
+    assert_eq!(read_by_a.revision, 1);
+    // A: a back-channel logout.
+    let mut a = read_by_a;
+    a.provider_disabled = true;
+    a.reason = Some("signed out".into());
+    s.save_oidc_user(&a, None, "oidc", 1100).unwrap();
+    // B: a refresh that read the row before the logout must not write the old row back.
+    let mut b = read_by_b;
+    b.refresh_token = Some("rt-2".into());
+    b.last_refresh_ms = Some(1200);
+    let audit_len = s.audit_log(1000).unwrap().len();
+    assert!(matches!(
+        s.save_oidc_user(
+            &b,
+            Some((Action::OidcUserChange, serde_json::json!({}))),
+            "oidc",
+            1200
+        ),
+        Err(StoreError::Stale(_))
+    ));
+    assert_eq!(
+        s.audit_log(1000).unwrap().len(),
+        audit_len,
+        "nothing audited"
+    );
+    let now = s
+        .oidc_user_by_sub("https://idp", "sub-alice")
+        .unwrap()
+        .unwrap();
+    assert!(now.provider_disabled && now.refresh_token.as_deref() == Some("rt-1"));
+    // Read again, B's change lands on top of A's.
+    let mut b = now;
+    b.refresh_token = Some("rt-2".into());
+    s.save_oidc_user(&b, None, "oidc", 1300).unwrap();
+    let now = s
+        .oidc_user_by_sub("https://idp", "sub-alice")
+        .unwrap()
+        .unwrap();
+    assert!(now.provider_disabled && now.refresh_token.as_deref() == Some("rt-2"));
+    assert_eq!(now.revision, 3);
+
+    // Refresh claims: A holds it until 5000; B waits; A renews; B takes over once it ran out.
+    let claim = |who: &str, now: i64, until: i64| {
+        s.claim_oidc_refresh("https://idp", "sub-alice", who, now, until)
+            .unwrap()
+    };
+    assert!(claim("A", 2000, 5000));
+    assert!(!claim("B", 3000, 6000));
+    assert!(claim("A", 4000, 7000));
+    assert!(!claim("B", 6999, 9000));
+    assert!(claim("B", 7000, 10_000));
+    assert!(!claim("A", 8000, 11_000));
+    // An unknown identity is never claimed.
+    assert!(!s
+        .claim_oidc_refresh("https://idp", "sub-nobody", "A", 1, 2)
+        .unwrap());
+    // Claims do not change the row's revision (a claim is not an identity change).
+    let after = s
+        .oidc_user_by_sub("https://idp", "sub-alice")
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.revision, 3);
+}
+#[test]
+fn provider_identity_writes_are_conditional_and_refresh_is_claimed_sqlite() {
+    on_sqlite(provider_identity_writes_are_conditional_and_refresh_is_claimed);
+}
+#[test]
+fn provider_identity_writes_are_conditional_and_refresh_is_claimed_postgres() {
+    on_postgres(provider_identity_writes_are_conditional_and_refresh_is_claimed);
 }
