@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ward_shared::addr::AddressPools;
 use ward_shared::filter::{FilterRule, Proto};
@@ -216,13 +217,36 @@ struct Sent {
     hostname: Hostname,
     /// The routes this device was last told it forwards.
     routes: Vec<Prefix>,
-    peers: BTreeMap<DeviceId, Peer>,
+    /// Each peer as last sent: the shared view (one allocation per peer state, not one per
+    /// session) and the routes this device reaches through it.
+    peers: BTreeMap<DeviceId, SentPeer>,
     /// The inbound filter, the candidate inbound filter (policies with shadow rules) and the
     /// peer sets they name, as sent (no sets for a version-1 device).
     filter: Factored,
-    reach: Vec<Reach>,
+    /// The compile the filter and `reach` sent came from: this device's `reach` is read from
+    /// it (not copied per session), and while it is the current compile nothing derived from
+    /// the compile can have changed for this session.
+    compiled: Arc<Compiled>,
     relays: Vec<RelayInfo>,
     policy_version: Option<u64>,
+}
+
+/// A peer as a session was last told it.
+#[derive(Debug)]
+struct SentPeer {
+    view: Arc<Peer>,
+    routes: Vec<Prefix>,
+}
+
+impl Sent {
+    /// The `reach` this device was last sent.
+    fn reach<'a>(&'a self, id: &DeviceId) -> &'a [Reach] {
+        self.compiled
+            .devices
+            .get(id)
+            .map(|a| a.reach.as_slice())
+            .unwrap_or(&[])
+    }
 }
 
 #[derive(Debug)]
@@ -242,7 +266,18 @@ pub struct Registry {
     policy: Option<Policy>,
     /// The stored version of `policy` (netmaps carry it; flow records name it).
     policy_version: Option<u64>,
-    compiled: Compiled,
+    /// Shared with every session's `Sent` (and admin snapshots) instead of copied.
+    compiled: Arc<Compiled>,
+    /// Each live device as peers see it (without per-viewer routes), kept between recomputes
+    /// so that a peer whose state did not change is the same allocation: sessions hold these,
+    /// and an unchanged peer is recognised by pointer.
+    views: BTreeMap<DeviceId, Arc<Peer>>,
+    /// Per router device, the prefixes it serves (as of the last recompute).
+    served: BTreeMap<DeviceId, Vec<Prefix>>,
+    /// The posture requirements devices are asked to collect (as of the last recompute).
+    wants: PostureWants,
+    /// Sessions the current recompute has not produced messages for yet (in order).
+    pending: VecDeque<DeviceId>,
     /// What `compiled` was compiled from; `None` forces a compile.
     compiled_for: Option<CompiledFor>,
     /// Bumped by every new policy (so a cached compile is never reused across policies).
@@ -355,7 +390,11 @@ impl Registry {
             coordinators: Vec::new(),
             policy,
             policy_version: None,
-            compiled: Compiled::default(),
+            compiled: Arc::new(Compiled::default()),
+            views: BTreeMap::new(),
+            served: BTreeMap::new(),
+            wants: PostureWants::default(),
+            pending: VecDeque::new(),
             compiled_for: None,
             policy_gen: 0,
             compiles: 0,
@@ -1411,7 +1450,7 @@ impl Registry {
         self.policy.as_ref()
     }
 
-    pub fn compiled(&self) -> &Compiled {
+    pub fn compiled(&self) -> &Arc<Compiled> {
         &self.compiled
     }
 
@@ -1637,6 +1676,7 @@ impl Registry {
             self.dirty = false;
             self.recompute();
         }
+        self.finish_pending();
         let in_netmap = |s: &Session, who: DeviceId| {
             s.sent
                 .as_ref()
@@ -1702,7 +1742,16 @@ impl Registry {
             self.dirty = false;
             self.recompute();
         }
-        self.outputs.pop_front()
+        loop {
+            if let Some(out) = self.outputs.pop_front() {
+                return Some(out);
+            }
+            let id = self.pending.pop_front()?;
+            self.produce(id);
+            if self.pending.is_empty() {
+                self.pending_done();
+            }
+        }
     }
 
     pub fn online_ids(&self) -> Vec<DeviceId> {
@@ -1802,47 +1851,70 @@ impl Registry {
         }
     }
 
+    /// Starts a recompute: the compile and the peer views brought up to date, and every
+    /// session queued for its netmap change, posture wants and verdict. Those are produced one
+    /// session at a time as outputs are taken ([`Registry::poll_output`]), so a change that
+    /// reaches every session holds one session's messages here at a time, not every
+    /// session's (a policy change's delta to 1 000 sessions was all built before the first
+    /// was sent).
     fn recompute(&mut self) {
-        self.recompute_netmaps();
-        // Posture: what to collect, and each device's verdict when it changed.
-        let wants = self.policy.as_ref().map(posture::wants).unwrap_or_default();
-        let ids: Vec<DeviceId> = self.sessions.keys().copied().collect();
-        for id in ids {
-            let fresh = self
-                .sessions
-                .get(&id)
-                .is_some_and(|s| s.verdict_sent.is_none());
-            let verdict = (fresh || self.verdict_dirty.contains(&id)).then(|| self.verdict(id));
-            let Some(s) = self.sessions.get_mut(&id) else {
-                continue;
-            };
-            if s.wants_sent.as_ref() != Some(&wants) {
-                s.wants_sent = Some(wants.clone());
-                self.outputs.push_back(Output::Send {
-                    conn: s.conn,
-                    msg: CoordinatorMsg::PostureWants(wants.clone()),
-                });
-            }
-            if let Some(v) = verdict {
-                let same = s.verdict_sent.as_ref().is_some_and(|o| {
-                    o.results == v.results
-                        && o.quarantine == v.quarantine
-                        && o.unavailable == v.unavailable
-                        && o.report_seq == v.report_seq
-                });
-                if !same {
-                    s.verdict_sent = Some(v.clone());
-                    self.outputs.push_back(Output::Send {
-                        conn: s.conn,
-                        msg: CoordinatorMsg::PostureVerdict(v),
-                    });
-                }
-            }
-        }
-        self.verdict_dirty.clear();
+        self.prepare_netmaps();
+        self.wants = self.policy.as_ref().map(posture::wants).unwrap_or_default();
+        self.pending = self.sessions.keys().copied().collect();
     }
 
-    fn recompute_netmaps(&mut self) {
+    /// Produces every session's messages still pending (for a decision that must see every
+    /// netmap as sent, such as a punch).
+    fn finish_pending(&mut self) {
+        while let Some(id) = self.pending.pop_front() {
+            self.produce(id);
+        }
+        self.pending_done();
+    }
+
+    /// The last pending session was produced.
+    fn pending_done(&mut self) {
+        // Verdicts marked for sessions produced since are kept for the next recompute.
+        let sessions = &self.sessions;
+        self.verdict_dirty.retain(|id| sessions.contains_key(id));
+    }
+
+    /// One session's netmap change, then its posture wants and verdict when they changed.
+    fn produce(&mut self, id: DeviceId) {
+        self.netmap_for(id);
+        let fresh = self
+            .sessions
+            .get(&id)
+            .is_some_and(|s| s.verdict_sent.is_none());
+        let verdict = (fresh || self.verdict_dirty.remove(&id)).then(|| self.verdict(id));
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.wants_sent.as_ref() != Some(&self.wants) {
+            s.wants_sent = Some(self.wants.clone());
+            self.outputs.push_back(Output::Send {
+                conn: s.conn,
+                msg: CoordinatorMsg::PostureWants(self.wants.clone()),
+            });
+        }
+        if let Some(v) = verdict {
+            let same = s.verdict_sent.as_ref().is_some_and(|o| {
+                o.results == v.results
+                    && o.quarantine == v.quarantine
+                    && o.unavailable == v.unavailable
+                    && o.report_seq == v.report_seq
+            });
+            if !same {
+                s.verdict_sent = Some(v.clone());
+                self.outputs.push_back(Output::Send {
+                    conn: s.conn,
+                    msg: CoordinatorMsg::PostureVerdict(v),
+                });
+            }
+        }
+    }
+
+    fn prepare_netmaps(&mut self) {
         let dir = self.directory();
         let routers = match &self.policy {
             Some(_) => self.routers(&dir),
@@ -1857,7 +1929,7 @@ impl Registry {
         if !unchanged {
             // Which requirements apply where depends on the same inputs as the compile.
             self.refresh_needed();
-            self.compiled = match &self.policy {
+            self.compiled = Arc::new(match &self.policy {
                 Some(p) => {
                     let mut c = policy::compile(p, &dir, self.now_ms);
                     policy::compile_routes(
@@ -1871,7 +1943,7 @@ impl Registry {
                     c
                 }
                 None => Compiled::default(),
-            };
+            });
             self.compiles += 1;
             self.compiled_for = Some(CompiledFor {
                 policy_gen: self.policy_gen,
@@ -1879,27 +1951,29 @@ impl Registry {
                 routers: routers.clone(),
             });
         }
-        let served: BTreeMap<DeviceId, Vec<Prefix>> =
-            routers.into_iter().map(|r| (r.id, r.routes)).collect();
-        let views: BTreeMap<DeviceId, Peer> = self
-            .devices
-            .values()
-            .map(|d| (d.id, self.peer_view(d)))
-            .collect();
-        let relays = self.relays.clone();
+        self.served = routers.into_iter().map(|r| (r.id, r.routes)).collect();
+        self.refresh_views();
+    }
+
+    /// The netmap or delta that brings session `id` to the current compile and peer views
+    /// (nothing when it has them).
+    fn netmap_for(&mut self, id: DeviceId) {
+        let compiled = Arc::clone(&self.compiled);
+        let relays = &self.relays;
         let policy_version = self.policy_version;
-        let ids: Vec<DeviceId> = self.sessions.keys().copied().collect();
         let no_routes: Vec<Prefix> = Vec::new();
         let no_inbound: Vec<FilterRule> = Vec::new();
         let no_reach: Vec<Reach> = Vec::new();
-        for id in ids {
+        {
             let Some(me) = self.devices.get(&id) else {
-                continue;
+                return;
             };
-            let access = self.compiled.devices.get(&id);
+            let access = compiled.devices.get(&id);
             // The peers this device may have now, by reference: (id, view, routes through it).
             // Nothing is cloned for a session whose view did not change, so a recompute over
-            // N sessions that changes little costs comparisons, not N full netmaps' copies.
+            // N sessions that changes little costs pointer comparisons, not N full netmaps'
+            // copies or comparisons.
+            let views = &self.views;
             let wanted = access.into_iter().flat_map(|a| {
                 a.peers.iter().filter(|p| **p != id).filter_map(|p| {
                     views
@@ -1910,32 +1984,45 @@ impl Registry {
             let inbound = access.map(|a| &a.inbound).unwrap_or(&no_inbound);
             let reach = access.map(|a| &a.reach).unwrap_or(&no_reach);
             let shadow_filter = access.and_then(|a| a.shadow_inbound.as_ref());
-            let my_routes = served.get(&id).unwrap_or(&no_routes);
+            let my_routes = self.served.get(&id).unwrap_or(&no_routes);
             let Some(session) = self.sessions.get_mut(&id) else {
-                continue;
+                return;
             };
             // The filter as this device's protocol carries it: peer sets (ids kept from what
-            // it holds) from version 2, flat rules before.
-            let filter = if session.protocol >= 2 {
-                peerset::factor(
+            // it holds) from version 2, flat rules before. Only a new compile can change it.
+            let same_compile = session
+                .sent
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(&s.compiled, &compiled));
+            let filter = if same_compile {
+                None
+            } else if session.protocol >= 2 {
+                Some(peerset::factor(
                     inbound,
                     shadow_filter.map(Vec::as_slice),
                     session.sent.as_ref().map(|s| &s.filter),
-                )
+                ))
             } else {
-                Factored {
+                Some(Factored {
                     inbound: inbound.clone(),
                     shadow: shadow_filter.cloned(),
                     sets: peerset::SetBook::new(),
-                }
+                })
             };
             match &mut session.sent {
                 None => {
-                    let want: BTreeMap<DeviceId, Peer> = wanted
+                    let Some(filter) = filter else {
+                        return; // unreachable: a session with nothing sent has no compile
+                    };
+                    let want: BTreeMap<DeviceId, SentPeer> = wanted
                         .map(|(p, v, routes)| {
-                            let mut v = v.clone();
-                            v.routes = routes.clone();
-                            (p, v)
+                            (
+                                p,
+                                SentPeer {
+                                    view: Arc::clone(v),
+                                    routes: routes.clone(),
+                                },
+                            )
                         })
                         .collect();
                     let msg = CoordinatorMsg::Netmap(Netmap {
@@ -1949,7 +2036,7 @@ impl Registry {
                             v6_prefix: self.pools.v6_prefix,
                             observed_addr: Some(session.observed),
                         },
-                        peers: want.values().cloned().collect(),
+                        peers: want.values().map(SentPeer::to_peer).collect(),
                         inbound: filter.inbound.clone(),
                         reach: reach.clone(),
                         relays: relays.clone(),
@@ -1974,7 +2061,7 @@ impl Registry {
                         routes: my_routes.clone(),
                         peers: want,
                         filter,
-                        reach: reach.clone(),
+                        compiled: Arc::clone(&compiled),
                         relays: relays.clone(),
                         policy_version,
                     });
@@ -1985,15 +2072,13 @@ impl Registry {
                 }
                 Some(sent) => {
                     let mut wanted_ids: BTreeSet<DeviceId> = BTreeSet::new();
-                    let upsert: Vec<Peer> = wanted
+                    let upsert: Vec<(Arc<Peer>, &Vec<Prefix>)> = wanted
                         .filter_map(|(p, v, routes)| {
                             wanted_ids.insert(p);
-                            if sent.peers.get(&p).is_some_and(|s| same_peer(s, v, routes)) {
+                            if sent.peers.get(&p).is_some_and(|s| s.same(v, routes)) {
                                 return None;
                             }
-                            let mut v = v.clone();
-                            v.routes = routes.clone();
-                            Some(v)
+                            Some((Arc::clone(v), routes))
                         })
                         .collect();
                     let remove: Vec<DeviceId> = sent
@@ -2002,13 +2087,24 @@ impl Registry {
                         .filter(|k| !wanted_ids.contains(k))
                         .copied()
                         .collect();
-                    let inbound_changed = sent.filter.inbound != filter.inbound;
-                    let sets_changed = sent.filter.sets != filter.sets;
-                    let reach_changed = sent.reach != *reach;
-                    let relays_changed = sent.relays != relays;
+                    let (inbound_changed, sets_changed, reach_changed, shadow_changed) =
+                        match &filter {
+                            None => (false, false, false, false),
+                            Some(f) => (
+                                sent.filter.inbound != f.inbound,
+                                sent.filter.sets != f.sets,
+                                sent.reach(&id) != reach.as_slice(),
+                                sent.filter.shadow != f.shadow,
+                            ),
+                        };
+                    let relays_changed = sent.relays != *relays;
                     let me_changed = sent.hostname != me.hostname || sent.routes != *my_routes;
                     let version_changed = sent.policy_version != policy_version;
-                    let shadow_changed = sent.filter.shadow != filter.shadow;
+                    if !same_compile {
+                        // What the filter and reach now come from, changed or not (the old
+                        // compile is freed once no session refers to it).
+                        sent.compiled = Arc::clone(&compiled);
+                    }
                     if upsert.is_empty()
                         && remove.is_empty()
                         && !inbound_changed
@@ -2019,27 +2115,40 @@ impl Registry {
                         && !version_changed
                         && !shadow_changed
                     {
-                        continue;
+                        return;
                     }
-                    let (set_changes, removed_sets) = if sets_changed {
-                        peerset::diff(&sent.filter.sets, &filter.sets)
-                    } else {
-                        (Vec::new(), Vec::new())
+                    let (set_changes, removed_sets) = match &filter {
+                        Some(f) if sets_changed => peerset::diff(&sent.filter.sets, &f.sets),
+                        _ => (Vec::new(), Vec::new()),
                     };
                     let base = sent.seq;
                     sent.seq += 1;
                     for k in &remove {
                         sent.peers.remove(k);
                     }
-                    for p in &upsert {
-                        sent.peers.insert(p.device_id, p.clone());
-                    }
+                    let upsert: Vec<Peer> = upsert
+                        .into_iter()
+                        .map(|(view, routes)| {
+                            let sp = SentPeer {
+                                view,
+                                routes: routes.clone(),
+                            };
+                            let peer = sp.to_peer();
+                            sent.peers.insert(peer.device_id, sp);
+                            peer
+                        })
+                        .collect();
+                    let new_filter =
+                        filter.filter(|_| inbound_changed || sets_changed || shadow_changed);
                     let msg = CoordinatorMsg::NetmapDelta(NetmapDelta {
                         base_seq: base,
                         seq: base + 1,
                         upsert,
                         remove,
-                        inbound: inbound_changed.then(|| filter.inbound.clone()),
+                        inbound: new_filter
+                            .as_ref()
+                            .filter(|_| inbound_changed)
+                            .map(|f| f.inbound.clone()),
                         reach: reach_changed.then(|| reach.clone()),
                         relays: relays_changed.then(|| relays.clone()),
                         policy_version: if version_changed {
@@ -2056,7 +2165,10 @@ impl Registry {
                             v6_prefix: self.pools.v6_prefix,
                             observed_addr: Some(session.observed),
                         }),
-                        shadow_filter: shadow_changed.then(|| filter.shadow.clone()),
+                        shadow_filter: new_filter
+                            .as_ref()
+                            .filter(|_| shadow_changed)
+                            .map(|f| f.shadow.clone()),
                         peer_sets: set_changes,
                         removed_peer_sets: removed_sets,
                     });
@@ -2066,11 +2178,8 @@ impl Registry {
                     }
 
                     sent.policy_version = policy_version;
-                    if inbound_changed || sets_changed || shadow_changed {
-                        sent.filter = filter;
-                    }
-                    if reach_changed {
-                        sent.reach = reach.clone();
+                    if let Some(f) = new_filter {
+                        sent.filter = f;
                     }
                     if relays_changed {
                         sent.relays = relays.clone();
@@ -2082,6 +2191,39 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// Brings `views` up to date: each live device's view built afresh and, when equal to
+    /// the one kept, the kept allocation reused (so sessions that hold it see it unchanged by
+    /// pointer). One comparison per device per recompute, not one per session and peer.
+    fn refresh_views(&mut self) {
+        let fresh: Vec<(DeviceId, Peer)> = self
+            .devices
+            .values()
+            .map(|d| (d.id, self.peer_view(d)))
+            .collect();
+        let mut views = BTreeMap::new();
+        for (id, view) in fresh {
+            let kept = self.views.remove(&id).filter(|k| **k == view);
+            views.insert(id, kept.unwrap_or_else(|| Arc::new(view)));
+        }
+        self.views = views;
+    }
+}
+
+impl SentPeer {
+    /// Whether this is `view` with `routes`: by pointer for an unchanged view, by value
+    /// otherwise (a view rebuilt equal is the same peer).
+    fn same(&self, view: &Arc<Peer>, routes: &[Prefix]) -> bool {
+        self.routes.as_slice() == routes
+            && (Arc::ptr_eq(&self.view, view) || same_peer(&self.view, view, &self.view.routes))
+    }
+
+    /// The peer as the wire carries it to this device.
+    fn to_peer(&self) -> Peer {
+        let mut p = Peer::clone(&self.view);
+        p.routes = self.routes.clone();
+        p
     }
 }
 
@@ -2446,6 +2588,85 @@ to = ["all"]
         r.handle_policy(open_policy());
         drain(&mut r);
         assert_eq!(r.compiles(), base + 2);
+    }
+
+    /// Sessions hold one shared copy of each peer's state and of the compile (memory grows
+    /// with devices plus sessions, not with sessions × peers); a peer's change replaces its
+    /// one copy, and a new compile replaces the old one in every session and frees it.
+    #[test]
+    fn peers_and_the_compile_are_shared_not_copied_per_session() {
+        let mut r = reg(&[1, 2, 3]);
+        drain(&mut r);
+        for id in 1..=3 {
+            r.handle_session_opened(
+                DeviceId(id),
+                id * 10,
+                addr("10.0.0.1:1"),
+                DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+        drain(&mut r);
+        let held = |r: &Registry, who: u64, peer: u64| {
+            Arc::clone(
+                &r.sessions[&DeviceId(who)].sent.as_ref().unwrap().peers[&DeviceId(peer)].view,
+            )
+        };
+        let three = held(&r, 1, 3);
+        assert!(
+            Arc::ptr_eq(&three, &held(&r, 2, 3)),
+            "one copy of peer 3 for both sessions"
+        );
+        assert!(Arc::ptr_eq(&three, &r.views[&DeviceId(3)]));
+        for id in 1..=3 {
+            let sent = r.sessions[&DeviceId(id)].sent.as_ref().unwrap();
+            assert!(Arc::ptr_eq(&sent.compiled, r.compiled()), "session {id}");
+        }
+        // A change to peer 3 is one new copy, sent to both, and the old one is let go.
+        r.handle_session_update(
+            DeviceId(3),
+            30,
+            DeviceUpdate {
+                wg_port: 51820,
+                ..Default::default()
+            },
+        );
+        let out = drain(&mut r);
+        let upserts: Vec<&Peer> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    msg: CoordinatorMsg::NetmapDelta(d),
+                    ..
+                } => Some(&d.upsert),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(upserts.len(), 2, "{out:?}");
+        assert!(upserts
+            .iter()
+            .all(|p| p.device_id == DeviceId(3) && !p.endpoints.is_empty()));
+        let new_three = held(&r, 1, 3);
+        assert!(!Arc::ptr_eq(&three, &new_three) && Arc::ptr_eq(&new_three, &held(&r, 2, 3)));
+        assert_eq!(
+            Arc::strong_count(&three),
+            1,
+            "only this test holds the old state"
+        );
+        assert!(
+            Arc::ptr_eq(&held(&r, 1, 2), &held(&r, 3, 2)),
+            "peer 2 unchanged, still shared"
+        );
+        // A new policy: every session moves to the new compile; the old one is freed.
+        let old = Arc::downgrade(r.compiled());
+        r.handle_policy(open_policy());
+        assert!(drain(&mut r).is_empty(), "the same access: nothing to send");
+        assert!(old.upgrade().is_none(), "no session keeps the old compile");
+        for id in 1..=3 {
+            let sent = r.sessions[&DeviceId(id)].sent.as_ref().unwrap();
+            assert!(Arc::ptr_eq(&sent.compiled, r.compiled()), "session {id}");
+        }
     }
 
     /// A rule's expiry is a compile input even when nothing else changes: the cached compile

@@ -32,7 +32,8 @@ pub struct Snapshot {
     /// Devices whose session another live replica of this instance holds.
     pub online_elsewhere: Vec<DeviceId>,
     pub directory: Directory,
-    pub compiled: Compiled,
+    /// The registry's compile itself, shared (not copied per snapshot).
+    pub compiled: std::sync::Arc<Compiled>,
     pub policy: Option<Policy>,
     pub trust: TrustStatsView,
     /// What the registry actor measures, for metrics.

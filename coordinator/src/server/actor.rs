@@ -607,7 +607,7 @@ pub(super) async fn registry_actor(
                         risks: reg.risks(),
                         sign_in_asks: reg.sign_in_asks(),
                         directory: reg.directory(),
-                        compiled: reg.compiled().clone(),
+                        compiled: std::sync::Arc::clone(reg.compiled()),
                         routers: reg.current_routers(),
                         policy: reg.policy().cloned(),
                         trust: sink.stats.view(),

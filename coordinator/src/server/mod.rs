@@ -56,6 +56,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Frames queued for one slow connection before it is dropped.
 const CONN_QUEUE: usize = 256;
+
+/// Bytes a device may have in flight to the coordinator, on its stream and in all: four of
+/// its largest frames (`wire::MAX_DEVICE_FRAME`, 64 KiB).
+const CONTROL_RECEIVE_WINDOW: u32 = 4 * wire::MAX_DEVICE_FRAME as u32;
+/// Bytes the coordinator keeps unacknowledged per connection: 2 MiB, a few full netmaps of a
+/// device with hundreds of peers (a larger frame still goes out, in window-sized steps).
+const CONTROL_SEND_WINDOW: u64 = 2 * 1024 * 1024;
 /// Enrollment transactions at once (the store serialises them anyway; more only queue).
 const ENROLL_SLOTS: usize = 4;
 
@@ -623,6 +630,15 @@ fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
     transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into()?));
     transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Control sessions carry small frames from devices and netmaps to them, not bulk data:
+    // quinn's defaults (a 1.25 MB stream receive window, an unbounded connection one, 10 MB
+    // of unacknowledged data per connection) are sized for throughput and, with thousands of
+    // sessions, let the coordinator buffer megabytes per slow device. Bounded here, a device
+    // that does not read stops its session's writes sooner, and the registry's backlog merges
+    // what waits into one change instead (`fanout::Backlog`).
+    transport.stream_receive_window(CONTROL_RECEIVE_WINDOW.into());
+    transport.receive_window(CONTROL_RECEIVE_WINDOW.into());
+    transport.send_window(CONTROL_SEND_WINDOW);
     sc.transport_config(Arc::new(transport));
     Ok(sc)
 }
