@@ -33,6 +33,7 @@
 //! [`Runs::handle_tun_packet`]: super::engine::Runs::handle_tun_packet
 //! [`Runs::handle_datagram`]: super::engine::Runs::handle_datagram
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,41 +77,79 @@ const RELAYED_TUN_BATCH: usize = TUN_WRITE_BATCH;
 /// A buffer for one decrypted packet on its way to the TUN. tun-rs coalesces a flow's
 /// segments into the buffer of its first one, and only into a buffer whose capacity holds the
 /// result (see the test below); this one reports room for a full 64 KiB write but holds one
-/// packet's worth, grows when tun-rs appends to it, and gives the room back after the write
-/// ([`TunBuf::release`]). So only the buffers that took a coalesced write in the current
-/// batch hold 64 KiB, where fixed 64 KiB buffers left every buffer's pages resident once any
-/// write had gone through it (48 × 64 KiB = 3 MiB).
+/// packet's worth. When tun-rs appends to it, it swaps in a 64 KiB buffer lent by its thread
+/// ([`LARGE`]) and hands it back after the write ([`TunBuf::release`]). So a thread touches
+/// only as many 64 KiB buffers as one batch had coalesced flows, where fixed 64 KiB buffers
+/// left every buffer's pages resident once any write had gone through it (48 × 64 KiB =
+/// 3 MiB), and growing and shrinking each buffer in place spread the writes over ever new
+/// malloc chunks.
 #[derive(Debug)]
-struct TunBuf(Vec<u8>);
+struct TunBuf {
+    /// The bytes tun-rs sees.
+    buf: Vec<u8>,
+    /// While `buf` is a lent 64 KiB buffer: the one-packet buffer it stands in for.
+    parked: Option<Vec<u8>>,
+}
+
+thread_local! {
+    /// 64 KiB buffers lent to this thread's [`TunBuf`]s for coalesced writes, back after each
+    /// write; at most [`LARGE_KEPT`] are kept.
+    static LARGE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// 64 KiB buffers a thread keeps for coalesced writes (one per flow coalesced in a batch;
+/// a batch with more flows allocates the rest and frees them after the write).
+const LARGE_KEPT: usize = 8;
 
 impl TunBuf {
     fn new() -> TunBuf {
-        TunBuf(Vec::with_capacity(TUN_PACKET_BUF))
+        TunBuf {
+            buf: Vec::with_capacity(TUN_PACKET_BUF),
+            parked: None,
+        }
     }
 
     /// A buffer holding `packet` after a zeroed virtio-net header.
     fn with_packet(packet: &[u8]) -> TunBuf {
         let mut b = TunBuf::new();
-        b.0.resize(VIRTIO_NET_HDR_LEN, 0);
-        b.0.extend_from_slice(packet);
+        b.buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        b.buf.extend_from_slice(packet);
         b
     }
 
-    /// Makes room for `extra` more bytes: straight to the promised capacity, so a coalesced
-    /// write grows the buffer once instead of doubling it five times.
+    /// Makes room for `extra` more bytes: a lent 64 KiB buffer holding the bytes so far, or
+    /// (past the promised room, which tun-rs never asks for) a larger allocation.
     fn reserve_for(&mut self, extra: usize) {
-        let needed = self.0.len().saturating_add(extra);
-        if needed > self.0.capacity() {
-            let target = needed.max(TUN_WRITE_BUF);
-            self.0.reserve_exact(target - self.0.len());
+        let needed = self.buf.len().saturating_add(extra);
+        if needed <= self.buf.capacity() {
+            return;
+        }
+        if needed <= TUN_WRITE_BUF && self.parked.is_none() {
+            let mut large = LARGE
+                .with(|l| l.borrow_mut().pop())
+                .unwrap_or_else(|| Vec::with_capacity(TUN_WRITE_BUF));
+            large.clear();
+            large.extend_from_slice(&self.buf);
+            self.parked = Some(std::mem::replace(&mut self.buf, large));
+        } else {
+            self.buf.reserve_exact(needed - self.buf.len());
         }
     }
 
-    /// After the TUN write: back to one packet's room.
+    /// After the TUN write: back to one packet's room, the lent buffer returned.
     fn release(&mut self) {
-        if self.0.capacity() > TUN_PACKET_BUF {
-            self.0.clear();
-            self.0.shrink_to(TUN_PACKET_BUF);
+        if let Some(small) = self.parked.take() {
+            let mut large = std::mem::replace(&mut self.buf, small);
+            large.clear();
+            LARGE.with(|l| {
+                let mut l = l.borrow_mut();
+                if l.len() < LARGE_KEPT {
+                    l.push(large);
+                }
+            });
+        } else if self.buf.capacity() > TUN_PACKET_BUF {
+            self.buf.clear();
+            self.buf.shrink_to(TUN_PACKET_BUF);
         }
     }
 }
@@ -118,41 +157,41 @@ impl TunBuf {
 impl std::ops::Deref for TunBuf {
     type Target = Vec<u8>;
     fn deref(&self) -> &Vec<u8> {
-        &self.0
+        &self.buf
     }
 }
 
 impl std::ops::DerefMut for TunBuf {
     fn deref_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.0
+        &mut self.buf
     }
 }
 
 impl AsRef<[u8]> for TunBuf {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.buf
     }
 }
 
 impl AsMut<[u8]> for TunBuf {
     fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.0
+        &mut self.buf
     }
 }
 
 impl ExpandBuffer for TunBuf {
     fn buf_capacity(&self) -> usize {
-        self.0.capacity().max(TUN_WRITE_BUF)
+        self.buf.capacity().max(TUN_WRITE_BUF)
     }
 
     fn buf_resize(&mut self, new_len: usize, value: u8) {
-        self.reserve_for(new_len.saturating_sub(self.0.len()));
-        self.0.resize(new_len, value);
+        self.reserve_for(new_len.saturating_sub(self.buf.len()));
+        self.buf.resize(new_len, value);
     }
 
     fn buf_extend_from_slice(&mut self, src: &[u8]) {
         self.reserve_for(src.len());
-        self.0.extend_from_slice(src);
+        self.buf.extend_from_slice(src);
     }
 }
 
@@ -670,5 +709,21 @@ mod tests {
             b.release();
         }
         assert!(bufs.iter().all(|b| b.capacity() <= TUN_PACKET_BUF));
+        assert!(bufs.iter().all(|b| b.parked.is_none()));
+        // The two 64 KiB buffers went back to the thread and serve the next batch.
+        let lent: Vec<*const u8> = LARGE.with(|l| l.borrow().iter().map(|v| v.as_ptr()).collect());
+        assert_eq!(lent.len(), 2);
+        let mut bufs: Vec<TunBuf> = (0..per_flow)
+            .map(|k| TunBuf::with_packet(&tcp_segment(2, 1000 + k * mss as u32, mss)))
+            .collect();
+        gro.get()
+            .apply_gro(&mut bufs, VIRTIO_NET_HDR_LEN, false)
+            .expect("GRO over well-formed segments");
+        assert_eq!(bufs[0].len(), whole);
+        assert!(lent.contains(&bufs[0].as_ptr()), "a kept buffer was reused");
+        for b in &mut bufs {
+            b.release();
+        }
+        assert_eq!(LARGE.with(|l| l.borrow().len()), 2);
     }
 }
