@@ -33,6 +33,7 @@
 //! [`Runs::handle_tun_packet`]: super::engine::Runs::handle_tun_packet
 //! [`Runs::handle_datagram`]: super::engine::Runs::handle_datagram
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +42,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::discovery::{is_discovery_byte, Inbox};
 use super::engine::{Core, Outbox, RelayId, Source};
@@ -53,31 +54,145 @@ use super::{DataPlaneConfig, TUN_MTU};
 
 /// How long a blocked read waits before re-checking the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
-/// Output buffer per segment read from the TUN (the MTU is 1420; leave room for a larger one).
-const TUN_SEGMENT_BUF: usize = 4096;
+/// Output buffer per segment read from the TUN (the MTU is 1420). The 128 of them are zeroed,
+/// so all their pages are resident: 2 KiB each is 256 KiB.
+const TUN_SEGMENT_BUF: usize = 2048;
+const _: () = assert!(TUN_SEGMENT_BUF >= TUN_MTU as usize);
 /// TUN reads (each possibly a 64 KiB super-packet) gathered before one UDP flush.
 const TUN_READS_PER_FLUSH: usize = 4;
 /// UDP messages per recvmmsg (each up to 64 KiB with GRO, so up to ~350 datagrams a call).
 const UDP_RECV_SLOTS: usize = 8;
 /// Decrypted packets gathered before one GRO-coalesced TUN write: one full 64 KiB GRO packet
-/// (48 segments of a 1368-byte MSS). tun-rs coalesces a flow's segments into the buffer of its
-/// first one, so every buffer has room for 64 KiB and its pages, once touched, stay resident:
-/// this count times 64 KiB bounds the receive path's buffer memory (3 MiB), where a larger
-/// batch only adds memory, not larger TUN writes.
+/// (48 segments of a 1368-byte MSS); a larger batch does not make larger TUN writes.
 const TUN_WRITE_BATCH: usize = 48;
-/// Room for one coalesced packet: the virtio-net header plus up to 64 KiB.
+/// Room promised to tun-rs for one coalesced packet: the virtio-net header plus up to 64 KiB.
 const TUN_WRITE_BUF: usize = VIRTIO_NET_HDR_LEN + 65536;
+/// What a buffer holds between writes: one decrypted packet (the MTU is 1420; a larger
+/// datagram makes the buffer grow for that packet).
+const TUN_PACKET_BUF: usize = VIRTIO_NET_HDR_LEN + 2048;
 /// The same for packets that came through a relay (a batch of them arrives together): one
-/// full GRO packet, like [`TUN_WRITE_BATCH`], in buffers of [`TUN_WRITE_BUF`] each (tun-rs
-/// coalesces only into a buffer with room for the result: with room for 4 KiB, three
-/// segments at most went into one write).
+/// full GRO packet, like [`TUN_WRITE_BATCH`].
 const RELAYED_TUN_BATCH: usize = TUN_WRITE_BATCH;
 
-/// A buffer for one decrypted packet on its way to the TUN, with room for the packets of its
-/// flow that tun-rs coalesces into it (it appends only to a buffer whose capacity holds the
-/// result: see the test below).
-fn tun_write_buf() -> Vec<u8> {
-    Vec::with_capacity(TUN_WRITE_BUF)
+/// A buffer for one decrypted packet on its way to the TUN. tun-rs coalesces a flow's
+/// segments into the buffer of its first one, and only into a buffer whose capacity holds the
+/// result (see the test below); this one reports room for a full 64 KiB write but holds one
+/// packet's worth. When tun-rs appends to it, it swaps in a 64 KiB buffer lent by its thread
+/// ([`LARGE`]) and hands it back after the write ([`TunBuf::release`]). So a thread touches
+/// only as many 64 KiB buffers as one batch had coalesced flows, where fixed 64 KiB buffers
+/// left every buffer's pages resident once any write had gone through it (48 × 64 KiB =
+/// 3 MiB), and growing and shrinking each buffer in place spread the writes over ever new
+/// malloc chunks.
+#[derive(Debug)]
+struct TunBuf {
+    /// The bytes tun-rs sees.
+    buf: Vec<u8>,
+    /// While `buf` is a lent 64 KiB buffer: the one-packet buffer it stands in for.
+    parked: Option<Vec<u8>>,
+}
+
+thread_local! {
+    /// 64 KiB buffers lent to this thread's [`TunBuf`]s for coalesced writes, back after each
+    /// write; at most [`LARGE_KEPT`] are kept.
+    static LARGE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// 64 KiB buffers a thread keeps for coalesced writes (one per flow coalesced in a batch;
+/// a batch with more flows allocates the rest and frees them after the write).
+const LARGE_KEPT: usize = 8;
+
+impl TunBuf {
+    fn new() -> TunBuf {
+        TunBuf {
+            buf: Vec::with_capacity(TUN_PACKET_BUF),
+            parked: None,
+        }
+    }
+
+    /// A buffer holding `packet` after a zeroed virtio-net header.
+    fn with_packet(packet: &[u8]) -> TunBuf {
+        let mut b = TunBuf::new();
+        b.buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        b.buf.extend_from_slice(packet);
+        b
+    }
+
+    /// Makes room for `extra` more bytes: a lent 64 KiB buffer holding the bytes so far, or
+    /// (past the promised room, which tun-rs never asks for) a larger allocation.
+    fn reserve_for(&mut self, extra: usize) {
+        let needed = self.buf.len().saturating_add(extra);
+        if needed <= self.buf.capacity() {
+            return;
+        }
+        if needed <= TUN_WRITE_BUF && self.parked.is_none() {
+            let mut large = LARGE
+                .with(|l| l.borrow_mut().pop())
+                .unwrap_or_else(|| Vec::with_capacity(TUN_WRITE_BUF));
+            large.clear();
+            large.extend_from_slice(&self.buf);
+            self.parked = Some(std::mem::replace(&mut self.buf, large));
+        } else {
+            self.buf.reserve_exact(needed - self.buf.len());
+        }
+    }
+
+    /// After the TUN write: back to one packet's room, the lent buffer returned.
+    fn release(&mut self) {
+        if let Some(small) = self.parked.take() {
+            let mut large = std::mem::replace(&mut self.buf, small);
+            large.clear();
+            LARGE.with(|l| {
+                let mut l = l.borrow_mut();
+                if l.len() < LARGE_KEPT {
+                    l.push(large);
+                }
+            });
+        } else if self.buf.capacity() > TUN_PACKET_BUF {
+            self.buf.clear();
+            self.buf.shrink_to(TUN_PACKET_BUF);
+        }
+    }
+}
+
+impl std::ops::Deref for TunBuf {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for TunBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+}
+
+impl AsRef<[u8]> for TunBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl AsMut<[u8]> for TunBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+impl ExpandBuffer for TunBuf {
+    fn buf_capacity(&self) -> usize {
+        self.buf.capacity().max(TUN_WRITE_BUF)
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        self.reserve_for(new_len.saturating_sub(self.buf.len()));
+        self.buf.resize(new_len, value);
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        self.reserve_for(src.len());
+        self.buf.extend_from_slice(src);
+    }
 }
 
 pub(crate) struct Driver {
@@ -202,7 +317,7 @@ impl Driver {
             let mut runs = batch.runs();
             for (from, datagram) in datagrams {
                 if filled == bufs.len() {
-                    bufs.push(tun_write_buf());
+                    bufs.push(TunBuf::new());
                 }
                 let buf = &mut bufs[filled];
                 buf.clear();
@@ -255,11 +370,24 @@ impl Driver {
 #[derive(Default)]
 struct RelayedIn {
     /// Decrypted packets waiting for one TUN write; grows to [`RELAYED_TUN_BATCH`] at most.
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<TunBuf>,
     out: Outbox,
     scratch: SendScratch,
-    gro: GROTable,
+    gro: LazyGro,
     errors: LogLimiter,
+}
+
+/// tun-rs's GRO state, made on the first TUN write that needs it. A table preallocates pools
+/// for 128 flows (1.7 MiB in 256 allocations, of which malloc's chunk headers alone touch
+/// about 1 MiB), which a path that seldom or never writes (ICMP replies from the send thread,
+/// packets that came through a relay) should not hold from the start.
+#[derive(Default)]
+struct LazyGro(Option<GROTable>);
+
+impl LazyGro {
+    fn get(&mut self) -> &mut GROTable {
+        self.0.get_or_insert_with(GROTable::default)
+    }
 }
 
 fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, relay: &RelayQueue, stop: &AtomicBool) {
@@ -269,8 +397,8 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, relay: &RelayQueue, st
     let mut out = Outbox::new();
     let mut scratch = SendScratch::default();
     let mut errors = LogLimiter::default();
-    let mut icmp_gro = GROTable::default();
-    let mut icmp_bufs: Vec<Vec<u8>> = Vec::new();
+    let mut icmp_gro = LazyGro::default();
+    let mut icmp_bufs: Vec<TunBuf> = Vec::new();
     // After a wait for the TUN, the first read is sent at once: a packet at idle (a ping) takes
     // the shortest path instead of paying for one more read that finds the TUN empty. Under
     // load the loop never waits, and reads are gathered into one UDP flush.
@@ -306,9 +434,7 @@ fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, relay: &RelayQueue, st
         if !out.tun_packets().is_empty() {
             icmp_bufs.clear();
             for p in out.tun_packets() {
-                let mut b = vec![0u8; VIRTIO_NET_HDR_LEN];
-                b.extend_from_slice(p);
-                icmp_bufs.push(b);
+                icmp_bufs.push(TunBuf::with_packet(p));
             }
             write_tun(tun, &mut icmp_gro, &mut icmp_bufs, &mut errors);
         }
@@ -333,8 +459,8 @@ fn rx_loop(
     stop: &AtomicBool,
 ) {
     let mut batch_in = RecvBatch::new(UDP_RECV_SLOTS);
-    let mut bufs: Vec<Vec<u8>> = (0..TUN_WRITE_BATCH).map(|_| tun_write_buf()).collect();
-    let mut gro = GROTable::default();
+    let mut bufs: Vec<TunBuf> = (0..TUN_WRITE_BATCH).map(|_| TunBuf::new()).collect();
+    let mut gro = LazyGro::default();
     let mut out = Outbox::new();
     let mut scratch = SendScratch::default();
     let mut errors = LogLimiter::default();
@@ -393,12 +519,15 @@ fn rx_loop(
     }
 }
 
-fn write_tun(tun: &TunDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>], errors: &mut LogLimiter) {
+fn write_tun(tun: &TunDevice, gro: &mut LazyGro, bufs: &mut [TunBuf], errors: &mut LogLimiter) {
     if bufs.is_empty() {
         return;
     }
-    if let Err(e) = tun.dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
+    if let Err(e) = tun.dev.send_multiple(gro.get(), bufs, VIRTIO_NET_HDR_LEN) {
         errors.log(&e, "TUN write failed");
+    }
+    for b in bufs {
+        b.release();
     }
 }
 
@@ -462,10 +591,10 @@ mod tests {
     use super::*;
 
     /// tun-rs appends a TCP segment to its flow's first buffer only when that buffer's
-    /// capacity holds twice the virtio-net header plus the coalesced packet (it never
-    /// reallocates): the buffers of both receive paths must hold a full 64 KiB write of
-    /// full-size segments, or every write carries a few segments only (with 4 KiB buffers
-    /// the relayed path wrote three at most, a third of a syscall per packet).
+    /// capacity holds twice the virtio-net header plus the coalesced packet: the buffers of
+    /// both receive paths must promise room for a full 64 KiB write of full-size segments, or
+    /// every write carries a few segments only (with 4 KiB buffers the relayed path wrote
+    /// three at most, a third of a syscall per packet).
     #[test]
     fn tun_write_buffers_hold_a_full_coalesced_write() {
         let headers = 20 + 32; // IPv4, TCP with timestamps
@@ -475,11 +604,126 @@ mod tests {
         let coalesced = headers + segments * mss;
         let room = 2 * VIRTIO_NET_HDR_LEN + coalesced;
         assert!(
-            tun_write_buf().capacity() >= room,
+            TunBuf::new().buf_capacity() >= room,
             "{} < {room}",
-            tun_write_buf().capacity()
+            TunBuf::new().buf_capacity()
         );
         // Each batch has packets enough for one such write.
         assert!(TUN_WRITE_BATCH >= segments && RELAYED_TUN_BATCH >= segments);
+    }
+
+    /// One IPv4 TCP segment (ACK only, no options) of `flow` with sequence number `seq`.
+    fn tcp_segment(flow: u8, seq: u32, payload: usize) -> Vec<u8> {
+        let total = 20 + 20 + payload;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[100, 64, 0, 1]);
+        p[16..20].copy_from_slice(&[100, 64, 0, 2]);
+        p[20..22].copy_from_slice(&(40000 + u16::from(flow)).to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[28..32].copy_from_slice(&1u32.to_be_bytes());
+        p[32] = 5 << 4;
+        p[33] = 0x10; // ACK
+        p[34..36].copy_from_slice(&65535u16.to_be_bytes());
+        for (i, b) in p[40..].iter_mut().enumerate() {
+            *b = (i as u8) ^ flow;
+        }
+        // tun-rs checks both checksums before it coalesces.
+        let ip = checksum(0, &p[..20]);
+        p[10..12].copy_from_slice(&ip.to_be_bytes());
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&p[12..20]);
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&((total - 20) as u16).to_be_bytes());
+        let tcp = checksum(sum16(0, &pseudo), &p[20..]);
+        p[36..38].copy_from_slice(&tcp.to_be_bytes());
+        p
+    }
+
+    fn sum16(mut acc: u32, bytes: &[u8]) -> u32 {
+        for c in bytes.chunks(2) {
+            acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+        acc
+    }
+
+    fn checksum(acc: u32, bytes: &[u8]) -> u16 {
+        let mut s = sum16(acc, bytes);
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+
+    /// A batch of full-size segments of two flows, in runs as they come off the wire, is
+    /// coalesced by tun-rs into one buffer per flow: those two grow to hold the whole flow's
+    /// bytes (tun-rs appends to them although they started with one packet's room), the rest
+    /// stay as they were, and after the write every buffer is back to one packet's room.
+    #[test]
+    fn coalesced_writes_grow_only_the_first_buffer_of_each_flow_and_give_it_back() {
+        let mss = 1380;
+        let per_flow = 20;
+        let mut bufs: Vec<TunBuf> = Vec::new();
+        for flow in 0..2u8 {
+            for k in 0..per_flow {
+                bufs.push(TunBuf::with_packet(&tcp_segment(
+                    flow,
+                    1000 + k * mss as u32,
+                    mss,
+                )));
+            }
+        }
+        for b in &bufs {
+            assert!(b.capacity() <= TUN_PACKET_BUF + 64, "{}", b.capacity());
+        }
+        let mut gro = LazyGro::default();
+        gro.get()
+            .apply_gro(&mut bufs, VIRTIO_NET_HDR_LEN, false)
+            .expect("GRO over well-formed segments");
+        let whole = VIRTIO_NET_HDR_LEN + 40 + per_flow as usize * mss;
+        assert_eq!(
+            bufs[0].len(),
+            whole,
+            "flow 0 coalesced into its first buffer"
+        );
+        assert_eq!(bufs[per_flow as usize].len(), whole, "flow 1 likewise");
+        let grown = bufs
+            .iter()
+            .filter(|b| b.capacity() > TUN_PACKET_BUF)
+            .count();
+        assert_eq!(grown, 2, "only the two first buffers grew");
+        // The coalesced bytes are the flow's payloads in order.
+        let head = &bufs[per_flow as usize][VIRTIO_NET_HDR_LEN + 40..];
+        for (k, chunk) in head.chunks(mss).enumerate() {
+            assert_eq!(
+                chunk,
+                &tcp_segment(1, 1000 + (k * mss) as u32, mss)[40..],
+                "segment {k}"
+            );
+        }
+        for b in &mut bufs {
+            b.release();
+        }
+        assert!(bufs.iter().all(|b| b.capacity() <= TUN_PACKET_BUF));
+        assert!(bufs.iter().all(|b| b.parked.is_none()));
+        // The two 64 KiB buffers went back to the thread and serve the next batch.
+        let lent: Vec<*const u8> = LARGE.with(|l| l.borrow().iter().map(|v| v.as_ptr()).collect());
+        assert_eq!(lent.len(), 2);
+        let mut bufs: Vec<TunBuf> = (0..per_flow)
+            .map(|k| TunBuf::with_packet(&tcp_segment(2, 1000 + k * mss as u32, mss)))
+            .collect();
+        gro.get()
+            .apply_gro(&mut bufs, VIRTIO_NET_HDR_LEN, false)
+            .expect("GRO over well-formed segments");
+        assert_eq!(bufs[0].len(), whole);
+        assert!(lent.contains(&bufs[0].as_ptr()), "a kept buffer was reused");
+        for b in &mut bufs {
+            b.release();
+        }
+        assert_eq!(LARGE.with(|l| l.borrow().len()), 2);
     }
 }
