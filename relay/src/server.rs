@@ -9,7 +9,9 @@
 //! connection with `send_datagram` only when its buffer has room (it holds less than the
 //! core's [`Forwarder::queue_share`] of its [`crate::tls::DATAGRAM_SEND_BUFFER`]), so a slow
 //! receiver costs its own datagrams, never the forwarding of others, and all buffers together
-//! stay bounded. A datagram is forwarded in the buffer quinn received it in when nothing else
+//! stay bounded. A destination's room and path MTU are read once per batch (each read locks
+//! its connection's state, which its driver holds while building packets) and spent datagram
+//! by datagram ([`Budget`]). A datagram is forwarded in the buffer quinn received it in when nothing else
 //! holds that buffer (its header rewritten in place), else copied once.
 //! Devices on networks that drop UDP connect over TLS/TCP instead ([`crate::tcp`]); their
 //! connections sit in the same table as [`DeviceConn::Tcp`], and the core cannot tell them
@@ -64,26 +66,34 @@ pub(crate) enum DeviceConn {
 }
 
 impl DeviceConn {
-    /// Whether the connection takes a datagram of `len` bytes now without waiting, its send
-    /// buffer holding at most `share` bytes (a QUIC link's; a TCP link's queue has its own
-    /// bound, in frames).
-    pub(crate) fn has_room(&self, len: usize, share: usize) -> bool {
+    /// What the connection takes now without waiting: the largest datagram (device-id header
+    /// included; a QUIC link's path MTU so far) and the bytes its send buffer may still take
+    /// while holding at most `share` bytes. Read once per destination per batch (each read
+    /// locks the connection's state, which its driver task holds while it builds packets);
+    /// [`Budget::take`] then spends it datagram by datagram.
+    pub(crate) fn budget(&self, share: usize) -> Budget {
         match self {
             DeviceConn::Quic(c) => {
                 let space = c.datagram_send_buffer_space();
                 let queued = crate::tls::DATAGRAM_SEND_BUFFER.saturating_sub(space);
-                space >= len && queued.saturating_add(len) <= share
+                Budget {
+                    max: c.max_datagram_size(),
+                    room: Some(space.min(share.saturating_sub(queued))),
+                }
             }
-            DeviceConn::Tcp(t) => t.send_buffer_space() >= len,
+            // A TCP link's queue has its own bound, in frames: checked per frame.
+            DeviceConn::Tcp(_) => Budget {
+                max: None,
+                room: None,
+            },
         }
     }
 
-    /// The largest datagram (device-id header included) the connection carries now, if it
-    /// has a limit of its own (QUIC: the path MTU it has discovered so far).
-    pub(crate) fn max_datagram(&self) -> Option<usize> {
+    /// Whether a TCP link's queue takes a frame of `len` bytes now.
+    fn tcp_has_room(&self, len: usize) -> bool {
         match self {
-            DeviceConn::Quic(c) => c.max_datagram_size(),
-            DeviceConn::Tcp(_) => None,
+            DeviceConn::Quic(_) => true,
+            DeviceConn::Tcp(t) => t.send_buffer_space() >= len,
         }
     }
 
@@ -100,6 +110,31 @@ impl DeviceConn {
             DeviceConn::Quic(c) => c.close(code.into(), reason.as_bytes()),
             DeviceConn::Tcp(t) => t.close(),
         }
+    }
+}
+
+/// What one destination takes in one batch ([`DeviceConn::budget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Budget {
+    /// The largest datagram the connection carries, if it has a limit of its own.
+    max: Option<usize>,
+    /// Bytes its send buffer takes still; `None`: checked per datagram by the link itself.
+    room: Option<usize>,
+}
+
+impl Budget {
+    /// Takes a datagram of `len` bytes from the budget, or says why it cannot go.
+    pub(crate) fn take(&mut self, len: usize) -> Result<(), Drop> {
+        if self.max.is_some_and(|max| len > max) {
+            return Err(Drop::TooLarge);
+        }
+        if let Some(room) = &mut self.room {
+            if len > *room {
+                return Err(Drop::QueueFull);
+            }
+            *room -= len;
+        }
+        Ok(())
     }
 }
 
@@ -345,7 +380,7 @@ fn forward(
     shared: &Shared,
     id: ConnId,
     batch: &mut Vec<Bytes>,
-    routed: &mut Vec<(DeviceConn, Bytes)>,
+    routed: &mut Vec<(ConnId, DeviceConn, Bytes)>,
 ) {
     routed.clear();
     let mut undelivered: Vec<(Drop, usize)> = Vec::new();
@@ -368,7 +403,7 @@ fn forward(
                     .inspect(|c| last = Some((to, c.clone()))),
             };
             match conn {
-                Some(c) => routed.push((c, buf.freeze())),
+                Some(c) => routed.push((to, c, buf.freeze())),
                 None => {
                     let body = buf.len().saturating_sub(RELAY_HEADER_LEN);
                     core.handle_undelivered(Drop::UnknownDestination, body);
@@ -377,13 +412,19 @@ fn forward(
         }
         core.queue_share(crate::tls::DATAGRAM_SEND_BUFFER)
     };
-    for (c, d) in routed.drain(..) {
+    // Consecutive datagrams to one destination share one budget (and one read of its state).
+    let mut budget: Option<(ConnId, Budget)> = None;
+    for (to, c, d) in routed.drain(..) {
         let body = d.len().saturating_sub(RELAY_HEADER_LEN);
-        if c.max_datagram().is_some_and(|max| d.len() > max) {
-            undelivered.push((Drop::TooLarge, body));
+        let b = match &mut budget {
+            Some((id, b)) if *id == to => b,
+            _ => &mut budget.insert((to, c.budget(share))).1,
+        };
+        if let Err(reason) = b.take(d.len()) {
+            undelivered.push((reason, body));
             continue;
         }
-        let sent = c.has_room(d.len(), share) && c.send_datagram(d).is_ok();
+        let sent = c.tcp_has_room(d.len()) && c.send_datagram(d).is_ok();
         if !sent {
             undelivered.push((Drop::QueueFull, body));
         }
@@ -506,5 +547,38 @@ impl Stream {
             .await
             .ok()
             .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A budget lets datagrams through until its room is spent, refuses one over the path MTU
+    /// without spending room, and one over the remaining room as a full queue.
+    #[test]
+    fn budget_spends_room_and_refuses_oversized() {
+        let mut b = Budget {
+            max: Some(1_400),
+            room: Some(3_000),
+        };
+        assert_eq!(b.take(1_401), Err(Drop::TooLarge));
+        assert_eq!(b.take(1_400), Ok(()));
+        assert_eq!(b.take(1_400), Ok(()));
+        assert_eq!(b.take(201), Err(Drop::QueueFull));
+        assert_eq!(b.take(200), Ok(()));
+        assert_eq!(b.take(1), Err(Drop::QueueFull));
+    }
+
+    /// A link without a limit of its own (TCP: its queue checks each frame) takes any size.
+    #[test]
+    fn budget_without_limits_takes_everything() {
+        let mut b = Budget {
+            max: None,
+            room: None,
+        };
+        for _ in 0..1_000 {
+            assert_eq!(b.take(65_535), Ok(()));
+        }
     }
 }
