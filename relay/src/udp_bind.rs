@@ -29,7 +29,7 @@
 //! Memory is bounded by the connections (one entry each, capped by
 //! [`crate::forward::Limits::max_connections`]) and one outstanding nonce per connection.
 
-use crate::forward::ConnId;
+use crate::forward::{Clock, ConnId, Drop, Forwarder};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -319,6 +319,78 @@ impl Bindings {
     }
 }
 
+/// What the relay does with one plain-UDP datagram ([`handle_udp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpOutcome {
+    /// A confirm bound its source to this connection (tell the device over QUIC).
+    Bound(ConnId),
+    /// A data datagram to send on in plain UDP: the whole buffer, rewritten in place
+    /// (`DATA || destination's token || source device id || WireGuard datagram`).
+    Udp(SocketAddr),
+    /// A data datagram for a destination without a bound address: send
+    /// `buf[DATA_PREFIX_LEN..]` (`source device id || WireGuard datagram`, the QUIC datagram
+    /// format) on its QUIC link.
+    Quic(ConnId),
+    /// Not forwarded, counted here or in the forwarding core.
+    Dropped(Dropped),
+}
+
+/// Why [`handle_udp`] did not forward a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Before routing: garbage, unknown token, wrong source, bad nonce ([`Bindings::stats`]).
+    Binding(UdpDrop),
+    /// By the forwarding core: ticket, rate, destination, size ([`Forwarder::stats`]).
+    Forwarding(Drop),
+}
+
+/// One plain-UDP datagram `buf` from `src`: a confirm binds; a data datagram passes its
+/// token's binding (its source must be the bound one), then the same checks as a QUIC
+/// datagram of that connection ([`Forwarder::handle_datagram`]: ticket, rate, destination,
+/// size), and is rewritten in place for its destination. Nothing that fails a check is
+/// forwarded.
+pub fn handle_udp(
+    bindings: &mut Bindings,
+    fwd: &mut Forwarder,
+    src: SocketAddr,
+    buf: &mut [u8],
+    now: Clock,
+) -> UdpOutcome {
+    let (token, nonce) = match parse(buf) {
+        Err(d) => {
+            bindings.count(d);
+            return UdpOutcome::Dropped(Dropped::Binding(d));
+        }
+        Ok(UdpMessage::Confirm { token, nonce }) => (token, Some(nonce)),
+        Ok(UdpMessage::Data { token, .. }) => (token, None),
+    };
+    if let Some(nonce) = nonce {
+        return match bindings.handle_confirm(token, nonce, src, now.at) {
+            Ok(conn) => UdpOutcome::Bound(conn),
+            Err(d) => UdpOutcome::Dropped(Dropped::Binding(d)),
+        };
+    }
+    let from = match bindings.check_data(token, src) {
+        Ok(c) => c,
+        Err(d) => return UdpOutcome::Dropped(Dropped::Binding(d)),
+    };
+    let Some(body) = buf.get_mut(DATA_PREFIX_LEN..) else {
+        bindings.count(UdpDrop::Garbage); // parse checked the length; never happens
+        return UdpOutcome::Dropped(Dropped::Binding(UdpDrop::Garbage));
+    };
+    let to = match fwd.handle_datagram(from, body, now) {
+        Ok(to) => to,
+        Err(d) => return UdpOutcome::Dropped(Dropped::Forwarding(d)),
+    };
+    match bindings.route(to) {
+        Some((addr, t)) => {
+            buf[1..DATA_PREFIX_LEN].copy_from_slice(&t.0);
+            UdpOutcome::Udp(addr)
+        }
+        None => UdpOutcome::Quic(to),
+    }
+}
+
 /// Compares two nonces in time independent of where they differ.
 fn same_bytes(a: &[u8; NONCE_LEN], b: &[u8; NONCE_LEN]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -530,5 +602,180 @@ mod tests {
             Err(TokenTaken)
         );
         assert_eq!(b.len(), 1);
+    }
+
+    mod routing {
+        #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+        use super::super::*;
+        use crate::forward::Limits;
+        use ed25519_dalek::SigningKey;
+        use ward_shared::relay::{
+            split_datagram, DeviceToRelay, Ticket, RELAY_PROTOCOL_VERSION, TICKET_TTL_MS,
+        };
+        use ward_shared::wire::DeviceId;
+
+        const T0_MS: i64 = 1_700_000_000_000;
+
+        struct H {
+            f: Forwarder,
+            b: Bindings,
+            key: SigningKey,
+            now: Clock,
+        }
+
+        impl H {
+            fn new() -> Self {
+                let key = SigningKey::from_bytes(&[7; 32]);
+                let now = Clock {
+                    at: Instant::now(),
+                    unix_ms: T0_MS,
+                };
+                let mut f = Forwarder::new(Limits::default());
+                f.handle_welcome(key.verifying_key(), &[], now);
+                H {
+                    f,
+                    b: Bindings::new(),
+                    key,
+                    now,
+                }
+            }
+
+            /// Device `n` connected over QUIC (ticket checked), token [n; 16].
+            fn join(&mut self, n: u8) -> ConnId {
+                let c = self.f.handle_connect(self.now).unwrap();
+                let ticket = Ticket {
+                    device_id: DeviceId(u64::from(n)),
+                    cert_identity: [n; 32],
+                    not_before_ms: T0_MS,
+                    not_after_ms: T0_MS + TICKET_TTL_MS,
+                    serial: u64::from(n),
+                }
+                .sign(&self.key);
+                let hello = DeviceToRelay::Hello {
+                    protocol: RELAY_PROTOCOL_VERSION,
+                    ticket,
+                };
+                self.f.handle_hello(c, [n; 32], &hello, self.now).unwrap();
+                c
+            }
+
+            /// Device `n` joined and bound at `addr` through a confirm datagram.
+            fn join_bound(&mut self, n: u8, addr: SocketAddr) -> ConnId {
+                let c = self.join(n);
+                let (t, nonce) = self
+                    .b
+                    .handle_bind_request(c, Token([n; 16]), Nonce([n ^ 0x55; 16]), self.now.at)
+                    .unwrap();
+                let mut confirm = super::confirm_bytes(t, nonce);
+                assert_eq!(self.udp(addr, &mut confirm), UdpOutcome::Bound(c));
+                c
+            }
+
+            fn udp(&mut self, src: SocketAddr, buf: &mut [u8]) -> UdpOutcome {
+                handle_udp(&mut self.b, &mut self.f, src, buf, self.now)
+            }
+        }
+
+        fn data(token: [u8; 16], to: u64, body: &[u8]) -> Vec<u8> {
+            let mut v = vec![DATA_MARK];
+            v.extend_from_slice(&token);
+            v.extend_from_slice(&to.to_be_bytes());
+            v.extend_from_slice(body);
+            v
+        }
+
+        fn addr(s: &str) -> SocketAddr {
+            super::addr(s)
+        }
+
+        /// Bound to bound: the datagram goes to the destination's address carrying the
+        /// destination's token and the source's id; to a device without a binding it goes over
+        /// QUIC in the QUIC datagram format.
+        #[test]
+        fn data_is_rewritten_for_the_destination() {
+            let mut h = H::new();
+            let _a = h.join_bound(1, addr("192.0.2.1:5000"));
+            let b = h.join_bound(2, addr("198.51.100.2:6000"));
+            let c = h.join(3);
+            let mut d = data([1; 16], 2, b"ciphertext");
+            assert_eq!(
+                h.udp(addr("192.0.2.1:5000"), &mut d),
+                UdpOutcome::Udp(addr("198.51.100.2:6000"))
+            );
+            assert_eq!(d, data([2; 16], 1, b"ciphertext"));
+            let mut d = data([2; 16], 3, b"to c");
+            assert_eq!(
+                h.udp(addr("198.51.100.2:6000"), &mut d),
+                UdpOutcome::Quic(c)
+            );
+            assert_eq!(
+                split_datagram(&d[DATA_PREFIX_LEN..]),
+                Some((DeviceId(2), &b"to c"[..]))
+            );
+            assert_eq!(h.f.stats().datagrams_relayed, 2);
+            assert_eq!(h.b.route(b).map(|r| r.0), Some(addr("198.51.100.2:6000")));
+        }
+
+        /// A spoofed source with a valid token, another device's token from the sender's own
+        /// address, garbage and unknown tokens: none is forwarded, none reaches the
+        /// forwarding core's counters, and the buffer is left as it came.
+        #[test]
+        fn spoofed_replayed_and_garbage_datagrams_are_not_forwarded() {
+            let mut h = H::new();
+            let a = h.join_bound(1, addr("192.0.2.1:5000"));
+            let b = h.join_bound(2, addr("198.51.100.2:6000"));
+            let cases: [(&str, Vec<u8>, UdpDrop); 4] = [
+                (
+                    "203.0.113.9:5000",
+                    data([1; 16], 2, b"x"),
+                    UdpDrop::WrongSource,
+                ),
+                (
+                    "192.0.2.1:5000",
+                    data([2; 16], 1, b"x"),
+                    UdpDrop::WrongSource,
+                ),
+                (
+                    "192.0.2.1:5000",
+                    data([9; 16], 2, b"x"),
+                    UdpDrop::UnknownToken,
+                ),
+                ("192.0.2.1:5000", vec![0x40, 1, 2, 3], UdpDrop::Garbage),
+            ];
+            for (src, mut d, why) in cases {
+                let before = d.clone();
+                assert_eq!(
+                    h.udp(addr(src), &mut d),
+                    UdpOutcome::Dropped(Dropped::Binding(why)),
+                    "{src}"
+                );
+                assert_eq!(d, before);
+            }
+            assert_eq!(h.f.stats().datagrams_relayed, 0);
+            assert_eq!(h.b.stats().dropped(UdpDrop::WrongSource), 2);
+            // The bindings did not move.
+            assert_eq!(h.b.route(a).map(|r| r.0), Some(addr("192.0.2.1:5000")));
+            assert_eq!(h.b.route(b).map(|r| r.0), Some(addr("198.51.100.2:6000")));
+        }
+
+        /// A bound device's datagram still passes the forwarding core: to an unknown device
+        /// it is dropped there; once the connection closes its token is void.
+        #[test]
+        fn forwarding_checks_still_apply() {
+            let mut h = H::new();
+            let a = h.join_bound(1, addr("192.0.2.1:5000"));
+            let mut d = data([1; 16], 77, b"x");
+            assert_eq!(
+                h.udp(addr("192.0.2.1:5000"), &mut d),
+                UdpOutcome::Dropped(Dropped::Forwarding(Drop::UnknownDestination))
+            );
+            h.f.handle_closed(a);
+            h.b.handle_closed(a);
+            let mut d = data([1; 16], 77, b"x");
+            assert_eq!(
+                h.udp(addr("192.0.2.1:5000"), &mut d),
+                UdpOutcome::Dropped(Dropped::Binding(UdpDrop::UnknownToken))
+            );
+        }
     }
 }
