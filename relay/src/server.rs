@@ -11,7 +11,7 @@
 //! receiver costs its own datagrams, never the forwarding of others, and all buffers together
 //! stay bounded. A destination's room and path MTU are read once per batch (each read locks
 //! its connection's state, which its driver holds while building packets) and spent datagram
-//! by datagram ([`Budget`]). A datagram is forwarded in the buffer quinn received it in when nothing else
+//! by datagram (`Budget`). A datagram is forwarded in the buffer quinn received it in when nothing else
 //! holds that buffer (its header rewritten in place), else copied once.
 //! Devices on networks that drop UDP connect over TLS/TCP instead ([`crate::tcp`]); their
 //! connections sit in the same table as [`DeviceConn::Tcp`], and the core cannot tell them

@@ -26,6 +26,23 @@
 //! - Nothing received in plain UDP moves a binding except a valid confirm; a device whose NAT
 //!   mapping changed asks for a new nonce over QUIC and confirms again.
 //!
+//! Drive loop (for the driver to come; every call under the forwarding lock, beside
+//! [`Forwarder`]):
+//!
+//! ```text
+//! a welcomed connection asks over QUIC → handle_bind_request(conn, random token, random nonce, now)
+//!                                          → send (token, nonce) back over QUIC
+//! each plain-UDP datagram               → handle_udp(bindings, forwarder, src, &mut buf, clock)
+//!                                          → Bound (tell the device over QUIC) | Udp(addr): send buf
+//!                                            | Quic(conn): send buf[DATA_PREFIX_LEN..] | Dropped
+//! a QUIC datagram routed to `to`        → route(to): Some((addr, token)) → send it in plain UDP
+//! a connection ended (handle_closed, poll_close, a revocation) → handle_closed(conn)
+//! every ~250 ms                         → handle_timer(now)
+//! ```
+//!
+//! A connection the driver forgets to report closed fails closed: its datagrams meet the
+//! forwarding core's checks, which refuse a connection it no longer holds.
+//!
 //! Memory is bounded by the connections (one entry each, capped by
 //! [`crate::forward::Limits::max_connections`]) and one outstanding nonce per connection.
 
@@ -759,7 +776,8 @@ mod tests {
         }
 
         /// A bound device's datagram still passes the forwarding core: to an unknown device
-        /// it is dropped there; once the connection closes its token is void.
+        /// it is dropped there, from a connection the core closed too; once the bindings
+        /// hear of the close its token is void.
         #[test]
         fn forwarding_checks_still_apply() {
             let mut h = H::new();
@@ -770,6 +788,12 @@ mod tests {
                 UdpOutcome::Dropped(Dropped::Forwarding(Drop::UnknownDestination))
             );
             h.f.handle_closed(a);
+            // Not yet reported closed to the bindings: the forwarding core refuses it.
+            let mut d = data([1; 16], 77, b"x");
+            assert_eq!(
+                h.udp(addr("192.0.2.1:5000"), &mut d),
+                UdpOutcome::Dropped(Dropped::Forwarding(Drop::NoTicket))
+            );
             h.b.handle_closed(a);
             let mut d = data([1; 16], 77, b"x");
             assert_eq!(
