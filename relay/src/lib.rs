@@ -26,3 +26,4 @@ pub mod socket;
 pub mod tcp;
 pub mod tls;
 pub mod udp_bind;
+pub mod udp_path;

@@ -18,13 +18,16 @@
 //! apart.
 
 use crate::forward::{Clock, Close, ConnId, Drop, Forwarder, Refusal};
+use crate::udp_bind::Token;
+use crate::udp_path::UdpPath;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 use ward_shared::relay::{
     DeviceToRelay, RelayToDevice, SignedTicket, MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME,
     RELAY_HEADER_LEN,
@@ -50,12 +53,17 @@ pub struct Shared {
     /// The devices' TLS config for TCP (the QUIC endpoint holds its own copy); `None` until
     /// the coordinator welcomed the relay.
     device_tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
+    /// The UDP socket the plain-UDP path sends on (the QUIC endpoint's); unset: no plain-UDP
+    /// sends (bindings are still refused nothing, but nothing is routed to them).
+    udp_socket: OnceLock<Arc<dyn quinn::AsyncUdpSocket>>,
 }
 
 #[derive(Debug)]
 pub struct Forwarding {
     pub core: Forwarder,
     pub(crate) conns: HashMap<ConnId, DeviceConn>,
+    /// The plain-UDP bindings ([`crate::udp_path`]).
+    pub udp: UdpPath,
 }
 
 /// A device connection the forwarding table hands datagrams to.
@@ -146,6 +154,7 @@ impl Forwarding {
     /// Closes every connection the core gave up on.
     pub(crate) fn drain_closes(&mut self) {
         while let Some((id, why)) = self.core.poll_close() {
+            self.udp.handle_closed(id);
             if let Some(c) = self.conns.remove(&id) {
                 c.close(why.code(), why.as_str());
             }
@@ -167,6 +176,7 @@ impl Shared {
             fwd: Mutex::new(Forwarding {
                 core,
                 conns: HashMap::new(),
+                udp: UdpPath::default(),
             }),
             control_up: AtomicBool::new(false),
             hello_timeout,
@@ -175,7 +185,17 @@ impl Shared {
                 Instant::now(),
             )),
             device_tls: Mutex::new(None),
+            udp_socket: OnceLock::new(),
         })
+    }
+
+    /// The socket plain-UDP datagrams leave on (set once, at start).
+    pub fn set_udp_socket(&self, socket: Arc<dyn quinn::AsyncUdpSocket>) {
+        let _ = self.udp_socket.set(socket);
+    }
+
+    pub(crate) fn udp_socket(&self) -> Option<&Arc<dyn quinn::AsyncUdpSocket>> {
+        self.udp_socket.get()
     }
 
     /// The devices' TLS config for TCP, from the coordinator's welcome or a renewal.
@@ -239,7 +259,11 @@ pub async fn timer_loop(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        shared.with_core(|c| c.handle_timer(clock()));
+        let now = clock();
+        let mut g = shared.lock();
+        g.core.handle_timer(now);
+        g.udp.bindings.handle_timer(now.at);
+        g.drain_closes();
     }
 }
 
@@ -273,6 +297,7 @@ async fn serve_device(shared: Arc<Shared>, incoming: quinn::Incoming, id: ConnId
     let mut g = shared.lock();
     g.core.handle_closed(id);
     g.conns.remove(&id);
+    g.udp.handle_closed(id);
     g.drain_closes();
 }
 
@@ -330,14 +355,42 @@ async fn run_device(
     tracing::info!(%remote, conn = %id, %device, max_datagram, "device connected");
     let mut batch = Vec::with_capacity(FORWARD_BATCH);
     let mut routed = Vec::with_capacity(FORWARD_BATCH);
+    // Woken when a confirm bound this connection's plain-UDP address (after a `UdpBind`).
+    let mut bound: Option<Arc<Notify>> = None;
     loop {
+        let bound_wait = async {
+            match &bound {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             d = conn.read_datagram() => {
                 let Ok(d) = d else { break };
                 take_ready(conn, d, &mut batch);
                 forward(shared, id, &mut batch, &mut routed);
             }
+            () = bound_wait => {
+                if stream.send.write_all(&wire::encode(&RelayToDevice::UdpBound)).await.is_err() {
+                    break;
+                }
+            }
             msg = stream.next() => {
+                if matches!(msg, Some(DeviceToRelay::UdpBind)) {
+                    let answer = crate::udp_path::bind_request(&mut shared.lock(), id);
+                    let Some((token, nonce, notify)) = answer else {
+                        let r = shared.with_core(|c| c.handle_garbage(id));
+                        tracing::debug!(%remote, conn = %id, %device, reason = r.as_str(), "plain-UDP binding asked on a version-1 connection");
+                        break;
+                    };
+                    bound = Some(notify);
+                    let m = RelayToDevice::UdpBinding { token, nonce };
+                    if stream.send.write_all(&wire::encode(&m)).await.is_err() {
+                        break;
+                    }
+                    tracing::debug!(conn = %id, %device, "plain-UDP binding offered");
+                    continue;
+                }
                 let Some(DeviceToRelay::Ticket { ticket }) = msg else {
                     let r = shared.with_core(|c| c.handle_garbage(id));
                     tracing::debug!(%remote, conn = %id, %device, reason = r.as_str(), "device stream ended or broke the protocol");
@@ -384,10 +437,12 @@ fn forward(
 ) {
     routed.clear();
     let mut undelivered: Vec<(Drop, usize)> = Vec::new();
+    let mut plain: Vec<(std::net::SocketAddr, Token, Bytes)> = Vec::new();
+    let socket = shared.udp_socket();
     let share = {
         let now = clock();
         let mut g = shared.lock();
-        let Forwarding { core, conns } = &mut *g;
+        let Forwarding { core, conns, udp } = &mut *g;
         let mut last: Option<(ConnId, DeviceConn)> = None;
         for d in batch.drain(..) {
             // quinn's buffer when this datagram is its only holder, else a copy.
@@ -395,6 +450,12 @@ fn forward(
             let Ok(to) = core.handle_datagram(id, &mut buf, now) else {
                 continue;
             };
+            if socket.is_some() {
+                if let Some((addr, token)) = udp.route(to) {
+                    plain.push((addr, token, buf.freeze()));
+                    continue;
+                }
+            }
             let conn = match &last {
                 Some((c, conn)) if *c == to => Some(conn.clone()),
                 _ => conns
@@ -412,6 +473,12 @@ fn forward(
         }
         core.queue_share(crate::tls::DATAGRAM_SEND_BUFFER)
     };
+    let mut plain_failed = 0;
+    if let Some(socket) = socket {
+        if !plain.is_empty() {
+            plain_failed = crate::udp_path::send_plain(socket.as_ref(), &plain);
+        }
+    }
     // Consecutive datagrams to one destination share one budget (and one read of its state).
     let mut budget: Option<(ConnId, Budget)> = None;
     for (to, c, d) in routed.drain(..) {
@@ -428,6 +495,11 @@ fn forward(
         if !sent {
             undelivered.push((Drop::QueueFull, body));
         }
+    }
+    if !plain.is_empty() {
+        let mut g = shared.lock();
+        g.udp
+            .count_sent(plain.len() as u64 - plain_failed, plain_failed);
     }
     if !undelivered.is_empty() {
         let mut g = shared.lock();
@@ -478,6 +550,7 @@ fn admit<T>(
     let r = decide(&mut g.core);
     if r.is_err() {
         g.conns.remove(&id);
+        g.udp.handle_closed(id);
     }
     g.drain_closes();
     r
