@@ -1,8 +1,7 @@
 //! The I/O-free core of a plain-UDP relay data path: which UDP source address may send a
 //! device connection's datagrams, and where that device's datagrams go, without QUIC per
-//! packet. **Not wired yet**: no driver calls it, and relayed datagrams travel as QUIC
-//! datagrams (or TLS/TCP frames) only. This is the binding logic the path will rest on, kept
-//! here with its tests so the driver can be built on a settled core.
+//! packet. Driven by [`crate::udp_path`] (the relay's socket and the device streams) for
+//! connections whose `Hello` said forwarding version 2.
 //!
 //! The idea: QUIC (already authenticated: device certificate and ticket checked by
 //! [`crate::forward::Forwarder`]) stays the control channel. Over it a device asks for a UDP
@@ -26,7 +25,7 @@
 //! - Nothing received in plain UDP moves a binding except a valid confirm; a device whose NAT
 //!   mapping changed asks for a new nonce over QUIC and confirms again.
 //!
-//! Drive loop (for the driver to come; every call under the forwarding lock, beside
+//! Drive loop ([`crate::udp_path`]; every call under the forwarding lock, beside
 //! [`Forwarder`]):
 //!
 //! ```text
