@@ -2,13 +2,13 @@
 //! to the device streams.
 //!
 //! - A welcomed version-2 connection's `UdpBind` (on its QUIC stream) draws a token and nonce
-//!   ([`bind_request`]); the answer goes back on the stream.
+//!   (`bind_request`); the answer goes back on the stream.
 //! - The socket ([`crate::socket::DemuxSocket`]) hands every received datagram whose first byte
-//!   is a plain-UDP mark here ([`handle_received`], one lock per receive batch): a confirm
+//!   is a plain-UDP mark here (`handle_received`, one lock per receive batch): a confirm
 //!   binds its source and wakes the connection's task, which sends `UdpBound` on its stream; a
 //!   data datagram passes the binding and forwarding checks and leaves in plain UDP (rewritten
 //!   in place) to a bound destination, or as a QUIC datagram to one without a binding.
-//! - A QUIC datagram routed to a bound destination leaves in plain UDP ([`route`]).
+//! - A QUIC datagram routed to a bound destination leaves in plain UDP (`UdpPath::route`, `send_plain`).
 //!
 //! Drops are counted ([`UdpCounters`], the binding core's [`BindStats`]) and logged at most
 //! once per [`LOG_EVERY`].
