@@ -8,7 +8,8 @@
 //!   binds its source and wakes the connection's task, which sends `UdpBound` on its stream; a
 //!   data datagram passes the binding and forwarding checks and leaves in plain UDP (rewritten
 //!   in place) to a bound destination, or as a QUIC datagram to one without a binding.
-//! - A QUIC datagram routed to a bound destination leaves in plain UDP (`UdpPath::route`, `send_plain`).
+//! - A QUIC datagram routed to a bound destination leaves in plain UDP (`UdpPath::route`,
+//!   `send_plain`).
 //!
 //! Drops are counted ([`UdpCounters`], the binding core's [`BindStats`]) and logged at most
 //! once per [`LOG_EVERY`].
