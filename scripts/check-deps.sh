@@ -73,6 +73,7 @@ cores=(
     relay/src/core.rs
     relay/src/forward.rs
     relay/src/gate.rs
+    relay/src/udp_bind.rs
 )
 forbidden_re='tokio::|quinn::|std::net::(UdpSocket|TcpStream|TcpListener)|UnixStream|SystemTime::now|Instant::now|thread_rng|OsRng|std::thread::spawn|std::fs::|std::process::|ward_runtime'
 for c in "${cores[@]}"; do

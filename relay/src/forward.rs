@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 use ward_shared::relay::{
     DeviceToRelay, SignedTicket, TicketError, MAX_RELAYED_DATAGRAM, RELAY_HEADER_LEN,
-    RELAY_PROTOCOL_VERSION, TICKET_TTL_MS,
+    RELAY_PROTOCOL_UDP, RELAY_PROTOCOL_VERSION, TICKET_TTL_MS,
 };
 use ward_shared::wire::DeviceId;
 
@@ -318,6 +318,8 @@ struct DeviceConn {
     cert_identity: [u8; 32],
     /// The current ticket's end (wall ms).
     not_after_ms: i64,
+    /// Its `Hello` said forwarding version 2: it may ask for a plain-UDP binding.
+    udp: bool,
     packets: Bucket,
     bytes: Bucket,
 }
@@ -401,6 +403,12 @@ impl Forwarder {
     }
 
     /// Whether connections are accepted at all (a `Welcome` has come).
+    /// Whether `conn` is a welcomed connection whose `Hello` said forwarding version 2 (it may
+    /// ask for a plain-UDP binding; a version-1 connection that asks breaks the protocol).
+    pub fn speaks_udp(&self, conn: ConnId) -> bool {
+        matches!(self.conns.get(&conn), Some(Conn::Device(d)) if d.udp)
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ticket_key.is_some()
     }
@@ -444,11 +452,14 @@ impl Forwarder {
             // Gone (closed meanwhile) or already welcomed: a second Hello breaks the protocol.
             Some(Conn::Device(_)) | None => return Err(self.refuse(conn, Refusal::Protocol)),
         }
-        let ticket = match msg {
+        let (ticket, udp) = match msg {
             DeviceToRelay::Hello { protocol, ticket } if *protocol == RELAY_PROTOCOL_VERSION => {
-                ticket
+                (ticket, false)
             }
-            DeviceToRelay::Hello { .. } | DeviceToRelay::Ticket { .. } => {
+            DeviceToRelay::Hello { protocol, ticket } if *protocol == RELAY_PROTOCOL_UDP => {
+                (ticket, true)
+            }
+            DeviceToRelay::Hello { .. } | DeviceToRelay::Ticket { .. } | DeviceToRelay::UdpBind => {
                 return Err(self.refuse(conn, Refusal::Protocol))
             }
         };
@@ -469,6 +480,7 @@ impl Forwarder {
                 device,
                 cert_identity,
                 not_after_ms,
+                udp,
                 packets: Bucket::full(
                     self.limits.rate_packets,
                     capacity(self.limits.rate_packets, self.limits.burst),

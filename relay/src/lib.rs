@@ -7,8 +7,9 @@
 //! Devices on networks that drop UDP reach the same forwarding over TLS/TCP on the same port
 //! number ([`tcp`]).
 //!
-//! [`core`] (discovery), [`forward`] (connections, tickets, routing, limits) and [`gate`]
-//! (hellos per source address, before any ticket is checked) are I/O-free:
+//! [`core`] (discovery), [`forward`] (connections, tickets, routing, limits), [`gate`]
+//! (hellos per source address, before any ticket is checked) and [`udp_bind`] (the bindings
+//! of a plain-UDP data path; not wired to a driver yet) are I/O-free:
 //! no sockets, no clock, no threads; time is passed in. [`socket`], [`server`], [`tcp`],
 //! [`control`], [`tls`] and [`metrics`] are their thin tokio/quinn drivers, wired together in
 //! `main.rs`.
@@ -24,3 +25,5 @@ pub mod server;
 pub mod socket;
 pub mod tcp;
 pub mod tls;
+pub mod udp_bind;
+pub mod udp_path;

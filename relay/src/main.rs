@@ -114,15 +114,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let inner = runtime
         .wrap_udp_socket(socket)
         .context("preparing the UDP socket for QUIC")?;
-    let demux = Arc::new(DemuxSocket::new(inner, discovery.clone()));
-    let endpoint = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        None,
-        demux,
-        runtime,
-    )
-    .context("opening the QUIC endpoint")?;
-
     let limits = Limits {
         max_connections: args.max_connections.max(1),
         rate_packets: args.rate_pps.max(1),
@@ -130,12 +121,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ..Limits::default()
     };
     let shared = Shared::new(Forwarder::new(limits), limits.hello_timeout);
+    let demux = Arc::new(DemuxSocket::new(inner, discovery.clone()).with_plain_udp(shared.clone()));
+    // No greasing of QUIC's fixed bit: peers then set it in every packet, so a first byte
+    // with the two top bits clear is never QUIC and belongs to the plain-UDP path
+    // (`udp_path::is_plain`). quinn also refuses arriving packets without it.
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    endpoint_config.grease_quic_bit(false);
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_config, None, demux, runtime)
+        .context("opening the QUIC endpoint")?;
+
     let snapshot: metrics::Shared = {
         let (discovery, shared) = (discovery.clone(), shared.clone());
-        Arc::new(move || Snapshot {
-            discovery: discovery.lock().unwrap_or_else(|p| p.into_inner()).stats(),
-            forward: shared.lock().core.stats(),
-            control_up: shared.is_control_up(),
+        Arc::new(move || {
+            let (forward, udp) = {
+                let g = shared.lock();
+                (g.core.stats(), g.udp.counters())
+            };
+            Snapshot {
+                discovery: discovery.lock().unwrap_or_else(|p| p.into_inner()).stats(),
+                forward,
+                udp,
+                control_up: shared.is_control_up(),
+            }
         })
     };
     let load = {

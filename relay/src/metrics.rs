@@ -12,6 +12,7 @@ use ward_runtime::metrics::{Exposition, Kind, Limits};
 pub struct Snapshot {
     pub discovery: Stats,
     pub forward: forward::Stats,
+    pub udp: crate::udp_path::UdpCounters,
     pub control_up: bool,
 }
 
@@ -101,6 +102,38 @@ pub fn render(snap: &Snapshot) -> String {
         "reason",
         &tickets,
     );
+    let u = &snap.udp;
+    e.counter(
+        "ward_relay_udp_bound_total",
+        "Plain-UDP source addresses bound by a confirm carrying the nonce sent over QUIC.",
+        u.bind.bound,
+    );
+    e.counter(
+        "ward_relay_udp_received_total",
+        "Data datagrams received in plain UDP and forwarded.",
+        u.received,
+    );
+    e.counter(
+        "ward_relay_udp_sent_total",
+        "Datagrams sent in plain UDP to a bound device.",
+        u.sent,
+    );
+    e.counter(
+        "ward_relay_udp_send_failed_total",
+        "Plain-UDP sends the socket refused (dropped).",
+        u.send_failed,
+    );
+    let udp_dropped: Vec<(&str, f64)> = crate::udp_bind::UdpDrop::ALL
+        .iter()
+        .map(|d| (d.as_str(), u.bind.dropped(*d) as f64))
+        .collect();
+    e.labelled(
+        "ward_relay_udp_dropped_total",
+        Kind::Counter,
+        "Plain-UDP datagrams not forwarded by the binding check, by reason.",
+        "reason",
+        &udp_dropped,
+    );
     e.finish()
 }
 
@@ -132,6 +165,9 @@ mod tests {
             "ward_relay_refused_total{reason=\"wrong_kind\"} 0",
             "ward_relay_refused_total{reason=\"rate_limited\"} 0",
             "ward_relay_sources 0",
+            "ward_relay_udp_bound_total 0",
+            "ward_relay_udp_sent_total 0",
+            "ward_relay_udp_dropped_total{reason=\"wrong_source\"} 0",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }

@@ -9,20 +9,25 @@
 //! connection with `send_datagram` only when its buffer has room (it holds less than the
 //! core's [`Forwarder::queue_share`] of its [`crate::tls::DATAGRAM_SEND_BUFFER`]), so a slow
 //! receiver costs its own datagrams, never the forwarding of others, and all buffers together
-//! stay bounded. A datagram is forwarded in the buffer quinn received it in when nothing else
+//! stay bounded. A destination's room and path MTU are read once per batch (each read locks
+//! its connection's state, which its driver holds while building packets) and spent datagram
+//! by datagram (`Budget`). A datagram is forwarded in the buffer quinn received it in when nothing else
 //! holds that buffer (its header rewritten in place), else copied once.
 //! Devices on networks that drop UDP connect over TLS/TCP instead ([`crate::tcp`]); their
 //! connections sit in the same table as [`DeviceConn::Tcp`], and the core cannot tell them
 //! apart.
 
 use crate::forward::{Clock, Close, ConnId, Drop, Forwarder, Refusal};
+use crate::udp_bind::Token;
+use crate::udp_path::UdpPath;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 use ward_shared::relay::{
     DeviceToRelay, RelayToDevice, SignedTicket, MAX_RELAYED_DATAGRAM, MAX_RELAY_STREAM_FRAME,
     RELAY_HEADER_LEN,
@@ -48,12 +53,17 @@ pub struct Shared {
     /// The devices' TLS config for TCP (the QUIC endpoint holds its own copy); `None` until
     /// the coordinator welcomed the relay.
     device_tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
+    /// The UDP socket the plain-UDP path sends on (the QUIC endpoint's); unset: no plain-UDP
+    /// sends (bindings are still refused nothing, but nothing is routed to them).
+    udp_socket: OnceLock<Arc<dyn quinn::AsyncUdpSocket>>,
 }
 
 #[derive(Debug)]
 pub struct Forwarding {
     pub core: Forwarder,
     pub(crate) conns: HashMap<ConnId, DeviceConn>,
+    /// The plain-UDP bindings ([`crate::udp_path`]).
+    pub udp: UdpPath,
 }
 
 /// A device connection the forwarding table hands datagrams to.
@@ -64,26 +74,34 @@ pub(crate) enum DeviceConn {
 }
 
 impl DeviceConn {
-    /// Whether the connection takes a datagram of `len` bytes now without waiting, its send
-    /// buffer holding at most `share` bytes (a QUIC link's; a TCP link's queue has its own
-    /// bound, in frames).
-    pub(crate) fn has_room(&self, len: usize, share: usize) -> bool {
+    /// What the connection takes now without waiting: the largest datagram (device-id header
+    /// included; a QUIC link's path MTU so far) and the bytes its send buffer may still take
+    /// while holding at most `share` bytes. Read once per destination per batch (each read
+    /// locks the connection's state, which its driver task holds while it builds packets);
+    /// [`Budget::take`] then spends it datagram by datagram.
+    pub(crate) fn budget(&self, share: usize) -> Budget {
         match self {
             DeviceConn::Quic(c) => {
                 let space = c.datagram_send_buffer_space();
                 let queued = crate::tls::DATAGRAM_SEND_BUFFER.saturating_sub(space);
-                space >= len && queued.saturating_add(len) <= share
+                Budget {
+                    max: c.max_datagram_size(),
+                    room: Some(space.min(share.saturating_sub(queued))),
+                }
             }
-            DeviceConn::Tcp(t) => t.send_buffer_space() >= len,
+            // A TCP link's queue has its own bound, in frames: checked per frame.
+            DeviceConn::Tcp(_) => Budget {
+                max: None,
+                room: None,
+            },
         }
     }
 
-    /// The largest datagram (device-id header included) the connection carries now, if it
-    /// has a limit of its own (QUIC: the path MTU it has discovered so far).
-    pub(crate) fn max_datagram(&self) -> Option<usize> {
+    /// Whether a TCP link's queue takes a frame of `len` bytes now.
+    fn tcp_has_room(&self, len: usize) -> bool {
         match self {
-            DeviceConn::Quic(c) => c.max_datagram_size(),
-            DeviceConn::Tcp(_) => None,
+            DeviceConn::Quic(_) => true,
+            DeviceConn::Tcp(t) => t.send_buffer_space() >= len,
         }
     }
 
@@ -103,6 +121,31 @@ impl DeviceConn {
     }
 }
 
+/// What one destination takes in one batch ([`DeviceConn::budget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Budget {
+    /// The largest datagram the connection carries, if it has a limit of its own.
+    max: Option<usize>,
+    /// Bytes its send buffer takes still; `None`: checked per datagram by the link itself.
+    room: Option<usize>,
+}
+
+impl Budget {
+    /// Takes a datagram of `len` bytes from the budget, or says why it cannot go.
+    pub(crate) fn take(&mut self, len: usize) -> Result<(), Drop> {
+        if self.max.is_some_and(|max| len > max) {
+            return Err(Drop::TooLarge);
+        }
+        if let Some(room) = &mut self.room {
+            if len > *room {
+                return Err(Drop::QueueFull);
+            }
+            *room -= len;
+        }
+        Ok(())
+    }
+}
+
 /// The connection could not take a datagram (full or closing).
 #[derive(Debug)]
 pub(crate) struct DeviceSendError;
@@ -111,6 +154,7 @@ impl Forwarding {
     /// Closes every connection the core gave up on.
     pub(crate) fn drain_closes(&mut self) {
         while let Some((id, why)) = self.core.poll_close() {
+            self.udp.handle_closed(id);
             if let Some(c) = self.conns.remove(&id) {
                 c.close(why.code(), why.as_str());
             }
@@ -132,6 +176,7 @@ impl Shared {
             fwd: Mutex::new(Forwarding {
                 core,
                 conns: HashMap::new(),
+                udp: UdpPath::default(),
             }),
             control_up: AtomicBool::new(false),
             hello_timeout,
@@ -140,7 +185,17 @@ impl Shared {
                 Instant::now(),
             )),
             device_tls: Mutex::new(None),
+            udp_socket: OnceLock::new(),
         })
+    }
+
+    /// The socket plain-UDP datagrams leave on (set once, at start).
+    pub fn set_udp_socket(&self, socket: Arc<dyn quinn::AsyncUdpSocket>) {
+        let _ = self.udp_socket.set(socket);
+    }
+
+    pub(crate) fn udp_socket(&self) -> Option<&Arc<dyn quinn::AsyncUdpSocket>> {
+        self.udp_socket.get()
     }
 
     /// The devices' TLS config for TCP, from the coordinator's welcome or a renewal.
@@ -204,7 +259,11 @@ pub async fn timer_loop(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        shared.with_core(|c| c.handle_timer(clock()));
+        let now = clock();
+        let mut g = shared.lock();
+        g.core.handle_timer(now);
+        g.udp.bindings.handle_timer(now.at);
+        g.drain_closes();
     }
 }
 
@@ -238,6 +297,7 @@ async fn serve_device(shared: Arc<Shared>, incoming: quinn::Incoming, id: ConnId
     let mut g = shared.lock();
     g.core.handle_closed(id);
     g.conns.remove(&id);
+    g.udp.handle_closed(id);
     g.drain_closes();
 }
 
@@ -295,14 +355,42 @@ async fn run_device(
     tracing::info!(%remote, conn = %id, %device, max_datagram, "device connected");
     let mut batch = Vec::with_capacity(FORWARD_BATCH);
     let mut routed = Vec::with_capacity(FORWARD_BATCH);
+    // Woken when a confirm bound this connection's plain-UDP address (after a `UdpBind`).
+    let mut bound: Option<Arc<Notify>> = None;
     loop {
+        let bound_wait = async {
+            match &bound {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             d = conn.read_datagram() => {
                 let Ok(d) = d else { break };
                 take_ready(conn, d, &mut batch);
                 forward(shared, id, &mut batch, &mut routed);
             }
+            () = bound_wait => {
+                if stream.send.write_all(&wire::encode(&RelayToDevice::UdpBound)).await.is_err() {
+                    break;
+                }
+            }
             msg = stream.next() => {
+                if matches!(msg, Some(DeviceToRelay::UdpBind)) {
+                    let answer = crate::udp_path::bind_request(&mut shared.lock(), id);
+                    let Some((token, nonce, notify)) = answer else {
+                        let r = shared.with_core(|c| c.handle_garbage(id));
+                        tracing::debug!(%remote, conn = %id, %device, reason = r.as_str(), "plain-UDP binding asked on a version-1 connection");
+                        break;
+                    };
+                    bound = Some(notify);
+                    let m = RelayToDevice::UdpBinding { token, nonce };
+                    if stream.send.write_all(&wire::encode(&m)).await.is_err() {
+                        break;
+                    }
+                    tracing::debug!(conn = %id, %device, "plain-UDP binding offered");
+                    continue;
+                }
                 let Some(DeviceToRelay::Ticket { ticket }) = msg else {
                     let r = shared.with_core(|c| c.handle_garbage(id));
                     tracing::debug!(%remote, conn = %id, %device, reason = r.as_str(), "device stream ended or broke the protocol");
@@ -345,14 +433,16 @@ fn forward(
     shared: &Shared,
     id: ConnId,
     batch: &mut Vec<Bytes>,
-    routed: &mut Vec<(DeviceConn, Bytes)>,
+    routed: &mut Vec<(ConnId, DeviceConn, Bytes)>,
 ) {
     routed.clear();
     let mut undelivered: Vec<(Drop, usize)> = Vec::new();
+    let mut plain: Vec<(std::net::SocketAddr, Token, Bytes)> = Vec::new();
+    let socket = shared.udp_socket();
     let share = {
         let now = clock();
         let mut g = shared.lock();
-        let Forwarding { core, conns } = &mut *g;
+        let Forwarding { core, conns, udp } = &mut *g;
         let mut last: Option<(ConnId, DeviceConn)> = None;
         for d in batch.drain(..) {
             // quinn's buffer when this datagram is its only holder, else a copy.
@@ -360,6 +450,12 @@ fn forward(
             let Ok(to) = core.handle_datagram(id, &mut buf, now) else {
                 continue;
             };
+            if socket.is_some() {
+                if let Some((addr, token)) = udp.route(to) {
+                    plain.push((addr, token, buf.freeze()));
+                    continue;
+                }
+            }
             let conn = match &last {
                 Some((c, conn)) if *c == to => Some(conn.clone()),
                 _ => conns
@@ -368,7 +464,7 @@ fn forward(
                     .inspect(|c| last = Some((to, c.clone()))),
             };
             match conn {
-                Some(c) => routed.push((c, buf.freeze())),
+                Some(c) => routed.push((to, c, buf.freeze())),
                 None => {
                     let body = buf.len().saturating_sub(RELAY_HEADER_LEN);
                     core.handle_undelivered(Drop::UnknownDestination, body);
@@ -377,16 +473,33 @@ fn forward(
         }
         core.queue_share(crate::tls::DATAGRAM_SEND_BUFFER)
     };
-    for (c, d) in routed.drain(..) {
+    let mut plain_failed = 0;
+    if let Some(socket) = socket {
+        if !plain.is_empty() {
+            plain_failed = crate::udp_path::send_plain(socket.as_ref(), &plain);
+        }
+    }
+    // Consecutive datagrams to one destination share one budget (and one read of its state).
+    let mut budget: Option<(ConnId, Budget)> = None;
+    for (to, c, d) in routed.drain(..) {
         let body = d.len().saturating_sub(RELAY_HEADER_LEN);
-        if c.max_datagram().is_some_and(|max| d.len() > max) {
-            undelivered.push((Drop::TooLarge, body));
+        let b = match &mut budget {
+            Some((id, b)) if *id == to => b,
+            _ => &mut budget.insert((to, c.budget(share))).1,
+        };
+        if let Err(reason) = b.take(d.len()) {
+            undelivered.push((reason, body));
             continue;
         }
-        let sent = c.has_room(d.len(), share) && c.send_datagram(d).is_ok();
+        let sent = c.tcp_has_room(d.len()) && c.send_datagram(d).is_ok();
         if !sent {
             undelivered.push((Drop::QueueFull, body));
         }
+    }
+    if !plain.is_empty() {
+        let mut g = shared.lock();
+        g.udp
+            .count_sent(plain.len() as u64 - plain_failed, plain_failed);
     }
     if !undelivered.is_empty() {
         let mut g = shared.lock();
@@ -437,6 +550,7 @@ fn admit<T>(
     let r = decide(&mut g.core);
     if r.is_err() {
         g.conns.remove(&id);
+        g.udp.handle_closed(id);
     }
     g.drain_closes();
     r
@@ -506,5 +620,38 @@ impl Stream {
             .await
             .ok()
             .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A budget lets datagrams through until its room is spent, refuses one over the path MTU
+    /// without spending room, and one over the remaining room as a full queue.
+    #[test]
+    fn budget_spends_room_and_refuses_oversized() {
+        let mut b = Budget {
+            max: Some(1_400),
+            room: Some(3_000),
+        };
+        assert_eq!(b.take(1_401), Err(Drop::TooLarge));
+        assert_eq!(b.take(1_400), Ok(()));
+        assert_eq!(b.take(1_400), Ok(()));
+        assert_eq!(b.take(201), Err(Drop::QueueFull));
+        assert_eq!(b.take(200), Ok(()));
+        assert_eq!(b.take(1), Err(Drop::QueueFull));
+    }
+
+    /// A link without a limit of its own (TCP: its queue checks each frame) takes any size.
+    #[test]
+    fn budget_without_limits_takes_everything() {
+        let mut b = Budget {
+            max: None,
+            room: None,
+        };
+        for _ in 0..1_000 {
+            assert_eq!(b.take(65_535), Ok(()));
+        }
     }
 }

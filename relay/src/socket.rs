@@ -9,6 +9,8 @@
 //! only joins datagrams of one flow, and quinn drops what it cannot parse.
 
 use crate::core::Relay;
+use crate::server::Shared;
+use crate::udp_path;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use std::io::{self, IoSliceMut};
@@ -24,12 +26,49 @@ use ward_shared::discovery;
 pub struct DemuxSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     discovery: Arc<Mutex<Relay>>,
+    /// Where plain-UDP datagrams go ([`crate::udp_path`]); `None`: they go to quinn, which
+    /// drops them (no QUIC packet starts with their marks).
+    plain: Option<Arc<Shared>>,
 }
 
 impl DemuxSocket {
     /// `inner` is the runtime's wrapper of the bound socket.
     pub fn new(inner: Arc<dyn AsyncUdpSocket>, discovery: Arc<Mutex<Relay>>) -> Self {
-        DemuxSocket { inner, discovery }
+        DemuxSocket {
+            inner,
+            discovery,
+            plain: None,
+        }
+    }
+
+    /// Also demultiplexes the plain-UDP data path to `shared` (and sends its datagrams on
+    /// this socket).
+    pub fn with_plain_udp(mut self, shared: Arc<Shared>) -> Self {
+        shared.set_udp_socket(self.inner.clone());
+        self.plain = Some(shared);
+        self
+    }
+
+    /// Handles one received buffer (a datagram, or a GRO batch of `stride`-sized segments of
+    /// one flow) if it is plain-UDP; whether quinn should not see it.
+    fn take_plain(&self, meta: &RecvMeta, buf: &mut [u8]) -> bool {
+        let Some(shared) = &self.plain else {
+            return false;
+        };
+        let stride = meta.stride.max(1);
+        let all_plain = buf.chunks(stride).all(udp_path::is_plain);
+        let mut segs: Vec<(SocketAddr, &mut [u8])> = buf
+            .chunks_mut(stride)
+            .filter(|c| udp_path::is_plain(c))
+            .map(|c| (meta.addr, c))
+            .collect();
+        if segs.is_empty() {
+            return false;
+        }
+        udp_path::handle_received(shared, self.inner.as_ref(), meta.dst_ip, &mut segs);
+        // A batch mixing both (one flow sending QUIC and plain UDP of one size) goes to quinn
+        // as well, which drops the plain segments (no fixed bit).
+        all_plain
     }
 
     /// Answers one discovery datagram (a send error drops this reply only).
@@ -81,6 +120,9 @@ impl AsyncUdpSocket for DemuxSocket {
             let single = m.stride >= len;
             if single && discovery::is_discovery(&bufs[i][..len]) {
                 self.answer(&m, &bufs[i][..len]);
+                continue;
+            }
+            if udp_path::is_plain(&bufs[i][..len]) && self.take_plain(&m, &mut bufs[i][..len]) {
                 continue;
             }
             if kept != i {

@@ -43,6 +43,16 @@
 //! datagrams: [`RELAY_HEADER_LEN`] bytes of device id (big-endian u64: the destination from a
 //! device, the source from the relay), then the datagram, unchanged. The relay sees only
 //! ciphertext.
+//!
+//! **Plain-UDP binding (forwarding version [`RELAY_PROTOCOL_UDP`]).** A device whose `Hello`
+//! says version 2 may send [`DeviceToRelay::UdpBind`] on its stream; the relay answers
+//! [`RelayToDevice::UdpBinding`] with the connection's token and a fresh nonce (16 bytes each,
+//! hex in JSON). The device sends `0x01 || token || nonce` in plain UDP to the relay's port
+//! from the socket it relays through; the relay binds that datagram's source address and
+//! answers [`RelayToDevice::UdpBound`] on the stream. WireGuard datagrams may then travel as
+//! `0x02 || token || device id (8 bytes) || datagram` in plain UDP both ways (the id as in
+//! the QUIC datagram header). A version-1 device never sees any of this and keeps QUIC
+//! datagrams; a version-1 connection that sends `UdpBind` breaks the protocol.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -56,7 +66,14 @@ use base64::Engine;
 ///
 /// - 1: first version: control Hello/Welcome/Load/Revoked/RenewCert/Cert; forwarding
 ///   Hello/Ticket/Welcome/Error and datagrams with an 8-byte device id header.
+/// - 2 (forwarding only, [`RELAY_PROTOCOL_UDP`]): version 1 plus the plain-UDP binding
+///   (`UdpBind`, `UdpBinding`, `UdpBound`). The control protocol stays at 1.
 pub const RELAY_PROTOCOL_VERSION: u32 = 1;
+/// Forwarding protocol version with the plain-UDP binding messages. A relay that knows it
+/// accepts a `Hello` of version 1 or 2.
+pub const RELAY_PROTOCOL_UDP: u32 = 2;
+/// Bytes of a plain-UDP binding token and of its confirm nonce.
+pub const UDP_BIND_LEN: usize = 16;
 /// ALPN of the device ↔ relay forwarding connection.
 pub const RELAY_ALPN: &[u8] = b"ward-relay/1";
 /// ALPN of the relay ↔ coordinator control connection (on the coordinator's QUIC port).
@@ -421,6 +438,8 @@ pub enum DeviceToRelay {
     Hello { protocol: u32, ticket: SignedTicket },
     /// A fresh ticket, before the current one expires.
     Ticket { ticket: SignedTicket },
+    /// Version 2: asks for a plain-UDP binding (answered by [`RelayToDevice::UdpBinding`]).
+    UdpBind,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -434,6 +453,33 @@ pub enum RelayToDevice {
     },
     /// The ticket or request was refused; the relay then closes the connection.
     Error { code: ErrorCode, message: String },
+    /// Version 2, the answer to `UdpBind`: the connection's token (the same for its
+    /// lifetime) and the nonce the confirm datagram must carry (valid for 5 s, once).
+    UdpBinding {
+        #[serde(with = "hex16")]
+        token: [u8; UDP_BIND_LEN],
+        #[serde(with = "hex16")]
+        nonce: [u8; UDP_BIND_LEN],
+    },
+    /// Version 2: a confirm datagram bound its source address; plain-UDP data from that
+    /// address is accepted, and the relay sends this device's datagrams there.
+    UdpBound,
+}
+
+mod hex16 {
+    use super::UDP_BIND_LEN;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; UDP_BIND_LEN], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; UDP_BIND_LEN], D::Error> {
+        let s = String::deserialize(d)?;
+        let mut out = [0u8; UDP_BIND_LEN];
+        hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -757,6 +803,47 @@ mod tests {
                 max_datagram: 1400
             }
         );
+    }
+
+    #[test]
+    fn udp_binding_messages_golden() {
+        let hello = DeviceToRelay::Hello {
+            protocol: RELAY_PROTOCOL_UDP,
+            ticket: ticket().sign(&key(1)),
+        };
+        let json = serde_json::to_string(&hello).unwrap();
+        assert!(json.starts_with(r#"{"type":"hello","protocol":2,"ticket":{"device_id":7"#));
+        assert_eq!(
+            serde_json::to_string(&DeviceToRelay::UdpBind).unwrap(),
+            r#"{"type":"udp_bind"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<DeviceToRelay>(r#"{"type":"udp_bind"}"#).unwrap(),
+            DeviceToRelay::UdpBind
+        );
+        let mut token = [0u8; UDP_BIND_LEN];
+        token[0] = 0xab;
+        token[15] = 0x01;
+        let b = RelayToDevice::UdpBinding {
+            token,
+            nonce: [0x5a; UDP_BIND_LEN],
+        };
+        let json = r#"{"type":"udp_binding","token":"ab000000000000000000000000000001","nonce":"5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a"}"#;
+        assert_eq!(serde_json::to_string(&b).unwrap(), json);
+        assert_eq!(serde_json::from_str::<RelayToDevice>(json).unwrap(), b);
+        assert_eq!(
+            serde_json::to_string(&RelayToDevice::UdpBound).unwrap(),
+            r#"{"type":"udp_bound"}"#
+        );
+        // A short or non-hex token is refused, not truncated.
+        assert!(serde_json::from_str::<RelayToDevice>(
+            r#"{"type":"udp_binding","token":"ab","nonce":"5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a"}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<RelayToDevice>(
+            r#"{"type":"udp_binding","token":"zz000000000000000000000000000001","nonce":"5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a"}"#
+        )
+        .is_err());
     }
 
     #[test]

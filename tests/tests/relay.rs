@@ -49,8 +49,11 @@ impl Relay {
                 .env("WARD_LOG", "info"),
             tmp.join("relay.log"),
         );
-        let r = Relay { proc, udp, metrics };
+        let mut r = Relay { proc, udp, metrics };
         wait_until("relay metrics answer", Duration::from_secs(10), || {
+            if let Ok(Some(status)) = r.proc.child.try_wait() {
+                panic!("ward-relay exited ({status}):\n{}", r.proc.log_text());
+            }
             r.try_metrics().is_some()
         });
         r
@@ -912,5 +915,216 @@ fn a_flood_of_hellos_from_one_source_is_refused_past_its_burst() {
             "{:?}",
             s.answer
         );
+    });
+}
+
+/// The plain-UDP data path on the real relay: two version-2 devices bind their UDP sockets
+/// (token and nonce over QUIC, the confirm in plain UDP, `UdpBound` back on the stream), then
+/// WireGuard datagrams cross the relay in plain UDP both ways, and a QUIC datagram to a bound
+/// device arrives in plain UDP; a version-1 device keeps QUIC datagrams (plain UDP to it
+/// arrives as a QUIC datagram) and breaks the protocol if it asks for a binding. A datagram
+/// with a bound token from another source (spoofed), a replayed confirm, unknown tokens and
+/// garbage are counted and never forwarded, and move no binding.
+#[test]
+fn plain_udp_path_binds_forwards_and_refuses_spoofed_sources() {
+    use relay_control::{connect_version, ControlServer};
+    use ward_shared::relay::{
+        DeviceToRelay, RelayToDevice, RELAY_PROTOCOL_UDP, RELAY_PROTOCOL_VERSION, TICKET_TTL_MS,
+    };
+
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let control = ControlServer::start();
+    let relay = Relay::start(tmp.path(), &control.credential("r1"));
+    wait_until("control session up", Duration::from_secs(10), || {
+        relay.metric("ward_relay_control_up") == 1
+    });
+
+    /// Reads one plain-UDP datagram (or `None` within `wait`).
+    fn recv(sock: &UdpSocket, wait: Duration) -> Option<Vec<u8>> {
+        sock.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = sock.recv_from(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    }
+    fn data(token: &[u8], to: u64, body: &[u8]) -> Vec<u8> {
+        let mut d = vec![0x02];
+        d.extend_from_slice(token);
+        d.extend_from_slice(&to.to_be_bytes());
+        d.extend_from_slice(body);
+        d
+    }
+
+    rt.block_on(async {
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (alice, bob, carol) = (
+            control.device("alice"),
+            control.device("bob"),
+            control.device("carol"),
+        );
+        let mut sessions = Vec::new();
+        for (dev, id, version) in [
+            (&alice, 1, RELAY_PROTOCOL_UDP),
+            (&bob, 2, RELAY_PROTOCOL_UDP),
+            (&carol, 3, RELAY_PROTOCOL_VERSION),
+        ] {
+            let s = connect_version(
+                &ep,
+                relay.udp,
+                "r1",
+                dev.client_config(),
+                control.ticket(id, dev.identity, TICKET_TTL_MS),
+                version,
+            )
+            .await
+            .unwrap();
+            assert!(
+                matches!(s.answer, RelayToDevice::Welcome { .. }),
+                "{:?}",
+                s.answer
+            );
+            sessions.push(s);
+        }
+        let mut carol_s = sessions.pop().unwrap();
+        let (mut a, mut b) = {
+            let b = sessions.pop().unwrap();
+            (sessions.pop().unwrap(), b)
+        };
+
+        // 1. Both version-2 devices bind a UDP socket each.
+        let bind = async |s: &mut relay_control::RelaySession, sock: &UdpSocket| {
+            s.send
+                .write_all(&wire::encode(&DeviceToRelay::UdpBind))
+                .await
+                .unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(5), s.rx.next::<RelayToDevice>())
+                .await
+                .unwrap();
+            let Some(RelayToDevice::UdpBinding { token, nonce }) = m else {
+                panic!("{m:?}")
+            };
+            let mut confirm = vec![0x01];
+            confirm.extend_from_slice(&token);
+            confirm.extend_from_slice(&nonce);
+            sock.send_to(&confirm, relay.udp).unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(5), s.rx.next::<RelayToDevice>())
+                .await
+                .unwrap();
+            assert_eq!(m, Some(RelayToDevice::UdpBound));
+            (token, confirm)
+        };
+        let ua = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let ub = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (ta, confirm_a) = bind(&mut a, &ua).await;
+        let (tb, _) = bind(&mut b, &ub).await;
+        assert_ne!(ta, tb, "one token per connection");
+        assert_eq!(relay.metric("ward_relay_udp_bound_total"), 2);
+
+        // 2. Plain UDP both ways: the relay rewrites token and id for the destination.
+        for i in 0..50u32 {
+            let body = format!("wireguard-ciphertext-{i:04}");
+            ua.send_to(&data(&ta, 2, body.as_bytes()), relay.udp)
+                .unwrap();
+            let got = recv(&ub, Duration::from_secs(2)).expect("bob receives in plain UDP");
+            assert_eq!(got, data(&tb, 1, body.as_bytes()), "datagram {i}");
+        }
+        ub.send_to(&data(&tb, 1, b"reply"), relay.udp).unwrap();
+        assert_eq!(
+            recv(&ua, Duration::from_secs(2)),
+            Some(data(&ta, 2, b"reply"))
+        );
+        assert_eq!(relay.metric("ward_relay_udp_received_total"), 51);
+        // A QUIC datagram to a bound device leaves in plain UDP.
+        a.conn
+            .send_datagram(encode_datagram(DeviceId(2), b"over-quic").into())
+            .unwrap();
+        assert_eq!(
+            recv(&ub, Duration::from_secs(2)),
+            Some(data(&tb, 1, b"over-quic"))
+        );
+        assert!(relay.metric("ward_relay_udp_sent_total") >= 52);
+
+        // 3. Plain UDP to a version-1 device arrives as a QUIC datagram.
+        ua.send_to(&data(&ta, 3, b"to-carol"), relay.udp).unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(2), carol_s.conn.read_datagram())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(split_datagram(&d), Some((DeviceId(1), &b"to-carol"[..])));
+
+        // 4. Spoofed source: alice's token from another socket is dropped, nothing reaches
+        // bob, and alice's binding still holds. A replayed confirm binds nothing.
+        let evil = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // No QUIC packet was taken for a plain-UDP one (the relay does not grease QUIC's
+        // fixed bit, so every QUIC packet has it set).
+        for reason in ["garbage", "unknown_token", "bad_nonce", "wrong_source"] {
+            assert_eq!(
+                relay.metric(&format!(
+                    "ward_relay_udp_dropped_total{{reason=\"{reason}\"}}"
+                )),
+                0,
+                "{reason}"
+            );
+        }
+        evil.send_to(&data(&ta, 2, b"spoofed"), relay.udp).unwrap();
+        evil.send_to(&confirm_a, relay.udp).unwrap();
+        evil.send_to(&data(&ta, 2, b"spoofed-after-replay"), relay.udp)
+            .unwrap();
+        evil.send_to(&data(&[7; 16], 2, b"unknown-token"), relay.udp)
+            .unwrap();
+        evil.send_to(&[0x02, 1, 2, 3], relay.udp).unwrap();
+        wait_until(
+            "the spoofed datagrams are counted",
+            Duration::from_secs(5),
+            || relay.metric("ward_relay_udp_dropped_total{reason=\"wrong_source\"}") == 2,
+        );
+        assert_eq!(
+            recv(&ub, Duration::from_millis(300)),
+            None,
+            "bob got nothing"
+        );
+        assert_eq!(
+            relay.metric("ward_relay_udp_dropped_total{reason=\"bad_nonce\"}"),
+            1
+        );
+        assert_eq!(
+            relay.metric("ward_relay_udp_dropped_total{reason=\"unknown_token\"}"),
+            1
+        );
+        assert_eq!(
+            relay.metric("ward_relay_udp_dropped_total{reason=\"garbage\"}"),
+            1
+        );
+        assert_eq!(relay.metric("ward_relay_udp_bound_total"), 2);
+        ua.send_to(&data(&ta, 2, b"still-alice"), relay.udp)
+            .unwrap();
+        assert_eq!(
+            recv(&ub, Duration::from_secs(2)),
+            Some(data(&tb, 1, b"still-alice"))
+        );
+        // Discovery on the same port still answers.
+        assert!(ask(&evil, relay.udp, 9).is_some());
+
+        // 5. A version-1 connection asking for a binding breaks the protocol: closed.
+        carol_s
+            .send
+            .write_all(&wire::encode(&DeviceToRelay::UdpBind))
+            .await
+            .unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(3), carol_s.conn.closed()).await;
+        assert!(closed.is_ok(), "version-1 UdpBind closes the connection");
+
+        // 6. Once alice's connection ends, her token is void.
+        a.conn.close(0u32.into(), b"bye");
+        wait_until("alice gone", Duration::from_secs(5), || {
+            relay.metric("ward_relay_devices") == 1
+        });
+        ua.send_to(&data(&ta, 2, b"after-close"), relay.udp)
+            .unwrap();
+        wait_until("the void token is counted", Duration::from_secs(5), || {
+            relay.metric("ward_relay_udp_dropped_total{reason=\"unknown_token\"}") == 2
+        });
+        assert_eq!(recv(&ub, Duration::from_millis(300)), None);
     });
 }

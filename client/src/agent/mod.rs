@@ -22,6 +22,7 @@ pub mod flows;
 pub mod leases;
 pub mod netcheck;
 pub mod posture;
+pub mod relay_udp;
 pub mod relays;
 pub mod rotation;
 pub mod routes;

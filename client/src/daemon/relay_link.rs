@@ -126,6 +126,9 @@ pub(super) async fn handshake_tcp(
                 RelayToDevice::Error { code, message } => {
                     bail!("the relay refused: {message} ({code:?})")
                 }
+                RelayToDevice::UdpBinding { .. } | RelayToDevice::UdpBound => {
+                    bail!("the relay answered the hello with a plain-UDP binding message")
+                }
             },
             Some(TcpFrame::Ping(_) | TcpFrame::Pong(_)) => {}
             Some(TcpFrame::Datagram(_)) | None => bail!("unexpected frame before welcome"),
@@ -203,6 +206,11 @@ pub(super) async fn serve_tcp(t: &mut RelayTask, opened: TcpOpened) -> Result<()
                             bail!("the relay refused: {message} ({code:?})")
                         }
                         RelayToDevice::Welcome { .. } => {}
+                        // Plain-UDP binding answers come only after a request this link
+                        // (version 1) never sends.
+                        RelayToDevice::UdpBinding { .. } | RelayToDevice::UdpBound => {
+                            bail!("the relay sent an unrequested plain-UDP binding message")
+                        }
                     },
                     None => bail!("unknown frame from the relay"),
                 }

@@ -314,6 +314,11 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
                         bail!("the relay refused: {message} ({code:?})")
                     }
                     Some(RelayToDevice::Welcome { .. }) => {}
+                    // Answers to a plain-UDP binding request, which this device (version 1)
+                    // never sends.
+                    Some(RelayToDevice::UdpBinding { .. } | RelayToDevice::UdpBound) => {
+                        bail!("the relay sent an unrequested plain-UDP binding message")
+                    }
                     None => bail!("the relay closed the stream"),
                 }
             }
@@ -381,6 +386,9 @@ async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
         }
         Some(RelayToDevice::Error { code, message }) => {
             bail!("the relay refused: {message} ({code:?})")
+        }
+        Some(RelayToDevice::UdpBinding { .. } | RelayToDevice::UdpBound) => {
+            bail!("the relay answered the hello with a plain-UDP binding message")
         }
         None => bail!("the relay closed the stream before welcoming"),
     }

@@ -326,14 +326,31 @@ pub async fn connect(
     cfg: quinn::ClientConfig,
     ticket: SignedTicket,
 ) -> anyhow::Result<RelaySession> {
+    connect_version(
+        endpoint,
+        relay,
+        relay_name,
+        cfg,
+        ticket,
+        RELAY_PROTOCOL_VERSION,
+    )
+    .await
+}
+
+/// [`connect`] with a `Hello` of forwarding version `protocol`.
+pub async fn connect_version(
+    endpoint: &quinn::Endpoint,
+    relay: SocketAddr,
+    relay_name: &str,
+    cfg: quinn::ClientConfig,
+    ticket: SignedTicket,
+    protocol: u32,
+) -> anyhow::Result<RelaySession> {
     let conn = endpoint
         .connect_with(cfg, relay, &relay_server_name(relay_name))?
         .await?;
     let (mut send, recv) = conn.open_bi().await?;
-    let hello = DeviceToRelay::Hello {
-        protocol: RELAY_PROTOCOL_VERSION,
-        ticket,
-    };
+    let hello = DeviceToRelay::Hello { protocol, ticket };
     send.write_all(&wire::encode(&hello)).await?;
     let mut rx = Frames::new(recv, MAX_RELAY_STREAM_FRAME);
     let answer = tokio::time::timeout(Duration::from_secs(5), rx.next::<RelayToDevice>())

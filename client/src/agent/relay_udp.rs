@@ -1,0 +1,268 @@
+//! The device's side of a relay link's plain-UDP data path, I/O-free (time passed in):
+//! whether relayed datagrams go to the relay in plain UDP or as QUIC datagrams, and what to
+//! send to get and keep a binding. **Not wired yet**: the daemon's relay links say forwarding
+//! version 1 and never ask for a binding; this is the state machine their driver will run.
+//!
+//! The exchange (protocol in `ward_shared::relay`): on a version-2 link the device sends
+//! `UdpBind` on its QUIC stream; the relay answers `UdpBinding{token, nonce}`; the device
+//! sends the confirm `0x01 || token || nonce` in plain UDP from its relay socket (resent every
+//! [`CONFIRM_RESEND`] until answered: a lost datagram is normal) and the relay answers
+//! `UdpBound` on the stream. Then relayed datagrams go as `0x02 || token || id || WireGuard`.
+//!
+//! - The confirm not acknowledged within [`BIND_TIMEOUT`] of the request: QUIC datagrams stay
+//!   (or come back), and the device tries again after [`RETRY_AFTER`].
+//! - Bound, it asks again every [`REFRESH_EVERY`]: the fresh confirm keeps its NAT mapping
+//!   open (as WireGuard's keepalive does) and proves the path still carries plain UDP; a
+//!   refresh not acknowledged within [`BIND_TIMEOUT`] (the UDP path went silent) falls back to
+//!   QUIC datagrams at once, then retries as above.
+//! - A binding message that answers nothing asked (a stale nonce, `UdpBound` with no confirm
+//!   outstanding) is ignored.
+
+use std::time::{Duration, Instant};
+use ward_shared::relay::UDP_BIND_LEN;
+
+/// How often an unanswered confirm is sent again.
+pub const CONFIRM_RESEND: Duration = Duration::from_millis(250);
+/// How long a request has to end in `UdpBound` before the path counts as not working.
+pub const BIND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after a failure the device asks again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How often a bound path is confirmed again (keepalive and liveness).
+pub const REFRESH_EVERY: Duration = Duration::from_secs(15);
+
+/// What the driver sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `UdpBind` on the link's QUIC stream.
+    Request,
+    /// This confirm datagram in plain UDP to the relay.
+    Confirm([u8; 1 + 2 * UDP_BIND_LEN]),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Not asked yet, or waiting out [`RETRY_AFTER`] after a failure.
+    Idle { next: Instant },
+    /// `UdpBind` sent at `asked`; confirming once the answer came.
+    Binding {
+        asked: Instant,
+        confirm: Option<([u8; 1 + 2 * UDP_BIND_LEN], Instant)>,
+    },
+}
+
+/// One relay link's plain-UDP state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainUdp {
+    phase: Phase,
+    /// The bound token and when the binding was last acknowledged (`Some`: sends go plain).
+    bound: Option<([u8; UDP_BIND_LEN], Instant)>,
+    /// Attempts that timed out so far (each leaves or keeps the link on QUIC datagrams).
+    pub fallbacks: u64,
+}
+
+impl PlainUdp {
+    /// A version-2 link just welcomed at `now`: asks at once.
+    pub fn new(now: Instant) -> Self {
+        PlainUdp {
+            phase: Phase::Idle { next: now },
+            bound: None,
+            fallbacks: 0,
+        }
+    }
+
+    /// The token relayed sends carry in plain UDP; `None`: send QUIC datagrams.
+    pub fn token(&self) -> Option<[u8; UDP_BIND_LEN]> {
+        self.bound.map(|(t, _)| t)
+    }
+
+    /// The relay's `UdpBinding` answer.
+    pub fn handle_binding(
+        &mut self,
+        token: [u8; UDP_BIND_LEN],
+        nonce: [u8; UDP_BIND_LEN],
+        now: Instant,
+    ) -> Option<Action> {
+        let Phase::Binding { asked, .. } = self.phase else {
+            return None; // nothing asked: stale
+        };
+        let mut c = [0u8; 1 + 2 * UDP_BIND_LEN];
+        c[0] = 0x01;
+        c[1..=UDP_BIND_LEN].copy_from_slice(&token);
+        c[1 + UDP_BIND_LEN..].copy_from_slice(&nonce);
+        self.phase = Phase::Binding {
+            asked,
+            confirm: Some((c, now)),
+        };
+        Some(Action::Confirm(c))
+    }
+
+    /// The relay's `UdpBound`: sends go plain until the next refresh fails.
+    pub fn handle_bound(&mut self, now: Instant) {
+        let Phase::Binding {
+            confirm: Some((c, _)),
+            ..
+        } = self.phase
+        else {
+            return; // no confirm outstanding: stale
+        };
+        let mut token = [0u8; UDP_BIND_LEN];
+        token.copy_from_slice(&c[1..=UDP_BIND_LEN]);
+        self.bound = Some((token, now));
+        self.phase = Phase::Idle {
+            next: now + REFRESH_EVERY,
+        };
+    }
+
+    /// What to send now (call every ~250 ms and after each event).
+    pub fn handle_timer(&mut self, now: Instant) -> Option<Action> {
+        match self.phase {
+            Phase::Idle { next } if now >= next => {
+                self.phase = Phase::Binding {
+                    asked: now,
+                    confirm: None,
+                };
+                Some(Action::Request)
+            }
+            Phase::Idle { .. } => None,
+            Phase::Binding { asked, .. } if now.saturating_duration_since(asked) > BIND_TIMEOUT => {
+                self.bound = None;
+                self.fallbacks = self.fallbacks.saturating_add(1);
+                self.phase = Phase::Idle {
+                    next: now + RETRY_AFTER,
+                };
+                None
+            }
+            Phase::Binding {
+                asked,
+                confirm: Some((c, sent)),
+            } if now.saturating_duration_since(sent) >= CONFIRM_RESEND => {
+                self.phase = Phase::Binding {
+                    asked,
+                    confirm: Some((c, now)),
+                };
+                Some(Action::Confirm(c))
+            }
+            Phase::Binding { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: [u8; UDP_BIND_LEN] = [7; UDP_BIND_LEN];
+    const N1: [u8; UDP_BIND_LEN] = [1; UDP_BIND_LEN];
+    const N2: [u8; UDP_BIND_LEN] = [2; UDP_BIND_LEN];
+
+    fn ms(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    /// Request, confirm (resent while unanswered, carrying token and nonce), bound: sends go
+    /// plain with the token.
+    #[test]
+    fn binds_after_the_confirm_is_acknowledged_resending_it_meanwhile() {
+        let t0 = Instant::now();
+        let mut p = PlainUdp::new(t0);
+        assert_eq!(p.token(), None);
+        assert_eq!(p.handle_timer(t0), Some(Action::Request));
+        assert_eq!(p.handle_timer(ms(t0, 100)), None, "asked once");
+        let Some(Action::Confirm(c)) = p.handle_binding(T, N1, ms(t0, 120)) else {
+            panic!("a confirm")
+        };
+        assert_eq!(c[0], 0x01);
+        assert_eq!(&c[1..17], &T);
+        assert_eq!(&c[17..], &N1);
+        assert_eq!(p.handle_timer(ms(t0, 200)), None);
+        assert_eq!(
+            p.handle_timer(ms(t0, 380)),
+            Some(Action::Confirm(c)),
+            "resent"
+        );
+        assert_eq!(p.token(), None, "not before UdpBound");
+        p.handle_bound(ms(t0, 400));
+        assert_eq!(p.token(), Some(T));
+        assert_eq!(
+            p.handle_timer(ms(t0, 700)),
+            None,
+            "nothing to send while bound"
+        );
+    }
+
+    /// No `UdpBound` within the timeout: QUIC datagrams stay; asked again after the retry
+    /// delay, not before.
+    #[test]
+    fn an_unacknowledged_confirm_keeps_quic_and_retries_later() {
+        let t0 = Instant::now();
+        let mut p = PlainUdp::new(t0);
+        assert_eq!(p.handle_timer(t0), Some(Action::Request));
+        assert!(p.handle_binding(T, N1, ms(t0, 50)).is_some());
+        let mut t = 50;
+        while t < 2_000 {
+            t += 250;
+            let _ = p.handle_timer(ms(t0, t));
+        }
+        assert_eq!(p.handle_timer(ms(t0, 2_100)), None);
+        assert_eq!(p.token(), None);
+        assert_eq!(p.fallbacks, 1);
+        assert_eq!(
+            p.handle_timer(ms(t0, 20_000)),
+            None,
+            "waits out the retry delay"
+        );
+        assert_eq!(p.handle_timer(ms(t0, 32_200)), Some(Action::Request));
+        // A relay that never answers the request at all: the same.
+        assert_eq!(p.handle_timer(ms(t0, 34_300)), None);
+        assert_eq!(p.token(), None);
+    }
+
+    /// Bound, the device confirms again every refresh interval (its NAT mapping stays open);
+    /// a refresh left unanswered means the UDP path went silent: back to QUIC at once.
+    #[test]
+    fn a_silent_path_falls_back_to_quic_and_a_live_one_stays_plain() {
+        let t0 = Instant::now();
+        let mut p = PlainUdp::new(t0);
+        p.handle_timer(t0);
+        p.handle_binding(T, N1, t0);
+        p.handle_bound(ms(t0, 10));
+        assert_eq!(p.handle_timer(ms(t0, 15_000)), None);
+        assert_eq!(
+            p.handle_timer(ms(t0, 15_010)),
+            Some(Action::Request),
+            "refresh"
+        );
+        assert_eq!(p.token(), Some(T), "still plain while refreshing");
+        let Some(Action::Confirm(c)) = p.handle_binding(T, N2, ms(t0, 15_050)) else {
+            panic!("a confirm")
+        };
+        assert_eq!(&c[17..], &N2, "the fresh nonce");
+        p.handle_bound(ms(t0, 15_060));
+        assert_eq!(p.token(), Some(T));
+        // The next refresh goes unanswered.
+        assert_eq!(p.handle_timer(ms(t0, 30_060)), Some(Action::Request));
+        assert_eq!(p.handle_timer(ms(t0, 31_000)), None);
+        assert_eq!(p.token(), Some(T));
+        assert_eq!(p.handle_timer(ms(t0, 32_100)), None);
+        assert_eq!(p.token(), None, "silent: QUIC datagrams again");
+        assert_eq!(p.fallbacks, 1);
+        assert_eq!(
+            p.handle_timer(ms(t0, 62_100)),
+            Some(Action::Request),
+            "retries"
+        );
+    }
+
+    /// Binding messages that answer nothing asked change nothing.
+    #[test]
+    fn unrequested_binding_messages_are_ignored() {
+        let t0 = Instant::now();
+        let mut p = PlainUdp::new(t0 + Duration::from_secs(1));
+        assert_eq!(p.handle_binding(T, N1, t0), None, "nothing asked yet");
+        p.handle_bound(t0);
+        assert_eq!(p.token(), None, "UdpBound with no confirm outstanding");
+        assert_eq!(p.handle_timer(ms(t0, 1_000)), Some(Action::Request));
+        p.handle_bound(ms(t0, 1_010));
+        assert_eq!(p.token(), None, "UdpBound before the binding answer");
+    }
+}
