@@ -16,10 +16,6 @@ lab_have_ward || { echo "build first: cargo build --release --workspace --bins";
 command -v node >/dev/null || { echo "SKIPPED: oidc_replicas.sh needs node (tests/oidc); it was NOT run"; exit 0; }
 source "$E2E_DIR/../lab/pg.sh"
 pg_require oidc_replicas.sh
-ROOT=$(lab_repo_root)
-OIDC="$ROOT/tests/oidc"
-[[ -d "$OIDC/node_modules" ]] || (cd "$OIDC" && npm ci --no-audit --no-fund >/dev/null 2>&1) ||
-    { echo "npm ci in tests/oidc failed"; exit 1; }
 TOOLS="$E2E_DIR/tools.py"
 T0=$SECONDS
 
@@ -42,27 +38,13 @@ B=$(lab_hostport "$(lab_ip cb)" 7443)
 COORD_BIN=$(lab_ward_bin ward-coordinator)
 ADIR="$LAB_DIR/coordinator"
 BDIR="$LAB_DIR/coordinator-b"
-IDP=$(lab_ip idp)
-D="$LAB_DIR/idp"
-mkdir -p "$D"
-"$OIDC/mkcert.sh" "$D" "$IDP" >/dev/null 2>&1
-node "$OIDC/genjwks.mjs" "$D/jwks.json" >/dev/null
-cat >"$D/users.json" <<'JSON'
-[{"sub": "u-alice", "username": "alice", "password": "alice-pw", "email": "alice@example.test",
-  "groups": ["eng"]}]
-JSON
-export OIDC_CLIENT_SECRET="cs-$RANDOM$RANDOM" OIDC_ADMIN_TOKEN="adm-$RANDOM$RANDOM"
-export OIDC_ADMIN_URL=http://127.0.0.1:9444
-printf '%s\n' "$OIDC_CLIENT_SECRET" >"$D/client-secret"
-chmod 600 "$D/client-secret"
-ISSUER="https://$IDP"
-lab_spawn idp idp.log node "$OIDC/provider.mjs" --issuer "$ISSUER" --rt-rotation always \
-    --tls-cert "$D/server.pem" --tls-key "$D/server.key" --jwks "$D/jwks.json" \
-    --users "$D/users.json" --client-id ward --admin-listen 127.0.0.1:9444
-lab_wait_for -t 30 lab_exec idp python3 "$OIDC/admin.py" wait --timeout 1 ||
-    { fail "the provider starts"; finish; exit 1; }
-OIDC_ARGS="--oidc-issuer $ISSUER --oidc-client-id ward --oidc-client-secret-file $D/client-secret \
- --oidc-ca-file $D/ca.pem --oidc-refresh-interval 2s"
+# shellcheck source=../oidc/idp.sh
+source "$(lab_repo_root)/tests/oidc/idp.sh"
+idp_prepare idp '[{"sub": "u-alice", "username": "alice", "password": "alice-pw",
+  "email": "alice@example.test", "groups": ["eng"]}]' ||
+    { fail "the provider's files (node, npm ci in tests/oidc)"; finish; exit 1; }
+idp_start idp --rt-rotation always || { fail "the provider starts"; finish; exit 1; }
+OIDC_ARGS="$(idp_rp_args) --oidc-refresh-interval 2s"
 
 say "two replicas on PostgreSQL, both refreshing every 2 s"
 LAB_COORD_PUBLIC_ADDR="$A,$B" LAB_COORD_SERVE_ARGS="$OIDC_ARGS" lab_start_coordinator ca
@@ -107,7 +89,7 @@ lab_spawn alice up.log "$(lab_ward_bin ward)" --socket "$(lab_ward_socket alice)
 lab_wait_for -t 20 grep -qE 'To sign in, open:|rror' "$LAB_DIR/logs/up.log"
 URI=$(awk '/To sign in, open:/ {print $NF}' "$LAB_DIR/logs/up.log")
 [[ -n "$URI" ]] && lab_exec idp python3 "$OIDC/login.py" device --uri "$URI" --user alice \
-    --password alice-pw --ca-file "$D/ca.pem" >/dev/null 2>&1
+    --password alice-pw --ca-file "$IDP_CA" >/dev/null 2>&1
 lab_wait_for -t 30 grep -qE '^up:|rror' "$LAB_DIR/logs/up.log"
 check "alice is enrolled for the signed-in user" grep -q '^up: alice' "$LAB_DIR/logs/up.log"
 sees() { lab_exec alice python3 "$TOOLS" await "$DB4" 5432 "$1" "$(now_ms)" "${2:-10}" >/dev/null; }
