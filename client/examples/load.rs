@@ -385,7 +385,17 @@ async fn run(
 
     // A policy change that reaches every device (the marker service covers all of them).
     eprintln!("load: policy change");
-    let live = shared.count(|r| r.connected && r.revoked_at.is_none());
+    // The sessions up now are the ones measured: a device that connects later gets the new
+    // policy in its first netmap, which says nothing about the change's fan-out.
+    let measured: Vec<bool> = shared
+        .recs
+        .iter()
+        .map(|r| {
+            let r = r.lock().unwrap_or_else(|p| p.into_inner());
+            r.connected && r.revoked_at.is_none()
+        })
+        .collect();
+    let live = measured.iter().filter(|m| **m).count();
     let v0 = shared.max(|r| r.policy_version.unwrap_or(0));
     std::fs::write(
         &policy_path,
@@ -398,15 +408,19 @@ async fn run(
         .admin(&["policy", "apply", path_str(&policy_path)?])
         .await?;
     let apply_ms = t_pol.elapsed().as_secs_f64() * 1e3;
+    let reached = |i: usize| measured[i] && shared.get(i, |r| r.policy_version.unwrap_or(0) > v0);
     let done = wait_for(timeout, || {
-        shared.count(|r| r.policy_version.unwrap_or(0) > v0) >= live
+        (0..measured.len()).filter(|&i| reached(i)).count() >= live
     })
     .await;
-    let lat: Vec<Duration> = shared.collect(|r| {
-        r.policy_at
-            .filter(|_| r.policy_version.unwrap_or(0) > v0)
-            .map(|t| t.saturating_duration_since(t_pol))
-    });
+    let lat: Vec<Duration> = (0..measured.len())
+        .filter(|&i| reached(i))
+        .filter_map(|i| {
+            shared.get(i, |r| {
+                r.policy_at.map(|t| t.saturating_duration_since(t_pol))
+            })
+        })
+        .collect();
     rep.policy(
         live,
         done,
