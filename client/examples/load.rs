@@ -196,7 +196,11 @@ async fn main() -> Result<()> {
         return background(&opts, target, io).await;
     }
     let mut coord = Cluster::start(&opts).await?;
-    let res = run(&opts, &mut coord, io).await;
+    // Ctrl-C stops the run and the coordinators it started (no report: the phases are cut).
+    let res = tokio::select! {
+        r = run(&opts, &mut coord, io) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; the coordinators were stopped")),
+    };
     coord.stop().await;
     let report = res?;
     println!("{}", report.table());
