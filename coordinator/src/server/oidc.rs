@@ -638,12 +638,7 @@ pub(super) async fn refresh_loop(ctx: Arc<Ctx>, p: Arc<Provider>) {
             // A user the provider disabled through a refused refresh is retried (an account
             // enabled again at the provider comes back); one it signed out or deactivated
             // (logout, SCIM) waits for a new sign-in or SCIM active=true.
-            if row.provider_disabled
-                && !row
-                    .reason
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with(REASON_REFRESH))
-            {
+            if row.provider_disabled && !refused_by_refresh(&row) {
                 continue;
             }
             let Some(rt) = row.refresh_token.clone() else {
