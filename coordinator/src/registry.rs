@@ -2364,6 +2364,19 @@ to = ["all"]
             .collect()
     }
 
+    /// A session for each of `ids` (connection id `id × 10`), all from one address.
+    fn open_sessions(r: &mut Registry, ids: &[u64]) {
+        for &id in ids {
+            r.handle_session_opened(
+                DeviceId(id),
+                id * 10,
+                addr("10.0.0.1:1"),
+                DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+    }
+
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
@@ -2531,15 +2544,7 @@ to = ["all"]
         let mut r = reg(&[1, 2, 3]);
         drain(&mut r);
         let base = r.compiles();
-        for id in 1..=3 {
-            r.handle_session_opened(
-                DeviceId(id),
-                id * 10,
-                addr("10.0.0.1:1"),
-                DeviceUpdate::default(),
-            )
-            .unwrap();
-        }
+        open_sessions(&mut r, &[1, 2, 3]);
         r.handle_session_update(
             DeviceId(2),
             20,
@@ -2597,15 +2602,7 @@ to = ["all"]
     fn peers_and_the_compile_are_shared_not_copied_per_session() {
         let mut r = reg(&[1, 2, 3]);
         drain(&mut r);
-        for id in 1..=3 {
-            r.handle_session_opened(
-                DeviceId(id),
-                id * 10,
-                addr("10.0.0.1:1"),
-                DeviceUpdate::default(),
-            )
-            .unwrap();
-        }
+        open_sessions(&mut r, &[1, 2, 3]);
         drain(&mut r);
         let held = |r: &Registry, who: u64, peer: u64| {
             Arc::clone(
