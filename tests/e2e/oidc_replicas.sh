@@ -20,14 +20,7 @@ TOOLS="$E2E_DIR/tools.py"
 T0=$SECONDS
 
 lab_init
-cleanup_all() {
-    local rc=$?
-    lab_cleanup
-    pg_cleanup
-    exit "$rc"
-}
-trap cleanup_all EXIT
-pg_start || exit 1
+pg_lab_start || exit 1
 lab_add_wan_host ca
 lab_add_wan_host cb
 lab_add_wan_host idp

@@ -29,14 +29,7 @@ TTL_S=8
 
 lab_init
 PING_PID=""
-cleanup_all() {
-    local rc=$?
-    lab_cleanup
-    pg_cleanup
-    exit "$rc"
-}
-trap cleanup_all EXIT
-pg_start || exit 1
+pg_lab_start || exit 1
 
 for h in ca cb alice bob; do lab_add_wan_host "$h"; done
 A=$(lab_hostport "$(lab_ip ca)" 7443)

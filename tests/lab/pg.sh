@@ -8,6 +8,8 @@
 #   pg_stop_fast          stop the server now (`-m immediate`: like a crash); PGDIR stays
 #   pg_start_again        start the stopped server on the same data
 #   pg_cleanup            stop and remove everything (call from the script's EXIT trap)
+#   pg_lab_start          after lab_init: an EXIT trap tearing down the lab and the cluster,
+#                         then pg_start
 #   pg_require NAME       returns when PostgreSQL is installed; else NAME prints SKIPPED and
 #                         exits 0 (or fails when WARD_REQUIRE_PG=1)
 #   pg_variant NAME SCRIPT [ARGS]
@@ -57,6 +59,20 @@ pg_start() {
     _pg createdb -h "$PGDIR" -U ward ward || return 1
     export PGDIR
     export WARD_DATABASE_URL="postgresql://ward:pw-${LAB_ID:-lab}@/ward?host=$PGDIR"
+}
+
+# pg_lab_start: for a script whose lab always uses PostgreSQL (after lab_init): tear down the
+# lab and the cluster on exit (keeping the script's exit status), then pg_start.
+pg_lab_start() {
+    trap '_pg_lab_exit' EXIT
+    pg_start
+}
+
+_pg_lab_exit() {
+    local rc=$?
+    lab_cleanup
+    pg_cleanup
+    exit "$rc"
 }
 
 pg_q() { _pg psql -h "$PGDIR" -U ward -d ward -At -c "$1"; }
