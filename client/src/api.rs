@@ -218,6 +218,13 @@ pub struct DeviceView {
     /// Each relay link that is up, by relay name: `quic` or `tcp`.
     #[serde(default)]
     pub relay_transports: BTreeMap<String, String>,
+    /// The QUIC relay links whose relayed datagrams go in plain UDP now (bound), by name.
+    #[serde(default)]
+    pub relay_udp_bound: Vec<String>,
+    /// Plain-UDP bind attempts or refreshes that went unanswered (the link went or stayed on
+    /// QUIC datagrams), over all relay links since the daemon started.
+    #[serde(default)]
+    pub relay_udp_fallbacks: u64,
     /// Flow records kept for the coordinator; `None` while stopped.
     #[serde(default)]
     pub flow_log: Option<FlowLogView>,
@@ -457,6 +464,9 @@ pub struct RelayCheckView {
     /// The live connection's transport: `quic`, or `tcp` where UDP does not get through.
     #[serde(default)]
     pub transport: Option<String>,
+    /// Relayed datagrams on this QUIC link go in plain UDP (bound), not as QUIC datagrams.
+    #[serde(default)]
+    pub plain_udp: bool,
 }
 
 /// Sends one request to the local agent.
@@ -526,6 +536,8 @@ mod tests {
                 home_relay: Some("r1".into()),
                 control_transport: Some("tcp".into()),
                 relay_transports: [("r1".to_string(), "tcp".to_string())].into(),
+                relay_udp_bound: vec![],
+                relay_udp_fallbacks: 0,
                 flow_log: None,
                 dns: None,
                 exit_node: None,
@@ -563,6 +575,8 @@ mod tests {
                 "quarantine",
                 "reach",
                 "relay_transports",
+                "relay_udp_bound",
+                "relay_udp_fallbacks",
                 "rotations",
                 "state",
                 "tun",

@@ -579,7 +579,13 @@ fn print_status(v: &StatusView) {
         let links: Vec<String> = d
             .relay_transports
             .iter()
-            .map(|(n, t)| format!("{n} {t}"))
+            .map(|(n, t)| {
+                if d.relay_udp_bound.contains(n) {
+                    format!("{n} {t} (plain UDP)")
+                } else {
+                    format!("{n} {t}")
+                }
+            })
             .collect();
         println!("relay links:  {}", links.join(", "));
     }

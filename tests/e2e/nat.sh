@@ -4,8 +4,10 @@
 # behind port-randomizing NATs. The plain pair learns its public addresses from the relays
 # (`ward netcheck`), publishes them and goes direct (hole punching): ping and a 20 MB TCP
 # transfer, with nothing carried by the relays. The port-randomizing pair cannot go direct and
-# talks through a relay: `ward status` names it, ping and a 50 MB TCP transfer arrive intact, and
-# a capture at the relays never shows the plaintext. Killing the relay they use in the middle of
+# talks through a relay: `ward status` names it, both links to it carry relayed datagrams in plain
+# UDP (bound to the relay's plain-UDP path, the relay's `ward_relay_udp_sent_total` rises by the
+# transfer), ping and a 50 MB TCP transfer arrive intact, and a capture at the relays never shows
+# the plaintext. Killing the relay they use in the middle of
 # a transfer moves them to the other relay (the transfer completes intact); restarted, it is
 # rejoined without operator action. Blocking the plain pair's direct path in the middle of a TCP
 # transfer moves it to a relay without a reset; unblocking it brings it back to direct. A laptop
@@ -152,11 +154,19 @@ check "3. ward status names the relay (relay $RELAY_CD)" \
 check "3. carol -> dave ping through the relay" lab_exec carol ping -q -c3 -i0.2 -W2 "$DA4"
 check "3. dave -> carol ping through the relay" lab_exec dave ping -q -c3 -i0.2 -W2 "$CA4"
 
+# relay_udp_sent: datagrams both relays have sent in plain UDP so far.
+relay_udp_sent() { echo $(($(lab_relay_metric relay1 ward_relay_udp_sent_total) + $(lab_relay_metric relay2 ward_relay_udp_sent_total))); }
+# udp_bound HOST RELAY: HOST's link to RELAY carries relayed datagrams in plain UDP.
+udp_bound() { test "$(lab_netcheck_get "$1" "[r['plain_udp'] for r in n['relays'] if r['name']=='$2'][0]" 2>/dev/null)" = True; }
+for h in carol dave; do
+    check "3. $h: its relay link to $RELAY_CD is bound to the relay's plain-UDP path" lab_wait_for -t 10 -i 0.2 udp_bound "$h" "$RELAY_CD"
+done
 head -c 50M /dev/urandom >"$LAB_DIR/blob50"
 WANT50=$(sha256sum <"$LAB_DIR/blob50" | cut -d' ' -f1)
 lab_spawn dave nc-dave.log sh -c "nc -l -p 5002 | sha256sum > $LAB_DIR/got50.tmp && mv $LAB_DIR/got50.tmp $LAB_DIR/got50"
 lab_wait_for -t 5 sh -c "ip netns exec $(lab_ns dave) ss -ltn | grep -q ':5002 '"
 RB0=$(relay_bytes)
+US0=$(relay_udp_sent)
 t0=$(now_ms)
 check "3. carol -> dave 50 MB TCP sent through the relay" lab_exec carol timeout 120 nc -N -w 10 "$DA4" 5002 <"$LAB_DIR/blob50"
 lab_wait_for -t 30 test -s "$LAB_DIR/got50"
@@ -166,6 +176,9 @@ check "3. carol -> dave checksum matches" test "$(cut -d' ' -f1 "$LAB_DIR/got50"
 check "3. the transfer stayed on the relay" relayed carol dave
 RB1=$(relay_bytes)
 check "3. the relays forwarded at least 50 MB ($((RB1 - RB0)) bytes)" test $((RB1 - RB0)) -ge 52428800
+US1=$(relay_udp_sent)
+# 50 MB is some 37 000 full-size datagrams to dave, plus the acknowledgements to carol.
+check "3. the relay sent the transfer in plain UDP ($((US1 - US0)) datagrams)" test $((US1 - US0)) -ge 30000
 
 say "4. the relays see only ciphertext"
 # A 32 MiB capture buffer: the relay's unpaced bursts (GSO super-packets) outrun tcpdump's

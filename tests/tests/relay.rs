@@ -5,7 +5,9 @@
 //! while legitimate devices keep relaying; with the real `ward-coordinator`, enrolled devices'
 //! tickets open the relay, its load reaches `relay ls`, it forwards on while the coordinator is
 //! down and rejoins on its own, and a revocation disconnects at once; the
-//! coordinator's relay registry reaches a device's control session (full netmap, then deltas).
+//! coordinator's relay registry reaches a device's control session (full netmap, then deltas);
+//! its plain-UDP data path binds, forwards and refuses spoofed sources, and devices' relay links
+//! as the daemon runs them use it on their own, falling back to QUIC datagrams where it is silent.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
@@ -1126,5 +1128,156 @@ fn plain_udp_path_binds_forwards_and_refuses_spoofed_sources() {
             relay.metric("ward_relay_udp_dropped_total{reason=\"unknown_token\"}") == 2
         });
         assert_eq!(recv(&ub, Duration::from_millis(300)), None);
+    });
+}
+
+/// A UDP forwarder in front of `relay` that passes QUIC (both ways, one upstream socket per
+/// client address) and drops plain-UDP datagrams (first byte without QUIC's top bits): a path
+/// where the relay's plain-UDP data path is silent.
+async fn quic_only_proxy(relay: SocketAddr) -> SocketAddr {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use tokio::net::UdpSocket;
+    let is_quic = |d: &[u8]| d.first().is_some_and(|b| b & 0xc0 != 0);
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut ups: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, src)) = front.recv_from(&mut buf).await {
+            if !is_quic(&buf[..n]) {
+                continue;
+            }
+            let up = match ups.get(&src) {
+                Some(u) => u.clone(),
+                None => {
+                    let u = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    u.connect(relay).await.unwrap();
+                    let (back, front) = (u.clone(), front.clone());
+                    tokio::spawn(async move {
+                        let mut b = vec![0u8; 65536];
+                        while let Ok(n) = back.recv(&mut b).await {
+                            if is_quic(&b[..n]) {
+                                let _ = front.send_to(&b[..n], src).await;
+                            }
+                        }
+                    });
+                    ups.insert(src, u.clone());
+                    u
+                }
+            };
+            let _ = up.send(&buf[..n]).await;
+        }
+    });
+    addr
+}
+
+/// Devices' relay links exactly as the daemon runs them, against the real relay: two links
+/// bind the relay's plain-UDP path on their own (forwarding version 2) and relay both ways in
+/// plain UDP, nothing as QUIC datagrams; a link whose plain UDP is silent (a path that passes
+/// only QUIC) gives up on it after the bind timeout, counts the fallback and keeps relaying
+/// over QUIC datagrams, to and from a bound device.
+#[test]
+fn device_links_relay_over_plain_udp_and_fall_back_to_quic_where_it_is_silent() {
+    use relay_control::{ControlServer, Device};
+    use ward_client::daemon::relay_harness::RelayLinkHarness;
+    use ward_shared::relay::TICKET_TTL_MS;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let control = ControlServer::start();
+    let relay = Relay::start(tmp.path(), &control.credential("r1"));
+    wait_until("control session up", Duration::from_secs(10), || {
+        relay.metric("ward_relay_control_up") == 1
+    });
+    let link = |dev: &Device, id: u64, addr: String| {
+        let configs = ward_client::control::relay_configs(
+            &dev.ca_der,
+            &dev.cert_der,
+            &dev.key.serialize_pem(),
+        )
+        .unwrap();
+        RelayLinkHarness::connect(
+            "r1",
+            &addr,
+            control.ticket(id, dev.identity, TICKET_TTL_MS),
+            configs,
+        )
+        .unwrap()
+    };
+
+    rt.block_on(async {
+        let (alice, bob, carol) = (
+            control.device("alice"),
+            control.device("bob"),
+            control.device("carol"),
+        );
+        let mut a = link(&alice, 1, relay.udp.to_string());
+        let mut b = link(&bob, 2, relay.udp.to_string());
+        a.wait_up(Duration::from_secs(10)).await.unwrap();
+        b.wait_up(Duration::from_secs(10)).await.unwrap();
+
+        // 1. Both links bind on their own.
+        eventually("both links bound", Duration::from_secs(10), || {
+            a.plain_udp_bound() && b.plain_udp_bound()
+        })
+        .await;
+        assert_eq!(relay.metric("ward_relay_udp_bound_total"), 2);
+
+        // 2. Both ways in plain UDP, every datagram intact, none as a QUIC datagram.
+        let n = 300u32;
+        for i in 0..n {
+            assert!(a.send(2, format!("alice-to-bob-{i:04}").as_bytes()));
+        }
+        let mut got = std::collections::BTreeSet::new();
+        while got.len() < n as usize {
+            let Some((from, d)) = b.recv(Duration::from_secs(3)).await else {
+                break;
+            };
+            assert_eq!(from, 1);
+            got.insert(String::from_utf8(d).unwrap());
+        }
+        let want: std::collections::BTreeSet<String> =
+            (0..n).map(|i| format!("alice-to-bob-{i:04}")).collect();
+        assert_eq!(got, want, "every datagram arrived");
+        assert!(b.send(1, b"bob-to-alice"));
+        assert_eq!(
+            a.recv(Duration::from_secs(3)).await,
+            Some((2, b"bob-to-alice".to_vec()))
+        );
+        let (pa, pb) = (a.plain_counts(), b.plain_counts());
+        assert_eq!(pa.sent, u64::from(n));
+        assert_eq!(pb.received, u64::from(n));
+        assert_eq!((pb.sent, pa.received), (1, 1));
+        assert_eq!((a.quic_sent(), b.quic_sent()), (0, 0), "nothing over QUIC");
+        assert_eq!((pa.dropped_in, pb.dropped_in, pa.fallbacks), (0, 0, 0));
+        assert!(relay.metric("ward_relay_udp_received_total") > u64::from(n));
+        assert!(relay.metric("ward_relay_udp_sent_total") > u64::from(n));
+
+        // 3. Carol's path passes QUIC only: her link asks, never gets bound, falls back after
+        // the bind timeout and relays over QUIC datagrams, both ways with alice.
+        let proxy = quic_only_proxy(relay.udp).await;
+        let mut c = link(&carol, 3, proxy.to_string());
+        c.wait_up(Duration::from_secs(10)).await.unwrap();
+        eventually("carol's link falls back", Duration::from_secs(8), || {
+            c.plain_counts().fallbacks == 1
+        })
+        .await;
+        assert!(!c.plain_udp_bound());
+        assert!(c.send(1, b"carol-to-alice"));
+        assert_eq!(
+            a.recv(Duration::from_secs(3)).await,
+            Some((3, b"carol-to-alice".to_vec()))
+        );
+        assert!(a.send(3, b"alice-to-carol"));
+        assert_eq!(
+            c.recv(Duration::from_secs(3)).await,
+            Some((1, b"alice-to-carol".to_vec()))
+        );
+        assert_eq!(c.quic_sent(), 1);
+        assert_eq!(c.plain_counts().sent, 0);
+        assert!(a.plain_udp_bound(), "alice's link is still bound");
+        assert_eq!(relay.metric("ward_relay_udp_bound_total"), 2);
     });
 }

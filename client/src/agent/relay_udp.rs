@@ -1,7 +1,8 @@
 //! The device's side of a relay link's plain-UDP data path, I/O-free (time passed in):
 //! whether relayed datagrams go to the relay in plain UDP or as QUIC datagrams, and what to
-//! send to get and keep a binding. **Not wired yet**: the daemon's relay links say forwarding
-//! version 1 and never ask for a binding; this is the state machine their driver will run.
+//! send to get and keep a binding, and the plain-UDP data framing ([`frame_data`],
+//! [`parse_data`]). Driven by the daemon's relay link task (`daemon/relay_plain.rs`): each
+//! QUIC relay link whose relay speaks forwarding version 2 runs one [`PlainUdp`].
 //!
 //! The exchange (protocol in `ward_shared::relay`): on a version-2 link the device sends
 //! `UdpBind` on its QUIC stream; the relay answers `UdpBinding{token, nonce}`; the device
@@ -19,7 +20,14 @@
 //!   outstanding) is ignored.
 
 use std::time::{Duration, Instant};
-use ward_shared::relay::UDP_BIND_LEN;
+use ward_shared::relay::{split_datagram, UDP_BIND_LEN};
+
+/// First byte of a confirm datagram.
+pub const CONFIRM_MARK: u8 = 0x01;
+/// First byte of a data datagram.
+pub const DATA_MARK: u8 = 0x02;
+/// Bytes before the relay header of a data datagram: the mark and the token.
+pub const DATA_PREFIX_LEN: usize = 1 + UDP_BIND_LEN;
 
 /// How often an unanswered confirm is sent again.
 pub const CONFIRM_RESEND: Duration = Duration::from_millis(250);
@@ -86,7 +94,7 @@ impl PlainUdp {
             return None; // nothing asked: stale
         };
         let mut c = [0u8; 1 + 2 * UDP_BIND_LEN];
-        c[0] = 0x01;
+        c[0] = CONFIRM_MARK;
         c[1..=UDP_BIND_LEN].copy_from_slice(&token);
         c[1 + UDP_BIND_LEN..].copy_from_slice(&nonce);
         self.phase = Phase::Binding {
@@ -147,9 +155,97 @@ impl PlainUdp {
     }
 }
 
+/// Appends the plain-UDP form of a relayed datagram to `out`: `DATA || token || framed`,
+/// where `framed` is the QUIC datagram form (8-byte destination device id, then WireGuard).
+pub fn frame_data(out: &mut Vec<u8>, token: &[u8; UDP_BIND_LEN], framed: &[u8]) {
+    out.push(DATA_MARK);
+    out.extend_from_slice(token);
+    out.extend_from_slice(framed);
+}
+
+/// Why a datagram received on a relay link's plain-UDP socket was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainDrop {
+    /// From another address than the relay's.
+    WrongSource,
+    /// Not a data datagram (another mark, or shorter than its prefix).
+    NotData,
+    /// Carries another token than this link's (or the link has none yet).
+    WrongToken,
+    /// The relay header or the datagram behind it is malformed (empty, too large).
+    Malformed,
+}
+
+impl PlainDrop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlainDrop::WrongSource => "wrong_source",
+            PlainDrop::NotData => "not_data",
+            PlainDrop::WrongToken => "wrong_token",
+            PlainDrop::Malformed => "malformed",
+        }
+    }
+}
+
+/// One datagram received in plain UDP from the relay: `DATA || token || source device id ||
+/// WireGuard`. Returns the source device and the WireGuard datagram if it is a data datagram
+/// carrying `token` (`None`: the link has no token) with a well-formed relay header.
+pub fn parse_data<'a>(
+    d: &'a [u8],
+    token: Option<&[u8; UDP_BIND_LEN]>,
+) -> Result<(u64, &'a [u8]), PlainDrop> {
+    let Some((prefix, framed)) = d.split_at_checked(DATA_PREFIX_LEN) else {
+        return Err(PlainDrop::NotData);
+    };
+    if prefix[0] != DATA_MARK {
+        return Err(PlainDrop::NotData);
+    }
+    let Some(token) = token else {
+        return Err(PlainDrop::WrongToken);
+    };
+    if prefix[1..] != token[..] {
+        return Err(PlainDrop::WrongToken);
+    }
+    let (from, body) = split_datagram(framed).ok_or(PlainDrop::Malformed)?;
+    Ok((from.0, body))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The data framing round-trips; anything else is refused with its reason.
+    #[test]
+    fn data_framing_round_trips_and_refuses_what_is_not_ours() {
+        let mut framed = 9u64.to_be_bytes().to_vec();
+        framed.extend_from_slice(b"wireguard");
+        let mut out = vec![0xaa]; // appended after what is there
+        frame_data(&mut out, &T, &framed);
+        assert_eq!(out.len(), 1 + DATA_PREFIX_LEN + framed.len());
+        let d = &out[1..];
+        assert_eq!(d[0], DATA_MARK);
+        assert_eq!(&d[1..17], &T);
+        assert_eq!(parse_data(d, Some(&T)), Ok((9, &b"wireguard"[..])));
+        assert_eq!(parse_data(d, Some(&N1)), Err(PlainDrop::WrongToken));
+        assert_eq!(parse_data(d, None), Err(PlainDrop::WrongToken));
+        let mut confirm = d.to_vec();
+        confirm[0] = CONFIRM_MARK;
+        assert_eq!(parse_data(&confirm, Some(&T)), Err(PlainDrop::NotData));
+        assert_eq!(parse_data(&d[..5], Some(&T)), Err(PlainDrop::NotData));
+        assert_eq!(parse_data(&[], Some(&T)), Err(PlainDrop::NotData));
+        // A header with nothing behind it, or a short header.
+        assert_eq!(
+            parse_data(&d[..DATA_PREFIX_LEN + 8], Some(&T)),
+            Err(PlainDrop::Malformed)
+        );
+        assert_eq!(
+            parse_data(&d[..DATA_PREFIX_LEN + 3], Some(&T)),
+            Err(PlainDrop::Malformed)
+        );
+        let mut big = Vec::new();
+        frame_data(&mut big, &T, &vec![0u8; 8 + 4096]);
+        assert_eq!(parse_data(&big, Some(&T)), Err(PlainDrop::Malformed));
+    }
 
     const T: [u8; UDP_BIND_LEN] = [7; UDP_BIND_LEN];
     const N1: [u8; UDP_BIND_LEN] = [1; UDP_BIND_LEN];

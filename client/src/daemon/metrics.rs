@@ -233,6 +233,16 @@ pub fn render(view: &StatusView, dp: Option<&DataPlaneSnapshot>) -> String {
         "1 while the coordinator has this device quarantined.",
         f64::from(u8::from(dev.is_some_and(|d| d.quarantine.is_some()))),
     );
+    e.gauge(
+        "ward_device_relay_udp_bound",
+        "QUIC relay links whose relayed datagrams go in plain UDP now (bound).",
+        dev.map_or(0, |d| d.relay_udp_bound.len()) as f64,
+    );
+    e.counter(
+        "ward_device_relay_udp_fallbacks_total",
+        "Plain-UDP bind attempts or refreshes to relays left unanswered (the link went or stayed on QUIC datagrams).",
+        dev.map_or(0, |d| d.relay_udp_fallbacks),
+    );
     let flows = dev.and_then(|d| d.flow_log.as_ref());
     e.counter(
         "ward_device_flow_records_dropped_total",

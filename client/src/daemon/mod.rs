@@ -38,6 +38,7 @@ use crate::state::{State, StateFile, STATE_VERSION};
 
 pub use dns_host::{DnsSetting, DEFAULT_RESOLV_CONF};
 pub use host::{os_name, system_hostname};
+pub use relays::relay_harness;
 pub use ward_runtime::now_ms;
 
 #[derive(Debug, Clone)]

@@ -25,6 +25,7 @@ use tracing::trace;
 use ward_shared::relay::split_datagram;
 
 use super::lock;
+use super::relays::relay_link::RelayLink;
 use super::relays::{Live, PumpCounters, RelaySink};
 use crate::dataplane::RelayTransmit;
 
@@ -164,9 +165,15 @@ fn merge_queued(
     None
 }
 
-/// Sends the datagrams of `t` on the named relay's live connection, or drops them (counted)
-/// when there is none.
-pub(super) fn send(t: &RelayTransmit, live: &Live, counters: &PumpCounters) {
+/// Sends the datagrams of `t` on the named relay's live connection (in plain UDP while that
+/// link is bound, `scratch` holding the framed batch; else as QUIC datagrams), or drops them
+/// (counted) when there is none.
+pub(super) fn send(
+    t: &RelayTransmit,
+    live: &Live,
+    counters: &PumpCounters,
+    scratch: &mut Vec<u8>,
+) {
     let n = u64::try_from(t.datagrams.len()).unwrap_or(u64::MAX);
     let conn = lock(live).get(&t.relay).cloned();
     let Some(conn) = conn else {
@@ -174,6 +181,11 @@ pub(super) fn send(t: &RelayTransmit, live: &Live, counters: &PumpCounters) {
         trace!(relay = %t.relay, n, "no live connection to the relay: datagrams dropped");
         return;
     };
+    if let RelayLink::Quic(_, Some(plain)) = &conn {
+        if plain.send(&t.datagrams, scratch) {
+            return;
+        }
+    }
     let (mut sent, mut failed) = (0, 0);
     for d in &t.datagrams {
         match conn.send_datagram(d.clone()) {

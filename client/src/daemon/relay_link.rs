@@ -28,6 +28,7 @@ use ward_shared::relay::{
 };
 use ward_shared::wire::{self, FrameDecoder};
 
+use super::relay_plain::PlainLink;
 use super::{lock, RelayTask, RTT_INTERVAL};
 use crate::agent::RelayConnEvent;
 use crate::control;
@@ -41,6 +42,11 @@ pub struct Transports {
     pub control: Option<Transport>,
     /// Relay links that are up, by relay name.
     pub relays: BTreeMap<String, Transport>,
+    /// The QUIC relay links whose relayed datagrams go in plain UDP now (bound).
+    pub relay_udp_bound: std::collections::BTreeSet<String>,
+    /// Plain-UDP bind attempts or refreshes left unanswered (the link went or stayed on QUIC
+    /// datagrams), over all links since the daemon started.
+    pub relay_udp_fallbacks: u64,
 }
 
 pub type SharedTransports = Arc<Mutex<Transports>>;
@@ -48,7 +54,8 @@ pub type SharedTransports = Arc<Mutex<Transports>>;
 /// A welcomed relay connection: where the pump sends datagrams.
 #[derive(Clone)]
 pub(in crate::daemon) enum RelayLink {
-    Quic(quinn::Connection),
+    /// A QUIC link, with its plain-UDP path where it has one (used while bound).
+    Quic(quinn::Connection, Option<Arc<PlainLink>>),
     Tcp(mpsc::Sender<Vec<u8>>),
 }
 
@@ -65,7 +72,7 @@ impl RelayLink {
     /// Sends one datagram (8-byte device-id header included) without waiting.
     pub fn send_datagram(&self, d: bytes::Bytes) -> Result<(), LinkSendError> {
         match self {
-            RelayLink::Quic(c) => Ok(c.send_datagram(d)?),
+            RelayLink::Quic(c, _) => Ok(c.send_datagram(d)?),
             RelayLink::Tcp(tx) => tx
                 .try_send(encode_tcp_raw_datagram(&d))
                 .map_err(|_| LinkSendError::Tcp),
@@ -74,8 +81,11 @@ impl RelayLink {
 
     /// Closes the connection (a TCP link closes when its task, aborted with it, ends).
     pub fn close(&self, reason: &[u8]) {
-        if let RelayLink::Quic(c) = self {
+        if let RelayLink::Quic(c, plain) = self {
             c.close(0u32.into(), reason);
+            if let Some(p) = plain {
+                p.stop();
+            }
         }
     }
 }

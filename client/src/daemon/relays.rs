@@ -17,7 +17,7 @@
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -25,18 +25,25 @@ use tracing::{debug, info};
 
 use ward_shared::relay::{
     relay_server_name, DeviceToRelay, RelayToDevice, SignedTicket, MAX_RELAYED_DATAGRAM,
-    MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN, RELAY_PROTOCOL_VERSION,
+    MAX_RELAY_STREAM_FRAME, RELAY_HEADER_LEN, RELAY_PROTOCOL_UDP, RELAY_PROTOCOL_VERSION,
 };
+use ward_shared::wire::ErrorCode;
 use ward_shared::wire::{self, FrameDecoder};
 
 use super::lock;
 #[path = "relay_link.rs"]
 pub(super) mod relay_link;
+#[path = "relay_plain.rs"]
+pub(super) mod relay_plain;
+#[path = "relay_harness.rs"]
+pub mod relay_harness;
 use super::relay_batch;
+use crate::agent::relay_udp::{Action as PlainAction, PlainUdp, CONFIRM_RESEND};
 use crate::agent::RelayConnEvent;
 use crate::control;
 use crate::dataplane::{DataPlane, RelayReceiver};
 use relay_link::{RelayLink, SharedTransports};
+use relay_plain::PlainLink;
 use ward_runtime::stream::Transport;
 
 /// Connect, TLS, `Hello` → `Welcome`: all within this.
@@ -67,6 +74,8 @@ pub(super) struct PumpCounters {
     /// Received batches decrypted on the session thread because the relayed-receive thread's
     /// queue was full.
     pub inline_in: AtomicU64,
+    /// The plain-UDP data path's.
+    pub plain: relay_plain::PlainCounters,
 }
 
 pub(super) type Live = Arc<Mutex<BTreeMap<Arc<str>, RelayLink>>>;
@@ -170,6 +179,7 @@ impl RelayClients {
             events: self.events.clone(),
             counters: self.counters.clone(),
             transports: self.transports.clone(),
+            protocol: RELAY_PROTOCOL_UDP,
         }));
         self.tasks.insert(name, Task { creds: tx, handle });
     }
@@ -189,7 +199,9 @@ impl RelayClients {
         if let Some(c) = lock(&self.live).remove(name) {
             c.close(b"relay no longer used");
         }
-        lock(&self.transports).relays.remove(name);
+        let mut tr = lock(&self.transports);
+        tr.relays.remove(name);
+        tr.relay_udp_bound.remove(name);
     }
 
     /// Closes everything (the daemon stops).
@@ -212,8 +224,9 @@ impl Drop for RelayClients {
 
 /// Sends the data plane's relayed datagrams on the named relay's live connection.
 async fn pump(mut rx: RelayReceiver, live: Live, counters: Arc<PumpCounters>) {
+    let mut scratch = Vec::with_capacity(64 * 1024);
     while let Some(t) = rx.recv().await {
-        relay_batch::send(&t, &live, &counters);
+        relay_batch::send(&t, &live, &counters, &mut scratch);
     }
 }
 
@@ -229,7 +242,15 @@ struct RelayTask {
     events: mpsc::Sender<RelayConnEvent>,
     counters: Arc<PumpCounters>,
     transports: SharedTransports,
+    /// The forwarding version the QUIC `Hello` says: [`RELAY_PROTOCOL_UDP`] until the relay
+    /// refuses it (a relay that speaks version 1 only), then [`RELAY_PROTOCOL_VERSION`].
+    protocol: u32,
 }
+
+/// The relay refused the `Hello`'s forwarding version (`Error{Protocol}` in answer to it).
+#[derive(Debug, thiserror::Error)]
+#[error("the relay refused forwarding version {0}: {1}")]
+struct VersionRefused(u32, String);
 
 /// Connects, serves, reconnects, until aborted.
 async fn run(mut t: RelayTask) {
@@ -241,7 +262,11 @@ async fn run(mut t: RelayTask) {
             Err(e) => format!("{e:#}"),
         };
         lock(&t.live).remove(&t.name);
-        lock(&t.transports).relays.remove(&*t.name);
+        {
+            let mut tr = lock(&t.transports);
+            tr.relays.remove(&*t.name);
+            tr.relay_udp_bound.remove(&*t.name);
+        }
         debug!(relay = %t.name, error = %err, "relay connection down");
         if t.events
             .send(RelayConnEvent::Down {
@@ -265,15 +290,37 @@ async fn run(mut t: RelayTask) {
 /// One connection: handshake, then datagrams both ways until it fails.
 async fn serve(t: &mut RelayTask) -> Result<()> {
     let creds = t.creds.borrow_and_update().clone();
-    let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(t, &creds))
+    let mut opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(t, &creds))
         .await
-        .map_err(|_| anyhow!("no welcome from the relay within {HANDSHAKE_TIMEOUT:?}"))??;
-    let (conn, mut send, mut recv, mut dec, relay_says) = match opened {
+        .map_err(|_| anyhow!("no welcome from the relay within {HANDSHAKE_TIMEOUT:?}"))?;
+    let refused = opened
+        .as_ref()
+        .err()
+        .and_then(|e| e.downcast_ref::<VersionRefused>())
+        .map(|r| r.0);
+    if refused.is_some_and(|v| v != RELAY_PROTOCOL_VERSION) {
+        // An older relay: say version 1 from now on, over QUIC datagrams alone.
+        info!(relay = %t.name, "the relay speaks an older forwarding version: relayed datagrams stay on QUIC datagrams");
+        t.protocol = RELAY_PROTOCOL_VERSION;
+        opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(t, &creds))
+            .await
+            .map_err(|_| anyhow!("no welcome from the relay within {HANDSHAKE_TIMEOUT:?}"))?;
+    }
+    let (conn, mut send, mut recv, mut dec, relay_says) = match opened? {
         Opened::Quic(q) => q,
         Opened::Tcp(tcp) => return relay_link::serve_tcp(t, tcp).await,
     };
     let max_datagram = datagram_limit(&conn, relay_says);
-    lock(&t.live).insert(t.name.clone(), RelayLink::Quic(conn.clone()));
+    // The plain-UDP path: on a version-2 link with somewhere to deliver what arrives.
+    let mut plain = match (&t.sink, t.protocol == RELAY_PROTOCOL_UDP) {
+        (Some(sink), true) => open_plain(t, &conn, sink),
+        _ => None,
+    };
+    let _stop_plain = plain.as_ref().map(|(p, _)| StopOnDrop(p.clone()));
+    lock(&t.live).insert(
+        t.name.clone(),
+        RelayLink::Quic(conn.clone(), plain.as_ref().map(|(p, _)| p.clone())),
+    );
     lock(&t.transports)
         .relays
         .insert(t.name.to_string(), Transport::Quic);
@@ -290,8 +337,23 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
     let mut batch = Vec::with_capacity(relay_batch::RECV_BATCH);
     let mut tick = tokio::time::interval(RTT_INTERVAL);
     tick.tick().await;
+    let mut plain_tick = tokio::time::interval(CONFIRM_RESEND);
+    plain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = plain_tick.tick(), if plain.is_some() => {
+                if let Some((link, state)) = plain.as_mut() {
+                    let before = state.fallbacks;
+                    let action = state.handle_timer(Instant::now());
+                    if state.fallbacks > before {
+                        debug!(relay = %t.name, "no plain-UDP binding within the timeout: QUIC datagrams");
+                        t.counters.plain.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        let mut tr = lock(&t.transports);
+                        tr.relay_udp_fallbacks = tr.relay_udp_fallbacks.saturating_add(1);
+                    }
+                    plain_act(t, link, state, action, &mut send).await?;
+                }
+            }
             d = conn.read_datagram() => {
                 let d = d.map_err(|e| anyhow!("relay connection: {e}"))?;
                 relay_batch::take_ready(&conn, d, &mut batch);
@@ -314,10 +376,21 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
                         bail!("the relay refused: {message} ({code:?})")
                     }
                     Some(RelayToDevice::Welcome { .. }) => {}
-                    // Answers to a plain-UDP binding request, which this device (version 1)
-                    // never sends.
-                    Some(RelayToDevice::UdpBinding { .. } | RelayToDevice::UdpBound) => {
-                        bail!("the relay sent an unrequested plain-UDP binding message")
+                    Some(RelayToDevice::UdpBinding { token, nonce }) => {
+                        // Only a link that asked (it has a plain-UDP path) gets an answer.
+                        let Some((link, state)) = plain.as_mut() else {
+                            bail!("the relay sent an unrequested plain-UDP binding message")
+                        };
+                        link.set_known(token);
+                        let action = state.handle_binding(token, nonce, Instant::now());
+                        plain_act(t, link, state, action, &mut send).await?;
+                    }
+                    Some(RelayToDevice::UdpBound) => {
+                        let Some((link, state)) = plain.as_mut() else {
+                            bail!("the relay sent an unrequested plain-UDP binding message")
+                        };
+                        state.handle_bound(Instant::now());
+                        plain_act(t, link, state, None, &mut send).await?;
                     }
                     None => bail!("the relay closed the stream"),
                 }
@@ -373,7 +446,7 @@ async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
     };
     let (mut send, mut recv) = conn.open_bi().await.context("opening the relay stream")?;
     send.write_all(&wire::encode(&DeviceToRelay::Hello {
-        protocol: RELAY_PROTOCOL_VERSION,
+        protocol: t.protocol,
         ticket: creds.ticket.clone(),
     }))
     .await
@@ -384,6 +457,10 @@ async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
         Some(RelayToDevice::Welcome { max_datagram, .. }) => {
             Ok(Opened::Quic((conn, send, recv, dec, max_datagram)))
         }
+        Some(RelayToDevice::Error {
+            code: ErrorCode::Protocol,
+            message,
+        }) => Err(VersionRefused(t.protocol, message).into()),
         Some(RelayToDevice::Error { code, message }) => {
             bail!("the relay refused: {message} ({code:?})")
         }
@@ -391,6 +468,70 @@ async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
             bail!("the relay answered the hello with a plain-UDP binding message")
         }
         None => bail!("the relay closed the stream before welcoming"),
+    }
+}
+
+/// Opens the link's plain-UDP socket (connected to the relay's address) and its receive
+/// thread; `None` (logged) where either cannot be had: the link stays on QUIC datagrams.
+fn open_plain(
+    t: &RelayTask,
+    conn: &quinn::Connection,
+    sink: &Arc<dyn RelaySink>,
+) -> Option<(Arc<PlainLink>, PlainUdp)> {
+    let opened = PlainLink::open(conn.remote_address(), t.counters.clone()).and_then(|link| {
+        link.start_receiver(t.name.clone(), sink)?;
+        Ok(link)
+    });
+    match opened {
+        Ok(link) => Some((link, PlainUdp::new(Instant::now()))),
+        Err(e) => {
+            info!(relay = %t.name, error = %e, "no plain-UDP socket for the relay link: relayed datagrams stay on QUIC");
+            None
+        }
+    }
+}
+
+/// Carries out what the plain-UDP state machine asked for, then publishes its binding (the
+/// token relayed sends carry, or none) to the pump and to status.
+async fn plain_act(
+    t: &RelayTask,
+    link: &PlainLink,
+    state: &PlainUdp,
+    action: Option<PlainAction>,
+    send: &mut quinn::SendStream,
+) -> Result<()> {
+    match action {
+        Some(PlainAction::Request) => send
+            .write_all(&wire::encode(&DeviceToRelay::UdpBind))
+            .await
+            .context("asking for a plain-UDP binding")?,
+        Some(PlainAction::Confirm(c)) => link.send_confirm(&c),
+        None => {}
+    }
+    let token = state.token();
+    let was = link.is_bound();
+    if was != token.is_some() {
+        link.set_bound(token);
+        let mut tr = lock(&t.transports);
+        if token.is_some() {
+            info!(relay = %t.name, "relayed datagrams go in plain UDP");
+            tr.relay_udp_bound.insert(t.name.to_string());
+        } else {
+            info!(relay = %t.name, "the relay's plain-UDP path went silent: relayed datagrams go as QUIC datagrams");
+            tr.relay_udp_bound.remove(&*t.name);
+        }
+    } else if token.is_some() {
+        link.set_bound(token);
+    }
+    Ok(())
+}
+
+/// Ends a plain-UDP receive thread when the link's serve loop ends.
+struct StopOnDrop(Arc<PlainLink>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
@@ -587,7 +728,7 @@ mod tests {
         );
         match s.frame().await {
             DeviceToRelay::Hello { protocol, ticket } => {
-                assert_eq!(protocol, RELAY_PROTOCOL_VERSION);
+                assert_eq!(protocol, RELAY_PROTOCOL_UDP);
                 assert_eq!(ticket.ticket.serial, 1);
             }
             other => panic!("{other:?}"),
@@ -597,6 +738,9 @@ mod tests {
             max_datagram: 1200,
         })
         .await;
+        // A version-2 link with somewhere to deliver asks for a plain-UDP binding at once;
+        // this relay never answers, so datagrams stay on QUIC.
+        assert_eq!(s.frame().await, DeviceToRelay::UdpBind);
         match next_event(&mut ev_rx).await {
             RelayConnEvent::Up {
                 relay,
@@ -697,6 +841,97 @@ mod tests {
         assert!(closed.is_ok(), "connection closed after disconnect");
         let again = tokio::time::timeout(Duration::from_millis(1500), relay.accept()).await;
         assert!(again.is_err(), "no reconnect after disconnect");
+    }
+
+    /// A relay that speaks forwarding version 1 only refuses the version-2 hello: the link
+    /// says version 1 at once, is welcomed, never asks for a plain-UDP binding and relays over
+    /// QUIC datagrams; an unrequested binding message on it breaks the protocol.
+    #[tokio::test]
+    async fn an_old_relay_is_spoken_to_in_version_1_over_quic_datagrams() {
+        let p = pki(&relay_server_name("r1"));
+        let relay = relay_endpoint(&p);
+        let (ev_tx, mut ev_rx) = mpsc::channel(64);
+        let out_tx = crate::dataplane::RelayQueue::new(16);
+        let (in_tx, _in_rx) = mpsc::unbounded_channel();
+        let mut clients = RelayClients::with(
+            Some(control::client_endpoint().unwrap()),
+            Some(Arc::new(Collect(in_tx))),
+            out_tx.take_receiver(),
+            ev_tx,
+        );
+        let config = control::relay_configs(&p.ca_der, &p.client.0, &p.client.1).unwrap();
+        clients.connect(
+            "r1".into(),
+            relay.local_addr().unwrap().to_string(),
+            Credentials {
+                ticket: ticket(1),
+                configs: config,
+            },
+        );
+        // What a version-1 relay answers a version-2 hello.
+        let mut s = Served::accept(&relay).await;
+        match s.frame().await {
+            DeviceToRelay::Hello { protocol, .. } => assert_eq!(protocol, RELAY_PROTOCOL_UDP),
+            other => panic!("{other:?}"),
+        }
+        s.reply(&RelayToDevice::Error {
+            code: ward_shared::wire::ErrorCode::Protocol,
+            message: "relay ticket refused: protocol".into(),
+        })
+        .await;
+        let started = Instant::now();
+        let mut s2 = Served::accept(&relay).await;
+        match s2.frame().await {
+            DeviceToRelay::Hello { protocol, .. } => assert_eq!(protocol, RELAY_PROTOCOL_VERSION),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            started.elapsed() < BACKOFF_MIN,
+            "asked again at once, not after a backoff"
+        );
+        s2.reply(&RelayToDevice::Welcome {
+            device_id: DeviceId(7),
+            max_datagram: 1200,
+        })
+        .await;
+        assert!(matches!(
+            next_event(&mut ev_rx).await,
+            RelayConnEvent::Up { .. }
+        ));
+        assert!(out_tx.try_send(crate::dataplane::RelayTransmit::one(
+            Arc::from("r1"),
+            9,
+            b"over quic"
+        )));
+        let d = tokio::time::timeout(Duration::from_secs(5), s2.conn.read_datagram())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            split_datagram(&d).unwrap(),
+            (DeviceId(9), &b"over quic"[..])
+        );
+        // No binding request came: the next frame is the fresh ticket.
+        clients.update(
+            "r1",
+            Credentials {
+                ticket: ticket(2),
+                configs: control::relay_configs(&p.ca_der, &p.client.0, &p.client.1).unwrap(),
+            },
+        );
+        match s2.frame().await {
+            DeviceToRelay::Ticket { ticket } => assert_eq!(ticket.ticket.serial, 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(!lock(&clients.transports).relay_udp_bound.contains("r1"));
+        s2.reply(&RelayToDevice::UdpBound).await;
+        match next_event(&mut ev_rx).await {
+            RelayConnEvent::Down { error, .. } => {
+                assert!(error.contains("unrequested"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        clients.disconnect("r1");
     }
 
     #[tokio::test]

@@ -305,6 +305,8 @@ pub fn status(s: Sources<'_>) -> StatusView {
                 .iter()
                 .map(|(n, t)| (n.clone(), t.to_string()))
                 .collect(),
+            relay_udp_bound: s.transports.relay_udp_bound.iter().cloned().collect(),
+            relay_udp_fallbacks: s.transports.relay_udp_fallbacks,
             flow_log: s.agent.map(|a| {
                 let f = a.flow_status();
                 crate::api::FlowLogView {
@@ -427,6 +429,7 @@ pub fn netcheck(agent: Option<&Agent>, transports: &Transports) -> NetcheckView 
                 observed: r.observed,
                 error: r.error.clone(),
                 transport: transports.relays.get(&r.name).map(|t| t.to_string()),
+                plain_udp: transports.relay_udp_bound.contains(&r.name),
                 ..relay_conn_view(conns, &r.name)
             })
             .collect(),
@@ -456,6 +459,7 @@ fn relay_conn_view(relays: &Relays, name: &str) -> RelayCheckView {
         rtt_ms,
         connection_error: c.and_then(|c| c.last_error.clone()),
         transport: None,
+        plain_udp: false,
     }
 }
 

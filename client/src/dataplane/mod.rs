@@ -52,8 +52,7 @@ use ward_shared::routes::Prefix;
 pub use self::discovery::DiscoveryCounters;
 pub use self::engine::{Batch, Core, CoreConfig, Outbox, Transmit};
 pub use self::pmtu::PathMtuCounters;
-#[cfg(test)]
-pub(crate) use self::relay::RelayQueue;
+pub(crate) use self::relay::{RelayQueue, RELAY_QUEUE};
 pub use self::relay::{RelayReceiver, RelayTransmit};
 use ward_shared::discovery::BindingResponse;
 

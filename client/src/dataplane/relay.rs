@@ -146,7 +146,6 @@ impl RelayQueue {
     }
 
     /// Queues `t` whole if there is room for all its datagrams; drops and counts it otherwise.
-    #[cfg(test)]
     pub(crate) fn try_send(&self, t: RelayTransmit) -> bool {
         let n = t.datagrams.len();
         let got = self.reserve(n);
