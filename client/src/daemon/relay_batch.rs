@@ -168,12 +168,7 @@ fn merge_queued(
 /// Sends the datagrams of `t` on the named relay's live connection (in plain UDP while that
 /// link is bound, `scratch` holding the framed batch; else as QUIC datagrams), or drops them
 /// (counted) when there is none.
-pub(super) fn send(
-    t: &RelayTransmit,
-    live: &Live,
-    counters: &PumpCounters,
-    scratch: &mut Vec<u8>,
-) {
+pub(super) fn send(t: &RelayTransmit, live: &Live, counters: &PumpCounters, scratch: &mut Vec<u8>) {
     let n = u64::try_from(t.datagrams.len()).unwrap_or(u64::MAX);
     let conn = lock(live).get(&t.relay).cloned();
     let Some(conn) = conn else {

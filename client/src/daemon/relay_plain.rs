@@ -79,7 +79,10 @@ pub(in crate::daemon) struct PlainLink {
 impl PlainLink {
     /// A socket connected to `relay` (an IPv4-mapped address counts as IPv4), carrying the
     /// outbound mark (kept on the underlay while an exit node holds the default route).
-    pub(in crate::daemon) fn open(relay: SocketAddr, counters: Arc<PumpCounters>) -> io::Result<Arc<PlainLink>> {
+    pub(in crate::daemon) fn open(
+        relay: SocketAddr,
+        counters: Arc<PumpCounters>,
+    ) -> io::Result<Arc<PlainLink>> {
         let relay = SocketAddr::new(relay.ip().to_canonical(), relay.port());
         let local: SocketAddr = match relay {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -181,7 +184,10 @@ impl PlainLink {
             self.counters.plain.sent.fetch_add(sent, Ordering::Relaxed);
         }
         if failed > 0 {
-            self.counters.plain.send_failed.fetch_add(failed, Ordering::Relaxed);
+            self.counters
+                .plain
+                .send_failed
+                .fetch_add(failed, Ordering::Relaxed);
         }
         true
     }
@@ -237,7 +243,11 @@ impl PlainLink {
                 for (m, b) in meta.iter().zip(&bufs).take(n) {
                     let from = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
                     let data = b.get(..m.len).unwrap_or(&[]);
-                    let stride = if m.stride == 0 { m.len.max(1) } else { m.stride };
+                    let stride = if m.stride == 0 {
+                        m.len.max(1)
+                    } else {
+                        m.stride
+                    };
                     for d in data.chunks(stride) {
                         let parsed = if from == self.relay {
                             parse_data(d, token.as_ref())
@@ -258,7 +268,10 @@ impl PlainLink {
                     sink.relayed_batch(relay, &bodies);
                 }
                 for (why, from) in dropped {
-                    self.counters.plain.dropped_in.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .plain
+                        .dropped_in
+                        .fetch_add(1, Ordering::Relaxed);
                     log.dropped(relay, from, why, Instant::now());
                 }
             }

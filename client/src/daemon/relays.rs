@@ -31,12 +31,12 @@ use ward_shared::wire::ErrorCode;
 use ward_shared::wire::{self, FrameDecoder};
 
 use super::lock;
+#[path = "relay_harness.rs"]
+pub mod relay_harness;
 #[path = "relay_link.rs"]
 pub(super) mod relay_link;
 #[path = "relay_plain.rs"]
 pub(super) mod relay_plain;
-#[path = "relay_harness.rs"]
-pub mod relay_harness;
 use super::relay_batch;
 use crate::agent::relay_udp::{Action as PlainAction, PlainUdp, CONFIRM_RESEND};
 use crate::agent::RelayConnEvent;
