@@ -14,9 +14,11 @@
 //! - Receive (the `ward-relay-udp` thread, [`PlainLink::start_receiver`]): `recvmmsg` with UDP
 //!   GRO, every datagram checked (from the relay's address, a data datagram, this link's
 //!   token, a well-formed relay header) and the rest handed to the data plane's relayed
-//!   receive path ([`RelaySink::relayed_batch`]: decrypt, TUN writes coalesced per flow) on
-//!   this thread, one call per receive batch. Anything else is counted and logged at most once
-//!   per [`LOG_EVERY`]; the token is never logged.
+//!   receive path: copied into one buffer per receive batch and moved to the `ward-relay-rx`
+//!   thread ([`Inbound`]: decrypt, TUN writes coalesced per flow) as QUIC batches are, so
+//!   reading and decrypting run on two cores; without that thread, [`RelaySink::relayed_batch`]
+//!   here. Anything else is counted and logged at most once per [`LOG_EVERY`]; the token is
+//!   never logged.
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -25,11 +27,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use tracing::{debug, info, trace};
 use ward_shared::relay::UDP_BIND_LEN;
 
+use super::relay_batch::Inbound;
 use super::{PumpCounters, RelaySink};
 use crate::agent::relay_udp::{frame_data, parse_data, PlainDrop, DATA_PREFIX_LEN};
 
@@ -203,16 +206,22 @@ impl PlainLink {
         self: &Arc<Self>,
         relay: Arc<str>,
         sink: &Arc<dyn RelaySink>,
+        inbound: Option<Arc<Inbound>>,
     ) -> io::Result<()> {
         let link = self.clone();
         let sink = Arc::downgrade(sink);
         std::thread::Builder::new()
             .name("ward-relay-udp".into())
-            .spawn(move || link.receive_loop(&relay, &sink))
+            .spawn(move || link.receive_loop(&relay, &sink, inbound.as_deref()))
             .map(|_| ())
     }
 
-    fn receive_loop(&self, relay: &str, sink: &Weak<dyn RelaySink>) {
+    fn receive_loop(
+        &self,
+        relay: &Arc<str>,
+        sink: &Weak<dyn RelaySink>,
+        inbound: Option<&Inbound>,
+    ) {
         let mut bufs: [Vec<u8>; RX_BUFS] = std::array::from_fn(|_| vec![0u8; RX_BUF]);
         let mut meta = [RecvMeta::default(); RX_BUFS];
         let mut log = DropLog::default();
@@ -229,7 +238,7 @@ impl PlainLink {
                         Err(e) => {
                             // A connected socket reports ICMP errors (the relay's port closed)
                             // here: the link's QUIC side notices a dead relay.
-                            trace!(relay, error = %e, "relay UDP receive failed");
+                            trace!(relay = %relay, error = %e, "relay UDP receive failed");
                             break;
                         }
                     }
@@ -239,6 +248,12 @@ impl PlainLink {
                 };
                 let token = *self.known.lock().unwrap_or_else(PoisonError::into_inner);
                 let mut bodies: Vec<(u64, &[u8])> = Vec::with_capacity(n * 4);
+                // With a relayed-receive thread: the datagrams (relay header kept) copied into
+                // one buffer per receive batch, handed over to be decrypted there while this
+                // thread reads on.
+                let mut framed: Option<BytesMut> = inbound
+                    .map(|_| BytesMut::with_capacity(meta.iter().take(n).map(|m| m.len).sum()));
+                let mut ranges: Vec<(usize, usize)> = Vec::new();
                 let mut dropped = Vec::new();
                 for (m, b) in meta.iter().zip(&bufs).take(n) {
                     let from = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
@@ -254,18 +269,34 @@ impl PlainLink {
                         } else {
                             Err(PlainDrop::WrongSource)
                         };
-                        match parsed {
-                            Ok(body) => bodies.push(body),
-                            Err(why) => dropped.push((why, from)),
+                        match (parsed, framed.as_mut()) {
+                            (Ok(_), Some(buf)) => {
+                                let start = buf.len();
+                                buf.extend_from_slice(&d[DATA_PREFIX_LEN..]);
+                                ranges.push((start, buf.len()));
+                            }
+                            (Ok(body), None) => bodies.push(body),
+                            (Err(why), _) => dropped.push((why, from)),
                         }
                     }
                 }
-                if !bodies.is_empty() {
+                let delivered = bodies.len() + ranges.len();
+                if delivered > 0 {
                     self.counters
                         .plain
                         .received
-                        .fetch_add(bodies.len() as u64, Ordering::Relaxed);
+                        .fetch_add(delivered as u64, Ordering::Relaxed);
+                }
+                if !bodies.is_empty() {
                     sink.relayed_batch(relay, &bodies);
+                }
+                if let (Some(inbound), Some(buf)) = (inbound, framed) {
+                    if !ranges.is_empty() {
+                        let all = buf.freeze();
+                        let mut batch: Vec<Bytes> =
+                            ranges.iter().map(|&(a, b)| all.slice(a..b)).collect();
+                        inbound.deliver(relay, &mut batch);
+                    }
                 }
                 for (why, from) in dropped {
                     self.counters

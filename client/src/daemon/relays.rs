@@ -479,7 +479,7 @@ fn open_plain(
     sink: &Arc<dyn RelaySink>,
 ) -> Option<(Arc<PlainLink>, PlainUdp)> {
     let opened = PlainLink::open(conn.remote_address(), t.counters.clone()).and_then(|link| {
-        link.start_receiver(t.name.clone(), sink)?;
+        link.start_receiver(t.name.clone(), sink, t.inbound.clone())?;
         Ok(link)
     });
     match opened {
