@@ -1837,6 +1837,7 @@ mod tests {
         let mut w = World::new();
         let live = FakeLive::new(None);
         w.user(&live, "alice");
+        live.take();
         let text = "[services.all]\ndevices = [\"tag:db\"]\nports = [\"tcp/22\"]\n\
                     [[rules]]\nname = \"open\"\nfrom = [\"alice\"]\nto = [\"all\"]\n\
                     [[tests]]\nfrom = \"alice\"\nallow = [\"all:22\"]\n";
