@@ -284,6 +284,11 @@ pub struct Registry {
     policy_gen: u64,
     /// Policy compiles since start (a recompute whose inputs did not change skips it).
     compiles: u64,
+    /// The compile a policy apply's check made, for the generation it came with; the first
+    /// compile of that generation uses it if it was made from the same directory.
+    handover: Option<(u64, PolicyCompile)>,
+    /// Compiles taken over from a policy apply's check instead of made here.
+    compiles_reused: u64,
     now_ms: i64,
     outputs: VecDeque<Output>,
     dirty: bool,
@@ -319,6 +324,18 @@ pub struct Registry {
 pub struct RemoteSession {
     pub replica: String,
     pub home_relay: Option<String>,
+}
+
+/// A policy's compile made outside the registry (a `policy apply`'s check, which compiles the
+/// candidate against [`Registry::directory_for`] to run its tests and list its changes): the
+/// compile ([`policy::compile`], no routes), the directory and the coordinator time it was made
+/// from. The registry takes it instead of compiling again when its own directory is the same and
+/// no expiry lies between the two moments ([`policy::same_at`]); otherwise it compiles.
+#[derive(Debug, Clone)]
+pub struct PolicyCompile {
+    pub compiled: Arc<Compiled>,
+    pub directory: Arc<Directory>,
+    pub at_ms: i64,
 }
 
 /// The inputs a compile depended on: the same policy, directory and routers before the
@@ -398,6 +415,8 @@ impl Registry {
             compiled_for: None,
             policy_gen: 0,
             compiles: 0,
+            handover: None,
+            compiles_reused: 0,
             now_ms,
             outputs: VecDeque::new(),
             dirty: true,
@@ -536,11 +555,18 @@ impl Registry {
 
     /// A new policy was applied: every device is judged against its requirements.
     pub fn handle_policy(&mut self, policy: Policy) {
+        self.handle_policy_compiled(policy, None);
+    }
+
+    /// A new policy was applied, with the compile its check made (if any): the next compile
+    /// uses it when it was made from the directory the registry has then.
+    pub fn handle_policy_compiled(&mut self, policy: Policy, compile: Option<PolicyCompile>) {
         self.behaviour
             .set_learning_ms(policy.trust.behaviour_learning_ms as i64);
         self.behaviour.set_threshold(policy.trust.risk_threshold);
         self.policy = Some(policy);
         self.policy_gen += 1;
+        self.handover = compile.map(|c| (self.policy_gen, c));
         self.dirty = true;
         self.refresh_needed();
         let ids: Vec<DeviceId> = self.devices.keys().copied().collect();
@@ -1282,6 +1308,11 @@ impl Registry {
         self.compiles
     }
 
+    /// Compiles taken over from a policy apply's check (not counted in [`Registry::compiles`]).
+    pub fn compiles_reused(&self) -> u64 {
+        self.compiles_reused
+    }
+
     /// Leases that reached their expiry while held here, since start (for metrics).
     pub fn leases_expired(&self) -> u64 {
         self.leases_expired
@@ -1929,8 +1960,42 @@ impl Registry {
         if !unchanged {
             // Which requirements apply where depends on the same inputs as the compile.
             self.refresh_needed();
-            self.compiled = Arc::new(match &self.policy {
-                Some(p) => {
+            let handover = self.handover.take();
+            let handed = match (&self.policy, handover) {
+                (Some(p), Some((gen, h)))
+                    if gen == self.policy_gen
+                        && *h.directory == dir
+                        && policy::same_at(p, &dir, h.at_ms, self.now_ms) =>
+                {
+                    Some(h.compiled)
+                }
+                (_, Some(_)) => {
+                    tracing::debug!("the policy check's compile is stale: compiling again");
+                    None
+                }
+                _ => None,
+            };
+            self.compiled = match (&self.policy, handed) {
+                // Routes are added to the check's compile; without routers there are none to add.
+                (Some(p), Some(c)) => {
+                    self.compiles_reused += 1;
+                    if routers.is_empty() {
+                        c
+                    } else {
+                        let mut c = Arc::unwrap_or_clone(c);
+                        policy::compile_routes(
+                            p,
+                            &dir,
+                            &routers,
+                            self.pools.v6_prefix,
+                            self.now_ms,
+                            &mut c,
+                        );
+                        Arc::new(c)
+                    }
+                }
+                (Some(p), None) => {
+                    self.compiles += 1;
                     let mut c = policy::compile(p, &dir, self.now_ms);
                     policy::compile_routes(
                         p,
@@ -1940,11 +2005,13 @@ impl Registry {
                         self.now_ms,
                         &mut c,
                     );
-                    c
+                    Arc::new(c)
                 }
-                None => Compiled::default(),
-            });
-            self.compiles += 1;
+                (None, _) => {
+                    self.compiles += 1;
+                    Arc::new(Compiled::default())
+                }
+            };
             self.compiled_for = Some(CompiledFor {
                 policy_gen: self.policy_gen,
                 directory: dir,
@@ -2593,6 +2660,93 @@ to = ["all"]
         r.handle_policy(open_policy());
         drain(&mut r);
         assert_eq!(r.compiles(), base + 2);
+    }
+
+    /// A policy apply's check hands its compile over with the policy: the registry uses it
+    /// (no compile of its own) when it was made from the registry's directory, and it equals a
+    /// fresh compile. One made from another directory, across a rule's expiry, or for a policy
+    /// that a newer one replaced is not used: the registry compiles.
+    #[test]
+    fn a_policy_checks_compile_is_used_only_when_it_matches() {
+        let mut r = reg(&[1, 2, 3]);
+        drain(&mut r);
+        open_sessions(&mut r, &[1, 2, 3]);
+        drain(&mut r);
+        let handed = |p: &Policy, dir: Directory, at_ms: i64| PolicyCompile {
+            compiled: Arc::new(policy::compile(p, &dir, at_ms)),
+            directory: Arc::new(dir),
+            at_ms,
+        };
+        let fresh = |r: &Registry| {
+            let p = r.policy.as_ref().unwrap();
+            let dir = r.directory();
+            let mut c = policy::compile(p, &dir, r.now_ms);
+            policy::compile_routes(p, &dir, &[], r.pools.v6_prefix, r.now_ms, &mut c);
+            c
+        };
+        let counts = |r: &Registry| (r.compiles(), r.compiles_reused());
+
+        // Made by the check from the directory as judged under the candidate: used as is.
+        let p = open_policy();
+        let c = handed(&p, r.directory_for(&p), r.now_ms);
+        let (compiles, reused) = counts(&r);
+        r.handle_policy_compiled(p.clone(), Some(c.clone()));
+        drain(&mut r);
+        assert_eq!(
+            counts(&r),
+            (compiles, reused + 1),
+            "taken over, not compiled"
+        );
+        assert!(Arc::ptr_eq(r.compiled(), &c.compiled));
+        assert_eq!(**r.compiled(), fresh(&r), "the same as a fresh compile");
+        assert!(!r.compiled().devices[&DeviceId(1)].peers.is_empty());
+
+        // Made from another directory (device 3 missing): compiled again, device 3 included.
+        let mut other = r.directory_for(&p);
+        other.devices.retain(|d| d.id != DeviceId(3));
+        let c = handed(&p, other, r.now_ms);
+        r.handle_policy_compiled(p.clone(), Some(c.clone()));
+        drain(&mut r);
+        assert_eq!(counts(&r), (compiles + 1, reused + 1), "compiled");
+        assert!(!Arc::ptr_eq(r.compiled(), &c.compiled));
+        assert_eq!(**r.compiled(), fresh(&r));
+        assert!(r.compiled().devices.contains_key(&DeviceId(3)));
+
+        // Made after a rule's expiry that the registry has not reached: compiled again, and
+        // the rule is in force.
+        let expiring = policy::parse(
+            br#"
+[groups]
+eng = ["alice"]
+[services.all]
+devices = ["group:eng"]
+ports = ["tcp/*"]
+[[rules]]
+from = ["group:eng"]
+to = ["all"]
+expires = "2030-01-01T00:00:00Z"
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        let after = 1_893_456_000_001;
+        assert!(r.now_ms < after);
+        let c = handed(&expiring, r.directory_for(&expiring), after);
+        assert!(c.compiled.devices.values().all(|a| a.peers.is_empty()));
+        r.handle_policy_compiled(expiring.clone(), Some(c));
+        drain(&mut r);
+        assert_eq!(counts(&r), (compiles + 2, reused + 1), "compiled");
+        assert_eq!(**r.compiled(), fresh(&r));
+        assert!(!r.compiled().devices[&DeviceId(1)].peers.is_empty());
+
+        // A matching compile for a policy that a newer one replaced before the recompute.
+        let c = handed(&p, r.directory_for(&p), r.now_ms);
+        r.handle_policy_compiled(p.clone(), Some(c.clone()));
+        r.handle_policy(expiring);
+        drain(&mut r);
+        assert_eq!(counts(&r), (compiles + 3, reused + 1), "compiled");
+        assert!(!Arc::ptr_eq(r.compiled(), &c.compiled));
+        assert_eq!(**r.compiled(), fresh(&r));
     }
 
     /// Sessions hold one shared copy of each peer's state and of the compile (memory grows

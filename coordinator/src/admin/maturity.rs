@@ -12,6 +12,7 @@ use ward_shared::wire::DeviceId;
 
 use super::api::{MaturityEntryView, MaturityHistoryView, MaturityView};
 use super::ops::{Live, Snapshot};
+use super::policy::Applied;
 use crate::flows::{pair, PairStatus, Tolerance};
 use crate::maturity::{self, predicates::SCOPED_PORTS, Assessment, Evidence};
 use crate::store::{DeviceStatus, FlowQuery, PolicyVersion, Store, SuggestionState};
@@ -62,7 +63,20 @@ pub fn record(
     trigger: &str,
     now: i64,
 ) -> Result<i64> {
-    let a = maturity::assess(&evidence(store, live, snap, now)?);
+    record_with(store, live, snap, trigger, None, now)
+}
+
+/// [`record`] right after a policy apply: the apply's check already judged the directory, ran
+/// the tests and compiled; those are used when the policy in force is still the applied one.
+pub fn record_with(
+    store: &dyn Store,
+    live: &dyn Live,
+    snap: &Snapshot,
+    trigger: &str,
+    applied: Option<&Applied>,
+    now: i64,
+) -> Result<i64> {
+    let a = maturity::assess(&evidence_with(store, live, snap, applied, now)?);
     let seq = store.append_maturity(trigger, &serde_json::to_string(&a)?, now)?;
     tracing::info!(seq, trigger, "maturity assessment recorded");
     Ok(seq)
@@ -141,6 +155,18 @@ struct DisableDetail {
 
 /// Gathers the evidence at `now`.
 pub fn evidence(store: &dyn Store, live: &dyn Live, snap: &Snapshot, now: i64) -> Result<Evidence> {
+    evidence_with(store, live, snap, None, now)
+}
+
+/// [`evidence`], taking the directory, test count and compile from `applied` when it is the
+/// policy in force (same stored version).
+fn evidence_with(
+    store: &dyn Store,
+    live: &dyn Live,
+    snap: &Snapshot,
+    applied: Option<&Applied>,
+    now: i64,
+) -> Result<Evidence> {
     let mut e = Evidence {
         overlay_encrypted: true,
         rotation_on_trust_change: true,
@@ -162,9 +188,15 @@ pub fn evidence(store: &dyn Store, live: &dyn Live, snap: &Snapshot, now: i64) -
         .filter(|m| m.state == SuggestionState::Accepted)
         .count() as u64;
     e.policy_versions = history.len() as u64;
-    let dir = match &policy {
-        Some(p) => live.directory_for(p)?,
-        None => snap.directory.clone(),
+    let applied = applied.filter(|a| e.policy_version == Some(a.version) && policy.is_some());
+    let fresh;
+    let dir: &policy::Directory = match (&policy, applied) {
+        (Some(_), Some(a)) => &a.directory,
+        (Some(p), None) => {
+            fresh = live.directory_for(p)?;
+            &fresh
+        }
+        (None, _) => &snap.directory,
     };
     let live_ids: BTreeSet<DeviceId> = dir
         .devices
@@ -205,16 +237,29 @@ pub fn evidence(store: &dyn Store, live: &dyn Live, snap: &Snapshot, now: i64) -
             }
             e.rules_tested += u64::from(r.to.iter().any(|s| tested.contains(s.value.as_str())));
         }
-        let outcomes = policy::run_tests(p, &dir, now);
-        e.tests = outcomes.len() as u64;
-        e.tests_failing = outcomes.iter().filter(|t| !t.pass).count() as u64;
+        (e.tests, e.tests_failing) = match applied {
+            // An applied policy passed every test.
+            Some(a) => (a.tests as u64, 0),
+            None => {
+                let outcomes = policy::run_tests(p, dir, now);
+                let failing = outcomes.iter().filter(|t| !t.pass).count();
+                (outcomes.len() as u64, failing as u64)
+            }
+        };
         e.posture_requirements = p.postures.len() as u64;
         e.auto_quarantine_on_failure = p.trust.quarantine_after_failing_ms.is_some();
         e.scan_detection = p.trust.scan_denied_flows.is_some();
         e.risky_lease_ttl = p.trust.risky_lease_ttl_ms.is_some();
         e.behaviour_risk_enforced = p.trust.quarantine_above_risk.is_some()
             || p.postures.values().any(|q| q.max_risk.is_some());
-        let compiled = policy::compile(p, &dir, now);
+        let fresh_compile;
+        let compiled: &policy::Compiled = match applied {
+            Some(a) => &a.compiled,
+            None => {
+                fresh_compile = policy::compile(p, dir, now);
+                &fresh_compile
+            }
+        };
         let pairs: BTreeSet<(DeviceId, DeviceId)> = compiled
             .devices
             .iter()
@@ -222,7 +267,7 @@ pub fn evidence(store: &dyn Store, live: &dyn Live, snap: &Snapshot, now: i64) -
             .filter(|(a, b)| a != b && live_ids.contains(a) && live_ids.contains(b))
             .collect();
         e.pairs_reachable = pairs.len() as u64;
-        let needs = policy::requirements_by_device(p, &dir);
+        let needs = policy::requirements_by_device(p, dir);
         e.devices_compliant = dir
             .devices
             .iter()

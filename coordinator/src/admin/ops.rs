@@ -61,8 +61,9 @@ pub enum Notice {
     Removed(DeviceId, String),
     User(User),
     Grants(Vec<Grant>),
-    /// A new policy and its stored version.
-    Policy(Policy, u64),
+    /// A new policy, its stored version and the compile its check made (the registry uses it
+    /// when it matches its own directory, else compiles).
+    Policy(Policy, u64, Option<crate::registry::PolicyCompile>),
     /// Every registered relay, after one was added or removed.
     Relays(Vec<RelayInfo>),
     /// Every device's routes, after an approval changed.
@@ -405,13 +406,25 @@ pub fn handle(
             file_name,
             content_b64,
         } => {
-            let out =
-                super::policy::check(store, live, &snap, &file_name, &content_b64, true, now)?;
-            if let Some(v) = out.version {
+            let (out, applied) = super::policy::check_applied(
+                store,
+                live,
+                &snap,
+                &file_name,
+                &content_b64,
+                true,
+                now,
+            )?;
+            if let Some(a) = applied {
                 // The policy is in force whatever happens here: a failed recording is logged.
-                if let Err(e) =
-                    super::maturity::record(store, live, &snap, &format!("policy.apply v{v}"), now)
-                {
+                if let Err(e) = super::maturity::record_with(
+                    store,
+                    live,
+                    &snap,
+                    &format!("policy.apply v{}", a.version),
+                    Some(&a),
+                    now,
+                ) {
                     tracing::error!(error = %format!("{e:#}"), "maturity assessment not recorded");
                 }
             }
@@ -1813,6 +1826,53 @@ mod tests {
             }
         ))
         .contains("no user"));
+    }
+
+    /// A policy apply hands the registry the compile its check made (the policy against the
+    /// directory the check judged, at the request's time), and the maturity assessment it
+    /// records from the check's work is the one gathered afresh.
+    #[test]
+    fn an_apply_hands_its_compile_over_and_records_the_same_assessment() {
+        use base64::Engine;
+        let mut w = World::new();
+        let live = FakeLive::new(None);
+        w.user(&live, "alice");
+        live.take();
+        let text = "[services.all]\ndevices = [\"tag:db\"]\nports = [\"tcp/22\"]\n\
+                    [[rules]]\nname = \"open\"\nfrom = [\"alice\"]\nto = [\"all\"]\n\
+                    [[tests]]\nfrom = \"alice\"\nallow = [\"all:22\"]\n";
+        let AdminReply::Policy(out) = w
+            .run(
+                &live,
+                AdminRequest::PolicyApply {
+                    file_name: "p.toml".into(),
+                    content_b64: base64::engine::general_purpose::STANDARD.encode(text),
+                },
+            )
+            .unwrap()
+        else {
+            panic!("not a policy outcome")
+        };
+        assert!(out.ok, "{out:?}");
+        let notices = live.take();
+        let [Notice::Policy(p, 1, Some(handed))] = &notices[..] else {
+            panic!("{notices:?}")
+        };
+        let dir = live.directory_for(p).unwrap();
+        assert_eq!(*handed.directory, dir);
+        assert_eq!(handed.at_ms, 1_000_000);
+        assert_eq!(
+            *handed.compiled,
+            ward_shared::policy::compile(p, &dir, 1_000_000)
+        );
+        let rows = w.store.maturity_history().unwrap().rows;
+        let recorded = &rows.last().unwrap().assessment;
+        let snap = live.snapshot().unwrap();
+        let fresh = crate::maturity::assess(
+            &super::super::maturity::evidence(&w.store, &live, &snap, 1_000_000).unwrap(),
+        );
+        assert_eq!(*recorded, serde_json::to_string(&fresh).unwrap());
+        assert!(!fresh.pillars.is_empty());
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! `policy check`, `policy apply` and `policy explain`: parse, compile against the live
 //! directory, run the policy's tests; apply stores a version and pushes it only if all pass.
 
+use std::sync::Arc;
+
 use anyhow::{anyhow, Result};
 use sha2::Digest;
 
-use ward_shared::policy::{self, Directory, Policy};
+use ward_shared::policy::{self, Compiled, Directory, Policy};
 
 use super::api::{
     ExplainDeviceView, ExplainMissView, ExplainView, PolicyOutcome, PolicyTestView, ShadowRulesView,
@@ -12,6 +14,20 @@ use super::api::{
 use super::ops::{Live, Notice, Snapshot};
 use crate::audit::Action;
 use crate::store::{Audit, Store};
+
+/// What an applied policy's check computed: the maturity assessment recorded on apply takes
+/// it instead of judging the directory, running the tests and compiling again.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The stored version.
+    pub version: i64,
+    /// The directory judged under the policy's requirements ([`Live::directory_for`]).
+    pub directory: Arc<Directory>,
+    /// [`policy::compile`] of the policy against `directory` (no routes).
+    pub compiled: Arc<Compiled>,
+    /// How many of the policy's test expectations ran (all passed: it was applied).
+    pub tests: usize,
+}
 
 /// Checks (and with `apply`, stores and pushes) a policy file sent base64-encoded. A refusal is
 /// an `ok: false` outcome, audited as `policy.refused` when applying; the previous policy stays.
@@ -24,34 +40,53 @@ pub fn check(
     apply: bool,
     now: i64,
 ) -> Result<PolicyOutcome> {
+    check_applied(store, live, snap, file_name, content_b64, apply, now).map(|(out, _)| out)
+}
+
+/// [`check`], and when the policy was applied, what its check computed. The registry gets the
+/// compile with the policy ([`Notice::Policy`]) and uses it when it still matches its own
+/// directory: one compile per apply, not one here and one there.
+pub fn check_applied(
+    store: &dyn Store,
+    live: &dyn Live,
+    snap: &Snapshot,
+    file_name: &str,
+    content_b64: &str,
+    apply: bool,
+    now: i64,
+) -> Result<(PolicyOutcome, Option<Applied>)> {
     use base64::Engine;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(content_b64)
         .map_err(|_| anyhow!("policy content is not valid base64"))?;
-    let refuse = |msg: String, tests: Vec<PolicyTestView>| -> Result<PolicyOutcome> {
-        if apply {
-            store.append_audit(
-                Audit {
-                    actor: "admin",
-                    action: Action::PolicyRefused,
-                    target: file_name,
-                    detail: serde_json::json!({ "reason": msg }),
+    let refuse =
+        |msg: String, tests: Vec<PolicyTestView>| -> Result<(PolicyOutcome, Option<Applied>)> {
+            if apply {
+                store.append_audit(
+                    Audit {
+                        actor: "admin",
+                        action: Action::PolicyRefused,
+                        target: file_name,
+                        detail: serde_json::json!({ "reason": msg }),
+                    },
+                    now,
+                )?;
+                tracing::warn!(file = file_name, reason = %msg, "policy refused");
+            }
+            Ok((
+                PolicyOutcome {
+                    ok: false,
+                    message: msg,
+                    tests,
+                    warnings: vec![],
+                    changes: vec![],
+                    devices: None,
+                    version: None,
+                    shadow_rules: None,
                 },
-                now,
-            )?;
-            tracing::warn!(file = file_name, reason = %msg, "policy refused");
-        }
-        Ok(PolicyOutcome {
-            ok: false,
-            message: msg,
-            tests,
-            warnings: vec![],
-            changes: vec![],
-            devices: None,
-            version: None,
-            shadow_rules: None,
-        })
-    };
+                None,
+            ))
+        };
     let p = match policy::parse(&bytes, file_name) {
         Ok(p) => p,
         Err(e) => return refuse(e.to_string(), vec![]),
@@ -89,10 +124,10 @@ pub fn check(
             tests,
         );
     }
-    let all_changes = policy::diff(&snap.compiled, &compiled, &dir);
-    let change_count = all_changes.len();
-    let changes = listed(&all_changes, MAX_CHANGES_LISTED);
-    drop(all_changes);
+    let (shown, change_count) =
+        policy::diff_bounded(&snap.compiled, &compiled, &dir, MAX_CHANGES_LISTED);
+    let changes = listed(&shown, change_count);
+    drop(shown);
     let mut out = PolicyOutcome {
         ok: true,
         message: "policy is valid and its tests pass".into(),
@@ -119,11 +154,27 @@ pub fn check(
             out.changes.join("; ")
         };
         let version = store.save_policy(&text, &sha, &summary, "admin", now)?;
-        live.notify(Notice::Policy(p, u64::try_from(version).unwrap_or(0)));
+        let applied = Applied {
+            version,
+            directory: Arc::new(dir),
+            compiled: Arc::new(compiled),
+            tests: outcomes.len(),
+        };
+        let handover = crate::registry::PolicyCompile {
+            compiled: Arc::clone(&applied.compiled),
+            directory: Arc::clone(&applied.directory),
+            at_ms: now,
+        };
+        live.notify(Notice::Policy(
+            p,
+            u64::try_from(version).unwrap_or(0),
+            Some(handover),
+        ));
         tracing::info!(version, changes = change_count, "policy applied");
         out.version = Some(version);
+        return Ok((out, Some(applied)));
     }
-    Ok(out)
+    Ok((out, None))
 }
 
 /// `policy explain SRC DST` under the applied policy (an empty one denies everything).
@@ -333,13 +384,13 @@ pub fn explain_routed(
 /// and service (two million at 10 000 devices, over 64 MiB of answer); the rest are counted.
 pub const MAX_CHANGES_LISTED: usize = 1000;
 
-/// The first `max` changes as text, then one line counting the others.
-fn listed<T: std::fmt::Display>(changes: &[T], max: usize) -> Vec<String> {
-    let mut out: Vec<String> = changes.iter().take(max).map(|c| c.to_string()).collect();
-    if changes.len() > max {
+/// The listed changes as text, then one line counting the others (`total` in all).
+fn listed<T: std::fmt::Display>(shown: &[T], total: usize) -> Vec<String> {
+    let mut out: Vec<String> = shown.iter().map(|c| c.to_string()).collect();
+    if total > shown.len() {
         out.push(format!(
             "… and {} more access changes (not listed)",
-            changes.len() - max
+            total - shown.len()
         ));
     }
     out
@@ -357,12 +408,12 @@ mod listing_tests {
             vec!["a", "b"],
             "within the bound: all listed"
         );
-        let many = ["a", "b", "c", "d", "e"];
+        let many = ["a", "b"];
         assert_eq!(
-            listed(&many, 2),
+            listed(&many, 5),
             vec!["a", "b", "… and 3 more access changes (not listed)"]
         );
         let none: [&str; 0] = [];
-        assert!(listed(&none, 2).is_empty(), "no change: nothing listed");
+        assert!(listed(&none, 0).is_empty(), "no change: nothing listed");
     }
 }

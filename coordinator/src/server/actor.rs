@@ -199,8 +199,8 @@ pub(super) enum Event {
     Lease(SignedLease, oneshot::Sender<()>),
     LeasesRevoked(DeviceId, Vec<u64>),
     Rotate(DeviceId, String, oneshot::Sender<bool>),
-    /// A new policy and its stored version.
-    Policy(Policy, u64),
+    /// A new policy, its stored version and the compile its check made (if any).
+    Policy(Policy, u64, Option<crate::registry::PolicyCompile>),
     Grants(Vec<Grant>),
     /// Every registered relay, after an add or remove.
     Relays(Vec<RelayInfo>),
@@ -463,9 +463,9 @@ pub(super) async fn registry_actor(
                 Event::Rotate(id, why, done) => {
                     let _ = done.send(reg.handle_rotate(id, &why));
                 }
-                Event::Policy(p, version) => {
+                Event::Policy(p, version, compile) => {
                     reg.handle_policy_version(Some(version));
-                    reg.handle_policy(p);
+                    reg.handle_policy_compiled(p, compile);
                 }
                 Event::Grants(g) => reg.handle_grants(g),
                 Event::Routes(r) => reg.handle_routes(r),

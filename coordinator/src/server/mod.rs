@@ -853,7 +853,7 @@ impl Live for LiveRegistry {
             Notice::Removed(id, why) => Event::Removed(id, why),
             Notice::User(u) => Event::User(u),
             Notice::Grants(g) => Event::Grants(g),
-            Notice::Policy(p, version) => Event::Policy(p, version),
+            Notice::Policy(p, version, c) => Event::Policy(p, version, c),
             Notice::Relays(r) => Event::Relays(r),
             Notice::Routes(r) => Event::Routes(r),
             Notice::SignIn(id, s) => Event::SignIn(id, s),

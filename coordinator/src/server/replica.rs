@@ -342,7 +342,7 @@ async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
         if seen.policy_version != Some(version) {
             seen.policy_version = Some(version);
             info!(version, "policy applied on another replica");
-            ev.send_internal(Event::Policy(p, u64::try_from(version).unwrap_or(0)));
+            ev.send_internal(Event::Policy(p, u64::try_from(version).unwrap_or(0), None));
         }
     }
     if let Some(g) = read.grants {

@@ -58,6 +58,21 @@ pub fn compile(p: &Policy, d: &Directory, now_ms: i64) -> Compiled {
     out
 }
 
+/// Whether [`compile`] of `p` against `d` gives the same result at `a_ms` as at `b_ms`: time
+/// enters a compile only through rule and grant expiries (which rules count, and
+/// `next_expiry_ms`), so it does when no expiry lies in `(min, max]`. A compile made for one
+/// moment can then stand for the other (a policy apply's check hands its compile to the
+/// registry).
+pub fn same_at(p: &Policy, d: &Directory, a_ms: i64, b_ms: i64) -> bool {
+    let (lo, hi) = (a_ms.min(b_ms), a_ms.max(b_ms));
+    let between = |t: i64| lo < t && t <= hi;
+    !p.rules
+        .iter()
+        .filter_map(|r| r.expires_ms)
+        .chain(d.grants.iter().map(|g| g.not_after_ms))
+        .any(between)
+}
+
 /// Compiles one view of the policy (peers, inbound rules and reach list as if only that
 /// view's rules existed).
 fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled {
@@ -192,10 +207,12 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
             }
         }
     }
+    // Unstable sorts: elements that compare equal are equal in every field (derived `Ord`),
+    // and dedup removes them, so the result is the same without a stable sort's buffer.
     for acc in devices.values_mut() {
-        acc.inbound.sort();
+        acc.inbound.sort_unstable();
         acc.inbound.dedup();
-        acc.reach.sort();
+        acc.reach.sort_unstable();
         acc.reach.dedup();
     }
     Compiled {

@@ -520,61 +520,90 @@ impl fmt::Display for AccessChange {
 /// What access changes from `old` to `new`, per source device, ignoring which rule grants it
 /// and its expiry. Sorted: losses and gains by source.
 pub fn diff(old: &Compiled, new: &Compiled, d: &Directory) -> Vec<AccessChange> {
-    type Key = (DeviceId, String, String, Proto, Vec<PortRange>);
+    diff_bounded(old, new, d, usize::MAX).0
+}
+
+/// The first `max` changes of [`diff`] (in its order) and how many there are in all. A change
+/// to a rule every device falls under is one change per device pair and service (millions at
+/// 10 000 devices): counting them does not build them. Keys borrow from the compiles; only the
+/// listed changes are allocated.
+pub fn diff_bounded(
+    old: &Compiled,
+    new: &Compiled,
+    d: &Directory,
+    max: usize,
+) -> (Vec<AccessChange>, usize) {
+    type Key<'a> = (DeviceId, &'a str, &'a str, Proto, &'a [PortRange]);
     let hosts: BTreeMap<DeviceId, &str> = d
         .devices
         .iter()
         .map(|x| (x.id, x.hostname.as_str()))
         .collect();
-    let keys = |c: &Compiled, id: &DeviceId| -> BTreeSet<Key> {
-        c.devices
-            .get(id)
-            .map(|a| {
-                a.reach
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.device_id,
-                            r.hostname.as_str().to_string(),
-                            r.service.clone(),
-                            r.proto,
-                            r.ports.clone(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    fn keys(a: Option<&super::DeviceAccess>) -> BTreeSet<Key<'_>> {
+        a.map(|a| {
+            a.reach
+                .iter()
+                .map(|r| {
+                    (
+                        r.device_id,
+                        r.hostname.as_str(),
+                        r.service.as_str(),
+                        r.proto,
+                        &r.ports[..],
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+    }
     let ids: BTreeSet<DeviceId> = old
         .devices
         .keys()
         .chain(new.devices.keys())
         .copied()
         .collect();
-    let mut out = Vec::new();
+    // Gains come before losses in the order; within each kind, by source then key, which is
+    // the order the loop meets them in.
+    let (mut gained, mut lost) = (Vec::new(), Vec::new());
+    let mut total = 0usize;
     for id in ids {
-        let (a, b) = (keys(old, &id), keys(new, &id));
-        let src_hostname = hosts
-            .get(&id)
-            .map_or_else(|| id.to_string(), |h| h.to_string());
-        for (kind, set) in [
-            (ChangeKind::Gained, b.difference(&a)),
-            (ChangeKind::Lost, a.difference(&b)),
+        let (oa, na) = (old.devices.get(&id), new.devices.get(&id));
+        let same = match (oa, na) {
+            (Some(a), Some(b)) => a.reach == b.reach,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            continue;
+        }
+        let (a, b) = (keys(oa), keys(na));
+        for (kind, set, out) in [
+            (ChangeKind::Gained, b.difference(&a), &mut gained),
+            (ChangeKind::Lost, a.difference(&b), &mut lost),
         ] {
             for (dst, dst_hostname, service, proto, ports) in set {
+                total += 1;
+                if out.len() >= max {
+                    continue;
+                }
                 out.push(AccessChange {
                     kind,
                     src: id,
-                    src_hostname: src_hostname.clone(),
+                    src_hostname: hosts
+                        .get(&id)
+                        .map_or_else(|| id.to_string(), |h| h.to_string()),
                     dst: *dst,
-                    dst_hostname: dst_hostname.clone(),
-                    service: service.clone(),
+                    dst_hostname: dst_hostname.to_string(),
+                    service: service.to_string(),
                     proto: *proto,
-                    ports: ports.clone(),
+                    ports: ports.to_vec(),
                 });
             }
         }
     }
+    let mut out = gained;
+    out.extend(lost);
     out.sort();
-    out
+    out.truncate(max);
+    (out, total)
 }

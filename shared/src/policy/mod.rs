@@ -38,9 +38,10 @@ use crate::filter::{FilterRule, PortRange, Proto};
 use crate::routes::Prefix;
 use crate::wire::{DeviceId, Reach};
 
-pub use compile::{compile, requirements_by_device, run_tests, TestOutcome};
+pub use compile::{compile, requirements_by_device, run_tests, same_at, TestOutcome};
 pub use explain::{
-    diff, explain, AccessChange, CandidateVerdict, ChangeKind, DeviceExplanation, Explanation, Miss,
+    diff, diff_bounded, explain, AccessChange, CandidateVerdict, ChangeKind, DeviceExplanation,
+    Explanation, Miss,
 };
 pub use parse::parse;
 pub use routed::{

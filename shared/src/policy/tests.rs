@@ -1483,3 +1483,121 @@ fn a_suspended_user_loses_user_and_group_rules_only_with_the_reason() {
         "{s}"
     );
 }
+
+/// The changes as the first version of `diff` built them: every key owned, every change
+/// built, sorted at the end (the reference for [`diff_bounded`]).
+fn diff_reference(old: &Compiled, new: &Compiled, d: &Directory) -> Vec<AccessChange> {
+    type Key = (
+        DeviceId,
+        String,
+        String,
+        Proto,
+        Vec<crate::filter::PortRange>,
+    );
+    let keys = |c: &Compiled, id: &DeviceId| -> BTreeSet<Key> {
+        c.devices
+            .get(id)
+            .map(|a| {
+                a.reach
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.device_id,
+                            r.hostname.as_str().to_string(),
+                            r.service.clone(),
+                            r.proto,
+                            r.ports.clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ids: BTreeSet<DeviceId> = old
+        .devices
+        .keys()
+        .chain(new.devices.keys())
+        .copied()
+        .collect();
+    let mut out = Vec::new();
+    for id in ids {
+        let (a, b) = (keys(old, &id), keys(new, &id));
+        let src_hostname = d
+            .devices
+            .iter()
+            .find(|x| x.id == id)
+            .map_or_else(|| id.to_string(), |x| x.hostname.clone());
+        for (kind, set) in [
+            (ChangeKind::Gained, b.difference(&a)),
+            (ChangeKind::Lost, a.difference(&b)),
+        ] {
+            for (dst, dst_hostname, service, proto, ports) in set {
+                out.push(AccessChange {
+                    kind,
+                    src: id,
+                    src_hostname: src_hostname.clone(),
+                    dst: *dst,
+                    dst_hostname: dst_hostname.clone(),
+                    service: service.clone(),
+                    proto: *proto,
+                    ports: ports.clone(),
+                });
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_bounded_diff_lists_the_first_changes_and_counts_them_all() {
+    let p = parse(EXAMPLE.as_bytes(), "policy.toml").unwrap();
+    let d = directory();
+    let old = compile(&p, &d, NOW);
+    let none = compile(&parse(b"", "p").unwrap(), &d, NOW);
+    for (a, b) in [(&old, &none), (&none, &old), (&old, &old)] {
+        let all = diff_reference(a, b, &d);
+        assert_eq!(diff(a, b, &d), all);
+        for max in [
+            0,
+            1,
+            2,
+            all.len().saturating_sub(1),
+            all.len(),
+            all.len() + 5,
+        ] {
+            let (listed, total) = diff_bounded(a, b, &d, max);
+            assert_eq!(total, all.len(), "every change is counted");
+            assert_eq!(listed, all[..max.min(all.len())].to_vec(), "max {max}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// A compile made at one moment stands for another exactly when `same_at` says so: the
+    /// compiles are equal whenever it holds; and diff agrees with the reference, bounded or not.
+    #[test]
+    fn same_at_means_the_same_compile_and_diff_matches_its_reference(
+        (src, d) in world(),
+        (src2, _) in world(),
+        a in prop_oneof![Just(1_500_000_000_000i64), Just(1_700_000_000_000), Just(NOW), Just(1_950_000_000_000)],
+        b in prop_oneof![Just(1_500_000_000_000i64), Just(1_700_000_000_000), Just(NOW), Just(1_950_000_000_000)],
+        max in 0usize..6,
+    ) {
+        let p = parse(src.as_bytes(), "p.toml").unwrap();
+        let (ca, cb) = (compile(&p, &d, a), compile(&p, &d, b));
+        if same_at(&p, &d, a, b) {
+            prop_assert_eq!(&ca, &cb);
+        }
+        prop_assert!(same_at(&p, &d, a, a));
+        let p2 = parse(src2.as_bytes(), "p2.toml").unwrap();
+        let c2 = compile(&p2, &d, NOW);
+        let all = diff_reference(&ca, &c2, &d);
+        prop_assert_eq!(&diff(&ca, &c2, &d), &all);
+        let (listed, total) = diff_bounded(&ca, &c2, &d, max);
+        prop_assert_eq!(total, all.len());
+        prop_assert_eq!(&listed[..], &all[..max.min(all.len())]);
+    }
+}
