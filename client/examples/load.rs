@@ -384,10 +384,13 @@ async fn run(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    eprintln!(
-        "load: {}",
-        progress.line(&shared, coord, n, started, opener.window())
-    );
+    // The last line, unless one was printed a moment ago (its rates would be over no time).
+    if progress.last.elapsed() >= Duration::from_secs(1) {
+        eprintln!(
+            "load: {}",
+            progress.line(&shared, coord, n, started, opener.window())
+        );
+    }
     let opens: Vec<Duration> = shared.collect(|r| r.first_netmap_at.map(|t| t - t_open));
     let first_bytes: Vec<u64> = shared.collect(|r| Some(r.first_netmap_bytes));
     let first_peers: Vec<u64> = shared.collect(|r| Some(r.first_netmap_peers));
