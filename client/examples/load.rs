@@ -108,9 +108,18 @@ struct Opts {
     /// Enrollments in flight at once.
     #[arg(long, env = "WARD_LOAD_ENROLL_CONCURRENCY", default_value_t = 16)]
     enroll_concurrency: usize,
-    /// Sessions started per second (the agents then connect, and reconnect, by themselves).
+    /// Sessions started per second at most (the agents then connect, and reconnect, by
+    /// themselves).
     #[arg(long, env = "WARD_LOAD_OPEN_RATE", default_value_t = 500)]
     open_rate: u64,
+    /// Sessions opening at once (started, no first netmap yet) at first; the window then grows
+    /// with every session that comes up and halves when sessions fail or drop (`Opener`).
+    #[arg(long, env = "WARD_LOAD_OPEN_WINDOW", default_value_t = 32)]
+    open_window: u64,
+    /// The largest the opening window grows; 0: no window, sessions start at `--open-rate`
+    /// whatever comes up.
+    #[arg(long, env = "WARD_LOAD_OPEN_WINDOW_MAX", default_value_t = 1024)]
+    open_window_max: u64,
     /// Users the devices belong to (round robin); the policy's groups are made of them.
     #[arg(long, env = "WARD_LOAD_USERS", default_value_t = 20)]
     users: usize,
@@ -323,36 +332,65 @@ async fn run(
         leases_asked: AtomicU64::new(0),
         pings: AtomicU64::new(0),
         msgs_sent: AtomicU64::new(0),
+        up: AtomicU64::new(0),
+        ended: AtomicU64::new(0),
         drops: Mutex::new(BTreeMap::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let cpu0 = coord.cpu_s();
     let t_open = Instant::now();
     let mut sessions = tokio::task::JoinSet::new();
-    let gap = Duration::from_secs_f64(1.0 / opts.open_rate.max(1) as f64);
-    let mut names = Vec::with_capacity(n);
-    for (slot, (i, e, key_pem)) in enrolled.into_iter().enumerate() {
-        names.push((e.device_id, e.hostname.to_string()));
-        let dev = Dev {
-            slot,
-            endpoint: endpoints[i / opts.per_endpoint].clone(),
-            addr: addrs[i % addrs.len()],
-            wg_port: 10_000 + (i % 50_000) as u16,
-            posture_interval: Duration::from_secs(opts.posture_interval.max(1)),
-            protocol: opts.protocol,
-            enrolled: e,
-            key_pem,
-        };
-        sessions.spawn(dev.run(shared.clone(), stop_rx.clone()));
-        if slot % 16 == 15 {
-            tokio::time::sleep(gap * 16).await;
-        }
-    }
+    let names: Vec<(DeviceId, String)> = enrolled
+        .iter()
+        .map(|(_, e, _)| (e.device_id, e.hostname.to_string()))
+        .collect();
+    let mut devs = enrolled.into_iter().enumerate();
     let timeout = Duration::from_secs(opts.phase_timeout);
-    let up = wait_for(timeout, || {
-        shared.count(|r| r.first_netmap_at.is_some()) == n
-    })
-    .await;
+    let mut opener = Opener::new(opts.open_window, opts.open_window_max, opts.open_rate, 0);
+    let mut progress = Progress::new(coord.cpu_s(), self_cpu_s());
+    let mut started = 0u64;
+    let up = loop {
+        let now_ms = t_open.elapsed().as_millis() as u64;
+        let up_now = shared.up.load(Ordering::Relaxed);
+        opener.observe(up_now, shared.ended.load(Ordering::Relaxed), now_ms);
+        for _ in 0..opener.may_start(started, now_ms) {
+            let Some((slot, (i, e, key_pem))) = devs.next() else {
+                break;
+            };
+            let dev = Dev {
+                slot,
+                endpoint: endpoints[i / opts.per_endpoint].clone(),
+                addr: addrs[i % addrs.len()],
+                wg_port: 10_000 + (i % 50_000) as u16,
+                posture_interval: Duration::from_secs(opts.posture_interval.max(1)),
+                protocol: opts.protocol,
+                enrolled: e,
+                key_pem,
+            };
+            sessions.spawn(dev.run(shared.clone(), stop_rx.clone()));
+            started += 1;
+        }
+        if progress.due() {
+            eprintln!(
+                "load: {}",
+                progress.line(&shared, coord, n, started, opener.window())
+            );
+        }
+        if up_now as usize >= n {
+            break true;
+        }
+        if t_open.elapsed() > timeout {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The last line, unless one was printed a moment ago (its rates would be over no time).
+    if progress.last.elapsed() >= Duration::from_secs(1) {
+        eprintln!(
+            "load: {}",
+            progress.line(&shared, coord, n, started, opener.window())
+        );
+    }
     let opens: Vec<Duration> = shared.collect(|r| r.first_netmap_at.map(|t| t - t_open));
     let first_bytes: Vec<u64> = shared.collect(|r| Some(r.first_netmap_bytes));
     let first_peers: Vec<u64> = shared.collect(|r| Some(r.first_netmap_peers));
@@ -548,6 +586,170 @@ async fn run(
     Ok(rep)
 }
 
+// ---- opening sessions at the pace they come up ----------------------------------------------
+
+/// A failure wave halves the window at most once in this long (the sessions of one wave fail
+/// over a few hundred milliseconds; each would otherwise halve it again).
+const OPENER_CUT_GAP_MS: u64 = 1_000;
+/// The window never shrinks below this.
+const OPENER_MIN_WINDOW: f64 = 8.0;
+
+/// Paces session starts by what comes up (I/O-free: counts and times come in). At most
+/// `window` sessions are opening at once (started, first netmap not arrived) and at most
+/// `rate` start a second. The window grows by one for each session that comes up (it doubles
+/// every round, as TCP's slow start) until the first failure, then by 1/window for each (one
+/// a round); sessions failing to open or dropping halve it, at most once per
+/// [`OPENER_CUT_GAP_MS`], never below [`OPENER_MIN_WINDOW`]. So the opens in flight track what
+/// the coordinator and this process complete, instead of piling handshakes up past their
+/// timeouts (which then fail and retry in waves).
+#[derive(Debug)]
+struct Opener {
+    window: f64,
+    max: f64,
+    /// Above this the window grows additively; lowered by every cut.
+    threshold: f64,
+    rate: f64,
+    tokens: f64,
+    at_ms: u64,
+    up: u64,
+    ended: u64,
+    last_cut_ms: Option<u64>,
+}
+
+impl Opener {
+    /// `max` 0: no window (only the rate bounds starts).
+    fn new(initial: u64, max: u64, rate: u64, now_ms: u64) -> Self {
+        let max = if max == 0 { f64::INFINITY } else { max as f64 };
+        let rate = rate.max(1) as f64;
+        Opener {
+            window: (initial as f64).clamp(OPENER_MIN_WINDOW, max.max(OPENER_MIN_WINDOW)),
+            max: max.max(OPENER_MIN_WINDOW),
+            threshold: f64::INFINITY,
+            rate,
+            tokens: Self::burst(rate),
+            at_ms: now_ms,
+            up: 0,
+            ended: 0,
+            last_cut_ms: None,
+        }
+    }
+
+    /// Starts allowed at once: a twentieth of a second's worth (the caller polls more often).
+    fn burst(rate: f64) -> f64 {
+        (rate / 20.0).max(1.0)
+    }
+
+    fn window(&self) -> f64 {
+        self.window
+    }
+
+    /// Totals so far: sessions up (first netmap), and sessions that ended or failed to open.
+    fn observe(&mut self, up: u64, ended: u64, now_ms: u64) {
+        let new_up = up.saturating_sub(self.up);
+        let new_ended = ended.saturating_sub(self.ended);
+        self.up = self.up.max(up);
+        self.ended = self.ended.max(ended);
+        if new_ended > 0
+            && self
+                .last_cut_ms
+                .is_none_or(|t| now_ms >= t + OPENER_CUT_GAP_MS)
+        {
+            self.window = (self.window / 2.0).max(OPENER_MIN_WINDOW);
+            self.threshold = self.window;
+            self.last_cut_ms = Some(now_ms);
+            return;
+        }
+        for _ in 0..new_up.min(1 << 20) {
+            self.window += if self.window < self.threshold {
+                1.0
+            } else {
+                1.0 / self.window
+            };
+        }
+        self.window = self.window.min(self.max);
+    }
+
+    /// How many sessions may start now, `started` having started so far (taken from the rate).
+    fn may_start(&mut self, started: u64, now_ms: u64) -> u64 {
+        let dt = now_ms.saturating_sub(self.at_ms) as f64;
+        self.at_ms = self.at_ms.max(now_ms);
+        self.tokens = (self.tokens + dt * self.rate / 1000.0).min(Self::burst(self.rate));
+        let opening = started.saturating_sub(self.up) as f64;
+        let room = (self.window.floor() - opening).max(0.0);
+        let k = room.min(self.tokens.floor());
+        self.tokens -= k;
+        k as u64
+    }
+}
+
+/// Progress lines while sessions open (every [`PROGRESS_EVERY`]): what came up since the last
+/// line, the drops and their most frequent reason, both processes' CPU and the coordinator's RSS.
+struct Progress {
+    last: Instant,
+    started: Instant,
+    up: u64,
+    coord_cpu: f64,
+    tool_cpu: f64,
+}
+
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+impl Progress {
+    fn new(coord_cpu: f64, tool_cpu: f64) -> Self {
+        Progress {
+            last: Instant::now(),
+            started: Instant::now(),
+            up: 0,
+            coord_cpu,
+            tool_cpu,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.last.elapsed() >= PROGRESS_EVERY
+    }
+
+    fn line(
+        &mut self,
+        shared: &Shared,
+        coord: &Cluster,
+        n: usize,
+        started: u64,
+        window: f64,
+    ) -> String {
+        let secs = self.last.elapsed().as_secs_f64().max(1e-3);
+        let up = shared.up.load(Ordering::Relaxed);
+        let (coord_cpu, tool_cpu) = (coord.cpu_s(), self_cpu_s());
+        let (top, drops) = {
+            let d = shared.drops.lock().unwrap_or_else(|p| p.into_inner());
+            let top = d
+                .iter()
+                .max_by_key(|(_, c)| **c)
+                .map(|(w, c)| format!(" (most: {c}× {w})"))
+                .unwrap_or_default();
+            (top, d.values().sum::<usize>())
+        };
+        let rss = coord.rss();
+        let line = format!(
+            "open {:.0} s: {started} of {n} started, {up} up (+{:.0}/s), window {window:.0}, \
+             {drops} drops{top}; coordinator {:.0}% cpu, {:.0} MiB; tool {:.0}% cpu",
+            self.started.elapsed().as_secs_f64(),
+            up.saturating_sub(self.up) as f64 / secs,
+            (coord_cpu - self.coord_cpu) / secs * 100.0,
+            rss.1,
+            (tool_cpu - self.tool_cpu) / secs * 100.0,
+        );
+        *self = Progress {
+            last: Instant::now(),
+            started: self.started,
+            up,
+            coord_cpu,
+            tool_cpu,
+        };
+        line
+    }
+}
+
 /// Polls `done` every 50 ms until it holds or `timeout` passes; whether it held.
 async fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + timeout;
@@ -665,6 +867,8 @@ async fn background(
         leases_asked: AtomicU64::new(0),
         pings: AtomicU64::new(0),
         msgs_sent: AtomicU64::new(0),
+        up: AtomicU64::new(0),
+        ended: AtomicU64::new(0),
         drops: Mutex::new(BTreeMap::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -886,6 +1090,10 @@ struct Shared {
     leases_asked: AtomicU64,
     pings: AtomicU64,
     msgs_sent: AtomicU64,
+    /// Sessions whose first netmap arrived.
+    up: AtomicU64,
+    /// Sessions that ended or failed to open (the sum of `drops`).
+    ended: AtomicU64,
     /// Why sessions ended or failed to open, counted ("open: …", "send: …", "recv: …",
     /// "closed by the coordinator"; device-specific parts as the error gives them).
     drops: Mutex<BTreeMap<String, usize>>,
@@ -921,6 +1129,7 @@ impl Shared {
             .collect()
     }
     fn drop_seen(&self, why: String) {
+        self.ended.fetch_add(1, Ordering::Relaxed);
         *self
             .drops
             .lock()
@@ -1201,6 +1410,7 @@ impl Dev {
                         }
                     }
                     r.first_netmap_at = Some(at);
+                    shared.up.fetch_add(1, Ordering::Relaxed);
                     r.first_netmap_bytes = size;
                     r.first_netmap_peers = nm.peers.len() as u64;
                 }
@@ -1949,5 +2159,63 @@ impl Report {
             .map(|(k, v)| format!("{k:<w$}  {v}"))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_bounds_sessions_opening_and_grows_as_they_come_up() {
+        let mut o = Opener::new(32, 1024, 100_000, 0);
+        // Rate is no bound here: the window of 32 is.
+        assert_eq!(o.may_start(0, 0), 32);
+        assert_eq!(o.may_start(32, 1), 0);
+        // 16 come up: slow start adds one each, and 16 fewer are opening.
+        o.observe(16, 0, 10);
+        assert_eq!(o.window(), 48.0);
+        assert_eq!(o.may_start(32, 11), 48 - 16);
+    }
+
+    #[test]
+    fn failures_halve_the_window_once_per_wave_and_growth_turns_additive() {
+        let mut o = Opener::new(100, 1024, 100_000, 0);
+        o.observe(0, 5, 100);
+        assert_eq!(o.window(), 50.0);
+        // More failures of the same wave do not cut again.
+        o.observe(0, 40, 600);
+        assert_eq!(o.window(), 50.0);
+        // A second later they do.
+        o.observe(0, 41, 1_100);
+        assert_eq!(o.window(), 25.0);
+        // Past the threshold, 25 sessions up add about one.
+        o.observe(25, 41, 1_200);
+        assert!(o.window() > 25.9 && o.window() < 26.1, "{}", o.window());
+        // Never below the floor.
+        for t in 2..20u64 {
+            o.observe(25, 41 + t, t * 1_000);
+        }
+        assert_eq!(o.window(), OPENER_MIN_WINDOW);
+    }
+
+    #[test]
+    fn the_rate_bounds_starts_and_the_window_its_maximum() {
+        // 100 a second: 5 at once, then 5 more every 50 ms.
+        let mut o = Opener::new(1_000, 1_000, 100, 0);
+        assert_eq!(o.may_start(0, 0), 5);
+        assert_eq!(o.may_start(5, 5), 0);
+        assert_eq!(o.may_start(5, 60), 5);
+        // Over 10 s at 100 a second: about 1,000 starts, whatever the window.
+        let mut o = Opener::new(1_000_000, 0, 100, 0);
+        let mut started = 0;
+        for t in 0..=200u64 {
+            started += o.may_start(started, t * 50);
+        }
+        assert!((995..=1_005).contains(&started), "{started}");
+        // The window stops at its maximum.
+        let mut o = Opener::new(32, 64, 1_000_000, 0);
+        o.observe(1_000, 0, 1);
+        assert_eq!(o.window(), 64.0);
     }
 }

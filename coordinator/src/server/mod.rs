@@ -66,6 +66,10 @@ const CONTROL_SEND_WINDOW: u64 = 2 * 1024 * 1024;
 /// Enrollment transactions at once (the store serialises them anyway; more only queue).
 const ENROLL_SLOTS: usize = 4;
 
+/// Kernel send and receive buffers of the QUIC control socket (beyond `net.core.rmem_max`
+/// where the process may).
+const CONTROL_SOCKET_BUFFER: libc::c_int = 4 << 20;
+
 /// TLS-over-TCP connections at once (handshaking or in session); more are closed at accept.
 const MAX_TCP_CONNECTIONS: usize = 16_384;
 
@@ -150,6 +154,13 @@ pub async fn serve(
         }
     };
     let listen = socket.local_addr()?;
+    // Every device's handshakes, keepalives and reconnections arrive on this one socket: the
+    // kernel's default buffer (about 200 KB) overflows in a wave of thousands while the
+    // endpoint's task waits for a CPU, and each handshake packet dropped costs its device a
+    // retransmission timeout (a second or more), so a wave takes longer and comes back.
+    if let Err(e) = ward_runtime::net::set_socket_buffers(&socket, CONTROL_SOCKET_BUFFER) {
+        info!(error = %e, "the control socket keeps the kernel's default buffers");
+    }
     // TCP on the same port number, for devices on networks that drop UDP.
     let tcp = match listen {
         SocketAddr::V6(a) if a.ip().is_unspecified() => {
