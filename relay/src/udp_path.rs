@@ -182,23 +182,14 @@ pub(crate) fn handle_received(
             }
         }
     }
-    let mut failed = 0u64;
     let sent = out.len() as u64;
+    let mut runs = GsoRuns::new(socket, src_ip);
     for o in &out {
-        let Some((_, d)) = segments.get(o.seg) else {
-            continue; // o.seg indexes segments by construction
-        };
-        let t = Transmit {
-            destination: o.to,
-            ecn: None,
-            contents: d,
-            segment_size: None,
-            src_ip,
-        };
-        if socket.try_send(&t).is_err() {
-            failed += 1;
+        if let Some((_, d)) = segments.get(o.seg) {
+            runs.push(o.to, &[d]); // o.seg indexes segments by construction
         }
     }
+    let failed = runs.finish();
     let mut undelivered = 0usize;
     if !quic.is_empty() {
         let conns: Vec<_> = {
@@ -229,23 +220,134 @@ pub(crate) fn send_plain(
     socket: &dyn AsyncUdpSocket,
     datagrams: &[(SocketAddr, Token, Bytes)],
 ) -> u64 {
-    let mut failed = 0;
-    let mut buf = Vec::with_capacity(2048);
+    let mut runs = GsoRuns::new(socket, None);
     for (to, token, d) in datagrams {
-        buf.clear();
-        buf.push(DATA_MARK);
-        buf.extend_from_slice(&token.0);
-        buf.extend_from_slice(d);
-        let t = Transmit {
-            destination: *to,
-            ecn: None,
-            contents: &buf,
-            segment_size: None,
-            src_ip: None,
-        };
-        if socket.try_send(&t).is_err() {
-            failed += 1;
+        runs.push(*to, &[&[DATA_MARK], &token.0, d]);
+    }
+    runs.finish()
+}
+
+/// Largest UDP payload one GSO message carries (the kernel's limit is 64 KiB less headers).
+const MAX_GSO_BYTES: usize = 65_000;
+
+/// Plain-UDP sends gathered into UDP GSO messages: consecutive datagrams to one destination
+/// and of one size (a shorter last one ends the run) leave in one `sendmsg`, which the kernel
+/// splits, where a datagram each would cost a system call each. Datagrams keep their order.
+struct GsoRuns<'a> {
+    socket: &'a dyn AsyncUdpSocket,
+    src_ip: Option<IpAddr>,
+    max_segments: usize,
+    buf: Vec<u8>,
+    /// The open run: destination, segment size, segments.
+    run: Option<(SocketAddr, usize, usize)>,
+    failed: u64,
+}
+
+impl<'a> GsoRuns<'a> {
+    fn new(socket: &'a dyn AsyncUdpSocket, src_ip: Option<IpAddr>) -> Self {
+        GsoRuns {
+            socket,
+            src_ip,
+            max_segments: socket.max_transmit_segments().max(1),
+            buf: Vec::new(),
+            run: None,
+            failed: 0,
         }
     }
-    failed
+
+    /// Adds one datagram, the concatenation of `parts`.
+    fn push(&mut self, to: SocketAddr, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let joins = self.run.is_some_and(|(dest, seg, n)| {
+            dest == to
+                && len <= seg
+                && n < self.max_segments
+                && self.buf.len() + len <= MAX_GSO_BYTES
+        });
+        if !joins {
+            self.flush();
+            self.run = Some((to, len, 0));
+        }
+        for p in parts {
+            self.buf.extend_from_slice(p);
+        }
+        if let Some((_, seg, n)) = &mut self.run {
+            *n += 1;
+            if len < *seg {
+                self.flush(); // a shorter segment can only be a run's last
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let Some((destination, seg, n)) = self.run.take() else {
+            return;
+        };
+        let t = Transmit {
+            destination,
+            ecn: None,
+            contents: &self.buf,
+            segment_size: (n > 1).then_some(seg),
+            src_ip: self.src_ip,
+        };
+        if self.socket.try_send(&t).is_err() {
+            self.failed += n as u64;
+        }
+        self.buf.clear();
+    }
+
+    /// Sends what is gathered; returns how many datagrams the socket refused.
+    fn finish(mut self) -> u64 {
+        self.flush();
+        self.failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::Runtime;
+
+    /// Datagrams of one size to one destination share a GSO message; a change of destination
+    /// or size, or a shorter datagram, ends the run; every datagram arrives whole and in order.
+    #[tokio::test]
+    async fn gso_runs_keep_every_datagram_whole_and_in_order() {
+        let send = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let socket = quinn::TokioRuntime
+            .wrap_udp_socket(send)
+            .expect("wrap the socket");
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a");
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind b");
+        let (to_a, to_b) = (a.local_addr().expect("a"), b.local_addr().expect("b"));
+        let datagram = |i: u8, len: usize| -> Vec<u8> { (0..len).map(|k| i ^ k as u8).collect() };
+        let plan: Vec<(SocketAddr, Vec<u8>)> = vec![
+            (to_a, datagram(1, 1200)),
+            (to_a, datagram(2, 1200)),
+            (to_a, datagram(3, 1200)),
+            (to_a, datagram(4, 300)),
+            (to_a, datagram(5, 1200)),
+            (to_b, datagram(6, 1200)),
+            (to_b, datagram(7, 1300)),
+            (to_a, datagram(8, 1200)),
+        ];
+        // Sends try once and never wait: the socket must be known writable first.
+        let mut poller = socket.clone().create_io_poller();
+        std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+            .await
+            .expect("writable");
+        let mut runs = GsoRuns::new(socket.as_ref(), None);
+        for (to, d) in &plan {
+            runs.push(*to, &[&d[..1], &d[1..]]);
+        }
+        assert_eq!(runs.finish(), 0, "no send refused");
+        for (sock, addr) in [(&a, to_a), (&b, to_b)] {
+            sock.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let mut buf = [0u8; 2048];
+            for (_, want) in plan.iter().filter(|(to, _)| *to == addr) {
+                let n = sock.recv(&mut buf).expect("every datagram arrives");
+                assert_eq!(&buf[..n], &want[..], "whole and in order");
+            }
+        }
+    }
 }
