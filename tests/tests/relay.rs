@@ -1265,17 +1265,29 @@ fn device_links_relay_over_plain_udp_and_fall_back_to_quic_where_it_is_silent() 
         })
         .await;
         assert!(!c.plain_udp_bound());
-        assert!(c.send(1, b"carol-to-alice"));
-        assert_eq!(
-            a.recv(Duration::from_secs(3)).await,
-            Some((3, b"carol-to-alice".to_vec()))
+        // QUIC datagrams are unreliable: one lost on a loaded machine is sent again.
+        let mut arrived = None;
+        for _ in 0..10 {
+            assert!(c.send(1, b"carol-to-alice"));
+            arrived = a.recv(Duration::from_millis(500)).await;
+            if arrived.is_some() {
+                break;
+            }
+        }
+        assert_eq!(arrived, Some((3, b"carol-to-alice".to_vec())));
+        let mut arrived = None;
+        for _ in 0..10 {
+            assert!(a.send(3, b"alice-to-carol"));
+            arrived = c.recv(Duration::from_millis(500)).await;
+            if arrived.is_some() {
+                break;
+            }
+        }
+        assert_eq!(arrived, Some((1, b"alice-to-carol".to_vec())));
+        assert!(
+            c.quic_sent() >= 1,
+            "carol's datagrams went as QUIC datagrams"
         );
-        assert!(a.send(3, b"alice-to-carol"));
-        assert_eq!(
-            c.recv(Duration::from_secs(3)).await,
-            Some((1, b"alice-to-carol".to_vec()))
-        );
-        assert_eq!(c.quic_sent(), 1);
         assert_eq!(c.plain_counts().sent, 0);
         assert!(a.plain_udp_bound(), "alice's link is still bound");
         assert_eq!(relay.metric("ward_relay_udp_bound_total"), 2);
