@@ -209,10 +209,14 @@ impl PlainLink {
         inbound: Option<Arc<Inbound>>,
     ) -> io::Result<()> {
         let link = self.clone();
+        // Weak, both: the relayed-receive queue holds the data plane's sink too, and this
+        // thread must not keep a stopped data plane (and its WireGuard socket) alive until it
+        // next looks at its stop flag.
         let sink = Arc::downgrade(sink);
+        let inbound = inbound.as_ref().map(Arc::downgrade);
         std::thread::Builder::new()
             .name("ward-relay-udp".into())
-            .spawn(move || link.receive_loop(&relay, &sink, inbound.as_deref()))
+            .spawn(move || link.receive_loop(&relay, &sink, inbound.as_ref()))
             .map(|_| ())
     }
 
@@ -220,7 +224,7 @@ impl PlainLink {
         &self,
         relay: &Arc<str>,
         sink: &Weak<dyn RelaySink>,
-        inbound: Option<&Inbound>,
+        inbound: Option<&Weak<Inbound>>,
     ) {
         let mut bufs: [Vec<u8>; RX_BUFS] = std::array::from_fn(|_| vec![0u8; RX_BUF]);
         let mut meta = [RecvMeta::default(); RX_BUFS];
@@ -246,12 +250,18 @@ impl PlainLink {
                 let Some(sink) = sink.upgrade() else {
                     return; // the data plane is gone
                 };
+                let inbound = match inbound.map(Weak::upgrade) {
+                    Some(None) => return, // the data plane is gone
+                    Some(Some(i)) => Some(i),
+                    None => None,
+                };
                 let token = *self.known.lock().unwrap_or_else(PoisonError::into_inner);
                 let mut bodies: Vec<(u64, &[u8])> = Vec::with_capacity(n * 4);
                 // With a relayed-receive thread: the datagrams (relay header kept) copied into
                 // one buffer per receive batch, handed over to be decrypted there while this
                 // thread reads on.
                 let mut framed: Option<BytesMut> = inbound
+                    .as_ref()
                     .map(|_| BytesMut::with_capacity(meta.iter().take(n).map(|m| m.len).sum()));
                 let mut ranges: Vec<(usize, usize)> = Vec::new();
                 let mut dropped = Vec::new();
