@@ -8,7 +8,9 @@
 #  - a second replica started now (`serve` on an imported data directory) exits with an error
 #    naming the unreachable database, promptly (timed), and logs it;
 #  - no lease is issued or renewed: the devices' rotations are refused (the replica's log), and
-#    after PostgreSQL returns its leases table holds no lease issued during the outage;
+#    after PostgreSQL returns its leases table holds no lease written during the outage (a row
+#    stamped during it was committed, by PostgreSQL's commit timestamp, before the stop took
+#    effect, or after the restart by a request that waited at most the pool's 5 s wait);
 #  - each device's lease runs out at the expiry it showed (`ward status --json`
 #    lease.expires_in_secs, read just after the stop; the lease row's not_after_ms read before
 #    the stop), and the ping stops then: its last answer is at most 2 s after the earlier of
@@ -62,6 +64,7 @@ PING_PID=$LAB_LAST_PID
 lab_wait_for -t 5 grep -q "icmp_seq=5 " "$LAB_DIR/logs/ping.log"
 DOWN_MS=$(now_ms)
 pg_stop_fast
+STOPPED_MS=$(now_ms)
 # lease_view HOST: "SERIAL EXPIRES_IN_SECS" of the device's own lease, and the time of reading.
 lease_view() {
     local t v
@@ -121,6 +124,7 @@ check "alice still cannot reach bob" bash -c "! ip netns exec $(lab_ns alice) pi
 check "the replica refused leases while the database was down" \
     grep -q 'lease issue failed\|could not issue a lease' "$LAB_DIR/logs/coordinator.log"
 OUTAGE_MS=$(($(now_ms) - DOWN_MS))
+START_MS=$(now_ms)
 pg_start_again || fail "PostgreSQL restarts"
 UP_MS=$(now_ms)
 echo "  PostgreSQL was down for $OUTAGE_MS ms"
@@ -149,8 +153,22 @@ fi
 kill -INT "$PING_PID" 2>/dev/null
 
 say "the outage against the leases table"
-N=$(pg_q "SELECT count(*) FROM leases WHERE issued_ms >= $DOWN_MS AND issued_ms < $UP_MS")
-check "no lease was issued while the database was down ($N rows)" test "$N" -eq 0
+# A lease row stamped (issued_ms, the coordinator's clock when the request began) during the
+# outage is right only if it was committed (PostgreSQL's commit timestamp) before the stop took
+# effect, or after the restart by a request that waited for a connection no longer than the
+# pool's wait (5 s): a lease issued during the outage and written later would break both.
+OUT=$(pg_q "SELECT serial, device_id, issued_ms, (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000)::bigint
+    FROM leases WHERE issued_ms >= $DOWN_MS AND issued_ms < $START_MS ORDER BY serial")
+BAD=0 ROWS=0
+while IFS='|' read -r serial dev issued committed; do
+    [[ -n "$serial" ]] || continue
+    ROWS=$((ROWS + 1))
+    echo "  lease $serial (device $dev): stamped $((issued - DOWN_MS)) ms after the stop began, committed $((${committed:-0} - START_MS)) ms after the restart began"
+    if [[ -z "$committed" ]] || ! ((committed < STOPPED_MS || (committed >= START_MS && issued >= START_MS - 6000))); then
+        BAD=$((BAD + 1))
+    fi
+done <<<"$OUT"
+check "no lease was written while the database was down ($ROWS stamped in the outage, $BAD not explained by the stop or the pool's wait)" test "$BAD" -eq 0
 # row_after SERIAL: the lease row's not_after_ms, if it was issued before the stop.
 row_after() { pg_q "SELECT not_after_ms FROM leases WHERE serial = $1 AND issued_ms < $DOWN_MS"; }
 A_NA=$(row_after "$AS")

@@ -46,7 +46,7 @@ pg_variant() {
 _pg() { runuser -u postgres -- "$PGBIN/$1" "${@:2}"; }
 
 pg_start_again() {
-    _pg pg_ctl -D "$PGDIR/data" -o "-k $PGDIR -c listen_addresses='' -c fsync=off -c max_connections=200" \
+    _pg pg_ctl -D "$PGDIR/data" -o "-k $PGDIR -c listen_addresses='' -c fsync=off -c max_connections=200 -c track_commit_timestamp=on" \
         -l "$PGDIR/server.log" -w start >/dev/null || { cat "$PGDIR/server.log" >&2; return 1; }
 }
 
