@@ -83,11 +83,13 @@ pub enum Action {
     /// Signing an enrolled device in again was refused (another user, a tag-owned device, a
     /// provider refusal).
     DeviceLoginRefused,
+    /// An administrator replaced the coordinator addresses of one replica (`addrs set`).
+    AddrsSet,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 51] = [
+    pub const ALL: [Action; 52] = [
         Action::CoordinatorStart,
         Action::ConnectRefused,
         Action::EnrollRefused,
@@ -139,6 +141,7 @@ impl Action {
         Action::OidcLink,
         Action::DeviceLogin,
         Action::DeviceLoginRefused,
+        Action::AddrsSet,
     ];
 
     /// The stored name (stable: it is part of every hash-chained row).
@@ -195,6 +198,7 @@ impl Action {
             Action::OidcUserChange => "oidc.user_change",
             Action::OidcPushRefused => "oidc.push_refused",
             Action::OidcLink => "oidc.link",
+            Action::AddrsSet => "addrs.set",
         }
     }
 }
@@ -214,7 +218,7 @@ mod tests {
     fn names_are_unique_and_stable() {
         let names: BTreeSet<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
         assert_eq!(names.len(), Action::ALL.len());
-        assert_eq!(Action::ALL.len(), 51);
+        assert_eq!(Action::ALL.len(), 52);
         assert_eq!(Action::DeviceLogin.as_str(), "device.login");
         assert_eq!(Action::DeviceCertRenewed.as_str(), "device.cert_renewed");
         assert_eq!(Action::EnrollRefused.to_string(), "enroll.refused");

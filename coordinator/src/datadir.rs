@@ -84,6 +84,7 @@ impl Config {
     }
 }
 
+#[derive(Clone)]
 pub struct DataDir {
     pub path: PathBuf,
     /// The PostgreSQL URL (`--database`), if the instance's database is PostgreSQL.

@@ -311,8 +311,9 @@ enum Cmd {
 enum AddrsCmd {
     /// List the addresses, the first one (dialled first) on top.
     Show,
-    /// Replace the list (first = dialled first). Tokens minted from now on carry it; a running
-    /// coordinator sends it to devices in netmaps after it restarts.
+    /// Replace the list (first = dialled first). A running `serve` saves it, audits it and
+    /// sends it to every connected device at once; without one the file is saved for the next
+    /// start. Tokens minted from now on carry it. Each replica keeps its own list.
     Set {
         #[arg(required = true, value_delimiter = ',')]
         addrs: Vec<String>,
@@ -816,9 +817,24 @@ async fn run(cli: Cli) -> Result<()> {
             let cfg = match c {
                 AddrsCmd::Show => dd.load_config()?,
                 AddrsCmd::Set { addrs } => {
+                    // A running coordinator owns the file and tells its sessions; only when
+                    // none answers on the admin socket is the file written here.
+                    if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+                        let v: admin::api::AddrsView =
+                            admin::call(&sock, &AdminRequest::AddrsSet { addrs }).await?;
+                        println!(
+                            "saved; sent to {} connected device{}",
+                            v.sessions,
+                            if v.sessions == 1 { "" } else { "s" }
+                        );
+                        for a in &v.addrs {
+                            println!("{a}");
+                        }
+                        return Ok(());
+                    }
                     let cfg = dd.save_public_addrs(&addrs)?;
                     tracing::info!(addrs = %addrs.join(","), "coordinator addresses changed");
-                    println!("saved; restart `serve` so netmaps carry the new list");
+                    println!("saved; `serve` is not running: it uses the new list when it starts");
                     cfg
                 }
             };

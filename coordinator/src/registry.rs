@@ -356,12 +356,30 @@ struct DeviceRoutes {
 }
 
 impl Registry {
-    /// Sets the DNS domain device names are published under (sent in full netmaps).
     /// The coordinator addresses full netmaps carry (devices fail over among them).
     pub fn set_coordinators(&mut self, addrs: Vec<String>) {
         self.coordinators = addrs;
     }
 
+    /// A new coordinator address list while sessions are open: only full netmaps carry it,
+    /// so every session is sent one (deltas continue from it). Returns how many sessions
+    /// that is (none when the list did not change).
+    pub fn handle_coordinators(&mut self, addrs: Vec<String>) -> usize {
+        if addrs == self.coordinators {
+            return 0;
+        }
+        self.coordinators = addrs;
+        let mut n = 0;
+        for s in self.sessions.values_mut() {
+            if s.sent.take().is_some() {
+                n += 1;
+            }
+        }
+        self.dirty = true;
+        n
+    }
+
+    /// Sets the DNS domain device names are published under (sent in full netmaps).
     pub fn set_dns_domain(&mut self, domain: ward_shared::names::DnsDomain) {
         self.dns_domain = domain;
     }
@@ -2937,6 +2955,56 @@ expires = "2030-01-01T00:00:00Z"
         .len();
         let v2_bytes = ward_shared::wire::encode(&CoordinatorMsg::NetmapDelta(d2)).len();
         assert!(v2_bytes < v1_bytes, "{v2_bytes} < {v1_bytes}");
+    }
+
+    #[test]
+    fn new_coordinator_addresses_reach_open_sessions_in_a_full_netmap_then_deltas_go_on() {
+        let mut r = reg(&[1, 2]);
+        r.set_coordinators(vec!["a.example:7443".into()]);
+        for (id, conn) in [(1, 10), (2, 11)] {
+            r.handle_session_opened(
+                DeviceId(id),
+                conn,
+                addr(&format!("10.0.0.{id}:4000")),
+                DeviceUpdate {
+                    wg_port: 51820,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        drain(&mut r);
+        assert_eq!(
+            r.handle_coordinators(vec!["a.example:7443".into()]),
+            0,
+            "the same list sends nothing"
+        );
+        assert!(drain(&mut r).is_empty());
+        let list: Vec<String> = vec!["b.example:7443".into(), "a.example:7443".into()];
+        assert_eq!(r.handle_coordinators(list.clone()), 2);
+        let out = drain(&mut r);
+        let mut told = BTreeSet::new();
+        for o in &out {
+            let Output::Send {
+                conn,
+                msg: CoordinatorMsg::Netmap(nm),
+            } = o
+            else {
+                panic!("only full netmaps are sent: {o:?}")
+            };
+            assert_eq!(nm.coordinators, list);
+            assert_eq!(nm.peers.len(), 1, "the netmap is whole, peers included");
+            told.insert(*conn);
+        }
+        assert_eq!(told, BTreeSet::from([10, 11]));
+        // Deltas continue from the new full netmap.
+        r.handle_session_closed(DeviceId(2), 11);
+        let out = drain(&mut r);
+        assert!(
+            out.iter().any(|o| matches!(o,
+                Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) } if d.base_seq == 1)),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -155,6 +155,9 @@ pub fn reloads_for(action: &str) -> Reloads {
         | "oidc.sign_in_refused"
         | "device.login_refused"
         | "oidc.push_refused" => {}
+        // Each replica's coordinator addresses live in its own data directory (`addrs set`
+        // is run against each); nothing the registry loads from the store changed.
+        "addrs.set" => {}
         _ => r = Reloads::all(),
     }
     r

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Devices fail over between coordinator replicas: two `ward-coordinator serve` processes (in
 # namespaces ca and cb) serve one instance; devices enrolled with a token that carries both
-# addresses know the list (state file, `ward status`); `kill -9` of replica A moves every
-# device to B within 10 s (measured and printed) while a continuous ping between two devices
-# loses nothing (their leases stay valid, so the data plane never stops), and `ward status`
-# shows B afterwards; a relay (whose credential names both replicas) moves its control session
-# to B.
+# addresses know the list (state file, `ward status`); `addrs set` on running A reaches both
+# connected devices at once (timed), is audited, and a malformed list is refused with nothing
+# changed; `kill -9` of replica A moves every device to B within 10 s (measured and printed)
+# while a continuous ping between two devices loses nothing (their leases stay valid, so the
+# data plane never stops), and `ward status` shows B afterwards; a relay (whose credential
+# names both replicas) moves its control session to B.
 #
 # Replicas share one SQLite database for now: B's data dir holds copies of A's instance files
 # (CA, lease key, audit key, config) and a symlink to A's ward.db (SQLite takes several
@@ -69,6 +70,22 @@ check "alice knows both addresses (from the token)" lab_wait_for -t 10 knows_bot
 check "bob knows both addresses" lab_wait_for -t 10 knows_both bob
 state_list() { python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(",".join(s.get("coordinators", [])), s["coordinator"])' "$LAB_DIR/dev-$1/state/state.json"; }
 check "alice's state file keeps the list" test "$(state_list alice)" = "$A,$B $A"
+# A new list reaches connected devices at once (no restart), and the old one comes back the
+# same way: a third address on cb where nothing listens, then the first list again.
+X=$(lab_hostport "$(lab_ip cb)" 7444)
+t=$(now_ms)
+OUT=$(lab_coord addrs set "$A,$B,$X" 2>&1)
+check "addrs set on running A is sent to its devices ($(head -n1 <<<"$OUT"))" grep -q "^saved; sent to 2 connected devices" <<<"$OUT"
+knows_three() { [[ "$(list_of "$1")" == "$A,$B,$X" ]]; }
+check "alice learns the new list while connected" lab_wait_for -t 10 -i 0.1 knows_three alice
+echo "  alice knew the new list $(($(now_ms) - t)) ms after addrs set began"
+check "bob learns the new list" lab_wait_for -t 10 knows_three bob
+check "addrs show prints the new list" test "$(lab_coord addrs show)" = "$A"$'\n'"$B"$'\n'"$X"
+check "the change is audited" grep -q "addrs.set" <<<"$(lab_coord audit 2>&1)"
+check "A's list is put back" grep -q "^saved; sent to 2" <<<"$(lab_coord addrs set "$A,$B" 2>&1)"
+check "alice has the first list again" lab_wait_for -t 10 knows_both alice
+refused_bad() { ! lab_coord addrs set "no-port-here" >/dev/null 2>&1 && [[ "$(lab_coord addrs show)" == "$A"$'\n'"$B" ]]; }
+check "a malformed list is refused and changes nothing" refused_bad
 on() { [[ "$(lab_ward_json_get "$1" 's["state"] + " " + s["coordinator"]')" == "connected $2" ]]; }
 check "alice is connected to A" lab_wait_for -t 10 on alice "$A"
 check "bob is connected to A" lab_wait_for -t 10 on bob "$A"

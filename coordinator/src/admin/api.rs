@@ -1317,6 +1317,15 @@ pub enum AdminReply {
     Anomalies(Vec<AnomalyView>),
     AnomalyAcked(AnomalyView),
     ConsoleLink(ConsoleLinkView),
+    Addrs(AddrsView),
+}
+
+/// `addrs set` against a running coordinator: the list it now serves, and how many device
+/// sessions were sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddrsView {
+    pub addrs: Vec<String>,
+    pub sessions: usize,
 }
 
 /// `console-link`: the one-time login URL and when it stops working.

@@ -182,6 +182,12 @@ pub enum AdminRequest {
     /// A one-time login URL for the web console (answered by `serve` when `--console-listen`
     /// is set).
     ConsoleLink,
+    /// Replace the coordinator addresses (first = dialled first): saved in the data directory,
+    /// carried by tokens minted from now on and pushed to every session in a full netmap
+    /// (answered by `serve`; without one, `addrs set` saves the file itself).
+    AddrsSet {
+        addrs: Vec<String>,
+    },
 }
 
 /// Sends one request to the running coordinator and reads its typed answer.

@@ -626,6 +626,9 @@ pub fn handle(
                 "the web console is off: start `ward-coordinator serve` with --console-listen ADDR"
             )
         }
+        AdminRequest::AddrsSet { .. } => {
+            bail!("the coordinator addresses are changed by `serve` itself (it owns the data directory)")
+        }
         AdminRequest::SuggestionMark(ask) => {
             AdminReply::SuggestionMarked(super::suggest::mark(store, &snap.directory, &ask, now)?)
         }

@@ -204,6 +204,9 @@ pub(super) enum Event {
     Grants(Vec<Grant>),
     /// Every registered relay, after an add or remove.
     Relays(Vec<RelayInfo>),
+    /// The coordinator addresses changed (`addrs set`): every session gets them in a full
+    /// netmap; answered with how many sessions that is.
+    Coordinators(Vec<String>, oneshot::Sender<usize>),
     /// Every device's advertised and approved routes, after an approval changed.
     Routes(Vec<crate::store::RouteRow>),
     /// A device signed in (again) at the identity provider.
@@ -469,6 +472,9 @@ pub(super) async fn registry_actor(
                 }
                 Event::Grants(g) => reg.handle_grants(g),
                 Event::Routes(r) => reg.handle_routes(r),
+                Event::Coordinators(list, tx) => {
+                    let _ = tx.send(reg.handle_coordinators(list));
+                }
                 Event::Relays(r) => {
                     // A removed relay's control session ends.
                     let gone: Vec<String> = relays

@@ -79,6 +79,11 @@ pub use crate::leases::LeaseTtl;
 
 struct Ctx {
     config: Config,
+    /// The data directory (`addrs set` rewrites its config.json).
+    data_dir: DataDir,
+    /// The coordinator addresses tokens and netmaps carry now (first = dialled first):
+    /// `config`'s list until an `addrs set` replaces it (held only to read or swap).
+    addrs: std::sync::RwLock<Vec<String>>,
     ca: Ca,
     lease_key: ed25519_dalek::SigningKey,
     lease_ttl: LeaseTtl,
@@ -269,6 +274,8 @@ pub async fn serve(
     }
     let (events, rx) = queue::channel(queue::CONNECTION_EVENTS);
     let ctx = Arc::new(Ctx {
+        addrs: std::sync::RwLock::new(config.public_addrs()),
+        data_dir: dd.clone(),
         config,
         ca,
         lease_key,
@@ -769,6 +776,67 @@ async fn console_link(ctx: Arc<Ctx>) -> Envelope<AdminReply> {
     }
 }
 
+impl Ctx {
+    /// The first coordinator address and the others, as tokens carry them now.
+    fn current_addrs(&self) -> (String, Vec<String>) {
+        // A poisoned lock still holds a whole list (it is only ever swapped whole).
+        let list = self.addrs.read().unwrap_or_else(|e| e.into_inner());
+        match list.split_first() {
+            Some((first, rest)) => (first.clone(), rest.to_vec()),
+            None => (
+                self.config.public_addr.clone(),
+                self.config.alternate_addrs.clone(),
+            ),
+        }
+    }
+}
+
+/// `addrs set`: the new list is checked and saved in config.json, audited, then carried by
+/// tokens minted from now on and sent to every session of this replica in a full netmap
+/// (devices fail over among the new addresses without waiting for a restart). Each replica's
+/// list lives in its own data directory. Nothing changes when the file cannot be written or
+/// the audit row cannot be appended (the file is then put back).
+async fn addrs_set(ctx: Arc<Ctx>, addrs: Vec<String>) -> Envelope<AdminReply> {
+    let ctx2 = ctx.clone();
+    let saved = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        let before = ctx2.data_dir.load_config()?.public_addrs();
+        let cfg = ctx2.data_dir.save_public_addrs(&addrs)?;
+        let list = cfg.public_addrs();
+        let audit = Audit {
+            actor: "admin",
+            action: Action::AddrsSet,
+            target: &list[0],
+            detail: serde_json::json!({ "addrs": list, "before": before }),
+        };
+        if let Err(e) = ctx2.store.append_audit(audit, now_ms()) {
+            // Unrecorded, not done: the old list goes back.
+            if let Err(e2) = ctx2.data_dir.save_public_addrs(&before) {
+                tracing::error!(error = %e2, "putting the coordinator addresses back failed");
+            }
+            anyhow::bail!("addresses not changed: the audit row could not be written: {e}");
+        }
+        *ctx2.addrs.write().unwrap_or_else(|e| e.into_inner()) = list.clone();
+        Ok(list)
+    })
+    .await;
+    let list = match saved {
+        Ok(Ok(list)) => list,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %format!("{e:#}"), "addrs set refused");
+            return Envelope::err(format!("{e:#}"));
+        }
+        Err(e) => return Envelope::err(format!("internal error: {e}")),
+    };
+    info!(addrs = %list.join(","), "coordinator addresses changed");
+    let (tx, rx) = oneshot::channel();
+    ctx.events.send(Event::Coordinators(list.clone(), tx)).await;
+    let sessions = rx.await.unwrap_or(0);
+    Envelope::ok(AdminReply::Addrs(crate::admin::api::AddrsView {
+        addrs: list,
+        sessions,
+    }))
+}
+
 /// Runs one admin request on a blocking thread (the store is synchronous).
 async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> {
     ctx.metrics
@@ -776,10 +844,14 @@ async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> 
     if matches!(req, AdminRequest::ConsoleLink) {
         return console_link(ctx).await;
     }
+    if let AdminRequest::AddrsSet { addrs } = req {
+        return addrs_set(ctx, addrs).await;
+    }
     let res = tokio::task::spawn_blocking(move || {
+        let (public_addr, alternate_addrs) = ctx.current_addrs();
         let me = Identity {
-            public_addr: ctx.config.public_addr.clone(),
-            alternate_addrs: ctx.config.alternate_addrs.clone(),
+            public_addr,
+            alternate_addrs,
             ca_sha256: ctx.ca.fingerprint(),
             ipv6_prefix: format!("{}/48", ctx.config.pools.v6_prefix),
             uptime_secs: ctx.started.elapsed().as_secs(),

@@ -74,7 +74,9 @@ pub struct TrustRow {
     /// Behaviour risk, 0–100.
     pub risk: i64,
     pub risk_reason: String,
-    /// Scan counters (JSON array of denied flows with this device as the source).
+    /// Always `[]` since migration 19: scan evidence is shared through `scan_evidence`, which
+    /// every replica reads. The column stays (a replica of the previous version on the same
+    /// database still writes it during a rolling upgrade); nothing reads it.
     pub counters: String,
     pub updated_ms: i64,
 }

@@ -315,7 +315,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     "#,
     // 18: each device's trust as the replica holding its session last judged it: the
-    // posture verdict (JSON evaluations), behaviour risk, scan counters (JSON), who wrote it
+    // posture verdict (JSON evaluations), behaviour risk, scan counters (JSON; always `[]`
+    // from migration 19, which shares scan evidence in a table of its own), who wrote it
     // and when. Other replicas judge the device's peers by it; a replica taking the device's
     // session over starts from it. And the relay each held session receives relayed traffic
     // through (peers on every replica reach the device there).
