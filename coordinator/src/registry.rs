@@ -25,12 +25,14 @@ use ward_shared::filter::{FilterRule, Proto};
 use ward_shared::lease::SignedLease;
 use ward_shared::names::{Hostname, Name};
 use ward_shared::peerset::{self, Factored};
-use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
+use ward_shared::policy::{
+    self, Compiled, DirDevice, DirUser, Directory, Grant, Policy, ReachDest, ReachGrant,
+};
 use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::routes::{overlaps_overlay, Prefix, MAX_ADVERTISED_ROUTES};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
-    PostureVerdict, Reach, RelayInfo, RiskView, SelfInfo, Unavailable, WgPublicKey,
+    PostureVerdict, Reach, ReachService, RelayInfo, RiskView, SelfInfo, Unavailable, WgPublicKey,
     MAX_DENIED_FLOWS, MAX_ENDPOINTS, PROTOCOL_VERSION,
 };
 
@@ -191,7 +193,8 @@ struct Session {
     conn: ConnId,
     observed: SocketAddr,
     /// The protocol version the device speaks: from 2 its filter names peer sets, version 1
-    /// gets every source address in every rule.
+    /// gets every source address in every rule; from 3 its reach is grants and destination
+    /// lists, versions 1 and 2 get one entry per destination.
     protocol: u32,
     /// What this session was last sent.
     sent: Option<Sent>,
@@ -239,8 +242,8 @@ struct SentPeer {
 }
 
 impl Sent {
-    /// The `reach` this device was last sent.
-    fn reach<'a>(&'a self, id: &DeviceId) -> &'a [Reach] {
+    /// The reach grants this device was last sent (flat, expanded, before protocol 3).
+    fn reach<'a>(&'a self, id: &DeviceId) -> &'a [Arc<ReachGrant>] {
         self.compiled
             .devices
             .get(id)
@@ -1139,18 +1142,22 @@ impl Registry {
                 }
             }
             let ideal = policy::compile(p, &dir, self.now_ms);
-            let have: BTreeSet<(&str, DeviceId, &str)> = self
+            let have_flat: Vec<Reach> = self
                 .compiled
                 .devices
                 .get(&id)
-                .map(|a| {
-                    a.reach
-                        .iter()
-                        .map(|r| (r.service.as_str(), r.device_id, r.rule.as_str()))
-                        .collect()
-                })
+                .map(|a| a.reach_flat(id))
                 .unwrap_or_default();
-            for r in ideal.devices.get(&id).map(|a| &a.reach[..]).unwrap_or(&[]) {
+            let have: BTreeSet<(&str, DeviceId, &str)> = have_flat
+                .iter()
+                .map(|r| (r.service.as_str(), r.device_id, r.rule.as_str()))
+                .collect();
+            let ideal_flat: Vec<Reach> = ideal
+                .devices
+                .get(&id)
+                .map(|a| a.reach_flat(id))
+                .unwrap_or_default();
+            for r in &ideal_flat {
                 if have.contains(&(r.service.as_str(), r.device_id, r.rule.as_str())) {
                     continue;
                 }
@@ -2030,7 +2037,7 @@ impl Registry {
         let policy_version = self.policy_version;
         let no_routes: Vec<Prefix> = Vec::new();
         let no_inbound: Vec<FilterRule> = Vec::new();
-        let no_reach: Vec<Reach> = Vec::new();
+        let no_reach: Vec<Arc<ReachGrant>> = Vec::new();
         {
             let Some(me) = self.devices.get(&id) else {
                 return;
@@ -2055,6 +2062,8 @@ impl Registry {
             let Some(session) = self.sessions.get_mut(&id) else {
                 return;
             };
+            // Reach by reference (grants and destination lists) from version 3.
+            let by_ref = session.protocol >= 3;
             // The filter as this device's protocol carries it: peer sets (ids kept from what
             // it holds) from version 2, flat rules before. Only a new compile can change it.
             let same_compile = session
@@ -2105,7 +2114,11 @@ impl Registry {
                         },
                         peers: want.values().map(SentPeer::to_peer).collect(),
                         inbound: filter.inbound.clone(),
-                        reach: reach.clone(),
+                        reach: if by_ref {
+                            Vec::new()
+                        } else {
+                            policy::expand_reach(reach, id)
+                        },
                         relays: relays.clone(),
                         punch: true,
                         flows: true,
@@ -2121,6 +2134,19 @@ impl Registry {
                                 prefixes: prefixes.clone(),
                             })
                             .collect(),
+                        reach_grants: if by_ref {
+                            wire_grants(reach)
+                        } else {
+                            Vec::new()
+                        },
+                        reach_services: if by_ref {
+                            reach_lists(reach)
+                                .into_iter()
+                                .map(|(service, l)| wire_list(service, l))
+                                .collect()
+                        } else {
+                            Vec::new()
+                        },
                     });
                     session.sent = Some(Sent {
                         seq: 1,
@@ -2160,7 +2186,7 @@ impl Registry {
                             Some(f) => (
                                 sent.filter.inbound != f.inbound,
                                 sent.filter.sets != f.sets,
-                                sent.reach(&id) != reach.as_slice(),
+                                !same_grants(sent.reach(&id), reach),
                                 sent.filter.shadow != f.shadow,
                             ),
                         };
@@ -2184,6 +2210,30 @@ impl Registry {
                     {
                         return;
                     }
+                    // Version 3: the grants when their terms changed, and the destination lists
+                    // that are new or changed (by pointer, then by device ids), never expanded.
+                    let (grants_changed, lists, removed_lists) = if by_ref && reach_changed {
+                        let old = reach_lists(sent.reach(&id));
+                        let new = reach_lists(reach);
+                        let grants_changed = !sent
+                            .reach(&id)
+                            .iter()
+                            .map(|g| grant_terms(g))
+                            .eq(reach.iter().map(|g| grant_terms(g)));
+                        let lists: Vec<ReachService> = new
+                            .iter()
+                            .filter(|(k, l)| old.get(*k).is_none_or(|o| !same_devices(o, l)))
+                            .map(|(service, l)| wire_list(service, l))
+                            .collect();
+                        let removed: Vec<String> = old
+                            .keys()
+                            .filter(|k| !new.contains_key(*k))
+                            .map(|k| k.to_string())
+                            .collect();
+                        (grants_changed, lists, removed)
+                    } else {
+                        (false, Vec::new(), Vec::new())
+                    };
                     let (set_changes, removed_sets) = match &filter {
                         Some(f) if sets_changed => peerset::diff(&sent.filter.sets, &f.sets),
                         _ => (Vec::new(), Vec::new()),
@@ -2216,7 +2266,7 @@ impl Registry {
                             .as_ref()
                             .filter(|_| inbound_changed)
                             .map(|f| f.inbound.clone()),
-                        reach: reach_changed.then(|| reach.clone()),
+                        reach: (reach_changed && !by_ref).then(|| policy::expand_reach(reach, id)),
                         relays: relays_changed.then(|| relays.clone()),
                         policy_version: if version_changed {
                             policy_version
@@ -2238,6 +2288,9 @@ impl Registry {
                             .map(|f| f.shadow.clone()),
                         peer_sets: set_changes,
                         removed_peer_sets: removed_sets,
+                        reach_grants: grants_changed.then(|| wire_grants(reach)),
+                        reach_services: lists,
+                        removed_reach_services: removed_lists,
                     });
                     sent.hostname = me.hostname.clone();
                     if me_changed {
@@ -2276,6 +2329,67 @@ impl Registry {
         }
         self.views = views;
     }
+}
+
+/// Whether two reach lists are the same: by pointer for grants a compile shares, then by
+/// terms and destination ids (a destination's name reaches devices with its peer entry).
+fn same_grants(a: &[Arc<ReachGrant>], b: &[Arc<ReachGrant>]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            Arc::ptr_eq(x, y)
+                || (grant_terms(x) == grant_terms(y) && same_devices(&x.devices, &y.devices))
+        })
+}
+
+/// A grant without its destinations: what `NetmapDelta.reach_grants` carries.
+fn grant_terms(
+    g: &ReachGrant,
+) -> (
+    &str,
+    ward_shared::filter::Proto,
+    &[ward_shared::filter::PortRange],
+    &str,
+    Option<i64>,
+) {
+    (&g.service, g.proto, &g.ports, &g.rule, g.not_after_ms)
+}
+
+/// Whether two destination lists name the same devices.
+fn same_devices(a: &Arc<[ReachDest]>, b: &Arc<[ReachDest]>) -> bool {
+    Arc::ptr_eq(a, b)
+        || (a.len() == b.len()
+            && a.iter()
+                .zip(b.iter())
+                .all(|(x, y)| x.device_id == y.device_id))
+}
+
+/// The destination list of each service the grants name (one per service: a compile shares
+/// it between the service's grants).
+fn reach_lists(grants: &[Arc<ReachGrant>]) -> BTreeMap<&str, &Arc<[ReachDest]>> {
+    grants
+        .iter()
+        .map(|g| (g.service.as_str(), &g.devices))
+        .collect()
+}
+
+fn wire_list(service: &str, l: &Arc<[ReachDest]>) -> ReachService {
+    ReachService {
+        service: service.to_string(),
+        devices: l.iter().map(|d| d.device_id).collect(),
+    }
+}
+
+fn wire_grants(grants: &[Arc<ReachGrant>]) -> Vec<ward_shared::wire::ReachGrant> {
+    grants
+        .iter()
+        .map(|g| ward_shared::wire::ReachGrant {
+            service: g.service.clone(),
+            proto: g.proto,
+            ports: g.ports.clone(),
+            rule: g.rule.clone(),
+            not_after_ms: g.not_after_ms,
+        })
+        .collect()
 }
 
 impl SentPeer {

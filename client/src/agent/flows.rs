@@ -119,7 +119,7 @@ impl FlowContext {
             peers.insert(IpAddr::V6(p.ipv6), meta);
         }
         let reach = nm
-            .reach
+            .reach_view()
             .iter()
             .map(|r| {
                 (
