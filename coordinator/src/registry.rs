@@ -2186,30 +2186,16 @@ impl Registry {
                             Some(f) => (
                                 sent.filter.inbound != f.inbound,
                                 sent.filter.sets != f.sets,
-                                !same_grants(sent.reach(&id), reach),
+                                // Version 3 learns destination names from its peers;
+                                // a flat list carries them, so a rename changes it.
+                                if by_ref {
+                                    !same_grants(sent.reach(&id), reach)
+                                } else {
+                                    sent.reach(&id) != reach.as_slice()
+                                },
                                 sent.filter.shadow != f.shadow,
                             ),
                         };
-                    let relays_changed = sent.relays != *relays;
-                    let me_changed = sent.hostname != me.hostname || sent.routes != *my_routes;
-                    let version_changed = sent.policy_version != policy_version;
-                    if !same_compile {
-                        // What the filter and reach now come from, changed or not (the old
-                        // compile is freed once no session refers to it).
-                        sent.compiled = Arc::clone(&compiled);
-                    }
-                    if upsert.is_empty()
-                        && remove.is_empty()
-                        && !inbound_changed
-                        && !sets_changed
-                        && !reach_changed
-                        && !relays_changed
-                        && !me_changed
-                        && !version_changed
-                        && !shadow_changed
-                    {
-                        return;
-                    }
                     // Version 3: the grants when their terms changed, and the destination lists
                     // that are new or changed (by pointer, then by device ids), never expanded.
                     let (grants_changed, lists, removed_lists) = if by_ref && reach_changed {
@@ -2234,6 +2220,31 @@ impl Registry {
                     } else {
                         (false, Vec::new(), Vec::new())
                     };
+                    let reach_changed = if by_ref {
+                        grants_changed || !lists.is_empty() || !removed_lists.is_empty()
+                    } else {
+                        reach_changed
+                    };
+                    let relays_changed = sent.relays != *relays;
+                    let me_changed = sent.hostname != me.hostname || sent.routes != *my_routes;
+                    let version_changed = sent.policy_version != policy_version;
+                    if !same_compile {
+                        // What the filter and reach now come from, changed or not (the old
+                        // compile is freed once no session refers to it).
+                        sent.compiled = Arc::clone(&compiled);
+                    }
+                    if upsert.is_empty()
+                        && remove.is_empty()
+                        && !inbound_changed
+                        && !sets_changed
+                        && !reach_changed
+                        && !relays_changed
+                        && !me_changed
+                        && !version_changed
+                        && !shadow_changed
+                    {
+                        return;
+                    }
                     let (set_changes, removed_sets) = match &filter {
                         Some(f) if sets_changed => peerset::diff(&sent.filter.sets, &f.sets),
                         _ => (Vec::new(), Vec::new()),
@@ -2972,6 +2983,14 @@ expires = "2030-01-01T00:00:00Z"
     fn netmaps_carry_peer_sets_to_v2_devices_and_flat_sources_to_v1() {
         let mut r = reg(&[1, 2, 3, 4, 5]);
         r.handle_session_opened_speaking(
+            DeviceId(3),
+            12,
+            addr("10.0.0.3:1"),
+            DeviceUpdate::default(),
+            3,
+        )
+        .unwrap();
+        r.handle_session_opened_speaking(
             DeviceId(1),
             10,
             addr("10.0.0.1:1"),
@@ -2999,7 +3018,40 @@ expires = "2030-01-01T00:00:00Z"
                 })
                 .unwrap()
         };
-        let (v2, v1) = (full(10), full(11));
+        let (v2, v1, v3) = (full(10), full(11), full(12));
+        // Reach: flat for versions 1 and 2, grants over one destination list for version 3,
+        // each the compile's reach for that device.
+        let flat_reach =
+            |r: &Registry, id: u64| r.compiled().devices[&DeviceId(id)].reach_flat(DeviceId(id));
+        assert_eq!(v2.reach, flat_reach(&r, 1));
+        assert_eq!(v1.reach, flat_reach(&r, 2));
+        assert_eq!(v2.reach.len(), 4 * 3, "4 other devices x tcp, udp, icmp");
+        assert!(v1.reach_grants.is_empty() && v2.reach_grants.is_empty());
+        assert!(v3.reach.is_empty());
+        assert_eq!(v3.reach_grants.len(), 3, "{:?}", v3.reach_grants);
+        assert_eq!(v3.reach_services.len(), 1);
+        assert_eq!(
+            v3.reach_services[0].devices,
+            [1, 2, 3, 4, 5].map(DeviceId).to_vec()
+        );
+        assert_eq!(v3.reach_view(), flat_reach(&r, 3));
+        let as_flat = Netmap {
+            reach: v3.reach_view(),
+            reach_grants: vec![],
+            reach_services: vec![],
+            ..v3.clone()
+        };
+        let (v3_bytes, flat_bytes) = (
+            ward_shared::wire::encode(&CoordinatorMsg::Netmap(v3.clone())).len(),
+            ward_shared::wire::encode(&CoordinatorMsg::Netmap(as_flat)).len(),
+        );
+        assert!(v3_bytes < flat_bytes, "{v3_bytes} < {flat_bytes}");
+        // Sessions hold the compile's grants, not copies: one grant for all sources.
+        let grants = |r: &Registry, id: u64| {
+            let s = r.sessions[&DeviceId(id)].sent.as_ref().unwrap();
+            s.reach(&DeviceId(id)).to_vec()
+        };
+        assert!(Arc::ptr_eq(&grants(&r, 1)[0], &grants(&r, 3)[0]));
         assert!(!v2.inbound.is_empty() && v2.inbound.iter().all(|r| r.sources.is_empty()));
         assert_eq!(v2.peer_sets.len(), 1, "one population: {:?}", v2.peer_sets);
         assert!(v1.peer_sets.is_empty() && v1.inbound.iter().all(|r| r.source_sets.is_empty()));
@@ -3025,7 +3077,18 @@ expires = "2030-01-01T00:00:00Z"
                 })
                 .unwrap()
         };
-        let (d2, d1) = (delta(10), delta(11));
+        let (d2, d1, d3) = (delta(10), delta(11), delta(12));
+        // Version 3: the grants are unchanged, the one destination list is sent again; never
+        // a flat list. Versions 1 and 2: the flat list again.
+        assert!(d3.reach.is_none() && d3.reach_grants.is_none(), "{d3:?}");
+        assert_eq!(d3.reach_services.len(), 1, "{d3:?}");
+        assert!(d3.reach_services[0].devices.contains(&DeviceId(6)));
+        let mut v3 = v3;
+        v3.apply(&d3).unwrap();
+        assert_eq!(v3.reach_view(), flat_reach(&r, 3));
+        assert_eq!(d2.reach.as_ref(), Some(&flat_reach(&r, 1)));
+        assert!(d2.reach_grants.is_none() && d2.reach_services.is_empty());
+        assert_eq!(d1.reach.as_ref(), Some(&flat_reach(&r, 2)));
         assert!(d2.inbound.is_none(), "{d2:?}");
         assert_eq!(d2.peer_sets.len(), 1);
         assert_eq!(d2.peer_sets[0].id, v2.peer_sets[0].id);
@@ -3051,6 +3114,49 @@ expires = "2030-01-01T00:00:00Z"
         .len();
         let v2_bytes = ward_shared::wire::encode(&CoordinatorMsg::NetmapDelta(d2)).len();
         assert!(v2_bytes < v1_bytes, "{v2_bytes} < {v1_bytes}");
+
+        // A policy change that moves a port: version 3 gets the grants again (no list, no
+        // flat entries); the other versions the flat list.
+        r.handle_policy(
+            policy::parse(
+                br#"
+[groups]
+eng = ["alice"]
+[services.all]
+devices = ["group:eng"]
+ports = ["tcp/22"]
+[[rules]]
+from = ["group:eng"]
+to = ["all"]
+"#,
+                "test.toml",
+            )
+            .unwrap(),
+        );
+        let out = drain(&mut r);
+        let delta_of = |conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::NetmapDelta(d),
+                    } if *c == conn => Some(d.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let p3 = delta_of(12);
+        assert!(
+            p3.reach.is_none()
+                && p3.reach_services.is_empty()
+                && p3.removed_reach_services.is_empty(),
+            "{p3:?}"
+        );
+        assert_eq!(p3.reach_grants.as_ref().map(Vec::len), Some(1));
+        v3.apply(&p3).unwrap();
+        assert_eq!(v3.reach_view(), flat_reach(&r, 3));
+        assert_eq!(v3.reach_view().len(), 5, "5 other devices x tcp/22");
+        assert_eq!(delta_of(10).reach.as_ref(), Some(&flat_reach(&r, 1)));
     }
 
     #[test]
