@@ -706,6 +706,8 @@ mod tests {
             peers: vec![],
             inbound: vec![],
             reach: vec![],
+            reach_grants: vec![],
+            reach_services: vec![],
             relays: vec![],
             punch: true,
             flows: true,
