@@ -124,7 +124,8 @@ struct Opts {
     #[arg(long, env = "WARD_LOAD_USERS", default_value_t = 20)]
     users: usize,
     /// The protocol version the devices say they speak (1: agents that predate peer sets, whose
-    /// netmaps list every source address in every rule).
+    /// netmaps list every source address in every rule; 2: peer sets, but a flat reach list,
+    /// one entry per destination device; 3, the default: reach by reference).
     #[arg(long, env = "WARD_LOAD_PROTOCOL", default_value_t = PROTOCOL_VERSION)]
     protocol: u32,
     /// Rules in the dense policy.

@@ -5,6 +5,8 @@
 //! (any sizes; `-- 200` is the quick mode `bench/smoke.sh` runs, done in seconds).
 //! `--dense`: each team's rule admits 14 of the 20 teams (most devices reach every server).
 //! `--v1`: the devices speak protocol 1 (flat source lists, no peer sets), for comparison.
+//! `--protocol N`: the devices speak protocol N (2: peer sets, flat reach list; 3, the default:
+//! reach by reference, grants over destination lists).
 
 use std::time::Instant;
 
@@ -43,12 +45,18 @@ fn policy_text(extra_port: bool, dense: bool) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dense = args.iter().any(|a| a == "--dense");
-    let protocol = if args.iter().any(|a| a == "--v1") {
-        1
-    } else {
-        ward_shared::wire::PROTOCOL_VERSION
+    let at = args.iter().position(|a| a == "--protocol");
+    let protocol = match at.and_then(|i| args.get(i + 1)) {
+        Some(v) => v.parse().expect("--protocol takes a version number"),
+        None if args.iter().any(|a| a == "--v1") => 1,
+        None => ward_shared::wire::PROTOCOL_VERSION,
     };
-    let sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let sizes: Vec<usize> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| at.is_none_or(|p| *i != p + 1))
+        .filter_map(|(_, a)| a.parse().ok())
+        .collect();
     let sizes = if sizes.is_empty() {
         vec![1000, 10_000]
     } else {

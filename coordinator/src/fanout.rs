@@ -238,6 +238,8 @@ mod tests {
             peers,
             inbound: vec![],
             reach: vec![],
+            reach_grants: vec![],
+            reach_services: vec![],
             relays: vec![],
             punch: true,
             flows: true,

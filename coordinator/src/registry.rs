@@ -25,12 +25,14 @@ use ward_shared::filter::{FilterRule, Proto};
 use ward_shared::lease::SignedLease;
 use ward_shared::names::{Hostname, Name};
 use ward_shared::peerset::{self, Factored};
-use ward_shared::policy::{self, Compiled, DirDevice, DirUser, Directory, Grant, Policy};
+use ward_shared::policy::{
+    self, Compiled, DirDevice, DirUser, Directory, Grant, Policy, ReachDest, ReachGrant,
+};
 use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::routes::{overlaps_overlay, Prefix, MAX_ADVERTISED_ROUTES};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
-    PostureVerdict, Reach, RelayInfo, RiskView, SelfInfo, Unavailable, WgPublicKey,
+    PostureVerdict, Reach, ReachService, RelayInfo, RiskView, SelfInfo, Unavailable, WgPublicKey,
     MAX_DENIED_FLOWS, MAX_ENDPOINTS, PROTOCOL_VERSION,
 };
 
@@ -191,7 +193,8 @@ struct Session {
     conn: ConnId,
     observed: SocketAddr,
     /// The protocol version the device speaks: from 2 its filter names peer sets, version 1
-    /// gets every source address in every rule.
+    /// gets every source address in every rule; from 3 its reach is grants and destination
+    /// lists, versions 1 and 2 get one entry per destination.
     protocol: u32,
     /// What this session was last sent.
     sent: Option<Sent>,
@@ -239,8 +242,8 @@ struct SentPeer {
 }
 
 impl Sent {
-    /// The `reach` this device was last sent.
-    fn reach<'a>(&'a self, id: &DeviceId) -> &'a [Reach] {
+    /// The reach grants this device was last sent (flat, expanded, before protocol 3).
+    fn reach<'a>(&'a self, id: &DeviceId) -> &'a [Arc<ReachGrant>] {
         self.compiled
             .devices
             .get(id)
@@ -1157,18 +1160,22 @@ impl Registry {
                 }
             }
             let ideal = policy::compile(p, &dir, self.now_ms);
-            let have: BTreeSet<(&str, DeviceId, &str)> = self
+            let have_flat: Vec<Reach> = self
                 .compiled
                 .devices
                 .get(&id)
-                .map(|a| {
-                    a.reach
-                        .iter()
-                        .map(|r| (r.service.as_str(), r.device_id, r.rule.as_str()))
-                        .collect()
-                })
+                .map(|a| a.reach_flat(id))
                 .unwrap_or_default();
-            for r in ideal.devices.get(&id).map(|a| &a.reach[..]).unwrap_or(&[]) {
+            let have: BTreeSet<(&str, DeviceId, &str)> = have_flat
+                .iter()
+                .map(|r| (r.service.as_str(), r.device_id, r.rule.as_str()))
+                .collect();
+            let ideal_flat: Vec<Reach> = ideal
+                .devices
+                .get(&id)
+                .map(|a| a.reach_flat(id))
+                .unwrap_or_default();
+            for r in &ideal_flat {
                 if have.contains(&(r.service.as_str(), r.device_id, r.rule.as_str())) {
                     continue;
                 }
@@ -2048,7 +2055,7 @@ impl Registry {
         let policy_version = self.policy_version;
         let no_routes: Vec<Prefix> = Vec::new();
         let no_inbound: Vec<FilterRule> = Vec::new();
-        let no_reach: Vec<Reach> = Vec::new();
+        let no_reach: Vec<Arc<ReachGrant>> = Vec::new();
         {
             let Some(me) = self.devices.get(&id) else {
                 return;
@@ -2073,6 +2080,8 @@ impl Registry {
             let Some(session) = self.sessions.get_mut(&id) else {
                 return;
             };
+            // Reach by reference (grants and destination lists) from version 3.
+            let by_ref = session.protocol >= 3;
             // The filter as this device's protocol carries it: peer sets (ids kept from what
             // it holds) from version 2, flat rules before. Only a new compile can change it.
             let same_compile = session
@@ -2123,7 +2132,11 @@ impl Registry {
                         },
                         peers: want.values().map(SentPeer::to_peer).collect(),
                         inbound: filter.inbound.clone(),
-                        reach: reach.clone(),
+                        reach: if by_ref {
+                            Vec::new()
+                        } else {
+                            policy::expand_reach(reach, id)
+                        },
                         relays: relays.clone(),
                         punch: true,
                         flows: true,
@@ -2139,6 +2152,19 @@ impl Registry {
                                 prefixes: prefixes.clone(),
                             })
                             .collect(),
+                        reach_grants: if by_ref {
+                            wire_grants(reach)
+                        } else {
+                            Vec::new()
+                        },
+                        reach_services: if by_ref {
+                            reach_lists(reach)
+                                .into_iter()
+                                .map(|(service, l)| wire_list(service, l))
+                                .collect()
+                        } else {
+                            Vec::new()
+                        },
                     });
                     session.sent = Some(Sent {
                         seq: 1,
@@ -2178,10 +2204,45 @@ impl Registry {
                             Some(f) => (
                                 sent.filter.inbound != f.inbound,
                                 sent.filter.sets != f.sets,
-                                sent.reach(&id) != reach.as_slice(),
+                                // Version 3 learns destination names from its peers;
+                                // a flat list carries them, so a rename changes it.
+                                if by_ref {
+                                    !same_grants(sent.reach(&id), reach)
+                                } else {
+                                    sent.reach(&id) != reach.as_slice()
+                                },
                                 sent.filter.shadow != f.shadow,
                             ),
                         };
+                    // Version 3: the grants when their terms changed, and the destination lists
+                    // that are new or changed (by pointer, then by device ids), never expanded.
+                    let (grants_changed, lists, removed_lists) = if by_ref && reach_changed {
+                        let old = reach_lists(sent.reach(&id));
+                        let new = reach_lists(reach);
+                        let grants_changed = !sent
+                            .reach(&id)
+                            .iter()
+                            .map(|g| grant_terms(g))
+                            .eq(reach.iter().map(|g| grant_terms(g)));
+                        let lists: Vec<ReachService> = new
+                            .iter()
+                            .filter(|(k, l)| old.get(*k).is_none_or(|o| !same_devices(o, l)))
+                            .map(|(service, l)| wire_list(service, l))
+                            .collect();
+                        let removed: Vec<String> = old
+                            .keys()
+                            .filter(|k| !new.contains_key(*k))
+                            .map(|k| k.to_string())
+                            .collect();
+                        (grants_changed, lists, removed)
+                    } else {
+                        (false, Vec::new(), Vec::new())
+                    };
+                    let reach_changed = if by_ref {
+                        grants_changed || !lists.is_empty() || !removed_lists.is_empty()
+                    } else {
+                        reach_changed
+                    };
                     let relays_changed = sent.relays != *relays;
                     let me_changed = sent.hostname != me.hostname || sent.routes != *my_routes;
                     let version_changed = sent.policy_version != policy_version;
@@ -2234,7 +2295,7 @@ impl Registry {
                             .as_ref()
                             .filter(|_| inbound_changed)
                             .map(|f| f.inbound.clone()),
-                        reach: reach_changed.then(|| reach.clone()),
+                        reach: (reach_changed && !by_ref).then(|| policy::expand_reach(reach, id)),
                         relays: relays_changed.then(|| relays.clone()),
                         policy_version: if version_changed {
                             policy_version
@@ -2256,6 +2317,9 @@ impl Registry {
                             .map(|f| f.shadow.clone()),
                         peer_sets: set_changes,
                         removed_peer_sets: removed_sets,
+                        reach_grants: grants_changed.then(|| wire_grants(reach)),
+                        reach_services: lists,
+                        removed_reach_services: removed_lists,
                     });
                     sent.hostname = me.hostname.clone();
                     if me_changed {
@@ -2294,6 +2358,67 @@ impl Registry {
         }
         self.views = views;
     }
+}
+
+/// Whether two reach lists are the same: by pointer for grants a compile shares, then by
+/// terms and destination ids (a destination's name reaches devices with its peer entry).
+fn same_grants(a: &[Arc<ReachGrant>], b: &[Arc<ReachGrant>]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            Arc::ptr_eq(x, y)
+                || (grant_terms(x) == grant_terms(y) && same_devices(&x.devices, &y.devices))
+        })
+}
+
+/// A grant without its destinations: what `NetmapDelta.reach_grants` carries.
+fn grant_terms(
+    g: &ReachGrant,
+) -> (
+    &str,
+    ward_shared::filter::Proto,
+    &[ward_shared::filter::PortRange],
+    &str,
+    Option<i64>,
+) {
+    (&g.service, g.proto, &g.ports, &g.rule, g.not_after_ms)
+}
+
+/// Whether two destination lists name the same devices.
+fn same_devices(a: &Arc<[ReachDest]>, b: &Arc<[ReachDest]>) -> bool {
+    Arc::ptr_eq(a, b)
+        || (a.len() == b.len()
+            && a.iter()
+                .zip(b.iter())
+                .all(|(x, y)| x.device_id == y.device_id))
+}
+
+/// The destination list of each service the grants name (one per service: a compile shares
+/// it between the service's grants).
+fn reach_lists(grants: &[Arc<ReachGrant>]) -> BTreeMap<&str, &Arc<[ReachDest]>> {
+    grants
+        .iter()
+        .map(|g| (g.service.as_str(), &g.devices))
+        .collect()
+}
+
+fn wire_list(service: &str, l: &Arc<[ReachDest]>) -> ReachService {
+    ReachService {
+        service: service.to_string(),
+        devices: l.iter().map(|d| d.device_id).collect(),
+    }
+}
+
+fn wire_grants(grants: &[Arc<ReachGrant>]) -> Vec<ward_shared::wire::ReachGrant> {
+    grants
+        .iter()
+        .map(|g| ward_shared::wire::ReachGrant {
+            service: g.service.clone(),
+            proto: g.proto,
+            ports: g.ports.clone(),
+            rule: g.rule.clone(),
+            not_after_ms: g.not_after_ms,
+        })
+        .collect()
 }
 
 impl SentPeer {
@@ -2876,6 +3001,14 @@ expires = "2030-01-01T00:00:00Z"
     fn netmaps_carry_peer_sets_to_v2_devices_and_flat_sources_to_v1() {
         let mut r = reg(&[1, 2, 3, 4, 5]);
         r.handle_session_opened_speaking(
+            DeviceId(3),
+            12,
+            addr("10.0.0.3:1"),
+            DeviceUpdate::default(),
+            3,
+        )
+        .unwrap();
+        r.handle_session_opened_speaking(
             DeviceId(1),
             10,
             addr("10.0.0.1:1"),
@@ -2903,7 +3036,40 @@ expires = "2030-01-01T00:00:00Z"
                 })
                 .unwrap()
         };
-        let (v2, v1) = (full(10), full(11));
+        let (v2, v1, v3) = (full(10), full(11), full(12));
+        // Reach: flat for versions 1 and 2, grants over one destination list for version 3,
+        // each the compile's reach for that device.
+        let flat_reach =
+            |r: &Registry, id: u64| r.compiled().devices[&DeviceId(id)].reach_flat(DeviceId(id));
+        assert_eq!(v2.reach, flat_reach(&r, 1));
+        assert_eq!(v1.reach, flat_reach(&r, 2));
+        assert_eq!(v2.reach.len(), 4 * 3, "4 other devices x tcp, udp, icmp");
+        assert!(v1.reach_grants.is_empty() && v2.reach_grants.is_empty());
+        assert!(v3.reach.is_empty());
+        assert_eq!(v3.reach_grants.len(), 3, "{:?}", v3.reach_grants);
+        assert_eq!(v3.reach_services.len(), 1);
+        assert_eq!(
+            v3.reach_services[0].devices,
+            [1, 2, 3, 4, 5].map(DeviceId).to_vec()
+        );
+        assert_eq!(v3.reach_view(), flat_reach(&r, 3));
+        let as_flat = Netmap {
+            reach: v3.reach_view(),
+            reach_grants: vec![],
+            reach_services: vec![],
+            ..v3.clone()
+        };
+        let (v3_bytes, flat_bytes) = (
+            ward_shared::wire::encode(&CoordinatorMsg::Netmap(v3.clone())).len(),
+            ward_shared::wire::encode(&CoordinatorMsg::Netmap(as_flat)).len(),
+        );
+        assert!(v3_bytes < flat_bytes, "{v3_bytes} < {flat_bytes}");
+        // Sessions hold the compile's grants, not copies: one grant for all sources.
+        let grants = |r: &Registry, id: u64| {
+            let s = r.sessions[&DeviceId(id)].sent.as_ref().unwrap();
+            s.reach(&DeviceId(id)).to_vec()
+        };
+        assert!(Arc::ptr_eq(&grants(&r, 1)[0], &grants(&r, 3)[0]));
         assert!(!v2.inbound.is_empty() && v2.inbound.iter().all(|r| r.sources.is_empty()));
         assert_eq!(v2.peer_sets.len(), 1, "one population: {:?}", v2.peer_sets);
         assert!(v1.peer_sets.is_empty() && v1.inbound.iter().all(|r| r.source_sets.is_empty()));
@@ -2929,7 +3095,18 @@ expires = "2030-01-01T00:00:00Z"
                 })
                 .unwrap()
         };
-        let (d2, d1) = (delta(10), delta(11));
+        let (d2, d1, d3) = (delta(10), delta(11), delta(12));
+        // Version 3: the grants are unchanged, the one destination list is sent again; never
+        // a flat list. Versions 1 and 2: the flat list again.
+        assert!(d3.reach.is_none() && d3.reach_grants.is_none(), "{d3:?}");
+        assert_eq!(d3.reach_services.len(), 1, "{d3:?}");
+        assert!(d3.reach_services[0].devices.contains(&DeviceId(6)));
+        let mut v3 = v3;
+        v3.apply(&d3).unwrap();
+        assert_eq!(v3.reach_view(), flat_reach(&r, 3));
+        assert_eq!(d2.reach.as_ref(), Some(&flat_reach(&r, 1)));
+        assert!(d2.reach_grants.is_none() && d2.reach_services.is_empty());
+        assert_eq!(d1.reach.as_ref(), Some(&flat_reach(&r, 2)));
         assert!(d2.inbound.is_none(), "{d2:?}");
         assert_eq!(d2.peer_sets.len(), 1);
         assert_eq!(d2.peer_sets[0].id, v2.peer_sets[0].id);
@@ -2955,6 +3132,49 @@ expires = "2030-01-01T00:00:00Z"
         .len();
         let v2_bytes = ward_shared::wire::encode(&CoordinatorMsg::NetmapDelta(d2)).len();
         assert!(v2_bytes < v1_bytes, "{v2_bytes} < {v1_bytes}");
+
+        // A policy change that moves a port: version 3 gets the grants again (no list, no
+        // flat entries); the other versions the flat list.
+        r.handle_policy(
+            policy::parse(
+                br#"
+[groups]
+eng = ["alice"]
+[services.all]
+devices = ["group:eng"]
+ports = ["tcp/22"]
+[[rules]]
+from = ["group:eng"]
+to = ["all"]
+"#,
+                "test.toml",
+            )
+            .unwrap(),
+        );
+        let out = drain(&mut r);
+        let delta_of = |conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::NetmapDelta(d),
+                    } if *c == conn => Some(d.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let p3 = delta_of(12);
+        assert!(
+            p3.reach.is_none()
+                && p3.reach_services.is_empty()
+                && p3.removed_reach_services.is_empty(),
+            "{p3:?}"
+        );
+        assert_eq!(p3.reach_grants.as_ref().map(Vec::len), Some(1));
+        v3.apply(&p3).unwrap();
+        assert_eq!(v3.reach_view(), flat_reach(&r, 3));
+        assert_eq!(v3.reach_view().len(), 5, "5 other devices x tcp/22");
+        assert_eq!(delta_of(10).reach.as_ref(), Some(&flat_reach(&r, 1)));
     }
 
     #[test]

@@ -399,6 +399,10 @@ impl World {
         let conn = self.conn_of[&v];
         let mut nm = self.netmaps[&conn].clone();
         nm.seq = 0;
+        // Reach by reference (protocol 3): compare the flat form (named from the peers).
+        nm.reach = nm.reach_view();
+        nm.reach_grants.clear();
+        nm.reach_services.clear();
         nm.peers.retain(|p| p.device_id != DeviceId(ATTACKER));
         // Set ids depend on the order populations appeared: compare the flat form.
         nm.inbound = ward_shared::peerset::expand(&nm.inbound, &nm.peer_sets, 1 << 16);

@@ -367,6 +367,8 @@ pub fn dns_query(data: &[u8]) {
         }],
         peers: vec![peer],
         inbound: vec![],
+        reach_grants: vec![],
+        reach_services: vec![],
         relays: vec![],
         punch: false,
         flows: false,

@@ -60,6 +60,18 @@
 //!   an older agent keeps working. A version-2 agent against a coordinator that predates it is
 //!   refused with a `protocol` error ("protocol version 2 is not supported"): upgrade the
 //!   coordinator first.
+//! - 3: reach by reference. A netmap carries what the device may open as grants
+//!   (`Netmap.reach_grants`: rule, service, protocol, ports, expiry; one per rule, service and
+//!   protocol, whatever the number of destinations) and each granted service's destination
+//!   devices once (`Netmap.reach_services`: device ids; their names are the netmap's peers'),
+//!   instead of one `reach` entry per destination device, service, protocol and rule; the
+//!   device never reaches itself (it leaves its own id out when it expands them,
+//!   [`Netmap::reach_view`]). A delta replaces the grants when they changed
+//!   (`NetmapDelta.reach_grants`), and carries only the destination lists that changed or are
+//!   new (`NetmapDelta.reach_services`, each whole) and the services no grant names any more
+//!   (`NetmapDelta.removed_reach_services`). A version-1 or 2 device gets the flat `reach`
+//!   list as before. A version-3 agent against a coordinator that predates it is refused with
+//!   a `protocol` error ("protocol version 3 is not supported"): upgrade the coordinator first.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -79,7 +91,7 @@ use crate::posture::{Evaluation, PostureReport, PostureWants};
 use crate::relay::SignedTicket;
 use crate::routes::Prefix;
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest version the coordinator still speaks (see the version history above).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
@@ -701,6 +713,33 @@ pub struct Netmap {
     /// never sent to a version-1 device, whose rules list every source).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peer_sets: Vec<PeerSet>,
+    /// What this device may open elsewhere, by reference (protocol 3; a version-1/2 device
+    /// gets `reach` instead): destinations are the service's list in `reach_services`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reach_grants: Vec<ReachGrant>,
+    /// The destination devices of each service `reach_grants` names (protocol 3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reach_services: Vec<ReachService>,
+}
+
+/// What a device may open on every destination of one service (protocol 3), but itself.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReachGrant {
+    pub service: String,
+    pub proto: Proto,
+    #[serde(default)]
+    pub ports: Vec<PortRange>,
+    pub rule: String,
+    #[serde(default)]
+    pub not_after_ms: Option<i64>,
+}
+
+/// The destination devices of one service a device may reach (protocol 3); their names are
+/// those of the netmap's peers.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReachService {
+    pub service: String,
+    pub devices: Vec<DeviceId>,
 }
 
 /// A relay registered with the coordinator (`ward-coordinator relay add`).
@@ -764,6 +803,15 @@ pub struct NetmapDelta {
     /// Peer sets no rule names any more (protocol 2).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed_peer_sets: Vec<u32>,
+    /// Replaces the reach grants when present (protocol 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach_grants: Option<Vec<ReachGrant>>,
+    /// Destination lists that are new or changed, each whole (protocol 3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reach_services: Vec<ReachService>,
+    /// Services whose destination list no grant needs any more (protocol 3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_reach_services: Vec<String>,
 }
 
 /// Decodes a field that is present (even as `null`) as `Some`: with `#[serde(default)]`, an
@@ -802,6 +850,22 @@ impl Netmap {
         if let Some(r) = &d.reach {
             self.reach = r.clone();
         }
+        if let Some(g) = &d.reach_grants {
+            self.reach_grants = g.clone();
+        }
+        self.reach_services
+            .retain(|x| !d.removed_reach_services.contains(&x.service));
+        for u in &d.reach_services {
+            match self
+                .reach_services
+                .iter_mut()
+                .find(|x| x.service == u.service)
+            {
+                Some(x) => *x = u.clone(),
+                None => self.reach_services.push(u.clone()),
+            }
+        }
+        self.reach_services.sort();
         if let Some(r) = &d.relays {
             self.relays = r.clone();
         }
@@ -816,6 +880,48 @@ impl Netmap {
         }
         self.seq = d.seq;
         Ok(())
+    }
+}
+
+impl Netmap {
+    /// What this device may open elsewhere, one entry per destination device, service,
+    /// protocol and rule (sorted, deduplicated), whatever the protocol: the flat `reach` of a
+    /// version-1/2 netmap, or the grants of a version-3 one expanded over their services'
+    /// destination lists (without this device; a destination that is not among the peers has
+    /// no name here and is left out). Computed on each call, never held.
+    pub fn reach_view(&self) -> Vec<Reach> {
+        let me = self.me.device_id;
+        let mut out: Vec<Reach> = self.reach.clone();
+        if self.reach_grants.is_empty() {
+            return out;
+        }
+        let names: std::collections::HashMap<DeviceId, &Hostname> = self
+            .peers
+            .iter()
+            .map(|p| (p.device_id, &p.hostname))
+            .collect();
+        for g in &self.reach_grants {
+            let Some(list) = self.reach_services.iter().find(|s| s.service == g.service) else {
+                continue;
+            };
+            for id in list.devices.iter().filter(|id| **id != me) {
+                let Some(hostname) = names.get(id) else {
+                    continue;
+                };
+                out.push(Reach {
+                    service: g.service.clone(),
+                    device_id: *id,
+                    hostname: (*hostname).clone(),
+                    proto: g.proto,
+                    ports: g.ports.clone(),
+                    rule: g.rule.clone(),
+                    not_after_ms: g.not_after_ms,
+                });
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 }
 
@@ -836,6 +942,9 @@ impl NetmapDelta {
             shadow_filter: None,
             peer_sets: Vec::new(),
             removed_peer_sets: Vec::new(),
+            reach_grants: None,
+            reach_services: Vec::new(),
+            removed_reach_services: Vec::new(),
         }
     }
 
@@ -879,6 +988,28 @@ impl NetmapDelta {
         }
         if next.reach.is_some() {
             self.reach = next.reach;
+        }
+        if next.reach_grants.is_some() {
+            self.reach_grants = next.reach_grants;
+        }
+        // As for peers: a list removed later is gone, a list sent later is there as sent.
+        self.reach_services
+            .retain(|x| !next.removed_reach_services.contains(&x.service));
+        for s in next.removed_reach_services {
+            if !self.removed_reach_services.contains(&s) {
+                self.removed_reach_services.push(s);
+            }
+        }
+        for u in next.reach_services {
+            self.removed_reach_services.retain(|s| *s != u.service);
+            match self
+                .reach_services
+                .iter_mut()
+                .find(|x| x.service == u.service)
+            {
+                Some(x) => *x = u,
+                None => self.reach_services.push(u),
+            }
         }
         if next.relays.is_some() {
             self.relays = next.relays;
@@ -1118,6 +1249,8 @@ mod tests {
             dns_domain: None,
             coordinators: vec![],
             peer_sets: Vec::new(),
+            reach_grants: Vec::new(),
+            reach_services: Vec::new(),
         };
         // The address list is optional on the wire both ways.
         let with: Netmap = decode(
@@ -1465,7 +1598,91 @@ mod tests {
             text.contains(r#""source_sets":[4]"#) && !text.contains(r#""sources""#),
             "{text}"
         );
-        assert!(speaks(1) && speaks(2) && !speaks(0) && !speaks(3));
+        assert!(speaks(1) && speaks(2) && speaks(3) && !speaks(0) && !speaks(4));
+    }
+
+    /// Reach in every version: a version-1/2 netmap's flat `reach` and a version-3 netmap's
+    /// grants over destination lists give the same view; a version-3 delta changes grants and
+    /// lists, merges, and round-trips.
+    #[test]
+    fn golden_reach_by_reference_decodes_and_expands_like_flat_reach() {
+        let me = r#""me":{"device_id":1,"hostname":"laptop","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null}"#;
+        let peers = r#""peers":[{"device_id":2,"hostname":"db1","ipv4":"100.64.0.2","ipv6":"fd00::2"},{"device_id":3,"hostname":"db2","ipv4":"100.64.0.3","ipv6":"fd00::3"}]"#;
+        // Versions 1 and 2: one entry per destination, as first written.
+        let flat = format!(
+            r#"{{"type":"netmap","seq":1,{me},{peers},"reach":[{{"service":"db","device_id":2,"hostname":"db1","proto":"tcp","ports":[{{"lo":5432,"hi":5432}}],"rule":"eng","not_after_ms":null}},{{"service":"db","device_id":3,"hostname":"db2","proto":"tcp","ports":[{{"lo":5432,"hi":5432}}],"rule":"eng","not_after_ms":null}}]}}"#
+        );
+        let CoordinatorMsg::Netmap(flat) = decode(flat.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        assert!(flat.reach_grants.is_empty() && flat.reach_services.is_empty());
+        assert_eq!(flat.reach_view(), flat.reach);
+        let delta = r#"{"type":"netmap_delta","base_seq":1,"seq":2,"reach":[]}"#;
+        let CoordinatorMsg::NetmapDelta(d) = decode(delta.as_bytes()).unwrap() else {
+            panic!("not delta")
+        };
+        assert!(d.reach_grants.is_none() && d.reach_services.is_empty());
+        let mut f = flat.clone();
+        f.apply(&d).unwrap();
+        assert!(f.reach_view().is_empty());
+        // Version 3: the same reach as one grant over the service's list; the list names this
+        // device too (it is one of db's devices), which never reaches itself.
+        let v3 = format!(
+            r#"{{"type":"netmap","seq":1,{me},{peers},"reach_grants":[{{"service":"db","proto":"tcp","ports":[{{"lo":5432,"hi":5432}}],"rule":"eng","not_after_ms":null}}],"reach_services":[{{"service":"db","devices":[1,2,3]}}]}}"#
+        );
+        let CoordinatorMsg::Netmap(mut v3) = decode(v3.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        assert!(v3.reach.is_empty());
+        assert_eq!(v3.reach_view(), flat.reach);
+        let back: CoordinatorMsg =
+            decode(&encode(&CoordinatorMsg::Netmap(v3.clone()))[4..]).unwrap();
+        assert_eq!(back, CoordinatorMsg::Netmap(v3.clone()));
+        // A delta: db3 joins db (its list is sent whole), ssh is granted on a new list.
+        let d2 = r#"{"type":"netmap_delta","base_seq":1,"seq":2,"upsert":[{"device_id":4,"hostname":"db3","ipv4":"100.64.0.4","ipv6":"fd00::4"}],"reach_grants":[{"service":"db","proto":"tcp","ports":[{"lo":5432,"hi":5432}],"rule":"eng"},{"service":"ssh","proto":"tcp","ports":[{"lo":22,"hi":22}],"rule":"ops"}],"reach_services":[{"service":"db","devices":[1,2,3,4]},{"service":"ssh","devices":[2]}]}"#;
+        let CoordinatorMsg::NetmapDelta(d2) = decode(d2.as_bytes()).unwrap() else {
+            panic!("not delta")
+        };
+        // Then ssh goes (its list with it), and db's grant moves to another port.
+        let d3 = r#"{"type":"netmap_delta","base_seq":2,"seq":3,"reach_grants":[{"service":"db","proto":"tcp","ports":[{"lo":6432,"hi":6432}],"rule":"eng"}],"removed_reach_services":["ssh"]}"#;
+        let CoordinatorMsg::NetmapDelta(d3) = decode(d3.as_bytes()).unwrap() else {
+            panic!("not delta")
+        };
+        let mut merged = d2.clone();
+        merged.merge(d3.clone()).unwrap();
+        let mut one_by_one = v3.clone();
+        one_by_one.apply(&d2).unwrap();
+        let after2 = one_by_one.reach_view();
+        assert_eq!(after2.len(), 4, "{after2:?}");
+        assert!(after2
+            .iter()
+            .any(|r| r.service == "ssh" && r.hostname.as_str() == "db1"));
+        assert!(after2
+            .iter()
+            .any(|r| r.device_id == DeviceId(4) && r.hostname.as_str() == "db3"));
+        assert!(after2.iter().all(|r| r.device_id != DeviceId(1)));
+        one_by_one.apply(&d3).unwrap();
+        v3.apply(&merged).unwrap();
+        assert_eq!(v3, one_by_one);
+        let view = v3.reach_view();
+        assert_eq!(view.len(), 3, "{view:?}");
+        assert!(view
+            .iter()
+            .all(|r| r.service == "db" && r.ports == vec![PortRange { lo: 6432, hi: 6432 }]));
+        assert_eq!(v3.reach_services.len(), 1);
+        // The delta's wire form, and what a version-3 coordinator never sends a version-2
+        // device (the fields are absent when empty).
+        let text =
+            String::from_utf8(encode(&CoordinatorMsg::NetmapDelta(merged))[4..].to_vec()).unwrap();
+        assert!(
+            text.contains(r#""removed_reach_services":["ssh"]"#),
+            "{text}"
+        );
+        let text = String::from_utf8(encode(&CoordinatorMsg::Netmap(flat))[4..].to_vec()).unwrap();
+        assert!(
+            !text.contains("reach_grants") && !text.contains("reach_services"),
+            "{text}"
+        );
     }
 
     /// Version-1 messages as they were first written; they must keep decoding.
@@ -1650,6 +1867,8 @@ mod tests {
                 id: 1,
                 prefixes: vec!["100.64.0.2/32".parse().unwrap()],
             }],
+            reach_grants: Vec::new(),
+            reach_services: Vec::new(),
         };
         // A small deterministic generator: the same sequences on every run.
         let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -1721,6 +1940,33 @@ mod tests {
                 }
                 if rnd(3) == 0 {
                     d.reach = Some(vec![]);
+                }
+                // Version-3 reach: grants replaced, destination lists sent or dropped (a list
+                // once per delta, as the coordinator makes them).
+                if rnd(3) == 0 {
+                    d.reach_grants = Some(vec![ReachGrant {
+                        service: format!("s{}", rnd(3)),
+                        proto: Proto::Tcp,
+                        ports: vec![PortRange { lo: 22, hi: 22 }],
+                        rule: format!("r{step}"),
+                        not_after_ms: None,
+                    }]);
+                }
+                for _ in 0..rnd(3) {
+                    let service = format!("s{}", rnd(3));
+                    if d.removed_reach_services.contains(&service)
+                        || d.reach_services.iter().any(|x| x.service == service)
+                    {
+                        continue;
+                    }
+                    if rnd(3) == 0 {
+                        d.removed_reach_services.push(service);
+                    } else {
+                        d.reach_services.push(ReachService {
+                            service,
+                            devices: (0..1 + rnd(3)).map(|_| DeviceId(1 + rnd(6))).collect(),
+                        });
+                    }
                 }
                 if rnd(3) == 0 {
                     d.inbound = Some(vec![]);

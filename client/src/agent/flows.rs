@@ -119,7 +119,7 @@ impl FlowContext {
             peers.insert(IpAddr::V6(p.ipv6), meta);
         }
         let reach = nm
-            .reach
+            .reach_view()
             .iter()
             .map(|r| {
                 (
@@ -706,6 +706,8 @@ mod tests {
             peers: vec![],
             inbound: vec![],
             reach: vec![],
+            reach_grants: vec![],
+            reach_services: vec![],
             relays: vec![],
             punch: true,
             flows: true,

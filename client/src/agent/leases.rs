@@ -229,6 +229,8 @@ mod tests {
             }],
             inbound: vec![],
             reach: vec![],
+            reach_grants: vec![],
+            reach_services: vec![],
             relays: vec![],
             punch: false,
             flows: false,

@@ -222,6 +222,8 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         }],
         inbound: vec![],
         reach: vec![],
+        reach_grants: vec![],
+        reach_services: vec![],
         relays: vec![],
         punch: false,
         flows: false,
@@ -1477,4 +1479,80 @@ fn devices_of_a_failed_coordinator_spread_their_reconnects() {
     for q in quarters {
         assert!((25..=75).contains(&q), "{quarters:?}");
     }
+}
+
+/// A version-3 netmap carries reach as grants over destination lists: the agent holds them as
+/// sent, applies a delta that changes a list and one that changes the grants, and its flat
+/// view (what `ward status`, DNS names and flow records read) follows, never naming itself.
+#[test]
+fn reach_grants_and_their_deltas_give_the_flat_reach_view() {
+    use ward_shared::filter::{PortRange, Proto};
+    use ward_shared::wire::{NetmapDelta, ReachGrant, ReachService};
+    let mut h = H::new();
+    h.leased();
+    let grant = |lo: u16| ReachGrant {
+        service: "db".into(),
+        proto: Proto::Tcp,
+        ports: vec![PortRange { lo, hi: lo }],
+        rule: "eng".into(),
+        not_after_ms: None,
+    };
+    let mut nm = netmap(1, vec![]);
+    nm.reach_grants = vec![grant(5432)];
+    nm.reach_services = vec![ReachService {
+        service: "db".into(),
+        devices: vec![DeviceId(1), DeviceId(2)],
+    }];
+    h.msg(CoordinatorMsg::Netmap(nm));
+    let view = h.agent.netmap().unwrap().reach_view();
+    assert_eq!(view.len(), 1, "{view:?}");
+    assert_eq!(
+        (
+            view[0].device_id,
+            view[0].hostname.as_str(),
+            view[0].ports[0].lo
+        ),
+        (DeviceId(2), "peer", 5432)
+    );
+    // A third device joins db: its peer entry and the whole new list.
+    let mut three = netmap(1, vec![]).peers[0].clone();
+    three.device_id = DeviceId(3);
+    three.hostname = Hostname::parse("db3").unwrap();
+    three.ipv4 = ip4(3);
+    three.ipv6 = ip6(3);
+    h.msg(CoordinatorMsg::NetmapDelta(NetmapDelta {
+        upsert: vec![three],
+        reach_services: vec![ReachService {
+            service: "db".into(),
+            devices: vec![DeviceId(1), DeviceId(2), DeviceId(3)],
+        }],
+        ..NetmapDelta::after(1)
+    }));
+    let view = h.agent.netmap().unwrap().reach_view();
+    assert_eq!(
+        view.iter()
+            .map(|r| (r.device_id, r.hostname.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(DeviceId(2), "peer"), (DeviceId(3), "db3")]
+    );
+    // The policy moves the port: only the grants change.
+    h.msg(CoordinatorMsg::NetmapDelta(NetmapDelta {
+        reach_grants: Some(vec![grant(6432)]),
+        ..NetmapDelta::after(2)
+    }));
+    let nm = h.agent.netmap().unwrap();
+    assert_eq!(nm.seq, 3);
+    let view = nm.reach_view();
+    assert_eq!(view.len(), 2);
+    assert!(view
+        .iter()
+        .all(|r| r.ports[0].lo == 6432 && r.device_id != DeviceId(1)));
+    // The service goes: nothing is reachable.
+    h.msg(CoordinatorMsg::NetmapDelta(NetmapDelta {
+        reach_grants: Some(vec![]),
+        removed_reach_services: vec!["db".into()],
+        ..NetmapDelta::after(3)
+    }));
+    let nm = h.agent.netmap().unwrap();
+    assert!(nm.reach_view().is_empty() && nm.reach_services.is_empty());
 }

@@ -154,9 +154,9 @@ pub fn status(s: Sources<'_>) -> StatusView {
         }
     });
     let reach = netmap
-        .map(|nm| nm.reach.as_slice())
+        .map(|nm| nm.reach_view())
         .unwrap_or_default()
-        .iter()
+        .into_iter()
         .filter(|r| r.not_after_ms.is_none_or(|t| t > now))
         .map(|r| ReachView {
             service: r.service.clone(),

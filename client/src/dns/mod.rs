@@ -113,13 +113,14 @@ impl Zone {
         };
         // Devices first, then services over them (a service name wins).
         put(nm.me.hostname.as_str(), nm.me.ipv4, nm.me.ipv6, true);
-        for r in &nm.reach {
+        let reach = nm.reach_view();
+        for r in &reach {
             if let Some(p) = peers.get(&r.device_id) {
                 put(p.hostname.as_str(), p.ipv4, p.ipv6, true);
             }
         }
         let mut services: BTreeMap<&str, Vec<(Ipv4Addr, Ipv6Addr)>> = BTreeMap::new();
-        for r in &nm.reach {
+        for r in &reach {
             let Some(p) = peers.get(&r.device_id) else {
                 continue;
             };

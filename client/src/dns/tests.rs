@@ -74,6 +74,8 @@ fn netmap() -> Netmap {
             reach("db", 3, "db2"),
             reach("web", 4, "web"),
         ],
+        reach_grants: vec![],
+        reach_services: vec![],
         relays: vec![],
         punch: false,
         flows: false,
@@ -469,4 +471,42 @@ proptest! {
             Action::Drop(d) => prop_assert!(false, "dropped: {d}"),
         }
     }
+}
+
+/// A version-3 netmap (reach as grants over destination lists) gives the same zone as the
+/// same reach listed flat.
+#[test]
+fn reach_by_reference_gives_the_same_zone_as_the_flat_list() {
+    use ward_shared::wire::{ReachGrant, ReachService};
+    let flat = netmap();
+    let mut v3 = flat.clone();
+    v3.reach.clear();
+    v3.reach_grants = ["db", "web"]
+        .map(|service| ReachGrant {
+            service: service.into(),
+            proto: Proto::Tcp,
+            ports: vec![],
+            rule: "r".into(),
+            not_after_ms: None,
+        })
+        .to_vec();
+    // This device is one of web's devices: it never reaches itself.
+    v3.reach_services = vec![
+        ReachService {
+            service: "db".into(),
+            devices: vec![DeviceId(2), DeviceId(3)],
+        },
+        ReachService {
+            service: "web".into(),
+            devices: vec![flat.me.device_id, DeviceId(4)],
+        },
+    ];
+    let services = |nm: &Netmap| {
+        nm.reach_view()
+            .into_iter()
+            .map(|r| (r.service, r.device_id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(services(&v3), services(&flat));
+    assert_eq!(Zone::from_netmap(&v3), Zone::from_netmap(&flat));
 }

@@ -937,3 +937,47 @@ async fn renew(
     info!(device = %id, "device certificate renewed");
     Ok((cert, not_after))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device that speaks a newer protocol than this coordinator (a version-3 agent against a
+    /// coordinator that predates reach by reference) is refused with a `protocol` error that
+    /// names its version and the versions this coordinator speaks; every version spoken passes
+    /// the version check (this request then fails on its malformed token).
+    #[test]
+    fn a_newer_protocol_is_refused_with_the_versions_spoken() {
+        let req = |protocol| wire::EnrollRequest {
+            protocol,
+            token_id: "zz".into(),
+            token_secret: wire::TokenSecret(Bytes(vec![])),
+            hostname: "h".into(),
+            os: "x".into(),
+            csr_der: Bytes(vec![]),
+        };
+        let newer = PROTOCOL_VERSION + 1;
+        assert_eq!(
+            check_request(&req(newer)).err(),
+            Some((
+                ErrorCode::Protocol,
+                format!(
+                    "protocol version {newer} is not supported (this coordinator speaks \
+                     {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})"
+                )
+            ))
+        );
+        assert_eq!(PROTOCOL_VERSION, 3);
+        for v in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION {
+            assert_eq!(
+                check_request(&req(v)).err().map(|e| e.0),
+                Some(ErrorCode::TokenInvalid),
+                "version {v}"
+            );
+        }
+        assert_eq!(
+            check_request(&req(0)).err().map(|e| e.0),
+            Some(ErrorCode::Protocol)
+        );
+    }
+}

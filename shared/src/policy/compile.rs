@@ -1,18 +1,22 @@
 //! Policy + directory → per-device access, and the policy's own tests.
 //!
-//! Cost: resolving selectors is O(devices) per rule; emitting is O(sources × destinations) per
-//! rule and service, which is the size of the output itself. Nothing recurses or backtracks.
+//! Cost: resolving selectors is O(devices) per rule; emitting peers and inbound rules is
+//! O(sources × destinations) per rule and service, which is the size of that output itself.
+//! Reach is by reference: one destination list per service and one grant per (rule, service,
+//! protocol), shared by every source device (a pointer each), so it costs O(rules × services
+//! × members), not O(sources × destinations). Nothing recurses or backtracks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::{
-    proto_name, Compiled, DeviceAccess, DirDevice, Directory, Policy, Pos, RuleMode, Selector,
-    TestSource, View,
+    proto_name, Compiled, DeviceAccess, DirDevice, Directory, Policy, Pos, ReachDest, ReachGrant,
+    RuleMode, Selector, TestSource, View,
 };
 use crate::filter::{FilterRule, Proto};
 use crate::names::Hostname;
-use crate::wire::{DeviceId, Reach};
+use crate::wire::DeviceId;
 
 /// The outcome of one expectation of a `[[tests]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +112,28 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
             (name.as_str(), v)
         })
         .collect();
+    // Each service's reach destinations (those with a usable name), built once and shared.
+    let svc_reach: BTreeMap<&str, Arc<[ReachDest]>> = svc_devices
+        .iter()
+        .map(|(name, v)| {
+            let dests: Arc<[ReachDest]> = v
+                .iter()
+                .filter_map(|i| {
+                    let id = d.devices[*i].id;
+                    Some((
+                        id,
+                        ReachDest {
+                            device_id: id,
+                            hostname: hostnames[*i].clone()?,
+                        },
+                    ))
+                })
+                .collect::<BTreeMap<DeviceId, ReachDest>>()
+                .into_values()
+                .collect();
+            (*name, dests)
+        })
+        .collect();
     let mut next_expiry_ms: Option<i64> = None;
     for rule in effective_rules(p, d)
         .into_iter()
@@ -155,6 +181,32 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
             addrs.sort_unstable();
             let by_proto = svc.ports.by_proto();
             let dsts = svc_devices.get(*svc_name).map_or(&[][..], Vec::as_slice);
+            if let Some(dests) = svc_reach.get(*svc_name).filter(|x| !x.is_empty()) {
+                let grants: Vec<Arc<ReachGrant>> = by_proto
+                    .iter()
+                    .map(|(proto, ports)| {
+                        Arc::new(ReachGrant {
+                            service: svc.name.clone(),
+                            proto: *proto,
+                            ports: ports.clone(),
+                            rule: rule.name.clone(),
+                            not_after_ms: rule.expires_ms,
+                            devices: Arc::clone(dests),
+                        })
+                    })
+                    .collect();
+                for &src in &srcs {
+                    let src_id = d.devices[src].id;
+                    // A device never reaches itself: a source whose only destination is
+                    // itself gets nothing from this rule and service.
+                    if !dests.iter().any(|x| x.device_id != src_id) {
+                        continue;
+                    }
+                    if let Some(acc) = devices.get_mut(&src_id) {
+                        acc.reach.extend(grants.iter().cloned());
+                    }
+                }
+            }
             for &dst in dsts {
                 let dst_dev = &d.devices[dst];
                 let sources: Vec<IpAddr> = addrs
@@ -174,19 +226,6 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
                     dst_peers.push(src_id);
                     if let Some(acc) = devices.get_mut(&src_id) {
                         acc.peers.insert(dst_dev.id);
-                        if let Some(h) = &hostnames[dst] {
-                            for (proto, ports) in &by_proto {
-                                acc.reach.push(Reach {
-                                    service: svc.name.clone(),
-                                    device_id: dst_dev.id,
-                                    hostname: h.clone(),
-                                    proto: *proto,
-                                    ports: ports.clone(),
-                                    rule: rule.name.clone(),
-                                    not_after_ms: rule.expires_ms,
-                                });
-                            }
-                        }
                     }
                 }
                 if let Some(acc) = devices.get_mut(&dst_dev.id) {

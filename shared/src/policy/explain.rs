@@ -10,7 +10,7 @@ use super::{
     Service, View,
 };
 use crate::filter::{PortRange, Proto};
-use crate::wire::DeviceId;
+use crate::wire::{DeviceId, Reach};
 
 /// The answer of [`explain`]: one entry per (source device, destination device).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -539,22 +539,18 @@ pub fn diff_bounded(
         .iter()
         .map(|x| (x.id, x.hostname.as_str()))
         .collect();
-    fn keys(a: Option<&super::DeviceAccess>) -> BTreeSet<Key<'_>> {
-        a.map(|a| {
-            a.reach
-                .iter()
-                .map(|r| {
-                    (
-                        r.device_id,
-                        r.hostname.as_str(),
-                        r.service.as_str(),
-                        r.proto,
-                        &r.ports[..],
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    fn keys(flat: &[Reach]) -> BTreeSet<Key<'_>> {
+        flat.iter()
+            .map(|r| {
+                (
+                    r.device_id,
+                    r.hostname.as_str(),
+                    r.service.as_str(),
+                    r.proto,
+                    &r.ports[..],
+                )
+            })
+            .collect()
     }
     let ids: BTreeSet<DeviceId> = old
         .devices
@@ -576,7 +572,10 @@ pub fn diff_bounded(
         if same {
             continue;
         }
-        let (a, b) = (keys(oa), keys(na));
+        let flat =
+            |a: Option<&super::DeviceAccess>| a.map(|a| a.reach_flat(id)).unwrap_or_default();
+        let (fa, fb) = (flat(oa), flat(na));
+        let (a, b) = (keys(&fa), keys(&fb));
         for (kind, set, out) in [
             (ChangeKind::Gained, b.difference(&a), &mut gained),
             (ChangeKind::Lost, a.difference(&b), &mut lost),

@@ -33,8 +33,10 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use crate::filter::{FilterRule, PortRange, Proto};
+use crate::names::Hostname;
 use crate::routes::Prefix;
 use crate::wire::{DeviceId, Reach};
 
@@ -572,14 +574,82 @@ pub struct DeviceAccess {
     pub peers: BTreeSet<DeviceId>,
     /// Who may open what on it (sorted, deduplicated).
     pub inbound: Vec<FilterRule>,
-    /// What it may open elsewhere (sorted, deduplicated).
-    pub reach: Vec<Reach>,
+    /// What it may open elsewhere, by reference (sorted, deduplicated): each grant is shared
+    /// by every source device of its rule, and its destination list by every grant of its
+    /// service. [`DeviceAccess::reach_flat`] gives the flat list (one entry per destination).
+    pub reach: Vec<Arc<ReachGrant>>,
     /// Who may open what on it in the policy's candidate view (sorted, deduplicated); `None`
     /// when the policy has no `shadow` or `shadow_remove` rule. Evaluated, never enforced.
     pub shadow_inbound: Option<Vec<FilterRule>>,
     /// Routed prefixes it may reach, by the router peer that carries them
     /// ([`compile_routes`]; empty from [`compile`] alone).
     pub routes: BTreeMap<DeviceId, Vec<Prefix>>,
+}
+
+impl DeviceAccess {
+    /// What device `me` (the device this access is of) may open elsewhere, one entry per
+    /// destination device, service and protocol (sorted, deduplicated): the grants expanded,
+    /// without `me` itself.
+    pub fn reach_flat(&self, me: DeviceId) -> Vec<Reach> {
+        expand_reach(&self.reach, me)
+    }
+}
+
+/// One destination device of a service's reach list.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReachDest {
+    pub device_id: DeviceId,
+    pub hostname: Hostname,
+}
+
+/// What the sources of one rule may open on one service, for one protocol: built once per
+/// (rule, service, protocol) by [`compile`] and shared by every source device of the rule.
+/// `devices` is the service's live destinations (those with a usable name), built once per
+/// service and shared by all its grants; a source that is itself one of them does not reach
+/// itself ([`expand_reach`] leaves it out).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReachGrant {
+    pub service: String,
+    pub proto: Proto,
+    pub ports: Vec<PortRange>,
+    pub rule: String,
+    pub not_after_ms: Option<i64>,
+    /// Sorted by device id, no duplicates.
+    pub devices: Arc<[ReachDest]>,
+}
+
+impl ReachGrant {
+    /// Whether a source device `me` reaches anything through this grant (a destination other
+    /// than itself).
+    pub fn reaches_beyond(&self, me: DeviceId) -> bool {
+        self.devices.iter().any(|d| d.device_id != me)
+    }
+}
+
+/// The flat reach list of device `me` from its grants: one [`Reach`] per destination device
+/// (never `me`), service, protocol and rule; sorted, deduplicated. O(grants x destinations):
+/// for protocol-1/2 devices, explanations and diffs, not for holding.
+pub fn expand_reach(grants: &[Arc<ReachGrant>], me: DeviceId) -> Vec<Reach> {
+    let mut out: Vec<Reach> = grants
+        .iter()
+        .flat_map(|g| {
+            g.devices
+                .iter()
+                .filter(move |d| d.device_id != me)
+                .map(move |d| Reach {
+                    service: g.service.clone(),
+                    device_id: d.device_id,
+                    hostname: d.hostname.clone(),
+                    proto: g.proto,
+                    ports: g.ports.clone(),
+                    rule: g.rule.clone(),
+                    not_after_ms: g.not_after_ms,
+                })
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// References to users, tags and devices that the directory does not know: not errors (they may

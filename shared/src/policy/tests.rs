@@ -301,9 +301,12 @@ fn compile_produces_peers_rules_and_reach() {
     // alice's laptop: db (posture met), patch+web.
     let alice = access(&c, 1);
     assert_eq!(alice.peers, [3, 4, 5].map(DeviceId).into_iter().collect());
-    assert!(alice.reach.iter().any(|r| r.service == "db"
-        && r.device_id == DeviceId(3)
-        && r.not_after_ms == Some(1_801_353_600_000)));
+    assert!(alice
+        .reach_flat(DeviceId(1))
+        .iter()
+        .any(|r| r.service == "db"
+            && r.device_id == DeviceId(3)
+            && r.not_after_ms == Some(1_801_353_600_000)));
     assert!(alice.inbound.is_empty());
     // db1 accepts 5432 from alice's two devices and carol's (carol is in eng by the directory).
     let db = access(&c, 3);
@@ -385,8 +388,57 @@ fn devices_never_reach_themselves() {
         a.inbound[0].sources,
         vec![IpAddr::V4(d.devices[1].ipv4), IpAddr::V6(d.devices[1].ipv6)]
     );
+    let flat = a.reach_flat(DeviceId(1));
+    assert_eq!(flat.len(), 1);
+    assert_eq!(flat[0].device_id, DeviceId(2));
+    let b = access(&c, 2);
+    assert_eq!(b.reach_flat(DeviceId(2)).len(), 1);
+    assert_eq!(b.reach_flat(DeviceId(2))[0].device_id, DeviceId(1));
+    // By reference: both devices hold the one grant (one destination list naming both), and
+    // each leaves itself out when it is expanded.
     assert_eq!(a.reach.len(), 1);
-    assert_eq!(a.reach[0].device_id, DeviceId(2));
+    assert!(Arc::ptr_eq(&a.reach[0], &b.reach[0]));
+    assert_eq!(
+        a.reach[0]
+            .devices
+            .iter()
+            .map(|x| x.device_id)
+            .collect::<Vec<_>>(),
+        vec![DeviceId(1), DeviceId(2)]
+    );
+    // A device alone in its service reaches nothing (no grant that would expand to itself).
+    let alone = Directory {
+        devices: vec![dev(1, "a", None, &["x"])],
+        ..Directory::default()
+    };
+    let c = compile(&p, &alone, NOW);
+    assert!(access(&c, 1).reach.is_empty());
+}
+
+#[test]
+fn reach_grants_are_shared_by_every_source_and_grow_with_rules_not_pairs() {
+    // 40 devices in one group reaching one service on all of them: one grant, one destination
+    // list, shared by all 40 sources; expanded, each source reaches the 39 others.
+    let p = parse(
+        b"[services.all]\ndevices = [\"tag:x\"]\nports = [\"tcp/22\"]\n[[rules]]\nname = \"r\"\nfrom = [\"tag:x\"]\nto = [\"all\"]\n",
+        "p.toml",
+    )
+    .unwrap();
+    let d = Directory {
+        devices: (1..=40)
+            .map(|i| dev(i, &format!("h{i}"), None, &["x"]))
+            .collect(),
+        ..Directory::default()
+    };
+    let c = compile(&p, &d, NOW);
+    let first = &access(&c, 1).reach[0];
+    for (id, a) in &c.devices {
+        assert_eq!(a.reach.len(), 1);
+        assert!(Arc::ptr_eq(&a.reach[0], first));
+        let flat = a.reach_flat(*id);
+        assert_eq!(flat.len(), 39);
+        assert!(flat.iter().all(|r| r.device_id != *id && r.rule == "r"));
+    }
 }
 
 #[test]
@@ -711,6 +763,109 @@ fn world() -> impl Strategy<Value = (String, Directory)> {
             }
             (src, d)
         })
+}
+
+/// The flat reach list of every live device as compile built it before reach was carried by
+/// reference: one entry per rule, service, destination (never the source itself) and protocol,
+/// straight from the rules (the reference for [`expand_reach`]).
+fn reach_reference(p: &Policy, d: &Directory, now: i64) -> BTreeMap<DeviceId, Vec<Reach>> {
+    use super::compile::{effective_rules, Index};
+    let ix = Index::new(p, d);
+    let mut out: BTreeMap<DeviceId, Vec<Reach>> = d
+        .devices
+        .iter()
+        .filter(|x| x.live)
+        .map(|x| (x.id, Vec::new()))
+        .collect();
+    for rule in effective_rules(p, d)
+        .into_iter()
+        .filter(|r| r.mode.in_view(View::Enforced))
+    {
+        if rule.expires_ms.is_some_and(|t| t <= now) {
+            continue;
+        }
+        let mut sources: Vec<usize> = rule
+            .from
+            .iter()
+            .flat_map(|sel| ix.resolve(sel))
+            .filter(|i| {
+                let x = &d.devices[*i];
+                x.live && rule.posture.iter().all(|q| x.posture_passed.contains(*q))
+            })
+            .collect();
+        sources.sort_unstable();
+        sources.dedup();
+        for svc_name in &rule.to {
+            let Some(svc) = p.services.get(*svc_name) else {
+                continue;
+            };
+            let mut dsts: Vec<usize> = svc
+                .devices
+                .iter()
+                .flat_map(|sel| ix.resolve(&sel.value))
+                .filter(|i| d.devices[*i].live)
+                .collect();
+            dsts.sort_unstable();
+            dsts.dedup();
+            for &dst in &dsts {
+                let x = &d.devices[dst];
+                let Ok(h) =
+                    Hostname::parse(&x.hostname).or_else(|_| Hostname::sanitize(&x.hostname))
+                else {
+                    continue;
+                };
+                for &src in &sources {
+                    let sd = &d.devices[src];
+                    if src == dst || (sd.quarantined && !svc.remediation) {
+                        continue;
+                    }
+                    for (proto, ports) in svc.ports.by_proto() {
+                        out.entry(sd.id).or_default().push(Reach {
+                            service: svc.name.clone(),
+                            device_id: x.id,
+                            hostname: h.clone(),
+                            proto,
+                            ports,
+                            rule: rule.name.clone(),
+                            not_after_ms: rule.expires_ms,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for v in out.values_mut() {
+        v.sort_unstable();
+        v.dedup();
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Reach by reference expands to exactly the flat list built per destination, on random
+    /// policies (grants, quarantine, posture, expiry, unbound names): no device reaches itself,
+    /// every grant reaches beyond its holder, and the grants of one rule and service share one
+    /// destination list.
+    #[test]
+    fn reach_grants_expand_to_the_flat_reach_list((src, d) in world()) {
+        let p = parse(src.as_bytes(), "p.toml").unwrap();
+        let c = compile(&p, &d, NOW);
+        let want = reach_reference(&p, &d, NOW);
+        prop_assert_eq!(c.devices.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+        let mut lists: BTreeMap<&str, &Arc<[ReachDest]>> = BTreeMap::new();
+        for (id, acc) in &c.devices {
+            let flat = acc.reach_flat(*id);
+            prop_assert_eq!(&flat, &want[id]);
+            prop_assert!(flat.iter().all(|r| r.device_id != *id));
+            for g in &acc.reach {
+                prop_assert!(g.reaches_beyond(*id));
+                let l = lists.entry(g.service.as_str()).or_insert(&g.devices);
+                prop_assert!(Arc::ptr_eq(l, &g.devices));
+            }
+        }
+    }
 }
 
 proptest! {
@@ -1454,7 +1609,7 @@ fn a_suspended_user_loses_user_and_group_rules_only_with_the_reason() {
     assert!(before.devices[&DeviceId(1)]
         .reach
         .iter()
-        .any(|r| r.service == "db"));
+        .any(|r| r.service == "db" && r.reaches_beyond(DeviceId(1))));
     d.users[0].suspended = Some("deactivated at the identity provider (SCIM)".into());
     let c = compile(&p, &d, NOW);
     // Rules through the user (group:eng) are gone from both of alice's devices...
@@ -1498,7 +1653,7 @@ fn diff_reference(old: &Compiled, new: &Compiled, d: &Directory) -> Vec<AccessCh
         c.devices
             .get(id)
             .map(|a| {
-                a.reach
+                a.reach_flat(*id)
                     .iter()
                     .map(|r| {
                         (
