@@ -116,7 +116,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         dests: Default::default(),
         rule: "dp-pair-allow-all".into(),
         service: "all".into(),
-        sources: vec![IpAddr::V4(a.peer_ipv4), IpAddr::V6(a.peer_ipv6)],
+        sources: vec![IpAddr::V4(a.peer_ipv4), IpAddr::V6(a.peer_ipv6)].into(),
         source_sets: Vec::new(),
         proto,
         ports,

@@ -7,6 +7,12 @@
 //! `--v1`: the devices speak protocol 1 (flat source lists, no peer sets), for comparison.
 //! `--protocol N`: the devices speak protocol N (2: peer sets, flat reach list; 3, the default:
 //! reach by reference, grants over destination lists).
+//! `--load-shape`: the directory and policy of `bench/load.sh` instead (20 users, their
+//! devices round robin, ten groups of 70% of the users, 50 rules over 26 services), whose
+//! dense peer lists and shared source lists make the netmaps large.
+
+#[path = "../../bench/dense_policy.rs"]
+mod dense;
 
 use std::time::Instant;
 
@@ -45,6 +51,7 @@ fn policy_text(extra_port: bool, dense: bool) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dense = args.iter().any(|a| a == "--dense");
+    let load_shape = args.iter().any(|a| a == "--load-shape");
     let at = args.iter().position(|a| a == "--protocol");
     let protocol = match at.and_then(|i| args.get(i + 1)) {
         Some(v) => v.parse().expect("--protocol takes a version number"),
@@ -72,14 +79,34 @@ fn main() {
         "bytes",
         "netmap mean B",
         "netmap max B",
-        if dense { ", dense" } else { "" }
+        if load_shape {
+            ", load shape"
+        } else if dense {
+            ", dense"
+        } else {
+            ""
+        }
     );
     for &n in &sizes {
         // One in ten devices is a server; users own the rest, two laptops each.
         let mut devices = Vec::new();
         let mut users = Vec::new();
+        let load_users: Vec<String> = (0..20).map(|u| format!("u{u:03}")).collect();
         for i in 0..n {
             let (v4, v6) = pools.addresses(i as u64 + 1).expect("pool");
+            if load_shape {
+                let user = load_users[i % load_users.len()].clone();
+                if users.len() < load_users.len() {
+                    users.push(User {
+                        name: user.clone(),
+                        groups: vec![],
+                        disabled: false,
+                        created_ms: 0,
+                    });
+                }
+                devices.push(device(i, Some(user), vec![], v4, v6));
+                continue;
+            }
             let server = i % 10 == 0;
             let team = if server { (i / 10) % 20 } else { (i / 2) % 20 };
             let user = (!server).then(|| format!("u{}", i / 2));
@@ -93,36 +120,26 @@ fn main() {
                     });
                 }
             }
-            devices.push(Device {
-                id: DeviceId(i as u64 + 1),
-                hostname: Hostname::parse(&format!("h{i}")).expect("hostname"),
-                user,
-                user_disabled: false,
-                tags: if server {
-                    vec![
-                        Name::parse("tag", &format!("team{team}")).expect("tag"),
-                        Name::parse("tag", "server").expect("tag"),
-                    ]
-                } else {
-                    vec![]
-                },
-                ipv4: v4,
-                ipv6: v6,
-                os: "linux".into(),
-                status: DeviceStatus::Active,
-                created_ms: 0,
-                last_seen_ms: 0,
-                cert_not_after_ms: 0,
-                revoked_ms: None,
-                wg_public_key: None,
-                endpoints: vec![],
-                quarantine: None,
-                name_bound: true,
-            });
+            let tags = if server {
+                vec![
+                    Name::parse("tag", &format!("team{team}")).expect("tag"),
+                    Name::parse("tag", "server").expect("tag"),
+                ]
+            } else {
+                vec![]
+            };
+            devices.push(device(i, user, tags, v4, v6));
         }
         users.dedup_by(|a, b| a.name == b.name);
-        let p1 = policy::parse(policy_text(false, dense).as_bytes(), "bench.toml").expect("policy");
-        let p2 = policy::parse(policy_text(true, dense).as_bytes(), "bench.toml").expect("policy");
+        let text = |version: u32| {
+            if load_shape {
+                dense::dense_policy(&load_users, 50, 70, version)
+            } else {
+                policy_text(version == 2, dense)
+            }
+        };
+        let p1 = policy::parse(text(1).as_bytes(), "bench.toml").expect("policy");
+        let p2 = policy::parse(text(2).as_bytes(), "bench.toml").expect("policy");
         let mut reg = Registry::new(pools, devices, users, Some(p1), vec![], vec![], 0);
         for i in 0..n {
             let addr = format!(
@@ -176,5 +193,34 @@ fn main() {
         }
         let change = t1.elapsed();
         println!("{n:>8} {:>10.1}ms {:>12.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14}   ({first_peers} peer entries in the first netmaps)", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3);
+    }
+}
+
+/// Device `i` (id `i + 1`), active, with a bound name `h{i}`.
+fn device(
+    i: usize,
+    user: Option<String>,
+    tags: Vec<Name>,
+    ipv4: std::net::Ipv4Addr,
+    ipv6: std::net::Ipv6Addr,
+) -> Device {
+    Device {
+        id: DeviceId(i as u64 + 1),
+        hostname: Hostname::parse(&format!("h{i}")).expect("hostname"),
+        user,
+        user_disabled: false,
+        tags,
+        ipv4,
+        ipv6,
+        os: "linux".into(),
+        status: DeviceStatus::Active,
+        created_ms: 0,
+        last_seen_ms: 0,
+        cert_not_after_ms: 0,
+        revoked_ms: None,
+        wg_public_key: None,
+        endpoints: vec![],
+        quarantine: None,
+        name_bound: true,
     }
 }

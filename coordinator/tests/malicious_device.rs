@@ -412,8 +412,12 @@ impl World {
         nm.peer_sets.clear();
         let a = device(ATTACKER);
         for r in &mut nm.inbound {
-            r.sources
-                .retain(|s| *s != IpAddr::V4(a.ipv4) && *s != IpAddr::V6(a.ipv6));
+            r.sources = r
+                .sources
+                .iter()
+                .copied()
+                .filter(|s| *s != IpAddr::V4(a.ipv4) && *s != IpAddr::V6(a.ipv6))
+                .collect();
         }
         nm.inbound.retain(|r| !r.sources.is_empty());
         nm.reach.retain(|r| r.device_id != DeviceId(ATTACKER));

@@ -26,6 +26,85 @@ pub enum Proto {
     Icmp,
 }
 
+/// A rule's literal source addresses, immutable and shared: the compiler gives every
+/// destination of one rule and service the same list (one allocation, a pointer per rule), so
+/// a dense policy costs O(rules × sources) addresses, not O(destinations × sources). On the
+/// wire it is a plain list of addresses.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Sources(Arc<[IpAddr]>);
+
+impl Sources {
+    /// Whether `a` and `b` are the same shared list (not merely equal ones).
+    pub fn ptr_eq(a: &Sources, b: &Sources) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn as_slice(&self) -> &[IpAddr] {
+        &self.0
+    }
+}
+
+impl Default for Sources {
+    fn default() -> Sources {
+        Sources(Arc::from(Vec::new()))
+    }
+}
+
+impl std::ops::Deref for Sources {
+    type Target = [IpAddr];
+    fn deref(&self) -> &[IpAddr] {
+        &self.0
+    }
+}
+
+impl PartialEq<Vec<IpAddr>> for Sources {
+    fn eq(&self, other: &Vec<IpAddr>) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<[IpAddr]> for Sources {
+    fn eq(&self, other: &[IpAddr]) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl From<Vec<IpAddr>> for Sources {
+    fn from(v: Vec<IpAddr>) -> Sources {
+        Sources(Arc::from(v))
+    }
+}
+
+impl FromIterator<IpAddr> for Sources {
+    fn from_iter<I: IntoIterator<Item = IpAddr>>(it: I) -> Sources {
+        Sources(it.into_iter().collect())
+    }
+}
+
+impl<'a> IntoIterator for &'a Sources {
+    type Item = &'a IpAddr;
+    type IntoIter = std::slice::Iter<'a, IpAddr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl Serialize for Sources {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.as_ref().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sources {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Sources, D::Error> {
+        Vec::<IpAddr>::deserialize(d).map(Sources::from)
+    }
+}
+
 /// An inclusive port range; a single port has `lo == hi`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PortRange {
@@ -48,8 +127,8 @@ pub struct FilterRule {
     pub service: String,
     /// Overlay addresses of the devices allowed to open flows (literal addresses; protocol 2
     /// netmaps name populations in `source_sets` instead).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub sources: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Sources::is_empty")]
+    pub sources: Sources,
     /// Peer sets ([`crate::peerset::PeerSet`], by id, from the same netmap) whose members may
     /// also open flows. An id the netmap does not hold adds nobody.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::filter::FilterRule;
+use crate::filter::{FilterRule, Sources};
 use crate::routes::Prefix;
 
 /// A numbered source population: the devices whose overlay addresses lie in `prefixes`.
@@ -160,8 +160,9 @@ pub fn factor(
     // Distinct populations, in order of first use.
     let mut pops: Vec<Vec<Prefix>> = Vec::new();
     // Distinct source lists seen (few: one per population), compared whole rather than
-    // hashed: the compiler gives every rule over a population an equal list.
-    let mut by_sources: Vec<(&[IpAddr], usize)> = Vec::new();
+    // hashed: the compiler gives every rule over a population an equal list, usually the same
+    // shared one (found by pointer).
+    let mut by_sources: Vec<(&Sources, usize)> = Vec::new();
     let mut by_prefixes: HashMap<Vec<Prefix>, usize> = HashMap::new();
     let all = inbound.iter().chain(shadow.into_iter().flatten());
     // Each rule's population (None: no sources at all).
@@ -171,11 +172,7 @@ pub fn factor(
             rule_pop.push(None);
             continue;
         }
-        if let Some((_, p)) = by_sources
-            .iter()
-            .rev()
-            .find(|(s, _)| *s == r.sources.as_slice())
-        {
+        if let Some((_, p)) = by_sources.iter().rev().find(|(s, _)| **s == r.sources) {
             rule_pop.push(Some(*p));
             continue;
         }
@@ -184,7 +181,7 @@ pub fn factor(
             pops.push(prefixes);
             pops.len() - 1
         });
-        by_sources.push((r.sources.as_slice(), p));
+        by_sources.push((&r.sources, p));
         rule_pop.push(Some(p));
     }
     // Ids: same content first, then the id the same rule used, then new ones.
@@ -243,7 +240,7 @@ pub fn factor(
         let mut out = FilterRule {
             rule: r.rule.clone(),
             service: r.service.clone(),
-            sources: Vec::new(),
+            sources: Sources::default(),
             source_sets: r.source_sets.clone(),
             proto: r.proto,
             ports: r.ports.clone(),
@@ -439,7 +436,7 @@ pub fn expand(rules: &[FilterRule], sets: &[PeerSet], max_hosts: u32) -> Vec<Fil
         .iter()
         .map(|r| {
             let mut out = r.clone();
-            let mut srcs: Vec<IpAddr> = r.sources.clone();
+            let mut srcs: Vec<IpAddr> = r.sources.to_vec();
             for id in &r.source_sets {
                 for p in b.get(id).into_iter().flatten() {
                     srcs.extend(hosts(p, max_hosts));
@@ -447,7 +444,7 @@ pub fn expand(rules: &[FilterRule], sets: &[PeerSet], max_hosts: u32) -> Vec<Fil
             }
             srcs.sort_unstable();
             srcs.dedup();
-            out.sources = srcs;
+            out.sources = srcs.into();
             out.source_sets = Vec::new();
             out
         })

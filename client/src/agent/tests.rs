@@ -552,7 +552,7 @@ fn peer_sets_reach_the_filter_with_their_rules_and_a_bad_set_change_resyncs() {
     let rule = FilterRule {
         rule: "eng".into(),
         service: "db".into(),
-        sources: vec![],
+        sources: Default::default(),
         source_sets: vec![3],
         proto: Proto::Tcp,
         ports: vec![PortRange { lo: 5432, hi: 5432 }],

@@ -787,7 +787,7 @@ proptest! {
             dests: Default::default(),
             rule: "r".into(),
             service: "s".into(),
-            sources,
+            sources: sources.into(),
             source_sets: Vec::new(),
             proto: Proto::Tcp,
             ports: vec![PortRange { lo: 80, hi: 80 }],

@@ -15,7 +15,7 @@ fn rule(name: &str, sources: &[IpAddr], port: u16) -> FilterRule {
     FilterRule {
         rule: name.into(),
         service: format!("svc-{name}"),
-        sources: sources.to_vec(),
+        sources: sources.to_vec().into(),
         source_sets: Vec::new(),
         proto: Proto::Tcp,
         ports: vec![PortRange { lo: port, hi: port }],
@@ -130,7 +130,7 @@ proptest! {
         // Expansion gives back the flat sources.
         let back = expand(&f1.inbound, &sets1, 1 << 16);
         for (a, b) in back.iter().zip(&flat) {
-            let mut want = b.sources.clone();
+            let mut want = b.sources.to_vec();
             want.sort_unstable();
             want.dedup();
             prop_assert_eq!(&a.sources, &want);

@@ -1,7 +1,8 @@
 //! Policy + directory → per-device access, and the policy's own tests.
 //!
-//! Cost: resolving selectors is O(devices) per rule; emitting peers and inbound rules is
-//! O(sources × destinations) per rule and service, which is the size of that output itself.
+//! Cost: resolving selectors is O(devices) per rule; emitting peers is O(sources ×
+//! destinations) per rule and service, which is the size of that output itself. Inbound rules
+//! share one source list per rule and service ([`Sources`]): O(sources + destinations).
 //! Reach is by reference: one destination list per service and one grant per (rule, service,
 //! protocol), shared by every source device (a pointer each), so it costs O(rules × services
 //! × members), not O(sources × destinations). Nothing recurses or backtracks.
@@ -14,7 +15,7 @@ use super::{
     proto_name, Compiled, DeviceAccess, DirDevice, Directory, Policy, Pos, ReachDest, ReachGrant,
     RuleMode, Selector, TestSource, View,
 };
-use crate::filter::{FilterRule, Proto};
+use crate::filter::{FilterRule, Proto, Sources};
 use crate::names::Hostname;
 use crate::wire::DeviceId;
 
@@ -134,6 +135,26 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
             (*name, dests)
         })
         .collect();
+    // Peers by population: each device's list of the populations (device-index bit sets) it
+    // may talk to, joined once at the end. Adding every (source, destination) pair to both
+    // sides' peer sets would cost O(sources × destinations) set inserts per rule and service.
+    let words = d.devices.len().div_ceil(64);
+    let bits = |v: &[usize]| -> Vec<u64> {
+        let mut b = vec![0u64; words];
+        for &i in v {
+            b[i / 64] |= 1 << (i % 64);
+        }
+        b
+    };
+    let mut pops: Vec<Vec<u64>> = Vec::new();
+    let svc_pop: BTreeMap<&str, usize> = svc_devices
+        .iter()
+        .map(|(name, v)| {
+            pops.push(bits(v));
+            (*name, pops.len() - 1)
+        })
+        .collect();
+    let mut links: Vec<Vec<usize>> = vec![Vec::new(); d.devices.len()];
     let mut next_expiry_ms: Option<i64> = None;
     for rule in effective_rules(p, d)
         .into_iter()
@@ -171,14 +192,20 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
             if srcs.is_empty() {
                 continue;
             }
-            let mut addrs: Vec<(IpAddr, usize)> = srcs
+            // One source list per rule and service, shared by every destination. A
+            // destination that is also a source finds its own addresses in it: harmless, as
+            // the data plane takes an overlay source address only from the peer that owns it,
+            // so no packet from this device's own address ever reaches its filter.
+            let mut addrs: Vec<IpAddr> = srcs
                 .iter()
                 .flat_map(|i| {
                     let dev = &d.devices[*i];
-                    [(IpAddr::V4(dev.ipv4), *i), (IpAddr::V6(dev.ipv6), *i)]
+                    [IpAddr::V4(dev.ipv4), IpAddr::V6(dev.ipv6)]
                 })
                 .collect();
             addrs.sort_unstable();
+            addrs.dedup();
+            let sources = Sources::from(addrs);
             let by_proto = svc.ports.by_proto();
             let dsts = svc_devices.get(*svc_name).map_or(&[][..], Vec::as_slice);
             if let Some(dests) = svc_reach.get(*svc_name).filter(|x| !x.is_empty()) {
@@ -207,29 +234,27 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
                     }
                 }
             }
+            if !dsts.is_empty() {
+                // Sources peer with every destination, destinations with every source (a
+                // device is never its own peer: see the join below).
+                if let Some(&dp) = svc_pop.get(*svc_name) {
+                    for &src in &srcs {
+                        links[src].push(dp);
+                    }
+                }
+                pops.push(bits(&srcs));
+                let sp = pops.len() - 1;
+                for &dst in dsts {
+                    links[dst].push(sp);
+                }
+            }
             for &dst in dsts {
                 let dst_dev = &d.devices[dst];
-                let sources: Vec<IpAddr> = addrs
-                    .iter()
-                    .filter(|(_, i)| *i != dst)
-                    .map(|(a, _)| *a)
-                    .collect();
-                if sources.is_empty() {
+                // Nothing to open when the destination is its only source.
+                if srcs.iter().all(|&src| src == dst) {
                     continue;
                 }
-                let mut dst_peers = Vec::with_capacity(srcs.len());
-                for &src in &srcs {
-                    if src == dst {
-                        continue;
-                    }
-                    let src_id = d.devices[src].id;
-                    dst_peers.push(src_id);
-                    if let Some(acc) = devices.get_mut(&src_id) {
-                        acc.peers.insert(dst_dev.id);
-                    }
-                }
                 if let Some(acc) = devices.get_mut(&dst_dev.id) {
-                    acc.peers.extend(dst_peers);
                     for (proto, ports) in &by_proto {
                         acc.inbound.push(FilterRule {
                             rule: rule.name.clone(),
@@ -245,6 +270,40 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
                 }
             }
         }
+    }
+    // Each device's peers: the union of its populations, without itself.
+    let mut join = vec![0u64; words];
+    for (i, l) in links.iter_mut().enumerate() {
+        if l.is_empty() {
+            continue;
+        }
+        let Some(acc) = devices.get_mut(&d.devices[i].id) else {
+            continue;
+        };
+        l.sort_unstable();
+        l.dedup();
+        join.iter_mut().for_each(|w| *w = 0);
+        for &pop in l.iter() {
+            for (w, x) in join.iter_mut().zip(&pops[pop]) {
+                *w |= x;
+            }
+        }
+        join[i / 64] &= !(1 << (i % 64));
+        // Collected whole (one sort and bulk build), not inserted one by one.
+        acc.peers = join
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &w)| {
+                let mut w = w;
+                std::iter::from_fn(move || {
+                    (w != 0).then(|| {
+                        let b = w.trailing_zeros() as usize;
+                        w &= w - 1;
+                        d.devices[k * 64 + b].id
+                    })
+                })
+            })
+            .collect();
     }
     // Unstable sorts: elements that compare equal are equal in every field (derived `Ord`),
     // and dedup removes them, so the result is the same without a stable sort's buffer.

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use super::compile::{effective_rules, Index};
 use super::{Compiled, DirDevice, Directory, Policy, Selector, View};
-use crate::filter::FilterRule;
+use crate::filter::{FilterRule, Sources};
 use crate::routes::{overlaps_overlay, Prefix};
 use crate::wire::DeviceId;
 
@@ -98,7 +98,7 @@ pub fn compile_routes(
             }
             for route in &svc.routes {
                 for router in carriers(&routers, &route.value) {
-                    let sources: Vec<IpAddr> = srcs
+                    let sources: Sources = srcs
                         .iter()
                         .filter(|s| s.id != router)
                         .flat_map(|s| [IpAddr::V4(s.ipv4), IpAddr::V6(s.ipv6)])

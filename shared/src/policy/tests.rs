@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::filter::tests::pkt;
-use crate::filter::{Filter, Verdict};
+use crate::filter::{Filter, Sources, Verdict};
 use proptest::prelude::*;
 use std::net::IpAddr;
 use std::time::Instant;
@@ -323,7 +323,7 @@ fn compile_produces_peers_rules_and_reach() {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    assert_eq!(r.sources, want);
+    assert_eq!(*r.sources, want);
     // ssh on db1 from bob only.
     let ssh = db.inbound.iter().find(|r| r.service == "ssh").unwrap();
     assert_eq!(ssh.sources.len(), 2);
@@ -384,10 +384,18 @@ fn devices_never_reach_themselves() {
     let a = access(&c, 1);
     assert_eq!(a.peers, [DeviceId(2)].into_iter().collect());
     assert_eq!(a.inbound.len(), 1);
-    assert_eq!(
-        a.inbound[0].sources,
-        vec![IpAddr::V4(d.devices[1].ipv4), IpAddr::V6(d.devices[1].ipv6)]
-    );
+    // The rule's one source list, shared with b's filter, lists a too: a's own addresses
+    // never arrive from a peer (the data plane takes an overlay source only from its owner).
+    let mut both: Vec<IpAddr> = d.devices[..2]
+        .iter()
+        .flat_map(|x| [IpAddr::V4(x.ipv4), IpAddr::V6(x.ipv6)])
+        .collect();
+    both.sort_unstable();
+    assert_eq!(*a.inbound[0].sources, both);
+    assert!(Sources::ptr_eq(
+        &a.inbound[0].sources,
+        &access(&c, 2).inbound[0].sources
+    ));
     let flat = a.reach_flat(DeviceId(1));
     assert_eq!(flat.len(), 1);
     assert_eq!(flat[0].device_id, DeviceId(2));
@@ -910,7 +918,7 @@ proptest! {
                     let sets: Vec<crate::peerset::PeerSet> = fx.sets.iter().map(|(id, p)| crate::peerset::PeerSet { id: *id, prefixes: p.clone() }).collect();
                     let flat = crate::peerset::expand(&fx.inbound, &sets, 1 << 16);
                     for (x, y) in flat.iter().zip(&acc.inbound) {
-                        let mut want = y.sources.clone();
+                        let mut want = y.sources.to_vec();
                         want.sort_unstable();
                         want.dedup();
                         prop_assert_eq!(&x.sources, &want);
@@ -922,11 +930,18 @@ proptest! {
                 None => false,
             };
             prop_assert_eq!(passes, passes_sets);
-            // A peer relationship is needed for the packet to arrive at all.
+            // A peer relationship is needed for the packet to arrive at all: the data plane
+            // takes an overlay source address only from the peer that owns it, and a device
+            // is never its own peer (its filter may list its own addresses, as a rule's
+            // sources are shared by all its destinations).
             let peers = c.devices.get(&s.id).is_some_and(|a| a.peers.contains(&t.id));
-            prop_assert_eq!(e.allowed, passes, "{}\n{}", src, e);
-            if e.allowed {
-                prop_assert!(peers);
+            let back = c.devices.get(&t.id).is_some_and(|a| a.peers.contains(&s.id));
+            prop_assert_eq!(peers, back, "peers are symmetric");
+            prop_assert_eq!(e.allowed, passes && back, "{}\n{}", src, e);
+            if s.id == t.id {
+                prop_assert!(!peers && !e.allowed);
+            } else {
+                prop_assert_eq!(e.allowed, passes, "{}\n{}", src, e);
             }
         }
     }

@@ -410,7 +410,7 @@ mod tests {
             dests: Default::default(),
             rule: "r".into(),
             service: "s".into(),
-            sources: vec![IpAddr::V4(Ipv4Addr::from(PEER))],
+            sources: vec![IpAddr::V4(Ipv4Addr::from(PEER))].into(),
             source_sets: Vec::new(),
             proto: Proto::Tcp,
             ports: vec![PortRange { lo: 80, hi: 80 }],

@@ -70,7 +70,7 @@ fn both_ends_count_an_exchange_with_roles_rules_and_a_denied_attempt() {
         dests: Default::default(),
         rule: name.into(),
         service: name.into(),
-        sources: vec![IpAddr::V4(a)],
+        sources: vec![IpAddr::V4(a)].into(),
         source_sets: Vec::new(),
         proto,
         ports,

@@ -28,7 +28,7 @@ fn allow_all(ids: impl Iterator<Item = u8>) -> Vec<FilterRule> {
         dests: Default::default(),
         rule: "allow-all".into(),
         service: "all".into(),
-        sources: sources.clone(),
+        sources: sources.clone().into(),
         source_sets: Vec::new(),
         proto,
         ports,

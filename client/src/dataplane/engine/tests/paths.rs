@@ -448,7 +448,7 @@ fn filter_rules_allow_by_port_and_expire_on_coordinator_time() {
         dests: Default::default(),
         rule: "grant:1".into(),
         service: "dns".into(),
-        sources: vec![IpAddr::V4(a4)],
+        sources: vec![IpAddr::V4(a4)].into(),
         source_sets: Vec::new(),
         proto: Proto::Udp,
         ports: vec![PortRange { lo: 53, hi: 53 }],

@@ -32,7 +32,7 @@ fn routed_net(n: usize, seed: u64, client_routes: &[&str]) -> Net {
     rules.push(FilterRule {
         rule: "client-db".into(),
         service: "legacy-db".into(),
-        sources: vec![IpAddr::V4(net.nodes[0].ipv4)],
+        sources: vec![IpAddr::V4(net.nodes[0].ipv4)].into(),
         source_sets: Vec::new(),
         proto: Proto::Udp,
         ports: vec![PortRange { lo: 5432, hi: 5432 }],
