@@ -473,14 +473,17 @@ async fn run(
         coord.cpu_s() - cpu0,
     );
 
-    // Revocations and quarantines: each target's own session, and its peers' deltas.
+    // Revocations and quarantines: each target's own session, and its peers' deltas. The
+    // targets are the last devices whose sessions are up (a device that never came up would
+    // only show how long the phase waits).
     let k = opts.revocations.min(n / 4);
+    let (mut up, down): (Vec<usize>, Vec<usize>) = (0..n)
+        .rev()
+        .partition(|&i| shared.get(i, |r| r.connected && r.revoked_at.is_none()));
+    up.extend(down);
     for (what, targets) in [
-        ("revoke", (0..k).map(|j| n - 1 - j).collect::<Vec<_>>()),
-        (
-            "quarantine",
-            (0..k).map(|j| n - 1 - k - j).collect::<Vec<_>>(),
-        ),
+        ("revoke", up[..k].to_vec()),
+        ("quarantine", up[k..2 * k].to_vec()),
     ] {
         let mut own = Vec::new();
         let mut peers = Vec::new();

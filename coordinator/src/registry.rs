@@ -2182,22 +2182,23 @@ impl Registry {
                     });
                 }
                 Some(sent) => {
-                    let mut wanted_ids: BTreeSet<DeviceId> = BTreeSet::new();
-                    let upsert: Vec<(Arc<Peer>, &Vec<Prefix>)> = wanted
-                        .filter_map(|(p, v, routes)| {
-                            wanted_ids.insert(p);
-                            if sent.peers.get(&p).is_some_and(|s| s.same(v, routes)) {
-                                return None;
-                            }
-                            Some((Arc::clone(v), routes))
-                        })
-                        .collect();
-                    let remove: Vec<DeviceId> = sent
-                        .peers
-                        .keys()
-                        .filter(|k| !wanted_ids.contains(k))
-                        .copied()
-                        .collect();
+                    // Both sides are sorted by device id (the compile's peer set, the sent
+                    // map): one merge, no lookups or sets per peer.
+                    let mut upsert: Vec<(Arc<Peer>, &Vec<Prefix>)> = Vec::new();
+                    let mut remove: Vec<DeviceId> = Vec::new();
+                    let mut old = sent.peers.iter().peekable();
+                    for (p, v, routes) in wanted {
+                        while let Some((k, _)) = old.next_if(|(k, _)| **k < p) {
+                            remove.push(*k);
+                        }
+                        let same = old
+                            .next_if(|(k, _)| **k == p)
+                            .is_some_and(|(_, s)| s.same(v, routes));
+                        if !same {
+                            upsert.push((Arc::clone(v), routes));
+                        }
+                    }
+                    remove.extend(old.map(|(k, _)| *k));
                     let (inbound_changed, sets_changed, reach_changed, shadow_changed) =
                         match &filter {
                             None => (false, false, false, false),

@@ -7,7 +7,7 @@
 //! signature check, not one per peer.
 
 use ed25519_dalek::VerifyingKey;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 use tracing::debug;
 
@@ -35,13 +35,16 @@ pub struct LeaseCache {
     signatures: Signatures,
 }
 
-/// Leases whose signature verified under `issuer`, keyed by every signed field and the
-/// signature: a lease that differs in anything is verified again. Holds the leases of the last
-/// check only.
+/// Leases whose signature verified under `issuer`, keyed by the signature with the lease
+/// compared in full: a lease that differs in anything is verified again. Holds the leases of
+/// the last check only.
 #[derive(Debug, Default)]
 pub struct Signatures {
     issuer: Option<[u8; 32]>,
-    good: BTreeSet<(Lease, Vec<u8>)>,
+    /// Signature → the lease it verified for, and the check that last saw it. Nothing is
+    /// cloned for a lease seen before.
+    good: HashMap<Vec<u8>, (Lease, u64)>,
+    round: u64,
 }
 
 impl LeaseCache {
@@ -62,11 +65,8 @@ impl LeaseCache {
         for p in &nm.peers {
             self.first_seen.entry(p.device_id).or_insert(now);
         }
-        if let Some(v) = &self.verified {
-            if v.netmap_seq == nm.seq
-                && v.clock_offset_ms == clock_offset_ms
-                && coordinator_now_ms < v.valid_until_ms
-            {
+        if self.still_valid(nm, clock_offset_ms, coordinator_now_ms) {
+            if let Some(v) = &self.verified {
                 return v.peers.clone();
             }
         }
@@ -99,6 +99,22 @@ impl LeaseCache {
     }
 
     /// A new full netmap arrived: check every signature again.
+    /// Whether [`LeaseCache::peers`] would give what it gave last, from its cache: the same
+    /// netmap sequence and clock offset, and no configured lease ended since. The expiry
+    /// tick asks this first, so an unchanged netmap costs a comparison, not a rebuild.
+    pub fn still_valid(
+        &self,
+        nm: &Netmap,
+        clock_offset_ms: Option<i64>,
+        coordinator_now_ms: i64,
+    ) -> bool {
+        self.verified.as_ref().is_some_and(|v| {
+            v.netmap_seq == nm.seq
+                && v.clock_offset_ms == clock_offset_ms
+                && coordinator_now_ms < v.valid_until_ms
+        })
+    }
+
     pub fn invalidate(&mut self) {
         self.verified = None;
     }
@@ -140,21 +156,29 @@ pub fn leased_peers_cached(
         sigs.issuer = Some(key);
         sigs.good.clear();
     }
-    let mut good = BTreeSet::new();
+    sigs.round += 1;
+    let round = sigs.round;
     let mut ok = Vec::new();
     let mut refused = Vec::new();
     for p in &nm.peers {
         for l in &p.leases {
-            let entry = (l.lease.clone(), l.signature.0.clone());
-            let signed = if sigs.good.contains(&entry) {
+            let known = match sigs.good.get_mut(&l.signature.0) {
+                Some((lease, seen)) if *lease == l.lease => {
+                    *seen = round;
+                    true
+                }
+                _ => false,
+            };
+            let signed = if known {
                 Ok(())
             } else {
                 l.verify_signature(issuer)
             };
             let checked =
                 signed.and_then(|()| l.check_for(coordinator_now_ms, p.device_id, p.ipv4, p.ipv6));
-            if checked.is_ok() {
-                good.insert(entry);
+            if checked.is_ok() && !known {
+                sigs.good
+                    .insert(l.signature.0.clone(), (l.lease.clone(), round));
             }
             match checked {
                 Ok(lease) => ok.push(PeerConfig {
@@ -176,7 +200,8 @@ pub fn leased_peers_cached(
             }
         }
     }
-    sigs.good = good;
+    // Only the leases this netmap holds stay.
+    sigs.good.retain(|_, (_, seen)| *seen == round);
     (ok, refused)
 }
 

@@ -283,6 +283,10 @@ pub struct Agent {
     connected_since: Option<Instant>,
     coordinators: Coordinators,
     netmap: Option<Netmap>,
+    /// Who the flow log's other ends are, built from `netmap` when flow samples come and kept
+    /// until the netmap changes (with thousands of peers, rebuilding it per batch of samples
+    /// cost more than everything else the agent does).
+    flow_ctx: Option<FlowContext>,
     leases: LeaseCache,
     clock: ClockOffset,
     own_lease: Option<SignedLease>,
@@ -336,6 +340,7 @@ impl Agent {
             connected_since: None,
             coordinators: Coordinators::new(Vec::new(), None),
             netmap: None,
+            flow_ctx: None,
             leases: LeaseCache::default(),
             clock: ClockOffset::default(),
             own_lease: None,
@@ -452,6 +457,7 @@ impl Agent {
                 self.events
                     .push_back(Event::SelfName(nm.me.hostname.clone()));
                 self.netmap = Some(nm);
+                self.flow_ctx = None;
                 self.leases.invalidate();
                 self.apply_peers(now);
                 self.set_relays(now);
@@ -466,7 +472,9 @@ impl Agent {
                     return self.protocol_error("netmap delta before a netmap".into(), now);
                 };
                 // A gap means a lost update: reconnect for a fresh full netmap.
-                if let Err(e) = nm.apply(&d) {
+                let applied = nm.apply(&d);
+                self.flow_ctx = None;
+                if let Err(e) = applied {
                     return self.protocol_error(e.to_string(), now);
                 }
                 debug!(
@@ -607,7 +615,17 @@ impl Agent {
         }
         self.drain_relays();
         if now.instant >= self.next_expiry {
-            self.apply_peers(now);
+            // Nothing to do while the netmap, the clock offset and every configured lease
+            // stand as they were applied (the netmap's own changes apply at once).
+            let offset = self.clock.offset_ms();
+            let coord_now = now.unix_ms.saturating_add(offset.unwrap_or(0));
+            let unchanged = self
+                .netmap
+                .as_ref()
+                .is_some_and(|nm| self.leases.still_valid(nm, offset, coord_now));
+            if !unchanged {
+                self.apply_peers(now);
+            }
             self.next_expiry = now.instant + EXPIRY_CHECK;
         }
         if now.instant >= self.next_flows {
@@ -686,13 +704,21 @@ impl Agent {
     pub fn handle_dataplane_event(&mut self, ev: DataPlaneEvent, now: Now) {
         match ev {
             DataPlaneEvent::FlowSamples { samples, dropped } => {
-                let ctx = self
-                    .netmap
-                    .as_ref()
-                    .map(FlowContext::from_netmap)
-                    .unwrap_or_default();
                 let coord = self.coordinator_ms(now.unix_ms);
-                self.flow_log.add(samples, dropped, &ctx, coord);
+                let none = FlowContext::default();
+                // Only samples need to know who the other ends are.
+                let ctx = if samples.is_empty() {
+                    &none
+                } else {
+                    let netmap = &self.netmap;
+                    self.flow_ctx.get_or_insert_with(|| {
+                        netmap
+                            .as_ref()
+                            .map(FlowContext::from_netmap)
+                            .unwrap_or_default()
+                    })
+                };
+                self.flow_log.add(samples, dropped, ctx, coord);
                 self.send_flow_reports(now);
             }
             DataPlaneEvent::PeersOnOldKey(n) => self.old_key_peers = Some(n),
@@ -1118,6 +1144,7 @@ impl Agent {
             // Leave the network: no peers, no tunnels.
             self.phase = Phase::Revoked;
             self.netmap = None;
+            self.flow_ctx = None;
             self.leases.clear();
             self.own_lease = None;
             self.applied_peers = Some(Vec::new());

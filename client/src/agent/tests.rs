@@ -1265,6 +1265,59 @@ fn flow_reports_go_to_a_coordinator_that_takes_them_until_acked_and_again_after_
     );
 }
 
+/// A flow record names the netmap the agent holds when the record is first seen: what was
+/// known of the other ends under one netmap is not reused after a delta changes it.
+#[test]
+fn flow_records_follow_the_netmap_through_deltas() {
+    let mut h = H::new();
+    h.agent.configure_flows(
+        flows::FlowLogConfig {
+            window_ms: 1000,
+            ..Default::default()
+        },
+        None,
+    );
+    h.leased();
+    let mut nm = netmap(1, vec![]);
+    nm.flows = true;
+    nm.policy_version = Some(4);
+    h.msg(CoordinatorMsg::Netmap(nm));
+    h.take_events();
+    let mut versions = Vec::new();
+    for (port, delta) in [(22, None), (23, Some(5)), (24, None), (25, Some(6))] {
+        if let Some(v) = delta {
+            let seq = h.agent.netmap().map(|n| n.seq).unwrap_or_default();
+            h.msg(CoordinatorMsg::NetmapDelta(
+                ward_shared::wire::NetmapDelta {
+                    policy_version: Some(v),
+                    ..ward_shared::wire::NetmapDelta::after(seq)
+                },
+            ));
+        }
+        let now = h.now();
+        h.agent.handle_dataplane_event(
+            DataPlaneEvent::FlowSamples {
+                samples: vec![flow_sample(port)],
+                dropped: 0,
+            },
+            now,
+        );
+        // The window closes and its report goes (reports are at least 2 s apart).
+        h.advance(1500, 0);
+        h.advance(1500, 0);
+        for r in flow_reports(&h.take_sent()) {
+            h.msg(CoordinatorMsg::FlowsAck { seq: r.seq });
+            versions.extend(
+                r.windows
+                    .iter()
+                    .flat_map(|w| &w.records)
+                    .map(|x| x.policy_version),
+            );
+        }
+    }
+    assert_eq!(versions, [Some(4), Some(5), Some(5), Some(6)]);
+}
+
 #[test]
 fn no_flow_reports_to_a_coordinator_that_does_not_take_them() {
     let mut h = H::new();

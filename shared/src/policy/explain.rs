@@ -2,15 +2,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use super::compile::{effective_rules, format_ms, EffRule, Index};
 use super::parse::parse_port_proto;
 use super::{
-    format_ports, proto_name, Compiled, DirDevice, Directory, Policy, Pos, RuleMode, Selector,
-    Service, View,
+    format_ports, proto_name, Compiled, DirDevice, Directory, Policy, Pos, ReachDest, RuleMode,
+    Selector, Service, View,
 };
 use crate::filter::{PortRange, Proto};
-use crate::wire::{DeviceId, Reach};
+use crate::wire::DeviceId;
 
 /// The answer of [`explain`]: one entry per (source device, destination device).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -534,32 +535,51 @@ pub fn diff_bounded(
     max: usize,
 ) -> (Vec<AccessChange>, usize) {
     type Key<'a> = (DeviceId, &'a str, &'a str, Proto, &'a [PortRange]);
+    /// A device's grants by what they open (service, protocol, ports), each with its
+    /// destination lists (one per service in a compile; deduplicated by pointer).
+    type Opens<'a> = BTreeMap<(&'a str, Proto, &'a [PortRange]), Vec<&'a Arc<[ReachDest]>>>;
+    fn opens(a: Option<&super::DeviceAccess>) -> Opens<'_> {
+        let mut m: Opens<'_> = BTreeMap::new();
+        for g in a.map(|a| a.reach.as_slice()).unwrap_or_default() {
+            let v = m
+                .entry((g.service.as_str(), g.proto, &g.ports[..]))
+                .or_default();
+            if !v.iter().any(|l| Arc::ptr_eq(l, &g.devices)) {
+                v.push(&g.devices);
+            }
+        }
+        m
+    }
+    /// The destinations of some lists, without `me`, sorted and deduplicated.
+    fn dests<'a>(
+        lists: Option<&Vec<&'a Arc<[ReachDest]>>>,
+        me: DeviceId,
+    ) -> Vec<(DeviceId, &'a str)> {
+        let mut v: Vec<(DeviceId, &'a str)> = lists
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l.iter())
+            .filter(|d| d.device_id != me)
+            .map(|d| (d.device_id, d.hostname.as_str()))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
     let hosts: BTreeMap<DeviceId, &str> = d
         .devices
         .iter()
         .map(|x| (x.id, x.hostname.as_str()))
         .collect();
-    fn keys(flat: &[Reach]) -> BTreeSet<Key<'_>> {
-        flat.iter()
-            .map(|r| {
-                (
-                    r.device_id,
-                    r.hostname.as_str(),
-                    r.service.as_str(),
-                    r.proto,
-                    &r.ports[..],
-                )
-            })
-            .collect()
-    }
     let ids: BTreeSet<DeviceId> = old
         .devices
         .keys()
         .chain(new.devices.keys())
         .copied()
         .collect();
-    // Gains come before losses in the order; within each kind, by source then key, which is
-    // the order the loop meets them in.
+    // Gains come before losses in the order; within each kind, by source then key. Only
+    // what a device's grants open differently is expanded: an (service, protocol, ports)
+    // over equal destination lists on both sides changes nothing, whatever its rule.
     let (mut gained, mut lost) = (Vec::new(), Vec::new());
     let mut total = 0usize;
     for id in ids {
@@ -572,13 +592,49 @@ pub fn diff_bounded(
         if same {
             continue;
         }
-        let flat =
-            |a: Option<&super::DeviceAccess>| a.map(|a| a.reach_flat(id)).unwrap_or_default();
-        let (fa, fb) = (flat(oa), flat(na));
-        let (a, b) = (keys(&fa), keys(&fb));
+        let (mo, mn) = (opens(oa), opens(na));
+        let (mut plus, mut minus): (Vec<Key<'_>>, Vec<Key<'_>>) = (Vec::new(), Vec::new());
+        let keys: BTreeSet<&(&str, Proto, &[PortRange])> = mo.keys().chain(mn.keys()).collect();
+        for key in keys {
+            let (lo, ln) = (mo.get(key), mn.get(key));
+            let equal = match (lo, ln) {
+                (Some(a), Some(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y),
+                _ => false,
+            };
+            if equal {
+                continue;
+            }
+            let (a, b) = (dests(lo, id), dests(ln, id));
+            let (service, proto, ports) = *key;
+            let (mut i, mut j) = (0, 0);
+            while i < a.len() || j < b.len() {
+                let (x, y) = (a.get(i), b.get(j));
+                match (x, y) {
+                    (Some(x), Some(y)) if x == y => {
+                        i += 1;
+                        j += 1;
+                    }
+                    (Some(x), Some(y)) if x < y => {
+                        minus.push((x.0, x.1, service, proto, ports));
+                        i += 1;
+                    }
+                    (Some(x), None) => {
+                        minus.push((x.0, x.1, service, proto, ports));
+                        i += 1;
+                    }
+                    (_, Some(y)) => {
+                        plus.push((y.0, y.1, service, proto, ports));
+                        j += 1;
+                    }
+                    (None, None) => break,
+                }
+            }
+        }
+        plus.sort_unstable();
+        minus.sort_unstable();
         for (kind, set, out) in [
-            (ChangeKind::Gained, b.difference(&a), &mut gained),
-            (ChangeKind::Lost, a.difference(&b), &mut lost),
+            (ChangeKind::Gained, &plus, &mut gained),
+            (ChangeKind::Lost, &minus, &mut lost),
         ] {
             for (dst, dst_hostname, service, proto, ports) in set {
                 total += 1;
