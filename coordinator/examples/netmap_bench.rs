@@ -17,7 +17,7 @@ mod dense;
 use std::time::Instant;
 
 use ward_coordinator::registry::{Output, Registry};
-use ward_coordinator::store::{Device, DeviceStatus, User};
+use ward_coordinator::store::{Device, User};
 use ward_shared::addr::AddressPools;
 use ward_shared::names::{Hostname, Name};
 use ward_shared::policy;
@@ -204,23 +204,6 @@ fn device(
     ipv4: std::net::Ipv4Addr,
     ipv6: std::net::Ipv6Addr,
 ) -> Device {
-    Device {
-        id: DeviceId(i as u64 + 1),
-        hostname: Hostname::parse(&format!("h{i}")).expect("hostname"),
-        user,
-        user_disabled: false,
-        tags,
-        ipv4,
-        ipv6,
-        os: "linux".into(),
-        status: DeviceStatus::Active,
-        created_ms: 0,
-        last_seen_ms: 0,
-        cert_not_after_ms: 0,
-        revoked_ms: None,
-        wg_public_key: None,
-        endpoints: vec![],
-        quarantine: None,
-        name_bound: true,
-    }
+    let name = Hostname::parse(&format!("h{i}")).expect("hostname");
+    Device::active(DeviceId(i as u64 + 1), name, user, tags, ipv4, ipv6)
 }

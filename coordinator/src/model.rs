@@ -96,6 +96,37 @@ impl std::fmt::Display for DeviceState {
 }
 
 impl Device {
+    /// An active device of `user` (or a server when `None`) with these addresses, a bound
+    /// name and nothing else yet: no key, endpoints, quarantine or time stamps (tools, tests).
+    pub fn active(
+        id: DeviceId,
+        hostname: Hostname,
+        user: Option<String>,
+        tags: Vec<Name>,
+        ipv4: Ipv4Addr,
+        ipv6: Ipv6Addr,
+    ) -> Device {
+        Device {
+            id,
+            hostname,
+            user,
+            user_disabled: false,
+            tags,
+            ipv4,
+            ipv6,
+            os: "linux".into(),
+            status: DeviceStatus::Active,
+            created_ms: 0,
+            last_seen_ms: 0,
+            cert_not_after_ms: 0,
+            revoked_ms: None,
+            wg_public_key: None,
+            endpoints: vec![],
+            quarantine: None,
+            name_bound: true,
+        }
+    }
+
     /// The device's one state; every "may it be on the network" question goes through it.
     pub fn state(&self) -> DeviceState {
         match (self.status, self.user_disabled, &self.quarantine) {
@@ -114,28 +145,16 @@ impl Device {
 
 /// A live, untagged device of user `alice` numbered `id`, for tests across the crate.
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a fixed, valid name and address
 pub(crate) fn test_device(id: u64) -> Device {
-    Device {
-        id: DeviceId(id),
-        #[allow(clippy::unwrap_used)] // a fixed, valid name
-        hostname: Hostname::parse(&format!("h{id}")).unwrap(),
-        user: Some("alice".into()),
-        user_disabled: false,
-        tags: vec![],
-        ipv4: Ipv4Addr::new(100, 64, 0, id as u8),
-        #[allow(clippy::unwrap_used)] // a fixed, valid address
-        ipv6: format!("fd00::{id}").parse().unwrap(),
-        os: "linux".into(),
-        status: DeviceStatus::Active,
-        created_ms: 0,
-        last_seen_ms: 0,
-        cert_not_after_ms: 0,
-        revoked_ms: None,
-        wg_public_key: None,
-        endpoints: vec![],
-        quarantine: None,
-        name_bound: true,
-    }
+    Device::active(
+        DeviceId(id),
+        Hostname::parse(&format!("h{id}")).unwrap(),
+        Some("alice".into()),
+        vec![],
+        Ipv4Addr::new(100, 64, 0, id as u8),
+        format!("fd00::{id}").parse().unwrap(),
+    )
 }
 
 #[cfg(test)]

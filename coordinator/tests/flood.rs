@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 use ward_coordinator::limits::{Decision, Kind, SessionLimits};
-use ward_coordinator::model::{Device, DeviceStatus};
+use ward_coordinator::model::Device;
 use ward_coordinator::registry::{Output, Registry};
 use ward_shared::addr::AddressPools;
 use ward_shared::names::Hostname;
@@ -27,25 +27,14 @@ const FLOODER: u64 = 1;
 const VICTIM: u64 = 2;
 
 fn device(id: u64) -> Device {
-    Device {
-        id: DeviceId(id),
-        hostname: Hostname::parse(&format!("h{id}")).unwrap(),
-        user: Some("alice".into()),
-        user_disabled: false,
-        tags: vec![],
-        ipv4: Ipv4Addr::new(100, 64, (id / 250) as u8, (id % 250) as u8 + 1),
-        ipv6: format!("fd00::{id}").parse().unwrap(),
-        os: "linux".into(),
-        status: DeviceStatus::Active,
-        created_ms: 0,
-        last_seen_ms: 0,
-        cert_not_after_ms: 0,
-        revoked_ms: None,
-        wg_public_key: None,
-        endpoints: vec![],
-        quarantine: None,
-        name_bound: true,
-    }
+    Device::active(
+        DeviceId(id),
+        Hostname::parse(&format!("h{id}")).unwrap(),
+        Some("alice".into()),
+        vec![],
+        Ipv4Addr::new(100, 64, (id / 250) as u8, (id % 250) as u8 + 1),
+        format!("fd00::{id}").parse().unwrap(),
+    )
 }
 
 fn report(id: u64, seq: u64, at: i64, firewall: bool) -> PostureReport {

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
 use ward_coordinator::leases;
-use ward_coordinator::model::{Device, DeviceStatus, Quarantine};
+use ward_coordinator::model::{Device, Quarantine};
 use ward_coordinator::registry::{ConnId, Output, Registry};
 use ward_shared::addr::AddressPools;
 use ward_shared::filter::Proto;
@@ -69,25 +69,14 @@ fn device(id: u64) -> Device {
         3 => (Some("bob"), vec![]),
         _ => (None, vec![Name::parse("tag", "server").unwrap()]),
     };
-    Device {
-        id: DeviceId(id),
-        hostname: Hostname::parse(&format!("h{id}")).unwrap(),
-        user: user.map(String::from),
-        user_disabled: false,
+    Device::active(
+        DeviceId(id),
+        Hostname::parse(&format!("h{id}")).unwrap(),
+        user.map(String::from),
         tags,
-        ipv4: Ipv4Addr::new(100, 64, 0, id as u8),
-        ipv6: format!("fd00::{id}").parse().unwrap(),
-        os: "linux".into(),
-        status: DeviceStatus::Active,
-        created_ms: 0,
-        last_seen_ms: 0,
-        cert_not_after_ms: 0,
-        revoked_ms: None,
-        wg_public_key: None,
-        endpoints: vec![],
-        quarantine: None,
-        name_bound: true,
-    }
+        Ipv4Addr::new(100, 64, 0, id as u8),
+        format!("fd00::{id}").parse().unwrap(),
+    )
 }
 
 /// Device `id`'s WireGuard private key at setup.

@@ -1192,8 +1192,9 @@ fn flow_reports(sent: &[DeviceMsg]) -> Vec<ward_shared::flows::FlowReport> {
         .collect()
 }
 
-#[test]
-fn flow_reports_go_to_a_coordinator_that_takes_them_until_acked_and_again_after_a_reconnect() {
+/// A leased agent with one-second flow windows, holding a netmap (policy version 4) of a
+/// coordinator that takes flow reports; the netmap is returned for a later session.
+fn flows_on() -> (H, Netmap) {
     let mut h = H::new();
     h.agent.configure_flows(
         flows::FlowLogConfig {
@@ -1208,6 +1209,12 @@ fn flow_reports_go_to_a_coordinator_that_takes_them_until_acked_and_again_after_
     nm.policy_version = Some(4);
     h.msg(CoordinatorMsg::Netmap(nm.clone()));
     h.take_events();
+    (h, nm)
+}
+
+#[test]
+fn flow_reports_go_to_a_coordinator_that_takes_them_until_acked_and_again_after_a_reconnect() {
+    let (mut h, nm) = flows_on();
     h.advance(1000, 0);
     assert!(h.take_events().contains(&Event::TakeFlowSamples));
     let now = h.now();
@@ -1269,20 +1276,7 @@ fn flow_reports_go_to_a_coordinator_that_takes_them_until_acked_and_again_after_
 /// known of the other ends under one netmap is not reused after a delta changes it.
 #[test]
 fn flow_records_follow_the_netmap_through_deltas() {
-    let mut h = H::new();
-    h.agent.configure_flows(
-        flows::FlowLogConfig {
-            window_ms: 1000,
-            ..Default::default()
-        },
-        None,
-    );
-    h.leased();
-    let mut nm = netmap(1, vec![]);
-    nm.flows = true;
-    nm.policy_version = Some(4);
-    h.msg(CoordinatorMsg::Netmap(nm));
-    h.take_events();
+    let (mut h, _) = flows_on();
     let mut versions = Vec::new();
     for (port, delta) in [(22, None), (23, Some(5)), (24, None), (25, Some(6))] {
         if let Some(v) = delta {

@@ -217,32 +217,23 @@ async fn inner(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::DeviceStatus;
     use ward_shared::names::Hostname;
     use ward_shared::wire::DeviceId;
 
     fn dev(user: Option<&str>, tags: &[&str]) -> Device {
         Device {
-            id: DeviceId(7),
-            hostname: Hostname::sanitize("laptop").unwrap(),
-            user: user.map(str::to_string),
-            user_disabled: false,
-            tags: tags
-                .iter()
-                .map(|t| Name::parse("tag", t).unwrap())
-                .collect(),
-            ipv4: "100.64.0.7".parse().unwrap(),
-            ipv6: "fd00::7".parse().unwrap(),
             os: "debian".into(),
-            status: DeviceStatus::Active,
-            created_ms: 0,
-            last_seen_ms: 0,
-            cert_not_after_ms: 0,
-            revoked_ms: None,
-            wg_public_key: None,
-            endpoints: vec![],
-            quarantine: None,
             name_bound: false,
+            ..Device::active(
+                DeviceId(7),
+                Hostname::sanitize("laptop").unwrap(),
+                user.map(str::to_string),
+                tags.iter()
+                    .map(|t| Name::parse("tag", t).unwrap())
+                    .collect(),
+                "100.64.0.7".parse().unwrap(),
+                "fd00::7".parse().unwrap(),
+            )
         }
     }
 
