@@ -183,34 +183,16 @@ pub fn status(s: Sources<'_>) -> StatusView {
     let sets = netmap
         .map(|nm| ward_shared::peerset::book(&nm.peer_sets))
         .unwrap_or_default();
+    let own: Vec<IpAddr> = netmap
+        .map(|nm| vec![IpAddr::V4(nm.me.ipv4), IpAddr::V6(nm.me.ipv6)])
+        .unwrap_or_default();
     let inbound = netmap
         .map(|nm| nm.inbound.as_slice())
         .unwrap_or_default()
         .iter()
         .filter(|r| r.not_after_ms.is_none_or(|t| t > now))
         .map(|r| {
-            // Literal sources, then the members of the peer sets the rule names: the peers
-            // whose addresses the sets hold, and any prefix that holds no peer as written.
-            let set_prefixes = r.source_sets.iter().flat_map(|id| sets.get(id)).flatten();
-            let mut from: Vec<String> = r
-                .sources
-                .iter()
-                .map(|ip| names.get(ip).cloned().unwrap_or_else(|| ip.to_string()))
-                .chain(set_prefixes.flat_map(|p| {
-                    let peers: Vec<String> = names
-                        .iter()
-                        .filter(|(ip, _)| p.contains(**ip))
-                        .map(|(_, n)| n.clone())
-                        .collect();
-                    if peers.is_empty() {
-                        vec![p.to_string()]
-                    } else {
-                        peers
-                    }
-                }))
-                .collect();
-            from.sort();
-            from.dedup();
+            let from = inbound_from(r, &sets, &names, &own);
             InboundView {
                 service: r.service.clone(),
                 from,
@@ -331,6 +313,43 @@ pub fn status(s: Sources<'_>) -> StatusView {
 
 /// The chosen exit node `name` as `ward status` shows it: `allowed` when the netmap gives this
 /// device a default route through it, reachable when its peer entry answers too.
+/// Who may open the inbound rule `r`, by name: its literal sources, then the members of the
+/// peer sets it names: the peers whose addresses the sets hold, and any prefix that holds no
+/// peer as written. This device's own addresses (`own`) are left out: a rule's source list is
+/// shared by all its destinations, so it may list this device, which never reaches itself
+/// through the overlay.
+fn inbound_from(
+    r: &ward_shared::filter::FilterRule,
+    sets: &ward_shared::peerset::SetBook,
+    names: &BTreeMap<IpAddr, String>,
+    own: &[IpAddr],
+) -> Vec<String> {
+    let set_prefixes = r.source_sets.iter().flat_map(|id| sets.get(id)).flatten();
+    let mut from: Vec<String> = r
+        .sources
+        .iter()
+        .filter(|ip| !own.contains(ip))
+        .map(|ip| names.get(ip).cloned().unwrap_or_else(|| ip.to_string()))
+        .chain(set_prefixes.flat_map(|p| {
+            let peers: Vec<String> = names
+                .iter()
+                .filter(|(ip, _)| p.contains(**ip))
+                .map(|(_, n)| n.clone())
+                .collect();
+            if !peers.is_empty() {
+                peers
+            } else if own.iter().any(|ip| p.contains(*ip)) {
+                vec![]
+            } else {
+                vec![p.to_string()]
+            }
+        }))
+        .collect();
+    from.sort();
+    from.dedup();
+    from
+}
+
 pub fn exit_node_view(name: &str, allowed: bool, peer: Option<&PeerView>) -> ExitNodeView {
     let reachable = allowed && peer.is_some_and(|p| p.reachable);
     let path = peer.filter(|_| reachable).map(|p| p.path_text.clone());
@@ -525,6 +544,55 @@ mod tests {
             key_age_secs: None,
             dns_name: None,
         }
+    }
+
+    /// A rule's sources are named by peer; this device's own addresses, which a shared source
+    /// list may hold, are not shown, as a literal source or as a set prefix of its own.
+    #[test]
+    fn inbound_sources_are_named_without_this_device() {
+        use ward_shared::filter::{FilterRule, Proto};
+        use ward_shared::routes::Prefix;
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let own = [ip("100.64.0.1"), ip("fd00::1")];
+        let names: BTreeMap<IpAddr, String> = [
+            (ip("100.64.0.2"), "db".to_string()),
+            (ip("fd00::2"), "db".to_string()),
+        ]
+        .into();
+        let rule = |sources: Vec<IpAddr>, source_sets: Vec<u32>| FilterRule {
+            rule: "r".into(),
+            service: "s".into(),
+            sources: sources.into(),
+            source_sets,
+            proto: Proto::Tcp,
+            ports: vec![],
+            not_after_ms: None,
+            dests: vec![],
+        };
+        let none = ward_shared::peerset::SetBook::new();
+        let flat = rule(
+            vec![own[0], own[1], ip("100.64.0.2"), ip("100.64.0.9")],
+            vec![],
+        );
+        assert_eq!(
+            inbound_from(&flat, &none, &names, &own),
+            ["100.64.0.9", "db"]
+        );
+        let host = |s: &str| Prefix::host(ip(s));
+        let sets: ward_shared::peerset::SetBook = [(
+            4,
+            vec![
+                host("100.64.0.1"),
+                host("100.64.0.2"),
+                host("100.64.0.9"),
+                host("fd00::1"),
+            ],
+        )]
+        .into();
+        assert_eq!(
+            inbound_from(&rule(vec![], vec![4]), &sets, &names, &own),
+            ["100.64.0.9/32", "db"]
+        );
     }
 
     #[test]
