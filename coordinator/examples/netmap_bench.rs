@@ -7,6 +7,8 @@
 //! `--v1`: the devices speak protocol 1 (flat source lists, no peer sets), for comparison.
 //! `--protocol N`: the devices speak protocol N (2: peer sets, flat reach list; 3, the default:
 //! reach by reference, grants over destination lists).
+//! Columns: the first netmaps of every session, a policy change (its messages and bytes), and one
+//! device's endpoints changing ("peer change": the deltas to the sessions that have it as a peer).
 //! `--load-shape`: the directory and policy of `bench/load.sh` instead (20 users, their
 //! devices round robin, ten groups of 70% of the users, 50 rules over 26 services), whose
 //! dense peer lists and shared source lists make the netmaps large.
@@ -71,10 +73,11 @@ fn main() {
     };
     let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
     println!(
-        "{:>8} {:>12} {:>14} {:>12} {:>12} {:>14} {:>14}   (protocol {protocol}{})",
+        "{:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>14} {:>14}   (protocol {protocol}{})",
         "devices",
         "first push",
         "policy change",
+        "peer change",
         "messages",
         "bytes",
         "netmap mean B",
@@ -192,7 +195,26 @@ fn main() {
             }
         }
         let change = t1.elapsed();
-        println!("{n:>8} {:>10.1}ms {:>12.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14}   ({first_peers} peer entries in the first netmaps)", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3);
+        // One device's endpoints change: every session that has it as a peer gets a delta.
+        let t2 = Instant::now();
+        reg.handle_session_update(
+            DeviceId(1),
+            0,
+            DeviceUpdate {
+                wg_port: 51821,
+                ..DeviceUpdate::default()
+            },
+        );
+        let mut peer_msgs = 0usize;
+        while let Some(o) = reg.poll_output() {
+            if let Output::Send { msg, .. } = o {
+                peer_msgs += 1;
+                std::hint::black_box(ward_shared::wire::encode(&msg).len());
+            }
+        }
+        let peer_change = t2.elapsed();
+        assert!(peer_msgs > 0, "the peer change reached its peers");
+        println!("{n:>8} {:>10.1}ms {:>12.1}ms {:>10.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14}   ({first_peers} peer entries in the first netmaps; the peer change {peer_msgs} messages)", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3, peer_change.as_secs_f64() * 1e3);
     }
 }
 

@@ -223,6 +223,8 @@ struct Sent {
     /// Each peer as last sent: the shared view (one allocation per peer state, not one per
     /// session) and the routes this device reaches through it.
     peers: BTreeMap<DeviceId, SentPeer>,
+    /// The `views` generation `peers` was last brought up to date with.
+    views_gen: u64,
     /// The inbound filter, the candidate inbound filter (policies with shadow rules) and the
     /// peer sets they name, as sent (no sets for a version-1 device).
     filter: Factored,
@@ -275,6 +277,12 @@ pub struct Registry {
     /// so that a peer whose state did not change is the same allocation: sessions hold these,
     /// and an unchanged peer is recognised by pointer.
     views: BTreeMap<DeviceId, Arc<Peer>>,
+    /// Counts the refreshes that changed `views`; `views_changed` holds the devices whose
+    /// view the latest one replaced, added or dropped (sorted). A session last produced at
+    /// the generation before, from the same compile, differs from what it was sent only in
+    /// those peers: it is brought up to date without walking all its peers.
+    views_gen: u64,
+    views_changed: Vec<DeviceId>,
     /// Per router device, the prefixes it serves (as of the last recompute).
     served: BTreeMap<DeviceId, Vec<Prefix>>,
     /// The posture requirements devices are asked to collect (as of the last recompute).
@@ -430,6 +438,8 @@ impl Registry {
             policy_version: None,
             compiled: Arc::new(Compiled::default()),
             views: BTreeMap::new(),
+            views_gen: 0,
+            views_changed: Vec::new(),
             served: BTreeMap::new(),
             wants: PostureWants::default(),
             pending: VecDeque::new(),
@@ -2066,6 +2076,7 @@ impl Registry {
             // N sessions that changes little costs pointer comparisons, not N full netmaps'
             // copies or comparisons.
             let views = &self.views;
+            let (views_gen, views_changed) = (self.views_gen, &self.views_changed);
             let wanted = access.into_iter().flat_map(|a| {
                 a.peers.iter().filter(|p| **p != id).filter_map(|p| {
                     views
@@ -2171,6 +2182,7 @@ impl Registry {
                         hostname: me.hostname.clone(),
                         routes: my_routes.clone(),
                         peers: want,
+                        views_gen,
                         filter,
                         compiled: Arc::clone(&compiled),
                         relays: relays.clone(),
@@ -2182,23 +2194,52 @@ impl Registry {
                     });
                 }
                 Some(sent) => {
-                    // Both sides are sorted by device id (the compile's peer set, the sent
-                    // map): one merge, no lookups or sets per peer.
                     let mut upsert: Vec<(Arc<Peer>, &Vec<Prefix>)> = Vec::new();
                     let mut remove: Vec<DeviceId> = Vec::new();
-                    let mut old = sent.peers.iter().peekable();
-                    for (p, v, routes) in wanted {
-                        while let Some((k, _)) = old.next_if(|(k, _)| **k < p) {
-                            remove.push(*k);
+                    if same_compile && sent.views_gen.saturating_add(1) >= views_gen {
+                        // Same compile, and at most the latest refresh since: only the peers
+                        // it changed can differ from what was sent.
+                        let changed: &[DeviceId] = if sent.views_gen == views_gen {
+                            &[]
+                        } else {
+                            views_changed
+                        };
+                        for &p in changed {
+                            let want =
+                                access
+                                    .filter(|a| p != id && a.peers.contains(&p))
+                                    .and_then(|a| {
+                                        let routes = a.routes.get(&p).unwrap_or(&no_routes);
+                                        views.get(&p).map(|v| (v, routes))
+                                    });
+                            let had = sent.peers.get(&p);
+                            match want {
+                                Some((v, routes)) if !had.is_some_and(|s| s.same(v, routes)) => {
+                                    upsert.push((Arc::clone(v), routes));
+                                }
+                                Some(_) => {}
+                                None if had.is_some() => remove.push(p),
+                                None => {}
+                            }
                         }
-                        let same = old
-                            .next_if(|(k, _)| **k == p)
-                            .is_some_and(|(_, s)| s.same(v, routes));
-                        if !same {
-                            upsert.push((Arc::clone(v), routes));
+                    } else {
+                        // Both sides are sorted by device id (the compile's peer set, the
+                        // sent map): one merge, no lookups or sets per peer.
+                        let mut old = sent.peers.iter().peekable();
+                        for (p, v, routes) in wanted {
+                            while let Some((k, _)) = old.next_if(|(k, _)| **k < p) {
+                                remove.push(*k);
+                            }
+                            let same = old
+                                .next_if(|(k, _)| **k == p)
+                                .is_some_and(|(_, s)| s.same(v, routes));
+                            if !same {
+                                upsert.push((Arc::clone(v), routes));
+                            }
                         }
+                        remove.extend(old.map(|(k, _)| *k));
                     }
-                    remove.extend(old.map(|(k, _)| *k));
+                    sent.views_gen = views_gen;
                     let (inbound_changed, sets_changed, reach_changed, shadow_changed) =
                         match &filter {
                             None => (false, false, false, false),
@@ -2353,11 +2394,22 @@ impl Registry {
             .map(|d| (d.id, self.peer_view(d)))
             .collect();
         let mut views = BTreeMap::new();
+        let mut changed = Vec::new();
         for (id, view) in fresh {
             let kept = self.views.remove(&id).filter(|k| **k == view);
+            if kept.is_none() {
+                changed.push(id);
+            }
             views.insert(id, kept.unwrap_or_else(|| Arc::new(view)));
         }
+        // What is left was dropped.
+        changed.extend(self.views.keys().copied());
+        changed.sort_unstable();
         self.views = views;
+        if !changed.is_empty() {
+            self.views_gen += 1;
+            self.views_changed = changed;
+        }
     }
 }
 
@@ -3226,6 +3278,94 @@ to = ["all"]
                 Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) } if d.base_seq == 1)),
             "{out:?}"
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever the order of churn (sessions opening and closing, endpoints changing) and
+        /// however many outputs are taken between changes (sessions left pending across
+        /// recomputes), every session's netmap built from its deltas has the peers a fresh
+        /// session would be sent.
+        #[test]
+        fn deltas_keep_every_session_equal_to_a_fresh_netmap(
+            steps in proptest::collection::vec((0u8..3, 1u64..6, 0u16..4, 0usize..8), 1..30)
+        ) {
+            let mut r = reg(&[1, 2, 3, 4, 5]);
+            let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
+            let mut conn_of: BTreeMap<u64, ConnId> = BTreeMap::new();
+            let mut next_conn: ConnId = 100;
+            let take = |r: &mut Registry, held: &mut BTreeMap<ConnId, Netmap>, n: usize| {
+                for _ in 0..n {
+                    let Some(o) = r.poll_output() else { break };
+                    if let Output::Send { conn, msg } = o {
+                        match msg {
+                            CoordinatorMsg::Netmap(nm) => {
+                                held.insert(conn, nm);
+                            }
+                            CoordinatorMsg::NetmapDelta(d) => {
+                                let nm = held.get_mut(&conn).expect("a delta after a netmap");
+                                nm.apply(&d).expect("the delta applies");
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            };
+            for (what, dev, port, outputs) in steps {
+                match what {
+                    0 if !conn_of.contains_key(&dev) => {
+                        next_conn += 1;
+                        r.handle_session_opened(
+                            DeviceId(dev),
+                            next_conn,
+                            addr(&format!("10.0.0.{dev}:4000")),
+                            DeviceUpdate { wg_port: 51820, ..Default::default() },
+                        )
+                        .unwrap();
+                        conn_of.insert(dev, next_conn);
+                    }
+                    1 => {
+                        if let Some(c) = conn_of.remove(&dev) {
+                            r.handle_session_closed(DeviceId(dev), c);
+                            held.remove(&c);
+                        }
+                    }
+                    _ => {
+                        if let Some(&c) = conn_of.get(&dev) {
+                            r.handle_session_update(
+                                DeviceId(dev),
+                                c,
+                                DeviceUpdate {
+                                    wg_port: 51820 + port,
+                                    local_endpoints: vec![addr(&format!("192.168.1.{dev}:{}", 51820 + port))],
+                                    ..Default::default()
+                                },
+                            );
+                        }
+                    }
+                }
+                take(&mut r, &mut held, outputs);
+            }
+            take(&mut r, &mut held, usize::MAX);
+            for (&dev, &c) in &conn_of {
+                let got = held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+                // What a fresh session of this device would be sent now.
+                r.handle_session_closed(DeviceId(dev), c);
+                take(&mut r, &mut held, usize::MAX);
+                r.handle_session_opened(
+                    DeviceId(dev),
+                    c,
+                    addr(&format!("10.0.0.{dev}:4000")),
+                    DeviceUpdate { wg_port: 51820, ..Default::default() },
+                )
+                .unwrap();
+                held.remove(&c);
+                take(&mut r, &mut held, usize::MAX);
+                let fresh = held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+                proptest::prop_assert_eq!(got, fresh, "device {}", dev);
+            }
+        }
     }
 
     #[test]
