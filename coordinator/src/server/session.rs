@@ -586,6 +586,12 @@ async fn session(
                             let d = limits.handle(kind, now_ms());
                             if d == Decision::Exceeded {
                                 warn!(device = %id, kind = kind.as_str(), "device session over its message limits; closing it");
+                                // Kept before the device hears of it: a session it opens as
+                                // soon as it reads the refusal starts from the spent buckets.
+                                ctx.device_limits
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .close(id, &limits, now_ms());
                                 refuse(&mut link, ErrorCode::RateLimited, format!("too many {} messages: this session is closed", kind.as_str())).await;
                                 return Ok(());
                             }
