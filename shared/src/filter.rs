@@ -42,10 +42,6 @@ impl Sources {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-
-    pub fn as_slice(&self) -> &[IpAddr] {
-        &self.0
-    }
 }
 
 impl Default for Sources {
@@ -64,12 +60,6 @@ impl std::ops::Deref for Sources {
 impl PartialEq<Vec<IpAddr>> for Sources {
     fn eq(&self, other: &Vec<IpAddr>) -> bool {
         *self.0 == **other
-    }
-}
-
-impl PartialEq<[IpAddr]> for Sources {
-    fn eq(&self, other: &[IpAddr]) -> bool {
-        *self.0 == *other
     }
 }
 
