@@ -487,6 +487,7 @@ async fn run(
     ] {
         let mut own = Vec::new();
         let mut peers = Vec::new();
+        let mut commands = Vec::new();
         let (mut expected, mut reached) = (0usize, 0usize);
         for &t in &targets {
             eprintln!("load: {what} {}", names[t].1);
@@ -499,6 +500,7 @@ async fn run(
                 _ => vec!["device", "quarantine", &name, "--reason", "load test"],
             };
             coord.admin(&args).await?;
+            commands.push(start.elapsed());
             let own_done = |s: &Shared| match what {
                 "revoke" => s.get(t, |r| r.revoked_at.is_some()),
                 _ => s.get(t, |r| r.netmap_msgs > own0),
@@ -525,7 +527,12 @@ async fn run(
             reached += p.len();
             peers.extend(p);
         }
-        rep.revocation(what, targets.len(), &own, expected, reached, &peers);
+        let times = Narrowed {
+            own,
+            commands,
+            peers,
+        };
+        rep.revocation(what, targets.len(), &times, expected, reached);
     }
 
     // Restart: kill -9, start again, every live session resyncs by itself.
@@ -1217,6 +1224,7 @@ impl Dev {
                     Event::SwitchKey { .. } => lock().rotations += 1,
                     // No data plane, no relays: nothing to configure or probe.
                     Event::SetPeers(_)
+                    | Event::UpdatePeers(_)
                     | Event::SetFilter { .. }
                     | Event::SetRoutes { .. }
                     | Event::SetShadowFilter(_)
@@ -1754,6 +1762,14 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// (p50, p99, max) in ms; zeros for none.
+/// How long a revocation or quarantine took: to the device, for the admin command alone,
+/// and to each peer session.
+struct Narrowed {
+    own: Vec<Duration>,
+    commands: Vec<Duration>,
+    peers: Vec<Duration>,
+}
+
 fn pct(v: &[Duration]) -> (f64, f64, f64) {
     if v.is_empty() {
         return (0.0, 0.0, 0.0);
@@ -1949,17 +1965,18 @@ impl Report {
         &mut self,
         what: &str,
         targets: usize,
-        own: &[Duration],
+        times: &Narrowed,
         expected: usize,
         reached: usize,
-        peers: &[Duration],
     ) {
+        let own = &times.own;
         let (o50, o99, omax) = pct(own);
-        let (p50, p99, pmax) = pct(peers);
+        let (p50, p99, pmax) = pct(&times.peers);
+        let (_, _, cmax) = pct(&times.commands);
         self.row(
             &format!("{what}: device"),
             format!(
-                "{} of {targets}: p50 {o50:.0} ms p99 {o99:.0} ms max {omax:.0} ms",
+                "{} of {targets}: p50 {o50:.0} ms p99 {o99:.0} ms max {omax:.0} ms (command {cmax:.0} ms at most)",
                 own.len()
             ),
         );
@@ -1971,6 +1988,7 @@ impl Report {
             what,
             serde_json::json!({"targets": targets, "device_reached": own.len(),
                 "device_p50_ms": o50, "device_p99_ms": o99, "device_max_ms": omax,
+                "command_max_ms": cmax,
                 "peer_sessions": expected, "peers_reached": reached,
                 "peers_p50_ms": p50, "peers_p99_ms": p99, "peers_max_ms": pmax}),
         );

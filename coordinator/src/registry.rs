@@ -289,6 +289,9 @@ pub struct Registry {
     wants: PostureWants,
     /// Sessions the current recompute has not produced messages for yet (in order).
     pending: VecDeque<DeviceId>,
+    /// Sessions whose verdict is due: computed once no netmap is pending (a quarantined
+    /// device's verdict compiles the policy again, and no peer waits on that).
+    verdicts: BTreeSet<DeviceId>,
     /// What `compiled` was compiled from; `None` forces a compile.
     compiled_for: Option<CompiledFor>,
     /// Bumped by every new policy (so a cached compile is never reused across policies).
@@ -303,6 +306,9 @@ pub struct Registry {
     now_ms: i64,
     outputs: VecDeque<Output>,
     dirty: bool,
+    /// Devices left the network since the last recompute: their peers are told from the
+    /// last compile before the next one is made.
+    departed: bool,
     trust: TrustBook,
     trust_tick_ms: i64,
     /// Leases dropped at their expiry since start (revoked ones are not counted).
@@ -443,6 +449,7 @@ impl Registry {
             served: BTreeMap::new(),
             wants: PostureWants::default(),
             pending: VecDeque::new(),
+            verdicts: BTreeSet::new(),
             compiled_for: None,
             policy_gen: 0,
             compiles: 0,
@@ -451,6 +458,7 @@ impl Registry {
             now_ms,
             outputs: VecDeque::new(),
             dirty: true,
+            departed: false,
             trust: TrustBook::default(),
             trust_tick_ms: now_ms,
             leases_expired: 0,
@@ -1223,11 +1231,12 @@ impl Registry {
                     rule: r.rule.clone(),
                     reasons,
                 };
-                if !unavailable.contains(&u) {
-                    unavailable.push(u);
-                }
+                unavailable.push(u);
             }
+            // Sorted, then each entry once (a scan per entry was quadratic in what the device
+            // would reach: seconds for a device reaching thousands of services).
             unavailable.sort();
+            unavailable.dedup();
         }
         let (score, reason) = self.trust.risk(id);
         let risk = self.policy.as_ref().and_then(|p| {
@@ -1579,6 +1588,7 @@ impl Registry {
         }
         if was_live {
             self.outputs.push_back(Output::DeviceRevoked { device: id });
+            self.departed = true;
         }
         self.dirty = true;
     }
@@ -1740,6 +1750,7 @@ impl Registry {
         // Judge against netmaps that reflect every change so far.
         if self.dirty {
             self.dirty = false;
+            self.departed = false;
             self.recompute();
         }
         self.finish_pending();
@@ -1803,20 +1814,38 @@ impl Registry {
     }
 
     /// Next thing the driver must do.
+    ///
+    /// Outputs already queued (a revoked device's close, leases, verdicts) go out before a
+    /// recompute, so they never wait on a compile. When devices left the network, every
+    /// session is first brought to the last compile without them (a device without a view is
+    /// nobody's peer), which only removes peers and costs a comparison per peer; the
+    /// compile that follows brings the rest (filters, peer sets).
     pub fn poll_output(&mut self) -> Option<Output> {
-        if self.dirty {
-            self.dirty = false;
-            self.recompute();
-        }
         loop {
             if let Some(out) = self.outputs.pop_front() {
                 return Some(out);
             }
-            let id = self.pending.pop_front()?;
-            self.produce(id);
-            if self.pending.is_empty() {
-                self.pending_done();
+            if self.dirty {
+                if std::mem::take(&mut self.departed) {
+                    self.refresh_views();
+                    let ids: Vec<DeviceId> = self.sessions.keys().copied().collect();
+                    for id in ids {
+                        self.netmap_for(id);
+                    }
+                    continue;
+                }
+                self.dirty = false;
+                self.recompute();
             }
+            if let Some(id) = self.pending.pop_front() {
+                self.produce(id);
+                if self.pending.is_empty() {
+                    self.pending_done();
+                }
+                continue;
+            }
+            let id = self.verdicts.pop_first()?;
+            self.send_verdict(id);
         }
     }
 
@@ -1936,6 +1965,9 @@ impl Registry {
             self.produce(id);
         }
         self.pending_done();
+        while let Some(id) = self.verdicts.pop_first() {
+            self.send_verdict(id);
+        }
     }
 
     /// The last pending session was produced.
@@ -1945,17 +1977,16 @@ impl Registry {
         self.verdict_dirty.retain(|id| sessions.contains_key(id));
     }
 
-    /// One session's netmap change, then its posture wants and verdict when they changed.
+    /// One session's netmap change and its posture wants when they changed; its verdict is
+    /// queued when due (sent after every pending netmap).
     fn produce(&mut self, id: DeviceId) {
         self.netmap_for(id);
-        let fresh = self
-            .sessions
-            .get(&id)
-            .is_some_and(|s| s.verdict_sent.is_none());
-        let verdict = (fresh || self.verdict_dirty.remove(&id)).then(|| self.verdict(id));
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
+        if s.verdict_sent.is_none() || self.verdict_dirty.remove(&id) {
+            self.verdicts.insert(id);
+        }
         if s.wants_sent.as_ref() != Some(&self.wants) {
             s.wants_sent = Some(self.wants.clone());
             self.outputs.push_back(Output::Send {
@@ -1963,20 +1994,29 @@ impl Registry {
                 msg: CoordinatorMsg::PostureWants(self.wants.clone()),
             });
         }
-        if let Some(v) = verdict {
-            let same = s.verdict_sent.as_ref().is_some_and(|o| {
-                o.results == v.results
-                    && o.quarantine == v.quarantine
-                    && o.unavailable == v.unavailable
-                    && o.report_seq == v.report_seq
+    }
+
+    /// A session's verdict, sent when it changed.
+    fn send_verdict(&mut self, id: DeviceId) {
+        if !self.sessions.contains_key(&id) {
+            return;
+        }
+        let v = self.verdict(id);
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let same = s.verdict_sent.as_ref().is_some_and(|o| {
+            o.results == v.results
+                && o.quarantine == v.quarantine
+                && o.unavailable == v.unavailable
+                && o.report_seq == v.report_seq
+        });
+        if !same {
+            s.verdict_sent = Some(v.clone());
+            self.outputs.push_back(Output::Send {
+                conn: s.conn,
+                msg: CoordinatorMsg::PostureVerdict(v),
             });
-            if !same {
-                s.verdict_sent = Some(v.clone());
-                self.outputs.push_back(Output::Send {
-                    conn: s.conn,
-                    msg: CoordinatorMsg::PostureVerdict(v),
-                });
-            }
         }
     }
 
@@ -3283,18 +3323,20 @@ to = ["all"]
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
-        /// Whatever the order of churn (sessions opening and closing, endpoints changing) and
+        /// Whatever the order of churn (sessions opening and closing, endpoints changing, a
+        /// device revoked) and
         /// however many outputs are taken between changes (sessions left pending across
         /// recomputes), every session's netmap built from its deltas has the peers a fresh
         /// session would be sent.
         #[test]
         fn deltas_keep_every_session_equal_to_a_fresh_netmap(
-            steps in proptest::collection::vec((0u8..3, 1u64..6, 0u16..4, 0usize..8), 1..30)
+            steps in proptest::collection::vec((0u8..4, 1u64..6, 0u16..4, 0usize..8), 1..30)
         ) {
             let mut r = reg(&[1, 2, 3, 4, 5]);
             let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
             let mut conn_of: BTreeMap<u64, ConnId> = BTreeMap::new();
             let mut next_conn: ConnId = 100;
+            let mut removed: BTreeSet<u64> = BTreeSet::new();
             let take = |r: &mut Registry, held: &mut BTreeMap<ConnId, Netmap>, n: usize| {
                 for _ in 0..n {
                     let Some(o) = r.poll_output() else { break };
@@ -3314,7 +3356,7 @@ to = ["all"]
             };
             for (what, dev, port, outputs) in steps {
                 match what {
-                    0 if !conn_of.contains_key(&dev) => {
+                    0 if !conn_of.contains_key(&dev) && !removed.contains(&dev) => {
                         next_conn += 1;
                         r.handle_session_opened(
                             DeviceId(dev),
@@ -3330,6 +3372,12 @@ to = ["all"]
                             r.handle_session_closed(DeviceId(dev), c);
                             held.remove(&c);
                         }
+                    }
+                    3 if dev == 5 => {
+                        // A revocation: the session is closed by the registry.
+                        r.handle_device_removed(DeviceId(dev), "revoked");
+                        removed.insert(dev);
+                        conn_of.remove(&dev);
                     }
                     _ => {
                         if let Some(&c) = conn_of.get(&dev) {
@@ -3612,6 +3660,80 @@ to = ["all"]
         r.handle_device_upserted(d1);
         let out = drain(&mut r);
         assert!(matches!(&out[0], Output::Close { conn: 10, .. }));
+    }
+
+    #[test]
+    fn peers_hear_of_a_revocation_before_the_compile_that_follows_it() {
+        let mut r = reg(&[1, 2, 3]);
+        for (d, c) in [(1, 10), (2, 11), (3, 12)] {
+            r.handle_session_opened(
+                DeviceId(d),
+                c,
+                addr(&format!("10.0.0.{d}:1")),
+                DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+        drain(&mut r);
+        let compiles = r.compiles;
+        r.handle_device_removed(DeviceId(2), "the device has been revoked");
+        let mut told = BTreeSet::new();
+        let mut closed = false;
+        while told.len() < 2 {
+            let o = r.poll_output().expect("the peers are told");
+            match o {
+                Output::Close { conn: 11, .. } => closed = true,
+                Output::Send {
+                    conn,
+                    msg: CoordinatorMsg::NetmapDelta(d),
+                } if d.remove == vec![DeviceId(2)] => {
+                    assert!(closed, "the revoked session is closed first");
+                    told.insert(conn);
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(told, BTreeSet::from([10, 12]));
+        assert_eq!(r.compiles, compiles, "told before compiling");
+        // The compile follows, and removes nothing twice.
+        let rest = drain(&mut r);
+        assert_eq!(r.compiles, compiles + 1);
+        assert!(!rest.iter().any(|o| matches!(o, Output::Send { msg: CoordinatorMsg::NetmapDelta(d), .. } if !d.remove.is_empty())), "{rest:?}");
+    }
+
+    #[test]
+    fn a_quarantined_device_s_peers_are_told_before_its_verdict_is_worked_out() {
+        let mut r = reg(&[1, 2, 3]);
+        for (d, c) in [(1, 10), (2, 11), (3, 12)] {
+            r.handle_session_opened(
+                DeviceId(d),
+                c,
+                addr(&format!("10.0.0.{d}:1")),
+                DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+        std::iter::from_fn(|| r.poll_output()).for_each(drop);
+        let mut q = dev(2);
+        q.quarantine = Some(crate::store::Quarantine {
+            since_ms: 0,
+            reason: "test".into(),
+            automatic: false,
+        });
+        r.handle_device_upserted(q);
+        let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
+        let at = |f: &dyn Fn(&Output) -> bool| out.iter().position(f);
+        let verdict = at(&|o| matches!(o, Output::Send { conn: 11, msg: CoordinatorMsg::PostureVerdict(v) } if v.quarantine.is_some()))
+            .expect("the quarantined device is told why");
+        for conn in [10, 12] {
+            // The peers may still reach it; it is no source of theirs any more.
+            let told = at(&|o| matches!(o, Output::Send { conn: c, msg: CoordinatorMsg::NetmapDelta(d) } if *c == conn && !d.peer_sets.is_empty()))
+                .unwrap_or_else(|| panic!("no delta for {conn}: {out:?}"));
+            assert!(
+                told < verdict,
+                "peer {conn} told at {told}, the verdict at {verdict}: {out:?}"
+            );
+        }
     }
 
     /// A device that calls itself `ci-runner` gets nothing from `device:ci-runner` rules; once

@@ -1,55 +1,56 @@
 //! Which peer keys may be configured: only keys under a valid lease from the pinned coordinator
-//! key, for that peer's addresses, unexpired in coordinator time. The peers are checked again
-//! for each netmap (and clock offset); between netmaps only timestamps are compared, until the
-//! earliest configured lease ends. A signature is verified once per lease: a lease whose exact
-//! fields and signature were verified under the same key before (in the previous check) has
-//! only its time window and owner checked again, so a delta that changes one peer costs one
-//! signature check, not one per peer.
+//! key, for that peer's addresses, unexpired in coordinator time.
+//!
+//! The cache keeps, per peer device, the leases whose signature verified and the data-plane
+//! entries they gave. A full netmap (or a new clock offset) checks every peer again, but a
+//! lease whose exact fields and signature verified before under the same key has only its
+//! time window and owner checked again. A delta checks only the devices it names
+//! ([`LeaseCache::update`]), so one peer's change costs one peer's work, whatever the number
+//! of peers. Between netmaps only timestamps are compared, until the earliest configured
+//! lease ends (kept per device in an ordered set, so it follows every delta exactly).
 
 use ed25519_dalek::VerifyingKey;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 use tracing::debug;
 
-use ward_shared::lease::{Lease, LeaseError};
-use ward_shared::wire::{DeviceId, Netmap};
+use ward_shared::lease::{LeaseError, SignedLease, NOT_BEFORE_SKEW_MS};
+use ward_shared::wire::{DeviceId, Netmap, NetmapDelta, Peer, RelayInfo};
 
 use crate::dataplane::PeerConfig;
 
-/// The result of the last full check: valid for one netmap and clock offset, until the
-/// earliest configured lease ends.
-#[derive(Debug, Clone)]
-struct Verified {
-    netmap_seq: u64,
-    clock_offset_ms: Option<i64>,
-    valid_until_ms: i64,
-    peers: Vec<PeerConfig>,
+/// The data-plane entries per peer device (a device has two while it rotates its key).
+pub type PeerMap = BTreeMap<u64, Vec<PeerConfig>>;
+
+/// What the last check found for one peer device.
+#[derive(Debug, Clone, Default)]
+struct Checked {
+    /// The device's leases whose signature verified under the cache's issuer.
+    signed: Vec<SignedLease>,
+    /// One entry per usable lease.
+    configs: Vec<PeerConfig>,
+    /// The earliest end of a configured lease (`i64::MAX` with none).
+    until_ms: i64,
 }
 
 /// Verified peers, and when each peer of the netmap was first seen (for "unreachable" in the
 /// status view).
 #[derive(Debug, Default)]
 pub struct LeaseCache {
-    verified: Option<Verified>,
-    first_seen: BTreeMap<DeviceId, Instant>,
-    signatures: Signatures,
-}
-
-/// Leases whose signature verified under `issuer`, keyed by the signature with the lease
-/// compared in full: a lease that differs in anything is verified again. Holds the leases of
-/// the last check only.
-#[derive(Debug, Default)]
-pub struct Signatures {
+    /// The key the remembered signatures verified under.
     issuer: Option<[u8; 32]>,
-    /// Signature → the lease it verified for, and the check that last saw it. Nothing is
-    /// cloned for a lease seen before.
-    good: HashMap<Vec<u8>, (Lease, u64)>,
-    round: u64,
+    devices: BTreeMap<DeviceId, Checked>,
+    /// Every device's `until_ms`, to know the earliest at once.
+    ends: BTreeSet<(i64, DeviceId)>,
+    /// The netmap sequence and clock offset `devices` answers for; `None` once a new full
+    /// netmap arrived (the entries then only serve as remembered signatures).
+    current: Option<(u64, Option<i64>)>,
+    first_seen: BTreeMap<DeviceId, Instant>,
 }
 
 impl LeaseCache {
-    /// The peers to configure for `nm` at `coordinator_now_ms`. No pinned lease key means no
-    /// peer can be trusted: none is configured (fail closed).
+    /// The peers to configure for `nm` at `coordinator_now_ms`, checking every peer. No
+    /// pinned lease key means no peer can be trusted: none is configured (fail closed).
     pub fn peers(
         &mut self,
         nm: &Netmap,
@@ -57,7 +58,7 @@ impl LeaseCache {
         clock_offset_ms: Option<i64>,
         coordinator_now_ms: i64,
         now: Instant,
-    ) -> Vec<PeerConfig> {
+    ) -> PeerMap {
         // A set first: with thousands of peers, a scan of the peer list per remembered peer
         // (quadratic) cost more than everything else a netmap does.
         let ids: BTreeSet<DeviceId> = nm.peers.iter().map(|p| p.device_id).collect();
@@ -66,39 +67,82 @@ impl LeaseCache {
             self.first_seen.entry(p.device_id).or_insert(now);
         }
         if self.still_valid(nm, clock_offset_ms, coordinator_now_ms) {
-            if let Some(v) = &self.verified {
-                return v.peers.clone();
-            }
+            return self.configured();
         }
-        let (peers, refused) = match issuer {
-            Some(issuer) => {
-                leased_peers_cached(nm, issuer, coordinator_now_ms, &mut self.signatures)
-            }
-            None => (Vec::new(), Vec::new()),
+        let Some(issuer) = issuer else {
+            self.clear_checks();
+            return PeerMap::new();
         };
-        for (peer, why) in refused {
-            debug!(%peer, error = %why, "peer lease not usable");
+        self.use_issuer(issuer);
+        let mut old = std::mem::take(&mut self.devices);
+        self.ends.clear();
+        for p in &nm.peers {
+            let before = old.remove(&p.device_id);
+            let c = check_peer(p, &nm.relays, issuer, coordinator_now_ms, before.as_ref());
+            self.devices
+                .entry(p.device_id)
+                .and_modify(|d| {
+                    // The same device listed twice (never sent): both lists count.
+                    d.signed.extend(c.signed.iter().cloned());
+                    d.configs.extend(c.configs.iter().cloned());
+                    d.until_ms = d.until_ms.min(c.until_ms);
+                })
+                .or_insert(c);
         }
-        // The configured keys as a set: a scan per lease is quadratic in the peers.
-        let keys: BTreeSet<[u8; 32]> = peers.iter().map(|c| c.public_key).collect();
-        let valid_until_ms = nm
-            .peers
+        self.ends = self
+            .devices
             .iter()
-            .flat_map(|p| &p.leases)
-            .filter(|l| keys.contains(&l.lease.wg_public_key.0))
-            .map(|l| l.lease.not_after_ms)
-            .min()
-            .unwrap_or(i64::MAX);
-        self.verified = Some(Verified {
-            netmap_seq: nm.seq,
-            clock_offset_ms,
-            valid_until_ms,
-            peers: peers.clone(),
-        });
-        peers
+            .map(|(id, c)| (c.until_ms, *id))
+            .collect();
+        self.current = Some((nm.seq, clock_offset_ms));
+        self.configured()
     }
 
-    /// A new full netmap arrived: check every signature again.
+    /// After `delta` was applied to `nm`: the changed devices' entries (empty for a device
+    /// that has none any more), checking only the devices the delta names. `None` when the
+    /// cache cannot answer from the last check (another netmap or clock offset, a configured
+    /// lease ended, the relay list changed, no pinned key): then [`LeaseCache::peers`] must.
+    pub fn update(
+        &mut self,
+        nm: &Netmap,
+        delta: &NetmapDelta,
+        issuer: Option<&VerifyingKey>,
+        clock_offset_ms: Option<i64>,
+        coordinator_now_ms: i64,
+        now: Instant,
+    ) -> Option<Vec<(u64, Vec<PeerConfig>)>> {
+        let issuer = issuer?;
+        if self.current != Some((delta.base_seq, clock_offset_ms))
+            || coordinator_now_ms >= self.valid_until_ms()
+            || delta.relays.is_some()
+            || self.issuer != Some(issuer.to_bytes())
+        {
+            return None;
+        }
+        let mut changed = Vec::new();
+        let upserted: BTreeSet<DeviceId> = delta.upsert.iter().map(|p| p.device_id).collect();
+        for id in delta.remove.iter().filter(|id| !upserted.contains(id)) {
+            if let Some(c) = self.devices.remove(id) {
+                self.ends.remove(&(c.until_ms, *id));
+                changed.push((id.0, Vec::new()));
+            }
+            self.first_seen.remove(id);
+        }
+        for p in &delta.upsert {
+            let before = self.devices.remove(&p.device_id);
+            if let Some(b) = &before {
+                self.ends.remove(&(b.until_ms, p.device_id));
+            }
+            let c = check_peer(p, &nm.relays, issuer, coordinator_now_ms, before.as_ref());
+            self.ends.insert((c.until_ms, p.device_id));
+            self.first_seen.entry(p.device_id).or_insert(now);
+            changed.push((p.device_id.0, c.configs.clone()));
+            self.devices.insert(p.device_id, c);
+        }
+        self.current = Some((nm.seq, clock_offset_ms));
+        Some(changed)
+    }
+
     /// Whether [`LeaseCache::peers`] would give what it gave last, from its cache: the same
     /// netmap sequence and clock offset, and no configured lease ended since. The expiry
     /// tick asks this first, so an unchanged netmap costs a comparison, not a rebuild.
@@ -108,27 +152,52 @@ impl LeaseCache {
         clock_offset_ms: Option<i64>,
         coordinator_now_ms: i64,
     ) -> bool {
-        self.verified.as_ref().is_some_and(|v| {
-            v.netmap_seq == nm.seq
-                && v.clock_offset_ms == clock_offset_ms
-                && coordinator_now_ms < v.valid_until_ms
-        })
+        self.current == Some((nm.seq, clock_offset_ms))
+            && coordinator_now_ms < self.valid_until_ms()
     }
 
+    /// A new full netmap arrived: check every peer again (remembered signatures still count).
     pub fn invalidate(&mut self) {
-        self.verified = None;
+        self.current = None;
     }
 
     /// The device left the network.
     pub fn clear(&mut self) {
-        self.verified = None;
+        self.clear_checks();
         self.first_seen.clear();
-        self.signatures = Signatures::default();
     }
 
     /// When the peer first appeared in a netmap.
     pub fn first_seen(&self, id: DeviceId) -> Option<Instant> {
         self.first_seen.get(&id).copied()
+    }
+
+    fn clear_checks(&mut self) {
+        self.issuer = None;
+        self.devices.clear();
+        self.ends.clear();
+        self.current = None;
+    }
+
+    /// Remembered signatures count only under the key they verified under.
+    fn use_issuer(&mut self, issuer: &VerifyingKey) {
+        let key = issuer.to_bytes();
+        if self.issuer != Some(key) {
+            self.clear_checks();
+            self.issuer = Some(key);
+        }
+    }
+
+    fn valid_until_ms(&self) -> i64 {
+        self.ends.first().map_or(i64::MAX, |(t, _)| *t)
+    }
+
+    fn configured(&self) -> PeerMap {
+        self.devices
+            .iter()
+            .filter(|(_, c)| !c.configs.is_empty())
+            .map(|(id, c)| (id.0, c.configs.clone()))
+            .collect()
     }
 }
 
@@ -140,48 +209,64 @@ pub fn leased_peers(
     issuer: &VerifyingKey,
     coordinator_now_ms: i64,
 ) -> (Vec<PeerConfig>, Vec<(String, LeaseError)>) {
-    leased_peers_cached(nm, issuer, coordinator_now_ms, &mut Signatures::default())
-}
-
-/// [`leased_peers`], verifying only the signatures `sigs` does not hold from the last check
-/// under the same key; `sigs` then holds this netmap's leases whose signature verified.
-pub fn leased_peers_cached(
-    nm: &Netmap,
-    issuer: &VerifyingKey,
-    coordinator_now_ms: i64,
-    sigs: &mut Signatures,
-) -> (Vec<PeerConfig>, Vec<(String, LeaseError)>) {
-    let key = issuer.to_bytes();
-    if sigs.issuer != Some(key) {
-        sigs.issuer = Some(key);
-        sigs.good.clear();
-    }
-    sigs.round += 1;
-    let round = sigs.round;
     let mut ok = Vec::new();
     let mut refused = Vec::new();
     for p in &nm.peers {
-        for l in &p.leases {
-            let known = match sigs.good.get_mut(&l.signature.0) {
-                Some((lease, seen)) if *lease == l.lease => {
-                    *seen = round;
-                    true
-                }
-                _ => false,
-            };
-            let signed = if known {
-                Ok(())
-            } else {
-                l.verify_signature(issuer)
-            };
-            let checked =
-                signed.and_then(|()| l.check_for(coordinator_now_ms, p.device_id, p.ipv4, p.ipv6));
-            if checked.is_ok() && !known {
-                sigs.good
-                    .insert(l.signature.0.clone(), (l.lease.clone(), round));
+        let (c, r) = check_leases(p, &nm.relays, issuer, coordinator_now_ms, None);
+        ok.extend(c.configs);
+        refused.extend(r);
+    }
+    (ok, refused)
+}
+
+/// [`check_leases`], logging the refusals.
+fn check_peer(
+    p: &Peer,
+    relays: &[RelayInfo],
+    issuer: &VerifyingKey,
+    coordinator_now_ms: i64,
+    before: Option<&Checked>,
+) -> Checked {
+    let (c, refused) = check_leases(p, relays, issuer, coordinator_now_ms, before);
+    for (peer, why) in refused {
+        debug!(%peer, error = %why, "peer lease not usable");
+    }
+    c
+}
+
+/// One peer's leases: a lease `before` holds as verified (the same fields and signature) is
+/// not verified again; its time window and owner always are.
+fn check_leases(
+    p: &Peer,
+    relays: &[RelayInfo],
+    issuer: &VerifyingKey,
+    coordinator_now_ms: i64,
+    before: Option<&Checked>,
+) -> (Checked, Vec<(String, LeaseError)>) {
+    let mut c = Checked {
+        until_ms: i64::MAX,
+        ..Checked::default()
+    };
+    let mut refused = Vec::new();
+    for l in &p.leases {
+        let known = before.is_some_and(|b| b.signed.iter().any(|s| s == l));
+        let signed = if known {
+            Ok(())
+        } else {
+            l.verify_signature(issuer)
+        };
+        if signed.is_ok() {
+            c.signed.push(l.clone());
+            let starts = l.lease.not_before_ms.saturating_sub(NOT_BEFORE_SKEW_MS);
+            if starts > coordinator_now_ms {
+                // Usable later: the cached answer holds only until then.
+                c.until_ms = c.until_ms.min(starts);
             }
-            match checked {
-                Ok(lease) => ok.push(PeerConfig {
+        }
+        match signed.and_then(|()| l.check_for(coordinator_now_ms, p.device_id, p.ipv4, p.ipv6)) {
+            Ok(lease) => {
+                c.until_ms = c.until_ms.min(lease.not_after_ms);
+                c.configs.push(PeerConfig {
                     routes: p.routes.clone(),
                     device_id: p.device_id.0,
                     hostname: p.hostname.to_string(),
@@ -194,15 +279,13 @@ pub fn leased_peers_cached(
                     relay: p
                         .relay
                         .clone()
-                        .filter(|r| nm.relays.iter().any(|i| &i.name == r)),
-                }),
-                Err(e) => refused.push((p.hostname.to_string(), e)),
+                        .filter(|r| relays.iter().any(|i| &i.name == r)),
+                })
             }
+            Err(e) => refused.push((p.hostname.to_string(), e)),
         }
     }
-    // Only the leases this netmap holds stay.
-    sigs.good.retain(|_, (_, seen)| *seen == round);
-    (ok, refused)
+    (c, refused)
 }
 
 #[cfg(test)]
@@ -212,7 +295,7 @@ mod tests {
     use std::net::Ipv4Addr;
     use ward_shared::lease::{Lease, SignedLease};
     use ward_shared::names::Hostname;
-    use ward_shared::wire::{DeviceId, Peer, SelfInfo, WgPublicKey};
+    use ward_shared::wire::{SelfInfo, WgPublicKey};
 
     fn lease(dev: u64, key: u8, nb: i64, na: i64, ip: u8) -> Lease {
         Lease {
@@ -267,58 +350,171 @@ mod tests {
         }
     }
 
+    fn delta(base: u64, upsert: Vec<Peer>, remove: Vec<DeviceId>) -> NetmapDelta {
+        NetmapDelta {
+            upsert,
+            remove,
+            ..NetmapDelta::after(base)
+        }
+    }
+
+    fn keys(m: &PeerMap) -> Vec<[u8; 32]> {
+        m.values().flatten().map(|c| c.public_key).collect()
+    }
+
     #[test]
     fn remembered_signatures_still_check_fields_time_and_key() {
         let k = SigningKey::from_bytes(&[1; 32]);
         let other = SigningKey::from_bytes(&[2; 32]);
         let good = lease(2, 10, 0, 1000, 2).sign(&k);
-        let mut sigs = Signatures::default();
-        let (ok, _) = leased_peers_cached(
+        let now = Instant::now();
+        let mut c = LeaseCache::default();
+        let m = c.peers(
             &netmap(vec![good.clone()]),
-            &k.verifying_key(),
+            Some(&k.verifying_key()),
+            None,
             500,
-            &mut sigs,
+            now,
         );
-        assert_eq!(ok.len(), 1);
-        assert_eq!(sigs.good.len(), 1, "the verified signature is remembered");
+        assert_eq!(keys(&m), vec![[10; 32]]);
+        assert_eq!(c.devices[&DeviceId(2)].signed.len(), 1, "remembered");
         // The same signature over altered fields (a longer lease, another key) is not taken
         // from memory: it is verified, and refused.
         let mut longer = good.clone();
         longer.lease.not_after_ms = 10_000;
         let mut rekeyed = good.clone();
         rekeyed.lease.wg_public_key = WgPublicKey([99; 32]);
-        let (ok, refused) = leased_peers_cached(
-            &netmap(vec![good.clone(), longer, rekeyed]),
+        let three = netmap(vec![good.clone(), longer, rekeyed]);
+        c.invalidate();
+        let m = c.peers(&three, Some(&k.verifying_key()), None, 500, now);
+        assert_eq!(keys(&m), vec![[10; 32]]);
+        let (_, refused) = check_leases(
+            &three.peers[0],
+            &[],
             &k.verifying_key(),
             500,
-            &mut sigs,
+            c.devices.get(&DeviceId(2)),
         );
-        assert_eq!(ok.len(), 1);
-        assert_eq!(ok[0].public_key, [10; 32]);
         assert_eq!(refused.len(), 2);
         assert!(refused.iter().all(|(_, e)| *e == LeaseError::BadSignature));
         // A remembered lease still ends on time.
-        let (ok, refused) = leased_peers_cached(
+        let m = c.peers(
             &netmap(vec![good.clone()]),
-            &k.verifying_key(),
+            Some(&k.verifying_key()),
+            None,
             1000,
-            &mut sigs,
+            now,
         );
-        assert!(ok.is_empty());
-        assert!(matches!(refused[0].1, LeaseError::Expired { .. }));
+        assert!(m.is_empty());
         // Remembered under one key means nothing under another.
-        let mut sigs = Signatures::default();
-        leased_peers_cached(
-            &netmap(vec![good.clone()]),
-            &k.verifying_key(),
+        c.invalidate();
+        let m = c.peers(
+            &netmap(vec![good]),
+            Some(&other.verifying_key()),
+            None,
             500,
-            &mut sigs,
+            now,
         );
-        let (ok, refused) =
-            leased_peers_cached(&netmap(vec![good]), &other.verifying_key(), 500, &mut sigs);
-        assert!(ok.is_empty());
-        assert_eq!(refused[0].1, LeaseError::BadSignature);
-        assert!(sigs.good.is_empty());
+        assert!(m.is_empty());
+        assert!(c.devices[&DeviceId(2)].signed.is_empty());
+    }
+
+    #[test]
+    fn a_delta_checks_only_the_devices_it_names() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let issuer = Some(k.verifying_key());
+        let now = Instant::now();
+        let mut nm = netmap(vec![lease(2, 10, 0, 5000, 2).sign(&k)]);
+        let mut third = nm.peers[0].clone();
+        third.device_id = DeviceId(3);
+        third.ipv4 = Ipv4Addr::new(100, 64, 0, 3);
+        third.ipv6 = "fd00::3".parse().unwrap();
+        third.leases = vec![lease(3, 30, 0, 5000, 3).sign(&k)];
+        nm.peers.push(third.clone());
+        let mut c = LeaseCache::default();
+        assert_eq!(c.peers(&nm, issuer.as_ref(), None, 500, now).len(), 2);
+
+        // A new key for device 3, ending before anything else: only device 3 changes, and
+        // the cached answer lasts only until that lease ends.
+        let mut rotated = third.clone();
+        rotated.leases.push(lease(3, 31, 0, 3000, 3).sign(&k));
+        let d = delta(nm.seq, vec![rotated], vec![]);
+        nm.apply(&d).unwrap();
+        let changed = c.update(&nm, &d, issuer.as_ref(), None, 600, now).unwrap();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].0, 3);
+        let got: Vec<_> = changed[0].1.iter().map(|p| p.public_key).collect();
+        assert_eq!(got, vec![[30; 32], [31; 32]]);
+        assert!(c.still_valid(&nm, None, 2999));
+        assert!(!c.still_valid(&nm, None, 3000));
+
+        // A forged lease in a delta is refused like in a full netmap.
+        let mut forged = third.clone();
+        forged.leases = vec![lease(3, 32, 0, 5000, 3).sign(&SigningKey::from_bytes(&[7; 32]))];
+        let d = delta(nm.seq, vec![forged], vec![]);
+        nm.apply(&d).unwrap();
+        let changed = c.update(&nm, &d, issuer.as_ref(), None, 700, now).unwrap();
+        assert_eq!(changed, vec![(3, vec![])]);
+        // The device's earlier lease end no longer bounds the cache.
+        assert!(c.still_valid(&nm, None, 4000));
+
+        // A removed device goes; the other stays as configured.
+        let d = delta(nm.seq, vec![], vec![DeviceId(2)]);
+        nm.apply(&d).unwrap();
+        let changed = c.update(&nm, &d, issuer.as_ref(), None, 800, now).unwrap();
+        assert_eq!(changed, vec![(2, vec![])]);
+        assert!(c.first_seen(DeviceId(2)).is_none());
+        assert!(c.peers(&nm, issuer.as_ref(), None, 800, now).is_empty());
+
+        // What a delta cannot be answered from: a gap, a new clock offset, a new relay list,
+        // no pinned key, a lease ended since the last check.
+        let d = delta(nm.seq, vec![], vec![]);
+        assert!(c
+            .update(
+                &nm,
+                &delta(nm.seq + 5, vec![], vec![]),
+                issuer.as_ref(),
+                None,
+                800,
+                now
+            )
+            .is_none());
+        assert!(c
+            .update(&nm, &d, issuer.as_ref(), Some(5), 800, now)
+            .is_none());
+        let relays = NetmapDelta {
+            relays: Some(vec![]),
+            ..d.clone()
+        };
+        assert!(c
+            .update(&nm, &relays, issuer.as_ref(), None, 800, now)
+            .is_none());
+        assert!(c.update(&nm, &d, None, None, 800, now).is_none());
+        let mut short = third.clone();
+        short.leases = vec![lease(3, 33, 0, 900, 3).sign(&k)];
+        let d = delta(nm.seq, vec![short], vec![]);
+        nm.apply(&d).unwrap();
+        assert!(c.update(&nm, &d, issuer.as_ref(), None, 800, now).is_some());
+        let d = delta(nm.seq, vec![], vec![]);
+        nm.apply(&d).unwrap();
+        assert!(c.update(&nm, &d, issuer.as_ref(), None, 900, now).is_none());
+    }
+
+    #[test]
+    fn a_lease_not_yet_valid_is_taken_when_it_starts() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let starts = 10_000;
+        let nb = starts + NOT_BEFORE_SKEW_MS;
+        let nm = netmap(vec![lease(2, 10, nb, nb + 5000, 2).sign(&k)]);
+        let now = Instant::now();
+        let mut c = LeaseCache::default();
+        assert!(c
+            .peers(&nm, Some(&k.verifying_key()), None, 500, now)
+            .is_empty());
+        assert!(c.still_valid(&nm, None, starts - 1));
+        assert!(!c.still_valid(&nm, None, starts));
+        let m = c.peers(&nm, Some(&k.verifying_key()), None, starts, now);
+        assert_eq!(keys(&m), vec![[10; 32]]);
     }
 
     #[test]
@@ -349,15 +545,12 @@ mod tests {
         ]);
         let now = Instant::now();
         let mut c = LeaseCache::default();
-        assert_eq!(
-            c.peers(&nm, Some(&k.verifying_key()), None, 500, now).len(),
-            2
-        );
+        let both = c.peers(&nm, Some(&k.verifying_key()), None, 500, now);
+        assert_eq!(keys(&both), vec![[10; 32], [11; 32]]);
         assert!(c.first_seen(DeviceId(2)).is_some());
         // Past the first lease's end the cache is not used: one key is left.
         let left = c.peers(&nm, Some(&k.verifying_key()), None, 1500, now);
-        assert_eq!(left.len(), 1);
-        assert_eq!(left[0].public_key, [11; 32]);
+        assert_eq!(keys(&left), vec![[11; 32]]);
         // Without a pinned issuer nothing is trusted.
         c.invalidate();
         assert!(c.peers(&nm, None, None, 500, now).is_empty());

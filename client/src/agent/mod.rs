@@ -50,7 +50,7 @@ use crate::dataplane::{public_key_for, PeerConfig};
 pub use backoff::Backoff;
 pub use clock::ClockOffset;
 pub use coordinators::{Coordinators, Ending};
-pub use leases::{leased_peers, LeaseCache};
+pub use leases::{leased_peers, LeaseCache, PeerMap};
 pub use netcheck::{Netcheck, RelayReport};
 pub use posture::{fit_report, PostureCadence};
 pub use relays::{ConnState, RelayConn, RelayConnEvent, RelayOut, Relays};
@@ -162,6 +162,10 @@ pub enum Event {
     Disconnected { revoked: bool, retry_in: Duration },
     /// Configure exactly these peers in the data plane.
     SetPeers(Vec<PeerConfig>),
+    /// A netmap delta changed these devices' entries: each listed device now has exactly
+    /// the entries given (none: it is no peer any more); every other peer stays as it was.
+    /// [`Agent::configured_peers`] is the whole set after the change.
+    UpdatePeers(Vec<(u64, Vec<PeerConfig>)>),
     /// Install this inbound filter in the data plane, with the peer sets its rules (and the
     /// candidate rules) name, as one step.
     SetFilter {
@@ -308,7 +312,8 @@ pub struct Agent {
     relays: Relays,
     /// The relay list last given to the data plane.
     applied_relays: Vec<(String, u16)>,
-    applied_peers: Option<Vec<PeerConfig>>,
+    /// The peers last handed to the data plane, per device.
+    applied_peers: Option<PeerMap>,
     applied_filter: Option<(Vec<FilterRule>, Vec<PeerSet>)>,
     /// The candidate rules last handed to the data plane (outer `None`: none handed yet).
     applied_shadow: Option<Option<Vec<FilterRule>>>,
@@ -483,11 +488,11 @@ impl Agent {
                     remove = d.remove.len(),
                     "netmap delta"
                 );
-                if let Some(me) = d.me {
+                if let Some(me) = &d.me {
                     info!(hostname = %me.hostname, "the coordinator renamed this device");
-                    self.events.push_back(Event::SelfName(me.hostname));
+                    self.events.push_back(Event::SelfName(me.hostname.clone()));
                 }
-                self.apply_peers(now);
+                self.apply_delta(&d, now);
                 self.set_relays(now);
             }
             CoordinatorMsg::Error { code, message } => {
@@ -902,9 +907,12 @@ impl Agent {
     pub fn rotation(&self) -> &Rotation {
         &self.rotation
     }
-    /// The peers last configured (the data plane's view).
-    pub fn configured_peers(&self) -> &[PeerConfig] {
-        self.applied_peers.as_deref().unwrap_or_default()
+    /// The peers last configured (the data plane's view), in device order.
+    pub fn configured_peers(&self) -> Vec<PeerConfig> {
+        self.applied_peers
+            .iter()
+            .flat_map(|m| m.values().flatten().cloned())
+            .collect()
     }
     /// When a peer first appeared in the netmap.
     pub fn peer_first_seen(&self, id: DeviceId) -> Option<Instant> {
@@ -1087,9 +1095,76 @@ impl Agent {
             coord_now,
             now.instant,
         );
-        routes::choose_exit(&mut peers, self.cfg.routes.exit_node.as_deref());
-        let mut reached: Vec<ward_shared::routes::Prefix> = peers
+        for configs in peers.values_mut() {
+            routes::choose_exit(configs, self.cfg.routes.exit_node.as_deref());
+        }
+        let changed = self.applied_peers.as_ref() != Some(&peers);
+        self.applied_peers = Some(peers);
+        self.apply_routes();
+        if changed {
+            self.events
+                .push_back(Event::SetPeers(self.configured_peers()));
+        }
+        self.apply_filter();
+        self.apply_shadow();
+    }
+
+    /// After a netmap delta: only the devices it names are checked and handed on (one
+    /// peer's new endpoint or lease costs one peer's work, not the whole set's), and the
+    /// filter and candidate rules only when it carries them. Whatever the lease cache cannot
+    /// answer from its last check (see [`LeaseCache::update`]) goes the full way.
+    fn apply_delta(&mut self, d: &ward_shared::wire::NetmapDelta, now: Now) {
+        let Some(nm) = &self.netmap else { return };
+        let offset = self.clock.offset_ms();
+        let coord_now = now.unix_ms.saturating_add(offset.unwrap_or(0));
+        let changes = self.leases.update(
+            nm,
+            d,
+            self.cfg.lease_key.as_ref(),
+            offset,
+            coord_now,
+            now.instant,
+        );
+        let (Some(changes), Some(applied)) = (changes, self.applied_peers.as_mut()) else {
+            return self.apply_peers(now);
+        };
+        let mut updates = Vec::new();
+        let mut routes_changed = d.me.is_some();
+        for (id, mut configs) in changes {
+            routes::choose_exit(&mut configs, self.cfg.routes.exit_node.as_deref());
+            let before = applied.get(&id).map(Vec::as_slice).unwrap_or_default();
+            if before == configs.as_slice() {
+                continue;
+            }
+            routes_changed |= before.iter().chain(&configs).any(|c| !c.routes.is_empty());
+            if configs.is_empty() {
+                applied.remove(&id);
+            } else {
+                applied.insert(id, configs.clone());
+            }
+            updates.push((id, configs));
+        }
+        if routes_changed {
+            self.apply_routes();
+        }
+        if !updates.is_empty() {
+            self.events.push_back(Event::UpdatePeers(updates));
+        }
+        if d.inbound.is_some() || !d.peer_sets.is_empty() || !d.removed_peer_sets.is_empty() {
+            self.apply_filter();
+        }
+        if d.shadow_filter.is_some() {
+            self.apply_shadow();
+        }
+    }
+
+    /// The prefixes this device serves and those it reaches through the configured peers.
+    fn apply_routes(&mut self) {
+        let Some(nm) = &self.netmap else { return };
+        let mut reached: Vec<ward_shared::routes::Prefix> = self
+            .applied_peers
             .iter()
+            .flat_map(|m| m.values().flatten())
             .flat_map(|p| p.routes.iter().copied())
             .collect();
         reached.sort();
@@ -1102,10 +1177,10 @@ impl Agent {
             });
             self.applied_routes = Some(wanted);
         }
-        if self.applied_peers.as_ref() != Some(&peers) {
-            self.events.push_back(Event::SetPeers(peers.clone()));
-            self.applied_peers = Some(peers);
-        }
+    }
+
+    fn apply_filter(&mut self) {
+        let Some(nm) = &self.netmap else { return };
         let filter = (nm.inbound.clone(), nm.peer_sets.clone());
         if self.applied_filter.as_ref() != Some(&filter) {
             self.events.push_back(Event::SetFilter {
@@ -1114,6 +1189,10 @@ impl Agent {
             });
             self.applied_filter = Some(filter);
         }
+    }
+
+    fn apply_shadow(&mut self) {
+        let Some(nm) = &self.netmap else { return };
         if self.applied_shadow.as_ref() != Some(&nm.shadow_filter) {
             let sf = nm.shadow_filter.clone();
             self.events.push_back(Event::SetShadowFilter(sf.clone()));
@@ -1147,7 +1226,7 @@ impl Agent {
             self.flow_ctx = None;
             self.leases.clear();
             self.own_lease = None;
-            self.applied_peers = Some(Vec::new());
+            self.applied_peers = Some(PeerMap::new());
             self.applied_filter = Some((Vec::new(), Vec::new()));
             self.applied_routes = Some((Vec::new(), Vec::new()));
             self.events.push_back(Event::SetRoutes {

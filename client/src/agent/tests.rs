@@ -1603,3 +1603,103 @@ fn reach_grants_and_their_deltas_give_the_flat_reach_view() {
     let nm = h.agent.netmap().unwrap();
     assert!(nm.reach_view().is_empty() && nm.reach_services.is_empty());
 }
+
+#[test]
+fn a_delta_hands_on_only_the_peers_it_changes() {
+    let mut h = H::new();
+    h.leased();
+    let mut nm = netmap(1, vec![]);
+    let l2 = h.lease(2, WgPublicKey([20; 32]), TTL);
+    nm.peers[0].leases = vec![l2];
+    let mut third = nm.peers[0].clone();
+    third.device_id = DeviceId(3);
+    third.hostname = Hostname::parse("third").unwrap();
+    third.ipv4 = ip4(3);
+    third.ipv6 = ip6(3);
+    third.leases = vec![h.lease(3, WgPublicKey([30; 32]), TTL)];
+    nm.peers.push(third.clone());
+    h.take_events();
+    h.msg(CoordinatorMsg::Netmap(nm.clone()));
+    let whole = h.agent.configured_peers();
+    assert_eq!(whole.len(), 2);
+    assert!(h.take_events().contains(&Event::SetPeers(whole.clone())));
+
+    // One peer's new endpoint: that peer alone, and no filter or route event.
+    let mut moved = third.clone();
+    moved.endpoints = vec!["192.0.2.3:51820".parse().unwrap()];
+    let delta = |base: u64, upsert: Vec<Peer>, remove: Vec<DeviceId>| {
+        CoordinatorMsg::NetmapDelta(ward_shared::wire::NetmapDelta {
+            upsert,
+            remove,
+            ..ward_shared::wire::NetmapDelta::after(base)
+        })
+    };
+    h.msg(delta(1, vec![moved], vec![]));
+    let evs = h.take_events();
+    let updates: Vec<_> = evs
+        .iter()
+        .filter_map(|e| match e {
+            Event::UpdatePeers(u) => Some(u.clone()),
+            Event::SetPeers(_) | Event::SetFilter { .. } | Event::SetRoutes { .. } => {
+                panic!("a full event for a one-peer delta: {e:?}")
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates.len(), 1, "{evs:?}");
+    assert_eq!(updates[0].len(), 1);
+    assert_eq!(updates[0][0].0, 3);
+    assert_eq!(
+        updates[0][0].1[0].endpoints,
+        vec!["192.0.2.3:51820".parse().unwrap()]
+    );
+    assert_eq!(
+        h.agent.configured_peers()[0],
+        whole[0],
+        "device 2 untouched"
+    );
+    assert_eq!(h.agent.configured_peers()[1].endpoints.len(), 1);
+
+    // A peer whose only change is not configured (online) hands nothing on.
+    let mut offline = nm.peers[0].clone();
+    offline.online = false;
+    h.msg(delta(2, vec![offline], vec![]));
+    let evs = h.take_events();
+    assert!(
+        !evs.iter().any(|e| matches!(e, Event::UpdatePeers(_))),
+        "{evs:?}"
+    );
+
+    // A forged lease in a delta is refused: the peer goes, the other stays.
+    let mut forged = third.clone();
+    let mut bad = h.lease(3, WgPublicKey([31; 32]), TTL);
+    bad.lease.serial += 100;
+    forged.leases = vec![bad];
+    h.msg(delta(3, vec![forged], vec![]));
+    assert!(h
+        .take_events()
+        .contains(&Event::UpdatePeers(vec![(3, vec![])])));
+    assert_eq!(h.agent.configured_peers(), vec![whole[0].clone()]);
+
+    // A removed peer goes.
+    h.msg(delta(4, vec![], vec![DeviceId(2)]));
+    assert!(h
+        .take_events()
+        .contains(&Event::UpdatePeers(vec![(2, vec![])])));
+    assert!(h.agent.configured_peers().is_empty());
+
+    // A new relay list may change every peer's relay: the whole set is given again.
+    h.msg(CoordinatorMsg::NetmapDelta(
+        ward_shared::wire::NetmapDelta {
+            upsert: vec![third.clone()],
+            relays: Some(vec![]),
+            ..ward_shared::wire::NetmapDelta::after(5)
+        },
+    ));
+    let evs = h.take_events();
+    assert!(
+        evs.iter()
+            .any(|e| matches!(e, Event::SetPeers(p) if p.len() == 1 && p[0].device_id == 3)),
+        "{evs:?}"
+    );
+}

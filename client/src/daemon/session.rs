@@ -312,6 +312,14 @@ impl Daemon {
                         dp.set_peers(peers);
                     }
                 }
+                // The data plane takes whole sets: it is given the agent's, which these
+                // changes led to (no second copy of the peer list is kept here).
+                Event::UpdatePeers(_) => {
+                    if let Some(dp) = dp {
+                        let peers = lock(agent).configured_peers();
+                        dp.set_peers(peers);
+                    }
+                }
                 Event::SetFilter { rules, sets } => {
                     if let Some(dp) = dp {
                         dp.set_filter_with_sets(rules, &sets);

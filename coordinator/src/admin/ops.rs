@@ -135,15 +135,25 @@ pub fn handle(
             }
         }
     }
+    // Revocations, quarantines and disabled users take effect before anything waits on the
+    // registry: its snapshot (an answer from the actor, which may be busy pushing netmaps)
+    // only shapes their replies.
+    let req = match req {
+        AdminRequest::DeviceRevoke { name: n } => return device_revoke(store, live, n, now),
+        AdminRequest::DeviceQuarantine { name: n, reason } => {
+            return device_quarantine(store, live, n, reason, now)
+        }
+        AdminRequest::UserDisable { name: n } => {
+            return Ok(AdminReply::UserAccess(set_user_disabled(
+                store, live, &n, true, now,
+            )?))
+        }
+        other => other,
+    };
     let snap = live.snapshot()?;
     let here = snap.online.as_slice();
     // A device is online for `device ls`/`show` when any live replica holds its session.
-    let anywhere: Vec<DeviceId> = snap
-        .online
-        .iter()
-        .chain(&snap.online_elsewhere)
-        .copied()
-        .collect();
+    let anywhere = online_anywhere(&snap);
     let online = anywhere.as_slice();
     Ok(match req {
         AdminRequest::Status => status(store, &snap, me, here.len(), now)?,
@@ -177,9 +187,6 @@ pub fn handle(
                     })
                     .collect(),
             )
-        }
-        AdminRequest::UserDisable { name: n } => {
-            AdminReply::UserAccess(set_user_disabled(store, live, &n, true, now)?)
         }
         AdminRequest::UserEnable { name: n } => {
             AdminReply::UserAccess(set_user_disabled(store, live, &n, false, now)?)
@@ -285,36 +292,10 @@ pub fn handle(
                 sign_in,
             }))
         }
-        AdminRequest::DeviceQuarantine { name: n, reason } => {
-            let d = store.device_by_name(&n)?;
-            ensure!(d.is_live(), "device {n:?} is not active");
-            let q = Quarantine {
-                since_ms: now,
-                reason: reason.unwrap_or_else(|| "quarantined by an administrator".into()),
-                automatic: false,
-            };
-            let d = match store.set_quarantine(d.id, Some(&q), ACTOR, now) {
-                Ok(d) => d,
-                Err(e) if e.is_storage_fault() => {
-                    // The quarantine still takes effect: journaled, then applied in memory.
-                    journal(
-                        store,
-                        Narrowing::QuarantineDevice {
-                            device: n.clone(),
-                            reason: q.reason.clone(),
-                        },
-                        &e,
-                        now,
-                    )?;
-                    Device {
-                        quarantine: Some(q),
-                        ..d
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            };
-            live.notify(Notice::Device(d.clone()));
-            AdminReply::Device(device_view(&d, online, &LeaseInfo::load(store, now)?))
+        AdminRequest::DeviceQuarantine { .. }
+        | AdminRequest::DeviceRevoke { .. }
+        | AdminRequest::UserDisable { .. } => {
+            bail!("internal error: a narrowing request reached the snapshot's handler")
         }
         AdminRequest::DeviceRelease { name: n } => {
             let d = store.device_by_name(&n)?;
@@ -322,37 +303,6 @@ pub fn handle(
             let d = store.set_quarantine(d.id, None, ACTOR, now)?;
             live.notify(Notice::Device(d.clone()));
             AdminReply::Device(device_view(&d, online, &LeaseInfo::load(store, now)?))
-        }
-        AdminRequest::DeviceRevoke { name: n } => {
-            let d = match store.revoke_device(&n, ACTOR, now) {
-                Ok(d) => d,
-                Err(e) if e.is_storage_fault() => {
-                    // The revocation still takes effect: journaled, then applied in memory.
-                    let d = store.device_by_name(&n)?;
-                    ensure!(
-                        d.is_live() || d.user_disabled,
-                        "device {n:?} is already revoked"
-                    );
-                    journal(
-                        store,
-                        Narrowing::RevokeDevice { device: n.clone() },
-                        &e,
-                        now,
-                    )?;
-                    Device {
-                        status: DeviceStatus::Revoked,
-                        revoked_ms: Some(now),
-                        ..d
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            };
-            live.notify(Notice::Removed(
-                d.id,
-                "the device has been revoked by an administrator".into(),
-            ));
-            tracing::info!(device = %d.id, hostname = %d.hostname, "device revoked");
-            AdminReply::Device(device_view(&d, &[], &LeaseInfo::load(store, now)?))
         }
         AdminRequest::DeviceRotate { name: n } => {
             AdminReply::Rotating(device_rotate(store, live, &n, now)?)
@@ -894,6 +844,103 @@ fn anomaly_view(a: crate::behaviour::Anomaly, device: String) -> super::api::Ano
     }
 }
 
+/// Revokes device `n` for good: stored (or journaled when the database cannot take it) and
+/// handed to the registry, which closes its session and removes it from every netmap.
+fn device_revoke(store: &dyn Store, live: &dyn Live, n: String, now: i64) -> Result<AdminReply> {
+    let d = match store.revoke_device(&n, ACTOR, now) {
+        Ok(d) => d,
+        Err(e) if e.is_storage_fault() => {
+            // The revocation still takes effect: journaled, then applied in memory.
+            let d = store.device_by_name(&n)?;
+            ensure!(
+                d.is_live() || d.user_disabled,
+                "device {n:?} is already revoked"
+            );
+            journal(
+                store,
+                Narrowing::RevokeDevice { device: n.clone() },
+                &e,
+                now,
+            )?;
+            Device {
+                status: DeviceStatus::Revoked,
+                revoked_ms: Some(now),
+                ..d
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    live.notify(Notice::Removed(
+        d.id,
+        "the device has been revoked by an administrator".into(),
+    ));
+    tracing::info!(device = %d.id, hostname = %d.hostname, "device revoked");
+    Ok(AdminReply::Device(device_view(
+        &d,
+        &[],
+        &LeaseInfo::load(store, now)?,
+    )))
+}
+
+/// Quarantines device `n`: stored (or journaled) and handed to the registry, which narrows
+/// its access and rotates its key.
+fn device_quarantine(
+    store: &dyn Store,
+    live: &dyn Live,
+    n: String,
+    reason: Option<String>,
+    now: i64,
+) -> Result<AdminReply> {
+    let d = store.device_by_name(&n)?;
+    ensure!(d.is_live(), "device {n:?} is not active");
+    let q = Quarantine {
+        since_ms: now,
+        reason: reason.unwrap_or_else(|| "quarantined by an administrator".into()),
+        automatic: false,
+    };
+    let d = match store.set_quarantine(d.id, Some(&q), ACTOR, now) {
+        Ok(d) => d,
+        Err(e) if e.is_storage_fault() => {
+            // The quarantine still takes effect: journaled, then applied in memory.
+            journal(
+                store,
+                Narrowing::QuarantineDevice {
+                    device: n.clone(),
+                    reason: q.reason.clone(),
+                },
+                &e,
+                now,
+            )?;
+            Device {
+                quarantine: Some(q),
+                ..d
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    live.notify(Notice::Device(d.clone()));
+    // The reply's online state is asked of the registry only now: the quarantine is in
+    // force whatever it is doing (a registry that cannot answer shows the device offline).
+    let online = live
+        .snapshot()
+        .map(|s| online_anywhere(&s))
+        .unwrap_or_default();
+    Ok(AdminReply::Device(device_view(
+        &d,
+        &online,
+        &LeaseInfo::load(store, now)?,
+    )))
+}
+
+/// Devices whose session a live replica holds (this one or another).
+fn online_anywhere(snap: &Snapshot) -> Vec<DeviceId> {
+    snap.online
+        .iter()
+        .chain(&snap.online_elsewhere)
+        .copied()
+        .collect()
+}
+
 /// `device rotate`: the device makes a new key now; its current leases stop being renewed.
 /// Audited whether or not the device is connected; an offline device is an error.
 fn device_rotate(store: &dyn Store, live: &dyn Live, n: &str, now: i64) -> Result<Rotating> {
@@ -1192,6 +1239,8 @@ mod tests {
         relays: std::collections::BTreeMap<String, RelayLoad>,
         /// The registry's users and devices in its snapshot.
         directory: Directory,
+        /// The registry cannot answer (its actor is gone or stuck).
+        mute: bool,
     }
 
     impl FakeLive {
@@ -1199,6 +1248,7 @@ mod tests {
             Self {
                 policy: policy.map(|p| ward_shared::policy::parse(p.as_bytes(), "t.toml").unwrap()),
                 online: false,
+                mute: false,
                 notices: RefCell::new(vec![]),
                 rotations: Cell::new(0),
                 relays: Default::default(),
@@ -1212,6 +1262,7 @@ mod tests {
 
     impl Live for FakeLive {
         fn snapshot(&self) -> Result<Snapshot> {
+            ensure!(!self.mute, "the registry does not answer");
             Ok(Snapshot {
                 policy: self.policy.clone(),
                 relays: self.relays.clone(),
@@ -1709,6 +1760,45 @@ mod tests {
         w.run(&live, AdminRequest::GrantRm { id: g.id.clone() })
             .unwrap();
         assert!(err(w.run(&live, AdminRequest::GrantRm { id: g.id })).contains("no active grant"));
+    }
+
+    #[test]
+    fn narrowing_does_not_wait_on_the_registry() {
+        let (mut w, mut live) = (World::new(), FakeLive::new(None));
+        w.user(&live, "alice");
+        w.user(&live, "bob");
+        w.device(&live, "lap", Some("alice"), &[]);
+        w.device(&live, "desk", Some("alice"), &[]);
+        live.mute = true;
+        // Widening or reading needs the registry's answer: refused.
+        assert!(err(w.run(&live, AdminRequest::DeviceLs)).contains("does not answer"));
+        live.notices.borrow_mut().clear();
+        let AdminReply::Device(d) = w
+            .run(&live, AdminRequest::DeviceRevoke { name: "lap".into() })
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(d.state, crate::model::DeviceState::Revoked);
+        let AdminReply::Device(d) = w
+            .run(
+                &live,
+                AdminRequest::DeviceQuarantine {
+                    name: "desk".into(),
+                    reason: None,
+                },
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(d.state, crate::model::DeviceState::Quarantined);
+        w.run(&live, AdminRequest::UserDisable { name: "bob".into() })
+            .unwrap();
+        let notices = live.notices.borrow();
+        assert!(matches!(notices[0], Notice::Removed(..)), "{notices:?}");
+        assert!(matches!(&notices[1], Notice::Device(d) if d.quarantine.is_some()));
+        assert!(matches!(&notices[2], Notice::User(u) if u.disabled));
     }
 
     #[test]

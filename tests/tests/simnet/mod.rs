@@ -51,6 +51,8 @@ pub struct Dev {
     /// The simulated host firewall, as the posture collector would read it.
     pub firewall: bool,
     pub disconnects: usize,
+    /// The peer set as the data plane was told it, built from the agent's events alone.
+    pub told: ward_client::agent::PeerMap,
 }
 
 /// Devices to enroll: (hostname, user, tags).
@@ -187,6 +189,7 @@ impl World {
                     ),
                     firewall: true,
                     disconnects: 0,
+                    told: Default::default(),
                 }
             })
             .collect();
@@ -261,6 +264,15 @@ impl World {
                     busy = true;
                     self.execute(i, ev);
                 }
+                // Invariant: the peer events, applied in order, add up to the agent's set.
+                let told: Vec<_> = self.devs[i].told.values().flatten().cloned().collect();
+                assert_eq!(
+                    told,
+                    self.devs[i].agent.configured_peers(),
+                    "t={} {}: the peer events do not add up to the configured set",
+                    self.t - T0,
+                    self.devs[i].name
+                );
                 while let Some(m) = self.devs[i].agent.poll_transmit() {
                     busy = true;
                     self.dispatch(i, m);
@@ -362,8 +374,27 @@ impl World {
             Event::Connected { .. } => {}
             Event::Disconnected { .. } => self.devs[i].disconnects += 1,
             Event::SetPeers(peers) => {
+                let told = &mut self.devs[i].told;
+                told.clear();
+                for p in &peers {
+                    told.entry(p.device_id).or_default().push(p.clone());
+                }
                 let mut out = Outbox::new();
                 self.devs[i].core.set_peers(peers, now.instant, &mut out);
+                self.emit(i, &out);
+            }
+            Event::UpdatePeers(changes) => {
+                let told = &mut self.devs[i].told;
+                for (id, configs) in changes {
+                    if configs.is_empty() {
+                        told.remove(&id);
+                    } else {
+                        told.insert(id, configs);
+                    }
+                }
+                let whole: Vec<_> = told.values().flatten().cloned().collect();
+                let mut out = Outbox::new();
+                self.devs[i].core.set_peers(whole, now.instant, &mut out);
                 self.emit(i, &out);
             }
             Event::SetFilter { rules, sets } => {
