@@ -839,8 +839,20 @@ async fn addrs_set(ctx: Arc<Ctx>, addrs: Vec<String>) -> Envelope<AdminReply> {
 
 /// Runs one admin request on a blocking thread (the store is synchronous).
 async fn admin_handle(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> {
-    ctx.metrics
-        .admin_request(&crate::metrics::admin_command(&req));
+    let command = crate::metrics::admin_command(&req);
+    ctx.metrics.admin_request(&command);
+    let started = std::time::Instant::now();
+    let reply = admin_run(ctx, req).await;
+    tracing::info!(
+        command,
+        ok = reply.ok,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "admin request handled"
+    );
+    reply
+}
+
+async fn admin_run(ctx: Arc<Ctx>, req: AdminRequest) -> Envelope<AdminReply> {
     if matches!(req, AdminRequest::ConsoleLink) {
         return console_link(ctx).await;
     }

@@ -60,6 +60,9 @@ pub struct SqliteStore {
     listener: Mutex<Option<super::postgres::listen::FeedListener>>,
 }
 
+/// A transaction holding (or waiting for) the SQLite connection longer than this is logged.
+const SLOW_TX: std::time::Duration = std::time::Duration::from_millis(200);
+
 enum Backend {
     Sqlite(Mutex<Connection>),
     Postgres(PgBackend),
@@ -250,14 +253,33 @@ impl SqliteStore {
 
     /// Runs `f` in one transaction: SQLite's `BEGIN IMMEDIATE`, or PostgreSQL's under the
     /// store-wide advisory lock; either way one writer at a time.
-    fn raw_tx<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+    fn raw_tx<T, F: FnOnce(&Tx<'_>) -> Result<T>>(&self, f: F) -> Result<T> {
+        self.raw_tx_named(std::any::type_name::<F>(), f)
+    }
+
+    /// [`SqliteStore::raw_tx`], logging a transaction that held the connection (everything
+    /// else on SQLite waits for it, revocations too) or waited for it over [`SLOW_TX`], by
+    /// `what` (the caller's closure type, which names its function).
+    fn raw_tx_named<T>(&self, what: &str, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         match &self.backend {
             Backend::Sqlite(conn) => {
+                let asked = std::time::Instant::now();
                 // A poisoned lock means a panic mid-transaction; SQLite rolled it back, so go on.
                 let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let got = std::time::Instant::now();
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let out = f(&Tx::Lite(&tx))?;
                 tx.commit()?;
+                drop(conn);
+                let (waited, held) = (got - asked, got.elapsed());
+                if waited > SLOW_TX || held > SLOW_TX {
+                    tracing::warn!(
+                        what,
+                        waited_ms = waited.as_millis() as u64,
+                        held_ms = held.as_millis() as u64,
+                        "slow store transaction"
+                    );
+                }
                 Ok(out)
             }
             Backend::Postgres(pg) => pg.with_tx(f),
@@ -273,8 +295,8 @@ impl SqliteStore {
     /// Runs `f` in one transaction ([`SqliteStore::raw_tx`]). With an anchor, a transaction
     /// that appended audit rows also moves the keyed head forward before it commits, and the
     /// checkpoint file is rewritten after the commit, before the caller hears of success.
-    fn with_tx<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
-        let res = self.raw_tx(|tx| {
+    fn with_tx<T, F: FnOnce(&Tx<'_>) -> Result<T>>(&self, f: F) -> Result<T> {
+        let res = self.raw_tx_named(std::any::type_name::<F>(), |tx| {
             let before = match &self.anchor {
                 Some(_) => audit::tail(tx)?,
                 None => None,
