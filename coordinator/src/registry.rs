@@ -3665,15 +3665,7 @@ to = ["all"]
     #[test]
     fn peers_hear_of_a_revocation_before_the_compile_that_follows_it() {
         let mut r = reg(&[1, 2, 3]);
-        for (d, c) in [(1, 10), (2, 11), (3, 12)] {
-            r.handle_session_opened(
-                DeviceId(d),
-                c,
-                addr(&format!("10.0.0.{d}:1")),
-                DeviceUpdate::default(),
-            )
-            .unwrap();
-        }
+        open_sessions(&mut r, &[1, 2, 3]);
         drain(&mut r);
         let compiles = r.compiles;
         r.handle_device_removed(DeviceId(2), "the device has been revoked");
@@ -3682,7 +3674,7 @@ to = ["all"]
         while told.len() < 2 {
             let o = r.poll_output().expect("the peers are told");
             match o {
-                Output::Close { conn: 11, .. } => closed = true,
+                Output::Close { conn: 20, .. } => closed = true,
                 Output::Send {
                     conn,
                     msg: CoordinatorMsg::NetmapDelta(d),
@@ -3693,7 +3685,7 @@ to = ["all"]
                 _ => {}
             }
         }
-        assert_eq!(told, BTreeSet::from([10, 12]));
+        assert_eq!(told, BTreeSet::from([10, 30]));
         assert_eq!(r.compiles, compiles, "told before compiling");
         // The compile follows, and removes nothing twice.
         let rest = drain(&mut r);
@@ -3704,15 +3696,7 @@ to = ["all"]
     #[test]
     fn a_quarantined_device_s_peers_are_told_before_its_verdict_is_worked_out() {
         let mut r = reg(&[1, 2, 3]);
-        for (d, c) in [(1, 10), (2, 11), (3, 12)] {
-            r.handle_session_opened(
-                DeviceId(d),
-                c,
-                addr(&format!("10.0.0.{d}:1")),
-                DeviceUpdate::default(),
-            )
-            .unwrap();
-        }
+        open_sessions(&mut r, &[1, 2, 3]);
         std::iter::from_fn(|| r.poll_output()).for_each(drop);
         let mut q = dev(2);
         q.quarantine = Some(crate::store::Quarantine {
@@ -3723,9 +3707,9 @@ to = ["all"]
         r.handle_device_upserted(q);
         let out: Vec<Output> = std::iter::from_fn(|| r.poll_output()).collect();
         let at = |f: &dyn Fn(&Output) -> bool| out.iter().position(f);
-        let verdict = at(&|o| matches!(o, Output::Send { conn: 11, msg: CoordinatorMsg::PostureVerdict(v) } if v.quarantine.is_some()))
+        let verdict = at(&|o| matches!(o, Output::Send { conn: 20, msg: CoordinatorMsg::PostureVerdict(v) } if v.quarantine.is_some()))
             .expect("the quarantined device is told why");
-        for conn in [10, 12] {
+        for conn in [10, 30] {
             // The peers may still reach it; it is no source of theirs any more.
             let told = at(&|o| matches!(o, Output::Send { conn: c, msg: CoordinatorMsg::NetmapDelta(d) } if *c == conn && !d.peer_sets.is_empty()))
                 .unwrap_or_else(|| panic!("no delta for {conn}: {out:?}"));
