@@ -292,6 +292,9 @@ pub struct Registry {
     /// Sessions whose verdict is due: computed once no netmap is pending (a quarantined
     /// device's verdict compiles the policy again, and no peer waits on that).
     verdicts: BTreeSet<DeviceId>,
+    /// The compile's shared source lists, aggregated into prefixes once for every session
+    /// factored (cleared with each new compile).
+    aggregated: peerset::Aggregated,
     /// What `compiled` was compiled from; `None` forces a compile.
     compiled_for: Option<CompiledFor>,
     /// Bumped by every new policy (so a cached compile is never reused across policies).
@@ -450,6 +453,7 @@ impl Registry {
             wants: PostureWants::default(),
             pending: VecDeque::new(),
             verdicts: BTreeSet::new(),
+            aggregated: peerset::Aggregated::default(),
             compiled_for: None,
             policy_gen: 0,
             compiles: 0,
@@ -2033,6 +2037,7 @@ impl Registry {
                 && self.compiled.next_expiry_ms.is_none_or(|t| self.now_ms < t)
         });
         if !unchanged {
+            self.aggregated.clear();
             // Which requirements apply where depends on the same inputs as the compile.
             self.refresh_needed();
             let handover = self.handover.take();
@@ -2142,10 +2147,11 @@ impl Registry {
             let filter = if same_compile {
                 None
             } else if session.protocol >= 2 {
-                Some(peerset::factor(
+                Some(peerset::factor_with(
                     inbound,
                     shadow_filter.map(Vec::as_slice),
                     session.sent.as_ref().map(|s| &s.filter),
+                    &mut self.aggregated,
                 ))
             } else {
                 Some(Factored {

@@ -39,6 +39,12 @@ impl Sources {
         Arc::ptr_eq(&a.0, &b.0)
     }
 
+    /// The shared list's address: the same for every clone of one list, and not reused by
+    /// another list while a clone is held.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.0).cast::<IpAddr>() as usize
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -15,8 +15,9 @@
 //!
 //! Everything here is pure: no I/O, no clock.
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::filter::{FilterRule, Sources};
@@ -157,13 +158,47 @@ pub fn factor(
     shadow: Option<&[FilterRule]>,
     prev: Option<&Factored>,
 ) -> Factored {
+    factor_with(inbound, shadow, prev, &mut Aggregated::default())
+}
+
+/// [`aggregate`] of each shared source list seen, kept while the caller keeps the lists (one
+/// compile's): a list every destination's rule points to is aggregated once, not once per
+/// device factored. Each entry holds a clone of its list, so no other list can take its
+/// address while it is cached.
+#[derive(Debug, Default)]
+pub struct Aggregated {
+    by_list: FxHashMap<usize, (Sources, Vec<Prefix>)>,
+}
+
+impl Aggregated {
+    /// Forgets every list (the lists' compile was replaced).
+    pub fn clear(&mut self) {
+        self.by_list.clear();
+    }
+
+    fn of(&mut self, s: &Sources) -> Vec<Prefix> {
+        let (_, prefixes) = self
+            .by_list
+            .entry(s.id())
+            .or_insert_with(|| (s.clone(), aggregate(s.iter().copied())));
+        prefixes.clone()
+    }
+}
+
+/// [`factor`], aggregating source lists through `agg`.
+pub fn factor_with(
+    inbound: &[FilterRule],
+    shadow: Option<&[FilterRule]>,
+    prev: Option<&Factored>,
+    agg: &mut Aggregated,
+) -> Factored {
     // Distinct populations, in order of first use.
     let mut pops: Vec<Vec<Prefix>> = Vec::new();
     // Distinct source lists seen (few: one per population), compared whole rather than
     // hashed: the compiler gives every rule over a population an equal list, usually the same
     // shared one (found by pointer).
     let mut by_sources: Vec<(&Sources, usize)> = Vec::new();
-    let mut by_prefixes: HashMap<Vec<Prefix>, usize> = HashMap::new();
+    let mut by_prefixes: FxHashMap<Vec<Prefix>, usize> = FxHashMap::default();
     let all = inbound.iter().chain(shadow.into_iter().flatten());
     // Each rule's population (None: no sources at all).
     let mut rule_pop: Vec<Option<usize>> = Vec::new();
@@ -176,7 +211,7 @@ pub fn factor(
             rule_pop.push(Some(*p));
             continue;
         }
-        let prefixes = aggregate(r.sources.iter().copied());
+        let prefixes = agg.of(&r.sources);
         let p = *by_prefixes.entry(prefixes.clone()).or_insert_with(|| {
             pops.push(prefixes);
             pops.len() - 1
@@ -189,7 +224,8 @@ pub fn factor(
     let prev = prev.unwrap_or(&empty);
     let mut ids: Vec<Option<u32>> = vec![None; pops.len()];
     let mut claimed: BTreeSet<u32> = BTreeSet::new();
-    let by_content: HashMap<&Vec<Prefix>, u32> = prev.sets.iter().map(|(id, p)| (p, *id)).collect();
+    let by_content: FxHashMap<&Vec<Prefix>, u32> =
+        prev.sets.iter().map(|(id, p)| (p, *id)).collect();
     for (i, p) in pops.iter().enumerate() {
         if let Some(&id) = by_content.get(p) {
             if claimed.insert(id) {
@@ -197,7 +233,7 @@ pub fn factor(
             }
         }
     }
-    let mut prev_key: HashMap<(&str, &str), u32> = HashMap::new();
+    let mut prev_key: FxHashMap<(&str, &str), u32> = FxHashMap::default();
     for r in prev.inbound.iter().chain(prev.shadow.iter().flatten()) {
         if let [id] = r.source_sets.as_slice() {
             prev_key.entry((&r.rule, &r.service)).or_insert(*id);

@@ -335,3 +335,32 @@ fn hosts_expand_small_prefixes_only() {
     assert!(rule_has_source(&r, &sets, ip("::ffff:100.64.0.2")));
     assert!(!rule_has_source(&r, &sets, v4(4)));
 }
+
+#[test]
+fn a_shared_aggregation_cache_gives_what_a_fresh_factoring_gives() {
+    let a: Vec<IpAddr> = (1..=40).map(v4).collect();
+    let b: Vec<IpAddr> = (30..=90).map(v4).chain((1..=3).map(v6)).collect();
+    // One list shared by two destinations' rules, as a compile shares it.
+    let shared = rule("a", &a, 22);
+    let mut also = rule("a2", &[], 80);
+    also.sources = shared.sources.clone();
+    let mut agg = Aggregated::default();
+    let first = vec![shared.clone(), also.clone(), rule("b", &b, 443)];
+    assert_eq!(
+        factor_with(&first, None, None, &mut agg),
+        factor(&first, None, None)
+    );
+    // Other lists through the same cache, some equal in content to cached ones but not the
+    // same allocation, and a factoring that follows a previous one.
+    let prev = factor(&first, None, None);
+    let second = vec![rule("a", &a[..20], 22), rule("b", &b, 443), also];
+    assert_eq!(
+        factor_with(&second, None, Some(&prev), &mut agg),
+        factor(&second, None, Some(&prev))
+    );
+    agg.clear();
+    assert_eq!(
+        factor_with(&second, None, Some(&prev), &mut agg),
+        factor(&second, None, Some(&prev))
+    );
+}
