@@ -42,6 +42,12 @@ pub type Refusal = (ErrorCode, String);
 /// (`Registry::risky_lease_ttl_ms`). Refuses a device that is not live, and a key the device
 /// has not proved it holds ([`check_proof`]). The caller has asked the registry first whether
 /// the key is free (`Registry::check_lease_request`).
+///
+/// `current` is the lease the device holds on `key` already (`Registry::current_lease`). If
+/// it is [`reusable`] (in the first half of its life, and ending no later than a lease issued
+/// now would) it is the answer: a device that reconnects asks for a lease on the key it uses,
+/// and a new one would go to every peer (each checking its signature) for nothing. The
+/// checks before it are the same as for a new lease.
 #[allow(clippy::too_many_arguments)] // each is one independent input of the decision
 pub fn issue(
     store: &dyn Store,
@@ -51,6 +57,7 @@ pub fn issue(
     id: DeviceId,
     key: WgPublicKey,
     proof: Option<&KeyProof>,
+    current: Option<&SignedLease>,
     now_ms: i64,
 ) -> Result<SignedLease, Refusal> {
     check_proof(signer, id, &key, proof)?;
@@ -69,6 +76,10 @@ pub fn issue(
             .min(i64::try_from(risky).unwrap_or(i64::MAX))
             .max(1_000);
     }
+    if let Some(l) = current.filter(|l| reusable(l, id, &key, ttl_ms, now_ms)) {
+        info!(device = %id, serial = l.lease.serial, "lease still fresh; sent again");
+        return Ok(l.clone());
+    }
     let row = store
         .issue_lease(id, key, ttl_ms, now_ms)
         .map_err(|e| match e {
@@ -80,6 +91,27 @@ pub fn issue(
     };
     info!(device = %id, serial = lease.lease.serial, ttl_ms, "lease issued");
     Ok(lease)
+}
+
+/// Whether `current` may answer a request from device `id` for a lease on `key` at
+/// `now_ms`, when a new lease would live `ttl_ms`: it is that device's lease on that key, it
+/// has started, it is in the first half of its life (the device would otherwise rotate at
+/// once), and it ends no later than a new lease would (so a shorter TTL, for a risky device or
+/// a tag, takes effect now).
+pub fn reusable(
+    current: &SignedLease,
+    id: DeviceId,
+    key: &WgPublicKey,
+    ttl_ms: i64,
+    now_ms: i64,
+) -> bool {
+    let l = &current.lease;
+    let half = l.not_before_ms + (l.not_after_ms - l.not_before_ms) / 2;
+    l.device_id == id
+        && &l.wg_public_key == key
+        && l.not_before_ms <= now_ms
+        && now_ms < half
+        && l.not_after_ms <= now_ms.saturating_add(ttl_ms)
 }
 
 /// Refuses a lease request that does not prove possession of the key's private half: an
@@ -159,6 +191,133 @@ mod tests {
                 .unwrap_err()
                 .0,
             ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn a_fresh_lease_on_the_same_key_is_reusable_and_nothing_else_is() {
+        let signer = SigningKey::from_bytes(&[5; 32]);
+        let (id, key) = (DeviceId(2), WgPublicKey([7; 32]));
+        let l = Lease {
+            device_id: id,
+            wg_public_key: key,
+            ipv4: std::net::Ipv4Addr::new(100, 64, 0, 2),
+            ipv6: "fd00::2".parse().unwrap(),
+            not_before_ms: 10_000,
+            not_after_ms: 30_000,
+            serial: 4,
+        }
+        .sign(&signer);
+        let ttl = 20_000;
+        assert!(reusable(&l, id, &key, ttl, 10_000));
+        assert!(reusable(&l, id, &key, ttl, 19_999));
+        assert!(!reusable(&l, id, &key, ttl, 20_000), "half spent: rotate");
+        assert!(!reusable(&l, id, &key, ttl, 9_999), "not started");
+        assert!(
+            !reusable(&l, DeviceId(3), &key, ttl, 15_000),
+            "another device's"
+        );
+        assert!(
+            !reusable(&l, id, &WgPublicKey([8; 32]), ttl, 15_000),
+            "another key"
+        );
+        // A shorter TTL now (a risky device, a tag): a new lease would end sooner.
+        assert!(!reusable(&l, id, &key, 5_000, 15_000));
+        assert!(reusable(&l, id, &key, 15_000, 15_000));
+    }
+
+    #[test]
+    fn a_request_for_a_key_with_a_fresh_lease_gets_that_lease_and_writes_nothing() {
+        use crate::store::{EnrollSpec, SqliteStore, TokenSpec};
+        use ward_shared::names::{Hostname, Name};
+        let store = SqliteStore::open_in_memory().unwrap();
+        let name = |s: &str| Name::parse("name", s).unwrap();
+        store.add_user(&name("alice"), &[], "admin", 1_000).unwrap();
+        store
+            .create_token(
+                TokenSpec {
+                    id: "t",
+                    secret_hash: ward_shared::token::hash_secret(b"s"),
+                    user: Some(&name("alice")),
+                    tags: &[],
+                    expires_ms: 5_000,
+                    uses: 1,
+                    hostname: None,
+                },
+                "admin",
+                1_000,
+            )
+            .unwrap();
+        let (dev, _) = store
+            .enroll(
+                EnrollSpec {
+                    token_id: "t",
+                    token_secret: b"s",
+                    hostname: Hostname::sanitize("a").unwrap(),
+                    os: "linux".into(),
+                    identity_hash: [1; 32],
+                },
+                &ward_shared::addr::AddressPools::from_random([1, 2, 3, 4, 5]),
+                &mut |_| Ok((vec![1, 2, 3], 99)),
+                2_000,
+            )
+            .unwrap();
+        let signer = SigningKey::from_bytes(&[5; 32]);
+        let ttl = LeaseTtl {
+            default_ms: 60_000,
+            per_tag_ms: BTreeMap::new(),
+            max_ms: 60_000,
+        };
+        let private = [4u8; 32];
+        let key = keyproof::public_for(&private);
+        let proof = keyproof::prove(&private, &signer.verifying_key(), dev.id, &key).unwrap();
+        let get = |risky: Option<u64>, current: Option<&SignedLease>, now: i64| {
+            issue(
+                &store,
+                &signer,
+                &ttl,
+                risky,
+                dev.id,
+                key,
+                Some(&proof),
+                current,
+                now,
+            )
+        };
+        let first = get(None, None, 10_000).unwrap();
+        let issued = || store.lease_counts().unwrap().get(&dev.id).copied();
+        assert_eq!(issued(), Some(1));
+        // Reconnected 10 s later, asking for the key in use: the same lease, nothing stored.
+        let again = get(None, Some(&first), 20_000).unwrap();
+        assert_eq!(again, first);
+        assert_eq!(issued(), Some(1));
+        // The same request still needs its proof, and a live device.
+        let forged = keyproof::prove(&[6; 32], &signer.verifying_key(), dev.id, &key).unwrap();
+        assert!(issue(
+            &store,
+            &signer,
+            &ttl,
+            None,
+            dev.id,
+            key,
+            Some(&forged),
+            Some(&first),
+            20_000
+        )
+        .is_err());
+        // Risky now (a 10 s TTL): a new, shorter lease.
+        let short = get(Some(10_000), Some(&first), 21_000).unwrap();
+        assert!(short.lease.serial > first.lease.serial);
+        assert_eq!(short.lease.not_after_ms, 31_000);
+        // Half spent: a new lease.
+        let late = get(None, Some(&first), 40_000).unwrap();
+        assert!(late.lease.serial > short.lease.serial);
+        assert_eq!(issued(), Some(3));
+        store.revoke_device("a", "admin", 41_000).unwrap();
+        assert_eq!(
+            get(None, Some(&late), 42_000).unwrap_err().0,
+            ErrorCode::DeviceRevoked,
+            "a revoked device gets nothing, not even its old lease"
         );
     }
 

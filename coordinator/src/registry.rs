@@ -1402,6 +1402,17 @@ impl Registry {
         }
     }
 
+    /// The newest lease `id` holds on `key` (not revoked), if any: a lease request for a key
+    /// that still has a fresh lease may be answered with it (`leases::reusable`).
+    pub fn current_lease(&self, id: DeviceId, key: &WgPublicKey) -> Option<SignedLease> {
+        self.leases
+            .get(&id)?
+            .iter()
+            .rev()
+            .find(|l| &l.lease.wg_public_key == key)
+            .cloned()
+    }
+
     /// A lease was issued: peers learn the new key (alongside the old one) at once. A lease on
     /// a key another device holds is never applied (whatever let it be issued), so no peer
     /// ever maps one device's key to another.
@@ -5055,6 +5066,38 @@ scan_denied_flows = 4
         assert_eq!(
             r.check_lease_request(DeviceId(9), &WgPublicKey([10; 32])),
             Err(LeaseRefusal::NotLive)
+        );
+    }
+
+    #[test]
+    fn the_lease_offered_again_is_the_newest_unrevoked_one_on_that_key() {
+        let mut r = reg(&[1, 2, 3]);
+        r.handle_session_opened(DeviceId(3), 13, addr("10.0.0.3:1"), DeviceUpdate::default())
+            .unwrap();
+        r.handle_lease(lease_on(1, [7; 32], 1));
+        r.handle_lease(lease_on(1, [8; 32], 2));
+        drain(&mut r);
+        let serial = |l: Option<SignedLease>| l.map(|l| l.lease.serial);
+        assert_eq!(
+            serial(r.current_lease(DeviceId(1), &WgPublicKey([7; 32]))),
+            Some(1)
+        );
+        assert_eq!(
+            serial(r.current_lease(DeviceId(1), &WgPublicKey([8; 32]))),
+            Some(2)
+        );
+        assert_eq!(
+            serial(r.current_lease(DeviceId(2), &WgPublicKey([7; 32]))),
+            None
+        );
+        // Offered again, the same lease changes nothing the peers hold: no delta.
+        r.handle_lease(lease_on(1, [8; 32], 2));
+        assert!(drain(&mut r).is_empty());
+        r.handle_leases_revoked(DeviceId(1), &[1]);
+        drain(&mut r);
+        assert_eq!(
+            serial(r.current_lease(DeviceId(1), &WgPublicKey([7; 32]))),
+            None
         );
     }
 

@@ -674,6 +674,7 @@ pub struct Peer {
 pub struct Netmap {
     pub seq: u64,
     pub me: SelfInfo,
+    #[serde(serialize_with = "peer_json::serialize")]
     pub peers: Vec<Peer>,
     /// Inbound filter: who may open what on this device. Empty means nothing may.
     #[serde(default)]
@@ -769,7 +770,7 @@ pub struct Reach {
 pub struct NetmapDelta {
     pub base_seq: u64,
     pub seq: u64,
-    #[serde(default)]
+    #[serde(default, serialize_with = "peer_json::serialize")]
     pub upsert: Vec<Peer>,
     #[serde(default)]
     pub remove: Vec<DeviceId>,
@@ -1044,12 +1045,159 @@ pub enum WireError {
 
 /// Encodes one message as a frame.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // The body is written after four bytes kept for its length: a netmap of thousands of
+    // peers is half a megabyte, not worth copying a second time.
+    let mut out = vec![0u8; 4];
     // Serializing our own plain structs to JSON cannot fail (no maps with non-string keys).
-    let body = serde_json::to_vec(msg).unwrap_or_default();
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    if serde_json::to_writer(&mut out, msg).is_err() {
+        out.truncate(4);
+    }
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
     out
+}
+
+/// Encodes one message as a frame, as [`encode`] does (the same bytes), but writes each peer
+/// of a netmap or delta from `cache`: the JSON of a peer is made once and reused for every
+/// netmap that lists the peer unchanged. When a thousand devices reconnect at once, each
+/// full netmap lists the same thousand peers; without the cache the coordinator serialised
+/// every one of them a thousand times.
+pub fn encode_with(msg: &CoordinatorMsg, cache: &mut PeerJson) -> Vec<u8> {
+    // The JSON is written into a buffer kept from the last encode, then copied once into a
+    // frame of its size: a growing frame would be copied at every doubling.
+    let mut scratch = std::mem::take(&mut cache.scratch);
+    scratch.clear();
+    peer_json::CACHE.with(|c| *c.borrow_mut() = Some(std::mem::take(cache)));
+    let written = serde_json::to_writer(&mut scratch, msg);
+    peer_json::CACHE.with(|c| {
+        if let Some(back) = c.borrow_mut().take() {
+            *cache = back;
+        }
+    });
+    cache.tick();
+    if written.is_err() {
+        scratch.clear();
+    }
+    let mut out = Vec::with_capacity(4 + scratch.len());
+    out.extend_from_slice(&(scratch.len() as u32).to_be_bytes());
+    out.extend_from_slice(&scratch);
+    // A rare huge netmap does not pin its size for good.
+    if scratch.capacity() > PeerJson::SCRATCH_KEPT {
+        scratch = Vec::new();
+    }
+    cache.scratch = scratch;
+    out
+}
+
+/// Each peer's JSON as last written, by device: see [`encode_with`]. An entry is reused only
+/// while the peer is equal, field by field, to the one it was made from, so a changed peer
+/// is written afresh; a peer with per-device routes is never cached. Entries unused for
+/// [`PeerJson::ROUND`] encodes are dropped, so the cache holds about the devices in use.
+#[derive(Default)]
+pub struct PeerJson {
+    peers: rustc_hash::FxHashMap<DeviceId, CachedPeer>,
+    /// Encodes since the cache was made; `used` of an entry is this count when it was last
+    /// written from.
+    encodes: u64,
+    /// Peers written from the cache, and written afresh (for tests and tuning).
+    pub hits: u64,
+    pub misses: u64,
+    scratch: Vec<u8>,
+}
+
+struct CachedPeer {
+    peer: Peer,
+    json: Box<serde_json::value::RawValue>,
+    used: u64,
+}
+
+impl PeerJson {
+    /// Encodes between sweeps of entries not used since the last sweep.
+    pub const ROUND: u64 = 4096;
+    /// The largest encode buffer kept between encodes.
+    pub const SCRATCH_KEPT: usize = 8 << 20;
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    fn tick(&mut self) {
+        self.encodes += 1;
+        if self.encodes.is_multiple_of(Self::ROUND) {
+            let since = self.encodes - Self::ROUND;
+            self.peers.retain(|_, c| c.used > since);
+        }
+    }
+
+    /// The JSON of `p`, from the cache or written now; `None` if it cannot be cached.
+    fn raw(&mut self, p: &Peer) -> Option<&serde_json::value::RawValue> {
+        if !p.routes.is_empty() {
+            return None;
+        }
+        let used = self.encodes + 1;
+        let fresh = match self.peers.get(&p.device_id) {
+            Some(c) => c.peer != *p,
+            None => true,
+        };
+        if fresh {
+            let json = serde_json::value::to_raw_value(p).ok()?;
+            self.misses += 1;
+            self.peers.insert(
+                p.device_id,
+                CachedPeer {
+                    peer: p.clone(),
+                    json,
+                    used,
+                },
+            );
+        } else {
+            self.hits += 1;
+        }
+        let c = self.peers.get_mut(&p.device_id)?;
+        c.used = used;
+        Some(&c.json)
+    }
+}
+
+/// How `Netmap.peers` and `NetmapDelta.upsert` are written: from the [`PeerJson`] cache
+/// lent to this thread by [`encode_with`] for the length of one encode, else plainly.
+mod peer_json {
+    use super::{Peer, PeerJson};
+    use serde::ser::{SerializeSeq, Serializer};
+    use serde::Serialize;
+    use std::cell::RefCell;
+
+    thread_local! {
+        pub(super) static CACHE: RefCell<Option<PeerJson>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn serialize<S: Serializer>(peers: &[Peer], s: S) -> Result<S::Ok, S::Error> {
+        CACHE.with(|c| {
+            // Writing a peer never writes a peer list, so the cache is never borrowed twice;
+            // if it were, the peers would be written plainly, as without a cache.
+            let Ok(mut guard) = c.try_borrow_mut() else {
+                return peers.serialize(s);
+            };
+            let Some(cache) = guard.as_mut() else {
+                return peers.serialize(s);
+            };
+            let mut seq = s.serialize_seq(Some(peers.len()))?;
+            for p in peers {
+                match cache.raw(p) {
+                    // A `RawValue` is written as the JSON it holds: the cache is lent only to
+                    // `encode`, whose serializer is serde_json's.
+                    Some(raw) => seq.serialize_element(raw)?,
+                    None => seq.serialize_element(p)?,
+                }
+            }
+            seq.end()
+        })
+    }
 }
 
 /// Decodes one frame body.
@@ -1297,6 +1445,84 @@ mod tests {
         nm.apply(&d).unwrap();
         assert_eq!(nm.me.hostname.as_str(), "me-2");
         assert_eq!(nm.seq, 3);
+    }
+
+    #[test]
+    fn peers_written_from_the_cache_are_the_bytes_a_plain_encode_writes() {
+        let me = |id: u64| SelfInfo {
+            routes: Default::default(),
+            device_id: DeviceId(id),
+            hostname: Hostname::parse(&format!("h{id}")).unwrap(),
+            ipv4: Ipv4Addr::new(100, 64, 0, id as u8),
+            ipv6: "fd00::1".parse().unwrap(),
+            v6_prefix: "fd00::".parse().unwrap(),
+            observed_addr: None,
+        };
+        let netmap = |to: u64, peers: Vec<Peer>| {
+            CoordinatorMsg::Netmap(Netmap {
+                seq: to,
+                me: me(to),
+                peers,
+                inbound: vec![],
+                reach: vec![],
+                relays: vec![],
+                punch: true,
+                flows: false,
+                policy_version: Some(1),
+                shadow_filter: None,
+                dns_domain: None,
+                coordinators: vec![],
+                peer_sets: Vec::new(),
+                reach_grants: Vec::new(),
+                reach_services: Vec::new(),
+            })
+        };
+        let mut cache = PeerJson::default();
+        let all: Vec<Peer> = (1..=6).map(peer).collect();
+        // Every device gets the others; each peer is written once, then reused.
+        for to in 1..=6u64 {
+            let others: Vec<Peer> = all
+                .iter()
+                .filter(|p| p.device_id.0 != to)
+                .cloned()
+                .collect();
+            let msg = netmap(to, others);
+            assert_eq!(encode_with(&msg, &mut cache), encode(&msg));
+        }
+        assert_eq!((cache.misses, cache.hits, cache.len()), (6, 24, 6));
+
+        // A peer that changed is written afresh, never from its old JSON.
+        let mut moved = peer(3);
+        moved.endpoints = vec!["192.0.2.9:4000".parse().unwrap()];
+        moved.online = false;
+        let msg = netmap(1, vec![peer(2), moved.clone()]);
+        let bytes = encode_with(&msg, &mut cache);
+        assert_eq!(bytes, encode(&msg));
+        let CoordinatorMsg::Netmap(back) = decode(&bytes[4..]).unwrap() else {
+            panic!("not a netmap")
+        };
+        assert_eq!(back.peers[1], moved);
+        assert_eq!(cache.misses, 7);
+
+        // A delta's peers go through the same cache; a peer with routes of its own (they
+        // differ by the device told) is never cached.
+        let mut router = peer(4);
+        router.routes = vec!["10.1.0.0/16".parse().unwrap()];
+        let delta = CoordinatorMsg::NetmapDelta(NetmapDelta {
+            upsert: vec![moved, router.clone(), peer(5)],
+            ..NetmapDelta::after(1)
+        });
+        let (m, h) = (cache.misses, cache.hits);
+        assert_eq!(encode_with(&delta, &mut cache), encode(&delta));
+        assert_eq!((cache.misses - m, cache.hits - h), (0, 2));
+        let plain = netmap(9, vec![router]);
+        assert_eq!(encode_with(&plain, &mut cache), encode(&plain));
+
+        // Entries no encode used for a whole round are dropped.
+        for _ in 0..2 * PeerJson::ROUND {
+            encode_with(&netmap(1, vec![peer(2)]), &mut cache);
+        }
+        assert_eq!(cache.len(), 1, "only the peer still in use stays");
     }
 
     /// Flow reports and their acknowledgement as first written; they must keep decoding.

@@ -29,6 +29,10 @@ use crate::model::{Device, User};
 use crate::registry::{ConnId, LeaseRefusal, Output, Registry};
 use crate::store::Store;
 
+/// What a lease request may be given, if it may be given one: the risky device's shorter TTL
+/// (`Registry::risky_lease_ttl_ms`) and the lease the device holds on the key already.
+pub(super) type LeaseChecked = (Option<u64>, Option<SignedLease>);
+
 pub(super) enum ConnCmd {
     Send(Vec<u8>),
     Close(ErrorCode, String),
@@ -52,6 +56,8 @@ pub(super) struct DeviceConns {
     backlogged: std::collections::BTreeSet<ConnId>,
     /// Messages held in a backlog instead of queued (merged there), since start.
     held: u64,
+    /// Each peer's JSON, written once for all the netmaps that list it.
+    peer_json: wire::PeerJson,
 }
 
 impl DeviceConns {
@@ -87,7 +93,7 @@ impl DeviceConns {
         if c.backlog.is_empty() {
             let ended = match c.tx.try_reserve() {
                 Ok(permit) => {
-                    permit.send(ConnCmd::Send(wire::encode(&msg)));
+                    permit.send(ConnCmd::Send(wire::encode_with(&msg, &mut self.peer_json)));
                     return;
                 }
                 // The session ended; its `Closed` event is on the way.
@@ -134,7 +140,8 @@ impl DeviceConns {
                 match c.tx.try_reserve() {
                     Ok(permit) => {
                         if let Some(msg) = c.backlog.pop() {
-                            permit.send(ConnCmd::Send(wire::encode(&msg)));
+                            permit
+                                .send(ConnCmd::Send(wire::encode_with(&msg, &mut self.peer_json)));
                             moved = true;
                         }
                     }
@@ -235,11 +242,12 @@ pub(super) enum Event {
         peer: DeviceId,
     },
     /// Before a lease is issued: whether the device may have this key (not another device's),
-    /// and the policy's shorter lease TTL if the device is risky now.
+    /// the policy's shorter lease TTL if the device is risky now, and the lease the device
+    /// holds on this key already, if any.
     LeaseCheck(
         DeviceId,
         WgPublicKey,
-        oneshot::Sender<Result<Option<u64>, LeaseRefusal>>,
+        oneshot::Sender<Result<LeaseChecked, LeaseRefusal>>,
     ),
     /// A flow report's denial reasons, corrected with what only the registry knows (posture,
     /// quarantine); the report comes back relabeled ([`crate::flows::relabel`]).
@@ -597,7 +605,7 @@ pub(super) async fn registry_actor(
                 Event::LeaseCheck(id, key, reply) => {
                     let _ = reply.send(
                         reg.check_lease_request(id, &key)
-                            .map(|()| reg.risky_lease_ttl_ms(id)),
+                            .map(|()| (reg.risky_lease_ttl_ms(id), reg.current_lease(id, &key))),
                     );
                 }
                 Event::TrustView(id, reply) => {

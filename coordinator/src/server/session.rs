@@ -821,8 +821,8 @@ async fn issue_lease(
     // policy's `risky_lease_ttl`).
     let (tx, rx) = oneshot::channel();
     ctx.events.send(Event::LeaseCheck(id, key, tx)).await;
-    let risky = match rx.await {
-        Ok(Ok(risky)) => risky,
+    let (risky, current) = match rx.await {
+        Ok(Ok(checked)) => checked,
         Ok(Err(e)) => {
             let holder = match &e {
                 crate::registry::LeaseRefusal::KeyInUse { holder } => Some(*holder),
@@ -875,6 +875,7 @@ async fn issue_lease(
             id,
             key,
             proof.as_ref(),
+            current.as_ref(),
             now_ms(),
         )
     })

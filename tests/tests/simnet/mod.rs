@@ -522,6 +522,7 @@ impl World {
                         id,
                         wg_public_key,
                         proof.as_ref(),
+                        self.reg.current_lease(id, &wg_public_key).as_ref(),
                         t,
                     ),
                     Err(e) => Err((e.code(), e.to_string())),
