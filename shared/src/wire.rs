@@ -1296,6 +1296,27 @@ mod tests {
         }
     }
 
+    /// A netmap of sequence 1, policy version 4, with nothing but `me` and `peers`.
+    fn netmap_of(me: SelfInfo, peers: Vec<Peer>) -> Netmap {
+        Netmap {
+            seq: 1,
+            me,
+            peers,
+            inbound: vec![],
+            reach: vec![],
+            relays: vec![],
+            punch: true,
+            flows: true,
+            policy_version: Some(4),
+            shadow_filter: None,
+            dns_domain: None,
+            coordinators: vec![],
+            peer_sets: Vec::new(),
+            reach_grants: Vec::new(),
+            reach_services: Vec::new(),
+        }
+    }
+
     #[test]
     fn frames_round_trip_in_pieces() {
         let msgs = vec![
@@ -1383,23 +1404,7 @@ mod tests {
             v6_prefix: "fd00::".parse().unwrap(),
             observed_addr: None,
         };
-        let mut nm = Netmap {
-            seq: 1,
-            me,
-            peers: vec![peer(2), peer(3)],
-            inbound: vec![],
-            reach: vec![],
-            relays: vec![],
-            punch: true,
-            flows: true,
-            policy_version: Some(4),
-            shadow_filter: None,
-            dns_domain: None,
-            coordinators: vec![],
-            peer_sets: Vec::new(),
-            reach_grants: Vec::new(),
-            reach_services: Vec::new(),
-        };
+        let mut nm = netmap_of(me, vec![peer(2), peer(3)]);
         // The address list is optional on the wire both ways.
         let with: Netmap = decode(
             &encode(&Netmap {
@@ -1461,20 +1466,7 @@ mod tests {
         let netmap = |to: u64, peers: Vec<Peer>| {
             CoordinatorMsg::Netmap(Netmap {
                 seq: to,
-                me: me(to),
-                peers,
-                inbound: vec![],
-                reach: vec![],
-                relays: vec![],
-                punch: true,
-                flows: false,
-                policy_version: Some(1),
-                shadow_filter: None,
-                dns_domain: None,
-                coordinators: vec![],
-                peer_sets: Vec::new(),
-                reach_grants: Vec::new(),
-                reach_services: Vec::new(),
+                ..netmap_of(me(to), peers)
             })
         };
         let mut cache = PeerJson::default();
