@@ -76,7 +76,7 @@ pub fn issue(
             .min(i64::try_from(risky).unwrap_or(i64::MAX))
             .max(1_000);
     }
-    if let Some(l) = current.filter(|l| reusable(l, id, &key, ttl_ms, now_ms)) {
+    if let Some(l) = current.filter(|l| reusable(l, &fresh, &key, ttl_ms, now_ms)) {
         info!(device = %id, serial = l.lease.serial, "lease still fresh; sent again");
         return Ok(l.clone());
     }
@@ -93,21 +93,25 @@ pub fn issue(
     Ok(lease)
 }
 
-/// Whether `current` may answer a request from device `id` for a lease on `key` at
-/// `now_ms`, when a new lease would live `ttl_ms`: it is that device's lease on that key, it
-/// has started, it is in the first half of its life (the device would otherwise rotate at
-/// once), and it ends no later than a new lease would (so a shorter TTL, for a risky device or
-/// a tag, takes effect now).
+/// Whether `current` may answer a request from device `dev` (as stored now) for a lease on
+/// `key` at `now_ms`, when a new lease would live `ttl_ms`: it is that device's lease on that
+/// key and its addresses, it has started, it is in the first half of its life (the device
+/// would otherwise rotate at once), and it ends no later than a new lease would (so a shorter
+/// TTL, for a risky device or a tag, takes effect now).
 pub fn reusable(
     current: &SignedLease,
-    id: DeviceId,
+    dev: &Device,
     key: &WgPublicKey,
     ttl_ms: i64,
     now_ms: i64,
 ) -> bool {
     let l = &current.lease;
-    let half = l.not_before_ms + (l.not_after_ms - l.not_before_ms) / 2;
-    l.device_id == id
+    let half = l
+        .not_before_ms
+        .saturating_add(l.not_after_ms.saturating_sub(l.not_before_ms) / 2);
+    l.device_id == dev.id
+        && l.ipv4 == dev.ipv4
+        && l.ipv6 == dev.ipv6
         && &l.wg_public_key == key
         && l.not_before_ms <= now_ms
         && now_ms < half
@@ -197,12 +201,13 @@ mod tests {
     #[test]
     fn a_fresh_lease_on_the_same_key_is_reusable_and_nothing_else_is() {
         let signer = SigningKey::from_bytes(&[5; 32]);
-        let (id, key) = (DeviceId(2), WgPublicKey([7; 32]));
+        let dev = crate::model::test_device(2);
+        let (id, key) = (&dev, WgPublicKey([7; 32]));
         let l = Lease {
-            device_id: id,
+            device_id: dev.id,
             wg_public_key: key,
-            ipv4: std::net::Ipv4Addr::new(100, 64, 0, 2),
-            ipv6: "fd00::2".parse().unwrap(),
+            ipv4: dev.ipv4,
+            ipv6: dev.ipv6,
             not_before_ms: 10_000,
             not_after_ms: 30_000,
             serial: 4,
@@ -213,10 +218,12 @@ mod tests {
         assert!(reusable(&l, id, &key, ttl, 19_999));
         assert!(!reusable(&l, id, &key, ttl, 20_000), "half spent: rotate");
         assert!(!reusable(&l, id, &key, ttl, 9_999), "not started");
-        assert!(
-            !reusable(&l, DeviceId(3), &key, ttl, 15_000),
-            "another device's"
-        );
+        let mut other = dev.clone();
+        other.id = DeviceId(3);
+        assert!(!reusable(&l, &other, &key, ttl, 15_000), "another device's");
+        let mut moved = dev.clone();
+        moved.ipv4 = std::net::Ipv4Addr::new(100, 64, 9, 9);
+        assert!(!reusable(&l, &moved, &key, ttl, 15_000), "other addresses");
         assert!(
             !reusable(&l, id, &WgPublicKey([8; 32]), ttl, 15_000),
             "another key"
