@@ -560,12 +560,22 @@ async fn run(
                 .filter(|a| *a > t_kill)
                 .map(|a| a - t_kill)
         });
+        // Each session asks for a lease on its key once its netmap is in; a fresh one is sent
+        // again, not replaced (a new lease would go to every peer).
+        let after = |at: Option<Instant>| at.is_some_and(|a| a > t_kill);
+        let leased = || shared.count(|r| after(r.lease_kept_at) || after(r.lease_reissued_at));
+        wait_for(Duration::from_secs(10), || leased() >= back.len()).await;
+        let leases = (
+            shared.count(|r| after(r.lease_kept_at)),
+            shared.count(|r| after(r.lease_reissued_at)),
+        );
         rep.restart(
             live,
             done,
             up_ms,
             &noticed,
             &back,
+            leases,
             coord.cpu_s() - cpu0,
             coord.rss(),
         );
@@ -1042,6 +1052,12 @@ struct Rec {
     touched_at: Option<Instant>,
     /// The watch generation this session has looked at.
     seen_gen: u64,
+    /// The last lease the session was sent: (serial, key).
+    lease: Option<(u64, [u8; 32])>,
+    /// When the session was last sent the lease it held (the same serial), or a new lease on
+    /// the key it held (another serial).
+    lease_kept_at: Option<Instant>,
+    lease_reissued_at: Option<Instant>,
 }
 
 struct Shared {
@@ -1382,6 +1398,15 @@ impl Dev {
                 r.netmap_bytes += size;
                 r.netmap_msgs += 1;
                 r.last_netmap_at = Some(at);
+            }
+            CoordinatorMsg::Lease { lease } => {
+                let (serial, key) = (lease.lease.serial, lease.lease.wg_public_key.0);
+                match r.lease {
+                    Some((s, k)) if k == key && s == serial => r.lease_kept_at = Some(at),
+                    Some((_, k)) if k == key => r.lease_reissued_at = Some(at),
+                    _ => {}
+                }
+                r.lease = Some((serial, key));
             }
             _ => {}
         }
@@ -2055,6 +2080,7 @@ impl Report {
         up_ms: f64,
         noticed: &[Duration],
         back: &[Duration],
+        (kept, reissued): (usize, usize),
         cpu: f64,
         rss: (f64, f64),
     ) {
@@ -2079,6 +2105,12 @@ impl Report {
             ),
         );
         self.row(
+            "restart: leases",
+            format!(
+                "{kept} sessions sent the lease they held, {reissued} a new lease on the same key"
+            ),
+        );
+        self.row(
             "restart coordinator",
             format!("{cpu:.1} cpu s during resync, peak rss {:.0} MiB", rss.0),
         );
@@ -2088,8 +2120,17 @@ impl Report {
                 "noticed": noticed.len(), "noticed_p50_ms": n50, "noticed_p99_ms": n99,
                 "noticed_max_ms": nmax, "resynced": back.len(), "resync_p50_ms": b50,
                 "resync_p99_ms": b99, "resync_max_ms": bmax, "coordinator_cpu_s": cpu,
-                "peak_rss_mib": rss.0}),
+                "peak_rss_mib": rss.0, "leases_kept": kept, "leases_reissued": reissued}),
         );
+        // A reconnect keeps a lease in the first half of its life, and a run is far shorter
+        // than half of the default 10-minute lease: a new lease on the same key for more than
+        // a tenth of the sessions means reconnects make new leases (each one checked by every
+        // peer: a million signature checks at 1 000 sessions).
+        if reissued > live / 10 {
+            self.fail(format!(
+                "{reissued} of {live} sessions got a new lease on the key they held after the restart"
+            ));
+        }
         if !all {
             self.fail(format!("{} of {live} sessions resynced", back.len()));
         }
