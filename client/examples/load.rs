@@ -46,7 +46,7 @@ use ward_shared::posture::{Measured, PostureReport};
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, EnrollRequest, Enrolled,
-    TokenSecret, PROTOCOL_VERSION,
+    Netmap, TokenSecret, PROTOCOL_VERSION,
 };
 
 #[derive(Parser, Debug, Clone)]
@@ -488,7 +488,8 @@ async fn run(
         let mut own = Vec::new();
         let mut peers = Vec::new();
         let mut commands = Vec::new();
-        let (mut expected, mut reached) = (0usize, 0usize);
+        let mut enforced = Vec::new();
+        let (mut expected, mut reached, mut admitted) = (0usize, 0usize, 0usize);
         for &t in &targets {
             eprintln!("load: {what} {}", names[t].1);
             let (id, name) = (names[t].0, names[t].1.clone());
@@ -526,11 +527,20 @@ async fn run(
             expected += exp.max(shared.count(|r| r.watch_peer_gen == gen));
             reached += p.len();
             peers.extend(p);
+            let e: Vec<Duration> = shared.collect(|r| {
+                (r.admits_gen == gen && r.enforced_gen == gen)
+                    .then(|| r.enforced_at.map(|a| a.saturating_duration_since(start)))
+                    .flatten()
+            });
+            admitted += shared.count(|r| r.admits_gen == gen);
+            enforced.extend(e);
         }
         let times = Narrowed {
             own,
             commands,
             peers,
+            enforced,
+            admitted,
         };
         rep.revocation(what, targets.len(), &times, expected, reached);
     }
@@ -1052,6 +1062,13 @@ struct Rec {
     touched_at: Option<Instant>,
     /// The watch generation this session has looked at.
     seen_gen: u64,
+    /// The watch generation for which this session's inbound filter let the watched device
+    /// in when it was armed, that device's addresses, and when the filter stopped letting it
+    /// in (the peer enforcing the narrowing, whatever else its netmap still holds).
+    admits_gen: u64,
+    admits_addrs: Vec<IpAddr>,
+    enforced_gen: u64,
+    enforced_at: Option<Instant>,
     /// The last lease the session was sent: (serial, key).
     lease: Option<(u64, [u8; 32])>,
     /// When the session was last sent the lease it held (the same serial), or a new lease on
@@ -1308,9 +1325,24 @@ impl Dev {
                     }
                     let at = Instant::now();
                     self.observe(&shared, &m, at);
+                    let netmap_msg = matches!(
+                        m,
+                        CoordinatorMsg::Netmap(_) | CoordinatorMsg::NetmapDelta(_)
+                    );
                     agent.handle_coordinator_msg(m, now());
                     let v = agent.netmap().and_then(|n| n.policy_version);
                     let mut r = lock();
+                    if netmap_msg {
+                        let (gen, active) = shared.watching();
+                        if active
+                            && r.admits_gen == gen
+                            && r.enforced_gen != gen
+                            && !lets_in(agent.netmap(), &r.admits_addrs)
+                        {
+                            r.enforced_gen = gen;
+                            r.enforced_at = Some(at);
+                        }
+                    }
                     if v != r.policy_version {
                         r.policy_version = v;
                         r.policy_at = Some(at);
@@ -1339,13 +1371,25 @@ impl Dev {
                             .unwrap_or_else(|p| p.into_inner())
                             .1
                             .clone();
-                        let has = agent
+                        let addrs: Vec<IpAddr> = agent
                             .netmap()
-                            .is_some_and(|n| n.peers.iter().any(|p| w.contains(&p.device_id)));
+                            .map(|n| {
+                                n.peers
+                                    .iter()
+                                    .filter(|p| w.contains(&p.device_id))
+                                    .flat_map(|p| [IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)])
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        let admits = admits_any(agent.netmap(), &addrs);
                         let mut r = lock();
                         r.seen_gen = gen;
-                        if has {
+                        if !addrs.is_empty() {
                             r.watch_peer_gen = gen;
+                        }
+                        if admits {
+                            r.admits_gen = gen;
+                            r.admits_addrs = addrs;
                         }
                     }
                 }
@@ -1441,6 +1485,31 @@ enum Step {
     Opened(Result<Channel>),
     Msg(Result<Option<CoordinatorMsg>>),
     Tick,
+}
+
+/// Whether a device with `addrs` can still open flows to this one: it is still a peer and
+/// the inbound filter still lets it in.
+fn lets_in(nm: Option<&Netmap>, addrs: &[IpAddr]) -> bool {
+    let peer = nm.is_some_and(|n| {
+        n.peers
+            .iter()
+            .any(|p| addrs.contains(&IpAddr::V4(p.ipv4)) || addrs.contains(&IpAddr::V6(p.ipv6)))
+    });
+    peer && admits_any(nm, addrs)
+}
+
+/// Whether a netmap's inbound filter lets any of `addrs` in as a source (on any port).
+fn admits_any(nm: Option<&Netmap>, addrs: &[IpAddr]) -> bool {
+    let Some(nm) = nm else { return false };
+    if addrs.is_empty() {
+        return false;
+    }
+    let sets = ward_shared::peerset::book(&nm.peer_sets);
+    nm.inbound.iter().any(|r| {
+        addrs
+            .iter()
+            .any(|ip| ward_shared::peerset::rule_has_source(r, &sets, *ip))
+    })
 }
 
 fn now() -> Now {
@@ -1792,7 +1861,12 @@ fn ms(d: Duration) -> f64 {
 struct Narrowed {
     own: Vec<Duration>,
     commands: Vec<Duration>,
+    /// Peer sessions that got a delta naming the device (a removal, or its new lease).
     peers: Vec<Duration>,
+    /// Peer sessions whose filter let the device in when the command was given, and when each
+    /// stopped letting it in (the device gone from its peers, or its addresses from the filter).
+    enforced: Vec<Duration>,
+    admitted: usize,
 }
 
 fn pct(v: &[Duration]) -> (f64, f64, f64) {
@@ -2005,27 +2079,36 @@ impl Report {
                 own.len()
             ),
         );
+        let (e50, e99, emax) = pct(&times.enforced);
+        let enforced = times.enforced.len();
+        let admitted = times.admitted;
+        self.row(
+            &format!("{what}: enforced"),
+            format!("{enforced} of {admitted} peer sessions that let it in: p50 {e50:.0} ms p99 {e99:.0} ms max {emax:.0} ms"),
+        );
         self.row(
             &format!("{what}: peers"),
-            format!("{reached} of {expected} peer sessions: p50 {p50:.0} ms p99 {p99:.0} ms max {pmax:.0} ms"),
+            format!("{reached} of {expected} peer sessions told of it: p50 {p50:.0} ms p99 {p99:.0} ms max {pmax:.0} ms"),
         );
         self.set(
             what,
             serde_json::json!({"targets": targets, "device_reached": own.len(),
                 "device_p50_ms": o50, "device_p99_ms": o99, "device_max_ms": omax,
                 "command_max_ms": cmax,
+                "enforcing_sessions": admitted, "enforced": enforced,
+                "enforced_p50_ms": e50, "enforced_p99_ms": e99, "enforced_max_ms": emax,
                 "peer_sessions": expected, "peers_reached": reached,
                 "peers_p50_ms": p50, "peers_p99_ms": p99, "peers_max_ms": pmax}),
         );
         // A quarantined device whose netmap does not change (it reached nothing the
         // quarantine takes away) gets no delta: only its peers are checked for it.
-        if (what == "revoke" && own.len() < targets) || reached < expected {
+        if (what == "revoke" && own.len() < targets) || reached < expected || enforced < admitted {
             self.fail(format!(
-                "{what}: reached {} of {targets} devices and {reached} of {expected} peer sessions",
+                "{what}: reached {} of {targets} devices, {reached} of {expected} peer sessions, enforced at {enforced} of {admitted}",
                 own.len()
             ));
         }
-        let worst = omax.max(pmax);
+        let worst = omax.max(pmax).max(emax);
         if worst > self.check.max_revoke_ms as f64 {
             self.fail(format!(
                 "{what}: slowest {worst:.0} ms > {} ms",

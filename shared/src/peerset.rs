@@ -127,6 +127,41 @@ fn cover(vals: &mut Vec<u128>, width: u32, out: &mut Vec<Prefix>) {
     }
 }
 
+/// `prefixes` (an [`aggregate`] cover) without the addresses `gone`: each block holding one
+/// is split into the blocks around it, so exactly those addresses leave and the result is
+/// the cover [`aggregate`] gives for what remains (same order, same blocks).
+pub fn without(prefixes: &[Prefix], gone: &[IpAddr]) -> Vec<Prefix> {
+    let gone: Vec<IpAddr> = gone.iter().map(|a| a.to_canonical()).collect();
+    let mut out = Vec::with_capacity(prefixes.len() + 1);
+    for p in prefixes {
+        split_out(*p, &gone, &mut out);
+    }
+    out
+}
+
+/// Appends `p` minus `gone` to `out`, in address order.
+fn split_out(p: Prefix, gone: &[IpAddr], out: &mut Vec<Prefix>) {
+    if !gone.iter().any(|a| p.contains(*a)) {
+        out.push(p);
+        return;
+    }
+    let width: u8 = if p.is_ipv4() { 32 } else { 128 };
+    if p.len() >= width {
+        return;
+    }
+    let len = p.len() + 1;
+    let lo = Prefix::new(p.addr(), len);
+    let step = 1u128 << (width - len);
+    let hi_addr = match p.addr() {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(
+            u32::from(a).wrapping_add(u32::try_from(step).unwrap_or(0)),
+        )),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a).wrapping_add(step))),
+    };
+    split_out(lo, gone, out);
+    split_out(Prefix::new(hi_addr, len), gone, out);
+}
+
 /// Whether `ip` is in one of `prefixes`.
 pub fn contains(prefixes: &[Prefix], ip: IpAddr) -> bool {
     prefixes.iter().any(|p| p.contains(ip))

@@ -766,7 +766,7 @@ pub struct Reach {
     pub not_after_ms: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct NetmapDelta {
     pub base_seq: u64,
     pub seq: u64,

@@ -613,7 +613,14 @@ pub(super) async fn registry_actor(
                     let _ = reply.send((reg.posture_report(id).cloned(), reg.trust_view(id)));
                 }
                 Event::Snapshot(reply) => {
-                    flush(&mut reg, &mut conns, &mut relays, &mut sink);
+                    // The compile is brought up to date; the netmap changes it makes go out
+                    // in the paced flushes, so an admin command does not hold the actor for
+                    // a whole wave (a revocation right after it would wait behind it).
+                    // The narrowing passes go out before the compile is made.
+                    reg.narrow_now();
+                    flush_for(&mut reg, &mut conns, &mut relays, &mut sink, Budget::Queued);
+                    reg.settle();
+                    pacer.note(true);
                     let _ = reply.send(Snapshot {
                         online: conns_online(&reg),
                         online_elsewhere: reg.online_elsewhere(),
@@ -643,12 +650,23 @@ pub(super) async fn registry_actor(
         }
         let now = Instant::now();
         if pacer.due(now) {
-            let took = flush(&mut reg, &mut conns, &mut relays, &mut sink);
+            let (took, complete) = flush_for(
+                &mut reg,
+                &mut conns,
+                &mut relays,
+                &mut sink,
+                Budget::For(FLUSH_SLICE),
+            );
             // The gap counts from the flush's end: however long recomputes take, the actor
             // spends the gap gathering events, not recomputing for each few of them.
             pacer.flushed(Instant::now());
-            for done in leases_done.drain(..) {
-                let _ = done.send(());
+            if complete {
+                for done in leases_done.drain(..) {
+                    let _ = done.send(());
+                }
+            } else {
+                // The rest of the wave goes on at once, after the events queued meanwhile.
+                pacer.note(true);
             }
             if handled > 0 {
                 sink.stats.live.batch(handled, took);
@@ -731,20 +749,60 @@ async fn save_baselines(store: &Arc<dyn Store>, rows: Vec<(DeviceId, String)>) {
 
 /// Drains the registry's outputs (recomputing the netmaps once if anything changed) onto the
 /// connections and the trust sink; returns how long that took.
+/// How long one paced flush produces netmap changes before the actor reads its queue again.
+/// A change that reaches every session (a policy change, a membership change: about a second
+/// of work at 1 000 dense sessions) is produced in slices, with the events that arrived
+/// between them handled in between: a revocation or quarantine is taken up within a slice,
+/// not after the whole wave, and its narrowing goes out first (the registry restarts the
+/// wave from the newest state; sessions already brought up to date cost a comparison).
+const FLUSH_SLICE: Duration = Duration::from_millis(50);
+
+/// Publishes everything the registry has to send: see [`flush_for`].
 pub(super) fn flush(
     reg: &mut Registry,
     conns: &mut DeviceConns,
     relays: &mut RelayConns,
     sink: &mut TrustSink<'_>,
 ) -> Duration {
+    flush_for(reg, conns, relays, sink, Budget::All).0
+}
+
+/// How much a flush publishes.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Budget {
+    /// Everything, recomputes included.
+    All,
+    /// Until this long has passed (at least one output).
+    For(Duration),
+    /// Only the outputs already queued: no recompute, no session produced.
+    Queued,
+}
+
+/// Publishes what the registry has to send, as far as `budget` says. Returns how long it
+/// took and whether the registry has nothing left.
+pub(super) fn flush_for(
+    reg: &mut Registry,
+    conns: &mut DeviceConns,
+    relays: &mut RelayConns,
+    sink: &mut TrustSink<'_>,
+    budget: Budget,
+) -> (Duration, bool) {
     let started = Instant::now();
+    let mut complete = true;
     let mut changed = false;
     let mut revoked = Vec::new();
     let mut netmaps = 0u64;
     // Sessions with a backlog get their oldest change first, then what this flush adds.
     conns.drain(started);
     {
-        while let Some(out) = reg.poll_output() {
+        while let Some(out) = match budget {
+            Budget::For(b) if started.elapsed() >= b && reg.has_work() => {
+                complete = false;
+                None
+            }
+            Budget::Queued => reg.poll_queued(),
+            Budget::All | Budget::For(_) => reg.poll_output(),
+        } {
             match out {
                 Output::Send { conn, msg } => {
                     if matches!(
@@ -794,8 +852,9 @@ pub(super) fn flush(
     if !revoked.is_empty() {
         push_revoked(relays, revoked);
     }
-    // Every peer's netmap change is queued on its connection now.
-    if let Some(t) = sink.received.take() {
+    // Every peer's netmap change is queued on its connection now (when the flush is whole).
+    let complete = complete && !reg.has_work();
+    if let Some(t) = sink.received.take_if(|_| complete) {
         if changed {
             if sink.stats.enforce_us.len() >= 1000 {
                 sink.stats.enforce_us.pop_front();
@@ -805,7 +864,7 @@ pub(super) fn flush(
             sink.stats.live.enforce.observe(took.as_secs_f64());
         }
     }
-    started.elapsed()
+    (started.elapsed(), complete)
 }
 
 pub(super) fn conns_online(reg: &Registry) -> Vec<DeviceId> {

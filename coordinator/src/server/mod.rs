@@ -410,11 +410,7 @@ pub async fn serve(
         feed_wake,
         feed_poll,
     ));
-    let admin_ctx = ctx.clone();
-    tokio::spawn(socket::serve(admin, move |req| {
-        let ctx = admin_ctx.clone();
-        async move { admin_handle(ctx, req).await }
-    }));
+    serve_admin_apart(admin, ctx.clone())?;
 
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -835,6 +831,33 @@ async fn addrs_set(ctx: Arc<Ctx>, addrs: Vec<String>) -> Envelope<AdminReply> {
         addrs: list,
         sessions,
     }))
+}
+
+/// Serves the admin socket on a thread and runtime of its own. Under load every worker of the
+/// main runtime has hundreds of session tasks queued (a netmap change wakes every session),
+/// and an admin connection queued behind them waited about half a second before its request
+/// was read: a revocation or quarantine must not wait for the sessions it is about to change.
+/// The commands reach the registry through the same channels as before.
+fn serve_admin_apart(admin: tokio::net::UnixListener, ctx: Arc<Ctx>) -> Result<()> {
+    let admin = admin.into_std().context("taking the admin socket")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the admin runtime")?;
+    let listener = {
+        let _in = rt.enter();
+        tokio::net::UnixListener::from_std(admin).context("serving the admin socket")?
+    };
+    std::thread::Builder::new()
+        .name("ward-admin".into())
+        .spawn(move || {
+            rt.block_on(socket::serve(listener, move |req| {
+                let ctx = ctx.clone();
+                async move { admin_handle(ctx, req).await }
+            }))
+        })
+        .context("starting the admin thread")?;
+    Ok(())
 }
 
 /// Runs one admin request on a blocking thread (the store is synchronous).

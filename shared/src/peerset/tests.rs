@@ -71,6 +71,30 @@ fn aggregation_is_minimal_and_exact() {
     assert!(aggregate([]).is_empty());
 }
 
+#[test]
+fn an_address_taken_out_splits_only_its_block() {
+    let cover = vec![pfx("100.64.0.0/29"), pfx("100.64.0.9/32")];
+    assert_eq!(
+        without(&cover, &[ip("100.64.0.5")]),
+        vec![
+            pfx("100.64.0.0/30"),
+            pfx("100.64.0.4/32"),
+            pfx("100.64.0.6/31"),
+            pfx("100.64.0.9/32")
+        ]
+    );
+    // A host block goes whole; an address not held changes nothing; mapped IPv4 counts.
+    assert_eq!(
+        without(&cover, &[ip("::ffff:100.64.0.9")]),
+        vec![pfx("100.64.0.0/29")]
+    );
+    assert_eq!(without(&cover, &[ip("100.64.0.8")]), cover);
+    assert_eq!(
+        without(&[pfx("fd00::/126")], &[ip("fd00::3")]),
+        vec![pfx("fd00::/127"), pfx("fd00::2/128")]
+    );
+}
+
 proptest! {
     /// The cover holds exactly the addresses given, and no two of its prefixes could merge.
     #[test]
@@ -85,6 +109,20 @@ proptest! {
         for w in p.windows(2) {
             prop_assert!(w[0] < w[1] && !w[0].overlaps(&w[1]));
         }
+    }
+
+    /// Taking addresses out of a cover gives the cover of what remains, block for block, in
+    /// both families.
+    #[test]
+    fn taking_addresses_out_gives_the_cover_of_the_rest(
+        ns in proptest::collection::btree_set(0u32..300, 0..80),
+        gone in proptest::collection::vec(0u32..310, 0..6),
+    ) {
+        let mut addrs: Vec<IpAddr> = ns.iter().map(|n| v4(*n)).collect();
+        addrs.extend(ns.iter().map(|n| v6(*n)));
+        let gone: Vec<IpAddr> = gone.iter().flat_map(|n| [v4(*n), v6(*n)]).collect();
+        let rest: Vec<IpAddr> = addrs.iter().copied().filter(|a| !gone.contains(a)).collect();
+        prop_assert_eq!(without(&aggregate(addrs), &gone), aggregate(rest));
     }
 
     /// Factoring then filtering decides every flow as the flat rules did, and the set diff of
