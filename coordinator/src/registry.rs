@@ -3908,15 +3908,8 @@ to = ["all", "patch"]
             "test.toml",
         )
         .unwrap();
-        let mut r = Registry::new(
-            AddressPools::from_random([0; 5]),
-            [1, 2, 3].map(dev),
-            [],
-            Some(p),
-            vec![],
-            vec![],
-            0,
-        );
+        let mut r = reg(&[1, 2, 3]);
+        r.handle_policy(p);
         open_sessions(&mut r, &[1, 2, 3]);
         let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
         let apply = |held: &mut BTreeMap<ConnId, Netmap>, o: &Output| match o {
