@@ -613,10 +613,10 @@ pub(super) async fn registry_actor(
                     let _ = reply.send((reg.posture_report(id).cloned(), reg.trust_view(id)));
                 }
                 Event::Snapshot(reply) => {
-                    // The compile is brought up to date; the netmap changes it makes go out
-                    // in the paced flushes, so an admin command does not hold the actor for
-                    // a whole wave (a revocation right after it would wait behind it).
-                    // The narrowing passes go out before the compile is made.
+                    // The narrowing passes go out, then the compile is brought up to date; the
+                    // netmap changes it makes go out in the paced flushes, so an admin command
+                    // does not hold the actor for a whole wave (a revocation right after it
+                    // would wait behind it).
                     reg.narrow_now();
                     flush_for(&mut reg, &mut conns, &mut relays, &mut sink, Budget::Queued);
                     reg.settle();
@@ -747,8 +747,6 @@ async fn save_baselines(store: &Arc<dyn Store>, rows: Vec<(DeviceId, String)>) {
     }
 }
 
-/// Drains the registry's outputs (recomputing the netmaps once if anything changed) onto the
-/// connections and the trust sink; returns how long that took.
 /// How long one paced flush produces netmap changes before the actor reads its queue again.
 /// A change that reaches every session (a policy change, a membership change: about a second
 /// of work at 1 000 dense sessions) is produced in slices, with the events that arrived
@@ -757,7 +755,8 @@ async fn save_baselines(store: &Arc<dyn Store>, rows: Vec<(DeviceId, String)>) {
 /// wave from the newest state; sessions already brought up to date cost a comparison).
 const FLUSH_SLICE: Duration = Duration::from_millis(50);
 
-/// Publishes everything the registry has to send: see [`flush_for`].
+/// Drains every output of the registry (recomputing the netmaps once if anything changed) onto
+/// the connections and the trust sink; returns how long that took.
 pub(super) fn flush(
     reg: &mut Registry,
     conns: &mut DeviceConns,

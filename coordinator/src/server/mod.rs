@@ -410,7 +410,8 @@ pub async fn serve(
         feed_wake,
         feed_poll,
     ));
-    serve_admin_apart(admin, ctx.clone())?;
+    // Dropped when `serve` returns: the admin thread stops serving then.
+    let _admin = serve_admin_apart(admin, ctx.clone())?;
 
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -837,8 +838,13 @@ async fn addrs_set(ctx: Arc<Ctx>, addrs: Vec<String>) -> Envelope<AdminReply> {
 /// main runtime has hundreds of session tasks queued (a netmap change wakes every session),
 /// and an admin connection queued behind them waited about half a second before its request
 /// was read: a revocation or quarantine must not wait for the sessions it is about to change.
-/// The commands reach the registry through the same channels as before.
-fn serve_admin_apart(admin: tokio::net::UnixListener, ctx: Arc<Ctx>) -> Result<()> {
+/// The commands reach the registry through the same channels as before. The thread serves
+/// until the returned sender is dropped.
+fn serve_admin_apart(
+    admin: tokio::net::UnixListener,
+    ctx: Arc<Ctx>,
+) -> Result<tokio::sync::oneshot::Sender<()>> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let admin = admin.into_std().context("taking the admin socket")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -851,13 +857,18 @@ fn serve_admin_apart(admin: tokio::net::UnixListener, ctx: Arc<Ctx>) -> Result<(
     std::thread::Builder::new()
         .name("ward-admin".into())
         .spawn(move || {
-            rt.block_on(socket::serve(listener, move |req| {
-                let ctx = ctx.clone();
-                async move { admin_handle(ctx, req).await }
-            }))
+            rt.block_on(async move {
+                tokio::select! {
+                    _ = socket::serve(listener, move |req| {
+                        let ctx = ctx.clone();
+                        async move { admin_handle(ctx, req).await }
+                    }) => {}
+                    _ = stopped => {}
+                }
+            })
         })
         .context("starting the admin thread")?;
-    Ok(())
+    Ok(stop)
 }
 
 /// Runs one admin request on a blocking thread (the store is synchronous).
