@@ -7,8 +7,11 @@
 //! `--v1`: the devices speak protocol 1 (flat source lists, no peer sets), for comparison.
 //! `--protocol N`: the devices speak protocol N (2: peer sets, flat reach list; 3, the default:
 //! reach by reference, grants over destination lists).
-//! Columns: the first netmaps of every session, a policy change (its messages and bytes), and one
-//! device's endpoints changing ("peer change": the deltas to the sessions that have it as a peer).
+//! Every device holds a lease. Columns: the first netmaps of every session, a policy change (its
+//! messages and bytes), one device's endpoints changing ("peer change": the deltas to the
+//! sessions that have it as a peer), and one device's key rotating ("lease change": its new
+//! lease, then the old one revoked, each reaching the sessions that have it as a peer: what
+//! every rotation costs the coordinator's core).
 //! `--load-shape`: the directory and policy of `bench/load.sh` instead (20 users, their
 //! devices round robin, ten groups of 70% of the users, 50 rules over 26 services), whose
 //! dense peer lists and shared source lists make the netmaps large.
@@ -21,9 +24,10 @@ use std::time::Instant;
 use ward_coordinator::registry::{Output, Registry};
 use ward_coordinator::store::{Device, User};
 use ward_shared::addr::AddressPools;
+use ward_shared::lease::Lease;
 use ward_shared::names::{Hostname, Name};
 use ward_shared::policy;
-use ward_shared::wire::{DeviceId, DeviceUpdate};
+use ward_shared::wire::{DeviceId, DeviceUpdate, WgPublicKey};
 
 /// 20 teams of users, each team's laptops reach their team's servers; ops reach every server.
 fn policy_text(extra_port: bool, dense: bool) -> String {
@@ -73,11 +77,12 @@ fn main() {
     };
     let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
     println!(
-        "{:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>14} {:>14}   (protocol {protocol}{})",
+        "{:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14}   (protocol {protocol}{})",
         "devices",
         "first push",
         "policy change",
         "peer change",
+        "lease change",
         "messages",
         "bytes",
         "netmap mean B",
@@ -143,7 +148,24 @@ fn main() {
         };
         let p1 = policy::parse(text(1).as_bytes(), "bench.toml").expect("policy");
         let p2 = policy::parse(text(2).as_bytes(), "bench.toml").expect("policy");
-        let mut reg = Registry::new(pools, devices, users, Some(p1), vec![], vec![], 0);
+        let signer = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let lease = |d: &Device, serial: u64| {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&serial.to_le_bytes());
+            Lease {
+                device_id: d.id,
+                wg_public_key: WgPublicKey(key),
+                ipv4: d.ipv4,
+                ipv6: d.ipv6,
+                not_before_ms: 0,
+                not_after_ms: 600_000,
+                serial,
+            }
+            .sign(&signer)
+        };
+        let leases: Vec<_> = devices.iter().map(|d| lease(d, d.id.0)).collect();
+        let rotating = devices[0].clone();
+        let mut reg = Registry::new(pools, devices, users, Some(p1), vec![], leases, 0);
         for i in 0..n {
             let addr = format!(
                 "10.{}.{}.{}:51820",
@@ -214,8 +236,29 @@ fn main() {
         }
         let peer_change = t2.elapsed();
         assert!(peer_msgs > 0, "the peer change reached its peers");
-        println!("{n:>8} {:>10.1}ms {:>12.1}ms {:>10.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14}   ({first_peers} peer entries in the first netmaps; the peer change {peer_msgs} messages)", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3, peer_change.as_secs_f64() * 1e3);
+        // One device's key rotates: the new lease, then the old one revoked.
+        let t3 = Instant::now();
+        let serial = n as u64 + 1;
+        reg.handle_lease(lease(&rotating, serial));
+        let mut lease_msgs = drain(&mut reg);
+        reg.handle_leases_revoked(rotating.id, &[rotating.id.0]);
+        lease_msgs += drain(&mut reg);
+        let lease_change = t3.elapsed();
+        assert!(lease_msgs > 0, "the new lease reached the peers");
+        println!("{n:>8} {:>10.1}ms {:>12.1}ms {:>10.1}ms {:>10.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14}   ({first_peers} peer entries in the first netmaps; the peer change {peer_msgs} messages, the lease change {lease_msgs})", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3, peer_change.as_secs_f64() * 1e3, lease_change.as_secs_f64() * 1e3);
     }
+}
+
+/// Takes every output, encoding each message as a session would; returns the messages.
+fn drain(reg: &mut Registry) -> usize {
+    let mut msgs = 0;
+    while let Some(o) = reg.poll_output() {
+        if let Output::Send { msg, .. } = o {
+            msgs += 1;
+            std::hint::black_box(ward_shared::wire::encode(&msg).len());
+        }
+    }
+    msgs
 }
 
 /// Device `i` (id `i + 1`), active, with a bound name `h{i}`.

@@ -40,6 +40,9 @@ use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, L
 use crate::model::{Device, User};
 use crate::trust::{Change, Decision, RemoteTrust, ReportError, TrustBook};
 
+mod held;
+use held::HeldLeases;
+
 /// How often reports are re-judged for age and overdue failures (ms).
 pub const TRUST_TICK_MS: i64 = 1000;
 
@@ -267,7 +270,7 @@ pub struct Registry {
     /// The relays every device is told about, in the store's order.
     relays: Vec<RelayInfo>,
     /// Each live device's valid leases, oldest first (two while it rotates).
-    leases: BTreeMap<DeviceId, Vec<SignedLease>>,
+    leases: HeldLeases,
     /// Keys whose lease was replaced or revoked: who held them, and since when (ms).
     retired_keys: BTreeMap<WgPublicKey, (DeviceId, i64)>,
     /// `None`: no policy applied yet, which allows nothing.
@@ -311,7 +314,11 @@ pub struct Registry {
     compiles_reused: u64,
     now_ms: i64,
     outputs: VecDeque<Output>,
+    /// Something the compile reads may have changed: the next output recomputes everything.
     dirty: bool,
+    /// Devices whose peer view (or own session) changed in nothing the compile reads: the
+    /// next output refreshes only their views ([`Registry::touch`]).
+    touched: BTreeSet<DeviceId>,
     /// Devices left the network since the last recompute: their peers are told from the
     /// last compile before the next one is made.
     departed: bool,
@@ -420,22 +427,13 @@ impl Registry {
         leases: Vec<SignedLease>,
         now_ms: i64,
     ) -> Self {
-        let mut by_device: BTreeMap<DeviceId, Vec<SignedLease>> = BTreeMap::new();
-        for l in leases {
-            by_device.entry(l.lease.device_id).or_default().push(l);
-        }
-        for v in by_device.values_mut() {
-            v.sort_by_key(|l| l.lease.serial);
-            let extra = v.len().saturating_sub(MAX_LEASES);
-            v.drain(..extra);
-        }
         let mut behaviour = Detector::new(BehaviourConfig::default());
         if let Some(p) = &policy {
             behaviour.set_learning_ms(p.trust.behaviour_learning_ms as i64);
             behaviour.set_threshold(p.trust.risk_threshold);
         }
         Self {
-            leases: by_device,
+            leases: HeldLeases::new(leases, MAX_LEASES),
             retired_keys: BTreeMap::new(),
             pools,
             devices: devices
@@ -468,6 +466,7 @@ impl Registry {
             now_ms,
             outputs: VecDeque::new(),
             dirty: true,
+            touched: BTreeSet::new(),
             departed: false,
             quarantined_now: BTreeSet::new(),
             trust: TrustBook::default(),
@@ -1346,15 +1345,10 @@ impl Registry {
                 self.dirty = true;
             }
         }
-        for v in self.leases.values_mut() {
-            let before = v.len();
-            v.retain(|l| l.lease.not_after_ms > now_ms);
-            if v.len() != before {
-                self.dirty = true;
-                self.leases_expired += (before - v.len()) as u64;
-            }
+        for (id, n) in self.leases.expire(now_ms) {
+            self.touch(id);
+            self.leases_expired += n as u64;
         }
-        self.leases.retain(|_, v| !v.is_empty());
         self.now_ms = now_ms;
     }
 
@@ -1375,12 +1369,7 @@ impl Registry {
 
     /// When the driver must call `handle_time` next (coordinator wall clock, ms).
     pub fn poll_timeout(&self) -> Option<i64> {
-        let lease = self
-            .leases
-            .values()
-            .flatten()
-            .map(|l| l.lease.not_after_ms)
-            .min();
+        let lease = self.leases.next_end();
         let trust = self
             .trust_matters()
             .then_some(self.trust_tick_ms + TRUST_TICK_MS);
@@ -1413,7 +1402,7 @@ impl Registry {
     /// that still has a fresh lease may be answered with it (`leases::reusable`).
     pub fn current_lease(&self, id: DeviceId, key: &WgPublicKey) -> Option<SignedLease> {
         self.leases
-            .get(&id)?
+            .of(id)
             .iter()
             .rev()
             .find(|l| &l.lease.wg_public_key == key)
@@ -1434,44 +1423,31 @@ impl Registry {
         {
             return;
         }
-        let v = self.leases.entry(id).or_default();
         // Replicas learn a lease both from the replica that issued it and from the change
         // feed: the same serial twice is one lease.
-        if v.iter().any(|l| l.lease.serial == lease.lease.serial) {
+        let Some(dropped) = self.leases.insert(lease, MAX_LEASES) else {
             return;
-        }
-        v.push(lease);
-        v.sort_by_key(|l| l.lease.serial);
-        let extra = v.len().saturating_sub(MAX_LEASES);
-        let dropped: Vec<SignedLease> = v.drain(..extra).collect();
+        };
         self.retire(id, dropped);
-        self.dirty = true;
+        self.touch(id);
     }
 
     /// Leases were revoked (rotation finished, or trust withdrawn).
     pub fn handle_leases_revoked(&mut self, id: DeviceId, serials: &[u64]) {
-        if let Some(v) = self.leases.get_mut(&id) {
-            let (gone, kept): (Vec<SignedLease>, Vec<SignedLease>) = std::mem::take(v)
-                .into_iter()
-                .partition(|l| serials.contains(&l.lease.serial));
-            *v = kept;
+        if let Some(gone) = self.leases.remove_serials(id, serials) {
             self.retire(id, gone);
-            self.dirty = true;
+            self.touch(id);
         }
     }
 
     /// The device that holds `key`: under a kept lease, or retired from one recently.
     fn key_holder(&self, key: &WgPublicKey) -> Option<DeviceId> {
-        self.leases
-            .iter()
-            .find(|(_, v)| v.iter().any(|l| &l.lease.wg_public_key == key))
-            .map(|(id, _)| *id)
-            .or_else(|| {
-                self.retired_keys
-                    .get(key)
-                    .filter(|(_, at)| self.now_ms.saturating_sub(*at) < KEY_HOLD_MS)
-                    .map(|(id, _)| *id)
-            })
+        self.leases.holder(key).or_else(|| {
+            self.retired_keys
+                .get(key)
+                .filter(|(_, at)| self.now_ms.saturating_sub(*at) < KEY_HOLD_MS)
+                .map(|(id, _)| *id)
+        })
     }
 
     /// Remembers the keys of leases `id` no longer holds, so no other device takes them soon.
@@ -1598,7 +1574,7 @@ impl Registry {
     /// disappears from every other netmap.
     pub fn handle_device_removed(&mut self, id: DeviceId, reason: &str) {
         let was_live = self.devices.remove(&id).is_some();
-        if let Some(gone) = self.leases.remove(&id) {
+        if let Some(gone) = self.leases.remove_device(id) {
             self.retire(id, gone);
         }
         self.trust.remove(id);
@@ -1671,8 +1647,9 @@ impl Registry {
                 });
             }
         }
+        let trust_before = self.trust_inputs(id);
         self.apply_update(id, update);
-        self.dirty = true;
+        self.touch(id);
         self.trust.set_held(id, true);
         // Evidence gathered while another replica held the session is judged here now.
         self.rejudge_scan(id);
@@ -1692,6 +1669,7 @@ impl Registry {
             }
         }
         self.reevaluate(id);
+        self.compile_if_trust_moved(id, trust_before);
         Ok(())
     }
 
@@ -1700,16 +1678,44 @@ impl Registry {
             return;
         }
         self.apply_update(id, update);
-        self.dirty = true;
+        self.touch(id);
     }
 
     pub fn handle_session_closed(&mut self, id: DeviceId, conn: ConnId) {
         if self.sessions.get(&id).map(|s| s.conn) == Some(conn) {
+            let trust_before = self.trust_inputs(id);
             self.sessions.remove(&id);
-            self.dirty = true;
+            self.touch(id);
             self.trust.set_held(id, false);
             self.reevaluate(id);
+            self.compile_if_trust_moved(id, trust_before);
         }
+    }
+
+    /// What the compile reads of device `id`'s trust.
+    fn trust_inputs(&self, id: DeviceId) -> (BTreeSet<String>, BTreeMap<String, Vec<String>>) {
+        (self.trust.passed(id), self.trust.failures(id))
+    }
+
+    /// A session opening or closing changes who judges the device; should that change what
+    /// the compile reads of its trust (whether or not the trust book reported it as a
+    /// change), everything is recomputed, not only its peer view.
+    fn compile_if_trust_moved(
+        &mut self,
+        id: DeviceId,
+        before: (BTreeSet<String>, BTreeMap<String, Vec<String>>),
+    ) {
+        if self.trust_inputs(id) != before {
+            self.dirty = true;
+        }
+    }
+
+    /// Device `id`'s peer view may have changed (its leases, endpoints, home relay, or
+    /// whether it is online: nothing the compile reads), or its own session did: the next
+    /// output refreshes that view and brings every session up to date, without compiling.
+    /// Anything the compile reads sets `dirty` instead.
+    fn touch(&mut self, id: DeviceId) {
+        self.touched.insert(id);
     }
 
     /// The highest posture report number the store has for this device (accepted on any
@@ -1778,6 +1784,8 @@ impl Registry {
             self.departed = false;
             self.quarantined_now.clear();
             self.recompute();
+        } else if !self.touched.is_empty() {
+            self.recompute_touched();
         }
         self.finish_pending();
         let in_netmap = |s: &Session, who: DeviceId| {
@@ -1858,6 +1866,8 @@ impl Registry {
                 }
                 self.dirty = false;
                 self.recompute();
+            } else if !self.touched.is_empty() {
+                self.recompute_touched();
             }
             if let Some(id) = self.pending.pop_front() {
                 self.produce(id);
@@ -1874,6 +1884,7 @@ impl Registry {
     /// Whether [`Registry::poll_output`] has anything left to give.
     pub fn has_work(&self) -> bool {
         self.dirty
+            || !self.touched.is_empty()
             || !self.outputs.is_empty()
             || !self.pending.is_empty()
             || !self.verdicts.is_empty()
@@ -1883,6 +1894,9 @@ impl Registry {
     /// leaving the sessions' netmap changes to [`Registry::poll_output`].
     pub fn settle(&mut self) {
         if !self.dirty {
+            if !self.touched.is_empty() {
+                self.recompute_touched();
+            }
             return;
         }
         self.narrow_now();
@@ -1949,6 +1963,8 @@ impl Registry {
         let entry = self.routes.entry(id).or_default();
         if entry.advertised != adv {
             entry.advertised = adv.clone();
+            // Routers are an input of the compile.
+            self.dirty = true;
             self.outputs.push_back(Output::RoutesAdvertised {
                 device: id,
                 routes: adv.into_iter().collect(),
@@ -1994,7 +2010,7 @@ impl Registry {
     }
 
     fn peer_view(&self, d: &Device) -> Peer {
-        let leases = self.leases.get(&d.id).cloned().unwrap_or_default();
+        let leases = self.leases.of(d.id).to_vec();
         Peer {
             routes: Default::default(),
             device_id: d.id,
@@ -2026,9 +2042,80 @@ impl Registry {
     /// session's (a policy change's delta to 1 000 sessions was all built before the first
     /// was sent).
     fn recompute(&mut self) {
+        // Every view is refreshed below.
+        self.touched.clear();
         self.prepare_netmaps();
         self.wants = self.policy.as_ref().map(posture::wants).unwrap_or_default();
         self.pending = self.sessions.keys().copied().collect();
+    }
+
+    /// A recompute for changes the compile does not read ([`Registry::touch`]): only the
+    /// touched devices' views are refreshed, and only the sessions that can differ from what
+    /// they were sent are queued: the touched devices' own, those with a verdict due or
+    /// still pending, those not brought up to date with the current compile and views, and
+    /// those that hold or may hold a changed peer. Every other session already has what a
+    /// full recompute would give it and is marked as up to date with the new views, so the
+    /// cost of a key rotation or a device coming online follows the sessions it concerns,
+    /// not every session.
+    fn recompute_touched(&mut self) {
+        let ids = std::mem::take(&mut self.touched);
+        let before_gen = self.views_gen;
+        let mut changed = Vec::new();
+        for &id in &ids {
+            let fresh = self.devices.get(&id).map(|d| self.peer_view(d));
+            match fresh {
+                Some(view) => {
+                    if self.views.get(&id).is_some_and(|kept| **kept == view) {
+                        continue;
+                    }
+                    self.views.insert(id, Arc::new(view));
+                    changed.push(id);
+                }
+                None => {
+                    if self.views.remove(&id).is_some() {
+                        changed.push(id);
+                    }
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.views_gen += 1;
+            self.views_changed = changed;
+        }
+        let changed: &[DeviceId] = if self.views_gen == before_gen {
+            &[]
+        } else {
+            &self.views_changed
+        };
+        let waiting: BTreeSet<DeviceId> = self.pending.drain(..).collect();
+        let (compiled, verdict_dirty, views_gen) =
+            (&self.compiled, &self.verdict_dirty, self.views_gen);
+        let mut queue = VecDeque::new();
+        for (id, s) in &mut self.sessions {
+            let concerned = ids.contains(id)
+                || waiting.contains(id)
+                || verdict_dirty.contains(id)
+                || match &mut s.sent {
+                    None => true,
+                    Some(sent) => {
+                        let current = sent.views_gen == before_gen
+                            && Arc::ptr_eq(&sent.compiled, compiled)
+                            && !sent.narrowed;
+                        let may_hold = compiled.devices.get(id).map(|a| &a.peers);
+                        let holds = changed.iter().any(|p| {
+                            sent.peers.contains_key(p) || may_hold.is_some_and(|m| m.contains(p))
+                        });
+                        if current && !holds {
+                            sent.views_gen = views_gen;
+                        }
+                        !current || holds
+                    }
+                };
+            if concerned {
+                queue.push_back(*id);
+            }
+        }
+        self.pending = queue;
     }
 
     /// Produces every session's messages still pending (for a decision that must see every
@@ -3579,6 +3666,209 @@ to = ["all"]
                 proptest::prop_assert_eq!(got, fresh, "device {}", dev);
             }
         }
+    }
+
+    /// Two teams of three devices, each team the other's stranger: a change to one device
+    /// concerns its own team's sessions only.
+    fn two_teams() -> Registry {
+        let team = |id: u64| {
+            let mut d = dev(id);
+            d.user = Some(if id <= 3 { "alice" } else { "bob" }.into());
+            d
+        };
+        let p = policy::parse(
+            br#"
+[groups]
+a = ["alice"]
+b = ["bob"]
+[services.a]
+devices = ["group:a"]
+ports = ["tcp/22"]
+[services.b]
+devices = ["group:b"]
+ports = ["tcp/22"]
+[[rules]]
+from = ["group:a"]
+to = ["a"]
+[[rules]]
+from = ["group:b"]
+to = ["b"]
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        Registry::new(
+            AddressPools::from_random([0; 5]),
+            (1..=6).map(team),
+            [],
+            Some(p),
+            vec![],
+            vec![],
+            0,
+        )
+    }
+
+    fn lease_until(id: u64, key: u8, serial: u64, not_after_ms: i64) -> SignedLease {
+        let mut l = lease_on(id, [key; 32], serial);
+        l.lease.not_after_ms = not_after_ms;
+        l
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+        /// Changes that the compile does not read (sessions opening and closing, endpoints,
+        /// leases issued, revoked and running out) refresh only the views they touch and
+        /// queue only the sessions they concern; whatever their order, and however many
+        /// outputs are taken between them, every session's netmap built from its deltas has
+        /// exactly the peers (keys, leases, endpoints, online) a fresh session would be sent,
+        /// and nothing was compiled again.
+        #[test]
+        fn changes_outside_the_compile_keep_every_session_equal_to_a_fresh_netmap(
+            steps in proptest::collection::vec((0u8..6, 1u64..7, 0u16..4, 0usize..8), 1..40)
+        ) {
+            let mut r = two_teams();
+            drain(&mut r);
+            let compiles = r.compiles();
+            let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
+            let mut conn_of: BTreeMap<u64, ConnId> = BTreeMap::new();
+            let mut closed: BTreeSet<ConnId> = BTreeSet::new();
+            let (mut next_conn, mut serial, mut now): (ConnId, u64, i64) = (100, 0, 0);
+            let take = |r: &mut Registry, held: &mut BTreeMap<ConnId, Netmap>, closed: &BTreeSet<ConnId>, n: usize| {
+                for _ in 0..n {
+                    let Some(o) = r.poll_output() else { break };
+                    if let Output::Send { conn, msg } = o {
+                        if closed.contains(&conn) {
+                            continue;
+                        }
+                        match msg {
+                            CoordinatorMsg::Netmap(nm) => {
+                                held.insert(conn, nm);
+                            }
+                            CoordinatorMsg::NetmapDelta(d) => {
+                                let nm = held.get_mut(&conn).expect("a delta after a netmap");
+                                nm.apply(&d).expect("the delta applies");
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            };
+            for (what, dev, x, outputs) in steps {
+                match what {
+                    0 if !conn_of.contains_key(&dev) => {
+                        next_conn += 1;
+                        r.handle_session_opened(
+                            DeviceId(dev),
+                            next_conn,
+                            addr(&format!("10.0.0.{dev}:4000")),
+                            DeviceUpdate { wg_port: 51820, ..Default::default() },
+                        )
+                        .unwrap();
+                        conn_of.insert(dev, next_conn);
+                    }
+                    1 => {
+                        if let Some(c) = conn_of.remove(&dev) {
+                            r.handle_session_closed(DeviceId(dev), c);
+                            held.remove(&c);
+                            closed.insert(c);
+                        }
+                    }
+                    2 => {
+                        if let Some(&c) = conn_of.get(&dev) {
+                            r.handle_session_update(
+                                DeviceId(dev),
+                                c,
+                                DeviceUpdate {
+                                    wg_port: 51820 + x,
+                                    local_endpoints: vec![addr(&format!("192.168.1.{dev}:{}", 51820 + x))],
+                                    ..Default::default()
+                                },
+                            );
+                        }
+                    }
+                    3 => {
+                        // A rotation's new lease, on a key of this device's own.
+                        serial += 1;
+                        let key = u8::try_from(dev * 16 + serial % 16).unwrap();
+                        r.handle_lease(lease_until(dev, key, serial, now + 1_000 + i64::from(x) * 1_000));
+                    }
+                    4 => {
+                        // The rotation ends: the device's oldest lease is revoked.
+                        let oldest = r.leases.of(DeviceId(dev)).first().map(|l| l.lease.serial);
+                        if let Some(s) = oldest {
+                            r.handle_leases_revoked(DeviceId(dev), &[s]);
+                        }
+                    }
+                    _ => {
+                        // Time passes: leases run out.
+                        now += 1_000;
+                        r.handle_time(now);
+                    }
+                }
+                take(&mut r, &mut held, &closed, outputs);
+            }
+            take(&mut r, &mut held, &closed, usize::MAX);
+            proptest::prop_assert_eq!(r.compiles(), compiles, "nothing the compile reads changed");
+            for (&dev, &c) in &conn_of {
+                let got = held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+                r.handle_session_closed(DeviceId(dev), c);
+                take(&mut r, &mut held, &closed, usize::MAX);
+                r.handle_session_opened(
+                    DeviceId(dev),
+                    c,
+                    addr(&format!("10.0.0.{dev}:4000")),
+                    DeviceUpdate { wg_port: 51820, ..Default::default() },
+                )
+                .unwrap();
+                held.remove(&c);
+                take(&mut r, &mut held, &closed, usize::MAX);
+                let fresh = held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+                proptest::prop_assert_eq!(got, fresh, "device {}", dev);
+            }
+        }
+    }
+
+    /// A key rotation reaches the sessions that hold the device as a peer and no other: the
+    /// other team's sessions get nothing and are not produced at all.
+    #[test]
+    fn a_rotation_concerns_only_the_sessions_holding_the_device() {
+        let mut r = two_teams();
+        open_sessions(&mut r, &[1, 2, 3, 4, 5, 6]);
+        drain(&mut r);
+        r.handle_lease(lease_until(1, 9, 1, 600_000));
+        r.recompute_touched();
+        let queued: Vec<DeviceId> = r.pending.iter().copied().collect();
+        assert_eq!(queued, [DeviceId(1), DeviceId(2), DeviceId(3)]);
+        let out = drain(&mut r);
+        let told: BTreeSet<ConnId> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    conn,
+                    msg: CoordinatorMsg::NetmapDelta(d),
+                } if d.upsert.iter().any(|p| p.device_id == DeviceId(1)) => Some(*conn),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(told, BTreeSet::from([20, 30]), "{out:?}");
+        assert!(
+            !out.iter().any(|o| matches!(
+                o,
+                Output::Send {
+                    conn: 40 | 50 | 60,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+        // The other team's sessions were marked up to date: the next change to one of them
+        // is still judged from the changed peers alone.
+        let gen = r.views_gen;
+        assert!([4, 5, 6].iter().all(|d| r.sessions[&DeviceId(*d)]
+            .sent
+            .as_ref()
+            .is_some_and(|s| s.views_gen == gen)));
     }
 
     #[test]
@@ -5405,7 +5695,7 @@ scan_denied_flows = 4
         let mut r = reg(&[1]);
         r.handle_lease(lease_on(1, [7; 32], 1));
         r.handle_lease(lease_on(1, [7; 32], 1));
-        assert_eq!(r.leases.get(&DeviceId(1)).map(Vec::len), Some(1));
+        assert_eq!(r.leases.of(DeviceId(1)).len(), 1);
     }
 
     /// A routed service reaches its client only through an approved router: advertising alone
