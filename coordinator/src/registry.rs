@@ -43,6 +43,12 @@ use crate::trust::{Change, Decision, RemoteTrust, ReportError, TrustBook};
 mod held;
 use held::HeldLeases;
 
+/// While netmaps are pending, one due verdict goes out after this many sessions' netmap
+/// changes: verdicts wait for the netmaps (peers first, and a quarantined device's verdict
+/// costs a compile), but a stream of changes that keeps the queue from emptying must not
+/// keep a device from learning it was quarantined.
+pub const VERDICT_EVERY: usize = 32;
+
 /// How often reports are re-judged for age and overdue failures (ms).
 pub const TRUST_TICK_MS: i64 = 1000;
 
@@ -298,6 +304,10 @@ pub struct Registry {
     /// Sessions whose verdict is due: computed once no netmap is pending (a quarantined
     /// device's verdict compiles the policy again, and no peer waits on that).
     verdicts: BTreeSet<DeviceId>,
+    /// Sessions produced since a verdict was last sent while netmaps were pending: under a
+    /// steady stream of changes the pending queue may never empty, so every
+    /// [`VERDICT_EVERY`] productions one due verdict goes out anyway.
+    produced_since_verdict: usize,
     /// The compile's shared source lists, aggregated into prefixes once for every session
     /// factored (cleared with each new compile).
     aggregated: peerset::Aggregated,
@@ -457,6 +467,7 @@ impl Registry {
             wants: PostureWants::default(),
             pending: VecDeque::new(),
             verdicts: BTreeSet::new(),
+            produced_since_verdict: 0,
             aggregated: peerset::Aggregated::default(),
             compiled_for: None,
             policy_gen: 0,
@@ -1869,14 +1880,23 @@ impl Registry {
             } else if !self.touched.is_empty() {
                 self.recompute_touched();
             }
+            if self.produced_since_verdict >= VERDICT_EVERY {
+                if let Some(id) = self.verdicts.pop_first() {
+                    self.produced_since_verdict = 0;
+                    self.send_verdict(id);
+                    continue;
+                }
+            }
             if let Some(id) = self.pending.pop_front() {
                 self.produce(id);
+                self.produced_since_verdict += 1;
                 if self.pending.is_empty() {
                     self.pending_done();
                 }
                 continue;
             }
             let id = self.verdicts.pop_first()?;
+            self.produced_since_verdict = 0;
             self.send_verdict(id);
         }
     }
@@ -2046,7 +2066,15 @@ impl Registry {
         self.touched.clear();
         self.prepare_netmaps();
         self.wants = self.policy.as_ref().map(posture::wants).unwrap_or_default();
-        self.pending = self.sessions.keys().copied().collect();
+        // Sessions still waiting keep their places, ahead of the rest.
+        let waiting: BTreeSet<DeviceId> = self.pending.iter().copied().collect();
+        let rest: Vec<DeviceId> = self
+            .sessions
+            .keys()
+            .filter(|id| !waiting.contains(id))
+            .copied()
+            .collect();
+        self.pending.extend(rest);
     }
 
     /// A recompute for changes the compile does not read ([`Registry::touch`]): only the
@@ -2087,13 +2115,17 @@ impl Registry {
         } else {
             &self.views_changed
         };
-        let waiting: BTreeSet<DeviceId> = self.pending.drain(..).collect();
+        // Sessions still waiting keep their places, ahead of the newly concerned ones: a
+        // stream of changes must not keep sending the first sessions while the last wait.
+        let mut queue = std::mem::take(&mut self.pending);
+        let waiting: BTreeSet<DeviceId> = queue.iter().copied().collect();
         let (compiled, verdict_dirty, views_gen) =
             (&self.compiled, &self.verdict_dirty, self.views_gen);
-        let mut queue = VecDeque::new();
         for (id, s) in &mut self.sessions {
+            if waiting.contains(id) {
+                continue;
+            }
             let concerned = ids.contains(id)
-                || waiting.contains(id)
                 || verdict_dirty.contains(id)
                 || match &mut s.sent {
                     None => true,
@@ -4173,6 +4205,46 @@ to = ["b"]
                 "peer {conn} told at {told}, the verdict at {verdict}: {out:?}"
             );
         }
+    }
+
+    /// Under a stream of changes that keeps netmaps pending (an endpoint change with every
+    /// output taken), a quarantined device still learns its verdict, after a bounded number
+    /// of other sessions' netmap changes.
+    #[test]
+    fn a_verdict_goes_out_while_changes_keep_netmaps_pending() {
+        let ids: Vec<u64> = (1..=40).collect();
+        let mut r = reg(&ids);
+        open_sessions(&mut r, &ids);
+        std::iter::from_fn(|| r.poll_output()).for_each(drop);
+        let mut q = dev(2);
+        q.quarantine = Some(crate::store::Quarantine {
+            since_ms: 0,
+            reason: "test".into(),
+            automatic: false,
+        });
+        r.handle_device_upserted(q);
+        let mut told_at = None;
+        for step in 0..5_000u16 {
+            let d = 3 + u64::from(step % 38);
+            r.handle_session_update(
+                DeviceId(d),
+                d * 10,
+                DeviceUpdate {
+                    wg_port: 40_000 + step,
+                    ..Default::default()
+                },
+            );
+            let Some(o) = r.poll_output() else {
+                break;
+            };
+            if matches!(&o, Output::Send { conn: 20, msg: CoordinatorMsg::PostureVerdict(v) } if v.quarantine.is_some())
+            {
+                told_at = Some(step);
+                break;
+            }
+        }
+        let step = told_at.expect("the quarantined device is told, changes or not");
+        assert!(step < 2_000, "told after {step} outputs");
     }
 
     /// A quarantined device leaves every peer's filter in the first message each peer gets,
