@@ -3594,6 +3594,62 @@ to = ["all"]
         );
     }
 
+    /// Takes up to `n` outputs, keeping each open session's netmap as its deltas build it
+    /// (outputs for closed connections are dropped, as a driver drops them).
+    fn take_netmaps(
+        r: &mut Registry,
+        held: &mut BTreeMap<ConnId, Netmap>,
+        closed: &BTreeSet<ConnId>,
+        n: usize,
+    ) {
+        for _ in 0..n {
+            let Some(o) = r.poll_output() else { break };
+            if let Output::Send { conn, msg } = o {
+                if closed.contains(&conn) {
+                    continue;
+                }
+                match msg {
+                    CoordinatorMsg::Netmap(nm) => {
+                        held.insert(conn, nm);
+                    }
+                    CoordinatorMsg::NetmapDelta(d) => {
+                        let nm = held.get_mut(&conn).expect("a delta after a netmap");
+                        nm.apply(&d).expect("the delta applies");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The peers device `dev`'s session (connection `c`) holds from its deltas, and those a
+    /// fresh session of the device is sent now (its session is closed and opened again).
+    fn held_and_fresh(
+        r: &mut Registry,
+        held: &mut BTreeMap<ConnId, Netmap>,
+        closed: &BTreeSet<ConnId>,
+        dev: u64,
+        c: ConnId,
+    ) -> (Vec<Peer>, Vec<Peer>) {
+        let got = held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+        r.handle_session_closed(DeviceId(dev), c);
+        take_netmaps(r, held, closed, usize::MAX);
+        r.handle_session_opened(
+            DeviceId(dev),
+            c,
+            addr(&format!("10.0.0.{dev}:4000")),
+            DeviceUpdate {
+                wg_port: 51820,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        held.remove(&c);
+        take_netmaps(r, held, closed, usize::MAX);
+        let fresh = held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+        (got, fresh)
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
@@ -3614,26 +3670,6 @@ to = ["all"]
             // Outputs queued for a session before it closed may still come out; a driver
             // drops them with the connection.
             let mut closed: BTreeSet<ConnId> = BTreeSet::new();
-            let take = |r: &mut Registry, held: &mut BTreeMap<ConnId, Netmap>, closed: &BTreeSet<ConnId>, n: usize| {
-                for _ in 0..n {
-                    let Some(o) = r.poll_output() else { break };
-                    if let Output::Send { conn, msg } = o {
-                        if closed.contains(&conn) {
-                            continue;
-                        }
-                        match msg {
-                            CoordinatorMsg::Netmap(nm) => {
-                                held.insert(conn, nm);
-                            }
-                            CoordinatorMsg::NetmapDelta(d) => {
-                                let nm = held.get_mut(&conn).expect("a delta after a netmap");
-                                nm.apply(&d).expect("the delta applies");
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            };
             for (what, dev, port, outputs) in steps {
                 match what {
                     0 if !conn_of.contains_key(&dev) && !removed.contains(&dev) => {
@@ -3677,24 +3713,11 @@ to = ["all"]
                         }
                     }
                 }
-                take(&mut r, &mut held, &closed, outputs);
+                take_netmaps(&mut r, &mut held, &closed, outputs);
             }
-            take(&mut r, &mut held, &closed, usize::MAX);
+            take_netmaps(&mut r, &mut held, &closed, usize::MAX);
             for (&dev, &c) in &conn_of {
-                let got = held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
-                // What a fresh session of this device would be sent now.
-                r.handle_session_closed(DeviceId(dev), c);
-                take(&mut r, &mut held, &closed, usize::MAX);
-                r.handle_session_opened(
-                    DeviceId(dev),
-                    c,
-                    addr(&format!("10.0.0.{dev}:4000")),
-                    DeviceUpdate { wg_port: 51820, ..Default::default() },
-                )
-                .unwrap();
-                held.remove(&c);
-                take(&mut r, &mut held, &closed, usize::MAX);
-                let fresh = held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+                let (got, fresh) = held_and_fresh(&mut r, &mut held, &closed, dev, c);
                 proptest::prop_assert_eq!(got, fresh, "device {}", dev);
             }
         }
@@ -3766,26 +3789,6 @@ to = ["b"]
             let mut conn_of: BTreeMap<u64, ConnId> = BTreeMap::new();
             let mut closed: BTreeSet<ConnId> = BTreeSet::new();
             let (mut next_conn, mut serial, mut now): (ConnId, u64, i64) = (100, 0, 0);
-            let take = |r: &mut Registry, held: &mut BTreeMap<ConnId, Netmap>, closed: &BTreeSet<ConnId>, n: usize| {
-                for _ in 0..n {
-                    let Some(o) = r.poll_output() else { break };
-                    if let Output::Send { conn, msg } = o {
-                        if closed.contains(&conn) {
-                            continue;
-                        }
-                        match msg {
-                            CoordinatorMsg::Netmap(nm) => {
-                                held.insert(conn, nm);
-                            }
-                            CoordinatorMsg::NetmapDelta(d) => {
-                                let nm = held.get_mut(&conn).expect("a delta after a netmap");
-                                nm.apply(&d).expect("the delta applies");
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            };
             for (what, dev, x, outputs) in steps {
                 match what {
                     0 if !conn_of.contains_key(&dev) => {
@@ -3838,24 +3841,12 @@ to = ["b"]
                         r.handle_time(now);
                     }
                 }
-                take(&mut r, &mut held, &closed, outputs);
+                take_netmaps(&mut r, &mut held, &closed, outputs);
             }
-            take(&mut r, &mut held, &closed, usize::MAX);
+            take_netmaps(&mut r, &mut held, &closed, usize::MAX);
             proptest::prop_assert_eq!(r.compiles(), compiles, "nothing the compile reads changed");
             for (&dev, &c) in &conn_of {
-                let got = held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
-                r.handle_session_closed(DeviceId(dev), c);
-                take(&mut r, &mut held, &closed, usize::MAX);
-                r.handle_session_opened(
-                    DeviceId(dev),
-                    c,
-                    addr(&format!("10.0.0.{dev}:4000")),
-                    DeviceUpdate { wg_port: 51820, ..Default::default() },
-                )
-                .unwrap();
-                held.remove(&c);
-                take(&mut r, &mut held, &closed, usize::MAX);
-                let fresh = held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+                let (got, fresh) = held_and_fresh(&mut r, &mut held, &closed, dev, c);
                 proptest::prop_assert_eq!(got, fresh, "device {}", dev);
             }
         }
