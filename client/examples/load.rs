@@ -493,7 +493,6 @@ async fn run(
         for &t in &targets {
             eprintln!("load: {what} {}", names[t].1);
             let (id, name) = (names[t].0, names[t].1.clone());
-            let own0 = shared.get(t, |r| r.netmap_msgs);
             let (gen, exp) = shared.arm_watch(id).await;
             let start = Instant::now();
             let args: Vec<&str> = match what {
@@ -502,9 +501,10 @@ async fn run(
             };
             coord.admin(&args).await?;
             commands.push(start.elapsed());
+            // The device itself: closed as revoked, or told it is quarantined (its verdict).
             let own_done = |s: &Shared| match what {
                 "revoke" => s.get(t, |r| r.revoked_at.is_some()),
-                _ => s.get(t, |r| r.netmap_msgs > own0),
+                _ => s.get(t, |r| r.quarantined_at.is_some()),
             };
             wait_for(timeout, || {
                 own_done(&shared) && shared.count(|r| r.touched_gen == gen) >= exp
@@ -512,7 +512,7 @@ async fn run(
             .await;
             let own_at = match what {
                 "revoke" => shared.get(t, |r| r.revoked_at),
-                _ => shared.get(t, |r| r.last_netmap_at.filter(|_| r.netmap_msgs > own0)),
+                _ => shared.get(t, |r| r.quarantined_at),
             };
             if let Some(a) = own_at {
                 own.push(a.saturating_duration_since(start));
@@ -1053,6 +1053,8 @@ struct Rec {
     policy_version: Option<u64>,
     policy_at: Option<Instant>,
     revoked_at: Option<Instant>,
+    /// When a verdict naming a quarantine first arrived.
+    quarantined_at: Option<Instant>,
     disconnected_at: Option<Instant>,
     rotations: u64,
     /// The watch generation whose device this session had as a peer when it was armed.
@@ -1442,6 +1444,9 @@ impl Dev {
                 r.netmap_bytes += size;
                 r.netmap_msgs += 1;
                 r.last_netmap_at = Some(at);
+            }
+            CoordinatorMsg::PostureVerdict(v) if v.quarantine.is_some() => {
+                r.quarantined_at.get_or_insert(at);
             }
             CoordinatorMsg::Lease { lease } => {
                 let (serial, key) = (lease.lease.serial, lease.lease.wg_public_key.0);
@@ -2100,9 +2105,7 @@ impl Report {
                 "peer_sessions": expected, "peers_reached": reached,
                 "peers_p50_ms": p50, "peers_p99_ms": p99, "peers_max_ms": pmax}),
         );
-        // A quarantined device whose netmap does not change (it reached nothing the
-        // quarantine takes away) gets no delta: only its peers are checked for it.
-        if (what == "revoke" && own.len() < targets) || reached < expected || enforced < admitted {
+        if own.len() < targets || reached < expected || enforced < admitted {
             self.fail(format!(
                 "{what}: reached {} of {targets} devices, {reached} of {expected} peer sessions, enforced at {enforced} of {admitted}",
                 own.len()
