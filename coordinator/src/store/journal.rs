@@ -8,6 +8,7 @@
 //! an all-zero slot is free; a slot whose checksum does not match (a torn write) is ignored.
 //! Entries are written with `pwrite` + `fdatasync` before the action is acknowledged.
 
+use crate::model::{Device, DeviceStatus, Quarantine, User};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
@@ -39,6 +40,9 @@ pub struct Entry {
 /// The open journal file.
 pub struct Journal {
     file: File,
+    /// What the file holds (read once at open, kept in step by `append` and `clear`): store
+    /// reads overlay it, so a journaled change is in force for every reader at once.
+    entries: Vec<Entry>,
 }
 
 impl Journal {
@@ -68,7 +72,17 @@ impl Journal {
                 SLOT * SLOTS
             )));
         }
-        Ok(Self { file })
+        let mut j = Self {
+            file,
+            entries: Vec::new(),
+        };
+        j.entries = j.pending()?;
+        Ok(j)
+    }
+
+    /// The entries recorded and not yet cleared, as last written or read (no file read).
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
     }
 
     /// The entries recorded and not yet cleared, in slot order.
@@ -89,15 +103,20 @@ impl Journal {
             .ok_or_else(|| {
                 io::Error::other("the narrowing journal is full; free disk space and restart")
             })?;
-        let bytes = encode(&Entry { at_ms, change })?;
+        let entry = Entry { at_ms, change };
+        let bytes = encode(&entry)?;
         self.file.write_all_at(&bytes, (slot * SLOT) as u64)?;
-        self.file.sync_data()
+        self.file.sync_data()?;
+        self.entries.push(entry);
+        Ok(())
     }
 
     /// Frees every slot (after the entries reached the database).
     pub fn clear(&mut self) -> io::Result<()> {
         self.file.write_all_at(&vec![0u8; SLOT * SLOTS], 0)?;
-        self.file.sync_data()
+        self.file.sync_data()?;
+        self.entries.clear();
+        Ok(())
     }
 
     fn slots(&self) -> io::Result<Vec<Option<(usize, Entry)>>> {
@@ -108,6 +127,45 @@ impl Journal {
             .enumerate()
             .map(|(i, s)| decode(s).map(|e| (i, e)))
             .collect())
+    }
+}
+
+/// `d` as the journaled changes leave it: revoked, its user disabled, quarantined. A change
+/// only ever takes access away, so a stale database row read while the disk is full never
+/// brings a revoked device back.
+pub fn narrow_device(entries: &[Entry], d: &mut Device) {
+    for e in entries {
+        match &e.change {
+            Narrowing::RevokeDevice { device }
+                if d.hostname.as_str() == device && d.status != DeviceStatus::Revoked =>
+            {
+                d.status = DeviceStatus::Revoked;
+                d.revoked_ms = Some(e.at_ms);
+            }
+            Narrowing::DisableUser { user } if d.user.as_deref() == Some(user.as_str()) => {
+                d.user_disabled = true;
+            }
+            Narrowing::QuarantineDevice { device, reason }
+                if d.hostname.as_str() == device && d.quarantine.is_none() =>
+            {
+                d.quarantine = Some(Quarantine {
+                    since_ms: e.at_ms,
+                    reason: reason.clone(),
+                    automatic: false,
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `u` as the journaled changes leave it (disabled).
+pub fn narrow_user(entries: &[Entry], u: &mut User) {
+    if entries
+        .iter()
+        .any(|e| matches!(&e.change, Narrowing::DisableUser { user } if *user == u.name))
+    {
+        u.disabled = true;
     }
 }
 

@@ -14,7 +14,7 @@ use ward_shared::wire::{DeviceId, WgPublicKey};
 
 use super::anchor::{AuditKey, Checkpoint};
 use super::db::Tx;
-use super::journal::{Journal, Narrowing};
+use super::journal::{self, Journal, Narrowing};
 use super::postgres::{PgBackend, PoolOptions};
 use super::schema::MIGRATIONS;
 use super::{
@@ -217,6 +217,17 @@ impl SqliteStore {
             .map_err(|e| StoreError::Journal(format!("{}: {e}", path.display())))?;
         *self.journal.lock().unwrap_or_else(|p| p.into_inner()) = Some(j);
         Ok(())
+    }
+
+    /// Applies the journal's pending changes to `ds` (read from a database that could not
+    /// take them): every reader (sessions, the change feed, admin) sees them in force.
+    fn narrowed(&self, ds: &mut [Device]) {
+        let g = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(j) = g.as_ref().filter(|j| !j.entries().is_empty()) {
+            for d in ds {
+                journal::narrow_device(j.entries(), d);
+            }
+        }
     }
 
     /// The anchor, if this store has one.
@@ -472,7 +483,14 @@ impl Store for SqliteStore {
     }
 
     fn list_users(&self) -> Result<Vec<User>> {
-        users::list_users(self)
+        let mut us = users::list_users(self)?;
+        let g = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(j) = g.as_ref().filter(|j| !j.entries().is_empty()) {
+            for u in &mut us {
+                journal::narrow_user(j.entries(), u);
+            }
+        }
+        Ok(us)
     }
 
     fn set_user_disabled(
@@ -509,19 +527,29 @@ impl Store for SqliteStore {
     }
 
     fn device_by_identity(&self, identity_hash: &[u8; 32]) -> Result<Option<Device>> {
-        devices::device_by_identity(self, identity_hash)
+        let mut d = devices::device_by_identity(self, identity_hash)?;
+        if let Some(d) = &mut d {
+            self.narrowed(std::slice::from_mut(d));
+        }
+        Ok(d)
     }
 
     fn device_by_name(&self, name: &str) -> Result<Device> {
-        devices::device_by_name(self, name)
+        let mut d = devices::device_by_name(self, name)?;
+        self.narrowed(std::slice::from_mut(&mut d));
+        Ok(d)
     }
 
     fn device(&self, id: DeviceId) -> Result<Device> {
-        devices::device(self, id)
+        let mut d = devices::device(self, id)?;
+        self.narrowed(std::slice::from_mut(&mut d));
+        Ok(d)
     }
 
     fn list_devices(&self) -> Result<Vec<Device>> {
-        devices::list_devices(self)
+        let mut ds = devices::list_devices(self)?;
+        self.narrowed(&mut ds);
+        Ok(ds)
     }
 
     fn revoke_device(&self, name: &str, actor: &str, now_ms: i64) -> Result<Device> {
@@ -830,7 +858,7 @@ impl Store for SqliteStore {
                     Err(err) => Err(StoreError::Invalid(err.to_string())),
                 },
                 Narrowing::QuarantineDevice { device, reason } => {
-                    self.device_by_name(device).and_then(|d| {
+                    devices::device_by_name(self, device).and_then(|d| {
                         let q = Quarantine {
                             since_ms: e.at_ms,
                             reason: reason.clone(),

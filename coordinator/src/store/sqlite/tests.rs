@@ -256,6 +256,85 @@ fn revoke_and_disable_postgres() {
     on_postgres(revoke_and_disable);
 }
 
+/// A change the database could not take (kept in the journal) is what every read returns:
+/// the device lookup a session makes, the list the change feed diffs, admin's `show`.
+fn journaled_changes_are_in_force_for_every_read() {
+    let (s, pools) = setup();
+    s.add_user(&n("bob"), &[], "admin", 1000).unwrap();
+    for (id, user) in [("t", "alice"), ("u", "bob")] {
+        s.create_token(
+            TokenSpec {
+                id,
+                secret_hash: ward_shared::token::hash_secret(b"s"),
+                user: Some(&n(user)),
+                tags: &[],
+                expires_ms: 5000,
+                uses: 3,
+                hostname: None,
+            },
+            "admin",
+            1000,
+        )
+        .unwrap();
+    }
+    let a = enroll(&s, &pools, "t", b"s", "a", 1, 2000).unwrap();
+    let q = enroll(&s, &pools, "t", b"s", "q", 2, 2000).unwrap();
+    let b = enroll(&s, &pools, "u", b"s", "b", 3, 2000).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    s.attach_journal(&tmp.path().join("narrowing.journal"))
+        .unwrap();
+    s.journal_narrowing(Narrowing::RevokeDevice { device: "a".into() }, 3000)
+        .unwrap();
+    s.journal_narrowing(
+        Narrowing::QuarantineDevice {
+            device: "q".into(),
+            reason: "stolen".into(),
+        },
+        3001,
+    )
+    .unwrap();
+    s.journal_narrowing(Narrowing::DisableUser { user: "bob".into() }, 3002)
+        .unwrap();
+
+    let by_identity = s.device_by_identity(&[1; 32]).unwrap().unwrap();
+    assert_eq!(by_identity.status, DeviceStatus::Revoked);
+    assert_eq!(by_identity.revoked_ms, Some(3000));
+    assert!(!s.device(a.id).unwrap().is_live());
+    assert!(!s.device_by_name("a").unwrap().is_live());
+    let q = s.device(q.id).unwrap();
+    assert_eq!(
+        q.quarantine.as_ref().map(|q| q.reason.as_str()),
+        Some("stolen")
+    );
+    assert!(q.is_live(), "a quarantined device stays enrolled");
+    assert!(s.device(b.id).unwrap().user_disabled);
+    let all = s.list_devices().unwrap();
+    assert!(all.iter().all(|d| d.id == q.id || !d.is_live()), "{all:?}");
+    let users = s.list_users().unwrap();
+    let disabled: Vec<_> = users
+        .iter()
+        .filter(|u| u.disabled)
+        .map(|u| u.name.as_str())
+        .collect();
+    assert_eq!(disabled, ["bob"]);
+    assert_eq!(s.journal_pending(), 3);
+
+    // Written to the database, the journal is empty and the rows say the same.
+    assert_eq!(s.flush_journal(4000).unwrap(), 3);
+    assert_eq!(s.journal_pending(), 0);
+    assert!(!s.device(a.id).unwrap().is_live());
+    assert!(s.device(q.id).unwrap().quarantine.is_some());
+    assert!(s.device(b.id).unwrap().user_disabled);
+}
+#[test]
+fn journaled_changes_are_in_force_for_every_read_sqlite() {
+    on_sqlite(journaled_changes_are_in_force_for_every_read);
+}
+#[test]
+fn journaled_changes_are_in_force_for_every_read_postgres() {
+    on_postgres(journaled_changes_are_in_force_for_every_read);
+}
+
 fn audit_chain_detects_edits() {
     let (s, _) = setup();
     s.append_audit(
