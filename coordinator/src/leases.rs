@@ -86,7 +86,7 @@ pub fn issue(
             StoreError::Refused { code, message } => (code, message),
             other => internal(id, &other),
         })?;
-    let Some(lease) = sign_row(signer, std::slice::from_ref(&fresh), row) else {
+    let Some(lease) = sign_row(signer, |_| Some(&fresh), row) else {
         return Err((ErrorCode::Internal, "lease for an unknown device".into()));
     };
     info!(device = %id, serial = lease.lease.serial, ttl_ms, "lease issued");
@@ -141,9 +141,14 @@ pub fn check_proof(
     })
 }
 
-/// Signs a stored lease for the device it belongs to (its addresses come from `devices`).
-pub fn sign_row(signer: &SigningKey, devices: &[Device], row: LeaseRow) -> Option<SignedLease> {
-    let d = devices.iter().find(|d| d.id == row.device_id)?;
+/// Signs a stored lease for the device it belongs to (its addresses come from `device`,
+/// which looks a device up by id).
+pub fn sign_row<'a>(
+    signer: &SigningKey,
+    device: impl FnOnce(DeviceId) -> Option<&'a Device>,
+    row: LeaseRow,
+) -> Option<SignedLease> {
+    let d = device(row.device_id).filter(|d| d.id == row.device_id)?;
     Some(
         Lease {
             device_id: d.id,

@@ -60,6 +60,9 @@ pub const MAX_LEASES: usize = 2;
 pub const KEY_HOLD_MS: i64 = 24 * 3600 * 1000;
 /// Retired keys remembered (the oldest are forgotten first beyond this).
 const MAX_RETIRED_KEYS: usize = 65_536;
+/// Refreshes kept in the views log, and devices named in it at most.
+const VIEWS_LOG_GENS: usize = 256;
+const VIEWS_LOG_IDS: usize = 65_536;
 
 /// Why a lease request was refused before any lease was issued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -295,6 +298,11 @@ pub struct Registry {
     /// those peers: it is brought up to date without walking all its peers.
     views_gen: u64,
     views_changed: Vec<DeviceId>,
+    /// The latest refreshes' changed devices by generation, oldest first (at most
+    /// [`VIEWS_LOG_GENS`] refreshes and [`VIEWS_LOG_IDS`] devices): a session produced a few
+    /// generations ago (it waited in the queue while changes kept coming) is brought up to
+    /// date from their union, not by walking all its peers.
+    views_log: VecDeque<(u64, Vec<DeviceId>)>,
     /// Per router device, the prefixes it serves (as of the last recompute).
     served: BTreeMap<DeviceId, Vec<Prefix>>,
     /// The posture requirements devices are asked to collect (as of the last recompute).
@@ -463,6 +471,7 @@ impl Registry {
             views: BTreeMap::new(),
             views_gen: 0,
             views_changed: Vec::new(),
+            views_log: VecDeque::new(),
             served: BTreeMap::new(),
             wants: PostureWants::default(),
             pending: VecDeque::new(),
@@ -2106,10 +2115,7 @@ impl Registry {
                 }
             }
         }
-        if !changed.is_empty() {
-            self.views_gen += 1;
-            self.views_changed = changed;
-        }
+        self.views_moved(changed);
         let changed: &[DeviceId] = if self.views_gen == before_gen {
             &[]
         } else {
@@ -2309,7 +2315,7 @@ impl Registry {
             // N sessions that changes little costs pointer comparisons, not N full netmaps'
             // copies or comparisons.
             let views = &self.views;
-            let (views_gen, views_changed) = (self.views_gen, &self.views_changed);
+            let (views_gen, views_log) = (self.views_gen, &self.views_log);
             let wanted = access.into_iter().flat_map(|a| {
                 a.peers.iter().filter(|p| **p != id).filter_map(|p| {
                     views
@@ -2431,15 +2437,18 @@ impl Registry {
                 Some(sent) => {
                     let mut upsert: Vec<(Arc<Peer>, &Vec<Prefix>)> = Vec::new();
                     let mut remove: Vec<DeviceId> = Vec::new();
-                    if same_compile && sent.views_gen.saturating_add(1) >= views_gen {
-                        // Same compile, and at most the latest refresh since: only the peers
-                        // it changed can differ from what was sent.
-                        let changed: &[DeviceId] = if sent.views_gen == views_gen {
-                            &[]
-                        } else {
-                            views_changed
-                        };
-                        for &p in changed {
+                    // Same compile, and the refreshes since still logged: only the peers they
+                    // changed can differ from what was sent (unless they are more than the
+                    // peers themselves, when one walk over them is cheaper).
+                    let walk_cost = access.map_or(0, |a| a.peers.len()) + sent.peers.len();
+                    let since = if same_compile {
+                        views_changed_since(views_log, sent.views_gen, views_gen)
+                            .filter(|c| c.len() <= walk_cost.max(8))
+                    } else {
+                        None
+                    };
+                    if let Some(changed) = since {
+                        for p in changed {
                             let want =
                                 access
                                     .filter(|a| p != id && a.peers.contains(&p))
@@ -2720,11 +2729,50 @@ impl Registry {
         changed.extend(self.views.keys().copied());
         changed.sort_unstable();
         self.views = views;
-        if !changed.is_empty() {
-            self.views_gen += 1;
-            self.views_changed = changed;
-        }
+        self.views_moved(changed);
     }
+
+    /// A refresh changed the views of `changed` (sorted): a new generation, logged.
+    fn views_moved(&mut self, changed: Vec<DeviceId>) {
+        if changed.is_empty() {
+            return;
+        }
+        self.views_gen += 1;
+        self.views_log.push_back((self.views_gen, changed.clone()));
+        let mut ids: usize = self.views_log.iter().map(|(_, c)| c.len()).sum();
+        while self.views_log.len() > 1
+            && (self.views_log.len() > VIEWS_LOG_GENS || ids > VIEWS_LOG_IDS)
+        {
+            if let Some((_, c)) = self.views_log.pop_front() {
+                ids -= c.len();
+            }
+        }
+        self.views_changed = changed;
+    }
+}
+
+/// The devices whose views changed after generation `since` up to `now`, sorted, when the
+/// log still covers every one of those refreshes; `None` when it does not (walk all peers).
+fn views_changed_since(
+    log: &VecDeque<(u64, Vec<DeviceId>)>,
+    since: u64,
+    now: u64,
+) -> Option<Vec<DeviceId>> {
+    if since >= now {
+        return Some(Vec::new());
+    }
+    let oldest = log.front()?.0;
+    if since.saturating_add(1) < oldest {
+        return None;
+    }
+    let mut out: Vec<DeviceId> = log
+        .iter()
+        .filter(|(g, _)| *g > since)
+        .flat_map(|(_, c)| c.iter().copied())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    Some(out)
 }
 
 /// Whether two reach lists are the same: by pointer for grants a compile shares, then by
@@ -3892,6 +3940,44 @@ to = ["b"]
             .sent
             .as_ref()
             .is_some_and(|s| s.views_gen == gen)));
+    }
+
+    #[test]
+    fn the_views_log_answers_for_the_refreshes_it_still_holds() {
+        let ids = |v: &[u64]| v.iter().map(|i| DeviceId(*i)).collect::<Vec<_>>();
+        let mut r = reg(&[1, 2, 3]);
+        let start = r.views_gen;
+        r.views_moved(ids(&[2, 3]));
+        r.views_moved(Vec::new());
+        r.views_moved(ids(&[1, 3]));
+        let now = r.views_gen;
+        assert_eq!(now, start + 2, "an empty refresh is no generation");
+        let log = &r.views_log;
+        assert_eq!(views_changed_since(log, now, now), Some(Vec::new()));
+        assert_eq!(views_changed_since(log, now - 1, now), Some(ids(&[1, 3])));
+        assert_eq!(
+            views_changed_since(log, now - 2, now),
+            Some(ids(&[1, 2, 3]))
+        );
+        // Beyond the log's bound the oldest refreshes are forgotten: a session that old
+        // walks all its peers.
+        for i in 0..VIEWS_LOG_GENS as u64 {
+            r.views_moved(ids(&[i % 3 + 1]));
+        }
+        assert_eq!(r.views_log.len(), VIEWS_LOG_GENS);
+        assert!(views_changed_since(&r.views_log, now, r.views_gen).is_some());
+        assert_eq!(
+            views_changed_since(&r.views_log, now - 1, r.views_gen),
+            None
+        );
+        assert!(views_changed_since(&r.views_log, r.views_gen - 5, r.views_gen).is_some());
+        // A refresh naming more devices than the bound is kept alone.
+        r.views_moved((1..=VIEWS_LOG_IDS as u64 + 1).map(DeviceId).collect());
+        assert_eq!(r.views_log.len(), 1);
+        assert_eq!(
+            views_changed_since(&r.views_log, r.views_gen - 2, r.views_gen),
+            None
+        );
     }
 
     #[test]

@@ -212,20 +212,56 @@ pub fn diff_devices(
     old: &BTreeMap<DeviceId, Device>,
     new: &[Device],
 ) -> (Vec<Device>, Vec<DeviceId>) {
-    let mut changed = Vec::new();
-    for d in new {
-        let same = old.get(&d.id).is_some_and(|o| {
-            let mut o = o.clone();
-            o.last_seen_ms = d.last_seen_ms;
-            &o == d
-        });
-        if !same {
-            changed.push(d.clone());
-        }
-    }
+    let changed = new
+        .iter()
+        .filter(|d| device_changed(old.get(&d.id), d))
+        .cloned()
+        .collect();
     let ids: BTreeSet<DeviceId> = new.iter().map(|d| d.id).collect();
     let gone = old.keys().filter(|id| !ids.contains(id)).copied().collect();
     (changed, gone)
+}
+
+/// Whether a device row read again (`new`) differs from the one read before (`old`) in more
+/// than `last_seen_ms`; a row not read before has changed.
+pub fn device_changed(old: Option<&Device>, new: &Device) -> bool {
+    let Some(o) = old else { return true };
+    // Every field named, so a new one is a decision here, not a silent omission.
+    let Device {
+        id,
+        hostname,
+        user,
+        user_disabled,
+        tags,
+        ipv4,
+        ipv6,
+        os,
+        status,
+        created_ms,
+        last_seen_ms: _,
+        cert_not_after_ms,
+        revoked_ms,
+        wg_public_key,
+        endpoints,
+        quarantine,
+        name_bound,
+    } = o;
+    !(*id == new.id
+        && *hostname == new.hostname
+        && *user == new.user
+        && *user_disabled == new.user_disabled
+        && *tags == new.tags
+        && *ipv4 == new.ipv4
+        && *ipv6 == new.ipv6
+        && *os == new.os
+        && *status == new.status
+        && *created_ms == new.created_ms
+        && *cert_not_after_ms == new.cert_not_after_ms
+        && *revoked_ms == new.revoked_ms
+        && *wg_public_key == new.wg_public_key
+        && *endpoints == new.endpoints
+        && *quarantine == new.quarantine
+        && *name_bound == new.name_bound)
 }
 
 /// The sessions this replica (`me`) holds that another replica has claimed since (the

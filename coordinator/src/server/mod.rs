@@ -220,11 +220,14 @@ pub async fn serve(
         },
     };
     let grants = ops::active_grants(store.as_ref(), now)?;
+    let by_id: std::collections::BTreeMap<DeviceId, &crate::model::Device> =
+        devices.iter().map(|d| (d.id, d)).collect();
     let leases: Vec<_> = store
         .active_leases(now)?
         .into_iter()
-        .filter_map(|row| crate::leases::sign_row(&lease_key, &devices, row))
+        .filter_map(|row| crate::leases::sign_row(&lease_key, |id| by_id.get(&id).copied(), row))
         .collect();
+    drop(by_id);
     let seen = replica::Seen::new(
         &devices,
         current_version.and_then(|v| i64::try_from(v).ok()),

@@ -42,6 +42,12 @@ const SESSION_POLL: Duration = Duration::from_millis(500);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Feed rows read at once.
 const FEED_BATCH: usize = 1_000;
+/// Lease changes alone read the whole device table at most this often: in between, only the
+/// rows of the devices whose new leases arrived are read (a key rotation is one row, not
+/// every device's; at 10 000 devices rotating their keys the whole table was read on every
+/// poll). The whole read still comes, so a device's new endpoints reach replicas that do
+/// not hold its session within this long of any lease change.
+const DEVICES_ON_LEASES_EVERY: Duration = Duration::from_secs(2);
 /// Scan evidence rows read at once, and batches per feed step (the rest waits for the next).
 const EVIDENCE_BATCH: usize = 4_096;
 const EVIDENCE_BATCHES: usize = 4;
@@ -75,6 +81,11 @@ pub(super) struct Seen {
     pub remote_sessions: Option<BTreeMap<DeviceId, RemoteSession>>,
     /// Provider suspensions per user, as last read.
     pub suspensions: BTreeMap<String, Option<String>>,
+    /// When the whole device table was last read.
+    pub devices_read: Option<std::time::Instant>,
+    /// A lease read could not be completed: read the leases again on the next poll even if
+    /// the feed did not move.
+    pub leases_again: bool,
 }
 
 impl Seen {
@@ -90,6 +101,8 @@ impl Seen {
             trust: BTreeMap::new(),
             remote_sessions: None,
             suspensions: BTreeMap::new(),
+            devices_read: Some(std::time::Instant::now()),
+            leases_again: false,
         }
     }
 }
@@ -235,12 +248,19 @@ struct Read {
 async fn follow(ctx: &Arc<Ctx>, feed: &mut Feed, seen: &mut Seen) {
     let store = ctx.store.clone();
     let mut f = feed.clone();
+    let devices_due = seen
+        .devices_read
+        .is_none_or(|at| at.elapsed() >= DEVICES_ON_LEASES_EVERY);
+    let again = seen.leases_again;
     let res = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
         let v = store.feed_version()?;
-        if !f.wants(v) {
+        if !f.wants(v) && !again {
             return Ok(None);
         }
-        let mut reloads = Reloads::default();
+        let mut reloads = Reloads {
+            leases: again,
+            ..Reloads::default()
+        };
         while f.wants(v) {
             let rows = store.feed_since(f.seen(), FEED_BATCH)?;
             if rows.is_empty() {
@@ -248,7 +268,7 @@ async fn follow(ctx: &Arc<Ctx>, feed: &mut Feed, seen: &mut Seen) {
             }
             reloads.merge(&f.handle_rows(&rows));
         }
-        let read = read(store.as_ref(), &reloads)?;
+        let read = read(store.as_ref(), &reloads, devices_due)?;
         Ok(Some((f, reloads, read)))
     })
     .await;
@@ -269,11 +289,12 @@ async fn follow(ctx: &Arc<Ctx>, feed: &mut Feed, seen: &mut Seen) {
     apply(ctx, seen, read).await;
 }
 
-fn read(store: &dyn Store, r: &Reloads) -> crate::store::Result<Read> {
+fn read(store: &dyn Store, r: &Reloads, devices_due: bool) -> crate::store::Result<Read> {
     let now = now_ms();
     let mut out = Read::default();
-    // Devices also when leases changed: a lease is signed for a device the registry knows.
-    if r.devices || r.leases {
+    // The whole table also when leases changed and it was not read for a while (the rows of
+    // the devices with new leases are read in any case, in `apply`).
+    if r.devices || (r.leases && devices_due) {
         out.devices = Some(store.list_devices()?);
     }
     if r.users {
@@ -327,6 +348,9 @@ async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
             ev.send_internal(Event::User(u));
         }
     }
+    if read.devices.is_some() {
+        seen.devices_read = Some(std::time::Instant::now());
+    }
     if let Some(devices) = &read.devices {
         let (changed, gone) = replicas::diff_devices(&seen.devices, devices);
         for d in changed {
@@ -355,8 +379,41 @@ async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
         ev.send_internal(Event::Routes(r));
     }
     if let Some(rows) = read.leases {
-        let devices: Vec<Device> = seen.devices.values().cloned().collect();
-        let now: BTreeMap<u64, DeviceId> = rows.iter().map(|r| (r.serial, r.device_id)).collect();
+        let mut now: BTreeMap<u64, DeviceId> =
+            rows.iter().map(|r| (r.serial, r.device_id)).collect();
+        seen.leases_again = false;
+        if read.devices.is_none() {
+            // The devices whose new leases arrived, read again: their keys changed with the
+            // lease, and their endpoints may have.
+            let ids: Vec<DeviceId> = rows
+                .iter()
+                .filter(|r| !seen.leases.contains_key(&r.serial))
+                .map(|r| r.device_id)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if !ids.is_empty() {
+                match read_devices(ctx, ids.clone()).await {
+                    Ok(fresh) => {
+                        for d in fresh {
+                            if replicas::device_changed(seen.devices.get(&d.id), &d) {
+                                debug!(device = %d.id, "device changed with its lease");
+                                ev.send_internal(Event::Upserted(d.clone()));
+                            }
+                            seen.devices.insert(d.id, d);
+                        }
+                    }
+                    Err(e) => {
+                        // Their leases stay unseen and are read again on the next poll.
+                        error!(error = %e, devices = ids.len(), "reading the devices of new leases failed; retrying");
+                        now.retain(|serial, d| {
+                            seen.leases.contains_key(serial) || !ids.contains(d)
+                        });
+                        seen.leases_again = true;
+                    }
+                }
+            }
+        }
         // Serials that left the active set were revoked (or ran out: the registry retires
         // those itself, and a second retirement changes nothing).
         let mut revoked: BTreeMap<DeviceId, Vec<u64>> = BTreeMap::new();
@@ -366,10 +423,11 @@ async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
             }
         }
         for row in rows {
-            if seen.leases.contains_key(&row.serial) {
+            if seen.leases.contains_key(&row.serial) || !now.contains_key(&row.serial) {
                 continue;
             }
-            let Some(l) = crate::leases::sign_row(&ctx.lease_key, &devices, row) else {
+            let Some(l) = crate::leases::sign_row(&ctx.lease_key, |id| seen.devices.get(&id), row)
+            else {
                 continue;
             };
             let (tx, _rx) = tokio::sync::oneshot::channel();
@@ -403,6 +461,24 @@ async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
             ev.send_internal(Event::SignIn(si.device, s));
         }
     }
+}
+
+/// The rows of `ids` (a device gone from the table is left out).
+async fn read_devices(ctx: &Arc<Ctx>, ids: Vec<DeviceId>) -> crate::store::Result<Vec<Device>> {
+    let store = ctx.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match store.device(id) {
+                Ok(d) => out.push(d),
+                Err(crate::store::StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| crate::store::StoreError::Schema(format!("device read task failed: {e}")))?
 }
 
 /// Sends the registry each trust row another replica wrote that changed since the last read.
