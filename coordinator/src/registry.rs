@@ -2438,12 +2438,12 @@ impl Registry {
                     let mut upsert: Vec<(Arc<Peer>, &Vec<Prefix>)> = Vec::new();
                     let mut remove: Vec<DeviceId> = Vec::new();
                     // Same compile, and the refreshes since still logged: only the peers they
-                    // changed can differ from what was sent (unless they are more than the
-                    // peers themselves, when one walk over them is cheaper).
-                    let walk_cost = access.map_or(0, |a| a.peers.len()) + sent.peers.len();
+                    // changed can differ from what was sent (three lookups each; when they
+                    // are more than half the peers, one merge over all of them is cheaper).
+                    let walk = access.map_or(0, |a| a.peers.len()).max(sent.peers.len());
                     let since = if same_compile {
                         views_changed_since(views_log, sent.views_gen, views_gen)
-                            .filter(|c| c.len() <= walk_cost.max(8))
+                            .filter(|c| c.len() <= (walk / 2).max(8))
                     } else {
                         None
                     };
