@@ -71,6 +71,24 @@ fn enroll(
     .map(|(d, _)| d)
 }
 
+/// Creates token `id` (secret `s`) for `user`, good for `uses` enrollments until 5000.
+fn user_token(s: &SqliteStore, id: &str, user: &str, uses: i64) {
+    s.create_token(
+        TokenSpec {
+            id,
+            secret_hash: ward_shared::token::hash_secret(b"s"),
+            user: Some(&n(user)),
+            tags: &[],
+            expires_ms: 5000,
+            uses,
+            hostname: None,
+        },
+        "admin",
+        1000,
+    )
+    .unwrap();
+}
+
 fn token_lifecycle_and_refusals() {
     let (s, pools) = setup();
     let h = ward_shared::token::hash_secret(b"s1");
@@ -261,22 +279,8 @@ fn revoke_and_disable_postgres() {
 fn journaled_changes_are_in_force_for_every_read() {
     let (s, pools) = setup();
     s.add_user(&n("bob"), &[], "admin", 1000).unwrap();
-    for (id, user) in [("t", "alice"), ("u", "bob")] {
-        s.create_token(
-            TokenSpec {
-                id,
-                secret_hash: ward_shared::token::hash_secret(b"s"),
-                user: Some(&n(user)),
-                tags: &[],
-                expires_ms: 5000,
-                uses: 3,
-                hostname: None,
-            },
-            "admin",
-            1000,
-        )
-        .unwrap();
-    }
+    user_token(&s, "t", "alice", 3);
+    user_token(&s, "u", "bob", 3);
     let a = enroll(&s, &pools, "t", b"s", "a", 1, 2000).unwrap();
     let q = enroll(&s, &pools, "t", b"s", "q", 2, 2000).unwrap();
     let b = enroll(&s, &pools, "u", b"s", "b", 3, 2000).unwrap();
@@ -1555,20 +1559,7 @@ fn audit_counts_read_only_rows_since_the_last_sequence_number_postgres() {
 #[test]
 fn touches_are_written_together() {
     let (s, pools) = setup();
-    s.create_token(
-        TokenSpec {
-            id: "t",
-            secret_hash: ward_shared::token::hash_secret(b"s"),
-            user: Some(&n("alice")),
-            tags: &[],
-            expires_ms: 5000,
-            uses: 2,
-            hostname: None,
-        },
-        "admin",
-        1000,
-    )
-    .unwrap();
+    user_token(&s, "t", "alice", 2);
     let a = enroll(&s, &pools, "t", b"s", "a", 1, 2000).unwrap();
     let b = enroll(&s, &pools, "t", b"s", "b", 2, 2000).unwrap();
     let key = WgPublicKey([9; 32]);
