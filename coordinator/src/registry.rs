@@ -2442,8 +2442,7 @@ impl Registry {
                     // are more than half the peers, one merge over all of them is cheaper).
                     let walk = access.map_or(0, |a| a.peers.len()).max(sent.peers.len());
                     let since = if same_compile {
-                        views_changed_since(views_log, sent.views_gen, views_gen)
-                            .filter(|c| c.len() <= (walk / 2).max(8))
+                        views_changed_since(views_log, sent.views_gen, views_gen, (walk / 2).max(8))
                     } else {
                         None
                     };
@@ -2752,17 +2751,29 @@ impl Registry {
 }
 
 /// The devices whose views changed after generation `since` up to `now`, sorted, when the
-/// log still covers every one of those refreshes; `None` when it does not (walk all peers).
+/// log still covers every one of those refreshes and they are at most `limit`; `None`
+/// otherwise (walk all peers). Refreshes naming more than four times `limit` in all are
+/// given up on before any is copied, so a session far behind pays little to learn it.
 fn views_changed_since(
     log: &VecDeque<(u64, Vec<DeviceId>)>,
     since: u64,
     now: u64,
+    limit: usize,
 ) -> Option<Vec<DeviceId>> {
     if since >= now {
         return Some(Vec::new());
     }
     let oldest = log.front()?.0;
     if since.saturating_add(1) < oldest {
+        return None;
+    }
+    let named: usize = log
+        .iter()
+        .rev()
+        .take_while(|(g, _)| *g > since)
+        .map(|(_, c)| c.len())
+        .sum();
+    if named > limit.saturating_mul(4) {
         return None;
     }
     let mut out: Vec<DeviceId> = log
@@ -2772,7 +2783,7 @@ fn views_changed_since(
         .collect();
     out.sort_unstable();
     out.dedup();
-    Some(out)
+    (out.len() <= limit).then_some(out)
 }
 
 /// Whether two reach lists are the same: by pointer for grants a compile shares, then by
@@ -3952,30 +3963,41 @@ to = ["b"]
         r.views_moved(ids(&[1, 3]));
         let now = r.views_gen;
         assert_eq!(now, start + 2, "an empty refresh is no generation");
+        const ALL: usize = usize::MAX / 8;
         let log = &r.views_log;
-        assert_eq!(views_changed_since(log, now, now), Some(Vec::new()));
-        assert_eq!(views_changed_since(log, now - 1, now), Some(ids(&[1, 3])));
+        assert_eq!(views_changed_since(log, now, now, ALL), Some(Vec::new()));
         assert_eq!(
-            views_changed_since(log, now - 2, now),
+            views_changed_since(log, now - 1, now, ALL),
+            Some(ids(&[1, 3]))
+        );
+        assert_eq!(
+            views_changed_since(log, now - 2, now, ALL),
             Some(ids(&[1, 2, 3]))
         );
+        // More changed devices than the session's limit: walk its peers instead.
+        assert_eq!(
+            views_changed_since(log, now - 2, now, 3),
+            Some(ids(&[1, 2, 3]))
+        );
+        assert_eq!(views_changed_since(log, now - 2, now, 2), None);
+        assert_eq!(views_changed_since(log, now - 2, now, 0), None);
         // Beyond the log's bound the oldest refreshes are forgotten: a session that old
         // walks all its peers.
         for i in 0..VIEWS_LOG_GENS as u64 {
             r.views_moved(ids(&[i % 3 + 1]));
         }
         assert_eq!(r.views_log.len(), VIEWS_LOG_GENS);
-        assert!(views_changed_since(&r.views_log, now, r.views_gen).is_some());
+        assert!(views_changed_since(&r.views_log, now, r.views_gen, ALL).is_some());
         assert_eq!(
-            views_changed_since(&r.views_log, now - 1, r.views_gen),
+            views_changed_since(&r.views_log, now - 1, r.views_gen, ALL),
             None
         );
-        assert!(views_changed_since(&r.views_log, r.views_gen - 5, r.views_gen).is_some());
+        assert!(views_changed_since(&r.views_log, r.views_gen - 5, r.views_gen, ALL).is_some());
         // A refresh naming more devices than the bound is kept alone.
         r.views_moved((1..=VIEWS_LOG_IDS as u64 + 1).map(DeviceId).collect());
         assert_eq!(r.views_log.len(), 1);
         assert_eq!(
-            views_changed_since(&r.views_log, r.views_gen - 2, r.views_gen),
+            views_changed_since(&r.views_log, r.views_gen - 2, r.views_gen, ALL),
             None
         );
     }
