@@ -168,6 +168,11 @@ fn one_end_only(span: &[&FlowRow]) -> bool {
         .all(|w| w[0].record.role == w[1].record.role)
 }
 
+/// Whether any record of a span is a denial.
+fn any_denied(span: &[&FlowRow]) -> bool {
+    span.iter().any(|r| r.record.verdict == FlowVerdict::Denied)
+}
+
 /// Pairs the records (any order) into spans, sorted by start time then key.
 pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
     let mut by_key: BTreeMap<Key, Vec<&FlowRow>> = BTreeMap::new();
@@ -224,10 +229,13 @@ pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
                 if *next_start > end {
                     break;
                 }
+                let incomplete =
+                    |s: PairStatus| matches!(s, PairStatus::Pending | PairStatus::OneSided);
+                let next_incomplete = one_end_only(next) && !any_denied(next);
                 let worth = match p.status {
                     PairStatus::Mismatch | PairStatus::Pending | PairStatus::OneSided => true,
                     PairStatus::Paired => one_end_only(next),
-                    PairStatus::Denied => false,
+                    PairStatus::Denied => next_incomplete,
                 };
                 if !worth {
                     break;
@@ -238,7 +246,13 @@ pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
                 let takes_tail = p.status == PairStatus::Mismatch
                     && joined.status == PairStatus::Mismatch
                     && one_end_only(next);
-                if joined.status != PairStatus::Paired && !takes_tail {
+                // A denied attempt whose packet crossed a window boundary: one end's allowed
+                // record alone on one side of it (the initiator's SYN, nothing came back), the
+                // denial on the other. One denied flow, not a denial plus a pending span.
+                let completes_denial = joined.status == PairStatus::Denied
+                    && (incomplete(p.status) && any_denied(next)
+                        || p.status == PairStatus::Denied && next_incomplete);
+                if joined.status != PairStatus::Paired && !takes_tail && !completes_denial {
                     break;
                 }
                 end = (*next_end).max(end);
@@ -719,6 +733,65 @@ mod tests {
         rows[0].record.verdict = FlowVerdict::Denied;
         rows[0].record.reason = Some(DenyCause::Posture);
         assert_eq!(pair(&rows, &tol, 10 * W)[0].status, PairStatus::Denied);
+    }
+
+    #[test]
+    fn a_denied_attempt_split_by_a_window_boundary_is_one_denied_flow() {
+        let tol = Tolerance::default();
+        let syn = |reporter, start, role, peer, out, inn, denied: bool| {
+            let mut r = row(reporter, start, start + W, rec(role, peer, out, inn));
+            if denied {
+                r.record.verdict = FlowVerdict::Denied;
+                r.record.rule = None;
+                r.record.reason = Some(DenyCause::NoRule);
+            }
+            r
+        };
+        // A's SYN left in A's first window; B refused it in B's next one.
+        let rows = vec![
+            syn(A, 0, Role::Initiator, B, (1, 60), (0, 0), false),
+            syn(B, W, Role::Responder, A, (0, 0), (1, 60), true),
+        ];
+        // And the other way round (the two ends' clock corrections differ by a little).
+        let reversed = vec![
+            syn(B, 0, Role::Responder, A, (0, 0), (1, 60), true),
+            syn(A, W, Role::Initiator, B, (1, 60), (0, 0), false),
+        ];
+        for rows in [rows, reversed] {
+            for now in [W + 1, 10 * W] {
+                let p = pair(&rows, &tol, now);
+                assert_eq!(p.len(), 1, "{p:#?}");
+                assert_eq!(p[0].status, PairStatus::Denied);
+                assert_eq!(p[0].reason, Some(DenyCause::NoRule));
+                assert_eq!((p[0].start_ms, p[0].end_ms), (0, 2 * W));
+                assert_eq!(p[0].initiator_counts.unwrap().packets_out, 1);
+                assert_eq!(p[0].responder_counts.unwrap().packets_in, 1);
+            }
+        }
+        // A flow both ends agree on stays paired next to a later denial, and a denial is not
+        // stretched over a later flow both ends reported.
+        let rows = vec![
+            syn(A, 0, Role::Initiator, B, (4, 400), (4, 400), false),
+            syn(B, 0, Role::Responder, A, (4, 400), (4, 400), false),
+            syn(A, W, Role::Initiator, B, (1, 60), (0, 0), true),
+        ];
+        let p = pair(&rows, &tol, 10 * W);
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert_eq!(
+            (p[0].status, p[1].status),
+            (PairStatus::Paired, PairStatus::Denied)
+        );
+        let rows = vec![
+            syn(B, 0, Role::Responder, A, (0, 0), (1, 60), true),
+            syn(A, W, Role::Initiator, B, (4, 400), (4, 400), false),
+            syn(B, W, Role::Responder, A, (4, 400), (4, 400), false),
+        ];
+        let p = pair(&rows, &tol, 10 * W);
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert_eq!(
+            (p[0].status, p[1].status),
+            (PairStatus::Denied, PairStatus::Paired)
+        );
     }
 
     #[test]
