@@ -13,7 +13,9 @@
 //! need not be aligned) are joined transitively into one span, and each end's counts over the
 //! span are summed; a span whose counts disagree is joined with the next adjacent span when the
 //! two together agree (packets in flight at a window boundary are counted by the sender in one
-//! window and by the receiver in the next). A span is then:
+//! window and by the receiver in the next). A span one end alone reported also joins a
+//! touching span that is no clean pair (a disagreement, a denial, or the other end's records
+//! alone): it is that flow's head or tail across the boundary. A span is then:
 //!
 //! - `denied` when either end recorded a denial. The enforcing end is usually the responder
 //!   (its inbound filter), while the initiator saw an outbound flow with no reply; or the
@@ -243,16 +245,24 @@ pub fn pair(rows: &[FlowRow], tol: &Tolerance, now_ms: i64) -> Vec<Pair> {
                 let mut both = span.clone();
                 both.extend(next.iter().copied());
                 let joined = judge(&key, &both, start, (*next_end).max(end), tol, now_ms);
-                let takes_tail = p.status == PairStatus::Mismatch
-                    && joined.status == PairStatus::Mismatch
-                    && one_end_only(next);
-                // A denied attempt whose packet crossed a window boundary: one end's allowed
-                // record alone on one side of it (the initiator's SYN, nothing came back), the
-                // denial on the other. One denied flow, not a denial plus a pending span.
-                let completes_denial = joined.status == PairStatus::Denied
-                    && (incomplete(p.status) && any_denied(next)
-                        || p.status == PairStatus::Denied && next_incomplete);
-                if joined.status != PairStatus::Paired && !takes_tail && !completes_denial {
+                let accept = match (p.status, joined.status) {
+                    (_, PairStatus::Paired) => true,
+                    // A one-end tail of a span that disagrees anyway.
+                    (PairStatus::Mismatch, PairStatus::Mismatch) => one_end_only(next),
+                    // A one-end head (the first packets, counted by one end before the
+                    // boundary and by the other after it) of a span that is no clean pair: the
+                    // other end's records alone, a disagreement (an end that under-reports), or
+                    // a denial (the initiator's SYN before the boundary, the responder's
+                    // refusal after it). A clean pair is never spoilt by a head.
+                    (s, PairStatus::Mismatch | PairStatus::Denied) if incomplete(s) => {
+                        judge(&key, next, *next_start, *next_end, tol, now_ms).status
+                            != PairStatus::Paired
+                    }
+                    // A one-end tail of a denial, the same way round.
+                    (PairStatus::Denied, PairStatus::Denied) => next_incomplete,
+                    _ => false,
+                };
+                if !accept {
                     break;
                 }
                 end = (*next_end).max(end);
@@ -853,6 +863,46 @@ mod tests {
         assert_eq!(p.len(), 2, "{p:#?}");
         assert_eq!(p[0].status, PairStatus::Mismatch);
         assert_eq!(p[1].status, PairStatus::Paired);
+    }
+
+    #[test]
+    fn a_one_end_head_joins_the_span_after_it_unless_that_is_a_clean_pair() {
+        let tol = Tolerance::default();
+        // A under-reports by half; its first packet was counted by A before the boundary and
+        // by B after it. One flow, a mismatch at once: not a pending head plus a mismatch.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (1, 60), (0, 0))),
+            row(A, W, 2 * W, rec(Role::Initiator, B, (15, 21_000), (0, 0))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (31, 42_060))),
+        ];
+        for now in [W + W / 2, 10 * W] {
+            let p = pair(&rows, &tol, now);
+            assert_eq!(p.len(), 1, "{p:#?}");
+            assert_eq!(p[0].status, PairStatus::Mismatch);
+            assert_eq!((p[0].start_ms, p[0].end_ms), (0, 2 * W));
+            assert_eq!(p[0].initiator_counts.unwrap().packets_out, 16);
+        }
+        // The whole flow in one window at each end, the windows touching: each end's record
+        // alone is the other's missing half, agreeing or not.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (15, 21_000), (0, 0))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (30, 42_000))),
+        ];
+        let p = pair(&rows, &tol, W + W / 2);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!(p[0].status, PairStatus::Mismatch);
+        // A head that would spoil a clean pair stays on its own.
+        let rows = vec![
+            row(A, 0, W, rec(Role::Initiator, B, (100, 100_000), (0, 0))),
+            row(A, W, 2 * W, rec(Role::Initiator, B, (10, 1000), (0, 0))),
+            row(B, W, 2 * W, rec(Role::Responder, A, (0, 0), (10, 1000))),
+        ];
+        let p = pair(&rows, &tol, W + W / 2);
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert_eq!(
+            (p[0].status, p[1].status),
+            (PairStatus::Pending, PairStatus::Paired)
+        );
     }
 
     #[test]

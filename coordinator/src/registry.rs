@@ -622,6 +622,24 @@ impl Registry {
         }
     }
 
+    /// A stored policy version is in force: applied here (with the compile its check made) or
+    /// read from the change feed (applied on another replica, or this replica's own apply read
+    /// back). The version already in force, with the same policy, changes nothing: no second
+    /// compile, no re-judging, no session queued. Returns whether it was taken.
+    pub fn handle_policy_applied(
+        &mut self,
+        policy: Policy,
+        version: u64,
+        compile: Option<PolicyCompile>,
+    ) -> bool {
+        if self.policy_version == Some(version) && self.policy.as_ref() == Some(&policy) {
+            return false;
+        }
+        self.handle_policy_version(Some(version));
+        self.handle_policy_compiled(policy, compile);
+        true
+    }
+
     /// A new policy was applied: every device is judged against its requirements.
     pub fn handle_policy(&mut self, policy: Policy) {
         self.handle_policy_compiled(policy, None);
@@ -3316,6 +3334,33 @@ expires = "2030-01-01T00:00:00Z"
         assert_eq!(counts(&r), (compiles + 3, reused + 1), "compiled");
         assert!(!Arc::ptr_eq(r.compiled(), &c.compiled));
         assert_eq!(**r.compiled(), fresh(&r));
+    }
+
+    /// A policy version read back from the change feed after it was applied here (or read
+    /// twice) is not compiled, judged or pushed again; a new version, or the same version
+    /// with another text, is.
+    #[test]
+    fn the_policy_version_in_force_again_changes_nothing() {
+        let mut r = reg(&[1, 2, 3]);
+        drain(&mut r);
+        open_sessions(&mut r, &[1, 2, 3]);
+        drain(&mut r);
+        let p = open_policy();
+        assert!(r.handle_policy_applied(p.clone(), 7, None));
+        let out = drain(&mut r);
+        assert!(!out.is_empty(), "a new version goes out");
+        let compiles = r.compiles();
+        assert!(!r.handle_policy_applied(p.clone(), 7, None));
+        assert!(drain(&mut r).is_empty(), "nothing goes out again");
+        assert_eq!(r.compiles(), compiles, "not compiled again");
+        assert!(r.handle_policy_applied(p.clone(), 8, None));
+        drain(&mut r);
+        assert_eq!(r.compiles(), compiles + 1, "a new version is compiled");
+        let mut other = p;
+        other.rules.clear();
+        assert!(r.handle_policy_applied(other, 8, None));
+        drain(&mut r);
+        assert_eq!(r.compiles(), compiles + 2, "another text is compiled");
     }
 
     /// Sessions hold one shared copy of each peer's state and of the compile (memory grows

@@ -24,6 +24,9 @@ use crate::model::{Device, User};
 use crate::store::journal::Narrowing;
 use crate::store::{Audit, GrantRow, LeaseRow, Quarantine, Store, StoreError, TokenSpec};
 
+/// A registry snapshot taking longer than this is logged (the actor was busy).
+const SLOW_SNAPSHOT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// What the registry holds now (for listings, check, apply and explain).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -150,7 +153,14 @@ pub fn handle(
         }
         other => other,
     };
+    let t = std::time::Instant::now();
     let snap = live.snapshot()?;
+    if t.elapsed() >= SLOW_SNAPSHOT {
+        tracing::info!(
+            elapsed_ms = t.elapsed().as_millis(),
+            "the registry's snapshot for an admin request was slow"
+        );
+    }
     let here = snap.online.as_slice();
     // A device is online for `device ls`/`show` when any live replica holds its session.
     let anywhere = online_anywhere(&snap);

@@ -56,6 +56,7 @@ pub fn check_applied(
     now: i64,
 ) -> Result<(PolicyOutcome, Option<Applied>)> {
     use base64::Engine;
+    let started = std::time::Instant::now();
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(content_b64)
         .map_err(|_| anyhow!("policy content is not valid base64"))?;
@@ -96,9 +97,15 @@ pub fn check_applied(
         .map(|w| w.to_string())
         .collect();
     // Access as it would be: every device's latest posture judged by this policy's requirements.
+    let t = std::time::Instant::now();
     let dir = live.directory_for(&p)?;
+    let judge_ms = t.elapsed().as_millis();
+    let t = std::time::Instant::now();
     let compiled = policy::compile(&p, &dir, now);
+    let compile_ms = t.elapsed().as_millis();
+    let t = std::time::Instant::now();
     let outcomes = policy::run_tests(&p, &dir, now);
+    let tests_ms = t.elapsed().as_millis();
     let failed = outcomes.iter().filter(|t| !t.pass).count();
     let tests: Vec<PolicyTestView> = outcomes
         .iter()
@@ -124,8 +131,10 @@ pub fn check_applied(
             tests,
         );
     }
+    let t = std::time::Instant::now();
     let (shown, change_count) =
         policy::diff_bounded(&snap.compiled, &compiled, &dir, MAX_CHANGES_LISTED);
+    let diff_ms = t.elapsed().as_millis();
     let changes = listed(&shown, change_count);
     drop(shown);
     let mut out = PolicyOutcome {
@@ -170,7 +179,16 @@ pub fn check_applied(
             u64::try_from(version).unwrap_or(0),
             Some(handover),
         ));
-        tracing::info!(version, changes = change_count, "policy applied");
+        tracing::info!(
+            version,
+            changes = change_count,
+            elapsed_ms = started.elapsed().as_millis(),
+            judge_ms,
+            compile_ms,
+            tests_ms,
+            diff_ms,
+            "policy applied"
+        );
         out.version = Some(version);
         return Ok((out, Some(applied)));
     }

@@ -475,8 +475,9 @@ pub(super) async fn registry_actor(
                     let _ = done.send(reg.handle_rotate(id, &why));
                 }
                 Event::Policy(p, version, compile) => {
-                    reg.handle_policy_version(Some(version));
-                    reg.handle_policy_compiled(p, compile);
+                    if !reg.handle_policy_applied(p, version, compile) {
+                        debug!(version, "policy version already in force");
+                    }
                 }
                 Event::Grants(g) => reg.handle_grants(g),
                 Event::Routes(r) => reg.handle_routes(r),

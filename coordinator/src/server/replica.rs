@@ -81,8 +81,8 @@ pub(super) struct Seen {
     pub remote_sessions: Option<BTreeMap<DeviceId, RemoteSession>>,
     /// Provider suspensions per user, as last read.
     pub suspensions: BTreeMap<String, Option<String>>,
-    /// When the whole device table was last read.
-    pub devices_read: Option<std::time::Instant>,
+    /// When the whole device table was last read (at start-up, for the rows `new` took).
+    pub devices_read: std::time::Instant,
     /// A lease read could not be completed: read the leases again on the next poll even if
     /// the feed did not move.
     pub leases_again: bool,
@@ -101,7 +101,7 @@ impl Seen {
             trust: BTreeMap::new(),
             remote_sessions: None,
             suspensions: BTreeMap::new(),
-            devices_read: Some(std::time::Instant::now()),
+            devices_read: std::time::Instant::now(),
             leases_again: false,
         }
     }
@@ -248,9 +248,7 @@ struct Read {
 async fn follow(ctx: &Arc<Ctx>, feed: &mut Feed, seen: &mut Seen) {
     let store = ctx.store.clone();
     let mut f = feed.clone();
-    let devices_due = seen
-        .devices_read
-        .is_none_or(|at| at.elapsed() >= DEVICES_ON_LEASES_EVERY);
+    let devices_due = seen.devices_read.elapsed() >= DEVICES_ON_LEASES_EVERY;
     let again = seen.leases_again;
     let res = tokio::task::spawn_blocking(move || -> crate::store::Result<_> {
         let v = store.feed_version()?;
@@ -349,7 +347,7 @@ async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
         }
     }
     if read.devices.is_some() {
-        seen.devices_read = Some(std::time::Instant::now());
+        seen.devices_read = std::time::Instant::now();
     }
     if let Some(devices) = &read.devices {
         let (changed, gone) = replicas::diff_devices(&seen.devices, devices);
@@ -365,7 +363,7 @@ async fn apply(ctx: &Arc<Ctx>, seen: &mut Seen, read: Read) {
     if let Some(Some((p, version))) = read.policy {
         if seen.policy_version != Some(version) {
             seen.policy_version = Some(version);
-            info!(version, "policy applied on another replica");
+            info!(version, "policy version read from the change feed (applied on another replica, or read back)");
             ev.send_internal(Event::Policy(p, u64::try_from(version).unwrap_or(0), None));
         }
     }
