@@ -350,6 +350,7 @@ async fn run(
     let mut opener = Opener::new(opts.open_window, opts.open_window_max, opts.open_rate, 0);
     let mut progress = Progress::new(coord.cpu_s(), self_cpu_s());
     let mut started = 0u64;
+    let mut handles = Vec::new();
     let up = loop {
         let now_ms = t_open.elapsed().as_millis() as u64;
         let up_now = shared.up.load(Ordering::Relaxed);
@@ -368,7 +369,10 @@ async fn run(
                 enrolled: e,
                 key_pem,
             };
-            sessions.spawn(dev.run(shared.clone(), stop_rx.clone()));
+            handles.push((
+                slot,
+                sessions.spawn(dev.run(shared.clone(), stop_rx.clone())),
+            ));
             started += 1;
         }
         if progress.due() {
@@ -390,6 +394,31 @@ async fn run(
         eprintln!(
             "load: {}",
             progress.line(&shared, coord, n, started, opener.window())
+        );
+    }
+    // Sessions still opening when the phase ends are stopped: left running, they would join
+    // during the phases measured next (each join a change to its peers' netmaps, a TLS
+    // handshake and a first netmap), so those would measure the end of the opening instead.
+    let stopped: Vec<usize> = handles
+        .iter()
+        .filter(|(slot, _)| shared.get(*slot, |r| r.first_netmap_at.is_none()))
+        .map(|(slot, h)| {
+            h.abort();
+            *slot
+        })
+        .collect();
+    if !stopped.is_empty() {
+        // An aborted task runs no further than the poll it may be in now.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for &slot in &stopped {
+            shared.recs[slot]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .connected = false;
+        }
+        eprintln!(
+            "load: stopped {} sessions not up when the open phase ended",
+            stopped.len()
         );
     }
     let opens: Vec<Duration> = shared.collect(|r| r.first_netmap_at.map(|t| t - t_open));

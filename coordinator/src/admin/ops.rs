@@ -95,6 +95,13 @@ pub trait Live {
         bail!("anomalies can be acknowledged only while the coordinator is serving")
     }
     fn notify(&self, n: Notice);
+    /// Waits until every netmap change the registry has is handed to the sessions, or until
+    /// `within` has passed; whether it settled. Work that can wait (the maturity record after
+    /// a policy apply) waits for this so it does not compete with the push for the cores.
+    fn settle(&self, within: std::time::Duration) -> bool {
+        let _ = within;
+        true
+    }
 }
 
 /// Who this coordinator is, for `status` and for the tokens it mints.
@@ -113,6 +120,9 @@ pub struct Identity {
 
 /// Every admin request's actor.
 const ACTOR: &str = "admin";
+
+/// How long `policy apply` waits for the push before recording the maturity assessment.
+const SETTLE_BEFORE_RECORD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Handles one admin request.
 pub fn handle(
@@ -376,6 +386,11 @@ pub fn handle(
                 now,
             )?;
             if let Some(a) = applied {
+                // The assessment waits for the push: at 10,000 sessions it is most of a
+                // second of CPU that would otherwise delay the devices' new netmaps.
+                if !live.settle(SETTLE_BEFORE_RECORD) {
+                    tracing::debug!("netmap push still under way; maturity recorded anyway");
+                }
                 // The policy is in force whatever happens here: a failed recording is logged.
                 if let Err(e) = super::maturity::record_with(
                     store,

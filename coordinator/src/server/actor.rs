@@ -265,6 +265,10 @@ pub(super) enum Event {
     ),
     /// What the registry holds now (for admin listings, check, apply and explain).
     Snapshot(oneshot::Sender<Snapshot>),
+    /// Answered once every netmap change the registry has is handed to the sessions (the
+    /// first flush that leaves nothing to produce): work that can wait, such as the maturity
+    /// record after a policy apply, does not compete with the push.
+    Settled(std::sync::mpsc::SyncSender<()>),
     /// A relay authenticated its control session; `false` back if the relay is no longer
     /// registered. An older session of the same relay is closed.
     RelayOpened {
@@ -360,6 +364,7 @@ pub(super) async fn registry_actor(
     // was granted (only after the flush that gave peers its key).
     let mut handled = 0usize;
     let mut leases_done: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut settled: Vec<std::sync::mpsc::SyncSender<()>> = Vec::new();
     let mut relays: RelayConns = BTreeMap::new();
     let mut stats = TrustStats::default();
     let mut baselines_saved = Instant::now();
@@ -609,6 +614,10 @@ pub(super) async fn registry_actor(
                             .map(|()| (reg.risky_lease_ttl_ms(id), reg.current_lease(id, &key))),
                     );
                 }
+                Event::Settled(reply) => {
+                    settled.push(reply);
+                    pacer.note(true);
+                }
                 Event::TrustView(id, reply) => {
                     flush(&mut reg, &mut conns, &mut relays, &mut sink);
                     let _ = reply.send((reg.posture_report(id).cloned(), reg.trust_view(id)));
@@ -664,6 +673,9 @@ pub(super) async fn registry_actor(
             if complete {
                 for done in leases_done.drain(..) {
                     let _ = done.send(());
+                }
+                for done in settled.drain(..) {
+                    let _ = done.try_send(());
                 }
             } else {
                 // The rest of the wave goes on at once, after the events queued meanwhile.

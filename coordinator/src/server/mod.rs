@@ -960,6 +960,12 @@ impl Live for LiveRegistry {
         self.ask(|tx| Event::DirectoryFor(Box::new(p.clone()), tx))
     }
 
+    fn settle(&self, within: std::time::Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.events.send_internal(Event::Settled(tx));
+        rx.recv_timeout(within).is_ok()
+    }
+
     fn trust_view(&self, id: DeviceId) -> anyhow::Result<(Option<PostureReport>, PostureVerdict)> {
         self.ask(|tx| Event::TrustView(id, tx))
     }

@@ -679,6 +679,9 @@ pub trait Store: Send + Sync + replicas::ReplicaStore {
     ) -> Result<()>;
     /// A device's latest posture report and evaluation, and when they were stored.
     fn posture(&self, id: DeviceId) -> Result<Option<(serde_json::Value, serde_json::Value, i64)>>;
+    /// When each device's latest posture report was stored (devices that never reported are
+    /// absent): one read for every device, not one per device.
+    fn posture_times(&self) -> Result<BTreeMap<DeviceId, i64>>;
     /// Keeps each device's behaviour baseline (a serialized snapshot).
     fn save_baselines(&self, rows: &[(DeviceId, String)], now_ms: i64) -> Result<()>;
     /// Every stored behaviour baseline.
@@ -734,6 +737,9 @@ pub trait Store: Send + Sync + replicas::ReplicaStore {
     fn mark_suggestion(&self, m: &SuggestionMark) -> Result<()>;
     fn append_audit(&self, a: Audit<'_>, now_ms: i64) -> Result<()>;
     fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+    /// The newest `limit` audit rows whose action is one of `actions`, oldest first: what an
+    /// assessment counts, without reading the lease rows that fill most of a large log.
+    fn audit_log_of(&self, actions: &[&str], limit: i64) -> Result<Vec<AuditEntry>>;
     fn verify_audit(&self) -> Result<AuditVerdict>;
     /// Audit rows by action name with a sequence number above `after_seq`, and the highest
     /// sequence number among them (`after_seq` if none): metrics read only what is new since

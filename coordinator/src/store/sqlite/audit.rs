@@ -97,20 +97,47 @@ pub(super) fn audit_log(s: &SqliteStore, limit: i64) -> Result<Vec<AuditEntry>> 
         let mut stmt = tx.prepare(
             "SELECT seq, ts_ms, actor, action, target, detail, hash FROM (SELECT * FROM audit ORDER BY seq DESC LIMIT ?1) AS recent ORDER BY seq",
         )?;
-        let rows = stmt.query_map([limit], |r| {
-            let detail: String = r.get(5)?;
-            let hash: Vec<u8> = r.get(6)?;
-            Ok(AuditEntry {
-                seq: r.get(0)?,
-                ts_ms: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                target: r.get(4)?,
-                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
-                hash: hex::encode(hash),
-            })
-        })?;
+        let rows = stmt.query_map([limit], entry)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    })
+}
+
+/// The newest `limit` rows whose action is one of `actions`, oldest first (through the
+/// `audit_action` index: as many rows read as returned, however long the log).
+pub(super) fn audit_log_of(
+    s: &SqliteStore,
+    actions: &[&str],
+    limit: i64,
+) -> Result<Vec<AuditEntry>> {
+    if actions.is_empty() || limit <= 0 {
+        return Ok(Vec::new());
+    }
+    let marks: Vec<String> = (0..actions.len()).map(|i| format!("?{}", i + 2)).collect();
+    let sql = format!(
+        "SELECT seq, ts_ms, actor, action, target, detail, hash FROM (SELECT * FROM audit WHERE action IN ({}) ORDER BY seq DESC LIMIT ?1) AS recent ORDER BY seq",
+        marks.join(", ")
+    );
+    let mut params: Vec<&dyn rusqlite::ToSql> = vec![&limit];
+    params.extend(actions.iter().map(|a| a as &dyn rusqlite::ToSql));
+    s.with_tx(|tx| {
+        let mut stmt = tx.prepare(&sql)?;
+        let rows = stmt.query_map(params.as_slice(), entry)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    })
+}
+
+/// One row of `SELECT seq, ts_ms, actor, action, target, detail, hash`.
+fn entry(r: &crate::store::db::Row<'_>) -> rusqlite::Result<AuditEntry> {
+    let detail: String = r.get(5)?;
+    let hash: Vec<u8> = r.get(6)?;
+    Ok(AuditEntry {
+        seq: r.get(0)?,
+        ts_ms: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        target: r.get(4)?,
+        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
+        hash: hex::encode(hash),
     })
 }
 

@@ -1,5 +1,6 @@
 use crate::store::db::{Params, Row, Tx};
 use rusqlite::{params, OptionalExtension};
+use std::collections::BTreeMap;
 
 use super::*;
 use crate::audit::Action;
@@ -300,6 +301,18 @@ pub(super) fn posture(
             serde_json::from_str(s).map_err(|e| corrupt("posture", column, id, e))
         };
         Ok(Some((parse("report", &r)?, parse("evaluation", &e)?, t)))
+    })
+}
+
+/// When each device's latest posture report was stored.
+pub(super) fn posture_times(s: &SqliteStore) -> Result<BTreeMap<DeviceId, i64>> {
+    s.with_tx(|tx| {
+        let mut stmt = tx.prepare("SELECT device_id, updated_ms FROM posture")?;
+        let rows = stmt.query_map([], |r| {
+            let id: i64 = r.get(0)?;
+            Ok((DeviceId(id as u64), r.get::<_, i64>(1)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<BTreeMap<_, _>>>()?)
     })
 }
 

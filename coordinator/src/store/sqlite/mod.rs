@@ -610,6 +610,10 @@ impl Store for SqliteStore {
         devices::posture(self, id)
     }
 
+    fn posture_times(&self) -> Result<BTreeMap<DeviceId, i64>> {
+        devices::posture_times(self)
+    }
+
     fn save_baselines(&self, rows: &[(DeviceId, String)], now_ms: i64) -> Result<()> {
         behaviour::save_baselines(self, rows, now_ms)
     }
@@ -789,6 +793,10 @@ impl Store for SqliteStore {
 
     fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>> {
         audit::audit_log(self, limit)
+    }
+
+    fn audit_log_of(&self, actions: &[&str], limit: i64) -> Result<Vec<AuditEntry>> {
+        audit::audit_log_of(self, actions, limit)
     }
 
     fn audit_counts_since(&self, after_seq: i64) -> Result<(BTreeMap<String, u64>, i64)> {

@@ -1554,6 +1554,82 @@ fn audit_counts_read_only_rows_since_the_last_sequence_number_postgres() {
     on_postgres(audit_counts_read_only_rows_since_the_last_sequence_number);
 }
 
+/// Audit rows of chosen actions: the newest `limit` of them, oldest first, whatever other rows
+/// lie between them.
+fn audit_rows_of_chosen_actions_are_read_alone() {
+    let (s, _) = setup(); // one user.add row
+    let row = |action, target: &str, ts| {
+        s.append_audit(
+            Audit {
+                actor: "a",
+                action,
+                target,
+                detail: serde_json::json!({"n": target}),
+            },
+            ts,
+        )
+        .unwrap();
+    };
+    row(Action::DeviceQuarantine, "q1", 10);
+    for i in 0..50 {
+        row(Action::LeaseIssue, &format!("l{i}"), 11 + i);
+    }
+    row(Action::UserDisable, "u1", 70);
+    row(Action::LeaseIssue, "l50", 71);
+    row(Action::LeaseRevoke, "r1", 72);
+    row(Action::DeviceQuarantine, "q2", 73);
+    let wanted = ["device.quarantine", "user.disable", "lease.revoke"];
+    let targets = |rows: Vec<crate::store::AuditEntry>| -> Vec<String> {
+        rows.into_iter().map(|r| r.target).collect()
+    };
+    let all = s.audit_log_of(&wanted, 100).unwrap();
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "oldest first");
+    assert_eq!(all[1].detail, serde_json::json!({"n": "u1"}));
+    assert_eq!(targets(all), ["q1", "u1", "r1", "q2"]);
+    assert_eq!(targets(s.audit_log_of(&wanted, 2).unwrap()), ["r1", "q2"]);
+    assert_eq!(
+        targets(s.audit_log_of(&["lease.revoke"], 100).unwrap()),
+        ["r1"]
+    );
+    assert!(s.audit_log_of(&[], 100).unwrap().is_empty());
+    assert!(s.audit_log_of(&wanted, 0).unwrap().is_empty());
+}
+#[test]
+fn audit_rows_of_chosen_actions_are_read_alone_sqlite() {
+    on_sqlite(audit_rows_of_chosen_actions_are_read_alone);
+}
+#[test]
+fn audit_rows_of_chosen_actions_are_read_alone_postgres() {
+    on_postgres(audit_rows_of_chosen_actions_are_read_alone);
+}
+
+/// Every device's latest posture report time in one read; devices that never reported are
+/// absent.
+fn posture_times_are_each_devices_latest() {
+    let (s, pools) = setup();
+    user_token(&s, "t", "alice", 3);
+    let a = enroll(&s, &pools, "t", b"s", "a", 1, 2000).unwrap();
+    let b = enroll(&s, &pools, "t", b"s", "b", 2, 2000).unwrap();
+    let c = enroll(&s, &pools, "t", b"s", "c", 3, 2000).unwrap();
+    let v = serde_json::json!({});
+    s.save_posture(a.id, &v, &v, 3000).unwrap();
+    s.save_posture(b.id, &v, &v, 3100).unwrap();
+    s.save_posture(a.id, &v, &v, 3500).unwrap();
+    let times = s.posture_times().unwrap();
+    assert_eq!(times.get(&a.id), Some(&3500));
+    assert_eq!(times.get(&b.id), Some(&3100));
+    assert_eq!(times.get(&c.id), None);
+    assert_eq!(times.len(), 2);
+}
+#[test]
+fn posture_times_are_each_devices_latest_sqlite() {
+    on_sqlite(posture_times_are_each_devices_latest);
+}
+#[test]
+fn posture_times_are_each_devices_latest_postgres() {
+    on_postgres(posture_times_are_each_devices_latest);
+}
+
 /// A batch of contact is written in one go: each device gets its own time, key and endpoints,
 /// a touch naming no key keeps the stored one, and an empty batch writes nothing.
 #[test]
