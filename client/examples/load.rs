@@ -147,7 +147,9 @@ struct Opts {
     /// Devices revoked, and devices quarantined, one after the other.
     #[arg(long, env = "WARD_LOAD_REVOCATIONS", default_value_t = 3)]
     revocations: usize,
-    /// The longest any phase may take (seconds) before it is reported incomplete.
+    /// The longest any phase may take (seconds) before it is reported incomplete. Sessions
+    /// still opening when the open phase ends are stopped, so the phases after it measure a
+    /// deployment that is not still joining.
     #[arg(long, env = "WARD_LOAD_PHASE_TIMEOUT", default_value_t = 120)]
     phase_timeout: u64,
     /// Skip the kill -9 + restart phase.
