@@ -290,7 +290,7 @@ fn evidence_with(
         e.devices_compliant = n;
     }
 
-    took.mark("policy");
+    took.mark("compliance");
 
     // Flows: use of rules and grants, coverage, both-end confirmation.
     let grants = store.active_grants(now)?;
