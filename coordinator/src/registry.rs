@@ -334,6 +334,10 @@ pub struct Registry {
     outputs: VecDeque<Output>,
     /// Something the compile reads may have changed: the next output recomputes everything.
     dirty: bool,
+    /// What last set `dirty` (for the log).
+    dirty_why: &'static str,
+    /// Full recomputes since start (every view refreshed, every session looked at).
+    recomputes: u64,
     /// Devices whose peer view (or own session) changed in nothing the compile reads: the
     /// next output refreshes only their views ([`Registry::touch`]).
     touched: BTreeSet<DeviceId>,
@@ -426,7 +430,7 @@ impl Registry {
                 n += 1;
             }
         }
-        self.dirty = true;
+        self.mark_dirty("coordinators");
         n
     }
 
@@ -486,6 +490,8 @@ impl Registry {
             now_ms,
             outputs: VecDeque::new(),
             dirty: true,
+            dirty_why: "start",
+            recomputes: 0,
             touched: BTreeSet::new(),
             departed: false,
             quarantined_now: BTreeSet::new(),
@@ -530,7 +536,7 @@ impl Registry {
         if !changed {
             return;
         }
-        self.dirty = true;
+        self.mark_dirty("identity");
         let ids: Vec<DeviceId> = self
             .devices
             .values()
@@ -566,7 +572,7 @@ impl Registry {
         }
         if map != self.routes {
             self.routes = map;
-            self.dirty = true;
+            self.mark_dirty("routes");
         }
     }
 
@@ -618,7 +624,7 @@ impl Registry {
     pub fn handle_policy_version(&mut self, version: Option<u64>) {
         if self.policy_version != version {
             self.policy_version = version;
-            self.dirty = true;
+            self.mark_dirty("policy version");
         }
     }
 
@@ -654,7 +660,7 @@ impl Registry {
         self.policy = Some(policy);
         self.policy_gen += 1;
         self.handover = compile.map(|c| (self.policy_gen, c));
-        self.dirty = true;
+        self.mark_dirty("policy");
         self.refresh_needed();
         let ids: Vec<DeviceId> = self.devices.keys().copied().collect();
         for id in ids {
@@ -1142,7 +1148,7 @@ impl Registry {
             }
         }
         self.remote_sessions = sessions;
-        self.dirty = true;
+        self.mark_dirty("remote sessions");
     }
 
     /// Devices whose session another live replica holds (and this one does not).
@@ -1171,7 +1177,7 @@ impl Registry {
     }
 
     fn trust_changed(&mut self, id: DeviceId, change: Change) {
-        self.dirty = true;
+        self.mark_dirty("trust");
         self.verdict_dirty.insert(id);
         if change.narrowed() {
             // Nothing authorized under the old trust state may survive: a new key.
@@ -1309,7 +1315,7 @@ impl Registry {
     /// The set of active just-in-time grants changed.
     pub fn handle_grants(&mut self, grants: Vec<Grant>) {
         self.grants = grants;
-        self.dirty = true;
+        self.mark_dirty("grants");
     }
 
     /// The registered relays (all of them, as stored). Every session's netmap carries the list;
@@ -1329,7 +1335,7 @@ impl Registry {
                 }
             }
             self.relays = relays;
-            self.dirty = true;
+            self.mark_dirty("relays");
         }
     }
 
@@ -1341,7 +1347,7 @@ impl Registry {
     /// A user was added or changed (groups, disabled).
     pub fn handle_user(&mut self, user: User) {
         self.users.insert(user.name.clone(), user);
-        self.dirty = true;
+        self.mark_dirty("user");
     }
 
     /// Time passes; at a rule's, grant's or lease's expiry the netmaps are recomputed; every
@@ -1380,7 +1386,7 @@ impl Registry {
         }
         if let Some(t) = self.compiled.next_expiry_ms {
             if now_ms >= t {
-                self.dirty = true;
+                self.mark_dirty("expiry");
             }
         }
         for (id, n) in self.leases.expire(now_ms) {
@@ -1393,6 +1399,11 @@ impl Registry {
     /// Policy compiles since start: recomputes that changed only sessions reuse the last one.
     pub fn compiles(&self) -> u64 {
         self.compiles
+    }
+
+    /// Full recomputes since start ([`Registry::compiles`] counts those that compiled).
+    pub fn recomputes(&self) -> u64 {
+        self.recomputes
     }
 
     /// Compiles taken over from a policy apply's check (not counted in [`Registry::compiles`]).
@@ -1589,8 +1600,19 @@ impl Registry {
         let was = self.devices.get(&dev.id).map(|d| d.quarantine.is_some());
         let now = dev.quarantine.is_some();
         let id = dev.id;
+        // A row that changed only where the compile does not read (its key, endpoints, when
+        // it was last seen: a lease issued, read back from the store) refreshes its view;
+        // anything else compiles again.
+        let compile_reads_same = self
+            .devices
+            .get(&id)
+            .is_some_and(|old| dir_device(old) == dir_device(&dev));
         self.devices.insert(id, dev);
-        self.dirty = true;
+        if compile_reads_same {
+            self.touch(id);
+        } else {
+            self.mark_dirty("device");
+        }
         if was != Some(now) {
             self.verdict_dirty.insert(id);
         }
@@ -1629,7 +1651,7 @@ impl Registry {
             self.outputs.push_back(Output::DeviceRevoked { device: id });
             self.departed = true;
         }
-        self.dirty = true;
+        self.mark_dirty("device removed");
     }
 
     /// An authenticated device speaking this coordinator's protocol said hello: see
@@ -1744,7 +1766,7 @@ impl Registry {
         before: (BTreeSet<String>, BTreeMap<String, Vec<String>>),
     ) {
         if self.trust_inputs(id) != before {
-            self.dirty = true;
+            self.mark_dirty("trust inputs");
         }
     }
 
@@ -1752,6 +1774,11 @@ impl Registry {
     /// whether it is online: nothing the compile reads), or its own session did: the next
     /// output refreshes that view and brings every session up to date, without compiling.
     /// Anything the compile reads sets `dirty` instead.
+    fn mark_dirty(&mut self, why: &'static str) {
+        self.dirty = true;
+        self.dirty_why = why;
+    }
+
     fn touch(&mut self, id: DeviceId) {
         self.touched.insert(id);
     }
@@ -1773,7 +1800,7 @@ impl Registry {
                 code: ErrorCode::Protocol,
                 reason: "the device's session moved to another coordinator replica".into(),
             });
-            self.dirty = true;
+            self.mark_dirty("session moved");
             self.trust.set_held(id, false);
             self.reevaluate(id);
         }
@@ -2011,7 +2038,7 @@ impl Registry {
         if entry.advertised != adv {
             entry.advertised = adv.clone();
             // Routers are an input of the compile.
-            self.dirty = true;
+            self.mark_dirty("update");
             self.outputs.push_back(Output::RoutesAdvertised {
                 device: id,
                 routes: adv.into_iter().collect(),
@@ -2089,6 +2116,8 @@ impl Registry {
     /// session's (a policy change's delta to 1 000 sessions was all built before the first
     /// was sent).
     fn recompute(&mut self) {
+        tracing::trace!(why = self.dirty_why, "full recompute");
+        self.recomputes += 1;
         // Every view is refreshed below.
         self.touched.clear();
         self.prepare_netmaps();
@@ -2143,24 +2172,39 @@ impl Registry {
         // stream of changes must not keep sending the first sessions while the last wait.
         let mut queue = std::mem::take(&mut self.pending);
         let waiting: BTreeSet<DeviceId> = queue.iter().copied().collect();
-        let (compiled, verdict_dirty, views_gen) =
-            (&self.compiled, &self.verdict_dirty, self.views_gen);
+        let (compiled, views_gen) = (&self.compiled, self.views_gen);
+        // A session up to date with the current compile holds (or may hold) a peer only if
+        // that compile makes them peers, and the compile's peer relation is symmetric (held
+        // to that by the property tests of `ward_shared::policy`): the sessions that can hold
+        // a changed peer are that peer's own peers, found from the changed few instead of by
+        // looking at every session. A changed device the compile does not know is looked
+        // for in every session's sent peers.
+        let mut concerned: BTreeSet<DeviceId> = ids;
+        concerned.extend(self.verdict_dirty.iter().copied());
+        let mut unknown = Vec::new();
+        for p in changed {
+            match compiled.devices.get(p) {
+                Some(a) => concerned.extend(a.peers.iter().copied()),
+                None => unknown.push(*p),
+            }
+        }
+        // All three are sorted by device id: one merge, no lookups per session.
+        let mut waiting = waiting.into_iter().peekable();
+        let mut named = concerned.into_iter().peekable();
         for (id, s) in &mut self.sessions {
-            if waiting.contains(id) {
+            while waiting.next_if(|w| w < id).is_some() {}
+            while named.next_if(|w| w < id).is_some() {}
+            if waiting.next_if_eq(id).is_some() {
                 continue;
             }
-            let concerned = ids.contains(id)
-                || verdict_dirty.contains(id)
+            let concerned = named.next_if_eq(id).is_some()
                 || match &mut s.sent {
                     None => true,
                     Some(sent) => {
                         let current = sent.views_gen == before_gen
                             && Arc::ptr_eq(&sent.compiled, compiled)
                             && !sent.narrowed;
-                        let may_hold = compiled.devices.get(id).map(|a| &a.peers);
-                        let holds = changed.iter().any(|p| {
-                            sent.peers.contains_key(p) || may_hold.is_some_and(|m| m.contains(p))
-                        });
+                        let holds = unknown.iter().any(|p| sent.peers.contains_key(p));
                         if current && !holds {
                             sent.views_gen = views_gen;
                         }
@@ -2261,8 +2305,11 @@ impl Registry {
                 {
                     Some(h.compiled)
                 }
-                (_, Some(_)) => {
-                    tracing::debug!("the policy check's compile is stale: compiling again");
+                (_, Some((_, h))) => {
+                    tracing::debug!(
+                        differs = %directory_difference(&h.directory, &dir),
+                        "the policy check's compile is stale: compiling again"
+                    );
                     None
                 }
                 _ => None,
@@ -2929,24 +2976,58 @@ pub fn directory(
                 suspended: None,
             })
             .collect(),
-        devices: devices
-            .values()
-            .map(|d| DirDevice {
-                id: d.id,
-                hostname: d.hostname.to_string(),
-                user: d.user.clone(),
-                tags: names(&d.tags),
-                ipv4: d.ipv4,
-                ipv6: d.ipv6,
-                live: d.is_live(),
-                posture_passed: Default::default(),
-                posture_failures: Default::default(),
-                quarantined: d.quarantine.is_some(),
-                name_bound: d.name_bound,
-            })
-            .collect(),
+        devices: devices.values().map(dir_device).collect(),
         grants: grants.to_vec(),
     }
+}
+
+/// What the policy reads of one device (its posture comes from the trust state).
+fn dir_device(d: &Device) -> DirDevice {
+    DirDevice {
+        id: d.id,
+        hostname: d.hostname.to_string(),
+        user: d.user.clone(),
+        tags: names(&d.tags),
+        ipv4: d.ipv4,
+        ipv6: d.ipv6,
+        live: d.is_live(),
+        posture_passed: Default::default(),
+        posture_failures: Default::default(),
+        quarantined: d.quarantine.is_some(),
+        name_bound: d.name_bound,
+    }
+}
+
+/// The first difference between two directories, for the log ("device 7: posture_passed").
+fn directory_difference(a: &Directory, b: &Directory) -> String {
+    if a.users != b.users {
+        return "users".into();
+    }
+    if a.grants != b.grants {
+        return "grants".into();
+    }
+    if a.devices.len() != b.devices.len() {
+        return format!("device count {} and {}", a.devices.len(), b.devices.len());
+    }
+    for (x, y) in a.devices.iter().zip(&b.devices) {
+        let field = if x.id != y.id {
+            "id"
+        } else if x.live != y.live {
+            "live"
+        } else if x.posture_passed != y.posture_passed {
+            "posture_passed"
+        } else if x.posture_failures != y.posture_failures {
+            "posture_failures"
+        } else if x.quarantined != y.quarantined {
+            "quarantined"
+        } else if x != y {
+            "names or addresses"
+        } else {
+            continue;
+        };
+        return format!("device {}: {field}", x.id.0);
+    }
+    "nothing".into()
 }
 
 /// Names as the policy compiler and the wire take them.
@@ -3247,6 +3328,43 @@ to = ["all"]
         r.handle_policy(open_policy());
         drain(&mut r);
         assert_eq!(r.compiles(), base + 2);
+    }
+
+    /// A stored row read back with a new key, endpoints or last-seen time (a lease issued,
+    /// seen through the change feed) changes no compile input: it refreshes the device's view
+    /// without compiling, and a peer without a session of its own there still hears of it.
+    /// A changed tag is a compile input: compiled again.
+    #[test]
+    fn a_row_changed_outside_the_compile_inputs_refreshes_its_view_only() {
+        let mut r = reg(&[1, 2, 3]);
+        open_sessions(&mut r, &[1, 3]);
+        drain(&mut r);
+        let (base, full) = (r.compiles(), r.recomputes());
+        let mut row = r.devices[&DeviceId(2)].clone();
+        row.endpoints = vec![addr("192.0.2.7:41641")];
+        row.last_seen_ms += 1_000;
+        r.handle_device_upserted(row.clone());
+        let out = drain(&mut r);
+        assert_eq!(
+            r.recomputes(),
+            full,
+            "a contact change is no full recompute"
+        );
+        let told = out.iter().any(|o| {
+            matches!(o, Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) }
+                if d.upsert.iter().any(|p| p.device_id == DeviceId(2)
+                    && p.endpoints == vec![addr("192.0.2.7:41641")]))
+        });
+        assert!(told, "{out:?}");
+        // The same row again: nothing to send.
+        r.handle_device_upserted(row.clone());
+        assert!(drain(&mut r).is_empty());
+        assert_eq!(r.recomputes(), full);
+        row.tags.push(Name::parse("tag", "db").unwrap());
+        r.handle_device_upserted(row);
+        drain(&mut r);
+        assert_eq!(r.recomputes(), full + 1, "a tag is a compile input");
+        assert_eq!(r.compiles(), base + 1);
     }
 
     /// A policy apply's check hands its compile over with the policy: the registry uses it

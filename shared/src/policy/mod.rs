@@ -570,7 +570,8 @@ pub struct Compiled {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DeviceAccess {
-    /// Devices it may exchange packets with, in either direction.
+    /// Devices it may exchange packets with, in either direction. Symmetric: `b` is among
+    /// `a`'s peers exactly when `a` is among `b`'s (the registry relies on it).
     pub peers: BTreeSet<DeviceId>,
     /// Who may open what on it (sorted, deduplicated).
     pub inbound: Vec<FilterRule>,

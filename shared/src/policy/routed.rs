@@ -448,6 +448,16 @@ deny = ["legacy-db:22"]
         let d = dir();
         let mut c = super::super::compile(&p, &d, NOW);
         compile_routes(&p, &d, routers, ula(), NOW, &mut c);
+        // Routes keep the peer relation symmetric, as the compile does: the registry finds
+        // the sessions a device's change concerns from that device's own peers.
+        for (id, a) in &c.devices {
+            for p in &a.peers {
+                assert!(
+                    c.devices.get(p).is_some_and(|b| b.peers.contains(id)),
+                    "{id:?} has peer {p:?} but not the other way"
+                );
+            }
+        }
         c
     }
 
