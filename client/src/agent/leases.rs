@@ -42,6 +42,9 @@ pub struct LeaseCache {
     devices: BTreeMap<DeviceId, Checked>,
     /// Every device's `until_ms`, to know the earliest at once.
     ends: BTreeSet<(i64, DeviceId)>,
+    /// The first of `ends` (`i64::MAX` with none), kept beside it: the expiry tick of every
+    /// session reads it, several times a second.
+    earliest_end_ms: i64,
     /// The netmap sequence and clock offset `devices` answers for; `None` once a new full
     /// netmap arrived (the entries then only serve as remembered signatures).
     current: Option<(u64, Option<i64>)>,
@@ -95,6 +98,7 @@ impl LeaseCache {
             .map(|(id, c)| (c.until_ms, *id))
             .collect();
         self.current = Some((nm.seq, clock_offset_ms));
+        self.ends_changed();
         self.configured()
     }
 
@@ -140,6 +144,7 @@ impl LeaseCache {
             self.devices.insert(p.device_id, c);
         }
         self.current = Some((nm.seq, clock_offset_ms));
+        self.ends_changed();
         Some(changed)
     }
 
@@ -176,7 +181,12 @@ impl LeaseCache {
         self.issuer = None;
         self.devices.clear();
         self.ends.clear();
+        self.ends_changed();
         self.current = None;
+    }
+
+    fn ends_changed(&mut self) {
+        self.earliest_end_ms = self.ends.first().map_or(i64::MAX, |(t, _)| *t);
     }
 
     /// Remembered signatures count only under the key they verified under.
@@ -189,7 +199,7 @@ impl LeaseCache {
     }
 
     fn valid_until_ms(&self) -> i64 {
-        self.ends.first().map_or(i64::MAX, |(t, _)| *t)
+        self.earliest_end_ms
     }
 
     fn configured(&self) -> PeerMap {
