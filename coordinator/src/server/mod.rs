@@ -73,14 +73,6 @@ const CONTROL_SOCKET_BUFFER: libc::c_int = 4 << 20;
 /// TLS-over-TCP connections at once (handshaking or in session); more are closed at accept.
 const MAX_TCP_CONNECTIONS: usize = 16_384;
 
-/// QUIC handshakes in progress at once; a connection arriving beyond them is refused at once
-/// (no key exchange, no signature) and its device retries after its jittered backoff. When
-/// thousands of devices reconnect together (a coordinator restart), handshakes without a
-/// bound share the cores until each takes longer than the devices wait (10 s): they give up
-/// and retry, and the work done for them is lost, again and again. Bounded, the handshakes
-/// admitted finish in milliseconds and the cores go to sessions that come up.
-const MAX_HANDSHAKES: usize = 128;
-
 pub use ward_runtime::now_ms;
 
 pub use crate::leases::LeaseTtl;
@@ -434,21 +426,15 @@ pub async fn serve(
     };
     tokio::pin!(shutdown);
     let tcp_task = tokio::spawn(tcp_accept_loop(tcp, acceptor, ctx.clone()));
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         tokio::select! {
             r = &mut shutdown => { r?; break; }
             inc = endpoint.accept() => {
                 let Some(inc) = inc else { break };
-                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                    debug!(remote = %inc.remote_address(), "connection refused: {MAX_HANDSHAKES} handshakes in progress");
-                    inc.refuse();
-                    continue;
-                };
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
                     let remote = inc.remote_address();
-                    if let Err(e) = accept(inc, ctx, permit).await {
+                    if let Err(e) = accept(inc, ctx).await {
                         debug!(%remote, error = %format!("{e:#}"), "control connection ended");
                     }
                 });
@@ -545,17 +531,10 @@ async fn prune_flows(store: Arc<dyn Store>, retention_ms: i64) {
 }
 
 /// Completes the QUIC handshake and runs the protocol its ALPN names ([`dispatch`]).
-/// One QUIC connection: its handshake (holding `handshake`, one of [`MAX_HANDSHAKES`]), then
-/// its session.
-async fn accept(
-    inc: quinn::Incoming,
-    ctx: Arc<Ctx>,
-    handshake: tokio::sync::OwnedSemaphorePermit,
-) -> Result<()> {
+async fn accept(inc: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
     let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, inc)
         .await
         .context("handshake timed out")??;
-    drop(handshake);
     let alpn = conn
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
