@@ -1773,14 +1773,16 @@ impl Registry {
     /// Device `id`'s peer view may have changed (its leases, endpoints, home relay, or
     /// whether it is online: nothing the compile reads), or its own session did: the next
     /// output refreshes that view and brings every session up to date, without compiling.
-    /// Anything the compile reads sets `dirty` instead.
+    /// Anything the compile reads sets `dirty` instead ([`Registry::mark_dirty`]).
+    fn touch(&mut self, id: DeviceId) {
+        self.touched.insert(id);
+    }
+
+    /// Something the compile reads may have changed (`why`, for the log): the next output
+    /// recomputes everything.
     fn mark_dirty(&mut self, why: &'static str) {
         self.dirty = true;
         self.dirty_why = why;
-    }
-
-    fn touch(&mut self, id: DeviceId) {
-        self.touched.insert(id);
     }
 
     /// The highest posture report number the store has for this device (accepted on any
