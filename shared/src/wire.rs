@@ -1225,7 +1225,8 @@ impl FrameDecoder {
         }
     }
 
-    /// Bytes the decoder wants before it can make progress (for bounded reads).
+    /// Bytes as they arrive (any split; [`FrameDecoder::wanted`] says how many the current
+    /// frame still needs, for bounded reads).
     pub fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
         // Once the length is known, room for the whole frame (within the bound) at once: a
