@@ -1231,19 +1231,17 @@ impl FrameDecoder {
         self.buf.extend_from_slice(data);
         // Once the length is known, room for the whole frame (within the bound) at once: a
         // 90 KB netmap arriving in 1 KB pieces is not copied again at every regrowth.
-        if self.buf.len() >= 4 {
-            let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-            let need = 4 + (len as usize).min(self.max);
+        if let Some(len) = self.declared() {
+            let need = 4 + len.min(self.max);
             self.buf.reserve(need.saturating_sub(self.buf.len()));
         }
     }
 
     /// Next complete frame body, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, WireError> {
-        if self.buf.len() < 4 {
+        let Some(len) = self.declared() else {
             return Ok(None);
-        }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        };
         if len > self.max {
             return Err(WireError::TooLarge { len, max: self.max });
         }
@@ -1266,11 +1264,7 @@ impl FrameDecoder {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let want = if self.buf.len() >= 4 {
-            u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize + 4
-        } else {
-            4
-        };
+        let want = self.declared().map_or(4, |len| len + 4);
         Err(WireError::Truncated {
             have: self.buf.len(),
             want,
@@ -1279,13 +1273,18 @@ impl FrameDecoder {
 
     /// How many more bytes are needed for the current frame (at least 1).
     pub fn wanted(&self) -> usize {
-        if self.buf.len() < 4 {
+        let Some(len) = self.declared() else {
             return 4 - self.buf.len();
-        }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        };
         (4 + len.min(self.max))
             .saturating_sub(self.buf.len())
             .max(1)
+    }
+
+    /// The current frame's declared body length, once its 4-byte header is in.
+    fn declared(&self) -> Option<usize> {
+        let h: [u8; 4] = self.buf.get(..4)?.try_into().ok()?;
+        Some(u32::from_be_bytes(h) as usize)
     }
 }
 
