@@ -591,11 +591,10 @@ async fn run(
             shared.count(|r| r.revoked_at.is_none() && r.last_full_netmap_at > Some(t_kill)) >= live
         })
         .await;
-        let noticed: Vec<Duration> = shared.collect(|r| {
-            r.disconnected_at
-                .filter(|a| *a > t_kill)
-                .map(|a| a - t_kill)
-        });
+        // The first end of each session after the kill, and whether a stateless reset told it.
+        let first_end = |r: &Rec| r.ends.iter().find(|(at, _)| *at > t_kill).copied();
+        let noticed: Vec<Duration> = shared.collect(|r| first_end(r).map(|(at, _)| at - t_kill));
+        let by_reset = shared.count(|r| first_end(r).is_some_and(|(_, reset)| reset));
         let back: Vec<Duration> = shared.collect(|r| {
             r.last_full_netmap_at
                 .filter(|a| *a > t_kill)
@@ -614,7 +613,7 @@ async fn run(
             live,
             done,
             up_ms,
-            &noticed,
+            (&noticed, by_reset),
             &back,
             leases,
             coord.cpu_s() - cpu0,
@@ -646,6 +645,16 @@ async fn run(
     );
     rep.note("load_after", loadavg());
     Ok(rep)
+}
+
+/// Whether a session's error is QUIC's stateless reset from the coordinator.
+fn by_reset(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<quinn::ConnectionError>(),
+            Some(quinn::ConnectionError::Reset)
+        )
+    })
 }
 
 // ---- opening sessions at the pace they come up ----------------------------------------------
@@ -1087,6 +1096,9 @@ struct Rec {
     /// When a verdict naming a quarantine first arrived.
     quarantined_at: Option<Instant>,
     disconnected_at: Option<Instant>,
+    /// Each time the session ended on an error or a close: when, and whether by a QUIC
+    /// stateless reset (the coordinator that lost the connection said so).
+    ends: Vec<(Instant, bool)>,
     rotations: u64,
     /// The watch generation whose device this session had as a peer when it was armed.
     watch_peer_gen: u64,
@@ -1324,6 +1336,7 @@ impl Dev {
                 shared.msgs_sent.fetch_add(1, Ordering::Relaxed);
                 if let Err(err) = ch.send(&msg).await {
                     channel = None;
+                    lock().ends.push((Instant::now(), by_reset(&err)));
                     shared.drop_seen(format!("send: {err:#}"));
                     agent.handle_disconnected(Some(format!("{err:#}")), now());
                 }
@@ -1383,11 +1396,13 @@ impl Dev {
                 }
                 Step::Msg(Ok(None)) => {
                     channel = None;
+                    lock().ends.push((Instant::now(), false));
                     shared.drop_seen("closed by the coordinator".into());
                     agent.handle_disconnected(None, now());
                 }
                 Step::Msg(Err(err)) => {
                     channel = None;
+                    lock().ends.push((Instant::now(), by_reset(&err)));
                     shared.drop_seen(format!("recv: {err:#}"));
                     agent.handle_disconnected(Some(format!("{err:#}")), now());
                 }
@@ -2195,7 +2210,7 @@ impl Report {
         live: usize,
         all: bool,
         up_ms: f64,
-        noticed: &[Duration],
+        (noticed, by_reset): (&[Duration], usize),
         back: &[Duration],
         (kept, reissued): (usize, usize),
         cpu: f64,
@@ -2210,7 +2225,7 @@ impl Report {
         self.row(
             "restart: noticed",
             format!(
-                "{} sessions: p50 {n50:.0} ms p99 {n99:.0} ms max {nmax:.0} ms",
+                "{} sessions ({by_reset} by a stateless reset): p50 {n50:.0} ms p99 {n99:.0} ms max {nmax:.0} ms",
                 noticed.len()
             ),
         );
@@ -2235,7 +2250,7 @@ impl Report {
             "restart",
             serde_json::json!({"sessions": live, "all": all, "up_ms": up_ms,
                 "noticed": noticed.len(), "noticed_p50_ms": n50, "noticed_p99_ms": n99,
-                "noticed_max_ms": nmax, "resynced": back.len(), "resync_p50_ms": b50,
+                "noticed_max_ms": nmax, "noticed_by_reset": by_reset, "resynced": back.len(), "resync_p50_ms": b50,
                 "resync_p99_ms": b99, "resync_max_ms": bmax, "coordinator_cpu_s": cpu,
                 "peak_rss_mib": rss.0, "leases_kept": kept, "leases_reissued": reissued}),
         );
@@ -2250,6 +2265,15 @@ impl Report {
         }
         if !all {
             self.fail(format!("{} of {live} sessions resynced", back.len()));
+        }
+        // The restarted coordinator answers each device's next packet with a stateless reset
+        // (its keys survive the restart): most sessions end that way within a keepalive, not
+        // by their idle timeout.
+        if by_reset * 2 < noticed.len() {
+            self.fail(format!(
+                "{by_reset} of {} sessions learned of the restart from a stateless reset",
+                noticed.len()
+            ));
         }
         if bmax > self.check.max_resync_ms as f64 {
             self.fail(format!(

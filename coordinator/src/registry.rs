@@ -292,6 +292,10 @@ pub struct Registry {
     /// so that a peer whose state did not change is the same allocation: sessions hold these,
     /// and an unchanged peer is recognised by pointer.
     views: BTreeMap<DeviceId, Arc<Peer>>,
+    /// Devices presumed online after this process started, until their session is back or
+    /// `presumed_until_ms` ([`Registry::presume_online`]).
+    presumed: BTreeSet<DeviceId>,
+    presumed_until_ms: Option<i64>,
     /// Counts the refreshes that changed `views`; `views_changed` holds the devices whose
     /// view the latest one replaced, added or dropped (sorted). A session last produced at
     /// the generation before, from the same compile, differs from what it was sent only in
@@ -473,6 +477,8 @@ impl Registry {
             policy_version: None,
             compiled: Arc::new(Compiled::default()),
             views: BTreeMap::new(),
+            presumed: BTreeSet::new(),
+            presumed_until_ms: None,
             views_gen: 0,
             views_changed: Vec::new(),
             views_log: VecDeque::new(),
@@ -508,6 +514,31 @@ impl Registry {
             suspended: BTreeMap::new(),
             remote_sessions: BTreeMap::new(),
         }
+    }
+
+    /// Just after this process started: the devices whose sessions the process before this
+    /// one held when it ended (`held`) are shown online to their peers until their session
+    /// is back or `grace_ms` passed. Without this, a restart showed every device offline to
+    /// its peers and then, one device at a time, online again: a delta to each online peer
+    /// per returning device, for a flag that only `ward status` shows. A device that does
+    /// not come back within the grace goes offline then. `online` decides nothing (no
+    /// access, no key, no path): it is what peers display.
+    pub fn presume_online(&mut self, held: impl IntoIterator<Item = DeviceId>, grace_ms: i64) {
+        self.presumed = held
+            .into_iter()
+            .filter(|id| self.devices.contains_key(id) && !self.sessions.contains_key(id))
+            .collect();
+        self.presumed_until_ms =
+            (!self.presumed.is_empty()).then(|| self.now_ms.saturating_add(grace_ms));
+        let ids: Vec<DeviceId> = self.presumed.iter().copied().collect();
+        for id in ids {
+            self.touch(id);
+        }
+    }
+
+    /// Devices still presumed online (none once the grace has passed).
+    pub fn presumed_online(&self) -> usize {
+        self.presumed.len()
     }
 
     /// A device signed in (again) at the identity provider, or (`None`) its sign-in is
@@ -1160,9 +1191,13 @@ impl Registry {
             .collect()
     }
 
-    /// Whether the device's session is held here or by another live replica.
+    /// Whether the device's session is held here or by another live replica, or the device
+    /// is presumed online while it reconnects after this process started
+    /// ([`Registry::presume_online`]): what its peers are told.
     pub fn is_online_anywhere(&self, id: DeviceId) -> bool {
-        self.sessions.contains_key(&id) || self.remote_sessions.contains_key(&id)
+        self.sessions.contains_key(&id)
+            || self.remote_sessions.contains_key(&id)
+            || self.presumed.contains(&id)
     }
 
     /// Which requirements matter to which device (depends on the policy and the directory,
@@ -1393,6 +1428,12 @@ impl Registry {
             self.touch(id);
             self.leases_expired += n as u64;
         }
+        if self.presumed_until_ms.is_some_and(|t| now_ms >= t) {
+            self.presumed_until_ms = None;
+            for id in std::mem::take(&mut self.presumed) {
+                self.touch(id);
+            }
+        }
         self.now_ms = now_ms;
     }
 
@@ -1423,10 +1464,16 @@ impl Registry {
             .trust_matters()
             .then_some(self.trust_tick_ms + TRUST_TICK_MS);
         let risk = (!self.risk_live.is_empty()).then_some(self.risk_tick_ms + TRUST_TICK_MS);
-        [self.compiled.next_expiry_ms, lease, trust, risk]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.compiled.next_expiry_ms,
+            lease,
+            trust,
+            risk,
+            self.presumed_until_ms,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Whether the policy has posture requirements to re-judge as time passes.
@@ -1634,6 +1681,7 @@ impl Registry {
     /// disappears from every other netmap.
     pub fn handle_device_removed(&mut self, id: DeviceId, reason: &str) {
         let was_live = self.devices.remove(&id).is_some();
+        self.presumed.remove(&id);
         if let Some(gone) = self.leases.remove_device(id) {
             self.retire(id, gone);
         }
@@ -1708,6 +1756,8 @@ impl Registry {
             }
         }
         let trust_before = self.trust_inputs(id);
+        // Online now by its own session: closing it takes it offline.
+        self.presumed.remove(&id);
         self.apply_update(id, update);
         self.touch(id);
         self.trust.set_held(id, true);
@@ -4176,6 +4226,101 @@ to = ["b"]
             views_changed_since(&r.views_log, r.views_gen - 2, r.views_gen, ALL),
             None
         );
+    }
+
+    /// The peers device 1's session was sent about `peer`: `online` per netmap or delta
+    /// that names it, in order.
+    fn told_online(out: &[Output], peer: u64) -> Vec<bool> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    conn: 10,
+                    msg: CoordinatorMsg::Netmap(nm),
+                } => nm
+                    .peers
+                    .iter()
+                    .find(|p| p.device_id.0 == peer)
+                    .map(|p| p.online),
+                Output::Send {
+                    conn: 10,
+                    msg: CoordinatorMsg::NetmapDelta(d),
+                } => d
+                    .upsert
+                    .iter()
+                    .find(|p| p.device_id.0 == peer)
+                    .map(|p| p.online),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn devices_held_before_a_restart_stay_online_while_they_reconnect() {
+        let now = 1_000_000;
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [1, 2, 3, 4].map(dev),
+            [],
+            Some(open_policy()),
+            vec![],
+            vec![],
+            now,
+        );
+        // The process before held 1, 2 and 4 (and 9, a device no longer live), not 3.
+        r.presume_online([1, 2, 4, 9].map(DeviceId), 120_000);
+        assert_eq!(r.presumed_online(), 3);
+        assert_eq!(r.poll_timeout(), Some(now + 120_000));
+        open_sessions(&mut r, &[1]);
+        let out = drain(&mut r);
+        assert_eq!(
+            told_online(&out, 2),
+            [true],
+            "presumed online in the first netmap"
+        );
+        assert_eq!(told_online(&out, 3), [false], "not held before: offline");
+        assert_eq!(told_online(&out, 4), [true]);
+
+        // 2 comes back: nothing to tell 1 about it.
+        open_sessions(&mut r, &[2]);
+        let out = drain(&mut r);
+        assert!(told_online(&out, 2).is_empty(), "{out:?}");
+        assert_eq!(r.presumed_online(), 1);
+
+        // 2 leaves again: by its own session, so offline at once.
+        r.handle_session_closed(DeviceId(2), 20);
+        assert_eq!(told_online(&drain(&mut r), 2), [false]);
+
+        // 4 never came back: offline when the grace ends, not before.
+        r.handle_time(now + 119_000);
+        assert!(told_online(&drain(&mut r), 4).is_empty());
+        r.handle_time(now + 120_000);
+        assert_eq!(told_online(&drain(&mut r), 4), [false]);
+        assert_eq!(r.presumed_online(), 0);
+        assert!(!r.is_online_anywhere(DeviceId(4)));
+    }
+
+    #[test]
+    fn a_presumed_device_that_is_revoked_is_gone_not_online() {
+        let now = 1_000_000;
+        let mut r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            [1, 2].map(dev),
+            [],
+            Some(open_policy()),
+            vec![],
+            vec![],
+            now,
+        );
+        r.presume_online([1, 2].map(DeviceId), 120_000);
+        open_sessions(&mut r, &[1]);
+        drain(&mut r);
+        r.handle_device_removed(DeviceId(2), "revoked");
+        let out = drain(&mut r);
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) } if d.remove.contains(&DeviceId(2)))),
+            "{out:?}"
+        );
+        assert!(!r.is_online_anywhere(DeviceId(2)));
     }
 
     #[test]

@@ -11,8 +11,9 @@
 #   - every device enrolls and every session gets its first netmap within 90 s;
 #   - a policy change reaches every session, p99 under 30 s;
 #   - a revocation and a quarantine reach the device and every peer session within 45 s;
-#   - after kill -9 and a restart, every session has a new netmap within 120 s (the devices
-#     notice the dead coordinator by their 6 s QUIC idle timeout: no close was sent), and at
+#   - after kill -9 and a restart, every session has a new netmap within 120 s, at least half
+#     of them learned of the restart from a QUIC stateless reset (the restarted coordinator
+#     derives the same reset keys; otherwise a device waits out its 6 s idle timeout), and at
 #     most a tenth of them get a new lease on the key they held (a fresh lease is sent again:
 #     without that, every reconnect made a lease that every peer had to check).
 # Needs no root and no namespace: loopback only (the tool binds 127.1.x.y source addresses).

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 use tracing::debug;
 
-use ward_shared::lease::{LeaseError, SignedLease, NOT_BEFORE_SKEW_MS};
+use ward_shared::lease::{verify_signatures, LeaseError, SignedLease, NOT_BEFORE_SKEW_MS};
 use ward_shared::wire::{DeviceId, Netmap, NetmapDelta, Peer, RelayInfo};
 
 use crate::dataplane::PeerConfig;
@@ -79,9 +79,35 @@ impl LeaseCache {
         self.use_issuer(issuer);
         let mut old = std::mem::take(&mut self.devices);
         self.ends.clear();
+        // Every signature not verified before, in one batch: a full netmap of thousands of
+        // peers (a first one, or one after a new key) costs a fraction of one verification
+        // each.
+        let fresh: Vec<&SignedLease> = nm
+            .peers
+            .iter()
+            .flat_map(|p| {
+                let before = old.get(&p.device_id);
+                p.leases
+                    .iter()
+                    .filter(move |l| !before.is_some_and(|b| b.signed.contains(l)))
+            })
+            .collect();
+        let verdicts = verify_signatures(&fresh, issuer);
+        let checked: Checks = fresh
+            .iter()
+            .zip(verdicts)
+            .map(|(l, ok)| (std::ptr::from_ref(*l) as usize, ok))
+            .collect();
         for p in &nm.peers {
             let before = old.remove(&p.device_id);
-            let c = check_peer(p, &nm.relays, issuer, coordinator_now_ms, before.as_ref());
+            let c = check_peer(
+                p,
+                &nm.relays,
+                issuer,
+                coordinator_now_ms,
+                before.as_ref(),
+                &checked,
+            );
             self.devices
                 .entry(p.device_id)
                 .and_modify(|d| {
@@ -137,7 +163,14 @@ impl LeaseCache {
             if let Some(b) = &before {
                 self.ends.remove(&(b.until_ms, p.device_id));
             }
-            let c = check_peer(p, &nm.relays, issuer, coordinator_now_ms, before.as_ref());
+            let c = check_peer(
+                p,
+                &nm.relays,
+                issuer,
+                coordinator_now_ms,
+                before.as_ref(),
+                &Checks::new(),
+            );
             self.ends.insert((c.until_ms, p.device_id));
             self.first_seen.entry(p.device_id).or_insert(now);
             changed.push((p.device_id.0, c.configs.clone()));
@@ -222,12 +255,23 @@ pub fn leased_peers(
     let mut ok = Vec::new();
     let mut refused = Vec::new();
     for p in &nm.peers {
-        let (c, r) = check_leases(p, &nm.relays, issuer, coordinator_now_ms, None);
+        let (c, r) = check_leases(
+            p,
+            &nm.relays,
+            issuer,
+            coordinator_now_ms,
+            None,
+            &Checks::new(),
+        );
         ok.extend(c.configs);
         refused.extend(r);
     }
     (ok, refused)
 }
+
+/// Signatures already checked in a batch, by the address of the lease in the netmap being
+/// checked, and whether each verified.
+type Checks = BTreeMap<usize, bool>;
 
 /// [`check_leases`], logging the refusals.
 fn check_peer(
@@ -236,8 +280,9 @@ fn check_peer(
     issuer: &VerifyingKey,
     coordinator_now_ms: i64,
     before: Option<&Checked>,
+    checked: &Checks,
 ) -> Checked {
-    let (c, refused) = check_leases(p, relays, issuer, coordinator_now_ms, before);
+    let (c, refused) = check_leases(p, relays, issuer, coordinator_now_ms, before, checked);
     for (peer, why) in refused {
         debug!(%peer, error = %why, "peer lease not usable");
     }
@@ -245,13 +290,15 @@ fn check_peer(
 }
 
 /// One peer's leases: a lease `before` holds as verified (the same fields and signature) is
-/// not verified again; its time window and owner always are.
+/// not verified again, nor one whose signature `checked` answers for; its time window and
+/// owner always are.
 fn check_leases(
     p: &Peer,
     relays: &[RelayInfo],
     issuer: &VerifyingKey,
     coordinator_now_ms: i64,
     before: Option<&Checked>,
+    checked: &Checks,
 ) -> (Checked, Vec<(String, LeaseError)>) {
     let mut c = Checked {
         until_ms: i64::MAX,
@@ -263,7 +310,11 @@ fn check_leases(
         let signed = if known {
             Ok(())
         } else {
-            l.verify_signature(issuer)
+            match checked.get(&(std::ptr::from_ref(l) as usize)) {
+                Some(true) => Ok(()),
+                Some(false) => Err(LeaseError::BadSignature),
+                None => l.verify_signature(issuer),
+            }
         };
         if signed.is_ok() {
             c.signed.push(l.clone());
@@ -372,6 +423,46 @@ mod tests {
         m.values().flatten().map(|c| c.public_key).collect()
     }
 
+    /// A netmap of `n` peers (devices 2 to n+1), one lease each, signed by `k`.
+    fn many(k: &SigningKey, n: u8) -> Netmap {
+        let mut nm = netmap(Vec::new());
+        let template = nm.peers.remove(0);
+        for i in 0..n {
+            let dev = u64::from(i) + 2;
+            let ip = i + 2;
+            let mut p = template.clone();
+            p.device_id = DeviceId(dev);
+            p.ipv4 = Ipv4Addr::new(100, 64, 0, ip);
+            p.ipv6 = format!("fd00::{ip}").parse().unwrap();
+            p.leases = vec![lease(dev, i + 10, 0, 1_000, ip).sign(k)];
+            nm.peers.push(p);
+        }
+        nm
+    }
+
+    #[test]
+    fn a_forged_lease_among_many_is_refused_alone() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        let issuer = k.verifying_key();
+        let mut nm = many(&k, 20);
+        // Two keys changed after signing: the batch fails, each is then checked alone.
+        nm.peers[5].leases[0].lease.wg_public_key = WgPublicKey([99; 32]);
+        nm.peers[17].leases[0].lease.wg_public_key = WgPublicKey([98; 32]);
+        let mut c = LeaseCache::default();
+        let m = c.peers(&nm, Some(&issuer), None, 500, Instant::now());
+        let configured: Vec<u64> = m.keys().copied().collect();
+        let want: Vec<u64> = (2..22).filter(|d| *d != 7 && *d != 19).collect();
+        assert_eq!(configured, want);
+        // All genuine: every peer, from one batch.
+        let nm = many(&k, 20);
+        let m = LeaseCache::default().peers(&nm, Some(&issuer), None, 500, Instant::now());
+        assert_eq!(m.len(), 20);
+        // Another coordinator's key: none.
+        let other = SigningKey::from_bytes(&[2; 32]).verifying_key();
+        let m = LeaseCache::default().peers(&nm, Some(&other), None, 500, Instant::now());
+        assert!(m.is_empty());
+    }
+
     #[test]
     fn remembered_signatures_still_check_fields_time_and_key() {
         let k = SigningKey::from_bytes(&[1; 32]);
@@ -404,6 +495,7 @@ mod tests {
             &k.verifying_key(),
             500,
             c.devices.get(&DeviceId(2)),
+            &Checks::new(),
         );
         assert_eq!(refused.len(), 2);
         assert!(refused.iter().all(|(_, e)| *e == LeaseError::BadSignature));

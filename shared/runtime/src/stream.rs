@@ -93,7 +93,9 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
                 return Ok(None);
             }
             Ok(n) => dec.push(&buf[..n]),
-            Err(e) => return Err(anyhow!("stream: {e}")),
+            // Kept as the source (not flattened into text), so that a caller can tell why the
+            // stream ended (a QUIC reset, an idle timeout) and `{:#}` prints all of it.
+            Err(e) => return Err(anyhow::Error::new(e).context("stream")),
         }
     }
 }
