@@ -3343,23 +3343,7 @@ to = ["all"]
         let out = drain(&mut r);
         assert_eq!(r.compiles(), base, "sessions alone do not compile");
         // Device 1 was told about device 2's endpoint all the same.
-        let sees_endpoint = out.iter().any(|o| match o {
-            Output::Send {
-                conn: 10,
-                msg: CoordinatorMsg::Netmap(nm),
-            } => nm
-                .peers
-                .iter()
-                .any(|p| p.device_id == DeviceId(2) && !p.endpoints.is_empty()),
-            Output::Send {
-                conn: 10,
-                msg: CoordinatorMsg::NetmapDelta(d),
-            } => d
-                .upsert
-                .iter()
-                .any(|p| p.device_id == DeviceId(2) && !p.endpoints.is_empty()),
-            _ => false,
-        });
+        let sees_endpoint = told_about(&out, 2).iter().any(|p| !p.endpoints.is_empty());
         assert!(sees_endpoint, "{out:?}");
         // A new device is a directory change: compiled again, and peers hear of it.
         r.handle_device_upserted(dev(4));
@@ -4228,30 +4212,27 @@ to = ["b"]
         );
     }
 
-    /// The peers device 1's session was sent about `peer`: `online` per netmap or delta
+    /// What device 1's session (connection 10) was sent about `peer`, per netmap or delta
     /// that names it, in order.
-    fn told_online(out: &[Output], peer: u64) -> Vec<bool> {
+    fn told_about(out: &[Output], peer: u64) -> Vec<&Peer> {
         out.iter()
             .filter_map(|o| match o {
                 Output::Send {
                     conn: 10,
                     msg: CoordinatorMsg::Netmap(nm),
-                } => nm
-                    .peers
-                    .iter()
-                    .find(|p| p.device_id.0 == peer)
-                    .map(|p| p.online),
+                } => nm.peers.iter().find(|p| p.device_id.0 == peer),
                 Output::Send {
                     conn: 10,
                     msg: CoordinatorMsg::NetmapDelta(d),
-                } => d
-                    .upsert
-                    .iter()
-                    .find(|p| p.device_id.0 == peer)
-                    .map(|p| p.online),
+                } => d.upsert.iter().find(|p| p.device_id.0 == peer),
                 _ => None,
             })
             .collect()
+    }
+
+    /// `online` as device 1's session was told it about `peer`.
+    fn told_online(out: &[Output], peer: u64) -> Vec<bool> {
+        told_about(out, peer).iter().map(|p| p.online).collect()
     }
 
     #[test]

@@ -93,10 +93,27 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
                 return Ok(None);
             }
             Ok(n) => dec.push(&buf[..n]),
-            // Kept as the source (not flattened into text), so that a caller can tell why the
-            // stream ended (a QUIC reset, an idle timeout) and `{:#}` prints all of it.
-            Err(e) => return Err(anyhow::Error::new(e).context("stream")),
+            Err(e) => return Err(StreamError(e).into()),
         }
+    }
+}
+
+/// A read from a stream failed: shown as `stream: {error}` as before, and its cause (a QUIC
+/// reset, an idle timeout) kept as the source, so that a caller can tell why the stream ended
+/// and `{:#}` prints it.
+#[derive(Debug)]
+struct StreamError(std::io::Error);
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stream: {}", self.0)
+    }
+}
+
+impl std::error::Error for StreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The I/O error's own cause: its text is already in this one's.
+        self.0.source()
     }
 }
 
