@@ -513,7 +513,6 @@ pub struct Channel {
     /// The QUIC connection beneath the stream, to close it with a reason.
     conn: Option<quinn::Connection>,
     dec: FrameDecoder,
-    buf: Vec<u8>,
 }
 
 impl Channel {
@@ -572,7 +571,6 @@ impl Channel {
             recv,
             conn,
             dec: FrameDecoder::new(MAX_COORDINATOR_FRAME),
-            buf: vec![0u8; 64 * 1024],
         })
     }
 
@@ -583,7 +581,7 @@ impl Channel {
 
     /// Next message; `Ok(None)` when the coordinator closed the stream.
     pub async fn recv(&mut self) -> Result<Option<CoordinatorMsg>> {
-        read_msg(&mut self.recv, &mut self.dec, &mut self.buf)
+        read_msg(&mut self.recv, &mut self.dec)
             .await
             .context("control stream")
     }

@@ -659,7 +659,10 @@ fn main() {
     ward_clidoc::run_if_asked(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     let mode = match cli.cmd {
-        Cmd::Serve { .. } => ward_runtime::Mode::Service,
+        Cmd::Serve { .. } => {
+            ward_runtime::cap_malloc_arenas();
+            ward_runtime::Mode::Service
+        }
         _ => ward_runtime::Mode::Cli,
     };
     ward_runtime::main("info", mode, run(cli))

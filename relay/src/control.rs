@@ -301,7 +301,6 @@ async fn resolve(addr: &str) -> Result<Vec<SocketAddr>> {
 struct Frames {
     recv: quinn::RecvStream,
     dec: FrameDecoder,
-    buf: Vec<u8>,
 }
 
 impl Frames {
@@ -309,13 +308,12 @@ impl Frames {
         Frames {
             recv,
             dec: FrameDecoder::new(MAX_RELAY_CONTROL_FRAME),
-            buf: vec![0; 16 * 1024],
         }
     }
 
     /// The next message; `Ok(None)` at the end of the stream.
     async fn next(&mut self) -> Result<Option<CoordinatorToRelay>> {
-        ward_runtime::quic::read_msg(&mut self.recv, &mut self.dec, &mut self.buf)
+        ward_runtime::quic::read_msg(&mut self.recv, &mut self.dec)
             .await
             .context("control stream")
     }

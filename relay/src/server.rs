@@ -601,7 +601,6 @@ struct Stream {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     dec: FrameDecoder,
-    buf: Vec<u8>,
 }
 
 impl Stream {
@@ -610,13 +609,12 @@ impl Stream {
             send,
             recv,
             dec: FrameDecoder::new(MAX_RELAY_STREAM_FRAME),
-            buf: vec![0; 4096],
         }
     }
 
     /// The next message; `None` at the end of the stream or on anything malformed.
     async fn next(&mut self) -> Option<DeviceToRelay> {
-        ward_runtime::quic::read_msg(&mut self.recv, &mut self.dec, &mut self.buf)
+        ward_runtime::quic::read_msg(&mut self.recv, &mut self.dec)
             .await
             .ok()
             .flatten()

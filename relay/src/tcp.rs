@@ -154,13 +154,11 @@ async fn serve_device(
         );
     }
     let mut dec = FrameDecoder::new(MAX_RELAY_STREAM_FRAME);
-    let mut buf = vec![0u8; 16 * 1024];
     run_device(
         &shared,
         &mut Io {
             rd: &mut rd,
             dec: &mut dec,
-            buf: &mut buf,
             tx: &tx,
         },
         id,
@@ -184,14 +182,13 @@ async fn serve_device(
 struct Io<'a> {
     rd: &'a mut tokio::io::ReadHalf<TlsStream<TcpStream>>,
     dec: &'a mut FrameDecoder,
-    buf: &'a mut Vec<u8>,
     tx: &'a mpsc::Sender<Vec<u8>>,
 }
 
 impl Io<'_> {
     /// The next frame body; `None` at the end of the stream or on a stream error.
     async fn next(&mut self) -> Option<Vec<u8>> {
-        ward_runtime::stream::read_frame(self.rd, self.dec, self.buf)
+        ward_runtime::stream::read_frame(self.rd, self.dec)
             .await
             .ok()
             .flatten()

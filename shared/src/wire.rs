@@ -1281,6 +1281,17 @@ impl FrameDecoder {
             .max(1)
     }
 
+    /// Where a reader appends the bytes it reads, with room reserved for the
+    /// [`FrameDecoder::wanted`] bytes the current frame still needs: reading straight into it
+    /// (appending at most `wanted()` bytes, as [`FrameDecoder::push`] would take them) needs no
+    /// buffer of the reader's own, so an idle stream holds only the bytes of its frame so far.
+    /// Anything but appending breaks the frames.
+    pub fn append_buffer(&mut self) -> &mut Vec<u8> {
+        let want = self.wanted();
+        self.buf.reserve(want);
+        &mut self.buf
+    }
+
     /// The current frame's declared body length, once its 4-byte header is in.
     fn declared(&self) -> Option<usize> {
         let h: [u8; 4] = self.buf.get(..4)?.try_into().ok()?;
@@ -1394,6 +1405,40 @@ mod tests {
         let mut dec = FrameDecoder::new(16);
         dec.push(&u32::MAX.to_be_bytes());
         assert!(dec.buf.capacity() <= 64, "{}", dec.buf.capacity());
+        assert!(dec.next_frame().is_err());
+    }
+
+    /// Reading straight into the decoder: room for a header while it waits for a frame, for
+    /// the frame (within the bound) once its length is known, and the same frames as `push`.
+    #[test]
+    fn readers_append_into_the_decoder_within_the_frame() {
+        let mut dec = FrameDecoder::new(MAX_DEVICE_FRAME);
+        let idle = dec.append_buffer().capacity();
+        assert!((4..=64).contains(&idle), "{idle} bytes for a header");
+        let bytes = [
+            encode(&DeviceMsg::Ping { nonce: 1 }),
+            encode(&DeviceMsg::Ping { nonce: 2 }),
+        ]
+        .concat();
+        let (mut at, mut got) = (0, Vec::new());
+        while at < bytes.len() {
+            let n = dec.wanted().min(3).min(bytes.len() - at);
+            dec.append_buffer().extend_from_slice(&bytes[at..at + n]);
+            at += n;
+            if let Some(f) = dec.next_frame().unwrap() {
+                got.push(decode::<DeviceMsg>(&f).unwrap());
+            }
+        }
+        assert_eq!(
+            got,
+            vec![DeviceMsg::Ping { nonce: 1 }, DeviceMsg::Ping { nonce: 2 }]
+        );
+        dec.append_buffer().extend_from_slice(&500u32.to_be_bytes());
+        assert!(dec.append_buffer().capacity() >= 504);
+        let mut dec = FrameDecoder::new(16);
+        dec.append_buffer()
+            .extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(dec.append_buffer().capacity() <= 64);
         assert!(dec.next_frame().is_err());
     }
 

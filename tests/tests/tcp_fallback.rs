@@ -238,7 +238,6 @@ async fn tokio_rustls_connect(
 struct TcpLink {
     tls: ward_runtime::stream::client::TlsStream<TcpStream>,
     dec: FrameDecoder,
-    buf: Vec<u8>,
 }
 
 impl TcpLink {
@@ -258,7 +257,6 @@ impl TcpLink {
         let mut l = TcpLink {
             tls,
             dec: FrameDecoder::new(MAX_RELAY_STREAM_FRAME),
-            buf: vec![0; 4096],
         };
         l.tls
             .write_all(&encode_tcp_msg(&DeviceToRelay::Hello {
@@ -279,7 +277,7 @@ impl TcpLink {
     async fn next(&mut self) -> Option<Vec<u8>> {
         tokio::time::timeout(
             Duration::from_secs(2),
-            ward_runtime::stream::read_frame(&mut self.tls, &mut self.dec, &mut self.buf),
+            ward_runtime::stream::read_frame(&mut self.tls, &mut self.dec),
         )
         .await
         .ok()?
@@ -290,9 +288,7 @@ impl TcpLink {
     async fn closes_within(&mut self, d: Duration) -> bool {
         tokio::time::timeout(d, async {
             loop {
-                match ward_runtime::stream::read_frame(&mut self.tls, &mut self.dec, &mut self.buf)
-                    .await
-                {
+                match ward_runtime::stream::read_frame(&mut self.tls, &mut self.dec).await {
                     Ok(Some(_)) => continue,
                     Ok(None) | Err(_) => return,
                 }

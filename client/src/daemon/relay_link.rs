@@ -114,10 +114,8 @@ pub(super) async fn handshake_tcp(
     .await
     .context("sending hello")?;
     let mut dec = FrameDecoder::new(MAX_RELAY_STREAM_FRAME);
-    let mut buf = vec![0u8; 4096];
     loop {
-        let Some(frame) = ward_runtime::stream::read_frame(&mut rd, &mut dec, &mut buf).await?
-        else {
+        let Some(frame) = ward_runtime::stream::read_frame(&mut rd, &mut dec).await? else {
             bail!("the relay closed the stream before welcoming");
         };
         match parse_tcp_frame(&frame) {
@@ -172,7 +170,6 @@ pub(super) async fn serve_tcp(t: &mut RelayTask, opened: TcpOpened) -> Result<()
         .await
         .map_err(|_| anyhow!("session loop gone"))?;
     let idle = Duration::from_millis(TCP_IDLE_TIMEOUT_MS);
-    let mut buf = vec![0u8; 16 * 1024];
     let mut tick = tokio::time::interval(RTT_INTERVAL);
     let started = Instant::now();
     let mut last_heard = Instant::now();
@@ -183,7 +180,7 @@ pub(super) async fn serve_tcp(t: &mut RelayTask, opened: TcpOpened) -> Result<()
     let mut probe: Option<tokio::task::JoinHandle<bool>> = None;
     loop {
         tokio::select! {
-            frame = ward_runtime::stream::read_frame(&mut rd, &mut dec, &mut buf) => {
+            frame = ward_runtime::stream::read_frame(&mut rd, &mut dec) => {
                 let Some(frame) = frame.context("relay stream")? else {
                     bail!("the relay closed the stream");
                 };

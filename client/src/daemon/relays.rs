@@ -333,7 +333,6 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
         })
         .await
         .map_err(|_| anyhow!("session loop gone"))?;
-    let mut buf = vec![0u8; 4096];
     let mut batch = Vec::with_capacity(relay_batch::RECV_BATCH);
     let mut tick = tokio::time::interval(RTT_INTERVAL);
     tick.tick().await;
@@ -370,7 +369,7 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
                     .await
                     .context("sending a ticket")?;
             }
-            frame = read_frame(&mut recv, &mut dec, &mut buf) => {
+            frame = read_frame(&mut recv, &mut dec) => {
                 match frame? {
                     Some(RelayToDevice::Error { code, message }) => {
                         bail!("the relay refused: {message} ({code:?})")
@@ -452,8 +451,7 @@ async fn handshake(t: &RelayTask, creds: &Credentials) -> Result<Opened> {
     .await
     .context("sending hello")?;
     let mut dec = FrameDecoder::new(MAX_RELAY_STREAM_FRAME);
-    let mut buf = vec![0u8; 4096];
-    match read_frame(&mut recv, &mut dec, &mut buf).await? {
+    match read_frame(&mut recv, &mut dec).await? {
         Some(RelayToDevice::Welcome { max_datagram, .. }) => {
             Ok(Opened::Quic((conn, send, recv, dec, max_datagram)))
         }
@@ -550,9 +548,8 @@ fn datagram_limit(conn: &quinn::Connection, relay_says: u16) -> u16 {
 async fn read_frame(
     recv: &mut quinn::RecvStream,
     dec: &mut FrameDecoder,
-    buf: &mut [u8],
 ) -> Result<Option<RelayToDevice>> {
-    ward_runtime::quic::read_msg(recv, dec, buf)
+    ward_runtime::quic::read_msg(recv, dec)
         .await
         .context("relay stream")
 }

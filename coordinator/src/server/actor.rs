@@ -46,7 +46,9 @@ pub(super) type CloseTx = oneshot::Sender<(ErrorCode, String)>;
 pub(super) struct DeviceConn {
     tx: mpsc::Sender<ConnCmd>,
     close: CloseTx,
-    backlog: Backlog,
+    /// Allocated only while something is held (a backlog is 1.8 KB: inline, every session
+    /// would carry one).
+    backlog: Option<Box<Backlog>>,
 }
 
 /// Device sessions by connection, and those with a backlog (retried on every wake).
@@ -67,7 +69,7 @@ impl DeviceConns {
             DeviceConn {
                 tx,
                 close,
-                backlog: Backlog::default(),
+                backlog: None,
             },
         );
     }
@@ -90,7 +92,7 @@ impl DeviceConns {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if c.backlog.is_empty() {
+        if c.backlog.as_ref().is_none_or(|b| b.is_empty()) {
             let ended = match c.tx.try_reserve() {
                 Ok(permit) => {
                     permit.send(ConnCmd::Send(wire::encode_with(&msg, &mut self.peer_json)));
@@ -106,7 +108,7 @@ impl DeviceConns {
             }
         }
         self.held += 1;
-        match c.backlog.hold(msg, now) {
+        match c.backlog.get_or_insert_default().hold(msg, now) {
             Ok(()) => {
                 self.backlogged.insert(conn);
             }
@@ -133,13 +135,14 @@ impl DeviceConns {
             };
             let mut moved = false;
             loop {
-                if c.backlog.is_empty() {
+                let Some(backlog) = c.backlog.as_mut().filter(|b| !b.is_empty()) else {
+                    c.backlog = None;
                     done.push(*conn);
                     break;
-                }
+                };
                 match c.tx.try_reserve() {
                     Ok(permit) => {
-                        if let Some(msg) = c.backlog.pop() {
+                        if let Some(msg) = backlog.pop() {
                             permit
                                 .send(ConnCmd::Send(wire::encode_with(&msg, &mut self.peer_json)));
                             moved = true;
@@ -152,9 +155,12 @@ impl DeviceConns {
                     }
                 }
             }
+            let Some(backlog) = c.backlog.as_mut() else {
+                continue;
+            };
             if moved {
-                c.backlog.progressed(now);
-            } else if c.backlog.stuck(now) {
+                backlog.progressed(now);
+            } else if backlog.stuck(now) {
                 stuck.push(*conn);
             }
         }

@@ -116,7 +116,8 @@ impl Link {
     /// Reads (and discards) until the peer closes, for at most [`CLOSE_GRACE`]: closing a TCP
     /// socket with unread bytes resets the connection, which can destroy the frame just sent.
     async fn drain(&mut self) {
-        let mut scratch = [0u8; 4096];
+        // On the heap: inline, it would size every session's future for this rare path.
+        let mut scratch = vec![0u8; 4096];
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
             while matches!(self.recv.read(&mut scratch).await, Ok(n) if n > 0) {}
         })

@@ -49,6 +49,7 @@ mod replica;
 mod resign;
 mod session;
 mod touches;
+mod udp;
 
 pub use replica::{FeedWake, FEED_POLL, FEED_POLL_NOTIFIED};
 
@@ -372,7 +373,7 @@ pub async fn serve(
     let runtime = quinn::default_runtime().context("the QUIC listener needs a tokio runtime")?;
     let tls = tls_config(&ctx.ca)?;
     let acceptor = ward_runtime::stream::TlsAcceptor::from(Arc::new(tls.clone()));
-    let endpoint = quinn::Endpoint::new(
+    let endpoint = udp::control_endpoint(
         endpoint_config(&ctx.lease_key.to_bytes()),
         Some(server_config(tls)?),
         socket,
@@ -1087,7 +1088,7 @@ mod tests {
             .expect("runtime");
         let tls = tls_config(ca).expect("tls");
         rt.block_on(async {
-            let ep = quinn::Endpoint::new(
+            let ep = udp::control_endpoint(
                 endpoint_config(&seed),
                 Some(server_config(tls).expect("server config")),
                 socket,

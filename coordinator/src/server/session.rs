@@ -51,8 +51,7 @@ pub(super) async fn read_frame(
     recv: &mut BoxRead,
     dec: &mut FrameDecoder,
 ) -> Result<Option<Vec<u8>>> {
-    let mut buf = [0u8; 16 * 1024];
-    ward_runtime::stream::read_frame(recv, dec, &mut buf).await
+    ward_runtime::stream::read_frame(recv, dec).await
 }
 
 /// Writes one frame (a device or relay message) to the stream.
@@ -92,9 +91,12 @@ pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<(
             return Ok(());
         }
     };
+    // The enrollment and sign-in flows are boxed: this future lives as long as the device's
+    // session, and inline they would size every session for the largest of them (13 KB each,
+    // against 4 KB for a session).
     match (certs.as_ref().and_then(|c| c.first()), msg) {
         (None, DeviceMsg::Enroll(req)) => {
-            let reply = enroll(&ctx, req, remote).await;
+            let reply = Box::pin(enroll(&ctx, req, remote)).await;
             match reply {
                 Ok(enrolled) => {
                     send_msg(&mut link.send, &CoordinatorMsg::Enrolled(enrolled)).await?;
@@ -105,12 +107,17 @@ pub(super) async fn handle_connection(mut link: Link, ctx: Arc<Ctx>) -> Result<(
             Ok(())
         }
         (None, DeviceMsg::LoginStart(req)) if req.pkce.is_some() => {
-            super::login_code::login(&ctx, &mut link, dec, req).await
+            Box::pin(super::login_code::login(&ctx, &mut link, dec, req)).await
         }
-        (None, DeviceMsg::LoginStart(req)) => super::oidc::login(&ctx, &mut link, req).await,
+        (None, DeviceMsg::LoginStart(req)) => {
+            Box::pin(super::oidc::login(&ctx, &mut link, req)).await
+        }
         (Some(cert), DeviceMsg::SignInStart(req)) => {
             let cert = cert.to_vec();
-            super::resign::sign_in_again(&ctx, &mut link, dec, &cert, req).await
+            Box::pin(super::resign::sign_in_again(
+                &ctx, &mut link, dec, &cert, req,
+            ))
+            .await
         }
         (Some(cert), DeviceMsg::Hello(hello)) => {
             let cert = cert.to_vec();

@@ -16,18 +16,16 @@ use ward_shared::wire::FrameDecoder;
 pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     dec: &mut FrameDecoder,
-    buf: &mut [u8],
 ) -> Result<Option<Vec<u8>>> {
-    crate::stream::read_frame(recv, dec, buf).await
+    crate::stream::read_frame(recv, dec).await
 }
 
 /// [`read_frame`], decoded as a `T`.
 pub async fn read_msg<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     dec: &mut FrameDecoder,
-    buf: &mut [u8],
 ) -> Result<Option<T>> {
-    crate::stream::read_msg(recv, dec, buf).await
+    crate::stream::read_msg(recv, dec).await
 }
 
 /// The congestion "controller" of a relay link, at both ends (device and relay): a window so

@@ -74,25 +74,25 @@ pub async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// The next frame body from `recv`; `Ok(None)` at a clean end of the stream. Reads no more
-/// than the frame needs (bytes read are kept in `dec`, so it is safe to call again, also after
-/// a cancelled call). A frame over the decoder's bound, a truncated frame or a stream error is
-/// an error.
+/// than the frame needs, straight into `dec` (bytes read are kept there, so it is safe to call
+/// again, also after a cancelled call; a stream waiting for its next frame holds no read
+/// buffer). A frame over the decoder's bound, a truncated frame or a stream error is an error.
 pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     recv: &mut R,
     dec: &mut FrameDecoder,
-    buf: &mut [u8],
 ) -> Result<Option<Vec<u8>>> {
     loop {
         if let Some(f) = dec.next_frame()? {
             return Ok(Some(f));
         }
-        let want = dec.wanted().min(buf.len()).max(1);
-        match recv.read(&mut buf[..want]).await {
+        let want = dec.wanted() as u64;
+        // `read_buf` appends only what the read returned: nothing is lost if this is cancelled.
+        match (&mut *recv).take(want).read_buf(dec.append_buffer()).await {
             Ok(0) => {
                 dec.finish()?;
                 return Ok(None);
             }
-            Ok(n) => dec.push(&buf[..n]),
+            Ok(_) => {}
             Err(e) => return Err(StreamError(e).into()),
         }
     }
@@ -121,9 +121,8 @@ impl std::error::Error for StreamError {
 pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin + ?Sized>(
     recv: &mut R,
     dec: &mut FrameDecoder,
-    buf: &mut [u8],
 ) -> Result<Option<T>> {
-    match read_frame(recv, dec, buf).await? {
+    match read_frame(recv, dec).await? {
         Some(f) => Ok(Some(wire::decode(&f)?)),
         None => Ok(None),
     }
@@ -211,13 +210,35 @@ mod tests {
                 .unwrap();
         });
         let mut dec = FrameDecoder::new(64);
-        let mut buf = [0u8; 2];
-        let one: Option<String> = read_msg(&mut b, &mut dec, &mut buf).await.unwrap();
-        let two: Option<String> = read_msg(&mut b, &mut dec, &mut buf).await.unwrap();
+        let one: Option<String> = read_msg(&mut b, &mut dec).await.unwrap();
+        let two: Option<String> = read_msg(&mut b, &mut dec).await.unwrap();
         writer.await.unwrap();
         drop(b);
         assert_eq!(one.as_deref(), Some("hello"));
         assert_eq!(two.as_deref(), Some("world"));
+    }
+
+    /// A read cancelled halfway through a frame (a `select!` branch that lost) keeps what it
+    /// read: the next call returns the whole frame.
+    #[tokio::test]
+    async fn a_cancelled_read_loses_nothing() {
+        let bytes = wire::encode(&"hello world".to_string());
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let mut dec = FrameDecoder::new(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, &bytes[..7])
+            .await
+            .unwrap();
+        let cut = tokio::time::timeout(
+            Duration::from_millis(50),
+            read_msg::<String, _>(&mut b, &mut dec),
+        )
+        .await;
+        assert!(cut.is_err(), "half a frame read as {cut:?}");
+        tokio::io::AsyncWriteExt::write_all(&mut a, &bytes[7..])
+            .await
+            .unwrap();
+        let whole: Option<String> = read_msg(&mut b, &mut dec).await.unwrap();
+        assert_eq!(whole.as_deref(), Some("hello world"));
     }
 
     #[tokio::test]
@@ -227,8 +248,7 @@ mod tests {
             .await
             .unwrap();
         let mut dec = FrameDecoder::new(100);
-        let mut buf = [0u8; 16];
-        assert!(read_frame(&mut b, &mut dec, &mut buf).await.is_err());
+        assert!(read_frame(&mut b, &mut dec).await.is_err());
 
         let (mut a, mut b) = tokio::io::duplex(64);
         tokio::io::AsyncWriteExt::write_all(&mut a, &[0, 0, 0, 9, 1, 2])
@@ -236,6 +256,6 @@ mod tests {
             .unwrap();
         drop(a);
         let mut dec = FrameDecoder::new(100);
-        assert!(read_frame(&mut b, &mut dec, &mut buf).await.is_err());
+        assert!(read_frame(&mut b, &mut dec).await.is_err());
     }
 }
