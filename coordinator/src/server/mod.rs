@@ -1073,6 +1073,25 @@ impl Live for LiveRegistry {
     }
 }
 
+/// A client of the control listener that trusts `ca` and offers no certificate (tests).
+#[cfg(test)]
+fn test_client_config(ca: &Ca) -> quinn::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(ca.cert_der.clone()))
+        .expect("root");
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("tls13")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    quinn::ClientConfig::new(Arc::new(qc))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1118,20 +1137,7 @@ mod tests {
 
         let client_rt = tokio::runtime::Runtime::new().expect("runtime");
         let conn = client_rt.block_on(async {
-            let mut roots = rustls::RootCertStore::empty();
-            roots
-                .add(rustls_pki_types::CertificateDer::from(ca.cert_der.clone()))
-                .expect("root");
-            let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls13")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-            tls.alpn_protocols = vec![wire::ALPN.to_vec()];
-            let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-            let mut cc = quinn::ClientConfig::new(Arc::new(qc));
+            let mut cc = test_client_config(&ca);
             let mut t = quinn::TransportConfig::default();
             t.keep_alive_interval(Some(Duration::from_millis(200)));
             t.max_idle_timeout(Some(Duration::from_secs(3).try_into().expect("idle")));

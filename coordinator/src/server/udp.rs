@@ -165,22 +165,9 @@ mod tests {
             let _ = conn.closed().await;
         });
 
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls_pki_types::CertificateDer::from(ca.cert_der.clone()))
-            .expect("root");
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tls.alpn_protocols = vec![wire::ALPN.to_vec()];
-        let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
         let mut client =
             quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
-        client.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
+        client.set_default_client_config(super::super::test_client_config(&ca));
         let conn = client
             .connect(addr, wire::COORDINATOR_SERVER_NAME)
             .expect("connect")
