@@ -1,12 +1,12 @@
 //! The control listener's UDP socket as quinn sees it: at most eight datagrams per send.
 //!
-//! quinn gives every connection a send buffer that grows to the largest batch its socket
-//! sends at once and never shrinks. With UDP GSO that is ten datagrams, and the buffer's
-//! doubling growth leaves it at sixteen datagrams' room (23 KB at a 1 452-byte MTU): a quarter
-//! of the coordinator's heap at 10 000 control sessions. Eight is a power of two, so the
-//! buffer ends at exactly eight datagrams (11.6 KB), half the memory for 80% of the batch.
-//! One datagram per send would save the rest, but measured it cost the open phase and the
-//! resync more than that memory was worth (bench/README.md).
+//! quinn gives every connection a send buffer that it never shrinks, and the first time the
+//! connection sends a batch it reserves room for a whole one on top of the datagram already
+//! in it (`max_datagrams × segment size`): with UDP GSO's ten datagrams of 1 452 bytes, about
+//! 16 KB per connection, most of the largest item in the coordinator's heap at 10 000 control
+//! sessions. Eight per send makes that about 13 KB and keeps 80% of the batch. One datagram
+//! per send would save nearly all of it, but measured it cost the open phase and the resync
+//! more than that memory was worth (bench/README.md).
 
 use std::fmt;
 use std::io;
@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
-/// The most datagrams one send of the control listener carries (a power of two: see above).
+/// The most datagrams one send of the control listener carries (see above).
 pub(super) const MAX_SEGMENTS: usize = 8;
 
 /// The QUIC endpoint of the control listener on `socket` ([`FewDatagrams`]).
