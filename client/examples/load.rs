@@ -609,12 +609,18 @@ async fn run(
             shared.count(|r| after(r.lease_kept_at)),
             shared.count(|r| after(r.lease_reissued_at)),
         );
+        // The resynced sessions' first netmaps: their size, and how many left out what the
+        // agent held.
+        let firsts: Vec<(u64, bool)> = shared.collect(|r| {
+            after(r.last_full_netmap_at).then_some((r.last_full_netmap_bytes, r.last_full_resumed))
+        });
         rep.restart(
             live,
             done,
             up_ms,
             (&noticed, by_reset),
             &back,
+            &firsts,
             leases,
             coord.cpu_s() - cpu0,
             coord.rss(),
@@ -1084,6 +1090,10 @@ struct Rec {
     first_netmap_bytes: u64,
     first_netmap_peers: u64,
     last_full_netmap_at: Option<Instant>,
+    /// The size of the last full netmap, and whether it was resumed (left out the peers the
+    /// agent held).
+    last_full_netmap_bytes: u64,
+    last_full_resumed: bool,
     last_netmap_at: Option<Instant>,
     netmap_msgs: u64,
     /// Bytes of every coordinator message (re-encoded as on the wire: length prefix + JSON).
@@ -1470,6 +1480,8 @@ impl Dev {
                 r.connected = true;
                 r.last_netmap_at = Some(at);
                 r.last_full_netmap_at = Some(at);
+                r.last_full_netmap_bytes = size;
+                r.last_full_resumed = nm.resumed.is_some();
                 if r.first_netmap_at.is_none() {
                     if self.slot == 0 {
                         if let Some(path) = std::env::var_os("WARD_LOAD_DUMP_NETMAP") {
@@ -2212,6 +2224,7 @@ impl Report {
         up_ms: f64,
         (noticed, by_reset): (&[Duration], usize),
         back: &[Duration],
+        firsts: &[(u64, bool)],
         (kept, reissued): (usize, usize),
         cpu: f64,
         rss: (f64, f64),
@@ -2236,6 +2249,17 @@ impl Report {
                 back.len()
             ),
         );
+        let resumed = firsts.iter().filter(|(_, r)| *r).count();
+        let bytes_mean =
+            firsts.iter().map(|(b, _)| *b as f64).sum::<f64>() / firsts.len().max(1) as f64;
+        self.row(
+            "restart: first netmaps",
+            format!(
+                "{resumed} of {} resumed (left out the peers the agent held), mean {:.1} KB",
+                firsts.len(),
+                bytes_mean / 1e3
+            ),
+        );
         self.row(
             "restart: leases",
             format!(
@@ -2252,8 +2276,17 @@ impl Report {
                 "noticed": noticed.len(), "noticed_p50_ms": n50, "noticed_p99_ms": n99,
                 "noticed_max_ms": nmax, "noticed_by_reset": by_reset, "resynced": back.len(), "resync_p50_ms": b50,
                 "resync_p99_ms": b99, "resync_max_ms": bmax, "coordinator_cpu_s": cpu,
-                "peak_rss_mib": rss.0, "leases_kept": kept, "leases_reissued": reissued}),
+                "peak_rss_mib": rss.0, "leases_kept": kept, "leases_reissued": reissued,
+                "netmaps_resumed": resumed, "netmap_bytes_mean": bytes_mean}),
         );
+        // A reconnecting agent says what it holds; after a restart that changed nothing but
+        // the process, most first netmaps leave the held peers out.
+        if resumed * 2 < firsts.len() {
+            self.fail(format!(
+                "{resumed} of {} resynced sessions' first netmaps were resumed",
+                firsts.len()
+            ));
+        }
         // A reconnect keeps a lease in the first half of its life, and a run is far shorter
         // than half of the default 10-minute lease: a new lease on the same key for more than
         // a tenth of the sessions means reconnects make new leases (each one checked by every

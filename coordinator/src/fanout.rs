@@ -225,6 +225,7 @@ mod tests {
 
     fn netmap(seq: u64, peers: Vec<Peer>) -> Netmap {
         Netmap {
+            resumed: None,
             seq,
             me: SelfInfo {
                 routes: Default::default(),

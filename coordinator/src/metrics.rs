@@ -30,6 +30,10 @@ pub struct LiveMetrics {
     pub enforce: HistogramSnapshot,
     /// Netmap and netmap-delta messages queued on device connections.
     pub netmap_pushes: u64,
+    /// Sessions' first netmaps sent without the peers the device held already, and the peers
+    /// they left out.
+    pub netmaps_resumed: u64,
+    pub resume_peers_left_out: u64,
     /// From the event that caused them (or the timer tick) to the netmaps queued.
     pub netmap_push: HistogramSnapshot,
     pub leases_expired: u64,
@@ -48,6 +52,8 @@ impl Default for LiveMetrics {
         Self {
             enforce: HistogramSnapshot::new(LATENCY_BUCKETS),
             netmap_pushes: 0,
+            netmaps_resumed: 0,
+            resume_peers_left_out: 0,
             netmap_push: HistogramSnapshot::new(LATENCY_BUCKETS),
             leases_expired: 0,
             registry_batches: 0,
@@ -373,6 +379,16 @@ pub fn render(i: &Inputs) -> String {
         "ward_coordinator_netmap_pushes_total",
         "Netmaps and netmap deltas queued on device connections.",
         i.live.netmap_pushes,
+    );
+    e.counter(
+        "ward_coordinator_netmaps_resumed_total",
+        "Sessions' first netmaps sent without the peers the device said it held already.",
+        i.live.netmaps_resumed,
+    );
+    e.counter(
+        "ward_coordinator_resume_peers_left_out_total",
+        "Peers left out of resumed first netmaps (the device kept its own, digest for digest).",
+        i.live.resume_peers_left_out,
     );
     e.family(
         "ward_coordinator_netmap_push_seconds",

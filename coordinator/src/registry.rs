@@ -2488,6 +2488,7 @@ impl Registry {
                         })
                         .collect();
                     let msg = CoordinatorMsg::Netmap(Netmap {
+                        resumed: None,
                         seq: 1,
                         me: SelfInfo {
                             routes: my_routes.clone(),
@@ -3679,6 +3680,7 @@ expires = "2030-01-01T00:00:00Z"
         );
         assert_eq!(v3.reach_view(), flat_reach(&r, 3));
         let as_flat = Netmap {
+            resumed: None,
             reach: v3.reach_view(),
             reach_grants: vec![],
             reach_services: vec![],

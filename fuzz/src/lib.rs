@@ -346,6 +346,7 @@ pub fn dns_query(data: &[u8]) {
         routes: vec![],
     };
     let nm = Netmap {
+        resumed: None,
         seq: 1,
         me: SelfInfo {
             device_id: DeviceId(1),

@@ -17,6 +17,8 @@
 //! - [`posture`]: device posture reports, what to collect, and evaluation against requirements.
 //! - [`routes`]: routed prefixes (subnet routers, exit nodes): the `Prefix` type.
 //! - [`relay`]: relay credentials, tickets, and the relay control and forwarding protocols.
+//! - [`resume`]: a device's new control session resumes its netmap: the first netmap leaves
+//!   out the peers the device holds already.
 //! - [`discovery`]: the address-discovery messages (what ip:port a relay sees a device at).
 //! - [`duration`]: the one duration grammar (`500ms`, `90s`, `15m`, `1h`, `7d`).
 //! - [`secret`]: a byte-string type that redacts itself in `Debug`.
@@ -38,6 +40,7 @@ pub mod peerset;
 pub mod policy;
 pub mod posture;
 pub mod relay;
+pub mod resume;
 pub mod routes;
 pub mod secret;
 pub mod token;

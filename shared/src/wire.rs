@@ -72,6 +72,12 @@
 //!   (`NetmapDelta.removed_reach_services`). A version-1 or 2 device gets the flat `reach`
 //!   list as before. A version-3 agent against a coordinator that predates it is refused with
 //!   a `protocol` error ("protocol version 3 is not supported"): upgrade the coordinator first.
+//!   Added later to version 3, optional on the wire in both directions: resuming a netmap on
+//!   a new session ([`crate::resume`]). A device's `hello` may say what it holds
+//!   (`Hello.holding`: a digest per bucket of its peers), and the session's first netmap then
+//!   carries only the peers of the buckets that differ (`Netmap.resumed` names them). A
+//!   coordinator that predates it ignores the holding and sends whole netmaps; a device that
+//!   predates it sends none and is sent whole netmaps.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -89,6 +95,7 @@ use crate::names::{DnsDomain, Hostname};
 use crate::peerset::{PeerSet, PeerSetChange, PeerSetError};
 use crate::posture::{Evaluation, PostureReport, PostureWants};
 use crate::relay::SignedTicket;
+use crate::resume::{Holding, Resumed};
 use crate::routes::Prefix;
 
 pub const PROTOCOL_VERSION: u32 = 3;
@@ -586,6 +593,11 @@ pub struct Hello {
     pub version: String,
     #[serde(flatten)]
     pub update: DeviceUpdate,
+    /// What the device holds of its last netmap's peers, so that this session's first netmap
+    /// leaves out what it has already ([`crate::resume`]). Absent: it holds nothing (or
+    /// predates this), and the first netmap is whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holding: Option<Holding>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -721,6 +733,12 @@ pub struct Netmap {
     /// The destination devices of each service `reach_grants` names (protocol 3).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reach_services: Vec<ReachService>,
+    /// Set on a session's first netmap when the device's `hello` said what it holds and some
+    /// of it is current: `peers` then carries only the peers of the buckets named here, and
+    /// the device keeps its own peers of every other bucket ([`crate::resume::merge`]).
+    /// Absent: `peers` is every peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<Resumed>,
 }
 
 /// What a device may open on every destination of one service (protocol 3), but itself.
@@ -1109,6 +1127,8 @@ struct CachedPeer {
     peer: Peer,
     json: Box<serde_json::value::RawValue>,
     used: u64,
+    /// SHA-256 of `json`, once asked for ([`PeerJson::digest`]).
+    digest: Option<[u8; 32]>,
 }
 
 impl PeerJson {
@@ -1134,6 +1154,20 @@ impl PeerJson {
         }
     }
 
+    /// The digest of `p`'s JSON ([`crate::resume::peer_digest`]), made once per version of
+    /// the peer: a resync of thousands of sessions that list the same peer hashes it once.
+    pub fn digest(&mut self, p: &Peer) -> [u8; 32] {
+        if self.raw(p).is_none() {
+            return crate::resume::peer_digest(p);
+        }
+        match self.peers.get_mut(&p.device_id) {
+            Some(c) => *c
+                .digest
+                .get_or_insert_with(|| crate::resume::digest_json(c.json.get().as_bytes())),
+            None => crate::resume::peer_digest(p),
+        }
+    }
+
     /// The JSON of `p`, from the cache or written now; `None` if it cannot be cached.
     fn raw(&mut self, p: &Peer) -> Option<&serde_json::value::RawValue> {
         if !p.routes.is_empty() {
@@ -1153,6 +1187,7 @@ impl PeerJson {
                     peer: p.clone(),
                     json,
                     used,
+                    digest: None,
                 },
             );
         } else {
@@ -1323,6 +1358,7 @@ mod tests {
     /// A netmap of sequence 1, policy version 4, with nothing but `me` and `peers`.
     fn netmap_of(me: SelfInfo, peers: Vec<Peer>) -> Netmap {
         Netmap {
+            resumed: None,
             seq: 1,
             me,
             peers,
@@ -1501,6 +1537,7 @@ mod tests {
         // The address list is optional on the wire both ways.
         let with: Netmap = decode(
             &encode(&Netmap {
+                resumed: None,
                 coordinators: vec!["a:1".into(), "b:1".into()],
                 ..nm.clone()
             })[4..],
@@ -1558,6 +1595,7 @@ mod tests {
         };
         let netmap = |to: u64, peers: Vec<Peer>| {
             CoordinatorMsg::Netmap(Netmap {
+                resumed: None,
                 seq: to,
                 ..netmap_of(me(to), peers)
             })
@@ -1651,6 +1689,49 @@ mod tests {
         // A domain that is not one is a protocol error, never a name the device resolves.
         let bad = r#"{"type":"netmap","seq":1,"me":{"device_id":1,"hostname":"a","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null},"peers":[],"dns_domain":"Bad Domain"}"#;
         assert!(decode::<CoordinatorMsg>(bad.as_bytes()).is_err());
+    }
+
+    /// A hello that says what the device holds, and a resumed netmap, as first written; a
+    /// hello without a holding (older agents) holds nothing.
+    #[test]
+    fn golden_resume_decodes() {
+        let hello = r#"{"type":"hello","protocol":3,"os":"x","holding":{"buckets":"AAAAAAAAAAAAAAAAAAAAAAEBAQEBAQEBAQEBAQEBAQE="}}"#;
+        let DeviceMsg::Hello(h) = decode(hello.as_bytes()).unwrap() else {
+            panic!("not hello")
+        };
+        let holding = h.holding.expect("a holding");
+        assert_eq!(holding.count(), Ok(2));
+        assert_eq!(holding.buckets.0[16..], [1u8; 16]);
+        let DeviceMsg::Hello(old) = decode(br#"{"type":"hello","protocol":3,"os":"x"}"#).unwrap()
+        else {
+            panic!("not hello")
+        };
+        assert_eq!(old.holding, None);
+        let nm = r#"{"type":"netmap","seq":4,"me":{"device_id":1,"hostname":"a","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null},"peers":[],"resumed":{"buckets":2,"sent":[1]}}"#;
+        let CoordinatorMsg::Netmap(nm) = decode(nm.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        assert_eq!(
+            nm.resumed,
+            Some(Resumed {
+                buckets: 2,
+                sent: vec![1]
+            })
+        );
+        // Written back the same way; absent when not resumed.
+        let again =
+            String::from_utf8(encode(&CoordinatorMsg::Netmap(nm.clone()))[4..].to_vec()).unwrap();
+        assert!(
+            again.contains(r#""resumed":{"buckets":2,"sent":[1]}"#),
+            "{again}"
+        );
+        let whole = Netmap {
+            resumed: None,
+            ..nm
+        };
+        let again =
+            String::from_utf8(encode(&CoordinatorMsg::Netmap(whole))[4..].to_vec()).unwrap();
+        assert!(!again.contains("resumed"), "{again}");
     }
 
     /// The candidate filter in netmaps and deltas as first written; they must keep decoding,
@@ -2162,6 +2243,7 @@ mod tests {
             observed_addr: None,
         };
         let start = Netmap {
+            resumed: None,
             seq: 7,
             me: me("me"),
             peers: vec![peer(2), peer(3), peer(5)],

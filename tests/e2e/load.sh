@@ -15,7 +15,9 @@
 #     of them learned of the restart from a QUIC stateless reset (the restarted coordinator
 #     derives the same reset keys; otherwise a device waits out its 6 s idle timeout), and at
 #     most a tenth of them get a new lease on the key they held (a fresh lease is sent again:
-#     without that, every reconnect made a lease that every peer had to check).
+#     without that, every reconnect made a lease that every peer had to check), and at least
+#     half of the new first netmaps are resumed: each agent said what it held, and the netmap
+#     left those peers out.
 # Needs no root and no namespace: loopback only (the tool binds 127.1.x.y source addresses).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -143,6 +143,7 @@ to = ["open"]
             .await
             .unwrap();
         ch.send(&DeviceMsg::Hello(Hello {
+            holding: None,
             protocol: wire::PROTOCOL_VERSION,
             os: "test".into(),
             version: "0".into(),

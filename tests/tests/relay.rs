@@ -250,6 +250,7 @@ fn registered_relays_reach_a_device_session() {
             .await
             .unwrap();
         ch.send(&DeviceMsg::Hello(Hello {
+            holding: None,
             protocol: wire::PROTOCOL_VERSION,
             os: "test".into(),
             version: "0".into(),
@@ -716,6 +717,7 @@ async fn enroll_with_ticket(c: &Coordinator, token: &str, name: &str) -> Enrolle
         .await
         .unwrap();
     ch.send(&DeviceMsg::Hello(Hello {
+        holding: None,
         protocol: wire::PROTOCOL_VERSION,
         os: "test".into(),
         version: "0".into(),

@@ -693,6 +693,7 @@ mod tests {
 
     fn netmap() -> Netmap {
         let mut nm = Netmap {
+            resumed: None,
             seq: 1,
             me: SelfInfo {
                 routes: Default::default(),

@@ -372,6 +372,7 @@ mod tests {
 
     fn netmap(leases: Vec<SignedLease>) -> Netmap {
         Netmap {
+            resumed: None,
             seq: 1,
             me: SelfInfo {
                 routes: Default::default(),

@@ -39,6 +39,7 @@ use ward_shared::lease::SignedLease;
 use ward_shared::names::Hostname;
 use ward_shared::peerset::PeerSet;
 use ward_shared::posture::{PostureReport, PostureWants};
+use ward_shared::resume::{self, Holding};
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeniedFlow, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello,
     Netmap, PostureVerdict, WgPublicKey,
@@ -287,6 +288,10 @@ pub struct Agent {
     connected_since: Option<Instant>,
     coordinators: Coordinators,
     netmap: Option<Netmap>,
+    /// The bucket count of the holding this session's hello carried, until its first netmap.
+    holding_sent: Option<u32>,
+    /// A resumed netmap did not fit what this agent held: later hellos carry no holding.
+    no_resume: bool,
     /// Who the flow log's other ends are, built from `netmap` when flow samples come and kept
     /// until the netmap changes (with thousands of peers, rebuilding it per batch of samples
     /// cost more than everything else the agent does).
@@ -345,6 +350,8 @@ impl Agent {
             connected_since: None,
             coordinators: Coordinators::new(Vec::new(), None),
             netmap: None,
+            holding_sent: None,
+            no_resume: false,
             flow_ctx: None,
             leases: LeaseCache::default(),
             clock: ClockOffset::default(),
@@ -394,11 +401,19 @@ impl Agent {
         self.local_update = Some(update.clone());
         let update = self.with_candidates(update);
         self.update = update.clone();
+        // What this device holds of its netmap: the first netmap leaves out what is current.
+        let holding = self
+            .netmap
+            .as_ref()
+            .filter(|_| !self.no_resume)
+            .map(|nm| Holding::of(&nm.peers));
+        self.holding_sent = holding.as_ref().and_then(|h| h.count().ok());
         self.transmits.push_back(DeviceMsg::Hello(Hello {
             protocol: self.cfg.protocol,
             os: self.cfg.os.clone(),
             version: self.cfg.version.clone(),
             update,
+            holding,
         }));
         self.ping(now);
     }
@@ -435,7 +450,28 @@ impl Agent {
             return;
         }
         match msg {
-            CoordinatorMsg::Netmap(nm) => {
+            CoordinatorMsg::Netmap(mut nm) => {
+                let asked = self.holding_sent.take();
+                if let Some(r) = nm.resumed.take() {
+                    let held = self.netmap.as_ref().map_or(&[][..], |n| &n.peers[..]);
+                    let carried = std::mem::take(&mut nm.peers);
+                    match resume::merge(held, carried, &r, asked) {
+                        Ok(all) => {
+                            debug!(
+                                buckets = r.buckets,
+                                sent = r.sent.len(),
+                                peers = all.len(),
+                                "netmap resumed from the one held"
+                            );
+                            nm.peers = all;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "resumed netmap does not fit the one held; asking for a whole one");
+                            self.no_resume = true;
+                            return self.protocol_error(format!("resumed netmap: {e}"), now);
+                        }
+                    }
+                }
                 debug!(seq = nm.seq, peers = nm.peers.len(), "netmap");
                 let first = self.connected_since.is_none();
                 if first {

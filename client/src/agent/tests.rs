@@ -196,6 +196,7 @@ impl H {
 
 fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
     Netmap {
+        resumed: None,
         seq,
         me: SelfInfo {
             routes: Default::default(),
@@ -1701,5 +1702,81 @@ fn a_delta_hands_on_only_the_peers_it_changes() {
         evs.iter()
             .any(|e| matches!(e, Event::SetPeers(p) if p.len() == 1 && p[0].device_id == 3)),
         "{evs:?}"
+    );
+}
+
+fn hello_holding(sent: &[DeviceMsg]) -> Option<Holding> {
+    sent.iter()
+        .find_map(|m| match m {
+            DeviceMsg::Hello(h) => Some(h.holding.clone()),
+            _ => None,
+        })
+        .expect("a hello")
+}
+
+/// A reconnecting agent says what it holds of its netmap; a first netmap that carries only
+/// the buckets that changed leaves it with exactly the coordinator's peers. One that does not
+/// fit what it held ends the session, and the next hello holds nothing.
+#[test]
+fn a_new_session_resumes_the_netmap_held() {
+    let mut h = H::new();
+    let now = h.now();
+    h.agent.handle_connected(DeviceUpdate::default(), now);
+    h.drain();
+    assert_eq!(hello_holding(&h.take_sent()), None, "nothing held yet");
+    let mut held = netmap(1, vec![]);
+    let proto = held.peers[0].clone();
+    held.peers = (2..=40u8)
+        .map(|i| Peer {
+            device_id: DeviceId(i.into()),
+            ipv4: ip4(i),
+            ipv6: ip6(i),
+            ..proto.clone()
+        })
+        .collect();
+    h.msg(CoordinatorMsg::Netmap(held.clone()));
+
+    let reconnect = |h: &mut H| -> Option<Holding> {
+        let now = h.now();
+        h.agent.handle_disconnected(Some("gone".into()), now);
+        h.agent.handle_connected(DeviceUpdate::default(), now);
+        h.drain();
+        hello_holding(&h.take_sent())
+    };
+    let holding = reconnect(&mut h).expect("the netmap held");
+    assert_eq!(holding.count(), Ok(64));
+    // Meanwhile peer 5 went offline and peer 7 left.
+    let mut current = held.clone();
+    current.seq = 9;
+    current.peers[3].online = false;
+    current.peers.retain(|p| p.device_id != DeviceId(7));
+    let mut first = current.clone();
+    first.resumed = resume::resume(&mut first.peers, &holding, resume::peer_digest).unwrap();
+    assert_eq!(first.peers.len(), 1, "only the changed peer is carried");
+    h.msg(CoordinatorMsg::Netmap(first));
+    let nm = h.agent.netmap().expect("a netmap");
+    assert_eq!(nm.peers, current.peers);
+    assert_eq!((nm.seq, nm.resumed.clone()), (9, None));
+
+    // A resumed netmap for another bucket count than the holding's.
+    assert!(reconnect(&mut h).is_some());
+    h.take_events();
+    let mut wrong = current.clone();
+    wrong.peers.clear();
+    wrong.resumed = Some(resume::Resumed {
+        buckets: 2,
+        sent: vec![],
+    });
+    h.msg(CoordinatorMsg::Netmap(wrong));
+    assert!(h.take_events().contains(&Event::CloseSession));
+    assert_eq!(
+        h.agent.netmap().expect("kept").peers,
+        current.peers,
+        "the netmap held is untouched"
+    );
+    assert_eq!(
+        reconnect(&mut h),
+        None,
+        "no resume after one that did not fit"
     );
 }

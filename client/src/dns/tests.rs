@@ -52,6 +52,7 @@ fn reach(service: &str, n: u8, name: &str) -> Reach {
 /// as service `web`; `admin` (5) may reach this device, but this device may not reach it.
 fn netmap() -> Netmap {
     Netmap {
+        resumed: None,
         seq: 1,
         me: SelfInfo {
             device_id: DeviceId(1),

@@ -14,6 +14,7 @@ use ward_shared::lease::SignedLease;
 use ward_shared::policy::{Directory, Grant, Policy};
 use ward_shared::posture::PostureReport;
 use ward_shared::relay::{CoordinatorToRelay, RelayLoad};
+use ward_shared::resume::{self, Holding};
 use ward_shared::wire::{
     self, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, PostureVerdict, RelayInfo, WgPublicKey,
 };
@@ -49,6 +50,9 @@ pub(super) struct DeviceConn {
     /// Allocated only while something is held (a backlog is 1.8 KB: inline, every session
     /// would carry one).
     backlog: Option<Box<Backlog>>,
+    /// What the device said it holds of its netmap, until the session's first netmap is
+    /// written (which then leaves out what the device has).
+    holding: Option<Holding>,
 }
 
 /// Device sessions by connection, and those with a backlog (retried on every wake).
@@ -60,16 +64,27 @@ pub(super) struct DeviceConns {
     held: u64,
     /// Each peer's JSON, written once for all the netmaps that list it.
     peer_json: wire::PeerJson,
+    /// First netmaps resumed (sent without the peers the device held), and the peers they
+    /// left out, since start.
+    resumed: u64,
+    peers_left_out: u64,
 }
 
 impl DeviceConns {
-    fn insert(&mut self, conn: ConnId, tx: mpsc::Sender<ConnCmd>, close: CloseTx) {
+    fn insert(
+        &mut self,
+        conn: ConnId,
+        tx: mpsc::Sender<ConnCmd>,
+        close: CloseTx,
+        holding: Option<Holding>,
+    ) {
         self.conns.insert(
             conn,
             DeviceConn {
                 tx,
                 close,
                 backlog: None,
+                holding,
             },
         );
     }
@@ -95,7 +110,14 @@ impl DeviceConns {
         if c.backlog.as_ref().is_none_or(|b| b.is_empty()) {
             let ended = match c.tx.try_reserve() {
                 Ok(permit) => {
-                    permit.send(ConnCmd::Send(wire::encode_with(&msg, &mut self.peer_json)));
+                    let frame = encode_for(
+                        conn,
+                        &mut c.holding,
+                        msg,
+                        &mut self.peer_json,
+                        (&mut self.resumed, &mut self.peers_left_out),
+                    );
+                    permit.send(ConnCmd::Send(frame));
                     return;
                 }
                 // The session ended; its `Closed` event is on the way.
@@ -143,8 +165,14 @@ impl DeviceConns {
                 match c.tx.try_reserve() {
                     Ok(permit) => {
                         if let Some(msg) = backlog.pop() {
-                            permit
-                                .send(ConnCmd::Send(wire::encode_with(&msg, &mut self.peer_json)));
+                            let frame = encode_for(
+                                *conn,
+                                &mut c.holding,
+                                msg,
+                                &mut self.peer_json,
+                                (&mut self.resumed, &mut self.peers_left_out),
+                            );
+                            permit.send(ConnCmd::Send(frame));
                             moved = true;
                         }
                     }
@@ -185,6 +213,42 @@ impl DeviceConns {
     }
 }
 
+/// The frame of `msg` for session `conn`. The session's first netmap leaves out the peers
+/// of every bucket the device holds exactly ([`ward_shared::resume`]); the holding is spent
+/// on it.
+fn encode_for(
+    conn: ConnId,
+    holding: &mut Option<Holding>,
+    mut msg: wire::CoordinatorMsg,
+    cache: &mut wire::PeerJson,
+    (resumed, left_out): (&mut u64, &mut u64),
+) -> Vec<u8> {
+    if let wire::CoordinatorMsg::Netmap(nm) = &mut msg {
+        if let Some(h) = holding.take() {
+            let before = nm.peers.len();
+            match resume::resume(&mut nm.peers, &h, |p| cache.digest(p)) {
+                Ok(r) => {
+                    if r.is_some() {
+                        *resumed += 1;
+                        *left_out += (before - nm.peers.len()) as u64;
+                    }
+                    debug!(
+                        conn,
+                        peers = before,
+                        sent = nm.peers.len(),
+                        resumed = r.is_some(),
+                        "first netmap of a session that holds one"
+                    );
+                    nm.resumed = r;
+                }
+                // Checked when the session opened; whole if it were not.
+                Err(e) => debug!(conn, error = %e, "holding unusable; whole netmap"),
+            }
+        }
+    }
+    wire::encode_with(&msg, cache)
+}
+
 pub(super) enum Event {
     Opened {
         id: DeviceId,
@@ -193,6 +257,8 @@ pub(super) enum Event {
         update: DeviceUpdate,
         /// The protocol version the device's hello said it speaks.
         protocol: u32,
+        /// What the device's hello said it holds of its netmap (checked well formed).
+        holding: Option<Holding>,
         tx: mpsc::Sender<ConnCmd>,
         close: CloseTx,
         reply: oneshot::Sender<Result<(), ErrorCode>>,
@@ -442,6 +508,7 @@ pub(super) async fn registry_actor(
                     observed,
                     update,
                     protocol,
+                    holding,
                     tx,
                     close,
                     reply,
@@ -449,7 +516,7 @@ pub(super) async fn registry_actor(
                     let r =
                         reg.handle_session_opened_speaking(id, conn, observed, update, protocol);
                     if r.is_ok() {
-                        conns.insert(conn, tx, close);
+                        conns.insert(conn, tx, close, holding);
                         let _ = presence.send(Presence::Claimed(id, now_ms()));
                     }
                     let _ = reply.send(r);
@@ -867,6 +934,8 @@ pub(super) fn flush_for(
         }
     }
     sink.stats.live.netmaps_pushed(netmaps);
+    sink.stats.live.netmaps_resumed = conns.resumed;
+    sink.stats.live.resume_peers_left_out = conns.peers_left_out;
     if !revoked.is_empty() {
         push_revoked(relays, revoked);
     }
@@ -934,13 +1003,119 @@ mod tests {
         out
     }
 
+    fn netmap_of(seq: u64, peers: impl Iterator<Item = u64>) -> wire::Netmap {
+        use ward_shared::names::Hostname;
+        let peer = |id: u64| wire::Peer {
+            device_id: DeviceId(id),
+            hostname: Hostname::parse(&format!("d{id}")).unwrap(),
+            user: None,
+            tags: vec![],
+            ipv4: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
+            ipv6: std::net::Ipv6Addr::LOCALHOST,
+            wg_public_key: None,
+            endpoints: vec![],
+            online: true,
+            leases: vec![],
+            relay: None,
+            routes: vec![],
+        };
+        wire::Netmap {
+            seq,
+            me: wire::SelfInfo {
+                device_id: DeviceId(1),
+                hostname: Hostname::parse("me").unwrap(),
+                ipv4: std::net::Ipv4Addr::new(100, 64, 0, 1),
+                ipv6: std::net::Ipv6Addr::LOCALHOST,
+                v6_prefix: std::net::Ipv6Addr::LOCALHOST,
+                observed_addr: None,
+                routes: vec![],
+            },
+            peers: peers.map(peer).collect(),
+            inbound: vec![],
+            reach: vec![],
+            relays: vec![],
+            punch: false,
+            flows: false,
+            policy_version: None,
+            shadow_filter: None,
+            dns_domain: None,
+            coordinators: vec![],
+            peer_sets: vec![],
+            reach_grants: vec![],
+            reach_services: vec![],
+            resumed: None,
+        }
+    }
+
+    /// A session that said what it holds gets a first netmap without the peers it holds
+    /// (a held netmap and a queued one alike); later netmaps on it are whole.
+    #[test]
+    fn a_sessions_first_netmap_leaves_out_what_the_device_holds() {
+        let held = netmap_of(1, 2..=50);
+        let holding = Holding::of(&held.peers);
+        let (tx, mut rx) = mpsc::channel(1);
+        let (close_tx, _close_rx) = oneshot::channel();
+        let mut conns = DeviceConns::default();
+        conns.insert(3, tx, close_tx, Some(holding.clone()));
+        let t0 = Instant::now();
+        // Peer 60 joined since. The queue (one message) is full, so the netmap waits in the
+        // backlog and is written when the queue has room.
+        conns.deliver(3, delta(0, 1), t0);
+        let mut current = netmap_of(2, (2..=50).chain([60]));
+        conns.deliver(3, CoordinatorMsg::Netmap(current.clone()), t0);
+        assert_eq!(received(&mut rx).len(), 1);
+        conns.drain(t0);
+        let [CoordinatorMsg::Netmap(first)] =
+            <[CoordinatorMsg; 1]>::try_from(received(&mut rx)).unwrap()
+        else {
+            panic!("a netmap")
+        };
+        assert_eq!(
+            first.peers.len(),
+            1,
+            "only the new peer: {:?}",
+            first.resumed
+        );
+        assert_eq!(first.peers[0].device_id, DeviceId(60));
+        let r = first.resumed.clone().expect("resumed");
+        assert_eq!(
+            resume::merge(&held.peers, first.peers, &r, holding.count().ok()).unwrap(),
+            current.peers
+        );
+        assert_eq!((conns.resumed, conns.peers_left_out), (1, 49));
+        current.seq = 3;
+        conns.deliver(3, CoordinatorMsg::Netmap(current.clone()), t0);
+        let [CoordinatorMsg::Netmap(later)] =
+            <[CoordinatorMsg; 1]>::try_from(received(&mut rx)).unwrap()
+        else {
+            panic!("a netmap")
+        };
+        assert_eq!((later.peers.len(), later.resumed), (50, None));
+        // A holding that matches nothing: the first netmap is whole and says nothing more.
+        let (tx, mut rx) = mpsc::channel(1);
+        let (close_tx, _close_rx) = oneshot::channel();
+        conns.insert(
+            4,
+            tx,
+            close_tx,
+            Some(Holding::of(&netmap_of(1, 70..=80).peers)),
+        );
+        conns.deliver(4, CoordinatorMsg::Netmap(current.clone()), t0);
+        let [CoordinatorMsg::Netmap(whole)] =
+            <[CoordinatorMsg; 1]>::try_from(received(&mut rx)).unwrap()
+        else {
+            panic!("a netmap")
+        };
+        assert_eq!((whole.peers, whole.resumed), (current.peers, None));
+    }
+
     /// A session whose queue is full gets every change later, merged, and is not closed.
     #[test]
     fn a_slow_session_gets_its_changes_merged_and_stays_open() {
         let (tx, mut rx) = mpsc::channel(2);
         let (close_tx, mut close_rx) = oneshot::channel();
         let mut conns = DeviceConns::default();
-        conns.insert(7, tx, close_tx);
+        conns.insert(7, tx, close_tx, None);
         let t0 = Instant::now();
         for i in 0..50 {
             conns.deliver(7, delta(1 + i, 100 + i), t0);
@@ -968,7 +1143,7 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let (close_tx, mut close_rx) = oneshot::channel();
         let mut conns = DeviceConns::default();
-        conns.insert(1, tx, close_tx);
+        conns.insert(1, tx, close_tx, None);
         let t0 = Instant::now();
         conns.deliver(1, delta(1, 5), t0);
         conns.deliver(1, delta(2, 6), t0);
@@ -981,7 +1156,7 @@ mod tests {
 
         let (tx, _rx) = mpsc::channel(1);
         let (close_tx, mut close_rx) = oneshot::channel();
-        conns.insert(2, tx, close_tx);
+        conns.insert(2, tx, close_tx, None);
         conns.deliver(2, delta(1, 5), t0);
         conns.deliver(2, delta(2, 6), t0);
         conns.drain(t0 + crate::fanout::STUCK_LIMIT - Duration::from_secs(1));

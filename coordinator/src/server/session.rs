@@ -487,6 +487,15 @@ async fn session(
     let mut close_rx = Some(close_rx);
     let (reply_tx, reply_rx) = oneshot::channel();
     let update = hello.update.clone();
+    // A malformed holding costs the device its resume, not its session: its first netmap is
+    // whole.
+    let holding = hello.holding.filter(|h| match h.count() {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(device = %id, error = %e, "hello: unusable netmap holding; sending a whole netmap");
+            false
+        }
+    });
     touch(&ctx, id, &update);
     ctx.events
         .send(Event::Opened {
@@ -495,6 +504,7 @@ async fn session(
             observed: remote,
             update,
             protocol: hello.protocol,
+            holding,
             tx,
             close: close_tx,
             reply: reply_tx,

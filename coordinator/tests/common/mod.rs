@@ -220,6 +220,7 @@ pub fn device_client_config(
 /// A device's hello.
 pub fn hello() -> DeviceMsg {
     DeviceMsg::Hello(wire::Hello {
+        holding: None,
         protocol: PROTOCOL_VERSION,
         os: "test".into(),
         version: "test".into(),
