@@ -23,6 +23,7 @@ use ward_shared::relay::{
     encode_datagram, split_datagram, CoordinatorToRelay, DeviceToRelay, RelayCredential,
     RelayToCoordinator, RelayToDevice, SignedTicket,
 };
+use ward_shared::resume;
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{self, CoordinatorMsg, DeviceId, DeviceMsg, FrameDecoder};
 
@@ -74,12 +75,57 @@ fn control_body(body: &[u8]) {
     if let Ok(m) = wire::decode::<DeviceMsg>(body) {
         let again = wire::encode(&m);
         wire::decode::<DeviceMsg>(&again[4..]).expect("a re-encoded device message decodes");
+        // The coordinator's side of a resume, on any holding a device sends.
+        if let DeviceMsg::Hello(h) = &m {
+            if let Some(holding) = &h.holding {
+                let mut peers = resume_peers();
+                if let Ok(Some(r)) = resume::resume(&mut peers, holding, resume::peer_digest) {
+                    assert!(
+                        r.sent.len() <= r.buckets as usize,
+                        "more buckets sent than held"
+                    );
+                }
+            }
+        }
     }
     if let Ok(m) = wire::decode::<CoordinatorMsg>(body) {
         let again = wire::encode(&m);
         wire::decode::<CoordinatorMsg>(&again[4..])
             .expect("a re-encoded coordinator message decodes");
+        // The device's side of a resume, on any resumed netmap a coordinator sends.
+        if let CoordinatorMsg::Netmap(nm) = m {
+            if let Some(r) = &nm.resumed {
+                let held = resume_peers();
+                let asked = resume::Holding::of(&held).count().ok();
+                if let Ok(all) = resume::merge(&held, nm.peers, r, asked) {
+                    assert!(
+                        all.windows(2).all(|w| w[0].device_id < w[1].device_id),
+                        "a merged peer list is sorted and without duplicates"
+                    );
+                }
+            }
+        }
     }
+}
+
+/// The peers a fuzzed resume runs against (one bucket each of eight).
+fn resume_peers() -> Vec<wire::Peer> {
+    (2..10u8)
+        .map(|i| wire::Peer {
+            device_id: DeviceId(i.into()),
+            hostname: Hostname::parse(&format!("d{i}")).expect("a valid name"),
+            user: None,
+            tags: vec![],
+            ipv4: Ipv4Addr::new(100, 64, 0, i),
+            ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i.into()),
+            wg_public_key: None,
+            endpoints: vec![],
+            online: true,
+            leases: vec![],
+            relay: None,
+            routes: vec![],
+        })
+        .collect()
 }
 
 /// What a relay reads: device frames, coordinator control frames, relayed datagrams, address
