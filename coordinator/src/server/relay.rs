@@ -240,6 +240,10 @@ async fn serve(
                 let frame = match frame {
                     Ok(Some(f)) => f,
                     Ok(None) => return Ok(()),
+                    Err(e) if ward_runtime::stream::ended_by_transport(&e) => {
+                        info!(relay = %name, error = %format!("{e:#}"), "relay control session ended");
+                        return Ok(());
+                    }
                     Err(e) => {
                         warn!(relay = %name, error = %format!("{e:#}"), "bad frame from relay");
                         refuse(link, ErrorCode::Protocol, format!("bad frame: {e:#}")).await;

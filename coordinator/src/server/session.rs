@@ -28,7 +28,7 @@ use crate::limits::{Decision, Kind};
 use crate::pki::{cert_identity, Ca};
 use crate::store::{Audit, EnrollSpec, StoreError};
 use tokio::io::AsyncWriteExt;
-use ward_runtime::stream::{BoxRead, BoxWrite};
+use ward_runtime::stream::{ended_by_transport, BoxRead, BoxWrite};
 
 /// The first frame of a session, within [`HANDSHAKE_TIMEOUT`]: `Ok(None)` if the peer closed
 /// the stream; `Err(why)` (a bad frame, or nothing in time) to refuse the peer with.
@@ -584,6 +584,11 @@ async fn session(
                 frame = read_frame(&mut link.recv, &mut dec) => {
                     let Some(frame) = (match frame {
                         Ok(f) => f,
+                        // The device went away: nothing to answer, nothing to warn about.
+                        Err(e) if ended_by_transport(&e) => {
+                            debug!(device = %id, error = %format!("{e:#}"), "device session ended");
+                            return Ok(());
+                        }
                         Err(e) => {
                             warn!(device = %id, error = %format!("{e:#}"), "bad frame from device");
                             refuse(&mut link, ErrorCode::Protocol, format!("bad frame: {e:#}")).await;

@@ -98,6 +98,27 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     }
 }
 
+/// Whether [`read_frame`]'s error `e` says the connection or stream went away (the peer
+/// closed or reset it, it timed out, the TCP connection broke), not that the peer sent
+/// something malformed: a session that ends is not a protocol error worth a warning.
+pub fn ended_by_transport(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind;
+    e.chain().any(|c| {
+        c.downcast_ref::<quinn::ConnectionError>().is_some()
+            || c.downcast_ref::<StreamError>().is_some_and(|s| {
+                matches!(
+                    s.0.kind(),
+                    ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::BrokenPipe
+                        | ErrorKind::UnexpectedEof
+                        | ErrorKind::NotConnected
+                        | ErrorKind::TimedOut
+                )
+            })
+    })
+}
+
 /// A read from a stream failed: shown as `stream: {error}` as before, and its cause (a QUIC
 /// reset, an idle timeout) kept as the source, so that a caller can tell why the stream ended
 /// and `{:#}` prints it.
@@ -239,6 +260,52 @@ mod tests {
             .unwrap();
         let whole: Option<String> = read_msg(&mut b, &mut dec).await.unwrap();
         assert_eq!(whole.as_deref(), Some("hello world"));
+    }
+
+    /// A reader whose every read fails with `kind` (and `inner` as the error's cause).
+    struct Failing(std::io::ErrorKind, Option<quinn::ConnectionError>);
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let e = match self.1.clone() {
+                Some(c) => std::io::Error::new(self.0, quinn::ReadError::ConnectionLost(c)),
+                None => std::io::Error::from(self.0),
+            };
+            std::task::Poll::Ready(Err(e))
+        }
+    }
+
+    /// A connection that went away is told apart from a peer that sent something malformed.
+    #[tokio::test]
+    async fn a_lost_connection_is_not_a_bad_frame() {
+        use std::io::ErrorKind;
+        let mut dec = FrameDecoder::new(100);
+        for (kind, quic, ended) in [
+            (ErrorKind::ConnectionReset, None, true),
+            (ErrorKind::UnexpectedEof, None, true),
+            (
+                ErrorKind::NotConnected,
+                Some(quinn::ConnectionError::TimedOut),
+                true,
+            ),
+            (ErrorKind::Other, Some(quinn::ConnectionError::Reset), true),
+            (ErrorKind::InvalidData, None, false),
+        ] {
+            let e = read_frame(&mut Failing(kind, quic), &mut dec)
+                .await
+                .unwrap_err();
+            assert_eq!(ended_by_transport(&e), ended, "{kind:?}: {e:#}");
+        }
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, &1000u32.to_be_bytes())
+            .await
+            .unwrap();
+        let e = read_frame(&mut b, &mut dec).await.unwrap_err();
+        assert!(!ended_by_transport(&e), "an oversized frame: {e:#}");
     }
 
     #[tokio::test]
