@@ -110,22 +110,25 @@ fn control_body(body: &[u8]) {
 
 /// The peers a fuzzed resume runs against (one bucket each of eight).
 fn resume_peers() -> Vec<wire::Peer> {
-    (2..10u8)
-        .map(|i| wire::Peer {
-            device_id: DeviceId(i.into()),
-            hostname: Hostname::parse(&format!("d{i}")).expect("a valid name"),
-            user: None,
-            tags: vec![],
-            ipv4: Ipv4Addr::new(100, 64, 0, i),
-            ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i.into()),
-            wg_public_key: None,
-            endpoints: vec![],
-            online: true,
-            leases: vec![],
-            relay: None,
-            routes: vec![],
-        })
-        .collect()
+    (2..10u8).map(|i| peer(i, &format!("d{i}"))).collect()
+}
+
+/// An online peer with overlay addresses ending in `i`.
+fn peer(i: u8, hostname: &str) -> wire::Peer {
+    wire::Peer {
+        device_id: DeviceId(i.into()),
+        hostname: Hostname::parse(hostname).expect("a valid name"),
+        user: None,
+        tags: vec![],
+        ipv4: Ipv4Addr::new(100, 64, 0, i),
+        ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i.into()),
+        wg_public_key: None,
+        endpoints: vec![],
+        online: true,
+        leases: vec![],
+        relay: None,
+        routes: vec![],
+    }
 }
 
 /// What a relay reads: device frames, coordinator control frames, relayed datagrams, address
@@ -376,21 +379,8 @@ pub fn lease(data: &[u8]) {
 /// carrying the query's id, and nothing unreadable is forwarded.
 pub fn dns_query(data: &[u8]) {
     use ward_client::dns::{Action, Resolver, Transport, Zone, MAX_MESSAGE};
-    use ward_shared::wire::{Netmap, Peer, Reach, SelfInfo};
-    let peer = Peer {
-        device_id: DeviceId(2),
-        hostname: Hostname::parse("db1").expect("a valid name"),
-        user: None,
-        tags: vec![],
-        ipv4: Ipv4Addr::new(100, 64, 0, 2),
-        ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2),
-        wg_public_key: None,
-        endpoints: vec![],
-        online: true,
-        leases: vec![],
-        relay: None,
-        routes: vec![],
-    };
+    use ward_shared::wire::{Netmap, Reach, SelfInfo};
+    let peer = peer(2, "db1");
     let nm = Netmap {
         resumed: None,
         seq: 1,

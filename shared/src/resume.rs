@@ -5,14 +5,15 @@
 //! it reconnects (a coordinator restart, a network change, a laptop waking) it already holds
 //! nearly everything the new session's first netmap would carry. Without this, a coordinator
 //! restart sends every device every one of its peers again: about 90 KB per device at 10 000
-//! devices with a hundred peers each, 900 MB in all, most of it what the devices hold.
+//! devices with about 230 peers each, 900 MB in all, most of it what the devices hold.
 //!
 //! The exchange, per session:
 //! 1. The device's `hello` carries a [`Holding`]: its netmap's peers split into `n` buckets by
 //!    device id (`id mod n`, `n` a power of two), one 128-bit digest per bucket (SHA-256 over
 //!    each peer's SHA-256 in id order; a peer's SHA-256 is over its JSON as the wire writes
 //!    it). Its size depends on `n` only, which the device picks from its peer count (at most
-//!    [`MAX_BUCKETS`], 16 KB), so a hello stays small whatever the netmap.
+//!    [`MAX_BUCKETS`]: 16 KB of digests, 22 KB in base64), so a hello stays small whatever
+//!    the netmap.
 //! 2. The coordinator computes the same digests over the netmap it would send
 //!    ([`resume`]). A bucket whose digest matches holds exactly the same peers on both sides;
 //!    its peers are left out. The netmap says which buckets it carries ([`Resumed`]).
