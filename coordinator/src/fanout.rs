@@ -199,14 +199,14 @@ impl Backlog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
     use super::*;
     use std::net::Ipv4Addr;
     use ward_shared::names::Hostname;
     use ward_shared::wire::{DeviceId, Peer, SelfInfo, WgPublicKey};
 
-    fn peer(id: u64, online: bool) -> Peer {
+    pub(crate) fn peer(id: u64, online: bool) -> Peer {
         Peer {
             routes: Default::default(),
             device_id: DeviceId(id),
@@ -223,7 +223,7 @@ mod tests {
         }
     }
 
-    fn netmap(seq: u64, peers: Vec<Peer>) -> Netmap {
+    pub(crate) fn netmap(seq: u64, peers: Vec<Peer>) -> Netmap {
         Netmap {
             resumed: None,
             seq,

@@ -983,6 +983,7 @@ fn push_revoked(relays: &mut RelayConns, devices: Vec<DeviceId>) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
     use super::*;
+    use crate::fanout::tests::peer;
     use ward_shared::wire::{CoordinatorMsg, NetmapDelta};
 
     fn delta(base: u64, removed: u64) -> CoordinatorMsg {
@@ -1003,48 +1004,9 @@ mod tests {
         out
     }
 
+    /// A netmap of `seq` listing these devices, online.
     fn netmap_of(seq: u64, peers: impl Iterator<Item = u64>) -> wire::Netmap {
-        use ward_shared::names::Hostname;
-        let peer = |id: u64| wire::Peer {
-            device_id: DeviceId(id),
-            hostname: Hostname::parse(&format!("d{id}")).unwrap(),
-            user: None,
-            tags: vec![],
-            ipv4: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
-            ipv6: std::net::Ipv6Addr::LOCALHOST,
-            wg_public_key: None,
-            endpoints: vec![],
-            online: true,
-            leases: vec![],
-            relay: None,
-            routes: vec![],
-        };
-        wire::Netmap {
-            seq,
-            me: wire::SelfInfo {
-                device_id: DeviceId(1),
-                hostname: Hostname::parse("me").unwrap(),
-                ipv4: std::net::Ipv4Addr::new(100, 64, 0, 1),
-                ipv6: std::net::Ipv6Addr::LOCALHOST,
-                v6_prefix: std::net::Ipv6Addr::LOCALHOST,
-                observed_addr: None,
-                routes: vec![],
-            },
-            peers: peers.map(peer).collect(),
-            inbound: vec![],
-            reach: vec![],
-            relays: vec![],
-            punch: false,
-            flows: false,
-            policy_version: None,
-            shadow_filter: None,
-            dns_domain: None,
-            coordinators: vec![],
-            peer_sets: vec![],
-            reach_grants: vec![],
-            reach_services: vec![],
-            resumed: None,
-        }
+        crate::fanout::tests::netmap(seq, peers.map(|id| peer(id, true)).collect())
     }
 
     /// A session that said what it holds gets a first netmap without the peers it holds
