@@ -77,12 +77,14 @@ fn main() {
     };
     let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
     println!(
-        "{:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14}   (protocol {protocol}{})",
+        "{:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14}   (protocol {protocol}{})",
         "devices",
         "first push",
         "policy change",
         "peer change",
         "lease change",
+        "quarantine",
+        "revoke",
         "messages",
         "bytes",
         "netmap mean B",
@@ -165,6 +167,7 @@ fn main() {
         };
         let leases: Vec<_> = devices.iter().map(|d| lease(d, d.id.0)).collect();
         let rotating = devices[0].clone();
+        let (quarantined, revoked) = (devices[2].clone(), devices[3].id);
         let mut reg = Registry::new(pools, devices, users, Some(p1), vec![], leases, 0);
         for i in 0..n {
             let addr = format!(
@@ -245,7 +248,24 @@ fn main() {
         lease_msgs += drain(&mut reg);
         let lease_change = t3.elapsed();
         assert!(lease_msgs > 0, "the new lease reached the peers");
-        println!("{n:>8} {:>10.1}ms {:>12.1}ms {:>10.1}ms {:>10.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14}   ({first_peers} peer entries in the first netmaps; the peer change {peer_msgs} messages, the lease change {lease_msgs})", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3, peer_change.as_secs_f64() * 1e3, lease_change.as_secs_f64() * 1e3);
+        // One device quarantined: its peers narrowed, then a compile without its access.
+        let t4 = Instant::now();
+        let mut q = quarantined;
+        q.quarantine = Some(ward_coordinator::model::Quarantine {
+            since_ms: 1,
+            reason: "bench".into(),
+            automatic: false,
+        });
+        reg.handle_device_upserted(q);
+        let quarantine_msgs = drain(&mut reg);
+        let quarantine = t4.elapsed();
+        // One device revoked: its session closed, every peer told, a compile without it.
+        let t5 = Instant::now();
+        reg.handle_device_removed(revoked, "bench");
+        let revoke_msgs = drain(&mut reg);
+        let revoke = t5.elapsed();
+        assert!(revoke_msgs > 0, "the revocation reached the peers");
+        println!("{n:>8} {:>10.1}ms {:>12.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14}   ({first_peers} peer entries in the first netmaps; the peer change {peer_msgs} messages, the lease change {lease_msgs}, the quarantine {quarantine_msgs}, the revocation {revoke_msgs}; compiles {}, sessions carried {})", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3, peer_change.as_secs_f64() * 1e3, lease_change.as_secs_f64() * 1e3, quarantine.as_secs_f64() * 1e3, revoke.as_secs_f64() * 1e3, reg.compiles(), reg.sessions_carried());
     }
 }
 

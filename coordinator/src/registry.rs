@@ -342,6 +342,13 @@ pub struct Registry {
     dirty_why: &'static str,
     /// Full recomputes since start (every view refreshed, every session looked at).
     recomputes: u64,
+    /// Set by the last [`Registry::prepare_netmaps`]: the devices whose access its compile
+    /// changed (empty when it kept the compile), or `None` when it cannot tell (a compile
+    /// handed over by a policy check): then every session is brought up to date.
+    compile_changed: Option<BTreeSet<DeviceId>>,
+    /// Sessions a full recompute found already up to date with the new compile (their
+    /// access, peers' views and everything else a netmap carries unchanged), since start.
+    sessions_carried: u64,
     /// Devices whose peer view (or own session) changed in nothing the compile reads: the
     /// next output refreshes only their views ([`Registry::touch`]).
     touched: BTreeSet<DeviceId>,
@@ -497,6 +504,8 @@ impl Registry {
             outputs: VecDeque::new(),
             dirty: true,
             dirty_why: "start",
+            compile_changed: None,
+            sessions_carried: 0,
             recomputes: 0,
             touched: BTreeSet::new(),
             departed: false,
@@ -1266,7 +1275,7 @@ impl Registry {
                     u.suspended = None;
                 }
             }
-            let ideal = policy::compile(p, &dir, self.now_ms);
+            let ideal_flat = policy::reach_of(p, &dir, id, self.now_ms);
             let have_flat: Vec<Reach> = self
                 .compiled
                 .devices
@@ -1277,11 +1286,6 @@ impl Registry {
                 .iter()
                 .map(|r| (r.service.as_str(), r.device_id, r.rule.as_str()))
                 .collect();
-            let ideal_flat: Vec<Reach> = ideal
-                .devices
-                .get(&id)
-                .map(|a| a.reach_flat(id))
-                .unwrap_or_default();
             for r in &ideal_flat {
                 if have.contains(&(r.service.as_str(), r.device_id, r.rule.as_str())) {
                     continue;
@@ -1445,6 +1449,12 @@ impl Registry {
     /// Full recomputes since start ([`Registry::compiles`] counts those that compiled).
     pub fn recomputes(&self) -> u64 {
         self.recomputes
+    }
+
+    /// Sessions that full recomputes found up to date with the new compile and did not
+    /// produce, since start ([`Registry::queue_concerned`]).
+    pub fn sessions_carried(&self) -> u64 {
+        self.sessions_carried
     }
 
     /// Compiles taken over from a policy apply's check (not counted in [`Registry::compiles`]).
@@ -2172,17 +2182,95 @@ impl Registry {
         self.recomputes += 1;
         // Every view is refreshed below.
         self.touched.clear();
+        let (before, before_gen) = (Arc::clone(&self.compiled), self.views_gen);
         self.prepare_netmaps();
         self.wants = self.policy.as_ref().map(posture::wants).unwrap_or_default();
         // Sessions still waiting keep their places, ahead of the rest.
         let waiting: BTreeSet<DeviceId> = self.pending.iter().copied().collect();
-        let rest: Vec<DeviceId> = self
-            .sessions
-            .keys()
-            .filter(|id| !waiting.contains(id))
-            .copied()
-            .collect();
-        self.pending.extend(rest);
+        match self.compile_changed.take() {
+            Some(changed) => self.queue_concerned(changed, &before, before_gen, &waiting),
+            None => {
+                let rest: Vec<DeviceId> = self
+                    .sessions
+                    .keys()
+                    .filter(|id| !waiting.contains(id))
+                    .copied()
+                    .collect();
+                self.pending.extend(rest);
+            }
+        }
+    }
+
+    /// After a compile that changed the access of `changed` only: queues the sessions that
+    /// can differ from what they were sent, and marks every other session up to date with
+    /// the new compile and views without producing it. A session is left alone when it was
+    /// up to date with the compile before (`before`, views generation `before_gen`, not
+    /// narrowed), its own access did not change, no peer it has or may have changed its view,
+    /// and nothing else its netmap carries moved (relays, policy version, its name and
+    /// routes, the posture wants, its verdict). So a trust change to one device (a
+    /// quarantine, a failed posture check, a departure) costs the sessions it concerns,
+    /// not every session. The compile's peer relation is symmetric (property-tested in
+    /// `ward_shared::policy`), so a device whose peers changed is itself in `changed`.
+    fn queue_concerned(
+        &mut self,
+        changed: BTreeSet<DeviceId>,
+        before: &Arc<Compiled>,
+        before_gen: u64,
+        waiting: &BTreeSet<DeviceId>,
+    ) {
+        let changed_views: &[DeviceId] = if self.views_gen == before_gen {
+            &[]
+        } else {
+            &self.views_changed
+        };
+        let compiled = &self.compiled;
+        let mut concerned = changed;
+        concerned.extend(self.verdict_dirty.iter().copied());
+        concerned.extend(changed_views.iter().copied());
+        // A device whose view changed and that the compile does not know is looked for in
+        // every session's sent peers.
+        let mut unknown = Vec::new();
+        for p in changed_views {
+            match compiled.devices.get(p) {
+                Some(a) => concerned.extend(a.peers.iter().copied()),
+                None => unknown.push(*p),
+            }
+        }
+        let no_routes: Vec<Prefix> = Vec::new();
+        let mut carried = 0u64;
+        for (id, s) in &mut self.sessions {
+            if waiting.contains(id) {
+                continue;
+            }
+            let settled = !concerned.contains(id)
+                && s.verdict_sent.is_some()
+                && s.wants_sent.as_ref() == Some(&self.wants)
+                && s.sent.as_mut().is_some_and(|sent| {
+                    let current = Arc::ptr_eq(&sent.compiled, before)
+                        && !sent.narrowed
+                        && sent.views_gen == before_gen;
+                    let rest_same = sent.relays == self.relays
+                        && sent.policy_version == self.policy_version
+                        && sent.routes == *self.served.get(id).unwrap_or(&no_routes)
+                        && self
+                            .devices
+                            .get(id)
+                            .is_some_and(|d| d.hostname == sent.hostname);
+                    let holds = unknown.iter().any(|p| sent.peers.contains_key(p));
+                    let settled = current && rest_same && !holds;
+                    if settled {
+                        sent.compiled = Arc::clone(compiled);
+                        sent.views_gen = self.views_gen;
+                    }
+                    settled
+                });
+            if settled {
+                carried += 1;
+            } else {
+                self.pending.push_back(*id);
+            }
+        }
+        self.sessions_carried += carried;
     }
 
     /// A recompute for changes the compile does not read ([`Registry::touch`]): only the
@@ -2333,6 +2421,7 @@ impl Registry {
     }
 
     fn prepare_netmaps(&mut self) {
+        self.compile_changed = Some(BTreeSet::new());
         let dir = self.directory();
         let routers = match &self.policy {
             Some(_) => self.routers(&dir),
@@ -2366,6 +2455,7 @@ impl Registry {
                 }
                 _ => None,
             };
+            self.compile_changed = None;
             self.compiled = match (&self.policy, handed) {
                 // Routes are added to the check's compile; without routers there are none to add.
                 (Some(p), Some(c)) => {
@@ -2396,6 +2486,7 @@ impl Registry {
                         self.now_ms,
                         &mut c,
                     );
+                    self.compile_changed = Some(policy::carry_over(&mut c, &self.compiled));
                     Arc::new(c)
                 }
                 (None, _) => {
@@ -4121,6 +4212,204 @@ to = ["b"]
                 proptest::prop_assert_eq!(got, fresh, "device {}", dev);
             }
         }
+    }
+
+    /// Two teams of three devices, each reaching its own team, and team a reaching team b's
+    /// remediation service (open to quarantined devices).
+    fn two_teams_with_remediation() -> Registry {
+        let team = |id: u64| {
+            let mut d = dev(id);
+            d.user = Some(if id <= 3 { "alice" } else { "bob" }.into());
+            d
+        };
+        let p = policy::parse(
+            br#"
+[groups]
+a = ["alice"]
+b = ["bob"]
+[services.a]
+devices = ["group:a"]
+ports = ["tcp/22"]
+[services.b]
+devices = ["group:b"]
+ports = ["tcp/22"]
+[services.fix]
+devices = ["group:b"]
+ports = ["tcp/443"]
+remediation = true
+[[rules]]
+from = ["group:a"]
+to = ["a", "fix"]
+[[rules]]
+from = ["group:b"]
+to = ["b"]
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        Registry::new(
+            AddressPools::from_random([0; 5]),
+            (1..=6).map(team),
+            [],
+            Some(p),
+            vec![],
+            vec![],
+            0,
+        )
+    }
+
+    /// Which of `addrs` each inbound rule of `nm` admits, by rule, service, protocol and
+    /// ports: the filter's meaning, whatever peer sets carry it.
+    fn admitted(
+        nm: &Netmap,
+        addrs: &[IpAddr],
+    ) -> BTreeSet<(
+        String,
+        String,
+        String,
+        Vec<ward_shared::filter::PortRange>,
+        IpAddr,
+    )> {
+        let sets: BTreeMap<u32, &Vec<Prefix>> =
+            nm.peer_sets.iter().map(|s| (s.id, &s.prefixes)).collect();
+        let mut out = BTreeSet::new();
+        for r in &nm.inbound {
+            for a in addrs {
+                let by_set = r
+                    .source_sets
+                    .iter()
+                    .any(|id| sets.get(id).is_some_and(|p| peerset::contains(p, *a)));
+                if r.sources.contains(a) || by_set {
+                    out.insert((
+                        r.rule.clone(),
+                        r.service.clone(),
+                        format!("{:?}", r.proto),
+                        r.ports.clone(),
+                        *a,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+        /// Changes the compile reads (devices quarantined and released, devices revoked),
+        /// mixed with sessions opening and closing and endpoints changing, in any order and
+        /// with any number of outputs taken between them: the sessions a recompute leaves
+        /// alone as already up to date, and those it brings up to date, all hold what a fresh
+        /// session would be sent: the same peers, and a filter admitting exactly the same
+        /// devices to the same services.
+        #[test]
+        fn trust_changes_keep_every_session_equal_to_a_fresh_netmap(
+            steps in proptest::collection::vec((0u8..6, 1u64..7, 0u16..4, 0usize..8), 1..40)
+        ) {
+            let mut r = two_teams_with_remediation();
+            drain(&mut r);
+            let addrs: Vec<IpAddr> = r
+                .devices
+                .values()
+                .flat_map(|d| [IpAddr::V4(d.ipv4), IpAddr::V6(d.ipv6)])
+                .collect();
+            let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
+            let mut conn_of: BTreeMap<u64, ConnId> = BTreeMap::new();
+            let mut closed: BTreeSet<ConnId> = BTreeSet::new();
+            let mut removed: BTreeSet<u64> = BTreeSet::new();
+            let mut next_conn: ConnId = 100;
+            for (what, dev, x, outputs) in steps {
+                match what {
+                    0 if !conn_of.contains_key(&dev) && !removed.contains(&dev) => {
+                        next_conn += 1;
+                        r.handle_session_opened(
+                            DeviceId(dev),
+                            next_conn,
+                            addr(&format!("10.0.0.{dev}:4000")),
+                            DeviceUpdate { wg_port: 51820, ..Default::default() },
+                        )
+                        .unwrap();
+                        conn_of.insert(dev, next_conn);
+                    }
+                    1 => {
+                        if let Some(c) = conn_of.remove(&dev) {
+                            r.handle_session_closed(DeviceId(dev), c);
+                            held.remove(&c);
+                            closed.insert(c);
+                        }
+                    }
+                    2 | 3 => {
+                        // Quarantined (2) or released (3).
+                        if let Some(d) = r.devices.get(&DeviceId(dev)) {
+                            let mut row = d.clone();
+                            row.quarantine = (what == 2).then(|| crate::model::Quarantine {
+                                since_ms: 1,
+                                reason: "test".into(),
+                                automatic: false,
+                            });
+                            r.handle_device_upserted(row);
+                        }
+                    }
+                    4 if dev == 6 || dev == 3 => {
+                        r.handle_device_removed(DeviceId(dev), "revoked");
+                        removed.insert(dev);
+                        if let Some(c) = conn_of.remove(&dev) {
+                            held.remove(&c);
+                            closed.insert(c);
+                        }
+                    }
+                    _ => {
+                        if let Some(&c) = conn_of.get(&dev) {
+                            r.handle_session_update(
+                                DeviceId(dev),
+                                c,
+                                DeviceUpdate {
+                                    wg_port: 51820 + x,
+                                    ..Default::default()
+                                },
+                            );
+                        }
+                    }
+                }
+                take_netmaps(&mut r, &mut held, &closed, outputs);
+            }
+            take_netmaps(&mut r, &mut held, &closed, usize::MAX);
+            for (&dev, &c) in &conn_of {
+                let got = held.get(&c).map(|nm| admitted(nm, &addrs)).unwrap_or_default();
+                let (got_peers, fresh_peers) = held_and_fresh(&mut r, &mut held, &closed, dev, c);
+                let fresh = held.get(&c).map(|nm| admitted(nm, &addrs)).unwrap_or_default();
+                proptest::prop_assert_eq!(got_peers, fresh_peers, "device {}", dev);
+                proptest::prop_assert_eq!(got, fresh, "device {}", dev);
+            }
+        }
+    }
+
+    /// A quarantine concerns the sessions whose access it changes: the other team's sessions
+    /// are found up to date with the new compile and not produced.
+    #[test]
+    fn a_quarantine_leaves_the_other_teams_sessions_alone() {
+        let mut r = two_teams();
+        open_sessions(&mut r, &[1, 2, 3, 4, 5, 6]);
+        drain(&mut r);
+        let carried = r.sessions_carried();
+        let mut row = r.devices[&DeviceId(1)].clone();
+        row.quarantine = Some(crate::model::Quarantine {
+            since_ms: 1,
+            reason: "test".into(),
+            automatic: false,
+        });
+        r.handle_device_upserted(row);
+        let out = drain(&mut r);
+        assert_eq!(r.sessions_carried() - carried, 3, "team b's three sessions");
+        let told: BTreeSet<ConnId> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send { conn, .. } => Some(*conn),
+                _ => None,
+            })
+            .collect();
+        assert!(told.is_subset(&BTreeSet::from([10, 20, 30])), "{told:?}");
+        assert!(told.contains(&20) && told.contains(&30), "{told:?}");
     }
 
     /// A key rotation reaches the sessions that hold the device as a peer and no other: the

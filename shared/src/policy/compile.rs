@@ -63,6 +63,143 @@ pub fn compile(p: &Policy, d: &Directory, now_ms: i64) -> Compiled {
     out
 }
 
+/// What device `id` may open elsewhere under `p` and `d` at `now_ms`, as [`compile`]'s
+/// enforced view gives it (`compile(p, d, now_ms).devices[&id].reach_flat(id)`), without
+/// compiling the other devices: O(rules × devices) to resolve the selectors, then the
+/// device's own grants. Empty for a device that is not live or not in `d`.
+pub fn reach_of(p: &Policy, d: &Directory, id: DeviceId, now_ms: i64) -> Vec<super::Reach> {
+    let Some(me) = d.devices.iter().position(|x| x.id == id) else {
+        return Vec::new();
+    };
+    let dev = &d.devices[me];
+    if !dev.live {
+        return Vec::new();
+    }
+    let ix = Index::new(p, d);
+    let mut grants: Vec<Arc<ReachGrant>> = Vec::new();
+    for rule in effective_rules(p, d)
+        .into_iter()
+        .filter(|r| r.mode.in_view(View::Enforced))
+    {
+        if rule.expires_ms.is_some_and(|t| t <= now_ms) {
+            continue;
+        }
+        if !rule.posture.iter().all(|q| dev.posture_passed.contains(*q))
+            || !rule.from.iter().any(|sel| ix.resolve(sel).contains(&me))
+        {
+            continue;
+        }
+        for svc_name in &rule.to {
+            let Some(svc) = p.services.get(*svc_name) else {
+                continue;
+            };
+            if dev.quarantined && !svc.remediation {
+                continue;
+            }
+            let dests: Arc<[ReachDest]> = svc
+                .devices
+                .iter()
+                .flat_map(|sel| ix.resolve(&sel.value))
+                .filter(|i| d.devices[*i].live)
+                .filter_map(|i| {
+                    let x = &d.devices[i];
+                    let hostname = Hostname::parse(&x.hostname)
+                        .or_else(|_| Hostname::sanitize(&x.hostname))
+                        .ok()?;
+                    Some((
+                        x.id,
+                        ReachDest {
+                            device_id: x.id,
+                            hostname,
+                        },
+                    ))
+                })
+                .collect::<BTreeMap<DeviceId, ReachDest>>()
+                .into_values()
+                .collect();
+            if !dests.iter().any(|x| x.device_id != id) {
+                continue;
+            }
+            for (proto, ports) in svc.ports.by_proto() {
+                grants.push(Arc::new(ReachGrant {
+                    service: svc.name.clone(),
+                    proto,
+                    ports,
+                    rule: rule.name.clone(),
+                    not_after_ms: rule.expires_ms,
+                    devices: Arc::clone(&dests),
+                }));
+            }
+        }
+    }
+    super::expand_reach(&grants, id)
+}
+
+/// Makes `new` share the lists it has in common with `old` (source lists and reach grants
+/// equal in content take `old`'s allocations) and returns the devices whose access differs
+/// between the two: in one and not the other, or with different peers, filters, reach or
+/// routes. `new` is unchanged in value.
+///
+/// A compile after a change to a few devices (a quarantine, a failed posture check, a
+/// departure) gives most devices the same access; with the shared lists back under one
+/// allocation, comparing a device's access costs a walk of its peers and a pointer per rule,
+/// and the caller brings up to date only the devices named here. Cost: one ordered lookup per
+/// distinct list of each compile, then O(peers + rules) per device.
+pub fn carry_over(new: &mut Compiled, old: &Compiled) -> BTreeSet<DeviceId> {
+    let mut old_sources: BTreeMap<&[IpAddr], &Sources> = BTreeMap::new();
+    let mut old_grants: BTreeMap<&ReachGrant, &Arc<ReachGrant>> = BTreeMap::new();
+    for acc in old.devices.values() {
+        for r in acc
+            .inbound
+            .iter()
+            .chain(acc.shadow_inbound.iter().flatten())
+        {
+            old_sources.entry(&r.sources[..]).or_insert(&r.sources);
+        }
+        for g in &acc.reach {
+            old_grants.entry(&**g).or_insert(g);
+        }
+    }
+    // Each distinct list of `new` is looked up once (by its allocation's address).
+    let mut sources_seen: BTreeMap<usize, Sources> = BTreeMap::new();
+    let mut grants_seen: BTreeMap<*const ReachGrant, Arc<ReachGrant>> = BTreeMap::new();
+    for acc in new.devices.values_mut() {
+        for r in acc
+            .inbound
+            .iter_mut()
+            .chain(acc.shadow_inbound.iter_mut().flatten())
+        {
+            let kept = sources_seen.entry(r.sources.id()).or_insert_with(|| {
+                old_sources
+                    .get(&r.sources[..])
+                    .map_or_else(|| r.sources.clone(), |o| (*o).clone())
+            });
+            r.sources = kept.clone();
+        }
+        for g in &mut acc.reach {
+            let kept = grants_seen.entry(Arc::as_ptr(g)).or_insert_with(|| {
+                old_grants
+                    .get(&**g)
+                    .map_or_else(|| Arc::clone(g), |o| Arc::clone(o))
+            });
+            *g = Arc::clone(kept);
+        }
+    }
+    let mut changed: BTreeSet<DeviceId> = old
+        .devices
+        .keys()
+        .filter(|id| !new.devices.contains_key(id))
+        .copied()
+        .collect();
+    changed.extend(
+        new.devices
+            .iter()
+            .filter(|(id, acc)| old.devices.get(id) != Some(acc))
+            .map(|(id, _)| *id),
+    );
+    changed
+}
+
 /// Whether [`compile`] of `p` against `d` gives the same result at `a_ms` as at `b_ms`: time
 /// enters a compile only through rule and grant expiries (which rules count, and
 /// `next_expiry_ms`), so it does when no expiry lies in `(min, max]`. A compile made for one
@@ -155,6 +292,7 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
         })
         .collect();
     let mut links: Vec<Vec<usize>> = vec![Vec::new(); d.devices.len()];
+    let mut source_lists: BTreeMap<Vec<usize>, Sources> = BTreeMap::new();
     let mut next_expiry_ms: Option<i64> = None;
     for rule in effective_rules(p, d)
         .into_iter()
@@ -196,16 +334,23 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
             // destination that is also a source finds its own addresses in it: harmless, as
             // the data plane takes an overlay source address only from the peer that owns it,
             // so no packet from this device's own address ever reaches its filter.
-            let mut addrs: Vec<IpAddr> = srcs
-                .iter()
-                .flat_map(|i| {
-                    let dev = &d.devices[*i];
-                    [IpAddr::V4(dev.ipv4), IpAddr::V6(dev.ipv6)]
+            // Equal source lists (one rule to several services, several rules from one
+            // group) share one allocation.
+            let sources = source_lists
+                .entry(srcs.clone())
+                .or_insert_with(|| {
+                    let mut addrs: Vec<IpAddr> = srcs
+                        .iter()
+                        .flat_map(|i| {
+                            let dev = &d.devices[*i];
+                            [IpAddr::V4(dev.ipv4), IpAddr::V6(dev.ipv6)]
+                        })
+                        .collect();
+                    addrs.sort_unstable();
+                    addrs.dedup();
+                    Sources::from(addrs)
                 })
-                .collect();
-            addrs.sort_unstable();
-            addrs.dedup();
-            let sources = Sources::from(addrs);
+                .clone();
             let by_proto = svc.ports.by_proto();
             let dsts = svc_devices.get(*svc_name).map_or(&[][..], Vec::as_slice);
             if let Some(dests) = svc_reach.get(*svc_name).filter(|x| !x.is_empty()) {

@@ -40,7 +40,9 @@ use crate::names::Hostname;
 use crate::routes::Prefix;
 use crate::wire::{DeviceId, Reach};
 
-pub use compile::{compile, requirements_by_device, run_tests, same_at, TestOutcome};
+pub use compile::{
+    carry_over, compile, reach_of, requirements_by_device, run_tests, same_at, TestOutcome,
+};
 pub use explain::{
     diff, diff_bounded, explain, AccessChange, CandidateVerdict, ChangeKind, DeviceExplanation,
     Explanation, Miss,

@@ -1771,3 +1771,75 @@ proptest! {
         prop_assert_eq!(&listed[..], &all[..max.min(all.len())]);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A compile after a trust change (devices quarantined or released, passing or failing
+    /// posture, leaving or joining the live set) carried over from the compile before it:
+    /// its value is the fresh compile's, the devices it names as changed are exactly those
+    /// whose access differs, and every unchanged device's source lists and reach grants are
+    /// the earlier compile's own allocations (so comparing it costs pointers, not lists).
+    #[test]
+    fn a_carried_over_compile_names_exactly_the_devices_whose_access_changed(
+        (src, d) in world(),
+        flips in proptest::collection::vec((0usize..8, 0u8..3), 0..4),
+    ) {
+        let p = parse(src.as_bytes(), "p.toml").unwrap();
+        let old = compile(&p, &d, NOW);
+        let mut d2 = d.clone();
+        for (i, what) in flips {
+            let Some(x) = d2.devices.get_mut(i % d.devices.len()) else { continue };
+            match what {
+                0 => x.quarantined = !x.quarantined,
+                1 => {
+                    if x.posture_passed.is_empty() {
+                        x.posture_passed.insert("p".into());
+                    } else {
+                        x.posture_passed.clear();
+                    }
+                }
+                _ => x.live = !x.live,
+            }
+        }
+        let fresh = compile(&p, &d2, NOW);
+        let mut carried = compile(&p, &d2, NOW);
+        let changed = carry_over(&mut carried, &old);
+        prop_assert_eq!(&carried, &fresh);
+        let ids: BTreeSet<DeviceId> = old.devices.keys().chain(fresh.devices.keys()).copied().collect();
+        let want: BTreeSet<DeviceId> = ids
+            .into_iter()
+            .filter(|id| old.devices.get(id) != fresh.devices.get(id))
+            .collect();
+        prop_assert_eq!(&changed, &want);
+        for (id, acc) in &carried.devices {
+            if changed.contains(id) {
+                continue;
+            }
+            let before = &old.devices[id];
+            for (a, b) in acc.inbound.iter().zip(&before.inbound) {
+                prop_assert!(Sources::ptr_eq(&a.sources, &b.sources), "device {id}: {a:?}");
+            }
+            for (a, b) in acc.reach.iter().zip(&before.reach) {
+                prop_assert!(Arc::ptr_eq(a, b), "device {id}: {a:?}");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// One device's reach worked out alone is what the whole compile gives it, on random
+    /// policies (grants, quarantine, posture, expiry, unbound names, devices not live).
+    #[test]
+    fn one_devices_reach_alone_is_the_compiles((src, d) in world()) {
+        let p = parse(src.as_bytes(), "p.toml").unwrap();
+        let c = compile(&p, &d, NOW);
+        for x in &d.devices {
+            let want = c.devices.get(&x.id).map(|a| a.reach_flat(x.id)).unwrap_or_default();
+            prop_assert_eq!(reach_of(&p, &d, x.id, NOW), want, "device {}", x.id);
+        }
+        prop_assert!(reach_of(&p, &d, DeviceId(999), NOW).is_empty());
+    }
+}
