@@ -4077,12 +4077,7 @@ to = ["all"]
     /// Two teams of three devices, each team the other's stranger: a change to one device
     /// concerns its own team's sessions only.
     fn two_teams() -> Registry {
-        let team = |id: u64| {
-            let mut d = dev(id);
-            d.user = Some(if id <= 3 { "alice" } else { "bob" }.into());
-            d
-        };
-        let p = policy::parse(
+        teams_under(
             br#"
 [groups]
 a = ["alice"]
@@ -4100,9 +4095,17 @@ to = ["a"]
 from = ["group:b"]
 to = ["b"]
 "#,
-            "test.toml",
         )
-        .unwrap();
+    }
+
+    /// Devices 1–3 of alice (group a) and 4–6 of bob (group b), under `policy`.
+    fn teams_under(policy: &[u8]) -> Registry {
+        let team = |id: u64| {
+            let mut d = dev(id);
+            d.user = Some(if id <= 3 { "alice" } else { "bob" }.into());
+            d
+        };
+        let p = policy::parse(policy, "test.toml").unwrap();
         Registry::new(
             AddressPools::from_random([0; 5]),
             (1..=6).map(team),
@@ -4217,12 +4220,7 @@ to = ["b"]
     /// Two teams of three devices, each reaching its own team, and team a reaching team b's
     /// remediation service (open to quarantined devices).
     fn two_teams_with_remediation() -> Registry {
-        let team = |id: u64| {
-            let mut d = dev(id);
-            d.user = Some(if id <= 3 { "alice" } else { "bob" }.into());
-            d
-        };
-        let p = policy::parse(
+        teams_under(
             br#"
 [groups]
 a = ["alice"]
@@ -4244,17 +4242,6 @@ to = ["a", "fix"]
 from = ["group:b"]
 to = ["b"]
 "#,
-            "test.toml",
-        )
-        .unwrap();
-        Registry::new(
-            AddressPools::from_random([0; 5]),
-            (1..=6).map(team),
-            [],
-            Some(p),
-            vec![],
-            vec![],
-            0,
         )
     }
 
