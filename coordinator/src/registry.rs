@@ -3945,6 +3945,58 @@ to = ["all"]
         );
     }
 
+    /// Sessions a churn test opens and closes, and the netmap each holds from its deltas.
+    /// Outputs queued for a session before it closed may still come out; a driver drops them
+    /// with the connection (`closed`).
+    #[derive(Default)]
+    struct Churn {
+        held: BTreeMap<ConnId, Netmap>,
+        conn_of: BTreeMap<u64, ConnId>,
+        closed: BTreeSet<ConnId>,
+        last_conn: ConnId,
+    }
+
+    impl Churn {
+        /// Opens a session of `dev` unless it has one.
+        fn open(&mut self, r: &mut Registry, dev: u64) {
+            if self.conn_of.contains_key(&dev) {
+                return;
+            }
+            self.last_conn += 1;
+            r.handle_session_opened(
+                DeviceId(dev),
+                self.last_conn,
+                addr(&format!("10.0.0.{dev}:4000")),
+                DeviceUpdate {
+                    wg_port: 51820,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            self.conn_of.insert(dev, self.last_conn);
+        }
+
+        /// The device closes its session.
+        fn close(&mut self, r: &mut Registry, dev: u64) {
+            if let Some(c) = self.conn_of.get(&dev).copied() {
+                r.handle_session_closed(DeviceId(dev), c);
+                self.gone(dev);
+            }
+        }
+
+        /// The registry closed the device's session (a revocation).
+        fn gone(&mut self, dev: u64) {
+            if let Some(c) = self.conn_of.remove(&dev) {
+                self.held.remove(&c);
+                self.closed.insert(c);
+            }
+        }
+
+        fn take(&mut self, r: &mut Registry, n: usize) {
+            take_netmaps(r, &mut self.held, &self.closed, n);
+        }
+    }
+
     /// Takes up to `n` outputs, keeping each open session's netmap as its deltas build it
     /// (outputs for closed connections are dropped, as a driver drops them).
     fn take_netmaps(
@@ -4014,44 +4066,20 @@ to = ["all"]
             steps in proptest::collection::vec((0u8..4, 1u64..6, 0u16..4, 0usize..8), 1..30)
         ) {
             let mut r = reg(&[1, 2, 3, 4, 5]);
-            let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
-            let mut conn_of: BTreeMap<u64, ConnId> = BTreeMap::new();
-            let mut next_conn: ConnId = 100;
+            let mut ch = Churn::default();
             let mut removed: BTreeSet<u64> = BTreeSet::new();
-            // Outputs queued for a session before it closed may still come out; a driver
-            // drops them with the connection.
-            let mut closed: BTreeSet<ConnId> = BTreeSet::new();
             for (what, dev, port, outputs) in steps {
                 match what {
-                    0 if !conn_of.contains_key(&dev) && !removed.contains(&dev) => {
-                        next_conn += 1;
-                        r.handle_session_opened(
-                            DeviceId(dev),
-                            next_conn,
-                            addr(&format!("10.0.0.{dev}:4000")),
-                            DeviceUpdate { wg_port: 51820, ..Default::default() },
-                        )
-                        .unwrap();
-                        conn_of.insert(dev, next_conn);
-                    }
-                    1 => {
-                        if let Some(c) = conn_of.remove(&dev) {
-                            r.handle_session_closed(DeviceId(dev), c);
-                            held.remove(&c);
-                            closed.insert(c);
-                        }
-                    }
+                    0 if !removed.contains(&dev) => ch.open(&mut r, dev),
+                    1 => ch.close(&mut r, dev),
                     3 if dev == 5 => {
                         // A revocation: the session is closed by the registry.
                         r.handle_device_removed(DeviceId(dev), "revoked");
                         removed.insert(dev);
-                        if let Some(c) = conn_of.remove(&dev) {
-                            held.remove(&c);
-                            closed.insert(c);
-                        }
+                        ch.gone(dev);
                     }
                     _ => {
-                        if let Some(&c) = conn_of.get(&dev) {
+                        if let Some(&c) = ch.conn_of.get(&dev) {
                             r.handle_session_update(
                                 DeviceId(dev),
                                 c,
@@ -4064,11 +4092,11 @@ to = ["all"]
                         }
                     }
                 }
-                take_netmaps(&mut r, &mut held, &closed, outputs);
+                ch.take(&mut r, outputs);
             }
-            take_netmaps(&mut r, &mut held, &closed, usize::MAX);
-            for (&dev, &c) in &conn_of {
-                let (got, fresh) = held_and_fresh(&mut r, &mut held, &closed, dev, c);
+            ch.take(&mut r, usize::MAX);
+            for (dev, c) in ch.conn_of.clone() {
+                let (got, fresh) = held_and_fresh(&mut r, &mut ch.held, &ch.closed, dev, c);
                 proptest::prop_assert_eq!(got, fresh, "device {}", dev);
             }
         }
@@ -4140,32 +4168,14 @@ to = ["b"]
             let mut r = two_teams();
             drain(&mut r);
             let compiles = r.compiles();
-            let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
-            let mut conn_of: BTreeMap<u64, ConnId> = BTreeMap::new();
-            let mut closed: BTreeSet<ConnId> = BTreeSet::new();
-            let (mut next_conn, mut serial, mut now): (ConnId, u64, i64) = (100, 0, 0);
+            let mut ch = Churn::default();
+            let (mut serial, mut now): (u64, i64) = (0, 0);
             for (what, dev, x, outputs) in steps {
                 match what {
-                    0 if !conn_of.contains_key(&dev) => {
-                        next_conn += 1;
-                        r.handle_session_opened(
-                            DeviceId(dev),
-                            next_conn,
-                            addr(&format!("10.0.0.{dev}:4000")),
-                            DeviceUpdate { wg_port: 51820, ..Default::default() },
-                        )
-                        .unwrap();
-                        conn_of.insert(dev, next_conn);
-                    }
-                    1 => {
-                        if let Some(c) = conn_of.remove(&dev) {
-                            r.handle_session_closed(DeviceId(dev), c);
-                            held.remove(&c);
-                            closed.insert(c);
-                        }
-                    }
+                    0 => ch.open(&mut r, dev),
+                    1 => ch.close(&mut r, dev),
                     2 => {
-                        if let Some(&c) = conn_of.get(&dev) {
+                        if let Some(&c) = ch.conn_of.get(&dev) {
                             r.handle_session_update(
                                 DeviceId(dev),
                                 c,
@@ -4206,12 +4216,12 @@ to = ["b"]
                         }
                     }
                 }
-                take_netmaps(&mut r, &mut held, &closed, outputs);
+                ch.take(&mut r, outputs);
             }
-            take_netmaps(&mut r, &mut held, &closed, usize::MAX);
+            ch.take(&mut r, usize::MAX);
             proptest::prop_assert_eq!(r.compiles(), compiles, "nothing the compile reads changed");
-            for (&dev, &c) in &conn_of {
-                let (got, fresh) = held_and_fresh(&mut r, &mut held, &closed, dev, c);
+            for (dev, c) in ch.conn_of.clone() {
+                let (got, fresh) = held_and_fresh(&mut r, &mut ch.held, &ch.closed, dev, c);
                 proptest::prop_assert_eq!(got, fresh, "device {}", dev);
             }
         }
@@ -4300,31 +4310,12 @@ to = ["b"]
                 .values()
                 .flat_map(|d| [IpAddr::V4(d.ipv4), IpAddr::V6(d.ipv6)])
                 .collect();
-            let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
-            let mut conn_of: BTreeMap<u64, ConnId> = BTreeMap::new();
-            let mut closed: BTreeSet<ConnId> = BTreeSet::new();
+            let mut ch = Churn::default();
             let mut removed: BTreeSet<u64> = BTreeSet::new();
-            let mut next_conn: ConnId = 100;
             for (what, dev, x, outputs) in steps {
                 match what {
-                    0 if !conn_of.contains_key(&dev) && !removed.contains(&dev) => {
-                        next_conn += 1;
-                        r.handle_session_opened(
-                            DeviceId(dev),
-                            next_conn,
-                            addr(&format!("10.0.0.{dev}:4000")),
-                            DeviceUpdate { wg_port: 51820, ..Default::default() },
-                        )
-                        .unwrap();
-                        conn_of.insert(dev, next_conn);
-                    }
-                    1 => {
-                        if let Some(c) = conn_of.remove(&dev) {
-                            r.handle_session_closed(DeviceId(dev), c);
-                            held.remove(&c);
-                            closed.insert(c);
-                        }
-                    }
+                    0 if !removed.contains(&dev) => ch.open(&mut r, dev),
+                    1 => ch.close(&mut r, dev),
                     2 | 3 => {
                         // Quarantined (2) or released (3).
                         if let Some(d) = r.devices.get(&DeviceId(dev)) {
@@ -4340,13 +4331,10 @@ to = ["b"]
                     4 if dev == 6 || dev == 3 => {
                         r.handle_device_removed(DeviceId(dev), "revoked");
                         removed.insert(dev);
-                        if let Some(c) = conn_of.remove(&dev) {
-                            held.remove(&c);
-                            closed.insert(c);
-                        }
+                        ch.gone(dev);
                     }
                     _ => {
-                        if let Some(&c) = conn_of.get(&dev) {
+                        if let Some(&c) = ch.conn_of.get(&dev) {
                             r.handle_session_update(
                                 DeviceId(dev),
                                 c,
@@ -4358,13 +4346,13 @@ to = ["b"]
                         }
                     }
                 }
-                take_netmaps(&mut r, &mut held, &closed, outputs);
+                ch.take(&mut r, outputs);
             }
-            take_netmaps(&mut r, &mut held, &closed, usize::MAX);
-            for (&dev, &c) in &conn_of {
-                let got = held.get(&c).map(|nm| admitted(nm, &addrs)).unwrap_or_default();
-                let (got_peers, fresh_peers) = held_and_fresh(&mut r, &mut held, &closed, dev, c);
-                let fresh = held.get(&c).map(|nm| admitted(nm, &addrs)).unwrap_or_default();
+            ch.take(&mut r, usize::MAX);
+            for (dev, c) in ch.conn_of.clone() {
+                let got = ch.held.get(&c).map(|nm| admitted(nm, &addrs)).unwrap_or_default();
+                let (got_peers, fresh_peers) = held_and_fresh(&mut r, &mut ch.held, &ch.closed, dev, c);
+                let fresh = ch.held.get(&c).map(|nm| admitted(nm, &addrs)).unwrap_or_default();
                 proptest::prop_assert_eq!(got_peers, fresh_peers, "device {}", dev);
                 proptest::prop_assert_eq!(got, fresh, "device {}", dev);
             }
