@@ -2,7 +2,10 @@
 //!
 //! - `ward-dp-tx`: TUN → [`Runs::handle_tun_packet`] → UDP (GSO super-packets from the TUN are
 //!   split by tun-rs, the encrypted datagrams leave as UDP GSO messages); ICMP errors for
-//!   destinations without a peer go back into the TUN.
+//!   destinations without a peer go back into the TUN. It reads the TUN under load only: at
+//!   idle the receive thread waits for the TUN too and sends what it reads itself, so a
+//!   packet and its reply are served by one thread and no wake-up crosses to the other core
+//!   ([`TunOwner`] says who waits for the TUN and how it changes hands).
 //! - `ward-dp-rx`: UDP (GRO) → address-discovery answers set aside by their first byte, the rest
 //!   → [`Runs::handle_datagram`] (decrypt, source check, inbound
 //!   filter at coordinator time = wall clock + [`Core::clock_offset_ms`]) → TUN (TCP/UDP segments
@@ -35,8 +38,8 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -49,7 +52,7 @@ use super::engine::{Core, Outbox, RelayId, Source};
 use super::pmtu::REFRESH_INTERVAL;
 use super::relay::RelayQueue;
 use super::tun::{TunDevice, TunParams};
-use super::udp::{poll_fd, RecvBatch, SendScratch, UdpSocket};
+use super::udp::{poll_fds, RecvBatch, SendScratch, UdpSocket};
 use super::{DataPlaneConfig, TUN_MTU};
 
 /// How long a blocked read waits before re-checking the stop flag.
@@ -202,6 +205,9 @@ pub(crate) struct Driver {
     relay: Arc<RelayQueue>,
     /// Buffers for datagrams arriving through relays (one caller at a time).
     relayed_in: Mutex<RelayedIn>,
+    /// The TUN's reader, for a turn after a relayed packet's write (see
+    /// [`TunSide::rx_turn`]).
+    side: Arc<TunSide>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     tun_name: String,
@@ -236,6 +242,7 @@ impl Driver {
             "data plane started"
         );
         let stop = Arc::new(AtomicBool::new(false));
+        let side = Arc::new(TunSide::new().context("creating the data plane's eventfds")?);
         let mut threads = Vec::new();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -246,13 +253,13 @@ impl Driver {
         let result = (|| {
             threads.push(spawn("ward-dp-tx", {
                 let (core, tun, udp, stop) = (core.clone(), tun.clone(), udp.clone(), stop.clone());
-                let relay = relay.clone();
-                Box::new(move || tx_loop(&core, &tun, &udp, &relay, &stop))
+                let (relay, side) = (relay.clone(), side.clone());
+                Box::new(move || tx_loop(&core, &tun, &udp, &relay, &side, &stop))
             })?);
             threads.push(spawn("ward-dp-rx", {
                 let (core, tun, udp, stop) = (core.clone(), tun.clone(), udp.clone(), stop.clone());
-                let (discovery, relay) = (discovery.clone(), relay.clone());
-                Box::new(move || rx_loop(&core, &tun, &udp, &relay, &discovery, &stop))
+                let (discovery, relay, side) = (discovery.clone(), relay.clone(), side.clone());
+                Box::new(move || rx_loop(&core, &tun, &udp, &relay, &side, &discovery, &stop))
             })?);
             threads.push(spawn("ward-dp-timer", {
                 let (core, udp, stop) = (core.clone(), udp.clone(), stop.clone());
@@ -267,6 +274,7 @@ impl Driver {
             tun,
             relay,
             relayed_in: Mutex::new(RelayedIn::default()),
+            side,
             stop,
             threads,
             tun_name: cfg.tun_name.clone(),
@@ -312,6 +320,7 @@ impl Driver {
         let now = Instant::now();
         let coordinator_now_ms = ward_runtime::now_ms().saturating_add(self.core.clock_offset_ms());
         let mut filled = 0;
+        let mut wrote = false;
         {
             let mut batch = self.core.batch();
             let mut runs = batch.runs();
@@ -336,15 +345,22 @@ impl Driver {
                         runs.release();
                         write_tun(&self.tun, gro, &mut bufs[..filled], errors);
                         filled = 0;
+                        wrote = true;
                     }
                 }
             }
         }
+        wrote |= filled > 0;
         write_tun(&self.tun, gro, &mut bufs[..filled], errors);
         if !out.is_empty() {
             self.udp.send_outbox(out, scratch);
             self.relay.push(&self.core, out);
             out.clear();
+        }
+        drop(guard);
+        if wrote {
+            self.side
+                .rx_turn(&self.core, &self.tun, &self.udp, &self.relay);
         }
     }
 
@@ -390,62 +406,325 @@ impl LazyGro {
     }
 }
 
-fn tx_loop(core: &Core, tun: &TunDevice, udp: &UdpSocket, relay: &RelayQueue, stop: &AtomicBool) {
-    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65536];
-    let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; TUN_SEGMENT_BUF]; IDEAL_BATCH_SIZE];
-    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let mut out = Outbox::new();
-    let mut scratch = SendScratch::default();
-    let mut errors = LogLimiter::default();
-    let mut icmp_gro = LazyGro::default();
-    let mut icmp_bufs: Vec<TunBuf> = Vec::new();
-    // After a wait for the TUN, the first read is sent at once: a packet at idle (a ping) takes
-    // the shortest path instead of paying for one more read that finds the TUN empty. Under
-    // load the loop never waits, and reads are gathered into one UDP flush.
-    let mut woke = true;
-    while !stop.load(Ordering::Relaxed) {
+/// What reads the TUN: the buffers and scratch of the send path, behind a lock so that the
+/// receive thread can take a turn while the send thread waits for the TUN (see
+/// [`TunReader::turn`]). One reader at a time keeps packets in the order they were read.
+struct TunReader {
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    out: Outbox,
+    scratch: SendScratch,
+    errors: LogLimiter,
+    icmp_gro: LazyGro,
+    icmp_bufs: Vec<TunBuf>,
+}
+
+/// The TUN's reader and who waits for it ([`TunOwner`]).
+pub(crate) struct TunSide {
+    reader: Mutex<TunReader>,
+    owner: TunOwner,
+}
+
+/// Who waits for the TUN: at idle the receive thread, which then serves a whole exchange (a
+/// ping's echo reply, a request's answer) on one thread; under load the send thread, so that
+/// encryption of outgoing traffic runs beside decryption on the other core.
+///
+/// The receive thread reads at most one packet (or GSO super-packet) per turn; when more is
+/// waiting after its turn, it hands the TUN to the send thread and wakes it
+/// ([`TunOwner::hand_to_tx`]). The send thread keeps reading while the TUN has packets and
+/// hands it back when a read finds it empty ([`TunOwner::hand_back`]). A packet that arrives
+/// in between is never stranded: the receive thread's `poll` includes the TUN whenever it owns
+/// it, and the send thread, when it hands the TUN back, wakes the receive thread if it sleeps
+/// in a `poll` that did not (`rx_blind`; a store then a load on each side, all sequentially
+/// consistent, so at least one side sees the other's store). Turns are taken under the
+/// reader's lock and flushed before it is released, so packets leave in the order they were
+/// read.
+///
+/// When both threads waited on the TUN, the reply a receive-thread write produced woke the
+/// send thread, usually on the other core, which then held that core when the next thread on
+/// the packet's path needed it.
+struct TunOwner {
+    /// [`RX_OWNS_TUN`] or [`TX_OWNS_TUN`].
+    owner: AtomicU8,
+    /// Set while the receive thread sleeps in a `poll` without the TUN.
+    rx_blind: AtomicBool,
+    /// Wakes the send thread when the TUN is handed to it.
+    wake_tx: EventFd,
+    /// Wakes the receive thread when the TUN is handed back while it was blind.
+    wake_rx: EventFd,
+}
+
+const RX_OWNS_TUN: u8 = 0;
+const TX_OWNS_TUN: u8 = 1;
+
+impl TunOwner {
+    fn new() -> io::Result<TunOwner> {
+        Ok(TunOwner {
+            owner: AtomicU8::new(RX_OWNS_TUN),
+            rx_blind: AtomicBool::new(false),
+            wake_tx: EventFd::new()?,
+            wake_rx: EventFd::new()?,
+        })
+    }
+
+    fn rx_owns(&self) -> bool {
+        self.owner.load(Ordering::SeqCst) == RX_OWNS_TUN
+    }
+
+    /// The receive thread's wait: for `udp` (a datagram), its wake-up, and `tun` while it owns
+    /// it. Returns whether the TUN is readable and the receive thread should take a turn.
+    fn rx_wait(&self, udp: RawFd, tun: RawFd, timeout: Duration) -> bool {
+        let mut with_tun = self.rx_owns();
+        if !with_tun {
+            self.rx_blind.store(true, Ordering::SeqCst);
+            with_tun = self.rx_owns();
+        }
+        let mut fds = [pollfd(udp), pollfd(self.wake_rx.raw()), pollfd(tun)];
+        let n = if with_tun { 3 } else { 2 };
+        poll_fds(&mut fds[..n], timeout);
+        self.rx_blind.store(false, Ordering::SeqCst);
+        if fds[1].revents != 0 {
+            self.wake_rx.drain();
+        }
+        with_tun && fds[2].revents != 0
+    }
+
+    /// After a receive-side read: if `tun` still has packets, the send thread takes over.
+    fn rx_read_one(&self, tun: RawFd) {
+        let mut fd = [pollfd(tun)];
+        poll_fds(&mut fd, Duration::ZERO);
+        if fd[0].revents & libc::POLLIN != 0 {
+            self.hand_to_tx();
+        }
+    }
+
+    fn hand_to_tx(&self) {
+        self.owner.store(TX_OWNS_TUN, Ordering::SeqCst);
+        self.wake_tx.signal();
+    }
+
+    /// The send thread's wait while the receive thread owns the TUN.
+    fn tx_wait(&self, timeout: Duration) {
+        let mut fd = [pollfd(self.wake_tx.raw())];
+        poll_fds(&mut fd, timeout);
+        self.wake_tx.drain();
+    }
+
+    /// The send thread found the TUN empty: the receive thread waits for it from now on.
+    fn hand_back(&self) {
+        self.owner.store(RX_OWNS_TUN, Ordering::SeqCst);
+        if self.rx_blind.load(Ordering::SeqCst) {
+            self.wake_rx.signal();
+        }
+    }
+}
+
+/// A non-blocking eventfd: `signal` makes it readable until `drain`.
+struct EventFd(std::os::fd::OwnedFd);
+
+impl EventFd {
+    fn new() -> io::Result<EventFd> {
+        // SAFETY: plain syscall; the result is checked before it is owned.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nothing else.
+        Ok(EventFd(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
+    }
+
+    fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    fn signal(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: 8 bytes from a valid buffer. A full counter (EAGAIN) is still readable.
+        unsafe {
+            libc::write(self.raw(), one.as_ptr().cast(), one.len());
+        }
+    }
+
+    fn drain(&self) {
+        let mut v = [0u8; 8];
+        // SAFETY: 8 bytes into a valid buffer; EAGAIN when already drained.
+        unsafe {
+            libc::read(self.raw(), v.as_mut_ptr().cast(), v.len());
+        }
+    }
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// What [`TunReader::turn`] found.
+enum Turn {
+    /// This many reads, each handled and flushed.
+    Read(usize),
+    /// The TUN is gone: the thread stops.
+    Closed,
+}
+
+impl TunReader {
+    fn new() -> TunReader {
+        TunReader {
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + 65536],
+            bufs: vec![vec![0u8; TUN_SEGMENT_BUF]; IDEAL_BATCH_SIZE],
+            sizes: vec![0usize; IDEAL_BATCH_SIZE],
+            out: Outbox::new(),
+            scratch: SendScratch::default(),
+            errors: LogLimiter::default(),
+            icmp_gro: LazyGro::default(),
+            icmp_bufs: Vec::new(),
+        }
+    }
+
+    /// Up to `limit` non-blocking TUN reads (each possibly a GSO super-packet split by tun-rs),
+    /// handled under one batch each, then one UDP flush; ICMP errors for destinations without
+    /// a peer go back into the TUN.
+    fn turn(
+        &mut self,
+        core: &Core,
+        tun: &TunDevice,
+        udp: &UdpSocket,
+        relay: &RelayQueue,
+        limit: usize,
+    ) -> Turn {
         let mut reads = 0;
-        let limit = if woke { 1 } else { TUN_READS_PER_FLUSH };
+        let mut closed = false;
         while reads < limit {
             match tun
                 .dev
-                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+                .recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0)
             {
                 Ok(n) => {
                     reads += 1;
                     let now = Instant::now();
                     let mut batch = core.batch();
                     let mut runs = batch.runs();
-                    for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
-                        runs.handle_tun_packet(&buf[..size], now, &mut out);
+                    for (buf, &size) in self.bufs.iter().zip(&self.sizes).take(n) {
+                        runs.handle_tun_packet(&buf[..size], now, &mut self.out);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    errors.log(&e, "TUN read failed");
-                    if e.raw_os_error() == Some(libc::EBADFD) {
-                        return;
-                    }
+                    self.errors.log(&e, "TUN read failed");
+                    closed = e.raw_os_error() == Some(libc::EBADFD);
                     break;
                 }
             }
         }
+        let out = &mut self.out;
         if !out.tun_packets().is_empty() {
-            icmp_bufs.clear();
+            self.icmp_bufs.clear();
             for p in out.tun_packets() {
-                icmp_bufs.push(TunBuf::with_packet(p));
+                self.icmp_bufs.push(TunBuf::with_packet(p));
             }
-            write_tun(tun, &mut icmp_gro, &mut icmp_bufs, &mut errors);
+            write_tun(
+                tun,
+                &mut self.icmp_gro,
+                &mut self.icmp_bufs,
+                &mut self.errors,
+            );
         }
         if !out.is_empty() {
-            udp.send_outbox(&out, &mut scratch);
-            relay.push(core, &out);
+            udp.send_outbox(out, &mut self.scratch);
+            relay.push(core, out);
         }
         out.clear();
-        woke = reads == 0;
-        if woke {
-            poll_fd(tun.dev.as_raw_fd(), libc::POLLIN, STOP_CHECK);
+        if closed {
+            Turn::Closed
+        } else {
+            Turn::Read(reads)
+        }
+    }
+}
+
+impl TunSide {
+    fn new() -> io::Result<TunSide> {
+        Ok(TunSide {
+            reader: Mutex::new(TunReader::new()),
+            owner: TunOwner::new()?,
+        })
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, TunReader> {
+        self.reader.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A receive-side turn, if the receive side owns the TUN: one read, sent at once; if the
+    /// TUN still has packets after it, the send thread takes over. Called by the receive
+    /// thread when its `poll` found the TUN readable, and by any thread that just wrote to
+    /// the TUN (what the write produced, a ping's echo reply or a TCP ACK, leaves at once).
+    fn rx_turn(&self, core: &Core, tun: &TunDevice, udp: &UdpSocket, relay: &RelayQueue) {
+        if !self.owner.rx_owns() {
+            return;
+        }
+        let read = {
+            let mut reader = self.reader();
+            // The send thread may have taken the TUN while this thread waited for the lock.
+            if !self.owner.rx_owns() {
+                return;
+            }
+            matches!(reader.turn(core, tun, udp, relay, 1), Turn::Read(1))
+        };
+        if read {
+            self.owner.rx_read_one(tun.dev.as_raw_fd());
+        }
+    }
+
+    /// The receive thread's wait for a datagram, and for the TUN while it owns it.
+    fn rx_wait(
+        &self,
+        core: &Core,
+        tun: &TunDevice,
+        udp: &UdpSocket,
+        relay: &RelayQueue,
+        timeout: Duration,
+    ) {
+        if self
+            .owner
+            .rx_wait(udp.raw_fd(), tun.dev.as_raw_fd(), timeout)
+        {
+            self.rx_turn(core, tun, udp, relay);
+        }
+    }
+}
+
+fn tx_loop(
+    core: &Core,
+    tun: &TunDevice,
+    udp: &UdpSocket,
+    relay: &RelayQueue,
+    side: &TunSide,
+    stop: &AtomicBool,
+) {
+    // The first turn after a hand-over sends its read at once; then reads are gathered, up to
+    // TUN_READS_PER_FLUSH per UDP flush, while the TUN has packets.
+    let mut first = true;
+    while !stop.load(Ordering::Relaxed) {
+        if side.owner.rx_owns() {
+            side.owner.tx_wait(STOP_CHECK);
+            first = true;
+            continue;
+        }
+        let limit = if first { 1 } else { TUN_READS_PER_FLUSH };
+        let reads = match side.reader().turn(core, tun, udp, relay, limit) {
+            Turn::Read(n) => n,
+            Turn::Closed => return,
+        };
+        first = false;
+        if reads == 0 {
+            side.owner.hand_back();
         }
     }
 }
@@ -455,6 +734,7 @@ fn rx_loop(
     tun: &TunDevice,
     udp: &UdpSocket,
     relay: &RelayQueue,
+    side: &TunSide,
     discovery: &Inbox,
     stop: &AtomicBool,
 ) {
@@ -471,6 +751,7 @@ fn rx_loop(
                 let coordinator_now_ms =
                     ward_runtime::now_ms().saturating_add(core.clock_offset_ms());
                 let mut filled = 0;
+                let mut wrote = false;
                 let mut batch = core.batch();
                 let mut runs = batch.runs();
                 for (from, datagram) in batch_in.datagrams() {
@@ -497,19 +778,26 @@ fn rx_loop(
                             runs.release();
                             write_tun(tun, &mut gro, &mut bufs[..filled], &mut errors);
                             filled = 0;
+                            wrote = true;
                         }
                     }
                 }
                 drop(runs);
                 drop(batch);
+                wrote |= filled > 0;
                 write_tun(tun, &mut gro, &mut bufs[..filled], &mut errors);
                 if !out.is_empty() {
                     udp.send_outbox(&out, &mut scratch);
                     relay.push(core, &out);
                     out.clear();
                 }
+                if wrote {
+                    side.rx_turn(core, tun, udp, relay);
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => udp.wait_readable(STOP_CHECK),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                side.rx_wait(core, tun, udp, relay, STOP_CHECK)
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // E.g. ECONNREFUSED from an ICMP error for an earlier send: nothing to do.
@@ -610,6 +898,131 @@ mod tests {
         );
         // Each batch has packets enough for one such write.
         assert!(TUN_WRITE_BATCH >= segments && RELAYED_TUN_BATCH >= segments);
+    }
+
+    /// A non-blocking pipe: (read end, write end).
+    fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: two descriptors written into a valid array; checked below.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        // SAFETY: fresh descriptors owned by nothing else.
+        unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        }
+    }
+
+    /// The TUN changes hands between the receive and the send thread without stranding a
+    /// packet. A pipe stands in for the TUN; a writer puts bytes into it in bursts and pauses;
+    /// two threads read it the way the driver's do: the receive side one byte per turn,
+    /// handing over when more is waiting, the send side until the pipe is empty, then handing
+    /// back. Every byte is read once, in order, and none waits anywhere near the threads'
+    /// timeout (10 s here, so a lost wake-up shows as a wait of seconds).
+    #[test]
+    fn the_tun_changes_hands_without_stranding_a_packet() {
+        const N: usize = 4000;
+        const TIMEOUT: Duration = Duration::from_secs(10);
+        let owner = Arc::new(TunOwner::new().expect("eventfds"));
+        let (tun_r, tun_w) = pipe();
+        let (quiet_r, _quiet_w) = pipe(); // the receive thread's "UDP socket": never readable
+        let tun_r = tun_r.as_raw_fd();
+        let quiet = quiet_r.as_raw_fd();
+        let sent: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::with_capacity(N)));
+        // (bytes read, longest wait, out-of-order reads, reads by the receive thread)
+        let reader = Arc::new(Mutex::new((0usize, Duration::ZERO, 0usize, 0usize)));
+        let done = Arc::new(AtomicBool::new(false));
+        // Reads at most `limit` bytes under the reader's lock; returns how many.
+        let read = {
+            let (sent, reader, done) = (sent.clone(), reader.clone(), done.clone());
+            move |limit: usize, by_rx: bool| -> usize {
+                let mut r = reader.lock().expect("reader");
+                let mut got = 0;
+                while got < limit {
+                    let mut b = [0u8; 1];
+                    // SAFETY: one byte into a valid buffer.
+                    let n = unsafe { libc::read(tun_r, b.as_mut_ptr().cast(), 1) };
+                    if n != 1 {
+                        break;
+                    }
+                    let k = r.0;
+                    let wait = sent.lock().expect("sent")[k].elapsed();
+                    r.1 = r.1.max(wait);
+                    r.2 += usize::from(b[0] != (k % 251) as u8);
+                    r.3 += usize::from(by_rx);
+                    r.0 += 1;
+                    got += 1;
+                }
+                if r.0 == N {
+                    done.store(true, Ordering::SeqCst);
+                }
+                got
+            }
+        };
+        let rx = {
+            let (owner, done, read) = (owner.clone(), done.clone(), read.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    if owner.rx_wait(quiet, tun_r, TIMEOUT) && owner.rx_owns() && read(1, true) == 1
+                    {
+                        owner.rx_read_one(tun_r);
+                    }
+                }
+            })
+        };
+        let tx = {
+            let (owner, done) = (owner.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    if owner.rx_owns() {
+                        owner.tx_wait(TIMEOUT);
+                    } else if read(TUN_READS_PER_FLUSH, false) == 0 {
+                        owner.hand_back();
+                    }
+                }
+            })
+        };
+        let mut seed = 0x9e37_79b9u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        let mut k = 0;
+        while k < N {
+            let burst = 1 + (next() % 24) as usize;
+            for _ in 0..burst.min(N - k) {
+                sent.lock().expect("sent").push(Instant::now());
+                let b = [(k % 251) as u8];
+                // SAFETY: one byte from a valid buffer; the pipe never fills (64 KiB).
+                let n = unsafe { libc::write(tun_w.as_raw_fd(), b.as_ptr().cast(), 1) };
+                assert_eq!(n, 1);
+                k += 1;
+            }
+            std::thread::sleep(Duration::from_micros(u64::from(next() % 400)));
+        }
+        let deadline = Instant::now() + 3 * TIMEOUT;
+        while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        done.store(true, Ordering::SeqCst);
+        owner.wake_rx.signal();
+        owner.wake_tx.signal();
+        rx.join().expect("receive side");
+        tx.join().expect("send side");
+        let (count, longest, disorder, by_rx) = *reader.lock().expect("reader");
+        assert_eq!(count, N, "every byte read");
+        assert_eq!(disorder, 0, "in order");
+        assert!(
+            longest < TIMEOUT / 5,
+            "a byte waited {longest:?}: a hand-over lost its wake-up"
+        );
+        // Both sides served: the receive side at the start of bursts, the send side the rest.
+        assert!(by_rx > 0 && by_rx < N, "receive side read {by_rx} of {N}");
     }
 
     /// One IPv4 TCP segment (ACK only, no options) of `flow` with sequence number `seq`.

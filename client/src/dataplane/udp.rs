@@ -192,8 +192,8 @@ impl UdpSocket {
     }
 
     /// Waits until readable or `timeout` passes.
-    pub(crate) fn wait_readable(&self, timeout: Duration) {
-        poll_fd(self.fd.as_raw_fd(), libc::POLLIN, timeout);
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
     /// Sends every datagram in `out` (blocking when the socket buffer is full). Datagrams the
@@ -638,16 +638,13 @@ fn bind(fd: &OwnedFd, ss: &libc::sockaddr_storage, len: libc::socklen_t) -> io::
 }
 
 /// Waits for `events` on `fd` for at most `timeout`.
-pub(crate) fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Duration) {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
+/// Waits until one of `fds` is ready or `timeout` passes; `revents` say which.
+pub(crate) fn poll_fds(fds: &mut [libc::pollfd], timeout: Duration) {
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd.
+    let n = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+    // SAFETY: `fds` is a valid slice of `n` pollfds.
     unsafe {
-        libc::poll(&mut p, 1, ms);
+        libc::poll(fds.as_mut_ptr(), n, ms);
     }
 }
 
@@ -806,7 +803,12 @@ mod tests {
             match b.recv(&mut batch) {
                 Ok(_) => got.extend(batch.datagrams().map(|(_, d)| d.to_vec())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    b.wait_readable(Duration::from_millis(50))
+                    let mut fd = [libc::pollfd {
+                        fd: b.raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    }];
+                    poll_fds(&mut fd, Duration::from_millis(50));
                 }
                 Err(e) => panic!("{e}"),
             }
