@@ -55,8 +55,10 @@ use super::tun::{TunDevice, TunParams};
 use super::udp::{poll_fds, RecvBatch, SendScratch, UdpSocket};
 use super::{DataPlaneConfig, TUN_MTU};
 
-/// How long a blocked read waits before re-checking the stop flag.
-const STOP_CHECK: Duration = Duration::from_millis(100);
+/// How long a blocked wait lasts before the thread checks the stop flag on its own (a stop
+/// also wakes the receive and send threads through their eventfds at once): long, so that an
+/// idle device's data plane does not wake its CPU ten times a second.
+const STOP_CHECK: Duration = Duration::from_secs(1);
 /// Output buffer per segment read from the TUN (the MTU is 1420). The 128 of them are zeroed,
 /// so all their pages are resident: 2 KiB each is 256 KiB.
 const TUN_SEGMENT_BUF: usize = 2048;
@@ -365,7 +367,9 @@ impl Driver {
     }
 
     pub(crate) fn signal_stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::SeqCst);
+        self.side.owner.wake_rx.signal();
+        self.side.owner.wake_tx.signal();
     }
 
     /// Stops and joins the threads (they and this driver hold the TUN descriptor), then makes sure the

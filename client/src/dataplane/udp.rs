@@ -298,16 +298,15 @@ impl UdpSocket {
     /// GRO-coalesced); `WouldBlock` when there is nothing.
     pub(crate) fn recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         let n = batch.slots;
-        // SAFETY: all-zero is a valid mmsghdr.
-        let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; n];
-        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(n);
-        for k in 0..n {
-            iovs.push(libc::iovec {
-                iov_base: batch.buf[k * batch.slot_size..].as_mut_ptr().cast(),
-                iov_len: batch.slot_size,
-            });
+        // On the stack: a receive allocates nothing.
+        // SAFETY: all-zero is a valid mmsghdr and a valid iovec.
+        let mut msgs: [libc::mmsghdr; MAX_RECV_SLOTS] = unsafe { mem::zeroed() };
+        let mut iovs: [libc::iovec; MAX_RECV_SLOTS] = unsafe { mem::zeroed() };
+        for (k, iov) in iovs.iter_mut().take(n).enumerate() {
+            iov.iov_base = batch.buf[k * batch.slot_size..].as_mut_ptr().cast();
+            iov.iov_len = batch.slot_size;
         }
-        for (k, msg) in msgs.iter_mut().enumerate() {
+        for (k, msg) in msgs.iter_mut().take(n).enumerate() {
             let hdr = &mut msg.msg_hdr;
             hdr.msg_name = (&mut batch.addrs[k] as *mut libc::sockaddr_storage).cast();
             hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as _;
@@ -350,6 +349,9 @@ impl UdpSocket {
 }
 
 /// Reusable buffers for [`UdpSocket::recv`].
+/// The most messages one receive takes.
+pub(crate) const MAX_RECV_SLOTS: usize = 16;
+
 pub(crate) struct RecvBatch {
     buf: Vec<u8>,
     slot_size: usize,
@@ -368,8 +370,10 @@ struct RecvMeta {
 }
 
 impl RecvBatch {
-    /// `slots` messages of up to 64 KiB each (a GRO-coalesced message can be that large).
+    /// `slots` messages of up to 64 KiB each (a GRO-coalesced message can be that large), at
+    /// most [`MAX_RECV_SLOTS`].
     pub(crate) fn new(slots: usize) -> RecvBatch {
+        let slots = slots.clamp(1, MAX_RECV_SLOTS);
         let slot_size = 65536;
         RecvBatch {
             buf: vec![0; slots * slot_size],
