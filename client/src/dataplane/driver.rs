@@ -28,8 +28,8 @@
 //! need a wake-up channel into its `poll` and a copy for no gain.
 //!
 //! Blocking threads rather than tokio tasks: the hot paths are syscall loops that gain nothing
-//! from an executor, and two threads use the machine's two cores. Reads are non-blocking with a
-//! `poll` timeout so the threads notice the stop flag.
+//! from an executor, and two threads use the machine's two cores under load. Reads are
+//! non-blocking; the threads wait in `poll`, which a stop interrupts through their eventfds.
 //!
 //! [`Batch`]: super::engine::Batch
 //! [`Runs`]: super::engine::Runs
