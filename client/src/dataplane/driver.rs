@@ -457,6 +457,8 @@ struct TunOwner {
     wake_tx: EventFd,
     /// Wakes the receive thread when the TUN is handed back while it was blind.
     wake_rx: EventFd,
+    /// The TUN is gone (its interface was deleted): neither thread waits for it any more.
+    closed: AtomicBool,
 }
 
 const RX_OWNS_TUN: u8 = 0;
@@ -469,6 +471,7 @@ impl TunOwner {
             rx_blind: AtomicBool::new(false),
             wake_tx: EventFd::new()?,
             wake_rx: EventFd::new()?,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -484,6 +487,7 @@ impl TunOwner {
             self.rx_blind.store(true, Ordering::SeqCst);
             with_tun = self.rx_owns();
         }
+        with_tun &= !self.is_closed();
         let mut fds = [pollfd(udp), pollfd(self.wake_rx.raw()), pollfd(tun)];
         let n = if with_tun { 3 } else { 2 };
         poll_fds(&mut fds[..n], timeout);
@@ -491,7 +495,31 @@ impl TunOwner {
         if fds[1].revents != 0 {
             self.wake_rx.drain();
         }
-        with_tun && fds[2].revents != 0
+        let tun_events = if with_tun { fds[2].revents } else { 0 };
+        if tun_events & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+            && tun_events & libc::POLLIN == 0
+        {
+            // A TUN whose interface is gone reports an error for ever: waiting on it would spin.
+            self.close("the TUN reported an error to poll");
+            return false;
+        }
+        tun_events & libc::POLLIN != 0
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// The TUN is gone: logged once; the send thread stops, the receive thread goes on
+    /// without it.
+    fn close(&self, why: &'static str) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                why,
+                "the data plane's TUN is gone; packets from it are no longer read"
+            );
+            self.wake_tx.signal();
+        }
     }
 
     /// After a receive-side read: if `tun` still has packets, the send thread takes over.
@@ -670,7 +698,7 @@ impl TunSide {
     /// thread when its `poll` found the TUN readable, and by any thread that just wrote to
     /// the TUN (what the write produced, a ping's echo reply or a TCP ACK, leaves at once).
     fn rx_turn(&self, core: &Core, tun: &TunDevice, udp: &UdpSocket, relay: &RelayQueue) {
-        if !self.owner.rx_owns() {
+        if !self.owner.rx_owns() || self.owner.is_closed() {
             return;
         }
         let read = {
@@ -679,7 +707,13 @@ impl TunSide {
             if !self.owner.rx_owns() {
                 return;
             }
-            matches!(reader.turn(core, tun, udp, relay, 1), Turn::Read(1))
+            match reader.turn(core, tun, udp, relay, 1) {
+                Turn::Read(n) => n == 1,
+                Turn::Closed => {
+                    self.owner.close("reading the TUN failed (EBADFD)");
+                    false
+                }
+            }
         };
         if read {
             self.owner.rx_read_one(tun.dev.as_raw_fd());
@@ -716,6 +750,9 @@ fn tx_loop(
     // TUN_READS_PER_FLUSH per UDP flush, while the TUN has packets.
     let mut first = true;
     while !stop.load(Ordering::Relaxed) {
+        if side.owner.is_closed() {
+            return;
+        }
         if side.owner.rx_owns() {
             side.owner.tx_wait(STOP_CHECK);
             first = true;
@@ -724,7 +761,10 @@ fn tx_loop(
         let limit = if first { 1 } else { TUN_READS_PER_FLUSH };
         let reads = match side.reader().turn(core, tun, udp, relay, limit) {
             Turn::Read(n) => n,
-            Turn::Closed => return,
+            Turn::Closed => {
+                side.owner.close("reading the TUN failed (EBADFD)");
+                return;
+            }
         };
         first = false;
         if reads == 0 {
@@ -1027,6 +1067,27 @@ mod tests {
         );
         // Both sides served: the receive side at the start of bursts, the send side the rest.
         assert!(by_rx > 0 && by_rx < N, "receive side read {by_rx} of {N}");
+    }
+
+    /// A TUN whose interface is gone reports an error to every `poll`: the receive thread
+    /// stops waiting on it (instead of waking for it at once, for ever) and keeps serving its
+    /// socket; the send thread is told. A pipe whose writer is closed stands in for it.
+    #[test]
+    fn a_tun_that_reports_an_error_is_no_longer_waited_on() {
+        let owner = TunOwner::new().expect("eventfds");
+        let (tun_r, tun_w) = pipe();
+        let (quiet_r, _quiet_w) = pipe();
+        drop(tun_w);
+        let wait = Duration::from_millis(60);
+        assert!(!owner.rx_wait(quiet_r.as_raw_fd(), tun_r.as_raw_fd(), wait));
+        assert!(owner.is_closed());
+        let mut fd = [pollfd(owner.wake_tx.raw())];
+        poll_fds(&mut fd, Duration::ZERO);
+        assert_ne!(fd[0].revents & libc::POLLIN, 0, "the send thread is woken");
+        // From now on the wait lasts its timeout: the broken TUN is no longer in it.
+        let t0 = Instant::now();
+        assert!(!owner.rx_wait(quiet_r.as_raw_fd(), tun_r.as_raw_fd(), wait));
+        assert!(t0.elapsed() >= wait / 2, "{:?}", t0.elapsed());
     }
 
     /// One IPv4 TCP segment (ACK only, no options) of `flow` with sequence number `seq`.
