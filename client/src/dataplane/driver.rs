@@ -52,7 +52,7 @@ use super::engine::{Core, Outbox, RelayId, Source};
 use super::pmtu::REFRESH_INTERVAL;
 use super::relay::RelayQueue;
 use super::tun::{TunDevice, TunParams};
-use super::udp::{poll_fds, RecvBatch, SendScratch, UdpSocket};
+use super::udp::{poll_fds, pollfd, RecvBatch, SendScratch, UdpSocket};
 use super::{DataPlaneConfig, TUN_MTU};
 
 /// How long a blocked wait lasts before the thread checks the stop flag on its own (a stop
@@ -586,14 +586,6 @@ impl EventFd {
         unsafe {
             libc::read(self.raw(), v.as_mut_ptr().cast(), v.len());
         }
-    }
-}
-
-fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
     }
 }
 

@@ -191,7 +191,7 @@ impl UdpSocket {
         self.gso.load(Ordering::Relaxed)
     }
 
-    /// Waits until readable or `timeout` passes.
+    /// The socket's descriptor, for a `poll` that waits on it with others.
     pub(crate) fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -348,10 +348,10 @@ impl UdpSocket {
     }
 }
 
-/// Reusable buffers for [`UdpSocket::recv`].
 /// The most messages one receive takes.
 pub(crate) const MAX_RECV_SLOTS: usize = 16;
 
+/// Reusable buffers for [`UdpSocket::recv`].
 pub(crate) struct RecvBatch {
     buf: Vec<u8>,
     slot_size: usize,
@@ -641,7 +641,15 @@ fn bind(fd: &OwnedFd, ss: &libc::sockaddr_storage, len: libc::socklen_t) -> io::
     Ok(())
 }
 
-/// Waits for `events` on `fd` for at most `timeout`.
+/// A `pollfd` waiting for `fd` to be readable.
+pub(crate) fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
 /// Waits until one of `fds` is ready or `timeout` passes; `revents` say which.
 pub(crate) fn poll_fds(fds: &mut [libc::pollfd], timeout: Duration) {
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
@@ -807,12 +815,7 @@ mod tests {
             match b.recv(&mut batch) {
                 Ok(_) => got.extend(batch.datagrams().map(|(_, d)| d.to_vec())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut fd = [libc::pollfd {
-                        fd: b.raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    }];
-                    poll_fds(&mut fd, Duration::from_millis(50));
+                    poll_fds(&mut [pollfd(b.raw_fd())], Duration::from_millis(50));
                 }
                 Err(e) => panic!("{e}"),
             }
