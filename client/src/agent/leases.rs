@@ -235,6 +235,11 @@ impl LeaseCache {
         self.earliest_end_ms
     }
 
+    /// When the earliest configured lease ends, in coordinator ms (`i64::MAX` if none does).
+    pub fn earliest_end_ms(&self) -> i64 {
+        self.earliest_end_ms
+    }
+
     fn configured(&self) -> PeerMap {
         self.devices
             .iter()

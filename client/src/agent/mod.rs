@@ -57,14 +57,33 @@ pub use posture::{fit_report, PostureCadence};
 pub use relays::{ConnState, RelayConn, RelayConnEvent, RelayOut, Relays};
 pub use rotation::{rotation_due, Rotation, ROTATION_CONFIRM_MAX, ROTATION_SETTLE};
 
-/// Peer lease expiry is re-checked this often, with or without a coordinator.
-pub const EXPIRY_CHECK: Duration = Duration::from_millis(200);
-/// Rotation steps (due, switch, confirm) are looked at this often during a session.
+/// Housekeeping runs on one grid of this step, counted from the agent's start: the re-check of
+/// peer leases, relay tickets, flow samples, posture collection, the refresh and a due key
+/// rotation all land on its points, so an idle agent wakes once a step rather than once per
+/// timer. The earliest configured lease's end is a wake-up of its own, at that instant, with
+/// or without a coordinator; the step bounds how late an end is seen when the monotonic clock
+/// stood still (a suspended laptop) or the wall clock moved.
+pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// While a key rotation waits on what only a look can tell (peers moving to the new key, a
+/// queued rotation waiting for a spare key), it is looked at this often.
 pub const ROTATION_TICK: Duration = Duration::from_millis(250);
-/// Endpoints, clock offset and certificate are refreshed this often during a session.
+/// Endpoints, clock offset and certificate are refreshed this often during a session (a
+/// multiple of [`HOUSEKEEPING`], as are the two below).
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 /// Posture is collected (and denied flows are reported) this often during a session.
 pub const POSTURE_TICK: Duration = Duration::from_secs(1);
+
+/// The first point of the grid of `step` from `anchor` that comes after `t` (`anchor` itself
+/// if `t` is earlier).
+fn grid_after(anchor: Instant, t: Instant, step: Duration) -> Instant {
+    let Some(since) = t.checked_duration_since(anchor) else {
+        return anchor;
+    };
+    let step_ns = step.as_nanos().max(1);
+    let n = since.as_nanos() / step_ns + 1;
+    let after = Duration::from_nanos(u64::try_from(n * step_ns).unwrap_or(u64::MAX));
+    anchor.checked_add(after).unwrap_or(t + step)
+}
 
 /// The time of one input: a monotonic instant for timers, and this device's wall clock (ms
 /// since the Unix epoch) from which coordinator time is derived with the measured offset.
@@ -326,6 +345,14 @@ pub struct Agent {
         Vec<ward_shared::routes::Prefix>,
         Vec<ward_shared::routes::Prefix>,
     )>,
+    /// When the relay tickets want a look ([`Relays::poll_timeout`] as of the last change).
+    relay_deadline: Option<Instant>,
+    /// The origin of the [`HOUSEKEEPING`] grid.
+    anchor: Instant,
+    /// When the rotation was last looked at ([`ROTATION_TICK`] counts from it).
+    last_rotation_step: Instant,
+    /// The next look at peer leases: the earliest configured lease's end, or the next
+    /// housekeeping point if that comes first.
     next_expiry: Instant,
     /// Flow records: windows, reports not yet acknowledged.
     flow_log: FlowLog,
@@ -371,9 +398,12 @@ impl Agent {
             applied_filter: None,
             applied_shadow: None,
             applied_routes: None,
-            next_expiry: now.instant + EXPIRY_CHECK,
+            relay_deadline: None,
+            anchor: now.instant,
+            last_rotation_step: now.instant,
+            next_expiry: grid_after(now.instant, now.instant, HOUSEKEEPING),
             flow_log: FlowLog::new(FlowLogConfig::default()),
-            next_flows: now.instant + FLOW_TICK,
+            next_flows: grid_after(now.instant, now.instant, FLOW_TICK),
             transmits: VecDeque::new(),
             events,
             cfg,
@@ -391,8 +421,8 @@ impl Agent {
                 Link::Opening { since } => since,
                 Link::Waiting { .. } | Link::Session { .. } => now.instant,
             },
-            next_rotation: now.instant + ROTATION_TICK,
-            next_refresh: now.instant + REFRESH_INTERVAL,
+            next_rotation: self.every(now.instant, HOUSEKEEPING),
+            next_refresh: self.every(now.instant, REFRESH_INTERVAL),
             next_posture: now.instant,
         };
         self.rotation = Rotation::Unleased { requested: false };
@@ -505,7 +535,7 @@ impl Agent {
                 if first {
                     let coord = self.coordinator_ms(now.unix_ms);
                     self.relays.session_started(now.instant, coord);
-                    self.drain_relays();
+                    self.drain_relays(now);
                 }
             }
             CoordinatorMsg::NetmapDelta(d) => {
@@ -544,7 +574,7 @@ impl Agent {
             CoordinatorMsg::RelayTicket { ticket } => {
                 let coord = self.coordinator_ms(now.unix_ms);
                 self.relays.handle_ticket(ticket, now.instant, coord);
-                self.drain_relays();
+                self.drain_relays(now);
             }
             CoordinatorMsg::CertRenewed {
                 cert_der,
@@ -558,7 +588,7 @@ impl Agent {
                 });
                 let coord = self.coordinator_ms(now.unix_ms);
                 self.relays.cert_renewed(now.instant, coord);
-                self.drain_relays();
+                self.drain_relays(now);
             }
             CoordinatorMsg::Pong {
                 nonce,
@@ -648,13 +678,13 @@ impl Agent {
             self.drain_netcheck();
             self.publish();
         }
-        // Relay tickets (requests, expiry): every tick, at least every EXPIRY_CHECK, which is
-        // precise enough for a 10 s request gap and a ticket of minutes.
+        // Relay tickets (requests, half life, expiry): every tick, which comes at least every
+        // HOUSEKEEPING and at the time the tickets asked for.
         let coord = self.coordinator_ms(now.unix_ms);
         if self.relays.handle_timeout(now.instant, coord) {
             self.publish();
         }
-        self.drain_relays();
+        self.drain_relays(now);
         if now.instant >= self.next_expiry {
             // Nothing to do while the netmap, the clock offset and every configured lease
             // stand as they were applied (the netmap's own changes apply at once).
@@ -667,12 +697,12 @@ impl Agent {
             if !unchanged {
                 self.apply_peers(now);
             }
-            self.next_expiry = now.instant + EXPIRY_CHECK;
+            self.next_expiry = self.expiry_deadline(now);
         }
         if now.instant >= self.next_flows {
             self.events.push_back(Event::TakeFlowSamples);
             self.flow_log.handle_timeout(coord);
-            self.next_flows = now.instant + FLOW_TICK;
+            self.next_flows = self.every(now.instant, FLOW_TICK);
         }
         self.send_flow_reports(now);
         match self.link {
@@ -689,9 +719,12 @@ impl Agent {
             } => {
                 if now.instant >= next_rotation
                     || self.rotation.deadline().is_some_and(|d| now.instant >= d)
+                    || (self.rotation_polled()
+                        && now.instant >= self.last_rotation_step + ROTATION_TICK)
                 {
                     self.rotation_step(now);
-                    next_rotation = now.instant + ROTATION_TICK;
+                    self.last_rotation_step = now.instant;
+                    next_rotation = self.every(now.instant, HOUSEKEEPING);
                 }
                 if now.instant >= next_refresh {
                     self.events.push_back(Event::NeedUpdate);
@@ -699,7 +732,7 @@ impl Agent {
                     if cert::renewal_due(self.cfg.cert_not_after_ms, now.unix_ms) {
                         self.events.push_back(Event::NeedCsr);
                     }
-                    next_refresh = now.instant + REFRESH_INTERVAL;
+                    next_refresh = self.every(now.instant, REFRESH_INTERVAL);
                 }
                 if now.instant >= next_posture {
                     self.events.push_back(Event::TakeDeniedFlows);
@@ -712,7 +745,7 @@ impl Agent {
                             clock_offset_ms: offset,
                         });
                     }
-                    next_posture = now.instant + POSTURE_TICK;
+                    next_posture = self.every(now.instant, POSTURE_TICK);
                 }
                 // A rotation step may have ended the session.
                 if let Link::Session { .. } = self.link {
@@ -824,11 +857,11 @@ impl Agent {
 
     /// A relay connection's state from the driver (after `Event::Relay`): a change of home
     /// relay is published at once.
-    pub fn handle_relay_event(&mut self, report: RelayConnEvent, _now: Now) {
+    pub fn handle_relay_event(&mut self, report: RelayConnEvent, now: Now) {
         if self.relays.handle_report(report) {
             self.publish();
         }
-        self.drain_relays();
+        self.drain_relays(now);
     }
 
     /// A certificate request made with the identity key (answer to `Event::NeedCsr`).
@@ -853,10 +886,52 @@ impl Agent {
         self.events.pop_front()
     }
 
+    /// The first point of the housekeeping grid at least `period` (a multiple of
+    /// [`HOUSEKEEPING`]) after the last one before `now`: timers set this way share wake-ups.
+    fn every(&self, now: Instant, period: Duration) -> Instant {
+        grid_after(
+            self.anchor,
+            now + period.saturating_sub(HOUSEKEEPING),
+            HOUSEKEEPING,
+        )
+    }
+
+    /// When peer leases must be looked at next: when the earliest configured lease ends (in
+    /// coordinator time, through the measured clock offset), or the next housekeeping point.
+    fn expiry_deadline(&self, now: Now) -> Instant {
+        let step = self.every(now.instant, HOUSEKEEPING);
+        let coord_now = self.coordinator_ms(now.unix_ms);
+        match self.leases.earliest_end_ms().checked_sub(coord_now) {
+            // Ended already: `apply_peers` has just dropped it (a look again now would find
+            // the same), so the step stands.
+            Some(wait) if wait > 0 => {
+                let wait = Duration::from_millis(u64::try_from(wait).unwrap_or(u64::MAX));
+                now.instant
+                    .checked_add(wait)
+                    .map_or(step, |end| end.min(step))
+            }
+            Some(_) | None => step,
+        }
+    }
+
+    /// A lease change may bring the earliest end forward.
+    fn schedule_expiry(&mut self, now: Now) {
+        self.next_expiry = self.next_expiry.min(self.expiry_deadline(now));
+    }
+
+    /// Whether the rotation waits on something only a look can tell: peers moving to the new
+    /// key, or a queued rotation waiting for a spare key.
+    fn rotation_polled(&self) -> bool {
+        matches!(self.rotation, Rotation::Confirming { .. }) || self.queued.is_some()
+    }
+
     /// When [`Agent::handle_tick`] must be called next.
     #[must_use]
     pub fn poll_timeout(&self) -> Instant {
         let mut t = self.next_expiry.min(self.next_flows);
+        if let Some(r) = self.relay_deadline {
+            t = t.min(r);
+        }
         match self.link {
             Link::Waiting { retry_at } => t = t.min(retry_at),
             Link::Opening { .. } => {}
@@ -867,6 +942,9 @@ impl Agent {
                 ..
             } => {
                 t = t.min(next_rotation).min(next_refresh).min(next_posture);
+                if self.rotation_polled() {
+                    t = t.min(self.last_rotation_step + ROTATION_TICK);
+                }
                 if let Some(n) = self.netcheck.poll_timeout() {
                     t = t.min(n);
                 }
@@ -1007,11 +1085,11 @@ impl Agent {
         if self.relays.home() != self.update.home_relay.as_deref() {
             self.publish();
         }
-        self.drain_relays();
+        self.drain_relays(now);
     }
 
     /// The relay state machine's outputs become driver events and coordinator messages.
-    fn drain_relays(&mut self) {
+    fn drain_relays(&mut self, now: Now) {
         if self.relays.poll_ticket_request() && matches!(self.link, Link::Session { .. }) {
             debug!("asking for a relay ticket");
             self.transmits.push_back(DeviceMsg::RelayTicketRequest);
@@ -1024,6 +1102,8 @@ impl Agent {
             self.applied_relays = usable.clone();
             self.events.push_back(Event::SetRelays(usable));
         }
+        let coord = self.coordinator_ms(now.unix_ms);
+        self.relay_deadline = self.relays.poll_timeout(now.instant, coord);
     }
 
     /// Address discovery's requests and resolutions become driver events.
@@ -1143,6 +1223,7 @@ impl Agent {
         }
         self.apply_filter();
         self.apply_shadow();
+        self.schedule_expiry(now);
     }
 
     /// After a netmap delta: only the devices it names are checked and handed on (one
@@ -1192,6 +1273,7 @@ impl Agent {
         if d.shadow_filter.is_some() {
             self.apply_shadow();
         }
+        self.schedule_expiry(now);
     }
 
     /// The prefixes this device serves and those it reaches through the configured peers.
@@ -1255,7 +1337,7 @@ impl Agent {
         if revoked {
             // No relay may carry this device's traffic any more.
             self.relays.clear();
-            self.drain_relays();
+            self.drain_relays(now);
             // Leave the network: no peers, no tunnels.
             self.phase = Phase::Revoked;
             self.netmap = None;

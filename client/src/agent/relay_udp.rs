@@ -121,7 +121,20 @@ impl PlainUdp {
         };
     }
 
-    /// What to send now (call every ~250 ms and after each event).
+    /// When [`PlainUdp::handle_timer`] has something to do next: the next request, the
+    /// confirm's resend, or the attempt's timeout.
+    pub fn poll_timeout(&self) -> Instant {
+        match self.phase {
+            Phase::Idle { next } => next,
+            Phase::Binding { asked, confirm } => {
+                // The timeout counts once more than BIND_TIMEOUT has passed.
+                let timeout = asked + BIND_TIMEOUT + Duration::from_millis(1);
+                confirm.map_or(timeout, |(_, sent)| timeout.min(sent + CONFIRM_RESEND))
+            }
+        }
+    }
+
+    /// What to send now (call at [`PlainUdp::poll_timeout`] and after each event).
     pub fn handle_timer(&mut self, now: Instant) -> Option<Action> {
         match self.phase {
             Phase::Idle { next } if now >= next => {
@@ -245,6 +258,54 @@ mod tests {
         let mut big = Vec::new();
         frame_data(&mut big, &T, &vec![0u8; 8 + 4096]);
         assert_eq!(parse_data(&big, Some(&T)), Err(PlainDrop::Malformed));
+    }
+
+    /// A driver that wakes only at `poll_timeout` misses nothing: just before it, the timer
+    /// does nothing; at it, the next step happens (request, resend, timeout, refresh).
+    #[test]
+    fn the_timer_acts_at_its_poll_timeout_and_not_before() {
+        let t0 = Instant::now();
+        let mut p = PlainUdp::new(t0);
+        let step = |p: &mut PlainUdp| {
+            let at = p.poll_timeout();
+            let before = p.clone();
+            assert_eq!(p.handle_timer(at - Duration::from_millis(1)), None);
+            assert_eq!(*p, before, "nothing changes before the poll timeout");
+            (at, p.handle_timer(at))
+        };
+        assert_eq!(step(&mut p), (t0, Some(Action::Request)));
+        let Some(Action::Confirm(c)) = p.handle_binding(T, N1, ms(t0, 100)) else {
+            panic!("a confirm")
+        };
+        assert_eq!(
+            step(&mut p),
+            (ms(t0, 100) + CONFIRM_RESEND, Some(Action::Confirm(c)))
+        );
+        // Unanswered: resent until the attempt times out, then the next attempt waits.
+        let mut resends = 0;
+        loop {
+            match step(&mut p) {
+                (_, Some(Action::Confirm(_))) => resends += 1,
+                (at, None) => {
+                    assert_eq!(at, t0 + BIND_TIMEOUT + Duration::from_millis(1));
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(resends >= 5, "{resends} resends");
+        assert_eq!(p.fallbacks, 1);
+        let retry = p.poll_timeout();
+        assert_eq!(
+            retry,
+            t0 + BIND_TIMEOUT + Duration::from_millis(1) + RETRY_AFTER
+        );
+        assert_eq!(step(&mut p), (retry, Some(Action::Request)));
+        let Some(Action::Confirm(_)) = p.handle_binding(T, N2, retry) else {
+            panic!("a confirm")
+        };
+        p.handle_bound(retry);
+        assert_eq!(step(&mut p), (retry + REFRESH_EVERY, Some(Action::Request)));
     }
 
     const T: [u8; UDP_BIND_LEN] = [7; UDP_BIND_LEN];

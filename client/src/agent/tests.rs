@@ -101,6 +101,31 @@ impl H {
         self.drain();
     }
 
+    /// Runs `ms` of time as the daemon does: sleeps until `poll_timeout`, then ticks (no peer
+    /// on the old key). Returns the number of wake-ups.
+    fn run_as_driver(&mut self, ms: i64) -> usize {
+        let end = self.t + ms;
+        let mut wakes = 0;
+        loop {
+            let at = self.agent.poll_timeout();
+            let ns = at.saturating_duration_since(self.base).as_nanos();
+            let at_ms = T0 + i64::try_from(ns.div_ceil(1_000_000)).unwrap();
+            if at_ms > end {
+                break;
+            }
+            self.t = at_ms.max(self.t);
+            let now = self.now();
+            self.agent
+                .handle_dataplane_event(DataPlaneEvent::PeersOnOldKey(0), now);
+            self.agent.handle_tick(now);
+            self.drain();
+            wakes += 1;
+            assert!(wakes < 100_000, "the agent asks to be woken without end");
+        }
+        self.t = end;
+        wakes
+    }
+
     /// Advances time in 50 ms steps, reporting `on_old` peers on the old key before each tick.
     fn advance(&mut self, ms: i64, on_old: usize) {
         let end = self.t + ms;
@@ -481,6 +506,35 @@ fn a_lease_that_does_not_verify_ends_the_session() {
 }
 
 #[test]
+fn an_idle_agent_wakes_once_a_housekeeping_step_and_at_a_lease_end() {
+    let mut h = H::new();
+    h.leased();
+    let short = h.lease(2, WgPublicKey([20; 32]), 4_321);
+    let long = h.lease(2, WgPublicKey([21; 32]), TTL);
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![short, long])));
+    h.run_as_driver(1_000);
+    h.take_events();
+    // Leases, relay tickets, flow samples, posture and the refresh share one grid: over eight
+    // steps (ending before this device's own lease is half spent and a rotation starts),
+    // eight wake-ups, plus one at the short lease's end, which is not on the grid.
+    let steps = 8 * HOUSEKEEPING.as_millis() as i64;
+    let wakes = h.run_as_driver(steps);
+    assert!(
+        (8..=10).contains(&wakes),
+        "{wakes} wake-ups in {steps} ms of an idle session"
+    );
+    // The peer's short lease ended on time; its long one stays configured.
+    let peers: Vec<[u8; 32]> = h
+        .agent
+        .configured_peers()
+        .iter()
+        .map(|p| p.public_key)
+        .collect();
+    assert_eq!(peers, vec![[21; 32]]);
+    assert_eq!(h.agent.rotation(), &Rotation::Idle);
+}
+
+#[test]
 fn peers_without_valid_leases_are_never_configured_and_expire_offline() {
     let mut h = H::new();
     h.leased();
@@ -500,13 +554,14 @@ fn peers_without_valid_leases_are_never_configured_and_expire_offline() {
     assert_eq!(peers, vec![[20; 32]]);
     assert!(evs.contains(&Event::Connected { peers: 1 }));
     assert_eq!(h.agent.phase(), Phase::Connected);
-    // The coordinator goes away; the lease still ends on time, within one expiry check.
+    // The coordinator goes away; the lease still ends on time: at its end, not at the next
+    // housekeeping point.
     let now = h.now();
     h.agent.handle_disconnected(None, now);
     h.drain();
-    h.advance(2900, 0);
+    h.advance(2950, 0);
     assert!(!h.take_events().contains(&Event::SetPeers(vec![])));
-    h.advance(100 + EXPIRY_CHECK.as_millis() as i64, 0);
+    h.advance(50, 0);
     assert!(h.take_events().contains(&Event::SetPeers(vec![])));
     assert!(h.agent.configured_peers().is_empty());
     assert_eq!(

@@ -38,7 +38,7 @@ pub(super) mod relay_link;
 #[path = "relay_plain.rs"]
 pub(super) mod relay_plain;
 use super::relay_batch;
-use crate::agent::relay_udp::{Action as PlainAction, PlainUdp, CONFIRM_RESEND};
+use crate::agent::relay_udp::{Action as PlainAction, PlainUdp};
 use crate::agent::RelayConnEvent;
 use crate::control;
 use crate::dataplane::{DataPlane, RelayReceiver};
@@ -336,11 +336,14 @@ async fn serve(t: &mut RelayTask) -> Result<()> {
     let mut batch = Vec::with_capacity(relay_batch::RECV_BATCH);
     let mut tick = tokio::time::interval(RTT_INTERVAL);
     tick.tick().await;
-    let mut plain_tick = tokio::time::interval(CONFIRM_RESEND);
-    plain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // The plain-UDP path's next step (a request, a confirm's resend, a timeout).
+        let plain_at = plain.as_ref().map(|(_, state)| state.poll_timeout());
         tokio::select! {
-            _ = plain_tick.tick(), if plain.is_some() => {
+            _ = async { match plain_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            } } => {
                 if let Some((link, state)) = plain.as_mut() {
                     let before = state.fallbacks;
                     let action = state.handle_timer(Instant::now());

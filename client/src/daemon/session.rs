@@ -130,8 +130,8 @@ impl Daemon {
                     warn!(error = %format!("{e:#}"), "cannot save the flow log state");
                 }
             }
-            // Punch requests the data plane wants sent (it started probing those peers; the
-            // ones its timer thread starts wait for the next turn, at most `EXPIRY_CHECK`).
+            // Punch requests the data plane wants sent (it started probing those peers; its
+            // timer thread wakes this loop for the ones it starts).
             if let Some(d) = &dp {
                 let peers = d.take_punch_requests();
                 if !peers.is_empty() {
@@ -219,6 +219,10 @@ impl Daemon {
                         }
                     }
                 }
+                _ = async { match &dp {
+                    Some(d) => d.punch_ready().await,
+                    None => std::future::pending().await,
+                } } => {}
                 // A fresh wait each turn loses nothing: the data plane's notification is kept
                 // until someone waits.
                 _ = async { match &dp {

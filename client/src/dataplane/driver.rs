@@ -223,6 +223,7 @@ impl Driver {
         core: Arc<Core>,
         discovery: Arc<Inbox>,
         relay: Arc<RelayQueue>,
+        punch_ready: Arc<tokio::sync::Notify>,
     ) -> anyhow::Result<Driver> {
         let udp = Arc::new(
             UdpSocket::bind(cfg.port, core.path_mtus().clone())
@@ -266,7 +267,7 @@ impl Driver {
             threads.push(spawn("ward-dp-timer", {
                 let (core, udp, stop) = (core.clone(), udp.clone(), stop.clone());
                 let relay = relay.clone();
-                Box::new(move || timer_loop(&core, &udp, &relay, &stop))
+                Box::new(move || timer_loop(&core, &udp, &relay, &punch_ready, &stop))
             })?);
             anyhow::Ok(())
         })();
@@ -855,7 +856,13 @@ fn write_tun(tun: &TunDevice, gro: &mut LazyGro, bufs: &mut [TunBuf], errors: &m
     }
 }
 
-fn timer_loop(core: &Core, udp: &UdpSocket, relay: &RelayQueue, stop: &AtomicBool) {
+fn timer_loop(
+    core: &Core,
+    udp: &UdpSocket,
+    relay: &RelayQueue,
+    punch_ready: &tokio::sync::Notify,
+    stop: &AtomicBool,
+) {
     let mut out = Outbox::new();
     let mut scratch = SendScratch::default();
     let mut last_report = Instant::now();
@@ -866,6 +873,11 @@ fn timer_loop(core: &Core, udp: &UdpSocket, relay: &RelayQueue, stop: &AtomicBoo
         std::thread::sleep(core.timer_wait());
         let now = Instant::now();
         core.handle_timers(now, &mut out);
+        // The session loop sleeps until its next housekeeping point: wake it for punch
+        // requests, so they reach the coordinator while this side's burst is under way.
+        if core.punch_pending() {
+            punch_ready.notify_one();
+        }
         if !out.is_empty() {
             udp.send_outbox(&out, &mut scratch);
             relay.push(core, &out);

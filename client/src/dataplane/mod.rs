@@ -214,6 +214,7 @@ pub struct DataPlane {
     local_port: u16,
     discovery: Arc<discovery::Inbox>,
     relay: Arc<relay::RelayQueue>,
+    punch_ready: Arc<tokio::sync::Notify>,
 }
 
 impl DataPlane {
@@ -234,9 +235,11 @@ impl DataPlane {
         core.set_own_ipv4(cfg.ipv4);
         let discovery = Arc::new(discovery::Inbox::default());
         let relay = Arc::new(relay::RelayQueue::new(relay::RELAY_QUEUE));
+        let punch_ready = Arc::new(tokio::sync::Notify::new());
         let driver = tokio::task::spawn_blocking({
             let (core, discovery, relay) = (core.clone(), discovery.clone(), relay.clone());
-            move || driver::Driver::start(&cfg, core, discovery, relay)
+            let punch_ready = punch_ready.clone();
+            move || driver::Driver::start(&cfg, core, discovery, relay, punch_ready)
         })
         .await
         .context("data plane start task")??;
@@ -247,6 +250,7 @@ impl DataPlane {
             local_port,
             discovery,
             relay,
+            punch_ready,
         })
     }
 
@@ -397,6 +401,12 @@ impl DataPlane {
     /// [`Core::take_punch_requests`]).
     pub fn take_punch_requests(&self) -> Vec<u64> {
         self.core.take_punch_requests(Instant::now())
+    }
+
+    /// Resolves when [`DataPlane::take_punch_requests`] may have peers (the timer thread
+    /// started probing them); a notification made while nobody waits is kept.
+    pub async fn punch_ready(&self) {
+        self.punch_ready.notified().await
     }
 
     /// Peer `device_id` is probing this device now (a punch forwarded by the coordinator):

@@ -307,6 +307,11 @@ impl Core {
         }
     }
 
+    /// Whether [`Core::take_punch_requests`] may have peers to return.
+    pub fn punch_pending(&self) -> bool {
+        self.punch_pending.load(Ordering::Relaxed)
+    }
+
     /// The peers (device ids) for which a punch request should go to the coordinator now:
     /// this side just started probing their direct candidates (see the `path` module). Each
     /// wish is returned once.
