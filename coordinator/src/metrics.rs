@@ -13,6 +13,7 @@
 //! policy, written by the administrator. No label ever carries a device id, hostname or address.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -92,6 +93,10 @@ impl LiveMetrics {
 pub struct Counters {
     admin: Mutex<BTreeMap<String, u64>>,
     audit: Mutex<AuditTally>,
+    /// QUIC handshakes in progress (connections accepted, not yet established).
+    pub quic_handshakes: AtomicU64,
+    /// Connection attempts answered with a QUIC Retry (the source had to prove its address).
+    pub quic_retries: AtomicU64,
 }
 
 impl Counters {
@@ -145,6 +150,8 @@ pub struct Inputs {
     pub posture: BTreeMap<(String, bool), u64>,
     pub admin: BTreeMap<String, u64>,
     pub refusals: BTreeMap<Action, u64>,
+    pub quic_handshakes: u64,
+    pub quic_retries: u64,
     /// Behaviour anomalies raised and their admin labels (precision and recall).
     pub anomalies: crate::behaviour::Labels,
 }
@@ -379,6 +386,17 @@ pub fn render(i: &Inputs) -> String {
         "ward_coordinator_netmap_pushes_total",
         "Netmaps and netmap deltas queued on device connections.",
         i.live.netmap_pushes,
+    );
+    e.gauge(
+        "ward_coordinator_quic_handshakes",
+        "QUIC handshakes in progress.",
+        i.quic_handshakes as f64,
+    );
+    e.counter(
+        "ward_coordinator_quic_retries_total",
+        "Connection attempts answered with a QUIC Retry, while many handshakes were in progress: \
+         the source had to prove its address before any connection state was kept.",
+        i.quic_retries,
     );
     e.counter(
         "ward_coordinator_netmaps_resumed_total",

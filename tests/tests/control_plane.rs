@@ -536,3 +536,130 @@ fn corrupt_state_is_an_error_not_a_reenrollment() {
         & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+/// A QUIC long-header packet of type Retry (version 1: form and fixed bits, type 3).
+fn is_quic_retry(datagram: &[u8]) -> bool {
+    datagram.first().is_some_and(|b| b & 0xf0 == 0xf0)
+}
+
+/// Opens `n` QUIC connections to `target` through a relay socket that forwards what the
+/// clients send and answers nothing back: every handshake stays in progress at the server.
+/// Returns the number of Retry packets the server sent, counted until `until` is set.
+fn stalled_handshakes(
+    target: std::net::SocketAddr,
+    n: usize,
+    until: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            // Clients → relay socket → the coordinator; the coordinator's answers end here.
+            let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let relay_addr = relay.local_addr().unwrap();
+            let client_sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let client_addr = client_sock.local_addr().unwrap();
+            let endpoint = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                client_sock,
+                std::sync::Arc::new(quinn::TokioRuntime),
+            )
+            .unwrap();
+            // No certificate is checked before the server's first answer, which never comes.
+            let mut tls = rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+            let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+            let config = quinn::ClientConfig::new(std::sync::Arc::new(quic));
+            // Paced, so that no socket buffer on the way drops the first packets.
+            let opener = tokio::spawn(async move {
+                let mut pending = Vec::new();
+                for i in 0..n {
+                    let c = endpoint
+                        .connect_with(config.clone(), relay_addr, "coordinator")
+                        .unwrap();
+                    pending.push(c);
+                    if i % 20 == 19 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                (endpoint, pending)
+            });
+            let mut retries = 0;
+            let mut buf = vec![0u8; 65536];
+            while !until.load(Ordering::Relaxed) {
+                let got =
+                    tokio::time::timeout(Duration::from_millis(50), relay.recv_from(&mut buf))
+                        .await;
+                let Ok(Ok((len, from))) = got else { continue };
+                if from == client_addr {
+                    let _ = relay.send_to(&buf[..len], target).await;
+                } else if is_quic_retry(&buf[..len]) {
+                    retries += 1;
+                }
+            }
+            drop(opener.await.unwrap());
+            retries
+        })
+    })
+}
+
+/// Beyond 256 QUIC handshakes in progress, a connection attempt must prove its source address
+/// (a stateless Retry) before the coordinator keeps anything for it; a real device still
+/// enrolls and opens its session during such a flood, and the flood's attempts are counted.
+#[test]
+fn a_flood_of_stalled_handshakes_gets_retries_and_a_device_still_connects() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = tempfile::tempdir().unwrap();
+    let metrics = common::free_tcp_addr();
+    let c = Coordinator::init_with(tmp.path(), &["--metrics-listen", &metrics.to_string()]);
+    c.admin(&["user", "add", "fay", "--group", "eng"]);
+    c.allow_user_devices("fay");
+    let value = |name: &str| {
+        let text = common::scrape(metrics).unwrap_or_default();
+        let parsed = ward_runtime::metrics::parse_strict(&text).unwrap();
+        parsed.value(name, &[]).unwrap_or(0.0)
+    };
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", c.port).parse().unwrap();
+    let flood = stalled_handshakes(target, 400, stop.clone());
+    wait_until(
+        "the flood's handshakes in progress",
+        Duration::from_secs(10),
+        || value("ward_coordinator_quic_handshakes") >= 256.0,
+    );
+    wait_until("retries sent", Duration::from_secs(10), || {
+        value("ward_coordinator_quic_retries_total") >= 100.0
+    });
+    // The flood goes on (stalled handshakes live for the 10 s handshake timeout).
+    let in_progress = value("ward_coordinator_quic_handshakes");
+    assert!(
+        (256.0..300.0).contains(&in_progress),
+        "{in_progress} handshakes in progress: attempts beyond 256 must not hold state"
+    );
+    let a = Agent::start(tmp.path(), "fay1");
+    let out = a.up(&c.token(&["--user", "fay"]), "during-flood");
+    assert!(out.status.success(), "up failed: {}", stderr(&out));
+    wait_until(
+        "connected during the flood",
+        Duration::from_secs(10),
+        || a.status()["state"] == "connected",
+    );
+    stop.store(true, Ordering::Relaxed);
+    let retries_seen = flood.join().unwrap();
+    let counted = value("ward_coordinator_quic_retries_total");
+    assert!(retries_seen >= 100, "the flood saw {retries_seen} retries");
+    assert!(
+        counted >= retries_seen as f64,
+        "{counted} retries counted, {retries_seen} seen"
+    );
+    // Once the stalled handshakes time out, nothing stays counted.
+    wait_until("stalled handshakes ended", Duration::from_secs(15), || {
+        value("ward_coordinator_quic_handshakes") == 0.0
+    });
+}

@@ -16,7 +16,7 @@
 
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -54,6 +54,13 @@ mod udp;
 pub use replica::{FeedWake, FEED_POLL, FEED_POLL_NOTIFIED};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// QUIC handshakes in progress from which a connection attempt must first prove its source
+/// address: it gets a stateless Retry (no connection state, no key exchange, no signature)
+/// and is accepted when it comes back with the token. A device's QUIC stack answers a Retry
+/// on its own, at the cost of one round trip; a flood from spoofed addresses then holds no
+/// state at all. Nobody is refused: attempts from proven addresses are accepted whatever the
+/// number in progress.
+const RETRY_ABOVE_HANDSHAKES: u64 = 256;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the devices whose sessions the process before this one held are shown online to
 /// their peers while they reconnect (`Registry::presume_online`): devices notice a restart
@@ -454,10 +461,20 @@ pub async fn serve(
             r = &mut shutdown => { r?; break; }
             inc = endpoint.accept() => {
                 let Some(inc) = inc else { break };
-                let ctx = ctx.clone();
+                let counters = &ctx.metrics;
+                if !inc.remote_address_validated()
+                    && counters.quic_handshakes.load(Ordering::Relaxed) >= RETRY_ABOVE_HANDSHAKES
+                {
+                    counters.quic_retries.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = inc.retry() {
+                        e.into_incoming().ignore();
+                    }
+                    continue;
+                }
+                let handshake = Handshake::start(ctx.clone());
                 tokio::spawn(async move {
                     let remote = inc.remote_address();
-                    if let Err(e) = accept(inc, ctx).await {
+                    if let Err(e) = accept(inc, handshake).await {
                         debug!(%remote, error = %format!("{e:#}"), "control connection ended");
                     }
                 });
@@ -554,10 +571,31 @@ async fn prune_flows(store: Arc<dyn Store>, retention_ms: i64) {
 }
 
 /// Completes the QUIC handshake and runs the protocol its ALPN names ([`dispatch`]).
-async fn accept(inc: quinn::Incoming, ctx: Arc<Ctx>) -> Result<()> {
+/// One QUIC handshake in progress, counted from its acceptance until it ends either way.
+struct Handshake(Arc<Ctx>);
+
+impl Handshake {
+    fn start(ctx: Arc<Ctx>) -> Self {
+        ctx.metrics.quic_handshakes.fetch_add(1, Ordering::Relaxed);
+        Handshake(ctx)
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.0
+            .metrics
+            .quic_handshakes
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept(inc: quinn::Incoming, handshake: Handshake) -> Result<()> {
+    let ctx = handshake.0.clone();
     let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, inc)
         .await
         .context("handshake timed out")??;
+    drop(handshake);
     let alpn = conn
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
@@ -762,6 +800,8 @@ async fn scrape(ctx: Arc<Ctx>) -> String {
         posture,
         admin: ctx.metrics.admin_requests(),
         refusals,
+        quic_handshakes: ctx.metrics.quic_handshakes.load(Ordering::Relaxed),
+        quic_retries: ctx.metrics.quic_retries.load(Ordering::Relaxed),
         ..Default::default()
     };
     let res = tokio::task::spawn_blocking(move || {
