@@ -42,8 +42,8 @@ pub struct LeaseCache {
     devices: BTreeMap<DeviceId, Checked>,
     /// Every device's `until_ms`, to know the earliest at once.
     ends: BTreeSet<(i64, DeviceId)>,
-    /// The first of `ends` (`i64::MAX` with none), kept beside it: the expiry tick of every
-    /// session reads it, several times a second.
+    /// The first of `ends` (`i64::MAX` with none), kept beside it: the agent reads it after
+    /// every lease change to know when to look again.
     earliest_end_ms: i64,
     /// The netmap sequence and clock offset `devices` answers for; `None` once a new full
     /// netmap arrived (the entries then only serve as remembered signatures).
@@ -235,7 +235,8 @@ impl LeaseCache {
         self.earliest_end_ms
     }
 
-    /// When the earliest configured lease ends, in coordinator ms (`i64::MAX` if none does).
+    /// The earliest time, in coordinator ms, at which a device's configured leases change by
+    /// the clock alone (see `Checked::until_ms`; `i64::MAX` if none will).
     pub fn earliest_end_ms(&self) -> i64 {
         self.earliest_end_ms
     }
