@@ -542,8 +542,8 @@ fn is_quic_retry(datagram: &[u8]) -> bool {
     datagram.first().is_some_and(|b| b & 0xf0 == 0xf0)
 }
 
-/// Opens `n` QUIC connections to `target` through a relay socket that forwards what the
-/// clients send and answers nothing back: every handshake stays in progress at the server.
+/// Opens `n` QUIC connections to `target` through a socket in the middle that forwards what
+/// the clients send and answers nothing back: every handshake stays in progress at the server.
 /// Returns the number of Retry packets the server sent, counted until `until` is set.
 fn stalled_handshakes(
     target: std::net::SocketAddr,
@@ -557,9 +557,9 @@ fn stalled_handshakes(
             .build()
             .unwrap();
         rt.block_on(async move {
-            // Clients → relay socket → the coordinator; the coordinator's answers end here.
-            let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let relay_addr = relay.local_addr().unwrap();
+            // Clients → the middle socket → the coordinator; the coordinator's answers end here.
+            let middle = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let middle_addr = middle.local_addr().unwrap();
             let client_sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             let client_addr = client_sock.local_addr().unwrap();
             let endpoint = quinn::Endpoint::new(
@@ -581,7 +581,7 @@ fn stalled_handshakes(
                 let mut pending = Vec::new();
                 for i in 0..n {
                     let c = endpoint
-                        .connect_with(config.clone(), relay_addr, "coordinator")
+                        .connect_with(config.clone(), middle_addr, "coordinator")
                         .unwrap();
                     pending.push(c);
                     if i % 20 == 19 {
@@ -594,11 +594,11 @@ fn stalled_handshakes(
             let mut buf = vec![0u8; 65536];
             while !until.load(Ordering::Relaxed) {
                 let got =
-                    tokio::time::timeout(Duration::from_millis(50), relay.recv_from(&mut buf))
+                    tokio::time::timeout(Duration::from_millis(50), middle.recv_from(&mut buf))
                         .await;
                 let Ok(Ok((len, from))) = got else { continue };
                 if from == client_addr {
-                    let _ = relay.send_to(&buf[..len], target).await;
+                    let _ = middle.send_to(&buf[..len], target).await;
                 } else if is_quic_retry(&buf[..len]) {
                     retries += 1;
                 }

@@ -401,9 +401,10 @@ impl Agent {
             relay_deadline: None,
             anchor: now.instant,
             last_rotation_step: now.instant,
-            next_expiry: grid_after(now.instant, now.instant, HOUSEKEEPING),
+            // The grid's first points (it starts here).
+            next_expiry: now.instant + HOUSEKEEPING,
             flow_log: FlowLog::new(FlowLogConfig::default()),
-            next_flows: grid_after(now.instant, now.instant, FLOW_TICK),
+            next_flows: now.instant + FLOW_TICK,
             transmits: VecDeque::new(),
             events,
             cfg,

@@ -570,7 +570,6 @@ async fn prune_flows(store: Arc<dyn Store>, retention_ms: i64) {
     }
 }
 
-/// Completes the QUIC handshake and runs the protocol its ALPN names ([`dispatch`]).
 /// One QUIC handshake in progress, counted from its acceptance until it ends either way.
 struct Handshake(Arc<Ctx>);
 
@@ -590,6 +589,7 @@ impl Drop for Handshake {
     }
 }
 
+/// Completes the QUIC handshake and runs the protocol its ALPN names ([`dispatch`]).
 async fn accept(inc: quinn::Incoming, handshake: Handshake) -> Result<()> {
     let ctx = handshake.0.clone();
     let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, inc)
