@@ -2579,6 +2579,7 @@ impl Registry {
                         })
                         .collect();
                     let msg = CoordinatorMsg::Netmap(Netmap {
+                        on_demand: false,
                         resumed: None,
                         seq: 1,
                         me: SelfInfo {

@@ -78,6 +78,18 @@
 //!   carries only the peers of the buckets that differ (`Netmap.resumed` names them). A
 //!   coordinator that predates it ignores the holding and sends whole netmaps; a device that
 //!   predates it sends none and is sent whole netmaps.
+//! - 4: peers on demand. A coordinator may send a version-4 device only the peers it holds
+//!   (`Netmap.on_demand`; decided per session, when the device may reach more peers than the
+//!   coordinator lists in full): the device asks for another with `want_peer` (by overlay
+//!   address, when it sends to one it has no peer for, or by WireGuard key, when an unknown
+//!   key initiates a handshake), and the coordinator answers with a delta that adds the peer
+//!   (and adds the device to the peer's netmap if the peer is on demand too) or with
+//!   `peer_refused` when policy allows neither direction. Changes to a held peer (a new
+//!   lease, endpoints, a revocation) reach the device as deltas like any other peer's. A new
+//!   session's `hello` names the peers the device holds (`Hello.held_peers`) so a reconnect
+//!   keeps them. A version-3 device is always sent every peer. A version-4 agent against a
+//!   coordinator that predates it is refused with a `protocol` error ("protocol version 4 is
+//!   not supported"): upgrade the coordinator first.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -98,7 +110,7 @@ use crate::relay::SignedTicket;
 use crate::resume::{Holding, Resumed};
 use crate::routes::Prefix;
 
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The oldest version the coordinator still speaks (see the version history above).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
@@ -237,7 +249,34 @@ pub enum DeviceMsg {
     /// Flow records ([`crate::flows`]); answered by `flows_ack` once stored. Sent only to a
     /// coordinator whose netmap says `flows`.
     Flows(FlowReport),
+    /// Send me the peer `by` names, if policy lets us talk (protocol 4; only to a coordinator
+    /// whose netmap says `on_demand`). Answered by a netmap delta that adds the peer, or by
+    /// `peer_refused`.
+    WantPeer { by: PeerRef },
 }
+
+/// How a device names a peer it has not been sent (protocol 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerRef {
+    /// The overlay address (or an address in a routed prefix) it sends to.
+    Addr(IpAddr),
+    /// The WireGuard key an unknown handshake initiation came from.
+    Key(WgPublicKey),
+}
+
+impl std::fmt::Display for PeerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerRef::Addr(a) => write!(f, "{a}"),
+            PeerRef::Key(k) => write!(f, "key {}", k.to_base64()),
+        }
+    }
+}
+
+/// Most peers a device on demand holds at once; past it the coordinator lets go of the peer
+/// wanted longest ago (a delta removes it; the device asks again when it needs it).
+pub const MAX_HELD_PEERS: usize = 1024;
 
 /// Most entries in one `denied_flows` message.
 pub const MAX_DENIED_FLOWS: usize = 256;
@@ -425,6 +464,9 @@ pub enum CoordinatorMsg {
     FlowsAck {
         seq: u64,
     },
+    /// A `want_peer` the coordinator refused: no peer it names may talk with this device
+    /// (policy allows neither direction), or it names none.
+    PeerRefused { by: PeerRef, reason: String },
     /// The request was refused; on `Enroll`/`Hello` the coordinator then closes the connection.
     Error {
         code: ErrorCode,
@@ -598,6 +640,10 @@ pub struct Hello {
     /// predates this), and the first netmap is whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holding: Option<Holding>,
+    /// The peers a device on demand holds (protocol 4), to keep on this session (at most
+    /// [`MAX_HELD_PEERS`]; the coordinator keeps only those policy still allows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_peers: Vec<DeviceId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -739,6 +785,10 @@ pub struct Netmap {
     /// Absent: `peers` is every peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed: Option<Resumed>,
+    /// `peers` (and every delta's) are only the peers this device holds (protocol 4): it
+    /// asks for another with `want_peer`. Absent: every peer it may talk with is listed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_demand: bool,
 }
 
 /// What a device may open on every destination of one service (protocol 3), but itself.
@@ -1358,6 +1408,7 @@ mod tests {
     /// A netmap of sequence 1, policy version 4, with nothing but `me` and `peers`.
     fn netmap_of(me: SelfInfo, peers: Vec<Peer>) -> Netmap {
         Netmap {
+            on_demand: false,
             resumed: None,
             seq: 1,
             me,
@@ -2077,6 +2128,58 @@ mod tests {
         );
     }
 
+    /// Peers on demand (protocol 4) as first written; a version-3 netmap has no `on_demand`
+    /// and lists every peer.
+    #[test]
+    fn golden_peers_on_demand_decode() {
+        let want = r#"{"type":"want_peer","by":{"addr":"100.64.0.9"}}"#;
+        let m: DeviceMsg = decode(want.as_bytes()).unwrap();
+        assert_eq!(
+            m,
+            DeviceMsg::WantPeer {
+                by: PeerRef::Addr("100.64.0.9".parse().unwrap())
+            }
+        );
+        let want = r#"{"type":"want_peer","by":{"key":"AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM="}}"#;
+        let m: DeviceMsg = decode(want.as_bytes()).unwrap();
+        assert_eq!(
+            m,
+            DeviceMsg::WantPeer {
+                by: PeerRef::Key(WgPublicKey([3; 32]))
+            }
+        );
+        assert!(decode::<DeviceMsg>(br#"{"type":"want_peer","by":{"name":"db"}}"#).is_err());
+        let refused = r#"{"type":"peer_refused","by":{"addr":"fd00::9"},"reason":"policy allows no traffic with 100.64.0.9"}"#;
+        let CoordinatorMsg::PeerRefused { by, reason } = decode(refused.as_bytes()).unwrap() else {
+            panic!("not peer_refused")
+        };
+        assert_eq!(by, PeerRef::Addr("fd00::9".parse().unwrap()));
+        assert!(reason.contains("policy"));
+        let hello = r#"{"type":"hello","protocol":4,"os":"debian 12","held_peers":[2,7]}"#;
+        let DeviceMsg::Hello(h) = decode(hello.as_bytes()).unwrap() else {
+            panic!("not hello")
+        };
+        assert_eq!(h.held_peers, vec![DeviceId(2), DeviceId(7)]);
+        let me = r#""me":{"device_id":1,"hostname":"laptop","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null}"#;
+        let v4 = format!(
+            r#"{{"type":"netmap","seq":1,{me},"peers":[{{"device_id":2,"hostname":"db1","ipv4":"100.64.0.2","ipv6":"fd00::2"}}],"on_demand":true}}"#
+        );
+        let CoordinatorMsg::Netmap(v4) = decode(v4.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        assert!(v4.on_demand);
+        let v3 = format!(r#"{{"type":"netmap","seq":1,{me},"peers":[]}}"#);
+        let CoordinatorMsg::Netmap(v3) = decode(v3.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        assert!(!v3.on_demand);
+        let text = String::from_utf8(encode(&CoordinatorMsg::Netmap(v3))[4..].to_vec()).unwrap();
+        assert!(!text.contains("on_demand"), "{text}");
+        let back: CoordinatorMsg =
+            decode(&encode(&CoordinatorMsg::Netmap(v4.clone()))[4..]).unwrap();
+        assert_eq!(back, CoordinatorMsg::Netmap(v4));
+    }
+
     /// Version-1 messages as they were first written; they must keep decoding.
     #[test]
     fn golden_v1_messages_decode() {
@@ -2243,6 +2346,7 @@ mod tests {
             observed_addr: None,
         };
         let start = Netmap {
+            on_demand: false,
             resumed: None,
             seq: 7,
             me: me("me"),

@@ -440,6 +440,7 @@ impl Agent {
             .map(|nm| Holding::of(&nm.peers));
         self.holding_sent = holding.as_ref().and_then(|h| h.count().ok());
         self.transmits.push_back(DeviceMsg::Hello(Hello {
+            held_peers: Vec::new(),
             protocol: self.cfg.protocol,
             os: self.cfg.os.clone(),
             version: self.cfg.version.clone(),
