@@ -225,6 +225,7 @@ pub(crate) mod tests {
 
     pub(crate) fn netmap(seq: u64, peers: Vec<Peer>) -> Netmap {
         Netmap {
+            on_demand: false,
             resumed: None,
             seq,
             me: SelfInfo {

@@ -34,10 +34,12 @@ pub enum Kind {
     RelayTicket,
     Ping,
     Punch,
+    /// `want_peer` (protocol 4).
+    WantPeer,
 }
 
 impl Kind {
-    const ALL: [Kind; 10] = [
+    const ALL: [Kind; 11] = [
         Kind::Update,
         Kind::Posture,
         Kind::DeniedFlows,
@@ -48,6 +50,7 @@ impl Kind {
         Kind::RelayTicket,
         Kind::Ping,
         Kind::Punch,
+        Kind::WantPeer,
     ];
 
     /// The wire name, for errors and logs.
@@ -63,6 +66,7 @@ impl Kind {
             Kind::RelayTicket => "relay_ticket_request",
             Kind::Ping => "ping",
             Kind::Punch => "punch_request",
+            Kind::WantPeer => "want_peer",
         }
     }
 
@@ -83,6 +87,9 @@ impl Kind {
             Kind::Ping => (20, 200),
             // A network change asks for every peer at once; the registry has its own budget.
             Kind::Punch => (32, 250),
+            // A device opening connections to many peers at once (a scan of its own
+            // services, a burst of new destinations); the registry has its own budget.
+            Kind::WantPeer => (64, 20),
         }
     }
 
@@ -92,7 +99,8 @@ impl Kind {
             // The latest state is what matters: keep it and send it later.
             Kind::Update | Kind::Posture => Decision::Defer { until_ms: 0 },
             // Hints: losing some costs only a slower path switch.
-            Kind::DeniedFlows | Kind::Punch => Decision::Drop,
+            // A want dropped is asked again a second later.
+            Kind::DeniedFlows | Kind::Punch | Kind::WantPeer => Decision::Drop,
             // Unacknowledged: the device keeps the report and sends it again later.
             Kind::Flows => Decision::Drop,
             Kind::LeaseRequest

@@ -166,6 +166,11 @@ enum Cmd {
         /// sends them late).
         #[arg(long, env = "WARD_FLOW_RETENTION", default_value = "30d")]
         flow_retention: String,
+        /// A device that may talk with more peers than this is sent only the peers it uses,
+        /// each asked for as it first sends to it (0: every device; agents older than
+        /// protocol 4 are always sent every peer).
+        #[arg(long, env = "WARD_PEERS_ON_DEMAND_ABOVE", default_value_t = ward_coordinator::registry::DEFAULT_ON_DEMAND_ABOVE)]
+        peers_on_demand_above: usize,
         /// TCP address serving Prometheus metrics at `GET /metrics` (off unless given; bind
         /// it to loopback or a management network: see docs/metrics.md).
         #[arg(long, env = "WARD_COORDINATOR_METRICS_LISTEN")]
@@ -746,6 +751,7 @@ async fn run(cli: Cli) -> Result<()> {
             lease_ttl_tag,
             lease_max_ttl,
             flow_retention,
+            peers_on_demand_above,
             oidc,
             oidc_refresh_interval,
             max_auth_age,
@@ -811,6 +817,7 @@ async fn run(cli: Cli) -> Result<()> {
                 metrics_listen,
                 console_listen,
                 retention,
+                peers_on_demand_above,
                 oidc,
                 feed_notify,
             )

@@ -38,6 +38,10 @@ pub struct LiveMetrics {
     /// From the event that caused them (or the timer tick) to the netmaps queued.
     pub netmap_push: HistogramSnapshot,
     pub leases_expired: u64,
+    /// `want_peer` messages answered, by outcome (peers on demand).
+    pub wants: crate::registry::WantCounters,
+    /// Sessions on demand, and the peers they hold in all.
+    pub held_peers: (usize, usize),
     /// Batches the registry actor handled (events gathered, then one flush each).
     pub registry_batches: u64,
     /// Events the registry actor handled, in all batches.
@@ -57,6 +61,8 @@ impl Default for LiveMetrics {
             resume_peers_left_out: 0,
             netmap_push: HistogramSnapshot::new(LATENCY_BUCKETS),
             leases_expired: 0,
+            wants: Default::default(),
+            held_peers: (0, 0),
             registry_batches: 0,
             registry_events: 0,
             registry_flush: HistogramSnapshot::new(LATENCY_BUCKETS),
@@ -397,6 +403,35 @@ pub fn render(i: &Inputs) -> String {
         "Connection attempts answered with a QUIC Retry, while many handshakes were in progress: \
          the source had to prove its address before any connection state was kept.",
         i.quic_retries,
+    );
+    let w = i.live.wants;
+    e.labelled(
+        "ward_coordinator_peer_wants_total",
+        Kind::Counter,
+        "want_peer messages from devices on demand, by outcome: granted (the peer sent), refused \
+         (policy allows no traffic with it, or nothing has that address or key), limited (over \
+         the session's budget, dropped).",
+        "outcome",
+        &[
+            ("granted", w.granted as f64),
+            ("refused", w.refused as f64),
+            ("limited", w.limited as f64),
+        ],
+    );
+    e.counter(
+        "ward_coordinator_held_peers_evicted_total",
+        "Held peers let go to keep a session on demand within its bound (the device asks again when it needs one).",
+        w.evicted,
+    );
+    e.gauge(
+        "ward_coordinator_sessions_on_demand",
+        "Device sessions sent only the peers they hold (protocol 4, past --peers-on-demand-above).",
+        i.live.held_peers.0 as f64,
+    );
+    e.gauge(
+        "ward_coordinator_held_peers",
+        "Peers held by the sessions on demand, in all.",
+        i.live.held_peers.1 as f64,
     );
     e.counter(
         "ward_coordinator_netmaps_resumed_total",

@@ -32,8 +32,8 @@ use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::routes::{overlaps_overlay, Prefix, MAX_ADVERTISED_ROUTES};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
-    PostureVerdict, Reach, ReachService, RelayInfo, RiskView, SelfInfo, Unavailable, WgPublicKey,
-    MAX_DENIED_FLOWS, MAX_ENDPOINTS, PROTOCOL_VERSION,
+    PeerRef, PostureVerdict, Reach, ReachService, RelayInfo, RiskView, SelfInfo, Unavailable,
+    WgPublicKey, MAX_DENIED_FLOWS, MAX_ENDPOINTS, PROTOCOL_VERSION,
 };
 
 use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, Label};
@@ -41,7 +41,9 @@ use crate::model::{Device, User};
 use crate::trust::{Change, Decision, RemoteTrust, ReportError, TrustBook};
 
 mod held;
+mod on_demand;
 use held::HeldLeases;
+use on_demand::{Held, PeerMode};
 
 /// While netmaps are pending, one due verdict goes out after this many sessions' netmap
 /// changes: verdicts wait for the netmaps (peers first, and a quarantined device's verdict
@@ -223,6 +225,13 @@ struct Session {
     /// When a punch from this device to each peer was last forwarded (peers only, so bounded
     /// by the netmap).
     punch_last: BTreeMap<DeviceId, i64>,
+    /// Every peer, or only those it holds (protocol 4; decided at its first netmap).
+    peers: PeerMode,
+    /// The held peers changed: the next netmap compares every held peer with what was sent.
+    held_changed: bool,
+    /// `want_peer` messages in the window that started at `want_window_ms`.
+    want_window_ms: i64,
+    wants_in_window: u32,
 }
 
 #[derive(Debug)]
@@ -383,6 +392,42 @@ pub struct Registry {
     /// Devices whose session another live replica of this instance holds, and its home relay
     /// there (peers see them online, and reach them through that relay).
     remote_sessions: BTreeMap<DeviceId, RemoteSession>,
+    /// A version-4 session whose device may talk with more peers than this is sent only the
+    /// peers it holds ([`Registry::handle_want_peer`]).
+    on_demand_above: usize,
+    /// Each live device's overlay addresses (what `want_peer` names).
+    by_addr: BTreeMap<IpAddr, DeviceId>,
+    want_counters: WantCounters,
+}
+
+/// A version-4 session whose device may talk with more peers than this is sent only the peers
+/// it holds, unless `serve --peers-on-demand-above` says otherwise.
+pub const DEFAULT_ON_DEMAND_ABOVE: usize = 256;
+/// Most `want_peer` messages one session has answered in a second; more are dropped (the
+/// agent asks again a second later).
+const WANTS_PER_SECOND: u32 = 64;
+
+/// Why a `want_peer` got no peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WantRefused {
+    #[error("the requester has no session on that connection")]
+    NoSession,
+    #[error("the session is sent every peer it may talk with")]
+    NotOnDemand,
+    #[error("the requester sent too many want_peer messages")]
+    Limited,
+    #[error("no device the requester may talk with has that address or key")]
+    NotAllowed,
+}
+
+/// `want_peer` messages answered, by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WantCounters {
+    pub granted: u64,
+    pub refused: u64,
+    pub limited: u64,
+    /// Held peers let go to stay within `MAX_HELD_PEERS`.
+    pub evicted: u64,
 }
 
 /// A device session another replica holds.
@@ -522,7 +567,39 @@ impl Registry {
             routes: BTreeMap::new(),
             suspended: BTreeMap::new(),
             remote_sessions: BTreeMap::new(),
+            on_demand_above: DEFAULT_ON_DEMAND_ABOVE,
+            by_addr: BTreeMap::new(),
+            want_counters: WantCounters::default(),
         }
+        .with_addresses()
+    }
+
+    fn with_addresses(mut self) -> Self {
+        self.by_addr = self
+            .devices
+            .values()
+            .flat_map(|d| [(IpAddr::V4(d.ipv4), d.id), (IpAddr::V6(d.ipv6), d.id)])
+            .collect();
+        self
+    }
+
+    /// Version-4 sessions whose device may talk with more than `n` peers are sent only the
+    /// peers they hold (from their next session on).
+    pub fn set_peers_on_demand_above(&mut self, n: usize) {
+        self.on_demand_above = n;
+    }
+
+    /// `want_peer` messages answered so far.
+    pub fn want_counters(&self) -> WantCounters {
+        self.want_counters
+    }
+
+    /// How many peers each on-demand session holds (for metrics): sessions, held peers.
+    pub fn held_peers(&self) -> (usize, usize) {
+        self.sessions
+            .values()
+            .filter_map(|s| s.peers.held())
+            .fold((0, 0), |(n, h), held| (n + 1, h + held.len()))
     }
 
     /// Just after this process started: the devices whose sessions the process before this
@@ -1664,6 +1741,12 @@ impl Registry {
             .devices
             .get(&id)
             .is_some_and(|old| dir_device(old) == dir_device(&dev));
+        if let Some(old) = self.devices.get(&id) {
+            self.by_addr.remove(&IpAddr::V4(old.ipv4));
+            self.by_addr.remove(&IpAddr::V6(old.ipv6));
+        }
+        self.by_addr.insert(IpAddr::V4(dev.ipv4), id);
+        self.by_addr.insert(IpAddr::V6(dev.ipv6), id);
         self.devices.insert(id, dev);
         if compile_reads_same {
             self.touch(id);
@@ -1690,7 +1773,12 @@ impl Registry {
     /// A device lost its right to be on the network: its session is closed at once and it
     /// disappears from every other netmap.
     pub fn handle_device_removed(&mut self, id: DeviceId, reason: &str) {
-        let was_live = self.devices.remove(&id).is_some();
+        let was = self.devices.remove(&id);
+        let was_live = was.is_some();
+        if let Some(d) = was {
+            self.by_addr.remove(&IpAddr::V4(d.ipv4));
+            self.by_addr.remove(&IpAddr::V6(d.ipv6));
+        }
         self.presumed.remove(&id);
         if let Some(gone) = self.leases.remove_device(id) {
             self.retire(id, gone);
@@ -1698,6 +1786,11 @@ impl Registry {
         self.trust.remove(id);
         self.behaviour.remove(id);
         self.risk_live.remove(&id);
+        for s in self.sessions.values_mut() {
+            if let PeerMode::OnDemand(h) = &mut s.peers {
+                h.release(id);
+            }
+        }
         if let Some(s) = self.sessions.remove(&id) {
             self.outputs.push_back(Output::Close {
                 conn: s.conn,
@@ -1735,6 +1828,20 @@ impl Registry {
         update: DeviceUpdate,
         protocol: u32,
     ) -> Result<(), ErrorCode> {
+        self.handle_session_opened_holding(id, conn, observed, update, protocol, Vec::new())
+    }
+
+    /// As [`Registry::handle_session_opened_speaking`], for a device that says which peers it
+    /// holds (`hello`'s `held_peers`, protocol 4): kept if its session is on demand.
+    pub fn handle_session_opened_holding(
+        &mut self,
+        id: DeviceId,
+        conn: ConnId,
+        observed: SocketAddr,
+        update: DeviceUpdate,
+        protocol: u32,
+        held_peers: Vec<DeviceId>,
+    ) -> Result<(), ErrorCode> {
         if !self.devices.contains_key(&id) {
             return Err(ErrorCode::DeviceRevoked);
         }
@@ -1755,6 +1862,10 @@ impl Registry {
                 punch_window_ms: self.now_ms,
                 punch_in_window: 0,
                 punch_last: BTreeMap::new(),
+                peers: PeerMode::Undecided(held_peers),
+                held_changed: false,
+                want_window_ms: self.now_ms,
+                wants_in_window: 0,
             },
         ) {
             if old.conn != conn {
@@ -1891,6 +2002,118 @@ impl Registry {
             Err(PunchRefused::PairLimited) => c.pair_limited += 1,
         }
         result
+    }
+
+    /// A device on demand asks for the peer `by` names. The peer is held for it (and it for
+    /// the peer, when the peer is on demand too) and both netmaps are brought up to date at
+    /// once, the peer's first, so that the peer knows the device before its handshake arrives.
+    /// Refused (a `peer_refused` goes back) when no device the requester may talk with has
+    /// that address or key: unknown and not allowed read alike, so a device learns nothing
+    /// about addresses it may not reach. Past [`WANTS_PER_SECOND`] the want is dropped.
+    pub fn handle_want_peer(
+        &mut self,
+        from: DeviceId,
+        conn: ConnId,
+        by: PeerRef,
+        now_ms: i64,
+    ) -> Result<DeviceId, WantRefused> {
+        let result = self.want_peer(from, conn, by, now_ms);
+        let c = &mut self.want_counters;
+        match result {
+            Ok(_) => c.granted += 1,
+            Err(WantRefused::Limited) => c.limited += 1,
+            Err(WantRefused::NoSession) => {}
+            Err(WantRefused::NotAllowed | WantRefused::NotOnDemand) => {
+                c.refused += 1;
+                if self.sessions.get(&from).is_some_and(|s| s.conn == conn) {
+                    self.outputs.push_back(Output::Send {
+                        conn,
+                        msg: CoordinatorMsg::PeerRefused {
+                            by,
+                            reason: match result {
+                                Err(WantRefused::NotOnDemand) => {
+                                    "this session is sent every peer it may talk with".into()
+                                }
+                                _ => {
+                                    format!("policy allows no traffic between this device and {by}")
+                                }
+                            },
+                        },
+                    });
+                }
+            }
+        }
+        result
+    }
+
+    fn want_peer(
+        &mut self,
+        from: DeviceId,
+        conn: ConnId,
+        by: PeerRef,
+        now_ms: i64,
+    ) -> Result<DeviceId, WantRefused> {
+        let Some(me) = self.sessions.get_mut(&from).filter(|s| s.conn == conn) else {
+            return Err(WantRefused::NoSession);
+        };
+        if me.peers.held().is_none() {
+            return Err(WantRefused::NotOnDemand);
+        }
+        if now_ms.saturating_sub(me.want_window_ms) >= 1_000 {
+            me.want_window_ms = now_ms;
+            me.wants_in_window = 0;
+        }
+        if me.wants_in_window >= WANTS_PER_SECOND {
+            return Err(WantRefused::Limited);
+        }
+        me.wants_in_window += 1;
+        // Judge against the compile that reflects every change so far.
+        if self.dirty {
+            self.dirty = false;
+            self.departed = false;
+            self.quarantined_now.clear();
+            self.recompute();
+        } else if !self.touched.is_empty() {
+            self.recompute_touched();
+        }
+        self.finish_pending();
+        let access = self.compiled.devices.get(&from);
+        let target = match by {
+            PeerRef::Addr(ip) => self.by_addr.get(&ip.to_canonical()).copied().or_else(|| {
+                // An address in a prefix a router serves this device.
+                access.and_then(|a| {
+                    a.routes
+                        .iter()
+                        .find(|(_, ps)| ps.iter().any(|p| p.contains(ip)))
+                        .map(|(r, _)| *r)
+                })
+            }),
+            PeerRef::Key(k) => self.leases.holder(&k),
+        };
+        let Some(target) =
+            target.filter(|t| *t != from && access.is_some_and(|a| a.peers.contains(t)))
+        else {
+            return Err(WantRefused::NotAllowed);
+        };
+        let mut evicted = 0;
+        if let Some(s) = self.sessions.get_mut(&target) {
+            if let PeerMode::OnDemand(h) = &mut s.peers {
+                evicted += u64::from(h.hold(from).is_some());
+                s.held_changed = true;
+            }
+        }
+        if let Some(s) = self.sessions.get_mut(&from) {
+            if let PeerMode::OnDemand(h) = &mut s.peers {
+                evicted += u64::from(h.hold(target).is_some());
+                s.held_changed = true;
+            }
+        }
+        self.want_counters.evicted += evicted;
+        if self.sessions.get(&target).is_some_and(|s| s.sent.is_some()) {
+            self.netmap_for(target);
+        }
+        self.netmap_for(from);
+        Ok(target)
     }
 
     /// Punch requests forwarded and dropped so far.
@@ -2507,6 +2730,34 @@ impl Registry {
     /// The netmap or delta that brings session `id` to the current compile and peer views
     /// (nothing when it has them).
     fn netmap_for(&mut self, id: DeviceId) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if matches!(s.peers, PeerMode::Undecided(_)) && self.compiles + self.compiles_reused == 0 {
+            // Nothing compiled yet (the pass that brings sessions to the last compile before
+            // the first): the mode is decided by the compile that follows, which produces it.
+            return;
+        }
+        let mut mode = std::mem::take(&mut s.peers);
+        if let PeerMode::Undecided(hint) = &mut mode {
+            // Decided once, at the session's first netmap: a session's mode never changes
+            // under the device.
+            let peers = self.compiled.devices.get(&id).map_or(0, |a| a.peers.len());
+            mode = if s.protocol >= 4 && peers > self.on_demand_above {
+                PeerMode::OnDemand(Held::new(std::mem::take(hint)))
+            } else {
+                PeerMode::Full
+            };
+        }
+        self.netmap_for_mode(id, &mode);
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.peers = mode;
+        }
+    }
+
+    /// [`Registry::netmap_for`] with the session's peer mode taken out of it.
+    fn netmap_for_mode(&mut self, id: DeviceId, mode: &PeerMode) {
+        let held = mode.held();
         let compiled = Arc::clone(&self.compiled);
         let relays = &self.relays;
         let policy_version = self.policy_version;
@@ -2524,13 +2775,29 @@ impl Registry {
             // copies or comparisons.
             let views = &self.views;
             let (views_gen, views_log) = (self.views_gen, &self.views_log);
+            // On demand: the held peers and the routers this device reaches routes through,
+            // those policy allows; in id order like the compile's peer set.
             let wanted = access.into_iter().flat_map(|a| {
-                a.peers.iter().filter(|p| **p != id).filter_map(|p| {
+                let ids: Box<dyn Iterator<Item = DeviceId> + '_> = match held {
+                    None => Box::new(a.peers.iter().copied()),
+                    Some(h) => Box::new(
+                        h.ids()
+                            .chain(a.routes.keys())
+                            .copied()
+                            .collect::<BTreeSet<DeviceId>>()
+                            .into_iter()
+                            .filter(|p| a.peers.contains(p)),
+                    ),
+                };
+                ids.filter(move |p| *p != id).filter_map(|p| {
                     views
-                        .get(p)
-                        .map(|v| (*p, v, a.routes.get(p).unwrap_or(&no_routes)))
+                        .get(&p)
+                        .map(|v| (p, v, a.routes.get(&p).unwrap_or(&no_routes)))
                 })
             });
+            let holds = |a: &policy::DeviceAccess, p: &DeviceId| {
+                held.is_none_or(|h| h.contains(p) || a.routes.contains_key(p))
+            };
             let inbound = access.map(|a| &a.inbound).unwrap_or(&no_inbound);
             let reach = access.map(|a| &a.reach).unwrap_or(&no_reach);
             let shadow_filter = access.and_then(|a| a.shadow_inbound.as_ref());
@@ -2579,8 +2846,8 @@ impl Registry {
                         })
                         .collect();
                     let msg = CoordinatorMsg::Netmap(Netmap {
-                        on_demand: false,
                         resumed: None,
+                        on_demand: held.is_some(),
                         seq: 1,
                         me: SelfInfo {
                             routes: my_routes.clone(),
@@ -2650,21 +2917,26 @@ impl Registry {
                     // Same compile, and the refreshes since still logged: only the peers they
                     // changed can differ from what was sent (three lookups each; when they
                     // are more than half the peers, one merge over all of them is cheaper).
-                    let walk = access.map_or(0, |a| a.peers.len()).max(sent.peers.len());
-                    let since = if same_compile {
+                    let walk = access
+                        .map_or(0, |a| match held {
+                            None => a.peers.len(),
+                            Some(h) => h.len() + a.routes.len(),
+                        })
+                        .max(sent.peers.len());
+                    let held_changed = std::mem::take(&mut session.held_changed);
+                    let since = if same_compile && !held_changed {
                         views_changed_since(views_log, sent.views_gen, views_gen, (walk / 2).max(8))
                     } else {
                         None
                     };
                     if let Some(changed) = since {
                         for p in changed {
-                            let want =
-                                access
-                                    .filter(|a| p != id && a.peers.contains(&p))
-                                    .and_then(|a| {
-                                        let routes = a.routes.get(&p).unwrap_or(&no_routes);
-                                        views.get(&p).map(|v| (v, routes))
-                                    });
+                            let want = access
+                                .filter(|a| p != id && a.peers.contains(&p) && holds(a, &p))
+                                .and_then(|a| {
+                                    let routes = a.routes.get(&p).unwrap_or(&no_routes);
+                                    views.get(&p).map(|v| (v, routes))
+                                });
                             let had = sent.peers.get(&p);
                             match want {
                                 Some((v, routes)) if !had.is_some_and(|s| s.same(v, routes)) => {
@@ -6533,4 +6805,6 @@ to = ["legacy-db"]
         assert_eq!(delta(&out, 10).remove, vec![DeviceId(2)]);
         assert!(delta(&out, 20).me.unwrap().routes.is_empty());
     }
+
+    mod on_demand;
 }

@@ -307,6 +307,7 @@ fn relay_control_sessions_tickets_and_revocations() {
         )
         .await;
         dev.send(&DeviceMsg::Hello(Hello {
+            held_peers: Vec::new(),
             holding: None,
             protocol: PROTOCOL_VERSION,
             os: "test".into(),

@@ -259,6 +259,8 @@ pub(super) enum Event {
         protocol: u32,
         /// What the device's hello said it holds of its netmap (checked well formed).
         holding: Option<Holding>,
+        /// The peers the device's hello said it holds on demand (at most `MAX_HELD_PEERS`).
+        held_peers: Vec<DeviceId>,
         tx: mpsc::Sender<ConnCmd>,
         close: CloseTx,
         reply: oneshot::Sender<Result<(), ErrorCode>>,
@@ -307,6 +309,12 @@ pub(super) enum Event {
         crate::behaviour::Label,
         oneshot::Sender<Result<crate::behaviour::Anomaly, crate::behaviour::AckError>>,
     ),
+    /// A device on demand asks for the peer `by` names.
+    WantPeer {
+        id: DeviceId,
+        conn: ConnId,
+        by: ward_shared::wire::PeerRef,
+    },
     /// A device asks for `peer` to probe back now (coordinated hole punching).
     Punch {
         id: DeviceId,
@@ -509,12 +517,14 @@ pub(super) async fn registry_actor(
                     update,
                     protocol,
                     holding,
+                    held_peers,
                     tx,
                     close,
                     reply,
                 } => {
-                    let r =
-                        reg.handle_session_opened_speaking(id, conn, observed, update, protocol);
+                    let r = reg.handle_session_opened_holding(
+                        id, conn, observed, update, protocol, held_peers,
+                    );
                     if r.is_ok() {
                         conns.insert(conn, tx, close, holding);
                         let _ = presence.send(Presence::Claimed(id, now_ms()));
@@ -660,6 +670,14 @@ pub(super) async fn registry_actor(
                     }
                     let _ = reply.send(r);
                 }
+                Event::WantPeer { id, conn, by } => {
+                    match reg.handle_want_peer(id, conn, by, now_ms()) {
+                        Ok(peer) => debug!(device = %id, %by, %peer, "peer held on demand"),
+                        Err(why) => {
+                            debug!(device = %id, %by, %why, counters = ?reg.want_counters(), "want_peer not granted")
+                        }
+                    }
+                }
                 Event::Punch { id, conn, peer } => {
                     if let Err(why) = reg.handle_punch_request(id, conn, peer, now_ms()) {
                         debug!(device = %id, %peer, %why, counters = ?reg.punch_counters(), "punch request dropped");
@@ -718,6 +736,8 @@ pub(super) async fn registry_actor(
                         event_queue: rx.view(),
                         live: crate::metrics::LiveMetrics {
                             leases_expired: reg.leases_expired(),
+                            wants: reg.want_counters(),
+                            held_peers: reg.held_peers(),
                             ..sink.stats.live.clone()
                         },
                         relays: relays

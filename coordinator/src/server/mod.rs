@@ -144,6 +144,7 @@ pub async fn serve(
     metrics_listen: Option<SocketAddr>,
     console_listen: Option<SocketAddr>,
     flow_retention_ms: i64,
+    peers_on_demand_above: usize,
     oidc: Option<oidc::OidcServe>,
     feed_notify: bool,
 ) -> Result<()> {
@@ -267,6 +268,7 @@ pub async fn serve(
     registry.handle_policy_version(current_version);
     registry.set_dns_domain(config.dns_domain.clone());
     registry.set_coordinators(config.public_addrs());
+    registry.set_peers_on_demand_above(peers_on_demand_above);
     registry.handle_relays(ops::relays(store.as_ref())?);
     // What the behaviour detector learned before this start (anomalies of the last 30 days).
     let anomalies = store

@@ -496,6 +496,11 @@ async fn session(
             false
         }
     });
+    let mut held_peers = hello.held_peers;
+    if held_peers.len() > wire::MAX_HELD_PEERS {
+        debug!(device = %id, named = held_peers.len(), "hello: more held peers than any session holds; the rest ignored");
+        held_peers.truncate(wire::MAX_HELD_PEERS);
+    }
     touch(&ctx, id, &update);
     ctx.events
         .send(Event::Opened {
@@ -505,6 +510,7 @@ async fn session(
             update,
             protocol: hello.protocol,
             holding,
+            held_peers,
             tx,
             close: close_tx,
             reply: reply_tx,
@@ -696,6 +702,9 @@ async fn session(
                         DeviceMsg::PunchRequest { peer } => {
                             ctx.events.send(Event::Punch { id, conn: conn_id, peer }).await;
                         }
+                        DeviceMsg::WantPeer { by } => {
+                            ctx.events.send(Event::WantPeer { id, conn: conn_id, by }).await;
+                        }
                         DeviceMsg::Flows(report) => {
                             // A refused report is answered with an error and the session goes
                             // on (its rate limit still counts it); a stored one is acknowledged.
@@ -742,6 +751,7 @@ fn limit_kind(msg: &DeviceMsg) -> Option<Kind> {
         DeviceMsg::RelayTicketRequest => Kind::RelayTicket,
         DeviceMsg::Ping { .. } => Kind::Ping,
         DeviceMsg::PunchRequest { .. } => Kind::Punch,
+        DeviceMsg::WantPeer { .. } => Kind::WantPeer,
         DeviceMsg::Enroll(_)
         | DeviceMsg::LoginStart(_)
         | DeviceMsg::LoginCallback(_)
@@ -996,7 +1006,7 @@ mod tests {
                 )
             ))
         );
-        assert_eq!(PROTOCOL_VERSION, 3);
+        assert_eq!(PROTOCOL_VERSION, 4);
         for v in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION {
             assert_eq!(
                 check_request(&req(v)).err().map(|e| e.0),

@@ -221,6 +221,7 @@ pub fn device_client_config(
 pub fn hello() -> DeviceMsg {
     DeviceMsg::Hello(wire::Hello {
         holding: None,
+        held_peers: Vec::new(),
         protocol: PROTOCOL_VERSION,
         os: "test".into(),
         version: "test".into(),

@@ -1,0 +1,352 @@
+//! Peers on demand in the registry: what a session on demand is sent, what `want_peer` holds
+//! and refuses, and that deltas keep such a session equal to a fresh one.
+
+use super::*;
+
+/// Devices 1–3 (alice) and 4–6 (bob), strangers to each other; every session on demand.
+fn on_demand_teams() -> Registry {
+    let mut r = two_teams();
+    r.set_peers_on_demand_above(0);
+    r
+}
+
+fn v4(id: u64) -> IpAddr {
+    IpAddr::V4(dev(id).ipv4)
+}
+
+fn netmap(out: &[Output], conn: ConnId) -> Netmap {
+    out.iter()
+        .find_map(|o| match o {
+            Output::Send {
+                conn: c,
+                msg: CoordinatorMsg::Netmap(nm),
+            } if *c == conn => Some(nm.clone()),
+            _ => None,
+        })
+        .expect("a netmap for the connection")
+}
+
+fn deltas(out: &[Output], conn: ConnId) -> Vec<NetmapDelta> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                conn: c,
+                msg: CoordinatorMsg::NetmapDelta(d),
+            } if *c == conn => Some(d.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn refusals(out: &[Output], conn: ConnId) -> Vec<(PeerRef, String)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                conn: c,
+                msg: CoordinatorMsg::PeerRefused { by, reason },
+            } if *c == conn => Some((*by, reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ids(peers: &[Peer]) -> Vec<u64> {
+    peers.iter().map(|p| p.device_id.0).collect()
+}
+
+#[test]
+fn a_session_on_demand_gets_the_peers_it_wants_and_they_get_it_first() {
+    let mut r = on_demand_teams();
+    open_sessions(&mut r, &[1, 2, 3, 4]);
+    let out = drain(&mut r);
+    let first = netmap(&out, 10);
+    assert!(first.on_demand);
+    assert!(first.peers.is_empty(), "{:?}", ids(&first.peers));
+    // Its filter and reach are whole: only the peer list waits for wants.
+    assert!(!first.inbound.is_empty());
+
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(2)), 1),
+        Ok(DeviceId(2))
+    );
+    let out = drain(&mut r);
+    // The peer is told of the device before the device of the peer.
+    let pos = |conn| {
+        out.iter()
+            .position(|o| matches!(o, Output::Send { conn: c, msg: CoordinatorMsg::NetmapDelta(_) } if *c == conn))
+            .expect("a delta")
+    };
+    assert!(pos(20) < pos(10), "{out:?}");
+    assert_eq!(ids(&deltas(&out, 20)[0].upsert), vec![1]);
+    assert_eq!(ids(&deltas(&out, 10)[0].upsert), vec![2]);
+    assert!(deltas(&out, 30).is_empty(), "device 3 wanted nothing");
+    // By IPv6 address too, and again: held already, nothing new to send.
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(IpAddr::V6(dev(2).ipv6)), 2),
+        Ok(DeviceId(2))
+    );
+    assert!(deltas(&drain(&mut r), 10).is_empty());
+    assert_eq!(r.want_counters().granted, 2);
+    assert_eq!(r.held_peers(), (4, 2));
+}
+
+#[test]
+fn a_want_by_key_finds_the_lease_holder() {
+    let mut r = on_demand_teams();
+    open_sessions(&mut r, &[1, 3]);
+    r.handle_lease(lease_on(3, [7; 32], 1));
+    drain(&mut r);
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 10, PeerRef::Key(WgPublicKey([7; 32])), 1),
+        Ok(DeviceId(3))
+    );
+    let out = drain(&mut r);
+    let up = &deltas(&out, 10)[0].upsert;
+    assert_eq!(ids(up), vec![3]);
+    assert_eq!(up[0].wg_public_key, Some(WgPublicKey([7; 32])));
+    // A key nobody holds reads like a stranger.
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 10, PeerRef::Key(WgPublicKey([9; 32])), 1),
+        Err(WantRefused::NotAllowed)
+    );
+}
+
+#[test]
+fn strangers_unknown_addresses_and_itself_are_refused_alike() {
+    let mut r = on_demand_teams();
+    open_sessions(&mut r, &[1, 4]);
+    drain(&mut r);
+    let unknown: IpAddr = "100.64.9.9".parse().unwrap();
+    for by in [
+        PeerRef::Addr(v4(4)),
+        PeerRef::Addr(unknown),
+        PeerRef::Addr(v4(1)),
+    ] {
+        assert_eq!(
+            r.handle_want_peer(DeviceId(1), 10, by, 1),
+            Err(WantRefused::NotAllowed),
+            "{by}"
+        );
+    }
+    let out = drain(&mut r);
+    let refused = refusals(&out, 10);
+    assert_eq!(refused.len(), 3);
+    let reason = |i: usize| refused[i].1.replace(&refused[i].0.to_string(), "X");
+    assert_eq!(
+        reason(0),
+        reason(1),
+        "a stranger and an unknown address read alike"
+    );
+    assert!(reason(0).contains("policy"), "{}", reason(0));
+    // Nothing was held either way.
+    assert!(deltas(&out, 10).is_empty() && deltas(&out, 40).is_empty());
+    assert_eq!(r.want_counters().refused, 3);
+    // Another connection's want is no one's.
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 99, PeerRef::Addr(v4(2)), 1),
+        Err(WantRefused::NoSession)
+    );
+}
+
+#[test]
+fn a_session_below_the_bound_or_on_protocol_3_gets_every_peer() {
+    let mut r = two_teams();
+    open_sessions(&mut r, &[1]);
+    let nm = netmap(&drain(&mut r), 10);
+    assert!(!nm.on_demand);
+    assert_eq!(ids(&nm.peers), vec![2, 3]);
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(2)), 1),
+        Err(WantRefused::NotOnDemand)
+    );
+    assert_eq!(refusals(&drain(&mut r), 10).len(), 1);
+
+    let mut r = on_demand_teams();
+    r.handle_session_opened_speaking(
+        DeviceId(1),
+        10,
+        addr("10.0.0.1:1"),
+        DeviceUpdate::default(),
+        3,
+    )
+    .unwrap();
+    let nm = netmap(&drain(&mut r), 10);
+    assert!(!nm.on_demand);
+    assert_eq!(ids(&nm.peers), vec![2, 3]);
+}
+
+#[test]
+fn a_reconnect_keeps_the_held_peers_policy_still_allows() {
+    let mut r = on_demand_teams();
+    r.handle_session_opened_holding(
+        DeviceId(1),
+        10,
+        addr("10.0.0.1:1"),
+        DeviceUpdate::default(),
+        PROTOCOL_VERSION,
+        vec![DeviceId(3), DeviceId(4), DeviceId(77)],
+    )
+    .unwrap();
+    let nm = netmap(&drain(&mut r), 10);
+    assert!(nm.on_demand);
+    assert_eq!(
+        ids(&nm.peers),
+        vec![3],
+        "a stranger and an unknown id are not sent"
+    );
+}
+
+#[test]
+fn a_held_peer_revoked_or_cut_by_policy_is_removed_and_comes_back_when_allowed() {
+    let mut r = on_demand_teams();
+    open_sessions(&mut r, &[1, 2]);
+    drain(&mut r);
+    r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(3)), 1)
+        .unwrap();
+    r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(2)), 1)
+        .unwrap();
+    drain(&mut r);
+    // A policy where alice's devices no longer reach each other.
+    let apart = policy::parse(
+        br#"
+[groups]
+b = ["bob"]
+[services.b]
+devices = ["group:b"]
+ports = ["tcp/22"]
+[[rules]]
+from = ["group:b"]
+to = ["b"]
+"#,
+        "test.toml",
+    )
+    .unwrap();
+    r.handle_policy(apart);
+    let out = drain(&mut r);
+    let removed: BTreeSet<u64> = deltas(&out, 10)
+        .iter()
+        .flat_map(|d| d.remove.iter().map(|x| x.0))
+        .collect();
+    assert_eq!(removed, BTreeSet::from([2, 3]));
+    // Allowed again: the held peers come back without a new want.
+    r.handle_policy(open_policy());
+    let out = drain(&mut r);
+    let back: BTreeSet<u64> = deltas(&out, 10)
+        .iter()
+        .flat_map(|d| d.upsert.iter().map(|x| x.device_id.0))
+        .collect();
+    assert_eq!(back, BTreeSet::from([2, 3]));
+    // Revoked: gone from the holder, and from its held set.
+    r.handle_device_removed(DeviceId(3), "revoked");
+    let out = drain(&mut r);
+    assert!(deltas(&out, 10)
+        .iter()
+        .any(|d| d.remove == vec![DeviceId(3)]));
+    assert_eq!(r.held_peers(), (2, 2), "device 1 holds 2, device 2 holds 1");
+}
+
+#[test]
+fn wants_past_the_budget_are_dropped_until_the_next_second() {
+    let mut r = on_demand_teams();
+    open_sessions(&mut r, &[1]);
+    drain(&mut r);
+    for _ in 0..WANTS_PER_SECOND {
+        assert_eq!(
+            r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(2)), 5),
+            Ok(DeviceId(2))
+        );
+    }
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(2)), 900),
+        Err(WantRefused::Limited)
+    );
+    assert!(
+        refusals(&drain(&mut r), 10).is_empty(),
+        "a dropped want is not refused"
+    );
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(3)), 1_005),
+        Ok(DeviceId(3))
+    );
+    assert_eq!(r.want_counters().limited, 1);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Whatever the order of wants, sessions opening and closing, endpoint changes and a
+    /// revocation, and however many outputs are taken between them, every session on demand
+    /// holds exactly the peers it and its peers wanted during the session (less the revoked),
+    /// as deltas built them.
+    #[test]
+    fn wants_and_churn_keep_every_session_on_demand_equal_to_its_held_set(
+        steps in proptest::collection::vec((0u8..5, 1u64..6, 1u64..7, 0usize..8), 1..40)
+    ) {
+        let mut r = reg(&[1, 2, 3, 4, 5]);
+        r.set_peers_on_demand_above(0);
+        let mut ch = Churn::default();
+        let mut removed: BTreeSet<u64> = BTreeSet::new();
+        let mut model: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+        for (what, dev, other, outputs) in steps {
+            match what {
+                0 if !removed.contains(&dev) => {
+                    if !ch.conn_of.contains_key(&dev) {
+                        model.insert(dev, BTreeSet::new());
+                    }
+                    ch.open(&mut r, dev);
+                }
+                1 => {
+                    ch.close(&mut r, dev);
+                    model.remove(&dev);
+                }
+                2 if dev == 5 => {
+                    r.handle_device_removed(DeviceId(dev), "revoked");
+                    removed.insert(dev);
+                    ch.gone(dev);
+                    model.remove(&dev);
+                    for m in model.values_mut() {
+                        m.remove(&dev);
+                    }
+                }
+                3 => {
+                    if let Some(&c) = ch.conn_of.get(&dev) {
+                        r.handle_session_update(
+                            DeviceId(dev),
+                            c,
+                            DeviceUpdate {
+                                wg_port: 51820 + other as u16,
+                                ..Default::default()
+                            },
+                        );
+                    }
+                }
+                _ => {
+                    if let Some(&c) = ch.conn_of.get(&dev) {
+                        // Only a session that has its first netmap is on demand yet.
+                        ch.take(&mut r, usize::MAX);
+                        let got = r.handle_want_peer(DeviceId(dev), c, PeerRef::Addr(v4(other)), 0);
+                        let allowed = other != dev && other <= 5 && !removed.contains(&other);
+                        proptest::prop_assert_eq!(got.is_ok(), allowed, "{} wants {}", dev, other);
+                        if allowed {
+                            model.entry(dev).or_default().insert(other);
+                            if let Some(m) = model.get_mut(&other) {
+                                m.insert(dev);
+                            }
+                        }
+                    }
+                }
+            }
+            ch.take(&mut r, outputs);
+        }
+        ch.take(&mut r, usize::MAX);
+        for (dev, c) in ch.conn_of.clone() {
+            let got: BTreeSet<u64> = ch
+                .held
+                .get(&c)
+                .map(|nm| nm.peers.iter().map(|p| p.device_id.0).collect())
+                .unwrap_or_default();
+            let want = model.get(&dev).cloned().unwrap_or_default();
+            proptest::prop_assert_eq!(got, want, "device {}", dev);
+        }
+    }
+}
