@@ -689,6 +689,7 @@ mod tests {
                         "kind",
                         "action",
                         "label",
+                        "outcome",
                         "le"
                     ]
                     .contains(&k.as_str()),

@@ -2455,7 +2455,7 @@ impl Registry {
         let mut unknown = Vec::new();
         for p in changed_views {
             match compiled.devices.get(p) {
-                Some(a) => concerned.extend(a.peers.iter().copied()),
+                Some(a) => concerned.extend(a.peers.iter()),
                 None => unknown.push(*p),
             }
         }
@@ -2547,7 +2547,7 @@ impl Registry {
         let mut unknown = Vec::new();
         for p in changed {
             match compiled.devices.get(p) {
-                Some(a) => concerned.extend(a.peers.iter().copied()),
+                Some(a) => concerned.extend(a.peers.iter()),
                 None => unknown.push(*p),
             }
         }
@@ -2779,7 +2779,7 @@ impl Registry {
             // those policy allows; in id order like the compile's peer set.
             let wanted = access.into_iter().flat_map(|a| {
                 let ids: Box<dyn Iterator<Item = DeviceId> + '_> = match held {
-                    None => Box::new(a.peers.iter().copied()),
+                    None => Box::new(a.peers.iter()),
                     Some(h) => Box::new(
                         h.ids()
                             .chain(a.routes.keys())

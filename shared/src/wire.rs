@@ -466,7 +466,10 @@ pub enum CoordinatorMsg {
     },
     /// A `want_peer` the coordinator refused: no peer it names may talk with this device
     /// (policy allows neither direction), or it names none.
-    PeerRefused { by: PeerRef, reason: String },
+    PeerRefused {
+        by: PeerRef,
+        reason: String,
+    },
     /// The request was refused; on `Enroll`/`Hello` the coordinator then closes the connection.
     Error {
         code: ErrorCode,
@@ -2041,7 +2044,7 @@ mod tests {
             text.contains(r#""source_sets":[4]"#) && !text.contains(r#""sources""#),
             "{text}"
         );
-        assert!(speaks(1) && speaks(2) && speaks(3) && !speaks(0) && !speaks(4));
+        assert!(speaks(1) && speaks(2) && speaks(3) && speaks(4) && !speaks(0) && !speaks(5));
     }
 
     /// Reach in every version: a version-1/2 netmap's flat `reach` and a version-3 netmap's
@@ -2140,7 +2143,8 @@ mod tests {
                 by: PeerRef::Addr("100.64.0.9".parse().unwrap())
             }
         );
-        let want = r#"{"type":"want_peer","by":{"key":"AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM="}}"#;
+        let want =
+            r#"{"type":"want_peer","by":{"key":"AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM="}}"#;
         let m: DeviceMsg = decode(want.as_bytes()).unwrap();
         assert_eq!(
             m,

@@ -5,7 +5,6 @@
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::ops::Bound;
 
 use ward_shared::flows::FlowVerdict;
 use ward_shared::policy::{self, Policy, View};
@@ -450,7 +449,8 @@ fn reachable_pairs(compiled: &policy::Compiled, live: &BTreeSet<DeviceId>) -> u6
         .filter(|(a, _)| live.contains(a))
         .map(|(a, acc)| {
             acc.peers
-                .range((Bound::Excluded(*a), Bound::Unbounded))
+                .iter()
+                .skip_while(|b| b <= a)
                 .filter(|b| live.contains(b))
                 .count() as u64
         })

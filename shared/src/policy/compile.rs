@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use super::peers::Peers;
+
 use super::{
     proto_name, Compiled, DeviceAccess, DirDevice, Directory, Policy, Pos, ReachDest, ReachGrant,
     RuleMode, Selector, TestSource, View,
@@ -416,8 +418,23 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
             }
         }
     }
-    // Each device's peers: the union of its populations, without itself.
-    let mut join = vec![0u64; words];
+    // Each device's peers: the union of its populations (itself left out by `Peers`), one
+    // shared bit set per distinct list of populations, over the device ids in ascending order.
+    let sorted = d.devices.windows(2).all(|w| w[0].id < w[1].id);
+    let order: Vec<usize> = if sorted {
+        (0..d.devices.len()).collect()
+    } else {
+        let mut o: Vec<usize> = (0..d.devices.len()).collect();
+        o.sort_by_key(|&i| d.devices[i].id);
+        o
+    };
+    // Position in the index of each directory entry.
+    let mut pos = vec![0usize; d.devices.len()];
+    for (k, &i) in order.iter().enumerate() {
+        pos[i] = k;
+    }
+    let index: Arc<[DeviceId]> = order.iter().map(|&i| d.devices[i].id).collect();
+    let mut joined: BTreeMap<Vec<usize>, Arc<Vec<u64>>> = BTreeMap::new();
     for (i, l) in links.iter_mut().enumerate() {
         if l.is_empty() {
             continue;
@@ -427,28 +444,29 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
         };
         l.sort_unstable();
         l.dedup();
-        join.iter_mut().for_each(|w| *w = 0);
-        for &pop in l.iter() {
-            for (w, x) in join.iter_mut().zip(&pops[pop]) {
-                *w |= x;
+        let bits = joined.entry(std::mem::take(l)).or_insert_with_key(|l| {
+            let mut join = vec![0u64; words];
+            for &pop in l {
+                for (w, x) in join.iter_mut().zip(&pops[pop]) {
+                    *w |= x;
+                }
             }
-        }
-        join[i / 64] &= !(1 << (i % 64));
-        // Collected whole (one sort and bulk build), not inserted one by one.
-        acc.peers = join
-            .iter()
-            .enumerate()
-            .flat_map(|(k, &w)| {
-                let mut w = w;
-                std::iter::from_fn(move || {
-                    (w != 0).then(|| {
+            if !sorted {
+                let mut by_id = vec![0u64; words];
+                for (k, w) in join.iter().enumerate() {
+                    let mut w = *w;
+                    while w != 0 {
                         let b = w.trailing_zeros() as usize;
                         w &= w - 1;
-                        d.devices[k * 64 + b].id
-                    })
-                })
-            })
-            .collect();
+                        let p = pos[k * 64 + b];
+                        by_id[p / 64] |= 1 << (p % 64);
+                    }
+                }
+                join = by_id;
+            }
+            Arc::new(join)
+        });
+        acc.peers = Peers::new(d.devices[i].id, Arc::clone(&index), Arc::clone(bits));
     }
     // Unstable sorts: elements that compare equal are equal in every field (derived `Ord`),
     // and dedup removes them, so the result is the same without a stable sort's buffer.

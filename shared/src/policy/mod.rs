@@ -25,6 +25,7 @@
 mod compile;
 mod explain;
 mod parse;
+mod peers;
 mod routed;
 
 #[cfg(test)]
@@ -48,6 +49,7 @@ pub use explain::{
     Explanation, Miss,
 };
 pub use parse::parse;
+pub use peers::Peers;
 pub use routed::{
     auto_approved, carriers, compile_routes, explain_routed, RoutedExplanation, Router,
 };
@@ -574,7 +576,7 @@ pub struct Compiled {
 pub struct DeviceAccess {
     /// Devices it may exchange packets with, in either direction. Symmetric: `b` is among
     /// `a`'s peers exactly when `a` is among `b`'s (the registry relies on it).
-    pub peers: BTreeSet<DeviceId>,
+    pub peers: Peers,
     /// Who may open what on it (sorted, deduplicated).
     pub inbound: Vec<FilterRule>,
     /// What it may open elsewhere, by reference (sorted, deduplicated): each grant is shared

@@ -451,7 +451,7 @@ deny = ["legacy-db:22"]
         // Routes keep the peer relation symmetric, as the compile does: the registry finds
         // the sessions a device's change concerns from that device's own peers.
         for (id, a) in &c.devices {
-            for p in &a.peers {
+            for p in &a.peers.iter().collect::<Vec<_>>() {
                 assert!(
                     c.devices.get(p).is_some_and(|b| b.peers.contains(id)),
                     "{id:?} has peer {p:?} but not the other way"

@@ -334,7 +334,7 @@ fn compile_produces_peers_rules_and_reach() {
     assert_eq!(c.next_expiry_ms, Some(1_801_353_600_000));
     // Peers are symmetric.
     for (id, a) in &c.devices {
-        for peer in &a.peers {
+        for peer in &a.peers.iter().collect::<Vec<_>>() {
             assert!(c.devices[peer].peers.contains(id), "{id} -> {peer}");
         }
     }

@@ -1,0 +1,202 @@
+//! A device's peers in a compile: a bit set over the compile's device index, shared by every
+//! device whose rules reach the same populations. A dense policy makes each of 10 000 devices
+//! a peer of thousands of others; as ordered sets of ids those were tens of millions of
+//! entries (about a gigabyte), as shared bit sets they are a few hundred allocations of
+//! 1.25 KB. The device itself may be a member of the shared bits; it is never a member of its
+//! own peers.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::wire::DeviceId;
+
+/// The devices one device may exchange packets with (see [`super::DeviceAccess::peers`]).
+#[derive(Clone, Default)]
+pub struct Peers {
+    /// The device these are the peers of (left out of every answer).
+    me: Option<DeviceId>,
+    /// The ids bit `i` stands for, ascending (shared by the whole compile).
+    index: Arc<[DeviceId]>,
+    /// `index.len()` bits, shared by devices that reach the same populations.
+    bits: Arc<Vec<u64>>,
+}
+
+impl Peers {
+    /// The peers of `me` in `bits` over `index` (ids ascending; `bits` may include `me`).
+    pub fn new(me: DeviceId, index: Arc<[DeviceId]>, bits: Arc<Vec<u64>>) -> Self {
+        debug_assert!(bits.len() >= index.len().div_ceil(64));
+        debug_assert!(index.windows(2).all(|w| w[0] < w[1]));
+        Peers {
+            me: Some(me),
+            index,
+            bits,
+        }
+    }
+
+    /// `ids` as the peers of `me` (`None`: of no device in particular), with an index of
+    /// their own.
+    pub fn from_ids(me: Option<DeviceId>, ids: impl IntoIterator<Item = DeviceId>) -> Self {
+        let set: BTreeSet<DeviceId> = ids.into_iter().filter(|i| Some(*i) != me).collect();
+        let index: Arc<[DeviceId]> = set.into_iter().collect();
+        let mut bits = vec![0u64; index.len().div_ceil(64)];
+        for i in 0..index.len() {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+        Peers {
+            me,
+            index,
+            bits: Arc::new(bits),
+        }
+    }
+
+    pub fn contains(&self, id: &DeviceId) -> bool {
+        if Some(*id) == self.me {
+            return false;
+        }
+        self.index.binary_search(id).is_ok_and(|i| self.bit(i))
+    }
+
+    /// The peers, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = DeviceId> + '_ {
+        let me = self.me;
+        self.bits
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &w)| {
+                let mut w = w;
+                std::iter::from_fn(move || {
+                    (w != 0).then(|| {
+                        let b = w.trailing_zeros() as usize;
+                        w &= w - 1;
+                        k * 64 + b
+                    })
+                })
+            })
+            .filter_map(|i| self.index.get(i).copied())
+            .filter(move |id| Some(*id) != me)
+    }
+
+    pub fn len(&self) -> usize {
+        let all: usize = self.bits.iter().map(|w| w.count_ones() as usize).sum();
+        let me_in = self
+            .me
+            .is_some_and(|m| self.index.binary_search(&m).is_ok_and(|i| self.bit(i)));
+        all - usize::from(me_in)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds `id` (never `me`): sets its bit (copying bits shared with other devices first),
+    /// or, for an id the index lacks, rebuilds these peers over an index of their own.
+    pub fn insert(&mut self, id: DeviceId) {
+        if Some(id) == self.me {
+            return;
+        }
+        match self.index.binary_search(&id) {
+            Ok(i) => {
+                if !self.bit(i) {
+                    Arc::make_mut(&mut self.bits)[i / 64] |= 1 << (i % 64);
+                }
+            }
+            Err(_) => {
+                let ids: Vec<DeviceId> = self.iter().chain([id]).collect();
+                *self = Peers::from_ids(self.me, ids);
+            }
+        }
+    }
+
+    /// Whether `self` and `other` share one allocation of bits over one index (then they are
+    /// equal when they are the peers of the same device).
+    pub fn same_bits(&self, other: &Peers) -> bool {
+        Arc::ptr_eq(&self.bits, &other.bits) && Arc::ptr_eq(&self.index, &other.index)
+    }
+
+    fn bit(&self, i: usize) -> bool {
+        self.bits
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
+impl PartialEq for Peers {
+    fn eq(&self, other: &Self) -> bool {
+        if self.me == other.me && self.same_bits(other) {
+            return true;
+        }
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Peers {}
+
+impl fmt::Debug for Peers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+impl FromIterator<DeviceId> for Peers {
+    fn from_iter<T: IntoIterator<Item = DeviceId>>(iter: T) -> Self {
+        Peers::from_ids(None, iter)
+    }
+}
+
+impl Extend<DeviceId> for Peers {
+    fn extend<T: IntoIterator<Item = DeviceId>>(&mut self, iter: T) {
+        for id in iter {
+            self.insert(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[u64]) -> Vec<DeviceId> {
+        v.iter().map(|i| DeviceId(*i)).collect()
+    }
+
+    #[test]
+    fn shared_bits_answer_for_each_device_without_itself() {
+        let index: Arc<[DeviceId]> = ids(&[2, 5, 7, 9, 70]).into();
+        // 2, 5 and 70 (bits 0, 1, 4).
+        let bits = Arc::new(vec![0b10011u64]);
+        let a = Peers::new(DeviceId(5), Arc::clone(&index), Arc::clone(&bits));
+        let b = Peers::new(DeviceId(7), Arc::clone(&index), Arc::clone(&bits));
+        assert_eq!(a.iter().collect::<Vec<_>>(), ids(&[2, 70]));
+        assert_eq!(b.iter().collect::<Vec<_>>(), ids(&[2, 5, 70]));
+        assert!(!a.contains(&DeviceId(5)) && b.contains(&DeviceId(5)));
+        assert!(!a.contains(&DeviceId(3)) && !a.contains(&DeviceId(9)));
+        assert_eq!((a.len(), b.len()), (2, 3));
+        assert_eq!(a, ids(&[2, 70]).into_iter().collect::<Peers>());
+        assert_ne!(a, b);
+        assert_eq!(format!("{a:?}"), "{DeviceId(2), DeviceId(70)}");
+    }
+
+    #[test]
+    fn insert_copies_shared_bits_and_grows_the_index_when_it_must() {
+        let index: Arc<[DeviceId]> = ids(&[1, 2, 3]).into();
+        let bits = Arc::new(vec![0b001u64]);
+        let mut a = Peers::new(DeviceId(3), Arc::clone(&index), Arc::clone(&bits));
+        let b = Peers::new(DeviceId(2), Arc::clone(&index), Arc::clone(&bits));
+        a.insert(DeviceId(2));
+        a.insert(DeviceId(3));
+        assert_eq!(a.iter().collect::<Vec<_>>(), ids(&[1, 2]));
+        assert_eq!(
+            b.iter().collect::<Vec<_>>(),
+            ids(&[1]),
+            "b's bits are untouched"
+        );
+        a.insert(DeviceId(40));
+        assert_eq!(a.iter().collect::<Vec<_>>(), ids(&[1, 2, 40]));
+        assert!(!a.contains(&DeviceId(3)));
+        let mut d = Peers::default();
+        assert!(d.is_empty());
+        d.extend(ids(&[4, 1, 4]));
+        assert_eq!(d.iter().collect::<Vec<_>>(), ids(&[1, 4]));
+    }
+}
