@@ -398,6 +398,13 @@ pub struct Registry {
     /// Each live device's overlay addresses (what `want_peer` names).
     by_addr: BTreeMap<IpAddr, DeviceId>,
     want_counters: WantCounters,
+    /// The sessions on demand holding each peer (the reverse of their held sets), and the
+    /// sessions sent every peer: a change to one device concerns its holders and the full
+    /// sessions among its peers, not every session its access names.
+    holders: BTreeMap<DeviceId, BTreeSet<DeviceId>>,
+    full: BTreeSet<DeviceId>,
+    /// Sessions brought up to date one by one (their netmap compared with what was sent).
+    produced: u64,
 }
 
 /// A version-4 session whose device may talk with more peers than this is sent only the peers
@@ -570,6 +577,9 @@ impl Registry {
             on_demand_above: DEFAULT_ON_DEMAND_ABOVE,
             by_addr: BTreeMap::new(),
             want_counters: WantCounters::default(),
+            holders: BTreeMap::new(),
+            full: BTreeSet::new(),
+            produced: 0,
         }
         .with_addresses()
     }
@@ -587,6 +597,11 @@ impl Registry {
     /// peers they hold (from their next session on).
     pub fn set_peers_on_demand_above(&mut self, n: usize) {
         self.on_demand_above = n;
+    }
+
+    /// Sessions brought up to date one by one since start.
+    pub fn sessions_produced(&self) -> u64 {
+        self.produced
     }
 
     /// `want_peer` messages answered so far.
@@ -1786,12 +1801,15 @@ impl Registry {
         self.trust.remove(id);
         self.behaviour.remove(id);
         self.risk_live.remove(&id);
-        for s in self.sessions.values_mut() {
-            if let PeerMode::OnDemand(h) = &mut s.peers {
+        for holder in self.holders.remove(&id).unwrap_or_default() {
+            if let Some(PeerMode::OnDemand(h)) =
+                self.sessions.get_mut(&holder).map(|s| &mut s.peers)
+            {
                 h.release(id);
             }
         }
         if let Some(s) = self.sessions.remove(&id) {
+            self.unindex(id, &s.peers);
             self.outputs.push_back(Output::Close {
                 conn: s.conn,
                 code: ErrorCode::DeviceRevoked,
@@ -1868,6 +1886,7 @@ impl Registry {
                 wants_in_window: 0,
             },
         ) {
+            self.unindex(id, &old.peers);
             if old.conn != conn {
                 self.outputs.push_back(Output::Close {
                     conn: old.conn,
@@ -1915,7 +1934,9 @@ impl Registry {
     pub fn handle_session_closed(&mut self, id: DeviceId, conn: ConnId) {
         if self.sessions.get(&id).map(|s| s.conn) == Some(conn) {
             let trust_before = self.trust_inputs(id);
-            self.sessions.remove(&id);
+            if let Some(s) = self.sessions.remove(&id) {
+                self.unindex(id, &s.peers);
+            }
             self.touch(id);
             self.trust.set_held(id, false);
             self.reevaluate(id);
@@ -1968,6 +1989,7 @@ impl Registry {
     /// stale (the device reconnected elsewhere) and is closed, so one replica serves it.
     pub fn handle_session_moved(&mut self, id: DeviceId) {
         if let Some(s) = self.sessions.remove(&id) {
+            self.unindex(id, &s.peers);
             self.outputs.push_back(Output::Close {
                 conn: s.conn,
                 code: ErrorCode::Protocol,
@@ -2095,25 +2117,72 @@ impl Registry {
         else {
             return Err(WantRefused::NotAllowed);
         };
-        let mut evicted = 0;
-        if let Some(s) = self.sessions.get_mut(&target) {
-            if let PeerMode::OnDemand(h) = &mut s.peers {
-                evicted += u64::from(h.hold(from).is_some());
-                s.held_changed = true;
-            }
-        }
-        if let Some(s) = self.sessions.get_mut(&from) {
-            if let PeerMode::OnDemand(h) = &mut s.peers {
-                evicted += u64::from(h.hold(target).is_some());
-                s.held_changed = true;
-            }
-        }
-        self.want_counters.evicted += evicted;
+        self.hold(target, from);
+        self.hold(from, target);
         if self.sessions.get(&target).is_some_and(|s| s.sent.is_some()) {
             self.netmap_for(target);
         }
         self.netmap_for(from);
         Ok(target)
+    }
+
+    /// Session `holder` (if on demand) holds `peer` now, and lets go of the peer it wanted
+    /// longest ago past its bound.
+    fn hold(&mut self, holder: DeviceId, peer: DeviceId) {
+        let Some(s) = self.sessions.get_mut(&holder) else {
+            return;
+        };
+        let PeerMode::OnDemand(h) = &mut s.peers else {
+            return;
+        };
+        s.held_changed = true;
+        let evicted = h.hold(peer);
+        self.holders.entry(peer).or_default().insert(holder);
+        if let Some(e) = evicted {
+            self.want_counters.evicted += 1;
+            Self::unhold(&mut self.holders, holder, e);
+        }
+    }
+
+    fn unhold(
+        holders: &mut BTreeMap<DeviceId, BTreeSet<DeviceId>>,
+        holder: DeviceId,
+        peer: DeviceId,
+    ) {
+        if let Some(set) = holders.get_mut(&peer) {
+            set.remove(&holder);
+            if set.is_empty() {
+                holders.remove(&peer);
+            }
+        }
+    }
+
+    /// Session `id` (mode `mode`) is gone: it holds nothing and is no full session.
+    fn unindex(&mut self, id: DeviceId, mode: &PeerMode) {
+        self.full.remove(&id);
+        if let Some(h) = mode.held() {
+            for p in h.ids() {
+                Self::unhold(&mut self.holders, id, *p);
+            }
+        }
+    }
+
+    /// The sessions a change to `p` (access `a`) can concern through their peers: the full
+    /// sessions among its peers and the sessions on demand that hold it (or, for a router,
+    /// every peer: sessions on demand reach routers without holding them).
+    fn concerned_by(&self, p: DeviceId, a: &policy::DeviceAccess, out: &mut BTreeSet<DeviceId>) {
+        if self.served.contains_key(&p) {
+            out.extend(a.peers.iter());
+            return;
+        }
+        if self.full.len() < a.peers.len() {
+            out.extend(self.full.iter().filter(|s| a.peers.contains(s)));
+        } else {
+            out.extend(a.peers.iter().filter(|s| self.full.contains(s)));
+        }
+        if let Some(h) = self.holders.get(&p) {
+            out.extend(h.iter().filter(|s| a.peers.contains(s)));
+        }
     }
 
     /// Punch requests forwarded and dropped so far.
@@ -2455,7 +2524,7 @@ impl Registry {
         let mut unknown = Vec::new();
         for p in changed_views {
             match compiled.devices.get(p) {
-                Some(a) => concerned.extend(a.peers.iter()),
+                Some(a) => self.concerned_by(*p, a, &mut concerned),
                 None => unknown.push(*p),
             }
         }
@@ -2547,7 +2616,7 @@ impl Registry {
         let mut unknown = Vec::new();
         for p in changed {
             match compiled.devices.get(p) {
-                Some(a) => concerned.extend(a.peers.iter()),
+                Some(a) => self.concerned_by(*p, a, &mut concerned),
                 None => unknown.push(*p),
             }
         }
@@ -2603,6 +2672,7 @@ impl Registry {
     /// One session's netmap change and its posture wants when they changed; its verdict is
     /// queued when due (sent after every pending netmap).
     fn produce(&mut self, id: DeviceId) {
+        self.produced += 1;
         self.netmap_for(id);
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
@@ -2744,8 +2814,13 @@ impl Registry {
             // under the device.
             let peers = self.compiled.devices.get(&id).map_or(0, |a| a.peers.len());
             mode = if s.protocol >= 4 && peers > self.on_demand_above {
-                PeerMode::OnDemand(Held::new(std::mem::take(hint)))
+                let held = Held::new(std::mem::take(hint));
+                for p in held.ids() {
+                    self.holders.entry(*p).or_default().insert(id);
+                }
+                PeerMode::OnDemand(held)
             } else {
+                self.full.insert(id);
                 PeerMode::Full
             };
         }

@@ -346,7 +346,68 @@ proptest::proptest! {
                 .map(|nm| nm.peers.iter().map(|p| p.device_id.0).collect())
                 .unwrap_or_default();
             let want = model.get(&dev).cloned().unwrap_or_default();
-            proptest::prop_assert_eq!(got, want, "device {}", dev);
+            proptest::prop_assert_eq!(&got, &want, "device {}", dev);
+            // And each held peer as deltas left it (endpoints, online) is what a fresh
+            // session holding the same peers is sent.
+            let before = ch.held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+            r.handle_session_closed(DeviceId(dev), c);
+            ch.take(&mut r, usize::MAX);
+            r.handle_session_opened_holding(
+                DeviceId(dev),
+                c,
+                addr(&format!("10.0.0.{dev}:4000")),
+                DeviceUpdate { wg_port: 51820, ..Default::default() },
+                PROTOCOL_VERSION,
+                got.iter().map(|i| DeviceId(*i)).collect(),
+            )
+            .unwrap();
+            ch.held.remove(&c);
+            ch.take(&mut r, usize::MAX);
+            let fresh = ch.held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+            proptest::prop_assert_eq!(before, fresh, "device {}", dev);
         }
     }
+}
+
+#[test]
+fn a_change_to_a_device_concerns_its_holders_only() {
+    let mut r = reg(&[1, 2, 3, 4, 5]);
+    r.set_peers_on_demand_above(0);
+    open_sessions(&mut r, &[1, 2, 3, 4, 5]);
+    drain(&mut r);
+    r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(2)), 1)
+        .unwrap();
+    drain(&mut r);
+    let moved = |r: &mut Registry, dev: u64, port: u16| {
+        r.handle_session_update(
+            DeviceId(dev),
+            dev * 10,
+            DeviceUpdate {
+                wg_port: port,
+                local_endpoints: vec![addr(&format!("192.168.1.{dev}:{port}"))],
+                ..Default::default()
+            },
+        );
+        drain(r)
+    };
+    // Nobody holds 3: its move is nobody's delta.
+    let out = moved(&mut r, 3, 4000);
+    assert!(
+        [10, 20, 30, 40, 50]
+            .iter()
+            .all(|c| deltas(&out, *c).is_empty()),
+        "{out:?}"
+    );
+    // 2 is held by 1 only: its own session and 1's are looked at, no other.
+    let produced = r.sessions_produced();
+    let out = moved(&mut r, 2, 4001);
+    assert_eq!(r.sessions_produced() - produced, 2);
+    let told: Vec<ConnId> = [10, 20, 30, 40, 50]
+        .into_iter()
+        .filter(|c| !deltas(&out, *c).is_empty())
+        .collect();
+    assert_eq!(told, vec![10]);
+    assert!(deltas(&out, 10)[0].upsert[0]
+        .endpoints
+        .contains(&addr("192.168.1.2:4001")));
 }
