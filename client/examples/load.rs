@@ -1326,7 +1326,9 @@ impl Dev {
                     | Event::Relay(_)
                     | Event::SetRelays(_)
                     | Event::Punch { .. }
-                    | Event::NetworkChanged => {}
+                    | Event::NetworkChanged
+                    | Event::SetOnDemand(_)
+                    | Event::RefusePeer(_) => {}
                 }
             }
             if lock().revoked_at.is_some() {

@@ -235,6 +235,10 @@ pub struct DeviceView {
     /// `None` when none is chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_node: Option<ExitNodeView>,
+    /// The netmap lists only the peers this device asked for (peers on demand): the others
+    /// are fetched when traffic needs them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_demand: bool,
 }
 
 /// The chosen exit node (`ward status`): whether the netmap lets this device use it and
@@ -402,6 +406,17 @@ pub struct CountersView {
     #[serde(default)]
     pub dropped_wrong_source: u64,
     pub icmp_unreachable_sent: u64,
+    /// Peers on demand: packets held while their peer was asked for, held packets dropped
+    /// (bounds, waiting too long, refused), held packets sent once the peer came, peers asked
+    /// for.
+    #[serde(default)]
+    pub held_for_peer: u64,
+    #[serde(default)]
+    pub held_dropped: u64,
+    #[serde(default)]
+    pub held_replayed: u64,
+    #[serde(default)]
+    pub peer_wants: u64,
     /// Path MTU: packets too big for their path, ICMP too-big sent, MTU changes, failed sends.
     pub path: crate::dataplane::PathMtuCounters,
     /// Address discovery on the WireGuard socket: requests sent, responses received,
@@ -541,6 +556,7 @@ mod tests {
                 flow_log: None,
                 dns: None,
                 exit_node: None,
+                on_demand: false,
             }),
         };
         let j = serde_json::to_value(&v).unwrap();

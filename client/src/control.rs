@@ -890,6 +890,7 @@ pub fn msg_type(m: &CoordinatorMsg) -> &'static str {
         CoordinatorMsg::RelayTicket { .. } => "relay_ticket",
         CoordinatorMsg::Punch { .. } => "punch",
         CoordinatorMsg::FlowsAck { .. } => "flows_ack",
+        CoordinatorMsg::PeerRefused { .. } => "peer_refused",
     }
 }
 

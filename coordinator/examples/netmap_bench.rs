@@ -15,6 +15,10 @@
 //! `--load-shape`: the directory and policy of `bench/load.sh` instead (20 users, their
 //! devices round robin, ten groups of 70% of the users, 50 rules over 26 services), whose
 //! dense peer lists and shared source lists make the netmaps large.
+//! `--on-demand K`: every session is on demand (protocol 4, `--peers-on-demand-above 0`) and,
+//! after the first push, wants K peers its policy allows (pseudo-random; session 2 also wants
+//! devices 1 and 4, which rotate and are revoked below); the "wants" column times them all.
+//! The last column is the process's peak RSS after that size (VmHWM).
 
 #[path = "../../bench/dense_policy.rs"]
 mod dense;
@@ -59,6 +63,12 @@ fn main() {
     let dense = args.iter().any(|a| a == "--dense");
     let load_shape = args.iter().any(|a| a == "--load-shape");
     let at = args.iter().position(|a| a == "--protocol");
+    let od = args.iter().position(|a| a == "--on-demand");
+    let on_demand: Option<usize> = od.map(|i| {
+        args.get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--on-demand takes K")
+    });
     let protocol = match at.and_then(|i| args.get(i + 1)) {
         Some(v) => v.parse().expect("--protocol takes a version number"),
         None if args.iter().any(|a| a == "--v1") => 1,
@@ -67,7 +77,7 @@ fn main() {
     let sizes: Vec<usize> = args
         .iter()
         .enumerate()
-        .filter(|(i, _)| at.is_none_or(|p| *i != p + 1))
+        .filter(|(i, _)| at.is_none_or(|p| *i != p + 1) && od.is_none_or(|p| *i != p + 1))
         .filter_map(|(_, a)| a.parse().ok())
         .collect();
     let sizes = if sizes.is_empty() {
@@ -77,9 +87,10 @@ fn main() {
     };
     let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
     println!(
-        "{:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14}   (protocol {protocol}{})",
+        "{:>8} {:>12} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14} {:>10}   (protocol {protocol}{}{})",
         "devices",
         "first push",
+        "wants",
         "policy change",
         "peer change",
         "lease change",
@@ -89,6 +100,11 @@ fn main() {
         "bytes",
         "netmap mean B",
         "netmap max B",
+        "peak RSS",
+        match on_demand {
+            Some(k) => format!(", on demand, {k} wants a session"),
+            None => String::new(),
+        },
         if load_shape {
             ", load shape"
         } else if dense {
@@ -169,6 +185,7 @@ fn main() {
         let rotating = devices[0].clone();
         let (quarantined, revoked) = (devices[2].clone(), devices[3].id);
         let mut reg = Registry::new(pools, devices, users, Some(p1), vec![], leases, 0);
+        reg.set_peers_on_demand_above(if on_demand.is_some() { 0 } else { usize::MAX });
         for i in 0..n {
             let addr = format!(
                 "10.{}.{}.{}:51820",
@@ -190,26 +207,71 @@ fn main() {
         let t0 = Instant::now();
         // Besides its netmap, a new session gets other messages (posture requests, verdicts).
         let (mut netmaps, mut first_peers) = (0usize, 0usize);
-        let mut first: Vec<ward_shared::wire::CoordinatorMsg> = Vec::new();
+        // Encoding is what a session does before sending; timed apart from the core (and
+        // done at once, so that 10 000 dense netmaps are never all held).
+        let mut sizes: Vec<usize> = Vec::new();
+        let mut encoding = std::time::Duration::ZERO;
         while let Some(o) = reg.poll_output() {
             if let Output::Send { msg, .. } = o {
                 if let ward_shared::wire::CoordinatorMsg::Netmap(nm) = &msg {
                     netmaps += 1;
                     first_peers += nm.peers.len();
-                    first.push(msg);
+                    let te = Instant::now();
+                    sizes.push(ward_shared::wire::encode(&msg).len());
+                    encoding += te.elapsed();
                 }
             }
         }
-        let first_push = t0.elapsed();
-        // Encoding is what a session does before sending; timed apart from the core.
-        let sizes: Vec<usize> = first
-            .iter()
-            .map(|m| ward_shared::wire::encode(m).len())
-            .collect();
-        drop(first);
+        let first_push = t0.elapsed().saturating_sub(encoding);
         let mean = sizes.iter().sum::<usize>() / sizes.len().max(1);
         let max = sizes.iter().max().copied().unwrap_or(0);
         assert_eq!(netmaps, n, "one netmap per device");
+        // On demand: each session wants K of the peers its policy allows.
+        let t_wants = Instant::now();
+        let mut wanted = 0usize;
+        if let Some(k) = on_demand {
+            let compiled = std::sync::Arc::clone(reg.compiled());
+            let addr_of: std::collections::BTreeMap<DeviceId, std::net::IpAddr> = (0..n)
+                .map(|i| {
+                    let (v4, _) = pools.addresses(i as u64 + 1).expect("pool");
+                    (DeviceId(i as u64 + 1), std::net::IpAddr::V4(v4))
+                })
+                .collect();
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            for i in 0..n {
+                let id = DeviceId(i as u64 + 1);
+                let Some(a) = compiled.devices.get(&id) else {
+                    continue;
+                };
+                let peers: Vec<DeviceId> = a.peers.iter().collect();
+                let mut picks: Vec<DeviceId> = Vec::new();
+                if i == 1 {
+                    picks.extend(
+                        [DeviceId(1), DeviceId(4)]
+                            .into_iter()
+                            .filter(|p| a.peers.contains(p)),
+                    );
+                }
+                for _ in 0..k.min(peers.len()) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    picks.push(peers[(x % peers.len() as u64) as usize]);
+                }
+                for p in picks {
+                    // A want past the session's budget waits a second: the bench's clock moves.
+                    let by = ward_shared::wire::PeerRef::Addr(addr_of[&p]);
+                    if reg
+                        .handle_want_peer(id, i as u64, by, (wanted as i64 / 64) * 1000)
+                        .is_ok()
+                    {
+                        wanted += 1;
+                    }
+                    drain(&mut reg);
+                }
+            }
+        }
+        let wants = t_wants.elapsed();
         let t1 = Instant::now();
         reg.handle_policy(p2);
         let (mut msgs, mut bytes) = (0usize, 0usize);
@@ -265,8 +327,20 @@ fn main() {
         let revoke_msgs = drain(&mut reg);
         let revoke = t5.elapsed();
         assert!(revoke_msgs > 0, "the revocation reached the peers");
-        println!("{n:>8} {:>10.1}ms {:>12.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14}   ({first_peers} peer entries in the first netmaps; the peer change {peer_msgs} messages, the lease change {lease_msgs}, the quarantine {quarantine_msgs}, the revocation {revoke_msgs}; compiles {}, sessions carried {})", first_push.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3, peer_change.as_secs_f64() * 1e3, lease_change.as_secs_f64() * 1e3, quarantine.as_secs_f64() * 1e3, revoke.as_secs_f64() * 1e3, reg.compiles(), reg.sessions_carried());
+        println!("{n:>8} {:>10.1}ms {:>10.1}ms {:>12.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14} {:>7}MiB   ({first_peers} peer entries in the first netmaps; {wanted} wants granted; the peer change {peer_msgs} messages, the lease change {lease_msgs}, the quarantine {quarantine_msgs}, the revocation {revoke_msgs}; compiles {}, sessions carried {})", first_push.as_secs_f64() * 1e3, wants.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3, peer_change.as_secs_f64() * 1e3, lease_change.as_secs_f64() * 1e3, quarantine.as_secs_f64() * 1e3, revoke.as_secs_f64() * 1e3, peak_rss_mib(), reg.compiles(), reg.sessions_carried());
     }
+}
+
+/// The process's peak resident set so far (VmHWM), MiB; 0 where /proc is not readable.
+fn peak_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
 }
 
 /// Takes every output, encoding each message as a session would; returns the messages.

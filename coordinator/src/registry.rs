@@ -2952,7 +2952,7 @@ impl Registry {
                             .iter()
                             .map(|(id, prefixes)| peerset::PeerSet {
                                 id: *id,
-                                prefixes: prefixes.clone(),
+                                prefixes: prefixes.to_vec(),
                             })
                             .collect(),
                         reach_grants: if by_ref {
@@ -3214,7 +3214,7 @@ impl Registry {
             for (set, prefixes) in &sent.filter.sets {
                 if gone.iter().any(|a| peerset::contains(prefixes, *a)) {
                     sets.get_or_insert_with(|| sent.filter.sets.clone())
-                        .insert(*set, peerset::without(prefixes, &gone));
+                        .insert(*set, Arc::new(peerset::without(prefixes, &gone)));
                 }
             }
             // Literal sources: a version-1 device's flat rules.

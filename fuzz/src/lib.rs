@@ -382,6 +382,7 @@ pub fn dns_query(data: &[u8]) {
     use ward_shared::wire::{Netmap, Reach, SelfInfo};
     let peer = peer(2, "db1");
     let nm = Netmap {
+        on_demand: false,
         resumed: None,
         seq: 1,
         me: SelfInfo {

@@ -1257,7 +1257,7 @@ fn index_sources(rules: &[FilterRule], sets: &SetBook, hasher: Seeded) -> Source
         }
         for id in &r.source_sets {
             // An unknown id adds nobody (fail closed).
-            for p in sets.get(id).into_iter().flatten() {
+            for p in sets.get(id).into_iter().flat_map(|v| v.iter()) {
                 let host = if p.is_ipv4() { 32 } else { 128 };
                 if p.len() == host {
                     push_index(ix.exact.entry(p.addr()).or_default(), i);

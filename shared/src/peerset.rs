@@ -19,6 +19,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use crate::filter::{FilterRule, Sources};
 use crate::routes::Prefix;
@@ -168,11 +169,16 @@ pub fn contains(prefixes: &[Prefix], ip: IpAddr) -> bool {
 }
 
 /// The sets a device holds, by id.
-pub type SetBook = BTreeMap<u32, Vec<Prefix>>;
+/// Each set's prefixes, shared: every session whose filter names a population holds the one
+/// aggregation of it (at 10 000 devices a dense policy's populations are thousands of
+/// prefixes each, too many to copy per session).
+pub type SetBook = BTreeMap<u32, Arc<Vec<Prefix>>>;
 
 /// The sets as a book.
 pub fn book(sets: &[PeerSet]) -> SetBook {
-    sets.iter().map(|s| (s.id, s.prefixes.clone())).collect()
+    sets.iter()
+        .map(|s| (s.id, Arc::new(s.prefixes.clone())))
+        .collect()
 }
 
 /// A device's inbound filter (and candidate filter) in set form.
@@ -202,7 +208,7 @@ pub fn factor(
 /// address while it is cached.
 #[derive(Debug, Default)]
 pub struct Aggregated {
-    by_list: FxHashMap<usize, (Sources, Vec<Prefix>)>,
+    by_list: FxHashMap<usize, (Sources, Arc<Vec<Prefix>>)>,
 }
 
 impl Aggregated {
@@ -211,12 +217,12 @@ impl Aggregated {
         self.by_list.clear();
     }
 
-    fn of(&mut self, s: &Sources) -> Vec<Prefix> {
+    fn of(&mut self, s: &Sources) -> Arc<Vec<Prefix>> {
         let (_, prefixes) = self
             .by_list
             .entry(s.id())
-            .or_insert_with(|| (s.clone(), aggregate(s.iter().copied())));
-        prefixes.clone()
+            .or_insert_with(|| (s.clone(), Arc::new(aggregate(s.iter().copied()))));
+        Arc::clone(prefixes)
     }
 }
 
@@ -228,12 +234,12 @@ pub fn factor_with(
     agg: &mut Aggregated,
 ) -> Factored {
     // Distinct populations, in order of first use.
-    let mut pops: Vec<Vec<Prefix>> = Vec::new();
+    let mut pops: Vec<Arc<Vec<Prefix>>> = Vec::new();
     // Distinct source lists seen (few: one per population), compared whole rather than
     // hashed: the compiler gives every rule over a population an equal list, usually the same
     // shared one (found by pointer).
     let mut by_sources: Vec<(&Sources, usize)> = Vec::new();
-    let mut by_prefixes: FxHashMap<Vec<Prefix>, usize> = FxHashMap::default();
+    let mut by_prefixes: FxHashMap<Arc<Vec<Prefix>>, usize> = FxHashMap::default();
     let all = inbound.iter().chain(shadow.into_iter().flatten());
     // Each rule's population (None: no sources at all).
     let mut rule_pop: Vec<Option<usize>> = Vec::new();
@@ -259,7 +265,7 @@ pub fn factor_with(
     let prev = prev.unwrap_or(&empty);
     let mut ids: Vec<Option<u32>> = vec![None; pops.len()];
     let mut claimed: BTreeSet<u32> = BTreeSet::new();
-    let by_content: FxHashMap<&Vec<Prefix>, u32> =
+    let by_content: FxHashMap<&Arc<Vec<Prefix>>, u32> =
         prev.sets.iter().map(|(id, p)| (p, *id)).collect();
     for (i, p) in pops.iter().enumerate() {
         if let Some(&id) = by_content.get(p) {
@@ -349,13 +355,13 @@ pub fn diff(old: &SetBook, new: &SetBook) -> (Vec<PeerSetChange>, Vec<u32>) {
         let Some(o) = old.get(id) else {
             changes.push(PeerSetChange {
                 id: *id,
-                prefixes: Some(n.clone()),
+                prefixes: Some(n.to_vec()),
                 add: Vec::new(),
                 remove: Vec::new(),
             });
             continue;
         };
-        if o == n {
+        if Arc::ptr_eq(o, n) || o == n {
             continue;
         }
         let os: BTreeSet<&Prefix> = o.iter().collect();
@@ -365,7 +371,7 @@ pub fn diff(old: &SetBook, new: &SetBook) -> (Vec<PeerSetChange>, Vec<u32>) {
         changes.push(if add.len() + remove.len() > n.len() {
             PeerSetChange {
                 id: *id,
-                prefixes: Some(n.clone()),
+                prefixes: Some(n.to_vec()),
                 add: Vec::new(),
                 remove: Vec::new(),
             }
@@ -393,7 +399,8 @@ pub fn apply_changes(
     changes: &[PeerSetChange],
     removed: &[u32],
 ) -> Result<(), PeerSetError> {
-    let mut b = book(sets);
+    let mut b: BTreeMap<u32, Vec<Prefix>> =
+        sets.iter().map(|s| (s.id, s.prefixes.clone())).collect();
     for id in removed {
         b.remove(id);
     }
@@ -509,7 +516,7 @@ pub fn expand(rules: &[FilterRule], sets: &[PeerSet], max_hosts: u32) -> Vec<Fil
             let mut out = r.clone();
             let mut srcs: Vec<IpAddr> = r.sources.to_vec();
             for id in &r.source_sets {
-                for p in b.get(id).into_iter().flatten() {
+                for p in b.get(id).into_iter().flat_map(|v| v.iter()) {
                     srcs.extend(hosts(p, max_hosts));
                 }
             }

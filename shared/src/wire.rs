@@ -2396,7 +2396,7 @@ mod tests {
                             new.remove(&id);
                             continue;
                         }
-                        let set = new.entry(id).or_default();
+                        let set = std::sync::Arc::make_mut(new.entry(id).or_default());
                         let p: crate::routes::Prefix =
                             format!("100.64.0.{}/32", 2 + rnd(6)).parse().unwrap();
                         match set.iter().position(|x| *x == p) {

@@ -143,6 +143,7 @@ to = ["open"]
             .await
             .unwrap();
         ch.send(&DeviceMsg::Hello(Hello {
+            held_peers: Vec::new(),
             holding: None,
             protocol: wire::PROTOCOL_VERSION,
             os: "test".into(),

@@ -250,6 +250,7 @@ fn registered_relays_reach_a_device_session() {
             .await
             .unwrap();
         ch.send(&DeviceMsg::Hello(Hello {
+            held_peers: Vec::new(),
             holding: None,
             protocol: wire::PROTOCOL_VERSION,
             os: "test".into(),
@@ -730,6 +731,7 @@ async fn enroll_with_ticket(c: &Coordinator, token: &str, name: &str) -> Enrolle
         .await
         .unwrap();
     ch.send(&DeviceMsg::Hello(Hello {
+        held_peers: Vec::new(),
         holding: None,
         protocol: wire::PROTOCOL_VERSION,
         os: "test".into(),

@@ -64,6 +64,7 @@ fn failing_posture_removes_gated_access_rotates_and_restores() {
         policy: POLICY,
         lease_ttl_ms: 600_000,
         seed,
+        on_demand_above: ward_coordinator::registry::DEFAULT_ON_DEMAND_ABOVE,
     });
     let alice_id = w.devs[ALICE].id;
     let mut seq: u64 = 0;

@@ -48,6 +48,7 @@ fn thousand_rotations_keep_every_invariant() {
         policy: POLICY,
         lease_ttl_ms: TTL_MS,
         seed,
+        on_demand_above: ward_coordinator::registry::DEFAULT_ON_DEMAND_ABOVE,
     });
     let n = w.devs.len();
     let mut outstanding: BTreeMap<(usize, usize, u64), i64> = BTreeMap::new();

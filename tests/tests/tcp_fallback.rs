@@ -50,6 +50,7 @@ async fn udp_dead_tcp_proxy(to: SocketAddr) -> (SocketAddr, UdpSocket) {
 
 fn hello() -> DeviceMsg {
     DeviceMsg::Hello(Hello {
+        held_peers: Vec::new(),
         holding: None,
         protocol: wire::PROTOCOL_VERSION,
         os: "test".into(),

@@ -717,6 +717,7 @@ mod tests {
             dns_domain: None,
             coordinators: Vec::new(),
             peer_sets: Vec::new(),
+            on_demand: false,
         };
         nm.peers.push(Peer {
             routes: Default::default(),

@@ -415,6 +415,7 @@ mod tests {
             dns_domain: None,
             coordinators: Vec::new(),
             peer_sets: Vec::new(),
+            on_demand: false,
         }
     }
 

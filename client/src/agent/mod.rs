@@ -42,7 +42,7 @@ use ward_shared::posture::{PostureReport, PostureWants};
 use ward_shared::resume::{self, Holding};
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeniedFlow, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello,
-    Netmap, PostureVerdict, WgPublicKey,
+    Netmap, PeerRef, PostureVerdict, WgPublicKey,
 };
 
 use self::flows::{FlowContext, FlowLog, FlowLogConfig, FlowLogState, FlowLogStatus, FLOW_TICK};
@@ -72,6 +72,9 @@ pub const ROTATION_TICK: Duration = Duration::from_millis(250);
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 /// Posture is collected (and denied flows are reported) this often during a session.
 pub const POSTURE_TICK: Duration = Duration::from_secs(1);
+/// Most `want_peer` messages sent for one report of the data plane's wants (the data plane
+/// itself records at most `WANTS_PER_SEC` a second).
+pub const MAX_WANTS_PER_REPORT: usize = 64;
 
 /// The first point of the grid of `step` from `anchor` that comes after `t` (`anchor` itself
 /// if `t` is earlier).
@@ -153,6 +156,10 @@ pub enum DataPlaneEvent {
     /// The data plane started probing these peers' direct candidates (device ids): ask the
     /// coordinator to have each probe back now (`DataPlane::take_punch_requests`).
     PunchWanted(Vec<u64>),
+    /// Peers on demand: the data plane holds packets for these peers it has not been sent
+    /// (an overlay address it sends to, a key that initiated a handshake): ask the
+    /// coordinator for them (`DataPlane::take_wants`).
+    PeersWanted(Vec<PeerRef>),
     /// Traffic counted for flow records since the last report, and how many samples the data
     /// plane dropped (`DataPlane::take_flow_samples`).
     FlowSamples {
@@ -254,6 +261,12 @@ pub enum Event {
     /// This device's interface addresses changed: have the data plane probe every peer's
     /// direct candidates again (with punch requests).
     NetworkChanged,
+    /// Peers on demand (the full netmap's `on_demand`): have the data plane hold packets for
+    /// peers it does not have and want them (true), or answer them with ICMP at once (false).
+    SetOnDemand(bool),
+    /// The coordinator refused a wanted peer: have the data plane drop what it holds for it
+    /// (answering held packets with ICMP) and stop wanting it for a while.
+    RefusePeer(PeerRef),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -338,6 +351,8 @@ pub struct Agent {
     applied_relays: Vec<(String, u16)>,
     /// The peers last handed to the data plane, per device.
     applied_peers: Option<PeerMap>,
+    /// Whether the data plane was last put in on-demand mode.
+    applied_on_demand: bool,
     applied_filter: Option<(Vec<FilterRule>, Vec<PeerSet>)>,
     /// The candidate rules last handed to the data plane (outer `None`: none handed yet).
     applied_shadow: Option<Option<Vec<FilterRule>>>,
@@ -395,6 +410,7 @@ impl Agent {
             relays: Relays::default(),
             applied_relays: Vec::new(),
             applied_peers: None,
+            applied_on_demand: false,
             applied_filter: None,
             applied_shadow: None,
             applied_routes: None,
@@ -439,8 +455,22 @@ impl Agent {
             .filter(|_| !self.no_resume)
             .map(|nm| Holding::of(&nm.peers));
         self.holding_sent = holding.as_ref().and_then(|h| h.count().ok());
+        // On demand, the peers held are only those asked for: name them, so this session
+        // keeps them (the coordinator keeps those policy still allows).
+        let held_peers = self
+            .netmap
+            .as_ref()
+            .filter(|nm| nm.on_demand)
+            .map(|nm| {
+                let mut ids: Vec<DeviceId> = nm.peers.iter().map(|p| p.device_id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids.truncate(wire::MAX_HELD_PEERS);
+                ids
+            })
+            .unwrap_or_default();
         self.transmits.push_back(DeviceMsg::Hello(Hello {
-            held_peers: Vec::new(),
+            held_peers,
             protocol: self.cfg.protocol,
             os: self.cfg.os.clone(),
             version: self.cfg.version.clone(),
@@ -533,6 +563,7 @@ impl Agent {
                 self.flow_ctx = None;
                 self.leases.invalidate();
                 self.apply_peers(now);
+                self.apply_on_demand();
                 self.set_relays(now);
                 if first {
                     let coord = self.coordinator_ms(now.unix_ms);
@@ -655,6 +686,10 @@ impl Agent {
                     peer: peer.0,
                     endpoints,
                 });
+            }
+            CoordinatorMsg::PeerRefused { by, reason } => {
+                info!(%by, %reason, "the coordinator refused a peer this device asked for");
+                self.events.push_back(Event::RefusePeer(by));
             }
             CoordinatorMsg::Enrolled(_)
             | CoordinatorMsg::LoginPending(_)
@@ -809,6 +844,7 @@ impl Agent {
                 }
             }
             DataPlaneEvent::PunchWanted(peers) => self.request_punches(&peers),
+            DataPlaneEvent::PeersWanted(wants) => self.request_peers(wants),
         }
     }
 
@@ -1152,6 +1188,53 @@ impl Agent {
         }
     }
 
+    /// Asks the coordinator for the peers the data plane wants: only in a session whose first
+    /// netmap came and says `on_demand` (a coordinator that did not say so would close the
+    /// session on `want_peer`), each once per report, at most [`MAX_WANTS_PER_REPORT`], and
+    /// none the netmap already holds (its lease is what keeps it out of the data plane;
+    /// asking again would bring the same entry).
+    fn request_peers(&mut self, wants: Vec<PeerRef>) {
+        if !matches!(self.link, Link::Session { .. }) || self.connected_since.is_none() {
+            return;
+        }
+        let Some(nm) = self.netmap.as_ref().filter(|nm| nm.on_demand) else {
+            return;
+        };
+        let held = |by: &PeerRef| {
+            nm.peers.iter().any(|p| match by {
+                PeerRef::Addr(a) => *a == p.ipv4 || *a == p.ipv6,
+                PeerRef::Key(k) => {
+                    p.wg_public_key.as_ref() == Some(k)
+                        || p.leases.iter().any(|l| l.lease.wg_public_key == *k)
+                }
+            })
+        };
+        let mut sent: Vec<PeerRef> = Vec::new();
+        for by in wants {
+            if sent.len() == MAX_WANTS_PER_REPORT {
+                debug!("more peers wanted than one report sends: the rest are asked for later");
+                break;
+            }
+            if sent.contains(&by) || held(&by) {
+                continue;
+            }
+            debug!(%by, "asking the coordinator for a peer");
+            sent.push(by);
+        }
+        self.transmits
+            .extend(sent.into_iter().map(|by| DeviceMsg::WantPeer { by }));
+    }
+
+    /// Puts the data plane in or out of on-demand mode as the netmap says.
+    fn apply_on_demand(&mut self) {
+        let on = self.netmap.as_ref().is_some_and(|nm| nm.on_demand);
+        if on != self.applied_on_demand {
+            info!(on_demand = on, "peers on demand");
+            self.applied_on_demand = on;
+            self.events.push_back(Event::SetOnDemand(on));
+        }
+    }
+
     /// Sends this device's update if it changed (only in a session).
     fn publish(&mut self) {
         if !matches!(self.link, Link::Session { .. }) {
@@ -1362,6 +1445,7 @@ impl Agent {
                 self.events.push_back(Event::SetShadowFilter(None));
             }
             self.applied_shadow = Some(None);
+            self.apply_on_demand();
         } else {
             self.phase = Phase::Connecting;
         }

@@ -258,6 +258,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         dns_domain: None,
         coordinators: Vec::new(),
         peer_sets: Vec::new(),
+        on_demand: false,
     }
 }
 
@@ -1834,4 +1835,182 @@ fn a_new_session_resumes_the_netmap_held() {
         None,
         "no resume after one that did not fit"
     );
+}
+
+// ---- peers on demand ----------------------------------------------------------------------
+
+fn want_peers(sent: &[DeviceMsg]) -> Vec<PeerRef> {
+    sent.iter()
+        .filter_map(|m| match m {
+            DeviceMsg::WantPeer { by } => Some(*by),
+            _ => None,
+        })
+        .collect()
+}
+
+fn on_demand_events(events: &[Event]) -> Vec<bool> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SetOnDemand(on) => Some(*on),
+            _ => None,
+        })
+        .collect()
+}
+
+fn addr(n: u8) -> PeerRef {
+    PeerRef::Addr(ip4(n).into())
+}
+
+#[test]
+fn on_demand_the_data_plane_wants_become_want_peer_messages() {
+    let mut h = H::new();
+    h.leased();
+    let l = h.lease(2, WgPublicKey([2; 32]), TTL);
+    let mut nm = netmap(1, vec![l]);
+    nm.on_demand = true;
+    h.msg(CoordinatorMsg::Netmap(nm));
+    assert_eq!(on_demand_events(&h.take_events()), vec![true]);
+    let now = h.now();
+    let wants = vec![
+        addr(9),
+        PeerRef::Key(WgPublicKey([5; 32])),
+        addr(9),
+        // Held already (its lease is what keeps it out of the data plane): not asked again.
+        addr(2),
+        PeerRef::Key(WgPublicKey([2; 32])),
+    ];
+    h.agent
+        .handle_dataplane_event(DataPlaneEvent::PeersWanted(wants), now);
+    h.drain();
+    assert_eq!(
+        want_peers(&h.take_sent()),
+        vec![addr(9), PeerRef::Key(WgPublicKey([5; 32]))]
+    );
+    // Bounded per report.
+    let many: Vec<PeerRef> = (0..100u8)
+        .map(|i| PeerRef::Addr(Ipv4Addr::new(100, 64, 9, i).into()))
+        .collect();
+    h.agent
+        .handle_dataplane_event(DataPlaneEvent::PeersWanted(many.clone()), now);
+    h.drain();
+    assert_eq!(want_peers(&h.take_sent()), many[..MAX_WANTS_PER_REPORT]);
+
+    // Out of session: nothing.
+    h.agent.handle_disconnected(Some("gone".into()), now);
+    h.agent
+        .handle_dataplane_event(DataPlaneEvent::PeersWanted(vec![addr(9)]), now);
+    h.drain();
+    assert!(want_peers(&h.take_sent()).is_empty());
+    // A new session before its first netmap: nothing yet either.
+    h.agent.handle_connected(DeviceUpdate::default(), now);
+    h.agent
+        .handle_dataplane_event(DataPlaneEvent::PeersWanted(vec![addr(9)]), now);
+    h.drain();
+    assert!(want_peers(&h.take_sent()).is_empty());
+}
+
+#[test]
+fn without_on_demand_wants_are_not_sent_and_the_data_plane_leaves_the_mode() {
+    let mut h = H::new();
+    h.leased();
+    let l = h.lease(2, WgPublicKey([2; 32]), TTL);
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![l.clone()])));
+    assert!(
+        on_demand_events(&h.take_events()).is_empty(),
+        "off is the default"
+    );
+    let now = h.now();
+    h.agent
+        .handle_dataplane_event(DataPlaneEvent::PeersWanted(vec![addr(9)]), now);
+    h.drain();
+    assert!(want_peers(&h.take_sent()).is_empty());
+
+    let mut nm = netmap(2, vec![l.clone()]);
+    nm.on_demand = true;
+    h.msg(CoordinatorMsg::Netmap(nm.clone()));
+    nm.seq = 3;
+    h.msg(CoordinatorMsg::Netmap(nm));
+    assert_eq!(on_demand_events(&h.take_events()), vec![true], "told once");
+    h.msg(CoordinatorMsg::Netmap(netmap(4, vec![l])));
+    assert_eq!(on_demand_events(&h.take_events()), vec![false]);
+    let now = h.now();
+    h.agent
+        .handle_dataplane_event(DataPlaneEvent::PeersWanted(vec![addr(9)]), now);
+    h.drain();
+    assert!(want_peers(&h.take_sent()).is_empty());
+}
+
+#[test]
+fn a_refused_peer_is_handed_to_the_data_plane_and_the_session_goes_on() {
+    let mut h = H::new();
+    h.leased();
+    let mut nm = netmap(1, vec![]);
+    nm.on_demand = true;
+    h.msg(CoordinatorMsg::Netmap(nm));
+    h.take_events();
+    h.msg(CoordinatorMsg::PeerRefused {
+        by: addr(9),
+        reason: "no policy allows traffic either way".into(),
+    });
+    let events = h.take_events();
+    assert_eq!(events, vec![Event::RefusePeer(addr(9))]);
+    assert_eq!(h.agent.phase(), Phase::Connected);
+}
+
+#[test]
+fn a_new_session_names_the_peers_held_on_demand_and_none_otherwise() {
+    let hello_held = |sent: &[DeviceMsg]| -> Vec<DeviceId> {
+        sent.iter()
+            .find_map(|m| match m {
+                DeviceMsg::Hello(h) => Some(h.held_peers.clone()),
+                _ => None,
+            })
+            .expect("a hello")
+    };
+    let reconnect = |h: &mut H| -> Vec<DeviceId> {
+        let now = h.now();
+        h.agent.handle_disconnected(Some("gone".into()), now);
+        h.agent.handle_connected(DeviceUpdate::default(), now);
+        h.drain();
+        hello_held(&h.take_sent())
+    };
+    let mut h = H::new();
+    let now = h.now();
+    h.agent.handle_connected(DeviceUpdate::default(), now);
+    h.drain();
+    assert!(hello_held(&h.take_sent()).is_empty(), "nothing held yet");
+    let mut nm = netmap(1, vec![]);
+    let proto = nm.peers[0].clone();
+    nm.peers = [4u8, 2, 3]
+        .into_iter()
+        .map(|i| Peer {
+            device_id: DeviceId(i.into()),
+            ipv4: ip4(i),
+            ipv6: ip6(i),
+            ..proto.clone()
+        })
+        .collect();
+    h.msg(CoordinatorMsg::Netmap(nm.clone()));
+    assert!(
+        reconnect(&mut h).is_empty(),
+        "a whole netmap: nothing to name"
+    );
+
+    nm.on_demand = true;
+    h.msg(CoordinatorMsg::Netmap(nm.clone()));
+    assert_eq!(
+        reconnect(&mut h),
+        vec![DeviceId(2), DeviceId(3), DeviceId(4)]
+    );
+
+    // At most MAX_HELD_PEERS.
+    nm.peers = (0..wire::MAX_HELD_PEERS as u64 + 10)
+        .map(|i| Peer {
+            device_id: DeviceId(i + 2),
+            ..proto.clone()
+        })
+        .collect();
+    h.msg(CoordinatorMsg::Netmap(nm));
+    assert_eq!(reconnect(&mut h).len(), wire::MAX_HELD_PEERS);
 }

@@ -137,6 +137,12 @@ impl Daemon {
                 if !peers.is_empty() {
                     lock(&agent).handle_dataplane_event(DataPlaneEvent::PunchWanted(peers), now());
                 }
+                // Peers on demand the data plane holds packets for (its packet threads wake
+                // this loop at the end of the batch that wanted them).
+                let wants = d.take_wants();
+                if !wants.is_empty() {
+                    lock(&agent).handle_dataplane_event(DataPlaneEvent::PeersWanted(wants), now());
+                }
             }
             lock(&self.transports).control = link.channel.as_ref().map(|c| c.transport);
             // Send what the agent queued; a failed send ends the session.
@@ -221,6 +227,10 @@ impl Daemon {
                 }
                 _ = async { match &dp {
                     Some(d) => d.punch_ready().await,
+                    None => std::future::pending().await,
+                } } => {}
+                _ = async { match &dp {
+                    Some(d) => d.wants_ready().await,
                     None => std::future::pending().await,
                 } } => {}
                 // A fresh wait each turn loses nothing: the data plane's notification is kept
@@ -447,6 +457,16 @@ impl Daemon {
                 Event::NetworkChanged => {
                     if let Some(dp) = dp {
                         dp.network_changed();
+                    }
+                }
+                Event::SetOnDemand(on) => {
+                    if let Some(dp) = dp {
+                        dp.set_on_demand(on);
+                    }
+                }
+                Event::RefusePeer(by) => {
+                    if let Some(dp) = dp {
+                        dp.refuse(by);
                     }
                 }
                 Event::TakeDeniedFlows => {

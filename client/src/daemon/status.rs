@@ -149,6 +149,10 @@ pub fn status(s: Sources<'_>) -> StatusView {
             dropped_wrong_destination: c.dropped_wrong_destination,
             dropped_wrong_source: c.dropped_wrong_source,
             icmp_unreachable_sent: c.icmp_unreachable_sent,
+            held_for_peer: c.held_for_peer,
+            held_dropped: c.held_dropped,
+            held_replayed: c.held_replayed,
+            peer_wants: c.peer_wants,
             path: dp.path_counters(),
             discovery: dp.discovery_counters(),
         }
@@ -307,6 +311,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
             }),
             dns: None,
             exit_node,
+            on_demand: netmap.is_some_and(|nm| nm.on_demand),
         }),
     }
 }
@@ -324,7 +329,11 @@ fn inbound_from(
     names: &BTreeMap<IpAddr, String>,
     own: &[IpAddr],
 ) -> Vec<String> {
-    let set_prefixes = r.source_sets.iter().flat_map(|id| sets.get(id)).flatten();
+    let set_prefixes = r
+        .source_sets
+        .iter()
+        .flat_map(|id| sets.get(id))
+        .flat_map(|v| v.iter());
     let mut from: Vec<String> = r
         .sources
         .iter()
@@ -581,12 +590,12 @@ mod tests {
         let host = |s: &str| Prefix::host(ip(s));
         let sets: ward_shared::peerset::SetBook = [(
             4,
-            vec![
+            std::sync::Arc::new(vec![
                 host("100.64.0.1"),
                 host("100.64.0.2"),
                 host("100.64.0.9"),
                 host("fd00::1"),
-            ],
+            ]),
         )]
         .into();
         assert_eq!(

@@ -15,6 +15,11 @@
 //!   destinations in use re-read from the kernel every [`REFRESH_INTERVAL`], idle flows swept
 //!   now and then.
 //!
+//! The session loop is woken ([`Wake`]) for punch requests by the timer thread, and for
+//! peers wanted on demand by whichever thread's batch recorded the want, right after that
+//! batch ([`Core::take_want_signal`]: one atomic load per batch when there is none), so a
+//! want reaches the coordinator without waiting for a timer.
+//!
 //! Each read is one [`Batch`], handled in [`Runs`]: a peer's session is locked once per run of
 //! its packets (the whole read for a single bulk stream), not per packet. The receive thread
 //! releases the run before it writes to the TUN in the middle of a batch.
@@ -200,6 +205,14 @@ impl ExpandBuffer for TunBuf {
     }
 }
 
+/// Who the data-plane threads wake in the session loop.
+pub(crate) struct Wake {
+    /// Punch requests are waiting ([`Core::take_punch_requests`]).
+    pub(crate) punch: Arc<tokio::sync::Notify>,
+    /// Peers are wanted ([`Core::take_wants`]).
+    pub(crate) wants: Arc<tokio::sync::Notify>,
+}
+
 pub(crate) struct Driver {
     core: Arc<Core>,
     udp: Arc<UdpSocket>,
@@ -223,7 +236,7 @@ impl Driver {
         core: Arc<Core>,
         discovery: Arc<Inbox>,
         relay: Arc<RelayQueue>,
-        punch_ready: Arc<tokio::sync::Notify>,
+        wake: Wake,
     ) -> anyhow::Result<Driver> {
         let udp = Arc::new(
             UdpSocket::bind(cfg.port, core.path_mtus().clone())
@@ -245,7 +258,9 @@ impl Driver {
             "data plane started"
         );
         let stop = Arc::new(AtomicBool::new(false));
-        let side = Arc::new(TunSide::new().context("creating the data plane's eventfds")?);
+        let side = Arc::new(
+            TunSide::new(wake.wants.clone()).context("creating the data plane's eventfds")?,
+        );
         let mut threads = Vec::new();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -267,7 +282,7 @@ impl Driver {
             threads.push(spawn("ward-dp-timer", {
                 let (core, udp, stop) = (core.clone(), udp.clone(), stop.clone());
                 let relay = relay.clone();
-                Box::new(move || timer_loop(&core, &udp, &relay, &punch_ready, &stop))
+                Box::new(move || timer_loop(&core, &udp, &relay, &wake, &stop))
             })?);
             anyhow::Ok(())
         })();
@@ -294,10 +309,26 @@ impl Driver {
         self.local_port
     }
 
-    /// Sends datagrams produced outside the threads (by `set_peers`).
+    /// Sends datagrams produced outside the threads (by `set_peers`, `refuse`…) and writes
+    /// their TUN packets (ICMP errors); wakes the session loop if that recorded a want.
     pub(crate) fn send(&self, out: &Outbox) {
         self.udp.send_outbox(out, &mut SendScratch::default());
         self.relay.push(&self.core, out);
+        if !out.tun_packets().is_empty() {
+            // The relayed path's GRO table, rather than one more (a table is 1.7 MiB).
+            let mut guard = self
+                .relayed_in
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let RelayedIn { gro, errors, .. } = &mut *guard;
+            let mut bufs: Vec<TunBuf> = out
+                .tun_packets()
+                .iter()
+                .map(|p| TunBuf::with_packet(p))
+                .collect();
+            write_tun(&self.tun, gro, &mut bufs, errors);
+        }
+        self.side.signal_wants(&self.core);
     }
 
     /// Datagrams that arrived through relay `relay`, `(from device, datagram)` in arrival
@@ -361,6 +392,7 @@ impl Driver {
             out.clear();
         }
         drop(guard);
+        self.side.signal_wants(&self.core);
         if wrote {
             self.side
                 .rx_turn(&self.core, &self.tun, &self.udp, &self.relay);
@@ -429,6 +461,8 @@ struct TunReader {
 pub(crate) struct TunSide {
     reader: Mutex<TunReader>,
     owner: TunOwner,
+    /// Wakes the session loop for peers wanted on demand.
+    wants: Arc<tokio::sync::Notify>,
 }
 
 /// Who waits for the TUN: at idle the receive thread, which then serves a whole exchange (a
@@ -675,11 +709,20 @@ impl TunReader {
 }
 
 impl TunSide {
-    fn new() -> io::Result<TunSide> {
+    fn new(wants: Arc<tokio::sync::Notify>) -> io::Result<TunSide> {
         Ok(TunSide {
             reader: Mutex::new(TunReader::new()),
             owner: TunOwner::new()?,
+            wants,
         })
+    }
+
+    /// Wakes the session loop if a batch recorded a want (peers on demand) since the last
+    /// look: one atomic load when none did.
+    fn signal_wants(&self, core: &Core) {
+        if core.take_want_signal() {
+            self.wants.notify_one();
+        }
     }
 
     fn reader(&self) -> std::sync::MutexGuard<'_, TunReader> {
@@ -708,6 +751,7 @@ impl TunSide {
                 }
             }
         };
+        self.signal_wants(core);
         if read {
             self.owner.rx_read_one(tun.dev.as_raw_fd());
         }
@@ -752,7 +796,9 @@ fn tx_loop(
             continue;
         }
         let limit = if first { 1 } else { TUN_READS_PER_FLUSH };
-        let reads = match side.reader().turn(core, tun, udp, relay, limit) {
+        let turn = side.reader().turn(core, tun, udp, relay, limit);
+        side.signal_wants(core);
+        let reads = match turn {
             Turn::Read(n) => n,
             Turn::Closed => {
                 side.owner.close("reading the TUN failed (EBADFD)");
@@ -828,6 +874,7 @@ fn rx_loop(
                     relay.push(core, &out);
                     out.clear();
                 }
+                side.signal_wants(core);
                 if wrote {
                     side.rx_turn(core, tun, udp, relay);
                 }
@@ -856,13 +903,7 @@ fn write_tun(tun: &TunDevice, gro: &mut LazyGro, bufs: &mut [TunBuf], errors: &m
     }
 }
 
-fn timer_loop(
-    core: &Core,
-    udp: &UdpSocket,
-    relay: &RelayQueue,
-    punch_ready: &tokio::sync::Notify,
-    stop: &AtomicBool,
-) {
+fn timer_loop(core: &Core, udp: &UdpSocket, relay: &RelayQueue, wake: &Wake, stop: &AtomicBool) {
     let mut out = Outbox::new();
     let mut scratch = SendScratch::default();
     let mut last_report = Instant::now();
@@ -876,7 +917,11 @@ fn timer_loop(
         // The session loop sleeps until its next housekeeping point: wake it for punch
         // requests, so they reach the coordinator while this side's burst is under way.
         if core.punch_pending() {
-            punch_ready.notify_one();
+            wake.punch.notify_one();
+        }
+        // Wants are signalled by the batch that records them; this catches any other.
+        if core.take_want_signal() {
+            wake.wants.notify_one();
         }
         if !out.is_empty() {
             udp.send_outbox(&out, &mut scratch);

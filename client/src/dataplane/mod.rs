@@ -48,6 +48,7 @@ use anyhow::Context as _;
 use ward_shared::filter::{FilterCounters, FilterRule, LocalPrefixes};
 use ward_shared::peerset::PeerSet;
 use ward_shared::routes::Prefix;
+use ward_shared::wire::PeerRef;
 
 pub use self::discovery::DiscoveryCounters;
 pub use self::engine::{Batch, Core, CoreConfig, Outbox, Transmit};
@@ -202,6 +203,16 @@ pub struct DataPlaneCounters {
     pub relay_dropped_unknown: u64,
     /// Peer entries ignored because their key is held by another device's entry.
     pub peer_key_conflicts: u64,
+    /// Peers on demand: TUN packets and handshake initiations held while their peer was
+    /// asked for.
+    pub held_for_peer: u64,
+    /// Held packets dropped: past the bounds (the oldest), waiting too long, refused, or not
+    /// held because too many destinations were waiting.
+    pub held_dropped: u64,
+    /// Held packets handled once their peer arrived.
+    pub held_replayed: u64,
+    /// Peers asked for (wants recorded for the coordinator).
+    pub peer_wants: u64,
 }
 
 /// A running data plane: the TUN interface, the UDP socket and the threads that move packets.
@@ -215,6 +226,7 @@ pub struct DataPlane {
     discovery: Arc<discovery::Inbox>,
     relay: Arc<relay::RelayQueue>,
     punch_ready: Arc<tokio::sync::Notify>,
+    wants_ready: Arc<tokio::sync::Notify>,
 }
 
 impl DataPlane {
@@ -236,10 +248,14 @@ impl DataPlane {
         let discovery = Arc::new(discovery::Inbox::default());
         let relay = Arc::new(relay::RelayQueue::new(relay::RELAY_QUEUE));
         let punch_ready = Arc::new(tokio::sync::Notify::new());
+        let wants_ready = Arc::new(tokio::sync::Notify::new());
         let driver = tokio::task::spawn_blocking({
             let (core, discovery, relay) = (core.clone(), discovery.clone(), relay.clone());
-            let punch_ready = punch_ready.clone();
-            move || driver::Driver::start(&cfg, core, discovery, relay, punch_ready)
+            let wake = driver::Wake {
+                punch: punch_ready.clone(),
+                wants: wants_ready.clone(),
+            };
+            move || driver::Driver::start(&cfg, core, discovery, relay, wake)
         })
         .await
         .context("data plane start task")??;
@@ -251,6 +267,7 @@ impl DataPlane {
             discovery,
             relay,
             punch_ready,
+            wants_ready,
         })
     }
 
@@ -265,7 +282,8 @@ impl DataPlane {
     }
 
     /// Replaces the peer set. Unchanged peers (same key and addresses) keep their sessions;
-    /// removed peers are refused from the moment this returns; new peers are handshaken at once.
+    /// removed peers are refused from the moment this returns; new peers are handshaken at once,
+    /// and what was held for them (peers on demand) is sent.
     pub fn set_peers(&self, peers: Vec<PeerConfig>) {
         let mut out = Outbox::new();
         self.core.set_peers(peers, Instant::now(), &mut out);
@@ -407,6 +425,34 @@ impl DataPlane {
     /// started probing them); a notification made while nobody waits is kept.
     pub async fn punch_ready(&self) {
         self.punch_ready.notified().await
+    }
+
+    /// Peers on demand (the netmap's `on_demand`); see [`Core::set_on_demand`].
+    pub fn set_on_demand(&self, on: bool) {
+        self.core.set_on_demand(on);
+    }
+
+    /// The peers to ask the coordinator for now (see [`Core::take_wants`]).
+    pub fn take_wants(&self) -> Vec<PeerRef> {
+        self.core.take_wants(Instant::now())
+    }
+
+    /// Resolves when [`DataPlane::take_wants`] may have peers: the packet thread that
+    /// recorded a want wakes it at the end of that batch; a notification made while nobody
+    /// waits is kept.
+    pub async fn wants_ready(&self) {
+        self.wants_ready.notified().await
+    }
+
+    /// The coordinator refused `by`: held packets for it are answered with ICMP
+    /// "administratively prohibited" (written to the TUN), and it is not asked for again for
+    /// a while (see [`Core::refuse`]).
+    pub fn refuse(&self, by: PeerRef) {
+        let mut out = Outbox::new();
+        self.core.refuse(by, Instant::now(), &mut out);
+        if let Some(driver) = &self.driver {
+            driver.send(&out);
+        }
     }
 
     /// Peer `device_id` is probing this device now (a punch forwarded by the coordinator):

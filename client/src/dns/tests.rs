@@ -85,6 +85,7 @@ fn netmap() -> Netmap {
         dns_domain: None,
         coordinators: Vec::new(),
         peer_sets: Vec::new(),
+        on_demand: false,
     }
 }
 

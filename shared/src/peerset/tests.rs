@@ -149,7 +149,7 @@ proptest! {
         let f1 = factor(&flat, None, None);
         let mut flat_filter = Filter::new(1024);
         flat_filter.set_rules(flat.clone());
-        let sets1: Vec<PeerSet> = f1.sets.iter().map(|(id, p)| PeerSet { id: *id, prefixes: p.clone() }).collect();
+        let sets1: Vec<PeerSet> = f1.sets.iter().map(|(id, p)| PeerSet { id: *id, prefixes: p.to_vec() }).collect();
         let mut set_filter = Filter::new(1024);
         set_filter.set_rules_with_sets(f1.inbound.clone(), &sets1);
         let now = Instant::now();

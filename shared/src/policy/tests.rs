@@ -915,7 +915,7 @@ proptest! {
             let passes_sets = match c.devices.get(&t.id) {
                 Some(acc) => {
                     let fx = crate::peerset::factor(&acc.inbound, None, None);
-                    let sets: Vec<crate::peerset::PeerSet> = fx.sets.iter().map(|(id, p)| crate::peerset::PeerSet { id: *id, prefixes: p.clone() }).collect();
+                    let sets: Vec<crate::peerset::PeerSet> = fx.sets.iter().map(|(id, p)| crate::peerset::PeerSet { id: *id, prefixes: p.to_vec() }).collect();
                     let flat = crate::peerset::expand(&fx.inbound, &sets, 1 << 16);
                     for (x, y) in flat.iter().zip(&acc.inbound) {
                         let mut want = y.sources.to_vec();

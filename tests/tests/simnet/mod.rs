@@ -61,6 +61,9 @@ pub struct Spec<'a> {
     pub policy: &'a str,
     pub lease_ttl_ms: i64,
     pub seed: u64,
+    /// Devices that may talk with more peers than this are sent only the peers they hold
+    /// (`serve --peers-on-demand-above`).
+    pub on_demand_above: usize,
 }
 
 pub struct World {
@@ -82,6 +85,8 @@ pub struct World {
     pub revoked: usize,
     /// Posture reports the registry accepted / refused.
     pub reports: (usize, usize),
+    /// Packets each data plane wrote back to its TUN (ICMP errors), oldest first.
+    pub to_tun: Vec<Vec<Vec<u8>>>,
 }
 
 impl World {
@@ -137,7 +142,7 @@ impl World {
             enrolled.push(dev);
         }
         let policy = ward_shared::policy::parse(spec.policy.as_bytes(), "sim.toml").unwrap();
-        let reg = Registry::new(
+        let mut reg = Registry::new(
             pools,
             store.list_devices().unwrap(),
             store.list_users().unwrap(),
@@ -146,6 +151,7 @@ impl World {
             vec![],
             T0,
         );
+        reg.set_peers_on_demand_above(spec.on_demand_above);
         let signer = SigningKey::from_bytes(&rng.gen());
         let base = Instant::now();
         let devs: Vec<Dev> = enrolled
@@ -217,7 +223,9 @@ impl World {
             switches: 0,
             revoked: 0,
             reports: (0, 0),
+            to_tun: Vec::new(),
         };
+        w.to_tun = vec![Vec::new(); w.devs.len()];
         w.pump();
         w
     }
@@ -273,6 +281,15 @@ impl World {
                     self.t - T0,
                     self.devs[i].name
                 );
+                // Peers the data plane asked for (on demand), as the session loop takes them.
+                let wants = self.devs[i].core.take_wants(self.at(self.t));
+                if !wants.is_empty() {
+                    busy = true;
+                    let now = self.now();
+                    self.devs[i]
+                        .agent
+                        .handle_dataplane_event(DataPlaneEvent::PeersWanted(wants), now);
+                }
                 while let Some(m) = self.devs[i].agent.poll_transmit() {
                     busy = true;
                     self.dispatch(i, m);
@@ -337,6 +354,7 @@ impl World {
     }
 
     fn emit(&mut self, i: usize, out: &Outbox) {
+        self.to_tun[i].extend(out.tun_packets().iter().cloned());
         let from = self.devs[i].endpoint;
         for (to, data) in out.iter() {
             // No relays in this network: every peer is homed on none.
@@ -401,6 +419,12 @@ impl World {
                 self.devs[i].core.set_filter_with_sets(rules, &sets)
             }
             Event::SetShadowFilter(rules) => self.devs[i].core.set_shadow_filter(rules),
+            Event::SetOnDemand(on) => self.devs[i].core.set_on_demand(on),
+            Event::RefusePeer(by) => {
+                let mut out = Outbox::new();
+                self.devs[i].core.refuse(by, now.instant, &mut out);
+                self.emit(i, &out);
+            }
             Event::SetRoutes { served, .. } => self.devs[i].core.set_routes(served),
             Event::SetClockOffset(o) => self.devs[i].core.set_clock_offset_ms(o),
             Event::SwitchKey { key, .. } => {
@@ -486,7 +510,14 @@ impl World {
         match msg {
             DeviceMsg::Hello(h) => {
                 let ep = self.devs[i].endpoint;
-                if let Err(code) = self.reg.handle_session_opened(id, conn, ep, h.update) {
+                if let Err(code) = self.reg.handle_session_opened_holding(
+                    id,
+                    conn,
+                    ep,
+                    h.update,
+                    h.protocol,
+                    h.held_peers,
+                ) {
                     let m = CoordinatorMsg::Error {
                         code,
                         message: "refused".into(),
@@ -497,6 +528,13 @@ impl World {
             DeviceMsg::PunchRequest { peer } => {
                 // Refusals are silent, as in the server.
                 let _ = self.reg.handle_punch_request(id, conn, peer, t);
+                while let Some(o) = self.reg.poll_output() {
+                    self.route(o);
+                }
+            }
+            DeviceMsg::WantPeer { by } => {
+                // Refusals go back as `peer_refused`; a dropped want is asked again.
+                let _ = self.reg.handle_want_peer(id, conn, by, t);
                 while let Some(o) = self.reg.poll_output() {
                     self.route(o);
                 }

@@ -13,6 +13,7 @@ use ward_shared::flows::DenyCause;
 
 use super::super::probe::{self, Msg, MIN_PROBED_MTU};
 use super::counters::LocalCounters;
+use super::demand::Hold;
 use super::filter::{FilterGuard, OutboundLog};
 use super::icmp::{icmp_prohibited, in_overlay, WindowLimit};
 use super::outbox::{Outbox, Source};
@@ -125,7 +126,9 @@ impl<'b> Runs<'b, '_> {
     /// initiation to the candidates) to `out`, and record its flow in the filter so replies
     /// pass. Packets with no owner are dropped and counted; if the destination is inside the
     /// overlay, an ICMP "administratively prohibited" goes back to the TUN (rate-limited) so the
-    /// application fails fast.
+    /// application fails fast. With peers on demand ([`Core::set_on_demand`]), a packet to an
+    /// overlay address without a peer is held and its peer wanted instead (unless the
+    /// coordinator refused it a moment ago).
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant, out: &mut Outbox) {
         let Some(dst) = Tunn::dst_address(packet) else {
             self.local.dropped_bad_tun_packet += 1;
@@ -140,9 +143,17 @@ impl<'b> Runs<'b, '_> {
             }
         }
         let Some(peer) = self.route(dst) else {
+            let overlay = in_overlay(dst, self.core.v6_prefix);
+            if overlay && self.core.on_demand.load(Ordering::Relaxed) {
+                // The demand lock is a leaf: the held session may stay locked.
+                let hold = lock(&self.core.demand).hold_packet(dst, packet, now);
+                if self.held_for_peer(hold, dst) {
+                    return;
+                }
+            }
             tracing::trace!(%dst, "no peer owns destination");
             self.local.dropped_no_route += 1;
-            if in_overlay(dst, self.core.v6_prefix) {
+            if overlay {
                 self.outbound
                     .record_dropped(packet, now, DenyCause::NoLease);
                 let core = self.core;
@@ -269,7 +280,26 @@ impl<'b> Runs<'b, '_> {
                     return self.garbage(from, "handshake initiation does not decrypt");
                 };
                 let to = LinkSelector::LocalKey(keys.clone());
-                (table.peers.get(&half.peer_static_public), to)
+                let peer = table.peers.get(&half.peer_static_public);
+                if peer.is_none() && self.core.on_demand.load(Ordering::Relaxed) {
+                    let key = half.peer_static_public;
+                    let hold = lock(&self.core.demand).hold_init(key, from, datagram, now);
+                    return match hold {
+                        Hold::Held { dropped, wanted } => {
+                            tracing::trace!(%from, wanted, "initiation from an unknown key held");
+                            self.local.held_for_peer += 1;
+                            self.local.held_dropped += dropped;
+                            self.wanted(wanted);
+                            None
+                        }
+                        Hold::Full { dropped } => {
+                            self.local.held_dropped += dropped;
+                            self.garbage(from, "unknown peer (too many held)")
+                        }
+                        Hold::Refused => self.garbage(from, "unknown peer (refused)"),
+                    };
+                }
+                (peer, to)
             }
             Packet::HandshakeResponse(p) => (
                 table.by_index.get(&(p.receiver_idx >> 8)),
@@ -460,6 +490,37 @@ impl<'b> Runs<'b, '_> {
                 self.release();
                 table.route(dst)
             }
+        }
+    }
+
+    /// Tallies what holding a packet for `dst`'s peer did. Returns whether that is the end of
+    /// it (held, or dropped because too much is held); after a refusal it is not, and the
+    /// packet takes the no-route way (ICMP).
+    fn held_for_peer(&mut self, hold: Hold, dst: IpAddr) -> bool {
+        match hold {
+            Hold::Held { dropped, wanted } => {
+                tracing::trace!(%dst, wanted, "no peer owns destination: held, peer wanted");
+                self.local.held_for_peer += 1;
+                self.local.held_dropped += dropped;
+                self.wanted(wanted);
+                true
+            }
+            Hold::Full { dropped } => {
+                tracing::trace!(%dst, "no peer owns destination: too many held, dropped");
+                self.local.held_dropped += dropped + 1;
+                self.local.dropped_no_route += 1;
+                true
+            }
+            Hold::Refused => false,
+        }
+    }
+
+    /// A want was recorded: the driver learns it after this batch.
+    fn wanted(&mut self, wanted: bool) {
+        if wanted {
+            self.local.peer_wants += 1;
+            self.core.wants_pending.store(true, Ordering::Relaxed);
+            self.core.want_signal.store(true, Ordering::Relaxed);
         }
     }
 

@@ -26,6 +26,10 @@ pub(super) struct Counters {
     pub(super) icmp_unreachable_sent: AtomicU64,
     pub(super) direct_probes_sent: AtomicU64,
     pub(super) peer_key_conflicts: AtomicU64,
+    pub(super) held_for_peer: AtomicU64,
+    pub(super) held_dropped: AtomicU64,
+    pub(super) held_replayed: AtomicU64,
+    pub(super) peer_wants: AtomicU64,
 }
 
 impl Counters {
@@ -50,6 +54,10 @@ impl Counters {
             icmp_unreachable_sent: g(&self.icmp_unreachable_sent),
             direct_probes_sent: g(&self.direct_probes_sent),
             peer_key_conflicts: g(&self.peer_key_conflicts),
+            held_for_peer: g(&self.held_for_peer),
+            held_dropped: g(&self.held_dropped),
+            held_replayed: g(&self.held_replayed),
+            peer_wants: g(&self.peer_wants),
             ..DataPlaneCounters::default()
         }
     }
@@ -74,6 +82,9 @@ pub(super) struct LocalCounters {
     pub(super) dropped_wrong_source: u64,
     pub(super) icmp_unreachable_sent: u64,
     pub(super) direct_probes_sent: u64,
+    pub(super) held_for_peer: u64,
+    pub(super) held_dropped: u64,
+    pub(super) peer_wants: u64,
 }
 
 impl LocalCounters {
@@ -107,5 +118,8 @@ impl LocalCounters {
         add(&c.dropped_wrong_source, &mut self.dropped_wrong_source);
         add(&c.icmp_unreachable_sent, &mut self.icmp_unreachable_sent);
         add(&c.direct_probes_sent, &mut self.direct_probes_sent);
+        add(&c.held_for_peer, &mut self.held_for_peer);
+        add(&c.held_dropped, &mut self.held_dropped);
+        add(&c.peer_wants, &mut self.peer_wants);
     }
 }

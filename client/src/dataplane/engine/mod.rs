@@ -11,6 +11,7 @@
 //! | `session` | a peer's WireGuard links and the loss-free rotation of this device's key |
 //! | `filter` | the inbound filter shared by both paths without a per-packet lock |
 //! | `icmp` | ICMP "administratively prohibited" replies and their rate limit |
+//! | `demand` | peers on demand: packets held for a peer not sent yet, wants, refusals |
 //! | `outbox` | [`Outbox`]: datagrams (and TUN packets) for the driver to send |
 //! | `counters` | data-plane counters, merged once per batch |
 //!
@@ -40,6 +41,7 @@
 
 mod batch;
 mod counters;
+mod demand;
 mod filter;
 pub(super) mod icmp;
 mod outbox;
@@ -60,10 +62,12 @@ use rand::{Rng, SeedableRng};
 use ward_shared::filter::{Filter, FilterCounters, FilterRule, LocalPrefixes};
 use ward_shared::peerset::PeerSet;
 use ward_shared::routes::Prefix;
+use ward_shared::wire::PeerRef;
 
 use self::counters::{Counters, LocalCounters};
-use self::filter::SharedFilter;
-use self::icmp::{in_overlay, WindowLimit};
+use self::demand::Demand;
+use self::filter::{OutboundLog, SharedFilter};
+use self::icmp::{icmp_prohibited, in_overlay, WindowLimit};
 use self::peers::{route, sanitize_candidates, Path, Peer, Table};
 use self::relays::Relays;
 use self::session::{timer_output, KeyRing, Keys, Link, Session};
@@ -72,6 +76,10 @@ use super::probe::Prober;
 use super::{DataPlaneCounters, PathStatus, PeerConfig, PeerStatus};
 
 pub use self::batch::{Batch, Runs};
+pub use self::demand::{
+    HELD_PER_DST, HELD_TTL, MAX_HELD_DSTS, MAX_HELD_KEYS, REFUSAL_HOLD, WANTS_PER_SEC,
+    WANT_INTERVAL,
+};
 pub use self::outbox::{Destination, Outbox, RelayId, Source, Transmit};
 pub use self::path::{
     PathState, DIRECT_PROBE_INTERVAL, DIRECT_PROBE_INTERVAL_FAST, FALLBACK_SENT_WITHIN,
@@ -145,6 +153,9 @@ pub struct CoreConfig {
 ///                    drop(r); drop(b); write to the TUN; send outbox; outbox.clear()
 ///     relayed datagram: the same, with from = Source::Relay { relay: core.relay_id(name)?, from }
 ///     every TIMER_INTERVAL: core.handle_timers(now, &mut outbox); send outbox
+///     after a batch:  if core.take_want_signal() { wake whoever calls take_wants }
+///     on demand:      core.take_wants(now) -> the coordinator (want_peer);
+///                     its refusal: core.refuse(by, now, &mut outbox); write outbox.tun_packets()
 ///     now and then:  core.expire_flows(now); core.take_denied_flows() -> the coordinator;
 ///                    core.take_flow_samples() -> the flow log
 /// }
@@ -185,7 +196,19 @@ pub struct CoreConfig {
 /// Lock order: the table, then the relay registry (never taken by batches), then the ICMP
 /// limiter or the filter (then its pending outbound records), then the local key ring, then
 /// one peer session at a time. A run that needs a lock earlier in this order releases its
-/// session first.
+/// session first. What is held for peers on demand (`demand`) is a leaf: taken only in the
+/// no-route branch and for an unknown key's initiation, with nothing locked while it is held.
+///
+/// # Peers on demand
+///
+/// Off by default ([`Core::set_on_demand`]); then nothing below happens and the hot path
+/// only pays one atomic load in the branch for a destination without a peer. On, a TUN
+/// packet to an overlay address no peer claims, and a handshake initiation from a key no
+/// peer has, are held briefly and wanted (see the `demand` module for the bounds): the
+/// driver takes the wants ([`Core::take_wants`], woken by [`Core::take_want_signal`]),
+/// [`Core::set_peers`] handles what was held for the peers it installs as if it had just
+/// arrived, and [`Core::refuse`] answers held packets with ICMP "administratively
+/// prohibited".
 pub struct Core {
     /// This device's static key (and older ones previous links still use); replaced by
     /// [`Core::rotate_key`].
@@ -221,6 +244,14 @@ pub struct Core {
     bursting: AtomicBool,
     /// Some peer may want a punch request (set by its `Path`, cleared when they are taken).
     punch_pending: Arc<AtomicBool>,
+    /// Peers on demand: hold and want rather than refuse (see [`Core::set_on_demand`]).
+    on_demand: AtomicBool,
+    /// What is held for peers on demand (a leaf lock).
+    demand: Mutex<Demand>,
+    /// A want was recorded and not yet taken ([`Core::take_wants`]).
+    wants_pending: AtomicBool,
+    /// A want was recorded since the driver last looked ([`Core::take_want_signal`]).
+    want_signal: AtomicBool,
 }
 
 impl Core {
@@ -248,6 +279,10 @@ impl Core {
             own_ipv4: OnceLock::new(),
             bursting: AtomicBool::new(false),
             punch_pending: Arc::default(),
+            on_demand: AtomicBool::new(false),
+            demand: Mutex::new(Demand::default()),
+            wants_pending: AtomicBool::new(false),
+            want_signal: AtomicBool::new(false),
         }
     }
 
@@ -329,6 +364,127 @@ impl Core {
         }
         ids.sort_unstable();
         ids
+    }
+
+    /// Peers on demand (the netmap's `on_demand`): while on, a TUN packet to an overlay
+    /// address no peer claims is held and its peer wanted instead of answered with ICMP
+    /// "administratively prohibited", and a handshake initiation from an unknown key is held
+    /// and wanted instead of dropped (see the `demand` module for the bounds). Turning it off
+    /// drops whatever is held.
+    pub fn set_on_demand(&self, on: bool) {
+        self.on_demand.store(on, Ordering::Relaxed);
+        if !on {
+            let dropped = lock(&self.demand).clear();
+            self.wants_pending.store(false, Ordering::Relaxed);
+            self.counters
+                .held_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether on-demand mode is on.
+    pub fn on_demand(&self) -> bool {
+        self.on_demand.load(Ordering::Relaxed)
+    }
+
+    /// Whether [`Core::take_wants`] may have peers to return.
+    pub fn wants_pending(&self) -> bool {
+        self.wants_pending.load(Ordering::Relaxed)
+    }
+
+    /// Whether a want was recorded since the last call (one atomic load when none was): the
+    /// driver calls it after each batch and wakes whoever takes the wants, so a want leaves
+    /// within the batch that made it.
+    pub fn take_want_signal(&self) -> bool {
+        self.want_signal.load(Ordering::Relaxed) && self.want_signal.swap(false, Ordering::Relaxed)
+    }
+
+    /// The peers to ask the coordinator for now (`want_peer`), each once: overlay addresses
+    /// packets were held for, keys whose initiations were held. Also drops what was held
+    /// longer than [`HELD_TTL`].
+    pub fn take_wants(&self, now: Instant) -> Vec<PeerRef> {
+        if !self.wants_pending.swap(false, Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let mut d = lock(&self.demand);
+        let dropped = d.expire(now);
+        let wants = d.take_wants();
+        drop(d);
+        self.counters
+            .held_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        wants
+    }
+
+    /// The coordinator refused `by` (`peer_refused`): what is held for it is dropped, each
+    /// held TUN packet answered with ICMP "administratively prohibited" into `out`'s TUN
+    /// packets (rate-limited), and for [`REFUSAL_HOLD`] packets to that address get the ICMP
+    /// at once and no new want.
+    pub fn refuse(&self, by: PeerRef, now: Instant, out: &mut Outbox) {
+        let (packets, dropped) = lock(&self.demand).refuse(by, now);
+        let mut local = LocalCounters {
+            held_dropped: dropped + packets.len() as u64,
+            ..LocalCounters::default()
+        };
+        if !packets.is_empty() {
+            let mut log = OutboundLog::default();
+            let mut limit = lock(&self.unreachable_limit);
+            for p in &packets {
+                log.record_dropped(p, now, ward_shared::flows::DenyCause::NoLease);
+                if limit.allow(now) {
+                    if let Some(reply) = icmp_prohibited(p) {
+                        out.tun.push(reply);
+                        local.icmp_unreachable_sent += 1;
+                    }
+                }
+            }
+            drop(limit);
+            self.filter.hand_over(&mut log);
+        }
+        tracing::debug!(%by, held = packets.len(), "peer refused: held packets answered");
+        local.flush(&self.counters);
+    }
+
+    /// Handles again what was held for peers the table now has: TUN packets whose destination
+    /// routes to a peer (their initiation or data goes to `out`), initiations whose key is a
+    /// peer (the response goes to `out`). Called by [`Core::set_peers`].
+    fn replay_held(&self, now: Instant, out: &mut Outbox) {
+        let (packets, inits, dropped) = {
+            let table = read(&self.table);
+            let mut d = lock(&self.demand);
+            if d.is_idle() {
+                return;
+            }
+            let (packets, dropped) = d.take_routable(now, |dst| !table.claimants(dst).is_empty());
+            let inits = d.take_known(|k| table.peers.contains_key(k));
+            (packets, inits, dropped)
+        };
+        self.counters
+            .held_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        if packets.is_empty() && inits.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            packets = packets.len(),
+            initiations = inits.len(),
+            "peers arrived: sending what was held for them"
+        );
+        self.counters
+            .held_replayed
+            .fetch_add((packets.len() + inits.len()) as u64, Ordering::Relaxed);
+        let mut batch = self.batch();
+        let mut runs = batch.runs();
+        for p in &packets {
+            runs.handle_tun_packet(p, now, out);
+        }
+        let mut buf = Vec::new();
+        for (from, datagram) in &inits {
+            buf.resize(datagram.len(), 0);
+            // An initiation never yields a packet for the TUN (nor meets the filter, so the
+            // coordinator time does not matter).
+            let _ = runs.handle_datagram(*from, datagram, now, 0, &mut buf, out);
+        }
     }
 
     /// Peer `device_id` is probing this device's direct candidates now (its punch request,
@@ -558,6 +714,9 @@ impl Core {
             "peer set replaced (removed peers' sessions dropped)"
         );
         *table = next;
+        drop(relays);
+        drop(table);
+        self.replay_held(now, out);
     }
 
     /// Starts a batch: holds the peer table's read lock until dropped. Keep batches short
@@ -659,6 +818,9 @@ impl Core {
             }
         }
         drop(table);
+        if self.on_demand.load(Ordering::Relaxed) {
+            local.held_dropped += lock(&self.demand).expire(now);
+        }
         local.flush(&self.counters);
         // Apply the send path's outbound records, so they do not wait for the next received
         // packet (a device that only sends).

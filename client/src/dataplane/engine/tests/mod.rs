@@ -412,6 +412,7 @@ fn established_pair(seed: u64) -> Net {
     net
 }
 
+mod demand;
 mod flows;
 mod local;
 mod mtu;
