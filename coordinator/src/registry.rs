@@ -33,7 +33,7 @@ use ward_shared::routes::{overlaps_overlay, Prefix, MAX_ADVERTISED_ROUTES};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
     PeerRef, PostureVerdict, Reach, ReachService, RelayInfo, RiskView, SelfInfo, Unavailable,
-    WgPublicKey, MAX_DENIED_FLOWS, MAX_ENDPOINTS, PROTOCOL_VERSION,
+    WgPublicKey, MAX_DENIED_FLOWS, MAX_ENDPOINTS, MAX_NAME_PEERS, PROTOCOL_VERSION,
 };
 
 use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, Label};
@@ -2038,8 +2038,8 @@ impl Registry {
         conn: ConnId,
         by: PeerRef,
         now_ms: i64,
-    ) -> Result<DeviceId, WantRefused> {
-        let result = self.want_peer(from, conn, by, now_ms);
+    ) -> Result<Vec<DeviceId>, WantRefused> {
+        let result = self.want_peer(from, conn, &by, now_ms);
         let c = &mut self.want_counters;
         match result {
             Ok(_) => c.granted += 1,
@@ -2048,19 +2048,15 @@ impl Registry {
             Err(WantRefused::NotAllowed | WantRefused::NotOnDemand) => {
                 c.refused += 1;
                 if self.sessions.get(&from).is_some_and(|s| s.conn == conn) {
+                    let reason = match result {
+                        Err(WantRefused::NotOnDemand) => {
+                            "this session is sent every peer it may talk with".into()
+                        }
+                        _ => format!("policy allows no traffic between this device and {by}"),
+                    };
                     self.outputs.push_back(Output::Send {
                         conn,
-                        msg: CoordinatorMsg::PeerRefused {
-                            by,
-                            reason: match result {
-                                Err(WantRefused::NotOnDemand) => {
-                                    "this session is sent every peer it may talk with".into()
-                                }
-                                _ => {
-                                    format!("policy allows no traffic between this device and {by}")
-                                }
-                            },
-                        },
+                        msg: CoordinatorMsg::PeerRefused { by, reason },
                     });
                 }
             }
@@ -2072,9 +2068,9 @@ impl Registry {
         &mut self,
         from: DeviceId,
         conn: ConnId,
-        by: PeerRef,
+        by: &PeerRef,
         now_ms: i64,
-    ) -> Result<DeviceId, WantRefused> {
+    ) -> Result<Vec<DeviceId>, WantRefused> {
         let Some(me) = self.sessions.get_mut(&from).filter(|s| s.conn == conn) else {
             return Err(WantRefused::NoSession);
         };
@@ -2100,30 +2096,63 @@ impl Registry {
         }
         self.finish_pending();
         let access = self.compiled.devices.get(&from);
-        let target = match by {
-            PeerRef::Addr(ip) => self.by_addr.get(&ip.to_canonical()).copied().or_else(|| {
-                // An address in a prefix a router serves this device.
-                access.and_then(|a| {
-                    a.routes
-                        .iter()
-                        .find(|(_, ps)| ps.iter().any(|p| p.contains(ip)))
-                        .map(|(r, _)| *r)
+        let allowed = |t: &DeviceId| *t != from && access.is_some_and(|a| a.peers.contains(t));
+        let targets: Vec<DeviceId> = match by {
+            PeerRef::Addr(ip) => self
+                .by_addr
+                .get(&ip.to_canonical())
+                .copied()
+                .or_else(|| {
+                    // An address in a prefix a router serves this device.
+                    access.and_then(|a| {
+                        a.routes
+                            .iter()
+                            .find(|(_, ps)| ps.iter().any(|p| p.contains(*ip)))
+                            .map(|(r, _)| *r)
+                    })
                 })
-            }),
-            PeerRef::Key(k) => self.leases.holder(&k),
+                .filter(allowed)
+                .into_iter()
+                .collect(),
+            PeerRef::Key(k) => self.leases.holder(k).filter(allowed).into_iter().collect(),
+            PeerRef::Name(label) => {
+                // As the device's resolver answers: a service's devices (that this device may
+                // reach) before a device of that name.
+                let grants = access.map_or(&[][..], |a| a.reach.as_slice());
+                let of_service: BTreeSet<DeviceId> = grants
+                    .iter()
+                    .filter(|g| g.service.eq_ignore_ascii_case(label.as_str()))
+                    .flat_map(|g| g.devices.iter().map(|d| d.device_id))
+                    .filter(allowed)
+                    .collect();
+                let ids = if of_service.is_empty() {
+                    grants
+                        .iter()
+                        .flat_map(|g| g.devices.iter())
+                        .filter(|d| d.hostname.as_str().eq_ignore_ascii_case(label.as_str()))
+                        .map(|d| d.device_id)
+                        .filter(allowed)
+                        .collect()
+                } else {
+                    of_service
+                };
+                ids.into_iter().take(MAX_NAME_PEERS).collect()
+            }
         };
-        let Some(target) =
-            target.filter(|t| *t != from && access.is_some_and(|a| a.peers.contains(t)))
-        else {
+        if targets.is_empty() {
             return Err(WantRefused::NotAllowed);
-        };
-        self.hold(target, from);
-        self.hold(from, target);
-        if self.sessions.get(&target).is_some_and(|s| s.sent.is_some()) {
-            self.netmap_for(target);
+        }
+        for &target in &targets {
+            self.hold(target, from);
+            self.hold(from, target);
+        }
+        for &target in &targets {
+            if self.sessions.get(&target).is_some_and(|s| s.sent.is_some()) {
+                self.netmap_for(target);
+            }
         }
         self.netmap_for(from);
-        Ok(target)
+        Ok(targets)
     }
 
     /// Session `holder` (if on demand) holds `peer` now, and lets go of the peer it wanted
@@ -3107,7 +3136,7 @@ impl Registry {
                         return;
                     }
                     let (set_changes, removed_sets) = match &filter {
-                        Some(f) if sets_changed => peerset::diff(&sent.filter.sets, &f.sets),
+                        Some(f) if sets_changed => self.aggregated.diff(&sent.filter.sets, &f.sets),
                         _ => (Vec::new(), Vec::new()),
                     };
                     let base = sent.seq;
@@ -3237,7 +3266,7 @@ impl Registry {
                 continue;
             }
             let (peer_sets, removed_peer_sets) = match &sets {
-                Some(new) => peerset::diff(&sent.filter.sets, new),
+                Some(new) => self.aggregated.diff(&sent.filter.sets, new),
                 None => (Vec::new(), Vec::new()),
             };
             let base = sent.seq;

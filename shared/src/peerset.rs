@@ -206,24 +206,106 @@ pub fn factor(
 /// compile's): a list every destination's rule points to is aggregated once, not once per
 /// device factored. Each entry holds a clone of its list, so no other list can take its
 /// address while it is cached.
+///
+/// Aggregations are interned: equal contents share one allocation, also across compiles while
+/// any session still holds it, so a session's sets are compared with what it was sent by
+/// pointer, and a set's change ([`Aggregated::diff`]) is worked out once for every session
+/// that holds the same old and new set, not once per session (at 10 000 dense devices a
+/// quarantine diffed thousands of prefixes per set for each of 10 000 sessions).
 #[derive(Debug, Default)]
 pub struct Aggregated {
     by_list: FxHashMap<usize, (Sources, Arc<Vec<Prefix>>)>,
+    interned: FxHashMap<Arc<Vec<Prefix>>, ()>,
+    /// (old set, new set) by allocation → (added, removed); the key's sets are held so their
+    /// addresses cannot be reused while the entry lives.
+    diffs: FxHashMap<(usize, usize), DiffMemo>,
 }
 
+type DiffMemo = (Arc<Vec<Prefix>>, Arc<Vec<Prefix>>, Vec<Prefix>, Vec<Prefix>);
+
 impl Aggregated {
-    /// Forgets every list (the lists' compile was replaced).
+    /// Forgets every list (the lists' compile was replaced) and every aggregation no session
+    /// holds any more.
     pub fn clear(&mut self) {
         self.by_list.clear();
+        self.diffs.clear();
+        self.interned.retain(|a, _| Arc::strong_count(a) > 1);
     }
 
     fn of(&mut self, s: &Sources) -> Arc<Vec<Prefix>> {
-        let (_, prefixes) = self
-            .by_list
-            .entry(s.id())
-            .or_insert_with(|| (s.clone(), Arc::new(aggregate(s.iter().copied()))));
-        Arc::clone(prefixes)
+        if let Some((_, p)) = self.by_list.get(&s.id()) {
+            return Arc::clone(p);
+        }
+        let fresh = Arc::new(aggregate(s.iter().copied()));
+        let p = match self.interned.get_key_value(&fresh) {
+            Some((kept, _)) => Arc::clone(kept),
+            None => {
+                self.interned.insert(Arc::clone(&fresh), ());
+                fresh
+            }
+        };
+        self.by_list.insert(s.id(), (s.clone(), Arc::clone(&p)));
+        p
     }
+
+    /// [`diff`], each distinct pair of old and new set worked out once.
+    pub fn diff(&mut self, old: &SetBook, new: &SetBook) -> (Vec<PeerSetChange>, Vec<u32>) {
+        let mut changes = Vec::new();
+        for (id, n) in new {
+            let Some(o) = old.get(id) else {
+                changes.push(whole(*id, n));
+                continue;
+            };
+            if Arc::ptr_eq(o, n) {
+                continue;
+            }
+            let key = (Arc::as_ptr(o) as usize, Arc::as_ptr(n) as usize);
+            let (_, _, add, remove) = self.diffs.entry(key).or_insert_with(|| {
+                let (add, remove) = set_difference(o, n);
+                (Arc::clone(o), Arc::clone(n), add, remove)
+            });
+            if add.is_empty() && remove.is_empty() {
+                continue;
+            }
+            changes.push(if add.len() + remove.len() > n.len() {
+                whole(*id, n)
+            } else {
+                PeerSetChange {
+                    id: *id,
+                    prefixes: None,
+                    add: add.clone(),
+                    remove: remove.clone(),
+                }
+            });
+        }
+        (changes, removed_ids(old, new))
+    }
+}
+
+fn whole(id: u32, n: &[Prefix]) -> PeerSetChange {
+    PeerSetChange {
+        id,
+        prefixes: Some(n.to_vec()),
+        add: Vec::new(),
+        remove: Vec::new(),
+    }
+}
+
+/// (in `n` not `o`, in `o` not `n`), both sorted.
+fn set_difference(o: &[Prefix], n: &[Prefix]) -> (Vec<Prefix>, Vec<Prefix>) {
+    let os: BTreeSet<&Prefix> = o.iter().collect();
+    let ns: BTreeSet<&Prefix> = n.iter().collect();
+    (
+        ns.difference(&os).map(|p| **p).collect(),
+        os.difference(&ns).map(|p| **p).collect(),
+    )
+}
+
+fn removed_ids(old: &SetBook, new: &SetBook) -> Vec<u32> {
+    old.keys()
+        .filter(|k| !new.contains_key(k))
+        .copied()
+        .collect()
 }
 
 /// [`factor`], aggregating source lists through `agg`.
@@ -239,7 +321,8 @@ pub fn factor_with(
     // hashed: the compiler gives every rule over a population an equal list, usually the same
     // shared one (found by pointer).
     let mut by_sources: Vec<(&Sources, usize)> = Vec::new();
-    let mut by_prefixes: FxHashMap<Arc<Vec<Prefix>>, usize> = FxHashMap::default();
+    // By allocation: `agg` interns aggregations, so equal contents are one allocation.
+    let mut by_prefixes: FxHashMap<usize, usize> = FxHashMap::default();
     let all = inbound.iter().chain(shadow.into_iter().flatten());
     // Each rule's population (None: no sources at all).
     let mut rule_pop: Vec<Option<usize>> = Vec::new();
@@ -253,10 +336,12 @@ pub fn factor_with(
             continue;
         }
         let prefixes = agg.of(&r.sources);
-        let p = *by_prefixes.entry(prefixes.clone()).or_insert_with(|| {
-            pops.push(prefixes);
-            pops.len() - 1
-        });
+        let p = *by_prefixes
+            .entry(Arc::as_ptr(&prefixes) as usize)
+            .or_insert_with(|| {
+                pops.push(prefixes);
+                pops.len() - 1
+            });
         by_sources.push((&r.sources, p));
         rule_pop.push(Some(p));
     }
@@ -265,10 +350,27 @@ pub fn factor_with(
     let prev = prev.unwrap_or(&empty);
     let mut ids: Vec<Option<u32>> = vec![None; pops.len()];
     let mut claimed: BTreeSet<u32> = BTreeSet::new();
-    let by_content: FxHashMap<&Arc<Vec<Prefix>>, u32> =
-        prev.sets.iter().map(|(id, p)| (p, *id)).collect();
+    // By allocation first (what `agg` interned); a set made elsewhere (a narrowing, another
+    // `Aggregated`) by content, compared only where length and ends already match.
+    let by_ptr: FxHashMap<usize, u32> = prev
+        .sets
+        .iter()
+        .map(|(id, p)| (Arc::as_ptr(p) as usize, *id))
+        .collect();
+    type Sig = (usize, Option<Prefix>, Option<Prefix>);
+    let sig = |p: &[Prefix]| -> Sig { (p.len(), p.first().copied(), p.last().copied()) };
+    type Candidates<'a> = Vec<(u32, &'a Arc<Vec<Prefix>>)>;
+    let mut by_sig: FxHashMap<Sig, Candidates<'_>> = FxHashMap::default();
+    for (id, p) in &prev.sets {
+        by_sig.entry(sig(p)).or_default().push((*id, p));
+    }
     for (i, p) in pops.iter().enumerate() {
-        if let Some(&id) = by_content.get(p) {
+        let found = by_ptr.get(&(Arc::as_ptr(p) as usize)).copied().or_else(|| {
+            by_sig
+                .get(&sig(p))
+                .and_then(|c| c.iter().find(|(_, q)| **q == *p).map(|(id, _)| *id))
+        });
+        if let Some(id) = found {
             if claimed.insert(id) {
                 ids[i] = Some(id);
             }
@@ -350,46 +452,7 @@ pub fn factor_with(
 
 /// The changes that turn `old` into `new`, and the ids `new` no longer has.
 pub fn diff(old: &SetBook, new: &SetBook) -> (Vec<PeerSetChange>, Vec<u32>) {
-    let mut changes = Vec::new();
-    for (id, n) in new {
-        let Some(o) = old.get(id) else {
-            changes.push(PeerSetChange {
-                id: *id,
-                prefixes: Some(n.to_vec()),
-                add: Vec::new(),
-                remove: Vec::new(),
-            });
-            continue;
-        };
-        if Arc::ptr_eq(o, n) || o == n {
-            continue;
-        }
-        let os: BTreeSet<&Prefix> = o.iter().collect();
-        let ns: BTreeSet<&Prefix> = n.iter().collect();
-        let add: Vec<Prefix> = ns.difference(&os).map(|p| **p).collect();
-        let remove: Vec<Prefix> = os.difference(&ns).map(|p| **p).collect();
-        changes.push(if add.len() + remove.len() > n.len() {
-            PeerSetChange {
-                id: *id,
-                prefixes: Some(n.to_vec()),
-                add: Vec::new(),
-                remove: Vec::new(),
-            }
-        } else {
-            PeerSetChange {
-                id: *id,
-                prefixes: None,
-                add,
-                remove,
-            }
-        });
-    }
-    let removed = old
-        .keys()
-        .filter(|k| !new.contains_key(k))
-        .copied()
-        .collect();
-    (changes, removed)
+    Aggregated::default().diff(old, new)
 }
 
 /// Applies a delta's set changes to `sets` (kept sorted by id, prefixes sorted). On an error

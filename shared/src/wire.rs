@@ -84,7 +84,9 @@
 //!   address, when it sends to one it has no peer for, or by WireGuard key, when an unknown
 //!   key initiates a handshake), and the coordinator answers with a delta that adds the peer
 //!   (and adds the device to the peer's netmap if the peer is on demand too) or with
-//!   `peer_refused` when policy allows neither direction. Changes to a held peer (a new
+//!   `peer_refused` when policy allows neither direction. A name the device's resolver was
+//!   asked for (`by: {"name": LABEL}`: a device's hostname or a service's name) holds that
+//!   device, or the devices of that service this device may reach. Changes to a held peer (a new
 //!   lease, endpoints, a revocation) reach the device as deltas like any other peer's. A new
 //!   session's `hello` names the peers the device holds (`Hello.held_peers`) so a reconnect
 //!   keeps them. A version-3 device is always sent every peer. A version-4 agent against a
@@ -256,13 +258,59 @@ pub enum DeviceMsg {
 }
 
 /// How a device names a peer it has not been sent (protocol 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerRef {
     /// The overlay address (or an address in a routed prefix) it sends to.
     Addr(IpAddr),
     /// The WireGuard key an unknown handshake initiation came from.
     Key(WgPublicKey),
+    /// A name under the Ward domain the device was asked to resolve (its first label, a
+    /// device's hostname or a service's name, lowercase): the device, or the devices of the
+    /// service this device may reach (at most [`MAX_NAME_PEERS`]).
+    Name(Label),
+}
+
+/// Most peers one `want_peer` by name holds (a service on many devices).
+pub const MAX_NAME_PEERS: usize = 32;
+
+/// One DNS label as a device asks for it: 1 to 63 bytes of ASCII letters, digits and `-`,
+/// kept lowercase.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Label(String);
+
+impl Label {
+    pub fn parse(s: &str) -> Result<Label, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if ok {
+            Ok(Label(s.to_ascii_lowercase()))
+        } else {
+            Err(format!(
+                "not a DNS label: {:?}",
+                s.chars().take(70).collect::<String>()
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Label {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Label::parse(&s)
+    }
+}
+
+impl From<Label> for String {
+    fn from(l: Label) -> String {
+        l.0
+    }
 }
 
 impl std::fmt::Display for PeerRef {
@@ -270,6 +318,7 @@ impl std::fmt::Display for PeerRef {
         match self {
             PeerRef::Addr(a) => write!(f, "{a}"),
             PeerRef::Key(k) => write!(f, "key {}", k.to_base64()),
+            PeerRef::Name(l) => write!(f, "name {}", l.as_str()),
         }
     }
 }
@@ -2152,7 +2201,20 @@ mod tests {
                 by: PeerRef::Key(WgPublicKey([3; 32]))
             }
         );
-        assert!(decode::<DeviceMsg>(br#"{"type":"want_peer","by":{"name":"db"}}"#).is_err());
+        let want = r#"{"type":"want_peer","by":{"name":"DB-1"}}"#;
+        let m: DeviceMsg = decode(want.as_bytes()).unwrap();
+        assert_eq!(
+            m,
+            DeviceMsg::WantPeer {
+                by: PeerRef::Name(Label::parse("db-1").unwrap())
+            }
+        );
+        let long = "x".repeat(64);
+        for bad in ["", "db.ward", "a b", long.as_str()] {
+            let text = format!(r#"{{"type":"want_peer","by":{{"name":"{bad}"}}}}"#);
+            assert!(decode::<DeviceMsg>(text.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(decode::<DeviceMsg>(br#"{"type":"want_peer","by":{"host":"db"}}"#).is_err());
         let refused = r#"{"type":"peer_refused","by":{"addr":"fd00::9"},"reason":"policy allows no traffic with 100.64.0.9"}"#;
         let CoordinatorMsg::PeerRefused { by, reason } = decode(refused.as_bytes()).unwrap() else {
             panic!("not peer_refused")

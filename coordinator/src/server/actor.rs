@@ -671,8 +671,8 @@ pub(super) async fn registry_actor(
                     let _ = reply.send(r);
                 }
                 Event::WantPeer { id, conn, by } => {
-                    match reg.handle_want_peer(id, conn, by, now_ms()) {
-                        Ok(peer) => debug!(device = %id, %by, %peer, "peer held on demand"),
+                    match reg.handle_want_peer(id, conn, by.clone(), now_ms()) {
+                        Ok(peers) => debug!(device = %id, %by, ?peers, "peers held on demand"),
                         Err(why) => {
                             debug!(device = %id, %by, %why, counters = ?reg.want_counters(), "want_peer not granted")
                         }

@@ -402,3 +402,31 @@ fn a_shared_aggregation_cache_gives_what_a_fresh_factoring_gives() {
         factor(&second, None, Some(&prev))
     );
 }
+
+#[test]
+fn equal_aggregations_are_one_allocation_and_each_set_change_is_diffed_once() {
+    let a: Vec<IpAddr> = (1..=40).map(|n| v4(n * 2)).collect();
+    let mut agg = Aggregated::default();
+    // Two devices' filters over two lists equal in content (not the same allocation).
+    let one = factor_with(&[rule("a", &a, 22)], None, None, &mut agg);
+    let two = factor_with(&[rule("a", &a, 80)], None, None, &mut agg);
+    let (s1, s2) = (&one.sets[&1], &two.sets[&1]);
+    assert!(Arc::ptr_eq(s1, s2), "one interned aggregation");
+    // A compile later: the aggregation survives while sessions hold it.
+    agg.clear();
+    let again = factor_with(&[rule("a", &a, 22)], None, Some(&one), &mut agg);
+    assert!(Arc::ptr_eq(&again.sets[&1], s1));
+    assert_eq!(again.sets.keys().collect::<Vec<_>>(), vec![&1]);
+    // A member leaves: the same change for both sessions, worked out once, equal to the plain
+    // diff.
+    let fewer = factor_with(&[rule("a", &a[1..], 22)], None, Some(&one), &mut agg);
+    let d1 = agg.diff(&one.sets, &fewer.sets);
+    let d2 = agg.diff(&two.sets, &fewer.sets);
+    assert_eq!(d1, diff(&one.sets, &fewer.sets));
+    assert_eq!(d1, d2);
+    assert_eq!(agg.diffs.len(), 1);
+    assert_eq!(d1.0[0].remove, vec![Prefix::host(a[0])]);
+    // Nothing changed: nothing to send, nothing memoised.
+    assert_eq!(agg.diff(&one.sets, &two.sets), (vec![], vec![]));
+    assert_eq!(agg.diffs.len(), 1);
+}

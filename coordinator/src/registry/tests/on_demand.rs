@@ -44,7 +44,7 @@ fn refusals(out: &[Output], conn: ConnId) -> Vec<(PeerRef, String)> {
             Output::Send {
                 conn: c,
                 msg: CoordinatorMsg::PeerRefused { by, reason },
-            } if *c == conn => Some((*by, reason.clone())),
+            } if *c == conn => Some((by.clone(), reason.clone())),
             _ => None,
         })
         .collect()
@@ -67,7 +67,7 @@ fn a_session_on_demand_gets_the_peers_it_wants_and_they_get_it_first() {
 
     assert_eq!(
         r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(2)), 1),
-        Ok(DeviceId(2))
+        Ok(vec![DeviceId(2)])
     );
     let out = drain(&mut r);
     // The peer is told of the device before the device of the peer.
@@ -83,7 +83,7 @@ fn a_session_on_demand_gets_the_peers_it_wants_and_they_get_it_first() {
     // By IPv6 address too, and again: held already, nothing new to send.
     assert_eq!(
         r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(IpAddr::V6(dev(2).ipv6)), 2),
-        Ok(DeviceId(2))
+        Ok(vec![DeviceId(2)])
     );
     assert!(deltas(&drain(&mut r), 10).is_empty());
     assert_eq!(r.want_counters().granted, 2);
@@ -98,7 +98,7 @@ fn a_want_by_key_finds_the_lease_holder() {
     drain(&mut r);
     assert_eq!(
         r.handle_want_peer(DeviceId(1), 10, PeerRef::Key(WgPublicKey([7; 32])), 1),
-        Ok(DeviceId(3))
+        Ok(vec![DeviceId(3)])
     );
     let out = drain(&mut r);
     let up = &deltas(&out, 10)[0].upsert;
@@ -123,7 +123,7 @@ fn strangers_unknown_addresses_and_itself_are_refused_alike() {
         PeerRef::Addr(v4(1)),
     ] {
         assert_eq!(
-            r.handle_want_peer(DeviceId(1), 10, by, 1),
+            r.handle_want_peer(DeviceId(1), 10, by.clone(), 1),
             Err(WantRefused::NotAllowed),
             "{by}"
         );
@@ -253,7 +253,7 @@ fn wants_past_the_budget_are_dropped_until_the_next_second() {
     for _ in 0..WANTS_PER_SECOND {
         assert_eq!(
             r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(2)), 5),
-            Ok(DeviceId(2))
+            Ok(vec![DeviceId(2)])
         );
     }
     assert_eq!(
@@ -266,7 +266,7 @@ fn wants_past_the_budget_are_dropped_until_the_next_second() {
     );
     assert_eq!(
         r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(3)), 1_005),
-        Ok(DeviceId(3))
+        Ok(vec![DeviceId(3)])
     );
     assert_eq!(r.want_counters().limited, 1);
 }
@@ -410,4 +410,42 @@ fn a_change_to_a_device_concerns_its_holders_only() {
     assert!(deltas(&out, 10)[0].upsert[0]
         .endpoints
         .contains(&addr("192.168.1.2:4001")));
+}
+
+#[test]
+fn a_name_holds_the_service_s_devices_or_the_device_of_that_name() {
+    // alice (1–3) reaches service `a` on her own devices; bob's are strangers.
+    let mut r = on_demand_teams();
+    open_sessions(&mut r, &[1, 2, 3, 4]);
+    drain(&mut r);
+    let name = |s: &str| PeerRef::Name(ward_shared::wire::Label::parse(s).unwrap());
+    // The service: every device of it device 1 may reach (not itself).
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 10, name("A"), 1),
+        Ok(vec![DeviceId(2), DeviceId(3)])
+    );
+    let out = drain(&mut r);
+    let sent: BTreeSet<u64> = deltas(&out, 10)
+        .iter()
+        .flat_map(|d| d.upsert.iter().map(|p| p.device_id.0))
+        .collect();
+    assert_eq!(sent, BTreeSet::from([2, 3]));
+    // A device by its hostname.
+    let mut r = on_demand_teams();
+    open_sessions(&mut r, &[1, 2]);
+    drain(&mut r);
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 10, name("h2"), 1),
+        Ok(vec![DeviceId(2)])
+    );
+    // A stranger's hostname and an unknown name read alike.
+    for n in ["h4", "nothing"] {
+        assert_eq!(
+            r.handle_want_peer(DeviceId(1), 10, name(n), 1),
+            Err(WantRefused::NotAllowed),
+            "{n}"
+        );
+    }
+    let out = drain(&mut r);
+    assert_eq!(refusals(&out, 10).len(), 2);
 }
