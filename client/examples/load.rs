@@ -1328,7 +1328,8 @@ impl Dev {
                     | Event::Punch { .. }
                     | Event::NetworkChanged
                     | Event::SetOnDemand(_)
-                    | Event::RefusePeer(_) => {}
+                    | Event::RefusePeer(_)
+                    | Event::RefuseName(_) => {}
                 }
             }
             if lock().revoked_at.is_some() {

@@ -593,8 +593,10 @@ impl Registry {
         self
     }
 
-    /// Version-4 sessions whose device may talk with more than `n` peers are sent only the
-    /// peers they hold (from their next session on).
+    /// Version-4 sessions whose device may talk with more than `n` peers (0: every version-4
+    /// session, whatever its peers) are sent only the peers they hold. Decided at a session's
+    /// first netmap: a device whose peers grow past `n` later is on demand from its next
+    /// session.
     pub fn set_peers_on_demand_above(&mut self, n: usize) {
         self.on_demand_above = n;
     }
@@ -2842,7 +2844,8 @@ impl Registry {
             // Decided once, at the session's first netmap: a session's mode never changes
             // under the device.
             let peers = self.compiled.devices.get(&id).map_or(0, |a| a.peers.len());
-            mode = if s.protocol >= 4 && peers > self.on_demand_above {
+            let above = self.on_demand_above;
+            mode = if s.protocol >= 4 && (above == 0 || peers > above) {
                 let held = Held::new(std::mem::take(hint));
                 for p in held.ids() {
                     self.holders.entry(*p).or_default().insert(id);

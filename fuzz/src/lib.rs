@@ -437,6 +437,7 @@ pub fn dns_query(data: &[u8]) {
                 assert!(back.is_none());
             }
             Action::Drop(_) => assert!(back.is_some()),
+            Action::Held => assert!(r.zone().on_demand(), "a query held off demand"),
         }
     }
     let _ = r.handle_upstream(data, upstream);

@@ -80,7 +80,8 @@ MS=$(ms_to alice "$DB4" 5432); echo "  alice -> db:5432 opened in ${MS:-?} ms (f
 check "alice's first connection to db opened within 1 s (${MS:-none} ms)" test -n "$MS" -a "${MS:-9999}" -lt 1000
 check "alice holds db only" test "$(peers_of alice)" = "db "
 check "db holds alice only" test "$(peers_of db)" = "alice "
-check "the server's reply arrives" grep -q hello-from-db <<<"$(lab_exec alice timeout 4 nc -w 3 "$DB4" 5432 </dev/null)"
+reply() { grep -q hello-from-db <<<"$(lab_exec alice timeout 3 nc -w 2 "$DB4" 5432 </dev/null)"; }
+check "the server's reply arrives" lab_wait_for -t 6 -i 0.5 reply
 check "db:22 stays closed to alice (the filter decides, not the peer list)" fails tcp_ok alice "$DB4" 22
 HELD=$(lab_ward_json_get alice 's["counters"]["held_for_peer"]')
 check "alice's data plane held packets for the peer it asked for ($HELD)" test "${HELD:-0}" -ge 1

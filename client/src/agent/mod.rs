@@ -42,7 +42,7 @@ use ward_shared::posture::{PostureReport, PostureWants};
 use ward_shared::resume::{self, Holding};
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeniedFlow, DeviceId, DeviceMsg, DeviceUpdate, ErrorCode, Hello,
-    Netmap, PeerRef, PostureVerdict, WgPublicKey,
+    Label, Netmap, PeerRef, PostureVerdict, WgPublicKey,
 };
 
 use self::flows::{FlowContext, FlowLog, FlowLogConfig, FlowLogState, FlowLogStatus, FLOW_TICK};
@@ -265,8 +265,13 @@ pub enum Event {
     /// peers it does not have and want them (true), or answer them with ICMP at once (false).
     SetOnDemand(bool),
     /// The coordinator refused a wanted peer: have the data plane drop what it holds for it
-    /// (answering held packets with ICMP) and stop wanting it for a while.
+    /// (answering held packets with ICMP) and stop wanting it for a while. Never a name
+    /// (those are [`Event::RefuseName`]).
     RefusePeer(PeerRef),
+    /// The coordinator refused a name the resolver wanted ([`Agent::handle_names_wanted`]):
+    /// have the resolver answer the queries it holds for it NXDOMAIN and stop wanting it for
+    /// a while (`dns::Resolver::handle_refusal`).
+    RefuseName(Label),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -689,7 +694,13 @@ impl Agent {
             }
             CoordinatorMsg::PeerRefused { by, reason } => {
                 info!(%by, %reason, "the coordinator refused a peer this device asked for");
-                self.events.push_back(Event::RefusePeer(by));
+                // A name was the resolver's want; addresses and keys the data plane's.
+                match by {
+                    PeerRef::Name(name) => self.events.push_back(Event::RefuseName(name)),
+                    by @ (PeerRef::Addr(_) | PeerRef::Key(_)) => {
+                        self.events.push_back(Event::RefusePeer(by))
+                    }
+                }
             }
             CoordinatorMsg::Enrolled(_)
             | CoordinatorMsg::LoginPending(_)
@@ -846,6 +857,15 @@ impl Agent {
             DataPlaneEvent::PunchWanted(peers) => self.request_punches(&peers),
             DataPlaneEvent::PeersWanted(wants) => self.request_peers(wants),
         }
+    }
+
+    /// Names under the Ward domain the resolver was asked for and does not have
+    /// (`dns::Resolver::take_wants`): asked for as `want_peer { by: name }` under the same
+    /// rules as the data plane's wants (only in a session whose netmap says `on_demand`, each
+    /// once, none a held peer already answers). The answer is a delta (the resolver's zone
+    /// then has the name) or [`Event::RefuseName`].
+    pub fn handle_names_wanted(&mut self, names: Vec<Label>) {
+        self.request_peers(names.into_iter().map(PeerRef::Name).collect());
     }
 
     /// A fresh key for the next rotation (answer to `Event::NeedKey`).
@@ -1188,11 +1208,12 @@ impl Agent {
         }
     }
 
-    /// Asks the coordinator for the peers the data plane wants: only in a session whose first
-    /// netmap came and says `on_demand` (a coordinator that did not say so would close the
-    /// session on `want_peer`), each once per report, at most [`MAX_WANTS_PER_REPORT`], and
-    /// none the netmap already holds (its lease is what keeps it out of the data plane;
-    /// asking again would bring the same entry).
+    /// Asks the coordinator for the peers the data plane (or, by name, the resolver) wants:
+    /// only in a session whose first netmap came and says `on_demand` (a coordinator that did
+    /// not say so would close the session on `want_peer`), each once per report, at most
+    /// [`MAX_WANTS_PER_REPORT`], and none the netmap already holds (its lease is what keeps it
+    /// out of the data plane; asking again would bring the same entry; a name is held when a
+    /// held peer has it as its hostname).
     fn request_peers(&mut self, wants: Vec<PeerRef>) {
         if !matches!(self.link, Link::Session { .. }) || self.connected_since.is_none() {
             return;
@@ -1207,6 +1228,8 @@ impl Agent {
                     p.wg_public_key.as_ref() == Some(k)
                         || p.leases.iter().any(|l| l.lease.wg_public_key == *k)
                 }
+                // A held peer with that hostname: the zone answers the name already.
+                PeerRef::Name(l) => p.hostname.as_str().eq_ignore_ascii_case(l.as_str()),
             })
         };
         let mut sent: Vec<PeerRef> = Vec::new();

@@ -1842,7 +1842,7 @@ fn a_new_session_resumes_the_netmap_held() {
 fn want_peers(sent: &[DeviceMsg]) -> Vec<PeerRef> {
     sent.iter()
         .filter_map(|m| match m {
-            DeviceMsg::WantPeer { by } => Some(*by),
+            DeviceMsg::WantPeer { by } => Some(by.clone()),
             _ => None,
         })
         .collect()
@@ -2013,4 +2013,85 @@ fn a_new_session_names_the_peers_held_on_demand_and_none_otherwise() {
         .collect();
     h.msg(CoordinatorMsg::Netmap(nm));
     assert_eq!(reconnect(&mut h).len(), wire::MAX_HELD_PEERS);
+}
+
+fn name(s: &str) -> Label {
+    Label::parse(s).unwrap()
+}
+
+#[test]
+fn on_demand_the_resolvers_names_become_want_peer_messages() {
+    let mut h = H::new();
+    h.leased();
+    let l = h.lease(2, WgPublicKey([2; 32]), TTL);
+    let mut nm = netmap(1, vec![l.clone()]);
+    nm.on_demand = true;
+    h.msg(CoordinatorMsg::Netmap(nm));
+    h.take_events();
+    h.agent.handle_names_wanted(vec![
+        name("db"),
+        name("db"),
+        // The held peer's hostname: the zone answers it already.
+        name("peer"),
+        name("web-1"),
+    ]);
+    h.drain();
+    assert_eq!(
+        want_peers(&h.take_sent()),
+        vec![PeerRef::Name(name("db")), PeerRef::Name(name("web-1"))]
+    );
+    // Names and data-plane wants share the rules: bounded per report.
+    let many: Vec<Label> = (0..100).map(|i| name(&format!("n{i}"))).collect();
+    h.agent.handle_names_wanted(many.clone());
+    h.drain();
+    let sent = want_peers(&h.take_sent());
+    assert_eq!(sent.len(), MAX_WANTS_PER_REPORT);
+    assert_eq!(sent[0], PeerRef::Name(many[0].clone()));
+
+    // Not on demand: nothing (the coordinator would close the session on `want_peer`).
+    h.msg(CoordinatorMsg::Netmap(netmap(2, vec![l])));
+    h.take_events();
+    h.agent.handle_names_wanted(vec![name("db")]);
+    h.drain();
+    assert!(want_peers(&h.take_sent()).is_empty());
+}
+
+#[test]
+fn without_a_session_or_on_demand_names_are_not_asked_for() {
+    let mut h = H::new();
+    let now = h.now();
+    h.agent.handle_names_wanted(vec![name("db")]);
+    h.drain();
+    assert!(want_peers(&h.take_sent()).is_empty(), "no session");
+    h.agent.handle_connected(DeviceUpdate::default(), now);
+    h.drain();
+    h.take_sent();
+    h.agent.handle_names_wanted(vec![name("db")]);
+    h.drain();
+    assert!(want_peers(&h.take_sent()).is_empty(), "no netmap yet");
+}
+
+#[test]
+fn a_refused_name_goes_to_the_resolver_not_the_data_plane() {
+    let mut h = H::new();
+    h.leased();
+    let mut nm = netmap(1, vec![]);
+    nm.on_demand = true;
+    h.msg(CoordinatorMsg::Netmap(nm));
+    h.take_events();
+    h.msg(CoordinatorMsg::PeerRefused {
+        by: PeerRef::Name(name("db")),
+        reason: "no device or service of that name this device may reach".into(),
+    });
+    assert_eq!(h.take_events(), vec![Event::RefuseName(name("db"))]);
+    assert_eq!(h.agent.phase(), Phase::Connected);
+    // Addresses and keys still go to the data plane.
+    h.msg(CoordinatorMsg::PeerRefused {
+        by: PeerRef::Key(WgPublicKey([5; 32])),
+        reason: "no".into(),
+    });
+    assert_eq!(
+        h.take_events(),
+        vec![Event::RefusePeer(PeerRef::Key(WgPublicKey([5; 32])))]
+    );
 }

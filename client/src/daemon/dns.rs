@@ -7,6 +7,11 @@
 //! addresses or from loopback. A peer whose policy lets it reach port 53 here gets nothing, so
 //! the resolver never tells another device the names this device may reach, nor forwards for
 //! it.
+//!
+//! On demand (protocol 4), the resolver holds queries for names its zone lacks and wants
+//! them; the wants reach the session loop through [`NameDemand`] (the agent asks the
+//! coordinator), the answer comes back as a new zone (the delta that added the peers) or as a
+//! refusal through [`NameDemand`] again, each with one task wake-up.
 
 use anyhow::{Context, Result};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -14,8 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
+use ward_shared::wire::Label;
 
 use crate::dns::{Action, LogLimiter, Resolver, Transport, Zone, MAX_MESSAGE};
 
@@ -27,6 +33,9 @@ const MAX_TCP_CONNECTIONS: usize = 64;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// TCP queries waiting for the resolver task.
 const TCP_QUEUE: usize = 256;
+/// Most names waiting in each direction of [`NameDemand`]; a further one is dropped (a want:
+/// its held queries time out; a refusal: they do).
+const MAX_QUEUED_NAMES: usize = 256;
 
 /// What the status view shows about DNS.
 #[derive(Debug, Clone, Default)]
@@ -47,6 +56,69 @@ pub struct DnsServer {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What the resolver task and the session loop hand each other besides the zone (peers on
+/// demand): names the resolver wants the coordinator to hold, and names the coordinator
+/// refused. Each list is bounded; each side waits on a [`Notify`], which keeps a wake-up for
+/// a waiter that is not waiting yet, so nothing is lost between two turns of a loop.
+#[derive(Default)]
+pub struct NameDemand {
+    wants: std::sync::Mutex<Vec<Label>>,
+    wants_ready: Notify,
+    refused: std::sync::Mutex<Vec<Label>>,
+    refused_ready: Notify,
+}
+
+impl NameDemand {
+    /// The resolver wants these names (`Resolver::take_wants`); wakes the session loop.
+    pub fn want(&self, names: Vec<Label>) {
+        push_bounded(&self.wants, names);
+        self.wants_ready.notify_one();
+    }
+
+    /// The names wanted since the last call, for `Agent::handle_names_wanted`.
+    pub fn take_wants(&self) -> Vec<Label> {
+        std::mem::take(&mut *super::lock(&self.wants))
+    }
+
+    /// Resolves once names were wanted (or were when nobody waited).
+    pub async fn wants_ready(&self) {
+        self.wants_ready.notified().await
+    }
+
+    /// The coordinator refused `name` (`Event::RefuseName`); wakes the resolver task.
+    pub fn refuse(&self, name: Label) {
+        push_bounded(&self.refused, vec![name]);
+        self.refused_ready.notify_one();
+    }
+
+    /// Forgets what is queued (a new resolver starts with nothing held).
+    pub fn clear(&self) {
+        super::lock(&self.wants).clear();
+        super::lock(&self.refused).clear();
+    }
+
+    fn take_refused(&self) -> Vec<Label> {
+        std::mem::take(&mut *super::lock(&self.refused))
+    }
+
+    async fn refused_ready(&self) {
+        self.refused_ready.notified().await
+    }
+}
+
+fn push_bounded(list: &std::sync::Mutex<Vec<Label>>, names: Vec<Label>) {
+    let mut l = super::lock(list);
+    for n in names {
+        if l.len() >= MAX_QUEUED_NAMES {
+            debug!(name = n.as_str(), "DNS: too many names queued; dropped");
+            continue;
+        }
+        if !l.contains(&n) {
+            l.push(n);
+        }
+    }
+}
+
 enum Client {
     Udp(SocketAddr),
     Tcp(oneshot::Sender<Vec<u8>>),
@@ -64,6 +136,7 @@ impl DnsServer {
         port: u16,
         mut host: HostDns,
         zone: watch::Receiver<Zone>,
+        names: Arc<NameDemand>,
         status: SharedDnsStatus,
     ) -> Result<Self> {
         let mut udp = Vec::new();
@@ -116,7 +189,14 @@ impl DnsServer {
         let resolver = Resolver::new(zone.borrow().clone(), upstreams);
         let own = [IpAddr::V4(v4), IpAddr::V6(v6)];
         let task = tokio::spawn(async move {
-            serve(resolver, own, udp, tcp_rx, zone, stop_rx, &mut host, status).await;
+            let io = Io {
+                udp,
+                tcp_rx,
+                zone,
+                names,
+                stop: stop_rx,
+            };
+            serve(resolver, own, io, &mut host, status).await;
             for a in accepters {
                 a.abort();
             }
@@ -139,17 +219,29 @@ impl DnsServer {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the resolver task listens on.
+struct Io {
+    udp: Vec<Arc<UdpSocket>>,
+    tcp_rx: mpsc::Receiver<TcpQuery>,
+    zone: watch::Receiver<Zone>,
+    names: Arc<NameDemand>,
+    stop: watch::Receiver<bool>,
+}
+
 async fn serve(
     mut r: Resolver<Client>,
     own: [IpAddr; 2],
-    udp: Vec<Arc<UdpSocket>>,
-    mut tcp_rx: mpsc::Receiver<TcpQuery>,
-    mut zone: watch::Receiver<Zone>,
-    mut stop: watch::Receiver<bool>,
+    io: Io,
     host: &mut HostDns,
     status: SharedDnsStatus,
 ) {
+    let Io {
+        udp,
+        mut tcp_rx,
+        mut zone,
+        names,
+        mut stop,
+    } = io;
     let upstream4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await.ok();
     let upstream6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await.ok();
     let mut log = LogLimiter::new(Duration::from_secs(10), 5);
@@ -177,7 +269,19 @@ async fn serve(
                     }
                 }
                 debug!(names = z.names().count(), "DNS zone updated");
-                r.set_zone(z);
+                // Held queries whose names the new zone has (a delta brought their peers).
+                for (c, b) in r.set_zone(z) {
+                    reply(&udp4, &udp6, c, b).await;
+                }
+                continue;
+            }
+            _ = names.refused_ready() => {
+                let now = Instant::now();
+                for name in names.take_refused() {
+                    for (c, b) in r.handle_refusal(&name, now) {
+                        reply(&udp4, &udp6, c, b).await;
+                    }
+                }
                 continue;
             }
             got = udp4.recv_from(&mut buf4) => match got {
@@ -223,6 +327,10 @@ async fn serve(
             }
         };
         let (action, client) = action;
+        let wants = r.take_wants();
+        if !wants.is_empty() {
+            names.want(wants);
+        }
         {
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
             s.queries += 1;
@@ -249,6 +357,8 @@ async fn serve(
                     }
                 }
             }
+            // The client comes back from set_zone, handle_refusal or handle_timeout.
+            Action::Held => {}
             Action::Drop(reason) => {
                 if let Some(n) = log.allow(Instant::now()) {
                     let from = client_addr.map(|(a, _)| a.to_string());

@@ -93,6 +93,9 @@ pub struct Daemon {
     transports: relays::relay_link::SharedTransports,
     /// The names the resolver answers, published by the session loop on every netmap.
     zone: watch::Sender<crate::dns::Zone>,
+    /// Names the resolver wants held and names the coordinator refused (peers on demand),
+    /// between the resolver task and the session loop.
+    names: Arc<dns::NameDemand>,
     dns_status: dns::SharedDnsStatus,
     /// The end of the sign-in `ward up --login` started, for `login_wait`.
     pending_login:
@@ -162,6 +165,7 @@ pub async fn run(opts: DaemonOpts) -> Result<()> {
         last_agent: Mutex::new(None),
         transports: Default::default(),
         zone: watch::channel(crate::dns::Zone::empty(Default::default())).0,
+        names: Default::default(),
         dns_status: Default::default(),
         pending_login: tokio::sync::Mutex::new(None),
         login_callback: tokio::sync::Mutex::new(None),
@@ -682,6 +686,7 @@ impl Daemon {
         // No names from a previous run until this run's first netmap.
         let domain = self.zone.borrow().domain().clone();
         self.zone.send_replace(crate::dns::Zone::empty(domain));
+        self.names.clear();
         let host = dns_host::HostDns::choose(
             self.opts.dns,
             &self.opts.resolv_conf,
@@ -694,6 +699,7 @@ impl Daemon {
             53,
             host,
             self.zone.subscribe(),
+            self.names.clone(),
             self.dns_status.clone(),
         )
         .await
@@ -932,6 +938,7 @@ mod tests {
             last_agent: Mutex::new(None),
             transports: Default::default(),
             zone: watch::channel(crate::dns::Zone::empty(Default::default())).0,
+            names: Default::default(),
             dns_status: Default::default(),
             pending_login: tokio::sync::Mutex::new(None),
             login_callback: tokio::sync::Mutex::new(None),

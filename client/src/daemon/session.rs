@@ -144,6 +144,11 @@ impl Daemon {
                     lock(&agent).handle_dataplane_event(DataPlaneEvent::PeersWanted(wants), now());
                 }
             }
+            // Names the resolver holds queries for (its task wakes this loop when it wants one).
+            let names = self.names.take_wants();
+            if !names.is_empty() {
+                lock(&agent).handle_names_wanted(names);
+            }
             lock(&self.transports).control = link.channel.as_ref().map(|c| c.transport);
             // Send what the agent queued; a failed send ends the session.
             loop {
@@ -233,6 +238,7 @@ impl Daemon {
                     Some(d) => d.wants_ready().await,
                     None => std::future::pending().await,
                 } } => {}
+                _ = self.names.wants_ready() => {}
                 // A fresh wait each turn loses nothing: the data plane's notification is kept
                 // until someone waits.
                 _ = async { match &dp {
@@ -469,6 +475,7 @@ impl Daemon {
                         dp.refuse(by);
                     }
                 }
+                Event::RefuseName(name) => self.names.refuse(name),
                 Event::TakeDeniedFlows => {
                     let flows = dp.map(|d| d.take_denied_flows()).unwrap_or_default();
                     if !flows.is_empty() {

@@ -5,13 +5,18 @@
 //! listeners and the upstream socket and runs this loop:
 //!
 //! ```text
-//!   netmap full/delta ──▶ Zone::from_netmap ──▶ Resolver::set_zone
+//!   netmap full/delta ──▶ Zone::from_netmap ──▶ Resolver::set_zone ──▶ [(client, bytes)]
+//!                                                   (held queries the new zone answers)
 //!   query from a client ──▶ handle_query(bytes, client, now, fresh_id) ──▶ Action
 //!        Action::Reply(bytes)               → send to the client
 //!        Action::Forward { upstream, bytes } → send to the upstream resolver
+//!        Action::Held                       → nothing yet (the client comes back later)
 //!        Action::Drop(reason)                → nothing (log, rate-bounded)
+//!      then take_wants() ──▶ [Label] → the agent (`Agent::handle_names_wanted`)
 //!   reply from an upstream ──▶ handle_upstream(bytes, from) ──▶ Some((client, bytes)) → client
-//!   timer at poll_timeout() ──▶ handle_timeout(now) ──▶ SERVFAIL to each expired client
+//!   refusal from the coordinator ──▶ handle_refusal(name, now) ──▶ NXDOMAIN to held clients
+//!   timer at poll_timeout() ──▶ handle_timeout(now) ──▶ SERVFAIL to each expired forwarded
+//!                                                     client, NXDOMAIN to each expired held one
 //! ```
 //!
 //! Names: `HOSTNAME.<domain>` for this device and for every peer this device may reach (a
@@ -21,10 +26,21 @@
 //! device name that equals it: services are named by the administrator, device names may be
 //! self-chosen. Matching is ASCII case-insensitive.
 //!
+//! Peers on demand (protocol 4): a netmap that says `on_demand` holds only some peers, so a
+//! name missing from its zone may still be one this device may reach. A query for
+//! `LABEL.<domain>` the zone lacks is then held (at most [`MAX_HELD`] in all and
+//! [`MAX_HELD_PER_NAME`] per name; beyond that NXDOMAIN at once) for [`HOLD_TIMEOUT`], and the
+//! name is wanted (at most once per [`WANT_INTERVAL`] per name and [`WANTS_PER_SEC`] names a
+//! second in all): the agent asks the coordinator (`want_peer { by: name }`), whose delta
+//! brings the peers, and the next `set_zone` answers what was held from the new zone. A
+//! refusal answers the held queries NXDOMAIN and stands for [`REFUSAL_HOLD`] (NXDOMAIN at
+//! once, no want); a held query still unanswered at its deadline gets NXDOMAIN.
+//!
 //! Bounds: queries larger than [`MAX_MESSAGE`] are dropped; parsing is hickory-proto's, whose
 //! errors (truncation, compression loops, bad labels) come back as errors and are answered
 //! FORMERR or dropped; the forwarding table holds at most [`MAX_IN_FLIGHT`] queries, each for
-//! at most [`FORWARD_TIMEOUT`]; [`LogLimiter`] bounds log lines.
+//! at most [`FORWARD_TIMEOUT`]; held queries, wants and refusals are bounded as above;
+//! [`LogLimiter`] bounds log lines.
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
@@ -34,7 +50,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ward_shared::names::DnsDomain;
-use ward_shared::wire::Netmap;
+use ward_shared::wire::{Label, Netmap};
 
 /// The largest DNS message accepted or forwarded (UDP or TCP).
 pub const MAX_MESSAGE: usize = 4096;
@@ -49,6 +65,21 @@ pub const TTL_SECS: u32 = 5;
 pub const MAX_ADDRESSES: usize = 32;
 /// Classic DNS over UDP without EDNS: answers larger than this are truncated (TC set).
 const UDP_PLAIN_LIMIT: usize = 512;
+/// On demand: a query for a missing name waits this long for the coordinator's answer, then
+/// gets NXDOMAIN.
+pub const HOLD_TIMEOUT: Duration = Duration::from_secs(2);
+/// On demand: most queries held in all; a further one is answered NXDOMAIN at once.
+pub const MAX_HELD: usize = 256;
+/// On demand: most queries held for one name; a further one is answered NXDOMAIN at once.
+pub const MAX_HELD_PER_NAME: usize = 8;
+/// The same name is asked for at most this often.
+pub const WANT_INTERVAL: Duration = Duration::from_secs(1);
+/// Most names asked for per second in all (and most wants waiting to be taken).
+pub const WANTS_PER_SEC: u32 = 64;
+/// How long a refusal stands: queries for the name are NXDOMAIN at once, with no want.
+pub const REFUSAL_HOLD: Duration = Duration::from_secs(10);
+/// Most refusals remembered (the one ending first makes room).
+const MAX_REFUSALS: usize = 256;
 
 /// The addresses one name stands for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,6 +96,8 @@ pub struct Zone {
     domain_labels: Vec<Vec<u8>>,
     /// First label (lowercase) → addresses.
     names: BTreeMap<Vec<u8>, Addresses>,
+    /// The netmap holds only some peers (protocol 4): a missing name may be asked for.
+    on_demand: bool,
 }
 
 /// What a name is to this zone.
@@ -92,12 +125,14 @@ impl Zone {
             domain,
             domain_labels,
             names: BTreeMap::new(),
+            on_demand: false,
         }
     }
 
     /// This device's own name, the peers it may reach and the services it may reach.
     pub fn from_netmap(nm: &Netmap) -> Self {
         let mut z = Self::empty(nm.dns_domain.clone().unwrap_or_default());
+        z.on_demand = nm.on_demand;
         let peers: BTreeMap<_, _> = nm.peers.iter().map(|p| (p.device_id, p)).collect();
         let mut put = |label: &str, v4: Ipv4Addr, v6: Ipv6Addr, replace: bool| {
             let e = z.names.entry(label.as_bytes().to_vec()).or_default();
@@ -152,6 +187,12 @@ impl Zone {
         &self.domain
     }
 
+    /// Whether the netmap this zone comes from holds only some peers (a missing name is held
+    /// and asked for rather than NXDOMAIN at once).
+    pub fn on_demand(&self) -> bool {
+        self.on_demand
+    }
+
     /// The names in this zone (first labels), for status views.
     pub fn names(&self) -> impl Iterator<Item = (String, &Addresses)> {
         self.names
@@ -183,6 +224,19 @@ impl Zone {
             _ => Lookup::NxDomain,
         }
     }
+
+    /// `name`'s first label when `name` is one label under the domain that this zone does
+    /// not have: what a device on demand may ask the coordinator for.
+    fn missing_label(&self, name: &Name) -> Option<Label> {
+        if self.lookup(name) != Lookup::NxDomain {
+            return None;
+        }
+        let labels: Vec<&[u8]> = name.iter().collect();
+        let [first] = labels.get(..labels.len().checked_sub(self.domain_labels.len())?)? else {
+            return None;
+        };
+        Label::parse(std::str::from_utf8(first).ok()?).ok()
+    }
 }
 
 /// What the driver does with a message.
@@ -195,6 +249,10 @@ pub enum Action {
         upstream: SocketAddr,
         bytes: Vec<u8>,
     },
+    /// Nothing to send yet: the query waits for its name (on demand; take the wants with
+    /// [`Resolver::take_wants`]). The client comes back from [`Resolver::set_zone`],
+    /// [`Resolver::handle_refusal`] or [`Resolver::handle_timeout`].
+    Held,
     /// Nothing to send; the reason is for a (rate-bounded) log line.
     Drop(DropReason),
 }
@@ -226,12 +284,31 @@ struct InFlight<C> {
     deadline: Instant,
 }
 
-/// The resolver: the zone, the previous resolvers and the forwarding table. `C` is whatever
-/// the driver needs to answer a client later (an address, a connection's channel).
+/// A query waiting for its name (on demand).
+struct Held<C> {
+    client: C,
+    transport: Transport,
+    query: Message,
+    deadline: Instant,
+}
+
+/// The resolver: the zone, the previous resolvers, the forwarding table and, on demand, the
+/// queries held for names asked for. `C` is whatever the driver needs to answer a client
+/// later (an address, a connection's channel).
 pub struct Resolver<C> {
     zone: Zone,
     upstreams: Vec<SocketAddr>,
     in_flight: BTreeMap<u16, InFlight<C>>,
+    /// Queries waiting for a name the coordinator was asked for, by name.
+    held: BTreeMap<Label, Vec<Held<C>>>,
+    /// Names asked for less than [`WANT_INTERVAL`] ago, and when.
+    asked: BTreeMap<Label, Instant>,
+    /// Names to ask for, not taken yet.
+    wants: Vec<Label>,
+    /// The wants rate window: its start and the wants recorded in it.
+    window: Option<(Instant, u32)>,
+    /// Refused names and when each refusal ends.
+    refused: BTreeMap<Label, Instant>,
 }
 
 impl<C> Resolver<C> {
@@ -240,12 +317,79 @@ impl<C> Resolver<C> {
             zone,
             upstreams,
             in_flight: BTreeMap::new(),
+            held: BTreeMap::new(),
+            asked: BTreeMap::new(),
+            wants: Vec::new(),
+            window: None,
+            refused: BTreeMap::new(),
         }
     }
 
-    /// Replaces the zone (every netmap and delta).
-    pub fn set_zone(&mut self, zone: Zone) {
+    /// Replaces the zone (every netmap and delta) and answers the held queries whose name it
+    /// now has, at once; with a zone that is not on demand, every held query is answered
+    /// (NXDOMAIN where the name is still missing).
+    #[must_use]
+    pub fn set_zone(&mut self, zone: Zone) -> Vec<(C, Vec<u8>)> {
         self.zone = zone;
+        if !self.zone.on_demand {
+            self.wants.clear();
+        }
+        let mut out = Vec::new();
+        for (name, queries) in std::mem::take(&mut self.held) {
+            let mut keep = Vec::new();
+            for h in queries {
+                let missing = self.zone.on_demand
+                    && h.query
+                        .queries()
+                        .first()
+                        .is_some_and(|q| self.zone.lookup(q.name()) == Lookup::NxDomain);
+                if missing {
+                    keep.push(h);
+                } else {
+                    out.push((h.client, answer(&self.zone, &h.query, h.transport)));
+                }
+            }
+            if !keep.is_empty() {
+                self.held.insert(name, keep);
+            }
+        }
+        out
+    }
+
+    /// The names to ask the coordinator for (`want_peer { by: name }`) since the last call.
+    #[must_use]
+    pub fn take_wants(&mut self) -> Vec<Label> {
+        std::mem::take(&mut self.wants)
+    }
+
+    /// The coordinator refused `name`: the queries held for it are answered NXDOMAIN, and for
+    /// [`REFUSAL_HOLD`] queries for it are NXDOMAIN at once, with no new want.
+    #[must_use]
+    pub fn handle_refusal(&mut self, name: &Label, now: Instant) -> Vec<(C, Vec<u8>)> {
+        self.refused.retain(|_, until| now < *until);
+        if !self.refused.contains_key(name) && self.refused.len() >= MAX_REFUSALS {
+            let first = self
+                .refused
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(n, _)| n.clone());
+            if let Some(n) = first {
+                self.refused.remove(&n);
+            }
+        }
+        self.refused.insert(name.clone(), now + REFUSAL_HOLD);
+        self.wants.retain(|w| w != name);
+        self.held
+            .remove(name)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| (h.client, nxdomain(&h.query, h.transport)))
+            .collect()
+    }
+
+    /// Queries held for names asked for.
+    pub fn held(&self) -> usize {
+        self.held.values().map(Vec::len).sum()
     }
 
     pub fn zone(&self) -> &Zone {
@@ -261,10 +405,12 @@ impl<C> Resolver<C> {
         self.in_flight.len()
     }
 
-    /// Answers or forwards one query. `fresh_id` is a random message id for the upstream
-    /// query (the driver draws it); a query whose id is taken gets SERVFAIL. The client comes
-    /// back with the action unless the query was forwarded (then it comes back with the
-    /// upstream's answer or the timeout).
+    /// Answers, forwards or (on demand) holds one query. `fresh_id` is a random message id for
+    /// the upstream query (the driver draws it); a query whose id is taken gets SERVFAIL. The
+    /// client comes back with the action unless the query was forwarded (then it comes back
+    /// with the upstream's answer or the timeout) or held (then with `set_zone`,
+    /// `handle_refusal` or the timeout). After a held query, [`Resolver::take_wants`] has the
+    /// names to ask for.
     #[must_use]
     pub fn handle_query(
         &mut self,
@@ -312,43 +458,80 @@ impl<C> Resolver<C> {
         if lookup == Lookup::NotOurs {
             return self.forward(bytes, &msg, query.clone(), client, transport, now, fresh_id);
         }
-        let mut reply = response_to(&msg);
         if query.query_class() != DNSClass::IN {
+            let mut reply = response_to(&msg);
             reply.set_response_code(ResponseCode::Refused);
             return Action::Reply(encode(reply, &msg, transport));
         }
-        match lookup {
-            Lookup::Found(addrs) => {
-                let name = query.name().clone();
-                match query.query_type() {
-                    RecordType::A => {
-                        for a in &addrs.v4 {
-                            reply.add_answer(Record::from_rdata(
-                                name.clone(),
-                                TTL_SECS,
-                                RData::A(A(*a)),
-                            ));
-                        }
-                    }
-                    RecordType::AAAA => {
-                        for a in &addrs.v6 {
-                            reply.add_answer(Record::from_rdata(
-                                name.clone(),
-                                TTL_SECS,
-                                RData::AAAA(AAAA(*a)),
-                            ));
-                        }
-                    }
-                    // The name exists; it has no records of other types (NODATA).
-                    _ => {}
-                }
-            }
-            Lookup::Apex => {}
-            Lookup::NxDomain | Lookup::NotOurs => {
-                reply.set_response_code(ResponseCode::NXDomain);
+        if lookup == Lookup::NxDomain {
+            if let Some(held) = self.hold(&msg, client, transport, now) {
+                return held;
             }
         }
-        Action::Reply(encode(reply, &msg, transport))
+        Action::Reply(answer(&self.zone, &msg, transport))
+    }
+
+    /// On demand, holds a query for a name the zone lacks and asks for the name. `None` when
+    /// it is not held (not on demand, not one label under the domain, refused a moment ago,
+    /// a bound reached): the query is answered NXDOMAIN at once.
+    fn hold(
+        &mut self,
+        msg: &Message,
+        client: &mut Option<C>,
+        transport: Transport,
+        now: Instant,
+    ) -> Option<Action> {
+        if !self.zone.on_demand {
+            return None;
+        }
+        let name = self.zone.missing_label(msg.queries().first()?.name())?;
+        if self.refused.get(&name).is_some_and(|until| now < *until) {
+            return None;
+        }
+        if self.held() >= MAX_HELD
+            || self
+                .held
+                .get(&name)
+                .is_some_and(|h| h.len() >= MAX_HELD_PER_NAME)
+        {
+            return None;
+        }
+        let client = client.take()?;
+        self.want(&name, now);
+        self.held.entry(name).or_default().push(Held {
+            client,
+            transport,
+            query: msg.clone(),
+            deadline: now + HOLD_TIMEOUT,
+        });
+        Some(Action::Held)
+    }
+
+    /// Records a want for `name` unless it was asked for less than [`WANT_INTERVAL`] ago or
+    /// the rate (or the list waiting to be taken) is full.
+    fn want(&mut self, name: &Label, now: Instant) {
+        let recent = |at: &Instant| now.saturating_duration_since(*at) < WANT_INTERVAL;
+        if self.asked.get(name).is_some_and(recent) {
+            return;
+        }
+        let (start, count) = match self.window {
+            Some((start, count))
+                if now.saturating_duration_since(start) < Duration::from_secs(1) =>
+            {
+                (start, count)
+            }
+            _ => (now, 0),
+        };
+        if count >= WANTS_PER_SEC || self.wants.len() >= WANTS_PER_SEC as usize {
+            self.window = Some((start, count));
+            return;
+        }
+        self.window = Some((start, count + 1));
+        self.asked.retain(|_, at| recent(at));
+        self.asked.insert(name.clone(), now);
+        if !self.wants.contains(name) {
+            self.wants.push(name.clone());
+        }
     }
 
     /// An upstream's reply: the client it belongs to and the bytes to send it, or `None`
@@ -391,14 +574,36 @@ impl<C> Resolver<C> {
         Some((entry.client, out))
     }
 
-    /// When the oldest forwarded query times out, if any is waiting.
+    /// When the oldest forwarded or held query times out, if any is waiting.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.in_flight.values().map(|e| e.deadline).min()
+        let held = self.held.values().flatten().map(|h| h.deadline);
+        self.in_flight
+            .values()
+            .map(|e| e.deadline)
+            .chain(held)
+            .min()
+    }
+
+    /// SERVFAIL for every forwarded query past its deadline, NXDOMAIN for every held one.
+    #[must_use]
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<(C, Vec<u8>)> {
+        let mut out = self.expire_forwarded(now);
+        self.held.retain(|_, queries| {
+            let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(queries)
+                .into_iter()
+                .partition(|h| h.deadline <= now);
+            out.extend(
+                gone.into_iter()
+                    .map(|h| (h.client, nxdomain(&h.query, h.transport))),
+            );
+            *queries = keep;
+            !queries.is_empty()
+        });
+        out
     }
 
     /// SERVFAIL for every forwarded query past its deadline.
-    #[must_use]
-    pub fn handle_timeout(&mut self, now: Instant) -> Vec<(C, Vec<u8>)> {
+    fn expire_forwarded(&mut self, now: Instant) -> Vec<(C, Vec<u8>)> {
         let expired: Vec<u16> = self
             .in_flight
             .iter()
@@ -512,6 +717,55 @@ fn is_label(s: &str) -> bool {
         && !s.starts_with('-')
         && !s.ends_with('-')
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The answer to `msg` (a query of class IN) from `zone`: the addresses of a Ward name (of
+/// the family asked for), NODATA for the apex or another type, NXDOMAIN otherwise.
+fn answer(zone: &Zone, msg: &Message, transport: Transport) -> Vec<u8> {
+    let mut reply = response_to(msg);
+    let Some(query) = msg.queries().first() else {
+        reply.set_response_code(ResponseCode::FormErr);
+        return encode(reply, msg, transport);
+    };
+    match zone.lookup(query.name()) {
+        Lookup::Found(addrs) => {
+            let name = query.name().clone();
+            match query.query_type() {
+                RecordType::A => {
+                    for a in &addrs.v4 {
+                        reply.add_answer(Record::from_rdata(
+                            name.clone(),
+                            TTL_SECS,
+                            RData::A(A(*a)),
+                        ));
+                    }
+                }
+                RecordType::AAAA => {
+                    for a in &addrs.v6 {
+                        reply.add_answer(Record::from_rdata(
+                            name.clone(),
+                            TTL_SECS,
+                            RData::AAAA(AAAA(*a)),
+                        ));
+                    }
+                }
+                // The name exists; it has no records of other types (NODATA).
+                _ => {}
+            }
+        }
+        Lookup::Apex => {}
+        Lookup::NxDomain | Lookup::NotOurs => {
+            reply.set_response_code(ResponseCode::NXDomain);
+        }
+    }
+    encode(reply, msg, transport)
+}
+
+/// NXDOMAIN for `msg`.
+fn nxdomain(msg: &Message, transport: Transport) -> Vec<u8> {
+    let mut reply = response_to(msg);
+    reply.set_response_code(ResponseCode::NXDomain);
+    encode(reply, msg, transport)
 }
 
 fn response_to(q: &Message) -> Message {

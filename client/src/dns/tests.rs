@@ -106,10 +106,15 @@ fn query(id: u16, name: &str, t: RecordType) -> Vec<u8> {
     m.to_vec().unwrap()
 }
 
-/// The action alone; checks the client comes back exactly when the query was not forwarded.
+/// The action alone; checks the client comes back exactly when the query was neither
+/// forwarded nor held.
 fn hq(r: &mut Resolver<u32>, b: &[u8], c: u32, t: Transport, now: Instant, id: u16) -> Action {
     let (a, back) = r.handle_query(b, c, t, now, id);
-    assert_eq!(back.is_none(), matches!(a, Action::Forward { .. }), "{a:?}");
+    assert_eq!(
+        back.is_none(),
+        matches!(a, Action::Forward { .. } | Action::Held),
+        "{a:?}"
+    );
     a
 }
 
@@ -187,7 +192,10 @@ fn a_revoked_reach_removes_the_name_at_the_next_netmap() {
     let mut r = resolver();
     let mut nm = netmap();
     nm.reach.retain(|x| x.device_id != DeviceId(4));
-    r.set_zone(Zone::from_netmap(&nm));
+    assert!(
+        r.set_zone(Zone::from_netmap(&nm)).is_empty(),
+        "nothing held"
+    );
     for name in ["web.ward.internal.", "WEB.ward.internal."] {
         let m = ask(&mut r, name, RecordType::A);
         assert_eq!(m.response_code(), ResponseCode::NXDomain, "{name}");
@@ -449,27 +457,39 @@ proptest! {
     /// Whatever arrives on port 53 or from an upstream, nothing panics and every reply is
     /// itself a readable DNS message no larger than the bound.
     #[test]
-    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), id in any::<u16>()) {
-        let mut r = resolver();
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), id in any::<u16>(), on_demand in any::<bool>()) {
+        let mut r = if on_demand { on_demand_resolver(&[]) } else { resolver() };
         let now = Instant::now();
         match hq(&mut r, &bytes, 0, Transport::Udp, now, id) {
             Action::Reply(b) => prop_assert!(b.len() <= MAX_MESSAGE && b.len() >= 12),
             Action::Forward { bytes: b, .. } => prop_assert_eq!(b.len(), bytes.len()),
+            Action::Held => prop_assert!(on_demand),
             Action::Drop(_) => {}
         }
         let _ = r.handle_upstream(&bytes, UPSTREAM.parse().unwrap());
-        let _ = r.handle_timeout(now + FORWARD_TIMEOUT);
+        // Whatever was held is answered with a readable message.
+        let mut out = r.set_zone(Zone::from_netmap(&on_demand_netmap(&[(2, "db1")])));
+        out.extend(r.handle_timeout(now + FORWARD_TIMEOUT));
+        for (_, b) in out {
+            prop_assert!(Message::from_vec(&b).is_ok());
+        }
+        prop_assert_eq!(r.held(), 0);
     }
 
     /// Random names under the domain and outside it: answered or forwarded, never dropped.
     #[test]
-    fn random_names_are_answered_or_forwarded(label in "[a-zA-Z0-9]([a-zA-Z0-9-]{0,38}[a-zA-Z0-9])?", under in any::<bool>()) {
-        let mut r = resolver();
+    fn random_names_are_answered_or_forwarded(label in "[a-zA-Z0-9]([a-zA-Z0-9-]{0,38}[a-zA-Z0-9])?", under in any::<bool>(), on_demand in any::<bool>()) {
+        let mut r = if on_demand { on_demand_resolver(&[]) } else { resolver() };
         let name = if under { format!("{label}.ward.internal.") } else { format!("{label}.example.") };
         let a = hq(&mut r, &query(1, &name, RecordType::A), 0, Transport::Udp, Instant::now(), 2);
         match a {
             Action::Reply(_) => prop_assert!(under),
             Action::Forward { .. } => prop_assert!(!under),
+            // Held exactly when on demand and not a name the zone has.
+            Action::Held => {
+                prop_assert!(under && on_demand && !label.eq_ignore_ascii_case("me"));
+                prop_assert_eq!(r.take_wants(), vec![Label::parse(&label).unwrap()]);
+            }
             Action::Drop(d) => prop_assert!(false, "dropped: {d}"),
         }
     }
@@ -511,4 +531,340 @@ fn reach_by_reference_gives_the_same_zone_as_the_flat_list() {
     };
     assert_eq!(services(&v3), services(&flat));
     assert_eq!(Zone::from_netmap(&v3), Zone::from_netmap(&flat));
+}
+
+// ---- peers on demand ----------------------------------------------------------------------
+
+/// [`netmap`] on demand, reach by reference: this device may reach `db1` (2) and `db2` (3) as
+/// service `db` and `web` (4) as service `web`, but holds only the peers in `held`.
+fn on_demand_netmap(held: &[(u8, &str)]) -> Netmap {
+    use ward_shared::wire::{ReachGrant, ReachService};
+    let mut nm = netmap();
+    nm.on_demand = true;
+    nm.reach.clear();
+    nm.reach_grants = ["db", "web"]
+        .map(|service| ReachGrant {
+            service: service.into(),
+            proto: Proto::Tcp,
+            ports: vec![],
+            rule: "r".into(),
+            not_after_ms: None,
+        })
+        .to_vec();
+    nm.reach_services = vec![
+        ReachService {
+            service: "db".into(),
+            devices: vec![DeviceId(2), DeviceId(3)],
+        },
+        ReachService {
+            service: "web".into(),
+            devices: vec![DeviceId(4)],
+        },
+    ];
+    nm.peers = held.iter().map(|(n, name)| peer(*n, name)).collect();
+    nm
+}
+
+fn on_demand_resolver(held: &[(u8, &str)]) -> Resolver<u32> {
+    Resolver::new(
+        Zone::from_netmap(&on_demand_netmap(held)),
+        vec![UPSTREAM.parse().unwrap()],
+    )
+}
+
+fn label(s: &str) -> Label {
+    Label::parse(s).unwrap()
+}
+
+fn held_query(r: &mut Resolver<u32>, id: u16, name: &str, t: RecordType, c: u32, now: Instant) {
+    let a = hq(r, &query(id, name, t), c, Transport::Udp, now, 1);
+    assert_eq!(a, Action::Held, "{name}");
+}
+
+fn nxdomain_at_once(r: &mut Resolver<u32>, name: &str, now: Instant) {
+    let Action::Reply(b) = hq(r, &query(3, name, RecordType::A), 9, Transport::Udp, now, 1) else {
+        panic!("{name}: not answered at once");
+    };
+    let m = Message::from_vec(&b).unwrap();
+    assert_eq!(m.response_code(), ResponseCode::NXDomain, "{name}");
+}
+
+/// The replies by client, decoded.
+fn replies(out: Vec<(u32, Vec<u8>)>) -> BTreeMap<u32, Message> {
+    out.into_iter()
+        .map(|(c, b)| (c, Message::from_vec(&b).unwrap()))
+        .collect()
+}
+
+#[test]
+fn on_demand_reach_to_devices_not_held_names_nothing() {
+    let z = Zone::from_netmap(&on_demand_netmap(&[]));
+    assert!(z.on_demand());
+    assert_eq!(z.names().map(|(n, _)| n).collect::<Vec<_>>(), vec!["me"]);
+    let z = Zone::from_netmap(&on_demand_netmap(&[(2, "db1")]));
+    assert_eq!(
+        z.names().map(|(n, _)| n).collect::<Vec<_>>(),
+        vec!["db", "db1", "me"]
+    );
+    assert!(!Zone::from_netmap(&netmap()).on_demand());
+}
+
+#[test]
+fn on_demand_an_unknown_name_is_held_wanted_once_and_answered_when_its_peer_arrives() {
+    let mut r = on_demand_resolver(&[]);
+    let now = Instant::now();
+    // Known names answer at once, without a want.
+    let m = ask(&mut r, "me.ward.internal.", RecordType::A);
+    assert_eq!(addrs(&m), vec![IpAddr::V4(ip4(1))]);
+    assert!(r.take_wants().is_empty());
+
+    held_query(&mut r, 7, "DB1.ward.internal.", RecordType::A, 1, now);
+    assert_eq!(r.take_wants(), vec![label("db1")], "lowercase");
+    held_query(&mut r, 8, "db1.ward.internal.", RecordType::AAAA, 2, now);
+    held_query(&mut r, 9, "db.ward.internal.", RecordType::A, 3, now);
+    assert_eq!(
+        r.take_wants(),
+        vec![label("db")],
+        "db1 was asked for already"
+    );
+    assert_eq!(r.held(), 3);
+    assert_eq!(r.poll_timeout(), Some(now + HOLD_TIMEOUT));
+
+    // A delta that brings another peer answers nothing.
+    assert!(r
+        .set_zone(Zone::from_netmap(&on_demand_netmap(&[(4, "web")])))
+        .is_empty());
+    assert_eq!(r.held(), 3);
+    // The one that brings db1: its queries are answered at once, in the family asked for;
+    // the service `db` now has db1 (the device of it this device holds).
+    let out = replies(r.set_zone(Zone::from_netmap(&on_demand_netmap(&[
+        (2, "db1"),
+        (4, "web"),
+    ]))));
+    assert_eq!(out.len(), 3);
+    assert_eq!(out[&1].id(), 7);
+    assert_eq!(out[&1].response_code(), ResponseCode::NoError);
+    assert_eq!(addrs(&out[&1]), vec![IpAddr::V4(ip4(2))]);
+    assert_eq!(out[&2].id(), 8);
+    assert_eq!(addrs(&out[&2]), vec![IpAddr::V6(ip6(2))]);
+    assert_eq!(addrs(&out[&3]), vec![IpAddr::V4(ip4(2))]);
+    assert_eq!(r.held(), 0);
+    assert_eq!(r.poll_timeout(), None);
+    assert!(r.handle_timeout(now + HOLD_TIMEOUT).is_empty());
+}
+
+#[test]
+fn a_name_is_asked_for_again_only_after_the_want_interval() {
+    let mut r = on_demand_resolver(&[]);
+    let now = Instant::now();
+    held_query(&mut r, 1, "db2.ward.internal.", RecordType::A, 1, now);
+    assert_eq!(r.take_wants(), vec![label("db2")]);
+    let almost = now + WANT_INTERVAL - Duration::from_millis(1);
+    held_query(&mut r, 2, "db2.ward.internal.", RecordType::A, 2, almost);
+    assert!(r.take_wants().is_empty());
+    held_query(
+        &mut r,
+        3,
+        "db2.ward.internal.",
+        RecordType::A,
+        3,
+        now + WANT_INTERVAL,
+    );
+    assert_eq!(r.take_wants(), vec![label("db2")]);
+}
+
+#[test]
+fn a_held_query_gets_nxdomain_after_the_hold_timeout_and_not_before() {
+    let mut r = on_demand_resolver(&[]);
+    let now = Instant::now();
+    held_query(&mut r, 7, "db2.ward.internal.", RecordType::A, 1, now);
+    let later = now + Duration::from_millis(500);
+    held_query(&mut r, 8, "web.ward.internal.", RecordType::AAAA, 2, later);
+    assert_eq!(r.poll_timeout(), Some(now + HOLD_TIMEOUT));
+    assert!(r
+        .handle_timeout(now + HOLD_TIMEOUT - Duration::from_millis(1))
+        .is_empty());
+    let out = replies(r.handle_timeout(now + HOLD_TIMEOUT));
+    assert_eq!(out.keys().copied().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(out[&1].id(), 7);
+    assert_eq!(out[&1].response_code(), ResponseCode::NXDomain);
+    assert_eq!(r.held(), 1);
+    assert_eq!(r.poll_timeout(), Some(later + HOLD_TIMEOUT));
+    let out = replies(r.handle_timeout(later + HOLD_TIMEOUT));
+    assert_eq!(out[&2].response_code(), ResponseCode::NXDomain);
+    assert_eq!(r.held(), 0);
+    assert_eq!(r.poll_timeout(), None);
+}
+
+#[test]
+fn a_refused_name_is_nxdomain_at_once_and_not_wanted_for_a_while() {
+    let mut r = on_demand_resolver(&[]);
+    let now = Instant::now();
+    held_query(&mut r, 7, "admin.ward.internal.", RecordType::A, 1, now);
+    held_query(&mut r, 8, "admin.ward.internal.", RecordType::A, 2, now);
+    held_query(&mut r, 9, "web.ward.internal.", RecordType::A, 3, now);
+    assert_eq!(r.take_wants(), vec![label("admin"), label("web")]);
+    let out = replies(r.handle_refusal(&label("admin"), now));
+    assert_eq!(out.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    assert!(out
+        .values()
+        .all(|m| m.response_code() == ResponseCode::NXDomain));
+    assert_eq!(r.held(), 1, "web still waits");
+
+    let soon = now + REFUSAL_HOLD - Duration::from_millis(1);
+    nxdomain_at_once(&mut r, "admin.ward.internal.", now + WANT_INTERVAL);
+    nxdomain_at_once(&mut r, "ADMIN.ward.internal.", soon);
+    assert!(r.take_wants().is_empty(), "no want while refused");
+    held_query(
+        &mut r,
+        10,
+        "admin.ward.internal.",
+        RecordType::A,
+        4,
+        now + REFUSAL_HOLD,
+    );
+    assert_eq!(r.take_wants(), vec![label("admin")]);
+
+    // A refusal takes back a want not taken yet.
+    held_query(
+        &mut r,
+        11,
+        "db2.ward.internal.",
+        RecordType::A,
+        5,
+        now + REFUSAL_HOLD,
+    );
+    let out = replies(r.handle_refusal(&label("db2"), now + REFUSAL_HOLD));
+    assert_eq!(out.keys().copied().collect::<Vec<_>>(), vec![5]);
+    assert!(r.take_wants().is_empty());
+    // Refusing a name nothing waits for answers nothing and still stands.
+    assert!(r.handle_refusal(&label("nobody"), now).is_empty());
+    nxdomain_at_once(&mut r, "nobody.ward.internal.", now);
+}
+
+#[test]
+fn held_queries_are_bounded_per_name_and_in_all() {
+    let mut r = on_demand_resolver(&[]);
+    let now = Instant::now();
+    for i in 0..MAX_HELD_PER_NAME as u32 {
+        held_query(&mut r, 1, "db2.ward.internal.", RecordType::A, i, now);
+    }
+    nxdomain_at_once(&mut r, "db2.ward.internal.", now);
+    assert_eq!(r.held(), MAX_HELD_PER_NAME);
+    let names = MAX_HELD / MAX_HELD_PER_NAME;
+    for n in 1..names {
+        for i in 0..MAX_HELD_PER_NAME {
+            let name = format!("n{n}.ward.internal.");
+            held_query(&mut r, 1, &name, RecordType::A, (n * 100 + i) as u32, now);
+        }
+    }
+    assert_eq!(r.held(), MAX_HELD);
+    nxdomain_at_once(&mut r, "another.ward.internal.", now);
+    assert_eq!(r.held(), MAX_HELD);
+    // Room again once some are answered.
+    assert_eq!(
+        r.handle_refusal(&label("db2"), now).len(),
+        MAX_HELD_PER_NAME
+    );
+    held_query(&mut r, 1, "another.ward.internal.", RecordType::A, 1, now);
+}
+
+#[test]
+fn names_are_asked_for_at_most_so_many_a_second_in_all() {
+    let mut r = on_demand_resolver(&[]);
+    let now = Instant::now();
+    // Taken as the driver takes them (after each query): the rate, not the list waiting to be
+    // taken, is what stops them.
+    let mut wants = Vec::new();
+    for n in 0..100 {
+        held_query(
+            &mut r,
+            1,
+            &format!("n{n}.ward.internal."),
+            RecordType::A,
+            n,
+            now,
+        );
+        wants.extend(r.take_wants());
+    }
+    assert_eq!(wants.len(), WANTS_PER_SEC as usize);
+    assert_eq!(wants[0], label("n0"));
+    // The next second, a name that got no want is asked for at its next query.
+    let next = now + Duration::from_secs(1);
+    held_query(&mut r, 1, "n99.ward.internal.", RecordType::A, 1, next);
+    assert_eq!(r.take_wants(), vec![label("n99")]);
+}
+
+#[test]
+fn not_on_demand_an_unknown_name_is_nxdomain_at_once_as_before() {
+    let mut r = resolver();
+    let now = Instant::now();
+    nxdomain_at_once(&mut r, "db9.ward.internal.", now);
+    assert!(r.take_wants().is_empty());
+    assert_eq!(r.held(), 0);
+    assert_eq!(r.poll_timeout(), None);
+}
+
+#[test]
+fn on_demand_only_one_label_under_the_domain_is_held_and_other_names_are_forwarded() {
+    let mut r = on_demand_resolver(&[]);
+    let now = Instant::now();
+    nxdomain_at_once(&mut r, "a.b.ward.internal.", now);
+    nxdomain_at_once(&mut r, "x_y.ward.internal.", now);
+    let a = hq(
+        &mut r,
+        &query(5, "example.org.", RecordType::A),
+        4,
+        Transport::Udp,
+        now,
+        77,
+    );
+    assert!(matches!(a, Action::Forward { .. }), "{a:?}");
+    assert_eq!(r.in_flight(), 1);
+    // The apex exists: NODATA at once.
+    let m = ask(&mut r, "ward.internal.", RecordType::A);
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert!(r.take_wants().is_empty());
+    assert_eq!(r.held(), 0);
+}
+
+#[test]
+fn leaving_on_demand_answers_every_held_query() {
+    let mut r = on_demand_resolver(&[]);
+    let now = Instant::now();
+    held_query(&mut r, 7, "db2.ward.internal.", RecordType::A, 1, now);
+    held_query(&mut r, 8, "web.ward.internal.", RecordType::A, 2, now);
+    // A full netmap, not on demand: web is in it, db2 is not (NXDOMAIN now, not in 2 s).
+    let mut nm = netmap();
+    nm.peers.retain(|p| p.device_id != DeviceId(3));
+    nm.reach.retain(|x| x.device_id != DeviceId(3));
+    let out = replies(r.set_zone(Zone::from_netmap(&nm)));
+    assert_eq!(out[&1].response_code(), ResponseCode::NXDomain);
+    assert_eq!(addrs(&out[&2]), vec![IpAddr::V4(ip4(4))]);
+    assert_eq!(r.held(), 0);
+    assert!(r.take_wants().is_empty());
+}
+
+#[test]
+fn held_queries_over_tcp_get_answers_of_any_size() {
+    // A service on many devices: held over TCP, answered whole when they arrive.
+    let mut r = on_demand_resolver(&[]);
+    let now = Instant::now();
+    let a = hq(
+        &mut r,
+        &query(4, "db.ward.internal.", RecordType::AAAA),
+        1,
+        Transport::Tcp,
+        now,
+        1,
+    );
+    assert_eq!(a, Action::Held);
+    let out = replies(r.set_zone(Zone::from_netmap(&on_demand_netmap(&[
+        (2, "db1"),
+        (3, "db2"),
+    ]))));
+    assert_eq!(
+        addrs(&out[&1]),
+        vec![IpAddr::V6(ip6(2)), IpAddr::V6(ip6(3))]
+    );
 }

@@ -420,6 +420,8 @@ impl World {
             }
             Event::SetShadowFilter(rules) => self.devs[i].core.set_shadow_filter(rules),
             Event::SetOnDemand(on) => self.devs[i].core.set_on_demand(on),
+            // No resolvers in the simulation: names are never asked for.
+            Event::RefuseName(_) => {}
             Event::RefusePeer(by) => {
                 let mut out = Outbox::new();
                 self.devs[i].core.refuse(by, now.instant, &mut out);

@@ -89,7 +89,7 @@ pub(super) struct Demand {
 impl Demand {
     /// Holds a copy of `packet` for `dst`; records a want if one is due.
     pub(super) fn hold_packet(&mut self, dst: IpAddr, packet: &[u8], now: Instant) -> Hold {
-        if self.is_refused(PeerRef::Addr(dst), now) {
+        if self.is_refused(&PeerRef::Addr(dst), now) {
             return Hold::Refused;
         }
         let mut dropped = self.expire_dst(dst, now);
@@ -128,7 +128,7 @@ impl Demand {
         now: Instant,
     ) -> Hold {
         let by = PeerRef::Key(WgPublicKey(key));
-        if self.is_refused(by, now) {
+        if self.is_refused(&by, now) {
             return Hold::Refused;
         }
         // The newest initiation replaces an older one (it is the one the peer retransmits).
@@ -155,25 +155,29 @@ impl Demand {
     }
 
     /// Whether the coordinator refused `by` less than [`REFUSAL_HOLD`] ago.
-    pub(super) fn is_refused(&self, by: PeerRef, now: Instant) -> bool {
-        self.refused.get(&by).is_some_and(|until| now < *until)
+    pub(super) fn is_refused(&self, by: &PeerRef, now: Instant) -> bool {
+        self.refused.get(by).is_some_and(|until| now < *until)
     }
 
     /// The coordinator refused `by`: remembered for [`REFUSAL_HOLD`]; returns the TUN packets
     /// held for it (for the ICMP replies) and how many held datagrams were dropped besides.
+    /// A refusal by name is the resolver's business, not the engine's: ignored here.
     pub(super) fn refuse(&mut self, by: PeerRef, now: Instant) -> (Vec<Vec<u8>>, u64) {
+        if matches!(by, PeerRef::Name(_)) {
+            return (Vec::new(), 0);
+        }
         self.refused.retain(|_, until| now < *until);
         if !self.refused.contains_key(&by) && self.refused.len() >= MAX_REFUSALS {
             let first = self
                 .refused
                 .iter()
                 .min_by_key(|(_, until)| **until)
-                .map(|(r, _)| *r);
+                .map(|(r, _)| r.clone());
             if let Some(r) = first {
                 self.refused.remove(&r);
             }
         }
-        self.refused.insert(by, now + REFUSAL_HOLD);
+        self.refused.insert(by.clone(), now + REFUSAL_HOLD);
         self.wants.retain(|w| *w != by);
         match by {
             PeerRef::Addr(a) => {
@@ -185,6 +189,8 @@ impl Demand {
                 (packets, 0)
             }
             PeerRef::Key(k) => (Vec::new(), u64::from(self.keys.remove(&k.0).is_some())),
+            // Returned above: the engine never holds anything by name.
+            PeerRef::Name(_) => (Vec::new(), 0),
         }
     }
 
@@ -362,15 +368,31 @@ mod tests {
         assert_eq!(d.refused.len(), MAX_REFUSALS);
         let now = t0 + Duration::from_secs(1);
         assert!(
-            !d.is_refused(PeerRef::Addr(dst(0)), now),
+            !d.is_refused(&PeerRef::Addr(dst(0)), now),
             "the first made room"
         );
-        assert!(d.is_refused(PeerRef::Addr(dst(1)), now));
+        assert!(d.is_refused(&PeerRef::Addr(dst(1)), now));
         assert_eq!(d.hold_packet(dst(1), b"p", now), Hold::Refused);
         let later = t0 + REFUSAL_HOLD + Duration::from_secs(1);
         assert!(matches!(
             d.hold_packet(dst(1), b"p", later),
             Hold::Held { wanted: true, .. }
         ));
+    }
+
+    #[test]
+    fn a_refusal_by_name_is_not_the_engines_business() {
+        let t0 = Instant::now();
+        let mut d = Demand::default();
+        let _ = d.hold_packet(dst(1), b"p", t0);
+        let by = PeerRef::Name(ward_shared::wire::Label::parse("db").unwrap());
+        assert_eq!(d.refuse(by.clone(), t0), (Vec::new(), 0));
+        assert!(!d.is_refused(&by, t0));
+        assert!(d.refused.is_empty());
+        assert_eq!(
+            d.take_wants(),
+            vec![PeerRef::Addr(dst(1))],
+            "wants untouched"
+        );
     }
 }

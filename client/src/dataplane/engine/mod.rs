@@ -421,7 +421,7 @@ impl Core {
     /// packets (rate-limited), and for [`REFUSAL_HOLD`] packets to that address get the ICMP
     /// at once and no new want.
     pub fn refuse(&self, by: PeerRef, now: Instant, out: &mut Outbox) {
-        let (packets, dropped) = lock(&self.demand).refuse(by, now);
+        let (packets, dropped) = lock(&self.demand).refuse(by.clone(), now);
         let mut local = LocalCounters {
             held_dropped: dropped + packets.len() as u64,
             ..LocalCounters::default()

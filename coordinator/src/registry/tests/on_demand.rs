@@ -449,3 +449,21 @@ fn a_name_holds_the_service_s_devices_or_the_device_of_that_name() {
     let out = drain(&mut r);
     assert_eq!(refusals(&out, 10).len(), 2);
 }
+
+#[test]
+fn at_bound_zero_a_device_without_peers_yet_is_on_demand_too() {
+    let mut r = reg(&[1]);
+    r.set_peers_on_demand_above(0);
+    open_sessions(&mut r, &[1]);
+    let nm = netmap(&drain(&mut r), 10);
+    assert!(nm.on_demand && nm.peers.is_empty());
+    // A device joins: nobody asked for it, nobody is sent it.
+    r.handle_device_upserted(dev(2));
+    open_sessions(&mut r, &[2]);
+    let out = drain(&mut r);
+    assert!(
+        deltas(&out, 10).iter().all(|d| d.upsert.is_empty()),
+        "{out:?}"
+    );
+    assert!(netmap(&out, 20).on_demand);
+}
