@@ -46,7 +46,7 @@ use ward_shared::posture::{Measured, PostureReport};
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{
     self, Bytes, CoordinatorMsg, DeviceId, DeviceMsg, DeviceUpdate, EnrollRequest, Enrolled,
-    Netmap, TokenSecret, PROTOCOL_VERSION,
+    Netmap, PeerRef, TokenSecret, PROTOCOL_VERSION,
 };
 
 #[derive(Parser, Debug, Clone)]
@@ -128,6 +128,12 @@ struct Opts {
     /// one entry per destination device; 3, the default: reach by reference).
     #[arg(long, env = "WARD_LOAD_PROTOCOL", default_value_t = PROTOCOL_VERSION)]
     protocol: u32,
+    /// Sessions on demand (protocol 4, a device with more peers than the coordinator's
+    /// `--peers-on-demand-above`, 256 by default) each ask for this many peers once their
+    /// first netmap is in: the last two devices (those the revocation phase targets first)
+    /// and the rest at random, as a device would by sending to them. 0: none.
+    #[arg(long, env = "WARD_LOAD_WANTS", default_value_t = 0)]
+    wants: usize,
     /// Rules in the dense policy.
     #[arg(long, env = "WARD_LOAD_RULES", default_value_t = 50)]
     rules: usize,
@@ -347,6 +353,10 @@ async fn run(
         .iter()
         .map(|(_, e, _)| (e.device_id, e.hostname.to_string()))
         .collect();
+    let all_addrs: Vec<IpAddr> = enrolled
+        .iter()
+        .map(|(_, e, _)| IpAddr::V4(e.ipv4))
+        .collect();
     let mut devs = enrolled.into_iter().enumerate();
     let timeout = Duration::from_secs(opts.phase_timeout);
     let mut opener = Opener::new(opts.open_window, opts.open_window_max, opts.open_rate, 0);
@@ -361,7 +371,9 @@ async fn run(
             let Some((slot, (i, e, key_pem))) = devs.next() else {
                 break;
             };
+            let wants = wants_of(&all_addrs, slot, opts.wants);
             let dev = Dev {
+                wants,
                 slot,
                 endpoint: endpoints[i / opts.per_endpoint].clone(),
                 addr: addrs[i % addrs.len()],
@@ -503,6 +515,34 @@ async fn run(
         (shared.sum(|r| r.netmap_bytes) - nm0) as f64 / live.max(1) as f64,
         coord.cpu_s() - cpu0,
     );
+
+    // Peers on demand: from a session's wants to the last wanted peer in its netmap.
+    if opts.wants > 0 {
+        let asked = shared.count(|r| r.wants_at.is_some());
+        let lat: Vec<Duration> = shared.collect(|r| {
+            r.wants_done_at
+                .zip(r.wants_at)
+                .map(|(d, a)| d.saturating_duration_since(a))
+        });
+        let (p50, p99, max) = pct(&lat);
+        eprintln!(
+            "load: wants: {asked} sessions asked for {} peers each; {} got them all, p50 {p50:.0} ms p99 {p99:.0} ms max {max:.0} ms",
+            opts.wants,
+            lat.len()
+        );
+        rep.set(
+            "wants",
+            serde_json::json!({"per_session": opts.wants, "sessions_asked": asked,
+                "sessions_served": lat.len(), "p50_ms": p50, "p99_ms": p99, "max_ms": max}),
+        );
+        rep.row(
+            "peers on demand: wants → every wanted peer held",
+            format!(
+                "{} of {asked} sessions, p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms",
+                lat.len()
+            ),
+        );
+    }
 
     // Revocations and quarantines: each target's own session, and its peers' deltas. The
     // targets are the last devices whose sessions are up (a device that never came up would
@@ -934,6 +974,8 @@ async fn background(
                         enrolled += 1;
                         let line = format!("enrolled {} {took} {host} {}\n", ward_runtime::now_ms(), e.device_id.0);
                         let dev = Dev {
+                            // The background load against replicas asks for no peers.
+                            wants: Vec::new(),
                             slot,
                             endpoint: ep.clone(),
                             addr: target,
@@ -1126,6 +1168,10 @@ struct Rec {
     enforced_at: Option<Instant>,
     /// The last lease the session was sent: (serial, key).
     lease: Option<(u64, [u8; 32])>,
+    /// When this session on demand asked for its peers, how many, and when the last arrived.
+    wants_at: Option<Instant>,
+    wants_asked: usize,
+    wants_done_at: Option<Instant>,
     /// When the session was last sent the lease it held (the same serial), or a new lease on
     /// the key it held (another serial).
     lease_kept_at: Option<Instant>,
@@ -1214,6 +1260,8 @@ impl Shared {
 }
 
 struct Dev {
+    /// The peers this session asks for once it is on demand.
+    wants: Vec<IpAddr>,
     slot: usize,
     endpoint: quinn::Endpoint,
     addr: SocketAddr,
@@ -1389,6 +1437,31 @@ impl Dev {
                         CoordinatorMsg::Netmap(_) | CoordinatorMsg::NetmapDelta(_)
                     );
                     agent.handle_coordinator_msg(m, now());
+                    let on_demand = agent.netmap().is_some_and(|n| n.on_demand);
+                    if on_demand && !self.wants.is_empty() && lock().wants_at.is_none() {
+                        let by: Vec<PeerRef> =
+                            self.wants.iter().map(|a| PeerRef::Addr(*a)).collect();
+                        let mut r = lock();
+                        r.wants_at = Some(Instant::now());
+                        r.wants_asked = by.len();
+                        drop(r);
+                        agent.handle_dataplane_event(DataPlaneEvent::PeersWanted(by), now());
+                    }
+                    if netmap_msg && on_demand {
+                        let held = agent.netmap().map_or(0, |n| {
+                            n.peers
+                                .iter()
+                                .filter(|p| self.wants.contains(&IpAddr::V4(p.ipv4)))
+                                .count()
+                        });
+                        let mut r = lock();
+                        if r.wants_at.is_some()
+                            && r.wants_done_at.is_none()
+                            && held >= r.wants_asked
+                        {
+                            r.wants_done_at = Some(at);
+                        }
+                    }
                     let v = agent.netmap().and_then(|n| n.policy_version);
                     let mut r = lock();
                     if netmap_msg {
@@ -1933,6 +2006,30 @@ struct Narrowed {
     /// stopped letting it in (the device gone from its peers, or its addresses from the filter).
     enforced: Vec<Duration>,
     admitted: usize,
+}
+
+/// The peers session `slot` asks for on demand: the last two devices, then others at random
+/// (seeded by the slot), never itself; at most `k`.
+fn wants_of(all: &[IpAddr], slot: usize, k: usize) -> Vec<IpAddr> {
+    let n = all.len();
+    let mut out: Vec<IpAddr> = Vec::new();
+    let mut x = (slot as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut tries = 0;
+    for i in (0..n).rev().take(2).chain(std::iter::from_fn(|| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        Some((x % n.max(1) as u64) as usize)
+    })) {
+        tries += 1;
+        if out.len() >= k || tries > 4 * k + 4 {
+            break;
+        }
+        if i != slot && !out.contains(&all[i]) {
+            out.push(all[i]);
+        }
+    }
+    out
 }
 
 fn pct(v: &[Duration]) -> (f64, f64, f64) {

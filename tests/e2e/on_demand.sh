@@ -11,7 +11,8 @@
 # - bob holds db after reaching its SSH port; revoking bob takes him off db within 2 s;
 # - with the coordinator dead, alice still reaches db (held) and carol, who never asked for db,
 #   cannot (new peers fail closed); after a restart alice holds db again before sending
-#   anything (the held peers her hello named) and carol reaches db.
+#   anything (the held peers her hello named), and carol's resolver, asked for db by name,
+#   asks the coordinator for it and answers with db's address; then carol reaches db.
 # Needs root; prints `N passed, N failed`.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
@@ -24,7 +25,10 @@ lab_init
 lab_add_wan_host db
 for h in alice bob carol; do lab_add_natted_host "$h"; done
 LAB_COORD_SERVE_ARGS="$SERVE_ARGS" lab_start_coordinator
-for h in db alice bob carol; do lab_start_device "$h"; done
+for h in db alice bob; do lab_start_device "$h"; done
+# carol's resolver manages a lab file, never a real resolv.conf; it is queried directly.
+printf 'nameserver 127.0.0.1\n' >"$LAB_DIR/carol-resolv.conf"
+LAB_WARD_DNS_ARGS="--dns resolv.conf --resolv-conf $LAB_DIR/carol-resolv.conf" lab_start_device carol
 lab_coord user add alice >/dev/null 2>&1
 lab_coord user add bob >/dev/null 2>&1
 lab_coord user add carol >/dev/null 2>&1
@@ -66,6 +70,27 @@ print(int((time.monotonic() - t) * 1000))
 ' "$2" "$3"
 }
 cmetric() { lab_metric wan "$CM" "$1"; }
+# resolve HOST SERVER NAME: an A query to SERVER:53 from HOST; prints "MS ADDR" (the answer's
+# first address, or the rcode as NXDOMAIN/SERVFAIL) and how long it took.
+resolve() {
+    lab_exec "$1" python3 -c '
+import socket, struct, sys, time
+server, name = sys.argv[1], sys.argv[2]
+q = struct.pack(">HHHHHH", 0x5eed, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(4)
+t = time.monotonic()
+s.sendto(q, (server, 53))
+r = s.recv(4096)
+ms = int((time.monotonic() - t) * 1000)
+rcode, an = r[3] & 15, struct.unpack(">H", r[6:8])[0]
+if rcode or not an:
+    print(ms, {0: "NOANSWER", 2: "SERVFAIL", 3: "NXDOMAIN"}.get(rcode, rcode))
+else:
+    print(ms, socket.inet_ntoa(r[-4:]))
+' "$2" "$3"
+}
 for port in 5432 22 9000; do listen db $port; done
 lab_wait_for -t 10 on_demand alice
 
@@ -116,12 +141,28 @@ done
 sleep 1
 check "alice -> db:5432 still works (held)" tcp_ok alice "$DB4" 5432
 check "carol -> db:5432 fails (never held, nobody to ask)" fails tcp_ok carol "$DB4" 5432
+RESTART=$SECONDS
 # shellcheck disable=SC2086 # SERVE_ARGS is a list of flags
 lab_spawn wan coordinator2.log "$(lab_ward_bin ward-coordinator)" serve --data-dir "$LAB_DIR/coordinator" $SERVE_ARGS
 lab_wait_for -t 10 lab_coord status
 connected() { [[ $(lab_ward_json_get "$1" 's["state"]') == connected ]]; }
 lab_wait_for -t 15 connected alice
 check "after the restart alice holds db before sending anything (hello named it)" test "$(peers_of alice)" = "db "
+# A session opened since the restart (an idle device notices the old one is gone only when
+# it next sends: the first thing sent on it is lost, and asked for again a second later).
+reconnected() { (( $(lab_ward_json_get "$1" 's.get("connected_secs") or 10**6') <= SECONDS - RESTART )); }
+lab_ward carol status >/dev/null 2>&1
+lab_wait_for -t 20 reconnected carol
+CAROL4=$(lab_ward_ipv4 carol)
+DOMAIN=$(lab_ward_json_get carol 's["dns"]["domain"]' 2>/dev/null)
+DOMAIN=${DOMAIN:-ward.internal}
+check "carol holds no peers before asking" test -z "$(peers_of carol | tr -d ' ')"
+read -r MS ANSWER <<<"$(resolve carol "$CAROL4" "db.$DOMAIN")"
+echo "  carol's resolver answered db.$DOMAIN with ${ANSWER:-nothing} in ${MS:-?} ms (db asked for by name)"
+check "db.$DOMAIN resolves on demand to db's address ($ANSWER)" test "${ANSWER:-}" = "$DB4"
+check "within 1 s (${MS:-none} ms)" test "${MS:-9999}" -lt 1000
+read -r _ ANSWER <<<"$(resolve carol "$CAROL4" "bob.$DOMAIN")"
+check "a name carol may not reach is NXDOMAIN ($ANSWER)" test "${ANSWER:-}" = NXDOMAIN
 check "carol -> db:5432 works once the coordinator is back" lab_wait_for -t 10 -i 0.5 tcp_ok carol "$DB4" 5432
 check "carol holds db only" test "$(peers_of carol)" = "db "
 check "audit verify" lab_coord audit verify

@@ -358,6 +358,9 @@ pub struct Agent {
     applied_peers: Option<PeerMap>,
     /// Whether the data plane was last put in on-demand mode.
     applied_on_demand: bool,
+    /// Peers wanted while the session's first netmap was not in yet: asked for once it is
+    /// (if it is on demand), at most [`MAX_WANTS_PER_REPORT`].
+    early_wants: Vec<PeerRef>,
     applied_filter: Option<(Vec<FilterRule>, Vec<PeerSet>)>,
     /// The candidate rules last handed to the data plane (outer `None`: none handed yet).
     applied_shadow: Option<Option<Vec<FilterRule>>>,
@@ -416,6 +419,7 @@ impl Agent {
             applied_relays: Vec::new(),
             applied_peers: None,
             applied_on_demand: false,
+            early_wants: Vec::new(),
             applied_filter: None,
             applied_shadow: None,
             applied_routes: None,
@@ -569,6 +573,10 @@ impl Agent {
                 self.leases.invalidate();
                 self.apply_peers(now);
                 self.apply_on_demand();
+                let early = std::mem::take(&mut self.early_wants);
+                if !early.is_empty() {
+                    self.request_peers(early);
+                }
                 self.set_relays(now);
                 if first {
                     let coord = self.coordinator_ms(now.unix_ms);
@@ -1215,7 +1223,17 @@ impl Agent {
     /// out of the data plane; asking again would bring the same entry; a name is held when a
     /// held peer has it as its hostname).
     fn request_peers(&mut self, wants: Vec<PeerRef>) {
-        if !matches!(self.link, Link::Session { .. }) || self.connected_since.is_none() {
+        if !matches!(self.link, Link::Session { .. }) {
+            return;
+        }
+        if self.connected_since.is_none() {
+            // A session whose first netmap is not in yet (a reconnect): kept for it.
+            for by in wants {
+                if self.early_wants.len() < MAX_WANTS_PER_REPORT && !self.early_wants.contains(&by)
+                {
+                    self.early_wants.push(by);
+                }
+            }
             return;
         }
         let Some(nm) = self.netmap.as_ref().filter(|nm| nm.on_demand) else {
@@ -1433,6 +1451,7 @@ impl Agent {
     }
 
     fn end_session(&mut self, error: String, ending: Ending, now: Now) {
+        self.early_wants.clear();
         let revoked = ending == Ending::Revoked;
         self.connected_since = None;
         self.last_error = Some(error);

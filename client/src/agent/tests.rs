@@ -1902,12 +1902,17 @@ fn on_demand_the_data_plane_wants_become_want_peer_messages() {
         .handle_dataplane_event(DataPlaneEvent::PeersWanted(vec![addr(9)]), now);
     h.drain();
     assert!(want_peers(&h.take_sent()).is_empty());
-    // A new session before its first netmap: nothing yet either.
+    // A new session before its first netmap: nothing yet, then asked for once it is in.
     h.agent.handle_connected(DeviceUpdate::default(), now);
     h.agent
         .handle_dataplane_event(DataPlaneEvent::PeersWanted(vec![addr(9)]), now);
     h.drain();
     assert!(want_peers(&h.take_sent()).is_empty());
+    let mut nm = netmap(2, vec![]);
+    nm.on_demand = true;
+    h.msg(CoordinatorMsg::Netmap(nm));
+    h.drain();
+    assert_eq!(want_peers(&h.take_sent()), vec![addr(9)]);
 }
 
 #[test]
@@ -2069,6 +2074,10 @@ fn without_a_session_or_on_demand_names_are_not_asked_for() {
     h.agent.handle_names_wanted(vec![name("db")]);
     h.drain();
     assert!(want_peers(&h.take_sent()).is_empty(), "no netmap yet");
+    // The first netmap is not on demand: what was kept is dropped, not sent.
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![])));
+    h.drain();
+    assert!(want_peers(&h.take_sent()).is_empty(), "not on demand");
 }
 
 #[test]

@@ -323,6 +323,11 @@ async fn serve(
                 for (c, b) in r.handle_timeout(Instant::now()) {
                     reply(&udp4, &udp6, c, b).await;
                 }
+                // Names still held are asked for again.
+                let wants = r.take_wants();
+                if !wants.is_empty() {
+                    names.want(wants);
+                }
                 continue;
             }
         };

@@ -574,19 +574,43 @@ impl<C> Resolver<C> {
         Some((entry.client, out))
     }
 
-    /// When the oldest forwarded or held query times out, if any is waiting.
+    /// When the oldest forwarded or held query times out, or a held name is due to be asked
+    /// for again, if any is waiting.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let held = self.held.values().flatten().map(|h| h.deadline);
+        let again = self
+            .held
+            .keys()
+            .filter_map(|n| self.asked.get(n).map(|at| *at + WANT_INTERVAL));
         self.in_flight
             .values()
             .map(|e| e.deadline)
             .chain(held)
+            .chain(again)
             .min()
     }
 
-    /// SERVFAIL for every forwarded query past its deadline, NXDOMAIN for every held one.
+    /// SERVFAIL for every forwarded query past its deadline, NXDOMAIN for every held one; a
+    /// name still held a [`WANT_INTERVAL`] after it was asked for is asked for again (the
+    /// first want may have been dropped: sent before the session's first netmap, or over the
+    /// coordinator's budget).
     #[must_use]
     pub fn handle_timeout(&mut self, now: Instant) -> Vec<(C, Vec<u8>)> {
+        let due: Vec<Label> = self
+            .held
+            .keys()
+            .filter(|n| {
+                self.asked
+                    .get(*n)
+                    .is_none_or(|at| now.saturating_duration_since(*at) >= WANT_INTERVAL)
+            })
+            .cloned()
+            .collect();
+        for name in &due {
+            self.want(name, now);
+            // Asked or not (the rate full), the next try is a WANT_INTERVAL from now.
+            self.asked.insert(name.clone(), now);
+        }
         let mut out = self.expire_forwarded(now);
         self.held.retain(|_, queries| {
             let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(queries)

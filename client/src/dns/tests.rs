@@ -628,7 +628,8 @@ fn on_demand_an_unknown_name_is_held_wanted_once_and_answered_when_its_peer_arri
         "db1 was asked for already"
     );
     assert_eq!(r.held(), 3);
-    assert_eq!(r.poll_timeout(), Some(now + HOLD_TIMEOUT));
+    // The next thing due: asking again for a name still held a want interval on.
+    assert_eq!(r.poll_timeout(), Some(now + WANT_INTERVAL));
 
     // A delta that brings another peer answers nothing.
     assert!(r
@@ -680,7 +681,8 @@ fn a_held_query_gets_nxdomain_after_the_hold_timeout_and_not_before() {
     held_query(&mut r, 7, "db2.ward.internal.", RecordType::A, 1, now);
     let later = now + Duration::from_millis(500);
     held_query(&mut r, 8, "web.ward.internal.", RecordType::AAAA, 2, later);
-    assert_eq!(r.poll_timeout(), Some(now + HOLD_TIMEOUT));
+    // First due: asking for db2 again (still held a want interval on).
+    assert_eq!(r.poll_timeout(), Some(now + WANT_INTERVAL));
     assert!(r
         .handle_timeout(now + HOLD_TIMEOUT - Duration::from_millis(1))
         .is_empty());
@@ -867,4 +869,26 @@ fn held_queries_over_tcp_get_answers_of_any_size() {
         addrs(&out[&1]),
         vec![IpAddr::V6(ip6(2)), IpAddr::V6(ip6(3))]
     );
+}
+
+#[test]
+fn a_name_still_held_is_asked_for_again_each_want_interval() {
+    let mut r = on_demand_resolver(&[]);
+    let now = Instant::now();
+    held_query(&mut r, 1, "db2.ward.internal.", RecordType::A, 1, now);
+    assert_eq!(r.take_wants(), vec![label("db2")]);
+    // The first want was lost (sent before the session's first netmap, say): a want interval
+    // on, the resolver asks again by itself, without a new query.
+    assert_eq!(r.poll_timeout(), Some(now + WANT_INTERVAL));
+    assert!(r
+        .handle_timeout(now + WANT_INTERVAL - Duration::from_millis(1))
+        .is_empty());
+    assert!(r.take_wants().is_empty());
+    assert!(r.handle_timeout(now + WANT_INTERVAL).is_empty());
+    assert_eq!(r.take_wants(), vec![label("db2")]);
+    assert_eq!(r.poll_timeout(), Some(now + HOLD_TIMEOUT));
+    // Answered: nothing held, nothing more to ask.
+    let out = r.set_zone(Zone::from_netmap(&on_demand_netmap(&[(3, "db2")])));
+    assert_eq!(out.len(), 1);
+    assert_eq!(r.poll_timeout(), None);
 }
