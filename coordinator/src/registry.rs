@@ -3235,6 +3235,11 @@ impl Registry {
             return;
         }
         let holds = |r: &FilterRule| r.sources.iter().any(|a| gone.contains(&a.to_canonical()));
+        // Sessions share their sets' allocations: each set is narrowed once for all of them
+        // (by allocation; `None`: it holds none of the addresses), and the narrowed set is
+        // interned, so the sessions keep sharing it and their diffs are worked out once.
+        let mut narrowed: std::collections::HashMap<usize, Option<Arc<Vec<Prefix>>>> =
+            std::collections::HashMap::new();
         for (id, s) in &mut self.sessions {
             if ids.contains(id) {
                 continue;
@@ -3244,9 +3249,17 @@ impl Registry {
             };
             let mut sets: Option<peerset::SetBook> = None;
             for (set, prefixes) in &sent.filter.sets {
-                if gone.iter().any(|a| peerset::contains(prefixes, *a)) {
+                let aggregated = &mut self.aggregated;
+                let without = narrowed
+                    .entry(Arc::as_ptr(prefixes) as usize)
+                    .or_insert_with(|| {
+                        gone.iter()
+                            .any(|a| peerset::contains(prefixes, *a))
+                            .then(|| aggregated.intern(peerset::without(prefixes, &gone)))
+                    });
+                if let Some(w) = without {
                     sets.get_or_insert_with(|| sent.filter.sets.clone())
-                        .insert(*set, Arc::new(peerset::without(prefixes, &gone)));
+                        .insert(*set, Arc::clone(w));
                 }
             }
             // Literal sources: a version-1 device's flat rules.

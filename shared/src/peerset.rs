@@ -168,8 +168,7 @@ pub fn contains(prefixes: &[Prefix], ip: IpAddr) -> bool {
     prefixes.iter().any(|p| p.contains(ip))
 }
 
-/// The sets a device holds, by id.
-/// Each set's prefixes, shared: every session whose filter names a population holds the one
+/// The sets a device holds, by id, each set's prefixes shared: every session whose filter names a population holds the one
 /// aggregation of it (at 10 000 devices a dense policy's populations are thousands of
 /// prefixes each, too many to copy per session).
 pub type SetBook = BTreeMap<u32, Arc<Vec<Prefix>>>;
@@ -232,18 +231,23 @@ impl Aggregated {
         self.interned.retain(|a, _| Arc::strong_count(a) > 1);
     }
 
-    fn of(&mut self, s: &Sources) -> Arc<Vec<Prefix>> {
-        if let Some((_, p)) = self.by_list.get(&s.id()) {
-            return Arc::clone(p);
-        }
-        let fresh = Arc::new(aggregate(s.iter().copied()));
-        let p = match self.interned.get_key_value(&fresh) {
+    /// `prefixes` as one shared allocation: the one already kept for equal contents, if any.
+    pub fn intern(&mut self, prefixes: Vec<Prefix>) -> Arc<Vec<Prefix>> {
+        let fresh = Arc::new(prefixes);
+        match self.interned.get_key_value(&fresh) {
             Some((kept, _)) => Arc::clone(kept),
             None => {
                 self.interned.insert(Arc::clone(&fresh), ());
                 fresh
             }
-        };
+        }
+    }
+
+    fn of(&mut self, s: &Sources) -> Arc<Vec<Prefix>> {
+        if let Some((_, p)) = self.by_list.get(&s.id()) {
+            return Arc::clone(p);
+        }
+        let p = self.intern(aggregate(s.iter().copied()));
         self.by_list.insert(s.id(), (s.clone(), Arc::clone(&p)));
         p
     }

@@ -53,10 +53,6 @@ pub fn render(view: &StatusView, dp: Option<&DataPlaneSnapshot>) -> String {
         held_replayed,
         peer_wants,
     } = dp.counters;
-    // Peers on demand: the drops are a reason below; what was held, replayed and wanted is
-    // in `ward status --json` until docs/metrics.md documents a family for them (the
-    // metrics test refuses an undocumented family).
-    let _ = (held_for_peer, held_replayed, peer_wants);
     let PathMtuCounters {
         dropped_too_big,
         icmp_too_big_sent,
@@ -122,6 +118,18 @@ pub fn render(view: &StatusView, dp: Option<&DataPlaneSnapshot>) -> String {
             ("relay_queue_full", f(relay_dropped_queue_full)),
             ("relay_unknown", f(relay_dropped_unknown)),
             ("held_for_peer", f(held_dropped)),
+        ],
+    );
+    e.labelled(
+        "ward_device_peers_on_demand_total",
+        Kind::Counter,
+        "Peers on demand: packets and initiations held while their peer was asked for, those \
+         sent once it arrived, and the peers asked for.",
+        "event",
+        &[
+            ("held", f(held_for_peer)),
+            ("replayed", f(held_replayed)),
+            ("wanted", f(peer_wants)),
         ],
     );
     e.counter(
