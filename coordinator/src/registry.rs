@@ -2088,15 +2088,7 @@ impl Registry {
         }
         me.wants_in_window += 1;
         // Judge against the compile that reflects every change so far.
-        if self.dirty {
-            self.dirty = false;
-            self.departed = false;
-            self.quarantined_now.clear();
-            self.recompute();
-        } else if !self.touched.is_empty() {
-            self.recompute_touched();
-        }
-        self.finish_pending();
+        self.up_to_date_now();
         let access = self.compiled.devices.get(&from);
         let allowed = |t: &DeviceId| *t != from && access.is_some_and(|a| a.peers.contains(t));
         let targets: Vec<DeviceId> = match by {
@@ -2216,6 +2208,21 @@ impl Registry {
         }
     }
 
+    /// Brings the compile and every session's netmap up to date now (for a decision that must
+    /// see every change so far: a punch, a want). The narrowing passes are skipped: the
+    /// recompute that follows gives every session the exact result at once.
+    fn up_to_date_now(&mut self) {
+        if self.dirty {
+            self.dirty = false;
+            self.departed = false;
+            self.quarantined_now.clear();
+            self.recompute();
+        } else if !self.touched.is_empty() {
+            self.recompute_touched();
+        }
+        self.finish_pending();
+    }
+
     /// Punch requests forwarded and dropped so far.
     pub fn punch_counters(&self) -> PunchCounters {
         self.punch_counters
@@ -2229,15 +2236,7 @@ impl Registry {
         now_ms: i64,
     ) -> Result<(), PunchRefused> {
         // Judge against netmaps that reflect every change so far.
-        if self.dirty {
-            self.dirty = false;
-            self.departed = false;
-            self.quarantined_now.clear();
-            self.recompute();
-        } else if !self.touched.is_empty() {
-            self.recompute_touched();
-        }
-        self.finish_pending();
+        self.up_to_date_now();
         let in_netmap = |s: &Session, who: DeviceId| {
             s.sent
                 .as_ref()
