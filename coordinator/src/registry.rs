@@ -423,7 +423,7 @@ pub enum WantRefused {
     NotOnDemand,
     #[error("the requester sent too many want_peer messages")]
     Limited,
-    #[error("no device the requester may talk with has that address or key")]
+    #[error("no device the requester may talk with has that address, key or name")]
     NotAllowed,
 }
 
