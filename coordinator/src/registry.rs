@@ -2864,6 +2864,7 @@ impl Registry {
     /// [`Registry::netmap_for`] with the session's peer mode taken out of it.
     fn netmap_for_mode(&mut self, id: DeviceId, mode: &PeerMode) {
         let held = mode.held();
+        let compile_pending = self.dirty;
         let compiled = Arc::clone(&self.compiled);
         let relays = &self.relays;
         let policy_version = self.policy_version;
@@ -2915,10 +2916,11 @@ impl Registry {
             let by_ref = session.protocol >= 3;
             // The filter as this device's protocol carries it: peer sets (ids kept from what
             // it holds) from version 2, flat rules before. Only a new compile can change it.
-            let same_compile = session
-                .sent
-                .as_ref()
-                .is_some_and(|s| Arc::ptr_eq(&s.compiled, &compiled) && !s.narrowed);
+            // A narrowed filter is kept while the compile that follows its narrowing is still
+            // pending (the compile it came from still lets the quarantined devices in).
+            let same_compile = session.sent.as_ref().is_some_and(|s| {
+                Arc::ptr_eq(&s.compiled, &compiled) && (!s.narrowed || compile_pending)
+            });
             let filter = if same_compile {
                 None
             } else if session.protocol >= 2 {
@@ -5427,6 +5429,85 @@ to = ["all", "patch"]
         let fresh = &held[&10];
         let expand = |nm: &Netmap| peerset::expand(&nm.inbound, &nm.peer_sets, 1 << 16);
         assert_eq!(expand(&kept), expand(fresh));
+    }
+
+    /// A quarantine and a departure in one batch: the pass that takes the departed device out
+    /// of every session runs between the quarantine's narrowing and the compile, and must not
+    /// give the quarantined device back its access from the compile made before it.
+    #[test]
+    fn a_departure_after_a_quarantine_does_not_widen_before_the_compile() {
+        let p = policy::parse(
+            br#"
+[groups]
+eng = ["alice"]
+[services.all]
+devices = ["group:eng"]
+ports = ["tcp/*"]
+[[rules]]
+from = ["group:eng"]
+to = ["all"]
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        let mut r = reg(&[1, 2, 3, 4]);
+        r.handle_policy(p);
+        open_sessions(&mut r, &[1, 2, 3, 4]);
+        let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
+        let mut apply = |held: &mut BTreeMap<ConnId, Netmap>, o: &Output| match o {
+            Output::Send {
+                conn,
+                msg: CoordinatorMsg::Netmap(nm),
+            } => {
+                held.insert(*conn, nm.clone());
+            }
+            Output::Send {
+                conn,
+                msg: CoordinatorMsg::NetmapDelta(d),
+            } => {
+                held.get_mut(conn)
+                    .expect("a netmap first")
+                    .apply(d)
+                    .expect("applies");
+            }
+            _ => {}
+        };
+        for o in drain(&mut r) {
+            apply(&mut held, &o);
+        }
+        let q: IpAddr = "100.64.0.2".parse().unwrap();
+        let lets_in = |held: &BTreeMap<ConnId, Netmap>, conn: ConnId| -> bool {
+            let nm = &held[&conn];
+            let sets = peerset::book(&nm.peer_sets);
+            nm.inbound
+                .iter()
+                .any(|r| peerset::rule_has_source(r, &sets, q))
+        };
+        assert!(lets_in(&held, 10) && lets_in(&held, 30));
+        let mut qd = dev(2);
+        qd.quarantine = Some(crate::store::Quarantine {
+            since_ms: 0,
+            reason: "test".into(),
+            automatic: false,
+        });
+        r.handle_device_upserted(qd);
+        r.handle_device_removed(DeviceId(4), "revoked");
+        let mut closed: BTreeSet<ConnId> = BTreeSet::new();
+        for o in drain(&mut r) {
+            apply(&mut held, &o);
+            for conn in [10, 30] {
+                if let Output::Send { conn: c, .. } = &o {
+                    if *c == conn && !lets_in(&held, conn) {
+                        closed.insert(conn);
+                    }
+                }
+                assert!(
+                    !(closed.contains(&conn) && lets_in(&held, conn)),
+                    "session {conn} let the quarantined device in again: {o:?}"
+                );
+            }
+        }
+        assert_eq!(closed, BTreeSet::from([10, 30]));
     }
 
     /// A device that calls itself `ci-runner` gets nothing from `device:ci-runner` rules; once
