@@ -219,6 +219,18 @@ fn main() {
                     let te = Instant::now();
                     sizes.push(ward_shared::wire::encode(&msg).len());
                     encoding += te.elapsed();
+                    if netmaps == 1 {
+                        // Where a first netmap's bytes go, field by field.
+                        let part = |v: serde_json::Result<String>| v.map_or(0, |s| s.len());
+                        eprintln!(
+                            "first netmap: inbound {} B, peer_sets {} B, reach_grants {} B, reach_services {} B, peers {} B",
+                            part(serde_json::to_string(&nm.inbound)),
+                            part(serde_json::to_string(&nm.peer_sets)),
+                            part(serde_json::to_string(&nm.reach_grants)),
+                            part(serde_json::to_string(&nm.reach_services)),
+                            part(serde_json::to_string(&nm.peers)),
+                        );
+                    }
                 }
             }
         }

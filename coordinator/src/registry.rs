@@ -258,6 +258,83 @@ struct Sent {
     /// The filter was narrowed ahead of a compile ([`Registry::narrow_out`]): the next
     /// netmap change factors it afresh even if the compile is the same.
     narrowed: bool,
+    /// On demand: the filter's sets before they were cut down to the held peers' addresses
+    /// (`filter.sets`, what the device was sent), kept to cut them again when the held peers
+    /// change. Shared with every session of the same populations.
+    full_sets: Option<peerset::SetBook>,
+    /// On demand (reach by reference): each reachable service's destinations among the held
+    /// peers, as sent (a service's whole list names thousands of devices at 10 000 dense).
+    held_lists: Option<BTreeMap<String, Vec<DeviceId>>>,
+}
+
+/// Each service's destinations among `held` (sorted): what a device on demand is told of the
+/// services it may reach (it names only destinations it holds as peers anyway).
+fn held_reach_lists(
+    grants: &[Arc<ReachGrant>],
+    held: &[DeviceId],
+) -> BTreeMap<String, Vec<DeviceId>> {
+    reach_lists(grants)
+        .into_iter()
+        .map(|(service, l)| {
+            let devices = held
+                .iter()
+                .filter(|id| l.binary_search_by(|d| d.device_id.cmp(id)).is_ok())
+                .copied()
+                .collect();
+            (service.to_string(), devices)
+        })
+        .collect()
+}
+
+/// [`held_reach_lists`] brought up to date in place after the held peers gained `gained` and
+/// lost `lost` (`held` is what it gave for the same grants); the services whose lists
+/// changed.
+fn recut_reach_lists<'a>(
+    grants: &'a [Arc<ReachGrant>],
+    held: &mut BTreeMap<String, Vec<DeviceId>>,
+    gained: &[DeviceId],
+    lost: &[DeviceId],
+) -> BTreeSet<&'a str> {
+    let mut changed = BTreeSet::new();
+    if gained.is_empty() && lost.is_empty() {
+        return changed;
+    }
+    // A service's grants share its list: each list is searched once.
+    let mut seen: Vec<*const [ReachDest]> = Vec::new();
+    for g in grants {
+        let service = g.service.as_str();
+        let list_ptr = Arc::as_ptr(&g.devices);
+        if seen.contains(&list_ptr) {
+            continue;
+        }
+        seen.push(list_ptr);
+        let Some(list) = held.get_mut(service) else {
+            continue;
+        };
+        let before = list.len();
+        list.retain(|d| !lost.contains(d));
+        let mut touched = list.len() != before;
+        for id in gained {
+            if g.devices.binary_search_by(|d| d.device_id.cmp(id)).is_ok() {
+                if let Err(i) = list.binary_search(id) {
+                    list.insert(i, *id);
+                    touched = true;
+                }
+            }
+        }
+        if touched {
+            changed.insert(service);
+        }
+    }
+    changed
+}
+
+/// The overlay addresses of `peers`: the only sources a device holding just these peers can
+/// receive from.
+fn held_addrs<'a>(peers: impl Iterator<Item = &'a Peer>) -> Vec<IpAddr> {
+    peers
+        .flat_map(|p| [IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)])
+        .collect()
 }
 
 /// A peer as a session was last told it.
@@ -2921,15 +2998,29 @@ impl Registry {
             let same_compile = session.sent.as_ref().is_some_and(|s| {
                 Arc::ptr_eq(&s.compiled, &compiled) && (!s.narrowed || compile_pending)
             });
+            // On demand, the sets are cut down to the held peers' addresses: a session's
+            // netmap then grows with its rules and the peers it holds, not with the devices
+            // its rules name (at 10 000 dense devices, thousands of prefixes a set).
+            let on_demand = held.is_some();
             let filter = if same_compile {
                 None
             } else if session.protocol >= 2 {
-                Some(peerset::factor_with(
+                // Ids are matched against the full sets the device's were cut from (put in
+                // their place for the factoring, then put back).
+                let cut = session.sent.as_mut().and_then(|s| {
+                    let full = s.full_sets.as_ref()?;
+                    Some(std::mem::replace(&mut s.filter.sets, full.clone()))
+                });
+                let f = peerset::factor_with(
                     inbound,
                     shadow_filter.map(Vec::as_slice),
                     session.sent.as_ref().map(|s| &s.filter),
                     &mut self.aggregated,
-                ))
+                );
+                if let (Some(cut), Some(s)) = (cut, session.sent.as_mut()) {
+                    s.filter.sets = cut;
+                }
+                Some(f)
             } else {
                 Some(Factored {
                     inbound: inbound.clone(),
@@ -2939,7 +3030,7 @@ impl Registry {
             };
             match &mut session.sent {
                 None => {
-                    let Some(filter) = filter else {
+                    let Some(mut filter) = filter else {
                         return; // unreachable: a session with nothing sent has no compile
                     };
                     let want: BTreeMap<DeviceId, SentPeer> = wanted
@@ -2953,6 +3044,15 @@ impl Registry {
                             )
                         })
                         .collect();
+                    let held_lists = (on_demand && by_ref).then(|| {
+                        let ids: Vec<DeviceId> = want.keys().copied().collect();
+                        held_reach_lists(reach, &ids)
+                    });
+                    let full_sets = on_demand.then(|| {
+                        let addrs = held_addrs(want.values().map(|p| &*p.view));
+                        let cut = peerset::restrict(&filter.sets, &addrs);
+                        std::mem::replace(&mut filter.sets, cut)
+                    });
                     let msg = CoordinatorMsg::Netmap(Netmap {
                         resumed: None,
                         on_demand: held.is_some(),
@@ -2993,13 +3093,19 @@ impl Registry {
                         } else {
                             Vec::new()
                         },
-                        reach_services: if by_ref {
-                            reach_lists(reach)
+                        reach_services: match &held_lists {
+                            Some(lists) => lists
+                                .iter()
+                                .map(|(service, devices)| ReachService {
+                                    service: service.clone(),
+                                    devices: devices.clone(),
+                                })
+                                .collect(),
+                            None if by_ref => reach_lists(reach)
                                 .into_iter()
                                 .map(|(service, l)| wire_list(service, l))
-                                .collect()
-                        } else {
-                            Vec::new()
+                                .collect(),
+                            None => Vec::new(),
                         },
                     });
                     session.sent = Some(Sent {
@@ -3013,6 +3119,8 @@ impl Registry {
                         relays: relays.clone(),
                         policy_version,
                         narrowed: false,
+                        full_sets,
+                        held_lists,
                     });
                     self.outputs.push_back(Output::Send {
                         conn: session.conn,
@@ -3073,9 +3181,61 @@ impl Registry {
                         remove.extend(old.map(|(k, _)| *k));
                     }
                     sent.views_gen = views_gen;
+                    let mut filter = filter;
+                    // On demand, the sets cut anew for the held peers when the filter itself
+                    // is unchanged.
+                    let mut held_sets: Option<peerset::SetBook> = None;
+                    // Their changes, when worked out with them.
+                    let mut held_changes: Option<Vec<peerset::PeerSetChange>> = None;
+                    if on_demand && (filter.is_some() || held_changed) {
+                        let full = match &filter {
+                            Some(f) => f.sets.clone(),
+                            None => sent.full_sets.clone().unwrap_or_default(),
+                        };
+                        // The same full sets: only the peers gained and lost can change the
+                        // cut (a want costs its own addresses, not every held peer's).
+                        let recut = filter.is_none().then(|| {
+                            let gained = held_addrs(
+                                upsert
+                                    .iter()
+                                    .filter(|(v, _)| !sent.peers.contains_key(&v.device_id))
+                                    .map(|(v, _)| &**v),
+                            );
+                            let lost = held_addrs(
+                                remove
+                                    .iter()
+                                    .filter_map(|k| sent.peers.get(k))
+                                    .map(|p| &*p.view),
+                            );
+                            peerset::recut(&full, &sent.filter.sets, &gained, &lost)
+                        });
+                        let (cut, changes) = match recut.flatten() {
+                            Some((cut, changes)) => (cut, Some(changes)),
+                            None => {
+                                let remove: BTreeSet<&DeviceId> = remove.iter().collect();
+                                let addrs = held_addrs(
+                                    sent.peers
+                                        .iter()
+                                        .filter(|(k, _)| !remove.contains(k))
+                                        .map(|(_, p)| &*p.view)
+                                        .chain(upsert.iter().map(|(v, _)| &**v)),
+                                );
+                                (peerset::restrict(&full, &addrs), None)
+                            }
+                        };
+                        match &mut filter {
+                            Some(f) => f.sets = cut,
+                            None if cut != sent.filter.sets => {
+                                held_sets = Some(cut);
+                                held_changes = changes;
+                            }
+                            None => {}
+                        }
+                        sent.full_sets = Some(full);
+                    }
                     let (inbound_changed, sets_changed, reach_changed, shadow_changed) =
                         match &filter {
-                            None => (false, false, false, false),
+                            None => (false, held_sets.is_some(), false, false),
                             Some(f) => (
                                 sent.filter.inbound != f.inbound,
                                 sent.filter.sets != f.sets,
@@ -3113,6 +3273,66 @@ impl Registry {
                     } else {
                         (false, Vec::new(), Vec::new())
                     };
+                    // On demand, the lists as cut for the held peers, when they or the compile
+                    // changed.
+                    let (lists, removed_lists) =
+                        if on_demand && by_ref && (filter.is_some() || held_changed) {
+                            let mut held = sent.held_lists.take().unwrap_or_default();
+                            let result = if filter.is_none() {
+                                // The same lists: only the peers gained and lost can change them,
+                                // and only the lists they change are sent.
+                                let gained: Vec<DeviceId> = upsert
+                                    .iter()
+                                    .map(|(v, _)| v.device_id)
+                                    .filter(|k| !sent.peers.contains_key(k))
+                                    .collect();
+                                let changed = recut_reach_lists(reach, &mut held, &gained, &remove);
+                                let lists: Vec<ReachService> = changed
+                                    .into_iter()
+                                    .filter_map(|service| {
+                                        let devices = held.get(service)?.clone();
+                                        Some(ReachService {
+                                            service: service.to_string(),
+                                            devices,
+                                        })
+                                    })
+                                    .collect();
+                                (lists, Vec::new())
+                            } else {
+                                let removing: BTreeSet<&DeviceId> = remove.iter().collect();
+                                let mut ids: Vec<DeviceId> = sent
+                                    .peers
+                                    .keys()
+                                    .filter(|k| !removing.contains(k))
+                                    .copied()
+                                    .chain(upsert.iter().map(|(v, _)| v.device_id))
+                                    .collect();
+                                ids.sort_unstable();
+                                ids.dedup();
+                                let new = held_reach_lists(reach, &ids);
+                                let lists: Vec<ReachService> = new
+                                    .iter()
+                                    .filter(|(k, l)| held.get(*k) != Some(*l))
+                                    .map(|(service, devices)| ReachService {
+                                        service: service.clone(),
+                                        devices: devices.clone(),
+                                    })
+                                    .collect();
+                                let removed: Vec<String> = held
+                                    .keys()
+                                    .filter(|k| !new.contains_key(*k))
+                                    .cloned()
+                                    .collect();
+                                held = new;
+                                (lists, removed)
+                            };
+                            sent.held_lists = Some(held);
+                            result
+                        } else if on_demand && by_ref {
+                            (Vec::new(), Vec::new())
+                        } else {
+                            (lists, removed_lists)
+                        };
                     let reach_changed = if by_ref {
                         grants_changed || !lists.is_empty() || !removed_lists.is_empty()
                     } else {
@@ -3139,8 +3359,14 @@ impl Registry {
                     {
                         return;
                     }
-                    let (set_changes, removed_sets) = match &filter {
-                        Some(f) if sets_changed => self.aggregated.diff(&sent.filter.sets, &f.sets),
+                    let new_sets = held_sets.as_ref().or(filter.as_ref().map(|f| &f.sets));
+                    let (set_changes, removed_sets) = match new_sets {
+                        Some(_) if held_changes.is_some() => {
+                            (held_changes.take().unwrap_or_default(), Vec::new())
+                        }
+                        // A session's cut sets are its own: not worth remembering the diff.
+                        Some(n) if sets_changed && on_demand => peerset::diff(&sent.filter.sets, n),
+                        Some(n) if sets_changed => self.aggregated.diff(&sent.filter.sets, n),
                         _ => (Vec::new(), Vec::new()),
                     };
                     let base = sent.seq;
@@ -3206,6 +3432,9 @@ impl Registry {
                     if let Some(f) = new_filter {
                         sent.filter = f;
                     }
+                    if let Some(sets) = held_sets {
+                        sent.filter.sets = sets;
+                    }
                     if relays_changed {
                         sent.relays = relays.clone();
                     }
@@ -3261,6 +3490,23 @@ impl Registry {
                 if let Some(w) = without {
                     sets.get_or_insert_with(|| sent.filter.sets.clone())
                         .insert(*set, Arc::clone(w));
+                }
+            }
+            // On demand, the full sets the filter's are cut from lose the devices too, or a
+            // change of the held peers before the compile would cut them back in.
+            if let Some(full) = sent.full_sets.as_mut() {
+                for prefixes in full.values_mut() {
+                    let aggregated = &mut self.aggregated;
+                    let without = narrowed
+                        .entry(Arc::as_ptr(prefixes) as usize)
+                        .or_insert_with(|| {
+                            gone.iter()
+                                .any(|a| peerset::contains(prefixes, *a))
+                                .then(|| aggregated.intern(peerset::without(prefixes, &gone)))
+                        });
+                    if let Some(w) = without {
+                        *prefixes = Arc::clone(w);
+                    }
                 }
             }
             // Literal sources: a version-1 device's flat rules.
@@ -5454,7 +5700,7 @@ to = ["all"]
         r.handle_policy(p);
         open_sessions(&mut r, &[1, 2, 3, 4]);
         let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
-        let mut apply = |held: &mut BTreeMap<ConnId, Netmap>, o: &Output| match o {
+        let apply = |held: &mut BTreeMap<ConnId, Netmap>, o: &Output| match o {
             Output::Send {
                 conn,
                 msg: CoordinatorMsg::Netmap(nm),

@@ -168,6 +168,93 @@ pub fn contains(prefixes: &[Prefix], ip: IpAddr) -> bool {
     prefixes.iter().any(|p| p.contains(ip))
 }
 
+/// Whether `ip` is in one of `prefixes`, which are sorted and non-overlapping (a set's
+/// aggregation): one binary search instead of a walk.
+pub fn contains_sorted(prefixes: &[Prefix], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    // Non-overlapping: the only prefix that can hold `ip` is the last one starting at or
+    // before it.
+    let i = prefixes.partition_point(|p| p.addr() <= ip);
+    i > 0 && prefixes[i - 1].contains(ip)
+}
+
+/// Each set cut down to the addresses in `held` it contains: the sets as a device sees them
+/// when it holds only some of its peers (a source it holds no peer for cannot reach it, so
+/// nothing it may receive is decided differently). Never wider than `full`. A cut set lists
+/// its addresses as host prefixes (sorted, so still non-overlapping), which [`recut`] can
+/// change one address at a time.
+pub fn restrict(full: &SetBook, held: &[IpAddr]) -> SetBook {
+    full.iter()
+        .map(|(id, prefixes)| {
+            let mut kept: Vec<Prefix> = held
+                .iter()
+                .filter(|a| contains_sorted(prefixes, **a))
+                .map(|a| Prefix::host(*a))
+                .collect();
+            kept.sort_unstable();
+            kept.dedup();
+            (*id, Arc::new(kept))
+        })
+        .collect()
+}
+
+/// [`restrict`] brought up to date after the held addresses gained `gained` and lost `lost`,
+/// from `cut` (what `restrict` or `recut` gave for the same `full`), with the changes that
+/// turn `cut` into it: a set neither touches keeps its allocation and has no change. `None`
+/// when `cut` is not a cut of `full` (other set ids).
+pub fn recut(
+    full: &SetBook,
+    cut: &SetBook,
+    gained: &[IpAddr],
+    lost: &[IpAddr],
+) -> Option<(SetBook, Vec<PeerSetChange>)> {
+    if full.len() != cut.len() || full.keys().ne(cut.keys()) {
+        return None;
+    }
+    let gained: Vec<Prefix> = gained.iter().map(|a| Prefix::host(*a)).collect();
+    let lost: Vec<Prefix> = lost.iter().map(|a| Prefix::host(*a)).collect();
+    let mut changes = Vec::new();
+    let mut out = SetBook::new();
+    for ((id, f), c) in full.iter().zip(cut.values()) {
+        let mut add: Vec<Prefix> = gained
+            .iter()
+            .filter(|h| contains_sorted(f, h.addr()) && c.binary_search(h).is_err())
+            .copied()
+            .collect();
+        let mut remove: Vec<Prefix> = lost
+            .iter()
+            .filter(|h| c.binary_search(h).is_ok() && !add.contains(h))
+            .copied()
+            .collect();
+        if add.is_empty() && remove.is_empty() {
+            out.insert(*id, Arc::clone(c));
+            continue;
+        }
+        add.sort_unstable();
+        add.dedup();
+        remove.sort_unstable();
+        remove.dedup();
+        let mut next: Vec<Prefix> = c
+            .iter()
+            .filter(|h| remove.binary_search(h).is_err())
+            .copied()
+            .collect();
+        for h in &add {
+            if let Err(i) = next.binary_search(h) {
+                next.insert(i, *h);
+            }
+        }
+        out.insert(*id, Arc::new(next));
+        changes.push(PeerSetChange {
+            id: *id,
+            prefixes: None,
+            add,
+            remove,
+        });
+    }
+    Some((out, changes))
+}
+
 /// The sets a device holds, by id, each set's prefixes shared: every session whose filter names a population holds the one
 /// aggregation of it (at 10 000 devices a dense policy's populations are thousands of
 /// prefixes each, too many to copy per session).
@@ -321,10 +408,11 @@ pub fn factor_with(
 ) -> Factored {
     // Distinct populations, in order of first use.
     let mut pops: Vec<Arc<Vec<Prefix>>> = Vec::new();
-    // Distinct source lists seen (few: one per population), compared whole rather than
-    // hashed: the compiler gives every rule over a population an equal list, usually the same
-    // shared one (found by pointer).
-    let mut by_sources: Vec<(&Sources, usize)> = Vec::new();
+    // Distinct source lists seen, by allocation: the compiler gives every rule over a
+    // population the same shared list. Equal lists in two allocations are found equal by
+    // `agg`, which interns their aggregations (comparing lists by content here cost thousands
+    // of addresses a rule at 10 000 dense devices, where populations differ late).
+    let mut by_sources: FxHashMap<usize, usize> = FxHashMap::default();
     // By allocation: `agg` interns aggregations, so equal contents are one allocation.
     let mut by_prefixes: FxHashMap<usize, usize> = FxHashMap::default();
     let all = inbound.iter().chain(shadow.into_iter().flatten());
@@ -335,7 +423,7 @@ pub fn factor_with(
             rule_pop.push(None);
             continue;
         }
-        if let Some((_, p)) = by_sources.iter().rev().find(|(s, _)| **s == r.sources) {
+        if let Some(p) = by_sources.get(&r.sources.id()) {
             rule_pop.push(Some(*p));
             continue;
         }
@@ -346,7 +434,7 @@ pub fn factor_with(
                 pops.push(prefixes);
                 pops.len() - 1
             });
-        by_sources.push((&r.sources, p));
+        by_sources.insert(r.sources.id(), p);
         rule_pop.push(Some(p));
     }
     // Ids: same content first, then the id the same rule used, then new ones.

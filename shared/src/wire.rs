@@ -838,7 +838,9 @@ pub struct Netmap {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed: Option<Resumed>,
     /// `peers` (and every delta's) are only the peers this device holds (protocol 4): it
-    /// asks for another with `want_peer`. Absent: every peer it may talk with is listed.
+    /// asks for another with `want_peer`. Its `peer_sets` then hold only the held peers'
+    /// addresses (each as a host prefix), and a delta that brings or takes a peer carries
+    /// its addresses' set changes with it. Absent: every peer it may talk with is listed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub on_demand: bool,
 }

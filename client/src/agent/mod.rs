@@ -1343,11 +1343,12 @@ impl Agent {
         let changed = self.applied_peers.as_ref() != Some(&peers);
         self.applied_peers = Some(peers);
         self.apply_routes();
+        // The filter first (see `apply_delta`).
+        self.apply_filter();
         if changed {
             self.events
                 .push_back(Event::SetPeers(self.configured_peers()));
         }
-        self.apply_filter();
         self.apply_shadow();
         self.schedule_expiry(now);
     }
@@ -1368,6 +1369,12 @@ impl Agent {
             coord_now,
             now.instant,
         );
+        // The filter before the peers: rules for sources whose peer is not configured yet
+        // admit nothing, while a peer configured before the rules admitting it would have its
+        // first packets denied (on demand, a newly held peer's addresses come with it).
+        if d.inbound.is_some() || !d.peer_sets.is_empty() || !d.removed_peer_sets.is_empty() {
+            self.apply_filter();
+        }
         let (Some(changes), Some(applied)) = (changes, self.applied_peers.as_mut()) else {
             return self.apply_peers(now);
         };
@@ -1392,9 +1399,6 @@ impl Agent {
         }
         if !updates.is_empty() {
             self.events.push_back(Event::UpdatePeers(updates));
-        }
-        if d.inbound.is_some() || !d.peer_sets.is_empty() || !d.removed_peer_sets.is_empty() {
-            self.apply_filter();
         }
         if d.shadow_filter.is_some() {
             self.apply_shadow();

@@ -2104,3 +2104,57 @@ fn a_refused_name_goes_to_the_resolver_not_the_data_plane() {
         vec![Event::RefusePeer(PeerRef::Key(WgPublicKey([5; 32])))]
     );
 }
+
+/// A delta that brings a peer and the set addresses admitting it hands the data plane the
+/// filter first: the peer's first packets never meet the filter from before it.
+#[test]
+fn a_delta_s_filter_goes_to_the_data_plane_before_its_peers() {
+    let mut h = H::new();
+    h.leased();
+    let mut nm = netmap(1, vec![]);
+    nm.peers[0].leases = vec![h.lease(2, WgPublicKey([20; 32]), TTL)];
+    let p = |s: &str| s.parse::<ward_shared::routes::Prefix>().unwrap();
+    nm.inbound = vec![FilterRule {
+        rule: "eng".into(),
+        service: "db".into(),
+        sources: Default::default(),
+        source_sets: vec![3],
+        proto: ward_shared::filter::Proto::Tcp,
+        ports: vec![ward_shared::filter::PortRange { lo: 5432, hi: 5432 }],
+        not_after_ms: None,
+        dests: vec![],
+    }];
+    nm.peer_sets = vec![ward_shared::peerset::PeerSet {
+        id: 3,
+        prefixes: vec![p(&format!("{}/32", ip4(2)))],
+    }];
+    h.msg(CoordinatorMsg::Netmap(nm.clone()));
+    let evs = h.take_events();
+    let pos = |evs: &[Event], f: fn(&Event) -> bool| evs.iter().position(f);
+    let filter = pos(&evs, |e| matches!(e, Event::SetFilter { .. })).expect("a filter");
+    let peers = pos(&evs, |e| matches!(e, Event::SetPeers(_))).expect("peers");
+    assert!(filter < peers, "{evs:?}");
+
+    let mut third = nm.peers[0].clone();
+    third.device_id = DeviceId(3);
+    third.hostname = Hostname::parse("third").unwrap();
+    third.ipv4 = ip4(3);
+    third.ipv6 = ip6(3);
+    third.leases = vec![h.lease(3, WgPublicKey([30; 32]), TTL)];
+    h.msg(CoordinatorMsg::NetmapDelta(
+        ward_shared::wire::NetmapDelta {
+            upsert: vec![third],
+            peer_sets: vec![ward_shared::peerset::PeerSetChange {
+                id: 3,
+                prefixes: None,
+                add: vec![p(&format!("{}/32", ip4(3)))],
+                remove: vec![],
+            }],
+            ..ward_shared::wire::NetmapDelta::after(1)
+        },
+    ));
+    let evs = h.take_events();
+    let filter = pos(&evs, |e| matches!(e, Event::SetFilter { .. })).expect("a filter");
+    let peers = pos(&evs, |e| matches!(e, Event::UpdatePeers(_))).expect("peers");
+    assert!(filter < peers, "{evs:?}");
+}

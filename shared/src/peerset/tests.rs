@@ -111,6 +111,52 @@ proptest! {
         }
     }
 
+    /// A set restricted to some addresses holds exactly those of them it held, in both
+    /// families, and the binary search agrees with the walk.
+    #[test]
+    fn a_restricted_set_holds_the_held_addresses_it_held(
+        ns in proptest::collection::btree_set(0u32..300, 0..80),
+        held in proptest::collection::vec(0u32..310, 0..12),
+        held2 in proptest::collection::vec(0u32..310, 0..12),
+    ) {
+        let mut addrs: Vec<IpAddr> = ns.iter().map(|n| v4(*n)).collect();
+        addrs.extend(ns.iter().map(|n| v6(*n)));
+        let full: SetBook = BTreeMap::from([(7, Arc::new(aggregate(addrs)))]);
+        let held: Vec<IpAddr> = held.iter().flat_map(|n| [v4(*n), v6(*n)]).collect();
+        let cut = restrict(&full, &held);
+        prop_assert_eq!(cut.keys().collect::<Vec<_>>(), vec![&7]);
+        for w in cut[&7].windows(2) {
+            prop_assert!(w[0] < w[1] && !w[0].overlaps(&w[1]));
+        }
+        // Changing the held addresses one way and back again by `recut` gives what a fresh
+        // cut gives each time.
+        let other: Vec<IpAddr> = held2.iter().flat_map(|n| [v4(*n), v6(*n)]).collect();
+        let gained: Vec<IpAddr> = other.iter().copied().filter(|a| !held.contains(a)).collect();
+        let lost: Vec<IpAddr> = held.iter().copied().filter(|a| !other.contains(a)).collect();
+        let (there, changes) = recut(&full, &cut, &gained, &lost).expect("same ids");
+        prop_assert_eq!(&there, &restrict(&full, &other));
+        // The changes are what a device holding the cut applies to get there.
+        let mut device: Vec<PeerSet> = cut
+            .iter()
+            .map(|(id, p)| PeerSet { id: *id, prefixes: p.to_vec() })
+            .collect();
+        apply_changes(&mut device, &changes, &[]).expect("the changes fit");
+        prop_assert_eq!(book(&device), there.clone());
+        let (back, _) = recut(&full, &there, &lost, &gained).expect("same ids");
+        prop_assert_eq!(&back, &cut);
+        prop_assert!(recut(&full, &SetBook::new(), &gained, &lost).is_none());
+        for n in 0u32..310 {
+            for a in [v4(n), v6(n)] {
+                prop_assert_eq!(contains_sorted(&full[&7], a), contains(&full[&7], a));
+                prop_assert_eq!(
+                    contains(&cut[&7], a),
+                    ns.contains(&n) && held.contains(&a),
+                    "address {}", a
+                );
+            }
+        }
+    }
+
     /// Taking addresses out of a cover gives the cover of what remains, block for block, in
     /// both families.
     #[test]

@@ -148,18 +148,26 @@ pub fn reach_of(p: &Policy, d: &Directory, id: DeviceId, now_ms: i64) -> Vec<sup
 /// and the caller brings up to date only the devices named here. Cost: one ordered lookup per
 /// distinct list of each compile, then O(peers + rules) per device.
 pub fn carry_over(new: &mut Compiled, old: &Compiled) -> BTreeSet<DeviceId> {
+    // Each distinct list of `old` enters the ordered maps once: lists are shared by many
+    // devices, and an ordered insert compares contents (thousands of destinations or sources
+    // at 10 000 dense devices), so it is skipped for an allocation already seen.
     let mut old_sources: BTreeMap<&[IpAddr], &Sources> = BTreeMap::new();
     let mut old_grants: BTreeMap<&ReachGrant, &Arc<ReachGrant>> = BTreeMap::new();
+    let mut old_seen: rustc_hash::FxHashSet<usize> = rustc_hash::FxHashSet::default();
     for acc in old.devices.values() {
         for r in acc
             .inbound
             .iter()
             .chain(acc.shadow_inbound.iter().flatten())
         {
-            old_sources.entry(&r.sources[..]).or_insert(&r.sources);
+            if old_seen.insert(r.sources.id()) {
+                old_sources.entry(&r.sources[..]).or_insert(&r.sources);
+            }
         }
         for g in &acc.reach {
-            old_grants.entry(&**g).or_insert(g);
+            if old_seen.insert(Arc::as_ptr(g) as usize) {
+                old_grants.entry(&**g).or_insert(g);
+            }
         }
     }
     // Each distinct list of `new` is looked up once (by its allocation's address).

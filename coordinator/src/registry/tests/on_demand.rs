@@ -50,6 +50,32 @@ fn refusals(out: &[Output], conn: ConnId) -> Vec<(PeerRef, String)> {
         .collect()
 }
 
+/// The (rule, service) pairs of a netmap's filter that let `ip` in.
+fn lets_in(nm: &Netmap, ip: IpAddr) -> BTreeSet<(String, String)> {
+    let sets = peerset::book(&nm.peer_sets);
+    nm.inbound
+        .iter()
+        .filter(|r| peerset::rule_has_source(r, &sets, ip))
+        .map(|r| (r.rule.clone(), r.service.clone()))
+        .collect()
+}
+
+/// The same for the compiled (every source listed) filter of `dev`.
+fn compiled_lets_in(r: &Registry, dev: u64, ip: IpAddr) -> BTreeSet<(String, String)> {
+    let no_sets = peerset::SetBook::new();
+    r.compiled
+        .devices
+        .get(&DeviceId(dev))
+        .map(|a| {
+            a.inbound
+                .iter()
+                .filter(|r| peerset::rule_has_source(r, &no_sets, ip))
+                .map(|r| (r.rule.clone(), r.service.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn ids(peers: &[Peer]) -> Vec<u64> {
     peers.iter().map(|p| p.device_id.0).collect()
 }
@@ -62,8 +88,12 @@ fn a_session_on_demand_gets_the_peers_it_wants_and_they_get_it_first() {
     let first = netmap(&out, 10);
     assert!(first.on_demand);
     assert!(first.peers.is_empty(), "{:?}", ids(&first.peers));
-    // Its filter and reach are whole: only the peer list waits for wants.
+    // Its rules and reach are whole; the sets its rules name hold only the peers it holds
+    // (none yet), so they grow with what it holds, not with the devices the rules name.
     assert!(!first.inbound.is_empty());
+    assert!(!first.peer_sets.is_empty());
+    assert!(first.peer_sets.iter().all(|s| s.prefixes.is_empty()));
+    assert!(!compiled_lets_in(&r, 1, v4(2)).is_empty());
 
     assert_eq!(
         r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(2)), 1),
@@ -79,6 +109,23 @@ fn a_session_on_demand_gets_the_peers_it_wants_and_they_get_it_first() {
     assert!(pos(20) < pos(10), "{out:?}");
     assert_eq!(ids(&deltas(&out, 20)[0].upsert), vec![1]);
     assert_eq!(ids(&deltas(&out, 10)[0].upsert), vec![2]);
+    // The delta that brings the peer brings its addresses into the sets naming it.
+    let mut held = first.clone();
+    held.apply(&deltas(&out, 10)[0]).expect("applies");
+    for ip in [v4(2), IpAddr::V6(dev(2).ipv6)] {
+        assert_eq!(lets_in(&held, ip), compiled_lets_in(&r, 1, ip));
+    }
+    assert!(lets_in(&held, v4(3)).is_empty(), "device 3 is not held");
+    // The services it may reach list the held destinations only.
+    assert!(first.reach_services.iter().all(|l| l.devices.is_empty()));
+    assert!(held
+        .reach_services
+        .iter()
+        .any(|l| l.devices == vec![DeviceId(2)]));
+    assert!(held
+        .reach_services
+        .iter()
+        .all(|l| l.devices.iter().all(|d| *d == DeviceId(2))));
     assert!(deltas(&out, 30).is_empty(), "device 3 wanted nothing");
     // By IPv6 address too, and again: held already, nothing new to send.
     assert_eq!(
@@ -347,9 +394,26 @@ proptest::proptest! {
                 .unwrap_or_default();
             let want = model.get(&dev).cloned().unwrap_or_default();
             proptest::prop_assert_eq!(&got, &want, "device {}", dev);
+            // Its filter lets in what the compile lets in from the peers it holds, and
+            // nothing from any other device.
+            let nm = &ch.held[&c];
+            for other in 1u64..=5 {
+                let ip = v4(other);
+                let expect = if got.contains(&other) {
+                    compiled_lets_in(&r, dev, ip)
+                } else {
+                    BTreeSet::new()
+                };
+                proptest::prop_assert_eq!(lets_in(nm, ip), expect, "device {} from {}", dev, other);
+            }
             // And each held peer as deltas left it (endpoints, online) is what a fresh
             // session holding the same peers is sent.
             let before = ch.held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
+            let lists_before = ch
+                .held
+                .get(&c)
+                .map(|nm| nm.reach_services.clone())
+                .unwrap_or_default();
             r.handle_session_closed(DeviceId(dev), c);
             ch.take(&mut r, usize::MAX);
             r.handle_session_opened_holding(
@@ -365,6 +429,17 @@ proptest::proptest! {
             ch.take(&mut r, usize::MAX);
             let fresh = ch.held.get(&c).map(|nm| nm.peers.clone()).unwrap_or_default();
             proptest::prop_assert_eq!(before, fresh, "device {}", dev);
+            // The services' destination lists name the held peers only, as a fresh
+            // session's do.
+            let lists = ch
+                .held
+                .get(&c)
+                .map(|nm| nm.reach_services.clone())
+                .unwrap_or_default();
+            for l in &lists {
+                proptest::prop_assert!(l.devices.iter().all(|d| got.contains(&d.0)), "{:?}", l);
+            }
+            proptest::prop_assert_eq!(lists_before, lists, "device {}", dev);
         }
     }
 }
@@ -466,4 +541,60 @@ fn at_bound_zero_a_device_without_peers_yet_is_on_demand_too() {
         "{out:?}"
     );
     assert!(netmap(&out, 20).on_demand);
+}
+
+/// A quarantine and a departure in one batch, on demand: the quarantined device leaves the
+/// held sets at once and no pass before the compile cuts it back in.
+#[test]
+fn a_quarantined_held_peer_stays_out_of_the_sets_until_the_compile() {
+    let mut r = on_demand_teams();
+    open_sessions(&mut r, &[1, 2, 3]);
+    let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
+    let apply = |held: &mut BTreeMap<ConnId, Netmap>, out: &[Output]| {
+        for o in out {
+            match o {
+                Output::Send {
+                    conn,
+                    msg: CoordinatorMsg::Netmap(nm),
+                } => {
+                    held.insert(*conn, nm.clone());
+                }
+                Output::Send {
+                    conn,
+                    msg: CoordinatorMsg::NetmapDelta(d),
+                } => held
+                    .get_mut(conn)
+                    .expect("a netmap first")
+                    .apply(d)
+                    .expect("applies"),
+                _ => {}
+            }
+        }
+    };
+    let out = drain(&mut r);
+    apply(&mut held, &out);
+    for (n, p) in [(1, 2), (2, 3)] {
+        assert!(r
+            .handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(p)), n)
+            .is_ok());
+    }
+    let out = drain(&mut r);
+    apply(&mut held, &out);
+    assert!(!lets_in(&held[&10], v4(2)).is_empty());
+    let mut qd = dev(2);
+    qd.quarantine = Some(crate::store::Quarantine {
+        since_ms: 0,
+        reason: "test".into(),
+        automatic: false,
+    });
+    r.handle_device_upserted(qd);
+    r.handle_device_removed(DeviceId(3), "revoked");
+    let mut out_once = false;
+    while let Some(o) = r.poll_output() {
+        apply(&mut held, std::slice::from_ref(&o));
+        let open = !lets_in(&held[&10], v4(2)).is_empty();
+        out_once |= !open;
+        assert!(!(out_once && open), "let in again by {o:?}");
+    }
+    assert!(out_once);
 }
