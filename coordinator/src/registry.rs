@@ -44,6 +44,7 @@ mod held;
 mod on_demand;
 use held::HeldLeases;
 use on_demand::{Held, PeerMode};
+use ward_shared::wire::MAX_HELD_PEERS;
 
 /// While netmaps are pending, one due verdict goes out after this many sessions' netmap
 /// changes: verdicts wait for the netmaps (peers first, and a quarantined device's verdict
@@ -2916,6 +2917,32 @@ impl Registry {
             return;
         }
         let mut mode = std::mem::take(&mut s.peers);
+        if matches!(mode, PeerMode::Full) && s.protocol >= 4 {
+            // A session sent every peer while it had few (a device that came up before most
+            // of the devices it may reach) goes on demand once they are well past the bound:
+            // every peer of thousands would not fit a frame. It gets a whole netmap on demand,
+            // holding the peers it had (up to the bound; beyond that it asks again).
+            let peers = self.compiled.devices.get(&id).map_or(0, |a| a.peers.len());
+            if peers > self.on_demand_above.saturating_mul(2) {
+                let had: Vec<DeviceId> = s
+                    .sent
+                    .as_ref()
+                    .map(|sent| sent.peers.keys().copied().collect())
+                    .unwrap_or_default();
+                let held = Held::new(if had.len() <= MAX_HELD_PEERS {
+                    had
+                } else {
+                    Vec::new()
+                });
+                for p in held.ids() {
+                    self.holders.entry(*p).or_default().insert(id);
+                }
+                self.full.remove(&id);
+                s.sent = None;
+                tracing::info!(device = %id, peers, "session switched to peers on demand");
+                mode = PeerMode::OnDemand(held);
+            }
+        }
         if let PeerMode::Undecided(hint) = &mut mode {
             // Decided once, at the session's first netmap: a session's mode never changes
             // under the device.
@@ -2982,7 +3009,8 @@ impl Registry {
             let holds = |a: &policy::DeviceAccess, p: &DeviceId| {
                 held.is_none_or(|h| h.contains(p) || a.routes.contains_key(p))
             };
-            let inbound = access.map(|a| &a.inbound).unwrap_or(&no_inbound);
+            let inbound: &[FilterRule] =
+                access.map(|a| a.inbound.as_slice()).unwrap_or(&no_inbound);
             let reach = access.map(|a| &a.reach).unwrap_or(&no_reach);
             let shadow_filter = access.and_then(|a| a.shadow_inbound.as_ref());
             let my_routes = self.served.get(&id).unwrap_or(&no_routes);
@@ -3023,7 +3051,7 @@ impl Registry {
                 Some(f)
             } else {
                 Some(Factored {
-                    inbound: inbound.clone(),
+                    inbound: Arc::new(inbound.to_vec()),
                     shadow: shadow_filter.cloned(),
                     sets: peerset::SetBook::new(),
                 })
@@ -3067,7 +3095,7 @@ impl Registry {
                             observed_addr: Some(session.observed),
                         },
                         peers: want.values().map(SentPeer::to_peer).collect(),
-                        inbound: filter.inbound.clone(),
+                        inbound: filter.inbound.to_vec(),
                         reach: if by_ref {
                             Vec::new()
                         } else {
@@ -3396,7 +3424,7 @@ impl Registry {
                         inbound: new_filter
                             .as_ref()
                             .filter(|_| inbound_changed)
-                            .map(|f| f.inbound.clone()),
+                            .map(|f| f.inbound.to_vec()),
                         reach: (reach_changed && !by_ref).then(|| policy::expand_reach(reach, id)),
                         relays: relays_changed.then(|| relays.clone()),
                         policy_version: if version_changed {
@@ -3539,7 +3567,7 @@ impl Registry {
                 sent.filter.sets = new;
             }
             if let Some(rules) = &inbound {
-                sent.filter.inbound = rules.clone();
+                sent.filter.inbound = Arc::new(rules.clone());
             }
             self.outputs.push_back(Output::Send {
                 conn: s.conn,
@@ -4432,9 +4460,9 @@ expires = "2030-01-01T00:00:00Z"
         assert_eq!(v2.peer_sets.len(), 1, "one population: {:?}", v2.peer_sets);
         assert!(v1.peer_sets.is_empty() && v1.inbound.iter().all(|r| r.source_sets.is_empty()));
         // Expanded, device 1's v2 filter names exactly the flat sources the compiler gave it.
-        let flat = &r.compiled().devices[&DeviceId(1)].inbound;
+        let flat = &**r.compiled().devices[&DeviceId(1)].inbound;
         assert_eq!(&peerset::expand(&v2.inbound, &v2.peer_sets, 1 << 16), flat);
-        assert_eq!(v1.inbound, r.compiled().devices[&DeviceId(2)].inbound);
+        assert_eq!(v1.inbound, *r.compiled().devices[&DeviceId(2)].inbound);
 
         // Device 6 joins: device 1 learns one new prefix per family, its rules unchanged.
         let mut six = dev(6);
@@ -4477,7 +4505,7 @@ expires = "2030-01-01T00:00:00Z"
         );
         let mut v2 = v2;
         v2.apply(&d2).unwrap();
-        let flat = &r.compiled().devices[&DeviceId(1)].inbound;
+        let flat = &**r.compiled().devices[&DeviceId(1)].inbound;
         assert_eq!(&peerset::expand(&v2.inbound, &v2.peer_sets, 1 << 16), flat);
         let inbound = d1.inbound.unwrap();
         assert!(inbound

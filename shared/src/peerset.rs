@@ -270,7 +270,8 @@ pub fn book(sets: &[PeerSet]) -> SetBook {
 /// A device's inbound filter (and candidate filter) in set form.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Factored {
-    pub inbound: Vec<FilterRule>,
+    /// Shared by every session given the same rules (interned by [`Aggregated`]).
+    pub inbound: Arc<Vec<FilterRule>>,
     pub shadow: Option<Vec<FilterRule>>,
     pub sets: SetBook,
 }
@@ -305,6 +306,9 @@ pub struct Aggregated {
     /// (old set, new set) by allocation → (added, removed); the key's sets are held so their
     /// addresses cannot be reused while the entry lives.
     diffs: FxHashMap<(usize, usize), DiffMemo>,
+    /// Factored rule lists, interned like the aggregations: thousands of sessions are given
+    /// a few distinct lists.
+    rules: BTreeMap<Arc<Vec<FilterRule>>, ()>,
 }
 
 type DiffMemo = (Arc<Vec<Prefix>>, Arc<Vec<Prefix>>, Vec<Prefix>, Vec<Prefix>);
@@ -316,6 +320,17 @@ impl Aggregated {
         self.by_list.clear();
         self.diffs.clear();
         self.interned.retain(|a, _| Arc::strong_count(a) > 1);
+        self.rules.retain(|a, _| Arc::strong_count(a) > 1);
+    }
+
+    /// `rules` as one shared allocation: the one already kept for equal contents, if any.
+    pub fn intern_rules(&mut self, rules: Vec<FilterRule>) -> Arc<Vec<FilterRule>> {
+        if let Some((kept, _)) = self.rules.get_key_value(&rules) {
+            return Arc::clone(kept);
+        }
+        let fresh = Arc::new(rules);
+        self.rules.insert(Arc::clone(&fresh), ());
+        fresh
     }
 
     /// `prefixes` as one shared allocation: the one already kept for equal contents, if any.
@@ -536,7 +551,7 @@ pub fn factor_with(
             .collect()
     });
     Factored {
-        inbound: inbound_out,
+        inbound: agg.intern_rules(inbound_out),
         shadow: shadow_out,
         sets,
     }

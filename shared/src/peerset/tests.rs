@@ -197,7 +197,7 @@ proptest! {
         flat_filter.set_rules(flat.clone());
         let sets1: Vec<PeerSet> = f1.sets.iter().map(|(id, p)| PeerSet { id: *id, prefixes: p.to_vec() }).collect();
         let mut set_filter = Filter::new(1024);
-        set_filter.set_rules_with_sets(f1.inbound.clone(), &sets1);
+        set_filter.set_rules_with_sets(f1.inbound.to_vec(), &sets1);
         let now = Instant::now();
         for n in 0u32..42 {
             for port in 0u16..5 {

@@ -53,7 +53,7 @@ pub fn compile(p: &Policy, d: &Directory, now_ms: i64) -> Compiled {
             let inbound = candidate
                 .devices
                 .get(id)
-                .map(|c| c.inbound.clone())
+                .map(|c| c.inbound.to_vec())
                 .unwrap_or_default();
             acc.shadow_inbound = Some(inbound);
         }
@@ -154,12 +154,14 @@ pub fn carry_over(new: &mut Compiled, old: &Compiled) -> BTreeSet<DeviceId> {
     let mut old_sources: BTreeMap<&[IpAddr], &Sources> = BTreeMap::new();
     let mut old_grants: BTreeMap<&ReachGrant, &Arc<ReachGrant>> = BTreeMap::new();
     let mut old_seen: rustc_hash::FxHashSet<usize> = rustc_hash::FxHashSet::default();
+    let mut old_lists: BTreeMap<&Vec<FilterRule>, &Arc<Vec<FilterRule>>> = BTreeMap::new();
     for acc in old.devices.values() {
-        for r in acc
-            .inbound
-            .iter()
-            .chain(acc.shadow_inbound.iter().flatten())
-        {
+        let first = old_seen.insert(Arc::as_ptr(&acc.inbound) as usize);
+        if first {
+            old_lists.entry(&*acc.inbound).or_insert(&acc.inbound);
+        }
+        let inbound = acc.inbound.iter().filter(|_| first);
+        for r in inbound.chain(acc.shadow_inbound.iter().flatten()) {
             if old_seen.insert(r.sources.id()) {
                 old_sources.entry(&r.sources[..]).or_insert(&r.sources);
             }
@@ -173,12 +175,33 @@ pub fn carry_over(new: &mut Compiled, old: &Compiled) -> BTreeSet<DeviceId> {
     // Each distinct list of `new` is looked up once (by its allocation's address).
     let mut sources_seen: BTreeMap<usize, Sources> = BTreeMap::new();
     let mut grants_seen: BTreeMap<*const ReachGrant, Arc<ReachGrant>> = BTreeMap::new();
+    // Rule lists are shared: each distinct one is rewritten once (the old list kept in the
+    // entry, so its address is not reused while the entry lives).
+    type Rewritten = (Arc<Vec<FilterRule>>, Arc<Vec<FilterRule>>);
+    let mut lists_seen: rustc_hash::FxHashMap<usize, Rewritten> = rustc_hash::FxHashMap::default();
     for acc in new.devices.values_mut() {
-        for r in acc
-            .inbound
-            .iter_mut()
-            .chain(acc.shadow_inbound.iter_mut().flatten())
-        {
+        let key = Arc::as_ptr(&acc.inbound) as usize;
+        if let Some((_, done)) = lists_seen.get(&key) {
+            acc.inbound = Arc::clone(done);
+        } else {
+            let mut rules: Vec<FilterRule> = acc.inbound.to_vec();
+            for r in &mut rules {
+                let kept = sources_seen.entry(r.sources.id()).or_insert_with(|| {
+                    old_sources
+                        .get(&r.sources[..])
+                        .map_or_else(|| r.sources.clone(), |o| (*o).clone())
+                });
+                r.sources = kept.clone();
+            }
+            // The old compile's list when equal (its sources are shared now, so equal lists
+            // compare by pointer), so that equal access compares by pointer too.
+            let done = old_lists
+                .get(&rules)
+                .map_or_else(|| Arc::new(rules), |o| Arc::clone(o));
+            lists_seen.insert(key, (Arc::clone(&acc.inbound), Arc::clone(&done)));
+            acc.inbound = done;
+        }
+        for r in acc.shadow_inbound.iter_mut().flatten() {
             let kept = sources_seen.entry(r.sources.id()).or_insert_with(|| {
                 old_sources
                     .get(&r.sources[..])
@@ -411,7 +434,7 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
                 }
                 if let Some(acc) = devices.get_mut(&dst_dev.id) {
                     for (proto, ports) in &by_proto {
-                        acc.inbound.push(FilterRule {
+                        Arc::make_mut(&mut acc.inbound).push(FilterRule {
                             rule: rule.name.clone(),
                             service: svc.name.clone(),
                             sources: sources.clone(),
@@ -478,9 +501,19 @@ fn compile_view(p: &Policy, d: &Directory, now_ms: i64, view: View) -> Compiled 
     }
     // Unstable sorts: elements that compare equal are equal in every field (derived `Ord`),
     // and dedup removes them, so the result is the same without a stable sort's buffer.
+    // Equal rule lists become one allocation (each device's is its own until here).
+    let mut lists: BTreeMap<Arc<Vec<FilterRule>>, ()> = BTreeMap::new();
     for acc in devices.values_mut() {
-        acc.inbound.sort_unstable();
-        acc.inbound.dedup();
+        let inbound = Arc::make_mut(&mut acc.inbound);
+        inbound.sort_unstable();
+        inbound.dedup();
+        acc.inbound = match lists.get_key_value(&acc.inbound) {
+            Some((kept, _)) => Arc::clone(kept),
+            None => {
+                lists.insert(Arc::clone(&acc.inbound), ());
+                Arc::clone(&acc.inbound)
+            }
+        };
         acc.reach.sort_unstable();
         acc.reach.dedup();
     }

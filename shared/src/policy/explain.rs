@@ -524,6 +524,51 @@ pub fn diff(old: &Compiled, new: &Compiled, d: &Directory) -> Vec<AccessChange> 
     diff_bounded(old, new, d, usize::MAX).0
 }
 
+/// How many entries the merge in [`diff_bounded`] finds between one destination list on each
+/// side (or none on one side), without `me`; `None` for several lists on a side (those are
+/// merged the long way).
+fn count_changes(
+    old: Option<&Vec<&Arc<[ReachDest]>>>,
+    new: Option<&Vec<&Arc<[ReachDest]>>>,
+    me: DeviceId,
+) -> Option<usize> {
+    fn one<'a>(l: Option<&Vec<&'a Arc<[ReachDest]>>>) -> Option<&'a [ReachDest]> {
+        match l.map(|v| v.as_slice()) {
+            None | Some([]) => Some(&[]),
+            Some([x]) => Some(&x[..]),
+            Some(_) => None,
+        }
+    }
+    let (a, b) = (one(old)?, one(new)?);
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    // Each list is sorted by device id, one entry a device (built from a map by id).
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x.device_id == y.device_id => {
+                if x.hostname != y.hostname && x.device_id != me {
+                    n += 2;
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x.device_id < y.device_id => {
+                n += usize::from(x.device_id != me);
+                i += 1;
+            }
+            (Some(x), None) => {
+                n += usize::from(x.device_id != me);
+                i += 1;
+            }
+            (_, Some(y)) => {
+                n += usize::from(y.device_id != me);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    Some(n)
+}
+
 /// The first `max` changes of [`diff`] (in its order) and how many there are in all. A change
 /// to a rule every device falls under is one change per device pair and service (millions at
 /// 10 000 devices): counting them does not build them. Keys borrow from the compiles; only the
@@ -595,6 +640,8 @@ pub fn diff_bounded(
         let (mo, mn) = (opens(oa), opens(na));
         let (mut plus, mut minus): (Vec<Key<'_>>, Vec<Key<'_>>) = (Vec::new(), Vec::new());
         let keys: BTreeSet<&(&str, Proto, &[PortRange])> = mo.keys().chain(mn.keys()).collect();
+        // Both lists full: what is left is only counted, without building or sorting.
+        let counting = gained.len() >= max && lost.len() >= max;
         for key in keys {
             let (lo, ln) = (mo.get(key), mn.get(key));
             let equal = match (lo, ln) {
@@ -603,6 +650,12 @@ pub fn diff_bounded(
             };
             if equal {
                 continue;
+            }
+            if counting {
+                if let Some(n) = count_changes(lo, ln, id) {
+                    total += n;
+                    continue;
+                }
             }
             let (a, b) = (dests(lo, id), dests(ln, id));
             let (service, proto, ports) = *key;

@@ -577,8 +577,9 @@ pub struct DeviceAccess {
     /// Devices it may exchange packets with, in either direction. Symmetric: `b` is among
     /// `a`'s peers exactly when `a` is among `b`'s (the registry relies on it).
     pub peers: Peers,
-    /// Who may open what on it (sorted, deduplicated).
-    pub inbound: Vec<FilterRule>,
+    /// Who may open what on it (sorted, deduplicated). Shared by every device with the same
+    /// rules: a dense policy gives thousands of devices a few distinct lists.
+    pub inbound: Arc<Vec<FilterRule>>,
     /// What it may open elsewhere, by reference (sorted, deduplicated): each grant is shared
     /// by every source device of its rule, and its destination list by every grant of its
     /// service. [`DeviceAccess::reach_flat`] gives the flat list (one entry per destination).

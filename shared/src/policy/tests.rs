@@ -905,7 +905,7 @@ proptest! {
             let passes = match c.devices.get(&t.id) {
                 Some(acc) => {
                     let mut f = Filter::new(64);
-                    f.set_rules(acc.inbound.clone());
+                    f.set_rules(acc.inbound.to_vec());
                     f.check_inbound(&packet, Instant::now(), NOW) == Verdict::Allow
                 }
                 None => false,
@@ -917,14 +917,14 @@ proptest! {
                     let fx = crate::peerset::factor(&acc.inbound, None, None);
                     let sets: Vec<crate::peerset::PeerSet> = fx.sets.iter().map(|(id, p)| crate::peerset::PeerSet { id: *id, prefixes: p.to_vec() }).collect();
                     let flat = crate::peerset::expand(&fx.inbound, &sets, 1 << 16);
-                    for (x, y) in flat.iter().zip(&acc.inbound) {
+                    for (x, y) in flat.iter().zip(acc.inbound.iter()) {
                         let mut want = y.sources.to_vec();
                         want.sort_unstable();
                         want.dedup();
                         prop_assert_eq!(&x.sources, &want);
                     }
                     let mut f = Filter::new(64);
-                    f.set_rules_with_sets(fx.inbound, &sets);
+                    f.set_rules_with_sets(fx.inbound.to_vec(), &sets);
                     f.check_inbound(&packet, Instant::now(), NOW) == Verdict::Allow
                 }
                 None => false,
@@ -1436,7 +1436,7 @@ proptest! {
             prop_assert_eq!(&acc.reach, &e.reach);
             prop_assert_eq!(e.shadow_inbound.as_ref(), None);
             if watched.has_shadow() {
-                prop_assert_eq!(acc.shadow_inbound.as_ref(), Some(&cc.devices[id].inbound));
+                prop_assert_eq!(acc.shadow_inbound.as_ref(), Some(&*cc.devices[id].inbound));
             } else {
                 prop_assert_eq!(acc.shadow_inbound.as_ref(), None);
             }
@@ -1817,7 +1817,7 @@ proptest! {
                 continue;
             }
             let before = &old.devices[id];
-            for (a, b) in acc.inbound.iter().zip(&before.inbound) {
+            for (a, b) in acc.inbound.iter().zip(before.inbound.iter()) {
                 prop_assert!(Sources::ptr_eq(&a.sources, &b.sources), "device {id}: {a:?}");
             }
             for (a, b) in acc.reach.iter().zip(&before.reach) {

@@ -598,3 +598,62 @@ fn a_quarantined_held_peer_stays_out_of_the_sets_until_the_compile() {
     }
     assert!(out_once);
 }
+
+/// A session sent every peer while it had few goes on demand once its peers are well past the
+/// bound: a whole netmap on demand, holding the peers it had; a protocol-3 session never does.
+#[test]
+fn a_session_whose_peers_grow_past_the_bound_goes_on_demand() {
+    let mut r = reg(&[1, 2]);
+    r.set_peers_on_demand_above(2);
+    open_sessions(&mut r, &[1]);
+    r.handle_session_opened_speaking(
+        DeviceId(2),
+        20,
+        addr("10.0.0.2:1"),
+        DeviceUpdate::default(),
+        3,
+    )
+    .unwrap();
+    let out = drain(&mut r);
+    let nm = netmap(&out, 10);
+    assert!(!nm.on_demand);
+    assert_eq!(ids(&nm.peers), vec![2]);
+    assert!(!netmap(&out, 20).on_demand);
+    // Up to twice the bound, it stays as it is.
+    for id in [3, 4, 5] {
+        r.handle_device_upserted(dev(id));
+    }
+    let out = drain(&mut r);
+    assert!(out.iter().all(|o| !matches!(
+        o,
+        Output::Send {
+            msg: CoordinatorMsg::Netmap(_),
+            ..
+        }
+    )));
+    assert_eq!(
+        ids(&deltas(&out, 10).last().expect("a delta").upsert),
+        vec![3, 4, 5]
+    );
+    // Past it: a whole netmap on demand, with the peers it had.
+    r.handle_device_upserted(dev(6));
+    let out = drain(&mut r);
+    let nm = netmap(&out, 10);
+    assert!(nm.on_demand);
+    assert_eq!(ids(&nm.peers), vec![2, 3, 4, 5]);
+    assert_eq!(
+        r.handle_want_peer(DeviceId(1), 10, PeerRef::Addr(v4(6)), 1),
+        Ok(vec![DeviceId(6)])
+    );
+    let d = deltas(&drain(&mut r), 10);
+    assert_eq!(ids(&d[0].upsert), vec![6]);
+    assert_eq!(d[0].base_seq, nm.seq, "deltas follow the new netmap");
+    // The protocol-3 session keeps every peer: no new netmap, deltas only.
+    assert!(!out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            conn: 20,
+            msg: CoordinatorMsg::Netmap(_)
+        }
+    )));
+}
