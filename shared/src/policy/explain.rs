@@ -627,10 +627,32 @@ pub fn diff_bounded(
     // over equal destination lists on both sides changes nothing, whatever its rule.
     let (mut gained, mut lost) = (Vec::new(), Vec::new());
     let mut total = 0usize;
+    // Two compiles made apart (a policy check's against the applied one) share no lists:
+    // each pair of destination lists is compared once, not once per device that has it (at
+    // 10 000 dense devices, thousands of entries a list, 50 grants a device).
+    let mut lists: rustc_hash::FxHashMap<(usize, usize), bool> = Default::default();
+    let mut same_list = |x: &Arc<[ReachDest]>, y: &Arc<[ReachDest]>| -> bool {
+        let key = (
+            Arc::as_ptr(x).cast::<u8>() as usize,
+            Arc::as_ptr(y).cast::<u8>() as usize,
+        );
+        Arc::ptr_eq(x, y) || *lists.entry(key).or_insert_with(|| **x == **y)
+    };
     for id in ids {
         let (oa, na) = (old.devices.get(&id), new.devices.get(&id));
         let same = match (oa, na) {
-            (Some(a), Some(b)) => a.reach == b.reach,
+            (Some(a), Some(b)) => {
+                a.reach.len() == b.reach.len()
+                    && a.reach.iter().zip(&b.reach).all(|(g, h)| {
+                        Arc::ptr_eq(g, h)
+                            || (g.service == h.service
+                                && g.proto == h.proto
+                                && g.ports == h.ports
+                                && g.rule == h.rule
+                                && g.not_after_ms == h.not_after_ms
+                                && same_list(&g.devices, &h.devices))
+                    })
+            }
             (None, None) => true,
             _ => false,
         };
@@ -645,7 +667,9 @@ pub fn diff_bounded(
         for key in keys {
             let (lo, ln) = (mo.get(key), mn.get(key));
             let equal = match (lo, ln) {
-                (Some(a), Some(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y),
+                (Some(a), Some(b)) => {
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same_list(x, y))
+                }
                 _ => false,
             };
             if equal {
