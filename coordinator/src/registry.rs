@@ -4772,6 +4772,38 @@ to = ["all"]
 
     /// Two teams of three devices, each team the other's stranger: a change to one device
     /// concerns its own team's sessions only.
+    /// Applies a netmap or delta output to what each connection holds.
+    fn apply_output(held: &mut BTreeMap<ConnId, Netmap>, o: &Output) {
+        match o {
+            Output::Send {
+                conn,
+                msg: CoordinatorMsg::Netmap(nm),
+            } => {
+                held.insert(*conn, nm.clone());
+            }
+            Output::Send {
+                conn,
+                msg: CoordinatorMsg::NetmapDelta(d),
+            } => held
+                .get_mut(conn)
+                .expect("a netmap first")
+                .apply(d)
+                .expect("applies"),
+            _ => {}
+        }
+    }
+
+    /// Device `id` under an admin's quarantine.
+    fn quarantined(id: u64) -> Device {
+        let mut d = dev(id);
+        d.quarantine = Some(crate::store::Quarantine {
+            since_ms: 0,
+            reason: "test".into(),
+            automatic: false,
+        });
+        d
+    }
+
     fn two_teams() -> Registry {
         teams_under(
             br#"
@@ -5609,26 +5641,8 @@ to = ["all", "patch"]
         r.handle_policy(p);
         open_sessions(&mut r, &[1, 2, 3]);
         let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
-        let apply = |held: &mut BTreeMap<ConnId, Netmap>, o: &Output| match o {
-            Output::Send {
-                conn,
-                msg: CoordinatorMsg::Netmap(nm),
-            } => {
-                held.insert(*conn, nm.clone());
-            }
-            Output::Send {
-                conn,
-                msg: CoordinatorMsg::NetmapDelta(d),
-            } => {
-                held.get_mut(conn)
-                    .expect("a netmap first")
-                    .apply(d)
-                    .expect("applies");
-            }
-            _ => {}
-        };
         for o in drain(&mut r) {
-            apply(&mut held, &o);
+            apply_output(&mut held, &o);
         }
         let q: IpAddr = "100.64.0.2".parse().unwrap();
         // Which services of `conn` let the quarantined device in.
@@ -5647,13 +5661,7 @@ to = ["all", "patch"]
                 BTreeSet::from(["all".into(), "patch".into()])
             );
         }
-        let mut qd = dev(2);
-        qd.quarantine = Some(crate::store::Quarantine {
-            since_ms: 0,
-            reason: "test".into(),
-            automatic: false,
-        });
-        r.handle_device_upserted(qd);
+        r.handle_device_upserted(quarantined(2));
         let mut first: BTreeMap<ConnId, BTreeSet<String>> = BTreeMap::new();
         let mut compiled_before_told = false;
         for o in drain(&mut r) {
@@ -5665,7 +5673,7 @@ to = ["all", "patch"]
                 // The quarantined device's own narrowing comes from the compile.
                 compiled_before_told |= first.len() < 2;
             }
-            apply(&mut held, &o);
+            apply_output(&mut held, &o);
             if let Output::Send {
                 conn: c @ (10 | 30),
                 msg: CoordinatorMsg::NetmapDelta(_),
@@ -5694,11 +5702,11 @@ to = ["all", "patch"]
         let kept = held[&10].clone();
         r.handle_session_closed(DeviceId(1), 10);
         for o in drain(&mut r) {
-            apply(&mut held, &o);
+            apply_output(&mut held, &o);
         }
         open_sessions(&mut r, &[1]);
         for o in drain(&mut r) {
-            apply(&mut held, &o);
+            apply_output(&mut held, &o);
         }
         let fresh = &held[&10];
         let expand = |nm: &Netmap| peerset::expand(&nm.inbound, &nm.peer_sets, 1 << 16);
@@ -5728,26 +5736,8 @@ to = ["all"]
         r.handle_policy(p);
         open_sessions(&mut r, &[1, 2, 3, 4]);
         let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
-        let apply = |held: &mut BTreeMap<ConnId, Netmap>, o: &Output| match o {
-            Output::Send {
-                conn,
-                msg: CoordinatorMsg::Netmap(nm),
-            } => {
-                held.insert(*conn, nm.clone());
-            }
-            Output::Send {
-                conn,
-                msg: CoordinatorMsg::NetmapDelta(d),
-            } => {
-                held.get_mut(conn)
-                    .expect("a netmap first")
-                    .apply(d)
-                    .expect("applies");
-            }
-            _ => {}
-        };
         for o in drain(&mut r) {
-            apply(&mut held, &o);
+            apply_output(&mut held, &o);
         }
         let q: IpAddr = "100.64.0.2".parse().unwrap();
         let lets_in = |held: &BTreeMap<ConnId, Netmap>, conn: ConnId| -> bool {
@@ -5758,17 +5748,11 @@ to = ["all"]
                 .any(|r| peerset::rule_has_source(r, &sets, q))
         };
         assert!(lets_in(&held, 10) && lets_in(&held, 30));
-        let mut qd = dev(2);
-        qd.quarantine = Some(crate::store::Quarantine {
-            since_ms: 0,
-            reason: "test".into(),
-            automatic: false,
-        });
-        r.handle_device_upserted(qd);
+        r.handle_device_upserted(quarantined(2));
         r.handle_device_removed(DeviceId(4), "revoked");
         let mut closed: BTreeSet<ConnId> = BTreeSet::new();
         for o in drain(&mut r) {
-            apply(&mut held, &o);
+            apply_output(&mut held, &o);
             for conn in [10, 30] {
                 if let Output::Send { conn: c, .. } = &o {
                     if *c == conn && !lets_in(&held, conn) {

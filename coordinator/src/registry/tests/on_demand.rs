@@ -551,25 +551,7 @@ fn a_quarantined_held_peer_stays_out_of_the_sets_until_the_compile() {
     open_sessions(&mut r, &[1, 2, 3]);
     let mut held: BTreeMap<ConnId, Netmap> = BTreeMap::new();
     let apply = |held: &mut BTreeMap<ConnId, Netmap>, out: &[Output]| {
-        for o in out {
-            match o {
-                Output::Send {
-                    conn,
-                    msg: CoordinatorMsg::Netmap(nm),
-                } => {
-                    held.insert(*conn, nm.clone());
-                }
-                Output::Send {
-                    conn,
-                    msg: CoordinatorMsg::NetmapDelta(d),
-                } => held
-                    .get_mut(conn)
-                    .expect("a netmap first")
-                    .apply(d)
-                    .expect("applies"),
-                _ => {}
-            }
-        }
+        out.iter().for_each(|o| apply_output(held, o));
     };
     let out = drain(&mut r);
     apply(&mut held, &out);
@@ -581,13 +563,7 @@ fn a_quarantined_held_peer_stays_out_of_the_sets_until_the_compile() {
     let out = drain(&mut r);
     apply(&mut held, &out);
     assert!(!lets_in(&held[&10], v4(2)).is_empty());
-    let mut qd = dev(2);
-    qd.quarantine = Some(crate::store::Quarantine {
-        since_ms: 0,
-        reason: "test".into(),
-        automatic: false,
-    });
-    r.handle_device_upserted(qd);
+    r.handle_device_upserted(quarantined(2));
     r.handle_device_removed(DeviceId(3), "revoked");
     let mut out_once = false;
     while let Some(o) = r.poll_output() {
