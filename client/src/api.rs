@@ -188,6 +188,10 @@ pub struct DeviceView {
     pub clock_offset_ms: Option<i64>,
     pub quarantine: Option<String>,
     pub unavailable: Vec<Unavailable>,
+    /// Withheld entries left out of `unavailable` (it lists at most
+    /// [`ward_shared::wire::MAX_UNAVAILABLE`]).
+    #[serde(default)]
+    pub unavailable_more: u64,
     /// This device's behaviour risk as the coordinator judges it (when it has one, or the
     /// policy caps it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -538,6 +542,7 @@ mod tests {
                 clock_offset_ms: Some(5),
                 quarantine: None,
                 unavailable: vec![],
+                unavailable_more: 0,
                 risk: None,
                 sign_in_again: None,
                 reach: vec![],

@@ -662,6 +662,12 @@ fn print_status(v: &StatusView) {
     for u in &d.unavailable {
         println!("unavailable:  {u}");
     }
+    if d.unavailable_more > 0 {
+        println!(
+            "unavailable:  and {} more on other devices",
+            d.unavailable_more
+        );
+    }
     println!("peers:        {}", v.peers.len());
     for p in &v.peers {
         let hs = match p.last_handshake_secs {

@@ -1503,6 +1503,7 @@ impl Registry {
             unavailable.sort();
             unavailable.dedup();
         }
+        let unavailable_more = cap_unavailable(&mut unavailable);
         let (score, reason) = self.trust.risk(id);
         let risk = self.policy.as_ref().and_then(|p| {
             let max_risk = p.postures.values().filter_map(|q| q.max_risk).min();
@@ -1519,6 +1520,7 @@ impl Registry {
             results: self.trust.evaluations(id).to_vec(),
             quarantine,
             unavailable,
+            unavailable_more,
             risk,
         }
     }
@@ -3858,6 +3860,38 @@ fn inbound_allows(rules: &[FilterRule], f: &DeniedFlow, now_ms: i64) -> bool {
     })
 }
 
+/// Cuts a sorted, deduplicated `unavailable` list to [`wire::MAX_UNAVAILABLE`] entries and
+/// returns how many were left out. Every withheld (service, rule) keeps its first entry, so
+/// the list still names everything trust withholds; the rest of the room is taken in order.
+fn cap_unavailable(list: &mut Vec<Unavailable>) -> u64 {
+    let max = ward_shared::wire::MAX_UNAVAILABLE;
+    if list.len() <= max {
+        return 0;
+    }
+    let total = list.len();
+    let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
+    let mut keep = vec![false; total];
+    let mut kept = 0;
+    for (i, u) in list.iter().enumerate() {
+        if kept < max && seen.insert((u.service.as_str(), u.rule.as_str())) {
+            keep[i] = true;
+            kept += 1;
+        }
+    }
+    for k in keep.iter_mut() {
+        if kept == max {
+            break;
+        }
+        if !*k {
+            *k = true;
+            kept += 1;
+        }
+    }
+    let mut flags = keep.into_iter();
+    list.retain(|_| flags.next().unwrap_or(false));
+    (total - list.len()) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -4802,6 +4836,81 @@ to = ["all"]
             automatic: false,
         });
         d
+    }
+
+    /// A quarantined device that the policy would let reach every service on 200 devices is
+    /// told what is withheld in a verdict of bounded size: at most `MAX_UNAVAILABLE` entries,
+    /// each withheld service and rule among them, and the rest counted. Before the bound, a
+    /// quarantined device of a 10 000-device organisation was sent a 21 MB verdict that it
+    /// refused, dropping its session again on every reconnect.
+    #[test]
+    fn a_verdict_lists_withheld_access_up_to_a_bound_and_counts_the_rest() {
+        let p = policy::parse(
+            br#"
+[groups]
+eng = ["alice"]
+[services.ssh]
+devices = ["group:eng"]
+ports = ["tcp/22"]
+[services.web]
+devices = ["group:eng"]
+ports = ["tcp/443"]
+[[rules]]
+name = "ssh"
+from = ["group:eng"]
+to = ["ssh"]
+[[rules]]
+name = "web"
+from = ["group:eng"]
+to = ["web"]
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        let devices = (1..=200).map(|i| if i == 1 { quarantined(1) } else { dev(i) });
+        let r = Registry::new(
+            AddressPools::from_random([0; 5]),
+            devices,
+            [],
+            Some(p),
+            vec![],
+            vec![],
+            0,
+        );
+        let v = r.trust_view(DeviceId(1));
+        let max = ward_shared::wire::MAX_UNAVAILABLE;
+        assert_eq!(v.unavailable.len(), max);
+        // 199 other devices, two services each.
+        assert_eq!(v.unavailable.len() as u64 + v.unavailable_more, 2 * 199);
+        for svc in ["ssh", "web"] {
+            assert!(
+                v.unavailable
+                    .iter()
+                    .any(|u| u.service == svc && u.rule == svc),
+                "{svc} is named among the kept entries"
+            );
+        }
+        assert!(
+            v.unavailable.windows(2).all(|w| w[0] < w[1]),
+            "sorted, once each"
+        );
+        assert!(v.lines().iter().any(|l| l.contains("and 142 more")));
+        // A service listed after hundreds of entries of another is still named.
+        let entry = |svc: &str, host: u64| Unavailable {
+            service: svc.into(),
+            hostname: Hostname::parse(&format!("h{host:04}")).unwrap(),
+            rule: svc.into(),
+            reasons: vec!["quarantined: test".into()],
+        };
+        let mut long: Vec<Unavailable> = (0..300).map(|h| entry("a", h)).collect();
+        long.push(entry("b", 0));
+        assert_eq!(cap_unavailable(&mut long), 301 - max as u64);
+        assert_eq!(long.len(), max);
+        assert!(long.iter().any(|u| u.service == "b"));
+        // A device whose withheld access fits is told all of it, with nothing counted.
+        let mut short: Vec<Unavailable> = v.unavailable[..10].to_vec();
+        assert_eq!(cap_unavailable(&mut short), 0);
+        assert_eq!(short.len(), 10);
     }
 
     fn two_teams() -> Registry {

@@ -30,12 +30,26 @@ pub enum Proto {
 /// destination of one rule and service the same list (one allocation, a pointer per rule), so
 /// a dense policy costs O(rules × sources) addresses, not O(destinations × sources). On the
 /// wire it is a plain list of addresses.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Eq)]
 pub struct Sources(Arc<[IpAddr]>);
 
 // By content, but one shared list is equal to itself at once: sorting a device's rules
 // compared the same thousands of addresses element by element (at 10 000 devices under a
-// dense policy, most of a compile).
+// dense policy, most of a compile). `Arc`'s own equality skips the comparison for one
+// allocation only when the pointee is sized, so a slice needs it spelled out.
+impl PartialEq for Sources {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0[..] == other.0[..]
+    }
+}
+
+// By content, as equality is.
+impl std::hash::Hash for Sources {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0[..].hash(state);
+    }
+}
+
 impl Ord for Sources {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         if Arc::ptr_eq(&self.0, &other.0) {

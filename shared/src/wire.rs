@@ -327,6 +327,13 @@ impl std::fmt::Display for PeerRef {
 /// wanted longest ago (a delta removes it; the device asks again when it needs it).
 pub const MAX_HELD_PEERS: usize = 1024;
 
+/// Most entries in a posture verdict's `unavailable` list; the rest are counted.
+pub const MAX_UNAVAILABLE: usize = 256;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Most entries in one `denied_flows` message.
 pub const MAX_DENIED_FLOWS: usize = 256;
 
@@ -353,9 +360,14 @@ pub struct PostureVerdict {
     /// Set while the device is quarantined: why.
     #[serde(default)]
     pub quarantine: Option<String>,
-    /// Access the policy would give this device but trust currently withholds.
+    /// Access the policy would give this device but trust currently withholds: at most
+    /// [`MAX_UNAVAILABLE`] entries, every withheld service and rule among them.
     #[serde(default)]
     pub unavailable: Vec<Unavailable>,
+    /// Withheld entries left out of `unavailable` (a quarantined device of a large
+    /// organisation would otherwise be told of every service on every device, megabytes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unavailable_more: u64,
     /// The device's behaviour risk, when it has one or the policy caps it (`max_risk`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub risk: Option<RiskView>,
@@ -428,6 +440,12 @@ impl PostureVerdict {
             ));
         }
         out.extend(self.unavailable.iter().map(|u| format!("unavailable: {u}")));
+        if self.unavailable_more > 0 {
+            out.push(format!(
+                "unavailable: and {} more on other devices",
+                self.unavailable_more
+            ));
+        }
         if let Some(r) = &self.risk {
             out.push(r.to_string());
         }

@@ -270,6 +270,7 @@ pub fn status(s: Sources<'_>) -> StatusView {
             clock_offset_ms: offset,
             quarantine: verdict.and_then(|v| v.quarantine.clone()),
             unavailable: verdict.map(|v| v.unavailable.clone()).unwrap_or_default(),
+            unavailable_more: verdict.map(|v| v.unavailable_more).unwrap_or(0),
             risk: verdict.and_then(|v| v.risk.clone()),
             sign_in_again: verdict.and_then(|v| v.sign_in_again().map(str::to_string)),
             reach,

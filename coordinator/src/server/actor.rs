@@ -246,7 +246,47 @@ fn encode_for(
             }
         }
     }
-    wire::encode_with(&msg, cache)
+    let frame = wire::encode_with(&msg, cache);
+    if frame.len() > 4 + wire::MAX_COORDINATOR_FRAME {
+        warn!(
+            conn,
+            bytes = frame.len() - 4,
+            parts = %oversized_parts(&msg),
+            "message over the device's frame limit; the device will drop the session"
+        );
+    }
+    frame
+}
+
+/// The largest top-level parts of a message, as `name=bytes`, for the log line of a frame
+/// that a device will refuse.
+fn oversized_parts(msg: &wire::CoordinatorMsg) -> String {
+    let Ok(serde_json::Value::Object(outer)) = serde_json::to_value(msg) else {
+        return String::new();
+    };
+    let mut parts: Vec<(String, usize)> = Vec::new();
+    for (kind, inner) in &outer {
+        match inner {
+            serde_json::Value::Object(fields) => {
+                for (name, v) in fields {
+                    let n = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(0);
+                    let count = v.as_array().map(|a| a.len()).unwrap_or(1);
+                    parts.push((format!("{kind}.{name}[{count}]"), n));
+                }
+            }
+            v => parts.push((
+                kind.clone(),
+                serde_json::to_vec(v).map(|b| b.len()).unwrap_or(0),
+            )),
+        }
+    }
+    parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+    parts
+        .iter()
+        .take(6)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub(super) enum Event {

@@ -1119,3 +1119,21 @@ fn flows_this_device_opens_carry_no_candidate_verdict() {
     assert_eq!(s.len(), 1);
     assert_eq!((s[0].key.role, s[0].key.shadow), (Role::Initiator, None));
 }
+
+/// Source lists compare by content: one shared list equals itself, equal lists in separate
+/// allocations are equal (and order equal), and lists that differ are not.
+#[test]
+fn source_lists_compare_by_content_and_one_list_equals_itself_at_once() {
+    let a: IpAddr = "100.64.0.1".parse().unwrap();
+    let b: IpAddr = "100.64.0.2".parse().unwrap();
+    let one = Sources::from(vec![a, b]);
+    let same = one.clone();
+    let twin = Sources::from(vec![a, b]);
+    let other = Sources::from(vec![a]);
+    assert!(Sources::ptr_eq(&one, &same) && one == same);
+    assert!(!Sources::ptr_eq(&one, &twin));
+    assert_eq!(one, twin);
+    assert_eq!(one.cmp(&twin), std::cmp::Ordering::Equal);
+    assert_ne!(one, other);
+    assert_ne!(one.cmp(&other), std::cmp::Ordering::Equal);
+}
