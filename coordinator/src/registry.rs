@@ -16,7 +16,7 @@
 //! Time-bound rules and grants make the core ask to be woken at their expiry
 //! (`poll_timeout`); the driver then calls `handle_time`.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -268,18 +268,67 @@ struct Sent {
     held_lists: Option<BTreeMap<String, Vec<DeviceId>>>,
 }
 
+/// Each destination list's members as a bit set over device ids, made once per list (and
+/// dropped with the compile): a session on demand tests each peer it holds against every list
+/// it reaches, and a binary search of a list of 10 000 named destinations was a cache miss at
+/// every step, for each of 10 000 sessions. The cache keeps each list alive, so a list's
+/// address is never reused for another while it is cached.
+#[derive(Debug, Default)]
+struct ListMembers {
+    lists: HashMap<usize, (Arc<[ReachDest]>, Option<Vec<u64>>)>,
+}
+
+impl ListMembers {
+    /// Ids above this are looked up by binary search instead (a bit set would be too large).
+    const MAX_BIT: u64 = 1 << 22;
+
+    fn clear(&mut self) {
+        self.lists.clear();
+    }
+
+    fn contains(&mut self, list: &Arc<[ReachDest]>, id: DeviceId) -> bool {
+        let key = Arc::as_ptr(list).cast::<ReachDest>() as usize;
+        let (_, bits) = self
+            .lists
+            .entry(key)
+            .or_insert_with(|| (Arc::clone(list), member_bits(list)));
+        match bits {
+            Some(bits) if id.0 <= Self::MAX_BIT => {
+                let i = id.0 as usize;
+                bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+            }
+            _ => list.binary_search_by(|d| d.device_id.cmp(&id)).is_ok(),
+        }
+    }
+}
+
+/// `list`'s device ids as bits, or `None` when one is too large for a bit set.
+fn member_bits(list: &[ReachDest]) -> Option<Vec<u64>> {
+    let max = list.last()?.device_id.0;
+    if max > ListMembers::MAX_BIT {
+        return None;
+    }
+    let mut bits = vec![0u64; max as usize / 64 + 1];
+    for d in list {
+        let i = d.device_id.0 as usize;
+        bits[i / 64] |= 1 << (i % 64);
+    }
+    Some(bits)
+}
+
 /// Each service's destinations among `held` (sorted): what a device on demand is told of the
 /// services it may reach (it names only destinations it holds as peers anyway).
 fn held_reach_lists(
     grants: &[Arc<ReachGrant>],
     held: &[DeviceId],
+    members: &mut ListMembers,
 ) -> BTreeMap<String, Vec<DeviceId>> {
     reach_lists(grants)
         .into_iter()
         .map(|(service, l)| {
             let devices = held
                 .iter()
-                .filter(|id| l.binary_search_by(|d| d.device_id.cmp(id)).is_ok())
+                .filter(|id| members.contains(l, **id))
                 .copied()
                 .collect();
             (service.to_string(), devices)
@@ -295,6 +344,7 @@ fn recut_reach_lists<'a>(
     held: &mut BTreeMap<String, Vec<DeviceId>>,
     gained: &[DeviceId],
     lost: &[DeviceId],
+    members: &mut ListMembers,
 ) -> BTreeSet<&'a str> {
     let mut changed = BTreeSet::new();
     if gained.is_empty() && lost.is_empty() {
@@ -316,7 +366,7 @@ fn recut_reach_lists<'a>(
         list.retain(|d| !lost.contains(d));
         let mut touched = list.len() != before;
         for id in gained {
-            if g.devices.binary_search_by(|d| d.device_id.cmp(id)).is_ok() {
+            if members.contains(&g.devices, *id) {
                 if let Err(i) = list.binary_search(id) {
                     list.insert(i, *id);
                     touched = true;
@@ -410,6 +460,8 @@ pub struct Registry {
     /// The compile's shared source lists, aggregated into prefixes once for every session
     /// factored (cleared with each new compile).
     aggregated: peerset::Aggregated,
+    /// The compile's destination lists as bit sets (cleared with each new compile).
+    list_members: ListMembers,
     /// What `compiled` was compiled from; `None` forces a compile.
     compiled_for: Option<CompiledFor>,
     /// Bumped by every new policy (so a cached compile is never reused across policies).
@@ -625,6 +677,7 @@ impl Registry {
             verdicts: BTreeSet::new(),
             produced_since_verdict: 0,
             aggregated: peerset::Aggregated::default(),
+            list_members: ListMembers::default(),
             compiled_for: None,
             policy_gen: 0,
             compiles: 0,
@@ -2838,6 +2891,7 @@ impl Registry {
         });
         if !unchanged {
             self.aggregated.clear();
+            self.list_members.clear();
             // Which requirements apply where depends on the same inputs as the compile.
             self.refresh_needed();
             let handover = self.handover.take();
@@ -3076,7 +3130,7 @@ impl Registry {
                         .collect();
                     let held_lists = (on_demand && by_ref).then(|| {
                         let ids: Vec<DeviceId> = want.keys().copied().collect();
-                        held_reach_lists(reach, &ids)
+                        held_reach_lists(reach, &ids, &mut self.list_members)
                     });
                     let full_sets = on_demand.then(|| {
                         let addrs = held_addrs(want.values().map(|p| &*p.view));
@@ -3222,23 +3276,23 @@ impl Registry {
                             Some(f) => f.sets.clone(),
                             None => sent.full_sets.clone().unwrap_or_default(),
                         };
+                        let gained = held_addrs(
+                            upsert
+                                .iter()
+                                .filter(|(v, _)| !sent.peers.contains_key(&v.device_id))
+                                .map(|(v, _)| &**v),
+                        );
+                        let lost = held_addrs(
+                            remove
+                                .iter()
+                                .filter_map(|k| sent.peers.get(k))
+                                .map(|p| &*p.view),
+                        );
                         // The same full sets: only the peers gained and lost can change the
                         // cut (a want costs its own addresses, not every held peer's).
-                        let recut = filter.is_none().then(|| {
-                            let gained = held_addrs(
-                                upsert
-                                    .iter()
-                                    .filter(|(v, _)| !sent.peers.contains_key(&v.device_id))
-                                    .map(|(v, _)| &**v),
-                            );
-                            let lost = held_addrs(
-                                remove
-                                    .iter()
-                                    .filter_map(|k| sent.peers.get(k))
-                                    .map(|p| &*p.view),
-                            );
-                            peerset::recut(&full, &sent.filter.sets, &gained, &lost)
-                        });
+                        let recut = filter
+                            .is_none()
+                            .then(|| peerset::recut(&full, &sent.filter.sets, &gained, &lost));
                         let (cut, changes) = match recut.flatten() {
                             Some((cut, changes)) => (cut, Some(changes)),
                             None => {
@@ -3250,7 +3304,20 @@ impl Registry {
                                         .map(|(_, p)| &*p.view)
                                         .chain(upsert.iter().map(|(v, _)| &**v)),
                                 );
-                                (peerset::restrict(&full, &addrs), None)
+                                // A new compile: the sets whose populations it left alone
+                                // (the same interned allocation) are cut again from what
+                                // was sent.
+                                let cut = match &sent.full_sets {
+                                    Some(prev_full) => peerset::restrict_reusing(
+                                        &full,
+                                        &addrs,
+                                        (prev_full, &sent.filter.sets),
+                                        &gained,
+                                        &lost,
+                                    ),
+                                    None => peerset::restrict(&full, &addrs),
+                                };
+                                (cut, None)
                             }
                         };
                         match &mut filter {
@@ -3289,11 +3356,15 @@ impl Registry {
                             .iter()
                             .map(|g| grant_terms(g))
                             .eq(reach.iter().map(|g| grant_terms(g)));
-                        let lists: Vec<ReachService> = new
-                            .iter()
-                            .filter(|(k, l)| old.get(*k).is_none_or(|o| !same_devices(o, l)))
-                            .map(|(service, l)| wire_list(service, l))
-                            .collect();
+                        // On demand, the lists are cut for the held peers below instead.
+                        let lists: Vec<ReachService> = if on_demand {
+                            Vec::new()
+                        } else {
+                            new.iter()
+                                .filter(|(k, l)| old.get(*k).is_none_or(|o| !same_devices(o, l)))
+                                .map(|(service, l)| wire_list(service, l))
+                                .collect()
+                        };
                         let removed: Vec<String> = old
                             .keys()
                             .filter(|k| !new.contains_key(*k))
@@ -3316,7 +3387,13 @@ impl Registry {
                                     .map(|(v, _)| v.device_id)
                                     .filter(|k| !sent.peers.contains_key(k))
                                     .collect();
-                                let changed = recut_reach_lists(reach, &mut held, &gained, &remove);
+                                let changed = recut_reach_lists(
+                                    reach,
+                                    &mut held,
+                                    &gained,
+                                    &remove,
+                                    &mut self.list_members,
+                                );
                                 let lists: Vec<ReachService> = changed
                                     .into_iter()
                                     .filter_map(|service| {
@@ -3339,7 +3416,7 @@ impl Registry {
                                     .collect();
                                 ids.sort_unstable();
                                 ids.dedup();
-                                let new = held_reach_lists(reach, &ids);
+                                let new = held_reach_lists(reach, &ids, &mut self.list_members);
                                 let lists: Vec<ReachService> = new
                                     .iter()
                                     .filter(|(k, l)| held.get(*k) != Some(*l))
@@ -4836,6 +4913,34 @@ to = ["all"]
             automatic: false,
         });
         d
+    }
+
+    /// A destination list's members are found by bit set, and past the bit set's bound by
+    /// search: either way exactly the list's devices.
+    #[test]
+    fn list_members_are_exactly_the_list_s_devices() {
+        let dest = |id: u64| ReachDest {
+            device_id: DeviceId(id),
+            hostname: Hostname::parse(&format!("h{id}")).unwrap(),
+        };
+        let big = ListMembers::MAX_BIT + 5;
+        let small: Arc<[ReachDest]> = [1, 64, 65, 200].map(dest).into();
+        let wide: Arc<[ReachDest]> = [3, big].map(dest).into();
+        let empty: Arc<[ReachDest]> = Vec::new().into();
+        let mut m = ListMembers::default();
+        for id in 0..300 {
+            assert_eq!(
+                m.contains(&small, DeviceId(id)),
+                [1, 64, 65, 200].contains(&id),
+                "{id}"
+            );
+        }
+        assert!(!m.contains(&small, DeviceId(big)));
+        assert!(m.contains(&wide, DeviceId(3)) && m.contains(&wide, DeviceId(big)));
+        assert!(!m.contains(&wide, DeviceId(4)));
+        assert!(!m.contains(&empty, DeviceId(1)));
+        m.clear();
+        assert!(m.contains(&small, DeviceId(65)));
     }
 
     /// A quarantined device that the policy would let reach every service on 200 devices is

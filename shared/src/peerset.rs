@@ -185,15 +185,52 @@ pub fn contains_sorted(prefixes: &[Prefix], ip: IpAddr) -> bool {
 /// change one address at a time.
 pub fn restrict(full: &SetBook, held: &[IpAddr]) -> SetBook {
     full.iter()
-        .map(|(id, prefixes)| {
-            let mut kept: Vec<Prefix> = held
-                .iter()
-                .filter(|a| contains_sorted(prefixes, **a))
-                .map(|a| Prefix::host(*a))
-                .collect();
-            kept.sort_unstable();
-            kept.dedup();
-            (*id, Arc::new(kept))
+        .map(|(id, prefixes)| (*id, Arc::new(restrict_one(prefixes, held))))
+        .collect()
+}
+
+/// One set of [`restrict`].
+fn restrict_one(prefixes: &[Prefix], held: &[IpAddr]) -> Vec<Prefix> {
+    let mut kept: Vec<Prefix> = held
+        .iter()
+        .filter(|a| contains_sorted(prefixes, **a))
+        .map(|a| Prefix::host(*a))
+        .collect();
+    kept.sort_unstable();
+    kept.dedup();
+    kept
+}
+
+/// [`restrict`] of `full` for `held`, reusing `prev` where it can: `prev` is a `(full, cut)`
+/// pair made for the held addresses before they gained `gained` and lost `lost`. A set
+/// whose full allocation is the one `prev` cut (aggregations are interned, so an unchanged
+/// population keeps its allocation across compiles) is brought up to date from its old cut
+/// by those addresses alone; any other set is cut afresh. After a policy change that leaves
+/// most populations alone, a session's sets cost what changed, not every held address
+/// searched in every set. The result is what [`restrict`] gives.
+pub fn restrict_reusing(
+    full: &SetBook,
+    held: &[IpAddr],
+    prev: (&SetBook, &SetBook),
+    gained: &[IpAddr],
+    lost: &[IpAddr],
+) -> SetBook {
+    let (prev_full, prev_cut) = prev;
+    let gained: Vec<Prefix> = gained.iter().map(|a| Prefix::host(*a)).collect();
+    let lost: Vec<Prefix> = lost.iter().map(|a| Prefix::host(*a)).collect();
+    full.iter()
+        .map(|(id, f)| {
+            let same = prev_full.get(id).is_some_and(|o| Arc::ptr_eq(o, f));
+            match prev_cut.get(id).filter(|_| same) {
+                Some(c) => {
+                    let cut = match recut_one(f, c, &gained, &lost) {
+                        Some((next, _, _)) => Arc::new(next),
+                        None => Arc::clone(c),
+                    };
+                    (*id, cut)
+                }
+                None => (*id, Arc::new(restrict_one(f, held))),
+            }
         })
         .collect()
 }
@@ -216,34 +253,10 @@ pub fn recut(
     let mut changes = Vec::new();
     let mut out = SetBook::new();
     for ((id, f), c) in full.iter().zip(cut.values()) {
-        let mut add: Vec<Prefix> = gained
-            .iter()
-            .filter(|h| contains_sorted(f, h.addr()) && c.binary_search(h).is_err())
-            .copied()
-            .collect();
-        let mut remove: Vec<Prefix> = lost
-            .iter()
-            .filter(|h| c.binary_search(h).is_ok() && !add.contains(h))
-            .copied()
-            .collect();
-        if add.is_empty() && remove.is_empty() {
+        let Some((next, add, remove)) = recut_one(f, c, &gained, &lost) else {
             out.insert(*id, Arc::clone(c));
             continue;
-        }
-        add.sort_unstable();
-        add.dedup();
-        remove.sort_unstable();
-        remove.dedup();
-        let mut next: Vec<Prefix> = c
-            .iter()
-            .filter(|h| remove.binary_search(h).is_err())
-            .copied()
-            .collect();
-        for h in &add {
-            if let Err(i) = next.binary_search(h) {
-                next.insert(i, *h);
-            }
-        }
+        };
         out.insert(*id, Arc::new(next));
         changes.push(PeerSetChange {
             id: *id,
@@ -253,6 +266,44 @@ pub fn recut(
         });
     }
     Some((out, changes))
+}
+
+/// One set of [`recut`]: the new cut with what it added and removed, or `None` when the
+/// gained and lost host prefixes leave it as it is.
+fn recut_one(
+    f: &[Prefix],
+    c: &[Prefix],
+    gained: &[Prefix],
+    lost: &[Prefix],
+) -> Option<(Vec<Prefix>, Vec<Prefix>, Vec<Prefix>)> {
+    let mut add: Vec<Prefix> = gained
+        .iter()
+        .filter(|h| contains_sorted(f, h.addr()) && c.binary_search(h).is_err())
+        .copied()
+        .collect();
+    let mut remove: Vec<Prefix> = lost
+        .iter()
+        .filter(|h| c.binary_search(h).is_ok() && !add.contains(h))
+        .copied()
+        .collect();
+    if add.is_empty() && remove.is_empty() {
+        return None;
+    }
+    add.sort_unstable();
+    add.dedup();
+    remove.sort_unstable();
+    remove.dedup();
+    let mut next: Vec<Prefix> = c
+        .iter()
+        .filter(|h| remove.binary_search(h).is_err())
+        .copied()
+        .collect();
+    for h in &add {
+        if let Err(i) = next.binary_search(h) {
+            next.insert(i, *h);
+        }
+    }
+    Some((next, add, remove))
 }
 
 /// The sets a device holds, by id, each set's prefixes shared: every session whose filter names a population holds the one

@@ -111,6 +111,38 @@ proptest! {
         }
     }
 
+    /// Cutting a new book for new held addresses from the old book's cut gives what a fresh
+    /// cut gives: sets kept in the same allocation are cut again from the old cut by the
+    /// addresses gained and lost, a set whose allocation changed (same id, other members)
+    /// and a new set are cut afresh, and a set gone from the book is gone from the cut.
+    #[test]
+    fn a_cut_made_from_the_previous_cut_equals_a_fresh_cut(
+        a in proptest::collection::btree_set(0u32..300, 0..60),
+        b in proptest::collection::btree_set(0u32..300, 0..60),
+        b2 in proptest::collection::btree_set(0u32..300, 0..60),
+        c in proptest::collection::btree_set(0u32..300, 0..60),
+        held in proptest::collection::vec(0u32..310, 0..12),
+        held2 in proptest::collection::vec(0u32..310, 0..12),
+    ) {
+        let set = |ns: &BTreeSet<u32>| {
+            Arc::new(aggregate(ns.iter().flat_map(|n| [v4(*n), v6(*n)])))
+        };
+        let (kept, changed, fresh, gone) = (set(&a), set(&b), set(&b2), set(&c));
+        let prev_full: SetBook =
+            BTreeMap::from([(1, Arc::clone(&kept)), (2, changed), (3, gone)]);
+        let full: SetBook = BTreeMap::from([(1, kept), (2, fresh), (4, set(&c))]);
+        let old: Vec<IpAddr> = held.iter().flat_map(|n| [v4(*n), v6(*n)]).collect();
+        let new: Vec<IpAddr> = held2.iter().flat_map(|n| [v4(*n), v6(*n)]).collect();
+        let gained: Vec<IpAddr> = new.iter().copied().filter(|x| !old.contains(x)).collect();
+        let lost: Vec<IpAddr> = old.iter().copied().filter(|x| !new.contains(x)).collect();
+        let prev_cut = restrict(&prev_full, &old);
+        let cut = restrict_reusing(&full, &new, (&prev_full, &prev_cut), &gained, &lost);
+        prop_assert_eq!(&cut, &restrict(&full, &new));
+        // Nothing gained or lost: a kept set's cut is the old allocation itself.
+        let same = restrict_reusing(&full, &old, (&prev_full, &prev_cut), &[], &[]);
+        prop_assert!(Arc::ptr_eq(&same[&1], &prev_cut[&1]));
+    }
+
     /// A set restricted to some addresses holds exactly those of them it held, in both
     /// families, and the binary search agrees with the walk.
     #[test]

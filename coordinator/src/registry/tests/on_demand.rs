@@ -321,13 +321,14 @@ fn wants_past_the_budget_are_dropped_until_the_next_second() {
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
-    /// Whatever the order of wants, sessions opening and closing, endpoint changes and a
-    /// revocation, and however many outputs are taken between them, every session on demand
-    /// holds exactly the peers it and its peers wanted during the session (less the revoked),
-    /// as deltas built them.
+    /// Whatever the order of wants, sessions opening and closing, endpoint changes, policy
+    /// changes that keep who may reach whom (only the ports) and a revocation, and however
+    /// many outputs are taken between them, every session on demand holds exactly the peers
+    /// it and its peers wanted during the session (less the revoked), as deltas built them,
+    /// and its filter lets in what the compile in force lets in from them.
     #[test]
     fn wants_and_churn_keep_every_session_on_demand_equal_to_its_held_set(
-        steps in proptest::collection::vec((0u8..5, 1u64..6, 1u64..7, 0usize..8), 1..40)
+        steps in proptest::collection::vec((0u8..6, 1u64..6, 1u64..7, 0usize..8), 1..40)
     ) {
         let mut r = reg(&[1, 2, 3, 4, 5]);
         r.set_peers_on_demand_above(0);
@@ -354,6 +355,15 @@ proptest::proptest! {
                     for m in model.values_mut() {
                         m.remove(&dev);
                     }
+                }
+                2 if dev == 4 => {
+                    // The same population over other ports: the sets keep their
+                    // allocations and are cut again from what each session was sent.
+                    let ports = if other % 2 == 0 { "tcp/22" } else { "tcp/*\", \"icmp" };
+                    let text = format!(
+                        "[groups]\neng = [\"alice\"]\n[services.all]\ndevices = [\"group:eng\"]\nports = [\"{ports}\"]\n[[rules]]\nfrom = [\"group:eng\"]\nto = [\"all\"]\n"
+                    );
+                    r.handle_policy(policy::parse(text.as_bytes(), "test.toml").unwrap());
                 }
                 3 => {
                     if let Some(&c) = ch.conn_of.get(&dev) {
