@@ -275,8 +275,12 @@ struct Sent {
 /// address is never reused for another while it is cached.
 #[derive(Debug, Default)]
 struct ListMembers {
-    lists: HashMap<usize, (Arc<[ReachDest]>, Option<Vec<u64>>)>,
+    lists: HashMap<usize, MemberBits>,
 }
+
+/// A cached list (held so its address stays its own) and its members' bits (`None`: an id
+/// too large for bits; searched instead).
+type MemberBits = (Arc<[ReachDest]>, Option<Vec<u64>>);
 
 impl ListMembers {
     /// Ids above this are looked up by binary search instead (a bit set would be too large).
