@@ -276,7 +276,14 @@ struct Sent {
 #[derive(Debug, Default)]
 struct ListMembers {
     lists: HashMap<usize, MemberBits>,
+    /// Whether two lists name the same devices, by the pair's addresses: after a compile
+    /// every session compares what it was sent with the new lists, the same few pairs of
+    /// 10 000-entry lists for each of 10 000 sessions. The pair is held, as above.
+    same: HashMap<(usize, usize), SameLists>,
 }
+
+/// A compared pair of lists (held) and whether they name the same devices.
+type SameLists = (Arc<[ReachDest]>, Arc<[ReachDest]>, bool);
 
 /// A cached list (held so its address stays its own) and its members' bits (`None`: an id
 /// too large for bits; searched instead).
@@ -288,20 +295,53 @@ impl ListMembers {
 
     fn clear(&mut self) {
         self.lists.clear();
+        self.same.clear();
+    }
+
+    /// [`same_devices`], each pair of lists compared once.
+    fn same_devices(&mut self, a: &Arc<[ReachDest]>, b: &Arc<[ReachDest]>) -> bool {
+        if Arc::ptr_eq(a, b) {
+            return true;
+        }
+        let key = (
+            Arc::as_ptr(a).cast::<ReachDest>() as usize,
+            Arc::as_ptr(b).cast::<ReachDest>() as usize,
+        );
+        self.same
+            .entry(key)
+            .or_insert_with(|| (Arc::clone(a), Arc::clone(b), same_devices(a, b)))
+            .2
     }
 
     fn contains(&mut self, list: &Arc<[ReachDest]>, id: DeviceId) -> bool {
+        let mut found = false;
+        self.each_member(list, std::slice::from_ref(&id), |_| found = true);
+        found
+    }
+
+    /// Calls `f` with each of `ids` that is in `list`, in order.
+    fn each_member(
+        &mut self,
+        list: &Arc<[ReachDest]>,
+        ids: &[DeviceId],
+        mut f: impl FnMut(DeviceId),
+    ) {
         let key = Arc::as_ptr(list).cast::<ReachDest>() as usize;
         let (_, bits) = self
             .lists
             .entry(key)
             .or_insert_with(|| (Arc::clone(list), member_bits(list)));
-        match bits {
-            Some(bits) if id.0 <= Self::MAX_BIT => {
-                let i = id.0 as usize;
-                bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+        for &id in ids {
+            let member = match bits {
+                Some(bits) if id.0 <= Self::MAX_BIT => {
+                    let i = id.0 as usize;
+                    bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+                }
+                _ => list.binary_search_by(|d| d.device_id.cmp(&id)).is_ok(),
+            };
+            if member {
+                f(id);
             }
-            _ => list.binary_search_by(|d| d.device_id.cmp(&id)).is_ok(),
         }
     }
 }
@@ -330,11 +370,8 @@ fn held_reach_lists(
     reach_lists(grants)
         .into_iter()
         .map(|(service, l)| {
-            let devices = held
-                .iter()
-                .filter(|id| members.contains(l, **id))
-                .copied()
-                .collect();
+            let mut devices = Vec::new();
+            members.each_member(l, held, |id| devices.push(id));
             (service.to_string(), devices)
         })
         .collect()
@@ -3343,7 +3380,7 @@ impl Registry {
                                 // Version 3 learns destination names from its peers;
                                 // a flat list carries them, so a rename changes it.
                                 if by_ref {
-                                    !same_grants(sent.reach(&id), reach)
+                                    !same_grants(sent.reach(&id), reach, &mut self.list_members)
                                 } else {
                                     sent.reach(&id) != reach.as_slice()
                                 },
@@ -3365,7 +3402,10 @@ impl Registry {
                             Vec::new()
                         } else {
                             new.iter()
-                                .filter(|(k, l)| old.get(*k).is_none_or(|o| !same_devices(o, l)))
+                                .filter(|(k, l)| {
+                                    old.get(*k)
+                                        .is_none_or(|o| !self.list_members.same_devices(o, l))
+                                })
                                 .map(|(service, l)| wire_list(service, l))
                                 .collect()
                         };
@@ -3748,11 +3788,11 @@ fn views_changed_since(
 
 /// Whether two reach lists are the same: by pointer for grants a compile shares, then by
 /// terms and destination ids (a destination's name reaches devices with its peer entry).
-fn same_grants(a: &[Arc<ReachGrant>], b: &[Arc<ReachGrant>]) -> bool {
+fn same_grants(a: &[Arc<ReachGrant>], b: &[Arc<ReachGrant>], lists: &mut ListMembers) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| {
             Arc::ptr_eq(x, y)
-                || (grant_terms(x) == grant_terms(y) && same_devices(&x.devices, &y.devices))
+                || (grant_terms(x) == grant_terms(y) && lists.same_devices(&x.devices, &y.devices))
         })
 }
 
@@ -4945,6 +4985,17 @@ to = ["all"]
         assert!(!m.contains(&empty, DeviceId(1)));
         m.clear();
         assert!(m.contains(&small, DeviceId(65)));
+        // Two lists compared by the devices they name, once a pair.
+        let twin: Arc<[ReachDest]> = [1, 64, 65, 200].map(dest).into();
+        for _ in 0..2 {
+            assert!(m.same_devices(&small, &small) && m.same_devices(&small, &twin));
+            assert!(!m.same_devices(&small, &wide) && !m.same_devices(&wide, &small));
+        }
+        assert_eq!(
+            m.same.len(),
+            3,
+            "the pair of one list with itself is not kept"
+        );
     }
 
     /// A quarantined device that the policy would let reach every service on 200 devices is
