@@ -602,6 +602,7 @@ mod tests {
                 "state",
                 "tun",
                 "unavailable",
+                "unavailable_more",
             ]
         );
         assert_eq!(j["state"], "connected");
