@@ -264,6 +264,10 @@ EXPL=$(lab_coord policy explain alice watchdb:5435 2>&1)
 grep 'sign-in check' <<<"$EXPL" | sed 's/^/    /'
 check "policy explain names the sign-in check" grep -q 'sign-in check: rule "watch-db" needs posture "watch" (risk_signin_above 30); dev.s risk is [0-9]*, fails: sign in again' <<<"$EXPL"
 probe 5435 up back.log
+# The provider's auth_time counts whole seconds, and a sign-in must be newer than the moment
+# the risk rose (in ms): a sign-in within the same second as the rise reads as older and is
+# rightly not enough. A user signs in seconds later; so does this test.
+sleep 1
 signed_in_again
 check "alice signs in again" test -n "$DONE"
 BACK=$(await_probe back.log)
