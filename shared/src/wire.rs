@@ -361,7 +361,7 @@ pub struct PostureVerdict {
     #[serde(default)]
     pub quarantine: Option<String>,
     /// Access the policy would give this device but trust currently withholds: at most
-    /// [`MAX_UNAVAILABLE`] entries, every withheld service and rule among them.
+    /// [`MAX_UNAVAILABLE`] entries, one for each withheld service and rule first.
     #[serde(default)]
     pub unavailable: Vec<Unavailable>,
     /// Withheld entries left out of `unavailable` (a quarantined device of a large
