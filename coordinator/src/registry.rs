@@ -3347,16 +3347,17 @@ impl Registry {
                                 );
                                 // A new compile: the sets whose populations it left alone
                                 // (the same interned allocation) are cut again from what
-                                // was sent.
-                                let cut = match &sent.full_sets {
-                                    Some(prev_full) => peerset::restrict_reusing(
+                                // was sent. A cut that did not fit its full sets (the
+                                // same compile, `recut` refused it) is made afresh.
+                                let cut = match (&filter, &sent.full_sets) {
+                                    (Some(_), Some(prev_full)) => peerset::restrict_reusing(
                                         &full,
                                         &addrs,
                                         (prev_full, &sent.filter.sets),
                                         &gained,
                                         &lost,
                                     ),
-                                    None => peerset::restrict(&full, &addrs),
+                                    _ => peerset::restrict(&full, &addrs),
                                 };
                                 (cut, None)
                             }
