@@ -348,7 +348,7 @@ impl ListMembers {
 
 /// `list`'s device ids as bits, or `None` when one is too large for a bit set.
 fn member_bits(list: &[ReachDest]) -> Option<Vec<u64>> {
-    let max = list.last()?.device_id.0;
+    let max = list.iter().map(|d| d.device_id.0).max()?;
     if max > ListMembers::MAX_BIT {
         return None;
     }
@@ -3983,8 +3983,9 @@ fn inbound_allows(rules: &[FilterRule], f: &DeniedFlow, now_ms: i64) -> bool {
 }
 
 /// Cuts a sorted, deduplicated `unavailable` list to [`wire::MAX_UNAVAILABLE`] entries and
-/// returns how many were left out. Every withheld (service, rule) keeps its first entry, so
-/// the list still names everything trust withholds; the rest of the room is taken in order.
+/// returns how many were left out. Each withheld (service, rule) keeps its first entry while
+/// there is room, so the list names every kind of access trust withholds before it repeats
+/// one; the rest of the room is taken in order.
 fn cap_unavailable(list: &mut Vec<Unavailable>) -> u64 {
     let max = ward_shared::wire::MAX_UNAVAILABLE;
     if list.len() <= max {
@@ -4926,8 +4927,6 @@ to = ["all"]
         }
     }
 
-    /// Two teams of three devices, each team the other's stranger: a change to one device
-    /// concerns its own team's sessions only.
     /// Applies a netmap or delta output to what each connection holds.
     fn apply_output(held: &mut BTreeMap<ConnId, Netmap>, o: &Output) {
         match o {
@@ -5001,9 +5000,8 @@ to = ["all"]
 
     /// A quarantined device that the policy would let reach every service on 200 devices is
     /// told what is withheld in a verdict of bounded size: at most `MAX_UNAVAILABLE` entries,
-    /// each withheld service and rule among them, and the rest counted. Before the bound, a
-    /// quarantined device of a 10 000-device organisation was sent a 21 MB verdict that it
-    /// refused, dropping its session again on every reconnect.
+    /// one for each withheld service and rule first, and the rest counted (at 10 000 devices
+    /// the whole list would be megabytes, more than a device accepts in one frame).
     #[test]
     fn a_verdict_lists_withheld_access_up_to_a_bound_and_counts_the_rest() {
         let p = policy::parse(
@@ -5074,6 +5072,8 @@ to = ["web"]
         assert_eq!(short.len(), 10);
     }
 
+    /// Two teams of three devices, each team the other's stranger: a change to one device
+    /// concerns its own team's sessions only.
     fn two_teams() -> Registry {
         teams_under(
             br#"

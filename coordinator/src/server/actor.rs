@@ -258,28 +258,20 @@ fn encode_for(
     frame
 }
 
-/// The largest top-level parts of a message, as `name=bytes`, for the log line of a frame
-/// that a device will refuse.
+/// The largest fields of a message (tagged by `type`, so its fields are the top level), as
+/// `name[items]=bytes`, for the log line of a frame that a device will refuse.
 fn oversized_parts(msg: &wire::CoordinatorMsg) -> String {
-    let Ok(serde_json::Value::Object(outer)) = serde_json::to_value(msg) else {
+    let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(msg) else {
         return String::new();
     };
-    let mut parts: Vec<(String, usize)> = Vec::new();
-    for (kind, inner) in &outer {
-        match inner {
-            serde_json::Value::Object(fields) => {
-                for (name, v) in fields {
-                    let n = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(0);
-                    let count = v.as_array().map(|a| a.len()).unwrap_or(1);
-                    parts.push((format!("{kind}.{name}[{count}]"), n));
-                }
-            }
-            v => parts.push((
-                kind.clone(),
-                serde_json::to_vec(v).map(|b| b.len()).unwrap_or(0),
-            )),
-        }
-    }
+    let mut parts: Vec<(String, usize)> = fields
+        .iter()
+        .map(|(name, v)| {
+            let items = v.as_array().map_or(1, Vec::len);
+            let bytes = serde_json::to_vec(v).map_or(0, |b| b.len());
+            (format!("{name}[{items}]"), bytes)
+        })
+        .collect();
     parts.sort_by_key(|p| std::cmp::Reverse(p.1));
     parts
         .iter()
@@ -1045,6 +1037,30 @@ mod tests {
     use super::*;
     use crate::fanout::tests::peer;
     use ward_shared::wire::{CoordinatorMsg, NetmapDelta};
+
+    /// The log line of an oversized frame names the message's largest fields first, with
+    /// how many items each holds.
+    #[test]
+    fn an_oversized_frame_is_described_by_its_largest_fields() {
+        let entry = |i: usize| wire::Unavailable {
+            service: "db".into(),
+            hostname: ward_shared::names::Hostname::parse(&format!("h{i}")).unwrap(),
+            rule: "eng-db".into(),
+            reasons: vec!["quarantined: test".into()],
+        };
+        let msg = CoordinatorMsg::PostureVerdict(wire::PostureVerdict {
+            report_seq: Some(1),
+            evaluated_at_ms: 0,
+            results: vec![],
+            quarantine: Some("test".into()),
+            unavailable: (0..40).map(entry).collect(),
+            unavailable_more: 0,
+            risk: None,
+        });
+        let parts = oversized_parts(&msg);
+        assert!(parts.starts_with("unavailable[40]="), "{parts}");
+        assert!(parts.contains("quarantine[1]="), "{parts}");
+    }
 
     fn delta(base: u64, removed: u64) -> CoordinatorMsg {
         CoordinatorMsg::NetmapDelta(NetmapDelta {
