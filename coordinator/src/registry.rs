@@ -31,8 +31,8 @@ use ward_shared::policy::{
 use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::routes::{overlaps_overlay, Prefix, MAX_ADVERTISED_ROUTES};
 use ward_shared::wire::{
-    CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, Netmap, NetmapDelta, Peer,
-    PeerRef, PostureVerdict, Reach, ReachService, RelayInfo, RiskView, SelfInfo, Unavailable,
+    CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, ListEdit, Netmap, NetmapDelta,
+    Peer, PeerRef, PostureVerdict, Reach, ReachService, RelayInfo, RiskView, SelfInfo, Unavailable,
     WgPublicKey, MAX_DENIED_FLOWS, MAX_ENDPOINTS, MAX_NAME_PEERS, PROTOCOL_VERSION,
 };
 
@@ -3419,6 +3419,10 @@ impl Registry {
                     } else {
                         (false, Vec::new(), Vec::new())
                     };
+                    // Version 5: what the grants lost and gained (from those sent, which the
+                    // session's compile still holds here).
+                    let grants_edit = (grants_changed && session.protocol >= 5)
+                        .then(|| grants_edit(sent.reach(&id), reach));
                     // On demand, the lists as cut for the held peers, when they or the compile
                     // changed.
                     let (lists, removed_lists) =
@@ -3540,15 +3544,33 @@ impl Registry {
                         .collect();
                     let new_filter =
                         filter.filter(|_| inbound_changed || sets_changed || shadow_changed);
+                    // Version 5: the rules a list lost and gained, when fewer than the list.
+                    let by_edit = session.protocol >= 5;
+                    let (inbound, inbound_edit) = match new_filter.as_ref() {
+                        Some(f) if inbound_changed => {
+                            let edit = by_edit
+                                .then(|| ListEdit::between(&sent.filter.inbound, &f.inbound))
+                                .filter(|e| e.len() < f.inbound.len());
+                            match edit {
+                                Some(e) => (None, Some(e)),
+                                None => (Some(f.inbound.to_vec()), None),
+                            }
+                        }
+                        _ => (None, None),
+                    };
+                    let (reach_grants, reach_grants_edit) = match grants_edit {
+                        _ if !grants_changed => (None, None),
+                        Some(edit) if edit.len() < reach.len() => (None, Some(edit)),
+                        _ => (Some(wire_grants(reach)), None),
+                    };
                     let msg = CoordinatorMsg::NetmapDelta(NetmapDelta {
                         base_seq: base,
                         seq: base + 1,
                         upsert,
                         remove,
-                        inbound: new_filter
-                            .as_ref()
-                            .filter(|_| inbound_changed)
-                            .map(|f| f.inbound.to_vec()),
+                        inbound,
+                        inbound_edit,
+                        reach_grants_edit,
                         reach: (reach_changed && !by_ref).then(|| policy::expand_reach(reach, id)),
                         relays: relays_changed.then(|| relays.clone()),
                         policy_version: if version_changed {
@@ -3571,7 +3593,7 @@ impl Registry {
                             .map(|f| f.shadow.clone()),
                         peer_sets: set_changes,
                         removed_peer_sets: removed_sets,
-                        reach_grants: grants_changed.then(|| wire_grants(reach)),
+                        reach_grants,
                         reach_services: lists,
                         removed_reach_services: removed_lists,
                     });
@@ -3846,6 +3868,27 @@ fn wire_grants(grants: &[Arc<ReachGrant>]) -> Vec<ward_shared::wire::ReachGrant>
             not_after_ms: g.not_after_ms,
         })
         .collect()
+}
+
+/// What the wire grants of `old` lost and gained to become those of `new`: the grants the
+/// two lists share in place at either end are skipped by their terms before any is converted.
+fn grants_edit(
+    old: &[Arc<ReachGrant>],
+    new: &[Arc<ReachGrant>],
+) -> ListEdit<ward_shared::wire::ReachGrant> {
+    let same = |(a, b): &(&Arc<ReachGrant>, &Arc<ReachGrant>)| grant_terms(a) == grant_terms(b);
+    let head = old.iter().zip(new).take_while(same).count();
+    let (old, new) = (&old[head..], &new[head..]);
+    let tail = old
+        .iter()
+        .rev()
+        .zip(new.iter().rev())
+        .take_while(same)
+        .count();
+    ListEdit::between(
+        &wire_grants(&old[..old.len() - tail]),
+        &wire_grants(&new[..new.len() - tail]),
+    )
 }
 
 impl SentPeer {
@@ -4534,6 +4577,139 @@ expires = "2030-01-01T00:00:00Z"
         assert_eq!(r.compiles(), before + 1);
         assert!(out.iter().any(|o| matches!(o,
             Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) } if d.remove == vec![DeviceId(2)])), "{out:?}");
+    }
+
+    /// A policy change that alters one rule's ports: a version-5 device is sent that rule
+    /// out and the new one in, for its filter and for its grants; a version-4 device both
+    /// lists whole. Both end with the filter and grants a fresh netmap has.
+    #[test]
+    fn a_changed_rule_reaches_v5_devices_as_an_edit_and_v4_devices_as_whole_lists() {
+        let text = |port: u16| {
+            let mut t = String::from("[groups]\neng = [\"alice\"]\n");
+            for i in 1..=8 {
+                let p = if i == 3 { port } else { 1000 + i };
+                t.push_str(&format!(
+                    "[services.s{i}]\ndevices = [\"group:eng\"]\nports = [\"tcp/{p}\"]\n\
+                     [[rules]]\nname = \"r{i}\"\nfrom = [\"group:eng\"]\nto = [\"s{i}\"]\n"
+                ));
+            }
+            policy::parse(t.as_bytes(), "test.toml").unwrap()
+        };
+        let mut r = reg(&[1, 2, 3]);
+        r.handle_policy(text(22));
+        for (id, conn, protocol) in [(1, 10, 4), (2, 11, 5)] {
+            r.handle_session_opened_speaking(
+                DeviceId(id),
+                conn,
+                addr(&format!("10.0.0.{id}:1")),
+                DeviceUpdate::default(),
+                protocol,
+            )
+            .unwrap();
+        }
+        let out = drain(&mut r);
+        let full = |conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::Netmap(nm),
+                    } if *c == conn => Some(nm.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let (mut v4, mut v5) = (full(10), full(11));
+        assert_eq!(v5.inbound.len(), 8, "{:?}", v5.inbound);
+        assert_eq!(v5.reach_grants.len(), 8, "{:?}", v5.reach_grants);
+        r.handle_policy(text(2222));
+        let out = drain(&mut r);
+        let delta = |conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::NetmapDelta(d),
+                    } if *c == conn => Some(d.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let (d4, d5) = (delta(10), delta(11));
+        assert!(
+            d4.inbound_edit.is_none() && d4.reach_grants_edit.is_none(),
+            "{d4:?}"
+        );
+        assert_eq!(d4.inbound.as_ref().map(Vec::len), Some(8));
+        assert_eq!(d4.reach_grants.as_ref().map(Vec::len), Some(8));
+        assert!(d5.inbound.is_none() && d5.reach_grants.is_none(), "{d5:?}");
+        let edit = d5.inbound_edit.clone().unwrap();
+        assert_eq!((edit.remove.len(), edit.add.len()), (1, 1), "{edit:?}");
+        assert_eq!(
+            edit.remove[0].ports,
+            vec![ward_shared::filter::PortRange { lo: 22, hi: 22 }]
+        );
+        assert_eq!(
+            edit.add[0].ports,
+            vec![ward_shared::filter::PortRange { lo: 2222, hi: 2222 }]
+        );
+        let grants = d5.reach_grants_edit.clone().unwrap();
+        assert_eq!(
+            (grants.remove.len(), grants.add.len()),
+            (1, 1),
+            "{grants:?}"
+        );
+        assert_eq!(grants.add[0].rule, "r3");
+        let bytes = |d: &NetmapDelta| {
+            ward_shared::wire::encode(&CoordinatorMsg::NetmapDelta(d.clone())).len()
+        };
+        assert!(
+            bytes(&d5) * 3 < bytes(&d4),
+            "{} vs {}",
+            bytes(&d5),
+            bytes(&d4)
+        );
+        v4.apply(&d4).unwrap();
+        v5.apply(&d5).unwrap();
+        // What a fresh session of each version is sent now.
+        for (id, conn) in [(1, 10), (2, 11)] {
+            r.handle_session_closed(DeviceId(id), conn);
+        }
+        drain(&mut r);
+        for (id, conn, protocol) in [(1, 20, 4), (2, 21, 5)] {
+            r.handle_session_opened_speaking(
+                DeviceId(id),
+                conn,
+                addr(&format!("10.0.0.{id}:1")),
+                DeviceUpdate::default(),
+                protocol,
+            )
+            .unwrap();
+        }
+        let out = drain(&mut r);
+        let fresh = |conn: ConnId| {
+            out.iter()
+                .find_map(|o| match o {
+                    Output::Send {
+                        conn: c,
+                        msg: CoordinatorMsg::Netmap(nm),
+                    } if *c == conn => Some(nm.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let sorted = |mut v: Vec<FilterRule>| {
+            v.sort();
+            v
+        };
+        let (f4, f5) = (fresh(20), fresh(21));
+        assert_eq!(sorted(v4.inbound.clone()), sorted(f4.inbound.clone()));
+        assert_eq!(v5.inbound, sorted(f5.inbound.clone()));
+        let mut g5 = f5.reach_grants.clone();
+        g5.sort();
+        assert_eq!(v5.reach_grants, g5);
+        assert_eq!(v4.reach_grants, f4.reach_grants);
+        assert_eq!(v5.reach_view(), f5.reach_view());
     }
 
     /// A version-2 device gets its sources as peer sets and a device joining the group as a

@@ -93,6 +93,17 @@
 //!   coordinator that predates it is refused with a `protocol` error ("protocol version 4 is
 //!   not supported"): upgrade the coordinator first.
 //!
+//! - 5: rule lists by edit. A delta may carry what the inbound filter and the reach grants
+//!   lost and gained (`NetmapDelta.inbound_edit`, `NetmapDelta.reach_grants_edit`: entries
+//!   removed and added, see [`ListEdit`]) instead of the whole new list, so a policy change
+//!   that alters one rule sends that rule, not every rule of every device it touches. The
+//!   coordinator sends an edit only to a version-5 device, and only when it is shorter than
+//!   the list; a version-4 device gets the whole lists as before. An edit that does not fit
+//!   the list held (it removes an entry the device does not have) is refused like a delta for
+//!   another base: the device reconnects for a full netmap. A version-5 agent against a coordinator
+//!   that predates it is refused with a `protocol` error ("protocol version 5 is not
+//!   supported"): upgrade the coordinator first.
+//!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
 //! Fields added later must be `#[serde(default)]` so older messages keep decoding (see the
@@ -112,7 +123,7 @@ use crate::relay::SignedTicket;
 use crate::resume::{Holding, Resumed};
 use crate::routes::Prefix;
 
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The oldest version the coordinator still speaks (see the version history above).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
@@ -910,25 +921,29 @@ pub struct Reach {
 pub struct NetmapDelta {
     pub base_seq: u64,
     pub seq: u64,
-    #[serde(default, serialize_with = "peer_json::serialize")]
+    #[serde(
+        default,
+        serialize_with = "peer_json::serialize",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub upsert: Vec<Peer>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove: Vec<DeviceId>,
     /// Replaces the inbound filter when present.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<Vec<FilterRule>>,
     /// Replaces the reach list when present.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reach: Option<Vec<Reach>>,
     /// Replaces the relay list when present.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relays: Option<Vec<RelayInfo>>,
     /// The policy version, when it changed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_version: Option<u64>,
     /// This device as the coordinator now knows it, when that changed (an administrator
     /// renamed it, or moved it aside from a name bound to another device).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub me: Option<SelfInfo>,
     /// The candidate inbound filter, when it changed: absent = unchanged, `null` = no
     /// candidate view any more, a list = the new candidate filter.
@@ -953,6 +968,129 @@ pub struct NetmapDelta {
     /// Services whose destination list no grant needs any more (protocol 3).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed_reach_services: Vec<String>,
+    /// The inbound rules removed and added (protocol 5), applied after `inbound` when both
+    /// are present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound_edit: Option<ListEdit<FilterRule>>,
+    /// The reach grants removed and added (protocol 5), applied after `reach_grants` when
+    /// both are present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach_grants_edit: Option<ListEdit<ReachGrant>>,
+}
+
+/// What a list of rules lost and gained (protocol 5). The list is a multiset: order carries
+/// no meaning (a filter admits a flow when any of its rules does), an entry listed twice
+/// in `remove` removes two copies. Applying it removes one held copy of each entry of
+/// `remove`, then adds `add`, then sorts. An entry of `remove` the list does not hold means
+/// the edit was made for another list: it is refused and nothing changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListEdit<T> {
+    #[serde(default = "Vec::new", skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<T>,
+    #[serde(default = "Vec::new", skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<T>,
+}
+
+impl<T> Default for ListEdit<T> {
+    fn default() -> Self {
+        ListEdit {
+            remove: Vec::new(),
+            add: Vec::new(),
+        }
+    }
+}
+
+impl<T: Ord + Clone> ListEdit<T> {
+    /// The edit that turns `old` into `new` (as multisets). Entries the two share in place at
+    /// either end are skipped without sorting, so a change to one entry of a long list costs
+    /// a walk, not a sort of the list.
+    pub fn between(old: &[T], new: &[T]) -> ListEdit<T> {
+        let head = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+        let (old, new) = (&old[head..], &new[head..]);
+        let tail = old
+            .iter()
+            .rev()
+            .zip(new.iter().rev())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let (old, new) = (&old[..old.len() - tail], &new[..new.len() - tail]);
+        let mut o: Vec<&T> = old.iter().collect();
+        let mut n: Vec<&T> = new.iter().collect();
+        o.sort_unstable();
+        n.sort_unstable();
+        let mut edit = ListEdit::default();
+        let (mut i, mut j) = (0, 0);
+        while i < o.len() || j < n.len() {
+            match (o.get(i), n.get(j)) {
+                (Some(a), Some(b)) if a == b => {
+                    i += 1;
+                    j += 1;
+                }
+                (Some(a), Some(b)) if a < b => {
+                    edit.remove.push((*a).clone());
+                    i += 1;
+                }
+                (Some(a), None) => {
+                    edit.remove.push((*a).clone());
+                    i += 1;
+                }
+                (_, Some(b)) => {
+                    edit.add.push((*b).clone());
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        edit
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.add.is_empty()
+    }
+
+    /// How many entries it carries.
+    pub fn len(&self) -> usize {
+        self.remove.len() + self.add.len()
+    }
+
+    /// `list` with this edit applied (sorted), or an error naming how many removed entries
+    /// it does not hold; `list` itself is left alone.
+    pub fn applied(&self, list: &[T]) -> Result<Vec<T>, WireError> {
+        let mut out: Vec<T> = list.to_vec();
+        let mut missing = 0usize;
+        for r in &self.remove {
+            match out.iter().position(|x| x == r) {
+                Some(i) => {
+                    out.swap_remove(i);
+                }
+                None => missing += 1,
+            }
+        }
+        if missing > 0 {
+            return Err(WireError::ListEdit {
+                missing,
+                held: list.len(),
+            });
+        }
+        out.extend(self.add.iter().cloned());
+        out.sort();
+        Ok(out)
+    }
+
+    /// Folds `next` (the edit applied after this one) into this one, so that applying the
+    /// result equals applying both in turn: what `next` removes that this one added is not
+    /// added at all; the rest of its removals must come from the list itself.
+    pub fn then(&mut self, next: &ListEdit<T>) {
+        for r in &next.remove {
+            match self.add.iter().position(|x| x == r) {
+                Some(i) => {
+                    self.add.swap_remove(i);
+                }
+                None => self.remove.push(r.clone()),
+            }
+        }
+        self.add.extend(next.add.iter().cloned());
+    }
 }
 
 /// Decodes a field that is present (even as `null`) as `Some`: with `#[serde(default)]`, an
@@ -975,7 +1113,15 @@ impl Netmap {
                 base: d.base_seq,
             });
         }
-        // First, as it is the one step that can fail: the netmap stays as it was.
+        // First, as they are the steps that can fail: the netmap stays as it was.
+        let inbound = match &d.inbound_edit {
+            Some(e) => Some(e.applied(d.inbound.as_deref().unwrap_or(&self.inbound))?),
+            None => None,
+        };
+        let grants = match &d.reach_grants_edit {
+            Some(e) => Some(e.applied(d.reach_grants.as_deref().unwrap_or(&self.reach_grants))?),
+            None => None,
+        };
         crate::peerset::apply_changes(&mut self.peer_sets, &d.peer_sets, &d.removed_peer_sets)?;
         self.peers.retain(|p| !d.remove.contains(&p.device_id));
         for u in &d.upsert {
@@ -985,14 +1131,18 @@ impl Netmap {
             }
         }
         self.peers.sort_by_key(|p| p.device_id);
-        if let Some(i) = &d.inbound {
-            self.inbound = i.clone();
+        match (inbound, &d.inbound) {
+            (Some(i), _) => self.inbound = i,
+            (None, Some(i)) => self.inbound = i.clone(),
+            (None, None) => {}
         }
         if let Some(r) = &d.reach {
             self.reach = r.clone();
         }
-        if let Some(g) = &d.reach_grants {
-            self.reach_grants = g.clone();
+        match (grants, &d.reach_grants) {
+            (Some(g), _) => self.reach_grants = g,
+            (None, Some(g)) => self.reach_grants = g.clone(),
+            (None, None) => {}
         }
         self.reach_services
             .retain(|x| !d.removed_reach_services.contains(&x.service));
@@ -1086,6 +1236,8 @@ impl NetmapDelta {
             reach_grants: None,
             reach_services: Vec::new(),
             removed_reach_services: Vec::new(),
+            inbound_edit: None,
+            reach_grants_edit: None,
         }
     }
 
@@ -1107,6 +1259,22 @@ impl NetmapDelta {
             &next.peer_sets,
             &next.removed_peer_sets,
         )?;
+        // The rule lists: onto a whole list held, an edit is applied; a whole list replaces
+        // whatever was held; two edits fold into one. Checked before anything changes.
+        let inbound = merge_list(
+            &self.inbound,
+            &self.inbound_edit,
+            &next.inbound,
+            &next.inbound_edit,
+        )?;
+        let grants = merge_list(
+            &self.reach_grants,
+            &self.reach_grants_edit,
+            &next.reach_grants,
+            &next.reach_grants_edit,
+        )?;
+        (self.inbound, self.inbound_edit) = inbound;
+        (self.reach_grants, self.reach_grants_edit) = grants;
         self.peer_sets = peer_sets;
         self.removed_peer_sets = removed_peer_sets;
         // A peer removed later is gone whatever was upserted before; a peer upserted later is
@@ -1124,14 +1292,8 @@ impl NetmapDelta {
                 None => self.upsert.push(u),
             }
         }
-        if next.inbound.is_some() {
-            self.inbound = next.inbound;
-        }
         if next.reach.is_some() {
             self.reach = next.reach;
-        }
-        if next.reach_grants.is_some() {
-            self.reach_grants = next.reach_grants;
         }
         // As for peers: a list removed later is gone, a list sent later is there as sent.
         self.reach_services
@@ -1169,6 +1331,38 @@ impl NetmapDelta {
     }
 }
 
+/// A held change to one rule list (whole and/or edit) followed by the next one's, as one.
+type ListChange<T> = (Option<Vec<T>>, Option<ListEdit<T>>);
+
+fn merge_list<T: Ord + Clone>(
+    whole: &Option<Vec<T>>,
+    edit: &Option<ListEdit<T>>,
+    next_whole: &Option<Vec<T>>,
+    next_edit: &Option<ListEdit<T>>,
+) -> Result<ListChange<T>, WireError> {
+    if next_whole.is_some() {
+        return Ok((next_whole.clone(), next_edit.clone()));
+    }
+    let Some(next_edit) = next_edit else {
+        return Ok((whole.clone(), edit.clone()));
+    };
+    Ok(match (whole, edit) {
+        (Some(w), e) => {
+            let w = match e {
+                Some(e) => e.applied(w)?,
+                None => w.clone(),
+            };
+            (Some(next_edit.applied(&w)?), None)
+        }
+        (None, Some(e)) => {
+            let mut e = e.clone();
+            e.then(next_edit);
+            (None, Some(e))
+        }
+        (None, None) => (None, Some(next_edit.clone())),
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     #[error("frame of {len} bytes exceeds the maximum of {max}")]
@@ -1179,6 +1373,8 @@ pub enum WireError {
     Decode(String),
     #[error("netmap delta for base {base} but the device has {have}")]
     DeltaGap { have: u64, base: u64 },
+    #[error("netmap delta removes {missing} rules the device does not hold (it holds {held})")]
+    ListEdit { missing: usize, held: usize },
     #[error("netmap delta does not fit the peer sets held: {0}")]
     PeerSets(#[from] PeerSetError),
 }
@@ -2113,7 +2309,8 @@ mod tests {
             text.contains(r#""source_sets":[4]"#) && !text.contains(r#""sources""#),
             "{text}"
         );
-        assert!(speaks(1) && speaks(2) && speaks(3) && speaks(4) && !speaks(0) && !speaks(5));
+        assert!(speaks(1) && speaks(2) && speaks(3) && speaks(4) && speaks(5));
+        assert!(!speaks(0) && !speaks(6));
     }
 
     /// Reach in every version: a version-1/2 netmap's flat `reach` and a version-3 netmap's
@@ -2420,6 +2617,134 @@ mod tests {
 
     /// Applying deltas one after the other and applying them merged into one give the same
     /// netmap, over many random sequences of upserts, removals and replaced fields.
+    /// Version 5: a delta that edits the rule lists (what they lost and gained) decodes as
+    /// first written and applies like the whole lists a version-4 delta carries; an edit
+    /// made for another list is refused and changes nothing.
+    #[test]
+    fn golden_rule_list_edits_decode_and_apply_like_whole_lists() {
+        let rule = |port: u16| FilterRule {
+            rule: "web".into(),
+            service: "web".into(),
+            sources: Default::default(),
+            source_sets: vec![4],
+            proto: Proto::Tcp,
+            ports: vec![PortRange { lo: port, hi: port }],
+            not_after_ms: None,
+            dests: vec![],
+        };
+        let grant = |port: u16| ReachGrant {
+            service: "web".into(),
+            proto: Proto::Tcp,
+            ports: vec![PortRange { lo: port, hi: port }],
+            rule: "web".into(),
+            not_after_ms: None,
+        };
+        let nm = r#"{"type":"netmap","seq":1,"me":{"device_id":1,"hostname":"a","ipv4":"100.64.0.1","ipv6":"fd00::1","v6_prefix":"fd00::","observed_addr":null},"peers":[],"inbound":[{"rule":"web","service":"web","source_sets":[4],"proto":"tcp","ports":[{"lo":80,"hi":80}],"not_after_ms":null},{"rule":"web","service":"web","source_sets":[4],"proto":"tcp","ports":[{"lo":443,"hi":443}],"not_after_ms":null}],"peer_sets":[{"id":4,"prefixes":["100.64.0.2/32"]}],"reach_grants":[{"service":"web","proto":"tcp","ports":[{"lo":80,"hi":80}],"rule":"web","not_after_ms":null}],"reach_services":[{"service":"web","devices":[2]}]}"#;
+        let CoordinatorMsg::Netmap(start) = decode(nm.as_bytes()).unwrap() else {
+            panic!("not netmap")
+        };
+        // Version 4: port 80 becomes 8080, both lists sent whole.
+        let v4 = r#"{"type":"netmap_delta","base_seq":1,"seq":2,"inbound":[{"rule":"web","service":"web","source_sets":[4],"proto":"tcp","ports":[{"lo":8080,"hi":8080}],"not_after_ms":null},{"rule":"web","service":"web","source_sets":[4],"proto":"tcp","ports":[{"lo":443,"hi":443}],"not_after_ms":null}],"reach_grants":[{"service":"web","proto":"tcp","ports":[{"lo":8080,"hi":8080}],"rule":"web","not_after_ms":null}]}"#;
+        // Version 5: the same change as edits.
+        let v5 = r#"{"type":"netmap_delta","base_seq":1,"seq":2,"inbound_edit":{"remove":[{"rule":"web","service":"web","source_sets":[4],"proto":"tcp","ports":[{"lo":80,"hi":80}],"not_after_ms":null}],"add":[{"rule":"web","service":"web","source_sets":[4],"proto":"tcp","ports":[{"lo":8080,"hi":8080}],"not_after_ms":null}]},"reach_grants_edit":{"remove":[{"service":"web","proto":"tcp","ports":[{"lo":80,"hi":80}],"rule":"web","not_after_ms":null}],"add":[{"service":"web","proto":"tcp","ports":[{"lo":8080,"hi":8080}],"rule":"web","not_after_ms":null}]}}"#;
+        let delta = |text: &str| match decode(text.as_bytes()).unwrap() {
+            CoordinatorMsg::NetmapDelta(d) => d,
+            other => panic!("not a delta: {other:?}"),
+        };
+        let (d4, d5) = (delta(v4), delta(v5));
+        assert!(d4.inbound_edit.is_none() && d4.reach_grants_edit.is_none());
+        assert_eq!(
+            d5.inbound_edit,
+            Some(ListEdit {
+                remove: vec![rule(80)],
+                add: vec![rule(8080)]
+            })
+        );
+        assert!(d5.inbound.is_none() && d5.reach_grants.is_none());
+        let (mut a, mut b) = (start.clone(), start.clone());
+        a.apply(&d4).unwrap();
+        b.apply(&d5).unwrap();
+        let sorted = |mut v: Vec<FilterRule>| {
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(a.inbound.clone()), b.inbound);
+        assert_eq!(b.inbound, vec![rule(443), rule(8080)]);
+        assert_eq!(a.reach_grants, b.reach_grants);
+        assert_eq!(b.reach_grants, vec![grant(8080)]);
+        assert_eq!(a.reach_view(), b.reach_view());
+        // What the coordinator makes for the change, and what it writes: the edit alone.
+        assert_eq!(
+            ListEdit::between(&start.inbound, &a.inbound),
+            d5.inbound_edit.clone().unwrap()
+        );
+        let text =
+            String::from_utf8(encode(&CoordinatorMsg::NetmapDelta(d5.clone()))[4..].to_vec())
+                .unwrap();
+        assert!(!text.contains(r#""inbound":"#), "{text}");
+        assert_eq!(delta(&text), d5);
+        // The same edit again (the device holds no port-80 rule now): refused, unchanged.
+        let mut d = d5.clone();
+        d.base_seq = 2;
+        d.seq = 3;
+        let before = b.clone();
+        assert_eq!(
+            b.apply(&d),
+            Err(WireError::ListEdit {
+                missing: 1,
+                held: 2
+            })
+        );
+        assert_eq!(b, before);
+        // A version-4 delta that carries neither still leaves the lists alone.
+        let d = delta(r#"{"type":"netmap_delta","base_seq":2,"seq":3,"policy_version":9}"#);
+        b.apply(&d).unwrap();
+        assert_eq!(b.inbound, before.inbound);
+        assert_eq!(b.reach_grants, before.reach_grants);
+    }
+
+    /// An edit between two lists turns the first into the second (as multisets), whatever
+    /// they share at their ends, and two edits folded into one apply like both in turn.
+    #[test]
+    fn an_edit_between_two_lists_applies_to_the_second_and_edits_fold() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let sorted = |mut v: Vec<u8>| {
+            v.sort();
+            v
+        };
+        for _ in 0..2000 {
+            fn list(rnd: &mut dyn FnMut(u64) -> u64) -> Vec<u8> {
+                let n = rnd(8);
+                (0..n).map(|_| rnd(5) as u8).collect()
+            }
+            let (a, b, c) = (list(&mut rnd), list(&mut rnd), list(&mut rnd));
+            let ab = ListEdit::between(&a, &b);
+            let bc = ListEdit::between(&b, &c);
+            assert_eq!(ab.applied(&a).unwrap(), sorted(b.clone()), "{a:?} -> {b:?}");
+            // Never more than the entries that differ.
+            assert!(ab.len() <= a.len() + b.len());
+            let mut folded = ab.clone();
+            folded.then(&bc);
+            assert_eq!(folded.applied(&a).unwrap(), sorted(c.clone()));
+        }
+        // One change in a long list: one removal and one addition.
+        let a: Vec<u32> = (0..1000).collect();
+        let mut b = a.clone();
+        b[500] = 5000;
+        let e = ListEdit::between(&a, &b);
+        assert_eq!(
+            (e.remove.as_slice(), e.add.as_slice()),
+            (&[500][..], &[5000][..])
+        );
+        assert!(ListEdit::between(&a, &a).is_empty());
+    }
+
     #[test]
     fn merged_deltas_apply_like_the_sequence() {
         let me = |name: &str| SelfInfo {
@@ -2551,8 +2876,53 @@ mod tests {
                         });
                     }
                 }
-                if rnd(3) == 0 {
-                    d.inbound = Some(vec![]);
+                // Rule lists (a small universe, so entries repeat): replaced whole, or
+                // edited (version 5) from the list the device holds as the coordinator
+                // makes edits.
+                fn rules(rnd: &mut dyn FnMut(u64) -> u64) -> Vec<FilterRule> {
+                    let n = rnd(5);
+                    (0..n)
+                        .map(|_| FilterRule {
+                            rule: format!("r{}", rnd(3)),
+                            service: "s".into(),
+                            sources: Default::default(),
+                            source_sets: vec![1],
+                            proto: Proto::Tcp,
+                            ports: vec![PortRange {
+                                lo: rnd(3) as u16,
+                                hi: 100,
+                            }],
+                            not_after_ms: None,
+                            dests: vec![],
+                        })
+                        .collect()
+                }
+                match rnd(3) {
+                    0 => d.inbound = Some(rules(&mut rnd)),
+                    1 => {
+                        let new = rules(&mut rnd);
+                        d.inbound_edit = Some(ListEdit::between(&one_by_one.inbound, &new))
+                    }
+                    _ => {}
+                }
+                fn grants(rnd: &mut dyn FnMut(u64) -> u64) -> Vec<ReachGrant> {
+                    let n = rnd(4);
+                    (0..n)
+                        .map(|_| ReachGrant {
+                            service: format!("s{}", rnd(3)),
+                            proto: Proto::Udp,
+                            ports: vec![PortRange {
+                                lo: rnd(2) as u16,
+                                hi: 9,
+                            }],
+                            rule: "r".into(),
+                            not_after_ms: None,
+                        })
+                        .collect()
+                }
+                if d.reach_grants.is_none() && rnd(3) == 0 {
+                    let new = grants(&mut rnd);
+                    d.reach_grants_edit = Some(ListEdit::between(&one_by_one.reach_grants, &new));
                 }
                 if rnd(3) == 0 {
                     d.policy_version = Some(10 + step);

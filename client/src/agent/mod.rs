@@ -1372,7 +1372,11 @@ impl Agent {
         // The filter before the peers: rules for sources whose peer is not configured yet
         // admit nothing, while a peer configured before the rules admitting it would have its
         // first packets denied (on demand, a newly held peer's addresses come with it).
-        if d.inbound.is_some() || !d.peer_sets.is_empty() || !d.removed_peer_sets.is_empty() {
+        if d.inbound.is_some()
+            || d.inbound_edit.is_some()
+            || !d.peer_sets.is_empty()
+            || !d.removed_peer_sets.is_empty()
+        {
             self.apply_filter();
         }
         let (Some(changes), Some(applied)) = (changes, self.applied_peers.as_mut()) else {

@@ -670,6 +670,57 @@ fn peer_sets_reach_the_filter_with_their_rules_and_a_bad_set_change_resyncs() {
     assert!(!evs.iter().any(|e| matches!(e, Event::SetFilter { .. })));
 }
 
+/// A delta that edits the inbound rules (one rule out, one in) installs the edited filter
+/// with the sets held; an edit that removes a rule the agent does not hold ends the session
+/// (the next one starts with a full netmap) and installs nothing.
+#[test]
+fn an_edited_filter_reaches_the_data_plane_and_an_edit_that_does_not_fit_resyncs() {
+    use ward_shared::filter::{FilterRule, PortRange, Proto};
+    use ward_shared::peerset::PeerSet;
+    use ward_shared::wire::ListEdit;
+    let mut h = H::new();
+    h.leased();
+    let rule = |port: u16| FilterRule {
+        rule: "eng".into(),
+        service: "db".into(),
+        sources: Default::default(),
+        source_sets: vec![3],
+        proto: Proto::Tcp,
+        ports: vec![PortRange { lo: port, hi: port }],
+        not_after_ms: None,
+        dests: vec![],
+    };
+    let sets = vec![PeerSet {
+        id: 3,
+        prefixes: vec!["100.64.0.2/32".parse().unwrap()],
+    }];
+    let mut nm = netmap(1, vec![]);
+    nm.inbound = vec![rule(22), rule(5432)];
+    nm.peer_sets = sets.clone();
+    h.msg(CoordinatorMsg::Netmap(nm));
+    h.take_events();
+    let edit = |base: u64, remove: u16, add: u16| ward_shared::wire::NetmapDelta {
+        inbound_edit: Some(ListEdit {
+            remove: vec![rule(remove)],
+            add: vec![rule(add)],
+        }),
+        ..ward_shared::wire::NetmapDelta::after(base)
+    };
+    h.msg(CoordinatorMsg::NetmapDelta(edit(1, 5432, 6432)));
+    let evs = h.take_events();
+    assert!(
+        evs.contains(&Event::SetFilter {
+            rules: vec![rule(22), rule(6432)],
+            sets: sets.clone(),
+        }),
+        "{evs:?}"
+    );
+    h.msg(CoordinatorMsg::NetmapDelta(edit(2, 5432, 7432)));
+    let evs = h.take_events();
+    assert!(evs.contains(&Event::CloseSession), "{evs:?}");
+    assert!(!evs.iter().any(|e| matches!(e, Event::SetFilter { .. })));
+}
+
 #[test]
 fn clock_offset_is_applied_to_lease_checks() {
     let mut h = H::new();

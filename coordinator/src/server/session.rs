@@ -1006,7 +1006,7 @@ mod tests {
                 )
             ))
         );
-        assert_eq!(PROTOCOL_VERSION, 4);
+        assert_eq!(PROTOCOL_VERSION, 5);
         for v in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION {
             assert_eq!(
                 check_request(&req(v)).err().map(|e| e.0),

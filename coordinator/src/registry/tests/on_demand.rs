@@ -325,7 +325,8 @@ proptest::proptest! {
     /// changes that keep who may reach whom (only the ports) and a revocation, and however
     /// many outputs are taken between them, every session on demand holds exactly the peers
     /// it and its peers wanted during the session (less the revoked), as deltas built them,
-    /// and its filter lets in what the compile in force lets in from them.
+    /// its filter lets in what the compile in force lets in from them, and its grants are
+    /// those of a fresh session.
     #[test]
     fn wants_and_churn_keep_every_session_on_demand_equal_to_its_held_set(
         steps in proptest::collection::vec((0u8..6, 1u64..6, 1u64..7, 0usize..8), 1..40)
@@ -356,12 +357,20 @@ proptest::proptest! {
                         m.remove(&dev);
                     }
                 }
-                2 if dev == 4 => {
+                2 if dev == 3 || dev == 4 => {
                     // The same population over other ports: the sets keep their
                     // allocations and are cut again from what each session was sent.
-                    let ports = if other % 2 == 0 { "tcp/22" } else { "tcp/*\", \"icmp" };
+                    // Two rules stay as they are, so a change to the third reaches a
+                    // version-5 session as an edit of its filter and grants.
+                    let ports = match other % 3 {
+                        0 => "tcp/22",
+                        1 => "tcp/23",
+                        _ => "tcp/*\", \"icmp",
+                    };
                     let text = format!(
-                        "[groups]\neng = [\"alice\"]\n[services.all]\ndevices = [\"group:eng\"]\nports = [\"{ports}\"]\n[[rules]]\nfrom = [\"group:eng\"]\nto = [\"all\"]\n"
+                        "[groups]\neng = [\"alice\"]\n[services.all]\ndevices = [\"group:eng\"]\nports = [\"{ports}\"]\n[[rules]]\nfrom = [\"group:eng\"]\nto = [\"all\"]\n\
+                         [services.web]\ndevices = [\"group:eng\"]\nports = [\"tcp/80\"]\n[[rules]]\nfrom = [\"group:eng\"]\nto = [\"web\"]\n\
+                         [services.dns]\ndevices = [\"group:eng\"]\nports = [\"udp/53\"]\n[[rules]]\nfrom = [\"group:eng\"]\nto = [\"dns\"]\n"
                     );
                     r.handle_policy(policy::parse(text.as_bytes(), "test.toml").unwrap());
                 }
@@ -424,6 +433,12 @@ proptest::proptest! {
                 .get(&c)
                 .map(|nm| nm.reach_services.clone())
                 .unwrap_or_default();
+            let sorted_grants = |nm: Option<&Netmap>| {
+                let mut g = nm.map(|nm| nm.reach_grants.clone()).unwrap_or_default();
+                g.sort();
+                g
+            };
+            let grants_before = sorted_grants(ch.held.get(&c));
             r.handle_session_closed(DeviceId(dev), c);
             ch.take(&mut r, usize::MAX);
             r.handle_session_opened_holding(
@@ -450,6 +465,8 @@ proptest::proptest! {
                 proptest::prop_assert!(l.devices.iter().all(|d| got.contains(&d.0)), "{:?}", l);
             }
             proptest::prop_assert_eq!(lists_before, lists, "device {}", dev);
+            // And its grants, edited by each policy change, are a fresh session's.
+            proptest::prop_assert_eq!(grants_before, sorted_grants(ch.held.get(&c)), "device {}", dev);
         }
     }
 }
