@@ -508,3 +508,43 @@ fn equal_aggregations_are_one_allocation_and_each_set_change_is_diffed_once() {
     assert_eq!(agg.diff(&one.sets, &two.sets), (vec![], vec![]));
     assert_eq!(agg.diffs.len(), 1);
 }
+
+/// Sessions whose compiled rules and set ids are the same get one factored list, made once;
+/// a list changed in place (the same address and length, other rules) is factored afresh.
+#[test]
+fn factored_lists_are_made_once_for_equal_inputs_and_afresh_for_changed_ones() {
+    let a: Vec<IpAddr> = (1..=40).map(v4).collect();
+    let mut agg = Aggregated::default();
+    let mut list = vec![rule("a", &a, 22), rule("b", &a, 80)];
+    let one = factor_with(&list, None, None, &mut agg);
+    let two = factor_with(&list, None, None, &mut agg);
+    assert!(Arc::ptr_eq(&one.inbound, &two.inbound));
+    assert_eq!(one, factor(&list, None, None));
+    assert_eq!(agg.factored.len(), 1);
+    // An equal list elsewhere: the same (interned) list.
+    let copy = factor_with(&list.clone(), None, None, &mut agg);
+    assert!(Arc::ptr_eq(&one.inbound, &copy.inbound));
+    // The same allocation, other contents: not the remembered list.
+    list[1].ports = vec![PortRange { lo: 443, hi: 443 }];
+    let three = factor_with(&list, None, None, &mut agg);
+    assert_eq!(three, factor(&list, None, None));
+    assert_eq!(three.inbound[1].ports, vec![PortRange { lo: 443, hi: 443 }]);
+    // Another session's ids for the same rules (it was sent set 7 before): its own list.
+    let mut prev = factor(&list, None, None);
+    let old = prev.sets.remove(&1).unwrap();
+    prev.sets.insert(7, old);
+    prev.inbound = Arc::new(
+        prev.inbound
+            .iter()
+            .map(|r| FilterRule {
+                source_sets: vec![7],
+                ..r.clone()
+            })
+            .collect(),
+    );
+    let four = factor_with(&list, None, Some(&prev), &mut agg);
+    assert_eq!(four, factor(&list, None, Some(&prev)));
+    assert!(four.inbound.iter().all(|r| r.source_sets == vec![7]));
+    agg.clear();
+    assert!(agg.factored.is_empty());
+}

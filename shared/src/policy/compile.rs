@@ -218,6 +218,27 @@ pub fn carry_over(new: &mut Compiled, old: &Compiled) -> BTreeSet<DeviceId> {
             *g = Arc::clone(kept);
         }
     }
+    // One index for both compiles when they index the same devices, so that peers compare
+    // word by word rather than id by id (thousands of ids for each of 10 000 dense devices).
+    let indexes = (
+        old.devices
+            .values()
+            .next()
+            .map(|a| Arc::clone(a.peers.index())),
+        new.devices
+            .values()
+            .next()
+            .map(|a| Arc::clone(a.peers.index())),
+    );
+    if let (Some(o), Some(n)) = indexes {
+        if !Arc::ptr_eq(&o, &n) && o[..] == n[..] {
+            for acc in new.devices.values_mut() {
+                if Arc::ptr_eq(acc.peers.index(), &n) {
+                    acc.peers.share_index(&o);
+                }
+            }
+        }
+    }
     let mut changed: BTreeSet<DeviceId> = old
         .devices
         .keys()

@@ -123,10 +123,44 @@ impl Peers {
 
 impl PartialEq for Peers {
     fn eq(&self, other: &Self) -> bool {
-        if self.me == other.me && self.same_bits(other) {
-            return true;
+        if self.me == other.me && Arc::ptr_eq(&self.index, &other.index) {
+            return Arc::ptr_eq(&self.bits, &other.bits) || self.same_words(other);
         }
         self.iter().eq(other.iter())
+    }
+}
+
+impl Peers {
+    /// The ids the bits stand for (shared by the whole compile).
+    pub fn index(&self) -> &Arc<[DeviceId]> {
+        &self.index
+    }
+
+    /// Uses `index` instead of the index held, which must list the same ids (a compile
+    /// that indexes the same devices as the one before shares its index, so that equal
+    /// peers compare word by word).
+    pub fn share_index(&mut self, index: &Arc<[DeviceId]>) {
+        debug_assert_eq!(self.index[..], index[..]);
+        self.index = Arc::clone(index);
+    }
+
+    /// Over one index: whether the bits agree, leaving out `me`'s and those past the index.
+    fn same_words(&self, other: &Peers) -> bool {
+        let n = self.index.len();
+        let me_at = self.me.and_then(|m| self.index.binary_search(&m).ok());
+        (0..n.div_ceil(64)).all(|k| {
+            let mut mask = if (k + 1) * 64 <= n {
+                !0u64
+            } else {
+                (1u64 << (n - k * 64)) - 1
+            };
+            if let Some(i) = me_at.filter(|i| i / 64 == k) {
+                mask &= !(1u64 << (i % 64));
+            }
+            let a = self.bits.get(k).copied().unwrap_or(0);
+            let b = other.bits.get(k).copied().unwrap_or(0);
+            a & mask == b & mask
+        })
     }
 }
 
@@ -175,6 +209,52 @@ mod tests {
         assert_eq!(a, ids(&[2, 70]).into_iter().collect::<Peers>());
         assert_ne!(a, b);
         assert_eq!(format!("{a:?}"), "{DeviceId(2), DeviceId(70)}");
+    }
+
+    /// Over one index, peers in two allocations are equal exactly when they hold the same
+    /// ids: whether `me`'s own bit is set, and bits past the index, do not count; the
+    /// answer agrees with comparing their ids one by one.
+    #[test]
+    fn peers_over_one_index_compare_by_their_words_as_by_their_ids() {
+        let index: Arc<[DeviceId]> = (1..=130).map(DeviceId).collect::<Vec<_>>().into();
+        let mut state = 0x1234_5678_9abc_def1u64;
+        let mut rnd = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..3000 {
+            let me = DeviceId(1 + rnd() % 130);
+            let words = |r: &mut dyn FnMut() -> u64| -> Vec<u64> {
+                // Sparse differences: mostly equal words, past-the-index bits random.
+                let base = [r(), r(), r()];
+                base.to_vec()
+            };
+            let a_words = words(&mut rnd);
+            let mut b_words = a_words.clone();
+            match rnd() % 4 {
+                0 => b_words[(rnd() % 3) as usize] ^= 1 << (rnd() % 64),
+                1 => {
+                    let i = (me.0 - 1) as usize;
+                    b_words[i / 64] ^= 1 << (i % 64);
+                }
+                2 => b_words[2] ^= 1 << (2 + rnd() % 62),
+                _ => {}
+            }
+            let a = Peers::new(me, Arc::clone(&index), Arc::new(a_words));
+            let b = Peers::new(me, Arc::clone(&index), Arc::new(b_words));
+            let by_ids = a.iter().eq(b.iter());
+            assert_eq!(a == b, by_ids, "{a:?} {b:?}");
+        }
+        // A compile indexing the same devices shares the index of the one before.
+        let other: Arc<[DeviceId]> = (1..=130).map(DeviceId).collect::<Vec<_>>().into();
+        let mut c = Peers::new(DeviceId(3), Arc::clone(&other), Arc::new(vec![!0, !0, 3]));
+        let d = Peers::new(DeviceId(3), Arc::clone(&index), Arc::new(vec![!0, !0, 3]));
+        assert_eq!(c, d);
+        c.share_index(&index);
+        assert!(Arc::ptr_eq(c.index(), d.index()));
+        assert_eq!(c, d);
     }
 
     #[test]
