@@ -527,10 +527,15 @@ pub fn diff(old: &Compiled, new: &Compiled, d: &Directory) -> Vec<AccessChange> 
 /// How many entries the merge in [`diff_bounded`] finds between one destination list on each
 /// side (or none on one side), without `me`; `None` for several lists on a side (those are
 /// merged the long way).
+///
+/// The count over whole lists is the same for every device with the same pair of lists
+/// (thousands of entries each at 10 000 dense devices), so it is made once per pair
+/// (`memo`, by the lists' addresses) and `me`'s own entries are then taken out of it.
 fn count_changes(
     old: Option<&Vec<&Arc<[ReachDest]>>>,
     new: Option<&Vec<&Arc<[ReachDest]>>>,
     me: DeviceId,
+    memo: &mut rustc_hash::FxHashMap<(usize, usize), usize>,
 ) -> Option<usize> {
     fn one<'a>(l: Option<&Vec<&'a Arc<[ReachDest]>>>) -> Option<&'a [ReachDest]> {
         match l.map(|v| v.as_slice()) {
@@ -540,33 +545,47 @@ fn count_changes(
         }
     }
     let (a, b) = (one(old)?, one(new)?);
-    let (mut i, mut j, mut n) = (0, 0, 0);
-    // Each list is sorted by device id, one entry a device (built from a map by id).
-    while i < a.len() || j < b.len() {
-        match (a.get(i), b.get(j)) {
-            (Some(x), Some(y)) if x.device_id == y.device_id => {
-                if x.hostname != y.hostname && x.device_id != me {
-                    n += 2;
+    let key = (a.as_ptr() as usize, b.as_ptr() as usize);
+    let all = *memo.entry(key).or_insert_with(|| {
+        let (mut i, mut j, mut n) = (0, 0, 0);
+        // Each list is sorted by device id, one entry a device (built from a map by id).
+        while i < a.len() || j < b.len() {
+            match (a.get(i), b.get(j)) {
+                (Some(x), Some(y)) if x.device_id == y.device_id => {
+                    if x.hostname != y.hostname {
+                        n += 2;
+                    }
+                    i += 1;
+                    j += 1;
                 }
-                i += 1;
-                j += 1;
+                (Some(x), Some(y)) if x.device_id < y.device_id => {
+                    n += 1;
+                    i += 1;
+                }
+                (Some(_), None) => {
+                    n += 1;
+                    i += 1;
+                }
+                (_, Some(_)) => {
+                    n += 1;
+                    j += 1;
+                }
+                (None, None) => break,
             }
-            (Some(x), Some(y)) if x.device_id < y.device_id => {
-                n += usize::from(x.device_id != me);
-                i += 1;
-            }
-            (Some(x), None) => {
-                n += usize::from(x.device_id != me);
-                i += 1;
-            }
-            (_, Some(y)) => {
-                n += usize::from(y.device_id != me);
-                j += 1;
-            }
-            (None, None) => break,
         }
+        n
+    });
+    fn find(l: &[ReachDest], me: DeviceId) -> Option<&ReachDest> {
+        l.binary_search_by_key(&me, |d| d.device_id)
+            .ok()
+            .map(|i| &l[i])
     }
-    Some(n)
+    let mine = match (find(a, me), find(b, me)) {
+        (Some(x), Some(y)) if x.hostname != y.hostname => 2,
+        (Some(_), Some(_)) | (None, None) => 0,
+        _ => 1,
+    };
+    Some(all - mine)
 }
 
 /// The first `max` changes of [`diff`] (in its order) and how many there are in all. A change
@@ -631,6 +650,7 @@ pub fn diff_bounded(
     // each pair of destination lists is compared once, not once per device that has it (at
     // 10 000 dense devices, thousands of entries a list, 50 grants a device).
     let mut lists: rustc_hash::FxHashMap<(usize, usize), bool> = Default::default();
+    let mut counts: rustc_hash::FxHashMap<(usize, usize), usize> = Default::default();
     let mut same_list = |x: &Arc<[ReachDest]>, y: &Arc<[ReachDest]>| -> bool {
         let key = (
             Arc::as_ptr(x).cast::<u8>() as usize,
@@ -676,7 +696,7 @@ pub fn diff_bounded(
                 continue;
             }
             if counting {
-                if let Some(n) = count_changes(lo, ln, id) {
+                if let Some(n) = count_changes(lo, ln, id, &mut counts) {
                     total += n;
                     continue;
                 }
