@@ -503,6 +503,11 @@ pub struct Registry {
     aggregated: peerset::Aggregated,
     /// The compile's destination lists as bit sets (cleared with each new compile).
     list_members: ListMembers,
+    /// What one factored inbound list lost and gained to become another, by the two lists'
+    /// allocations (held, so an address is never reused while its entry lives): thousands of
+    /// sessions move from one of a few dozen shared lists to another (cleared with each new
+    /// compile).
+    inbound_edits: InboundEdits,
     /// What `compiled` was compiled from; `None` forces a compile.
     compiled_for: Option<CompiledFor>,
     /// Bumped by every new policy (so a cached compile is never reused across policies).
@@ -719,6 +724,7 @@ impl Registry {
             produced_since_verdict: 0,
             aggregated: peerset::Aggregated::default(),
             list_members: ListMembers::default(),
+            inbound_edits: InboundEdits::default(),
             compiled_for: None,
             policy_gen: 0,
             compiles: 0,
@@ -2933,6 +2939,7 @@ impl Registry {
         if !unchanged {
             self.aggregated.clear();
             self.list_members.clear();
+            self.inbound_edits.clear();
             // Which requirements apply where depends on the same inputs as the compile.
             self.refresh_needed();
             let handover = self.handover.take();
@@ -3376,7 +3383,10 @@ impl Registry {
                         match &filter {
                             None => (false, held_sets.is_some(), false, false),
                             Some(f) => (
-                                sent.filter.inbound != f.inbound,
+                                !self
+                                    .inbound_edits
+                                    .between(&sent.filter.inbound, &f.inbound)
+                                    .is_empty(),
                                 sent.filter.sets != f.sets,
                                 // Version 3 learns destination names from its peers;
                                 // a flat list carries them, so a rename changes it.
@@ -3549,7 +3559,11 @@ impl Registry {
                     let (inbound, inbound_edit) = match new_filter.as_ref() {
                         Some(f) if inbound_changed => {
                             let edit = by_edit
-                                .then(|| ListEdit::between(&sent.filter.inbound, &f.inbound))
+                                .then(|| {
+                                    self.inbound_edits
+                                        .between(&sent.filter.inbound, &f.inbound)
+                                        .clone()
+                                })
                                 .filter(|e| e.len() < f.inbound.len());
                             match edit {
                                 Some(e) => (None, Some(e)),
@@ -3868,6 +3882,48 @@ fn wire_grants(grants: &[Arc<ReachGrant>]) -> Vec<ward_shared::wire::ReachGrant>
             not_after_ms: g.not_after_ms,
         })
         .collect()
+}
+
+/// Edits between factored inbound lists, remembered by the lists' allocations (see
+/// `Registry::inbound_edits`).
+#[derive(Debug, Default)]
+struct InboundEdits {
+    by_ptr: HashMap<(usize, usize), InboundEdit>,
+}
+
+/// (old list, new list, the edit between them): the lists are held so that their addresses,
+/// the key, are not reused while the entry lives.
+type InboundEdit = (
+    Arc<Vec<FilterRule>>,
+    Arc<Vec<FilterRule>>,
+    ListEdit<FilterRule>,
+);
+
+impl InboundEdits {
+    fn clear(&mut self) {
+        self.by_ptr.clear();
+    }
+
+    /// The edit that turns `old` into `new` (empty when they are equal), made once per pair.
+    fn between(
+        &mut self,
+        old: &Arc<Vec<FilterRule>>,
+        new: &Arc<Vec<FilterRule>>,
+    ) -> &ListEdit<FilterRule> {
+        let key = (Arc::as_ptr(old) as usize, Arc::as_ptr(new) as usize);
+        &self
+            .by_ptr
+            .entry(key)
+            .or_insert_with(|| {
+                let edit = if Arc::ptr_eq(old, new) {
+                    ListEdit::default()
+                } else {
+                    ListEdit::between(old, new)
+                };
+                (Arc::clone(old), Arc::clone(new), edit)
+            })
+            .2
+    }
 }
 
 /// What the wire grants of `old` lost and gained to become those of `new`: the grants the

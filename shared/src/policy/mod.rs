@@ -49,7 +49,7 @@ pub use explain::{
     Explanation, Miss,
 };
 pub use parse::parse;
-pub use peers::Peers;
+pub use peers::{PeerMask, Peers};
 pub use routed::{
     auto_approved, carriers, compile_routes, explain_routed, RoutedExplanation, Router,
 };

@@ -121,6 +121,13 @@ impl Peers {
     }
 }
 
+/// Some ids of a compile's index, as bits over it ([`Peers::mask`]).
+#[derive(Debug, Clone)]
+pub struct PeerMask {
+    index: Arc<[DeviceId]>,
+    bits: Vec<u64>,
+}
+
 impl PartialEq for Peers {
     fn eq(&self, other: &Self) -> bool {
         if self.me == other.me && Arc::ptr_eq(&self.index, &other.index) {
@@ -142,6 +149,50 @@ impl Peers {
     pub fn share_index(&mut self, index: &Arc<[DeviceId]>) {
         debug_assert_eq!(self.index[..], index[..]);
         self.index = Arc::clone(index);
+    }
+
+    /// The ids of this peers' index that `keep` accepts, as bits over that index: what
+    /// [`Peers::count_above_in`] counts against, for every device of a compile at once.
+    pub fn mask(&self, keep: impl Fn(DeviceId) -> bool) -> PeerMask {
+        let mut bits = vec![0u64; self.index.len().div_ceil(64)];
+        for (i, id) in self.index.iter().enumerate() {
+            if keep(*id) {
+                bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        PeerMask {
+            index: Arc::clone(&self.index),
+            bits,
+        }
+    }
+
+    /// How many peers with an id above `above` are in `mask`, counted word by word; `None`
+    /// when `mask` was made over another index (count them one by one then).
+    pub fn count_above_in(&self, above: DeviceId, mask: &PeerMask) -> Option<u64> {
+        if !Arc::ptr_eq(&self.index, &mask.index) {
+            return None;
+        }
+        let from = self.index.partition_point(|x| *x <= above);
+        let first = from / 64;
+        let n = mask
+            .bits
+            .iter()
+            .enumerate()
+            .skip(first)
+            .map(|(k, m)| {
+                let mut w = self.bits.get(k).copied().unwrap_or(0) & m;
+                if k == first {
+                    w &= !0u64 << (from % 64);
+                }
+                if let Some(me) = self.me.and_then(|me| self.index.binary_search(&me).ok()) {
+                    if me / 64 == k {
+                        w &= !(1u64 << (me % 64));
+                    }
+                }
+                u64::from(w.count_ones())
+            })
+            .sum();
+        Some(n)
     }
 
     /// Over one index: whether the bits agree, leaving out `me`'s and those past the index.
@@ -255,6 +306,42 @@ mod tests {
         c.share_index(&index);
         assert!(Arc::ptr_eq(c.index(), d.index()));
         assert_eq!(c, d);
+    }
+
+    /// Counting peers above an id within a mask agrees with counting them one by one, and
+    /// a mask over another index is refused.
+    #[test]
+    fn peers_above_an_id_in_a_mask_count_as_one_by_one() {
+        let index: Arc<[DeviceId]> = (1..=150)
+            .map(|i| DeviceId(i * 2))
+            .collect::<Vec<_>>()
+            .into();
+        let mut state = 0x0bad_cafe_1234_5678u64;
+        let mut rnd = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..500 {
+            let me = DeviceId(2 * (1 + rnd() % 150));
+            let bits = Arc::new(vec![rnd(), rnd(), !0]);
+            let p = Peers::new(me, Arc::clone(&index), bits);
+            let cut = rnd() % 7;
+            let mask = p.mask(|id| id.0 % 7 != cut);
+            let above = DeviceId(rnd() % 310);
+            let slow = p.iter().filter(|b| *b > above && b.0 % 7 != cut).count() as u64;
+            assert_eq!(
+                p.count_above_in(above, &mask),
+                Some(slow),
+                "{p:?} above {above:?}"
+            );
+        }
+        let other = Peers::from_ids(Some(DeviceId(1)), [DeviceId(2), DeviceId(3)]);
+        let mask = other.mask(|_| true);
+        let p = Peers::new(DeviceId(2), index, Arc::new(vec![!0, !0, !0]));
+        assert_eq!(p.count_above_in(DeviceId(0), &mask), None);
+        assert_eq!(other.count_above_in(DeviceId(0), &mask), Some(2));
     }
 
     #[test]
