@@ -1057,11 +1057,23 @@ impl<T: Ord + Clone> ListEdit<T> {
     /// it does not hold; `list` itself is left alone.
     pub fn applied(&self, list: &[T]) -> Result<Vec<T>, WireError> {
         let mut out: Vec<T> = list.to_vec();
+        let at = self.positions(&out)?;
+        self.apply_at(&mut out, at);
+        Ok(out)
+    }
+
+    /// Where in `list` the entries to remove are (one held copy each, ascending), or an
+    /// error naming how many it does not hold. Nothing changes: [`ListEdit::apply_at`]
+    /// then edits the list in place, without a copy of it.
+    pub fn positions(&self, list: &[T]) -> Result<Vec<usize>, WireError> {
+        let mut taken = vec![false; list.len()];
+        let mut at = Vec::with_capacity(self.remove.len());
         let mut missing = 0usize;
         for r in &self.remove {
-            match out.iter().position(|x| x == r) {
+            match (0..list.len()).find(|&i| !taken[i] && list[i] == *r) {
                 Some(i) => {
-                    out.swap_remove(i);
+                    taken[i] = true;
+                    at.push(i);
                 }
                 None => missing += 1,
             }
@@ -1072,9 +1084,18 @@ impl<T: Ord + Clone> ListEdit<T> {
                 held: list.len(),
             });
         }
-        out.extend(self.add.iter().cloned());
-        out.sort();
-        Ok(out)
+        at.sort_unstable();
+        Ok(at)
+    }
+
+    /// Removes the entries at `at` (from [`ListEdit::positions`] for this list), adds
+    /// `add`, sorts.
+    pub fn apply_at(&self, list: &mut Vec<T>, at: Vec<usize>) {
+        for i in at.into_iter().rev() {
+            list.swap_remove(i);
+        }
+        list.extend(self.add.iter().cloned());
+        list.sort();
     }
 
     /// Folds `next` (the edit applied after this one) into this one, so that applying the
@@ -1113,13 +1134,15 @@ impl Netmap {
                 base: d.base_seq,
             });
         }
-        // First, as they are the steps that can fail: the netmap stays as it was.
-        let inbound = match &d.inbound_edit {
-            Some(e) => Some(e.applied(d.inbound.as_deref().unwrap_or(&self.inbound))?),
+        // First, as they are the steps that can fail: the netmap stays as it was. An edit is
+        // checked against the list it applies to (the delta's whole list when it carries
+        // one) and made in place below.
+        let inbound_at = match &d.inbound_edit {
+            Some(e) => Some(e.positions(d.inbound.as_deref().unwrap_or(&self.inbound))?),
             None => None,
         };
-        let grants = match &d.reach_grants_edit {
-            Some(e) => Some(e.applied(d.reach_grants.as_deref().unwrap_or(&self.reach_grants))?),
+        let grants_at = match &d.reach_grants_edit {
+            Some(e) => Some(e.positions(d.reach_grants.as_deref().unwrap_or(&self.reach_grants))?),
             None => None,
         };
         crate::peerset::apply_changes(&mut self.peer_sets, &d.peer_sets, &d.removed_peer_sets)?;
@@ -1131,18 +1154,20 @@ impl Netmap {
             }
         }
         self.peers.sort_by_key(|p| p.device_id);
-        match (inbound, &d.inbound) {
-            (Some(i), _) => self.inbound = i,
-            (None, Some(i)) => self.inbound = i.clone(),
-            (None, None) => {}
+        if let Some(i) = &d.inbound {
+            self.inbound = i.clone();
+        }
+        if let (Some(e), Some(at)) = (&d.inbound_edit, inbound_at) {
+            e.apply_at(&mut self.inbound, at);
         }
         if let Some(r) = &d.reach {
             self.reach = r.clone();
         }
-        match (grants, &d.reach_grants) {
-            (Some(g), _) => self.reach_grants = g,
-            (None, Some(g)) => self.reach_grants = g.clone(),
-            (None, None) => {}
+        if let Some(g) = &d.reach_grants {
+            self.reach_grants = g.clone();
+        }
+        if let (Some(e), Some(at)) = (&d.reach_grants_edit, grants_at) {
+            e.apply_at(&mut self.reach_grants, at);
         }
         self.reach_services
             .retain(|x| !d.removed_reach_services.contains(&x.service));

@@ -1433,8 +1433,13 @@ impl Agent {
 
     fn apply_filter(&mut self) {
         let Some(nm) = &self.netmap else { return };
-        let filter = (nm.inbound.clone(), nm.peer_sets.clone());
-        if self.applied_filter.as_ref() != Some(&filter) {
+        // Compared before anything is copied: most calls change nothing.
+        let same = self
+            .applied_filter
+            .as_ref()
+            .is_some_and(|(rules, sets)| *rules == nm.inbound && *sets == nm.peer_sets);
+        if !same {
+            let filter = (nm.inbound.clone(), nm.peer_sets.clone());
             self.events.push_back(Event::SetFilter {
                 rules: filter.0.clone(),
                 sets: filter.1.clone(),
