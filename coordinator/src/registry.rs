@@ -4635,6 +4635,32 @@ expires = "2030-01-01T00:00:00Z"
             Output::Send { conn: 10, msg: CoordinatorMsg::NetmapDelta(d) } if d.remove == vec![DeviceId(2)])), "{out:?}");
     }
 
+    /// The full netmap sent to `conn` among `out`.
+    fn netmap(out: &[Output], conn: ConnId) -> Netmap {
+        out.iter()
+            .find_map(|o| match o {
+                Output::Send {
+                    conn: c,
+                    msg: CoordinatorMsg::Netmap(nm),
+                } if *c == conn => Some(nm.clone()),
+                _ => None,
+            })
+            .expect("a netmap for the connection")
+    }
+
+    /// The deltas sent to `conn` among `out`, in order.
+    fn deltas(out: &[Output], conn: ConnId) -> Vec<NetmapDelta> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    conn: c,
+                    msg: CoordinatorMsg::NetmapDelta(d),
+                } if *c == conn => Some(d.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A policy change that alters one rule's ports: a version-5 device is sent that rule
     /// out and the new one in, for its filter and for its grants; a version-4 device both
     /// lists whole. Both end with the filter and grants a fresh netmap has.
@@ -4651,47 +4677,29 @@ expires = "2030-01-01T00:00:00Z"
             }
             policy::parse(t.as_bytes(), "test.toml").unwrap()
         };
+        // Device 1 speaks version 4, device 2 version 5.
+        let open = |r: &mut Registry, conns: [ConnId; 2]| {
+            for ((id, protocol), conn) in [(1, 4), (2, 5)].into_iter().zip(conns) {
+                r.handle_session_opened_speaking(
+                    DeviceId(id),
+                    conn,
+                    addr(&format!("10.0.0.{id}:1")),
+                    DeviceUpdate::default(),
+                    protocol,
+                )
+                .unwrap();
+            }
+            drain(r)
+        };
         let mut r = reg(&[1, 2, 3]);
         r.handle_policy(text(22));
-        for (id, conn, protocol) in [(1, 10, 4), (2, 11, 5)] {
-            r.handle_session_opened_speaking(
-                DeviceId(id),
-                conn,
-                addr(&format!("10.0.0.{id}:1")),
-                DeviceUpdate::default(),
-                protocol,
-            )
-            .unwrap();
-        }
-        let out = drain(&mut r);
-        let full = |conn: ConnId| {
-            out.iter()
-                .find_map(|o| match o {
-                    Output::Send {
-                        conn: c,
-                        msg: CoordinatorMsg::Netmap(nm),
-                    } if *c == conn => Some(nm.clone()),
-                    _ => None,
-                })
-                .unwrap()
-        };
-        let (mut v4, mut v5) = (full(10), full(11));
+        let out = open(&mut r, [10, 11]);
+        let (mut v4, mut v5) = (netmap(&out, 10), netmap(&out, 11));
         assert_eq!(v5.inbound.len(), 8, "{:?}", v5.inbound);
         assert_eq!(v5.reach_grants.len(), 8, "{:?}", v5.reach_grants);
         r.handle_policy(text(2222));
         let out = drain(&mut r);
-        let delta = |conn: ConnId| {
-            out.iter()
-                .find_map(|o| match o {
-                    Output::Send {
-                        conn: c,
-                        msg: CoordinatorMsg::NetmapDelta(d),
-                    } if *c == conn => Some(d.clone()),
-                    _ => None,
-                })
-                .unwrap()
-        };
-        let (d4, d5) = (delta(10), delta(11));
+        let (d4, d5) = (deltas(&out, 10).remove(0), deltas(&out, 11).remove(0));
         assert!(
             d4.inbound_edit.is_none() && d4.reach_grants_edit.is_none(),
             "{d4:?}"
@@ -4732,33 +4740,12 @@ expires = "2030-01-01T00:00:00Z"
             r.handle_session_closed(DeviceId(id), conn);
         }
         drain(&mut r);
-        for (id, conn, protocol) in [(1, 20, 4), (2, 21, 5)] {
-            r.handle_session_opened_speaking(
-                DeviceId(id),
-                conn,
-                addr(&format!("10.0.0.{id}:1")),
-                DeviceUpdate::default(),
-                protocol,
-            )
-            .unwrap();
-        }
-        let out = drain(&mut r);
-        let fresh = |conn: ConnId| {
-            out.iter()
-                .find_map(|o| match o {
-                    Output::Send {
-                        conn: c,
-                        msg: CoordinatorMsg::Netmap(nm),
-                    } if *c == conn => Some(nm.clone()),
-                    _ => None,
-                })
-                .unwrap()
-        };
+        let out = open(&mut r, [20, 21]);
         let sorted = |mut v: Vec<FilterRule>| {
             v.sort();
             v
         };
-        let (f4, f5) = (fresh(20), fresh(21));
+        let (f4, f5) = (netmap(&out, 20), netmap(&out, 21));
         assert_eq!(sorted(v4.inbound.clone()), sorted(f4.inbound.clone()));
         assert_eq!(v5.inbound, sorted(f5.inbound.clone()));
         let mut g5 = f5.reach_grants.clone();

@@ -14,30 +14,6 @@ fn v4(id: u64) -> IpAddr {
     IpAddr::V4(dev(id).ipv4)
 }
 
-fn netmap(out: &[Output], conn: ConnId) -> Netmap {
-    out.iter()
-        .find_map(|o| match o {
-            Output::Send {
-                conn: c,
-                msg: CoordinatorMsg::Netmap(nm),
-            } if *c == conn => Some(nm.clone()),
-            _ => None,
-        })
-        .expect("a netmap for the connection")
-}
-
-fn deltas(out: &[Output], conn: ConnId) -> Vec<NetmapDelta> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::Send {
-                conn: c,
-                msg: CoordinatorMsg::NetmapDelta(d),
-            } if *c == conn => Some(d.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 fn refusals(out: &[Output], conn: ConnId) -> Vec<(PeerRef, String)> {
     out.iter()
         .filter_map(|o| match o {
