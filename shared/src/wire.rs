@@ -100,9 +100,9 @@
 //!   coordinator sends an edit only to a version-5 device, and only when it is shorter than
 //!   the list; a version-4 device gets the whole lists as before. An edit that does not fit
 //!   the list held (it removes an entry the device does not have) is refused like a delta for
-//!   another base: the device reconnects for a full netmap. A version-5 agent against a coordinator
-//!   that predates it is refused with a `protocol` error ("protocol version 5 is not
-//!   supported"): upgrade the coordinator first.
+//!   another base: the device reconnects for a full netmap. A version-5 agent against a
+//!   coordinator that predates it is refused with a `protocol` error ("protocol version 5 is
+//!   not supported"): upgrade the coordinator first.
 //!
 //! Every message the device sends first (`Enroll`, `Hello`) carries `protocol`; the
 //! coordinator refuses a version it does not speak with [`ErrorCode::Protocol`].
@@ -1065,7 +1065,7 @@ impl<T: Ord + Clone> ListEdit<T> {
     /// Where in `list` the entries to remove are (one held copy each, ascending), or an
     /// error naming how many it does not hold. Nothing changes: [`ListEdit::apply_at`]
     /// then edits the list in place, without a copy of it.
-    pub fn positions(&self, list: &[T]) -> Result<Vec<usize>, WireError> {
+    fn positions(&self, list: &[T]) -> Result<Vec<usize>, WireError> {
         let mut taken = vec![false; list.len()];
         let mut at = Vec::with_capacity(self.remove.len());
         let mut missing = 0usize;
@@ -1090,7 +1090,7 @@ impl<T: Ord + Clone> ListEdit<T> {
 
     /// Removes the entries at `at` (from [`ListEdit::positions`] for this list), adds
     /// `add`, sorts.
-    pub fn apply_at(&self, list: &mut Vec<T>, at: Vec<usize>) {
+    fn apply_at(&self, list: &mut Vec<T>, at: Vec<usize>) {
         for i in at.into_iter().rev() {
             list.swap_remove(i);
         }

@@ -108,12 +108,6 @@ impl Peers {
         }
     }
 
-    /// Whether `self` and `other` share one allocation of bits over one index (then they are
-    /// equal when they are the peers of the same device).
-    pub fn same_bits(&self, other: &Peers) -> bool {
-        Arc::ptr_eq(&self.bits, &other.bits) && Arc::ptr_eq(&self.index, &other.index)
-    }
-
     fn bit(&self, i: usize) -> bool {
         self.bits
             .get(i / 64)
@@ -173,21 +167,12 @@ impl Peers {
             return None;
         }
         let from = self.index.partition_point(|x| *x <= above);
-        let first = from / 64;
-        let n = mask
-            .bits
-            .iter()
-            .enumerate()
-            .skip(first)
-            .map(|(k, m)| {
-                let mut w = self.bits.get(k).copied().unwrap_or(0) & m;
-                if k == first {
+        let me_at = self.me_at();
+        let n = (from / 64..self.index.len().div_ceil(64))
+            .map(|k| {
+                let mut w = self.word(k) & mask.bits[k] & self.valid(k, me_at);
+                if k == from / 64 {
                     w &= !0u64 << (from % 64);
-                }
-                if let Some(me) = self.me.and_then(|me| self.index.binary_search(&me).ok()) {
-                    if me / 64 == k {
-                        w &= !(1u64 << (me % 64));
-                    }
                 }
                 u64::from(w.count_ones())
             })
@@ -197,21 +182,36 @@ impl Peers {
 
     /// Over one index: whether the bits agree, leaving out `me`'s and those past the index.
     fn same_words(&self, other: &Peers) -> bool {
-        let n = self.index.len();
-        let me_at = self.me.and_then(|m| self.index.binary_search(&m).ok());
-        (0..n.div_ceil(64)).all(|k| {
-            let mut mask = if (k + 1) * 64 <= n {
-                !0u64
-            } else {
-                (1u64 << (n - k * 64)) - 1
-            };
-            if let Some(i) = me_at.filter(|i| i / 64 == k) {
-                mask &= !(1u64 << (i % 64));
-            }
-            let a = self.bits.get(k).copied().unwrap_or(0);
-            let b = other.bits.get(k).copied().unwrap_or(0);
-            a & mask == b & mask
+        let me_at = self.me_at();
+        (0..self.index.len().div_ceil(64)).all(|k| {
+            let valid = self.valid(k, me_at);
+            self.word(k) & valid == other.word(k) & valid
         })
+    }
+
+    /// `me`'s position in the index, if it is there.
+    fn me_at(&self) -> Option<usize> {
+        self.me.and_then(|m| self.index.binary_search(&m).ok())
+    }
+
+    /// Word `k` of the bits (zero past their end).
+    fn word(&self, k: usize) -> u64 {
+        self.bits.get(k).copied().unwrap_or(0)
+    }
+
+    /// The bits of word `k` that stand for a peer: inside the index, and not `me` (at
+    /// `me_at`).
+    fn valid(&self, k: usize, me_at: Option<usize>) -> u64 {
+        let n = self.index.len();
+        let mut mask = if (k + 1) * 64 <= n {
+            !0u64
+        } else {
+            (1u64 << (n - k * 64)) - 1
+        };
+        if let Some(i) = me_at.filter(|i| i / 64 == k) {
+            mask &= !(1u64 << (i % 64));
+        }
+        mask
     }
 }
 
@@ -277,12 +277,9 @@ mod tests {
         };
         for _ in 0..3000 {
             let me = DeviceId(1 + rnd() % 130);
-            let words = |r: &mut dyn FnMut() -> u64| -> Vec<u64> {
-                // Sparse differences: mostly equal words, past-the-index bits random.
-                let base = [r(), r(), r()];
-                base.to_vec()
-            };
-            let a_words = words(&mut rnd);
+            // Random words (past-the-index bits too); the second differs from the first in
+            // one bit: anywhere, `me`'s own, past the index, or nowhere.
+            let a_words = vec![rnd(), rnd(), rnd()];
             let mut b_words = a_words.clone();
             match rnd() % 4 {
                 0 => b_words[(rnd() % 3) as usize] ^= 1 << (rnd() % 64),
