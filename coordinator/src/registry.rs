@@ -32,8 +32,8 @@ use ward_shared::posture::{self, PostureReport, PostureWants};
 use ward_shared::routes::{overlaps_overlay, Prefix, MAX_ADVERTISED_ROUTES};
 use ward_shared::wire::{
     CoordinatorMsg, DeniedFlow, DeviceId, DeviceUpdate, ErrorCode, ListEdit, Netmap, NetmapDelta,
-    Peer, PeerRef, PostureVerdict, Reach, ReachService, RelayInfo, RiskView, SelfInfo, Unavailable,
-    WgPublicKey, MAX_DENIED_FLOWS, MAX_ENDPOINTS, MAX_NAME_PEERS, PROTOCOL_VERSION,
+    Peer, PeerRef, PostureVerdict, ReachService, RelayInfo, RiskView, SelfInfo, WgPublicKey,
+    MAX_DENIED_FLOWS, MAX_ENDPOINTS, MAX_NAME_PEERS, PROTOCOL_VERSION,
 };
 
 use crate::behaviour::{AckError, Anomaly, Config as BehaviourConfig, Detector, Label};
@@ -42,6 +42,7 @@ use crate::trust::{Change, Decision, RemoteTrust, ReportError, TrustBook};
 
 mod held;
 mod on_demand;
+mod withheld;
 use held::HeldLeases;
 use on_demand::{Held, PeerMode};
 use ward_shared::wire::MAX_HELD_PEERS;
@@ -372,6 +373,8 @@ fn held_reach_lists(
         .map(|(service, l)| {
             let mut devices = Vec::new();
             members.each_member(l, held, |id| devices.push(id));
+            // Held for as long as the session is up: no slack from growing.
+            devices.shrink_to_fit();
             (service.to_string(), devices)
         })
         .collect()
@@ -416,6 +419,10 @@ fn recut_reach_lists<'a>(
         }
         if touched {
             changed.insert(service);
+            // A list grown one insert at a time keeps up to half its room empty.
+            if list.capacity() > list.len() + list.len() / 4 + 4 {
+                list.shrink_to_fit();
+            }
         }
     }
     changed
@@ -1529,7 +1536,7 @@ impl Registry {
             .get(&id)
             .and_then(|d| d.user.as_deref())
             .and_then(|u| Some((u, self.suspended.get(u)?)));
-        let mut unavailable = Vec::new();
+        let (mut unavailable, mut unavailable_more) = (Vec::new(), 0);
         if let (Some(p), true) = (
             &self.policy,
             !failures.is_empty() || quarantine.is_some() || suspended.is_some(),
@@ -1547,23 +1554,16 @@ impl Registry {
                     u.suspended = None;
                 }
             }
-            let ideal_flat = policy::reach_of(p, &dir, id, self.now_ms);
-            let have_flat: Vec<Reach> = self
+            let ideal = policy::reach_grants_of(p, &dir, id, self.now_ms);
+            let have: &[Arc<policy::ReachGrant>] = self
                 .compiled
                 .devices
                 .get(&id)
-                .map(|a| a.reach_flat(id))
+                .map(|a| a.reach.as_slice())
                 .unwrap_or_default();
-            let have: BTreeSet<(&str, DeviceId, &str)> = have_flat
-                .iter()
-                .map(|r| (r.service.as_str(), r.device_id, r.rule.as_str()))
-                .collect();
-            for r in &ideal_flat {
-                if have.contains(&(r.service.as_str(), r.device_id, r.rule.as_str())) {
-                    continue;
-                }
+            let reasons_for = |service: &str, rule_name: &str| {
                 let mut reasons = Vec::new();
-                if let Some(rule) = p.rules.iter().find(|x| x.name == r.rule) {
+                if let Some(rule) = p.rules.iter().find(|x| x.name == rule_name) {
                     for q in &rule.posture {
                         if let Some(f) = failures.get(&q.value) {
                             reasons.push(format!("posture {:?}: {}", q.value, f.join("; ")));
@@ -1572,7 +1572,7 @@ impl Registry {
                 }
                 if let Some((user, why)) = suspended {
                     let through_user = p.rules.iter().any(|x| {
-                        x.name == r.rule
+                        x.name == rule_name
                             && x.from.iter().any(|sel| {
                                 matches!(
                                     sel.value,
@@ -1586,24 +1586,20 @@ impl Registry {
                         ));
                     }
                 }
-                let remediation = p.services.get(&r.service).is_some_and(|s| s.remediation);
+                let remediation = p.services.get(service).is_some_and(|s| s.remediation);
                 if let (Some(q), false) = (&quarantine, remediation) {
                     reasons.push(format!("quarantined: {q}"));
                 }
-                let u = Unavailable {
-                    service: r.service.clone(),
-                    hostname: r.hostname.clone(),
-                    rule: r.rule.clone(),
-                    reasons,
-                };
-                unavailable.push(u);
-            }
-            // Sorted, then each entry once (a scan per entry was quadratic in what the device
-            // would reach: seconds for a device reaching thousands of services).
-            unavailable.sort();
-            unavailable.dedup();
+                reasons
+            };
+            (unavailable, unavailable_more) = withheld::withheld(
+                &ideal,
+                have,
+                id,
+                ward_shared::wire::MAX_UNAVAILABLE,
+                reasons_for,
+            );
         }
-        let unavailable_more = cap_unavailable(&mut unavailable);
         let (score, reason) = self.trust.risk(id);
         let risk = self.policy.as_ref().and_then(|p| {
             let max_risk = p.postures.values().filter_map(|q| q.max_risk).min();
@@ -4081,39 +4077,6 @@ fn inbound_allows(rules: &[FilterRule], f: &DeniedFlow, now_ms: i64) -> bool {
     })
 }
 
-/// Cuts a sorted, deduplicated `unavailable` list to [`wire::MAX_UNAVAILABLE`] entries and
-/// returns how many were left out. Each withheld (service, rule) keeps its first entry while
-/// there is room, so the list names every kind of access trust withholds before it repeats
-/// one; the rest of the room is taken in order.
-fn cap_unavailable(list: &mut Vec<Unavailable>) -> u64 {
-    let max = ward_shared::wire::MAX_UNAVAILABLE;
-    if list.len() <= max {
-        return 0;
-    }
-    let total = list.len();
-    let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
-    let mut keep = vec![false; total];
-    let mut kept = 0;
-    for (i, u) in list.iter().enumerate() {
-        if kept < max && seen.insert((u.service.as_str(), u.rule.as_str())) {
-            keep[i] = true;
-            kept += 1;
-        }
-    }
-    for k in keep.iter_mut() {
-        if kept == max {
-            break;
-        }
-        if !*k {
-            *k = true;
-            kept += 1;
-        }
-    }
-    let mut flags = keep.into_iter();
-    list.retain(|_| flags.next().unwrap_or(false));
-    (total - list.len()) as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -5273,22 +5236,6 @@ to = ["web"]
             "sorted, once each"
         );
         assert!(v.lines().iter().any(|l| l.contains("and 142 more")));
-        // A service listed after hundreds of entries of another is still named.
-        let entry = |svc: &str, host: u64| Unavailable {
-            service: svc.into(),
-            hostname: Hostname::parse(&format!("h{host:04}")).unwrap(),
-            rule: svc.into(),
-            reasons: vec!["quarantined: test".into()],
-        };
-        let mut long: Vec<Unavailable> = (0..300).map(|h| entry("a", h)).collect();
-        long.push(entry("b", 0));
-        assert_eq!(cap_unavailable(&mut long), 301 - max as u64);
-        assert_eq!(long.len(), max);
-        assert!(long.iter().any(|u| u.service == "b"));
-        // A device whose withheld access fits is told all of it, with nothing counted.
-        let mut short: Vec<Unavailable> = v.unavailable[..10].to_vec();
-        assert_eq!(cap_unavailable(&mut short), 0);
-        assert_eq!(short.len(), 10);
     }
 
     /// Two teams of three devices, each team the other's stranger: a change to one device

@@ -198,6 +198,7 @@ fn restrict_one(prefixes: &[Prefix], held: &[IpAddr]) -> Vec<Prefix> {
         .collect();
     kept.sort_unstable();
     kept.dedup();
+    kept.shrink_to_fit();
     kept
 }
 
@@ -293,11 +294,14 @@ fn recut_one(
     add.dedup();
     remove.sort_unstable();
     remove.dedup();
-    let mut next: Vec<Prefix> = c
-        .iter()
-        .filter(|h| remove.binary_search(h).is_err())
-        .copied()
-        .collect();
+    // Sized once: a session holds its cuts for as long as it is up (tens of thousands of
+    // them at 10 000 sessions), so the slack of a growing vector stays allocated.
+    let mut next: Vec<Prefix> = Vec::with_capacity(c.len() + add.len());
+    next.extend(
+        c.iter()
+            .filter(|h| remove.binary_search(h).is_err())
+            .copied(),
+    );
     for h in &add {
         if let Err(i) = next.binary_search(h) {
             next.insert(i, *h);

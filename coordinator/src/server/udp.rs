@@ -1,12 +1,14 @@
 //! The control listener's UDP socket as quinn sees it: at most eight datagrams per send.
 //!
-//! quinn gives every connection a send buffer that it never shrinks, and the first time the
-//! connection sends a batch it reserves room for a whole one on top of the datagram already
-//! in it (`max_datagrams × segment size`): with UDP GSO's ten datagrams of 1 452 bytes, about
-//! 16 KB per connection, most of the largest item in the coordinator's heap at 10 000 control
-//! sessions. Eight per send makes that about 13 KB and keeps 80% of the batch. One datagram
-//! per send would save nearly all of it, but measured it cost the open phase and the resync
-//! more than that memory was worth (bench/README.md).
+//! quinn gives every connection a send buffer that it never shrinks, and when a send first
+//! needs a second datagram it reserves room for a whole batch on top of the one already in it
+//! (`max_datagrams × segment size`): with UDP GSO's ten datagrams, one of the largest items in
+//! the coordinator's heap at 10 000 control sessions. Eight per send, of QUIC's 1 200 bytes
+//! (the listener does no path MTU discovery: a datagram size that grows after the first batch
+//! makes quinn reserve a second, larger batch on top of the first), keeps a connection's buffer
+//! at about 11 KB and 80% of the batch. One datagram per send would save nearly all of it, but
+//! measured it cost the open phase and the resync more than that memory was worth
+//! (bench/README.md).
 
 use std::fmt;
 use std::io;
@@ -194,6 +196,23 @@ mod tests {
         assert!(
             (2..=MAX_SEGMENTS).contains(&most),
             "at most {most} datagrams per send, over {} sends",
+            sent.len()
+        );
+    }
+
+    /// The listener's datagrams stay at 1 200 bytes through a transfer long enough for path
+    /// MTU discovery to have raised them (it would, to 1 452, on loopback).
+    #[tokio::test]
+    async fn the_control_endpoint_keeps_to_the_smallest_quic_datagram() {
+        let sent = server_sends(|s| Arc::new(FewDatagrams(s))).await;
+        let largest = sent
+            .iter()
+            .map(|&(len, segment)| segment.unwrap_or(len))
+            .max()
+            .unwrap_or(0);
+        assert!(
+            (1000..=1200).contains(&largest),
+            "largest datagram {largest} bytes, over {} sends",
             sent.len()
         );
     }

@@ -70,6 +70,17 @@ pub fn compile(p: &Policy, d: &Directory, now_ms: i64) -> Compiled {
 /// compiling the other devices: O(rules × devices) to resolve the selectors, then the
 /// device's own grants. Empty for a device that is not live or not in `d`.
 pub fn reach_of(p: &Policy, d: &Directory, id: DeviceId, now_ms: i64) -> Vec<super::Reach> {
+    super::expand_reach(&reach_grants_of(p, d, id, now_ms), id)
+}
+
+/// [`reach_of`] by reference: the grants `compile(p, d, now_ms).devices[&id].reach` would
+/// hold (equal in content, not sorted), each destination list made once per rule and service.
+pub fn reach_grants_of(
+    p: &Policy,
+    d: &Directory,
+    id: DeviceId,
+    now_ms: i64,
+) -> Vec<Arc<ReachGrant>> {
     let Some(me) = d.devices.iter().position(|x| x.id == id) else {
         return Vec::new();
     };
@@ -134,7 +145,7 @@ pub fn reach_of(p: &Policy, d: &Directory, id: DeviceId, now_ms: i64) -> Vec<sup
             }
         }
     }
-    super::expand_reach(&grants, id)
+    grants
 }
 
 /// Makes `new` share the lists it has in common with `old` (source lists and reach grants

@@ -42,7 +42,8 @@ use crate::routes::Prefix;
 use crate::wire::{DeviceId, Reach};
 
 pub use compile::{
-    carry_over, compile, reach_of, requirements_by_device, run_tests, same_at, TestOutcome,
+    carry_over, compile, reach_grants_of, reach_of, requirements_by_device, run_tests, same_at,
+    TestOutcome,
 };
 pub use explain::{
     diff, diff_bounded, explain, AccessChange, CandidateVerdict, ChangeKind, DeviceExplanation,
