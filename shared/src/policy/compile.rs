@@ -73,8 +73,8 @@ pub fn reach_of(p: &Policy, d: &Directory, id: DeviceId, now_ms: i64) -> Vec<sup
     super::expand_reach(&reach_grants_of(p, d, id, now_ms), id)
 }
 
-/// [`reach_of`] by reference: the grants `compile(p, d, now_ms).devices[&id].reach` would
-/// hold (equal in content, not sorted), each destination list made once per rule and service.
+/// [`reach_of`] before it is expanded: the grants whose destinations, less `id` itself, are
+/// its entries (unsorted), each destination list made once per rule and service.
 pub fn reach_grants_of(
     p: &Policy,
     d: &Directory,
