@@ -50,7 +50,8 @@ use ward_shared::wire::MAX_HELD_PEERS;
 /// While netmaps are pending, one due verdict goes out after this many sessions' netmap
 /// changes: verdicts wait for the netmaps (peers first, and a quarantined device's verdict
 /// costs a compile), but a stream of changes that keeps the queue from emptying must not
-/// keep a device from learning it was quarantined.
+/// keep a device from learning it was quarantined. The sessions whose trust changed are
+/// produced first ([`Registry::trust_changed_first`]), so their verdicts are due early.
 pub const VERDICT_EVERY: usize = 32;
 
 /// How often reports are re-judged for age and overdue failures (ms).
@@ -2697,6 +2698,25 @@ impl Registry {
                 self.pending.extend(rest);
             }
         }
+        self.trust_changed_first();
+    }
+
+    /// Moves the sessions of devices whose trust changed (a verdict due: quarantined,
+    /// released, a posture check failed or passed) to the front of the queue, keeping the
+    /// order of the rest. Their verdict is queued when their netmap is produced and goes out
+    /// within [`VERDICT_EVERY`] productions after it, so a quarantined device learns why in
+    /// about the time of that many sessions, not after every other session's change (at
+    /// 10 000 sessions, seconds). Their peers were told first (the narrowing pass). Trust
+    /// changes are few, so the rest keep their places among themselves.
+    fn trust_changed_first(&mut self) {
+        if self.verdict_dirty.is_empty() || self.pending.len() < 2 {
+            return;
+        }
+        let dirty = &self.verdict_dirty;
+        let (first, rest): (VecDeque<DeviceId>, VecDeque<DeviceId>) =
+            self.pending.drain(..).partition(|id| dirty.contains(id));
+        self.pending = first;
+        self.pending.extend(rest);
     }
 
     /// After a compile that changed the access of `changed` only: queues the sessions that
@@ -2854,6 +2874,7 @@ impl Registry {
             }
         }
         self.pending = queue;
+        self.trust_changed_first();
     }
 
     /// Produces every session's messages still pending (for a decision that must see every
@@ -6048,6 +6069,72 @@ to = ["b"]
         }
         let step = told_at.expect("the quarantined device is told, changes or not");
         assert!(step < 2_000, "told after {step} outputs");
+    }
+
+    /// A quarantined device is produced first by the compile that follows its peers'
+    /// narrowing, so it learns why within [`VERDICT_EVERY`] other sessions' changes, not
+    /// after every session's (it has the highest id of 80: last in id order).
+    #[test]
+    fn a_quarantined_device_learns_its_verdict_ahead_of_the_other_sessions_changes() {
+        let p = policy::parse(
+            br#"
+[groups]
+eng = ["alice"]
+[services.all]
+devices = ["group:eng"]
+ports = ["tcp/*"]
+[services.patch]
+devices = ["group:eng"]
+ports = ["tcp/8530"]
+remediation = true
+[[rules]]
+from = ["group:eng"]
+to = ["all", "patch"]
+"#,
+            "test.toml",
+        )
+        .unwrap();
+        let ids: Vec<u64> = (1..=80).collect();
+        let mut r = reg(&ids);
+        r.handle_policy(p);
+        open_sessions(&mut r, &ids);
+        std::iter::from_fn(|| r.poll_output()).for_each(drop);
+        let compiles = r.compiles;
+        let mut q = dev(80);
+        q.quarantine = Some(crate::store::Quarantine {
+            since_ms: 0,
+            reason: "test".into(),
+            automatic: false,
+        });
+        r.handle_device_upserted(q);
+        let (mut before_verdict, mut after_compile, mut told) = (0, 0, false);
+        while let Some(o) = r.poll_output() {
+            match o {
+                Output::Send {
+                    conn: 800,
+                    msg: CoordinatorMsg::PostureVerdict(v),
+                } if v.quarantine.is_some() => told = true,
+                Output::Send {
+                    msg: CoordinatorMsg::NetmapDelta(_),
+                    ..
+                } if r.compiles > compiles => {
+                    after_compile += 1;
+                    if !told {
+                        before_verdict += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert!(told, "the quarantined device is told why");
+        assert!(
+            after_compile > VERDICT_EVERY + 1,
+            "the compile changes {after_compile} sessions: too few to tell the order"
+        );
+        assert!(
+            before_verdict <= VERDICT_EVERY + 1,
+            "{before_verdict} of the compile's {after_compile} changes went out before the verdict"
+        );
     }
 
     /// A quarantined device leaves every peer's filter in the first message each peer gets,
