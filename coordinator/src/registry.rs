@@ -6071,10 +6071,12 @@ to = ["b"]
         assert!(step < 2_000, "told after {step} outputs");
     }
 
-    /// Group eng may reach every eng device on any TCP port, and the remediation service
-    /// `patch` on tcp/8530 (still open to a quarantined device).
-    fn all_and_remediation_policy() -> Policy {
-        policy::parse(
+    /// A quarantined device is produced first by the compile that follows its peers'
+    /// narrowing, so it learns why within [`VERDICT_EVERY`] other sessions' changes, not
+    /// after every session's (it has the highest id of 80: last in id order).
+    #[test]
+    fn a_quarantined_device_learns_its_verdict_ahead_of_the_other_sessions_changes() {
+        let p = policy::parse(
             br#"
 [groups]
 eng = ["alice"]
@@ -6091,15 +6093,7 @@ to = ["all", "patch"]
 "#,
             "test.toml",
         )
-        .unwrap()
-    }
-
-    /// A quarantined device is produced first by the compile that follows its peers'
-    /// narrowing, so it learns why within [`VERDICT_EVERY`] other sessions' changes, not
-    /// after every session's (it has the highest id of 80: last in id order).
-    #[test]
-    fn a_quarantined_device_learns_its_verdict_ahead_of_the_other_sessions_changes() {
-        let p = all_and_remediation_policy();
+        .unwrap();
         let ids: Vec<u64> = (1..=80).collect();
         let mut r = reg(&ids);
         r.handle_policy(p);
@@ -6148,7 +6142,24 @@ to = ["all", "patch"]
     /// only, and each peer's filter ends where a fresh session's would be.
     #[test]
     fn a_quarantine_is_enforced_by_every_peer_before_the_compile() {
-        let p = all_and_remediation_policy();
+        let p = policy::parse(
+            br#"
+[groups]
+eng = ["alice"]
+[services.all]
+devices = ["group:eng"]
+ports = ["tcp/*"]
+[services.patch]
+devices = ["group:eng"]
+ports = ["tcp/8530"]
+remediation = true
+[[rules]]
+from = ["group:eng"]
+to = ["all", "patch"]
+"#,
+            "test.toml",
+        )
+        .unwrap();
         let mut r = reg(&[1, 2, 3]);
         r.handle_policy(p);
         open_sessions(&mut r, &[1, 2, 3]);
