@@ -25,6 +25,10 @@ mod dense;
 
 use std::time::Instant;
 
+/// The coordinator's allocator (`ward-coordinator`'s own), so the figures are its figures.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use ward_coordinator::registry::{Output, Registry};
 use ward_coordinator::store::{Device, User};
 use ward_shared::addr::AddressPools;

@@ -16,7 +16,8 @@ check() { local what="$1"; shift; if "$@"; then pass "$what"; else fail "$what";
 finish() {
     if ((E2E_FAIL > 0)); then
         printf 'failed: %s\n' "${E2E_FAILED[@]}"
-        lab_dump_logs 2>/dev/null | tail -n 60 || true
+        # The last lines of every log, each one whole: a failure names its device's history.
+        lab_dump_logs 30 2>/dev/null || true
     fi
     echo "$E2E_PASS passed, $E2E_FAIL failed"
     ((E2E_FAIL == 0))

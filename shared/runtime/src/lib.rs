@@ -98,7 +98,9 @@ where
 /// serve another: a service whose blocking pool runs dozens of threads (the coordinator's
 /// store calls) then holds far more than it uses. Measured at 10 000 control sessions, one
 /// binary: steady RSS 1 073–1 079 MiB with glibc's default, 983 MiB with two arenas
-/// (bench/README.md, "A control session's memory"). Call before any other thread starts.
+/// (bench/README.md, "A control session's memory"). The coordinator has since moved its Rust
+/// heap to jemalloc; the cap still bounds what C libraries (SQLite) allocate through glibc.
+/// Call before any other thread starts.
 pub fn cap_malloc_arenas() {
     let tunable = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
     if tunable || std::env::var_os("MALLOC_ARENA_MAX").is_some() {
