@@ -30,9 +30,9 @@ use ward_coordinator::store::SuggestionState;
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read at its first allocation (its `malloc_conf`; `_RJEM_MALLOC_CONF` in
-/// the environment is read after, and wins): one arena per CPU instead of four, so memory
-/// freed by one thread serves the others (peak RSS at 10 000 sessions 1 087–1 099 → 1 054–1 058
-/// MiB, bench/README.md).
+/// the environment is read after, and wins): one arena per CPU instead of four a CPU, so
+/// memory freed by one thread serves the others (peak RSS at 10 000 sessions 1 087–1 099 →
+/// 1 051–1 069 MiB, bench/README.md).
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 static malloc_conf: Option<&'static std::ffi::c_char> =
