@@ -25,7 +25,8 @@ mod dense;
 
 use std::time::Instant;
 
-/// The coordinator's allocator (`ward-coordinator`'s own), so the figures are its figures.
+/// The coordinator's allocator (`ward-coordinator`'s own), so the figures are its figures;
+/// its one-arena-per-CPU option is left out: the bench runs the core on one thread.
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
