@@ -1946,9 +1946,9 @@ mod tests {
         .contains("no user"));
     }
 
-    /// A policy apply hands the registry the compile its check made (the policy against the
-    /// directory the check judged, at the request's time), and the maturity assessment it
-    /// records from the check's work is the one gathered afresh.
+    /// A policy apply hands the registry the policy as stored and the compile its check made
+    /// (the policy against the directory the check judged, at the request's time), and the
+    /// maturity assessment it records from the check's work is the one gathered afresh.
     #[test]
     fn an_apply_hands_its_compile_over_and_records_the_same_assessment() {
         use base64::Engine;
@@ -1976,6 +1976,13 @@ mod tests {
         let [Notice::Policy(p, 1, Some(handed))] = &notices[..] else {
             panic!("{notices:?}")
         };
+        // As the change feed reads the stored version back: the registry knows it for the
+        // policy in force and does not compile it a second time.
+        assert_eq!(
+            *p,
+            ward_shared::policy::parse(text.as_bytes(), &super::super::policy::stored_name(1))
+                .unwrap()
+        );
         let dir = live.directory_for(p).unwrap();
         assert_eq!(*handed.directory, dir);
         assert_eq!(handed.at_ms, 1_000_000);

@@ -29,6 +29,13 @@ pub struct Applied {
     pub tests: usize,
 }
 
+/// The name a stored policy version goes by once applied (in messages that cite its lines):
+/// the same on every replica, whether it was applied there or read from the change feed, so
+/// the registry knows a version read back as the one in force and does not compile it again.
+pub fn stored_name(version: i64) -> String {
+    format!("policy v{version}")
+}
+
 /// Checks (and with `apply`, stores and pushes) a policy file sent base64-encoded. A refusal is
 /// an `ok: false` outcome, audited as `policy.refused` when applying; the previous policy stays.
 pub fn check(
@@ -88,7 +95,7 @@ pub fn check_applied(
                 None,
             ))
         };
-    let p = match policy::parse(&bytes, file_name) {
+    let mut p = match policy::parse(&bytes, file_name) {
         Ok(p) => p,
         Err(e) => return refuse(e.to_string(), vec![]),
     };
@@ -163,6 +170,7 @@ pub fn check_applied(
             out.changes.join("; ")
         };
         let version = store.save_policy(&text, &sha, &summary, "admin", now)?;
+        p.file = stored_name(version);
         let applied = Applied {
             version,
             directory: Arc::new(dir),

@@ -221,7 +221,10 @@ pub async fn serve(
             info!("no policy applied yet: everything is denied until `policy apply`");
             None
         }
-        Some(v) => match policy::parse(v.text.as_bytes(), &format!("policy v{}", v.version)) {
+        Some(v) => match policy::parse(
+            v.text.as_bytes(),
+            &crate::admin::policy::stored_name(v.version),
+        ) {
             Ok(p) => {
                 current_version = u64::try_from(v.version).ok();
                 Some(p)

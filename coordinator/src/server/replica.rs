@@ -301,7 +301,10 @@ fn read(store: &dyn Store, r: &Reloads, devices_due: bool) -> crate::store::Resu
     if r.policy {
         out.policy = Some(match store.current_policy()? {
             None => None,
-            Some(v) => match policy::parse(v.text.as_bytes(), &format!("policy v{}", v.version)) {
+            Some(v) => match policy::parse(
+                v.text.as_bytes(),
+                &crate::admin::policy::stored_name(v.version),
+            ) {
                 Ok(p) => Some((p, v.version)),
                 Err(e) => {
                     error!(version = v.version, error = %e, "another replica's policy does not parse here; keeping the current one");
