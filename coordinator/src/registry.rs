@@ -381,6 +381,44 @@ fn held_reach_lists(
         .collect()
 }
 
+/// [`held_reach_lists`] for `held` after a new compile, from the lists a session was last
+/// given (`old`): a service whose list comes out the same keeps its entry (no allocation, and
+/// nothing sent), so a compile that leaves most services alone costs their membership tests,
+/// not a new map a session. Returns the new lists, those that changed or are new, and the
+/// services no longer listed.
+fn reheld_reach_lists(
+    grants: &[Arc<ReachGrant>],
+    held: &[DeviceId],
+    members: &mut ListMembers,
+    mut old: BTreeMap<String, Vec<DeviceId>>,
+) -> (
+    BTreeMap<String, Vec<DeviceId>>,
+    Vec<ReachService>,
+    Vec<String>,
+) {
+    let mut new = BTreeMap::new();
+    let mut changed = Vec::new();
+    let mut devices = Vec::new();
+    for (service, l) in reach_lists(grants) {
+        devices.clear();
+        members.each_member(l, held, |id| devices.push(id));
+        match old.remove_entry(service) {
+            Some((k, kept)) if kept == devices => {
+                new.insert(k, kept);
+            }
+            _ => {
+                let list = devices.clone();
+                changed.push(ReachService {
+                    service: service.to_string(),
+                    devices: list.clone(),
+                });
+                new.insert(service.to_string(), list);
+            }
+        }
+    }
+    (new, changed, old.into_keys().collect())
+}
+
 /// [`held_reach_lists`] brought up to date in place after the held peers gained `gained` and
 /// lost `lost` (`held` is what it gave for the same grants); the services whose lists
 /// changed.
@@ -432,9 +470,11 @@ fn recut_reach_lists<'a>(
 /// The overlay addresses of `peers`: the only sources a device holding just these peers can
 /// receive from.
 fn held_addrs<'a>(peers: impl Iterator<Item = &'a Peer>) -> Vec<IpAddr> {
-    peers
-        .flat_map(|p| [IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)])
-        .collect()
+    let mut addrs = Vec::with_capacity(2 * peers.size_hint().0);
+    for p in peers {
+        addrs.extend([IpAddr::V4(p.ipv4), IpAddr::V6(p.ipv6)]);
+    }
+    addrs
 }
 
 /// A peer as a session was last told it.
@@ -3160,12 +3200,16 @@ impl Registry {
                     let full = s.full_sets.as_ref()?;
                     Some(std::mem::replace(&mut s.filter.sets, full.clone()))
                 });
-                let f = peerset::factor_with(
-                    inbound,
+                let (shadow, prev) = (
                     shadow_filter.map(Vec::as_slice),
                     session.sent.as_ref().map(|s| &s.filter),
-                    &mut self.aggregated,
                 );
+                let f = match access {
+                    Some(a) => {
+                        peerset::factor_shared(&a.inbound, shadow, prev, &mut self.aggregated)
+                    }
+                    None => peerset::factor_with(inbound, shadow, prev, &mut self.aggregated),
+                };
                 if let (Some(cut), Some(s)) = (cut, session.sent.as_mut()) {
                     s.filter.sets = cut;
                 }
@@ -3492,20 +3536,12 @@ impl Registry {
                                     .collect();
                                 ids.sort_unstable();
                                 ids.dedup();
-                                let new = held_reach_lists(reach, &ids, &mut self.list_members);
-                                let lists: Vec<ReachService> = new
-                                    .iter()
-                                    .filter(|(k, l)| held.get(*k) != Some(*l))
-                                    .map(|(service, devices)| ReachService {
-                                        service: service.clone(),
-                                        devices: devices.clone(),
-                                    })
-                                    .collect();
-                                let removed: Vec<String> = held
-                                    .keys()
-                                    .filter(|k| !new.contains_key(*k))
-                                    .cloned()
-                                    .collect();
+                                let (new, lists, removed) = reheld_reach_lists(
+                                    reach,
+                                    &ids,
+                                    &mut self.list_members,
+                                    std::mem::take(&mut held),
+                                );
                                 held = new;
                                 (lists, removed)
                             };
@@ -4101,6 +4137,60 @@ fn inbound_allows(rules: &[FilterRule], f: &DeniedFlow, now_ms: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device on demand is told each service's destinations among the peers it holds;
+    /// after a compile, a service whose list comes out the same keeps its entry and is not
+    /// sent, a changed or new one is sent, and one no longer granted is named as removed:
+    /// what comparing a fresh [`held_reach_lists`] with the old one gives.
+    #[test]
+    fn held_lists_after_a_compile_keep_what_did_not_change() {
+        let grant = |service: &str, ids: &[u64]| {
+            Arc::new(ReachGrant {
+                service: service.into(),
+                proto: Proto::Tcp,
+                ports: vec![],
+                rule: "r".into(),
+                not_after_ms: None,
+                devices: ids
+                    .iter()
+                    .map(|i| ReachDest {
+                        device_id: DeviceId(*i),
+                        hostname: Hostname::parse(&format!("h{i}")).unwrap(),
+                    })
+                    .collect(),
+            })
+        };
+        let ids = |v: &[u64]| v.iter().map(|i| DeviceId(*i)).collect::<Vec<_>>();
+        let mut members = ListMembers::default();
+        let held = ids(&[1, 2, 3, 9]);
+        let before = [grant("a", &[1, 2, 5]), grant("b", &[3]), grant("c", &[4])];
+        let given = held_reach_lists(&before, &held, &mut members);
+        let kept_a = given["a"].as_ptr();
+        // a: the same members held; b: gone; c: gains device 9; d: new.
+        let after = [
+            grant("a", &[1, 2, 6]),
+            grant("c", &[4, 9]),
+            grant("d", &[3]),
+        ];
+        let (new, changed, removed) = reheld_reach_lists(&after, &held, &mut members, given);
+        assert_eq!(new, held_reach_lists(&after, &held, &mut members));
+        assert_eq!(
+            new["a"].as_ptr(),
+            kept_a,
+            "an unchanged list is kept, not rebuilt"
+        );
+        let sent: Vec<(&str, Vec<DeviceId>)> = changed
+            .iter()
+            .map(|l| (l.service.as_str(), l.devices.clone()))
+            .collect();
+        assert_eq!(sent, vec![("c", ids(&[9])), ("d", ids(&[3]))]);
+        assert_eq!(removed, vec!["b".to_string()]);
+        // Nothing changed: nothing sent, nothing removed.
+        let (again, changed, removed) =
+            reheld_reach_lists(&after, &held, &mut members, new.clone());
+        assert_eq!(again, new);
+        assert!(changed.is_empty() && removed.is_empty());
+    }
 
     fn dev(id: u64) -> Device {
         crate::model::test_device(id)

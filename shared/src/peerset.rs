@@ -367,12 +367,14 @@ pub struct Aggregated {
     /// Factored inbound lists by what they were made from: (the compiled list's address and
     /// length, each rule's set id or 0) → (the compiled list as it was, the factored one).
     /// Sessions with the same compiled rules and set ids get one list without converting
-    /// and interning their rules again (a hundred rules a session at 10 000 dense devices);
-    /// the held copy is compared first, so an address reused by another list finds nothing.
+    /// and interning their rules again (a hundred rules a session at 10 000 dense devices).
+    /// The list is held (the caller's own allocation, or a copy), so its address is its own
+    /// while the entry lives; a copy is compared first, so an address reused by another list
+    /// finds nothing.
     factored: FxHashMap<(usize, usize, Vec<u32>), FactoredMemo>,
 }
 
-type FactoredMemo = (Vec<FilterRule>, Arc<Vec<FilterRule>>);
+type FactoredMemo = (Arc<Vec<FilterRule>>, Arc<Vec<FilterRule>>);
 
 /// At most this many factored lists are remembered between compiles (a few dozen distinct
 /// ones are usual); past it the memo starts over.
@@ -485,6 +487,28 @@ fn removed_ids(old: &SetBook, new: &SetBook) -> Vec<u32> {
 /// [`factor`], aggregating source lists through `agg`.
 pub fn factor_with(
     inbound: &[FilterRule],
+    shadow: Option<&[FilterRule]>,
+    prev: Option<&Factored>,
+    agg: &mut Aggregated,
+) -> Factored {
+    factor_impl(inbound, None, shadow, prev, agg)
+}
+
+/// [`factor_with`] for a compiled list shared by many devices: its factoring is remembered by
+/// the allocation itself (held, so its address stays its own), so the thousands of sessions
+/// that share it find it without comparing a hundred rules each.
+pub fn factor_shared(
+    inbound: &Arc<Vec<FilterRule>>,
+    shadow: Option<&[FilterRule]>,
+    prev: Option<&Factored>,
+    agg: &mut Aggregated,
+) -> Factored {
+    factor_impl(inbound, Some(inbound), shadow, prev, agg)
+}
+
+fn factor_impl(
+    inbound: &[FilterRule],
+    shared: Option<&Arc<Vec<FilterRule>>>,
     shadow: Option<&[FilterRule]>,
     prev: Option<&Factored>,
     agg: &mut Aggregated,
@@ -612,8 +636,13 @@ pub fn factor_with(
         .map(|p| p.and_then(|p| ids[p]).unwrap_or(0))
         .collect();
     let key = (inbound.as_ptr() as usize, n, set_ids);
+    // A held list that is the caller's own allocation is the same list; any other is
+    // compared (an address reused by another list finds nothing).
+    let same = |held: &Arc<Vec<FilterRule>>| {
+        shared.is_some_and(|s| Arc::ptr_eq(s, held)) || held[..] == *inbound
+    };
     let inbound_out = match agg.factored.get(&key) {
-        Some((held, out)) if held[..] == *inbound => Arc::clone(out),
+        Some((held, out)) if same(held) => Arc::clone(out),
         _ => {
             let out = agg.intern_rules(
                 inbound
@@ -625,8 +654,10 @@ pub fn factor_with(
             if agg.factored.len() >= FACTORED_HELD {
                 agg.factored.clear();
             }
-            agg.factored
-                .insert(key, (inbound.to_vec(), Arc::clone(&out)));
+            let held = shared
+                .cloned()
+                .unwrap_or_else(|| Arc::new(inbound.to_vec()));
+            agg.factored.insert(key, (held, Arc::clone(&out)));
             out
         }
     };

@@ -548,3 +548,38 @@ fn factored_lists_are_made_once_for_equal_inputs_and_afresh_for_changed_ones() {
     agg.clear();
     assert!(agg.factored.is_empty());
 }
+
+/// A shared compiled list is remembered by its allocation: the sessions that share it get the
+/// same factored list as [`factor`] gives, made once; a list that is not that allocation (an
+/// equal copy, or a changed one) is compared, never taken on its address alone.
+#[test]
+fn shared_lists_are_factored_once_and_others_by_content() {
+    let a: Vec<IpAddr> = (1..=40).map(v4).collect();
+    let mut agg = Aggregated::default();
+    let shared = Arc::new(vec![rule("a", &a, 22), rule("b", &a, 80)]);
+    let one = factor_shared(&shared, None, None, &mut agg);
+    assert_eq!(one, factor(&shared, None, None));
+    let two = factor_shared(&shared, None, None, &mut agg);
+    assert!(Arc::ptr_eq(&one.inbound, &two.inbound));
+    assert_eq!(agg.factored.len(), 1);
+    // The memo holds the list itself, not a copy.
+    assert_eq!(Arc::strong_count(&shared), 2);
+    // An equal copy, shared or not: the same (interned) list.
+    let copy = Arc::new(shared.to_vec());
+    assert!(Arc::ptr_eq(
+        &factor_shared(&copy, None, None, &mut agg).inbound,
+        &one.inbound
+    ));
+    assert!(Arc::ptr_eq(
+        &factor_with(&shared, None, None, &mut agg).inbound,
+        &one.inbound
+    ));
+    // Other rules: their own factoring.
+    let other = Arc::new(vec![rule("a", &a, 443)]);
+    let three = factor_shared(&other, None, None, &mut agg);
+    assert_eq!(three, factor(&other, None, None));
+    assert_eq!(three.inbound[0].ports, vec![PortRange { lo: 443, hi: 443 }]);
+    // Forgotten with the compile: the list is no longer held.
+    agg.clear();
+    assert_eq!(Arc::strong_count(&shared), 1);
+}
