@@ -18,6 +18,10 @@
 //! `--on-demand K`: every session is on demand (protocol 4, `--peers-on-demand-above 0`) and,
 //! after the first push, wants K peers its policy allows (pseudo-random; session 2 also wants
 //! devices 1 and 4, which rotate and are revoked below); the "wants" column times them all.
+//! With `--load-shape` every session also wants the devices quarantined and revoked below, as
+//! the load tool's sessions do, so both reach every session.
+//! "narrowed": from the quarantine to its narrowing deltas (every peer's filter without the
+//! device, before the compile) made and encoded; "quarantine": to everything it changes.
 //! The last column is the process's peak RSS after that size (VmHWM).
 
 #[path = "../../bench/dense_policy.rs"]
@@ -92,13 +96,14 @@ fn main() {
     };
     let pools = AddressPools::from_random([1, 2, 3, 4, 5]);
     println!(
-        "{:>8} {:>12} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14} {:>10}   (protocol {protocol}{}{})",
+        "{:>8} {:>12} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14} {:>10}   (protocol {protocol}{}{})",
         "devices",
         "first push",
         "wants",
         "policy change",
         "peer change",
         "lease change",
+        "narrowed",
         "quarantine",
         "revoke",
         "messages",
@@ -269,6 +274,15 @@ fn main() {
                             .filter(|p| a.peers.contains(p)),
                     );
                 }
+                // As in the load tool, every session holds the devices about to be
+                // quarantined and revoked: the narrowing reaches every session.
+                if load_shape {
+                    picks.extend(
+                        [quarantined.id, revoked]
+                            .into_iter()
+                            .filter(|p| a.peers.contains(p)),
+                    );
+                }
                 for _ in 0..k.min(peers.len()) {
                     x ^= x << 13;
                     x ^= x >> 7;
@@ -336,7 +350,11 @@ fn main() {
             automatic: false,
         });
         reg.handle_device_upserted(q);
-        let quarantine_msgs = drain(&mut reg);
+        // The narrowing pass alone: what every peer enforces before the compile.
+        reg.narrow_now();
+        let mut quarantine_msgs = drain_by(&mut reg, Registry::poll_queued);
+        let narrowed = t4.elapsed();
+        quarantine_msgs += drain(&mut reg);
         let quarantine = t4.elapsed();
         // One device revoked: its session closed, every peer told, a compile without it.
         let t5 = Instant::now();
@@ -344,7 +362,7 @@ fn main() {
         let revoke_msgs = drain(&mut reg);
         let revoke = t5.elapsed();
         assert!(revoke_msgs > 0, "the revocation reached the peers");
-        println!("{n:>8} {:>10.1}ms {:>10.1}ms {:>12.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14} {:>7}MiB   ({first_peers} peer entries in the first netmaps; {wanted} wants granted; the peer change {peer_msgs} messages, the lease change {lease_msgs}, the quarantine {quarantine_msgs}, the revocation {revoke_msgs}; compiles {}, sessions carried {})", first_push.as_secs_f64() * 1e3, wants.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3, peer_change.as_secs_f64() * 1e3, lease_change.as_secs_f64() * 1e3, quarantine.as_secs_f64() * 1e3, revoke.as_secs_f64() * 1e3, peak_rss_mib(), reg.compiles(), reg.sessions_carried());
+        println!("{n:>8} {:>10.1}ms {:>10.1}ms {:>12.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {msgs:>12} {bytes:>12} {mean:>14} {max:>14} {:>7}MiB   ({first_peers} peer entries in the first netmaps; {wanted} wants granted; the peer change {peer_msgs} messages, the lease change {lease_msgs}, the quarantine {quarantine_msgs}, the revocation {revoke_msgs}; compiles {}, sessions carried {})", first_push.as_secs_f64() * 1e3, wants.as_secs_f64() * 1e3, change.as_secs_f64() * 1e3, peer_change.as_secs_f64() * 1e3, lease_change.as_secs_f64() * 1e3, narrowed.as_secs_f64() * 1e3, quarantine.as_secs_f64() * 1e3, revoke.as_secs_f64() * 1e3, peak_rss_mib(), reg.compiles(), reg.sessions_carried());
     }
 }
 
@@ -362,8 +380,13 @@ fn peak_rss_mib() -> u64 {
 
 /// Takes every output, encoding each message as a session would; returns the messages.
 fn drain(reg: &mut Registry) -> usize {
+    drain_by(reg, Registry::poll_output)
+}
+
+/// [`drain`] through `poll` (all outputs, or only those already queued).
+fn drain_by(reg: &mut Registry, poll: fn(&mut Registry) -> Option<Output>) -> usize {
     let mut msgs = 0;
-    while let Some(o) = reg.poll_output() {
+    while let Some(o) = poll(reg) {
         if let Output::Send { msg, .. } = o {
             msgs += 1;
             std::hint::black_box(ward_shared::wire::encode(&msg).len());

@@ -132,12 +132,75 @@ fn cover(vals: &mut Vec<u128>, width: u32, out: &mut Vec<Prefix>) {
 /// is split into the blocks around it, so exactly those addresses leave and the result is
 /// the cover [`aggregate`] gives for what remains (same order, same blocks).
 pub fn without(prefixes: &[Prefix], gone: &[IpAddr]) -> Vec<Prefix> {
+    without_changes(prefixes, gone).map_or_else(|| prefixes.to_vec(), |n| n.kept)
+}
+
+/// [`without`] and what it changed, as a delta carries it: `None` when the set holds none of
+/// `gone`; else the set without them, the blocks it gained (the pieces of a split block, never
+/// in the set before: a cover's blocks do not overlap) and the blocks it lost. One pass, no
+/// comparison of the old set with the new.
+pub fn without_changes(prefixes: &[Prefix], gone: &[IpAddr]) -> Option<Narrowed> {
     let gone: Vec<IpAddr> = gone.iter().map(|a| a.to_canonical()).collect();
-    let mut out = Vec::with_capacity(prefixes.len() + 1);
-    for p in prefixes {
-        split_out(*p, &gone, &mut out);
+    // A cover's blocks are sorted and do not overlap: the one block that can hold an address
+    // is found by a binary search (as in `contains_sorted`), not by a walk of the set.
+    let mut hits: Vec<usize> = gone
+        .iter()
+        .filter_map(|a| {
+            let i = prefixes.partition_point(|p| p.addr() <= *a);
+            (i > 0 && prefixes[i - 1].contains(*a)).then(|| i - 1)
+        })
+        .collect();
+    if hits.is_empty() {
+        return None;
     }
-    out
+    hits.sort_unstable();
+    hits.dedup();
+    let mut kept = Vec::with_capacity(prefixes.len() + 1);
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let mut from = 0;
+    for h in hits {
+        kept.extend_from_slice(&prefixes[from..h]);
+        removed.push(prefixes[h]);
+        let at = kept.len();
+        split_out(prefixes[h], &gone, &mut kept);
+        added.extend_from_slice(&kept[at..]);
+        from = h + 1;
+    }
+    kept.extend_from_slice(&prefixes[from..]);
+    Some(Narrowed {
+        kept,
+        added,
+        removed,
+    })
+}
+
+/// What [`without_changes`] made of a set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Narrowed {
+    /// The set without the addresses.
+    pub kept: Vec<Prefix>,
+    /// Blocks it gained (pieces of the blocks that held an address).
+    pub added: Vec<Prefix>,
+    /// Blocks it lost.
+    pub removed: Vec<Prefix>,
+}
+
+/// The change that turns set `id` into `new` by `add` and `remove` (worked out by the
+/// caller), or its whole content when that is shorter; `None` when nothing changes.
+pub fn change(id: u32, new: &[Prefix], add: &[Prefix], remove: &[Prefix]) -> Option<PeerSetChange> {
+    if add.is_empty() && remove.is_empty() {
+        return None;
+    }
+    Some(if add.len() + remove.len() > new.len() {
+        whole(id, new)
+    } else {
+        PeerSetChange {
+            id,
+            prefixes: None,
+            add: add.to_vec(),
+            remove: remove.to_vec(),
+        }
+    })
 }
 
 /// Appends `p` minus `gone` to `out`, in address order.
@@ -440,19 +503,7 @@ impl Aggregated {
                 let (add, remove) = set_difference(o, n);
                 (Arc::clone(o), Arc::clone(n), add, remove)
             });
-            if add.is_empty() && remove.is_empty() {
-                continue;
-            }
-            changes.push(if add.len() + remove.len() > n.len() {
-                whole(*id, n)
-            } else {
-                PeerSetChange {
-                    id: *id,
-                    prefixes: None,
-                    add: add.clone(),
-                    remove: remove.clone(),
-                }
-            });
+            changes.extend(change(*id, n, add, remove));
         }
         (changes, removed_ids(old, new))
     }

@@ -915,6 +915,30 @@ pub(super) enum Budget {
     Queued,
 }
 
+/// The next output of a flush under `budget`, or `None` to end it (`complete` cleared when
+/// work is left). Once a slice's time is spent, what the registry has already made still goes
+/// out (a narrowing pass's deltas to every session: held back, they waited behind whatever the
+/// next events asked for, a whole recompute at 10 000 sessions); only making more (a
+/// recompute, the next session's netmap) waits for the next slice.
+fn next_output(
+    reg: &mut Registry,
+    budget: Budget,
+    started: Instant,
+    complete: &mut bool,
+) -> Option<Output> {
+    match budget {
+        Budget::For(b) if started.elapsed() >= b && reg.has_work() => {
+            let queued = reg.poll_queued();
+            if queued.is_none() {
+                *complete = false;
+            }
+            queued
+        }
+        Budget::Queued => reg.poll_queued(),
+        Budget::All | Budget::For(_) => reg.poll_output(),
+    }
+}
+
 /// Publishes what the registry has to send, as far as `budget` says. Returns how long it
 /// took and whether the registry has nothing left.
 pub(super) fn flush_for(
@@ -932,14 +956,7 @@ pub(super) fn flush_for(
     // Sessions with a backlog get their oldest change first, then what this flush adds.
     conns.drain(started);
     {
-        while let Some(out) = match budget {
-            Budget::For(b) if started.elapsed() >= b && reg.has_work() => {
-                complete = false;
-                None
-            }
-            Budget::Queued => reg.poll_queued(),
-            Budget::All | Budget::For(_) => reg.poll_output(),
-        } {
+        while let Some(out) = next_output(reg, budget, started, &mut complete) {
             match out {
                 Output::Send { conn, msg } => {
                     if matches!(
@@ -1060,6 +1077,75 @@ mod tests {
         let parts = oversized_parts(&msg);
         assert!(parts.starts_with("unavailable[40]="), "{parts}");
         assert!(parts.contains("quarantine[1]="), "{parts}");
+    }
+
+    /// A slice whose time is spent still sends what the registry already made: a
+    /// quarantine's narrowing deltas all go out, and the compile waits for the next slice.
+    #[test]
+    fn a_spent_slice_still_sends_the_narrowing_already_made() {
+        use crate::store::{Device, User};
+        let pools = ward_shared::addr::AddressPools::from_random([0; 5]);
+        let devices: Vec<Device> = (1..=3u64)
+            .map(|i| {
+                let (v4, v6) = pools.addresses(i).unwrap();
+                let name = ward_shared::names::Hostname::parse(&format!("h{i}")).unwrap();
+                Device::active(DeviceId(i), name, Some("alice".into()), vec![], v4, v6)
+            })
+            .collect();
+        let alice = User {
+            name: "alice".into(),
+            groups: vec![],
+            disabled: false,
+            created_ms: 0,
+        };
+        let policy = ward_shared::policy::parse(
+            b"[groups]\neng = [\"alice\"]\n[services.all]\ndevices = [\"group:eng\"]\nports = [\"tcp/*\"]\n[[rules]]\nfrom = [\"group:eng\"]\nto = [\"all\"]\n",
+            "test.toml",
+        )
+        .unwrap();
+        let mut quarantined = devices[1].clone();
+        let mut reg = Registry::new(pools, devices, [alice], Some(policy), vec![], vec![], 0);
+        for i in 1..=3u64 {
+            reg.handle_session_opened(
+                DeviceId(i),
+                i * 10,
+                "10.0.0.1:1".parse().unwrap(),
+                wire::DeviceUpdate::default(),
+            )
+            .unwrap();
+        }
+        while reg.poll_output().is_some() {}
+        quarantined.quarantine = Some(crate::model::Quarantine {
+            since_ms: 1,
+            reason: "test".into(),
+            automatic: false,
+        });
+        reg.handle_device_upserted(quarantined);
+        let is_delta_to = |o: &Output, to: ConnId| matches!(o, Output::Send { conn, msg: CoordinatorMsg::NetmapDelta(_) } if *conn == to);
+        // The slice that ran the narrowing pass sent its first delta (after the rotation the
+        // quarantine asks of the device), then its time ran out.
+        let first = std::iter::from_fn(|| reg.poll_output())
+            .find(|o| is_delta_to(o, 10) || is_delta_to(o, 30))
+            .unwrap();
+        let recomputes = reg.recomputes();
+        let mut complete = true;
+        let started = Instant::now();
+        let rest: Vec<Output> = std::iter::from_fn(|| {
+            next_output(
+                &mut reg,
+                Budget::For(Duration::ZERO),
+                started,
+                &mut complete,
+            )
+        })
+        .collect();
+        let told: Vec<ConnId> = [10, 30]
+            .into_iter()
+            .filter(|c| is_delta_to(&first, *c) || rest.iter().any(|o| is_delta_to(o, *c)))
+            .collect();
+        assert_eq!(told, vec![10, 30], "{first:?} {rest:?}");
+        assert!(!complete, "the compile is still to come");
+        assert_eq!(reg.recomputes(), recomputes, "nothing made past the slice");
     }
 
     fn delta(base: u64, removed: u64) -> CoordinatorMsg {

@@ -203,6 +203,46 @@ proptest! {
         prop_assert_eq!(without(&aggregate(addrs), &gone), aggregate(rest));
     }
 
+    /// Taking addresses out reports what it changed: the change applied to the set a device
+    /// holds gives the narrowed set, the same as a diff of the two would; a set without the
+    /// addresses reports nothing. Covers and sets cut to host prefixes alike.
+    #[test]
+    fn a_narrowing_reports_the_change_a_device_applies(
+        ns in proptest::collection::btree_set(0u32..300, 0..80),
+        gone in proptest::collection::vec(0u32..310, 0..6),
+        hosts in any::<bool>(),
+    ) {
+        let mut addrs: Vec<IpAddr> = ns.iter().map(|n| v4(*n)).collect();
+        addrs.extend(ns.iter().map(|n| v6(*n)));
+        let set = if hosts {
+            let mut h: Vec<Prefix> = addrs.iter().map(|a| Prefix::host(*a)).collect();
+            h.sort_unstable();
+            h
+        } else {
+            aggregate(addrs.clone())
+        };
+        let gone: Vec<IpAddr> = gone.iter().flat_map(|n| [v4(*n), v6(*n)]).collect();
+        let held = gone.iter().any(|a| addrs.contains(a));
+        match without_changes(&set, &gone) {
+            None => prop_assert!(!held),
+            Some(n) => {
+                prop_assert!(held);
+                prop_assert_eq!(&n.kept, &without(&set, &gone));
+                for a in &gone {
+                    prop_assert!(!contains(&n.kept, *a));
+                }
+                let mut sets = vec![PeerSet { id: 3, prefixes: set.clone() }];
+                let c: Vec<PeerSetChange> =
+                    change(3, &n.kept, &n.added, &n.removed).into_iter().collect();
+                apply_changes(&mut sets, &c, &[]).expect("the change fits the set held");
+                prop_assert_eq!(&sets[0].prefixes, &n.kept);
+                let old: SetBook = [(3, Arc::new(set.clone()))].into_iter().collect();
+                let new: SetBook = [(3, Arc::new(n.kept.clone()))].into_iter().collect();
+                prop_assert_eq!(diff(&old, &new).0, c);
+            }
+        }
+    }
+
     /// Factoring then filtering decides every flow as the flat rules did, and the set diff of
     /// two factorings turns the first's sets into the second's.
     #[test]
