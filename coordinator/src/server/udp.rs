@@ -1,13 +1,16 @@
-//! The control listener's UDP socket as quinn sees it: at most eight datagrams per send.
+//! The control listener's UDP socket as quinn sees it: at most four datagrams per send.
 //!
 //! quinn gives every connection a send buffer that it never shrinks, and when a send first
 //! needs a second datagram it reserves room for a whole batch on top of the one already in it
 //! (`max_datagrams × segment size`): with UDP GSO's ten datagrams, one of the largest items in
-//! the coordinator's heap at 10 000 control sessions. Eight per send, of QUIC's 1 200 bytes
-//! (the listener does no path MTU discovery: a datagram size that grows after the first batch
-//! makes quinn reserve a second, larger batch on top of the first), keeps a connection's buffer
-//! at about 11 KB and 80% of the batch. One datagram per send would save nearly all of it, but
-//! measured it cost the open phase and the resync more than that memory was worth
+//! the coordinator's heap at 10 000 control sessions. Four per send, of QUIC's 1 200 bytes (the
+//! listener does no path MTU discovery: a datagram size that grows after the first batch makes
+//! quinn reserve a second, larger batch on top of the first), keeps a connection's buffer at
+//! 6 000 bytes, which jemalloc serves from its 6 KiB class; eight per send took 10 800 bytes,
+//! served from the 12 KiB class: 60 MiB more at 10 000 sessions, for batches that only a first
+//! netmap fills (a policy change is one datagram a session). One datagram per send would save
+//! nearly all of it, but measured it cost the open phase and the resync more than that memory
+//! was worth: every datagram a system call, and nothing for the receiver's GRO to coalesce
 //! (bench/README.md).
 
 use std::fmt;
@@ -21,7 +24,7 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
 /// The most datagrams one send of the control listener carries (see above).
-pub(super) const MAX_SEGMENTS: usize = 8;
+pub(super) const MAX_SEGMENTS: usize = 4;
 
 /// The QUIC endpoint of the control listener on `socket` ([`FewDatagrams`]).
 pub(super) fn control_endpoint(
@@ -190,7 +193,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_control_endpoint_sends_at_most_eight_datagrams_at_once() {
+    async fn the_control_endpoint_sends_at_most_four_datagrams_at_once() {
         let sent = server_sends(|s| Arc::new(FewDatagrams(s))).await;
         let most = sent.iter().map(segments).max().unwrap_or(0);
         assert!(
