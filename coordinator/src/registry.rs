@@ -384,22 +384,36 @@ fn held_reach_lists(
 /// [`held_reach_lists`] for `held` after a new compile, from the lists a session was last
 /// given (`old`): a service whose list comes out the same keeps its entry (no allocation, and
 /// nothing sent), so a compile that leaves most services alone costs their membership tests,
-/// not a new map a session. Returns the new lists, those that changed or are new, and the
-/// services no longer listed.
+/// not a new map a session. `before`, when given, is the grants `old` was made from for the
+/// same `held`: a service whose list names the same devices as before keeps its entry without
+/// its membership tests (the pair of lists is compared once for every session). Returns the
+/// new lists, those that changed or are new, and the services no longer listed.
 fn reheld_reach_lists(
     grants: &[Arc<ReachGrant>],
     held: &[DeviceId],
     members: &mut ListMembers,
     mut old: BTreeMap<String, Vec<DeviceId>>,
+    before: Option<&[Arc<ReachGrant>]>,
 ) -> (
     BTreeMap<String, Vec<DeviceId>>,
     Vec<ReachService>,
     Vec<String>,
 ) {
+    let before = before.map(reach_lists);
     let mut new = BTreeMap::new();
     let mut changed = Vec::new();
     let mut devices = Vec::new();
     for (service, l) in reach_lists(grants) {
+        let same_list = before
+            .as_ref()
+            .and_then(|b| b.get(service))
+            .is_some_and(|was| members.same_devices(was, l));
+        if same_list {
+            if let Some((k, kept)) = old.remove_entry(service) {
+                new.insert(k, kept);
+                continue;
+            }
+        }
         devices.clear();
         members.each_member(l, held, |id| devices.push(id));
         match old.remove_entry(service) {
@@ -3544,11 +3558,21 @@ impl Registry {
                                     .collect();
                                 ids.sort_unstable();
                                 ids.dedup();
+                                // The lists held were made from the last compile's grants for
+                                // the peers held then: when these are the same peers, a list
+                                // naming the same devices as before keeps its entry.
+                                let same_peers = ids.len() == sent.peers.len()
+                                    && ids.iter().zip(sent.peers.keys()).all(|(a, b)| a == b);
+                                let was = Arc::clone(&sent.compiled);
+                                let before = same_peers
+                                    .then(|| was.devices.get(&id).map(|a| a.reach.as_slice()))
+                                    .flatten();
                                 let (new, lists, removed) = reheld_reach_lists(
                                     reach,
                                     &ids,
                                     &mut self.list_members,
                                     std::mem::take(&mut held),
+                                    before,
                                 );
                                 held = new;
                                 (lists, removed)
@@ -4197,7 +4221,7 @@ mod tests {
             grant("c", &[4, 9]),
             grant("d", &[3]),
         ];
-        let (new, changed, removed) = reheld_reach_lists(&after, &held, &mut members, given);
+        let (new, changed, removed) = reheld_reach_lists(&after, &held, &mut members, given, None);
         assert_eq!(new, held_reach_lists(&after, &held, &mut members));
         assert_eq!(
             new["a"].as_ptr(),
@@ -4212,9 +4236,67 @@ mod tests {
         assert_eq!(removed, vec!["b".to_string()]);
         // Nothing changed: nothing sent, nothing removed.
         let (again, changed, removed) =
-            reheld_reach_lists(&after, &held, &mut members, new.clone());
+            reheld_reach_lists(&after, &held, &mut members, new.clone(), None);
         assert_eq!(again, new);
         assert!(changed.is_empty() && removed.is_empty());
+    }
+
+    /// Given the grants the held lists were made from, a list that names the same devices as
+    /// before is kept without a membership test; a list whose devices changed is worked out
+    /// again; the result is what the lists made afresh would be.
+    #[test]
+    fn held_lists_after_a_compile_skip_lists_naming_the_same_devices() {
+        let grant = |service: &str, ids: &[u64]| {
+            Arc::new(ReachGrant {
+                service: service.into(),
+                proto: Proto::Tcp,
+                ports: vec![],
+                rule: "r".into(),
+                not_after_ms: None,
+                devices: ids
+                    .iter()
+                    .map(|i| ReachDest {
+                        device_id: DeviceId(*i),
+                        hostname: Hostname::parse(&format!("h{i}")).unwrap(),
+                    })
+                    .collect(),
+            })
+        };
+        let ids = |v: &[u64]| v.iter().map(|i| DeviceId(*i)).collect::<Vec<_>>();
+        let mut members = ListMembers::default();
+        let held = ids(&[1, 2, 3, 9]);
+        let before = [grant("a", &[1, 2, 5]), grant("b", &[3]), grant("c", &[4])];
+        let given = held_reach_lists(&before, &held, &mut members);
+        let kept_a = given["a"].as_ptr();
+        // A new compile: a names the same devices (a new allocation), c gains a held device,
+        // b is gone, d is new.
+        let after = [
+            grant("a", &[1, 2, 5]),
+            grant("c", &[4, 9]),
+            grant("d", &[3]),
+        ];
+        let mut fresh = ListMembers::default();
+        let expected = held_reach_lists(&after, &held, &mut fresh);
+        let (new, changed, removed) =
+            reheld_reach_lists(&after, &held, &mut members, given, Some(&before));
+        assert_eq!(new, expected);
+        assert_eq!(new["a"].as_ptr(), kept_a, "an unchanged list is kept");
+        let a_list = Arc::as_ptr(&after[0].devices).cast::<ReachDest>() as usize;
+        let c_list = Arc::as_ptr(&after[1].devices).cast::<ReachDest>() as usize;
+        assert!(
+            !members.lists.contains_key(&a_list),
+            "a list naming the same devices is not searched"
+        );
+        assert!(
+            members.lists.contains_key(&c_list),
+            "a changed list is searched"
+        );
+        let sent: Vec<(&str, Vec<DeviceId>)> = changed
+            .iter()
+            .map(|l| (l.service.as_str(), l.devices.clone()))
+            .collect();
+        assert_eq!(sent, vec![("c", ids(&[9])), ("d", ids(&[3]))]);
+        assert_eq!(removed, vec!["b".to_string()]);
     }
 
     fn dev(id: u64) -> Device {
