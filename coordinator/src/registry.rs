@@ -3174,6 +3174,10 @@ impl Registry {
             let wanted = access.into_iter().flat_map(|a| {
                 let ids: Box<dyn Iterator<Item = DeviceId> + '_> = match held {
                     None => Box::new(a.peers.iter()),
+                    // Held ids are in order already: without routes, no set to merge them.
+                    Some(h) if a.routes.is_empty() => {
+                        Box::new(h.ids().copied().filter(|p| a.peers.contains(p)))
+                    }
                     Some(h) => Box::new(
                         h.ids()
                             .chain(a.routes.keys())
@@ -3446,6 +3450,7 @@ impl Registry {
                                         (prev_full, &sent.filter.sets),
                                         &gained,
                                         &lost,
+                                        &mut self.aggregated,
                                     ),
                                     _ => peerset::restrict(&full, &addrs),
                                 };

@@ -269,32 +269,57 @@ fn restrict_one(prefixes: &[Prefix], held: &[IpAddr]) -> Vec<Prefix> {
 /// pair made for the held addresses before they gained `gained` and lost `lost`. A set
 /// whose full allocation is the one `prev` cut (aggregations are interned, so an unchanged
 /// population keeps its allocation across compiles) is brought up to date from its old cut
-/// by those addresses alone; any other set is cut afresh. After a policy change that leaves
-/// most populations alone, a session's sets cost what changed, not every held address
-/// searched in every set. The result is what [`restrict`] gives.
+/// by those addresses alone. A set whose population changed is cut from its old cut too,
+/// through the prefixes the set gained and lost (worked out once for every session holding
+/// the same old and new set, in `agg`): what the old cut held stays unless its prefix was
+/// lost, and another held address comes in only through a gained prefix, so a held address
+/// is searched in the few prefixes that changed, not in the thousands of the whole set. A set new to the book is cut
+/// afresh. After a policy change or a revocation, a session's sets cost what changed, not
+/// every held address searched in every set. The result is what [`restrict`] gives.
 pub fn restrict_reusing(
     full: &SetBook,
     held: &[IpAddr],
     prev: (&SetBook, &SetBook),
     gained: &[IpAddr],
     lost: &[IpAddr],
+    agg: &mut Aggregated,
 ) -> SetBook {
     let (prev_full, prev_cut) = prev;
     let gained: Vec<Prefix> = gained.iter().map(|a| Prefix::host(*a)).collect();
     let lost: Vec<Prefix> = lost.iter().map(|a| Prefix::host(*a)).collect();
     full.iter()
         .map(|(id, f)| {
-            let same = prev_full.get(id).is_some_and(|o| Arc::ptr_eq(o, f));
-            match prev_cut.get(id).filter(|_| same) {
-                Some(c) => {
-                    let cut = match recut_one(f, c, &gained, &lost) {
-                        Some((next, _, _)) => Arc::new(next),
-                        None => Arc::clone(c),
-                    };
-                    (*id, cut)
-                }
-                None => (*id, Arc::new(restrict_one(f, held))),
+            let (Some(o), Some(c)) = (prev_full.get(id), prev_cut.get(id)) else {
+                return (*id, Arc::new(restrict_one(f, held)));
+            };
+            // The old set's cut for the addresses held now.
+            let recut = recut_one(o, c, &gained, &lost);
+            if Arc::ptr_eq(o, f) {
+                let cut = match recut {
+                    Some((next, _, _)) => Arc::new(next),
+                    None => Arc::clone(c),
+                };
+                return (*id, cut);
             }
+            let was: &[Prefix] = recut.as_ref().map_or(c, |(next, _, _)| next);
+            // An address the old set held is in the new one unless the old prefix holding it
+            // is gone, and then only if a prefix the new set gained holds it (prefixes do not
+            // overlap, so no other can).
+            let (added, removed) = agg.changed(o, f);
+            let mut kept: Vec<Prefix> = was
+                .iter()
+                .filter(|h| !contains_sorted(removed, h.addr()) || contains_sorted(added, h.addr()))
+                .copied()
+                .chain(
+                    held.iter()
+                        .filter(|a| contains_sorted(added, **a))
+                        .map(|a| Prefix::host(*a)),
+                )
+                .collect();
+            kept.sort_unstable();
+            kept.dedup();
+            kept.shrink_to_fit();
+            (*id, Arc::new(kept))
         })
         .collect()
 }
@@ -498,14 +523,30 @@ impl Aggregated {
             if Arc::ptr_eq(o, n) {
                 continue;
             }
-            let key = (Arc::as_ptr(o) as usize, Arc::as_ptr(n) as usize);
-            let (_, _, add, remove) = self.diffs.entry(key).or_insert_with(|| {
-                let (add, remove) = set_difference(o, n);
-                (Arc::clone(o), Arc::clone(n), add, remove)
-            });
+            let (_, _, add, remove) = self.diff_of(o, n);
             changes.extend(change(*id, n, add, remove));
         }
         (changes, removed_ids(old, new))
+    }
+
+    /// The prefixes of `new` that `old` lacks and those of `old` that `new` lacks (each
+    /// sorted, not overlapping), each distinct pair worked out once, as in
+    /// [`Aggregated::diff`].
+    pub fn changed(
+        &mut self,
+        old: &Arc<Vec<Prefix>>,
+        new: &Arc<Vec<Prefix>>,
+    ) -> (&[Prefix], &[Prefix]) {
+        let (_, _, add, remove) = self.diff_of(old, new);
+        (add, remove)
+    }
+
+    fn diff_of(&mut self, o: &Arc<Vec<Prefix>>, n: &Arc<Vec<Prefix>>) -> &DiffMemo {
+        let key = (Arc::as_ptr(o) as usize, Arc::as_ptr(n) as usize);
+        self.diffs.entry(key).or_insert_with(|| {
+            let (add, remove) = set_difference(o, n);
+            (Arc::clone(o), Arc::clone(n), add, remove)
+        })
     }
 }
 

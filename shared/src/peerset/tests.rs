@@ -136,10 +136,11 @@ proptest! {
         let gained: Vec<IpAddr> = new.iter().copied().filter(|x| !old.contains(x)).collect();
         let lost: Vec<IpAddr> = old.iter().copied().filter(|x| !new.contains(x)).collect();
         let prev_cut = restrict(&prev_full, &old);
-        let cut = restrict_reusing(&full, &new, (&prev_full, &prev_cut), &gained, &lost);
+        let mut agg = Aggregated::default();
+        let cut = restrict_reusing(&full, &new, (&prev_full, &prev_cut), &gained, &lost, &mut agg);
         prop_assert_eq!(&cut, &restrict(&full, &new));
         // Nothing gained or lost: a kept set's cut is the old allocation itself.
-        let same = restrict_reusing(&full, &old, (&prev_full, &prev_cut), &[], &[]);
+        let same = restrict_reusing(&full, &old, (&prev_full, &prev_cut), &[], &[], &mut agg);
         prop_assert!(Arc::ptr_eq(&same[&1], &prev_cut[&1]));
     }
 
