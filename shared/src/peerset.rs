@@ -273,9 +273,10 @@ fn restrict_one(prefixes: &[Prefix], held: &[IpAddr]) -> Vec<Prefix> {
 /// through the prefixes the set gained and lost (worked out once for every session holding
 /// the same old and new set, in `agg`): what the old cut held stays unless its prefix was
 /// lost, and another held address comes in only through a gained prefix, so a held address
-/// is searched in the few prefixes that changed, not in the thousands of the whole set. A set new to the book is cut
-/// afresh. After a policy change or a revocation, a session's sets cost what changed, not
-/// every held address searched in every set. The result is what [`restrict`] gives.
+/// is searched in the few prefixes that changed, not in the thousands of the whole set. A
+/// set new to the book is cut afresh. After a policy change or a revocation, a session's sets
+/// cost what changed, not every held address searched in every set. The result is what
+/// [`restrict`] gives.
 pub fn restrict_reusing(
     full: &SetBook,
     held: &[IpAddr],
