@@ -361,7 +361,13 @@ pub struct Agent {
     /// Peers wanted while the session's first netmap was not in yet: asked for once it is
     /// (if it is on demand), at most [`MAX_WANTS_PER_REPORT`].
     early_wants: Vec<PeerRef>,
-    applied_filter: Option<(Vec<FilterRule>, Vec<PeerSet>)>,
+    /// Counts the changes of the netmap's inbound rules and peer sets: a full netmap whose
+    /// filter differs from the one held, a delta that carries filter changes.
+    filter_rev: u64,
+    /// The `filter_rev` whose filter the data plane holds (`None`: none of this netmap's).
+    /// A number, not a copy: a delta that moves one address of a set held by thousands of
+    /// peers costs one copy of the filter (the data plane's), not a comparison and two.
+    applied_filter_rev: Option<u64>,
     /// The candidate rules last handed to the data plane (outer `None`: none handed yet).
     applied_shadow: Option<Option<Vec<FilterRule>>>,
     applied_routes: Option<(
@@ -420,7 +426,8 @@ impl Agent {
             applied_peers: None,
             applied_on_demand: false,
             early_wants: Vec::new(),
-            applied_filter: None,
+            filter_rev: 0,
+            applied_filter_rev: None,
             applied_shadow: None,
             applied_routes: None,
             relay_deadline: None,
@@ -568,6 +575,13 @@ impl Agent {
                 self.last_error = None;
                 self.events
                     .push_back(Event::SelfName(nm.me.hostname.clone()));
+                let same_filter = self
+                    .netmap
+                    .as_ref()
+                    .is_some_and(|o| o.inbound == nm.inbound && o.peer_sets == nm.peer_sets);
+                if !same_filter {
+                    self.filter_rev += 1;
+                }
                 self.netmap = Some(nm);
                 self.flow_ctx = None;
                 self.leases.invalidate();
@@ -1377,6 +1391,7 @@ impl Agent {
             || !d.peer_sets.is_empty()
             || !d.removed_peer_sets.is_empty()
         {
+            self.filter_rev += 1;
             self.apply_filter();
         }
         let (Some(changes), Some(applied)) = (changes, self.applied_peers.as_mut()) else {
@@ -1431,20 +1446,16 @@ impl Agent {
         }
     }
 
+    /// Hands the netmap's filter to the data plane unless it holds this revision already
+    /// (most calls change nothing).
     fn apply_filter(&mut self) {
         let Some(nm) = &self.netmap else { return };
-        // Compared before anything is copied: most calls change nothing.
-        let same = self
-            .applied_filter
-            .as_ref()
-            .is_some_and(|(rules, sets)| *rules == nm.inbound && *sets == nm.peer_sets);
-        if !same {
-            let filter = (nm.inbound.clone(), nm.peer_sets.clone());
+        if self.applied_filter_rev != Some(self.filter_rev) {
             self.events.push_back(Event::SetFilter {
-                rules: filter.0.clone(),
-                sets: filter.1.clone(),
+                rules: nm.inbound.clone(),
+                sets: nm.peer_sets.clone(),
             });
-            self.applied_filter = Some(filter);
+            self.applied_filter_rev = Some(self.filter_rev);
         }
     }
 
@@ -1485,7 +1496,8 @@ impl Agent {
             self.leases.clear();
             self.own_lease = None;
             self.applied_peers = Some(PeerMap::new());
-            self.applied_filter = Some((Vec::new(), Vec::new()));
+            // The empty filter below is no netmap's: the next netmap installs its own.
+            self.applied_filter_rev = None;
             self.applied_routes = Some((Vec::new(), Vec::new()));
             self.events.push_back(Event::SetRoutes {
                 served: Vec::new(),

@@ -670,6 +670,77 @@ fn peer_sets_reach_the_filter_with_their_rules_and_a_bad_set_change_resyncs() {
     assert!(!evs.iter().any(|e| matches!(e, Event::SetFilter { .. })));
 }
 
+/// The filter reaches the data plane once per change: a full netmap with the filter held (a
+/// resync) installs nothing, one with other sets installs them, a delta's set change installs
+/// the changed sets once, and a delta without filter changes installs nothing.
+#[test]
+fn the_filter_is_installed_once_per_change() {
+    use ward_shared::filter::{FilterRule, PortRange, Proto};
+    use ward_shared::peerset::{PeerSet, PeerSetChange};
+    let mut h = H::new();
+    h.leased();
+    let p = |s: &str| s.parse::<ward_shared::routes::Prefix>().unwrap();
+    let rule = FilterRule {
+        rule: "eng".into(),
+        service: "db".into(),
+        sources: Default::default(),
+        source_sets: vec![3],
+        proto: Proto::Tcp,
+        ports: vec![PortRange { lo: 5432, hi: 5432 }],
+        not_after_ms: None,
+        dests: vec![],
+    };
+    let set = |prefixes: &[&str]| PeerSet {
+        id: 3,
+        prefixes: prefixes.iter().map(|s| p(s)).collect(),
+    };
+    let full = |seq: u64, prefixes: &[&str]| {
+        let mut nm = netmap(seq, vec![]);
+        nm.inbound = vec![rule.clone()];
+        nm.peer_sets = vec![set(prefixes)];
+        CoordinatorMsg::Netmap(nm)
+    };
+    let filters = |evs: &[Event]| -> Vec<Vec<PeerSet>> {
+        evs.iter()
+            .filter_map(|e| match e {
+                Event::SetFilter { sets, .. } => Some(sets.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    h.msg(full(1, &["100.64.0.2/32"]));
+    assert_eq!(
+        filters(&h.take_events()),
+        vec![vec![set(&["100.64.0.2/32"])]]
+    );
+    h.msg(full(2, &["100.64.0.2/32"]));
+    assert_eq!(filters(&h.take_events()), Vec::<Vec<PeerSet>>::new());
+    h.msg(full(3, &["100.64.0.4/32"]));
+    assert_eq!(
+        filters(&h.take_events()),
+        vec![vec![set(&["100.64.0.4/32"])]]
+    );
+    h.msg(CoordinatorMsg::NetmapDelta(
+        ward_shared::wire::NetmapDelta {
+            peer_sets: vec![PeerSetChange {
+                id: 3,
+                prefixes: None,
+                add: vec![p("100.64.0.5/32")],
+                remove: vec![p("100.64.0.4/32")],
+            }],
+            ..ward_shared::wire::NetmapDelta::after(3)
+        },
+    ));
+    assert_eq!(
+        filters(&h.take_events()),
+        vec![vec![set(&["100.64.0.5/32"])]]
+    );
+    h.msg(CoordinatorMsg::NetmapDelta(
+        ward_shared::wire::NetmapDelta::after(4),
+    ));
+    assert_eq!(filters(&h.take_events()), Vec::<Vec<PeerSet>>::new());
+}
+
 /// A delta that edits the inbound rules (one rule out, one in) installs the edited filter
 /// with the sets held; an edit that removes a rule the agent does not hold ends the session
 /// (the next one starts with a full netmap) and installs nothing.
