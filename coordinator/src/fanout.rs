@@ -238,7 +238,7 @@ pub(crate) mod tests {
                 observed_addr: None,
             },
             peers,
-            inbound: vec![],
+            inbound: vec![].into(),
             reach: vec![],
             reach_grants: vec![],
             reach_services: vec![],
@@ -249,7 +249,7 @@ pub(crate) mod tests {
             shadow_filter: None,
             dns_domain: None,
             coordinators: vec![],
-            peer_sets: vec![],
+            peer_sets: vec![].into(),
         }
     }
 

@@ -3286,7 +3286,7 @@ impl Registry {
                             observed_addr: Some(session.observed),
                         },
                         peers: want.values().map(SentPeer::to_peer).collect(),
-                        inbound: filter.inbound.to_vec(),
+                        inbound: Arc::new(filter.inbound.to_vec()),
                         reach: if by_ref {
                             Vec::new()
                         } else {
@@ -3299,14 +3299,16 @@ impl Registry {
                         shadow_filter: filter.shadow.clone(),
                         dns_domain: Some(self.dns_domain.clone()),
                         coordinators: self.coordinators.clone(),
-                        peer_sets: filter
-                            .sets
-                            .iter()
-                            .map(|(id, prefixes)| peerset::PeerSet {
-                                id: *id,
-                                prefixes: prefixes.to_vec(),
-                            })
-                            .collect(),
+                        peer_sets: Arc::new(
+                            filter
+                                .sets
+                                .iter()
+                                .map(|(id, prefixes)| peerset::PeerSet {
+                                    id: *id,
+                                    prefixes: prefixes.to_vec(),
+                                })
+                                .collect(),
+                        ),
                         reach_grants: if by_ref {
                             wire_grants(reach)
                         } else {
@@ -4908,8 +4910,8 @@ expires = "2030-01-01T00:00:00Z"
             v
         };
         let (f4, f5) = (netmap(&out, 20), netmap(&out, 21));
-        assert_eq!(sorted(v4.inbound.clone()), sorted(f4.inbound.clone()));
-        assert_eq!(v5.inbound, sorted(f5.inbound.clone()));
+        assert_eq!(sorted(v4.inbound.to_vec()), sorted(f4.inbound.to_vec()));
+        assert_eq!(*v5.inbound, sorted(f5.inbound.to_vec()));
         let mut g5 = f5.reach_grants.clone();
         g5.sort();
         assert_eq!(v5.reach_grants, g5);
@@ -5000,7 +5002,7 @@ expires = "2030-01-01T00:00:00Z"
         // Expanded, device 1's v2 filter names exactly the flat sources the compiler gave it.
         let flat = &**r.compiled().devices[&DeviceId(1)].inbound;
         assert_eq!(&peerset::expand(&v2.inbound, &v2.peer_sets, 1 << 16), flat);
-        assert_eq!(v1.inbound, *r.compiled().devices[&DeviceId(2)].inbound);
+        assert_eq!(*v1.inbound, *r.compiled().devices[&DeviceId(2)].inbound);
 
         // Device 6 joins: device 1 learns one new prefix per family, its rules unchanged.
         let mut six = dev(6);
@@ -5605,7 +5607,7 @@ to = ["b"]
         let sets: BTreeMap<u32, &Vec<Prefix>> =
             nm.peer_sets.iter().map(|s| (s.id, &s.prefixes)).collect();
         let mut out = BTreeSet::new();
-        for r in &nm.inbound {
+        for r in nm.inbound.iter() {
             for a in addrs {
                 let by_set = r
                     .source_sets

@@ -394,13 +394,13 @@ impl World {
         nm.reach_services.clear();
         nm.peers.retain(|p| p.device_id != DeviceId(ATTACKER));
         // Set ids depend on the order populations appeared: compare the flat form.
-        nm.inbound = ward_shared::peerset::expand(&nm.inbound, &nm.peer_sets, 1 << 16);
+        nm.inbound = ward_shared::peerset::expand(&nm.inbound, &nm.peer_sets, 1 << 16).into();
         nm.shadow_filter = nm
             .shadow_filter
             .map(|s| ward_shared::peerset::expand(&s, &nm.peer_sets, 1 << 16));
-        nm.peer_sets.clear();
+        std::sync::Arc::make_mut(&mut nm.peer_sets).clear();
         let a = device(ATTACKER);
-        for r in &mut nm.inbound {
+        for r in std::sync::Arc::make_mut(&mut nm.inbound) {
             r.sources = r
                 .sources
                 .iter()
@@ -408,7 +408,7 @@ impl World {
                 .filter(|s| *s != IpAddr::V4(a.ipv4) && *s != IpAddr::V6(a.ipv6))
                 .collect();
         }
-        nm.inbound.retain(|r| !r.sources.is_empty());
+        std::sync::Arc::make_mut(&mut nm.inbound).retain(|r| !r.sources.is_empty());
         nm.reach.retain(|r| r.device_id != DeviceId(ATTACKER));
         (format!("{nm:?}"), self.verdicts.get(&conn).cloned())
     }

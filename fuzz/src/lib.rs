@@ -404,7 +404,7 @@ pub fn dns_query(data: &[u8]) {
             not_after_ms: None,
         }],
         peers: vec![peer],
-        inbound: vec![],
+        inbound: vec![].into(),
         reach_grants: vec![],
         reach_services: vec![],
         relays: vec![],
@@ -414,7 +414,7 @@ pub fn dns_query(data: &[u8]) {
         shadow_filter: None,
         dns_domain: None,
         coordinators: Vec::new(),
-        peer_sets: Vec::new(),
+        peer_sets: Vec::new().into(),
     };
     let upstream: std::net::SocketAddr = (Ipv4Addr::new(192, 0, 2, 53), 53).into();
     let mut r: Resolver<u8> = Resolver::new(Zone::from_netmap(&nm), vec![upstream]);

@@ -111,6 +111,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use crate::filter::{FilterRule, PortRange, Proto};
 use crate::flows::FlowReport;
@@ -815,9 +816,11 @@ pub struct Netmap {
     pub me: SelfInfo,
     #[serde(serialize_with = "peer_json::serialize")]
     pub peers: Vec<Peer>,
-    /// Inbound filter: who may open what on this device. Empty means nothing may.
+    /// Inbound filter: who may open what on this device. Empty means nothing may. Shared
+    /// (as are `peer_sets`) so that a device hands its filter to its data plane without a
+    /// copy; a delta copies it only while the data plane still holds the old one.
     #[serde(default)]
-    pub inbound: Vec<FilterRule>,
+    pub inbound: Arc<Vec<FilterRule>>,
     /// What this device may reach (for `ward status`; enforcement is at the destination).
     #[serde(default)]
     pub reach: Vec<Reach>,
@@ -851,8 +854,8 @@ pub struct Netmap {
     pub coordinators: Vec<String>,
     /// The source populations `inbound` and `shadow_filter` rules name by id (protocol 2;
     /// never sent to a version-1 device, whose rules list every source).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub peer_sets: Vec<PeerSet>,
+    #[serde(default, skip_serializing_if = "shared_is_empty")]
+    pub peer_sets: Arc<Vec<PeerSet>>,
     /// What this device may open elsewhere, by reference (protocol 3; a version-1/2 device
     /// gets `reach` instead): destinations are the service's list in `reach_services`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1145,7 +1148,13 @@ impl Netmap {
             Some(e) => Some(e.positions(d.reach_grants.as_deref().unwrap_or(&self.reach_grants))?),
             None => None,
         };
-        crate::peerset::apply_changes(&mut self.peer_sets, &d.peer_sets, &d.removed_peer_sets)?;
+        if !d.peer_sets.is_empty() || !d.removed_peer_sets.is_empty() {
+            crate::peerset::apply_changes(
+                Arc::make_mut(&mut self.peer_sets),
+                &d.peer_sets,
+                &d.removed_peer_sets,
+            )?;
+        }
         self.peers.retain(|p| !d.remove.contains(&p.device_id));
         for u in &d.upsert {
             match self.peers.iter_mut().find(|p| p.device_id == u.device_id) {
@@ -1155,10 +1164,10 @@ impl Netmap {
         }
         self.peers.sort_by_key(|p| p.device_id);
         if let Some(i) = &d.inbound {
-            self.inbound = i.clone();
+            self.inbound = Arc::new(i.clone());
         }
         if let (Some(e), Some(at)) = (&d.inbound_edit, inbound_at) {
-            e.apply_at(&mut self.inbound, at);
+            e.apply_at(Arc::make_mut(&mut self.inbound), at);
         }
         if let Some(r) = &d.reach {
             self.reach = r.clone();
@@ -1677,6 +1686,11 @@ impl FrameDecoder {
     }
 }
 
+/// `skip_serializing_if` for a shared list.
+fn shared_is_empty<T>(v: &Arc<Vec<T>>) -> bool {
+    v.is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1706,7 +1720,7 @@ mod tests {
             seq: 1,
             me,
             peers,
-            inbound: vec![],
+            inbound: vec![].into(),
             reach: vec![],
             relays: vec![],
             punch: true,
@@ -1715,7 +1729,7 @@ mod tests {
             shadow_filter: None,
             dns_domain: None,
             coordinators: vec![],
-            peer_sets: Vec::new(),
+            peer_sets: Vec::new().into(),
             reach_grants: Vec::new(),
             reach_services: Vec::new(),
         }
@@ -2279,7 +2293,7 @@ mod tests {
         assert!(v2.inbound[0].sources.is_empty());
         let judge = |nm: &Netmap, src: [u8; 4]| {
             let mut f = Filter::new(64);
-            f.set_rules_with_sets(nm.inbound.clone(), &nm.peer_sets);
+            f.set_rules_with_sets(nm.inbound.to_vec(), &nm.peer_sets);
             let mut p = vec![0u8; 40];
             p[0] = 0x45;
             p[2..4].copy_from_slice(&40u16.to_be_bytes());
@@ -2693,8 +2707,8 @@ mod tests {
             v.sort();
             v
         };
-        assert_eq!(sorted(a.inbound.clone()), b.inbound);
-        assert_eq!(b.inbound, vec![rule(443), rule(8080)]);
+        assert_eq!(sorted(a.inbound.to_vec()), *b.inbound);
+        assert_eq!(b.inbound, vec![rule(443), rule(8080)].into());
         assert_eq!(a.reach_grants, b.reach_grants);
         assert_eq!(b.reach_grants, vec![grant(8080)]);
         assert_eq!(a.reach_view(), b.reach_view());
@@ -2787,7 +2801,7 @@ mod tests {
             seq: 7,
             me: me("me"),
             peers: vec![peer(2), peer(3), peer(5)],
-            inbound: vec![],
+            inbound: vec![].into(),
             reach: vec![],
             relays: vec![],
             punch: true,
@@ -2799,7 +2813,8 @@ mod tests {
             peer_sets: vec![crate::peerset::PeerSet {
                 id: 1,
                 prefixes: vec!["100.64.0.2/32".parse().unwrap()],
-            }],
+            }]
+            .into(),
             reach_grants: Vec::new(),
             reach_services: Vec::new(),
         };

@@ -705,7 +705,7 @@ mod tests {
                 observed_addr: None,
             },
             peers: vec![],
-            inbound: vec![],
+            inbound: vec![].into(),
             reach: vec![],
             reach_grants: vec![],
             reach_services: vec![],
@@ -716,7 +716,7 @@ mod tests {
             shadow_filter: None,
             dns_domain: None,
             coordinators: Vec::new(),
-            peer_sets: Vec::new(),
+            peer_sets: Vec::new().into(),
             on_demand: false,
         };
         nm.peers.push(Peer {

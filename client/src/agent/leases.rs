@@ -403,7 +403,7 @@ mod tests {
                 leases,
                 relay: None,
             }],
-            inbound: vec![],
+            inbound: vec![].into(),
             reach: vec![],
             reach_grants: vec![],
             reach_services: vec![],
@@ -414,7 +414,7 @@ mod tests {
             shadow_filter: None,
             dns_domain: None,
             coordinators: Vec::new(),
-            peer_sets: Vec::new(),
+            peer_sets: Vec::new().into(),
             on_demand: false,
         }
     }

@@ -30,6 +30,7 @@ pub mod routes;
 use ed25519_dalek::VerifyingKey;
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -196,8 +197,8 @@ pub enum Event {
     /// Install this inbound filter in the data plane, with the peer sets its rules (and the
     /// candidate rules) name, as one step.
     SetFilter {
-        rules: Vec<FilterRule>,
-        sets: Vec<PeerSet>,
+        rules: Arc<Vec<FilterRule>>,
+        sets: Arc<Vec<PeerSet>>,
     },
     /// Forward these routed prefixes (this device's approved routes; empty: none), and route
     /// these prefixes into the tunnel (the routed prefixes of every configured peer).
@@ -1452,8 +1453,8 @@ impl Agent {
         let Some(nm) = &self.netmap else { return };
         if self.applied_filter_rev != Some(self.filter_rev) {
             self.events.push_back(Event::SetFilter {
-                rules: nm.inbound.clone(),
-                sets: nm.peer_sets.clone(),
+                rules: Arc::clone(&nm.inbound),
+                sets: Arc::clone(&nm.peer_sets),
             });
             self.applied_filter_rev = Some(self.filter_rev);
         }
@@ -1505,8 +1506,8 @@ impl Agent {
             });
             self.events.push_back(Event::SetPeers(Vec::new()));
             self.events.push_back(Event::SetFilter {
-                rules: Vec::new(),
-                sets: Vec::new(),
+                rules: Arc::default(),
+                sets: Arc::default(),
             });
             if self.applied_shadow.as_ref().is_some_and(Option::is_some) {
                 self.events.push_back(Event::SetShadowFilter(None));

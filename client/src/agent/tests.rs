@@ -246,7 +246,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
             leases,
             relay: None,
         }],
-        inbound: vec![],
+        inbound: vec![].into(),
         reach: vec![],
         reach_grants: vec![],
         reach_services: vec![],
@@ -257,7 +257,7 @@ fn netmap(seq: u64, leases: Vec<SignedLease>) -> Netmap {
         shadow_filter: None,
         dns_domain: None,
         coordinators: Vec::new(),
-        peer_sets: Vec::new(),
+        peer_sets: Vec::new().into(),
         on_demand: false,
     }
 }
@@ -586,8 +586,8 @@ fn revoked_device_leaves_the_network_and_waits_long() {
     assert!(evs.contains(&Event::CloseSession));
     assert!(evs.contains(&Event::SetPeers(vec![])));
     assert!(evs.contains(&Event::SetFilter {
-        rules: vec![],
-        sets: vec![]
+        rules: vec![].into(),
+        sets: vec![].into()
     }));
     assert!(evs.iter().any(|e| matches!(e, Event::Disconnected { revoked: true, retry_in } if *retry_in >= Duration::from_secs(30))));
     assert_eq!(h.agent.phase(), Phase::Revoked);
@@ -618,19 +618,21 @@ fn peer_sets_reach_the_filter_with_their_rules_and_a_bad_set_change_resyncs() {
     };
     let p = |s: &str| s.parse::<ward_shared::routes::Prefix>().unwrap();
     let mut nm = netmap(1, vec![]);
-    nm.inbound = vec![rule.clone()];
+    nm.inbound = vec![rule.clone()].into();
     nm.peer_sets = vec![PeerSet {
         id: 3,
         prefixes: vec![p("100.64.0.2/32")],
-    }];
+    }]
+    .into();
     h.msg(CoordinatorMsg::Netmap(nm));
     let evs = h.take_events();
     assert!(evs.contains(&Event::SetFilter {
-        rules: vec![rule.clone()],
+        rules: vec![rule.clone()].into(),
         sets: vec![PeerSet {
             id: 3,
             prefixes: vec![p("100.64.0.2/32")]
-        }],
+        }]
+        .into(),
     }));
     let delta = |base: u64, change: PeerSetChange| ward_shared::wire::NetmapDelta {
         peer_sets: vec![change],
@@ -648,11 +650,12 @@ fn peer_sets_reach_the_filter_with_their_rules_and_a_bad_set_change_resyncs() {
     let evs = h.take_events();
     assert!(
         evs.contains(&Event::SetFilter {
-            rules: vec![rule.clone()],
+            rules: vec![rule.clone()].into(),
             sets: vec![PeerSet {
                 id: 3,
                 prefixes: vec![p("100.64.0.2/32"), p("100.64.0.3/32")]
-            }],
+            }]
+            .into(),
         }),
         "{evs:?}"
     );
@@ -696,14 +699,14 @@ fn the_filter_is_installed_once_per_change() {
     };
     let full = |seq: u64, prefixes: &[&str]| {
         let mut nm = netmap(seq, vec![]);
-        nm.inbound = vec![rule.clone()];
-        nm.peer_sets = vec![set(prefixes)];
+        nm.inbound = vec![rule.clone()].into();
+        nm.peer_sets = vec![set(prefixes)].into();
         CoordinatorMsg::Netmap(nm)
     };
     let filters = |evs: &[Event]| -> Vec<Vec<PeerSet>> {
         evs.iter()
             .filter_map(|e| match e {
-                Event::SetFilter { sets, .. } => Some(sets.clone()),
+                Event::SetFilter { sets, .. } => Some(sets.to_vec()),
                 _ => None,
             })
             .collect()
@@ -766,8 +769,8 @@ fn an_edited_filter_reaches_the_data_plane_and_an_edit_that_does_not_fit_resyncs
         prefixes: vec!["100.64.0.2/32".parse().unwrap()],
     }];
     let mut nm = netmap(1, vec![]);
-    nm.inbound = vec![rule(22), rule(5432)];
-    nm.peer_sets = sets.clone();
+    nm.inbound = vec![rule(22), rule(5432)].into();
+    nm.peer_sets = sets.clone().into();
     h.msg(CoordinatorMsg::Netmap(nm));
     h.take_events();
     let edit = |base: u64, remove: u16, add: u16| ward_shared::wire::NetmapDelta {
@@ -781,8 +784,8 @@ fn an_edited_filter_reaches_the_data_plane_and_an_edit_that_does_not_fit_resyncs
     let evs = h.take_events();
     assert!(
         evs.contains(&Event::SetFilter {
-            rules: vec![rule(22), rule(6432)],
-            sets: sets.clone(),
+            rules: vec![rule(22), rule(6432)].into(),
+            sets: sets.clone().into(),
         }),
         "{evs:?}"
     );
@@ -2245,11 +2248,13 @@ fn a_delta_s_filter_goes_to_the_data_plane_before_its_peers() {
         ports: vec![ward_shared::filter::PortRange { lo: 5432, hi: 5432 }],
         not_after_ms: None,
         dests: vec![],
-    }];
+    }]
+    .into();
     nm.peer_sets = vec![ward_shared::peerset::PeerSet {
         id: 3,
         prefixes: vec![p(&format!("{}/32", ip4(2)))],
-    }];
+    }]
+    .into();
     h.msg(CoordinatorMsg::Netmap(nm.clone()));
     let evs = h.take_events();
     let pos = |evs: &[Event], f: fn(&Event) -> bool| evs.iter().position(f);

@@ -340,9 +340,11 @@ impl Daemon {
                         dp.set_peers(peers);
                     }
                 }
+                // The rules are copied (the data plane keeps them), the sets are read: the
+                // netmap keeps its own until a delta changes them.
                 Event::SetFilter { rules, sets } => {
                     if let Some(dp) = dp {
-                        dp.set_filter_with_sets(rules, &sets);
+                        dp.set_filter_with_sets(rules.to_vec(), &sets);
                     }
                 }
                 Event::SetRoutes { served, reached } => {

@@ -69,7 +69,7 @@ fn netmap() -> Netmap {
             peer(4, "web"),
             peer(5, "admin"),
         ],
-        inbound: vec![],
+        inbound: vec![].into(),
         reach: vec![
             reach("db", 2, "db1"),
             reach("db", 3, "db2"),
@@ -84,7 +84,7 @@ fn netmap() -> Netmap {
         shadow_filter: None,
         dns_domain: None,
         coordinators: Vec::new(),
-        peer_sets: Vec::new(),
+        peer_sets: Vec::new().into(),
         on_demand: false,
     }
 }

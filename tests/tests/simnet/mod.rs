@@ -415,9 +415,9 @@ impl World {
                 self.devs[i].core.set_peers(whole, now.instant, &mut out);
                 self.emit(i, &out);
             }
-            Event::SetFilter { rules, sets } => {
-                self.devs[i].core.set_filter_with_sets(rules, &sets)
-            }
+            Event::SetFilter { rules, sets } => self.devs[i]
+                .core
+                .set_filter_with_sets(rules.to_vec(), &sets),
             Event::SetShadowFilter(rules) => self.devs[i].core.set_shadow_filter(rules),
             Event::SetOnDemand(on) => self.devs[i].core.set_on_demand(on),
             // No resolvers in the simulation: names are never asked for.
