@@ -596,26 +596,31 @@ fn revoked_device_leaves_the_network_and_waits_long() {
     assert!(!h.take_events().contains(&Event::Connect));
 }
 
+/// An inbound rule letting peer set 3 open TCP `port`.
+fn set_rule(port: u16) -> ward_shared::filter::FilterRule {
+    use ward_shared::filter::{FilterRule, PortRange, Proto};
+    FilterRule {
+        rule: "eng".into(),
+        service: "db".into(),
+        sources: Default::default(),
+        source_sets: vec![3],
+        proto: Proto::Tcp,
+        ports: vec![PortRange { lo: port, hi: port }],
+        not_after_ms: None,
+        dests: vec![],
+    }
+}
+
 /// A netmap's rules and peer sets reach the data plane together, and a delta that only
 /// changes a set installs the new sets with the same rules; a set change that does not fit what
 /// the agent holds ends the session (the next one starts with a full netmap) and installs
 /// nothing.
 #[test]
 fn peer_sets_reach_the_filter_with_their_rules_and_a_bad_set_change_resyncs() {
-    use ward_shared::filter::{FilterRule, PortRange, Proto};
     use ward_shared::peerset::{PeerSet, PeerSetChange};
     let mut h = H::new();
     h.leased();
-    let rule = FilterRule {
-        rule: "eng".into(),
-        service: "db".into(),
-        sources: Default::default(),
-        source_sets: vec![3],
-        proto: Proto::Tcp,
-        ports: vec![PortRange { lo: 5432, hi: 5432 }],
-        not_after_ms: None,
-        dests: vec![],
-    };
+    let rule = set_rule(5432);
     let p = |s: &str| s.parse::<ward_shared::routes::Prefix>().unwrap();
     let mut nm = netmap(1, vec![]);
     nm.inbound = vec![rule.clone()].into();
@@ -678,21 +683,11 @@ fn peer_sets_reach_the_filter_with_their_rules_and_a_bad_set_change_resyncs() {
 /// the changed sets once, and a delta without filter changes installs nothing.
 #[test]
 fn the_filter_is_installed_once_per_change() {
-    use ward_shared::filter::{FilterRule, PortRange, Proto};
     use ward_shared::peerset::{PeerSet, PeerSetChange};
     let mut h = H::new();
     h.leased();
     let p = |s: &str| s.parse::<ward_shared::routes::Prefix>().unwrap();
-    let rule = FilterRule {
-        rule: "eng".into(),
-        service: "db".into(),
-        sources: Default::default(),
-        source_sets: vec![3],
-        proto: Proto::Tcp,
-        ports: vec![PortRange { lo: 5432, hi: 5432 }],
-        not_after_ms: None,
-        dests: vec![],
-    };
+    let rule = set_rule(5432);
     let set = |prefixes: &[&str]| PeerSet {
         id: 3,
         prefixes: prefixes.iter().map(|s| p(s)).collect(),
@@ -749,21 +744,11 @@ fn the_filter_is_installed_once_per_change() {
 /// (the next one starts with a full netmap) and installs nothing.
 #[test]
 fn an_edited_filter_reaches_the_data_plane_and_an_edit_that_does_not_fit_resyncs() {
-    use ward_shared::filter::{FilterRule, PortRange, Proto};
     use ward_shared::peerset::PeerSet;
     use ward_shared::wire::ListEdit;
     let mut h = H::new();
     h.leased();
-    let rule = |port: u16| FilterRule {
-        rule: "eng".into(),
-        service: "db".into(),
-        sources: Default::default(),
-        source_sets: vec![3],
-        proto: Proto::Tcp,
-        ports: vec![PortRange { lo: port, hi: port }],
-        not_after_ms: None,
-        dests: vec![],
-    };
+    let rule = set_rule;
     let sets = vec![PeerSet {
         id: 3,
         prefixes: vec!["100.64.0.2/32".parse().unwrap()],
