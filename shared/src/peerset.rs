@@ -779,6 +779,72 @@ pub fn apply_changes(
     changes: &[PeerSetChange],
     removed: &[u32],
 ) -> Result<(), PeerSetError> {
+    if changes.is_empty() && removed.is_empty() {
+        return Ok(());
+    }
+    // Sets held in the order this function leaves them (by id, each once) take the changes in
+    // place: only the sets named are copied and changed, then written back, so a change of
+    // one set of many costs that set, and a change that does not fit leaves every set as it
+    // was. Any other list is rebuilt whole (and left in that order).
+    if !sets.windows(2).all(|w| w[0].id < w[1].id) {
+        return apply_changes_rebuilding(sets, changes, removed);
+    }
+    let held = |id: u32| {
+        sets.binary_search_by_key(&id, |s| s.id)
+            .ok()
+            .map(|i| sets[i].prefixes.clone())
+    };
+    // Each named set as the changes leave it; `None`: removed (and not sent again).
+    let mut named: BTreeMap<u32, Option<Vec<Prefix>>> =
+        removed.iter().map(|id| (*id, None)).collect();
+    for c in changes {
+        let entry = named.entry(c.id).or_insert_with(|| held(c.id));
+        if let Some(p) = &c.prefixes {
+            *entry = Some(p.clone());
+        }
+        let Some(entry) = entry.as_mut() else {
+            return Err(PeerSetError::Unknown(c.id));
+        };
+        change_set(entry, c)?;
+    }
+    for (id, prefixes) in named {
+        match (sets.binary_search_by_key(&id, |s| s.id), prefixes) {
+            (Ok(i), Some(prefixes)) => sets[i].prefixes = prefixes,
+            (Ok(i), None) => {
+                sets.remove(i);
+            }
+            (Err(i), Some(prefixes)) => sets.insert(i, PeerSet { id, prefixes }),
+            (Err(_), None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// One change's removals and additions made to the set it names (its whole content, when it
+/// carries one, already in place).
+fn change_set(entry: &mut Vec<Prefix>, c: &PeerSetChange) -> Result<(), PeerSetError> {
+    for r in &c.remove {
+        let Some(at) = entry.iter().position(|p| p == r) else {
+            return Err(PeerSetError::NotHeld {
+                id: c.id,
+                prefix: *r,
+            });
+        };
+        entry.remove(at);
+    }
+    entry.extend(c.add.iter().copied());
+    entry.sort_unstable();
+    entry.dedup();
+    Ok(())
+}
+
+/// [`apply_changes`] by rebuilding every set: for a list not ordered by id, and the reference
+/// the in-place path is tested against.
+fn apply_changes_rebuilding(
+    sets: &mut Vec<PeerSet>,
+    changes: &[PeerSetChange],
+    removed: &[u32],
+) -> Result<(), PeerSetError> {
     let mut b: BTreeMap<u32, Vec<Prefix>> =
         sets.iter().map(|s| (s.id, s.prefixes.clone())).collect();
     for id in removed {
@@ -793,18 +859,7 @@ pub fn apply_changes(
             }
             None => b.get_mut(&c.id).ok_or(PeerSetError::Unknown(c.id))?,
         };
-        for r in &c.remove {
-            let Some(at) = entry.iter().position(|p| p == r) else {
-                return Err(PeerSetError::NotHeld {
-                    id: c.id,
-                    prefix: *r,
-                });
-            };
-            entry.remove(at);
-        }
-        entry.extend(c.add.iter().copied());
-        entry.sort_unstable();
-        entry.dedup();
+        change_set(entry, c)?;
     }
     *sets = b
         .into_iter()

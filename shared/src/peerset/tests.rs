@@ -630,3 +630,52 @@ fn shared_lists_are_factored_once_and_others_by_content() {
     agg.clear();
     assert_eq!(Arc::strong_count(&shared), 1);
 }
+
+/// A prefix of a small pool (so that changes hit held prefixes often).
+fn pool_prefix(n: u8) -> Prefix {
+    Prefix::host(v4(u32::from(n % 12)))
+}
+
+proptest! {
+    /// Set changes applied in place (only the named sets copied) give what rebuilding every
+    /// set gives, the same error when they do not fit, and on an error the sets as they were:
+    /// sets held by id, changes that replace, create, shrink and grow sets, remove sets, name
+    /// sets not held, remove prefixes not held, and name one set several times.
+    #[test]
+    fn set_changes_in_place_equal_a_rebuild(
+        held in proptest::collection::btree_map(0u32..6, proptest::collection::vec(any::<u8>(), 0..5), 0..6),
+        changes in proptest::collection::vec(
+            (0u32..8, proptest::option::of(proptest::collection::vec(any::<u8>(), 0..4)),
+             proptest::collection::vec(any::<u8>(), 0..3), proptest::collection::vec(any::<u8>(), 0..3)),
+            0..5),
+        removed in proptest::collection::vec(0u32..8, 0..3),
+    ) {
+        let sets: Vec<PeerSet> = held
+            .iter()
+            .map(|(id, p)| {
+                let mut prefixes: Vec<Prefix> = p.iter().map(|n| pool_prefix(*n)).collect();
+                prefixes.sort_unstable();
+                prefixes.dedup();
+                PeerSet { id: *id, prefixes }
+            })
+            .collect();
+        let changes: Vec<PeerSetChange> = changes
+            .iter()
+            .map(|(id, whole, add, remove)| PeerSetChange {
+                id: *id,
+                prefixes: whole.as_ref().map(|w| w.iter().map(|n| pool_prefix(*n)).collect()),
+                add: add.iter().map(|n| pool_prefix(*n)).collect(),
+                remove: remove.iter().map(|n| pool_prefix(*n)).collect(),
+            })
+            .collect();
+        let mut in_place = sets.clone();
+        let mut rebuilt = sets.clone();
+        let a = apply_changes(&mut in_place, &changes, &removed);
+        let b = apply_changes_rebuilding(&mut rebuilt, &changes, &removed);
+        prop_assert_eq!(&a, &b);
+        prop_assert_eq!(&in_place, &rebuilt);
+        if a.is_err() {
+            prop_assert_eq!(&in_place, &sets);
+        }
+    }
+}
