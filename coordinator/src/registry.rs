@@ -3286,7 +3286,7 @@ impl Registry {
                             observed_addr: Some(session.observed),
                         },
                         peers: want.values().map(SentPeer::to_peer).collect(),
-                        inbound: Arc::new(filter.inbound.to_vec()),
+                        inbound: Arc::clone(&filter.inbound),
                         reach: if by_ref {
                             Vec::new()
                         } else {
