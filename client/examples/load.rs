@@ -42,6 +42,8 @@ use ward_client::agent::{
     routes::RouteOptions, Agent, AgentConfig, DataPlaneEvent, Event, Now, PrivateKey,
 };
 use ward_client::control::{self, Channel};
+use ward_shared::filter::FilterRule;
+use ward_shared::peerset::PeerSet;
 use ward_shared::posture::{Measured, PostureReport};
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{
@@ -1138,7 +1140,7 @@ struct Rec {
     last_full_resumed: bool,
     last_netmap_at: Option<Instant>,
     netmap_msgs: u64,
-    /// Bytes of every coordinator message (re-encoded as on the wire: length prefix + JSON).
+    /// Bytes of every coordinator message on the stream (length prefix + JSON).
     bytes: u64,
     /// Of `bytes`, netmaps and deltas.
     netmap_bytes: u64,
@@ -1407,7 +1409,7 @@ impl Dev {
             let step = tokio::select! {
                 _ = stop.changed() => Step::Stop,
                 res = async { opening.as_mut().expect("guarded").await }, if opening.is_some() => Step::Opened(res),
-                msg = async { channel.as_mut().expect("guarded").recv().await }, if channel.is_some() => Step::Msg(msg),
+                msg = async { channel.as_mut().expect("guarded").recv_sized().await }, if channel.is_some() => Step::Msg(msg),
                 _ = tokio::time::sleep_until(deadline.into()) => Step::Tick,
             };
             match step {
@@ -1426,12 +1428,12 @@ impl Dev {
                         }
                     }
                 }
-                Step::Msg(Ok(Some(m))) => {
+                Step::Msg(Ok(Some((m, size)))) => {
                     if let CoordinatorMsg::Error { code, message } = &m {
                         shared.drop_seen(format!("coordinator error {code:?}: {message}"));
                     }
                     let at = Instant::now();
-                    self.observe(&shared, &m, at);
+                    self.observe(&shared, &m, size as u64, at);
                     let netmap_msg = matches!(
                         m,
                         CoordinatorMsg::Netmap(_) | CoordinatorMsg::NetmapDelta(_)
@@ -1534,9 +1536,9 @@ impl Dev {
         }
     }
 
-    /// Counts one coordinator message into this session's record.
-    fn observe(&self, shared: &Shared, m: &CoordinatorMsg, at: Instant) {
-        let size = wire::encode(m).len() as u64;
+    /// Counts one coordinator message of `size` bytes on the stream into this session's
+    /// record.
+    fn observe(&self, shared: &Shared, m: &CoordinatorMsg, size: u64, at: Instant) {
         let mut touched = None;
         if let CoordinatorMsg::NetmapDelta(d) = m {
             for id in d.remove.iter().chain(d.upsert.iter().map(|p| &p.device_id)) {
@@ -1622,7 +1624,7 @@ impl Dev {
 enum Step {
     Stop,
     Opened(Result<Channel>),
-    Msg(Result<Option<CoordinatorMsg>>),
+    Msg(Result<Option<(CoordinatorMsg, usize)>>),
     Tick,
 }
 
@@ -1639,15 +1641,30 @@ fn lets_in(nm: Option<&Netmap>, addrs: &[IpAddr]) -> bool {
 
 /// Whether a netmap's inbound filter lets any of `addrs` in as a source (on any port).
 fn admits_any(nm: Option<&Netmap>, addrs: &[IpAddr]) -> bool {
-    let Some(nm) = nm else { return false };
-    if addrs.is_empty() {
-        return false;
-    }
-    let sets = ward_shared::peerset::book(&nm.peer_sets);
-    nm.inbound.iter().any(|r| {
-        addrs
-            .iter()
-            .any(|ip| ward_shared::peerset::rule_has_source(r, &sets, *ip))
+    nm.is_some_and(|nm| admits(&nm.inbound, &nm.peer_sets, addrs))
+}
+
+/// Whether `inbound` (naming `sets`) lets any of `addrs` in as a source: what
+/// `peerset::rule_has_source` says of each rule and address, in one pass over the sets.
+fn admits(inbound: &[FilterRule], sets: &[PeerSet], addrs: &[IpAddr]) -> bool {
+    use ward_shared::peerset::{contains, contains_sorted};
+    let addrs: Vec<IpAddr> = addrs.iter().map(|a| a.to_canonical()).collect();
+    // Each set looked at once (rules share sets), by binary search when it is sorted (as the
+    // protocol keeps them), not copied into a book per check.
+    let holding: Vec<u32> = sets
+        .iter()
+        .filter(|s| {
+            let sorted = s.prefixes.is_sorted();
+            addrs.iter().any(|ip| match sorted {
+                true => contains_sorted(&s.prefixes, *ip),
+                false => contains(&s.prefixes, *ip),
+            })
+        })
+        .map(|s| s.id)
+        .collect();
+    inbound.iter().any(|r| {
+        r.source_sets.iter().any(|id| holding.contains(id))
+            || r.sources.iter().any(|s| addrs.contains(&s.to_canonical()))
     })
 }
 
@@ -2453,6 +2470,67 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The enforcement check says what the filter's own source test says, for sorted sets,
+    /// an unsorted one, literal sources and addresses in neither.
+    #[test]
+    fn admits_agrees_with_the_filters_source_test() {
+        use ward_shared::filter::{Proto, Sources};
+        let p = |s: &str| -> ward_shared::routes::Prefix { s.parse().unwrap() };
+        let sets = vec![
+            PeerSet {
+                id: 1,
+                prefixes: vec![p("100.64.0.0/30"), p("100.64.0.8/32"), p("fd00::5/128")],
+            },
+            PeerSet {
+                id: 2,
+                prefixes: vec![p("100.64.1.9/32"), p("100.64.1.0/30")],
+            },
+            PeerSet {
+                id: 3,
+                prefixes: vec![p("100.64.2.0/24")],
+            },
+        ];
+        let rule = |sets: Vec<u32>, sources: &[&str]| FilterRule {
+            rule: "r".into(),
+            service: "s".into(),
+            sources: sources
+                .iter()
+                .map(|a| a.parse::<IpAddr>().unwrap())
+                .collect::<Sources>(),
+            source_sets: sets,
+            proto: Proto::Tcp,
+            ports: vec![],
+            not_after_ms: None,
+            dests: vec![],
+        };
+        let inbound = vec![rule(vec![1], &[]), rule(vec![2, 9], &["100.64.3.3"])];
+        let book = ward_shared::peerset::book(&sets);
+        let mut some_in = 0;
+        for a in [
+            "100.64.0.2",
+            "100.64.0.8",
+            "100.64.0.9",
+            "fd00::5",
+            "::ffff:100.64.0.1",
+            "100.64.1.9",
+            "100.64.1.2",
+            "100.64.1.5",
+            "100.64.2.7",
+            "100.64.3.3",
+            "10.0.0.1",
+        ] {
+            let ip: IpAddr = a.parse().unwrap();
+            let want = inbound
+                .iter()
+                .any(|r| ward_shared::peerset::rule_has_source(r, &book, ip));
+            assert_eq!(admits(&inbound, &sets, &[ip]), want, "{a}");
+            some_in += usize::from(want);
+        }
+        // Set 3 is held but no rule names it; `100.64.2.7` is in no rule.
+        assert_eq!(some_in, 7);
+        assert!(!admits(&inbound, &sets, &[]));
+    }
 
     #[test]
     fn the_window_bounds_sessions_opening_and_grows_as_they_come_up() {

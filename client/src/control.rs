@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info};
 use ward_runtime::quic::PinnedCa;
-use ward_runtime::stream::{read_msg, BoxRead, BoxWrite, Transport};
+use ward_runtime::stream::{read_frame, BoxRead, BoxWrite, Transport};
 
 use ward_shared::token::EnrollToken;
 use ward_shared::wire::{
@@ -581,9 +581,20 @@ impl Channel {
 
     /// Next message; `Ok(None)` when the coordinator closed the stream.
     pub async fn recv(&mut self) -> Result<Option<CoordinatorMsg>> {
-        read_msg(&mut self.recv, &mut self.dec)
-            .await
-            .context("control stream")
+        Ok(self.recv_sized().await?.map(|(m, _)| m))
+    }
+
+    /// Next message and the bytes its frame took on the stream (length prefix included);
+    /// `Ok(None)` when the coordinator closed the stream.
+    pub async fn recv_sized(&mut self) -> Result<Option<(CoordinatorMsg, usize)>> {
+        let read = async {
+            let Some(f) = read_frame(&mut self.recv, &mut self.dec).await? else {
+                return Ok(None);
+            };
+            let m = wire::decode_coordinator_msg(&f)?;
+            anyhow::Ok(Some((m, f.len() + 4)))
+        };
+        read.await.context("control stream")
     }
 
     /// Closes the connection with `reason` (QUIC), or drops it (TCP: the end of the stream

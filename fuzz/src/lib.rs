@@ -88,7 +88,13 @@ fn control_body(body: &[u8]) {
             }
         }
     }
-    if let Ok(m) = wire::decode::<CoordinatorMsg>(body) {
+    let derived = wire::decode::<CoordinatorMsg>(body);
+    assert_eq!(
+        wire::decode_coordinator_msg(body),
+        derived,
+        "both coordinator-message decoders answer alike"
+    );
+    if let Ok(m) = derived {
         let again = wire::encode(&m);
         wire::decode::<CoordinatorMsg>(&again[4..])
             .expect("a re-encoded coordinator message decodes");

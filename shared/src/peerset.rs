@@ -789,6 +789,9 @@ pub fn apply_changes(
     if !sets.windows(2).all(|w| w[0].id < w[1].id) {
         return apply_changes_rebuilding(sets, changes, removed);
     }
+    if apply_differences(sets, changes, removed) {
+        return Ok(());
+    }
     let held = |id: u32| {
         sets.binary_search_by_key(&id, |s| s.id)
             .ok()
@@ -818,6 +821,48 @@ pub fn apply_changes(
         }
     }
     Ok(())
+}
+
+/// The common delta, made where the sets are without copying them: differences only (no
+/// whole replacement, no set removed), each set named once and held, sorted and without
+/// duplicates, every removal held. Checks all of that before it changes anything; returns
+/// `false` (nothing changed) for anything else, which [`apply_changes`] then handles, errors
+/// included. `sets` must be sorted by id.
+fn apply_differences(sets: &mut [PeerSet], changes: &[PeerSetChange], removed: &[u32]) -> bool {
+    if !removed.is_empty() || changes.iter().any(|c| c.prefixes.is_some()) {
+        return false;
+    }
+    let mut at = Vec::with_capacity(changes.len());
+    for c in changes {
+        let Ok(i) = sets.binary_search_by_key(&c.id, |s| s.id) else {
+            return false;
+        };
+        let held = &sets[i].prefixes;
+        let removals_held = c.remove.iter().all(|r| held.binary_search(r).is_ok());
+        let mut gone = c.remove.clone();
+        gone.sort_unstable();
+        gone.dedup();
+        if at.iter().any(|(j, _)| *j == i)
+            || !removals_held
+            || gone.len() != c.remove.len()
+            || !held.windows(2).all(|w| w[0] < w[1])
+        {
+            return false;
+        }
+        at.push((i, gone));
+    }
+    for (c, (i, gone)) in changes.iter().zip(at) {
+        let set = &mut sets[i].prefixes;
+        if !gone.is_empty() {
+            set.retain(|p| gone.binary_search(p).is_err());
+        }
+        for a in &c.add {
+            if let Err(k) = set.binary_search(a) {
+                set.insert(k, *a);
+            }
+        }
+    }
+    true
 }
 
 /// One change's removals and additions made to the set it names (its whole content, when it

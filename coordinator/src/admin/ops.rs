@@ -80,6 +80,11 @@ pub enum Notice {
 /// The running registry, as the admin requests see it.
 pub trait Live {
     fn snapshot(&self) -> Result<Snapshot>;
+    /// The devices whose session a live replica holds (this one or another), without waiting
+    /// for the registry to bring its compile up to date as [`Live::snapshot`] does.
+    fn online(&self) -> Result<Vec<DeviceId>> {
+        self.snapshot().map(|s| online_anywhere(&s))
+    }
     /// The directory judged under a candidate policy's posture requirements.
     fn directory_for(&self, p: &Policy) -> Result<Directory>;
     /// A device's latest report and verdict.
@@ -946,10 +951,9 @@ fn device_quarantine(
     live.notify(Notice::Device(d.clone()));
     // The reply's online state is asked of the registry only now: the quarantine is in
     // force whatever it is doing (a registry that cannot answer shows the device offline).
-    let online = live
-        .snapshot()
-        .map(|s| online_anywhere(&s))
-        .unwrap_or_default();
+    // Not a snapshot: that would wait for the compile the quarantine starts, and hold the
+    // registry's actor in it while the quarantine's narrowing is still going out.
+    let online = live.online().unwrap_or_default();
     Ok(AdminReply::Device(device_view(
         &d,
         &online,
@@ -1266,6 +1270,10 @@ mod tests {
         directory: Directory,
         /// The registry cannot answer (its actor is gone or stuck).
         mute: bool,
+        /// Snapshots asked for.
+        snapshots: Cell<u32>,
+        /// Devices `online` names.
+        online_ids: Vec<DeviceId>,
     }
 
     impl FakeLive {
@@ -1274,6 +1282,8 @@ mod tests {
                 policy: policy.map(|p| ward_shared::policy::parse(p.as_bytes(), "t.toml").unwrap()),
                 online: false,
                 mute: false,
+                snapshots: Cell::new(0),
+                online_ids: vec![],
                 notices: RefCell::new(vec![]),
                 rotations: Cell::new(0),
                 relays: Default::default(),
@@ -1288,12 +1298,17 @@ mod tests {
     impl Live for FakeLive {
         fn snapshot(&self) -> Result<Snapshot> {
             ensure!(!self.mute, "the registry does not answer");
+            self.snapshots.set(self.snapshots.get() + 1);
             Ok(Snapshot {
                 policy: self.policy.clone(),
                 relays: self.relays.clone(),
                 directory: self.directory.clone(),
                 ..Snapshot::default()
             })
+        }
+        fn online(&self) -> Result<Vec<DeviceId>> {
+            ensure!(!self.mute, "the registry does not answer");
+            Ok(self.online_ids.clone())
         }
         fn directory_for(&self, _: &Policy) -> Result<Directory> {
             Ok(Directory::default())
@@ -1824,6 +1839,31 @@ mod tests {
         assert!(matches!(notices[0], Notice::Removed(..)), "{notices:?}");
         assert!(matches!(&notices[1], Notice::Device(d) if d.quarantine.is_some()));
         assert!(matches!(&notices[2], Notice::User(u) if u.disabled));
+    }
+
+    /// A quarantine's reply says whether the device is online without a registry snapshot,
+    /// which would wait for the compile the quarantine starts.
+    #[test]
+    fn a_quarantine_reply_asks_who_is_online_not_for_a_snapshot() {
+        let (mut w, mut live) = (World::new(), FakeLive::new(None));
+        w.user(&live, "alice");
+        w.device(&live, "lap", Some("alice"), &[]);
+        let id = w.store.device_by_name("lap").unwrap().id;
+        live.online_ids = vec![id];
+        let before = live.snapshots.get();
+        let quarantine = AdminRequest::DeviceQuarantine {
+            name: "lap".into(),
+            reason: Some("lost".into()),
+        };
+        let AdminReply::Device(d) = w.run(&live, quarantine).unwrap() else {
+            panic!("not a device")
+        };
+        assert_eq!(d.state, crate::model::DeviceState::Quarantined);
+        assert!(d.online);
+        assert_eq!(live.snapshots.get(), before, "no snapshot asked for");
+        // A listing still takes a snapshot.
+        w.run(&live, AdminRequest::DeviceLs).unwrap();
+        assert_eq!(live.snapshots.get(), before + 1);
     }
 
     #[test]

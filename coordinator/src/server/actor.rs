@@ -377,6 +377,9 @@ pub(super) enum Event {
     ),
     /// What the registry holds now (for admin listings, check, apply and explain).
     Snapshot(oneshot::Sender<Snapshot>),
+    /// The devices whose session a live replica holds, as the registry knows them now: an
+    /// answer that does not wait for the compile to catch up (a snapshot's does).
+    Online(oneshot::Sender<Vec<DeviceId>>),
     /// Answered once every netmap change the registry has is handed to the sessions (the
     /// first flush that leaves nothing to produce): work that can wait, such as the maturity
     /// record after a policy apply, does not compete with the push.
@@ -744,6 +747,11 @@ pub(super) async fn registry_actor(
                 Event::TrustView(id, reply) => {
                     flush(&mut reg, &mut conns, &mut relays, &mut sink);
                     let _ = reply.send((reg.posture_report(id).cloned(), reg.trust_view(id)));
+                }
+                Event::Online(reply) => {
+                    let mut online = conns_online(&reg);
+                    online.extend(reg.online_elsewhere());
+                    let _ = reply.send(online);
                 }
                 Event::Snapshot(reply) => {
                     // The narrowing passes go out, then the compile is brought up to date; the

@@ -1078,6 +1078,10 @@ impl Live for LiveRegistry {
         self.ask(Event::Snapshot)
     }
 
+    fn online(&self) -> anyhow::Result<Vec<DeviceId>> {
+        self.ask(Event::Online)
+    }
+
     fn directory_for(&self, p: &Policy) -> anyhow::Result<Directory> {
         self.ask(|tx| Event::DirectoryFor(Box::new(p.clone()), tx))
     }
