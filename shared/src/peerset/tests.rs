@@ -678,4 +678,48 @@ proptest! {
             prop_assert_eq!(&in_place, &sets);
         }
     }
+
+    /// The common delta (held sets each named once, losing prefixes they hold and gaining
+    /// others) is made where the sets are, and gives what rebuilding every set gives.
+    #[test]
+    fn set_differences_in_place_equal_a_rebuild(
+        held in proptest::collection::btree_map(0u32..6, proptest::collection::vec(any::<u8>(), 1..8), 1..6),
+        picks in proptest::collection::vec(
+            (any::<proptest::sample::Index>(),
+             proptest::collection::vec(any::<proptest::sample::Index>(), 0..4),
+             proptest::collection::vec(any::<u8>(), 0..3)),
+            1..4),
+    ) {
+        let sets: Vec<PeerSet> = held
+            .iter()
+            .map(|(id, p)| {
+                let mut prefixes: Vec<Prefix> = p.iter().map(|n| pool_prefix(*n)).collect();
+                prefixes.sort_unstable();
+                prefixes.dedup();
+                PeerSet { id: *id, prefixes }
+            })
+            .collect();
+        let mut changes: Vec<PeerSetChange> = Vec::new();
+        for (set, gone, add) in &picks {
+            let set = &sets[set.index(sets.len())];
+            if changes.iter().any(|c| c.id == set.id) {
+                continue;
+            }
+            let mut remove: Vec<Prefix> =
+                gone.iter().map(|i| set.prefixes[i.index(set.prefixes.len())]).collect();
+            remove.sort_unstable();
+            remove.dedup();
+            changes.push(PeerSetChange {
+                id: set.id,
+                prefixes: None,
+                add: add.iter().map(|n| pool_prefix(*n)).collect(),
+                remove,
+            });
+        }
+        let mut in_place = sets.clone();
+        let mut rebuilt = sets.clone();
+        prop_assert!(apply_differences(&mut in_place, &changes, &[]));
+        prop_assert_eq!(apply_changes_rebuilding(&mut rebuilt, &changes, &[]), Ok(()));
+        prop_assert_eq!(&in_place, &rebuilt);
+    }
 }
