@@ -1793,6 +1793,19 @@ mod tests {
         }
     }
 
+    /// Device 1, `me`, at 100.64.0.1.
+    fn me_one() -> SelfInfo {
+        SelfInfo {
+            routes: Default::default(),
+            device_id: DeviceId(1),
+            hostname: Hostname::parse("me").unwrap(),
+            ipv4: Ipv4Addr::new(100, 64, 0, 1),
+            ipv6: "fd00::1".parse().unwrap(),
+            v6_prefix: "fd00::".parse().unwrap(),
+            observed_addr: None,
+        }
+    }
+
     /// A netmap of sequence 1, policy version 4, with nothing but `me` and `peers`.
     fn netmap_of(me: SelfInfo, peers: Vec<Peer>) -> Netmap {
         Netmap {
@@ -1963,15 +1976,7 @@ mod tests {
 
     #[test]
     fn delta_apply() {
-        let me = SelfInfo {
-            routes: Default::default(),
-            device_id: DeviceId(1),
-            hostname: Hostname::parse("me").unwrap(),
-            ipv4: Ipv4Addr::new(100, 64, 0, 1),
-            ipv6: "fd00::1".parse().unwrap(),
-            v6_prefix: "fd00::".parse().unwrap(),
-            observed_addr: None,
-        };
+        let me = me_one();
         let mut nm = netmap_of(me, vec![peer(2), peer(3)]);
         // The address list is optional on the wire both ways.
         let with: Netmap = decode(
@@ -3119,15 +3124,7 @@ mod tests {
     /// message, the same error for every bad one, whatever the order of the fields.
     #[test]
     fn coordinator_messages_decode_alike_either_way() {
-        let me = SelfInfo {
-            routes: Default::default(),
-            device_id: DeviceId(1),
-            hostname: Hostname::parse("me").unwrap(),
-            ipv4: Ipv4Addr::new(100, 64, 0, 1),
-            ipv6: "fd00::1".parse().unwrap(),
-            v6_prefix: "fd00::".parse().unwrap(),
-            observed_addr: None,
-        };
+        let me = me_one();
         let mut nm = netmap_of(me.clone(), vec![peer(2), peer(3)]);
         nm.peer_sets = Arc::new(vec![PeerSet {
             id: 4,

@@ -636,6 +636,18 @@ fn pool_prefix(n: u8) -> Prefix {
     Prefix::host(v4(u32::from(n % 12)))
 }
 
+/// Sets of pool prefixes by id, each sorted and without duplicates.
+fn pool_sets(held: &BTreeMap<u32, Vec<u8>>) -> Vec<PeerSet> {
+    held.iter()
+        .map(|(id, p)| {
+            let mut prefixes: Vec<Prefix> = p.iter().map(|n| pool_prefix(*n)).collect();
+            prefixes.sort_unstable();
+            prefixes.dedup();
+            PeerSet { id: *id, prefixes }
+        })
+        .collect()
+}
+
 proptest! {
     /// Set changes applied in place (only the named sets copied) give what rebuilding every
     /// set gives, the same error when they do not fit, and on an error the sets as they were:
@@ -650,15 +662,7 @@ proptest! {
             0..5),
         removed in proptest::collection::vec(0u32..8, 0..3),
     ) {
-        let sets: Vec<PeerSet> = held
-            .iter()
-            .map(|(id, p)| {
-                let mut prefixes: Vec<Prefix> = p.iter().map(|n| pool_prefix(*n)).collect();
-                prefixes.sort_unstable();
-                prefixes.dedup();
-                PeerSet { id: *id, prefixes }
-            })
-            .collect();
+        let sets = pool_sets(&held);
         let changes: Vec<PeerSetChange> = changes
             .iter()
             .map(|(id, whole, add, remove)| PeerSetChange {
@@ -690,15 +694,7 @@ proptest! {
              proptest::collection::vec(any::<u8>(), 0..3)),
             1..4),
     ) {
-        let sets: Vec<PeerSet> = held
-            .iter()
-            .map(|(id, p)| {
-                let mut prefixes: Vec<Prefix> = p.iter().map(|n| pool_prefix(*n)).collect();
-                prefixes.sort_unstable();
-                prefixes.dedup();
-                PeerSet { id: *id, prefixes }
-            })
-            .collect();
+        let sets = pool_sets(&held);
         let mut changes: Vec<PeerSetChange> = Vec::new();
         for (set, gone, add) in &picks {
             let set = &sets[set.index(sets.len())];
