@@ -2,12 +2,16 @@
 //! key, for that peer's addresses, unexpired in coordinator time.
 //!
 //! The cache keeps, per peer device, the leases whose signature verified and the data-plane
-//! entries they gave. A full netmap (or a new clock offset) checks every peer again, but a
-//! lease whose exact fields and signature verified before under the same key has only its
-//! time window and owner checked again. A delta checks only the devices it names
-//! ([`LeaseCache::update`]), so one peer's change costs one peer's work, whatever the number
-//! of peers. Between netmaps only timestamps are compared, until the earliest configured
-//! lease ends (kept per device in an ordered set, so it follows every delta exactly).
+//! entries they gave. A full netmap checks every peer again, but a lease whose exact fields
+//! and signature verified before under the same key has only its time window and owner
+//! checked again. A delta checks only the devices it names ([`LeaseCache::update`]), so one
+//! peer's change costs one peer's work, whatever the number of peers.
+//!
+//! Each check holds for a window of coordinator time: from the latest lease start or end at
+//! or before the time it was made, up to the earliest one after (kept per device in ordered
+//! sets, so they follow every delta exactly). Between netmaps only timestamps are compared,
+//! so a new clock offset (every ping measures one) costs nothing while coordinator time stays
+//! inside the window, and checks again once it crosses a lease's start or end, either way.
 
 use ed25519_dalek::VerifyingKey;
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,7 +33,11 @@ struct Checked {
     signed: Vec<SignedLease>,
     /// One entry per usable lease.
     configs: Vec<PeerConfig>,
-    /// The earliest end of a configured lease (`i64::MAX` with none).
+    /// The latest start or end of a signed lease at or before the check's time (`i64::MIN`
+    /// with none): before it, the same leases give another answer.
+    from_ms: i64,
+    /// The earliest start or end of a signed lease after the check's time (`i64::MAX` with
+    /// none): from then on, the same leases give another answer.
     until_ms: i64,
 }
 
@@ -45,9 +53,15 @@ pub struct LeaseCache {
     /// The first of `ends` (`i64::MAX` with none), kept beside it: the agent reads it after
     /// every lease change to know when to look again.
     earliest_end_ms: i64,
-    /// The netmap sequence and clock offset `devices` answers for; `None` once a new full
-    /// netmap arrived (the entries then only serve as remembered signatures).
-    current: Option<(u64, Option<i64>)>,
+    /// Every device's `from_ms`, to know the latest at once.
+    starts: BTreeSet<(i64, DeviceId)>,
+    /// The last of `starts` (`i64::MIN` with none).
+    latest_start_ms: i64,
+    /// The netmap sequence `devices` answers for; `None` once a new full netmap arrived (the
+    /// entries then only serve as remembered signatures).
+    current: Option<u64>,
+    /// How many times every peer was checked ([`LeaseCache::peers`] without a cached answer).
+    full_checks: u64,
     first_seen: BTreeMap<DeviceId, Instant>,
 }
 
@@ -58,7 +72,6 @@ impl LeaseCache {
         &mut self,
         nm: &Netmap,
         issuer: Option<&VerifyingKey>,
-        clock_offset_ms: Option<i64>,
         coordinator_now_ms: i64,
         now: Instant,
     ) -> PeerMap {
@@ -69,9 +82,10 @@ impl LeaseCache {
         for p in &nm.peers {
             self.first_seen.entry(p.device_id).or_insert(now);
         }
-        if self.still_valid(nm, clock_offset_ms, coordinator_now_ms) {
+        if self.still_valid(nm, coordinator_now_ms) {
             return self.configured();
         }
+        self.full_checks += 1;
         let Some(issuer) = issuer else {
             self.clear_checks();
             return PeerMap::new();
@@ -79,6 +93,7 @@ impl LeaseCache {
         self.use_issuer(issuer);
         let mut old = std::mem::take(&mut self.devices);
         self.ends.clear();
+        self.starts.clear();
         // Every signature not verified before, in one batch: a full netmap of thousands of
         // peers (a first one, or one after a new key) costs a fraction of one verification
         // each.
@@ -114,6 +129,7 @@ impl LeaseCache {
                     // The same device listed twice (never sent): both lists count.
                     d.signed.extend(c.signed.iter().cloned());
                     d.configs.extend(c.configs.iter().cloned());
+                    d.from_ms = d.from_ms.max(c.from_ms);
                     d.until_ms = d.until_ms.min(c.until_ms);
                 })
                 .or_insert(c);
@@ -123,27 +139,32 @@ impl LeaseCache {
             .iter()
             .map(|(id, c)| (c.until_ms, *id))
             .collect();
-        self.current = Some((nm.seq, clock_offset_ms));
+        self.starts = self
+            .devices
+            .iter()
+            .map(|(id, c)| (c.from_ms, *id))
+            .collect();
+        self.current = Some(nm.seq);
         self.ends_changed();
         self.configured()
     }
 
     /// After `delta` was applied to `nm`: the changed devices' entries (empty for a device
     /// that has none any more), checking only the devices the delta names. `None` when the
-    /// cache cannot answer from the last check (another netmap or clock offset, a configured
-    /// lease ended, the relay list changed, no pinned key): then [`LeaseCache::peers`] must.
+    /// cache cannot answer from the last check (another netmap, coordinator time outside the
+    /// window the last check holds for, the relay list changed, no pinned key): then
+    /// [`LeaseCache::peers`] must.
     pub fn update(
         &mut self,
         nm: &Netmap,
         delta: &NetmapDelta,
         issuer: Option<&VerifyingKey>,
-        clock_offset_ms: Option<i64>,
         coordinator_now_ms: i64,
         now: Instant,
     ) -> Option<Vec<(u64, Vec<PeerConfig>)>> {
         let issuer = issuer?;
-        if self.current != Some((delta.base_seq, clock_offset_ms))
-            || coordinator_now_ms >= self.valid_until_ms()
+        if self.current != Some(delta.base_seq)
+            || !self.holds_at(coordinator_now_ms)
             || delta.relays.is_some()
             || self.issuer != Some(issuer.to_bytes())
         {
@@ -154,6 +175,7 @@ impl LeaseCache {
         for id in delta.remove.iter().filter(|id| !upserted.contains(id)) {
             if let Some(c) = self.devices.remove(id) {
                 self.ends.remove(&(c.until_ms, *id));
+                self.starts.remove(&(c.from_ms, *id));
                 changed.push((id.0, Vec::new()));
             }
             self.first_seen.remove(id);
@@ -162,6 +184,7 @@ impl LeaseCache {
             let before = self.devices.remove(&p.device_id);
             if let Some(b) = &before {
                 self.ends.remove(&(b.until_ms, p.device_id));
+                self.starts.remove(&(b.from_ms, p.device_id));
             }
             let c = check_peer(
                 p,
@@ -172,26 +195,29 @@ impl LeaseCache {
                 &Checks::new(),
             );
             self.ends.insert((c.until_ms, p.device_id));
+            self.starts.insert((c.from_ms, p.device_id));
             self.first_seen.entry(p.device_id).or_insert(now);
             changed.push((p.device_id.0, c.configs.clone()));
             self.devices.insert(p.device_id, c);
         }
-        self.current = Some((nm.seq, clock_offset_ms));
+        self.current = Some(nm.seq);
         self.ends_changed();
         Some(changed)
     }
 
     /// Whether [`LeaseCache::peers`] would give what it gave last, from its cache: the same
-    /// netmap sequence and clock offset, and no configured lease ended since. The expiry
-    /// tick asks this first, so an unchanged netmap costs a comparison, not a rebuild.
-    pub fn still_valid(
-        &self,
-        nm: &Netmap,
-        clock_offset_ms: Option<i64>,
-        coordinator_now_ms: i64,
-    ) -> bool {
-        self.current == Some((nm.seq, clock_offset_ms))
-            && coordinator_now_ms < self.valid_until_ms()
+    /// netmap sequence, and coordinator time still inside the window the last check holds
+    /// for (no lease started or ended since, and time did not go back before one did). The
+    /// expiry tick and every new clock offset ask this first, so an unchanged netmap costs a
+    /// comparison, not a rebuild.
+    pub fn still_valid(&self, nm: &Netmap, coordinator_now_ms: i64) -> bool {
+        self.current == Some(nm.seq) && self.holds_at(coordinator_now_ms)
+    }
+
+    /// How many times every peer was checked: each full netmap, new lease key, or
+    /// coordinator time outside the cached window, but not a delta or an unchanged look.
+    pub fn full_checks(&self) -> u64 {
+        self.full_checks
     }
 
     /// A new full netmap arrived: check every peer again (remembered signatures still count).
@@ -214,12 +240,14 @@ impl LeaseCache {
         self.issuer = None;
         self.devices.clear();
         self.ends.clear();
+        self.starts.clear();
         self.ends_changed();
         self.current = None;
     }
 
     fn ends_changed(&mut self) {
         self.earliest_end_ms = self.ends.first().map_or(i64::MAX, |(t, _)| *t);
+        self.latest_start_ms = self.starts.last().map_or(i64::MIN, |(t, _)| *t);
     }
 
     /// Remembered signatures count only under the key they verified under.
@@ -231,8 +259,9 @@ impl LeaseCache {
         }
     }
 
-    fn valid_until_ms(&self) -> i64 {
-        self.earliest_end_ms
+    /// Whether every device's last check holds at `coordinator_now_ms`.
+    fn holds_at(&self, coordinator_now_ms: i64) -> bool {
+        (self.latest_start_ms..self.earliest_end_ms).contains(&coordinator_now_ms)
     }
 
     /// The earliest time, in coordinator ms, at which a device's configured leases change by
@@ -307,6 +336,7 @@ fn check_leases(
     checked: &Checks,
 ) -> (Checked, Vec<(String, LeaseError)>) {
     let mut c = Checked {
+        from_ms: i64::MIN,
         until_ms: i64::MAX,
         ..Checked::default()
     };
@@ -324,15 +354,22 @@ fn check_leases(
         };
         if signed.is_ok() {
             c.signed.push(l.clone());
+            // Usable from its start (with the skew allowed) to its end, so the answer for
+            // this lease changes only where coordinator time crosses one of the two, forward
+            // or back; an inverted lease is refused whatever the time.
             let starts = l.lease.not_before_ms.saturating_sub(NOT_BEFORE_SKEW_MS);
-            if starts > coordinator_now_ms {
-                // Usable later: the cached answer holds only until then.
-                c.until_ms = c.until_ms.min(starts);
+            if l.lease.not_before_ms < l.lease.not_after_ms {
+                for edge in [starts, l.lease.not_after_ms] {
+                    if edge > coordinator_now_ms {
+                        c.until_ms = c.until_ms.min(edge);
+                    } else {
+                        c.from_ms = c.from_ms.max(edge);
+                    }
+                }
             }
         }
         match signed.and_then(|()| l.check_for(coordinator_now_ms, p.device_id, p.ipv4, p.ipv6)) {
             Ok(lease) => {
-                c.until_ms = c.until_ms.min(lease.not_after_ms);
                 c.configs.push(PeerConfig {
                     routes: p.routes.clone(),
                     device_id: p.device_id.0,
@@ -457,17 +494,17 @@ mod tests {
         nm.peers[5].leases[0].lease.wg_public_key = WgPublicKey([99; 32]);
         nm.peers[17].leases[0].lease.wg_public_key = WgPublicKey([98; 32]);
         let mut c = LeaseCache::default();
-        let m = c.peers(&nm, Some(&issuer), None, 500, Instant::now());
+        let m = c.peers(&nm, Some(&issuer), 500, Instant::now());
         let configured: Vec<u64> = m.keys().copied().collect();
         let want: Vec<u64> = (2..22).filter(|d| *d != 7 && *d != 19).collect();
         assert_eq!(configured, want);
         // All genuine: every peer, from one batch.
         let nm = many(&k, 20);
-        let m = LeaseCache::default().peers(&nm, Some(&issuer), None, 500, Instant::now());
+        let m = LeaseCache::default().peers(&nm, Some(&issuer), 500, Instant::now());
         assert_eq!(m.len(), 20);
         // Another coordinator's key: none.
         let other = SigningKey::from_bytes(&[2; 32]).verifying_key();
-        let m = LeaseCache::default().peers(&nm, Some(&other), None, 500, Instant::now());
+        let m = LeaseCache::default().peers(&nm, Some(&other), 500, Instant::now());
         assert!(m.is_empty());
     }
 
@@ -481,7 +518,6 @@ mod tests {
         let m = c.peers(
             &netmap(vec![good.clone()]),
             Some(&k.verifying_key()),
-            None,
             500,
             now,
         );
@@ -495,7 +531,7 @@ mod tests {
         rekeyed.lease.wg_public_key = WgPublicKey([99; 32]);
         let three = netmap(vec![good.clone(), longer, rekeyed]);
         c.invalidate();
-        let m = c.peers(&three, Some(&k.verifying_key()), None, 500, now);
+        let m = c.peers(&three, Some(&k.verifying_key()), 500, now);
         assert_eq!(keys(&m), vec![[10; 32]]);
         let (_, refused) = check_leases(
             &three.peers[0],
@@ -511,20 +547,13 @@ mod tests {
         let m = c.peers(
             &netmap(vec![good.clone()]),
             Some(&k.verifying_key()),
-            None,
             1000,
             now,
         );
         assert!(m.is_empty());
         // Remembered under one key means nothing under another.
         c.invalidate();
-        let m = c.peers(
-            &netmap(vec![good]),
-            Some(&other.verifying_key()),
-            None,
-            500,
-            now,
-        );
+        let m = c.peers(&netmap(vec![good]), Some(&other.verifying_key()), 500, now);
         assert!(m.is_empty());
         assert!(c.devices[&DeviceId(2)].signed.is_empty());
     }
@@ -542,7 +571,7 @@ mod tests {
         third.leases = vec![lease(3, 30, 0, 5000, 3).sign(&k)];
         nm.peers.push(third.clone());
         let mut c = LeaseCache::default();
-        assert_eq!(c.peers(&nm, issuer.as_ref(), None, 500, now).len(), 2);
+        assert_eq!(c.peers(&nm, issuer.as_ref(), 500, now).len(), 2);
 
         // A new key for device 3, ending before anything else: only device 3 changes, and
         // the cached answer lasts only until that lease ends.
@@ -550,64 +579,58 @@ mod tests {
         rotated.leases.push(lease(3, 31, 0, 3000, 3).sign(&k));
         let d = delta(nm.seq, vec![rotated], vec![]);
         nm.apply(&d).unwrap();
-        let changed = c.update(&nm, &d, issuer.as_ref(), None, 600, now).unwrap();
+        let changed = c.update(&nm, &d, issuer.as_ref(), 600, now).unwrap();
         assert_eq!(changed.len(), 1);
         assert_eq!(changed[0].0, 3);
         let got: Vec<_> = changed[0].1.iter().map(|p| p.public_key).collect();
         assert_eq!(got, vec![[30; 32], [31; 32]]);
-        assert!(c.still_valid(&nm, None, 2999));
-        assert!(!c.still_valid(&nm, None, 3000));
+        assert!(c.still_valid(&nm, 2999));
+        assert!(!c.still_valid(&nm, 3000));
 
         // A forged lease in a delta is refused like in a full netmap.
         let mut forged = third.clone();
         forged.leases = vec![lease(3, 32, 0, 5000, 3).sign(&SigningKey::from_bytes(&[7; 32]))];
         let d = delta(nm.seq, vec![forged], vec![]);
         nm.apply(&d).unwrap();
-        let changed = c.update(&nm, &d, issuer.as_ref(), None, 700, now).unwrap();
+        let changed = c.update(&nm, &d, issuer.as_ref(), 700, now).unwrap();
         assert_eq!(changed, vec![(3, vec![])]);
         // The device's earlier lease end no longer bounds the cache.
-        assert!(c.still_valid(&nm, None, 4000));
+        assert!(c.still_valid(&nm, 4000));
 
         // A removed device goes; the other stays as configured.
         let d = delta(nm.seq, vec![], vec![DeviceId(2)]);
         nm.apply(&d).unwrap();
-        let changed = c.update(&nm, &d, issuer.as_ref(), None, 800, now).unwrap();
+        let changed = c.update(&nm, &d, issuer.as_ref(), 800, now).unwrap();
         assert_eq!(changed, vec![(2, vec![])]);
         assert!(c.first_seen(DeviceId(2)).is_none());
-        assert!(c.peers(&nm, issuer.as_ref(), None, 800, now).is_empty());
+        assert!(c.peers(&nm, issuer.as_ref(), 800, now).is_empty());
 
-        // What a delta cannot be answered from: a gap, a new clock offset, a new relay list,
-        // no pinned key, a lease ended since the last check.
+        // What a delta cannot be answered from: a gap, a new relay list, no pinned key, a
+        // lease ended since the last check (time going back is in the clock offset test).
         let d = delta(nm.seq, vec![], vec![]);
         assert!(c
             .update(
                 &nm,
                 &delta(nm.seq + 5, vec![], vec![]),
                 issuer.as_ref(),
-                None,
                 800,
                 now
             )
-            .is_none());
-        assert!(c
-            .update(&nm, &d, issuer.as_ref(), Some(5), 800, now)
             .is_none());
         let relays = NetmapDelta {
             relays: Some(vec![]),
             ..d.clone()
         };
-        assert!(c
-            .update(&nm, &relays, issuer.as_ref(), None, 800, now)
-            .is_none());
-        assert!(c.update(&nm, &d, None, None, 800, now).is_none());
+        assert!(c.update(&nm, &relays, issuer.as_ref(), 800, now).is_none());
+        assert!(c.update(&nm, &d, None, 800, now).is_none());
         let mut short = third.clone();
         short.leases = vec![lease(3, 33, 0, 900, 3).sign(&k)];
         let d = delta(nm.seq, vec![short], vec![]);
         nm.apply(&d).unwrap();
-        assert!(c.update(&nm, &d, issuer.as_ref(), None, 800, now).is_some());
+        assert!(c.update(&nm, &d, issuer.as_ref(), 800, now).is_some());
         let d = delta(nm.seq, vec![], vec![]);
         nm.apply(&d).unwrap();
-        assert!(c.update(&nm, &d, issuer.as_ref(), None, 900, now).is_none());
+        assert!(c.update(&nm, &d, issuer.as_ref(), 900, now).is_none());
     }
 
     #[test]
@@ -618,13 +641,60 @@ mod tests {
         let nm = netmap(vec![lease(2, 10, nb, nb + 5000, 2).sign(&k)]);
         let now = Instant::now();
         let mut c = LeaseCache::default();
-        assert!(c
-            .peers(&nm, Some(&k.verifying_key()), None, 500, now)
-            .is_empty());
-        assert!(c.still_valid(&nm, None, starts - 1));
-        assert!(!c.still_valid(&nm, None, starts));
-        let m = c.peers(&nm, Some(&k.verifying_key()), None, starts, now);
+        assert!(c.peers(&nm, Some(&k.verifying_key()), 500, now).is_empty());
+        assert!(c.still_valid(&nm, starts - 1));
+        assert!(!c.still_valid(&nm, starts));
+        let m = c.peers(&nm, Some(&k.verifying_key()), starts, now);
         assert_eq!(keys(&m), vec![[10; 32]]);
+    }
+
+    #[test]
+    fn coordinator_time_is_checked_again_only_when_it_crosses_a_lease_start_or_end() {
+        let k = SigningKey::from_bytes(&[1; 32]);
+        // One lease usable from 5 000 (its start less the skew allowed) to 20 000, one that
+        // ended at 8 000. Checked at 9 000, the answer holds on [8 000, 20 000).
+        let nb = 5_000 + NOT_BEFORE_SKEW_MS;
+        let nm = netmap(vec![
+            lease(2, 10, nb, 20_000, 2).sign(&k),
+            lease(2, 11, 0, 8_000, 2).sign(&k),
+        ]);
+        let issuer = Some(k.verifying_key());
+        let now = Instant::now();
+        let mut c = LeaseCache::default();
+        assert_eq!(
+            keys(&c.peers(&nm, issuer.as_ref(), 9_000, now)),
+            vec![[10; 32]]
+        );
+        assert_eq!(c.full_checks(), 1);
+        for t in [8_000, 9_500, 19_999] {
+            assert!(c.still_valid(&nm, t), "{t}");
+        }
+        for t in [7_999, 20_000] {
+            assert!(!c.still_valid(&nm, t), "{t}");
+        }
+        // Another clock offset inside the window: the cached answer, no check.
+        assert_eq!(
+            keys(&c.peers(&nm, issuer.as_ref(), 12_000, now)),
+            vec![[10; 32]]
+        );
+        assert_eq!(c.full_checks(), 1);
+        // Time set back before the second lease's end, then before the first one's start:
+        // each is checked again and answers for that time.
+        assert_eq!(
+            keys(&c.peers(&nm, issuer.as_ref(), 7_000, now)),
+            vec![[10; 32], [11; 32]]
+        );
+        assert_eq!(
+            keys(&c.peers(&nm, issuer.as_ref(), 4_000, now)),
+            vec![[11; 32]]
+        );
+        assert_eq!(c.full_checks(), 3);
+        // A delta is not answered from a window the time has left.
+        let d = delta(nm.seq, vec![], vec![]);
+        let mut next = nm.clone();
+        next.apply(&d).unwrap();
+        assert!(c.update(&next, &d, issuer.as_ref(), 9_000, now).is_none());
+        assert!(c.update(&next, &d, issuer.as_ref(), 4_500, now).is_some());
     }
 
     #[test]
@@ -655,14 +725,14 @@ mod tests {
         ]);
         let now = Instant::now();
         let mut c = LeaseCache::default();
-        let both = c.peers(&nm, Some(&k.verifying_key()), None, 500, now);
+        let both = c.peers(&nm, Some(&k.verifying_key()), 500, now);
         assert_eq!(keys(&both), vec![[10; 32], [11; 32]]);
         assert!(c.first_seen(DeviceId(2)).is_some());
         // Past the first lease's end the cache is not used: one key is left.
-        let left = c.peers(&nm, Some(&k.verifying_key()), None, 1500, now);
+        let left = c.peers(&nm, Some(&k.verifying_key()), 1500, now);
         assert_eq!(keys(&left), vec![[11; 32]]);
         // Without a pinned issuer nothing is trusted.
         c.invalidate();
-        assert!(c.peers(&nm, None, None, 500, now).is_empty());
+        assert!(c.peers(&nm, None, 500, now).is_empty());
     }
 }

@@ -335,6 +335,8 @@ pub struct Agent {
     /// cost more than everything else the agent does).
     flow_ctx: Option<FlowContext>,
     leases: LeaseCache,
+    /// How many times the peers were rebuilt from the whole netmap (`apply_peers`).
+    peer_rebuilds: u64,
     clock: ClockOffset,
     own_lease: Option<SignedLease>,
     key_since: Instant,
@@ -411,6 +413,7 @@ impl Agent {
             no_resume: false,
             flow_ctx: None,
             leases: LeaseCache::default(),
+            peer_rebuilds: 0,
             clock: ClockOffset::default(),
             own_lease: None,
             key_since: now.instant,
@@ -757,14 +760,13 @@ impl Agent {
         }
         self.drain_relays(now);
         if now.instant >= self.next_expiry {
-            // Nothing to do while the netmap, the clock offset and every configured lease
-            // stand as they were applied (the netmap's own changes apply at once).
-            let offset = self.clock.offset_ms();
-            let coord_now = now.unix_ms.saturating_add(offset.unwrap_or(0));
+            // Nothing to do while the netmap stands as it was applied and coordinator time
+            // has crossed no lease's start or end (the netmap's own changes apply at once).
+            let coord_now = self.coordinator_ms(now.unix_ms);
             let unchanged = self
                 .netmap
                 .as_ref()
-                .is_some_and(|nm| self.leases.still_valid(nm, offset, coord_now));
+                .is_some_and(|nm| self.leases.still_valid(nm, coord_now));
             if !unchanged {
                 self.apply_peers(now);
             }
@@ -1086,6 +1088,12 @@ impl Agent {
     pub fn clock_offset_ms(&self) -> Option<i64> {
         self.clock.offset_ms()
     }
+    /// How many times the peers were rebuilt from the whole netmap: a full netmap, a lease
+    /// start or end, a clock offset that crosses one; not a delta, nor a look that finds
+    /// nothing changed.
+    pub fn peer_rebuilds(&self) -> u64 {
+        self.peer_rebuilds
+    }
     /// This device's lease on the key in use.
     pub fn own_lease(&self) -> Option<&SignedLease> {
         self.own_lease.as_ref()
@@ -1328,7 +1336,18 @@ impl Agent {
                 );
             }
             self.events.push_back(Event::SetClockOffset(offset));
-            self.apply_peers(now);
+            // Every ping measures a slightly different offset: the peers are checked again
+            // only if coordinator time, so corrected, crossed a lease's start or end.
+            let coord_now = self.coordinator_ms(now.unix_ms);
+            let unchanged = self
+                .netmap
+                .as_ref()
+                .is_some_and(|nm| self.leases.still_valid(nm, coord_now));
+            if unchanged {
+                self.schedule_expiry(now);
+            } else {
+                self.apply_peers(now);
+            }
         }
         if self.rotation == (Rotation::Unleased { requested: false }) {
             // First lease of this session, for the key in use.
@@ -1343,15 +1362,11 @@ impl Agent {
     /// unexpired in coordinator time). A key without a valid lease is never configured.
     fn apply_peers(&mut self, now: Now) {
         let Some(nm) = &self.netmap else { return };
-        let offset = self.clock.offset_ms();
-        let coord_now = now.unix_ms.saturating_add(offset.unwrap_or(0));
-        let mut peers = self.leases.peers(
-            nm,
-            self.cfg.lease_key.as_ref(),
-            offset,
-            coord_now,
-            now.instant,
-        );
+        self.peer_rebuilds += 1;
+        let coord_now = self.coordinator_ms(now.unix_ms);
+        let mut peers = self
+            .leases
+            .peers(nm, self.cfg.lease_key.as_ref(), coord_now, now.instant);
         for configs in peers.values_mut() {
             routes::choose_exit(configs, self.cfg.routes.exit_node.as_deref());
         }
@@ -1374,16 +1389,10 @@ impl Agent {
     /// answer from its last check (see [`LeaseCache::update`]) goes the full way.
     fn apply_delta(&mut self, d: &ward_shared::wire::NetmapDelta, now: Now) {
         let Some(nm) = &self.netmap else { return };
-        let offset = self.clock.offset_ms();
-        let coord_now = now.unix_ms.saturating_add(offset.unwrap_or(0));
-        let changes = self.leases.update(
-            nm,
-            d,
-            self.cfg.lease_key.as_ref(),
-            offset,
-            coord_now,
-            now.instant,
-        );
+        let coord_now = self.coordinator_ms(now.unix_ms);
+        let changes =
+            self.leases
+                .update(nm, d, self.cfg.lease_key.as_ref(), coord_now, now.instant);
         // The filter before the peers: rules for sources whose peer is not configured yet
         // admit nothing, while a peer configured before the rules admitting it would have its
         // first packets denied (on demand, a newly held peer's addresses come with it).

@@ -809,6 +809,58 @@ fn clock_offset_is_applied_to_lease_checks() {
     assert!(h.agent.own_lease().is_some(), "{:?}", h.agent.last_error());
 }
 
+/// Waits for the agent's next ping and answers it with coordinator time `offset_ms` ahead.
+fn answer_next_ping(h: &mut H, offset_ms: i64) {
+    h.take_sent();
+    let nonce = loop {
+        h.advance(500, 0);
+        let ping = h.take_sent().into_iter().find_map(|m| match m {
+            DeviceMsg::Ping { nonce } => Some(nonce),
+            _ => None,
+        });
+        if let Some(nonce) = ping {
+            break nonce;
+        }
+    };
+    h.msg(CoordinatorMsg::Pong {
+        nonce,
+        coordinator_time_ms: h.t + offset_ms,
+    });
+}
+
+#[test]
+fn a_new_clock_offset_checks_peers_again_only_when_it_crosses_a_lease_end() {
+    let mut h = H::new();
+    h.leased();
+    let peer = h.lease(2, WgPublicKey([20; 32]), 30_000);
+    let ends = peer.lease.not_after_ms;
+    h.msg(CoordinatorMsg::Netmap(netmap(1, vec![peer])));
+    assert_eq!(h.agent.configured_peers().len(), 1);
+    let checks = h.agent.peer_rebuilds();
+    h.take_events();
+
+    // A few milliseconds more or less, as every ping measures: nothing is checked again.
+    for offset in [7, -3] {
+        answer_next_ping(&mut h, offset);
+        let evs = h.take_events();
+        assert!(evs.contains(&Event::SetClockOffset(offset)), "{evs:?}");
+        assert!(
+            !evs.iter().any(|e| matches!(e, Event::SetPeers(_))),
+            "{evs:?}"
+        );
+        assert_eq!(h.agent.peer_rebuilds(), checks);
+        assert_eq!(h.agent.configured_peers().len(), 1);
+    }
+
+    // Coordinator time is found to be past the peer's lease end: the peer goes at once.
+    let offset = ends - h.t + 1_000;
+    answer_next_ping(&mut h, offset);
+    let evs = h.take_events();
+    assert!(evs.contains(&Event::SetClockOffset(offset)), "{evs:?}");
+    assert!(evs.contains(&Event::SetPeers(vec![])), "{evs:?}");
+    assert_eq!(h.agent.peer_rebuilds(), checks + 1);
+}
+
 #[test]
 fn posture_is_collected_once_the_offset_is_known_and_reported_on_change() {
     let mut h = H::new();
