@@ -51,6 +51,13 @@ use ward_shared::wire::{
     Netmap, PeerRef, TokenSecret, PROTOCOL_VERSION,
 };
 
+/// jemalloc for the tool's heap. Its thousands of agents share one process (on a real network
+/// each device has its own), and under glibc malloc about a third of the tool's CPU in the
+/// measured phases went to malloc's free lists: CPU that the coordinator under test then
+/// lacked on a small machine.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Open N real device control sessions against a coordinator and measure it")]
 struct Opts {

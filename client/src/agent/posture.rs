@@ -58,12 +58,14 @@ impl PostureCadence {
                     || now.saturating_duration_since(*at) >= self.interval
             }
         };
-        self.report = Some(report.clone());
         if !due {
+            // Most collections: kept as the latest, nothing copied.
+            self.report = Some(report);
             return None;
         }
         let msg = fit_report(report.clone());
-        self.sent = Some((now, report));
+        self.sent = Some((now, report.clone()));
+        self.report = Some(report);
         Some(msg)
     }
 }
