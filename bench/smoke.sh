@@ -3,8 +3,8 @@
 # starts and carries traffic, never a timed test (no figure is compared with anything).
 #
 #   sudo bench/smoke.sh        # about a minute once built; without root the namespace parts
-#                              # (dp_pair.sh, throughput.sh, relay.sh) and ha_scale.sh (a
-#                              # PostgreSQL cluster) are reported SKIPPED
+#                              # (dp_pair.sh, throughput.sh, relay.sh, order.sh) and ha_scale.sh
+#                              # (a PostgreSQL cluster) are reported SKIPPED
 #
 # Builds what it runs (release, --locked). throughput.sh --smoke needs iperf3, ping and
 # python3, and runs the peers (wireguard-go, boringtun-cli, nebula) only if installed.
@@ -25,7 +25,7 @@ echo "== bench/load.sh --smoke (20 real device sessions on loopback, no root)"
 WARD_BIN_DIR=target/release bench/load.sh --smoke
 
 if [[ $EUID -ne 0 ]]; then
-    echo "SKIPPED: client/examples/dp_pair.sh, bench/throughput.sh --smoke, bench/relay.sh --smoke and bench/ha_scale.sh --smoke need root (network namespaces, TUN, a PostgreSQL cluster); they were NOT run"
+    echo "SKIPPED: client/examples/dp_pair.sh, bench/throughput.sh --smoke, bench/relay.sh --smoke, bench/order.sh --smoke and bench/ha_scale.sh --smoke need root (network namespaces, TUN, a PostgreSQL cluster); they were NOT run"
     exit 0
 fi
 
@@ -40,3 +40,6 @@ bench/throughput.sh --smoke
 
 echo "== bench/relay.sh --smoke"
 bench/relay.sh --smoke
+
+echo "== bench/order.sh --smoke (the link order of ward, regenerated under callgrind into a temporary file)"
+bench/order.sh --smoke

@@ -1,0 +1,57 @@
+//! Release builds of `ward` link the functions the daemon is known to run next to each other,
+//! in the order `link-order.txt` lists them (made by `bench/order.sh`; names not in this build
+//! are skipped). The kernel maps a binary's code into a process 64 KiB around each first touch,
+//! so code spread over the whole text made about 9 MiB of it resident in every daemon; packed,
+//! what the daemon runs fits in about 3 MiB (bench/README.md, "The daemon's code in one place").
+//!
+//! Only where the link goes through lld, which reads the list: rustc's own lld is the default
+//! linker for x86_64-unknown-linux-gnu from Rust 1.90 on. `WARD_LINK_ORDER=0`, another target,
+//! an older rustc, or a linker of one's own (`RUSTC_LINKER`, `-C linker` or `-fuse-ld` in the
+//! flags) leaves the default layout.
+
+use std::env;
+use std::path::Path;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=link-order.txt");
+    println!("cargo:rerun-if-env-changed=WARD_LINK_ORDER");
+    let release = env::var("PROFILE").is_ok_and(|p| p == "release");
+    let target = env::var("TARGET").unwrap_or_default();
+    let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    let own_linker = env::var_os("RUSTC_LINKER").is_some()
+        || flags.contains("linker")
+        || flags.contains("fuse-ld");
+    let off = env::var("WARD_LINK_ORDER").is_ok_and(|v| v == "0");
+    if !release || target != "x86_64-unknown-linux-gnu" || own_linker || off || !rustc_lld() {
+        return;
+    }
+    let Ok(dir) = env::var("CARGO_MANIFEST_DIR") else {
+        return;
+    };
+    let list = Path::new(&dir).join("link-order.txt");
+    if !list.is_file() {
+        return;
+    }
+    println!(
+        "cargo:rustc-link-arg-bin=ward=-Wl,--symbol-ordering-file={}",
+        list.display()
+    );
+    println!("cargo:rustc-link-arg-bin=ward=-Wl,--no-warn-symbol-ordering");
+}
+
+/// Whether this rustc links the target with its own lld by default (1.90 and later).
+fn rustc_lld() -> bool {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let Ok(out) = Command::new(rustc).arg("--version").output() else {
+        return false;
+    };
+    let version = String::from_utf8_lossy(&out.stdout);
+    // "rustc 1.95.0 (59807616e 2026-04-14)"
+    let minor = version
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.split('.').nth(1))
+        .and_then(|m| m.parse::<u32>().ok());
+    minor.is_some_and(|m| m >= 90)
+}
