@@ -6,8 +6,8 @@
 //!
 //! Only where the link goes through lld, which reads the list: rustc's own lld is the default
 //! linker for x86_64-unknown-linux-gnu from Rust 1.90 on. `WARD_LINK_ORDER=0`, another target,
-//! an older rustc, or a linker of one's own (`RUSTC_LINKER`, `-C linker` or `-fuse-ld` in the
-//! flags) leaves the default layout.
+//! an older rustc, a rustc without its lld, or a linker of one's own (`RUSTC_LINKER`, `-C
+//! linker` or `-fuse-ld` in the flags) leaves the default layout.
 
 use std::env;
 use std::path::Path;
@@ -40,18 +40,28 @@ fn main() {
     println!("cargo:rustc-link-arg-bin=ward=-Wl,--no-warn-symbol-ordering");
 }
 
-/// Whether this rustc links the target with its own lld by default (1.90 and later).
+/// Whether this rustc links the target with its own lld by default: 1.90 or later, with the
+/// lld it ships in its sysroot (a rustc packaged without it links with the system's linker,
+/// which may not take the list).
 fn rustc_lld() -> bool {
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let Ok(out) = Command::new(rustc).arg("--version").output() else {
-        return false;
+    let ask = |arg: &str| -> Option<String> {
+        let out = Command::new(&rustc).arg(arg).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
-    let version = String::from_utf8_lossy(&out.stdout);
     // "rustc 1.95.0 (59807616e 2026-04-14)"
-    let minor = version
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.split('.').nth(1))
-        .and_then(|m| m.parse::<u32>().ok());
-    minor.is_some_and(|m| m >= 90)
+    let minor = ask("--version").and_then(|v| {
+        v.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.split('.').nth(1))
+            .and_then(|m| m.parse::<u32>().ok())
+    });
+    let lld = ask("--print=sysroot").is_some_and(|root| {
+        Path::new(&root)
+            .join("lib/rustlib/x86_64-unknown-linux-gnu/bin/gcc-ld/ld.lld")
+            .is_file()
+    });
+    minor.is_some_and(|m| m >= 90) && lld
 }
