@@ -760,14 +760,8 @@ impl Agent {
         }
         self.drain_relays(now);
         if now.instant >= self.next_expiry {
-            // Nothing to do while the netmap stands as it was applied and coordinator time
-            // has crossed no lease's start or end (the netmap's own changes apply at once).
-            let coord_now = self.coordinator_ms(now.unix_ms);
-            let unchanged = self
-                .netmap
-                .as_ref()
-                .is_some_and(|nm| self.leases.still_valid(nm, coord_now));
-            if !unchanged {
+            // The netmap's own changes apply at once; time only matters at a lease's edge.
+            if !self.peers_unchanged(now) {
                 self.apply_peers(now);
             }
             self.next_expiry = self.expiry_deadline(now);
@@ -1338,12 +1332,7 @@ impl Agent {
             self.events.push_back(Event::SetClockOffset(offset));
             // Every ping measures a slightly different offset: the peers are checked again
             // only if coordinator time, so corrected, crossed a lease's start or end.
-            let coord_now = self.coordinator_ms(now.unix_ms);
-            let unchanged = self
-                .netmap
-                .as_ref()
-                .is_some_and(|nm| self.leases.still_valid(nm, coord_now));
-            if unchanged {
+            if self.peers_unchanged(now) {
                 self.schedule_expiry(now);
             } else {
                 self.apply_peers(now);
@@ -1355,6 +1344,16 @@ impl Agent {
             let request = self.lease_request(&self.key);
             self.transmits.push_back(request);
         }
+    }
+
+    /// Whether the applied peers still stand: the netmap is the one they were checked for,
+    /// and coordinator time (through the current clock offset) has crossed no lease's start
+    /// or end since (see [`LeaseCache::still_valid`]).
+    fn peers_unchanged(&self, now: Now) -> bool {
+        let coord_now = self.coordinator_ms(now.unix_ms);
+        self.netmap
+            .as_ref()
+            .is_some_and(|nm| self.leases.still_valid(nm, coord_now))
     }
 
     /// Pushes the netmap's peers into the data plane: one entry per peer key that holds a
