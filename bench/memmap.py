@@ -12,7 +12,8 @@ Categories (Rss in KiB; root needed for other users' processes):
                  (glibc gives threads their own arena; they are 64 MiB reservations)
   anon           every other anonymous mapping (large mmap'd allocations, runtime areas)
   vdso/vvar/...  kernel-provided pages
-Also Rss, Pss, Anonymous totals and VmHWM from /proc/PID/status.
+Also each file mapping on its own ("segments_kib": NAME PERMS @OFFSET -> Rss and the
+Anonymous part, pages a write or a relocation made private), and Rss, Pss, Anonymous totals and VmHWM from /proc/PID/status.
 """
 import json
 import os
@@ -26,7 +27,7 @@ def mappings(pid):
     cur = None
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
-            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+)\s*(.*)$", line)
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) \S+ (\d+)\s*(.*)$", line)
             if m:
                 if cur:
                     yield cur
@@ -34,8 +35,9 @@ def mappings(pid):
                     "start": int(m.group(1), 16),
                     "end": int(m.group(2), 16),
                     "perms": m.group(3),
-                    "inode": int(m.group(4)),
-                    "name": m.group(5).strip(),
+                    "offset": int(m.group(4), 16),
+                    "inode": int(m.group(5)),
+                    "name": m.group(6).strip(),
                 }
                 continue
             k, _, v = line.partition(":")
@@ -63,6 +65,7 @@ def thread_sps(pid):
 def breakdown(pid):
     sps = thread_sps(pid)
     cats = {}
+    segs = {}
     tot = {"Rss": 0, "Pss": 0, "Anonymous": 0}
     # arena heaps start at a 64 MiB boundary: the mappings of one arena share (start // ARENA)
     maps = list(mappings(pid))
@@ -78,6 +81,9 @@ def breakdown(pid):
         name = m["name"]
         if m["inode"] != 0 or name.startswith("/"):
             cat = "file:" + os.path.basename(name)
+            if m.get("Rss", 0):
+                seg = "%s %s @%x" % (os.path.basename(name), m["perms"], m["offset"])
+                segs[seg] = {"rss": m.get("Rss", 0), "anonymous": m.get("Anonymous", 0)}
         elif name == "[heap]":
             cat = "heap"
         elif name.startswith("["):
@@ -97,7 +103,7 @@ def breakdown(pid):
             if line.startswith("VmHWM:"):
                 hwm = int(line.split()[1])
     return {"categories_kib": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-            "total_kib": tot, "vmhwm_kib": hwm, "threads": len(sps)}
+            "segments_kib": segs, "total_kib": tot, "vmhwm_kib": hwm, "threads": len(sps)}
 
 
 def main():
@@ -111,6 +117,9 @@ def main():
     for k, v in b["categories_kib"].items():
         if v:
             print(f"{k:40s} {v:8d} KiB")
+    print("file mappings:")
+    for k, v in b["segments_kib"].items():
+        print(f"  {k:38s} {v['rss']:8d} KiB  (Anonymous {v['anonymous']} KiB)")
     t = b["total_kib"]
     print(f"{'total Rss':40s} {t['Rss']:8d} KiB  (Anonymous {t['Anonymous']} KiB, Pss {t['Pss']} KiB)")
     print(f"{'VmHWM':40s} {b['vmhwm_kib']:8d} KiB  ({b['threads']} threads)")

@@ -7,9 +7,11 @@
 #   sudo bench/order.sh --smoke    # regenerate into a temporary file and check it (CI)
 #
 # Regenerating runs bench/throughput.sh for one short round of Ward alone (enrollment, a tunnel,
-# TCP both ways, pings) with both daemons under valgrind's callgrind, which records every
+# TCP both ways, pings) and one 40-second cycle of its soak (UDP, the reverse direction, idle
+# gaps), with both daemons under valgrind's callgrind, which records every
 # function that runs, not a sample; the list is every such function of the `ward` binary, by its
-# symbol name, sorted. Symbol names carry hashes that depend on the features a build unifies,
+# symbol name, the most called first (the code a running tunnel keeps using, which stays resident
+# after the daemon lets go of its read-only pages), then by the instructions each ran itself. Symbol names carry hashes that depend on the features a build unifies,
 # so this is done for both release builds the scripts make: with the examples (bench/smoke.sh,
 # load.sh, ha_scale.sh) and without (scripts/test.sh, package.sh, demo.sh); the list holds both
 # sets of names, and each build finds its own. `--smoke` does the first alone. Needs root, valgrind and what throughput.sh needs. Regenerate after
@@ -24,6 +26,7 @@ list="$repo/client/link-order.txt"
 bin="$repo/target/release/ward"
 
 MODE=write
+SOAK_SECS=40
 case "${1:-}" in
     "") ;;
     --check) MODE=check ;;
@@ -96,6 +99,13 @@ WRAP
         echo "order: the tunnel under callgrind carried nothing" >&2
         return 1
     }
+    # Then one cycle of the soak's mix (UDP, the reverse direction, idle gaps), whose code a
+    # round does not all run.
+    WARD_BIN_DIR="$dir" bench/throughput.sh --soak "$SOAK_SECS" --out "$dir/soak.json" \
+        >"$dir/soak.log" 2>&1 || {
+        cat "$dir/soak.log" >&2
+        return 1
+    }
     ls "$dir"/cg.*.out >/dev/null 2>&1 || { echo "order: callgrind wrote nothing" >&2; return 1; }
     python3 - "$work/ran.$n" <(text_symbols "$dir/ward.real") "$dir"/cg.*.out <<'PY'
 import sys
@@ -104,24 +114,41 @@ syms = {}
 for line in open(syms_file):
     n, s = line.split()
     syms[n] = int(s, 16)
-ran = set()
+# Per function of the binary: how often it was called and its own instruction count
+# (callgrind's "fn=" blocks: cost lines are the function's own, except the one after each
+# "calls=" line, which is that call's inclusive cost).
+calls, own = {}, {}
 for p in profiles:
+    fn = cfn = None
+    after_call = False
     for line in open(p):
-        if line.startswith(("fn=", "cfn=")):
-            name = line.split("=", 1)[1].strip()
-            if name in syms:
-                ran.add(name)
+        if line.startswith("fn="):
+            fn = line[3:].strip()
+            after_call = False
+        elif line.startswith("cfn="):
+            cfn = line[4:].strip()
+        elif line.startswith("calls="):
+            if cfn in syms:
+                calls[cfn] = calls.get(cfn, 0) + int(line[6:].split()[0])
+            after_call = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if after_call:
+                after_call = False
+            elif fn in syms:
+                parts = line.split()
+                own[fn] = own.get(fn, 0) + (int(parts[1]) if len(parts) > 1 else 0)
+ran = set(calls) | set(own)
 if len(ran) < 500:
     sys.exit(f"order: only {len(ran)} functions recorded; something went wrong")
 with open(out, "w") as f:
-    f.write("".join(n + "\n" for n in sorted(ran)))
+    f.write("".join(f"{calls.get(n, 0)} {own.get(n, 0)} {n}\n" for n in sorted(ran)))
 print(f"order: {len(ran)} functions run, {sum(syms[n] for n in ran) / 1048576:.2f} of "
       f"{sum(syms.values()) / 1048576:.2f} MiB of code")
 PY
 }
 
 builds=("--workspace --bins --example dp_pair --example netmap_bench --example load" "--workspace --bins")
-[[ $MODE == smoke ]] && builds=("${builds[0]}")
+[[ $MODE == smoke ]] && builds=("${builds[0]}") && SOAK_SECS=15
 for i in "${!builds[@]}"; do
     echo "order: cargo build --locked --release ${builds[$i]}"
     # shellcheck disable=SC2086 # the build's arguments, split on purpose
@@ -131,7 +158,22 @@ done
 
 out="$list"
 [[ $MODE == smoke ]] && out="$work/link-order.txt"
-sort -u "$work"/ran.* >"$out"
+# The most called first (what the daemon runs per packet and per batch), then the rest by their
+# own instruction count: the code a running tunnel keeps using is packed at the front, start-up
+# and enrollment behind it.
+python3 - "$out" "$work"/ran.* <<'PY'
+import sys
+best = {}
+for p in sys.argv[2:]:
+    for line in open(p):
+        c, i, n = line.split(maxsplit=2)
+        n = n.strip()
+        c0, i0 = best.get(n, (0, 0))
+        best[n] = (max(c0, int(c)), max(i0, int(i)))
+names = sorted(best, key=lambda n: (-best[n][0], -best[n][1], n))
+with open(sys.argv[1], "w") as f:
+    f.write("".join(n + "\n" for n in names))
+PY
 echo "order: $(wc -l <"$out") names written to $out"
 check "$out"
 [[ $MODE == smoke ]] && check "$list"

@@ -81,6 +81,43 @@ struct Link {
     probe: Option<tokio::task::JoinHandle<bool>>,
     /// Kernel routes and forwarding installed for routed prefixes.
     routing: super::routing::HostRouting,
+    /// When the daemon lets go of the read-only pages it no longer runs.
+    pages: PageRelease,
+}
+
+/// How often the daemon lets go of read-only pages once it is on the network: code it ran since
+/// (a rotation, a reconnect) is mapped again by its next use, not held until memory runs short.
+const RELEASE_PAGES_EVERY: Duration = Duration::from_secs(600);
+
+/// When the daemon drops its mappings of the program's clean read-only pages
+/// ([`ward_runtime::pages`]): the first time the data plane has peers (start-up, enrollment and
+/// the first netmap are behind it, the traffic it carries is ahead), then at most every
+/// [`RELEASE_PAGES_EVERY`], checked as the loop turns.
+#[derive(Debug, Default)]
+struct PageRelease {
+    /// Peers were given to the data plane since the last release.
+    peers_set: bool,
+    last: Option<Instant>,
+}
+
+impl PageRelease {
+    /// The data plane was given peers.
+    fn handle_peers_set(&mut self) {
+        self.peers_set = true;
+    }
+
+    /// Whether to release now (and if so, counts it as done).
+    fn poll_due(&mut self, now: Instant) -> bool {
+        let due = match self.last {
+            None => self.peers_set,
+            Some(t) => now.saturating_duration_since(t) >= RELEASE_PAGES_EVERY,
+        };
+        if due {
+            self.last = Some(now);
+            self.peers_set = false;
+        }
+        due
+    }
 }
 
 type Resolved = (String, Result<SocketAddr, String>);
@@ -117,12 +154,17 @@ impl Daemon {
                 self.opts.state_dir.clone(),
                 lock(&self.route_opts).exit_node.is_some(),
             ),
+            pages: PageRelease::default(),
         };
         let mut retry_quic = tokio::time::interval(self.opts.quic_retry);
         retry_quic.reset();
 
         loop {
             self.execute(&agent, dp.as_deref(), &mut link);
+            if dp.is_some() && link.pages.poll_due(Instant::now()) {
+                let bytes = ward_runtime::pages::release_read_only_pages();
+                tracing::debug!(bytes, "released read-only pages");
+            }
             // Saved before the loop sends what the agent queued (a new report's number first).
             let flows = lock(&agent).take_flow_state(Instant::now());
             if let Some(st) = flows {
@@ -330,6 +372,7 @@ impl Daemon {
                 Event::SetPeers(peers) => {
                     if let Some(dp) = dp {
                         dp.set_peers(peers);
+                        link.pages.handle_peers_set();
                     }
                 }
                 // The data plane takes whole sets: it is given the agent's, which these
@@ -338,6 +381,7 @@ impl Daemon {
                     if let Some(dp) = dp {
                         let peers = lock(agent).configured_peers();
                         dp.set_peers(peers);
+                        link.pages.handle_peers_set();
                     }
                 }
                 // The rules are copied (the data plane keeps them), the sets are read: the
@@ -625,7 +669,25 @@ fn hello_update(dp: Option<&DataPlane>) -> DeviceUpdate {
 
 #[cfg(test)]
 mod tests {
-    use super::is_certificate_rejection;
+    use super::{is_certificate_rejection, PageRelease, RELEASE_PAGES_EVERY};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn pages_are_released_once_peers_are_set_then_every_period() {
+        let t0 = Instant::now();
+        let mut p = PageRelease::default();
+        // Before any peers: start-up is still going on.
+        assert!(!p.poll_due(t0));
+        assert!(!p.poll_due(t0 + RELEASE_PAGES_EVERY * 2));
+        p.handle_peers_set();
+        assert!(p.poll_due(t0 + Duration::from_secs(1)));
+        // Not again on the next turns, nor on the next netmap, until the period is over.
+        assert!(!p.poll_due(t0 + Duration::from_secs(2)));
+        p.handle_peers_set();
+        assert!(!p.poll_due(t0 + RELEASE_PAGES_EVERY));
+        assert!(p.poll_due(t0 + Duration::from_secs(1) + RELEASE_PAGES_EVERY));
+        assert!(!p.poll_due(t0 + Duration::from_secs(2) + RELEASE_PAGES_EVERY));
+    }
 
     #[test]
     fn certificate_rejections_are_told_apart_from_unreachable_coordinators() {

@@ -4,13 +4,15 @@
 //! sockets ([`rpc`]), dual-stack UDP sockets for the QUIC endpoints ([`net`]), and reading
 //! frames from QUIC streams and pinning a CA by fingerprint ([`quic`]), and frames over any stream
 //! plus TLS over TCP, the fallback for networks that drop UDP ([`stream`]), and the Prometheus
-//! exposition writer and `/metrics` responder behind every program's `--metrics-listen` ([`metrics`]).
+//! exposition writer and `/metrics` responder behind every program's `--metrics-listen` ([`metrics`]),
+//! and letting go of read-only pages a long-running program no longer runs ([`pages`]).
 //!
 //! I/O-free cores (`ward-shared`, the agent and registry cores) must not depend on this crate:
 //! they take time as an argument. Only drivers and binaries use it.
 
 pub mod metrics;
 pub mod net;
+pub mod pages;
 pub mod quic;
 pub mod rpc;
 pub mod stream;
