@@ -302,8 +302,10 @@ fn main() {
     ward_clidoc::run_if_asked(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     // The daemon's data plane runs on its own threads; its control plane needs no more than
-    // one thread (fewer stacks and malloc arenas: bench/README.md, memory).
+    // one thread (fewer stacks and malloc arenas: bench/README.md, memory), and every thread
+    // allocates from one arena.
     if matches!(cli.cmd, Cmd::Daemon { .. }) {
+        ward_runtime::cap_malloc_arenas(1);
         ward_runtime::main_current_thread(
             "info,boringtun=error",
             ward_runtime::Mode::Service,

@@ -680,7 +680,8 @@ fn main() {
     let cli = Cli::parse();
     let mode = match cli.cmd {
         Cmd::Serve { .. } => {
-            ward_runtime::cap_malloc_arenas();
+            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+            ward_runtime::cap_malloc_arenas(cpus.max(2));
             ward_runtime::Mode::Service
         }
         _ => ward_runtime::Mode::Cli,

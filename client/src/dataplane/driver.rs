@@ -9,7 +9,8 @@
 //! - `ward-dp-rx`: UDP (GRO) → address-discovery answers set aside by their first byte, the rest
 //!   → [`Runs::handle_datagram`] (decrypt, source check, inbound
 //!   filter at coordinator time = wall clock + [`Core::clock_offset_ms`]) → TUN (TCP/UDP segments
-//!   coalesced by tun-rs's GRO table into one write per flow).
+//!   coalesced by tun-rs's GRO table into one write per flow). After a quiet spell that a
+//!   packet from the TUN ended, it polls without sleeping for the answer ([`ReplySpin`]).
 //! - `ward-dp-timer`: [`Core::handle_timers`] every [`Core::timer_wait`] (the engine's
 //!   `TIMER_INTERVAL`, shorter during a punch burst), the path MTUs of the
 //!   destinations in use re-read from the kernel every [`REFRESH_INTERVAL`], idle flows swept
@@ -757,7 +758,8 @@ impl TunSide {
         }
     }
 
-    /// The receive thread's wait for a datagram, and for the TUN while it owns it.
+    /// The receive thread's wait for a datagram, and for the TUN while it owns it. Returns
+    /// whether the TUN was readable (a turn was taken).
     fn rx_wait(
         &self,
         core: &Core,
@@ -765,13 +767,14 @@ impl TunSide {
         udp: &UdpSocket,
         relay: &RelayQueue,
         timeout: Duration,
-    ) {
-        if self
+    ) -> bool {
+        let readable = self
             .owner
-            .rx_wait(udp.raw_fd(), tun.dev.as_raw_fd(), timeout)
-        {
+            .rx_wait(udp.raw_fd(), tun.dev.as_raw_fd(), timeout);
+        if readable {
             self.rx_turn(core, tun, udp, relay);
         }
+        readable
     }
 }
 
@@ -827,6 +830,7 @@ fn rx_loop(
     let mut out = Outbox::new();
     let mut scratch = SendScratch::default();
     let mut errors = LogLimiter::default();
+    let mut spin = ReplySpin::default();
     while !stop.load(Ordering::Relaxed) {
         match udp.recv(&mut batch_in) {
             Ok(_) => {
@@ -880,12 +884,57 @@ fn rx_loop(
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                side.rx_wait(core, tun, udp, relay, STOP_CHECK)
+                let began = Instant::now();
+                if spin.spinning(began) {
+                    side.rx_wait(core, tun, udp, relay, Duration::ZERO);
+                    std::hint::spin_loop();
+                } else {
+                    let from_tun = side.rx_wait(core, tun, udp, relay, STOP_CHECK);
+                    spin.woke(from_tun, began, Instant::now());
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // E.g. ECONNREFUSED from an ICMP error for an earlier send: nothing to do.
                 errors.log(&e, "UDP receive failed");
+            }
+        }
+    }
+}
+
+/// A quiet spell at least this long before a packet from the TUN makes the receive thread
+/// wait for the answer without sleeping ([`ReplySpin`]).
+const QUIET_BEFORE_SPIN: Duration = Duration::from_millis(1);
+/// How long the receive thread polls without sleeping after such a packet left.
+const REPLY_SPIN: Duration = Duration::from_micros(300);
+
+/// Waiting for an answer without sleeping, after sparse traffic: when the receive thread wakes
+/// for a packet from the TUN (an application on this device sent a request, a ping) after a
+/// quiet spell, it polls without blocking for [`REPLY_SPIN`] rather than going back to sleep,
+/// so the peer's answer is read the moment it lands. Sleeping would put the core into an idle
+/// state, and on a virtual machine waking it again costs tens of microseconds (the largest
+/// part of an idle round trip through the tunnel). Bounded: one window per wake-up after a
+/// quiet spell, never under load (the waits are then short) and never for packets from the
+/// network (nothing answers an answer), so an idle device does not spend CPU on it.
+#[derive(Debug, Default)]
+struct ReplySpin {
+    until: Option<Instant>,
+}
+
+impl ReplySpin {
+    /// A blocking wait that began at `began` returned at `now`, for the TUN if `from_tun`.
+    fn woke(&mut self, from_tun: bool, began: Instant, now: Instant) {
+        self.until = (from_tun && now.saturating_duration_since(began) >= QUIET_BEFORE_SPIN)
+            .then(|| now + REPLY_SPIN);
+    }
+
+    /// Whether the thread should poll without blocking at `now`.
+    fn spinning(&mut self, now: Instant) -> bool {
+        match self.until {
+            Some(until) if now < until => true,
+            _ => {
+                self.until = None;
+                false
             }
         }
     }
@@ -970,6 +1019,41 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The receive thread polls without sleeping only for a bounded window after a packet
+    /// from the TUN that followed a quiet spell: not after a datagram from the network, not
+    /// after a short wait (traffic under load), and never past the window.
+    #[test]
+    fn the_reply_spin_follows_only_a_request_after_a_quiet_spell() {
+        let t0 = Instant::now();
+        let mut spin = ReplySpin::default();
+        assert!(!spin.spinning(t0), "no window before any wake-up");
+
+        // A ping after 20 ms of silence: the window opens at the wake-up.
+        let woke = t0 + Duration::from_millis(20);
+        spin.woke(true, t0, woke);
+        assert!(spin.spinning(woke));
+        assert!(spin.spinning(woke + REPLY_SPIN / 2));
+        assert!(!spin.spinning(woke + REPLY_SPIN), "the window is bounded");
+        assert!(
+            !spin.spinning(woke + REPLY_SPIN / 2),
+            "a closed window does not reopen by itself"
+        );
+
+        // A datagram from the network after the same silence: nothing to wait for.
+        spin.woke(false, t0, woke);
+        assert!(!spin.spinning(woke));
+
+        // A packet from the TUN after a short wait (traffic under load): sleep as usual.
+        let soon = t0 + QUIET_BEFORE_SPIN / 2;
+        spin.woke(true, t0, soon);
+        assert!(!spin.spinning(soon));
+
+        // A later long wait opens a new window.
+        let later = woke + Duration::from_millis(20);
+        spin.woke(true, woke, later);
+        assert!(spin.spinning(later + REPLY_SPIN / 4));
+    }
 
     /// tun-rs appends a TCP segment to its flow's first buffer only when that buffer's
     /// capacity holds twice the virtio-net header plus the coalesced packet: the buffers of

@@ -94,22 +94,23 @@ where
     }
 }
 
-/// Caps glibc's malloc arenas at the number of CPUs (at least 2), unless the operator set
+/// Caps glibc's malloc arenas at `arenas` (at least 1), unless the operator set
 /// `MALLOC_ARENA_MAX` or a `glibc.malloc.arena_max` tunable. glibc gives a thread that meets
 /// contention an arena of its own, up to 8 per CPU, and memory freed in one arena does not
-/// serve another: a service whose blocking pool runs dozens of threads (the coordinator's
-/// store calls) then holds far more than it uses. Measured at 10 000 control sessions, one
-/// binary: steady RSS 1 073–1 079 MiB with glibc's default, 983 MiB with two arenas
-/// (bench/README.md, "A control session's memory"). The coordinator has since moved its Rust
-/// heap to jemalloc; the cap still bounds what C libraries (SQLite) allocate through glibc.
-/// Call before any other thread starts.
-pub fn cap_malloc_arenas() {
-    let tunable = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
+/// serve another. The coordinator caps at the CPU count: its blocking pool runs dozens of
+/// threads (store calls), and at 10 000 control sessions its steady RSS was 1 073–1 079 MiB
+/// with glibc's default, 983 MiB with two arenas (bench/README.md, "A control session's
+/// memory"); it has since moved its Rust heap to jemalloc, and the cap still bounds what C
+/// libraries (SQLite) allocate through glibc. The device daemon uses one: its few threads'
+/// hot paths reuse their buffers rather than allocate, and one arena held 0.5–0.6 MiB less at
+/// peak under the soak's mixed traffic at the same throughput (bench/README.md, "An answer
+/// read without sleeping; one malloc arena"). Call before any other thread starts.
+pub fn cap_malloc_arenas(arenas: usize) {
+    let tunable = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| sets_arena_max(&t));
     if tunable || std::env::var_os("MALLOC_ARENA_MAX").is_some() {
         return;
     }
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let arenas = libc::c_int::try_from(cpus.max(2)).unwrap_or(libc::c_int::MAX);
+    let arenas = libc::c_int::try_from(arenas.max(1)).unwrap_or(libc::c_int::MAX);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes the allocator's tuning; it runs before other threads exist.
     unsafe {
@@ -117,6 +118,13 @@ pub fn cap_malloc_arenas() {
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = arenas;
+}
+
+/// Whether a `GLIBC_TUNABLES` value sets the arena limit (`glibc.malloc.arena_max=N`).
+fn sets_arena_max(tunables: &str) -> bool {
+    tunables
+        .split(':')
+        .any(|t| t.trim().starts_with("glibc.malloc.arena_max="))
 }
 
 /// Logging to stderr, filtered by `WARD_LOG` (tracing's `EnvFilter` syntax) or `default_filter`.
@@ -147,5 +155,16 @@ mod tests {
     #[test]
     fn clock_is_after_2020() {
         assert!(now_ms() > 1_577_836_800_000);
+    }
+
+    #[test]
+    fn an_operators_arena_limit_is_recognised() {
+        assert!(sets_arena_max("glibc.malloc.arena_max=4"));
+        assert!(sets_arena_max(
+            "glibc.malloc.mmap_threshold=65536:glibc.malloc.arena_max=2"
+        ));
+        assert!(!sets_arena_max("glibc.malloc.mmap_threshold=65536"));
+        assert!(!sets_arena_max("glibc.malloc.arena_test=2"));
+        assert!(!sets_arena_max(""));
     }
 }
